@@ -1,0 +1,1 @@
+"""Quality metrics, feature extractors and report rendering for compressed models."""

@@ -1,0 +1,1 @@
+"""Checkpoint I/O and the diffusers quantizer backend."""

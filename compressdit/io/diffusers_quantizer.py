@@ -1,0 +1,185 @@
+"""The ``compressdit`` backend of diffusers' quantizer machinery, registered by ``import compressdit``.
+
+Stock ``Model.from_pretrained(folder)`` reads ``quantization_config`` from ``config.json``, builds empty
+quantized modules from its per-module entries, then loads packed weights and fp32 scales into them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.quantizers.base import DiffusersQuantizer
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+from compressdit.errors import CheckpointError, ConfigError
+from compressdit.quant.layers import PackedParameter, QuantLinear
+from compressdit.quant.spec import LinearQuantSpec
+
+FORMAT_VERSION = 1
+QUANTIZED_TENSORS = ("weight", "weight_scale", "weight_zero", "input_scale")
+
+
+class CompressditMethod(str, Enum):
+    """diffusers reads ``quant_method.value``; its own enum cannot be extended."""
+
+    COMPRESSDIT = "compressdit"
+
+
+class CompressditConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a compressdit checkpoint: format version + one spec per module.
+
+    ``modules`` maps fully qualified linear names to :class:`LinearQuantSpec` dicts. Passing this
+    config to ``from_pretrained`` of a float model quantizes those modules with round-to-nearest.
+    """
+
+    def __init__(self, modules: dict[str, dict] | None = None, format_version: int = FORMAT_VERSION,
+                 producer: str = "compressdit", structure: dict | None = None,
+                 quant_method: str = CompressditMethod.COMPRESSDIT.value, **unknown: Any) -> None:
+        if unknown:
+            raise ConfigError(f"quantization_config: unknown key {sorted(unknown)[0]!r}; allowed: "
+                              "format_version, modules, producer, quant_method, structure")
+        if quant_method != CompressditMethod.COMPRESSDIT.value:
+            raise ConfigError(f"quantization_config: quant_method must be 'compressdit', got {quant_method!r}")
+        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+            raise ConfigError(f"checkpoint format_version {format_version!r} is newer than this compressdit "
+                              f"supports ({FORMAT_VERSION}); upgrade compressdit")
+        self.quant_method = CompressditMethod.COMPRESSDIT
+        self.format_version = format_version
+        self.producer = producer
+        self.structure = dict(structure or {})
+        self.modules = {name: LinearQuantSpec.from_dict(spec, f"quantization_config.modules[{name!r}]").to_dict()
+                        for name, spec in (modules or {}).items()}
+
+    def specs(self) -> dict[str, LinearQuantSpec]:
+        return {name: LinearQuantSpec(**spec) for name, spec in self.modules.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": self.quant_method.value, "format_version": self.format_version,
+                "producer": self.producer, "modules": json.loads(json.dumps(self.modules)),
+                "structure": json.loads(json.dumps(self.structure))}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class CompressditQuantizer(DiffusersQuantizer):
+    """Builds empty :class:`QuantLinear` modules before loading and fills them with checked tensors."""
+
+    use_keep_in_fp32_modules = True
+    requires_calibration = False
+
+    def __init__(self, quantization_config: CompressditConfig, **kwargs) -> None:
+        super().__init__(quantization_config, **kwargs)
+
+    # -- loading -----------------------------------------------------------------
+    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+        from compressdit.quant.transform import build_empty_layers
+
+        if not self.pre_quantized:
+            return model
+        specs = self.quantization_config.specs()
+        kept = [n for n in specs if keep_in_fp32_modules and any(k in n.split(".") for k in keep_in_fp32_modules)]
+        if kept:
+            raise CheckpointError(f"{type(model).__name__} keeps {kept[0]!r} in fp32 but the checkpoint quantizes it")
+        build_empty_layers(model, specs)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            from compressdit.quant.transform import quantize_layers
+
+            quantize_layers(model, self.quantization_config.specs())
+            return model
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLinear):
+                for tensor_name in QUANTIZED_TENSORS:
+                    tensor = getattr(module, tensor_name, None)
+                    if tensor is not None and tensor.is_meta:
+                        raise CheckpointError(f"checkpoint is missing {name}.{tensor_name} "
+                                              "(truncated or mismatched checkpoint)")
+        return model
+
+    def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
+        module_name, _, tensor_name = param_name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            return False
+        return isinstance(module, QuantLinear) and tensor_name in QUANTIZED_TENSORS
+
+    def check_quantized_param_shape(self, param_name, current_param, loaded_param):
+        if tuple(current_param.shape) != tuple(loaded_param.shape):
+            raise CheckpointError(f"{param_name}: checkpoint shape {tuple(loaded_param.shape)} does not match "
+                                  f"the quantization_config ({tuple(current_param.shape)})")
+        return True
+
+    def create_quantized_param(self, model, param_value, param_name, target_device, state_dict=None,
+                               unexpected_keys=None, **kwargs):
+        module_name, _, tensor_name = param_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        placeholder = getattr(module, tensor_name)
+        if state_dict is not None and param_name in state_dict:
+            param_value = state_dict[param_name]  # the loader already cast floats to torch_dtype
+        self.check_quantized_param_shape(param_name, placeholder, param_value)
+        if param_value.dtype != placeholder.dtype:
+            raise CheckpointError(f"{param_name}: checkpoint dtype {param_value.dtype} does not match the "
+                                  f"quantization_config ({placeholder.dtype})")
+        value = param_value.to(target_device if target_device not in (None, "disk") else "cpu")
+        if tensor_name == "weight":
+            module.weight = PackedParameter(value, codes_per_element=placeholder.codes_per_element)
+        else:
+            module._buffers[tensor_name] = value
+
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+        return torch_dtype
+
+    def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
+        return state_dict, {"compressdit_format_version": str(FORMAT_VERSION),
+                            "compressdit_config_hash": self.quantization_config.config_hash()}
+
+    # -- after loading -----------------------------------------------------------
+    def _dequantize(self, model):
+        from compressdit.quant.transform import dequantize_layers
+
+        dequantize_layers(model)
+        config = dict(model._internal_dict)
+        config.pop("quantization_config", None)
+        model._internal_dict = FrozenDict(config)
+        return model
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def register_with_diffusers() -> None:
+    """Add the backend to diffusers' auto mappings (idempotent; there is no public plugin hook)."""
+    from diffusers.quantizers import auto
+
+    auto.AUTO_QUANTIZER_MAPPING[CompressditMethod.COMPRESSDIT.value] = CompressditQuantizer
+    auto.AUTO_QUANTIZATION_CONFIG_MAPPING[CompressditMethod.COMPRESSDIT.value] = CompressditConfig
+
+
+def attach_quantizer(model, specs: dict[str, LinearQuantSpec], structure: dict | None = None) -> CompressditConfig:
+    """Mark a model quantized in memory so that stock ``save_pretrained`` writes a loadable checkpoint."""
+    config = CompressditConfig(modules={n: s.to_dict() for n, s in specs.items()}, structure=structure)
+    model.register_to_config(quantization_config=config)
+    model.hf_quantizer = CompressditQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    return config

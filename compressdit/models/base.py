@@ -1,0 +1,101 @@
+"""The adapter contract: layer roles by name pattern, conditioning, one denoising call."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from compressdit.errors import UnsupportedModelError
+from compressdit.registry import Registry
+
+# Roles every adapter may name; recipes select layers with ``role:NAME`` patterns.
+ROLES = ("attn_qkv", "attn_out", "cross_q", "cross_kv", "cross_out", "ffn_up", "ffn_down", "adaln",
+         "context", "embedder", "head")
+
+
+@dataclass
+class Conditioning:
+    """Model inputs besides latents and timestep, for a batch; ``cat`` joins cond + uncond for CFG."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        return Conditioning({k: torch.cat([v, other.tensors[k]]) for k, v in self.tensors.items()})
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "Conditioning":
+        return Conditioning({k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                             for k, v in self.tensors.items()})
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+
+class ModelAdapter:
+    """Facts about one diffusers transformer family. Subclasses fill the class attributes.
+
+    ``roles`` maps a role to anchored regexes over module names (``re.fullmatch``).
+    ``condition_kind`` is ``"class"`` (integer labels) or ``"text"`` (prompts).
+    """
+
+    family: ClassVar[str]
+    model_class_name: ClassVar[str]
+    condition_kind: ClassVar[str]
+    block_patterns: ClassVar[tuple[str, ...]]
+    roles: ClassVar[dict[str, tuple[str, ...]]]
+    keep_full_precision: ClassVar[tuple[str, ...]] = ("embedder", "head")
+    prediction: ClassVar[str] = "epsilon"
+
+    def role_of(self, name: str) -> str | None:
+        for role, patterns in self.roles.items():
+            if any(re.fullmatch(p, name) for p in patterns):
+                return role
+        return None
+
+    def linear_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Every ``nn.Linear`` of the model by fully qualified name."""
+        return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Transformer blocks in execution order."""
+        return [(name, m) for name, m in model.named_modules()
+                if any(re.fullmatch(p, name) for p in self.block_patterns)]
+
+    def latent_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        size = model.config.sample_size
+        return model.config.in_channels, size, size
+
+    def encode(self, model: nn.Module, conditions: list[Any]) -> Conditioning:
+        """Turn class ids / prompts into model inputs."""
+        raise NotImplementedError(f"{type(self).__name__} must implement encode")
+
+    def null_conditions(self, count: int) -> list[Any]:
+        """The unconditional inputs used for classifier-free guidance."""
+        raise NotImplementedError(f"{type(self).__name__} must implement null_conditions")
+
+    def predict(self, model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
+                cond: Conditioning) -> torch.Tensor:
+        """One forward pass returning the prediction with the latents' shape."""
+        raise NotImplementedError(f"{type(self).__name__} must implement predict")
+
+    def scheduler(self, model: nn.Module):
+        """The diffusers scheduler used for sampling when the model folder brings none."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+
+ADAPTERS: Registry[ModelAdapter] = Registry("model family")
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter registered for ``model``'s class (checked by class name, then by base classes)."""
+    for cls in type(model).__mro__:
+        for _, adapter in ADAPTERS.items():
+            if adapter.model_class_name == cls.__name__:
+                return adapter
+    supported = ", ".join(sorted(a.model_class_name for _, a in ADAPTERS.items()))
+    raise UnsupportedModelError(f"unsupported model class {type(model).__name__}; supported: {supported}")

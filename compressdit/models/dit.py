@@ -1,0 +1,40 @@
+"""``DiTTransformer2DModel`` (DiT-XL/2 family): class-conditional, adaLN-Zero, epsilon prediction."""
+
+from __future__ import annotations
+
+import torch
+
+from compressdit.models.base import ADAPTERS, Conditioning, ModelAdapter
+
+NULL_CLASS = 1000  # DiTPipeline's null label for classifier-free guidance
+
+_BLOCK = r"transformer_blocks\.\d+"
+
+
+class DiTAdapter(ModelAdapter):
+    family = "dit"
+    model_class_name = "DiTTransformer2DModel"
+    condition_kind = "class"
+    block_patterns = (_BLOCK,)
+    roles = {
+        "attn_qkv": (_BLOCK + r"\.attn1\.to_[qkv]",),
+        "attn_out": (_BLOCK + r"\.attn1\.to_out\.0",),
+        "ffn_up": (_BLOCK + r"\.ff\.net\.0\.proj",),
+        "ffn_down": (_BLOCK + r"\.ff\.net\.2",),
+        "adaln": (_BLOCK + r"\.norm1\.linear",),
+        "embedder": (_BLOCK + r"\.norm1\.emb\..*", r"pos_embed\..*"),
+        "head": (r"proj_out_1", r"proj_out_2"),
+    }
+
+    def encode(self, model, conditions):
+        return Conditioning({"class_labels": torch.as_tensor(conditions, dtype=torch.long)})
+
+    def null_conditions(self, count):
+        return [NULL_CLASS] * count
+
+    def predict(self, model, latents, timestep, cond):
+        out = model(latents, timestep=timestep.expand(len(latents)), class_labels=cond.tensors["class_labels"]).sample
+        return out[:, : latents.shape[1]]  # drop learned sigma when the model predicts it
+
+
+ADAPTERS.add("dit", DiTAdapter())

@@ -1,0 +1,48 @@
+"""``PixArtTransformer2DModel`` (PixArt-alpha/sigma): adaLN-single, cross-attention on text tokens."""
+
+from __future__ import annotations
+
+from compressdit.models.base import ADAPTERS, Conditioning, ModelAdapter
+from compressdit.models.text_conditions import embed_prompts, stack
+
+_BLOCK = r"transformer_blocks\.\d+"
+
+
+class PixArtAdapter(ModelAdapter):
+    family = "pixart"
+    model_class_name = "PixArtTransformer2DModel"
+    condition_kind = "text"
+    block_patterns = (_BLOCK,)
+    roles = {
+        "attn_qkv": (_BLOCK + r"\.attn1\.to_[qkv]",),
+        "attn_out": (_BLOCK + r"\.attn1\.to_out\.0",),
+        "cross_q": (_BLOCK + r"\.attn2\.to_q",),
+        "cross_kv": (_BLOCK + r"\.attn2\.to_[kv]",),
+        "cross_out": (_BLOCK + r"\.attn2\.to_out\.0",),
+        "ffn_up": (_BLOCK + r"\.ff\.net\.0\.proj",),
+        "ffn_down": (_BLOCK + r"\.ff\.net\.2",),
+        "adaln": (r"adaln_single\.linear",),
+        "embedder": (r"adaln_single\.emb\..*", r"caption_projection\..*", r"pos_embed\..*"),
+        "head": (r"proj_out",),
+    }
+
+    def encode(self, model, conditions):
+        embeds = stack(embed_prompts(conditions, model.config.caption_channels))
+        return Conditioning({"encoder_hidden_states": embeds["tokens"], "encoder_attention_mask": embeds["mask"]})
+
+    def null_conditions(self, count):
+        return [""] * count
+
+    def predict(self, model, latents, timestep, cond):
+        added = {"resolution": None, "aspect_ratio": None}
+        if model.config.get("use_additional_conditions") or model.adaln_single.use_additional_conditions:
+            size = latents.shape[-1] * 8
+            added = {"resolution": latents.new_tensor([[size, size]]).expand(len(latents), 2),
+                     "aspect_ratio": latents.new_ones(len(latents), 1)}
+        out = model(latents, encoder_hidden_states=cond.tensors["encoder_hidden_states"],
+                    encoder_attention_mask=cond.tensors["encoder_attention_mask"],
+                    timestep=timestep.expand(len(latents)), added_cond_kwargs=added).sample
+        return out[:, : latents.shape[1]]
+
+
+ADAPTERS.add("pixart", PixArtAdapter())

@@ -1,0 +1,1 @@
+"""Quantization: pure primitives -> quantized modules -> model transforms (imported in that order)."""

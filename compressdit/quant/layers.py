@@ -1,0 +1,128 @@
+"""Quantized linear modules holding packed integer weights and fp32 scales."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressdit.quant.primitives import (dequantize_weight, fake_quantize_activation, pack_codes, packed_shape,
+                                          quantize_weight_rtn, unpack_codes)
+from compressdit.quant.spec import LinearQuantSpec
+from compressdit.registry import Registry
+
+
+class PackedParameter(nn.Parameter):
+    """A frozen parameter of packed codes whose ``numel()`` counts logical weights, not bytes."""
+
+    def __new__(cls, data: torch.Tensor, requires_grad: bool = False, codes_per_element: int = 1):
+        param = super().__new__(cls, data, requires_grad=False)
+        param.codes_per_element = codes_per_element
+        return param
+
+    def numel(self) -> int:  # diffusers' num_parameters() must match the unquantized model
+        return super().numel() * getattr(self, "codes_per_element", 1)
+
+    def __deepcopy__(self, memo):
+        return PackedParameter(self.data.clone(), codes_per_element=self.codes_per_element)
+
+    def __reduce_ex__(self, proto):
+        return PackedParameter, (self.data, False, self.codes_per_element)
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with int weights (int8, or 2/4 codes per uint8) and per-channel/group fp32 scales.
+
+    Activations are quantized on the fly (dynamic per token / per tensor, or a calibrated static
+    scale). Reference path: dequantize the weight for this call only, then matmul.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LinearQuantSpec,
+                 device=None, dtype=None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        shape, storage = packed_shape(out_features, in_features, spec.w_bits)
+        codes_per_element = (out_features * in_features) // (shape[0] * shape[1])
+        self.weight = PackedParameter(torch.zeros(shape, dtype=storage, device=device),
+                                      codes_per_element=codes_per_element)
+        groups = in_features // spec.group_size if spec.group_size else 1
+        if spec.group_size and in_features % spec.group_size:
+            raise ValueError(f"in_features {in_features} is not divisible by group_size {spec.group_size}")
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        if not spec.w_symmetric:
+            self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
+        else:
+            self.weight_zero = None
+        if spec.a_bits is not None and spec.a_granularity == "static":
+            self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+        else:
+            self.input_scale = None
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec,
+                    input_absmax: torch.Tensor | None = None) -> "QuantLinear":
+        """Quantize a float ``linear`` with round-to-nearest min/max."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+        q = quantize_weight_rtn(linear.weight, spec.w_bits, spec.group_size, spec.w_symmetric)
+        module.load_codes(q.codes, q.scale, q.zero)
+        if module.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        if module.input_scale is not None:
+            if input_absmax is None:
+                raise ValueError("static activation scales need calibration statistics (run a calibrate stage)")
+            module.input_scale.copy_(input_absmax.float().max().clamp_min(1e-8) / (2 ** (spec.a_bits - 1) - 1))
+        return module
+
+    def load_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+        self.weight.data = pack_codes(codes, self.spec.w_bits).to(self.weight.device)
+        self.weight_scale.copy_(scale)
+        if self.weight_zero is not None:
+            self.weight_zero.copy_(zero)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.weight.data, self.spec.w_bits, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.codes(), self.weight_scale, self.weight_zero, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.a_bits is not None:
+            x = fake_quantize_activation(x, self.spec.a_bits, self.spec.a_granularity, self.input_scale)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def to_float_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the dequantized weight (activation quantization is dropped)."""
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.dequantized_weight(dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.label}"
+
+
+@dataclass(frozen=True)
+class LinearFormat:
+    """How a weight format builds empty modules (for loading) and quantizes float ones."""
+
+    empty: Callable[[nn.Linear, LinearQuantSpec], nn.Module]
+    quantize: Callable[[nn.Linear, LinearQuantSpec, torch.Tensor | None], nn.Module]
+
+
+FORMATS: Registry[LinearFormat] = Registry("format")
+FORMATS.add("int", LinearFormat(
+    empty=lambda linear, spec: QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, spec,
+                                           device=linear.weight.device, dtype=linear.weight.dtype),
+    quantize=QuantLinear.from_linear,
+))

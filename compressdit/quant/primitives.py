@@ -1,0 +1,123 @@
+"""Pure integer quantization primitives: scales, round-to-nearest, bit packing. No modules here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    return bits
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    """Signed integer range used for every ``bits``: [-2^(b-1), 2^(b-1) - 1]."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class IntQuantized:
+    """Signed integer codes with per-row (or per-group) scales and optional zero points."""
+
+    codes: torch.Tensor          # int8 values in int_range(bits), shape [rows, cols]
+    scale: torch.Tensor          # fp32 [rows, groups]
+    zero: torch.Tensor | None    # fp32 [rows, groups] in the integer domain, None when symmetric
+    bits: int
+    group_size: int | None
+
+
+def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    rows, cols = weight.shape
+    if group_size is None:
+        return weight.reshape(rows, 1, cols)
+    if cols % group_size:
+        raise ValueError(f"in_features {cols} is not divisible by group_size {group_size}")
+    return weight.reshape(rows, cols // group_size, group_size)
+
+
+def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None,
+                        symmetric: bool = True) -> IntQuantized:
+    """Round-to-nearest min/max quantization per output row (or per group of ``group_size`` inputs)."""
+    check_bits(bits, "weight bits")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or inf")
+    qmin, qmax = int_range(bits)
+    w = _grouped(weight.detach().float(), group_size)
+    if symmetric:
+        scale = w.abs().amax(-1).clamp_min(1e-8) / qmax
+        zero = None
+        codes = torch.round(w / scale.unsqueeze(-1)).clamp(qmin, qmax)
+    else:
+        w_min, w_max = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        scale = (w_max - w_min).clamp_min(1e-8) / (qmax - qmin)
+        zero = torch.round(qmin - w_min / scale)
+        codes = torch.round(w / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(qmin, qmax)
+    return IntQuantized(codes.reshape(weight.shape).to(torch.int8), scale, zero, bits, group_size)
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_weight_rtn`; groups are inferred from ``scale``'s shape."""
+    rows, cols = codes.shape
+    groups = scale.shape[1]
+    q = codes.float().reshape(rows, groups, cols // groups)
+    if zero is not None:
+        q = q - zero.unsqueeze(-1)
+    return (q * scale.unsqueeze(-1)).reshape(rows, cols).to(dtype)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed codes: 5-8 bits stay int8; 3-4 bits go two per uint8; 2 bits four per uint8."""
+    if bits > 4:
+        return codes.to(torch.int8)
+    per_byte = 4 if bits == 2 else 2
+    width = 8 // per_byte
+    rows, cols = codes.shape
+    if cols % per_byte:
+        raise ValueError(f"cannot pack {cols} columns {per_byte} per byte")
+    unsigned = (codes.to(torch.int16) - int_range(bits)[0]).to(torch.uint8).reshape(rows, cols // per_byte, per_byte)
+    packed = torch.zeros(rows, cols // per_byte, dtype=torch.uint8, device=codes.device)
+    for i in range(per_byte):
+        packed |= unsigned[..., i] << (width * i)
+    return packed
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`, returning int8 codes of shape ``[rows, cols]``."""
+    if bits > 4:
+        return packed
+    per_byte = 4 if bits == 2 else 2
+    width = 8 // per_byte
+    mask = (1 << width) - 1
+    parts = [(packed >> (width * i)) & mask for i in range(per_byte)]
+    unsigned = torch.stack(parts, dim=-1).reshape(packed.shape[0], cols)
+    return (unsigned.to(torch.int16) + int_range(bits)[0]).to(torch.int8)
+
+
+def packed_shape(rows: int, cols: int, bits: int) -> tuple[tuple[int, int], torch.dtype]:
+    """Storage shape and dtype of packed codes for a ``[rows, cols]`` weight."""
+    if bits > 4:
+        return (rows, cols), torch.int8
+    per_byte = 4 if bits == 2 else 2
+    return (rows, cols // per_byte), torch.uint8
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int, granularity: str,
+                             static_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric activation quantize-dequantize: dynamic per token / per tensor, or a static scale."""
+    qmin, qmax = int_range(bits)
+    if static_scale is not None:
+        scale = static_scale.to(x.dtype)
+    elif granularity == "per_token":
+        scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    else:
+        scale = x.detach().abs().amax().clamp_min(1e-8) / qmax
+    # straight-through rounding keeps gradients flowing to inputs (e.g. for adapters in training)
+    q = torch.clamp(x / scale, qmin, qmax)
+    q = q + (torch.round(q) - q).detach()
+    return q * scale

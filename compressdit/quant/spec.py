@@ -1,0 +1,45 @@
+"""Per-module quantization spec: the manifest entry saved in ``quantization_config.modules``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from compressdit.config_base import StrictConfig
+from compressdit.errors import ConfigError
+from compressdit.quant.primitives import MAX_BITS, MIN_BITS
+
+
+@dataclass
+class LinearQuantSpec(StrictConfig):
+    """How one linear layer is quantized.
+
+    YAML example::
+
+        w_bits: 4
+        a_bits: 8
+        group_size: 64            # null = one scale per output channel
+        w_symmetric: true
+        a_granularity: per_token  # dynamic; or per_tensor (dynamic) / static (calibrated)
+    """
+
+    format: str = "int"
+    w_bits: int = 8
+    a_bits: int | None = None
+    group_size: int | None = None
+    w_symmetric: bool = True
+    a_granularity: Literal["per_token", "per_tensor", "static"] = "per_token"
+
+    def validate(self, where: str) -> None:
+        if not MIN_BITS <= self.w_bits <= MAX_BITS:
+            raise ConfigError(f"{where}.w_bits: {self.w_bits} is out of range [{MIN_BITS}, {MAX_BITS}]")
+        if self.a_bits is not None and not MIN_BITS <= self.a_bits <= MAX_BITS:
+            raise ConfigError(f"{where}.a_bits: {self.a_bits} is out of range [{MIN_BITS}, {MAX_BITS}] (or null)")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ConfigError(f"{where}.group_size: must be positive or null, got {self.group_size}")
+
+    @property
+    def label(self) -> str:
+        acts = f"A{self.a_bits}" if self.a_bits else "A16"
+        group = f" g{self.group_size}" if self.group_size else ""
+        return f"{self.format} W{self.w_bits}{acts}{group}"

@@ -1,0 +1,110 @@
+"""Model-level transforms: resolve layer rules to a per-module plan, swap modules, build empty ones."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compressdit.config_base import StrictConfig
+from compressdit.errors import ConfigError
+from compressdit.models.base import ModelAdapter
+from compressdit.quant.layers import FORMATS, QuantLinear
+from compressdit.quant.spec import LinearQuantSpec
+
+
+@dataclass
+class LayerRule(StrictConfig):
+    """One ordered rule: ``match`` is an exact module name, ``re:REGEX`` (full match) or ``role:ROLE``.
+
+    ``spec: null`` keeps the matched layers in full precision. YAML::
+
+        - {match: "role:embedder", spec: null}
+        - {match: "re:transformer_blocks\\.0\\..*", spec: {w_bits: 8, a_bits: 8}}
+    """
+
+    match: str
+    spec: LinearQuantSpec | None = None
+
+    def validate(self, where: str) -> None:
+        if self.match.startswith("re:"):
+            try:
+                re.compile(self.match[3:])
+            except re.error as exc:
+                raise ConfigError(f"{where}.match: invalid regex {self.match[3:]!r}: {exc}") from None
+
+    def matches(self, name: str, role: str | None) -> bool:
+        if self.match.startswith("re:"):
+            return re.fullmatch(self.match[3:], name) is not None
+        if self.match.startswith("role:"):
+            return role == self.match[5:]
+        return name == self.match
+
+
+def resolve_plan(model: nn.Module, adapter: ModelAdapter, rules: list[LayerRule]) -> dict[str, LinearQuantSpec | None]:
+    """First matching rule wins for every linear layer; unmatched layers stay in full precision."""
+    plan: dict[str, LinearQuantSpec | None] = {}
+    for name in adapter.linear_layers(model):
+        role = adapter.role_of(name)
+        plan[name] = next((rule.spec for rule in rules if rule.matches(name, role)), None)
+    return plan
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def check_plan_fits(model: nn.Module, plan: dict[str, LinearQuantSpec | None]) -> None:
+    """Raise a clear error when a layer's width does not fit its spec (e.g. group size)."""
+    for name, spec in plan.items():
+        if spec is None:
+            continue
+        linear = model.get_submodule(name)
+        if spec.group_size and linear.in_features % spec.group_size:
+            raise ConfigError(f"{name}: in_features {linear.in_features} is not divisible by "
+                              f"group_size {spec.group_size}; pick a divisor or null")
+        per_byte = 4 if spec.w_bits == 2 else 2 if spec.w_bits <= 4 else 1
+        if linear.in_features % per_byte:
+            raise ConfigError(f"{name}: in_features {linear.in_features} cannot be packed {per_byte} codes per byte")
+
+
+@torch.no_grad()
+def quantize_layers(model: nn.Module, plan: dict[str, LinearQuantSpec | None],
+                    input_absmax: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace every planned ``nn.Linear`` by its quantized module (in place)."""
+    check_plan_fits(model, plan)
+    for name, spec in plan.items():
+        if spec is None:
+            continue
+        linear = model.get_submodule(name)
+        stats = (input_absmax or {}).get(name)
+        _set_module(model, name, FORMATS.get(spec.format).quantize(linear, spec, stats))
+    return model
+
+
+def build_empty_layers(model: nn.Module, plan: dict[str, LinearQuantSpec]) -> nn.Module:
+    """Swap planned linears for empty quantized modules (on the linears' device, e.g. ``meta``)."""
+    for name, spec in plan.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"quantization_config names module {name!r}, which the model does not have") from None
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"quantization_config names {name!r}, a {type(linear).__name__}, not a Linear")
+        _set_module(model, name, FORMATS.get(spec.format).empty(linear, spec))
+    return model
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def dequantize_layers(model: nn.Module) -> nn.Module:
+    """Replace every quantized module by a plain ``nn.Linear`` with the dequantized weight."""
+    for name, module in list(quantized_modules(model).items()):
+        _set_module(model, name, module.to_float_linear())
+    return model

@@ -1,0 +1,141 @@
+"""Trainers for the class-conditional DiT and the text-conditioned PixArt reference models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler,
+                       PixArtTransformer2DModel)
+
+from compressdit.zoo.captions import training_captions
+from compressdit.zoo.data import CLASS_NAMES, load_fmnist
+from compressdit.zoo.text import EMBED_DIM, encode_prompts
+from compressdit.zoo.trainer import ResumableTrainer, TrainSchedule
+
+NULL_CLASS = 1000
+LABEL_DROP = 0.1
+
+
+def noise_scheduler_config() -> dict:
+    return dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                prediction_type="epsilon")
+
+
+def dit_config() -> dict:
+    """DiT-XL/2 structure scaled down: 12 blocks, 4 heads x 32, patch 2 on 4x8x8 latents."""
+    return dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=4, num_layers=12,
+                sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+
+
+def pixart_config() -> dict:
+    """PixArt-alpha structure scaled down: 8 blocks, cross-attention on 384-d MiniLM tokens."""
+    return dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=4, num_layers=8,
+                sample_size=8, patch_size=2, cross_attention_dim=128, caption_channels=EMBED_DIM,
+                norm_type="ada_norm_single", use_additional_conditions=False)
+
+
+@torch.no_grad()
+def encode_latents(vae_dir: Path, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled VAE latents (posterior means) of the training set, cached at ``cache``."""
+    if cache.exists():
+        data = torch.load(cache, weights_only=True)
+        return data["latents"], data["labels"]
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
+    images, labels = load_fmnist("train")
+    latents = torch.cat([vae.encode(images[i:i + 1000]).latent_dist.mean for i in range(0, len(images), 1000)])
+    latents = latents * vae.config.scaling_factor
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"latents": latents, "labels": labels}, cache)
+    return latents, labels
+
+
+def _adaln_zero_init(model: DiTTransformer2DModel) -> None:
+    for block in model.transformer_blocks:
+        torch.nn.init.zeros_(block.norm1.linear.weight)
+        torch.nn.init.zeros_(block.norm1.linear.bias)
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    for layer in (model.proj_out_1, model.proj_out_2):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+
+
+def _diffusion_loss(predict, latents: torch.Tensor, scheduler: DDPMScheduler, gen: torch.Generator):
+    noise = torch.randn(latents.shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+    noisy = scheduler.add_noise(latents, noise, t)
+    return F.mse_loss(predict(noisy, t), noise)
+
+
+def train_dit(vae_dir: Path, out_dir: Path, workdir: Path, steps: int = 2400, max_minutes: float | None = None,
+              quiet: bool = False) -> dict | None:
+    """Train ``dit-fmnist`` and save it as a stock ``DiTPipeline`` folder (fp16)."""
+    latents, labels = encode_latents(vae_dir, workdir.parent / "latents.pt")
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(**dit_config())
+    _adaln_zero_init(model)
+    scheduler = DDPMScheduler(**noise_scheduler_config())
+    trainer = ResumableTrainer(model, TrainSchedule(steps=steps, lr=1e-3, batch_size=256, warmup=200,
+                                                    ema_decay=0.999, max_minutes=max_minutes), workdir, "dit")
+
+    def loss_fn(gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(latents), (256,), generator=gen)
+        y = labels[idx].clone()
+        y[torch.rand(256, generator=gen) < LABEL_DROP] = NULL_CLASS
+        return _diffusion_loss(lambda x, t: model(x, timestep=t, class_labels=y).sample, latents[idx],
+                               scheduler, gen)
+
+    if not trainer.run(loss_fn, quiet=quiet):
+        return None
+    from diffusers import DiTPipeline
+
+    transformer = trainer.final_model()
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    pipe = DiTPipeline(transformer=transformer, vae=vae,
+                       scheduler=DPMSolverMultistepScheduler(**noise_scheduler_config()),
+                       id2label={i: name for i, name in enumerate(CLASS_NAMES)})
+    pipe.register_to_config(id2label={str(i): name for i, name in enumerate(CLASS_NAMES)})
+    pipe.to(torch.float16).save_pretrained(out_dir)
+    info = {"steps": trainer.step, "batch_size": 256, "train_seconds": round(trainer.train_seconds, 1)}
+    (out_dir / "training.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def train_pixart(vae_dir: Path, out_dir: Path, workdir: Path, steps: int = 4000,
+                 max_minutes: float | None = None, quiet: bool = False) -> dict | None:
+    """Train ``pixart-fmnist`` (captions -> MiniLM tokens -> cross-attention); saves transformer + VAE."""
+    latents, labels = encode_latents(vae_dir, workdir.parent / "latents.pt")
+    captions, caption_labels = training_captions()
+    caption_embeds, caption_mask = encode_prompts(captions)
+    null_embeds, null_mask = encode_prompts([""])
+    by_class = [torch.tensor([i for i, c in enumerate(caption_labels) if c == k]) for k in range(10)]
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(**pixart_config())
+    scheduler = DDPMScheduler(**noise_scheduler_config())
+    trainer = ResumableTrainer(model, TrainSchedule(steps=steps, lr=1e-3, batch_size=256, warmup=200,
+                                                    ema_decay=0.999, max_minutes=max_minutes),
+                               workdir, "pixart")
+
+    def loss_fn(gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(latents), (256,), generator=gen)
+        pick = torch.stack([by_class[int(c)][torch.randint(0, len(by_class[int(c)]), (1,), generator=gen)]
+                            for c in labels[idx]]).squeeze(1)
+        embeds, mask = caption_embeds[pick].clone(), caption_mask[pick].clone()
+        drop = torch.rand(256, generator=gen) < LABEL_DROP
+        embeds[drop], mask[drop] = null_embeds[0], null_mask[0]
+        return _diffusion_loss(
+            lambda x, t: model(x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
+                               added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample,
+            latents[idx], scheduler, gen)
+
+    if not trainer.run(loss_fn, quiet=quiet):
+        return None
+    transformer = trainer.final_model()
+    transformer.to(torch.float16).save_pretrained(out_dir / "transformer")
+    AutoencoderKL.from_pretrained(vae_dir).save_pretrained(out_dir / "vae")
+    DPMSolverMultistepScheduler(**noise_scheduler_config()).save_pretrained(out_dir / "scheduler")
+    info = {"steps": trainer.step, "batch_size": 256, "train_seconds": round(trainer.train_seconds, 1)}
+    (out_dir / "training.json").write_text(json.dumps(info, indent=2))
+    return info
