@@ -99,6 +99,16 @@ def _finite(values: list[Any]) -> np.ndarray:
     return arr
 
 
+def _strip_common_prefix(names: list[str]) -> tuple[str, list[str]]:
+    """Drop the dotted path components shared by all names (kept when only one name exists)."""
+    parts = [name.split(".") for name in names]
+    shared = 0
+    while len(parts) > 1 and all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    prefix = ".".join(parts[0][:shared]) + "." if shared else ""
+    return prefix, [".".join(p[shared:]) for p in parts]
+
+
 def _plot_series(
     axis: list[Any], series: dict[str, list[Any]], columns: list[str], path: Path, kind: str
 ) -> None:
@@ -108,12 +118,16 @@ def _plot_series(
     if kind == "timestep":
         fig, ax = _new_axes(7.0, 4.0)
         xs = np.asarray(axis, dtype=np.float64)
+        if n > 1 and xs[0] > xs[-1]:
+            ax.invert_xaxis()  # keep sampling order left to right
         ax.set_xlabel("timestep")
         ax.set_ylabel("relative error vs reference")
     else:
         fig, ax = _new_axes(min(max(7.0, 2.0 + 0.17 * n), 20.0), 5.0)
         xs = np.arange(n)
-        labels = [name if len(name) <= 32 else "…" + name[-31:] for name in map(str, axis)]
+        prefix, labels = _strip_common_prefix([str(name) for name in axis])
+        labels = [name if len(name) <= 32 else "…" + name[-31:] for name in labels]
+        ax.set_xlabel(f"layer (common prefix '{prefix}' omitted)" if prefix else "layer")
         ax.set_xticks(xs, labels, rotation=90, fontsize=8 if n <= 30 else 6 if n <= 60 else 5)
         ax.set_xlim(-0.5, n - 0.5)
         ax.set_ylabel("SQNR vs reference [dB]")

@@ -35,7 +35,7 @@ class PixArtAdapter(ModelAdapter):
 
     def predict(self, model, latents, timestep, cond):
         added = {"resolution": None, "aspect_ratio": None}
-        if model.config.get("use_additional_conditions") or model.adaln_single.use_additional_conditions:
+        if getattr(model, "use_additional_conditions", False):
             size = latents.shape[-1] * 8
             added = {"resolution": latents.new_tensor([[size, size]]).expand(len(latents), 2),
                      "aspect_ratio": latents.new_ones(len(latents), 1)}

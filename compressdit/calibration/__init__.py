@@ -1,0 +1,1 @@
+"""Calibration: run the real sampling loop and capture activation statistics through hooks."""

@@ -1,0 +1,92 @@
+"""Per-layer, per-channel input statistics captured across timesteps by self-removing hooks."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compressdit.errors import CalibrationError
+
+
+@dataclass
+class ActivationStats:
+    """``absmax[name]``: ``[timesteps, in_features]`` max |x| of each linear's input per sampling step."""
+
+    absmax: dict[str, torch.Tensor]
+    timesteps: list[int]
+
+    def channel_absmax(self, name: str) -> torch.Tensor:
+        """Max over all timesteps, per input channel."""
+        return self.absmax[name].amax(0)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in self.absmax.items()}, str(tmp),
+                  metadata={"timesteps": json.dumps(self.timesteps)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "ActivationStats":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            timesteps = json.loads(handle.metadata()["timesteps"])
+        return cls(load_file(str(path)), timesteps)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.step = 0
+        self.per_step: dict[str, dict[int, torch.Tensor]] = {}
+
+    def hook(self, name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            if not torch.isfinite(x).all():
+                raise CalibrationError(f"non-finite activation (NaN/inf) entering {name} at sampling step {self.step}")
+            current = x.abs().reshape(-1, x.shape[-1]).amax(0).float().cpu()
+            steps = self.per_step.setdefault(name, {})
+            steps[self.step] = torch.maximum(steps[self.step], current) if self.step in steps else current
+
+        return record
+
+
+@contextlib.contextmanager
+def capture_input_absmax(model: nn.Module, names: list[str]) -> Iterator[_Recorder]:
+    """Hook the named linears; the hooks are removed on exit, even after an error."""
+    recorder = _Recorder()
+    handles = [model.get_submodule(name).register_forward_pre_hook(recorder.hook(name)) for name in names]
+    try:
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def stats_from_recorder(recorder: _Recorder, timesteps: list[int]) -> ActivationStats:
+    if not recorder.per_step:
+        raise CalibrationError("calibration captured no activations (empty calibration set?)")
+    absmax = {}
+    for name, steps in recorder.per_step.items():
+        absmax[name] = torch.stack([steps[i] for i in sorted(steps)])
+    return ActivationStats(absmax, timesteps)
+
+
+def cache_key(model: nn.Module, settings: dict) -> str:
+    """Hash of the model's weights summary and the calibration settings."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        if tensor.is_floating_point() and tensor.numel():
+            digest.update(f"{float(tensor.float().sum()):.6e}".encode())
+    return digest.hexdigest()[:20]

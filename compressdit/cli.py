@@ -1,0 +1,229 @@
+"""The ``compressdit`` command line (Typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from compressdit.errors import CompressditError
+from compressdit.progress import set_quiet
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Post-training compression for Diffusion Transformers; checkpoints load back into diffusers.")
+zoo_app = typer.Typer(no_args_is_help=True, help="Reference models trained by compressdit on Fashion-MNIST.")
+app.add_typer(zoo_app, name="zoo")
+console = Console()
+err_console = Console(stderr=True)
+
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+JSON = typer.Option(False, "--json", help="Machine-readable output on stdout.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output folder.")
+
+
+def _summary(state, as_json: bool) -> None:
+    report = state.report or {}
+    payload = {"out": str(state.workdir), "recipe": state.recipe_name, "quantized_modules": len(state.quant_specs),
+               "timings": state.timings,
+               "metrics": {m["name"]: m["values"] for m in report.get("metrics", [])}}
+    if as_json:
+        print(json.dumps(payload, indent=2))
+        return
+    console.print(f"[bold green]wrote[/] {state.workdir} ({len(state.quant_specs)} quantized modules)")
+    if report:
+        table = Table(title="quality report (same seeds)")
+        columns = report["columns"]
+        table.add_column("metric")
+        for column in columns:
+            table.add_column(column, justify="right")
+        for m in report["metrics"]:
+            table.add_row(m["name"], *[("—" if m["values"].get(c) is None else f"{m['values'][c]:.6g}")
+                                       for c in columns])
+        console.print(table)
+        console.print(f"report: {state.workdir / 'report' / 'report.html'}")
+
+
+def _run(recipe, model: str, out: Path, overwrite: bool, quiet: bool, as_json: bool, calib: Optional[str]) -> None:
+    from compressdit.pipeline import run_recipe
+
+    set_quiet(quiet or as_json)
+    state = run_recipe(recipe, model, out, overwrite=overwrite, quiet=quiet or as_json, calib=calib)
+    _summary(state, as_json)
+
+
+@app.command()
+def quantize(model: str = typer.Argument(..., help="Diffusers model/pipeline folder, zoo:NAME or hub id."),
+             recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe name (recipes/NAME.yaml) or YAML path."),
+             out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+             calib: Optional[str] = typer.Option(None, "--calib", help="Calibration set name or .jsonl file."),
+             no_eval: bool = typer.Option(False, "--no-eval", help="Skip the recipe's evaluate stage."),
+             samples: Optional[int] = typer.Option(None, "--samples", help="Override the evaluate stage's samples."),
+             overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
+    """Quantize MODEL with a recipe and write a diffusers checkpoint + quality report."""
+    from compressdit.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    if no_eval:
+        loaded.stages = [s for s in loaded.stages if s.name != "evaluate"]
+    if samples is not None:
+        for stage in loaded.stages:
+            if stage.name == "evaluate":
+                stage.config.samples = samples
+                stage.config.validate("--samples")
+    _run(loaded, model, out, overwrite, quiet, as_json, calib)
+
+
+@app.command("run")
+def run_command(recipe_file: Path = typer.Argument(..., help="Recipe YAML file."),
+                model: str = typer.Option(..., "--model", "-m", help="Model folder, zoo:NAME or hub id."),
+                out: Path = typer.Option(..., "--out", "-o"),
+                calib: Optional[str] = typer.Option(None, "--calib"),
+                overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
+    """Run every stage of a recipe file."""
+    from compressdit.recipe import load_recipe
+
+    _run(load_recipe(str(recipe_file)), model, out, overwrite, quiet, as_json, calib)
+
+
+@app.command()
+def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/model folder."),
+             reference: str = typer.Option(..., "--reference", help="Uncompressed pipeline folder or zoo:NAME."),
+             baseline: Optional[str] = typer.Option(None, "--baseline", help="Peer (bnb-int8, bnb-nf4) or recipe."),
+             samples: int = typer.Option(256, "--samples"), steps: int = typer.Option(20, "--steps"),
+             seed: int = typer.Option(0, "--seed"), guidance: float = typer.Option(4.0, "--guidance"),
+             out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default CANDIDATE/report)."),
+             quiet: bool = QUIET, as_json: bool = JSON) -> None:
+    """Compare CANDIDATE with its reference (and a baseline) at identical seeds; write a report."""
+    from compressdit.evaluate.engine import Entry
+    from compressdit.io.checkpoint import atomic_output
+    from compressdit.io.sources import load_source
+    from compressdit.quant.transform import quantized_modules
+    from compressdit.stages.evaluate import EvaluateConfig, run_evaluation
+
+    set_quiet(quiet or as_json)
+    config = EvaluateConfig.from_dict({"samples": samples, "steps": steps, "seed": seed, "guidance": guidance,
+                                       "baseline": baseline}, "evaluate")
+    cand = load_source(candidate)
+    ref = load_source(reference)
+    entry = Entry("candidate", cand.transformer, candidate, cand.transformer_folder,
+                  sorted(quantized_modules(cand.transformer)))
+    target = out or cand.folder / "report"
+    with atomic_output(target, overwrite=True) as tmp:
+        report = run_evaluation(entry, ref, config, tmp, f"compressdit report: {candidate} vs {reference}", quiet)
+    if as_json:
+        print(json.dumps({"report": str(target), "metrics": {m["name"]: m["values"] for m in report["metrics"]}},
+                         indent=2))
+    else:
+        console.print(f"report: {target / 'report.html'}")
+
+
+@app.command()
+def inspect(model: str = typer.Argument(..., help="Checkpoint folder or zoo:NAME."), as_json: bool = JSON) -> None:
+    """Per-module scheme, bits and bytes of a checkpoint."""
+    from compressdit.inspect import inspect_checkpoint
+
+    summary = inspect_checkpoint(model)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"{summary['class']} — {summary['quantized_modules']} quantized of "
+                        f"{summary['linear_modules']} linear modules")
+    for column in ("module", "scheme", "weight bytes", "vs bf16"):
+        table.add_column(column, justify="left" if column in ("module", "scheme") else "right")
+    for row in summary["modules"]:
+        table.add_row(row["module"], row["scheme"], str(row["bytes"]), f"{row['ratio_vs_bf16']:.2f}x")
+    console.print(table)
+    console.print(f"parameters: {summary['parameters']:,}  bytes on disk: {summary['bytes_on_disk']:,}  "
+                  f"(bf16 would be {summary['bf16_bytes']:,})")
+
+
+@app.command()
+def export(model: str = typer.Argument(..., help="Quantized checkpoint folder."),
+           out: Path = typer.Option(..., "--out", "-o"),
+           dequantize: bool = typer.Option(False, "--dequantize", help="Write plain float weights (no compressdit "
+                                                                       "needed to load)."),
+           overwrite: bool = OVERWRITE) -> None:
+    """Export a checkpoint; ``--dequantize`` writes a plain diffusers folder."""
+    from compressdit.inspect import export_dequantized
+
+    if not dequantize:
+        raise CompressditError("only `export --dequantize` is available: a quantized checkpoint is already a "
+                               "diffusers folder")
+    export_dequantized(model, out, overwrite)
+    console.print(f"[bold green]wrote[/] {out} (plain diffusers weights)")
+
+
+@app.command("list")
+def list_command(as_json: bool = JSON) -> None:
+    """Registered recipes, formats, methods, stages, peers, model families and metrics."""
+    import compressdit.evaluate.peers  # noqa: F401
+    import compressdit.models  # noqa: F401
+    import compressdit.quant.methods  # noqa: F401
+    import compressdit.stages  # noqa: F401
+    from compressdit.recipe import list_recipes
+    from compressdit.registry import ALL_REGISTRIES
+
+    listing = {kind: list(registry) for kind, registry in ALL_REGISTRIES.items()}
+    listing["recipe"] = list_recipes()
+    listing["metric"] = ["FD-FMNIST", "FD-EffNet", "class accuracy", "PSNR", "SSIM", "relative error per timestep",
+                         "layer SQNR", "parameters", "bytes", "latency"]
+    from compressdit.zoo.registry import ZOO
+
+    listing["zoo model"] = list(ZOO)
+    if as_json:
+        print(json.dumps(listing, indent=2))
+        return
+    for kind, names in listing.items():
+        console.print(f"[bold]{kind}[/]: {', '.join(names)}")
+
+
+@zoo_app.command("list")
+def zoo_list(as_json: bool = JSON) -> None:
+    """Shipped reference models and whether their weights are present."""
+    from compressdit.zoo.registry import ZOO, zoo_status
+
+    status = {name: zoo_status(name) for name in ZOO}
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return
+    for name, info in status.items():
+        console.print(f"[bold]{name}[/]: {info['description']} — {'shipped' if info['present'] else 'not trained'}")
+
+
+@zoo_app.command("train")
+def zoo_train(name: str = typer.Argument(..., help="Zoo model name (see `compressdit zoo list`)."),
+              max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
+                                                          help="Stop after this long; rerun to resume."),
+              steps: Optional[int] = typer.Option(None, "--steps"),
+              workdir: Path = typer.Option(Path("runs/zoo"), "--workdir", help="Resumable training state."),
+              quiet: bool = QUIET) -> None:
+    """Train a reference model from real Fashion-MNIST (resumable)."""
+    from compressdit.zoo.registry import train
+
+    set_quiet(quiet)
+    result = train(name, workdir, max_minutes=max_minutes, steps=steps, quiet=quiet)
+    if result is None:
+        console.print(f"{name}: time cap reached, state saved in {workdir / name}; rerun to resume")
+    else:
+        console.print(f"{name}: done {json.dumps(result)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except CompressditError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+    except (ValueError, KeyError, FileNotFoundError, ImportError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {message}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

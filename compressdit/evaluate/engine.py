@@ -1,0 +1,222 @@
+"""Measure candidate, reference and baseline side by side with identical seeds."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressdit.evaluate.metrics import class_accuracy, frechet_distance, psnr, relative_error, sqnr_db, ssim
+from compressdit.io.checkpoint import folder_bytes
+from compressdit.models.base import ModelAdapter
+from compressdit.models.sampling import decode_latents, guided_prediction, initial_latents, sample
+from compressdit.progress import progress_bar
+
+CLASSIFIER_PATH = Path(__file__).resolve().parents[1] / "zoo" / "weights" / "fmnist-basics" / "classifier.safetensors"
+
+
+@dataclass
+class Entry:
+    """One column of the report: a transformer, where it lives on disk, and what it is."""
+
+    column: str
+    model: nn.Module
+    description: str
+    folder: Path | None = None
+    compressed_layers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalSettings:
+    samples: int = 256
+    steps: int = 20
+    guidance: float = 4.0
+    seed: int = 0
+    real_samples: int = 2000
+    fidelity_samples: int = 16
+    timing_batch: int = 8
+    effnet: bool = True
+
+
+def evaluation_conditions(adapter: ModelAdapter, count: int) -> tuple[list, torch.Tensor]:
+    """Balanced class ids (or one caption per class) and the class each sample should show."""
+    labels = torch.arange(count) % 10
+    if adapter.condition_kind == "class":
+        return labels.tolist(), labels
+    from compressdit.zoo.captions import evaluation_captions
+
+    captions, _ = evaluation_captions()
+    return [captions[int(k)] for k in labels], labels
+
+
+class Feature:
+    """Lazily built feature extractors and cached real-image features."""
+
+    def __init__(self, settings: EvalSettings) -> None:
+        self.settings = settings
+        self._classifier = None
+        self._effnet = None
+        self._real: dict[str, torch.Tensor] = {}
+
+    def classifier(self):
+        if self._classifier is None:
+            from compressdit.zoo.train_basics import load_classifier
+
+            self._classifier = load_classifier(CLASSIFIER_PATH)
+        return self._classifier
+
+    def extractors(self) -> dict[str, object]:
+        from compressdit.evaluate.features import ClassifierFeatures, EffNetLite0Features
+
+        out = {"FD-FMNIST": ClassifierFeatures(self.classifier())}
+        if self.settings.effnet:
+            if self._effnet is None:
+                self._effnet = EffNetLite0Features()
+            out["FD-EffNet"] = self._effnet
+        return out
+
+    def real(self, name: str, extractor) -> torch.Tensor:
+        if name not in self._real:
+            from compressdit.zoo.data import load_fmnist
+
+            images, _ = load_fmnist("test")
+            with torch.no_grad():
+                self._real[name] = extractor(images[: self.settings.real_samples])
+        return self._real[name]
+
+
+def _timed_sampling(adapter, entry: Entry, conditions, scheduler, settings: EvalSettings, vae, quiet: bool):
+    started = time.perf_counter()
+    latents = sample(adapter, entry.model, conditions, scheduler, steps=settings.steps, guidance=settings.guidance,
+                     seed=settings.seed)
+    seconds = time.perf_counter() - started
+    return decode_latents(vae, latents), seconds
+
+
+@torch.no_grad()
+def _step_latency(adapter, model: nn.Module, settings: EvalSettings, repeats: int = 5) -> float:
+    """Seconds per denoising step (one CFG-batched forward) at ``timing_batch`` samples."""
+    conditions, _ = evaluation_conditions(adapter, settings.timing_batch)
+    cond = adapter.encode(model, conditions)
+    uncond = adapter.encode(model, adapter.null_conditions(len(conditions)))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    cond, uncond = cond.to("cpu", dtype), uncond.to("cpu", dtype)
+    x = initial_latents(adapter, model, settings.timing_batch, 0).to(dtype)
+    t = torch.tensor([500])
+    guided_prediction(adapter, model, x, t, cond, uncond, settings.guidance)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        guided_prediction(adapter, model, x, t, cond, uncond, settings.guidance)
+    return (time.perf_counter() - started) / repeats
+
+
+@torch.no_grad()
+def _trajectory_errors(adapter, reference: nn.Module, others: list[Entry], conditions, scheduler,
+                       settings: EvalSettings) -> dict:
+    """Relative error of each model's output on the reference trajectory, per timestep."""
+    records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    sample(adapter, reference, conditions, scheduler, steps=settings.steps, guidance=settings.guidance,
+           seed=settings.seed, on_step=lambda i, t, x, pred: records.append((int(t), x.clone(), pred.clone())))
+    cond = adapter.encode(reference, conditions)
+    uncond = adapter.encode(reference, adapter.null_conditions(len(conditions)))
+    series = {}
+    for entry in others:
+        errors = []
+        for t, x, ref_pred in records:
+            pred = guided_prediction(adapter, entry.model, x, torch.tensor([t]), cond, uncond, settings.guidance)
+            errors.append(relative_error(pred.float(), ref_pred))
+        series[entry.column] = errors
+    return {"timesteps": [t for t, _, _ in records], "series": series}
+
+
+@torch.no_grad()
+def _layer_sqnr(adapter, reference: nn.Module, entries: list[Entry], conditions, settings: EvalSettings) -> dict:
+    """SQNR of each compressed layer alone: the same captured input through reference and compressed layer."""
+    names = sorted({n for e in entries for n in e.compressed_layers}, key=list(dict(reference.named_modules())).index)
+    if not names:
+        return {}
+    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
+    handles = [reference.get_submodule(n).register_forward_hook(
+        lambda m, args, out, n=n: captured[n].append((args[0].detach(), out.detach()))) for n in names]
+    try:
+        cond = adapter.encode(reference, conditions)
+        x = initial_latents(adapter, reference, len(conditions), settings.seed)
+        for t in (900, 500, 100):
+            adapter.predict(reference, x, torch.tensor([t]), cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+    series = {}
+    for entry in entries:
+        values = []
+        for name in names:
+            if name not in entry.compressed_layers:
+                values.append(None)
+                continue
+            layer = entry.model.get_submodule(name)
+            ref_out = torch.cat([o.reshape(-1, o.shape[-1]) for _, o in captured[name]])
+            out = torch.cat([layer(i).reshape(-1, o.shape[-1]).float() for i, o in captured[name]])
+            values.append(round(sqnr_db(ref_out.float(), out), 3))
+        series[entry.column] = values
+    return {"layers": names, "series": series}
+
+
+def evaluate(adapter: ModelAdapter, reference: Entry, candidate: Entry, baseline: Entry | None, vae: nn.Module,
+             scheduler, settings: EvalSettings, quiet: bool = False) -> dict:
+    """Sample every entry with the same seeds and compute the report's metrics."""
+    entries = [candidate, reference] + ([baseline] if baseline else [])
+    conditions, labels = evaluation_conditions(adapter, settings.samples)
+    features = Feature(settings)
+    images, seconds = {}, {}
+    with progress_bar("evaluate: sampling", total=len(entries), quiet=quiet) as bar:
+        for entry in entries:
+            images[entry.column], seconds[entry.column] = _timed_sampling(adapter, entry, conditions, scheduler,
+                                                                          settings, vae, quiet)
+            bar.update(1)
+    metrics = []
+
+    def metric(name, better, fn, unit=""):
+        metrics.append({"name": name, "unit": unit, "better": better,
+                        "values": {e.column: fn(e) for e in entries}})
+
+    classifier = features.classifier()
+    with torch.no_grad():
+        logits = {c: classifier(img) for c, img in images.items()}
+    for fd_name, extractor in features.extractors().items():
+        real = features.real(fd_name, extractor)
+        with torch.no_grad():
+            feats = {c: extractor(img) for c, img in images.items()}
+        metric(f"{fd_name} vs real test images", "lower", lambda e: round(frechet_distance(feats[e.column], real), 4))
+        metric(f"{fd_name} vs reference samples", "lower",
+               lambda e: None if e is reference else round(frechet_distance(feats[e.column], feats["reference"]), 4))
+    metric("class accuracy", "higher", lambda e: round(class_accuracy(logits[e.column], labels), 4))
+    metric("PSNR vs reference (same seeds)", "higher",
+           lambda e: None if e is reference else round(psnr(images[e.column], images["reference"]), 3), "dB")
+    metric("SSIM vs reference (same seeds)", "higher",
+           lambda e: None if e is reference else round(ssim(images[e.column], images["reference"]), 4))
+    metric("parameters", None, lambda e: int(e.model.num_parameters()) if hasattr(e.model, "num_parameters")
+           else sum(p.numel() for p in e.model.parameters()))
+    metric("weights in memory", "lower", lambda e: int(e.model.get_memory_footprint()), "bytes")
+    metric("transformer bytes on disk", "lower",
+           lambda e: folder_bytes(e.folder) if e.folder is not None else None, "bytes")
+    metric("time per denoising step (CFG, batch %d)" % settings.timing_batch, "lower",
+           lambda e: round(_step_latency(adapter, e.model, settings) * 1000, 2), "ms")
+    metric("sampling wall time (%d samples)" % settings.samples, "lower", lambda e: round(seconds[e.column], 2), "s")
+    fidelity_conditions = conditions[: settings.fidelity_samples]
+    others = [e for e in entries if e is not reference]
+    return {
+        "metrics": metrics,
+        "per_timestep_error": _trajectory_errors(adapter, reference.model, others, fidelity_conditions, scheduler,
+                                                 settings),
+        "layer_sqnr": _layer_sqnr(adapter, reference.model, others, fidelity_conditions, settings),
+        "images": {c: img[:40] for c, img in images.items()},
+        "columns": [e.column for e in entries],
+        "candidate": candidate.description, "reference": reference.description,
+        "baseline": baseline.description if baseline else None,
+        "settings": {"samples": settings.samples, "steps": settings.steps, "guidance": settings.guidance,
+                     "seed": settings.seed, "real test images": settings.real_samples,
+                     "fidelity samples": settings.fidelity_samples},
+    }

@@ -1,0 +1,57 @@
+"""Checkpoint summaries (``compressdit inspect``) and dequantized export."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressdit.io.checkpoint import atomic_output, folder_bytes
+from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source, resolve_path
+
+
+def _module_bytes(module: nn.Module) -> int:
+    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    return sum(t.nelement() * t.element_size() for t in tensors)
+
+
+def inspect_checkpoint(model: str) -> dict:
+    """Per-linear scheme and bytes (weights + scales + bias) against a bf16 copy of the same layer."""
+    from compressdit.models import adapter_for
+
+    source = load_source(model)
+    transformer = source.transformer
+    adapter = adapter_for(transformer)
+    rows = []
+    for name, module in adapter.linear_layers(transformer).items():
+        spec = getattr(module, "spec", None)
+        bf16 = (module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)) * 2
+        size = _module_bytes(module)
+        rows.append({"module": name, "role": adapter.role_of(name), "scheme": spec.label if spec else "full precision",
+                     "bytes": size, "bf16_bytes": bf16, "ratio_vs_bf16": bf16 / size if size else 0.0})
+    parameters = int(transformer.num_parameters())
+    return {"class": type(transformer).__name__, "folder": str(source.folder),
+            "linear_modules": len(rows), "quantized_modules": sum(r["scheme"] != "full precision" for r in rows),
+            "parameters": parameters, "bytes_on_disk": folder_bytes(source.transformer_folder),
+            "bf16_bytes": parameters * 2, "modules": rows}
+
+
+@torch.no_grad()
+def export_dequantized(model: str, out: Path, overwrite: bool = False) -> Path:
+    """Write a plain diffusers folder (float weights, no ``quantization_config``)."""
+    source = load_source(model)
+    transformer = source.transformer
+    if getattr(transformer, "hf_quantizer", None) is not None:
+        transformer.dequantize()
+    folder = resolve_path(model)
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        target = tmp / TRANSFORMER_SUBFOLDER if source.is_pipeline else tmp
+        if source.is_pipeline:
+            for item in folder.iterdir():
+                if item.name in (TRANSFORMER_SUBFOLDER, "report"):
+                    continue
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        transformer.save_pretrained(target)
+    return Path(out)

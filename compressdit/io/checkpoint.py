@@ -1,0 +1,70 @@
+"""Checkpoint files: integrity checks and atomic output folders (temp dir, then rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from compressdit.errors import CheckpointError
+
+
+def verify_safetensors(folder: Path) -> list[Path]:
+    """Open every ``*.safetensors`` header and check its byte size; raise on corrupt or truncated files."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError):
+            raise CheckpointError(f"{index} is not a valid shard index") from None
+        missing = sorted(s for s in shards if not (folder / s).exists())
+        if missing:
+            raise CheckpointError(f"{folder}: shard {missing[0]} listed in the index is missing")
+    if not files:
+        raise CheckpointError(f"{folder} has no .safetensors weights")
+    for path in files:
+        raw = path.open("rb").read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is truncated (no safetensors header)")
+        header_len = int.from_bytes(raw, "little")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+                header = json.loads(path.open("rb").read(8 + header_len)[8:])
+        except Exception as exc:
+            raise CheckpointError(f"{path} is corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")\
+                from None
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if path.stat().st_size < 8 + header_len + end:
+            raise CheckpointError(f"{path} is truncated: {path.stat().st_size} bytes, header needs "
+                                  f"{8 + header_len + end}")
+        del keys
+    return files
+
+
+def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob(pattern))
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder next to ``out``; on success it replaces ``out``, on error it is deleted."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"output folder {out} already exists and is not empty (use --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)

@@ -1,0 +1,123 @@
+"""Resolve a MODEL argument (local folder, ``zoo:NAME`` or hub id) into loaded components."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressdit.errors import CheckpointError, ModelNotFoundError
+from compressdit.io.checkpoint import verify_safetensors
+
+ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo" / "weights"
+TRANSFORMER_SUBFOLDER = "transformer"
+
+
+@dataclass
+class ModelSource:
+    """A loaded transformer plus what sampling needs; ``folder`` is where it came from."""
+
+    name: str
+    folder: Path
+    transformer: nn.Module
+    vae: nn.Module | None = None
+    scheduler: object | None = None
+    is_pipeline: bool = False
+    info: dict = field(default_factory=dict)
+
+    @property
+    def transformer_folder(self) -> Path:
+        return self.folder / TRANSFORMER_SUBFOLDER if self.is_pipeline else self.folder
+
+
+def resolve_path(model: str) -> Path:
+    """Map ``zoo:NAME``, a folder, or a hub id to a local folder (hub ids fail offline with a hint)."""
+    if model.startswith("zoo:"):
+        name = model[4:]
+        path = ZOO_DIR / name
+        if not (path / "model_index.json").exists() and not (path / TRANSFORMER_SUBFOLDER).exists():
+            known = ", ".join(sorted(p.name for p in ZOO_DIR.iterdir() if p.is_dir())) if ZOO_DIR.exists() else ""
+            raise ModelNotFoundError(f"no zoo model {name!r}; shipped: {known or 'none'} "
+                                     f"(train one with `compressdit zoo train {name}`)")
+        return path
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{model} is a file; pass a diffusers model or pipeline folder")
+        return path
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return _download(model)
+    raise ModelNotFoundError(f"model path {model} does not exist")
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:
+        raise ModelNotFoundError(f"could not fetch hub model {repo_id!r} ({type(exc).__name__}); this machine may be "
+                                 "offline: download it elsewhere and pass the local folder") from None
+
+
+def _class_name(folder: Path) -> str:
+    config = folder / "config.json"
+    if not config.exists():
+        raise CheckpointError(f"{folder} has no config.json: not a diffusers model folder")
+    try:
+        return json.loads(config.read_text())["_class_name"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise CheckpointError(f"{config} is not a valid diffusers config ({exc})") from None
+
+
+def load_transformer(folder: Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a diffusers transformer folder (quantized or not) after checking its files."""
+    import diffusers
+
+    import compressdit  # noqa: F401  (registers the quantizer backend)
+    from compressdit.models import ADAPTERS
+
+    class_name = _class_name(folder)
+    supported = sorted(a.model_class_name for _, a in ADAPTERS.items())
+    model_class = getattr(diffusers, class_name, None)
+    if model_class is None or class_name not in supported:
+        raise CheckpointError(f"unsupported model class {class_name} in {folder}; supported: {', '.join(supported)}")
+    verify_safetensors(folder)
+    try:
+        model = model_class.from_pretrained(folder, torch_dtype=dtype)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load {folder}: {first}") from None
+    return model.eval()
+
+
+def load_source(model: str, dtype: torch.dtype | None = None, name: str | None = None) -> ModelSource:
+    """Load the transformer, and the VAE and scheduler where the folder is a pipeline."""
+    from diffusers import AutoencoderKL
+
+    folder = resolve_path(model)
+    is_pipeline = (folder / TRANSFORMER_SUBFOLDER / "config.json").exists()
+    transformer = load_transformer(folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder, dtype)
+    vae = scheduler = None
+    if is_pipeline and (folder / "vae" / "config.json").exists():
+        verify_safetensors(folder / "vae")
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+    if is_pipeline and (folder / "scheduler" / "scheduler_config.json").exists():
+        from diffusers import SchedulerMixin  # noqa: F401
+        from diffusers.schedulers import DPMSolverMultistepScheduler
+
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        import diffusers
+
+        scheduler_class = getattr(diffusers, config.get("_class_name", ""), DPMSolverMultistepScheduler)
+        scheduler = scheduler_class.from_pretrained(folder / "scheduler")
+    info = {}
+    card = folder / "training.json"
+    if card.exists():
+        info = json.loads(card.read_text())
+    return ModelSource(name or model, folder, transformer, vae, scheduler, is_pipeline, info)

@@ -1,0 +1,120 @@
+"""``FluxTransformer2DModel`` (FLUX.1): double-stream MMDiT blocks, then single-stream blocks; flow matching.
+
+Flux sees latents as packed 2x2 patches: ``[B, C, H, W]`` becomes ``[B, (H/2)(W/2), 4C]`` tokens with
+positions ``img_ids`` ``[(H/2)(W/2), 3]`` and all-zero ``txt_ids`` ``[seq, 3]`` for the text tokens
+(``FluxPipeline._pack_latents`` / ``_unpack_latents`` / ``_prepare_latent_image_ids``). The adapter keeps
+the contract's ``[B, C, H, W]`` latents with ``C = config.in_channels // 4`` and packs inside
+:meth:`FluxAdapter.predict`.
+
+Layer roles: double-stream blocks split into an image stream (``attn.to_q/k/v``, ``attn.to_out.0``,
+``ff``, ``norm1``) and a text stream (``context``). A single-stream block has one attention over text +
+image tokens (``attn.to_q/k/v``, no output projection), a parallel MLP input ``proj_mlp`` (``ffn_up``) and
+``proj_out`` (``ffn_down``), which projects the concatenated attention and MLP outputs back to the
+hidden size, so it also plays the part of the attention output projection.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from compressdit.models.base import ADAPTERS, Conditioning, ModelAdapter
+from compressdit.models.sd3 import pooled_text
+
+_DOUBLE = r"transformer_blocks\.\d+"
+_SINGLE = r"single_transformer_blocks\.\d+"
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, (H/2)(W/2), 4C]`` (2x2 patches, channel-major inside a patch)."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Flux latents need an even height and width, got {h}x{w}")
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for latents of ``height`` x ``width``."""
+    b, _, channels = tokens.shape
+    x = tokens.reshape(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """Token positions ``[height * width, 3]``: ``(0, row, col)`` for a packed ``height`` x ``width`` grid."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
+
+
+class FluxAdapter(ModelAdapter):
+    family = "flux"
+    model_class_name = "FluxTransformer2DModel"
+    condition_kind = "text"
+    prediction = "flow"
+    block_patterns = (_DOUBLE, _SINGLE)
+    roles = {
+        "attn_qkv": (_DOUBLE + r"\.attn\.to_[qkv]", _SINGLE + r"\.attn\.to_[qkv]"),
+        "attn_out": (_DOUBLE + r"\.attn\.to_out\.0",),
+        "context": (_DOUBLE + r"\.attn\.add_[qkv]_proj", _DOUBLE + r"\.attn\.to_add_out",
+                    _DOUBLE + r"\.ff_context\.net\.(?:0\.proj|2)", _DOUBLE + r"\.norm1_context\.linear"),
+        "ffn_up": (_DOUBLE + r"\.ff\.net\.0\.proj", _SINGLE + r"\.proj_mlp"),
+        "ffn_down": (_DOUBLE + r"\.ff\.net\.2", _SINGLE + r"\.proj_out"),
+        "adaln": (_DOUBLE + r"\.norm1\.linear", _SINGLE + r"\.norm\.linear"),
+        "embedder": (r"time_text_embed\..*", r"context_embedder", r"x_embedder", r"pos_embed(?:\..*)?"),
+        "head": (r"norm_out\.linear", r"proj_out"),
+    }
+    # Flux configs carry no sample_size: latents are ``latent_size`` square unless the config has one.
+    # Set it on the registered instance (``ADAPTERS.get("flux").latent_size = 128`` for 1024 px images).
+    latent_size: int = 8
+    # Guidance-distilled checkpoints (``config.guidance_embeds``) take the guidance scale as an input;
+    # FluxPipeline passes its ``guidance_scale`` (default 3.5). Classifier-free guidance in
+    # ``sampling.sample`` is separate from this (FluxPipeline's ``true_cfg_scale``).
+    embedded_guidance: float = 3.5
+
+    def blocks(self, model):
+        """Double-stream blocks, then single-stream blocks (execution order)."""
+        named = list(model.named_modules())
+        return [(name, m) for pattern in self.block_patterns for name, m in named if re.fullmatch(pattern, name)]
+
+    def latent_shape(self, model):
+        size = model.config.get("sample_size") or self.latent_size
+        return model.config.in_channels // 4, size, size
+
+    def encode(self, model, conditions):
+        embeds = pooled_text("Flux", conditions, model.config.joint_attention_dim, model.config.pooled_projection_dim)
+        return Conditioning({"encoder_hidden_states": embeds["tokens"], "pooled_projections": embeds["pooled"]})
+
+    def null_conditions(self, count):
+        return [""] * count
+
+    def predict(self, model, latents, timestep, cond):
+        batch, channels, height, width = latents.shape
+        tokens = cond.tensors["encoder_hidden_states"]
+        guidance = None
+        if model.config.get("guidance_embeds"):
+            guidance = torch.full((batch,), self.embedded_guidance, device=latents.device, dtype=torch.float32)
+        out = model(hidden_states=pack_latents(latents), encoder_hidden_states=tokens,
+                    pooled_projections=cond.tensors["pooled_projections"],
+                    timestep=timestep.expand(batch).to(latents.dtype) / 1000, guidance=guidance,
+                    img_ids=latent_image_ids(height // 2, width // 2, latents.device, latents.dtype),
+                    txt_ids=tokens.new_zeros(tokens.shape[1], 3)).sample
+        return unpack_latents(out, height, width)[:, :channels]
+
+    def scheduler(self, model):
+        """Flow-matching Euler with a fixed shift of 1.0 (linear sigmas), meant for small latents.
+
+        FLUX.1 checkpoints ship a scheduler with ``use_dynamic_shifting``: FluxPipeline derives ``mu`` from
+        the image token count (shift ``exp(mu)``, about 1.65 at 256 tokens up to 3.2 at 4096) and passes it
+        to ``set_timesteps``. ``sampling.sample`` passes no ``mu``, so such a scheduler cannot be used there
+        as is; a fixed shift of 1.0 keeps sampling of small latents simple and well defined.
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(shift=1.0)
+
+
+ADAPTERS.add("flux", FluxAdapter())

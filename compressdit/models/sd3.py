@@ -1,0 +1,69 @@
+"""``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5, MMDiT): joint image + context streams, flow matching.
+
+Each joint block runs one attention over the concatenated image and text tokens. The image stream owns
+``attn.to_q/k/v`` and ``attn.to_out.0``; the text ("context") stream owns ``attn.add_*_proj``,
+``attn.to_add_out``, ``ff_context`` and ``norm1_context``. SD3.5 blocks listed in
+``config.dual_attention_layers`` add a second image-only self-attention ``attn2`` whose layers share the
+image-stream roles. The last block is ``context_pre_only``: it has no ``to_add_out`` and no ``ff_context``.
+
+The model predicts the flow velocity; the pipeline passes the scheduler's timesteps (``sigma * 1000``)
+unscaled as ``timestep``, and so does :meth:`SD3Adapter.predict`.
+"""
+
+from __future__ import annotations
+
+from compressdit.models.base import ADAPTERS, Conditioning, ModelAdapter
+from compressdit.models.text_conditions import embed_prompts, stack
+
+_BLOCK = r"transformer_blocks\.\d+"
+
+
+def pooled_text(model_name: str, conditions, dim: int, pooled_dim: int) -> dict:
+    """Stacked ``tokens``/``mask``/``pooled`` for models that need a pooled text vector (SD3, Flux)."""
+    embeds = embed_prompts(conditions, dim, pooled_dim)
+    if any(e.pooled is None for e in embeds):
+        raise ValueError(f"{model_name} needs pooled text embeddings: give every TextEmbedding a "
+                         f"pooled vector of width {pooled_dim}")
+    return stack(embeds)
+
+
+class SD3Adapter(ModelAdapter):
+    family = "sd3"
+    model_class_name = "SD3Transformer2DModel"
+    condition_kind = "text"
+    prediction = "flow"
+    block_patterns = (_BLOCK,)
+    roles = {
+        "attn_qkv": (_BLOCK + r"\.attn2?\.to_[qkv]",),
+        "attn_out": (_BLOCK + r"\.attn2?\.to_out\.0",),
+        "context": (_BLOCK + r"\.attn\.add_[qkv]_proj", _BLOCK + r"\.attn\.to_add_out",
+                    _BLOCK + r"\.ff_context\.net\.(?:0\.proj|2)", _BLOCK + r"\.norm1_context\.linear"),
+        "ffn_up": (_BLOCK + r"\.ff\.net\.0\.proj",),
+        "ffn_down": (_BLOCK + r"\.ff\.net\.2",),
+        "adaln": (_BLOCK + r"\.norm1\.linear",),
+        "embedder": (r"time_text_embed\..*", r"context_embedder", r"pos_embed\..*"),
+        "head": (r"norm_out\.linear", r"proj_out"),
+    }
+
+    def encode(self, model, conditions):
+        embeds = pooled_text("SD3", conditions, model.config.joint_attention_dim, model.config.pooled_projection_dim)
+        # SD3 has no text attention mask: padded tokens are attended to, as in StableDiffusion3Pipeline.
+        return Conditioning({"encoder_hidden_states": embeds["tokens"], "pooled_projections": embeds["pooled"]})
+
+    def null_conditions(self, count):
+        return [""] * count
+
+    def predict(self, model, latents, timestep, cond):
+        out = model(hidden_states=latents, encoder_hidden_states=cond.tensors["encoder_hidden_states"],
+                    pooled_projections=cond.tensors["pooled_projections"],
+                    timestep=timestep.expand(len(latents))).sample
+        return out[:, : latents.shape[1]]
+
+    def scheduler(self, model):
+        """Plain flow-matching Euler (shift 1.0). SD3 checkpoints ship their own (shift 3.0), used when present."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler()
+
+
+ADAPTERS.add("sd3", SD3Adapter())

@@ -1,0 +1,98 @@
+"""The only orchestrator: load -> stages -> checkpoint (temp folder, renamed at the end) -> report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from compressdit.errors import CheckpointError
+from compressdit.io.checkpoint import atomic_output
+from compressdit.io.diffusers_quantizer import attach_quantizer
+from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source, load_transformer
+from compressdit.models import adapter_for
+from compressdit.models.sampling import initial_latents
+from compressdit.recipe import Recipe
+from compressdit.stages import STAGES, PipelineState
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESSDIT_CACHE", Path.home() / ".cache" / "compressdit"))
+
+
+def _copy_pipeline_parts(source_folder: Path, out: Path) -> None:
+    for item in source_folder.iterdir():
+        if item.name in (TRANSFORMER_SUBFOLDER, "report") or item.name.startswith("compressdit_"):
+            continue
+        target = out / item.name
+        if item.is_dir():
+            shutil.copytree(item, target)
+        else:
+            shutil.copy2(item, target)
+
+
+@torch.no_grad()
+def _reload_check(state: PipelineState, folder: Path) -> float:
+    """Max |difference| between the in-memory model and the checkpoint reloaded by stock diffusers."""
+    reloaded = load_transformer(folder)
+    adapter = state.adapter
+    conditions = adapter.null_conditions(2) if adapter.condition_kind == "text" else [1, 7]
+    cond = adapter.encode(state.model, conditions)
+    x = initial_latents(adapter, state.model, 2, seed=99)
+    t = torch.tensor([500])
+    diff = (adapter.predict(state.model, x, t, cond) - adapter.predict(reloaded, x, t, cond)).abs().max().item()
+    if not diff <= 1e-5:
+        raise CheckpointError(f"reloaded checkpoint differs from the quantized model (max |diff| {diff:.3g})")
+    return diff
+
+
+def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
+    out = state.workdir
+    folder = out / TRANSFORMER_SUBFOLDER if state.source.is_pipeline else out
+    if state.source.is_pipeline:
+        _copy_pipeline_parts(state.source.folder, out)
+    if state.quant_specs:
+        attach_quantizer(state.model, state.quant_specs)
+    state.model.save_pretrained(folder)
+    (out / "compressdit_recipe.yaml").write_text(recipe.dump())
+    state.notes.append(f"stock diffusers reload check: max |output difference| = {_reload_check(state, folder):.2g}")
+    skipped = sorted(n for n in state.adapter.linear_layers(state.model) if n not in state.quant_specs)
+    if skipped:
+        state.notes.append(f"{len(skipped)} linear layers kept in full precision: " + ", ".join(skipped[:12])
+                           + (" ..." if len(skipped) > 12 else ""))
+    rows = [[name, spec.label, spec.w_bits, spec.a_bits or 16, spec.group_size or "channel"]
+            for name, spec in sorted(state.quant_specs.items())]
+    if rows:
+        state.tables.append({"title": "per-module scheme", "header": ["module", "scheme", "w bits", "a bits", "group"],
+                             "rows": rows})
+
+
+def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, quiet: bool = False,
+               calib: str | None = None) -> PipelineState:
+    """Compress ``model`` with ``recipe`` into ``out``; nothing is left at ``out`` if any step fails."""
+    source = load_source(model)
+    adapter = adapter_for(source.transformer)
+    if calib is not None:
+        for stage in recipe.stages:
+            if hasattr(stage.config, "set"):
+                stage.config.set = calib
+    with atomic_output(out, overwrite=overwrite) as workdir:
+        state = PipelineState(source=source, adapter=adapter, model=source.transformer, workdir=workdir,
+                              reference_spec=model, quiet=quiet, cache_dir=default_cache_dir(),
+                              recipe_name=recipe.name)
+        saved = False
+        started = time.perf_counter()
+        for stage in recipe.stages:
+            handler = STAGES.get(stage.name)
+            if handler.needs_checkpoint and not saved:
+                save_checkpoint(state, recipe)
+                saved = True
+            handler.run(state, stage.config)
+        if not saved:
+            save_checkpoint(state, recipe)
+        state.timings["total_s"] = round(time.perf_counter() - started, 2)
+    state.workdir = Path(out)
+    return state

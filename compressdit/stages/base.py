@@ -1,0 +1,50 @@
+"""The stage contract and the state passed explicitly from stage to stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from compressdit.config_base import StrictConfig
+from compressdit.io.sources import ModelSource
+from compressdit.models.base import ModelAdapter
+from compressdit.registry import Registry
+
+
+@dataclass
+class PipelineState:
+    """What stages read and write; nothing global."""
+
+    source: ModelSource
+    adapter: ModelAdapter
+    model: nn.Module
+    workdir: Path
+    reference_spec: str
+    calibration: Any = None
+    quant_specs: dict = field(default_factory=dict)
+    report: dict | None = None
+    timings: dict = field(default_factory=dict)
+    quiet: bool = False
+    cache_dir: Path | None = None
+    recipe_name: str = ""
+    notes: list = field(default_factory=list)
+    tables: list = field(default_factory=list)
+
+
+class Stage:
+    """A stage parses its config (strict) and mutates the pipeline state."""
+
+    config_class: ClassVar[type[StrictConfig]]
+    needs_checkpoint: ClassVar[bool] = False  # the pipeline writes the checkpoint before such a stage
+
+    def parse(self, data: Any, where: str) -> StrictConfig:
+        return self.config_class.from_dict(data, where)
+
+    def run(self, state: PipelineState, config: StrictConfig) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+
+STAGES: Registry[Stage] = Registry("stage")

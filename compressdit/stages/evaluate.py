@@ -1,0 +1,107 @@
+"""``evaluate``: candidate vs reference vs baseline, same seeds; writes report.{json,md,html}."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressdit.config_base import StrictConfig
+from compressdit.errors import ConfigError
+from compressdit.evaluate.engine import Entry, EvalSettings, evaluate
+from compressdit.evaluate.report import write_report
+from compressdit.io.sources import ModelSource
+from compressdit.stages.base import STAGES, PipelineState, Stage
+
+
+@dataclass
+class EvaluateConfig(StrictConfig):
+    """YAML: ``- evaluate: {samples: 256, steps: 20, guidance: 4.0, seed: 0, baseline: bnb-int8}``
+
+    ``baseline`` is a peer (``bnb-int8``, ``bnb-nf4``: applied to the same layers as the candidate)
+    or a recipe name (e.g. ``rtn-w8a8``) applied to the reference; ``null`` for none.
+    """
+
+    samples: int = 256
+    steps: int = 20
+    guidance: float = 4.0
+    seed: int = 0
+    baseline: str | None = None
+    real_samples: int = 2000
+    fidelity_samples: int = 16
+    effnet: bool = True
+
+    def validate(self, where: str) -> None:
+        if self.samples < 2:
+            raise ConfigError(f"{where}.samples: need at least 2 samples for Frechet distances, got {self.samples}")
+        if self.steps <= 0:
+            raise ConfigError(f"{where}.steps: must be positive, got {self.steps}")
+
+    def settings(self) -> EvalSettings:
+        return EvalSettings(samples=self.samples, steps=self.steps, guidance=self.guidance, seed=self.seed,
+                            real_samples=self.real_samples, fidelity_samples=min(self.fidelity_samples, self.samples),
+                            effnet=self.effnet)
+
+
+def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: bool, cache_dir: Path | None) -> Entry:
+    """A peer on the candidate's layers, or a recipe's compression stages applied to the reference."""
+    from compressdit.evaluate.peers import PEERS, apply_peer
+
+    model = copy.deepcopy(reference.transformer)
+    if name in PEERS:
+        return Entry("baseline", apply_peer(model, layers, name), f"{name}: {PEERS.get(name).description}",
+                     compressed_layers=list(layers))
+    from compressdit.models.base import adapter_for
+    from compressdit.recipe import load_recipe
+
+    recipe = load_recipe(name)
+    state = PipelineState(source=reference, adapter=adapter_for(model), model=model, workdir=Path("."),
+                          reference_spec=reference.name, quiet=quiet, cache_dir=cache_dir)
+    for stage in recipe.stages:
+        if stage.name != "evaluate":
+            STAGES.get(stage.name).run(state, stage.config)
+    return Entry("baseline", model, f"recipe {recipe.name}", compressed_layers=sorted(state.quant_specs))
+
+
+def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateConfig, out_dir: Path, title: str,
+                   quiet: bool = False, cache_dir: Path | None = None, notes: list[str] | None = None,
+                   tables: list[dict] | None = None) -> dict:
+    from compressdit.models.base import adapter_for
+
+    if reference.vae is None:
+        raise ConfigError(f"reference {reference.name} has no VAE: pass a pipeline folder (with vae/) as reference")
+    adapter = adapter_for(reference.transformer)
+    ref_entry = Entry("reference", reference.transformer, f"{reference.name} (uncompressed)",
+                      reference.transformer_folder)
+    baseline = None
+    if config.baseline:
+        baseline = build_baseline(config.baseline, reference, candidate.compressed_layers, quiet, cache_dir)
+    started = time.perf_counter()
+    report = evaluate(adapter, ref_entry, candidate, baseline, reference.vae,
+                      reference.scheduler or adapter.scheduler(reference.transformer), config.settings(), quiet)
+    report["title"] = title
+    report["notes"] = list(notes or []) + [f"evaluation took {time.perf_counter() - started:.1f} s on "
+                                           f"{'CUDA' if next(candidate.model.parameters()).is_cuda else 'CPU'}"]
+    report["tables"] = list(tables or [])
+    write_report(report, out_dir)
+    return report
+
+
+class EvaluateStage(Stage):
+    config_class = EvaluateConfig
+    needs_checkpoint = True
+
+    def run(self, state: PipelineState, config: EvaluateConfig) -> None:
+        from compressdit.io.sources import load_source
+
+        reference = load_source(state.reference_spec, name=state.reference_spec)
+        folder = state.workdir / "transformer" if state.source.is_pipeline else state.workdir
+        candidate = Entry("candidate", state.model, f"{state.recipe_name} of {state.reference_spec}", folder,
+                          sorted(state.quant_specs))
+        state.report = run_evaluation(candidate, reference, config, state.workdir / "report",
+                                      f"compressdit report: {state.recipe_name} on {state.reference_spec}",
+                                      state.quiet, state.cache_dir, state.notes, state.tables)
+
+
+STAGES.add("evaluate", EvaluateStage())

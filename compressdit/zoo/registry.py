@@ -1,0 +1,75 @@
+"""The reference-model zoo: names, how each is trained, and where its shipped weights live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from compressdit.errors import ConfigError
+from compressdit.registry import Registry
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+BASICS = WEIGHTS / "fmnist-basics"
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    description: str
+    artifact: Path
+    train: Callable[..., dict | None]
+
+
+ZOO: Registry[ZooModel] = Registry("zoo model")
+
+
+def _classifier(workdir: Path, **kw):
+    from compressdit.zoo.train_basics import train_classifier
+
+    return train_classifier(BASICS, workdir, **kw)
+
+
+def _vae(workdir: Path, **kw):
+    from compressdit.zoo.train_basics import train_vae
+
+    return train_vae(BASICS / "vae", workdir, **kw)
+
+
+def _dit(workdir: Path, **kw):
+    from compressdit.zoo.train_dits import train_dit
+
+    return train_dit(BASICS / "vae", WEIGHTS / "dit-fmnist", workdir, **kw)
+
+
+def _pixart(workdir: Path, **kw):
+    from compressdit.zoo.train_dits import train_pixart
+
+    return train_pixart(BASICS / "vae", WEIGHTS / "pixart-fmnist", workdir, **kw)
+
+
+ZOO.add("fmnist-classifier", ZooModel("Fashion-MNIST CNN classifier (FD-FMNIST features, class accuracy)",
+                                      BASICS / "classifier.safetensors", _classifier))
+ZOO.add("fmnist-vae", ZooModel("AutoencoderKL, 1x32x32 <-> 4x8x8 latents", BASICS / "vae", _vae))
+ZOO.add("dit-fmnist", ZooModel("class-conditional DiTTransformer2DModel, 12 blocks (DiTPipeline folder)",
+                               WEIGHTS / "dit-fmnist", _dit))
+ZOO.add("pixart-fmnist", ZooModel("PixArtTransformer2DModel, cross-attention on MiniLM caption tokens",
+                                  WEIGHTS / "pixart-fmnist", _pixart))
+
+
+def zoo_status(name: str) -> dict:
+    entry = ZOO.get(name)
+    return {"description": entry.description, "present": entry.artifact.exists(), "path": str(entry.artifact)}
+
+
+def train(name: str, workdir: Path, max_minutes: float | None = None, steps: int | None = None,
+          quiet: bool = False) -> dict | None:
+    """Train (or resume) ``name``; returns its metrics, or None when the time cap stopped it."""
+    if name not in ZOO:
+        raise ConfigError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+    needs_vae = name in ("dit-fmnist", "pixart-fmnist")
+    if needs_vae and not (BASICS / "vae").exists():
+        raise ConfigError(f"{name} trains on fmnist-vae latents: run `compressdit zoo train fmnist-vae` first")
+    kwargs = {"max_minutes": max_minutes, "quiet": quiet}
+    if steps is not None:
+        kwargs["steps"] = steps
+    return ZOO.get(name).train(Path(workdir) / name, **kwargs)

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random diffusers models and pipeline folders (no training, no hub)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("COMPRESSDIT_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "cd"))
+torch.set_num_threads(1)
+
+
+def tiny_dit(layers: int = 2, seed: int = 0):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+                                  num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+                                  norm_type="ada_norm_zero")
+    with torch.no_grad():  # uneven per-row scales, non-zero adaLN: hides nothing behind zero init
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.05 * (1 + torch.rand(p.shape[0], *[1] * (p.dim() - 1)) * 3))
+    return model.eval()
+
+
+def tiny_pixart(layers: int = 2, caption_channels: int = 384, seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+                                     num_layers=layers, sample_size=8, patch_size=2, cross_attention_dim=64,
+                                     caption_channels=caption_channels, norm_type="ada_norm_single",
+                                     use_additional_conditions=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    from compressdit.zoo.train_basics import vae_config
+
+    torch.manual_seed(0)
+    return AutoencoderKL(**vae_config()).eval()
+
+
+def save_dit_pipeline(path, layers: int = 2):
+    from diffusers import DiTPipeline, DPMSolverMultistepScheduler
+
+    from compressdit.zoo.train_dits import noise_scheduler_config
+
+    pipe = DiTPipeline(transformer=tiny_dit(layers), vae=tiny_vae(),
+                       scheduler=DPMSolverMultistepScheduler(**noise_scheduler_config()))
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dit_pipeline_dir(tmp_path_factory):
+    """A stock ``DiTPipeline`` folder with a tiny random transformer and VAE."""
+    return save_dit_pipeline(tmp_path_factory.mktemp("tiny") / "dit-pipe")
+
+
+@pytest.fixture(scope="session")
+def dit_model_dir(tmp_path_factory):
+    """A bare ``DiTTransformer2DModel`` folder."""
+    path = tmp_path_factory.mktemp("tiny") / "dit-model"
+    tiny_dit().save_pretrained(path)
+    return path
