@@ -114,7 +114,10 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
                   sorted(quantized_modules(cand.transformer)))
     target = out or cand.folder / "report"
     with atomic_output(target, overwrite=True) as tmp:
-        report = run_evaluation(entry, ref, config, tmp, f"compressdit report: {candidate} vs {reference}", quiet)
+        from compressdit.pipeline import default_cache_dir
+
+        report = run_evaluation(entry, ref, config, tmp, f"compressdit report: {candidate} vs {reference}", quiet,
+                                default_cache_dir())
     if as_json:
         print(json.dumps({"report": str(target), "metrics": {m["name"]: m["values"] for m in report["metrics"]}},
                          indent=2))
@@ -213,16 +216,23 @@ def zoo_train(name: str = typer.Argument(..., help="Zoo model name (see `compres
         console.print(f"{name}: done {json.dumps(result)}")
 
 
+def _fail(message: str) -> None:
+    """Print ``error: MESSAGE`` as exactly one line (no wrapping, no markup parsing) and exit 2."""
+    from rich.markup import escape
+
+    line = " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+    err_console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
+    sys.exit(2)
+
+
 def main() -> None:
     try:
         app()
     except CompressditError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
-        sys.exit(2)
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {message}")
-        sys.exit(2)
+        _fail(str(exc) or type(exc).__name__)
+    except (ValueError, KeyError, OSError, ImportError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _fail(f"{type(exc).__name__}: {message}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from compressdit.io.checkpoint import atomic_output, folder_bytes
+from compressdit.io.checkpoint import atomic_output, copy_pipeline_parts, folder_bytes
 from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source, resolve_path
 
 
@@ -49,9 +48,6 @@ def export_dequantized(model: str, out: Path, overwrite: bool = False) -> Path:
     with atomic_output(out, overwrite=overwrite) as tmp:
         target = tmp / TRANSFORMER_SUBFOLDER if source.is_pipeline else tmp
         if source.is_pipeline:
-            for item in folder.iterdir():
-                if item.name in (TRANSFORMER_SUBFOLDER, "report"):
-                    continue
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            copy_pipeline_parts(folder, tmp)
         transformer.save_pretrained(target)
     return Path(out)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from compressdit.errors import CheckpointError
-from compressdit.io.checkpoint import atomic_output
+from compressdit.io.checkpoint import atomic_output, copy_pipeline_parts, check_output
 from compressdit.io.diffusers_quantizer import attach_quantizer
 from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source, load_transformer
 from compressdit.models import adapter_for
@@ -21,17 +20,6 @@ from compressdit.stages import STAGES, PipelineState
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("COMPRESSDIT_CACHE", Path.home() / ".cache" / "compressdit"))
-
-
-def _copy_pipeline_parts(source_folder: Path, out: Path) -> None:
-    for item in source_folder.iterdir():
-        if item.name in (TRANSFORMER_SUBFOLDER, "report") or item.name.startswith("compressdit_"):
-            continue
-        target = out / item.name
-        if item.is_dir():
-            shutil.copytree(item, target)
-        else:
-            shutil.copy2(item, target)
 
 
 @torch.no_grad()
@@ -53,7 +41,7 @@ def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
     out = state.workdir
     folder = out / TRANSFORMER_SUBFOLDER if state.source.is_pipeline else out
     if state.source.is_pipeline:
-        _copy_pipeline_parts(state.source.folder, out)
+        copy_pipeline_parts(state.source.folder, out)
     if state.quant_specs:
         attach_quantizer(state.model, state.quant_specs)
     state.model.save_pretrained(folder)
@@ -73,6 +61,7 @@ def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
 def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, quiet: bool = False,
                calib: str | None = None) -> PipelineState:
     """Compress ``model`` with ``recipe`` into ``out``; nothing is left at ``out`` if any step fails."""
+    check_output(out, overwrite)  # before loading: a taken output folder should not cost a model load
     source = load_source(model)
     adapter = adapter_for(source.transformer)
     if calib is not None:

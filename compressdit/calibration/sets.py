@@ -27,13 +27,19 @@ def resolve_set(name_or_path: str | None, condition_kind: str) -> Path:
 
 def load_conditions(path: Path, condition_kind: str, limit: int | None = None) -> list:
     """Rows of ``{"class_id": int}`` for class-conditional models or ``{"prompt": str}`` for text ones."""
+    import datasets
     from datasets import load_dataset
 
     column = {"class": "class_id", "text": "prompt"}[condition_kind]
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a "Generating train split" bar for a small local file is only noise
     try:
         rows = load_dataset("json", data_files=str(path), split="train")
     except Exception as exc:  # datasets raises several types for malformed files
         raise ConfigError(f"cannot read calibration file {path}: {exc}".splitlines()[0]) from None
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
     if column not in rows.column_names:
         raise ConfigError(f"calibration file {path} has no {column!r} field (columns: {rows.column_names}); "
                           f"a {condition_kind}-conditioned model needs one {column!r} per line")

@@ -29,6 +29,18 @@ class Entry:
     compressed_layers: list[str] = field(default_factory=list)
 
 
+def logical_parameters(model: nn.Module) -> int:
+    """Weights counted as in the float model, whatever packing a layer uses (ours or a peer's)."""
+    total = 0
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own and hasattr(module, "in_features") and hasattr(module, "out_features"):
+            total += module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
+        else:
+            total += sum(p.numel() for p in own)
+    return total
+
+
 @dataclass
 class EvalSettings:
     samples: int = 256
@@ -55,8 +67,9 @@ def evaluation_conditions(adapter: ModelAdapter, count: int) -> tuple[list, torc
 class Feature:
     """Lazily built feature extractors and cached real-image features."""
 
-    def __init__(self, settings: EvalSettings) -> None:
+    def __init__(self, settings: EvalSettings, cache_dir: Path | None = None) -> None:
         self.settings = settings
+        self.cache_dir = cache_dir
         self._classifier = None
         self._effnet = None
         self._real: dict[str, torch.Tensor] = {}
@@ -79,12 +92,22 @@ class Feature:
         return out
 
     def real(self, name: str, extractor) -> torch.Tensor:
-        if name not in self._real:
-            from compressdit.zoo.data import load_fmnist
+        if name in self._real:
+            return self._real[name]
+        cache = None
+        if self.cache_dir is not None:
+            cache = self.cache_dir / "features" / f"{getattr(extractor, 'name', name)}-test-{self.settings.real_samples}.pt"
+            if cache.exists():
+                self._real[name] = torch.load(cache, weights_only=True)
+                return self._real[name]
+        from compressdit.zoo.data import load_fmnist
 
-            images, _ = load_fmnist("test")
-            with torch.no_grad():
-                self._real[name] = extractor(images[: self.settings.real_samples])
+        images, _ = load_fmnist("test")
+        with torch.no_grad():
+            self._real[name] = extractor(images[: self.settings.real_samples])
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self._real[name], cache)
         return self._real[name]
 
 
@@ -165,11 +188,11 @@ def _layer_sqnr(adapter, reference: nn.Module, entries: list[Entry], conditions,
 
 
 def evaluate(adapter: ModelAdapter, reference: Entry, candidate: Entry, baseline: Entry | None, vae: nn.Module,
-             scheduler, settings: EvalSettings, quiet: bool = False) -> dict:
+             scheduler, settings: EvalSettings, quiet: bool = False, cache_dir: Path | None = None) -> dict:
     """Sample every entry with the same seeds and compute the report's metrics."""
     entries = [candidate, reference] + ([baseline] if baseline else [])
     conditions, labels = evaluation_conditions(adapter, settings.samples)
-    features = Feature(settings)
+    features = Feature(settings, cache_dir)
     images, seconds = {}, {}
     with progress_bar("evaluate: sampling", total=len(entries), quiet=quiet) as bar:
         for entry in entries:
@@ -197,8 +220,7 @@ def evaluate(adapter: ModelAdapter, reference: Entry, candidate: Entry, baseline
            lambda e: None if e is reference else round(psnr(images[e.column], images["reference"]), 3), "dB")
     metric("SSIM vs reference (same seeds)", "higher",
            lambda e: None if e is reference else round(ssim(images[e.column], images["reference"]), 4))
-    metric("parameters", None, lambda e: int(e.model.num_parameters()) if hasattr(e.model, "num_parameters")
-           else sum(p.numel() for p in e.model.parameters()))
+    metric("parameters", None, lambda e: logical_parameters(e.model))
     metric("weights in memory", "lower", lambda e: int(e.model.get_memory_footprint()), "bytes")
     metric("transformer bytes on disk", "lower",
            lambda e: folder_bytes(e.folder) if e.folder is not None else None, "bytes")

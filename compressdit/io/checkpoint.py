@@ -29,35 +29,55 @@ def verify_safetensors(folder: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{folder} has no .safetensors weights")
     for path in files:
-        raw = path.open("rb").read(8)
+        with path.open("rb") as handle:
+            raw = handle.read(8)
         if len(raw) < 8:
             raise CheckpointError(f"{path} is truncated (no safetensors header)")
         header_len = int.from_bytes(raw, "little")
+        end = _declared_data_end(path, header_len)  # checked first: safe_open calls truncation "corrupt"
+        if end is not None and path.stat().st_size < 8 + header_len + end:
+            raise CheckpointError(f"{path} is truncated: {path.stat().st_size} bytes, header needs "
+                                  f"{8 + header_len + end}")
         try:
             with safe_open(str(path), framework="pt") as handle:
-                keys = list(handle.keys())
-                header = json.loads(path.open("rb").read(8 + header_len)[8:])
+                list(handle.keys())
         except Exception as exc:
             raise CheckpointError(f"{path} is corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")\
                 from None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if path.stat().st_size < 8 + header_len + end:
-            raise CheckpointError(f"{path} is truncated: {path.stat().st_size} bytes, header needs "
-                                  f"{8 + header_len + end}")
-        del keys
     return files
+
+
+def _declared_data_end(path: Path, header_len: int) -> int | None:
+    """End offset of the tensor data the header declares; ``None`` when the header itself is unreadable."""
+    if header_len > path.stat().st_size - 8:
+        return None
+    try:
+        with path.open("rb") as handle:
+            handle.seek(8)
+            header = json.loads(handle.read(header_len))
+        return max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except Exception:
+        return None
 
 
 def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob(pattern))
 
 
+def check_output(out: Path, overwrite: bool = False) -> None:
+    """Raise unless ``out`` can be written: absent, an empty folder, or ``overwrite`` is set."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output path {out} exists and is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"output folder {out} already exists and is not empty (use --overwrite)")
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder next to ``out``; on success it replaces ``out``, on error it is deleted."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"output folder {out} already exists and is not empty (use --overwrite)")
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -68,3 +88,15 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def copy_pipeline_parts(source_folder: Path, out: Path, skip: tuple[str, ...] = ("transformer", "report")) -> None:
+    """Copy a pipeline's other components (VAE, scheduler, model_index.json, ...) next to a new transformer."""
+    for item in Path(source_folder).iterdir():
+        if item.name in skip or item.name.startswith(("compressdit_", ".")):
+            continue
+        target = Path(out) / item.name
+        if item.is_dir():
+            shutil.copytree(item, target)
+        else:
+            shutil.copy2(item, target)

@@ -93,7 +93,21 @@ class CompressditQuantizer(DiffusersQuantizer):
         if kept:
             raise CheckpointError(f"{type(model).__name__} keeps {kept[0]!r} in fp32 but the checkpoint quantizes it")
         build_empty_layers(model, specs)
+        self._check_unused_tensors(model)
         return model
+
+    def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
+        self._loaded_keys = list(loaded_keys)  # diffusers only warns about unexpected keys; we check them
+        return loaded_keys
+
+    def _check_unused_tensors(self, model) -> None:
+        """A quantized layer's tensor the config does not use (e.g. a zero point) would be dropped silently."""
+        modules = {name: set(m.state_dict()) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+        for key in getattr(self, "_loaded_keys", None) or []:
+            module_name, _, tensor_name = key.rpartition(".")
+            if module_name in modules and tensor_name not in modules[module_name]:
+                raise CheckpointError(f"checkpoint has {key}, which the quantization_config's spec for "
+                                      f"{module_name} does not use (mismatched config and weights)")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:

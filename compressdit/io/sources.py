@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from compressdit.errors import CheckpointError, ModelNotFoundError
+from compressdit.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
 from compressdit.io.checkpoint import verify_safetensors
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo" / "weights"
@@ -84,15 +85,33 @@ def load_transformer(folder: Path, dtype: torch.dtype | None = None) -> nn.Modul
     supported = sorted(a.model_class_name for _, a in ADAPTERS.items())
     model_class = getattr(diffusers, class_name, None)
     if model_class is None or class_name not in supported:
-        raise CheckpointError(f"unsupported model class {class_name} in {folder}; supported: {', '.join(supported)}")
+        raise UnsupportedModelError(f"unsupported model class {class_name} in {folder}; "
+                                    f"supported: {', '.join(supported)}")
     verify_safetensors(folder)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # missing/unexpected tensors become errors below, not warnings
     try:
-        model = model_class.from_pretrained(folder, torch_dtype=dtype)
+        model, info = model_class.from_pretrained(folder, torch_dtype=dtype, output_loading_info=True)
     except CheckpointError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        shape = re.search(r"(\S+) expected shape torch\.Size\((\[.*?\])\), but got torch\.Size\((\[.*?\])\)", first)
+        if shape:  # diffusers' text goes on to advise random re-initialisation, which is not what the user wants
+            first = (f"tensor {shape.group(1)} has shape {shape.group(3)} in the weights but config.json implies "
+                     f"{shape.group(2)}: config.json and weights do not match")
         raise CheckpointError(f"cannot load {folder}: {first}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if missing:
+        raise CheckpointError(f"{folder}: config.json needs tensor {missing[0]} but the weights lack it "
+                              f"({len(missing)} missing): config.json and weights do not match")
+    if unexpected:
+        raise CheckpointError(f"{folder}: the weights have tensor {unexpected[0]} that config.json does not use "
+                              f"({len(unexpected)} unused): config.json and weights do not match")
     return model.eval()
 
 

@@ -73,6 +73,7 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack signed codes: 5-8 bits stay int8; 3-4 bits go two per uint8; 2 bits four per uint8."""
+    check_bits(bits)
     if bits > 4:
         return codes.to(torch.int8)
     per_byte = 4 if bits == 2 else 2
@@ -89,6 +90,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`, returning int8 codes of shape ``[rows, cols]``."""
+    check_bits(bits)
     if bits > 4:
         return packed
     per_byte = 4 if bits == 2 else 2
@@ -110,6 +112,7 @@ def packed_shape(rows: int, cols: int, bits: int) -> tuple[tuple[int, int], torc
 def fake_quantize_activation(x: torch.Tensor, bits: int, granularity: str,
                              static_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric activation quantize-dequantize: dynamic per token / per tensor, or a static scale."""
+    check_bits(bits, "activation bits")  # bits=1 would divide by qmax=0 and silently return NaN
     qmin, qmax = int_range(bits)
     if static_scale is not None:
         scale = static_scale.to(x.dtype)
@@ -118,6 +121,9 @@ def fake_quantize_activation(x: torch.Tensor, bits: int, granularity: str,
     else:
         scale = x.detach().abs().amax().clamp_min(1e-8) / qmax
     # straight-through rounding keeps gradients flowing to inputs (e.g. for adapters in training)
-    q = torch.clamp(x / scale, qmin, qmax)
-    q = q + (torch.round(q) - q).detach()
+    q = x / scale
+    if static_scale is not None:  # only a static scale really saturates: no gradient there
+        q = torch.clamp(q, qmin, qmax)
+    # dynamic scales: each token's max lands on qmax up to float error; clamping there would zero its gradient
+    q = q + (torch.round(q).clamp(qmin, qmax) - q).detach()
     return q * scale

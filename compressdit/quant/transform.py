@@ -63,7 +63,12 @@ def check_plan_fits(model: nn.Module, plan: dict[str, LinearQuantSpec | None]) -
     for name, spec in plan.items():
         if spec is None:
             continue
-        linear = model.get_submodule(name)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"quantization plan names module {name!r}, which the model does not have") from None
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"quantization plan names {name!r}, a {type(linear).__name__}, not a Linear")
         if spec.group_size and linear.in_features % spec.group_size:
             raise ConfigError(f"{name}: in_features {linear.in_features} is not divisible by "
                               f"group_size {spec.group_size}; pick a divisor or null")

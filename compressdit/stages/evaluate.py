@@ -79,7 +79,8 @@ def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateCon
         baseline = build_baseline(config.baseline, reference, candidate.compressed_layers, quiet, cache_dir)
     started = time.perf_counter()
     report = evaluate(adapter, ref_entry, candidate, baseline, reference.vae,
-                      reference.scheduler or adapter.scheduler(reference.transformer), config.settings(), quiet)
+                      reference.scheduler or adapter.scheduler(reference.transformer), config.settings(), quiet,
+                      cache_dir)
     report["title"] = title
     report["notes"] = list(notes or []) + [f"evaluation took {time.perf_counter() - started:.1f} s on "
                                            f"{'CUDA' if next(candidate.model.parameters()).is_cuda else 'CPU'}"]

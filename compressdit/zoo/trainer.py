@@ -103,7 +103,7 @@ class ResumableTrainer:
                             e.lerp_(p, 1.0 - s.ema_decay)
                 self.step += 1
                 self.train_seconds += time.monotonic() - t0
-                bar.update(1, loss=float(loss))
+                bar.update(1, loss=float(loss.detach()))
                 if self.step % s.checkpoint_every == 0:
                     self.save_state()
                 if s.max_minutes is not None and time.monotonic() - started > 60 * s.max_minutes:

@@ -1,0 +1,141 @@
+"""Tests for compressdit.recipe: shipped recipes parse and round-trip; every invalid recipe is a named ConfigError."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from torch import nn
+
+from compressdit.errors import ConfigError
+from compressdit.models import adapter_for
+from compressdit.quant.layers import QuantLinear
+from compressdit.quant.methods import RTNConfig
+from compressdit.quant.spec import LinearQuantSpec
+from compressdit.recipe import RECIPE_VERSION, RECIPES_DIR, Recipe, list_recipes, load_recipe
+from compressdit.stages import STAGES
+from compressdit.stages.base import PipelineState
+from tests.conftest import tiny_dit
+
+SHIPPED = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+VALID = {
+    "version": RECIPE_VERSION,
+    "name": "test",
+    "description": "a test recipe",
+    "stages": [
+        {"quantize": {"method": "rtn", "rules": [
+            {"match": "role:embedder", "spec": None},
+            {"match": "re:.*", "spec": {"w_bits": 8, "a_bits": 8}},
+        ]}},
+        {"evaluate": {"samples": 8, "steps": 2}},
+    ],
+}
+
+
+def _with(path: tuple, value) -> dict:
+    """VALID with the entry at ``path`` replaced (a path ending in a new key adds it)."""
+    data = copy.deepcopy(VALID)
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return data
+
+
+def test_shipped_recipes_are_listed():
+    assert SHIPPED and list_recipes() == SHIPPED
+    assert {"rtn-w8a8", "rtn-w4a8", "rtn-w4a16"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_parses_and_round_trips(name, tmp_path):
+    recipe = load_recipe(name)
+    assert recipe.name == name and recipe.version == RECIPE_VERSION and recipe.description
+    assert load_recipe(str(RECIPES_DIR / f"{name}.yaml")) == recipe  # by path too
+    quantize = recipe.stage("quantize")
+    assert quantize is not None and quantize.config.method == "rtn"
+    assert isinstance(quantize.config.options, RTNConfig) and quantize.config.options.rules
+    data = recipe.to_dict()
+    assert Recipe.from_dict(data) == recipe
+    assert Recipe.from_dict(yaml.safe_load(recipe.dump())) == recipe
+    assert yaml.safe_load(recipe.dump()) == data
+    dumped = tmp_path / "again.yaml"
+    dumped.write_text(recipe.dump())
+    assert load_recipe(str(dumped)) == recipe
+    # the dump keeps every key of the shipped file's quantize stage (nothing dropped or renamed)
+    raw = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+    raw_quantize = next(s["quantize"] for s in raw["stages"] if "quantize" in s)
+    assert data["stages"][0]["quantize"]["rules"] == [
+        {"match": r["match"], "spec": None if r["spec"] is None else {**LinearQuantSpec().to_dict(), **r["spec"]}}
+        for r in raw_quantize["rules"]]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_quantize_stage_runs_on_a_tiny_dit(name):
+    recipe = load_recipe(name)
+    model = tiny_dit()
+    adapter = adapter_for(model)
+    state = PipelineState(source=None, adapter=adapter, model=model, workdir=Path("."), reference_spec="tiny")
+    STAGES.get("quantize").run(state, recipe.stage("quantize").config)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert quantized == set(state.quant_specs) and quantized
+    for layer in adapter.linear_layers(model):
+        role = adapter.role_of(layer)
+        expected_float = role in ("embedder", "head")
+        assert (layer not in quantized) == expected_float, (layer, role)
+    assert type(model.proj_out_1) is nn.Linear
+    assert all(s.w_bits in (4, 8) for s in state.quant_specs.values())
+
+
+def test_valid_recipe_parses():
+    recipe = Recipe.from_dict(copy.deepcopy(VALID), "t.yaml")
+    assert [s.name for s in recipe.stages] == ["quantize", "evaluate"]
+    rules = recipe.stage("quantize").config.options.rules
+    assert rules[0].spec is None and rules[1].spec == LinearQuantSpec(w_bits=8, a_bits=8)
+    assert recipe.stage("evaluate").config.samples == 8 and recipe.stage("calibrate") is None
+
+
+@pytest.mark.parametrize("data,message", [
+    (_with(("steps",), []), "unknown recipe key 'steps'"),
+    (_with(("version",), 2), "recipe version must be 1, got 2"),
+    (_with(("version",), "1"), "recipe version must be 1, got '1'"),
+    ({k: v for k, v in VALID.items() if k != "version"}, "recipe version must be 1, got None"),
+    (_with(("stages",), [{"prune": {"ratio": 0.5}}]), r"stages\[0\]: unknown stage 'prune'"),
+    (_with(("stages",), []), "'stages' must be a non-empty list"),
+    (_with(("stages",), [{"quantize": {"method": "rtn", "rules": []}, "evaluate": {}}]), "single-key mapping"),
+    (_with(("stages", 0, "quantize", "method"), "gptq"), r"unknown method 'gptq'; known: .*rtn"),
+    (_with(("stages", 0, "quantize"), {"rules": []}), "needs a 'method'"),
+    (_with(("stages", 0, "quantize", "rules"), []), r"rules: at least one rule"),
+    (_with(("stages", 0, "quantize", "rules", 1, "spec", "wbits"), 4), r"rules\[1\]\.spec: unknown key 'wbits'"),
+    (_with(("stages", 0, "quantize", "rules", 1, "priority"), 1), r"rules\[1\]: unknown key 'priority'"),
+    (_with(("stages", 0, "quantize", "rules", 1, "spec", "w_bits"), 9), r"rules\[1\]\.spec\.w_bits: 9 is out of range"),
+    (_with(("stages", 0, "quantize", "rules", 1, "spec", "w_bits"), 1), r"rules\[1\]\.spec\.w_bits: 1 is out of range"),
+    (_with(("stages", 0, "quantize", "rules", 1, "spec", "a_bits"), 16), r"rules\[1\]\.spec\.a_bits: 16 is out of"),
+    (_with(("stages", 0, "quantize", "rules", 1, "spec", "w_bits"), True), r"rules\[1\]\.spec\.w_bits: expected int"),
+    (_with(("stages", 0, "quantize", "rules", 1, "spec", "group_size"), 0), r"group_size: must be positive"),
+    (_with(("stages", 0, "quantize", "rules", 1, "spec", "a_granularity"), "per_channel"), "'per_channel' is not"),
+    (_with(("stages", 0, "quantize", "rules", 1, "spec", "format"), "fp8"), r"spec\.format: unknown format 'fp8'"),
+    (_with(("stages", 0, "quantize", "rules", 1, "match"), "re:(unclosed"), r"rules\[1\]\.match: invalid regex"),
+    (_with(("stages", 1, "evaluate", "samples"), 1), r"evaluate\.samples: need at least 2"),
+    (_with(("stages", 1, "evaluate", "sample"), 1), r"evaluate: unknown key 'sample'"),
+    (_with(("name",), ""), "'name' must be a non-empty string"),
+    ([1, 2], "must be a mapping"),
+])
+def test_invalid_recipes_are_config_errors_naming_the_problem(data, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        Recipe.from_dict(data, "bad.yaml")
+    assert str(info.value).startswith("bad.yaml")
+
+
+def test_unknown_recipe_name_and_bad_yaml_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown recipe 'rtn-w3a3'; shipped: .*rtn-w8a8"):
+        load_recipe("rtn-w3a3")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nstages: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_recipe(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(str(tmp_path / "missing.yaml"))
