@@ -31,6 +31,10 @@ class LinearQuantSpec(StrictConfig):
     a_granularity: Literal["per_token", "per_tensor", "static"] = "per_token"
 
     def validate(self, where: str) -> None:
+        from compressdit.quant.layers import FORMATS  # late: layers imports this module
+
+        if self.format not in FORMATS:
+            raise ConfigError(f"{where}.format: unknown format {self.format!r}; known: {', '.join(FORMATS)}")
         if not MIN_BITS <= self.w_bits <= MAX_BITS:
             raise ConfigError(f"{where}.w_bits: {self.w_bits} is out of range [{MIN_BITS}, {MAX_BITS}]")
         if self.a_bits is not None and not MIN_BITS <= self.a_bits <= MAX_BITS:

@@ -69,6 +69,8 @@ def check_plan_fits(model: nn.Module, plan: dict[str, LinearQuantSpec | None]) -
             raise ConfigError(f"quantization plan names module {name!r}, which the model does not have") from None
         if not isinstance(linear, nn.Linear):
             raise ConfigError(f"quantization plan names {name!r}, a {type(linear).__name__}, not a Linear")
+        if isinstance(linear, QuantLinear):
+            raise ConfigError(f"{name} is already quantized ({linear.spec.label}); a recipe quantizes a layer once")
         if spec.group_size and linear.in_features % spec.group_size:
             raise ConfigError(f"{name}: in_features {linear.in_features} is not divisible by "
                               f"group_size {spec.group_size}; pick a divisor or null")

@@ -260,6 +260,13 @@ BAD_RECIPES = {
               rules:
                 - {match: "re:.*", spec: {w_bits: 8, a_bits: 8}}
         """, ["unknown recipe key", "colour"]),
+    "markup-like-key": ("""
+        version: 1
+        name: bad
+        "[/oops]": 1
+        stages:
+          - quantize: {method: rtn, rules: [{match: "re:.*", spec: {w_bits: 8}}]}
+        """, ["unknown recipe key", "'[/oops]'"]),
     "unknown-rule-spec-key": ("""
         version: 1
         name: bad
@@ -337,8 +344,6 @@ def test_missing_recipe_file(dit_pipeline_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 def test_nan_inf_in_calibration(dit_pipeline_dir, tmp_path):
-    import torch
-
     model = copy_pipeline(dit_pipeline_dir, tmp_path / "pipe")
 
     def poison(tensors):
@@ -356,7 +361,6 @@ def test_nan_inf_in_calibration(dit_pipeline_dir, tmp_path):
                 - {match: "role:embedder", spec: null}
                 - {match: "re:.*", spec: {w_bits: 8, a_bits: 8, a_granularity: static}}
         """)
-    torch.set_num_threads(1)
     result = run_main("run", recipe, "--model", model, "--out", tmp_path / "out", "--quiet")
     assert_one_line_error(result, "NaN/inf", "transformer_blocks.0")
     assert_nothing_written(tmp_path / "out")

@@ -368,6 +368,8 @@ def test_config_is_strict():
         CompressditConfig(modules={"a.b": {"bits": 4}})
     with pytest.raises(ConfigError, match=r"modules\['a\.b'\]\.w_bits: 12 is out of range"):
         CompressditConfig(modules={"a.b": {"w_bits": 12}})
+    with pytest.raises(ConfigError, match=r"modules\['a\.b'\]\.format: unknown format 'nf4'"):
+        CompressditConfig(modules={"a.b": {"format": "nf4"}})
 
 
 def test_checkpoint_with_newer_format_version_or_unknown_key_fails_to_load(dit_qdir, tmp_path):

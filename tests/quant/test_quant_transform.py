@@ -128,3 +128,16 @@ def test_build_empty_layers_makes_placeholders_of_the_planned_shapes():
     q = model.transformer_blocks[0].ff.net[2]
     assert isinstance(q, QuantLinear) and q.weight.shape == (64, 64) and q.weight.dtype == torch.uint8
     assert model.transformer_blocks[1].attn1.to_k.weight_scale.shape == (64, 2)
+
+
+def test_quantizing_an_already_quantized_layer_is_refused():
+    from compressdit.errors import ConfigError
+    from compressdit.models import adapter_for
+    from compressdit.quant.transform import LayerRule, quantize_layers, resolve_plan
+    from tests.conftest import tiny_dit
+
+    model = tiny_dit()
+    rules = [LayerRule.from_dict({"match": "re:.*attn1\\.to_q", "spec": {"w_bits": 8}})]
+    quantize_layers(model, resolve_plan(model, adapter_for(model), rules))
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_layers(model, resolve_plan(model, adapter_for(model), rules))
