@@ -265,6 +265,15 @@ def _model_rows(rep: dict[str, Any]) -> list[list[str]]:
     return [[col, str(rep[col])] for col in rep["columns"] if isinstance(rep.get(col), str)]
 
 
+def _figure_titles(rep: dict[str, Any]) -> list[tuple[str, str]]:
+    extra = [(_slug(title), title) for title in (rep.get("extra_figures") or {})]
+    return list(_FIGURE_TITLES) + extra
+
+
+def _slug(title: str) -> str:
+    return "fig_" + "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")
+
+
 def _render_markdown(rep: dict[str, Any], images: dict[str, str], figures: dict[str, str]) -> str:
     out = [f"# {rep['title']}", "", f"Created: {rep['created']}", ""]
     if _model_rows(rep):
@@ -277,7 +286,7 @@ def _render_markdown(rep: dict[str, Any], images: dict[str, str], figures: dict[
     if images:
         links = [f"- {col}: ![{col} samples]({name})" for col, name in images.items()]
         out += ["## Samples (same seeds)", ""] + links + [""]
-    for key, title in _FIGURE_TITLES:
+    for key, title in _figure_titles(rep):
         if key in figures:
             out += [f"## {title}", "", f"![{title}]({figures[key]})", ""]
     if rep.get("notes"):
@@ -329,7 +338,7 @@ def _render_html(rep: dict[str, Any], images: dict[str, str], figures: dict[str,
             for col, name in images.items()
         )
         parts += ["<h2>Samples (same seeds)</h2>", f"<div class=row>{figs}</div>"]
-    for key, title in _FIGURE_TITLES:
+    for key, title in _figure_titles(rep):
         if key in figures:
             img = f"<img class=plot alt='{title}' src='{_data_uri(out_dir / figures[key])}'>"
             parts += [f"<h2>{title}</h2>", img]
@@ -383,7 +392,12 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
             axis, series = _check_series(rep[key], axis_key, key)
             _plot_series(axis, series, rep["columns"], out_dir / f"{name}.png", kind)
             figures[name] = f"{name}.png"
-    stored = _jsonable({**rep, "images": images, "figures": figures}, "")
+    for title, path in (rep.get("extra_figures") or {}).items():  # plots made by a stage (e.g. sensitivity)
+        name = _slug(title)
+        shutil.copyfile(path, out_dir / f"{name}.png")
+        figures[name] = f"{name}.png"
+    kept = {k: v for k, v in rep.items() if k != "extra_figures"}
+    stored = _jsonable({**kept, "images": images, "figures": figures}, "")
     paths = {
         "json": out_dir / "report.json", "markdown": out_dir / "report.md", "html": out_dir / "report.html"
     }

@@ -21,7 +21,7 @@ from compressdit.quant.layers import PackedParameter, QuantLinear
 from compressdit.quant.spec import LinearQuantSpec
 
 FORMAT_VERSION = 1
-QUANTIZED_TENSORS = ("weight", "weight_scale", "weight_zero", "input_scale")
+QUANTIZED_TENSORS = ("weight", "weight_scale", "weight_zero", "input_scale", "smooth_scale", "rotation_signs")
 
 
 class CompressditMethod(str, Enum):

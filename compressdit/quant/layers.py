@@ -11,6 +11,7 @@ from torch import nn
 
 from compressdit.quant.primitives import (dequantize_weight, fake_quantize_activation, pack_codes, packed_shape,
                                           quantize_weight_rtn, unpack_codes)
+from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, random_signs, rotate
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.registry import Registry
 
@@ -56,6 +57,11 @@ class QuantLinear(nn.Linear):
             self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
         else:
             self.weight_zero = None
+        self._optional_buffer("smooth_scale", spec.balance is not None, torch.ones(in_features), device)
+        self._optional_buffer("rotation_signs", spec.rotation != "none",
+                              torch.ones(in_features, dtype=torch.int8), device)
+        if spec.rotation != "none" and in_features % 2:
+            raise ValueError(f"a Hadamard rotation needs an even in_features, got {in_features}")
         if spec.a_bits is not None and spec.a_granularity == "static":
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         else:
@@ -63,13 +69,30 @@ class QuantLinear(nn.Linear):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
 
+    def _optional_buffer(self, name: str, present: bool, value: torch.Tensor, device) -> None:
+        if present:
+            self.register_buffer(name, value.to(device))
+        else:
+            setattr(self, name, None)
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec,
-                    input_absmax: torch.Tensor | None = None) -> "QuantLinear":
-        """Quantize a float ``linear`` with round-to-nearest min/max."""
+    def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec, input_absmax: torch.Tensor | None = None,
+                    rotation_seed: int = 0) -> "QuantLinear":
+        """Quantize a float ``linear``: optional channel balancing and rotation folded in, then RTN."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
                      device=linear.weight.device, dtype=linear.weight.dtype)
-        q = quantize_weight_rtn(linear.weight, spec.w_bits, spec.group_size, spec.w_symmetric)
+        weight = linear.weight.detach().float()
+        if module.smooth_scale is not None:
+            if input_absmax is None:
+                raise ValueError("channel balancing needs calibration statistics (run a calibrate stage)")
+            scale = balancing_scale(input_absmax.to(weight.device), weight, spec.balance)
+            module.smooth_scale.copy_(scale)
+            weight = weight * scale
+            input_absmax = input_absmax.to(weight.device) / scale
+        if module.rotation_signs is not None:
+            module.rotation_signs.copy_(random_signs(linear.in_features, rotation_seed))
+            weight = rotate(weight, module.rotation_signs)
+        q = quantize_weight_rtn(weight, spec.w_bits, spec.group_size, spec.w_symmetric)
         module.load_codes(q.codes, q.scale, q.zero)
         if module.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
@@ -78,6 +101,23 @@ class QuantLinear(nn.Linear):
                 raise ValueError("static activation scales need calibration statistics (run a calibrate stage)")
             module.input_scale.copy_(input_absmax.float().max().clamp_min(1e-8) / (2 ** (spec.a_bits - 1) - 1))
         return module
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the folded balancing and rotation to activations (identity when neither is used)."""
+        if self.smooth_scale is not None:
+            x = x / self.smooth_scale.to(x.dtype)
+        if self.rotation_signs is not None:
+            x = rotate(x, self.rotation_signs)
+        return x
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight mapped back to the layer's original input space."""
+        weight = self.dequantized_weight(torch.float32)
+        if self.rotation_signs is not None:
+            weight = fwht(weight, hadamard_block(self.in_features)) * self.rotation_signs.float()
+        if self.smooth_scale is not None:
+            weight = weight / self.smooth_scale
+        return weight.to(dtype)
 
     def load_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
         self.weight.data = pack_codes(codes, self.spec.w_bits).to(self.weight.device)
@@ -92,6 +132,7 @@ class QuantLinear(nn.Linear):
         return dequantize_weight(self.codes(), self.weight_scale, self.weight_zero, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.transform_input(x)
         if self.spec.a_bits is not None:
             x = fake_quantize_activation(x, self.spec.a_bits, self.spec.a_granularity, self.input_scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -103,7 +144,7 @@ class QuantLinear(nn.Linear):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.dequantized_weight(dtype))
+            linear.weight.copy_(self.effective_weight(dtype))
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear

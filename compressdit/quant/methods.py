@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
-from compressdit.models.base import ModelAdapter
+from compressdit.quant.context import QuantContext
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.transform import LayerRule, quantize_layers, resolve_plan
 from compressdit.registry import Registry
@@ -19,11 +19,17 @@ from compressdit.registry import Registry
 @dataclass(frozen=True)
 class MethodHandler:
     config_class: type[StrictConfig]
-    apply: Callable[[nn.Module, ModelAdapter, Any, Any], dict[str, LinearQuantSpec]]
+    apply: Callable[[nn.Module, Any, QuantContext], dict[str, LinearQuantSpec]]
     needs_calibration: Callable[[Any], bool]
 
 
 METHODS: Registry[MethodHandler] = Registry("quantization method")
+
+
+def rules_need_calibration(rules: list[LayerRule]) -> bool:
+    return any(r.spec is not None and (r.spec.balance is not None or (r.spec.a_bits and
+                                                                      r.spec.a_granularity == "static"))
+               for r in rules)
 
 
 @dataclass
@@ -40,26 +46,20 @@ class RTNConfig(StrictConfig):
     """
 
     rules: list[LayerRule] = field(default_factory=list)
-    name: ClassVar[str] = "rtn"
 
     def validate(self, where: str) -> None:
         if not self.rules:
             raise ConfigError(f"{where}.rules: at least one rule is needed")
 
 
-def _apply_rtn(model: nn.Module, adapter: ModelAdapter, config: RTNConfig, calibration) -> dict:
-    plan = resolve_plan(model, adapter, config.rules)
-    absmax = None
-    if calibration is not None:
-        absmax = {name: calibration.channel_absmax(name) for name in plan if name in calibration.absmax}
+def apply_plan(model: nn.Module, plan: dict[str, LinearQuantSpec | None], ctx: QuantContext) -> dict:
     with torch.no_grad():
-        quantize_layers(model, plan, absmax)
+        quantize_layers(model, plan, ctx.input_absmax(plan))
     return {name: spec for name, spec in plan.items() if spec is not None}
 
 
-METHODS.add("rtn", MethodHandler(
-    config_class=RTNConfig,
-    apply=_apply_rtn,
-    needs_calibration=lambda cfg: any(r.spec is not None and r.spec.a_bits and r.spec.a_granularity == "static"
-                                      for r in cfg.rules),
-))
+def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantContext) -> dict:
+    return apply_plan(model, resolve_plan(model, ctx.adapter, config.rules), ctx)
+
+
+METHODS.add("rtn", MethodHandler(RTNConfig, _apply_rtn, lambda cfg: rules_need_calibration(cfg.rules)))

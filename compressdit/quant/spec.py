@@ -21,6 +21,8 @@ class LinearQuantSpec(StrictConfig):
         group_size: 64            # null = one scale per output channel
         w_symmetric: true
         a_granularity: per_token  # dynamic; or per_tensor (dynamic) / static (calibrated)
+        balance: 0.5              # channel balancing, SmoothQuant alpha (null = off); needs calibration
+        rotation: hadamard        # randomized block Hadamard on the input dim (or none)
     """
 
     format: str = "int"
@@ -29,6 +31,8 @@ class LinearQuantSpec(StrictConfig):
     group_size: int | None = None
     w_symmetric: bool = True
     a_granularity: Literal["per_token", "per_tensor", "static"] = "per_token"
+    balance: float | None = None
+    rotation: Literal["none", "hadamard"] = "none"
 
     def validate(self, where: str) -> None:
         from compressdit.quant.layers import FORMATS  # late: layers imports this module
@@ -41,9 +45,15 @@ class LinearQuantSpec(StrictConfig):
             raise ConfigError(f"{where}.a_bits: {self.a_bits} is out of range [{MIN_BITS}, {MAX_BITS}] (or null)")
         if self.group_size is not None and self.group_size <= 0:
             raise ConfigError(f"{where}.group_size: must be positive or null, got {self.group_size}")
+        if self.balance is not None and not 0.0 <= self.balance <= 1.0:
+            raise ConfigError(f"{where}.balance: migration strength must be in [0, 1] or null, got {self.balance}")
+        if self.rotation != "none" and self.a_granularity == "static":
+            raise ConfigError(f"{where}: a static activation scale cannot be calibrated through a rotation; "
+                              "use a_granularity: per_token")
 
     @property
     def label(self) -> str:
         acts = f"A{self.a_bits}" if self.a_bits else "A16"
         group = f" g{self.group_size}" if self.group_size else ""
-        return f"{self.format} W{self.w_bits}{acts}{group}"
+        extras = (" +balance" if self.balance is not None else "") + (" +hadamard" if self.rotation != "none" else "")
+        return f"{self.format} W{self.w_bits}{acts}{group}{extras}"

@@ -32,6 +32,8 @@ class PipelineState:
     recipe_name: str = ""
     notes: list = field(default_factory=list)
     tables: list = field(default_factory=list)
+    figures: dict = field(default_factory=dict)
+    calibration_conditions: list = field(default_factory=list)
 
 
 class Stage:

@@ -40,6 +40,7 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
     adapter, model = state.adapter, state.model
     path = resolve_set(config.set, adapter.condition_kind)
     conditions = load_conditions(path, adapter.condition_kind, limit=config.samples)
+    state.calibration_conditions = conditions
     settings = {**config.to_dict(), "set": str(path), "set_bytes": path.stat().st_size}
     cache: Path | None = None
     if state.cache_dir is not None:

@@ -66,7 +66,7 @@ def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: 
 
 def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateConfig, out_dir: Path, title: str,
                    quiet: bool = False, cache_dir: Path | None = None, notes: list[str] | None = None,
-                   tables: list[dict] | None = None) -> dict:
+                   tables: list[dict] | None = None, figures: dict | None = None) -> dict:
     from compressdit.models.base import adapter_for
 
     if reference.vae is None:
@@ -85,6 +85,7 @@ def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateCon
     report["notes"] = list(notes or []) + [f"evaluation took {time.perf_counter() - started:.1f} s on "
                                            f"{'CUDA' if next(candidate.model.parameters()).is_cuda else 'CPU'}"]
     report["tables"] = list(tables or [])
+    report["extra_figures"] = dict(figures or {})
     write_report(report, out_dir)
     return report
 
@@ -102,7 +103,7 @@ class EvaluateStage(Stage):
                           sorted(state.quant_specs))
         state.report = run_evaluation(candidate, reference, config, state.workdir / "report",
                                       f"compressdit report: {state.recipe_name} on {state.reference_spec}",
-                                      state.quiet, state.cache_dir, state.notes, state.tables)
+                                      state.quiet, state.cache_dir, state.notes, state.tables, state.figures)
 
 
 STAGES.add("evaluate", EvaluateStage())

@@ -8,6 +8,8 @@ from typing import Any
 
 from compressdit.config_base import StrictConfig
 from compressdit.errors import CalibrationError, ConfigError
+from compressdit.quant.context import QuantContext
+from compressdit.quant import viditq  # noqa: F401  (registers the method)
 from compressdit.quant.methods import METHODS
 from compressdit.stages.base import STAGES, PipelineState, Stage
 
@@ -38,11 +40,17 @@ class QuantizeStage(Stage):
     def run(self, state: PipelineState, config: QuantizeConfig) -> None:
         handler = METHODS.get(config.method)
         if handler.needs_calibration(config.options) and state.calibration is None:
-            raise CalibrationError(f"method {config.method!r} with static activation scales needs a calibrate stage "
-                                   "before quantize")
+            raise CalibrationError(f"method {config.method!r} as configured needs a calibrate stage before quantize "
+                                   "(channel balancing, static scales and mixed precision use its statistics)")
         started = time.perf_counter()
-        specs = handler.apply(state.model, state.adapter, config.options, state.calibration)
+        ctx = QuantContext(adapter=state.adapter, calibration=state.calibration,
+                           scheduler=state.source.scheduler or state.adapter.scheduler(state.model),
+                           conditions=list(state.calibration_conditions), quiet=state.quiet)
+        specs = handler.apply(state.model, config.options, ctx)
         state.quant_specs.update(specs)
+        state.tables.extend(ctx.tables)
+        state.notes.extend(ctx.notes)
+        state.figures.update(ctx.figures)
         state.timings["quantize_s"] = round(time.perf_counter() - started, 2)
 
 

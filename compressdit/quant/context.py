@@ -1,0 +1,28 @@
+"""What a quantization method may use besides the model: adapter, calibration, a probe for sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from compressdit.calibration.stats import ActivationStats
+from compressdit.models.base import ModelAdapter
+
+
+@dataclass
+class QuantContext:
+    """Passed explicitly to every method handler; ``tables``/``notes``/``figures`` flow into the report."""
+
+    adapter: ModelAdapter
+    calibration: ActivationStats | None = None
+    scheduler: Any = None
+    conditions: list = field(default_factory=list)
+    quiet: bool = False
+    tables: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    figures: dict = field(default_factory=dict)
+
+    def input_absmax(self, names) -> dict:
+        if self.calibration is None:
+            return {}
+        return {n: self.calibration.channel_absmax(n) for n in names if n in self.calibration.absmax}
