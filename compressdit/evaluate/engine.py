@@ -27,6 +27,10 @@ class Entry:
     description: str
     folder: Path | None = None
     compressed_layers: list[str] = field(default_factory=list)
+    disk_bytes: int | None = None
+
+    def bytes_on_disk(self) -> int | None:
+        return folder_bytes(self.folder) if self.folder is not None else self.disk_bytes
 
 
 def logical_parameters(model: nn.Module) -> int:
@@ -223,7 +227,7 @@ def evaluate(adapter: ModelAdapter, reference: Entry, candidate: Entry, baseline
     metric("parameters", None, lambda e: logical_parameters(e.model))
     metric("weights in memory", "lower", lambda e: int(e.model.get_memory_footprint()), "bytes")
     metric("transformer bytes on disk", "lower",
-           lambda e: folder_bytes(e.folder) if e.folder is not None else None, "bytes")
+           lambda e: e.bytes_on_disk(), "bytes")
     metric("time per denoising step (CFG, batch %d)" % settings.timing_batch, "lower",
            lambda e: round(_step_latency(adapter, e.model, settings) * 1000, 2), "ms")
     metric("sampling wall time (%d samples)" % settings.samples, "lower", lambda e: round(seconds[e.column], 2), "s")

@@ -61,7 +61,22 @@ def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: 
     for stage in recipe.stages:
         if stage.name != "evaluate":
             STAGES.get(stage.name).run(state, stage.config)
-    return Entry("baseline", model, f"recipe {recipe.name}", compressed_layers=sorted(state.quant_specs))
+    return Entry("baseline", model, f"recipe {recipe.name}", compressed_layers=sorted(state.quant_specs),
+                 disk_bytes=_saved_bytes(model, state.quant_specs))
+
+
+def _saved_bytes(model, specs) -> int:
+    """Bytes of the baseline's checkpoint, written to a temporary folder and measured."""
+    import tempfile
+
+    from compressdit.io.checkpoint import folder_bytes
+    from compressdit.io.diffusers_quantizer import attach_quantizer
+
+    if specs:
+        attach_quantizer(model, specs)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return folder_bytes(Path(tmp))
 
 
 def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateConfig, out_dir: Path, title: str,
