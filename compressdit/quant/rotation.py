@@ -16,7 +16,7 @@ def hadamard_block(n: int) -> int:
 
 def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     """Orthonormal fast Walsh-Hadamard transform over consecutive ``block``-sized chunks of the last dim."""
-    if block & (block - 1) or x.shape[-1] % block:
+    if block <= 0 or block & (block - 1) or x.shape[-1] % block:
         raise ValueError(f"block {block} must be a power of two dividing the width {x.shape[-1]}")
     shape = x.shape
     y = x.reshape(-1, shape[-1] // block, block)
