@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressdit.quant.kernels import int8_gemm_supported, int8_linear
 from compressdit.quant.primitives import (dequantize_weight, fake_quantize_activation, pack_codes, packed_shape,
                                           quantize_weight_rtn, unpack_codes)
 from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, random_signs, rotate
@@ -131,8 +132,17 @@ class QuantLinear(nn.Linear):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.weight_scale, self.weight_zero, dtype)
 
+    def uses_int8_gemm(self, x: torch.Tensor) -> bool:
+        """W8A8 (per-channel, symmetric, dynamic activations) runs as an INT8 GEMM on CUDA."""
+        spec = self.spec
+        return (x.is_cuda and spec.w_bits == 8 and spec.a_bits == 8 and spec.group_size is None
+                and spec.w_symmetric and spec.a_granularity in ("per_token", "per_tensor")
+                and int8_gemm_supported(x, self.in_features, self.out_features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transform_input(x)
+        if self.uses_int8_gemm(x):
+            return int8_linear(x, self.weight, self.weight_scale, self.bias, self.spec.a_granularity)
         if self.spec.a_bits is not None:
             x = fake_quantize_activation(x, self.spec.a_bits, self.spec.a_granularity, self.input_scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
