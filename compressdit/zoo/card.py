@@ -58,6 +58,7 @@ def write_card(folder: Path, title: str, architecture: str, conditioning: str, m
              f"- training: {training.get('steps')} steps at batch {training.get('batch_size')}, AdamW, cosine "
              f"schedule, EMA 0.999, epsilon prediction, linear betas; {training.get('train_seconds', 0) / 60:.1f} "
              f"min on CPU ({platform.processor() or platform.machine()}, 1 thread)",
+             *([f"- weights: {training['weights']}"] if training.get("weights") else []),
              "- sampling: DPM-Solver++ 20 steps, classifier-free guidance, seeds 0..N-1",
              "", "## Metrics (500 samples, balanced classes, classifier features)", "",
              "| setting | class accuracy | FD-FMNIST vs test |", "|---|---:|---:|"]

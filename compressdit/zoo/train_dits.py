@@ -89,18 +89,22 @@ def train_dit(vae_dir: Path, out_dir: Path, workdir: Path, steps: int = 2400, ma
 
     if not trainer.run(loss_fn, quiet=quiet):
         return None
+    info = {"steps": trainer.step, "batch_size": 256, "train_seconds": round(trainer.train_seconds, 1)}
+    save_dit_pipeline(trainer.final_model(), vae_dir, out_dir, info)
+    return info
+
+
+def save_dit_pipeline(transformer: DiTTransformer2DModel, vae_dir: Path, out_dir: Path, info: dict) -> None:
+    """Write a stock ``DiTPipeline`` folder (fp16) with the label table and training facts."""
     from diffusers import DiTPipeline
 
-    transformer = trainer.final_model()
     vae = AutoencoderKL.from_pretrained(vae_dir)
     pipe = DiTPipeline(transformer=transformer, vae=vae,
                        scheduler=DPMSolverMultistepScheduler(**noise_scheduler_config()),
                        id2label={i: name for i, name in enumerate(CLASS_NAMES)})
     pipe.register_to_config(id2label={str(i): name for i, name in enumerate(CLASS_NAMES)})
     pipe.to(torch.float16).save_pretrained(out_dir)
-    info = {"steps": trainer.step, "batch_size": 256, "train_seconds": round(trainer.train_seconds, 1)}
     (out_dir / "training.json").write_text(json.dumps(info, indent=2))
-    return info
 
 
 def train_pixart(vae_dir: Path, out_dir: Path, workdir: Path, steps: int = 4000,

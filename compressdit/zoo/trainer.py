@@ -98,9 +98,11 @@ class ResumableTrainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                 self.optimizer.step()
                 if self.ema is not None:
+                    # warm-up: a fixed 0.999 would still hold exp(-2) of the initial weights after 2000 steps
+                    decay = min(s.ema_decay, (1.0 + self.step) / (10.0 + self.step))
                     with torch.no_grad():
                         for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                            e.lerp_(p, 1.0 - s.ema_decay)
+                            e.lerp_(p, 1.0 - decay)
                 self.step += 1
                 self.train_seconds += time.monotonic() - t0
                 bar.update(1, loss=float(loss.detach()))
