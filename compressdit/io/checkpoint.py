@@ -100,3 +100,24 @@ def copy_pipeline_parts(source_folder: Path, out: Path, skip: tuple[str, ...] = 
             shutil.copytree(item, target)
         else:
             shutil.copy2(item, target)
+
+
+def stored_float_dtype(folder: Path):
+    """The floating dtype most of a checkpoint's tensors are stored in (by bytes), or None."""
+    import collections
+
+    import torch
+    from safetensors import safe_open
+
+    sizes: dict = collections.Counter()
+    for path in Path(folder).glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                sl = handle.get_slice(key)
+                dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(sl.get_dtype())
+                if dtype is not None:
+                    numel = 1
+                    for d in sl.get_shape():
+                        numel *= d
+                    sizes[dtype] += numel
+    return max(sizes, key=sizes.get) if sizes else None
