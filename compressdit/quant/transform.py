@@ -58,17 +58,22 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _linear(model: nn.Module, name: str, where: str) -> nn.Linear:
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        raise ConfigError(f"{where} names module {name!r}, which the model does not have") from None
+    if not isinstance(linear, nn.Linear):
+        raise ConfigError(f"{where} names {name!r}, a {type(linear).__name__}, not a Linear")
+    return linear
+
+
 def check_plan_fits(model: nn.Module, plan: dict[str, LinearQuantSpec | None]) -> None:
     """Raise a clear error when a layer's width does not fit its spec (e.g. group size)."""
     for name, spec in plan.items():
         if spec is None:
             continue
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise ConfigError(f"quantization plan names module {name!r}, which the model does not have") from None
-        if not isinstance(linear, nn.Linear):
-            raise ConfigError(f"quantization plan names {name!r}, a {type(linear).__name__}, not a Linear")
+        linear = _linear(model, name, "quantization plan")
         if isinstance(linear, QuantLinear):
             raise ConfigError(f"{name} is already quantized ({linear.spec.label}); a recipe quantizes a layer once")
         if spec.group_size and linear.in_features % spec.group_size:
@@ -96,12 +101,7 @@ def quantize_layers(model: nn.Module, plan: dict[str, LinearQuantSpec | None],
 def build_empty_layers(model: nn.Module, plan: dict[str, LinearQuantSpec]) -> nn.Module:
     """Swap planned linears for empty quantized modules (on the linears' device, e.g. ``meta``)."""
     for name, spec in plan.items():
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise ConfigError(f"quantization_config names module {name!r}, which the model does not have") from None
-        if not isinstance(linear, nn.Linear):
-            raise ConfigError(f"quantization_config names {name!r}, a {type(linear).__name__}, not a Linear")
+        linear = _linear(model, name, "quantization_config")
         _set_module(model, name, FORMATS.get(spec.format).empty(linear, spec))
     return model
 
