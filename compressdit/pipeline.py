@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from compressdit.errors import CheckpointError
-from compressdit.io.checkpoint import atomic_output, copy_pipeline_parts, stored_float_dtype, check_output
-from compressdit.io.diffusers_quantizer import QUANTIZED_TENSORS, attach_quantizer
+from compressdit.io.checkpoint import atomic_output, copy_pipeline_parts, save_in_dtype, stored_float_dtype, check_output
+from compressdit.io.diffusers_quantizer import attach_quantizer
 from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source, load_transformer
 from compressdit.models import adapter_for
 from compressdit.models.sampling import initial_latents
@@ -37,31 +37,6 @@ def _reload_check(state: PipelineState, folder: Path) -> float:
     return diff
 
 
-def _save_in_source_dtype(model, folder: Path, dtype) -> None:
-    """Keep full-precision tensors in the dtype the source stored them in (fp16 in, fp16 out; exact).
-
-    Packed codes and fp32 scales of quantized layers are never cast.
-    """
-    quantized = {f"{n}.{t}" for n in state_names(model) for t in QUANTIZED_TENSORS}
-    tensors = [(name, t) for name, t in list(model.named_parameters()) + list(model.named_buffers())
-               if t.is_floating_point() and name not in quantized]
-    original = {name: t.data for name, t in tensors}
-    if dtype is not None and dtype != torch.float32:
-        for name, t in tensors:
-            t.data = t.data.to(dtype)
-    try:
-        model.save_pretrained(folder)
-    finally:
-        for name, t in tensors:
-            t.data = original[name]
-
-
-def state_names(model) -> list[str]:
-    from compressdit.quant.transform import quantized_modules
-
-    return list(quantized_modules(model))
-
-
 def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
     out = state.workdir
     folder = out / TRANSFORMER_SUBFOLDER if state.source.is_pipeline else out
@@ -69,7 +44,7 @@ def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
         copy_pipeline_parts(state.source.folder, out)
     if state.quant_specs:
         attach_quantizer(state.model, state.quant_specs)
-    _save_in_source_dtype(state.model, folder, stored_float_dtype(state.source.transformer_folder))
+    save_in_dtype(state.model, folder, stored_float_dtype(state.source.transformer_folder))
     (out / "compressdit_recipe.yaml").write_text(recipe.dump())
     state.notes.append(f"stock diffusers reload check: max |output difference| = {_reload_check(state, folder):.2g}")
     skipped = sorted(n for n in state.adapter.linear_layers(state.model) if n not in state.quant_specs)

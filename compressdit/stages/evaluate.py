@@ -62,20 +62,20 @@ def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: 
         if stage.name != "evaluate":
             STAGES.get(stage.name).run(state, stage.config)
     return Entry("baseline", model, f"recipe {recipe.name}", compressed_layers=sorted(state.quant_specs),
-                 disk_bytes=_saved_bytes(model, state.quant_specs))
+                 disk_bytes=_saved_bytes(model, state.quant_specs, reference.transformer_folder))
 
 
-def _saved_bytes(model, specs) -> int:
+def _saved_bytes(model, specs, source_folder: Path) -> int:
     """Bytes of the baseline's checkpoint, written to a temporary folder and measured."""
     import tempfile
 
-    from compressdit.io.checkpoint import folder_bytes
+    from compressdit.io.checkpoint import folder_bytes, save_in_dtype, stored_float_dtype
     from compressdit.io.diffusers_quantizer import attach_quantizer
 
     if specs:
         attach_quantizer(model, specs)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        save_in_dtype(model, Path(tmp), stored_float_dtype(source_folder))
         return folder_bytes(Path(tmp))
 
 
