@@ -119,7 +119,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SCHEME"))
     parser.add_argument("--load", nargs=2, metavar=("MODEL", "FOLDER"))
+    parser.add_argument("--models", nargs="*", help="subset of the configs (default: all)")
+    parser.add_argument("--rows-from", help="write the results from JSON rows printed by an earlier run")
     args = parser.parse_args()
+    if args.rows_from:
+        write_results([json.loads(line) for line in Path(args.rows_from).read_text().splitlines()
+                       if line.startswith("{")])
+        return
     if args.load:
         print(json.dumps(load_and_forward(*args.load)))
         return
@@ -127,12 +133,16 @@ def main() -> None:
         print(json.dumps(measure(*args.one)))
         return
     rows = []
-    for model_name in CONFIGS:
+    for model_name in args.models or CONFIGS:
         for scheme in SCHEMES:
             out = subprocess.run([sys.executable, __file__, "--one", model_name, scheme], capture_output=True,
                                  text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
+            print(json.dumps(rows[-1]), flush=True)
+    write_results(rows)
+
+
+def write_results(rows: list[dict]) -> None:
     for row in rows:
         ref = next(r for r in rows if r["model"] == row["model"] and r["scheme"] == "bf16")
         row["memory_ratio_vs_bf16"] = round(ref["weights_in_memory_bytes"] / row["weights_in_memory_bytes"], 3)
