@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,7 +35,7 @@ class Conditioning:
         return len(next(iter(self.tensors.values())))
 
 
-class ModelAdapter:
+class ModelAdapter(ABC):
     """Facts about one diffusers transformer family. Subclasses fill the class attributes.
 
     ``roles`` maps a role to anchored regexes over module names (``re.fullmatch``).
@@ -68,18 +69,18 @@ class ModelAdapter:
         size = model.config.sample_size
         return model.config.in_channels, size, size
 
+    @abstractmethod
     def encode(self, model: nn.Module, conditions: list[Any]) -> Conditioning:
         """Turn class ids / prompts into model inputs."""
-        raise NotImplementedError(f"{type(self).__name__} must implement encode")
 
+    @abstractmethod
     def null_conditions(self, count: int) -> list[Any]:
         """The unconditional inputs used for classifier-free guidance."""
-        raise NotImplementedError(f"{type(self).__name__} must implement null_conditions")
 
+    @abstractmethod
     def predict(self, model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
                 cond: Conditioning) -> torch.Tensor:
         """One forward pass returning the prediction with the latents' shape."""
-        raise NotImplementedError(f"{type(self).__name__} must implement predict")
 
     def scheduler(self, model: nn.Module):
         """The diffusers scheduler used for sampling when the model folder brings none."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ class PipelineState:
     calibration_conditions: list = field(default_factory=list)
 
 
-class Stage:
+class Stage(ABC):
     """A stage parses its config (strict) and mutates the pipeline state."""
 
     config_class: ClassVar[type[StrictConfig]]
@@ -45,8 +46,9 @@ class Stage:
     def parse(self, data: Any, where: str) -> StrictConfig:
         return self.config_class.from_dict(data, where)
 
+    @abstractmethod
     def run(self, state: PipelineState, config: StrictConfig) -> None:
-        raise NotImplementedError(f"{type(self).__name__}.run")
+        """Apply the stage to ``state`` (in place)."""
 
 
 STAGES: Registry[Stage] = Registry("stage")
