@@ -127,13 +127,10 @@ def load_source(model: str, dtype: torch.dtype | None = None, name: str | None =
         verify_safetensors(folder / "vae")
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
     if is_pipeline and (folder / "scheduler" / "scheduler_config.json").exists():
-        from diffusers import SchedulerMixin  # noqa: F401
-        from diffusers.schedulers import DPMSolverMultistepScheduler
-
-        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         import diffusers
 
-        scheduler_class = getattr(diffusers, config.get("_class_name", ""), DPMSolverMultistepScheduler)
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        scheduler_class = getattr(diffusers, config.get("_class_name", ""), diffusers.DPMSolverMultistepScheduler)
         scheduler = scheduler_class.from_pretrained(folder / "scheduler")
     info = {}
     card = folder / "training.json"
