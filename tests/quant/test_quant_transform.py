@@ -122,7 +122,7 @@ def test_plan_naming_a_missing_or_non_linear_module_is_a_config_error(dit):
         build_empty_layers(tiny_dit(), {"nope": W8})
 
 
-def test_build_empty_layers_makes_placeholders_of_the_planned_shapes():
+def test_build_empty_layers_makes_empty_quantized_modules_of_the_planned_shapes():
     model = tiny_dit()
     build_empty_layers(model, {"transformer_blocks.0.ff.net.2": W2, "transformer_blocks.1.attn1.to_k": W4})
     q = model.transformer_blocks[0].ff.net[2]
