@@ -14,9 +14,10 @@ if os.environ.get("COMPRESSDIT_BUILD_CUDA") == "1":
 
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    sources = sorted(str(p) for p in Path("cuda_ext").glob("*.c[pu]*"))
+    sources = sorted(str(p) for pattern in ("*.cu", "*.cpp") for p in Path("cuda_ext").glob(pattern))
     if sources:
-        ext_modules = [CUDAExtension("compressdit._cuda_ext", sources)]
+        ext_modules = [CUDAExtension("compressdit._cuda_ext", sources,
+                                     extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})]
         cmdclass = {"build_ext": BuildExtension}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -25,16 +25,18 @@ CONFIGS = {
     "DiT-XL/2 (256px)": ("DiTTransformer2DModel", dict(
         num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
         sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")),
-    "PixArt-alpha (1024px)": ("PixArtTransformer2DModel", dict(
+    "PixArt-alpha (512px)": ("PixArtTransformer2DModel", dict(
         num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-        sample_size=128, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
-        norm_type="ada_norm_single", use_additional_conditions=True)),
+        sample_size=64, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
+        norm_type="ada_norm_single", use_additional_conditions=False)),
 }
 SCHEMES = {
     "bf16": None,
     "W8A8": {"w_bits": 8, "a_bits": 8},
     "W4A8 (per channel)": {"w_bits": 4, "a_bits": 8},
     "W4A8-MP (4.5 avg bits)": {"w_bits": 4, "a_bits": 8, "mixed_to": 4.5},
+    "VQ W3A16 (d2 k64)": {"format": "vq", "w_bits": 3},
+    "VQ W2A16 (d4 k256)": {"format": "vq", "w_bits": 2},
 }
 
 
@@ -60,13 +62,15 @@ def measure(model_name: str, scheme: str) -> dict:
     result = {"model": model_name, "scheme": scheme, "parameters": sum(p.numel() for p in model.parameters())}
     started = time.perf_counter()
     if spec is not None:
-        base = LinearQuantSpec(w_bits=spec["w_bits"], a_bits=spec["a_bits"])
+        spec = dict(spec)
+        mixed_to = spec.pop("mixed_to", None)
+        base = LinearQuantSpec.from_dict(spec, scheme)
         rules = [LayerRule(match="role:embedder"), LayerRule(match="role:head"), LayerRule(match="re:.*", spec=base)]
         plan = resolve_plan(model, adapter, rules)
-        if "mixed_to" in spec:  # promote whole layers to W8 (largest first) until the budget is met
+        if mixed_to is not None:  # promote whole layers to W8 (largest first) until the budget is met
             names = sorted((n for n, s in plan.items() if s), key=lambda n: -model.get_submodule(n).weight.numel())
             total = sum(model.get_submodule(n).weight.numel() for n in names)
-            budget = (spec["mixed_to"] - 4) * total
+            budget = (mixed_to - 4) * total
             for name in names[::7]:
                 cost = 4 * model.get_submodule(name).weight.numel()
                 if cost <= budget:
@@ -107,12 +111,20 @@ def load_and_forward(model_name: str, folder: str) -> dict:
         if class_name == "DiTTransformer2DModel":
             model(x, timestep=t, class_labels=torch.tensor([1]))
         else:
-            size = config["sample_size"] * 8
             model(x, encoder_hidden_states=torch.randn(1, 120, 4096, dtype=torch.bfloat16), timestep=t,
-                  added_cond_kwargs={"resolution": torch.tensor([[size, size]]), "aspect_ratio": torch.tensor([[1.0]])})
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})
         result["forward_s_cpu_batch1"] = round(time.perf_counter() - started, 2)
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that across exec, so a
+    child spawned by the process that built the float model would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:

@@ -51,10 +51,11 @@ def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
     if skipped:
         state.notes.append(f"{len(skipped)} linear layers kept in full precision: " + ", ".join(skipped[:12])
                            + (" ..." if len(skipped) > 12 else ""))
-    rows = [[name, spec.label, spec.w_bits, spec.a_bits or 16, spec.group_size or "channel"]
+    rows = [[name, spec.label, round(spec.bits_per_weight, 3), spec.a_bits or 16,
+             spec.group_size or ("layer codebook" if spec.vector_dim else "channel")]
             for name, spec in sorted(state.quant_specs.items())]
     if rows:
-        state.tables.append({"title": "per-module scheme", "header": ["module", "scheme", "w bits", "a bits", "group"],
+        state.tables.append({"title": "per-module scheme", "header": ["module", "scheme", "w bits", "a bits", "scales / codebook"],
                              "rows": rows})
 
 

@@ -33,7 +33,7 @@ import math
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -91,6 +91,18 @@ def _new_axes(width: float, height: float) -> tuple[Figure, Any]:
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
+
+
+def plot_to_file(draw: Callable[[Any], None], width: float = 6.0, height: float = 3.5) -> str:
+    """Draw on fresh axes with ``draw(ax)`` and save a PNG in a temp file (for a report's figures)."""
+    import tempfile
+
+    fig, ax = _new_axes(width, height)
+    draw(ax)
+    fig.tight_layout()
+    path = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def _finite(values: list[Any]) -> np.ndarray:

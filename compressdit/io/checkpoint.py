@@ -128,10 +128,9 @@ def save_in_dtype(model, folder: Path, dtype) -> None:
     weights that came from it). Packed codes and fp32 scales of quantized layers are never cast."""
     import torch
 
-    from compressdit.io.diffusers_quantizer import QUANTIZED_TENSORS
     from compressdit.quant.transform import quantized_modules
 
-    quantized = {f"{n}.{t}" for n in quantized_modules(model) for t in QUANTIZED_TENSORS}
+    quantized = {f"{n}.{t}" for n, m in quantized_modules(model).items() for t in m.quantized_tensors}
     tensors = [(name, t) for name, t in list(model.named_parameters()) + list(model.named_buffers())
                if t.is_floating_point() and name not in quantized]
     original = {name: t.data for name, t in tensors}

@@ -12,16 +12,16 @@ from enum import Enum
 from typing import Any
 
 import torch
+from torch import nn
 from diffusers.configuration_utils import FrozenDict
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from compressdit.errors import CheckpointError, ConfigError
-from compressdit.quant.layers import PackedParameter, QuantLinear
+from compressdit.quant.layers import PackedParameter, QuantizedLinear
 from compressdit.quant.spec import LinearQuantSpec
 
 FORMAT_VERSION = 1
-QUANTIZED_TENSORS = ("weight", "weight_scale", "weight_zero", "input_scale", "smooth_scale", "rotation_signs")
 
 
 class CompressditMethod(str, Enum):
@@ -74,7 +74,7 @@ class CompressditConfig(QuantizationConfigMixin):
 
 
 class CompressditQuantizer(DiffusersQuantizer):
-    """Builds empty :class:`QuantLinear` modules before loading and fills them with checked tensors."""
+    """Builds empty quantized modules before loading and fills them with checked tensors."""
 
     use_keep_in_fp32_modules = True
     requires_calibration = False
@@ -102,7 +102,8 @@ class CompressditQuantizer(DiffusersQuantizer):
 
     def _check_unused_tensors(self, model) -> None:
         """A quantized layer's tensor the config does not use (e.g. a zero point) would be dropped silently."""
-        modules = {name: set(m.state_dict()) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+        modules = {name: set(m.state_dict()) for name, m in model.named_modules()
+                   if isinstance(m, QuantizedLinear)}
         for key in getattr(self, "_loaded_keys", None) or []:
             module_name, _, tensor_name = key.rpartition(".")
             if module_name in modules and tensor_name not in modules[module_name]:
@@ -116,8 +117,8 @@ class CompressditQuantizer(DiffusersQuantizer):
             quantize_layers(model, self.quantization_config.specs())
             return model
         for name, module in model.named_modules():
-            if isinstance(module, QuantLinear):
-                for tensor_name in QUANTIZED_TENSORS:
+            if isinstance(module, QuantizedLinear):
+                for tensor_name in module.quantized_tensors:
                     tensor = getattr(module, tensor_name, None)
                     if tensor is not None and tensor.is_meta:
                         raise CheckpointError(f"checkpoint is missing {name}.{tensor_name} "
@@ -130,7 +131,7 @@ class CompressditQuantizer(DiffusersQuantizer):
             module = model.get_submodule(module_name)
         except AttributeError:
             return False
-        return isinstance(module, QuantLinear) and tensor_name in QUANTIZED_TENSORS
+        return isinstance(module, QuantizedLinear) and tensor_name in module.quantized_tensors
 
     def check_quantized_param_shape(self, param_name, current_param, loaded_param):
         if tuple(current_param.shape) != tuple(loaded_param.shape):
@@ -151,7 +152,9 @@ class CompressditQuantizer(DiffusersQuantizer):
                                   f"quantization_config ({placeholder.dtype})")
         value = param_value.to(target_device if target_device not in (None, "disk") else "cpu")
         if tensor_name == "weight":
-            module.weight = PackedParameter(value, codes_per_element=placeholder.codes_per_element)
+            module.weight = PackedParameter(value, logical_numel=placeholder.logical_numel)
+        elif tensor_name in module._parameters:
+            module._parameters[tensor_name] = nn.Parameter(value, requires_grad=False)
         else:
             module._buffers[tensor_name] = value
 

@@ -1,9 +1,8 @@
-"""Quantized linear modules holding packed integer weights and fp32 scales."""
+"""Quantized linear modules: the shared base class and the integer format (packed codes, fp32 scales)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -14,42 +13,72 @@ from compressdit.quant.primitives import (dequantize_weight, fake_quantize_activ
                                           quantize_weight_rtn, unpack_codes)
 from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, random_signs, rotate
 from compressdit.quant.spec import LinearQuantSpec
-from compressdit.registry import Registry
 
 
 class PackedParameter(nn.Parameter):
     """A frozen parameter of packed codes whose ``numel()`` counts logical weights, not bytes."""
 
-    def __new__(cls, data: torch.Tensor, requires_grad: bool = False, codes_per_element: int = 1):
+    def __new__(cls, data: torch.Tensor, requires_grad: bool = False, logical_numel: int | None = None):
         param = super().__new__(cls, data, requires_grad=False)
-        param.codes_per_element = codes_per_element
+        param.logical_numel = logical_numel
         return param
 
     def numel(self) -> int:  # diffusers' num_parameters() must match the unquantized model
-        return super().numel() * getattr(self, "codes_per_element", 1)
+        logical = getattr(self, "logical_numel", None)
+        return super().numel() if logical is None else logical
 
     def __deepcopy__(self, memo):
-        return PackedParameter(self.data.clone(), codes_per_element=self.codes_per_element)
+        return PackedParameter(self.data.clone(), logical_numel=self.logical_numel)
 
     def __reduce_ex__(self, proto):
-        return PackedParameter, (self.data, False, self.codes_per_element)
+        return PackedParameter, (self.data, False, self.logical_numel)
 
 
-class QuantLinear(nn.Linear):
+class QuantizedLinear(nn.Linear):
+    """Base of every quantized linear: a packed ``weight`` plus the format's own tensors.
+
+    ``quantized_tensors`` names the tensors the checkpoint stores as saved (never cast to the
+    model's dtype); subclasses implement :meth:`effective_weight` and ``forward``.
+    """
+
+    quantized_tensors: ClassVar[tuple[str, ...]] = ("weight",)
+    spec: LinearQuantSpec
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight in the layer's original input space."""
+        raise NotImplementedError
+
+    def to_float_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the dequantized weight (activation quantization is dropped)."""
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.effective_weight(dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.label}"
+
+
+class QuantLinear(QuantizedLinear):
     """``nn.Linear`` with int weights (int8, or 2/4 codes per uint8) and per-channel/group fp32 scales.
 
     Activations are quantized on the fly (dynamic per token / per tensor, or a calibrated static
     scale). Reference path: dequantize the weight for this call only, then matmul.
     """
 
+    quantized_tensors = ("weight", "weight_scale", "weight_zero", "input_scale", "smooth_scale", "rotation_signs")
+
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: LinearQuantSpec,
                  device=None, dtype=None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         shape, storage = packed_shape(out_features, in_features, spec.w_bits)
-        codes_per_element = (out_features * in_features) // (shape[0] * shape[1])
         self.weight = PackedParameter(torch.zeros(shape, dtype=storage, device=device),
-                                      codes_per_element=codes_per_element)
+                                      logical_numel=out_features * in_features)
         groups = in_features // spec.group_size if spec.group_size else 1
         if spec.group_size and in_features % spec.group_size:
             raise ValueError(f"in_features {in_features} is not divisible by group_size {spec.group_size}")
@@ -93,7 +122,7 @@ class QuantLinear(nn.Linear):
         if module.rotation_signs is not None:
             module.rotation_signs.copy_(random_signs(linear.in_features, rotation_seed))
             weight = rotate(weight, module.rotation_signs)
-        q = quantize_weight_rtn(weight, spec.w_bits, spec.group_size, spec.w_symmetric)
+        q = quantize_weight_rtn(weight, spec.w_bits, spec.group_size, spec.w_symmetric, spec.w_range)
         module.load_codes(q.codes, q.scale, q.zero)
         if module.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
@@ -147,33 +176,3 @@ class QuantLinear(nn.Linear):
             x = fake_quantize_activation(x, self.spec.a_bits, self.spec.a_granularity, self.input_scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
-
-    def to_float_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A plain ``nn.Linear`` holding the dequantized weight (activation quantization is dropped)."""
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.effective_weight(dtype))
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.label}"
-
-
-@dataclass(frozen=True)
-class LinearFormat:
-    """How a weight format builds empty modules (for loading) and quantizes float ones."""
-
-    empty: Callable[[nn.Linear, LinearQuantSpec], nn.Module]
-    quantize: Callable[[nn.Linear, LinearQuantSpec, torch.Tensor | None], nn.Module]
-
-
-FORMATS: Registry[LinearFormat] = Registry("format")
-FORMATS.add("int", LinearFormat(
-    empty=lambda linear, spec: QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, spec,
-                                           device=linear.weight.device, dtype=linear.weight.dtype),
-    quantize=QuantLinear.from_linear,
-))

@@ -22,7 +22,7 @@ from compressdit.evaluate.metrics import relative_error
 from compressdit.models.sampling import guided_prediction, sample
 from compressdit.progress import progress_bar
 from compressdit.quant.context import QuantContext
-from compressdit.quant.layers import FORMATS
+from compressdit.quant.formats import FORMATS
 from compressdit.quant.spec import LinearQuantSpec
 
 CONDITION_ROLES = frozenset({"cross_q", "cross_kv", "cross_out", "adaln", "context"})
@@ -165,22 +165,15 @@ def mixed_precision_plan(model: nn.Module, plan: dict[str, LinearQuantSpec | Non
     return out
 
 
-def _plot_sensitivity(sensitivities: list[Sensitivity], bits: dict[str, int], high_bits: int):
-    import tempfile
+def _plot_sensitivity(sensitivities: list[Sensitivity], bits: dict[str, int], high_bits: int) -> str:
+    from compressdit.evaluate.report import plot_to_file
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    def draw(ax) -> None:
+        colors = ["tab:red" if bits[s.name] == high_bits else "tab:blue" for s in sensitivities]
+        ax.bar(range(len(sensitivities)), [s.normalised for s in sensitivities], color=colors)
+        ax.set_yscale("log")
+        ax.set_ylabel("normalised damage (log)")
+        ax.set_xticks(range(len(sensitivities)), [s.name for s in sensitivities], rotation=90, fontsize=5)
+        ax.set_title(f"sensitivity per layer (red: W{high_bits}, blue: low bits)")
 
-    fig = Figure(figsize=(min(20, 2 + 0.18 * len(sensitivities)), 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    colors = ["tab:red" if bits[s.name] == high_bits else "tab:blue" for s in sensitivities]
-    ax.bar(range(len(sensitivities)), [s.normalised for s in sensitivities], color=colors)
-    ax.set_yscale("log")
-    ax.set_ylabel("normalised damage (log)")
-    ax.set_xticks(range(len(sensitivities)), [s.name for s in sensitivities], rotation=90, fontsize=5)
-    ax.set_title(f"sensitivity per layer (red: W{high_bits}, blue: low bits)")
-    fig.tight_layout()
-    path = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
-    fig.savefig(path, dpi=110)
-    return path
+    return plot_to_file(draw, width=min(20, 2 + 0.18 * len(sensitivities)), height=4)

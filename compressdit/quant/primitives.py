@@ -40,23 +40,44 @@ def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return weight.reshape(rows, cols // group_size, group_size)
 
 
+def _round_grouped(w: torch.Tensor, bits: int, symmetric: bool, shrink: torch.Tensor | float = 1.0):
+    """Codes, scale and zero point of grouped weights ``[rows, groups, size]`` with the range shrunk by ``shrink``."""
+    qmin, qmax = int_range(bits)
+    if symmetric:
+        scale = w.abs().amax(-1).clamp_min(1e-8) * shrink / qmax
+        return torch.round(w / scale.unsqueeze(-1)).clamp(qmin, qmax), scale, None
+    w_min, w_max = w.amin(-1).clamp(max=0) * shrink, w.amax(-1).clamp(min=0) * shrink
+    scale = (w_max - w_min).clamp_min(1e-8) / (qmax - qmin)
+    zero = torch.round(qmin - w_min / scale)
+    return torch.round(w / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(qmin, qmax), scale, zero
+
+
+def _mse_shrink(w: torch.Tensor, bits: int, symmetric: bool, candidates: int = 20, lowest: float = 0.5):
+    """Per-group range shrink factor in ``[lowest, 1]`` that minimises the weight's quantization MSE."""
+    best_error = torch.full(w.shape[:-1], float("inf"), device=w.device)
+    best = torch.ones(w.shape[:-1], device=w.device)
+    for factor in torch.linspace(1.0, lowest, candidates).tolist():
+        codes, scale, zero = _round_grouped(w, bits, symmetric, factor)
+        q = codes - zero.unsqueeze(-1) if zero is not None else codes
+        error = (q * scale.unsqueeze(-1) - w).pow(2).sum(-1)
+        better = error < best_error
+        best_error, best = torch.where(better, error, best_error), torch.where(better, factor, best)
+    return best
+
+
 def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None,
-                        symmetric: bool = True) -> IntQuantized:
-    """Round-to-nearest min/max quantization per output row (or per group of ``group_size`` inputs)."""
+                        symmetric: bool = True, weight_range: str = "minmax") -> IntQuantized:
+    """Round-to-nearest per output row (or per group of ``group_size`` inputs).
+
+    ``weight_range="minmax"`` maps each group's min/max onto the integer range; ``"mse"`` first
+    shrinks that range by the factor (grid over [0.5, 1]) minimising the group's squared error.
+    """
     check_bits(bits, "weight bits")
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or inf")
-    qmin, qmax = int_range(bits)
     w = _grouped(weight.detach().float(), group_size)
-    if symmetric:
-        scale = w.abs().amax(-1).clamp_min(1e-8) / qmax
-        zero = None
-        codes = torch.round(w / scale.unsqueeze(-1)).clamp(qmin, qmax)
-    else:
-        w_min, w_max = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
-        scale = (w_max - w_min).clamp_min(1e-8) / (qmax - qmin)
-        zero = torch.round(qmin - w_min / scale)
-        codes = torch.round(w / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(qmin, qmax)
+    shrink = _mse_shrink(w, bits, symmetric) if weight_range == "mse" else 1.0
+    codes, scale, zero = _round_grouped(w, bits, symmetric, shrink)
     return IntQuantized(codes.reshape(weight.shape).to(torch.int8), scale, zero, bits, group_size)
 
 

@@ -20,9 +20,14 @@ class LinearQuantSpec(StrictConfig):
         a_bits: 8
         group_size: 64            # null = one scale per output channel
         w_symmetric: true
+        w_range: mse              # weight range per channel/group: minmax, or the MSE-optimal shrink
         a_granularity: per_token  # dynamic; or per_tensor (dynamic) / static (calibrated)
         balance: 0.5              # channel balancing, SmoothQuant alpha (null = off); needs calibration
         rotation: hadamard        # randomized block Hadamard on the input dim (or none)
+
+    Vector quantization (``format: vq``, weight-only) stores per-layer codebooks of ``codebook_size``
+    codewords of ``vector_dim`` weights; ``w_bits: 2`` / ``3`` default to the paper's d=4, k=256 /
+    d=2, k=64 (log2(k) / d bits per weight).
     """
 
     format: str = "int"
@@ -30,15 +35,19 @@ class LinearQuantSpec(StrictConfig):
     a_bits: int | None = None
     group_size: int | None = None
     w_symmetric: bool = True
+    w_range: Literal["minmax", "mse"] = "minmax"
     a_granularity: Literal["per_token", "per_tensor", "static"] = "per_token"
     balance: float | None = None
     rotation: Literal["none", "hadamard"] = "none"
+    vector_dim: int | None = None
+    codebook_size: int | None = None
 
     def validate(self, where: str) -> None:
-        from compressdit.quant.layers import FORMATS  # late: layers imports this module
+        from compressdit.quant.formats import FORMATS  # late: the formats import this module
 
         if self.format not in FORMATS:
             raise ConfigError(f"{where}.format: unknown format {self.format!r}; known: {', '.join(FORMATS)}")
+        FORMATS.get(self.format).validate_spec(self, where)
         if not MIN_BITS <= self.w_bits <= MAX_BITS:
             raise ConfigError(f"{where}.w_bits: {self.w_bits} is out of range [{MIN_BITS}, {MAX_BITS}]")
         if self.a_bits is not None and not MIN_BITS <= self.a_bits <= MAX_BITS:
@@ -52,8 +61,19 @@ class LinearQuantSpec(StrictConfig):
                               "use a_granularity: per_token")
 
     @property
+    def bits_per_weight(self) -> float:
+        """Index/code bits per weight, without scales or codebooks."""
+        if self.vector_dim:
+            return (self.codebook_size - 1).bit_length() / self.vector_dim
+        return float(self.w_bits)
+
+    @property
     def label(self) -> str:
+        if self.vector_dim:
+            return f"{self.format} W{self.w_bits} d{self.vector_dim} k{self.codebook_size}"
         acts = f"A{self.a_bits}" if self.a_bits else "A16"
         group = f" g{self.group_size}" if self.group_size else ""
-        extras = (" +balance" if self.balance is not None else "") + (" +hadamard" if self.rotation != "none" else "")
+        extras = "".join(name for name, used in ((" +mse-range", self.w_range == "mse"),
+                                                  (" +balance", self.balance is not None),
+                                                  (" +hadamard", self.rotation != "none")) if used)
         return f"{self.format} W{self.w_bits}{acts}{group}{extras}"

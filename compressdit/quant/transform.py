@@ -11,7 +11,8 @@ from torch import nn
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.models.base import ModelAdapter
-from compressdit.quant.layers import FORMATS, QuantLinear
+from compressdit.quant.formats import FORMATS
+from compressdit.quant.layers import QuantizedLinear
 from compressdit.quant.spec import LinearQuantSpec
 
 
@@ -52,7 +53,7 @@ def resolve_plan(model: nn.Module, adapter: ModelAdapter, rules: list[LayerRule]
     return plan
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -74,14 +75,9 @@ def check_plan_fits(model: nn.Module, plan: dict[str, LinearQuantSpec | None]) -
         if spec is None:
             continue
         linear = _linear(model, name, "quantization plan")
-        if isinstance(linear, QuantLinear):
+        if isinstance(linear, QuantizedLinear):
             raise ConfigError(f"{name} is already quantized ({linear.spec.label}); a recipe quantizes a layer once")
-        if spec.group_size and linear.in_features % spec.group_size:
-            raise ConfigError(f"{name}: in_features {linear.in_features} is not divisible by "
-                              f"group_size {spec.group_size}; pick a divisor or null")
-        per_byte = 4 if spec.w_bits == 2 else 2 if spec.w_bits <= 4 else 1
-        if linear.in_features % per_byte:
-            raise ConfigError(f"{name}: in_features {linear.in_features} cannot be packed {per_byte} codes per byte")
+        FORMATS.get(spec.format).check_fits(name, linear, spec)
 
 
 @torch.no_grad()
@@ -94,7 +90,7 @@ def quantize_layers(model: nn.Module, plan: dict[str, LinearQuantSpec | None],
             continue
         linear = model.get_submodule(name)
         stats = (input_absmax or {}).get(name)
-        _set_module(model, name, FORMATS.get(spec.format).quantize(linear, spec, stats))
+        set_module(model, name, FORMATS.get(spec.format).quantize(linear, spec, stats))
     return model
 
 
@@ -102,16 +98,16 @@ def build_empty_layers(model: nn.Module, plan: dict[str, LinearQuantSpec]) -> nn
     """Swap planned linears for empty quantized modules (on the linears' device, e.g. ``meta``)."""
     for name, spec in plan.items():
         linear = _linear(model, name, "quantization_config")
-        _set_module(model, name, FORMATS.get(spec.format).empty(linear, spec))
+        set_module(model, name, FORMATS.get(spec.format).empty(linear, spec))
     return model
 
 
-def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
 def dequantize_layers(model: nn.Module) -> nn.Module:
     """Replace every quantized module by a plain ``nn.Linear`` with the dequantized weight."""
     for name, module in list(quantized_modules(model).items()):
-        _set_module(model, name, module.to_float_linear())
+        set_module(model, name, module.to_float_linear())
     return model

@@ -9,7 +9,7 @@ from typing import Any
 from compressdit.config_base import StrictConfig
 from compressdit.errors import CalibrationError, ConfigError
 from compressdit.quant.context import QuantContext
-from compressdit.quant import viditq  # noqa: F401  (registers the method)
+from compressdit.quant import viditq, vq4dit  # noqa: F401  (register the methods)
 from compressdit.quant.methods import METHODS
 from compressdit.stages.base import STAGES, PipelineState, Stage
 

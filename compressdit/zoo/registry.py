@@ -47,6 +47,12 @@ def _pixart(workdir: Path, **kw):
     return train_pixart(BASICS / "vae", WEIGHTS / "pixart-fmnist", workdir, **kw)
 
 
+def _flux(workdir: Path, **kw):
+    from compressdit.zoo.train_dits import train_flux
+
+    return train_flux(BASICS / "vae", WEIGHTS / "flux-fmnist", workdir, **kw)
+
+
 ZOO.add("fmnist-classifier", ZooModel("Fashion-MNIST CNN classifier (FD-FMNIST features, class accuracy)",
                                       BASICS / "classifier.safetensors", _classifier))
 ZOO.add("fmnist-vae", ZooModel("AutoencoderKL, 1x32x32 <-> 4x8x8 latents", BASICS / "vae", _vae))
@@ -54,6 +60,8 @@ ZOO.add("dit-fmnist", ZooModel("class-conditional DiTTransformer2DModel, 12 bloc
                                WEIGHTS / "dit-fmnist", _dit))
 ZOO.add("pixart-fmnist", ZooModel("PixArtTransformer2DModel, cross-attention on MiniLM caption tokens",
                                   WEIGHTS / "pixart-fmnist", _pixart))
+ZOO.add("flux-fmnist", ZooModel("FluxTransformer2DModel (MMDiT), 4 double + 8 single blocks, MiniLM captions",
+                                WEIGHTS / "flux-fmnist", _flux))
 
 
 def zoo_status(name: str) -> dict:
@@ -66,7 +74,7 @@ def train(name: str, workdir: Path, max_minutes: float | None = None, steps: int
     """Train (or resume) ``name``; returns its metrics, or None when the time cap stopped it."""
     if name not in ZOO:
         raise ConfigError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
-    needs_vae = name in ("dit-fmnist", "pixart-fmnist")
+    needs_vae = name in ("dit-fmnist", "pixart-fmnist", "flux-fmnist")
     if needs_vae and not (BASICS / "vae").exists():
         raise ConfigError(f"{name} trains on fmnist-vae latents: run `compressdit zoo train fmnist-vae` first")
     kwargs = {"max_minutes": max_minutes, "quiet": quiet}

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressdit.quant.layers import FORMATS, PackedParameter, QuantLinear
+from compressdit.quant.formats import FORMATS
+from compressdit.quant.layers import PackedParameter, QuantLinear
 from compressdit.quant.primitives import dequantize_weight, fake_quantize_activation, int_range, quantize_weight_rtn
 from compressdit.quant.spec import LinearQuantSpec
 
@@ -132,7 +133,7 @@ def test_deepcopy_keeps_packed_storage_and_is_independent():
     clone = copy.deepcopy(model)
     q, c = model[0], clone[0]
     assert isinstance(c, QuantLinear) and isinstance(c.weight, PackedParameter)
-    assert c.weight.codes_per_element == q.weight.codes_per_element == 2
+    assert c.weight.logical_numel == q.weight.logical_numel == q.in_features * q.out_features
     assert c.weight.numel() == OUT * IN and c.weight.dtype == torch.uint8
     assert c.weight.data_ptr() != q.weight.data_ptr()
     assert c.spec == q.spec

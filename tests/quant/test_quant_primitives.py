@@ -157,3 +157,15 @@ def test_dynamic_scale_never_zeroes_the_gradient_of_the_max_entry(granularity):
     assert torch.equal(x.grad, torch.ones_like(x))
     assert int(out.detach().div(x.detach().abs().amax(-1 if granularity == "per_token" else None, keepdim=True)
                                 / 127).round().abs().max()) == 127
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric", [(4, None, True), (3, 16, False), (8, None, True)])
+def test_mse_range_never_loses_to_minmax_and_wins_on_gaussian_weights(bits, group_size, symmetric):
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(bits))
+    errors = {}
+    for weight_range in ("minmax", "mse"):
+        q = quantize_weight_rtn(weight, bits, group_size, symmetric, weight_range=weight_range)
+        errors[weight_range] = (dequantize_weight(q.codes, q.scale, q.zero) - weight).pow(2).sum(1)
+    assert (errors["mse"] <= errors["minmax"] + 1e-6).all()  # per row: the grid contains minmax itself
+    if bits < 8:
+        assert errors["mse"].sum() < 0.9 * errors["minmax"].sum()

@@ -1,0 +1,71 @@
+"""Vector-quantized linear: per-layer codebook (fp16) and packed codeword indices (VQ4DiT storage)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compressdit.quant.layers import PackedParameter, QuantizedLinear
+from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.vq_ops import vq_decode, vq_linear
+from compressdit.quant.vq_primitives import (kmeans, nearest_codewords, pack_code_bits, packed_code_bytes,
+                                             to_subvectors, unpack_code_bits)
+
+CODEBOOK_DTYPE = torch.float16
+
+
+def code_bits(spec: LinearQuantSpec) -> int:
+    """Bits of one codeword index (``log2(codebook_size)``)."""
+    return (spec.codebook_size - 1).bit_length()
+
+
+class VQLinear(QuantizedLinear):
+    """``nn.Linear`` whose weight is ``codebook[codes]``: sub-vectors of ``vector_dim`` input weights per row.
+
+    ``weight`` holds each row's codes as a packed bit stream (``uint8``; one byte per code for k=256);
+    the forward path is the ``compressdit::vq_linear`` op (fused CUDA kernel or PyTorch reference).
+    """
+
+    quantized_tensors = ("weight", "codebook", "bias")  # the bias is calibrated: saved as is (fp32)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LinearQuantSpec,
+                 device=None, dtype=None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.code_bits = code_bits(spec)
+        nbytes = packed_code_bytes(in_features // spec.vector_dim, self.code_bits)
+        self.weight = PackedParameter(torch.zeros(out_features, nbytes, dtype=torch.uint8, device=device),
+                                      logical_numel=out_features * in_features)
+        self.register_buffer("codebook", torch.zeros(spec.codebook_size, spec.vector_dim, dtype=CODEBOOK_DTYPE,
+                                                     device=device))
+        # fp32 whatever the model dtype: calibration trains the bias, and it is saved as trained
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=torch.float32),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec, input_absmax: torch.Tensor | None = None,
+                    seed: int = 0) -> "VQLinear":
+        """k-means codebook of the layer's sub-vectors, then each sub-vector's nearest codeword."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+        vectors = to_subvectors(linear.weight.detach().float(), spec.vector_dim)
+        codebook = kmeans(vectors, spec.codebook_size, seed=seed).to(CODEBOOK_DTYPE)
+        codes = nearest_codewords(vectors, codebook.float())[0].reshape(linear.out_features, -1)
+        module.load_codes(codes, codebook)
+        if module.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def load_codes(self, codes: torch.Tensor, codebook: torch.Tensor) -> None:
+        """Set codeword indices ``[out, in / vector_dim]`` and the codebook ``[k, vector_dim]``."""
+        self.weight.data = pack_code_bits(codes, self.code_bits).to(self.weight.device)
+        self.codebook.copy_(codebook.to(CODEBOOK_DTYPE))
+
+    def codes(self) -> torch.Tensor:
+        return unpack_code_bits(self.weight.data, self.code_bits, self.in_features // self.spec.vector_dim)
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return vq_decode(self.weight, self.codebook, self.in_features, self.code_bits).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return vq_linear(x, self.weight, self.codebook, self.bias, self.in_features, self.code_bits)
