@@ -10,12 +10,40 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from compressdit.errors import UnsupportedModelError
+from compressdit.errors import ConfigError, UnsupportedModelError
 from compressdit.registry import Registry
 
 # Roles every adapter may name; recipes select layers with ``role:NAME`` patterns.
 ROLES = ("attn_qkv", "attn_out", "cross_q", "cross_kv", "cross_out", "ffn_up", "ffn_down", "adaln",
          "context", "embedder", "head")
+
+
+@dataclass(frozen=True)
+class BlockStack:
+    """One ``nn.ModuleList`` of transformer blocks on the model and the config key that sizes it.
+
+    ``returns`` names the block ``forward`` arguments it returns updated, in return order (one name: a bare
+    tensor), so an identity block returns those arguments unchanged. ``keep_last``: the last block is of
+    another kind (SD3's ``context_pre_only``) and must stay. ``index_keys``: config keys that list indices
+    into this stack (SD3.5's ``dual_attention_layers``); they are renumbered when blocks are removed.
+    """
+
+    attribute: str
+    config_key: str
+    keep_last: bool = False
+    returns: tuple[str, ...] = ("hidden_states",)
+    index_keys: tuple[str, ...] = ()
+
+    def pack(self, values: dict[str, Any]) -> Any:
+        """Block output built from named values (the inverse of :meth:`unpack`)."""
+        out = tuple(values[name] for name in self.returns)
+        return out[0] if len(out) == 1 else out
+
+    def unpack(self, output: Any) -> dict[str, Any]:
+        """A block's output by name."""
+        if len(self.returns) == 1:
+            return {self.returns[0]: output}
+        return dict(zip(self.returns, output, strict=True))
 
 
 @dataclass
@@ -40,12 +68,14 @@ class ModelAdapter(ABC):
 
     ``roles`` maps a role to anchored regexes over module names (``re.fullmatch``).
     ``condition_kind`` is ``"class"`` (integer labels) or ``"text"`` (prompts).
+    ``block_stacks`` lists the block ``ModuleList``s in execution order.
     """
 
     family: ClassVar[str]
     model_class_name: ClassVar[str]
     condition_kind: ClassVar[str]
     block_patterns: ClassVar[tuple[str, ...]]
+    block_stacks: ClassVar[tuple[BlockStack, ...]]
     roles: ClassVar[dict[str, tuple[str, ...]]]
     keep_full_precision: ClassVar[tuple[str, ...]] = ("embedder", "head")
     prediction: ClassVar[str] = "epsilon"
@@ -64,6 +94,19 @@ class ModelAdapter(ABC):
         """Transformer blocks in execution order."""
         return [(name, m) for name, m in model.named_modules()
                 if any(re.fullmatch(p, name) for p in self.block_patterns)]
+
+    def block_list(self, model: nn.Module) -> list[tuple[str, int, nn.Module]]:
+        """``(stack attribute, index, block)`` in execution order, as :meth:`blocks` lists ``attribute.index``."""
+        return [(stack.attribute, i, block) for stack in self.block_stacks
+                for i, block in enumerate(getattr(model, stack.attribute))]
+
+    def block_stack(self, attribute: str) -> BlockStack:
+        """The stack held in ``model.<attribute>``."""
+        for stack in self.block_stacks:
+            if stack.attribute == attribute:
+                return stack
+        known = ", ".join(s.attribute for s in self.block_stacks)
+        raise ConfigError(f"{self.model_class_name} has no block stack {attribute!r}; stacks: {known}")
 
     def latent_shape(self, model: nn.Module) -> tuple[int, int, int]:
         size = model.config.sample_size

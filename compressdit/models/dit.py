@@ -1,10 +1,16 @@
-"""``DiTTransformer2DModel`` (DiT-XL/2 family): class-conditional, adaLN-Zero, epsilon prediction."""
+"""``DiTTransformer2DModel`` (DiT-XL/2 family): class-conditional, adaLN-Zero, epsilon prediction.
+
+Every block carries its own timestep + class embedder (``norm1.emb``) and the output head reads the first
+block's (``transformer_blocks[0].norm1.emb``). The original DiT shares one embedder, so converted checkpoints
+should hold equal copies; models trained in diffusers (the zoo's ``dit-fmnist``) have distinct ones, and there
+removing block 0 also changes the head's conditioning (``compressdit.prune.depth.skip_blocks`` mirrors that).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from compressdit.models.base import ADAPTERS, Conditioning, ModelAdapter
+from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter
 
 NULL_CLASS = 1000  # DiTPipeline's null label for classifier-free guidance
 
@@ -16,6 +22,7 @@ class DiTAdapter(ModelAdapter):
     model_class_name = "DiTTransformer2DModel"
     condition_kind = "class"
     block_patterns = (_BLOCK,)
+    block_stacks = (BlockStack("transformer_blocks", "num_layers"),)
     roles = {
         "attn_qkv": (_BLOCK + r"\.attn1\.to_[qkv]",),
         "attn_out": (_BLOCK + r"\.attn1\.to_out\.0",),

@@ -11,6 +11,10 @@ Layer roles: double-stream blocks split into an image stream (``attn.to_q/k/v``,
 image tokens (``attn.to_q/k/v``, no output projection), a parallel MLP input ``proj_mlp`` (``ffn_up``) and
 ``proj_out`` (``ffn_down``), which projects the concatenated attention and MLP outputs back to the
 hidden size, so it also plays the part of the attention output projection.
+
+Both block kinds take ``hidden_states`` (image) and ``encoder_hidden_states`` (text) and return
+``(encoder_hidden_states, hidden_states)``: text stream first. A single-stream block concatenates text + image
+tokens inside and splits them again before returning.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ import re
 
 import torch
 
-from compressdit.models.base import ADAPTERS, Conditioning, ModelAdapter
+from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter
 from compressdit.models.sd3 import pooled_text
 
 _DOUBLE = r"transformer_blocks\.\d+"
 _SINGLE = r"single_transformer_blocks\.\d+"
+_JOINT = ("encoder_hidden_states", "hidden_states")  # what both block kinds return, in this order
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -56,6 +61,8 @@ class FluxAdapter(ModelAdapter):
     condition_kind = "text"
     prediction = "flow"
     block_patterns = (_DOUBLE, _SINGLE)
+    block_stacks = (BlockStack("transformer_blocks", "num_layers", returns=_JOINT),
+                    BlockStack("single_transformer_blocks", "num_single_layers", returns=_JOINT))
     roles = {
         "attn_qkv": (_DOUBLE + r"\.attn\.to_[qkv]", _SINGLE + r"\.attn\.to_[qkv]"),
         "attn_out": (_DOUBLE + r"\.attn\.to_out\.0",),

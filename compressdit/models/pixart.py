@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compressdit.models.base import ADAPTERS, Conditioning, ModelAdapter
+from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter
 from compressdit.models.text_conditions import embed_prompts, stack
 
 _BLOCK = r"transformer_blocks\.\d+"
@@ -13,6 +13,7 @@ class PixArtAdapter(ModelAdapter):
     model_class_name = "PixArtTransformer2DModel"
     condition_kind = "text"
     block_patterns = (_BLOCK,)
+    block_stacks = (BlockStack("transformer_blocks", "num_layers"),)
     roles = {
         "attn_qkv": (_BLOCK + r"\.attn1\.to_[qkv]",),
         "attn_out": (_BLOCK + r"\.attn1\.to_out\.0",),

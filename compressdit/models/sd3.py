@@ -4,7 +4,9 @@ Each joint block runs one attention over the concatenated image and text tokens.
 ``attn.to_q/k/v`` and ``attn.to_out.0``; the text ("context") stream owns ``attn.add_*_proj``,
 ``attn.to_add_out``, ``ff_context`` and ``norm1_context``. SD3.5 blocks listed in
 ``config.dual_attention_layers`` add a second image-only self-attention ``attn2`` whose layers share the
-image-stream roles. The last block is ``context_pre_only``: it has no ``to_add_out`` and no ``ff_context``.
+image-stream roles. The last block is ``context_pre_only``: it has no ``to_add_out`` and no ``ff_context``,
+returns ``(None, hidden_states)`` and is built from its position (``i == num_layers - 1``), so depth pruning
+keeps it. A block returns ``(encoder_hidden_states, hidden_states)``: text stream first.
 
 The model predicts the flow velocity; the pipeline passes the scheduler's timesteps (``sigma * 1000``)
 unscaled as ``timestep``, and so does :meth:`SD3Adapter.predict`.
@@ -12,7 +14,7 @@ unscaled as ``timestep``, and so does :meth:`SD3Adapter.predict`.
 
 from __future__ import annotations
 
-from compressdit.models.base import ADAPTERS, Conditioning, ModelAdapter
+from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter
 from compressdit.models.text_conditions import embed_prompts, stack
 
 _BLOCK = r"transformer_blocks\.\d+"
@@ -33,6 +35,9 @@ class SD3Adapter(ModelAdapter):
     condition_kind = "text"
     prediction = "flow"
     block_patterns = (_BLOCK,)
+    block_stacks = (BlockStack("transformer_blocks", "num_layers", keep_last=True,
+                               returns=("encoder_hidden_states", "hidden_states"),
+                               index_keys=("dual_attention_layers",)),)
     roles = {
         "attn_qkv": (_BLOCK + r"\.attn2?\.to_[qkv]",),
         "attn_out": (_BLOCK + r"\.attn2?\.to_out\.0",),

@@ -1,0 +1,1 @@
+"""Structural pruning: remove or skip transformer blocks (depth) and score them first."""
