@@ -316,7 +316,8 @@ def _state(model: nn.Module) -> PipelineState:
 
 @pytest.fixture(scope="module")
 def w4a8_checkpoint(tmp_path_factory):
-    """tiny DiT through recipes/w4a8.yaml (calibrate + viditq with mixed precision), saved with stock diffusers."""
+    """tiny DiT through recipes/w4a8.yaml (calibrate + viditq with mixed precision) with the Hadamard rotation
+    switched on (the shipped recipe leaves it off), saved with stock diffusers."""
     recipe = load_recipe("w4a8")
     model = tiny_dit()
     state = _state(model)
@@ -327,6 +328,7 @@ def w4a8_checkpoint(tmp_path_factory):
             assert stage.config.method == "viditq"
             mixed = stage.config.options.mixed_precision
             mixed.probe_samples, mixed.probe_steps = 2, 2
+            stage.config.options.rules[-1].spec.rotation = "hadamard"
         if stage.name != "evaluate":
             STAGES.get(stage.name).run(state, stage.config)
     attach_quantizer(model, state.quant_specs)
@@ -338,7 +340,8 @@ def w4a8_checkpoint(tmp_path_factory):
 def test_w4a8_recipe_quantizes_with_balancing_rotation_and_mixed_precision(w4a8_checkpoint):
     folder, output, state = w4a8_checkpoint
     specs = state.quant_specs
-    assert specs and all(s.balance == 0.2 and s.rotation == "hadamard" and s.a_bits == 8 for s in specs.values())
+    assert specs and all(s.balance == 0.2 and s.rotation == "hadamard" and s.a_bits == 8 and s.w_range == "mse"
+                         for s in specs.values())
     assert {s.w_bits for s in specs.values()} == {4, 8}
     assert state.tables and state.notes and state.figures
     assert torch.isfinite(output).all()
