@@ -125,6 +125,45 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
         console.print(f"report: {target / 'report.html'}")
 
 
+@app.command("distill")
+def distill_command(student: str = typer.Argument(..., help="Compressed model or pipeline folder (the student)."),
+                    teacher: str = typer.Option(..., "--teacher", help="Uncompressed model: folder or zoo:NAME."),
+                    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+                    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default 1000)."),
+                    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch (default 64)."),
+                    images: Optional[int] = typer.Option(None, "--images",
+                                                         help="Use the first N Fashion-MNIST training images."),
+                    max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
+                                                                help="Stop after this long; rerun to resume."),
+                    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Resumable training state "
+                                                           "(default: the cache, keyed by models and settings)."),
+                    layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Teacher block of each student "
+                                                            "block for the feature loss, e.g. 0,2,4 (default: "
+                                                            "proportional)."),
+                    overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
+    """Distil STUDENT towards its uncompressed TEACHER (TinyFusion masked KD) and write it to OUT."""
+    from compressdit.stages.distill import distill_checkpoint, incomplete_message
+
+    set_quiet(quiet or as_json)
+    overrides = {key: value for key, value in {"steps": steps, "batch_size": batch_size, "images": images,
+                                               "max_minutes": max_minutes}.items() if value is not None}
+    if layer_map is not None and layer_map != "auto":
+        try:
+            overrides["layer_map"] = [int(v) for v in layer_map.split(",")]
+        except ValueError:
+            raise CompressditError(f"--layer-map: expected comma-separated block indices like 0,2,4, got "
+                                   f"{layer_map!r}") from None
+    metrics = distill_checkpoint(student, teacher, out, overrides, workdir, overwrite, quiet or as_json)
+    summary = {k: v for k, v in metrics.items() if k != "history"}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    elif not metrics["completed"]:
+        console.print(incomplete_message(metrics))
+    else:
+        final = ", ".join(f"{k} {v:.4g}" for k, v in metrics["final"].items() if k != "feature_weight")
+        console.print(f"[bold green]wrote[/] {out} ({metrics['steps']} steps, {metrics['train_s']:.1f} s; {final})")
+
+
 @app.command()
 def inspect(model: str = typer.Argument(..., help="Checkpoint folder or zoo:NAME."), as_json: bool = JSON) -> None:
     """Per-module scheme, bits and bytes of a checkpoint."""

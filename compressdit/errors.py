@@ -23,3 +23,7 @@ class CalibrationError(CompressditError):
 
 class ModelNotFoundError(CompressditError):
     """A MODEL argument names nothing that can be loaded here."""
+
+
+class TrainingIncomplete(CompressditError):
+    """Training stopped at its time cap with its state saved; rerunning the same command resumes it."""

@@ -35,6 +35,9 @@ class PipelineState:
     tables: list = field(default_factory=list)
     figures: dict = field(default_factory=dict)
     calibration_conditions: list = field(default_factory=list)
+    # teacher block each student block came from, {stack attribute: indices} (set by depth pruning; used by
+    # distill's ``layer_map: auto``)
+    block_origin: dict | None = None
 
 
 class Stage(ABC):

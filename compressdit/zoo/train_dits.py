@@ -45,17 +45,20 @@ def flux_config() -> dict:
 
 
 @torch.no_grad()
-def encode_latents(vae_dir: Path, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled VAE latents (posterior means) of the training set, cached at ``cache``."""
+def encode_latents(vae_dir: Path, cache: Path, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled VAE latents (posterior means) of the training set (its first ``limit`` images), cached at ``cache``."""
     if cache.exists():
         data = torch.load(cache, weights_only=True)
         return data["latents"], data["labels"]
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
     images, labels = load_fmnist("train")
+    images, labels = images[:limit], labels[:limit]
     latents = torch.cat([vae.encode(images[i:i + 1000]).latent_dist.mean for i in range(0, len(images), 1000)])
     latents = latents * vae.config.scaling_factor
     cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"latents": latents, "labels": labels}, cache)
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    torch.save({"latents": latents, "labels": labels}, tmp)
+    tmp.replace(cache)  # a reader never sees a half-written cache
     return latents, labels
 
 

@@ -1,0 +1,188 @@
+"""``distill``: train the compressed model towards the uncompressed reference on real Fashion-MNIST latents."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressdit.distill.data import fmnist_data
+from compressdit.distill.losses import resolve_layer_map
+from compressdit.distill.trainer import DistillConfig, check_pair, distill
+from compressdit.errors import ConfigError, TrainingIncomplete
+from compressdit.io.sources import ModelSource
+from compressdit.stages.base import STAGES, PipelineState, Stage
+
+
+@dataclass
+class DistillStageConfig(DistillConfig):
+    """Every ``DistillConfig`` key plus the data and where the resumable state lives. YAML::
+
+        - distill: {steps: 2000, batch_size: 64, lr: 1.0e-4, images: 60000, feature_weight: 0.01}
+
+    ``images``: the first N Fashion-MNIST training images are encoded by the reference's VAE (null: all).
+    ``workdir``: training state (default: the cache folder, keyed by student, teacher and config), so a run
+    stopped by ``max_minutes`` resumes when the same command is run again.
+    """
+
+    images: int | None = None
+    workdir: str | None = None
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.images is not None and self.images <= 0:
+            raise ConfigError(f"{where}.images: must be positive or null, got {self.images}")
+
+    def trainer_keys(self) -> dict:
+        """The keys that decide the training result (not where or how long it runs)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("workdir", "max_minutes")}
+
+
+def vae_folder(*sources: ModelSource) -> Path:
+    """The first source pipeline's VAE, else the zoo's Fashion-MNIST VAE."""
+    from compressdit.zoo.registry import BASICS
+
+    for source in sources:
+        if source.is_pipeline and (source.folder / "vae" / "config.json").exists():
+            return source.folder / "vae"
+    if (BASICS / "vae" / "config.json").exists():
+        return BASICS / "vae"
+    raise ConfigError("distillation needs the models' VAE to encode Fashion-MNIST: pass pipeline folders (with "
+                      "vae/) or train the zoo's with `compressdit zoo train fmnist-vae`")
+
+
+def fingerprint(*models: nn.Module) -> str:
+    """SHA-1 of the models' tensors (names, dtypes, bytes)."""
+    digest = hashlib.sha1()
+    for model in models:
+        for name, tensor in model.state_dict().items():
+            digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_distillation(student: nn.Module, teacher: ModelSource, config: DistillStageConfig, cache_dir: Path,
+                     quiet: bool = False, origin=None, sources: tuple[ModelSource, ...] = (),
+                     workdir: Path | None = None) -> dict:
+    """Distil ``student`` (in place) from ``teacher`` on Fashion-MNIST latents; the metrics of :func:`distill`.
+
+    The training state lives in ``workdir`` (default: a cache folder named after student, teacher and config);
+    a workdir that holds another run's state is an error, not silently resumed.
+    """
+    adapter = check_pair(student, teacher.transformer)
+    if config.feature_weight:  # fail on unmappable blocks before encoding any data
+        resolve_layer_map(adapter, student, teacher.transformer, config.layer_map, origin)
+    key = json.dumps({"config": config.trainer_keys(), "models": fingerprint(student, teacher.transformer),
+                      "origin": origin}, sort_keys=True)
+    run_id = hashlib.sha1(key.encode()).hexdigest()[:16]
+    workdir = Path(workdir or config.workdir or cache_dir / "distill-runs" / run_id)
+    marker = workdir / "run.json"
+    if marker.exists() and json.loads(marker.read_text()).get("run") != run_id:
+        raise ConfigError(f"workdir {workdir} holds the state of another distillation (other student, teacher or "
+                          "settings); pass another workdir or delete it")
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"run": run_id}))
+    data = fmnist_data(adapter, vae_folder(teacher, *sources), cache_dir / "distill-data", config.images)
+    scheduler = next((s.scheduler for s in (teacher, *sources) if s.scheduler is not None), None)
+    return distill(student, teacher.transformer, adapter, config, workdir, data, origin=origin,
+                   scheduler_config=dict(scheduler.config) if scheduler is not None else None, quiet=quiet)
+
+
+def distill_checkpoint(student: str, teacher: str, out: Path, overrides: dict, workdir: Path | None = None,
+                       overwrite: bool = False, quiet: bool = False, cache_dir: Path | None = None) -> dict:
+    """Distil the model folder ``student`` from ``teacher`` and write it to ``out`` as a folder like the input
+    (stock ``save_pretrained``, written atomically). Nothing is written when a time cap stops the run."""
+    from compressdit.io.checkpoint import (atomic_output, check_output, copy_pipeline_parts, save_in_dtype,
+                                           stored_float_dtype)
+    from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source
+    from compressdit.pipeline import default_cache_dir
+
+    check_output(out, overwrite)
+    config = DistillStageConfig.from_dict(overrides, "distill")
+    student_src, teacher_src = load_source(student), load_source(teacher)
+    metrics = run_distillation(student_src.transformer, teacher_src, config, cache_dir or default_cache_dir(), quiet,
+                               sources=(student_src,), workdir=workdir)
+    from accelerate import PartialState
+
+    if not metrics["completed"] or not PartialState().is_main_process:  # one writer under torchrun / accelerate
+        return metrics
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        folder = tmp / TRANSFORMER_SUBFOLDER if student_src.is_pipeline else tmp
+        if student_src.is_pipeline:
+            copy_pipeline_parts(student_src.folder, tmp)
+        save_in_dtype(student_src.transformer, folder, stored_float_dtype(student_src.transformer_folder))
+        summary = {k: v for k, v in metrics.items() if k != "history"}
+        (tmp / "compressdit_distill.json").write_text(json.dumps(
+            {"student": str(student), "teacher": str(teacher), "config": config.to_dict(), "metrics": summary,
+             "history": metrics["history"]}, indent=2))
+    return {**metrics, "out": str(out)}
+
+
+def incomplete_message(metrics: dict) -> str:
+    return (f"distillation stopped at step {metrics['steps']}/{metrics['target_steps']} (max_minutes); its state is "
+            f"saved in {metrics['workdir']}: run the same command again to resume")
+
+
+def loss_table(metrics: dict, config: DistillConfig) -> dict:
+    weights = {"output": config.output_weight, "feature": config.feature_weight, "data": config.data_weight}
+    first, last = metrics["history"][:10], metrics["history"][-10:]
+    rows = [[name, weight, round(sum(h[name] for h in first) / len(first), 6),
+             round(sum(h[name] for h in last) / len(last), 6)]
+            for name, weight in weights.items() if first and name in first[0]]
+    return {"title": "distillation losses (mean of the first / last 10 steps)",
+            "header": ["loss", "weight", "first steps", "last steps"], "rows": rows}
+
+
+def plot_losses(history: list[dict]) -> str:
+    """A PNG (temp file) of each loss component over the steps, log scale."""
+    from compressdit.evaluate.report import plot_to_file
+
+    def draw(ax) -> None:
+        steps = range(1, len(history) + 1)
+        for name in ("loss", "output", "feature", "data"):
+            if history and name in history[0]:
+                ax.plot(steps, [max(h[name], 1e-12) for h in history], label=name, linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("MSE")
+        ax.set_title("distillation losses (loss = weighted sum)")
+        ax.legend()
+
+    return plot_to_file(draw)
+
+
+class DistillStage(Stage):
+    config_class = DistillStageConfig
+
+    def run(self, state: PipelineState, config: DistillStageConfig) -> None:
+        from compressdit.io.sources import load_source
+
+        started = time.perf_counter()
+        teacher = load_source(state.reference_spec, name=state.reference_spec)  # the source model was edited in place
+        cache_dir = state.cache_dir
+        if cache_dir is None:
+            from compressdit.pipeline import default_cache_dir
+
+            cache_dir = default_cache_dir()
+        metrics = run_distillation(state.model, teacher, config, cache_dir, state.quiet, state.block_origin,
+                                   (state.source,))
+        if not metrics["completed"]:
+            raise TrainingIncomplete(incomplete_message(metrics))
+        final, initial = metrics["final"], metrics["initial"]
+        pairs = ", ".join(f"{s}<-{t}" for s, t in metrics["layer_map"]) or "none"
+        state.notes.append(
+            f"distill: {metrics['steps']} steps x batch {metrics['batch_size']} on {metrics['processes']} "
+            f"process(es), {metrics['train_s']:.1f} s of training; loss {initial.get('loss', 0):.4g} -> "
+            f"{final.get('loss', 0):.4g} (mean of the last 10 steps); feature layer map student<-teacher: {pairs}")
+        state.tables.append(loss_table(metrics, config))
+        if metrics["history"]:
+            state.figures["Distillation loss"] = plot_losses(metrics["history"])
+        state.timings["distill_s"] = round(time.perf_counter() - started, 2)
+
+
+STAGES.add("distill", DistillStage())
