@@ -84,10 +84,12 @@ class CompressditQuantizer(DiffusersQuantizer):
 
     # -- loading -----------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+        from compressdit.prune.width_structure import apply_structure
         from compressdit.quant.transform import build_empty_layers
 
         if not self.pre_quantized:
             return model
+        apply_structure(model, self.quantization_config.structure)  # pruned widths first, quantized modules on them
         specs = self.quantization_config.specs()
         kept = [n for n in specs if keep_in_fp32_modules and any(k in n.split(".") for k in keep_in_fp32_modules)]
         if kept:
@@ -131,12 +133,22 @@ class CompressditQuantizer(DiffusersQuantizer):
             module = model.get_submodule(module_name)
         except AttributeError:
             return False
-        return isinstance(module, QuantizedLinear) and tensor_name in module.quantized_tensors
+        if isinstance(module, QuantizedLinear):
+            return tensor_name in module.quantized_tensors
+        # A width-pruned float tensor is claimed only when its shape contradicts the manifest, so that
+        # check_quantized_param_shape names it (diffusers' own error suggests re-initialising the weights).
+        placeholder = getattr(module, tensor_name, None)
+        return (module_name in self.quantization_config.structure.get("width", {})
+                and isinstance(placeholder, torch.Tensor) and placeholder.shape != param_value.shape)
 
     def check_quantized_param_shape(self, param_name, current_param, loaded_param):
         if tuple(current_param.shape) != tuple(loaded_param.shape):
+            module_name = param_name.rpartition(".")[0]
+            pruned = module_name in self.quantization_config.structure.get("width", {})
+            source = f"the width recorded in quantization_config.structure for {module_name}" if pruned else \
+                "the quantization_config"
             raise CheckpointError(f"{param_name}: checkpoint shape {tuple(loaded_param.shape)} does not match "
-                                  f"the quantization_config ({tuple(current_param.shape)})")
+                                  f"{source} ({tuple(current_param.shape)})")
         return True
 
     def create_quantized_param(self, model, param_value, param_name, target_device, state_dict=None,
@@ -172,6 +184,9 @@ class CompressditQuantizer(DiffusersQuantizer):
         dequantize_layers(model)
         config = dict(model._internal_dict)
         config.pop("quantization_config", None)
+        structure = self.quantization_config.structure
+        if structure.get("width") or structure.get("heads"):  # pruned widths still need the manifest to reload
+            config["quantization_config"] = CompressditConfig(structure=structure)
         model._internal_dict = FrozenDict(config)
         return model
 
@@ -193,7 +208,13 @@ def register_with_diffusers() -> None:
 
 
 def attach_quantizer(model, specs: dict[str, LinearQuantSpec], structure: dict | None = None) -> CompressditConfig:
-    """Mark a model quantized in memory so that stock ``save_pretrained`` writes a loadable checkpoint."""
+    """Mark a model quantized in memory so that stock ``save_pretrained`` writes a loadable checkpoint.
+
+    ``structure=None`` keeps the structure already attached (e.g. a width-pruned model's manifest).
+    """
+    if structure is None:
+        previous = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+        structure = previous.structure if isinstance(previous, CompressditConfig) else None
     config = CompressditConfig(modules={n: s.to_dict() for n, s in specs.items()}, structure=structure)
     model.register_to_config(quantization_config=config)
     model.hf_quantizer = CompressditQuantizer(config, pre_quantized=True)
