@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SCHEME"))
     parser.add_argument("--load", nargs=2, metavar=("MODEL", "FOLDER"))
     parser.add_argument("--models", nargs="*", help="subset of the configs (default: all)")
+    parser.add_argument("--schemes", nargs="*", help="subset of the schemes (default: all)")
     parser.add_argument("--rows-from", help="write the results from JSON rows printed by an earlier run")
     args = parser.parse_args()
     if args.rows_from:
@@ -146,7 +147,7 @@ def main() -> None:
         return
     rows = []
     for model_name in args.models or CONFIGS:
-        for scheme in SCHEMES:
+        for scheme in args.schemes or SCHEMES:
             out = subprocess.run([sys.executable, __file__, "--one", model_name, scheme], capture_output=True,
                                  text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

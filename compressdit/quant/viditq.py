@@ -16,7 +16,7 @@ from torch import nn
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.quant.context import QuantContext
-from compressdit.quant.methods import METHODS, MethodHandler, apply_plan
+from compressdit.quant.methods import METHODS, MethodHandler, apply_plan, rules_need_calibration
 from compressdit.quant.mixed_precision import MixedPrecisionConfig, mixed_precision_plan
 from compressdit.quant.transform import LayerRule, resolve_plan
 
@@ -49,4 +49,9 @@ def _apply_viditq(model: nn.Module, config: ViDiTQConfig, ctx: QuantContext) -> 
     return apply_plan(model, plan, ctx)
 
 
-METHODS.add("viditq", MethodHandler(ViDiTQConfig, _apply_viditq, lambda cfg: True))
+def _needs_calibration(config: ViDiTQConfig) -> bool:
+    """Balancing and static scales use activation statistics; mixed precision samples calibration conditions."""
+    return rules_need_calibration(config.rules) or config.mixed_precision is not None
+
+
+METHODS.add("viditq", MethodHandler(ViDiTQConfig, _apply_viditq, _needs_calibration))

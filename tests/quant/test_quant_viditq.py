@@ -414,14 +414,24 @@ def test_rotation_with_a_static_activation_scale_is_a_config_error():
     assert spec.label.endswith("+hadamard")
 
 
-@pytest.mark.parametrize("rules", [
-    [{"match": "re:.*", "spec": {"w_bits": 8, "a_bits": 8, "balance": 0.5}}],
-    [{"match": "re:.*", "spec": {"w_bits": 4, "rotation": "hadamard"}}],  # viditq always calibrates
+@pytest.mark.parametrize("options", [
+    {"rules": [{"match": "re:.*", "spec": {"w_bits": 8, "a_bits": 8, "balance": 0.5}}]},
+    {"rules": [{"match": "re:.*", "spec": {"w_bits": 4, "rotation": "hadamard"}}],
+     "mixed_precision": {"avg_weight_bits": 5.0}},
 ])
-def test_viditq_without_a_calibrate_stage_is_a_calibration_error(rules):
+def test_viditq_without_a_calibrate_stage_is_a_calibration_error(options):
     model = tiny_dit(layers=1)
     state = _state(model)
-    config = STAGES.get("quantize").parse({"method": "viditq", "rules": rules}, "quantize")
+    config = STAGES.get("quantize").parse({"method": "viditq", **options}, "quantize")
     with pytest.raises(CalibrationError, match="needs a calibrate stage before quantize"):
         STAGES.get("quantize").run(state, config)
     assert not quantized_modules(model) and not state.quant_specs
+
+
+def test_viditq_without_balancing_or_mixed_precision_needs_no_calibration():
+    model = tiny_dit(layers=1)
+    state = _state(model)
+    rules = [{"match": "role:embedder", "spec": None},
+             {"match": "re:.*", "spec": {"w_bits": 4, "group_size": 32, "w_range": "mse", "rotation": "hadamard"}}]
+    STAGES.get("quantize").run(state, STAGES.get("quantize").parse({"method": "viditq", "rules": rules}, "quantize"))
+    assert state.quant_specs and all(s.w_range == "mse" for s in state.quant_specs.values())
