@@ -29,12 +29,13 @@ OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output 
 def _summary(state, as_json: bool) -> None:
     report = state.report or {}
     payload = {"out": str(state.workdir), "recipe": state.recipe_name, "quantized_modules": len(state.quant_specs),
-               "timings": state.timings,
+               "kept_blocks": state.block_origin, "timings": state.timings,
                "metrics": {m["name"]: m["values"] for m in report.get("metrics", [])}}
     if as_json:
         print(json.dumps(payload, indent=2))
         return
-    console.print(f"[bold green]wrote[/] {state.workdir} ({len(state.quant_specs)} quantized modules)")
+    kept = "".join(f", {stack}: {len(blocks)} kept" for stack, blocks in (state.block_origin or {}).items())
+    console.print(f"[bold green]wrote[/] {state.workdir} ({len(state.quant_specs)} quantized modules{kept})")
     if report:
         table = Table(title="quality report (same seeds)")
         columns = report["columns"]
@@ -56,15 +57,16 @@ def _run(recipe, model: str, out: Path, overwrite: bool, quiet: bool, as_json: b
     _summary(state, as_json)
 
 
-@app.command()
-def quantize(model: str = typer.Argument(..., help="Diffusers model/pipeline folder, zoo:NAME or hub id."),
-             recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe name (recipes/NAME.yaml) or YAML path."),
-             out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
-             calib: Optional[str] = typer.Option(None, "--calib", help="Calibration set name or .jsonl file."),
-             no_eval: bool = typer.Option(False, "--no-eval", help="Skip the recipe's evaluate stage."),
-             samples: Optional[int] = typer.Option(None, "--samples", help="Override the evaluate stage's samples."),
-             overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
-    """Quantize MODEL with a recipe and write a diffusers checkpoint + quality report."""
+MODEL = typer.Argument(..., help="Diffusers model/pipeline folder, zoo:NAME or hub id.")
+RECIPE = typer.Option(..., "--recipe", "-r", help="Recipe name (recipes/NAME.yaml) or YAML path.")
+OUT = typer.Option(..., "--out", "-o", help="Output folder (written atomically).")
+NO_EVAL = typer.Option(False, "--no-eval", help="Skip the recipe's evaluate stage.")
+SAMPLES = typer.Option(None, "--samples", help="Override the evaluate stage's samples.")
+
+
+def _run_named_recipe(recipe: str, model: str, out: Path, no_eval: bool, samples: Optional[int], overwrite: bool,
+                      quiet: bool, as_json: bool, calib: Optional[str] = None) -> None:
+    """Load a recipe, apply ``--no-eval`` / ``--samples`` and run it (``quantize`` and ``prune`` alike)."""
     from compressdit.recipe import load_recipe
 
     loaded = load_recipe(recipe)
@@ -76,6 +78,24 @@ def quantize(model: str = typer.Argument(..., help="Diffusers model/pipeline fol
                 stage.config.samples = samples
                 stage.config.validate("--samples")
     _run(loaded, model, out, overwrite, quiet, as_json, calib)
+
+
+@app.command()
+def quantize(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT,
+             calib: Optional[str] = typer.Option(None, "--calib", help="Calibration set name or .jsonl file."),
+             no_eval: bool = NO_EVAL, samples: Optional[int] = SAMPLES,
+             overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
+    """Quantize MODEL with a recipe and write a diffusers checkpoint + quality report."""
+    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib)
+
+
+@app.command()
+def prune(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, no_eval: bool = NO_EVAL,
+          samples: Optional[int] = SAMPLES, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+          as_json: bool = JSON) -> None:
+    """Remove transformer blocks of MODEL with a recipe (e.g. tinyfusion-50) and write a diffusers checkpoint +
+    quality report."""
+    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json)
 
 
 @app.command("run")

@@ -33,8 +33,23 @@ def _reload_check(state: PipelineState, folder: Path) -> float:
     t = torch.tensor([500])
     diff = (adapter.predict(state.model, x, t, cond) - adapter.predict(reloaded, x, t, cond)).abs().max().item()
     if not diff <= 1e-5:
-        raise CheckpointError(f"reloaded checkpoint differs from the quantized model (max |diff| {diff:.3g})")
+        raise CheckpointError(f"reloaded checkpoint differs from the compressed model (max |diff| {diff:.3g})")
     return diff
+
+
+@torch.no_grad()
+def _round_to(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """Round the float tensors ``save_in_dtype`` casts to ``dtype``, in place: trained weights (distillation)
+    then equal the checkpoint's, and later stages evaluate what was saved. Packed quantized tensors stay."""
+    from compressdit.quant.transform import quantized_modules
+
+    if dtype is None or dtype == torch.float32:
+        return
+    packed = {f"{n}.{t}" for n, m in quantized_modules(model).items() for t in m.quantized_tensors}
+    # saved tensors only: non-persistent buffers (e.g. sin-cos position tables) are rebuilt in fp32 on load
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_floating_point() and name not in packed:
+            tensor.data.copy_(tensor.data.to(dtype))
 
 
 def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
@@ -44,11 +59,13 @@ def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
         copy_pipeline_parts(state.source.folder, out)
     if state.quant_specs:
         attach_quantizer(state.model, state.quant_specs)
-    save_in_dtype(state.model, folder, stored_float_dtype(state.source.transformer_folder))
+    dtype = stored_float_dtype(state.source.transformer_folder)
+    _round_to(state.model, dtype)
+    save_in_dtype(state.model, folder, dtype)
     (out / "compressdit_recipe.yaml").write_text(recipe.dump())
     state.notes.append(f"stock diffusers reload check: max |output difference| = {_reload_check(state, folder):.2g}")
     skipped = sorted(n for n in state.adapter.linear_layers(state.model) if n not in state.quant_specs)
-    if skipped:
+    if skipped and state.quant_specs:
         state.notes.append(f"{len(skipped)} linear layers kept in full precision: " + ", ".join(skipped[:12])
                            + (" ..." if len(skipped) > 12 else ""))
     rows = [[name, spec.label, round(spec.bits_per_weight, 3), spec.a_bits or 16,

@@ -160,11 +160,13 @@ def _trajectory_errors(adapter, reference: nn.Module, others: list[Entry], condi
 
 
 @torch.no_grad()
-def _layer_sqnr(adapter, reference: nn.Module, entries: list[Entry], conditions, settings: EvalSettings) -> dict:
-    """SQNR of each compressed layer alone: the same captured input through reference and compressed layer."""
+def _layer_sqnr(adapter, reference: nn.Module, entries: list[Entry], conditions,
+                settings: EvalSettings) -> dict | None:
+    """SQNR of each compressed layer alone: the same captured input through reference and compressed layer;
+    None when no entry names a compressed layer (a pruned or distilled model: the report leaves the plot out)."""
     names = sorted({n for e in entries for n in e.compressed_layers}, key=list(dict(reference.named_modules())).index)
     if not names:
-        return {}
+        return None
     captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
     handles = [reference.get_submodule(n).register_forward_hook(
         lambda m, args, out, n=n: captured[n].append((args[0].detach(), out.detach()))) for n in names]

@@ -26,6 +26,8 @@ class BlockStack:
     tensor), so an identity block returns those arguments unchanged. ``keep_last``: the last block is of
     another kind (SD3's ``context_pre_only``) and must stay. ``index_keys``: config keys that list indices
     into this stack (SD3.5's ``dual_attention_layers``); they are renumbered when blocks are removed.
+    ``first_block_reads``: dotted paths of submodules of the first block that the model calls outside the block
+    loop (DiT's head: ``norm1.emb``); after depth pruning they are those of the first kept block.
     """
 
     attribute: str
@@ -33,6 +35,7 @@ class BlockStack:
     keep_last: bool = False
     returns: tuple[str, ...] = ("hidden_states",)
     index_keys: tuple[str, ...] = ()
+    first_block_reads: tuple[str, ...] = ()
 
     def pack(self, values: dict[str, Any]) -> Any:
         """Block output built from named values (the inverse of :meth:`unpack`)."""

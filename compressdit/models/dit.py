@@ -22,7 +22,7 @@ class DiTAdapter(ModelAdapter):
     model_class_name = "DiTTransformer2DModel"
     condition_kind = "class"
     block_patterns = (_BLOCK,)
-    block_stacks = (BlockStack("transformer_blocks", "num_layers"),)
+    block_stacks = (BlockStack("transformer_blocks", "num_layers", first_block_reads=("norm1.emb",)),)
     roles = {
         "attn_qkv": (_BLOCK + r"\.attn1\.to_[qkv]",),
         "attn_out": (_BLOCK + r"\.attn1\.to_out\.0",),

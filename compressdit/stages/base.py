@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from compressdit.config_base import StrictConfig
+from compressdit.errors import ConfigError
 from compressdit.io.sources import ModelSource
 from compressdit.models.base import ModelAdapter
 from compressdit.registry import Registry
@@ -52,6 +53,32 @@ class Stage(ABC):
     @abstractmethod
     def run(self, state: PipelineState, config: StrictConfig) -> None:
         """Apply the stage to ``state`` (in place)."""
+
+
+@dataclass
+class MethodStageConfig(StrictConfig):
+    """``- STAGE: {method: NAME, ...method keys}``; the keys are checked by the method's own config."""
+
+    method: str
+    options: Any = None
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **self.options.to_dict()}
+
+
+class MethodStage(Stage):
+    """A stage that dispatches to a registry of methods, each with a ``config_class``."""
+
+    methods: ClassVar[Registry]
+
+    def parse(self, data: Any, where: str) -> MethodStageConfig:
+        if not isinstance(data, dict) or "method" not in data:
+            raise ConfigError(f"{where}: needs a 'method' (one of: {', '.join(self.methods)})")
+        data = dict(data)
+        method = data.pop("method")
+        if method not in self.methods:
+            raise ConfigError(f"{where}.method: unknown method {method!r}; known: {', '.join(self.methods)}")
+        return self.config_class(method, self.methods.get(method).config_class.from_dict(data, where))
 
 
 STAGES: Registry[Stage] = Registry("stage")

@@ -44,6 +44,12 @@ class EvaluateConfig(StrictConfig):
                             effnet=self.effnet)
 
 
+def _reference_named_layers(state: PipelineState) -> list[str]:
+    """The quantized layers, by names that also name the reference's layers: none after depth pruning, which
+    renumbers blocks (their per-layer SQNR against the reference layer of that name would mean nothing)."""
+    return [] if state.block_origin is not None else sorted(state.quant_specs)
+
+
 def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: bool, cache_dir: Path | None) -> Entry:
     """A peer on the candidate's layers, or a recipe's compression stages applied to the reference."""
     from compressdit.evaluate.peers import PEERS, apply_peer
@@ -61,7 +67,7 @@ def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: 
     for stage in recipe.stages:
         if stage.name != "evaluate":
             STAGES.get(stage.name).run(state, stage.config)
-    return Entry("baseline", model, f"recipe {recipe.name}", compressed_layers=sorted(state.quant_specs),
+    return Entry("baseline", model, f"recipe {recipe.name}", compressed_layers=_reference_named_layers(state),
                  disk_bytes=_saved_bytes(model, state.quant_specs, reference.transformer_folder))
 
 
@@ -115,7 +121,10 @@ class EvaluateStage(Stage):
         reference = load_source(state.reference_spec, name=state.reference_spec)
         folder = state.workdir / "transformer" if state.source.is_pipeline else state.workdir
         candidate = Entry("candidate", state.model, f"{state.recipe_name} of {state.reference_spec}", folder,
-                          sorted(state.quant_specs))
+                          _reference_named_layers(state))
+        if state.quant_specs and state.block_origin is not None:
+            state.notes.append("per-layer SQNR not measured: depth pruning renumbered the blocks, so a layer name "
+                               "no longer names the reference layer it came from")
         state.report = run_evaluation(candidate, reference, config, state.workdir / "report",
                                       f"compressdit report: {state.recipe_name} on {state.reference_spec}",
                                       state.quiet, state.cache_dir, state.notes, state.tables, state.figures)

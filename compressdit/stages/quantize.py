@@ -3,39 +3,20 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
-
-from compressdit.config_base import StrictConfig
-from compressdit.errors import CalibrationError, ConfigError
+from compressdit.errors import CalibrationError
 from compressdit.quant.context import QuantContext
 from compressdit.quant import viditq, vq4dit  # noqa: F401  (register the methods)
 from compressdit.quant.methods import METHODS
-from compressdit.stages.base import STAGES, PipelineState, Stage
+from compressdit.stages.base import STAGES, MethodStage, MethodStageConfig, PipelineState
 
 
-@dataclass
-class QuantizeConfig(StrictConfig):
+class QuantizeConfig(MethodStageConfig):
     """``- quantize: {method: NAME, ...method keys}``; the keys are checked by the method's config."""
 
-    method: str
-    options: Any = None
 
-    def to_dict(self) -> dict:
-        return {"method": self.method, **self.options.to_dict()}
-
-
-class QuantizeStage(Stage):
+class QuantizeStage(MethodStage):
     config_class = QuantizeConfig
-
-    def parse(self, data: Any, where: str) -> QuantizeConfig:
-        if not isinstance(data, dict) or "method" not in data:
-            raise ConfigError(f"{where}: needs a 'method' (one of: {', '.join(METHODS)})")
-        data = dict(data)
-        method = data.pop("method")
-        if method not in METHODS:
-            raise ConfigError(f"{where}.method: unknown method {method!r}; known: {', '.join(METHODS)}")
-        return QuantizeConfig(method, METHODS.get(method).config_class.from_dict(data, f"{where}"))
+    methods = METHODS
 
     def run(self, state: PipelineState, config: QuantizeConfig) -> None:
         handler = METHODS.get(config.method)

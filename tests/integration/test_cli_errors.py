@@ -289,12 +289,12 @@ BAD_RECIPES = {
         version: 1
         name: bad
         stages:
-          - prune: {ratio: 0.5}
+          - sparsify: {ratio: 0.5}
           - quantize:
               method: rtn
               rules:
                 - {match: "re:.*", spec: {w_bits: 8, a_bits: 8}}
-        """, ["unknown stage", "prune"]),
+        """, ["unknown stage", "sparsify"]),
     "unknown-method": ("""
         version: 1
         name: bad

@@ -1,0 +1,234 @@
+"""``prune``: remove the transformer blocks a registered depth-pruning method chooses; sets ``block_origin``.
+
+Methods live in :data:`PRUNE_METHODS`, each a strict config plus a ``select(state, config)`` that returns the
+``keep`` map of :func:`~compressdit.prune.depth.remove_blocks` with a table, a figure and notes for the report.
+The stage then removes the other blocks in place, so the saved checkpoint reloads with stock ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from compressdit.config_base import StrictConfig
+from compressdit.errors import ConfigError
+from compressdit.prune.depth import BlockKey, kept_indices, remove_blocks
+from compressdit.prune.importance import BLOCK_IMPORTANCE, keep_lowest_score
+from compressdit.prune.tinyfusion import TinyFusionConfig, TinyFusionResult, tinyfusion_search
+from compressdit.registry import Registry
+from compressdit.stages.base import STAGES, MethodStage, MethodStageConfig, PipelineState
+
+
+@dataclass
+class Selection:
+    """What a method chose: ``keep`` (every stack's kept indices) and what the report shows about it."""
+
+    keep: dict[str, list[int]]
+    table: dict
+    figure: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PruneMethod:
+    config_class: type[StrictConfig]
+    select: Callable[[PipelineState, Any], Selection]
+
+
+PRUNE_METHODS: Registry[PruneMethod] = Registry("depth pruning method")
+
+
+def _label(key: BlockKey, single_stack: bool) -> str:
+    return str(key[1]) if single_stack else f"{key[0]}.{key[1]}"
+
+
+# scored baselines -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportanceConfig(StrictConfig):
+    """Drop, per stack, the ``ratio`` of blocks that score lowest. YAML::
+
+        - prune: {method: block_influence, ratio: 0.5, samples: 32, steps: 10, guidance: 4.0}
+
+    Scores come from sampling ``samples`` conditions of the calibration ``set`` (default: the model's shipped
+    set) for ``steps`` steps with guidance. ``block_influence``: ShortGPT's ``1 - cos(block in, block out)``
+    (Men et al. 2024, arXiv 2403.03853); ``removal_error``: the final latents' error with the block skipped.
+    """
+
+    ratio: float = 0.5
+    set: str | None = None
+    samples: int = 32
+    steps: int = 10
+    guidance: float = 4.0
+    seed: int = 1234
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.ratio < 1:
+            raise ConfigError(f"{where}.ratio: the share of blocks to remove must lie in (0, 1), got {self.ratio}")
+        for key in ("samples", "steps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key}: must be positive, got {getattr(self, key)}")
+
+
+def _score_figure(scores: dict[BlockKey, float], keep: dict[str, list[int]], criterion: str) -> str:
+    from compressdit.evaluate.report import plot_to_file
+
+    keys = list(scores)
+    single = len(keep) == 1
+
+    def draw(ax) -> None:
+        kept = [key[1] in keep[key[0]] for key in keys]
+        finite = [s for s in scores.values() if s != float("inf")]
+        ceiling = max(finite, default=1.0) * 1.1 or 1.0
+        ax.bar(range(len(keys)), [min(scores[k], ceiling) for k in keys],
+               color=["tab:blue" if k else "tab:red" for k in kept])
+        ax.set_xticks(range(len(keys)), [_label(k, single) for k in keys], rotation=0 if single else 90,
+                      fontsize=7)
+        ax.set_ylabel("score (higher = more important)")
+        ax.set_title(f"{criterion}: kept (blue) and removed (red) blocks")
+
+    return plot_to_file(draw)
+
+
+def _by_importance(criterion: str) -> Callable[[PipelineState, ImportanceConfig], Selection]:
+    def select(state: PipelineState, config: ImportanceConfig) -> Selection:
+        from compressdit.calibration.sets import load_conditions, resolve_set
+
+        kind = state.adapter.condition_kind
+        conditions = load_conditions(resolve_set(config.set, kind), kind, limit=config.samples)
+        scheduler = state.source.scheduler or state.adapter.scheduler(state.model)
+        scores = BLOCK_IMPORTANCE.get(criterion)(state.model, state.adapter, conditions, scheduler, steps=config.steps,
+                                                 guidance=config.guidance, seed=config.seed)
+        keep = keep_lowest_score(scores, state.adapter, state.model, config.ratio)
+        rows = [[stack, index, round(score, 6), "kept" if index in keep[stack] else "removed"]
+                for (stack, index), score in scores.items()]
+        table = {"title": f"depth pruning: {criterion} per block (higher = more important)",
+                 "header": ["stack", "block", "score", "decision"], "rows": rows}
+        note = (f"prune scores: {criterion} from {len(conditions)} conditions x {config.steps} sampling steps "
+                f"(guidance {config.guidance}); the lowest {config.ratio:.0%} of each stack removed")
+        return Selection(keep, table, _score_figure(scores, keep, criterion), [note])
+
+    return select
+
+
+# TinyFusion -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TinyFusionStageConfig(TinyFusionConfig):
+    """Every ``TinyFusionConfig`` key plus the data. YAML::
+
+        - prune: {method: tinyfusion, pattern: "1:2", steps: 300, batch_size: 32, images: null}
+
+    ``images``: the first N Fashion-MNIST training images, encoded by the model's VAE (null: all; cached and
+    shared with the ``distill`` stage when it uses as many).
+    """
+
+    images: int | None = None
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.images is not None and self.images <= 0:
+            raise ConfigError(f"{where}.images: must be positive or null, got {self.images}")
+
+
+def _decision_figure(result: TinyFusionResult) -> str:
+    from compressdit.evaluate.report import plot_to_file
+
+    single = len({stack for stack, _ in result.blocks}) == 1
+
+    def draw(ax) -> None:
+        probability = [[row[j] for row in result.keep_probability] for j in range(len(result.blocks))]
+        image = ax.imshow(probability, aspect="auto", interpolation="nearest", vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.set_yticks(range(len(result.blocks)), [_label(k, single) for k in result.blocks], fontsize=7)
+        ax.set_xlabel("search step")
+        ax.set_ylabel("block")
+        ax.set_title("TinyFusion: keep probability per block (EMA logits)")
+        ax.figure.colorbar(image, ax=ax)
+
+    return plot_to_file(draw, height=max(3.0, 0.2 * len(result.blocks) + 1.5))
+
+
+def _mean_loss(history: list[dict]) -> float:
+    return sum(h["loss"] for h in history) / len(history)
+
+
+def _tinyfusion(state: PipelineState, config: TinyFusionStageConfig) -> Selection:
+    from compressdit.distill.data import fmnist_data
+    from compressdit.stages.distill import vae_folder
+
+    cache_dir = state.cache_dir
+    if cache_dir is None:
+        from compressdit.pipeline import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    data = fmnist_data(state.adapter, vae_folder(state.source), cache_dir / "distill-data", config.images)
+    scheduler = state.source.scheduler
+    result = tinyfusion_search(state.model, state.adapter, config, data,
+                               dict(scheduler.config) if scheduler is not None else None, state.quiet)
+    rows = []
+    for d in result.decisions:
+        ranked = sorted(zip(d.probabilities, d.patterns), key=lambda pair: -pair[0])[:3]
+        rows.append([d.stack, f"{d.blocks[0]}-{d.blocks[-1]}", ", ".join(map(str, d.kept)) or "none",
+                     "; ".join(f"[{', '.join(map(str, kept))}] {p:.3f}" for p, kept in ranked)])
+    table = {"title": f"depth pruning: TinyFusion decisions ({config.pattern} per group, argmax of the EMA logits)",
+             "header": ["stack", "group", "kept blocks", "top keep-patterns (probability)"], "rows": rows}
+    first, last = result.history[:10], result.history[-10:]
+    note = (f"tinyfusion search: {config.steps} steps x batch {config.batch_size} "
+            f"({'LoRA rank ' + str(config.lora_rank) if config.lora else 'logits only'}), tau "
+            f"{config.tau_start} -> {config.tau_end}; loss {_mean_loss(first):.4g} -> {_mean_loss(last):.4g} "
+            f"(mean of the first / last 10 steps); LoRA dropped, kept blocks keep their original weights")
+    return Selection(result.keep, table, _decision_figure(result), [note])
+
+
+PRUNE_METHODS.add("block_influence", PruneMethod(ImportanceConfig, _by_importance("block_influence")))
+PRUNE_METHODS.add("removal_error", PruneMethod(ImportanceConfig, _by_importance("removal_error")))
+PRUNE_METHODS.add("tinyfusion", PruneMethod(TinyFusionStageConfig, _tinyfusion))
+
+
+# the stage ------------------------------------------------------------------------------------------------
+
+
+class PruneConfig(MethodStageConfig):
+    """``- prune: {method: NAME, ...method keys}``; the keys are checked by the method's config."""
+
+
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class PruneStage(MethodStage):
+    config_class = PruneConfig
+    methods = PRUNE_METHODS
+
+    def run(self, state: PipelineState, config: PruneConfig) -> None:
+        if state.quant_specs:
+            raise ConfigError("prune: the model already has quantized layers; put the prune stage before quantize "
+                              "(removing blocks renumbers the layers the quantization specs name)")
+        started = time.perf_counter()
+        adapter, model = state.adapter, state.model
+        counts = {s.attribute: len(getattr(model, s.attribute)) for s in adapter.block_stacks}
+        before = _parameters(model)
+        selection = PRUNE_METHODS.get(config.method).select(state, config.options)
+        keep = kept_indices(model, adapter, selection.keep)
+        remove_blocks(model, adapter, keep)
+        origin = state.block_origin or {}
+        state.block_origin = {stack: [origin[stack][i] for i in kept] if stack in origin else kept
+                              for stack, kept in keep.items()}
+        kept_text = "; ".join(f"{stack}: {len(kept)}/{counts[stack]} kept {state.block_origin[stack]}"
+                              for stack, kept in keep.items())
+        after = _parameters(model)
+        state.notes.append(f"prune ({config.method}): {kept_text}; parameters {before:,} -> {after:,} "
+                           f"({after / before:.1%})")
+        state.notes.extend(selection.notes)
+        state.tables.append(selection.table)
+        if selection.figure is not None:
+            state.figures[f"Depth pruning ({config.method})"] = selection.figure
+        state.timings["prune_s"] = round(time.perf_counter() - started, 2)
+
+
+STAGES.add("prune", PruneStage())

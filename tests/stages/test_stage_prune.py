@@ -1,0 +1,107 @@
+"""Tests for the ``prune`` stage: recipe parsing, each method on a tiny DiT pipeline, ``block_origin``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressdit.errors import ConfigError
+from compressdit.io.sources import load_source
+from compressdit.models import ADAPTERS
+from compressdit.recipe import Recipe
+from compressdit.stages import STAGES, PipelineState
+from compressdit.stages.prune import PRUNE_METHODS, ImportanceConfig, TinyFusionStageConfig
+from compressdit.zoo.data import fmnist_dir
+from tests.conftest import save_dit_pipeline
+
+torch.set_num_threads(1)
+DIT = ADAPTERS.get("dit")
+BLOCKS = "transformer_blocks"
+needs_fmnist = pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").exists(),
+                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+SMALL = {
+    "block_influence": {"ratio": 0.5, "samples": 2, "steps": 2},
+    "removal_error": {"ratio": 0.5, "samples": 2, "steps": 2},
+    "tinyfusion": {"pattern": "1:2", "steps": 3, "batch_size": 4, "images": 16},
+}
+
+
+def _recipe(prune: dict) -> dict:
+    return {"version": 1, "name": "p", "stages": [{"prune": prune}]}
+
+
+def test_methods_are_registered() -> None:
+    assert list(PRUNE_METHODS) == ["block_influence", "removal_error", "tinyfusion"]
+
+
+@pytest.mark.parametrize("method", list(SMALL))
+def test_recipe_parses_each_method_and_round_trips(method: str) -> None:
+    recipe = Recipe.from_dict(_recipe({"method": method, **SMALL[method]}))
+    config = recipe.stage("prune").config
+    assert config.method == method
+    assert isinstance(config.options, TinyFusionStageConfig if method == "tinyfusion" else ImportanceConfig)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+@pytest.mark.parametrize("prune, message", [
+    ({"ratio": 0.5}, r"prune: needs a 'method' \(one of: block_influence, removal_error, tinyfusion\)"),
+    ({"method": "shortgpt"}, "unknown method 'shortgpt'; known: block_influence"),
+    ({"method": "block_influence", "ratoi": 0.5}, "unknown key 'ratoi'"),
+    ({"method": "tinyfusion", "ratio": 0.5}, "unknown key 'ratio'"),  # tinyfusion takes a pattern
+    ({"method": "block_influence", "ratio": 1.5}, r"ratio: .* \(0, 1\), got 1.5"),
+    ({"method": "removal_error", "ratio": 0.0}, r"ratio: .* \(0, 1\), got 0.0"),
+    ({"method": "tinyfusion", "pattern": "3:2"}, "pattern: '3:2'"),
+    ({"method": "tinyfusion", "images": 0}, "images: must be positive"),
+])
+def test_bad_prune_stages_are_config_errors(prune: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Recipe.from_dict(_recipe(prune), "bad.yaml")
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    return save_dit_pipeline(tmp_path_factory.mktemp("prune") / "pipe", layers=4)
+
+
+def _state(pipeline_dir: Path, cache: Path) -> PipelineState:
+    source = load_source(str(pipeline_dir))
+    return PipelineState(source=source, adapter=DIT, model=source.transformer, workdir=cache / "out",
+                         reference_spec=str(pipeline_dir), quiet=True, cache_dir=cache)
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=needs_fmnist) if m == "tinyfusion" else m for m in SMALL])
+def test_stage_removes_blocks_and_records(method: str, pipeline_dir: Path, tmp_path: Path) -> None:
+    state = _state(pipeline_dir, tmp_path)
+    originals = list(state.model.transformer_blocks)
+    stage = STAGES.get("prune")
+    stage.run(state, stage.parse({"method": method, **SMALL[method]}, "prune"))
+    kept = state.block_origin[BLOCKS]
+    assert len(kept) == 2 and kept == sorted(kept) and state.model.config.num_layers == 2
+    assert list(state.model.transformer_blocks) == [originals[i] for i in kept]
+    assert state.notes[0].startswith(f"prune ({method}): {BLOCKS}: 2/4 kept {kept}")
+    assert len(state.tables) == 1 and state.tables[0]["rows"]
+    assert Path(state.figures[f"Depth pruning ({method})"]).read_bytes()[:4] == b"\x89PNG"
+    assert state.timings["prune_s"] > 0
+
+
+def test_pruning_twice_maps_blocks_to_the_reference(pipeline_dir: Path, tmp_path: Path) -> None:
+    state = _state(pipeline_dir, tmp_path)
+    stage = STAGES.get("prune")
+    config = stage.parse({"method": "block_influence", **SMALL["block_influence"]}, "prune")
+    stage.run(state, config)
+    first = list(state.block_origin[BLOCKS])
+    blocks = list(state.model.transformer_blocks)
+    stage.run(state, config)
+    (survivor,) = state.model.transformer_blocks
+    assert state.block_origin[BLOCKS] == [first[blocks.index(survivor)]]
+
+
+def test_prune_after_quantize_is_refused(pipeline_dir: Path, tmp_path: Path) -> None:
+    state = _state(pipeline_dir, tmp_path)
+    state.quant_specs = {"transformer_blocks.0.attn1.to_q": object()}
+    stage = STAGES.get("prune")
+    with pytest.raises(ConfigError, match="before quantize"):
+        stage.run(state, stage.parse({"method": "block_influence"}, "prune"))
+    assert len(state.model.transformer_blocks) == 4
