@@ -15,7 +15,8 @@ from compressdit.models import ADAPTERS
 from compressdit.prune.depth import remove_blocks
 from compressdit.zoo.data import fmnist_dir
 from tests.conftest import save_dit_pipeline, tiny_pixart
-from tests.integration.test_cli_errors import assert_nothing_written, assert_one_line_error, cli_env, run_main
+from tests.integration.test_cli_errors import (assert_nothing_written, assert_one_line_error, offline_cli_environment,
+                                               run_main)
 
 torch.set_num_threads(1)
 needs_fmnist = pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").exists(),
@@ -25,10 +26,7 @@ SMALL = ["--steps", "2", "--batch-size", "4", "--images", "16", "--quiet"]
 
 @pytest.fixture(scope="module", autouse=True)
 def offline_env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("env")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in cli_env(tmp, pythonpath=None).items():
-            mp.setenv(key, value)
+    with offline_cli_environment(tmp_path_factory.mktemp("env")) as tmp:
         yield tmp
 
 

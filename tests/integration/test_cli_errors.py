@@ -45,6 +45,15 @@ def cli_env(tmp: Path, pythonpath: str | None = str(ROOT)) -> dict:
     return env
 
 
+@contextlib.contextmanager
+def offline_cli_environment(tmp: Path):
+    """This process's environment set to :func:`cli_env` (for in-process CLI runs), restored on exit."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in cli_env(tmp, pythonpath=None).items():
+            patch.setenv(key, value)
+        yield tmp
+
+
 def start_cli(args: list, tmp: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "compressdit.cli", *map(str, args)], cwd=tmp, env=cli_env(tmp),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from compressdit.zoo.data import fmnist_dir
-from tests.integration.test_cli_errors import (assert_nothing_written, assert_one_line_error, cli_env, run_main,
-                                               write_recipe)
+from tests.integration.test_cli_errors import (assert_nothing_written, assert_one_line_error, offline_cli_environment,
+                                               run_main, write_recipe)
 
 torch.set_num_threads(1)
 needs_fmnist = pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").exists(),
@@ -18,10 +18,7 @@ needs_fmnist = pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.g
 
 @pytest.fixture(scope="module", autouse=True)
 def offline_env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("env")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in cli_env(tmp, pythonpath=None).items():
-            mp.setenv(key, value)
+    with offline_cli_environment(tmp_path_factory.mktemp("env")) as tmp:
         yield tmp
 
 
