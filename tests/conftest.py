@@ -71,3 +71,33 @@ def dit_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "dit-model"
     tiny_dit().save_pretrained(path)
     return path
+
+
+def _random_weights(model, scale: float = 0.1):
+    """Non-zero weights everywhere: no zero-initialised gate hides a block."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+def tiny_sd3(layers: int, dual_attention_layers: tuple, text_dim: int, pooled_dim: int, seed: int = 0):
+    """SD3(.5) MMDiT: the last block is ``context_pre_only``; listed blocks get dual attention."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return _random_weights(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=text_dim, caption_projection_dim=32, pooled_projection_dim=pooled_dim,
+        pos_embed_max_size=16, dual_attention_layers=dual_attention_layers, qk_norm="rms_norm"))
+
+
+def tiny_flux(double: int, single: int, heads: int, text_dim: int, pooled_dim: int, seed: int = 0):
+    """FLUX.1: ``double`` dual-stream then ``single`` single-stream blocks, heads of 16, guidance embedding."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return _random_weights(FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=16,
+        num_attention_heads=heads, joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6)))

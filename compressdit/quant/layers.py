@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -34,7 +35,7 @@ class PackedParameter(nn.Parameter):
         return PackedParameter, (self.data, False, self.logical_numel)
 
 
-class QuantizedLinear(nn.Linear):
+class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
     """Base of every quantized linear: a packed ``weight`` plus the format's own tensors.
 
     ``quantized_tensors`` names the tensors the checkpoint stores as saved (never cast to the
@@ -44,9 +45,9 @@ class QuantizedLinear(nn.Linear):
     quantized_tensors: ClassVar[tuple[str, ...]] = ("weight",)
     spec: LinearQuantSpec
 
+    @abstractmethod
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight in the layer's original input space."""
-        raise NotImplementedError
 
     def to_float_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` holding the dequantized weight (activation quantization is dropped)."""

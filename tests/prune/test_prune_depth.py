@@ -13,7 +13,7 @@ from compressdit.errors import ConfigError
 from compressdit.models import ADAPTERS
 from compressdit.models.text_conditions import synthetic_text
 from compressdit.prune.depth import PassThrough, remove_blocks, skip_blocks
-from tests.conftest import tiny_dit, tiny_pixart
+from tests.conftest import tiny_dit, tiny_flux, tiny_pixart, tiny_sd3
 
 torch.set_num_threads(1)
 
@@ -24,27 +24,13 @@ DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
 
 @functools.lru_cache(maxsize=None)
 def _built(family: str) -> nn.Module:
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
     if family == "dit":
         return tiny_dit(layers=3)
     if family == "pixart":
         return tiny_pixart(layers=3, caption_channels=TEXT_DIM)
-    torch.manual_seed(0)
     if family == "sd3":  # block 1 has SD3.5 dual attention; block 2 is context_pre_only
-        model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3,
-                                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
-                                      caption_projection_dim=32, pooled_projection_dim=POOLED_DIM,
-                                      pos_embed_max_size=16, dual_attention_layers=(1,), qk_norm="rms_norm")
-    else:
-        model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3,
-                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
-                                       pooled_projection_dim=POOLED_DIM, guidance_embeds=True,
-                                       axes_dims_rope=(4, 6, 6))
-    with torch.no_grad():  # no zero-initialised gates hiding a block
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    return model.eval()
+        return tiny_sd3(3, (1,), TEXT_DIM, POOLED_DIM)
+    return tiny_flux(2, 3, 2, TEXT_DIM, POOLED_DIM)
 
 
 def tiny_model(family: str) -> nn.Module:

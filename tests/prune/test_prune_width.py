@@ -20,7 +20,7 @@ from compressdit.prune.width import CalibrationBatch, WidthConfig, prune_width
 from compressdit.quant.layers import QuantLinear
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.transform import LayerRule, quantize_layers, quantized_modules, resolve_plan
-from tests.conftest import tiny_dit, tiny_pixart
+from tests.conftest import tiny_dit, tiny_flux, tiny_pixart, tiny_sd3
 
 torch.set_num_threads(1)
 
@@ -31,27 +31,13 @@ HALF = WidthConfig(ffn_ratio=0.25, head_ratio=0.5)
 
 @functools.lru_cache(maxsize=None)
 def _built(family: str) -> nn.Module:
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
     if family == "dit":
         return tiny_dit(layers=2)
     if family == "pixart":
         return tiny_pixart(layers=2, caption_channels=TEXT_DIM)
-    torch.manual_seed(0)
     if family == "sd3":  # block 0 has SD3.5 dual attention; block 1 is context_pre_only (no to_add_out)
-        model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
-                                      caption_projection_dim=32, pooled_projection_dim=POOLED_DIM,
-                                      pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
-    else:  # 4 heads of 16 with per-head RMSNorm on q/k and rotary embeddings
-        model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
-                                       attention_head_dim=16, num_attention_heads=4, joint_attention_dim=TEXT_DIM,
-                                       pooled_projection_dim=POOLED_DIM, guidance_embeds=True,
-                                       axes_dims_rope=(4, 6, 6))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    return model.eval()
+        return tiny_sd3(2, (0,), TEXT_DIM, POOLED_DIM)
+    return tiny_flux(1, 2, 4, TEXT_DIM, POOLED_DIM)
 
 
 def tiny_model(family: str) -> nn.Module:
