@@ -1,6 +1,7 @@
 """Pipeline stages: one typed config + one registered handler each."""
 
 from compressdit.stages.base import STAGES, PipelineState, Stage
-from compressdit.stages import calibrate, quantize, distill, prune, evaluate  # noqa: F401,E402  (register the stages)
+# register the stages
+from compressdit.stages import calibrate, quantize, distill, prune, prune_width, evaluate  # noqa: F401,E402
 
 __all__ = ["STAGES", "PipelineState", "Stage"]

@@ -44,10 +44,20 @@ class EvaluateConfig(StrictConfig):
                             effnet=self.effnet)
 
 
+def _width_pruned(model) -> set[str]:
+    """The linears whose shapes width pruning changed (the model's ``quantization_config.structure``)."""
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    return set(getattr(config, "structure", {}).get("width", {}))
+
+
 def _reference_named_layers(state: PipelineState) -> list[str]:
     """The quantized layers, by names that also name the reference's layers: none after depth pruning, which
-    renumbers blocks (their per-layer SQNR against the reference layer of that name would mean nothing)."""
-    return [] if state.block_origin is not None else sorted(state.quant_specs)
+    renumbers blocks (their per-layer SQNR against the reference layer of that name would mean nothing), and
+    none that width pruning reshaped (the reference layer's inputs do not fit them)."""
+    if state.block_origin is not None:
+        return []
+    reshaped = _width_pruned(state.model)
+    return sorted(name for name in state.quant_specs if name not in reshaped)
 
 
 def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: bool, cache_dir: Path | None) -> Entry:
@@ -125,6 +135,10 @@ class EvaluateStage(Stage):
         if state.quant_specs and state.block_origin is not None:
             state.notes.append("per-layer SQNR not measured: depth pruning renumbered the blocks, so a layer name "
                                "no longer names the reference layer it came from")
+        reshaped = sorted(_width_pruned(state.model) & set(state.quant_specs))
+        if reshaped and state.block_origin is None:
+            state.notes.append(f"per-layer SQNR leaves out the {len(reshaped)} quantized layers width pruning "
+                               "reshaped (the reference layer's inputs do not fit them)")
         state.report = run_evaluation(candidate, reference, config, state.workdir / "report",
                                       f"compressdit report: {state.recipe_name} on {state.reference_spec}",
                                       state.quiet, state.cache_dir, state.notes, state.tables, state.figures)

@@ -17,6 +17,7 @@ from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.prune.depth import BlockKey, kept_indices, remove_blocks
 from compressdit.prune.importance import BLOCK_IMPORTANCE, keep_lowest_score
+from compressdit.prune.ppcl import PPCLConfig, PPCLResult, ppcl_prune
 from compressdit.prune.tinyfusion import TinyFusionConfig, TinyFusionResult, tinyfusion_search
 from compressdit.registry import Registry
 from compressdit.stages.base import STAGES, MethodStage, MethodStageConfig, PipelineState
@@ -24,12 +25,18 @@ from compressdit.stages.base import STAGES, MethodStage, MethodStageConfig, Pipe
 
 @dataclass
 class Selection:
-    """What a method chose: ``keep`` (every stack's kept indices) and what the report shows about it."""
+    """What a method chose: ``keep`` (every stack's kept indices) and what the report shows about it.
+
+    ``reproduces``: per stack and kept block, the original block whose output it stands in for (default: its
+    own; PPCL's student blocks reproduce the end of their unit). It becomes ``state.block_origin``, which maps
+    student to teacher features in the ``distill`` stage.
+    """
 
     keep: dict[str, list[int]]
     table: dict
     figure: str | None = None
     notes: list[str] = field(default_factory=list)
+    reproduces: dict[str, list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,14 +126,9 @@ def _by_importance(criterion: str) -> Callable[[PipelineState, ImportanceConfig]
 
 
 @dataclass
-class TinyFusionStageConfig(TinyFusionConfig):
-    """Every ``TinyFusionConfig`` key plus the data. YAML::
-
-        - prune: {method: tinyfusion, pattern: "1:2", steps: 300, batch_size: 32, images: null}
-
-    ``images``: the first N Fashion-MNIST training images, encoded by the model's VAE (null: all; cached and
-    shared with the ``distill`` stage when it uses as many).
-    """
+class _ImagesKey:
+    """``images``: the first N Fashion-MNIST training images, encoded by the model's VAE (null: all; cached and
+    shared with the ``distill`` stage when it uses as many)."""
 
     images: int | None = None
 
@@ -134,6 +136,32 @@ class TinyFusionStageConfig(TinyFusionConfig):
         super().validate(where)
         if self.images is not None and self.images <= 0:
             raise ConfigError(f"{where}.images: must be positive or null, got {self.images}")
+
+
+@dataclass
+class TinyFusionStageConfig(_ImagesKey, TinyFusionConfig):
+    """Every ``TinyFusionConfig`` key plus ``images``. YAML::
+
+        - prune: {method: tinyfusion, pattern: "1:2", steps: 300, batch_size: 32, images: null}
+    """
+
+
+def _training_data(state: PipelineState, images: int | None):
+    """Fashion-MNIST latents for searches that train (TinyFusion, PPCL), cached like the distill stage's."""
+    from compressdit.distill.data import fmnist_data
+    from compressdit.stages.distill import vae_folder
+
+    cache_dir = state.cache_dir
+    if cache_dir is None:
+        from compressdit.pipeline import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    return fmnist_data(state.adapter, vae_folder(state.source), cache_dir / "distill-data", images)
+
+
+def _scheduler_config(state: PipelineState) -> dict | None:
+    scheduler = state.source.scheduler
+    return dict(scheduler.config) if scheduler is not None else None
 
 
 def _decision_figure(result: TinyFusionResult) -> str:
@@ -158,18 +186,8 @@ def _mean_loss(history: list[dict]) -> float:
 
 
 def _tinyfusion(state: PipelineState, config: TinyFusionStageConfig) -> Selection:
-    from compressdit.distill.data import fmnist_data
-    from compressdit.stages.distill import vae_folder
-
-    cache_dir = state.cache_dir
-    if cache_dir is None:
-        from compressdit.pipeline import default_cache_dir
-
-        cache_dir = default_cache_dir()
-    data = fmnist_data(state.adapter, vae_folder(state.source), cache_dir / "distill-data", config.images)
-    scheduler = state.source.scheduler
-    result = tinyfusion_search(state.model, state.adapter, config, data,
-                               dict(scheduler.config) if scheduler is not None else None, state.quiet)
+    data = _training_data(state, config.images)
+    result = tinyfusion_search(state.model, state.adapter, config, data, _scheduler_config(state), state.quiet)
     rows = []
     for d in result.decisions:
         ranked = sorted(zip(d.probabilities, d.patterns), key=lambda pair: -pair[0])[:3]
@@ -185,9 +203,84 @@ def _tinyfusion(state: PipelineState, config: TinyFusionStageConfig) -> Selectio
     return Selection(result.keep, table, _decision_figure(result), [note])
 
 
+# PPCL -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPCLStageConfig(_ImagesKey, PPCLConfig):
+    """Every ``PPCLConfig`` key plus ``images``. YAML::
+
+        - prune: {method: ppcl, ratio: 0.5, max_unit: 4, probe_batches: 4, steps: 200, batch_size: 64}
+    """
+
+
+def _ppcl_figure(result: PPCLResult, keep: dict[str, list[int]]) -> str:
+    from compressdit.evaluate.report import plot_to_file
+
+    keys = list(result.replaceability)
+    single = len({stack for stack, _ in keys}) == 1
+    values = [result.replaceability[k] for k in keys]
+    steps = [0.0] + [abs(b - a) if k[0] == j[0] else 0.0 for (j, a), (k, b) in
+                     zip(zip(keys, values), zip(keys[1:], values[1:]))]
+
+    def draw(ax) -> None:
+        position = {key: i for i, key in enumerate(keys)}
+        for n, unit in enumerate(u for u in result.units if u.size > 1):
+            ax.axvspan(position[(unit.stack, unit.start)] - 0.45, position[(unit.stack, unit.end)] + 0.45,
+                       color="tab:orange", alpha=0.15, label="merged unit" if n == 0 else None)
+        ax.plot(range(len(keys)), values, "o-", label="replaceability (CKA with the block's probe)")
+        ax.bar(range(len(keys)), steps, color="tab:gray", alpha=0.6, label="|first-order difference|")
+        kept = [i for i, key in enumerate(keys) if key[1] in keep.get(key[0], [])]
+        ax.plot(kept, [values[i] for i in kept], "s", color="tab:green", label="kept / student block")
+        ax.set_xticks(range(len(keys)), [_label(k, single) for k in keys], rotation=0 if single else 90,
+                      fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_title("PPCL: linear replaceability along depth and the contiguous units")
+        ax.legend(fontsize=7, loc="lower left")
+
+    return plot_to_file(draw)
+
+
+def _ppcl(state: PipelineState, config: PPCLStageConfig) -> Selection:
+    data = _training_data(state, config.images)
+    result = ppcl_prune(state.model, state.adapter, config, data, _scheduler_config(state), state.quiet)
+    unit_of = {(u.stack, i): u for u in result.units for i in range(u.start, u.end + 1)}
+    rows = []
+    for key, score in result.replaceability.items():
+        unit = unit_of.get(key)
+        if unit is None:
+            decision, span = "kept (last block)", "-"
+        elif unit.size == 1:
+            decision, span = "kept", str(key[1])
+        else:
+            decision = "student of its unit" if key[1] == unit.middle else "merged away"
+            span = f"{unit.start}-{unit.end}"
+        rows.append([key[0], key[1], round(result.probe_r2.get(key, float("nan")), 4), round(score, 4), span,
+                     decision])
+    table = {"title": "depth pruning: PPCL probes, replaceability and contiguous units",
+             "header": ["stack", "block", "probe R^2 (image)", "replaceability (CKA)", "unit", "decision"],
+             "rows": rows}
+    merged = [u for u in result.units if u.size > 1]
+    notes = [f"ppcl: probes from {config.probe_batches} x {config.batch_size} noised latents, replaceability from "
+             f"{config.simulation_batches} batches; {len(merged)} units merged "
+             f"({', '.join(f'{u.stack}[{u.start}-{u.end}]' for u in merged) or 'none'})"]
+    if result.history:
+        first, last = result.history[:10], result.history[-10:]
+        errors = ", ".join(f"{name} {before:.4g} -> {after:.4g}" for name, (before, after) in result.unit_error.items())
+        notes.append(f"ppcl contiguous layer distillation: {config.steps} steps x batch {config.batch_size}, loss "
+                     f"{_mean_loss(first):.4g} -> {_mean_loss(last):.4g} (mean of the first / last 10 steps); "
+                     f"held-out unit error (middle block as is -> trained student): {errors}")
+    reproduces = {stack: sorted(u.end for u in result.units if u.stack == stack) for stack in result.keep}
+    for stack in state.adapter.block_stacks:  # a keep_last block reproduces itself
+        if stack.keep_last:
+            reproduces[stack.attribute].append(len(getattr(state.model, stack.attribute)) - 1)
+    return Selection(result.keep, table, _ppcl_figure(result, result.keep), notes, reproduces)
+
+
 PRUNE_METHODS.add("block_influence", PruneMethod(ImportanceConfig, _by_importance("block_influence")))
 PRUNE_METHODS.add("removal_error", PruneMethod(ImportanceConfig, _by_importance("removal_error")))
 PRUNE_METHODS.add("tinyfusion", PruneMethod(TinyFusionStageConfig, _tinyfusion))
+PRUNE_METHODS.add("ppcl", PruneMethod(PPCLStageConfig, _ppcl))
 
 
 # the stage ------------------------------------------------------------------------------------------------
@@ -217,10 +310,15 @@ class PruneStage(MethodStage):
         keep = kept_indices(model, adapter, selection.keep)
         remove_blocks(model, adapter, keep)
         origin = state.block_origin or {}
-        state.block_origin = {stack: [origin[stack][i] for i in kept] if stack in origin else kept
-                              for stack, kept in keep.items()}
-        kept_text = "; ".join(f"{stack}: {len(kept)}/{counts[stack]} kept {state.block_origin[stack]}"
-                              for stack, kept in keep.items())
+
+        def original(stack: str, indices: list[int]) -> list[int]:
+            return [origin[stack][i] for i in indices] if stack in origin else list(indices)
+
+        reproduces = selection.reproduces or keep
+        state.block_origin = {stack: original(stack, reproduces[stack]) for stack in keep}
+        kept_text = "; ".join(f"{stack}: {len(kept)}/{counts[stack]} kept {original(stack, kept)}"
+                              + (f" (reproducing {state.block_origin[stack]})" if state.block_origin[stack] !=
+                                 original(stack, kept) else "") for stack, kept in keep.items())
         after = _parameters(model)
         state.notes.append(f"prune ({config.method}): {kept_text}; parameters {before:,} -> {after:,} "
                            f"({after / before:.1%})")

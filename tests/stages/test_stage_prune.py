@@ -12,7 +12,7 @@ from compressdit.io.sources import load_source
 from compressdit.models import ADAPTERS
 from compressdit.recipe import Recipe
 from compressdit.stages import STAGES, PipelineState
-from compressdit.stages.prune import PRUNE_METHODS, ImportanceConfig, TinyFusionStageConfig
+from compressdit.stages.prune import PRUNE_METHODS, ImportanceConfig, PPCLStageConfig, TinyFusionStageConfig
 from compressdit.zoo.data import fmnist_dir
 from tests.conftest import save_dit_pipeline
 
@@ -25,7 +25,10 @@ SMALL = {
     "block_influence": {"ratio": 0.5, "samples": 2, "steps": 2},
     "removal_error": {"ratio": 0.5, "samples": 2, "steps": 2},
     "tinyfusion": {"pattern": "1:2", "steps": 3, "batch_size": 4, "images": 16},
+    "ppcl": {"ratio": 0.5, "max_unit": 2, "probe_batches": 1, "simulation_batches": 1, "steps": 2,
+             "batch_size": 4, "images": 16},
 }
+TRAINS = ("tinyfusion", "ppcl")  # methods that read Fashion-MNIST
 
 
 def _recipe(prune: dict) -> dict:
@@ -33,7 +36,7 @@ def _recipe(prune: dict) -> dict:
 
 
 def test_methods_are_registered() -> None:
-    assert list(PRUNE_METHODS) == ["block_influence", "removal_error", "tinyfusion"]
+    assert list(PRUNE_METHODS) == ["block_influence", "ppcl", "removal_error", "tinyfusion"]
 
 
 @pytest.mark.parametrize("method", list(SMALL))
@@ -41,12 +44,13 @@ def test_recipe_parses_each_method_and_round_trips(method: str) -> None:
     recipe = Recipe.from_dict(_recipe({"method": method, **SMALL[method]}))
     config = recipe.stage("prune").config
     assert config.method == method
-    assert isinstance(config.options, TinyFusionStageConfig if method == "tinyfusion" else ImportanceConfig)
+    expected = {"tinyfusion": TinyFusionStageConfig, "ppcl": PPCLStageConfig}.get(method, ImportanceConfig)
+    assert isinstance(config.options, expected)
     assert Recipe.from_dict(recipe.to_dict()) == recipe
 
 
 @pytest.mark.parametrize("prune, message", [
-    ({"ratio": 0.5}, r"prune: needs a 'method' \(one of: block_influence, removal_error, tinyfusion\)"),
+    ({"ratio": 0.5}, r"prune: needs a 'method' \(one of: block_influence, ppcl, removal_error, tinyfusion\)"),
     ({"method": "shortgpt"}, "unknown method 'shortgpt'; known: block_influence"),
     ({"method": "block_influence", "ratoi": 0.5}, "unknown key 'ratoi'"),
     ({"method": "tinyfusion", "ratio": 0.5}, "unknown key 'ratio'"),  # tinyfusion takes a pattern
@@ -54,6 +58,9 @@ def test_recipe_parses_each_method_and_round_trips(method: str) -> None:
     ({"method": "removal_error", "ratio": 0.0}, r"ratio: .* \(0, 1\), got 0.0"),
     ({"method": "tinyfusion", "pattern": "3:2"}, "pattern: '3:2'"),
     ({"method": "tinyfusion", "images": 0}, "images: must be positive"),
+    ({"method": "ppcl", "max_unit": 1}, "max_unit: a unit must be able to merge 2 blocks"),
+    ({"method": "ppcl", "simulation_batches": 5}, r"simulation_batches: at most probe_batches \(4\)"),
+    ({"method": "ppcl", "pattern": "1:2"}, "unknown key 'pattern'"),
 ])
 def test_bad_prune_stages_are_config_errors(prune: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -71,13 +78,18 @@ def _state(pipeline_dir: Path, cache: Path) -> PipelineState:
                          reference_spec=str(pipeline_dir), quiet=True, cache_dir=cache)
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=needs_fmnist) if m == "tinyfusion" else m for m in SMALL])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=needs_fmnist) if m in TRAINS else m for m in SMALL])
 def test_stage_removes_blocks_and_records(method: str, pipeline_dir: Path, tmp_path: Path) -> None:
     state = _state(pipeline_dir, tmp_path)
     originals = list(state.model.transformer_blocks)
     stage = STAGES.get("prune")
     stage.run(state, stage.parse({"method": method, **SMALL[method]}, "prune"))
-    kept = state.block_origin[BLOCKS]
+    origin = state.block_origin[BLOCKS]
+    # PPCL's units of 2 keep (and train) their first block, which stands in for the unit's last
+    kept = [0, 2] if method == "ppcl" else origin
+    if method == "ppcl":
+        assert origin == [1, 3]
+        assert f"kept {kept} (reproducing {origin})" in state.notes[0]
     assert len(kept) == 2 and kept == sorted(kept) and state.model.config.num_layers == 2
     assert list(state.model.transformer_blocks) == [originals[i] for i in kept]
     assert state.notes[0].startswith(f"prune ({method}): {BLOCKS}: 2/4 kept {kept}")
