@@ -93,8 +93,8 @@ def quantize(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT,
 def prune(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, no_eval: bool = NO_EVAL,
           samples: Optional[int] = SAMPLES, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
           as_json: bool = JSON) -> None:
-    """Remove transformer blocks of MODEL with a recipe (e.g. tinyfusion-50) and write a diffusers checkpoint +
-    quality report."""
+    """Prune MODEL with a recipe — depth (tinyfusion-50, ppcl-50, blockinfluence-50) or width (width-30) — and write
+    a diffusers checkpoint + quality report."""
     _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json)
 
 

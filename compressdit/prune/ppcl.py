@@ -10,7 +10,8 @@
    a unit of several blocks costs the non-replaceability ``1 - r_i`` of all its blocks but the least
    replaceable one, plus ``trend_weight`` times the trend breaks inside it; a single block costs nothing.
 4. **Contiguous layer distillation.** Each unit ``[s, e]`` of several blocks becomes one student block, a copy
-   of its middle block ``(s + e) // 2``. The student takes the teacher's hidden states entering ``s`` and is
+   of its least replaceable block (the one the unit cost assumes survives; ``student_init: middle`` takes
+   ``(s + e) // 2`` as PPCL's released code does). The student takes the teacher's hidden states entering ``s`` and is
    regressed onto the teacher's states leaving ``e`` (each token L2-normalised, squared error summed over
    channels, mean over tokens, every stream). Units never see each other's outputs, so all train in one run
    and any subset can be plugged in afterwards.
@@ -28,7 +29,7 @@ import copy
 import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,12 +55,13 @@ class PPCLConfig(StrictConfig):
     ``ratio`` of each stack's blocks go (a ``keep_last`` block always stays); a unit spans at most ``max_unit``
     blocks. ``probe_batches`` x ``batch_size`` samples fit the probes; the first ``simulation_batches`` of
     them measure replaceability. ``steps`` of contiguous layer distillation (AdamW, ``lr`` after ``warmup``
-    steps, cosine decay) train the student blocks.
+    steps, cosine decay) train the student blocks. ``student_init``: ``least_replaceable`` or ``middle``.
     """
 
     ratio: float = 0.5
     max_unit: int = 4
     trend_weight: float = 1.0
+    student_init: Literal["least_replaceable", "middle"] = "least_replaceable"
     probe_batches: int = 4
     simulation_batches: int = 2
     probe_ridge: float = 1e-3
@@ -91,15 +93,12 @@ class PPCLConfig(StrictConfig):
 
 @dataclass(frozen=True)
 class Unit:
-    """Blocks ``start..end`` (inclusive) of ``stack``, replaced by one block trained from ``start + end // 2``."""
+    """Blocks ``start..end`` (inclusive) of ``stack``, replaced by one block trained from block ``student``."""
 
     stack: str
     start: int
     end: int
-
-    @property
-    def middle(self) -> int:
-        return (self.start + self.end) // 2
+    student: int
 
     @property
     def size(self) -> int:
@@ -249,10 +248,11 @@ def simulate(model: nn.Module, adapter: ModelAdapter, probes: dict[BlockKey, dic
 # units -----------------------------------------------------------------------------------------------------
 
 
-def plan_units(replaceability: list[float], keep: int, max_unit: int, trend_weight: float,
-               stack: str) -> list[Unit]:
+def plan_units(replaceability: list[float], keep: int, max_unit: int, trend_weight: float, stack: str,
+               student_init: str = "least_replaceable") -> list[Unit]:
     """Cut blocks ``0..n-1`` into exactly ``keep`` contiguous units of at most ``max_unit`` blocks, minimising
-    the summed unit cost (module docstring). Deterministic: among equal costs the earlier cut wins."""
+    the summed unit cost (module docstring), each with the block its student starts from. Deterministic:
+    among equal costs the earlier cut (and the earlier block) wins."""
     n = len(replaceability)
     if not 1 <= keep <= n or math.ceil(n / max_unit) > keep:
         raise ConfigError(f"{stack}: cannot cut {n} blocks into {keep} units of at most {max_unit} blocks; "
@@ -277,8 +277,12 @@ def plan_units(replaceability: list[float], keep: int, max_unit: int, trend_weig
                     best[j][u], back[j][u] = value, start
     units, j, u = [], n, keep
     while j > 0:
-        start = back[j][u]
-        units.append(Unit(stack, start, j - 1))
+        start, end = back[j][u], j - 1
+        if student_init == "middle":
+            student = (start + end) // 2
+        else:
+            student = min(range(start, end + 1), key=lambda i: (replaceability[i], i))
+        units.append(Unit(stack, start, end, student))
         j, u = start, u - 1
     return units[::-1]
 
@@ -293,10 +297,10 @@ def unit_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]
 
 
 def _student(model: nn.Module, stack: BlockStack, unit: Unit) -> nn.Module:
-    """A trainable copy of the unit's middle block. A unit that starts the stack also takes the first block's
+    """A trainable copy of the unit's ``student`` block. A unit that starts the stack also takes the first block's
     ``first_block_reads`` (frozen): after pruning the model reads them from the student."""
     blocks = getattr(model, stack.attribute)
-    student = copy.deepcopy(blocks[unit.middle]).requires_grad_(True)
+    student = copy.deepcopy(blocks[unit.student]).requires_grad_(True)
     if unit.start == 0:
         for path in stack.first_block_reads:
             parent, _, child = path.rpartition(".")
@@ -408,7 +412,7 @@ def _draw_batches(sampler: BatchSampler, table, count: int, size: int, gen: torc
 
 def ppcl_prune(model: nn.Module, adapter: ModelAdapter, config: PPCLConfig, data: DistillData,
                scheduler_config: dict[str, Any] | None = None, quiet: bool = False) -> PPCLResult:
-    """Probe, simulate, plan units and distil them; each unit's middle block then holds its trained student.
+    """Probe, simulate, plan units and distil them; each unit's ``student`` block then holds its trained student.
 
     The other blocks are untouched: ``remove_blocks(model, adapter, result.keep)`` finishes the pruning. Seeded
     by ``config.seed``; the global RNG is left as it was.
@@ -435,9 +439,9 @@ def ppcl_prune(model: nn.Module, adapter: ModelAdapter, config: PPCLConfig, data
                 kept_units = candidates - math.floor(candidates * config.ratio + 0.5)
                 scores = [replaceability[(stack.attribute, i)] for i in range(candidates)]
                 planned = plan_units(scores, max(kept_units, 1), config.max_unit, config.trend_weight,
-                                     stack.attribute) if candidates else []
+                                     stack.attribute, config.student_init) if candidates else []
                 units += planned
-                keep[stack.attribute] = [u.middle for u in planned] + ([count - 1] if stack.keep_last else [])
+                keep[stack.attribute] = [u.student for u in planned] + ([count - 1] if stack.keep_last else [])
             stacks = _stacks(adapter)
             students = {u: _student(model, stacks[u.stack], u).train() for u in units if u.size > 1}
             held_out = batches[:config.simulation_batches]
@@ -450,6 +454,6 @@ def ppcl_prune(model: nn.Module, adapter: ModelAdapter, config: PPCLConfig, data
         model.train(training)
     with torch.no_grad():
         for unit, student in students.items():
-            getattr(model, unit.stack)[unit.middle].load_state_dict(student.state_dict())
+            getattr(model, unit.stack)[unit.student].load_state_dict(student.state_dict())
     errors = {_name(u): (error_before[u], error_after[u]) for u in students}
     return PPCLResult(keep, replaceability, r2, units, history, errors)

@@ -253,7 +253,7 @@ def _ppcl(state: PipelineState, config: PPCLStageConfig) -> Selection:
         elif unit.size == 1:
             decision, span = "kept", str(key[1])
         else:
-            decision = "student of its unit" if key[1] == unit.middle else "merged away"
+            decision = "student of its unit" if key[1] == unit.student else "merged away"
             span = f"{unit.start}-{unit.end}"
         rows.append([key[0], key[1], round(result.probe_r2.get(key, float("nan")), 4), round(score, 4), span,
                      decision])
@@ -269,7 +269,7 @@ def _ppcl(state: PipelineState, config: PPCLStageConfig) -> Selection:
         errors = ", ".join(f"{name} {before:.4g} -> {after:.4g}" for name, (before, after) in result.unit_error.items())
         notes.append(f"ppcl contiguous layer distillation: {config.steps} steps x batch {config.batch_size}, loss "
                      f"{_mean_loss(first):.4g} -> {_mean_loss(last):.4g} (mean of the first / last 10 steps); "
-                     f"held-out unit error (middle block as is -> trained student): {errors}")
+                     f"held-out unit error (initial -> trained student): {errors}")
     reproduces = {stack: sorted(u.end for u in result.units if u.stack == stack) for stack in result.keep}
     for stack in state.adapter.block_stacks:  # a keep_last block reproduces itself
         if stack.keep_last:

@@ -49,17 +49,26 @@ def measure_reference(folder: Path, samples: int = 500, guidances=(1.5, 3.0, 4.0
     return results
 
 
+SAMPLERS = {"DPMSolverMultistepScheduler": "DPM-Solver++", "FlowMatchEulerDiscreteScheduler": "flow-matching Euler"}
+
+
 def write_card(folder: Path, title: str, architecture: str, conditioning: str, metrics: dict, training: dict) -> Path:
-    params = sum(p.numel() for p in load_source(str(folder)).transformer.parameters())
+    """``MODEL_CARD.md`` + ``metrics.json``; ``training`` is the trainer's ``training.json`` (``objective`` defaults
+    to DDPM epsilon prediction)."""
+    source = load_source(str(folder))
+    params = sum(p.numel() for p in source.transformer.parameters())
+    scheduler = type(source.scheduler).__name__
+    sampler = SAMPLERS.get(scheduler, scheduler)
     lines = [f"# {title}", "", f"- architecture: {architecture} ({params:,} transformer parameters)",
              f"- conditioning: {conditioning}",
              "- data: Fashion-MNIST (Debian `dataset-fashion-mnist`, 60k train / 10k test), 28x28 zero-padded to "
              "32x32, [-1, 1]; latents from the shared `fmnist-vae` (4x8x8)",
              f"- training: {training.get('steps')} steps at batch {training.get('batch_size')}, AdamW, cosine "
-             f"schedule, EMA 0.999, epsilon prediction, linear betas; {training.get('train_seconds', 0) / 60:.1f} "
+             f"schedule, EMA 0.999, {training.get('objective', 'epsilon prediction, linear betas')}; "
+             f"{training.get('train_seconds', 0) / 60:.1f} "
              f"min on CPU ({platform.processor() or platform.machine()}, 1 thread)",
              *([f"- weights: {training['weights']}"] if training.get("weights") else []),
-             "- sampling: DPM-Solver++ 20 steps, classifier-free guidance, seeds 0..N-1",
+             f"- sampling: {sampler} 20 steps, classifier-free guidance, seeds 0..N-1",
              "", "## Metrics (500 samples, balanced classes, classifier features)", "",
              "| setting | class accuracy | FD-FMNIST vs test |", "|---|---:|---:|"]
     for key, value in metrics.items():

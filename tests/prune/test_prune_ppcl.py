@@ -98,11 +98,20 @@ def test_plan_units_merges_the_most_replaceable_run_and_meets_the_budget() -> No
     profile = [0.5, 0.6, 0.99, 0.98, 0.99, 0.55, 0.5, 0.6]
     units = plan_units(profile, keep=6, max_unit=3, trend_weight=1.0, stack=BLOCKS)
     assert len(units) == 6 and [u.size for u in units] == [1, 1, 3, 1, 1, 1]
-    assert units[2] == Unit(BLOCKS, 2, 4) and units[2].middle == 3
+    assert units[2] == Unit(BLOCKS, 2, 4, student=3)  # its least replaceable block seeds the student
     assert [b for u in units for b in range(u.start, u.end + 1)] == list(range(8))  # contiguous cover
     for keep in range(3, 9):
         units = plan_units(profile, keep=keep, max_unit=3, trend_weight=1.0, stack=BLOCKS)
         assert len(units) == keep and max(u.size for u in units) <= 3
+
+
+def test_student_block_is_the_least_replaceable_or_the_middle() -> None:
+    profile = [0.9, 0.8, 0.95, 0.99, 0.97]
+    (unit,) = plan_units(profile, keep=1, max_unit=5, trend_weight=1.0, stack=BLOCKS)
+    assert (unit.start, unit.end, unit.student) == (0, 4, 1)
+    (unit,) = plan_units(profile, keep=1, max_unit=5, trend_weight=1.0, stack=BLOCKS, student_init="middle")
+    assert unit.student == 2 and plan_units([0.9] * 4, 1, 4, 0.0, BLOCKS, "middle")[0].student == 1
+    assert plan_units([0.9] * 4, 1, 4, 0.0, BLOCKS)[0].student == 0  # ties: the earlier block
 
 
 def test_plan_units_avoids_trend_breaks() -> None:
@@ -111,7 +120,7 @@ def test_plan_units_avoids_trend_breaks() -> None:
     profile = [0.5, 0.9, 0.9, 0.2, 0.9]
     units = plan_units(profile, keep=4, max_unit=2, trend_weight=1.0, stack=BLOCKS)
     merged = [u for u in units if u.size > 1]
-    assert merged == [Unit(BLOCKS, 1, 2)]
+    assert merged == [Unit(BLOCKS, 1, 2, student=1)]
 
 
 def test_plan_units_refuses_impossible_budgets() -> None:
@@ -130,7 +139,7 @@ def test_unit_loss_is_scale_invariant_per_token() -> None:
 # the method ------------------------------------------------------------------------------------------------
 
 
-def test_ppcl_prune_trains_students_into_the_middle_blocks() -> None:
+def test_ppcl_prune_trains_students_into_their_seed_blocks() -> None:
     model, adapter = tiny_dit(layers=6).eval(), DIT
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
@@ -139,8 +148,8 @@ def test_ppcl_prune_trains_students_into_the_middle_blocks() -> None:
     result = ppcl_prune(model, adapter, config, _data("dit", model))
     assert torch.equal(torch.get_rng_state(), rng)
     assert sum(u.size for u in result.units) == 6 and len(result.units) == 3
-    assert result.keep == {BLOCKS: [u.middle for u in result.units]}
-    trained = tuple(f"{BLOCKS}.{u.middle}." for u in result.units if u.size > 1)
+    assert result.keep == {BLOCKS: [u.student for u in result.units]}
+    trained = tuple(f"{BLOCKS}.{u.student}." for u in result.units if u.size > 1)
     after = model.state_dict()
     assert trained and all(torch.equal(after[n], v) for n, v in before.items() if not n.startswith(trained))
     assert any(not torch.equal(after[n], v) for n, v in before.items() if n.startswith(trained))
@@ -157,8 +166,8 @@ def test_a_unit_at_the_start_keeps_the_first_blocks_head_embedding() -> None:
     config = PPCLConfig(ratio=0.5, max_unit=3, probe_batches=1, simulation_batches=1, steps=2, batch_size=4)
     result = ppcl_prune(model, adapter, config, _data("dit", model))
     start = next(u for u in result.units if u.start == 0)
-    if start.size > 1 and start.middle != 0:
-        emb = model.transformer_blocks[start.middle].norm1.emb.state_dict()
+    if start.size > 1 and start.student != 0:
+        emb = model.transformer_blocks[start.student].norm1.emb.state_dict()
         assert all(torch.equal(emb[k], v) for k, v in first_emb.items())
     remove_blocks(model, adapter, result.keep)
     for k, v in model.transformer_blocks[0].norm1.emb.state_dict().items():  # the head reads block 0's

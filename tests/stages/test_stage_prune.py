@@ -25,7 +25,7 @@ SMALL = {
     "block_influence": {"ratio": 0.5, "samples": 2, "steps": 2},
     "removal_error": {"ratio": 0.5, "samples": 2, "steps": 2},
     "tinyfusion": {"pattern": "1:2", "steps": 3, "batch_size": 4, "images": 16},
-    "ppcl": {"ratio": 0.5, "max_unit": 2, "probe_batches": 1, "simulation_batches": 1, "steps": 2,
+    "ppcl": {"ratio": 0.5, "max_unit": 2, "student_init": "middle", "probe_batches": 1, "simulation_batches": 1, "steps": 2,
              "batch_size": 4, "images": 16},
 }
 TRAINS = ("tinyfusion", "ppcl")  # methods that read Fashion-MNIST
