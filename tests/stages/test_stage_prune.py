@@ -117,3 +117,28 @@ def test_prune_after_quantize_is_refused(pipeline_dir: Path, tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="before quantize"):
         stage.run(state, stage.parse({"method": "block_influence"}, "prune"))
     assert len(state.model.transformer_blocks) == 4
+
+
+def _training_samples(recipe) -> int:
+    """Samples the recipe's stages train on (searches, probes, Taylor batches and distillation)."""
+    total = 0
+    for stage in recipe.stages:
+        config = stage.config
+        if stage.name == "distill":
+            total += config.steps * config.batch_size
+        elif stage.name == "prune_width" and config.importance == "taylor":
+            total += config.batches * config.batch_size
+        elif stage.name == "prune" and config.method == "tinyfusion":
+            total += config.options.steps * config.options.batch_size
+        elif stage.name == "prune" and config.method == "ppcl":
+            total += (config.options.probe_batches + config.options.steps) * config.options.batch_size
+    return total
+
+
+@pytest.mark.parametrize("name", ["tinyfusion-50", "ppcl-50", "blockinfluence-50", "width-30", "width-30-magnitude",
+                                  "prune-distill-quantize"])
+def test_structural_recipes_share_one_budget_under_a_tenth_of_reference_training(name: str) -> None:
+    from compressdit.recipe import load_recipe
+
+    # flux-fmnist trained 1500 x 256 samples, dit-fmnist 2000 x 256: 10% of the smaller is 38,400
+    assert _training_samples(load_recipe(name)) == (37_888 if name == "width-30-magnitude" else 38_400)
