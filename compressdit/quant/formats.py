@@ -32,8 +32,9 @@ FORMATS: Registry[LinearFormat] = Registry("format")
 
 
 def _validate_int(spec: LinearQuantSpec, where: str) -> None:
-    if spec.vector_dim is not None or spec.codebook_size is not None:
-        raise ConfigError(f"{where}: vector_dim / codebook_size belong to format 'vq', not {spec.format!r}")
+    if spec.vector_dim is not None or spec.codebook_size is not None or spec.row_scale:
+        raise ConfigError(f"{where}: vector_dim / codebook_size / row_scale belong to format 'vq', not "
+                          f"{spec.format!r}")
 
 
 def _int_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:

@@ -27,7 +27,8 @@ class LinearQuantSpec(StrictConfig):
 
     Vector quantization (``format: vq``, weight-only) stores per-layer codebooks of ``codebook_size``
     codewords of ``vector_dim`` weights; ``w_bits: 2`` / ``3`` default to the paper's d=4, k=256 /
-    d=2, k=64 (log2(k) / d bits per weight).
+    d=2, k=64 (log2(k) / d bits per weight). ``row_scale: true`` divides each output row by its RMS before
+    k-means and stores that scale (fp16, one per row), so rows of different magnitude share one codebook.
     """
 
     format: str = "int"
@@ -41,6 +42,7 @@ class LinearQuantSpec(StrictConfig):
     rotation: Literal["none", "hadamard"] = "none"
     vector_dim: int | None = None
     codebook_size: int | None = None
+    row_scale: bool = False
 
     def validate(self, where: str) -> None:
         from compressdit.quant.formats import FORMATS  # late: the formats import this module
@@ -70,7 +72,8 @@ class LinearQuantSpec(StrictConfig):
     @property
     def label(self) -> str:
         if self.vector_dim:
-            return f"{self.format} W{self.w_bits} d{self.vector_dim} k{self.codebook_size}"
+            return (f"{self.format} W{self.w_bits} d{self.vector_dim} k{self.codebook_size}"
+                    + (" +row-scale" if self.row_scale else ""))
         acts = f"A{self.a_bits}" if self.a_bits else "A16"
         group = f" g{self.group_size}" if self.group_size else ""
         extras = "".join(name for name, used in ((" +mse-range", self.w_range == "mse"),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressdit.quant.spec import LinearQuantSpec
-from compressdit.quant.vq_layer import VQLinear
+from compressdit.quant.vq_layer import VQLinear, row_scales
 from compressdit.quant.vq_primitives import kmeans, nearest_codewords, to_subvectors
 
 
@@ -26,7 +26,9 @@ class SoftVQLinear(nn.Module):
         super().__init__()
         self.spec, self.in_features, self.out_features = spec, linear.in_features, linear.out_features
         weight = linear.weight.detach().float()
-        vectors = to_subvectors(weight, spec.vector_dim)
+        scale = row_scales(weight) if spec.row_scale else None
+        self.register_buffer("row_scale", scale)
+        vectors = to_subvectors(weight if scale is None else weight / scale[:, None], spec.vector_dim)
         codebook = kmeans(vectors, spec.codebook_size, iterations=kmeans_iterations, seed=seed)
         codebook = codebook.to(torch.float16).float()  # the stored precision, from the start
         n = min(candidates, spec.codebook_size)
@@ -38,15 +40,17 @@ class SoftVQLinear(nn.Module):
         self.codebook = nn.Parameter(codebook)
         self.bias = nn.Parameter(linear.bias.detach().float().clone()) if linear.bias is not None else None
         self.register_buffer("frozen", torch.zeros(self.logits.shape[:2], dtype=torch.bool))
-        self.kmeans_error = float((codebook[index[:, 0]] - vectors).pow(2).sum() / vectors.pow(2).sum())
+        decoded = codebook[index[:, 0]].reshape(weight.shape)
+        decoded = decoded if scale is None else decoded * scale[:, None]
+        self.kmeans_error = float((decoded - weight).pow(2).sum() / weight.pow(2).sum())  # in weight space
 
     def probabilities(self) -> torch.Tensor:
         return torch.softmax(self.logits, dim=-1)
 
     def soft_weight(self) -> torch.Tensor:
         chosen = self.codebook[self.candidates.long()]               # [out, m, n, d]
-        weight = (self.probabilities().unsqueeze(-1) * chosen).sum(-2)
-        return weight.reshape(self.out_features, self.in_features)
+        weight = (self.probabilities().unsqueeze(-1) * chosen).sum(-2).reshape(self.out_features, self.in_features)
+        return weight if self.row_scale is None else weight * self.row_scale[:, None]
 
     def hard_codes(self) -> torch.Tensor:
         return self.candidates.long().gather(-1, self.logits.argmax(-1, keepdim=True)).squeeze(-1)
@@ -74,7 +78,7 @@ class SoftVQLinear(nn.Module):
     def to_vq_linear(self) -> VQLinear:
         module = VQLinear(self.in_features, self.out_features, self.bias is not None, self.spec,
                           device=self.codebook.device)
-        module.load_codes(self.hard_codes(), self.codebook)
+        module.load_codes(self.hard_codes(), self.codebook, self.row_scale)
         if self.bias is not None:
             module.bias.data.copy_(self.bias)
         return module

@@ -29,10 +29,10 @@ from tests.conftest import tiny_dit
 SPEC = LinearQuantSpec.from_dict({"format": "vq", "w_bits": 2, "codebook_size": 16}, "spec")
 
 
-def _soft(candidates: int = 2) -> tuple[nn.Linear, SoftVQLinear]:
+def _soft(candidates: int = 2, spec: LinearQuantSpec = SPEC) -> tuple[nn.Linear, SoftVQLinear]:
     torch.manual_seed(0)
     linear = nn.Linear(32, 24)
-    return linear, SoftVQLinear(linear, SPEC, candidates, seed=0, kmeans_iterations=50)
+    return linear, SoftVQLinear(linear, spec, candidates, seed=0, kmeans_iterations=50)
 
 
 def test_initial_logits_favour_the_nearest_candidate():
@@ -43,13 +43,16 @@ def test_initial_logits_favour_the_nearest_candidate():
     assert torch.allclose(soft.logits[..., -1], torch.zeros(24, 8))  # log(d_n / d_n)
 
 
-def test_hard_codes_of_one_hot_logits_reproduce_the_soft_weight():
-    _, soft = _soft()
+@pytest.mark.parametrize("row_scale", [False, True])
+def test_hard_codes_of_one_hot_logits_reproduce_the_soft_weight(row_scale: bool):
+    spec = LinearQuantSpec.from_dict({"format": "vq", "w_bits": 2, "codebook_size": 16, "row_scale": row_scale}, "s")
+    linear, soft = _soft(spec=spec)
+    assert (soft.row_scale is not None) == row_scale and 0 < soft.kmeans_error < 1
     with torch.no_grad():
         pick = torch.randint(0, 2, soft.logits.shape[:2], generator=torch.Generator().manual_seed(0))
         soft.logits.copy_(torch.nn.functional.one_hot(pick, 2) * 60.0 - 30.0)
     module = soft.to_vq_linear()
-    assert isinstance(module, VQLinear)
+    assert isinstance(module, VQLinear) and (module.row_scale is not None) == row_scale
     assert torch.allclose(module.effective_weight(), soft.soft_weight().detach(), atol=1e-6)
     assert float(soft.confidence_regularizer().detach()) < 1e-10
 

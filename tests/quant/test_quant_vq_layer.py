@@ -56,8 +56,30 @@ def test_bad_vq_specs_are_config_errors(bad, message):
 
 
 def test_int_format_refuses_vq_keys():
-    with pytest.raises(ConfigError, match="belong to format 'vq'"):
-        LinearQuantSpec.from_dict({"w_bits": 4, "vector_dim": 4}, "spec")
+    for key, value in (("vector_dim", 4), ("row_scale", True)):
+        with pytest.raises(ConfigError, match="belong to format 'vq'"):
+            LinearQuantSpec.from_dict({"w_bits": 4, key: value}, "spec")
+
+
+def test_row_scale_lets_rows_of_different_magnitude_share_a_codebook():
+    linear = _linear()
+    with torch.no_grad():
+        linear.weight.mul_(torch.logspace(-2, 1, OUT)[:, None])  # rows three decades apart
+    plain = VQLinear.from_linear(linear, _spec(w_bits=3))
+    scaled = VQLinear.from_linear(linear, _spec(w_bits=3, row_scale=True))
+    assert plain.row_scale is None and "row_scale" not in plain.state_dict()
+    assert scaled.row_scale.dtype == torch.float16 and scaled.row_scale.shape == (OUT,)
+    assert _spec(w_bits=3, row_scale=True).label.endswith("+row-scale")
+
+    def row_error(module):  # mean relative error per row: small rows count as much as large ones
+        diff = (module.effective_weight() - linear.weight.detach()).pow(2).sum(1)
+        return float((diff / linear.weight.detach().pow(2).sum(1)).mean())
+
+    assert row_error(scaled) < 0.5 * row_error(plain)
+    x = torch.randn(2, 5, IN)
+    assert torch.allclose(scaled(x), F.linear(x, scaled.effective_weight(), linear.bias), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="row_scale must be given"):
+        scaled.load_codes(scaled.codes(), scaled.codebook)
 
 
 def test_from_linear_stores_packed_codes_and_an_fp16_codebook():
@@ -127,10 +149,11 @@ def _dit_inputs():
             "class_labels": torch.tensor([1, 7])}
 
 
-def test_vq_checkpoint_reloads_bit_identically_through_stock_from_pretrained(tmp_path):
+@pytest.mark.parametrize("row_scale", [False, True])
+def test_vq_checkpoint_reloads_bit_identically_through_stock_from_pretrained(tmp_path, row_scale):
     model = tiny_dit()
     rules = [LayerRule("role:embedder", None), LayerRule("role:head", None),
-             LayerRule("re:.*", _spec(w_bits=2)), ]
+             LayerRule("re:.*", _spec(w_bits=2, row_scale=row_scale)), ]
     plan = {n: clamp_codebook(s, model.get_submodule(n)) if s else None
             for n, s in resolve_plan(model, adapter_for(model), rules).items()}
     quantize_layers(model, plan)
@@ -142,6 +165,7 @@ def test_vq_checkpoint_reloads_bit_identically_through_stock_from_pretrained(tmp
     tensors = load_file(str(tmp_path / "diffusion_pytorch_model.safetensors"))
     name = next(iter(specs))
     assert tensors[f"{name}.weight"].dtype == torch.uint8 and tensors[f"{name}.codebook"].dtype == torch.float16
+    assert (f"{name}.row_scale" in tensors) == row_scale
     loaded = DiTTransformer2DModel.from_pretrained(tmp_path)
     assert set(quantized_modules(loaded)) == set(specs)
     assert all(isinstance(m, VQLinear) for m in quantized_modules(loaded).values())
