@@ -219,24 +219,26 @@ def _ppcl_figure(result: PPCLResult, keep: dict[str, list[int]]) -> str:
 
     keys = list(result.replaceability)
     single = len({stack for stack, _ in keys}) == 1
-    values = [result.replaceability[k] for k in keys]
-    steps = [0.0] + [abs(b - a) if k[0] == j[0] else 0.0 for (j, a), (k, b) in
-                     zip(zip(keys, values), zip(keys[1:], values[1:]))]
+    floor = 1e-6  # CKA of near-linear blocks sits within 1e-3 of 1: plot 1 - CKA on a log axis
+    loss = [max(1.0 - result.replaceability[k], floor) for k in keys]
+    steps = [abs(result.replaceability[b] - result.replaceability[a]) if a[0] == b[0] else 0.0
+             for a, b in zip(keys, keys[1:])]
 
     def draw(ax) -> None:
         position = {key: i for i, key in enumerate(keys)}
         for n, unit in enumerate(u for u in result.units if u.size > 1):
             ax.axvspan(position[(unit.stack, unit.start)] - 0.45, position[(unit.stack, unit.end)] + 0.45,
                        color="tab:orange", alpha=0.15, label="merged unit" if n == 0 else None)
-        ax.plot(range(len(keys)), values, "o-", label="replaceability (CKA with the block's probe)")
-        ax.bar(range(len(keys)), steps, color="tab:gray", alpha=0.6, label="|first-order difference|")
+        ax.plot(range(len(keys)), loss, "o-", label="1 - replaceability (CKA with the block's probe)")
+        ax.plot([i + 0.5 for i in range(len(steps))], [max(v, floor) for v in steps], "v", color="tab:gray",
+                label="|first-order difference| between blocks")
         kept = [i for i, key in enumerate(keys) if key[1] in keep.get(key[0], [])]
-        ax.plot(kept, [values[i] for i in kept], "s", color="tab:green", label="kept / student block")
+        ax.plot(kept, [loss[i] for i in kept], "s", color="tab:green", label="kept / student block")
+        ax.set_yscale("log")
         ax.set_xticks(range(len(keys)), [_label(k, single) for k in keys], rotation=0 if single else 90,
                       fontsize=7)
-        ax.set_ylim(0, 1.05)
-        ax.set_title("PPCL: linear replaceability along depth and the contiguous units")
-        ax.legend(fontsize=7, loc="lower left")
+        ax.set_title("PPCL: how far each block is from linear, and the contiguous units")
+        ax.legend(fontsize=6, loc="best")
 
     return plot_to_file(draw)
 
