@@ -6,6 +6,8 @@ one classifier-free-guided forward (conditional + unconditional halves in one ba
 The reference models are the shipped zoo weights; real-size DiT-XL/2 uses random weights (timing only)::
 
     python bench/depth_speed.py --threads 1      # writes bench/results/depth_speed_cpu.{json,md}
+
+Rows of models measured again replace their earlier rows; the others stay.
 """
 
 from __future__ import annotations
@@ -119,6 +121,10 @@ def main() -> None:
             "torch": torch.__version__, "machine": platform.machine(), "repeats": args.repeats}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"depth_speed_{device}"
+    if stem.with_suffix(".json").exists():  # keep earlier rows of models not measured this time
+        measured = {r["model"] for r in rows}
+        earlier = json.loads(stem.with_suffix(".json").read_text())["rows"]
+        rows = [r for r in earlier if r["model"] not in measured] + rows
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Depth pruning speed: 50% of the blocks removed ({meta['device']}, {args.threads} thread(s), "
              f"torch {meta['torch']}, median of {args.repeats})", "",
