@@ -101,3 +101,15 @@ def tiny_flux(double: int, single: int, heads: int, text_dim: int, pooled_dim: i
         patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=16,
         num_attention_heads=heads, joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim,
         guidance_embeds=True, axes_dims_rope=(4, 6, 6)))
+
+
+def folder_state(folder, cache):
+    """A ``PipelineState`` for the pipeline saved at ``folder`` (its transformer is the model), quiet, with
+    ``cache`` as cache folder and ``cache / "out"`` as workdir."""
+    from compressdit.io.sources import load_source
+    from compressdit.models import adapter_for
+    from compressdit.stages import PipelineState
+
+    source = load_source(str(folder))
+    return PipelineState(source=source, adapter=adapter_for(source.transformer), model=source.transformer,
+                         workdir=cache / "out", reference_spec=str(folder), quiet=True, cache_dir=cache)

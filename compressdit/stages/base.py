@@ -82,3 +82,8 @@ class MethodStage(Stage):
 
 
 STAGES: Registry[Stage] = Registry("stage")
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Every parameter element of ``model`` (packed quantized weights count their logical size)."""
+    return sum(p.numel() for p in model.parameters())

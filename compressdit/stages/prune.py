@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from torch import nn
 
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
@@ -20,7 +19,7 @@ from compressdit.prune.importance import BLOCK_IMPORTANCE, keep_lowest_score
 from compressdit.prune.ppcl import PPCLConfig, PPCLResult, ppcl_prune
 from compressdit.prune.tinyfusion import TinyFusionConfig, TinyFusionResult, tinyfusion_search
 from compressdit.registry import Registry
-from compressdit.stages.base import STAGES, MethodStage, MethodStageConfig, PipelineState
+from compressdit.stages.base import STAGES, MethodStage, MethodStageConfig, PipelineState, parameter_count
 
 
 @dataclass
@@ -292,10 +291,6 @@ class PruneConfig(MethodStageConfig):
     """``- prune: {method: NAME, ...method keys}``; the keys are checked by the method's config."""
 
 
-def _parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 class PruneStage(MethodStage):
     config_class = PruneConfig
     methods = PRUNE_METHODS
@@ -307,7 +302,7 @@ class PruneStage(MethodStage):
         started = time.perf_counter()
         adapter, model = state.adapter, state.model
         counts = {s.attribute: len(getattr(model, s.attribute)) for s in adapter.block_stacks}
-        before = _parameters(model)
+        before = parameter_count(model)
         selection = PRUNE_METHODS.get(config.method).select(state, config.options)
         keep = kept_indices(model, adapter, selection.keep)
         remove_blocks(model, adapter, keep)
@@ -321,7 +316,7 @@ class PruneStage(MethodStage):
         kept_text = "; ".join(f"{stack}: {len(kept)}/{counts[stack]} kept {original(stack, kept)}"
                               + (f" (reproducing {state.block_origin[stack]})" if state.block_origin[stack] !=
                                  original(stack, kept) else "") for stack, kept in keep.items())
-        after = _parameters(model)
+        after = parameter_count(model)
         state.notes.append(f"prune ({config.method}): {kept_text}; parameters {before:,} -> {after:,} "
                            f"({after / before:.1%})")
         state.notes.extend(selection.notes)

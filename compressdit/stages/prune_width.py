@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from torch import nn
 
 from compressdit.errors import ConfigError
 from compressdit.prune.width import WIDTH_IMPORTANCE, CalibrationBatch, WidthConfig, WidthUnit, prune_width, width_units
-from compressdit.stages.base import STAGES, PipelineState, Stage
+from compressdit.stages.base import STAGES, PipelineState, Stage, parameter_count
 
 
 @dataclass
@@ -86,10 +85,6 @@ def calibration_batches(state: PipelineState, config: PruneWidthConfig) -> Itera
     return draw()
 
 
-def _parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _kind(unit: WidthUnit) -> str:
     return "heads" if unit.head_dim else "ffn"
 
@@ -136,12 +131,12 @@ class PruneWidthStage(Stage):
             raise ConfigError("prune_width: the model already has quantized layers; put prune_width before quantize "
                               "(it reshapes the layers the quantization specs describe)")
         started = time.perf_counter()
-        before = _parameters(state.model)
+        before = parameter_count(state.model)
         device = next(state.model.parameters()).device
         # tracing the MLPs (width_units' random example input) draws from the global RNG: leave it as it was
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             units, pruned = _prune(state, config)
-        after = _parameters(state.model)
+        after = parameter_count(state.model)
         data = (f"; taylor scores from {config.batches} batches x {config.batch_size} Fashion-MNIST latents (MSE to "
                 f"the diffusion target, seed {config.seed})"
                 if WIDTH_IMPORTANCE.get(config.importance).needs_gradients else "")

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from compressdit.errors import ConfigError
-from compressdit.io.sources import load_source
 from compressdit.models import ADAPTERS
 from compressdit.recipe import Recipe
-from compressdit.stages import STAGES, PipelineState
+from compressdit.stages import STAGES
 from compressdit.stages.prune import PRUNE_METHODS, ImportanceConfig, PPCLStageConfig, TinyFusionStageConfig
 from compressdit.zoo.data import fmnist_dir
-from tests.conftest import save_dit_pipeline
+from tests.conftest import folder_state, save_dit_pipeline
 
 torch.set_num_threads(1)
 DIT = ADAPTERS.get("dit")
@@ -72,15 +71,9 @@ def pipeline_dir(tmp_path_factory) -> Path:
     return save_dit_pipeline(tmp_path_factory.mktemp("prune") / "pipe", layers=4)
 
 
-def _state(pipeline_dir: Path, cache: Path) -> PipelineState:
-    source = load_source(str(pipeline_dir))
-    return PipelineState(source=source, adapter=DIT, model=source.transformer, workdir=cache / "out",
-                         reference_spec=str(pipeline_dir), quiet=True, cache_dir=cache)
-
-
 @pytest.mark.parametrize("method", [pytest.param(m, marks=needs_fmnist) if m in TRAINS else m for m in SMALL])
 def test_stage_removes_blocks_and_records(method: str, pipeline_dir: Path, tmp_path: Path) -> None:
-    state = _state(pipeline_dir, tmp_path)
+    state = folder_state(pipeline_dir, tmp_path)
     originals = list(state.model.transformer_blocks)
     stage = STAGES.get("prune")
     stage.run(state, stage.parse({"method": method, **SMALL[method]}, "prune"))
@@ -99,7 +92,7 @@ def test_stage_removes_blocks_and_records(method: str, pipeline_dir: Path, tmp_p
 
 
 def test_pruning_twice_maps_blocks_to_the_reference(pipeline_dir: Path, tmp_path: Path) -> None:
-    state = _state(pipeline_dir, tmp_path)
+    state = folder_state(pipeline_dir, tmp_path)
     stage = STAGES.get("prune")
     config = stage.parse({"method": "block_influence", **SMALL["block_influence"]}, "prune")
     stage.run(state, config)
@@ -111,7 +104,7 @@ def test_pruning_twice_maps_blocks_to_the_reference(pipeline_dir: Path, tmp_path
 
 
 def test_prune_after_quantize_is_refused(pipeline_dir: Path, tmp_path: Path) -> None:
-    state = _state(pipeline_dir, tmp_path)
+    state = folder_state(pipeline_dir, tmp_path)
     state.quant_specs = {"transformer_blocks.0.attn1.to_q": object()}
     stage = STAGES.get("prune")
     with pytest.raises(ConfigError, match="before quantize"):

@@ -20,7 +20,7 @@ from compressdit.stages import STAGES, PipelineState
 from compressdit.stages.evaluate import _reference_named_layers
 from compressdit.stages.prune_width import PruneWidthConfig, calibration_batches
 from compressdit.zoo.data import fmnist_dir
-from tests.conftest import save_dit_pipeline, tiny_flux
+from tests.conftest import folder_state, save_dit_pipeline, tiny_flux
 
 torch.set_num_threads(1)
 DIT, FLUX = ADAPTERS.get("dit"), ADAPTERS.get("flux")
@@ -50,12 +50,6 @@ def _shapes(model) -> list[tuple[int, int]]:
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory) -> Path:
     return save_dit_pipeline(tmp_path_factory.mktemp("prune-width") / "pipe", layers=2)
-
-
-def _state(pipeline_dir: Path, cache: Path) -> PipelineState:
-    source = load_source(str(pipeline_dir))
-    return PipelineState(source=source, adapter=DIT, model=source.transformer, workdir=cache / "out",
-                         reference_spec=str(pipeline_dir), quiet=True, cache_dir=cache)
 
 
 # config -----------------------------------------------------------------------------------------------------
@@ -151,7 +145,7 @@ def test_flux_joint_and_single_blocks_prune_and_reload(tmp_path: Path) -> None:
 
 
 def test_width_pruning_after_quantize_is_refused(pipeline_dir: Path, tmp_path: Path) -> None:
-    state = _state(pipeline_dir, tmp_path)
+    state = folder_state(pipeline_dir, tmp_path)
     state.quant_specs = {"transformer_blocks.0.attn1.to_q": object()}
     stage = STAGES.get("prune_width")
     with pytest.raises(ConfigError, match="put prune_width before quantize") as info:
@@ -160,13 +154,13 @@ def test_width_pruning_after_quantize_is_refused(pipeline_dir: Path, tmp_path: P
 
 
 def test_no_selected_unit_is_a_config_error(pipeline_dir: Path, tmp_path: Path) -> None:
-    state, stage = _state(pipeline_dir, tmp_path), STAGES.get("prune_width")
+    state, stage = folder_state(pipeline_dir, tmp_path), STAGES.get("prune_width")
     with pytest.raises(ConfigError, match="no unit of roles"):
         stage.run(state, stage.parse({"ffn_ratio": 0.25, "roles": ["attn_qkv"]}, "prune_width"))
 
 
 def test_layer_sqnr_leaves_out_reshaped_layers(pipeline_dir: Path, tmp_path: Path) -> None:
-    state, stage = _state(pipeline_dir, tmp_path), STAGES.get("prune_width")
+    state, stage = folder_state(pipeline_dir, tmp_path), STAGES.get("prune_width")
     stage.run(state, stage.parse(HALF, "prune_width"))
     state.quant_specs = dict.fromkeys(["transformer_blocks.0.ff.net.2", "transformer_blocks.0.attn1.to_q",
                                        "transformer_blocks.0.norm1.linear"])
@@ -178,7 +172,7 @@ def test_layer_sqnr_leaves_out_reshaped_layers(pipeline_dir: Path, tmp_path: Pat
 
 @needs_fmnist
 def test_calibration_batches_are_seeded_draws_with_diffusion_targets(pipeline_dir: Path, tmp_path: Path) -> None:
-    state = _state(pipeline_dir, tmp_path)
+    state = folder_state(pipeline_dir, tmp_path)
     config = PruneWidthConfig.from_dict(TAYLOR)
     first, again = list(calibration_batches(state, config)), list(calibration_batches(state, config))
     assert len(first) == 2 and len(list((tmp_path / "distill-data").glob("fmnist-latents-*-16.pt"))) == 1
@@ -193,7 +187,7 @@ def test_taylor_is_seeded_and_chooses_otherwise_than_magnitude(pipeline_dir: Pat
     stage = STAGES.get("prune_width")
     runs = []
     for data in (TAYLOR, TAYLOR, HALF):
-        state = _state(pipeline_dir, tmp_path)
+        state = folder_state(pipeline_dir, tmp_path)
         flags = [p.requires_grad for p in state.model.parameters()]
         rng = torch.get_rng_state()
         stage.run(state, stage.parse(data, "prune_width"))
