@@ -80,6 +80,18 @@ class StrictConfig:
     def validate(self, where: str) -> None:
         """Range checks; subclasses raise :class:`ConfigError` with ``where`` in the message."""
 
+    def require_positive(self, where: str, *keys: str) -> None:
+        """A :class:`ConfigError` naming the first of ``keys`` whose value is not > 0."""
+        for key in keys:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key}: must be positive, got {getattr(self, key)}")
+
+    def require_non_negative(self, where: str, *keys: str) -> None:
+        """A :class:`ConfigError` naming the first of ``keys`` whose value is < 0."""
+        for key in keys:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
+
     def to_dict(self) -> dict:
         out = {}
         for field in dataclasses.fields(self):

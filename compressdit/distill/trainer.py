@@ -56,9 +56,7 @@ class DistillConfig(StrictConfig):
     max_minutes: float | None = None
 
     def validate(self, where: str) -> None:
-        for key in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{where}.{key}: must be positive, got {getattr(self, key)}")
+        self.require_positive(where, "steps", "batch_size", "checkpoint_every")
         for key in ("lr", "weight_decay", "output_weight", "feature_weight", "data_weight"):
             if getattr(self, key) < 0 or (key == "lr" and self.lr == 0):
                 raise ConfigError(f"{where}.{key}: must be {'positive' if key == 'lr' else '>= 0'}, "

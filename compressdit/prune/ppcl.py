@@ -76,17 +76,14 @@ class PPCLConfig(StrictConfig):
     def validate(self, where: str) -> None:
         if not 0 < self.ratio < 1:
             raise ConfigError(f"{where}.ratio: the share of blocks to remove must lie in (0, 1), got {self.ratio}")
-        for key in ("max_unit", "probe_batches", "simulation_batches", "batch_size", "lr", "grad_clip"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{where}.{key}: must be positive, got {getattr(self, key)}")
+        self.require_positive(where, "max_unit", "probe_batches", "simulation_batches", "batch_size", "lr",
+                              "grad_clip")
         if self.max_unit < 2:
             raise ConfigError(f"{where}.max_unit: a unit must be able to merge 2 blocks or more, got {self.max_unit}")
         if self.simulation_batches > self.probe_batches:
             raise ConfigError(f"{where}.simulation_batches: at most probe_batches ({self.probe_batches}), got "
                               f"{self.simulation_batches}")
-        for key in ("trend_weight", "probe_ridge", "steps", "warmup"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
+        self.require_non_negative(where, "trend_weight", "probe_ridge", "steps", "warmup")
         if not 0 <= self.condition_dropout < 1:
             raise ConfigError(f"{where}.condition_dropout: must lie in [0, 1), got {self.condition_dropout}")
 

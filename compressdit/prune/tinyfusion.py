@@ -313,9 +313,8 @@ class TinyFusionConfig(StrictConfig):
 
     def validate(self, where: str) -> None:
         parse_pattern(self.pattern, f"{where}.pattern")
-        for key in ("steps", "batch_size", "lora_rank", "lr_lora", "lr_logits", "scaling", "tau_end", "grad_clip"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{where}.{key}: must be positive, got {getattr(self, key)}")
+        self.require_positive(where, "steps", "batch_size", "lora_rank", "lr_lora", "lr_logits", "scaling", "tau_end",
+                              "grad_clip")
         if self.tau_start < self.tau_end:
             raise ConfigError(f"{where}.tau_start: must be >= tau_end ({self.tau_end}), got {self.tau_start}")
         if not 0 <= self.ema_decay < 1:

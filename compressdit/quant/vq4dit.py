@@ -27,7 +27,6 @@ from compressdit.progress import progress_bar
 from compressdit.quant.context import QuantContext
 from compressdit.quant.formats import clamp_codebook
 from compressdit.quant.methods import METHODS, MethodHandler
-from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.transform import LayerRule, check_plan_fits, resolve_plan, set_module
 from compressdit.quant.vq_calibration import SoftVQLinear, block_output_loss, record_block_outputs
 
@@ -71,9 +70,7 @@ class VQ4DiTConfig(StrictConfig):
             if rule.spec is not None and rule.spec.format != "vq":
                 raise ConfigError(f"{where}.rules: vq4dit quantizes with format 'vq', got {rule.spec.format!r} "
                                   f"for {rule.match!r}")
-        for key in ("candidates", "steps", "batch", "kmeans_iterations", "patience"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{where}.{key}: must be positive, got {getattr(self, key)}")
+        self.require_positive(where, "candidates", "steps", "batch", "kmeans_iterations", "patience")
         if self.iterations < 0:
             raise ConfigError(f"{where}.iterations: must be >= 0, got {self.iterations}")
         for key in ("freeze_threshold", "codebook_unfreeze"):

@@ -9,7 +9,6 @@ from pathlib import Path
 from compressdit.calibration.sets import load_conditions, resolve_set
 from compressdit.calibration.stats import ActivationStats, cache_key, capture_input_absmax, stats_from_recorder
 from compressdit.config_base import StrictConfig
-from compressdit.errors import ConfigError
 from compressdit.models.sampling import sample
 from compressdit.progress import progress_bar
 from compressdit.stages.base import STAGES, PipelineState, Stage
@@ -31,9 +30,7 @@ class CalibrateConfig(StrictConfig):
     batch_size: int = 32
 
     def validate(self, where: str) -> None:
-        for key in ("samples", "steps", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{where}.{key}: must be positive, got {getattr(self, key)}")
+        self.require_positive(where, "samples", "steps", "batch_size")
 
 
 def run_calibration(state: PipelineState, config: CalibrateConfig) -> ActivationStats:

@@ -75,9 +75,7 @@ class ImportanceConfig(StrictConfig):
     def validate(self, where: str) -> None:
         if not 0 < self.ratio < 1:
             raise ConfigError(f"{where}.ratio: the share of blocks to remove must lie in (0, 1), got {self.ratio}")
-        for key in ("samples", "steps"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{where}.{key}: must be positive, got {getattr(self, key)}")
+        self.require_positive(where, "samples", "steps")
 
 
 def _score_figure(scores: dict[BlockKey, float], keep: dict[str, list[int]], criterion: str) -> str:

@@ -40,9 +40,7 @@ class PruneWidthConfig(WidthConfig):
         super().validate(where)
         if not (self.ffn_ratio or self.head_ratio):
             raise ConfigError(f"{where}: nothing to prune; set ffn_ratio and/or head_ratio above 0")
-        for key in ("batches", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{where}.{key}: must be positive, got {getattr(self, key)}")
+        self.require_positive(where, "batches", "batch_size")
         if self.images is not None and self.images <= 0:
             raise ConfigError(f"{where}.images: must be positive or null, got {self.images}")
         if not 0.0 <= self.condition_dropout < 1.0:
