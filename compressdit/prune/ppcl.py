@@ -15,21 +15,29 @@
    regressed onto the teacher's states leaving ``e`` (each token L2-normalised, squared error summed over
    channels, mean over tokens, every stream). Units never see each other's outputs, so all train in one run
    and any subset can be plugged in afterwards.
+5. **Plugging.** ``plug`` sets the share of blocks actually removed; units go in by lowest held-out error per
+   removed block, so one training (:func:`ppcl_train`, stored by :func:`save_training`) serves every ratio up
+   to the planned one (:func:`plug_units`).
+
+Steps 1 and 2 live in :mod:`compressdit.prune.probes`.
 
 The paper's probe targets, similarity thresholds and calibration set are not public; the cost above is our
 reading of "first-order difference trend of a similarity metric", made to meet an exact block budget::
 
-    result = ppcl_prune(model, adapter, PPCLConfig(ratio=0.5), data)   # trains students into the model
+    training = ppcl_train(model, adapter, PPCLConfig(ratio=0.5), data)
+    result = plug_units(model, adapter, training, plug=0.25)   # loads the plugged students into the model
     remove_blocks(model, adapter, result.keep)
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal
+from pathlib import Path
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +49,8 @@ from compressdit.distill.objectives import objective_for
 from compressdit.errors import ConfigError
 from compressdit.models.base import BlockStack, ModelAdapter
 from compressdit.progress import progress_bar
-from compressdit.prune.depth import BlockKey, block_inputs
-
-IMAGE_STREAM = "hidden_states"
+from compressdit.prune.depth import BlockKey
+from compressdit.prune.probes import fit_probes, forward_hooks, simulate, stacks_by_name
 
 
 @dataclass
@@ -52,13 +59,16 @@ class PPCLConfig(StrictConfig):
 
         - prune: {method: ppcl, ratio: 0.5, max_unit: 4, probe_batches: 4, steps: 200, batch_size: 64}
 
-    ``ratio`` of each stack's blocks go (a ``keep_last`` block always stays); a unit spans at most ``max_unit``
-    blocks. ``probe_batches`` x ``batch_size`` samples fit the probes; the first ``simulation_batches`` of
+    ``ratio`` of each stack's blocks are planned into merged units (a ``keep_last`` block always stays); a
+    unit spans at most ``max_unit`` blocks. ``plug`` (at most ``ratio``; default: ``ratio``) is the share of
+    all candidate blocks actually removed: trained units go in, lowest held-out error per removed block first,
+    and the others keep their original blocks — one training serves every ratio up to ``ratio``. ``probe_batches`` x ``batch_size`` samples fit the probes; the first ``simulation_batches`` of
     them measure replaceability. ``steps`` of contiguous layer distillation (AdamW, ``lr`` after ``warmup``
     steps, cosine decay) train the student blocks. ``student_init``: ``least_replaceable`` or ``middle``.
     """
 
     ratio: float = 0.5
+    plug: float | None = None
     max_unit: int = 4
     trend_weight: float = 1.0
     student_init: Literal["least_replaceable", "middle"] = "least_replaceable"
@@ -76,6 +86,9 @@ class PPCLConfig(StrictConfig):
     def validate(self, where: str) -> None:
         if not 0 < self.ratio < 1:
             raise ConfigError(f"{where}.ratio: the share of blocks to remove must lie in (0, 1), got {self.ratio}")
+        if self.plug is not None and not 0 < self.plug <= self.ratio:
+            raise ConfigError(f"{where}.plug: the share of blocks removed must lie in (0, ratio = {self.ratio}], got "
+                              f"{self.plug}")
         self.require_positive(where, "max_unit", "probe_batches", "simulation_batches", "batch_size", "lr",
                               "grad_clip")
         if self.max_unit < 2:
@@ -103,143 +116,33 @@ class Unit:
 
 
 @dataclass
-class PPCLResult:
-    """``keep`` for :func:`~compressdit.prune.depth.remove_blocks`; per block its replaceability and probe fit
-    (R^2 of the image stream); the units; the distillation loss history (total and per merged unit); per merged
-    unit its student's error (:func:`unit_loss`) on the simulation batches before and after distillation."""
+class PPCLTraining:
+    """What one PPCL training yields, whatever share is then plugged in: per block its replaceability and probe
+    fit (R^2 of the image stream); the units; the distillation loss history (total and per merged unit); per
+    merged unit (by :func:`unit_name`) its student's error (:func:`unit_loss`) on the simulation batches before
+    and after distillation, and its trained weights (the state dict of its ``student`` block)."""
 
-    keep: dict[str, list[int]]
     replaceability: dict[BlockKey, float]
     probe_r2: dict[BlockKey, float]
     units: list[Unit]
     history: list[dict[str, float]] = field(default_factory=list)
     unit_error: dict[str, tuple[float, float]] = field(default_factory=dict)
+    students: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-# probing ---------------------------------------------------------------------------------------------------
+@dataclass
+class PPCLResult:
+    """A training with some of its units plugged in: ``keep`` for :func:`~compressdit.prune.depth.remove_blocks`
+    and, per stack and kept block, the original block whose output it reproduces (a plugged unit's end)."""
 
+    training: PPCLTraining
+    plugged: list[Unit]
+    keep: dict[str, list[int]]
+    reproduces: dict[str, list[int]]
 
-class _NormalEquations:
-    """Accumulates ``[X, 1]^T [X, 1]``, ``[X, 1]^T Y`` and ``Y`` moments of token rows, in float64."""
-
-    def __init__(self) -> None:
-        self.xtx = self.xty = None
-        self.y_sum = self.y_sq = 0.0
-        self.rows = 0
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        y = y.reshape(-1, y.shape[-1]).double()
-        x = torch.cat([x, x.new_ones(len(x), 1)], 1)
-        if self.xtx is None:
-            self.xtx, self.xty = x.T @ x, x.T @ y
-        else:
-            self.xtx += x.T @ x
-            self.xty += x.T @ y
-        self.y_sum = self.y_sum + y.sum(0)
-        self.y_sq = self.y_sq + (y * y).sum()
-        self.rows += len(x)
-
-    def solve(self, ridge: float) -> tuple[torch.Tensor, float]:
-        """Probe weights ``[D_in + 1, D_out]`` (bias last) and the fit's R^2 on the accumulated rows."""
-        dim = len(self.xtx) - 1
-        scale = float(torch.diagonal(self.xtx)[:dim].mean().clamp_min(1e-12))
-        eye = torch.eye(len(self.xtx), dtype=self.xtx.dtype, device=self.xtx.device)
-        eye[dim, dim] = 0  # the bias is not shrunk
-        weights = torch.linalg.solve(self.xtx + ridge * scale * eye, self.xty)
-        # residual sum of squares from the moments: |Y|^2 - 2 tr(W^T X^T Y) + tr(W^T X^T X W)
-        rss = self.y_sq - 2 * (weights * self.xty).sum() + (weights * (self.xtx @ weights)).sum()
-        total = self.y_sq - (self.y_sum * self.y_sum).sum() / self.rows
-        return weights, float(1 - rss / total.clamp_min(1e-30))
-
-
-def _probe(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    w = weights.to(x.dtype)
-    return x @ w[:-1] + w[-1]
-
-
-@contextmanager
-def _hooks(hooks: dict[nn.Module, Callable]) -> Iterator[None]:
-    handles = [module.register_forward_hook(hook, with_kwargs=True) for module, hook in hooks.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _stacks(adapter: ModelAdapter) -> dict[str, BlockStack]:
-    return {s.attribute: s for s in adapter.block_stacks}
-
-
-def fit_probes(model: nn.Module, adapter: ModelAdapter, batches: list[tuple], ridge: float
-               ) -> tuple[dict[BlockKey, dict[str, torch.Tensor]], dict[BlockKey, float]]:
-    """Per block and returned stream a linear probe input -> output; and the image stream's R^2 per block."""
-    stacks = _stacks(adapter)
-    equations: dict[BlockKey, dict[str, _NormalEquations]] = {}
-
-    def recorder(key: BlockKey) -> Callable:
-        def hook(module, args, kwargs, output):
-            inputs, outputs = block_inputs(module, args, kwargs), stacks[key[0]].unpack(output)
-            for name, y in outputs.items():
-                equations[key].setdefault(name, _NormalEquations()).add(inputs[name], y)
-        return hook
-
-    hooks = {}
-    for stack, index, block in adapter.block_list(model):
-        equations[(stack, index)] = {}
-        hooks[block] = recorder((stack, index))
-    with torch.no_grad(), _hooks(hooks):
-        for x_t, timestep, cond in batches:
-            adapter.predict(model, x_t, timestep, cond)
-    probes, r2 = {}, {}
-    for key, streams in equations.items():
-        probes[key] = {}
-        for name, eq in streams.items():
-            probes[key][name], fit = eq.solve(ridge)
-            if name == IMAGE_STREAM:
-                r2[key] = fit
-    return probes, r2
-
-
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA (Kornblith et al. 2019) of two representations with rows as examples."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    y = y.reshape(-1, y.shape[-1]).double()
-    x, y = x - x.mean(0), y - y.mean(0)
-    cross = (y.T @ x).square().sum()
-    norm = (x.T @ x).square().sum().sqrt() * (y.T @ y).square().sum().sqrt()
-    return float(cross / norm.clamp_min(1e-30))
-
-
-def simulate(model: nn.Module, adapter: ModelAdapter, probes: dict[BlockKey, dict[str, torch.Tensor]],
-             batches: list[tuple]) -> dict[BlockKey, float]:
-    """Per block the linear CKA of the last block's image tokens with that block swapped for its probe."""
-    stacks = _stacks(adapter)
-    listed = adapter.block_list(model)
-    last = listed[-1][2]
-    captured: list[torch.Tensor] = []
-
-    def capture(module, args, kwargs, output):
-        captured.append(stacks[listed[-1][0]].unpack(output)[IMAGE_STREAM])
-
-    def swap(key: BlockKey) -> Callable:
-        def hook(module, args, kwargs, output):
-            inputs = block_inputs(module, args, kwargs)
-            return stacks[key[0]].pack({name: _probe(w, inputs[name]) for name, w in probes[key].items()})
-        return hook
-
-    def final_tokens(extra: dict[nn.Module, Callable]) -> torch.Tensor:
-        captured.clear()
-        with _hooks(extra), _hooks({last: capture}):
-            for x_t, timestep, cond in batches:
-                adapter.predict(model, x_t, timestep, cond)
-        return torch.cat(captured)
-
-    with torch.no_grad():
-        reference = final_tokens({})
-        return {(stack, index): linear_cka(final_tokens({block: swap((stack, index))}), reference)
-                for stack, index, block in listed}
+    @property
+    def units(self) -> list[Unit]:
+        return self.training.units
 
 
 # units -----------------------------------------------------------------------------------------------------
@@ -318,7 +221,7 @@ def _unit_io(model: nn.Module, adapter: ModelAdapter, units: list[Unit]
              ) -> Iterator[tuple[dict[Unit, tuple[tuple, dict]], dict[Unit, dict[str, torch.Tensor]]]]:
     """While inside, each forward of ``model`` records per unit the call entering its first block
     (``args, kwargs``) and the streams leaving its last block."""
-    stacks = _stacks(adapter)
+    stacks = stacks_by_name(adapter)
     entering: dict[Unit, tuple[tuple, dict]] = {}
     leaving: dict[Unit, dict[str, torch.Tensor]] = {}
     hooks = {}
@@ -333,13 +236,13 @@ def _unit_io(model: nn.Module, adapter: ModelAdapter, units: list[Unit]
 
         hooks[blocks[unit.start]] = enter
         hooks[blocks[unit.end]] = leave
-    with _hooks(hooks):
+    with forward_hooks(hooks):
         yield entering, leaving
 
 
 def _student_losses(adapter: ModelAdapter, students: dict[Unit, nn.Module], entering, leaving
                     ) -> dict[Unit, torch.Tensor]:
-    stacks = _stacks(adapter)
+    stacks = stacks_by_name(adapter)
     losses = {}
     for unit, student in students.items():
         args, kwargs = entering[unit]
@@ -386,12 +289,12 @@ def distill_units(model: nn.Module, adapter: ModelAdapter, students: dict[Unit, 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
-            history.append({"loss": loss.item(), **{_name(u): v.item() for u, v in losses.items()}})
+            history.append({"loss": loss.item(), **{unit_name(u): v.item() for u, v in losses.items()}})
             bar.update(1, loss=loss.item())
     return history
 
 
-def _name(unit: Unit) -> str:
+def unit_name(unit: Unit) -> str:
     return f"{unit.stack}[{unit.start}-{unit.end}]"
 
 
@@ -407,13 +310,10 @@ def _draw_batches(sampler: BatchSampler, table, count: int, size: int, gen: torc
     return out
 
 
-def ppcl_prune(model: nn.Module, adapter: ModelAdapter, config: PPCLConfig, data: DistillData,
-               scheduler_config: dict[str, Any] | None = None, quiet: bool = False) -> PPCLResult:
-    """Probe, simulate, plan units and distil them; each unit's ``student`` block then holds its trained student.
-
-    The other blocks are untouched: ``remove_blocks(model, adapter, result.keep)`` finishes the pruning. Seeded
-    by ``config.seed``; the global RNG is left as it was.
-    """
+def ppcl_train(model: nn.Module, adapter: ModelAdapter, config: PPCLConfig, data: DistillData,
+               scheduler_config: dict[str, Any] | None = None, quiet: bool = False) -> PPCLTraining:
+    """Probe, simulate, plan units and distil their students; the model is left as it was. Seeded by
+    ``config.seed``; the global RNG is left as it was."""
     config.validate("ppcl")
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -422,24 +322,21 @@ def ppcl_prune(model: nn.Module, adapter: ModelAdapter, config: PPCLConfig, data
     model.eval().requires_grad_(False)
     cuda = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=cuda), ExitStack():
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(config.seed)
             gen = torch.Generator().manual_seed(config.seed)
             table = condition_table(adapter, model, data).to(device, dtype)
             batches = _draw_batches(sampler, table, config.probe_batches, config.batch_size, gen, device, dtype)
             probes, r2 = fit_probes(model, adapter, batches, config.probe_ridge)
             replaceability = simulate(model, adapter, probes, batches[:config.simulation_batches])
-            units, keep = [], {}
+            units = []
             for stack in adapter.block_stacks:
-                count = len(getattr(model, stack.attribute))
-                candidates = count - int(stack.keep_last)
+                candidates = len(getattr(model, stack.attribute)) - int(stack.keep_last)
                 kept_units = candidates - math.floor(candidates * config.ratio + 0.5)
                 scores = [replaceability[(stack.attribute, i)] for i in range(candidates)]
-                planned = plan_units(scores, max(kept_units, 1), config.max_unit, config.trend_weight,
-                                     stack.attribute, config.student_init) if candidates else []
-                units += planned
-                keep[stack.attribute] = [u.student for u in planned] + ([count - 1] if stack.keep_last else [])
-            stacks = _stacks(adapter)
+                units += plan_units(scores, max(kept_units, 1), config.max_unit, config.trend_weight,
+                                    stack.attribute, config.student_init) if candidates else []
+            stacks = stacks_by_name(adapter)
             students = {u: _student(model, stacks[u.stack], u).train() for u in units if u.size > 1}
             held_out = batches[:config.simulation_batches]
             error_before = unit_errors(model, adapter, students, held_out)
@@ -449,8 +346,88 @@ def ppcl_prune(model: nn.Module, adapter: ModelAdapter, config: PPCLConfig, data
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(training)
+    return PPCLTraining(replaceability, r2, units, history,
+                        {unit_name(u): (error_before[u], error_after[u]) for u in students},
+                        {unit_name(u): {k: v.detach().clone() for k, v in s.state_dict().items()}
+                         for u, s in students.items()})
+
+
+def plug_order(training: PPCLTraining) -> list[Unit]:
+    """The merged units, lowest held-out error (after distillation) per removed block first."""
+    merged = [u for u in training.units if u.size > 1]
+    return sorted(merged, key=lambda u: training.unit_error[unit_name(u)][1] / (u.size - 1))
+
+
+def plug_units(model: nn.Module, adapter: ModelAdapter, training: PPCLTraining, plug: float | None = None
+               ) -> PPCLResult:
+    """Load the students of the units to plug into their ``student`` blocks and say which blocks stay.
+
+    ``plug=None`` plugs every merged unit; otherwise units go in by :func:`plug_order` while the blocks they
+    remove stay within ``plug`` of all candidate blocks (``keep_last`` blocks excluded). Unplugged units keep all
+    their original blocks.
+    """
+    candidates = sum(len(getattr(model, s.attribute)) - int(s.keep_last) for s in adapter.block_stacks)
+    budget = math.inf if plug is None else math.floor(candidates * plug + 0.5)
+    plugged, removed = set(), 0
+    for unit in plug_order(training):
+        if removed + unit.size - 1 <= budget:
+            plugged.add(unit)
+            removed += unit.size - 1
+    keep: dict[str, list[int]] = {}
+    reproduces: dict[str, list[int]] = {}
+    for unit in training.units:
+        own = [unit.student] if unit in plugged else list(range(unit.start, unit.end + 1))
+        keep.setdefault(unit.stack, []).extend(own)
+        reproduces.setdefault(unit.stack, []).extend([unit.end] if unit in plugged else own)
+    for stack in adapter.block_stacks:
+        count = len(getattr(model, stack.attribute))
+        for table in (keep, reproduces):
+            table.setdefault(stack.attribute, [])
+            if stack.keep_last:
+                table[stack.attribute].append(count - 1)
     with torch.no_grad():
-        for unit, student in students.items():
-            getattr(model, unit.stack)[unit.student].load_state_dict(student.state_dict())
-    errors = {_name(u): (error_before[u], error_after[u]) for u in students}
-    return PPCLResult(keep, replaceability, r2, units, history, errors)
+        for unit in plugged:
+            getattr(model, unit.stack)[unit.student].load_state_dict(training.students[unit_name(unit)])
+    order = [u for u in training.units if u in plugged]
+    return PPCLResult(training, order, keep, reproduces)
+
+
+def ppcl_prune(model: nn.Module, adapter: ModelAdapter, config: PPCLConfig, data: DistillData,
+               scheduler_config: dict[str, Any] | None = None, quiet: bool = False) -> PPCLResult:
+    """:func:`ppcl_train` then :func:`plug_units` at ``config.plug``: the plugged units' students are trained into
+    their ``student`` blocks, the other blocks untouched; ``remove_blocks(model, adapter, result.keep)``
+    finishes the pruning."""
+    return plug_units(model, adapter, ppcl_train(model, adapter, config, data, scheduler_config, quiet), config.plug)
+
+
+# one training on disk: students as safetensors, the rest as JSON ------------------------------------------
+
+
+def save_training(training: PPCLTraining, folder: Path) -> None:
+    """Write ``training`` to ``folder`` (``students.safetensors`` + ``training.json``)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{name}/{key}": value.contiguous() for name, state in training.students.items()
+               for key, value in state.items()}
+    save_file(tensors, str(folder / "students.safetensors"))
+    facts = {"replaceability": [[*k, v] for k, v in training.replaceability.items()],
+             "probe_r2": [[*k, v] for k, v in training.probe_r2.items()],
+             "units": [[u.stack, u.start, u.end, u.student] for u in training.units],
+             "history": training.history, "unit_error": training.unit_error}
+    (folder / "training.json").write_text(json.dumps(facts))
+
+
+def load_training(folder: Path) -> PPCLTraining:
+    """The training :func:`save_training` wrote to ``folder``."""
+    from safetensors.torch import load_file
+
+    facts = json.loads((folder / "training.json").read_text())
+    students: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(folder / "students.safetensors")).items():
+        name, _, param = key.partition("/")
+        students.setdefault(name, {})[param] = value
+    return PPCLTraining({(s, i): v for s, i, v in facts["replaceability"]},
+                        {(s, i): v for s, i, v in facts["probe_r2"]},
+                        [Unit(*u) for u in facts["units"]], facts["history"],
+                        {k: tuple(v) for k, v in facts["unit_error"].items()}, students)

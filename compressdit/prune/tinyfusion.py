@@ -27,12 +27,12 @@ from torch import nn
 
 from compressdit.config_base import StrictConfig
 from compressdit.distill.data import BatchSampler, DistillData, condition_table, select
-from compressdit.distill.losses import data_loss, output_loss
 from compressdit.distill.objectives import objective_for
 from compressdit.errors import ConfigError
 from compressdit.models.base import BlockStack, ModelAdapter
 from compressdit.progress import progress_bar
 from compressdit.prune.depth import BlockKey, block_inputs
+from compressdit.prune.mask_estimators import MASK_ESTIMATORS, Group
 
 MAX_PATTERNS = 4096  # keep-patterns per group (7:14 has 3432)
 
@@ -61,15 +61,6 @@ def keep_patterns(keep: int, size: int) -> torch.Tensor:
     return torch.tensor(rows).reshape(len(rows), size)
 
 
-@dataclass(frozen=True)
-class Group:
-    """Consecutive ``blocks`` of one stack of which ``keep`` stay."""
-
-    stack: str
-    blocks: tuple[int, ...]
-    keep: int
-
-
 def make_groups(model: nn.Module, adapter: ModelAdapter, keep: int, size: int) -> list[Group]:
     """Each stack's candidate blocks cut into consecutive groups of ``size`` keeping ``keep``.
 
@@ -93,18 +84,6 @@ def make_groups(model: nn.Module, adapter: ModelAdapter, keep: int, size: int) -
 def temperature(step: int, steps: int, start: float, end: float) -> float:
     """Gumbel-softmax temperature at ``step`` of ``steps``: linear from ``start`` to ``end`` at the last step."""
     return start + (end - start) * step / max(steps - 1, 1)
-
-
-def draw_masks(groups: list[Group], patterns: list[torch.Tensor], logits: list[torch.Tensor], scaling: float,
-               tau: float, batch: int) -> dict[BlockKey, torch.Tensor]:
-    """Per-sample keep masks ``{(stack, index): [batch]}``: per sample and group, one hard (straight-through)
-    Gumbel-softmax draw over ``logits * scaling`` picks a keep-pattern."""
-    masks = {}
-    for group, table, logit in zip(groups, patterns, logits, strict=True):
-        one_hot = F.gumbel_softmax((logit * scaling).expand(batch, -1), tau=tau, hard=True)
-        keep = one_hot @ table.to(one_hot)
-        masks.update({(group.stack, index): keep[:, j] for j, index in enumerate(group.blocks)})
-    return masks
 
 
 # gated residual blocks ------------------------------------------------------------------------------------
@@ -289,7 +268,9 @@ class TinyFusionConfig(StrictConfig):
     unpruned model's prediction + ``data_weight`` * the diffusion / flow loss. ``lora: false`` trains the logits
     alone (TinyFusion's "Frozen"). ``scaling`` multiplies the logits (100: near one-hot once they move);
     the temperature falls linearly from ``tau_start`` to ``tau_end``. ``ema_decay`` suits a few hundred steps
-    (the paper: 0.999 over 10k).
+    (the paper: 0.999 over 10k). ``estimator`` (:mod:`~compressdit.prune.mask_estimators`): ``straight_through``
+    (the paper's Gumbel-softmax) or ``score_function``. A step runs ``batch_size`` rows: ``batch_size /
+    mask_draws`` samples, each under ``mask_draws`` independent mask draws (same noise, timestep, condition).
     """
 
     pattern: str = "1:2"
@@ -309,10 +290,21 @@ class TinyFusionConfig(StrictConfig):
     output_weight: float = 0.9
     data_weight: float = 0.1
     condition_dropout: float = 0.1
+    estimator: str = "straight_through"
+    mask_draws: int = 1
     seed: int = 0
 
     def validate(self, where: str) -> None:
         parse_pattern(self.pattern, f"{where}.pattern")
+        if self.estimator not in MASK_ESTIMATORS:
+            raise ConfigError(f"{where}.estimator: unknown {self.estimator!r}; known: {', '.join(MASK_ESTIMATORS)}")
+        least = MASK_ESTIMATORS.get(self.estimator).min_draws
+        if self.mask_draws < least:
+            raise ConfigError(f"{where}.mask_draws: the {self.estimator} estimator needs at least {least}, got "
+                              f"{self.mask_draws}")
+        if self.batch_size % self.mask_draws:
+            raise ConfigError(f"{where}.batch_size: must be a multiple of mask_draws ({self.mask_draws}), got "
+                              f"{self.batch_size}")
         self.require_positive(where, "steps", "batch_size", "lora_rank", "lr_lora", "lr_logits", "scaling", "tau_end",
                               "grad_clip")
         if self.tau_start < self.tau_end:
@@ -367,6 +359,15 @@ def _decide(model: nn.Module, adapter: ModelAdapter, groups: list[Group], patter
     return keep, decisions
 
 
+def _per_row_mse(prediction: torch.Tensor, target: torch.Tensor, draws: int) -> torch.Tensor:
+    """Squared error per row of ``prediction`` (``draws`` copies of the batch) against ``target`` (one copy)."""
+    if prediction.shape[1:] != target.shape[1:]:
+        raise ConfigError(f"the pruned model predicts shape {list(prediction.shape[1:])} per sample but the target "
+                          f"has {list(target.shape[1:])}")
+    error = prediction.float() - target.float().repeat(draws, *[1] * (target.dim() - 1))
+    return error.pow(2).flatten(1).mean(1)
+
+
 def tinyfusion_search(model: nn.Module, adapter: ModelAdapter, config: TinyFusionConfig, data: DistillData,
                       scheduler_config: dict[str, Any] | None = None, quiet: bool = False) -> TinyFusionResult:
     """Learn which blocks to keep (the model is unchanged afterwards: LoRA and gates are removed).
@@ -402,29 +403,39 @@ def tinyfusion_search(model: nn.Module, adapter: ModelAdapter, config: TinyFusio
                                           + ([{"params": lora_params, "lr": config.lr_lora}] if loras else []),
                                           weight_decay=0.0)
             bar = stack.enter_context(progress_bar("tinyfusion search", total=config.steps, quiet=quiet))
+            estimator = MASK_ESTIMATORS.get(config.estimator)()
+            samples = config.batch_size // config.mask_draws
             for step in range(config.steps):
                 tau = temperature(step, config.steps, config.tau_start, config.tau_end)
-                batch = sampler.draw(config.batch_size, gen)
+                batch = sampler.draw(samples, gen)
                 x_t, timestep = batch.x_t.to(device, dtype), batch.timestep.to(device)
                 cond = select(table, batch.condition_rows)
                 masks.clear()
+                teacher = None
                 if config.output_weight:
                     with torch.no_grad(), _lora_off(loras):
                         teacher = adapter.predict(model, x_t, timestep, cond)
-                masks.update(draw_masks(groups, patterns, logits, config.scaling, tau, len(x_t)))
-                pred = adapter.predict(model, x_t, timestep, cond)
+                draws = config.mask_draws
+                draw = estimator.draw(groups, patterns, logits, config.scaling, tau, config.batch_size)
+                masks.update(draw.masks)
+                pred = adapter.predict(model, x_t.repeat(draws, *[1] * (x_t.dim() - 1)), timestep.repeat(draws),
+                                       select(table, batch.condition_rows.repeat(draws)))
                 masks.clear()
-                parts = {"data": data_loss(pred, batch.target.to(device))}
-                if config.output_weight:
-                    parts["output"] = output_loss(pred, teacher)
-                loss = config.data_weight * parts["data"] + config.output_weight * parts.get("output", 0.0)
+                parts = {"data": _per_row_mse(pred, batch.target.to(device), draws)}
+                if teacher is not None:
+                    parts["output"] = _per_row_mse(pred, teacher, draws)
+                losses = config.data_weight * parts["data"] + config.output_weight * parts.get("output", 0.0)
+                loss = losses.mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(logits + lora_params, config.grad_clip)
+                draw.objective(losses.view(draws, samples)).backward()
+                torch.nn.utils.clip_grad_norm_(logits, config.grad_clip)
+                if lora_params:
+                    torch.nn.utils.clip_grad_norm_(lora_params, config.grad_clip)
                 optimizer.step()
                 with torch.no_grad():
                     for average, logit in zip(ema, logits):
                         average.mul_(config.ema_decay).add_(logit, alpha=1 - config.ema_decay)
+                parts = {name: value.mean() for name, value in parts.items()}
                 result.history.append({"loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "tau": tau})
                 result.keep_probability.append(_keep_probability(patterns, ema, config.scaling))
                 bar.update(1, loss=loss.item(), tau=tau)

@@ -19,7 +19,7 @@ from torch import nn
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.evaluate.metrics import relative_error
-from compressdit.models.sampling import guided_prediction, sample
+from compressdit.models.sampling import sample
 from compressdit.progress import progress_bar
 from compressdit.quant.context import QuantContext
 from compressdit.quant.formats import FORMATS

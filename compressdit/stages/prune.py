@@ -7,8 +7,11 @@ The stage then removes the other blocks in place, so the saved checkpoint reload
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -16,7 +19,8 @@ from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.prune.depth import BlockKey, kept_indices, remove_blocks
 from compressdit.prune.importance import BLOCK_IMPORTANCE, keep_lowest_score
-from compressdit.prune.ppcl import PPCLConfig, PPCLResult, ppcl_prune
+from compressdit.prune.ppcl import (PPCLConfig, PPCLTraining, load_training, plug_order, plug_units, ppcl_train,
+                                   save_training, unit_name)
 from compressdit.prune.tinyfusion import TinyFusionConfig, TinyFusionResult, tinyfusion_search
 from compressdit.registry import Registry
 from compressdit.stages.base import STAGES, MethodStage, MethodStageConfig, PipelineState, parameter_count
@@ -143,17 +147,20 @@ class TinyFusionStageConfig(_ImagesKey, TinyFusionConfig):
     """
 
 
+def _cache_dir(state: PipelineState) -> Path:
+    if state.cache_dir is not None:
+        return state.cache_dir
+    from compressdit.pipeline import default_cache_dir
+
+    return default_cache_dir()
+
+
 def _training_data(state: PipelineState, images: int | None):
     """Fashion-MNIST latents for searches that train (TinyFusion, PPCL), cached like the distill stage's."""
     from compressdit.distill.data import fmnist_data
     from compressdit.stages.distill import vae_folder
 
-    cache_dir = state.cache_dir
-    if cache_dir is None:
-        from compressdit.pipeline import default_cache_dir
-
-        cache_dir = default_cache_dir()
-    return fmnist_data(state.adapter, vae_folder(state.source), cache_dir / "distill-data", images)
+    return fmnist_data(state.adapter, vae_folder(state.source), _cache_dir(state) / "distill-data", images)
 
 
 def _scheduler_config(state: PipelineState) -> dict | None:
@@ -194,8 +201,8 @@ def _tinyfusion(state: PipelineState, config: TinyFusionStageConfig) -> Selectio
              "header": ["stack", "group", "kept blocks", "top keep-patterns (probability)"], "rows": rows}
     first, last = result.history[:10], result.history[-10:]
     note = (f"tinyfusion search: {config.steps} steps x batch {config.batch_size} "
-            f"({'LoRA rank ' + str(config.lora_rank) if config.lora else 'logits only'}), tau "
-            f"{config.tau_start} -> {config.tau_end}; loss {_mean_loss(first):.4g} -> {_mean_loss(last):.4g} "
+            f"({'LoRA rank ' + str(config.lora_rank) if config.lora else 'logits only'}), {config.estimator} "
+            f"estimator ({config.mask_draws} mask draws per sample), tau {config.tau_start} -> {config.tau_end}; loss {_mean_loss(first):.4g} -> {_mean_loss(last):.4g} "
             f"(mean of the first / last 10 steps); LoRA dropped, kept blocks keep their original weights")
     return Selection(result.keep, table, _decision_figure(result), [note])
 
@@ -211,7 +218,7 @@ class PPCLStageConfig(_ImagesKey, PPCLConfig):
     """
 
 
-def _ppcl_figure(result: PPCLResult, keep: dict[str, list[int]]) -> str:
+def _ppcl_figure(result: PPCLTraining, keep: dict[str, list[int]]) -> str:
     from compressdit.evaluate.report import plot_to_file
 
     keys = list(result.replaceability)
@@ -240,40 +247,64 @@ def _ppcl_figure(result: PPCLResult, keep: dict[str, list[int]]) -> str:
     return plot_to_file(draw)
 
 
-def _ppcl(state: PipelineState, config: PPCLStageConfig) -> Selection:
+def _cached_training(state: PipelineState, config: PPCLStageConfig) -> tuple[PPCLTraining, bool]:
+    """The PPCL training of this model and config (``plug`` aside), from the cache when an earlier run made it."""
+    from compressdit.io.checkpoint import atomic_output
+    from compressdit.stages.distill import fingerprint
+
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("plug", "method")}
+    key = json.dumps({"config": settings, "model": fingerprint(state.model)}, sort_keys=True)
+    folder = _cache_dir(state) / "ppcl-runs" / hashlib.sha1(key.encode()).hexdigest()[:16]
+    if (folder / "training.json").exists():
+        return load_training(folder), True
     data = _training_data(state, config.images)
-    result = ppcl_prune(state.model, state.adapter, config, data, _scheduler_config(state), state.quiet)
-    unit_of = {(u.stack, i): u for u in result.units for i in range(u.start, u.end + 1)}
+    training = ppcl_train(state.model, state.adapter, config, data, _scheduler_config(state), state.quiet)
+    with atomic_output(folder, overwrite=True) as tmp:
+        save_training(training, tmp)
+    return training, False
+
+
+def _ppcl(state: PipelineState, config: PPCLStageConfig) -> Selection:
+    training, cached = _cached_training(state, config)
+    result = plug_units(state.model, state.adapter, training, config.plug)
+    plugged = set(result.plugged)
+    unit_of = {(u.stack, i): u for u in training.units for i in range(u.start, u.end + 1)}
     rows = []
-    for key, score in result.replaceability.items():
+    for key, score in training.replaceability.items():
         unit = unit_of.get(key)
         if unit is None:
             decision, span = "kept (last block)", "-"
         elif unit.size == 1:
             decision, span = "kept", str(key[1])
         else:
-            decision = "student of its unit" if key[1] == unit.student else "merged away"
             span = f"{unit.start}-{unit.end}"
-        rows.append([key[0], key[1], round(result.probe_r2.get(key, float("nan")), 4), round(score, 4), span,
+            if unit not in plugged:
+                decision = "kept (unit not plugged)"
+            else:
+                decision = "student of its unit" if key[1] == unit.student else "merged away"
+        rows.append([key[0], key[1], round(training.probe_r2.get(key, float("nan")), 4), round(score, 4), span,
                      decision])
     table = {"title": "depth pruning: PPCL probes, replaceability and contiguous units",
              "header": ["stack", "block", "probe R^2 (image)", "replaceability (CKA)", "unit", "decision"],
              "rows": rows}
-    merged = [u for u in result.units if u.size > 1]
+    merged = [u for u in training.units if u.size > 1]
     notes = [f"ppcl: probes from {config.probe_batches} x {config.batch_size} noised latents, replaceability from "
              f"{config.simulation_batches} batches; {len(merged)} units merged "
-             f"({', '.join(f'{u.stack}[{u.start}-{u.end}]' for u in merged) or 'none'})"]
-    if result.history:
-        first, last = result.history[:10], result.history[-10:]
-        errors = ", ".join(f"{name} {before:.4g} -> {after:.4g}" for name, (before, after) in result.unit_error.items())
+             f"({', '.join(unit_name(u) for u in merged) or 'none'})"]
+    if training.history:
+        first, last = training.history[:10], training.history[-10:]
+        errors = ", ".join(f"{name} {before:.4g} -> {after:.4g}"
+                           for name, (before, after) in training.unit_error.items())
         notes.append(f"ppcl contiguous layer distillation: {config.steps} steps x batch {config.batch_size}, loss "
                      f"{_mean_loss(first):.4g} -> {_mean_loss(last):.4g} (mean of the first / last 10 steps); "
-                     f"held-out unit error (initial -> trained student): {errors}")
-    reproduces = {stack: sorted(u.end for u in result.units if u.stack == stack) for stack in result.keep}
-    for stack in state.adapter.block_stacks:  # a keep_last block reproduces itself
-        if stack.keep_last:
-            reproduces[stack.attribute].append(len(getattr(state.model, stack.attribute)) - 1)
-    return Selection(result.keep, table, _ppcl_figure(result, result.keep), notes, reproduces)
+                     f"held-out unit error (initial -> trained student): {errors}"
+                     + ("; training reused from an earlier run with the same model and settings" if cached else ""))
+    removed = sum(u.size - 1 for u in result.plugged)
+    notes.append(f"ppcl plug order (lowest held-out error per removed block first; one training serves each prefix): "
+                 f"{', '.join(unit_name(u) for u in plug_order(training)) or 'none'}; plugged "
+                 f"{len(result.plugged)} of {len(merged)} units, {removed} blocks removed"
+                 f" (plug {config.plug if config.plug is not None else config.ratio})")
+    return Selection(result.keep, table, _ppcl_figure(training, result.keep), notes, result.reproduces)
 
 
 PRUNE_METHODS.add("block_influence", PruneMethod(ImportanceConfig, _by_importance("block_influence")))

@@ -10,10 +10,9 @@ from compressdit.errors import ConfigError
 from compressdit.models import ADAPTERS
 from compressdit.models.text_conditions import synthetic_text
 from compressdit.prune.depth import remove_blocks
-from compressdit.prune.ppcl import (PPCLConfig, Unit, _NormalEquations, _probe, fit_probes, linear_cka, plan_units,
-                                    ppcl_prune, simulate, unit_loss)
+from compressdit.prune.ppcl import (PPCLConfig, Unit, load_training, plan_units, plug_order, plug_units, ppcl_prune,
+                                    ppcl_train, save_training, unit_loss)
 from tests.conftest import tiny_dit, tiny_flux
-from tests.prune.test_prune_importance import _make_identity
 
 torch.set_num_threads(1)
 DIT, FLUX = ADAPTERS.get("dit"), ADAPTERS.get("flux")
@@ -42,53 +41,6 @@ def _batches(family: str, model, count: int = 2, size: int = 4) -> list[tuple]:
     table, gen = condition_table(adapter, model, data), torch.Generator().manual_seed(1)
     return [(b.x_t, b.timestep, select(table, b.condition_rows))
             for b in (sampler.draw(size, gen) for _ in range(count))]
-
-
-# probes and CKA --------------------------------------------------------------------------------------------
-
-
-def test_normal_equations_recover_a_linear_map() -> None:
-    gen = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(6, 5, generator=gen), torch.randn(5, generator=gen)
-    equations = _NormalEquations()
-    for _ in range(3):  # accumulated over batches of [batch, tokens, channels]
-        x = torch.randn(4, 10, 6, generator=gen)
-        equations.add(x, x @ weight + bias)
-    probe, r2 = equations.solve(ridge=0.0)
-    x = torch.randn(7, 6, generator=gen)
-    torch.testing.assert_close(_probe(probe, x), x @ weight + bias, atol=1e-5, rtol=1e-5)
-    assert r2 == pytest.approx(1.0, abs=1e-9)
-    noisy = _NormalEquations()
-    x = torch.randn(200, 6, generator=gen)
-    noisy.add(x, x @ weight + 3 * torch.randn(200, 5, generator=gen))
-    assert 0 < noisy.solve(ridge=1e-3)[1] < 0.9
-
-
-def test_linear_cka_is_one_for_equivalent_representations_and_small_for_unrelated() -> None:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(500, 8, generator=gen)
-    rotation, _ = torch.linalg.qr(torch.randn(8, 8, generator=gen))
-    assert linear_cka(x, x) == pytest.approx(1.0)
-    assert linear_cka(x, 3 * x @ rotation + 1) == pytest.approx(1.0)  # scale, rotation, shift invariant
-    assert linear_cka(x, torch.randn(500, 8, generator=gen)) < 0.1
-
-
-@pytest.mark.parametrize("family, model", [("dit", lambda: tiny_dit(layers=3)),
-                                           ("flux", lambda: tiny_flux(1, 2, 2, 24, 20))])
-def test_probes_of_identity_blocks_are_exact_and_fully_replaceable(family: str, model) -> None:
-    model, adapter = model().eval(), ADAPTERS.get(family)
-    identity = (adapter.block_list(model)[1][0], adapter.block_list(model)[1][1])
-    _make_identity(model, adapter, {identity})
-    batches = _batches(family, model)
-    probes, r2 = fit_probes(model, adapter, batches, ridge=0.0)
-    assert set(probes) == {(s, i) for s, i, _ in adapter.block_list(model)}
-    if family == "flux":  # joint blocks return (and get probes for) both streams
-        assert set(probes[identity]) == {"hidden_states", "encoder_hidden_states"}
-    assert r2[identity] == pytest.approx(1.0, abs=1e-6)
-    scores = simulate(model, adapter, probes, batches)
-    assert scores[identity] == pytest.approx(1.0, abs=1e-6)
-    assert all(0 <= v <= 1 + 1e-9 for v in scores.values())
-    assert min(scores.values()) < 0.999  # a real (random) block is not linear
 
 
 # unit planning ---------------------------------------------------------------------------------------------
@@ -153,9 +105,9 @@ def test_ppcl_prune_trains_students_into_their_seed_blocks() -> None:
     after = model.state_dict()
     assert trained and all(torch.equal(after[n], v) for n, v in before.items() if not n.startswith(trained))
     assert any(not torch.equal(after[n], v) for n, v in before.items() if n.startswith(trained))
-    assert len(result.history) == 20
-    assert set(result.unit_error) == {f"{BLOCKS}[{u.start}-{u.end}]" for u in result.units if u.size > 1}
-    assert all(after < before for before, after in result.unit_error.values())  # on held-out batches
+    assert len(result.training.history) == 20
+    assert set(result.training.unit_error) == {f"{BLOCKS}[{u.start}-{u.end}]" for u in result.units if u.size > 1}
+    assert all(after < before for before, after in result.training.unit_error.values())  # on held-out batches
     remove_blocks(model, adapter, result.keep)
     assert model.config.num_layers == 3
 
@@ -185,9 +137,43 @@ def test_ppcl_prune_on_flux_prunes_both_stacks_and_runs() -> None:
     assert out.shape == x_t.shape and torch.isfinite(out).all()
 
 
+def test_one_training_serves_every_plug_ratio_and_survives_the_disk(tmp_path) -> None:
+    model, adapter = tiny_dit(layers=8).eval(), DIT
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = PPCLConfig(ratio=0.5, max_unit=2, probe_batches=1, simulation_batches=1, steps=3, batch_size=4)
+    training = ppcl_train(model, adapter, config, _data("dit", model))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # trained aside
+    assert [u.size for u in training.units] == [2, 2, 2, 2]
+    save_training(training, tmp_path / "run")
+    loaded = load_training(tmp_path / "run")
+    assert loaded.units == training.units and loaded.unit_error == training.unit_error
+    assert loaded.replaceability == training.replaceability and loaded.history == training.history
+    assert all(torch.equal(loaded.students[n][k], v) for n, state in training.students.items() for k, v in state.items())
+
+    order = plug_order(loaded)
+    per_block = [loaded.unit_error[f"{BLOCKS}[{u.start}-{u.end}]"][1] for u in order]
+    assert per_block == sorted(per_block)
+    for plug, plugged in [(0.125, 1), (0.25, 2), (0.3, 2), (0.5, 4), (None, 4)]:
+        copy = tiny_dit(layers=8).eval()
+        copy.load_state_dict(before)
+        result = plug_units(copy, adapter, loaded, plug)
+        assert set(result.plugged) == set(order[:plugged])
+        assert len(result.keep[BLOCKS]) == 8 - plugged
+        for unit in order[plugged:]:  # unplugged units keep both blocks, which reproduce themselves
+            assert {unit.start, unit.end} <= set(result.keep[BLOCKS]) and unit.start in result.reproduces[BLOCKS]
+        for unit in result.plugged:
+            assert unit.student in result.keep[BLOCKS] and unit.end in result.reproduces[BLOCKS]
+            block = copy.transformer_blocks[unit.student].state_dict()
+            assert all(torch.equal(block[k], v) for k, v in loaded.students[f"{BLOCKS}[{unit.start}-{unit.end}]"].items())
+        assert len(result.reproduces[BLOCKS]) == len(result.keep[BLOCKS])
+        remove_blocks(copy, adapter, result.keep)
+        assert copy.config.num_layers == 8 - plugged
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("ratio", 1.0, r"ratio: .* \(0, 1\)"), ("max_unit", 1, "max_unit"), ("steps", -1, "steps: must be >= 0"),
-    ("simulation_batches", 9, "at most probe_batches"), ("condition_dropout", 1.0, "condition_dropout")])
+    ("simulation_batches", 9, "at most probe_batches"), ("condition_dropout", 1.0, "condition_dropout"),
+    ("plug", 0.6, r"plug: .* \(0, ratio = 0.5\]"), ("plug", 0.0, "plug")])
 def test_bad_configs_are_config_errors(key: str, value, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         PPCLConfig(**{key: value}).validate("ppcl")

@@ -12,7 +12,8 @@ from compressdit.distill.data import DistillData
 from compressdit.errors import ConfigError
 from compressdit.models import ADAPTERS
 from compressdit.prune.depth import remove_blocks
-from compressdit.prune.tinyfusion import (GatedBlock, Group, LoRALinear, TinyFusionConfig, draw_masks, gated_blocks,
+from compressdit.prune.mask_estimators import MASK_ESTIMATORS, draw_masks
+from compressdit.prune.tinyfusion import (GatedBlock, Group, LoRALinear, TinyFusionConfig, gated_blocks,
                                           keep_patterns, lora_linears, make_groups, parse_pattern, temperature,
                                           tinyfusion_search)
 from tests.prune.test_prune_depth import DOUBLE, SINGLE, predict, tiny_model
@@ -133,6 +134,27 @@ def test_gumbel_draws_are_hard_per_sample_and_differentiable() -> None:
     assert all(logit.grad is not None and logit.grad.abs().sum() > 0 for logit in logits)
 
 
+def test_score_function_draws_are_hard_and_its_gradient_prefers_the_cheaper_pattern() -> None:
+    torch.manual_seed(0)
+    groups = [Group(DOUBLE, (0, 1), 1), Group(DOUBLE, (2, 3, 4, 5), 2)]
+    patterns = [keep_patterns(1, 2), keep_patterns(2, 4)]
+    logits = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(6))]
+    draws, samples = 4, 64
+    draw = MASK_ESTIMATORS.get("score_function")().draw(groups, patterns, logits, 1.0, 1.0, draws * samples)
+    stacked = torch.stack([draw.masks[(DOUBLE, i)] for i in range(6)], 1)
+    assert set(stacked.unique().tolist()) == {0.0, 1.0}
+    assert torch.all(stacked[:, :2].sum(1) == 1) and torch.all(stacked[:, 2:].sum(1) == 2)
+    # dropping block 0 costs 1, dropping block 3 costs 0.5, the rest nothing; per-sample scales differ 100x
+    scale = torch.logspace(-1, 1, samples)
+    losses = ((1 - stacked[:, 0]) + 0.5 * (1 - stacked[:, 3])).view(draws, samples) * scale + 0.1 * scale
+    draw.objective(losses).backward()
+    assert logits[0].grad[0] < 0 < logits[0].grad[1]  # descent raises the logit of keeping block 0
+    kept_3 = patterns[1][:, 1].bool()  # patterns of the 4-group that keep block 3
+    assert logits[1].grad[kept_3].sum() < 0 < logits[1].grad[~kept_3].sum()
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        draw.objective(losses[:1])
+
+
 # LoRA ------------------------------------------------------------------------------------------------------
 
 
@@ -162,13 +184,14 @@ def _data(count: int = 64) -> DistillData:
     return DistillData(torch.randn(count, 4, 8, 8, generator=gen), torch.arange(count) % 10, ids, ids, 1000)
 
 
-def test_search_drops_an_identity_block_and_the_result_reloads(tmp_path) -> None:
+@pytest.mark.parametrize("estimator, draws", [("straight_through", 1), ("score_function", 4)])
+def test_search_drops_an_identity_block_and_the_result_reloads(tmp_path, estimator: str, draws: int) -> None:
     model = tiny_dit(layers=4)  # groups (0, 1) and (2, 3); blocks 1 and 2 pass their input through
     _make_identity(model, DIT, {(DOUBLE, 1), (DOUBLE, 2)})
     original = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     config = TinyFusionConfig(pattern="1:2", steps=30, batch_size=8, lr_logits=1e-2, ema_decay=0.9, output_weight=1.0,
-                              data_weight=0.0, condition_dropout=0.0)
+                              data_weight=0.0, condition_dropout=0.0, estimator=estimator, mask_draws=draws)
     result = tinyfusion_search(model, DIT, config, _data(), quiet=True)
     assert torch.equal(torch.get_rng_state(), rng)  # seeded on a forked RNG
     assert result.keep == {DOUBLE: [0, 3]}
@@ -208,7 +231,11 @@ def test_search_is_seeded_and_runs_without_lora_on_flux() -> None:
 @pytest.mark.parametrize("changes, message", [({"pattern": "2:1"}, "pattern"), ({"steps": 0}, "steps"),
                                               ({"tau_start": 0.05}, "tau_start"), ({"ema_decay": 1.0}, "ema_decay"),
                                               ({"output_weight": 0.0, "data_weight": 0.0}, "not both 0"),
-                                              ({"lora_rnk": 4}, "unknown key 'lora_rnk'")])
+                                              ({"lora_rnk": 4}, "unknown key 'lora_rnk'"),
+                                              ({"estimator": "gumbel"}, "estimator: unknown 'gumbel'; known: "
+                                               "score_function, straight_through"),
+                                              ({"estimator": "score_function"}, "mask_draws: .* at least 2"),
+                                              ({"mask_draws": 3, "batch_size": 32}, "multiple of mask_draws")])
 def test_config_errors_name_the_key(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         TinyFusionConfig.from_dict(changes, "prune")

@@ -91,6 +91,25 @@ def test_stage_removes_blocks_and_records(method: str, pipeline_dir: Path, tmp_p
     assert state.timings["prune_s"] > 0
 
 
+@needs_fmnist
+def test_ppcl_trains_once_for_every_plug_ratio(pipeline_dir: Path, tmp_path: Path) -> None:
+    stage = STAGES.get("prune")
+    runs = []
+    for plug in (0.5, 0.25):  # the same settings but plug: the second run reuses the first run's training
+        state = folder_state(pipeline_dir, tmp_path)
+        originals = list(state.model.transformer_blocks)
+        stage.run(state, stage.parse({"method": "ppcl", **SMALL["ppcl"], "plug": plug}, "prune"))
+        runs.append((state, originals))
+    (full, _), (quarter, originals) = runs
+    assert len(list((tmp_path / "ppcl-runs").iterdir())) == 1
+    assert not any("reused" in note for note in full.notes) and any("reused" in note for note in quarter.notes)
+    assert full.model.config.num_layers == 2 and quarter.model.config.num_layers == 3
+    # units [0-1] and [2-3] (students from their first block): one is plugged, the other keeps both blocks
+    kept = [originals.index(block) for block in quarter.model.transformer_blocks]
+    assert (kept, quarter.block_origin[BLOCKS]) in (([0, 2, 3], [1, 2, 3]), ([0, 1, 2], [0, 1, 3]))
+    assert "plugged 1 of 2 units, 1 blocks removed (plug 0.25)" in quarter.notes[-1]
+
+
 def test_pruning_twice_maps_blocks_to_the_reference(pipeline_dir: Path, tmp_path: Path) -> None:
     state = folder_state(pipeline_dir, tmp_path)
     stage = STAGES.get("prune")
@@ -128,7 +147,8 @@ def _training_samples(recipe) -> int:
     return total
 
 
-@pytest.mark.parametrize("name", ["tinyfusion-50", "ppcl-50", "blockinfluence-50", "width-30", "width-30-magnitude",
+@pytest.mark.parametrize("name", ["tinyfusion-50", "ppcl-50", "ppcl-25", "blockinfluence-50", "blockinfluence-25",
+                                  "width-30", "width-30-magnitude",
                                   "prune-distill-quantize"])
 def test_structural_recipes_share_one_budget_under_a_tenth_of_reference_training(name: str) -> None:
     from compressdit.recipe import load_recipe

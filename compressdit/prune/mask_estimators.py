@@ -1,0 +1,119 @@
+"""How a TinyFusion search draws per-sample keep masks and turns their losses into gradients for the logits.
+
+A group of blocks has one logit per keep-pattern (``patterns[g]``: ``[C, size]`` 0/1 rows). Each estimator draws,
+for every row of a batch, one pattern per group, and returns the masks ``{(stack, index): [rows]}`` with what it
+needs to build the objective from the per-row losses ``[draws, samples]`` (row ``k * samples + b`` is sample ``b``
+under its ``k``-th draw):
+
+* ``straight_through`` (the paper's): hard Gumbel-softmax; the masks carry the gradient, so the mean loss
+  differentiates to the logits through the gated blocks (a first-order estimate of removing a block).
+* ``score_function``: patterns sampled from ``softmax(scaling * logits)``; the logits get the REINFORCE gradient
+  of the expected loss with a leave-one-out baseline over the draws of the same sample (common noise, timestep
+  and condition), the advantage divided by that sample's mean loss so every timestep counts alike. It measures
+  what removing blocks costs (zeroth order) where the first-order estimate misleads.
+
+Either way LoRA weights train on the mean loss through the masked forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from compressdit.prune.depth import BlockKey
+from compressdit.registry import Registry
+
+
+@dataclass(frozen=True)
+class Group:
+    """Consecutive ``blocks`` of one stack of which ``keep`` stay."""
+
+    stack: str
+    blocks: tuple[int, ...]
+    keep: int
+
+
+class MaskDraw(Protocol):
+    masks: dict[BlockKey, torch.Tensor]
+
+    def objective(self, losses: torch.Tensor) -> torch.Tensor:
+        """The scalar to minimise, from per-row losses ``[draws, samples]``."""
+
+
+class MaskEstimator(Protocol):
+    min_draws: int  # draws per sample the objective needs
+
+    def draw(self, groups: list[Group], patterns: list[torch.Tensor], logits: list[torch.Tensor],
+             scaling: float, tau: float, rows: int) -> MaskDraw: ...
+
+
+MASK_ESTIMATORS: Registry[MaskEstimator] = Registry("tinyfusion mask estimator")
+
+
+def _masks_from(groups: list[Group], keeps: list[torch.Tensor]) -> dict[BlockKey, torch.Tensor]:
+    return {(group.stack, index): keep[:, j] for group, keep in zip(groups, keeps, strict=True)
+            for j, index in enumerate(group.blocks)}
+
+
+def draw_masks(groups: list[Group], patterns: list[torch.Tensor], logits: list[torch.Tensor], scaling: float,
+               tau: float, batch: int) -> dict[BlockKey, torch.Tensor]:
+    """Per-sample keep masks ``{(stack, index): [batch]}``: per sample and group, one hard (straight-through)
+    Gumbel-softmax draw over ``logits * scaling`` picks a keep-pattern."""
+    keeps = [F.gumbel_softmax((logit * scaling).expand(batch, -1), tau=tau, hard=True) @ table.to(logit)
+             for table, logit in zip(patterns, logits, strict=True)]
+    return _masks_from(groups, keeps)
+
+
+@dataclass
+class _MeanLoss:
+    masks: dict[BlockKey, torch.Tensor]
+
+    def objective(self, losses: torch.Tensor) -> torch.Tensor:
+        return losses.mean()
+
+
+@dataclass
+class _ScoreFunctionDraw:
+    masks: dict[BlockKey, torch.Tensor]
+    log_probability: torch.Tensor  # [rows]: log-probability of each row's patterns, differentiable in the logits
+
+    def objective(self, losses: torch.Tensor) -> torch.Tensor:
+        draws = len(losses)
+        if draws < 2:
+            raise ValueError("the score-function estimator needs at least 2 draws per sample for its baseline")
+        observed = losses.detach()
+        baseline = (observed.sum(0, keepdim=True) - observed) / (draws - 1)  # leave-one-out
+        scale = observed.mean(0, keepdim=True).clamp_min(1e-12)
+        advantage = (observed - baseline) / scale
+        return losses.mean() + (advantage * self.log_probability.view_as(losses)).mean()
+
+
+@MASK_ESTIMATORS.register("straight_through")
+class StraightThrough:
+    """Hard Gumbel-softmax at temperature ``tau`` (TinyFusion as published)."""
+
+    min_draws = 1
+
+    def draw(self, groups: list[Group], patterns: list[torch.Tensor], logits: list[torch.Tensor],
+             scaling: float, tau: float, rows: int) -> MaskDraw:
+        return _MeanLoss(draw_masks(groups, patterns, logits, scaling, tau, rows))
+
+
+@MASK_ESTIMATORS.register("score_function")
+class ScoreFunction:
+    """Categorical draws from ``softmax(scaling * logits)`` (``tau`` unused) and the REINFORCE gradient."""
+
+    min_draws = 2
+
+    def draw(self, groups: list[Group], patterns: list[torch.Tensor], logits: list[torch.Tensor],
+             scaling: float, tau: float, rows: int) -> MaskDraw:
+        keeps, log_probability = [], 0.0
+        for table, logit in zip(patterns, logits, strict=True):
+            log_p = torch.log_softmax(logit * scaling, 0)
+            choice = torch.multinomial(log_p.detach().exp(), rows, replacement=True)
+            keeps.append(table.to(logit)[choice])
+            log_probability = log_probability + log_p[choice]
+        return _ScoreFunctionDraw(_masks_from(groups, keeps), log_probability)
