@@ -15,9 +15,9 @@
    regressed onto the teacher's states leaving ``e`` (each token L2-normalised, squared error summed over
    channels, mean over tokens, every stream). Units never see each other's outputs, so all train in one run
    and any subset can be plugged in afterwards.
-5. **Plugging.** ``plug`` sets the share of blocks actually removed; units go in by lowest held-out error per
-   removed block, so one training (:func:`ppcl_train`, stored by :func:`save_training`) serves every ratio up
-   to the planned one (:func:`plug_units`).
+5. **Plugging.** ``plug`` sets the share of blocks actually removed: the subset of trained units that removes
+   the most blocks within it, least held-out error first, goes in (:func:`plug_units`); so one training
+   (:func:`ppcl_train`, stored by :func:`save_training`) serves every ratio up to the planned one.
 
 Steps 1 and 2 live in :mod:`compressdit.prune.probes`.
 
@@ -60,9 +60,9 @@ class PPCLConfig(StrictConfig):
         - prune: {method: ppcl, ratio: 0.5, max_unit: 4, probe_batches: 4, steps: 200, batch_size: 64}
 
     ``ratio`` of each stack's blocks are planned into merged units (a ``keep_last`` block always stays); a
-    unit spans at most ``max_unit`` blocks. ``plug`` (at most ``ratio``; default: ``ratio``) is the share of
-    all candidate blocks actually removed: trained units go in, lowest held-out error per removed block first,
-    and the others keep their original blocks — one training serves every ratio up to ``ratio``. ``probe_batches`` x ``batch_size`` samples fit the probes; the first ``simulation_batches`` of
+    unit spans at most ``max_unit`` blocks. ``plug`` (at most ``ratio``; default: every merged unit) is the
+    share of all candidate blocks actually removed (:func:`choose_units`); unplugged units keep their original
+    blocks. ``probe_batches`` x ``batch_size`` samples fit the probes; the first ``simulation_batches`` of
     them measure replaceability. ``steps`` of contiguous layer distillation (AdamW, ``lr`` after ``warmup``
     steps, cosine decay) train the student blocks. ``student_init``: ``least_replaceable`` or ``middle``.
     """
@@ -352,27 +352,30 @@ def ppcl_train(model: nn.Module, adapter: ModelAdapter, config: PPCLConfig, data
                          for u, s in students.items()})
 
 
-def plug_order(training: PPCLTraining) -> list[Unit]:
-    """The merged units, lowest held-out error (after distillation) per removed block first."""
-    merged = [u for u in training.units if u.size > 1]
-    return sorted(merged, key=lambda u: training.unit_error[unit_name(u)][1] / (u.size - 1))
+def choose_units(training: PPCLTraining, budget: int) -> list[Unit]:
+    """The merged units to plug: as many removed blocks as ``budget`` allows (each unit removes ``size - 1``),
+    and among the subsets that remove that many, the least summed held-out error after distillation."""
+    # best[c]: (summed error, units) of the cheapest subset removing exactly c blocks
+    best: dict[int, tuple[float, tuple[Unit, ...]]] = {0: (0.0, ())}
+    for unit in (u for u in training.units if u.size > 1):
+        error = training.unit_error[unit_name(unit)][1]
+        for removed, (total, chosen) in sorted(best.items(), reverse=True):
+            count = removed + unit.size - 1
+            if count <= budget and (count not in best or total + error < best[count][0] - 1e-12):
+                best[count] = (total + error, chosen + (unit,))
+    return list(best[max(best)][1])
 
 
 def plug_units(model: nn.Module, adapter: ModelAdapter, training: PPCLTraining, plug: float | None = None
                ) -> PPCLResult:
     """Load the students of the units to plug into their ``student`` blocks and say which blocks stay.
 
-    ``plug=None`` plugs every merged unit; otherwise units go in by :func:`plug_order` while the blocks they
-    remove stay within ``plug`` of all candidate blocks (``keep_last`` blocks excluded). Unplugged units keep all
-    their original blocks.
+    ``plug=None`` plugs every merged unit; otherwise :func:`choose_units` with at most ``plug`` of all candidate
+    blocks (``keep_last`` blocks excluded) removed. Unplugged units keep all their original blocks.
     """
     candidates = sum(len(getattr(model, s.attribute)) - int(s.keep_last) for s in adapter.block_stacks)
-    budget = math.inf if plug is None else math.floor(candidates * plug + 0.5)
-    plugged, removed = set(), 0
-    for unit in plug_order(training):
-        if removed + unit.size - 1 <= budget:
-            plugged.add(unit)
-            removed += unit.size - 1
+    budget = candidates if plug is None else math.floor(candidates * plug + 0.5)
+    plugged = set(choose_units(training, budget))
     keep: dict[str, list[int]] = {}
     reproduces: dict[str, list[int]] = {}
     for unit in training.units:

@@ -32,7 +32,7 @@ from compressdit.errors import ConfigError
 from compressdit.models.base import BlockStack, ModelAdapter
 from compressdit.progress import progress_bar
 from compressdit.prune.depth import BlockKey, block_inputs
-from compressdit.prune.mask_estimators import MASK_ESTIMATORS, Group
+from compressdit.prune.mask_estimators import MASK_ESTIMATORS, Group, MaskEstimator
 
 MAX_PATTERNS = 4096  # keep-patterns per group (7:14 has 3432)
 
@@ -341,20 +341,23 @@ class TinyFusionResult:
     keep_probability: list[list[float]] = field(default_factory=list)
 
 
-def _keep_probability(patterns: list[torch.Tensor], logits: list[torch.Tensor], scaling: float) -> list[float]:
-    return [float(p) for table, logit in zip(patterns, logits) for p in torch.softmax(logit * scaling, 0) @ table]
+def _keep_probability(estimator: MaskEstimator, patterns: list[torch.Tensor], logits: list[torch.Tensor],
+                      scaling: float) -> list[float]:
+    return [float(p) for table, logit in zip(patterns, logits)
+            for p in estimator.pattern_probabilities(table, logit, scaling) @ table.cpu()]
 
 
-def _decide(model: nn.Module, adapter: ModelAdapter, groups: list[Group], patterns: list[torch.Tensor],
-            logits: list[torch.Tensor], scaling: float) -> tuple[dict[str, list[int]], list[GroupDecision]]:
-    """Per group the keep-pattern of the largest logit; ``keep_last`` blocks stay."""
+def _decide(model: nn.Module, adapter: ModelAdapter, estimator: MaskEstimator, groups: list[Group],
+            patterns: list[torch.Tensor], logits: list[torch.Tensor], scaling: float
+            ) -> tuple[dict[str, list[int]], list[GroupDecision]]:
+    """Per group the keep-pattern the estimator settles on; ``keep_last`` blocks stay."""
     keep = {s.attribute: [len(getattr(model, s.attribute)) - 1] if s.keep_last else [] for s in adapter.block_stacks}
     decisions = []
     for group, table, logit in zip(groups, patterns, logits):
         options = [tuple(index for index, bit in zip(group.blocks, row) if bit) for row in table.tolist()]
-        kept = options[int(logit.argmax())]
+        kept = options[estimator.decide(table, logit)]
         keep[group.stack] = sorted(keep[group.stack] + list(kept))
-        probabilities = [round(float(p), 6) for p in torch.softmax(logit * scaling, 0)]
+        probabilities = [round(float(p), 6) for p in estimator.pattern_probabilities(table, logit, scaling)]
         decisions.append(GroupDecision(group.stack, group.blocks, kept, options, probabilities))
     return keep, decisions
 
@@ -381,7 +384,9 @@ def tinyfusion_search(model: nn.Module, adapter: ModelAdapter, config: TinyFusio
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     patterns = [keep_patterns(g.keep, len(g.blocks)).to(device) for g in groups]
-    logits = [nn.Parameter(torch.full((len(p),), config.logit_init, device=device)) for p in patterns]
+    estimator = MASK_ESTIMATORS.get(config.estimator)()
+    logits = [nn.Parameter(torch.full((estimator.logit_count(p),), config.logit_init, device=device))
+              for p in patterns]
     ema = [logit.detach().clone() for logit in logits]
     sampler = BatchSampler(data, objective_for(adapter, scheduler_config), config.condition_dropout)
     table = condition_table(adapter, model, data).to(device, dtype)
@@ -403,7 +408,6 @@ def tinyfusion_search(model: nn.Module, adapter: ModelAdapter, config: TinyFusio
                                           + ([{"params": lora_params, "lr": config.lr_lora}] if loras else []),
                                           weight_decay=0.0)
             bar = stack.enter_context(progress_bar("tinyfusion search", total=config.steps, quiet=quiet))
-            estimator = MASK_ESTIMATORS.get(config.estimator)()
             samples = config.batch_size // config.mask_draws
             for step in range(config.steps):
                 tau = temperature(step, config.steps, config.tau_start, config.tau_end)
@@ -437,11 +441,11 @@ def tinyfusion_search(model: nn.Module, adapter: ModelAdapter, config: TinyFusio
                         average.mul_(config.ema_decay).add_(logit, alpha=1 - config.ema_decay)
                 parts = {name: value.mean() for name, value in parts.items()}
                 result.history.append({"loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "tau": tau})
-                result.keep_probability.append(_keep_probability(patterns, ema, config.scaling))
+                result.keep_probability.append(_keep_probability(estimator, patterns, ema, config.scaling))
                 bar.update(1, loss=loss.item(), tau=tau)
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
         model.train(training)
-    result.keep, result.decisions = _decide(model, adapter, groups, patterns, ema, config.scaling)
+    result.keep, result.decisions = _decide(model, adapter, estimator, groups, patterns, ema, config.scaling)
     return result

@@ -19,7 +19,7 @@ from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.prune.depth import BlockKey, kept_indices, remove_blocks
 from compressdit.prune.importance import BLOCK_IMPORTANCE, keep_lowest_score
-from compressdit.prune.ppcl import (PPCLConfig, PPCLTraining, load_training, plug_order, plug_units, ppcl_train,
+from compressdit.prune.ppcl import (PPCLConfig, PPCLTraining, load_training, plug_units, ppcl_train,
                                    save_training, unit_name)
 from compressdit.prune.tinyfusion import TinyFusionConfig, TinyFusionResult, tinyfusion_search
 from compressdit.registry import Registry
@@ -300,10 +300,10 @@ def _ppcl(state: PipelineState, config: PPCLStageConfig) -> Selection:
                      f"held-out unit error (initial -> trained student): {errors}"
                      + ("; training reused from an earlier run with the same model and settings" if cached else ""))
     removed = sum(u.size - 1 for u in result.plugged)
-    notes.append(f"ppcl plug order (lowest held-out error per removed block first; one training serves each prefix): "
-                 f"{', '.join(unit_name(u) for u in plug_order(training)) or 'none'}; plugged "
-                 f"{len(result.plugged)} of {len(merged)} units, {removed} blocks removed"
-                 f" (plug {config.plug if config.plug is not None else config.ratio})")
+    removed = sum(u.size - 1 for u in result.plugged)
+    notes.append(f"ppcl plugging: {len(result.plugged)} of {len(merged)} trained units plugged in "
+                 f"({', '.join(unit_name(u) for u in result.plugged) or 'none'}), {removed} blocks removed (plug "
+                 f"{config.plug if config.plug is not None else 'all'}); the others keep their original blocks")
     return Selection(result.keep, table, _ppcl_figure(training, result.keep), notes, result.reproduces)
 
 

@@ -10,7 +10,8 @@ from compressdit.errors import ConfigError
 from compressdit.models import ADAPTERS
 from compressdit.models.text_conditions import synthetic_text
 from compressdit.prune.depth import remove_blocks
-from compressdit.prune.ppcl import (PPCLConfig, Unit, load_training, plan_units, plug_order, plug_units, ppcl_prune,
+from compressdit.prune.ppcl import (PPCLConfig, Unit, choose_units, load_training, plan_units, plug_units,
+                                    ppcl_prune,
                                     ppcl_train, save_training, unit_loss)
 from tests.conftest import tiny_dit, tiny_flux
 
@@ -150,16 +151,14 @@ def test_one_training_serves_every_plug_ratio_and_survives_the_disk(tmp_path) ->
     assert loaded.replaceability == training.replaceability and loaded.history == training.history
     assert all(torch.equal(loaded.students[n][k], v) for n, state in training.students.items() for k, v in state.items())
 
-    order = plug_order(loaded)
-    per_block = [loaded.unit_error[f"{BLOCKS}[{u.start}-{u.end}]"][1] for u in order]
-    assert per_block == sorted(per_block)
+    by_error = sorted(loaded.units, key=lambda u: loaded.unit_error[f"{BLOCKS}[{u.start}-{u.end}]"][1])
     for plug, plugged in [(0.125, 1), (0.25, 2), (0.3, 2), (0.5, 4), (None, 4)]:
         copy = tiny_dit(layers=8).eval()
         copy.load_state_dict(before)
         result = plug_units(copy, adapter, loaded, plug)
-        assert set(result.plugged) == set(order[:plugged])
+        assert set(result.plugged) == set(by_error[:plugged])
         assert len(result.keep[BLOCKS]) == 8 - plugged
-        for unit in order[plugged:]:  # unplugged units keep both blocks, which reproduce themselves
+        for unit in by_error[plugged:]:  # unplugged units keep both blocks, which reproduce themselves
             assert {unit.start, unit.end} <= set(result.keep[BLOCKS]) and unit.start in result.reproduces[BLOCKS]
         for unit in result.plugged:
             assert unit.student in result.keep[BLOCKS] and unit.end in result.reproduces[BLOCKS]
@@ -168,6 +167,19 @@ def test_one_training_serves_every_plug_ratio_and_survives_the_disk(tmp_path) ->
         assert len(result.reproduces[BLOCKS]) == len(result.keep[BLOCKS])
         remove_blocks(copy, adapter, result.keep)
         assert copy.config.num_layers == 8 - plugged
+
+
+def test_choose_units_removes_the_most_blocks_allowed_at_the_least_error() -> None:
+    from compressdit.prune.ppcl import PPCLTraining
+
+    units = [Unit(BLOCKS, 0, 2, 1), Unit(BLOCKS, 3, 4, 3), Unit(BLOCKS, 5, 6, 5), Unit(BLOCKS, 7, 7, 7)]
+    errors = {"transformer_blocks[0-2]": 0.1, "transformer_blocks[3-4]": 0.3, "transformer_blocks[5-6]": 0.2}
+    training = PPCLTraining({}, {}, units, unit_error={k: (1.0, v) for k, v in errors.items()})
+    assert choose_units(training, 0) == []
+    assert choose_units(training, 1) == [units[2]]  # the cheaper of the two single-block units
+    assert choose_units(training, 2) == [units[0]]  # 0.1 beats [3-4] + [5-6] (0.5)
+    assert set(choose_units(training, 3)) == {units[0], units[2]}
+    assert set(choose_units(training, 9)) == set(units[:3])  # every merged unit: 4 blocks
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -155,6 +155,34 @@ def test_score_function_draws_are_hard_and_its_gradient_prefers_the_cheaper_patt
         draw.objective(losses[:1])
 
 
+def test_plackett_luce_keeps_n_blocks_learns_per_block_and_decides_the_top_n() -> None:
+    torch.manual_seed(0)
+    estimator = MASK_ESTIMATORS.get("plackett_luce")()
+    groups = [Group(DOUBLE, (0, 1), 1), Group(DOUBLE, tuple(range(2, 8)), 3)]
+    patterns = [keep_patterns(1, 2), keep_patterns(3, 6)]
+    assert [estimator.logit_count(t) for t in patterns] == [2, 6]  # one per block, not C(6, 3) = 20
+    logits = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(6))]
+    draws, samples = 4, 128
+    draw = estimator.draw(groups, patterns, logits, 1.0, 1.0, draws * samples)
+    stacked = torch.stack([draw.masks[(DOUBLE, i)] for i in range(8)], 1)
+    assert set(stacked.unique().tolist()) == {0.0, 1.0}
+    assert torch.all(stacked[:, :2].sum(1) == 1) and torch.all(stacked[:, 2:].sum(1) == 3)
+    losses = ((1 - stacked[:, 0]) + 0.5 * (1 - stacked[:, 4])).view(draws, samples) + 0.1
+    draw.objective(losses).backward()
+    assert logits[0].grad[0] < 0 < logits[0].grad[1]
+    assert logits[1].grad[2] == logits[1].grad.min() < 0  # block 4 is the 3rd of the second group
+
+    # 1 of 2 is a softmax over the two blocks; the decision is the top-N blocks
+    table, logit = patterns[0], torch.tensor([0.3, -0.2])
+    probability = estimator.pattern_probabilities(table, logit, scaling=2.0)
+    assert torch.allclose(probability, torch.softmax(logit * 2.0, 0), atol=0.02)
+    logit = torch.tensor([0.1, 2.0, -1.0, 1.5, 0.0, 0.9])
+    probability = estimator.pattern_probabilities(patterns[1], logit, scaling=1.0)
+    assert probability.sum() == pytest.approx(1.0) and len(probability) == 20
+    chosen = estimator.decide(patterns[1], logit)
+    assert patterns[1][chosen].tolist() == [0, 1, 0, 1, 0, 1] and chosen == int(probability.argmax())
+
+
 # LoRA ------------------------------------------------------------------------------------------------------
 
 
@@ -184,7 +212,7 @@ def _data(count: int = 64) -> DistillData:
     return DistillData(torch.randn(count, 4, 8, 8, generator=gen), torch.arange(count) % 10, ids, ids, 1000)
 
 
-@pytest.mark.parametrize("estimator, draws", [("straight_through", 1), ("score_function", 4)])
+@pytest.mark.parametrize("estimator, draws", [("straight_through", 1), ("score_function", 4), ("plackett_luce", 4)])
 def test_search_drops_an_identity_block_and_the_result_reloads(tmp_path, estimator: str, draws: int) -> None:
     model = tiny_dit(layers=4)  # groups (0, 1) and (2, 3); blocks 1 and 2 pass their input through
     _make_identity(model, DIT, {(DOUBLE, 1), (DOUBLE, 2)})
@@ -233,7 +261,7 @@ def test_search_is_seeded_and_runs_without_lora_on_flux() -> None:
                                               ({"output_weight": 0.0, "data_weight": 0.0}, "not both 0"),
                                               ({"lora_rnk": 4}, "unknown key 'lora_rnk'"),
                                               ({"estimator": "gumbel"}, "estimator: unknown 'gumbel'; known: "
-                                               "score_function, straight_through"),
+                                               "plackett_luce, score_function, straight_through"),
                                               ({"estimator": "score_function"}, "mask_draws: .* at least 2"),
                                               ({"mask_draws": 3, "batch_size": 32}, "multiple of mask_draws")])
 def test_config_errors_name_the_key(changes: dict, message: str) -> None:

@@ -107,7 +107,7 @@ def test_ppcl_trains_once_for_every_plug_ratio(pipeline_dir: Path, tmp_path: Pat
     # units [0-1] and [2-3] (students from their first block): one is plugged, the other keeps both blocks
     kept = [originals.index(block) for block in quarter.model.transformer_blocks]
     assert (kept, quarter.block_origin[BLOCKS]) in (([0, 2, 3], [1, 2, 3]), ([0, 1, 2], [0, 1, 3]))
-    assert "plugged 1 of 2 units, 1 blocks removed (plug 0.25)" in quarter.notes[-1]
+    assert "1 of 2 trained units plugged in" in quarter.notes[-1] and "1 blocks removed (plug 0.25)" in quarter.notes[-1]
 
 
 def test_pruning_twice_maps_blocks_to_the_reference(pipeline_dir: Path, tmp_path: Path) -> None:
