@@ -147,7 +147,7 @@ def _training_samples(recipe) -> int:
     return total
 
 
-@pytest.mark.parametrize("name", ["tinyfusion-50", "ppcl-50", "ppcl-25", "blockinfluence-50", "blockinfluence-25",
+@pytest.mark.parametrize("name", ["tinyfusion-50", "ppcl-50", "ppcl-33", "blockinfluence-50", "blockinfluence-33",
                                   "width-30", "width-30-magnitude",
                                   "prune-distill-quantize"])
 def test_structural_recipes_share_one_budget_under_a_tenth_of_reference_training(name: str) -> None:
