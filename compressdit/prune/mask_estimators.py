@@ -59,6 +59,9 @@ class MaskEstimator(Protocol):
     def pattern_probabilities(self, table: torch.Tensor, logit: torch.Tensor, scaling: float) -> torch.Tensor:
         """The probability of each keep-pattern (``[C]``) under ``logit``."""
 
+    def keep_probability(self, table: torch.Tensor, logit: torch.Tensor, scaling: float) -> torch.Tensor:
+        """The probability that each block of the group stays (``[M]``)."""
+
     def decide(self, table: torch.Tensor, logit: torch.Tensor) -> int:
         """The keep-pattern (row of ``table``) the search settles on."""
 
@@ -113,6 +116,9 @@ class _PatternLogits:
     def pattern_probabilities(self, table: torch.Tensor, logit: torch.Tensor, scaling: float) -> torch.Tensor:
         return torch.softmax(logit.detach() * scaling, 0)
 
+    def keep_probability(self, table: torch.Tensor, logit: torch.Tensor, scaling: float) -> torch.Tensor:
+        return self.pattern_probabilities(table, logit, scaling) @ table.to(logit)
+
     def decide(self, table: torch.Tensor, logit: torch.Tensor) -> int:
         return int(logit.argmax())
 
@@ -149,9 +155,9 @@ PROBABILITY_DRAWS = 8192  # Plackett-Luce pattern probabilities are estimated fr
 
 
 def _top_blocks(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """0/1 rows marking the ``keep`` largest entries of each row of ``scores``."""
+    """0/1 rows marking the ``keep`` largest entries of each row of ``scores`` (none when ``keep`` is 0)."""
     mask = torch.zeros_like(scores)
-    return mask.scatter_(-1, scores.topk(keep, -1).indices, 1.0)
+    return mask.scatter_(-1, scores.topk(keep, -1).indices, 1.0) if keep else mask
 
 
 @MASK_ESTIMATORS.register("plackett_luce")
@@ -177,18 +183,22 @@ class PlackettLuce:
             keeps.append(torch.zeros_like(scores).scatter_(-1, order[:, :group.keep], 1.0).detach())
         return _ScoreFunctionDraw(_masks_from(groups, keeps), log_probability)
 
-    def pattern_probabilities(self, table: torch.Tensor, logit: torch.Tensor, scaling: float) -> torch.Tensor:
+    def _drawn_sets(self, table: torch.Tensor, logit: torch.Tensor, scaling: float) -> torch.Tensor:
+        """``PROBABILITY_DRAWS`` seeded draws of the kept blocks, ``[draws, M]`` 0/1."""
         keep = int(table[0].sum())
-        if keep == 0:
-            return torch.ones(len(table))
         gen = torch.Generator().manual_seed(0)
         scores = logit.detach().float().cpu() * scaling
         gumbel = -torch.empty(PROBABILITY_DRAWS, len(scores)).exponential_(generator=gen).log()
-        drawn = _top_blocks(scores + gumbel, keep)
-        matches = (drawn @ table.cpu().T == keep).float()  # [draws, C]: the drawn set is pattern c
+        return _top_blocks(scores + gumbel, keep)
+
+    def pattern_probabilities(self, table: torch.Tensor, logit: torch.Tensor, scaling: float) -> torch.Tensor:
+        drawn = self._drawn_sets(table, logit, scaling)
+        matches = (drawn @ table.cpu().T == table[0].sum().cpu()).float()  # [draws, C]: the drawn set is pattern c
         return matches.mean(0)
 
+    def keep_probability(self, table: torch.Tensor, logit: torch.Tensor, scaling: float) -> torch.Tensor:
+        return self._drawn_sets(table, logit, scaling).mean(0)
+
     def decide(self, table: torch.Tensor, logit: torch.Tensor) -> int:
-        keep = int(table[0].sum())
-        chosen = _top_blocks(logit.detach().float().cpu()[None], keep) if keep else torch.zeros(1, table.shape[1])
+        chosen = _top_blocks(logit.detach().float().cpu()[None], int(table[0].sum()))
         return int((table.cpu() == chosen).all(1).float().argmax())

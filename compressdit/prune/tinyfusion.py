@@ -343,8 +343,7 @@ class TinyFusionResult:
 
 def _keep_probability(estimator: MaskEstimator, patterns: list[torch.Tensor], logits: list[torch.Tensor],
                       scaling: float) -> list[float]:
-    return [float(p) for table, logit in zip(patterns, logits)
-            for p in estimator.pattern_probabilities(table, logit, scaling) @ table.cpu()]
+    return [float(p) for table, logit in zip(patterns, logits) for p in estimator.keep_probability(table, logit, scaling)]
 
 
 def _decide(model: nn.Module, adapter: ModelAdapter, estimator: MaskEstimator, groups: list[Group],

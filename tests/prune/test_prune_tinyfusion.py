@@ -181,6 +181,12 @@ def test_plackett_luce_keeps_n_blocks_learns_per_block_and_decides_the_top_n() -
     assert probability.sum() == pytest.approx(1.0) and len(probability) == 20
     chosen = estimator.decide(patterns[1], logit)
     assert patterns[1][chosen].tolist() == [0, 1, 0, 1, 0, 1] and chosen == int(probability.argmax())
+    marginal = estimator.keep_probability(patterns[1], logit, scaling=1.0)
+    assert torch.allclose(marginal, probability @ patterns[1]) and marginal.sum() == pytest.approx(3.0)
+    assert marginal.argsort(descending=True)[:3].sort().values.tolist() == [1, 3, 5]
+    nothing = torch.zeros(1, 3)  # a lone remainder group that keeps no block
+    assert estimator.pattern_probabilities(nothing, torch.zeros(3), 1.0).tolist() == [1.0]
+    assert estimator.decide(nothing, torch.zeros(3)) == 0
 
 
 # LoRA ------------------------------------------------------------------------------------------------------
