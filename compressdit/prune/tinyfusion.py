@@ -1,12 +1,14 @@
 """TinyFusion: learnable depth pruning (Fang et al., CVPR 2025, arXiv 2412.01199).
 
 The candidate blocks of each stack (all but a ``keep_last`` block) are cut into consecutive groups of ``M`` that
-keep ``N`` (``pattern: "N:M"``); groups never straddle stacks. A group has one logit per keep-pattern (all
-``C(M, N)``). Each sample of a batch draws a pattern per group by hard Gumbel-softmax (straight-through), and a
-dropped block turns into the identity of the gated residual ``m * block(x) + (1 - m) * x`` on every stream it
-returns. LoRA on every ``nn.Linear`` of the blocks trains jointly with the logits on the distillation loss, so
-the choice favours blocks whose removal the weights can recover from. The decision is the argmax of the EMA
-logits per group; the LoRA is then dropped and the model keeps its original weights::
+keep ``N`` (``pattern: "N:M"``); groups never straddle stacks. Each sample of a batch draws a keep-pattern per
+group, and a dropped block turns into the identity of the gated residual ``m * block(x) + (1 - m) * x`` on
+every stream it returns. How patterns are drawn and the logits learn is the config's ``estimator``
+(:mod:`~compressdit.prune.mask_estimators`): the paper's hard Gumbel-softmax over one logit per pattern
+(straight-through), or score-function gradients over one logit per pattern or per block. LoRA on every
+``nn.Linear`` of the blocks trains jointly with the logits on the distillation loss, so the choice favours
+blocks whose removal the weights can recover from. The decision is the estimator's most probable pattern under
+the EMA logits; the LoRA is then dropped and the model keeps its original weights::
 
     result = tinyfusion_search(model, adapter, TinyFusionConfig(pattern="1:2", steps=300), data)
     remove_blocks(model, adapter, result.keep)
@@ -407,7 +409,8 @@ def tinyfusion_search(model: nn.Module, adapter: ModelAdapter, config: TinyFusio
                                           + ([{"params": lora_params, "lr": config.lr_lora}] if loras else []),
                                           weight_decay=0.0)
             bar = stack.enter_context(progress_bar("tinyfusion search", total=config.steps, quiet=quiet))
-            samples = config.batch_size // config.mask_draws
+            draws = config.mask_draws
+            samples = config.batch_size // draws
             for step in range(config.steps):
                 tau = temperature(step, config.steps, config.tau_start, config.tau_end)
                 batch = sampler.draw(samples, gen)
@@ -418,7 +421,6 @@ def tinyfusion_search(model: nn.Module, adapter: ModelAdapter, config: TinyFusio
                 if config.output_weight:
                     with torch.no_grad(), _lora_off(loras):
                         teacher = adapter.predict(model, x_t, timestep, cond)
-                draws = config.mask_draws
                 draw = estimator.draw(groups, patterns, logits, config.scaling, tau, config.batch_size)
                 masks.update(draw.masks)
                 pred = adapter.predict(model, x_t.repeat(draws, *[1] * (x_t.dim() - 1)), timestep.repeat(draws),
