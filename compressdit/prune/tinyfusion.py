@@ -8,7 +8,8 @@ every stream it returns. How patterns are drawn and the logits learn is the conf
 (straight-through), or score-function gradients over one logit per pattern or per block. LoRA on every
 ``nn.Linear`` of the blocks trains jointly with the logits on the distillation loss, so the choice favours
 blocks whose removal the weights can recover from. The decision is the estimator's most probable pattern under
-the EMA logits; the LoRA is then dropped and the model keeps its original weights::
+the EMA logits; the LoRA is then dropped (the model keeps its original weights) or, with ``merge_lora``, merged
+into the blocks::
 
     result = tinyfusion_search(model, adapter, TinyFusionConfig(pattern="1:2", steps=300), data)
     remove_blocks(model, adapter, result.keep)
@@ -213,6 +214,12 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         self.enabled = True
 
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ``alpha / rank * B A`` into the base layer's weight (in its dtype)."""
+        delta = (self.lora_b @ self.lora_a) * self.scale
+        self.base.weight.add_(delta.to(self.base.weight.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if not self.enabled:
@@ -270,7 +277,8 @@ class TinyFusionConfig(StrictConfig):
     unpruned model's prediction + ``data_weight`` * the diffusion / flow loss. ``lora: false`` trains the logits
     alone (TinyFusion's "Frozen"). ``scaling`` multiplies the logits (100: near one-hot once they move);
     the temperature falls linearly from ``tau_start`` to ``tau_end``. ``ema_decay`` suits a few hundred steps
-    (the paper: 0.999 over 10k). ``estimator`` (:mod:`~compressdit.prune.mask_estimators`): ``straight_through``
+    (the paper: 0.999 over 10k). ``merge_lora: true`` keeps what the LoRA learnt: it is merged into the blocks'
+    weights at the end (a head start for the distillation that follows), else dropped. ``estimator`` (:mod:`~compressdit.prune.mask_estimators`): ``straight_through``
     (the paper's Gumbel-softmax) or ``score_function``. A step runs ``batch_size`` rows: ``batch_size /
     mask_draws`` samples, each under ``mask_draws`` independent mask draws (same noise, timestep, condition).
     """
@@ -288,6 +296,7 @@ class TinyFusionConfig(StrictConfig):
     tau_end: float = 0.1
     logit_init: float = 0.02
     ema_decay: float = 0.99
+    merge_lora: bool = False
     grad_clip: float = 1.0
     output_weight: float = 0.9
     data_weight: float = 0.1
@@ -374,7 +383,8 @@ def _per_row_mse(prediction: torch.Tensor, target: torch.Tensor, draws: int) -> 
 
 def tinyfusion_search(model: nn.Module, adapter: ModelAdapter, config: TinyFusionConfig, data: DistillData,
                       scheduler_config: dict[str, Any] | None = None, quiet: bool = False) -> TinyFusionResult:
-    """Learn which blocks to keep (the model is unchanged afterwards: LoRA and gates are removed).
+    """Learn which blocks to keep (afterwards the gates and LoRA modules are gone; the weights are as before unless
+    ``config.merge_lora``).
 
     The unpruned teacher is the same model with gates open and LoRA off, so no copy is made. Seeded by
     ``config.seed``; the global RNG is left as it was.
@@ -444,6 +454,9 @@ def tinyfusion_search(model: nn.Module, adapter: ModelAdapter, config: TinyFusio
                 result.history.append({"loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "tau": tau})
                 result.keep_probability.append(_keep_probability(estimator, patterns, ema, config.scaling))
                 bar.update(1, loss=loss.item(), tau=tau)
+            if config.merge_lora:
+                for lora in loras:
+                    lora.merge()
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)

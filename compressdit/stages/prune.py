@@ -197,13 +197,15 @@ def _tinyfusion(state: PipelineState, config: TinyFusionStageConfig) -> Selectio
         ranked = sorted(zip(d.probabilities, d.patterns), key=lambda pair: -pair[0])[:3]
         rows.append([d.stack, f"{d.blocks[0]}-{d.blocks[-1]}", ", ".join(map(str, d.kept)) or "none",
                      "; ".join(f"[{', '.join(map(str, kept))}] {p:.3f}" for p, kept in ranked)])
-    table = {"title": f"depth pruning: TinyFusion decisions ({config.pattern} per group, argmax of the EMA logits)",
+    table = {"title": f"depth pruning: TinyFusion decisions ({config.pattern} per group, most probable under the "
+                      "EMA logits)",
              "header": ["stack", "group", "kept blocks", "top keep-patterns (probability)"], "rows": rows}
     first, last = result.history[:10], result.history[-10:]
+    weights = "LoRA merged into the blocks" if config.merge_lora and config.lora else "original block weights kept"
     note = (f"tinyfusion search: {config.steps} steps x batch {config.batch_size} "
             f"({'LoRA rank ' + str(config.lora_rank) if config.lora else 'logits only'}), {config.estimator} "
-            f"estimator ({config.mask_draws} mask draws per sample), tau {config.tau_start} -> {config.tau_end}; loss {_mean_loss(first):.4g} -> {_mean_loss(last):.4g} "
-            f"(mean of the first / last 10 steps); LoRA dropped, kept blocks keep their original weights")
+            f"estimator ({config.mask_draws} mask draws per sample), tau {config.tau_start} -> {config.tau_end}; "
+            f"loss {_mean_loss(first):.4g} -> {_mean_loss(last):.4g} (mean of the first / last 10 steps); {weights}")
     return Selection(result.keep, table, _decision_figure(result), [note])
 
 

@@ -209,6 +209,29 @@ def test_lora_starts_at_the_base_layer_trains_alone_and_goes_away() -> None:
     assert all(block.get_submodule(n) is m for n, m in linears.items())
 
 
+def test_lora_merge_folds_the_adapter_into_the_base_weight() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4)
+    lora = LoRALinear(base, rank=2, alpha=4.0)
+    nn.init.normal_(lora.lora_b)
+    x = torch.randn(3, 6)
+    expected = lora(x).detach()
+    lora.merge()
+    torch.testing.assert_close(base(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_search_with_merge_lora_leaves_trained_weights_and_no_adapters() -> None:
+    model = tiny_dit(layers=4)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TinyFusionConfig(pattern="1:2", steps=3, batch_size=4, lr_lora=1e-2, merge_lora=True)
+    tinyfusion_search(model, DIT, config, _data(), quiet=True)
+    assert not any(isinstance(m, (LoRALinear, GatedBlock)) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == original.keys()
+    changed = {k for k, v in after.items() if not torch.equal(v, original[k])}
+    assert changed and all(k.startswith("transformer_blocks.") and k.endswith(".weight") for k in changed)
+
+
 # the search ------------------------------------------------------------------------------------------------
 
 
