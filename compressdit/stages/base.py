@@ -40,6 +40,14 @@ class PipelineState:
     # distill's ``layer_map: auto``)
     block_origin: dict | None = None
 
+    def cache_folder(self) -> Path:
+        """``cache_dir``, or the default cache folder when none was given."""
+        if self.cache_dir is not None:
+            return self.cache_dir
+        from compressdit.pipeline import default_cache_dir
+
+        return default_cache_dir()
+
 
 class Stage(ABC):
     """A stage parses its config (strict) and mutates the pipeline state."""

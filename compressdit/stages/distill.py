@@ -164,12 +164,7 @@ class DistillStage(Stage):
 
         started = time.perf_counter()
         teacher = load_source(state.reference_spec, name=state.reference_spec)  # the source model was edited in place
-        cache_dir = state.cache_dir
-        if cache_dir is None:
-            from compressdit.pipeline import default_cache_dir
-
-            cache_dir = default_cache_dir()
-        metrics = run_distillation(state.model, teacher, config, cache_dir, state.quiet, state.block_origin,
+        metrics = run_distillation(state.model, teacher, config, state.cache_folder(), state.quiet, state.block_origin,
                                    (state.source,))
         if not metrics["completed"]:
             raise TrainingIncomplete(incomplete_message(metrics))

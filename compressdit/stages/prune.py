@@ -11,7 +11,6 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 
@@ -147,20 +146,12 @@ class TinyFusionStageConfig(_ImagesKey, TinyFusionConfig):
     """
 
 
-def _cache_dir(state: PipelineState) -> Path:
-    if state.cache_dir is not None:
-        return state.cache_dir
-    from compressdit.pipeline import default_cache_dir
-
-    return default_cache_dir()
-
-
 def _training_data(state: PipelineState, images: int | None):
     """Fashion-MNIST latents for searches that train (TinyFusion, PPCL), cached like the distill stage's."""
     from compressdit.distill.data import fmnist_data
     from compressdit.stages.distill import vae_folder
 
-    return fmnist_data(state.adapter, vae_folder(state.source), _cache_dir(state) / "distill-data", images)
+    return fmnist_data(state.adapter, vae_folder(state.source), state.cache_folder() / "distill-data", images)
 
 
 def _scheduler_config(state: PipelineState) -> dict | None:
@@ -256,7 +247,7 @@ def _cached_training(state: PipelineState, config: PPCLStageConfig) -> tuple[PPC
 
     settings = {k: v for k, v in config.to_dict().items() if k not in ("plug", "method")}
     key = json.dumps({"config": settings, "model": fingerprint(state.model)}, sort_keys=True)
-    folder = _cache_dir(state) / "ppcl-runs" / hashlib.sha1(key.encode()).hexdigest()[:16]
+    folder = state.cache_folder() / "ppcl-runs" / hashlib.sha1(key.encode()).hexdigest()[:16]
     if (folder / "training.json").exists():
         return load_training(folder), True
     data = _training_data(state, config.images)

@@ -59,11 +59,7 @@ def calibration_batches(state: PipelineState, config: PruneWidthConfig) -> Itera
     from compressdit.distill.objectives import objective_for
     from compressdit.stages.distill import vae_folder
 
-    cache_dir = state.cache_dir
-    if cache_dir is None:
-        from compressdit.pipeline import default_cache_dir
-
-        cache_dir = default_cache_dir()
+    cache_dir = state.cache_folder()
     adapter, model = state.adapter, state.model
     data = fmnist_data(adapter, vae_folder(state.source), cache_dir / "distill-data", config.images)
     scheduler = state.source.scheduler
