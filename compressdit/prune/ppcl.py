@@ -353,8 +353,9 @@ def ppcl_train(model: nn.Module, adapter: ModelAdapter, config: PPCLConfig, data
 
 
 def choose_units(training: PPCLTraining, budget: int) -> list[Unit]:
-    """The merged units to plug: as many removed blocks as ``budget`` allows (each unit removes ``size - 1``),
-    and among the subsets that remove that many, the least summed held-out error after distillation."""
+    """The merged units to plug, in training order: as many removed blocks as ``budget`` allows (each unit
+    removes ``size - 1``), and among the subsets that remove that many, the least summed held-out error after
+    distillation."""
     # best[c]: (summed error, units) of the cheapest subset removing exactly c blocks
     best: dict[int, tuple[float, tuple[Unit, ...]]] = {0: (0.0, ())}
     for unit in (u for u in training.units if u.size > 1):
@@ -375,7 +376,8 @@ def plug_units(model: nn.Module, adapter: ModelAdapter, training: PPCLTraining, 
     """
     candidates = sum(len(getattr(model, s.attribute)) - int(s.keep_last) for s in adapter.block_stacks)
     budget = candidates if plug is None else math.floor(candidates * plug + 0.5)
-    plugged = set(choose_units(training, budget))
+    order = choose_units(training, budget)
+    plugged = set(order)
     keep: dict[str, list[int]] = {}
     reproduces: dict[str, list[int]] = {}
     for unit in training.units:
@@ -391,7 +393,6 @@ def plug_units(model: nn.Module, adapter: ModelAdapter, training: PPCLTraining, 
     with torch.no_grad():
         for unit in plugged:
             getattr(model, unit.stack)[unit.student].load_state_dict(training.students[unit_name(unit)])
-    order = [u for u in training.units if u in plugged]
     return PPCLResult(training, order, keep, reproduces)
 
 

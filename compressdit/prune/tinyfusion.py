@@ -278,9 +278,10 @@ class TinyFusionConfig(StrictConfig):
     alone (TinyFusion's "Frozen"). ``scaling`` multiplies the logits (100: near one-hot once they move);
     the temperature falls linearly from ``tau_start`` to ``tau_end``. ``ema_decay`` suits a few hundred steps
     (the paper: 0.999 over 10k). ``merge_lora: true`` keeps what the LoRA learnt: it is merged into the blocks'
-    weights at the end (a head start for the distillation that follows), else dropped. ``estimator`` (:mod:`~compressdit.prune.mask_estimators`): ``straight_through``
-    (the paper's Gumbel-softmax) or ``score_function``. A step runs ``batch_size`` rows: ``batch_size /
-    mask_draws`` samples, each under ``mask_draws`` independent mask draws (same noise, timestep, condition).
+    weights at the end (a head start for the distillation that follows), else dropped. ``estimator``
+    (:mod:`~compressdit.prune.mask_estimators`): ``straight_through`` (the paper's Gumbel-softmax),
+    ``score_function`` or ``plackett_luce``. A step runs ``batch_size`` rows: ``batch_size / mask_draws``
+    samples, each under ``mask_draws`` independent mask draws (same noise, timestep, condition).
     """
 
     pattern: str = "1:2"
@@ -354,7 +355,8 @@ class TinyFusionResult:
 
 def _keep_probability(estimator: MaskEstimator, patterns: list[torch.Tensor], logits: list[torch.Tensor],
                       scaling: float) -> list[float]:
-    return [float(p) for table, logit in zip(patterns, logits) for p in estimator.keep_probability(table, logit, scaling)]
+    return [float(p) for table, logit in zip(patterns, logits)
+            for p in estimator.keep_probability(table, logit, scaling)]
 
 
 def _decide(model: nn.Module, adapter: ModelAdapter, estimator: MaskEstimator, groups: list[Group],
