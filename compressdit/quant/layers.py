@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressdit.quant.kernel_registry import cache_of, kernel_name_of, run_kernel
 from compressdit.quant.kernels import int8_gemm_supported, int8_linear
 from compressdit.quant.primitives import (dequantize_weight, fake_quantize_activation, pack_codes, packed_shape,
                                           quantize_weight_rtn, unpack_codes)
@@ -39,7 +40,9 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
     """Base of every quantized linear: a packed ``weight`` plus the format's own tensors.
 
     ``quantized_tensors`` names the tensors the checkpoint stores as saved (never cast to the
-    model's dtype); subclasses implement :meth:`effective_weight` and ``forward``.
+    model's dtype); subclasses implement :meth:`effective_weight` and ``forward``. ``forward`` runs the
+    layer's registered kernel (:mod:`compressdit.quant.kernel_registry`) when one applies, else the
+    dequantize reference; ``kernel_name`` says which.
     """
 
     quantized_tensors: ClassVar[tuple[str, ...]] = ("weight",)
@@ -59,6 +62,15 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
+
+    @property
+    def kernel_name(self) -> str:
+        """The registered kernel this layer runs on its device, or ``"reference"``."""
+        return kernel_name_of(self)
+
+    def _apply(self, fn, recurse: bool = True):
+        cache_of(self).clear()  # prepacked buffers belong to the old device/dtype: rebuilt on the next forward
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.label}"
@@ -171,8 +183,19 @@ class QuantLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transform_input(x)
+        out = run_kernel(self, x)
+        if out is not None:
+            return out
         if self.uses_int8_gemm(x):
             return int8_linear(x, self.weight, self.weight_scale, self.bias, self.spec.a_granularity)
+        return self.reference_linear(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The ground truth every kernel is tested against: transform, fake-quantize, dequantize, matmul."""
+        return self.reference_linear(self.transform_input(x))
+
+    def reference_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference on already transformed activations."""
         if self.spec.a_bits is not None:
             x = fake_quantize_activation(x, self.spec.a_bits, self.spec.a_granularity, self.input_scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compressdit.quant.kernel_registry import run_kernel
 from compressdit.quant.layers import PackedParameter, QuantizedLinear
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.vq_ops import vq_decode, vq_linear
@@ -90,6 +91,11 @@ class VQLinear(QuantizedLinear):
         return weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = run_kernel(self, x)
+        return self.reference_forward(x) if out is None else out
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``compressdit::vq_linear`` op (CUDA kernels or the PyTorch reference)."""
         if self.row_scale is None:
             return vq_linear(x, self.weight, self.codebook, self.bias, self.in_features, self.code_bits)
         out = vq_linear(x, self.weight, self.codebook, None, self.in_features, self.code_bits)

@@ -1,0 +1,193 @@
+"""CPU kernels of quantized linears (see :mod:`compressdit.quant.kernel_registry`).
+
+- ``cpu-w8a8-onednn``: W8A8 (int8 per-channel symmetric weights, dynamic symmetric int8 activations per
+  token or per tensor) as a real u8 x s8 -> s32 oneDNN GEMM. The activation codes are exactly the
+  reference's (``round(x / s)``, ``s = absmax / 127`` per token), shifted by 128 into uint8 with zero point
+  128 and a unit scale; the per-token and per-channel scales and the bias are applied to the fp32 output.
+  So the spec's semantics are kept (not fbgemm's per-tensor asymmetric activations) and outputs equal the
+  reference up to fp32 summation order.
+- ``cpu-int4-weight``: weight-only (or fake-quantized activations) int codes of 2-4 bits, groups of
+  32/64/128/256 or per channel, via ``_weight_int4pack_mm_for_cpu``: activations are rounded to bf16
+  (its fast path), the rest is exact. Above ``INT4_MAX_ROWS`` rows the dequantize reference is faster.
+- ``cpu-int8-weight``: weight-only int codes of 5-8 bits per channel (symmetric) via
+  ``_weight_int8pack_mm`` on bf16 activations (per-channel scales applied in fp32 afterwards).
+- ``cpu-vq-dense``: VQ weights decoded once at prepack into a dense fp32 weight (costs 4 bytes per
+  weight of RAM at run time; the checkpoint stays VQ), then a plain float matmul.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from compressdit.quant.kernel_registry import KERNELS, Kernel
+from compressdit.quant.primitives import fake_quantize_activation
+
+INT4_GROUPS = (32, 64, 128, 256)
+INT4_MAX_ROWS = 64   # above: dequantize + fp32 GEMM is faster than the int4 bf16 kernel on AVX2
+INT8_MAX_ROWS = 64
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
+# --- W8A8: oneDNN u8s8 GEMM with the reference's symmetric activation codes ------------------------------
+
+@torch.library.custom_op("compressdit::w8a8_linear_cpu", mutates_args=())
+def w8a8_linear_cpu(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
+                    bias: Optional[torch.Tensor], per_token: bool, out_features: int) -> torch.Tensor:
+    """``x @ W^T + b`` with dynamic symmetric int8 activations (per token or tensor) and int8 weights."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    if per_token:
+        a_scale = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True)
+    else:
+        a_scale = torch.linalg.vector_norm(x2, float("inf")).reshape(1, 1)
+    a_scale = a_scale.clamp_min(1e-8) / 127
+    codes = torch.round(x2 / a_scale).add_(128).clamp_(0, 255).to(torch.uint8)
+    acc = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0,
+                                             torch.float32, "none", [], "")
+    out = acc * a_scale if bias is None else torch.addcmul(bias, acc, a_scale)
+    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+@w8a8_linear_cpu.register_fake
+def _(x, packed, w_scale, w_zero, bias, per_token, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _w8a8_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    return (device.type == "cpu" and spec.format == "int" and spec.w_bits == 8 and spec.a_bits == 8
+            and spec.group_size is None and spec.w_symmetric and spec.a_granularity in ("per_token", "per_tensor")
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack"))
+
+
+def _w8a8_prepack(layer) -> dict:
+    return {"packed": torch.ops.onednn.qlinear_prepack(layer.weight.data.contiguous(), None),
+            "w_scale": layer.weight_scale.reshape(-1).float().contiguous(),
+            "w_zero": torch.zeros(layer.out_features, dtype=torch.long),
+            "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
+
+
+def _w8a8_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    return w8a8_linear_cpu(x, b["packed"], b["w_scale"], b["w_zero"], b["bias"],
+                           layer.spec.a_granularity == "per_token", layer.out_features)
+
+
+# --- weight-only int4 (tinygemm layout for CPU) -------------------------------------------------------------
+
+@torch.library.custom_op("compressdit::int4_weight_linear_cpu", mutates_args=())
+def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+                           bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+    """``x @ W^T + b`` with W = (q - 8) * scale + zero per group, activations in bf16."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_zeros).float()
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+@int4_weight_linear_cpu.register_fake
+def _(x, packed, scales_zeros, group_size, bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _int4_group(spec, in_features: int) -> int | None:
+    if spec.group_size is not None:
+        return spec.group_size if spec.group_size in INT4_GROUPS else None
+    return next((g for g in reversed(INT4_GROUPS[:3]) if in_features % g == 0), None)
+
+
+def _int4_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    out_features, in_features = shape
+    group = _int4_group(spec, in_features)
+    return (device.type == "cpu" and spec.format == "int" and spec.w_bits <= 4 and group is not None
+            and in_features % group == 0 and out_features % 16 == 0 and in_features % 64 == 0)
+
+
+def _int4_prepack(layer) -> dict:
+    group = _int4_group(layer.spec, layer.in_features)
+    codes = layer.codes().to(torch.int32) + 8                      # [-8, 7] -> [0, 15]
+    scale = layer.weight_scale.float()
+    zero = torch.zeros_like(scale) if layer.weight_zero is None else -layer.weight_zero.float() * scale
+    repeat = group * scale.shape[1] // layer.in_features         # per-channel: one scale for every group
+    scale, zero = (t.repeat_interleave(repeat, dim=1) if repeat != 1 else t for t in (scale, zero))
+    return {"packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1),
+            "scales_zeros": torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous(),
+            "group": group, "bias": None if layer.bias is None else layer.bias.detach().float()}
+
+
+def _fake_quantize_input(layer, x: torch.Tensor) -> torch.Tensor:
+    spec = layer.spec
+    return x if spec.a_bits is None else fake_quantize_activation(x, spec.a_bits, spec.a_granularity,
+                                                                   layer.input_scale)
+
+
+def _int4_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    if _rows(x) > INT4_MAX_ROWS:
+        return layer.reference_linear(x)
+    return int4_weight_linear_cpu(_fake_quantize_input(layer, x), b["packed"], b["scales_zeros"], b["group"],
+                                  b["bias"], layer.out_features)
+
+
+# --- weight-only int8 per channel ------------------------------------------------------------------------
+
+@torch.library.custom_op("compressdit::int8_weight_linear_cpu", mutates_args=())
+def int8_weight_linear_cpu(x: torch.Tensor, codes: torch.Tensor, ones: torch.Tensor, w_scale: torch.Tensor,
+                           bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ W^T + b`` with W = codes * scale per output channel, bf16 activations, scales applied in fp32."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    out = torch._weight_int8pack_mm(x2, codes, ones).float() * w_scale
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0])
+
+
+@int8_weight_linear_cpu.register_fake
+def _(x, codes, ones, w_scale, bias):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+def _int8_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    return (device.type == "cpu" and spec.format == "int" and spec.w_bits > 4 and spec.group_size is None
+            and spec.w_symmetric)
+
+
+def _int8_prepack(layer) -> dict:
+    return {"codes": layer.codes().contiguous(), "ones": torch.ones(layer.out_features, dtype=torch.bfloat16),
+            "w_scale": layer.weight_scale.reshape(-1).float(),
+            "bias": None if layer.bias is None else layer.bias.detach().float()}
+
+
+def _int8_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    if _rows(x) > INT8_MAX_ROWS:
+        return layer.reference_linear(x)
+    return int8_weight_linear_cpu(_fake_quantize_input(layer, x), b["codes"], b["ones"], b["w_scale"], b["bias"])
+
+
+# --- VQ: decode once -------------------------------------------------------------------------------------
+
+def _vq_prepack(layer) -> dict:
+    return {"weight": layer.effective_weight(torch.float32),
+            "bias": None if layer.bias is None else layer.bias.detach().float()}
+
+
+def _vq_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    bias = None if b["bias"] is None else b["bias"].to(x.dtype)
+    return F.linear(x, b["weight"].to(x.dtype), bias)
+
+
+KERNELS.add("cpu-w8a8-onednn", Kernel(
+    _w8a8_applies, _w8a8_prepack, _w8a8_run, priority=20,
+    description="oneDNN u8s8 int8 GEMM, the spec's dynamic symmetric activation codes, scales in fp32"))
+KERNELS.add("cpu-int4-weight", Kernel(
+    _int4_applies, _int4_prepack, _int4_run, priority=10,
+    description=f"_weight_int4pack_mm_for_cpu (bf16 activations) up to {INT4_MAX_ROWS} rows, else dequantize"))
+KERNELS.add("cpu-int8-weight", Kernel(
+    _int8_applies, _int8_prepack, _int8_run, priority=10,
+    description=f"_weight_int8pack_mm (bf16 activations) up to {INT8_MAX_ROWS} rows, else dequantize"))
+KERNELS.add("cpu-vq-dense", Kernel(
+    lambda spec, device, shape: device.type == "cpu" and spec.format == "vq", _vq_prepack, _vq_run, priority=10,
+    description="VQ weight decoded once at load into a dense fp32 weight (4 bytes per weight of RAM)"))

@@ -1,0 +1,169 @@
+"""Execution kernels of quantized linears: registered per format/spec/device, chosen per layer.
+
+A :class:`Kernel` runs a layer's forward from *runtime buffers* that its ``prepack`` builds once from
+the layer's saved tensors (packed codes, scales). The buffers are never saved and never moved: they
+live in the layer's :class:`KernelCache` (a plain attribute, so not in ``state_dict`` nor touched by
+``.to()``), are dropped by ``_apply`` (``.to()``, ``.float()``, ...) and are rebuilt on the next eager
+forward whenever a saved tensor changed (``load_state_dict``, accelerate/diffusers assigning loaded
+tensors, ``load_codes``, a device move). Checkpoints therefore stay portable. The layer class's
+dequantize-then-matmul reference is the fallback (no kernel applies) and the ground truth every kernel
+is tested against; ``layer.kernel_name`` says which one runs (``"reference"`` for the fallback).
+
+Each kernel's math is a ``torch.library`` custom op (namespace ``compressdit``) with a fake impl, so
+``torch.compile`` traces a quantized layer without graph breaks. Under compilation the staleness check
+is skipped: run one eager forward (or :func:`prepack_model`) before compiling.
+
+Joining the registry (e.g. a CUDA kernel from its own module)::
+
+    from compressdit.quant.kernel_registry import KERNELS, Kernel
+
+    KERNELS.add("cuda-int8-mm", Kernel(
+        applies=lambda spec, device, shape: device.type == "cuda" and spec.w_bits == 8 and spec.a_bits == 8,
+        prepack=lambda layer: {"codes_t": layer.weight.data.t().contiguous()},  # tensors for the op
+        run=lambda layer, x, buffers: torch.ops.compressdit.my_int8_op(x, buffers["codes_t"], ...),
+        priority=10, description="int8 x int8 -> int32 cuBLASLt GEMM, per-token activation scales"))
+
+then add the module to :data:`KERNEL_MODULES` so it is imported before the first selection. ``run``
+receives the activations after the layer's input transform (balancing/rotation); among the kernels
+that apply, the highest ``priority`` wins.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from compressdit.registry import Registry
+
+#: Modules that register kernels; imported (once) before the first kernel selection.
+KERNEL_MODULES: tuple[str, ...] = ("compressdit.quant.cpu_kernels",)
+REFERENCE = "reference"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """``applies(spec, device, (out_features, in_features))`` -> bool; ``prepack(layer)`` -> runtime
+    tensors; ``run(layer, x, buffers)`` -> output for transformed activations ``x``."""
+
+    applies: Callable[[Any, torch.device, tuple[int, int]], bool]
+    prepack: Callable[[nn.Module], dict[str, Any]]
+    run: Callable[[nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor]
+    description: str
+    priority: int = 0
+
+
+KERNELS: Registry[Kernel] = Registry("kernel")
+_imported = False
+
+
+def _import_kernel_modules() -> None:
+    global _imported
+    if not _imported:
+        for module in KERNEL_MODULES:
+            importlib.import_module(module)
+        _imported = True
+
+
+def select_kernel(spec, device: torch.device, shape: tuple[int, int]) -> str:
+    """Name of the highest-priority kernel that applies, else ``"reference"``."""
+    _import_kernel_modules()
+    fits = [(kernel.priority, name) for name, kernel in KERNELS.items() if kernel.applies(spec, device, shape)]
+    return max(fits)[1] if fits else REFERENCE
+
+
+class KernelCache:
+    """A layer's chosen kernel and its prepacked buffers; copies and pickles empty (rebuilt on demand)."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.kernel: Kernel | None = None
+        self.key: tuple | None = None
+        self.buffers: dict[str, Any] = {}
+        self.override: str | None = None
+
+    def __deepcopy__(self, memo) -> "KernelCache":
+        fresh = KernelCache()
+        fresh.override = self.override
+        return fresh
+
+    def __reduce__(self):
+        return KernelCache, ()
+
+    def clear(self) -> None:
+        self.name, self.kernel, self.key, self.buffers = None, None, None, {}
+
+    def nbytes(self) -> int:
+        tensors = [t for t in self.buffers.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors if not t.is_mkldnn)
+
+
+def _saved_tensors(layer: nn.Module) -> list[torch.Tensor]:
+    names = tuple(layer.quantized_tensors) + ("bias",)
+    return [t for t in (getattr(layer, n, None) for n in dict.fromkeys(names)) if isinstance(t, torch.Tensor)]
+
+
+def _state_key(layer: nn.Module) -> tuple:
+    return tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in _saved_tensors(layer))
+
+
+def cache_of(layer: nn.Module) -> KernelCache:
+    cache = layer.__dict__.get("_kernel_cache")
+    if cache is None:
+        cache = KernelCache()
+        layer.__dict__["_kernel_cache"] = cache
+    return cache
+
+
+def kernel_name_of(layer: nn.Module) -> str:
+    """The kernel ``layer`` runs on its current device (without prepacking)."""
+    override = cache_of(layer).override
+    if override is not None:
+        return override
+    return select_kernel(layer.spec, layer.weight.device, (layer.out_features, layer.in_features))
+
+
+@torch.no_grad()
+def refresh(layer: nn.Module) -> KernelCache:
+    """Select and prepack again when the layer's saved tensors changed since the last prepack."""
+    cache = cache_of(layer)
+    key = _state_key(layer)
+    if cache.key != key:
+        cache.clear()
+        name = kernel_name_of(layer)
+        if name != REFERENCE:
+            cache.kernel = KERNELS.get(name)
+            cache.buffers = cache.kernel.prepack(layer)
+        cache.name, cache.key = name, key
+    return cache
+
+
+def run_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The chosen kernel's output for transformed activations ``x``, or ``None`` for the reference path."""
+    cache = cache_of(layer) if torch.compiler.is_compiling() else refresh(layer)
+    if cache.kernel is None:
+        return None
+    return cache.kernel.run(layer, x, cache.buffers)
+
+
+def set_kernel(model: nn.Module, name: str | None) -> None:
+    """Force every quantized layer of ``model`` onto kernel ``name`` (e.g. ``"reference"``); ``None`` = auto."""
+    if name not in (None, REFERENCE):
+        KERNELS.get(name)
+    for module in model.modules():
+        if hasattr(module, "spec") and hasattr(module, "quantized_tensors"):
+            cache = cache_of(module)
+            cache.clear()
+            cache.override = name
+
+
+def prepack_model(model: nn.Module) -> dict[str, str]:
+    """Prepack every quantized layer now (e.g. before ``torch.compile``); returns layer name -> kernel."""
+    chosen = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "spec") and hasattr(module, "quantized_tensors"):
+            chosen[name] = refresh(module).name
+    return chosen
