@@ -112,7 +112,7 @@ def _int4_prepack(layer) -> dict:
     codes = layer.codes().to(torch.int32) + 8                      # [-8, 7] -> [0, 15]
     scale = layer.weight_scale.float()
     zero = torch.zeros_like(scale) if layer.weight_zero is None else -layer.weight_zero.float() * scale
-    repeat = group * scale.shape[1] // layer.in_features         # per-channel: one scale for every group
+    repeat = layer.in_features // group // scale.shape[1]        # per-channel: one scale for every group
     scale, zero = (t.repeat_interleave(repeat, dim=1) if repeat != 1 else t for t in (scale, zero))
     return {"packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1),
             "scales_zeros": torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous(),

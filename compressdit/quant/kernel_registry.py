@@ -7,7 +7,7 @@ live in the layer's :class:`KernelCache` (a plain attribute, so not in ``state_d
 forward whenever a saved tensor changed (``load_state_dict``, accelerate/diffusers assigning loaded
 tensors, ``load_codes``, a device move). Checkpoints therefore stay portable. The layer class's
 dequantize-then-matmul reference is the fallback (no kernel applies) and the ground truth every kernel
-is tested against; ``layer.kernel_name`` says which one runs (``"reference"`` for the fallback).
+is tested against (and what runs when gradients flow to the inputs); ``layer.kernel_name`` says which one runs (``"reference"`` for the fallback).
 
 Each kernel's math is a ``torch.library`` custom op (namespace ``compressdit``) with a fake impl, so
 ``torch.compile`` traces a quantized layer without graph breaks. Under compilation the staleness check
@@ -142,7 +142,10 @@ def refresh(layer: nn.Module) -> KernelCache:
 
 
 def run_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The chosen kernel's output for transformed activations ``x``, or ``None`` for the reference path."""
+    """The chosen kernel's output for transformed activations ``x``, or ``None`` for the reference path
+    (also when gradients must flow to ``x``: the kernels have no backward, the reference has)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return None
     cache = cache_of(layer) if torch.compiler.is_compiling() else refresh(layer)
     if cache.kernel is None:
         return None
