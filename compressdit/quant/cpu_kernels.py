@@ -104,7 +104,7 @@ def _int4_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     out_features, in_features = shape
     group = _int4_group(spec, in_features)
     return (device.type == "cpu" and spec.format == "int" and spec.w_bits <= 4 and group is not None
-            and in_features % group == 0 and out_features % 16 == 0 and in_features % 64 == 0)
+            and in_features % group == 0 and out_features % 16 == 0)
 
 
 def _int4_prepack(layer) -> dict:

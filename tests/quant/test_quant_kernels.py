@@ -46,3 +46,165 @@ def test_quantlinear_uses_the_int8_gemm_on_cuda():
     out = layer(x)
     reference = torch.nn.functional.linear(x.float(), layer.dequantized_weight(), layer.bias.float())
     assert (out.float() - reference).norm() / reference.norm() < 0.02
+
+
+# -- the kernel registry and the CPU kernels ---------------------------------------------------------------------
+
+import copy  # noqa: E402
+
+from compressdit.quant.kernel_registry import (KERNELS, REFERENCE, cache_of, prepack_model,  # noqa: E402
+                                               select_kernel, set_kernel)
+from compressdit.quant.vq_layer import VQLinear  # noqa: E402
+
+# spec, kernel, bound on ||kernel - reference|| / ||reference||, and on that error / the quantization error
+CPU_CASES = [
+    (LinearQuantSpec(w_bits=8, a_bits=8), "cpu-w8a8-onednn", 1e-5, 0.01),  # same int8 codes: summation order
+    (LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"), "cpu-w8a8-onednn", 1e-5, 0.01),
+    (LinearQuantSpec(w_bits=8, a_bits=8, rotation="hadamard"), "cpu-w8a8-onednn", 1e-5, 0.01),
+    (LinearQuantSpec(w_bits=4, group_size=64), "cpu-int4-weight", 6e-3, 0.2),  # bf16 activations and output
+    (LinearQuantSpec(w_bits=4, group_size=32, w_symmetric=False), "cpu-int4-weight", 6e-3, 0.2),
+    (LinearQuantSpec(w_bits=4), "cpu-int4-weight", 6e-3, 0.2),
+    (LinearQuantSpec(w_bits=3, group_size=128), "cpu-int4-weight", 6e-3, 0.2),
+    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=128), "cpu-int4-weight", 6e-3, 0.2),
+    # bf16 rounding is not small next to 8-bit weights: stated in cpu_kernels' docstring
+    (LinearQuantSpec(w_bits=8), "cpu-int8-weight", 6e-3, 1.0),
+    (LinearQuantSpec(w_bits=8, group_size=64), REFERENCE, 0.0, 0.0),  # no grouped int8 kernel
+]
+
+
+def _layer(spec, in_features=256, out_features=96, seed=0):
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand(out_features, 1) * 3 + 0.2)
+    return linear, QuantLinear.from_linear(linear, spec)
+
+
+@pytest.mark.parametrize("spec,kernel,bound,share", CPU_CASES, ids=lambda v: getattr(v, "label", str(v)))
+def test_cpu_kernel_matches_the_reference_within_its_bound(spec, kernel, bound, share):
+    linear, layer = _layer(spec)
+    assert layer.kernel_name == kernel
+    x = torch.randn(3, 7, 256) * torch.linspace(0.1, 4, 256)
+    with torch.no_grad():
+        out, reference, exact = layer(x), layer.reference_forward(x), linear(x)
+    assert out.shape == reference.shape == (3, 7, 96)
+    error = ((out - reference).norm() / reference.norm()).item()
+    assert error <= bound
+    assert error <= share * ((reference - exact).norm() / exact.norm()).item()
+
+
+def test_w8a8_kernel_is_exact_at_the_int16_saturation_corner():
+    """u8 x s8 pairs of 255 * 127 overflow int16 in AVX2 vpmaddubsw; the result must still be exact."""
+    linear, layer = _layer(LinearQuantSpec(w_bits=8, a_bits=8), in_features=128, out_features=32)
+    with torch.no_grad():
+        layer.weight.data.fill_(127)
+        layer.weight.data[1::2] = -128
+        x = torch.ones(4, 128)
+        x[1] = -1
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-6, atol=1e-3)
+
+
+def test_w4_kernel_is_the_reference_with_bf16_inputs_and_scales_up_to_its_bf16_output():
+    """The kernel's numerics exactly: activations and group scales rounded to bf16, product rounded to bf16."""
+    linear, layer = _layer(LinearQuantSpec(w_bits=4, group_size=32))
+    layer.bias = None  # added in fp32 after the bf16 product: its cancellation would only hide rounding
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        out = layer(x)
+        layer.weight_scale.copy_(layer.weight_scale.bfloat16().float())
+        reference = layer.reference_forward(x.bfloat16().float())
+    assert ((out - reference).abs() <= reference.abs() * 2 ** -8 + 1e-3).all()
+
+
+def test_large_row_counts_use_the_dequantize_path_exactly():
+    from compressdit.quant.cpu_kernels import INT4_MAX_ROWS
+
+    _, layer = _layer(LinearQuantSpec(w_bits=4, group_size=64))
+    x = torch.randn(INT4_MAX_ROWS + 1, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.reference_forward(x))
+
+
+def test_vq_layer_decodes_once_on_cpu():
+    from compressdit.quant.formats import FORMATS
+
+    spec = LinearQuantSpec(format="vq", w_bits=3)
+    FORMATS.get("vq").validate_spec(spec, "t")
+    linear = torch.nn.Linear(64, 32)
+    layer = VQLinear.from_linear(linear, spec)
+    assert layer.kernel_name == "cpu-vq-dense"
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.reference_forward(x))
+    assert cache_of(layer).nbytes() >= 64 * 32 * 4  # the dense weight's RAM, reported by inspect
+
+
+def test_kernel_choice_is_per_layer_and_by_device():
+    assert select_kernel(LinearQuantSpec(w_bits=8, a_bits=8), torch.device("cpu"), (96, 256)) == "cpu-w8a8-onednn"
+    assert select_kernel(LinearQuantSpec(w_bits=4, group_size=64), torch.device("cpu"), (96, 256)) \
+        == "cpu-int4-weight"
+    assert select_kernel(LinearQuantSpec(w_bits=4, group_size=16), torch.device("cpu"), (96, 256)) == REFERENCE
+    for name in ("cpu-w8a8-onednn", "cpu-int4-weight", "cpu-int8-weight", "cpu-vq-dense"):
+        assert not KERNELS.get(name).applies(LinearQuantSpec(w_bits=8, a_bits=8), torch.device("meta"), (96, 256))
+    model = torch.nn.Sequential(_layer(LinearQuantSpec(w_bits=8, a_bits=8))[1],
+                                _layer(LinearQuantSpec(w_bits=4, group_size=32), 96, 256)[1])
+    assert prepack_model(model) == {"0": "cpu-w8a8-onednn", "1": "cpu-int4-weight"}
+    set_kernel(model, REFERENCE)
+    assert [m.kernel_name for m in model] == [REFERENCE, REFERENCE]
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model[1].reference_forward(model[0].reference_forward(x)))
+
+
+@pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=8, a_bits=8), LinearQuantSpec(w_bits=4, group_size=64)],
+                         ids=lambda s: s.label)
+def test_prepacked_buffers_are_never_saved_and_follow_loads_and_moves(spec):
+    _, layer = _layer(spec, seed=0)
+    keys = set(layer.state_dict())
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        layer(x)
+        assert cache_of(layer).buffers and set(layer.state_dict()) == keys
+        _, other = _layer(spec, seed=1)
+        layer.load_state_dict(other.state_dict())  # in-place copies: the prepacked weight is stale
+        torch.testing.assert_close(layer(x), other(x))
+        layer.to("cpu", torch.float32)
+        assert not cache_of(layer).buffers  # dropped by _apply, rebuilt on the next forward
+        torch.testing.assert_close(layer(x), other(x))
+        clone = copy.deepcopy(layer)
+        assert not cache_of(clone).buffers
+        torch.testing.assert_close(clone(x), other(x))
+
+
+def test_inputs_that_need_gradients_take_the_reference_path():
+    _, layer = _layer(LinearQuantSpec(w_bits=8, a_bits=8))
+    x = torch.randn(4, 256, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_saved_and_reloaded_model_gives_the_same_kernel_outputs(tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    from compressdit.io.diffusers_quantizer import attach_quantizer
+    from compressdit.models import adapter_for
+    from compressdit.quant.transform import LayerRule, quantize_layers, quantized_modules, resolve_plan
+    from tests.conftest import tiny_dit
+
+    model = tiny_dit(layers=1)
+    rules = [LayerRule("role:embedder", None), LayerRule("role:head", None),
+             LayerRule("role:ffn_up", LinearQuantSpec(w_bits=4, group_size=32)),
+             LayerRule("re:.*", LinearQuantSpec(w_bits=8, a_bits=8))]
+    plan = resolve_plan(model, adapter_for(model), rules)
+    quantize_layers(model, plan)
+    attach_quantizer(model, {n: s for n, s in plan.items() if s is not None})
+    inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([10, 700]),
+              "class_labels": torch.tensor([1, 7])}
+    with torch.no_grad():
+        before = model(**inputs, return_dict=False)[0]
+        model.save_pretrained(tmp_path)
+        loaded = DiTTransformer2DModel.from_pretrained(tmp_path)
+        kernels = {m.kernel_name for m in quantized_modules(loaded).values()}
+        assert kernels == {"cpu-w8a8-onednn", "cpu-int4-weight"}
+        torch.testing.assert_close(loaded(**inputs, return_dict=False)[0], before)
+    assert not any("packed" in key for key in loaded.state_dict())
