@@ -195,6 +195,11 @@ class CompressditQuantizer(DiffusersQuantizer):
         return True
 
     @property
+    def is_compileable(self) -> bool:
+        """Every kernel is a ``torch.library`` custom op with a fake impl (see ``quant/kernel_registry``)."""
+        return True
+
+    @property
     def is_trainable(self) -> bool:
         return True
 
