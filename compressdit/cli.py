@@ -195,10 +195,11 @@ def inspect(model: str = typer.Argument(..., help="Checkpoint folder or zoo:NAME
         return
     table = Table(title=f"{summary['class']} — {summary['quantized_modules']} quantized of "
                         f"{summary['linear_modules']} linear modules")
-    for column in ("module", "scheme", "weight bytes", "vs bf16"):
-        table.add_column(column, justify="left" if column in ("module", "scheme") else "right")
+    for column in ("module", "scheme", "weight bytes", "vs bf16", "kernel (CPU)", "prepacked bytes"):
+        table.add_column(column, justify="left" if column in ("module", "scheme", "kernel (CPU)") else "right")
     for row in summary["modules"]:
-        table.add_row(row["module"], row["scheme"], str(row["bytes"]), f"{row['ratio_vs_bf16']:.2f}x")
+        table.add_row(row["module"], row["scheme"], str(row["bytes"]), f"{row['ratio_vs_bf16']:.2f}x", row["kernel"],
+                      str(row["runtime_bytes"]))
     console.print(table)
     console.print(f"parameters: {summary['parameters']:,}  bytes on disk: {summary['bytes_on_disk']:,}  "
                   f"(bf16 would be {summary['bf16_bytes']:,})")

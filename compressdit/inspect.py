@@ -17,8 +17,10 @@ def _module_bytes(module: nn.Module) -> int:
 
 
 def inspect_checkpoint(model: str) -> dict:
-    """Per-linear scheme and bytes (weights + scales + bias) against a bf16 copy of the same layer."""
+    """Per-linear scheme, bytes (weights + scales + bias) against a bf16 copy of the same layer, and the kernel
+    the layer runs on this machine's CPU with the RAM its prepacked buffers take (e.g. a decoded VQ weight)."""
     from compressdit.models import adapter_for
+    from compressdit.quant.kernel_registry import refresh
 
     source = load_source(model)
     transformer = source.transformer
@@ -28,8 +30,10 @@ def inspect_checkpoint(model: str) -> dict:
         spec = getattr(module, "spec", None)
         bf16 = (module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)) * 2
         size = _module_bytes(module)
+        cache = refresh(module) if spec else None
         rows.append({"module": name, "role": adapter.role_of(name), "scheme": spec.label if spec else "full precision",
-                     "bytes": size, "bf16_bytes": bf16, "ratio_vs_bf16": bf16 / size if size else 0.0})
+                     "bytes": size, "bf16_bytes": bf16, "ratio_vs_bf16": bf16 / size if size else 0.0,
+                     "kernel": cache.name if cache else "float", "runtime_bytes": cache.nbytes() if cache else 0})
     parameters = int(transformer.num_parameters())
     return {"class": type(transformer).__name__, "folder": str(source.folder),
             "linear_modules": len(rows), "quantized_modules": sum(r["scheme"] != "full precision" for r in rows),

@@ -14,6 +14,7 @@ from compressdit.io.checkpoint import folder_bytes
 from compressdit.models.base import ModelAdapter
 from compressdit.models.sampling import decode_latents, guided_prediction, initial_latents, sample
 from compressdit.progress import progress_bar
+from compressdit.quant.kernel_registry import kernel_summary
 
 CLASSIFIER_PATH = Path(__file__).resolve().parents[1] / "zoo" / "weights" / "fmnist-basics" / "classifier.safetensors"
 
@@ -232,6 +233,7 @@ def evaluate(adapter: ModelAdapter, reference: Entry, candidate: Entry, baseline
            lambda e: e.bytes_on_disk(), "bytes")
     metric("time per denoising step (CFG, batch %d)" % settings.timing_batch, "lower",
            lambda e: round(_step_latency(adapter, e.model, settings) * 1000, 2), "ms")
+    metric("kernels (quantized layers running each)", None, lambda e: kernel_summary(e.model) or None)
     metric("sampling wall time (%d samples)" % settings.samples, "lower", lambda e: round(seconds[e.column], 2), "s")
     fidelity_conditions = conditions[: settings.fidelity_samples]
     others = [e for e in entries if e is not reference]

@@ -170,3 +170,13 @@ def prepack_model(model: nn.Module) -> dict[str, str]:
         if hasattr(module, "spec") and hasattr(module, "quantized_tensors"):
             chosen[name] = refresh(module).name
     return chosen
+
+
+def kernel_summary(model: nn.Module) -> str:
+    """``"cpu-w8a8-onednn x24, reference x4"``: how many quantized layers run each kernel ("" when none)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if hasattr(module, "spec") and hasattr(module, "quantized_tensors"):
+            name = kernel_name_of(module)
+            counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{name} x{count}" for name, count in sorted(counts.items()))

@@ -52,8 +52,8 @@ def test_quantlinear_uses_the_int8_gemm_on_cuda():
 
 import copy  # noqa: E402
 
-from compressdit.quant.kernel_registry import (KERNELS, REFERENCE, cache_of, prepack_model,  # noqa: E402
-                                               select_kernel, set_kernel)
+from compressdit.quant.kernel_registry import (KERNELS, REFERENCE, cache_of, kernel_summary,  # noqa: E402
+                                               prepack_model, select_kernel, set_kernel)
 from compressdit.quant.vq_layer import VQLinear  # noqa: E402
 
 # spec, kernel, bound on ||kernel - reference|| / ||reference||, and on that error / the quantization error
@@ -117,10 +117,10 @@ def test_w4_kernel_is_the_reference_with_bf16_inputs_and_scales_up_to_its_bf16_o
 
 
 def test_large_row_counts_use_the_dequantize_path_exactly():
-    from compressdit.quant.cpu_kernels import INT4_MAX_ROWS
+    from compressdit.quant.cpu_kernels import INT8_MAX_ROWS
 
-    _, layer = _layer(LinearQuantSpec(w_bits=4, group_size=64))
-    x = torch.randn(INT4_MAX_ROWS + 1, 256)
+    _, layer = _layer(LinearQuantSpec(w_bits=8))
+    x = torch.randn(INT8_MAX_ROWS + 1, 256)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), layer.reference_forward(x))
 
@@ -208,3 +208,13 @@ def test_saved_and_reloaded_model_gives_the_same_kernel_outputs(tmp_path):
         assert kernels == {"cpu-w8a8-onednn", "cpu-int4-weight"}
         torch.testing.assert_close(loaded(**inputs, return_dict=False)[0], before)
     assert not any("packed" in key for key in loaded.state_dict())
+    assert kernel_summary(loaded) == "cpu-int4-weight x1, cpu-w8a8-onednn x6"
+
+
+def test_inspect_names_each_layers_kernel(tmp_path):
+    from compressdit.inspect import inspect_checkpoint
+
+    test_saved_and_reloaded_model_gives_the_same_kernel_outputs(tmp_path)
+    rows = {row["module"]: row for row in inspect_checkpoint(str(tmp_path))["modules"]}
+    assert {row["kernel"] for row in rows.values()} == {"float", "cpu-w8a8-onednn", "cpu-int4-weight"}
+    assert all(row["runtime_bytes"] > 0 for row in rows.values() if row["kernel"].startswith("cpu-"))

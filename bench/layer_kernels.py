@@ -1,0 +1,212 @@
+"""CPU per-layer speed of our quantized-linear kernels against fp32, bf16, fbgemm, torchao and bitsandbytes.
+
+DiT-XL/2 linear shapes (1152->3456 qkv, 1152->1152 out, 1152->4608 fc1, 4608->1152 fc2) at M = 1, 16, 256,
+1024 rows, with 1 and 2 threads. Every method of a (shape, M, threads) cell is timed in the same run, in an
+interleaved order repeated ``--rounds`` times, and the ratio to fp32 is taken per round; the table reports the
+median time and the median ratio. Random weights: this measures speed, never quality. Usage::
+
+    python bench/layer_kernels.py            # writes bench/results/layer_kernels_cpu.{json,md}
+    python bench/layer_kernels.py --quick    # 1152->4608 only, M = 1 and 256, 1 thread
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+SHAPES = [("attn.qkv", 1152, 3456), ("attn.to_out", 1152, 1152), ("ff.fc1", 1152, 4608), ("ff.fc2", 4608, 1152)]
+ROWS = [1, 16, 256, 1024]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags]
+
+
+def build_methods(in_features: int, out_features: int) -> dict:
+    """name -> (callable taking x, note). Ours run through QuantLinear/VQLinear with their chosen kernel."""
+    from compressdit.evaluate.peers import _bnb_int8, _bnb_nf4
+    from compressdit.quant.cpu_kernels import int4_weight_linear_cpu
+    from compressdit.quant.kernel_registry import refresh, set_kernel
+    from compressdit.quant.layers import QuantLinear
+    from compressdit.quant.spec import LinearQuantSpec
+    from compressdit.quant.vq_layer import VQLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features)
+    bf16 = torch.nn.Linear(in_features, out_features).to(torch.bfloat16)
+    methods = {"fp32": (linear, "F.linear fp32"), "bf16": (lambda x: bf16(x.bfloat16()), "F.linear bf16")}
+
+    def ours(spec, name, force=None):
+        layer = QuantLinear.from_linear(linear, spec)
+        if force:
+            set_kernel(layer, force)
+        refresh(layer)
+        return layer, f"{spec.label}: {layer.kernel_name}"
+
+    w8a8 = LinearQuantSpec(w_bits=8, a_bits=8)
+    methods["ours w8a8 (per-token)"] = ours(w8a8, "w8a8")
+    methods["ours w8a8 per-tensor"] = ours(LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"), "w8pt")
+    methods["ours w8a8 before (reference)"] = ours(w8a8, "w8ref", "reference")
+    for group in (32, 64, 128):
+        methods[f"ours w4a16 g{group}"] = ours(LinearQuantSpec(w_bits=4, group_size=group), f"w4g{group}")
+    w4 = LinearQuantSpec(w_bits=4, group_size=64)
+    methods["ours w4a16 g64 before (reference)"] = ours(w4, "w4ref", "reference")
+    raw, _ = ours(w4, "w4raw")
+    b = refresh(raw).buffers
+    methods["int4pack_mm g64 at every M"] = (
+        lambda x: int4_weight_linear_cpu(x, b["packed"], b["scales_zeros"], b["group"], b["bias"], out_features),
+        "_weight_int4pack_mm_for_cpu, bf16 activations, no row threshold")
+    methods["ours w8a16"] = ours(LinearQuantSpec(w_bits=8), "w8a16")
+    vq_spec = LinearQuantSpec(format="vq", w_bits=3, vector_dim=2, codebook_size=64)
+    vq = VQLinear(in_features, out_features, True, vq_spec)
+    vq.load_codes(torch.randint(0, 64, (out_features, in_features // 2)), torch.randn(64, 2) * 0.02)
+    methods["ours vq-w3 (d2 k64)"] = (vq, f"{vq_spec.label}: {vq.kernel_name}")
+    vq_ref = VQLinear(in_features, out_features, True, vq_spec)
+    vq_ref.load_state_dict(vq.state_dict())
+    set_kernel(vq_ref, "reference")
+    methods["ours vq-w3 before (reference)"] = (vq_ref, "vq_linear reference: decode per call")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scale = linear.weight.detach().abs().amax(1) / 127
+        codes = torch.round(linear.weight.detach() / scale[:, None]).to(torch.int8)
+        qweight = torch._make_per_channel_quantized_tensor(codes, scale.double(),
+                                                           torch.zeros(out_features, dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(qweight, linear.bias.detach())
+    methods["fbgemm dynamic int8"] = (lambda x: torch.ops.quantized.linear_dynamic(x, packed, False),
+                                      "quantized::linear_dynamic: per-tensor asymmetric uint8 activations")
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+
+        for name, config in (("torchao int8 weight-only", Int8WeightOnlyConfig()),
+                             ("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig())):
+            module = torch.nn.Sequential(torch.nn.Linear(in_features, out_features))
+            module.load_state_dict({"0." + k: v for k, v in linear.state_dict().items()})
+            quantize_(module, config)
+            methods[name] = (module, type(config).__name__)
+    except Exception as error:  # noqa: BLE001 - a peer that does not run is reported, not fatal
+        methods["torchao"] = (None, f"did not run: {error}")
+    for name, make in (("bitsandbytes int8", _bnb_int8), ("bitsandbytes nf4", _bnb_nf4)):
+        try:
+            module = make(linear)
+            module(torch.randn(2, in_features))
+            methods[name] = (module, type(module).__name__)
+        except Exception as error:  # noqa: BLE001
+            methods[name] = (None, f"did not run on CPU: {error}")
+    return methods
+
+
+def time_cell(methods: dict, rows: int, in_features: int, rounds: int, budget_s: float) -> dict:
+    x = torch.randn(rows, in_features)
+    runnable = {n: f for n, (f, _) in methods.items() if f is not None}
+    for fn in runnable.values():  # warm-up (prepacks, oneDNN primitive caches)
+        fn(x)
+    first = {}
+    for name, fn in runnable.items():
+        started = time.perf_counter()
+        fn(x)
+        first[name] = time.perf_counter() - started
+    times: dict[str, list[float]] = {n: [] for n in runnable}
+    ratios: dict[str, list[float]] = {n: [] for n in runnable}
+    for _ in range(rounds):
+        this_round = {}
+        for name, fn in runnable.items():
+            repeats = max(1, min(20, int(budget_s / max(first[name], 1e-5) / rounds)))
+            samples = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                fn(x)
+                samples.append(time.perf_counter() - started)
+            this_round[name] = min(samples)
+            times[name].append(this_round[name] * 1e3)
+        for name in runnable:
+            ratios[name].append(this_round["fp32"] / this_round[name])
+    return {n: {"ms": round(statistics.median(times[n]), 4), "speedup_vs_fp32": round(statistics.median(ratios[n]), 3),
+                "ms_spread": [round(min(times[n]), 4), round(max(times[n]), 4)]} for n in runnable}
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    meta = result["meta"]
+    lines = [f"# CPU per-layer kernels: {meta['cpu']} ({', '.join(meta['cpu_flags'])}), torch {meta['torch']}", "",
+             f"Median of {meta['rounds']} interleaved rounds (each the best of a few calls); speed-up = fp32 time / "
+             "method time within the same round, median over rounds. Load average before/after: "
+             f"{meta['loadavg_start']} / {meta['loadavg_end']} (other jobs shared the cores).", ""]
+    for threads, cells in result["threads"].items():
+        for shape in cells:
+            lines.append(f"## {shape['layer']} {shape['in']}->{shape['out']}, {threads} thread(s)")
+            lines.append("")
+            header = "| method | " + " | ".join(f"M={m} ms (x fp32)" for m in shape["rows"]) + " |"
+            lines += [header, "|---|" + "---:|" * len(shape["rows"])]
+            for name in shape["methods"]:
+                cells_text = []
+                for m in shape["rows"]:
+                    cell = shape["cells"][str(m)].get(name)
+                    cells_text.append("—" if cell is None else f"{cell['ms']:.3f} ({cell['speedup_vs_fp32']:.2f}x)")
+                lines.append(f"| {name} | " + " | ".join(cells_text) + " |")
+            lines.append("")
+    lines.append("## Methods")
+    lines.append("")
+    lines += [f"- **{name}**: {note}" for name, note in result["notes"].items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=0.3, help="seconds per method and cell (approx.)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "layer_kernels_cpu")
+    args = parser.parse_args()
+    shapes, rows = (SHAPES[2:3], [1, 256]) if args.quick else (SHAPES, ROWS)
+    threads = [1] if args.quick else args.threads
+    result = {"meta": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
+                       "machine": platform.machine(), "rounds": args.rounds,
+                       "loadavg_start": [round(v, 2) for v in os.getloadavg()]}, "threads": {}, "notes": {}}
+    for count in threads:
+        torch.set_num_threads(count)
+        result["threads"][str(count)] = []
+        for layer, in_features, out_features in shapes:
+            with torch.no_grad():
+                methods = build_methods(in_features, out_features)
+                result["notes"].update({n: note for n, (_, note) in methods.items()})
+                cells = {str(m): time_cell(methods, m, in_features, args.rounds, args.budget) for m in rows}
+            result["threads"][str(count)].append({"layer": layer, "in": in_features, "out": out_features, "rows": rows,
+                                                  "methods": list(methods), "cells": cells})
+            print(f"{count} thread(s) {layer}: done (load {os.getloadavg()[0]:.2f})", flush=True)
+    result["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, args.out.with_suffix(".md"))
+    print(f"wrote {args.out.with_suffix('.json')} and .md")
+
+
+if __name__ == "__main__":
+    main()
