@@ -62,12 +62,11 @@ def w8a8_linear_cpu(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor
                     bias: Optional[torch.Tensor], per_token: bool, out_features: int) -> torch.Tensor:
     """``x @ W^T + b`` with dynamic symmetric int8 activations (per token or tensor) and int8 weights."""
     x2 = x.reshape(-1, x.shape[-1]).float()
-    if per_token:
-        a_scale = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True)
-    else:
-        a_scale = torch.linalg.vector_norm(x2, float("inf")).reshape(1, 1)
+    magnitude = x2.abs()  # abs().amax(): linalg.vector_norm(inf) is ~10x slower on CPU
+    a_scale = (magnitude.amax(-1, keepdim=True) if per_token else magnitude.amax().reshape(1, 1))
     a_scale = a_scale.clamp_min(1e-8) / 127
-    codes = torch.round(x2 / a_scale).add_(128).clamp_(0, 255).to(torch.uint8)
+    # |x / s| <= 127; int8 then +128 with uint8 wrap-around = the uint8 code (float -> uint8 casts are 3x slower)
+    codes = torch.round(x2 / a_scale).to(torch.int8).view(torch.uint8).add_(128)
     acc = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0,
                                              torch.float32, "none", [], "")
     out = acc * a_scale if bias is None else torch.addcmul(bias, acc, a_scale)
