@@ -125,6 +125,9 @@ class CompressditQuantizer(DiffusersQuantizer):
                     if tensor is not None and tensor.is_meta:
                         raise CheckpointError(f"checkpoint is missing {name}.{tensor_name} "
                                               "(truncated or mismatched checkpoint)")
+        from compressdit.quant.kernel_registry import prepack_model
+
+        prepack_model(model)  # runtime buffers of each layer's kernel: built at load, never saved
         return model
 
     def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
