@@ -49,11 +49,13 @@ def _summary(state, as_json: bool) -> None:
         console.print(f"report: {state.workdir / 'report' / 'report.html'}")
 
 
-def _run(recipe, model: str, out: Path, overwrite: bool, quiet: bool, as_json: bool, calib: Optional[str]) -> None:
+def _run(recipe, model: str, out: Path, overwrite: bool, quiet: bool, as_json: bool, calib: Optional[str],
+         text_encoder: Optional[str] = None, embeddings: Optional[Path] = None) -> None:
     from compressdit.pipeline import run_recipe
 
     set_quiet(quiet or as_json)
-    state = run_recipe(recipe, model, out, overwrite=overwrite, quiet=quiet or as_json, calib=calib)
+    state = run_recipe(recipe, model, out, overwrite=overwrite, quiet=quiet or as_json, calib=calib,
+                       text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings))
     _summary(state, as_json)
 
 
@@ -62,10 +64,17 @@ RECIPE = typer.Option(..., "--recipe", "-r", help="Recipe name (recipes/NAME.yam
 OUT = typer.Option(..., "--out", "-o", help="Output folder (written atomically).")
 NO_EVAL = typer.Option(False, "--no-eval", help="Skip the recipe's evaluate stage.")
 SAMPLES = typer.Option(None, "--samples", help="Override the evaluate stage's samples.")
+CALIB = typer.Option(None, "--calib", help="Calibration set: a shipped name, or a .jsonl/.parquet/.csv file or folder "
+                                           "with a 'prompt' (text models) or 'class_id' (class models) column.")
+TEXT_ENCODER = typer.Option(None, "--text-encoder", help="Pipeline folder whose text encoders embed the prompts "
+                                                         "(default: MODEL's own, when it is a pipeline).")
+EMBEDDINGS = typer.Option(None, "--embeddings", help="Safetensors file of precomputed prompt embeddings "
+                                                     "(keyed by prompt; include the empty prompt).")
 
 
 def _run_named_recipe(recipe: str, model: str, out: Path, no_eval: bool, samples: Optional[int], overwrite: bool,
-                      quiet: bool, as_json: bool, calib: Optional[str] = None) -> None:
+                      quiet: bool, as_json: bool, calib: Optional[str] = None, text_encoder: Optional[str] = None,
+                      embeddings: Optional[Path] = None) -> None:
     """Load a recipe, apply ``--no-eval`` / ``--samples`` and run it (``quantize`` and ``prune`` alike)."""
     from compressdit.recipe import load_recipe
 
@@ -77,37 +86,39 @@ def _run_named_recipe(recipe: str, model: str, out: Path, no_eval: bool, samples
             if stage.name == "evaluate":
                 stage.config.samples = samples
                 stage.config.validate("--samples")
-    _run(loaded, model, out, overwrite, quiet, as_json, calib)
+    _run(loaded, model, out, overwrite, quiet, as_json, calib, text_encoder, embeddings)
 
 
 @app.command()
-def quantize(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT,
-             calib: Optional[str] = typer.Option(None, "--calib", help="Calibration set name or .jsonl file."),
+def quantize(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, calib: Optional[str] = CALIB,
+             text_encoder: Optional[str] = TEXT_ENCODER, embeddings: Optional[Path] = EMBEDDINGS,
              no_eval: bool = NO_EVAL, samples: Optional[int] = SAMPLES,
              overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Quantize MODEL with a recipe and write a diffusers checkpoint + quality report."""
-    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib)
+    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib, text_encoder, embeddings)
 
 
 @app.command()
-def prune(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, no_eval: bool = NO_EVAL,
-          samples: Optional[int] = SAMPLES, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+def prune(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, calib: Optional[str] = CALIB,
+          text_encoder: Optional[str] = TEXT_ENCODER, embeddings: Optional[Path] = EMBEDDINGS,
+          no_eval: bool = NO_EVAL, samples: Optional[int] = SAMPLES, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
           as_json: bool = JSON) -> None:
     """Prune MODEL with a recipe — depth (tinyfusion-50, ppcl-50, blockinfluence-50) or width (width-30) — and write
     a diffusers checkpoint + quality report."""
-    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json)
+    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib, text_encoder, embeddings)
 
 
 @app.command("run")
 def run_command(recipe_file: Path = typer.Argument(..., help="Recipe YAML file."),
                 model: str = typer.Option(..., "--model", "-m", help="Model folder, zoo:NAME or hub id."),
                 out: Path = typer.Option(..., "--out", "-o"),
-                calib: Optional[str] = typer.Option(None, "--calib"),
+                calib: Optional[str] = CALIB, text_encoder: Optional[str] = TEXT_ENCODER,
+                embeddings: Optional[Path] = EMBEDDINGS,
                 overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Run every stage of a recipe file."""
     from compressdit.recipe import load_recipe
 
-    _run(load_recipe(str(recipe_file)), model, out, overwrite, quiet, as_json, calib)
+    _run(load_recipe(str(recipe_file)), model, out, overwrite, quiet, as_json, calib, text_encoder, embeddings)
 
 
 @app.command()
@@ -117,6 +128,7 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
              samples: int = typer.Option(256, "--samples"), steps: int = typer.Option(20, "--steps"),
              seed: int = typer.Option(0, "--seed"), guidance: float = typer.Option(4.0, "--guidance"),
              out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default CANDIDATE/report)."),
+             text_encoder: Optional[str] = TEXT_ENCODER, embeddings: Optional[Path] = EMBEDDINGS,
              quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Compare CANDIDATE with its reference (and a baseline) at identical seeds; write a report."""
     from compressdit.evaluate.engine import Entry
@@ -128,14 +140,15 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
     set_quiet(quiet or as_json)
     config = EvaluateConfig.from_dict({"samples": samples, "steps": steps, "seed": seed, "guidance": guidance,
                                        "baseline": baseline}, "evaluate")
+    from compressdit.pipeline import default_cache_dir
+
     cand = load_source(candidate)
-    ref = load_source(reference)
+    ref = load_source(reference, text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings),
+                      cache_dir=default_cache_dir())  # the reference's prompt encoder serves both
     entry = Entry("candidate", cand.transformer, candidate, cand.transformer_folder,
                   sorted(quantized_modules(cand.transformer)))
     target = out or cand.folder / "report"
     with atomic_output(target, overwrite=True) as tmp:
-        from compressdit.pipeline import default_cache_dir
-
         report = run_evaluation(entry, ref, config, tmp, f"compressdit report: {candidate} vs {reference}", quiet,
                                 default_cache_dir())
     if as_json:

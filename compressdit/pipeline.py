@@ -13,6 +13,7 @@ from compressdit.io.checkpoint import atomic_output, copy_pipeline_parts, save_i
 from compressdit.io.diffusers_quantizer import attach_quantizer
 from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source, load_transformer
 from compressdit.models import adapter_for
+from compressdit.models.prompt_encoders import encode_conditions
 from compressdit.models.sampling import initial_latents
 from compressdit.recipe import Recipe
 from compressdit.stages import STAGES, PipelineState
@@ -28,7 +29,7 @@ def _reload_check(state: PipelineState, folder: Path) -> float:
     reloaded = load_transformer(folder)
     adapter = state.adapter
     conditions = adapter.null_conditions(2) if adapter.condition_kind == "text" else [1, 7]
-    cond = adapter.encode(state.model, conditions)
+    cond = encode_conditions(adapter, state.model, conditions, state.source.prompt_encoder)
     x = initial_latents(adapter, state.model, 2, seed=99)
     t = torch.tensor([500])
     diff = (adapter.predict(state.model, x, t, cond) - adapter.predict(reloaded, x, t, cond)).abs().max().item()
@@ -77,10 +78,14 @@ def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
 
 
 def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, quiet: bool = False,
-               calib: str | None = None) -> PipelineState:
-    """Compress ``model`` with ``recipe`` into ``out``; nothing is left at ``out`` if any step fails."""
+               calib: str | None = None, text_encoder: str | None = None,
+               embeddings: str | None = None) -> PipelineState:
+    """Compress ``model`` with ``recipe`` into ``out``; nothing is left at ``out`` if any step fails.
+
+    Prompts go through ``embeddings`` (a file of precomputed embeddings), else ``text_encoder`` (a pipeline
+    folder), else the model folder's own text encoders (a pipeline), else MiniLM (reference models)."""
     check_output(out, overwrite)  # before loading: a taken output folder should not cost a model load
-    source = load_source(model)
+    source = load_source(model, text_encoder=text_encoder, embeddings=embeddings, cache_dir=default_cache_dir())
     adapter = adapter_for(source.transformer)
     if calib is not None:
         for stage in recipe.stages:

@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ class ModelSource:
     scheduler: object | None = None
     is_pipeline: bool = False
     info: dict = field(default_factory=dict)
+    prompt_encoder: Any = None  # compressdit.models.prompt_encoders.PromptEncoder for text models with their own
 
     @property
     def transformer_folder(self) -> Path:
@@ -115,9 +117,15 @@ def load_transformer(folder: Path, dtype: torch.dtype | None = None) -> nn.Modul
     return model.eval()
 
 
-def load_source(model: str, dtype: torch.dtype | None = None, name: str | None = None) -> ModelSource:
-    """Load the transformer, and the VAE and scheduler where the folder is a pipeline."""
+def load_source(model: str, dtype: torch.dtype | None = None, name: str | None = None, text_encoder: str | None = None,
+                embeddings: str | None = None, cache_dir: Path | None = None) -> ModelSource:
+    """Load the transformer, and the VAE and scheduler where the folder is a pipeline; a text model gets its
+    prompt encoder (``embeddings`` file, ``text_encoder`` pipeline, or the pipeline folder's own text encoders;
+    loaded on first use, cached under ``cache_dir``)."""
     from diffusers import AutoencoderKL
+
+    from compressdit.models import adapter_for
+    from compressdit.models.prompt_encoders import prompt_encoder_for
 
     folder = resolve_path(model)
     is_pipeline = (folder / TRANSFORMER_SUBFOLDER / "config.json").exists()
@@ -136,4 +144,12 @@ def load_source(model: str, dtype: torch.dtype | None = None, name: str | None =
     card = folder / "training.json"
     if card.exists():
         info = json.loads(card.read_text())
-    return ModelSource(name or model, folder, transformer, vae, scheduler, is_pipeline, info)
+    encoder_folder = None
+    if text_encoder is not None:
+        try:
+            encoder_folder = resolve_path(text_encoder)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"--text-encoder: {exc}") from None
+    encoder = prompt_encoder_for(adapter_for(transformer), folder, encoder_folder,
+                                 None if embeddings is None else Path(embeddings).expanduser(), cache_dir)
+    return ModelSource(name or model, folder, transformer, vae, scheduler, is_pipeline, info, encoder)

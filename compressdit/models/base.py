@@ -128,11 +128,39 @@ class ModelAdapter(ABC):
                 cond: Conditioning) -> torch.Tensor:
         """One forward pass returning the prediction with the latents' shape."""
 
+    def prompt_embeddings(self, pipeline, prompts: list[str], device: torch.device) -> list:
+        """``TextEmbedding``s of ``prompts`` from a loaded diffusers pipeline's own ``encode_prompt`` (its text
+        encoders only; no classifier-free guidance pair): how its outputs map to tokens / mask / pooled."""
+        raise UnsupportedModelError(f"{self.model_class_name}: compressdit does not know how this family's pipeline "
+                                    "encodes prompts; pass --embeddings FILE with precomputed embeddings")
+
+    def image_tokens(self, model: nn.Module, latents: torch.Tensor) -> int:
+        """How many image tokens the model sees for ``latents`` (drives schedulers' dynamic shifting)."""
+        patch = model.config.get("patch_size") or 1
+        return (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
+
+    def set_timesteps(self, model: nn.Module, scheduler, steps: int, latents: torch.Tensor, device) -> None:
+        """``scheduler.set_timesteps`` as this family's diffusers pipeline calls it; a scheduler with
+        ``use_dynamic_shifting`` gets ``mu`` from the image token count (``calculate_shift``, as SD3's does)."""
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting"):
+            kwargs["mu"] = dynamic_shift(scheduler, self.image_tokens(model, latents))
+        scheduler.set_timesteps(steps, device=device, **kwargs)
+
     def scheduler(self, model: nn.Module):
         """The diffusers scheduler used for sampling when the model folder brings none."""
         from diffusers import DPMSolverMultistepScheduler
 
         return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+
+def dynamic_shift(scheduler, image_tokens: int) -> float:
+    """``mu`` for a dynamically shifting scheduler, from its config as diffusers' pipelines compute it."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = scheduler.config
+    return calculate_shift(image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
 
 
 ADAPTERS: Registry[ModelAdapter] = Registry("model family")

@@ -17,6 +17,7 @@ class QuantContext:
     calibration: ActivationStats | None = None
     scheduler: Any = None
     conditions: list = field(default_factory=list)
+    prompt_encoder: Any = None  # the model's PromptEncoder (None: prompts reach the adapter as strings)
     quiet: bool = False
     tables: list = field(default_factory=list)
     notes: list = field(default_factory=list)

@@ -19,6 +19,7 @@ from torch import nn
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.evaluate.metrics import relative_error
+from compressdit.models.prompt_encoders import encode_conditions, encode_null
 from compressdit.models.sampling import sample
 from compressdit.progress import progress_bar
 from compressdit.quant.context import QuantContext
@@ -71,10 +72,10 @@ class _Probe:
         adapter = ctx.adapter
         self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.final = sample(adapter, model, self.conditions, ctx.scheduler, steps=config.probe_steps,
-                            guidance=config.guidance, seed=config.seed,
+                            guidance=config.guidance, seed=config.seed, prompt_encoder=ctx.prompt_encoder,
                             on_step=lambda i, t, x, p: self.records.append((t.reshape(1), x.clone(), None)))
-        self.cond = adapter.encode(model, self.conditions)
-        self.uncond = adapter.encode(model, adapter.null_conditions(len(self.conditions)))
+        self.cond = encode_conditions(adapter, model, self.conditions, ctx.prompt_encoder)
+        self.uncond = encode_null(adapter, model, len(self.conditions), ctx.prompt_encoder)
         self.directions = [self._direction(t, x) for t, x, _ in self.records]
 
     @torch.no_grad()
@@ -85,7 +86,8 @@ class _Probe:
     @torch.no_grad()
     def image_damage(self) -> float:
         latents = sample(self.ctx.adapter, self.model, self.conditions, self.ctx.scheduler,
-                         steps=self.config.probe_steps, guidance=self.config.guidance, seed=self.config.seed)
+                         steps=self.config.probe_steps, guidance=self.config.guidance, seed=self.config.seed,
+                         prompt_encoder=self.ctx.prompt_encoder)
         return relative_error(latents, self.final)
 
     @torch.no_grad()

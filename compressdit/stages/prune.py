@@ -109,7 +109,8 @@ def _by_importance(criterion: str) -> Callable[[PipelineState, ImportanceConfig]
         conditions = load_conditions(resolve_set(config.set, kind), kind, limit=config.samples)
         scheduler = state.source.scheduler or state.adapter.scheduler(state.model)
         scores = BLOCK_IMPORTANCE.get(criterion)(state.model, state.adapter, conditions, scheduler, steps=config.steps,
-                                                 guidance=config.guidance, seed=config.seed)
+                                                 guidance=config.guidance, seed=config.seed,
+                                                 prompt_encoder=state.source.prompt_encoder)
         keep = keep_lowest_score(scores, state.adapter, state.model, config.ratio)
         rows = [[stack, index, round(score, 6), "kept" if index in keep[stack] else "removed"]
                 for (stack, index), score in scores.items()]
