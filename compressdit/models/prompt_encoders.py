@@ -196,16 +196,18 @@ class PipelinePromptEncoder(PromptEncoder):
             from compressdit.io.checkpoint import stored_float_dtype
 
             components = json.loads((self.folder / "model_index.json").read_text())
-            skip = {name: None for name, value in components.items()
+            skip: dict[str, Any] = {name: None for name, value in components.items()
                     if isinstance(value, list) and not name.startswith(PIPELINE_PARTS)}
             dtypes = [stored_float_dtype(self.folder / n) for n in components if n.startswith("text_encoder")
                       and (self.folder / n).is_dir()]
+            dtype = next(filter(None, dtypes), None)
+            if dtype is not None and dtype != torch.float32:  # keep half-precision encoders in half precision
+                skip["torch_dtype"] = dtype
             levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
             diffusers_logging.set_verbosity_error()
             transformers_logging.set_verbosity_error()
             try:
-                pipe = DiffusionPipeline.from_pretrained(self.folder, torch_dtype=next(filter(None, dtypes), None),
-                                                         **skip)
+                pipe = DiffusionPipeline.from_pretrained(self.folder, **skip)
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 raise ConfigError(f"cannot load the text encoders of {self.folder}: "
                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
