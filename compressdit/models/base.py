@@ -89,6 +89,7 @@ class ModelAdapter(ABC):
     text_width_key: ClassVar[str | None] = None
     pooled_width_key: ClassVar[str | None] = None
     synthetic_tokens: ClassVar[int] = 4
+    text_length_key: ClassVar[str | None] = None  # config key of a fixed text token count (CogVideoX)
     frame_axis: ClassVar[int | None] = None
 
     def role_of(self, name: str) -> str | None:
@@ -142,8 +143,8 @@ class ModelAdapter(ABC):
         if self.text_width_key is None:
             raise ConfigError(f"the {self.family} adapter names no text width config key (text_width_key)")
         pooled = model.config[self.pooled_width_key] if self.pooled_width_key else None
-        return self.encode(model, synthetic_text(batch, self.synthetic_tokens, model.config[self.text_width_key],
-                                                 pooled, seed=seed))
+        tokens = model.config[self.text_length_key] if self.text_length_key else self.synthetic_tokens
+        return self.encode(model, synthetic_text(batch, tokens, model.config[self.text_width_key], pooled, seed=seed))
 
     @abstractmethod
     def null_conditions(self, count: int) -> list[Any]:

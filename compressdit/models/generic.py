@@ -118,4 +118,5 @@ class GenericAdapter(ModelAdapter):
         raise self._cannot_sample()
 
     def scheduler(self, model):
-        raise self._cannot_sample()
+        """None: there is nothing to sample with (stages that sample stop at ``latent_shape`` / ``encode``)."""
+        return None

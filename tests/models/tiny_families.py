@@ -1,7 +1,8 @@
 """Tiny random diffusers transformers of families without a compressdit adapter, with inputs for one forward.
 
 Each builder returns ``(model, inputs)``: ``model(**inputs).sample`` runs in well under a second on CPU. The
-hidden widths are 64 or more so group-wise int4 (groups of 64) fits every quantized layer.
+hidden widths are multiples of 64 so group-wise int4 (groups of 64) fits every quantized layer (Mochi: 192, as
+its SwiGLU width is 8/3 of it).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def lumina2():
 
     torch.manual_seed(0)
     model = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=64, num_layers=2,
-                                      num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2, multiple_of=16,
+                                      num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2, multiple_of=64,
                                       axes_dim_rope=(4, 6, 6), axes_lens=(32, 32, 32), cap_feat_dim=64)
     inputs = {"hidden_states": _randn(B, 4, 8, 8), "timestep": torch.tensor([0.3, 0.7]),
               "encoder_hidden_states": _randn(B, 6, 64, seed=1),
@@ -56,7 +57,7 @@ def chroma():
     torch.manual_seed(0)
     model = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                                      attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
-                                     axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+                                     axes_dims_rope=(4, 6, 6), approximator_num_channels=64,
                                      approximator_hidden_dim=64, approximator_layers=1)
     img_ids = torch.zeros(16, 3)
     img_ids[:, 1], img_ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
@@ -84,8 +85,8 @@ def mochi():
     from diffusers import MochiTransformer3DModel
 
     torch.manual_seed(0)
-    model = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=32, num_layers=2,
-                                    pooled_projection_dim=64, in_channels=4, text_embed_dim=64, time_embed_dim=64,
+    model = MochiTransformer3DModel(patch_size=2, num_attention_heads=3, attention_head_dim=64, num_layers=2,
+                                    pooled_projection_dim=192, in_channels=4, text_embed_dim=64, time_embed_dim=64,
                                     max_sequence_length=8)
     inputs = {"hidden_states": _randn(B, 4, 2, 8, 8), "encoder_hidden_states": _randn(B, 6, 64, seed=1),
               "timestep": torch.tensor([300.0, 700.0]), "encoder_attention_mask": torch.ones(B, 6, dtype=torch.bool)}
