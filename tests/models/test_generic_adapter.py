@@ -167,3 +167,15 @@ def test_generic_rejects_what_cannot_work() -> None:
                        up_block_types=("UpBlock2D", "UpBlock2D"))
     with pytest.raises(UnsupportedModelError, match="UNet2DModel.*not a diffusers transformer"):
         adapter_for(unet)
+
+
+def test_reload_check_compares_tensor_by_tensor_and_names_a_difference(root, tmp_path) -> None:
+    from compressdit.errors import CheckpointError
+    from compressdit.pipeline import _reload_check, run_recipe
+
+    state = run_recipe(_recipe("rtn-w8a8"), _folder("CogView4Transformer2DModel", root), tmp_path / "out", quiet=True)
+    assert "tensors equal" in _reload_check(state, tmp_path / "out")
+    with torch.no_grad():
+        state.model.proj_out.weight[0, 0] += 1e-3
+    with pytest.raises(CheckpointError, match=r"proj_out\.weight"):
+        _reload_check(state, tmp_path / "out")
