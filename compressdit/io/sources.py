@@ -82,13 +82,15 @@ def load_transformer(folder: Path, dtype: torch.dtype | None = None) -> nn.Modul
 
     import compressdit  # noqa: F401  (registers the quantizer backend)
     from compressdit.models import ADAPTERS
+    from compressdit.models.generic import is_diffusers_transformer
 
     class_name = _class_name(folder)
-    supported = sorted(a.model_class_name for _, a in ADAPTERS.items())
     model_class = getattr(diffusers, class_name, None)
-    if model_class is None or class_name not in supported:
-        raise UnsupportedModelError(f"unsupported model class {class_name} in {folder}; "
-                                    f"supported: {', '.join(supported)}")
+    if not is_diffusers_transformer(model_class):
+        supported = sorted(a.model_class_name for _, a in ADAPTERS.items())
+        raise UnsupportedModelError(f"unsupported model class {class_name} in {folder}: not a diffusers transformer; "
+                                    f"supported: {', '.join(supported)}, and any diffusers transformer "
+                                    "(diffusers.models.transformers) with nn.Linear layers")
     verify_safetensors(folder)
     from diffusers.utils import logging as diffusers_logging
 

@@ -60,6 +60,8 @@ class FluxAdapter(ModelAdapter):
     family = "flux"
     model_class_name = "FluxTransformer2DModel"
     condition_kind = "text"
+    text_width_key = "joint_attention_dim"
+    pooled_width_key = "pooled_projection_dim"
     prediction = "flow"
     block_patterns = (_DOUBLE, _SINGLE)
     block_stacks = (BlockStack("transformer_blocks", "num_layers", returns=_JOINT),

@@ -12,6 +12,7 @@ class PixArtAdapter(ModelAdapter):
     family = "pixart"
     model_class_name = "PixArtTransformer2DModel"
     condition_kind = "text"
+    text_width_key = "caption_channels"
     block_patterns = (_BLOCK,)
     block_stacks = (BlockStack("transformer_blocks", "num_layers"),)
     roles = {

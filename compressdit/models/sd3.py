@@ -35,6 +35,8 @@ class SD3Adapter(ModelAdapter):
     family = "sd3"
     model_class_name = "SD3Transformer2DModel"
     condition_kind = "text"
+    text_width_key = "joint_attention_dim"
+    pooled_width_key = "pooled_projection_dim"
     prediction = "flow"
     block_patterns = (_BLOCK,)
     block_stacks = (BlockStack("transformer_blocks", "num_layers", keep_last=True,
