@@ -28,9 +28,9 @@ class ImagesDataConfig(StrictConfig):
     ``metadata.jsonl``/``.csv`` gives captions) or a ``.parquet`` / ``.jsonl`` / ``.json`` / ``.csv`` file with an
     image column (images, or paths relative to the file) and a condition column: captions for text models,
     integer class ids for class models (default: the first of caption, text, prompt / label, class_id, class).
-    ``images``: the first N rows (null: all). Images are resized to the model's pixel size and encoded (posterior
-    mean) as the pipeline's VAE expects: ``(z - shift_factor) * scaling_factor``; latents are cached per VAE,
-    dataset and count.
+    ``images``: the first N rows (null: all). Images are resized and centre-cropped to the model's pixel size,
+    encoded (posterior mean) and scaled as the pipeline's VAE expects: ``(z - shift_factor) * scaling_factor``;
+    latents are cached per VAE, dataset and count.
     """
 
     path: str = ""
@@ -107,7 +107,8 @@ def _conditions(values: list, kind: str, where: str) -> list:
 
 @torch.no_grad()
 def encode_images(vae, images: list, height: int, width: int, batch_size: int) -> torch.Tensor:
-    """Scaled latents of PIL ``images`` resized to ``height`` x ``width`` (what the transformer sees)."""
+    """Scaled latents of PIL ``images`` resized to cover ``height`` x ``width`` and centre-cropped to it (aspect
+    ratio kept), as the transformer sees them."""
     from diffusers.image_processor import VaeImageProcessor
 
     channels = vae.config.in_channels
@@ -117,7 +118,7 @@ def encode_images(vae, images: list, height: int, width: int, batch_size: int) -
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     out = []
     for start in range(0, len(images), batch_size):
-        pixels = processor.preprocess(images[start:start + batch_size], height=height, width=width)
+        pixels = processor.preprocess(images[start:start + batch_size], height=height, width=width, resize_mode="crop")
         latents = vae.encode(pixels.to(device, dtype)).latent_dist.mean.float()
         out.append(((latents - shift) * vae.config.scaling_factor).cpu())
     return torch.cat(out)

@@ -140,11 +140,11 @@ def _pngs(count: int, size: int = 20):
 
 @torch.no_grad()
 def _encoded(vae, image) -> torch.Tensor:
-    """The reference encoding: grey, Lanczos-resized to 32x32, in [-1, 1], posterior mean, scaled."""
+    """The reference encoding: Lanczos-resized to 32x32, grey, in [-1, 1], posterior mean, scaled."""
     import numpy as np
     from PIL import Image
 
-    grey = torch.from_numpy(np.asarray(image.convert("L").resize((32, 32), resample=Image.LANCZOS), dtype=np.float32))
+    grey = torch.from_numpy(np.asarray(image.resize((32, 32), resample=Image.LANCZOS).convert("L"), dtype=np.float32))
     pixels = (grey.view(1, 1, 32, 32) / 255) * 2 - 1
     return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
 
