@@ -12,10 +12,11 @@ from compressdit.calibration.sets import load_conditions, resolve_set
 from compressdit.distill.sources import DataSpec, load_data, set_data
 from compressdit.distill.teacher_data import TeacherDataConfig
 from compressdit.errors import ConfigError
-from compressdit.io.sources import load_source
+from compressdit.io.sources import ZOO_DIR, load_source
 from compressdit.models import ADAPTERS, adapter_for
 from compressdit.models.sampling import sample
 from compressdit.stages.distill import DistillStageConfig, data_context
+from compressdit.zoo.data import fmnist_dir, load_fmnist
 from tests.conftest import save_dit_pipeline, tiny_pixart
 
 torch.set_num_threads(1)
@@ -115,6 +116,18 @@ def test_auto_is_the_teacher_for_models_outside_the_zoo(pipeline, tmp_path):
     assert not context.is_zoo
     data = load_data(DataSpec.from_dict({"source": "auto", "images": 3}), context)
     assert data.note.startswith("teacher samples (data-free): 3 clean latents") and len(data.latents) == 3
+
+
+@pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST not installed")
+def test_auto_keeps_fashion_mnist_for_the_zoo(tmp_path):
+    if not (ZOO_DIR / "dit-fmnist" / "transformer" / "config.json").exists():
+        pytest.skip("zoo weights of dit-fmnist not present")
+    source = load_source("zoo:dit-fmnist")
+    context = data_context(DIT, source.transformer, source, lambda: source.transformer, tmp_path)
+    assert context.is_zoo
+    data = load_data(DataSpec.from_dict({"source": "auto", "images": 16}), context)
+    assert data.note.startswith("16 Fashion-MNIST training images encoded by the VAE in")
+    assert data.conditions == list(range(10)) and data.labels.tolist() == load_fmnist("train")[1][:16].tolist()
 
 
 def test_teacher_source_for_a_text_model_passes_prompts_to_its_encoder(tmp_path):

@@ -21,7 +21,7 @@ from tests.integration.test_cli_errors import (assert_nothing_written, assert_on
 torch.set_num_threads(1)
 needs_fmnist = pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").exists(),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-SMALL = ["--steps", "2", "--batch-size", "4", "--images", "16", "--quiet"]
+SMALL = ["--steps", "2", "--batch-size", "4", "--data", "fmnist", "--images", "16", "--quiet"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,7 +103,7 @@ def test_recipe_with_distill_stage_runs_through_the_pipeline(models, tmp_path):
         version: 1
         name: kd
         stages:
-          - distill: {steps: 2, batch_size: 4, images: 16, feature_weight: 0.0}
+          - distill: {steps: 2, batch_size: 4, data: {source: fmnist, images: 16}, feature_weight: 0.0}
         """))
     out = tmp_path / "out"
     result = run_main("run", recipe, "--model", models["teacher"], "--out", out, "--quiet", "--json")
