@@ -110,3 +110,11 @@ def test_recipe_with_distill_stage_runs_through_the_pipeline(models, tmp_path):
     assert result.code == 0, result.stderr
     assert "distill_s" in json.loads(result.stdout)["timings"]
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_distill_without_a_dataset_samples_the_teacher(models, tmp_path):
+    result = run_main("distill", models["student"], "--teacher", models["teacher"], "--out", tmp_path / "out",
+                      "--steps", "1", "--batch-size", "4", "--data", "teacher", "--images", "4", "--json")
+    assert result.code == 0, result.stderr
+    note = json.loads(result.stdout)["data_note"]
+    assert note.startswith("teacher samples (data-free): 4 clean latents") and "4 drawn now" in note
