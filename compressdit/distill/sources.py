@@ -174,7 +174,7 @@ def set_data(configs: list, data: str | dict) -> int:
     return count
 
 
-def files_digest(folder: Path, patterns: tuple[str, ...] = ("*.safetensors", "config.json")) -> str:
+def files_digest(folder: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "config.json")) -> str:
     """SHA-1 (16 hex digits) of the files of ``folder`` matching ``patterns``: a model's identity on disk."""
     digest = hashlib.sha1()
     paths = sorted({p for pattern in patterns for p in Path(folder).glob(pattern)})
