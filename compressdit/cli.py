@@ -72,13 +72,21 @@ EMBEDDINGS = typer.Option(None, "--embeddings", help="Safetensors file of precom
                                                      "(keyed by prompt; include the empty prompt).")
 
 
+DATA = typer.Option(None, "--data", help="Training latents of every stage that trains: auto (default: Fashion-MNIST "
+                                         "for zoo models, else the teacher's own samples), teacher, fmnist or "
+                                         "images:PATH (image folder or .parquet/.jsonl/.csv with image + caption).")
+
+
 def _run_named_recipe(recipe: str, model: str, out: Path, no_eval: bool, samples: Optional[int], overwrite: bool,
                       quiet: bool, as_json: bool, calib: Optional[str] = None, text_encoder: Optional[str] = None,
-                      embeddings: Optional[Path] = None) -> None:
-    """Load a recipe, apply ``--no-eval`` / ``--samples`` and run it (``quantize`` and ``prune`` alike)."""
+                      embeddings: Optional[Path] = None, data: Optional[str] = None) -> None:
+    """Load a recipe, apply ``--no-eval`` / ``--samples`` / ``--data`` and run it (``quantize`` and ``prune``)."""
+    from compressdit.distill.sources import set_data
     from compressdit.recipe import load_recipe
 
     loaded = load_recipe(recipe)
+    if data is not None:
+        set_data([stage.config for stage in loaded.stages], data)
     if no_eval:
         loaded.stages = [s for s in loaded.stages if s.name != "evaluate"]
     if samples is not None:
@@ -101,11 +109,12 @@ def quantize(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, calib: O
 @app.command()
 def prune(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, calib: Optional[str] = CALIB,
           text_encoder: Optional[str] = TEXT_ENCODER, embeddings: Optional[Path] = EMBEDDINGS,
-          no_eval: bool = NO_EVAL, samples: Optional[int] = SAMPLES, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
-          as_json: bool = JSON) -> None:
+          no_eval: bool = NO_EVAL, samples: Optional[int] = SAMPLES, data: Optional[str] = DATA,
+          overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Prune MODEL with a recipe — depth (tinyfusion-50, ppcl-50, blockinfluence-50) or width (width-30) — and write
     a diffusers checkpoint + quality report."""
-    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib, text_encoder, embeddings)
+    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib, text_encoder, embeddings,
+                      data)
 
 
 @app.command("run")
@@ -164,8 +173,9 @@ def distill_command(student: str = typer.Argument(..., help="Compressed model or
                     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
                     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default 1000)."),
                     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch (default 64)."),
-                    images: Optional[int] = typer.Option(None, "--images",
-                                                         help="Use the first N Fashion-MNIST training images."),
+                    data: Optional[str] = DATA,
+                    images: Optional[int] = typer.Option(None, "--images", help="Train on N latents: the first N "
+                                                         "images of the data, or N teacher samples."),
                     max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
                                                                 help="Stop after this long; rerun to resume."),
                     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Resumable training state "
@@ -178,8 +188,13 @@ def distill_command(student: str = typer.Argument(..., help="Compressed model or
     from compressdit.stages.distill import distill_checkpoint, incomplete_message
 
     set_quiet(quiet or as_json)
-    overrides = {key: value for key, value in {"steps": steps, "batch_size": batch_size, "images": images,
+    from compressdit.distill.sources import DataSpec
+
+    overrides = {key: value for key, value in {"steps": steps, "batch_size": batch_size,
                                                "max_minutes": max_minutes}.items() if value is not None}
+    if data is not None or images is not None:
+        spec = DataSpec.from_dict(data, "--data")
+        overrides["data"] = (spec.with_images(images) if images is not None else spec).to_dict()
     if layer_map is not None and layer_map != "auto":
         try:
             overrides["layer_map"] = [int(v) for v in layer_map.split(",")]
