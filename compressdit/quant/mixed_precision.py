@@ -107,7 +107,8 @@ class _Probe:
     def temporal_damage(self) -> float:
         axis = self.ctx.adapter.frame_axis
         latents = sample(self.ctx.adapter, self.model, self.conditions, self.ctx.scheduler,
-                         steps=self.config.probe_steps, guidance=self.config.guidance, seed=self.config.seed)
+                         steps=self.config.probe_steps, guidance=self.config.guidance, seed=self.config.seed,
+                         prompt_encoder=self.ctx.prompt_encoder)
         return relative_error(torch.diff(latents, dim=axis), torch.diff(self.final, dim=axis))
 
     def damage(self, group: str) -> float:
