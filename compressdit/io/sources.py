@@ -126,9 +126,6 @@ def load_source(model: str, dtype: torch.dtype | None = None, name: str | None =
     loaded on first use, cached under ``cache_dir``)."""
     from diffusers import AutoencoderKL
 
-    from compressdit.models import adapter_for
-    from compressdit.models.prompt_encoders import prompt_encoder_for
-
     folder = resolve_path(model)
     is_pipeline = (folder / TRANSFORMER_SUBFOLDER / "config.json").exists()
     transformer = load_transformer(folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder, dtype)
@@ -146,6 +143,9 @@ def load_source(model: str, dtype: torch.dtype | None = None, name: str | None =
     card = folder / "training.json"
     if card.exists():
         info = json.loads(card.read_text())
+    from compressdit.models import adapter_for
+    from compressdit.models.prompt_encoders import prompt_encoder_for
+
     encoder_folder = None
     if text_encoder is not None:
         try:

@@ -179,7 +179,12 @@ class PipelinePromptEncoder(PromptEncoder):
         self._pipeline = None
         files = sorted(p for p in self.folder.iterdir() if p.name.startswith(PIPELINE_PARTS) and p.is_dir())
         stats = [self.folder / "model_index.json"] + [f for d in files for f in sorted(d.rglob("*")) if f.is_file()]
-        digest = hashlib.sha256(f"{adapter.family}|{self.device.type}".encode())
+        import diffusers
+        import transformers
+
+        # what the embeddings depend on: family, device kind, library versions (encode_prompt defaults), the files
+        digest = hashlib.sha256(f"{adapter.family}|{self.device.type}|{diffusers.__version__}|"
+                                f"{transformers.__version__}".encode())
         for f in stats:
             stat = f.stat()
             digest.update(f"{f.relative_to(self.folder)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -196,18 +201,18 @@ class PipelinePromptEncoder(PromptEncoder):
             from compressdit.io.checkpoint import stored_float_dtype
 
             components = json.loads((self.folder / "model_index.json").read_text())
-            skip: dict[str, Any] = {name: None for name, value in components.items()
-                    if isinstance(value, list) and not name.startswith(PIPELINE_PARTS)}
+            kwargs: dict[str, Any] = {name: None for name, value in components.items()  # no transformer, VAE, ...
+                                      if isinstance(value, list) and not name.startswith(PIPELINE_PARTS)}
             dtypes = [stored_float_dtype(self.folder / n) for n in components if n.startswith("text_encoder")
                       and (self.folder / n).is_dir()]
             dtype = next(filter(None, dtypes), None)
             if dtype is not None and dtype != torch.float32:  # keep half-precision encoders in half precision
-                skip["torch_dtype"] = dtype
+                kwargs["torch_dtype"] = dtype
             levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
             diffusers_logging.set_verbosity_error()
             transformers_logging.set_verbosity_error()
             try:
-                pipe = DiffusionPipeline.from_pretrained(self.folder, **skip)
+                pipe = DiffusionPipeline.from_pretrained(self.folder, **kwargs)
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 raise ConfigError(f"cannot load the text encoders of {self.folder}: "
                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
@@ -237,7 +242,13 @@ class PipelinePromptEncoder(PromptEncoder):
         missing = [p for p in prompts if self._cached(p) is None]
         for start in range(0, len(missing), self.batch_size):
             batch = missing[start:start + self.batch_size]
-            embeddings = self.adapter.prompt_embeddings(self.pipeline(), batch, self.device)
+            pipe = self.pipeline()
+            try:
+                embeddings = self.adapter.prompt_embeddings(pipe, batch, self.device)
+            except (TypeError, AttributeError) as exc:
+                raise ConfigError(f"{self.folder}: {type(pipe).__name__}.encode_prompt is not what the "
+                                  f"{self.adapter.family} adapter expects ({str(exc).splitlines()[0]}); pass "
+                                  "--embeddings FILE with precomputed embeddings") from None
             self.encoded += len(batch)
             for prompt, e in zip(batch, embeddings):
                 e = TextEmbedding(e.tokens.cpu(), e.mask.cpu(), None if e.pooled is None else e.pooled.cpu())
