@@ -117,8 +117,12 @@ DATA_SOURCES.add("fmnist", DataSource(FmnistDataConfig, _load_fmnist))
 
 @dataclass
 class DataSpec(StrictConfig):
-    """``data: {source: NAME, ...}``: the source's keys are checked by its own config. Also accepts the bare
-    name (``data: teacher``) and ``NAME:ARG`` for sources with an argument (``images:/data/shirts``)."""
+    """``data: {source: NAME, ...}``: the source's keys are checked by its own config. YAML::
+
+        data: {source: teacher, images: 2048, set: my-prompts.jsonl}
+
+    Also accepts the bare name (``data: teacher``) and ``NAME:ARG`` for sources with an argument
+    (``data: images:/data/shirts``, ``--data images:/data/shirts``)."""
 
     source: str = "auto"
     options: Any = field(default_factory=AutoDataConfig)

