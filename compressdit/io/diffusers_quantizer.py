@@ -12,7 +12,6 @@ from enum import Enum
 from typing import Any
 
 import torch
-from torch import nn
 from diffusers.configuration_utils import FrozenDict
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
@@ -118,11 +117,14 @@ class CompressditQuantizer(DiffusersQuantizer):
 
             quantize_layers(model, self.quantization_config.specs())
             return model
+        loaded = set(getattr(self, "_loaded_keys", None) or [])
         for name, module in model.named_modules():
             if isinstance(module, QuantizedLinear):
                 for tensor_name in module.quantized_tensors:
                     tensor = getattr(module, tensor_name, None)
-                    if tensor is not None and tensor.is_meta:
+                    # offloaded to disk by a device_map, a loaded tensor stays on ``meta`` until its forward
+                    missing = f"{name}.{tensor_name}" not in loaded if loaded else tensor is not None and tensor.is_meta
+                    if tensor is not None and missing:
                         raise CheckpointError(f"checkpoint is missing {name}.{tensor_name} "
                                               "(truncated or mismatched checkpoint)")
         return model
@@ -163,12 +165,10 @@ class CompressditQuantizer(DiffusersQuantizer):
             raise CheckpointError(f"{param_name}: checkpoint dtype {param_value.dtype} does not match the "
                                   f"quantization_config ({placeholder.dtype})")
         value = param_value.to(target_device if target_device not in (None, "disk") else "cpu")
-        if tensor_name == "weight":
-            module.weight = PackedParameter(value, logical_numel=placeholder.logical_numel)
-        elif tensor_name in module._parameters:
-            module._parameters[tensor_name] = nn.Parameter(value, requires_grad=False)
-        else:
-            module._buffers[tensor_name] = value
+        if isinstance(placeholder, PackedParameter):
+            module._parameters[tensor_name] = PackedParameter(value, logical_numel=placeholder.logical_numel)
+        else:  # scales etc. (QuantState) and a calibrated fp32 bias: the placeholder's class, frozen
+            module._parameters[tensor_name] = type(placeholder)(value, requires_grad=False)
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
         return torch_dtype
