@@ -130,6 +130,11 @@ def save_in_dtype(model, folder: Path, dtype) -> None:
 
     from compressdit.quant.transform import quantized_modules
 
+    from compressdit.io.diffusers_quantizer import CompressditConfig
+
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if isinstance(config, CompressditConfig):  # config.json says what the float tensors are stored in
+        config.record_float_dtype(dtype)
     quantized = {f"{n}.{t}" for n, m in quantized_modules(model).items() for t in m.quantized_tensors}
     tensors = [(name, t) for name, t in list(model.named_parameters()) + list(model.named_buffers())
                if t.is_floating_point() and name not in quantized]
