@@ -90,10 +90,18 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.rename(out)
 
 
+# loose files a pipeline needs; anything else at the top (a model card, metrics, samples, training facts)
+# describes the source model, not the one written next to it
+PIPELINE_FILES = ("model_index.json",)
+
+
 def copy_pipeline_parts(source_folder: Path, out: Path, skip: tuple[str, ...] = ("transformer", "report")) -> None:
-    """Copy a pipeline's other components (VAE, scheduler, model_index.json, ...) next to a new transformer."""
+    """Copy a pipeline's other components (VAE, scheduler, ... folders) and ``model_index.json`` next to a new
+    transformer; files describing the source model (``MODEL_CARD.md``, ``metrics.json``, ...) are not copied."""
     for item in Path(source_folder).iterdir():
         if item.name in skip or item.name.startswith(("compressdit_", ".")):
+            continue
+        if item.is_file() and item.name not in PIPELINE_FILES and not item.name.upper().startswith("LICENSE"):
             continue
         target = Path(out) / item.name
         if item.is_dir():
