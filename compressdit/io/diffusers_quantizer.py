@@ -10,6 +10,7 @@ import hashlib
 import json
 import weakref
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,6 +122,7 @@ class CompressditQuantizer(DiffusersQuantizer):
 
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
         self._loaded_keys = list(loaded_keys)  # diffusers only warns about unexpected keys; we check them
+        self._checkpoint_files = [str(f) for f in checkpoint_files or [] if isinstance(f, (str, Path))]
         return loaded_keys
 
     def _check_unused_tensors(self, model) -> None:
@@ -141,6 +143,7 @@ class CompressditQuantizer(DiffusersQuantizer):
             self.note_saved_as_is(model)
             return model
         self.note_saved_as_is(model)
+        self._restore_offloaded(model)
         loaded = set(getattr(self, "_loaded_keys", None) or [])
         for name, module in model.named_modules():
             if isinstance(module, QuantizedLinear):
@@ -152,6 +155,43 @@ class CompressditQuantizer(DiffusersQuantizer):
                         raise CheckpointError(f"checkpoint is missing {name}.{tensor_name} "
                                               "(truncated or mismatched checkpoint)")
         return model
+
+    def _restore_offloaded(self, model) -> None:
+        """After a load that offloaded to disk, put the quantized tensors back exactly as stored.
+
+        With ``"disk"`` in the ``device_map`` diffusers writes tensors to offload folders after casting floats to
+        ``torch_dtype`` and without asking the quantizer (the CPU-mapped ones too, reloaded from a temporary
+        folder): fp32 scales would come back rounded to bf16. The offloaded copies are rewritten, the loaded
+        ones overwritten, from the checkpoint.
+        """
+        from accelerate.utils import offload_weight, save_offload_index
+        from safetensors import safe_open
+
+        tensors: dict[str, tuple[torch.Tensor, Any]] = {}  # key -> (module's tensor, offload loader or None)
+        for name, module in model.named_modules():
+            if not isinstance(module, QuantizedLinear):
+                continue
+            weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+            loader = getattr(weights, "dataset", weights)
+            for key, tensor in ((f"{name}.{t}", getattr(module, t)) for t in module.quantized_tensors):
+                if tensor is None:
+                    continue
+                offloaded = getattr(loader, "save_folder", None) is not None and key in loader.index
+                tensors[key] = (tensor, loader if offloaded else None)
+        loaders = {id(lo): lo for _, lo in tensors.values() if lo is not None}
+        for path in getattr(self, "_checkpoint_files", []) if loaders else []:
+            with safe_open(path, framework="pt") as handle:
+                for key in set(handle.keys()) & set(tensors):
+                    (tensor, loader), value = tensors[key], handle.get_tensor(key)
+                    if value.dtype != tensor.dtype:
+                        raise CheckpointError(f"{key}: checkpoint dtype {value.dtype} does not match the "
+                                              f"quantization_config ({tensor.dtype})")
+                    if loader is not None:
+                        offload_weight(value, key, loader.save_folder, loader.index)
+                    elif not tensor.is_meta:
+                        tensor.data.copy_(value)
+        for loader in loaders.values():
+            save_offload_index(loader.index, loader.save_folder)
 
     def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
         module_name, _, tensor_name = param_name.rpartition(".")

@@ -171,9 +171,13 @@ def test_device_map_cpu(saved):
     assert torch.equal(_run(model, _dit_inputs()), expected)
 
 
-def test_device_map_with_disk_offload_loads_scales_with_their_weights(saved, tmp_path):
+@pytest.mark.parametrize("torch_dtype", [None, torch.bfloat16])
+def test_device_map_with_disk_offload_loads_scales_with_their_weights(saved, tmp_path, torch_dtype):
+    """Same outputs as without offload; with bf16 too (diffusers casts what it offloads: scales are restored)."""
     _, folder, expected = saved
-    model = _load(folder, device_map=DISK_MAP, offload_folder=tmp_path / "offload")
+    if torch_dtype is not None:
+        expected = _run(_load(folder, torch_dtype=torch_dtype), _dit_inputs())
+    model = _load(folder, device_map=DISK_MAP, offload_folder=tmp_path / "offload", torch_dtype=torch_dtype)
     assert model.hf_device_map["transformer_blocks.1"] == "disk"
     offloaded = json.loads((tmp_path / "offload" / "index.json").read_text())
     name = "transformer_blocks.1.attn1.to_q"
