@@ -136,9 +136,8 @@ def save_in_dtype(model, folder: Path, dtype) -> None:
     weights that came from it). Packed codes and fp32 scales of quantized layers are never cast."""
     import torch
 
-    from compressdit.quant.transform import quantized_modules
-
     from compressdit.io.diffusers_quantizer import CompressditConfig
+    from compressdit.quant.transform import quantized_modules
 
     config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
     if isinstance(config, CompressditConfig):  # config.json says what the float tensors are stored in
