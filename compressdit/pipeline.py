@@ -11,6 +11,7 @@ import torch
 from compressdit.errors import CheckpointError
 from compressdit.io.checkpoint import atomic_output, copy_pipeline_parts, save_in_dtype, stored_float_dtype, check_output
 from compressdit.io.diffusers_quantizer import attach_quantizer
+from compressdit.io.model_card import write_model_card
 from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source, load_transformer
 from compressdit.models import adapter_for
 from compressdit.models.sampling import initial_latents
@@ -122,6 +123,8 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
             handler.run(state, stage.config)
         if not saved:
             save_checkpoint(state, recipe)
+        write_model_card(workdir, display_path=str(out), recipe=recipe, reference_name=model,
+                         reference_folder=source.folder, model=state.model, report=state.report)
         state.timings["total_s"] = round(time.perf_counter() - started, 2)
     state.workdir = Path(out)
     return state
