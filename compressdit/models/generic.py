@@ -60,7 +60,7 @@ class GenericAdapter(ModelAdapter):
     """Roles and blocks of one diffusers model class by module names; no sampling loop (see module doc)."""
 
     family = "generic"
-    condition_kind = "text"
+    condition_kind = "text"  # a known kind, so stages that sample reach the one-line error below, not a KeyError
     block_patterns = ()
     block_stacks = ()
     roles = GENERIC_ROLES
