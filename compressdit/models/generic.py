@@ -93,9 +93,6 @@ class GenericAdapter(ModelAdapter):
         """Children of the model's top-level ``nn.ModuleList``s that hold Linears, in definition order."""
         return [(f"{attr}.{i}", block) for attr in self.block_lists for i, block in enumerate(getattr(model, attr))]
 
-    def block_list(self, model):
-        return [(attr, i, block) for attr in self.block_lists for i, block in enumerate(getattr(model, attr))]
-
     def synthetic_conditioning(self, model, batch, seed=0):
         return None  # the forward's calling convention is the pipeline's; reload checks compare tensors
 

@@ -55,13 +55,20 @@ def _build(family: str):
             num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, time_embed_dim=64,
             text_embed_dim=TEXT_DIM, num_layers=1, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
             max_text_seq_length=6, use_rotary_positional_embeddings=True)
+    if family == "latte":
+        return diffusers.LatteTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=1,
+            cross_attention_dim=64, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+            caption_channels=TEXT_DIM, video_length=2)
     from tests.models import tiny_families
 
     return tiny_families.FAMILIES[family]()[0]
 
 
 CASES = [(f, r) for f in ("sd3", "flux", "pixart") for r in ("rtn-w8a8", "rtn-w4a16")] + \
-        [("wan", "rtn-w8a8"), ("cogvideox", "rtn-w4a16"), ("Lumina2Transformer2DModel", "rtn-w8a8")]
+        [("wan", "rtn-w8a8"), ("cogvideox", "rtn-w4a16"), ("latte", "rtn-w4a16"),
+         ("Lumina2Transformer2DModel", "rtn-w8a8")]
 
 
 @pytest.mark.parametrize("family, recipe", CASES, ids=[f"{f}-{r}" for f, r in CASES])
