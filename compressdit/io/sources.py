@@ -132,7 +132,12 @@ def load_source(model: str, dtype: torch.dtype | None = None, name: str | None =
     vae = scheduler = None
     if is_pipeline and (folder / "vae" / "config.json").exists():
         verify_safetensors(folder / "vae")
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+        import diffusers
+
+        vae_class = getattr(diffusers, _class_name(folder / "vae"), None)  # video VAEs: AutoencoderKLWan, ...
+        if not (isinstance(vae_class, type) and issubclass(vae_class, diffusers.ModelMixin)):
+            vae_class = AutoencoderKL
+        vae = vae_class.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
     if is_pipeline and (folder / "scheduler" / "scheduler_config.json").exists():
         import diffusers
 

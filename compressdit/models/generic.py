@@ -60,7 +60,7 @@ class GenericAdapter(ModelAdapter):
     """Roles and blocks of one diffusers model class by module names; no sampling loop (see module doc)."""
 
     family = "generic"
-    condition_kind = "text"
+    condition_kind = "text"  # a known kind, so stages that sample reach the one-line error below, not a KeyError
     block_patterns = ()
     block_stacks = ()
     roles = GENERIC_ROLES
@@ -92,9 +92,6 @@ class GenericAdapter(ModelAdapter):
     def blocks(self, model):
         """Children of the model's top-level ``nn.ModuleList``s that hold Linears, in definition order."""
         return [(f"{attr}.{i}", block) for attr in self.block_lists for i, block in enumerate(getattr(model, attr))]
-
-    def block_list(self, model):
-        return [(attr, i, block) for attr in self.block_lists for i, block in enumerate(getattr(model, attr))]
 
     def synthetic_conditioning(self, model, batch, seed=0):
         return None  # the forward's calling convention is the pipeline's; reload checks compare tensors

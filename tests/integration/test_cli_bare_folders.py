@@ -55,13 +55,20 @@ def _build(family: str):
             num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, time_embed_dim=64,
             text_embed_dim=TEXT_DIM, num_layers=1, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
             max_text_seq_length=6, use_rotary_positional_embeddings=True)
+    if family == "latte":
+        return diffusers.LatteTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=1,
+            cross_attention_dim=64, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+            caption_channels=TEXT_DIM, video_length=2)
     from tests.models import tiny_families
 
     return tiny_families.FAMILIES[family]()[0]
 
 
 CASES = [(f, r) for f in ("sd3", "flux", "pixart") for r in ("rtn-w8a8", "rtn-w4a16")] + \
-        [("wan", "rtn-w8a8"), ("cogvideox", "rtn-w4a16"), ("Lumina2Transformer2DModel", "rtn-w8a8")]
+        [("wan", "rtn-w8a8"), ("cogvideox", "rtn-w4a16"), ("latte", "rtn-w4a16"),
+         ("Lumina2Transformer2DModel", "rtn-w8a8")]
 
 
 @pytest.mark.parametrize("family, recipe", CASES, ids=[f"{f}-{r}" for f, r in CASES])
@@ -90,3 +97,27 @@ def test_bare_folder_quantizes_without_a_text_encoder_and_reloads(family: str, r
             ref = adapter.predict(model, latents, torch.tensor([500]), cond)
         assert torch.isfinite(ours).all() and ours.shape == latents.shape
         assert 0 < (ours - ref).norm() / ref.norm() < 0.5
+
+
+def test_video_pipeline_folder_with_its_own_vae_class_quantizes(tmp_path) -> None:
+    """A Wan pipeline folder (``AutoencoderKLWan``, ``UniPCMultistepScheduler``, no text encoder saved)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+
+    root = tmp_path / "wan-pipe"
+    _random(_build("wan")).save_pretrained(root / "transformer")
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
+                     temperal_downsample=[False]).save_pretrained(root / "vae")
+    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                            flow_shift=3.0).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"], "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
+    out = tmp_path / "out"
+    result = run_main("quantize", root, "--recipe", "rtn-w8a8", "--out", out, "--no-eval", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["quantized_modules"] > 0
+    assert json.loads((out / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderKLWan"
+    from compressdit.quant.layers import QuantizedLinear
+
+    reloaded = WanTransformer3DModel.from_pretrained(out / "transformer")
+    assert isinstance(reloaded.blocks[0].attn1.to_q, QuantizedLinear)

@@ -1,5 +1,5 @@
-"""The CogVideoX and Wan adapters on tiny random video transformers: roles, layouts, sampling, and calibrated
-``w8a8`` / ``w4a8`` (the shipped recipes) -> save -> stock ``from_pretrained`` reload -> equal outputs."""
+"""The CogVideoX, Wan and Latte adapters on tiny random video transformers: roles, layouts, prediction, sampling
+(calibrated recipes: test_video_compression.py)."""
 
 from __future__ import annotations
 
@@ -34,10 +34,17 @@ def _random(model, scale: float = 0.05):
 @functools.lru_cache(maxsize=None)
 def _model(variant: str) -> nn.Module:
     """``cogvideox`` (1.0 with rotary embeddings, as 5b), ``cogvideox-sincos`` (as 2b), ``cogvideox-1.5``
-    (temporal patches, ``ofs``), ``wan`` (text-to-video), ``wan-i2v`` (image tokens in cross-attention)."""
-    from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+    (temporal patches, ``ofs``), ``wan`` (text-to-video), ``wan-i2v`` (image tokens in cross-attention),
+    ``latte`` (separate temporal blocks, learned variance)."""
+    from diffusers import CogVideoXTransformer3DModel, LatteTransformer3DModel, WanTransformer3DModel
 
     torch.manual_seed(0)
+    if variant == "latte":
+        return _random(LatteTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
+            cross_attention_dim=64, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+            caption_channels=TEXT_DIM, video_length=3))
     if variant.startswith("cogvideox"):
         v15 = variant == "cogvideox-1.5"
         model = CogVideoXTransformer3DModel(
@@ -71,7 +78,8 @@ def _matching_roles(adapter, name: str) -> list[str]:
 
 # roles ------------------------------------------------------------------------------------------------------
 
-ALL_FEATURES = {"cogvideox": "cogvideox-1.5", "wan": "wan-i2v"}
+ALL_FEATURES = {"cogvideox": "cogvideox-1.5", "wan": "wan-i2v", "latte": "latte"}
+TEMPORAL = {"cogvideox": False, "wan": False, "latte": True}  # separate temporal attention
 EXPECTED_ROLES = {
     "cogvideox": {
         "transformer_blocks.0.attn1.to_q": "attn_qkv", "transformer_blocks.1.attn1.to_out.0": "attn_out",
@@ -86,14 +94,23 @@ EXPECTED_ROLES = {
         "condition_embedder.time_proj": "adaln", "condition_embedder.time_embedder.linear_1": "embedder",
         "condition_embedder.text_embedder.linear_2": "embedder",
         "condition_embedder.image_embedder.ff.net.0.proj": "embedder", "proj_out": "head"},
+    "latte": {
+        "transformer_blocks.0.attn1.to_q": "attn_qkv", "transformer_blocks.1.attn1.to_out.0": "attn_out",
+        "transformer_blocks.0.attn2.to_q": "cross_q", "transformer_blocks.0.attn2.to_k": "cross_kv",
+        "transformer_blocks.0.attn2.to_out.0": "cross_out", "transformer_blocks.0.ff.net.0.proj": "ffn_up",
+        "temporal_transformer_blocks.0.attn1.to_q": "temporal", "temporal_transformer_blocks.1.attn1.to_v": "temporal",
+        "temporal_transformer_blocks.0.attn1.to_out.0": "temporal",
+        "temporal_transformer_blocks.0.ff.net.2": "ffn_down", "adaln_single.linear": "adaln",
+        "adaln_single.emb.timestep_embedder.linear_1": "embedder", "caption_projection.linear_2": "embedder",
+        "proj_out": "head"},
 }
 
 
-@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+@pytest.mark.parametrize("family", ["cogvideox", "wan", "latte"])
 def test_every_linear_has_exactly_one_role_and_every_pattern_matches(family: str) -> None:
     adapter, model = ADAPTERS.get(family), _model(ALL_FEATURES[family])
     assert adapter_for(model) is adapter
-    assert set(adapter.roles) <= set(ROLES) and "temporal" not in adapter.roles  # full 3D attention
+    assert set(adapter.roles) <= set(ROLES) and ("temporal" in adapter.roles) == TEMPORAL[family]
     linears = adapter.linear_layers(model)
     assert {n: r for n in linears if len(r := _matching_roles(adapter, n)) != 1} == {}
     names = [n for n, _ in model.named_modules()]
@@ -115,7 +132,16 @@ def test_latent_layouts() -> None:
     assert ADAPTERS.get("cogvideox").latent_shape(_model("cogvideox")) == (2, 4, 8, 8)  # [F, C, H, W]
     assert ADAPTERS.get("cogvideox").latent_shape(_model("cogvideox-1.5")) == (2, 4, 8, 8)
     assert ADAPTERS.get("wan").latent_shape(_model("wan")) == (4, 2, 8, 8)  # [C, F, H, W]
+    assert ADAPTERS.get("latte").latent_shape(_model("latte")) == (4, 3, 8, 8)  # [C, F, H, W]
     assert ADAPTERS.get("cogvideox").frame_axis == 1 and ADAPTERS.get("wan").frame_axis == 2
+    assert ADAPTERS.get("latte").frame_axis == 2
+
+
+def test_latte_blocks_alternate_spatial_and_temporal() -> None:
+    assert [n for n, _ in ADAPTERS.get("latte").blocks(_model("latte"))] == [
+        "transformer_blocks.0", "temporal_transformer_blocks.0", "transformer_blocks.1",
+        "temporal_transformer_blocks.1"]
+    assert ADAPTERS.get("latte").block_stacks == ()  # zipped stacks: no depth pruning
 
 
 @pytest.mark.parametrize("variant", ["cogvideox", "cogvideox-1.5"])
@@ -131,7 +157,7 @@ def test_cogvideox_rotary_embedding_is_the_pipelines(variant: str) -> None:
             assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("variant", ["cogvideox", "cogvideox-sincos", "cogvideox-1.5", "wan"])
+@pytest.mark.parametrize("variant", ["cogvideox", "cogvideox-sincos", "cogvideox-1.5", "wan", "latte"])
 def test_synthetic_conditioning_and_predict_match_a_direct_call(variant: str) -> None:
     family = variant.split("-")[0]
     adapter, model = ADAPTERS.get(family), _model(variant)
@@ -149,7 +175,7 @@ def test_synthetic_conditioning_and_predict_match_a_direct_call(variant: str) ->
             kwargs["ofs"] = torch.tensor([2.0, 2.0])
         direct = model(hidden_states=latents, encoder_hidden_states=tokens, timestep=torch.tensor([700, 700]),
                        **kwargs).sample
-    assert out.shape == latents.shape and torch.equal(out, direct)
+    assert out.shape == latents.shape and torch.equal(out, direct[:, : latents.shape[1]])
 
 
 def test_wan_zeroes_text_tokens_past_the_prompt_length() -> None:
@@ -160,15 +186,17 @@ def test_wan_zeroes_text_tokens_past_the_prompt_length() -> None:
     assert torch.equal(cond.tensors["encoder_hidden_states"][0].sum(-1), mask.float() * TEXT_DIM)
 
 
-@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+@pytest.mark.parametrize("family", ["cogvideox", "wan", "latte"])
 def test_sampling_uses_the_pipelines_scheduler_and_is_seeded(family: str) -> None:
-    from diffusers import CogVideoXDDIMScheduler, UniPCMultistepScheduler
+    from diffusers import CogVideoXDDIMScheduler, DDIMScheduler, UniPCMultistepScheduler
 
     adapter, model = _adapter(family), _model(family)
     scheduler = adapter.scheduler(model)
     if family == "cogvideox":
         assert isinstance(scheduler, CogVideoXDDIMScheduler) and adapter.prediction == "v"
         assert scheduler.config.prediction_type == "v_prediction"
+    elif family == "latte":
+        assert isinstance(scheduler, DDIMScheduler) and adapter.prediction == "epsilon"
     else:
         assert isinstance(scheduler, UniPCMultistepScheduler) and adapter.prediction == "flow"
         assert scheduler.config.prediction_type == "flow_prediction" and scheduler.config.use_flow_sigmas

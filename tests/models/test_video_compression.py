@@ -1,4 +1,4 @@
-"""Calibrated ``w8a8`` / ``w4a8`` (the shipped recipes, tiny sizes) on tiny CogVideoX and Wan transformers through
+"""Calibrated ``w8a8`` / ``w4a8`` (the shipped recipes, tiny sizes) on tiny CogVideoX, Wan and Latte through
 the Python API with synthetic text conditions -> save -> stock ``from_pretrained`` reload -> equal outputs."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _compress(family: str, recipe_name: str, tmp_path) -> PipelineState:
 
 
 @pytest.mark.parametrize("recipe_name", ["w8a8", "w4a8"])
-@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+@pytest.mark.parametrize("family", ["cogvideox", "wan", "latte"])
 def test_calibrated_recipe_save_stock_reload_equal_outputs(family: str, recipe_name: str, tmp_path) -> None:
     import diffusers
 
@@ -75,6 +75,10 @@ def test_calibrated_recipe_save_stock_reload_equal_outputs(family: str, recipe_n
     if recipe_name == "w4a8":  # mixed precision promoted some layers to W8 under the 4.5-bit budget
         assert {s["w_bits"] for s in specs.values()} == {4, 8}
         assert any("mixed precision: average weight bits" in n for n in state.notes)
+        (table,) = [t for t in state.tables if t["title"].startswith("mixed-precision sensitivity")]
+        groups = {row[0]: row[1] for row in table["rows"]}
+        assert {g for n, g in groups.items() if adapter.role_of(n) == "temporal"} <= {"temporal"}
+        assert ("temporal" in groups.values()) == (family == "latte")  # only Latte has temporal attention
     reloaded = getattr(diffusers, type(model).__name__).from_pretrained(tmp_path / "out").eval()
     latents = torch.randn(2, *adapter.latent_shape(model), generator=torch.Generator().manual_seed(7))
     cond = adapter.encode(model, synthetic_text(2, TEXT_SEQ, TEXT_DIM, seed=8))

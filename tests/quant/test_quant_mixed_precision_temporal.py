@@ -1,7 +1,8 @@
 """ViDiT-Q-MP's temporal group: layers an adapter gives the ``temporal`` role are scored by temporal fidelity
 (relative error of frame-to-frame differences of the final latents) and normalised among themselves.
 
-CogVideoX and Wan use full 3D attention (no temporal role); the adapter here declares one on a tiny Wan."""
+CogVideoX and Wan use full 3D attention (no temporal role); Latte's adapter declares one (its calibrated
+``w4a8`` run: tests/models/test_video_compression.py); the adapter here declares one on a tiny Wan."""
 
 from __future__ import annotations
 
