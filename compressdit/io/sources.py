@@ -6,13 +6,16 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from compressdit.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
 from compressdit.io.checkpoint import verify_safetensors
+
+if TYPE_CHECKING:
+    from compressdit.models.prompt_encoders import PromptEncoder
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo" / "weights"
 TRANSFORMER_SUBFOLDER = "transformer"
@@ -29,7 +32,7 @@ class ModelSource:
     scheduler: object | None = None
     is_pipeline: bool = False
     info: dict = field(default_factory=dict)
-    prompt_encoder: Any = None  # compressdit.models.prompt_encoders.PromptEncoder for text models with their own
+    prompt_encoder: PromptEncoder | None = None  # text models: embeds prompts (None: MiniLM in the adapter)
 
     @property
     def transformer_folder(self) -> Path:

@@ -66,7 +66,7 @@ def embed_prompts(conditions: list, dim: int, pooled_dim: int | None = None) -> 
         unique = sorted(set(prompts))
         encoded = dict(zip(unique, minilm_embeddings(unique, pooled=bool(pooled_dim))))
     for c in conditions:
-        if isinstance(c, TextEmbedding):
+        if isinstance(c, TextEmbedding) and dim is not None:
             _check_width(c, dim, pooled_dim)
     return [encoded[c] if isinstance(c, str) else c for c in conditions]
 

@@ -54,29 +54,34 @@ def test_pipeline_encoder_shapes_and_disk_cache(family, text_pipeline_dir, tmp_p
     assert again.key == encoder.key
 
 
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
 @pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])
-def test_sample_through_the_pipeline_encoder_equals_the_stock_pipeline(family, text_pipeline_dir):
-    """Same prompt, noise and steps: our loop (the pipeline's own encode_prompt, its scheduler, FLUX's dynamic
-    shifting mu) reproduces the stock pipeline's latents."""
+def test_sample_through_the_pipeline_encoder_equals_the_stock_pipeline(family, guidance, text_pipeline_dir):
+    """Same prompts, noise and steps: our loop (the pipeline's own encode_prompt, "" through it for classifier-free
+    guidance, its scheduler, FLUX's dynamic shifting mu) reproduces the stock pipeline's latents."""
     from diffusers import DiffusionPipeline
 
     folder = text_pipeline_dir(family)
     source = load_source(str(folder))
     adapter = adapter_for(source.transformer)
-    x = initial_latents(adapter, source.transformer, 1, seed=0)
-    ours = sample(adapter, source.transformer, ["a cat"], source.scheduler, steps=3, guidance=1.0, latents=x,
+    prompts = ["a cat", "a dog"]
+    x = initial_latents(adapter, source.transformer, len(prompts), seed=0)
+    ours = sample(adapter, source.transformer, prompts, source.scheduler, steps=3, guidance=guidance, latents=x,
                   prompt_encoder=source.prompt_encoder)
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     extra = {"use_resolution_binning": False} if family == "pixart" else {}
-    guidance = adapter.embedded_guidance if family == "flux" else 1.0  # FLUX: distilled guidance, no CFG pass
-    stock = pipe("a cat", num_inference_steps=3, height=64, width=64, guidance_scale=guidance,
+    if family == "flux":  # FLUX: distilled guidance is always on; CFG is FluxPipeline's "true CFG" against ""
+        extra.update(true_cfg_scale=guidance, negative_prompt="" if guidance != 1.0 else None)
+    else:
+        extra.update(guidance_scale=guidance)
+    stock = pipe(prompts, num_inference_steps=3, height=64, width=64,
                  latents=pack_latents(x) if family == "flux" else x, output_type="latent", **extra).images
     if family == "flux":
         stock = unpack_latents(stock, 8, 8)
     assert torch.isfinite(ours).all() and ours.shape == x.shape
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(ours, x)
+    assert not torch.allclose(ours, x) and not torch.allclose(ours[0], ours[1])
 
 
 @pytest.mark.parametrize("tokens", [16, 256, 1024, 4096])
