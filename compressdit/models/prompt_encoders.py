@@ -209,8 +209,10 @@ class PipelinePromptEncoder(PromptEncoder):
             if dtype is not None and dtype != torch.float32:  # keep half-precision encoders in half precision
                 kwargs["torch_dtype"] = dtype
             levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
-            diffusers_logging.set_verbosity_error()
-            transformers_logging.set_verbosity_error()
+            bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+            for logging in (diffusers_logging, transformers_logging):
+                logging.set_verbosity_error()
+                logging.disable_progress_bar()
             try:
                 pipe = DiffusionPipeline.from_pretrained(self.folder, **kwargs)
             except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -218,8 +220,10 @@ class PipelinePromptEncoder(PromptEncoder):
                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
                                   ) from None
             finally:
-                diffusers_logging.set_verbosity(levels[0])
-                transformers_logging.set_verbosity(levels[1])
+                for logging, level, bar in zip((diffusers_logging, transformers_logging), levels, bars):
+                    logging.set_verbosity(level)
+                    if bar:
+                        logging.enable_progress_bar()
             pipe.set_progress_bar_config(disable=True)
             self._pipeline = pipe.to(self.device)
         return self._pipeline
