@@ -4,7 +4,7 @@ serialization, ``device_map`` / CPU and disk offload, LoRA. The tiny DiT has une
 
 Not testable on CPU: ``enable_sequential_cpu_offload`` (with ``device="cpu"`` accelerate fails on a float DiT
 pipeline too) and ``device_map="auto"`` across accelerators; the accelerate hooks they install are tested here
-with CPU as execution device.
+with CPU as execution device, and ``device_map="auto"`` with a CPU memory limit (offloading to disk).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 from accelerate import cpu_offload, dispatch_model
-from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler, FluxTransformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
@@ -25,7 +25,7 @@ from compressdit.quant.layers import QuantizedLinear
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.transform import LayerRule, quantized_modules
 from compressdit.zoo.train_dits import noise_scheduler_config
-from tests.conftest import tiny_dit, tiny_vae
+from tests.conftest import tiny_dit, tiny_flux, tiny_vae
 from tests.io.test_diffusers_quantizer import WEIGHTS, _dit_inputs, _quantize, _run
 
 FORMATS = {
@@ -197,6 +197,22 @@ def test_accelerate_hooks_offload_to_cpu_and_disk(saved, tmp_path):
     model = _load(folder)
     dispatch_model(model, device_map=DISK_MAP, offload_dir=str(tmp_path / "disk"))
     assert torch.equal(_run(model, _dit_inputs()), expected)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_device_map_auto_with_a_memory_limit_offloads_to_disk(fmt, tmp_path):
+    """``device_map="auto"`` needs ``_no_split_modules``, which DiT lacks: a tiny FLUX transformer instead."""
+    _quantize(tiny_flux(2, 2, 4, 64, 64), rules(FORMATS[fmt])).save_pretrained(tmp_path / "flux")
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(2, 16, 16, generator=gen), encoder_hidden_states=torch.randn(2, 5, 64),
+                  pooled_projections=torch.randn(2, 64), timestep=torch.tensor([0.3, 0.8]), img_ids=torch.zeros(16, 3),
+                  txt_ids=torch.zeros(5, 3), guidance=torch.ones(2), return_dict=False)
+    with torch.no_grad():
+        expected = FluxTransformer2DModel.from_pretrained(tmp_path / "flux")(**inputs)[0]
+        model = FluxTransformer2DModel.from_pretrained(tmp_path / "flux", device_map="auto", max_memory={"cpu": 300_000},
+                                                       offload_folder=tmp_path / "offload")
+        assert model.hf_device_map["transformer_blocks"] == "disk"
+        assert torch.equal(model(**inputs)[0], expected)
 
 
 def _pipeline(transformer) -> DiTPipeline:
