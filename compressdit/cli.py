@@ -185,11 +185,10 @@ def distill_command(student: str = typer.Argument(..., help="Compressed model or
                                                             "proportional)."),
                     overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Distil STUDENT towards its uncompressed TEACHER (TinyFusion masked KD) and write it to OUT."""
+    from compressdit.distill.sources import DataSpec
     from compressdit.stages.distill import distill_checkpoint, incomplete_message
 
     set_quiet(quiet or as_json)
-    from compressdit.distill.sources import DataSpec
-
     overrides = {key: value for key, value in {"steps": steps, "batch_size": batch_size,
                                                "max_minutes": max_minutes}.items() if value is not None}
     if data is not None or images is not None:
