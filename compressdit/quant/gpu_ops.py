@@ -249,25 +249,31 @@ def _int4_kernel(group_size: int) -> GpuKernel:
                      lambda x, p, bias: int4_linear(x, p["packed"], p["scales_and_zeros"], group_size, bias))
 
 
+def kernel_for_spec(spec: LinearQuantSpec, in_features: int, out_features: int,
+                    capability: tuple[int, int] = (9, 0), int8_backend: str | None = None) -> GpuKernel | None:
+    """The kernel for ``spec`` and this shape on a GPU of ``capability``, whatever the current device (the ops
+    run their references off CUDA: tests and benchmarks check the wiring on CPU with this)."""
+    if spec.format == "fp8":
+        fits = spec.a_bits == 8 and in_features % 16 == 0 and out_features % 16 == 0
+        return _fp8_kernel() if fits and capability >= (8, 9) else None
+    if spec.format != "int" or not spec.w_symmetric and spec.w_bits == 8:
+        return None
+    if (spec.w_bits, spec.a_bits) == (8, 8) and spec.group_size is None and spec.a_granularity == "per_token":
+        return _int8_kernel(int8_backend or default_int8_backend()) if in_features % 8 == 0 and out_features % 8 == 0 else None
+    if spec.w_bits == 4 and spec.a_bits is None and capability >= (8, 0):
+        group = int4_group_size(spec, in_features)
+        return _int4_kernel(group) if group and in_features % 32 == 0 and out_features % 16 == 0 else None
+    return None
+
+
 def gpu_kernel_for(spec: LinearQuantSpec, device: torch.device | str, in_features: int,
                    out_features: int) -> GpuKernel | None:
     """The GPU kernel for a layer with ``spec`` on ``device``, or ``None`` (then the reference path runs)."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    if spec.format == "fp8":
-        fits = spec.a_bits == 8 and in_features % 16 == 0 and out_features % 16 == 0
-        return _fp8_kernel() if fits and fp8_supported(device) else None
-    if spec.format != "int" or not spec.w_symmetric and spec.w_bits == 8:
-        return None
-    if (spec.w_bits, spec.a_bits) == (8, 8) and spec.group_size is None and spec.a_granularity == "per_token":
-        return _int8_kernel(default_int8_backend()) if in_features % 8 == 0 and out_features % 8 == 0 else None
-    if spec.w_bits == 4 and spec.a_bits is None and torch.cuda.get_device_capability(device) >= (8, 0):
-        group = int4_group_size(spec, in_features)
-        inner_k_ok = in_features % 32 == 0 and out_features % 8 == 0
-        return _int4_kernel(group) if group and inner_k_ok else None
-    return None
+    return kernel_for_spec(spec, in_features, out_features, torch.cuda.get_device_capability(device))
 
 
 __all__ = ["FP8_MAX", "GpuKernel", "fp8_linear", "fp8_linear_reference", "gpu_kernel_for", "int4_linear",
-           "int4_linear_reference", "int8_linear_dyn", "int8_linear_reference", "pack_int4"]
+           "int4_linear_reference", "int8_linear_dyn", "kernel_for_spec", "int8_linear_reference", "pack_int4"]

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from compressdit.quant.gpu_ops import (fp8_linear, gpu_kernel_for, int4_group_size, int4_linear, int8_linear_dyn)
+from compressdit.quant.gpu_ops import (fp8_linear, gpu_kernel_for, int4_group_size, int4_linear, int8_linear_dyn,
+                                       kernel_for_spec)
 from compressdit.quant.gpu_reference import (fp8_linear_reference, int4_linear_reference, int8_linear_reference,
                                              pack_int4, quantize_fp8_weight, quantize_rows_reference,
                                              tinygemm_scales_and_zeros)
@@ -148,6 +149,35 @@ def _opcheck_args(op: str):
         return (x, *quantize_fp8_weight(torch.randn(48, 64)), None)
     return (x.bfloat16(), pack_int4(torch.zeros(32, 64, dtype=torch.int8), "cpu"),
             tinygemm_scales_and_zeros(torch.ones(32, 1), None, 32, 64), 32, None)
+
+
+@pytest.mark.parametrize("spec,name", [
+    (LinearQuantSpec(w_bits=8, a_bits=8), "int8-cublas"),
+    (LinearQuantSpec(format="fp8", w_bits=8, a_bits=8), "fp8-scaled-mm"),
+    (LinearQuantSpec(w_bits=4, group_size=64, w_symmetric=False), "int4-tinygemm"),
+    (LinearQuantSpec(w_bits=4), "int4-tinygemm"),
+])
+def test_kernel_contract_prepare_then_call_matches_the_layer(spec, name):
+    """The wiring contract on CPU (the ops run their references there): prepare(layer), kernel(x, prepared, bias)."""
+    from compressdit.quant.formats import FORMATS
+
+    torch.manual_seed(0)
+    layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(256, 64), spec, None)
+    kernel = kernel_for_spec(spec, 256, 64, int8_backend="cublas")
+    assert kernel is not None and kernel.name == name
+    x = _x((2, 9, 256))
+    with torch.no_grad():
+        out = kernel(x, kernel.prepare(layer), layer.bias)
+        truth = layer(x)
+    assert out.shape == truth.shape and out.dtype == x.dtype
+    assert rel_error(out, truth) < (1e-2 if spec.w_bits == 4 else 1e-5)  # tinygemm: bf16 activations and scales
+
+
+def test_no_kernel_for_what_the_kernels_do_not_cover():
+    assert kernel_for_spec(LinearQuantSpec(w_bits=8, a_bits=8, group_size=64), 256, 64) is None
+    assert kernel_for_spec(LinearQuantSpec(w_bits=4, a_bits=8), 256, 64) is None
+    assert kernel_for_spec(LinearQuantSpec(format="fp8", w_bits=8, a_bits=8), 256, 64, capability=(8, 0)) is None
+    assert kernel_for_spec(LinearQuantSpec(w_bits=8, a_bits=8), 252, 64) is None
 
 
 def test_no_gpu_kernel_off_cuda():
