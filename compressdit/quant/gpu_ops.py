@@ -216,6 +216,7 @@ class GpuKernel:
         return self.run(x, prepared, bias)
 
 
+@functools.cache  # one instance per configuration: torch.compile reuses one graph for all layers
 def _int8_kernel(backend: str) -> GpuKernel:
     def prepare(layer):
         return {"weight": layer.weight.data, "weight_scale": layer.weight_scale.reshape(-1).float()}
@@ -224,6 +225,7 @@ def _int8_kernel(backend: str) -> GpuKernel:
                      lambda x, p, bias: int8_linear_dyn(x, p["weight"], p["weight_scale"], bias, backend))
 
 
+@functools.cache  # one instance per configuration: torch.compile reuses one graph for all layers
 def _fp8_kernel() -> GpuKernel:
     def prepare(layer):
         return {"weight": layer.weight.data, "weight_scale": layer.weight_scale}
@@ -238,6 +240,7 @@ def int4_group_size(spec: LinearQuantSpec, in_features: int) -> int | None:
     return next((g for g in TINYGEMM_GROUPS if in_features % g == 0), None)
 
 
+@functools.cache  # one instance per configuration: torch.compile reuses one graph for all layers
 def _int4_kernel(group_size: int) -> GpuKernel:
     def prepare(layer):
         scale, zero = layer.weight_scale, layer.weight_zero

@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (v + m) - m rounds |v| < 2**22 to the nearest even integer in fp32
-
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, QMAX: tl.constexpr,
@@ -36,7 +34,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, QMAX: 
         mask = start + offs < K
         v = tl.div_rn(tl.load(x_ptr + row * stride_x + start + offs, mask=mask, other=0.0).to(tl.float32), scale)
         if TO_INT8:
-            v = tl.minimum(tl.maximum((v + _RNE_MAGIC) - _RNE_MAGIC, -QMAX - 1.0), QMAX)
+            # 1.5 * 2**23: (v + m) - m rounds |v| < 2**22 to the nearest even integer in fp32, like torch.round
+            v = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -QMAX - 1.0), QMAX)
             tl.store(q_ptr + row * stride_q + start + offs, v.to(tl.int8), mask=mask)
         else:
             v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
