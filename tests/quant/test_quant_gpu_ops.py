@@ -289,7 +289,7 @@ def test_cuda_kernels_for_layers_match_the_layers_cpu_reference(spec, name):
     if spec.format == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("E4M3 _scaled_mm needs compute capability 8.9")
     layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(1152, 4608), spec, None)
-    x = _x((2, 256, 1152))
+    x = _x((2, 256, 1152)).bfloat16().float()  # the values the GPU path sees
     with torch.no_grad():
         truth = layer(x)  # CPU: reference path
         layer = layer.cuda()
