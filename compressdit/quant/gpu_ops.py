@@ -21,6 +21,11 @@ Wiring contract (for the kernel registry of :class:`~compressdit.quant.layers.Qu
     y = kernel(layer.transform_input(x), prepared, layer.bias)          # [..., K] -> [..., N], x.dtype
 
 ``None`` means no GPU kernel fits (not CUDA, spec or shape unsupported, GPU too old): use the reference.
+Covered: ``int`` W8A8 (symmetric per-channel weights, ``a_granularity: per_token``, K and N multiples of 8),
+``int`` W4A16 (groups of 32..256, or per channel; K a multiple of 32), ``fp8`` with ``a_bits: 8`` (K, N
+multiples of 16, compute capability 8.9+). :func:`kernel_for_spec` is the same choice without the device
+check (the ops then run their references: CPU tests of the wiring). Equal configurations return the same
+``GpuKernel`` instance, so a compiled block's graph serves every layer.
 ``prepare`` reads the layer's saved tensors and returns views of them (int8, fp8) or a repacked copy (int4:
 keep it as a non-persistent buffer, never in the checkpoint). ``kernel(...)`` is one custom op call, so
 ``torch.compile`` sees an opaque node with a fake impl. ``COMPRESSDIT_INT8_BACKEND=cublas|triton`` picks the
