@@ -1,4 +1,12 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+# Fallback: a wheel for another Python/platform fails the whole install above; then install one by one.
+python3 -c "import diffusers, PIL, pytest" 2> /dev/null || {
+  for wheel in .whl/*.whl; do
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel" \
+      || echo "[gpu_check] could not install $wheel"
+  done
+  export PYTHONPATH=/tmp/site:$PWD
+}
 # GPU check of issue 13 (run from the repository root on a CUDA machine; ends within GPU_CHECK_BUDGET_S, 420 s):
 #   1. pytest -m cuda on tests/quant (GPU ops vs their references; the VQ kernels after their JIT build)
 #   2. bench/gpu_kernels.py  -> $OUT/gpu_kernels.{json,md}  (DiT-XL/2 layer shapes, M = 1..4096)
