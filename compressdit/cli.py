@@ -49,11 +49,13 @@ def _summary(state, as_json: bool) -> None:
         console.print(f"report: {state.workdir / 'report' / 'report.html'}")
 
 
-def _run(recipe, model: str, out: Path, overwrite: bool, quiet: bool, as_json: bool, calib: Optional[str]) -> None:
+def _run(recipe, model: str, out: Path, overwrite: bool, quiet: bool, as_json: bool, calib: Optional[str],
+         text_encoder: Optional[str] = None, embeddings: Optional[Path] = None) -> None:
     from compressdit.pipeline import run_recipe
 
     set_quiet(quiet or as_json)
-    state = run_recipe(recipe, model, out, overwrite=overwrite, quiet=quiet or as_json, calib=calib)
+    state = run_recipe(recipe, model, out, overwrite=overwrite, quiet=quiet or as_json, calib=calib,
+                       text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings))
     _summary(state, as_json)
 
 
@@ -62,14 +64,29 @@ RECIPE = typer.Option(..., "--recipe", "-r", help="Recipe name (recipes/NAME.yam
 OUT = typer.Option(..., "--out", "-o", help="Output folder (written atomically).")
 NO_EVAL = typer.Option(False, "--no-eval", help="Skip the recipe's evaluate stage.")
 SAMPLES = typer.Option(None, "--samples", help="Override the evaluate stage's samples.")
+CALIB = typer.Option(None, "--calib", help="Calibration set: a shipped name, or a .jsonl/.parquet/.csv file or folder "
+                                           "with a 'prompt' (text models) or 'class_id' (class models) column.")
+TEXT_ENCODER = typer.Option(None, "--text-encoder", help="Pipeline folder whose text encoders embed the prompts "
+                                                         "(default: MODEL's own, when it is a pipeline).")
+EMBEDDINGS = typer.Option(None, "--embeddings", help="Safetensors file of precomputed prompt embeddings "
+                                                     "(keyed by prompt; include the empty prompt).")
+
+
+DATA = typer.Option(None, "--data", help="Training latents of every stage that trains: auto (default: Fashion-MNIST "
+                                         "for zoo models, else the teacher's own samples), teacher, fmnist or "
+                                         "images:PATH (image folder or .parquet/.jsonl/.csv with image + caption).")
 
 
 def _run_named_recipe(recipe: str, model: str, out: Path, no_eval: bool, samples: Optional[int], overwrite: bool,
-                      quiet: bool, as_json: bool, calib: Optional[str] = None) -> None:
-    """Load a recipe, apply ``--no-eval`` / ``--samples`` and run it (``quantize`` and ``prune`` alike)."""
+                      quiet: bool, as_json: bool, calib: Optional[str] = None, text_encoder: Optional[str] = None,
+                      embeddings: Optional[Path] = None, data: Optional[str] = None) -> None:
+    """Load a recipe, apply ``--no-eval`` / ``--samples`` / ``--data`` and run it (``quantize`` and ``prune``)."""
+    from compressdit.distill.sources import set_data
     from compressdit.recipe import load_recipe
 
     loaded = load_recipe(recipe)
+    if data is not None:
+        set_data([stage.config for stage in loaded.stages], data)
     if no_eval:
         loaded.stages = [s for s in loaded.stages if s.name != "evaluate"]
     if samples is not None:
@@ -77,37 +94,40 @@ def _run_named_recipe(recipe: str, model: str, out: Path, no_eval: bool, samples
             if stage.name == "evaluate":
                 stage.config.samples = samples
                 stage.config.validate("--samples")
-    _run(loaded, model, out, overwrite, quiet, as_json, calib)
+    _run(loaded, model, out, overwrite, quiet, as_json, calib, text_encoder, embeddings)
 
 
 @app.command()
-def quantize(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT,
-             calib: Optional[str] = typer.Option(None, "--calib", help="Calibration set name or .jsonl file."),
+def quantize(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, calib: Optional[str] = CALIB,
+             text_encoder: Optional[str] = TEXT_ENCODER, embeddings: Optional[Path] = EMBEDDINGS,
              no_eval: bool = NO_EVAL, samples: Optional[int] = SAMPLES,
              overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Quantize MODEL with a recipe and write a diffusers checkpoint + quality report."""
-    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib)
+    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib, text_encoder, embeddings)
 
 
 @app.command()
-def prune(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, no_eval: bool = NO_EVAL,
-          samples: Optional[int] = SAMPLES, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
-          as_json: bool = JSON) -> None:
+def prune(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, calib: Optional[str] = CALIB,
+          text_encoder: Optional[str] = TEXT_ENCODER, embeddings: Optional[Path] = EMBEDDINGS,
+          no_eval: bool = NO_EVAL, samples: Optional[int] = SAMPLES, data: Optional[str] = DATA,
+          overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Prune MODEL with a recipe — depth (tinyfusion-50, ppcl-50, blockinfluence-50) or width (width-30) — and write
     a diffusers checkpoint + quality report."""
-    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json)
+    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib, text_encoder, embeddings,
+                      data)
 
 
 @app.command("run")
 def run_command(recipe_file: Path = typer.Argument(..., help="Recipe YAML file."),
                 model: str = typer.Option(..., "--model", "-m", help="Model folder, zoo:NAME or hub id."),
                 out: Path = typer.Option(..., "--out", "-o"),
-                calib: Optional[str] = typer.Option(None, "--calib"),
+                calib: Optional[str] = CALIB, text_encoder: Optional[str] = TEXT_ENCODER,
+                embeddings: Optional[Path] = EMBEDDINGS,
                 overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Run every stage of a recipe file."""
     from compressdit.recipe import load_recipe
 
-    _run(load_recipe(str(recipe_file)), model, out, overwrite, quiet, as_json, calib)
+    _run(load_recipe(str(recipe_file)), model, out, overwrite, quiet, as_json, calib, text_encoder, embeddings)
 
 
 @app.command()
@@ -117,6 +137,7 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
              samples: int = typer.Option(256, "--samples"), steps: int = typer.Option(20, "--steps"),
              seed: int = typer.Option(0, "--seed"), guidance: float = typer.Option(4.0, "--guidance"),
              out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default CANDIDATE/report)."),
+             text_encoder: Optional[str] = TEXT_ENCODER, embeddings: Optional[Path] = EMBEDDINGS,
              quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Compare CANDIDATE with its reference (and a baseline) at identical seeds; write a report."""
     from compressdit.evaluate.engine import Entry
@@ -128,14 +149,15 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
     set_quiet(quiet or as_json)
     config = EvaluateConfig.from_dict({"samples": samples, "steps": steps, "seed": seed, "guidance": guidance,
                                        "baseline": baseline}, "evaluate")
+    from compressdit.pipeline import default_cache_dir
+
     cand = load_source(candidate)
-    ref = load_source(reference)
+    ref = load_source(reference, text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings),
+                      cache_dir=default_cache_dir())  # the reference's prompt encoder serves both
     entry = Entry("candidate", cand.transformer, candidate, cand.transformer_folder,
                   sorted(quantized_modules(cand.transformer)))
     target = out or cand.folder / "report"
     with atomic_output(target, overwrite=True) as tmp:
-        from compressdit.pipeline import default_cache_dir
-
         report = run_evaluation(entry, ref, config, tmp, f"compressdit report: {candidate} vs {reference}", quiet,
                                 default_cache_dir())
     if as_json:
@@ -151,8 +173,9 @@ def distill_command(student: str = typer.Argument(..., help="Compressed model or
                     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
                     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default 1000)."),
                     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch (default 64)."),
-                    images: Optional[int] = typer.Option(None, "--images",
-                                                         help="Use the first N Fashion-MNIST training images."),
+                    data: Optional[str] = DATA,
+                    images: Optional[int] = typer.Option(None, "--images", help="Train on N latents: the first N "
+                                                         "images of the data, or N teacher samples."),
                     max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
                                                                 help="Stop after this long; rerun to resume."),
                     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Resumable training state "
@@ -162,11 +185,15 @@ def distill_command(student: str = typer.Argument(..., help="Compressed model or
                                                             "proportional)."),
                     overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Distil STUDENT towards its uncompressed TEACHER (TinyFusion masked KD) and write it to OUT."""
+    from compressdit.distill.sources import DataSpec
     from compressdit.stages.distill import distill_checkpoint, incomplete_message
 
     set_quiet(quiet or as_json)
-    overrides = {key: value for key, value in {"steps": steps, "batch_size": batch_size, "images": images,
+    overrides = {key: value for key, value in {"steps": steps, "batch_size": batch_size,
                                                "max_minutes": max_minutes}.items() if value is not None}
+    if data is not None or images is not None:
+        spec = DataSpec.from_dict(data, "--data")
+        overrides["data"] = (spec.with_images(images) if images is not None else spec).to_dict()
     if layer_map is not None and layer_map != "auto":
         try:
             overrides["layer_map"] = [int(v) for v in layer_map.split(",")]

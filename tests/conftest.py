@@ -113,3 +113,20 @@ def folder_state(folder, cache):
     source = load_source(str(folder))
     return PipelineState(source=source, adapter=adapter_for(source.transformer), model=source.transformer,
                          workdir=cache / "out", reference_spec=str(folder), quiet=True, cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def text_pipeline_dir(tmp_path_factory):
+    """``text_pipeline_dir(family)``: a tiny stock PixArt-alpha / SD3 / FLUX pipeline folder with its own random
+    T5 / CLIP text encoders (``tests/tiny_pipelines.py``), saved once per session and family."""
+    from tests.tiny_pipelines import save_pipeline
+
+    root = tmp_path_factory.mktemp("text-pipelines")
+    saved = {}
+
+    def get(family: str):
+        if family not in saved:
+            saved[family] = save_pipeline(family, root / family)
+        return saved[family]
+
+    return get

@@ -26,7 +26,8 @@ class DistillData:
 
     ``conditions`` is the condition vocabulary (class ids, prompts or ``TextEmbedding``s) and
     ``condition_labels`` the class each one describes; a sample of class ``c`` gets one of the conditions of
-    class ``c`` at random. ``null_condition`` replaces dropped conditions (guidance-free training).
+    class ``c`` at random. ``null_condition`` replaces dropped conditions (guidance-free training). ``note``
+    says where the latents came from and what they cost (for the report).
     """
 
     latents: torch.Tensor
@@ -34,6 +35,7 @@ class DistillData:
     conditions: list[Any]
     condition_labels: list[int]
     null_condition: Any
+    note: str = ""
 
     def __post_init__(self) -> None:
         if len(self.latents) != len(self.labels) or not len(self.latents):
@@ -44,6 +46,24 @@ class DistillData:
         missing = sorted(set(self.labels.unique().tolist()) - set(self.condition_labels))
         if missing:
             raise ConfigError(f"class {missing[0]} of the latents has no condition in the vocabulary")
+
+
+def labelled_data(latents: torch.Tensor, conditions: list[Any], null_condition: Any, note: str = "") -> DistillData:
+    """Latents with one condition each (class id, prompt or ``TextEmbedding``): equal ids / prompts share one
+    vocabulary entry (their label); other conditions are entries of their own."""
+    if len(conditions) != len(latents):
+        raise ConfigError(f"{len(conditions)} conditions for {len(latents)} latents: need one per latent")
+    vocabulary: list[Any] = []
+    index: dict[Any, int] = {}
+    labels = []
+    for condition in conditions:
+        key = condition if isinstance(condition, (int, str)) else ("object", id(condition))
+        if key not in index:
+            index[key] = len(vocabulary)
+            vocabulary.append(condition)
+        labels.append(index[key])
+    return DistillData(latents, torch.tensor(labels, dtype=torch.long), vocabulary, list(range(len(vocabulary))),
+                       null_condition, note)
 
 
 @dataclass
@@ -134,4 +154,5 @@ def fmnist_data(adapter: ModelAdapter, vae_dir: Path, cache_dir: Path, images: i
     cache = Path(cache_dir) / f"fmnist-latents-{digest}-{images or 'all'}.pt"
     latents, labels = encode_latents(Path(vae_dir), cache, limit=images)
     conditions, condition_labels, null = VOCABULARIES.get(adapter.condition_kind)(adapter)
-    return DistillData(latents, labels, conditions, condition_labels, null)
+    return DistillData(latents, labels, conditions, condition_labels, null,
+                       f"{len(latents)} Fashion-MNIST training images encoded by the VAE in {vae_dir}")

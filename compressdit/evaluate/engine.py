@@ -12,6 +12,7 @@ from torch import nn
 from compressdit.evaluate.metrics import class_accuracy, frechet_distance, psnr, relative_error, sqnr_db, ssim
 from compressdit.io.checkpoint import folder_bytes
 from compressdit.models.base import ModelAdapter
+from compressdit.models.prompt_encoders import PromptEncoder, encode_conditions, encode_null
 from compressdit.models.sampling import decode_latents, guided_prediction, initial_latents, sample
 from compressdit.progress import progress_bar
 from compressdit.quant.kernel_registry import kernel_summary
@@ -116,20 +117,22 @@ class Feature:
         return self._real[name]
 
 
-def _timed_sampling(adapter, entry: Entry, conditions, scheduler, settings: EvalSettings, vae, quiet: bool):
+def _timed_sampling(adapter, entry: Entry, conditions, scheduler, settings: EvalSettings, vae, quiet: bool,
+                    prompt_encoder: PromptEncoder | None = None):
     started = time.perf_counter()
     latents = sample(adapter, entry.model, conditions, scheduler, steps=settings.steps, guidance=settings.guidance,
-                     seed=settings.seed)
+                     seed=settings.seed, prompt_encoder=prompt_encoder)
     seconds = time.perf_counter() - started
     return decode_latents(vae, latents), seconds
 
 
 @torch.no_grad()
-def _step_latency(adapter, model: nn.Module, settings: EvalSettings, repeats: int = 5) -> float:
+def _step_latency(adapter, model: nn.Module, settings: EvalSettings, repeats: int = 5,
+                  prompt_encoder: PromptEncoder | None = None) -> float:
     """Seconds per denoising step (one CFG-batched forward) at ``timing_batch`` samples."""
     conditions, _ = evaluation_conditions(adapter, settings.timing_batch)
-    cond = adapter.encode(model, conditions)
-    uncond = adapter.encode(model, adapter.null_conditions(len(conditions)))
+    cond = encode_conditions(adapter, model, conditions, prompt_encoder)
+    uncond = encode_null(adapter, model, len(conditions), prompt_encoder)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     cond, uncond = cond.to("cpu", dtype), uncond.to("cpu", dtype)
     x = initial_latents(adapter, model, settings.timing_batch, 0).to(dtype)
@@ -143,13 +146,14 @@ def _step_latency(adapter, model: nn.Module, settings: EvalSettings, repeats: in
 
 @torch.no_grad()
 def _trajectory_errors(adapter, reference: nn.Module, others: list[Entry], conditions, scheduler,
-                       settings: EvalSettings) -> dict:
+                       settings: EvalSettings, prompt_encoder: PromptEncoder | None = None) -> dict:
     """Relative error of each model's output on the reference trajectory, per timestep."""
     records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     sample(adapter, reference, conditions, scheduler, steps=settings.steps, guidance=settings.guidance,
-           seed=settings.seed, on_step=lambda i, t, x, pred: records.append((int(t), x.clone(), pred.clone())))
-    cond = adapter.encode(reference, conditions)
-    uncond = adapter.encode(reference, adapter.null_conditions(len(conditions)))
+           seed=settings.seed, on_step=lambda i, t, x, pred: records.append((int(t), x.clone(), pred.clone())),
+           prompt_encoder=prompt_encoder)
+    cond = encode_conditions(adapter, reference, conditions, prompt_encoder)
+    uncond = encode_null(adapter, reference, len(conditions), prompt_encoder)
     series = {}
     for entry in others:
         errors = []
@@ -162,7 +166,7 @@ def _trajectory_errors(adapter, reference: nn.Module, others: list[Entry], condi
 
 @torch.no_grad()
 def _layer_sqnr(adapter, reference: nn.Module, entries: list[Entry], conditions,
-                settings: EvalSettings) -> dict | None:
+                settings: EvalSettings, prompt_encoder: PromptEncoder | None = None) -> dict | None:
     """SQNR of each compressed layer alone: the same captured input through reference and compressed layer;
     None when no entry names a compressed layer (a pruned or distilled model: the report leaves the plot out)."""
     names = sorted({n for e in entries for n in e.compressed_layers}, key=list(dict(reference.named_modules())).index)
@@ -172,7 +176,7 @@ def _layer_sqnr(adapter, reference: nn.Module, entries: list[Entry], conditions,
     handles = [reference.get_submodule(n).register_forward_hook(
         lambda m, args, out, n=n: captured[n].append((args[0].detach(), out.detach()))) for n in names]
     try:
-        cond = adapter.encode(reference, conditions)
+        cond = encode_conditions(adapter, reference, conditions, prompt_encoder)
         x = initial_latents(adapter, reference, len(conditions), settings.seed)
         for t in (900, 500, 100):
             adapter.predict(reference, x, torch.tensor([t]), cond)
@@ -195,8 +199,10 @@ def _layer_sqnr(adapter, reference: nn.Module, entries: list[Entry], conditions,
 
 
 def evaluate(adapter: ModelAdapter, reference: Entry, candidate: Entry, baseline: Entry | None, vae: nn.Module,
-             scheduler, settings: EvalSettings, quiet: bool = False, cache_dir: Path | None = None) -> dict:
-    """Sample every entry with the same seeds and compute the report's metrics."""
+             scheduler, settings: EvalSettings, quiet: bool = False, cache_dir: Path | None = None,
+             prompt_encoder: PromptEncoder | None = None) -> dict:
+    """Sample every entry with the same seeds and compute the report's metrics; prompts (and the null prompt)
+    go through ``prompt_encoder`` when the models have their own text encoder."""
     entries = [candidate, reference] + ([baseline] if baseline else [])
     conditions, labels = evaluation_conditions(adapter, settings.samples)
     features = Feature(settings, cache_dir)
@@ -204,7 +210,7 @@ def evaluate(adapter: ModelAdapter, reference: Entry, candidate: Entry, baseline
     with progress_bar("evaluate: sampling", total=len(entries), quiet=quiet) as bar:
         for entry in entries:
             images[entry.column], seconds[entry.column] = _timed_sampling(adapter, entry, conditions, scheduler,
-                                                                          settings, vae, quiet)
+                                                                          settings, vae, quiet, prompt_encoder)
             bar.update(1)
     metrics = []
 
@@ -232,7 +238,7 @@ def evaluate(adapter: ModelAdapter, reference: Entry, candidate: Entry, baseline
     metric("transformer bytes on disk", "lower",
            lambda e: e.bytes_on_disk(), "bytes")
     metric("time per denoising step (CFG, batch %d)" % settings.timing_batch, "lower",
-           lambda e: round(_step_latency(adapter, e.model, settings) * 1000, 2), "ms")
+           lambda e: round(_step_latency(adapter, e.model, settings, prompt_encoder=prompt_encoder) * 1000, 2), "ms")
     metric("kernels (quantized layers running each)", None, lambda e: kernel_summary(e.model) or None)
     metric("sampling wall time (%d samples)" % settings.samples, "lower", lambda e: round(seconds[e.column], 2), "s")
     fidelity_conditions = conditions[: settings.fidelity_samples]
@@ -240,8 +246,8 @@ def evaluate(adapter: ModelAdapter, reference: Entry, candidate: Entry, baseline
     return {
         "metrics": metrics,
         "per_timestep_error": _trajectory_errors(adapter, reference.model, others, fidelity_conditions, scheduler,
-                                                 settings),
-        "layer_sqnr": _layer_sqnr(adapter, reference.model, others, fidelity_conditions, settings),
+                                                 settings, prompt_encoder),
+        "layer_sqnr": _layer_sqnr(adapter, reference.model, others, fidelity_conditions, settings, prompt_encoder),
         "images": {c: img[:40] for c, img in images.items()},
         "columns": [e.column for e in entries],
         "candidate": candidate.description, "reference": reference.description,

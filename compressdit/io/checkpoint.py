@@ -90,10 +90,18 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.rename(out)
 
 
+# loose files a pipeline needs; anything else at the top (a model card, metrics, samples, training facts)
+# describes the source model, not the one written next to it
+PIPELINE_FILES = ("model_index.json",)
+
+
 def copy_pipeline_parts(source_folder: Path, out: Path, skip: tuple[str, ...] = ("transformer", "report")) -> None:
-    """Copy a pipeline's other components (VAE, scheduler, model_index.json, ...) next to a new transformer."""
+    """Copy a pipeline's other components (VAE, scheduler, ... folders) and ``model_index.json`` next to a new
+    transformer; files describing the source model (``MODEL_CARD.md``, ``metrics.json``, ...) are not copied."""
     for item in Path(source_folder).iterdir():
         if item.name in skip or item.name.startswith(("compressdit_", ".")):
+            continue
+        if item.is_file() and item.name not in PIPELINE_FILES and not item.name.upper().startswith("LICENSE"):
             continue
         target = Path(out) / item.name
         if item.is_dir():
@@ -128,8 +136,12 @@ def save_in_dtype(model, folder: Path, dtype) -> None:
     weights that came from it). Packed codes and fp32 scales of quantized layers are never cast."""
     import torch
 
+    from compressdit.io.diffusers_quantizer import CompressditConfig
     from compressdit.quant.transform import quantized_modules
 
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if isinstance(config, CompressditConfig):  # config.json says what the float tensors are stored in
+        config.record_float_dtype(dtype)
     quantized = {f"{n}.{t}" for n, m in quantized_modules(model).items() for t in m.quantized_tensors}
     tensors = [(name, t) for name, t in list(model.named_parameters()) + list(model.named_buffers())
                if t.is_floating_point() and name not in quantized]

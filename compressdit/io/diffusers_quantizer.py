@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from diffusers.configuration_utils import FrozenDict
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
@@ -22,6 +23,7 @@ from compressdit.quant.layers import PackedParameter, QuantizedLinear
 from compressdit.quant.spec import LinearQuantSpec
 
 FORMAT_VERSION = 1
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class CompressditMethod(str, Enum):
@@ -35,14 +37,23 @@ class CompressditConfig(QuantizationConfigMixin):
 
     ``modules`` maps fully qualified linear names to :class:`LinearQuantSpec` dicts. Passing this
     config to ``from_pretrained`` of a float model quantizes those modules with round-to-nearest.
+    ``pre_quantization_dtype`` is the dtype the checkpoint's float (unquantized) tensors are stored in
+    (absent in older checkpoints: as found). ``save_pretrained`` writes them in it again, so a model loaded
+    without ``torch_dtype`` (float32 in memory) and saved keeps every tensor's dtype; loading with
+    ``torch_dtype`` records that dtype instead.
     """
 
     def __init__(self, modules: dict[str, dict] | None = None, format_version: int = FORMAT_VERSION,
                  producer: str = "compressdit", structure: dict | None = None,
-                 quant_method: str = CompressditMethod.COMPRESSDIT.value, **unknown: Any) -> None:
+                 quant_method: str = CompressditMethod.COMPRESSDIT.value, pre_quantization_dtype: str | None = None,
+                 **unknown: Any) -> None:
         if unknown:
             raise ConfigError(f"quantization_config: unknown key {sorted(unknown)[0]!r}; allowed: "
-                              "format_version, modules, producer, quant_method, structure")
+                              "format_version, modules, pre_quantization_dtype, producer, quant_method, structure")
+        if pre_quantization_dtype is not None and pre_quantization_dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"quantization_config.pre_quantization_dtype: {pre_quantization_dtype!r} is not one "
+                              f"of {', '.join(FLOAT_DTYPES)}")
+        self.pre_quantization_dtype = pre_quantization_dtype
         if quant_method != CompressditMethod.COMPRESSDIT.value:
             raise ConfigError(f"quantization_config: quant_method must be 'compressdit', got {quant_method!r}")
         if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
@@ -59,9 +70,20 @@ class CompressditConfig(QuantizationConfigMixin):
         return {name: LinearQuantSpec(**spec) for name, spec in self.modules.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": self.quant_method.value, "format_version": self.format_version,
+        data = {"quant_method": self.quant_method.value, "format_version": self.format_version,
                 "producer": self.producer, "modules": json.loads(json.dumps(self.modules)),
                 "structure": json.loads(json.dumps(self.structure))}
+        if self.pre_quantization_dtype is not None:
+            data["pre_quantization_dtype"] = self.pre_quantization_dtype
+        return data
+
+    def record_float_dtype(self, dtype: torch.dtype | None) -> None:
+        """Note the dtype the unquantized tensors are (about to be) saved in (``None``: float32)."""
+        names = {v: k for k, v in FLOAT_DTYPES.items()}
+        dtype = dtype or torch.float32
+        if dtype not in names:
+            raise ConfigError(f"cannot save float tensors in {dtype}; use one of {', '.join(FLOAT_DTYPES)}")
+        self.pre_quantization_dtype = names[dtype]
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
@@ -100,6 +122,7 @@ class CompressditQuantizer(DiffusersQuantizer):
 
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
         self._loaded_keys = list(loaded_keys)  # diffusers only warns about unexpected keys; we check them
+        self._checkpoint_files = [str(f) for f in checkpoint_files or [] if isinstance(f, (str, Path))]
         return loaded_keys
 
     def _check_unused_tensors(self, model) -> None:
@@ -117,18 +140,61 @@ class CompressditQuantizer(DiffusersQuantizer):
             from compressdit.quant.transform import quantize_layers
 
             quantize_layers(model, self.quantization_config.specs())
+            self.note_saved_as_is(model)
             return model
+        self.note_saved_as_is(model)
+        self._restore_offloaded(model)
+        loaded = set(getattr(self, "_loaded_keys", None) or [])
         for name, module in model.named_modules():
             if isinstance(module, QuantizedLinear):
                 for tensor_name in module.quantized_tensors:
                     tensor = getattr(module, tensor_name, None)
-                    if tensor is not None and tensor.is_meta:
+                    # offloaded to disk by a device_map, a loaded tensor stays on ``meta`` until its forward
+                    missing = f"{name}.{tensor_name}" not in loaded if loaded else tensor is not None and tensor.is_meta
+                    if tensor is not None and missing:
                         raise CheckpointError(f"checkpoint is missing {name}.{tensor_name} "
                                               "(truncated or mismatched checkpoint)")
         from compressdit.quant.kernel_registry import prepack_model
 
         prepack_model(model)  # runtime buffers of each layer's kernel: built at load, never saved
         return model
+
+    def _restore_offloaded(self, model) -> None:
+        """After a load that offloaded to disk, put the quantized tensors back exactly as stored.
+
+        With ``"disk"`` in the ``device_map`` diffusers writes tensors to offload folders after casting floats to
+        ``torch_dtype`` and without asking the quantizer (the CPU-mapped ones too, reloaded from a temporary
+        folder): fp32 scales would come back rounded to bf16. The offloaded copies are rewritten, the loaded
+        ones overwritten, from the checkpoint.
+        """
+        from accelerate.utils import offload_weight, save_offload_index
+        from safetensors import safe_open
+
+        tensors: dict[str, tuple[torch.Tensor, Any]] = {}  # key -> (module's tensor, offload loader or None)
+        for name, module in model.named_modules():
+            if not isinstance(module, QuantizedLinear):
+                continue
+            weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+            loader = getattr(weights, "dataset", weights)
+            for key, tensor in ((f"{name}.{t}", getattr(module, t)) for t in module.quantized_tensors):
+                if tensor is None:
+                    continue
+                offloaded = getattr(loader, "save_folder", None) is not None and key in loader.index
+                tensors[key] = (tensor, loader if offloaded else None)
+        loaders = {id(lo): lo for _, lo in tensors.values() if lo is not None}
+        for path in getattr(self, "_checkpoint_files", []) if loaders else []:
+            with safe_open(path, framework="pt") as handle:
+                for key in set(handle.keys()) & set(tensors):
+                    (tensor, loader), value = tensors[key], handle.get_tensor(key)
+                    if value.dtype != tensor.dtype:
+                        raise CheckpointError(f"{key}: checkpoint dtype {value.dtype} does not match the "
+                                              f"quantization_config ({tensor.dtype})")
+                    if loader is not None:
+                        offload_weight(value, key, loader.save_folder, loader.index)
+                    elif not tensor.is_meta:
+                        tensor.data.copy_(value)
+        for loader in loaders.values():
+            save_offload_index(loader.index, loader.save_folder)
 
     def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
         module_name, _, tensor_name = param_name.rpartition(".")
@@ -166,17 +232,41 @@ class CompressditQuantizer(DiffusersQuantizer):
             raise CheckpointError(f"{param_name}: checkpoint dtype {param_value.dtype} does not match the "
                                   f"quantization_config ({placeholder.dtype})")
         value = param_value.to(target_device if target_device not in (None, "disk") else "cpu")
-        if tensor_name == "weight":
-            module.weight = PackedParameter(value, logical_numel=placeholder.logical_numel)
-        elif tensor_name in module._parameters:
-            module._parameters[tensor_name] = nn.Parameter(value, requires_grad=False)
-        else:
-            module._buffers[tensor_name] = value
+        if isinstance(placeholder, PackedParameter):
+            module._parameters[tensor_name] = PackedParameter(value, logical_numel=placeholder.logical_numel)
+        else:  # scales etc. (QuantState) and a calibrated fp32 bias: the placeholder's class, frozen
+            module._parameters[tensor_name] = type(placeholder)(value, requires_grad=False)
 
-    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype:
+        """float32 unless asked (as for a float model); diffusers records it as ``_pre_quantization_dtype``.
+
+        A given ``torch_dtype`` is what the float tensors are loaded, and later saved, in: the config says so.
+        """
+        if torch_dtype is None:
+            return torch.float32
+        if torch_dtype in FLOAT_DTYPES.values():
+            self.quantization_config.record_float_dtype(torch_dtype)
         return torch_dtype
 
+    def note_saved_as_is(self, model) -> None:
+        """Remember the model, whose quantized layers' and keep-in-fp32 modules' tensors saving never casts."""
+        self._model = weakref.ref(model)
+
+    def _saved_as_is(self) -> set[str] | None:
+        model = self._model() if getattr(self, "_model", None) is not None else None
+        if model is None:
+            return None
+        keep = getattr(model, "_keep_in_fp32_modules", None) or []
+        names = {f"{n}.{t}" for n, m in model.named_modules() if isinstance(m, QuantizedLinear)
+                 for t in m.quantized_tensors}
+        return names | {k for k in model.state_dict() if any(part in k.split(".") for part in keep)}
+
     def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
+        dtype = FLOAT_DTYPES.get(self.quantization_config.pre_quantization_dtype)
+        kept = self._saved_as_is()
+        if dtype is not None and kept is not None:  # float tensors back in their stored dtype (CompressditConfig)
+            state_dict = {k: v.to(dtype) if v.is_floating_point() and k not in kept else v
+                          for k, v in state_dict.items()}
         return state_dict, {"compressdit_format_version": str(FORMAT_VERSION),
                             "compressdit_config_hash": self.quantization_config.config_hash()}
 
@@ -226,6 +316,7 @@ def attach_quantizer(model, specs: dict[str, LinearQuantSpec], structure: dict |
     config = CompressditConfig(modules={n: s.to_dict() for n, s in specs.items()}, structure=structure)
     model.register_to_config(quantization_config=config)
     model.hf_quantizer = CompressditQuantizer(config, pre_quantized=True)
+    model.hf_quantizer.note_saved_as_is(model)
     model.is_quantized = True
     model.quantization_method = config.quant_method
     return config

@@ -6,12 +6,16 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from compressdit.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
 from compressdit.io.checkpoint import verify_safetensors
+
+if TYPE_CHECKING:
+    from compressdit.models.prompt_encoders import PromptEncoder
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo" / "weights"
 TRANSFORMER_SUBFOLDER = "transformer"
@@ -28,6 +32,7 @@ class ModelSource:
     scheduler: object | None = None
     is_pipeline: bool = False
     info: dict = field(default_factory=dict)
+    prompt_encoder: PromptEncoder | None = None  # text models: embeds prompts (None: MiniLM in the adapter)
 
     @property
     def transformer_folder(self) -> Path:
@@ -80,13 +85,15 @@ def load_transformer(folder: Path, dtype: torch.dtype | None = None) -> nn.Modul
 
     import compressdit  # noqa: F401  (registers the quantizer backend)
     from compressdit.models import ADAPTERS
+    from compressdit.models.generic import is_diffusers_transformer
 
     class_name = _class_name(folder)
-    supported = sorted(a.model_class_name for _, a in ADAPTERS.items())
     model_class = getattr(diffusers, class_name, None)
-    if model_class is None or class_name not in supported:
-        raise UnsupportedModelError(f"unsupported model class {class_name} in {folder}; "
-                                    f"supported: {', '.join(supported)}")
+    if not is_diffusers_transformer(model_class):
+        supported = sorted(a.model_class_name for _, a in ADAPTERS.items())
+        raise UnsupportedModelError(f"unsupported model class {class_name} in {folder}: not a diffusers transformer; "
+                                    f"supported: {', '.join(supported)}, and any diffusers transformer "
+                                    "(diffusers.models.transformers) with nn.Linear layers")
     verify_safetensors(folder)
     from diffusers.utils import logging as diffusers_logging
 
@@ -115,8 +122,11 @@ def load_transformer(folder: Path, dtype: torch.dtype | None = None) -> nn.Modul
     return model.eval()
 
 
-def load_source(model: str, dtype: torch.dtype | None = None, name: str | None = None) -> ModelSource:
-    """Load the transformer, and the VAE and scheduler where the folder is a pipeline."""
+def load_source(model: str, dtype: torch.dtype | None = None, name: str | None = None, text_encoder: str | None = None,
+                embeddings: str | None = None, cache_dir: Path | None = None) -> ModelSource:
+    """Load the transformer, and the VAE and scheduler where the folder is a pipeline; a text model gets its
+    prompt encoder (``embeddings`` file, ``text_encoder`` pipeline, or the pipeline folder's own text encoders;
+    loaded on first use, cached under ``cache_dir``)."""
     from diffusers import AutoencoderKL
 
     folder = resolve_path(model)
@@ -125,7 +135,12 @@ def load_source(model: str, dtype: torch.dtype | None = None, name: str | None =
     vae = scheduler = None
     if is_pipeline and (folder / "vae" / "config.json").exists():
         verify_safetensors(folder / "vae")
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+        import diffusers
+
+        vae_class = getattr(diffusers, _class_name(folder / "vae"), None)  # video VAEs: AutoencoderKLWan, ...
+        if not (isinstance(vae_class, type) and issubclass(vae_class, diffusers.ModelMixin)):
+            vae_class = AutoencoderKL
+        vae = vae_class.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
     if is_pipeline and (folder / "scheduler" / "scheduler_config.json").exists():
         import diffusers
 
@@ -136,4 +151,15 @@ def load_source(model: str, dtype: torch.dtype | None = None, name: str | None =
     card = folder / "training.json"
     if card.exists():
         info = json.loads(card.read_text())
-    return ModelSource(name or model, folder, transformer, vae, scheduler, is_pipeline, info)
+    from compressdit.models import adapter_for
+    from compressdit.models.prompt_encoders import prompt_encoder_for
+
+    encoder_folder = None
+    if text_encoder is not None:
+        try:
+            encoder_folder = resolve_path(text_encoder)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"--text-encoder: {exc}") from None
+    encoder = prompt_encoder_for(adapter_for(transformer), folder, encoder_folder,
+                                 None if embeddings is None else Path(embeddings).expanduser(), cache_dir)
+    return ModelSource(name or model, folder, transformer, vae, scheduler, is_pipeline, info, encoder)

@@ -3,7 +3,7 @@
 from compressdit.models.base import ADAPTERS, ModelAdapter, adapter_for
 import importlib as _importlib
 
-for _family in ("dit", "pixart", "sd3", "flux"):  # registers the adapters
+for _family in ("dit", "pixart", "sd3", "flux", "cogvideox", "wan", "latte"):  # registers the adapters
     try:
         _importlib.import_module(f"compressdit.models.{_family}")
     except ModuleNotFoundError as _exc:

@@ -14,8 +14,9 @@ from compressdit.errors import ConfigError, UnsupportedModelError
 from compressdit.registry import Registry
 
 # Roles every adapter may name; recipes select layers with ``role:NAME`` patterns.
+# ``temporal``: attention that mixes tokens across frames only (families with separate temporal attention).
 ROLES = ("attn_qkv", "attn_out", "cross_q", "cross_kv", "cross_out", "ffn_up", "ffn_down", "adaln",
-         "context", "embedder", "head")
+         "context", "embedder", "head", "temporal")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class ModelAdapter(ABC):
     ``roles`` maps a role to anchored regexes over module names (``re.fullmatch``).
     ``condition_kind`` is ``"class"`` (integer labels) or ``"text"`` (prompts).
     ``block_stacks`` lists the block ``ModuleList``s in execution order.
+    ``text_width_key`` / ``pooled_width_key``: config keys holding the token and pooled text widths, from
+    which :meth:`synthetic_conditioning` builds inputs without a text encoder. ``frame_axis``: the frame
+    axis of a video family's latents ``[B, ...]`` (``None`` for images).
     """
 
     family: ClassVar[str]
@@ -82,6 +86,11 @@ class ModelAdapter(ABC):
     roles: ClassVar[dict[str, tuple[str, ...]]]
     keep_full_precision: ClassVar[tuple[str, ...]] = ("embedder", "head")
     prediction: ClassVar[str] = "epsilon"
+    text_width_key: ClassVar[str | None] = None
+    pooled_width_key: ClassVar[str | None] = None
+    synthetic_tokens: ClassVar[int] = 4
+    text_length_key: ClassVar[str | None] = None  # config key of a fixed text token count (CogVideoX)
+    frame_axis: ClassVar[int | None] = None
 
     def role_of(self, name: str) -> str | None:
         for role, patterns in self.roles.items():
@@ -111,13 +120,31 @@ class ModelAdapter(ABC):
         known = ", ".join(s.attribute for s in self.block_stacks)
         raise ConfigError(f"{self.model_class_name} has no block stack {attribute!r}; stacks: {known}")
 
-    def latent_shape(self, model: nn.Module) -> tuple[int, int, int]:
+    def latent_shape(self, model: nn.Module) -> tuple[int, ...]:
+        """Latent shape of one sample (``[C, H, W]`` for images; video families add a frame axis)."""
         size = model.config.sample_size
         return model.config.in_channels, size, size
 
     @abstractmethod
     def encode(self, model: nn.Module, conditions: list[Any]) -> Conditioning:
         """Turn class ids / prompts into model inputs."""
+
+    def synthetic_conditioning(self, model: nn.Module, batch: int, seed: int = 0) -> Conditioning | None:
+        """Seeded random conditions of the model's input shapes, needing no text encoder (reload checks, tests,
+        benchmarks): class ids below ``num_embeds_ada_norm`` (or 1000), or text tokens of the config's widths.
+        ``None`` where the adapter cannot build the model's inputs (then checkpoints are compared tensor by tensor).
+        """
+        gen = torch.Generator().manual_seed(seed)
+        if self.condition_kind == "class":
+            classes = model.config.get("num_embeds_ada_norm") or 1000
+            return self.encode(model, torch.randint(0, classes, (batch,), generator=gen).tolist())
+        from compressdit.models.text_conditions import synthetic_text
+
+        if self.text_width_key is None:
+            raise ConfigError(f"the {self.family} adapter names no text width config key (text_width_key)")
+        pooled = model.config[self.pooled_width_key] if self.pooled_width_key else None
+        tokens = model.config[self.text_length_key] if self.text_length_key else self.synthetic_tokens
+        return self.encode(model, synthetic_text(batch, tokens, model.config[self.text_width_key], pooled, seed=seed))
 
     @abstractmethod
     def null_conditions(self, count: int) -> list[Any]:
@@ -128,6 +155,25 @@ class ModelAdapter(ABC):
                 cond: Conditioning) -> torch.Tensor:
         """One forward pass returning the prediction with the latents' shape."""
 
+    def prompt_embeddings(self, pipeline, prompts: list[str], device: torch.device) -> list:
+        """``TextEmbedding``s of ``prompts`` from a loaded diffusers pipeline's own ``encode_prompt`` (its text
+        encoders only; no classifier-free guidance pair): how its outputs map to tokens / mask / pooled."""
+        raise UnsupportedModelError(f"{self.model_class_name}: compressdit does not know how this family's pipeline "
+                                    "encodes prompts; pass --embeddings FILE with precomputed embeddings")
+
+    def image_tokens(self, model: nn.Module, latents: torch.Tensor) -> int:
+        """How many image tokens the model sees for ``latents`` (drives schedulers' dynamic shifting)."""
+        patch = model.config.get("patch_size") or 1
+        return (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
+
+    def set_timesteps(self, model: nn.Module, scheduler, steps: int, latents: torch.Tensor, device) -> None:
+        """``scheduler.set_timesteps`` as this family's diffusers pipeline calls it; a scheduler with
+        ``use_dynamic_shifting`` gets ``mu`` from the image token count (``calculate_shift``, as SD3's does)."""
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting"):
+            kwargs["mu"] = dynamic_shift(scheduler, self.image_tokens(model, latents))
+        scheduler.set_timesteps(steps, device=device, **kwargs)
+
     def scheduler(self, model: nn.Module):
         """The diffusers scheduler used for sampling when the model folder brings none."""
         from diffusers import DPMSolverMultistepScheduler
@@ -135,14 +181,30 @@ class ModelAdapter(ABC):
         return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear")
 
 
+def dynamic_shift(scheduler, image_tokens: int) -> float:
+    """``mu`` for a dynamically shifting scheduler, from its config as diffusers' pipelines compute it."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = scheduler.config
+    return calculate_shift(image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+
+
 ADAPTERS: Registry[ModelAdapter] = Registry("model family")
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter registered for ``model``'s class (checked by class name, then by base classes)."""
+    """The adapter registered for ``model``'s class (checked by class name, then by base classes); any other
+    diffusers model with ``nn.Linear`` layers gets a :class:`~compressdit.models.generic.GenericAdapter`."""
     for cls in type(model).__mro__:
         for _, adapter in ADAPTERS.items():
             if adapter.model_class_name == cls.__name__:
                 return adapter
-    supported = ", ".join(sorted(a.model_class_name for _, a in ADAPTERS.items()))
-    raise UnsupportedModelError(f"unsupported model class {type(model).__name__}; supported: {supported}")
+    from compressdit.models.generic import GenericAdapter
+
+    try:
+        return GenericAdapter(model)
+    except UnsupportedModelError as exc:
+        supported = ", ".join(sorted(a.model_class_name for _, a in ADAPTERS.items()))
+        raise UnsupportedModelError(f"unsupported model class {type(model).__name__}: {exc}; supported: {supported}, "
+                                    "and any diffusers transformer with nn.Linear layers") from None

@@ -23,8 +23,9 @@ import re
 
 import torch
 
-from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter
+from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter, dynamic_shift
 from compressdit.models.sd3 import pooled_text
+from compressdit.models.text_conditions import TextEmbedding
 
 _DOUBLE = r"transformer_blocks\.\d+"
 _SINGLE = r"single_transformer_blocks\.\d+"
@@ -59,6 +60,8 @@ class FluxAdapter(ModelAdapter):
     family = "flux"
     model_class_name = "FluxTransformer2DModel"
     condition_kind = "text"
+    text_width_key = "joint_attention_dim"
+    pooled_width_key = "pooled_projection_dim"
     prediction = "flow"
     block_patterns = (_DOUBLE, _SINGLE)
     block_stacks = (BlockStack("transformer_blocks", "num_layers", returns=_JOINT),
@@ -98,6 +101,28 @@ class FluxAdapter(ModelAdapter):
     def null_conditions(self, count):
         return [""] * count
 
+    def prompt_embeddings(self, pipeline, prompts, device):
+        """``FluxPipeline.encode_prompt``: T5 tokens (no mask: FluxPipeline attends to padding) and CLIP's pooled
+        output; both prompt slots get the same prompt."""
+        tokens, pooled, _ = pipeline.encode_prompt(prompts, device=device)
+        return [TextEmbedding(t, t.new_ones(len(t), dtype=torch.long), p) for t, p in zip(tokens, pooled)]
+
+    def image_tokens(self, model, latents):
+        """Packed 2x2 patches: a ``[B, C, H, W]`` latent is ``(H/2)(W/2)`` tokens."""
+        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+
+    def set_timesteps(self, model, scheduler, steps, latents, device):
+        """As FluxPipeline: with ``use_dynamic_shifting``, sigmas ``linspace(1, 1/steps)`` (none with
+        ``use_flow_sigmas``) shifted by ``mu`` from the image token count. Otherwise the scheduler's own spacing
+        (the reference model flux-fmnist is sampled so)."""
+        if not scheduler.config.get("use_dynamic_shifting"):
+            return super().set_timesteps(model, scheduler, steps, latents, device)
+        import numpy as np
+
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        scheduler.set_timesteps(steps, device=device, sigmas=sigmas,
+                                mu=dynamic_shift(scheduler, self.image_tokens(model, latents)))
+
     def predict(self, model, latents, timestep, cond):
         batch, channels, height, width = latents.shape
         tokens = cond.tensors["encoder_hidden_states"]
@@ -116,8 +141,7 @@ class FluxAdapter(ModelAdapter):
 
         FLUX.1 checkpoints ship a scheduler with ``use_dynamic_shifting``: FluxPipeline derives ``mu`` from
         the image token count (shift ``exp(mu)``, about 1.65 at 256 tokens up to 3.2 at 4096) and passes it
-        to ``set_timesteps``. ``sampling.sample`` passes no ``mu``, so such a scheduler cannot be used there
-        as is; a fixed shift of 1.0 keeps sampling of small latents simple and well defined.
+        to ``set_timesteps``; :meth:`set_timesteps` does the same when a pipeline folder brings such a scheduler.
         """
         from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter
-from compressdit.models.text_conditions import embed_prompts, stack
+from compressdit.models.text_conditions import TextEmbedding, embed_prompts, stack
 
 _BLOCK = r"transformer_blocks\.\d+"
 
@@ -12,6 +12,7 @@ class PixArtAdapter(ModelAdapter):
     family = "pixart"
     model_class_name = "PixArtTransformer2DModel"
     condition_kind = "text"
+    text_width_key = "caption_channels"
     block_patterns = (_BLOCK,)
     block_stacks = (BlockStack("transformer_blocks", "num_layers"),)
     roles = {
@@ -33,6 +34,11 @@ class PixArtAdapter(ModelAdapter):
 
     def null_conditions(self, count):
         return [""] * count
+
+    def prompt_embeddings(self, pipeline, prompts, device):
+        """PixArt-alpha/sigma ``encode_prompt``: T5 tokens with their attention mask (no pooled vector)."""
+        tokens, mask, _, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
+        return [TextEmbedding(t, m) for t, m in zip(tokens, mask)]
 
     def predict(self, model, latents, timestep, cond):
         added = {"resolution": None, "aspect_ratio": None}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from compressdit.models.base import Conditioning, ModelAdapter
+from compressdit.models.prompt_encoders import PromptEncoder, encode_null, resolve_prompts
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
@@ -33,21 +34,27 @@ def guided_prediction(adapter: ModelAdapter, model: nn.Module, latents: torch.Te
 @torch.no_grad()
 def sample(adapter: ModelAdapter, model: nn.Module, conditions: list[Any], scheduler, steps: int = 20,
            guidance: float = 4.0, seed: int = 0, latents: torch.Tensor | None = None,
-           on_step: StepHook | None = None, batch_size: int = 64) -> torch.Tensor:
-    """Sample latents for ``conditions``; ``on_step(i, t, latents_in, prediction)`` sees every step."""
+           on_step: StepHook | None = None, batch_size: int = 64,
+           prompt_encoder: PromptEncoder | None = None) -> torch.Tensor:
+    """Sample latents for ``conditions``; ``on_step(i, t, latents_in, prediction)`` sees every step.
+
+    ``prompt_encoder`` embeds prompts (and the null prompts of classifier-free guidance) with the model's own text
+    encoder; without one, prompts reach ``adapter.encode`` as strings.
+    """
     param = next(model.parameters())
     device = param.device
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if latents is None:
         latents = initial_latents(adapter, model, len(conditions), seed)
+    conditions = resolve_prompts(conditions, prompt_encoder)
     outputs = []
     for start in range(0, len(conditions), batch_size):
         chunk = conditions[start:start + batch_size]
         x = latents[start:start + len(chunk)].to(device, torch.float32)
         sched = copy.deepcopy(scheduler)
-        sched.set_timesteps(steps, device=device)
+        adapter.set_timesteps(model, sched, steps, x, device)
         cond = adapter.encode(model, chunk).to(device, dtype)
-        uncond = adapter.encode(model, adapter.null_conditions(len(chunk))).to(device, dtype) \
+        uncond = encode_null(adapter, model, len(chunk), prompt_encoder).to(device, dtype) \
             if guidance != 1.0 else None
         x = x * getattr(sched, "init_noise_sigma", 1.0)
         for i, t in enumerate(sched.timesteps):

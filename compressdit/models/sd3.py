@@ -14,8 +14,10 @@ unscaled as ``timestep``, and so does :meth:`SD3Adapter.predict`.
 
 from __future__ import annotations
 
+import torch
+
 from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter
-from compressdit.models.text_conditions import embed_prompts, stack
+from compressdit.models.text_conditions import TextEmbedding, embed_prompts, stack
 
 _BLOCK = r"transformer_blocks\.\d+"
 
@@ -33,6 +35,8 @@ class SD3Adapter(ModelAdapter):
     family = "sd3"
     model_class_name = "SD3Transformer2DModel"
     condition_kind = "text"
+    text_width_key = "joint_attention_dim"
+    pooled_width_key = "pooled_projection_dim"
     prediction = "flow"
     block_patterns = (_BLOCK,)
     block_stacks = (BlockStack("transformer_blocks", "num_layers", keep_last=True,
@@ -57,6 +61,13 @@ class SD3Adapter(ModelAdapter):
 
     def null_conditions(self, count):
         return [""] * count
+
+    def prompt_embeddings(self, pipeline, prompts, device):
+        """``StableDiffusion3Pipeline.encode_prompt``: CLIP-L + CLIP-G tokens (padded) followed by T5 tokens, and
+        the two CLIP projections concatenated as pooled vector; every prompt slot gets the same prompt."""
+        tokens, _, pooled, _ = pipeline.encode_prompt(prompts, None, None, device=device,
+                                                      do_classifier_free_guidance=False)
+        return [TextEmbedding(t, t.new_ones(len(t), dtype=torch.long), p) for t, p in zip(tokens, pooled)]
 
     def predict(self, model, latents, timestep, cond):
         out = model(hidden_states=latents, encoder_hidden_states=cond.tensors["encoder_hidden_states"],

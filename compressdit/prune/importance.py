@@ -47,7 +47,7 @@ def _forward_hooks(hooks: dict[nn.Module, Callable]) -> Iterator[None]:
 
 @torch.no_grad()
 def block_influence(model: nn.Module, adapter: ModelAdapter, conditions: list[Any], scheduler, steps: int = 10,
-                    guidance: float = 4.0, seed: int = 0) -> Scores:
+                    guidance: float = 4.0, seed: int = 0, prompt_encoder=None) -> Scores:
     """ShortGPT's Block Influence (Men et al. 2024, arXiv 2403.03853): ``1 - cos(block input, block output)``.
 
     Cosine over channels per token of the image stream (``hidden_states``), also for joint blocks, whose
@@ -76,20 +76,22 @@ def block_influence(model: nn.Module, adapter: ModelAdapter, conditions: list[An
         this_step[(stack, index)], per_step[(stack, index)] = [], []
         hooks[block] = hook_for((stack, index))
     with _forward_hooks(hooks):
-        sample(adapter, model, conditions, scheduler, steps=steps, guidance=guidance, seed=seed, on_step=close_step)
+        sample(adapter, model, conditions, scheduler, steps=steps, guidance=guidance, seed=seed, on_step=close_step,
+               prompt_encoder=prompt_encoder)
     return {key: max(float(torch.stack(values).mean()), 0.0) for key, values in per_step.items()}
 
 
 @torch.no_grad()
 def removal_error(model: nn.Module, adapter: ModelAdapter, conditions: list[Any], scheduler, steps: int = 10,
-                  guidance: float = 4.0, seed: int = 0) -> Scores:
+                  guidance: float = 4.0, seed: int = 0, prompt_encoder=None) -> Scores:
     """Relative error ``||x - x_full|| / ||x_full||`` of the final latents with one block skipped.
 
     Every run starts from the same seeded noise; one sampling run per block plus the reference. A block
     whose removal gives non-finite latents scores ``inf``.
     """
     def run() -> torch.Tensor:
-        return sample(adapter, model, conditions, scheduler, steps=steps, guidance=guidance, seed=seed)
+        return sample(adapter, model, conditions, scheduler, steps=steps, guidance=guidance, seed=seed,
+                      prompt_encoder=prompt_encoder)
 
     reference = run().double()
     scale = reference.norm().clamp_min(torch.finfo(torch.float64).tiny)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compressdit.calibration.stats import ActivationStats
 from compressdit.models.base import ModelAdapter
+
+if TYPE_CHECKING:
+    from compressdit.models.prompt_encoders import PromptEncoder
 
 
 @dataclass
@@ -17,6 +20,7 @@ class QuantContext:
     calibration: ActivationStats | None = None
     scheduler: Any = None
     conditions: list = field(default_factory=list)
+    prompt_encoder: PromptEncoder | None = None  # the model's (None: prompts reach the adapter as strings)
     quiet: bool = False
     tables: list = field(default_factory=list)
     notes: list = field(default_factory=list)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from compressdit.errors import ConfigError
+from compressdit.quant.fp8_layer import FP8Linear, fp8_fits, validate_fp8_spec
 from compressdit.quant.layers import QuantLinear
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.vq_layer import VQLinear, code_bits
@@ -92,3 +93,4 @@ def clamp_codebook(spec: LinearQuantSpec, linear: nn.Linear) -> LinearQuantSpec:
 
 FORMATS.add("int", LinearFormat(QuantLinear, QuantLinear.from_linear, _validate_int, _int_fits))
 FORMATS.add("vq", LinearFormat(VQLinear, VQLinear.from_linear, _validate_vq, _vq_fits))
+FORMATS.add("fp8", LinearFormat(FP8Linear, FP8Linear.from_linear, validate_fp8_spec, fp8_fits))

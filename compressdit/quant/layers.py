@@ -36,6 +36,28 @@ class PackedParameter(nn.Parameter):
         return PackedParameter, (self.data, False, self.logical_numel)
 
 
+class QuantState(nn.Parameter):
+    """A frozen tensor of a quantized layer's state: scales, zero points, codebook, rotation signs.
+
+    A parameter rather than a buffer, so that accelerate loads, offloads (to CPU or disk) and brings back
+    each one together with its packed weight (``device_map`` with ``"disk"``, ``cpu_offload``); ``numel()``
+    is 0 because it holds no model weights (``num_parameters()`` equals the unquantized model's), while
+    ``nelement()`` still counts its elements for ``get_memory_footprint()``.
+    """
+
+    def __new__(cls, data: torch.Tensor, requires_grad: bool = False):
+        return super().__new__(cls, data, requires_grad=False)
+
+    def numel(self) -> int:
+        return 0
+
+    def __deepcopy__(self, memo):
+        return QuantState(self.data.clone())
+
+    def __reduce_ex__(self, proto):
+        return QuantState, (self.data, False)
+
+
 class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
     """Base of every quantized linear: a packed ``weight`` plus the format's own tensors.
 
@@ -95,28 +117,21 @@ class QuantLinear(QuantizedLinear):
         groups = in_features // spec.group_size if spec.group_size else 1
         if spec.group_size and in_features % spec.group_size:
             raise ValueError(f"in_features {in_features} is not divisible by group_size {spec.group_size}")
-        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
-        if not spec.w_symmetric:
-            self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
-        else:
-            self.weight_zero = None
-        self._optional_buffer("smooth_scale", spec.balance is not None, torch.ones(in_features), device)
-        self._optional_buffer("rotation_signs", spec.rotation != "none",
-                              torch.ones(in_features, dtype=torch.int8), device)
+        self.weight_scale = QuantState(torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        self._optional_state("weight_zero", not spec.w_symmetric,
+                             torch.zeros(out_features, groups, dtype=torch.float32), device)
+        self._optional_state("smooth_scale", spec.balance is not None, torch.ones(in_features), device)
+        self._optional_state("rotation_signs", spec.rotation != "none",
+                             torch.ones(in_features, dtype=torch.int8), device)
         if spec.rotation != "none" and in_features % 2:
             raise ValueError(f"a Hadamard rotation needs an even in_features, got {in_features}")
-        if spec.a_bits is not None and spec.a_granularity == "static":
-            self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
-        else:
-            self.input_scale = None
+        self._optional_state("input_scale", spec.a_bits is not None and spec.a_granularity == "static",
+                             torch.ones((), dtype=torch.float32), device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
 
-    def _optional_buffer(self, name: str, present: bool, value: torch.Tensor, device) -> None:
-        if present:
-            self.register_buffer(name, value.to(device))
-        else:
-            setattr(self, name, None)
+    def _optional_state(self, name: str, present: bool, value: torch.Tensor, device) -> None:
+        setattr(self, name, QuantState(value.to(device)) if present else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec, input_absmax: torch.Tensor | None = None,

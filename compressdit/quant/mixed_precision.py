@@ -3,8 +3,9 @@
 A layer's sensitivity is the damage when it alone is quantized at the low precision, scored with its
 group's metric: layers that carry conditioning (cross-attention, adaLN modulation, context stream) by
 *condition fidelity* (relative error of the guidance direction ``eps_cond - eps_uncond`` on the
-full-precision trajectory); the rest by *image fidelity* (relative error of the final latents, same
-seeds). Scores are normalised within each group, then layers are promoted to the high precision by
+full-precision trajectory); temporal attention of video families that have it separately (role ``temporal``,
+adapter with a ``frame_axis``) by *temporal fidelity* (relative error of the frame-to-frame differences of the
+final latents); the rest by *image fidelity* (relative error of the final latents, same seeds). Scores are normalised within each group, then layers are promoted to the high precision by
 damage per extra weight bit until the average-bits budget is spent.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.evaluate.metrics import relative_error
+from compressdit.models.prompt_encoders import encode_conditions, encode_null
 from compressdit.models.sampling import sample
 from compressdit.progress import progress_bar
 from compressdit.quant.context import QuantContext
@@ -26,6 +28,18 @@ from compressdit.quant.formats import FORMATS
 from compressdit.quant.spec import LinearQuantSpec
 
 CONDITION_ROLES = frozenset({"cross_q", "cross_kv", "cross_out", "adaln", "context"})
+TEMPORAL_ROLES = frozenset({"temporal"})
+GROUPS = ("condition", "temporal", "image")
+
+
+def sensitivity_group(adapter, name: str) -> str:
+    """``condition``, ``temporal`` (only for adapters with a frame axis) or ``image``, from the layer's role."""
+    role = adapter.role_of(name)
+    if role in CONDITION_ROLES:
+        return "condition"
+    if role in TEMPORAL_ROLES and adapter.frame_axis is not None:
+        return "temporal"
+    return "image"
 
 
 @dataclass
@@ -71,10 +85,10 @@ class _Probe:
         adapter = ctx.adapter
         self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.final = sample(adapter, model, self.conditions, ctx.scheduler, steps=config.probe_steps,
-                            guidance=config.guidance, seed=config.seed,
+                            guidance=config.guidance, seed=config.seed, prompt_encoder=ctx.prompt_encoder,
                             on_step=lambda i, t, x, p: self.records.append((t.reshape(1), x.clone(), None)))
-        self.cond = adapter.encode(model, self.conditions)
-        self.uncond = adapter.encode(model, adapter.null_conditions(len(self.conditions)))
+        self.cond = encode_conditions(adapter, model, self.conditions, ctx.prompt_encoder)
+        self.uncond = encode_null(adapter, model, len(self.conditions), ctx.prompt_encoder)
         self.directions = [self._direction(t, x) for t, x, _ in self.records]
 
     @torch.no_grad()
@@ -85,8 +99,21 @@ class _Probe:
     @torch.no_grad()
     def image_damage(self) -> float:
         latents = sample(self.ctx.adapter, self.model, self.conditions, self.ctx.scheduler,
-                         steps=self.config.probe_steps, guidance=self.config.guidance, seed=self.config.seed)
+                         steps=self.config.probe_steps, guidance=self.config.guidance, seed=self.config.seed,
+                         prompt_encoder=self.ctx.prompt_encoder)
         return relative_error(latents, self.final)
+
+    @torch.no_grad()
+    def temporal_damage(self) -> float:
+        axis = self.ctx.adapter.frame_axis
+        latents = sample(self.ctx.adapter, self.model, self.conditions, self.ctx.scheduler,
+                         steps=self.config.probe_steps, guidance=self.config.guidance, seed=self.config.seed,
+                         prompt_encoder=self.ctx.prompt_encoder)
+        return relative_error(torch.diff(latents, dim=axis), torch.diff(self.final, dim=axis))
+
+    def damage(self, group: str) -> float:
+        return {"condition": self.condition_damage, "temporal": self.temporal_damage,
+                "image": self.image_damage}[group]()
 
     @torch.no_grad()
     def condition_damage(self) -> float:
@@ -106,15 +133,15 @@ def measure_sensitivity(model: nn.Module, plan: dict[str, LinearQuantSpec], ctx:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             original = getattr(parent, child)
-            group = "condition" if ctx.adapter.role_of(name) in CONDITION_ROLES else "image"
+            group = sensitivity_group(ctx.adapter, name)
             setattr(parent, child, FORMATS.get(spec.format).quantize(original, spec, absmax.get(name)))
             try:
-                damage = probe.condition_damage() if group == "condition" else probe.image_damage()
+                damage = probe.damage(group)
             finally:
                 setattr(parent, child, original)
             results.append(Sensitivity(name, group, original.weight.numel(), damage))
             bar.update(1)
-    for group in ("condition", "image"):
+    for group in GROUPS:
         members = [s for s in results if s.group == group]
         if members:
             scale = sorted(s.damage for s in members)[len(members) // 2] or 1e-12

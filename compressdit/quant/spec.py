@@ -29,6 +29,9 @@ class LinearQuantSpec(StrictConfig):
     codewords of ``vector_dim`` weights; ``w_bits: 2`` / ``3`` default to the paper's d=4, k=256 /
     d=2, k=64 (log2(k) / d bits per weight). ``row_scale: true`` divides each output row by its RMS before
     k-means and stores that scale (fp16, one per row), so rows of different magnitude share one codebook.
+
+    ``format: fp8`` stores E4M3 weights (``w_bits: 8``, one fp32 scale per output channel) and, with
+    ``a_bits: 8``, quantizes activations to E4M3 per token (``torch._scaled_mm`` on GPUs that have it).
     """
 
     format: str = "int"

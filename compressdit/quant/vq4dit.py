@@ -22,6 +22,7 @@ from torch import nn
 from compressdit.calibration.sets import load_conditions, resolve_set
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
+from compressdit.models.prompt_encoders import encode_conditions, encode_null
 from compressdit.models.sampling import sample
 from compressdit.progress import progress_bar
 from compressdit.quant.context import QuantContext
@@ -138,9 +139,10 @@ class _Calibrator:
         with progress_bar("vq4dit: calibrate", total=config.iterations * config.steps, quiet=self.ctx.quiet) as bar:
             for iteration in range(config.iterations):
                 conditions = [rng.choice(pool) for _ in range(config.batch)]
-                encoded = adapter.encode(self.teacher, conditions)
+                encoded = encode_conditions(adapter, self.teacher, conditions, self.ctx.prompt_encoder)
                 if config.guidance != 1.0:
-                    encoded = encoded.cat(adapter.encode(self.teacher, adapter.null_conditions(len(conditions))))
+                    null = encode_null(adapter, self.teacher, len(conditions), self.ctx.prompt_encoder)
+                    encoded = encoded.cat(null)
                 losses: list[float] = []
 
                 def on_step(i, t, latents, prediction):
@@ -151,7 +153,8 @@ class _Calibrator:
 
                 with record_block_outputs(self.teacher_blocks) as teacher_outputs:
                     sample(adapter, self.teacher, conditions, self.ctx.scheduler, steps=config.steps,
-                           guidance=config.guidance, seed=config.seed + 7919 * (iteration + 1), on_step=on_step)
+                           guidance=config.guidance, seed=config.seed + 7919 * (iteration + 1), on_step=on_step,
+                           prompt_encoder=self.ctx.prompt_encoder)
                 mean = sum(losses) / len(losses)
                 self.history.append(mean)
                 if mean < best * 0.99:

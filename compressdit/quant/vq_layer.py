@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from compressdit.quant.kernel_registry import run_kernel
-from compressdit.quant.layers import PackedParameter, QuantizedLinear
+from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.vq_ops import vq_decode, vq_linear
 from compressdit.quant.vq_primitives import (kmeans, nearest_codewords, pack_code_bits, packed_code_bytes,
@@ -44,13 +44,13 @@ class VQLinear(QuantizedLinear):
         nbytes = packed_code_bytes(in_features // spec.vector_dim, self.code_bits)
         self.weight = PackedParameter(torch.zeros(out_features, nbytes, dtype=torch.uint8, device=device),
                                       logical_numel=out_features * in_features)
-        self.register_buffer("codebook", torch.zeros(spec.codebook_size, spec.vector_dim, dtype=CODEBOOK_DTYPE,
-                                                     device=device))
+        self.codebook = QuantState(torch.zeros(spec.codebook_size, spec.vector_dim, dtype=CODEBOOK_DTYPE,
+                                               device=device))
         if spec.row_scale:
-            self.register_buffer("row_scale", torch.ones(out_features, dtype=CODEBOOK_DTYPE, device=device))
+            self.row_scale = QuantState(torch.ones(out_features, dtype=CODEBOOK_DTYPE, device=device))
             self.quantized_tensors = ("weight", "codebook", "row_scale", "bias")
         else:
-            self.register_buffer("row_scale", None)
+            self.row_scale = None
         # fp32 whatever the model dtype: calibration trains the bias, and it is saved as trained
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=torch.float32),
                                  requires_grad=False) if bias else None

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressdit.calibration.sets import load_conditions, resolve_set
+from compressdit.calibration.sets import load_conditions, resolve_set, set_bytes
 from compressdit.calibration.stats import ActivationStats, cache_key, capture_input_absmax, stats_from_recorder
 from compressdit.config_base import StrictConfig
 from compressdit.models.sampling import sample
@@ -18,8 +18,10 @@ from compressdit.stages.base import STAGES, PipelineState, Stage
 class CalibrateConfig(StrictConfig):
     """Calibration run. YAML: ``- calibrate: {set: fmnist-classes, samples: 32, steps: 10, guidance: 4.0}``
 
-    ``set`` is a shipped set name or a ``.jsonl`` path (``--calib PATH`` on the CLI); ``samples``
-    conditions are drawn from it (cycled). Statistics are cached on disk per model + settings.
+    ``set`` is a shipped set name or a local ``.jsonl`` / ``.parquet`` / ``.csv`` file or folder of them with a
+    ``prompt`` (text models) or ``class_id`` (class models) column (``--calib`` on the CLI); ``samples``
+    conditions are drawn from it (cycled). Prompts go through the model's prompt encoder. Statistics are cached
+    on disk per model + settings (+ prompt encoder).
     """
 
     set: str | None = None
@@ -38,7 +40,10 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
     path = resolve_set(config.set, adapter.condition_kind)
     conditions = load_conditions(path, adapter.condition_kind, limit=config.samples)
     state.calibration_conditions = conditions
-    settings = {**config.to_dict(), "set": str(path), "set_bytes": path.stat().st_size}
+    encoder = state.source.prompt_encoder
+    settings = {**config.to_dict(), "set": str(path), "set_bytes": set_bytes(path)}
+    if encoder is not None:  # models without their own encoder keep their cache keys
+        settings["prompt_encoder"] = encoder.key
     cache: Path | None = None
     if state.cache_dir is not None:
         cache = state.cache_dir / "calibration" / f"{cache_key(model, settings)}.safetensors"
@@ -58,7 +63,7 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
 
         recorder.step = 0
         sample(adapter, model, conditions, scheduler, steps=config.steps, guidance=config.guidance,
-               seed=config.seed, on_step=on_step, batch_size=config.batch_size)
+               seed=config.seed, on_step=on_step, batch_size=config.batch_size, prompt_encoder=encoder)
     stats = stats_from_recorder(recorder, timesteps)
     if cache is not None:
         stats.save(cache)

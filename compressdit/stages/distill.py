@@ -1,21 +1,24 @@
-"""``distill``: train the compressed model towards the uncompressed reference on real Fashion-MNIST latents."""
+"""``distill``: train the compressed model towards the uncompressed reference on the ``data`` source's latents."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from compressdit.distill.data import fmnist_data
+from compressdit.distill.data import DistillData
 from compressdit.distill.losses import resolve_layer_map
 from compressdit.distill.trainer import DistillConfig, check_pair, distill
+from compressdit.distill.sources import DataContext, DataSpec, load_data
 from compressdit.errors import ConfigError, TrainingIncomplete
-from compressdit.io.sources import ModelSource
+from compressdit.io.sources import ZOO_DIR, ModelSource
+from compressdit.models.base import ModelAdapter
 from compressdit.stages.base import STAGES, PipelineState, Stage
 
 
@@ -23,37 +26,44 @@ from compressdit.stages.base import STAGES, PipelineState, Stage
 class DistillStageConfig(DistillConfig):
     """Every ``DistillConfig`` key plus the data and where the resumable state lives. YAML::
 
-        - distill: {steps: 2000, batch_size: 64, lr: 1.0e-4, images: 60000, feature_weight: 0.01}
+        - distill: {steps: 2000, batch_size: 64, lr: 1.0e-4, feature_weight: 0.01, data: auto}
 
-    ``images``: the first N Fashion-MNIST training images are encoded by the reference's VAE (null: all).
-    ``workdir``: training state (default: the cache folder, keyed by student, teacher and config), so a run
-    stopped by ``max_minutes`` resumes when the same command is run again.
+    ``data``: where the training latents come from (:mod:`compressdit.distill.sources`): ``auto`` (default:
+    Fashion-MNIST for the zoo's models, the teacher's own samples for any other), ``fmnist``, ``teacher`` or
+    ``{source: images, path: ...}``. ``workdir``: training state (default: the cache folder, keyed by student,
+    teacher and config), so a run stopped by ``max_minutes`` resumes when the same command is run again.
     """
 
-    images: int | None = None
+    data: DataSpec = field(default_factory=DataSpec)
     workdir: str | None = None
-
-    def validate(self, where: str) -> None:
-        super().validate(where)
-        if self.images is not None and self.images <= 0:
-            raise ConfigError(f"{where}.images: must be positive or null, got {self.images}")
 
     def trainer_keys(self) -> dict:
         """The keys that decide the training result (not where or how long it runs)."""
         return {k: v for k, v in self.to_dict().items() if k not in ("workdir", "max_minutes")}
 
 
-def vae_folder(*sources: ModelSource) -> Path:
-    """The first source pipeline's VAE, else the zoo's Fashion-MNIST VAE."""
-    from compressdit.zoo.registry import BASICS
+def data_context(adapter: ModelAdapter, model: nn.Module, reference: ModelSource,
+                 load_teacher: Callable[[], nn.Module], cache_dir: Path, quiet: bool = False,
+                 sources: tuple[ModelSource, ...] = ()) -> DataContext:
+    """What the data sources need: ``reference`` is the uncompressed model's source (its folder keys the caches;
+    ``load_teacher`` returns its transformer), ``sources`` other pipelines whose VAE / scheduler may serve."""
+    candidates = (reference, *sources)
+    vae = next((s.folder / "vae" for s in candidates if s.is_pipeline and (s.folder / "vae" / "config.json").exists()),
+               None)
+    scheduler = next((s.scheduler for s in candidates if s.scheduler is not None), None) or adapter.scheduler(model)
+    is_zoo = Path(reference.folder).resolve().is_relative_to(ZOO_DIR.resolve())
+    return DataContext(adapter, model, reference.transformer_folder, load_teacher, vae, scheduler, cache_dir, is_zoo,
+                       quiet)
 
-    for source in sources:
-        if source.is_pipeline and (source.folder / "vae" / "config.json").exists():
-            return source.folder / "vae"
-    if (BASICS / "vae" / "config.json").exists():
-        return BASICS / "vae"
-    raise ConfigError("distillation needs the models' VAE to encode Fashion-MNIST: pass pipeline folders (with "
-                      "vae/) or train the zoo's with `compressdit zoo train fmnist-vae`")
+
+def state_data(state: PipelineState, spec: DataSpec | None) -> DistillData:
+    """Training latents for a stage of ``state`` (prune searches, Taylor scores): the teacher, where a source
+    needs it, is the uncompressed model, reloaded from ``state.reference_spec`` (``state.model`` may be edited)."""
+    from compressdit.io.sources import load_source
+
+    context = data_context(state.adapter, state.model, state.source,
+                           lambda: load_source(state.reference_spec).transformer, state.cache_folder(), state.quiet)
+    return load_data(spec, context)
 
 
 def fingerprint(*models: nn.Module) -> str:
@@ -69,7 +79,8 @@ def fingerprint(*models: nn.Module) -> str:
 def run_distillation(student: nn.Module, teacher: ModelSource, config: DistillStageConfig, cache_dir: Path,
                      quiet: bool = False, origin=None, sources: tuple[ModelSource, ...] = (),
                      workdir: Path | None = None) -> dict:
-    """Distil ``student`` (in place) from ``teacher`` on Fashion-MNIST latents; the metrics of :func:`distill`.
+    """Distil ``student`` (in place) from ``teacher`` on ``config.data``'s latents; the metrics of :func:`distill`
+    plus ``data_note`` (where the latents came from).
 
     The training state lives in ``workdir`` (default: a cache folder named after student, teacher and config);
     a workdir that holds another run's state is an error, not silently resumed.
@@ -87,10 +98,12 @@ def run_distillation(student: nn.Module, teacher: ModelSource, config: DistillSt
                           "settings); pass another workdir or delete it")
     workdir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"run": run_id}))
-    data = fmnist_data(adapter, vae_folder(teacher, *sources), cache_dir / "distill-data", config.images)
+    context = data_context(adapter, student, teacher, lambda: teacher.transformer, cache_dir, quiet, sources)
+    data = load_data(config.data, context)
     scheduler = next((s.scheduler for s in (teacher, *sources) if s.scheduler is not None), None)
-    return distill(student, teacher.transformer, adapter, config, workdir, data, origin=origin,
-                   scheduler_config=dict(scheduler.config) if scheduler is not None else None, quiet=quiet)
+    metrics = distill(student, teacher.transformer, adapter, config, workdir, data, origin=origin,
+                      scheduler_config=dict(scheduler.config) if scheduler is not None else None, quiet=quiet)
+    return {**metrics, "data_note": data.note}
 
 
 def distill_checkpoint(student: str, teacher: str, out: Path, overrides: dict, workdir: Path | None = None,
@@ -173,7 +186,8 @@ class DistillStage(Stage):
         state.notes.append(
             f"distill: {metrics['steps']} steps x batch {metrics['batch_size']} on {metrics['processes']} "
             f"process(es), {metrics['train_s']:.1f} s of training; loss {initial.get('loss', 0):.4g} -> "
-            f"{final.get('loss', 0):.4g} (mean of the last 10 steps); feature layer map student<-teacher: {pairs}")
+            f"{final.get('loss', 0):.4g} (mean of the last 10 steps); feature layer map student<-teacher: {pairs}; "
+            f"data: {metrics['data_note']}")
         state.tables.append(loss_table(metrics, config))
         if metrics["history"]:
             state.figures["Distillation loss"] = plot_losses(metrics["history"])

@@ -111,7 +111,7 @@ def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateCon
     started = time.perf_counter()
     report = evaluate(adapter, ref_entry, candidate, baseline, reference.vae,
                       reference.scheduler or adapter.scheduler(reference.transformer), config.settings(), quiet,
-                      cache_dir)
+                      cache_dir, reference.prompt_encoder)
     report["title"] = title
     report["notes"] = list(notes or []) + [f"evaluation took {time.perf_counter() - started:.1f} s on "
                                            f"{'CUDA' if next(candidate.model.parameters()).is_cuda else 'CPU'}"]
@@ -129,6 +129,7 @@ class EvaluateStage(Stage):
         from compressdit.io.sources import load_source
 
         reference = load_source(state.reference_spec, name=state.reference_spec)
+        reference.prompt_encoder = state.source.prompt_encoder  # the same text encoder (and its cache) for both
         folder = state.workdir / "transformer" if state.source.is_pipeline else state.workdir
         candidate = Entry("candidate", state.model, f"{state.recipe_name} of {state.reference_spec}", folder,
                           _reference_named_layers(state))

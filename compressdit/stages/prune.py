@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 
 from compressdit.config_base import StrictConfig
+from compressdit.distill.sources import DataSpec
 from compressdit.errors import ConfigError
 from compressdit.prune.depth import BlockKey, kept_indices, remove_blocks
 from compressdit.prune.importance import BLOCK_IMPORTANCE, keep_lowest_score
@@ -109,7 +110,8 @@ def _by_importance(criterion: str) -> Callable[[PipelineState, ImportanceConfig]
         conditions = load_conditions(resolve_set(config.set, kind), kind, limit=config.samples)
         scheduler = state.source.scheduler or state.adapter.scheduler(state.model)
         scores = BLOCK_IMPORTANCE.get(criterion)(state.model, state.adapter, conditions, scheduler, steps=config.steps,
-                                                 guidance=config.guidance, seed=config.seed)
+                                                 guidance=config.guidance, seed=config.seed,
+                                                 prompt_encoder=state.source.prompt_encoder)
         keep = keep_lowest_score(scores, state.adapter, state.model, config.ratio)
         rows = [[stack, index, round(score, 6), "kept" if index in keep[stack] else "removed"]
                 for (stack, index), score in scores.items()]
@@ -126,32 +128,26 @@ def _by_importance(criterion: str) -> Callable[[PipelineState, ImportanceConfig]
 
 
 @dataclass
-class _ImagesKey:
-    """``images``: the first N Fashion-MNIST training images, encoded by the model's VAE (null: all; cached and
-    shared with the ``distill`` stage when it uses as many)."""
+class _DataKey:
+    """``data``: the training latents (:mod:`compressdit.distill.sources`; default ``auto``: Fashion-MNIST for the
+    zoo's models, the teacher's own samples for any other; cached and shared with the ``distill`` stage)."""
 
-    images: int | None = None
-
-    def validate(self, where: str) -> None:
-        super().validate(where)
-        if self.images is not None and self.images <= 0:
-            raise ConfigError(f"{where}.images: must be positive or null, got {self.images}")
+    data: DataSpec = field(default_factory=DataSpec)
 
 
 @dataclass
-class TinyFusionStageConfig(_ImagesKey, TinyFusionConfig):
-    """Every ``TinyFusionConfig`` key plus ``images``. YAML::
+class TinyFusionStageConfig(_DataKey, TinyFusionConfig):
+    """Every ``TinyFusionConfig`` key plus ``data``. YAML::
 
-        - prune: {method: tinyfusion, pattern: "1:2", steps: 300, batch_size: 32, images: null}
+        - prune: {method: tinyfusion, pattern: "1:2", steps: 300, batch_size: 32, data: auto}
     """
 
 
-def _training_data(state: PipelineState, images: int | None):
-    """Fashion-MNIST latents for searches that train (TinyFusion, PPCL), cached like the distill stage's."""
-    from compressdit.distill.data import fmnist_data
-    from compressdit.stages.distill import vae_folder
+def _training_data(state: PipelineState, spec: DataSpec):
+    """Training latents for searches that train (TinyFusion, PPCL), cached like the distill stage's."""
+    from compressdit.stages.distill import state_data
 
-    return fmnist_data(state.adapter, vae_folder(state.source), state.cache_folder() / "distill-data", images)
+    return state_data(state, spec)
 
 
 def _scheduler_config(state: PipelineState) -> dict | None:
@@ -181,7 +177,7 @@ def _mean_loss(history: list[dict]) -> float:
 
 
 def _tinyfusion(state: PipelineState, config: TinyFusionStageConfig) -> Selection:
-    data = _training_data(state, config.images)
+    data = _training_data(state, config.data)
     result = tinyfusion_search(state.model, state.adapter, config, data, _scheduler_config(state), state.quiet)
     rows = []
     for d in result.decisions:
@@ -197,15 +193,15 @@ def _tinyfusion(state: PipelineState, config: TinyFusionStageConfig) -> Selectio
             f"({'LoRA rank ' + str(config.lora_rank) if config.lora else 'logits only'}), {config.estimator} "
             f"estimator ({config.mask_draws} mask draws per sample), tau {config.tau_start} -> {config.tau_end}; "
             f"loss {_mean_loss(first):.4g} -> {_mean_loss(last):.4g} (mean of the first / last 10 steps); {weights}")
-    return Selection(result.keep, table, _decision_figure(result), [note])
+    return Selection(result.keep, table, _decision_figure(result), [note, f"tinyfusion data: {data.note}"])
 
 
 # PPCL -----------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class PPCLStageConfig(_ImagesKey, PPCLConfig):
-    """Every ``PPCLConfig`` key plus ``images``. YAML::
+class PPCLStageConfig(_DataKey, PPCLConfig):
+    """Every ``PPCLConfig`` key plus ``data``. YAML::
 
         - prune: {method: ppcl, ratio: 0.5, max_unit: 4, probe_batches: 4, steps: 200, batch_size: 64}
     """
@@ -240,8 +236,9 @@ def _ppcl_figure(result: PPCLTraining, keep: dict[str, list[int]]) -> str:
     return plot_to_file(draw)
 
 
-def _cached_training(state: PipelineState, config: PPCLStageConfig) -> tuple[PPCLTraining, bool]:
-    """The PPCL training of this model and config (``plug`` aside), from the cache when an earlier run made it."""
+def _cached_training(state: PipelineState, config: PPCLStageConfig) -> tuple[PPCLTraining, str | None]:
+    """The PPCL training of this model and config (``plug`` aside), and where its data came from (None: from the
+    cache, which an earlier run made)."""
     from compressdit.io.checkpoint import atomic_output
     from compressdit.stages.distill import fingerprint
 
@@ -249,16 +246,17 @@ def _cached_training(state: PipelineState, config: PPCLStageConfig) -> tuple[PPC
     key = json.dumps({"config": settings, "model": fingerprint(state.model)}, sort_keys=True)
     folder = state.cache_folder() / "ppcl-runs" / hashlib.sha1(key.encode()).hexdigest()[:16]
     if (folder / "training.json").exists():
-        return load_training(folder), True
-    data = _training_data(state, config.images)
+        return load_training(folder), None
+    data = _training_data(state, config.data)
     training = ppcl_train(state.model, state.adapter, config, data, _scheduler_config(state), state.quiet)
     with atomic_output(folder, overwrite=True) as tmp:
         save_training(training, tmp)
-    return training, False
+    return training, data.note
 
 
 def _ppcl(state: PipelineState, config: PPCLStageConfig) -> Selection:
-    training, cached = _cached_training(state, config)
+    training, data_note = _cached_training(state, config)
+    cached = data_note is None
     result = plug_units(state.model, state.adapter, training, config.plug)
     plugged = set(result.plugged)
     unit_of = {(u.stack, i): u for u in training.units for i in range(u.start, u.end + 1)}
@@ -292,7 +290,8 @@ def _ppcl(state: PipelineState, config: PPCLStageConfig) -> Selection:
                      f"{_mean_loss(first):.4g} -> {_mean_loss(last):.4g} (mean of the first / last 10 steps); "
                      f"held-out unit error (initial -> trained student): {errors}"
                      + ("; training reused from an earlier run with the same model and settings" if cached else ""))
-    removed = sum(u.size - 1 for u in result.plugged)
+    if data_note:
+        notes.append(f"ppcl data: {data_note}")
     removed = sum(u.size - 1 for u in result.plugged)
     notes.append(f"ppcl plugging: {len(result.plugged)} of {len(merged)} trained units plugged in "
                  f"({', '.join(unit_name(u) for u in result.plugged) or 'none'}), {removed} blocks removed (plug "

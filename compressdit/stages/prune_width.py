@@ -8,11 +8,12 @@ block of the same index (``layer_map: auto``). The saved checkpoint records the 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
+from compressdit.distill.sources import DataSpec
 from compressdit.errors import ConfigError
 from compressdit.prune.width import WIDTH_IMPORTANCE, CalibrationBatch, WidthConfig, WidthUnit, prune_width, width_units
 from compressdit.stages.base import STAGES, PipelineState, Stage, parameter_count
@@ -25,14 +26,15 @@ class PruneWidthConfig(WidthConfig):
         - prune_width: {ffn_ratio: 0.3, head_ratio: 0.3, importance: taylor, batches: 8, batch_size: 64}
 
     ``taylor`` (first-order ``|w * dL/dw|``, Molchanov et al., CVPR 2019, arXiv 1906.10771) sums the gradients of
-    ``batches`` batches of ``batch_size`` noised Fashion-MNIST latents: the first ``images`` training images
-    encoded by the model's VAE (null: all; cached and shared with ``distill``), conditions dropped with
-    ``condition_dropout``, every draw from a generator seeded with ``seed``. ``magnitude`` reads no data.
+    ``batches`` batches of ``batch_size`` noised latents of the ``data`` source (:mod:`compressdit.distill.sources`;
+    default ``auto``: Fashion-MNIST encoded by the model's VAE for the zoo's models, the teacher's own samples for
+    any other; cached and shared with ``distill``), conditions dropped with ``condition_dropout``, every draw from
+    a generator seeded with ``seed``. ``magnitude`` reads no data.
     """
 
     batches: int = 8
     batch_size: int = 64
-    images: int | None = None
+    data: DataSpec = field(default_factory=DataSpec)
     seed: int = 0
     condition_dropout: float = 0.1
 
@@ -41,8 +43,6 @@ class PruneWidthConfig(WidthConfig):
         if not (self.ffn_ratio or self.head_ratio):
             raise ConfigError(f"{where}: nothing to prune; set ffn_ratio and/or head_ratio above 0")
         self.require_positive(where, "batches", "batch_size")
-        if self.images is not None and self.images <= 0:
-            raise ConfigError(f"{where}.images: must be positive or null, got {self.images}")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ConfigError(f"{where}.condition_dropout: must be in [0, 1), got {self.condition_dropout}")
 
@@ -55,13 +55,13 @@ def calibration_batches(state: PipelineState, config: PruneWidthConfig) -> Itera
     The data target makes Taylor scores measure each channel's share of the denoising loss. The data is loaded
     here; the batches are drawn lazily, from a generator seeded with ``config.seed`` (the global RNG is untouched).
     """
-    from compressdit.distill.data import BatchSampler, condition_table, fmnist_data, select
+    from compressdit.distill.data import BatchSampler, condition_table, select
     from compressdit.distill.objectives import objective_for
-    from compressdit.stages.distill import vae_folder
+    from compressdit.stages.distill import state_data
 
-    cache_dir = state.cache_folder()
     adapter, model = state.adapter, state.model
-    data = fmnist_data(adapter, vae_folder(state.source), cache_dir / "distill-data", config.images)
+    data = state_data(state, config.data)
+    state.notes.append(f"prune_width data: {data.note}")
     scheduler = state.source.scheduler
     sampler = BatchSampler(data, objective_for(adapter, dict(scheduler.config) if scheduler is not None else None),
                            config.condition_dropout)
@@ -127,14 +127,15 @@ class PruneWidthStage(Stage):
         started = time.perf_counter()
         before = parameter_count(state.model)
         device = next(state.model.parameters()).device
+        first_note = len(state.notes)  # the data source's note (Taylor) follows this stage's summary
         # tracing the MLPs (width_units' random example input) draws from the global RNG: leave it as it was
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             units, pruned = _prune(state, config)
         after = parameter_count(state.model)
-        data = (f"; taylor scores from {config.batches} batches x {config.batch_size} Fashion-MNIST latents (MSE to "
+        data = (f"; taylor scores from {config.batches} batches x {config.batch_size} noised latents (MSE to "
                 f"the diffusion target, seed {config.seed})"
                 if WIDTH_IMPORTANCE.get(config.importance).needs_gradients else "")
-        state.notes.append(f"prune_width ({config.importance}, ffn_ratio {config.ffn_ratio}, head_ratio "
+        state.notes.insert(first_note, f"prune_width ({config.importance}, ffn_ratio {config.ffn_ratio}, head_ratio "
                            f"{config.head_ratio}): parameters {before:,} -> {after:,} ({after / before:.1%}); "
                            f"{_removed_by_role(units, pruned)}{data}")
         rows = [[u.name, u.role, _kind(u), _size(u), _size(pruned[u.name])]

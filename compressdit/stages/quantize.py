@@ -26,7 +26,8 @@ class QuantizeStage(MethodStage):
         started = time.perf_counter()
         ctx = QuantContext(adapter=state.adapter, calibration=state.calibration,
                            scheduler=state.source.scheduler or state.adapter.scheduler(state.model),
-                           conditions=list(state.calibration_conditions), quiet=state.quiet)
+                           conditions=list(state.calibration_conditions), quiet=state.quiet,
+                           prompt_encoder=state.source.prompt_encoder)
         specs = handler.apply(state.model, config.options, ctx)
         state.quant_specs.update(specs)
         state.tables.extend(ctx.tables)

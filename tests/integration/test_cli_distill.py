@@ -21,7 +21,7 @@ from tests.integration.test_cli_errors import (assert_nothing_written, assert_on
 torch.set_num_threads(1)
 needs_fmnist = pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").exists(),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-SMALL = ["--steps", "2", "--batch-size", "4", "--images", "16", "--quiet"]
+SMALL = ["--steps", "2", "--batch-size", "4", "--data", "fmnist", "--images", "16", "--quiet"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,10 +103,18 @@ def test_recipe_with_distill_stage_runs_through_the_pipeline(models, tmp_path):
         version: 1
         name: kd
         stages:
-          - distill: {steps: 2, batch_size: 4, images: 16, feature_weight: 0.0}
+          - distill: {steps: 2, batch_size: 4, data: {source: fmnist, images: 16}, feature_weight: 0.0}
         """))
     out = tmp_path / "out"
     result = run_main("run", recipe, "--model", models["teacher"], "--out", out, "--quiet", "--json")
     assert result.code == 0, result.stderr
     assert "distill_s" in json.loads(result.stdout)["timings"]
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_distill_without_a_dataset_samples_the_teacher(models, tmp_path):
+    result = run_main("distill", models["student"], "--teacher", models["teacher"], "--out", tmp_path / "out",
+                      "--steps", "1", "--batch-size", "4", "--data", "teacher", "--images", "4", "--json")
+    assert result.code == 0, result.stderr
+    note = json.loads(result.stdout)["data_note"]
+    assert note.startswith("teacher samples (data-free): 4 clean latents") and "4 drawn now" in note

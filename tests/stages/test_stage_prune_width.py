@@ -27,7 +27,7 @@ DIT, FLUX = ADAPTERS.get("dit"), ADAPTERS.get("flux")
 needs_fmnist = pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").exists(),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 HALF = {"ffn_ratio": 0.25, "head_ratio": 0.5}  # tiny DiT: 256 -> 192 MLP channels, 2 -> 1 heads per block
-TAYLOR = {**HALF, "importance": "taylor", "batches": 2, "batch_size": 4, "images": 16}
+TAYLOR = {**HALF, "importance": "taylor", "batches": 2, "batch_size": 4, "data": {"source": "fmnist", "images": 16}}
 
 
 def _recipe(*stages: dict) -> Recipe:
@@ -59,8 +59,8 @@ def test_recipe_parses_and_round_trips() -> None:
     recipe = _recipe({"prune_width": {**TAYLOR, "roles": ["ffn_up"], "seed": 3}})
     config = recipe.stage("prune_width").config
     assert isinstance(config, PruneWidthConfig) and isinstance(config, WidthConfig)
-    assert (config.importance, config.batches, config.images, config.seed, config.roles) == ("taylor", 2, 16, 3,
-                                                                                              ["ffn_up"])
+    assert (config.importance, config.batches, config.data.options.images, config.seed, config.roles) == (
+        "taylor", 2, 16, 3, ["ffn_up"])
     assert Recipe.from_dict(recipe.to_dict()) == recipe
 
 
@@ -72,7 +72,7 @@ def test_recipe_parses_and_round_trips() -> None:
     ({**HALF, "importance": "hessian"}, "importance: unknown 'hessian'; known: magnitude, taylor"),
     ({**HALF, "batches": 0}, "batches: must be positive, got 0"),
     ({**HALF, "batch_size": -4}, "batch_size: must be positive"),
-    ({**HALF, "images": 0}, "images: must be positive or null"),
+    ({**HALF, "data": {"source": "fmnist", "images": 0}}, "data.images: must be positive or null"),
     ({**HALF, "condition_dropout": 1.0}, r"condition_dropout: must be in \[0, 1\)"),
     ({**HALF, "roles": ["attn_out"]}, "'attn_out' cannot be width-pruned"),
 ])
@@ -199,18 +199,19 @@ def test_taylor_is_seeded_and_chooses_otherwise_than_magnitude(pipeline_dir: Pat
     taylor, repeat, magnitude = (s.model.state_dict() for s in runs)
     assert all(torch.equal(taylor[k], repeat[k]) for k in taylor)
     assert any(not torch.equal(taylor[k], magnitude[k]) for k in taylor)
-    assert runs[0].notes[0].endswith("taylor scores from 2 batches x 4 Fashion-MNIST latents (MSE to the diffusion "
+    assert runs[0].notes[0].endswith("taylor scores from 2 batches x 4 noised latents (MSE to the diffusion "
                                      "target, seed 0)")
+    assert runs[0].notes[1].startswith("prune_width data: 16 Fashion-MNIST training images encoded by the VAE")
 
 
 @needs_fmnist
 def test_width_pruned_student_distils_and_reloads(pipeline_dir: Path, tmp_path: Path) -> None:
     from diffusers import DiTTransformer2DModel
 
-    distill = {"steps": 2, "batch_size": 4, "images": 16, "lr": 1e-3, "warmup": 1}
+    distill = {"steps": 2, "batch_size": 4, "data": {"source": "fmnist", "images": 16}, "lr": 1e-3, "warmup": 1}
     state = run_recipe(_recipe({"prune_width": TAYLOR}, {"distill": distill}), str(pipeline_dir), tmp_path / "out",
                        quiet=True)
-    assert "feature layer map student<-teacher: 0<-0, 1<-1" in state.notes[1]
+    assert "feature layer map student<-teacher: 0<-0, 1<-1" in state.notes[2]
     reloaded = DiTTransformer2DModel.from_pretrained(tmp_path / "out" / "transformer")
     assert _shapes(reloaded) == [(1, 192), (1, 192)]
     assert torch.equal(_predict(DIT, reloaded), _predict(DIT, state.model))

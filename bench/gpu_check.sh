@@ -1,0 +1,118 @@
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+# Fallback: a wheel for another Python/platform fails the whole install above; then install one by one.
+python3 -c "import diffusers, PIL, pytest" 2> /dev/null || {
+  for wheel in .whl/*.whl; do
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel" \
+      || echo "[gpu_check] could not install $wheel"
+  done
+  export PYTHONPATH=/tmp/site:$PWD
+}
+# GPU check of issue 13 (run from the repository root on a CUDA machine; ends within GPU_CHECK_BUDGET_S, 420 s):
+#   1. pytest -m cuda on tests/quant (GPU ops vs their references; the VQ kernels after their JIT build)
+#   2. bench/gpu_kernels.py  -> $OUT/gpu_kernels.{json,md}  (DiT-XL/2 layer shapes, M = 1..4096)
+#   3. bench/gpu_e2e.py      -> $OUT/gpu_e2e.{json,md}      (DiT-XL/2 step, batch 8 guided; eager, then compiled)
+# Every part runs under `timeout`; a failing part is recorded ($OUT/gpu_check_summary.txt, the JSONs) and the
+# script goes on. GPU_CHECK_DEVICE=cpu runs the same steps as a smoke test (--quick, CPU references).
+set -u
+export PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+OUT=${OUT:-/tmp/gpu_check_out}
+export OUT
+mkdir -p "$OUT"
+BUDGET=${GPU_CHECK_BUDGET_S:-420}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+START=$(date +%s)
+SUMMARY="$OUT/gpu_check_summary.txt"
+: > "$SUMMARY"
+
+elapsed() { echo $(( $(date +%s) - START )); }
+log() { echo "[gpu_check +$(elapsed)s] $*" | tee -a "$SUMMARY"; }
+# cap WANT [RESERVE]: WANT seconds, or what is left of the budget minus RESERVE (at least 5)
+cap() {
+  local want=$1 left=$(( BUDGET - $(elapsed) - ${2:-15} ))
+  (( left < want )) && want=$left
+  (( want < 5 )) && want=5
+  echo "$want"
+}
+step() {  # step NAME SECONDS CMD...: run with a timeout, log status; never fails the script
+  local name=$1 seconds=$2
+  shift 2
+  log "start $name (timeout ${seconds}s)"
+  timeout -k 5 "$seconds" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  log "end $name: rc=$rc$( ((rc == 124 || rc == 137)) && echo ' (timed out)')"
+  return 0
+}
+
+# -- 0. environment -------------------------------------------------------------------------------------------
+{
+  nvidia-smi -L 2>&1 || true
+  python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda',
+torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1
+  python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
+  python3 -c "import diffusers, pytest; print('diffusers', diffusers.__version__, 'pytest', pytest.__version__)" 2>&1 | tail -1
+  echo "nvcc: $(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null || echo none)"
+  echo "ninja: $(command -v ninja || echo none)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if [[ "$DEVICE" == cpu ]]; then QUICK=(--device cpu --quick); else QUICK=(); fi
+
+# -- 1a. VQ CUDA extension: JIT build in the background (only where nvcc exists) --------------------------------
+export TORCH_EXTENSIONS_DIR=/tmp/torch_ext MAX_JOBS=8  # leaves cores for the tests and benchmarks meanwhile
+BUILD_PID=""
+if [[ "$DEVICE" == cuda ]]; then
+  [[ -z "$(command -v nvcc)" && -x /usr/local/cuda/bin/nvcc ]] && export CUDA_HOME=/usr/local/cuda PATH=/usr/local/cuda/bin:$PATH
+  TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+  export TORCH_CUDA_ARCH_LIST
+  if command -v nvcc > /dev/null && command -v ninja > /dev/null; then
+    log "building the VQ CUDA extension in the background (arch $TORCH_CUDA_ARCH_LIST)"
+    COMPRESSDIT_JIT_CUDA=1 timeout -k 5 "$(cap 200 120)" python3 -c "from compressdit.quant.vq_ops import \
+cuda_extension_available as ok; print('VQ CUDA extension loads:', ok())" > "$OUT/vq_build.log" 2>&1 &
+    BUILD_PID=$!
+  else
+    log "no nvcc or ninja: the VQ CUDA extension cannot be built; VQ runs its PyTorch reference"
+  fi
+fi
+
+# -- 1b. CUDA tests of the GPU ops (all cuda-marked files of tests/quant except the VQ ones) ---------------------
+TEST_FILES=$(grep -l "mark.cuda" tests/quant/test_*.py | grep -v test_quant_vq_ops.py | tr '\n' ' ')
+# shellcheck disable=SC2086
+step pytest_gpu_ops "$(cap 110 250)" python3 -m pytest -q -p no:cacheprovider -m cuda -rfEs \
+  --continue-on-collection-errors --junitxml="$OUT/pytest_gpu_ops.xml" $TEST_FILES
+
+# -- 2. per-layer kernels (VQ rows use the CUDA kernels if their background build is done by now) ---------------
+vq_ready() { [[ -f "$OUT/vq_build.log" ]] && grep -q "loads: True" "$OUT/vq_build.log"; }
+VQ_JIT=0
+vq_ready && VQ_JIT=1
+log "VQ CUDA extension built: $VQ_JIT"
+KERNEL_S=$(cap 100 160)
+step gpu_kernels "$KERNEL_S" env COMPRESSDIT_JIT_CUDA=$VQ_JIT python3 bench/gpu_kernels.py ${QUICK[@]+"${QUICK[@]}"} \
+  --out "$OUT" --budget-s $(( KERNEL_S - 25 ))
+
+# -- 1c. VQ kernel tests (wait for the build until +200 s at most; without it they skip) --------------------------
+if [[ -n "$BUILD_PID" ]]; then
+  while kill -0 "$BUILD_PID" 2> /dev/null && (( $(elapsed) < 200 )); do sleep 2; done
+  tail -n 5 "$OUT/vq_build.log"
+fi
+VQ_JIT=0
+vq_ready && VQ_JIT=1
+log "VQ CUDA extension built: $VQ_JIT"
+step pytest_vq "$(cap 45 130)" env COMPRESSDIT_JIT_CUDA=$VQ_JIT python3 -m pytest -q -p no:cacheprovider -m cuda -rfEs \
+  --junitxml="$OUT/pytest_vq.xml" tests/quant/test_quant_vq_ops.py
+
+# -- 3. end to end: eager (every variant), then torch.compile one variant per process while time is left ----------
+rm -f "$OUT/gpu_e2e.jsonl"
+step gpu_e2e_eager "$(cap 80 60)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --append "$OUT/gpu_e2e.jsonl"
+for variant in bf16 w8a8-triton fp8 w8a8-cublas int4-tinygemm w8a8; do
+  if (( BUDGET - $(elapsed) < 45 )); then
+    log "no time left to compile $variant"
+    echo "{\"variant\": \"$variant\", \"compiled\": true, \"batch\": 8, \"error\": \"skipped: time budget\"}" \
+      >> "$OUT/gpu_e2e.jsonl"
+    continue
+  fi
+  step "gpu_e2e_compile_$variant" "$(cap 100 15)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --compile \
+    --variants "$variant" --append "$OUT/gpu_e2e.jsonl"
+done
+step gpu_e2e_report 30 python3 bench/gpu_e2e.py --report "$OUT/gpu_e2e.jsonl" --out "$OUT"
+log "done in $(elapsed)s; results in $OUT"
+exit 0

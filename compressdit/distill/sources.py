@@ -1,0 +1,197 @@
+"""Where training latents come from: one ``data`` key, dispatched to a registered source.
+
+``data: {source: NAME, ...NAME's keys}`` (or the bare name, or ``images:PATH`` on the command line). Sources:
+
+- ``fmnist``: Fashion-MNIST encoded by the model's VAE (the zoo's training data);
+- ``teacher``: data-free, the uncompressed model's own samples for the calibration conditions
+  (:mod:`compressdit.distill.teacher_data`);
+- ``images``: the user's image dataset, encoded by the pipeline's VAE (:mod:`compressdit.distill.image_data`);
+- ``auto`` (the default): ``fmnist`` for the zoo's models, ``teacher`` for any other.
+
+Every source has ``images``: how many training latents (the first N of a dataset, N samples of the teacher).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from compressdit.config_base import StrictConfig
+from compressdit.errors import ConfigError
+from compressdit.models.base import ModelAdapter
+from compressdit.registry import Registry
+
+
+@dataclass
+class DataContext:
+    """What a source may need; the teacher and the VAE are loaded only by the sources that read them.
+
+    ``model``: the model being compressed (its config gives the latent shape); ``teacher_folder``: the
+    uncompressed transformer's folder (its weight files key the teacher cache); ``load_teacher``: returns the
+    uncompressed transformer; ``pipeline_vae``: the pipeline's ``vae/`` folder, if any; ``scheduler``: the
+    sampling scheduler; ``is_zoo``: the teacher is one of the zoo's reference models.
+    """
+
+    adapter: ModelAdapter
+    model: nn.Module
+    teacher_folder: Path
+    load_teacher: Callable[[], nn.Module]
+    pipeline_vae: Path | None
+    scheduler: Any
+    cache_dir: Path
+    is_zoo: bool = False
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A registered source: its strict config, the loader, and the key a ``NAME:ARG`` string sets."""
+
+    config_class: type[StrictConfig]
+    load: Callable[[Any, DataContext], Any]  # (config, context) -> DistillData
+    argument: str | None = None
+
+
+DATA_SOURCES: Registry[DataSource] = Registry("distillation data source")
+
+
+def _check_images(where: str, images: int | None) -> None:
+    if images is not None and images <= 0:
+        raise ConfigError(f"{where}.images: must be positive or null, got {images}")
+
+
+@dataclass
+class FmnistDataConfig(StrictConfig):
+    """Fashion-MNIST training images encoded by the model's VAE (1x32x32 in). YAML::
+
+        data: {source: fmnist, images: 60000}
+
+    ``images``: the first N training images (null: all 60,000); the latents are cached per VAE and count.
+    """
+
+    images: int | None = None
+
+    def validate(self, where: str) -> None:
+        _check_images(where, self.images)
+
+
+@dataclass
+class AutoDataConfig(StrictConfig):
+    """``fmnist`` for the zoo's reference models, ``teacher`` for any other; ``images`` passes on. YAML::
+
+        data: {source: auto, images: null}
+    """
+
+    images: int | None = None
+
+    def validate(self, where: str) -> None:
+        _check_images(where, self.images)
+
+
+def _load_fmnist(config: FmnistDataConfig, context: DataContext):
+    """The pipeline's VAE, else the zoo's Fashion-MNIST VAE."""
+    from compressdit.distill.data import fmnist_data
+    from compressdit.zoo.registry import BASICS
+
+    vae = context.pipeline_vae or (BASICS / "vae" if (BASICS / "vae" / "config.json").exists() else None)
+    if vae is None:
+        raise ConfigError("data source fmnist needs a VAE to encode Fashion-MNIST: pass a pipeline folder (with vae/) "
+                          "or train the zoo's with `compressdit zoo train fmnist-vae`")
+    return fmnist_data(context.adapter, vae, context.cache_dir / "distill-data", config.images)
+
+
+def _load_auto(config: AutoDataConfig, context: DataContext):
+    name = "fmnist" if context.is_zoo else "teacher"
+    source = DATA_SOURCES.get(name)
+    options = {"images": config.images} if config.images is not None else {}
+    return source.load(source.config_class.from_dict(options, f"data ({name})"), context)
+
+
+DATA_SOURCES.add("auto", DataSource(AutoDataConfig, _load_auto))
+DATA_SOURCES.add("fmnist", DataSource(FmnistDataConfig, _load_fmnist))
+
+
+@dataclass
+class DataSpec(StrictConfig):
+    """``data: {source: NAME, ...}``: the source's keys are checked by its own config. YAML::
+
+        data: {source: teacher, images: 2048, set: my-prompts.jsonl}
+
+    Also accepts the bare name (``data: teacher``) and ``NAME:ARG`` for sources with an argument
+    (``data: images:/data/shirts``, ``--data images:/data/shirts``)."""
+
+    source: str = "auto"
+    options: Any = field(default_factory=AutoDataConfig)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | None = None) -> "DataSpec":
+        where = where or "data"
+        if data is None:
+            data = {}
+        if isinstance(data, str):
+            name, _, arg = data.partition(":")
+            if name in DATA_SOURCES and DATA_SOURCES.get(name).argument and arg:
+                data = {"source": name, DATA_SOURCES.get(name).argument: arg}
+            elif arg:
+                raise ConfigError(f"{where}: {data!r}: a ':' argument fits only {_with_argument()}")
+            else:
+                data = {"source": name}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a source name or a mapping with 'source', got {data!r}")
+        data = dict(data)
+        name = data.pop("source", "auto")
+        if name not in DATA_SOURCES:
+            raise ConfigError(f"{where}.source: unknown data source {name!r}; known: {', '.join(DATA_SOURCES)}")
+        return cls(name, DATA_SOURCES.get(name).config_class.from_dict(data, where))
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, **self.options.to_dict()}
+
+    def with_images(self, images: int) -> "DataSpec":
+        """The same source with ``images`` set (``compressdit distill --images``)."""
+        return DataSpec.from_dict({**self.to_dict(), "images": images}, "--images")
+
+
+def _with_argument() -> str:
+    return ", ".join(f"{name}:{source.argument.upper()}" for name, source in DATA_SOURCES.items() if source.argument)
+
+
+def load_data(spec: DataSpec | None, context: DataContext):
+    """The :class:`~compressdit.distill.data.DistillData` of ``spec`` (default: ``auto``)."""
+    spec = spec or DataSpec()
+    return DATA_SOURCES.get(spec.source).load(spec.options, context)
+
+
+def set_data(configs: list, data: str | dict) -> int:
+    """Set ``data`` on every config (or method options of one) that has the key; how many were set."""
+    spec = DataSpec.from_dict(data, "--data")
+    count = 0
+    for config in configs:
+        for target in (config, getattr(config, "options", None)):
+            if target is not None and hasattr(target, "data"):
+                target.data = spec
+                count += 1
+    return count
+
+
+def files_digest(folder: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "config.json")) -> str:
+    """SHA-1 (16 hex digits) of the files of ``folder`` matching ``patterns``: a model's identity on disk."""
+    digest = hashlib.sha1()
+    paths = sorted({p for pattern in patterns for p in Path(folder).glob(pattern)})
+    if not paths:
+        raise ConfigError(f"no weights in {folder}: cannot key the training-data cache")
+    for path in paths:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+# the sources in their own modules register themselves (they import this module's registry)
+import compressdit.distill.image_data  # noqa: E402,F401
+import compressdit.distill.teacher_data  # noqa: E402,F401

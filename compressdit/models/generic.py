@@ -1,0 +1,119 @@
+"""Any diffusers transformer without a family adapter: layer roles from diffusers' common module names.
+
+Used by :func:`compressdit.models.base.adapter_for` when no registered adapter matches and the model is a
+diffusers ``ModelMixin`` with ``nn.Linear`` layers (Lumina2, AuraFlow, Chroma, CogView4, Mochi, Sana, ...).
+
+Roles, first match wins: modules the class keeps in fp32 (``_keep_in_fp32_modules``) and anything under a
+module whose name holds ``embed`` (``x_embedder``, ``time_text_embed``, ``patch_embed``, ``context_embedder``),
+a top-level ``time*`` module or a ``caption_proj*`` -> ``embedder``; top-level ``proj_out`` / ``norm_out`` /
+``final_layer`` -> ``head``; the text stream of joint blocks (``add_*_proj``, ``to_add_out``,
+``ff_context``, any module named ``*context*``) -> ``context``; the projections of a cross-attention module
+(diffusers' ``Attention.is_cross_attention``) -> ``cross_q`` / ``cross_kv`` / ``cross_out``; ``to_q/k/v`` ->
+``attn_qkv``; ``to_out.0`` -> ``attn_out``; ``ff.net.0.proj``, ``proj_mlp``, ``fc1``, ``w1``/``w3`` and a
+feed-forward's ``linear_1`` -> ``ffn_up``; ``ff.net.2``, ``fc2``, ``w2``, ``out_projection`` and a block's
+``proj_out`` -> ``ffn_down``; ``norm*.linear`` -> ``adaln``. Other Linears (a feed-forward's ``linear_2``,
+which is the down projection in Lumina2 but an up projection in AuraFlow) get no role: ``re:.*`` rules
+quantize them.
+
+The adapter cannot sample: the calling convention of each family's forward (latent layout, timestep scale,
+position ids, extra conditions) lives in its pipeline. Recipes with a calibrate or evaluate stage fail with
+one line naming the recipes that run (RTN and weight-only ones, ``--no-eval``); the stock-reload check of a
+saved checkpoint compares the reloaded state dict with the in-memory one, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from compressdit.errors import UnsupportedModelError
+from compressdit.models.base import ModelAdapter
+
+_ANY = r"(?:.*\.)?"
+_FF = r"(?:ff|ffn|feed_forward|mlp)"
+CALIBRATION_FREE = "rtn-w8a8, rtn-w4a8, rtn-w4a8-channel, rtn-w4a16, rtn-w3a16, rtn-w2a16"
+
+GENERIC_ROLES: dict[str, tuple[str, ...]] = {
+    "embedder": (_ANY + r"[^.]*embed[^.]*(?:\..*)?", r"time[^.]*(?:\..*)?", _ANY + r"caption_proj[^.]*(?:\..*)?"),
+    "head": (r"proj_out(?:\..*)?", r"norm_out(?:\..*)?", r"final_layer(?:\..*)?"),
+    "context": (_ANY + r"add_[qkv]_proj", _ANY + r"to_add_out", _ANY + r"ff_context\..*",
+                _ANY + r"[^.]*context[^.]*(?:\..*)?"),
+    "attn_qkv": (_ANY + r"to_(?:[qkv]|qkv|kv)",),
+    "attn_out": (_ANY + r"to_out(?:\.0)?",),
+    "ffn_up": (_ANY + r"ff\.net\.0\.proj", _ANY + r"proj_mlp", _ANY + _FF + r"\.(?:fc1|w1|w3|linear_1|linear_3)"),
+    "ffn_down": (_ANY + r"ff\.net\.2", _ANY + _FF + r"\.(?:fc2|w2|out_projection)", r".+\.proj_out"),
+    "adaln": (_ANY + r"norm[^.]*\.linear(?:_\d)?",),
+}
+_CROSS = {"to_q": "cross_q", "to_k": "cross_kv", "to_v": "cross_kv", "to_out.0": "cross_out"}
+
+
+def is_diffusers_transformer(cls: type) -> bool:
+    """A diffusers ``ModelMixin`` class defined in ``diffusers.models.transformers`` (or a subclass of one)."""
+    from diffusers import ModelMixin
+
+    return (isinstance(cls, type) and issubclass(cls, ModelMixin)
+            and any(c.__module__.startswith("diffusers.models.transformers") for c in cls.__mro__))
+
+
+class GenericAdapter(ModelAdapter):
+    """Roles and blocks of one diffusers model class by module names; no sampling loop (see module doc)."""
+
+    family = "generic"
+    condition_kind = "text"  # a known kind, so stages that sample reach the one-line error below, not a KeyError
+    block_patterns = ()
+    block_stacks = ()
+    roles = GENERIC_ROLES
+
+    def __init__(self, model: nn.Module) -> None:
+        if not is_diffusers_transformer(type(model)):
+            raise UnsupportedModelError(f"{type(model).__name__} is not a diffusers transformer "
+                                        "(a ModelMixin from diffusers.models.transformers)")
+        if not any(isinstance(m, nn.Linear) for m in model.modules()):
+            raise UnsupportedModelError(f"{type(model).__name__} has no nn.Linear layers: nothing to quantize")
+        self.model_class_name = type(model).__name__
+        self.keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+        self.block_lists = tuple(name for name, child in model.named_children()
+                                 if isinstance(child, nn.ModuleList) and len(child)
+                                 and any(isinstance(m, nn.Linear) for m in child.modules()))
+        self.fixed_roles = {f"{name}.{suffix}": role for name, m in model.named_modules()
+                            if getattr(m, "is_cross_attention", False) for suffix, role in _CROSS.items()}
+
+    def role_of(self, name: str) -> str | None:
+        if any(k in name.split(".") for k in self.keep_fp32):
+            return "embedder"  # the class keeps it in fp32: never quantized (diffusers would refuse the reload)
+        for role, patterns in self.roles.items():
+            if role in ("embedder", "head") and any(re.fullmatch(p, name) for p in patterns):
+                return role
+        if name in self.fixed_roles:
+            return self.fixed_roles[name]
+        return super().role_of(name)
+
+    def blocks(self, model):
+        """Children of the model's top-level ``nn.ModuleList``s that hold Linears, in definition order."""
+        return [(f"{attr}.{i}", block) for attr in self.block_lists for i, block in enumerate(getattr(model, attr))]
+
+    def synthetic_conditioning(self, model, batch, seed=0):
+        return None  # the forward's calling convention is the pipeline's; reload checks compare tensors
+
+    def _cannot_sample(self) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"compressdit has no sampling loop for {self.model_class_name} (no family adapter), so stages that "
+            f"sample (calibrate, evaluate, mixed precision, distill) cannot run; use a calibration-free recipe "
+            f"with --no-eval ({CALIBRATION_FREE})")
+
+    def latent_shape(self, model):
+        raise self._cannot_sample()
+
+    def encode(self, model, conditions):
+        raise self._cannot_sample()
+
+    def null_conditions(self, count):
+        raise self._cannot_sample()
+
+    def predict(self, model, latents, timestep, cond):
+        raise self._cannot_sample()
+
+    def scheduler(self, model):
+        """None: there is nothing to sample with (stages that sample stop at ``latent_shape`` / ``encode``)."""
+        return None

@@ -1,0 +1,93 @@
+"""FP8 linear (format ``fp8``): E4M3 weights per output channel with fp32 scales, dynamic per-token E4M3 activations.
+
+Checkpoint tensors: ``.weight`` ``float8_e4m3fn [out, in]``, ``.weight_scale`` ``float32 [out, 1]`` (the
+compressed-tensors / ModelOpt channel-wise layout), ``.bias`` in the model's dtype. The forward pass is the
+``compressdit::fp8_linear`` op: ``torch._scaled_mm`` with row-wise scales on CUDA devices of compute
+capability >= 8.9, the PyTorch reference (same E4M3 rounding, fp32 matmul) everywhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressdit.errors import ConfigError
+from compressdit.quant.gpu_ops import fp8_linear
+from compressdit.quant.gpu_reference import quantize_fp8_weight
+from compressdit.quant.layers import PackedParameter, QuantizedLinear
+from compressdit.quant.spec import LinearQuantSpec
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+class FP8Linear(QuantizedLinear):
+    """``nn.Linear`` with an E4M3 weight; ``a_bits: 8`` quantizes activations to E4M3 per token, ``null`` keeps
+    them in the model's dtype (weight-only: dequantize, then matmul).
+
+    YAML (``recipes/fp8.yaml``)::
+
+        - {match: "re:.*", spec: {format: fp8, w_bits: 8, a_bits: 8}}
+    """
+
+    quantized_tensors = ("weight", "weight_scale")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LinearQuantSpec,
+                 device=None, dtype=None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.weight = PackedParameter(torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device),
+                                      logical_numel=out_features * in_features)
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec,
+                    input_absmax: torch.Tensor | None = None) -> "FP8Linear":
+        """Scale each output row so its absmax lands on 448, then round to E4M3 (round to nearest even)."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+        codes, scale = quantize_fp8_weight(linear.weight.detach())
+        module.weight.data = codes
+        module.weight_scale.copy_(scale)
+        if module.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.a_bits == 8:
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+        return F.linear(x, self.effective_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def validate_fp8_spec(spec: LinearQuantSpec, where: str) -> None:
+    """Only what the layer implements: E4M3 per output channel, activations E4M3 per token or unquantized."""
+    if spec.vector_dim is not None or spec.codebook_size is not None or spec.row_scale:
+        raise ConfigError(f"{where}: vector_dim / codebook_size / row_scale belong to format 'vq', not 'fp8'")
+    if spec.w_bits != 8:
+        raise ConfigError(f"{where}.w_bits: format 'fp8' stores 8-bit E4M3 weights; set w_bits: 8 "
+                          f"(got {spec.w_bits}) or use format 'int'")
+    if spec.a_bits not in (None, 8):
+        raise ConfigError(f"{where}.a_bits: format 'fp8' quantizes activations to E4M3 (a_bits: 8) or not at all "
+                          f"(null), got {spec.a_bits}")
+    unsupported = [name for name, used in (("group_size", spec.group_size is not None),
+                                           ("w_symmetric: false", not spec.w_symmetric),
+                                           ("w_range: mse", spec.w_range != "minmax"),
+                                           ("balance", spec.balance is not None),
+                                           ("rotation", spec.rotation != "none"),
+                                           ("a_granularity other than per_token", spec.a_granularity != "per_token"))
+                   if used]
+    if unsupported:
+        raise ConfigError(f"{where}: format 'fp8' has one scale per output channel and per token; "
+                          f"unset {', '.join(unsupported)} (or use format 'int')")
+
+
+def fp8_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
+    """Every width fits: widths that are not multiples of 16 run the reference path instead of ``_scaled_mm``."""
+    if linear.in_features < 1 or linear.out_features < 1:
+        raise ConfigError(f"{name}: an empty linear ({linear.in_features} -> {linear.out_features}) has nothing "
+                          "to quantize")

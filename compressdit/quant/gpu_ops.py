@@ -1,0 +1,287 @@
+"""GPU execution of quantized linears as ``torch.library`` custom ops, each with a fake impl and a reference.
+
+Ops (``torch.ops.compressdit.*``; the reference runs on every device, CUDA kernels take over on CUDA):
+
+- ``int8_linear_dyn(x, weight int8 [N, K], weight_scale fp32 [N], bias?, backend)``: W8A8, dynamic
+  per-token int8 activations. ``backend="triton"``: one Triton pass quantizes ``x``, a Triton GEMM with the
+  scales and bias in its epilogue writes ``x.dtype``; ``"cublas"``: ``torch._int_mm`` (cuBLASLt) + a
+  PyTorch epilogue. Reference: fake-quantized ``x`` @ dequantized weight in fp32.
+- ``fp8_linear(x, weight float8_e4m3fn [N, K], weight_scale fp32 [N, 1], bias?)``: dynamic per-token e4m3
+  activations, ``torch._scaled_mm`` with row-wise scales (compute capability >= 8.9). Reference: the same
+  e4m3 rounding, then an fp32 matmul.
+- ``int4_linear(x, packed, scales_and_zeros bf16 [K/g, N, 2], group_size, bias?)``: int4 weight-only,
+  tinygemm (``aten._weight_int4pack_mm``) in bf16; ``packed`` is the device's own layout from
+  :func:`pack_int4` (CUDA: ``_convert_weight_to_int4pack``; CPU: its ``_for_cpu`` twin), weight =
+  ``(q - 8) * scale + zero`` with ``q`` in [0, 15].
+
+Wiring contract (for the kernel registry of :class:`~compressdit.quant.layers.QuantLinear`)::
+
+    kernel = gpu_kernel_for(spec, device, in_features, out_features)   # GpuKernel or None
+    prepared = kernel.prepare(layer)     # once, after the layer is on ``device``: dict of tensors
+    y = kernel(layer.transform_input(x), prepared, layer.bias)          # [..., K] -> [..., N], x.dtype
+
+``None`` means no GPU kernel fits (not CUDA, spec or shape unsupported, GPU too old): use the reference.
+Covered: ``int`` W8A8 (symmetric per-channel weights, ``a_granularity: per_token``, K and N multiples of 8),
+``int`` W4A16 (groups of 32..256, or per channel; K a multiple of 32), ``fp8`` with ``a_bits: 8`` (K, N
+multiples of 16, compute capability 8.9+). :func:`kernel_for_spec` is the same choice without the device
+check (the ops then run their references: CPU tests of the wiring). Equal configurations return the same
+``GpuKernel`` instance, so a compiled block's graph serves every layer.
+``prepare`` reads the layer's saved tensors and returns views of them (int8, fp8) or a repacked copy (int4:
+keep it as a non-persistent buffer, never in the checkpoint). ``kernel(...)`` is one custom op call, so
+``torch.compile`` sees an opaque node with a fake impl. ``COMPRESSDIT_INT8_BACKEND=cublas|triton`` picks the
+int8 backend (default ``triton`` where importable).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from compressdit.quant.gpu_reference import (FP8_MAX, fp8_linear_reference, int4_linear_reference,
+                                             int8_linear_reference, pack_int4, quantize_rows_reference,
+                                             tinygemm_scales_and_zeros)
+from compressdit.quant.spec import LinearQuantSpec
+
+INT8_BACKENDS = ("triton", "cublas")
+TINYGEMM_GROUPS = (256, 128, 64, 32)
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def default_int8_backend() -> str:
+    name = os.environ.get("COMPRESSDIT_INT8_BACKEND") or ("triton" if triton_available() else "cublas")
+    if name not in INT8_BACKENDS:
+        raise ValueError(f"COMPRESSDIT_INT8_BACKEND={name!r}; choose one of {INT8_BACKENDS}")
+    return name
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_features: int, out: int) -> None:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={in_features}")
+    if bias is not None and tuple(bias.shape) != (out,):
+        raise ValueError(f"bias must be [{out}] (one per output feature), got {tuple(bias.shape)}")
+
+
+# ------------------------------------------------------------------------------------------------ int8 W8A8
+
+@torch.library.custom_op("compressdit::int8_linear_dyn", mutates_args=())
+def _int8_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+             backend: str) -> torch.Tensor:
+    _check(x, weight, bias, weight.shape[1], weight.shape[0])
+    return int8_linear_reference(x, weight, weight_scale, bias)
+
+
+@_int8_op.register_kernel("cuda")
+def _int8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+               backend: str) -> torch.Tensor:
+    _check(x, weight, bias, weight.shape[1], weight.shape[0])
+    x2 = _rows(x)
+    if backend == "triton":
+        from compressdit.quant.gpu_triton import int8_gemm_fused, quantize_rows
+
+        codes, a_scale = quantize_rows(x2, torch.int8)
+        out = int8_gemm_fused(codes, a_scale, weight, weight_scale, bias, x.dtype)
+    else:
+        codes, a_scale = quantize_rows_reference(x2, torch.int8)
+        rows = codes.shape[0]
+        if rows <= 16:  # torch._int_mm needs more than 16 rows
+            codes = F.pad(codes, (0, 0, 0, 32 - rows))
+        acc = torch._int_mm(codes, weight.t())[:rows]
+        out = acc.float() * a_scale * weight_scale.reshape(1, -1)
+        out = (out if bias is None else out + bias.float()).to(x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_int8_op.register_fake
+def _int8_fake(x, weight, weight_scale, bias, backend):
+    _check(x, weight, bias, weight.shape[1], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def int8_linear_dyn(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                    backend: str | None = None) -> torch.Tensor:
+    """``x @ W^T + b`` with int8 ``W`` ``[N, K]`` (per-row fp32 ``weight_scale [N]``) and per-token int8 ``x``."""
+    return torch.ops.compressdit.int8_linear_dyn(x, weight, weight_scale.reshape(-1), bias,
+                                                 backend or default_int8_backend())
+
+
+# ------------------------------------------------------------------------------------------------ fp8
+
+_SCALED_MM_TAKES_BIAS = [True]  # emptied once if torch._scaled_mm refuses a bias with row-wise scales
+
+def fp8_supported(device: torch.device) -> bool:
+    """``torch._scaled_mm`` with e4m3 inputs needs compute capability 8.9 (Ada) or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@torch.library.custom_op("compressdit::fp8_linear", mutates_args=())
+def _fp8_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+            bias: Optional[torch.Tensor]) -> torch.Tensor:
+    _check(x, weight, bias, weight.shape[1], weight.shape[0])
+    return fp8_linear_reference(x, weight, weight_scale, bias)
+
+
+@_fp8_op.register_kernel("cuda")
+def _fp8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    _check(x, weight, bias, weight.shape[1], weight.shape[0])
+    if not fp8_supported(x.device) or weight.shape[1] % 16 or weight.shape[0] % 16:
+        return fp8_linear_reference(x, weight, weight_scale, bias)
+    x2 = _rows(x)
+    if triton_available():
+        from compressdit.quant.gpu_triton import quantize_rows
+
+        codes, a_scale = quantize_rows(x2, torch.float8_e4m3fn)
+    else:
+        codes, a_scale = quantize_rows_reference(x2, torch.float8_e4m3fn)
+    scale_b = weight_scale.reshape(1, -1).float()
+    fused_bias = None if bias is None or not _SCALED_MM_TAKES_BIAS else bias.to(torch.bfloat16)
+    try:
+        out = torch._scaled_mm(codes, weight.t(), scale_a=a_scale, scale_b=scale_b, bias=fused_bias,
+                               out_dtype=torch.bfloat16, use_fast_accum=True)
+    except RuntimeError:
+        if fused_bias is None:
+            raise
+        _SCALED_MM_TAKES_BIAS.clear()  # this torch/GPU has no bias epilogue with row-wise scales
+        out = torch._scaled_mm(codes, weight.t(), scale_a=a_scale, scale_b=scale_b, out_dtype=torch.bfloat16,
+                               use_fast_accum=True)
+    if bias is not None and fused_bias is None:
+        out = out + bias.to(out.dtype)
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_fp8_op.register_fake
+def _fp8_fake(x, weight, weight_scale, bias):
+    _check(x, weight, bias, weight.shape[1], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ W^T + b`` with e4m3 ``W`` ``[N, K]`` (fp32 ``weight_scale [N, 1]``) and per-token e4m3 ``x``."""
+    return torch.ops.compressdit.fp8_linear(x, weight, weight_scale, bias)
+
+
+# ------------------------------------------------------------------------------------------------ int4 tinygemm
+
+@torch.library.custom_op("compressdit::int4_linear", mutates_args=())
+def _int4_op(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+             bias: Optional[torch.Tensor]) -> torch.Tensor:
+    x2 = _rows(x).to(torch.bfloat16)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros)
+    out = out if bias is None else out + bias.to(out.dtype)
+    return out.to(x.dtype).reshape(*x.shape[:-1], scales_and_zeros.shape[1])
+
+
+@_int4_op.register_kernel("cuda")
+def _int4_cuda(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    x2 = _rows(x).to(torch.bfloat16).contiguous()
+    out = torch.ops.aten._weight_int4pack_mm(x2, packed, group_size, scales_and_zeros)
+    out = out if bias is None else out + bias.to(out.dtype)
+    return out.to(x.dtype).reshape(*x.shape[:-1], scales_and_zeros.shape[1])
+
+
+@_int4_op.register_fake
+def _int4_fake(x, packed, scales_and_zeros, group_size, bias):
+    return x.new_empty(*x.shape[:-1], scales_and_zeros.shape[1])
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ W^T + b`` with a tinygemm-packed int4 ``W`` (from :func:`pack_int4` on the same device)."""
+    return torch.ops.compressdit.int4_linear(x, packed, scales_and_zeros, group_size, bias)
+
+
+# ------------------------------------------------------------------------------------------------ wiring
+
+@dataclass(frozen=True)
+class GpuKernel:
+    """One GPU execution path for a quantized layer: ``prepare(layer)`` once, then ``kernel(x, prepared, bias)``."""
+
+    name: str
+    prepare: Callable[[torch.nn.Module], dict[str, torch.Tensor]]
+    run: Callable[[torch.Tensor, dict[str, torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+
+    def __call__(self, x: torch.Tensor, prepared: dict[str, torch.Tensor],
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.run(x, prepared, bias)
+
+
+@functools.cache  # one instance per configuration: torch.compile reuses one graph for all layers
+def _int8_kernel(backend: str) -> GpuKernel:
+    def prepare(layer):
+        return {"weight": layer.weight.data, "weight_scale": layer.weight_scale.reshape(-1).float()}
+
+    return GpuKernel(f"int8-{backend}", prepare,
+                     lambda x, p, bias: int8_linear_dyn(x, p["weight"], p["weight_scale"], bias, backend))
+
+
+@functools.cache  # one instance per configuration: torch.compile reuses one graph for all layers
+def _fp8_kernel() -> GpuKernel:
+    def prepare(layer):
+        return {"weight": layer.weight.data, "weight_scale": layer.weight_scale}
+
+    return GpuKernel("fp8-scaled-mm", prepare, lambda x, p, bias: fp8_linear(x, p["weight"], p["weight_scale"], bias))
+
+
+def int4_group_size(spec: LinearQuantSpec, in_features: int) -> int | None:
+    """tinygemm's group size for ``spec``: its own, or (per channel) the largest group that divides K."""
+    if spec.group_size is not None:
+        return spec.group_size if spec.group_size in TINYGEMM_GROUPS else None
+    return next((g for g in TINYGEMM_GROUPS if in_features % g == 0), None)
+
+
+@functools.cache  # one instance per configuration: torch.compile reuses one graph for all layers
+def _int4_kernel(group_size: int) -> GpuKernel:
+    def prepare(layer):
+        scale, zero = layer.weight_scale, layer.weight_zero
+        packed = pack_int4(layer.codes(), layer.weight.device)
+        return {"packed": packed, "scales_and_zeros": tinygemm_scales_and_zeros(scale, zero, group_size,
+                                                                                layer.in_features)}
+
+    return GpuKernel("int4-tinygemm", prepare,
+                     lambda x, p, bias: int4_linear(x, p["packed"], p["scales_and_zeros"], group_size, bias))
+
+
+def kernel_for_spec(spec: LinearQuantSpec, in_features: int, out_features: int,
+                    capability: tuple[int, int] = (9, 0), int8_backend: str | None = None) -> GpuKernel | None:
+    """The kernel for ``spec`` and this shape on a GPU of ``capability``, whatever the current device (the ops
+    run their references off CUDA: tests and benchmarks check the wiring on CPU with this)."""
+    if spec.format == "fp8":
+        fits = spec.a_bits == 8 and in_features % 16 == 0 and out_features % 16 == 0
+        return _fp8_kernel() if fits and capability >= (8, 9) else None
+    if spec.format != "int" or not spec.w_symmetric and spec.w_bits == 8:
+        return None
+    if (spec.w_bits, spec.a_bits) == (8, 8) and spec.group_size is None and spec.a_granularity == "per_token":
+        return _int8_kernel(int8_backend or default_int8_backend()) if in_features % 8 == 0 and out_features % 8 == 0 else None
+    if spec.w_bits == 4 and spec.a_bits is None and capability >= (8, 0):
+        group = int4_group_size(spec, in_features)
+        return _int4_kernel(group) if group and in_features % 32 == 0 and out_features % 16 == 0 else None
+    return None
+
+
+def gpu_kernel_for(spec: LinearQuantSpec, device: torch.device | str, in_features: int,
+                   out_features: int) -> GpuKernel | None:
+    """The GPU kernel for a layer with ``spec`` on ``device``, or ``None`` (then the reference path runs)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return kernel_for_spec(spec, in_features, out_features, torch.cuda.get_device_capability(device))
+
+
+__all__ = ["FP8_MAX", "GpuKernel", "fp8_linear", "fp8_linear_reference", "gpu_kernel_for", "int4_linear",
+           "int4_linear_reference", "int8_linear_dyn", "kernel_for_spec", "int8_linear_reference", "pack_int4"]

