@@ -4,21 +4,24 @@ import logging as _logging
 
 
 class _QuietImport:
-    """Silence one library's import-time warnings about optional kernels we never call (bitsandbytes' CPU
-    ``gemm_4bit_forward`` from the hub, unreachable offline), so a CLI error stays one line; restores the level."""
+    """Silence libraries' import-time warnings about an optional kernel we never call (bitsandbytes' CPU
+    ``gemm_4bit_forward`` fetched from the hub by ``kernels``, unreachable offline), so a CLI error stays one
+    line; the loggers' levels are restored on exit."""
 
-    def __init__(self, name: str) -> None:
-        self.logger = _logging.getLogger(name)
+    def __init__(self, *names: str) -> None:
+        self.loggers = [_logging.getLogger(name) for name in names]
 
     def __enter__(self) -> None:
-        self.level = self.logger.level
-        self.logger.setLevel(_logging.ERROR)
+        self.levels = [logger.level for logger in self.loggers]
+        for logger in self.loggers:
+            logger.setLevel(_logging.ERROR)
 
     def __exit__(self, *exc) -> None:
-        self.logger.setLevel(self.level)
+        for logger, level in zip(self.loggers, self.levels):
+            logger.setLevel(level)
 
 
-with _QuietImport("bitsandbytes.backends.cpu.ops"):
+with _QuietImport("bitsandbytes.backends.cpu.ops", "kernels"):
     from compressdit.io.diffusers_quantizer import CompressditConfig, register_with_diffusers
 
 __version__ = "0.1.0"
