@@ -39,6 +39,7 @@ def _small_recipe(name: str, path: Path, data: dict | None = None) -> Path:
     recipe = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
     shrink = {"block_influence": {"samples": 2, "steps": 2},
               "tinyfusion": {"steps": 1, "batch_size": 2, "mask_draws": 2},
+              "ppcl": {"probe_batches": 1, "simulation_batches": 1, "steps": 1, "batch_size": 2, "warmup": 0},
               "prune_width": {"batches": 1, "batch_size": 2},
               "distill": {"steps": 1, "batch_size": 2, "warmup": 0}}
     for stage in recipe["stages"]:
@@ -57,7 +58,8 @@ def _prune(model: Path, recipe: Path, out: Path, *flags) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize(("family", "recipe"), [("pixart", "blockinfluence-50"), ("flux", "width-30")])
+@pytest.mark.parametrize(("family", "recipe"), [("pixart", "blockinfluence-50"), ("pixart", "ppcl-50"),
+                                                  ("sd3", "ppcl-50"), ("flux", "width-30")])
 def test_prune_a_text_pipeline_through_its_own_text_encoders(family, recipe, text_pipeline_dir, tmp_path, cache):
     folder = text_pipeline_dir(family)
     summary = _prune(folder, _small_recipe(recipe, tmp_path / f"{recipe}.yaml"), tmp_path / "out")
@@ -66,9 +68,9 @@ def test_prune_a_text_pipeline_through_its_own_text_encoders(family, recipe, tex
     assert _prompt_cache(cache)  # prompts embedded by the pipeline's T5 / CLIP, not MiniLM
     before = json.loads((folder / "transformer" / "config.json").read_text())
     after = json.loads((tmp_path / "out" / "transformer" / "config.json").read_text())
-    if recipe == "blockinfluence-50":
-        assert after["num_layers"] == before["num_layers"] // 2
-        assert sum(map(len, summary["kept_blocks"].values())) == after["num_layers"]
+    if recipe != "width-30":  # depth: half of the blocks (SD3's last block, without text output, always stays)
+        assert after["num_layers"] == sum(map(len, summary["kept_blocks"].values()))
+        assert after["num_layers"] == (before["num_layers"] // 2 if family == "pixart" else before["num_layers"])
     else:
         from safetensors.torch import load_file
 
@@ -101,3 +103,13 @@ def test_prune_a_text_pipeline_on_captioned_images(text_pipeline_dir, tmp_path, 
     assert not list((cache / "distill-data").glob("teacher-*"))
     assert len(_prompt_cache(cache)) == 3  # two captions and the null prompt, through the pipeline's T5
     assert torch.isfinite(_generate(out, "pixart")).all()
+
+
+def test_distill_a_text_pipeline_from_its_teacher(text_pipeline_dir, tmp_path, cache):
+    folder = text_pipeline_dir("pixart")
+    result = run_main("distill", folder, "--teacher", folder, "--out", tmp_path / "out", "--steps", "1",
+                      "--batch-size", "2", "--data", "teacher", "--images", "2", "--json")
+    assert result.code == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["completed"]
+    assert sorted((cache / "distill-data").glob("teacher-*")) and _prompt_cache(cache)
+    assert torch.isfinite(_generate(tmp_path / "out", "pixart")).all()
