@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
@@ -24,6 +24,9 @@ from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.models.base import ModelAdapter
 from compressdit.registry import Registry
+
+if TYPE_CHECKING:
+    from compressdit.models.prompt_encoders import PromptEncoder
 
 
 @dataclass
@@ -46,7 +49,7 @@ class DataContext:
     cache_dir: Path
     is_zoo: bool = False
     quiet: bool = False
-    prompt_encoder: Any = None  # PromptEncoder | None
+    prompt_encoder: PromptEncoder | None = None
 
 
 @dataclass(frozen=True)

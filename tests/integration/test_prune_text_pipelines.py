@@ -113,3 +113,15 @@ def test_distill_a_text_pipeline_from_its_teacher(text_pipeline_dir, tmp_path, c
     assert json.loads(result.stdout)["completed"]
     assert sorted((cache / "distill-data").glob("teacher-*")) and _prompt_cache(cache)
     assert torch.isfinite(_generate(tmp_path / "out", "pixart")).all()
+
+
+def test_distill_bare_transformer_folders_with_text_encoder(text_pipeline_dir, tmp_path, cache):
+    folder = text_pipeline_dir("pixart")
+    bare = folder / "transformer"  # no text encoder of its own: MiniLM (384-d) would not fit the 32-d captions
+    args = ["distill", bare, "--teacher", bare, "--steps", "1", "--batch-size", "2", "--data", "teacher",
+            "--images", "2", "--json"]
+    without = run_main(*args, "--out", tmp_path / "minilm")
+    assert without.code != 0 and "--text-encoder" in without.stderr and not (tmp_path / "minilm").exists()
+    result = run_main(*args, "--out", tmp_path / "out", "--text-encoder", folder)
+    assert result.code == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["completed"] and _prompt_cache(cache)
