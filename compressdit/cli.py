@@ -174,6 +174,10 @@ def distill_command(student: str = typer.Argument(..., help="Compressed model or
                     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default 1000)."),
                     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch (default 64)."),
                     data: Optional[str] = DATA,
+                    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Pipeline folder whose "
+                                                               "text encoders embed the prompts (default: TEACHER's "
+                                                               "own, when it is a pipeline)."),
+                    embeddings: Optional[Path] = EMBEDDINGS,
                     images: Optional[int] = typer.Option(None, "--images", help="Train on N latents: the first N "
                                                          "images of the data, or N teacher samples."),
                     max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
@@ -200,7 +204,8 @@ def distill_command(student: str = typer.Argument(..., help="Compressed model or
         except ValueError:
             raise CompressditError(f"--layer-map: expected comma-separated block indices like 0,2,4, got "
                                    f"{layer_map!r}") from None
-    metrics = distill_checkpoint(student, teacher, out, overrides, workdir, overwrite, quiet or as_json)
+    metrics = distill_checkpoint(student, teacher, out, overrides, workdir, overwrite, quiet or as_json,
+                                 text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings))
     summary = {k: v for k, v in metrics.items() if k != "history"}
     if as_json:
         print(json.dumps(summary, indent=2))

@@ -1,8 +1,9 @@
 """Training objectives by ``adapter.prediction``: how real latents become ``(x_t, timestep, target)``.
 
-Both match the reference trainers in ``compressdit.zoo.train_dits``: DDPM epsilon prediction (the scheduler's
-``add_noise`` at uniform integer timesteps) and flow matching (uniform sigma, ``x_t = (1 - s) x0 + s noise``,
-timestep ``1000 s``, velocity target ``noise - x0``).
+The first two match the reference trainers in ``compressdit.zoo.train_dits``: DDPM epsilon prediction (the
+scheduler's ``add_noise`` at uniform integer timesteps) and flow matching (uniform sigma, ``x_t = (1 - s) x0 +
+s noise``, timestep ``1000 s``, velocity target ``noise - x0``). ``v`` (CogVideoX) noises as epsilon does and
+targets ``v = alpha_t noise - sigma_t x0`` (Salimans & Ho 2022, arXiv 2202.00512; the scheduler's ``get_velocity``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,32 @@ class EpsilonObjective(Objective):
         return self.scheduler.add_noise(x0, noise, t), t, noise
 
 
+class VelocityObjective(Objective):
+    """v-prediction: ``x_t = alpha_t x0 + sigma_t noise`` at uniform integer timesteps, target ``alpha_t noise -
+    sigma_t x0`` (``get_velocity``), with ``alpha_t^2`` the sampling scheduler's ``alphas_cumprod``: its betas, then
+    ``snr_shift_scale`` and ``rescale_betas_zero_snr`` where its config has them, in
+    ``CogVideoXDDIMScheduler``'s order (the zoo's linear betas without a config)."""
+
+    def __init__(self, scheduler_config: dict[str, Any] | None = None) -> None:
+        from diffusers.schedulers.scheduling_ddim_cogvideox import rescale_zero_terminal_snr
+
+        config = dict(scheduler_config or {})
+        alphas = EpsilonObjective(config).scheduler.alphas_cumprod
+        shift = config.get("snr_shift_scale")
+        if shift is not None:
+            alphas = alphas / (shift + (1 - shift) * alphas)
+        if config.get("rescale_betas_zero_snr"):
+            alphas = rescale_zero_terminal_snr(alphas)
+        self.alphas_cumprod = alphas
+
+    def noisy(self, x0, gen):
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, len(self.alphas_cumprod), (len(x0),), generator=gen)
+        alpha_sq = self.alphas_cumprod[t].to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+        alpha, sigma = alpha_sq.sqrt(), (1 - alpha_sq).sqrt()
+        return alpha * x0 + sigma * noise, t, alpha * noise - sigma * x0
+
+
 class FlowObjective(Objective):
     """Rectified-flow velocity prediction with uniformly drawn sigma (no shift)."""
 
@@ -58,6 +85,7 @@ class FlowObjective(Objective):
 
 OBJECTIVES: Registry[type[Objective]] = Registry("training objective")
 OBJECTIVES.add("epsilon", EpsilonObjective)
+OBJECTIVES.add("v", VelocityObjective)
 OBJECTIVES.add("flow", FlowObjective)
 
 

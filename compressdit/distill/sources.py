@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
@@ -24,6 +24,9 @@ from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.models.base import ModelAdapter
 from compressdit.registry import Registry
+
+if TYPE_CHECKING:
+    from compressdit.models.prompt_encoders import PromptEncoder
 
 
 @dataclass
@@ -33,7 +36,8 @@ class DataContext:
     ``model``: the model being compressed (its config gives the latent shape); ``teacher_folder``: the
     uncompressed transformer's folder (its weight files key the teacher cache); ``load_teacher``: returns the
     uncompressed transformer; ``pipeline_vae``: the pipeline's ``vae/`` folder, if any; ``scheduler``: the
-    sampling scheduler; ``is_zoo``: the teacher is one of the zoo's reference models.
+    sampling scheduler; ``is_zoo``: the teacher is one of the zoo's reference models; ``prompt_encoder``: the
+    model's own text encoder (None: prompts reach the adapter as strings, the zoo's MiniLM models).
     """
 
     adapter: ModelAdapter
@@ -45,6 +49,7 @@ class DataContext:
     cache_dir: Path
     is_zoo: bool = False
     quiet: bool = False
+    prompt_encoder: PromptEncoder | None = None
 
 
 @dataclass(frozen=True)
@@ -161,9 +166,16 @@ def _with_argument() -> str:
 
 
 def load_data(spec: DataSpec | None, context: DataContext):
-    """The :class:`~compressdit.distill.data.DistillData` of ``spec`` (default: ``auto``)."""
+    """The :class:`~compressdit.distill.data.DistillData` of ``spec`` (default: ``auto``), its prompts (condition
+    vocabulary and null condition) embedded once by the context's prompt encoder, when it has one."""
+    from compressdit.models.prompt_encoders import resolve_prompts
+
     spec = spec or DataSpec()
-    return DATA_SOURCES.get(spec.source).load(spec.options, context)
+    data = DATA_SOURCES.get(spec.source).load(spec.options, context)
+    if context.prompt_encoder is not None:
+        resolved = resolve_prompts([*data.conditions, data.null_condition], context.prompt_encoder)
+        data.conditions, data.null_condition = resolved[:-1], resolved[-1]
+    return data
 
 
 def set_data(configs: list, data: str | dict) -> int:

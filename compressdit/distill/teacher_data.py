@@ -50,17 +50,20 @@ class TeacherDataConfig(StrictConfig):
 
 
 def cache_folder(config: TeacherDataConfig, context: DataContext, set_path: Path) -> Path:
-    """The cache folder of these settings: teacher weights, family, set contents, sampler settings.
+    """The cache folder of these settings: teacher weights, family, set contents, sampler settings, and the prompt
+    encoder's key when the model has its own text encoder.
 
     ``images`` is not part of the key: sample ``i`` does not depend on how many are drawn, so a larger run
     reuses the batches of a smaller one with the same batch size.
     """
     scheduler = context.scheduler
-    key = json.dumps({"teacher": files_digest(context.teacher_folder), "family": context.adapter.family,
-                      "set": hashlib.sha1(set_path.read_bytes()).hexdigest(),
-                      "scheduler": [type(scheduler).__name__, dict(scheduler.config)],
-                      **{k: v for k, v in config.to_dict().items() if k not in ("images", "set")}},
-                     sort_keys=True, default=str)
+    settings = {"teacher": files_digest(context.teacher_folder), "family": context.adapter.family,
+                "set": hashlib.sha1(set_path.read_bytes()).hexdigest(),
+                "scheduler": [type(scheduler).__name__, dict(scheduler.config)],
+                **{k: v for k, v in config.to_dict().items() if k not in ("images", "set")}}
+    if context.prompt_encoder is not None:  # the zoo's MiniLM models have none: their keys stay as they were
+        settings["prompt_encoder"] = context.prompt_encoder.key
+    key = json.dumps(settings, sort_keys=True, default=str)
     return context.cache_dir / "distill-data" / f"teacher-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
 
@@ -99,7 +102,8 @@ def teacher_latents(config: TeacherDataConfig, context: DataContext, conditions:
                     teacher.to("cuda" if torch.cuda.is_available() else home)
                 chunk = conditions[start:start + config.batch_size]
                 latents = sample(context.adapter, teacher, chunk, context.scheduler, steps=config.steps,
-                                 guidance=config.guidance, seed=config.seed + start, batch_size=config.batch_size)
+                                 guidance=config.guidance, seed=config.seed + start, batch_size=config.batch_size,
+                                 prompt_encoder=context.prompt_encoder)
                 if not torch.isfinite(latents).all():
                     raise ConfigError(f"the teacher's samples {start}..{start + len(chunk) - 1} are not finite; "
                                       "check the model and scheduler, or use data: {source: images, path: ...}")

@@ -85,7 +85,8 @@ def fit_probes(model: nn.Module, adapter: ModelAdapter, batches: list[tuple], ri
         def hook(module, args, kwargs, output):
             inputs, outputs = block_inputs(module, args, kwargs), stacks[key[0]].unpack(output)
             for name, y in outputs.items():
-                equations[key].setdefault(name, _NormalEquations()).add(inputs[name], y)
+                if y is not None:  # a stream the block does not return (SD3's last block: no text tokens)
+                    equations[key].setdefault(name, _NormalEquations()).add(inputs[name], y)
         return hook
 
     hooks = {}
@@ -129,7 +130,8 @@ def simulate(model: nn.Module, adapter: ModelAdapter, probes: dict[BlockKey, dic
     def swap(key: BlockKey) -> Callable:
         def hook(module, args, kwargs, output):
             inputs = block_inputs(module, args, kwargs)
-            return stacks[key[0]].pack({name: _probe(w, inputs[name]) for name, w in probes[key].items()})
+            return stacks[key[0]].pack({name: _probe(probes[key][name], inputs[name]) if name in probes[key] else None
+                                        for name in stacks[key[0]].returns})
         return hook
 
     def final_tokens(extra: dict[nn.Module, Callable]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from compressdit.distill.sources import DataContext, DataSpec, load_data
 from compressdit.errors import ConfigError, TrainingIncomplete
 from compressdit.io.sources import ZOO_DIR, ModelSource
 from compressdit.models.base import ModelAdapter
+from compressdit.models.prompt_encoders import PromptEncoder
 from compressdit.stages.base import STAGES, PipelineState, Stage
 
 
@@ -44,16 +45,18 @@ class DistillStageConfig(DistillConfig):
 
 def data_context(adapter: ModelAdapter, model: nn.Module, reference: ModelSource,
                  load_teacher: Callable[[], nn.Module], cache_dir: Path, quiet: bool = False,
-                 sources: tuple[ModelSource, ...] = ()) -> DataContext:
+                 sources: tuple[ModelSource, ...] = (), prompt_encoder: PromptEncoder | None = None) -> DataContext:
     """What the data sources need: ``reference`` is the uncompressed model's source (its folder keys the caches;
-    ``load_teacher`` returns its transformer), ``sources`` other pipelines whose VAE / scheduler may serve."""
+    ``load_teacher`` returns its transformer), ``sources`` other pipelines whose VAE / scheduler may serve;
+    prompts go through ``prompt_encoder``, else the first of the sources' own (none for the zoo's models)."""
     candidates = (reference, *sources)
     vae = next((s.folder / "vae" for s in candidates if s.is_pipeline and (s.folder / "vae" / "config.json").exists()),
                None)
     scheduler = next((s.scheduler for s in candidates if s.scheduler is not None), None) or adapter.scheduler(model)
     is_zoo = Path(reference.folder).resolve().is_relative_to(ZOO_DIR.resolve())
+    encoder = prompt_encoder or next((s.prompt_encoder for s in candidates if s.prompt_encoder is not None), None)
     return DataContext(adapter, model, reference.transformer_folder, load_teacher, vae, scheduler, cache_dir, is_zoo,
-                       quiet)
+                       quiet, encoder)
 
 
 def state_data(state: PipelineState, spec: DataSpec | None) -> DistillData:
@@ -78,9 +81,10 @@ def fingerprint(*models: nn.Module) -> str:
 
 def run_distillation(student: nn.Module, teacher: ModelSource, config: DistillStageConfig, cache_dir: Path,
                      quiet: bool = False, origin=None, sources: tuple[ModelSource, ...] = (),
-                     workdir: Path | None = None) -> dict:
+                     workdir: Path | None = None, prompt_encoder: PromptEncoder | None = None) -> dict:
     """Distil ``student`` (in place) from ``teacher`` on ``config.data``'s latents; the metrics of :func:`distill`
-    plus ``data_note`` (where the latents came from).
+    plus ``data_note`` (where the latents came from). Prompts go through ``prompt_encoder`` (default: the
+    teacher's own text encoder, when it has one).
 
     The training state lives in ``workdir`` (default: a cache folder named after student, teacher and config);
     a workdir that holds another run's state is an error, not silently resumed.
@@ -98,7 +102,8 @@ def run_distillation(student: nn.Module, teacher: ModelSource, config: DistillSt
                           "settings); pass another workdir or delete it")
     workdir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"run": run_id}))
-    context = data_context(adapter, student, teacher, lambda: teacher.transformer, cache_dir, quiet, sources)
+    context = data_context(adapter, student, teacher, lambda: teacher.transformer, cache_dir, quiet, sources,
+                           prompt_encoder)
     data = load_data(config.data, context)
     scheduler = next((s.scheduler for s in (teacher, *sources) if s.scheduler is not None), None)
     metrics = distill(student, teacher.transformer, adapter, config, workdir, data, origin=origin,
@@ -107,9 +112,11 @@ def run_distillation(student: nn.Module, teacher: ModelSource, config: DistillSt
 
 
 def distill_checkpoint(student: str, teacher: str, out: Path, overrides: dict, workdir: Path | None = None,
-                       overwrite: bool = False, quiet: bool = False, cache_dir: Path | None = None) -> dict:
+                       overwrite: bool = False, quiet: bool = False, cache_dir: Path | None = None,
+                       text_encoder: str | None = None, embeddings: str | None = None) -> dict:
     """Distil the model folder ``student`` from ``teacher`` and write it to ``out`` as a folder like the input
-    (stock ``save_pretrained``, written atomically). Nothing is written when a time cap stops the run."""
+    (stock ``save_pretrained``, written atomically). Nothing is written when a time cap stops the run. Prompts go
+    through the teacher's prompt encoder: ``embeddings``, else ``text_encoder``'s pipeline, else its own."""
     from compressdit.io.checkpoint import (atomic_output, check_output, copy_pipeline_parts, save_in_dtype,
                                            stored_float_dtype)
     from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source
@@ -117,8 +124,10 @@ def distill_checkpoint(student: str, teacher: str, out: Path, overrides: dict, w
 
     check_output(out, overwrite)
     config = DistillStageConfig.from_dict(overrides, "distill")
-    student_src, teacher_src = load_source(student), load_source(teacher)
-    metrics = run_distillation(student_src.transformer, teacher_src, config, cache_dir or default_cache_dir(), quiet,
+    cache_dir = cache_dir or default_cache_dir()
+    student_src = load_source(student)
+    teacher_src = load_source(teacher, text_encoder=text_encoder, embeddings=embeddings, cache_dir=cache_dir)
+    metrics = run_distillation(student_src.transformer, teacher_src, config, cache_dir, quiet,
                                sources=(student_src,), workdir=workdir)
     from accelerate import PartialState
 
@@ -178,7 +187,7 @@ class DistillStage(Stage):
         started = time.perf_counter()
         teacher = load_source(state.reference_spec, name=state.reference_spec)  # the source model was edited in place
         metrics = run_distillation(state.model, teacher, config, state.cache_folder(), state.quiet, state.block_origin,
-                                   (state.source,))
+                                   (state.source,), prompt_encoder=state.source.prompt_encoder)
         if not metrics["completed"]:
             raise TrainingIncomplete(incomplete_message(metrics))
         final, initial = metrics["final"], metrics["initial"]

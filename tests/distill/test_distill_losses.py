@@ -11,7 +11,8 @@ from torch import nn
 
 from compressdit.distill.losses import (capture_features, data_loss, feature_loss, massive_activation_mask,
                                         output_loss, resolve_layer_map)
-from compressdit.distill.objectives import OBJECTIVES, EpsilonObjective, FlowObjective, objective_for
+from compressdit.distill.objectives import (OBJECTIVES, EpsilonObjective, FlowObjective, VelocityObjective,
+                                          objective_for)
 from compressdit.errors import ConfigError
 from compressdit.models import ADAPTERS
 from compressdit.models.base import BlockStack
@@ -177,3 +178,24 @@ def test_objectives_follow_the_reference_trainers():
     noise, sigma = torch.randn(x0.shape, generator=gen), torch.rand(4, generator=gen)
     assert torch.equal(target, noise - x0) and torch.allclose(t, sigma * 1000)
     assert torch.allclose(x_t, (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise)
+
+
+def test_v_objective_targets_alpha_noise_minus_sigma_x0_of_the_pipeline_scheduler():
+    """CogVideoX (v-prediction, zero-terminal-SNR betas): ``x_t = alpha x0 + sigma noise``, target
+    ``alpha noise - sigma x0`` with alpha^2 = the sampling scheduler's ``alphas_cumprod[t]``, sigma^2 = 1 - alpha^2."""
+    adapter = ADAPTERS.get("cogvideox")
+    sampler = adapter.scheduler(None)
+    v = objective_for(adapter, dict(sampler.config))
+    assert isinstance(v, VelocityObjective)
+    x0 = torch.randn(4, 4, 2, 8, 8)
+    x_t, t, target = v.noisy(x0, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(x0.shape, generator=gen)
+    assert torch.equal(t, torch.randint(0, 1000, (4,), generator=gen))
+    alpha_sq = sampler.alphas_cumprod[t].float().view(-1, 1, 1, 1, 1)
+    alpha, sigma = alpha_sq.sqrt(), (1 - alpha_sq).sqrt()
+    assert torch.allclose(target, alpha * noise - sigma * x0, atol=1e-5)
+    assert torch.allclose(x_t, alpha * x0 + sigma * noise, atol=1e-5)
+    assert not torch.allclose(target, noise, atol=0.1)  # not the epsilon target
+    if (t == 999).any():  # zero terminal SNR: v = -x0 at the last timestep
+        assert torch.allclose(target[t == 999], -x0[t == 999], atol=1e-5)

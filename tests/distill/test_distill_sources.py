@@ -140,6 +140,39 @@ def test_teacher_source_for_a_text_model_passes_prompts_to_its_encoder(tmp_path)
     assert data.latents.shape == (3, 4, 8, 8) and data.conditions == prompts and torch.isfinite(data.latents).all()
 
 
+def test_teacher_source_embeds_prompts_with_the_models_own_encoder(tmp_path):
+    """A T5-width model (32-d captions) with an embeddings file: the teacher samples, the condition vocabulary and
+    the null condition go through it (never MiniLM), and the teacher cache is keyed by the encoder."""
+    from compressdit.models.prompt_encoders import PROMPT_ENCODERS, save_prompt_embeddings
+    from compressdit.models.text_conditions import TextEmbedding
+
+    tiny_pixart(caption_channels=32).save_pretrained(tmp_path / "pixart")
+    source = load_source(str(tmp_path / "pixart"))
+    prompts = load_conditions(resolve_set(None, "text"), "text", limit=3)
+    gen = torch.Generator().manual_seed(0)
+    rows = [TextEmbedding(torch.randn(5, 32, generator=gen), torch.ones(5, dtype=torch.long)) for _ in range(4)]
+
+    def encoder(seed_shift: float):
+        path = save_prompt_embeddings(tmp_path / f"embeddings-{seed_shift}.safetensors", [*prompts, ""],
+                                      [TextEmbedding(r.tokens + seed_shift, r.mask) for r in rows])
+        return PROMPT_ENCODERS.get("embeddings")(path)
+
+    first = encoder(0.0)
+    context = data_context(PIXART, source.transformer, source, lambda: source.transformer, tmp_path / "cache",
+                           prompt_encoder=first)
+    assert context.prompt_encoder is first
+    data = load_data(DataSpec.from_dict({**TEACHER, "images": 3, "guidance": 2.0}), context)
+    assert all(isinstance(c, TextEmbedding) for c in data.conditions)
+    assert [torch.equal(c.tokens, r.tokens) for c, r in zip(data.conditions, rows)] == [True] * 3
+    assert torch.equal(data.null_condition.tokens, rows[3].tokens)
+    expected = sample(PIXART, source.transformer, prompts, source.scheduler or PIXART.scheduler(source.transformer),
+                      steps=2, guidance=2.0, batch_size=4, prompt_encoder=first)
+    torch.testing.assert_close(data.latents, expected)
+    context.prompt_encoder = encoder(1.0)  # other embeddings: other teacher samples, cached apart
+    load_data(DataSpec.from_dict({**TEACHER, "images": 3, "guidance": 2.0}), context)
+    assert len(list((tmp_path / "cache" / "distill-data").glob("teacher-*"))) == 2
+
+
 # user images ------------------------------------------------------------------------------------------------
 
 
