@@ -15,7 +15,7 @@ from torch import nn
 from compressdit.errors import ConfigError
 from compressdit.quant.gpu_ops import fp8_linear
 from compressdit.quant.gpu_reference import quantize_fp8_weight
-from compressdit.quant.layers import PackedParameter, QuantizedLinear
+from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.spec import LinearQuantSpec
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -38,7 +38,7 @@ class FP8Linear(QuantizedLinear):
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.weight = PackedParameter(torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device),
                                       logical_numel=out_features * in_features)
-        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
+        self.weight_scale = QuantState(torch.ones(out_features, 1, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
 
