@@ -77,7 +77,7 @@ fi
 # -- 1b. CUDA tests of the GPU ops (all cuda-marked files of tests/quant except the VQ ones) ---------------------
 TEST_FILES=$(grep -l "mark.cuda" tests/quant/test_*.py | grep -v test_quant_vq_ops.py | tr '\n' ' ')
 # shellcheck disable=SC2086
-step pytest_gpu_ops "$(cap 110 250)" python3 -m pytest -q -p no:cacheprovider -m cuda -rfEs \
+step pytest_gpu_ops "$(cap 130 240)" python3 -m pytest -q -p no:cacheprovider -m cuda -rfEs \
   --continue-on-collection-errors --junitxml="$OUT/pytest_gpu_ops.xml" $TEST_FILES
 
 # -- 2. per-layer kernels (VQ rows use the CUDA kernels if their background build is done by now) ---------------

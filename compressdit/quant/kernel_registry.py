@@ -40,7 +40,7 @@ from torch import nn
 from compressdit.registry import Registry
 
 #: Modules that register kernels; imported (once) before the first kernel selection.
-KERNEL_MODULES: tuple[str, ...] = ("compressdit.quant.cpu_kernels",)
+KERNEL_MODULES: tuple[str, ...] = ("compressdit.quant.cpu_kernels", "compressdit.quant.cuda_kernels")
 REFERENCE = "reference"
 
 
