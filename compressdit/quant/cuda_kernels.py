@@ -65,7 +65,8 @@ def _prepack(layer) -> dict:
         return {"kernel": None, "prepared": {}}
     capability = cuda_capability(layer.weight.device) or (9, 0)
     kernel = kernel_for_spec(layer.spec, layer.in_features, layer.out_features, capability)
-    return {"kernel": kernel, "prepared": kernel.prepare(layer)}
+    prepared = {name: t.detach() if isinstance(t, torch.Tensor) else t for name, t in kernel.prepare(layer).items()}
+    return {"kernel": kernel, "prepared": prepared}  # plain tensors (views of the saved ones for int8 / fp8)
 
 
 def _run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
