@@ -105,3 +105,21 @@ def test_quantized_dit_on_cuda_runs_the_registered_kernel(recipe, name):
     error = ((out.cpu() - truth).norm() / truth.norm()).item()
     assert error < 3e-2, f"{recipe}: relative error {error:.4f} against the CPU path"
     torch.testing.assert_close(compiled, out, rtol=2e-2, atol=2e-2 * float(out.abs().max()))
+
+
+def test_forced_cuda_kernels_trace_into_one_graph_on_cpu():
+    """``set_kernel`` runs the CUDA kernels' wiring on CPU (their ops' references): dynamo traces it whole."""
+    from compressdit.quant.kernel_registry import set_kernel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[FORMATS.get(s.format).quantize(torch.nn.Linear(256, 256), s, None)
+                                  for s, _ in CASES], torch.nn.GELU())
+    for layer, (_, name) in zip(model, CASES):
+        set_kernel(layer, name)
+        assert layer.kernel_name == name
+    x = torch.randn(3, 20, 256)
+    with torch.no_grad():
+        eager = model(x)
+        assert all(cache_of(layer).name == name for layer, (_, name) in zip(model, CASES))
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
