@@ -1,3 +1,4 @@
+START=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # Fallback: a wheel for another Python/platform fails the whole install above; then install one by one.
 python3 -c "import diffusers, PIL, pytest" 2> /dev/null || {
@@ -10,9 +11,12 @@ python3 -c "import diffusers, PIL, pytest" 2> /dev/null || {
 # GPU check of issue 13 (run from the repository root on a CUDA machine; ends within GPU_CHECK_BUDGET_S, 420 s):
 #   1. pytest -m cuda on tests/quant (GPU ops vs their references; the VQ kernels after their JIT build)
 #   2. bench/gpu_kernels.py  -> $OUT/gpu_kernels.{json,md}  (DiT-XL/2 layer shapes, M = 1..4096)
-#   3. bench/gpu_e2e.py      -> $OUT/gpu_e2e.{json,md}      (DiT-XL/2 step, batch 8 guided; eager, then compiled)
+#   3. bench/gpu_e2e.py      -> $OUT/gpu_e2e.{json,md}      (DiT-XL/2 step, batch 8 guided; eager, then compiled:
+#      the shipped layers on the registry default first, then the direct kernels)
 # Every part runs under `timeout`; a failing part is recorded ($OUT/gpu_check_summary.txt, the JSONs) and the
 # script goes on. GPU_CHECK_DEVICE=cpu runs the same steps as a smoke test (--quick, CPU references).
+# $OUT gets at most 7 files: gpu_check_summary.txt, gpu_kernels.{json,md}, gpu_e2e.{json,md}, gpu_e2e.jsonl and
+# gpu_logs.tgz (every log, the junit XMLs, env.txt); the output ends with a compact summary of all of it.
 set -u
 export PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -20,7 +24,7 @@ export OUT
 mkdir -p "$OUT"
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-START=$(date +%s)
+LOGS=$(mktemp -d /tmp/gpu_check_logs.XXXX)
 SUMMARY="$OUT/gpu_check_summary.txt"
 : > "$SUMMARY"
 
@@ -37,9 +41,9 @@ step() {  # step NAME SECONDS CMD...: run with a timeout, log status; never fail
   local name=$1 seconds=$2
   shift 2
   log "start $name (timeout ${seconds}s)"
-  timeout -k 5 "$seconds" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 5 "$seconds" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$OUT/$name.log"
+  grep -Ev '^(SKIPPED|[.sFExX]+ *(\[ *[0-9]+%\])?$)' "$LOGS/$name.log" | tail -n 8 | cut -c1-300
   log "end $name: rc=$rc$( ((rc == 124 || rc == 137)) && echo ' (timed out)')"
   return 0
 }
@@ -53,8 +57,8 @@ torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_availab
   python3 -c "import diffusers, pytest; print('diffusers', diffusers.__version__, 'pytest', pytest.__version__)" 2>&1 | tail -1
   echo "nvcc: $(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null || echo none)"
   echo "ninja: $(command -v ninja || echo none)"
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} > "$LOGS/env.txt" 2>&1
+cat "$LOGS/env.txt"
 if [[ "$DEVICE" == cpu ]]; then QUICK=(--device cpu --quick); else QUICK=(); fi
 
 # -- 1a. VQ CUDA extension: JIT build in the background (only where nvcc exists) --------------------------------
@@ -67,7 +71,7 @@ if [[ "$DEVICE" == cuda ]]; then
   if command -v nvcc > /dev/null && command -v ninja > /dev/null; then
     log "building the VQ CUDA extension in the background (arch $TORCH_CUDA_ARCH_LIST)"
     COMPRESSDIT_JIT_CUDA=1 timeout -k 5 "$(cap 200 120)" python3 -c "from compressdit.quant.vq_ops import \
-cuda_extension_available as ok; print('VQ CUDA extension loads:', ok())" > "$OUT/vq_build.log" 2>&1 &
+cuda_extension_available as ok; print('VQ CUDA extension loads:', ok())" > "$LOGS/vq_build.log" 2>&1 &
     BUILD_PID=$!
   else
     log "no nvcc or ninja: the VQ CUDA extension cannot be built; VQ runs its PyTorch reference"
@@ -77,11 +81,11 @@ fi
 # -- 1b. CUDA tests of the GPU ops (all cuda-marked files of tests/quant except the VQ ones) ---------------------
 TEST_FILES=$(grep -l "mark.cuda" tests/quant/test_*.py | grep -v test_quant_vq_ops.py | tr '\n' ' ')
 # shellcheck disable=SC2086
-step pytest_gpu_ops "$(cap 110 250)" python3 -m pytest -q -p no:cacheprovider -m cuda -rfEs \
-  --continue-on-collection-errors --junitxml="$OUT/pytest_gpu_ops.xml" $TEST_FILES
+step pytest_gpu_ops "$(cap 130 240)" python3 -m pytest -q -p no:cacheprovider -m cuda -rfEs \
+  --continue-on-collection-errors --junitxml="$LOGS/pytest_gpu_ops.xml" $TEST_FILES
 
 # -- 2. per-layer kernels (VQ rows use the CUDA kernels if their background build is done by now) ---------------
-vq_ready() { [[ -f "$OUT/vq_build.log" ]] && grep -q "loads: True" "$OUT/vq_build.log"; }
+vq_ready() { [[ -f "$LOGS/vq_build.log" ]] && grep -q "loads: True" "$LOGS/vq_build.log"; }
 VQ_JIT=0
 vq_ready && VQ_JIT=1
 log "VQ CUDA extension built: $VQ_JIT"
@@ -92,27 +96,45 @@ step gpu_kernels "$KERNEL_S" env COMPRESSDIT_JIT_CUDA=$VQ_JIT python3 bench/gpu_
 # -- 1c. VQ kernel tests (wait for the build until +200 s at most; without it they skip) --------------------------
 if [[ -n "$BUILD_PID" ]]; then
   while kill -0 "$BUILD_PID" 2> /dev/null && (( $(elapsed) < 200 )); do sleep 2; done
-  tail -n 5 "$OUT/vq_build.log"
+  tail -n 5 "$LOGS/vq_build.log"
 fi
 VQ_JIT=0
 vq_ready && VQ_JIT=1
 log "VQ CUDA extension built: $VQ_JIT"
 step pytest_vq "$(cap 45 130)" env COMPRESSDIT_JIT_CUDA=$VQ_JIT python3 -m pytest -q -p no:cacheprovider -m cuda -rfEs \
-  --junitxml="$OUT/pytest_vq.xml" tests/quant/test_quant_vq_ops.py
+  --junitxml="$LOGS/pytest_vq.xml" tests/quant/test_quant_vq_ops.py
 
 # -- 3. end to end: eager (every variant), then torch.compile one variant per process while time is left ----------
 rm -f "$OUT/gpu_e2e.jsonl"
 step gpu_e2e_eager "$(cap 80 60)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --append "$OUT/gpu_e2e.jsonl"
-for variant in bf16 w8a8-triton fp8 w8a8-cublas int4-tinygemm w8a8; do
+for variant in bf16 w8a8 fp8 int4 w8a8-cublas int4-tinygemm w8a8-triton; do  # shipped (registry) first
   if (( BUDGET - $(elapsed) < 45 )); then
     log "no time left to compile $variant"
     echo "{\"variant\": \"$variant\", \"compiled\": true, \"batch\": 8, \"error\": \"skipped: time budget\"}" \
       >> "$OUT/gpu_e2e.jsonl"
     continue
   fi
-  step "gpu_e2e_compile_$variant" "$(cap 100 15)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --compile \
+  step "gpu_e2e_compile_$variant" "$(cap 100 30)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --compile \
     --variants "$variant" --append "$OUT/gpu_e2e.jsonl"
 done
-step gpu_e2e_report 30 python3 bench/gpu_e2e.py --report "$OUT/gpu_e2e.jsonl" --out "$OUT"
+step gpu_e2e_report "$(cap 20 5)" python3 bench/gpu_e2e.py --report "$OUT/gpu_e2e.jsonl" --out "$OUT"
 log "done in $(elapsed)s; results in $OUT"
+tar -czf "$OUT/gpu_logs.tgz" -C "$LOGS" . 2>/dev/null || log "could not tar the logs"
+
+# -- compact summary (the last lines of the output) ------------------------------------------------------------
+echo
+echo "==================== gpu_check summary ===================="
+head -n 3 "$LOGS/env.txt" | cut -c1-200
+echo "-- gpu_kernels.md (head; full file in \$OUT)"
+head -c 2500 "$OUT/gpu_kernels.md" 2>/dev/null || echo "(no gpu_kernels.md)"
+echo
+echo "-- gpu_e2e.md"
+cut -c1-400 "$OUT/gpu_e2e.md" 2>/dev/null | head -c 3500 || echo "(no gpu_e2e.md)"
+echo "-- step status"
+grep -E 'end |no time|VQ CUDA|done in' "$SUMMARY" | sed 's/^\[gpu_check //'
+for name in pytest_gpu_ops pytest_vq; do
+  echo "-- $name: $(grep -E '(passed|failed|error|skipped|deselected)( |,|$)' "$LOGS/$name.log" 2>/dev/null | tail -n 1)"
+  grep -E '^(FAILED|ERROR) ' "$LOGS/$name.log" 2>/dev/null | cut -c1-220 | head -n 15
+done
+echo "-- files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit 0

@@ -3,10 +3,11 @@
 One step = one transformer forward on the classifier-free-guidance batch (batch 8 -> 16 rows of 32 x 32
 latents, 256 tokens each). Variants (RTN, embedders and head in bf16, as in recipes/rtn-w8a8.yaml):
 
-- ``bf16``; ``w8a8`` / ``int4`` / ``fp8``: compressdit's own layers as they run (``QuantLinear``, ``FP8Linear``);
-- ``w8a8-triton``, ``w8a8-cublas``, ``int4-tinygemm``: the same quantized layers executed through
-  :func:`compressdit.quant.gpu_ops.kernel_for_spec` (``prepare`` once, then the custom op), as the kernel
-  registry wires them.
+- ``bf16``; ``w8a8`` / ``int4`` / ``fp8``: the shipped layers (``QuantLinear``, ``FP8Linear``) with the kernel
+  the registry picks by default (what users get: ``cuda-w8a8-int8``, ``cuda-int4-weight``, ``cuda-fp8`` on
+  CUDA; the row's ``kernel`` says which), prepacked before timing and before ``torch.compile``;
+- ``w8a8-triton``, ``w8a8-cublas``, ``int4-tinygemm``: the same quantized layers executed directly through
+  :func:`compressdit.quant.gpu_ops.kernel_for_spec` (``prepare`` once, then the custom op), one backend each.
 
 Each result is one JSON line appended to ``--append``; ``--report FILE.jsonl`` writes gpu_e2e.{json,md}.
 Random weights: speed only; ``rel_err`` is the output's distance to the bf16 model's (same weights, inputs).
@@ -93,7 +94,11 @@ def quantize(model: nn.Module, scheme: str, kernel_kind: str | None, device: tor
     quantize_layers(model, resolve_plan(model, adapter_for(model), rules))
     layers = quantized_modules(model)
     info = {"quantized_layers": len(layers), "kernel": None}
-    if kernel_kind is None:
+    if kernel_kind is None:  # the registry's default: prepacked now, so a compiled model runs it too
+        from compressdit.quant.kernel_registry import kernel_summary, prepack_model
+
+        prepack_model(model)
+        info["kernel"] = kernel_summary(model)
         return info
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
     backend = kernel_kind if kernel_kind in ("triton", "cublas") else None

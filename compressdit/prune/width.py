@@ -37,11 +37,10 @@ import math
 import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch import nn
 
 from compressdit.config_base import StrictConfig
@@ -57,6 +56,16 @@ PRUNABLE_ROLES = FFN_ROLES + HEAD_ROLES
 _QKV = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 _HEAD_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
+if TYPE_CHECKING:
+    import torch_pruning as tp
+
+
+def _tp():
+    """torch-pruning, imported where width pruning runs (``import compressdit`` does not need it)."""
+    import torch_pruning
+
+    return torch_pruning
+
 
 @dataclass(frozen=True)
 class WidthImportance:
@@ -67,8 +76,8 @@ class WidthImportance:
 
 
 WIDTH_IMPORTANCE: Registry[WidthImportance] = Registry("width importance")
-WIDTH_IMPORTANCE.add("magnitude", WidthImportance(lambda: tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)))
-WIDTH_IMPORTANCE.add("taylor", WidthImportance(lambda: tp.importance.GroupTaylorImportance(normalizer=None), True))
+WIDTH_IMPORTANCE.add("magnitude", WidthImportance(lambda: _tp().importance.GroupMagnitudeImportance(p=2, normalizer=None)))
+WIDTH_IMPORTANCE.add("taylor", WidthImportance(lambda: _tp().importance.GroupTaylorImportance(normalizer=None), True))
 
 
 @dataclass
@@ -146,10 +155,10 @@ class WidthUnit:
 
 def _group(items: list[tuple[nn.Linear, Callable, list[int]]], root_idxs: list[int]) -> tp.Group:
     """A torch-pruning group stated by hand: ``(layer, prune function, channel indices in that layer)``."""
-    group = tp.Group()
+    group = _tp().Group()
     for layer, prune_fn, idxs in items:
-        node = tp.Node(layer, grad_fn=None)
-        group.add_dep(tp.Dependency(prune_fn, prune_fn, source=node, target=node), list(idxs))
+        node = _tp().Node(layer, grad_fn=None)
+        group.add_dep(_tp().Dependency(prune_fn, prune_fn, source=node, target=node), list(idxs))
         group[len(group) - 1].root_idxs = list(root_idxs)  # what the importance accumulates scores on
     return group
 
@@ -157,11 +166,11 @@ def _group(items: list[tuple[nn.Linear, Callable, list[int]]], root_idxs: list[i
 def _traced_ffn(name: str, role: str, ff: nn.Module, names: list[str], up: nn.Linear, down: nn.Linear) -> WidthUnit:
     x = torch.randn(1, 1, up.in_features, device=up.weight.device, dtype=up.weight.dtype, requires_grad=True)
     with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(ff, example_inputs=x, forward_fn=lambda m, x: m(x),
+        graph = _tp().DependencyGraph().build_dependency(ff, example_inputs=x, forward_fn=lambda m, x: m(x),
                                                       verbose=False)
 
     def group(idxs: list[int]) -> tp.Group:
-        return graph.get_pruning_group(down, tp.prune_linear_in_channels, list(idxs))
+        return graph.get_pruning_group(down, _tp().prune_linear_in_channels, list(idxs))
 
     if not any(item.dep.target.module is up for item in group([0])):
         raise UnsupportedModelError(f"{name}: tracing the MLP did not couple its up and down projections")
@@ -172,8 +181,8 @@ def _concat_ffn(names: list[str], role: str, up: nn.Linear, down: nn.Linear) -> 
     offset = down.in_features - up.out_features  # the attention's columns come first (Flux single blocks)
 
     def group(idxs: list[int]) -> tp.Group:
-        return _group([(up, tp.prune_linear_out_channels, idxs),
-                       (down, tp.prune_linear_in_channels, [offset + i for i in idxs])], idxs)
+        return _group([(up, _tp().prune_linear_out_channels, idxs),
+                       (down, _tp().prune_linear_in_channels, [offset + i for i in idxs])], idxs)
 
     return WidthUnit(names[0], role, up.out_features, dict(zip(names, (up, down))), group)
 
@@ -226,8 +235,8 @@ def _heads(name: str, role: str, attn: nn.Module, loose) -> WidthUnit:
         columns[loose[0][1]] = loose[2]
 
     def group(idxs: list[int]) -> tp.Group:
-        return _group([(m, tp.prune_linear_out_channels, idxs) for m in rows.values()]
-                      + [(m, tp.prune_linear_in_channels, idxs) for m in columns.values()], idxs)
+        return _group([(m, _tp().prune_linear_out_channels, idxs) for m in rows.values()]
+                      + [(m, _tp().prune_linear_in_channels, idxs) for m in columns.values()], idxs)
 
     return WidthUnit(name, role, inner, {**rows, **columns}, group, attention=attn, head_dim=dim)
 

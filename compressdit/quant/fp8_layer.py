@@ -14,8 +14,9 @@ from torch import nn
 
 from compressdit.errors import ConfigError
 from compressdit.quant.gpu_ops import fp8_linear
-from compressdit.quant.gpu_reference import quantize_fp8_weight
-from compressdit.quant.layers import PackedParameter, QuantizedLinear
+from compressdit.quant.gpu_reference import fp8_linear_reference, quantize_fp8_weight
+from compressdit.quant.kernel_registry import run_kernel
+from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.spec import LinearQuantSpec
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -38,7 +39,7 @@ class FP8Linear(QuantizedLinear):
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.weight = PackedParameter(torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device),
                                       logical_numel=out_features * in_features)
-        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
+        self.weight_scale = QuantState(torch.ones(out_features, 1, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
 
@@ -59,6 +60,19 @@ class FP8Linear(QuantizedLinear):
         return (self.weight.float() * self.weight_scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = run_kernel(self, x)  # cuda-fp8 on GPUs of compute capability 8.9+
+        if out is not None:
+            return out
+        return self.reference_linear(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The ground truth every kernel is tested against (PyTorch E4M3 rounding, fp32 matmul, any device)."""
+        if self.spec.a_bits == 8:
+            return fp8_linear_reference(x, self.weight, self.weight_scale, self.bias)
+        return self.reference_linear(x)
+
+    def reference_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """E4M3 per-token activations (the op's reference off CUDA) or, weight-only, dequantize then matmul."""
         if self.spec.a_bits == 8:
             return fp8_linear(x, self.weight, self.weight_scale, self.bias)
         return F.linear(x, self.effective_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

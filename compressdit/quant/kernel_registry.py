@@ -13,7 +13,7 @@ Each kernel's math is a ``torch.library`` custom op (namespace ``compressdit``) 
 ``torch.compile`` traces a quantized layer without graph breaks. Under compilation the staleness check
 is skipped: run one eager forward (or :func:`prepack_model`) before compiling.
 
-Joining the registry (e.g. a CUDA kernel from its own module)::
+Joining the registry (as :mod:`compressdit.quant.cpu_kernels` and :mod:`compressdit.quant.cuda_kernels` do)::
 
     from compressdit.quant.kernel_registry import KERNELS, Kernel
 
@@ -40,7 +40,7 @@ from torch import nn
 from compressdit.registry import Registry
 
 #: Modules that register kernels; imported (once) before the first kernel selection.
-KERNEL_MODULES: tuple[str, ...] = ("compressdit.quant.cpu_kernels",)
+KERNEL_MODULES: tuple[str, ...] = ("compressdit.quant.cpu_kernels", "compressdit.quant.cuda_kernels")
 REFERENCE = "reference"
 
 

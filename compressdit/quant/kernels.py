@@ -2,6 +2,7 @@
 
 ``int8_linear`` runs W8A8 as a real INT8 x INT8 -> INT32 GEMM (``torch._int_mm``: cuBLASLt on CUDA;
 a slow but exact kernel on CPU, used by the tests) and rescales by the activation and weight scales.
+The registry's ``cuda-w8a8-int8`` kernel runs it for per-tensor activations (more than 16 rows).
 """
 
 from __future__ import annotations
@@ -20,12 +21,6 @@ def quantize_activation_int8(x: torch.Tensor, granularity: str) -> tuple[torch.T
         scale = x.abs().amax().float().clamp_min(1e-8).reshape(1, 1) / qmax
     codes = torch.round(x.float() / scale).clamp(-qmax - 1, qmax).to(torch.int8)
     return codes, scale
-
-
-def int8_gemm_supported(x: torch.Tensor, in_features: int, out_features: int) -> bool:
-    """``torch._int_mm`` needs more than 16 rows and K, N multiples of 8."""
-    rows = x.numel() // max(1, x.shape[-1])
-    return rows > 16 and in_features % 8 == 0 and out_features % 8 == 0
 
 
 def int8_linear(x: torch.Tensor, weight_codes: torch.Tensor, weight_scale: torch.Tensor,

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressdit.quant.kernel_registry import cache_of, kernel_name_of, run_kernel
-from compressdit.quant.kernels import int8_gemm_supported, int8_linear
 from compressdit.quant.primitives import (dequantize_weight, fake_quantize_activation, pack_codes, packed_shape,
                                           quantize_weight_rtn, unpack_codes)
 from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, random_signs, rotate
@@ -189,21 +188,10 @@ class QuantLinear(QuantizedLinear):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.weight_scale, self.weight_zero, dtype)
 
-    def uses_int8_gemm(self, x: torch.Tensor) -> bool:
-        """W8A8 (per-channel, symmetric, dynamic activations) runs as an INT8 GEMM on CUDA."""
-        spec = self.spec
-        return (x.is_cuda and spec.w_bits == 8 and spec.a_bits == 8 and spec.group_size is None
-                and spec.w_symmetric and spec.a_granularity in ("per_token", "per_tensor")
-                and int8_gemm_supported(x, self.in_features, self.out_features))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transform_input(x)
         out = run_kernel(self, x)
-        if out is not None:
-            return out
-        if self.uses_int8_gemm(x):
-            return int8_linear(x, self.weight, self.weight_scale, self.bias, self.spec.a_granularity)
-        return self.reference_linear(x)
+        return self.reference_linear(x) if out is None else out
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ground truth every kernel is tested against: transform, fake-quantize, dequantize, matmul."""

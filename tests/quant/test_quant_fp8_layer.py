@@ -15,6 +15,7 @@ from compressdit.models import adapter_for
 from compressdit.quant.formats import FORMATS
 from compressdit.quant.fp8_layer import FP8Linear
 from compressdit.quant.gpu_reference import fp8_linear_reference
+from compressdit.quant.layers import QuantState
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.transform import quantize_layers, quantized_modules, resolve_plan
 from compressdit.recipe import load_recipe
@@ -115,6 +116,10 @@ def test_fp8_checkpoint_reloads_bit_identically_through_stock_from_pretrained(tm
     layer = quantized_modules(half)[name]
     assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
     assert layer.bias.dtype == torch.bfloat16
+    assert isinstance(layer.weight_scale, QuantState)  # a parameter: accelerate offloads it with its weight
+    with pytest.raises(ValueError, match="dtype"):  # as for QuantLinear: a quantized model refuses casts
+        half.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
 
 
 def test_format_registry_builds_empty_fp8_modules_on_meta():
