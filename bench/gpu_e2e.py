@@ -114,7 +114,8 @@ def quantize(model: nn.Module, scheme: str, kernel_kind: str | None, device: tor
 
 def run_variant(base: nn.Module, reference: torch.Tensor, inputs: dict, name: str, args, device) -> dict:
     scheme, kernel_kind = VARIANTS[name]
-    row = {"variant": name, "compiled": args.compile, "batch": args.batch, "rows": 2 * args.batch}
+    row = {"variant": name, "compiled": "cuda graph" if args.graph else args.compile, "batch": args.batch,
+           "rows": 2 * args.batch}
     model = copy.deepcopy(base) if scheme else base
     with torch.no_grad():
         if scheme:
@@ -131,10 +132,24 @@ def run_variant(base: nn.Module, reference: torch.Tensor, inputs: dict, name: st
             torch.cuda.synchronize()
         row["first_call_s"] = round(time.perf_counter() - started, 2)  # includes compilation when compiled
         row["rel_err"] = float((out.float() - reference).norm() / reference.norm())
-        row["ms_per_step"] = median_ms(lambda: model(**inputs, return_dict=False), device, args.warmup, args.repeats)
+        if args.graph:  # one CUDA graph replays the whole step: the GPU time without host launch overhead
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(args.warmup):
+                    model(**inputs, return_dict=False)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model(**inputs, return_dict=False)
+            row["ms_per_step"] = median_ms(graph.replay, device, args.warmup, args.repeats)
+        else:
+            row["ms_per_step"] = median_ms(lambda: model(**inputs, return_dict=False), device, args.warmup,
+                                           args.repeats)
         if device.type == "cuda":
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-    print(f"[gpu_e2e] {name}{' compiled' if args.compile else ''}: {row['ms_per_step']:.2f} ms/step, "
+    print(f"[gpu_e2e] {name}{' compiled' if args.compile else ''}{' graph' if args.graph else ''}: "
+          f"{row['ms_per_step']:.2f} ms/step, "
           f"rel err {row['rel_err']:.4f}, first call {row['first_call_s']} s", flush=True)
     return row
 
@@ -156,7 +171,8 @@ def measure(args) -> None:
         try:
             row = run_variant(base, reference, inputs, name, args, device)
         except Exception as error:  # noqa: BLE001 -- one failing variant must not stop the others
-            row = {"variant": name, "compiled": args.compile, "batch": args.batch, "error": error_text(error)}
+            row = {"variant": name, "compiled": "cuda graph" if args.graph else args.compile, "batch": args.batch,
+                   "error": error_text(error)}
             print(f"[gpu_e2e] {name}{' compiled' if args.compile else ''} FAILED: {row['error']}", flush=True)
         with path.open("a") as f:
             f.write(json.dumps({"meta": meta, **row}) + "\n")
@@ -182,11 +198,12 @@ def report(jsonl: Path, out: Path) -> None:
     md = [f"# Time per denoising step: {meta['model']}, batch {rows[0]['batch']} guided "
           f"({2 * rows[0]['batch']} rows x 256 tokens), median of {meta['repeats']}", "",
           f"Machine: {machine_line(meta)}. RTN, embedders and head in bf16. Speed-up vs bf16 in the same mode "
-          "(eager vs eager, compiled vs compiled; torch.compile = regional, each transformer block); rel err = |y - y_bf16| / |y_bf16| of the step's output.", "",
+          "(eager vs eager, compiled vs compiled, graph vs graph; torch.compile = regional, each transformer block; "
+          "cuda graph = one captured step replayed, no host launch overhead); rel err = |y - y_bf16| / |y_bf16| of the step's output.", "",
           "| variant | mode | ms per step | speed-up vs bf16 | vs bf16 eager | rel err | first call (s) | peak GiB |",
           "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        mode = "torch.compile" if r["compiled"] else "eager"
+        mode = r["compiled"] if isinstance(r["compiled"], str) else "torch.compile" if r["compiled"] else "eager"
         if "error" in r:
             md.append(f"| {r['variant']} | {mode} | error: `{r['error'][:160]}` | | | | | |")
             continue
@@ -205,6 +222,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each transformer block (regional compilation; first_call_s includes it)")
+    parser.add_argument("--graph", action="store_true",
+                        help="time one CUDA graph replay of the step (GPU time without host launch overhead)")
     parser.add_argument("--batch", type=int, default=8, help="images per step (x2 rows for guidance)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)

