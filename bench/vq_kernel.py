@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,6 +20,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_timing import median_ms  # noqa: E402  (CUDA events, L2 flushed before each call)
+
+DEVICE = torch.device("cuda")
 
 SHAPES = {  # model -> (layer, in_features, out_features)
     "DiT-XL/2": [("attn.to_out", 1152, 1152), ("attn.qkv", 1152, 3456), ("ff.fc1", 1152, 4608),
@@ -30,23 +33,6 @@ SHAPES = {  # model -> (layer, in_features, out_features)
 VQ_CONFIGS = {"w2-d4-k256": (8, 4), "w3-d2-k64": (6, 2)}  # bits/weight, vector dim, codebook size
 ROWS = [1, 16, 256, 1024, 4096]
 STRATEGY_NAMES = ["fused", "decode_matmul"]
-
-
-def median_ms(fn, warmup: int, repeats: int, flush: torch.Tensor | None) -> float:
-    """Median wall time of ``fn`` between CUDA events, L2 flushed before each call when ``flush`` is given."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if flush is not None:
-            flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(model: str, layer: str, in_features: int, out_features: int, config: str, rows: int,
@@ -65,12 +51,12 @@ def measure(model: str, layer: str, in_features: int, out_features: int, config:
            "config": config, "rows": rows, "fused_kernel": "gemv" if rows <= 16 else "gemm",
            "vq_weight_bytes": codes.numel() + codebook.numel() * codebook.element_size(),
            "bf16_weight_bytes": dense.numel() * dense.element_size(),
-           "bf16_matmul_ms": median_ms(lambda: torch.matmul(x, dense), args.warmup, args.repeats, flush)}
+           "bf16_matmul_ms": median_ms(lambda: torch.matmul(x, dense), DEVICE, args.warmup, args.repeats, flush)}
     for name in STRATEGY_NAMES:
         with vq_strategy(name):
             out = vq_linear(x, codes, codebook, None, in_features, code_bits)
             row[f"{name}_ms"] = median_ms(lambda: vq_linear(x, codes, codebook, None, in_features, code_bits),
-                                          args.warmup, args.repeats, flush)
+                                          DEVICE, args.warmup, args.repeats, flush)
         row[f"{name}_max_abs_err"] = float((out.float() - reference).abs().max())
     row["reference_max_abs"] = float(reference.abs().max())
     return row
