@@ -19,8 +19,11 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from compressdit.errors import CheckpointError, ConfigError
+from compressdit.io.structure import apply_structure
+from compressdit.quant.kernel_registry import prepack_model
 from compressdit.quant.layers import PackedParameter, QuantizedLinear
 from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.transform import build_empty_layers, dequantize_layers, quantize_layers
 
 FORMAT_VERSION = 1
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -106,9 +109,6 @@ class CompressditQuantizer(DiffusersQuantizer):
 
     # -- loading -----------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
-        from compressdit.prune.width_structure import apply_structure
-        from compressdit.quant.transform import build_empty_layers
-
         if not self.pre_quantized:
             return model
         apply_structure(model, self.quantization_config.structure)  # pruned widths first, quantized modules on them
@@ -137,8 +137,6 @@ class CompressditQuantizer(DiffusersQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
-            from compressdit.quant.transform import quantize_layers
-
             quantize_layers(model, self.quantization_config.specs())
             self.note_saved_as_is(model)
             return model
@@ -154,7 +152,6 @@ class CompressditQuantizer(DiffusersQuantizer):
                     if tensor is not None and missing:
                         raise CheckpointError(f"checkpoint is missing {name}.{tensor_name} "
                                               "(truncated or mismatched checkpoint)")
-        from compressdit.quant.kernel_registry import prepack_model
 
         prepack_model(model)  # runtime buffers of each layer's kernel: built at load, never saved
         return model
@@ -272,7 +269,6 @@ class CompressditQuantizer(DiffusersQuantizer):
 
     # -- after loading -----------------------------------------------------------
     def _dequantize(self, model):
-        from compressdit.quant.transform import dequantize_layers
 
         dequantize_layers(model)
         config = dict(model._internal_dict)

@@ -4,7 +4,7 @@ Torch-Pruning's three concerns (Fang et al., DepGraph, CVPR 2023, arXiv 2301.129
 MLP's hidden channels, or one attention's heads): a coupling *group* of layers, an *importance* that scores the
 group's channels (``tp.importance`` magnitude, or first-order Taylor ``|w * dL/dw|`` from calibration gradients),
 and torch-pruning's per-layer prune functions to cut. Each unit loses ``ratio`` of its channels (heads). The
-pruned shapes are recorded in the model's ``quantization_config.structure`` (:mod:`.width_structure`), so stock
+pruned shapes are recorded in the model's ``quantization_config.structure`` (:mod:`compressdit.io.structure`), so stock
 ``save_pretrained`` / ``from_pretrained`` round-trip the pruned model. YAML::
 
     prune_width: {ffn_ratio: 0.25, head_ratio: 0.25, importance: taylor, roles: [ffn_up, attn_qkv]}
@@ -46,7 +46,7 @@ from torch import nn
 from compressdit.config_base import StrictConfig
 from compressdit.errors import CalibrationError, ConfigError, UnsupportedModelError
 from compressdit.models.base import Conditioning, ModelAdapter
-from compressdit.prune.width_structure import HEADS, WIDTH, head_dim, is_attention, record_structure, set_heads
+from compressdit.io.structure import HEADS, WIDTH, head_dim, is_attention, record_structure, set_heads
 from compressdit.quant.layers import QuantizedLinear
 from compressdit.registry import Registry
 
@@ -327,7 +327,7 @@ def prune_width(model: nn.Module, adapter: ModelAdapter, config: WidthConfig,
 
     Gradient-based importances (``taylor``) take either ``loss_fn(model) -> scalar`` (called once, the caller
     decides data and loss) or ``calibration_batches`` (MSE of ``adapter.predict`` against each batch's target).
-    When anything changed, the model's width manifest is recorded (:func:`~.width_structure.record_structure`:
+    When anything changed, the model's width manifest is recorded (:func:`~compressdit.io.structure.record_structure`:
     the model then counts as quantized to diffusers, which refuses dtype casts of it). Returns the new shapes
     of the changed modules: ``{"width": {linear: [out, in]}, "heads": {attention: heads}}``.
     """
