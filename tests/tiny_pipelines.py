@@ -1,10 +1,12 @@
-"""Tiny text-to-image pipelines with their own text encoders (PixArt-alpha, SD3, FLUX), built offline.
+"""Tiny text-to-image / -video pipelines with their own text encoders (PixArt-alpha, SD3, FLUX, CogVideoX, Wan,
+Latte), built offline.
 
 Random-weight ``T5EncoderModel`` / ``CLIPTextModel(WithProjection)`` from small ``transformers`` configs; every
 tokenizer slot holds the BERT WordPiece tokenizer shipped inside the MiniLM package (``model_max_length`` 77 for
 CLIP slots, 512 for T5; ``[SEP]`` is CLIP's end-of-text id, which CLIP pools at). Widths follow each family:
-PixArt's ``caption_channels`` and SD3's / FLUX's ``joint_attention_dim`` are the T5 width; SD3's pooled vector is
-its two CLIP projections concatenated, FLUX's is the CLIP width. 64 px images, 8x8 latents (the VAE shrinks 8x).
+PixArt's / Latte's ``caption_channels``, CogVideoX's ``text_embed_dim``, Wan's ``text_dim`` and SD3's / FLUX's
+``joint_attention_dim`` are the T5 width; SD3's pooled vector is its two CLIP projections concatenated, FLUX's is
+the CLIP width. Images are 64 px, 8x8 latents (the VAE shrinks 8x); videos as each builder says.
 """
 
 from __future__ import annotations
@@ -95,7 +97,58 @@ def flux_pipeline(seed: int = 0):
                         transformer=transformer)
 
 
-BUILDERS = {"pixart": pixart_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline}
+def cogvideox_pipeline(seed: int = 0):
+    """CogVideoX 1.0 layout with rotary embeddings (any text length): 3 latent frames of 2x2 (16 px, 9 frames)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    transformer = _seeded(lambda: CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+        text_embed_dim=T5_WIDTH, num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=1,
+        temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True), seed)
+    vae = _seeded(lambda: AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4), 3)
+    scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                       set_alpha_to_one=True, snr_shift_scale=3.0, timestep_spacing="trailing")
+    return CogVideoXPipeline(tokenizer=tokenizer(512), text_encoder=t5(), vae=vae, transformer=transformer,
+                             scheduler=scheduler)
+
+
+def wan_pipeline(seed: int = 0):
+    """Wan 2.1 layout: 2 latent frames of 8x8 (3 frames of 16 px; the tiny VAE shrinks 2x in time and space)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    transformer = _seeded(lambda: WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=T5_WIDTH, freq_dim=32, ffn_dim=64, num_layers=1, rope_max_seq_len=32), seed)
+    vae = _seeded(lambda: AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
+                                           temperal_downsample=[True], scale_factor_spatial=2,
+                                           scale_factor_temporal=2, latents_mean=[0.0] * 4,
+                                           latents_std=[1.0] * 4), 3)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=3.0)
+    return WanPipeline(tokenizer=tokenizer(512), text_encoder=t5(), vae=vae, transformer=transformer,
+                       scheduler=scheduler)
+
+
+def latte_pipeline(seed: int = 0):
+    """Latte: 2 frames of 8x8 latents (64 px; the image VAE decodes frame by frame)."""
+    from diffusers import DDIMScheduler, LattePipeline, LatteTransformer3DModel
+
+    transformer = _seeded(lambda: LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
+        cross_attention_dim=32, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+        caption_channels=T5_WIDTH, video_length=2), seed)
+    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
+    return LattePipeline(tokenizer=tokenizer(512), text_encoder=t5(), vae=vae(), transformer=transformer,
+                         scheduler=scheduler)
+
+
+BUILDERS = {"pixart": pixart_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline, "cogvideox": cogvideox_pipeline,
+            "wan": wan_pipeline, "latte": latte_pipeline}
 
 
 def save_pipeline(family: str, path: Path) -> Path:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter
-from compressdit.models.text_conditions import embed_prompts, stack
+from compressdit.models.text_conditions import TextEmbedding, embed_prompts, stack
 
 _BLOCK = r"transformer_blocks\.\d+"
 OFS = 2.0  # CogVideoXImageToVideoPipeline's ofs for 1.5 checkpoints with an ofs embedding
@@ -44,6 +44,13 @@ def rotary_embedding(model, frames: int, height: int, width: int, device=None) -
     return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=None, grid_size=grid,
                                    temporal_size=(frames + p_t - 1) // p_t, grid_type="slice",
                                    max_size=(base_height, base_width), device=device)
+
+
+def call_default(pipeline, name: str):
+    """The default of ``name`` in the pipeline's ``__call__`` (what a stock call passes to ``encode_prompt``)."""
+    import inspect
+
+    return inspect.signature(type(pipeline).__call__).parameters[name].default
 
 
 class CogVideoXAdapter(ModelAdapter):
@@ -79,6 +86,14 @@ class CogVideoXAdapter(ModelAdapter):
 
     def null_conditions(self, count):
         return [""] * count
+
+    def prompt_embeddings(self, pipeline, prompts, device):
+        """``CogVideoXPipeline.encode_prompt`` with ``__call__``'s ``max_sequence_length`` (226): T5 run without an
+        attention mask over the padded tokens, all of which the transformer attends to (mask of ones)."""
+        length = call_default(pipeline, "max_sequence_length")
+        tokens, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=length,
+                                           device=device)
+        return [TextEmbedding(t, torch.ones(len(t), dtype=torch.long, device=t.device)) for t in tokens]
 
     def predict(self, model, latents, timestep, cond):
         batch, frames, channels, height, width = latents.shape

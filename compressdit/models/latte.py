@@ -18,7 +18,7 @@ channels, dropped), DDIM over linear betas 1e-4..0.02, integer timesteps, tempor
 from __future__ import annotations
 
 from compressdit.models.base import ADAPTERS, Conditioning, ModelAdapter
-from compressdit.models.text_conditions import embed_prompts, stack
+from compressdit.models.text_conditions import TextEmbedding, embed_prompts, stack
 
 _SPATIAL = r"transformer_blocks\.\d+"
 _TEMPORAL = r"temporal_transformer_blocks\.\d+"
@@ -65,6 +65,19 @@ class LatteAdapter(ModelAdapter):
 
     def null_conditions(self, count):
         return [""] * count
+
+    def prompt_embeddings(self, pipeline, prompts, device):
+        """``LattePipeline.encode_prompt`` as ``__call__`` runs it on a batch of prompts (``mask_feature``): T5's
+        120 tokens zeroed past each prompt's attention mask; the null prompt ``""`` stays unmasked, as the pipeline
+        passes its negative embeddings. (A single-prompt stock call instead truncates both to that prompt's length:
+        a batch-size-dependent shape this per-prompt encoder does not reproduce.)"""
+        tokens, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, mask_feature=False,
+                                           device=device)
+        mask = pipeline.tokenizer(pipeline._text_preprocessing(prompts, clean_caption=False), padding="max_length",
+                                  max_length=tokens.shape[1], truncation=True, return_attention_mask=True,
+                                  add_special_tokens=True, return_tensors="pt").attention_mask.to(tokens.device)
+        return [TextEmbedding(t if p == "" else t * m[:, None].to(t.dtype), m)
+                for p, t, m in zip(prompts, tokens, mask)]
 
     def predict(self, model, latents, timestep, cond):
         out = model(hidden_states=latents, encoder_hidden_states=cond.tensors["encoder_hidden_states"],

@@ -21,7 +21,8 @@ unscaled. Text embeddings (UMT5, ``text_dim`` wide) are zeroed past each prompt'
 from __future__ import annotations
 
 from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter
-from compressdit.models.text_conditions import embed_prompts, stack
+from compressdit.models.cogvideox import call_default
+from compressdit.models.text_conditions import TextEmbedding, embed_prompts, stack
 
 _BLOCK = r"blocks\.\d+"
 
@@ -59,6 +60,19 @@ class WanAdapter(ModelAdapter):
 
     def null_conditions(self, count):
         return [""] * count
+
+    def prompt_embeddings(self, pipeline, prompts, device):
+        """``WanPipeline.encode_prompt`` with ``__call__``'s ``max_sequence_length`` (512, not ``encode_prompt``'s
+        226): UMT5 tokens zeroed past each prompt's length; the mask is its tokenizer's attention mask."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        length = call_default(pipeline, "max_sequence_length")
+        tokens, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=length,
+                                           device=device)
+        mask = pipeline.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=length,
+                                  truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                  return_tensors="pt").attention_mask
+        return [TextEmbedding(t, m.to(t.device)) for t, m in zip(tokens, mask)]
 
     def predict(self, model, latents, timestep, cond):
         out = model(hidden_states=latents, timestep=timestep.expand(len(latents)),
