@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -188,6 +189,11 @@ def dynamic_shift(scheduler, image_tokens: int) -> float:
     config = scheduler.config
     return calculate_shift(image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                            config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+
+
+def call_default(pipeline, name: str):
+    """The default of ``name`` in the pipeline's ``__call__`` (what a stock call passes to ``encode_prompt``)."""
+    return inspect.signature(type(pipeline).__call__).parameters[name].default
 
 
 ADAPTERS: Registry[ModelAdapter] = Registry("model family")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter
+from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter, call_default
 from compressdit.models.text_conditions import TextEmbedding, embed_prompts, stack
 
 _BLOCK = r"transformer_blocks\.\d+"
@@ -44,13 +44,6 @@ def rotary_embedding(model, frames: int, height: int, width: int, device=None) -
     return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=None, grid_size=grid,
                                    temporal_size=(frames + p_t - 1) // p_t, grid_type="slice",
                                    max_size=(base_height, base_width), device=device)
-
-
-def call_default(pipeline, name: str):
-    """The default of ``name`` in the pipeline's ``__call__`` (what a stock call passes to ``encode_prompt``)."""
-    import inspect
-
-    return inspect.signature(type(pipeline).__call__).parameters[name].default
 
 
 class CogVideoXAdapter(ModelAdapter):

@@ -20,8 +20,7 @@ unscaled. Text embeddings (UMT5, ``text_dim`` wide) are zeroed past each prompt'
 
 from __future__ import annotations
 
-from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter
-from compressdit.models.cogvideox import call_default
+from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter, call_default
 from compressdit.models.text_conditions import TextEmbedding, embed_prompts, stack
 
 _BLOCK = r"blocks\.\d+"
