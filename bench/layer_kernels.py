@@ -52,7 +52,6 @@ def cpu_flags() -> list[str]:
 def build_methods(in_features: int, out_features: int) -> dict:
     """name -> (callable taking x, note). Ours run through QuantLinear/VQLinear with their chosen kernel."""
     from compressdit.evaluate.peers import _bnb_int8, _bnb_nf4
-    from compressdit.quant.cpu_kernels import int4_weight_linear_cpu
     from compressdit.quant.kernel_registry import refresh, set_kernel
     from compressdit.quant.layers import QuantLinear
     from compressdit.quant.spec import LinearQuantSpec
@@ -81,7 +80,8 @@ def build_methods(in_features: int, out_features: int) -> dict:
     raw, _ = ours(w4, "w4raw")
     b = refresh(raw).buffers
     methods["int4pack_mm g64 at every M"] = (
-        lambda x: int4_weight_linear_cpu(x, b["packed"], b["scales_zeros"], b["group"], b["bias"], out_features),
+        lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), b["packed"], b["group"],
+                                                             b["scales_zeros"]).float() + b["bias"],
         "_weight_int4pack_mm_for_cpu, bf16 activations, no row threshold")
     methods["ours w8a16"] = ours(LinearQuantSpec(w_bits=8), "w8a16")
     vq_spec = LinearQuantSpec(format="vq", w_bits=3, vector_dim=2, codebook_size=64)
