@@ -1,6 +1,6 @@
 """CPU per-layer speed of our quantized-linear kernels against fp32, bf16, fbgemm, torchao and bitsandbytes.
 
-DiT-XL/2 linear shapes (1152->3456 qkv, 1152->1152 out, 1152->4608 fc1, 4608->1152 fc2) at M = 1, 16, 256,
+DiT-XL/2 linear shapes (1152->3456 qkv, 1152->1152 out, 1152->4608 fc1, 4608->1152 fc2) at M = 1, 16, 64, 256,
 1024 rows, with 1 and 2 threads. Every method of a (shape, M, threads) cell is timed in the same run, in an
 interleaved order repeated ``--rounds`` times, and the ratio to fp32 is taken per round; the table reports the
 median time and the median ratio. Random weights: this measures speed, never quality. Usage::
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 SHAPES = [("attn.qkv", 1152, 3456), ("attn.to_out", 1152, 1152), ("ff.fc1", 1152, 4608), ("ff.fc2", 4608, 1152)]
-ROWS = [1, 16, 256, 1024]
+ROWS = [1, 16, 64, 256, 1024]
 
 
 def cpu_model() -> str:

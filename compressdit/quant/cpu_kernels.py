@@ -10,7 +10,7 @@
   32/64/128/256 or per channel, via ``_weight_int4pack_mm_for_cpu``: activations are rounded to bf16
   (its fast path) and so are the group scales and the product; the bias is added in fp32. Up to
   ``INT4_PACKED_MAX_ROWS["cpu"]`` rows per call; above, the weight is dequantized per call into bf16 (from
-  a nibble copy of the codes, 0.5 byte per weight) and multiplied by a dense bf16 GEMM, which beats the packed GEMM
+  a nibble copy of the codes, 0.5 byte per weight) for a dense bf16 GEMM, which beats the packed GEMM there
   (1.5-2.2x fp32 against 0.6-1.05x at M = 256..1024 on DiT-XL/2 shapes, one thread, AVX512-BF16 EPYC).
 - ``cpu-int8-weight``: weight-only int codes of 5-8 bits per channel (symmetric) via
   ``_weight_int8pack_mm`` on bf16 activations (per-channel scales applied in fp32 afterwards); above
@@ -109,8 +109,8 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: 
                            bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
     """``x @ W^T + b`` with W = (q - 8) * scale + zero per group, activations in bf16.
 
-    Up to ``INT4_PACKED_MAX_ROWS["cpu"]`` rows: the packed int4 GEMM; above: W dequantized into bf16 for this call
-    (``nibbles``: codes + 8 two per byte, ``scale``/``zero``: bf16 ``[out, in / group]``) and a dense bf16 GEMM.
+    Up to ``INT4_PACKED_MAX_ROWS["cpu"]`` rows: the packed int4 GEMM; above: W dequantized into bf16 for this
+    call (``nibbles``: codes + 8 two per byte, ``scale``/``zero``: bf16 ``[out, in / group]``), a dense GEMM.
     """
     x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     if int4_uses_packed_gemm(x2.shape[0], "cpu"):
@@ -125,7 +125,6 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: 
 @torch.library.register_fake("compressdit::int4_weight_linear_cpu")
 def _(x, packed, scales_zeros, nibbles, scale, zero, group_size, bias, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
-
 
 
 def _int4_group(spec, in_features: int) -> int | None:

@@ -9,10 +9,11 @@ Ops (``torch.ops.compressdit.*``; the reference runs on every device, CUDA kerne
 - ``fp8_linear(x, weight float8_e4m3fn [N, K], weight_scale fp32 [N, 1], bias?)``: dynamic per-token e4m3
   activations, ``torch._scaled_mm`` with row-wise scales (compute capability >= 8.9). Reference: the same
   e4m3 rounding, then an fp32 matmul.
-- ``int4_linear(x, packed, scales_and_zeros bf16 [K/g, N, 2], group_size, bias?)``: int4 weight-only,
+- ``int4_linear(x, packed, scales_and_zeros bf16 [K/g, N, 2], group_size, bias?, nibbles?)``: int4 weight-only,
   tinygemm (``aten._weight_int4pack_mm``) in bf16; ``packed`` is the device's own layout from
   :func:`pack_int4` (CUDA: ``_convert_weight_to_int4pack``; CPU: its ``_for_cpu`` twin), weight =
-  ``(q - 8) * scale + zero`` with ``q`` in [0, 15].
+  ``(q - 8) * scale + zero`` with ``q`` in [0, 15]. Given ``nibbles`` (``pack_nibbles``), calls of more than
+  ``INT4_PACKED_MAX_ROWS[device]`` rows dequantize the weight into bf16 and run a dense GEMM (cuBLAS) instead.
 
 Wiring contract (for the kernel registry of :class:`~compressdit.quant.layers.QuantLinear`)::
 
