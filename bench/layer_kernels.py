@@ -1,6 +1,6 @@
 """CPU per-layer speed of our quantized-linear kernels against fp32, bf16, fbgemm, torchao and bitsandbytes.
 
-DiT-XL/2 linear shapes (1152->3456 qkv, 1152->1152 out, 1152->4608 fc1, 4608->1152 fc2) at M = 1, 16, 256,
+DiT-XL/2 linear shapes (1152->3456 qkv, 1152->1152 out, 1152->4608 fc1, 4608->1152 fc2) at M = 1, 16, 64, 256,
 1024 rows, with 1 and 2 threads. Every method of a (shape, M, threads) cell is timed in the same run, in an
 interleaved order repeated ``--rounds`` times, and the ratio to fp32 is taken per round; the table reports the
 median time and the median ratio. Random weights: this measures speed, never quality. Usage::
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 SHAPES = [("attn.qkv", 1152, 3456), ("attn.to_out", 1152, 1152), ("ff.fc1", 1152, 4608), ("ff.fc2", 4608, 1152)]
-ROWS = [1, 16, 256, 1024]
+ROWS = [1, 16, 64, 256, 1024]
 
 
 def cpu_model() -> str:
@@ -52,7 +52,6 @@ def cpu_flags() -> list[str]:
 def build_methods(in_features: int, out_features: int) -> dict:
     """name -> (callable taking x, note). Ours run through QuantLinear/VQLinear with their chosen kernel."""
     from compressdit.evaluate.peers import _bnb_int8, _bnb_nf4
-    from compressdit.quant.cpu_kernels import int4_weight_linear_cpu
     from compressdit.quant.kernel_registry import refresh, set_kernel
     from compressdit.quant.layers import QuantLinear
     from compressdit.quant.spec import LinearQuantSpec
@@ -81,7 +80,8 @@ def build_methods(in_features: int, out_features: int) -> dict:
     raw, _ = ours(w4, "w4raw")
     b = refresh(raw).buffers
     methods["int4pack_mm g64 at every M"] = (
-        lambda x: int4_weight_linear_cpu(x, b["packed"], b["scales_zeros"], b["group"], b["bias"], out_features),
+        lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), b["packed"], b["group"],
+                                                             b["scales_zeros"]).float() + b["bias"],
         "_weight_int4pack_mm_for_cpu, bf16 activations, no row threshold")
     methods["ours w8a16"] = ours(LinearQuantSpec(w_bits=8), "w8a16")
     vq_spec = LinearQuantSpec(format="vq", w_bits=3, vector_dim=2, codebook_size=64)

@@ -8,8 +8,10 @@
   reference up to fp32 summation order.
 - ``cpu-int4-weight``: weight-only (or fake-quantized activations) int codes of 2-4 bits, groups of
   32/64/128/256 or per channel, via ``_weight_int4pack_mm_for_cpu``: activations are rounded to bf16
-  (its fast path) and so are the group scales and the product; the bias is added in fp32. At every row
-  count: on the development CPU (AMD EPYC, AVX-512) it beat dequantize-then-fp32-GEMM at M = 64..1024.
+  (its fast path) and so are the group scales and the product; the bias is added in fp32. Up to
+  ``INT4_PACKED_MAX_ROWS["cpu"]`` rows per call; above, the weight is dequantized per call into bf16 (from
+  a nibble copy of the codes, 0.5 byte per weight) for a dense bf16 GEMM, which beats the packed GEMM there
+  (1.5-2.2x fp32 against 0.6-1.05x at M = 256..1024 on DiT-XL/2 shapes, one thread, AVX512-BF16 EPYC).
 - ``cpu-int8-weight``: weight-only int codes of 5-8 bits per channel (symmetric) via
   ``_weight_int8pack_mm`` on bf16 activations (per-channel scales applied in fp32 afterwards); above
   ``INT8_MAX_ROWS`` rows the dequantize reference (cheap for int8 codes) + fp32 GEMM is faster. bf16 rounding
@@ -25,6 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from compressdit.quant.gpu_reference import (INT4_PACKED_MAX_ROWS, dequantize_nibbles, int4_uses_packed_gemm,
+                                             pack_nibbles)
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.primitives import fake_quantize_activation
 
@@ -98,20 +102,28 @@ def _w8a8_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
 
 # --- weight-only int4 (tinygemm layout for CPU) -------------------------------------------------------------
 
-@_define("int4_weight_linear_cpu(Tensor x, Tensor packed, Tensor scales_zeros, int group_size, Tensor? bias, "
-         "int out_features) -> Tensor")
-def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+@_define("int4_weight_linear_cpu(Tensor x, Tensor packed, Tensor scales_zeros, Tensor nibbles, Tensor scale, "
+         "Tensor? zero, int group_size, Tensor? bias, int out_features) -> Tensor")
+def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, nibbles: torch.Tensor,
+                           scale: torch.Tensor, zero: Optional[torch.Tensor], group_size: int,
                            bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
-    """``x @ W^T + b`` with W = (q - 8) * scale + zero per group, activations in bf16."""
+    """``x @ W^T + b`` with W = (q - 8) * scale + zero per group, activations in bf16.
+
+    Up to ``INT4_PACKED_MAX_ROWS["cpu"]`` rows: the packed int4 GEMM; above: W dequantized into bf16 for this
+    call (``nibbles``: codes + 8 two per byte, ``scale``/``zero``: bf16 ``[out, in / group]``), a dense GEMM.
+    """
     x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_zeros).float()
+    if int4_uses_packed_gemm(x2.shape[0], "cpu"):
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_zeros).float()
+    else:
+        out = F.linear(x2, dequantize_nibbles(nibbles, scale, zero, group_size)).float()
     if bias is not None:
         out = out + bias
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 @torch.library.register_fake("compressdit::int4_weight_linear_cpu")
-def _(x, packed, scales_zeros, group_size, bias, out_features):
+def _(x, packed, scales_zeros, nibbles, scale, zero, group_size, bias, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -137,6 +149,9 @@ def _int4_prepack(layer) -> dict:
     scale, zero = (t.repeat_interleave(repeat, dim=1) if repeat != 1 else t for t in (scale, zero))
     return {"packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1),
             "scales_zeros": torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous(),
+            "nibbles": pack_nibbles(layer.codes()),
+            "scale": scale.to(torch.bfloat16).contiguous(),
+            "zero": None if layer.weight_zero is None else zero.to(torch.bfloat16).contiguous(),
             "group": group, "bias": None if layer.bias is None else layer.bias.detach().float()}
 
 
@@ -147,8 +162,8 @@ def _fake_quantize_input(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _int4_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    return int4_weight_linear_cpu(_fake_quantize_input(layer, x), b["packed"], b["scales_zeros"], b["group"],
-                                  b["bias"], layer.out_features)
+    return int4_weight_linear_cpu(_fake_quantize_input(layer, x), b["packed"], b["scales_zeros"], b["nibbles"],
+                                  b["scale"], b["zero"], b["group"], b["bias"], layer.out_features)
 
 
 # --- weight-only int8 per channel ------------------------------------------------------------------------
@@ -203,7 +218,8 @@ KERNELS.add("cpu-w8a8-onednn", Kernel(
     description="oneDNN u8s8 int8 GEMM, the spec's dynamic symmetric activation codes, scales in fp32"))
 KERNELS.add("cpu-int4-weight", Kernel(
     _int4_applies, _int4_prepack, _int4_run, priority=10,
-    description="_weight_int4pack_mm_for_cpu (bf16 activations, bf16 group scales)"))
+    description=f"_weight_int4pack_mm_for_cpu (bf16 activations, bf16 group scales) up to "
+                f"{INT4_PACKED_MAX_ROWS['cpu']} rows, else dequantize to bf16 + bf16 GEMM"))
 KERNELS.add("cpu-int8-weight", Kernel(
     _int8_applies, _int8_prepack, _int8_run, priority=10,
     description=f"_weight_int8pack_mm (bf16 activations) up to {INT8_MAX_ROWS} rows, else dequantize"))

@@ -10,7 +10,9 @@ call, so ``torch.compile`` keeps it as one node) and is chosen for layers on a C
 - ``cuda-fp8``: format ``fp8`` with ``a_bits: 8`` on compute capability 8.9+ (``torch._scaled_mm``,
   row-wise scales; K and N multiples of 16).
 - ``cuda-int4-weight``: ``int`` W4A16 (groups of 32..256 or per channel) via tinygemm
-  (``aten._weight_int4pack_mm``, bf16 activations), compute capability 8.0+.
+  (``aten._weight_int4pack_mm``, bf16 activations), compute capability 8.0+, up to
+  ``INT4_PACKED_MAX_ROWS["cuda"]`` rows per call; above, the weight is dequantized into bf16 for the call and
+  multiplied by cuBLAS (tinygemm is a small-batch kernel: see :mod:`compressdit.quant.gpu_reference`).
 
 The choice is device-free given a compute capability (:func:`cuda_kernel_name`); :func:`cuda_capability`
 is the only place that asks the device. Prepacked buffers (int4: the tinygemm layout; int8/fp8: views of
@@ -87,4 +89,5 @@ KERNELS.add("cuda-fp8", Kernel(
     description="E4M3 x E4M3 torch._scaled_mm, row-wise scales (compute capability 8.9+)"))
 KERNELS.add("cuda-int4-weight", Kernel(
     _applies("cuda-int4-weight"), _prepack, _run, priority=20,
-    description="tinygemm aten._weight_int4pack_mm (bf16 activations, bf16 group scales and zeros)"))
+    description="tinygemm aten._weight_int4pack_mm (bf16 activations, bf16 group scales and zeros) at few rows, "
+                "else dequantize to bf16 + cuBLAS"))

@@ -9,10 +9,11 @@ Ops (``torch.ops.compressdit.*``; the reference runs on every device, CUDA kerne
 - ``fp8_linear(x, weight float8_e4m3fn [N, K], weight_scale fp32 [N, 1], bias?)``: dynamic per-token e4m3
   activations, ``torch._scaled_mm`` with row-wise scales (compute capability >= 8.9). Reference: the same
   e4m3 rounding, then an fp32 matmul.
-- ``int4_linear(x, packed, scales_and_zeros bf16 [K/g, N, 2], group_size, bias?)``: int4 weight-only,
+- ``int4_linear(x, packed, scales_and_zeros bf16 [K/g, N, 2], group_size, bias?, nibbles?)``: int4 weight-only,
   tinygemm (``aten._weight_int4pack_mm``) in bf16; ``packed`` is the device's own layout from
   :func:`pack_int4` (CUDA: ``_convert_weight_to_int4pack``; CPU: its ``_for_cpu`` twin), weight =
-  ``(q - 8) * scale + zero`` with ``q`` in [0, 15].
+  ``(q - 8) * scale + zero`` with ``q`` in [0, 15]. Given ``nibbles`` (``pack_nibbles``), calls of more than
+  ``INT4_PACKED_MAX_ROWS[device]`` rows dequantize the weight into bf16 and run a dense GEMM (cuBLAS) instead.
 
 Wiring contract (for the kernel registry of :class:`~compressdit.quant.layers.QuantLinear`)::
 
@@ -43,8 +44,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from compressdit.quant.gpu_reference import (FP8_MAX, fp8_linear_reference, int4_linear_reference,
-                                             int8_linear_reference, pack_int4, quantize_rows_reference,
+from compressdit.quant.gpu_reference import (FP8_MAX, dequantize_nibbles, fp8_linear_reference,
+                                             int4_linear_reference, int4_uses_packed_gemm, int8_linear_reference,
+                                             pack_int4, pack_nibbles, quantize_rows_reference,
                                              tinygemm_scales_and_zeros)
 from compressdit.quant.spec import LinearQuantSpec
 
@@ -179,31 +181,42 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 @torch.library.custom_op("compressdit::int4_linear", mutates_args=())
 def _int4_op(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-             bias: Optional[torch.Tensor]) -> torch.Tensor:
-    x2 = _rows(x).to(torch.bfloat16)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros)
-    out = out if bias is None else out + bias.to(out.dtype)
-    return out.to(x.dtype).reshape(*x.shape[:-1], scales_and_zeros.shape[1])
+             bias: Optional[torch.Tensor], nibbles: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _int4_run(x, packed, scales_and_zeros, group_size, bias, nibbles,
+                     torch.ops.aten._weight_int4pack_mm_for_cpu)
 
 
 @_int4_op.register_kernel("cuda")
 def _int4_cuda(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-               bias: Optional[torch.Tensor]) -> torch.Tensor:
+               bias: Optional[torch.Tensor], nibbles: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _int4_run(x, packed, scales_and_zeros, group_size, bias, nibbles, torch.ops.aten._weight_int4pack_mm)
+
+
+def _int4_run(x, packed, scales_and_zeros, group_size, bias, nibbles, packed_mm) -> torch.Tensor:
+    """tinygemm up to ``INT4_PACKED_MAX_ROWS[device]`` rows (or without ``nibbles``), else dequantize + GEMM."""
     x2 = _rows(x).to(torch.bfloat16).contiguous()
-    out = torch.ops.aten._weight_int4pack_mm(x2, packed, group_size, scales_and_zeros)
+    if nibbles is None or int4_uses_packed_gemm(x2.shape[0], x.device.type):
+        out = packed_mm(x2, packed, group_size, scales_and_zeros)
+    else:
+        scale, zero = scales_and_zeros.unbind(-1)  # [K/g, N] each
+        out = F.linear(x2, dequantize_nibbles(nibbles, scale.t(), zero.t(), group_size))
     out = out if bias is None else out + bias.to(out.dtype)
     return out.to(x.dtype).reshape(*x.shape[:-1], scales_and_zeros.shape[1])
 
 
 @_int4_op.register_fake
-def _int4_fake(x, packed, scales_and_zeros, group_size, bias):
+def _int4_fake(x, packed, scales_and_zeros, group_size, bias, nibbles=None):
     return x.new_empty(*x.shape[:-1], scales_and_zeros.shape[1])
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x @ W^T + b`` with a tinygemm-packed int4 ``W`` (from :func:`pack_int4` on the same device)."""
-    return torch.ops.compressdit.int4_linear(x, packed, scales_and_zeros, group_size, bias)
+                bias: Optional[torch.Tensor], nibbles: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W^T + b`` with a tinygemm-packed int4 ``W`` (from :func:`pack_int4` on the same device).
+
+    With ``nibbles`` (:func:`~compressdit.quant.gpu_reference.pack_nibbles` of the same codes), calls of more
+    than ``INT4_PACKED_MAX_ROWS[device]`` rows dequantize ``W`` into bf16 and run a dense GEMM instead.
+    """
+    return torch.ops.compressdit.int4_linear(x, packed, scales_and_zeros, group_size, bias, nibbles)
 
 
 # ------------------------------------------------------------------------------------------------ wiring
@@ -249,12 +262,12 @@ def int4_group_size(spec: LinearQuantSpec, in_features: int) -> int | None:
 def _int4_kernel(group_size: int) -> GpuKernel:
     def prepare(layer):
         scale, zero = layer.weight_scale, layer.weight_zero
-        packed = pack_int4(layer.codes(), layer.weight.device)
-        return {"packed": packed, "scales_and_zeros": tinygemm_scales_and_zeros(scale, zero, group_size,
-                                                                                layer.in_features)}
+        codes = layer.codes()
+        return {"packed": pack_int4(codes, layer.weight.device), "nibbles": pack_nibbles(codes),
+                "scales_and_zeros": tinygemm_scales_and_zeros(scale, zero, group_size, layer.in_features)}
 
-    return GpuKernel("int4-tinygemm", prepare,
-                     lambda x, p, bias: int4_linear(x, p["packed"], p["scales_and_zeros"], group_size, bias))
+    return GpuKernel("int4-tinygemm", prepare, lambda x, p, bias: int4_linear(x, p["packed"], p["scales_and_zeros"],
+                                                                            group_size, bias, p["nibbles"]))
 
 
 def kernel_for_spec(spec: LinearQuantSpec, in_features: int, out_features: int,

@@ -110,3 +110,38 @@ def tinygemm_scales_and_zeros(scale: torch.Tensor, zero: Optional[torch.Tensor],
     s = scale.float().repeat_interleave(repeat, dim=1)
     z = torch.zeros_like(s) if zero is None else -zero.float().repeat_interleave(repeat, dim=1) * s
     return torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+# Row counts up to which the packed int4 GEMM runs; above, the weight is dequantized into bf16 for the call and
+# multiplied by a dense bf16 GEMM. CPU (one thread, AVX512-BF16 EPYC, DiT-XL/2 shapes, bench/layer_kernels.py):
+# _weight_int4pack_mm_for_cpu wins at 64 rows on all four shapes, the dense path is 1.5-1.8x faster at 256.
+# CUDA (H200, bench/results/gpu_kernels_h200.md): tinygemm grows ~0.4 us per row (fc1: 13 us at 16 rows, 109 at
+# 256, 413 at 1024, 1630 at 4096) while a per-call decode + cuBLAS (the vq-decode+cublas column) stays at
+# 50-240 us; at 256 rows tinygemm is still ahead on all four shapes, at 1024 behind on three. Not yet measured
+# for int4 itself on a GPU: conservative, rerun bench/gpu_kernels.py to move it.
+INT4_PACKED_MAX_ROWS = {"cpu": 64, "cuda": 256}
+
+
+def int4_uses_packed_gemm(rows: int, device_type: str) -> bool:
+    """Whether ``rows`` activation rows on ``device_type`` run the packed int4 GEMM (else dequantize + dense)."""
+    return rows <= INT4_PACKED_MAX_ROWS.get(device_type, INT4_PACKED_MAX_ROWS["cpu"])
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """``uint8 [N, K/2]`` holding ``code + 8`` of signed codes ``[N, K]`` in [-8, 7], even column low."""
+    q = codes.to(torch.int16) + 8
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
+
+
+def dequantize_nibbles(nibbles: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                       group_size: int) -> torch.Tensor:
+    """bf16 ``[N, K]`` weight ``(q - 8) * scale + zero`` (tinygemm's convention) from :func:`pack_nibbles`.
+
+    ``scale`` / ``zero``: ``[N, K / group_size]``; the arithmetic runs in bf16, like the packed GEMMs' scales.
+    """
+    rows, groups = scale.shape
+    q = torch.stack([nibbles & 15, nibbles >> 4], -1).view(rows, groups, group_size).to(torch.bfloat16).sub_(8)
+    weight = q.mul_(scale.to(torch.bfloat16).unsqueeze(-1))
+    if zero is not None:
+        weight = weight.add_(zero.to(torch.bfloat16).unsqueeze(-1))
+    return weight.view(rows, groups * group_size)

@@ -315,3 +315,67 @@ def test_cuda_compiled_model_equals_eager():
         compiled = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2 * float(eager.abs().max()))
     assert F.mse_loss(compiled.float(), eager.float()) < 1e-3 * float(eager.float().pow(2).mean())
+
+
+# -- int4: packed GEMM at few rows, dequantize + dense GEMM above INT4_PACKED_MAX_ROWS --------------------------
+
+from compressdit.quant.gpu_reference import (INT4_PACKED_MAX_ROWS, dequantize_nibbles,  # noqa: E402
+                                             int4_uses_packed_gemm, pack_nibbles)
+
+
+def test_int4_dispatch_switches_to_the_dense_path_above_the_row_threshold():
+    for device, limit in INT4_PACKED_MAX_ROWS.items():
+        assert int4_uses_packed_gemm(1, device) and int4_uses_packed_gemm(limit, device)
+        assert not int4_uses_packed_gemm(limit + 1, device) and not int4_uses_packed_gemm(4096, device)
+    assert INT4_PACKED_MAX_ROWS["cpu"] < 256 <= INT4_PACKED_MAX_ROWS["cuda"] < 1024  # bench/results/*.md
+
+
+def _int4_case(symmetric: bool, group_size: int | None):
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 256, generator=gen) * (1 + torch.rand(64, 1, generator=gen) * 3)
+    q = quantize_weight_rtn(weight, 4, group_size, symmetric)
+    tiny_group = group_size or 128
+    return q, tiny_group, tinygemm_scales_and_zeros(q.scale, q.zero, tiny_group, 256), torch.randn(64, generator=gen)
+
+
+@pytest.mark.parametrize("symmetric,group_size", [(True, 64), (False, 32), (True, None)])
+def test_int4_nibbles_dequantize_to_the_tinygemm_weight(symmetric, group_size):
+    q, tiny_group, sz, _ = _int4_case(symmetric, group_size)
+    weight = dequantize_nibbles(pack_nibbles(q.codes), sz[..., 0].t(), sz[..., 1].t(), tiny_group)
+    codes = q.codes.float().reshape(64, q.scale.shape[1], -1)  # w = (c - z) * s per group
+    zero = 0 if q.zero is None else q.zero.float().unsqueeze(-1)
+    truth = ((codes - zero) * q.scale.float().unsqueeze(-1)).reshape(64, 256)
+    assert weight.dtype == torch.bfloat16 and weight.shape == (64, 256)
+    assert rel_error(weight.float(), truth) < 1e-2  # bf16 scales, zeros and products
+
+
+@pytest.mark.parametrize("symmetric,group_size", [(True, 64), (False, 32)])
+def test_int4_linear_takes_the_dense_path_only_above_the_cpu_threshold(symmetric, group_size):
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no CPU tinygemm kernel")
+    q, tiny_group, sz, bias = _int4_case(symmetric, group_size)
+    packed, nibbles = pack_int4(q.codes, "cpu"), pack_nibbles(q.codes)
+    dense_weight = dequantize_nibbles(nibbles, sz[..., 0].t(), sz[..., 1].t(), tiny_group)
+    limit = INT4_PACKED_MAX_ROWS["cpu"]
+    for rows in (limit, limit + 1, 3 * limit):
+        x = _x((rows, 256), torch.bfloat16)
+        out = int4_linear(x, packed, sz, tiny_group, bias, nibbles)
+        packed_only = int4_linear(x, packed, sz, tiny_group, bias)
+        dense = (F.linear(x, dense_weight) + bias.bfloat16()).to(x.dtype)
+        torch.testing.assert_close(out, packed_only if rows <= limit else dense, rtol=0, atol=0)
+        assert rel_error(out, int4_linear_reference(x.float(), q.codes, q.scale, q.zero, bias)) < 0.01
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("rows", [16, INT4_PACKED_MAX_ROWS["cuda"] + 1, 1024])
+def test_cuda_int4_linear_matches_the_reference_on_both_sides_of_the_threshold(rows):
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("tinygemm needs compute capability 8.0")
+    q, tiny_group, sz, bias = _int4_case(False, 64)
+    x = _x((rows, 256), torch.bfloat16)
+    out = int4_linear(x.cuda(), pack_int4(q.codes, "cuda"), sz.cuda(), tiny_group, bias.cuda(),
+                      pack_nibbles(q.codes).cuda())
+    truth = int4_linear_reference(x.float(), q.codes, q.scale, q.zero, bias)
+    assert out.shape == (rows, 64) and out.dtype == torch.bfloat16
+    assert rel_error(out.cpu(), truth) < 0.01

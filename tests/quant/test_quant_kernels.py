@@ -200,3 +200,18 @@ def test_inspect_names_each_layers_kernel(tmp_path):
     rows = {row["module"]: row for row in inspect_checkpoint(str(tmp_path))["modules"]}
     assert {row["kernel"] for row in rows.values()} == {"float", "cpu-w8a8-onednn", "cpu-int4-weight"}
     assert all(row["runtime_bytes"] > 0 for row in rows.values() if row["kernel"].startswith("cpu-"))
+
+
+@pytest.mark.parametrize("spec", [case[0] for case in CPU_CASES if case[1] == "cpu-int4-weight"],
+                         ids=lambda v: v.label)
+def test_cpu_int4_kernel_keeps_its_bound_above_the_packed_row_threshold(spec):
+    from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS
+
+    linear, layer = _layer(spec)
+    assert layer.kernel_name == "cpu-int4-weight"
+    x = torch.randn(2, INT4_PACKED_MAX_ROWS["cpu"] + 5, 256) * torch.linspace(0.1, 4, 256)  # dense bf16 path
+    with torch.no_grad():
+        out, reference, exact = layer(x), layer.reference_forward(x), linear(x)
+    error = ((out - reference).norm() / reference.norm()).item()
+    assert error <= 6e-3  # the bound of CPU_CASES
+    assert error <= 0.2 * ((reference - exact).norm() / exact.norm()).item()
