@@ -26,6 +26,13 @@ JSON = typer.Option(False, "--json", help="Machine-readable output on stdout.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output folder.")
 
 
+def _cell(value) -> str:
+    """A report value for the terminal table: numbers to 6 significant digits, text (e.g. kernels) as it is."""
+    if value is None:
+        return "—"
+    return f"{value:.6g}" if isinstance(value, (int, float)) else str(value)
+
+
 def _summary(state, as_json: bool) -> None:
     report = state.report or {}
     payload = {"out": str(state.workdir), "recipe": state.recipe_name, "quantized_modules": len(state.quant_specs),
@@ -43,7 +50,7 @@ def _summary(state, as_json: bool) -> None:
         for column in columns:
             table.add_column(column, justify="right")
         for m in report["metrics"]:
-            table.add_row(m["name"], *[("—" if m["values"].get(c) is None else f"{m['values'][c]:.6g}")
+            table.add_row(m["name"], *[_cell(m["values"].get(c))
                                        for c in columns])
         console.print(table)
         console.print(f"report: {state.workdir / 'report' / 'report.html'}")
