@@ -95,8 +95,9 @@ def main() -> None:
     lines = [f"# Time per guided denoising step, {meta['model']}, CPU: {meta['cpu']} ({', '.join(meta['cpu_flags'])}),"
              f" torch {meta['torch']}, {meta['threads']} thread(s)", "",
              f"Median of {meta['rounds']} interleaved rounds; speed-up = fp32 time / variant time within a round. "
-             f"Load average before/after: {meta['loadavg_start']} / {meta['loadavg_end']} (2-core VM shared with "
-             "other jobs while this ran: ratios are more reliable than absolute times).", "",
+             f"Load average before/after: {meta['loadavg_start']} / {meta['loadavg_end']} (a load near 1 is this run "
+             "alone; higher means other jobs shared the 2 cores, and ratios are then more reliable than absolute "
+             "times).", "",
              "| batch (CFG rows) | variant | s per step | speed-up vs fp32 | kernels |", "|---|---|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['batch']} ({2 * r['batch']}) | {r['variant']} | {r['s_per_step']} | "
