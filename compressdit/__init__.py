@@ -4,9 +4,10 @@ import logging as _logging
 
 
 class _QuietImport:
-    """Silence libraries' import-time warnings about an optional kernel we never call (bitsandbytes' CPU
-    ``gemm_4bit_forward`` fetched from the hub by ``kernels``, unreachable offline), so a CLI error stays one
-    line; the loggers' levels are restored on exit."""
+    """Silence the import-time warnings of optional backends that diffusers imports and we never call
+    (bitsandbytes' CPU ``gemm_4bit_forward`` fetched from the hub by ``kernels``, unreachable offline; torchao's
+    CUDA-only extensions on a CPU build and its pytree deprecation notes), so a CLI error stays one line; the
+    loggers' levels are restored on exit."""
 
     def __init__(self, *names: str) -> None:
         self.loggers = [_logging.getLogger(name) for name in names]
@@ -21,7 +22,8 @@ class _QuietImport:
             logger.setLevel(level)
 
 
-with _QuietImport("bitsandbytes.backends.cpu.ops", "kernels"):
+with _QuietImport("bitsandbytes.backends.cpu.ops", "kernels", "torchao", "torch.utils._pytree",
+                  "diffusers.quantizers.torchao.torchao_quantizer"):
     from compressdit.io.diffusers_quantizer import CompressditConfig, register_with_diffusers
 
 __version__ = "0.1.0"
