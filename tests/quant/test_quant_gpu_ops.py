@@ -83,8 +83,6 @@ def test_fp8_reference_is_close_to_the_float_linear():
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [None, 64])
 def test_int4_tinygemm_layout_computes_the_dequantized_linear(symmetric, group_size):
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        pytest.skip("this torch has no CPU tinygemm kernel")
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(64, 256, generator=gen) * (1 + torch.rand(64, 1, generator=gen) * 3)
     q = quantize_weight_rtn(weight, 4, group_size, symmetric)
@@ -351,8 +349,6 @@ def test_int4_nibbles_dequantize_to_the_tinygemm_weight(symmetric, group_size):
 
 @pytest.mark.parametrize("symmetric,group_size", [(True, 64), (False, 32)])
 def test_int4_linear_takes_the_dense_path_only_above_the_cpu_threshold(symmetric, group_size):
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        pytest.skip("this torch has no CPU tinygemm kernel")
     q, tiny_group, sz, bias = _int4_case(symmetric, group_size)
     packed, nibbles = pack_int4(q.codes, "cpu"), pack_nibbles(q.codes)
     dense_weight = dequantize_nibbles(nibbles, sz[..., 0].t(), sz[..., 1].t(), tiny_group)
