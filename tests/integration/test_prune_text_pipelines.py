@@ -13,25 +13,13 @@ import torch
 import yaml
 
 from compressdit.recipe import RECIPES_DIR
-from tests.integration.test_cli_errors import offline_cli_environment, run_main
-from tests.integration.test_real_pipelines import _generate, _prompt_cache
+from tests.integration.test_cli_errors import run_main
+# offline_env / cache: the same autouse fixtures (offline CLI environment, a fresh compressdit cache per test)
+from tests.integration.test_real_pipelines import _generate, _prompt_cache, cache, offline_env  # noqa: F401
 
 torch.set_num_threads(1)
 
 TEACHER = {"source": "teacher", "images": 4, "steps": 2, "batch_size": 4}  # 4 samples x 2 steps
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_env(tmp_path_factory):
-    with offline_cli_environment(tmp_path_factory.mktemp("env")) as tmp:
-        yield tmp
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    """A fresh compressdit cache per test: every test samples its teacher and encodes its prompts itself."""
-    monkeypatch.setenv("COMPRESSDIT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def _small_recipe(name: str, path: Path, data: dict | None = None) -> Path:
