@@ -48,6 +48,9 @@ step() {  # step NAME SECONDS CMD...: run with a timeout, log status; never fail
   return 0
 }
 
+PARTS=${GPU_CHECK_PARTS:-tests host kernels vq e2e}  # any subset, e.g. GPU_CHECK_PARTS="tests e2e"
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+
 # -- 0. environment -------------------------------------------------------------------------------------------
 {
   nvidia-smi -L 2>&1 || true
@@ -64,7 +67,7 @@ if [[ "$DEVICE" == cpu ]]; then QUICK=(--device cpu --quick); else QUICK=(); fi
 # -- 1a. VQ CUDA extension: JIT build in the background (only where nvcc exists) --------------------------------
 export TORCH_EXTENSIONS_DIR=/tmp/torch_ext MAX_JOBS=8  # leaves cores for the tests and benchmarks meanwhile
 BUILD_PID=""
-if [[ "$DEVICE" == cuda ]]; then
+if [[ "$DEVICE" == cuda ]] && want vq; then
   [[ -z "$(command -v nvcc)" && -x /usr/local/cuda/bin/nvcc ]] && export CUDA_HOME=/usr/local/cuda PATH=/usr/local/cuda/bin:$PATH
   TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
   export TORCH_CUDA_ARCH_LIST
@@ -80,9 +83,13 @@ fi
 
 # -- 1b. CUDA tests of the GPU ops (all cuda-marked files of tests/quant except the VQ ones) ---------------------
 TEST_FILES=$(grep -l "mark.cuda" tests/quant/test_*.py | grep -v test_quant_vq_ops.py | tr '\n' ' ')
+TEST_FILES="$TEST_FILES $(grep -l "mark.cuda" tests/io/test_*.py | tr '\n' ' ')"
 # shellcheck disable=SC2086
-step pytest_gpu_ops "$(cap 130 240)" python3 -m pytest -q -p no:cacheprovider -m cuda -rfEs \
+want tests && step pytest_gpu_ops "$(cap 130 240)" python3 -m pytest -q -p no:cacheprovider -m cuda -rfEs \
   --continue-on-collection-errors --junitxml="$LOGS/pytest_gpu_ops.xml" $TEST_FILES
+
+# -- 1d. host cost of one eager call per GPU path (eager steps are host-bound) ------------------------------------
+want host && step gpu_host_overhead "$(cap 45 200)" python3 bench/gpu_host_overhead.py --out "$OUT"
 
 # -- 2. per-layer kernels (VQ rows use the CUDA kernels if their background build is done by now) ---------------
 vq_ready() { [[ -f "$LOGS/vq_build.log" ]] && grep -q "loads: True" "$LOGS/vq_build.log"; }
@@ -90,34 +97,40 @@ VQ_JIT=0
 vq_ready && VQ_JIT=1
 log "VQ CUDA extension built: $VQ_JIT"
 KERNEL_S=$(cap 100 160)
-step gpu_kernels "$KERNEL_S" env COMPRESSDIT_JIT_CUDA=$VQ_JIT python3 bench/gpu_kernels.py ${QUICK[@]+"${QUICK[@]}"} \
+want kernels && step gpu_kernels "$KERNEL_S" env COMPRESSDIT_JIT_CUDA=$VQ_JIT python3 bench/gpu_kernels.py ${QUICK[@]+"${QUICK[@]}"} \
   --out "$OUT" --budget-s $(( KERNEL_S - 25 ))
 
 # -- 1c. VQ kernel tests (wait for the build until +200 s at most; without it they skip) --------------------------
-if [[ -n "$BUILD_PID" ]]; then
+if want vq && [[ -n "$BUILD_PID" ]]; then
   while kill -0 "$BUILD_PID" 2> /dev/null && (( $(elapsed) < 200 )); do sleep 2; done
   tail -n 5 "$LOGS/vq_build.log"
 fi
 VQ_JIT=0
 vq_ready && VQ_JIT=1
 log "VQ CUDA extension built: $VQ_JIT"
-step pytest_vq "$(cap 45 130)" env COMPRESSDIT_JIT_CUDA=$VQ_JIT python3 -m pytest -q -p no:cacheprovider -m cuda -rfEs \
+want vq && step pytest_vq "$(cap 45 130)" env COMPRESSDIT_JIT_CUDA=$VQ_JIT python3 -m pytest -q -p no:cacheprovider -m cuda -rfEs \
   --junitxml="$LOGS/pytest_vq.xml" tests/quant/test_quant_vq_ops.py
 
-# -- 3. end to end: eager (every variant), then torch.compile one variant per process while time is left ----------
+# -- 3. end to end: eager (every variant), CUDA-graph replays (GPU time), then torch.compile + CUDA graph per
+#       variant (one process each, while time is left: Inductor fuses the row quantization into the norm) --------
 rm -f "$OUT/gpu_e2e.jsonl"
-step gpu_e2e_eager "$(cap 80 60)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --append "$OUT/gpu_e2e.jsonl"
-for variant in bf16 w8a8 fp8 int4 w8a8-cublas int4-tinygemm w8a8-triton; do  # shipped (registry) first
-  if (( BUDGET - $(elapsed) < 45 )); then
-    log "no time left to compile $variant"
-    echo "{\"variant\": \"$variant\", \"compiled\": true, \"batch\": 8, \"error\": \"skipped: time budget\"}" \
-      >> "$OUT/gpu_e2e.jsonl"
-    continue
-  fi
-  step "gpu_e2e_compile_$variant" "$(cap 100 30)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --compile \
-    --variants "$variant" --append "$OUT/gpu_e2e.jsonl"
-done
-step gpu_e2e_report "$(cap 20 5)" python3 bench/gpu_e2e.py --report "$OUT/gpu_e2e.jsonl" --out "$OUT"
+if want e2e; then
+  step gpu_e2e_eager "$(cap 80 60)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --variants bf16 w8a8 fp8 int4 \
+    --append "$OUT/gpu_e2e.jsonl"
+  step gpu_e2e_graph "$(cap 80 60)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --graph \
+    --variants bf16 w8a8 fp8 int4 --append "$OUT/gpu_e2e.jsonl"
+  for variant in bf16 w8a8 fp8 w8a8-triton int4; do  # shipped (registry) first; w8a8-triton: the opaque op
+    if (( BUDGET - $(elapsed) < 45 )); then
+      log "no time left to compile $variant"
+      echo "{\"variant\": \"$variant\", \"compiled\": \"compile+graph\", \"batch\": 8, \"error\": \"skipped: time budget\"}" \
+        >> "$OUT/gpu_e2e.jsonl"
+      continue
+    fi
+    step "gpu_e2e_compile_$variant" "$(cap 100 30)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --compile \
+      --graph --variants "$variant" --append "$OUT/gpu_e2e.jsonl"
+  done
+  step gpu_e2e_report "$(cap 20 5)" python3 bench/gpu_e2e.py --report "$OUT/gpu_e2e.jsonl" --out "$OUT"
+fi
 log "done in $(elapsed)s; results in $OUT"
 tar -czf "$OUT/gpu_logs.tgz" -C "$LOGS" . 2>/dev/null || log "could not tar the logs"
 
@@ -127,6 +140,9 @@ echo "==================== gpu_check summary ===================="
 head -n 3 "$LOGS/env.txt" | cut -c1-200
 echo "-- gpu_kernels.md (head; full file in \$OUT)"
 head -c 2500 "$OUT/gpu_kernels.md" 2>/dev/null || echo "(no gpu_kernels.md)"
+echo
+echo "-- gpu_host_overhead.md (head)"
+head -c 2500 "$OUT/gpu_host_overhead.md" 2>/dev/null || echo "(no gpu_host_overhead.md)"
 echo
 echo "-- gpu_e2e.md"
 cut -c1-400 "$OUT/gpu_e2e.md" 2>/dev/null | head -c 3500 || echo "(no gpu_e2e.md)"

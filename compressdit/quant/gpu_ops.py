@@ -96,14 +96,8 @@ def _int8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
         codes, a_scale = quantize_rows(x2, torch.int8)
         out = int8_gemm_fused(codes, a_scale, weight, weight_scale, bias, x.dtype)
-    else:
-        codes, a_scale = quantize_rows_reference(x2, torch.int8)
-        rows = codes.shape[0]
-        if rows <= 16:  # torch._int_mm needs more than 16 rows
-            codes = F.pad(codes, (0, 0, 0, 32 - rows))
-        acc = torch._int_mm(codes, weight.t())[:rows]
-        out = acc.float() * a_scale * weight_scale.reshape(1, -1)
-        out = (out if bias is None else out + bias.float()).to(x.dtype)
+    else:  # cuBLASLt torch._int_mm + a PyTorch epilogue: the decomposed form, run eagerly
+        return int8_linear_decomposed(x, weight, weight_scale, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -115,9 +109,55 @@ def _int8_fake(x, weight, weight_scale, bias, backend):
 
 def int8_linear_dyn(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                     backend: str | None = None) -> torch.Tensor:
-    """``x @ W^T + b`` with int8 ``W`` ``[N, K]`` (per-row fp32 ``weight_scale [N]``) and per-token int8 ``x``."""
+    """``x @ W^T + b`` with int8 ``W`` ``[N, K]`` (per-row fp32 ``weight_scale [N]``) and per-token int8 ``x``.
+
+    ``backend=None``: under ``torch.compile`` on CUDA, :func:`int8_linear_decomposed` (Inductor fuses it into the
+    neighbouring ops); otherwise the custom op with :func:`default_int8_backend`. A named backend always runs
+    the custom op.
+    """
+    if backend is None and compiling_for_cuda(x):
+        return int8_linear_decomposed(x, weight, weight_scale, bias)
     return torch.ops.compressdit.int8_linear_dyn(x, weight, weight_scale.reshape(-1), bias,
                                                  backend or default_int8_backend())
+
+
+# ------------------------------------------------------------------------------------------------ under torch.compile
+
+def compiling_for_cuda(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being traced by ``torch.compile`` for a CUDA device (then the decomposed forms run)."""
+    return torch.compiler.is_compiling() and x.device.type == "cuda"
+
+
+def int8_linear_decomposed(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The int8 op as plain ATen ops (row quantization, ``torch._int_mm``, scale epilogue) for Inductor.
+
+    Same codes and int32 products as the custom op. Traced, the per-token quantization fuses into the
+    LayerNorm / modulation kernel that produces ``x`` (and is computed once for layers that share an input,
+    such as ``to_q`` / ``to_k`` / ``to_v``: AOTAutograd's CSE), and the scale and bias epilogue into the
+    gating and residual kernels that follow: what the opaque custom op cannot offer.
+    """
+    _check(x, weight, bias, weight.shape[1], weight.shape[0])
+    codes, a_scale = quantize_rows_reference(_rows(x), torch.int8)
+    rows = codes.shape[0]
+    if rows <= 16:  # torch._int_mm needs more than 16 rows
+        codes = F.pad(codes, (0, 0, 0, 32 - rows))
+    acc = torch._int_mm(codes, weight.t())[:rows]
+    out = acc.float() * a_scale * weight_scale.reshape(1, -1).float()
+    out = out if bias is None else out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_linear_decomposed(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The fp8 op as plain ATen ops (row quantization to e4m3, ``torch._scaled_mm``) for Inductor: the
+    quantization fuses into the kernel producing ``x``, the bias into what follows (as for int8)."""
+    _check(x, weight, bias, weight.shape[1], weight.shape[0])
+    codes, a_scale = quantize_rows_reference(_rows(x), torch.float8_e4m3fn)
+    out = torch._scaled_mm(codes, weight.t(), scale_a=a_scale, scale_b=weight_scale.reshape(1, -1).float(),
+                           out_dtype=torch.bfloat16, use_fast_accum=True)
+    out = out if bias is None else out + bias.to(out.dtype)
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 # ------------------------------------------------------------------------------------------------ fp8
@@ -126,7 +166,10 @@ _SCALED_MM_TAKES_BIAS = [True]  # emptied once if torch._scaled_mm refuses a bia
 
 def fp8_supported(device: torch.device) -> bool:
     """``torch._scaled_mm`` with e4m3 inputs needs compute capability 8.9 (Ada) or newer."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if device.type != "cuda":
+        return False
+    props = torch.cuda.get_device_properties(device)  # (constant-folded by torch.compile, unlike the capability)
+    return (props.major, props.minor) >= (8, 9)
 
 
 @torch.library.custom_op("compressdit::fp8_linear", mutates_args=())
@@ -173,7 +216,13 @@ def _fp8_fake(x, weight, weight_scale, bias):
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x @ W^T + b`` with e4m3 ``W`` ``[N, K]`` (fp32 ``weight_scale [N, 1]``) and per-token e4m3 ``x``."""
+    """``x @ W^T + b`` with e4m3 ``W`` ``[N, K]`` (fp32 ``weight_scale [N, 1]``) and per-token e4m3 ``x``.
+
+    Under ``torch.compile`` on a CUDA device of compute capability 8.9+ with K, N multiples of 16:
+    :func:`fp8_linear_decomposed`; otherwise the custom op."""
+    if (compiling_for_cuda(x) and weight.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
+            and fp8_supported(x.device)):
+        return fp8_linear_decomposed(x, weight, weight_scale, bias)
     return torch.ops.compressdit.fp8_linear(x, weight, weight_scale, bias)
 
 
@@ -235,11 +284,12 @@ class GpuKernel:
 
 
 @functools.cache  # one instance per configuration: torch.compile reuses one graph for all layers
-def _int8_kernel(backend: str) -> GpuKernel:
+def _int8_kernel(backend: str | None) -> GpuKernel:
+    """``backend=None``: decomposed under ``torch.compile`` (for Inductor's fusions), else the default backend."""
     def prepare(layer):
         return {"weight": layer.weight.data, "weight_scale": layer.weight_scale.reshape(-1).float()}
 
-    return GpuKernel(f"int8-{backend}", prepare,
+    return GpuKernel(f"int8-{backend or 'auto'}", prepare,
                      lambda x, p, bias: int8_linear_dyn(x, p["weight"], p["weight_scale"], bias, backend))
 
 
@@ -280,7 +330,7 @@ def kernel_for_spec(spec: LinearQuantSpec, in_features: int, out_features: int,
     if spec.format != "int" or not spec.w_symmetric and spec.w_bits == 8:
         return None
     if (spec.w_bits, spec.a_bits) == (8, 8) and spec.group_size is None and spec.a_granularity == "per_token":
-        return _int8_kernel(int8_backend or default_int8_backend()) if in_features % 8 == 0 and out_features % 8 == 0 else None
+        return _int8_kernel(int8_backend) if in_features % 8 == 0 and out_features % 8 == 0 else None
     if spec.w_bits == 4 and spec.a_bits is None and capability >= (8, 0):
         group = int4_group_size(spec, in_features)
         return _int4_kernel(group) if group and in_features % 32 == 0 and out_features % 16 == 0 else None

@@ -3,8 +3,9 @@ for each of our storage formats, on CPU: parameter count, memory, dtype handling
 serialization, ``device_map`` / CPU and disk offload, LoRA. The tiny DiT has uneven per-row weight scales.
 
 Not testable on CPU: ``enable_sequential_cpu_offload`` (with ``device="cpu"`` accelerate fails on a float DiT
-pipeline too) and ``device_map="auto"`` across accelerators; the accelerate hooks they install are tested here
-with CPU as execution device, and ``device_map="auto"`` with a CPU memory limit (offloading to disk).
+pipeline too; tested in test_offload_cuda.py where a GPU exists) and ``device_map="auto"`` across accelerators; the accelerate
+hooks they install are tested here with CPU as execution device, and ``device_map="auto"`` with a CPU memory limit
+(offloading to disk).
 """
 
 from __future__ import annotations

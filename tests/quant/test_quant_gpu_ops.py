@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from compressdit.quant.gpu_ops import (fp8_linear, gpu_kernel_for, int4_group_size, int4_linear, int8_linear_dyn,
-                                       kernel_for_spec)
+from compressdit.quant.gpu_ops import (fp8_linear, fp8_linear_decomposed, gpu_kernel_for, int4_group_size,
+                                       int4_linear, int8_linear_decomposed, int8_linear_dyn, kernel_for_spec)
 from compressdit.quant.gpu_reference import (fp8_linear_reference, int4_linear_reference, int8_linear_reference,
                                              pack_int4, quantize_fp8_weight, quantize_rows_reference,
                                              tinygemm_scales_and_zeros)
@@ -119,6 +119,40 @@ def test_ops_say_what_is_wrong_with_their_arguments():
         int8_linear_dyn(torch.randn(2, 63), weight, scale, None)
     with pytest.raises(ValueError, match="bias must be"):
         fp8_linear(torch.randn(2, 64), *quantize_fp8_weight(torch.randn(40, 64)), torch.zeros(3))
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # <= 16 rows: padded for torch._int_mm
+def test_int8_decomposed_form_is_the_exact_int8_gemm(rows):
+    """What Inductor gets under torch.compile on CUDA: the same codes and int32 products as the op's reference."""
+    weight, scale = _int8_weight(40, 64)
+    x, bias = _x((rows, 64)), torch.randn(40)
+    out = int8_linear_decomposed(x.reshape(1, rows, 64), weight, scale, bias)
+    assert out.shape == (1, rows, 40)
+    torch.testing.assert_close(out[0], int8_linear_reference(x, weight, scale, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_fp8_decomposed_form_matches_the_reference():
+    weight, scale = quantize_fp8_weight(torch.randn(48, 64))
+    x, bias = _x((2, 5, 64), torch.bfloat16), torch.randn(48)
+    out = fp8_linear_decomposed(x, weight, scale, bias)
+    assert out.shape == (2, 5, 48) and out.dtype == torch.bfloat16
+    assert rel_error(out, fp8_linear_reference(x, weight, scale, bias)) < 1e-2  # bf16 output of _scaled_mm
+
+
+def test_ops_stay_opaque_custom_ops_when_compiled_for_cpu():
+    """The decomposed forms are for CUDA graphs only: on CPU a compiled graph keeps the custom op."""
+    weight, scale = _int8_weight(40, 64)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: int8_linear_dyn(x, weight, scale, None), backend=backend, fullgraph=True)
+    x = _x((4, 64))
+    torch.testing.assert_close(compiled(x), int8_linear_reference(x, weight, scale, None), rtol=1e-5, atol=1e-4)
+    assert "compressdit.int8_linear_dyn" in graphs[0].code and "_int_mm" not in graphs[0].code
 
 
 # ------------------------------------------------------------------------------------------------ fake impls, compile
@@ -313,6 +347,37 @@ def test_cuda_compiled_model_equals_eager():
         compiled = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2 * float(eager.abs().max()))
     assert F.mse_loss(compiled.float(), eager.float()) < 1e-3 * float(eager.float().pow(2).mean())
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_compiled_graph_holds_the_decomposed_int8_and_fp8_forms():
+    """Under torch.compile on CUDA, W8A8 and FP8 trace to ATen ops (Inductor fuses the row quantization into
+    the producer of x), equal to the eager custom ops within bf16 rounding."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm
+
+    weight, scale = _int8_weight(256, 256, "cuda")
+    fp8_weight, fp8_scale = quantize_fp8_weight(torch.randn(256, 256, device="cuda"))
+    use_fp8 = torch.cuda.get_device_capability() >= (8, 9)
+
+    def f(x):
+        y = int8_linear_dyn(torch.nn.functional.layer_norm(x, (256,)), weight, scale, None)
+        return fp8_linear(y, fp8_weight, fp8_scale, None) if use_fp8 else y
+
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = f(x)
+        traced = torch.compile(f, backend=backend, fullgraph=True)(x)
+        inductor = torch.compile(f, fullgraph=True)(x)
+    assert "_int_mm" in graphs[0] and "compressdit.int8_linear_dyn" not in graphs[0]
+    assert not use_fp8 or ("_scaled_mm" in graphs[0] and "compressdit.fp8_linear" not in graphs[0])
+    for out in (traced, inductor):
+        assert rel_error(out, eager) < 2e-2
 
 
 # -- int4: packed GEMM at few rows, dequantize + dense GEMM above INT4_PACKED_MAX_ROWS --------------------------
