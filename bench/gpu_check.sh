@@ -48,7 +48,7 @@ step() {  # step NAME SECONDS CMD...: run with a timeout, log status; never fail
   return 0
 }
 
-PARTS=${GPU_CHECK_PARTS:-tests host kernels vq e2e}  # any subset, e.g. GPU_CHECK_PARTS="tests e2e"
+PARTS=${GPU_CHECK_PARTS:-tests host layers kernels vq e2e}  # any subset, e.g. GPU_CHECK_PARTS="tests e2e"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
 # -- 0. environment -------------------------------------------------------------------------------------------
@@ -91,6 +91,9 @@ want tests && step pytest_gpu_ops "$(cap 130 240)" python3 -m pytest -q -p no:ca
 # -- 1d. host cost of one eager call per GPU path (eager steps are host-bound) ------------------------------------
 want host && step gpu_host_overhead "$(cap 45 200)" python3 bench/gpu_host_overhead.py --out "$OUT"
 
+# -- 1e. GPU time per layer and path (CUDA graph of 20 calls: no host overhead), Triton tile candidates ----------
+want layers && step gpu_layer_graph "$(cap 60 150)" python3 bench/gpu_layer_graph.py --out "$OUT"
+
 # -- 2. per-layer kernels (VQ rows use the CUDA kernels if their background build is done by now) ---------------
 vq_ready() { [[ -f "$LOGS/vq_build.log" ]] && grep -q "loads: True" "$LOGS/vq_build.log"; }
 VQ_JIT=0
@@ -115,11 +118,17 @@ want vq && step pytest_vq "$(cap 45 130)" env COMPRESSDIT_JIT_CUDA=$VQ_JIT pytho
 #       variant (one process each, while time is left: Inductor fuses the row quantization into the norm) --------
 rm -f "$OUT/gpu_e2e.jsonl"
 if want e2e; then
-  step gpu_e2e_eager "$(cap 80 60)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --variants bf16 w8a8 fp8 int4 \
-    --append "$OUT/gpu_e2e.jsonl"
-  step gpu_e2e_graph "$(cap 80 60)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --graph \
-    --variants bf16 w8a8 fp8 int4 --append "$OUT/gpu_e2e.jsonl"
-  for variant in bf16 w8a8 fp8 w8a8-triton int4; do  # shipped (registry) first; w8a8-triton: the opaque op
+  # GPU_E2E_EAGER / GPU_E2E_GRAPH / GPU_E2E_COMPILE: variants per mode ("" skips the mode);
+  # GPU_E2E_COMPILE_512: variants also compiled + graphed at 512 px (1024 tokens per image) when time is left
+  EAGER=${GPU_E2E_EAGER-bf16 w8a8 fp8 int4}
+  GRAPH=${GPU_E2E_GRAPH-bf16 w8a8 fp8 int4}
+  # shellcheck disable=SC2086
+  [[ -n "$EAGER" ]] && step gpu_e2e_eager "$(cap 80 60)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} \
+    --variants $EAGER --append "$OUT/gpu_e2e.jsonl"
+  # shellcheck disable=SC2086
+  [[ -n "$GRAPH" ]] && step gpu_e2e_graph "$(cap 80 60)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --graph \
+    --variants $GRAPH --append "$OUT/gpu_e2e.jsonl"
+  for variant in ${GPU_E2E_COMPILE-bf16 w8a8 fp8 w8a8-triton int4}; do  # shipped (registry) first
     if (( BUDGET - $(elapsed) < 45 )); then
       log "no time left to compile $variant"
       echo "{\"variant\": \"$variant\", \"compiled\": \"compile+graph\", \"batch\": 8, \"error\": \"skipped: time budget\"}" \
@@ -128,6 +137,11 @@ if want e2e; then
     fi
     step "gpu_e2e_compile_$variant" "$(cap 100 30)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --compile \
       --graph --variants "$variant" --append "$OUT/gpu_e2e.jsonl"
+  done
+  for variant in ${GPU_E2E_COMPILE_512-}; do
+    if (( BUDGET - $(elapsed) < 55 )); then log "no time left to compile $variant at 512 px"; continue; fi
+    step "gpu_e2e_compile512_$variant" "$(cap 100 30)" python3 bench/gpu_e2e.py ${QUICK[@]+"${QUICK[@]}"} --compile \
+      --graph --sample-size 64 --variants "$variant" --append "$OUT/gpu_e2e.jsonl"
   done
   step gpu_e2e_report "$(cap 20 5)" python3 bench/gpu_e2e.py --report "$OUT/gpu_e2e.jsonl" --out "$OUT"
 fi
@@ -141,8 +155,10 @@ head -n 3 "$LOGS/env.txt" | cut -c1-200
 echo "-- gpu_kernels.md (head; full file in \$OUT)"
 head -c 2500 "$OUT/gpu_kernels.md" 2>/dev/null || echo "(no gpu_kernels.md)"
 echo
+echo "-- gpu_layer_graph.md"
+cut -c1-200 "$OUT/gpu_layer_graph.md" 2>/dev/null | head -c 3500 || echo "(no gpu_layer_graph.md)"
 echo "-- gpu_host_overhead.md (head)"
-head -c 2500 "$OUT/gpu_host_overhead.md" 2>/dev/null || echo "(no gpu_host_overhead.md)"
+head -c 1200 "$OUT/gpu_host_overhead.md" 2>/dev/null || echo "(no gpu_host_overhead.md)"
 echo
 echo "-- gpu_e2e.md"
 cut -c1-400 "$OUT/gpu_e2e.md" 2>/dev/null | head -c 3500 || echo "(no gpu_e2e.md)"

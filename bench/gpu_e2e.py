@@ -61,12 +61,12 @@ class KernelLinear(nn.Module):
         return self.kernel(x, {name: getattr(self, name) for name in self.prepared_names}, self.bias)
 
 
-def build_model(device: torch.device, quick: bool) -> nn.Module:
+def build_model(device: torch.device, quick: bool, sample_size: int = 32) -> nn.Module:
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = DiTTransformer2DModel(**(TINY if quick else DIT_XL_2))
+        model = DiTTransformer2DModel(**(TINY if quick else dict(DIT_XL_2, sample_size=sample_size)))
     with torch.no_grad():  # non-zero adaLN gates and uneven rows, like a trained model's
         for p in model.parameters():
             p.normal_(0, 0.02).mul_(1 + torch.rand(p.shape[0], *[1] * (p.dim() - 1), device=device))
@@ -116,12 +116,14 @@ def mode_of(args) -> str:
     """How a step runs: eager, compile (regional torch.compile), cuda graph, or compile+graph."""
     mode = {(False, False): "eager", (True, False): "compile", (False, True): "cuda graph",
             (True, True): "compile+graph"}[(bool(args.compile), bool(args.graph))]
-    return mode if not args.compile_mode else f"{mode} ({args.compile_mode})"
+    mode = mode if not args.compile_mode else f"{mode} ({args.compile_mode})"
+    return mode if getattr(args, "sample_size", 32) == 32 else f"{mode}, {8 * args.sample_size} px"
 
 
 def run_variant(base: nn.Module, reference: torch.Tensor, inputs: dict, name: str, args, device) -> dict:
     scheme, kernel_kind = VARIANTS[name]
-    row = {"variant": name, "compiled": mode_of(args), "batch": args.batch, "rows": 2 * args.batch}
+    row = {"variant": name, "compiled": mode_of(args), "batch": args.batch, "rows": 2 * args.batch,
+           "px": 8 * args.sample_size}
     model = copy.deepcopy(base) if scheme else base
     with torch.no_grad():
         if scheme:
@@ -164,12 +166,12 @@ def measure(args) -> None:
     device = torch.device(args.device)
     import compressdit  # noqa: F401  (registers the formats)
 
-    base = build_model(device, args.quick)
+    base = build_model(device, args.quick, args.sample_size)
     inputs = step_inputs(base, args.batch, device)
     with torch.no_grad():
         reference = base(**inputs, return_dict=False)[0].float()
     meta = machine(device)
-    meta.update(model="DiT-XL/2 (256px, random weights)" if not args.quick else "tiny DiT (smoke test)",
+    meta.update(model=f"DiT-XL/2 ({8 * args.sample_size}px, random weights)" if not args.quick else "tiny DiT (smoke test)",
                 warmup=args.warmup, repeats=args.repeats)
     path = Path(args.append)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +204,7 @@ def report(jsonl: Path, out: Path) -> None:
             r["speedup_vs_bf16_eager"] = round(eager / r["ms_per_step"], 3)
     write_json(out / "gpu_e2e.json", {"meta": meta, "rows": rows})
     md = [f"# Time per denoising step: {meta['model']}, batch {rows[0]['batch']} guided "
-          f"({2 * rows[0]['batch']} rows x 256 tokens), median of {meta['repeats']}", "",
+          f"({2 * rows[0]['batch']} rows x 256 tokens at 256 px, x 1024 at 512 px), median of {meta['repeats']}", "",
           f"Machine: {machine_line(meta)}. RTN, embedders and head in bf16. Speed-up vs bf16 in the same mode "
           "(eager vs eager, compiled vs compiled, graph vs graph; torch.compile = regional, each transformer block; "
           "cuda graph = one captured step replayed, no host launch overhead; compile+graph = both: the GPU time of "
@@ -235,6 +237,7 @@ def main() -> None:
     parser.add_argument("--graph", action="store_true",
                         help="time one CUDA graph replay of the step (GPU time without host launch overhead)")
     parser.add_argument("--batch", type=int, default=8, help="images per step (x2 rows for guidance)")
+    parser.add_argument("--sample-size", type=int, default=32, help="latent size: 32 = 256 px, 64 = 512 px")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--append", default=None, help="JSON-lines file the results are appended to")

@@ -11,6 +11,7 @@ Usage: ``python bench/gpu_host_overhead.py [--rows 4096] [--out DIR]`` -> DIR/gp
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import io
 import pstats
@@ -35,7 +36,7 @@ def _paths(rows: int):
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(1152, 4608).cuda().bfloat16()
-    layer = QuantLinear.from_linear(linear.float(), LinearQuantSpec(w_bits=8, a_bits=8)).cuda()
+    layer = QuantLinear.from_linear(copy.deepcopy(linear).float(), LinearQuantSpec(w_bits=8, a_bits=8)).cuda()
     x = torch.randn(rows, 1152, device="cuda", dtype=torch.bfloat16)
     w, s = layer.weight.data, layer.weight_scale.reshape(-1).float()
     codes, a_scale = quantize_rows(x, torch.int8)

@@ -1,6 +1,7 @@
-"""GPU execution of quantized linears as ``torch.library`` custom ops, each with a fake impl and a reference.
+"""GPU execution of quantized linears as ``torch.library`` ops, each with a fake impl and a reference.
 
-Ops (``torch.ops.compressdit.*``; the reference runs on every device, CUDA kernels take over on CUDA):
+Ops (``torch.ops.compressdit.*``, defined with :func:`compressdit.quant.op_library.define_op`: the reference
+is the CPU implementation, the CUDA kernels the CUDA one):
 
 - ``int8_linear_dyn(x, weight int8 [N, K], weight_scale fp32 [N], bias?, backend)``: W8A8, dynamic
   per-token int8 activations. ``backend="triton"``: one Triton pass quantizes ``x``, a Triton GEMM with the
@@ -28,7 +29,7 @@ multiples of 16, compute capability 8.9+). :func:`kernel_for_spec` is the same c
 check (the ops then run their references: CPU tests of the wiring). Equal configurations return the same
 ``GpuKernel`` instance, so a compiled block's graph serves every layer.
 ``prepare`` reads the layer's saved tensors and returns views of them (int8, fp8) or a repacked copy (int4:
-keep it as a non-persistent buffer, never in the checkpoint). ``kernel(...)`` is one custom op call, so
+keep it as a non-persistent buffer, never in the checkpoint). ``kernel(...)`` is one op call, so
 ``torch.compile`` sees an opaque node with a fake impl. ``COMPRESSDIT_INT8_BACKEND=cublas|triton`` picks the
 int8 backend (default ``triton`` where importable).
 """
@@ -48,6 +49,7 @@ from compressdit.quant.gpu_reference import (FP8_MAX, dequantize_nibbles, fp8_li
                                              int4_linear_reference, int4_uses_packed_gemm, int8_linear_reference,
                                              pack_int4, pack_nibbles, quantize_rows_reference,
                                              tinygemm_scales_and_zeros)
+from compressdit.quant.op_library import define_op
 from compressdit.quant.spec import LinearQuantSpec
 
 INT8_BACKENDS = ("triton", "cublas")
@@ -79,14 +81,12 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 
 # ------------------------------------------------------------------------------------------------ int8 W8A8
 
-@torch.library.custom_op("compressdit::int8_linear_dyn", mutates_args=())
-def _int8_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
-             backend: str) -> torch.Tensor:
+def _int8_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                    backend: str) -> torch.Tensor:
     _check(x, weight, bias, weight.shape[1], weight.shape[0])
     return int8_linear_reference(x, weight, weight_scale, bias)
 
 
-@_int8_op.register_kernel("cuda")
 def _int8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                backend: str) -> torch.Tensor:
     _check(x, weight, bias, weight.shape[1], weight.shape[0])
@@ -101,22 +101,49 @@ def _int8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@_int8_op.register_fake
 def _int8_fake(x, weight, weight_scale, bias, backend):
     _check(x, weight, bias, weight.shape[1], weight.shape[0])
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+define_op("int8_linear_dyn(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, str backend) -> Tensor",
+          {"CompositeExplicitAutograd": _int8_reference, "CUDA": _int8_cuda}, _int8_fake)
+
+
+def _int8_gemm_reference(codes: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor,
+                         weight_scale: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    acc = codes.double() @ weight.double().t()  # exact: |sum| < 127 * 128 * K < 2 ** 53
+    out = acc.float() * a_scale.float() * weight_scale.reshape(1, -1).float()
+    return (out if bias is None else out + bias.float()).to(out_dtype)
+
+
+def _int8_gemm_cuda(codes: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    if not triton_available():
+        return _int_mm_epilogue(codes, a_scale, weight, weight_scale, bias, out_dtype)
+    from compressdit.quant.gpu_triton import int8_gemm_fused
+
+    return int8_gemm_fused(codes, a_scale, weight, weight_scale, bias, out_dtype)
+
+
+def _int8_gemm_fake(codes, a_scale, weight, weight_scale, bias, out_dtype):
+    return codes.new_empty(codes.shape[0], weight.shape[0], dtype=out_dtype)
+
+
+define_op("int8_gemm_rows(Tensor codes, Tensor a_scale, Tensor weight, Tensor weight_scale, Tensor? bias, "
+          "ScalarType out_dtype) -> Tensor", {"CompositeExplicitAutograd": _int8_gemm_reference, "CUDA": _int8_gemm_cuda}, _int8_gemm_fake)
 
 
 def int8_linear_dyn(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                     backend: str | None = None) -> torch.Tensor:
     """``x @ W^T + b`` with int8 ``W`` ``[N, K]`` (per-row fp32 ``weight_scale [N]``) and per-token int8 ``x``.
 
-    ``backend=None``: under ``torch.compile`` on CUDA, :func:`int8_linear_decomposed` (Inductor fuses it into the
-    neighbouring ops); otherwise the custom op with :func:`default_int8_backend`. A named backend always runs
-    the custom op.
+    ``backend=None``: under ``torch.compile`` on CUDA, :func:`int8_linear_traced` (Inductor fuses the row
+    quantization into the op producing ``x``); otherwise the op with :func:`default_int8_backend`. A named
+    backend always runs the op.
     """
     if backend is None and compiling_for_cuda(x):
-        return int8_linear_decomposed(x, weight, weight_scale, bias)
+        return int8_linear_traced(x, weight, weight_scale, bias)
     return torch.ops.compressdit.int8_linear_dyn(x, weight, weight_scale.reshape(-1), bias,
                                                  backend or default_int8_backend())
 
@@ -128,24 +155,39 @@ def compiling_for_cuda(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() and x.device.type == "cuda"
 
 
-def int8_linear_decomposed(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                           bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The int8 op as plain ATen ops (row quantization, ``torch._int_mm``, scale epilogue) for Inductor.
+def int8_linear_traced(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """What ``torch.compile`` traces for W8A8 on CUDA: the row quantization as plain ATen ops, then the
+    GEMM with its scale and bias epilogue fused (``compressdit::int8_gemm_rows``, opaque).
 
-    Same codes and int32 products as the custom op. Traced, the per-token quantization fuses into the
-    LayerNorm / modulation kernel that produces ``x`` (and is computed once for layers that share an input,
-    such as ``to_q`` / ``to_k`` / ``to_v``: AOTAutograd's CSE), and the scale and bias epilogue into the
-    gating and residual kernels that follow: what the opaque custom op cannot offer.
+    Traced, the per-token quantization fuses into the LayerNorm / modulation kernel that produces ``x`` and
+    is computed once for layers sharing an input (``to_q`` / ``to_k`` / ``to_v``: AOTAutograd's CSE); the
+    int32 accumulator never reaches memory. Same codes and int32 products as the op.
     """
     _check(x, weight, bias, weight.shape[1], weight.shape[0])
     codes, a_scale = quantize_rows_reference(_rows(x), torch.int8)
+    out = torch.ops.compressdit.int8_gemm_rows(codes, a_scale, weight, weight_scale.reshape(-1), bias, x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _int_mm_epilogue(codes: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """cuBLASLt ``torch._int_mm`` (int32 out) then the scale and bias epilogue in PyTorch."""
     rows = codes.shape[0]
     if rows <= 16:  # torch._int_mm needs more than 16 rows
         codes = F.pad(codes, (0, 0, 0, 32 - rows))
     acc = torch._int_mm(codes, weight.t())[:rows]
     out = acc.float() * a_scale * weight_scale.reshape(1, -1).float()
-    out = out if bias is None else out + bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return (out if bias is None else out + bias.float()).to(out_dtype)
+
+
+def int8_linear_decomposed(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The int8 op as plain ATen ops: row quantization, ``torch._int_mm``, epilogue (the ``cublas`` backend)."""
+    _check(x, weight, bias, weight.shape[1], weight.shape[0])
+    codes, a_scale = quantize_rows_reference(_rows(x), torch.int8)
+    out = _int_mm_epilogue(codes, a_scale, weight, weight_scale, bias, x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def fp8_linear_decomposed(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -172,14 +214,12 @@ def fp8_supported(device: torch.device) -> bool:
     return (props.major, props.minor) >= (8, 9)
 
 
-@torch.library.custom_op("compressdit::fp8_linear", mutates_args=())
-def _fp8_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def _fp8_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
             bias: Optional[torch.Tensor]) -> torch.Tensor:
     _check(x, weight, bias, weight.shape[1], weight.shape[0])
     return fp8_linear_reference(x, weight, weight_scale, bias)
 
 
-@_fp8_op.register_kernel("cuda")
 def _fp8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
     _check(x, weight, bias, weight.shape[1], weight.shape[0])
@@ -208,10 +248,13 @@ def _fp8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-@_fp8_op.register_fake
 def _fp8_fake(x, weight, weight_scale, bias):
     _check(x, weight, bias, weight.shape[1], weight.shape[0])
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+define_op("fp8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor",
+          {"CompositeExplicitAutograd": _fp8_reference, "CUDA": _fp8_cuda}, _fp8_fake)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -219,7 +262,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """``x @ W^T + b`` with e4m3 ``W`` ``[N, K]`` (fp32 ``weight_scale [N, 1]``) and per-token e4m3 ``x``.
 
     Under ``torch.compile`` on a CUDA device of compute capability 8.9+ with K, N multiples of 16:
-    :func:`fp8_linear_decomposed`; otherwise the custom op."""
+    :func:`fp8_linear_decomposed`; otherwise the op."""
     if (compiling_for_cuda(x) and weight.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
             and fp8_supported(x.device)):
         return fp8_linear_decomposed(x, weight, weight_scale, bias)
@@ -228,14 +271,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 # ------------------------------------------------------------------------------------------------ int4 tinygemm
 
-@torch.library.custom_op("compressdit::int4_linear", mutates_args=())
-def _int4_op(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-             bias: Optional[torch.Tensor], nibbles: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _int4_cpu(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+              bias: Optional[torch.Tensor], nibbles: Optional[torch.Tensor] = None) -> torch.Tensor:
     return _int4_run(x, packed, scales_and_zeros, group_size, bias, nibbles,
                      torch.ops.aten._weight_int4pack_mm_for_cpu)
 
 
-@_int4_op.register_kernel("cuda")
 def _int4_cuda(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                bias: Optional[torch.Tensor], nibbles: Optional[torch.Tensor] = None) -> torch.Tensor:
     return _int4_run(x, packed, scales_and_zeros, group_size, bias, nibbles, torch.ops.aten._weight_int4pack_mm)
@@ -253,9 +294,12 @@ def _int4_run(x, packed, scales_and_zeros, group_size, bias, nibbles, packed_mm)
     return out.to(x.dtype).reshape(*x.shape[:-1], scales_and_zeros.shape[1])
 
 
-@_int4_op.register_fake
 def _int4_fake(x, packed, scales_and_zeros, group_size, bias, nibbles=None):
     return x.new_empty(*x.shape[:-1], scales_and_zeros.shape[1])
+
+
+define_op("int4_linear(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, Tensor? bias, "
+          "Tensor? nibbles=None) -> Tensor", {"CompositeExplicitAutograd": _int4_cpu, "CUDA": _int4_cuda}, _int4_fake)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,

@@ -103,9 +103,12 @@ def test_quantized_dit_on_cuda_runs_the_registered_kernel(recipe, name, bound):
         compiled = torch.compile(model, backend="aot_eager")(**_dit_inputs("cuda"), return_dict=False)[0]
     # per layer the ops are within 1e-2 of their references (test_quant_gpu_ops.py); two blocks compound it.
     # fp8: the CUDA path accumulates with _scaled_mm's fast accumulation in bf16 output (H200: 3.3e-2 measured)
-    error = ((out.cpu() - truth).norm() / truth.norm()).item()
-    assert error < bound, f"{recipe}: relative error {error:.4f} against the CPU path"
-    torch.testing.assert_close(compiled, out, rtol=2e-2, atol=2e-2 * float(out.abs().max()))
+    # compiled: the row quantization is traced (not the op's Triton quantizer): e4m3 codes one step apart at
+    # rounding ties flip a few outputs of the tiny model by more than an elementwise bound, so compare norms
+    for name_, result in (("eager", out), ("compiled", compiled)):
+        error = ((result.cpu() - truth).norm() / truth.norm()).item()
+        assert error < bound, f"{recipe} {name_}: relative error {error:.4f} against the CPU path"
+    assert ((compiled - out).norm() / out.norm()).item() < bound
 
 
 def test_forced_cuda_kernels_trace_into_one_graph_on_cpu():

@@ -131,6 +131,17 @@ def test_int8_decomposed_form_is_the_exact_int8_gemm(rows):
     torch.testing.assert_close(out[0], int8_linear_reference(x, weight, scale, bias), rtol=1e-5, atol=1e-4)
 
 
+def test_int8_gemm_rows_is_the_exact_int8_gemm_of_given_codes():
+    """The opaque GEMM that compiled CUDA graphs call after their traced row quantization."""
+    weight, scale = _int8_weight(40, 4608, seed=2)
+    x, bias = _x((5, 4608)), torch.randn(40)
+    codes, a_scale = quantize_rows_reference(x, torch.int8)
+    out = torch.ops.compressdit.int8_gemm_rows(codes, a_scale, weight, scale, bias, torch.float32)
+    exact = (codes.long() @ weight.long().t()).double() * a_scale.double() * scale.double() + bias.double()
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(out, int8_linear_reference(x, weight, scale, bias), rtol=1e-4, atol=1e-3)
+
+
 def test_fp8_decomposed_form_matches_the_reference():
     weight, scale = quantize_fp8_weight(torch.randn(48, 64))
     x, bias = _x((2, 5, 64), torch.bfloat16), torch.randn(48)
@@ -169,7 +180,7 @@ def test_fake_impls_give_shapes_and_dtypes_without_computing():
                        (int4_linear(x, packed, sz, 32, None), 32)):
             assert out.shape == (2, 7, n) and out.dtype == torch.bfloat16
             assert type(out).__name__ == "FakeTensor"
-    for op in ("int8_linear_dyn", "fp8_linear", "int4_linear"):
+    for op in ("int8_linear_dyn", "int8_gemm_rows", "fp8_linear", "int4_linear"):
         torch.library.opcheck(getattr(torch.ops.compressdit, op), _opcheck_args(op), test_utils=("test_faketensor",))
 
 
@@ -177,6 +188,8 @@ def _opcheck_args(op: str):
     x = torch.randn(3, 64)
     if op == "int8_linear_dyn":
         return (x, *_int8_weight(40, 64), torch.randn(40), "cublas")
+    if op == "int8_gemm_rows":
+        return (*quantize_rows_reference(x, torch.int8), *_int8_weight(40, 64), torch.randn(40), torch.bfloat16)
     if op == "fp8_linear":
         return (x, *quantize_fp8_weight(torch.randn(48, 64)), None)
     return (x.bfloat16(), pack_int4(torch.zeros(32, 64, dtype=torch.int8), "cpu"),
@@ -351,9 +364,27 @@ def test_cuda_compiled_model_equals_eager():
 
 @pytest.mark.cuda
 @CUDA
+@pytest.mark.parametrize("rows", [1, 300, 4096])
+def test_cuda_int8_gemm_rows_matches_the_reference(rows):
+    weight, scale = _int8_weight(1152, 4608, "cuda")
+    codes, a_scale = quantize_rows_reference(_x((rows, 4608), torch.bfloat16, "cuda"), torch.int8)
+    bias = torch.randn(1152, device="cuda")
+    out = torch.ops.compressdit.int8_gemm_rows(codes, a_scale, weight, scale, bias, torch.bfloat16)
+    truth = _int8_gemm_reference_cpu(codes, a_scale, weight, scale, bias)
+    assert out.dtype == torch.bfloat16 and rel_error(out.cpu(), truth) < 1e-2  # bf16 output rounding
+
+
+def _int8_gemm_reference_cpu(codes, a_scale, weight, scale, bias):
+    return torch.ops.compressdit.int8_gemm_rows(codes.cpu(), a_scale.cpu(), weight.cpu(), scale.cpu(), bias.cpu(),
+                                                torch.float32)
+
+
+@pytest.mark.cuda
+@CUDA
 def test_cuda_compiled_graph_holds_the_decomposed_int8_and_fp8_forms():
-    """Under torch.compile on CUDA, W8A8 and FP8 trace to ATen ops (Inductor fuses the row quantization into
-    the producer of x), equal to the eager custom ops within bf16 rounding."""
+    """Under torch.compile on CUDA, the row quantization of W8A8 and FP8 traces to ATen ops (Inductor fuses it
+    into the producer of x) before an opaque int8 GEMM / ``_scaled_mm``; equal to the eager ops within bf16
+    rounding."""
     graphs = []
 
     def backend(gm, example_inputs):
@@ -374,7 +405,7 @@ def test_cuda_compiled_graph_holds_the_decomposed_int8_and_fp8_forms():
         eager = f(x)
         traced = torch.compile(f, backend=backend, fullgraph=True)(x)
         inductor = torch.compile(f, fullgraph=True)(x)
-    assert "_int_mm" in graphs[0] and "compressdit.int8_linear_dyn" not in graphs[0]
+    assert "compressdit.int8_gemm_rows" in graphs[0] and "compressdit.int8_linear_dyn" not in graphs[0]
     assert not use_fp8 or ("_scaled_mm" in graphs[0] and "compressdit.fp8_linear" not in graphs[0])
     for out in (traced, inductor):
         assert rel_error(out, eager) < 2e-2
