@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import ClassVar
 
 import torch
@@ -16,23 +19,51 @@ from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, ra
 from compressdit.quant.spec import LinearQuantSpec
 
 
-class PackedParameter(nn.Parameter):
-    """A frozen parameter of packed codes whose ``numel()`` counts logical weights, not bytes."""
+# True inside ``logical_weight_shapes()``: packed weights then report their logical ``[out, in]`` shape
+_LOGICAL_SHAPES: ContextVar[bool] = ContextVar("compressdit_logical_weight_shapes", default=False)
 
-    def __new__(cls, data: torch.Tensor, requires_grad: bool = False, logical_numel: int | None = None):
+
+@contextmanager
+def logical_weight_shapes() -> Iterator[None]:
+    """Within the block, every :class:`PackedParameter` reports ``.shape`` as its layer's ``[out, in]`` (what a
+    float ``nn.Linear`` would have) instead of its storage shape; outside it, the storage shape, as always."""
+    token = _LOGICAL_SHAPES.set(True)
+    try:
+        yield
+    finally:
+        _LOGICAL_SHAPES.reset(token)
+
+
+class PackedParameter(nn.Parameter):
+    """A frozen parameter of packed codes whose ``numel()`` counts logical weights, not bytes.
+
+    ``logical_shape`` is the layer's ``(out_features, in_features)``; ``.shape`` reports it only inside
+    :func:`logical_weight_shapes` (``size()`` and every op always see the stored codes).
+    """
+
+    def __new__(cls, data: torch.Tensor, requires_grad: bool = False, logical_numel: int | None = None,
+                logical_shape: tuple[int, int] | None = None):
         param = super().__new__(cls, data, requires_grad=False)
         param.logical_numel = logical_numel
+        param.logical_shape = None if logical_shape is None else tuple(logical_shape)
         return param
 
     def numel(self) -> int:  # diffusers' num_parameters() must match the unquantized model
         logical = getattr(self, "logical_numel", None)
         return super().numel() if logical is None else logical
 
+    @property
+    def shape(self) -> torch.Size:
+        logical = getattr(self, "logical_shape", None)
+        if logical is not None and _LOGICAL_SHAPES.get():
+            return torch.Size(logical)
+        return super().shape
+
     def __deepcopy__(self, memo):
-        return PackedParameter(self.data.clone(), logical_numel=self.logical_numel)
+        return PackedParameter(self.data.clone(), logical_numel=self.logical_numel, logical_shape=self.logical_shape)
 
     def __reduce_ex__(self, proto):
-        return PackedParameter, (self.data, False, self.logical_numel)
+        return PackedParameter, (self.data, False, self.logical_numel, self.logical_shape)
 
 
 class QuantState(nn.Parameter):
@@ -112,7 +143,8 @@ class QuantLinear(QuantizedLinear):
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         shape, storage = packed_shape(out_features, in_features, spec.w_bits)
         self.weight = PackedParameter(torch.zeros(shape, dtype=storage, device=device),
-                                      logical_numel=out_features * in_features)
+                                      logical_numel=out_features * in_features,
+                                      logical_shape=(out_features, in_features))
         groups = in_features // spec.group_size if spec.group_size else 1
         if spec.group_size and in_features % spec.group_size:
             raise ValueError(f"in_features {in_features} is not divisible by group_size {spec.group_size}")
