@@ -26,7 +26,17 @@ _LOGICAL_SHAPES: ContextVar[bool] = ContextVar("compressdit_logical_weight_shape
 @contextmanager
 def logical_weight_shapes() -> Iterator[None]:
     """Within the block, every :class:`PackedParameter` reports ``.shape`` as its layer's ``[out, in]`` (what a
-    float ``nn.Linear`` would have) instead of its storage shape; outside it, the storage shape, as always."""
+    float ``nn.Linear`` would have) instead of its storage shape; outside it, the storage shape, as always.
+
+    For loaders that size layers by ``module.weight.shape`` and know only bitsandbytes' and GGUF's packed
+    parameters, e.g. the Control-LoRA check of ``FluxPipeline.load_lora_weights`` (int4 / int2 / VQ codes
+    are packed several to a byte)::
+
+        with compressdit.logical_weight_shapes():
+            pipe.load_lora_weights("my-lora")
+
+    Scoped to the block and to this thread / task (a ``ContextVar``); nothing of diffusers is patched.
+    """
     token = _LOGICAL_SHAPES.set(True)
     try:
         yield
@@ -114,6 +124,12 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The float dtype outputs come in (the bias's, else float32): what peft casts a LoRA on this layer to,
+        as for diffusers' GGUF / bitsandbytes 4-bit linears (an FP8 weight's own dtype cannot run a LoRA)."""
+        return self.bias.dtype if self.bias is not None else torch.float32
 
     @property
     def kernel_name(self) -> str:
