@@ -1,4 +1,5 @@
-"""A LoRA trained on a quantized FLUX transformer, saved and loaded the diffusers way (peft underneath).
+"""LoRAs trained on a quantized or a float FLUX transformer, saved and loaded the diffusers way (peft underneath),
+and SD3's loader.
 
 The pipeline is a tiny ``FluxPipeline`` built offline: random CLIP / T5 text encoders from small configs and the
 BERT WordPiece tokenizer of the MiniLM package in both tokenizer slots. Images stay latents (``output_type``).
@@ -7,7 +8,8 @@ BERT WordPiece tokenizer of the MiniLM package in both tokenizer slots. Images s
 for Control LoRAs) and knows only bitsandbytes' and GGUF's packed parameters: a layer whose codes are packed several
 to a byte (int4, int2, VQ) looks narrower than its LoRA there. Inside ``compressdit.logical_weight_shapes()`` packed
 weights report their ``[out, in]``, and the stock loader works for every format. Fusing cannot add a float delta to
-packed codes: ``fuse_lora`` fails (peft's own error); dequantize first to fuse.
+packed codes: ``fuse_lora`` fails (peft's own error); dequantize first to fuse. PixArt has no LoRA loader in
+diffusers (peft's ``inject_adapter_in_model`` on it: ``test_diffusers_conformance``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from compressdit.quant.spec import LinearQuantSpec
 from tests.conftest import tiny_flux, tiny_vae
 from tests.io.test_diffusers_conformance import FORMATS, LORA_TARGETS, rules
 from tests.io.test_diffusers_quantizer import _quantize
+from tests.tiny_pipelines import sd3_pipeline
 
 WIDTH = 64  # text width = hidden width: every quantized layer's inputs split into groups of 64
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -167,3 +170,38 @@ def test_fuse_lora_fails_on_packed_codes_and_fuses_after_dequantize(trained, tex
     assert all(m.merged for m in pipe.transformer.modules() if isinstance(m, LoraLayer))
     error = (_generate(pipe) - unfused).abs().max().item()
     assert error < 1e-4, error
+
+
+@pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=4), FORMATS["vq-w3"]], ids=["int-w4", "vq-w3"])
+def test_sd3_pipeline_loads_a_lora_into_packed_layers_without_the_scope(spec, tmp_path):
+    """SD3's ``load_lora_weights`` has no shape check: packed layers need nothing; its ``fuse_lora`` fails as FLUX's."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    def generate(pipe):
+        with torch.no_grad():
+            return pipe("a shirt", height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
+                        max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    pipe = sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(2)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False))
+    StableDiffusion3Pipeline.save_lora_weights(tmp_path / "lora",
+                                               transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    pipe.transformer.unload_lora()
+    _quantize(pipe.transformer, rules(spec)).save_pretrained(tmp_path / "q")
+    pipe.transformer = SD3Transformer2DModel.from_pretrained(tmp_path / "q")
+    without = generate(pipe)
+    pipe.load_lora_weights(tmp_path / "lora")
+    with_lora = generate(pipe)
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer, QuantizedLinear)
+    change = (with_lora - without).abs().max().item()
+    assert change > 1e-2, change
+    with pytest.raises(RuntimeError):
+        pipe.fuse_lora()
+    pipe.transformer = SD3Transformer2DModel.from_pretrained(tmp_path / "q")
+    pipe.transformer.dequantize()
+    gap = (without - generate(pipe)).abs().max().item()
+    pipe.load_lora_weights(tmp_path / "lora")
+    error = (with_lora - generate(pipe)).abs().max().item()
+    assert error <= 2 * gap + 1e-4, (error, gap)
