@@ -154,6 +154,9 @@ def test_a_float_models_lora_loads_into_every_quantized_format_with_the_pipeline
     float_pipe.load_lora_weights(lora)
     error = (with_lora - _generate(float_pipe)).abs().max().item()
     assert error <= 2 * gap + 1e-4, (error, gap)
+    pipe.unload_lora_weights()
+    assert torch.equal(_generate(pipe), without) and isinstance(pipe.transformer.transformer_blocks[0].attn.to_q,
+                                                                   QuantizedLinear)
 
 
 def test_fuse_lora_fails_on_packed_codes_and_fuses_after_dequantize(trained, text_parts):
