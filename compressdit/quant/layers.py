@@ -35,7 +35,8 @@ def logical_weight_shapes() -> Iterator[None]:
         with compressdit.logical_weight_shapes():
             pipe.load_lora_weights("my-lora")
 
-    Scoped to the block and to this thread / task (a ``ContextVar``); nothing of diffusers is patched.
+    Scoped to the block and to this thread / task (a ``ContextVar``), never inside ``torch.compile``d code;
+    nothing of diffusers is patched.
     """
     token = _LOGICAL_SHAPES.set(True)
     try:
@@ -64,10 +65,10 @@ class PackedParameter(nn.Parameter):
 
     @property
     def shape(self) -> torch.Size:
-        logical = getattr(self, "logical_shape", None)
-        if logical is not None and _LOGICAL_SHAPES.get():
-            return torch.Size(logical)
-        return super().shape
+        # is_compiling first, size() not super().shape: what dynamo traces when compiled kernels read .shape
+        if not torch.compiler.is_compiling() and _LOGICAL_SHAPES.get() and getattr(self, "logical_shape", None):
+            return torch.Size(self.logical_shape)
+        return self.size()
 
     def __deepcopy__(self, memo):
         return PackedParameter(self.data.clone(), logical_numel=self.logical_numel, logical_shape=self.logical_shape)
