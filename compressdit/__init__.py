@@ -25,8 +25,9 @@ class _QuietImport:
 with _QuietImport("bitsandbytes.backends.cpu.ops", "kernels", "torchao", "torch.utils._pytree",
                   "diffusers.quantizers.torchao.torchao_quantizer"):
     from compressdit.io.diffusers_quantizer import CompressditConfig, register_with_diffusers
+    from compressdit.quant.layers import logical_weight_shapes
 
 __version__ = "0.1.0"
-__all__ = ["CompressditConfig", "__version__"]
+__all__ = ["CompressditConfig", "__version__", "logical_weight_shapes"]
 
 register_with_diffusers()

@@ -230,7 +230,8 @@ class CompressditQuantizer(DiffusersQuantizer):
                                   f"quantization_config ({placeholder.dtype})")
         value = param_value.to(target_device if target_device not in (None, "disk") else "cpu")
         if isinstance(placeholder, PackedParameter):
-            module._parameters[tensor_name] = PackedParameter(value, logical_numel=placeholder.logical_numel)
+            module._parameters[tensor_name] = PackedParameter(value, logical_numel=placeholder.logical_numel,
+                                                           logical_shape=placeholder.logical_shape)
         else:  # scales etc. (QuantState) and a calibrated fp32 bias: the placeholder's class, frozen
             module._parameters[tensor_name] = type(placeholder)(value, requires_grad=False)
 

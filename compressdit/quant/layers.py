@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import ClassVar
 
 import torch
@@ -16,23 +19,62 @@ from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, ra
 from compressdit.quant.spec import LinearQuantSpec
 
 
-class PackedParameter(nn.Parameter):
-    """A frozen parameter of packed codes whose ``numel()`` counts logical weights, not bytes."""
+# True inside ``logical_weight_shapes()``: packed weights then report their logical ``[out, in]`` shape
+_LOGICAL_SHAPES: ContextVar[bool] = ContextVar("compressdit_logical_weight_shapes", default=False)
 
-    def __new__(cls, data: torch.Tensor, requires_grad: bool = False, logical_numel: int | None = None):
+
+@contextmanager
+def logical_weight_shapes() -> Iterator[None]:
+    """Within the block, every :class:`PackedParameter` reports ``.shape`` as its layer's ``[out, in]`` (what a
+    float ``nn.Linear`` would have) instead of its storage shape; outside it, the storage shape, as always.
+
+    For loaders that size layers by ``module.weight.shape`` and know only bitsandbytes' and GGUF's packed
+    parameters, e.g. the Control-LoRA check of ``FluxPipeline.load_lora_weights`` (int4 / int2 / VQ codes
+    are packed several to a byte)::
+
+        with compressdit.logical_weight_shapes():
+            pipe.load_lora_weights("my-lora")
+
+    Scoped to the block and to this thread / task (a ``ContextVar``), never inside ``torch.compile``d code;
+    nothing of diffusers is patched.
+    """
+    token = _LOGICAL_SHAPES.set(True)
+    try:
+        yield
+    finally:
+        _LOGICAL_SHAPES.reset(token)
+
+
+class PackedParameter(nn.Parameter):
+    """A frozen parameter of packed codes whose ``numel()`` counts logical weights, not bytes.
+
+    ``logical_shape`` is the layer's ``(out_features, in_features)``; ``.shape`` reports it only inside
+    :func:`logical_weight_shapes` (``size()`` and every op always see the stored codes).
+    """
+
+    def __new__(cls, data: torch.Tensor, requires_grad: bool = False, logical_numel: int | None = None,
+                logical_shape: tuple[int, int] | None = None):
         param = super().__new__(cls, data, requires_grad=False)
         param.logical_numel = logical_numel
+        param.logical_shape = None if logical_shape is None else tuple(logical_shape)
         return param
 
     def numel(self) -> int:  # diffusers' num_parameters() must match the unquantized model
         logical = getattr(self, "logical_numel", None)
         return super().numel() if logical is None else logical
 
+    @property
+    def shape(self) -> torch.Size:
+        # is_compiling first, size() not super().shape: what dynamo traces when compiled kernels read .shape
+        if not torch.compiler.is_compiling() and _LOGICAL_SHAPES.get() and getattr(self, "logical_shape", None):
+            return torch.Size(self.logical_shape)
+        return self.size()
+
     def __deepcopy__(self, memo):
-        return PackedParameter(self.data.clone(), logical_numel=self.logical_numel)
+        return PackedParameter(self.data.clone(), logical_numel=self.logical_numel, logical_shape=self.logical_shape)
 
     def __reduce_ex__(self, proto):
-        return PackedParameter, (self.data, False, self.logical_numel)
+        return PackedParameter, (self.data, False, self.logical_numel, self.logical_shape)
 
 
 class QuantState(nn.Parameter):
@@ -85,6 +127,12 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
         return linear
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The float dtype outputs come in (the bias's, else float32): what peft casts a LoRA on this layer to,
+        as for diffusers' GGUF / bitsandbytes 4-bit linears (an FP8 weight's own dtype cannot run a LoRA)."""
+        return self.bias.dtype if self.bias is not None else torch.float32
+
+    @property
     def kernel_name(self) -> str:
         """The registered kernel this layer runs on its device, or ``"reference"``."""
         return kernel_name_of(self)
@@ -112,7 +160,8 @@ class QuantLinear(QuantizedLinear):
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         shape, storage = packed_shape(out_features, in_features, spec.w_bits)
         self.weight = PackedParameter(torch.zeros(shape, dtype=storage, device=device),
-                                      logical_numel=out_features * in_features)
+                                      logical_numel=out_features * in_features,
+                                      logical_shape=(out_features, in_features))
         groups = in_features // spec.group_size if spec.group_size else 1
         if spec.group_size and in_features % spec.group_size:
             raise ValueError(f"in_features {in_features} is not divisible by group_size {spec.group_size}")

@@ -43,7 +43,8 @@ class VQLinear(QuantizedLinear):
         self.code_bits = code_bits(spec)
         nbytes = packed_code_bytes(in_features // spec.vector_dim, self.code_bits)
         self.weight = PackedParameter(torch.zeros(out_features, nbytes, dtype=torch.uint8, device=device),
-                                      logical_numel=out_features * in_features)
+                                      logical_numel=out_features * in_features,
+                                      logical_shape=(out_features, in_features))
         self.codebook = QuantState(torch.zeros(spec.codebook_size, spec.vector_dim, dtype=CODEBOOK_DTYPE,
                                                device=device))
         if spec.row_scale:

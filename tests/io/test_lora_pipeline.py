@@ -1,12 +1,15 @@
-"""A LoRA trained on a quantized FLUX transformer, saved and loaded the diffusers way (peft underneath).
+"""LoRAs trained on a quantized or a float FLUX transformer, saved and loaded the diffusers way (peft underneath),
+and SD3's loader.
 
 The pipeline is a tiny ``FluxPipeline`` built offline: random CLIP / T5 text encoders from small configs and the
 BERT WordPiece tokenizer of the MiniLM package in both tokenizer slots. Images stay latents (``output_type``).
 
-Known limit: ``FluxPipeline.load_lora_weights`` first checks every linear's ``weight.shape`` against the LoRA
-(to widen layers for Control LoRAs) and knows only bitsandbytes' and GGUF's packed parameters; a layer whose
-codes are packed several to a byte (int4, VQ) looks narrower than its LoRA there. Those formats load LoRAs with
-the transformer's own ``load_lora_adapter`` (what pipelines without that check use).
+``FluxPipeline.load_lora_weights`` first checks every linear's ``weight.shape`` against the LoRA (to widen layers
+for Control LoRAs) and knows only bitsandbytes' and GGUF's packed parameters: a layer whose codes are packed several
+to a byte (int4, int2, VQ) looks narrower than its LoRA there. Inside ``compressdit.logical_weight_shapes()`` packed
+weights report their ``[out, in]``, and the stock loader works for every format. Fusing cannot add a float delta to
+packed codes: ``fuse_lora`` fails (peft's own error); dequantize first to fuse. PixArt has no LoRA loader in
+diffusers (peft's ``inject_adapter_in_model`` on it: ``test_diffusers_conformance``).
 """
 
 from __future__ import annotations
@@ -18,13 +21,19 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
+from compressdit import logical_weight_shapes
 from compressdit.quant.layers import QuantizedLinear
+from compressdit.quant.spec import LinearQuantSpec
 from tests.conftest import tiny_flux, tiny_vae
 from tests.io.test_diffusers_conformance import FORMATS, LORA_TARGETS, rules
 from tests.io.test_diffusers_quantizer import _quantize
+from tests.tiny_pipelines import sd3_pipeline
 
 WIDTH = 64  # text width = hidden width: every quantized layer's inputs split into groups of 64
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# the conformance formats plus int2 (recipes/rtn-w2a16.yaml) and FP8 (recipes/fp8.yaml: an E4M3 weight is a float)
+LORA_FORMATS = {**FORMATS, "int-w2-g64": LinearQuantSpec(w_bits=2, group_size=64, w_symmetric=False),
+                "fp8": LinearQuantSpec(format="fp8", w_bits=8, a_bits=8)}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +61,8 @@ def _generate(pipe: FluxPipeline) -> torch.Tensor:
                 output_type="latent", generator=torch.Generator().manual_seed(0)).images
 
 
-def _train_lora(transformer: FluxTransformer2DModel, steps: int = 4) -> None:
-    """A few Adam steps of the LoRA alone towards a fixed random target (the quantized weights stay frozen)."""
+def _train_lora(transformer: FluxTransformer2DModel, steps: int = 4, quantized: bool = True) -> None:
+    """A few Adam steps of the LoRA alone towards a fixed random target (the base weights stay frozen)."""
     torch.manual_seed(1)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -71,7 +80,8 @@ def _train_lora(transformer: FluxTransformer2DModel, steps: int = 4) -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
-    assert all(isinstance(m.base_layer, QuantizedLinear) for m in transformer.modules() if isinstance(m, LoraLayer))
+    bases = [m.base_layer for m in transformer.modules() if isinstance(m, LoraLayer)]
+    assert bases and all(isinstance(base, QuantizedLinear) == quantized for base in bases)
     transformer.eval()
 
 
@@ -86,27 +96,115 @@ def trained(request, text_parts, tmp_path_factory):
     return request.param, folder / "transformer", folder / "lora", _generate(pipe)
 
 
-def _load_lora(pipe: FluxPipeline, lora_folder, fmt: str) -> None:
-    if FORMATS[fmt].w_bits == 8 and FORMATS[fmt].format == "int":  # codes one per byte: shapes are the weights'
+def _load_lora(pipe: FluxPipeline, lora_folder) -> None:
+    with logical_weight_shapes():  # packed codes report [out, in] to the pipeline's Control-LoRA shape check
         pipe.load_lora_weights(lora_folder)
-    else:
-        pipe.transformer.load_lora_adapter(lora_folder, prefix="transformer", weight_name=LORA_FILE)
+
+
+def _dequantized_pipeline(folder, text_parts) -> FluxPipeline:
+    model = FluxTransformer2DModel.from_pretrained(folder)
+    model.dequantize()
+    return _pipeline(model, text_parts)
 
 
 def test_lora_loaded_on_a_quantized_flux_matches_training_and_the_dequantized_model(trained, text_parts):
     fmt, folder, lora, trained_output = trained
     pipe = _pipeline(FluxTransformer2DModel.from_pretrained(folder), text_parts)
     without = _generate(pipe)
-    _load_lora(pipe, lora, fmt)
+    _load_lora(pipe, lora)
     with_lora = _generate(pipe)
     assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer, QuantizedLinear)
     assert torch.equal(with_lora, trained_output)
     change = (with_lora - without).abs().max().item()
     assert change > 1e-2, change
-    dequantized = FluxTransformer2DModel.from_pretrained(folder)
-    dequantized.dequantize()
-    float_pipe = _pipeline(dequantized, text_parts)
+    float_pipe = _dequantized_pipeline(folder, text_parts)
     gap = (without - _generate(float_pipe)).abs().max().item()  # W8A8 also rounds activations; weight-only: 0
     float_pipe.load_lora_weights(lora)
     error = (with_lora - _generate(float_pipe)).abs().max().item()
+    assert error <= 2 * gap + 1e-4, (error, gap)
+
+
+@pytest.fixture(scope="module")
+def float_lora(text_parts, tmp_path_factory):
+    """(folder of a float tiny FLUX transformer, LoRA folder trained on it)."""
+    folder = tmp_path_factory.mktemp("flux-float")
+    tiny_flux(1, 1, 4, WIDTH, WIDTH).save_pretrained(folder / "transformer")
+    pipe = _pipeline(FluxTransformer2DModel.from_pretrained(folder / "transformer"), text_parts)
+    _train_lora(pipe.transformer, quantized=False)
+    FluxPipeline.save_lora_weights(folder / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    return folder / "transformer", folder / "lora"
+
+
+@pytest.mark.parametrize("fmt", list(LORA_FORMATS))
+def test_a_float_models_lora_loads_into_every_quantized_format_with_the_pipeline_loader(fmt, float_lora, text_parts,
+                                                                                          tmp_path):
+    float_folder, lora = float_lora
+    _quantize(FluxTransformer2DModel.from_pretrained(float_folder), rules(LORA_FORMATS[fmt])).save_pretrained(tmp_path)
+    pipe = _pipeline(FluxTransformer2DModel.from_pretrained(tmp_path), text_parts)
+    without = _generate(pipe)
+    _load_lora(pipe, lora)
+    with_lora = _generate(pipe)
+    to_q = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(to_q, LoraLayer) and isinstance(to_q.base_layer, QuantizedLinear)
+    assert all(a.weight.dtype == torch.float32 for a in to_q.lora_A.values())  # not the FP8 weight's dtype
+    change = (with_lora - without).abs().max().item()
+    assert change > 1e-2, change
+    float_pipe = _dequantized_pipeline(tmp_path, text_parts)
+    gap = (without - _generate(float_pipe)).abs().max().item()  # activation rounding (W8A8, FP8); weight-only: 0
+    float_pipe.load_lora_weights(lora)
+    error = (with_lora - _generate(float_pipe)).abs().max().item()
+    assert error <= 2 * gap + 1e-4, (error, gap)
+    pipe.unload_lora_weights()
+    assert torch.equal(_generate(pipe), without) and isinstance(pipe.transformer.transformer_blocks[0].attn.to_q,
+                                                                   QuantizedLinear)
+
+
+def test_fuse_lora_fails_on_packed_codes_and_fuses_after_dequantize(trained, text_parts):
+    fmt, folder, lora, trained_output = trained
+    pipe = _pipeline(FluxTransformer2DModel.from_pretrained(folder), text_parts)
+    pipe.transformer.load_lora_adapter(lora, prefix="transformer", weight_name=LORA_FILE)  # no shape check: no scope
+    with pytest.raises(RuntimeError):  # int8 += float, or a [out, in / 2] uint8 += a [out, in] delta
+        pipe.fuse_lora()
+    assert not any(m.merged for m in pipe.transformer.modules() if isinstance(m, LoraLayer))
+    assert torch.equal(_generate(pipe), trained_output)  # the adapter still runs unfused
+    pipe.transformer.dequantize()  # float weights: fusing works, the quantization is gone
+    unfused = _generate(pipe)
+    pipe.fuse_lora()
+    assert all(m.merged for m in pipe.transformer.modules() if isinstance(m, LoraLayer))
+    error = (_generate(pipe) - unfused).abs().max().item()
+    assert error < 1e-4, error
+
+
+@pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=4), FORMATS["vq-w3"]], ids=["int-w4", "vq-w3"])
+def test_sd3_pipeline_loads_a_lora_into_packed_layers_without_the_scope(spec, tmp_path):
+    """SD3's ``load_lora_weights`` has no shape check: packed layers need nothing; its ``fuse_lora`` fails as FLUX's."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    def generate(pipe):
+        with torch.no_grad():
+            return pipe("a shirt", height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
+                        max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    pipe = sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(2)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False))
+    StableDiffusion3Pipeline.save_lora_weights(tmp_path / "lora",
+                                               transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    pipe.transformer.unload_lora()
+    _quantize(pipe.transformer, rules(spec)).save_pretrained(tmp_path / "q")
+    pipe.transformer = SD3Transformer2DModel.from_pretrained(tmp_path / "q")
+    without = generate(pipe)
+    pipe.load_lora_weights(tmp_path / "lora")
+    with_lora = generate(pipe)
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer, QuantizedLinear)
+    change = (with_lora - without).abs().max().item()
+    assert change > 1e-2, change
+    with pytest.raises(RuntimeError):
+        pipe.fuse_lora()
+    pipe.transformer = SD3Transformer2DModel.from_pretrained(tmp_path / "q")
+    pipe.transformer.dequantize()
+    gap = (without - generate(pipe)).abs().max().item()
+    pipe.load_lora_weights(tmp_path / "lora")
+    error = (with_lora - generate(pipe)).abs().max().item()
     assert error <= 2 * gap + 1e-4, (error, gap)

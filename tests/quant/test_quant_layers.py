@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressdit.quant.formats import FORMATS
-from compressdit.quant.layers import PackedParameter, QuantLinear, QuantState
+from compressdit.quant.layers import PackedParameter, QuantLinear, QuantState, logical_weight_shapes
 from compressdit.quant.primitives import dequantize_weight, fake_quantize_activation, int_range, quantize_weight_rtn
 from compressdit.quant.spec import LinearQuantSpec
 
@@ -145,6 +146,27 @@ def test_deepcopy_keeps_packed_storage_and_is_independent():
         c.weight.data.zero_()
         c.weight_scale.mul_(2)
     assert q.weight.data.any() and not torch.equal(c.weight_scale, q.weight_scale)
+
+
+def test_packed_weights_report_their_logical_shape_only_inside_the_scope():
+    q = QuantLinear.from_linear(_linear(), LinearQuantSpec(w_bits=4, group_size=16))
+    expected = q(_x())
+    clone, pickled = copy.deepcopy(q.weight), pickle.loads(pickle.dumps(q.weight))
+    assert q.weight.shape == (OUT, IN // 2)
+    with pytest.raises(KeyError), logical_weight_shapes():
+        for weight in (q.weight, clone, pickled):
+            assert weight.shape == (OUT, IN) and weight.size() == (OUT, IN // 2)
+        assert q.state_dict()["weight"].shape == (OUT, IN // 2)  # saved as stored
+        with torch.no_grad():
+            assert torch.equal(q(_x()), expected)
+        raise KeyError  # the scope ends with its exception too
+    assert q.weight.shape == clone.shape == (OUT, IN // 2)
+
+
+def test_compute_dtype_is_the_bias_dtype_else_float32():  # peft casts a LoRA on the layer to it
+    assert QuantLinear.from_linear(_linear().to(torch.bfloat16), LinearQuantSpec(w_bits=4)).compute_dtype \
+        == torch.bfloat16
+    assert QuantLinear.from_linear(_linear(bias=False), LinearQuantSpec(w_bits=4)).compute_dtype == torch.float32
 
 
 def test_backward_reaches_inputs_but_not_frozen_codes():
