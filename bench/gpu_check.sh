@@ -8,15 +8,19 @@ python3 -c "import diffusers, PIL, pytest" 2> /dev/null || {
   done
   export PYTHONPATH=/tmp/site:$PWD
 }
-# GPU check of issue 13 (run from the repository root on a CUDA machine; ends within GPU_CHECK_BUDGET_S, 420 s):
-#   1. pytest -m cuda on tests/quant (GPU ops vs their references; the VQ kernels after their JIT build)
-#   2. bench/gpu_kernels.py  -> $OUT/gpu_kernels.{json,md}  (DiT-XL/2 layer shapes, M = 1..4096)
-#   3. bench/gpu_e2e.py      -> $OUT/gpu_e2e.{json,md}      (DiT-XL/2 step, batch 8 guided; eager, then compiled:
-#      the shipped layers on the registry default first, then the direct kernels)
+# GPU check of issue 13 (run from the repository root on a CUDA machine; ends within GPU_CHECK_BUDGET_S, 420 s).
+# Parts (GPU_CHECK_PARTS, default all: "tests host layers kernels vq e2e"):
+#   tests:   pytest -m cuda on tests/quant (GPU ops vs their references) and tests/io (offload hooks on CUDA)
+#   host:    bench/gpu_host_overhead.py -> host time per eager call of each GPU path
+#   layers:  bench/gpu_layer_graph.py   -> GPU time per DiT-XL/2 layer and path (CUDA graph), Triton tile candidates
+#   kernels: bench/gpu_kernels.py       -> $OUT/gpu_kernels.{json,md}  (DiT-XL/2 layer shapes, M = 1..4096, eager)
+#   vq:      JIT build of the VQ CUDA extension + its tests
+#   e2e:     bench/gpu_e2e.py           -> $OUT/gpu_e2e.{json,md} (DiT-XL/2 step, batch 8 guided: eager, CUDA graph,
+#            torch.compile + CUDA graph per variant; GPU_E2E_EAGER / _GRAPH / _COMPILE / _COMPILE_512 pick variants)
 # Every part runs under `timeout`; a failing part is recorded ($OUT/gpu_check_summary.txt, the JSONs) and the
 # script goes on. GPU_CHECK_DEVICE=cpu runs the same steps as a smoke test (--quick, CPU references).
-# $OUT gets at most 7 files: gpu_check_summary.txt, gpu_kernels.{json,md}, gpu_e2e.{json,md}, gpu_e2e.jsonl and
-# gpu_logs.tgz (every log, the junit XMLs, env.txt); the output ends with a compact summary of all of it.
+# $OUT gets one json + md per part, the summary, gpu_e2e.jsonl and gpu_logs.tgz (every log, the junit XMLs, env.txt;
+# written last: the device tool brings back 8 files, so pick parts); the output ends with a compact summary.
 set -u
 export PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
 OUT=${OUT:-/tmp/gpu_check_out}
