@@ -156,7 +156,7 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
     set_quiet(quiet or as_json)
     config = EvaluateConfig.from_dict({"samples": samples, "steps": steps, "seed": seed, "guidance": guidance,
                                        "baseline": baseline}, "evaluate")
-    from compressdit.pipeline import default_cache_dir
+    from compressdit.cache import default_cache_dir
 
     cand = load_source(candidate)
     ref = load_source(reference, text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings),
@@ -197,7 +197,8 @@ def distill_command(student: str = typer.Argument(..., help="Compressed model or
                     overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Distil STUDENT towards its uncompressed TEACHER (TinyFusion masked KD) and write it to OUT."""
     from compressdit.distill.sources import DataSpec
-    from compressdit.stages.distill import distill_checkpoint, incomplete_message
+    from compressdit.pipeline import distill_checkpoint
+    from compressdit.stages.distill import incomplete_message
 
     set_quiet(quiet or as_json)
     overrides = {key: value for key, value in {"steps": steps, "batch_size": batch_size,

@@ -1,13 +1,16 @@
-"""The only orchestrator: load -> stages -> checkpoint (temp folder, renamed at the end) -> report."""
+"""The only orchestrator: load -> stages -> checkpoint (temp folder, renamed at the end) -> report; and the
+``distill`` command's load -> train -> checkpoint. Stages transform the model; only this module writes outputs."""
 
 from __future__ import annotations
 
-import os
+import json
 import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
+from compressdit.cache import default_cache_dir
 from compressdit.errors import CheckpointError
 from compressdit.io.checkpoint import atomic_output, copy_pipeline_parts, save_in_dtype, stored_float_dtype, check_output
 from compressdit.io.diffusers_quantizer import attach_quantizer
@@ -17,10 +20,7 @@ from compressdit.models import adapter_for
 from compressdit.models.sampling import initial_latents
 from compressdit.recipe import Recipe
 from compressdit.stages import STAGES, PipelineState
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("COMPRESSDIT_CACHE", Path.home() / ".cache" / "compressdit"))
+from compressdit.stages.distill import DistillStageConfig, run_distillation
 
 
 @torch.no_grad()
@@ -128,3 +128,30 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
         state.timings["total_s"] = round(time.perf_counter() - started, 2)
     state.workdir = Path(out)
     return state
+
+
+def distill_checkpoint(student: str, teacher: str, out: Path, overrides: dict, workdir: Path | None = None,
+                       overwrite: bool = False, quiet: bool = False, cache_dir: Path | None = None,
+                       text_encoder: str | None = None, embeddings: str | None = None) -> dict:
+    """Distil the model folder ``student`` from ``teacher`` and write it to ``out`` as a folder like the input
+    (stock ``save_pretrained``, written atomically). Nothing is written when a time cap stops the run. Prompts go
+    through the teacher's prompt encoder: ``embeddings``, else ``text_encoder``'s pipeline, else its own."""
+    check_output(out, overwrite)
+    config = DistillStageConfig.from_dict(overrides, "distill")
+    cache_dir = cache_dir or default_cache_dir()
+    student_src = load_source(student)
+    teacher_src = load_source(teacher, text_encoder=text_encoder, embeddings=embeddings, cache_dir=cache_dir)
+    metrics = run_distillation(student_src.transformer, teacher_src, config, cache_dir, quiet,
+                               sources=(student_src,), workdir=workdir)
+    if not metrics["completed"] or not PartialState().is_main_process:  # one writer under torchrun / accelerate
+        return metrics
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        folder = tmp / TRANSFORMER_SUBFOLDER if student_src.is_pipeline else tmp
+        if student_src.is_pipeline:
+            copy_pipeline_parts(student_src.folder, tmp)
+        save_in_dtype(student_src.transformer, folder, stored_float_dtype(student_src.transformer_folder))
+        summary = {k: v for k, v in metrics.items() if k != "history"}
+        (tmp / "compressdit_distill.json").write_text(json.dumps(
+            {"student": str(student), "teacher": str(teacher), "config": config.to_dict(), "metrics": summary,
+             "history": metrics["history"]}, indent=2))
+    return {**metrics, "out": str(out)}

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from compressdit.cache import default_cache_dir
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.io.sources import ModelSource
@@ -42,11 +43,7 @@ class PipelineState:
 
     def cache_folder(self) -> Path:
         """``cache_dir``, or the default cache folder when none was given."""
-        if self.cache_dir is not None:
-            return self.cache_dir
-        from compressdit.pipeline import default_cache_dir
-
-        return default_cache_dir()
+        return self.cache_dir if self.cache_dir is not None else default_cache_dir()
 
 
 class Stage(ABC):

@@ -111,40 +111,6 @@ def run_distillation(student: nn.Module, teacher: ModelSource, config: DistillSt
     return {**metrics, "data_note": data.note}
 
 
-def distill_checkpoint(student: str, teacher: str, out: Path, overrides: dict, workdir: Path | None = None,
-                       overwrite: bool = False, quiet: bool = False, cache_dir: Path | None = None,
-                       text_encoder: str | None = None, embeddings: str | None = None) -> dict:
-    """Distil the model folder ``student`` from ``teacher`` and write it to ``out`` as a folder like the input
-    (stock ``save_pretrained``, written atomically). Nothing is written when a time cap stops the run. Prompts go
-    through the teacher's prompt encoder: ``embeddings``, else ``text_encoder``'s pipeline, else its own."""
-    from compressdit.io.checkpoint import (atomic_output, check_output, copy_pipeline_parts, save_in_dtype,
-                                           stored_float_dtype)
-    from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source
-    from compressdit.pipeline import default_cache_dir
-
-    check_output(out, overwrite)
-    config = DistillStageConfig.from_dict(overrides, "distill")
-    cache_dir = cache_dir or default_cache_dir()
-    student_src = load_source(student)
-    teacher_src = load_source(teacher, text_encoder=text_encoder, embeddings=embeddings, cache_dir=cache_dir)
-    metrics = run_distillation(student_src.transformer, teacher_src, config, cache_dir, quiet,
-                               sources=(student_src,), workdir=workdir)
-    from accelerate import PartialState
-
-    if not metrics["completed"] or not PartialState().is_main_process:  # one writer under torchrun / accelerate
-        return metrics
-    with atomic_output(out, overwrite=overwrite) as tmp:
-        folder = tmp / TRANSFORMER_SUBFOLDER if student_src.is_pipeline else tmp
-        if student_src.is_pipeline:
-            copy_pipeline_parts(student_src.folder, tmp)
-        save_in_dtype(student_src.transformer, folder, stored_float_dtype(student_src.transformer_folder))
-        summary = {k: v for k, v in metrics.items() if k != "history"}
-        (tmp / "compressdit_distill.json").write_text(json.dumps(
-            {"student": str(student), "teacher": str(teacher), "config": config.to_dict(), "metrics": summary,
-             "history": metrics["history"]}, indent=2))
-    return {**metrics, "out": str(out)}
-
-
 def incomplete_message(metrics: dict) -> str:
     return (f"distillation stopped at step {metrics['steps']}/{metrics['target_steps']} (max_minutes); its state is "
             f"saved in {metrics['workdir']}: run the same command again to resume")
