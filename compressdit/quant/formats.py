@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Callable
 
-import torch
 from torch import nn
 
 from compressdit.errors import ConfigError
+from compressdit.quant.format_registry import FORMATS, LinearFormat
 from compressdit.quant.fp8_layer import FP8Linear, fp8_fits, validate_fp8_spec
 from compressdit.quant.layers import QuantLinear
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.vq_layer import VQLinear, code_bits
-from compressdit.registry import Registry
-
-
-@dataclass(frozen=True)
-class LinearFormat:
-    module_class: type[nn.Module]
-    quantize: Callable[[nn.Linear, LinearQuantSpec, torch.Tensor | None], nn.Module]
-    validate_spec: Callable[[LinearQuantSpec, str], None]
-    check_fits: Callable[[str, nn.Linear, LinearQuantSpec], None]
-
-    def empty(self, linear: nn.Linear, spec: LinearQuantSpec) -> nn.Module:
-        return self.module_class(linear.in_features, linear.out_features, linear.bias is not None, spec,
-                                 device=linear.weight.device, dtype=linear.weight.dtype)
-
-
-FORMATS: Registry[LinearFormat] = Registry("format")
 
 
 def _validate_int(spec: LinearQuantSpec, where: str) -> None:

@@ -7,6 +7,7 @@ from typing import Literal
 
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
+from compressdit.quant.format_registry import FORMATS
 from compressdit.quant.primitives import MAX_BITS, MIN_BITS
 
 
@@ -48,8 +49,6 @@ class LinearQuantSpec(StrictConfig):
     row_scale: bool = False
 
     def validate(self, where: str) -> None:
-        from compressdit.quant.formats import FORMATS  # late: the formats import this module
-
         if self.format not in FORMATS:
             raise ConfigError(f"{where}.format: unknown format {self.format!r}; known: {', '.join(FORMATS)}")
         FORMATS.get(self.format).validate_spec(self, where)
