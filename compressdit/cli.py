@@ -147,26 +147,23 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
              text_encoder: Optional[str] = TEXT_ENCODER, embeddings: Optional[Path] = EMBEDDINGS,
              quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Compare CANDIDATE with its reference (and a baseline) at identical seeds; write a report."""
+    from compressdit.cache import default_cache_dir
     from compressdit.evaluate.engine import Entry
-    from compressdit.io.checkpoint import atomic_output
     from compressdit.io.sources import load_source
+    from compressdit.pipeline import evaluate_checkpoint
     from compressdit.quant.transform import quantized_modules
-    from compressdit.stages.evaluate import EvaluateConfig, run_evaluation
+    from compressdit.stages.evaluate import EvaluateConfig
 
     set_quiet(quiet or as_json)
     config = EvaluateConfig.from_dict({"samples": samples, "steps": steps, "seed": seed, "guidance": guidance,
                                        "baseline": baseline}, "evaluate")
-    from compressdit.cache import default_cache_dir
-
     cand = load_source(candidate)
     ref = load_source(reference, text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings),
                       cache_dir=default_cache_dir())  # the reference's prompt encoder serves both
     entry = Entry("candidate", cand.transformer, candidate, cand.transformer_folder,
                   sorted(quantized_modules(cand.transformer)))
     target = out or cand.folder / "report"
-    with atomic_output(target, overwrite=True) as tmp:
-        report = run_evaluation(entry, ref, config, tmp, f"compressdit report: {candidate} vs {reference}", quiet,
-                                default_cache_dir())
+    report = evaluate_checkpoint(entry, ref, config, target, f"compressdit report: {candidate} vs {reference}", quiet)
     if as_json:
         print(json.dumps({"report": str(target), "metrics": {m["name"]: m["values"] for m in report["metrics"]}},
                          indent=2))

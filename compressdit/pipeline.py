@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,15 +14,19 @@ from accelerate import PartialState
 
 from compressdit.cache import default_cache_dir
 from compressdit.errors import CheckpointError
-from compressdit.io.checkpoint import atomic_output, copy_pipeline_parts, save_in_dtype, stored_float_dtype, check_output
+from compressdit.evaluate.engine import Entry
+from compressdit.evaluate.peers import PEERS, apply_peer
+from compressdit.io.checkpoint import (atomic_output, check_output, copy_pipeline_parts, folder_bytes, save_in_dtype,
+                                       stored_float_dtype)
 from compressdit.io.diffusers_quantizer import attach_quantizer
 from compressdit.io.model_card import write_model_card
-from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source, load_transformer
+from compressdit.io.sources import TRANSFORMER_SUBFOLDER, ModelSource, load_source, load_transformer
 from compressdit.models import adapter_for
 from compressdit.models.sampling import initial_latents
-from compressdit.recipe import Recipe
+from compressdit.recipe import Recipe, load_recipe
 from compressdit.stages import STAGES, PipelineState
 from compressdit.stages.distill import DistillStageConfig, run_distillation
+from compressdit.stages.evaluate import EvaluateConfig, reference_named_layers, run_evaluation
 
 
 @torch.no_grad()
@@ -120,6 +126,11 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
             if handler.needs_checkpoint and not saved:
                 save_checkpoint(state, recipe)
                 saved = True
+            if handler.needs_baseline and getattr(stage.config, "baseline", None):
+                reference = load_source(model, name=model)  # the source model was edited in place
+                reference.prompt_encoder = source.prompt_encoder
+                state.baseline = build_baseline(stage.config.baseline, reference, reference_named_layers(state),
+                                                quiet, default_cache_dir())
             handler.run(state, stage.config)
         if not saved:
             save_checkpoint(state, recipe)
@@ -155,3 +166,40 @@ def distill_checkpoint(student: str, teacher: str, out: Path, overrides: dict, w
             {"student": str(student), "teacher": str(teacher), "config": config.to_dict(), "metrics": summary,
              "history": metrics["history"]}, indent=2))
     return {**metrics, "out": str(out)}
+
+
+def apply_stages(recipe: Recipe, state: PipelineState, skip: tuple[str, ...] = ("evaluate",)) -> None:
+    """Run ``recipe``'s model-transforming stages on ``state`` in memory (nothing is written)."""
+    for stage in recipe.stages:
+        if stage.name not in skip:
+            STAGES.get(stage.name).run(state, stage.config)
+
+
+def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: bool, cache_dir: Path | None) -> Entry:
+    """A peer (``bnb-int8``, ...) on the candidate's ``layers``, or recipe ``name``'s stages run on a copy of the
+    reference; its bytes are those of its checkpoint, written to a temporary folder and measured."""
+    model = copy.deepcopy(reference.transformer)
+    if name in PEERS:
+        return Entry("baseline", apply_peer(model, layers, name), f"{name}: {PEERS.get(name).description}",
+                     compressed_layers=list(layers))
+    recipe = load_recipe(name)
+    state = PipelineState(source=reference, adapter=adapter_for(model), model=model, workdir=Path("."),
+                          reference_spec=reference.name, quiet=quiet, cache_dir=cache_dir)
+    apply_stages(recipe, state)
+    if state.quant_specs:
+        attach_quantizer(model, state.quant_specs)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_in_dtype(model, Path(tmp), stored_float_dtype(reference.transformer_folder))
+        disk_bytes = folder_bytes(Path(tmp))
+    return Entry("baseline", model, f"recipe {recipe.name}", compressed_layers=reference_named_layers(state),
+                 disk_bytes=disk_bytes)
+
+
+def evaluate_checkpoint(candidate: Entry, reference: ModelSource, config: EvaluateConfig, out: Path, title: str,
+                        quiet: bool = False) -> dict:
+    """The ``evaluate`` command: candidate vs reference (vs ``config.baseline``), report written atomically."""
+    baseline = (build_baseline(config.baseline, reference, candidate.compressed_layers, quiet, default_cache_dir())
+                if config.baseline else None)
+    with atomic_output(out, overwrite=True) as tmp:
+        return run_evaluation(candidate, reference, config, tmp, title, quiet, default_cache_dir(),
+                              baseline=baseline)

@@ -40,6 +40,9 @@ class PipelineState:
     # teacher block each student block came from, {stack attribute: indices} (set by depth pruning; used by
     # distill's ``layer_map: auto``)
     block_origin: dict | None = None
+    # the evaluation baseline (an ``evaluate.engine.Entry``), built by the orchestrator before a stage that
+    # ``needs_baseline`` runs: a peer applied to the reference, or another recipe's stages run on it
+    baseline: Any = None
 
     def cache_folder(self) -> Path:
         """``cache_dir``, or the default cache folder when none was given."""
@@ -51,6 +54,7 @@ class Stage(ABC):
 
     config_class: ClassVar[type[StrictConfig]]
     needs_checkpoint: ClassVar[bool] = False  # the pipeline writes the checkpoint before such a stage
+    needs_baseline: ClassVar[bool] = False  # the pipeline builds ``state.baseline`` (config.baseline) before it
 
     def parse(self, data: Any, where: str) -> StrictConfig:
         return self.config_class.from_dict(data, where)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,8 @@ from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.evaluate.engine import Entry, EvalSettings, evaluate
 from compressdit.evaluate.report import write_report
-from compressdit.io.sources import ModelSource
+from compressdit.io.sources import ModelSource, load_source
+from compressdit.models.base import adapter_for
 from compressdit.stages.base import STAGES, PipelineState, Stage
 
 
@@ -50,7 +50,7 @@ def _width_pruned(model) -> set[str]:
     return set(getattr(config, "structure", {}).get("width", {}))
 
 
-def _reference_named_layers(state: PipelineState) -> list[str]:
+def reference_named_layers(state: PipelineState) -> list[str]:
     """The quantized layers, by names that also name the reference's layers: none after depth pruning, which
     renumbers blocks (their per-layer SQNR against the reference layer of that name would mean nothing), and
     none that width pruning reshaped (the reference layer's inputs do not fit them)."""
@@ -60,54 +60,17 @@ def _reference_named_layers(state: PipelineState) -> list[str]:
     return sorted(name for name in state.quant_specs if name not in reshaped)
 
 
-def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: bool, cache_dir: Path | None) -> Entry:
-    """A peer on the candidate's layers, or a recipe's compression stages applied to the reference."""
-    from compressdit.evaluate.peers import PEERS, apply_peer
-
-    model = copy.deepcopy(reference.transformer)
-    if name in PEERS:
-        return Entry("baseline", apply_peer(model, layers, name), f"{name}: {PEERS.get(name).description}",
-                     compressed_layers=list(layers))
-    from compressdit.models.base import adapter_for
-    from compressdit.recipe import load_recipe
-
-    recipe = load_recipe(name)
-    state = PipelineState(source=reference, adapter=adapter_for(model), model=model, workdir=Path("."),
-                          reference_spec=reference.name, quiet=quiet, cache_dir=cache_dir)
-    for stage in recipe.stages:
-        if stage.name != "evaluate":
-            STAGES.get(stage.name).run(state, stage.config)
-    return Entry("baseline", model, f"recipe {recipe.name}", compressed_layers=_reference_named_layers(state),
-                 disk_bytes=_saved_bytes(model, state.quant_specs, reference.transformer_folder))
-
-
-def _saved_bytes(model, specs, source_folder: Path) -> int:
-    """Bytes of the baseline's checkpoint, written to a temporary folder and measured."""
-    import tempfile
-
-    from compressdit.io.checkpoint import folder_bytes, save_in_dtype, stored_float_dtype
-    from compressdit.io.diffusers_quantizer import attach_quantizer
-
-    if specs:
-        attach_quantizer(model, specs)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_in_dtype(model, Path(tmp), stored_float_dtype(source_folder))
-        return folder_bytes(Path(tmp))
-
-
 def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateConfig, out_dir: Path, title: str,
                    quiet: bool = False, cache_dir: Path | None = None, notes: list[str] | None = None,
-                   tables: list[dict] | None = None, figures: dict | None = None) -> dict:
-    from compressdit.models.base import adapter_for
-
+                   tables: list[dict] | None = None, figures: dict | None = None,
+                   baseline: Entry | None = None) -> dict:
+    """Evaluate ``candidate`` against ``reference`` (and ``baseline``, built by the orchestrator from
+    ``config.baseline``) and write the report to ``out_dir``."""
     if reference.vae is None:
         raise ConfigError(f"reference {reference.name} has no VAE: pass a pipeline folder (with vae/) as reference")
     adapter = adapter_for(reference.transformer)
     ref_entry = Entry("reference", reference.transformer, f"{reference.name} (uncompressed)",
                       reference.transformer_folder)
-    baseline = None
-    if config.baseline:
-        baseline = build_baseline(config.baseline, reference, candidate.compressed_layers, quiet, cache_dir)
     started = time.perf_counter()
     report = evaluate(adapter, ref_entry, candidate, baseline, reference.vae,
                       reference.scheduler or adapter.scheduler(reference.transformer), config.settings(), quiet,
@@ -124,15 +87,14 @@ def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateCon
 class EvaluateStage(Stage):
     config_class = EvaluateConfig
     needs_checkpoint = True
+    needs_baseline = True
 
     def run(self, state: PipelineState, config: EvaluateConfig) -> None:
-        from compressdit.io.sources import load_source
-
         reference = load_source(state.reference_spec, name=state.reference_spec)
         reference.prompt_encoder = state.source.prompt_encoder  # the same text encoder (and its cache) for both
         folder = state.workdir / "transformer" if state.source.is_pipeline else state.workdir
         candidate = Entry("candidate", state.model, f"{state.recipe_name} of {state.reference_spec}", folder,
-                          _reference_named_layers(state))
+                          reference_named_layers(state))
         if state.quant_specs and state.block_origin is not None:
             state.notes.append("per-layer SQNR not measured: depth pruning renumbered the blocks, so a layer name "
                                "no longer names the reference layer it came from")
@@ -142,7 +104,8 @@ class EvaluateStage(Stage):
                                "reshaped (the reference layer's inputs do not fit them)")
         state.report = run_evaluation(candidate, reference, config, state.workdir / "report",
                                       f"compressdit report: {state.recipe_name} on {state.reference_spec}",
-                                      state.quiet, state.cache_dir, state.notes, state.tables, state.figures)
+                                      state.quiet, state.cache_dir, state.notes, state.tables, state.figures,
+                                      state.baseline)
 
 
 STAGES.add("evaluate", EvaluateStage())

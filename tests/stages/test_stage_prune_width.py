@@ -17,7 +17,7 @@ from compressdit.pipeline import run_recipe, save_checkpoint
 from compressdit.prune.width import WidthConfig, prune_width
 from compressdit.recipe import Recipe, load_recipe
 from compressdit.stages import STAGES, PipelineState
-from compressdit.stages.evaluate import _reference_named_layers
+from compressdit.stages.evaluate import reference_named_layers
 from compressdit.stages.prune_width import PruneWidthConfig, calibration_batches
 from compressdit.zoo.data import fmnist_dir
 from tests.conftest import folder_state, save_dit_pipeline, tiny_flux
@@ -164,7 +164,7 @@ def test_layer_sqnr_leaves_out_reshaped_layers(pipeline_dir: Path, tmp_path: Pat
     stage.run(state, stage.parse(HALF, "prune_width"))
     state.quant_specs = dict.fromkeys(["transformer_blocks.0.ff.net.2", "transformer_blocks.0.attn1.to_q",
                                        "transformer_blocks.0.norm1.linear"])
-    assert _reference_named_layers(state) == ["transformer_blocks.0.norm1.linear"]
+    assert reference_named_layers(state) == ["transformer_blocks.0.norm1.linear"]
 
 
 # taylor ------------------------------------------------------------------------------------------------------
