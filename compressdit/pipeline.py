@@ -23,6 +23,7 @@ from compressdit.io.model_card import write_model_card
 from compressdit.io.sources import TRANSFORMER_SUBFOLDER, ModelSource, load_source, load_transformer
 from compressdit.models import adapter_for
 from compressdit.models.sampling import initial_latents
+from compressdit.quant.transform import quantized_modules
 from compressdit.recipe import Recipe, load_recipe
 from compressdit.stages import STAGES, PipelineState
 from compressdit.stages.distill import DistillStageConfig, run_distillation
@@ -37,8 +38,6 @@ def _reload_check(state: PipelineState, folder: Path) -> str:
     needed); where the adapter cannot build the model's inputs (generic adapter), the reloaded state dict is
     compared with the in-memory one tensor by tensor, and every quantized module's spec with its twin.
     """
-    from compressdit.quant.transform import quantized_modules
-
     reloaded = load_transformer(folder)
     adapter = state.adapter
     cond = adapter.synthetic_conditioning(state.model, 2, seed=99)
@@ -66,8 +65,6 @@ def _reload_check(state: PipelineState, folder: Path) -> str:
 def _round_to(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
     """Round the float tensors ``save_in_dtype`` casts to ``dtype``, in place: trained weights (distillation)
     then equal the checkpoint's, and later stages evaluate what was saved. Packed quantized tensors stay."""
-    from compressdit.quant.transform import quantized_modules
-
     if dtype is None or dtype == torch.float32:
         return
     packed = {f"{n}.{t}" for n, m in quantized_modules(model).items() for t in m.quantized_tensors}

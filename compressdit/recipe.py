@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from compressdit.errors import ConfigError
+from compressdit.stages import STAGES
 
 RECIPE_VERSION = 1
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -45,8 +46,6 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<recipe>") -> "Recipe":
-        from compressdit.stages import STAGES
-
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: a recipe must be a mapping with 'version', 'name' and 'stages'")
         allowed = {"version", "name", "description", "stages"}

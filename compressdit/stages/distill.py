@@ -14,10 +14,11 @@ from torch import nn
 
 from compressdit.distill.data import DistillData
 from compressdit.distill.losses import resolve_layer_map
-from compressdit.distill.trainer import DistillConfig, check_pair, distill
 from compressdit.distill.sources import DataContext, DataSpec, load_data
+from compressdit.distill.trainer import DistillConfig, check_pair, distill
 from compressdit.errors import ConfigError, TrainingIncomplete
-from compressdit.io.sources import ZOO_DIR, ModelSource
+from compressdit.evaluate.report import plot_to_file
+from compressdit.io.sources import ZOO_DIR, ModelSource, load_source
 from compressdit.models.base import ModelAdapter
 from compressdit.models.prompt_encoders import PromptEncoder
 from compressdit.stages.base import STAGES, PipelineState, Stage
@@ -62,8 +63,6 @@ def data_context(adapter: ModelAdapter, model: nn.Module, reference: ModelSource
 def state_data(state: PipelineState, spec: DataSpec | None) -> DistillData:
     """Training latents for a stage of ``state`` (prune searches, Taylor scores): the teacher, where a source
     needs it, is the uncompressed model, reloaded from ``state.reference_spec`` (``state.model`` may be edited)."""
-    from compressdit.io.sources import load_source
-
     context = data_context(state.adapter, state.model, state.source,
                            lambda: load_source(state.reference_spec).transformer, state.cache_folder(), state.quiet)
     return load_data(spec, context)
@@ -128,8 +127,6 @@ def loss_table(metrics: dict, config: DistillConfig) -> dict:
 
 def plot_losses(history: list[dict]) -> str:
     """A PNG (temp file) of each loss component over the steps, log scale."""
-    from compressdit.evaluate.report import plot_to_file
-
     def draw(ax) -> None:
         steps = range(1, len(history) + 1)
         for name in ("loss", "output", "feature", "data"):
@@ -148,8 +145,6 @@ class DistillStage(Stage):
     config_class = DistillStageConfig
 
     def run(self, state: PipelineState, config: DistillStageConfig) -> None:
-        from compressdit.io.sources import load_source
-
         started = time.perf_counter()
         teacher = load_source(state.reference_spec, name=state.reference_spec)  # the source model was edited in place
         metrics = run_distillation(state.model, teacher, config, state.cache_folder(), state.quiet, state.block_origin,

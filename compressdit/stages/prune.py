@@ -13,17 +13,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-
+from compressdit.calibration.sets import load_conditions, resolve_set
 from compressdit.config_base import StrictConfig
 from compressdit.distill.sources import DataSpec
 from compressdit.errors import ConfigError
+from compressdit.evaluate.report import plot_to_file
+from compressdit.io.checkpoint import atomic_output
 from compressdit.prune.depth import BlockKey, kept_indices, remove_blocks
 from compressdit.prune.importance import BLOCK_IMPORTANCE, keep_lowest_score
-from compressdit.prune.ppcl import (PPCLConfig, PPCLTraining, load_training, plug_units, ppcl_train,
-                                   save_training, unit_name)
+from compressdit.prune.ppcl import (PPCLConfig, PPCLTraining, load_training, plug_units, ppcl_train, save_training,
+                                    unit_name)
 from compressdit.prune.tinyfusion import TinyFusionConfig, TinyFusionResult, tinyfusion_search
 from compressdit.registry import Registry
 from compressdit.stages.base import STAGES, MethodStage, MethodStageConfig, PipelineState, parameter_count
+from compressdit.stages.distill import fingerprint, state_data
 
 
 @dataclass
@@ -83,8 +86,6 @@ class ImportanceConfig(StrictConfig):
 
 
 def _score_figure(scores: dict[BlockKey, float], keep: dict[str, list[int]], criterion: str) -> str:
-    from compressdit.evaluate.report import plot_to_file
-
     keys = list(scores)
     single = len(keep) == 1
 
@@ -104,8 +105,6 @@ def _score_figure(scores: dict[BlockKey, float], keep: dict[str, list[int]], cri
 
 def _by_importance(criterion: str) -> Callable[[PipelineState, ImportanceConfig], Selection]:
     def select(state: PipelineState, config: ImportanceConfig) -> Selection:
-        from compressdit.calibration.sets import load_conditions, resolve_set
-
         kind = state.adapter.condition_kind
         conditions = load_conditions(resolve_set(config.set, kind), kind, limit=config.samples)
         scheduler = state.source.scheduler or state.adapter.scheduler(state.model)
@@ -145,8 +144,6 @@ class TinyFusionStageConfig(_DataKey, TinyFusionConfig):
 
 def _training_data(state: PipelineState, spec: DataSpec):
     """Training latents for searches that train (TinyFusion, PPCL), cached like the distill stage's."""
-    from compressdit.stages.distill import state_data
-
     return state_data(state, spec)
 
 
@@ -156,8 +153,6 @@ def _scheduler_config(state: PipelineState) -> dict | None:
 
 
 def _decision_figure(result: TinyFusionResult) -> str:
-    from compressdit.evaluate.report import plot_to_file
-
     single = len({stack for stack, _ in result.blocks}) == 1
 
     def draw(ax) -> None:
@@ -208,8 +203,6 @@ class PPCLStageConfig(_DataKey, PPCLConfig):
 
 
 def _ppcl_figure(result: PPCLTraining, keep: dict[str, list[int]]) -> str:
-    from compressdit.evaluate.report import plot_to_file
-
     keys = list(result.replaceability)
     single = len({stack for stack, _ in keys}) == 1
     floor = 1e-6  # CKA of near-linear blocks sits within 1e-3 of 1: plot 1 - CKA on a log axis
@@ -239,9 +232,6 @@ def _ppcl_figure(result: PPCLTraining, keep: dict[str, list[int]]) -> str:
 def _cached_training(state: PipelineState, config: PPCLStageConfig) -> tuple[PPCLTraining, str | None]:
     """The PPCL training of this model and config (``plug`` aside), and where its data came from (None: from the
     cache, which an earlier run made)."""
-    from compressdit.io.checkpoint import atomic_output
-    from compressdit.stages.distill import fingerprint
-
     settings = {k: v for k, v in config.to_dict().items() if k not in ("plug", "method")}
     key = json.dumps({"config": settings, "model": fingerprint(state.model)}, sort_keys=True)
     folder = state.cache_folder() / "ppcl-runs" / hashlib.sha1(key.encode()).hexdigest()[:16]

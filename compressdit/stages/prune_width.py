@@ -13,10 +13,13 @@ from typing import Iterator
 
 import torch
 
+from compressdit.distill.data import BatchSampler, condition_table, select
+from compressdit.distill.objectives import objective_for
 from compressdit.distill.sources import DataSpec
 from compressdit.errors import ConfigError
 from compressdit.prune.width import WIDTH_IMPORTANCE, CalibrationBatch, WidthConfig, WidthUnit, prune_width, width_units
 from compressdit.stages.base import STAGES, PipelineState, Stage, parameter_count
+from compressdit.stages.distill import state_data
 
 
 @dataclass
@@ -55,10 +58,6 @@ def calibration_batches(state: PipelineState, config: PruneWidthConfig) -> Itera
     The data target makes Taylor scores measure each channel's share of the denoising loss. The data is loaded
     here; the batches are drawn lazily, from a generator seeded with ``config.seed`` (the global RNG is untouched).
     """
-    from compressdit.distill.data import BatchSampler, condition_table, select
-    from compressdit.distill.objectives import objective_for
-    from compressdit.stages.distill import state_data
-
     adapter, model = state.adapter, state.model
     data = state_data(state, config.data)
     state.notes.append(f"prune_width data: {data.note}")
