@@ -24,6 +24,10 @@ def _int_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
     if spec.group_size and linear.in_features % spec.group_size:
         raise ConfigError(f"{name}: in_features {linear.in_features} is not divisible by "
                           f"group_size {spec.group_size}; pick a divisor or null")
+    if spec.low_rank is not None and spec.low_rank > min(linear.in_features, linear.out_features):
+        raise ConfigError(f"{name}: low_rank {spec.low_rank} is larger than the layer "
+                          f"({linear.in_features} -> {linear.out_features}); use at most "
+                          f"{min(linear.in_features, linear.out_features)}")
     per_byte = 4 if spec.w_bits == 2 else 2 if spec.w_bits <= 4 else 1
     if linear.in_features % per_byte:
         raise ConfigError(f"{name}: in_features {linear.in_features} cannot be packed {per_byte} codes per byte")
@@ -47,9 +51,9 @@ def _validate_vq(spec: LinearQuantSpec, where: str) -> None:
     if not 2 <= k <= 256 or k & (k - 1):
         raise ConfigError(f"{where}.codebook_size: {k} must be a power of two in [2, 256]")
     if spec.a_bits is not None or spec.group_size is not None or spec.balance is not None \
-            or spec.rotation != "none":
-        raise ConfigError(f"{where}: format 'vq' is weight-only: a_bits, group_size, balance and rotation "
-                          "must be unset")
+            or spec.rotation != "none" or spec.low_rank is not None:
+        raise ConfigError(f"{where}: format 'vq' is weight-only: a_bits, group_size, balance, rotation and "
+                          "low_rank must be unset")
 
 
 def _vq_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:

@@ -94,6 +94,7 @@ def validate_fp8_spec(spec: LinearQuantSpec, where: str) -> None:
                                            ("w_range: mse", spec.w_range != "minmax"),
                                            ("balance", spec.balance is not None),
                                            ("rotation", spec.rotation != "none"),
+                                           ("low_rank", spec.low_rank is not None),
                                            ("a_granularity other than per_token", spec.a_granularity != "per_token"))
                    if used]
     if unsupported:

@@ -15,6 +15,7 @@ from torch import nn
 from compressdit.quant.kernel_registry import cache_of, kernel_name_of, run_kernel
 from compressdit.quant.primitives import (dequantize_weight, fake_quantize_activation, pack_codes, packed_shape,
                                           quantize_weight_rtn, unpack_codes)
+from compressdit.quant.low_rank import low_rank_split
 from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, random_signs, rotate
 from compressdit.quant.spec import LinearQuantSpec
 
@@ -145,6 +146,10 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.label}"
 
 
+def _rtn(weight: torch.Tensor, spec: LinearQuantSpec):
+    return quantize_weight_rtn(weight, spec.w_bits, spec.group_size, spec.w_symmetric, spec.w_range)
+
+
 class QuantLinear(QuantizedLinear):
     """``nn.Linear`` with int weights (int8, or 2/4 codes per uint8) and per-channel/group fp32 scales.
 
@@ -177,6 +182,12 @@ class QuantLinear(QuantizedLinear):
                              torch.ones((), dtype=torch.float32), device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
+        rank = spec.low_rank
+        # SVDQuant's 16-bit branch (in the model's float dtype, like the bias): out += (x @ down^T) @ up^T
+        self.low_rank_down = None if not rank else nn.Parameter(
+            torch.zeros(rank, in_features, device=device, dtype=dtype), requires_grad=False)
+        self.low_rank_up = None if not rank else nn.Parameter(
+            torch.zeros(out_features, rank, device=device, dtype=dtype), requires_grad=False)
 
     def _optional_state(self, name: str, present: bool, value: torch.Tensor, device) -> None:
         setattr(self, name, QuantState(value.to(device)) if present else None)
@@ -184,7 +195,8 @@ class QuantLinear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec, input_absmax: torch.Tensor | None = None,
                     rotation_seed: int = 0) -> "QuantLinear":
-        """Quantize a float ``linear``: optional channel balancing and rotation folded in, then RTN."""
+        """Quantize a float ``linear``: optional channel balancing and rotation folded in, an optional low-rank
+        branch split off (SVDQuant: only the residual is quantized), then RTN."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
                      device=linear.weight.device, dtype=linear.weight.dtype)
         weight = linear.weight.detach().float()
@@ -198,7 +210,12 @@ class QuantLinear(QuantizedLinear):
         if module.rotation_signs is not None:
             module.rotation_signs.copy_(random_signs(linear.in_features, rotation_seed))
             weight = rotate(weight, module.rotation_signs)
-        q = quantize_weight_rtn(weight, spec.w_bits, spec.group_size, spec.w_symmetric, spec.w_range)
+        if spec.low_rank:
+            split = low_rank_split(weight, spec.low_rank, lambda w: _rtn(w, spec).dequantized())
+            module.low_rank_up.data.copy_(split.up)
+            module.low_rank_down.data.copy_(split.down)
+            weight = weight - split.up @ split.down
+        q = _rtn(weight, spec)
         module.load_codes(q.codes, q.scale, q.zero)
         if module.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
@@ -217,8 +234,10 @@ class QuantLinear(QuantizedLinear):
         return x
 
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dequantized weight mapped back to the layer's original input space."""
+        """The dequantized weight (plus the low-rank branch) mapped back to the layer's original input space."""
         weight = self.dequantized_weight(torch.float32)
+        if self.low_rank_up is not None:
+            weight = weight + self.low_rank_up.float() @ self.low_rank_down.float()
         if self.rotation_signs is not None:
             weight = fwht(weight, hadamard_block(self.in_features)) * self.rotation_signs.float()
         if self.smooth_scale is not None:
@@ -240,11 +259,18 @@ class QuantLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transform_input(x)
         out = run_kernel(self, x)
-        return self.reference_linear(x) if out is None else out
+        return self._add_low_rank(self.reference_linear(x) if out is None else out, x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ground truth every kernel is tested against: transform, fake-quantize, dequantize, matmul."""
-        return self.reference_linear(self.transform_input(x))
+        x = self.transform_input(x)
+        return self._add_low_rank(self.reference_linear(x), x)
+
+    def _add_low_rank(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """SVDQuant's branch on the transformed, unquantized activations (none without ``low_rank``)."""
+        if self.low_rank_up is None:
+            return out
+        return out + F.linear(F.linear(x, self.low_rank_down.to(x.dtype)), self.low_rank_up.to(x.dtype))
 
     def reference_linear(self, x: torch.Tensor) -> torch.Tensor:
         """Reference on already transformed activations."""

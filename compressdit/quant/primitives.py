@@ -30,6 +30,9 @@ class IntQuantized:
     bits: int
     group_size: int | None
 
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.codes, self.scale, self.zero, dtype)
+
 
 def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     rows, cols = weight.shape

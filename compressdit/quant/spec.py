@@ -25,6 +25,7 @@ class LinearQuantSpec(StrictConfig):
         a_granularity: per_token  # dynamic; or per_tensor (dynamic) / static (calibrated)
         balance: 0.5              # channel balancing, SmoothQuant alpha (null = off); needs calibration
         rotation: hadamard        # randomized block Hadamard on the input dim (or none)
+        low_rank: 32              # SVDQuant: a rank-32 16-bit branch; only the residual is quantized (int)
 
     Vector quantization (``format: vq``, weight-only) stores per-layer codebooks of ``codebook_size``
     codewords of ``vector_dim`` weights; ``w_bits: 2`` / ``3`` default to the paper's d=4, k=256 /
@@ -47,6 +48,7 @@ class LinearQuantSpec(StrictConfig):
     vector_dim: int | None = None
     codebook_size: int | None = None
     row_scale: bool = False
+    low_rank: int | None = None
 
     def validate(self, where: str) -> None:
         if self.format not in FORMATS:
@@ -58,6 +60,8 @@ class LinearQuantSpec(StrictConfig):
             raise ConfigError(f"{where}.a_bits: {self.a_bits} is out of range [{MIN_BITS}, {MAX_BITS}] (or null)")
         if self.group_size is not None and self.group_size <= 0:
             raise ConfigError(f"{where}.group_size: must be positive or null, got {self.group_size}")
+        if self.low_rank is not None and self.low_rank <= 0:
+            raise ConfigError(f"{where}.low_rank: the branch's rank must be positive or null, got {self.low_rank}")
         if self.balance is not None and not 0.0 <= self.balance <= 1.0:
             raise ConfigError(f"{where}.balance: migration strength must be in [0, 1] or null, got {self.balance}")
         if self.rotation != "none" and self.a_granularity == "static":
@@ -80,5 +84,6 @@ class LinearQuantSpec(StrictConfig):
         group = f" g{self.group_size}" if self.group_size else ""
         extras = "".join(name for name, used in ((" +mse-range", self.w_range == "mse"),
                                                   (" +balance", self.balance is not None),
-                                                  (" +hadamard", self.rotation != "none")) if used)
+                                                  (" +hadamard", self.rotation != "none"),
+                                                  (f" +lr{self.low_rank}", self.low_rank is not None)) if used)
         return f"{self.format} W{self.w_bits}{acts}{group}{extras}"
