@@ -140,7 +140,7 @@ def run_command(recipe_file: Path = typer.Argument(..., help="Recipe YAML file."
 @app.command()
 def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/model folder."),
              reference: str = typer.Option(..., "--reference", help="Uncompressed pipeline folder or zoo:NAME."),
-             baseline: Optional[str] = typer.Option(None, "--baseline", help="Peer (bnb-int8, bnb-nf4) or recipe."),
+             baseline: Optional[str] = typer.Option(None, "--baseline", help="Peer (bnb-int8, bnb-nf4, torchao-int8-dynamic, torchao-int8-weight) or recipe."),
              samples: int = typer.Option(256, "--samples"), steps: int = typer.Option(20, "--steps"),
              seed: int = typer.Option(0, "--seed"), guidance: float = typer.Option(4.0, "--guidance"),
              out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default CANDIDATE/report)."),

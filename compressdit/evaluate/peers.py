@@ -1,4 +1,7 @@
-"""Peer quantizers applied to the same layers for side-by-side baselines (bitsandbytes today)."""
+"""Peer quantizers applied to the same layers for side-by-side baselines: bitsandbytes and torchao.
+
+torchao is optional (``pip install torchao``, the ``bench`` / ``test`` extras): naming a ``torchao-*`` baseline
+without it stops with one line saying so."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from compressdit.errors import ConfigError
 from compressdit.registry import Registry
 
 
@@ -48,8 +52,26 @@ def _bnb_nf4(linear: nn.Linear) -> nn.Module:
     return module.to(linear.weight.device)
 
 
+def _torchao(config_name: str) -> Callable[[nn.Linear], nn.Module]:
+    def replace(linear: nn.Linear) -> nn.Module:
+        try:
+            from torchao import quantization
+        except ImportError as exc:  # one line for the CLI
+            raise ConfigError("baseline torchao-*: torchao is not installed (pip install torchao)") from exc
+        module = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           device=linear.weight.device, dtype=linear.weight.dtype)
+        module.load_state_dict(linear.state_dict())
+        quantization.quantize_(module, getattr(quantization, config_name)())  # the root Linear is replaced in place
+        return module.requires_grad_(False)
+    return replace
+
+
 PEERS.add("bnb-int8", Peer("bitsandbytes LLM.int8 (W8, outlier threshold 6.0)", _bnb_int8))
 PEERS.add("bnb-nf4", Peer("bitsandbytes NF4 (W4 weight-only, block 64)", _bnb_nf4))
+PEERS.add("torchao-int8-dynamic", Peer("torchao W8A8: int8 weights per channel, dynamic int8 activations per token",
+                                       _torchao("Int8DynamicActivationInt8WeightConfig")))
+PEERS.add("torchao-int8-weight", Peer("torchao W8A16: int8 weight-only per channel",
+                                      _torchao("Int8WeightOnlyConfig")))
 
 
 @torch.no_grad()
