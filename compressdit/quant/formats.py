@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from compressdit.errors import ConfigError
+from compressdit.quant.activations import check_activation_fits
 from compressdit.quant.fp8_layer import FP8Linear, fp8_fits, validate_fp8_spec
 from compressdit.quant.layers import QuantLinear
 from compressdit.quant.spec import LinearQuantSpec
@@ -36,6 +37,16 @@ def _validate_int(spec: LinearQuantSpec, where: str) -> None:
     if spec.vector_dim is not None or spec.codebook_size is not None or spec.row_scale:
         raise ConfigError(f"{where}: vector_dim / codebook_size / row_scale belong to format 'vq', not "
                           f"{spec.format!r}")
+    if (spec.w_bits, spec.a_bits) == (8, 8) and spec.a_format != "int" and spec.a_granularity != "per_group":
+        raise ConfigError(f"{where}.a_format: int W8A8 runs int8 activation kernels; {spec.a_format!r} activations "
+                          "per token/tensor go with format 'fp8' (E4M3) or a per_group granularity")
+
+
+def _validate_fp8(spec: LinearQuantSpec, where: str) -> None:
+    validate_fp8_spec(spec, where)
+    if spec.a_format != "int" or spec.a_group_size is not None:
+        raise ConfigError(f"{where}: format 'fp8' quantizes activations to E4M3 per token itself; leave a_format "
+                          "and a_group_size unset")
 
 
 def _int_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
@@ -45,6 +56,7 @@ def _int_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
     per_byte = 4 if spec.w_bits == 2 else 2 if spec.w_bits <= 4 else 1
     if linear.in_features % per_byte:
         raise ConfigError(f"{name}: in_features {linear.in_features} cannot be packed {per_byte} codes per byte")
+    check_activation_fits(name, linear, spec)
 
 
 # The paper's settings: 2 bits = 4 weights per 8-bit index, 3 bits = 2 weights per 6-bit index.
@@ -93,4 +105,4 @@ def clamp_codebook(spec: LinearQuantSpec, linear: nn.Linear) -> LinearQuantSpec:
 
 FORMATS.add("int", LinearFormat(QuantLinear, QuantLinear.from_linear, _validate_int, _int_fits))
 FORMATS.add("vq", LinearFormat(VQLinear, VQLinear.from_linear, _validate_vq, _vq_fits))
-FORMATS.add("fp8", LinearFormat(FP8Linear, FP8Linear.from_linear, validate_fp8_spec, fp8_fits))
+FORMATS.add("fp8", LinearFormat(FP8Linear, FP8Linear.from_linear, _validate_fp8, fp8_fits))
