@@ -13,6 +13,7 @@ from compressdit.errors import ConfigError
 from compressdit.quant.activations import check_activation_fits
 from compressdit.quant.fp8_layer import FP8Linear, fp8_fits, validate_fp8_spec
 from compressdit.quant.layers import QuantLinear
+from compressdit.quant.mx_layer import BLOCK_CODECS, BlockFPLinear
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.vq_layer import VQLinear, code_bits
 from compressdit.registry import Registry
@@ -94,6 +95,35 @@ def _vq_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
                           f"codebook_size {spec.codebook_size}")
 
 
+def _validate_block_fp(spec: LinearQuantSpec, where: str) -> None:
+    """NVFP4 / MXFP4 / MXFP8: the element width and block are the format's; fills ``group_size`` when null."""
+    codec = BLOCK_CODECS.get(spec.format)
+    _validate_int(spec, where)
+    if spec.w_bits != codec.w_bits:
+        raise ConfigError(f"{where}.w_bits: format {spec.format!r} stores {codec.w_bits}-bit "
+                          f"E{codec.element.exponent_bits}M{codec.element.mantissa_bits} weights; set w_bits: "
+                          f"{codec.w_bits} (got {spec.w_bits})")
+    spec.group_size = codec.block if spec.group_size is None else spec.group_size
+    if spec.group_size != codec.block:
+        raise ConfigError(f"{where}.group_size: format {spec.format!r} scales blocks of {codec.block} weights; set "
+                          f"group_size: {codec.block} (got {spec.group_size})")
+    unsupported = [name for name, used in (("w_symmetric: false", not spec.w_symmetric),
+                                           ("w_range: mse", spec.w_range != "minmax"),
+                                           ("balance", spec.balance is not None),
+                                           ("rotation", spec.rotation != "none"),
+                                           ("a_granularity: static", spec.a_granularity == "static")) if used]
+    if unsupported:
+        raise ConfigError(f"{where}: format {spec.format!r} takes block absmax scales and dynamic activations; "
+                          f"unset {', '.join(unsupported)}")
+
+
+def _block_fp_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
+    if linear.in_features % spec.group_size:
+        raise ConfigError(f"{name}: in_features {linear.in_features} is not divisible by the {spec.format} block "
+                          f"of {spec.group_size}; keep this layer in another format (or full precision)")
+    check_activation_fits(name, linear, spec)
+
+
 def clamp_codebook(spec: LinearQuantSpec, linear: nn.Linear) -> LinearQuantSpec:
     """The paper caps k at a quarter of the layer's sub-vectors (largest power of two below)."""
     vectors = linear.out_features * linear.in_features // spec.vector_dim
@@ -106,3 +136,5 @@ def clamp_codebook(spec: LinearQuantSpec, linear: nn.Linear) -> LinearQuantSpec:
 FORMATS.add("int", LinearFormat(QuantLinear, QuantLinear.from_linear, _validate_int, _int_fits))
 FORMATS.add("vq", LinearFormat(VQLinear, VQLinear.from_linear, _validate_vq, _vq_fits))
 FORMATS.add("fp8", LinearFormat(FP8Linear, FP8Linear.from_linear, _validate_fp8, fp8_fits))
+for _name in BLOCK_CODECS:
+    FORMATS.add(_name, LinearFormat(BlockFPLinear, BlockFPLinear.from_linear, _validate_block_fp, _block_fp_fits))
