@@ -87,14 +87,18 @@ def test_activation_group_must_divide_the_layer_width():
         quantize_layers(model, plan)
 
 
+def layer_bits(plan) -> int:
+    return next(iter(plan.values())).w_bits
+
+
 def _inputs():
     gen = torch.Generator().manual_seed(0)
     return {"hidden_states": torch.randn(2, 4, 8, 8, generator=gen), "timestep": torch.tensor([10, 500]),
             "class_labels": torch.tensor([1, 7])}
 
 
-@pytest.mark.parametrize("act", [{"a_format": "int"}, {"a_format": "e2m1"}])
-def test_w4a4_checkpoint_reloads_through_stock_from_pretrained_and_runs(tmp_path, act):
+@pytest.mark.parametrize("act", [{"a_format": "int"}, {"a_format": "e2m1"}, {"a_format": "int", "w_bits": 3}])
+def test_w4a4_and_w3a4_checkpoints_reload_through_stock_from_pretrained_and_run(tmp_path, act):
     model, float_model = tiny_dit(), tiny_dit()
     adapter = adapter_for(model)
     plan = {n: _spec(a_bits=4, a_granularity="per_group", a_group_size=32, **act)
@@ -104,7 +108,7 @@ def test_w4a4_checkpoint_reloads_through_stock_from_pretrained_and_runs(tmp_path
     with torch.no_grad():
         expected = model(**_inputs(), return_dict=False)[0]
         reference = float_model(**_inputs(), return_dict=False)[0]
-    assert 0 < ((expected - reference).norm() / reference.norm()).item() < 0.5
+    assert 0 < ((expected - reference).norm() / reference.norm()).item() < (0.5 if layer_bits(plan) == 4 else 0.8)
     model.save_pretrained(tmp_path)
     import compressdit  # noqa: F401  registers the quantizer, as a user would
     loaded = DiTTransformer2DModel.from_pretrained(tmp_path)

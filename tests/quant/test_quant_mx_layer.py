@@ -144,3 +144,16 @@ def test_checkpoint_reloads_bit_identically_through_stock_from_pretrained(tmp_pa
         out = half(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in _inputs().items()},
                    return_dict=False)[0]
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", sorted(SPECS))
+def test_cuda_runs_the_same_dequantize_reference(fmt):
+    _, layer = _layer(fmt)
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        expected = layer(x)
+        out = layer.to("cuda")(x.cuda())
+    assert layer.kernel_name == "reference"
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
