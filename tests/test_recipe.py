@@ -140,7 +140,7 @@ def test_valid_recipe_parses():
     (_with(("stages", 0, "quantize", "rules", 1, "spec", "w_bits"), True), r"rules\[1\]\.spec\.w_bits: expected int"),
     (_with(("stages", 0, "quantize", "rules", 1, "spec", "group_size"), 0), r"group_size: must be positive"),
     (_with(("stages", 0, "quantize", "rules", 1, "spec", "a_granularity"), "per_channel"), "'per_channel' is not"),
-    (_with(("stages", 0, "quantize", "rules", 1, "spec", "format"), "nvfp4"), r"spec\.format: unknown format 'nvfp4'"),
+    (_with(("stages", 0, "quantize", "rules", 1, "spec", "format"), "nvfp5"), r"spec\.format: unknown format 'nvfp5'"),
     (_with(("stages", 0, "quantize", "rules", 1, "match"), "re:(unclosed"), r"rules\[1\]\.match: invalid regex"),
     (_with(("stages", 1, "evaluate", "samples"), 1), r"evaluate\.samples: need at least 2"),
     (_with(("stages", 1, "evaluate", "sample"), 1), r"evaluate: unknown key 'sample'"),

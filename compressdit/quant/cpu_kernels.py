@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from compressdit.quant.gpu_reference import (INT4_PACKED_MAX_ROWS, dequantize_nibbles, int4_uses_packed_gemm,
                                              pack_nibbles)
 from compressdit.quant.kernel_registry import KERNELS, Kernel
-from compressdit.quant.primitives import fake_quantize_activation
+from compressdit.quant.activations import quantize_input
 
 INT4_GROUPS = (32, 64, 128, 256)
 INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (bench/layer_kernels.py)
@@ -156,9 +156,7 @@ def _int4_prepack(layer) -> dict:
 
 
 def _fake_quantize_input(layer, x: torch.Tensor) -> torch.Tensor:
-    spec = layer.spec
-    return x if spec.a_bits is None else fake_quantize_activation(x, spec.a_bits, spec.a_granularity,
-                                                                   layer.input_scale)
+    return quantize_input(x, layer.spec, layer.input_scale)
 
 
 def _int4_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:

@@ -7,9 +7,11 @@ import dataclasses
 from torch import nn
 
 from compressdit.errors import ConfigError
+from compressdit.quant.activations import check_activation_fits
 from compressdit.quant.format_registry import FORMATS, LinearFormat
 from compressdit.quant.fp8_layer import FP8Linear, fp8_fits, validate_fp8_spec
 from compressdit.quant.layers import QuantLinear
+from compressdit.quant.mx_layer import BLOCK_CODECS, BlockFPLinear
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.vq_layer import VQLinear, code_bits
 
@@ -18,6 +20,16 @@ def _validate_int(spec: LinearQuantSpec, where: str) -> None:
     if spec.vector_dim is not None or spec.codebook_size is not None or spec.row_scale:
         raise ConfigError(f"{where}: vector_dim / codebook_size / row_scale belong to format 'vq', not "
                           f"{spec.format!r}")
+    if (spec.w_bits, spec.a_bits) == (8, 8) and spec.a_format != "int" and spec.a_granularity != "per_group":
+        raise ConfigError(f"{where}.a_format: int W8A8 runs int8 activation kernels; {spec.a_format!r} activations "
+                          "per token/tensor go with format 'fp8' (E4M3) or a per_group granularity")
+
+
+def _validate_fp8(spec: LinearQuantSpec, where: str) -> None:
+    validate_fp8_spec(spec, where)
+    if spec.a_format != "int" or spec.a_group_size is not None:
+        raise ConfigError(f"{where}: format 'fp8' quantizes activations to E4M3 per token itself; leave a_format "
+                          "and a_group_size unset")
 
 
 def _int_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
@@ -31,6 +43,7 @@ def _int_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
     per_byte = 4 if spec.w_bits == 2 else 2 if spec.w_bits <= 4 else 1
     if linear.in_features % per_byte:
         raise ConfigError(f"{name}: in_features {linear.in_features} cannot be packed {per_byte} codes per byte")
+    check_activation_fits(name, linear, spec)
 
 
 # The paper's settings: 2 bits = 4 weights per 8-bit index, 3 bits = 2 weights per 6-bit index.
@@ -68,6 +81,36 @@ def _vq_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
                           f"codebook_size {spec.codebook_size}")
 
 
+def _validate_block_fp(spec: LinearQuantSpec, where: str) -> None:
+    """NVFP4 / MXFP4 / MXFP8: the element width and block are the format's; fills ``group_size`` when null."""
+    codec = BLOCK_CODECS.get(spec.format)
+    _validate_int(spec, where)
+    if spec.w_bits != codec.w_bits:
+        raise ConfigError(f"{where}.w_bits: format {spec.format!r} stores {codec.w_bits}-bit "
+                          f"E{codec.element.exponent_bits}M{codec.element.mantissa_bits} weights; set w_bits: "
+                          f"{codec.w_bits} (got {spec.w_bits})")
+    spec.group_size = codec.block if spec.group_size is None else spec.group_size
+    if spec.group_size != codec.block:
+        raise ConfigError(f"{where}.group_size: format {spec.format!r} scales blocks of {codec.block} weights; set "
+                          f"group_size: {codec.block} (got {spec.group_size})")
+    unsupported = [name for name, used in (("w_symmetric: false", not spec.w_symmetric),
+                                           ("w_range: mse", spec.w_range != "minmax"),
+                                           ("balance", spec.balance is not None),
+                                           ("rotation", spec.rotation != "none"),
+                                           ("low_rank", spec.low_rank is not None),
+                                           ("a_granularity: static", spec.a_granularity == "static")) if used]
+    if unsupported:
+        raise ConfigError(f"{where}: format {spec.format!r} takes block absmax scales and dynamic activations; "
+                          f"unset {', '.join(unsupported)}")
+
+
+def _block_fp_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
+    if linear.in_features % spec.group_size:
+        raise ConfigError(f"{name}: in_features {linear.in_features} is not divisible by the {spec.format} block "
+                          f"of {spec.group_size}; keep this layer in another format (or full precision)")
+    check_activation_fits(name, linear, spec)
+
+
 def clamp_codebook(spec: LinearQuantSpec, linear: nn.Linear) -> LinearQuantSpec:
     """The paper caps k at a quarter of the layer's sub-vectors (largest power of two below)."""
     vectors = linear.out_features * linear.in_features // spec.vector_dim
@@ -79,4 +122,6 @@ def clamp_codebook(spec: LinearQuantSpec, linear: nn.Linear) -> LinearQuantSpec:
 
 FORMATS.add("int", LinearFormat(QuantLinear, QuantLinear.from_linear, _validate_int, _int_fits))
 FORMATS.add("vq", LinearFormat(VQLinear, VQLinear.from_linear, _validate_vq, _vq_fits))
-FORMATS.add("fp8", LinearFormat(FP8Linear, FP8Linear.from_linear, validate_fp8_spec, fp8_fits))
+FORMATS.add("fp8", LinearFormat(FP8Linear, FP8Linear.from_linear, _validate_fp8, fp8_fits))
+for _name in BLOCK_CODECS:
+    FORMATS.add(_name, LinearFormat(BlockFPLinear, BlockFPLinear.from_linear, _validate_block_fp, _block_fp_fits))

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressdit.quant.kernel_registry import cache_of, kernel_name_of, run_kernel
-from compressdit.quant.primitives import (dequantize_weight, fake_quantize_activation, pack_codes, packed_shape,
-                                          quantize_weight_rtn, unpack_codes)
+from compressdit.quant.activations import quantize_input
 from compressdit.quant.low_rank import low_rank_split
+from compressdit.quant.primitives import (dequantize_weight, pack_codes, packed_shape, quantize_weight_rtn,
+                                          unpack_codes)
 from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, random_signs, rotate
 from compressdit.quant.spec import LinearQuantSpec
 
@@ -274,7 +275,6 @@ class QuantLinear(QuantizedLinear):
 
     def reference_linear(self, x: torch.Tensor) -> torch.Tensor:
         """Reference on already transformed activations."""
-        if self.spec.a_bits is not None:
-            x = fake_quantize_activation(x, self.spec.a_bits, self.spec.a_granularity, self.input_scale)
+        x = quantize_input(x, self.spec, self.input_scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)

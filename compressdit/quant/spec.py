@@ -7,6 +7,7 @@ from typing import Literal
 
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
+from compressdit.quant.activations import validate_activation_spec
 from compressdit.quant.format_registry import FORMATS
 from compressdit.quant.primitives import MAX_BITS, MIN_BITS
 
@@ -22,7 +23,9 @@ class LinearQuantSpec(StrictConfig):
         group_size: 64            # null = one scale per output channel
         w_symmetric: true
         w_range: mse              # weight range per channel/group: minmax, or the MSE-optimal shrink
-        a_granularity: per_token  # dynamic; or per_tensor (dynamic) / static (calibrated)
+        a_granularity: per_token  # dynamic; or per_group / per_tensor (dynamic) / static (calibrated)
+        a_format: int             # or a minifloat (e2m1, e4m3, ...), nvfp4, mxfp4, mxfp8 (quant/activations.py)
+        a_group_size: null        # inputs per activation scale with a_granularity: per_group (16 / 32 / 64)
         balance: 0.5              # channel balancing, SmoothQuant alpha (null = off); needs calibration
         rotation: hadamard        # randomized block Hadamard on the input dim (or none)
         low_rank: 32              # SVDQuant: a rank-32 16-bit branch; only the residual is quantized (int)
@@ -42,7 +45,9 @@ class LinearQuantSpec(StrictConfig):
     group_size: int | None = None
     w_symmetric: bool = True
     w_range: Literal["minmax", "mse"] = "minmax"
-    a_granularity: Literal["per_token", "per_tensor", "static"] = "per_token"
+    a_granularity: Literal["per_token", "per_group", "per_tensor", "static"] = "per_token"
+    a_format: str = "int"
+    a_group_size: int | None = None
     balance: float | None = None
     rotation: Literal["none", "hadamard"] = "none"
     vector_dim: int | None = None
@@ -54,6 +59,7 @@ class LinearQuantSpec(StrictConfig):
         if self.format not in FORMATS:
             raise ConfigError(f"{where}.format: unknown format {self.format!r}; known: {', '.join(FORMATS)}")
         FORMATS.get(self.format).validate_spec(self, where)
+        validate_activation_spec(self, where)
         if not MIN_BITS <= self.w_bits <= MAX_BITS:
             raise ConfigError(f"{where}.w_bits: {self.w_bits} is out of range [{MIN_BITS}, {MAX_BITS}]")
         if self.a_bits is not None and not MIN_BITS <= self.a_bits <= MAX_BITS:
@@ -81,6 +87,8 @@ class LinearQuantSpec(StrictConfig):
             return (f"{self.format} W{self.w_bits} d{self.vector_dim} k{self.codebook_size}"
                     + (" +row-scale" if self.row_scale else ""))
         acts = f"A{self.a_bits}" if self.a_bits else "A16"
+        acts += f"-{self.a_format}" if self.a_bits and self.a_format != "int" else ""
+        acts += f" ag{self.a_group_size}" if self.a_bits and self.a_group_size else ""
         group = f" g{self.group_size}" if self.group_size else ""
         extras = "".join(name for name, used in ((" +mse-range", self.w_range == "mse"),
                                                   (" +balance", self.balance is not None),

@@ -1,0 +1,134 @@
+"""Block-scaled FP linears: NVFP4, MXFP4 and MXFP8 weights (formats ``nvfp4``, ``mxfp4``, ``mxfp8``).
+
+Checkpoint tensors, in the layout ModelOpt's unified Hugging Face export writes (``[out, in]`` row-major, scales
+not swizzled):
+
+============  ====================================  ====================================  =======================
+format        ``.weight``                           ``.weight_scale``                     ``.weight_scale_2``
+============  ====================================  ====================================  =======================
+``nvfp4``     ``uint8 [out, in/2]`` E2M1 nibbles    ``float8_e4m3fn [out, in/16]``        ``float32 []`` (tensor)
+``mxfp4``     ``uint8 [out, in/2]`` E2M1 nibbles    ``uint8 [out, in/32]`` E8M0 exponents  --
+``mxfp8``     ``float8_e4m3fn [out, in]``           ``uint8 [out, in/32]`` E8M0 exponents  --
+============  ====================================  ====================================  =======================
+
+Nibbles: element ``2i`` in the low four bits, ``2i + 1`` in the high four (ModelOpt's order). Activations are
+quantized dynamically (``a_format: nvfp4`` computes its tensor scale from each input), so no ``.input_scale``
+(ModelOpt's static, calibrated activation amax) is stored. Execution on CPU and GPU is the dequantize reference:
+decode the weight, fake-quantize the input, matmul in the input's dtype (no FP4 tensor-core kernel here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressdit.quant.activations import quantize_input
+from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
+from compressdit.quant.minifloat import Minifloat, pack_nibbles, unpack_nibbles
+from compressdit.quant.mx_primitives import (E2M1, E4M3, MX_BLOCK, NVFP4_BLOCK, mx_dequantize, mx_quantize,
+                                             nvfp4_dequantize, nvfp4_quantize)
+from compressdit.quant.spec import LinearQuantSpec
+from compressdit.registry import Registry
+
+
+@dataclass(frozen=True)
+class BlockCodec:
+    """A block-scaled weight format: element codes + one scale per ``block`` inputs (+ an fp32 tensor scale)."""
+
+    element: Minifloat
+    block: int
+    scale_dtype: torch.dtype
+    tensor_scale: bool
+    quantize: Callable[[torch.Tensor], tuple]  # weight -> (codes uint8, block scales, tensor scale or None)
+    dequantize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+    @property
+    def w_bits(self) -> int:
+        return self.element.bits
+
+    @property
+    def packed(self) -> bool:
+        return self.element.bits == 4
+
+
+BLOCK_CODECS: Registry[BlockCodec] = Registry("block-scaled weight format")
+BLOCK_CODECS.add("nvfp4", BlockCodec(E2M1, NVFP4_BLOCK, torch.float8_e4m3fn, True, nvfp4_quantize,
+                                     nvfp4_dequantize))
+BLOCK_CODECS.add("mxfp4", BlockCodec(E2M1, MX_BLOCK, torch.uint8, False, lambda w: (*mx_quantize(w, E2M1), None),
+                                     lambda codes, scale, _: mx_dequantize(codes, scale, E2M1)))
+BLOCK_CODECS.add("mxfp8", BlockCodec(E4M3, MX_BLOCK, torch.uint8, False, lambda w: (*mx_quantize(w, E4M3), None),
+                                     lambda codes, scale, _: mx_dequantize(codes, scale, E4M3)))
+
+
+class BlockFPLinear(QuantizedLinear):
+    """``nn.Linear`` with NVFP4 / MXFP4 / MXFP8 weights (``spec.format``); activations as the spec's ``a_format``.
+
+    YAML (``recipes/nvfp4.yaml``)::
+
+        - {match: "re:.*", spec: {format: nvfp4, w_bits: 4, group_size: 16,
+                                  a_bits: 4, a_format: nvfp4, a_granularity: per_group}}
+    """
+
+    quantized_tensors = ("weight", "weight_scale")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LinearQuantSpec,
+                 device=None, dtype=None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.codec = BLOCK_CODECS.get(spec.format)
+        shape, storage = ((out_features, in_features // 2), torch.uint8) if self.codec.packed else \
+            ((out_features, in_features), torch.float8_e4m3fn)
+        self.weight = PackedParameter(torch.zeros(shape, dtype=storage, device=device),
+                                      logical_numel=out_features * in_features,
+                                      logical_shape=(out_features, in_features))
+        self.weight_scale = QuantState(torch.ones(out_features, in_features // self.codec.block, device=device)
+                                       .to(self.codec.scale_dtype))
+        if self.codec.tensor_scale:
+            self.weight_scale_2 = QuantState(torch.ones((), dtype=torch.float32, device=device))
+            self.quantized_tensors = ("weight", "weight_scale", "weight_scale_2")
+        else:
+            self.weight_scale_2 = None
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec,
+                    input_absmax: torch.Tensor | None = None) -> "BlockFPLinear":
+        """Round the weight to the format (scales from each block's absmax, elements to nearest even)."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+        module.load_codes(*module.codec.quantize(linear.weight.detach()))
+        if module.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def load_codes(self, codes: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None) -> None:
+        """Element codes ``uint8 [out, in]``, block scales (the format's scale dtype), tensor scale (NVFP4)."""
+        data = pack_nibbles(codes) if self.codec.packed else codes.view(torch.float8_e4m3fn)
+        self.weight.data = data.to(self.weight.device)
+        self.weight_scale.data = scale.to(self.codec.scale_dtype).to(self.weight.device)
+        if self.weight_scale_2 is not None:
+            self.weight_scale_2.copy_(tensor_scale.reshape(()))
+
+    def codes(self) -> torch.Tensor:
+        """Element codes ``uint8 [out, in]``."""
+        return unpack_nibbles(self.weight.data) if self.codec.packed else self.weight.data.view(torch.uint8)
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.codec.dequantize(self.codes(), self.weight_scale, self.weight_scale_2).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize reference: fake-quantized input, decoded weight, matmul in ``x``'s dtype."""
+        return self.reference_linear(x)
+
+    def reference_linear(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantize_input(x, self.spec)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.effective_weight(x.dtype), bias)
