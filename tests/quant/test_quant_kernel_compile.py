@@ -20,7 +20,7 @@ def test_compiled_w8a8_and_w4a16_dit_has_no_graph_break_in_quantized_layers_and_
              LayerRule("re:.*", LinearQuantSpec(w_bits=8, a_bits=8, rotation="hadamard"))]
     quantize_layers(model, resolve_plan(model, adapter_for(model), rules))
     kernels = prepack_model(model)  # prepack before compiling: the staleness check is skipped when compiling
-    assert {"cpu-w8a8-onednn", "cpu-int4-weight"} <= set(kernels.values())
+    assert {"cpu-int8-gemm", "cpu-int-dense-bf16"} <= set(kernels.values())
     inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([10, 700]),
               "class_labels": torch.tensor([1, 7]), "return_dict": False}
     torch._dynamo.reset()

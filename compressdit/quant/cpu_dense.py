@@ -1,0 +1,94 @@
+"""CPU kernels of *small* quantized linears: the weight decoded once at prepack, a dense GEMM per call.
+
+On layers of up to ``DENSE_MAX_WEIGHT`` weights (the zoo models' 128..640-wide linears) the per-call decode
+of the packed codes (``cpu-int4-weight`` above ``INT4_PACKED_MAX_ROWS`` rows) and the packed int4 GEMM cost
+more than the GEMM itself, so these layers keep a decoded copy of their weight at run time and say so in
+their kernel name:
+
+- ``cpu-int-dense-bf16``: int weights of 2-4 bits (any group size, symmetric or not) decoded once into
+  bf16 (2 bytes per weight of RAM at run time, at most ``2 * DENSE_MAX_WEIGHT`` bytes per layer; the
+  checkpoint stays packed), activations rounded to bf16 (as ``cpu-int4-weight`` does), a bf16 GEMM (1.2-1.8x
+  an fp32 one at 256 rows on AVX512-BF16 CPUs), the bias added in fp32. Quantized activations (W4A8 with
+  groups, static scales) are fake-quantized first, with the reference's codes.
+- ``cpu-fp8-dense``: FP8 (E4M3) weights decoded once into fp32 (4 bytes per weight at run time), the
+  reference's per-token E4M3 activations, an fp32 GEMM: the reference's numbers without its per-call decode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from compressdit.quant.gpu_reference import quantize_rows_reference
+from compressdit.quant.kernel_registry import KERNELS, Kernel
+from compressdit.quant.primitives import int_range
+
+DENSE_MAX_WEIGHT = 1 << 18  # in_features * out_features: 512 KiB of bf16 per layer at most
+
+
+def fake_quantize_input(x: torch.Tensor, bits: int | None, granularity: str,
+                        static_scale: torch.Tensor | None) -> torch.Tensor:
+    """:func:`~compressdit.quant.primitives.fake_quantize_activation`'s values without its gradient path.
+
+    Fewer passes (in place, no straight-through term, whose forward value is the rounded code exactly);
+    for inference kernels only.
+    """
+    if bits is None:
+        return x
+    qmin, qmax = int_range(bits)
+    if static_scale is not None:
+        scale = static_scale.to(x.dtype)
+        return (x / scale).clamp_(qmin, qmax).round_().mul_(scale)
+    magnitude = x.abs()
+    scale = magnitude.amax(-1, keepdim=True) if granularity == "per_token" else magnitude.amax()
+    scale = scale.clamp_min_(1e-8).div_(qmax)
+    return (x / scale).round_().clamp_(qmin, qmax).mul_(scale)
+
+
+def _small(shape: tuple[int, int]) -> bool:
+    return shape[0] * shape[1] <= DENSE_MAX_WEIGHT
+
+
+def _dense_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    return device.type == "cpu" and spec.format == "int" and spec.w_bits <= 4 and _small(shape)
+
+
+def _dense_bf16_prepack(layer) -> dict:
+    return {"weight": layer.dequantized_weight(torch.float32).to(torch.bfloat16).contiguous(),
+            "bias": None if layer.bias is None else layer.bias.detach().float()}
+
+
+def _dense_bf16_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    spec = layer.spec
+    x = fake_quantize_input(x, spec.a_bits, spec.a_granularity, layer.input_scale)
+    out = F.linear(x.to(torch.bfloat16), b["weight"]).float()
+    if b["bias"] is not None:
+        out = out.add_(b["bias"])
+    return out.to(x.dtype)
+
+
+def _fp8_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    return device.type == "cpu" and spec.format == "fp8"
+
+
+def _fp8_dense_prepack(layer) -> dict:
+    return {"weight": layer.effective_weight(torch.float32).contiguous(),
+            "bias": None if layer.bias is None else layer.bias.detach().float()}
+
+
+def _fp8_dense_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    if layer.spec.a_bits == 8:
+        codes, scale = quantize_rows_reference(x2, torch.float8_e4m3fn)
+        x2 = codes.float().mul_(scale)
+    return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+KERNELS.add("cpu-int-dense-bf16", Kernel(
+    _dense_bf16_applies, _dense_bf16_prepack, _dense_bf16_run, priority=15,
+    description=f"layers of up to {DENSE_MAX_WEIGHT} weights: int codes decoded once into a dense bf16 weight "
+                "(2 bytes per weight of RAM), bf16 activations, bf16 GEMM, fp32 bias"))
+KERNELS.add("cpu-fp8-dense", Kernel(
+    _fp8_dense_applies, _fp8_dense_prepack, _fp8_dense_run, priority=10,
+    description="E4M3 weight decoded once into a dense fp32 weight (4 bytes per weight of RAM), per-token E4M3 "
+                "activations as the reference, fp32 GEMM"))
