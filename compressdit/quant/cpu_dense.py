@@ -5,7 +5,7 @@ of the packed codes (``cpu-int4-weight`` above ``INT4_PACKED_MAX_ROWS`` rows) an
 more than the GEMM itself, so these layers keep a decoded copy of their weight at run time and say so in
 their kernel name:
 
-- ``cpu-int-dense-bf16``: int weights of 2-4 bits (any group size, symmetric or not) decoded once into
+- ``cpu-int-dense-bf16``: the small layers ``cpu-int4-weight`` applies to (2-4 bits) decoded once into
   bf16 (2 bytes per weight of RAM at run time, at most ``2 * DENSE_MAX_WEIGHT`` bytes per layer; the
   checkpoint stays packed), activations rounded to bf16 (as ``cpu-int4-weight`` does), a bf16 GEMM (1.2-1.8x
   an fp32 one at 256 rows on AVX512-BF16 CPUs), the bias added in fp32. Quantized activations (W4A8 with
@@ -50,7 +50,8 @@ def _small(shape: tuple[int, int]) -> bool:
 
 
 def _dense_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    return device.type == "cpu" and spec.format == "int" and spec.w_bits <= 4 and _small(shape)
+    """The small layers of ``cpu-int4-weight``'s specs (same bf16 numerics; other specs keep the reference)."""
+    return _small(shape) and KERNELS.get("cpu-int4-weight").applies(spec, device, shape)
 
 
 def _dense_bf16_prepack(layer) -> dict:

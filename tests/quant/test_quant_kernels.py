@@ -55,7 +55,8 @@ CPU_CASES = [
     (LinearQuantSpec(w_bits=3, group_size=128), "cpu-int4-weight", 6e-3, 0.2, BIG),
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=128), "cpu-int4-weight", 6e-3, 0.2, BIG),
     (LinearQuantSpec(w_bits=4, group_size=64), "cpu-int-dense-bf16", 6e-3, 0.2, 96),  # decoded once, bf16
-    (LinearQuantSpec(w_bits=2, group_size=16, w_symmetric=False), "cpu-int-dense-bf16", 6e-3, 0.2, 96),
+    (LinearQuantSpec(w_bits=2, group_size=32, w_symmetric=False), "cpu-int-dense-bf16", 6e-3, 0.2, 96),
+    (LinearQuantSpec(w_bits=4, group_size=16), REFERENCE, 0.0, 0.0, 96),  # no int4 kernel: no dense one either
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64), "cpu-int-dense-bf16", 6e-3, 0.2, 96),
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, a_granularity="per_tensor"), "cpu-int-dense-bf16", 6e-3,
      0.2, 96),
