@@ -276,3 +276,15 @@ def test_cpu_int4_kernel_keeps_its_bound_above_the_packed_row_threshold(spec):
     error = ((out - reference).norm() / reference.norm()).item()
     assert error <= 6e-3  # the bound of CPU_CASES
     assert error <= 0.2 * ((reference - exact).norm() / exact.norm()).item()
+
+
+def test_e4m3_rounding_in_fp32_equals_the_float8_cast_bit_for_bit():
+    from compressdit.quant.cpu_dense import round_to_e4m3
+
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[grid.isfinite()].unique()
+    mids = (grid[1:] + grid[:-1]) / 2  # ties: to even
+    torch.manual_seed(0)
+    q = torch.cat([grid, mids, torch.nextafter(mids, grid[1:]), torch.nextafter(mids, grid[:-1]),
+                   (torch.rand(200_000) * 2 - 1) * 448, torch.randn(200_000) * 0.01, torch.randn(50_000) * 1e-4])
+    assert torch.equal(round_to_e4m3(q.clone()), q.to(torch.float8_e4m3fn).float())
