@@ -98,8 +98,10 @@ class KernelCache:
         self.name, self.kernel, self.key, self.buffers = None, None, None, {}
 
     def nbytes(self) -> int:
+        """Bytes of the buffers beyond the layer's own tensors (a buffer may be one of them, e.g. int8 codes)."""
+        own = {ptr for ptr, _, _ in self.key or ()}
         tensors = [t for t in self.buffers.values() if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors if not t.is_mkldnn)
+        return sum(t.numel() * t.element_size() for t in tensors if not t.is_mkldnn and t.data_ptr() not in own)
 
 
 def _saved_tensors(layer: nn.Module) -> list[torch.Tensor]:

@@ -106,6 +106,7 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
         small(torch.randn(2, 256)), big(torch.randn(2, 256))
     assert cache_of(small).buffers["packed"] is None  # torch._int_mm on the layer's own codes: no copy
     assert cache_of(small).buffers["codes"].data_ptr() == small.weight.data_ptr()
+    assert cache_of(small).nbytes() < small.weight.numel()  # the codes are not counted twice
     assert cache_of(big).buffers["packed"] is not None  # oneDNN's prepacked copy (1 byte per weight)
 
 
