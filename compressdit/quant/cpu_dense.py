@@ -8,8 +8,9 @@ their kernel name:
 - ``cpu-int-dense-bf16``: the small layers ``cpu-int4-weight`` applies to (2-4 bits) decoded once into
   bf16 (2 bytes per weight of RAM at run time, at most ``2 * DENSE_MAX_WEIGHT`` bytes per layer; the
   checkpoint stays packed), activations rounded to bf16 (as ``cpu-int4-weight`` does), a bf16 GEMM (1.2-1.8x
-  an fp32 one at 256 rows on AVX512-BF16 CPUs), the bias added in fp32. Quantized activations (W4A8 with
-  groups, static scales) are fake-quantized first, with the reference's codes.
+  an fp32 one at 256 rows on AVX512-BF16 CPUs), the bias added in fp32. Dynamic quantized activations (W4A8
+  with groups) enter the GEMM as their integer codes (exact in bf16), the product is scaled per row after;
+  static scales fake-quantize first. Either way the codes are the reference's.
 - ``cpu-fp8-dense``: FP8 (E4M3) weights decoded once into fp32 (4 bytes per weight at run time), the
   reference's per-token E4M3 activations, an fp32 GEMM: the reference's numbers without its per-call decode.
 """
@@ -42,7 +43,7 @@ def fake_quantize_input(x: torch.Tensor, bits: int | None, granularity: str,
     magnitude = x.abs()
     scale = magnitude.amax(-1, keepdim=True) if granularity == "per_token" else magnitude.amax()
     scale = scale.clamp_min_(1e-8).div_(qmax)
-    return (x / scale).round_().clamp_(qmin, qmax).mul_(scale)
+    return (x / scale).round_().mul_(scale)  # |x / scale| <= qmax: no clamp needed
 
 
 def _small(shape: tuple[int, int]) -> bool:
@@ -61,11 +62,19 @@ def _dense_bf16_prepack(layer) -> dict:
 
 def _dense_bf16_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     spec = layer.spec
-    x = fake_quantize_input(x, spec.a_bits, spec.a_granularity, layer.input_scale)
-    out = F.linear(x.to(torch.bfloat16), b["weight"]).float()
-    if b["bias"] is not None:
-        out = out.add_(b["bias"])
-    return out.to(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    if spec.a_bits is not None and layer.input_scale is None:  # dynamic: the codes (exact in bf16) times W, then
+        magnitude = x2.abs()                                     # each row by its scale: fewer passes than x * s
+        scale = magnitude.amax(-1, keepdim=True) if spec.a_granularity == "per_token" else magnitude.amax()
+        scale = scale.clamp_min_(1e-8).div_(int_range(spec.a_bits)[1])
+        out = F.linear((x2 / scale).round_().to(torch.bfloat16), b["weight"]).float()
+        out = out.mul_(scale) if b["bias"] is None else torch.addcmul(b["bias"], out, scale)
+    else:
+        x2 = fake_quantize_input(x2, spec.a_bits, spec.a_granularity, layer.input_scale)
+        out = F.linear(x2.to(torch.bfloat16), b["weight"]).float()
+        if b["bias"] is not None:
+            out = out.add_(b["bias"])
+    return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 def _fp8_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:

@@ -8,6 +8,9 @@
   bias are applied to the fp32 output, so outputs equal the reference up to fp32 summation order. W4A8 (and
   other narrower) per-channel symmetric weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements run the same
   GEMM on their codes unpacked to int8 (1 byte per weight at run time).
+- ``cpu-int8-group-gemm``: the same with weights in groups (symmetric, e.g. W4A8 g64), layers of up to
+  ``INT8_GEMM_SMALL_WEIGHT`` weights: the codes unpacked to int8 (1 byte per weight), one ``torch._int_mm``
+  per group, each group's int32 sums scaled by its scales and added in fp32.
 - ``cpu-int4-weight``: weight-only (or fake-quantized activations) int codes of 2-4 bits, groups of
   32/64/128/256 or per channel, via ``_weight_int4pack_mm_for_cpu``: activations are rounded to bf16
   (its fast path) and so are the group scales and the product; the bias is added in fp32. Up to
@@ -123,6 +126,50 @@ def _int8_gemm_prepack(layer) -> dict:
 def _int8_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return int8_gemm_linear_cpu(x, b["codes"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
                                 layer.spec.a_granularity == "per_token", layer.out_features)
+
+
+@_define("int8_group_gemm_linear_cpu(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, "
+         "int out_features) -> Tensor")
+def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor,
+                               bias: Optional[torch.Tensor], per_token: bool, out_features: int) -> torch.Tensor:
+    """Grouped weights (``codes`` int8 ``[groups, out, group]``, ``w_scale`` ``[groups, out]``) x dynamic int8
+    activations: one ``torch._int_mm`` per group, its int32 sums scaled by the group's scales and added."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    magnitude = x2.abs()
+    a_scale = magnitude.amax(-1, keepdim=True) if per_token else magnitude.amax().reshape(1, 1)
+    a_scale = a_scale.clamp_min_(1e-8).div_(127)
+    groups, _, size = codes.shape
+    q = (x2 / a_scale).round_().to(torch.int8).view(-1, groups, size).transpose(0, 1).contiguous()
+    out = torch._int_mm(q[0], codes[0].t()).float().mul_(w_scale[0])
+    for g in range(1, groups):
+        out.addcmul_(torch._int_mm(q[g], codes[g].t()), w_scale[g])
+    out = out.mul_(a_scale) if bias is None else torch.addcmul(bias, out, a_scale)
+    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+@torch.library.register_fake("compressdit::int8_group_gemm_linear_cpu")
+def _(x, codes, w_scale, bias, per_token, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _int8_group_gemm_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    out_features, in_features = shape
+    return (device.type == "cpu" and spec.format == "int" and spec.a_bits == 8 and spec.group_size is not None
+            and spec.group_size >= 8 and in_features % spec.group_size == 0 and spec.w_symmetric
+            and out_features * in_features <= INT8_GEMM_SMALL_WEIGHT
+            and spec.a_granularity in ("per_token", "per_tensor"))
+
+
+def _int8_group_gemm_prepack(layer) -> dict:
+    groups = layer.in_features // layer.spec.group_size
+    codes = layer.codes().view(layer.out_features, groups, layer.spec.group_size)
+    return {"codes": codes.transpose(0, 1).contiguous(), "w_scale": layer.weight_scale.float().t().contiguous(),
+            "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
+
+
+def _int8_group_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    return int8_group_gemm_linear_cpu(x, b["codes"], b["w_scale"], b["bias"], layer.spec.a_granularity == "per_token",
+                                      layer.out_features)
 
 
 # --- weight-only int4 (tinygemm layout for CPU) -------------------------------------------------------------
@@ -241,6 +288,10 @@ KERNELS.add("cpu-int8-gemm", Kernel(
     description=f"int8 x int8 -> int32 GEMM on the spec's dynamic symmetric activation codes (W8A8; W4A8 per "
                 f"channel up to {INT8_GEMM_SMALL_WEIGHT} weights, as int8): torch._int_mm up to "
                 f"{INT8_GEMM_SMALL_WEIGHT} weights or at one row, else oneDNN's prepacked u8s8 GEMM"))
+KERNELS.add("cpu-int8-group-gemm", Kernel(
+    _int8_group_gemm_applies, _int8_group_gemm_prepack, _int8_group_gemm_run, priority=20,
+    description=f"layers of up to {INT8_GEMM_SMALL_WEIGHT} weights, symmetric int weights in groups (as int8, 1 byte "
+                "per weight) x the spec's dynamic int8 activation codes: one torch._int_mm per group, scales in fp32"))
 KERNELS.add("cpu-int4-weight", Kernel(
     _int4_applies, _int4_prepack, _int4_run, priority=10,
     description=f"_weight_int4pack_mm_for_cpu (bf16 activations, bf16 group scales) up to "

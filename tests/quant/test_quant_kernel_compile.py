@@ -36,7 +36,7 @@ def test_compiled_w8a8_and_w4a16_dit_has_no_graph_break_in_quantized_layers_and_
 
 @pytest.mark.slow
 def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
-    """Big W8A8 (oneDNN's prepacked weight), small W8A8 (torch._int_mm), dense bf16 W4 and FP8 layers."""
+    """Big W8A8 (oneDNN's prepacked weight), small W8A8 (torch._int_mm), dense bf16 W4, grouped W4A8, FP8."""
     from compressdit.quant.fp8_layer import FP8Linear
     from compressdit.quant.layers import QuantLinear
 
@@ -45,9 +45,10 @@ def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
         QuantLinear.from_linear(torch.nn.Linear(256, 1040), LinearQuantSpec(w_bits=8, a_bits=8)),
         QuantLinear.from_linear(torch.nn.Linear(1040, 64), LinearQuantSpec(w_bits=8, a_bits=8)),
         QuantLinear.from_linear(torch.nn.Linear(64, 64), LinearQuantSpec(w_bits=4, group_size=32)),
+        QuantLinear.from_linear(torch.nn.Linear(64, 64), LinearQuantSpec(w_bits=4, a_bits=8, group_size=32)),
         FP8Linear.from_linear(torch.nn.Linear(64, 32), LinearQuantSpec(format="fp8", w_bits=8, a_bits=8)))
     assert list(prepack_model(model).values()) == ["cpu-int8-gemm", "cpu-int8-gemm", "cpu-int-dense-bf16",
-                                                   "cpu-fp8-dense"]
+                                                   "cpu-int8-group-gemm", "cpu-fp8-dense"]
     torch._dynamo.reset()
     with torch.no_grad():
         for rows in (1, 7):

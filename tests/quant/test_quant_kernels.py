@@ -57,9 +57,10 @@ CPU_CASES = [
     (LinearQuantSpec(w_bits=4, group_size=64), "cpu-int-dense-bf16", 6e-3, 0.2, 96),  # decoded once, bf16
     (LinearQuantSpec(w_bits=2, group_size=32, w_symmetric=False), "cpu-int-dense-bf16", 6e-3, 0.2, 96),
     (LinearQuantSpec(w_bits=4, group_size=16), REFERENCE, 0.0, 0.0, 96),  # no int4 kernel: no dense one either
-    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64), "cpu-int-dense-bf16", 6e-3, 0.2, 96),
-    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, a_granularity="per_tensor"), "cpu-int-dense-bf16", 6e-3,
-     0.2, 96),
+    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64), "cpu-int8-group-gemm", 1e-5, 0.01, 96),
+    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, a_granularity="per_tensor"), "cpu-int8-group-gemm", 1e-5,
+     0.01, 96),
+    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, w_symmetric=False), "cpu-int-dense-bf16", 6e-3, 0.2, 96),
     # bf16 rounding is not small next to 8-bit weights: stated in cpu_kernels' docstring
     (LinearQuantSpec(w_bits=8), "cpu-int8-weight", 6e-3, 1.0, 96),
     (LinearQuantSpec(w_bits=8, group_size=64), REFERENCE, 0.0, 0.0, 96),  # no grouped int8 kernel
@@ -188,7 +189,7 @@ def test_kernel_choice_is_per_layer_and_by_device():
     assert select_kernel(LinearQuantSpec(w_bits=4, group_size=64), cpu, (BIG, 256)) == "cpu-int4-weight"
     assert select_kernel(LinearQuantSpec(w_bits=4, group_size=16), cpu, (BIG, 256)) == REFERENCE
     for name in ("cpu-int8-gemm", "cpu-int4-weight", "cpu-int8-weight", "cpu-vq-dense", "cpu-int-dense-bf16",
-                 "cpu-fp8-dense"):
+                 "cpu-fp8-dense", "cpu-int8-group-gemm"):
         assert not KERNELS.get(name).applies(LinearQuantSpec(w_bits=8, a_bits=8), torch.device("meta"), (96, 256))
     model = torch.nn.Sequential(_layer(LinearQuantSpec(w_bits=8, a_bits=8))[1],
                                 _layer(LinearQuantSpec(w_bits=4, group_size=32), 96, 256)[1])
