@@ -3,13 +3,14 @@
 For each zoo model and recipe the recipe's own layer rules are applied to the reference model with the
 recipe's specs (balancing, rotation, groups, VQ layout), and the time of one CFG-batched forward
 (``timing_batch`` samples, as in the evaluation report) is measured with each layer's registered kernel
-("now") and with every layer forced onto the dequantize reference ("before": what every release up to this
-one ran). Speed does not depend on the values, so the calibration the recipes run is replaced by unit
+(the "quantized" column) and with every layer forced onto the dequantize-then-matmul reference (the
+"reference" column: what ran before the kernels existed). Mixed-precision recipes (w4a8) use their base rule
+for every layer. Speed does not depend on the values, so the calibration the recipes run is replaced by unit
 statistics and VQ codes/codebooks are random: this measures speed, never quality. Each round times single
-steps of float, now and before in turn (``--steps`` each, the fastest kept: robust to other jobs' bursts on a
+steps of float, quantized and reference in turn (``--steps`` each, the fastest kept: robust to other jobs' bursts on a
 shared machine); ratios are per round, the median over ``--rounds`` rounds is reported. Usage::
 
-    python bench/e2e_speed.py          # writes bench/results/e2e_speed_cpu.{json,md}
+    python bench/e2e_speed.py --threads 1     # writes bench/results/e2e_speed_cpu.{json,md}
 """
 
 from __future__ import annotations
