@@ -185,7 +185,7 @@ def prepack_model(model: nn.Module) -> dict[str, str]:
 
 
 def kernel_summary(model: nn.Module) -> str:
-    """``"cpu-w8a8-onednn x24, reference x4"``: how many quantized layers run each kernel ("" when none)."""
+    """``"cpu-int8-gemm x24, reference x4"``: how many quantized layers run each kernel ("" when none)."""
     counts: dict[str, int] = {}
     for module in model.modules():
         if hasattr(module, "spec") and hasattr(module, "quantized_tensors"):
