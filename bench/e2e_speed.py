@@ -133,10 +133,11 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 load = os.getloadavg()[0]
                 runs = interleaved_step_ms(adapter, models, settings, args.rounds, args.steps)
+                ratios = [n / f for f, n in zip(runs["float"], runs["now"])]
                 row = {"model": name, "recipe": recipe, "threads": threads, "kernels": kernel_summary(now),
                        "ms_float": round(statistics.median(runs["float"]), 2),
                        "ms_now": round(statistics.median(runs["now"]), 2),
-                       "time_vs_float_now": round(statistics.median(n / f for f, n in zip(runs["float"], runs["now"])), 3),
+                       "time_vs_float_now": round(statistics.median(ratios), 3),
                        "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
                 if "before" in runs:
                     row["ms_before"] = round(statistics.median(runs["before"]), 2)
@@ -151,10 +152,12 @@ def main() -> None:
     lines = [f"# Time per guided denoising step (CFG, batch {meta['timing_batch']}), CPU: {meta['cpu']} "
              f"({', '.join(meta['cpu_flags'])}), torch {meta['torch']}", "",
              f"Median over {meta['rounds']} rounds of the fastest of {meta['steps']} single steps per model, the "
-             "models taken in turn; time vs float = quantized / float within a round (median). \"reference\" = every "
-             "quantized layer forced onto the dequantize-then-matmul reference. Load average (1, 5, 15 min) "
-             f"before/after: {meta['loadavg_start']} / {meta['loadavg_end']}; per row: the 1-min load before/after.", "",
-             "| model | recipe | threads | float ms | quantized ms (x float) | reference ms (x float) | kernels | load |",
+             "models taken in turn; time vs float = quantized / float within a round (median). \"reference\" = "
+             "every quantized layer forced onto the dequantize-then-matmul reference. Load average (1, 5, 15 min) "
+             f"before/after: {meta['loadavg_start']} / {meta['loadavg_end']}; per row: the 1-min load before/after.",
+             "",
+             "| model | recipe | threads | float ms | quantized ms (x float) | reference ms (x float) "
+             "| kernels | load |",
              "|---|---|---:|---:|---:|---:|---|---|"]
     for r in result["rows"]:
         before = f"{r['ms_before']} ({r['time_vs_float_before']:.2f}x)" if "ms_before" in r else "—"
