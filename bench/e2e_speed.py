@@ -3,12 +3,14 @@
 For each zoo model and recipe the recipe's own layer rules are applied to the reference model with the
 recipe's specs (balancing, rotation, groups, VQ layout), and the time of one CFG-batched forward
 (``timing_batch`` samples, as in the evaluation report) is measured with each layer's registered kernel
-("now") and with every layer forced onto the dequantize reference ("before": what every release up to this
-one ran). Speed does not depend on the values, so the calibration the recipes run is replaced by unit
-statistics and VQ codes/codebooks are random: this measures speed, never quality. Float, now and before are
-interleaved in ``--rounds`` rounds; ratios are per round, the median is reported. Usage::
+(the "quantized" column) and with every layer forced onto the dequantize-then-matmul reference (the
+"reference" column: what ran before the kernels existed). Mixed-precision recipes (w4a8) use their base rule
+for every layer. Speed does not depend on the values, so the calibration the recipes run is replaced by unit
+statistics and VQ codes/codebooks are random: this measures speed, never quality. Each round times single
+steps of float, quantized and reference in turn (``--steps`` each, the fastest kept: robust to other jobs' bursts on a
+shared machine); ratios are per round, the median over ``--rounds`` rounds is reported. Usage::
 
-    python bench/e2e_speed.py          # writes bench/results/e2e_speed_cpu.{json,md}
+    python bench/e2e_speed.py --threads 1     # writes bench/results/e2e_speed_cpu.{json,md}
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +33,8 @@ from layer_kernels import cpu_flags, cpu_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MODELS = ["dit-fmnist", "pixart-fmnist", "flux-fmnist"]
-RECIPES = ["rtn-w8a8", "w8a8", "w4a16", "rtn-w4a16", "w4a8", "vq-w3"]
+RECIPES = ["rtn-w8a8", "w8a8", "w4a16", "rtn-w4a16", "w4a8", "rtn-w4a8", "rtn-w4a8-channel", "rtn-w3a16", "rtn-w2a16",
+           "vq-w3", "vq-w2", "fp8"]
 
 
 def recipe_plan(model, adapter, recipe_name: str) -> dict:
@@ -64,43 +68,81 @@ def quantized_copy(reference, adapter, recipe_name: str):
     return model
 
 
+def step_inputs(adapter, model, settings):
+    """One CFG-batched step's inputs, as ``_step_latency`` in the evaluation report builds them."""
+    from compressdit.evaluate.engine import evaluation_conditions
+    from compressdit.models.prompt_encoders import encode_conditions, encode_null
+    from compressdit.models.sampling import initial_latents
+
+    conditions, _ = evaluation_conditions(adapter, settings.timing_batch)
+    cond, uncond = encode_conditions(adapter, model, conditions), encode_null(adapter, model, len(conditions))
+    x = initial_latents(adapter, model, settings.timing_batch, 0)
+    return x, torch.tensor([500]), cond, uncond
+
+
+@torch.no_grad()
+def interleaved_step_ms(adapter, models: dict, settings, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Per round, the fastest of ``steps`` single guided steps of each model, the models taken in turn."""
+    from compressdit.models.sampling import guided_prediction
+
+    inputs = {k: step_inputs(adapter, m, settings) for k, m in models.items()}
+    for key, model in models.items():  # warm-up: prepacks, oneDNN primitive caches
+        guided_prediction(adapter, model, *inputs[key][:2], *inputs[key][2:], settings.guidance)
+    best: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        times: dict[str, list[float]] = {k: [] for k in models}
+        for _ in range(steps):
+            for key, model in models.items():
+                started = time.perf_counter()
+                guided_prediction(adapter, model, *inputs[key][:2], *inputs[key][2:], settings.guidance)
+                times[key].append(time.perf_counter() - started)
+        for key in models:
+            best[key].append(min(times[key]) * 1e3)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="single steps per model and round (fastest kept)")
+    parser.add_argument("--no-before", action="store_true", help="skip the reference-kernel column")
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--recipes", nargs="+", default=RECIPES)
     parser.add_argument("--out", type=Path, default=RESULTS / "e2e_speed_cpu")
     args = parser.parse_args()
-    from compressdit.evaluate.engine import EvalSettings, _step_latency
+    from compressdit.evaluate.engine import EvalSettings
     from compressdit.io.sources import load_source
     from compressdit.models import adapter_for
     from compressdit.quant.kernel_registry import kernel_summary, set_kernel
 
     settings = EvalSettings()
     result = {"meta": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
-                       "timing_batch": settings.timing_batch, "rounds": args.rounds,
+                       "timing_batch": settings.timing_batch, "rounds": args.rounds, "steps": args.steps,
                        "loadavg_start": [round(v, 2) for v in os.getloadavg()]}, "rows": []}
     for name in args.models:
         reference = load_source(f"zoo:{name}").transformer.float().eval()
         adapter = adapter_for(reference)
         for recipe in args.recipes:
             now = quantized_copy(reference, adapter, recipe)
-            before = copy.deepcopy(now)
-            set_kernel(before, "reference")
+            models = {"float": reference, "now": now}
+            if not args.no_before:
+                models["before"] = copy.deepcopy(now)
+                set_kernel(models["before"], "reference")
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                runs = {"float": [], "now": [], "before": []}
-                for _ in range(args.rounds):
-                    for key, model in (("float", reference), ("now", now), ("before", before)):
-                        runs[key].append(_step_latency(adapter, model, settings) * 1e3)
-                ratio_now = statistics.median(f / n for f, n in zip(runs["float"], runs["now"]))
-                ratio_before = statistics.median(f / b for f, b in zip(runs["float"], runs["before"]))
+                load = os.getloadavg()[0]
+                runs = interleaved_step_ms(adapter, models, settings, args.rounds, args.steps)
+                ratios = [n / f for f, n in zip(runs["float"], runs["now"])]
                 row = {"model": name, "recipe": recipe, "threads": threads, "kernels": kernel_summary(now),
                        "ms_float": round(statistics.median(runs["float"]), 2),
                        "ms_now": round(statistics.median(runs["now"]), 2),
-                       "ms_before": round(statistics.median(runs["before"]), 2),
-                       "time_vs_float_now": round(1 / ratio_now, 3), "time_vs_float_before": round(1 / ratio_before, 3)}
+                       "time_vs_float_now": round(statistics.median(ratios), 3),
+                       "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
+                if "before" in runs:
+                    row["ms_before"] = round(statistics.median(runs["before"]), 2)
+                    row["time_vs_float_before"] = round(
+                        statistics.median(b / f for f, b in zip(runs["float"], runs["before"])), 3)
                 result["rows"].append(row)
                 print(row, flush=True)
     result["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -109,14 +151,18 @@ def main() -> None:
     meta = result["meta"]
     lines = [f"# Time per guided denoising step (CFG, batch {meta['timing_batch']}), CPU: {meta['cpu']} "
              f"({', '.join(meta['cpu_flags'])}), torch {meta['torch']}", "",
-             f"Median of {meta['rounds']} interleaved rounds; time vs float = quantized / float within a round "
-             f"(median). Load average before/after: {meta['loadavg_start']} / {meta['loadavg_end']}.", "",
-             "| model | recipe | threads | float ms | now ms (x float) | before ms (x float) | kernels now |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             f"Median over {meta['rounds']} rounds of the fastest of {meta['steps']} single steps per model, the "
+             "models taken in turn; time vs float = quantized / float within a round (median). \"reference\" = "
+             "every quantized layer forced onto the dequantize-then-matmul reference. Load average (1, 5, 15 min) "
+             f"before/after: {meta['loadavg_start']} / {meta['loadavg_end']}; per row: the 1-min load before/after.",
+             "",
+             "| model | recipe | threads | float ms | quantized ms (x float) | reference ms (x float) "
+             "| kernels | load |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
     for r in result["rows"]:
+        before = f"{r['ms_before']} ({r['time_vs_float_before']:.2f}x)" if "ms_before" in r else "—"
         lines.append(f"| {r['model']} | {r['recipe']} | {r['threads']} | {r['ms_float']} | {r['ms_now']} "
-                     f"({r['time_vs_float_now']:.2f}x) | {r['ms_before']} ({r['time_vs_float_before']:.2f}x) "
-                     f"| {r['kernels']} |")
+                     f"({r['time_vs_float_now']:.2f}x) | {before} | {r['kernels']} | {r['loadavg_1min']} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out.with_suffix('.json')} and .md")
 

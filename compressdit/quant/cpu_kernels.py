@@ -1,17 +1,23 @@
 """CPU kernels of quantized linears (see :mod:`compressdit.quant.kernel_registry`).
 
-- ``cpu-w8a8-onednn``: W8A8 (int8 per-channel symmetric weights, dynamic symmetric int8 activations per
-  token or per tensor) as a real u8 x s8 -> s32 oneDNN GEMM. The activation codes are exactly the
-  reference's (``round(x / s)``, ``s = absmax / 127`` per token), shifted by 128 into uint8 with zero point
-  128 and a unit scale; the per-token and per-channel scales and the bias are applied to the fp32 output.
-  So the spec's semantics are kept (not fbgemm's per-tensor asymmetric activations) and outputs equal the
-  reference up to fp32 summation order.
+- ``cpu-int8-gemm``: W8A8 (int8 per-channel symmetric weights, dynamic symmetric int8 activations per token
+  or per tensor) as a real int8 x int8 -> int32 GEMM: ``torch._int_mm`` on the layer's own int8 codes (no
+  copy) for weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements at every row count and for one row at any
+  size, else oneDNN's prepacked u8s8 GEMM (codes + 128, zero point 128). The activation codes are exactly the
+  reference's (``round(x / s)``, ``s = absmax / 127`` per token); the per-token and per-channel scales and the
+  bias are applied to the fp32 output, so outputs equal the reference up to fp32 summation order. W4A8 (and
+  other narrower) per-channel symmetric weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements run the same
+  GEMM on their codes unpacked to int8 (1 byte per weight at run time).
+- ``cpu-int8-group-gemm``: the same with weights in groups (symmetric, e.g. W4A8 g64), layers of up to
+  ``INT8_GEMM_SMALL_WEIGHT`` weights: the codes unpacked to int8 (1 byte per weight), one ``torch._int_mm``
+  per group, each group's int32 sums scaled by its scales and added in fp32.
 - ``cpu-int4-weight``: weight-only (or fake-quantized activations) int codes of 2-4 bits, groups of
   32/64/128/256 or per channel, via ``_weight_int4pack_mm_for_cpu``: activations are rounded to bf16
   (its fast path) and so are the group scales and the product; the bias is added in fp32. Up to
   ``INT4_PACKED_MAX_ROWS["cpu"]`` rows per call; above, the weight is dequantized per call into bf16 (from
   a nibble copy of the codes, 0.5 byte per weight) for a dense bf16 GEMM, which beats the packed GEMM there
   (1.5-2.2x fp32 against 0.6-1.05x at M = 256..1024 on DiT-XL/2 shapes, one thread, AVX512-BF16 EPYC).
+  Layers of up to ``DENSE_MAX_WEIGHT`` weights run ``cpu-int-dense-bf16`` instead (:mod:`.cpu_dense`).
 - ``cpu-int8-weight``: weight-only int codes of 5-8 bits per channel (symmetric) via
   ``_weight_int8pack_mm`` on bf16 activations (per-channel scales applied in fp32 afterwards); above
   ``INT8_MAX_ROWS`` rows the dequantize reference (cheap for int8 codes) + fp32 GEMM is faster. bf16 rounding
@@ -30,74 +36,141 @@ import torch.nn.functional as F
 from compressdit.quant.gpu_reference import (INT4_PACKED_MAX_ROWS, dequantize_nibbles, int4_uses_packed_gemm,
                                              pack_nibbles)
 from compressdit.quant.kernel_registry import KERNELS, Kernel
-from compressdit.quant.activations import quantize_input
+from compressdit.quant.cpu_dense import quantize_layer_input
 
 INT4_GROUPS = (32, 64, 128, 256)
 INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (bench/layer_kernels.py)
+# in_features * out_features up to which torch._int_mm (no prepacked copy) beats oneDNN's prepacked GEMM at every
+# row count (1.5-2x on the zoo models' 128..640-wide layers, 1 thread); above, it wins at one row only
+INT8_GEMM_SMALL_WEIGHT = 1 << 18
 
 
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
 
-# Low-level ``torch.library`` registration: ~2 us per call through the dispatcher, against ~17 us for the
-# ``torch.library.custom_op`` wrapper (which matters at one token: the whole W8A8 GEMV takes ~0.1 ms).
+# Low-level ``torch.library`` registration (the ``torch.library.custom_op`` wrapper costs ~17 us per call). Even
+# so, the dispatcher's round trip into a Python impl costs ~10 us per call, a tenth of a zoo model's layer: eager
+# calls run the impl directly, and only tracing (torch.compile) sees the op.
 _LIB = torch.library.Library("compressdit", "FRAGMENT")
 
 
 def _define(schema: str):
-    """Register the decorated function as the CPU impl of ``compressdit::<schema>``; returns the op."""
+    """Register the decorated function as the CPU impl of ``compressdit::<schema>``; returns a callable that
+    runs the op under ``torch.compile`` and the impl itself in eager mode."""
     name = schema.split("(", 1)[0]
 
     def decorate(impl):
         _LIB.define(schema)
         for key in ("CPU", "MkldnnCPU"):  # MkldnnCPU: oneDNN's prepacked weight is an mkldnn tensor
             _LIB.impl(name, impl, key)
-        return getattr(torch.ops.compressdit, name)
+        op = getattr(torch.ops.compressdit, name)
+
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+        call.op, call.__doc__, call.__name__ = op, impl.__doc__, name
+        return call
 
     return decorate
 
 
-# --- W8A8: oneDNN u8s8 GEMM with the reference's symmetric activation codes ------------------------------
+# --- int8 activations x int8 (or narrower, per-channel) weights: an int32-accumulating GEMM ------------------
 
-@_define("w8a8_linear_cpu(Tensor x, Tensor packed, Tensor w_scale, Tensor w_zero, Tensor? bias, bool per_token, "
-         "int out_features) -> Tensor")
-def w8a8_linear_cpu(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-                    bias: Optional[torch.Tensor], per_token: bool, out_features: int) -> torch.Tensor:
-    """``x @ W^T + b`` with dynamic symmetric int8 activations (per token or tensor) and int8 weights."""
+@_define("int8_gemm_linear_cpu(Tensor x, Tensor codes, Tensor? packed, Tensor w_scale, Tensor w_zero, Tensor? bias, "
+         "bool per_token, int out_features) -> Tensor")
+def int8_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, packed: Optional[torch.Tensor], w_scale: torch.Tensor,
+                         w_zero: torch.Tensor, bias: Optional[torch.Tensor], per_token: bool,
+                         out_features: int) -> torch.Tensor:
+    """``x @ W^T + b`` with dynamic symmetric int8 activations (per token or tensor), W = codes * w_scale.
+
+    ``codes``: int8 ``[out, in]``; ``packed``: oneDNN's prepacked copy, or None where ``torch._int_mm`` runs
+    at every row count (see :func:`_int8_gemm_prepack`). One row always runs ``torch._int_mm``.
+    """
     x2 = x.reshape(-1, x.shape[-1]).float()
-    magnitude = x2.abs()  # abs().amax(): linalg.vector_norm(inf) is ~10x slower on CPU
-    a_scale = (magnitude.amax(-1, keepdim=True) if per_token else magnitude.amax().reshape(1, 1))
-    a_scale = a_scale.clamp_min(1e-8) / 127
-    # |x / s| <= 127; int8 then +128 with uint8 wrap-around = the uint8 code (float -> uint8 casts are 3x slower)
-    codes = torch.round(x2 / a_scale).to(torch.int8).view(torch.uint8).add_(128)
-    acc = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0,
-                                             torch.float32, "none", [], "")
-    out = acc * a_scale if bias is None else torch.addcmul(bias, acc, a_scale)
+    magnitude = x2.abs()  # abs().amax(): linalg.vector_norm(inf) and aminmax are ~10x slower on CPU
+    a_scale = magnitude.amax(-1, keepdim=True) if per_token else magnitude.amax().reshape(1, 1)
+    a_scale = a_scale.clamp_min_(1e-8).div_(127)  # the reference's scale, bit for bit
+    q = (x2 / a_scale).round_().to(torch.int8)  # |x / s| <= 127: the reference's codes
+    if packed is None or (q.shape[0] == 1 and q.shape[1] >= 8):  # _int_mm is wrong at K = 1
+        acc = torch._int_mm(q, codes.t()).float().mul_(w_scale)
+    else:  # oneDNN takes uint8 activations fast (int8 ones run a slow path): codes + 128, zero point 128
+        acc = torch.ops.onednn.qlinear_pointwise(q.view(torch.uint8).add_(128), 1.0, 128, packed, w_scale, w_zero,
+                                                 None, 1.0, 0, torch.float32, "none", [], "")
+    out = acc.mul_(a_scale) if bias is None else torch.addcmul(bias, acc, a_scale)
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
-@torch.library.register_fake("compressdit::w8a8_linear_cpu")
-def _(x, packed, w_scale, w_zero, bias, per_token, out_features):
+@torch.library.register_fake("compressdit::int8_gemm_linear_cpu")
+def _(x, codes, packed, w_scale, w_zero, bias, per_token, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-def _w8a8_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    return (device.type == "cpu" and spec.format == "int" and spec.w_bits == 8 and spec.a_bits == 8
+def _int8_gemm_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    out_features, in_features = shape
+    narrow_fits = spec.w_bits == 8 or out_features * in_features <= INT8_GEMM_SMALL_WEIGHT
+    return (device.type == "cpu" and spec.format == "int" and spec.a_bits == 8 and narrow_fits
             and spec.group_size is None and spec.w_symmetric and spec.a_granularity in ("per_token", "per_tensor")
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack"))
 
 
-def _w8a8_prepack(layer) -> dict:
-    return {"packed": torch.ops.onednn.qlinear_prepack(layer.weight.data.contiguous(), None),
+def _int8_gemm_prepack(layer) -> dict:
+    codes = layer.codes()  # int8 [out, in]: the layer's own weight for 8 bits, an unpacked copy below
+    small = layer.out_features * layer.in_features <= INT8_GEMM_SMALL_WEIGHT and layer.in_features >= 8
+    return {"codes": codes,
+            "packed": None if small else torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),
             "w_scale": layer.weight_scale.reshape(-1).float().contiguous(),
             "w_zero": torch.zeros(layer.out_features, dtype=torch.long),
             "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
 
 
-def _w8a8_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    return w8a8_linear_cpu(x, b["packed"], b["w_scale"], b["w_zero"], b["bias"],
-                           layer.spec.a_granularity == "per_token", layer.out_features)
+def _int8_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    return int8_gemm_linear_cpu(x, b["codes"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
+                                layer.spec.a_granularity == "per_token", layer.out_features)
+
+
+@_define("int8_group_gemm_linear_cpu(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, "
+         "int out_features) -> Tensor")
+def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor,
+                               bias: Optional[torch.Tensor], per_token: bool, out_features: int) -> torch.Tensor:
+    """Grouped weights (``codes`` int8 ``[groups, out, group]``, ``w_scale`` ``[groups, out]``) x dynamic int8
+    activations: one ``torch._int_mm`` per group, its int32 sums scaled by the group's scales and added."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    magnitude = x2.abs()
+    a_scale = magnitude.amax(-1, keepdim=True) if per_token else magnitude.amax().reshape(1, 1)
+    a_scale = a_scale.clamp_min_(1e-8).div_(127)
+    groups, _, size = codes.shape
+    q = (x2 / a_scale).round_().to(torch.int8).view(-1, groups, size).transpose(0, 1).contiguous()
+    out = torch._int_mm(q[0], codes[0].t()).float().mul_(w_scale[0])
+    for g in range(1, groups):
+        out.addcmul_(torch._int_mm(q[g], codes[g].t()), w_scale[g])
+    out = out.mul_(a_scale) if bias is None else torch.addcmul(bias, out, a_scale)
+    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+@torch.library.register_fake("compressdit::int8_group_gemm_linear_cpu")
+def _(x, codes, w_scale, bias, per_token, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _int8_group_gemm_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    out_features, in_features = shape
+    return (device.type == "cpu" and spec.format == "int" and spec.a_bits == 8 and spec.group_size is not None
+            and spec.group_size >= 8 and in_features % spec.group_size == 0 and spec.w_symmetric
+            and out_features * in_features <= INT8_GEMM_SMALL_WEIGHT
+            and spec.a_granularity in ("per_token", "per_tensor"))
+
+
+def _int8_group_gemm_prepack(layer) -> dict:
+    groups = layer.in_features // layer.spec.group_size
+    codes = layer.codes().view(layer.out_features, groups, layer.spec.group_size)
+    return {"codes": codes.transpose(0, 1).contiguous(), "w_scale": layer.weight_scale.float().t().contiguous(),
+            "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
+
+
+def _int8_group_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    return int8_group_gemm_linear_cpu(x, b["codes"], b["w_scale"], b["bias"], layer.spec.a_granularity == "per_token",
+                                      layer.out_features)
 
 
 # --- weight-only int4 (tinygemm layout for CPU) -------------------------------------------------------------
@@ -156,7 +229,7 @@ def _int4_prepack(layer) -> dict:
 
 
 def _fake_quantize_input(layer, x: torch.Tensor) -> torch.Tensor:
-    return quantize_input(x, layer.spec, layer.input_scale)
+    return quantize_layer_input(layer, x)
 
 
 def _int4_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
@@ -211,9 +284,15 @@ def _vq_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return F.linear(x, b["weight"].to(x.dtype), bias)
 
 
-KERNELS.add("cpu-w8a8-onednn", Kernel(
-    _w8a8_applies, _w8a8_prepack, _w8a8_run, priority=20,
-    description="oneDNN u8s8 int8 GEMM, the spec's dynamic symmetric activation codes, scales in fp32"))
+KERNELS.add("cpu-int8-gemm", Kernel(
+    _int8_gemm_applies, _int8_gemm_prepack, _int8_gemm_run, priority=20,
+    description=f"int8 x int8 -> int32 GEMM on the spec's dynamic symmetric activation codes (W8A8; W4A8 per "
+                f"channel up to {INT8_GEMM_SMALL_WEIGHT} weights, as int8): torch._int_mm up to "
+                f"{INT8_GEMM_SMALL_WEIGHT} weights or at one row, else oneDNN's prepacked u8s8 GEMM"))
+KERNELS.add("cpu-int8-group-gemm", Kernel(
+    _int8_group_gemm_applies, _int8_group_gemm_prepack, _int8_group_gemm_run, priority=20,
+    description=f"layers of up to {INT8_GEMM_SMALL_WEIGHT} weights, symmetric int weights in groups (as int8, 1 byte "
+                "per weight) x the spec's dynamic int8 activation codes: one torch._int_mm per group, scales in fp32"))
 KERNELS.add("cpu-int4-weight", Kernel(
     _int4_applies, _int4_prepack, _int4_run, priority=10,
     description=f"_weight_int4pack_mm_for_cpu (bf16 activations, bf16 group scales) up to "

@@ -40,7 +40,8 @@ from torch import nn
 from compressdit.registry import Registry
 
 #: Modules that register kernels; imported (once) before the first kernel selection.
-KERNEL_MODULES: tuple[str, ...] = ("compressdit.quant.cpu_kernels", "compressdit.quant.cuda_kernels")
+KERNEL_MODULES: tuple[str, ...] = ("compressdit.quant.cpu_kernels", "compressdit.quant.cpu_dense",
+                                   "compressdit.quant.cuda_kernels")
 REFERENCE = "reference"
 
 
@@ -97,17 +98,28 @@ class KernelCache:
         self.name, self.kernel, self.key, self.buffers = None, None, None, {}
 
     def nbytes(self) -> int:
+        """Bytes of the buffers beyond the layer's own tensors (a buffer may be one of them, e.g. int8 codes)."""
+        own = {ptr for ptr, _, _ in self.key or ()}
         tensors = [t for t in self.buffers.values() if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors if not t.is_mkldnn)
+        return sum(t.numel() * t.element_size() for t in tensors if not t.is_mkldnn and t.data_ptr() not in own)
 
 
 def _saved_tensors(layer: nn.Module) -> list[torch.Tensor]:
-    names = tuple(layer.quantized_tensors) + ("bias",)
-    return [t for t in (getattr(layer, n, None) for n in dict.fromkeys(names)) if isinstance(t, torch.Tensor)]
+    # straight from the module's dicts: nn.Module.__getattr__ per name cost ~10 us per forward on tiny layers
+    tensors = []
+    for name in dict.fromkeys(tuple(layer.quantized_tensors) + ("bias",)):
+        t = layer._parameters.get(name)
+        if t is None:
+            t = layer._buffers.get(name)
+        if t is None:
+            t = layer.__dict__.get(name)
+        if isinstance(t, torch.Tensor):
+            tensors.append(t)
+    return tensors
 
 
 def _state_key(layer: nn.Module) -> tuple:
-    return tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in _saved_tensors(layer))
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in _saved_tensors(layer))  # a device move: new data_ptr
 
 
 def cache_of(layer: nn.Module) -> KernelCache:
@@ -126,18 +138,18 @@ def kernel_name_of(layer: nn.Module) -> str:
     return select_kernel(layer.spec, layer.weight.device, (layer.out_features, layer.in_features))
 
 
-@torch.no_grad()
 def refresh(layer: nn.Module) -> KernelCache:
     """Select and prepack again when the layer's saved tensors changed since the last prepack."""
     cache = cache_of(layer)
     key = _state_key(layer)
-    if cache.key != key:
-        cache.clear()
-        name = kernel_name_of(layer)
-        if name != REFERENCE:
-            cache.kernel = KERNELS.get(name)
-            cache.buffers = cache.kernel.prepack(layer)
-        cache.name, cache.key = name, key
+    if cache.key != key:  # the no_grad context only here: entering it costs ~10 us, per call of every layer
+        with torch.no_grad():
+            cache.clear()
+            name = kernel_name_of(layer)
+            if name != REFERENCE:
+                cache.kernel = KERNELS.get(name)
+                cache.buffers = cache.kernel.prepack(layer)
+            cache.name, cache.key = name, key
     return cache
 
 
@@ -173,7 +185,7 @@ def prepack_model(model: nn.Module) -> dict[str, str]:
 
 
 def kernel_summary(model: nn.Module) -> str:
-    """``"cpu-w8a8-onednn x24, reference x4"``: how many quantized layers run each kernel ("" when none)."""
+    """``"cpu-int8-gemm x24, reference x4"``: how many quantized layers run each kernel ("" when none)."""
     counts: dict[str, int] = {}
     for module in model.modules():
         if hasattr(module, "spec") and hasattr(module, "quantized_tensors"):

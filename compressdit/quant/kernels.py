@@ -1,7 +1,7 @@
 """Integer execution paths. Each has the PyTorch reference (dequantize, then matmul) as its ground truth.
 
 ``int8_linear`` runs W8A8 as a real INT8 x INT8 -> INT32 GEMM (``torch._int_mm``: cuBLASLt on CUDA;
-a slow but exact kernel on CPU, used by the tests) and rescales by the activation and weight scales.
+oneDNN's s8s8 GEMM on CPU, where the ``cpu-int8-gemm`` kernel uses it for small layers and one row) and rescales by the activation and weight scales.
 The registry's ``cuda-w8a8-int8`` kernel runs it for per-tensor activations (more than 16 rows).
 """
 

@@ -46,9 +46,9 @@ def test_registry_picks_cuda_kernels_for_cuda_devices_and_keeps_cpu_choices(monk
     monkeypatch.setattr(cuda_kernels, "cuda_capability", lambda device: (9, 0) if device.type == "cuda" else None)
     for spec, name in CASES:
         assert select_kernel(spec, cuda, (64, 256)) == name
-    assert select_kernel(W8A8, torch.device("cpu"), (64, 256)) == "cpu-w8a8-onednn"
-    assert select_kernel(W4A16, torch.device("cpu"), (64, 256)) == "cpu-int4-weight"
-    assert select_kernel(FP8, torch.device("cpu"), (64, 256)) == REFERENCE
+    assert select_kernel(W8A8, torch.device("cpu"), (64, 256)) == "cpu-int8-gemm"
+    assert select_kernel(W4A16, torch.device("cpu"), (4096, 256)) == "cpu-int4-weight"
+    assert select_kernel(FP8, torch.device("cpu"), (64, 256)) == "cpu-fp8-dense"
     monkeypatch.setattr(cuda_kernels, "cuda_capability", lambda device: (8, 6) if device.type == "cuda" else None)
     assert select_kernel(FP8, cuda, (64, 256)) == REFERENCE
 

@@ -20,7 +20,7 @@ def test_compiled_w8a8_and_w4a16_dit_has_no_graph_break_in_quantized_layers_and_
              LayerRule("re:.*", LinearQuantSpec(w_bits=8, a_bits=8, rotation="hadamard"))]
     quantize_layers(model, resolve_plan(model, adapter_for(model), rules))
     kernels = prepack_model(model)  # prepack before compiling: the staleness check is skipped when compiling
-    assert {"cpu-w8a8-onednn", "cpu-int4-weight"} <= set(kernels.values())
+    assert {"cpu-int8-gemm", "cpu-int-dense-bf16"} <= set(kernels.values())
     inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([10, 700]),
               "class_labels": torch.tensor([1, 7]), "return_dict": False}
     torch._dynamo.reset()
@@ -32,3 +32,25 @@ def test_compiled_w8a8_and_w4a16_dit_has_no_graph_break_in_quantized_layers_and_
         eager = model(**inputs)[0]
         compiled = torch.compile(model)(**inputs)[0]
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
+    """Big W8A8 (oneDNN's prepacked weight), small W8A8 (torch._int_mm), dense bf16 W4, grouped W4A8, FP8."""
+    from compressdit.quant.fp8_layer import FP8Linear
+    from compressdit.quant.layers import QuantLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        QuantLinear.from_linear(torch.nn.Linear(256, 1040), LinearQuantSpec(w_bits=8, a_bits=8)),
+        QuantLinear.from_linear(torch.nn.Linear(1040, 64), LinearQuantSpec(w_bits=8, a_bits=8)),
+        QuantLinear.from_linear(torch.nn.Linear(64, 64), LinearQuantSpec(w_bits=4, group_size=32)),
+        QuantLinear.from_linear(torch.nn.Linear(64, 64), LinearQuantSpec(w_bits=4, a_bits=8, group_size=32)),
+        FP8Linear.from_linear(torch.nn.Linear(64, 32), LinearQuantSpec(format="fp8", w_bits=8, a_bits=8)))
+    assert list(prepack_model(model).values()) == ["cpu-int8-gemm", "cpu-int8-gemm", "cpu-int-dense-bf16",
+                                                   "cpu-int8-group-gemm", "cpu-fp8-dense"]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for rows in (1, 7):
+            x = torch.randn(rows, 256)
+            torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-4)

@@ -38,19 +38,32 @@ from compressdit.quant.kernel_registry import (KERNELS, REFERENCE, cache_of, ker
                                                prepack_model, select_kernel, set_kernel)
 from compressdit.quant.vq_layer import VQLinear  # noqa: E402
 
-# spec, kernel, bound on ||kernel - reference|| / ||reference||, and on that error / the quantization error
+# spec, kernel, bound on ||kernel - reference|| / ||reference||, on that error / the quantization error, and
+# out_features (x 256 in_features): 96 is a small layer, BIG one above DENSE_MAX_WEIGHT / INT8_GEMM_SMALL_WEIGHT
+BIG = 1040
 CPU_CASES = [
-    (LinearQuantSpec(w_bits=8, a_bits=8), "cpu-w8a8-onednn", 1e-5, 0.01),  # same int8 codes: summation order
-    (LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"), "cpu-w8a8-onednn", 1e-5, 0.01),
-    (LinearQuantSpec(w_bits=8, a_bits=8, rotation="hadamard"), "cpu-w8a8-onednn", 1e-5, 0.01),
-    (LinearQuantSpec(w_bits=4, group_size=64), "cpu-int4-weight", 6e-3, 0.2),  # bf16 activations and output
-    (LinearQuantSpec(w_bits=4, group_size=32, w_symmetric=False), "cpu-int4-weight", 6e-3, 0.2),
-    (LinearQuantSpec(w_bits=4), "cpu-int4-weight", 6e-3, 0.2),
-    (LinearQuantSpec(w_bits=3, group_size=128), "cpu-int4-weight", 6e-3, 0.2),
-    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=128), "cpu-int4-weight", 6e-3, 0.2),
+    (LinearQuantSpec(w_bits=8, a_bits=8), "cpu-int8-gemm", 1e-5, 0.01, 96),  # same int8 codes: summation order
+    (LinearQuantSpec(w_bits=8, a_bits=8), "cpu-int8-gemm", 1e-5, 0.01, BIG),  # oneDNN's prepacked GEMM
+    (LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"), "cpu-int8-gemm", 1e-5, 0.01, 96),
+    (LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"), "cpu-int8-gemm", 1e-5, 0.01, BIG),
+    (LinearQuantSpec(w_bits=8, a_bits=8, rotation="hadamard"), "cpu-int8-gemm", 1e-5, 0.01, 96),
+    (LinearQuantSpec(w_bits=4, a_bits=8), "cpu-int8-gemm", 1e-5, 0.01, 96),  # W4A8 per channel: codes as int8
+    (LinearQuantSpec(w_bits=4, a_bits=8), "cpu-int4-weight", 6e-3, 0.2, BIG),  # too big for an int8 copy
+    (LinearQuantSpec(w_bits=4, group_size=64), "cpu-int4-weight", 6e-3, 0.2, BIG),  # bf16 activations, output
+    (LinearQuantSpec(w_bits=4, group_size=32, w_symmetric=False), "cpu-int4-weight", 6e-3, 0.2, BIG),
+    (LinearQuantSpec(w_bits=4), "cpu-int4-weight", 6e-3, 0.2, BIG),
+    (LinearQuantSpec(w_bits=3, group_size=128), "cpu-int4-weight", 6e-3, 0.2, BIG),
+    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=128), "cpu-int4-weight", 6e-3, 0.2, BIG),
+    (LinearQuantSpec(w_bits=4, group_size=64), "cpu-int-dense-bf16", 6e-3, 0.2, 96),  # decoded once, bf16
+    (LinearQuantSpec(w_bits=2, group_size=32, w_symmetric=False), "cpu-int-dense-bf16", 6e-3, 0.2, 96),
+    (LinearQuantSpec(w_bits=4, group_size=16), REFERENCE, 0.0, 0.0, 96),  # no int4 kernel: no dense one either
+    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64), "cpu-int8-group-gemm", 1e-5, 0.01, 96),
+    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, a_granularity="per_tensor"), "cpu-int8-group-gemm", 1e-5,
+     0.01, 96),
+    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, w_symmetric=False), "cpu-int-dense-bf16", 6e-3, 0.2, 96),
     # bf16 rounding is not small next to 8-bit weights: stated in cpu_kernels' docstring
-    (LinearQuantSpec(w_bits=8), "cpu-int8-weight", 6e-3, 1.0),
-    (LinearQuantSpec(w_bits=8, group_size=64), REFERENCE, 0.0, 0.0),  # no grouped int8 kernel
+    (LinearQuantSpec(w_bits=8), "cpu-int8-weight", 6e-3, 1.0, 96),
+    (LinearQuantSpec(w_bits=8, group_size=64), REFERENCE, 0.0, 0.0, 96),  # no grouped int8 kernel
 ]
 
 
@@ -62,17 +75,65 @@ def _layer(spec, in_features=256, out_features=96, seed=0):
     return linear, QuantLinear.from_linear(linear, spec)
 
 
-@pytest.mark.parametrize("spec,kernel,bound,share", CPU_CASES, ids=lambda v: getattr(v, "label", str(v)))
-def test_cpu_kernel_matches_the_reference_within_its_bound(spec, kernel, bound, share):
-    linear, layer = _layer(spec)
+@pytest.mark.parametrize("spec,kernel,bound,share,out_features", CPU_CASES,
+                         ids=lambda v: getattr(v, "label", str(v)))
+@pytest.mark.parametrize("rows", [1, 21])
+def test_cpu_kernel_matches_the_reference_within_its_bound(spec, kernel, bound, share, out_features, rows):
+    linear, layer = _layer(spec, out_features=out_features)
     assert layer.kernel_name == kernel
-    x = torch.randn(3, 7, 256) * torch.linspace(0.1, 4, 256)
+    x = torch.randn(rows, 1, 256) * torch.linspace(0.1, 4, 256)
     with torch.no_grad():
         out, reference, exact = layer(x), layer.reference_forward(x), linear(x)
-    assert out.shape == reference.shape == (3, 7, 96)
+    assert out.shape == reference.shape == (rows, 1, out_features)
     error = ((out - reference).norm() / reference.norm()).item()
     assert error <= bound
     assert error <= share * ((reference - exact).norm() / exact.norm()).item()
+
+
+def test_small_and_big_layers_pick_their_kernels_by_weight_count():
+    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT
+    from compressdit.quant.cpu_kernels import INT8_GEMM_SMALL_WEIGHT
+
+    cpu = torch.device("cpu")
+    w4, w4a8 = LinearQuantSpec(w_bits=4, group_size=64), LinearQuantSpec(w_bits=4, a_bits=8)
+    assert select_kernel(w4, cpu, (DENSE_MAX_WEIGHT // 256, 256)) == "cpu-int-dense-bf16"
+    assert select_kernel(w4, cpu, (DENSE_MAX_WEIGHT // 256 + 16, 256)) == "cpu-int4-weight"
+    assert select_kernel(w4a8, cpu, (INT8_GEMM_SMALL_WEIGHT // 256, 256)) == "cpu-int8-gemm"
+    assert select_kernel(w4a8, cpu, (INT8_GEMM_SMALL_WEIGHT // 256 + 16, 256)) == "cpu-int4-weight"
+    assert select_kernel(LinearQuantSpec(w_bits=8, a_bits=8), cpu, (4096, 4096)) == "cpu-int8-gemm"
+    small, big = _layer(LinearQuantSpec(w_bits=8, a_bits=8))[1], _layer(LinearQuantSpec(w_bits=8, a_bits=8),
+                                                                        out_features=BIG)[1]
+    with torch.no_grad():
+        small(torch.randn(2, 256)), big(torch.randn(2, 256))
+    assert cache_of(small).buffers["packed"] is None  # torch._int_mm on the layer's own codes: no copy
+    assert cache_of(small).buffers["codes"].data_ptr() == small.weight.data_ptr()
+    assert cache_of(small).nbytes() < small.weight.numel()  # the codes are not counted twice
+    assert cache_of(big).buffers["packed"] is not None  # oneDNN's prepacked copy (1 byte per weight)
+
+
+def test_dense_kernels_fake_quantize_activations_as_the_reference():
+    from compressdit.quant.cpu_dense import fake_quantize_input
+    from compressdit.quant.primitives import fake_quantize_activation
+
+    x = torch.randn(5, 7, 64) * torch.linspace(0.01, 9, 64)
+    x[0, 0] = 0  # an all-zero token: the scale's floor
+    for bits, granularity, scale in ((8, "per_token", None), (4, "per_tensor", None),
+                                     (8, "static", torch.tensor(0.02))):
+        assert torch.equal(fake_quantize_input(x.clone(), bits, granularity, scale),
+                           fake_quantize_activation(x, bits, granularity, scale))
+
+
+def test_fp8_layers_decode_once_on_cpu_and_match_the_reference():
+    from compressdit.quant.fp8_layer import FP8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    for a_bits in (8, None):
+        layer = FP8Linear.from_linear(linear, LinearQuantSpec(format="fp8", w_bits=8, a_bits=a_bits))
+        assert layer.kernel_name == "cpu-fp8-dense"
+        x = torch.randn(3, 5, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
 
 
 def test_w8a8_kernel_is_exact_at_the_int16_saturation_corner():
@@ -88,7 +149,8 @@ def test_w8a8_kernel_is_exact_at_the_int16_saturation_corner():
 
 def test_w4_kernel_is_the_reference_with_bf16_inputs_and_scales_up_to_its_bf16_output():
     """The kernel's numerics exactly: activations and group scales rounded to bf16, product rounded to bf16."""
-    linear, layer = _layer(LinearQuantSpec(w_bits=4, group_size=32))
+    linear, layer = _layer(LinearQuantSpec(w_bits=4, group_size=32), out_features=BIG)
+    assert layer.kernel_name == "cpu-int4-weight"
     layer.bias = None  # added in fp32 after the bf16 product: its cancellation would only hide rounding
     x = torch.randn(5, 256)
     with torch.no_grad():
@@ -122,15 +184,16 @@ def test_vq_layer_decodes_once_on_cpu():
 
 
 def test_kernel_choice_is_per_layer_and_by_device():
-    assert select_kernel(LinearQuantSpec(w_bits=8, a_bits=8), torch.device("cpu"), (96, 256)) == "cpu-w8a8-onednn"
-    assert select_kernel(LinearQuantSpec(w_bits=4, group_size=64), torch.device("cpu"), (96, 256)) \
-        == "cpu-int4-weight"
-    assert select_kernel(LinearQuantSpec(w_bits=4, group_size=16), torch.device("cpu"), (96, 256)) == REFERENCE
-    for name in ("cpu-w8a8-onednn", "cpu-int4-weight", "cpu-int8-weight", "cpu-vq-dense"):
+    cpu = torch.device("cpu")
+    assert select_kernel(LinearQuantSpec(w_bits=8, a_bits=8), cpu, (96, 256)) == "cpu-int8-gemm"
+    assert select_kernel(LinearQuantSpec(w_bits=4, group_size=64), cpu, (BIG, 256)) == "cpu-int4-weight"
+    assert select_kernel(LinearQuantSpec(w_bits=4, group_size=16), cpu, (BIG, 256)) == REFERENCE
+    for name in ("cpu-int8-gemm", "cpu-int4-weight", "cpu-int8-weight", "cpu-vq-dense", "cpu-int-dense-bf16",
+                 "cpu-fp8-dense", "cpu-int8-group-gemm"):
         assert not KERNELS.get(name).applies(LinearQuantSpec(w_bits=8, a_bits=8), torch.device("meta"), (96, 256))
     model = torch.nn.Sequential(_layer(LinearQuantSpec(w_bits=8, a_bits=8))[1],
                                 _layer(LinearQuantSpec(w_bits=4, group_size=32), 96, 256)[1])
-    assert prepack_model(model) == {"0": "cpu-w8a8-onednn", "1": "cpu-int4-weight"}
+    assert prepack_model(model) == {"0": "cpu-int8-gemm", "1": "cpu-int-dense-bf16"}
     set_kernel(model, REFERENCE)
     assert [m.kernel_name for m in model] == [REFERENCE, REFERENCE]
     x = torch.randn(2, 256)
@@ -187,10 +250,10 @@ def test_saved_and_reloaded_model_gives_the_same_kernel_outputs(tmp_path):
         model.save_pretrained(tmp_path)
         loaded = DiTTransformer2DModel.from_pretrained(tmp_path)
         kernels = {m.kernel_name for m in quantized_modules(loaded).values()}
-        assert kernels == {"cpu-w8a8-onednn", "cpu-int4-weight"}
+        assert kernels == {"cpu-int8-gemm", "cpu-int-dense-bf16"}
         torch.testing.assert_close(loaded(**inputs, return_dict=False)[0], before)
     assert not any("packed" in key for key in loaded.state_dict())
-    assert kernel_summary(loaded) == "cpu-int4-weight x1, cpu-w8a8-onednn x6"
+    assert kernel_summary(loaded) == "cpu-int-dense-bf16 x1, cpu-int8-gemm x6"
 
 
 def test_inspect_names_each_layers_kernel(tmp_path):
@@ -198,7 +261,7 @@ def test_inspect_names_each_layers_kernel(tmp_path):
 
     test_saved_and_reloaded_model_gives_the_same_kernel_outputs(tmp_path)
     rows = {row["module"]: row for row in inspect_checkpoint(str(tmp_path))["modules"]}
-    assert {row["kernel"] for row in rows.values()} == {"float", "cpu-w8a8-onednn", "cpu-int4-weight"}
+    assert {row["kernel"] for row in rows.values()} == {"float", "cpu-int8-gemm", "cpu-int-dense-bf16"}
     assert all(row["runtime_bytes"] > 0 for row in rows.values() if row["kernel"].startswith("cpu-"))
 
 
@@ -207,7 +270,7 @@ def test_inspect_names_each_layers_kernel(tmp_path):
 def test_cpu_int4_kernel_keeps_its_bound_above_the_packed_row_threshold(spec):
     from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS
 
-    linear, layer = _layer(spec)
+    linear, layer = _layer(spec, out_features=BIG)
     assert layer.kernel_name == "cpu-int4-weight"
     x = torch.randn(2, INT4_PACKED_MAX_ROWS["cpu"] + 5, 256) * torch.linspace(0.1, 4, 256)  # dense bf16 path
     with torch.no_grad():
@@ -215,3 +278,15 @@ def test_cpu_int4_kernel_keeps_its_bound_above_the_packed_row_threshold(spec):
     error = ((out - reference).norm() / reference.norm()).item()
     assert error <= 6e-3  # the bound of CPU_CASES
     assert error <= 0.2 * ((reference - exact).norm() / exact.norm()).item()
+
+
+def test_e4m3_rounding_in_fp32_equals_the_float8_cast_bit_for_bit():
+    from compressdit.quant.cpu_dense import round_to_e4m3
+
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[grid.isfinite()].unique()
+    mids = (grid[1:] + grid[:-1]) / 2  # ties: to even
+    torch.manual_seed(0)
+    q = torch.cat([grid, mids, torch.nextafter(mids, grid[1:]), torch.nextafter(mids, grid[:-1]),
+                   (torch.rand(200_000) * 2 - 1) * 448, torch.randn(200_000) * 0.01, torch.randn(50_000) * 1e-4])
+    assert torch.equal(round_to_e4m3(q.clone()), q.to(torch.float8_e4m3fn).float())
