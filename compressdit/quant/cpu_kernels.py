@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from compressdit.quant.gpu_reference import (INT4_PACKED_MAX_ROWS, dequantize_nibbles, int4_uses_packed_gemm,
                                              pack_nibbles)
 from compressdit.quant.kernel_registry import KERNELS, Kernel
+from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import quantize_layer_input
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -49,22 +50,17 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
 
-# Low-level ``torch.library`` registration (the ``torch.library.custom_op`` wrapper costs ~17 us per call). Even
-# so, the dispatcher's round trip into a Python impl costs ~10 us per call, a tenth of a zoo model's layer: eager
-# calls run the impl directly, and only tracing (torch.compile) sees the op.
-_LIB = torch.library.Library("compressdit", "FRAGMENT")
-
-
+# Low-level ``torch.library`` registration (:func:`define_op`; the ``torch.library.custom_op`` wrapper costs ~17 us
+# per call). Even so, the dispatcher's round trip into a Python impl costs ~10 us per call, a tenth of a zoo model's
+# layer: eager calls run the impl directly, and only tracing (torch.compile) sees the op.
 def _define(schema: str):
     """Register the decorated function as the CPU impl of ``compressdit::<schema>``; returns a callable that
     runs the op under ``torch.compile`` and the impl itself in eager mode."""
     name = schema.split("(", 1)[0]
 
     def decorate(impl):
-        _LIB.define(schema)
-        for key in ("CPU", "MkldnnCPU"):  # MkldnnCPU: oneDNN's prepacked weight is an mkldnn tensor
-            _LIB.impl(name, impl, key)
-        op = getattr(torch.ops.compressdit, name)
+        # MkldnnCPU: oneDNN's prepacked weight is an mkldnn tensor
+        op = define_op(schema, {"CPU": impl, "MkldnnCPU": impl})
 
         def call(*args):
             return op(*args) if torch.compiler.is_compiling() else impl(*args)

@@ -144,11 +144,17 @@ def int8_linear_dyn(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     """
     if backend is None and compiling_for_cuda(x):
         return int8_linear_traced(x, weight, weight_scale, bias)
-    return torch.ops.compressdit.int8_linear_dyn(x, weight, weight_scale.reshape(-1), bias,
-                                                 backend or default_int8_backend())
+    args = (x, weight, weight_scale.reshape(-1), bias, backend or default_int8_backend())
+    return _int8_cuda(*args) if _eager_cuda(x) else torch.ops.compressdit.int8_linear_dyn(*args)
 
 
 # ------------------------------------------------------------------------------------------------ under torch.compile
+
+def _eager_cuda(x: torch.Tensor) -> bool:
+    """Eager on CUDA: the wrappers call the CUDA impl directly (what the dispatcher would run, minus its round
+    trip into Python); traced code and other devices go through the op."""
+    return x.device.type == "cuda" and not torch.compiler.is_compiling()
+
 
 def compiling_for_cuda(x: torch.Tensor) -> bool:
     """Whether ``x`` is being traced by ``torch.compile`` for a CUDA device (then the decomposed forms run)."""
@@ -266,6 +272,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if (compiling_for_cuda(x) and weight.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
             and fp8_supported(x.device)):
         return fp8_linear_decomposed(x, weight, weight_scale, bias)
+    if _eager_cuda(x):
+        return _fp8_cuda(x, weight, weight_scale, bias)
     return torch.ops.compressdit.fp8_linear(x, weight, weight_scale, bias)
 
 
@@ -309,6 +317,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     With ``nibbles`` (:func:`~compressdit.quant.gpu_reference.pack_nibbles` of the same codes), calls of more
     than ``INT4_PACKED_MAX_ROWS[device]`` rows dequantize ``W`` into bf16 and run a dense GEMM instead.
     """
+    if _eager_cuda(x):
+        return _int4_cuda(x, packed, scales_and_zeros, group_size, bias, nibbles)
     return torch.ops.compressdit.int4_linear(x, packed, scales_and_zeros, group_size, bias, nibbles)
 
 

@@ -24,11 +24,13 @@ NAMESPACE = "compressdit"
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 
-def define_op(schema: str, impls: dict[str, Callable], fake: Callable) -> torch._ops.OpOverloadPacket:
-    """Define ``compressdit::<schema>`` with one implementation per dispatch key and a fake impl."""
+def define_op(schema: str, impls: dict[str, Callable], fake: Callable | None = None) -> torch._ops.OpOverloadPacket:
+    """Define ``compressdit::<schema>`` with one implementation per dispatch key and a fake impl (``None``: the
+    caller registers one with ``torch.library.register_fake``)."""
     name = schema.split("(", 1)[0]
     _LIB.define(schema)
     for key, impl in impls.items():
         _LIB.impl(name, impl, key)
-    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
+    if fake is not None:
+        torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
     return getattr(torch.ops.compressdit, name)
