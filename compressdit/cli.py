@@ -243,19 +243,54 @@ def inspect(model: str = typer.Argument(..., help="Checkpoint folder or zoo:NAME
 
 
 @app.command()
-def export(model: str = typer.Argument(..., help="Quantized checkpoint folder."),
+def export(model: str = typer.Argument(..., help="Checkpoint folder (compressdit or float), or zoo:NAME."),
            out: Path = typer.Option(..., "--out", "-o"),
            dequantize: bool = typer.Option(False, "--dequantize", help="Write plain float weights (no compressdit "
                                                                        "needed to load)."),
-           overwrite: bool = OVERWRITE) -> None:
-    """Export a checkpoint; ``--dequantize`` writes a plain diffusers folder."""
+           fmt: Optional[str] = typer.Option(None, "--format", help="gguf: one transformer GGUF file (diffusers' "
+                                                                    "GGUFQuantizationConfig, ComfyUI-GGUF)."),
+           quant: str = typer.Option("Q8_0", "--quant", help="GGUF type of the linear weights: Q8_0, Q5_1, Q5_0, "
+                                                             "Q4_1, Q4_0, Q5_K, Q4_K, or F16/BF16/F32."),
+           names: Optional[str] = typer.Option(None, "--names", help="GGUF tensor names: original (BFL FLUX / SAI "
+                                                                     "SD3, the default for those) or diffusers."),
+           overwrite: bool = OVERWRITE, as_json: bool = JSON) -> None:
+    """Export a checkpoint: ``--dequantize`` writes a plain diffusers folder, ``--format gguf`` a GGUF file."""
+    if fmt is not None:
+        _export_other(fmt, model, out, quant, names, overwrite, as_json)
+        return
     from compressdit.inspect import export_dequantized
 
     if not dequantize:
-        raise CompressditError("only `export --dequantize` is available: a quantized checkpoint is already a "
-                               "diffusers folder")
+        raise CompressditError("pass `--dequantize` (plain diffusers folder) or `--format gguf`: a quantized "
+                               "checkpoint is already a diffusers folder")
     export_dequantized(model, out, overwrite)
     console.print(f"[bold green]wrote[/] {out} (plain diffusers weights)")
+
+
+def _export_gguf(model: str, out: Path, quant: str, names: Optional[str], overwrite: bool, as_json: bool) -> None:
+    from compressdit.io.gguf_export import export_gguf
+
+    result = export_gguf(model, out, quant.upper(), names, overwrite)
+    if as_json:
+        print(json.dumps({"out": str(out), "arch": result.arch, "names": result.names, "types": result.counts(),
+                          "note": result.note}))
+        return
+    types = ", ".join(f"{count} {qtype}" for qtype, count in sorted(result.counts().items()))
+    console.print(f"[bold green]wrote[/] {out} ({result.model_class}, {result.names} names, "
+                  f"general.architecture={result.arch}; tensors: {types})")
+    if result.note:
+        console.print(f"note: {result.note}")
+
+
+EXPORT_FORMATS = {"gguf": _export_gguf}
+
+
+def _export_other(fmt: str, model: str, out: Path, quant: str, names: Optional[str], overwrite: bool,
+                  as_json: bool) -> None:
+    if fmt not in EXPORT_FORMATS:
+        raise CompressditError(f"--format {fmt}: known formats are {', '.join(EXPORT_FORMATS)} "
+                               "(use --dequantize for a plain diffusers folder)")
+    EXPORT_FORMATS[fmt](model, out, quant, names, overwrite, as_json)
 
 
 @app.command("list")

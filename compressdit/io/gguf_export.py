@@ -6,8 +6,10 @@ by diffusers' ``GGUFQuantizationConfig`` and ComfyUI-GGUF). As the GGUF converte
 and its llama.cpp patch), 1-D tensors and tensors of at most 1024 elements are written as F32, and the layers
 kept in full precision (the adapter's ``keep_full_precision`` roles: embedders and head, plus layers a
 compressdit checkpoint left unquantized) in the source's float type. Families with an original layout (FLUX:
-BFL's names, ``general.architecture = flux``; SD3: SAI's MMDiT names, ``sd3``) are written in it by default;
-the others, or ``names="diffusers"``, with diffusers' own names (``general.architecture = diffusers``), which
+BFL's names, ``general.architecture = flux``; SD3: SAI's MMDiT names, ``sd3``) are written in it by default
+when diffusers' converter rebuilds the model from it (FLUX: only at FLUX.1's width; ComfyUI also assumes the
+released geometry, which the export's ``note`` flags); the others, or
+``names="diffusers"``, get diffusers' own names (``general.architecture = diffusers``), which
 ``from_single_file`` loads unconverted for the classes that have it.
 
 Example::
@@ -75,6 +77,7 @@ class GGUFExport:
     names: str
     model_class: str
     tensor_types: dict[str, str] = field(default_factory=dict)
+    note: str | None = None  # why stock loaders may not read the file (a small model in original names)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -100,7 +103,7 @@ def load_float_transformer(model: str) -> tuple[nn.Module, set[str]]:
 
 def _stock_config(transformer: nn.Module) -> dict:
     """The model's diffusers config without compressdit's ``quantization_config`` or where it was loaded from."""
-    return {k: v for k, v in transformer.config.items() if k not in ("quantization_config", "_name_or_path")}
+    return {k: v for k, v in transformer.config.items() if k not in ("quantization_config", "_name_or_path", "_pre_quantization_dtype")}
 
 
 def _stock_state_shapes(transformer: nn.Module) -> dict[str, torch.Size]:
@@ -192,14 +195,16 @@ def export_gguf(model: str, out: Path, quant: str = "Q8_0", names: str | None = 
     if not hasattr(type(transformer), "from_single_file"):
         raise UnsupportedModelError(f"{model_class} has no GGUF loader in diffusers (from_single_file) nor in "
                                     "ComfyUI-GGUF; GGUF export covers FLUX, SD3, Wan and the other single-file classes")
-    names = names or ("original" if adapter.original_arch else "diffusers")
+    original = adapter.original_arch is not None and adapter.diffusers_reads_original(transformer.config)
+    names = names or ("original" if original else "diffusers")
+    issue = adapter.original_geometry_issue(transformer.config) if names == "original" else None
     state = {k: v.detach().cpu() for k, v in transformer.state_dict().items()}
     _check_stock_layout(transformer, state)
     layout = _layout(adapter, transformer, names, state)
     arch = adapter.original_arch if names == "original" else "diffusers"
     linears = set(adapter.linear_layers(transformer))
     keep = linears - quantized if quantized else set()
-    result = GGUFExport(out, arch, names, model_class)
+    result = GGUFExport(out, arch, names, model_class, note=issue)
     writer_path = _temp_path(out)
     try:
         writer = gguf.GGUFWriter(str(writer_path), arch=arch)
@@ -207,7 +212,7 @@ def export_gguf(model: str, out: Path, quant: str = "Q8_0", names: str | None = 
         writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES.get(quant, f"MOSTLY_{quant}")])
         writer.add_string("compressdit.names", names)
         writer.add_string("diffusers.model_class", model_class)
-        writer.add_string("diffusers.config", json.dumps(_stock_config(transformer), default=list))
+        writer.add_string("diffusers.config", json.dumps(_stock_config(transformer), default=str))
         for name, spec in layout.items():
             tensor = _build(spec, state)
             qtype = tensor_type(tensor, _quantizable(spec, adapter, linears, keep), quant)

@@ -139,6 +139,15 @@ class ModelAdapter(ABC):
         raise UnsupportedModelError(f"compressdit knows no original (non-diffusers) layout for "
                                     f"{self.model_class_name}; write diffusers names instead")
 
+    def original_geometry_issue(self, config) -> str | None:
+        """Why the stock loaders of the original layout (diffusers' single-file converter, ComfyUI) cannot build a
+        model of ``config`` from it (they assume the released models' geometry), or ``None`` when they can."""
+        return None
+
+    def diffusers_reads_original(self, config) -> bool:
+        """Whether diffusers' single-file converter rebuilds a model of ``config`` from the original layout."""
+        return True
+
     def latent_shape(self, model: nn.Module) -> tuple[int, ...]:
         """Latent shape of one sample (``[C, H, W]`` for images; video families add a frame axis)."""
         size = model.config.sample_size

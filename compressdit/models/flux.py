@@ -128,6 +128,17 @@ class FluxAdapter(ModelAdapter):
     def original_layout(self, config):
         return flux_original_layout(config)
 
+    def diffusers_reads_original(self, config):
+        return config["num_attention_heads"] * config["attention_head_dim"] == 3072
+
+    def original_geometry_issue(self, config):
+        """diffusers' converter splits ``linear1`` at FLUX.1's width 3072; ComfyUI fixes RoPE axes (16, 56, 56)."""
+        width = config["num_attention_heads"] * config["attention_head_dim"]
+        if width != 3072 or tuple(config["axes_dims_rope"]) != (16, 56, 56):
+            return (f"width {width} and RoPE axes {tuple(config['axes_dims_rope'])}, but the FLUX loaders of the "
+                    "original names assume FLUX.1's 3072 and (16, 56, 56)")
+        return None
+
     def blocks(self, model):
         """Double-stream blocks, then single-stream blocks (execution order)."""
         named = list(model.named_modules())

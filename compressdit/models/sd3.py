@@ -100,6 +100,13 @@ class SD3Adapter(ModelAdapter):
     def original_layout(self, config):
         return sd3_original_layout(config)
 
+    def original_geometry_issue(self, config):
+        """ComfyUI infers SD3's heads as width / 64 (diffusers' converter reads any geometry)."""
+        if config["attention_head_dim"] != 64:
+            return (f"attention head dim {config['attention_head_dim']}, but ComfyUI's SD3 loader assumes 64 "
+                    "(diffusers' converter reads it)")
+        return None
+
     def encode(self, model, conditions):
         embeds = pooled_text("SD3", conditions, model.config.joint_attention_dim, model.config.pooled_projection_dim)
         # SD3 has no text attention mask: padded tokens are attended to, as in StableDiffusion3Pipeline.
