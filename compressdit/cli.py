@@ -138,7 +138,8 @@ def run_command(recipe_file: Path = typer.Argument(..., help="Recipe YAML file."
 
 
 @app.command()
-def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/model folder."),
+def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/model folder, or a GGUF file from "
+                                                       "`export --format gguf`."),
              reference: str = typer.Option(..., "--reference", help="Uncompressed pipeline folder or zoo:NAME."),
              baseline: Optional[str] = typer.Option(None, "--baseline", help="Peer (bnb-int8, bnb-nf4, torchao-int8-dynamic, torchao-int8-weight) or recipe."),
              samples: int = typer.Option(256, "--samples"), steps: int = typer.Option(20, "--steps"),
@@ -157,12 +158,19 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
     set_quiet(quiet or as_json)
     config = EvaluateConfig.from_dict({"samples": samples, "steps": steps, "seed": seed, "guidance": guidance,
                                        "baseline": baseline}, "evaluate")
-    cand = load_source(candidate)
     ref = load_source(reference, text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings),
                       cache_dir=default_cache_dir())  # the reference's prompt encoder serves both
-    entry = Entry("candidate", cand.transformer, candidate, cand.transformer_folder,
-                  sorted(quantized_modules(cand.transformer)))
-    target = out or cand.folder / "report"
+    if candidate.endswith(".gguf"):  # a GGUF export, dequantized with gguf's own reader
+        from compressdit.io.gguf_read import read_gguf
+
+        model, layers = read_gguf(candidate)
+        entry = Entry("candidate", model, candidate, None, layers, disk_bytes=Path(candidate).stat().st_size)
+        target = out or Path(candidate).with_name(Path(candidate).stem + "-report")
+    else:
+        cand = load_source(candidate)
+        entry = Entry("candidate", cand.transformer, candidate, cand.transformer_folder,
+                      sorted(quantized_modules(cand.transformer)))
+        target = out or cand.folder / "report"
     report = evaluate_checkpoint(entry, ref, config, target, f"compressdit report: {candidate} vs {reference}", quiet)
     if as_json:
         print(json.dumps({"report": str(target), "metrics": {m["name"]: m["values"] for m in report["metrics"]}},

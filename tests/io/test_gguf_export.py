@@ -183,3 +183,24 @@ def test_cli_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
             main()
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_read_gguf_rebuilds_the_float_model_from_either_names(tmp_path):
+    from compressdit.io.gguf_read import read_gguf
+
+    paths = {names: tmp_path / f"flux-{names}.gguf" for names in ("original", "diffusers")}
+    for names, path in paths.items():
+        export_gguf(FLUX, path, "Q8_0", names=names)
+    assert _field(paths["original"], "general.architecture") == "flux"
+    assert "3072" in export_gguf(FLUX, tmp_path / "again.gguf", "Q8_0", names="original").note
+    original, layers = read_gguf(paths["original"])
+    diffusers_named, same_layers = read_gguf(paths["diffusers"])
+    assert layers == same_layers and "single_transformer_blocks.0.proj_mlp" in layers
+    assert "x_embedder" not in layers and "proj_out" not in layers  # embedder / head stay float
+    tensors = _read(paths["diffusers"])
+    for name, tensor in original.state_dict().items():  # the split original tensors are gguf's decoding
+        assert torch.equal(tensor, diffusers_named.state_dict()[name]), name
+        assert np.array_equal(tensor.numpy(), tensors[name][1].reshape(tensor.shape)), name
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(CheckpointError, match="bad.gguf"):
+        read_gguf(tmp_path / "bad.gguf")
