@@ -5,7 +5,9 @@ The source is a float diffusers model or a compressdit checkpoint, whose layers 
 by diffusers' ``GGUFQuantizationConfig`` and ComfyUI-GGUF). As the GGUF converters do (city96's ``convert.py``
 and its llama.cpp patch), 1-D tensors and tensors of at most 1024 elements are written as F32, and the layers
 kept in full precision (the adapter's ``keep_full_precision`` roles: embedders and head, plus layers a
-compressdit checkpoint left unquantized) in the source's float type. Families with an original layout (FLUX:
+compressdit checkpoint left unquantized) in the float type the source stores (F16 for a fp16 checkpoint);
+a weight whose rows do not fill 256-wide K-quant blocks takes llama.cpp's fallback (Q4_K -> Q5_0,
+Q5_K -> Q5_1), and one that does not fill 32-wide blocks stays float. Families with an original layout (FLUX:
 BFL's names, ``general.architecture = flux``; SD3: SAI's MMDiT names, ``sd3``) are written in it by default
 when diffusers' converter rebuilds the model from it (FLUX: only at FLUX.1's width; ComfyUI also assumes the
 released geometry, which the export's ``note`` flags); the others, or
@@ -39,6 +41,8 @@ NAMES = ("original", "diffusers")
 _FLOAT_TYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _BLOCK_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q5_K", "Q4_K")
 _FILE_TYPES = {"F32": "ALL_F32", "Q5_K": "MOSTLY_Q5_K_M", "Q4_K": "MOSTLY_Q4_K_M"}  # else MOSTLY_<quant>
+# llama.cpp's fallback (``llama_tensor_get_type``) for rows that do not fill 256-wide K-quant super-blocks
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1"}
 
 
 def quant_types() -> tuple[str, ...]:
@@ -86,9 +90,12 @@ class GGUFExport:
         return out
 
 
-def load_float_transformer(model: str) -> tuple[nn.Module, set[str]]:
-    """The source's transformer with float weights (a compressdit checkpoint's layers dequantized) and the names
-    of the layers that checkpoint had quantized (empty for a float source)."""
+def load_float_transformer(model: str) -> tuple[nn.Module, set[str], torch.dtype]:
+    """The source's transformer with float weights (a compressdit checkpoint's layers dequantized), the names of
+    the layers that checkpoint had quantized (empty for a float source) and the dtype its float tensors are
+    stored in (kept tensors are written in it: the fp16 of a fp16 checkpoint, not its float32 in memory)."""
+    from compressdit.io.checkpoint import stored_float_dtype
+    from compressdit.io.diffusers_quantizer import FLOAT_DTYPES
     from compressdit.quant.transform import quantized_modules
 
     folder = resolve_path(model)
@@ -96,9 +103,12 @@ def load_float_transformer(model: str) -> tuple[nn.Module, set[str]]:
         folder = folder / TRANSFORMER_SUBFOLDER
     transformer = load_transformer(folder)
     quantized = set(quantized_modules(transformer))
+    recorded = getattr(getattr(getattr(transformer, "hf_quantizer", None), "quantization_config", None),
+                       "pre_quantization_dtype", None)
+    float_dtype = FLOAT_DTYPES[recorded] if recorded else None if quantized else stored_float_dtype(folder)
     if getattr(transformer, "hf_quantizer", None) is not None:
         transformer.dequantize()
-    return transformer, quantized
+    return transformer, quantized, float_dtype or torch.float32
 
 
 def _stock_config(transformer: nn.Module) -> dict:
@@ -159,19 +169,21 @@ def _quantizable(spec: OriginalTensor, adapter: ModelAdapter, linears: set[str],
     return True
 
 
-def tensor_type(tensor: torch.Tensor, quantizable: bool, quant: str) -> str:
-    """The GGML type a tensor is written in: ``quant`` where it fits its blocks, else a float type."""
+def tensor_type(tensor: torch.Tensor, quantizable: bool, quant: str, float_type: str = "F32") -> str:
+    """The GGML type a tensor is written in: ``quant`` where its rows fill whole blocks (K-quants fall back to
+    Q5_0 / Q5_1 as llama.cpp does), else ``float_type``; 1-D and small tensors F32."""
     import gguf
 
     if tensor.dim() < 2 or tensor.numel() <= SMALL_TENSOR:
         return "F32"
     if quant in _FLOAT_TYPES.values():
         return quant
-    source_float = _FLOAT_TYPES.get(tensor.dtype, "F32")
     if not quantizable:
-        return source_float
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant]][0]
-    return quant if tensor.shape[-1] % block == 0 else source_float
+        return float_type
+    for candidate in (quant, _K_FALLBACK.get(quant)):
+        if candidate and tensor.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[candidate]][0] == 0:
+            return candidate
+    return float_type
 
 
 @torch.no_grad()
@@ -189,7 +201,7 @@ def export_gguf(model: str, out: Path, quant: str = "Q8_0", names: str | None = 
     out = Path(out)
     if out.exists() and (out.is_dir() or not overwrite):
         raise CheckpointError(f"output {out} already exists" + ("" if out.is_dir() else " (use --overwrite)"))
-    transformer, quantized = load_float_transformer(model)
+    transformer, quantized, float_dtype = load_float_transformer(model)
     adapter = adapter_for(transformer)
     model_class = type(transformer).__name__
     if not hasattr(type(transformer), "from_single_file"):
@@ -215,8 +227,8 @@ def export_gguf(model: str, out: Path, quant: str = "Q8_0", names: str | None = 
         writer.add_string("diffusers.config", json.dumps(_stock_config(transformer), default=str))
         for name, spec in layout.items():
             tensor = _build(spec, state)
-            qtype = tensor_type(tensor, _quantizable(spec, adapter, linears, keep), quant)
-            array = tensor.float().numpy() if qtype != "F16" or tensor.dtype != torch.float16 else tensor.numpy()
+            qtype = tensor_type(tensor, _quantizable(spec, adapter, linears, keep), quant, _FLOAT_TYPES[float_dtype])
+            array = tensor.float().numpy()
             writer.add_tensor(name, quantize_array(array, qtype), raw_dtype=gguf.GGMLQuantizationType[qtype])
             result.tensor_types[name] = qtype
         writer.write_header_to_file()
