@@ -264,7 +264,7 @@ def export(model: str = typer.Argument(..., help="Checkpoint folder (compressdit
            overwrite: bool = OVERWRITE, as_json: bool = JSON) -> None:
     """Export a checkpoint: ``--dequantize`` writes a plain diffusers folder, ``--format gguf`` a GGUF file."""
     if fmt is not None:
-        _export_other(fmt, model, out, quant, names, overwrite, as_json)
+        _export_format(fmt, model, out, quant, names, overwrite, as_json)
         return
     from compressdit.inspect import export_dequantized
 
@@ -293,7 +293,7 @@ def _export_gguf(model: str, out: Path, quant: str, names: Optional[str], overwr
 EXPORT_FORMATS = {"gguf": _export_gguf}
 
 
-def _export_other(fmt: str, model: str, out: Path, quant: str, names: Optional[str], overwrite: bool,
+def _export_format(fmt: str, model: str, out: Path, quant: str, names: Optional[str], overwrite: bool,
                   as_json: bool) -> None:
     if fmt not in EXPORT_FORMATS:
         raise CompressditError(f"--format {fmt}: known formats are {', '.join(EXPORT_FORMATS)} "
