@@ -138,7 +138,8 @@ def run_command(recipe_file: Path = typer.Argument(..., help="Recipe YAML file."
 
 
 @app.command()
-def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/model folder."),
+def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/model folder, or a GGUF file from "
+                                                       "`export --format gguf`."),
              reference: str = typer.Option(..., "--reference", help="Uncompressed pipeline folder or zoo:NAME."),
              baseline: Optional[str] = typer.Option(None, "--baseline", help="Peer (bnb-int8, bnb-nf4, torchao-int8-dynamic, torchao-int8-weight) or recipe."),
              samples: int = typer.Option(256, "--samples"), steps: int = typer.Option(20, "--steps"),
@@ -157,12 +158,19 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
     set_quiet(quiet or as_json)
     config = EvaluateConfig.from_dict({"samples": samples, "steps": steps, "seed": seed, "guidance": guidance,
                                        "baseline": baseline}, "evaluate")
-    cand = load_source(candidate)
     ref = load_source(reference, text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings),
                       cache_dir=default_cache_dir())  # the reference's prompt encoder serves both
-    entry = Entry("candidate", cand.transformer, candidate, cand.transformer_folder,
-                  sorted(quantized_modules(cand.transformer)))
-    target = out or cand.folder / "report"
+    if candidate.endswith(".gguf"):  # a GGUF export, dequantized with gguf's own reader
+        from compressdit.io.gguf_read import read_gguf
+
+        model, layers = read_gguf(candidate)
+        entry = Entry("candidate", model, candidate, None, layers, disk_bytes=Path(candidate).stat().st_size)
+        target = out or Path(candidate).with_name(Path(candidate).stem + "-report")
+    else:
+        cand = load_source(candidate)
+        entry = Entry("candidate", cand.transformer, candidate, cand.transformer_folder,
+                      sorted(quantized_modules(cand.transformer)))
+        target = out or cand.folder / "report"
     report = evaluate_checkpoint(entry, ref, config, target, f"compressdit report: {candidate} vs {reference}", quiet)
     if as_json:
         print(json.dumps({"report": str(target), "metrics": {m["name"]: m["values"] for m in report["metrics"]}},
@@ -243,19 +251,54 @@ def inspect(model: str = typer.Argument(..., help="Checkpoint folder or zoo:NAME
 
 
 @app.command()
-def export(model: str = typer.Argument(..., help="Quantized checkpoint folder."),
+def export(model: str = typer.Argument(..., help="Checkpoint folder (compressdit or float), or zoo:NAME."),
            out: Path = typer.Option(..., "--out", "-o"),
            dequantize: bool = typer.Option(False, "--dequantize", help="Write plain float weights (no compressdit "
                                                                        "needed to load)."),
-           overwrite: bool = OVERWRITE) -> None:
-    """Export a checkpoint; ``--dequantize`` writes a plain diffusers folder."""
+           fmt: Optional[str] = typer.Option(None, "--format", help="gguf: one transformer GGUF file (diffusers' "
+                                                                    "GGUFQuantizationConfig, ComfyUI-GGUF)."),
+           quant: str = typer.Option("Q8_0", "--quant", help="GGUF type of the linear weights: Q8_0, Q5_1, Q5_0, "
+                                                             "Q4_1, Q4_0, Q5_K, Q4_K, or F16/BF16/F32."),
+           names: Optional[str] = typer.Option(None, "--names", help="GGUF tensor names: original (BFL FLUX / SAI "
+                                                                     "SD3, the default for those) or diffusers."),
+           overwrite: bool = OVERWRITE, as_json: bool = JSON) -> None:
+    """Export a checkpoint: ``--dequantize`` writes a plain diffusers folder, ``--format gguf`` a GGUF file."""
+    if fmt is not None:
+        _export_format(fmt, model, out, quant, names, overwrite, as_json)
+        return
     from compressdit.inspect import export_dequantized
 
     if not dequantize:
-        raise CompressditError("only `export --dequantize` is available: a quantized checkpoint is already a "
-                               "diffusers folder")
+        raise CompressditError("pass `--dequantize` (plain diffusers folder) or `--format gguf`: a quantized "
+                               "checkpoint is already a diffusers folder")
     export_dequantized(model, out, overwrite)
     console.print(f"[bold green]wrote[/] {out} (plain diffusers weights)")
+
+
+def _export_gguf(model: str, out: Path, quant: str, names: Optional[str], overwrite: bool, as_json: bool) -> None:
+    from compressdit.io.gguf_export import export_gguf
+
+    result = export_gguf(model, out, quant.upper(), names, overwrite)
+    if as_json:
+        print(json.dumps({"out": str(out), "arch": result.arch, "names": result.names, "types": result.counts(),
+                          "note": result.note}))
+        return
+    types = ", ".join(f"{count} {qtype}" for qtype, count in sorted(result.counts().items()))
+    console.print(f"[bold green]wrote[/] {out} ({result.model_class}, {result.names} names, "
+                  f"general.architecture={result.arch}; tensors: {types})")
+    if result.note:
+        console.print(f"note: {result.note}")
+
+
+EXPORT_FORMATS = {"gguf": _export_gguf}
+
+
+def _export_format(fmt: str, model: str, out: Path, quant: str, names: Optional[str], overwrite: bool,
+                  as_json: bool) -> None:
+    if fmt not in EXPORT_FORMATS:
+        raise CompressditError(f"--format {fmt}: known formats are {', '.join(EXPORT_FORMATS)} "
+                               "(use --dequantize for a plain diffusers folder)")
+    EXPORT_FORMATS[fmt](model, out, quant, names, overwrite, as_json)
 
 
 @app.command("list")

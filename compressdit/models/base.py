@@ -51,6 +51,17 @@ class BlockStack:
         return dict(zip(self.returns, output, strict=True))
 
 
+@dataclass(frozen=True)
+class OriginalTensor:
+    """One tensor of a family's original checkpoint layout (BFL's FLUX, SAI's MMDiT): the diffusers tensors it is
+    built from, concatenated along dim 0 (fused qkv), with its two halves swapped where ``swap_halves`` (the
+    original final adaLN orders shift, scale; diffusers scale, shift). The inverse of diffusers' single-file
+    converter for the family."""
+
+    sources: tuple[str, ...]
+    swap_halves: bool = False
+
+
 @dataclass
 class Conditioning:
     """Model inputs besides latents and timestep, for a batch; ``cat`` joins cond + uncond for CFG."""
@@ -92,6 +103,7 @@ class ModelAdapter(ABC):
     synthetic_tokens: ClassVar[int] = 4
     text_length_key: ClassVar[str | None] = None  # config key of a fixed text token count (CogVideoX)
     frame_axis: ClassVar[int | None] = None
+    original_arch: ClassVar[str | None] = None  # GGUF ``general.architecture`` of the original layout (ComfyUI-GGUF)
 
     def role_of(self, name: str) -> str | None:
         for role, patterns in self.roles.items():
@@ -120,6 +132,21 @@ class ModelAdapter(ABC):
                 return stack
         known = ", ".join(s.attribute for s in self.block_stacks)
         raise ConfigError(f"{self.model_class_name} has no block stack {attribute!r}; stacks: {known}")
+
+    def original_layout(self, config) -> dict[str, OriginalTensor]:
+        """Tensor name -> :class:`OriginalTensor` of the family's original (non-diffusers) checkpoint, for a model
+        of ``config``; families without one (``original_arch is None``) are written with diffusers names."""
+        raise UnsupportedModelError(f"compressdit knows no original (non-diffusers) layout for "
+                                    f"{self.model_class_name}; write diffusers names instead")
+
+    def original_geometry_issue(self, config) -> str | None:
+        """Why the stock loaders of the original layout (diffusers' single-file converter, ComfyUI) cannot build a
+        model of ``config`` from it (they assume the released models' geometry), or ``None`` when they can."""
+        return None
+
+    def diffusers_reads_original(self, config) -> bool:
+        """Whether diffusers' single-file converter rebuilds a model of ``config`` from the original layout."""
+        return True
 
     def latent_shape(self, model: nn.Module) -> tuple[int, ...]:
         """Latent shape of one sample (``[C, H, W]`` for images; video families add a frame axis)."""

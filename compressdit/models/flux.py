@@ -23,8 +23,8 @@ import re
 
 import torch
 
-from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter, dynamic_shift
-from compressdit.models.sd3 import pooled_text
+from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter, OriginalTensor, dynamic_shift
+from compressdit.models.sd3 import original_linear as linear, pooled_text
 from compressdit.models.text_conditions import TextEmbedding
 
 _DOUBLE = r"transformer_blocks\.\d+"
@@ -56,6 +56,45 @@ def latent_image_ids(height: int, width: int, device=None, dtype=None) -> torch.
     return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
 
 
+def flux_original_layout(config) -> dict[str, OriginalTensor]:
+    """BFL's FLUX.1 checkpoint names (what ComfyUI loads; diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``
+    reads them back for FLUX.1's 3072 width, which it assumes)."""
+    layout: dict[str, OriginalTensor] = {}
+    embedders = {"time_in": "timestep_embedder", "vector_in": "text_embedder"}
+    if config.get("guidance_embeds"):
+        embedders["guidance_in"] = "guidance_embedder"
+    for original, ours in embedders.items():
+        linear(layout, f"{original}.in_layer", f"time_text_embed.{ours}.linear_1")
+        linear(layout, f"{original}.out_layer", f"time_text_embed.{ours}.linear_2")
+    linear(layout, "txt_in", "context_embedder")
+    linear(layout, "img_in", "x_embedder")
+    for i in range(config["num_layers"]):
+        block, ours = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        linear(layout, f"{block}.img_mod.lin", f"{ours}.norm1.linear")
+        linear(layout, f"{block}.txt_mod.lin", f"{ours}.norm1_context.linear")
+        linear(layout, f"{block}.img_attn.qkv", *(f"{ours}.attn.to_{x}" for x in "qkv"))
+        linear(layout, f"{block}.txt_attn.qkv", *(f"{ours}.attn.add_{x}_proj" for x in "qkv"))
+        linear(layout, f"{block}.img_attn.proj", f"{ours}.attn.to_out.0")
+        linear(layout, f"{block}.txt_attn.proj", f"{ours}.attn.to_add_out")
+        for stream, added in (("img", ""), ("txt", "added_")):
+            for which in ("query", "key"):
+                layout[f"{block}.{stream}_attn.norm.{which}_norm.scale"] = OriginalTensor(
+                    (f"{ours}.attn.norm_{added}{which[0]}.weight",))
+        for stream, ff in (("img", "ff"), ("txt", "ff_context")):
+            linear(layout, f"{block}.{stream}_mlp.0", f"{ours}.{ff}.net.0.proj")
+            linear(layout, f"{block}.{stream}_mlp.2", f"{ours}.{ff}.net.2")
+    for i in range(config["num_single_layers"]):
+        block, ours = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        linear(layout, f"{block}.modulation.lin", f"{ours}.norm.linear")
+        linear(layout, f"{block}.linear1", *(f"{ours}.attn.to_{x}" for x in "qkv"), f"{ours}.proj_mlp")
+        linear(layout, f"{block}.linear2", f"{ours}.proj_out")
+        for which in ("query", "key"):
+            layout[f"{block}.norm.{which}_norm.scale"] = OriginalTensor((f"{ours}.attn.norm_{which[0]}.weight",))
+    linear(layout, "final_layer.linear", "proj_out")
+    linear(layout, "final_layer.adaLN_modulation.1", "norm_out.linear", swap_halves=True)
+    return layout
+
+
 class FluxAdapter(ModelAdapter):
     family = "flux"
     model_class_name = "FluxTransformer2DModel"
@@ -77,6 +116,7 @@ class FluxAdapter(ModelAdapter):
         "embedder": (r"time_text_embed\..*", r"context_embedder", r"x_embedder", r"pos_embed(?:\..*)?"),
         "head": (r"norm_out\.linear", r"proj_out"),
     }
+    original_arch = "flux"
     # Flux configs carry no sample_size: latents are ``latent_size`` square unless the config has one.
     # Set it on the registered instance (``ADAPTERS.get("flux").latent_size = 128`` for 1024 px images).
     latent_size: int = 8
@@ -84,6 +124,20 @@ class FluxAdapter(ModelAdapter):
     # FluxPipeline passes its ``guidance_scale`` (default 3.5). Classifier-free guidance in
     # ``sampling.sample`` is separate from this (FluxPipeline's ``true_cfg_scale``).
     embedded_guidance: float = 3.5
+
+    def original_layout(self, config):
+        return flux_original_layout(config)
+
+    def diffusers_reads_original(self, config):
+        return config["num_attention_heads"] * config["attention_head_dim"] == 3072
+
+    def original_geometry_issue(self, config):
+        """diffusers' converter splits ``linear1`` at FLUX.1's width 3072; ComfyUI fixes RoPE axes (16, 56, 56)."""
+        width = config["num_attention_heads"] * config["attention_head_dim"]
+        if width != 3072 or tuple(config["axes_dims_rope"]) != (16, 56, 56):
+            return (f"width {width} and RoPE axes {tuple(config['axes_dims_rope'])}, but the FLUX loaders of the "
+                    "original names assume FLUX.1's 3072 and (16, 56, 56)")
+        return None
 
     def blocks(self, model):
         """Double-stream blocks, then single-stream blocks (execution order)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter
+from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter, OriginalTensor
 from compressdit.models.text_conditions import TextEmbedding, embed_prompts, stack
 
 _BLOCK = r"transformer_blocks\.\d+"
@@ -31,6 +31,48 @@ def pooled_text(model_name: str, conditions, dim: int, pooled_dim: int) -> dict:
     return stack(embeds)
 
 
+def original_linear(layout: dict, original: str, *sources: str, swap_halves: bool = False) -> None:
+    """Add the ``.weight`` and ``.bias`` of an original linear built from the diffusers linears ``sources``."""
+    for suffix in ("weight", "bias"):
+        layout[f"{original}.{suffix}"] = OriginalTensor(tuple(f"{s}.{suffix}" for s in sources), swap_halves)
+
+
+def sd3_original_layout(config) -> dict[str, OriginalTensor]:
+    """SAI's MMDiT checkpoint names (``joint_blocks``; what ComfyUI loads and diffusers'
+    ``convert_sd3_transformer_checkpoint_to_diffusers`` reads back at any width)."""
+    layout = {"pos_embed": OriginalTensor(("pos_embed.pos_embed",))}
+    for suffix in ("weight", "bias"):
+        layout[f"x_embedder.proj.{suffix}"] = OriginalTensor((f"pos_embed.proj.{suffix}",))
+    for original, ours in (("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder")):
+        original_linear(layout, f"{original}.mlp.0", f"time_text_embed.{ours}.linear_1")
+        original_linear(layout, f"{original}.mlp.2", f"time_text_embed.{ours}.linear_2")
+    original_linear(layout, "context_embedder", "context_embedder")
+    last = config["num_layers"] - 1
+    for i in range(config["num_layers"]):
+        x, c, ours = f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block", f"transformer_blocks.{i}"
+        attentions = [(f"{x}.attn", f"{ours}.attn", "", f"{ours}.attn.to_out.0")]
+        if i in (config.get("dual_attention_layers") or ()):
+            attentions.append((f"{x}.attn2", f"{ours}.attn2", "", f"{ours}.attn2.to_out.0"))
+        attentions.append((f"{c}.attn", f"{ours}.attn", "added_", None if i == last else f"{ours}.attn.to_add_out"))
+        for original, attn, added, out in attentions:
+            projections = [f"{attn}.to_{q}" for q in "qkv"] if not added else [f"{attn}.add_{q}_proj" for q in "qkv"]
+            original_linear(layout, f"{original}.qkv", *projections)
+            if out is not None:
+                original_linear(layout, f"{original}.proj", out)
+            if config.get("qk_norm"):
+                for q in "qk":
+                    layout[f"{original}.ln_{q}.weight"] = OriginalTensor((f"{attn}.norm_{added}{q}.weight",))
+        original_linear(layout, f"{x}.adaLN_modulation.1", f"{ours}.norm1.linear")
+        original_linear(layout, f"{c}.adaLN_modulation.1", f"{ours}.norm1_context.linear", swap_halves=i == last)
+        streams = [(x, "ff")] if i == last else [(x, "ff"), (c, "ff_context")]
+        for original, ff in streams:
+            original_linear(layout, f"{original}.mlp.fc1", f"{ours}.{ff}.net.0.proj")
+            original_linear(layout, f"{original}.mlp.fc2", f"{ours}.{ff}.net.2")
+    original_linear(layout, "final_layer.linear", "proj_out")
+    original_linear(layout, "final_layer.adaLN_modulation.1", "norm_out.linear", swap_halves=True)
+    return layout
+
+
 class SD3Adapter(ModelAdapter):
     family = "sd3"
     model_class_name = "SD3Transformer2DModel"
@@ -38,6 +80,7 @@ class SD3Adapter(ModelAdapter):
     text_width_key = "joint_attention_dim"
     pooled_width_key = "pooled_projection_dim"
     prediction = "flow"
+    original_arch = "sd3"
     block_patterns = (_BLOCK,)
     block_stacks = (BlockStack("transformer_blocks", "num_layers", keep_last=True,
                                returns=("encoder_hidden_states", "hidden_states"),
@@ -53,6 +96,16 @@ class SD3Adapter(ModelAdapter):
         "embedder": (r"time_text_embed\..*", r"context_embedder", r"pos_embed\..*"),
         "head": (r"norm_out\.linear", r"proj_out"),
     }
+
+    def original_layout(self, config):
+        return sd3_original_layout(config)
+
+    def original_geometry_issue(self, config):
+        """ComfyUI infers SD3's heads as width / 64 (diffusers' converter reads any geometry)."""
+        if config["attention_head_dim"] != 64:
+            return (f"attention head dim {config['attention_head_dim']}, but ComfyUI's SD3 loader assumes 64 "
+                    "(diffusers' converter reads it)")
+        return None
 
     def encode(self, model, conditions):
         embeds = pooled_text("SD3", conditions, model.config.joint_attention_dim, model.config.pooled_projection_dim)
