@@ -12,6 +12,7 @@ from torch import nn
 from compressdit.errors import ConfigError
 from compressdit.quant.fp8_layer import FP8Linear, fp8_fits, validate_fp8_spec
 from compressdit.quant.layers import QuantLinear
+from compressdit.quant.rounding import ROUNDINGS
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.vq_layer import VQLinear, code_bits
 from compressdit.registry import Registry
@@ -23,6 +24,7 @@ class LinearFormat:
     quantize: Callable[[nn.Linear, LinearQuantSpec, torch.Tensor | None], nn.Module]
     validate_spec: Callable[[LinearQuantSpec, str], None]
     check_fits: Callable[[str, nn.Linear, LinearQuantSpec], None]
+    roundings: tuple[str, ...] = ("rtn",)  # spec.rounding values; other than rtn, ``quantize`` takes ``hessian=``
 
     def empty(self, linear: nn.Linear, spec: LinearQuantSpec) -> nn.Module:
         return self.module_class(linear.in_features, linear.out_features, linear.bias is not None, spec,
@@ -91,6 +93,6 @@ def clamp_codebook(spec: LinearQuantSpec, linear: nn.Linear) -> LinearQuantSpec:
     return spec if k == spec.codebook_size else dataclasses.replace(spec, codebook_size=k)
 
 
-FORMATS.add("int", LinearFormat(QuantLinear, QuantLinear.from_linear, _validate_int, _int_fits))
+FORMATS.add("int", LinearFormat(QuantLinear, QuantLinear.from_linear, _validate_int, _int_fits, tuple(ROUNDINGS)))
 FORMATS.add("vq", LinearFormat(VQLinear, VQLinear.from_linear, _validate_vq, _vq_fits))
 FORMATS.add("fp8", LinearFormat(FP8Linear, FP8Linear.from_linear, validate_fp8_spec, fp8_fits))

@@ -14,8 +14,9 @@ from torch import nn
 
 from compressdit.quant.kernel_registry import cache_of, kernel_name_of, run_kernel
 from compressdit.quant.primitives import (dequantize_weight, fake_quantize_activation, pack_codes, packed_shape,
-                                          quantize_weight_rtn, unpack_codes)
+                                          unpack_codes)
 from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, random_signs, rotate
+from compressdit.quant.rounding import ROUNDINGS, transformed_hessian
 from compressdit.quant.spec import LinearQuantSpec
 
 
@@ -183,8 +184,9 @@ class QuantLinear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec, input_absmax: torch.Tensor | None = None,
-                    rotation_seed: int = 0) -> "QuantLinear":
-        """Quantize a float ``linear``: optional channel balancing and rotation folded in, then RTN."""
+                    rotation_seed: int = 0, hessian: torch.Tensor | None = None) -> "QuantLinear":
+        """Quantize a float ``linear``: optional channel balancing and rotation folded in, then ``spec.rounding``
+        (GPTQ takes ``hessian``, the ``[in, in]`` ``2 X^T X`` of the layer's calibration inputs)."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
                      device=linear.weight.device, dtype=linear.weight.dtype)
         weight = linear.weight.detach().float()
@@ -198,7 +200,9 @@ class QuantLinear(QuantizedLinear):
         if module.rotation_signs is not None:
             module.rotation_signs.copy_(random_signs(linear.in_features, rotation_seed))
             weight = rotate(weight, module.rotation_signs)
-        q = quantize_weight_rtn(weight, spec.w_bits, spec.group_size, spec.w_symmetric, spec.w_range)
+        if hessian is not None:
+            hessian = transformed_hessian(hessian.to(weight.device), module.smooth_scale, module.rotation_signs)
+        q = ROUNDINGS.get(spec.rounding).quantize(weight, spec, hessian)
         module.load_codes(q.codes, q.scale, q.zero)
         if module.bias is not None:
             module.bias.data.copy_(linear.bias.detach())

@@ -12,7 +12,9 @@ from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.quant.context import QuantContext
 from compressdit.quant.spec import LinearQuantSpec
-from compressdit.quant.transform import LayerRule, quantize_layers, resolve_plan
+from compressdit.quant.gptq_calibration import hessian_rounded_layers
+from compressdit.quant.rounding import ROUNDINGS
+from compressdit.quant.transform import LayerRule, check_plan_fits, quantize_layers, resolve_plan
 from compressdit.registry import Registry
 
 
@@ -28,7 +30,8 @@ METHODS: Registry[MethodHandler] = Registry("quantization method")
 
 def rules_need_calibration(rules: list[LayerRule]) -> bool:
     return any(r.spec is not None and (r.spec.balance is not None or (r.spec.a_bits and
-                                                                      r.spec.a_granularity == "static"))
+                                                                      r.spec.a_granularity == "static")
+                                       or ROUNDINGS.get(r.spec.rounding).needs_hessian)
                for r in rules)
 
 
@@ -54,7 +57,8 @@ class RTNConfig(StrictConfig):
 
 def apply_plan(model: nn.Module, plan: dict[str, LinearQuantSpec | None], ctx: QuantContext) -> dict:
     with torch.no_grad():
-        quantize_layers(model, plan, ctx.input_absmax(plan))
+        check_plan_fits(model, plan)
+        quantize_layers(model, plan, ctx.input_absmax(plan), hessian_rounded_layers(model, plan, ctx))
     return {name: spec for name, spec in plan.items() if spec is not None}
 
 

@@ -21,6 +21,8 @@ class LinearQuantSpec(StrictConfig):
         group_size: 64            # null = one scale per output channel
         w_symmetric: true
         w_range: mse              # weight range per channel/group: minmax, or the MSE-optimal shrink
+        rounding: gptq            # rtn, or GPTQ error compensation from calibration inputs (needs calibration)
+        act_order: false          # gptq only: columns by decreasing input energy, group scales fitted up front
         a_granularity: per_token  # dynamic; or per_tensor (dynamic) / static (calibrated)
         balance: 0.5              # channel balancing, SmoothQuant alpha (null = off); needs calibration
         rotation: hadamard        # randomized block Hadamard on the input dim (or none)
@@ -40,6 +42,8 @@ class LinearQuantSpec(StrictConfig):
     group_size: int | None = None
     w_symmetric: bool = True
     w_range: Literal["minmax", "mse"] = "minmax"
+    rounding: Literal["rtn", "gptq"] = "rtn"
+    act_order: bool = False
     a_granularity: Literal["per_token", "per_tensor", "static"] = "per_token"
     balance: float | None = None
     rotation: Literal["none", "hadamard"] = "none"
@@ -53,6 +57,11 @@ class LinearQuantSpec(StrictConfig):
         if self.format not in FORMATS:
             raise ConfigError(f"{where}.format: unknown format {self.format!r}; known: {', '.join(FORMATS)}")
         FORMATS.get(self.format).validate_spec(self, where)
+        if self.rounding not in FORMATS.get(self.format).roundings:
+            raise ConfigError(f"{where}.rounding: format {self.format!r} supports rounding "
+                              f"{' / '.join(FORMATS.get(self.format).roundings)}, not {self.rounding!r}")
+        if self.act_order and self.rounding != "gptq":
+            raise ConfigError(f"{where}.act_order: only applies to rounding: gptq")
         if not MIN_BITS <= self.w_bits <= MAX_BITS:
             raise ConfigError(f"{where}.w_bits: {self.w_bits} is out of range [{MIN_BITS}, {MAX_BITS}]")
         if self.a_bits is not None and not MIN_BITS <= self.a_bits <= MAX_BITS:
@@ -81,5 +90,7 @@ class LinearQuantSpec(StrictConfig):
         group = f" g{self.group_size}" if self.group_size else ""
         extras = "".join(name for name, used in ((" +mse-range", self.w_range == "mse"),
                                                   (" +balance", self.balance is not None),
+                                                  (f" +{self.rounding}", self.rounding != "rtn"),
+                                                  (" +act-order", self.act_order),
                                                   (" +hadamard", self.rotation != "none")) if used)
         return f"{self.format} W{self.w_bits}{acts}{group}{extras}"
