@@ -37,7 +37,8 @@ def rules_need_calibration(rules: list[LayerRule]) -> bool:
 
 @dataclass
 class RTNConfig(StrictConfig):
-    """Round-to-nearest min/max (the baseline every method is compared with).
+    """Round-to-nearest min/max (the baseline every method is compared with), or GPTQ where a spec says
+    ``rounding: gptq`` (needs a calibrate stage: the layer-input Hessians come from its sampling run).
 
     Weights per output channel (or per group), activations per token / per tensor (dynamic) or
     static from calibration. Layers chosen by ordered rules, first match wins. YAML::
