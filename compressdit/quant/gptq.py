@@ -112,6 +112,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: Column
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     u = _upper_inverse_factor(h, damp)
+    group_of = [c // size for c in (range(cols) if perm is None else perm.tolist())]  # original group per column
     codes = torch.zeros_like(w)
     step = _block_size(group_size, block_size)
     for start in range(0, cols, step):
@@ -122,11 +123,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: Column
             col = start + j
             if fit_in_loop and col % size == 0:
                 params[col // size] = quantizer.fit(block[:, j:j + size])
-            original = col if perm is None else int(perm[col])
-            code, value = quantizer.quantize(block[:, j], params[original // size])
+            code, value = quantizer.quantize(block[:, j], params[group_of[col]])
             codes[:, col] = code
             error = (block[:, j] - value) / u_block[j, j]
-            block[:, j + 1:] -= error.unsqueeze(1) * u_block[j, j + 1:].unsqueeze(0)
+            block[:, j + 1:].addr_(error, u_block[j, j + 1:], alpha=-1.0)
             errors[:, j] = error
         w[:, end:] -= errors @ u[start:end, end:]
     if perm is not None:
