@@ -7,7 +7,10 @@ zero weight, ``H`` is damped by ``damp * mean(diag H)``, the inverse comes from 
 factor gives every row of the sequential update at once), and updates are applied lazily in blocks of 128
 columns. A group's scale is fitted when the loop reaches the group, on the error-updated weights; with
 ``act_order`` (columns by decreasing ``diag H``) the contiguous groups' scales are fitted up front ("static
-groups") so that the stored layout stays the plain ``[rows, groups]`` of round-to-nearest.
+groups") so that the stored layout stays the plain ``[rows, groups]`` of round-to-nearest. Measured caveat: at
+2 bits with min/max group ranges fitted in the loop, the compensated weights widen later groups' ranges and on
+weakly correlated inputs the result can be ~3% worse than round-to-nearest; ``static_groups``, ``act_order`` or
+the MSE range (``w_range: mse``) avoid it (tests/quant/test_quant_gptq.py uses correlated, DiT-like inputs).
 
 The format enters through a :class:`ColumnQuantizer`: ``fit`` a group (or the whole row) to per-row parameters,
 ``quantize`` one column with them. :class:`IntColumnQuantizer` reproduces :func:`quantize_weight_rtn` exactly
