@@ -22,6 +22,7 @@ class QuantContext:
     conditions: list = field(default_factory=list)
     prompt_encoder: PromptEncoder | None = None  # the model's (None: prompts reach the adapter as strings)
     quiet: bool = False
+    calibration_config: Any = None  # the calibrate stage's CalibrateConfig (steps, guidance, seed, batch_size)
     tables: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     figures: dict = field(default_factory=dict)

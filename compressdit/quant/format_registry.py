@@ -27,6 +27,7 @@ class LinearFormat:
     quantize: Callable[[nn.Linear, LinearQuantSpec, torch.Tensor | None], nn.Module]
     validate_spec: Callable[[LinearQuantSpec, str], None]
     check_fits: Callable[[str, nn.Linear, LinearQuantSpec], None]
+    roundings: tuple[str, ...] = ("rtn",)  # spec.rounding values; other than rtn, ``quantize`` takes ``hessian=``
 
     def empty(self, linear: nn.Linear, spec: LinearQuantSpec) -> nn.Module:
         return self.module_class(linear.in_features, linear.out_features, linear.bias is not None, spec,

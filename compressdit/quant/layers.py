@@ -18,6 +18,7 @@ from compressdit.quant.low_rank import low_rank_split
 from compressdit.quant.primitives import (dequantize_weight, pack_codes, packed_shape, quantize_weight_rtn,
                                           unpack_codes)
 from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, random_signs, rotate
+from compressdit.quant.rounding import ROUNDINGS, transformed_hessian
 from compressdit.quant.spec import LinearQuantSpec
 
 
@@ -195,9 +196,10 @@ class QuantLinear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec, input_absmax: torch.Tensor | None = None,
-                    rotation_seed: int = 0) -> "QuantLinear":
+                    rotation_seed: int = 0, hessian: torch.Tensor | None = None) -> "QuantLinear":
         """Quantize a float ``linear``: optional channel balancing and rotation folded in, an optional low-rank
-        branch split off (SVDQuant: only the residual is quantized), then RTN."""
+        branch split off (SVDQuant: only the residual is quantized), then ``spec.rounding`` (GPTQ takes
+        ``hessian``, the ``[in, in]`` ``2 X^T X`` of the layer's calibration inputs)."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
                      device=linear.weight.device, dtype=linear.weight.dtype)
         weight = linear.weight.detach().float()
@@ -211,12 +213,14 @@ class QuantLinear(QuantizedLinear):
         if module.rotation_signs is not None:
             module.rotation_signs.copy_(random_signs(linear.in_features, rotation_seed))
             weight = rotate(weight, module.rotation_signs)
-        if spec.low_rank:
+        if hessian is not None:
+            hessian = transformed_hessian(hessian.to(weight.device), module.smooth_scale, module.rotation_signs)
+        if spec.low_rank:  # the branch is refined against RTN of the residual (fast); the residual then rounds
             split = low_rank_split(weight, spec.low_rank, lambda w: _rtn(w, spec).dequantized())
             module.low_rank_up.data.copy_(split.up)
             module.low_rank_down.data.copy_(split.down)
             weight = weight - split.up @ split.down
-        q = _rtn(weight, spec)
+        q = ROUNDINGS.get(spec.rounding).quantize(weight, spec, hessian)
         module.load_codes(q.codes, q.scale, q.zero)
         if module.bias is not None:
             module.bias.data.copy_(linear.bias.detach())

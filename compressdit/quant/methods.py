@@ -12,7 +12,9 @@ from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.quant.context import QuantContext
 from compressdit.quant.spec import LinearQuantSpec
-from compressdit.quant.transform import LayerRule, quantize_layers, resolve_plan
+from compressdit.quant.gptq_calibration import hessian_rounded_layers
+from compressdit.quant.rounding import ROUNDINGS
+from compressdit.quant.transform import LayerRule, check_plan_fits, quantize_layers, resolve_plan
 from compressdit.registry import Registry
 
 
@@ -28,13 +30,15 @@ METHODS: Registry[MethodHandler] = Registry("quantization method")
 
 def rules_need_calibration(rules: list[LayerRule]) -> bool:
     return any(r.spec is not None and (r.spec.balance is not None or (r.spec.a_bits and
-                                                                      r.spec.a_granularity == "static"))
+                                                                      r.spec.a_granularity == "static")
+                                       or ROUNDINGS.get(r.spec.rounding).needs_hessian)
                for r in rules)
 
 
 @dataclass
 class RTNConfig(StrictConfig):
-    """Round-to-nearest min/max (the baseline every method is compared with).
+    """Round-to-nearest min/max (the baseline every method is compared with), or GPTQ where a spec says
+    ``rounding: gptq`` (needs a calibrate stage: the layer-input Hessians come from its sampling run).
 
     Weights per output channel (or per group), activations per token / per tensor (dynamic) or
     static from calibration. Layers chosen by ordered rules, first match wins. YAML::
@@ -54,7 +58,8 @@ class RTNConfig(StrictConfig):
 
 def apply_plan(model: nn.Module, plan: dict[str, LinearQuantSpec | None], ctx: QuantContext) -> dict:
     with torch.no_grad():
-        quantize_layers(model, plan, ctx.input_absmax(plan))
+        check_plan_fits(model, plan)
+        quantize_layers(model, plan, ctx.input_absmax(plan), hessian_rounded_layers(model, plan, ctx))
     return {name: spec for name, spec in plan.items() if spec is not None}
 
 

@@ -134,7 +134,8 @@ def measure_sensitivity(model: nn.Module, plan: dict[str, LinearQuantSpec], ctx:
             parent = model.get_submodule(parent_name) if parent_name else model
             original = getattr(parent, child)
             group = sensitivity_group(ctx.adapter, name)
-            setattr(parent, child, FORMATS.get(spec.format).quantize(original, spec, absmax.get(name)))
+            probe_spec = dataclasses.replace(spec, rounding="rtn", act_order=False)  # GPTQ: RTN as the proxy
+            setattr(parent, child, FORMATS.get(spec.format).quantize(original, probe_spec, absmax.get(name)))
             try:
                 damage = probe.damage(group)
             finally:

@@ -23,6 +23,8 @@ class LinearQuantSpec(StrictConfig):
         group_size: 64            # null = one scale per output channel
         w_symmetric: true
         w_range: mse              # weight range per channel/group: minmax, or the MSE-optimal shrink
+        rounding: gptq            # rtn, or GPTQ error compensation from calibration inputs (needs calibration)
+        act_order: false          # gptq only: columns by decreasing input energy, group scales fitted up front
         a_granularity: per_token  # dynamic; or per_group / per_tensor (dynamic) / static (calibrated)
         a_format: int             # or a minifloat (e2m1, e4m3, ...), nvfp4, mxfp4, mxfp8 (quant/activations.py)
         a_group_size: null        # inputs per activation scale with a_granularity: per_group (16 / 32 / 64)
@@ -45,6 +47,8 @@ class LinearQuantSpec(StrictConfig):
     group_size: int | None = None
     w_symmetric: bool = True
     w_range: Literal["minmax", "mse"] = "minmax"
+    rounding: Literal["rtn", "gptq"] = "rtn"
+    act_order: bool = False
     a_granularity: Literal["per_token", "per_group", "per_tensor", "static"] = "per_token"
     a_format: str = "int"
     a_group_size: int | None = None
@@ -60,6 +64,11 @@ class LinearQuantSpec(StrictConfig):
             raise ConfigError(f"{where}.format: unknown format {self.format!r}; known: {', '.join(FORMATS)}")
         FORMATS.get(self.format).validate_spec(self, where)
         validate_activation_spec(self, where)
+        if self.rounding not in FORMATS.get(self.format).roundings:
+            raise ConfigError(f"{where}.rounding: format {self.format!r} supports rounding "
+                              f"{' / '.join(FORMATS.get(self.format).roundings)}, not {self.rounding!r}")
+        if self.act_order and self.rounding != "gptq":
+            raise ConfigError(f"{where}.act_order: only applies to rounding: gptq")
         if not MIN_BITS <= self.w_bits <= MAX_BITS:
             raise ConfigError(f"{where}.w_bits: {self.w_bits} is out of range [{MIN_BITS}, {MAX_BITS}]")
         if self.a_bits is not None and not MIN_BITS <= self.a_bits <= MAX_BITS:
@@ -92,6 +101,8 @@ class LinearQuantSpec(StrictConfig):
         group = f" g{self.group_size}" if self.group_size else ""
         extras = "".join(name for name, used in ((" +mse-range", self.w_range == "mse"),
                                                   (" +balance", self.balance is not None),
+                                                  (f" +{self.rounding}", self.rounding != "rtn"),
+                                                  (" +act-order", self.act_order),
                                                   (" +hadamard", self.rotation != "none"),
                                                   (f" +lr{self.low_rank}", self.low_rank is not None)) if used)
         return f"{self.format} W{self.w_bits}{acts}{group}{extras}"

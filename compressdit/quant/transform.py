@@ -82,11 +82,16 @@ def check_plan_fits(model: nn.Module, plan: dict[str, LinearQuantSpec | None]) -
 
 @torch.no_grad()
 def quantize_layers(model: nn.Module, plan: dict[str, LinearQuantSpec | None],
-                    input_absmax: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Replace every planned ``nn.Linear`` by its quantized module (in place)."""
+                    input_absmax: dict[str, torch.Tensor] | None = None,
+                    prebuilt: dict[str, nn.Module] | None = None) -> nn.Module:
+    """Replace every planned ``nn.Linear`` by its quantized module (in place); ``prebuilt`` modules (e.g. GPTQ's,
+    quantized from calibration Hessians) are swapped in as they are."""
     check_plan_fits(model, plan)
     for name, spec in plan.items():
         if spec is None:
+            continue
+        if prebuilt and name in prebuilt:
+            set_module(model, name, prebuilt[name])
             continue
         linear = model.get_submodule(name)
         stats = (input_absmax or {}).get(name)

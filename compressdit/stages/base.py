@@ -37,6 +37,7 @@ class PipelineState:
     tables: list = field(default_factory=list)
     figures: dict = field(default_factory=dict)
     calibration_conditions: list = field(default_factory=list)
+    calibration_config: Any = None  # the calibrate stage's settings (steps, guidance, seed), for GPTQ's Hessian pass
     # teacher block each student block came from, {stack attribute: indices} (set by depth pruning; used by
     # distill's ``layer_map: auto``)
     block_origin: dict | None = None

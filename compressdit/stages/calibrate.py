@@ -40,6 +40,7 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
     path = resolve_set(config.set, adapter.condition_kind)
     conditions = load_conditions(path, adapter.condition_kind, limit=config.samples)
     state.calibration_conditions = conditions
+    state.calibration_config = config
     encoder = state.source.prompt_encoder
     settings = {**config.to_dict(), "set": str(path), "set_bytes": set_bytes(path)}
     if encoder is not None:  # models without their own encoder keep their cache keys

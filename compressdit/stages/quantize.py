@@ -27,7 +27,8 @@ class QuantizeStage(MethodStage):
         ctx = QuantContext(adapter=state.adapter, calibration=state.calibration,
                            scheduler=state.source.scheduler or state.adapter.scheduler(state.model),
                            conditions=list(state.calibration_conditions), quiet=state.quiet,
-                           prompt_encoder=state.source.prompt_encoder)
+                           prompt_encoder=state.source.prompt_encoder,
+                           calibration_config=state.calibration_config)
         specs = handler.apply(state.model, config.options, ctx)
         state.quant_specs.update(specs)
         state.tables.extend(ctx.tables)
