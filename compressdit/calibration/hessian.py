@@ -9,11 +9,10 @@ capture a few layers at a time (:func:`hessian_chunks`).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
-
 import torch
 from torch import nn
 
+from compressdit.calibration.stats import input_hooks
 from compressdit.errors import CalibrationError
 
 
@@ -46,16 +45,9 @@ class HessianRecorder:
         return self.sums.pop(name).mul_(2.0 / self.rows.pop(name))
 
 
-@contextlib.contextmanager
-def capture_input_hessians(model: nn.Module, names: list[str]) -> Iterator[HessianRecorder]:
-    """Hook the named linears; the hooks are removed on exit, even after an error."""
-    recorder = HessianRecorder()
-    handles = [model.get_submodule(name).register_forward_pre_hook(recorder.hook(name)) for name in names]
-    try:
-        yield recorder
-    finally:
-        for handle in handles:
-            handle.remove()
+def capture_input_hessians(model: nn.Module, names: list[str]) -> contextlib.AbstractContextManager[HessianRecorder]:
+    """``2 X^T X / n`` of the named linears' inputs (hooks removed on exit, even after an error)."""
+    return input_hooks(model, names, HessianRecorder())
 
 
 def hessian_chunks(widths: dict[str, int], budget_bytes: int) -> list[list[str]]:

@@ -7,13 +7,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compressdit.errors import CalibrationError
+
+R = TypeVar("R")  # a recorder with ``hook(name)``
 
 
 @dataclass
@@ -61,15 +63,19 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def capture_input_absmax(model: nn.Module, names: list[str]) -> Iterator[_Recorder]:
-    """Hook the named linears; the hooks are removed on exit, even after an error."""
-    recorder = _Recorder()
+def input_hooks(model: nn.Module, names: list[str], recorder: R) -> Iterator[R]:
+    """Hook ``recorder.hook(name)`` before each named module's forward; removed on exit, even after an error."""
     handles = [model.get_submodule(name).register_forward_pre_hook(recorder.hook(name)) for name in names]
     try:
         yield recorder
     finally:
         for handle in handles:
             handle.remove()
+
+
+def capture_input_absmax(model: nn.Module, names: list[str]) -> contextlib.AbstractContextManager[_Recorder]:
+    """Per-channel input absmax of the named linears, per sampling step (hooks removed on exit)."""
+    return input_hooks(model, names, _Recorder())
 
 
 def stats_from_recorder(recorder: _Recorder, timesteps: list[int]) -> ActivationStats:
