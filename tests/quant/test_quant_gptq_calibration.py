@@ -22,6 +22,7 @@ from compressdit.quant.transform import quantized_modules, resolve_plan
 from compressdit.stages import STAGES
 from compressdit.stages.base import PipelineState
 from tests.conftest import tiny_dit
+from tests.io.test_diffusers_quantizer import _dit_inputs
 
 
 def _state(model: nn.Module) -> PipelineState:
@@ -45,12 +46,6 @@ def _run_stages(model: nn.Module, rounding: str, calibrate: bool = True) -> Pipe
     quantize = STAGES.get("quantize")
     quantize.run(state, quantize.parse({"method": "rtn", "rules": _rules(rounding)}, "quantize"))
     return state
-
-
-def _dit_inputs() -> dict:
-    gen = torch.Generator().manual_seed(7)
-    return {"hidden_states": torch.randn(2, 4, 8, 8, generator=gen), "timestep": torch.tensor([10, 700]),
-            "class_labels": torch.tensor([1, 7])}
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from compressdit.recipe import load_recipe
 from compressdit.stages import STAGES
 from compressdit.stages.base import PipelineState
 from tests.conftest import tiny_dit
+from tests.io.test_diffusers_quantizer import _dit_inputs
 
 IN, OUT = 64, 32
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -193,12 +194,6 @@ PROBE = MixedPrecisionConfig(avg_weight_bits=4.5, high_bits=8, probe_samples=2, 
 def _ctx(model: nn.Module, adapter=None, conditions=(0, 1, 2, 3)) -> QuantContext:
     adapter = adapter or adapter_for(model)
     return QuantContext(adapter=adapter, scheduler=adapter.scheduler(model), conditions=list(conditions), quiet=True)
-
-
-def _dit_inputs() -> dict:
-    gen = torch.Generator().manual_seed(7)
-    return {"hidden_states": torch.randn(2, 4, 8, 8, generator=gen), "timestep": torch.tensor([10, 700]),
-            "class_labels": torch.tensor([1, 7])}
 
 
 @torch.no_grad()
