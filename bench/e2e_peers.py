@@ -1,0 +1,182 @@
+"""CPU time per guided denoising step of real-size DiT-XL/2 and PixArt-alpha (random weights): float,
+compressdit recipes and peers (torchao, bitsandbytes) on the same model and inputs, eager and torch.compile'd.
+
+Every variant of a model is built from the same seeded float weights (``peer_models.build``) and quantizes the
+same layers (all but embedders and head). A step is one forward over ``2 x batch`` rows (conditional +
+unconditional, classifier-free guidance); PixArt gets 120 random text tokens of width 4096. Variants (and
+their ``torch.compile``'d copies, batch 1) are timed in interleaved rounds; the ratio to fp32 eager is taken
+within a round and its median reported. A section stops starting rounds at ``--deadline`` (UTC) and records the
+rounds it had. Peak memory and graph breaks come from ``bench/peak_memory.py`` (one fresh process per variant).
+Usage::
+
+    python bench/e2e_peers.py                       # writes bench/results/e2e_peers_cpu.{json,md}
+    python bench/e2e_peers.py --quick               # 2 blocks, batch 1, 1 round: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from e2e_peers_report import machine, write_markdown  # noqa: E402
+from peer_models import VARIANTS, build, one_step, step_inputs  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+SECTIONS = ["DiT-XL/2 256px@1", "PixArt-alpha 256px@1", "DiT-XL/2 256px@8"]
+COMPILED = ["fp32", "bf16", "w8a8", "w4a16", "torchao int8 dynamic"]
+
+
+def past(deadline: str | None) -> bool:
+    if deadline is None:
+        return False
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M")
+    return now >= deadline
+
+
+def build_all(model_name: str, names: list[str], layers: int | None) -> tuple[dict, dict, object]:
+    """name -> model, name -> one-line error (a variant that fails to build or run is reported, not dropped)."""
+    models, errors, adapter = {}, {}, None
+    for name in names:
+        try:
+            model, adapter, info = build(model_name, name, layers)
+            one_step(adapter, model, step_inputs(adapter, model, 1, VARIANTS[name].dtype))
+            models[name] = model
+            print(f"{model_name} {name}: built in {info['build_s']} s", flush=True)
+        except Exception as error:  # noqa: BLE001 - a peer that fails on CPU is a result
+            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            print(f"{model_name} {name}: FAILED {errors[name]}", flush=True)
+    return models, errors, adapter
+
+
+def compile_all(adapter, models: dict, names: list[str]) -> tuple[dict, dict]:
+    compiled, info = {}, {}
+    for name in names:
+        if name not in models:
+            continue
+        started = time.perf_counter()
+        try:
+            model = torch.compile(models[name])
+            one_step(adapter, model, step_inputs(adapter, models[name], 1, VARIANTS[name].dtype))
+            compiled[name] = model
+            info[name] = {"compile_s": round(time.perf_counter() - started, 1)}
+        except Exception as error:  # noqa: BLE001
+            info[name] = {"compile_error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+        print(f"compile {name}: {info[name]}", flush=True)
+    return compiled, info
+
+
+def time_section(adapter, runs: dict, batch: int, rounds: int, deadline: str | None) -> tuple[dict, int]:
+    """runs: column -> (model, dtype); returns column -> seconds per round, and the rounds done."""
+    inputs = {dtype: step_inputs(adapter, next(m for m, d in runs.values() if d == dtype), batch, dtype)
+              for dtype in {d for _, d in runs.values()}}
+    times: dict[str, list[float]] = {column: [] for column in runs}
+    done = 0
+    for _ in range(rounds):
+        if past(deadline):
+            break
+        for column, (model, dtype) in runs.items():
+            started = time.perf_counter()
+            one_step(adapter, model, inputs[dtype])
+            times[column].append(time.perf_counter() - started)
+            print(f"batch {batch} {column}: {times[column][-1]:.3f} s", flush=True)
+        done += 1
+    return times, done
+
+
+def summarise(times: dict, done: int) -> dict:
+    out = {}
+    for column, values in times.items():
+        if not values:
+            continue
+        ratios = [f / t for f, t in zip(times["fp32"], values)]
+        out[column] = {"s_per_step": round(statistics.median(values), 3), "speedup_vs_fp32": round(
+            statistics.median(ratios), 3), "s_all": [round(v, 3) for v in values]}
+    return out
+
+
+def run_section(model_name: str, batch: int, args, cache: dict) -> dict:
+    from compressdit.quant.kernel_registry import kernel_summary
+
+    if cache.get("model") != model_name:
+        cache.clear()
+        gc.collect()
+        cache["model"] = model_name
+        cache["models"], cache["errors"], cache["adapter"] = build_all(model_name, args.variants, args.layers)
+        cache["compiled"], cache["compile_info"] = {}, {}
+    models, adapter = cache["models"], cache["adapter"]
+    compile_names = args.compile if batch in args.compile_batches else []
+    if compile_names and not cache["compiled"]:
+        cache["compiled"], cache["compile_info"] = compile_all(adapter, models, compile_names)
+    runs = {name: (model, VARIANTS[name].dtype) for name, model in models.items()}
+    if batch in args.compile_batches:
+        runs.update({f"{name} compiled": (model, VARIANTS[name].dtype) for name, model in cache["compiled"].items()})
+    for name, (model, dtype) in runs.items():  # warm-up at this batch (allocator, oneDNN primitive caches)
+        one_step(adapter, model, step_inputs(adapter, model, batch, dtype))
+    times, done = time_section(adapter, runs, batch, args.rounds, args.deadline)
+    summary = summarise(times, done)
+    rows = []
+    for name in args.variants:
+        row = {"variant": name, "note": VARIANTS[name].note}
+        if name in cache["errors"]:
+            row["error"] = cache["errors"][name]
+        else:
+            row.update(summary.get(name, {}))
+            row["kernels"] = kernel_summary(models[name]) or "float"
+            if f"{name} compiled" in summary:
+                compiled = summary[f"{name} compiled"]
+                row["compiled"] = {"s_per_step": compiled["s_per_step"],
+                                   "speedup_vs_fp32": compiled["speedup_vs_fp32"], **cache["compile_info"][name]}
+            elif name in cache["compile_info"] and batch in args.compile_batches:
+                row["compiled"] = cache["compile_info"][name]
+        rows.append(row)
+    return {"model": model_name, "batch": batch, "cfg_rows": 2 * batch, "rounds": done, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=SECTIONS, help="MODEL@BATCH, run in this order")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--compile", nargs="*", default=COMPILED, help="variants also timed torch.compile'd")
+    parser.add_argument("--compile-batches", type=int, nargs="*", default=[1])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=None, help="blocks per model (default: the real depth)")
+    parser.add_argument("--deadline", default=None, help="HH:MM UTC after which no new round starts")
+    parser.add_argument("--quick", action="store_true", help="2 blocks, DiT-XL/2 batch 1, 1 round")
+    parser.add_argument("--out", type=Path, default=RESULTS / "e2e_peers_cpu")
+    args = parser.parse_args()
+    if args.quick:
+        args.layers, args.rounds, args.sections = 2, 1, ["DiT-XL/2 256px@1"]
+        args.out = args.out.with_name(args.out.name + "_quick")
+    torch.set_num_threads(args.threads)
+    result = {"meta": {**machine(args.threads), "rounds_asked": args.rounds, "layers": args.layers or "real depth",
+                       "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")},
+              "sections": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    cache: dict = {}
+    for section in args.sections:
+        model_name, batch = section.rsplit("@", 1)
+        if past(args.deadline):
+            print(f"deadline {args.deadline} UTC passed: {section} not run", flush=True)
+            result["meta"].setdefault("not_run", []).append(section)
+            continue
+        result["sections"].append(run_section(model_name, int(batch), args, cache))
+        result["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        write_markdown(args.out)
+        print(f"wrote {args.out.with_suffix('.json')} and .md ({section})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
