@@ -4,7 +4,8 @@ compressdit recipes and peers (torchao, bitsandbytes) on the same model and inpu
 Every variant of a model is built from the same seeded float weights (``peer_models.build``) and quantizes the
 same layers (all but embedders and head). A step is one forward over ``2 x batch`` rows (conditional +
 unconditional, classifier-free guidance); PixArt gets 120 random text tokens of width 4096. Variants (and
-their ``torch.compile``'d copies, batch 1) are timed in interleaved rounds; the ratio to fp32 eager is taken
+their ``torch.compile``'d copies, batch 1) are timed in interleaved rounds, after one batch-1 step each (the
+build's check, and the compile) as warm-up; the ratio to fp32 eager is taken
 within a round and its median reported. A section stops starting rounds at ``--deadline`` (UTC) and records the
 rounds it had. Peak memory and graph breaks come from ``bench/peak_memory.py`` (one fresh process per variant).
 Usage::
@@ -33,8 +34,14 @@ from e2e_peers_report import machine, write_markdown  # noqa: E402
 from peer_models import VARIANTS, build, one_step, step_inputs  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-SECTIONS = ["DiT-XL/2 256px@1", "PixArt-alpha 256px@1", "DiT-XL/2 256px@8"]
+SECTIONS = ["DiT-XL/2 256px@1", "DiT-XL/2 256px@8", "PixArt-alpha 256px@1"]
 COMPILED = ["fp32", "bf16", "w8a8", "w4a16", "torchao int8 dynamic"]
+
+
+def wait_until(start_at: str | None) -> None:
+    """Sleep until ``start_at`` (HH:MM UTC): building and compiling may run earlier, timing starts then."""
+    while start_at and past(start_at) is False:
+        time.sleep(10)
 
 
 def past(deadline: str | None) -> bool:
@@ -121,8 +128,7 @@ def run_section(model_name: str, batch: int, args, cache: dict) -> dict:
     runs = {name: (model, VARIANTS[name].dtype) for name, model in models.items()}
     if batch in args.compile_batches:
         runs.update({f"{name} compiled": (model, VARIANTS[name].dtype) for name, model in cache["compiled"].items()})
-    for name, (model, dtype) in runs.items():  # warm-up at this batch (allocator, oneDNN primitive caches)
-        one_step(adapter, model, step_inputs(adapter, model, batch, dtype))
+    wait_until(args.start_at)
     times, done = time_section(adapter, runs, batch, args.rounds, args.deadline)
     summary = summarise(times, done)
     rows = []
@@ -132,7 +138,8 @@ def run_section(model_name: str, batch: int, args, cache: dict) -> dict:
             row["error"] = cache["errors"][name]
         else:
             row.update(summary.get(name, {}))
-            row["kernels"] = kernel_summary(models[name]) or "float"
+            peer = VARIANTS[name].plan_recipe is not None and not VARIANTS[name].note.startswith("compressdit")
+            row["kernels"] = kernel_summary(models[name]) or (VARIANTS[name].note if peer else "float")
             if f"{name} compiled" in summary:
                 compiled = summary[f"{name} compiled"]
                 row["compiled"] = {"s_per_step": compiled["s_per_step"],
@@ -145,7 +152,8 @@ def run_section(model_name: str, batch: int, args, cache: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=SECTIONS, help="MODEL@BATCH, run in this order")
+    parser.add_argument("--sections", nargs="+", default=None,
+                        help="MODEL@BATCH[@HH:MM], run in this order; HH:MM (UTC) ends that section's rounds")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--compile", nargs="*", default=COMPILED, help="variants also timed torch.compile'd")
     parser.add_argument("--compile-batches", type=int, nargs="*", default=[1])
@@ -153,12 +161,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", type=int, default=None, help="blocks per model (default: the real depth)")
     parser.add_argument("--deadline", default=None, help="HH:MM UTC after which no new round starts")
+    parser.add_argument("--start-at", default=None, help="HH:MM UTC: build and compile, then wait to time")
     parser.add_argument("--quick", action="store_true", help="2 blocks, DiT-XL/2 batch 1, 1 round")
     parser.add_argument("--out", type=Path, default=RESULTS / "e2e_peers_cpu")
     args = parser.parse_args()
     if args.quick:
-        args.layers, args.rounds, args.sections = 2, 1, ["DiT-XL/2 256px@1"]
+        args.layers, args.rounds, args.sections = 2, 1, args.sections or ["DiT-XL/2 256px@1"]
         args.out = args.out.with_name(args.out.name + "_quick")
+    args.sections = args.sections or SECTIONS
     torch.set_num_threads(args.threads)
     result = {"meta": {**machine(args.threads), "rounds_asked": args.rounds, "layers": args.layers or "real depth",
                        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")},
@@ -166,12 +176,17 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cache: dict = {}
     for section in args.sections:
-        model_name, batch = section.rsplit("@", 1)
+        model_name, batch, *own_deadline = section.split("@")
         if past(args.deadline):
             print(f"deadline {args.deadline} UTC passed: {section} not run", flush=True)
             result["meta"].setdefault("not_run", []).append(section)
             continue
-        result["sections"].append(run_section(model_name, int(batch), args, cache))
+        section_args = argparse.Namespace(**{**vars(args), "deadline": min([args.deadline or "99:99"] + own_deadline)})
+        section_result = run_section(model_name, int(batch), section_args, cache)
+        if section_result["rounds"] == 0:
+            result["meta"].setdefault("not_run", []).append(section)
+        else:
+            result["sections"].append(section_result)
         result["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         write_markdown(args.out)

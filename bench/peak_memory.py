@@ -45,7 +45,7 @@ def measure_one(model_name: str, variant: str, layers: int | None, explain: bool
     one_step(adapter, model, inputs)
     result = {"model": model_name, "variant": variant, "vmhwm_mib": status_mib("VmHWM"),
               "vmrss_after_step_mib": status_mib("VmRSS"), "rss_before_build_mib": baseline,
-              "weights_mib": round(model.get_memory_footprint() / 2**20, 1), **info}
+              **info}
     if explain:
         report = torch._dynamo.explain(lambda: one_step(adapter, model, inputs))()
         result["graph_breaks"] = report.graph_break_count
