@@ -36,6 +36,7 @@ from peer_models import VARIANTS, build, one_step, step_inputs  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 SECTIONS = ["DiT-XL/2 256px@1", "DiT-XL/2 256px@8", "PixArt-alpha 256px@1"]
 COMPILED = ["fp32", "bf16", "w8a8", "w4a16", "torchao int8 dynamic"]
+GROUPS = ["bf16,rtn-w8a8,w8a8,w4a16,torchao int8 dynamic", "w4a8,vq-w3,torchao int8 weight-only,bnb int8,bnb nf4"]
 
 
 def wait_until(start_at: str | None) -> None:
@@ -112,42 +113,62 @@ def summarise(times: dict, done: int) -> dict:
     return out
 
 
-def run_section(model_name: str, batch: int, args, cache: dict) -> dict:
+def section_rows(model_name: str, names: list[str], models: dict, errors: dict, summary: dict, info: dict) -> dict:
     from compressdit.quant.kernel_registry import kernel_summary
 
-    if cache.get("model") != model_name:
-        cache.clear()
-        gc.collect()
-        cache["model"] = model_name
-        cache["models"], cache["errors"], cache["adapter"] = build_all(model_name, args.variants, args.layers)
-        cache["compiled"], cache["compile_info"] = {}, {}
-    models, adapter = cache["models"], cache["adapter"]
-    compile_names = args.compile if batch in args.compile_batches else []
-    if compile_names and not cache["compiled"]:
-        cache["compiled"], cache["compile_info"] = compile_all(adapter, models, compile_names)
-    runs = {name: (model, VARIANTS[name].dtype) for name, model in models.items()}
-    if batch in args.compile_batches:
-        runs.update({f"{name} compiled": (model, VARIANTS[name].dtype) for name, model in cache["compiled"].items()})
-    wait_until(args.start_at)
-    times, done = time_section(adapter, runs, batch, args.rounds, args.deadline)
-    summary = summarise(times, done)
-    rows = []
-    for name in args.variants:
+    rows = {}
+    for name in names:
         row = {"variant": name, "note": VARIANTS[name].note}
-        if name in cache["errors"]:
-            row["error"] = cache["errors"][name]
-        else:
-            row.update(summary.get(name, {}))
+        if name in errors:
+            row["error"] = errors[name]
+        elif name in summary:
+            row.update(summary[name])
             peer = VARIANTS[name].plan_recipe is not None and not VARIANTS[name].note.startswith("compressdit")
             row["kernels"] = kernel_summary(models[name]) or (VARIANTS[name].note if peer else "float")
             if f"{name} compiled" in summary:
                 compiled = summary[f"{name} compiled"]
                 row["compiled"] = {"s_per_step": compiled["s_per_step"],
-                                   "speedup_vs_fp32": compiled["speedup_vs_fp32"], **cache["compile_info"][name]}
-            elif name in cache["compile_info"] and batch in args.compile_batches:
-                row["compiled"] = cache["compile_info"][name]
-        rows.append(row)
-    return {"model": model_name, "batch": batch, "cfg_rows": 2 * batch, "rounds": done, "rows": rows}
+                                   "speedup_vs_fp32": compiled["speedup_vs_fp32"], **info[name]}
+            elif name in info:
+                row["compiled"] = info[name]
+        else:
+            continue
+        rows[name] = row
+    return rows
+
+
+def run_model(model_name: str, batches: list[tuple[int, str]], args, save) -> list[dict]:
+    """Every variant group of one model at every batch: fp32 (eager, and compiled in the first group) is timed
+    in every group's rounds, the group's variants are freed before the next group is built (memory)."""
+    sections = {batch: {"model": model_name, "batch": batch, "cfg_rows": 2 * batch, "rounds": {}, "rows": {}}
+                for batch, _ in batches}
+    fp32, errors, adapter = build_all(model_name, ["fp32"], args.layers)
+    for index, group in enumerate(args.groups):
+        names = [n for n in group.split(",") if n in args.variants and n != "fp32"]
+        models, group_errors, _ = build_all(model_name, names, args.layers)
+        models, errors = {**fp32, **models}, {**errors, **group_errors}
+        compile_names = [n for n in args.compile if n in models and (n != "fp32" or index == 0)]
+        compiled, info = compile_all(adapter, models, compile_names)
+        for batch, deadline in batches:
+            if past(deadline):
+                continue
+            runs = {name: (model, VARIANTS[name].dtype) for name, model in models.items()}
+            if batch in args.compile_batches:
+                runs.update({f"{n} compiled": (m, VARIANTS[n].dtype) for n, m in compiled.items()})
+            wait_until(args.start_at)
+            times, done = time_section(adapter, runs, batch, args.rounds, deadline)
+            if not done:
+                continue
+            shown = (["fp32"] if index == 0 else []) + names
+            section = sections[batch]
+            section["rounds"][f"group {index + 1}"] = done
+            section["rows"].update(section_rows(model_name, shown, models, errors, summarise(times, done), info))
+            section.setdefault("fp32_s_by_group", {})[f"group {index + 1}"] = summarise(times, done)["fp32"]["s_all"]
+            save([s for s in sections.values() if s["rounds"]])
+        del models, compiled
+        torch._dynamo.reset()
+        gc.collect()
+    return [s for s in sections.values() if s["rounds"]]
 
 
 def main() -> None:
@@ -155,6 +176,8 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=None,
                         help="MODEL@BATCH[@HH:MM], run in this order; HH:MM (UTC) ends that section's rounds")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--groups", nargs="+", default=GROUPS,
+                        help="comma-separated variant groups built and timed one after the other (with fp32)")
     parser.add_argument("--compile", nargs="*", default=COMPILED, help="variants also timed torch.compile'd")
     parser.add_argument("--compile-batches", type=int, nargs="*", default=[1])
     parser.add_argument("--rounds", type=int, default=3)
@@ -170,27 +193,34 @@ def main() -> None:
         args.out = args.out.with_name(args.out.name + "_quick")
     args.sections = args.sections or SECTIONS
     torch.set_num_threads(args.threads)
-    result = {"meta": {**machine(args.threads), "rounds_asked": args.rounds, "layers": args.layers or "real depth",
+    result = {"meta": {**machine(args.threads), "rounds_asked": args.rounds, "groups": args.groups, "layers": args.layers or "real depth",
                        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")},
               "sections": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    cache: dict = {}
-    for section in args.sections:
-        model_name, batch, *own_deadline = section.split("@")
-        if past(args.deadline):
-            print(f"deadline {args.deadline} UTC passed: {section} not run", flush=True)
-            result["meta"].setdefault("not_run", []).append(section)
-            continue
-        section_args = argparse.Namespace(**{**vars(args), "deadline": min([args.deadline or "99:99"] + own_deadline)})
-        section_result = run_section(model_name, int(batch), section_args, cache)
-        if section_result["rounds"] == 0:
-            result["meta"].setdefault("not_run", []).append(section)
-        else:
-            result["sections"].append(section_result)
+    order = list(dict.fromkeys(section.split("@")[0] for section in args.sections))
+    done_sections: list[dict] = []
+
+    def save(current: list[dict]) -> None:
+        result["sections"] = done_sections + current
         result["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         write_markdown(args.out)
-        print(f"wrote {args.out.with_suffix('.json')} and .md ({section})", flush=True)
+        print(f"wrote {args.out.with_suffix('.json')} and .md", flush=True)
+
+    for model_name in order:
+        batches = []
+        for section in args.sections:
+            name, batch, *own = section.split("@")
+            if name == model_name:
+                batches.append((int(batch), min([args.deadline or "99:99"] + own)))
+        if past(args.deadline):
+            result["meta"].setdefault("not_run", []).append(model_name)
+            continue
+        done_sections += run_model(model_name, batches, args, save)
+    asked = {(s.split("@")[0], int(s.split("@")[1])) for s in args.sections}
+    timed = {(s["model"], s["batch"]) for s in done_sections}
+    result["meta"]["not_run"] = [f"{m} batch {b}" for m, b in sorted(asked - timed)]
+    save([])
 
 
 if __name__ == "__main__":

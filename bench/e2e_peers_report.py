@@ -33,15 +33,20 @@ def _memory_rows(memory: dict | None) -> dict:
     return {(r["model"], r["variant"]): r for r in (memory or {}).get("rows", [])}
 
 
+def _rows(section: dict) -> list[dict]:
+    return list(section["rows"].values())
+
+
 def section_lines(section: dict, memory: dict) -> list[str]:
     model = section["model"]
     show_memory = section["batch"] == 1
-    lines = [f"## {model}, batch {section['batch']} ({section['cfg_rows']} CFG rows), {section['rounds']} round(s)", "",
+    rounds = ", ".join(f"{group}: {count}" for group, count in section["rounds"].items())
+    lines = [f"## {model}, batch {section['batch']} ({section['cfg_rows']} CFG rows); rounds {rounds}", "",
              "| variant | s / step | x fp32 | compiled s / step | compiled x fp32 | graph breaks |"
              + (" peak RSS (MiB) | fp32 / peak |" if show_memory else "") + " kernels or error |",
              "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if show_memory else "") + "---|"]
     fp32_peak = memory.get((model, "fp32"), {}).get("vmhwm_mib")
-    for row in section["rows"]:
+    for row in _rows(section):
         compiled = row.get("compiled", {})
         mem = memory.get((model, row["variant"]), {})
         breaks = mem.get("graph_breaks")
@@ -60,7 +65,7 @@ def findings(result: dict, memory: dict) -> list[str]:
     """Sentences read off the numbers."""
     out = []
     for section in result["sections"]:
-        rows = [r for r in section["rows"] if "speedup_vs_fp32" in r]
+        rows = [r for r in _rows(section) if "speedup_vs_fp32" in r]
         if not rows:
             continue
         where = f"{section['model']} batch {section['batch']}"
@@ -74,7 +79,7 @@ def findings(result: dict, memory: dict) -> list[str]:
             top_ours, top_peer = (max(g, key=lambda r: r["speedup_vs_fp32"]) for g in (ours, peers))
             out.append(f"  Best compressdit recipe {top_ours['variant']} {top_ours['speedup_vs_fp32']:.2f}x vs best "
                        f"peer {top_peer['variant']} {top_peer['speedup_vs_fp32']:.2f}x.")
-        failed = [r["variant"] for r in section["rows"] if "error" in r]
+        failed = [r["variant"] for r in _rows(section) if "error" in r]
         if failed:
             out.append(f"  Did not run: {', '.join(failed)} (error in the row).")
         gains = [f"{r['variant']} {r['speedup_vs_fp32']:.2f}x -> {r['compiled']['speedup_vs_fp32']:.2f}x"
@@ -109,7 +114,12 @@ def write_markdown(base: Path) -> None:
              "and head; `bench/peer_models.py` says how each is built). Variants, and the torch.compile'd copies "
              "at batch 1, are timed in interleaved rounds; x fp32 = fp32 eager time / variant time within a round, "
              "median over rounds (compiled columns are also against fp32 eager). Random weights: speed and memory "
-             "only, never quality (see `speed_quality_cpu.md` for quality on the trained reference model).", ""]
+             "only, never quality (see `speed_quality_cpu.md` for quality on the trained reference model).", "",
+             "To bound memory, the variants are built and timed in groups, one group in memory at a time: "
+             + "; ".join(f"group {i + 1}: {g.replace(',', ', ')}" for i, g in enumerate(meta.get("groups", [])))
+             + ". fp32 runs in every round of every group (its row shows group 1's run) and every ratio is taken "
+             "against the fp32 run of the same round. Warm-up: one batch-1 step per variant (the build's check, and "
+             "the compile) before the rounds.", ""]
     if meta.get("layers") != "real depth":
         lines += [f"**Smoke run: {meta['layers']} blocks per model, not the real depth.**", ""]
     if memory_json:
@@ -117,6 +127,13 @@ def write_markdown(base: Path) -> None:
                   "`meta` (each fp32 block converted as soon as it exists), runs one batch-1 step, and reads "
                   "/proc/self/status; graph breaks = `torch._dynamo.explain` of that step, traced after the "
                   f"reading. Memory run: {machine_line(memory_json['meta'])}.", ""]
+    notes = {r["variant"]: r["note"] for section in result["sections"] for r in _rows(section)}
+    lines += ["Variants:", ""] + [f"- **{name}**: {note}" for name, note in notes.items()] + [
+        "- compressdit recipes use each recipe's layer rules and specs with unit calibration statistics and "
+        "min-max ranges (these change values, not layouts or kernels); `vq-w3` gets random codes and codebooks of "
+        "the recipe's shape (at DiT-XL/2 size, VQ4DiT's k-means alone took 225 s and each calibration step 41 s "
+        "on this CPU, `vq_quantization_time_cpu.md`): its row is speed only; `w4a8` runs "
+        "without the recipe's mixed precision (all layers W4A8).", ""]
     for section in result["sections"]:
         lines += section_lines(section, memory)
     if meta.get("not_run"):

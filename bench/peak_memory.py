@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--append", action="store_true", help="keep --out's rows of the other models")
     parser.add_argument("--out", type=Path, default=RESULTS / "peak_memory_cpu.json")
     args = parser.parse_args()
     if args.one:
@@ -94,6 +95,11 @@ def main() -> None:
                        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")},
               "rows": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and args.out.exists():  # keep the rows of models this run does not measure
+        previous = json.loads(args.out.read_text())
+        result["rows"] = [r for r in previous["rows"] if r["model"] not in args.models]
+        result["meta"]["earlier_runs"] = previous["meta"].get("earlier_runs", []) + [
+            {k: previous["meta"].get(k) for k in ("started_utc", "loadavg_start", "loadavg_end")}]
     for model_name in args.models:
         for variant in args.variants:
             row = run_child(model_name, variant, args.layers, not args.no_explain, args.timeout)
