@@ -52,15 +52,36 @@ def past(deadline: str | None) -> bool:
     return now >= deadline
 
 
-def build_all(model_name: str, names: list[str], layers: int | None) -> tuple[dict, dict, object]:
+def cached_build(model_name: str, name: str, layers: int | None, cache: Path | None) -> tuple:
+    """``peer_models.build``, or the module pickled by an earlier run in ``cache`` (re-prepacked on load)."""
+    from compressdit.models import adapter_for
+    from compressdit.quant.kernel_registry import prepack_model
+
+    path = cache / f"{model_name}-{name}-{layers or 'full'}.pt".replace("/", "_").replace(" ", "_") if cache else None
+    if path is not None and path.exists():
+        started = time.perf_counter()
+        model = torch.load(path, weights_only=False)
+        prepack_model(model)
+        return model, adapter_for(model), {"build_s": round(time.perf_counter() - started, 2), "from": "cache"}
+    model, adapter, info = build(model_name, name, layers)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.save(model, path)
+        except Exception:  # noqa: BLE001 - torchao's quantized tensors do not pickle: rebuilt each time
+            path.unlink(missing_ok=True)
+    return model, adapter, info
+
+
+def build_all(model_name: str, names: list[str], args) -> tuple[dict, dict, object]:
     """name -> model, name -> one-line error (a variant that fails to build or run is reported, not dropped)."""
     models, errors, adapter = {}, {}, None
     for name in names:
         try:
-            model, adapter, info = build(model_name, name, layers)
+            model, adapter, info = cached_build(model_name, name, args.layers, args.cache)
             one_step(adapter, model, step_inputs(adapter, model, 1, VARIANTS[name].dtype))
             models[name] = model
-            print(f"{model_name} {name}: built in {info['build_s']} s", flush=True)
+            print(f"{model_name} {name}: {info}", flush=True)
         except Exception as error:  # noqa: BLE001 - a peer that fails on CPU is a result
             errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             print(f"{model_name} {name}: FAILED {errors[name]}", flush=True)
@@ -142,21 +163,22 @@ def run_model(model_name: str, batches: list[tuple[int, str]], args, save) -> li
     in every group's rounds, the group's variants are freed before the next group is built (memory)."""
     sections = {batch: {"model": model_name, "batch": batch, "cfg_rows": 2 * batch, "rounds": {}, "rows": {}}
                 for batch, _ in batches}
-    fp32, errors, adapter = build_all(model_name, ["fp32"], args.layers)
+    fp32, errors, adapter = build_all(model_name, ["fp32"], args)
     for index, group in enumerate(args.groups):
         names = [n for n in group.split(",") if n in args.variants and n != "fp32"]
-        models, group_errors, _ = build_all(model_name, names, args.layers)
+        models, group_errors, _ = build_all(model_name, names, args)
         models, errors = {**fp32, **models}, {**errors, **group_errors}
         compile_names = [n for n in args.compile if n in models and (n != "fp32" or index == 0)]
         compiled, info = compile_all(adapter, models, compile_names)
-        for batch, deadline in batches:
+        for batch, deadline in batches if not args.build_only else []:
             if past(deadline):
                 continue
             runs = {name: (model, VARIANTS[name].dtype) for name, model in models.items()}
             if batch in args.compile_batches:
                 runs.update({f"{n} compiled": (m, VARIANTS[n].dtype) for n, m in compiled.items()})
             wait_until(args.start_at)
-            times, done = time_section(adapter, runs, batch, args.rounds, deadline)
+            rounds = dict(item.split(":") for item in args.batch_rounds).get(str(batch), args.rounds)
+            times, done = time_section(adapter, runs, batch, int(rounds), deadline)
             if not done:
                 continue
             shown = (["fp32"] if index == 0 else []) + names
@@ -185,6 +207,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="blocks per model (default: the real depth)")
     parser.add_argument("--deadline", default=None, help="HH:MM UTC after which no new round starts")
     parser.add_argument("--start-at", default=None, help="HH:MM UTC: build and compile, then wait to time")
+    parser.add_argument("--cache", type=Path, default=None, help="folder of pickled built variants (reused)")
+    parser.add_argument("--build-only", action="store_true",
+                        help="build (into --cache) and compile (warming inductor's cache), time nothing")
+    parser.add_argument("--batch-rounds", nargs="*", default=[], help="BATCH:ROUNDS caps, e.g. 8:1")
     parser.add_argument("--quick", action="store_true", help="2 blocks, DiT-XL/2 batch 1, 1 round")
     parser.add_argument("--out", type=Path, default=RESULTS / "e2e_peers_cpu")
     args = parser.parse_args()
@@ -217,6 +243,8 @@ def main() -> None:
             result["meta"].setdefault("not_run", []).append(model_name)
             continue
         done_sections += run_model(model_name, batches, args, save)
+    if args.build_only:
+        return
     asked = {(s.split("@")[0], int(s.split("@")[1])) for s in args.sections}
     timed = {(s["model"], s["batch"]) for s in done_sections}
     result["meta"]["not_run"] = [f"{m} batch {b}" for m, b in sorted(asked - timed)]
