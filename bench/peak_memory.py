@@ -4,7 +4,7 @@
 Each (model, variant) runs in its own Python process: the model is built block by block from ``meta``
 (``peer_models.build``: an fp32 block is materialised, then converted, so the process never holds the whole
 fp32 model unless the variant is fp32), one CFG step at batch 1 runs, and ``VmHWM`` is read from
-``/proc/self/status``. Each child runs with ``MALLOC_MMAP_THRESHOLD_=131072`` (``--mmap-threshold``): with glibc's
+``/proc/self/status``; graph breaks are counted on a 2-block copy (the blocks run the same code). Each child runs with ``MALLOC_MMAP_THRESHOLD_=131072`` (``--mmap-threshold``): with glibc's
 default, temporaries freed while quantizing stay in the heap and count in VmHWM (on DiT-XL/2 w4a16 measured
 3105 MiB against fp32's 3435 MiB that way). Only then does ``torch._dynamo.explain`` trace the step (its memory is not counted).
 Usage::
@@ -35,7 +35,7 @@ def status_mib(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
 
 
-def measure_one(model_name: str, variant: str, layers: int | None, explain: bool) -> dict:
+def measure_one(model_name: str, variant: str, layers: int | None, explain: bool, explain_layers: int = 2) -> dict:
     import torch
 
     from peer_models import VARIANTS, build, one_step, step_inputs
@@ -48,7 +48,11 @@ def measure_one(model_name: str, variant: str, layers: int | None, explain: bool
     result = {"model": model_name, "variant": variant, "vmhwm_mib": status_mib("VmHWM"),
               "vmrss_after_step_mib": status_mib("VmRSS"), "rss_before_build_mib": baseline,
               **info}
-    if explain:
+    if explain:  # on a copy of ``explain_layers`` blocks: every block runs the same code, so a break in one
+        del model, inputs  # shows in the first; tracing all 28 blocks costs minutes per variant
+        model, adapter, _ = build(model_name, variant, explain_layers)
+        inputs = step_inputs(adapter, model, 1, VARIANTS[variant].dtype)
+        result["explain_layers"] = explain_layers
         report = torch._dynamo.explain(lambda: one_step(adapter, model, inputs))()
         result["graph_breaks"] = report.graph_break_count
         result["graphs"] = report.graph_count

@@ -138,8 +138,9 @@ def write_outputs(result: dict, out: Path) -> None:
         lines.append(f"| {r['variant']} | {r['kind']} | {r.get('time_vs_float', '—')} | {r.get('ms', '—')} | "
                      f"{r.get('psnr_db', '—')} | {r.get('error') or r.get('kernels', '')} |")
     lines += ["", f"Shipped recipes not included: {', '.join(meta['recipes_left_out']) or 'none'} (by default only "
-              "the recipes that calibrate and quantize are run: the pruning recipes train for minutes each).", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+              "the recipes that calibrate and quantize are run: the pruning recipes train for minutes each)."]
+    lines += [meta["note"]] if meta.get("note") else []
+    out.with_suffix(".md").write_text("\n".join(lines + [""]))
 
 
 def main() -> None:
@@ -151,8 +152,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--note", default=None, help="a sentence for the markdown (e.g. why a recipe is left out)")
+    parser.add_argument("--rewrite", action="store_true", help="only rewrite .md/.png from --out's .json")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed_quality_cpu")
     args = parser.parse_args()
+    if args.rewrite:
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        result["meta"]["note"] = args.note or result["meta"].get("note")
+        write_outputs(result, args.out)
+        return
     from compressdit.evaluate.engine import EvalSettings, evaluation_conditions
     from compressdit.evaluate.metrics import psnr
     from compressdit.io.sources import load_source
