@@ -95,7 +95,7 @@ def findings(result: dict, memory: dict) -> list[str]:
         breaks = {v: r.get("graph_breaks") for (m, v), r in memory.items() if m == model and "graph_breaks" in r}
         if breaks:
             nonzero = {v: b for v, b in breaks.items() if b}
-            out.append(f"- {model} graph breaks (torch._dynamo.explain of one step): "
+            out.append(f"- {model} graph breaks (torch._dynamo.explain of one step, 2-block copy): "
                        + (", ".join(f"{v} {b}" for v, b in nonzero.items()) if nonzero else
                           f"0 for all {len(breaks)} variants traced") + ".")
     return out
@@ -125,8 +125,15 @@ def write_markdown(base: Path) -> None:
     if memory_json:
         lines += ["Peak RSS = `VmHWM` of a fresh process per variant that builds the model block by block from "
                   "`meta` (each fp32 block converted as soon as it exists), runs one batch-1 step, and reads "
-                  "/proc/self/status; graph breaks = `torch._dynamo.explain` of that step, traced after the "
-                  f"reading. Memory run: {machine_line(memory_json['meta'])}.", ""]
+                  "/proc/self/status, each child with `MALLOC_MMAP_THRESHOLD_="
+                  f"{memory_json['meta'].get('mmap_threshold')}` (freed large blocks go back to the OS); graph "
+                  "breaks = `torch._dynamo.explain` of the same step on a 2-block copy of the variant (every block "
+                  f"runs the same code). Memory run: {machine_line(memory_json['meta'])}.", ""]
+        default = memory_json["meta"].get("glibc_default_run")
+        if default:
+            lines += [f"With glibc's default allocator settings ({default['note']}, {default['model']}): "
+                      + ", ".join(f"{v} {m:.0f} MiB" for v, m in default["vmhwm_mib"].items())
+                      + ": temporaries freed while quantizing stay in glibc's heap and count in VmHWM.", ""]
     notes = {r["variant"]: r["note"] for section in result["sections"] for r in _rows(section)}
     lines += ["Variants:", ""] + [f"- **{name}**: {note}" for name, note in notes.items()] + [
         "- compressdit recipes use each recipe's layer rules and specs with unit calibration statistics and "
