@@ -187,6 +187,7 @@ def run_model(model_name: str, batches: list[tuple[int, str]], args, save) -> li
             section["rows"].update(section_rows(model_name, shown, models, errors, summarise(times, done), info))
             section.setdefault("fp32_s_by_group", {})[f"group {index + 1}"] = summarise(times, done)["fp32"]["s_all"]
             save([s for s in sections.values() if s["rounds"]])
+        runs = times = None  # drop every reference to this group's models before the next group is built
         del models, compiled
         torch._dynamo.reset()
         gc.collect()

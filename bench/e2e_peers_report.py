@@ -34,7 +34,11 @@ def _memory_rows(memory: dict | None) -> dict:
 
 
 def _rows(section: dict) -> list[dict]:
-    return list(section["rows"].values())
+    """Rows in ``peer_models.VARIANTS`` order (float, compressdit recipes, peers), whatever group timed them."""
+    from peer_models import VARIANTS
+
+    order = list(VARIANTS)
+    return sorted(section["rows"].values(), key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
 
 
 def section_lines(section: dict, memory: dict) -> list[str]:
@@ -143,6 +147,7 @@ def write_markdown(base: Path) -> None:
         "without the recipe's mixed precision (all layers W4A8).", ""]
     for section in result["sections"]:
         lines += section_lines(section, memory)
+    lines += [f"Note: {note}" for note in meta.get("notes", [])] + ([""] if meta.get("notes") else [])
     if meta.get("not_run"):
         lines += [f"Not run before the deadline: {', '.join(meta['not_run'])}.", ""]
     lines += ["## What the numbers show", ""] + findings(result, memory) + [""]
