@@ -74,9 +74,11 @@ def findings(result: dict, memory: dict) -> list[str]:
             continue
         where = f"{section['model']} batch {section['batch']}"
         best = max(rows, key=lambda r: r["speedup_vs_fp32"])
-        faster = [r["variant"] for r in rows if r["variant"] != "fp32" and r["speedup_vs_fp32"] > 1.0]
+        faster = [r["variant"] for r in rows if r["variant"] != "fp32" and r["speedup_vs_fp32"] > 1.05]
+        level = [r["variant"] for r in rows if r["variant"] != "fp32" and 0.95 <= r["speedup_vs_fp32"] <= 1.05]
         out.append(f"- {where}: fastest eager variant {best['variant']} ({best['speedup_vs_fp32']:.2f}x fp32); "
-                   f"faster than fp32: {', '.join(faster) or 'none'}.")
+                   f"more than 5% faster than fp32: {', '.join(faster) or 'none'}; within 5% of fp32: "
+                   f"{', '.join(level) or 'none'}.")
         ours = [r for r in rows if r["note"].startswith("compressdit")]
         peers = [r for r in rows if r["variant"].startswith(("torchao", "bnb"))]
         if ours and peers:
