@@ -45,7 +45,7 @@ def quantization_recipes() -> list[str]:
 
 def build_variants(source, adapter, recipes: list[str], peers: list[str]) -> tuple[dict, dict]:
     """column -> (model, kind, seconds to build), column -> one-line error."""
-    from compressdit.stages.evaluate import build_baseline
+    from compressdit.pipeline import build_baseline
 
     reference = source.transformer
     names = [n for n, spec in layer_plan(reference, adapter, "w8a8").items() if spec is not None]
