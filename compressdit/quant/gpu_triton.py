@@ -7,8 +7,7 @@
   ``acc * a_scale[m] * w_scale[n] + bias[n]`` fused, written straight in the output dtype: the int32
   matrix never goes to memory (with ``torch._int_mm`` it costs as much traffic as the GEMM's inputs).
 
-``TRITON_INTERPRET=1`` runs both on CPU tensors (tests/quant/test_quant_gpu_ops.py does so when triton is
-importable).
+Tested against the PyTorch reference by the CUDA tests of tests/quant/test_quant_gpu_ops.py.
 """
 
 from __future__ import annotations

