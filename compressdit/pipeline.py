@@ -124,10 +124,8 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
                 save_checkpoint(state, recipe)
                 saved = True
             if handler.needs_baseline and getattr(stage.config, "baseline", None):
-                reference = load_source(model, name=model)  # the source model was edited in place
-                reference.prompt_encoder = source.prompt_encoder
-                state.baseline = build_baseline(stage.config.baseline, reference, reference_named_layers(state),
-                                                quiet, default_cache_dir())
+                state.baseline = build_baseline(stage.config.baseline, state.reference(),
+                                                reference_named_layers(state), quiet, default_cache_dir())
             handler.run(state, stage.config)
         if not saved:
             save_checkpoint(state, recipe)

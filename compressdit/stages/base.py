@@ -12,7 +12,7 @@ from torch import nn
 from compressdit.cache import default_cache_dir
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
-from compressdit.io.sources import ModelSource
+from compressdit.io.sources import ModelSource, load_source
 from compressdit.models.base import ModelAdapter
 from compressdit.registry import Registry
 
@@ -44,6 +44,16 @@ class PipelineState:
     # the evaluation baseline (an ``evaluate.engine.Entry``), built by the orchestrator before a stage that
     # ``needs_baseline`` runs: a peer applied to the reference, or another recipe's stages run on it
     baseline: Any = None
+    _reference: ModelSource | None = field(default=None, repr=False)
+
+    def reference(self) -> ModelSource:
+        """The uncompressed model (``state.model`` was edited in place), loaded from ``reference_spec`` once and
+        kept: the evaluation baseline and the evaluate stage share it (neither changes it). Its prompts go through
+        the source's encoder (one text encoder and one embedding cache for both)."""
+        if self._reference is None:
+            self._reference = load_source(self.reference_spec, name=self.reference_spec)
+            self._reference.prompt_encoder = self.source.prompt_encoder
+        return self._reference
 
     def cache_folder(self) -> Path:
         """``cache_dir``, or the default cache folder when none was given."""

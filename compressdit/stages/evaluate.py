@@ -10,7 +10,7 @@ from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.evaluate.engine import Entry, EvalSettings, evaluate
 from compressdit.evaluate.report import write_report
-from compressdit.io.sources import ModelSource, load_source
+from compressdit.io.sources import ModelSource
 from compressdit.models.base import adapter_for
 from compressdit.stages.base import STAGES, PipelineState, Stage
 
@@ -91,8 +91,7 @@ class EvaluateStage(Stage):
     needs_baseline = True
 
     def run(self, state: PipelineState, config: EvaluateConfig) -> None:
-        reference = load_source(state.reference_spec, name=state.reference_spec)
-        reference.prompt_encoder = state.source.prompt_encoder  # the same text encoder (and its cache) for both
+        reference = state.reference()
         folder = state.workdir / "transformer" if state.source.is_pipeline else state.workdir
         candidate = Entry("candidate", state.model, f"{state.recipe_name} of {state.reference_spec}", folder,
                           reference_named_layers(state))
