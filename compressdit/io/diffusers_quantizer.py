@@ -19,6 +19,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from compressdit.errors import CheckpointError, ConfigError
+from compressdit.io.diffusers_lora import register_lora_support
 from compressdit.io.structure import apply_structure
 from compressdit.quant.kernel_registry import prepack_model
 from compressdit.quant.layers import PackedParameter, QuantizedLinear
@@ -295,11 +296,13 @@ class CompressditQuantizer(DiffusersQuantizer):
 
 
 def register_with_diffusers() -> None:
-    """Add the backend to diffusers' auto mappings (idempotent; there is no public plugin hook)."""
+    """Add the backend to diffusers' auto mappings, and packed weights' logical shapes to its LoRA loaders
+    (idempotent; there is no public plugin hook for either)."""
     from diffusers.quantizers import auto
 
     auto.AUTO_QUANTIZER_MAPPING[CompressditMethod.COMPRESSDIT.value] = CompressditQuantizer
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING[CompressditMethod.COMPRESSDIT.value] = CompressditConfig
+    register_lora_support()
 
 
 def attach_quantizer(model, specs: dict[str, LinearQuantSpec], structure: dict | None = None) -> CompressditConfig:

@@ -5,9 +5,9 @@ The pipeline is a tiny ``FluxPipeline`` built offline: random CLIP / T5 text enc
 BERT WordPiece tokenizer of the MiniLM package in both tokenizer slots. Images stay latents (``output_type``).
 
 ``FluxPipeline.load_lora_weights`` first checks every linear's ``weight.shape`` against the LoRA (to widen layers
-for Control LoRAs) and knows only bitsandbytes' and GGUF's packed parameters: a layer whose codes are packed several
-to a byte (int4, int2, VQ) looks narrower than its LoRA there. Inside ``compressdit.logical_weight_shapes()`` packed
-weights report their ``[out, in]``, and the stock loader works for every format. Fusing cannot add a float delta to
+for Control LoRAs) and knows only bitsandbytes' and GGUF's packed parameters by class name: ``import compressdit``
+registers that check's view of packed weights (``compressdit/io/diffusers_lora.py``), so the stock call works for
+every format, and a Control LoRA that really widens a quantized layer gets it dequantized first. Fusing cannot add a float delta to
 packed codes: ``fuse_lora`` fails (peft's own error); dequantize first to fuse. PixArt has no LoRA loader in
 diffusers (peft's ``inject_adapter_in_model`` on it: ``test_diffusers_conformance``).
 """
@@ -21,9 +21,9 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
-from compressdit import logical_weight_shapes
 from compressdit.quant.layers import QuantizedLinear
 from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.transform import LayerRule
 from tests.conftest import tiny_flux, tiny_vae
 from tests.io.test_diffusers_conformance import FORMATS, LORA_TARGETS, rules
 from tests.io.test_diffusers_quantizer import _quantize
@@ -97,8 +97,7 @@ def trained(request, text_parts, tmp_path_factory):
 
 
 def _load_lora(pipe: FluxPipeline, lora_folder) -> None:
-    with logical_weight_shapes():  # packed codes report [out, in] to the pipeline's Control-LoRA shape check
-        pipe.load_lora_weights(lora_folder)
+    pipe.load_lora_weights(lora_folder)  # the stock call, no scope: packed codes are [out, in] to its shape check
 
 
 def _dequantized_pipeline(folder, text_parts) -> FluxPipeline:
@@ -157,6 +156,28 @@ def test_a_float_models_lora_loads_into_every_quantized_format_with_the_pipeline
     pipe.unload_lora_weights()
     assert torch.equal(_generate(pipe), without) and isinstance(pipe.transformer.transformer_blocks[0].attn.to_q,
                                                                    QuantizedLinear)
+
+
+@pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=8, a_bits=8), LinearQuantSpec(w_bits=4, group_size=16)],
+                         ids=["int-w8a8", "int-w4-g16"])
+def test_a_control_lora_widens_a_quantized_input_layer_from_its_dequantized_weight(spec, text_parts, tmp_path):
+    """A Control LoRA doubles ``x_embedder``'s inputs: diffusers widens the layer, zero-padding its weight, and
+    for a compressdit layer (int8 or packed int4) starts from the dequantized weight, as for bitsandbytes / GGUF."""
+    model = _quantize(tiny_flux(1, 1, 4, WIDTH, WIDTH), [LayerRule("re:x_embedder", spec), LayerRule("re:.*", None)])
+    model.save_pretrained(tmp_path / "q")
+    pipe = _pipeline(FluxTransformer2DModel.from_pretrained(tmp_path / "q"), text_parts)
+    layer = pipe.transformer.x_embedder
+    assert isinstance(layer, QuantizedLinear)
+    weight, channels = layer.effective_weight(), layer.in_features
+    torch.manual_seed(3)
+    lora = {"transformer.x_embedder.lora_A.weight": torch.randn(4, 2 * channels),
+            "transformer.x_embedder.lora_B.weight": torch.randn(layer.out_features, 4)}
+    pipe.load_lora_weights(lora)
+    widened = pipe.transformer.x_embedder
+    assert isinstance(widened, LoraLayer) and type(widened.base_layer) is torch.nn.Linear
+    assert widened.base_layer.in_features == 2 * channels == pipe.transformer.config.in_channels
+    assert torch.equal(widened.base_layer.weight[:, :channels], weight)
+    assert not widened.base_layer.weight[:, channels:].any()
 
 
 def test_fuse_lora_fails_on_packed_codes_and_fuses_after_dequantize(trained, text_parts):
