@@ -38,7 +38,7 @@ from compressdit.quant.gpu_reference import (INT4_PACKED_MAX_ROWS, dequantize_ni
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import quantize_layer_input
-from compressdit.quant.cpu_native import dequantize_int32, quantize_rows_int8, scale_rows_
+from compressdit.quant.cpu_native import dequantize_int32_, quantize_rows_int8, scale_rows_
 
 INT4_GROUPS = (32, 64, 128, 256)
 INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (bench/layer_kernels.py)
@@ -111,7 +111,7 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes:
         finally:
             if threads:
                 torch.set_num_threads(threads)
-        out = dequantize_int32(acc, w_scale, a_scale, bias)
+        out = dequantize_int32_(acc, w_scale, a_scale, bias)
     else:  # oneDNN takes uint8 activations fast (int8 ones run a slow path): codes + 128, zero point 128
         q, a_scale = quantize_rows_int8(x2, per_token, offset=128, smooth=smooth)
         acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,

@@ -93,18 +93,20 @@ def quantize_rows_int8(x: torch.Tensor, per_token: bool, offset: int = 0,
     return (q.view(torch.uint8).add_(offset) if offset else q), scale
 
 
-def dequantize_int32(acc: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
+def dequantize_int32_(acc: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
     """``acc * w_scale * a_scale (+ bias)`` in fp32: int32 ``acc`` ``[rows, cols]``, ``w_scale`` ``[cols]``,
-    ``a_scale`` ``[rows, 1]`` or ``[1, 1]``, ``bias`` ``[cols]`` or ``None``."""
+    ``a_scale`` ``[rows, 1]`` or ``[1, 1]``, ``bias`` ``[cols]`` or ``None``. The C loop writes the fp32 result
+    over ``acc``'s own memory (returned as its fp32 view): pass an accumulator nothing else reads."""
     lib = None if torch.compiler.is_compiling() or not _takes(w_scale, a_scale, bias) else native_library()
-    if lib is None or acc.dtype is not torch.int32 or not acc.is_contiguous():
+    if lib is None or acc.dtype is not torch.int32 or not acc.is_contiguous() or acc.dim() != 2:
         out = acc.float().mul_(w_scale)
         return out.mul_(a_scale) if bias is None else torch.addcmul(bias, out, a_scale)
-    out = torch.empty(acc.shape)
-    lib.compressdit_dequantize_int32(acc.data_ptr(), w_scale.data_ptr(), a_scale.data_ptr(), a_scale.numel() > 1,
-                                     _ptr(bias), acc.shape[0], acc.shape[1], out.data_ptr())
-    return out
+    rows, cols = acc.shape
+    pointer = acc.data_ptr()
+    lib.compressdit_dequantize_int32(pointer, w_scale.data_ptr(), a_scale.data_ptr(), a_scale.shape[0] > 1,
+                                     _ptr(bias), rows, cols, pointer)
+    return acc.view(torch.float32)
 
 
 def scale_rows_(acc: torch.Tensor, a_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -112,6 +114,6 @@ def scale_rows_(acc: torch.Tensor, a_scale: torch.Tensor, bias: torch.Tensor | N
     lib = None if torch.compiler.is_compiling() or not _takes(acc, a_scale, bias) else native_library()
     if lib is None:
         return acc.mul_(a_scale) if bias is None else torch.addcmul(bias, acc, a_scale)
-    lib.compressdit_scale_rows(acc.data_ptr(), a_scale.data_ptr(), a_scale.numel() > 1, _ptr(bias), acc.shape[0],
+    lib.compressdit_scale_rows(acc.data_ptr(), a_scale.data_ptr(), a_scale.shape[0] > 1, _ptr(bias), acc.shape[0],
                                acc.shape[1], acc.data_ptr())
     return acc

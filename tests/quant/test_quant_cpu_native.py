@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compressdit.quant import cpu_native
-from compressdit.quant.cpu_native import dequantize_int32, native_library, quantize_rows_int8, scale_rows_
+from compressdit.quant.cpu_native import dequantize_int32_, native_library, quantize_rows_int8, scale_rows_
 from compressdit.quant.layers import QuantLinear
 from compressdit.quant.primitives import fake_quantize_activation
 from compressdit.quant.spec import LinearQuantSpec
@@ -52,8 +52,8 @@ def test_the_epilogues_equal_the_torch_path_up_to_rounding():
     w_scale, bias = torch.rand(40) / 100, torch.randn(40)
     for a_scale in (torch.rand(9, 1), torch.rand(1, 1)):
         expected = torch.addcmul(bias, acc.float() * w_scale, a_scale)
-        torch.testing.assert_close(dequantize_int32(acc, w_scale, a_scale, bias), expected, rtol=1e-6, atol=0)
-        torch.testing.assert_close(dequantize_int32(acc, w_scale, a_scale, None), expected - bias, rtol=1e-5,
+        torch.testing.assert_close(dequantize_int32_(acc.clone(), w_scale, a_scale, bias), expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(dequantize_int32_(acc.clone(), w_scale, a_scale, None), expected - bias, rtol=1e-5,
                                    atol=1e-5)
         scaled = acc.float() * w_scale
         torch.testing.assert_close(scale_rows_(scaled.clone(), a_scale, bias), expected, rtol=1e-6, atol=0)

@@ -51,18 +51,22 @@ static inline float div_rn(float a, float b, float inv) {
 #endif
 }
 
-/* y = x / smooth, exactly as the division; returns nonzero when a quotient left the range where div_rn is exact
- * (|q| outside [2^-100, 2^100] for nonzero x, or NaN): the caller then divides that row again the plain way. */
-static int divide(const float *restrict x, const float *restrict smooth, const float *restrict inv, int64_t n,
-                  float *restrict y) {
-    int out_of_range = 0;
+/* y = x / smooth, exactly as the division, and max |y| as bits (see abs_bits); *out_of_range set when a quotient
+ * left the range where div_rn is exact (|q| outside [2^-100, 2^100] for nonzero x, or NaN): the caller then
+ * divides that row again the plain way. */
+static uint32_t divide_absmax(const float *restrict x, const float *restrict smooth, const float *restrict inv,
+                              int64_t n, float *restrict y, int *out_of_range) {
+    uint32_t m = 0;
+    int bad = 0;
     for (int64_t j = 0; j < n; ++j) {
         float q = div_rn(x[j], smooth[j], inv[j]);
-        float m = q < 0 ? -q : q;
-        out_of_range |= !(m <= 0x1p100f) | ((m < 0x1p-100f) & (x[j] != 0.0f));
+        uint32_t u = abs_bits(q);
+        bad |= (u > 0x71800000u) | ((u < 0x0d800000u) & (x[j] != 0.0f)); /* 2^100, 2^-100; NaN sorts above */
+        m = u > m ? u : m;
         y[j] = q;
     }
-    return out_of_range;
+    *out_of_range = bad;
+    return m;
 }
 
 static void divide_exact(const float *restrict x, const float *restrict smooth, int64_t n, float *restrict y) {
@@ -103,13 +107,21 @@ int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows,
     }
     for (int64_t i = 0; i < rows; ++i) {
         const float *row = x + i * cols;
+        uint32_t m;
         if (y) {
             float *dst = per_token ? y : y + i * cols;
-            if (divide(row, smooth, inv, cols, dst)) divide_exact(row, smooth, cols, dst);
+            int out_of_range;
+            m = divide_absmax(row, smooth, inv, cols, dst, &out_of_range);
+            if (out_of_range) {
+                divide_exact(row, smooth, cols, dst);
+                m = absmax_bits(dst, cols);
+            }
             row = dst;
+        } else {
+            m = per_token ? absmax_bits(row, cols) : 0;
         }
         if (per_token) {
-            scale[i] = scale_of(absmax_bits(row, cols));
+            scale[i] = scale_of(m);
             codes_row(row, cols, scale[i], offset, q + i * cols);
         }
     }
@@ -124,10 +136,11 @@ int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows,
     return 0;
 }
 
-/* out[i, j] = acc[i, j] * w_scale[j] * a_scale[i or 0] (+ bias[j]): the int32 GEMM's dequantization. */
-void compressdit_dequantize_int32(const int32_t *restrict acc, const float *restrict w_scale,
-                                  const float *restrict a_scale, int32_t per_token, const float *restrict bias,
-                                  int64_t rows, int64_t cols, float *restrict out) {
+/* out[i, j] = acc[i, j] * w_scale[j] * a_scale[i or 0] (+ bias[j]): the int32 GEMM's dequantization; out may be
+ * acc's own memory (each element is read before it is written). */
+void compressdit_dequantize_int32(const int32_t *acc, const float *restrict w_scale, const float *restrict a_scale,
+                                  int32_t per_token, const float *restrict bias, int64_t rows, int64_t cols,
+                                  float *out) {
     for (int64_t i = 0; i < rows; ++i) {
         const float a = a_scale[per_token ? i : 0];
         const int32_t *r = acc + i * cols;
