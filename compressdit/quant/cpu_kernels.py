@@ -90,16 +90,16 @@ def _define(schema: str):
 
 # --- int8 activations x int8 (or narrower, per-channel) weights: an int32-accumulating GEMM ------------------
 
-@_define("int8_gemm_linear_cpu(Tensor x, Tensor? smooth, Tensor codes, Tensor? packed, Tensor w_scale, Tensor w_zero, "
+@_define("int8_gemm_linear_cpu(Tensor x, Tensor? smooth, Tensor codes_t, Tensor? packed, Tensor w_scale, Tensor w_zero, "
          "Tensor? bias, bool per_token, int out_features) -> Tensor")
-def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes: torch.Tensor,
+def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_t: torch.Tensor,
                          packed: Optional[torch.Tensor], w_scale: torch.Tensor, w_zero: torch.Tensor,
                          bias: Optional[torch.Tensor], per_token: bool, out_features: int) -> torch.Tensor:
     """``(x / smooth) @ W^T + b`` with dynamic symmetric int8 activations (per token or tensor), W = codes *
     w_scale; ``smooth``: the layer's balancing divisor (fp32 ``x`` only), fused into the quantization, or None.
 
-    ``codes``: int8 ``[out, in]``; ``packed``: oneDNN's prepacked copy, or None where ``torch._int_mm`` runs
-    at every row count (see :func:`_int8_gemm_prepack`). One row always runs ``torch._int_mm``.
+    ``codes_t``: the int8 ``[out, in]`` codes' transposed view; ``packed``: oneDNN's prepacked copy, or None where
+    ``torch._int_mm`` runs at every row count (see :func:`_int8_gemm_prepack`). One row always runs ``torch._int_mm``.
     """
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     rows, in_features = x2.shape
@@ -107,7 +107,7 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes:
         q, a_scale = quantize_rows_int8(x2, per_token, smooth=smooth)  # the reference's codes and scales, exactly
         threads = _serial_threads(rows * in_features * out_features)
         try:
-            acc = torch._int_mm(q, codes.t())
+            acc = torch._int_mm(q, codes_t)
         finally:
             if threads:
                 torch.set_num_threads(threads)
@@ -121,7 +121,7 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes:
 
 
 @torch.library.register_fake("compressdit::int8_gemm_linear_cpu")
-def _(x, smooth, codes, packed, w_scale, w_zero, bias, per_token, out_features):
+def _(x, smooth, codes_t, packed, w_scale, w_zero, bias, per_token, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -136,7 +136,7 @@ def _int8_gemm_applies(spec, device: torch.device, shape: tuple[int, int]) -> bo
 def _int8_gemm_prepack(layer) -> dict:
     codes = layer.codes()  # int8 [out, in]: the layer's own weight for 8 bits, an unpacked copy below
     small = layer.out_features * layer.in_features <= INT8_GEMM_SMALL_WEIGHT and layer.in_features >= 8
-    return {"codes": codes,
+    return {"codes": codes, "codes_t": codes.t(),
             "packed": None if small else torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),
             "w_scale": layer.weight_scale.reshape(-1).float().contiguous(),
             "w_zero": torch.zeros(layer.out_features, dtype=torch.long),
@@ -149,7 +149,7 @@ def _int8_gemm_prepack(layer) -> dict:
 
 
 def _int8_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    return int8_gemm_linear_cpu(x, None, b["codes"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
+    return int8_gemm_linear_cpu(x, None, b["codes_t"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
                                 b["per_token"], layer.out_features)
 
 
@@ -157,7 +157,7 @@ def _int8_gemm_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tenso
     smooth = b["smooth"]
     if b["transform"] and (smooth is None or x.dtype != torch.float32):  # bf16 x: the reference divides in bf16
         x, smooth = layer.transform_input(x), None
-    return int8_gemm_linear_cpu(x, smooth, b["codes"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
+    return int8_gemm_linear_cpu(x, smooth, b["codes_t"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
                                 b["per_token"], layer.out_features)
 
 
