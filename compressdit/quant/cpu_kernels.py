@@ -101,7 +101,9 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     ``codes_t``: the int8 ``[out, in]`` codes' transposed view; ``packed``: oneDNN's prepacked copy, or None where
     ``torch._int_mm`` runs at every row count (see :func:`_int8_gemm_prepack`). One row always runs ``torch._int_mm``.
     """
-    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
     rows, in_features = x2.shape
     if packed is None or (rows == 1 and in_features >= 8):  # _int_mm is wrong at K = 1
         q, a_scale = quantize_rows_int8(x2, per_token, smooth=smooth)  # the reference's codes and scales, exactly
@@ -117,7 +119,8 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
         acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,
                                                  "none", [], "")
         out = scale_rows_(acc, a_scale, bias)
-    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    out = out.to(x.dtype)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
 
 
 @torch.library.register_fake("compressdit::int8_gemm_linear_cpu")
