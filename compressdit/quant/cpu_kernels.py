@@ -5,7 +5,10 @@
   copy) for weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements at every row count and for one row at any
   size, else oneDNN's prepacked u8s8 GEMM (codes + 128, zero point 128). The activation codes are exactly the
   reference's (``round(x / s)``, ``s = absmax / 127`` per token); the per-token and per-channel scales and the
-  bias are applied to the fp32 output, so outputs equal the reference up to fp32 summation order. W4A8 (and
+  bias are applied to the fp32 output, so outputs equal the reference up to fp32 summation order. The activation
+  quantization (with a balancing division fused in: the kernel's ``run_untransformed``) and the epilogue are
+  one fused C pass each (:mod:`.cpu_native`; PyTorch ops without a C compiler), and GEMMs of up to
+  ``SERIAL_GEMM_WORK`` multiply-adds run on one thread whatever torch's thread count. W4A8 (and
   other narrower) per-channel symmetric weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements run the same
   GEMM on their codes unpacked to int8 (1 byte per weight at run time).
 - ``cpu-int8-group-gemm``: the same with weights in groups (symmetric, e.g. W4A8 g64), layers of up to
