@@ -51,8 +51,10 @@ INT8_GEMM_SMALL_WEIGHT = 1 << 18
 
 
 # rows * in * out up to which the int8 GEMMs run on one thread whatever torch's thread count: on two threads
-# torch._int_mm scales little below it and leaves half its output in the other core's cache, which slows the
-# epilogue (256 x 128 x 128: 44 us a layer on one thread against 70 on two; bench/layer_kernels.py)
+# torch._int_mm scales little below it, leaves half its output in the other core's cache (which slows the
+# epilogue) and waits for its second thread whenever that one slept (256 x 128 x 128 quantize + GEMM + epilogue:
+# 44 us on one thread, 37-70 us on two on a shared 2-core EPYC; one thread is the steady choice). Set by
+# changing the number of intra-op threads around the GEMM: other Python threads' ops may see 1 meanwhile.
 SERIAL_GEMM_WORK = 1 << 26
 
 
