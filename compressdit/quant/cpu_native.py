@@ -46,14 +46,18 @@ def native_library() -> ctypes.CDLL | None:
     flags = _flags()
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = default_cache_dir() / "native" / f"int8_rows-{digest}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # concurrent builds: the last rename wins
-            built = Path(tmp) / target.name
-            if subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True).returncode:
-                return None
-            os.replace(built, target)
-    lib = ctypes.CDLL(str(target))
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # concurrent builds: the last rename wins
+                built = Path(tmp) / target.name
+                command = [compiler, *flags, str(SOURCE), "-o", str(built)]
+                if subprocess.run(command, capture_output=True, timeout=120).returncode:
+                    return None
+                os.replace(built, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):  # read-only cache, compiler gone: the PyTorch path runs
+        return None
     lib.compressdit_quantize_int8.argtypes = [_PTR, _PTR, _I64, _I64, _I32, _I32, _PTR, _PTR]
     lib.compressdit_quantize_int8.restype = ctypes.c_int
     lib.compressdit_dequantize_int32.argtypes = [_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _PTR]
