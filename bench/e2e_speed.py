@@ -116,8 +116,11 @@ def main() -> None:
     from compressdit.models import adapter_for
     from compressdit.quant.kernel_registry import kernel_summary, set_kernel
 
+    from compressdit.quant.cpu_native import native_library
+
     settings = EvalSettings()
     result = {"meta": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
+                       "cpu_count": os.cpu_count(), "native_cpu_passes": native_library() is not None,
                        "timing_batch": settings.timing_batch, "rounds": args.rounds, "steps": args.steps,
                        "loadavg_start": [round(v, 2) for v in os.getloadavg()]}, "rows": []}
     for name in args.models:
@@ -150,7 +153,9 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     meta = result["meta"]
     lines = [f"# Time per guided denoising step (CFG, batch {meta['timing_batch']}), CPU: {meta['cpu']} "
-             f"({', '.join(meta['cpu_flags'])}), torch {meta['torch']}", "",
+             f"({', '.join(meta['cpu_flags'])}, {meta['cpu_count']} cores), torch {meta['torch']}", "",
+             "Fused C activation-quantization passes (compressdit/quant/csrc/int8_rows.c): "
+             f"{'built and used' if meta['native_cpu_passes'] else 'not available (PyTorch passes)'}.", "",
              f"Median over {meta['rounds']} rounds of the fastest of {meta['steps']} single steps per model, the "
              "models taken in turn; time vs float = quantized / float within a round (median). \"reference\" = "
              "every quantized layer forced onto the dequantize-then-matmul reference. Load average (1, 5, 15 min) "

@@ -7,6 +7,12 @@ median time and the median ratio. Random weights: this measures speed, never qua
 
     python bench/layer_kernels.py            # writes bench/results/layer_kernels_cpu.{json,md}
     python bench/layer_kernels.py --quick    # 1152->4608 only, M = 1 and 256, 1 thread
+    python bench/layer_kernels.py --methods w8a8 fbgemm --rows 1 16 256 --out bench/results/layer_w8a8_cpu
+    python bench/layer_kernels.py --shapes zoo --methods w8a8 fbgemm --rows 16 256 --out bench/results/layer_w8a8_zoo_cpu
+
+``--methods`` keeps the methods whose name contains one of the words (fp32 always runs); ``--shapes zoo`` times
+the zoo reference models' linear shapes instead (dit-fmnist: 128->128 qkv/out, 128->512 fc1, 512->128 fc2,
+128->768 adaLN; 256 rows at batch 8 with CFG, 16 for adaLN).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 SHAPES = [("attn.qkv", 1152, 3456), ("attn.to_out", 1152, 1152), ("ff.fc1", 1152, 4608), ("ff.fc2", 4608, 1152)]
+ZOO_SHAPES = [("attn.to_q", 128, 128), ("ff.fc1", 128, 512), ("ff.fc2", 512, 128), ("adaLN", 128, 768)]
 ROWS = [1, 16, 64, 256, 1024]
 
 
@@ -49,7 +56,19 @@ def cpu_flags() -> list[str]:
     return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags]
 
 
-def build_methods(in_features: int, out_features: int) -> dict:
+def _without_native(layer, x):
+    """``layer(x)`` on the PyTorch path of :mod:`compressdit.quant.cpu_native` (as without a C compiler)."""
+    from compressdit.quant import cpu_native
+
+    library = cpu_native.native_library
+    cpu_native.native_library = lambda: None
+    try:
+        return layer(x)
+    finally:
+        cpu_native.native_library = library
+
+
+def build_methods(in_features: int, out_features: int, keep: list[str] | None = None) -> dict:
     """name -> (callable taking x, note). Ours run through QuantLinear/VQLinear with their chosen kernel."""
     from compressdit.evaluate.peers import _bnb_int8, _bnb_nf4
     from compressdit.quant.kernel_registry import refresh, set_kernel
@@ -71,6 +90,15 @@ def build_methods(in_features: int, out_features: int) -> dict:
 
     w8a8 = LinearQuantSpec(w_bits=8, a_bits=8)
     methods["ours w8a8 (per-token)"] = ours(w8a8, "w8a8")
+    layer_w8a8 = methods["ours w8a8 (per-token)"][0]
+    balanced = QuantLinear.from_linear(linear, LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5),
+                                       input_absmax=torch.rand(in_features) * 4 + 0.1)
+    refresh(balanced)
+    methods["ours w8a8 balanced (per-token)"] = (balanced, f"{balanced.spec.label}: {balanced.kernel_name} "
+                                                           "(the w8a8 recipe's channel balancing, fused)")
+    methods["ours w8a8 torch passes (no C)"] = (
+        lambda x: _without_native(layer_w8a8, x),
+        "the same layer with the activation quantization and epilogue as PyTorch ops (no compiler)")
     methods["ours w8a8 per-tensor"] = ours(LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"), "w8pt")
     methods["ours w8a8 before (reference)"] = ours(w8a8, "w8ref", "reference")
     for group in (32, 64, 128):
@@ -120,6 +148,8 @@ def build_methods(in_features: int, out_features: int) -> dict:
             methods[name] = (module, type(module).__name__)
         except Exception as error:  # noqa: BLE001
             methods[name] = (None, f"did not run on CPU: {error}")
+    if keep:
+        methods = {n: m for n, m in methods.items() if n == "fp32" or any(word in n for word in keep)}
     return methods
 
 
@@ -184,8 +214,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.3, help="seconds per method and cell (approx.)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "layer_kernels_cpu")
+    parser.add_argument("--methods", nargs="+", help="keep methods whose name contains one of these words")
+    parser.add_argument("--rows", type=int, nargs="+", default=ROWS)
+    parser.add_argument("--shapes", choices=["dit-xl", "zoo"], default="dit-xl")
     args = parser.parse_args()
-    shapes, rows = (SHAPES[2:3], [1, 256]) if args.quick else (SHAPES, ROWS)
+    shapes, rows = (SHAPES[2:3], [1, 256]) if args.quick else (SHAPES if args.shapes == "dit-xl" else ZOO_SHAPES,
+                                                                   args.rows)
     threads = [1] if args.quick else args.threads
     result = {"meta": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
                        "machine": platform.machine(), "rounds": args.rounds,
@@ -195,7 +229,7 @@ def main() -> None:
         result["threads"][str(count)] = []
         for layer, in_features, out_features in shapes:
             with torch.no_grad():
-                methods = build_methods(in_features, out_features)
+                methods = build_methods(in_features, out_features, args.methods)
                 result["notes"].update({n: note for n, (_, note) in methods.items()})
                 cells = {str(m): time_cell(methods, m, in_features, args.rounds, args.budget) for m in rows}
             result["threads"][str(count)].append({"layer": layer, "in": in_features, "out": out_features, "rows": rows,

@@ -5,7 +5,10 @@
   copy) for weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements at every row count and for one row at any
   size, else oneDNN's prepacked u8s8 GEMM (codes + 128, zero point 128). The activation codes are exactly the
   reference's (``round(x / s)``, ``s = absmax / 127`` per token); the per-token and per-channel scales and the
-  bias are applied to the fp32 output, so outputs equal the reference up to fp32 summation order. W4A8 (and
+  bias are applied to the fp32 output, so outputs equal the reference up to fp32 summation order. The activation
+  quantization (with a balancing division fused in: the kernel's ``run_untransformed``) and the epilogue are
+  one fused C pass each (:mod:`.cpu_native`; PyTorch ops without a C compiler), and GEMMs of up to
+  ``SERIAL_GEMM_WORK`` multiply-adds run on one thread whatever torch's thread count. W4A8 (and
   other narrower) per-channel symmetric weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements run the same
   GEMM on their codes unpacked to int8 (1 byte per weight at run time).
 - ``cpu-int8-group-gemm``: the same with weights in groups (symmetric, e.g. W4A8 g64), layers of up to
@@ -38,6 +41,7 @@ from compressdit.quant.gpu_reference import (INT4_PACKED_MAX_ROWS, dequantize_ni
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import quantize_layer_input
+from compressdit.quant.cpu_native import dequantize_int32_, quantize_rows_int8, scale_rows_
 
 INT4_GROUPS = (32, 64, 128, 256)
 INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (bench/layer_kernels.py)
@@ -46,8 +50,26 @@ INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (
 INT8_GEMM_SMALL_WEIGHT = 1 << 18
 
 
+# rows * in * out up to which the int8 GEMMs run on one thread whatever torch's thread count: on two threads
+# torch._int_mm scales little below it, leaves half its output in the other core's cache (which slows the
+# epilogue) and waits for its second thread whenever that one slept (256 x 128 x 128 quantize + GEMM + epilogue:
+# 44 us on one thread, 37-70 us on two on a shared 2-core EPYC; one thread is the steady choice). Set by
+# changing the number of intra-op threads around the GEMM: other Python threads' ops may see 1 meanwhile.
+SERIAL_GEMM_WORK = 1 << 26
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
+
+
+def _serial_threads(work: int) -> int:
+    """Drop torch to one intra-op thread where ``work`` (multiply-adds) is at most ``SERIAL_GEMM_WORK``; returns
+    the thread count to restore afterwards (0: nothing changed)."""
+    threads = torch.get_num_threads()
+    if threads == 1 or work > SERIAL_GEMM_WORK:
+        return 0
+    torch.set_num_threads(1)
+    return threads
 
 
 # Low-level ``torch.library`` registration (:func:`define_op`; the ``torch.library.custom_op`` wrapper costs ~17 us
@@ -73,32 +95,41 @@ def _define(schema: str):
 
 # --- int8 activations x int8 (or narrower, per-channel) weights: an int32-accumulating GEMM ------------------
 
-@_define("int8_gemm_linear_cpu(Tensor x, Tensor codes, Tensor? packed, Tensor w_scale, Tensor w_zero, Tensor? bias, "
-         "bool per_token, int out_features) -> Tensor")
-def int8_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, packed: Optional[torch.Tensor], w_scale: torch.Tensor,
-                         w_zero: torch.Tensor, bias: Optional[torch.Tensor], per_token: bool,
-                         out_features: int) -> torch.Tensor:
-    """``x @ W^T + b`` with dynamic symmetric int8 activations (per token or tensor), W = codes * w_scale.
+@_define("int8_gemm_linear_cpu(Tensor x, Tensor? smooth, Tensor codes_t, Tensor? packed, Tensor w_scale, Tensor w_zero, "
+         "Tensor? bias, bool per_token, int out_features) -> Tensor")
+def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_t: torch.Tensor,
+                         packed: Optional[torch.Tensor], w_scale: torch.Tensor, w_zero: torch.Tensor,
+                         bias: Optional[torch.Tensor], per_token: bool, out_features: int) -> torch.Tensor:
+    """``(x / smooth) @ W^T + b`` with dynamic symmetric int8 activations (per token or tensor), W = codes *
+    w_scale; ``smooth``: the layer's balancing divisor (fp32 ``x`` only), fused into the quantization, or None.
 
-    ``codes``: int8 ``[out, in]``; ``packed``: oneDNN's prepacked copy, or None where ``torch._int_mm`` runs
-    at every row count (see :func:`_int8_gemm_prepack`). One row always runs ``torch._int_mm``.
+    ``codes_t``: the int8 ``[out, in]`` codes' transposed view; ``packed``: oneDNN's prepacked copy, or None where
+    ``torch._int_mm`` runs at every row count (see :func:`_int8_gemm_prepack`). One row always runs ``torch._int_mm``.
     """
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    magnitude = x2.abs()  # abs().amax(): linalg.vector_norm(inf) and aminmax are ~10x slower on CPU
-    a_scale = magnitude.amax(-1, keepdim=True) if per_token else magnitude.amax().reshape(1, 1)
-    a_scale = a_scale.clamp_min_(1e-8).div_(127)  # the reference's scale, bit for bit
-    q = (x2 / a_scale).round_().to(torch.int8)  # |x / s| <= 127: the reference's codes
-    if packed is None or (q.shape[0] == 1 and q.shape[1] >= 8):  # _int_mm is wrong at K = 1
-        acc = torch._int_mm(q, codes.t()).float().mul_(w_scale)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    rows, in_features = x2.shape
+    if packed is None or (rows == 1 and in_features >= 8):  # _int_mm is wrong at K = 1
+        q, a_scale = quantize_rows_int8(x2, per_token, smooth=smooth)  # the reference's codes and scales, exactly
+        threads = _serial_threads(rows * in_features * out_features)
+        try:
+            acc = torch._int_mm(q, codes_t)
+        finally:
+            if threads:
+                torch.set_num_threads(threads)
+        out = dequantize_int32_(acc, w_scale, a_scale, bias)
     else:  # oneDNN takes uint8 activations fast (int8 ones run a slow path): codes + 128, zero point 128
-        acc = torch.ops.onednn.qlinear_pointwise(q.view(torch.uint8).add_(128), 1.0, 128, packed, w_scale, w_zero,
-                                                 None, 1.0, 0, torch.float32, "none", [], "")
-    out = acc.mul_(a_scale) if bias is None else torch.addcmul(bias, acc, a_scale)
-    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+        q, a_scale = quantize_rows_int8(x2, per_token, offset=128, smooth=smooth)
+        acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,
+                                                 "none", [], "")
+        out = scale_rows_(acc, a_scale, bias)
+    out = out.to(x.dtype)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
 
 
 @torch.library.register_fake("compressdit::int8_gemm_linear_cpu")
-def _(x, codes, packed, w_scale, w_zero, bias, per_token, out_features):
+def _(x, smooth, codes_t, packed, w_scale, w_zero, bias, per_token, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -113,16 +144,29 @@ def _int8_gemm_applies(spec, device: torch.device, shape: tuple[int, int]) -> bo
 def _int8_gemm_prepack(layer) -> dict:
     codes = layer.codes()  # int8 [out, in]: the layer's own weight for 8 bits, an unpacked copy below
     small = layer.out_features * layer.in_features <= INT8_GEMM_SMALL_WEIGHT and layer.in_features >= 8
-    return {"codes": codes,
+    return {"codes": codes, "codes_t": codes.t(),
             "packed": None if small else torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),
             "w_scale": layer.weight_scale.reshape(-1).float().contiguous(),
             "w_zero": torch.zeros(layer.out_features, dtype=torch.long),
-            "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
+            "bias": None if layer.bias is None else layer.bias.detach().float().contiguous(),
+            # the balancing division fuses into the quantization pass where it is the whole input transform
+            "smooth": None if layer.smooth_scale is None or layer.rotation_signs is not None
+            else layer.smooth_scale.detach().float().contiguous(),
+            "transform": layer.smooth_scale is not None or layer.rotation_signs is not None,
+            "per_token": layer.spec.a_granularity == "per_token"}
 
 
 def _int8_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    return int8_gemm_linear_cpu(x, b["codes"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
-                                layer.spec.a_granularity == "per_token", layer.out_features)
+    return int8_gemm_linear_cpu(x, None, b["codes_t"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
+                                b["per_token"], layer.out_features)
+
+
+def _int8_gemm_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    smooth = b["smooth"]
+    if b["transform"] and (smooth is None or x.dtype != torch.float32):  # bf16 x: the reference divides in bf16
+        x, smooth = layer.transform_input(x), None
+    return int8_gemm_linear_cpu(x, smooth, b["codes_t"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
+                                b["per_token"], layer.out_features)
 
 
 @_define("int8_group_gemm_linear_cpu(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, "
@@ -131,16 +175,18 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: to
                                bias: Optional[torch.Tensor], per_token: bool, out_features: int) -> torch.Tensor:
     """Grouped weights (``codes`` int8 ``[groups, out, group]``, ``w_scale`` ``[groups, out]``) x dynamic int8
     activations: one ``torch._int_mm`` per group, its int32 sums scaled by the group's scales and added."""
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    magnitude = x2.abs()
-    a_scale = magnitude.amax(-1, keepdim=True) if per_token else magnitude.amax().reshape(1, 1)
-    a_scale = a_scale.clamp_min_(1e-8).div_(127)
     groups, _, size = codes.shape
-    q = (x2 / a_scale).round_().to(torch.int8).view(-1, groups, size).transpose(0, 1).contiguous()
-    out = torch._int_mm(q[0], codes[0].t()).float().mul_(w_scale[0])
-    for g in range(1, groups):
-        out.addcmul_(torch._int_mm(q[g], codes[g].t()), w_scale[g])
-    out = out.mul_(a_scale) if bias is None else torch.addcmul(bias, out, a_scale)
+    q, a_scale = quantize_rows_int8(x.reshape(-1, x.shape[-1]).float().contiguous(), per_token)
+    q = q.view(-1, groups, size).transpose(0, 1).contiguous()
+    threads = _serial_threads(q.numel() * out_features)
+    try:
+        out = torch._int_mm(q[0], codes[0].t()).float().mul_(w_scale[0])
+        for g in range(1, groups):
+            out.addcmul_(torch._int_mm(q[g], codes[g].t()), w_scale[g])
+    finally:
+        if threads:
+            torch.set_num_threads(threads)
+    out = scale_rows_(out, a_scale, bias)
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
@@ -282,6 +328,7 @@ def _vq_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
 
 KERNELS.add("cpu-int8-gemm", Kernel(
     _int8_gemm_applies, _int8_gemm_prepack, _int8_gemm_run, priority=20,
+    run_untransformed=_int8_gemm_run_untransformed,
     description=f"int8 x int8 -> int32 GEMM on the spec's dynamic symmetric activation codes (W8A8; W4A8 per "
                 f"channel up to {INT8_GEMM_SMALL_WEIGHT} weights, as int8): torch._int_mm up to "
                 f"{INT8_GEMM_SMALL_WEIGHT} weights or at one row, else oneDNN's prepacked u8s8 GEMM"))

@@ -55,6 +55,9 @@ class Kernel:
     run: Callable[[nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor]
     description: str
     priority: int = 0
+    #: optional ``run`` on the layer's input *before* its balancing/rotation (which it applies itself, e.g. the
+    #: balancing division fused into its activation quantization); layers with a low-rank branch use ``run``
+    run_untransformed: Callable[[nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor] | None = None
 
 
 KERNELS: Registry[Kernel] = Registry("kernel")
@@ -104,22 +107,29 @@ class KernelCache:
         return sum(t.numel() * t.element_size() for t in tensors if not t.is_mkldnn and t.data_ptr() not in own)
 
 
+_SAVED_NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
 def _saved_tensors(layer: nn.Module) -> list[torch.Tensor]:
     # straight from the module's dicts: nn.Module.__getattr__ per name cost ~10 us per forward on tiny layers
+    names = _SAVED_NAMES.get(layer.quantized_tensors)
+    if names is None:
+        names = _SAVED_NAMES[layer.quantized_tensors] = tuple(dict.fromkeys((*layer.quantized_tensors, "bias")))
+    params, buffers, attributes = layer._parameters, layer._buffers, layer.__dict__
     tensors = []
-    for name in dict.fromkeys(tuple(layer.quantized_tensors) + ("bias",)):
-        t = layer._parameters.get(name)
+    for name in names:
+        t = params.get(name)
         if t is None:
-            t = layer._buffers.get(name)
-        if t is None:
-            t = layer.__dict__.get(name)
+            t = buffers.get(name)
+            if t is None:
+                t = attributes.get(name)
         if isinstance(t, torch.Tensor):
             tensors.append(t)
     return tensors
 
 
 def _state_key(layer: nn.Module) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in _saved_tensors(layer))  # a device move: new data_ptr
+    return tuple([(t.data_ptr(), t._version, t.dtype) for t in _saved_tensors(layer)])  # a device move: new data_ptr
 
 
 def cache_of(layer: nn.Module) -> KernelCache:
@@ -153,15 +163,19 @@ def refresh(layer: nn.Module) -> KernelCache:
     return cache
 
 
-def run_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The chosen kernel's output for transformed activations ``x``, or ``None`` for the reference path
-    (also when gradients must flow to ``x``: the kernels have no backward, the reference has)."""
+def kernel_cache(layer: nn.Module, x: torch.Tensor) -> KernelCache | None:
+    """The layer's prepacked kernel for input ``x``, or ``None`` for the reference path (also when gradients
+    must flow to ``x``: the kernels have no backward, the reference has)."""
     if x.requires_grad and torch.is_grad_enabled():
         return None
     cache = cache_of(layer) if torch.compiler.is_compiling() else refresh(layer)
-    if cache.kernel is None:
-        return None
-    return cache.kernel.run(layer, x, cache.buffers)
+    return None if cache.kernel is None else cache
+
+
+def run_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The chosen kernel's output for transformed activations ``x``, or ``None`` for the reference path."""
+    cache = kernel_cache(layer, x)
+    return None if cache is None else cache.kernel.run(layer, x, cache.buffers)
 
 
 def set_kernel(model: nn.Module, name: str | None) -> None:

@@ -1,0 +1,167 @@
+/* Fused CPU passes around compressdit's int8 x int8 GEMMs (see compressdit/quant/cpu_native.py).
+ *
+ * PyTorch eager runs dynamic activation quantization as ~7 separate passes (abs, amax, clamp, div, div, round,
+ * cast) and the dequantization epilogue as 3 more, each a few microseconds of dispatch on the zoo models'
+ * 256 x 128 activations: more than the int8 GEMM itself. These loops do the same arithmetic in 2 + 1 passes,
+ * bit for bit: s = max(amax |x|, 1e-8f) / 127 (per row or over the tensor), q = round-half-even(x / s), the
+ * float divisions in IEEE single precision as torch does them (built without -ffast-math, with
+ * -ffp-contract=off). A channel-balancing division x / smooth (the layer's input transform) can be fused in,
+ * as the same IEEE division torch does first. Plain C, no torch headers, no threads (the zoo models' layers
+ * take a few microseconds). */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* |x| as its IEEE bit pattern: for non-negative floats, integer order is float order and NaN sorts above inf,
+ * so an integer max reduction (which compilers vectorize without -ffast-math) is the float amax, NaN included. */
+static inline uint32_t abs_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return u & 0x7fffffffu;
+}
+
+static inline float bits_to_float(uint32_t u) {
+    float v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+static uint32_t absmax_bits(const float *restrict x, int64_t n) {
+    uint32_t m = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        uint32_t u = abs_bits(x[j]);
+        m = u > m ? u : m;
+    }
+    return m;
+}
+
+/* a / b rounded to nearest, as the IEEE division, from inv = 1 / b (rounded to nearest): q0 = a * inv is within
+ * an ulp, and one FMA correction with the exact residual a - b * q0 rounds it correctly (Markstein's theorem;
+ * also checked against the division on 4e8 random pairs). Division is the bottleneck of these loops otherwise
+ * (a vector divide issues every ~5 cycles, a multiply-add twice a cycle). Needs normal, finite quotients:
+ * callers check. Without hardware FMA, the plain division. */
+static inline float div_rn(float a, float b, float inv) {
+#if defined(__FMA__)
+    float q0 = a * inv;
+    return __builtin_fmaf(__builtin_fmaf(-q0, b, a), inv, q0);
+#else
+    (void)inv;
+    return a / b;
+#endif
+}
+
+/* y = x / smooth, exactly as the division, and max |y| as bits (see abs_bits); *out_of_range set when a quotient
+ * left the range where div_rn is exact (|q| outside [2^-100, 2^100] for nonzero x, or NaN): the caller then
+ * divides that row again the plain way. */
+static uint32_t divide_absmax(const float *restrict x, const float *restrict smooth, const float *restrict inv,
+                              int64_t n, float *restrict y, int *out_of_range) {
+    uint32_t m = 0;
+    int bad = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        float q = div_rn(x[j], smooth[j], inv[j]);
+        uint32_t u = abs_bits(q);
+        bad |= (u > 0x71800000u) | ((u < 0x0d800000u) & (x[j] != 0.0f)); /* 2^100, 2^-100; NaN sorts above */
+        m = u > m ? u : m;
+        y[j] = q;
+    }
+    *out_of_range = bad;
+    return m;
+}
+
+static void divide_exact(const float *restrict x, const float *restrict smooth, int64_t n, float *restrict y) {
+    for (int64_t j = 0; j < n; ++j) y[j] = x[j] / smooth[j];
+}
+
+/* round half to even for |v| < 2^22 (|x / s| <= 127 here), in the default rounding mode: as torch.round */
+static inline float round_even(float v) {
+    return (v + 12582912.0f) - 12582912.0f;
+}
+
+/* |x / scale| <= 127 and scale >= 1e-8 / 127: the quotient is finite; a subnormal one rounds to code 0 either way */
+static void codes_row(const float *restrict x, int64_t n, float scale, int32_t offset, int8_t *restrict q) {
+    const float inv = 1.0f / scale;
+    for (int64_t j = 0; j < n; ++j)
+        q[j] = (int8_t)((int32_t)round_even(div_rn(x[j], scale, inv)) + offset);
+}
+
+static float scale_of(uint32_t bits) {
+    float m = bits_to_float(bits);
+    return (m > 1e-8f ? m : 1e-8f) / 127.0f; /* clamp_min(1e-8) keeps NaN, as this does */
+}
+
+/* x [rows, cols] (divided by smooth [cols] first unless NULL) -> q [rows, cols] int8 codes (+ offset: 128 gives
+ * oneDNN's uint8 codes), scale [rows] (per token) or [1]. Returns 0, or -1 when out of memory. */
+int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows, int64_t cols, int32_t per_token,
+                              int32_t offset, int8_t *q, float *scale) {
+    float *y = NULL, *inv = NULL;
+    if (smooth) { /* x / smooth: one row at a time per token, the whole tensor per tensor */
+        y = malloc(sizeof(float) * (size_t)(per_token ? cols : rows * cols));
+        inv = malloc(sizeof(float) * (size_t)cols);
+        if (!y || !inv) {
+            free(y);
+            free(inv);
+            return -1;
+        }
+        for (int64_t j = 0; j < cols; ++j) inv[j] = 1.0f / smooth[j];
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *row = x + i * cols;
+        uint32_t m;
+        if (y) {
+            float *dst = per_token ? y : y + i * cols;
+            int out_of_range;
+            m = divide_absmax(row, smooth, inv, cols, dst, &out_of_range);
+            if (out_of_range) {
+                divide_exact(row, smooth, cols, dst);
+                m = absmax_bits(dst, cols);
+            }
+            row = dst;
+        } else {
+            m = per_token ? absmax_bits(row, cols) : 0;
+        }
+        if (per_token) {
+            scale[i] = scale_of(m);
+            codes_row(row, cols, scale[i], offset, q + i * cols);
+        }
+    }
+    if (!per_token) {
+        const float *all = y ? y : x;
+        scale[0] = scale_of(absmax_bits(all, rows * cols));
+        for (int64_t i = 0; i < rows; ++i)
+            codes_row(all + i * cols, cols, scale[0], offset, q + i * cols);
+    }
+    free(y);
+    free(inv);
+    return 0;
+}
+
+/* out[i, j] = acc[i, j] * w_scale[j] * a_scale[i or 0] (+ bias[j]): the int32 GEMM's dequantization; out may be
+ * acc's own memory (each element is read before it is written). */
+void compressdit_dequantize_int32(const int32_t *acc, const float *restrict w_scale, const float *restrict a_scale,
+                                  int32_t per_token, const float *restrict bias, int64_t rows, int64_t cols,
+                                  float *out) {
+    for (int64_t i = 0; i < rows; ++i) {
+        const float a = a_scale[per_token ? i : 0];
+        const int32_t *r = acc + i * cols;
+        float *o = out + i * cols;
+        if (bias)
+            for (int64_t j = 0; j < cols; ++j) o[j] = (float)r[j] * w_scale[j] * a + bias[j];
+        else
+            for (int64_t j = 0; j < cols; ++j) o[j] = (float)r[j] * w_scale[j] * a;
+    }
+}
+
+/* out[i, j] = acc[i, j] * a_scale[i or 0] (+ bias[j]), in place allowed: for GEMMs that applied w_scale. */
+void compressdit_scale_rows(const float *acc, const float *a_scale, int32_t per_token, const float *bias,
+                            int64_t rows, int64_t cols, float *out) {
+    for (int64_t i = 0; i < rows; ++i) {
+        const float a = a_scale[per_token ? i : 0];
+        const float *r = acc + i * cols;
+        float *o = out + i * cols;
+        if (bias)
+            for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * a + bias[j];
+        else
+            for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * a;
+    }
+}

@@ -1,0 +1,114 @@
+"""The fused C passes of the CPU int8 GEMMs compute the PyTorch reference's numbers (codes and scales bit for bit)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from compressdit.quant import cpu_native
+from compressdit.quant.cpu_native import dequantize_int32_, native_library, quantize_rows_int8, scale_rows_
+from compressdit.quant.layers import QuantLinear
+from compressdit.quant.primitives import fake_quantize_activation
+from compressdit.quant.spec import LinearQuantSpec
+
+
+def _activations(rows: int = 37, cols: int = 96) -> torch.Tensor:
+    torch.manual_seed(0)
+    x = torch.randn(rows, cols) * torch.logspace(-3, 2, cols)
+    x[0] = 0  # an all-zero token: the scale's floor
+    x[1, :5] = torch.tensor([1e-41, -3e-39, 2.5, -2.5, 0.5])  # subnormals; exact ties of x / s
+    x[2] *= 1e-30  # tiny quotients x / smooth: the exact division runs for that row
+    return x
+
+
+def test_the_library_builds_where_a_c_compiler_exists():
+    wanted = os.environ.get("COMPRESSDIT_NATIVE_CPU", "1") != "0"
+    assert (native_library() is not None) == (wanted and shutil.which(os.environ.get("CC", "cc")) is not None)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("offset", [0, 128])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_codes_and_scales_equal_the_torch_path_and_the_reference(per_token, offset, smoothed, monkeypatch):
+    x = _activations()
+    smooth = (torch.rand(x.shape[1]) * 8 + 0.05) if smoothed else None
+    if smoothed:
+        smooth[3] = float.fromhex("0x1.fffffep+0")  # all-ones mantissa: the hardest reciprocal
+    q, scale = quantize_rows_int8(x, per_token, offset, smooth)
+    monkeypatch.setattr(cpu_native, "native_library", lambda: None)
+    q_torch, scale_torch = quantize_rows_int8(x, per_token, offset, smooth)
+    assert q.dtype == q_torch.dtype == (torch.uint8 if offset else torch.int8)
+    assert torch.equal(q, q_torch) and torch.equal(scale, scale_torch)
+    codes = (q.int() - offset).float()
+    divided = x if smooth is None else x / smooth
+    expected = fake_quantize_activation(divided, 8, "per_token" if per_token else "per_tensor")
+    assert torch.equal(codes * scale, expected)
+
+
+def test_the_epilogues_equal_the_torch_path_up_to_rounding():
+    torch.manual_seed(0)
+    acc = torch.randint(-2 ** 20, 2 ** 20, (9, 40), dtype=torch.int32)
+    w_scale, bias = torch.rand(40) / 100, torch.randn(40)
+    for a_scale in (torch.rand(9, 1), torch.rand(1, 1)):
+        expected = torch.addcmul(bias, acc.float() * w_scale, a_scale)
+        torch.testing.assert_close(dequantize_int32_(acc.clone(), w_scale, a_scale, bias), expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(dequantize_int32_(acc.clone(), w_scale, a_scale, None), expected - bias, rtol=1e-5,
+                                   atol=1e-5)
+        scaled = acc.float() * w_scale
+        torch.testing.assert_close(scale_rows_(scaled.clone(), a_scale, bias), expected, rtol=1e-6, atol=0)
+
+
+def _balanced_layer(spec: LinearQuantSpec, in_features: int = 64, out_features: int = 48):
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(in_features, out_features)
+    layer = QuantLinear.from_linear(linear, spec, input_absmax=torch.rand(in_features) * 10 + 0.1)
+    return linear, layer
+
+
+@pytest.mark.parametrize("spec", [
+    LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5),  # the division fused into the quantization
+    LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5, a_granularity="per_tensor"),
+    LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5, rotation="hadamard"),  # the layer transforms first
+    LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5, low_rank=4),  # the branch needs the transformed input
+], ids=lambda s: s.label)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_balanced_w8a8_layers_match_the_reference(spec, dtype):
+    linear, layer = _balanced_layer(spec)
+    layer.to(dtype)
+    assert layer.kernel_name == "cpu-int8-gemm"
+    x = (torch.randn(3, 7, 64) * torch.linspace(0.1, 5, 64)).to(dtype)
+    with torch.no_grad():
+        out, reference, exact = layer(x), layer.reference_forward(x), linear(x.float())
+    assert out.dtype == reference.dtype == dtype
+
+    def error(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    if dtype == torch.float32:  # the same codes: fp32 summation order only
+        assert error(out, reference) <= 1e-5
+    else:  # the reference quantizes and multiplies in bf16, the kernel in fp32 from the bf16 input: never worse
+        assert error(out, exact) <= error(reference, exact) * 1.05
+
+
+def test_without_the_library_layers_give_the_same_outputs(monkeypatch):
+    _, layer = _balanced_layer(LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5))
+    x = torch.randn(4, 9, 64)
+    with torch.no_grad():
+        native = layer(x)
+        monkeypatch.setattr(cpu_native, "native_library", lambda: None)
+        torch.testing.assert_close(layer(x), native, rtol=1e-6, atol=1e-6)
+
+
+def test_small_gemms_run_on_one_thread_and_restore_the_count():
+    _, layer = _balanced_layer(LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            layer(torch.randn(5, 64))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
