@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -365,7 +366,13 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM (``timeout``, a job scheduler, ``kill``) unwinds like Ctrl-C: temporary outputs are removed."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except CompressditError as exc:

@@ -14,9 +14,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +178,22 @@ def test_subprocess_error_is_one_line(subprocess_results, case):
     result, out, needles = subprocess_results[case]
     assert result.code == 2
     assert_one_line_error(result, *needles)
+    assert_nothing_written(out)
+
+
+def test_a_terminated_run_leaves_nothing_behind(dit_pipeline_dir, tmp_path):
+    """``timeout`` / a scheduler / ``kill`` send SIGTERM: the run unwinds (exit 143) and removes its temp folder."""
+    out = tmp_path / "out-terminated"
+    proc = start_cli(["quantize", dit_pipeline_dir, "--recipe", "vq-w3", "--out", out, "--no-eval", "--quiet"],
+                     tmp_path)
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while not any(tmp_path.glob(f".{out.name}.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be terminated"
+    proc.send_signal(signal.SIGTERM)
+    result = finish(proc)
+    assert result.code == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
     assert_nothing_written(out)
 
 
