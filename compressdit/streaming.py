@@ -52,9 +52,11 @@ def streaming_reason(folder: Path, stream: bool, max_memory: int | None) -> str 
     available now), or None to compress in memory."""
     if stream:
         return "streamed (--stream)"
-    from accelerate.utils import get_max_memory
+    if not any(Path(folder).glob("*.safetensors")):
+        return None  # loading in memory reports what is wrong with the folder
+    import psutil
 
-    budget = max_memory if max_memory is not None else get_max_memory()["cpu"]
+    budget = max_memory if max_memory is not None else psutil.virtual_memory().available
     need = in_memory_bytes(folder)
     if need <= budget:
         return None
@@ -157,6 +159,10 @@ def stream_quantize(recipe: Recipe, source: Path, target: Path, quiet: bool = Fa
 
     source_state = model.state_dict()
     source_names = list(source_state)
+    unused = sorted(set(weights.names()) - set(source_names))
+    if unused:
+        raise CheckpointError(f"{source}: the weights have tensor {unused[0]} that config.json does not use "
+                              f"({len(unused)} unused): config.json and weights do not match")
     units = _units(model, adapter)
     block_prefixes = [p for p, _ in units if p]
     with ShardWriter(target, layout, expected, metadata) as writer:

@@ -116,6 +116,20 @@ def test_a_failure_at_the_last_block_leaves_no_output(flux_dir, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
+def test_a_tensor_the_config_does_not_use_is_an_error(flux_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    broken = _copy(flux_dir, tmp_path / "broken")
+    index = json.loads((broken / INDEX_NAME).read_text())
+    shard = broken / index["weight_map"]["x_embedder.weight"]
+    tensors = load_file(shard)
+    save_file({**tensors, "extra.weight": torch.zeros(2)}, shard, metadata={"format": "pt"})
+    index["weight_map"]["extra.weight"] = shard.name
+    (broken / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="tensor extra.weight that config.json does not use"):
+        run_recipe(_recipe("rtn-w8a8"), str(broken), tmp_path / "out", quiet=True, stream=True)
+
+
 def test_a_truncated_shard_fails_before_any_work(flux_dir, tmp_path):
     broken = _copy(flux_dir, tmp_path / "broken")
     shard = sorted(broken.glob("*.safetensors"))[-1]
