@@ -158,10 +158,14 @@ def run_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     (also when gradients must flow to ``x``: the kernels have no backward, the reference has)."""
     if x.requires_grad and torch.is_grad_enabled():
         return None
-    cache = cache_of(layer) if torch.compiler.is_compiling() else refresh(layer)
+    compiling = torch.compiler.is_compiling()
+    cache = cache_of(layer) if compiling else refresh(layer)
     if cache.kernel is None:
         return None
-    return cache.kernel.run(layer, x, cache.buffers)
+    out = cache.kernel.run(layer, x, cache.buffers)
+    if not compiling and getattr(getattr(layer, "_hf_hook", None), "offload", False):
+        cache.clear()  # accelerate offloads the weights after this call (device_map cpu/disk): their prepacked copy too
+    return out
 
 
 def set_kernel(model: nn.Module, name: str | None) -> None:
