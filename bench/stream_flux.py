@@ -142,8 +142,8 @@ def child(step: str, *args: str) -> dict:
     """Run ``step`` in a fresh process (its own VmHWM) and return its JSON result."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, __file__, "_child", step, *args], env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{step} failed:\n{proc.stderr[-4000:]}")
+    if proc.returncode != 0:  # -9: killed (the kernel's OOM killer, when memory ran out)
+        raise RuntimeError(f"{step} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -165,7 +165,9 @@ def markdown(result: dict) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), {m['memory_gib']} GiB RAM shared "
              f"with other jobs; torch {m['torch']}, diffusers {m['diffusers']}. Load average at start: "
              f"{m['loadavg_start']}.", "",
-             f"Source: `FluxTransformer2DModel` with FLUX.1-dev's config, {s['parameters'] / 1e9:.2f}B parameters, "
+             f"Source: `FluxTransformer2DModel` with FLUX.1-dev's config"
+             f"{'' if result.get('blocks', '19,38') == '19,38' else ' (double,single blocks: ' + result['blocks'] + ')'}"
+             f", {s['parameters'] / 1e9:.2f}B parameters, "
              f"{s['disk_gb']} GB bf16 in {s['shards']} shards (written in {s['wall_s']} s, peak RSS "
              f"{s['peak_rss_mib']} MiB). Loaded in memory the usual way it would take "
              f"{s['parameters'] * 4 / 1e9:.0f} GB (float32).", "",
@@ -212,7 +214,11 @@ def main() -> None:
             shutil.rmtree(source)
         for run in result["runs"]:
             out = args.work / run["recipe"]
-            run["reload"] = child("reload", str(out), str(args.work / f"offload-{run['recipe']}"), args.cpu_memory)
+            try:
+                run["reload"] = child("reload", str(out), str(args.work / f"offload-{run['recipe']}"),
+                                      args.cpu_memory)
+            except RuntimeError as exc:  # recorded; the next output is still reloaded
+                run["reload"] = {"error": str(exc).splitlines()[0]}
             print("reload", run["reload"], flush=True)
             save(result, name)
             if not args.keep:
