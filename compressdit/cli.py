@@ -38,7 +38,7 @@ def _summary(state, as_json: bool) -> None:
     report = state.report or {}
     payload = {"out": str(state.workdir), "recipe": state.recipe_name, "quantized_modules": len(state.quant_specs),
                "kept_blocks": state.block_origin, "timings": state.timings,
-               "metrics": {m["name"]: m["values"] for m in report.get("metrics", [])}}
+               "metrics": {m["name"]: m["values"] for m in report.get("metrics", [])}, "notes": state.notes}
     if as_json:
         print(json.dumps(payload, indent=2))
         return
@@ -57,13 +57,27 @@ def _summary(state, as_json: bool) -> None:
         console.print(f"report: {state.workdir / 'report' / 'report.html'}")
 
 
+def _bytes(value: Optional[str], option: str) -> Optional[int]:
+    """A size such as ``20GB`` or ``512MiB`` in bytes (accelerate's parser), or None."""
+    if value is None:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        return convert_file_size_to_int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a size like 20GB or 512MiB", param_hint=option) from None
+
+
 def _run(recipe, model: str, out: Path, overwrite: bool, quiet: bool, as_json: bool, calib: Optional[str],
-         text_encoder: Optional[str] = None, embeddings: Optional[Path] = None) -> None:
+         text_encoder: Optional[str] = None, embeddings: Optional[Path] = None, stream: bool = False,
+         max_memory: Optional[str] = None) -> None:
     from compressdit.pipeline import run_recipe
 
     set_quiet(quiet or as_json)
     state = run_recipe(recipe, model, out, overwrite=overwrite, quiet=quiet or as_json, calib=calib,
-                       text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings))
+                       text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings),
+                       stream=stream, max_memory=_bytes(max_memory, "--max-memory"))
     _summary(state, as_json)
 
 
@@ -79,6 +93,11 @@ TEXT_ENCODER = typer.Option(None, "--text-encoder", help="Pipeline folder whose 
 EMBEDDINGS = typer.Option(None, "--embeddings", help="Safetensors file of precomputed prompt embeddings "
                                                      "(keyed by prompt; include the empty prompt).")
 
+STREAM = typer.Option(False, "--stream", help="Quantize block by block from the model's shards, one block in memory "
+                                               "(calibration-free recipes; implied when the model exceeds "
+                                               "--max-memory).")
+MAX_MEMORY = typer.Option(None, "--max-memory", help="Memory budget, e.g. 20GB: a model larger than this once loaded "
+                                                     "(float32) is streamed (default: the memory available).")
 
 DATA = typer.Option(None, "--data", help="Training latents of every stage that trains: auto (default: Fashion-MNIST "
                                          "for zoo models, else the teacher's own samples), teacher, fmnist or "
@@ -87,7 +106,8 @@ DATA = typer.Option(None, "--data", help="Training latents of every stage that t
 
 def _run_named_recipe(recipe: str, model: str, out: Path, no_eval: bool, samples: Optional[int], overwrite: bool,
                       quiet: bool, as_json: bool, calib: Optional[str] = None, text_encoder: Optional[str] = None,
-                      embeddings: Optional[Path] = None, data: Optional[str] = None) -> None:
+                      embeddings: Optional[Path] = None, data: Optional[str] = None, stream: bool = False,
+                      max_memory: Optional[str] = None) -> None:
     """Load a recipe, apply ``--no-eval`` / ``--samples`` / ``--data`` and run it (``quantize`` and ``prune``)."""
     from compressdit.distill.sources import set_data
     from compressdit.recipe import load_recipe
@@ -102,16 +122,18 @@ def _run_named_recipe(recipe: str, model: str, out: Path, no_eval: bool, samples
             if stage.name == "evaluate":
                 stage.config.samples = samples
                 stage.config.validate("--samples")
-    _run(loaded, model, out, overwrite, quiet, as_json, calib, text_encoder, embeddings)
+    _run(loaded, model, out, overwrite, quiet, as_json, calib, text_encoder, embeddings, stream, max_memory)
 
 
 @app.command()
 def quantize(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, calib: Optional[str] = CALIB,
              text_encoder: Optional[str] = TEXT_ENCODER, embeddings: Optional[Path] = EMBEDDINGS,
-             no_eval: bool = NO_EVAL, samples: Optional[int] = SAMPLES,
+             no_eval: bool = NO_EVAL, samples: Optional[int] = SAMPLES, stream: bool = STREAM,
+             max_memory: Optional[str] = MAX_MEMORY,
              overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Quantize MODEL with a recipe and write a diffusers checkpoint + quality report."""
-    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib, text_encoder, embeddings)
+    _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib, text_encoder, embeddings,
+                      stream=stream, max_memory=max_memory)
 
 
 @app.command()
@@ -130,12 +152,13 @@ def run_command(recipe_file: Path = typer.Argument(..., help="Recipe YAML file."
                 model: str = typer.Option(..., "--model", "-m", help="Model folder, zoo:NAME or hub id."),
                 out: Path = typer.Option(..., "--out", "-o"),
                 calib: Optional[str] = CALIB, text_encoder: Optional[str] = TEXT_ENCODER,
-                embeddings: Optional[Path] = EMBEDDINGS,
+                embeddings: Optional[Path] = EMBEDDINGS, stream: bool = STREAM, max_memory: Optional[str] = MAX_MEMORY,
                 overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Run every stage of a recipe file."""
     from compressdit.recipe import load_recipe
 
-    _run(load_recipe(str(recipe_file)), model, out, overwrite, quiet, as_json, calib, text_encoder, embeddings)
+    _run(load_recipe(str(recipe_file)), model, out, overwrite, quiet, as_json, calib, text_encoder, embeddings,
+         stream, max_memory)
 
 
 @app.command()

@@ -20,7 +20,7 @@ from compressdit.io.checkpoint import (atomic_output, check_output, copy_pipelin
                                        stored_float_dtype)
 from compressdit.io.diffusers_quantizer import attach_quantizer
 from compressdit.io.model_card import write_model_card
-from compressdit.io.sources import TRANSFORMER_SUBFOLDER, ModelSource, load_source, load_transformer
+from compressdit.io.sources import TRANSFORMER_SUBFOLDER, ModelSource, load_source, load_transformer, resolve_path
 from compressdit.models import adapter_for
 from compressdit.models.sampling import initial_latents
 from compressdit.quant.transform import quantized_modules
@@ -28,6 +28,7 @@ from compressdit.recipe import Recipe, load_recipe
 from compressdit.stages import STAGES, PipelineState
 from compressdit.stages.distill import DistillStageConfig, run_distillation
 from compressdit.stages.evaluate import EvaluateConfig, reference_named_layers, run_evaluation
+from compressdit.streaming import stream_quantize, streaming_reason
 
 
 @torch.no_grad()
@@ -100,12 +101,19 @@ def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
 
 def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, quiet: bool = False,
                calib: str | None = None, text_encoder: str | None = None,
-               embeddings: str | None = None) -> PipelineState:
+               embeddings: str | None = None, stream: bool = False, max_memory: int | None = None) -> PipelineState:
     """Compress ``model`` with ``recipe`` into ``out``; nothing is left at ``out`` if any step fails.
 
     Prompts go through ``embeddings`` (a file of precomputed embeddings), else ``text_encoder`` (a pipeline
-    folder), else the model folder's own text encoders (a pipeline), else MiniLM (reference models)."""
+    folder), else the model folder's own text encoders (a pipeline), else MiniLM (reference models).
+    With ``stream``, or when the loaded model would not fit in ``max_memory`` bytes (default: the memory available),
+    the model is quantized block by block from its shards (:mod:`compressdit.streaming`)."""
     check_output(out, overwrite)  # before loading: a taken output folder should not cost a model load
+    folder = resolve_path(model)
+    is_pipeline = (folder / TRANSFORMER_SUBFOLDER / "config.json").exists()
+    reason = streaming_reason(folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder, stream, max_memory)
+    if reason is not None:
+        return run_streamed(recipe, model, out, overwrite, quiet, reason)
     source = load_source(model, text_encoder=text_encoder, embeddings=embeddings, cache_dir=default_cache_dir())
     adapter = adapter_for(source.transformer)
     if calib is not None:
@@ -134,6 +142,25 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
         state.timings["total_s"] = round(time.perf_counter() - started, 2)
     state.workdir = Path(out)
     return state
+
+
+def run_streamed(recipe: Recipe, model: str, out: Path, overwrite: bool, quiet: bool, reason: str) -> PipelineState:
+    """``run_recipe`` for a model quantized block by block: the checkpoint (with the pipeline's other parts), the
+    recipe and the model card are written atomically; nothing is evaluated (see :mod:`compressdit.streaming`)."""
+    folder = resolve_path(model)
+    is_pipeline = (folder / TRANSFORMER_SUBFOLDER / "config.json").exists()
+    with atomic_output(out, overwrite=overwrite) as workdir:
+        if is_pipeline:
+            copy_pipeline_parts(folder, workdir)
+        result = stream_quantize(recipe, folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder,
+                                 workdir / TRANSFORMER_SUBFOLDER if is_pipeline else workdir, quiet)
+        (workdir / "compressdit_recipe.yaml").write_text(recipe.dump())
+        write_model_card(workdir, display_path=str(out), recipe=recipe, reference_name=model,
+                         reference_folder=folder, model=result.model, report=None)
+    source = ModelSource(model, folder, result.model, is_pipeline=is_pipeline)
+    return PipelineState(source=source, adapter=result.adapter, model=result.model, workdir=Path(out),
+                         reference_spec=model, quant_specs=result.specs, timings=result.timings, quiet=quiet,
+                         recipe_name=recipe.name, notes=[reason, *result.notes])
 
 
 def distill_checkpoint(student: str, teacher: str, out: Path, overrides: dict, workdir: Path | None = None,

@@ -19,7 +19,7 @@ def test_summary_prints_a_report_with_a_text_metric(tmp_path, capsys):
               "metrics": [{"name": "class accuracy", "values": {"candidate": 0.97, "reference": 0.96}},
                           {"name": "kernels", "values": {"candidate": "cpu-int8-gemm x84", "reference": None}}]}
     state = SimpleNamespace(report=report, workdir=tmp_path, recipe_name="w8a8", quant_specs={}, block_origin=None,
-                            timings={})
+                            timings={}, notes=[])
     _summary(state, as_json=False)
     out = capsys.readouterr().out
     assert "cpu-int8-gemm x84" in out and "0.97" in out

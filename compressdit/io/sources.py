@@ -79,11 +79,10 @@ def _class_name(folder: Path) -> str:
         raise CheckpointError(f"{config} is not a valid diffusers config ({exc})") from None
 
 
-def load_transformer(folder: Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a diffusers transformer folder (quantized or not) after checking its files."""
+def transformer_class(folder: Path) -> type[nn.Module]:
+    """The diffusers transformer class ``folder/config.json`` names; raise for anything else."""
     import diffusers
 
-    import compressdit  # noqa: F401  (registers the quantizer backend)
     from compressdit.models import ADAPTERS
     from compressdit.models.generic import is_diffusers_transformer
 
@@ -94,6 +93,14 @@ def load_transformer(folder: Path, dtype: torch.dtype | None = None) -> nn.Modul
         raise UnsupportedModelError(f"unsupported model class {class_name} in {folder}: not a diffusers transformer; "
                                     f"supported: {', '.join(supported)}, and any diffusers transformer "
                                     "(diffusers.models.transformers) with nn.Linear layers")
+    return model_class
+
+
+def load_transformer(folder: Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a diffusers transformer folder (quantized or not) after checking its files."""
+    import compressdit  # noqa: F401  (registers the quantizer backend)
+
+    model_class = transformer_class(folder)
     verify_safetensors(folder)
     from diffusers.utils import logging as diffusers_logging
 

@@ -172,10 +172,20 @@ def kernel_cache(layer: nn.Module, x: torch.Tensor) -> KernelCache | None:
     return None if cache.kernel is None else cache
 
 
+def run_cached(layer: nn.Module, cache: KernelCache, x: torch.Tensor, untransformed: bool = False) -> torch.Tensor:
+    """Run the cached kernel (``untransformed``: its variant that applies the layer's input transform itself).
+    A layer accelerate offloads after this call (``device_map`` with cpu/disk) drops its prepacked copy too."""
+    run = cache.kernel.run_untransformed if untransformed else cache.kernel.run
+    out = run(layer, x, cache.buffers)
+    if not torch.compiler.is_compiling() and getattr(getattr(layer, "_hf_hook", None), "offload", False):
+        cache.clear()
+    return out
+
+
 def run_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The chosen kernel's output for transformed activations ``x``, or ``None`` for the reference path."""
     cache = kernel_cache(layer, x)
-    return None if cache is None else cache.kernel.run(layer, x, cache.buffers)
+    return None if cache is None else run_cached(layer, cache, x)
 
 
 def set_kernel(model: nn.Module, name: str | None) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressdit.quant.kernel_registry import cache_of, kernel_cache, kernel_name_of
+from compressdit.quant.kernel_registry import cache_of, kernel_cache, kernel_name_of, run_cached
 from compressdit.quant.activations import quantize_input
 from compressdit.quant.low_rank import low_rank_split
 from compressdit.quant.primitives import (dequantize_weight, pack_codes, packed_shape, quantize_weight_rtn,
@@ -264,9 +264,9 @@ class QuantLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cache = kernel_cache(self, x)
         if cache is not None and cache.kernel.run_untransformed is not None and self.low_rank_up is None:
-            return cache.kernel.run_untransformed(self, x, cache.buffers)  # balancing fused into the kernel
+            return run_cached(self, cache, x, untransformed=True)  # balancing fused into the kernel
         x = self.transform_input(x)
-        out = None if cache is None else cache.kernel.run(self, x, cache.buffers)
+        out = None if cache is None else run_cached(self, cache, x)
         return self._add_low_rank(self.reference_linear(x) if out is None else out, x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

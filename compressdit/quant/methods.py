@@ -23,6 +23,10 @@ class MethodHandler:
     config_class: type[StrictConfig]
     apply: Callable[[nn.Module, Any, QuantContext], dict[str, LinearQuantSpec]]
     needs_calibration: Callable[[Any], bool]
+    # the per-layer plan when every layer is quantized from its own weights (and its own calibration statistics)
+    # alone, so that quantizing block by block equals ``apply`` (streaming); None (or returning None for a config)
+    # where layers are quantized jointly
+    layer_plan: Callable[[nn.Module, Any, QuantContext], dict[str, LinearQuantSpec | None] | None] | None = None
 
 
 METHODS: Registry[MethodHandler] = Registry("quantization method")
@@ -67,4 +71,8 @@ def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantContext) -> dict:
     return apply_plan(model, resolve_plan(model, ctx.adapter, config.rules), ctx)
 
 
-METHODS.add("rtn", MethodHandler(RTNConfig, _apply_rtn, lambda cfg: rules_need_calibration(cfg.rules)))
+def _rtn_plan(model: nn.Module, config: RTNConfig, ctx: QuantContext) -> dict:
+    return resolve_plan(model, ctx.adapter, config.rules)
+
+
+METHODS.add("rtn", MethodHandler(RTNConfig, _apply_rtn, lambda cfg: rules_need_calibration(cfg.rules), _rtn_plan))

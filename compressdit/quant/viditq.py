@@ -54,4 +54,9 @@ def _needs_calibration(config: ViDiTQConfig) -> bool:
     return rules_need_calibration(config.rules) or config.mixed_precision is not None
 
 
-METHODS.add("viditq", MethodHandler(ViDiTQConfig, _apply_viditq, _needs_calibration))
+def _layer_plan(model: nn.Module, config: ViDiTQConfig, ctx: QuantContext) -> dict | None:
+    """Layer by layer unless mixed precision ranks the layers against each other."""
+    return None if config.mixed_precision is not None else resolve_plan(model, ctx.adapter, config.rules)
+
+
+METHODS.add("viditq", MethodHandler(ViDiTQConfig, _apply_viditq, _needs_calibration, _layer_plan))

@@ -6,10 +6,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+
+from compressdit.calibration.distributed import rank_batches, reduce_max
 from compressdit.calibration.sets import load_conditions, resolve_set, set_bytes
 from compressdit.calibration.stats import ActivationStats, cache_key, capture_input_absmax, stats_from_recorder
 from compressdit.config_base import StrictConfig
-from compressdit.models.sampling import sample
+from compressdit.models.sampling import initial_latents, sample
 from compressdit.progress import progress_bar
 from compressdit.stages.base import STAGES, PipelineState, Stage
 
@@ -51,11 +55,12 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
         if cache.exists():
             return ActivationStats.load(cache)
     scheduler = state.source.scheduler or adapter.scheduler(model)
-    names = list(adapter.linear_layers(model))
+    layers = adapter.linear_layers(model)
     timesteps: list[int] = []
-    with capture_input_absmax(model, names) as recorder, \
-            progress_bar("calibrate", total=config.steps * ((len(conditions) - 1) // config.batch_size + 1),
-                         quiet=state.quiet) as bar:
+    ranks = PartialState()
+    batches = rank_batches(len(conditions), config.batch_size, ranks)  # all of them in a single process
+    with capture_input_absmax(model, list(layers)) as recorder, \
+            progress_bar("calibrate", total=config.steps * len(batches), quiet=state.quiet) as bar:
         def on_step(i, t, latents, prediction):
             if len(timesteps) < config.steps:
                 timesteps.append(int(t))
@@ -63,10 +68,21 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
             bar.update(1)
 
         recorder.step = 0
-        sample(adapter, model, conditions, scheduler, steps=config.steps, guidance=config.guidance,
-               seed=config.seed, on_step=on_step, batch_size=config.batch_size, prompt_encoder=encoder)
+        if ranks.num_processes == 1:
+            sample(adapter, model, conditions, scheduler, steps=config.steps, guidance=config.guidance,
+                   seed=config.seed, on_step=on_step, batch_size=config.batch_size, prompt_encoder=encoder)
+        else:  # this rank's batches, from the latents one process draws for them
+            latents = initial_latents(adapter, model, len(conditions), config.seed)
+            for start, end in batches:
+                sample(adapter, model, conditions[start:end], scheduler, steps=config.steps,
+                       guidance=config.guidance, latents=latents[start:end], on_step=on_step,
+                       batch_size=config.batch_size, prompt_encoder=encoder)
+    if ranks.num_processes > 1:
+        recorder.per_step = reduce_max(recorder.per_step, {n: m.in_features for n, m in layers.items()},
+                                       config.steps, ranks)
+        timesteps = broadcast_object_list([timesteps])[0]  # rank 0 always sampled the first batch
     stats = stats_from_recorder(recorder, timesteps)
-    if cache is not None:
+    if cache is not None and ranks.is_main_process:
         stats.save(cache)
     return stats
 

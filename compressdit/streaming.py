@@ -1,0 +1,207 @@
+"""Streaming quantization: a model larger than memory, one transformer block in memory at a time.
+
+The model is built on the ``meta`` device from its ``config.json`` (accelerate's ``init_empty_weights``); the
+layer plan comes from the recipe's quantize stages (methods whose ``layer_plan`` says each layer is quantized from
+its own weights alone). Then, for the modules outside the blocks and for each block in turn: its tensors are read
+from the source's safetensors shards (:class:`~compressdit.io.shards.LazyWeights`), loaded into the skeleton in the
+dtype an in-memory load gives, quantized by the same ``quantize_layers`` as the in-memory path, cast as
+``save_pretrained`` would cast them, handed to a :class:`~compressdit.io.shards.ShardWriter` and dropped back to
+``meta``. Output tensors, shard layout, index and ``config.json`` equal what the in-memory path writes with the same
+``max_shard_size``. Calibrated recipes are refused: block-by-block calibration is not implemented.
+
+The orchestrator (:func:`compressdit.pipeline.run_recipe`) streams when asked (``--stream``) or when the source
+would not fit in the memory budget (:func:`streaming_reason`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressdit.errors import CalibrationError, CheckpointError, ConfigError
+from compressdit.io.checkpoint import stored_float_dtype, verify_safetensors
+from compressdit.io.diffusers_quantizer import attach_quantizer
+from compressdit.io.shards import LazyWeights, ShardWriter, expected_tensors, plan_shards
+from compressdit.io.sources import transformer_class
+from compressdit.models import ModelAdapter, adapter_for
+from compressdit.progress import track
+from compressdit.quant import viditq  # noqa: F401  (registers the method)
+from compressdit.quant.context import QuantContext
+from compressdit.quant.methods import METHODS
+from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.transform import build_empty_layers, check_plan_fits, quantize_layers
+from compressdit.recipe import Recipe
+
+# shards of the streamed output: each is held in memory until its last tensor is produced
+STREAM_SHARD_SIZE = "1GB"
+
+
+def in_memory_bytes(folder: Path) -> int:
+    """Bytes the checkpoint's float tensors take once loaded the in-memory way (float32, as ``from_pretrained``
+    without ``torch_dtype`` loads them)."""
+    return LazyWeights(folder).float_numel() * 4
+
+
+def streaming_reason(folder: Path, stream: bool, max_memory: int | None) -> str | None:
+    """Why this run streams (``--stream``, or the loaded model would exceed ``max_memory``, by default the memory
+    available now), or None to compress in memory."""
+    if stream:
+        return "streamed (--stream)"
+    if not any(Path(folder).glob("*.safetensors")):
+        return None  # loading in memory reports what is wrong with the folder
+    import psutil
+
+    budget = max_memory if max_memory is not None else psutil.virtual_memory().available
+    need = in_memory_bytes(folder)
+    if need <= budget:
+        return None
+    return (f"streamed: the model needs {need / 1e9:.1f} GB in memory (float32), more than the "
+            f"{'--max-memory' if max_memory is not None else 'available memory'} of {budget / 1e9:.1f} GB")
+
+
+def skeleton(folder: Path) -> nn.Module:
+    """The model ``folder/config.json`` describes, with every parameter on ``meta`` (no memory)."""
+    from accelerate import init_empty_weights
+
+    model_class = transformer_class(folder)
+    config = model_class.load_config(folder)
+    if "quantization_config" in config:
+        raise CheckpointError(f"{folder} is already compressed (its config.json has a quantization_config); "
+                              "streaming quantizes float checkpoints")
+    with init_empty_weights():
+        model = model_class.from_config(config).eval()
+    model.register_to_config(_name_or_path=str(folder))  # as from_pretrained records it
+    return model
+
+
+_NOT_STREAMED = {
+    "evaluate": "it samples with the whole model; pass --no-eval and evaluate the checkpoint where it fits",
+    "calibrate": "block-by-block calibration is not implemented; use a calibration-free recipe (rtn-w8a8, "
+                 "rtn-w4a16) or a machine where the model fits in memory",
+}
+
+
+def streamed_plan(recipe: Recipe, model: nn.Module, adapter: ModelAdapter) -> dict[str, LinearQuantSpec]:
+    """The recipe's quantize stages as one per-layer plan; raise for what streaming cannot run."""
+    plan: dict[str, LinearQuantSpec] = {}
+    for stage in recipe.stages:
+        if stage.name != "quantize":
+            why = _NOT_STREAMED.get(stage.name, "streaming runs quantize stages only; run it where the model fits "
+                                                "in memory")
+            raise ConfigError(f"recipe {recipe.name}: stage {stage.name!r} cannot stream: {why}")
+        handler = METHODS.get(stage.config.method)
+        if handler.needs_calibration(stage.config.options):
+            raise CalibrationError(f"recipe {recipe.name}: method {stage.config.method!r} as configured needs "
+                                   "calibration, which streaming does not run yet; use a calibration-free recipe "
+                                   "(rtn-w8a8, rtn-w4a16) or a machine where the model fits in memory")
+        layer_plan = handler.layer_plan(model, stage.config.options, QuantContext(adapter=adapter)) \
+            if handler.layer_plan is not None else None
+        if layer_plan is None:
+            raise ConfigError(f"recipe {recipe.name}: method {stage.config.method!r} as configured quantizes layers "
+                              "jointly and cannot stream; run it where the model fits in memory")
+        for name, spec in layer_plan.items():
+            if spec is not None and name in plan:
+                raise ConfigError(f"{name} is already quantized ({plan[name].label}); a recipe quantizes a layer once")
+            if spec is not None:
+                plan[name] = spec
+    check_plan_fits(model, plan)
+    return plan
+
+
+@dataclass
+class StreamResult:
+    """The quantized skeleton (``meta`` tensors: module structure for the model card), specs and notes."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    specs: dict[str, LinearQuantSpec]
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _units(model: nn.Module, adapter: ModelAdapter) -> list[tuple[str, nn.Module]]:
+    """What is materialised at once: everything outside the blocks (``""``), then each block in order."""
+    return [("", model)] + list(adapter.blocks(model))
+
+
+def _in_unit(name: str, prefix: str, block_prefixes: list[str]) -> bool:
+    """Whether tensor or module ``name`` belongs to the unit ``prefix`` (``""``: outside every block)."""
+    if prefix:
+        return name.startswith(prefix + ".")
+    return not any(name.startswith(p + ".") for p in block_prefixes)
+
+
+@torch.no_grad()
+def stream_quantize(recipe: Recipe, source: Path, target: Path, quiet: bool = False,
+                    max_shard_size: int | str = STREAM_SHARD_SIZE) -> StreamResult:
+    """Quantize the float checkpoint in ``source`` with ``recipe`` into ``target``, block by block (module doc)."""
+    started = time.perf_counter()
+    verify_safetensors(source)  # headers and sizes: a truncated shard fails now, not after an hour
+    weights = LazyWeights(source)
+    model = skeleton(source)
+    adapter = adapter_for(model)
+    plan = streamed_plan(recipe, model, adapter)
+    float_dtype = stored_float_dtype(source)
+    # the output's layout, dtypes and metadata: what save_pretrained derives from the quantized model
+    quantized = copy.deepcopy(model)
+    build_empty_layers(quantized, plan)
+    config = attach_quantizer(quantized, plan)
+    config.record_float_dtype(float_dtype)
+    out_state, metadata = quantized.hf_quantizer.get_state_dict_and_metadata(quantized.state_dict())
+    expected = expected_tensors(out_state)
+    layout = plan_shards(out_state, max_shard_size)
+    del quantized, out_state
+
+    source_state = model.state_dict()
+    source_names = list(source_state)
+    unused = sorted(set(weights.names()) - set(source_names))
+    if unused:
+        raise CheckpointError(f"{source}: the weights have tensor {unused[0]} that config.json does not use "
+                              f"({len(unused)} unused): config.json and weights do not match")
+    units = _units(model, adapter)
+    block_prefixes = [p for p, _ in units if p]
+    with ShardWriter(target, layout, expected, metadata) as writer:
+        for prefix, module in track(units, "streaming blocks", quiet=quiet):
+            names = [n for n in source_names if _in_unit(n, prefix, block_prefixes)]
+            tensors = weights.read(names)
+            for name, tensor in tensors.items():
+                if tensor.shape != source_state[name].shape:
+                    raise CheckpointError(f"tensor {name} has shape {list(tensor.shape)} in the weights but "
+                                          f"config.json implies {list(source_state[name].shape)}: config.json and "
+                                          "weights do not match")
+            tensors = {n: t.to(source_state[n].dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+            strip = len(prefix) + 1 if prefix else 0
+            module.load_state_dict({n[strip:]: t for n, t in tensors.items()}, strict=bool(prefix), assign=True)
+            del tensors
+            quantize_layers(model, {n: s for n, s in plan.items() if _in_unit(n, prefix, block_prefixes)})
+            produced = [n for n in expected if _in_unit(n, prefix, block_prefixes)]
+            state = module.state_dict()
+            writer.add({n: state[n[strip:]].to(expected[n][1]) for n in produced})
+            del state
+            _drop(module, block_prefixes if not prefix else [])
+    attach_quantizer(model, plan).record_float_dtype(float_dtype)
+    model.save_config(target)
+    verify_safetensors(target)
+    files = len(layout.filename_to_tensors)
+    notes = [f"streamed: {len(units) - 1} blocks quantized one at a time from {source}, written as {files} "
+             f"shard{'s' * (files != 1)}; no reload check (the model is not held in memory)"]
+    return StreamResult(model, adapter, plan, notes, {"quantize_s": round(time.perf_counter() - started, 2)})
+
+
+def _drop(module: nn.Module, skip_prefixes: list[str]) -> None:
+    """Move ``module``'s tensors to ``meta`` (freeing them), leaving the stacks named by ``skip_prefixes`` alone."""
+    if not skip_prefixes:
+        module.to("meta")
+        return
+    stacks = {p.rpartition(".")[0] for p in skip_prefixes}
+    for name, child in module.named_children():
+        if name not in stacks:
+            child.to("meta")
+    for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        setattr(module, name, nn.Parameter(tensor.to("meta"), requires_grad=False)
+                if isinstance(tensor, nn.Parameter) else tensor.to("meta"))
