@@ -117,3 +117,11 @@ def moe_layers(model: nn.Module) -> dict[str, MoEFeedForward]:
     """Every MoE FFN of ``model`` by fully qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MoEFeedForward)}
 
+
+
+def activated_parameters(model: nn.Module) -> int:
+    """Parameters one token's forward uses: every parameter, less the routed experts a token skips."""
+    total = sum(p.numel() for p in model.parameters())
+    for layer in moe_layers(model).values():
+        total -= sum(p.numel() for p in layer.parameters()) - layer.layout.parameters_per_token()
+    return total

@@ -10,22 +10,12 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import nn
-
 from compressdit.errors import ConfigError
 from compressdit.io.structure import record_structure
 from compressdit.moe.dense2moe import Dense2MoEConfig, dense2moe
-from compressdit.moe.layers import moe_layers
+from compressdit.moe.layers import activated_parameters, moe_layers
 from compressdit.stages.base import STAGES, PipelineState, Stage, parameter_count
 from compressdit.stages.prune_width import calibration_batches
-
-
-def activated_parameters(model: nn.Module) -> int:
-    """Parameters one token's forward uses: every parameter, less the routed experts a token skips."""
-    total = parameter_count(model)
-    for layer in moe_layers(model).values():
-        total -= sum(p.numel() for p in layer.parameters()) - layer.layout.parameters_per_token()
-    return total
 
 
 class MoEStage(Stage):

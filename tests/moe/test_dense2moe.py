@@ -101,3 +101,27 @@ def test_stock_from_pretrained_rebuilds_and_save_pretrained_round_trips(tmp_path
     again = DiTTransformer2DModel.from_pretrained(tmp_path / "b")
     assert all(torch.equal(t, ours[k]) for k, t in again.state_dict().items())
     torch.testing.assert_close(_predict(again), _predict(model), rtol=1e-5, atol=1e-5)
+
+
+def test_flux_double_blocks_split_both_streams_exactly() -> None:
+    from compressdit.models.text_conditions import synthetic_text
+    from tests.conftest import tiny_flux
+
+    flux = ADAPTERS.get("flux")
+    dense = tiny_flux(double=1, single=1, heads=2, text_dim=32, pooled_dim=16).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *flux.latent_shape(dense), generator=gen, dtype=torch.float64)
+    cond = flux.encode(dense, synthetic_text(2, 5, 32, 16)).to(torch.device("cpu"), torch.float64)
+    batch = CalibrationBatch(x, torch.tensor([300, 700]), cond, torch.randn(x.shape, generator=gen, dtype=torch.float64))
+    moe = copy.deepcopy(dense)
+    config = Dense2MoEConfig.from_dict({"experts": 3, "shared_experts": 1, "top_k": 1, "grouping": "coactivation"})
+    layers = dense2moe(moe, flux, config, [batch])
+    assert sorted(layers) == ["transformer_blocks.0.ff", "transformer_blocks.0.ff_context"]
+    assert flux.role_of("transformer_blocks.0.ff_context.experts.2.up") == "context"
+    assert flux.role_of("transformer_blocks.0.ff.shared.down") == "ffn_down"
+    for layer in layers.values():
+        layer.top_k = 3
+    with torch.no_grad():
+        t = torch.tensor([500])
+        torch.testing.assert_close(flux.predict(moe, x, t, cond), flux.predict(dense, x, t, cond), rtol=1e-10,
+                                   atol=1e-10)
