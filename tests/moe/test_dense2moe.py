@@ -125,3 +125,26 @@ def test_flux_double_blocks_split_both_streams_exactly() -> None:
         t = torch.tensor([500])
         torch.testing.assert_close(flux.predict(moe, x, t, cond), flux.predict(dense, x, t, cond), rtol=1e-10,
                                    atol=1e-10)
+
+
+def test_quantized_experts_reload_through_stock_from_pretrained(tmp_path) -> None:
+    from diffusers import DiTTransformer2DModel
+
+    from compressdit.io.diffusers_quantizer import attach_quantizer
+    from compressdit.quant.layers import QuantizedLinear
+    from compressdit.quant.spec import LinearQuantSpec
+    from compressdit.quant.transform import quantize_layers
+
+    model = tiny_dit()
+    _convert(model, experts=7, shared_experts=1, top_k=3, grouping="coactivation")
+    record_structure(model)
+    specs = {n: LinearQuantSpec(w_bits=8, a_bits=8) for n, m in model.named_modules()
+             if DIT.role_of(n) in ("ffn_up", "ffn_down")}
+    assert len(specs) == 2 * 2 * 8  # up and down of 7 routed + 1 shared expert in 2 blocks
+    quantize_layers(model, specs)
+    attach_quantizer(model, specs)
+    model.save_pretrained(tmp_path)
+    reloaded = DiTTransformer2DModel.from_pretrained(tmp_path)
+    assert isinstance(reloaded.transformer_blocks[1].ff.experts[3].down, QuantizedLinear)
+    assert type(reloaded.transformer_blocks[1].ff.router) is torch.nn.Linear
+    torch.testing.assert_close(_predict(reloaded), _predict(model), rtol=1e-5, atol=1e-5)
