@@ -96,7 +96,7 @@ def calibration_records(model: nn.Module, adapter: ModelAdapter, ffns: dict[str,
     grads: dict[str, list[torch.Tensor]] = {name: [] for name in ffns}
     for batch in batches:
         with torch.set_grad_enabled(needs_gradients), record_hidden(ffns) as hidden:
-            latents = batch.latents.requires_grad_(needs_gradients)
+            latents = batch.latents.detach().requires_grad_(needs_gradients)
             pred = adapter.predict(model, latents, batch.timestep, batch.cond)
             if needs_gradients:
                 tensors = [hidden[n][0] for n in ffns]
