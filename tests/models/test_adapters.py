@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 
@@ -136,7 +137,7 @@ def test_every_linear_has_exactly_one_role(family: str) -> None:
 def test_every_role_pattern_matches_a_module(family: str) -> None:
     """Catches typos: each pattern names something in a model that uses every feature of the family."""
     adapter = ADAPTERS.get(family)
-    model = _model(family)
+    model = copy.deepcopy(_model(family))  # _model is cached: other tests use it dense
     names = [name for name, _ in model.named_modules()]
     for name, ffn in adapter.feed_forwards(model).items():  # the experts' patterns name the Dense2MoE layers
         model.set_submodule(name, MoEFeedForward(layout_for(ffn, Dense2MoEConfig(experts=1, top_k=1), name)))
