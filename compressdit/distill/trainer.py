@@ -16,6 +16,7 @@ from compressdit.distill.losses import capture_features, data_loss, feature_loss
 from compressdit.distill.objectives import objective_for
 from compressdit.errors import ConfigError, UnsupportedModelError
 from compressdit.models.base import ModelAdapter, adapter_for
+from compressdit.moe.usage import ExpertLoad, capture_routing, router_losses
 from compressdit.zoo.trainer import ResumableTrainer, TrainSchedule
 
 # feature-loss weight multiplier at ``step`` of ``steps``
@@ -34,7 +35,9 @@ class DistillConfig(StrictConfig):
 
     Loss = ``output_weight`` * MSE(student, teacher prediction) + ``data_weight`` * the diffusion / flow loss
     + ``feature_weight`` * block-feature MSE (scaled by ``feature_schedule``: ``linear`` decays to 0 at the
-    last step). ``batch_size`` is the global batch (split over processes). ``condition_dropout`` replaces
+    last step). A student with MoE layers (Dense2MoE) adds ``balance_weight`` * the load-balancing loss and
+    ``router_z_weight`` * the router z-loss, means over its MoE layers; its expert load per timestep is tracked.
+    ``batch_size`` is the global batch (split over processes). ``condition_dropout`` replaces
     labels/captions by the null condition, identically for student and teacher.
     """
 
@@ -48,6 +51,8 @@ class DistillConfig(StrictConfig):
     feature_weight: float = 0.01
     feature_schedule: Literal["linear", "constant"] = "linear"
     data_weight: float = 0.1
+    balance_weight: float = 0.0
+    router_z_weight: float = 0.0
     layer_map: Union[Literal["auto"], list[int], list[list[int]]] = "auto"
     mask_massive_activations: bool = True
     condition_dropout: float = 0.1
@@ -57,7 +62,8 @@ class DistillConfig(StrictConfig):
 
     def validate(self, where: str) -> None:
         self.require_positive(where, "steps", "batch_size", "checkpoint_every")
-        for key in ("lr", "weight_decay", "output_weight", "feature_weight", "data_weight"):
+        for key in ("lr", "weight_decay", "output_weight", "feature_weight", "data_weight", "balance_weight",
+                    "router_z_weight"):
             if getattr(self, key) < 0 or (key == "lr" and self.lr == 0):
                 raise ConfigError(f"{where}.{key}: must be {'positive' if key == 'lr' else '>= 0'}, "
                                   f"got {getattr(self, key)}")
@@ -133,13 +139,15 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, confi
     s_blocks, t_blocks = [s for s, _ in pairs], [t for _, t in pairs]
     names = [f"student block {s} <-> teacher block {t}" for s, t in pairs]
     needs_teacher = config.output_weight > 0 or config.feature_weight > 0
+    load = ExpertLoad()  # expert load per timestep of a MoE student (steps run by this process since its start)
 
     def loss_fn(gen: torch.Generator):
         batch = sampler.draw(config.batch_size, gen).part(rank, world)
         x_t, timestep, cond = batch.x_t.to(device), batch.timestep.to(device), select(table, batch.condition_rows)
-        with capture_features(student, adapter, s_blocks) as s_feats:
+        with capture_features(student, adapter, s_blocks) as s_feats, capture_routing(student) as routing:
             pred = adapter.predict(student, x_t.to(dtype), timestep, cond)
-        parts = {"data": data_loss(pred, batch.target.to(device))}
+        parts = {"data": data_loss(pred, batch.target.to(device)), **router_losses(routing)}
+        load.add(routing, timestep)
         if needs_teacher:
             with torch.no_grad(), capture_features(teacher, adapter, t_blocks) as t_feats:
                 t_pred = adapter.predict(teacher, x_t.to(t_dtype), timestep, cond.to(device, t_dtype))
@@ -148,7 +156,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, confi
         if pairs:
             parts["feature"] = feature_loss([s_feats[s] for s in s_blocks], [t_feats[t] for t in t_blocks],
                                             config.mask_massive_activations, names)
-        weights = {"data": config.data_weight, "output": config.output_weight, "feature": beta}
+        weights = {"data": config.data_weight, "output": config.output_weight, "feature": beta,
+                   "balance": config.balance_weight, "router_z": config.router_z_weight}
         total = sum(weights[k] * v for k, v in parts.items())
         return total, {**{k: float(v.detach()) for k, v in parts.items()}, "feature_weight": beta}
 
@@ -167,4 +176,4 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, confi
             "train_s": round(trainer.train_seconds, 2), "layer_map": [list(p) for p in pairs],
             "initial": dict(history[0]) if history else {},
             "final": {k: sum(h[k] for h in tail) / len(tail) for k in tail[0]} if tail else {},
-            "history": history, "workdir": str(workdir)}
+            "history": history, "workdir": str(workdir), "expert_load": load.summary()}

@@ -276,7 +276,7 @@ class CompressditQuantizer(DiffusersQuantizer):
         config = dict(model._internal_dict)
         config.pop("quantization_config", None)
         structure = self.quantization_config.structure
-        if structure.get("width") or structure.get("heads"):  # pruned widths still need the manifest to reload
+        if any(structure.get(k) for k in ("width", "heads", "moe")):  # pruned / MoE layers need the manifest
             config["quantization_config"] = CompressditConfig(structure=structure)
         model._internal_dict = FrozenDict(config)
         return model

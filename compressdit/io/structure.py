@@ -8,7 +8,9 @@ config builds is kept in ``quantization_config.structure`` (see :mod:`compressdi
      "heads": {"transformer_blocks.0.attn1": 1}}
 
 ``width`` maps a linear's fully qualified name to its ``[out_features, in_features]``; ``heads`` maps an
-attention module to its head count. :func:`record_structure` writes the manifest of a pruned model (stock
+attention module to its head count; ``moe`` maps a dense FFN's name to the :class:`~compressdit.moe.layers.MoELayout`
+of the mixture of experts that replaced it (Dense2MoE), e.g. ``{"transformer_blocks.0.ff": {"dim": 128,
+"dim_out": 128, "experts": 7, "expert_hidden": 64, "top_k": 3, "shared_hidden": 64, ...}}``. :func:`record_structure` writes the manifest of a pruned model (stock
 ``save_pretrained`` then saves it), :func:`apply_structure` reshapes the empty model built by
 ``from_pretrained`` before its weights load. Other ``structure`` keys belong to other transforms and are left alone.
 """
@@ -20,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressdit.errors import CheckpointError
+from compressdit.errors import CheckpointError, ConfigError
+from compressdit.moe.layers import MoEFeedForward, MoELayout
 
-WIDTH, HEADS = "width", "heads"
+WIDTH, HEADS, MOE = "width", "heads", "moe"
 
 
 def is_attention(module: nn.Module) -> bool:
@@ -63,16 +66,18 @@ def _shape(linear: nn.Linear) -> list[int]:
 
 
 def structure_of(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Every linear whose shape and every attention whose head count differ from what the config builds."""
+    """Every linear whose shape and every attention whose head count differ from what the config builds, and
+    every MoE layer's layout."""
     reference = dict(reference_model(model).named_modules())
     width, heads = {}, {}
+    moe = {name: m.layout.to_dict() for name, m in model.named_modules() if isinstance(m, MoEFeedForward)}
     for name, module in model.named_modules():
         built = reference.get(name)
         if isinstance(module, nn.Linear) and isinstance(built, nn.Linear) and _shape(module) != _shape(built):
             width[name] = _shape(module)
         if is_attention(module) and built is not None and is_attention(built) and module.heads != built.heads:
             heads[name] = int(module.heads)
-    return {WIDTH: width, HEADS: heads}
+    return {WIDTH: width, HEADS: heads, **({MOE: moe} if moe else {})}
 
 
 def record_structure(model: nn.Module) -> dict[str, Any]:
@@ -122,10 +127,27 @@ def _resize(linear: nn.Linear, out_features: int, in_features: int) -> None:
     linear.out_features, linear.in_features = out_features, in_features
 
 
+def _build_moe(model: nn.Module, name: str, entry: Any) -> None:
+    """Replace the dense FFN ``name`` by an empty MoE layer of the recorded layout, on the FFN's device/dtype."""
+    dense = _module(model, name, MOE)
+    try:
+        layout = MoELayout.from_dict(entry, f"quantization_config.structure.moe[{name!r}]")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    param = next(dense.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    with torch.device(device):
+        moe = MoEFeedForward(layout)
+    model.set_submodule(name, moe.to(param.dtype) if param is not None else moe)
+
+
 def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
-    """Reshape the layers and head counts a manifest records (before weights load); other keys are ignored."""
+    """Reshape the layers and head counts and build the MoE layers a manifest records (before weights load);
+    other keys are ignored."""
     if not isinstance(structure, dict):
         raise CheckpointError(f"quantization_config.structure must be a mapping, got {type(structure).__name__}")
+    for name, entry in _entries(structure, MOE).items():
+        _build_moe(model, name, entry)
     head_counts = {}
     for name, heads in _entries(structure, HEADS).items():
         attn = _module(model, name, HEADS)

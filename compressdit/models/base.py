@@ -79,6 +79,20 @@ class Conditioning:
         return len(next(iter(self.tensors.values())))
 
 
+@dataclass(frozen=True)
+class DenseFFN:
+    """A dense MLP ``down(activation(up(x)))`` (Dense2MoE splits its hidden neurons); ``activation`` is a
+    :data:`compressdit.moe.layers.ACTIVATIONS` name."""
+
+    up: nn.Linear
+    down: nn.Linear
+    activation: str
+
+
+# diffusers' GELU activation module (``FeedForward.net[0]``) by its ``approximate`` attribute
+_GELU_NAMES = {"none": "gelu", "tanh": "gelu-tanh"}
+
+
 class ModelAdapter(ABC):
     """Facts about one diffusers transformer family. Subclasses fill the class attributes.
 
@@ -104,6 +118,7 @@ class ModelAdapter(ABC):
     text_length_key: ClassVar[str | None] = None  # config key of a fixed text token count (CogVideoX)
     frame_axis: ClassVar[int | None] = None
     original_arch: ClassVar[str | None] = None  # GGUF ``general.architecture`` of the original layout (ComfyUI-GGUF)
+    ffn_modules: ClassVar[tuple[str, ...]] = ()  # anchored regexes of the diffusers ``FeedForward``s (Dense2MoE)
 
     def role_of(self, name: str) -> str | None:
         for role, patterns in self.roles.items():
@@ -114,6 +129,23 @@ class ModelAdapter(ABC):
     def linear_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """Every ``nn.Linear`` of the model by fully qualified name."""
         return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+    def feed_forwards(self, model: nn.Module) -> dict[str, DenseFFN]:
+        """The dense FFNs matching ``ffn_modules`` by name: diffusers ``FeedForward``s whose ``net`` is a GELU
+        projection (``net[0].proj``), dropout, and the down projection (its last ``nn.Linear``)."""
+        found = {}
+        for name, module in model.named_modules():
+            if not any(re.fullmatch(p, name) for p in self.ffn_modules):
+                continue
+            net = getattr(module, "net", None)
+            act = net[0] if isinstance(net, nn.ModuleList) and len(net) else None
+            linears = [m for m in net or [] if isinstance(m, nn.Linear)]
+            if getattr(act, "approximate", None) not in _GELU_NAMES or not isinstance(act.proj, nn.Linear) \
+                    or not linears:
+                raise UnsupportedModelError(f"{name} ({type(module).__name__}) is not a GELU FeedForward "
+                                            f"(net[0] is {type(act).__name__}); only GELU MLPs can become MoE layers")
+            found[name] = DenseFFN(act.proj, linears[-1], _GELU_NAMES[act.approximate])
+        return found
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Transformer blocks in execution order."""

@@ -15,6 +15,7 @@ from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAda
 NULL_CLASS = 1000  # DiTPipeline's null label for classifier-free guidance
 
 _BLOCK = r"transformer_blocks\.\d+"
+_EXPERT = r"\.ff\.(?:experts\.\d+|shared)"  # MoE experts replacing the FFN (Dense2MoE)
 
 
 class DiTAdapter(ModelAdapter):
@@ -26,12 +27,13 @@ class DiTAdapter(ModelAdapter):
     roles = {
         "attn_qkv": (_BLOCK + r"\.attn1\.to_[qkv]",),
         "attn_out": (_BLOCK + r"\.attn1\.to_out\.0",),
-        "ffn_up": (_BLOCK + r"\.ff\.net\.0\.proj",),
-        "ffn_down": (_BLOCK + r"\.ff\.net\.2",),
+        "ffn_up": (_BLOCK + r"\.ff\.net\.0\.proj", _BLOCK + _EXPERT + r"\.up"),
+        "ffn_down": (_BLOCK + r"\.ff\.net\.2", _BLOCK + _EXPERT + r"\.down"),
         "adaln": (_BLOCK + r"\.norm1\.linear",),
         "embedder": (_BLOCK + r"\.norm1\.emb\..*", r"pos_embed\..*"),
         "head": (r"proj_out_1", r"proj_out_2"),
     }
+    ffn_modules = (_BLOCK + r"\.ff",)
 
     def encode(self, model, conditions):
         return Conditioning({"class_labels": torch.as_tensor(conditions, dtype=torch.long)})

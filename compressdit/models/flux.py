@@ -29,6 +29,7 @@ from compressdit.models.text_conditions import TextEmbedding
 
 _DOUBLE = r"transformer_blocks\.\d+"
 _SINGLE = r"single_transformer_blocks\.\d+"
+_EXPERT = r"\.(?:experts\.\d+|shared)"  # MoE experts of the FFNs (Dense2MoE)
 _JOINT = ("encoder_hidden_states", "hidden_states")  # what both block kinds return, in this order
 
 
@@ -109,14 +110,16 @@ class FluxAdapter(ModelAdapter):
         "attn_qkv": (_DOUBLE + r"\.attn\.to_[qkv]", _SINGLE + r"\.attn\.to_[qkv]"),
         "attn_out": (_DOUBLE + r"\.attn\.to_out\.0",),
         "context": (_DOUBLE + r"\.attn\.add_[qkv]_proj", _DOUBLE + r"\.attn\.to_add_out",
-                    _DOUBLE + r"\.ff_context\.net\.(?:0\.proj|2)", _DOUBLE + r"\.norm1_context\.linear"),
-        "ffn_up": (_DOUBLE + r"\.ff\.net\.0\.proj", _SINGLE + r"\.proj_mlp"),
-        "ffn_down": (_DOUBLE + r"\.ff\.net\.2", _SINGLE + r"\.proj_out"),
+                    _DOUBLE + r"\.ff_context\.net\.(?:0\.proj|2)",
+                    _DOUBLE + r"\.ff_context" + _EXPERT + r"\.(?:up|down)", _DOUBLE + r"\.norm1_context\.linear"),
+        "ffn_up": (_DOUBLE + r"\.ff\.net\.0\.proj", _SINGLE + r"\.proj_mlp", _DOUBLE + r"\.ff" + _EXPERT + r"\.up"),
+        "ffn_down": (_DOUBLE + r"\.ff\.net\.2", _SINGLE + r"\.proj_out", _DOUBLE + r"\.ff" + _EXPERT + r"\.down"),
         "adaln": (_DOUBLE + r"\.norm1\.linear", _SINGLE + r"\.norm\.linear"),
         "embedder": (r"time_text_embed\..*", r"context_embedder", r"x_embedder", r"pos_embed(?:\..*)?"),
         "head": (r"norm_out\.linear", r"proj_out"),
     }
     original_arch = "flux"
+    ffn_modules = (_DOUBLE + r"\.ff", _DOUBLE + r"\.ff_context")  # single blocks' fused proj_mlp: not split
     # Flux configs carry no sample_size: latents are ``latent_size`` square unless the config has one.
     # Set it on the registered instance (``ADAPTERS.get("flux").latent_size = 128`` for 1024 px images).
     latent_size: int = 8

@@ -116,7 +116,8 @@ def incomplete_message(metrics: dict) -> str:
 
 
 def loss_table(metrics: dict, config: DistillConfig) -> dict:
-    weights = {"output": config.output_weight, "feature": config.feature_weight, "data": config.data_weight}
+    weights = {"output": config.output_weight, "feature": config.feature_weight, "data": config.data_weight,
+               "balance": config.balance_weight, "router_z": config.router_z_weight}
     first, last = metrics["history"][:10], metrics["history"][-10:]
     rows = [[name, weight, round(sum(h[name] for h in first) / len(first), 6),
              round(sum(h[name] for h in last) / len(last), 6)]
@@ -129,7 +130,7 @@ def plot_losses(history: list[dict]) -> str:
     """A PNG (temp file) of each loss component over the steps, log scale."""
     def draw(ax) -> None:
         steps = range(1, len(history) + 1)
-        for name in ("loss", "output", "feature", "data"):
+        for name in ("loss", "output", "feature", "data", "balance", "router_z"):
             if history and name in history[0]:
                 ax.plot(steps, [max(h[name], 1e-12) for h in history], label=name, linewidth=1)
         ax.set_yscale("log")
@@ -139,6 +140,15 @@ def plot_losses(history: list[dict]) -> str:
         ax.legend()
 
     return plot_to_file(draw)
+
+
+def expert_load_table(load: dict) -> dict:
+    """The busiest expert's share of assignments per timestep bin (mean over MoE layers) during distillation."""
+    width = 1000 // load["bins"]
+    rows = [[f"{i * width}-{(i + 1) * width - 1}", round(share, 3), round(1 / load["experts"], 3)]
+            for i, share in enumerate(load["busiest_share_per_bin"])]
+    return {"title": f"expert load during distillation (router entropy {load['router_entropy']:.3f} nats)",
+            "header": ["timesteps", "busiest expert's share", "balanced share"], "rows": rows}
 
 
 class DistillStage(Stage):
@@ -161,6 +171,8 @@ class DistillStage(Stage):
         state.tables.append(loss_table(metrics, config))
         if metrics["history"]:
             state.figures["Distillation loss"] = plot_losses(metrics["history"])
+        if metrics.get("expert_load"):
+            state.tables.append(expert_load_table(metrics["expert_load"]))
         state.timings["distill_s"] = round(time.perf_counter() - started, 2)
 
 

@@ -45,20 +45,29 @@ class EvaluateConfig(StrictConfig):
                             effnet=self.effnet)
 
 
+def _structure(model) -> dict:
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    return getattr(config, "structure", {})
+
+
 def _width_pruned(model) -> set[str]:
     """The linears whose shapes width pruning changed (the model's ``quantization_config.structure``)."""
-    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
-    return set(getattr(config, "structure", {}).get("width", {}))
+    return set(_structure(model).get("width", {}))
+
+
+def _in_moe(model, name: str) -> bool:
+    """Whether ``name`` lies inside a MoE layer (Dense2MoE), which has no namesake in the reference."""
+    return any(name.startswith(f"{layer}.") for layer in _structure(model).get("moe", {}))
 
 
 def reference_named_layers(state: PipelineState) -> list[str]:
     """The quantized layers, by names that also name the reference's layers: none after depth pruning, which
     renumbers blocks (their per-layer SQNR against the reference layer of that name would mean nothing), and
-    none that width pruning reshaped (the reference layer's inputs do not fit them)."""
+    none that width pruning reshaped (the reference layer's inputs do not fit them), none inside MoE layers."""
     if state.block_origin is not None:
         return []
     reshaped = _width_pruned(state.model)
-    return sorted(name for name in state.quant_specs if name not in reshaped)
+    return sorted(name for name in state.quant_specs if name not in reshaped and not _in_moe(state.model, name))
 
 
 def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateConfig, out_dir: Path, title: str,

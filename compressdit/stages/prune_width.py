@@ -50,7 +50,8 @@ class PruneWidthConfig(WidthConfig):
             raise ConfigError(f"{where}.condition_dropout: must be in [0, 1), got {self.condition_dropout}")
 
 
-def calibration_batches(state: PipelineState, config: PruneWidthConfig) -> Iterator[CalibrationBatch]:
+def calibration_batches(state: PipelineState, config: PruneWidthConfig,
+                        stage: str = "prune_width") -> Iterator[CalibrationBatch]:
     """``config.batches`` batches drawn as the distillation trainer draws them, each paired with its diffusion
     target (noise or velocity).
 
@@ -60,7 +61,7 @@ def calibration_batches(state: PipelineState, config: PruneWidthConfig) -> Itera
     """
     adapter, model = state.adapter, state.model
     data = state_data(state, config.data)
-    state.notes.append(f"prune_width data: {data.note}")
+    state.notes.append(f"{stage} data: {data.note}")
     scheduler = state.source.scheduler
     sampler = BatchSampler(data, objective_for(adapter, dict(scheduler.config) if scheduler is not None else None),
                            config.condition_dropout)
