@@ -41,19 +41,25 @@ ZETA, GAMMA = 1.1, -0.1
 class AdaRoundSettings(StrictConfig):
     """Optimisation of the rounding variables, per block. YAML (under ``method: fp4dit``)::
 
-        adaround: {iters: 800, lr: 0.01, reg_weight: 0.01, beta_start: 20.0, beta_end: 2.0, warmup: 0.2, seed: 0}
+        adaround: {iters: 500, lr: 0.05, reg_weight: 0.01, beta_start: 20.0, beta_end: 2.0, warmup: 0.2,
+                   batch_size: 8, seed: 0}
+
+    ``batch_size``: calibration conditions per recorded block call (each iteration runs one call, both guidance
+    branches); the calibration samples are replayed in batches of this size.
     """
 
-    iters: int = 800
-    lr: float = 0.01
+    iters: int = 500
+    lr: float = 0.05
     reg_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
+    batch_size: int = 8
+    scale_aware: bool = True
     seed: int = 0
 
     def validate(self, where: str) -> None:
-        self.require_positive(where, "iters", "lr", "beta_start", "beta_end")
+        self.require_positive(where, "iters", "lr", "beta_start", "beta_end", "batch_size")
         self.require_non_negative(where, "reg_weight")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"{where}.warmup: a fraction of the iterations in [0, 1), got {self.warmup}")
@@ -63,7 +69,7 @@ class SoftRoundedLinear(nn.Module):
     """A linear whose weight is ``s * (lower + h(V) * width)`` (``mode`` ``soft``), its hard rounding (``hard``)
     or round-to-nearest (``rtn``); inputs fake-quantized as ``spec`` says. Used only while reconstructing."""
 
-    def __init__(self, linear: nn.Linear, spec: LinearQuantSpec) -> None:
+    def __init__(self, linear: nn.Linear, spec: LinearQuantSpec, scale_aware: bool = True) -> None:
         super().__init__()
         self.spec, self.mode = spec, "soft"
         self.element = MINIFLOATS.get(spec.format)
@@ -75,9 +81,11 @@ class SoftRoundedLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("lower", lower)
         self.register_buffer("width", width)
-        self.register_buffer("bin", torch.where(width > 0, width, torch.ones_like(width)))
+        self.register_buffer("bin", torch.where(width > 0, width, torch.ones_like(width)) if scale_aware
+                             else torch.ones_like(width))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
-        frac = torch.where(width > 0, (weight / scale - lower) / self.bin, torch.zeros_like(width)).clamp(0, 1)
+        frac = torch.where(width > 0, (weight / scale - lower) / width.clamp_min(1e-12), torch.zeros_like(width))
+        frac = frac.clamp(0, 1)
         v = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)  # h(v) == frac
         self.v = nn.Parameter(v * self.bin)
 
@@ -157,7 +165,8 @@ def reconstruct_block(block: nn.Module, layers: dict[str, LinearQuantSpec], call
     (``(args, kwargs)``) against its float outputs ``targets``. Returns the hard codes per layer and a summary
     (relative block-output error of round-to-nearest and of AdaRound over all calls). Where AdaRound's hard
     rounding is not better than round-to-nearest on the calls, the round-to-nearest codes are returned."""
-    soft = {name: SoftRoundedLinear(block.get_submodule(name), spec) for name, spec in layers.items()}
+    soft = {name: SoftRoundedLinear(block.get_submodule(name), spec, settings.scale_aware)
+            for name, spec in layers.items()}
     params = [m.v for m in soft.values()]
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)

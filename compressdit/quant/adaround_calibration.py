@@ -2,7 +2,8 @@
 
 For the planned layers with ``rounding: adaround``, the calibrate stage's sampling loop is replayed once (same
 conditions, steps, guidance and seed, so the same timesteps) with self-removing pre-hooks recording each
-transformer block's call arguments (all prompts, timesteps and both guidance branches). Each block's float outputs
+transformer block's call arguments (all prompts, timesteps and both guidance branches), in batches of
+``AdaRoundSettings.batch_size`` conditions (the samples do not depend on the batch size), one call per iteration. Each block's float outputs
 on those inputs are the targets; :func:`compressdit.quant.adaround.reconstruct_block` then learns the rounding of
 the block's planned layers jointly (block-output reconstruction, BRECQ-style, with the float model's inputs).
 A planned layer outside every block (the adapter's blocks) is reconstructed alone on its own recorded inputs.
@@ -93,7 +94,7 @@ def reconstructed_layers(model: nn.Module, plan: dict[str, LinearQuantSpec | Non
     hooked = {name: unit.layer if isinstance(unit, _Single) else unit for name, (unit, _) in units.items()}
     with record_calls(hooked) as calls:
         sample(ctx.adapter, model, ctx.conditions, ctx.scheduler, steps=config.steps, guidance=config.guidance,
-               seed=config.seed, batch_size=config.batch_size, prompt_encoder=ctx.prompt_encoder)
+               seed=config.seed, batch_size=settings.batch_size, prompt_encoder=ctx.prompt_encoder)
     modules: dict[str, nn.Module] = {}
     summary = []
     with progress_bar("adaround: block reconstruction", total=len(units), quiet=ctx.quiet) as bar:
