@@ -43,7 +43,7 @@ class FP4DiTConfig(StrictConfig):
 
         method: fp4dit
         formats: [e2m1, e3m0, e1m2]
-        adaround: {iters: 800}
+        adaround: {iters: 300}
         rules:
           - {match: "role:embedder", spec: null}
           - {match: "role:head", spec: null}
