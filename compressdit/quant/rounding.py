@@ -3,6 +3,8 @@
 ``rtn`` rounds each weight to its nearest code; ``gptq`` compensates each column's rounding error on the columns
 not yet quantized, from the layer-input Hessian gathered over the calibration prompts and timesteps (see
 :mod:`compressdit.quant.gptq`). Both give the same codes + scales layout, so checkpoints and kernels are unchanged.
+``adaround`` (minifloat formats only) is learned per block, not per weight: its layers are built by
+:mod:`compressdit.quant.adaround_calibration`.
 """
 
 from __future__ import annotations
