@@ -97,6 +97,8 @@ def test_shipped_recipe_quantize_stage_runs_on_a_tiny_dit(name):
             mixed.probe_samples, mixed.probe_steps = 2, 2
         if hasattr(options, "iterations"):  # VQ4DiT's calibration, shrunk
             options.iterations, options.steps, options.kmeans_iterations = 1, 2, 5
+        if hasattr(options, "adaround"):  # FP4DiT's AdaRound, shrunk
+            options.adaround.iters = 5
         if stage.name not in ("evaluate", "prune", "distill", "moe"):  # pruning, distillation: tests/stages; MoE: tests/moe
             STAGES.get(stage.name).run(state, stage.config)
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}

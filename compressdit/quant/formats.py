@@ -9,10 +9,11 @@ from torch import nn
 from compressdit.errors import ConfigError
 from compressdit.quant.activations import check_activation_fits
 from compressdit.quant.format_registry import FORMATS, LinearFormat
+from compressdit.quant.fp_layer import (FP_ROUNDINGS, FP_WEIGHT_FORMATS, MinifloatLinear, fp_weight_fits,
+                                       validate_fp_weight_spec)
 from compressdit.quant.fp8_layer import FP8Linear, fp8_fits, validate_fp8_spec
 from compressdit.quant.layers import QuantLinear
 from compressdit.quant.mx_layer import BLOCK_CODECS, BlockFPLinear
-from compressdit.quant.rounding import ROUNDINGS
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.vq_layer import VQLinear, code_bits
 
@@ -121,8 +122,11 @@ def clamp_codebook(spec: LinearQuantSpec, linear: nn.Linear) -> LinearQuantSpec:
     return spec if k == spec.codebook_size else dataclasses.replace(spec, codebook_size=k)
 
 
-FORMATS.add("int", LinearFormat(QuantLinear, QuantLinear.from_linear, _validate_int, _int_fits, tuple(ROUNDINGS)))
+FORMATS.add("int", LinearFormat(QuantLinear, QuantLinear.from_linear, _validate_int, _int_fits, ("rtn", "gptq")))
 FORMATS.add("vq", LinearFormat(VQLinear, VQLinear.from_linear, _validate_vq, _vq_fits))
 FORMATS.add("fp8", LinearFormat(FP8Linear, FP8Linear.from_linear, _validate_fp8, fp8_fits))
+for _name in FP_WEIGHT_FORMATS:
+    FORMATS.add(_name, LinearFormat(MinifloatLinear, MinifloatLinear.from_linear, validate_fp_weight_spec,
+                                    fp_weight_fits, FP_ROUNDINGS))
 for _name in BLOCK_CODECS:
     FORMATS.add(_name, LinearFormat(BlockFPLinear, BlockFPLinear.from_linear, _validate_block_fp, _block_fp_fits))

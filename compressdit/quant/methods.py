@@ -12,6 +12,7 @@ from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.quant.context import QuantContext
 from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.adaround_calibration import reconstructed_layers
 from compressdit.quant.gptq_calibration import hessian_rounded_layers
 from compressdit.quant.rounding import ROUNDINGS
 from compressdit.quant.transform import LayerRule, check_plan_fits, quantize_layers, resolve_plan
@@ -35,7 +36,8 @@ METHODS: Registry[MethodHandler] = Registry("quantization method")
 def rules_need_calibration(rules: list[LayerRule]) -> bool:
     return any(r.spec is not None and (r.spec.balance is not None or (r.spec.a_bits and
                                                                       r.spec.a_granularity == "static")
-                                       or ROUNDINGS.get(r.spec.rounding).needs_hessian)
+                                       or ROUNDINGS.get(r.spec.rounding).needs_hessian
+                                       or ROUNDINGS.get(r.spec.rounding).reconstructs_blocks)
                for r in rules)
 
 
@@ -63,7 +65,8 @@ class RTNConfig(StrictConfig):
 def apply_plan(model: nn.Module, plan: dict[str, LinearQuantSpec | None], ctx: QuantContext) -> dict:
     with torch.no_grad():
         check_plan_fits(model, plan)
-        quantize_layers(model, plan, ctx.input_absmax(plan), hessian_rounded_layers(model, plan, ctx))
+        prebuilt = {**hessian_rounded_layers(model, plan, ctx), **reconstructed_layers(model, plan, ctx)}
+        quantize_layers(model, plan, ctx.input_absmax(plan), prebuilt)
     return {name: spec for name, spec in plan.items() if spec is not None}
 
 

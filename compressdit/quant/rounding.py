@@ -3,6 +3,8 @@
 ``rtn`` rounds each weight to its nearest code; ``gptq`` compensates each column's rounding error on the columns
 not yet quantized, from the layer-input Hessian gathered over the calibration prompts and timesteps (see
 :mod:`compressdit.quant.gptq`). Both give the same codes + scales layout, so checkpoints and kernels are unchanged.
+``adaround`` (minifloat formats only) is learned per block, not per weight: its layers are built by
+:mod:`compressdit.quant.adaround_calibration`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class WeightRounding:
 
     quantize: Callable[[torch.Tensor, LinearQuantSpec, torch.Tensor | None], IntQuantized]
     needs_hessian: bool
+    reconstructs_blocks: bool = False  # learned per block from calibration (quant/adaround_calibration.py)
 
 
 ROUNDINGS: Registry[WeightRounding] = Registry("rounding")
@@ -56,3 +59,11 @@ def transformed_hessian(hessian: torch.Tensor, smooth_scale: torch.Tensor | None
 
 ROUNDINGS.add("rtn", WeightRounding(_rtn, needs_hessian=False))
 ROUNDINGS.add("gptq", WeightRounding(_gptq, needs_hessian=True))
+
+
+def _block_reconstructed(weight: torch.Tensor, spec: LinearQuantSpec, hessian: torch.Tensor | None) -> IntQuantized:
+    raise ValueError(f"rounding 'adaround' is learned per block from calibration inputs; format {spec.format!r} "
+                     "does not support it")
+
+
+ROUNDINGS.add("adaround", WeightRounding(_block_reconstructed, needs_hessian=False, reconstructs_blocks=True))

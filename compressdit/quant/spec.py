@@ -24,6 +24,7 @@ class LinearQuantSpec(StrictConfig):
         w_symmetric: true
         w_range: mse              # weight range per channel/group: minmax, or the MSE-optimal shrink
         rounding: gptq            # rtn, or GPTQ error compensation from calibration inputs (needs calibration)
+                                  # (minifloat weights: rtn or adaround, block-output reconstruction)
         act_order: false          # gptq only: columns by decreasing input energy, group scales fitted up front
         a_granularity: per_token  # dynamic; or per_group / per_tensor (dynamic) / static (calibrated)
         a_format: int             # or a minifloat (e2m1, e4m3, ...), nvfp4, mxfp4, mxfp8 (quant/activations.py)
@@ -47,7 +48,7 @@ class LinearQuantSpec(StrictConfig):
     group_size: int | None = None
     w_symmetric: bool = True
     w_range: Literal["minmax", "mse"] = "minmax"
-    rounding: Literal["rtn", "gptq"] = "rtn"
+    rounding: Literal["rtn", "gptq", "adaround"] = "rtn"
     act_order: bool = False
     a_granularity: Literal["per_token", "per_group", "per_tensor", "static"] = "per_token"
     a_format: str = "int"

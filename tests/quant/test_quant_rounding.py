@@ -31,7 +31,8 @@ def _error(q: nn.Module, linear: nn.Linear, x: torch.Tensor) -> float:
 @pytest.mark.parametrize("data, message", [
     ({"format": "vq", "w_bits": 2, "rounding": "gptq"}, r"spec\.rounding: format 'vq' supports rounding rtn, not 'gptq'"),
     ({"format": "fp8", "rounding": "gptq"}, r"spec\.rounding: format 'fp8' supports rounding rtn, not 'gptq'"),
-    ({"w_bits": 4, "rounding": "adaround"}, r"spec\.rounding: 'adaround' is not one of \['rtn', 'gptq'\]"),
+    ({"w_bits": 4, "rounding": "adaround"}, r"spec\.rounding: format 'int' supports rounding rtn / gptq, not 'adaround'"),
+    ({"w_bits": 4, "rounding": "brecq"}, r"spec\.rounding: 'brecq' is not one of \['rtn', 'gptq', 'adaround'\]"),
     ({"w_bits": 4, "act_order": True}, r"spec\.act_order: only applies to rounding: gptq"),
 ])
 def test_bad_rounding_specs_are_one_line_config_errors(data, message):
