@@ -14,6 +14,7 @@ from compressdit.quant.layers import QuantLinear
 from compressdit.quant.mx_layer import BLOCK_CODECS, BlockFPLinear
 from compressdit.quant.rounding import ROUNDINGS
 from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.twinlog_layer import TWINLOG_FORMAT
 from compressdit.quant.vq_layer import VQLinear, code_bits
 
 
@@ -126,3 +127,4 @@ FORMATS.add("vq", LinearFormat(VQLinear, VQLinear.from_linear, _validate_vq, _vq
 FORMATS.add("fp8", LinearFormat(FP8Linear, FP8Linear.from_linear, _validate_fp8, fp8_fits))
 for _name in BLOCK_CODECS:
     FORMATS.add(_name, LinearFormat(BlockFPLinear, BlockFPLinear.from_linear, _validate_block_fp, _block_fp_fits))
+FORMATS.add("twinlog", TWINLOG_FORMAT)
