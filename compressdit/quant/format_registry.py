@@ -28,6 +28,7 @@ class LinearFormat:
     validate_spec: Callable[[LinearQuantSpec, str], None]
     check_fits: Callable[[str, nn.Linear, LinearQuantSpec], None]
     roundings: tuple[str, ...] = ("rtn",)  # spec.rounding values; other than rtn, ``quantize`` takes ``hessian=``
+    rotations: tuple[str, ...] = ("none", "hadamard")  # spec.rotation values the format's modules apply
 
     def empty(self, linear: nn.Linear, spec: LinearQuantSpec) -> nn.Module:
         return self.module_class(linear.in_features, linear.out_features, linear.bias is not None, spec,

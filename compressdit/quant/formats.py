@@ -15,6 +15,7 @@ from compressdit.quant.fp8_layer import FP8Linear, fp8_fits, validate_fp8_spec
 from compressdit.quant.layers import QuantLinear
 from compressdit.quant.mx_layer import BLOCK_CODECS, BlockFPLinear
 from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.twinlog_layer import TWINLOG_FORMAT
 from compressdit.quant.vq_layer import VQLinear, code_bits
 
 
@@ -130,3 +131,4 @@ for _name in FP_WEIGHT_FORMATS:
                                     fp_weight_fits, FP_ROUNDINGS))
 for _name in BLOCK_CODECS:
     FORMATS.add(_name, LinearFormat(BlockFPLinear, BlockFPLinear.from_linear, _validate_block_fp, _block_fp_fits))
+FORMATS.add("twinlog", TWINLOG_FORMAT)

@@ -30,7 +30,7 @@ class LinearQuantSpec(StrictConfig):
         a_format: int             # or a minifloat (e2m1, e4m3, ...), nvfp4, mxfp4, mxfp8 (quant/activations.py)
         a_group_size: null        # inputs per activation scale with a_granularity: per_group (16 / 32 / 64)
         balance: 0.5              # channel balancing, SmoothQuant alpha (null = off); needs calibration
-        rotation: hadamard        # randomized block Hadamard on the input dim (or none)
+        rotation: hadamard        # randomized block Hadamard on the input dim (or none; duquant: format twinlog)
         low_rank: 32              # SVDQuant: a rank-32 16-bit branch; only the residual is quantized (int)
 
     Vector quantization (``format: vq``, weight-only) stores per-layer codebooks of ``codebook_size``
@@ -54,7 +54,7 @@ class LinearQuantSpec(StrictConfig):
     a_format: str = "int"
     a_group_size: int | None = None
     balance: float | None = None
-    rotation: Literal["none", "hadamard"] = "none"
+    rotation: Literal["none", "hadamard", "duquant"] = "none"
     vector_dim: int | None = None
     codebook_size: int | None = None
     row_scale: bool = False
@@ -68,6 +68,9 @@ class LinearQuantSpec(StrictConfig):
         if self.rounding not in FORMATS.get(self.format).roundings:
             raise ConfigError(f"{where}.rounding: format {self.format!r} supports rounding "
                               f"{' / '.join(FORMATS.get(self.format).roundings)}, not {self.rounding!r}")
+        if self.rotation not in FORMATS.get(self.format).rotations:
+            raise ConfigError(f"{where}.rotation: format {self.format!r} supports rotation "
+                              f"{' / '.join(FORMATS.get(self.format).rotations)}, not {self.rotation!r}")
         if self.act_order and self.rounding != "gptq":
             raise ConfigError(f"{where}.act_order: only applies to rounding: gptq")
         if not MIN_BITS <= self.w_bits <= MAX_BITS:
@@ -104,6 +107,6 @@ class LinearQuantSpec(StrictConfig):
                                                   (" +balance", self.balance is not None),
                                                   (f" +{self.rounding}", self.rounding != "rtn"),
                                                   (" +act-order", self.act_order),
-                                                  (" +hadamard", self.rotation != "none"),
+                                                  (f" +{self.rotation}", self.rotation != "none"),
                                                   (f" +lr{self.low_rank}", self.low_rank is not None)) if used)
         return f"{self.format} W{self.w_bits}{acts}{group}{extras}"

@@ -46,7 +46,7 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
     state.calibration_conditions = conditions
     state.calibration_config = config
     encoder = state.source.prompt_encoder
-    settings = {**config.to_dict(), "set": str(path), "set_bytes": set_bytes(path)}
+    settings = {**config.to_dict(), "set": str(path), "set_bytes": set_bytes(path), "stats": "absmax+meansq"}
     if encoder is not None:  # models without their own encoder keep their cache keys
         settings["prompt_encoder"] = encoder.key
     cache: Path | None = None

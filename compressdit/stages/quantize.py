@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from compressdit.errors import CalibrationError
 from compressdit.quant.context import QuantContext
-from compressdit.quant import fp4dit, viditq, vq4dit  # noqa: F401  (register the methods)
+from compressdit.quant import fp4dit, lrq, viditq, vq4dit  # noqa: F401  (register the methods)
 from compressdit.quant.methods import METHODS
 from compressdit.stages.base import STAGES, MethodStage, MethodStageConfig, PipelineState
 

@@ -212,3 +212,17 @@ def test_calibration_with_a_path_in_a_recipe_resolves_relative_files(tmp_path, m
     monkeypatch.chdir(tmp_path)
     assert resolve_set("mine.jsonl", "class") == Path("mine.jsonl")
     assert load_conditions(resolve_set("mine.jsonl", "class"), "class", limit=3) == [5, 5, 5]
+
+
+def test_mean_squares_per_step_are_recorded_and_round_trip(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3))
+    with capture_input_absmax(model, ["0"]) as recorder:
+        for step, scale in ((0, 1.0), (1, 3.0)):
+            recorder.step = step
+            model(torch.full((2, 5, 4), scale))
+            model(torch.full((1, 4), -scale))
+    stats = stats_from_recorder(recorder, [900, 100])
+    assert torch.allclose(stats.meansq["0"], torch.tensor([[1.0] * 4, [9.0] * 4]))
+    stats.save(tmp_path / "s.safetensors")
+    loaded = ActivationStats.load(tmp_path / "s.safetensors")
+    assert set(loaded.absmax) == {"0"} and torch.equal(loaded.meansq["0"], stats.meansq["0"])

@@ -34,9 +34,11 @@ FORMATS = {
     "int-w8a8": LinearQuantSpec(w_bits=8, a_bits=8),
     "int-w4-g64": LinearQuantSpec(w_bits=4, group_size=64),
     "vq-w3": LinearQuantSpec(format="vq", w_bits=3, vector_dim=2, codebook_size=64, row_scale=True),
+    "twinlog-w4a4": LinearQuantSpec(format="twinlog", w_bits=4, a_bits=4, rotation="hadamard"),
 }
 # the float model is fp32; its embedders and head stay float
-MEMORY_RATIO = {"int-w8a8": 1.4, "int-w4-g64": 1.6, "vq-w3": 1.6}
+# twinlog: 5 fp32 parameters per row, heavy on the tiny model's 64-wide rows
+MEMORY_RATIO = {"int-w8a8": 1.4, "int-w4-g64": 1.6, "vq-w3": 1.6, "twinlog-w4a4": 1.5}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 

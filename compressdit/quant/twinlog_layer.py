@@ -1,0 +1,212 @@
+"""Twin-log linears (format ``twinlog``, LRQ-DiT): packed signed log codes + per-row parameters, with an optional
+channel balancing and an input rotation (randomized Hadamard or DuQuant's outlier rotation) folded in.
+
+Checkpoint tensors of a layer ``L`` (all saved as stored, never cast to the model's dtype):
+
+=========================  ======================================  ==============================================
+tensor                     dtype / shape                           meaning
+=========================  ======================================  ==============================================
+``L.weight``               uint8 ``[out, in/2]`` (w_bits 3-4)      signed codes, packed as the ``int`` format's
+``L.weight_scale``         fp32 ``[out, 2]``                       log2 step per row, positive / negative side
+``L.weight_zero``          fp32 ``[out, 2]``                       log2 of each side's smallest magnitude (+ eta)
+``L.weight_eta``           fp32 ``[out, 1]``                       offset eta of the log per row
+``L.smooth_scale``         fp32 ``[in]`` (``balance``)             activations divided by it, weights multiplied
+``L.rotation_signs``       int8 ``[in]`` (``rotation: hadamard``)  randomized block Hadamard
+``L.rotation_first``,      fp32 ``[in/B, B, B]``, int64 ``[in]``,  DuQuant ``R1 P R2`` (``rotation: duquant``)
+``L.rotation_perm``,       fp32 ``[in/B, B, B]``
+``L.rotation_second``
+=========================  ======================================  ==============================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressdit.errors import ConfigError
+from compressdit.quant.activations import check_activation_fits, quantize_input
+from compressdit.quant.duquant import DEFAULT_STEPS, OutlierRotation, duquant_block, fit_outlier_rotation
+from compressdit.quant.format_registry import LinearFormat
+from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
+from compressdit.quant.primitives import pack_codes, packed_shape, unpack_codes
+from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, random_signs, rotate
+from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.twinlog import twinlog_dequantize, twinlog_quantize
+from compressdit.registry import Registry
+
+
+@dataclass(frozen=True)
+class InputRotation:
+    """An orthogonal ``T`` on a layer's input: ``empty(in)`` -> its state tensors, ``fit(in, absmax, steps)`` ->
+    their values, ``apply(x, states)`` = ``x T``, ``invert(w, states)`` = ``w T^T``."""
+
+    empty: Callable[[int], dict[str, torch.Tensor]]
+    fit: Callable[[int, torch.Tensor | None, int], dict[str, torch.Tensor]]
+    apply: Callable[[torch.Tensor, dict], torch.Tensor]
+    invert: Callable[[torch.Tensor, dict], torch.Tensor]
+
+
+INPUT_ROTATIONS: Registry[InputRotation] = Registry("input rotation")
+
+
+def _duquant_empty(width: int) -> dict[str, torch.Tensor]:
+    size = duquant_block(width)
+    blocks = torch.eye(size).repeat(width // size, 1, 1)
+    return {"rotation_first": blocks, "rotation_perm": torch.arange(width), "rotation_second": blocks.clone()}
+
+
+def _duquant_fit(width: int, absmax: torch.Tensor | None, steps: int) -> dict[str, torch.Tensor]:
+    if absmax is None:
+        raise ValueError("rotation 'duquant' is fitted to calibrated input absmax: run a calibrate stage first")
+    r = fit_outlier_rotation(absmax, steps=steps)
+    return {"rotation_first": r.first, "rotation_perm": r.perm, "rotation_second": r.second}
+
+
+def _outlier(states: dict) -> OutlierRotation:
+    return OutlierRotation(states["rotation_first"], states["rotation_perm"], states["rotation_second"])
+
+
+INPUT_ROTATIONS.add("none", InputRotation(lambda width: {}, lambda width, absmax, steps: {},
+                                          lambda x, s: x, lambda w, s: w))
+INPUT_ROTATIONS.add("hadamard", InputRotation(
+    lambda width: {"rotation_signs": torch.ones(width, dtype=torch.int8)},
+    lambda width, absmax, steps: {"rotation_signs": random_signs(width, 0)},
+    lambda x, s: rotate(x, s["rotation_signs"]),
+    lambda w, s: fwht(w, hadamard_block(w.shape[-1])) * s["rotation_signs"].to(w.dtype)))
+INPUT_ROTATIONS.add("duquant", InputRotation(_duquant_empty, _duquant_fit, lambda x, s: _outlier(s).apply(x),
+                                             lambda w, s: _outlier(s).invert(w)))
+
+
+class TwinLogLinear(QuantizedLinear):
+    """``nn.Linear`` with twin-log weights (``format: twinlog``); activations as the spec's ``a_format``.
+
+    YAML (``recipes/lrq-w4a4.yaml``, method ``lrq`` picks each layer's rotation)::
+
+        - {match: "re:.*", spec: {format: twinlog, w_bits: 4, a_bits: 4, a_granularity: per_group,
+                                  a_group_size: 64, balance: 0.5}}
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LinearQuantSpec,
+                 device=None, dtype=None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        shape, storage = packed_shape(out_features, in_features, spec.w_bits)
+        self.weight = PackedParameter(torch.zeros(shape, dtype=storage, device=device),
+                                      logical_numel=out_features * in_features,
+                                      logical_shape=(out_features, in_features))
+        self.weight_scale = QuantState(torch.ones(out_features, 2, device=device))
+        self.weight_zero = QuantState(torch.zeros(out_features, 2, device=device))
+        self.weight_eta = QuantState(torch.zeros(out_features, 1, device=device))
+        names = ["weight", "weight_scale", "weight_zero", "weight_eta"]
+        self.smooth_scale = QuantState(torch.ones(in_features, device=device)) if spec.balance is not None else None
+        names += ["smooth_scale"] if self.smooth_scale is not None else []
+        self.rotation_names = tuple(INPUT_ROTATIONS.get(spec.rotation).empty(in_features))
+        for name, value in INPUT_ROTATIONS.get(spec.rotation).empty(in_features).items():
+            setattr(self, name, QuantState(value.to(device)))
+        self.quantized_tensors = (*names, *self.rotation_names)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
+            if bias else None
+
+    @property
+    def rotation_states(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.rotation_names}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec, input_absmax: torch.Tensor | None = None,
+                    hessian: torch.Tensor | None = None, steps: int = DEFAULT_STEPS) -> "TwinLogLinear":
+        """Quantize a float ``linear``: balancing (needs ``input_absmax``), the spec's rotation (``duquant`` is
+        fitted to the balanced absmax), then TLQ with its clipping searched on the output error under
+        ``hessian`` (``2 X^T X / n`` of the layer's calibration inputs, original input space) when given."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+        weight = linear.weight.detach().float()
+        absmax = None if input_absmax is None else input_absmax.to(weight.device).float()
+        if module.smooth_scale is not None:
+            if absmax is None:
+                raise ValueError("channel balancing needs calibration statistics (run a calibrate stage)")
+            scale = balancing_scale(absmax, weight, spec.balance)
+            module.smooth_scale.copy_(scale)
+            weight, absmax = weight * scale, absmax / scale
+        for name, value in INPUT_ROTATIONS.get(spec.rotation).fit(linear.in_features, absmax, steps).items():
+            getattr(module, name).data = value.to(weight.device)
+        weight = module.rotate(weight)
+        if hessian is not None:  # H of the inputs the quantized weight sees: T^T diag(1/s) H diag(1/s) T
+            h = hessian.to(weight.device).float()
+            if module.smooth_scale is not None:
+                h = h / module.smooth_scale[:, None] / module.smooth_scale[None, :]
+            hessian = module.rotate(module.rotate(h).T.contiguous())
+        q = twinlog_quantize(weight, spec.w_bits, hessian)
+        module.load_codes(q.codes, q.delta, q.low, q.eta)
+        if module.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x T`` along the last dim (the rotation only; no balancing)."""
+        return INPUT_ROTATIONS.get(self.spec.rotation).apply(x, self.rotation_states)
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth_scale is not None:
+            x = x / self.smooth_scale.to(x.dtype)
+        return self.rotate(x)
+
+    def load_codes(self, codes: torch.Tensor, delta: torch.Tensor, low: torch.Tensor, eta: torch.Tensor) -> None:
+        self.weight.data = pack_codes(codes, self.spec.w_bits).to(self.weight.device)
+        self.weight_scale.copy_(delta)
+        self.weight_zero.copy_(low)
+        self.weight_eta.copy_(eta)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.weight.data, self.spec.w_bits, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight in the rotated (and balanced) input space, decoded from the stored codes."""
+        return twinlog_dequantize(self.codes(), self.weight_scale, self.weight_zero, self.weight_eta, dtype)
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        weight = INPUT_ROTATIONS.get(self.spec.rotation).invert(self.dequantized_weight(), self.rotation_states)
+        if self.smooth_scale is not None:
+            weight = weight / self.smooth_scale
+        return weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Transform the input, fake-quantize it, matmul with the decoded weight (in ``x``'s dtype)."""
+        x = quantize_input(self.transform_input(x), self.spec)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+
+def _validate(spec: LinearQuantSpec, where: str) -> None:
+    unsupported = [name for name, used in (("group_size", spec.group_size is not None),
+                                           ("w_symmetric: false", not spec.w_symmetric),
+                                           ("w_range: mse", spec.w_range != "minmax"),
+                                           ("low_rank", spec.low_rank is not None),
+                                           ("vector_dim / codebook_size / row_scale",
+                                            spec.vector_dim is not None or spec.codebook_size is not None
+                                            or spec.row_scale),
+                                           ("a_granularity: static", spec.a_granularity == "static")) if used]
+    if unsupported:
+        raise ConfigError(f"{where}: format 'twinlog' has per-row log parameters chosen by its own search and "
+                          f"dynamic activations; unset {', '.join(unsupported)}")
+    if spec.w_bits > 4:
+        raise ConfigError(f"{where}.w_bits: format 'twinlog' is a low-bit format (2-4 bits), got {spec.w_bits}")
+
+
+def _fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
+    per_byte = 4 if spec.w_bits == 2 else 2
+    if linear.in_features % per_byte:
+        raise ConfigError(f"{name}: in_features {linear.in_features} cannot be packed {per_byte} codes per byte")
+    if spec.rotation != "none" and hadamard_block(linear.in_features) < 2:
+        raise ConfigError(f"{name}: rotation {spec.rotation!r} needs an even in_features, got {linear.in_features}")
+    check_activation_fits(name, linear, spec)
+
+
+TWINLOG_FORMAT = LinearFormat(TwinLogLinear, TwinLogLinear.from_linear, _validate, _fits,
+                              rotations=tuple(INPUT_ROTATIONS))
