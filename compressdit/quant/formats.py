@@ -14,7 +14,7 @@ from compressdit.quant.fp_layer import (FP_ROUNDINGS, FP_WEIGHT_FORMATS, Miniflo
 from compressdit.quant.fp8_layer import FP8Linear, fp8_fits, validate_fp8_spec
 from compressdit.quant.layers import QuantLinear
 from compressdit.quant.mx_layer import BLOCK_CODECS, BlockFPLinear
-from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.spec import LinearQuantSpec, reject_unused_fields
 from compressdit.quant.twinlog_layer import TWINLOG_FORMAT
 from compressdit.quant.vq_layer import VQLinear, code_bits
 
@@ -96,15 +96,8 @@ def _validate_block_fp(spec: LinearQuantSpec, where: str) -> None:
     if spec.group_size != codec.block:
         raise ConfigError(f"{where}.group_size: format {spec.format!r} scales blocks of {codec.block} weights; set "
                           f"group_size: {codec.block} (got {spec.group_size})")
-    unsupported = [name for name, used in (("w_symmetric: false", not spec.w_symmetric),
-                                           ("w_range: mse", spec.w_range != "minmax"),
-                                           ("balance", spec.balance is not None),
-                                           ("rotation", spec.rotation != "none"),
-                                           ("low_rank", spec.low_rank is not None),
-                                           ("a_granularity: static", spec.a_granularity == "static")) if used]
-    if unsupported:
-        raise ConfigError(f"{where}: format {spec.format!r} takes block absmax scales and dynamic activations; "
-                          f"unset {', '.join(unsupported)}")
+    reject_unused_fields(spec, where, ("w_symmetric: false", "w_range: mse", "balance", "rotation", "low_rank",
+                                       "a_granularity: static"), "takes block absmax scales and dynamic activations")
 
 
 def _block_fp_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:

@@ -19,17 +19,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressdit.calibration.hessian import capture_input_hessians, hessian_chunks
 from compressdit.config_base import StrictConfig
-from compressdit.errors import CalibrationError, ConfigError
-from compressdit.models.sampling import sample
+from compressdit.errors import ConfigError
 from compressdit.progress import progress_bar
 from compressdit.quant.adaround import AdaRoundSettings
 from compressdit.quant.adaround_calibration import reconstructed_layers
 from compressdit.quant.context import QuantContext
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.fp_weights import quantize_weight_fp
-from compressdit.quant.gptq_calibration import HESSIAN_BUDGET_BYTES, hessian_rounded_layers
+from compressdit.quant.gptq_calibration import hessian_rounded_layers, layer_hessians
 from compressdit.quant.methods import METHODS, MethodHandler, rules_need_calibration
 from compressdit.quant.minifloat import MINIFLOATS
 from compressdit.quant.spec import LinearQuantSpec
@@ -76,28 +74,19 @@ def choose_formats(model: nn.Module, plan: dict[str, LinearQuantSpec | None], fo
     names = [n for n, s in plan.items() if s is not None and s.format in formats]
     if len(formats) < 2 or not names:
         return plan, []
-    config = ctx.calibration_config
-    if config is None or not ctx.conditions:
-        raise CalibrationError("fp4dit chooses each layer's FP format from calibration inputs: add a calibrate "
-                               "stage before quantize (or list a single format)")
     chosen, rows = dict(plan), []
-    chunks = hessian_chunks({n: model.get_submodule(n).in_features for n in names}, HESSIAN_BUDGET_BYTES)
+    what = "fp4dit's choice of each layer's FP format (or list a single format)"
     with progress_bar("fp4dit: format per layer", total=len(names), quiet=ctx.quiet) as bar:
-        for chunk in chunks:
-            with capture_input_hessians(model, chunk) as recorder:
-                sample(ctx.adapter, model, ctx.conditions, ctx.scheduler, steps=config.steps,
-                       guidance=config.guidance, seed=config.seed, batch_size=config.batch_size,
-                       prompt_encoder=ctx.prompt_encoder)
-            for name in chunk:
-                spec, hessian = plan[name], recorder.pop(name)
-                weight = model.get_submodule(name).weight.detach().float()
-                errors = {fmt: output_error(weight, quantize_weight_fp(weight, MINIFLOATS.get(fmt), spec.group_size,
-                                                                       spec.w_range).dequantized(), hessian)
-                          for fmt in formats}
-                best = min(formats, key=errors.__getitem__)
-                chosen[name] = dataclasses.replace(spec, format=best)
-                rows.append([name, ctx.adapter.role_of(name) or "-", *(round(errors[f], 6) for f in formats), best])
-                bar.update(1)
+        for name, hessian in layer_hessians(model, names, ctx, what):
+            spec = plan[name]
+            weight = model.get_submodule(name).weight.detach().float()
+            errors = {fmt: output_error(weight, quantize_weight_fp(weight, MINIFLOATS.get(fmt), spec.group_size,
+                                                                   spec.w_range).dequantized(), hessian)
+                      for fmt in formats}
+            best = min(formats, key=errors.__getitem__)
+            chosen[name] = dataclasses.replace(spec, format=best)
+            rows.append([name, ctx.adapter.role_of(name) or "-", *(round(errors[f], 6) for f in formats), best])
+            bar.update(1)
     return chosen, rows
 
 

@@ -17,7 +17,7 @@ from compressdit.quant.gpu_ops import fp8_linear
 from compressdit.quant.gpu_reference import fp8_linear_reference, quantize_fp8_weight
 from compressdit.quant.kernel_registry import run_kernel
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
-from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.spec import LinearQuantSpec, reject_unused_fields
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -89,17 +89,9 @@ def validate_fp8_spec(spec: LinearQuantSpec, where: str) -> None:
     if spec.a_bits not in (None, 8):
         raise ConfigError(f"{where}.a_bits: format 'fp8' quantizes activations to E4M3 (a_bits: 8) or not at all "
                           f"(null), got {spec.a_bits}")
-    unsupported = [name for name, used in (("group_size", spec.group_size is not None),
-                                           ("w_symmetric: false", not spec.w_symmetric),
-                                           ("w_range: mse", spec.w_range != "minmax"),
-                                           ("balance", spec.balance is not None),
-                                           ("rotation", spec.rotation != "none"),
-                                           ("low_rank", spec.low_rank is not None),
-                                           ("a_granularity other than per_token", spec.a_granularity != "per_token"))
-                   if used]
-    if unsupported:
-        raise ConfigError(f"{where}: format 'fp8' has one scale per output channel and per token; "
-                          f"unset {', '.join(unsupported)} (or use format 'int')")
+    reject_unused_fields(spec, where, ("group_size", "w_symmetric: false", "w_range: mse", "balance", "rotation",
+                                       "low_rank", "a_granularity other than per_token"),
+                         "has one scale per output channel and per token", " (or use format 'int')")
 
 
 def fp8_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:

@@ -10,15 +10,14 @@ weight, fake-quantize the input, matmul in the input's dtype.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compressdit.errors import ConfigError
-from compressdit.quant.activations import check_activation_fits, quantize_input
+from compressdit.quant.activations import check_activation_fits
 from compressdit.quant.fp_weights import FPQuantized, dequantize_weight_fp, quantize_weight_fp
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.minifloat import MINIFLOATS, pack_nibbles, unpack_nibbles
-from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.spec import LinearQuantSpec, reject_unused_fields
 
 FP_WEIGHT_FORMATS = ("e2m1", "e3m0", "e1m2")  # 4-bit elements, stored as packed nibbles
 FP_ROUNDINGS = ("rtn", "adaround")
@@ -77,18 +76,6 @@ class MinifloatLinear(QuantizedLinear):
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight_fp(self.codes(), self.weight_scale, self.element, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reference_forward(x)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dequantize reference: fake-quantized input, decoded weight, matmul in ``x``'s dtype."""
-        return self.reference_linear(x)
-
-    def reference_linear(self, x: torch.Tensor) -> torch.Tensor:
-        x = quantize_input(x, self.spec)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.effective_weight(x.dtype), bias)
-
 
 def validate_fp_weight_spec(spec: LinearQuantSpec, where: str) -> None:
     """4-bit elements, symmetric absmax (or MSE) scales per channel / group, dynamic activations."""
@@ -100,14 +87,8 @@ def validate_fp_weight_spec(spec: LinearQuantSpec, where: str) -> None:
         raise ConfigError(f"{where}.w_bits: format {spec.format!r} stores {element.bits}-bit "
                           f"E{element.exponent_bits}M{element.mantissa_bits} weights; set w_bits: {element.bits} "
                           f"(got {spec.w_bits})")
-    unsupported = [name for name, used in (("w_symmetric: false", not spec.w_symmetric),
-                                           ("balance", spec.balance is not None),
-                                           ("rotation", spec.rotation != "none"),
-                                           ("low_rank", spec.low_rank is not None),
-                                           ("a_granularity: static", spec.a_granularity == "static")) if used]
-    if unsupported:
-        raise ConfigError(f"{where}: format {spec.format!r} takes symmetric weight scales and dynamic activations; "
-                          f"unset {', '.join(unsupported)}")
+    reject_unused_fields(spec, where, ("w_symmetric: false", "balance", "rotation", "low_rank", "a_granularity: static"),
+                         "takes symmetric weight scales and dynamic activations")
 
 
 def fp_weight_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:

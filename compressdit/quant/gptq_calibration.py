@@ -10,6 +10,7 @@ the result does not depend on the chunking.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -26,6 +27,22 @@ from compressdit.quant.spec import LinearQuantSpec
 HESSIAN_BUDGET_BYTES = 1 << 30  # fp32 Hessians held at once (DiT-XL/2: about 3 sampling passes)
 
 
+def layer_hessians(model: nn.Module, names: list[str], ctx: QuantContext, what: str,
+                   budget_bytes: int = HESSIAN_BUDGET_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, input Hessian)`` for each named layer, in chunks of layers whose Hessians fit ``budget_bytes``, one
+    replay of the calibration sampling loop per chunk; each Hessian is the caller's to use and drop. ``what``
+    names the step needing them in the error raised when the recipe has no calibrate stage."""
+    config = ctx.calibration_config
+    if config is None or not ctx.conditions:
+        raise CalibrationError(f"{what} needs calibration inputs: add a calibrate stage before quantize")
+    for chunk in hessian_chunks({n: model.get_submodule(n).in_features for n in names}, budget_bytes):
+        with capture_input_hessians(model, chunk) as recorder:
+            sample(ctx.adapter, model, ctx.conditions, ctx.scheduler, steps=config.steps, guidance=config.guidance,
+                   seed=config.seed, batch_size=config.batch_size, prompt_encoder=ctx.prompt_encoder)
+        for name in chunk:
+            yield name, recorder.pop(name)
+
+
 @torch.no_grad()
 def hessian_rounded_layers(model: nn.Module, plan: dict[str, LinearQuantSpec | None], ctx: QuantContext,
                            budget_bytes: int = HESSIAN_BUDGET_BYTES) -> dict[str, nn.Module]:
@@ -33,27 +50,19 @@ def hessian_rounded_layers(model: nn.Module, plan: dict[str, LinearQuantSpec | N
     names = [n for n, s in plan.items() if s is not None and ROUNDINGS.get(s.rounding).needs_hessian]
     if not names:
         return {}
-    config = ctx.calibration_config
-    if config is None or not ctx.conditions:
-        raise CalibrationError(f"rounding {plan[names[0]].rounding!r} ({names[0]} and {len(names) - 1} more layers) "
-                               "needs calibration inputs: add a calibrate stage before quantize")
     started = time.perf_counter()
     absmax = ctx.input_absmax(names)
-    chunks = hessian_chunks({n: model.get_submodule(n).in_features for n in names}, budget_bytes)
+    passes = len(hessian_chunks({n: model.get_submodule(n).in_features for n in names}, budget_bytes))
+    what = f"rounding {plan[names[0]].rounding!r} ({names[0]} and {len(names) - 1} more layers)"
     modules: dict[str, nn.Module] = {}
     with progress_bar("gptq: Hessians + rounding", total=len(names), quiet=ctx.quiet) as bar:
-        for chunk in chunks:
-            with capture_input_hessians(model, chunk) as recorder:
-                sample(ctx.adapter, model, ctx.conditions, ctx.scheduler, steps=config.steps,
-                       guidance=config.guidance, seed=config.seed, batch_size=config.batch_size,
-                       prompt_encoder=ctx.prompt_encoder)
-            for name in chunk:
-                spec = plan[name]
-                modules[name] = FORMATS.get(spec.format).quantize(model.get_submodule(name), spec, absmax.get(name),
-                                                                  hessian=recorder.pop(name))
-                bar.update(1)
+        for name, hessian in layer_hessians(model, names, ctx, what, budget_bytes):
+            spec = plan[name]
+            modules[name] = FORMATS.get(spec.format).quantize(model.get_submodule(name), spec, absmax.get(name),
+                                                              hessian=hessian)
+            bar.update(1)
     ctx.notes.append(f"gptq: {len(names)} layers rounded with second-order error compensation from input Hessians "
-                     f"over {len(ctx.conditions)} calibration conditions x {config.steps} steps "
-                     f"({len(chunks)} sampling pass{'es' if len(chunks) > 1 else ''}, "
+                     f"over {len(ctx.conditions)} calibration conditions x {ctx.calibration_config.steps} steps "
+                     f"({passes} sampling pass{'es' if passes > 1 else ''}, "
                      f"{time.perf_counter() - started:.1f} s)")
     return modules

@@ -106,9 +106,9 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
     """Base of every quantized linear: a packed ``weight`` plus the format's own tensors.
 
     ``quantized_tensors`` names the tensors the checkpoint stores as saved (never cast to the
-    model's dtype); subclasses implement :meth:`effective_weight` and ``forward``. ``forward`` runs the
-    layer's registered kernel (:mod:`compressdit.quant.kernel_registry`) when one applies, else the
-    dequantize reference; ``kernel_name`` says which.
+    model's dtype); subclasses implement :meth:`effective_weight` (the base class's ``forward`` is then the
+    dequantize reference) and, where a kernel exists, ``forward``, which runs the layer's registered kernel
+    (:mod:`compressdit.quant.kernel_registry`) when one applies, else the reference; ``kernel_name`` says which.
     """
 
     quantized_tensors: ClassVar[tuple[str, ...]] = ("weight",)
@@ -128,6 +128,20 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Formats without a kernel of their own run the dequantize reference."""
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The ground truth every kernel is tested against (formats with an input transform override it)."""
+        return self.reference_linear(x)
+
+    def reference_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize reference: fake-quantized input, decoded weight, matmul in ``x``'s dtype."""
+        x = quantize_input(x, self.spec)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.effective_weight(x.dtype), bias)
 
     @property
     def compute_dtype(self) -> torch.dtype:

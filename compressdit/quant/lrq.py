@@ -28,7 +28,6 @@ from compressdit.quant.context import QuantContext
 from compressdit.quant.duquant import DEFAULT_STEPS
 from compressdit.quant.gptq_calibration import HESSIAN_BUDGET_BYTES, hessian_rounded_layers
 from compressdit.quant.methods import METHODS, MethodHandler, rules_need_calibration
-from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.transform import LayerRule, check_plan_fits, quantize_layers, resolve_plan
 from compressdit.quant.twinlog_layer import TwinLogLinear
 

@@ -23,10 +23,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from compressdit.quant.activations import quantize_input
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.minifloat import Minifloat, pack_nibbles, unpack_nibbles
 from compressdit.quant.mx_primitives import (E2M1, E4M3, MX_BLOCK, NVFP4_BLOCK, mx_dequantize, mx_quantize,
@@ -121,14 +119,3 @@ class BlockFPLinear(QuantizedLinear):
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.codec.dequantize(self.codes(), self.weight_scale, self.weight_scale_2).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reference_forward(x)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dequantize reference: fake-quantized input, decoded weight, matmul in ``x``'s dtype."""
-        return self.reference_linear(x)
-
-    def reference_linear(self, x: torch.Tensor) -> torch.Tensor:
-        x = quantize_input(x, self.spec)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.effective_weight(x.dtype), bias)

@@ -110,3 +110,27 @@ class LinearQuantSpec(StrictConfig):
                                                   (f" +{self.rotation}", self.rotation != "none"),
                                                   (f" +lr{self.low_rank}", self.low_rank is not None)) if used)
         return f"{self.format} W{self.w_bits}{acts}{group}{extras}"
+
+
+# spec fields a format may not implement, each with the test that the spec uses it (for reject_unused_fields)
+SPEC_FIELDS_IN_USE = {
+    "group_size": lambda s: s.group_size is not None,
+    "w_symmetric: false": lambda s: not s.w_symmetric,
+    "w_range: mse": lambda s: s.w_range != "minmax",
+    "balance": lambda s: s.balance is not None,
+    "rotation": lambda s: s.rotation != "none",
+    "low_rank": lambda s: s.low_rank is not None,
+    "vector_dim / codebook_size / row_scale": lambda s: (s.vector_dim is not None or s.codebook_size is not None
+                                                          or bool(s.row_scale)),
+    "a_granularity: static": lambda s: s.a_granularity == "static",
+    "a_granularity other than per_token": lambda s: s.a_granularity != "per_token",
+}
+
+
+def reject_unused_fields(spec: LinearQuantSpec, where: str, fields: tuple[str, ...], takes: str,
+                         hint: str = "") -> None:
+    """One error naming every field of ``fields`` (keys of :data:`SPEC_FIELDS_IN_USE`) that ``spec`` sets but its
+    format does not implement: ``{where}: format 'x' {takes}; unset a, b{hint}``."""
+    used = [name for name in fields if SPEC_FIELDS_IN_USE[name](spec)]
+    if used:
+        raise ConfigError(f"{where}: format {spec.format!r} {takes}; unset {', '.join(used)}{hint}")

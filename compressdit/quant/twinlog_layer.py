@@ -34,7 +34,7 @@ from compressdit.quant.format_registry import LinearFormat
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.primitives import pack_codes, packed_shape, unpack_codes
 from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, random_signs, rotate
-from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.spec import LinearQuantSpec, reject_unused_fields
 from compressdit.quant.twinlog import twinlog_dequantize, twinlog_quantize
 from compressdit.registry import Registry
 
@@ -173,9 +173,6 @@ class TwinLogLinear(QuantizedLinear):
             weight = weight / self.smooth_scale
         return weight.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reference_forward(x)
-
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Transform the input, fake-quantize it, matmul with the decoded weight (in ``x``'s dtype)."""
         x = quantize_input(self.transform_input(x), self.spec)
@@ -184,17 +181,9 @@ class TwinLogLinear(QuantizedLinear):
 
 
 def _validate(spec: LinearQuantSpec, where: str) -> None:
-    unsupported = [name for name, used in (("group_size", spec.group_size is not None),
-                                           ("w_symmetric: false", not spec.w_symmetric),
-                                           ("w_range: mse", spec.w_range != "minmax"),
-                                           ("low_rank", spec.low_rank is not None),
-                                           ("vector_dim / codebook_size / row_scale",
-                                            spec.vector_dim is not None or spec.codebook_size is not None
-                                            or spec.row_scale),
-                                           ("a_granularity: static", spec.a_granularity == "static")) if used]
-    if unsupported:
-        raise ConfigError(f"{where}: format 'twinlog' has per-row log parameters chosen by its own search and "
-                          f"dynamic activations; unset {', '.join(unsupported)}")
+    reject_unused_fields(spec, where, ("group_size", "w_symmetric: false", "w_range: mse", "low_rank",
+                                       "vector_dim / codebook_size / row_scale", "a_granularity: static"),
+                         "has per-row log parameters chosen by its own search and dynamic activations")
     if spec.w_bits > 4:
         raise ConfigError(f"{where}.w_bits: format 'twinlog' is a low-bit format (2-4 bits), got {spec.w_bits}")
 
