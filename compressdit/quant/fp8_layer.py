@@ -37,9 +37,7 @@ class FP8Linear(QuantizedLinear):
                  device=None, dtype=None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
-        self.weight = PackedParameter(torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device),
-                                      logical_numel=out_features * in_features,
-                                      logical_shape=(out_features, in_features))
+        self.weight = PackedParameter.empty((out_features, in_features), FP8_DTYPE, out_features, in_features, device)
         self.weight_scale = QuantState(torch.ones(out_features, 1, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None

@@ -40,9 +40,8 @@ class MinifloatLinear(QuantizedLinear):
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.element = MINIFLOATS.get(spec.format)
         groups = in_features // spec.group_size if spec.group_size else 1
-        self.weight = PackedParameter(torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
-                                      logical_numel=out_features * in_features,
-                                      logical_shape=(out_features, in_features))
+        self.weight = PackedParameter.empty((out_features, in_features // 2), torch.uint8, out_features, in_features,
+                                            device)
         self.weight_scale = QuantState(torch.ones(out_features, groups, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
@@ -87,8 +86,8 @@ def validate_fp_weight_spec(spec: LinearQuantSpec, where: str) -> None:
         raise ConfigError(f"{where}.w_bits: format {spec.format!r} stores {element.bits}-bit "
                           f"E{element.exponent_bits}M{element.mantissa_bits} weights; set w_bits: {element.bits} "
                           f"(got {spec.w_bits})")
-    reject_unused_fields(spec, where, ("w_symmetric: false", "balance", "rotation", "low_rank", "a_granularity: static"),
-                         "takes symmetric weight scales and dynamic activations")
+    reject_unused_fields(spec, where, ("w_symmetric: false", "balance", "rotation", "low_rank",
+                                       "a_granularity: static"), "takes symmetric weight scales and dynamic activations")
 
 
 def fp_weight_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:

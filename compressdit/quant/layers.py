@@ -62,6 +62,13 @@ class PackedParameter(nn.Parameter):
         param.logical_shape = None if logical_shape is None else tuple(logical_shape)
         return param
 
+    @classmethod
+    def empty(cls, storage_shape: tuple[int, ...], dtype: torch.dtype, out_features: int, in_features: int,
+              device=None) -> PackedParameter:
+        """Zeroed storage for a layer of logical shape ``[out_features, in_features]`` (filled by loading)."""
+        return cls(torch.zeros(storage_shape, dtype=dtype, device=device), logical_numel=out_features * in_features,
+                   logical_shape=(out_features, in_features))
+
     def numel(self) -> int:  # diffusers' num_parameters() must match the unquantized model
         logical = getattr(self, "logical_numel", None)
         return super().numel() if logical is None else logical
@@ -180,9 +187,7 @@ class QuantLinear(QuantizedLinear):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         shape, storage = packed_shape(out_features, in_features, spec.w_bits)
-        self.weight = PackedParameter(torch.zeros(shape, dtype=storage, device=device),
-                                      logical_numel=out_features * in_features,
-                                      logical_shape=(out_features, in_features))
+        self.weight = PackedParameter.empty(shape, storage, out_features, in_features, device)
         groups = in_features // spec.group_size if spec.group_size else 1
         if spec.group_size and in_features % spec.group_size:
             raise ValueError(f"in_features {in_features} is not divisible by group_size {spec.group_size}")

@@ -80,9 +80,7 @@ class BlockFPLinear(QuantizedLinear):
         self.codec = BLOCK_CODECS.get(spec.format)
         shape, storage = ((out_features, in_features // 2), torch.uint8) if self.codec.packed else \
             ((out_features, in_features), torch.float8_e4m3fn)
-        self.weight = PackedParameter(torch.zeros(shape, dtype=storage, device=device),
-                                      logical_numel=out_features * in_features,
-                                      logical_shape=(out_features, in_features))
+        self.weight = PackedParameter.empty(shape, storage, out_features, in_features, device)
         self.weight_scale = QuantState(torch.ones(out_features, in_features // self.codec.block, device=device)
                                        .to(self.codec.scale_dtype))
         if self.codec.tensor_scale:

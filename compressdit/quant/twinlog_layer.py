@@ -95,9 +95,7 @@ class TwinLogLinear(QuantizedLinear):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         shape, storage = packed_shape(out_features, in_features, spec.w_bits)
-        self.weight = PackedParameter(torch.zeros(shape, dtype=storage, device=device),
-                                      logical_numel=out_features * in_features,
-                                      logical_shape=(out_features, in_features))
+        self.weight = PackedParameter.empty(shape, storage, out_features, in_features, device)
         self.weight_scale = QuantState(torch.ones(out_features, 2, device=device))
         self.weight_zero = QuantState(torch.zeros(out_features, 2, device=device))
         self.weight_eta = QuantState(torch.zeros(out_features, 1, device=device))

@@ -42,9 +42,7 @@ class VQLinear(QuantizedLinear):
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.code_bits = code_bits(spec)
         nbytes = packed_code_bytes(in_features // spec.vector_dim, self.code_bits)
-        self.weight = PackedParameter(torch.zeros(out_features, nbytes, dtype=torch.uint8, device=device),
-                                      logical_numel=out_features * in_features,
-                                      logical_shape=(out_features, in_features))
+        self.weight = PackedParameter.empty((out_features, nbytes), torch.uint8, out_features, in_features, device)
         self.codebook = QuantState(torch.zeros(spec.codebook_size, spec.vector_dim, dtype=CODEBOOK_DTYPE,
                                                device=device))
         if spec.row_scale:
