@@ -8,11 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import AutoModel
+from diffusers.image_processor import VaeImageProcessor
+from safetensors.torch import load_file, save_file
 
 from compressdit.config_base import StrictConfig
 from compressdit.distill.data import labelled_data
 from compressdit.distill.sources import DATA_SOURCES, DataContext, DataSource, files_digest
 from compressdit.errors import ConfigError
+from compressdit.io.checkpoint import atomic_output
 
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}  # datasets' builder per file
 CONDITION_COLUMNS = {"text": ("caption", "text", "prompt"), "class": ("label", "class_id", "class")}
@@ -109,8 +113,6 @@ def _conditions(values: list, kind: str, where: str) -> list:
 def encode_images(vae, images: list, height: int, width: int, batch_size: int) -> torch.Tensor:
     """Scaled latents of PIL ``images`` resized to cover ``height`` x ``width`` and centre-cropped to it (aspect
     ratio kept), as the transformer sees them."""
-    from diffusers.image_processor import VaeImageProcessor
-
     channels = vae.config.in_channels
     processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
                                   do_convert_grayscale=channels == 1, do_convert_rgb=channels == 3)
@@ -125,11 +127,6 @@ def encode_images(vae, images: list, height: int, width: int, batch_size: int) -
 
 
 def _load_image_data(config: ImagesDataConfig, context: DataContext):
-    from diffusers import AutoModel
-    from safetensors.torch import load_file, save_file
-
-    from compressdit.io.checkpoint import atomic_output
-
     if context.pipeline_vae is None:
         raise ConfigError("data source images needs the pipeline's VAE to encode the images: pass a pipeline folder "
                           "(with vae/), not a bare transformer folder")
