@@ -85,10 +85,8 @@ def reconstructed_layers(model: nn.Module, plan: dict[str, LinearQuantSpec | Non
     names = [n for n, s in plan.items() if s is not None and ROUNDINGS.get(s.rounding).reconstructs_blocks]
     if not names:
         return {}
-    config = ctx.calibration_config
-    if config is None or not ctx.conditions:
-        raise CalibrationError(f"rounding {plan[names[0]].rounding!r} ({names[0]} and {len(names) - 1} more layers) "
-                               "needs calibration inputs: add a calibrate stage before quantize")
+    config = ctx.require_calibration(f"rounding {plan[names[0]].rounding!r} ({names[0]} and {len(names) - 1} more "
+                                     "layers)")
     settings = settings or AdaRoundSettings()
     started = time.perf_counter()
     units = _units(model, names, plan, ctx)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from compressdit.calibration.stats import ActivationStats
+from compressdit.errors import CalibrationError
 from compressdit.models.base import ModelAdapter
 
 if TYPE_CHECKING:
@@ -26,6 +27,13 @@ class QuantContext:
     tables: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     figures: dict = field(default_factory=dict)
+
+    def require_calibration(self, what: str) -> Any:
+        """The calibrate stage's config, for steps that replay its sampling loop; ``what`` names the step in the
+        error raised when the recipe has no calibrate stage (or it produced no conditions)."""
+        if self.calibration_config is None or not self.conditions:
+            raise CalibrationError(f"{what} needs calibration inputs: add a calibrate stage before quantize")
+        return self.calibration_config
 
     def input_absmax(self, names) -> dict:
         if self.calibration is None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from compressdit.calibration.hessian import hessian_chunks
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.progress import progress_bar
@@ -27,7 +28,7 @@ from compressdit.quant.adaround_calibration import reconstructed_layers
 from compressdit.quant.context import QuantContext
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.fp_weights import quantize_weight_fp
-from compressdit.quant.gptq_calibration import hessian_rounded_layers, layer_hessians
+from compressdit.quant.gptq_calibration import HESSIAN_BUDGET_BYTES, hessian_rounded_layers, layer_hessians
 from compressdit.quant.methods import METHODS, MethodHandler, rules_need_calibration
 from compressdit.quant.minifloat import MINIFLOATS
 from compressdit.quant.spec import LinearQuantSpec
@@ -75,9 +76,10 @@ def choose_formats(model: nn.Module, plan: dict[str, LinearQuantSpec | None], fo
     if len(formats) < 2 or not names:
         return plan, []
     chosen, rows = dict(plan), []
-    what = "fp4dit's choice of each layer's FP format (or list a single format)"
+    chunks = hessian_chunks({n: model.get_submodule(n).in_features for n in names}, HESSIAN_BUDGET_BYTES)
+    hessians = layer_hessians(model, chunks, ctx, "fp4dit's choice of each layer's FP format (or list a single format)")
     with progress_bar("fp4dit: format per layer", total=len(names), quiet=ctx.quiet) as bar:
-        for name, hessian in layer_hessians(model, names, ctx, what):
+        for name, hessian in hessians:
             spec = plan[name]
             weight = model.get_submodule(name).weight.detach().float()
             errors = {fmt: output_error(weight, quantize_weight_fp(weight, MINIFLOATS.get(fmt), spec.group_size,
