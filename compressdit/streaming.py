@@ -51,11 +51,10 @@ def in_memory_bytes(folder: Path) -> int:
 def streaming_reason(folder: Path, stream: bool, max_memory: int | None) -> str | None:
     """Why this run streams (``--stream``, or the loaded model would exceed ``max_memory``, by default the memory
     available now), or None to compress in memory."""
-    if not any(Path(folder).glob("*.safetensors")):
-        return "streamed (--stream)" if stream else None  # loading reports what is wrong with the folder
-    verify_safetensors(Path(folder))  # a corrupt or truncated file: one clear error before any header is read
     if stream:
         return "streamed (--stream)"
+    if not any(Path(folder).glob("*.safetensors")):
+        return None  # loading in memory reports what is wrong with the folder
     budget = max_memory if max_memory is not None else psutil.virtual_memory().available
     need = in_memory_bytes(folder)
     if need <= budget:

@@ -15,8 +15,10 @@ is written as soon as its last tensor arrives, and the index last. Stock ``from_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,6 +31,17 @@ from compressdit.errors import CheckpointError
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 _FLOAT = ("F64", "F32", "F16", "BF16")
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator:
+    """``safe_open(path)``; any failure to read it (header or tensor) is one :class:`CheckpointError` naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read {path} ({first}): a truncated or corrupt shard") from None
 
 
 class LazyWeights:
@@ -44,7 +57,7 @@ class LazyWeights:
                 raise CheckpointError(f"{index} is not a valid shard index (no weight_map)") from None
             self.files = {name: self.folder / file for name, file in weight_map.items()}
         elif (self.folder / WEIGHTS_NAME).exists():
-            with safe_open(str(self.folder / WEIGHTS_NAME), framework="pt") as handle:
+            with _opened(self.folder / WEIGHTS_NAME) as handle:
                 self.files = {name: self.folder / WEIGHTS_NAME for name in handle.keys()}
         else:
             raise CheckpointError(f"{self.folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
@@ -66,21 +79,17 @@ class LazyWeights:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for path, file_names in by_file.items():
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    for name in file_names:
-                        tensor = handle.get_tensor(name)
-                        out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-            except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise CheckpointError(f"cannot read {path} ({first}): a truncated or corrupt shard") from None
+            with _opened(path) as handle:
+                for name in file_names:
+                    tensor = handle.get_tensor(name)
+                    out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         return out
 
     def float_numel(self) -> int:
         """Floating-point elements in the checkpoint (what an in-memory load materialises in its float dtype)."""
         total = 0
         for path in sorted(set(self.files.values())):
-            with safe_open(str(path), framework="pt") as handle:
+            with _opened(path) as handle:
                 for name in handle.keys():
                     view = handle.get_slice(name)
                     if view.get_dtype() in _FLOAT:
