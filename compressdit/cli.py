@@ -406,7 +406,7 @@ def _terminated(signum, frame) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminated)
+    previous = signal.signal(signal.SIGTERM, _terminated)  # restored on return: main() also runs in-process
     try:
         app()
     except CompressditError as exc:
@@ -414,6 +414,8 @@ def main() -> None:
     except (ValueError, KeyError, OSError, ImportError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _fail(f"{type(exc).__name__}: {message}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
