@@ -20,6 +20,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+from diffusers.loaders import lora_pipeline
 
 from compressdit.quant.layers import QuantizedLinear, logical_weight_shapes
 
@@ -51,8 +52,6 @@ def _dequantizing_compressdit_layers(original: Callable) -> Callable:
 
 def register_lora_support() -> None:
     """Wrap the shape calculation of every loader mixin that defines one, and the widening's dequantization."""
-    from diffusers.loaders import lora_pipeline
-
     for owner in vars(lora_pipeline).values():
         method = vars(owner).get(_SHAPE_METHOD) if isinstance(owner, type) else None
         if isinstance(method, staticmethod) and not hasattr(method.__func__, _ORIGINAL):
