@@ -9,6 +9,8 @@ from torch import nn
 
 from compressdit.io.checkpoint import atomic_output, copy_pipeline_parts, folder_bytes
 from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source, resolve_path
+from compressdit.models import adapter_for
+from compressdit.quant.kernel_registry import refresh
 
 
 def _module_bytes(module: nn.Module) -> int:
@@ -19,9 +21,6 @@ def _module_bytes(module: nn.Module) -> int:
 def inspect_checkpoint(model: str) -> dict:
     """Per-linear scheme, bytes (weights + scales + bias) against a bf16 copy of the same layer, and the kernel
     the layer runs on this machine's CPU with the RAM its prepacked buffers take (e.g. a decoded VQ weight)."""
-    from compressdit.models import adapter_for
-    from compressdit.quant.kernel_registry import refresh
-
     source = load_source(model)
     transformer = source.transformer
     adapter = adapter_for(transformer)

@@ -15,6 +15,7 @@ import torch
 
 from compressdit.models.base import ModelAdapter
 from compressdit.registry import Registry
+from compressdit.zoo.train_dits import noise_scheduler_config
 
 _BETA_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas")
 
@@ -33,8 +34,6 @@ class EpsilonObjective(Objective):
 
     def __init__(self, scheduler_config: dict[str, Any] | None = None) -> None:
         from diffusers import DDPMScheduler
-
-        from compressdit.zoo.train_dits import noise_scheduler_config
 
         betas = {k: v for k, v in dict(scheduler_config or {}).items() if k in _BETA_KEYS and v is not None}
         self.scheduler = DDPMScheduler(**{**noise_scheduler_config(), **betas})

@@ -15,7 +15,7 @@ from compressdit.distill.data import BatchSampler, DistillData, condition_table,
 from compressdit.distill.losses import capture_features, data_loss, feature_loss, output_loss, resolve_layer_map
 from compressdit.distill.objectives import objective_for
 from compressdit.errors import ConfigError, UnsupportedModelError
-from compressdit.models.base import ModelAdapter, adapter_for
+from compressdit.models import ModelAdapter, adapter_for
 from compressdit.moe.usage import ExpertLoad, capture_routing, router_losses
 from compressdit.zoo.trainer import ResumableTrainer, TrainSchedule
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressdit.evaluate.features import ClassifierFeatures, EffNetLite0Features
 from compressdit.evaluate.metrics import class_accuracy, frechet_distance, psnr, relative_error, sqnr_db, ssim
 from compressdit.io.checkpoint import folder_bytes
 from compressdit.models.base import ModelAdapter
@@ -16,6 +17,9 @@ from compressdit.models.prompt_encoders import PromptEncoder, encode_conditions,
 from compressdit.models.sampling import decode_latents, guided_prediction, initial_latents, sample
 from compressdit.progress import progress_bar
 from compressdit.quant.kernel_registry import kernel_summary
+from compressdit.zoo.captions import evaluation_captions
+from compressdit.zoo.data import load_fmnist
+from compressdit.zoo.train_basics import load_classifier
 
 CLASSIFIER_PATH = Path(__file__).resolve().parents[1] / "zoo" / "weights" / "fmnist-basics" / "classifier.safetensors"
 
@@ -64,7 +68,6 @@ def evaluation_conditions(adapter: ModelAdapter, count: int) -> tuple[list, torc
     labels = torch.arange(count) % 10
     if adapter.condition_kind == "class":
         return labels.tolist(), labels
-    from compressdit.zoo.captions import evaluation_captions
 
     captions, _ = evaluation_captions()
     return [captions[int(k)] for k in labels], labels
@@ -82,14 +85,10 @@ class Feature:
 
     def classifier(self):
         if self._classifier is None:
-            from compressdit.zoo.train_basics import load_classifier
-
             self._classifier = load_classifier(CLASSIFIER_PATH)
         return self._classifier
 
     def extractors(self) -> dict[str, object]:
-        from compressdit.evaluate.features import ClassifierFeatures, EffNetLite0Features
-
         out = {"FD-FMNIST": ClassifierFeatures(self.classifier())}
         if self.settings.effnet:
             if self._effnet is None:
@@ -106,7 +105,6 @@ class Feature:
             if cache.exists():
                 self._real[name] = torch.load(cache, weights_only=True)
                 return self._real[name]
-        from compressdit.zoo.data import load_fmnist
 
         images, _ = load_fmnist("test")
         with torch.no_grad():

@@ -33,12 +33,12 @@ import math
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+from compressdit.plots import new_axes
 
 _ARROW = {"lower": " ↓", "higher": " ↑", None: ""}
 _FIGURE_TITLES = (("error_per_timestep", "Error per timestep"), ("layer_sqnr", "Per-layer SQNR"))
@@ -87,24 +87,6 @@ def save_png(array: np.ndarray, path: Path) -> Path:
     return Path(path)
 
 
-def _new_axes(width: float, height: float) -> tuple[Figure, Any]:
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
-
-
-def plot_to_file(draw: Callable[[Any], None], width: float = 6.0, height: float = 3.5) -> str:
-    """Draw on fresh axes with ``draw(ax)`` and save a PNG in a temp file (for a report's figures)."""
-    import tempfile
-
-    fig, ax = _new_axes(width, height)
-    draw(ax)
-    fig.tight_layout()
-    path = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
-    fig.savefig(path, dpi=110)
-    return path
-
-
 def _finite(values: list[Any]) -> np.ndarray:
     arr = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
     arr[~np.isfinite(arr)] = np.nan  # an infinite SQNR (identical layer) cannot be drawn
@@ -128,14 +110,14 @@ def _plot_series(
     colors = {col: f"C{i}" for i, col in enumerate(columns)}
     n = len(axis)
     if kind == "timestep":
-        fig, ax = _new_axes(7.0, 4.0)
+        fig, ax = new_axes(7.0, 4.0)
         xs = np.asarray(axis, dtype=np.float64)
         if n > 1 and xs[0] > xs[-1]:
             ax.invert_xaxis()  # keep sampling order left to right
         ax.set_xlabel("timestep")
         ax.set_ylabel("relative error vs reference")
     else:
-        fig, ax = _new_axes(min(max(7.0, 2.0 + 0.17 * n), 20.0), 5.0)
+        fig, ax = new_axes(min(max(7.0, 2.0 + 0.17 * n), 20.0), 5.0)
         xs = np.arange(n)
         prefix, labels = _strip_common_prefix([str(name) for name in axis])
         labels = [name if len(name) <= 32 else "…" + name[-31:] for name in labels]

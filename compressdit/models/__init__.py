@@ -1,7 +1,9 @@
 """Per-family model adapters: the only place that knows a diffusers model class."""
 
-from compressdit.models.base import ADAPTERS, ModelAdapter, adapter_for
 import importlib as _importlib
+
+from compressdit.models.base import ADAPTERS, ModelAdapter
+from compressdit.models.lookup import adapter_for
 
 for _family in ("dit", "pixart", "sd3", "flux", "cogvideox", "wan", "latte"):  # registers the adapters
     try:

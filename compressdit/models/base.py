@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compressdit.errors import ConfigError, UnsupportedModelError
+from compressdit.models.text_conditions import synthetic_text
 from compressdit.registry import Registry
 
 # Roles every adapter may name; recipes select layers with ``role:NAME`` patterns.
@@ -198,8 +199,6 @@ class ModelAdapter(ABC):
         if self.condition_kind == "class":
             classes = model.config.get("num_embeds_ada_norm") or 1000
             return self.encode(model, torch.randint(0, classes, (batch,), generator=gen).tolist())
-        from compressdit.models.text_conditions import synthetic_text
-
         if self.text_width_key is None:
             raise ConfigError(f"the {self.family} adapter names no text width config key (text_width_key)")
         pooled = model.config[self.pooled_width_key] if self.pooled_width_key else None
@@ -256,20 +255,3 @@ def call_default(pipeline, name: str):
 
 
 ADAPTERS: Registry[ModelAdapter] = Registry("model family")
-
-
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter registered for ``model``'s class (checked by class name, then by base classes); any other
-    diffusers model with ``nn.Linear`` layers gets a :class:`~compressdit.models.generic.GenericAdapter`."""
-    for cls in type(model).__mro__:
-        for _, adapter in ADAPTERS.items():
-            if adapter.model_class_name == cls.__name__:
-                return adapter
-    from compressdit.models.generic import GenericAdapter
-
-    try:
-        return GenericAdapter(model)
-    except UnsupportedModelError as exc:
-        supported = ", ".join(sorted(a.model_class_name for _, a in ADAPTERS.items()))
-        raise UnsupportedModelError(f"unsupported model class {type(model).__name__}: {exc}; supported: {supported}, "
-                                    "and any diffusers transformer with nn.Linear layers") from None

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from compressdit.errors import ConfigError
+from compressdit.io.checkpoint import stored_float_dtype
 from compressdit.models.base import Conditioning, ModelAdapter
 from compressdit.models.text_conditions import TextEmbedding, minilm_embeddings
 from compressdit.registry import Registry
@@ -197,8 +198,6 @@ class PipelinePromptEncoder(PromptEncoder):
             from diffusers import DiffusionPipeline
             from diffusers.utils import logging as diffusers_logging
             from transformers.utils import logging as transformers_logging
-
-            from compressdit.io.checkpoint import stored_float_dtype
 
             components = json.loads((self.folder / "model_index.json").read_text())
             kwargs: dict[str, Any] = {name: None for name, value in components.items()  # no transformer, VAE, ...

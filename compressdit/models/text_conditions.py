@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from compressdit.errors import UnsupportedModelError
+from compressdit.zoo.text import EMBED_DIM, encode_prompts
 
 ENCODER_HINT = "pass --text-encoder PIPELINE_OR_FOLDER (a pipeline with the model's text encoders) or --embeddings FILE"
 
@@ -34,8 +35,6 @@ def synthetic_text(count: int, seq: int, dim: int, pooled_dim: int | None = None
 
 def minilm_embeddings(prompts: list[str], pooled: bool) -> list[TextEmbedding]:
     """MiniLM token embeddings (384-d, masked) of ``prompts`` in one batch; ``pooled``: add their masked mean."""
-    from compressdit.zoo.text import encode_prompts
-
     tokens, mask = encode_prompts(prompts)
     return [TextEmbedding(tokens[i], mask[i],
                           (tokens[i] * mask[i, :, None]).sum(0) / mask[i].sum().clamp_min(1) if pooled else None)
@@ -54,8 +53,6 @@ def _check_width(embedding: TextEmbedding, dim: int, pooled_dim: int | None) -> 
 
 def embed_prompts(conditions: list, dim: int, pooled_dim: int | None = None) -> list[TextEmbedding]:
     """Prompts become MiniLM token embeddings (384-d); ``TextEmbedding`` items pass through (widths checked)."""
-    from compressdit.zoo.text import EMBED_DIM
-
     prompts = [c for c in conditions if isinstance(c, str)]
     encoded: dict[str, TextEmbedding] = {}
     if prompts:

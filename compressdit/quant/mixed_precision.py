@@ -22,6 +22,7 @@ from compressdit.errors import ConfigError
 from compressdit.evaluate.metrics import relative_error
 from compressdit.models.prompt_encoders import encode_conditions, encode_null
 from compressdit.models.sampling import sample
+from compressdit.plots import plot_to_file
 from compressdit.progress import progress_bar
 from compressdit.quant.context import QuantContext
 from compressdit.quant.formats import FORMATS
@@ -194,8 +195,6 @@ def mixed_precision_plan(model: nn.Module, plan: dict[str, LinearQuantSpec | Non
 
 
 def _plot_sensitivity(sensitivities: list[Sensitivity], bits: dict[str, int], high_bits: int) -> str:
-    from compressdit.evaluate.report import plot_to_file
-
     def draw(ax) -> None:
         colors = ["tab:red" if bits[s.name] == high_bits else "tab:blue" for s in sensitivities]
         ax.bar(range(len(sensitivities)), [s.normalised for s in sensitivities], color=colors)

@@ -24,6 +24,7 @@ from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.models.prompt_encoders import encode_conditions, encode_null
 from compressdit.models.sampling import sample
+from compressdit.plots import plot_to_file
 from compressdit.progress import progress_bar
 from compressdit.quant.context import QuantContext
 from compressdit.quant.formats import clamp_codebook
@@ -208,8 +209,6 @@ def _report(ctx: QuantContext, layers: dict[str, SoftVQLinear], history: list[fl
 
 
 def _plot_history(history: list[float]) -> str:
-    from compressdit.evaluate.report import plot_to_file
-
     def draw(ax) -> None:
         ax.plot(range(1, len(history) + 1), history, marker=".")
         ax.set_yscale("log")

@@ -17,7 +17,7 @@ from compressdit.distill.losses import resolve_layer_map
 from compressdit.distill.sources import DataContext, DataSpec, load_data
 from compressdit.distill.trainer import DistillConfig, check_pair, distill
 from compressdit.errors import ConfigError, TrainingIncomplete
-from compressdit.evaluate.report import plot_to_file
+from compressdit.plots import plot_to_file
 from compressdit.io.sources import ZOO_DIR, ModelSource, load_source
 from compressdit.models.base import ModelAdapter
 from compressdit.models.prompt_encoders import PromptEncoder

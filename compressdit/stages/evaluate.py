@@ -11,7 +11,7 @@ from compressdit.errors import ConfigError
 from compressdit.evaluate.engine import Entry, EvalSettings, evaluate
 from compressdit.evaluate.report import write_report
 from compressdit.io.sources import ModelSource
-from compressdit.models.base import adapter_for
+from compressdit.models import adapter_for
 from compressdit.stages.base import STAGES, PipelineState, Stage
 
 

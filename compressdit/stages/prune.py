@@ -17,7 +17,7 @@ from compressdit.calibration.sets import load_conditions, resolve_set
 from compressdit.config_base import StrictConfig
 from compressdit.distill.sources import DataSpec
 from compressdit.errors import ConfigError
-from compressdit.evaluate.report import plot_to_file
+from compressdit.plots import plot_to_file
 from compressdit.io.checkpoint import atomic_output
 from compressdit.prune.depth import BlockKey, kept_indices, remove_blocks
 from compressdit.prune.importance import BLOCK_IMPORTANCE, keep_lowest_score

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler,
                        FluxTransformer2DModel, PixArtTransformer2DModel)
 
+from compressdit.models.base import Conditioning
+from compressdit.models.flux import FluxAdapter
 from compressdit.zoo.captions import training_captions
 from compressdit.zoo.data import CLASS_NAMES, load_fmnist
 from compressdit.zoo.text import EMBED_DIM, encode_prompts
@@ -175,9 +177,6 @@ def train_flux(vae_dir: Path, out_dir: Path, workdir: Path, steps: int = 3000,
                max_minutes: float | None = None, quiet: bool = False) -> dict | None:
     """Train ``flux-fmnist`` by flow matching (velocity ``noise - x0``, linear sigmas), MiniLM captions."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from compressdit.models.base import Conditioning
-    from compressdit.models.flux import FluxAdapter
 
     latents, labels = encode_latents(vae_dir, workdir.parent / "latents.pt")
     draw_captions = _caption_sampler()

@@ -1,0 +1,25 @@
+"""Which adapter serves a model: the registered family adapters first, the generic one for any other diffusers
+transformer with ``nn.Linear`` layers."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from compressdit.errors import UnsupportedModelError
+from compressdit.models.base import ADAPTERS, ModelAdapter
+from compressdit.models.generic import GenericAdapter
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter registered for ``model``'s class (checked by class name, then by base classes); any other
+    diffusers model with ``nn.Linear`` layers gets a :class:`~compressdit.models.generic.GenericAdapter`."""
+    for cls in type(model).__mro__:
+        for _, adapter in ADAPTERS.items():
+            if adapter.model_class_name == cls.__name__:
+                return adapter
+    try:
+        return GenericAdapter(model)
+    except UnsupportedModelError as exc:
+        supported = ", ".join(sorted(a.model_class_name for _, a in ADAPTERS.items()))
+        raise UnsupportedModelError(f"unsupported model class {type(model).__name__}: {exc}; supported: {supported}, "
+                                    "and any diffusers transformer with nn.Linear layers") from None
