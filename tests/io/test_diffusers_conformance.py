@@ -1,6 +1,6 @@
 """What diffusers' quantization test mixin (``tests/models/testing_utils/quantization.py``) demands of a backend,
 for each of our storage formats, on CPU: parameter count, memory, dtype handling, keep-in-fp32, dequantize,
-serialization, ``device_map`` / CPU and disk offload, LoRA. The tiny DiT has uneven per-row weight scales.
+serialization, ``device_map`` / CPU and disk offload, group offloading, LoRA. The tiny DiT has uneven per-row weight scales.
 
 Not testable on CPU: ``enable_sequential_cpu_offload`` (with ``device="cpu"`` accelerate fails on a float DiT
 pipeline too; tested in test_offload_cuda.py where a GPU exists) and ``device_map="auto"`` across accelerators; the accelerate
@@ -206,19 +206,40 @@ def test_accelerate_hooks_offload_to_cpu_and_disk(saved, tmp_path):
     assert torch.equal(_run(model, _dit_inputs()), expected)
 
 
+def _flux_inputs() -> dict:
+    gen = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 16, 16, generator=gen), encoder_hidden_states=torch.randn(2, 5, 64),
+                pooled_projections=torch.randn(2, 64), timestep=torch.tensor([0.3, 0.8]), img_ids=torch.zeros(16, 3),
+                txt_ids=torch.zeros(5, 3), guidance=torch.ones(2), return_dict=False)
+
+
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_device_map_auto_with_a_memory_limit_offloads_to_disk(fmt, tmp_path):
     """``device_map="auto"`` needs ``_no_split_modules``, which DiT lacks: a tiny FLUX transformer instead."""
     _quantize(tiny_flux(2, 2, 4, 64, 64), rules(FORMATS[fmt])).save_pretrained(tmp_path / "flux")
-    gen = torch.Generator().manual_seed(1)
-    inputs = dict(hidden_states=torch.randn(2, 16, 16, generator=gen), encoder_hidden_states=torch.randn(2, 5, 64),
-                  pooled_projections=torch.randn(2, 64), timestep=torch.tensor([0.3, 0.8]), img_ids=torch.zeros(16, 3),
-                  txt_ids=torch.zeros(5, 3), guidance=torch.ones(2), return_dict=False)
+    inputs = _flux_inputs()
     with torch.no_grad():
         expected = FluxTransformer2DModel.from_pretrained(tmp_path / "flux")(**inputs)[0]
         model = FluxTransformer2DModel.from_pretrained(tmp_path / "flux", device_map="auto", max_memory={"cpu": 300_000},
                                                        offload_folder=tmp_path / "offload")
         assert model.hf_device_map["transformer_blocks"] == "disk"
+        assert torch.equal(model(**inputs)[0], expected)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offloading_to_disk(fmt, offload_type, tmp_path):
+    """diffusers' group offloading (``enable_group_offload``; DiT does not support it: a tiny FLUX) with the groups
+    written to disk and read back per forward: every packed tensor and scale travels with its layer."""
+    _quantize(tiny_flux(2, 2, 4, 64, 64), rules(FORMATS[fmt])).save_pretrained(tmp_path / "flux")
+    inputs = _flux_inputs()
+    with torch.no_grad():
+        expected = FluxTransformer2DModel.from_pretrained(tmp_path / "flux")(**inputs)[0]
+        model = FluxTransformer2DModel.from_pretrained(tmp_path / "flux")
+        per_group = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+        model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                   offload_type=offload_type, offload_to_disk_path=str(tmp_path / "groups"), **per_group)
+        assert any((tmp_path / "groups").iterdir())
         assert torch.equal(model(**inputs)[0], expected)
 
 
