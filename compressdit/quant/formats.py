@@ -39,10 +39,7 @@ def _int_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
     if spec.group_size and linear.in_features % spec.group_size:
         raise ConfigError(f"{name}: in_features {linear.in_features} is not divisible by "
                           f"group_size {spec.group_size}; pick a divisor or null")
-    if spec.low_rank is not None and spec.low_rank > min(linear.in_features, linear.out_features):
-        raise ConfigError(f"{name}: low_rank {spec.low_rank} is larger than the layer "
-                          f"({linear.in_features} -> {linear.out_features}); use at most "
-                          f"{min(linear.in_features, linear.out_features)}")
+    _check_low_rank_fits(name, linear, spec)
     per_byte = 4 if spec.w_bits == 2 else 2 if spec.w_bits <= 4 else 1
     if linear.in_features % per_byte:
         raise ConfigError(f"{name}: in_features {linear.in_features} cannot be packed {per_byte} codes per byte")
@@ -96,14 +93,22 @@ def _validate_block_fp(spec: LinearQuantSpec, where: str) -> None:
     if spec.group_size != codec.block:
         raise ConfigError(f"{where}.group_size: format {spec.format!r} scales blocks of {codec.block} weights; set "
                           f"group_size: {codec.block} (got {spec.group_size})")
-    reject_unused_fields(spec, where, ("w_symmetric: false", "w_range: mse", "balance", "rotation", "low_rank",
-                                       "a_granularity: static"), "takes block absmax scales and dynamic activations")
+    reject_unused_fields(spec, where, ("w_symmetric: false", "w_range: mse", "rotation", "a_granularity: static"),
+                         "takes block absmax scales and dynamic activations (balance and low_rank apply)")
+
+
+def _check_low_rank_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
+    if spec.low_rank is not None and spec.low_rank > min(linear.in_features, linear.out_features):
+        raise ConfigError(f"{name}: low_rank {spec.low_rank} is larger than the layer "
+                          f"({linear.in_features} -> {linear.out_features}); use at most "
+                          f"{min(linear.in_features, linear.out_features)}")
 
 
 def _block_fp_fits(name: str, linear: nn.Linear, spec: LinearQuantSpec) -> None:
     if linear.in_features % spec.group_size:
         raise ConfigError(f"{name}: in_features {linear.in_features} is not divisible by the {spec.format} block "
                           f"of {spec.group_size}; keep this layer in another format (or full precision)")
+    _check_low_rank_fits(name, linear, spec)
     check_activation_fits(name, linear, spec)
 
 

@@ -6,7 +6,7 @@ from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +150,40 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.effective_weight(x.dtype), bias)
 
+    def _optional_state(self, name: str, present: bool, value: torch.Tensor, device) -> None:
+        setattr(self, name, QuantState(value.to(device)) if present else None)
+
+    def _init_low_rank(self, device, dtype) -> None:
+        """SVDQuant's 16-bit branch (``spec.low_rank``; in the model's float dtype, like the bias):
+        ``out += (x @ low_rank_down^T) @ low_rank_up^T`` on the transformed, unquantized activations."""
+        rank = self.spec.low_rank
+        self.low_rank_down = None if not rank else nn.Parameter(
+            torch.zeros(rank, self.in_features, device=device, dtype=dtype), requires_grad=False)
+        self.low_rank_up = None if not rank else nn.Parameter(
+            torch.zeros(self.out_features, rank, device=device, dtype=dtype), requires_grad=False)
+
+    def split_low_rank(self, weight: torch.Tensor, quantize: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Store the rank-``spec.low_rank`` branch of ``weight`` (refined against ``quantize``, residual ->
+        its dequantized value) and return the residual left to quantize; ``weight`` itself without a branch."""
+        if not self.spec.low_rank:
+            return weight
+        split = low_rank_split(weight, self.spec.low_rank, quantize)
+        self.low_rank_up.data.copy_(split.up)
+        self.low_rank_down.data.copy_(split.down)
+        return weight - split.up @ split.down
+
+    def with_low_rank(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (fp32, transformed space) plus the branch's ``up @ down`` where there is one."""
+        if self.low_rank_up is None:
+            return weight
+        return weight + self.low_rank_up.float() @ self.low_rank_down.float()
+
+    def _add_low_rank(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The branch's output on the transformed, unquantized activations added to ``out`` (none without one)."""
+        if self.low_rank_up is None:
+            return out
+        return out + F.linear(F.linear(x, self.low_rank_down.to(x.dtype)), self.low_rank_up.to(x.dtype))
+
     @property
     def compute_dtype(self) -> torch.dtype:
         """The float dtype outputs come in (the bias's, else float32): what peft casts a LoRA on this layer to,
@@ -203,15 +237,7 @@ class QuantLinear(QuantizedLinear):
                              torch.ones((), dtype=torch.float32), device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
-        rank = spec.low_rank
-        # SVDQuant's 16-bit branch (in the model's float dtype, like the bias): out += (x @ down^T) @ up^T
-        self.low_rank_down = None if not rank else nn.Parameter(
-            torch.zeros(rank, in_features, device=device, dtype=dtype), requires_grad=False)
-        self.low_rank_up = None if not rank else nn.Parameter(
-            torch.zeros(out_features, rank, device=device, dtype=dtype), requires_grad=False)
-
-    def _optional_state(self, name: str, present: bool, value: torch.Tensor, device) -> None:
-        setattr(self, name, QuantState(value.to(device)) if present else None)
+        self._init_low_rank(device, dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec, input_absmax: torch.Tensor | None = None,
@@ -234,11 +260,8 @@ class QuantLinear(QuantizedLinear):
             weight = rotate(weight, module.rotation_signs)
         if hessian is not None:
             hessian = transformed_hessian(hessian.to(weight.device), module.smooth_scale, module.rotation_signs)
-        if spec.low_rank:  # the branch is refined against RTN of the residual (fast); the residual then rounds
-            split = low_rank_split(weight, spec.low_rank, lambda w: _rtn(w, spec).dequantized())
-            module.low_rank_up.data.copy_(split.up)
-            module.low_rank_down.data.copy_(split.down)
-            weight = weight - split.up @ split.down
+        # the branch is refined against RTN of the residual (fast); the residual then rounds as the spec says
+        weight = module.split_low_rank(weight, lambda w: _rtn(w, spec).dequantized())
         q = ROUNDINGS.get(spec.rounding).quantize(weight, spec, hessian)
         module.load_codes(q.codes, q.scale, q.zero)
         if module.bias is not None:
@@ -259,9 +282,7 @@ class QuantLinear(QuantizedLinear):
 
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight (plus the low-rank branch) mapped back to the layer's original input space."""
-        weight = self.dequantized_weight(torch.float32)
-        if self.low_rank_up is not None:
-            weight = weight + self.low_rank_up.float() @ self.low_rank_down.float()
+        weight = self.with_low_rank(self.dequantized_weight(torch.float32))
         if self.rotation_signs is not None:
             weight = fwht(weight, hadamard_block(self.in_features)) * self.rotation_signs.float()
         if self.smooth_scale is not None:
@@ -292,12 +313,6 @@ class QuantLinear(QuantizedLinear):
         """The ground truth every kernel is tested against: transform, fake-quantize, dequantize, matmul."""
         x = self.transform_input(x)
         return self._add_low_rank(self.reference_linear(x), x)
-
-    def _add_low_rank(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """SVDQuant's branch on the transformed, unquantized activations (none without ``low_rank``)."""
-        if self.low_rank_up is None:
-            return out
-        return out + F.linear(F.linear(x, self.low_rank_down.to(x.dtype)), self.low_rank_up.to(x.dtype))
 
     def reference_linear(self, x: torch.Tensor) -> torch.Tensor:
         """Reference on already transformed activations."""

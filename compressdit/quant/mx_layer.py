@@ -11,7 +11,10 @@ format        ``.weight``                           ``.weight_scale``           
 ``mxfp8``     ``float8_e4m3fn [out, in]``           ``uint8 [out, in/32]`` E8M0 exponents  --
 ============  ====================================  ====================================  =======================
 
-Nibbles: element ``2i`` in the low four bits, ``2i + 1`` in the high four (ModelOpt's order). Activations are
+Nibbles: element ``2i`` in the low four bits, ``2i + 1`` in the high four (ModelOpt's order). SVDQuant's recipe on
+these formats adds ``.smooth_scale`` (``float32 [in]``, channel balancing folded into the weight) and the 16-bit
+low-rank branch ``.low_rank_down [r, in]`` / ``.low_rank_up [out, r]`` (only the residual is block-quantized), as the
+``int`` format stores them; ModelOpt's export has no such tensors. Activations are
 quantized dynamically (``a_format: nvfp4`` computes its tensor scale from each input), so no ``.input_scale``
 (ModelOpt's static, calibrated activation amax) is stored. Execution on CPU and GPU is the dequantize reference:
 decode the weight, fake-quantize the input, matmul in the input's dtype (no FP4 tensor-core kernel here).
@@ -23,9 +26,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from compressdit.quant.activations import quantize_input
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
+from compressdit.quant.rotation import balancing_scale
 from compressdit.quant.minifloat import Minifloat, pack_nibbles, unpack_nibbles
 from compressdit.quant.mx_primitives import (E2M1, E4M3, MX_BLOCK, NVFP4_BLOCK, mx_dequantize, mx_quantize,
                                              nvfp4_dequantize, nvfp4_quantize)
@@ -69,9 +75,12 @@ class BlockFPLinear(QuantizedLinear):
 
         - {match: "re:.*", spec: {format: nvfp4, w_bits: 4, group_size: 16,
                                   a_bits: 4, a_format: nvfp4, a_granularity: per_group}}
+
+    With SVDQuant's smoothing and low-rank branch (``recipes/svdquant-nvfp4.yaml``): add ``balance: 0.5,
+    low_rank: 16`` (calibration statistics needed).
     """
 
-    quantized_tensors = ("weight", "weight_scale")
+    quantized_tensors = ("weight", "weight_scale", "smooth_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: LinearQuantSpec,
                  device=None, dtype=None) -> None:
@@ -85,19 +94,30 @@ class BlockFPLinear(QuantizedLinear):
                                        .to(self.codec.scale_dtype))
         if self.codec.tensor_scale:
             self.weight_scale_2 = QuantState(torch.ones((), dtype=torch.float32, device=device))
-            self.quantized_tensors = ("weight", "weight_scale", "weight_scale_2")
+            self.quantized_tensors = ("weight", "weight_scale", "weight_scale_2", "smooth_scale")
         else:
             self.weight_scale_2 = None
+        self._optional_state("smooth_scale", spec.balance is not None, torch.ones(in_features), device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
+        self._init_low_rank(device, dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec,
                     input_absmax: torch.Tensor | None = None) -> "BlockFPLinear":
-        """Round the weight to the format (scales from each block's absmax, elements to nearest even)."""
+        """Round the weight to the format (scales from each block's absmax, elements to nearest even); with
+        ``balance``, the calibrated ``input_absmax`` balancing folded in first; with ``low_rank``, only the residual
+        of the 16-bit branch is rounded."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
                      device=linear.weight.device, dtype=linear.weight.dtype)
-        module.load_codes(*module.codec.quantize(linear.weight.detach()))
+        weight = linear.weight.detach().float()
+        if module.smooth_scale is not None:
+            if input_absmax is None:
+                raise ValueError("channel balancing needs calibration statistics (run a calibrate stage)")
+            module.smooth_scale.copy_(balancing_scale(input_absmax.to(weight.device), weight, spec.balance))
+            weight = weight * module.smooth_scale
+        weight = module.split_low_rank(weight, lambda w: module.codec.dequantize(*module.codec.quantize(w)))
+        module.load_codes(*module.codec.quantize(weight))
         if module.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         return module
@@ -114,6 +134,24 @@ class BlockFPLinear(QuantizedLinear):
         """Element codes ``uint8 [out, in]``."""
         return unpack_nibbles(self.weight.data) if self.codec.packed else self.weight.data.view(torch.uint8)
 
-    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The decoded block-quantized weight (the residual, in the balanced input space, where those apply)."""
         return self.codec.dequantize(self.codes(), self.weight_scale, self.weight_scale_2).to(dtype)
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        weight = self.with_low_rank(self.dequantized_weight(torch.float32))
+        if self.smooth_scale is not None:
+            weight = weight / self.smooth_scale
+        return weight.to(dtype)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Balance the input, fake-quantize it, decoded residual weight, matmul; plus the low-rank branch on the
+        balanced, unquantized input."""
+        if self.smooth_scale is None and self.low_rank_up is None:
+            return self.reference_linear(x)
+        if self.smooth_scale is not None:
+            x = x / self.smooth_scale.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = F.linear(quantize_input(x, self.spec), self.dequantized_weight(x.dtype), bias)
+        return self._add_low_rank(out, x)
 

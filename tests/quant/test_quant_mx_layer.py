@@ -73,6 +73,7 @@ def test_forward_is_the_dequantize_reference_and_close_to_float(fmt, a_bits):
     ({"format": "nvfp4", "w_bits": 4, "group_size": 32}, "set group_size: 16"),
     ({"format": "mxfp4", "w_bits": 4, "group_size": 16}, "set group_size: 32"),
     ({"format": "nvfp4", "w_bits": 4, "rotation": "hadamard"}, "rotation"),
+    ({"format": "nvfp4", "w_bits": 4, "low_rank": 0}, "low_rank"),
     ({"format": "mxfp4", "w_bits": 4, "w_range": "mse"}, "mse"),
     ({"format": "mxfp4", "w_bits": 4, "a_bits": 8, "a_granularity": "static"}, "static"),
     ({"format": "nvfp4", "w_bits": 4, "vector_dim": 4}, "vq"),
@@ -144,6 +145,69 @@ def test_checkpoint_reloads_bit_identically_through_stock_from_pretrained(tmp_pa
         out = half(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in _inputs().items()},
                    return_dict=False)[0]
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+SVDQUANT = {**SPECS["nvfp4"], "balance": 0.5, "low_rank": 8}
+
+
+def _outlier_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    channel = torch.ones(96)
+    channel[[5, 40, 77]] = 30.0  # a few outlier input channels, as DiT activations have
+    x = torch.randn(64, 96, generator=gen) * channel
+    return x, x.abs().amax(0)
+
+
+def test_svdquant_on_nvfp4_balances_splits_a_branch_and_beats_plain_nvfp4():
+    linear, plain = _layer("nvfp4")
+    x, absmax = _outlier_inputs()
+    layer = FORMATS.get("nvfp4").quantize(linear, LinearQuantSpec.from_dict(dict(SVDQUANT), "spec"), absmax)
+    assert layer.smooth_scale.shape == (96,) and layer.low_rank_down.shape == (8, 96)
+    assert layer.low_rank_up.shape == (40, 8) and layer.weight.dtype == torch.uint8
+    with torch.no_grad():
+        out, truth = layer(x), linear(x)
+        balanced = x / layer.smooth_scale
+        by_hand = torch.nn.functional.linear(quantize_input(balanced, layer.spec), layer.dequantized_weight(),
+                                             layer.bias) + balanced @ layer.low_rank_down.t() @ layer.low_rank_up.t()
+        torch.testing.assert_close(out, by_hand)
+        # the stored pieces rebuild the original weight's input space
+        folded = (layer.dequantized_weight() + layer.low_rank_up @ layer.low_rank_down) / layer.smooth_scale
+        torch.testing.assert_close(layer.effective_weight(), folded)
+        error, plain_error = [((o - truth).norm() / truth.norm()).item() for o in (out, plain(x))]
+    assert error < 0.7 * plain_error, (error, plain_error)
+
+
+def test_svdquant_nvfp4_needs_statistics_and_a_rank_that_fits():
+    linear, _ = _layer("nvfp4")
+    with pytest.raises(ValueError, match="calibration statistics"):
+        FORMATS.get("nvfp4").quantize(linear, LinearQuantSpec.from_dict(dict(SVDQUANT), "spec"), None)
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(32, 8)
+    spec = LinearQuantSpec.from_dict({**SVDQUANT, "low_rank": 16}, "spec")
+    with pytest.raises(ConfigError, match="proj: low_rank 16 is larger than the layer"):
+        quantize_layers(model, {"proj": spec}, {"proj": torch.ones(32)})
+
+
+def test_svdquant_nvfp4_checkpoint_reloads_bit_identically(tmp_path):
+    model = tiny_dit()
+    adapter = adapter_for(model)
+    plan = {n: LinearQuantSpec.from_dict(dict(SVDQUANT), n) for n in adapter.linear_layers(model)
+            if adapter.role_of(n) not in ("embedder", "head")}
+    absmax = {n: torch.rand(model.get_submodule(n).in_features) * 5 + 0.1 for n in plan}
+    quantize_layers(model, plan, absmax)
+    attach_quantizer(model, plan)
+    with torch.no_grad():
+        expected = model(**_inputs(), return_dict=False)[0]
+    model.save_pretrained(tmp_path)
+    name = "transformer_blocks.0.ff.net.2"
+    with safe_open(str(tmp_path / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_slice(f"{name}.smooth_scale").get_shape() == [256]
+        assert f.get_slice(f"{name}.low_rank_down").get_shape() == [8, 256]
+        assert f.get_slice(f"{name}.weight").get_dtype() == "U8"
+    import compressdit  # noqa: F401  registers the quantizer, as a user would
+    loaded = DiTTransformer2DModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**_inputs(), return_dict=False)[0], expected)
 
 
 @pytest.mark.cuda
