@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from compressdit.quant.gpu_reference import FP8_MAX
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.activations import quantize_input
+from compressdit.quant.cpu_native import bf16_to_float, fake_quantize_e4m3_rows, float_to_bf16
 from compressdit.quant.primitives import int_range
 
 DENSE_MAX_WEIGHT = 1 << 18  # in_features * out_features: 512 KiB of bf16 per layer at most
@@ -85,11 +85,10 @@ def _dense_bf16_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         scale = scale.clamp_min_(1e-8).div_(int_range(spec.a_bits)[1])
         out = F.linear((x2 / scale).round_().to(torch.bfloat16), b["weight"]).float()
         out = out.mul_(scale) if b["bias"] is None else torch.addcmul(b["bias"], out, scale)
-    else:
+    else:  # the casts around the bf16 GEMM in one single-threaded C pass each
         x2 = quantize_layer_input(layer, x2)
-        out = F.linear(x2.to(torch.bfloat16), b["weight"]).float()
-        if b["bias"] is not None:
-            out = out.add_(b["bias"])
+        x2 = x2 if x2.dtype is torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+        out = bf16_to_float(F.linear(float_to_bf16(x2), b["weight"]), b["bias"])
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -102,20 +101,11 @@ def _fp8_dense_prepack(layer) -> dict:
             "bias": None if layer.bias is None else layer.bias.detach().float()}
 
 
-def round_to_e4m3(q: torch.Tensor) -> torch.Tensor:
-    """fp32 ``q`` (within +-448) rounded to its nearest E4M3 value, ties to even: ``q.to(float8_e4m3fn).float()``
-    bit for bit (tested), in fp32 arithmetic: CPUs convert to and from float8 one element at a time (~8x slower)."""
-    bits = q.view(torch.int32)  # normal range: round the 23-bit mantissa to 3 bits, carrying into the exponent
-    normal = ((bits >> 20) & 1).add_(bits).add_(0x7FFFF).bitwise_and_(-(1 << 20)).view(torch.float32)
-    subnormal = (q * 512).round_().div_(512)  # below 2^-6: a fixed step of 2^-9
-    return torch.where(q.abs() < 2.0 ** -6, subnormal, normal)
-
-
 def _fp8_dense_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    if layer.spec.a_bits == 8:  # quantize_rows_reference's scale and clamp, then E4M3 rounding
-        scale = x2.abs().amax(-1, keepdim=True).clamp_min_(1e-8).div_(FP8_MAX)
-        x2 = round_to_e4m3((x2 / scale).clamp_(-FP8_MAX, FP8_MAX)).mul_(scale)
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.dtype is torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+    if layer.spec.a_bits == 8:  # quantize_rows_reference's scale, clamp and E4M3 rounding, one fused pass
+        x2 = fake_quantize_e4m3_rows(x2)
     return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 

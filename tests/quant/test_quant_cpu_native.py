@@ -112,3 +112,49 @@ def test_small_gemms_run_on_one_thread_and_restore_the_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def _float_edge_cases() -> torch.Tensor:
+    torch.manual_seed(2)
+    bf16_ties = (torch.arange(1, 40, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)  # halfway: to even
+    specials = torch.tensor([0.0, -0.0, 1e-40, -3e-39, float("inf"), -float("inf"), float("nan"), 3.4e38, -1.5e-45])
+    return torch.cat([torch.randn(997) * torch.logspace(-6, 6, 997), bf16_ties, -bf16_ties, specials])
+
+
+def test_the_bf16_casts_equal_torch_bit_for_bit(monkeypatch):
+    from compressdit.quant.cpu_native import bf16_to_float, float_to_bf16
+
+    x = _float_edge_cases()
+    assert native_library() is None or torch.equal(float_to_bf16(x).view(torch.int16), x.bfloat16().view(torch.int16))
+    y, bias = torch.randn(13, 77).bfloat16(), torch.randn(77)
+    assert torch.equal(bf16_to_float(y, bias), y.float() + bias) and torch.equal(bf16_to_float(y, None), y.float())
+    monkeypatch.setattr(cpu_native, "native_library", lambda: None)
+    assert torch.equal(float_to_bf16(x).view(torch.int16), x.bfloat16().view(torch.int16))
+    assert torch.equal(bf16_to_float(y, bias), y.float() + bias)
+
+
+def _fp8_rows() -> torch.Tensor:
+    torch.manual_seed(3)
+    x = torch.randn(64, 96) * torch.logspace(-4, 3, 96)
+    x[0] = 0  # the scale's floor
+    grid = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # every non-negative E4M3 value
+    x[1, :95] = ((grid[1:] + grid[:-1]) / 2)[:95]  # ties (with amax 448 below: s = 1 exactly)
+    x[1, 95] = 448
+    x[2, :95], x[2, 95] = -grid[:95] * 0.999, 448  # near the grid, subnormals included
+    x[3, :95], x[3, 95] = torch.nextafter(x[1, :95], torch.zeros(())), 448  # just below the ties
+    x[4, 7] = 1e-41  # a subnormal input
+    x[5] *= 1e-12  # a row whose amax is below the 1e-8 floor
+    x[6, 3] = float("nan")  # NaN spreads to its row, as in the reference
+    return x
+
+
+def test_e4m3_fake_quantization_equals_the_reference_bit_for_bit(monkeypatch):
+    from compressdit.quant.cpu_native import fake_quantize_e4m3_rows
+    from compressdit.quant.gpu_reference import _fake_quantized_rows
+
+    x = _fp8_rows()
+    expected = _fake_quantized_rows(x, torch.float8_e4m3fn)
+    assert expected[6].isnan().all() and expected[0].eq(0).all()
+    torch.testing.assert_close(fake_quantize_e4m3_rows(x), expected, rtol=0, atol=0, equal_nan=True)
+    monkeypatch.setattr(cpu_native, "native_library", lambda: None)
+    torch.testing.assert_close(fake_quantize_e4m3_rows(x), expected, rtol=0, atol=0, equal_nan=True)

@@ -281,7 +281,7 @@ def test_cpu_int4_kernel_keeps_its_bound_above_the_packed_row_threshold(spec):
 
 
 def test_e4m3_rounding_in_fp32_equals_the_float8_cast_bit_for_bit():
-    from compressdit.quant.cpu_dense import round_to_e4m3
+    from compressdit.quant.cpu_native import round_to_e4m3
 
     grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     grid = grid[grid.isfinite()].unique()
