@@ -5,17 +5,23 @@ of the packed codes (``cpu-int4-weight`` above ``INT4_PACKED_MAX_ROWS`` rows) an
 more than the GEMM itself, so these layers keep a decoded copy of their weight at run time and say so in
 their kernel name:
 
-- ``cpu-int-dense-bf16``: the small layers ``cpu-int4-weight`` applies to (2-4 bits) decoded once into
-  bf16 (2 bytes per weight of RAM at run time, at most ``2 * DENSE_MAX_WEIGHT`` bytes per layer; the
-  checkpoint stays packed), activations rounded to bf16 (as ``cpu-int4-weight`` does), a bf16 GEMM (1.2-1.8x
-  an fp32 one at 256 rows on AVX512-BF16 CPUs), the bias added in fp32. Dynamic quantized activations (W4A8
-  with groups) enter the GEMM as their integer codes (exact in bf16), the product is scaled per row after;
-  static scales fake-quantize first. Either way the codes are the reference's.
+- ``cpu-int-dense-fp32`` (CPUs without AMX-BF16) / ``cpu-int-dense-bf16`` (with it, :func:`bf16_gemm_pays`): the
+  small layers ``cpu-int4-weight`` applies to (2-4 bits) decoded once into fp32 (4 bytes per weight of RAM at
+  run time, at most ``4 * DENSE_MAX_WEIGHT`` bytes per layer) or bf16 (2 bytes; the checkpoint stays packed).
+  Weight-only layers without a low-rank branch fold their balancing / rotation into that weight
+  (``effective_weight``) and run on the raw input: the fp32 kernel is then ``F.linear`` exactly as the float
+  layer (the reference's numbers up to summation order). The bf16 kernel rounds activations to bf16 and the
+  product back (one single-threaded C pass each, :mod:`.cpu_native`), the bias added in fp32; dynamic
+  quantized activations (W4A8 with groups) enter its GEMM as their integer codes (exact in bf16), the product
+  scaled per row after. The fp32 kernel fake-quantizes activations as the reference does.
 - ``cpu-fp8-dense``: FP8 (E4M3) weights decoded once into fp32 (4 bytes per weight at run time), the
-  reference's per-token E4M3 activations, an fp32 GEMM: the reference's numbers without its per-call decode.
+  reference's per-token E4M3 activations (one fused C pass, bit for bit), an fp32 GEMM: the reference's numbers
+  without its per-call decode.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -65,17 +71,63 @@ def _small(shape: tuple[int, int]) -> bool:
     return shape[0] * shape[1] <= DENSE_MAX_WEIGHT
 
 
-def _dense_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    """The small layers of ``cpu-int4-weight``'s specs (same bf16 numerics; other specs keep the reference)."""
-    return _small(shape) and KERNELS.get("cpu-int4-weight").applies(spec, device, shape)
+@functools.lru_cache(maxsize=None)
+def bf16_gemm_pays() -> bool:
+    """Whether small layers run in bf16: CPUs with AMX-BF16 tiles. With AVX512-BF16 only (the Zen 4 EPYC of
+    ``bench/results/e2e_speed_cpu.md``), the bf16 GEMM of a 256 x 128 x 128 layer is 1.6x an fp32 one on one
+    thread, but its two casts leave the zoo models' steps 0.88-0.97x float on one thread and 1.05-1.33x on two
+    (single-threaded casts between two-threaded ops), against 1.02-1.05x for the fp32 weight on both."""
+    return bool(torch._C._cpu._get_cpu_capability().get("amx_bf16", False))
 
 
-def _dense_bf16_prepack(layer) -> dict:
-    return {"weight": layer.dequantized_weight(torch.float32).to(torch.bfloat16).contiguous(),
-            "bias": None if layer.bias is None else layer.bias.detach().float()}
+def _dense_applies(bf16: bool):
+    """The small layers of ``cpu-int4-weight``'s specs (other specs keep the reference), in bf16 or fp32 as
+    :func:`bf16_gemm_pays` says."""
+    def applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+        return (_small(shape) and bf16_gemm_pays() == bf16
+                and KERNELS.get("cpu-int4-weight").applies(spec, device, shape))
+
+    return applies
 
 
-def _dense_bf16_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+def dense_kernel_name() -> str:
+    """The kernel small layers of ``cpu-int4-weight``'s specs run on this machine."""
+    return "cpu-int-dense-bf16" if bf16_gemm_pays() else "cpu-int-dense-fp32"
+
+
+def _folds(layer) -> bool:
+    """Weight-only layers without a low-rank branch: the input transform (balancing, rotation) folds into the
+    decoded weight (``effective_weight``), so the kernel runs on the untransformed input."""
+    return layer.spec.a_bits is None and layer.spec.low_rank is None
+
+
+def _dense_prepack(dtype: torch.dtype):
+    def prepack(layer) -> dict:
+        weight = layer.effective_weight(torch.float32) if _folds(layer) else layer.dequantized_weight(torch.float32)
+        return {"weight": weight.to(dtype).contiguous(), "folded": _folds(layer),
+                "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
+
+    return prepack
+
+
+def _contiguous_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype is torch.float32 and x.is_contiguous() else x.float().contiguous()
+
+
+def _dense_kernel(linear):
+    """``run`` and ``run_untransformed`` of a dense kernel from ``linear(layer, x, buffers)`` on the GEMM's input
+    space: a folded weight takes the raw input; on an already transformed input (``run``, which
+    ``QuantLinear.forward`` does not call for such layers) it cannot apply, and the reference runs."""
+    def run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+        return layer.reference_linear(x) if b["folded"] else linear(layer, x, b)
+
+    def run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+        return linear(layer, x if b["folded"] else layer.transform_input(x), b)
+
+    return {"run": run, "run_untransformed": run_untransformed}
+
+
+def _dense_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     spec = layer.spec
     x2 = x.reshape(-1, x.shape[-1])
     if spec.a_bits is not None and layer.input_scale is None and _fast_int_path(spec):
@@ -86,10 +138,16 @@ def _dense_bf16_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         out = F.linear((x2 / scale).round_().to(torch.bfloat16), b["weight"]).float()
         out = out.mul_(scale) if b["bias"] is None else torch.addcmul(b["bias"], out, scale)
     else:  # the casts around the bf16 GEMM in one single-threaded C pass each
-        x2 = quantize_layer_input(layer, x2)
-        x2 = x2 if x2.dtype is torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+        x2 = _contiguous_fp32(quantize_layer_input(layer, x2))
         out = bf16_to_float(F.linear(float_to_bf16(x2), b["weight"]), b["bias"])
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def _dense_fp32_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    if layer.spec.a_bits is None and x.dtype is torch.float32:  # exactly nn.Linear's call
+        return F.linear(x, b["weight"], b["bias"])
+    out = F.linear(quantize_layer_input(layer, x.float()), b["weight"], b["bias"])
+    return out.to(x.dtype)
 
 
 def _fp8_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
@@ -110,9 +168,14 @@ def _fp8_dense_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
 
 
 KERNELS.add("cpu-int-dense-bf16", Kernel(
-    _dense_bf16_applies, _dense_bf16_prepack, _dense_bf16_run, priority=15,
+    _dense_applies(bf16=True), prepack=_dense_prepack(torch.bfloat16), priority=15, **_dense_kernel(_dense_bf16_linear),
     description=f"layers of up to {DENSE_MAX_WEIGHT} weights: int codes decoded once into a dense bf16 weight "
-                "(2 bytes per weight of RAM), bf16 activations, bf16 GEMM, fp32 bias"))
+                "(2 bytes per weight of RAM; weight-only: balancing/rotation folded in), bf16 activations, bf16 "
+                "GEMM, fp32 bias"))
+KERNELS.add("cpu-int-dense-fp32", Kernel(
+    _dense_applies(bf16=False), prepack=_dense_prepack(torch.float32), priority=15, **_dense_kernel(_dense_fp32_linear),
+    description=f"layers of up to {DENSE_MAX_WEIGHT} weights: int codes decoded once into a dense fp32 weight "
+                "(4 bytes per weight of RAM; weight-only: balancing/rotation folded in), the reference's fp32 GEMM"))
 KERNELS.add("cpu-fp8-dense", Kernel(
     _fp8_dense_applies, _fp8_dense_prepack, _fp8_dense_run, priority=10,
     description="E4M3 weight decoded once into a dense fp32 weight (4 bytes per weight of RAM), per-token E4M3 "

@@ -20,7 +20,7 @@
   ``INT4_PACKED_MAX_ROWS["cpu"]`` rows per call; above, the weight is dequantized per call into bf16 (from
   a nibble copy of the codes, 0.5 byte per weight) for a dense bf16 GEMM, which beats the packed GEMM there
   (1.5-2.2x fp32 against 0.6-1.05x at M = 256..1024 on DiT-XL/2 shapes, one thread, AVX512-BF16 EPYC).
-  Layers of up to ``DENSE_MAX_WEIGHT`` weights run ``cpu-int-dense-bf16`` instead (:mod:`.cpu_dense`).
+  Layers of up to ``DENSE_MAX_WEIGHT`` weights run ``cpu-int-dense-fp32`` / ``-bf16`` instead (:mod:`.cpu_dense`).
 - ``cpu-int8-weight``: weight-only int codes of 5-8 bits per channel (symmetric) via
   ``_weight_int8pack_mm`` on bf16 activations (per-channel scales applied in fp32 afterwards); above
   ``INT8_MAX_ROWS`` rows the dequantize reference (cheap for int8 codes) + fp32 GEMM is faster. bf16 rounding

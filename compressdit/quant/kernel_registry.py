@@ -177,7 +177,8 @@ def run_cached(layer: nn.Module, cache: KernelCache, x: torch.Tensor, untransfor
     A layer accelerate offloads after this call (``device_map`` with cpu/disk) drops its prepacked copy too."""
     run = cache.kernel.run_untransformed if untransformed else cache.kernel.run
     out = run(layer, x, cache.buffers)
-    if not torch.compiler.is_compiling() and getattr(getattr(layer, "_hf_hook", None), "offload", False):
+    # accelerate's hook is a plain attribute: read from __dict__ (a missing-attribute getattr on a module costs ~2 us)
+    if not torch.compiler.is_compiling() and getattr(layer.__dict__.get("_hf_hook"), "offload", False):
         cache.clear()
     return out
 
@@ -191,6 +192,7 @@ def run_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 def set_kernel(model: nn.Module, name: str | None) -> None:
     """Force every quantized layer of ``model`` onto kernel ``name`` (e.g. ``"reference"``); ``None`` = auto."""
     if name not in (None, REFERENCE):
+        _import_kernel_modules()
         KERNELS.get(name)
     for module in model.modules():
         if hasattr(module, "spec") and hasattr(module, "quantized_tensors"):
