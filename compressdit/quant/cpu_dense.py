@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.activations import quantize_input
-from compressdit.quant.cpu_native import bf16_to_float, fake_quantize_e4m3_rows, float_to_bf16
+from compressdit.quant.cpu_native import (bf16_to_float, fake_quantize_e4m3_rows, fake_quantize_rows_int8,
+                                          float_to_bf16)
 from compressdit.quant.primitives import int_range
 
 DENSE_MAX_WEIGHT = 1 << 18  # in_features * out_features: 512 KiB of bf16 per layer at most
@@ -104,7 +105,10 @@ def _folds(layer) -> bool:
 def _dense_prepack(dtype: torch.dtype):
     def prepack(layer) -> dict:
         weight = layer.effective_weight(torch.float32) if _folds(layer) else layer.dequantized_weight(torch.float32)
+        spec = layer.spec
         return {"weight": weight.to(dtype).contiguous(), "folded": _folds(layer),
+                "int8_rows": spec.a_bits == 8 and spec.a_format == "int" and spec.a_granularity in ("per_token",
+                                                                                                  "per_tensor"),
                 "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
 
     return prepack
@@ -144,10 +148,15 @@ def _dense_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
 
 
 def _dense_fp32_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    if layer.spec.a_bits is None and x.dtype is torch.float32:  # exactly nn.Linear's call
+    spec = layer.spec
+    if spec.a_bits is None and x.dtype is torch.float32:  # exactly nn.Linear's call
         return F.linear(x, b["weight"], b["bias"])
-    out = F.linear(quantize_layer_input(layer, x.float()), b["weight"], b["bias"])
-    return out.to(x.dtype)
+    x2 = _contiguous_fp32(x.reshape(-1, x.shape[-1]))
+    if b["int8_rows"] and layer.input_scale is None:  # dynamic int8 activations: one fused C pass
+        x2 = fake_quantize_rows_int8(x2, spec.a_granularity == "per_token")
+    else:
+        x2 = quantize_layer_input(layer, x2)
+    return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 def _fp8_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:

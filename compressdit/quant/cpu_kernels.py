@@ -41,7 +41,8 @@ from compressdit.quant.gpu_reference import (INT4_PACKED_MAX_ROWS, dequantize_ni
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import quantize_layer_input
-from compressdit.quant.cpu_native import dequantize_int32_, quantize_rows_int8, scale_rows_
+from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, quantize_rows_int8,
+                                          quantize_rows_int8_groups, scale_rows_)
 
 INT4_GROUPS = (32, 64, 128, 256)
 INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (bench/layer_kernels.py)
@@ -174,19 +175,22 @@ def _int8_gemm_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tenso
 def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor,
                                bias: Optional[torch.Tensor], per_token: bool, out_features: int) -> torch.Tensor:
     """Grouped weights (``codes`` int8 ``[groups, out, group]``, ``w_scale`` ``[groups, out]``) x dynamic int8
-    activations: one ``torch._int_mm`` per group, its int32 sums scaled by the group's scales and added."""
+    activations: the codes quantized per group in one C pass, one ``torch._int_mm`` per group into one int32
+    buffer, one fused epilogue (each group's sums scaled by its scales and added, then per row)."""
     groups, _, size = codes.shape
-    q, a_scale = quantize_rows_int8(x.reshape(-1, x.shape[-1]).float().contiguous(), per_token)
-    q = q.view(-1, groups, size).transpose(0, 1).contiguous()
-    threads = _serial_threads(q.numel() * out_features)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    q, a_scale = quantize_rows_int8_groups(x2, per_token, size)
+    acc = torch.empty(groups, x2.shape[0], out_features, dtype=torch.int32)
+    threads = _serial_threads(x2.numel() * out_features)
     try:
-        out = torch._int_mm(q[0], codes[0].t()).float().mul_(w_scale[0])
-        for g in range(1, groups):
-            out.addcmul_(torch._int_mm(q[g], codes[g].t()), w_scale[g])
+        for g in range(groups):
+            torch._int_mm(q[g], codes[g].t(), out=acc[g])
     finally:
         if threads:
             torch.set_num_threads(threads)
-    out = scale_rows_(out, a_scale, bias)
+    out = dequantize_groups(acc, w_scale, a_scale, bias)
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 

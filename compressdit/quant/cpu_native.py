@@ -32,6 +32,9 @@ _SIGNATURES = {
     "compressdit_quantize_int8": ([_PTR, _PTR, _I64, _I64, _I32, _I32, _PTR, _PTR], ctypes.c_int),
     "compressdit_dequantize_int32": ([_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _PTR], None),
     "compressdit_scale_rows": ([_PTR, _PTR, _I32, _PTR, _I64, _I64, _PTR], None),
+    "compressdit_fake_quantize_int8": ([_PTR, _I64, _I64, _I32, _PTR], ctypes.c_int),
+    "compressdit_quantize_int8_groups": ([_PTR, _I64, _I64, _I64, _I32, _PTR, _PTR], None),
+    "compressdit_dequantize_groups": ([_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _I64, _PTR], None),
     "compressdit_float_to_bf16": ([_PTR, _I64, _PTR], None),
     "compressdit_bf16_to_float": ([_PTR, _PTR, _I64, _I64, _PTR], None),
     "compressdit_fake_quantize_e4m3": ([_PTR, _I64, _I64, _PTR, _PTR], None),
@@ -84,6 +87,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _lib_for(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
+    return None if torch.compiler.is_compiling() or not _takes(*tensors) else native_library()
+
+
 def quantize_rows_int8(x: torch.Tensor, per_token: bool, offset: int = 0,
                        smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``x`` ``[rows, cols]`` (divided by ``smooth`` ``[cols]`` first, as the layer's balancing does) ->
@@ -104,6 +111,49 @@ def quantize_rows_int8(x: torch.Tensor, per_token: bool, offset: int = 0,
     scale = scale.clamp_min_(1e-8).div_(127)
     q = (x / scale).round_().to(torch.int8)  # |x / s| <= 127
     return (q.view(torch.uint8).add_(offset) if offset else q), scale
+
+
+def fake_quantize_rows_int8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """fp32 ``x`` ``[rows, cols]`` -> ``round(x / s) * s`` with :func:`quantize_rows_int8`'s scales: dynamic
+    symmetric int8 activations fake-quantized, in one C call (PyTorch ops without the library)."""
+    lib = _lib_for(x)
+    if lib is not None and x.dim() == 2:
+        out = torch.empty_like(x)
+        if not lib.compressdit_fake_quantize_int8(x.data_ptr(), x.shape[0], x.shape[1], per_token, out.data_ptr()):
+            return out
+    magnitude = x.abs()
+    scale = (magnitude.amax(-1, keepdim=True) if per_token else magnitude.amax()).clamp_min_(1e-8).div_(127)
+    return (x / scale).round_().mul_(scale)
+
+
+def quantize_rows_int8_groups(x: torch.Tensor, per_token: bool, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows_int8`'s codes of fp32 ``x`` ``[rows, cols]`` laid out per column group,
+    ``[cols / group, rows, group]`` (each group's codes contiguous, for one GEMM per group), and its scales."""
+    lib = _lib_for(x)
+    if lib is None:
+        q, scale = quantize_rows_int8(x, per_token)
+        return q.view(x.shape[0], -1, group).transpose(0, 1).contiguous(), scale
+    rows, cols = x.shape
+    q, scale = torch.empty(cols // group, rows, group, dtype=torch.int8), torch.empty(rows if per_token else 1, 1)
+    lib.compressdit_quantize_int8_groups(x.data_ptr(), rows, cols, group, per_token, q.data_ptr(), scale.data_ptr())
+    return q, scale
+
+
+def dequantize_groups(acc: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """``(sum_g acc[g] * w_scale[g]) * a_scale (+ bias)`` in fp32, the groups added in order: int32 ``acc``
+    ``[groups, rows, cols]``, ``w_scale`` ``[groups, cols]``, ``a_scale`` ``[rows, 1]`` or ``[1, 1]``."""
+    lib = _lib_for(w_scale, a_scale, bias)
+    if lib is None or not acc.is_contiguous():
+        out = acc[0].float().mul_(w_scale[0])
+        for g in range(1, acc.shape[0]):
+            out.addcmul_(acc[g], w_scale[g])
+        return out.mul_(a_scale) if bias is None else torch.addcmul(bias, out, a_scale)
+    groups, rows, cols = acc.shape
+    out = torch.empty(rows, cols)
+    lib.compressdit_dequantize_groups(acc.data_ptr(), w_scale.data_ptr(), a_scale.data_ptr(), a_scale.shape[0] > 1,
+                                      _ptr(bias), groups, rows, cols, out.data_ptr())
+    return out
 
 
 def dequantize_int32_(acc: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
@@ -133,10 +183,6 @@ def scale_rows_(acc: torch.Tensor, a_scale: torch.Tensor, bias: torch.Tensor | N
 
 
 # --- the dense float kernels' passes (csrc/float_rows.c) ---------------------------------------------------
-
-def _lib_for(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
-    return None if torch.compiler.is_compiling() or not _takes(*tensors) else native_library()
-
 
 def float_to_bf16(x: torch.Tensor) -> torch.Tensor:
     """``x.to(torch.bfloat16)`` (round half to even; NaN as torch's vectorized cast) in one single-threaded pass."""

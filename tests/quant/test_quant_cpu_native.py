@@ -158,3 +158,26 @@ def test_e4m3_fake_quantization_equals_the_reference_bit_for_bit(monkeypatch):
     torch.testing.assert_close(fake_quantize_e4m3_rows(x), expected, rtol=0, atol=0, equal_nan=True)
     monkeypatch.setattr(cpu_native, "native_library", lambda: None)
     torch.testing.assert_close(fake_quantize_e4m3_rows(x), expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_grouped_codes_and_their_epilogue_equal_the_torch_path(per_token, monkeypatch):
+    from compressdit.quant.cpu_dense import fake_quantize_input
+    from compressdit.quant.cpu_native import dequantize_groups, fake_quantize_rows_int8, quantize_rows_int8_groups
+
+    x = _activations(cols=128)
+    q, scale = quantize_rows_int8_groups(x, per_token, 32)
+    fake = fake_quantize_rows_int8(x, per_token)
+    torch.manual_seed(4)
+    acc = torch.randint(-2 ** 18, 2 ** 18, (4, 37, 24), dtype=torch.int32)
+    w_scale, bias = torch.rand(4, 24) / 100, torch.randn(24)
+    out = dequantize_groups(acc, w_scale, scale, bias)
+    monkeypatch.setattr(cpu_native, "native_library", lambda: None)
+    q_torch, scale_torch = quantize_rows_int8_groups(x, per_token, 32)
+    assert q.shape == (4, 37, 32) and torch.equal(q, q_torch) and torch.equal(scale, scale_torch)
+    assert torch.equal(q.transpose(0, 1).reshape(37, 128), quantize_rows_int8(x, per_token)[0])
+    assert torch.equal(fake, fake_quantize_input(x.clone(), 8, "per_token" if per_token else "per_tensor", None))
+    assert torch.equal(fake_quantize_rows_int8(x, per_token), fake)
+    # the same sums up to fp32 rounding (a few ulps of the largest group term, where groups cancel)
+    torch.testing.assert_close(out, dequantize_groups(acc, w_scale, scale, bias), rtol=1e-6,
+                               atol=out.abs().max().item() * 2 ** -20)
