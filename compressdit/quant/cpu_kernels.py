@@ -7,13 +7,13 @@
   reference's (``round(x / s)``, ``s = absmax / 127`` per token); the per-token and per-channel scales and the
   bias are applied to the fp32 output, so outputs equal the reference up to fp32 summation order. The activation
   quantization (with a balancing division fused in: the kernel's ``run_untransformed``) and the epilogue are
-  one fused C pass each (:mod:`.cpu_native`; PyTorch ops without a C compiler), and GEMMs of up to
-  ``SERIAL_GEMM_WORK`` multiply-adds run on one thread whatever torch's thread count. W4A8 (and
+  one fused C pass each (:mod:`.cpu_native`; PyTorch ops without a C compiler). W4A8 (and
   other narrower) per-channel symmetric weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements run the same
   GEMM on their codes unpacked to int8 (1 byte per weight at run time).
 - ``cpu-int8-group-gemm``: the same with weights in groups (symmetric, e.g. W4A8 g64), layers of up to
-  ``INT8_GEMM_SMALL_WEIGHT`` weights: the codes unpacked to int8 (1 byte per weight), one ``torch._int_mm``
-  per group, each group's int32 sums scaled by its scales and added in fp32.
+  ``INT8_GEMM_SMALL_WEIGHT`` weights: the codes unpacked to int8 (1 byte per weight), the activation codes
+  quantized per group in one C pass, one ``torch._int_mm`` per group (on one thread up to ``SERIAL_GEMM_WORK``
+  multiply-adds), one fused epilogue adding each group's int32 sums times its scales in fp32.
 - ``cpu-int4-weight``: weight-only (or fake-quantized activations) int codes of 2-4 bits, groups of
   32/64/128/256 or per channel, via ``_weight_int4pack_mm_for_cpu``: activations are rounded to bf16
   (its fast path) and so are the group scales and the product; the bias is added in fp32. Up to
@@ -51,11 +51,13 @@ INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (
 INT8_GEMM_SMALL_WEIGHT = 1 << 18
 
 
-# rows * in * out up to which the int8 GEMMs run on one thread whatever torch's thread count: on two threads
-# torch._int_mm scales little below it, leaves half its output in the other core's cache (which slows the
-# epilogue) and waits for its second thread whenever that one slept (256 x 128 x 128 quantize + GEMM + epilogue:
-# 44 us on one thread, 37-70 us on two on a shared 2-core EPYC; one thread is the steady choice). Set by
-# changing the number of intra-op threads around the GEMM: other Python threads' ops may see 1 meanwhile.
+# rows * in * out up to which the per-group GEMMs of ``cpu-int8-group-gemm`` (K = the group size, one torch._int_mm
+# per group) run on one thread whatever torch's thread count: two threads scale badly on them (256 x 64 x 128: 29 us
+# on one thread, 90 us on two on the loaded 2-core EPYC of bench/results/e2e_speed_cpu.md; rtn-w4a8 steps 1.18-1.19x
+# float on 2 threads this way, 1.17-1.43x without). Set by changing the number of intra-op threads around the
+# GEMMs (0.2 us): other Python threads' ops may see 1 meanwhile. ``cpu-int8-gemm``'s single GEMM (K = in_features)
+# no longer does this: with the fused C passes around it, two threads beat one there (W8A8 steps 0.83-0.93x float
+# against 0.94-1.00x serial, same processes, interleaved).
 SERIAL_GEMM_WORK = 1 << 26
 
 
@@ -113,13 +115,7 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     rows, in_features = x2.shape
     if packed is None or (rows == 1 and in_features >= 8):  # _int_mm is wrong at K = 1
         q, a_scale = quantize_rows_int8(x2, per_token, smooth=smooth)  # the reference's codes and scales, exactly
-        threads = _serial_threads(rows * in_features * out_features)
-        try:
-            acc = torch._int_mm(q, codes_t)
-        finally:
-            if threads:
-                torch.set_num_threads(threads)
-        out = dequantize_int32_(acc, w_scale, a_scale, bias)
+        out = dequantize_int32_(torch._int_mm(q, codes_t), w_scale, a_scale, bias)
     else:  # oneDNN takes uint8 activations fast (int8 ones run a slow path): codes + 128, zero point 128
         q, a_scale = quantize_rows_int8(x2, per_token, offset=128, smooth=smooth)
         acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,

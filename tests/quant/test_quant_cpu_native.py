@@ -102,8 +102,9 @@ def test_without_the_library_layers_give_the_same_outputs(monkeypatch):
         torch.testing.assert_close(layer(x), native, rtol=1e-6, atol=1e-6)
 
 
-def test_small_gemms_run_on_one_thread_and_restore_the_count():
-    _, layer = _balanced_layer(LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5))
+def test_small_group_gemms_run_on_one_thread_and_restore_the_count():
+    _, layer = _balanced_layer(LinearQuantSpec(w_bits=4, a_bits=8, group_size=32))
+    assert layer.kernel_name == "cpu-int8-group-gemm"
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
