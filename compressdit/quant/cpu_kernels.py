@@ -7,7 +7,8 @@
   reference's (``round(x / s)``, ``s = absmax / 127`` per token); the per-token and per-channel scales and the
   bias are applied to the fp32 output, so outputs equal the reference up to fp32 summation order. The activation
   quantization (with a balancing division fused in: the kernel's ``run_untransformed``) and the epilogue are
-  one fused C pass each (:mod:`.cpu_native`; PyTorch ops without a C compiler). W4A8 (and
+  one fused C pass each (:mod:`.cpu_native`; PyTorch ops without a C compiler), and GEMMs of up to
+  ``INT8_GEMM_SERIAL_WORK`` multiply-adds run on one thread whatever torch's thread count. W4A8 (and
   other narrower) per-channel symmetric weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements run the same
   GEMM on their codes unpacked to int8 (1 byte per weight at run time).
 - ``cpu-int8-group-gemm``: the same with weights in groups (symmetric, e.g. W4A8 g64), layers of up to
@@ -51,25 +52,30 @@ INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (
 INT8_GEMM_SMALL_WEIGHT = 1 << 18
 
 
-# rows * in * out up to which the per-group GEMMs of ``cpu-int8-group-gemm`` (K = the group size, one torch._int_mm
-# per group) run on one thread whatever torch's thread count: two threads scale badly on them (256 x 64 x 128: 29 us
-# on one thread, 90 us on two on the loaded 2-core EPYC of bench/results/e2e_speed_cpu.md; rtn-w4a8 steps 1.18-1.19x
-# float on 2 threads this way, 1.17-1.43x without). Set by changing the number of intra-op threads around the
-# GEMMs (0.2 us): other Python threads' ops may see 1 meanwhile. ``cpu-int8-gemm``'s single GEMM (K = in_features)
-# no longer does this: with the fused C passes around it, two threads beat one there (W8A8 steps 0.83-0.93x float
-# against 0.94-1.00x serial, same processes, interleaved).
+# rows * in * out up to which a kernel's int8 GEMMs run on one thread whatever torch's thread count (set by changing
+# the number of intra-op threads around them, 0.2 us; other Python threads' ops may see 1 meanwhile). A property of
+# each kernel, measured on the loaded 2-core EPYC of bench/results/e2e_speed_cpu.md:
+# - ``cpu-int8-group-gemm`` (one torch._int_mm per group, K = the group size): two threads scale badly on them
+#   (256 x 64 x 128: 29 us on one thread, 90 us on two; rtn-w4a8 steps 1.18-1.19x float on 2 threads serial,
+#   1.17-1.43x not), so up to 2^26.
+# - ``cpu-int8-gemm`` (one GEMM, K = in_features): with the fused C passes around it, two threads now pay from
+#   256 x 128 x 128 on (2^22); 16-row layers (adaLN, 16 x 128 x 768 = 2^20.6) still lose 4-6 us a call to the
+#   second thread (bench/results/layer_w8a8_zoo_cpu.md). W8A8 steps at 2 threads, three thresholds interleaved in
+#   one process: 2^21 0.93-1.02x float, none 0.95-1.03x, the former 2^26 0.98-1.03x: within +-3% noise, 2^21
+#   best or tied on 5 of 6 model x recipe pairs.
 SERIAL_GEMM_WORK = 1 << 26
+INT8_GEMM_SERIAL_WORK = 1 << 21
 
 
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
 
-def _serial_threads(work: int) -> int:
-    """Drop torch to one intra-op thread where ``work`` (multiply-adds) is at most ``SERIAL_GEMM_WORK``; returns
+def _serial_threads(work: int, limit: int) -> int:
+    """Drop torch to one intra-op thread where ``work`` (multiply-adds) is at most ``limit``; returns
     the thread count to restore afterwards (0: nothing changed)."""
     threads = torch.get_num_threads()
-    if threads == 1 or work > SERIAL_GEMM_WORK:
+    if threads == 1 or work > limit:
         return 0
     torch.set_num_threads(1)
     return threads
@@ -115,7 +121,13 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     rows, in_features = x2.shape
     if packed is None or (rows == 1 and in_features >= 8):  # _int_mm is wrong at K = 1
         q, a_scale = quantize_rows_int8(x2, per_token, smooth=smooth)  # the reference's codes and scales, exactly
-        out = dequantize_int32_(torch._int_mm(q, codes_t), w_scale, a_scale, bias)
+        threads = _serial_threads(rows * in_features * out_features, INT8_GEMM_SERIAL_WORK)
+        try:
+            acc = torch._int_mm(q, codes_t)
+        finally:
+            if threads:
+                torch.set_num_threads(threads)
+        out = dequantize_int32_(acc, w_scale, a_scale, bias)
     else:  # oneDNN takes uint8 activations fast (int8 ones run a slow path): codes + 128, zero point 128
         q, a_scale = quantize_rows_int8(x2, per_token, offset=128, smooth=smooth)
         acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,
@@ -179,7 +191,7 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: to
         x2 = x2.float().contiguous()
     q, a_scale = quantize_rows_int8_groups(x2, per_token, size)
     acc = torch.empty(groups, x2.shape[0], out_features, dtype=torch.int32)
-    threads = _serial_threads(x2.numel() * out_features)
+    threads = _serial_threads(x2.numel() * out_features, SERIAL_GEMM_WORK)
     try:
         for g in range(groups):
             torch._int_mm(q[g], codes[g].t(), out=acc[g])
