@@ -5,7 +5,7 @@ of the packed codes (``cpu-int4-weight`` above ``INT4_PACKED_MAX_ROWS`` rows) an
 more than the GEMM itself, so these layers keep a decoded copy of their weight at run time and say so in
 their kernel name:
 
-- ``cpu-int-dense-fp32`` (CPUs without AMX-BF16) / ``cpu-int-dense-bf16`` (with it, :func:`bf16_gemm_pays`): the
+- ``cpu-int-dense-fp32`` / ``cpu-int-dense-bf16`` (AMX-BF16, or AVX512-BF16 at one thread: :func:`bf16_gemm_pays`): the
   small layers ``cpu-int4-weight`` applies to (2-4 bits) decoded once into fp32 (4 bytes per weight of RAM at
   run time, at most ``4 * DENSE_MAX_WEIGHT`` bytes per layer) or bf16 (2 bytes; the checkpoint stays packed).
   Weight-only layers without a low-rank branch fold their balancing / rotation into that weight
@@ -73,12 +73,20 @@ def _small(shape: tuple[int, int]) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _bf16_hardware() -> tuple[bool, bool]:
+    capability = torch._C._cpu._get_cpu_capability()
+    return bool(capability.get("amx_bf16", False)), bool(capability.get("avx512_bf16", False))
+
+
 def bf16_gemm_pays() -> bool:
-    """Whether small layers run in bf16: CPUs with AMX-BF16 tiles. With AVX512-BF16 only (the Zen 4 EPYC of
-    ``bench/results/e2e_speed_cpu.md``), the bf16 GEMM of a 256 x 128 x 128 layer is 1.6x an fp32 one on one
-    thread, but its two casts leave the zoo models' steps 0.88-0.97x float on one thread and 1.05-1.33x on two
-    (single-threaded casts between two-threaded ops), against 1.02-1.05x for the fp32 weight on both."""
-    return bool(torch._C._cpu._get_cpu_capability().get("amx_bf16", False))
+    """Whether small layers run in bf16 now: CPUs with AMX-BF16 tiles, and CPUs with AVX512-BF16 at one intra-op
+    thread. On the Zen 4 EPYC of ``bench/results/e2e_speed_cpu.md`` (AVX512-BF16, no AMX) the bf16 GEMM of a
+    256 x 128 x 128 layer is 1.6x an fp32 one, and with its two casts in C the zoo models' weight-only steps take
+    0.88-0.97x float on one thread but 1.05-1.33x on two (single-threaded casts between two-threaded ops), against
+    1.02-1.05x for the fp32 weight on both. Without bf16 hardware the bf16 GEMM is emulated: fp32. The thread
+    count is part of every layer's prepack key, so changing it re-selects."""
+    amx, avx512 = _bf16_hardware()
+    return amx or (avx512 and torch.get_num_threads() == 1)
 
 
 def _dense_applies(bf16: bool):

@@ -5,7 +5,8 @@ the layer's saved tensors (packed codes, scales). The buffers are never saved an
 live in the layer's :class:`KernelCache` (a plain attribute, so not in ``state_dict`` nor touched by
 ``.to()``), are dropped by ``_apply`` (``.to()``, ``.float()``, ...) and are rebuilt on the next eager
 forward whenever a saved tensor changed (``load_state_dict``, accelerate/diffusers assigning loaded
-tensors, ``load_codes``, a device move). Checkpoints therefore stay portable. The layer class's
+tensors, ``load_codes``, a device move) or torch's intra-op thread count changed (a kernel may choose by it).
+Checkpoints therefore stay portable. The layer class's
 dequantize-then-matmul reference is the fallback (no kernel applies) and the ground truth every kernel
 is tested against (and what runs when gradients flow to the inputs); ``layer.kernel_name`` says which one runs (``"reference"`` for the fallback).
 
@@ -102,7 +103,7 @@ class KernelCache:
 
     def nbytes(self) -> int:
         """Bytes of the buffers beyond the layer's own tensors (a buffer may be one of them, e.g. int8 codes)."""
-        own = {ptr for ptr, _, _ in self.key or ()}
+        own = {ptr for ptr, _, _ in (self.key or (0,))[1:]}  # the key: thread count, then (ptr, version, dtype)
         tensors = [t for t in self.buffers.values() if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors if not t.is_mkldnn and t.data_ptr() not in own)
 
@@ -129,7 +130,9 @@ def _saved_tensors(layer: nn.Module) -> list[torch.Tensor]:
 
 
 def _state_key(layer: nn.Module) -> tuple:
-    return tuple([(t.data_ptr(), t._version, t.dtype) for t in _saved_tensors(layer)])  # a device move: new data_ptr
+    """The saved tensors' storage, version and dtype (a device move: new data_ptr), and torch's intra-op thread
+    count: kernels may choose by it (``cpu-int-dense-bf16`` on one thread)."""
+    return (torch.get_num_threads(), *[(t.data_ptr(), t._version, t.dtype) for t in _saved_tensors(layer)])
 
 
 def cache_of(layer: nn.Module) -> KernelCache:

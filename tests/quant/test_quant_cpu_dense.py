@@ -57,3 +57,22 @@ def test_dense_kernels_match_the_reference(spec, kernel, dtype):
         transformed = layer.transform_input(x)
         again = cache_of(layer).kernel.run(layer, transformed, cache_of(layer).buffers)
         assert _error(layer._add_low_rank(again, transformed), out) <= 1e-2
+
+
+def test_the_thread_count_reselects_the_dense_kernel():
+    from compressdit.quant.cpu_dense import _bf16_hardware
+
+    _, layer = _layers(SPECS[0])
+    threads, chosen = torch.get_num_threads(), {}
+    try:
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                layer(torch.randn(4, 128))
+            chosen[count] = cache_of(layer).name
+            assert chosen[count] == dense_kernel_name() == layer.kernel_name
+    finally:
+        torch.set_num_threads(threads)
+    amx, avx512 = _bf16_hardware()
+    assert chosen[2] == ("cpu-int-dense-bf16" if amx else "cpu-int-dense-fp32")
+    assert chosen[1] == ("cpu-int-dense-bf16" if amx or avx512 else "cpu-int-dense-fp32")
