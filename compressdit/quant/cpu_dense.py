@@ -177,8 +177,7 @@ def _fp8_dense_prepack(layer) -> dict:
 
 
 def _fp8_dense_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    x2 = x2 if x2.dtype is torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+    x2 = _contiguous_fp32(x.reshape(-1, x.shape[-1]))
     if layer.spec.a_bits == 8:  # quantize_rows_reference's scale, clamp and E4M3 rounding, one fused pass
         x2 = fake_quantize_e4m3_rows(x2)
     return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
