@@ -1,12 +1,15 @@
-"""Fused CPU passes around the int8 GEMMs of :mod:`compressdit.quant.cpu_kernels`, with PyTorch fallbacks.
+"""Fused CPU passes around the GEMMs of :mod:`compressdit.quant.cpu_kernels` and :mod:`.cpu_dense`, with PyTorch
+fallbacks.
 
 Dynamic symmetric int8 activation quantization (``s = max(amax|x|, 1e-8) / 127`` per token or per tensor,
 ``q = round(x / s)``) costs PyTorch eager ~7 passes and the dequantization epilogue 3 more; on the zoo models'
 256 x 128 activations each pass is mostly dispatch, and together they cost more than the int8 GEMM (and do not
 run on a second thread at that size). ``csrc/int8_rows.c`` does the same arithmetic bit for bit in one fused
-loop each (tested against these functions' PyTorch path). It is plain C compiled once per machine with the
-system C compiler (``cc``, about a second) into ``$COMPRESSDIT_CACHE/native`` and called through ``ctypes``;
-without a compiler, or with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same numbers, slower).
+loop each (also per column group for ``cpu-int8-group-gemm``, and fake-quantized for the fp32 dense kernel);
+``csrc/float_rows.c`` the bf16 casts around ``cpu-int-dense-bf16``'s GEMM and ``cpu-fp8-dense``'s per-token E4M3
+rounding (tested against these functions' PyTorch path). Both are plain C compiled once per machine into one
+library with the system C compiler (``cc``, about a second) into ``$COMPRESSDIT_CACHE/native`` and called through
+``ctypes``; without a compiler, or with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same numbers, slower).
 """
 
 from __future__ import annotations
