@@ -154,7 +154,7 @@ def main() -> None:
     meta = result["meta"]
     lines = [f"# Time per guided denoising step (CFG, batch {meta['timing_batch']}), CPU: {meta['cpu']} "
              f"({', '.join(meta['cpu_flags'])}, {meta['cpu_count']} cores), torch {meta['torch']}", "",
-             "Fused C activation-quantization passes (compressdit/quant/csrc/int8_rows.c): "
+             "Fused C passes (compressdit/quant/csrc/int8_rows.c, float_rows.c): "
              f"{'built and used' if meta['native_cpu_passes'] else 'not available (PyTorch passes)'}.", "",
              f"Median over {meta['rounds']} rounds of the fastest of {meta['steps']} single steps per model, the "
              "models taken in turn; time vs float = quantized / float within a round (median). \"reference\" = "

@@ -5,24 +5,31 @@ of the packed codes (``cpu-int4-weight`` above ``INT4_PACKED_MAX_ROWS`` rows) an
 more than the GEMM itself, so these layers keep a decoded copy of their weight at run time and say so in
 their kernel name:
 
-- ``cpu-int-dense-bf16``: the small layers ``cpu-int4-weight`` applies to (2-4 bits) decoded once into
-  bf16 (2 bytes per weight of RAM at run time, at most ``2 * DENSE_MAX_WEIGHT`` bytes per layer; the
-  checkpoint stays packed), activations rounded to bf16 (as ``cpu-int4-weight`` does), a bf16 GEMM (1.2-1.8x
-  an fp32 one at 256 rows on AVX512-BF16 CPUs), the bias added in fp32. Dynamic quantized activations (W4A8
-  with groups) enter the GEMM as their integer codes (exact in bf16), the product is scaled per row after;
-  static scales fake-quantize first. Either way the codes are the reference's.
+- ``cpu-int-dense-fp32`` / ``cpu-int-dense-bf16`` (AMX-BF16, or AVX512-BF16 at one thread: :func:`bf16_gemm_pays`): the
+  small layers ``cpu-int4-weight`` applies to (2-4 bits) decoded once into fp32 (4 bytes per weight of RAM at
+  run time, at most ``4 * DENSE_MAX_WEIGHT`` bytes per layer) or bf16 (2 bytes; the checkpoint stays packed).
+  Weight-only layers without a low-rank branch fold their balancing / rotation into that weight
+  (``effective_weight``) and run on the raw input: the fp32 kernel is then ``F.linear`` exactly as the float
+  layer (the reference's numbers up to summation order). The bf16 kernel rounds activations to bf16 and the
+  product back (one single-threaded C pass each, :mod:`.cpu_native`), the bias added in fp32; dynamic
+  quantized activations (W4A8 with groups) enter its GEMM as their integer codes (exact in bf16), the product
+  scaled per row after. The fp32 kernel fake-quantizes activations as the reference does.
 - ``cpu-fp8-dense``: FP8 (E4M3) weights decoded once into fp32 (4 bytes per weight at run time), the
-  reference's per-token E4M3 activations, an fp32 GEMM: the reference's numbers without its per-call decode.
+  reference's per-token E4M3 activations (one fused C pass, bit for bit), an fp32 GEMM: the reference's numbers
+  without its per-call decode.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from compressdit.quant.gpu_reference import FP8_MAX
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.activations import quantize_input
+from compressdit.quant.cpu_native import (bf16_to_float, fake_quantize_e4m3_rows, fake_quantize_rows_int8,
+                                          float_to_bf16)
 from compressdit.quant.primitives import int_range
 
 DENSE_MAX_WEIGHT = 1 << 18  # in_features * out_features: 512 KiB of bf16 per layer at most
@@ -65,17 +72,74 @@ def _small(shape: tuple[int, int]) -> bool:
     return shape[0] * shape[1] <= DENSE_MAX_WEIGHT
 
 
-def _dense_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    """The small layers of ``cpu-int4-weight``'s specs (same bf16 numerics; other specs keep the reference)."""
-    return _small(shape) and KERNELS.get("cpu-int4-weight").applies(spec, device, shape)
+@functools.lru_cache(maxsize=None)
+def _bf16_hardware() -> tuple[bool, bool]:
+    capability = torch._C._cpu._get_cpu_capability()
+    return bool(capability.get("amx_bf16", False)), bool(capability.get("avx512_bf16", False))
 
 
-def _dense_bf16_prepack(layer) -> dict:
-    return {"weight": layer.dequantized_weight(torch.float32).to(torch.bfloat16).contiguous(),
-            "bias": None if layer.bias is None else layer.bias.detach().float()}
+def bf16_gemm_pays() -> bool:
+    """Whether small layers run in bf16 now: CPUs with AMX-BF16 tiles, and CPUs with AVX512-BF16 at one intra-op
+    thread. On the Zen 4 EPYC of ``bench/results/e2e_speed_cpu.md`` (AVX512-BF16, no AMX) the bf16 GEMM of a
+    256 x 128 x 128 layer is 1.6x an fp32 one, and with its two casts in C the zoo models' weight-only steps take
+    0.88-0.97x float on one thread but 1.05-1.27x on two (single-threaded casts between two-threaded ops), against
+    1.02-1.05x for the fp32 weight on both. Without bf16 hardware the bf16 GEMM is emulated: fp32. The thread
+    count is part of every layer's prepack key, so changing it re-selects."""
+    amx, avx512 = _bf16_hardware()
+    return amx or (avx512 and torch.get_num_threads() == 1)
 
 
-def _dense_bf16_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+def _dense_applies(bf16: bool):
+    """The small layers of ``cpu-int4-weight``'s specs (other specs keep the reference), in bf16 or fp32 as
+    :func:`bf16_gemm_pays` says."""
+    def applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+        return (_small(shape) and bf16_gemm_pays() == bf16
+                and KERNELS.get("cpu-int4-weight").applies(spec, device, shape))
+
+    return applies
+
+
+def dense_kernel_name() -> str:
+    """The kernel small layers of ``cpu-int4-weight``'s specs run on this machine."""
+    return "cpu-int-dense-bf16" if bf16_gemm_pays() else "cpu-int-dense-fp32"
+
+
+def _folds(layer) -> bool:
+    """Weight-only layers without a low-rank branch: the input transform (balancing, rotation) folds into the
+    decoded weight (``effective_weight``), so the kernel runs on the untransformed input."""
+    return layer.spec.a_bits is None and layer.spec.low_rank is None
+
+
+def _dense_prepack(dtype: torch.dtype):
+    def prepack(layer) -> dict:
+        weight = layer.effective_weight(torch.float32) if _folds(layer) else layer.dequantized_weight(torch.float32)
+        spec = layer.spec
+        return {"weight": weight.to(dtype).contiguous(), "folded": _folds(layer),
+                "int8_rows": spec.a_bits == 8 and spec.a_format == "int" and spec.a_granularity in ("per_token",
+                                                                                                  "per_tensor"),
+                "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
+
+    return prepack
+
+
+def _contiguous_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype is torch.float32 and x.is_contiguous() else x.float().contiguous()
+
+
+def _dense_kernel(linear):
+    """``run`` and ``run_untransformed`` of a dense kernel from ``linear(layer, x, buffers)`` on the GEMM's input
+    space: a folded weight takes the raw input; on an already transformed input (``run``, which
+    ``QuantLinear.forward`` does not call for such layers) it cannot apply, and the reference runs."""
+    def run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+        return layer.reference_linear(x) if b["folded"] else linear(layer, x, b)
+
+    def run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+        return linear(layer, x if b["folded"] else layer.transform_input(x), b)
+
+    return {"run": run, "run_untransformed": run_untransformed}
+
+
+def _dense_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     spec = layer.spec
     x2 = x.reshape(-1, x.shape[-1])
     if spec.a_bits is not None and layer.input_scale is None and _fast_int_path(spec):
@@ -85,12 +149,22 @@ def _dense_bf16_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         scale = scale.clamp_min_(1e-8).div_(int_range(spec.a_bits)[1])
         out = F.linear((x2 / scale).round_().to(torch.bfloat16), b["weight"]).float()
         out = out.mul_(scale) if b["bias"] is None else torch.addcmul(b["bias"], out, scale)
+    else:  # the casts around the bf16 GEMM in one single-threaded C pass each
+        x2 = _contiguous_fp32(quantize_layer_input(layer, x2))
+        out = bf16_to_float(F.linear(float_to_bf16(x2), b["weight"]), b["bias"])
+    return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def _dense_fp32_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    spec = layer.spec
+    if spec.a_bits is None and x.dtype is torch.float32:  # exactly nn.Linear's call
+        return F.linear(x, b["weight"], b["bias"])
+    x2 = _contiguous_fp32(x.reshape(-1, x.shape[-1]))
+    if b["int8_rows"] and layer.input_scale is None:  # dynamic int8 activations: one fused C pass
+        x2 = fake_quantize_rows_int8(x2, spec.a_granularity == "per_token")
     else:
         x2 = quantize_layer_input(layer, x2)
-        out = F.linear(x2.to(torch.bfloat16), b["weight"]).float()
-        if b["bias"] is not None:
-            out = out.add_(b["bias"])
-    return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+    return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 def _fp8_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
@@ -102,27 +176,22 @@ def _fp8_dense_prepack(layer) -> dict:
             "bias": None if layer.bias is None else layer.bias.detach().float()}
 
 
-def round_to_e4m3(q: torch.Tensor) -> torch.Tensor:
-    """fp32 ``q`` (within +-448) rounded to its nearest E4M3 value, ties to even: ``q.to(float8_e4m3fn).float()``
-    bit for bit (tested), in fp32 arithmetic: CPUs convert to and from float8 one element at a time (~8x slower)."""
-    bits = q.view(torch.int32)  # normal range: round the 23-bit mantissa to 3 bits, carrying into the exponent
-    normal = ((bits >> 20) & 1).add_(bits).add_(0x7FFFF).bitwise_and_(-(1 << 20)).view(torch.float32)
-    subnormal = (q * 512).round_().div_(512)  # below 2^-6: a fixed step of 2^-9
-    return torch.where(q.abs() < 2.0 ** -6, subnormal, normal)
-
-
 def _fp8_dense_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    if layer.spec.a_bits == 8:  # quantize_rows_reference's scale and clamp, then E4M3 rounding
-        scale = x2.abs().amax(-1, keepdim=True).clamp_min_(1e-8).div_(FP8_MAX)
-        x2 = round_to_e4m3((x2 / scale).clamp_(-FP8_MAX, FP8_MAX)).mul_(scale)
+    x2 = _contiguous_fp32(x.reshape(-1, x.shape[-1]))
+    if layer.spec.a_bits == 8:  # quantize_rows_reference's scale, clamp and E4M3 rounding, one fused pass
+        x2 = fake_quantize_e4m3_rows(x2)
     return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 KERNELS.add("cpu-int-dense-bf16", Kernel(
-    _dense_bf16_applies, _dense_bf16_prepack, _dense_bf16_run, priority=15,
+    _dense_applies(bf16=True), prepack=_dense_prepack(torch.bfloat16), priority=15, **_dense_kernel(_dense_bf16_linear),
     description=f"layers of up to {DENSE_MAX_WEIGHT} weights: int codes decoded once into a dense bf16 weight "
-                "(2 bytes per weight of RAM), bf16 activations, bf16 GEMM, fp32 bias"))
+                "(2 bytes per weight of RAM; weight-only: balancing/rotation folded in), bf16 activations, bf16 "
+                "GEMM, fp32 bias"))
+KERNELS.add("cpu-int-dense-fp32", Kernel(
+    _dense_applies(bf16=False), prepack=_dense_prepack(torch.float32), priority=15, **_dense_kernel(_dense_fp32_linear),
+    description=f"layers of up to {DENSE_MAX_WEIGHT} weights: int codes decoded once into a dense fp32 weight "
+                "(4 bytes per weight of RAM; weight-only: balancing/rotation folded in), the reference's fp32 GEMM"))
 KERNELS.add("cpu-fp8-dense", Kernel(
     _fp8_dense_applies, _fp8_dense_prepack, _fp8_dense_run, priority=10,
     description="E4M3 weight decoded once into a dense fp32 weight (4 bytes per weight of RAM), per-token E4M3 "

@@ -8,19 +8,20 @@
   bias are applied to the fp32 output, so outputs equal the reference up to fp32 summation order. The activation
   quantization (with a balancing division fused in: the kernel's ``run_untransformed``) and the epilogue are
   one fused C pass each (:mod:`.cpu_native`; PyTorch ops without a C compiler), and GEMMs of up to
-  ``SERIAL_GEMM_WORK`` multiply-adds run on one thread whatever torch's thread count. W4A8 (and
+  ``INT8_GEMM_SERIAL_WORK`` multiply-adds run on one thread whatever torch's thread count. W4A8 (and
   other narrower) per-channel symmetric weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements run the same
   GEMM on their codes unpacked to int8 (1 byte per weight at run time).
 - ``cpu-int8-group-gemm``: the same with weights in groups (symmetric, e.g. W4A8 g64), layers of up to
-  ``INT8_GEMM_SMALL_WEIGHT`` weights: the codes unpacked to int8 (1 byte per weight), one ``torch._int_mm``
-  per group, each group's int32 sums scaled by its scales and added in fp32.
+  ``INT8_GEMM_SMALL_WEIGHT`` weights: the codes unpacked to int8 (1 byte per weight), the activation codes
+  quantized per group in one C pass, one ``torch._int_mm`` per group (on one thread up to ``SERIAL_GEMM_WORK``
+  multiply-adds), one fused epilogue adding each group's int32 sums times its scales in fp32.
 - ``cpu-int4-weight``: weight-only (or fake-quantized activations) int codes of 2-4 bits, groups of
   32/64/128/256 or per channel, via ``_weight_int4pack_mm_for_cpu``: activations are rounded to bf16
   (its fast path) and so are the group scales and the product; the bias is added in fp32. Up to
   ``INT4_PACKED_MAX_ROWS["cpu"]`` rows per call; above, the weight is dequantized per call into bf16 (from
   a nibble copy of the codes, 0.5 byte per weight) for a dense bf16 GEMM, which beats the packed GEMM there
   (1.5-2.2x fp32 against 0.6-1.05x at M = 256..1024 on DiT-XL/2 shapes, one thread, AVX512-BF16 EPYC).
-  Layers of up to ``DENSE_MAX_WEIGHT`` weights run ``cpu-int-dense-bf16`` instead (:mod:`.cpu_dense`).
+  Layers of up to ``DENSE_MAX_WEIGHT`` weights run ``cpu-int-dense-fp32`` / ``-bf16`` instead (:mod:`.cpu_dense`).
 - ``cpu-int8-weight``: weight-only int codes of 5-8 bits per channel (symmetric) via
   ``_weight_int8pack_mm`` on bf16 activations (per-channel scales applied in fp32 afterwards); above
   ``INT8_MAX_ROWS`` rows the dequantize reference (cheap for int8 codes) + fp32 GEMM is faster. bf16 rounding
@@ -41,7 +42,8 @@ from compressdit.quant.gpu_reference import (INT4_PACKED_MAX_ROWS, dequantize_ni
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import quantize_layer_input
-from compressdit.quant.cpu_native import dequantize_int32_, quantize_rows_int8, scale_rows_
+from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, quantize_rows_int8,
+                                          quantize_rows_int8_groups, scale_rows_)
 
 INT4_GROUPS = (32, 64, 128, 256)
 INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (bench/layer_kernels.py)
@@ -50,23 +52,30 @@ INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (
 INT8_GEMM_SMALL_WEIGHT = 1 << 18
 
 
-# rows * in * out up to which the int8 GEMMs run on one thread whatever torch's thread count: on two threads
-# torch._int_mm scales little below it, leaves half its output in the other core's cache (which slows the
-# epilogue) and waits for its second thread whenever that one slept (256 x 128 x 128 quantize + GEMM + epilogue:
-# 44 us on one thread, 37-70 us on two on a shared 2-core EPYC; one thread is the steady choice). Set by
-# changing the number of intra-op threads around the GEMM: other Python threads' ops may see 1 meanwhile.
+# rows * in * out up to which a kernel's int8 GEMMs run on one thread whatever torch's thread count (set by changing
+# the number of intra-op threads around them, 0.2 us; other Python threads' ops may see 1 meanwhile). A property of
+# each kernel, measured on the loaded 2-core EPYC of bench/results/e2e_speed_cpu.md:
+# - ``cpu-int8-group-gemm`` (one torch._int_mm per group, K = the group size): two threads scale badly on them
+#   (256 x 64 x 128: 29 us on one thread, 90 us on two; rtn-w4a8 steps 1.18-1.19x float on 2 threads serial,
+#   1.17-1.43x not), so up to 2^26.
+# - ``cpu-int8-gemm`` (one GEMM, K = in_features): with the fused C passes around it, two threads now pay from
+#   256 x 128 x 128 on (2^22); 16-row layers (adaLN, 16 x 128 x 768 = 2^20.6) still lose 4-6 us a call to the
+#   second thread (bench/results/layer_w8a8_zoo_cpu.md). W8A8 steps at 2 threads, three thresholds interleaved in
+#   one process: 2^21 0.93-1.02x float, none 0.95-1.03x, the former 2^26 0.98-1.03x: within +-3% noise, 2^21
+#   best or tied on 5 of 6 model x recipe pairs.
 SERIAL_GEMM_WORK = 1 << 26
+INT8_GEMM_SERIAL_WORK = 1 << 21
 
 
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
 
-def _serial_threads(work: int) -> int:
-    """Drop torch to one intra-op thread where ``work`` (multiply-adds) is at most ``SERIAL_GEMM_WORK``; returns
+def _serial_threads(work: int, limit: int) -> int:
+    """Drop torch to one intra-op thread where ``work`` (multiply-adds) is at most ``limit``; returns
     the thread count to restore afterwards (0: nothing changed)."""
     threads = torch.get_num_threads()
-    if threads == 1 or work > SERIAL_GEMM_WORK:
+    if threads == 1 or work > limit:
         return 0
     torch.set_num_threads(1)
     return threads
@@ -112,7 +121,7 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     rows, in_features = x2.shape
     if packed is None or (rows == 1 and in_features >= 8):  # _int_mm is wrong at K = 1
         q, a_scale = quantize_rows_int8(x2, per_token, smooth=smooth)  # the reference's codes and scales, exactly
-        threads = _serial_threads(rows * in_features * out_features)
+        threads = _serial_threads(rows * in_features * out_features, INT8_GEMM_SERIAL_WORK)
         try:
             acc = torch._int_mm(q, codes_t)
         finally:
@@ -174,19 +183,22 @@ def _int8_gemm_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tenso
 def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor,
                                bias: Optional[torch.Tensor], per_token: bool, out_features: int) -> torch.Tensor:
     """Grouped weights (``codes`` int8 ``[groups, out, group]``, ``w_scale`` ``[groups, out]``) x dynamic int8
-    activations: one ``torch._int_mm`` per group, its int32 sums scaled by the group's scales and added."""
+    activations: the codes quantized per group in one C pass, one ``torch._int_mm`` per group into one int32
+    buffer, one fused epilogue (each group's sums scaled by its scales and added, then per row)."""
     groups, _, size = codes.shape
-    q, a_scale = quantize_rows_int8(x.reshape(-1, x.shape[-1]).float().contiguous(), per_token)
-    q = q.view(-1, groups, size).transpose(0, 1).contiguous()
-    threads = _serial_threads(q.numel() * out_features)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    q, a_scale = quantize_rows_int8_groups(x2, per_token, size)
+    acc = torch.empty(groups, x2.shape[0], out_features, dtype=torch.int32)
+    threads = _serial_threads(x2.numel() * out_features, SERIAL_GEMM_WORK)
     try:
-        out = torch._int_mm(q[0], codes[0].t()).float().mul_(w_scale[0])
-        for g in range(1, groups):
-            out.addcmul_(torch._int_mm(q[g], codes[g].t()), w_scale[g])
+        for g in range(groups):
+            torch._int_mm(q[g], codes[g].t(), out=acc[g])
     finally:
         if threads:
             torch.set_num_threads(threads)
-    out = scale_rows_(out, a_scale, bias)
+    out = dequantize_groups(acc, w_scale, a_scale, bias)
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 

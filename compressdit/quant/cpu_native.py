@@ -1,12 +1,15 @@
-"""Fused CPU passes around the int8 GEMMs of :mod:`compressdit.quant.cpu_kernels`, with PyTorch fallbacks.
+"""Fused CPU passes around the GEMMs of :mod:`compressdit.quant.cpu_kernels` and :mod:`.cpu_dense`, with PyTorch
+fallbacks.
 
 Dynamic symmetric int8 activation quantization (``s = max(amax|x|, 1e-8) / 127`` per token or per tensor,
 ``q = round(x / s)``) costs PyTorch eager ~7 passes and the dequantization epilogue 3 more; on the zoo models'
 256 x 128 activations each pass is mostly dispatch, and together they cost more than the int8 GEMM (and do not
 run on a second thread at that size). ``csrc/int8_rows.c`` does the same arithmetic bit for bit in one fused
-loop each (tested against these functions' PyTorch path). It is plain C compiled once per machine with the
-system C compiler (``cc``, about a second) into ``$COMPRESSDIT_CACHE/native`` and called through ``ctypes``;
-without a compiler, or with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same numbers, slower).
+loop each (also per column group for ``cpu-int8-group-gemm``, and fake-quantized for the fp32 dense kernel);
+``csrc/float_rows.c`` the bf16 casts around ``cpu-int-dense-bf16``'s GEMM and ``cpu-fp8-dense``'s per-token E4M3
+rounding (tested against these functions' PyTorch path). Both are plain C compiled once per machine into one
+library with the system C compiler (``cc``, about a second) into ``$COMPRESSDIT_CACHE/native`` and called through
+``ctypes``; without a compiler, or with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same numbers, slower).
 """
 
 from __future__ import annotations
@@ -24,8 +27,21 @@ import torch
 
 from compressdit.cache import default_cache_dir
 
-SOURCE = Path(__file__).with_name("csrc") / "int8_rows.c"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("int8_rows.c", "float_rows.c"))
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+#: argument and result types of the library's functions (``None``: returns nothing)
+_SIGNATURES = {
+    "compressdit_quantize_int8": ([_PTR, _PTR, _I64, _I64, _I32, _I32, _PTR, _PTR], ctypes.c_int),
+    "compressdit_dequantize_int32": ([_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _PTR], None),
+    "compressdit_scale_rows": ([_PTR, _PTR, _I32, _PTR, _I64, _I64, _PTR], None),
+    "compressdit_fake_quantize_int8": ([_PTR, _I64, _I64, _I32, _PTR], ctypes.c_int),
+    "compressdit_quantize_int8_groups": ([_PTR, _I64, _I64, _I64, _I32, _PTR, _PTR], None),
+    "compressdit_dequantize_groups": ([_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _I64, _PTR], None),
+    "compressdit_float_to_bf16": ([_PTR, _I64, _PTR], None),
+    "compressdit_bf16_to_float": ([_PTR, _PTR, _I64, _I64, _PTR], None),
+    "compressdit_fake_quantize_e4m3": ([_PTR, _I64, _I64, _PTR, _PTR], None),
+}
 
 
 def _flags() -> list[str]:
@@ -41,28 +57,27 @@ def _flags() -> list[str]:
 def native_library() -> ctypes.CDLL | None:
     """The compiled fused loops, built on first use; ``None`` where disabled or no C compiler works."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    if os.environ.get("COMPRESSDIT_NATIVE_CPU", "1") == "0" or compiler is None or not SOURCE.exists():
+    if os.environ.get("COMPRESSDIT_NATIVE_CPU", "1") == "0" or compiler is None or not all(
+            source.exists() for source in SOURCES):
         return None
     flags = _flags()
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    target = default_cache_dir() / "native" / f"int8_rows-{digest}.so"
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(flags).encode())
+    target = default_cache_dir() / "native" / f"cpu_rows-{digest.hexdigest()[:16]}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # concurrent builds: the last rename wins
                 built = Path(tmp) / target.name
-                command = [compiler, *flags, str(SOURCE), "-o", str(built)]
+                command = [compiler, *flags, *map(str, SOURCES), "-o", str(built)]
                 if subprocess.run(command, capture_output=True, timeout=120).returncode:
                     return None
                 os.replace(built, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError):  # read-only cache, compiler gone: the PyTorch path runs
         return None
-    lib.compressdit_quantize_int8.argtypes = [_PTR, _PTR, _I64, _I64, _I32, _I32, _PTR, _PTR]
-    lib.compressdit_quantize_int8.restype = ctypes.c_int
-    lib.compressdit_dequantize_int32.argtypes = [_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _PTR]
-    lib.compressdit_scale_rows.argtypes = [_PTR, _PTR, _I32, _PTR, _I64, _I64, _PTR]
-    lib.compressdit_dequantize_int32.restype = lib.compressdit_scale_rows.restype = None
+    for name, (arguments, result) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = arguments, result
     return lib
 
 
@@ -73,6 +88,10 @@ def _takes(*tensors: torch.Tensor | None) -> bool:
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _lib_for(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
+    return None if torch.compiler.is_compiling() or not _takes(*tensors) else native_library()
 
 
 def quantize_rows_int8(x: torch.Tensor, per_token: bool, offset: int = 0,
@@ -95,6 +114,49 @@ def quantize_rows_int8(x: torch.Tensor, per_token: bool, offset: int = 0,
     scale = scale.clamp_min_(1e-8).div_(127)
     q = (x / scale).round_().to(torch.int8)  # |x / s| <= 127
     return (q.view(torch.uint8).add_(offset) if offset else q), scale
+
+
+def fake_quantize_rows_int8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """fp32 ``x`` ``[rows, cols]`` -> ``round(x / s) * s`` with :func:`quantize_rows_int8`'s scales: dynamic
+    symmetric int8 activations fake-quantized, in one C call (PyTorch ops without the library)."""
+    lib = _lib_for(x)
+    if lib is not None and x.dim() == 2:
+        out = torch.empty_like(x)
+        if not lib.compressdit_fake_quantize_int8(x.data_ptr(), x.shape[0], x.shape[1], per_token, out.data_ptr()):
+            return out
+    magnitude = x.abs()
+    scale = (magnitude.amax(-1, keepdim=True) if per_token else magnitude.amax()).clamp_min_(1e-8).div_(127)
+    return (x / scale).round_().mul_(scale)
+
+
+def quantize_rows_int8_groups(x: torch.Tensor, per_token: bool, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows_int8`'s codes of fp32 ``x`` ``[rows, cols]`` laid out per column group,
+    ``[cols / group, rows, group]`` (each group's codes contiguous, for one GEMM per group), and its scales."""
+    lib = _lib_for(x)
+    if lib is None:
+        q, scale = quantize_rows_int8(x, per_token)
+        return q.view(x.shape[0], -1, group).transpose(0, 1).contiguous(), scale
+    rows, cols = x.shape
+    q, scale = torch.empty(cols // group, rows, group, dtype=torch.int8), torch.empty(rows if per_token else 1, 1)
+    lib.compressdit_quantize_int8_groups(x.data_ptr(), rows, cols, group, per_token, q.data_ptr(), scale.data_ptr())
+    return q, scale
+
+
+def dequantize_groups(acc: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """``(sum_g acc[g] * w_scale[g]) * a_scale (+ bias)`` in fp32, the groups added in order: int32 ``acc``
+    ``[groups, rows, cols]``, ``w_scale`` ``[groups, cols]``, ``a_scale`` ``[rows, 1]`` or ``[1, 1]``."""
+    lib = _lib_for(w_scale, a_scale, bias)
+    if lib is None or not acc.is_contiguous():
+        out = acc[0].float().mul_(w_scale[0])
+        for g in range(1, acc.shape[0]):
+            out.addcmul_(acc[g], w_scale[g])
+        return out.mul_(a_scale) if bias is None else torch.addcmul(bias, out, a_scale)
+    groups, rows, cols = acc.shape
+    out = torch.empty(rows, cols)
+    lib.compressdit_dequantize_groups(acc.data_ptr(), w_scale.data_ptr(), a_scale.data_ptr(), a_scale.shape[0] > 1,
+                                      _ptr(bias), groups, rows, cols, out.data_ptr())
+    return out
 
 
 def dequantize_int32_(acc: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
@@ -121,3 +183,47 @@ def scale_rows_(acc: torch.Tensor, a_scale: torch.Tensor, bias: torch.Tensor | N
     lib.compressdit_scale_rows(acc.data_ptr(), a_scale.data_ptr(), a_scale.shape[0] > 1, _ptr(bias), acc.shape[0],
                                acc.shape[1], acc.data_ptr())
     return acc
+
+
+# --- the dense float kernels' passes (csrc/float_rows.c) ---------------------------------------------------
+
+def float_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """``x.to(torch.bfloat16)`` (round half to even; NaN as torch's vectorized cast) in one single-threaded pass."""
+    lib = _lib_for(x)
+    if lib is None:
+        return x.to(torch.bfloat16)
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    lib.compressdit_float_to_bf16(x.data_ptr(), x.numel(), out.data_ptr())
+    return out
+
+
+def bf16_to_float(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y.float() (+ bias)`` for a 2-D bf16 ``y`` ``[rows, cols]`` and an fp32 ``bias`` ``[cols]``, one pass."""
+    lib = _lib_for(bias)
+    if lib is None or y.dtype is not torch.bfloat16 or not y.is_contiguous() or y.dim() != 2:
+        out = y.float()
+        return out if bias is None else out.add_(bias)
+    out = torch.empty(y.shape, dtype=torch.float32)
+    lib.compressdit_bf16_to_float(y.data_ptr(), _ptr(bias), y.shape[0], y.shape[1], out.data_ptr())
+    return out
+
+
+def round_to_e4m3(q: torch.Tensor) -> torch.Tensor:
+    """fp32 ``q`` (within +-448) rounded to its nearest E4M3 value, ties to even: ``q.to(float8_e4m3fn).float()``
+    bit for bit (tested), in fp32 arithmetic: CPUs convert to and from float8 one element at a time (~8x slower)."""
+    bits = q.view(torch.int32)  # normal range: round the 23-bit mantissa to 3 bits, carrying into the exponent
+    normal = ((bits >> 20) & 1).add_(bits).add_(0x7FFFF).bitwise_and_(-(1 << 20)).view(torch.float32)
+    subnormal = (q * 512).round_().div_(512)  # below 2^-6: a fixed step of 2^-9
+    return torch.where(q.abs() < 2.0 ** -6, subnormal, normal)
+
+
+def fake_quantize_e4m3_rows(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token E4M3 activations of a 2-D fp32 ``x``, fake-quantized as the FP8 reference does them:
+    ``s = max(amax|x|, 1e-8) / 448`` per row, ``e4m3(clamp(x / s, -448, 448)) * s``; one pass per row in C."""
+    lib = _lib_for(x)
+    if lib is None or x.dim() != 2:
+        scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-8).div_(E4M3_MAX)
+        return round_to_e4m3((x / scale).clamp_(-E4M3_MAX, E4M3_MAX)).mul_(scale)
+    out = torch.empty_like(x)
+    lib.compressdit_fake_quantize_e4m3(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), None)
+    return out

@@ -5,7 +5,8 @@ the layer's saved tensors (packed codes, scales). The buffers are never saved an
 live in the layer's :class:`KernelCache` (a plain attribute, so not in ``state_dict`` nor touched by
 ``.to()``), are dropped by ``_apply`` (``.to()``, ``.float()``, ...) and are rebuilt on the next eager
 forward whenever a saved tensor changed (``load_state_dict``, accelerate/diffusers assigning loaded
-tensors, ``load_codes``, a device move). Checkpoints therefore stay portable. The layer class's
+tensors, ``load_codes``, a device move) or torch's intra-op thread count changed (a kernel may choose by it).
+Checkpoints therefore stay portable. The layer class's
 dequantize-then-matmul reference is the fallback (no kernel applies) and the ground truth every kernel
 is tested against (and what runs when gradients flow to the inputs); ``layer.kernel_name`` says which one runs (``"reference"`` for the fallback).
 
@@ -102,7 +103,7 @@ class KernelCache:
 
     def nbytes(self) -> int:
         """Bytes of the buffers beyond the layer's own tensors (a buffer may be one of them, e.g. int8 codes)."""
-        own = {ptr for ptr, _, _ in self.key or ()}
+        own = {ptr for ptr, _, _ in (self.key or (0,))[1:]}  # the key: thread count, then (ptr, version, dtype)
         tensors = [t for t in self.buffers.values() if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors if not t.is_mkldnn and t.data_ptr() not in own)
 
@@ -129,7 +130,11 @@ def _saved_tensors(layer: nn.Module) -> list[torch.Tensor]:
 
 
 def _state_key(layer: nn.Module) -> tuple:
-    return tuple([(t.data_ptr(), t._version, t.dtype) for t in _saved_tensors(layer)])  # a device move: new data_ptr
+    """The saved tensors' storage, version and dtype (a device move: new data_ptr), and torch's intra-op thread
+    count: kernels may choose by it (``cpu-int-dense-bf16`` on one thread)."""
+    tensors = _saved_tensors(layer)
+    with torch._C.DisableTorchFunctionSubclass():  # reads on Parameter subclasses cost 2x more without (~4 us a call)
+        return (torch.get_num_threads(), *[(t.data_ptr(), t._version, t.dtype) for t in tensors])
 
 
 def cache_of(layer: nn.Module) -> KernelCache:
@@ -177,7 +182,8 @@ def run_cached(layer: nn.Module, cache: KernelCache, x: torch.Tensor, untransfor
     A layer accelerate offloads after this call (``device_map`` with cpu/disk) drops its prepacked copy too."""
     run = cache.kernel.run_untransformed if untransformed else cache.kernel.run
     out = run(layer, x, cache.buffers)
-    if not torch.compiler.is_compiling() and getattr(getattr(layer, "_hf_hook", None), "offload", False):
+    # accelerate's hook is a plain attribute: read from __dict__ (a missing-attribute getattr on a module costs ~2 us)
+    if not torch.compiler.is_compiling() and getattr(layer.__dict__.get("_hf_hook"), "offload", False):
         cache.clear()
     return out
 
@@ -191,6 +197,7 @@ def run_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 def set_kernel(model: nn.Module, name: str | None) -> None:
     """Force every quantized layer of ``model`` onto kernel ``name`` (e.g. ``"reference"``); ``None`` = auto."""
     if name not in (None, REFERENCE):
+        _import_kernel_modules()
         KERNELS.get(name)
     for module in model.modules():
         if hasattr(module, "spec") and hasattr(module, "quantized_tensors"):

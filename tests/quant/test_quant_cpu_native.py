@@ -102,8 +102,9 @@ def test_without_the_library_layers_give_the_same_outputs(monkeypatch):
         torch.testing.assert_close(layer(x), native, rtol=1e-6, atol=1e-6)
 
 
-def test_small_gemms_run_on_one_thread_and_restore_the_count():
-    _, layer = _balanced_layer(LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5))
+def test_small_group_gemms_run_on_one_thread_and_restore_the_count():
+    _, layer = _balanced_layer(LinearQuantSpec(w_bits=4, a_bits=8, group_size=32))
+    assert layer.kernel_name == "cpu-int8-group-gemm"
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -112,3 +113,72 @@ def test_small_gemms_run_on_one_thread_and_restore_the_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def _float_edge_cases() -> torch.Tensor:
+    torch.manual_seed(2)
+    bf16_ties = (torch.arange(1, 40, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)  # halfway: to even
+    specials = torch.tensor([0.0, -0.0, 1e-40, -3e-39, float("inf"), -float("inf"), float("nan"), 3.4e38, -1.5e-45])
+    return torch.cat([torch.randn(997) * torch.logspace(-6, 6, 997), bf16_ties, -bf16_ties, specials])
+
+
+def test_the_bf16_casts_equal_torch_bit_for_bit(monkeypatch):
+    from compressdit.quant.cpu_native import bf16_to_float, float_to_bf16
+
+    x = _float_edge_cases()
+    assert native_library() is None or torch.equal(float_to_bf16(x).view(torch.int16), x.bfloat16().view(torch.int16))
+    y, bias = torch.randn(13, 77).bfloat16(), torch.randn(77)
+    assert torch.equal(bf16_to_float(y, bias), y.float() + bias) and torch.equal(bf16_to_float(y, None), y.float())
+    monkeypatch.setattr(cpu_native, "native_library", lambda: None)
+    assert torch.equal(float_to_bf16(x).view(torch.int16), x.bfloat16().view(torch.int16))
+    assert torch.equal(bf16_to_float(y, bias), y.float() + bias)
+
+
+def _fp8_rows() -> torch.Tensor:
+    torch.manual_seed(3)
+    x = torch.randn(64, 96) * torch.logspace(-4, 3, 96)
+    x[0] = 0  # the scale's floor
+    grid = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # every non-negative E4M3 value
+    x[1, :95] = ((grid[1:] + grid[:-1]) / 2)[:95]  # ties (with amax 448 below: s = 1 exactly)
+    x[1, 95] = 448
+    x[2, :95], x[2, 95] = -grid[:95] * 0.999, 448  # near the grid, subnormals included
+    x[3, :95], x[3, 95] = torch.nextafter(x[1, :95], torch.zeros(())), 448  # just below the ties
+    x[4, 7] = 1e-41  # a subnormal input
+    x[5] *= 1e-12  # a row whose amax is below the 1e-8 floor
+    x[6, 3] = float("nan")  # NaN spreads to its row, as in the reference
+    return x
+
+
+def test_e4m3_fake_quantization_equals_the_reference_bit_for_bit(monkeypatch):
+    from compressdit.quant.cpu_native import fake_quantize_e4m3_rows
+    from compressdit.quant.gpu_reference import _fake_quantized_rows
+
+    x = _fp8_rows()
+    expected = _fake_quantized_rows(x, torch.float8_e4m3fn)
+    assert expected[6].isnan().all() and expected[0].eq(0).all()
+    torch.testing.assert_close(fake_quantize_e4m3_rows(x), expected, rtol=0, atol=0, equal_nan=True)
+    monkeypatch.setattr(cpu_native, "native_library", lambda: None)
+    torch.testing.assert_close(fake_quantize_e4m3_rows(x), expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_grouped_codes_and_their_epilogue_equal_the_torch_path(per_token, monkeypatch):
+    from compressdit.quant.cpu_dense import fake_quantize_input
+    from compressdit.quant.cpu_native import dequantize_groups, fake_quantize_rows_int8, quantize_rows_int8_groups
+
+    x = _activations(cols=128)
+    q, scale = quantize_rows_int8_groups(x, per_token, 32)
+    fake = fake_quantize_rows_int8(x, per_token)
+    torch.manual_seed(4)
+    acc = torch.randint(-2 ** 18, 2 ** 18, (4, 37, 24), dtype=torch.int32)
+    w_scale, bias = torch.rand(4, 24) / 100, torch.randn(24)
+    out = dequantize_groups(acc, w_scale, scale, bias)
+    monkeypatch.setattr(cpu_native, "native_library", lambda: None)
+    q_torch, scale_torch = quantize_rows_int8_groups(x, per_token, 32)
+    assert q.shape == (4, 37, 32) and torch.equal(q, q_torch) and torch.equal(scale, scale_torch)
+    assert torch.equal(q.transpose(0, 1).reshape(37, 128), quantize_rows_int8(x, per_token)[0])
+    assert torch.equal(fake, fake_quantize_input(x.clone(), 8, "per_token" if per_token else "per_tensor", None))
+    assert torch.equal(fake_quantize_rows_int8(x, per_token), fake)
+    # the same sums up to fp32 rounding (a few ulps of the largest group term, where groups cancel)
+    torch.testing.assert_close(out, dequantize_groups(acc, w_scale, scale, bias), rtol=1e-6,
+                               atol=out.abs().max().item() * 2 ** -20)

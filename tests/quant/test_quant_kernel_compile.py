@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from compressdit.models import adapter_for
+from compressdit.quant.cpu_dense import dense_kernel_name
 from compressdit.quant.kernel_registry import prepack_model
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.transform import LayerRule, quantize_layers, resolve_plan
@@ -20,7 +21,7 @@ def test_compiled_w8a8_and_w4a16_dit_has_no_graph_break_in_quantized_layers_and_
              LayerRule("re:.*", LinearQuantSpec(w_bits=8, a_bits=8, rotation="hadamard"))]
     quantize_layers(model, resolve_plan(model, adapter_for(model), rules))
     kernels = prepack_model(model)  # prepack before compiling: the staleness check is skipped when compiling
-    assert {"cpu-int8-gemm", "cpu-int-dense-bf16"} <= set(kernels.values())
+    assert {"cpu-int8-gemm", dense_kernel_name()} <= set(kernels.values())
     inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([10, 700]),
               "class_labels": torch.tensor([1, 7]), "return_dict": False}
     torch._dynamo.reset()
@@ -47,7 +48,7 @@ def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
         QuantLinear.from_linear(torch.nn.Linear(64, 64), LinearQuantSpec(w_bits=4, group_size=32)),
         QuantLinear.from_linear(torch.nn.Linear(64, 64), LinearQuantSpec(w_bits=4, a_bits=8, group_size=32)),
         FP8Linear.from_linear(torch.nn.Linear(64, 32), LinearQuantSpec(format="fp8", w_bits=8, a_bits=8)))
-    assert list(prepack_model(model).values()) == ["cpu-int8-gemm", "cpu-int8-gemm", "cpu-int-dense-bf16",
+    assert list(prepack_model(model).values()) == ["cpu-int8-gemm", "cpu-int8-gemm", dense_kernel_name(),
                                                    "cpu-int8-group-gemm", "cpu-fp8-dense"]
     torch._dynamo.reset()
     with torch.no_grad():

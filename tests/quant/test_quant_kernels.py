@@ -36,7 +36,11 @@ import copy  # noqa: E402
 
 from compressdit.quant.kernel_registry import (KERNELS, REFERENCE, cache_of, kernel_summary,  # noqa: E402
                                                prepack_model, select_kernel, set_kernel)
+from compressdit.quant.cpu_dense import dense_kernel_name  # noqa: E402
 from compressdit.quant.vq_layer import VQLinear  # noqa: E402
+
+DENSE = dense_kernel_name()  # small weight-only layers: fp32 weight, or bf16 on CPUs with AMX-BF16
+DENSE_BOUND = (6e-3, 0.2) if DENSE == "cpu-int-dense-bf16" else (1e-5, 0.01)  # bf16 rounding / summation order
 
 # spec, kernel, bound on ||kernel - reference|| / ||reference||, on that error / the quantization error, and
 # out_features (x 256 in_features): 96 is a small layer, BIG one above DENSE_MAX_WEIGHT / INT8_GEMM_SMALL_WEIGHT
@@ -54,13 +58,13 @@ CPU_CASES = [
     (LinearQuantSpec(w_bits=4), "cpu-int4-weight", 6e-3, 0.2, BIG),
     (LinearQuantSpec(w_bits=3, group_size=128), "cpu-int4-weight", 6e-3, 0.2, BIG),
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=128), "cpu-int4-weight", 6e-3, 0.2, BIG),
-    (LinearQuantSpec(w_bits=4, group_size=64), "cpu-int-dense-bf16", 6e-3, 0.2, 96),  # decoded once, bf16
-    (LinearQuantSpec(w_bits=2, group_size=32, w_symmetric=False), "cpu-int-dense-bf16", 6e-3, 0.2, 96),
+    (LinearQuantSpec(w_bits=4, group_size=64), DENSE, *DENSE_BOUND, 96),  # decoded once
+    (LinearQuantSpec(w_bits=2, group_size=32, w_symmetric=False), DENSE, *DENSE_BOUND, 96),
     (LinearQuantSpec(w_bits=4, group_size=16), REFERENCE, 0.0, 0.0, 96),  # no int4 kernel: no dense one either
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64), "cpu-int8-group-gemm", 1e-5, 0.01, 96),
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, a_granularity="per_tensor"), "cpu-int8-group-gemm", 1e-5,
      0.01, 96),
-    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, w_symmetric=False), "cpu-int-dense-bf16", 6e-3, 0.2, 96),
+    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, w_symmetric=False), DENSE, *DENSE_BOUND, 96),
     # bf16 rounding is not small next to 8-bit weights: stated in cpu_kernels' docstring
     (LinearQuantSpec(w_bits=8), "cpu-int8-weight", 6e-3, 1.0, 96),
     (LinearQuantSpec(w_bits=8, group_size=64), REFERENCE, 0.0, 0.0, 96),  # no grouped int8 kernel
@@ -96,7 +100,7 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
 
     cpu = torch.device("cpu")
     w4, w4a8 = LinearQuantSpec(w_bits=4, group_size=64), LinearQuantSpec(w_bits=4, a_bits=8)
-    assert select_kernel(w4, cpu, (DENSE_MAX_WEIGHT // 256, 256)) == "cpu-int-dense-bf16"
+    assert select_kernel(w4, cpu, (DENSE_MAX_WEIGHT // 256, 256)) == DENSE
     assert select_kernel(w4, cpu, (DENSE_MAX_WEIGHT // 256 + 16, 256)) == "cpu-int4-weight"
     assert select_kernel(w4a8, cpu, (INT8_GEMM_SMALL_WEIGHT // 256, 256)) == "cpu-int8-gemm"
     assert select_kernel(w4a8, cpu, (INT8_GEMM_SMALL_WEIGHT // 256 + 16, 256)) == "cpu-int4-weight"
@@ -189,11 +193,11 @@ def test_kernel_choice_is_per_layer_and_by_device():
     assert select_kernel(LinearQuantSpec(w_bits=4, group_size=64), cpu, (BIG, 256)) == "cpu-int4-weight"
     assert select_kernel(LinearQuantSpec(w_bits=4, group_size=16), cpu, (BIG, 256)) == REFERENCE
     for name in ("cpu-int8-gemm", "cpu-int4-weight", "cpu-int8-weight", "cpu-vq-dense", "cpu-int-dense-bf16",
-                 "cpu-fp8-dense", "cpu-int8-group-gemm"):
+                 "cpu-int-dense-fp32", "cpu-fp8-dense", "cpu-int8-group-gemm"):
         assert not KERNELS.get(name).applies(LinearQuantSpec(w_bits=8, a_bits=8), torch.device("meta"), (96, 256))
     model = torch.nn.Sequential(_layer(LinearQuantSpec(w_bits=8, a_bits=8))[1],
                                 _layer(LinearQuantSpec(w_bits=4, group_size=32), 96, 256)[1])
-    assert prepack_model(model) == {"0": "cpu-int8-gemm", "1": "cpu-int-dense-bf16"}
+    assert prepack_model(model) == {"0": "cpu-int8-gemm", "1": DENSE}
     set_kernel(model, REFERENCE)
     assert [m.kernel_name for m in model] == [REFERENCE, REFERENCE]
     x = torch.randn(2, 256)
@@ -250,10 +254,10 @@ def test_saved_and_reloaded_model_gives_the_same_kernel_outputs(tmp_path):
         model.save_pretrained(tmp_path)
         loaded = DiTTransformer2DModel.from_pretrained(tmp_path)
         kernels = {m.kernel_name for m in quantized_modules(loaded).values()}
-        assert kernels == {"cpu-int8-gemm", "cpu-int-dense-bf16"}
+        assert kernels == {"cpu-int8-gemm", DENSE}
         torch.testing.assert_close(loaded(**inputs, return_dict=False)[0], before)
     assert not any("packed" in key for key in loaded.state_dict())
-    assert kernel_summary(loaded) == "cpu-int-dense-bf16 x1, cpu-int8-gemm x6"
+    assert kernel_summary(loaded) == ", ".join(sorted([f"{DENSE} x1", "cpu-int8-gemm x6"]))
 
 
 def test_inspect_names_each_layers_kernel(tmp_path):
@@ -261,7 +265,7 @@ def test_inspect_names_each_layers_kernel(tmp_path):
 
     test_saved_and_reloaded_model_gives_the_same_kernel_outputs(tmp_path)
     rows = {row["module"]: row for row in inspect_checkpoint(str(tmp_path))["modules"]}
-    assert {row["kernel"] for row in rows.values()} == {"float", "cpu-int8-gemm", "cpu-int-dense-bf16"}
+    assert {row["kernel"] for row in rows.values()} == {"float", "cpu-int8-gemm", DENSE}
     assert all(row["runtime_bytes"] > 0 for row in rows.values() if row["kernel"].startswith("cpu-"))
 
 
@@ -281,7 +285,7 @@ def test_cpu_int4_kernel_keeps_its_bound_above_the_packed_row_threshold(spec):
 
 
 def test_e4m3_rounding_in_fp32_equals_the_float8_cast_bit_for_bit():
-    from compressdit.quant.cpu_dense import round_to_e4m3
+    from compressdit.quant.cpu_native import round_to_e4m3
 
     grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     grid = grid[grid.isfinite()].unique()

@@ -165,3 +165,55 @@ void compressdit_scale_rows(const float *acc, const float *a_scale, int32_t per_
             for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * a;
     }
 }
+
+/* Fake-quantized int8 activations: out = round(x / s) * s with compressdit_quantize_int8's codes and scales (the
+ * codes are exact in fp32, so this is the PyTorch expression's value bit for bit). Returns 0, or -1 when out of
+ * memory. */
+int compressdit_fake_quantize_int8(const float *x, int64_t rows, int64_t cols, int32_t per_token, float *out) {
+    int8_t *q = malloc((size_t)(rows * cols));
+    float *scale = malloc(sizeof(float) * (size_t)(per_token ? rows : 1));
+    int status = q && scale ? compressdit_quantize_int8(x, NULL, rows, cols, per_token, 0, q, scale) : -1;
+    for (int64_t i = 0; status == 0 && i < rows; ++i) {
+        const float s = scale[per_token ? i : 0];
+        for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = (float)q[i * cols + j] * s;
+    }
+    free(q);
+    free(scale);
+    return status;
+}
+
+/* compressdit_quantize_int8's codes and scales (no balancing, no offset) laid out per column group: x [rows, cols]
+ * -> q [cols / group, rows, group], each group's activation codes contiguous for its own GEMM. */
+void compressdit_quantize_int8_groups(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t per_token,
+                                      int8_t *q, float *scale) {
+    const int64_t groups = cols / group;
+    if (!per_token) scale[0] = scale_of(absmax_bits(x, rows * cols));
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *row = x + i * cols;
+        const float s = per_token ? (scale[i] = scale_of(absmax_bits(row, cols))) : scale[0];
+        for (int64_t g = 0; g < groups; ++g)
+            codes_row(row + g * group, group, s, 0, q + (g * rows + i) * group);
+    }
+}
+
+/* out[i, j] = (sum over g of acc[g, i, j] * w_scale[g, j]) * a_scale[i or 0] (+ bias[j]), the groups added in
+ * order: the per-group int32 GEMMs' epilogue (acc [groups, rows, cols], w_scale [groups, cols]). */
+void compressdit_dequantize_groups(const int32_t *restrict acc, const float *restrict w_scale,
+                                   const float *restrict a_scale, int32_t per_token, const float *restrict bias,
+                                   int64_t groups, int64_t rows, int64_t cols, float *restrict out) {
+    for (int64_t i = 0; i < rows; ++i) {
+        const float a = a_scale[per_token ? i : 0];
+        float *o = out + i * cols;
+        const int32_t *r = acc + i * cols;
+        for (int64_t j = 0; j < cols; ++j) o[j] = (float)r[j] * w_scale[j];
+        for (int64_t g = 1; g < groups; ++g) {
+            const int32_t *rg = acc + (g * rows + i) * cols;
+            const float *wg = w_scale + g * cols;
+            for (int64_t j = 0; j < cols; ++j) o[j] = o[j] + (float)rg[j] * wg[j];
+        }
+        if (bias)
+            for (int64_t j = 0; j < cols; ++j) o[j] = o[j] * a + bias[j];
+        else
+            for (int64_t j = 0; j < cols; ++j) o[j] = o[j] * a;
+    }
+}

@@ -1,0 +1,82 @@
+/* Fused CPU passes around compressdit's dense float GEMMs (see compressdit/quant/cpu_native.py).
+ *
+ * The small-layer kernels of compressdit/quant/cpu_dense.py run one GEMM on a decoded weight; around it PyTorch
+ * eager spent more time than in the GEMM: the fp32 -> bf16 cast of the activations and the bf16 -> fp32 cast and
+ * bias of the output (each an intra-op parallel pass that wakes the second thread for 32k elements), and for FP8
+ * the per-token E4M3 rounding (abs, amax, clamp, div, div, clamp, 6 integer ops, where, mul: ~14 passes). These
+ * loops do the same arithmetic in one pass each, bit for bit (tested against the PyTorch path): IEEE single
+ * precision divisions as torch does them (no -ffast-math, -ffp-contract=off), round half to even. Plain C,
+ * no torch headers, no threads. */
+
+#include <stdint.h>
+#include <string.h>
+
+static inline uint32_t float_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return u;
+}
+
+static inline float bits_float(uint32_t u) {
+    float v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* fp32 -> bf16, round half to even, as torch's vectorized cast: NaN -> 0xffff, subnormals kept. */
+static inline uint16_t to_bf16(float v) {
+    uint32_t u = float_bits(v);
+    if (v != v) return 0xffffu;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* y[i] = bf16(x[i]) for n elements. */
+void compressdit_float_to_bf16(const float *restrict x, int64_t n, uint16_t *restrict y) {
+    for (int64_t i = 0; i < n; ++i) y[i] = to_bf16(x[i]);
+}
+
+/* out[i, j] = float(y[i, j]) (+ bias[j]): a bf16 GEMM's output widened (exactly) and its fp32 bias added. */
+void compressdit_bf16_to_float(const uint16_t *restrict y, const float *restrict bias, int64_t rows, int64_t cols,
+                               float *restrict out) {
+    for (int64_t i = 0; i < rows; ++i) {
+        const uint16_t *r = y + i * cols;
+        float *o = out + i * cols;
+        if (bias)
+            for (int64_t j = 0; j < cols; ++j) o[j] = bits_float((uint32_t)r[j] << 16) + bias[j];
+        else
+            for (int64_t j = 0; j < cols; ++j) o[j] = bits_float((uint32_t)r[j] << 16);
+    }
+}
+
+/* q (|q| <= 448 or NaN) rounded to the nearest E4M3 value, ties to even, as cpu_native.round_to_e4m3: the 23-bit
+ * mantissa rounded to 3 bits (a carry moves into the exponent) in the normal range; below 2^-6 a fixed step of
+ * 2^-9 (round(q * 512) / 512, sign kept as torch.round keeps it). */
+static inline float round_e4m3(float q) {
+    const float m = q * 512.0f;
+    const float small = __builtin_copysignf((__builtin_fabsf(m) + 12582912.0f) - 12582912.0f, m) / 512.0f;
+    const uint32_t u = float_bits(q);
+    const float normal = bits_float((u + 0x7ffffu + ((u >> 20) & 1u)) & 0xfff00000u);
+    return __builtin_fabsf(q) < 0.015625f ? small : normal; /* both computed: the loop stays vectorized */
+}
+
+/* Dynamic per-token E4M3 activations, fake-quantized: per row s = max(amax |x|, 1e-8) / 448, out = e4m3(clamp(x / s,
+ * -448, 448)) * s, and s into scale[row] unless scale is NULL. out may be x's own memory. */
+void compressdit_fake_quantize_e4m3(const float *x, int64_t rows, int64_t cols, float *out, float *scale) {
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *r = x + i * cols;
+        float *o = out + i * cols;
+        uint32_t m = 0;
+        for (int64_t j = 0; j < cols; ++j) {
+            uint32_t u = float_bits(r[j]) & 0x7fffffffu; /* integer order = float order, NaN above inf */
+            m = u > m ? u : m;
+        }
+        float amax = bits_float(m);
+        const float s = (amax > 1e-8f || amax != amax ? amax : 1e-8f) / 448.0f;
+        if (scale) scale[i] = s;
+        for (int64_t j = 0; j < cols; ++j) {
+            float q = r[j] / s;
+            q = q > 448.0f ? 448.0f : (q < -448.0f ? -448.0f : q); /* NaN stays NaN, as clamp */
+            o[j] = round_e4m3(q) * s;
+        }
+    }
+}

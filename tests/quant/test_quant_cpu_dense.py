@@ -1,0 +1,78 @@
+"""The small-layer dense kernels (both weights: fp32 and bf16, forced) against the dequantize reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressdit.quant.cpu_dense import bf16_gemm_pays, dense_kernel_name
+from compressdit.quant.kernel_registry import cache_of, set_kernel
+from compressdit.quant.layers import QuantLinear
+from compressdit.quant.spec import LinearQuantSpec
+
+SPECS = [
+    LinearQuantSpec(w_bits=4, group_size=64),
+    LinearQuantSpec(w_bits=4, group_size=64, balance=0.3),  # balancing folded into the decoded weight
+    LinearQuantSpec(w_bits=3, group_size=32, w_symmetric=False, rotation="hadamard"),  # rotation folded too
+    LinearQuantSpec(w_bits=4, group_size=64, balance=0.3, low_rank=4),  # a branch: transform, no folding
+    LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, w_symmetric=False, balance=0.5),  # activations: no folding
+]
+# ||kernel - reference|| / ||reference||: summation order for fp32, bf16 activations / weights / output for bf16
+BOUNDS = {"cpu-int-dense-fp32": 2e-6, "cpu-int-dense-bf16": 6e-3}
+
+
+def _layers(spec: LinearQuantSpec) -> tuple[torch.nn.Linear, QuantLinear]:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 48)
+    return linear, QuantLinear.from_linear(linear, spec, input_absmax=torch.rand(128) * 10 + 0.1)
+
+
+def _error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+def test_the_machine_picks_one_dense_kernel():
+    assert _layers(SPECS[0])[1].kernel_name == dense_kernel_name()
+    assert dense_kernel_name() == ("cpu-int-dense-bf16" if bf16_gemm_pays() else "cpu-int-dense-fp32")
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)
+@pytest.mark.parametrize("kernel", sorted(BOUNDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_kernels_match_the_reference(spec, kernel, dtype):
+    linear, layer = _layers(spec)
+    layer.to(dtype)
+    set_kernel(layer, kernel)
+    x = (torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)).to(dtype)
+    with torch.no_grad():
+        out, reference = layer(x), layer.reference_forward(x)
+        assert cache_of(layer).buffers["folded"] == (spec.a_bits is None and spec.low_rank is None)
+        assert out.dtype == dtype and out.shape == reference.shape
+        if dtype == torch.float32:
+            assert _error(out, reference) <= BOUNDS[kernel]
+        else:  # the reference transforms and quantizes in bf16, the kernels in fp32 from the bf16 input: never worse
+            exact = linear(x.float())
+            assert _error(out, exact) <= _error(reference, exact) * 1.05
+        # the kernel's run on an already transformed input (not QuantLinear.forward's path) is still right
+        transformed = layer.transform_input(x)
+        again = cache_of(layer).kernel.run(layer, transformed, cache_of(layer).buffers)
+        assert _error(layer._add_low_rank(again, transformed), out) <= 1e-2
+
+
+def test_the_thread_count_reselects_the_dense_kernel():
+    from compressdit.quant.cpu_dense import _bf16_hardware
+
+    _, layer = _layers(SPECS[0])
+    threads, chosen = torch.get_num_threads(), {}
+    try:
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                layer(torch.randn(4, 128))
+            chosen[count] = cache_of(layer).name
+            assert chosen[count] == dense_kernel_name() == layer.kernel_name
+    finally:
+        torch.set_num_threads(threads)
+    amx, avx512 = _bf16_hardware()
+    assert chosen[2] == ("cpu-int-dense-bf16" if amx else "cpu-int-dense-fp32")
+    assert chosen[1] == ("cpu-int-dense-bf16" if amx or avx512 else "cpu-int-dense-fp32")
