@@ -94,8 +94,8 @@ EMBEDDINGS = typer.Option(None, "--embeddings", help="Safetensors file of precom
                                                      "(keyed by prompt; include the empty prompt).")
 
 STREAM = typer.Option(False, "--stream", help="Quantize block by block from the model's shards, one block in memory "
-                                               "(calibration-free recipes; implied when the model exceeds "
-                                               "--max-memory).")
+                                               "(calibration runs with blocks read as they are called; implied "
+                                               "when the model exceeds --max-memory).")
 MAX_MEMORY = typer.Option(None, "--max-memory", help="Memory budget, e.g. 20GB: a model larger than this once loaded "
                                                      "(float32) is streamed (default: the memory available).")
 

@@ -111,15 +111,17 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
     check_output(out, overwrite)  # before loading: a taken output folder should not cost a model load
     folder = resolve_path(model)
     is_pipeline = (folder / TRANSFORMER_SUBFOLDER / "config.json").exists()
-    reason = streaming_reason(folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder, stream, max_memory)
-    if reason is not None:
-        return run_streamed(recipe, model, out, overwrite, quiet, reason)
-    source = load_source(model, text_encoder=text_encoder, embeddings=embeddings, cache_dir=default_cache_dir())
-    adapter = adapter_for(source.transformer)
     if calib is not None:
         for stage in recipe.stages:
             if hasattr(stage.config, "set"):
                 stage.config.set = calib
+    reason = streaming_reason(folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder, stream, max_memory)
+    if reason is not None:
+        return run_streamed(recipe, model, out, overwrite, quiet, reason,
+                            lambda skeleton: load_source(model, text_encoder=text_encoder, embeddings=embeddings,
+                                                         cache_dir=default_cache_dir(), transformer=skeleton))
+    source = load_source(model, text_encoder=text_encoder, embeddings=embeddings, cache_dir=default_cache_dir())
+    adapter = adapter_for(source.transformer)
     with atomic_output(out, overwrite=overwrite) as workdir:
         state = PipelineState(source=source, adapter=adapter, model=source.transformer, workdir=workdir,
                               reference_spec=model, quiet=quiet, cache_dir=default_cache_dir(),
@@ -144,22 +146,25 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
     return state
 
 
-def run_streamed(recipe: Recipe, model: str, out: Path, overwrite: bool, quiet: bool, reason: str) -> PipelineState:
+def run_streamed(recipe: Recipe, model: str, out: Path, overwrite: bool, quiet: bool, reason: str,
+                 parts=None) -> PipelineState:
     """``run_recipe`` for a model quantized block by block: the checkpoint (with the pipeline's other parts), the
-    recipe and the model card are written atomically; nothing is evaluated (see :mod:`compressdit.streaming`)."""
+    recipe and the model card are written atomically; nothing is evaluated (see :mod:`compressdit.streaming`).
+    ``parts(skeleton)``: the model source calibration samples with (``stream_quantize``)."""
     folder = resolve_path(model)
     is_pipeline = (folder / TRANSFORMER_SUBFOLDER / "config.json").exists()
     with atomic_output(out, overwrite=overwrite) as workdir:
         if is_pipeline:
             copy_pipeline_parts(folder, workdir)
         result = stream_quantize(recipe, folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder,
-                                 workdir / TRANSFORMER_SUBFOLDER if is_pipeline else workdir, quiet)
+                                 workdir / TRANSFORMER_SUBFOLDER if is_pipeline else workdir, quiet, parts=parts)
         (workdir / "compressdit_recipe.yaml").write_text(recipe.dump())
         write_model_card(workdir, display_path=str(out), recipe=recipe, reference_name=model,
                          reference_folder=folder, model=result.model, report=None)
     source = ModelSource(model, folder, result.model, is_pipeline=is_pipeline)
     return PipelineState(source=source, adapter=result.adapter, model=result.model, workdir=Path(out),
                          reference_spec=model, quant_specs=result.specs, timings=result.timings, quiet=quiet,
+                         calibration=result.calibration,
                          recipe_name=recipe.name, notes=[reason, *result.notes])
 
 
