@@ -217,6 +217,8 @@ def markdown(result: dict) -> str:
              "reload peak RSS | one Euler step | step peak RSS |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for q in result["runs"] + result.get("earlier_runs", []):
         r = q.get("reload", {})
+        if "error" in r:
+            r = {"load_s": "not run or failed (see the JSON)"}
         lines.append(f"| {q['recipe']} | {q['wall_s']} s | {q['peak_rss_mib']} MiB | {q['disk_gb']} GB | {q['shards']} | "
                      f"{r.get('load_s', '—')} s, cap {r.get('cpu_memory_cap', '—')}, modules per device "
                      f"{r.get('placement', '—')} | {r.get('load_peak_rss_mib', '—')} MiB | {r.get('step_s', '—')} s | "
@@ -260,10 +262,13 @@ def main() -> None:
     earlier = RESULTS / f"{name}.json"
     if earlier.exists():  # rows of earlier runs for other recipes stay, with the command and machine they ran with
         before = json.loads(earlier.read_text())
-        result["earlier_runs"] = [{"command": before["command"], "date": before["date"], "machine": before["machine"],
-                                   "source": before.get("source"), **run} if "command" not in run else run
-                                  for run in before.get("earlier_runs", []) + before["runs"]
-                                  if run["recipe"] not in args.recipes]
+        older = before.get("earlier_runs", [])
+        if isinstance(older, dict):  # the first format: one earlier invocation, {command, date, machine, runs}
+            older = [{"command": older["command"], "date": older["date"], "machine": older["machine"], **run}
+                     for run in older["runs"]]
+        result["earlier_runs"] = [run if "command" in run else {"command": before["command"], "date": before["date"],
+                                                                  "machine": before["machine"], **run}
+                                  for run in before["runs"] + older if run["recipe"] not in args.recipes]
         result["remarks"] = before.get("remarks", [])
     try:
         result["source"] = child("source", str(source), args.shard_size, args.blocks)
