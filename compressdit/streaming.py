@@ -168,11 +168,12 @@ def _in_unit(name: str, prefix: str, block_prefixes: list[str]) -> bool:
 @torch.no_grad()
 def stream_quantize(recipe: Recipe, source: Path, target: Path, quiet: bool = False,
                     max_shard_size: int | str = STREAM_SHARD_SIZE,
-                    parts: Callable[[nn.Module], ModelSource] | None = None) -> StreamResult:
+                    parts: Callable[[nn.Module], ModelSource] | None = None, write: bool = True) -> StreamResult:
     """Quantize the float checkpoint in ``source`` with ``recipe`` into ``target``, block by block (module doc).
 
     ``parts(skeleton)``: the model source around the skeleton that calibration samples with (scheduler, prompt
-    encoder; default: ``source`` as a bare transformer folder)."""
+    encoder; default: ``source`` as a bare transformer folder). ``write=False``: calibrate only (a rank other than 0
+    under ``accelerate launch``; nothing is written)."""
     started = time.perf_counter()
     verify_safetensors(source)  # headers and sizes: a truncated shard fails now, not after an hour
     weights = LazyWeights(source)
@@ -206,6 +207,8 @@ def stream_quantize(recipe: Recipe, source: Path, target: Path, quiet: bool = Fa
         notes.append(f"calibrated on {stream_plan.calibrate.samples} samples x {stream_plan.calibrate.steps} steps "
                      f"with blocks read from the shards as they ran ({streamer.loads} block reads, at most "
                      f"{streamer.peak} block{'s' * (streamer.peak != 1)} in memory at once)")
+    if not write:
+        return StreamResult(model, adapter, plan, notes, timings, stats)
     input_absmax = QuantContext(adapter=adapter, calibration=stats).input_absmax(plan)
     units = _units(model, adapter)
     block_prefixes = [p for p, _ in units if p]
