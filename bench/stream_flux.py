@@ -224,7 +224,7 @@ def markdown(result: dict) -> str:
                      f"{r.get('placement', '—')} | {r.get('load_peak_rss_mib', '—')} MiB | {r.get('step_s', '—')} s | "
                      f"{r.get('peak_rss_mib', '—')} MiB |")
     lines += ["", f"Notes from the runs: {result['runs'][0]['notes'][0] if result['runs'] else ''}.", ""]
-    for q in result["runs"]:
+    for q in result["runs"] + result.get("earlier_runs", []):
         if q.get("calibration"):
             c = q["calibration"]
             lines.append(f"`{q['recipe']}` calibration (a user recipe: the shipped one calibrates on 32 samples x 10 "
@@ -232,8 +232,9 @@ def markdown(result: dict) -> str:
                          f"{c['image_tokens']} image + {c['text_tokens']} text tokens, {c['prompts']}; timings "
                          f"{q.get('timings')}; {'; '.join(q['notes'][2:])}.")
             lines.append("")
-    lines += [f"Command: `{result['command']}`"
-              + "".join(f"; earlier rows: `{c}`" for c in dict.fromkeys(e["command"] for e in result.get("earlier_runs", [])))
+    earlier = dict.fromkeys(e["command"] for e in result.get("earlier_runs", []))
+    lines += [f"Command: `{result['command']}`" + ("; earlier rows: " + ", ".join(f"`{c}`" for c in earlier)
+                                                   if earlier else "")
               + ". Peak RSS is each process's own `VmHWM`. Wall times are on a shared 2-core machine (noise from other "
               "jobs); the disk is part of the story (the source does not fit in the page cache).", ""]
     lines += [p for remark in result.get("remarks", []) for p in (remark, "")]
