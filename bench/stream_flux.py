@@ -6,14 +6,21 @@ the process itself at its end):
 1. ``source``: ``FluxTransformer2DModel`` with FLUX.1-dev's config and random bf16 weights, written shard by
    shard (5 GB shards; never the whole model in memory).
 2. ``quantize``: ``compressdit quantize SOURCE -r RECIPE --no-eval`` per recipe; it streams by itself because the
-   model (48 GB once loaded in float32) exceeds the available memory.
+   model (48 GB once loaded in float32) exceeds the available memory. A recipe with a calibrate stage (``w8a8``,
+   ``w4a16``) runs as a user recipe with a small calibration (``--calib-samples`` x ``--calib-steps``, guidance 4,
+   one batch; FLUX's default 8x8 latent, i.e. 16 image tokens), prompts given as random T5/CLIP-width embeddings
+   (``--embeddings``: the bare transformer folder has no text encoder) of ``--calib-tokens`` tokens; the calibration
+   streams the blocks too, so the weights are read ``steps + 1`` times.
 3. The source is deleted, then ``reload`` per output: stock ``FluxTransformer2DModel.from_pretrained`` (after
    ``import compressdit``) with ``device_map="auto"`` and a CPU memory cap (the rest offloaded to disk by
    accelerate), and one flow-matching Euler step on a small latent.
 
-Writes ``bench/results/stream_flux_cpu.{json,md}``; deletes the source, the outputs and the offload folders::
+Writes ``bench/results/stream_flux_cpu.{json,md}``, keeping the rows of earlier runs for other recipes (one
+recipe per run fits a small disk: source 24 GB + output + offload); deletes the source, the outputs and the offload
+folders::
 
     timeout 14400 python bench/stream_flux.py --work /work/stream-bench --recipes rtn-w8a8 rtn-w4a16
+    timeout 7200 python bench/stream_flux.py --work /work/stream-bench --recipes w8a8 --calib-samples 2 --calib-steps 2
 """
 
 from __future__ import annotations
@@ -84,7 +91,40 @@ def make_source(folder: Path, shard_size: str, blocks: str) -> dict:
             "wall_s": round(time.perf_counter() - started, 1), "peak_rss_mib": round(vm_hwm_mib())}
 
 
-def quantize(source: Path, out: Path, recipe: str, max_memory: str) -> dict:
+def calibration_inputs(work: Path, recipe: str, samples: int, steps: int, tokens: int) -> tuple[str, list[str], dict]:
+    """``recipe`` itself when it has no calibrate stage; else a user recipe with a calibration of ``samples`` x
+    ``steps`` (one batch), a prompt file and random embeddings of FLUX.1's widths (T5 4096, CLIP 768) for it."""
+    import torch
+
+    from compressdit.models.prompt_encoders import save_prompt_embeddings
+    from compressdit.models.text_conditions import TextEmbedding
+    from compressdit.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    calibrate = [s for s in loaded.stages if s.name == "calibrate"]
+    if not calibrate:
+        return recipe, [], {}
+    calibrate[0].config.samples, calibrate[0].config.steps = samples, steps
+    calibrate[0].config.batch_size = samples
+    loaded.stages = [s for s in loaded.stages if s.name != "evaluate"]
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{recipe}-calib{samples}x{steps}.yaml"
+    path.write_text(loaded.dump())
+    prompts = [f"calibration prompt {i}" for i in range(samples)]
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    gen = torch.Generator().manual_seed(0)
+    embeddings = [TextEmbedding(torch.randn(tokens, FLUX_DEV["joint_attention_dim"], generator=gen),
+                                torch.ones(tokens, dtype=torch.long),
+                                torch.randn(FLUX_DEV["pooled_projection_dim"], generator=gen)) for _ in prompts + [""]]
+    save_prompt_embeddings(work / "embeddings.safetensors", prompts + [""], embeddings)
+    c = calibrate[0].config
+    setting = {"samples": c.samples, "steps": c.steps, "guidance": c.guidance, "batch_size": c.batch_size,
+               "text_tokens": tokens, "image_tokens": 16, "prompts": "random embeddings (T5 4096-d, CLIP 768-d)"}
+    return str(path), ["--calib", str(work / "prompts.jsonl"), "--embeddings", str(work / "embeddings.safetensors")], \
+        setting
+
+
+def quantize(source: Path, out: Path, recipe: str, max_memory: str, samples: str, steps: str, tokens: str) -> dict:
     """``compressdit quantize`` as a user runs it (the CLI app in this process)."""
     import io
     from contextlib import redirect_stdout
@@ -92,15 +132,17 @@ def quantize(source: Path, out: Path, recipe: str, max_memory: str) -> dict:
     from compressdit.cli import app
 
     started = time.perf_counter()
+    path, extra, calibration = calibration_inputs(out.parent / f"inputs-{recipe}", recipe, int(samples), int(steps),
+                                                  int(tokens))
     buffer = io.StringIO()
     with redirect_stdout(buffer):
-        app(["quantize", str(source), "-r", recipe, "--no-eval", "-o", str(out), "--json", "--quiet",
+        app(["quantize", str(source), "-r", path, "--no-eval", "-o", str(out), "--json", "--quiet", *extra,
              *(["--max-memory", max_memory] if max_memory != "auto" else [])], standalone_mode=False)
     summary = json.loads(buffer.getvalue()[buffer.getvalue().index("{"):])
     shards = len(list(out.glob("*.safetensors")))
     return {"recipe": recipe, "loadavg_end": [round(v, 2) for v in os.getloadavg()], "wall_s": round(time.perf_counter() - started, 1), "peak_rss_mib": round(vm_hwm_mib()),
             "quantized_modules": summary["quantized_modules"], "notes": summary["notes"], "shards": shards,
-            "disk_gb": round(folder_gb(out), 2),
+            "disk_gb": round(folder_gb(out), 2), "timings": summary.get("timings", {}), "calibration": calibration,
             "index": (out / "diffusion_pytorch_model.safetensors.index.json").exists()}
 
 
@@ -173,16 +215,29 @@ def markdown(result: dict) -> str:
              f"{s['parameters'] * 4 / 1e9:.0f} GB (float32).", "",
              "| recipe | quantize wall | quantize peak RSS | output | shards | reload (device_map auto, CPU cap) | "
              "reload peak RSS | one Euler step | step peak RSS |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
-    for q in result["runs"]:
+    for q in result["runs"] + result.get("earlier_runs", []):
         r = q.get("reload", {})
+        if "error" in r:
+            r = {"load_s": "not run or failed (see the JSON)"}
         lines.append(f"| {q['recipe']} | {q['wall_s']} s | {q['peak_rss_mib']} MiB | {q['disk_gb']} GB | {q['shards']} | "
                      f"{r.get('load_s', '—')} s, cap {r.get('cpu_memory_cap', '—')}, modules per device "
                      f"{r.get('placement', '—')} | {r.get('load_peak_rss_mib', '—')} MiB | {r.get('step_s', '—')} s | "
                      f"{r.get('peak_rss_mib', '—')} MiB |")
-    lines += ["", f"Notes from the runs: {result['runs'][0]['notes'][0] if result['runs'] else ''}.", "",
-              f"Command: `{result['command']}`. Peak RSS is each process's own `VmHWM`. Wall times are on a "
-              "shared 2-core machine (noise from other jobs); the disk is part of the story (the source does not "
-              "fit in the page cache).", ""]
+    lines += ["", f"Notes from the runs: {result['runs'][0]['notes'][0] if result['runs'] else ''}.", ""]
+    for q in result["runs"] + result.get("earlier_runs", []):
+        if q.get("calibration"):
+            c = q["calibration"]
+            lines.append(f"`{q['recipe']}` calibration (a user recipe: the shipped one calibrates on 32 samples x 10 "
+                         f"steps): {c['samples']} samples x {c['steps']} steps, guidance {c['guidance']}, one batch, "
+                         f"{c['image_tokens']} image + {c['text_tokens']} text tokens, {c['prompts']}; timings "
+                         f"{q.get('timings')}; {'; '.join(q['notes'][2:])}.")
+            lines.append("")
+    earlier = dict.fromkeys(e["command"] for e in result.get("earlier_runs", []))
+    lines += [f"Command: `{result['command']}`" + ("; earlier rows: " + ", ".join(f"`{c}`" for c in earlier)
+                                                   if earlier else "")
+              + ". Peak RSS is each process's own `VmHWM`. Wall times are on a shared 2-core machine (noise from other "
+              "jobs); the disk is part of the story (the source does not fit in the page cache).", ""]
+    lines += [p for remark in result.get("remarks", []) for p in (remark, "")]
     return "\n".join(lines)
 
 
@@ -196,17 +251,33 @@ def main() -> None:
     parser.add_argument("--cpu-memory", default="4GiB", help="CPU memory cap of the reload (rest on disk).")
     parser.add_argument("--max-memory", default="auto", help="compressdit's --max-memory (auto: available memory).")
     parser.add_argument("--keep", action="store_true", help="Keep source and outputs (default: deleted).")
+    parser.add_argument("--calib-samples", type=int, default=2, help="Calibration samples of calibrated recipes.")
+    parser.add_argument("--calib-steps", type=int, default=2, help="Calibration sampling steps of calibrated recipes.")
+    parser.add_argument("--calib-tokens", type=int, default=16, help="Text tokens of the calibration prompts.")
     args = parser.parse_args()
-    result = {"command": "python bench/stream_flux.py " + " ".join(sys.argv[1:]), "machine": machine(), "blocks": args.blocks,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": []}
+    command = "python bench/stream_flux.py " + " ".join(sys.argv[1:])
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result = {"command": command, "machine": machine(), "blocks": args.blocks, "date": date, "runs": []}
     source = args.work / "source"
     name = "stream_flux_cpu" if args.blocks == "19,38" else f"stream_flux_smoke_{args.blocks.replace(',', '_')}"
+    earlier = RESULTS / f"{name}.json"
+    if earlier.exists():  # rows of earlier runs for other recipes stay, with the command and machine they ran with
+        before = json.loads(earlier.read_text())
+        older = before.get("earlier_runs", [])
+        if isinstance(older, dict):  # the first format: one earlier invocation, {command, date, machine, runs}
+            older = [{"command": older["command"], "date": older["date"], "machine": older["machine"], **run}
+                     for run in older["runs"]]
+        result["earlier_runs"] = [run if "command" in run else {"command": before["command"], "date": before["date"],
+                                                                  "machine": before["machine"], **run}
+                                  for run in before["runs"] + older if run["recipe"] not in args.recipes]
+        result["remarks"] = before.get("remarks", [])
     try:
         result["source"] = child("source", str(source), args.shard_size, args.blocks)
         print("source", result["source"], flush=True)
         save(result, name)
         for recipe in args.recipes:
-            run = child("quantize", str(source), str(args.work / recipe), recipe, args.max_memory)
+            run = child("quantize", str(source), str(args.work / recipe), recipe, args.max_memory,
+                        str(args.calib_samples), str(args.calib_steps), str(args.calib_tokens))
             print("quantize", run, flush=True)
             result["runs"].append(run)
             save(result, name)
@@ -239,7 +310,8 @@ def save(result: dict, name: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "_child":
         steps = {"source": lambda folder, size, blocks: make_source(Path(folder), size, blocks),
-                 "quantize": lambda source, out, recipe, mem: quantize(Path(source), Path(out), recipe, mem),
+                 "quantize": lambda source, out, recipe, mem, *calib: quantize(Path(source), Path(out), recipe, mem,
+                                                                               *calib),
                  "reload": lambda out, offload, cap: reload_and_step(Path(out), Path(offload), cap)}
         print(json.dumps(steps[sys.argv[2]](*sys.argv[3:])))
     else:

@@ -78,7 +78,10 @@ def _run(recipe, model: str, out: Path, overwrite: bool, quiet: bool, as_json: b
     state = run_recipe(recipe, model, out, overwrite=overwrite, quiet=quiet or as_json, calib=calib,
                        text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings),
                        stream=stream, max_memory=_bytes(max_memory, "--max-memory"))
-    _summary(state, as_json)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under accelerate launch, rank 0 wrote the output and reports it
+        _summary(state, as_json)
 
 
 MODEL = typer.Argument(..., help="Diffusers model/pipeline folder, zoo:NAME or hub id.")
@@ -94,8 +97,8 @@ EMBEDDINGS = typer.Option(None, "--embeddings", help="Safetensors file of precom
                                                      "(keyed by prompt; include the empty prompt).")
 
 STREAM = typer.Option(False, "--stream", help="Quantize block by block from the model's shards, one block in memory "
-                                               "(calibration-free recipes; implied when the model exceeds "
-                                               "--max-memory).")
+                                               "(calibration runs with blocks read as they are called; implied "
+                                               "when the model exceeds --max-memory).")
 MAX_MEMORY = typer.Option(None, "--max-memory", help="Memory budget, e.g. 20GB: a model larger than this once loaded "
                                                      "(float32) is streamed (default: the memory available).")
 

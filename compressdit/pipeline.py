@@ -13,7 +13,7 @@ import torch
 from accelerate import PartialState
 
 from compressdit.cache import default_cache_dir
-from compressdit.errors import CheckpointError
+from compressdit.errors import CheckpointError, ConfigError
 from compressdit.evaluate.engine import Entry
 from compressdit.evaluate.peers import PEERS, apply_peer
 from compressdit.io.checkpoint import (atomic_output, check_output, copy_pipeline_parts, folder_bytes, save_in_dtype,
@@ -109,17 +109,27 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
     With ``stream``, or when the loaded model would not fit in ``max_memory`` bytes (default: the memory available),
     the model is quantized block by block from its shards (:mod:`compressdit.streaming`)."""
     check_output(out, overwrite)  # before loading: a taken output folder should not cost a model load
+    ranks = PartialState()
+    if ranks.num_processes > 1 and any(STAGES.get(s.name).needs_checkpoint for s in recipe.stages):
+        raise ConfigError(f"recipe {recipe.name}: under accelerate launch / torchrun only the calibration is split "
+                          "over processes; pass --no-eval and evaluate the checkpoint in one process")
     folder = resolve_path(model)
     is_pipeline = (folder / TRANSFORMER_SUBFOLDER / "config.json").exists()
-    reason = streaming_reason(folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder, stream, max_memory)
-    if reason is not None:
-        return run_streamed(recipe, model, out, overwrite, quiet, reason)
-    source = load_source(model, text_encoder=text_encoder, embeddings=embeddings, cache_dir=default_cache_dir())
-    adapter = adapter_for(source.transformer)
     if calib is not None:
         for stage in recipe.stages:
             if hasattr(stage.config, "set"):
                 stage.config.set = calib
+    reason = streaming_reason(folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder, stream, max_memory)
+    if reason is not None:
+        return run_streamed(recipe, model, out, overwrite, quiet, reason,
+                            lambda skeleton: load_source(model, text_encoder=text_encoder, embeddings=embeddings,
+                                                         cache_dir=default_cache_dir(), transformer=skeleton))
+    source = load_source(model, text_encoder=text_encoder, embeddings=embeddings, cache_dir=default_cache_dir())
+    adapter = adapter_for(source.transformer)
+    if not ranks.is_main_process:
+        return _helper_rank(recipe, PipelineState(source=source, adapter=adapter, model=source.transformer,
+                                                  workdir=Path(out), reference_spec=model, quiet=True,
+                                                  cache_dir=default_cache_dir(), recipe_name=recipe.name))
     with atomic_output(out, overwrite=overwrite) as workdir:
         state = PipelineState(source=source, adapter=adapter, model=source.transformer, workdir=workdir,
                               reference_spec=model, quiet=quiet, cache_dir=default_cache_dir(),
@@ -144,22 +154,44 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
     return state
 
 
-def run_streamed(recipe: Recipe, model: str, out: Path, overwrite: bool, quiet: bool, reason: str) -> PipelineState:
+def _helper_rank(recipe: Recipe, state: PipelineState) -> PipelineState:
+    """A rank other than 0 under ``accelerate launch``: the stages up to the last calibrate stage (its share of the
+    calibration; the stages before it shape the model it samples), nothing written; rank 0 does the rest."""
+    calibrating = [i for i, stage in enumerate(recipe.stages) if stage.name == "calibrate"]
+    for stage in recipe.stages[:calibrating[-1] + 1 if calibrating else 0]:
+        STAGES.get(stage.name).run(state, stage.config)
+    ranks = PartialState()
+    state.notes.append(f"rank {ranks.process_index} of {ranks.num_processes}: calibrated its share; rank 0 writes "
+                       f"{state.workdir}")
+    return state
+
+
+def run_streamed(recipe: Recipe, model: str, out: Path, overwrite: bool, quiet: bool, reason: str,
+                 parts=None) -> PipelineState:
     """``run_recipe`` for a model quantized block by block: the checkpoint (with the pipeline's other parts), the
-    recipe and the model card are written atomically; nothing is evaluated (see :mod:`compressdit.streaming`)."""
+    recipe and the model card are written atomically; nothing is evaluated (see :mod:`compressdit.streaming`).
+    ``parts(skeleton)``: the model source calibration samples with (``stream_quantize``)."""
     folder = resolve_path(model)
     is_pipeline = (folder / TRANSFORMER_SUBFOLDER / "config.json").exists()
+    transformer = folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder
+    if not PartialState().is_main_process:  # its share of the calibration; rank 0 writes
+        result = stream_quantize(recipe, transformer, Path(out), quiet, parts=parts, write=False)
+        return PipelineState(source=ModelSource(model, folder, result.model, is_pipeline=is_pipeline),
+                             adapter=result.adapter, model=result.model, workdir=Path(out), reference_spec=model,
+                             quiet=quiet, recipe_name=recipe.name, calibration=result.calibration,
+                             notes=[reason, *result.notes])
     with atomic_output(out, overwrite=overwrite) as workdir:
         if is_pipeline:
             copy_pipeline_parts(folder, workdir)
         result = stream_quantize(recipe, folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder,
-                                 workdir / TRANSFORMER_SUBFOLDER if is_pipeline else workdir, quiet)
+                                 workdir / TRANSFORMER_SUBFOLDER if is_pipeline else workdir, quiet, parts=parts)
         (workdir / "compressdit_recipe.yaml").write_text(recipe.dump())
         write_model_card(workdir, display_path=str(out), recipe=recipe, reference_name=model,
                          reference_folder=folder, model=result.model, report=None)
     source = ModelSource(model, folder, result.model, is_pipeline=is_pipeline)
     return PipelineState(source=source, adapter=result.adapter, model=result.model, workdir=Path(out),
                          reference_spec=model, quant_specs=result.specs, timings=result.timings, quiet=quiet,
+                         calibration=result.calibration,
                          recipe_name=recipe.name, notes=[reason, *result.notes])
 
 

@@ -2,12 +2,14 @@
 
 The model is built on the ``meta`` device from its ``config.json`` (accelerate's ``init_empty_weights``); the
 layer plan comes from the recipe's quantize stages (methods whose ``layer_plan`` says each layer is quantized from
-its own weights alone). Then, for the modules outside the blocks and for each block in turn: its tensors are read
+its own weights and per-channel input statistics alone). A calibrate stage runs first, on the skeleton with one block
+read at a time (:mod:`compressdit.calibration.streamed`), giving the in-memory statistics. Then, for the modules outside the blocks and for each block in turn: its tensors are read
 from the source's safetensors shards (:class:`~compressdit.io.shards.LazyWeights`), loaded into the skeleton in the
 dtype an in-memory load gives, quantized by the same ``quantize_layers`` as the in-memory path, cast as
 ``save_pretrained`` would cast them, handed to a :class:`~compressdit.io.shards.ShardWriter` and dropped back to
 ``meta``. Output tensors, shard layout, index and ``config.json`` equal what the in-memory path writes with the same
-``max_shard_size``. Calibrated recipes are refused: block-by-block calibration is not implemented.
+``max_shard_size``. Recipes that need Hessians (GPTQ), block reconstruction (AdaRound) or joint decisions over
+layers (mixed precision, codebooks, format search) are refused.
 
 The orchestrator (:func:`compressdit.pipeline.run_recipe`) streams when asked (``--stream``) or when the source
 would not fit in the memory budget (:func:`streaming_reason`).
@@ -19,21 +21,25 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import psutil
 import torch
 from torch import nn
 
+from compressdit.calibration.stats import ActivationStats
+from compressdit.calibration.streamed import streamed_calibration
 from compressdit.errors import CalibrationError, CheckpointError, ConfigError
 from compressdit.io.checkpoint import stored_float_dtype, verify_safetensors
 from compressdit.io.diffusers_quantizer import attach_quantizer
 from compressdit.io.shards import LazyWeights, ShardWriter, expected_tensors, plan_shards
-from compressdit.io.sources import transformer_class
+from compressdit.io.sources import ModelSource, load_source, transformer_class
 from compressdit.models import ModelAdapter, adapter_for
 from compressdit.progress import track
 from compressdit.quant import viditq  # noqa: F401  (registers the method)
 from compressdit.quant.context import QuantContext
 from compressdit.quant.methods import METHODS
+from compressdit.quant.rounding import ROUNDINGS
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.transform import build_empty_layers, check_plan_fits, quantize_layers
 from compressdit.recipe import Recipe
@@ -80,36 +86,59 @@ def skeleton(folder: Path) -> nn.Module:
 
 _NOT_STREAMED = {
     "evaluate": "it samples with the whole model; pass --no-eval and evaluate the checkpoint where it fits",
-    "calibrate": "block-by-block calibration is not implemented; use a calibration-free recipe (rtn-w8a8, "
-                 "rtn-w4a16) or a machine where the model fits in memory",
 }
+# what a layer's rounding needs beyond the per-channel input statistics a streamed calibration collects
+_ROUNDING_NEEDS = (("needs_hessian", "layer-input Hessians (GPTQ), which streaming does not collect"),
+                   ("reconstructs_blocks", "block reconstruction from cached block inputs (AdaRound), which "
+                                           "streaming does not run"))
 
 
-def streamed_plan(recipe: Recipe, model: nn.Module, adapter: ModelAdapter) -> dict[str, LinearQuantSpec]:
-    """The recipe's quantize stages as one per-layer plan; raise for what streaming cannot run."""
+@dataclass
+class StreamPlan:
+    """The recipe's quantize stages as one per-layer plan, and its calibrate stage's config (None: none)."""
+
+    specs: dict[str, LinearQuantSpec]
+    calibrate: Any = None
+
+
+def streamed_plan(recipe: Recipe, model: nn.Module, adapter: ModelAdapter) -> StreamPlan:
+    """The per-layer plan and calibration of ``recipe``; raise for what streaming cannot run: stages other than
+    one calibrate stage followed by quantize stages, and methods that need more than per-channel input statistics
+    (Hessians, block reconstruction) or quantize layers jointly (mixed precision, codebooks)."""
     plan: dict[str, LinearQuantSpec] = {}
+    calibrate = None
     for stage in recipe.stages:
+        if stage.name == "calibrate" and calibrate is None and not plan:
+            calibrate = stage.config
+            continue
         if stage.name != "quantize":
-            why = _NOT_STREAMED.get(stage.name, "streaming runs quantize stages only; run it where the model fits "
-                                                "in memory")
+            why = _NOT_STREAMED.get(stage.name, "streaming runs one calibrate stage, then quantize stages; run it "
+                                                "where the model fits in memory")
             raise ConfigError(f"recipe {recipe.name}: stage {stage.name!r} cannot stream: {why}")
         handler = METHODS.get(stage.config.method)
-        if handler.needs_calibration(stage.config.options):
-            raise CalibrationError(f"recipe {recipe.name}: method {stage.config.method!r} as configured needs "
-                                   "calibration, which streaming does not run yet; use a calibration-free recipe "
-                                   "(rtn-w8a8, rtn-w4a16) or a machine where the model fits in memory")
+        if handler.needs_calibration(stage.config.options) and calibrate is None:
+            raise CalibrationError(f"recipe {recipe.name}: method {stage.config.method!r} as configured needs a "
+                                   "calibrate stage before quantize (channel balancing and static scales use its "
+                                   "statistics)")
         layer_plan = handler.layer_plan(model, stage.config.options, QuantContext(adapter=adapter)) \
             if handler.layer_plan is not None else None
         if layer_plan is None:
             raise ConfigError(f"recipe {recipe.name}: method {stage.config.method!r} as configured quantizes layers "
-                              "jointly and cannot stream; run it where the model fits in memory")
+                              "jointly (mixed precision, codebooks, format search) and cannot stream; run it where "
+                              "the model fits in memory")
         for name, spec in layer_plan.items():
-            if spec is not None and name in plan:
+            if spec is None:
+                continue
+            rounding = ROUNDINGS.get(spec.rounding)
+            for flag, what in _ROUNDING_NEEDS:
+                if getattr(rounding, flag):
+                    raise CalibrationError(f"recipe {recipe.name}: {name} (rounding {spec.rounding!r}) needs {what}; "
+                                           "run it where the model fits in memory")
+            if name in plan:
                 raise ConfigError(f"{name} is already quantized ({plan[name].label}); a recipe quantizes a layer once")
-            if spec is not None:
-                plan[name] = spec
+            plan[name] = spec
     check_plan_fits(model, plan)
-    return plan
+    return StreamPlan(plan, calibrate)
 
 
 @dataclass
@@ -121,6 +150,7 @@ class StreamResult:
     specs: dict[str, LinearQuantSpec]
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    calibration: ActivationStats | None = None
 
 
 def _units(model: nn.Module, adapter: ModelAdapter) -> list[tuple[str, nn.Module]]:
@@ -137,14 +167,20 @@ def _in_unit(name: str, prefix: str, block_prefixes: list[str]) -> bool:
 
 @torch.no_grad()
 def stream_quantize(recipe: Recipe, source: Path, target: Path, quiet: bool = False,
-                    max_shard_size: int | str = STREAM_SHARD_SIZE) -> StreamResult:
-    """Quantize the float checkpoint in ``source`` with ``recipe`` into ``target``, block by block (module doc)."""
+                    max_shard_size: int | str = STREAM_SHARD_SIZE,
+                    parts: Callable[[nn.Module], ModelSource] | None = None, write: bool = True) -> StreamResult:
+    """Quantize the float checkpoint in ``source`` with ``recipe`` into ``target``, block by block (module doc).
+
+    ``parts(skeleton)``: the model source around the skeleton that calibration samples with (scheduler, prompt
+    encoder; default: ``source`` as a bare transformer folder). ``write=False``: calibrate only (a rank other than 0
+    under ``accelerate launch``; nothing is written)."""
     started = time.perf_counter()
     verify_safetensors(source)  # headers and sizes: a truncated shard fails now, not after an hour
     weights = LazyWeights(source)
     model = skeleton(source)
     adapter = adapter_for(model)
-    plan = streamed_plan(recipe, model, adapter)
+    stream_plan = streamed_plan(recipe, model, adapter)
+    plan = stream_plan.specs
     float_dtype = stored_float_dtype(source)
     # the output's layout, dtypes and metadata: what save_pretrained derives from the quantized model
     quantized = copy.deepcopy(model)
@@ -162,22 +198,27 @@ def stream_quantize(recipe: Recipe, source: Path, target: Path, quiet: bool = Fa
     if unused:
         raise CheckpointError(f"{source}: the weights have tensor {unused[0]} that config.json does not use "
                               f"({len(unused)} unused): config.json and weights do not match")
+    timings, notes, stats = {}, [], None
+    if stream_plan.calibrate is not None:
+        calibrated = time.perf_counter()
+        parts = parts or (lambda skeleton_: load_source(str(source), transformer=skeleton_))
+        stats, streamer, _ = streamed_calibration(parts(model), adapter, weights, stream_plan.calibrate, quiet)
+        timings["calibrate_s"] = round(time.perf_counter() - calibrated, 2)
+        notes.append(f"calibrated on {stream_plan.calibrate.samples} samples x {stream_plan.calibrate.steps} steps "
+                     f"with blocks read from the shards as they ran ({streamer.loads} block reads, at most "
+                     f"{streamer.peak} block{'s' * (streamer.peak != 1)} in memory at once)")
+    if not write:
+        return StreamResult(model, adapter, plan, notes, timings, stats)
+    input_absmax = QuantContext(adapter=adapter, calibration=stats).input_absmax(plan)
     units = _units(model, adapter)
     block_prefixes = [p for p, _ in units if p]
     with ShardWriter(target, layout, expected, metadata) as writer:
         for prefix, module in track(units, "streaming blocks", quiet=quiet):
             names = [n for n in source_names if _in_unit(n, prefix, block_prefixes)]
-            tensors = weights.read(names)
-            for name, tensor in tensors.items():
-                if tensor.shape != source_state[name].shape:
-                    raise CheckpointError(f"tensor {name} has shape {list(tensor.shape)} in the weights but "
-                                          f"config.json implies {list(source_state[name].shape)}: config.json and "
-                                          "weights do not match")
-            tensors = {n: t.to(source_state[n].dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+            weights.load_into(module, names, source_state, prefix, strict=bool(prefix))
             strip = len(prefix) + 1 if prefix else 0
-            module.load_state_dict({n[strip:]: t for n, t in tensors.items()}, strict=bool(prefix), assign=True)
-            del tensors
-            quantize_layers(model, {n: s for n, s in plan.items() if _in_unit(n, prefix, block_prefixes)})
+            quantize_layers(model, {n: s for n, s in plan.items() if _in_unit(n, prefix, block_prefixes)},
+                            input_absmax)
             produced = [n for n in expected if _in_unit(n, prefix, block_prefixes)]
             state = module.state_dict()
             writer.add({n: state[n[strip:]].to(expected[n][1]) for n in produced})
@@ -187,9 +228,10 @@ def stream_quantize(recipe: Recipe, source: Path, target: Path, quiet: bool = Fa
     model.save_config(target)
     verify_safetensors(target)
     files = len(layout.filename_to_tensors)
-    notes = [f"streamed: {len(units) - 1} blocks quantized one at a time from {source}, written as {files} "
-             f"shard{'s' * (files != 1)}; no reload check (the model is not held in memory)"]
-    return StreamResult(model, adapter, plan, notes, {"quantize_s": round(time.perf_counter() - started, 2)})
+    notes.insert(0, f"streamed: {len(units) - 1} blocks quantized one at a time from {source}, written as {files} "
+                    f"shard{'s' * (files != 1)}; no reload check (the model is not held in memory)")
+    timings["quantize_s"] = round(time.perf_counter() - started, 2)
+    return StreamResult(model, adapter, plan, notes, timings, stats)
 
 
 def _drop(module: nn.Module, skip_prefixes: list[str]) -> None:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from compressdit.errors import CheckpointError, ConfigError
+from compressdit.errors import CalibrationError, CheckpointError, ConfigError
 from compressdit.io.shards import INDEX_NAME
 from compressdit.io.sources import load_transformer
 from compressdit.models import adapter_for
@@ -141,12 +141,40 @@ def test_a_truncated_shard_fails_before_any_work(flux_dir, tmp_path):
 
 @pytest.mark.parametrize("recipe,error,match", [
     ("rtn-w8a8", ConfigError, "stage 'evaluate' cannot stream: .*pass --no-eval"),
-    ("w8a8", ConfigError, "stage 'calibrate' cannot stream: block-by-block calibration is not implemented"),
+    ("w4a8", ConfigError, "method 'viditq' as configured quantizes layers jointly \\(mixed precision"),
+    ("gptq-w4a16", CalibrationError, "rounding 'gptq'\\) needs layer-input Hessians \\(GPTQ\\)"),
+    ("fp4-w4a8", ConfigError, "method 'fp4dit' as configured quantizes layers jointly"),
 ])
 def test_unstreamable_recipes_are_refused_in_one_line(flux_dir, tmp_path, recipe, error, match):
-    with pytest.raises(error, match=match):
-        run_recipe(load_recipe(recipe), str(flux_dir), tmp_path / "out", quiet=True, stream=True)
-    assert not (tmp_path / "out").exists()
+    loaded = load_recipe(recipe) if recipe == "rtn-w8a8" else _recipe(recipe)
+    with pytest.raises(error, match=match) as caught:
+        run_recipe(loaded, str(flux_dir), tmp_path / "out", quiet=True, stream=True)
+    assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
+
+
+def test_a_balancing_recipe_without_calibrate_stage_is_refused(flux_dir, tmp_path):
+    recipe = _recipe("w8a8")
+    recipe.stages = [s for s in recipe.stages if s.name != "calibrate"]
+    with pytest.raises(CalibrationError, match="needs a calibrate stage before quantize"):
+        run_recipe(recipe, str(flux_dir), tmp_path / "out", quiet=True, stream=True)
+
+
+@pytest.mark.parametrize("family,recipe", [("flux", "w8a8"), ("dit", "w4a16")])
+def test_streamed_calibrated_checkpoint_equals_in_memory_one(family, recipe, text_pipeline_dir, dit_pipeline_dir,
+                                                             tmp_path):
+    """ViDiT-Q with channel balancing from a calibration run on the skeleton, blocks read one at a time; FLUX's
+    prompts go through the pipeline's own T5 and CLIP."""
+    folder = text_pipeline_dir("flux") if family == "flux" else dit_pipeline_dir
+    calibrated = _recipe(recipe)
+    calibrated.stages[0].config.samples, calibrated.stages[0].config.steps = 3, 2
+    in_memory = run_recipe(calibrated, str(folder), tmp_path / "memory", quiet=True)
+    streamed = run_recipe(calibrated, str(folder), tmp_path / "streamed", quiet=True, stream=True)
+    assert streamed.quant_specs == in_memory.quant_specs
+    assert any(s.balance for s in streamed.quant_specs.values())
+    assert "at most 1 block in memory at once" in streamed.notes[2]
+    ours, theirs = _tensors(tmp_path / "streamed" / "transformer"), _tensors(tmp_path / "memory" / "transformer")
+    assert any(k.endswith("smooth_scale") for k in ours) and ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_an_already_compressed_source_is_refused(flux_dir, tmp_path):

@@ -85,6 +85,20 @@ class LazyWeights:
                     out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         return out
 
+    def load_into(self, module: torch.nn.Module, names: list[str], like: dict[str, torch.Tensor], prefix: str = "",
+                  strict: bool = False) -> None:
+        """Read the tensors ``names`` (full names) into ``module``, the submodule at ``prefix``: each must have the
+        shape of its twin in ``like`` (the ``meta`` state dict config.json defines) and takes its dtype (what an
+        in-memory load gives); ``strict``: ``names`` are all of ``module``'s tensors."""
+        tensors = self.read(names)
+        for name, tensor in tensors.items():
+            if tensor.shape != like[name].shape:
+                raise CheckpointError(f"tensor {name} has shape {list(tensor.shape)} in the weights but config.json "
+                                      f"implies {list(like[name].shape)}: config.json and weights do not match")
+        strip = len(prefix) + 1 if prefix else 0
+        module.load_state_dict({n[strip:]: t.to(like[n].dtype) if t.is_floating_point() else t
+                                for n, t in tensors.items()}, strict=strict, assign=True)
+
     def float_numel(self) -> int:
         """Floating-point elements in the checkpoint (what an in-memory load materialises in its float dtype)."""
         total = 0

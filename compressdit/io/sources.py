@@ -130,15 +130,18 @@ def load_transformer(folder: Path, dtype: torch.dtype | None = None) -> nn.Modul
 
 
 def load_source(model: str, dtype: torch.dtype | None = None, name: str | None = None, text_encoder: str | None = None,
-                embeddings: str | None = None, cache_dir: Path | None = None) -> ModelSource:
+                embeddings: str | None = None, cache_dir: Path | None = None,
+                transformer: nn.Module | None = None) -> ModelSource:
     """Load the transformer, and the VAE and scheduler where the folder is a pipeline; a text model gets its
     prompt encoder (``embeddings`` file, ``text_encoder`` pipeline, or the pipeline folder's own text encoders;
-    loaded on first use, cached under ``cache_dir``)."""
+    loaded on first use, cached under ``cache_dir``). A ``transformer`` given (streaming: the model built on
+    ``meta``) is used instead of loading one."""
     from diffusers import AutoencoderKL
 
     folder = resolve_path(model)
     is_pipeline = (folder / TRANSFORMER_SUBFOLDER / "config.json").exists()
-    transformer = load_transformer(folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder, dtype)
+    if transformer is None:
+        transformer = load_transformer(folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder, dtype)
     vae = scheduler = None
     if is_pipeline and (folder / "vae" / "config.json").exists():
         verify_safetensors(folder / "vae")

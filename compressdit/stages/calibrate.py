@@ -9,7 +9,7 @@ from pathlib import Path
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
-from compressdit.calibration.distributed import rank_batches, reduce_max
+from compressdit.calibration.distributed import rank_batches, reduce_max, reduce_sums
 from compressdit.calibration.sets import load_conditions, resolve_set, set_bytes
 from compressdit.calibration.stats import ActivationStats, cache_key, capture_input_absmax, stats_from_recorder
 from compressdit.config_base import StrictConfig
@@ -78,8 +78,9 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
                        guidance=config.guidance, latents=latents[start:end], on_step=on_step,
                        batch_size=config.batch_size, prompt_encoder=encoder)
     if ranks.num_processes > 1:
-        recorder.per_step = reduce_max(recorder.per_step, {n: m.in_features for n, m in layers.items()},
-                                       config.steps, ranks)
+        widths = {n: m.in_features for n, m in layers.items()}
+        recorder.per_step = reduce_max(recorder.per_step, widths, config.steps, ranks)
+        recorder.squares = reduce_sums(recorder.squares, widths, config.steps, ranks)
         timesteps = broadcast_object_list([timesteps])[0]  # rank 0 always sampled the first batch
     stats = stats_from_recorder(recorder, timesteps)
     if cache is not None and ranks.is_main_process:

@@ -39,7 +39,7 @@ def test_batches_are_dealt_round_robin():
 
 def test_two_processes_give_the_single_process_statistics(dit_pipeline_dir, tmp_path):
     """torchrun, 2 CPU processes, gloo: rank 0 samples batches 0 and 2, rank 1 batch 1; both end with the maxima one
-    process records."""
+    process records, and its mean squares up to rounding."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "tests" / "calibration" / "two_process_calibration.py"), str(dit_pipeline_dir),
@@ -51,3 +51,5 @@ def test_two_processes_give_the_single_process_statistics(dit_pipeline_dir, tmp_
         stats = ActivationStats.load(tmp_path / f"rank{rank}.safetensors")
         assert stats.timesteps == single.timesteps and stats.absmax.keys() == single.absmax.keys()
         assert all(torch.equal(stats.absmax[k], single.absmax[k]) for k in single.absmax)
+        assert stats.meansq.keys() == single.meansq.keys()  # summed over the ranks: equal up to summation order
+        assert all(torch.allclose(stats.meansq[k], single.meansq[k], rtol=1e-5, atol=0) for k in single.meansq)

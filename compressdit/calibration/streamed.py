@@ -1,0 +1,105 @@
+"""Calibration of a model larger than memory: its own sampling loop, one transformer block in memory at a time.
+
+The model is the ``meta`` skeleton of :mod:`compressdit.streaming`. :class:`BlockStreamer` keeps what lies outside
+the blocks in memory (embedders, head, and the submodules of a first block the model calls outside its block loop:
+``BlockStack.first_block_reads``) and, through forward hooks on every block, reads a block's tensors from the lazy
+shards as the block is called and drops them back to ``meta`` when it returns. The calibrate stage's own
+:func:`~compressdit.stages.calibrate.run_calibration` then runs unchanged on the skeleton: the same statistic hooks
+see the same inputs as on a model loaded in memory, so the statistics are the in-memory ones, and no block input
+is cached. Every calibration batch reads the weights once per denoising step (cond and uncond share a call), so a
+batch size of at least the sample count reads them ``steps`` times.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressdit.calibration.stats import ActivationStats
+from compressdit.io.shards import LazyWeights
+from compressdit.io.sources import ModelSource
+from compressdit.models import ModelAdapter
+
+
+def release(module: nn.Module, names: list[str]) -> None:
+    """Move the named tensors of ``module`` (names relative to it) to ``meta``; other tensors (non-persistent
+    buffers: sin-cos tables) stay."""
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        tensor = getattr(sub, attr)
+        setattr(sub, attr, nn.Parameter(tensor.to("meta"), requires_grad=False)
+                if isinstance(tensor, nn.Parameter) else tensor.to("meta"))
+
+
+class BlockStreamer:
+    """Context manager: the skeleton ``model`` runs with its blocks read from ``weights`` one at a time (module doc).
+
+    ``peak``: the most blocks ever in memory at once (1); ``loads``: blocks read so far. On exit the hooks are
+    removed and every tensor read goes back to ``meta``, even after an error.
+    """
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, weights: LazyWeights) -> None:
+        self.model, self.weights = model, weights
+        self.like = model.state_dict()  # meta: shapes and dtypes config.json defines
+        self.blocks = adapter.blocks(model)
+        prefixes = [p for p, _ in self.blocks]
+        kept = [f"{stack.attribute}.0.{path}" for stack in adapter.block_stacks for path in stack.first_block_reads
+                if len(getattr(model, stack.attribute))]
+        self.resident = [n for n in self.like if not any(n.startswith(p + ".") for p in prefixes)
+                         or any(n.startswith(k + ".") for k in kept)]
+        resident = set(self.resident)
+        self.own = {p: [n for n in self.like if n.startswith(p + ".") and n not in resident] for p in prefixes}
+        self.live: set[str] = set()
+        self.peak = self.loads = 0
+        self.handles: list = []
+
+    def _load(self, prefix: str, block: nn.Module) -> None:
+        self.weights.load_into(block, self.own[prefix], self.like, prefix)
+        self.live.add(prefix)
+        self.loads += 1
+        self.peak = max(self.peak, len(self.live))
+
+    def _release(self, prefix: str, block: nn.Module) -> None:
+        release(block, [n[len(prefix) + 1:] for n in self.own[prefix]])
+        self.live.discard(prefix)
+
+    def __enter__(self) -> "BlockStreamer":
+        try:
+            self.weights.load_into(self.model, self.resident, self.like)
+            for prefix, block in self.blocks:
+                self.handles.append(block.register_forward_pre_hook(
+                    lambda module, args, prefix=prefix: self._load(prefix, module)))
+                self.handles.append(block.register_forward_hook(
+                    lambda module, args, output, prefix=prefix: self._release(prefix, module)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        blocks = dict(self.blocks)
+        for prefix in list(self.live):
+            self._release(prefix, blocks[prefix])
+        release(self.model, self.resident)
+
+
+@torch.no_grad()
+def streamed_calibration(source: ModelSource, adapter: ModelAdapter, weights: LazyWeights, config,
+                         quiet: bool = False) -> tuple[ActivationStats, BlockStreamer, list]:
+    """The calibrate stage (``config``: its ``CalibrateConfig``) run on ``source.transformer``, the skeleton, with
+    blocks streamed from ``weights``; returns the statistics, the streamer (``peak``, ``loads``) and the
+    calibration conditions. Not cached: the cache key sums the weights, which are not in memory."""
+    from compressdit.stages.base import PipelineState
+    from compressdit.stages.calibrate import run_calibration
+
+    state = PipelineState(source=source, adapter=adapter, model=source.transformer, workdir=Path("."),
+                          reference_spec=source.name, quiet=quiet, cache_dir=None)
+    with BlockStreamer(source.transformer, adapter, weights) as streamer:
+        stats = run_calibration(state, config)
+    return stats, streamer, state.calibration_conditions
