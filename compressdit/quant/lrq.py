@@ -41,6 +41,8 @@ class ARSConfig(StrictConfig):
 
     def validate(self, where: str) -> None:
         self.require_positive(where, "threshold", "steps")
+        if self.steps > DEFAULT_STEPS:
+            raise ConfigError(f"{where}.steps: at most {DEFAULT_STEPS} (the stored length of a rotation), got {self.steps}")
 
 
 @dataclass
