@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -33,9 +34,9 @@ ARS_CANDIDATES = ("hadamard", "duquant")
 @dataclass
 class _Candidate:
     spec: LinearQuantSpec
-    rotation: object       # the rotation's prepared (runtime) form
-    apply: object          # INPUT_ROTATIONS entry's apply
-    weight: torch.Tensor   # W' T, [out, in]
+    rotation: Any                                          # the rotation's prepared (runtime) form
+    apply: Callable[[torch.Tensor, Any], torch.Tensor]     # its INPUT_ROTATIONS entry's apply
+    weight: torch.Tensor                                   # W' T, [out, in]
 
 
 @dataclass
