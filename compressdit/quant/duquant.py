@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from compressdit.quant.rotation import hadamard_block
+from compressdit.quant.rotation import fwht, hadamard_block
 
 DEFAULT_BLOCK = 128
 DEFAULT_STEPS = 256
+DEFAULT_TRIES = 4
 
 
 def duquant_block(width: int, block: int = DEFAULT_BLOCK) -> int:
@@ -39,34 +40,65 @@ def sylvester_hadamard(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
-def greedy_rotation(vector: torch.Tensor, steps: int = DEFAULT_STEPS, tries: int = 4, seed: int = 0) -> torch.Tensor:
-    """Orthogonal ``[B, B]`` ``R`` that lowers ``max |vector @ R|`` greedily (identity when nothing helps).
+def _step_signs(size: int, tries: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """The ``tries`` seeded random sign columns one greedy step draws (fit and rebuild draw the same ones)."""
+    return [(torch.randint(0, 2, (size, 1), generator=gen) * 2 - 1).float() for _ in range(tries)]
+
+
+def _apply_step(matrix: torch.Tensor, signs: torch.Tensor, top: int) -> torch.Tensor:
+    """``matrix @ (D S H)``: columns scaled by ``signs``, columns 0 and ``top`` swapped, then the Walsh-Hadamard
+    transform of every row; elementwise ops only, so a rebuild reproduces it bit for bit on any CPU."""
+    y = matrix * signs.reshape(1, -1)
+    y[:, [0, top]] = y[:, [top, 0]]
+    return fwht(y, y.shape[-1])
+
+
+def greedy_steps(vector: torch.Tensor, steps: int = DEFAULT_STEPS, tries: int = DEFAULT_TRIES,
+                 seed: int = 0) -> torch.Tensor:
+    """The greedy rotation of ``vector`` (``[B]``) as step codes: int16 ``[steps]``, ``top * tries + choice`` per
+    step taken (the channel spread, the seeded sign draw kept), ``-1`` after the last one.
 
     Each step is ``D S H``: ``S`` swaps the current largest channel with channel 0, ``H`` is the Sylvester
     Hadamard (its constant first row spreads that channel evenly) and ``D`` random signs (the best of ``tries``
-    seeded draws), so that repeated steps do not re-concentrate what an earlier step spread.
+    seeded draws), so that repeated steps do not re-concentrate what an earlier step spread. It stops when no
+    draw lowers ``max |vector @ R|``.
     """
     size = vector.shape[0]
-    rotation = torch.eye(size)
+    codes = torch.full((steps,), -1, dtype=torch.int16)
     if size == 1:
-        return rotation
-    base = sylvester_hadamard(size)
+        return codes
     gen = torch.Generator().manual_seed(seed)
-    current = vector.float().clone()
-    for _ in range(steps):
+    current = vector.float().reshape(1, -1).clone()
+    for i in range(steps):
         top = int(current.abs().argmax())
-        swapped = base.clone()
-        swapped[[0, top]] = swapped[[top, 0]]  # row ``top`` is now the constant row: channel ``top`` spreads
-        best_step, best_peak = None, float(current.abs().max())
-        for _ in range(tries):
-            step = (torch.randint(0, 2, (size, 1), generator=gen) * 2 - 1).float() * swapped
-            peak = float((current @ step).abs().max())
+        best, best_peak = None, float(current.abs().max())
+        for choice, signs in enumerate(_step_signs(size, tries, gen)):
+            candidate = _apply_step(current, signs, top)
+            peak = float(candidate.abs().max())
             if peak < best_peak:
-                best_step, best_peak = step, peak
-        if best_step is None:
+                best, best_peak = (choice, candidate), peak
+        if best is None:
             break
-        rotation, current = rotation @ best_step, current @ best_step
+        codes[i] = top * tries + best[0]
+        current = best[1]
+    return codes
+
+
+def rotation_from_steps(codes: torch.Tensor, size: int, tries: int = DEFAULT_TRIES, seed: int = 0) -> torch.Tensor:
+    """The orthogonal ``[B, B]`` matrix of :func:`greedy_steps`' codes (identity when no step was taken)."""
+    rotation = torch.eye(size)
+    gen = torch.Generator().manual_seed(seed)
+    for code in codes.tolist():
+        if code < 0:
+            break
+        rotation = _apply_step(rotation, _step_signs(size, tries, gen)[code % tries], code // tries)
     return rotation
+
+
+def greedy_rotation(vector: torch.Tensor, steps: int = DEFAULT_STEPS, tries: int = DEFAULT_TRIES,
+                    seed: int = 0) -> torch.Tensor:
+    """Orthogonal ``[B, B]`` ``R`` that lowers ``max |vector @ R|`` greedily (identity when nothing helps)."""
+    return rotation_from_steps(greedy_steps(vector, steps, tries, seed), vector.shape[0], tries, seed)
 
 
 def zigzag_permutation(magnitude: torch.Tensor, block: int) -> torch.Tensor:
@@ -101,12 +133,12 @@ class OutlierRotation:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ T`` along the last dim (activations, or weight rows)."""
-        return block_rotate(block_rotate(x, self.first)[..., self.perm], self.second)
+        return block_rotate(block_rotate(x, self.first)[..., self.perm.long()], self.second)
 
     def invert(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ T^T``: undoes :meth:`apply`."""
         y = block_rotate(x, self.second.transpose(1, 2))
-        y = y[..., torch.argsort(self.perm)]
+        y = y[..., torch.argsort(self.perm.long())]
         return block_rotate(y, self.first.transpose(1, 2))
 
     def dense(self) -> torch.Tensor:
@@ -114,14 +146,37 @@ class OutlierRotation:
         return self.apply(torch.eye(self.perm.shape[0]))
 
 
+def perm_dtype(width: int) -> torch.dtype:
+    """The narrowest integer dtype that holds a channel index of a ``width``-channel input."""
+    return torch.int16 if width <= torch.iinfo(torch.int16).max else torch.int32
+
+
+@dataclass(frozen=True)
+class OutlierRotationCodes:
+    """What a checkpoint stores of ``R1 P R2``: each block rotation as its greedy step codes (int16
+    ``[k, steps]``, :func:`greedy_steps`) and ``P`` as an index vector (int16 ``[k*B]``) -- about
+    ``4 * steps / B + 2`` bytes per input channel instead of ``8 B`` for two dense fp32 block matrices.
+    :meth:`rotation` rebuilds the dense blocks bit for bit (elementwise ops and seeded draws only)."""
+
+    first: torch.Tensor
+    perm: torch.Tensor
+    second: torch.Tensor
+
+    def rotation(self) -> OutlierRotation:
+        size = self.perm.shape[0] // self.first.shape[0]
+        blocks = [torch.stack([rotation_from_steps(row, size) for row in codes.cpu()])
+                  for codes in (self.first, self.second)]
+        return OutlierRotation(blocks[0], self.perm.cpu().long(), blocks[1])
+
+
 def fit_outlier_rotation(absmax: torch.Tensor, block: int = DEFAULT_BLOCK,
-                         steps: int = DEFAULT_STEPS) -> OutlierRotation:
+                         steps: int = DEFAULT_STEPS) -> OutlierRotationCodes:
     """DuQuant's ``R1 P R2`` fitted to the calibrated per-channel absmax of a layer's input."""
     width = absmax.shape[0]
     size = duquant_block(width, block)
     a = absmax.detach().float().cpu().reshape(-1, size)
-    first = torch.stack([greedy_rotation(row, steps) for row in a])
-    rotated = block_rotate(a.reshape(-1), first)
+    first = torch.stack([greedy_steps(row, steps) for row in a])
+    rotated = block_rotate(a.reshape(-1), torch.stack([rotation_from_steps(row, size) for row in first]))
     perm = zigzag_permutation(rotated.abs(), size)
-    second = torch.stack([greedy_rotation(row, steps) for row in rotated[perm].reshape(-1, size)])
-    return OutlierRotation(first, perm, second)
+    second = torch.stack([greedy_steps(row, steps) for row in rotated[perm].reshape(-1, size)])
+    return OutlierRotationCodes(first, perm.to(perm_dtype(width)), second)

@@ -3,25 +3,28 @@ channel balancing and an input rotation (randomized Hadamard or DuQuant's outlie
 
 Checkpoint tensors of a layer ``L`` (all saved as stored, never cast to the model's dtype):
 
-=========================  ======================================  ==============================================
-tensor                     dtype / shape                           meaning
-=========================  ======================================  ==============================================
-``L.weight``               uint8 ``[out, in/2]`` (w_bits 3-4)      signed codes, packed as the ``int`` format's
-``L.weight_scale``         fp32 ``[out, 2]``                       log2 step per row, positive / negative side
-``L.weight_zero``          fp32 ``[out, 2]``                       log2 of each side's smallest magnitude (+ eta)
-``L.weight_eta``           fp32 ``[out, 1]``                       offset eta of the log per row
-``L.smooth_scale``         fp32 ``[in]`` (``balance``)             activations divided by it, weights multiplied
-``L.rotation_signs``       int8 ``[in]`` (``rotation: hadamard``)  randomized block Hadamard
-``L.rotation_first``,      fp32 ``[in/B, B, B]``, int64 ``[in]``,  DuQuant ``R1 P R2`` (``rotation: duquant``)
-``L.rotation_perm``,       fp32 ``[in/B, B, B]``
-``L.rotation_second``
-=========================  ======================================  ==============================================
+===========================  ====================================  =============================================
+tensor                       dtype / shape                         meaning
+===========================  ====================================  =============================================
+``L.weight``                 uint8 ``[out, in/2]`` (w_bits 3-4)    signed codes, packed as the ``int`` format's
+``L.weight_scale``           fp32 ``[out, 2]``                     log2 step per row, positive / negative side
+``L.weight_zero``            fp32 ``[out, 2]``                     log2 of each side's smallest magnitude (+ eta)
+``L.weight_eta``             fp32 ``[out, 1]``                     offset eta of the log per row
+``L.smooth_scale``           fp32 ``[in]`` (``balance``)           activations divided by it, weights multiplied
+``L.rotation_signs``         int8 ``[in]`` (``hadamard``)          randomized block Hadamard
+``L.rotation_first_steps``   int16 ``[in/B, 256]``                 DuQuant ``R1 P R2`` (``rotation: duquant``):
+``L.rotation_perm``          int16 ``[in]`` (int32 past 32767)     block rotations as greedy step codes
+``L.rotation_second_steps``  int16 ``[in/B, 256]``                 (-1 padded), ``P`` as an index vector
+===========================  ====================================  =============================================
+
+The DuQuant blocks are rebuilt from their step codes at the first forward after a load (elementwise ops and
+seeded sign draws: bit for bit what quantization computed) and cached, never saved.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +32,8 @@ from torch import nn
 
 from compressdit.errors import ConfigError
 from compressdit.quant.activations import check_activation_fits, quantize_input
-from compressdit.quant.duquant import DEFAULT_STEPS, OutlierRotation, duquant_block, fit_outlier_rotation
+from compressdit.quant.duquant import (DEFAULT_STEPS, OutlierRotation, OutlierRotationCodes, duquant_block,
+                                      fit_outlier_rotation, perm_dtype)
 from compressdit.quant.format_registry import LinearFormat
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.primitives import pack_codes, packed_shape, unpack_codes
@@ -41,44 +45,54 @@ from compressdit.registry import Registry
 
 @dataclass(frozen=True)
 class InputRotation:
-    """An orthogonal ``T`` on a layer's input: ``empty(in)`` -> its state tensors, ``fit(in, absmax, steps)`` ->
-    their values, ``apply(x, states)`` = ``x T``, ``invert(w, states)`` = ``w T^T``."""
+    """An orthogonal ``T`` on a layer's input: ``empty(in)`` -> its stored tensors, ``fit(in, absmax, steps)`` ->
+    their values, ``prepare(states)`` -> what the runtime uses (rebuilt from the stored tensors, cached by the
+    layer), ``apply(x, prepared)`` = ``x T``, ``invert(w, prepared)`` = ``w T^T``."""
 
     empty: Callable[[int], dict[str, torch.Tensor]]
     fit: Callable[[int, torch.Tensor | None, int], dict[str, torch.Tensor]]
-    apply: Callable[[torch.Tensor, dict], torch.Tensor]
-    invert: Callable[[torch.Tensor, dict], torch.Tensor]
+    prepare: Callable[[dict], Any]
+    apply: Callable[[torch.Tensor, Any], torch.Tensor]
+    invert: Callable[[torch.Tensor, Any], torch.Tensor]
 
 
 INPUT_ROTATIONS: Registry[InputRotation] = Registry("input rotation")
 
 
 def _duquant_empty(width: int) -> dict[str, torch.Tensor]:
-    size = duquant_block(width)
-    blocks = torch.eye(size).repeat(width // size, 1, 1)
-    return {"rotation_first": blocks, "rotation_perm": torch.arange(width), "rotation_second": blocks.clone()}
+    blocks = width // duquant_block(width)
+    steps = torch.full((blocks, DEFAULT_STEPS), -1, dtype=torch.int16)
+    return {"rotation_first_steps": steps, "rotation_perm": torch.arange(width, dtype=perm_dtype(width)),
+            "rotation_second_steps": steps.clone()}
 
 
 def _duquant_fit(width: int, absmax: torch.Tensor | None, steps: int) -> dict[str, torch.Tensor]:
     if absmax is None:
         raise ValueError("rotation 'duquant' is fitted to calibrated input absmax: run a calibrate stage first")
+    if not 0 < steps <= DEFAULT_STEPS:
+        raise ValueError(f"duquant steps must be in 1..{DEFAULT_STEPS} (the stored length), got {steps}")
     r = fit_outlier_rotation(absmax, steps=steps)
-    return {"rotation_first": r.first, "rotation_perm": r.perm, "rotation_second": r.second}
+    pad = lambda codes: F.pad(codes, (0, DEFAULT_STEPS - steps), value=-1)  # noqa: E731
+    return {"rotation_first_steps": pad(r.first), "rotation_perm": r.perm, "rotation_second_steps": pad(r.second)}
 
 
-def _outlier(states: dict) -> OutlierRotation:
-    return OutlierRotation(states["rotation_first"], states["rotation_perm"], states["rotation_second"])
+def _duquant_prepare(states: dict) -> OutlierRotation:
+    codes = OutlierRotationCodes(states["rotation_first_steps"], states["rotation_perm"],
+                                 states["rotation_second_steps"])
+    r, device = codes.rotation(), states["rotation_perm"].device
+    return OutlierRotation(r.first.to(device), r.perm.to(device), r.second.to(device))
 
 
-INPUT_ROTATIONS.add("none", InputRotation(lambda width: {}, lambda width, absmax, steps: {},
-                                          lambda x, s: x, lambda w, s: w))
+INPUT_ROTATIONS.add("none", InputRotation(lambda width: {}, lambda width, absmax, steps: {}, lambda s: None,
+                                          lambda x, r: x, lambda w, r: w))
 INPUT_ROTATIONS.add("hadamard", InputRotation(
     lambda width: {"rotation_signs": torch.ones(width, dtype=torch.int8)},
     lambda width, absmax, steps: {"rotation_signs": random_signs(width, 0)},
-    lambda x, s: rotate(x, s["rotation_signs"]),
-    lambda w, s: fwht(w, hadamard_block(w.shape[-1])) * s["rotation_signs"].to(w.dtype)))
-INPUT_ROTATIONS.add("duquant", InputRotation(_duquant_empty, _duquant_fit, lambda x, s: _outlier(s).apply(x),
-                                             lambda w, s: _outlier(s).invert(w)))
+    lambda s: s["rotation_signs"],
+    rotate,
+    lambda w, signs: fwht(w, hadamard_block(w.shape[-1])) * signs.to(w.dtype)))
+INPUT_ROTATIONS.add("duquant", InputRotation(_duquant_empty, _duquant_fit, _duquant_prepare,
+                                             lambda x, r: r.apply(x), lambda w, r: r.invert(w)))
 
 
 class TwinLogLinear(QuantizedLinear):
@@ -143,9 +157,20 @@ class TwinLogLinear(QuantizedLinear):
             module.bias.data.copy_(linear.bias.detach())
         return module
 
+    def prepared_rotation(self) -> Any:
+        """The rotation's runtime form (DuQuant's dense blocks), rebuilt from the stored tensors when they change
+        (a load, a device move); never saved."""
+        states = self.rotation_states
+        key = tuple((t.data_ptr(), t._version, t.device) for t in states.values())
+        cached = self.__dict__.get("_prepared_rotation")
+        if cached is None or cached[0] != key:
+            cached = (key, INPUT_ROTATIONS.get(self.spec.rotation).prepare(states))
+            self.__dict__["_prepared_rotation"] = cached
+        return cached[1]
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x T`` along the last dim (the rotation only; no balancing)."""
-        return INPUT_ROTATIONS.get(self.spec.rotation).apply(x, self.rotation_states)
+        return INPUT_ROTATIONS.get(self.spec.rotation).apply(x, self.prepared_rotation())
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth_scale is not None:
@@ -166,7 +191,7 @@ class TwinLogLinear(QuantizedLinear):
         return twinlog_dequantize(self.codes(), self.weight_scale, self.weight_zero, self.weight_eta, dtype)
 
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        weight = INPUT_ROTATIONS.get(self.spec.rotation).invert(self.dequantized_weight(), self.rotation_states)
+        weight = INPUT_ROTATIONS.get(self.spec.rotation).invert(self.dequantized_weight(), self.prepared_rotation())
         if self.smooth_scale is not None:
             weight = weight / self.smooth_scale
         return weight.to(dtype)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressdit.quant.duquant import (block_rotate, duquant_block, fit_outlier_rotation, greedy_rotation,
-                                       sylvester_hadamard, zigzag_permutation)
+from compressdit.quant.duquant import (DEFAULT_STEPS, block_rotate, duquant_block, fit_outlier_rotation,
+                                       greedy_rotation, greedy_steps, rotation_from_steps, sylvester_hadamard,
+                                       zigzag_permutation)
 
 
 def _absmax(width: int, seed: int = 0) -> torch.Tensor:
@@ -45,7 +46,7 @@ def test_zigzag_deals_channels_by_magnitude():
 
 @pytest.mark.parametrize("width", [64, 256, 384])
 def test_outlier_rotation_matches_its_dense_orthogonal_matrix(width):
-    rotation = fit_outlier_rotation(_absmax(width), block=128)
+    rotation = fit_outlier_rotation(_absmax(width), block=128).rotation()
     t = rotation.dense().double()
     assert torch.allclose(t @ t.T, torch.eye(width, dtype=torch.float64), atol=1e-5)
     x = torch.randn(5, 3, width, generator=torch.Generator().manual_seed(2))
@@ -57,7 +58,7 @@ def test_outlier_rotation_matches_its_dense_orthogonal_matrix(width):
 
 def test_outlier_rotation_flattens_the_calibrated_absmax():
     a = _absmax(256)
-    rotation = fit_outlier_rotation(a, block=128)
+    rotation = fit_outlier_rotation(a, block=128).rotation()
     assert float(rotation.apply(a).abs().max()) < 0.25 * float(a.max())
 
 
@@ -66,3 +67,28 @@ def test_block_rotate_is_block_diagonal_matmul():
     x = torch.randn(2, 12)
     assert torch.allclose(block_rotate(x, blocks), x @ torch.block_diag(*blocks), atol=1e-6)
     assert duquant_block(1152) == 128 and duquant_block(96) == 32 and duquant_block(6) == 2
+
+
+def test_step_codes_rebuild_the_greedy_rotation_bit_for_bit():
+    v = _absmax(64, seed=3)
+    codes = greedy_steps(v)
+    taken = int((codes >= 0).sum())
+    assert codes.dtype == torch.int16 and codes.shape == (DEFAULT_STEPS,) and taken > 0
+    assert (codes[taken:] == -1).all()
+    r = rotation_from_steps(codes, 64)
+    assert torch.equal(r, rotation_from_steps(codes.clone(), 64))  # deterministic
+    assert torch.allclose(r @ r.T, torch.eye(64), atol=1e-5)
+    assert float((v @ r).abs().max()) < 0.5 * float(v.max())
+    # every step was kept because it lowered the peak: replaying fewer steps leaves a higher one
+    fewer = codes.clone()
+    fewer[taken - 1] = -1
+    assert float((v @ rotation_from_steps(fewer, 64)).abs().max()) > float((v @ r).abs().max())
+
+
+def test_fitted_rotation_is_stored_compactly():
+    codes = fit_outlier_rotation(_absmax(384), block=128)
+    assert codes.first.shape == codes.second.shape == (3, DEFAULT_STEPS) and codes.first.dtype == torch.int16
+    assert codes.perm.dtype == torch.int16 and sorted(codes.perm.tolist()) == list(range(384))
+    stored = sum(t.numel() * t.element_size() for t in (codes.first, codes.perm, codes.second))
+    dense = 2 * 384 * 128 * 4 + 384 * 8  # two fp32 block-diagonal matrices + an int64 permutation
+    assert stored * 20 < dense

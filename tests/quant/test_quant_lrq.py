@@ -4,6 +4,7 @@ every rotated layer's function preserved, strict config errors."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,10 @@ from torch import nn
 from compressdit.errors import CalibrationError, ConfigError
 from compressdit.io.sources import ModelSource
 from compressdit.models import adapter_for
+from compressdit.quant.activations import quantize_input
 from compressdit.quant.lrq import activation_fluctuation
+from compressdit.quant.lrq_ars import RotationErrorRecorder, capture_rotation_errors, prepare_candidates
+from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.transform import quantized_modules
 from compressdit.quant.twinlog_layer import TwinLogLinear
 from compressdit.stages import STAGES
@@ -52,7 +56,7 @@ def lrq_dit():
     j = sorted(activation_fluctuation(m) for n, m in state.calibration.meansq.items()
                if n.startswith("transformer_blocks"))
     threshold = j[len(j) // 2]  # the median: the tiny model gets both rotations
-    return float_model, state.model, _quantize(state, ars={"threshold": threshold}), threshold
+    return float_model, state.model, _quantize(state, ars={"select": "fluctuation", "threshold": threshold}), threshold
 
 
 def test_fluctuation_is_the_largest_per_step_rms():
@@ -64,13 +68,50 @@ def test_ars_picks_duquant_from_the_threshold_on(lrq_dit):
     _, model, state, threshold = lrq_dit
     table = next(t for t in state.tables if t["title"].startswith("lrq"))
     assert table["rows"] and {row[2] for row in table["rows"]} <= {"hadamard", "duquant"}
-    for name, j, rotation, error in table["rows"]:
+    for name, j, rotation, _, _, error in table["rows"]:
         j_exact = activation_fluctuation(state.calibration.meansq[name])
         assert j == pytest.approx(j_exact, abs=1e-4)
         assert rotation == ("duquant" if j_exact >= threshold else "hadamard")
         assert quantized_modules(model)[name].spec.rotation == rotation
         assert 0 <= error < 0.2
     assert {row[2] for row in table["rows"]} == {"hadamard", "duquant"}  # the tiny model has both kinds
+
+
+@pytest.fixture(scope="module")
+def lrq_by_error():
+    return _quantize(_calibrated(tiny_dit()), search="weight")  # ARS by error replays the calibration alone
+
+
+def test_ars_by_error_picks_the_candidate_with_the_lower_measured_error(lrq_by_error):
+    table = next(t for t in lrq_by_error.tables if t["title"].startswith("lrq"))
+    assert table["header"][2:5] == ["rotation", "hadamard share", "duquant share"]
+    for name, _, rotation, hadamard, duquant, error in table["rows"]:
+        assert hadamard + duquant == pytest.approx(1.0, abs=1e-3) and 0 < hadamard < 1
+        assert rotation == ("hadamard" if hadamard <= duquant else "duquant"), name
+        assert quantized_modules(lrq_by_error.model)[name].spec.rotation == rotation
+    assert "ARS by error" in " ".join(lrq_by_error.notes)
+
+
+def test_ars_error_is_the_output_error_of_the_quantized_rotated_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 8))
+    spec = LinearQuantSpec.from_dict({"format": "twinlog", "w_bits": 4, "a_bits": 4, "balance": 0.5,
+                                      "a_granularity": "per_group", "a_group_size": 16}, "spec")
+    x = torch.randn(20, 32) * (torch.rand(32) * 5)
+    recorder = RotationErrorRecorder()
+    prepare_candidates(recorder, model[0], "0", spec, x.abs().amax(0), 16)
+    with capture_rotation_errors(model, ["0"], recorder):
+        model(x)
+    assert model[0]._forward_pre_hooks == {}  # removed on exit
+    for label in ("hadamard", "duquant"):
+        layer = TwinLogLinear.from_linear(model[0], dataclasses.replace(spec, rotation=label), x.abs().amax(0),
+                                          steps=16)
+        rotated = layer.transform_input(x)
+        folded = layer.rotate(model[0].weight.detach() * layer.smooth_scale)
+        quantized = quantize_input(rotated, spec)
+        expected = float(((quantized - rotated) @ folded.T).pow(2).sum())
+        assert recorder.errors["0"][label] == pytest.approx(expected, rel=1e-4)
+    assert recorder.best("0") == min(recorder.errors["0"], key=recorder.errors["0"].get)
 
 
 def test_every_rotated_layer_preserves_its_function_before_quantization(lrq_dit):
@@ -104,6 +145,8 @@ def test_needs_a_calibrate_stage():
     ({"search": "hessian"}, "search"),
     ({"rules": []}, "at least one rule"),
     ({"ars": {"thresh": 1}}, "unknown key 'thresh'"),
+    ({"ars": {"select": "j"}}, "select"),
+    ({"ars": {"steps": 512}}, "at most 256"),
 ])
 def test_bad_configs_are_one_line_errors(options, message):
     quantize = STAGES.get("quantize")

@@ -84,6 +84,22 @@ def test_bad_specs_are_one_line_config_errors(bad, message):
     assert "\n" not in str(info.value)
 
 
+_ITEM = {"U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4}
+
+
+def _nbytes(tensor_slice) -> int:
+    return _ITEM[tensor_slice.get_dtype()] * int(torch.tensor(tensor_slice.get_shape()).prod())
+
+
+@pytest.mark.parametrize("rotation", ["duquant", "hadamard"])
+def test_stored_bytes_per_weight_are_the_codes_plus_small_row_and_rotation_state(rotation):
+    linear, absmax = _linear_and_absmax(width=512, out=256)
+    layer = TwinLogLinear.from_linear(linear, _spec(rotation=rotation, balance=0.5, a_bits=4), absmax * 4)
+    stored = sum(getattr(layer, t).nelement() * getattr(layer, t).element_size() for t in layer.quantized_tensors)
+    per_weight = stored / (512 * 256)
+    assert 0.5 < per_weight < 0.62  # 4-bit codes 0.5 + row params 0.04 + balancing 0.016 + rotation <= 0.04
+
+
 def _inputs():
     gen = torch.Generator().manual_seed(0)
     return {"hidden_states": torch.randn(2, 4, 8, 8, generator=gen), "timestep": torch.tensor([10, 500]),
@@ -111,6 +127,9 @@ def test_checkpoint_reloads_bit_identically_through_stock_from_pretrained(tmp_pa
         for tensor, shape in (("weight_scale", [64, 2]), ("weight_zero", [64, 2]), ("weight_eta", [64, 1])):
             assert f.get_slice(f"{name}.{tensor}").get_dtype() == "F32"
             assert f.get_slice(f"{name}.{tensor}").get_shape() == shape
+        for layer_name, layer in quantized_modules(model).items():  # a rotation stores less than the codes
+            rotation = sum(_nbytes(f.get_slice(f"{layer_name}.{t}")) for t in layer.rotation_names)
+            assert rotation < _nbytes(f.get_slice(f"{layer_name}.weight")), (layer_name, layer.spec.rotation)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization_config"]["modules"][name]["format"] == "twinlog"
     import compressdit  # noqa: F401  registers the quantizer, as a user would
