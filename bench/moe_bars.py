@@ -55,7 +55,13 @@ def student_from_state(reference, path: str, top_k: int):
         if key.endswith(".weight") and isinstance(own.get(name), torch.nn.Linear) and \
                 list(tensor.shape) != list(own[name].weight.shape) and not any(name.startswith(m) for m in moe):
             width[name] = list(tensor.shape)
-    apply_structure(model, {"moe": moe, "width": width})
+    mob = {}
+    for key, tensor in weights.items():  # Mixture of Blocks: one router per group, [group, features]
+        found = re.fullmatch(r"(\w+)\.0\.mob_router\.weight", key)
+        if found:
+            mob[found.group(1)] = {"blocks": len(getattr(model, found.group(1))), "group": tensor.shape[0],
+                                   "active": top_k, "features": tensor.shape[1]}
+    apply_structure(model, {"moe": moe, "width": width, "mob": mob})
     model.load_state_dict(weights)
     record_structure(model)
     return model.eval(), state["step"]
@@ -70,7 +76,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--effnet", action="store_true", help="also FD-EffNet (off: saves CPU on a shared machine)")
-    parser.add_argument("--top-k", type=int, default=3, help="top-k of a MoE student rebuilt from a state.pt")
+    parser.add_argument("--top-k", type=int, default=3, help="top-k of a MoE student (active blocks of a MoB one) rebuilt from a state.pt")
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
