@@ -155,8 +155,8 @@ def moe(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, calib: Option
         text_encoder: Optional[str] = TEXT_ENCODER, embeddings: Optional[Path] = EMBEDDINGS,
         no_eval: bool = NO_EVAL, samples: Optional[int] = SAMPLES, data: Optional[str] = DATA,
         overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
-    """Turn MODEL's FFNs into mixtures of experts with a recipe (dense2moe-50, dense2moe-62), distil them from the
-    dense model and write a diffusers checkpoint + quality report."""
+    """Turn MODEL's FFNs into mixtures of experts (dense2moe-50, dense2moe-62) or its blocks into a mixture of blocks
+    (mob-50) with a recipe, distil them from the dense model and write a diffusers checkpoint + quality report."""
     _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib, text_encoder, embeddings,
                       data)
 

@@ -80,7 +80,9 @@ def resolve_layer_map(adapter: ModelAdapter, student: nn.Module, teacher: nn.Mod
     """Student/teacher block pairs, in execution-order indices.
 
     ``layer_map`` is ``"auto"``, a list of teacher blocks (one per student block) or a list of
-    ``[student, teacher]`` pairs. ``"auto"`` maps, per stack, each student block to the teacher block it came
+    ``[student, teacher]`` pairs. ``"groups"`` (Mixture of Blocks: the group feature loss) pairs the last block
+    of every routed group of the student, i.e. the group's output, with the teacher block of the same index.
+    ``"auto"`` maps, per stack, each student block to the teacher block it came
     from when ``origin`` lists those (``{stack: kept teacher indices}``, or a plain list for single-stack
     families, e.g. the kept indices after depth pruning); else proportionally, student ``i`` of ``S`` to teacher
     ``round((i + 1) T / S) - 1`` of ``T`` (halves round up), so the last blocks always pair.
@@ -89,6 +91,8 @@ def resolve_layer_map(adapter: ModelAdapter, student: nn.Module, teacher: nn.Mod
     s_total, t_total = sum(c for *_, c in s_stacks), sum(c for *_, c in t_stacks)
     if layer_map == "auto":
         pairs = _auto_map(s_stacks, t_stacks, origin)
+    elif layer_map == "groups":
+        pairs = _group_map(student, s_stacks)
     elif isinstance(layer_map, (list, tuple)) and all(isinstance(v, int) for v in layer_map):
         if len(layer_map) != s_total:
             raise ConfigError(f"layer_map lists {len(layer_map)} teacher blocks but the student has {s_total} "
@@ -103,6 +107,21 @@ def resolve_layer_map(adapter: ModelAdapter, student: nn.Module, teacher: nn.Mod
         if not (0 <= s < s_total and 0 <= t < t_total):
             raise ConfigError(f"layer_map pair [{s}, {t}] is out of range: the student has {s_total} blocks "
                               f"(0..{s_total - 1}), the teacher {t_total} (0..{t_total - 1})")
+    return pairs
+
+
+def _group_map(student: nn.Module, s_stacks) -> LayerMap:
+    from compressdit.moe.blocks import routed_stacks
+
+    routed = routed_stacks(student)
+    if not routed:
+        raise ConfigError("layer_map 'groups' needs a student with routed blocks (run the mob stage first); "
+                          "use layer_map: auto otherwise")
+    pairs = []
+    for attr, start, _ in s_stacks:
+        for i, block in enumerate(routed.get(attr, [])):
+            if block.position == block.layout.group - 1:
+                pairs.append((start + i, start + i))
     return pairs
 
 

@@ -36,7 +36,8 @@ class DistillConfig(StrictConfig):
     Loss = ``output_weight`` * MSE(student, teacher prediction) + ``data_weight`` * the diffusion / flow loss
     + ``feature_weight`` * block-feature MSE (scaled by ``feature_schedule``: ``linear`` decays to 0 at the
     last step). A student with MoE layers (Dense2MoE) adds ``balance_weight`` * the load-balancing loss and
-    ``router_z_weight`` * the router z-loss, means over its MoE layers; its expert load per timestep is tracked.
+    ``router_z_weight`` * the router z-loss, means over its MoE layers and Mixture-of-Blocks groups (whose group
+    feature loss is ``layer_map: groups``); its expert (or block) load per timestep is tracked.
     ``batch_size`` is the global batch (split over processes). ``condition_dropout`` replaces
     labels/captions by the null condition, identically for student and teacher.
     """
@@ -53,7 +54,7 @@ class DistillConfig(StrictConfig):
     data_weight: float = 0.1
     balance_weight: float = 0.0
     router_z_weight: float = 0.0
-    layer_map: Union[Literal["auto"], list[int], list[list[int]]] = "auto"
+    layer_map: Union[Literal["auto", "groups"], list[int], list[list[int]]] = "auto"
     mask_massive_activations: bool = True
     condition_dropout: float = 0.1
     seed: int = 0

@@ -10,7 +10,9 @@ config builds is kept in ``quantization_config.structure`` (see :mod:`compressdi
 ``width`` maps a linear's fully qualified name to its ``[out_features, in_features]``; ``heads`` maps an
 attention module to its head count; ``moe`` maps a dense FFN's name to the :class:`~compressdit.moe.layers.MoELayout`
 of the mixture of experts that replaced it (Dense2MoE), e.g. ``{"transformer_blocks.0.ff": {"dim": 128,
-"dim_out": 128, "experts": 7, "expert_hidden": 64, "top_k": 3, "shared_hidden": 64, ...}}``. :func:`record_structure` writes the manifest of a pruned model (stock
+"dim_out": 128, "experts": 7, "expert_hidden": 64, "top_k": 3, "shared_hidden": 64, ...}}``; ``mob`` maps a block
+stack's attribute to the :class:`~compressdit.moe.blocks.MoBLayout` of its Mixture of Blocks, e.g.
+``{"transformer_blocks": {"blocks": 12, "group": 4, "active": 2, "features": 256}}``. :func:`record_structure` writes the manifest of a pruned model (stock
 ``save_pretrained`` then saves it), :func:`apply_structure` reshapes the empty model built by
 ``from_pretrained`` before its weights load. Other ``structure`` keys belong to other transforms and are left alone.
 """
@@ -23,9 +25,10 @@ import torch
 from torch import nn
 
 from compressdit.errors import CheckpointError, ConfigError
+from compressdit.moe.blocks import MoBLayout, route_blocks, routed_stacks
 from compressdit.moe.layers import MoEFeedForward, MoELayout
 
-WIDTH, HEADS, MOE = "width", "heads", "moe"
+WIDTH, HEADS, MOE, MOB = "width", "heads", "moe", "mob"
 
 
 def is_attention(module: nn.Module) -> bool:
@@ -77,7 +80,8 @@ def structure_of(model: nn.Module) -> dict[str, dict[str, Any]]:
             width[name] = _shape(module)
         if is_attention(module) and built is not None and is_attention(built) and module.heads != built.heads:
             heads[name] = int(module.heads)
-    return {WIDTH: width, HEADS: heads, **({MOE: moe} if moe else {})}
+    mob = {name: blocks[0].layout.to_dict() for name, blocks in routed_stacks(model).items()}
+    return {WIDTH: width, HEADS: heads, **({MOE: moe} if moe else {}), **({MOB: mob} if mob else {})}
 
 
 def record_structure(model: nn.Module) -> dict[str, Any]:
@@ -141,6 +145,19 @@ def _build_moe(model: nn.Module, name: str, entry: Any) -> None:
     model.set_submodule(name, moe.to(param.dtype) if param is not None else moe)
 
 
+def _build_mob(model: nn.Module, attribute: str, entry: Any) -> None:
+    """Wrap the blocks of ``model.<attribute>`` in routed blocks of the recorded layout (empty routers)."""
+    from compressdit.models.base import adapter_for
+
+    where = f"quantization_config.structure.mob[{attribute!r}]"
+    try:
+        layout = MoBLayout.from_dict(entry, where)
+        stack = adapter_for(model).block_stack(attribute)
+        route_blocks(model, stack, layout)
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
 def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
     """Reshape the layers and head counts and build the MoE layers a manifest records (before weights load);
     other keys are ignored."""
@@ -148,6 +165,8 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
         raise CheckpointError(f"quantization_config.structure must be a mapping, got {type(structure).__name__}")
     for name, entry in _entries(structure, MOE).items():
         _build_moe(model, name, entry)
+    for attribute, entry in _entries(structure, MOB).items():
+        _build_mob(model, attribute, entry)
     head_counts = {}
     for name, heads in _entries(structure, HEADS).items():
         attn = _module(model, name, HEADS)

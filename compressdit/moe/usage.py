@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from compressdit.moe.blocks import group_routers
 from compressdit.moe.layers import moe_layers
 from compressdit.moe.routing import balance_loss, top_k, z_loss
 
@@ -27,16 +28,19 @@ class RoutedForward:
 
 @contextmanager
 def capture_routing(model: nn.Module) -> Iterator[list[RoutedForward]]:
-    """Inside the ``with``, the list fills with every MoE layer's router logits on every forward (in call order);
-    the hooks are removed on exit. Empty for a model without MoE layers."""
+    """Inside the ``with``, the list fills with every MoE layer's router logits on every forward (in call order),
+    and every Mixture-of-Blocks group's (one row per sample, its "experts" the group's blocks); the hooks are
+    removed on exit. Empty for a model without routers."""
     records: list[RoutedForward] = []
     handles = []
+    routers = {name: (layer.router, layer.top_k) for name, layer in moe_layers(model).items()}
+    routers.update({name: (block.mob_router, block.layout.active) for name, block in group_routers(model).items()})
     try:
-        for name, layer in moe_layers(model).items():
-            def hook(module, args, output, name=name, layer=layer):
-                records.append(RoutedForward(name, output, layer.top_k))
+        for name, (router, k) in routers.items():
+            def hook(module, args, output, name=name, k=k):
+                records.append(RoutedForward(name, output, k))
 
-            handles.append(layer.router.register_forward_hook(hook))
+            handles.append(router.register_forward_hook(hook))
         yield records
     finally:
         for handle in handles:
@@ -83,7 +87,7 @@ class ExpertLoad:
         (``1 / experts`` when perfectly balanced)."""
         if not self.counts:
             return {}
-        shares = torch.stack([c / c.sum(-1, keepdim=True).clamp_min(1) for c in self.counts.values()])
+        busiest = torch.stack([(c / c.sum(-1, keepdim=True).clamp_min(1)).max(-1).values for c in self.counts.values()])
         return {"router_entropy": self.entropy_sum / max(self.entropy_n, 1),
-                "busiest_share_per_bin": shares.max(-1).values.mean(0).tolist(),
-                "experts": int(shares.shape[-1]), "bins": self.bins}
+                "busiest_share_per_bin": busiest.mean(0).tolist(),
+                "experts": max(c.shape[-1] for c in self.counts.values()), "bins": self.bins}

@@ -2,6 +2,6 @@
 
 from compressdit.stages.base import STAGES, PipelineState, Stage
 # register the stages
-from compressdit.stages import calibrate, quantize, distill, prune, prune_width, moe, evaluate  # noqa: F401,E402
+from compressdit.stages import calibrate, quantize, distill, prune, prune_width, moe, mob, evaluate  # noqa: F401,E402
 
 __all__ = ["STAGES", "PipelineState", "Stage"]

@@ -74,3 +74,48 @@ def test_shipped_moe_recipes_parse():
         recipe = load_recipe(name)
         assert recipe.stage("moe").config.activated_fraction() == fraction
         assert recipe.stage("distill").config.balance_weight > 0
+
+
+@needs_fmnist
+def test_mob_writes_a_pipeline_that_reloads_with_routed_blocks(dit_pipeline_dir, tmp_path):
+    import compressdit  # noqa: F401
+    from diffusers import DiTPipeline
+
+    from compressdit.moe.blocks import routed_stacks
+
+    recipe = write_recipe(tmp_path / "mob.yaml", f"""
+        version: 1
+        name: mob-tiny
+        stages:
+          - mob: {{group: 2, active: 1, batches: 1, batch_size: 4, {DATA}}}
+          - distill: {{steps: 2, batch_size: 4, warmup: 0, layer_map: groups, balance_weight: 0.01, {DATA}}}
+        """)
+    out = tmp_path / "out"
+    result = run_main("moe", dit_pipeline_dir, "--recipe", recipe, "--out", out, "--json")
+    assert result.code == 0, result.stderr
+    assert "mob_s" in json.loads(result.stdout)["timings"]
+    blocks = routed_stacks(DiTPipeline.from_pretrained(out).transformer)["transformer_blocks"]
+    assert [b.position for b in blocks] == [0, 1] and blocks[0].layout.active == 1
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert config["quantization_config"]["structure"]["mob"]["transformer_blocks"]["group"] == 2
+
+
+def test_bad_mob_recipe_is_a_one_line_error(dit_pipeline_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "bad.yaml", """
+        version: 1
+        name: bad
+        stages:
+          - mob: {group: 2, active: 3}
+        """)
+    result = run_main("moe", dit_pipeline_dir, "--recipe", recipe, "--out", tmp_path / "out", "--quiet")
+    assert_one_line_error(result, "active 3 exceeds group 2")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_shipped_mob_recipe_parses():
+    from compressdit.recipe import load_recipe
+
+    recipe = load_recipe("mob-50")
+    config = recipe.stage("mob").config
+    assert config.active / config.group == 0.5
+    assert recipe.stage("distill").config.layer_map == "groups"
