@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from compressdit.errors import CheckpointError, ConfigError
+from compressdit.models import adapter_for
 from compressdit.moe.blocks import MoBLayout, route_blocks, routed_stacks
 from compressdit.moe.layers import MoEFeedForward, MoELayout
 
@@ -147,8 +148,6 @@ def _build_moe(model: nn.Module, name: str, entry: Any) -> None:
 
 def _build_mob(model: nn.Module, attribute: str, entry: Any) -> None:
     """Wrap the blocks of ``model.<attribute>`` in routed blocks of the recorded layout (empty routers)."""
-    from compressdit.models.base import adapter_for
-
     where = f"quantization_config.structure.mob[{attribute!r}]"
     try:
         layout = MoBLayout.from_dict(entry, where)
