@@ -205,5 +205,24 @@ def files_digest(folder: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.
 
 
 # the sources in their own modules register themselves (they import this module's registry)
+@dataclass
+class CalibrationDraws(StrictConfig):
+    """Noised latents a structural stage reads (importance, expert split, router fits): ``batches`` batches of
+    ``batch_size`` drawn from ``data`` as the distillation trainer draws them, conditions dropped with
+    ``condition_dropout``, every draw from a generator seeded with ``seed``. Stage configs inherit these keys (and
+    may change the two defaults) and call :meth:`validate_draws` from their ``validate``."""
+
+    batches: int = 4
+    batch_size: int = 64
+    data: DataSpec = field(default_factory=DataSpec)
+    seed: int = 0
+    condition_dropout: float = 0.1
+
+    def validate_draws(self, where: str) -> None:
+        self.require_positive(where, "batches", "batch_size")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ConfigError(f"{where}.condition_dropout: must be in [0, 1), got {self.condition_dropout}")
+
+
 import compressdit.distill.image_data  # noqa: E402,F401
 import compressdit.distill.teacher_data  # noqa: E402,F401

@@ -29,6 +29,7 @@ from torch import nn
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.models.base import BlockStack
+from compressdit.moe.layers import activated_parameters as per_token
 from compressdit.moe.routing import top_k, unit_gates
 
 HIDDEN = "hidden_states"  # the block argument the router reads (the image stream of every family)
@@ -184,8 +185,6 @@ def activated_parameters(model: nn.Module) -> int:
     """Parameters one sample's forward uses per token on average: every parameter, less the routed experts a token
     skips (Dense2MoE) and, in routed stacks, the ``(group - active) / group`` share of each block (routers
     counted in full). Exact when the blocks of a group are of one size."""
-    from compressdit.moe.layers import activated_parameters as per_token
-
     total = per_token(model)
     for blocks in routed_stacks(model).values():
         for block in blocks:

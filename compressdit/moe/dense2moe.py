@@ -14,15 +14,14 @@ active and unit gates the MoE computes the dense FFN exactly. A token activates 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressdit.config_base import StrictConfig
-from compressdit.distill.sources import DataSpec
+from compressdit.distill.sources import CalibrationDraws
 from compressdit.errors import CalibrationError, ConfigError
 from compressdit.models.base import DenseFFN, ModelAdapter
 from compressdit.moe.grouping import NEURON_GROUPINGS, NeuronRecord, split_neurons
@@ -30,7 +29,7 @@ from compressdit.moe.layers import MoEFeedForward, MoELayout
 
 
 @dataclass
-class Dense2MoEConfig(StrictConfig):
+class Dense2MoEConfig(CalibrationDraws):
     """How the FFNs become MoE layers. YAML::
 
         - moe: {experts: 7, shared_experts: 1, top_k: 3, grouping: taylor, batches: 4, batch_size: 32}
@@ -46,23 +45,18 @@ class Dense2MoEConfig(StrictConfig):
     shared_experts: int = 1
     grouping: str = "taylor"
     gating: Literal["unit", "softmax"] = "unit"
-    batches: int = 4
     batch_size: int = 32
     max_tokens: int = 8192  # activations kept per FFN for clustering (a seeded subsample beyond that)
     iterations: int = 10
-    data: DataSpec = field(default_factory=DataSpec)
-    seed: int = 0
-    condition_dropout: float = 0.1
 
     def validate(self, where: str) -> None:
-        self.require_positive(where, "experts", "top_k", "batches", "batch_size", "max_tokens", "iterations")
+        self.validate_draws(where)
+        self.require_positive(where, "experts", "top_k", "max_tokens", "iterations")
         self.require_non_negative(where, "shared_experts")
         if self.top_k > self.experts:
             raise ConfigError(f"{where}: top_k {self.top_k} exceeds experts {self.experts}; choose top_k <= experts")
         if self.grouping not in NEURON_GROUPINGS:
             raise ConfigError(f"{where}.grouping: unknown {self.grouping!r}; known: {', '.join(NEURON_GROUPINGS)}")
-        if not 0.0 <= self.condition_dropout < 1.0:
-            raise ConfigError(f"{where}.condition_dropout: must be in [0, 1), got {self.condition_dropout}")
 
     def chunks(self) -> int:
         return self.experts + self.shared_experts

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from compressdit.config_base import StrictConfig
-from compressdit.distill.sources import DataSpec
+from compressdit.distill.sources import CalibrationDraws
 from compressdit.errors import CalibrationError, ConfigError
 from compressdit.models.base import BlockStack, ModelAdapter
-from compressdit.moe.blocks import HIDDEN, MoBLayout, RoutedBlock, pooled_features, route_blocks, routed_stacks
+from compressdit.moe.blocks import HIDDEN, MoBLayout, pooled_features, route_blocks, routed_stacks
 
 
 @dataclass
-class MoBConfig(StrictConfig):
+class MoBConfig(CalibrationDraws):
     """How every block stack becomes a mixture of blocks. YAML::
 
         - mob: {group: 4, active: 2, batches: 4, batch_size: 64, data: auto}
@@ -38,21 +37,15 @@ class MoBConfig(StrictConfig):
 
     group: int = 4
     active: int = 2
-    batches: int = 4
-    batch_size: int = 64
     ridge: float = 0.1
-    data: DataSpec = field(default_factory=DataSpec)
-    seed: int = 0
-    condition_dropout: float = 0.1
 
     def validate(self, where: str) -> None:
-        self.require_positive(where, "group", "active", "batches", "batch_size")
+        self.validate_draws(where)
+        self.require_positive(where, "group", "active")
         if self.active > self.group:
             raise ConfigError(f"{where}: active {self.active} exceeds group {self.group}; choose active <= group")
         if self.ridge < 0:
             raise ConfigError(f"{where}.ridge: must be >= 0, got {self.ridge}")
-        if not 0.0 <= self.condition_dropout < 1.0:
-            raise ConfigError(f"{where}.condition_dropout: must be in [0, 1), got {self.condition_dropout}")
 
 
 @contextmanager

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from compressdit.cache import default_cache_dir
@@ -102,6 +105,20 @@ class MethodStage(Stage):
 
 
 STAGES: Registry[Stage] = Registry("stage")
+
+
+@contextmanager
+def structure_pass(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for a structural stage's calibration pass, with the global RNG (CPU and the model's
+    GPU) left as it was: the stages draw from their own seeded generators, tracing draws from the global one.
+    Training mode is restored on exit, also on error."""
+    device = next(model.parameters()).device
+    training = model.training
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        try:
+            yield model.eval()
+        finally:
+            model.train(training)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from compressdit.errors import ConfigError
 from compressdit.io.structure import record_structure
 from compressdit.moe.blocks import activated_parameters, routed_stacks
 from compressdit.moe.mob import MoBConfig, mixture_of_blocks
-from compressdit.stages.base import STAGES, PipelineState, Stage, parameter_count
+from compressdit.stages.base import STAGES, PipelineState, Stage, parameter_count, structure_pass
 from compressdit.stages.prune_width import calibration_batches
 
 
@@ -31,14 +29,8 @@ class MoBStage(Stage):
         model = state.model
         before = parameter_count(model)
         first_note = len(state.notes)
-        device = next(model.parameters()).device
-        training = model.training
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            try:
-                layouts = mixture_of_blocks(model.eval(), state.adapter, config,
-                                            calibration_batches(state, config, "mob"))
-            finally:
-                model.train(training)
+        with structure_pass(model):
+            layouts = mixture_of_blocks(model, state.adapter, config, calibration_batches(state, config, "mob"))
         record_structure(model)
         total, active = parameter_count(model), activated_parameters(model)
         stacks = ", ".join(f"{name}: {lay.groups()} groups of {lay.group}, {lay.active} active"

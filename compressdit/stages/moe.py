@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 
-import torch
 from compressdit.errors import ConfigError
 from compressdit.io.structure import record_structure
 from compressdit.moe.dense2moe import Dense2MoEConfig, dense2moe
-from compressdit.moe.layers import activated_parameters, moe_layers
-from compressdit.stages.base import STAGES, PipelineState, Stage, parameter_count
+from compressdit.moe.blocks import activated_parameters
+from compressdit.moe.layers import moe_layers
+from compressdit.stages.base import STAGES, PipelineState, Stage, parameter_count, structure_pass
 from compressdit.stages.prune_width import calibration_batches
 
 
@@ -31,14 +31,8 @@ class MoEStage(Stage):
         model = state.model
         before = parameter_count(model)
         first_note = len(state.notes)
-        device = next(model.parameters()).device
-        training = model.training
-        # the calibration draws come from their own seeded generator; leave the global RNG as it was
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            try:
-                layers = dense2moe(model.eval(), state.adapter, config, calibration_batches(state, config, "moe"))
-            finally:
-                model.train(training)
+        with structure_pass(model):
+            layers = dense2moe(model, state.adapter, config, calibration_batches(state, config, "moe"))
         record_structure(model)
         total, active = parameter_count(model), activated_parameters(model)
         layout = next(iter(layers.values())).layout

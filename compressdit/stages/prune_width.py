@@ -8,22 +8,22 @@ block of the same index (``layer_map: auto``). The saved checkpoint records the 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from compressdit.distill.data import BatchSampler, condition_table, select
 from compressdit.distill.objectives import objective_for
-from compressdit.distill.sources import DataSpec
+from compressdit.distill.sources import CalibrationDraws
 from compressdit.errors import ConfigError
 from compressdit.prune.width import WIDTH_IMPORTANCE, CalibrationBatch, WidthConfig, WidthUnit, prune_width, width_units
-from compressdit.stages.base import STAGES, PipelineState, Stage, parameter_count
+from compressdit.stages.base import STAGES, PipelineState, Stage, parameter_count, structure_pass
 from compressdit.stages.distill import state_data
 
 
 @dataclass
-class PruneWidthConfig(WidthConfig):
+class PruneWidthConfig(WidthConfig, CalibrationDraws):
     """Every ``WidthConfig`` key plus the calibration data of gradient-based importances. YAML::
 
         - prune_width: {ffn_ratio: 0.3, head_ratio: 0.3, importance: taylor, batches: 8, batch_size: 64}
@@ -37,17 +37,12 @@ class PruneWidthConfig(WidthConfig):
 
     batches: int = 8
     batch_size: int = 64
-    data: DataSpec = field(default_factory=DataSpec)
-    seed: int = 0
-    condition_dropout: float = 0.1
 
     def validate(self, where: str) -> None:
         super().validate(where)
         if not (self.ffn_ratio or self.head_ratio):
             raise ConfigError(f"{where}: nothing to prune; set ffn_ratio and/or head_ratio above 0")
-        self.require_positive(where, "batches", "batch_size")
-        if not 0.0 <= self.condition_dropout < 1.0:
-            raise ConfigError(f"{where}.condition_dropout: must be in [0, 1), got {self.condition_dropout}")
+        self.validate_draws(where)
 
 
 def calibration_batches(state: PipelineState, config: PruneWidthConfig,
@@ -101,7 +96,7 @@ def _removed_by_role(before: list[WidthUnit], after: dict[str, WidthUnit]) -> st
 
 
 def _prune(state: PipelineState, config: PruneWidthConfig) -> tuple[list[WidthUnit], dict[str, WidthUnit]]:
-    """Prune ``state.model`` in place (eval mode meanwhile); the units before, and by name after."""
+    """Prune ``state.model`` in place; the units before, and by name after."""
     model, adapter = state.model, state.adapter
     before = width_units(model, adapter, config)
     if not before:
@@ -109,11 +104,7 @@ def _prune(state: PipelineState, config: PruneWidthConfig) -> tuple[list[WidthUn
                           "non-zero ratio; check roles, blocks, ffn_ratio and head_ratio")
     needs_data = WIDTH_IMPORTANCE.get(config.importance).needs_gradients
     batches = calibration_batches(state, config) if needs_data else None
-    training = model.training
-    try:
-        prune_width(model.eval(), adapter, config, calibration_batches=batches)
-    finally:
-        model.train(training)
+    prune_width(model, adapter, config, calibration_batches=batches)
     return before, {u.name: u for u in width_units(model, adapter, config)}
 
 
@@ -126,10 +117,8 @@ class PruneWidthStage(Stage):
                               "(it reshapes the layers the quantization specs describe)")
         started = time.perf_counter()
         before = parameter_count(state.model)
-        device = next(state.model.parameters()).device
         first_note = len(state.notes)  # the data source's note (Taylor) follows this stage's summary
-        # tracing the MLPs (width_units' random example input) draws from the global RNG: leave it as it was
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        with structure_pass(state.model):  # tracing the MLPs (width_units' example input) draws from the global RNG
             units, pruned = _prune(state, config)
         after = parameter_count(state.model)
         data = (f"; taylor scores from {config.batches} batches x {config.batch_size} noised latents (MSE to "
