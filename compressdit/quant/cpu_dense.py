@@ -183,6 +183,21 @@ def _fp8_dense_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
+def _twinlog_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    return device.type == "cpu" and spec.format == "twinlog" and _small(shape)
+
+
+def _twinlog_dense_prepack(layer) -> dict:
+    return {"weight": layer.dequantized_weight(torch.float32).contiguous(),
+            "bias": None if layer.bias is None else layer.bias.detach().float()}
+
+
+def _twinlog_dense_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    """On the rotated input: the reference's activation quantizer, then the decoded weight's fp32 GEMM."""
+    x2 = quantize_input(_contiguous_fp32(x.reshape(-1, x.shape[-1])), layer.spec)
+    return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
 KERNELS.add("cpu-int-dense-bf16", Kernel(
     _dense_applies(bf16=True), prepack=_dense_prepack(torch.bfloat16), priority=15, **_dense_kernel(_dense_bf16_linear),
     description=f"layers of up to {DENSE_MAX_WEIGHT} weights: int codes decoded once into a dense bf16 weight "
@@ -196,3 +211,8 @@ KERNELS.add("cpu-fp8-dense", Kernel(
     _fp8_dense_applies, _fp8_dense_prepack, _fp8_dense_run, priority=10,
     description="E4M3 weight decoded once into a dense fp32 weight (4 bytes per weight of RAM), per-token E4M3 "
                 "activations as the reference, fp32 GEMM"))
+KERNELS.add("cpu-twinlog-dense", Kernel(
+    _twinlog_dense_applies, _twinlog_dense_prepack, _twinlog_dense_run, priority=10,
+    description=f"twin-log layers of up to {DENSE_MAX_WEIGHT} weights: log2 codes decoded once into a dense fp32 "
+                "weight in the rotated space (4 bytes per weight of RAM), the input rotated and quantized as the "
+                "reference, fp32 GEMM"))

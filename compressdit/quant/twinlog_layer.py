@@ -35,6 +35,7 @@ from compressdit.quant.activations import check_activation_fits, quantize_input
 from compressdit.quant.duquant import (DEFAULT_STEPS, OutlierRotation, OutlierRotationCodes, duquant_block,
                                       fit_outlier_rotation, perm_dtype)
 from compressdit.quant.format_registry import LinearFormat
+from compressdit.quant.kernel_registry import kernel_cache, run_cached
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.primitives import pack_codes, packed_shape, unpack_codes
 from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, random_signs, rotate
@@ -195,6 +196,14 @@ class TwinLogLinear(QuantizedLinear):
         if self.smooth_scale is not None:
             weight = weight / self.smooth_scale
         return weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The registered kernel on the transformed input where one applies (``cpu-twinlog-dense``), else the
+        reference."""
+        cache = kernel_cache(self, x)
+        if cache is None:
+            return self.reference_forward(x)
+        return run_cached(self, cache, self.transform_input(x))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Transform the input, fake-quantize it, matmul with the decoded weight (in ``x``'s dtype)."""

@@ -64,6 +64,23 @@ def test_forward_is_the_decoded_weight_on_the_transformed_quantized_input():
     assert torch.equal(no_act.dequantized_weight(), stored)
 
 
+@pytest.mark.parametrize("rotation", sorted(INPUT_ROTATIONS))
+def test_cpu_kernel_decodes_once_and_matches_the_reference(rotation):
+    """``cpu-twinlog-dense``: the decoded weight is prepacked (the reference decodes the log2 codes per call);
+    outputs equal the reference's on 4-bit per-group activations; a new load of the codes is picked up."""
+    linear, absmax = _linear_and_absmax()
+    spec = _spec(rotation=rotation, balance=0.5, a_bits=4, a_granularity="per_group", a_group_size=16)
+    layer = TwinLogLinear.from_linear(linear, spec, absmax)
+    x = torch.randn(2, 9, 128) * absmax
+    with torch.no_grad():
+        assert layer.kernel_name == "cpu-twinlog-dense"
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+        layer.weight_scale.mul_(2)  # in place, as load_state_dict does: the prepacked weight is rebuilt
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    assert torch.equal(layer(x), layer.reference_forward(x))  # gradients to the input: the reference path
+
+
 def test_duquant_without_calibration_is_a_clear_error():
     linear, _ = _linear_and_absmax()
     with pytest.raises(ValueError, match="calibrate"):
