@@ -36,15 +36,13 @@ class MinifloatLinear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: LinearQuantSpec,
                  device=None, dtype=None) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self._init_shape(in_features, out_features, spec)
         self.element = MINIFLOATS.get(spec.format)
         groups = in_features // spec.group_size if spec.group_size else 1
         self.weight = PackedParameter.empty((out_features, in_features // 2), torch.uint8, out_features, in_features,
                                             device)
         self.weight_scale = QuantState(torch.ones(out_features, groups, dtype=torch.float32, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
-            if bias else None
+        self._init_bias(bias, device, dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec, input_absmax: torch.Tensor | None = None,

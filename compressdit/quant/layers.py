@@ -150,6 +150,16 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.effective_weight(x.dtype), bias)
 
+    def _init_shape(self, in_features: int, out_features: int, spec: LinearQuantSpec) -> None:
+        """How every quantized layer's ``__init__`` starts: ``nn.Linear``'s own would allocate a float weight."""
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+
+    def _init_bias(self, bias: bool, device, dtype) -> None:
+        """The float bias (a frozen parameter in the model's dtype), or ``None``."""
+        self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype), requires_grad=False) \
+            if bias else None
+
     def _optional_state(self, name: str, present: bool, value: torch.Tensor, device) -> None:
         setattr(self, name, QuantState(value.to(device)) if present else None)
 
@@ -218,8 +228,7 @@ class QuantLinear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: LinearQuantSpec,
                  device=None, dtype=None) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self._init_shape(in_features, out_features, spec)
         shape, storage = packed_shape(out_features, in_features, spec.w_bits)
         self.weight = PackedParameter.empty(shape, storage, out_features, in_features, device)
         groups = in_features // spec.group_size if spec.group_size else 1
@@ -235,8 +244,7 @@ class QuantLinear(QuantizedLinear):
             raise ValueError(f"a Hadamard rotation needs an even in_features, got {in_features}")
         self._optional_state("input_scale", spec.a_bits is not None and spec.a_granularity == "static",
                              torch.ones((), dtype=torch.float32), device)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
-            if bias else None
+        self._init_bias(bias, device, dtype)
         self._init_low_rank(device, dtype)
 
     @classmethod

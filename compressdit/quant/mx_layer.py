@@ -84,8 +84,7 @@ class BlockFPLinear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: LinearQuantSpec,
                  device=None, dtype=None) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self._init_shape(in_features, out_features, spec)
         self.codec = BLOCK_CODECS.get(spec.format)
         shape, storage = ((out_features, in_features // 2), torch.uint8) if self.codec.packed else \
             ((out_features, in_features), torch.float8_e4m3fn)
@@ -98,8 +97,7 @@ class BlockFPLinear(QuantizedLinear):
         else:
             self.weight_scale_2 = None
         self._optional_state("smooth_scale", spec.balance is not None, torch.ones(in_features), device)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
-            if bias else None
+        self._init_bias(bias, device, dtype)
         self._init_low_rank(device, dtype)
 
     @classmethod

@@ -107,8 +107,7 @@ class TwinLogLinear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: LinearQuantSpec,
                  device=None, dtype=None) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self._init_shape(in_features, out_features, spec)
         shape, storage = packed_shape(out_features, in_features, spec.w_bits)
         self.weight = PackedParameter.empty(shape, storage, out_features, in_features, device)
         self.weight_scale = QuantState(torch.ones(out_features, 2, device=device))
@@ -121,8 +120,7 @@ class TwinLogLinear(QuantizedLinear):
         for name, value in INPUT_ROTATIONS.get(spec.rotation).empty(in_features).items():
             setattr(self, name, QuantState(value.to(device)))
         self.quantized_tensors = (*names, *self.rotation_names)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
-            if bias else None
+        self._init_bias(bias, device, dtype)
 
     @property
     def rotation_states(self) -> dict[str, torch.Tensor]:

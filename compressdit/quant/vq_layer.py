@@ -38,8 +38,7 @@ class VQLinear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: LinearQuantSpec,
                  device=None, dtype=None) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self._init_shape(in_features, out_features, spec)
         self.code_bits = code_bits(spec)
         nbytes = packed_code_bytes(in_features // spec.vector_dim, self.code_bits)
         self.weight = PackedParameter.empty((out_features, nbytes), torch.uint8, out_features, in_features, device)
