@@ -163,6 +163,19 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
     def _optional_state(self, name: str, present: bool, value: torch.Tensor, device) -> None:
         setattr(self, name, QuantState(value.to(device)) if present else None)
 
+    def fold_balancing(self, weight: torch.Tensor, input_absmax: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """With channel balancing (``spec.balance``): store the scale computed from the calibrated ``input_absmax``
+        and return ``(weight * s, input_absmax / s)``; without it, both unchanged."""
+        if self.smooth_scale is None:
+            return weight, input_absmax
+        if input_absmax is None:
+            raise ValueError("channel balancing needs calibration statistics (run a calibrate stage)")
+        absmax = input_absmax.to(weight.device)
+        scale = balancing_scale(absmax, weight, self.spec.balance)
+        self.smooth_scale.copy_(scale)
+        return weight * scale, absmax / scale
+
     def _init_low_rank(self, device, dtype) -> None:
         """SVDQuant's 16-bit branch (``spec.low_rank``; in the model's float dtype, like the bias):
         ``out += (x @ low_rank_down^T) @ low_rank_up^T`` on the transformed, unquantized activations."""
@@ -256,13 +269,7 @@ class QuantLinear(QuantizedLinear):
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
                      device=linear.weight.device, dtype=linear.weight.dtype)
         weight = linear.weight.detach().float()
-        if module.smooth_scale is not None:
-            if input_absmax is None:
-                raise ValueError("channel balancing needs calibration statistics (run a calibrate stage)")
-            scale = balancing_scale(input_absmax.to(weight.device), weight, spec.balance)
-            module.smooth_scale.copy_(scale)
-            weight = weight * scale
-            input_absmax = input_absmax.to(weight.device) / scale
+        weight, input_absmax = module.fold_balancing(weight, input_absmax)
         if module.rotation_signs is not None:
             module.rotation_signs.copy_(random_signs(linear.in_features, rotation_seed))
             weight = rotate(weight, module.rotation_signs)

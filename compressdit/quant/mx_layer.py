@@ -31,7 +31,6 @@ from torch import nn
 
 from compressdit.quant.activations import quantize_input
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
-from compressdit.quant.rotation import balancing_scale
 from compressdit.quant.minifloat import Minifloat, pack_nibbles, unpack_nibbles
 from compressdit.quant.mx_primitives import (E2M1, E4M3, MX_BLOCK, NVFP4_BLOCK, mx_dequantize, mx_quantize,
                                              nvfp4_dequantize, nvfp4_quantize)
@@ -109,11 +108,7 @@ class BlockFPLinear(QuantizedLinear):
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
                      device=linear.weight.device, dtype=linear.weight.dtype)
         weight = linear.weight.detach().float()
-        if module.smooth_scale is not None:
-            if input_absmax is None:
-                raise ValueError("channel balancing needs calibration statistics (run a calibrate stage)")
-            module.smooth_scale.copy_(balancing_scale(input_absmax.to(weight.device), weight, spec.balance))
-            weight = weight * module.smooth_scale
+        weight, _ = module.fold_balancing(weight, input_absmax)
         weight = module.split_low_rank(weight, lambda w: module.codec.dequantize(*module.codec.quantize(w)))
         module.load_codes(*module.codec.quantize(weight))
         if module.bias is not None:

@@ -38,7 +38,7 @@ from compressdit.quant.format_registry import LinearFormat
 from compressdit.quant.kernel_registry import kernel_cache, run_cached
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.primitives import pack_codes, packed_shape, unpack_codes
-from compressdit.quant.rotation import balancing_scale, fwht, hadamard_block, random_signs, rotate
+from compressdit.quant.rotation import fwht, hadamard_block, random_signs, rotate
 from compressdit.quant.spec import LinearQuantSpec, reject_unused_fields
 from compressdit.quant.twinlog import twinlog_dequantize, twinlog_quantize
 from compressdit.registry import Registry
@@ -136,12 +136,7 @@ class TwinLogLinear(QuantizedLinear):
                      device=linear.weight.device, dtype=linear.weight.dtype)
         weight = linear.weight.detach().float()
         absmax = None if input_absmax is None else input_absmax.to(weight.device).float()
-        if module.smooth_scale is not None:
-            if absmax is None:
-                raise ValueError("channel balancing needs calibration statistics (run a calibrate stage)")
-            scale = balancing_scale(absmax, weight, spec.balance)
-            module.smooth_scale.copy_(scale)
-            weight, absmax = weight * scale, absmax / scale
+        weight, absmax = module.fold_balancing(weight, absmax)
         for name, value in INPUT_ROTATIONS.get(spec.rotation).fit(linear.in_features, absmax, steps).items():
             getattr(module, name).data = value.to(weight.device)
         weight = module.rotate(weight)
