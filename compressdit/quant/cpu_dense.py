@@ -167,35 +167,37 @@ def _dense_fp32_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
+def _decoded_fp32_prepack(decode):
+    """``prepack`` keeping ``decode(layer)`` (an fp32 weight in the space the kernel's input arrives in) and an fp32
+    bias."""
+    def prepack(layer) -> dict:
+        return {"weight": decode(layer).contiguous(),
+                "bias": None if layer.bias is None else layer.bias.detach().float()}
+
+    return prepack
+
+
+def _fp32_gemm(quantize_rows):
+    """``run``: the input's rows as contiguous fp32, ``quantize_rows(layer, rows)`` (the reference's activation
+    quantizer), the prepacked weight's fp32 GEMM, back to the input's dtype and shape."""
+    def run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+        x2 = quantize_rows(layer, _contiguous_fp32(x.reshape(-1, x.shape[-1])))
+        return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+    return run
+
+
 def _fp8_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     return device.type == "cpu" and spec.format == "fp8"
 
 
-def _fp8_dense_prepack(layer) -> dict:
-    return {"weight": layer.effective_weight(torch.float32).contiguous(),
-            "bias": None if layer.bias is None else layer.bias.detach().float()}
-
-
-def _fp8_dense_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    x2 = _contiguous_fp32(x.reshape(-1, x.shape[-1]))
-    if layer.spec.a_bits == 8:  # quantize_rows_reference's scale, clamp and E4M3 rounding, one fused pass
-        x2 = fake_quantize_e4m3_rows(x2)
-    return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+def _e4m3_rows(layer, x2: torch.Tensor) -> torch.Tensor:
+    """quantize_rows_reference's scale, clamp and E4M3 rounding, one fused pass (A8); unchanged otherwise."""
+    return fake_quantize_e4m3_rows(x2) if layer.spec.a_bits == 8 else x2
 
 
 def _twinlog_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     return device.type == "cpu" and spec.format == "twinlog" and _small(shape)
-
-
-def _twinlog_dense_prepack(layer) -> dict:
-    return {"weight": layer.dequantized_weight(torch.float32).contiguous(),
-            "bias": None if layer.bias is None else layer.bias.detach().float()}
-
-
-def _twinlog_dense_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    """On the rotated input: the reference's activation quantizer, then the decoded weight's fp32 GEMM."""
-    x2 = quantize_input(_contiguous_fp32(x.reshape(-1, x.shape[-1])), layer.spec)
-    return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 KERNELS.add("cpu-int-dense-bf16", Kernel(
@@ -208,11 +210,13 @@ KERNELS.add("cpu-int-dense-fp32", Kernel(
     description=f"layers of up to {DENSE_MAX_WEIGHT} weights: int codes decoded once into a dense fp32 weight "
                 "(4 bytes per weight of RAM; weight-only: balancing/rotation folded in), the reference's fp32 GEMM"))
 KERNELS.add("cpu-fp8-dense", Kernel(
-    _fp8_dense_applies, _fp8_dense_prepack, _fp8_dense_run, priority=10,
+    _fp8_dense_applies, _decoded_fp32_prepack(lambda layer: layer.effective_weight(torch.float32)),
+    _fp32_gemm(_e4m3_rows), priority=10,
     description="E4M3 weight decoded once into a dense fp32 weight (4 bytes per weight of RAM), per-token E4M3 "
                 "activations as the reference, fp32 GEMM"))
 KERNELS.add("cpu-twinlog-dense", Kernel(
-    _twinlog_dense_applies, _twinlog_dense_prepack, _twinlog_dense_run, priority=10,
+    _twinlog_dense_applies, _decoded_fp32_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
+    _fp32_gemm(lambda layer, x2: quantize_input(x2, layer.spec)), priority=10,  # on the rotated input
     description=f"twin-log layers of up to {DENSE_MAX_WEIGHT} weights: log2 codes decoded once into a dense fp32 "
                 "weight in the rotated space (4 bytes per weight of RAM), the input rotated and quantized as the "
                 "reference, fp32 GEMM"))
