@@ -21,6 +21,8 @@ from compressdit.calibration.stats import ActivationStats
 from compressdit.io.shards import LazyWeights
 from compressdit.io.sources import ModelSource
 from compressdit.models import ModelAdapter
+from compressdit.stages.base import PipelineState
+from compressdit.stages.calibrate import run_calibration
 
 
 def release(module: nn.Module, names: list[str]) -> None:
@@ -95,9 +97,6 @@ def streamed_calibration(source: ModelSource, adapter: ModelAdapter, weights: La
     """The calibrate stage (``config``: its ``CalibrateConfig``) run on ``source.transformer``, the skeleton, with
     blocks streamed from ``weights``; returns the statistics, the streamer (``peak``, ``loads``) and the
     calibration conditions. Not cached: the cache key sums the weights, which are not in memory."""
-    from compressdit.stages.base import PipelineState
-    from compressdit.stages.calibrate import run_calibration
-
     state = PipelineState(source=source, adapter=adapter, model=source.transformer, workdir=Path("."),
                           reference_spec=source.name, quiet=quiet, cache_dir=None)
     with BlockStreamer(source.transformer, adapter, weights) as streamer:
