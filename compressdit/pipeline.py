@@ -183,8 +183,8 @@ def run_streamed(recipe: Recipe, model: str, out: Path, overwrite: bool, quiet: 
     with atomic_output(out, overwrite=overwrite) as workdir:
         if is_pipeline:
             copy_pipeline_parts(folder, workdir)
-        result = stream_quantize(recipe, folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder,
-                                 workdir / TRANSFORMER_SUBFOLDER if is_pipeline else workdir, quiet, parts=parts)
+        result = stream_quantize(recipe, transformer, workdir / TRANSFORMER_SUBFOLDER if is_pipeline else workdir,
+                                 quiet, parts=parts)
         (workdir / "compressdit_recipe.yaml").write_text(recipe.dump())
         write_model_card(workdir, display_path=str(out), recipe=recipe, reference_name=model,
                          reference_folder=folder, model=result.model, report=None)

@@ -18,6 +18,7 @@ from torch import nn
 
 from compressdit.errors import ConfigError
 from compressdit.models.base import ModelAdapter
+from compressdit.moe.blocks import routed_stacks
 
 IMAGE_STREAM = "hidden_states"
 LayerMap = list[tuple[int, int]]  # (student block, teacher block) in execution order
@@ -111,8 +112,6 @@ def resolve_layer_map(adapter: ModelAdapter, student: nn.Module, teacher: nn.Mod
 
 
 def _group_map(student: nn.Module, s_stacks) -> LayerMap:
-    from compressdit.moe.blocks import routed_stacks
-
     routed = routed_stacks(student)
     if not routed:
         raise ConfigError("layer_map 'groups' needs a student with routed blocks (run the mob stage first); "
