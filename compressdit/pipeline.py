@@ -125,7 +125,9 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
                             lambda skeleton: load_source(model, text_encoder=text_encoder, embeddings=embeddings,
                                                          cache_dir=default_cache_dir(), transformer=skeleton))
     source = load_source(model, text_encoder=text_encoder, embeddings=embeddings, cache_dir=default_cache_dir())
-    adapter = adapter_for(source.transformer)
+    adapter = adapter_for(source.transformer, source.folder if source.is_pipeline else None)
+    if adapter.drives_pipeline and not all(STAGES.get(s.name).runs_driven for s in recipe.stages):
+        raise adapter.cannot_sample()  # before the calibration, not after it
     if not ranks.is_main_process:
         return _helper_rank(recipe, PipelineState(source=source, adapter=adapter, model=source.transformer,
                                                   workdir=Path(out), reference_spec=model, quiet=True,

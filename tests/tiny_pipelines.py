@@ -32,12 +32,13 @@ def _seeded(build, seed: int):
     return build().eval()
 
 
-def t5(seed: int = 1):
-    from transformers import T5Config, T5EncoderModel
+def t5(seed: int = 1, width: int = T5_WIDTH, umt5: bool = False):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(vocab_size=30522, d_model=T5_WIDTH, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                      relative_attention_num_buckets=8, pad_token_id=0)
-    return _seeded(lambda: T5EncoderModel(config), seed)
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_class(vocab_size=30522, d_model=width, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                          relative_attention_num_buckets=8, pad_token_id=0)
+    return _seeded(lambda: model_class(config), seed)
 
 
 def clip(seed: int = 2, projection: bool = False):
@@ -49,11 +50,11 @@ def clip(seed: int = 2, projection: bool = False):
     return _seeded(lambda: (CLIPTextModelWithProjection if projection else CLIPTextModel)(config), seed)
 
 
-def vae(seed: int = 3, shift_factor: float | None = None):
+def vae(seed: int = 3, shift_factor: float | None = None, channels: int = 4):
     from diffusers import AutoencoderKL
 
     return _seeded(lambda: AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
         norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         sample_size=IMAGE_SIZE, shift_factor=shift_factor), seed)
 
@@ -147,8 +148,35 @@ def latte_pipeline(seed: int = 0):
                          scheduler=scheduler)
 
 
+def auraflow_pipeline(seed: int = 0):
+    """AuraFlow (UMT5): a family without a compressdit adapter, sampled through its own ``__call__``."""
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    transformer = _seeded(lambda: AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=64,
+        out_channels=4, pos_embed_max_size=256), seed)
+    return AuraFlowPipeline(tokenizer=tokenizer(64), text_encoder=t5(1, width=64, umt5=True), vae=vae(),
+                            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+
+
+def chroma_pipeline(seed: int = 0):
+    """Chroma (T5; guidance as two transformer calls per step): no compressdit adapter, sampled through its
+    own ``__call__``; 16-channel latents, 64 px when called with ``height = width = 64``."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    transformer = _seeded(lambda: ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=64, axes_dims_rope=(4, 6, 6), approximator_num_channels=64,
+        approximator_hidden_dim=64, approximator_layers=1), seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return ChromaPipeline(scheduler=scheduler, vae=vae(shift_factor=0.0, channels=16), text_encoder=t5(1, width=64),
+                          tokenizer=tokenizer(64), transformer=transformer)
+
+
 BUILDERS = {"pixart": pixart_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline, "cogvideox": cogvideox_pipeline,
-            "wan": wan_pipeline, "latte": latte_pipeline}
+            "wan": wan_pipeline, "latte": latte_pipeline, "auraflow": auraflow_pipeline, "chroma": chroma_pipeline}
 
 
 def save_pipeline(family: str, path: Path) -> Path:

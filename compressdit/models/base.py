@@ -120,6 +120,7 @@ class ModelAdapter(ABC):
     frame_axis: ClassVar[int | None] = None
     original_arch: ClassVar[str | None] = None  # GGUF ``general.architecture`` of the original layout (ComfyUI-GGUF)
     ffn_modules: ClassVar[tuple[str, ...]] = ()  # anchored regexes of the diffusers ``FeedForward``s (Dense2MoE)
+    drives_pipeline: ClassVar[bool] = False  # samples through a pipeline's own __call__ (models/driven.py)
 
     def role_of(self, name: str) -> str | None:
         for role, patterns in self.roles.items():

@@ -96,23 +96,23 @@ class GenericAdapter(ModelAdapter):
     def synthetic_conditioning(self, model, batch, seed=0):
         return None  # the forward's calling convention is the pipeline's; reload checks compare tensors
 
-    def _cannot_sample(self) -> UnsupportedModelError:
+    def cannot_sample(self) -> UnsupportedModelError:
         return UnsupportedModelError(
-            f"compressdit has no sampling loop for {self.model_class_name} (no family adapter), so stages that "
-            f"sample (calibrate, evaluate, mixed precision, distill) cannot run; use a calibration-free recipe "
-            f"with --no-eval ({CALIBRATION_FREE})")
+            f"compressdit has no sampling loop for {self.model_class_name} (no family adapter): calibrated recipes "
+            f"need the pipeline folder (model_index.json), which compressdit samples through; from a bare "
+            f"transformer folder use a calibration-free recipe with --no-eval ({CALIBRATION_FREE})")
 
     def latent_shape(self, model):
-        raise self._cannot_sample()
+        raise self.cannot_sample()
 
     def encode(self, model, conditions):
-        raise self._cannot_sample()
+        raise self.cannot_sample()
 
     def null_conditions(self, count):
-        raise self._cannot_sample()
+        raise self.cannot_sample()
 
     def predict(self, model, latents, timestep, cond):
-        raise self._cannot_sample()
+        raise self.cannot_sample()
 
     def scheduler(self, model):
         """None: there is nothing to sample with (stages that sample stop at ``latent_shape`` / ``encode``)."""

@@ -3,21 +3,28 @@ transformer with ``nn.Linear`` layers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from compressdit.errors import UnsupportedModelError
 from compressdit.models.base import ADAPTERS, ModelAdapter
+from compressdit.models.driven import DrivenAdapter
 from compressdit.models.generic import GenericAdapter
 
 
-def adapter_for(model: nn.Module) -> ModelAdapter:
+def adapter_for(model: nn.Module, pipeline: Path | None = None) -> ModelAdapter:
     """The adapter registered for ``model``'s class (checked by class name, then by base classes); any other
-    diffusers model with ``nn.Linear`` layers gets a :class:`~compressdit.models.generic.GenericAdapter`."""
+    diffusers model with ``nn.Linear`` layers gets a :class:`~compressdit.models.generic.GenericAdapter`, or, when
+    it came from the pipeline folder ``pipeline``, a :class:`~compressdit.models.driven.DrivenAdapter` that samples
+    through that pipeline."""
     for cls in type(model).__mro__:
         for _, adapter in ADAPTERS.items():
             if adapter.model_class_name == cls.__name__:
                 return adapter
     try:
+        if pipeline is not None and (Path(pipeline) / "model_index.json").exists():
+            return DrivenAdapter(model, pipeline)
         return GenericAdapter(model)
     except UnsupportedModelError as exc:
         supported = ", ".join(sorted(a.model_class_name for _, a in ADAPTERS.items()))

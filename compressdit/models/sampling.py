@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from compressdit.errors import ConfigError
 from compressdit.models.base import Conditioning, ModelAdapter
 from compressdit.models.prompt_encoders import PromptEncoder, encode_null, resolve_prompts
 
@@ -39,8 +40,14 @@ def sample(adapter: ModelAdapter, model: nn.Module, conditions: list[Any], sched
     """Sample latents for ``conditions``; ``on_step(i, t, latents_in, prediction)`` sees every step.
 
     ``prompt_encoder`` embeds prompts (and the null prompts of classifier-free guidance) with the model's own text
-    encoder; without one, prompts reach ``adapter.encode`` as strings.
+    encoder; without one, prompts reach ``adapter.encode`` as strings. An adapter that drives its pipeline
+    (:mod:`compressdit.models.driven`) samples with the stock ``__call__`` instead (per-sample seeds; no ``latents``).
     """
+    if adapter.drives_pipeline:
+        if latents is not None:
+            raise ConfigError(f"{adapter.model_class_name}: a pipeline sampled through its own __call__ draws its own "
+                              "latents (per-sample seeds); pass seed, not latents")
+        return adapter.drive(model, list(conditions), steps, guidance, seed, on_step, batch_size)
     param = next(model.parameters())
     device = param.device
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

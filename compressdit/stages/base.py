@@ -69,6 +69,9 @@ class Stage(ABC):
     config_class: ClassVar[type[StrictConfig]]
     needs_checkpoint: ClassVar[bool] = False  # the pipeline writes the checkpoint before such a stage
     needs_baseline: ClassVar[bool] = False  # the pipeline builds ``state.baseline`` (config.baseline) before it
+    #: runs on a model sampled only through its pipeline's own ``__call__`` (``models/driven.py``): the stage
+    #: samples, if at all, with ``models.sampling.sample`` and never calls the transformer itself
+    runs_driven: ClassVar[bool] = False
 
     def parse(self, data: Any, where: str) -> StrictConfig:
         return self.config_class.from_dict(data, where)

@@ -13,6 +13,7 @@ from compressdit.calibration.distributed import rank_batches, reduce_max, reduce
 from compressdit.calibration.sets import load_conditions, resolve_set, set_bytes
 from compressdit.calibration.stats import ActivationStats, cache_key, capture_input_absmax, stats_from_recorder
 from compressdit.config_base import StrictConfig
+from compressdit.errors import ConfigError
 from compressdit.models.sampling import initial_latents, sample
 from compressdit.progress import progress_bar
 from compressdit.stages.base import STAGES, PipelineState, Stage
@@ -25,7 +26,9 @@ class CalibrateConfig(StrictConfig):
     ``set`` is a shipped set name or a local ``.jsonl`` / ``.parquet`` / ``.csv`` file or folder of them with a
     ``prompt`` (text models) or ``class_id`` (class models) column (``--calib`` on the CLI); ``samples``
     conditions are drawn from it (cycled). Prompts go through the model's prompt encoder. Statistics are cached
-    on disk per model + settings (+ prompt encoder).
+    on disk per model + settings (+ prompt encoder). ``size`` (pixels, square): the resolution of a pipeline that
+    compressdit samples through its own ``__call__`` (families without an adapter, :mod:`compressdit.models.driven`;
+    default: the pipeline's own); adapters sample at their config's latent size and refuse it.
     """
 
     set: str | None = None
@@ -34,13 +37,22 @@ class CalibrateConfig(StrictConfig):
     guidance: float = 4.0
     seed: int = 1234
     batch_size: int = 32
+    size: int | None = None
 
     def validate(self, where: str) -> None:
         self.require_positive(where, "samples", "steps", "batch_size")
+        if self.size is not None:
+            self.require_positive(where, "size")
 
 
 def run_calibration(state: PipelineState, config: CalibrateConfig) -> ActivationStats:
     adapter, model = state.adapter, state.model
+    if config.size is not None:
+        if not adapter.drives_pipeline:
+            raise ConfigError(f"calibrate.size applies only to a pipeline folder sampled through its own __call__ (a "
+                              f"family without a compressdit adapter); {adapter.model_class_name} from "
+                              f"{state.source.folder} is not one: remove size")
+        adapter.set_size(config.size)
     path = resolve_set(config.set, adapter.condition_kind)
     conditions = load_conditions(path, adapter.condition_kind, limit=config.samples)
     state.calibration_conditions = conditions
@@ -49,6 +61,8 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
     settings = {**config.to_dict(), "set": str(path), "set_bytes": set_bytes(path), "stats": "absmax+meansq"}
     if encoder is not None:  # models without their own encoder keep their cache keys
         settings["prompt_encoder"] = encoder.key
+    if adapter.drives_pipeline:
+        settings["pipeline"] = adapter.key
     cache: Path | None = None
     if state.cache_dir is not None:
         cache = state.cache_dir / "calibration" / f"{cache_key(model, settings)}.safetensors"
@@ -63,7 +77,7 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
             progress_bar("calibrate", total=config.steps * len(batches), quiet=state.quiet) as bar:
         def on_step(i, t, latents, prediction):
             if len(timesteps) < config.steps:
-                timesteps.append(int(t))
+                timesteps.append(int(t) if float(t).is_integer() else round(float(t), 6))
             recorder.step = i + 1 if i + 1 < config.steps else 0
             bar.update(1)
 
@@ -71,11 +85,13 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
         if ranks.num_processes == 1:
             sample(adapter, model, conditions, scheduler, steps=config.steps, guidance=config.guidance,
                    seed=config.seed, on_step=on_step, batch_size=config.batch_size, prompt_encoder=encoder)
-        else:  # this rank's batches, from the latents one process draws for them
-            latents = initial_latents(adapter, model, len(conditions), config.seed)
+        else:  # this rank's batches, from the latents one process draws for them (a driven pipeline: its seeds)
+            latents = None if adapter.drives_pipeline else initial_latents(adapter, model, len(conditions),
+                                                                           config.seed)
             for start, end in batches:
                 sample(adapter, model, conditions[start:end], scheduler, steps=config.steps,
-                       guidance=config.guidance, latents=latents[start:end], on_step=on_step,
+                       guidance=config.guidance, seed=config.seed + start,
+                       latents=None if latents is None else latents[start:end], on_step=on_step,
                        batch_size=config.batch_size, prompt_encoder=encoder)
     if ranks.num_processes > 1:
         widths = {n: m.in_features for n, m in layers.items()}
@@ -90,6 +106,7 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
 
 class CalibrateStage(Stage):
     config_class = CalibrateConfig
+    runs_driven = True
 
     def run(self, state: PipelineState, config: CalibrateConfig) -> None:
         started = time.perf_counter()

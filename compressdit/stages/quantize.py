@@ -16,6 +16,7 @@ class QuantizeConfig(MethodStageConfig):
 
 class QuantizeStage(MethodStage):
     config_class = QuantizeConfig
+    runs_driven = True
     methods = METHODS
 
     def run(self, state: PipelineState, config: QuantizeConfig) -> None:

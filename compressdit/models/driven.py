@@ -1,0 +1,136 @@
+"""Sampling through a pipeline's own ``__call__``: calibration for diffusers families without a compressdit adapter.
+
+A :class:`~compressdit.models.generic.GenericAdapter` knows a model's layers but not its calling convention
+(latent layout, timestep scale, position ids, extra conditions): that lives in the family's diffusers pipeline.
+When the source is a pipeline folder (Sana, Lumina2, AuraFlow, Chroma, HunyuanDiT, CogView4, Qwen-Image, LTX, ...),
+:class:`DrivenAdapter` lets that pipeline sample: ``pipeline(prompts, num_inference_steps=..., guidance_scale=...,
+generator=[one per sample], output_type="latent")`` with the transformer being compressed in the ``transformer``
+slot, so its text encoders, schedulers and guidance are exactly the stock ones. A forward pre-hook on the
+transformer (a context manager) reads the ``timestep`` each call gets: a new value starts a new denoising step, so
+pipelines that run the conditional and unconditional halves as two calls count once per step, like the adapters'
+batched guidance. Statistics hooks on the layers (calibration, GPTQ Hessians, LRQ, AdaRound) then see the stock
+trajectory. Seeds are per sample (``seed + i``), so a sample never depends on the batch size.
+
+What it cannot do: anything that calls the transformer outside the pipeline's loop (single-step probes of mixed
+precision, per-step trajectory metrics, distillation): those still raise the generic adapter's one-line error.
+``size`` (pixels, square) overrides the pipeline's default resolution (``calibrate: {size: 512}``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from compressdit.errors import ConfigError, UnsupportedModelError
+from compressdit.models.generic import GenericAdapter
+
+StepCallback = Callable[[int, torch.Tensor, None, None], None]
+
+
+def _timestep_of(args: tuple, kwargs: dict) -> float:
+    value = kwargs.get("timestep", kwargs.get("timesteps"))
+    if value is None:
+        raise UnsupportedModelError("the pipeline called its transformer without a `timestep` keyword: compressdit "
+                                    "cannot tell its denoising steps apart; use a calibration-free recipe")
+    return float(torch.as_tensor(value).flatten()[0])
+
+
+@contextlib.contextmanager
+def denoising_steps(model: nn.Module, on_step: StepCallback | None) -> Iterator[None]:
+    """Call ``on_step(i, t, None, None)`` after denoising step ``i`` (before step ``i + 1``'s first transformer
+    call, and on leaving for the last step), where a step is a run of calls with one ``timestep`` value."""
+    state = {"step": 0, "t": None}
+
+    def before(module, args, kwargs):
+        t = _timestep_of(args, kwargs)
+        if state["t"] is not None and t != state["t"]:
+            if on_step is not None:
+                on_step(state["step"], torch.tensor(state["t"]), None, None)
+            state["step"] += 1
+        state["t"] = t
+
+    handle = model.register_forward_pre_hook(before, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if state["t"] is not None and on_step is not None:
+        on_step(state["step"], torch.tensor(state["t"]), None, None)
+
+
+class DrivenAdapter(GenericAdapter):
+    """A generic adapter whose sampling runs the pipeline folder's stock ``__call__`` (see module doc)."""
+
+    family = "generic-pipeline"
+    drives_pipeline = True
+
+    def __init__(self, model: nn.Module, folder: Path) -> None:
+        super().__init__(model)
+        self.folder = Path(folder)
+        self.size: int | None = None
+        self._pipeline = None
+        #: names the pipeline (its model_index.json) in calibration cache keys
+        self.key = hashlib.sha256((self.folder / "model_index.json").read_bytes()).hexdigest()[:16]
+
+    def cannot_sample(self) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"{self.model_class_name} is sampled through its pipeline's own __call__ (no family adapter): "
+            f"calibration runs, but stages that call the transformer outside that loop (evaluate, mixed precision, "
+            f"distill, pruning) cannot; pass --no-eval, with a recipe without those stages")
+
+    def set_size(self, size: int | None) -> None:
+        """Square resolution in pixels every later sampling call asks for (``None``: the pipeline's default)."""
+        self.size = size
+
+    def pipeline(self, model: nn.Module):
+        """The stock pipeline of the folder with ``model`` in its transformer slot, on ``model``'s device."""
+        from diffusers import DiffusionPipeline
+
+        param = next(model.parameters())
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        if self._pipeline is None:
+            self._pipeline = DiffusionPipeline.from_pretrained(self.folder, transformer=model, dtype=dtype)
+            self._pipeline.set_progress_bar_config(disable=True)
+        pipe = self._pipeline
+        if pipe.transformer is not model:
+            pipe = type(pipe)(**{**pipe.components, "transformer": model})
+            pipe.set_progress_bar_config(disable=True)
+        return pipe.to(param.device)
+
+    def _call_options(self, pipe, steps: int, guidance: float) -> dict:
+        parameters = inspect.signature(type(pipe).__call__).parameters
+        options = {"num_inference_steps": steps, "output_type": "latent"}
+        if "guidance_scale" in parameters:
+            options["guidance_scale"] = guidance
+        if self.size is not None:
+            if not {"height", "width"} <= set(parameters):
+                raise ConfigError(f"calibrate.size: {type(pipe).__name__}.__call__ takes no height / width")
+            options["height"] = options["width"] = self.size
+        return options
+
+    @torch.no_grad()
+    def drive(self, model: nn.Module, prompts: list[str], steps: int, guidance: float, seed: int,
+              on_step: StepCallback | None, batch_size: int) -> torch.Tensor:
+        """Final latents of ``prompts`` from the stock pipeline, ``batch_size`` prompts per call."""
+        if not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"{self.model_class_name}: a pipeline sampled through its own __call__ takes prompts "
+                              "(a calibration set with a `prompt` column), not class ids or embeddings")
+        pipe = self.pipeline(model)
+        options = self._call_options(pipe, steps, guidance)
+        outputs = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+            with denoising_steps(model, on_step):
+                result = pipe(prompt=chunk, generator=generators, **options)
+            latents = getattr(result, "images", None)
+            if latents is None:
+                latents = getattr(result, "frames", None)
+            outputs.append(torch.as_tensor(latents).float().cpu())
+        return torch.cat(outputs)

@@ -1,0 +1,95 @@
+"""``compressdit quantize`` with calibrated recipes on pipelines of families compressdit has no adapter for (tiny
+AuraFlow with UMT5, Chroma with T5; random weights, built offline): the calibration samples through the stock
+pipeline's ``__call__``, the output reloads with stock ``DiffusionPipeline.from_pretrained`` and generates close to
+the float pipeline at the same seeds. What cannot run (evaluation, a bare transformer folder, ``size`` for an adapter
+family) stops with one line before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from tests.integration.test_cli_errors import (ROOT, assert_nothing_written, assert_one_line_error,
+                                               offline_cli_environment, run_main)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_env(tmp_path_factory):
+    with offline_cli_environment(tmp_path_factory.mktemp("env")) as tmp:
+        yield tmp
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("COMPRESSDIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _recipe(tmp_path: Path, evaluate: bool = False, size: int | None = 64) -> Path:
+    """The shipped w8a8 recipe with a 2-prompt, 2-step calibration at ``size`` px."""
+    recipe = yaml.safe_load((ROOT / "recipes" / "w8a8.yaml").read_text())
+    for stage in recipe["stages"]:
+        if "calibrate" in stage:
+            stage["calibrate"].update(samples=2, steps=2, batch_size=2, **({"size": size} if size else {}))
+    if not evaluate:
+        recipe["stages"] = [s for s in recipe["stages"] if "evaluate" not in s]
+    path = tmp_path / "w8a8-small.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _latents(folder: Path) -> torch.Tensor:
+    import compressdit  # noqa: F401  (registers the quantizer backend, as a user's import does)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(["a red fox", "a grey cat"], num_inference_steps=3, guidance_scale=4.0, height=64, width=64,
+                output_type="latent", generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+
+
+@pytest.mark.parametrize("family", ["auraflow", "chroma"])
+def test_calibrated_w8a8_through_the_pipelines_own_call(family, text_pipeline_dir, tmp_path, cache):
+    folder = text_pipeline_dir(family)
+    result = run_main("quantize", folder, "--recipe", _recipe(tmp_path), "--no-eval", "--out", tmp_path / "out",
+                      "--json")
+    assert result.code == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["quantized_modules"] > 0 and "calibrate_s" in summary["timings"]
+    stats = sorted((cache / "calibration").glob("*.safetensors"))
+    assert len(stats) == 1
+    with safe_open(str(stats[0]), "pt") as handle:
+        assert len(json.loads(handle.metadata()["timesteps"])) == 2  # one entry per denoising step, not per call
+        absmax = [handle.get_tensor(k) for k in handle.keys() if not k.startswith("meansq")]
+    assert absmax and all(t.shape[0] == 2 and (t > 0).any(dim=1).all() for t in absmax)  # every layer, each step
+    config = json.loads((tmp_path / "out" / "transformer" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressdit"
+    reference, quantized = _latents(folder), _latents(tmp_path / "out")
+    error = ((quantized - reference).norm() / reference.norm()).item()
+    assert torch.isfinite(quantized).all() and 0 < error < 0.05
+
+
+def test_what_a_driven_pipeline_cannot_run_stops_first(text_pipeline_dir, tmp_path, cache):
+    folder = text_pipeline_dir("auraflow")
+    result = run_main("quantize", folder, "--recipe", _recipe(tmp_path, evaluate=True), "--out", tmp_path / "no")
+    assert_one_line_error(result, "AuraFlowTransformer2DModel", "own __call__", "--no-eval")
+    assert_nothing_written(tmp_path / "no")
+    assert not (cache / "calibration").exists()  # refused before calibrating, not after
+    result = run_main("quantize", folder / "transformer", "--recipe", _recipe(tmp_path, size=None), "--no-eval",
+                      "--out", tmp_path / "no")
+    assert_one_line_error(result, "pipeline folder", "rtn-w8a8")
+    assert_nothing_written(tmp_path / "no")
+
+
+def test_size_is_for_driven_pipelines_only(text_pipeline_dir, tmp_path):
+    result = run_main("quantize", text_pipeline_dir("pixart"), "--recipe", _recipe(tmp_path), "--no-eval",
+                      "--out", tmp_path / "no")
+    assert_one_line_error(result, "calibrate.size", "PixArtTransformer2DModel")
+    assert_nothing_written(tmp_path / "no")

@@ -1,0 +1,87 @@
+"""Sampling through a pipeline's own ``__call__`` (families without a compressdit adapter): the step tracking hook,
+the adapter choice, per-sample seeds, and the stock trajectory the statistics hooks see."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compressdit.errors import ConfigError, UnsupportedModelError
+from compressdit.models import adapter_for
+from compressdit.models.driven import DrivenAdapter, denoising_steps
+from compressdit.models.generic import GenericAdapter
+from compressdit.models.sampling import sample
+
+
+class _Echo(nn.Module):
+    def forward(self, hidden_states, timestep=None):
+        return hidden_states
+
+
+def test_denoising_steps_counts_runs_of_one_timestep():
+    """Two calls per step (cond + uncond as separate calls, as Chroma's pipeline makes them) count once; the last
+    step is reported on leaving; the hook is gone afterwards."""
+    model, seen = _Echo(), []
+    with denoising_steps(model, lambda i, t, x, p: seen.append((i, float(t)))):
+        for t in (1.0, 1.0, 0.5, 0.5, 0.25):
+            model(torch.zeros(1), timestep=torch.tensor([t, t]))
+    assert seen == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    model(torch.zeros(1), timestep=torch.tensor([0.1]))
+    assert len(seen) == 3 and not model._forward_pre_hooks
+
+
+def test_a_transformer_called_without_timestep_is_refused():
+    model = _Echo()
+    with pytest.raises(UnsupportedModelError, match="timestep"):
+        with denoising_steps(model, None):
+            model(torch.zeros(1))
+
+
+@pytest.fixture(scope="module")
+def auraflow(text_pipeline_dir):
+    from diffusers import AuraFlowTransformer2DModel
+
+    folder = text_pipeline_dir("auraflow")
+    return folder, AuraFlowTransformer2DModel.from_pretrained(folder / "transformer").eval()
+
+
+def test_pipeline_folder_gets_the_driven_adapter(auraflow):
+    folder, model = auraflow
+    assert isinstance(adapter_for(model, folder), DrivenAdapter)
+    bare = adapter_for(model)
+    assert type(bare) is GenericAdapter and not bare.drives_pipeline
+    assert type(adapter_for(model, folder / "transformer")) is GenericAdapter  # no model_index.json there
+
+
+def test_driven_sampling_is_the_stock_pipeline_with_per_sample_seeds(auraflow):
+    """Latents equal the stock pipeline's for the same per-sample generators, whatever the batch size; every
+    step reaches ``on_step`` once per pipeline call."""
+    from diffusers import DiffusionPipeline
+
+    folder, model = auraflow
+    adapter = adapter_for(model, folder)
+    adapter.set_size(64)
+    prompts = ["a red fox", "a grey cat", "a boat"]
+    steps_seen = []
+    together = sample(adapter, model, prompts, None, steps=3, guidance=4.0, seed=5, batch_size=3,
+                      on_step=lambda i, t, x, p: steps_seen.append(i))
+    apart = sample(adapter, model, prompts, None, steps=3, guidance=4.0, seed=5, batch_size=2)
+    assert steps_seen == [0, 1, 2] and together.shape == (3, 4, 8, 8)
+    torch.testing.assert_close(apart, together, rtol=1e-4, atol=1e-5)
+    stock = DiffusionPipeline.from_pretrained(folder, transformer=model)
+    stock.set_progress_bar_config(disable=True)
+    expected = stock(prompts[1], num_inference_steps=3, guidance_scale=4.0, height=64, width=64,
+                     output_type="latent", generator=torch.Generator().manual_seed(6)).images
+    torch.testing.assert_close(together[1:2], expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="latents"):
+        sample(adapter, model, prompts, None, steps=1, latents=torch.zeros(3, 4, 8, 8))
+    with pytest.raises(ConfigError, match="prompts"):
+        sample(adapter, model, [3, 4], None, steps=1)
+
+
+def test_driven_adapter_refuses_single_step_probes(auraflow):
+    folder, model = auraflow
+    adapter = adapter_for(model, folder)
+    with pytest.raises(UnsupportedModelError, match="--no-eval"):
+        adapter.predict(model, torch.zeros(1, 4, 8, 8), torch.tensor([1.0]), None)
