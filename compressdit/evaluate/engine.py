@@ -51,6 +51,11 @@ def logical_parameters(model: nn.Module) -> int:
     return total
 
 
+def metric_row(name: str, better: str | None, entries: list[Entry], fn, unit: str = "") -> dict:
+    """One row of the report's metrics table: ``fn(entry)`` per column (``better``: "lower", "higher" or None)."""
+    return {"name": name, "unit": unit, "better": better, "values": {e.column: fn(e) for e in entries}}
+
+
 @dataclass
 class EvalSettings:
     samples: int = 256
@@ -165,8 +170,21 @@ def _trajectory_errors(adapter, reference: nn.Module, others: list[Entry], condi
 @torch.no_grad()
 def _layer_sqnr(adapter, reference: nn.Module, entries: list[Entry], conditions,
                 settings: EvalSettings, prompt_encoder: PromptEncoder | None = None) -> dict | None:
-    """SQNR of each compressed layer alone: the same captured input through reference and compressed layer;
-    None when no entry names a compressed layer (a pruned or distilled model: the report leaves the plot out)."""
+    """SQNR of each compressed layer alone on the reference's inputs at timesteps 900, 500 and 100."""
+    def run_reference() -> None:
+        cond = encode_conditions(adapter, reference, conditions, prompt_encoder)
+        x = initial_latents(adapter, reference, len(conditions), settings.seed)
+        for t in (900, 500, 100):
+            adapter.predict(reference, x, torch.tensor([t]), cond)
+
+    return layer_sqnr(reference, entries, run_reference)
+
+
+@torch.no_grad()
+def layer_sqnr(reference: nn.Module, entries: list[Entry], run_reference) -> dict | None:
+    """SQNR of each compressed layer alone: the inputs each reference layer sees while ``run_reference()`` runs,
+    through the reference and the compressed layer; None when no entry names a compressed layer (a pruned or
+    distilled model: the report leaves the plot out)."""
     names = sorted({n for e in entries for n in e.compressed_layers}, key=list(dict(reference.named_modules())).index)
     if not names:
         return None
@@ -174,10 +192,7 @@ def _layer_sqnr(adapter, reference: nn.Module, entries: list[Entry], conditions,
     handles = [reference.get_submodule(n).register_forward_hook(
         lambda m, args, out, n=n: captured[n].append((args[0].detach(), out.detach()))) for n in names]
     try:
-        cond = encode_conditions(adapter, reference, conditions, prompt_encoder)
-        x = initial_latents(adapter, reference, len(conditions), settings.seed)
-        for t in (900, 500, 100):
-            adapter.predict(reference, x, torch.tensor([t]), cond)
+        run_reference()
     finally:
         for handle in handles:
             handle.remove()
@@ -213,8 +228,7 @@ def evaluate(adapter: ModelAdapter, reference: Entry, candidate: Entry, baseline
     metrics = []
 
     def metric(name, better, fn, unit=""):
-        metrics.append({"name": name, "unit": unit, "better": better,
-                        "values": {e.column: fn(e) for e in entries}})
+        metrics.append(metric_row(name, better, entries, fn, unit))
 
     classifier = features.classifier()
     with torch.no_grad():

@@ -81,8 +81,8 @@ class DrivenAdapter(GenericAdapter):
     def cannot_sample(self) -> UnsupportedModelError:
         return UnsupportedModelError(
             f"{self.model_class_name} is sampled through its pipeline's own __call__ (no family adapter): "
-            f"calibration runs, but stages that call the transformer outside that loop (evaluate, mixed precision, "
-            f"distill, pruning) cannot; pass --no-eval, with a recipe without those stages")
+            f"calibration and evaluation run, but what calls the transformer outside that loop (ViDiT-Q mixed "
+            f"precision probes, distillation, pruning) cannot; use a recipe without those stages")
 
     def set_size(self, size: int | None) -> None:
         """Square resolution in pixels every later sampling call asks for (``None``: the pipeline's default)."""
@@ -103,9 +103,9 @@ class DrivenAdapter(GenericAdapter):
             pipe.set_progress_bar_config(disable=True)
         return pipe.to(param.device)
 
-    def _call_options(self, pipe, steps: int, guidance: float) -> dict:
+    def _call_options(self, pipe, steps: int, guidance: float, output_type: str) -> dict:
         parameters = inspect.signature(type(pipe).__call__).parameters
-        options = {"num_inference_steps": steps, "output_type": "latent"}
+        options = {"num_inference_steps": steps, "output_type": output_type}
         if "guidance_scale" in parameters:
             options["guidance_scale"] = guidance
         if self.size is not None:
@@ -116,13 +116,14 @@ class DrivenAdapter(GenericAdapter):
 
     @torch.no_grad()
     def drive(self, model: nn.Module, prompts: list[str], steps: int, guidance: float, seed: int,
-              on_step: StepCallback | None, batch_size: int) -> torch.Tensor:
-        """Final latents of ``prompts`` from the stock pipeline, ``batch_size`` prompts per call."""
+              on_step: StepCallback | None, batch_size: int, output_type: str = "latent") -> torch.Tensor:
+        """Final latents of ``prompts`` from the stock pipeline, ``batch_size`` prompts per call (``output_type=
+        "pt"``: the decoded images in ``[0, 1]``, as the pipeline returns them)."""
         if not all(isinstance(p, str) for p in prompts):
             raise ConfigError(f"{self.model_class_name}: a pipeline sampled through its own __call__ takes prompts "
                               "(a calibration set with a `prompt` column), not class ids or embeddings")
         pipe = self.pipeline(model)
-        options = self._call_options(pipe, steps, guidance)
+        options = self._call_options(pipe, steps, guidance, output_type)
         outputs = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]

@@ -81,6 +81,8 @@ class _Probe:
     def __init__(self, model: nn.Module, ctx: QuantContext, config: MixedPrecisionConfig) -> None:
         if not ctx.conditions:
             raise ConfigError("mixed precision needs calibration conditions: add a calibrate stage before quantize")
+        if ctx.adapter.drives_pipeline:  # its probes call the transformer outside the pipeline's loop
+            raise ctx.adapter.cannot_sample()
         self.model, self.ctx, self.config = model, ctx, config
         self.conditions = (ctx.conditions * config.probe_samples)[: config.probe_samples]
         adapter = ctx.adapter

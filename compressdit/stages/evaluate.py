@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
+from compressdit.evaluate.driven import evaluate_driven
 from compressdit.evaluate.engine import Entry, EvalSettings, evaluate
 from compressdit.evaluate.report import write_report
 from compressdit.io.sources import ModelSource
@@ -32,8 +34,11 @@ class EvaluateConfig(StrictConfig):
     real_samples: int = 2000
     fidelity_samples: int = 16
     effnet: bool = True
+    size: int | None = None  # pixels: a pipeline sampled through its own __call__ (see calibrate.size)
 
     def validate(self, where: str) -> None:
+        if self.size is not None and self.size <= 0:
+            raise ConfigError(f"{where}.size: must be positive, got {self.size}")
         if self.samples < 2:
             raise ConfigError(f"{where}.samples: need at least 2 samples for Frechet distances, got {self.samples}")
         if self.steps <= 0:
@@ -78,13 +83,20 @@ def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateCon
     ``config.baseline``) and write the report to ``out_dir``."""
     if reference.vae is None:
         raise ConfigError(f"reference {reference.name} has no VAE: pass a pipeline folder (with vae/) as reference")
-    adapter = adapter_for(reference.transformer)
+    adapter = adapter_for(reference.transformer, reference.folder if reference.is_pipeline else None)
     ref_entry = Entry("reference", reference.transformer, f"{reference.name} (uncompressed)",
                       reference.transformer_folder)
     started = time.perf_counter()
-    report = evaluate(adapter, ref_entry, candidate, baseline, reference.vae,
-                      reference.scheduler or adapter.scheduler(reference.transformer), config.settings(), quiet,
-                      cache_dir, reference.prompt_encoder)
+    if config.size is not None and not adapter.drives_pipeline:
+        raise ConfigError(f"evaluate.size applies only to a pipeline folder sampled through its own __call__ (a "
+                          f"family without a compressdit adapter); {adapter.model_class_name} is not one: remove size")
+    if adapter.drives_pipeline:
+        adapter.set_size(config.size)
+        report = evaluate_driven(adapter, ref_entry, candidate, baseline, config.settings(), quiet)
+    else:
+        report = evaluate(adapter, ref_entry, candidate, baseline, reference.vae,
+                          reference.scheduler or adapter.scheduler(reference.transformer), config.settings(), quiet,
+                          cache_dir, reference.prompt_encoder)
     report["title"] = title
     report["notes"] = list(notes or []) + [f"evaluation took {time.perf_counter() - started:.1f} s on "
                                            f"{'CUDA' if next(candidate.model.parameters()).is_cuda else 'CPU'}"]
@@ -98,6 +110,7 @@ class EvaluateStage(Stage):
     config_class = EvaluateConfig
     needs_checkpoint = True
     needs_baseline = True
+    runs_driven = True
 
     def run(self, state: PipelineState, config: EvaluateConfig) -> None:
         reference = state.reference()
@@ -111,6 +124,8 @@ class EvaluateStage(Stage):
         if reshaped and state.block_origin is None:
             state.notes.append(f"per-layer SQNR leaves out the {len(reshaped)} quantized layers width pruning "
                                "reshaped (the reference layer's inputs do not fit them)")
+        if config.size is None and state.adapter.drives_pipeline:  # the calibration's resolution
+            config = dataclasses.replace(config, size=state.adapter.size)
         state.report = run_evaluation(candidate, reference, config, state.workdir / "report",
                                       f"compressdit report: {state.recipe_name} on {state.reference_spec}",
                                       state.quiet, state.cache_dir, state.notes, state.tables, state.figures,

@@ -32,15 +32,17 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
-def _recipe(tmp_path: Path, evaluate: bool = False, size: int | None = 64) -> Path:
-    """The shipped w8a8 recipe with a 2-prompt, 2-step calibration at ``size`` px."""
-    recipe = yaml.safe_load((ROOT / "recipes" / "w8a8.yaml").read_text())
+def _recipe(tmp_path: Path, evaluate: bool = False, size: int | None = 64, name: str = "w8a8") -> Path:
+    """A shipped recipe with a 2-prompt, 2-step calibration at ``size`` px (and a 4-sample evaluation)."""
+    recipe = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())
     for stage in recipe["stages"]:
         if "calibrate" in stage:
             stage["calibrate"].update(samples=2, steps=2, batch_size=2, **({"size": size} if size else {}))
+        if "evaluate" in stage:
+            stage["evaluate"].update(samples=4, steps=3, fidelity_samples=2, effnet=False)
     if not evaluate:
         recipe["stages"] = [s for s in recipe["stages"] if "evaluate" not in s]
-    path = tmp_path / "w8a8-small.yaml"
+    path = tmp_path / f"{name}-small.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
@@ -76,12 +78,30 @@ def test_calibrated_w8a8_through_the_pipelines_own_call(family, text_pipeline_di
     assert torch.isfinite(quantized).all() and 0 < error < 0.05
 
 
+def test_the_report_of_a_driven_pipeline(text_pipeline_dir, tmp_path):
+    """The evaluate stage samples every column through the stock pipeline at the calibration's size: fidelity
+    to the reference at equal seeds, per-step error and per-layer SQNR on the reference's replayed calls."""
+    result = run_main("quantize", text_pipeline_dir("chroma"), "--recipe", _recipe(tmp_path, evaluate=True),
+                      "--out", tmp_path / "out", "--json", "--quiet")
+    assert result.code == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
+    assert report["columns"] == ["candidate", "reference", "baseline"]
+    metrics = {m["name"]: m["values"] for m in report["metrics"]}
+    psnr = metrics["PSNR vs reference (same seeds)"]
+    assert psnr["reference"] is None and 20 < psnr["candidate"] < 200 and psnr["baseline"] > 20
+    assert not any("FMNIST" in name or "accuracy" in name for name in metrics)  # not the zoo's metrics
+    assert (tmp_path / "out" / "report" / "samples_candidate.png").exists()
+    errors = report["per_timestep_error"]
+    assert len(errors["timesteps"]) == 3 and all(0 < e < 0.05 for e in errors["series"]["candidate"])
+    sqnr = report["layer_sqnr"]
+    assert sqnr["layers"] and all(v is None or v > 20 for v in sqnr["series"]["candidate"])
+
+
 def test_what_a_driven_pipeline_cannot_run_stops_first(text_pipeline_dir, tmp_path, cache):
     folder = text_pipeline_dir("auraflow")
-    result = run_main("quantize", folder, "--recipe", _recipe(tmp_path, evaluate=True), "--out", tmp_path / "no")
-    assert_one_line_error(result, "AuraFlowTransformer2DModel", "own __call__", "--no-eval")
+    result = run_main("quantize", folder, "--recipe", ROOT / "recipes" / "tinyfusion-50.yaml", "--out", tmp_path / "no")
+    assert_one_line_error(result, "AuraFlowTransformer2DModel", "own __call__", "pruning")
     assert_nothing_written(tmp_path / "no")
-    assert not (cache / "calibration").exists()  # refused before calibrating, not after
     result = run_main("quantize", folder / "transformer", "--recipe", _recipe(tmp_path, size=None), "--no-eval",
                       "--out", tmp_path / "no")
     assert_one_line_error(result, "pipeline folder", "rtn-w8a8")

@@ -83,5 +83,5 @@ def test_driven_sampling_is_the_stock_pipeline_with_per_sample_seeds(auraflow):
 def test_driven_adapter_refuses_single_step_probes(auraflow):
     folder, model = auraflow
     adapter = adapter_for(model, folder)
-    with pytest.raises(UnsupportedModelError, match="--no-eval"):
+    with pytest.raises(UnsupportedModelError, match="mixed precision probes"):
         adapter.predict(model, torch.zeros(1, 4, 8, 8), torch.tensor([1.0]), None)
