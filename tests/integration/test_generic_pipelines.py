@@ -14,22 +14,10 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from tests.integration.test_cli_errors import (ROOT, assert_nothing_written, assert_one_line_error,
-                                               offline_cli_environment, run_main)
+from tests.integration.test_cli_errors import ROOT, assert_nothing_written, assert_one_line_error, run_main
+from tests.integration.test_real_pipelines import cache, offline_env  # noqa: F401  (the same fixtures)
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_env(tmp_path_factory):
-    with offline_cli_environment(tmp_path_factory.mktemp("env")) as tmp:
-        yield tmp
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("COMPRESSDIT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def _recipe(tmp_path: Path, evaluate: bool = False, size: int | None = 64, name: str = "w8a8") -> Path:
