@@ -182,6 +182,8 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
              baseline: Optional[str] = typer.Option(None, "--baseline", help="Peer (bnb-int8, bnb-nf4, torchao-int8-dynamic, torchao-int8-weight) or recipe."),
              samples: int = typer.Option(256, "--samples"), steps: int = typer.Option(20, "--steps"),
              seed: int = typer.Option(0, "--seed"), guidance: float = typer.Option(4.0, "--guidance"),
+             size: Optional[int] = typer.Option(None, "--size", help="Square resolution in pixels of a pipeline "
+                                                "sampled through its own __call__ (no family adapter)."),
              out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default CANDIDATE/report)."),
              text_encoder: Optional[str] = TEXT_ENCODER, embeddings: Optional[Path] = EMBEDDINGS,
              quiet: bool = QUIET, as_json: bool = JSON) -> None:
@@ -195,7 +197,7 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
 
     set_quiet(quiet or as_json)
     config = EvaluateConfig.from_dict({"samples": samples, "steps": steps, "seed": seed, "guidance": guidance,
-                                       "baseline": baseline}, "evaluate")
+                                       "baseline": baseline, "size": size}, "evaluate")
     ref = load_source(reference, text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings),
                       cache_dir=default_cache_dir())  # the reference's prompt encoder serves both
     if candidate.endswith(".gguf"):  # a GGUF export, dequantized with gguf's own reader

@@ -101,3 +101,16 @@ def test_size_is_for_driven_pipelines_only(text_pipeline_dir, tmp_path):
                       "--out", tmp_path / "no")
     assert_one_line_error(result, "calibrate.size", "PixArtTransformer2DModel")
     assert_nothing_written(tmp_path / "no")
+
+
+def test_evaluate_command_on_a_driven_pipeline(text_pipeline_dir, tmp_path):
+    folder = text_pipeline_dir("auraflow")
+    result = run_main("quantize", folder, "--recipe", "rtn-w8a8", "--no-eval", "--out", tmp_path / "out", "--quiet")
+    assert result.code == 0, result.stderr[-3000:]
+    result = run_main("evaluate", tmp_path / "out", "--reference", folder, "--samples", 2, "--steps", 2,
+                      "--size", 64, "--json")
+    assert result.code == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["PSNR vs reference (same seeds)"]["candidate"] > 20
+    result = run_main("evaluate", tmp_path / "out", "--reference", "zoo:dit-fmnist", "--samples", 2, "--size", 64)
+    assert_one_line_error(result, "evaluate.size", "DiTTransformer2DModel")
