@@ -64,6 +64,23 @@ def denoising_steps(model: nn.Module, on_step: StepCallback | None) -> Iterator[
         on_step(state["step"], torch.tensor(state["t"]), None, None)
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading bars off (they would interleave with compressdit's own output)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for module, _ in saved:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in saved:
+            if enabled:
+                module.enable_progress_bar()
+
+
 class DrivenAdapter(GenericAdapter):
     """A generic adapter whose sampling runs the pipeline folder's stock ``__call__`` (see module doc)."""
 
@@ -82,7 +99,7 @@ class DrivenAdapter(GenericAdapter):
         return UnsupportedModelError(
             f"{self.model_class_name} is sampled through its pipeline's own __call__ (no family adapter): "
             f"calibration and evaluation run, but what calls the transformer outside that loop (ViDiT-Q mixed "
-            f"precision probes, distillation, pruning) cannot; use a recipe without those stages")
+            f"precision probes, VQ4DiT's codebook training, distillation, pruning) cannot; use a recipe without them")
 
     def set_size(self, size: int | None) -> None:
         """Square resolution in pixels every later sampling call asks for (``None``: the pipeline's default)."""
@@ -95,7 +112,8 @@ class DrivenAdapter(GenericAdapter):
         param = next(model.parameters())
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         if self._pipeline is None:
-            self._pipeline = DiffusionPipeline.from_pretrained(self.folder, transformer=model, dtype=dtype)
+            with _quiet_loading():
+                self._pipeline = DiffusionPipeline.from_pretrained(self.folder, transformer=model, dtype=dtype)
             self._pipeline.set_progress_bar_config(disable=True)
         pipe = self._pipeline
         if pipe.transformer is not model:

@@ -92,6 +92,8 @@ class _Calibrator:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: dict[str, SoftVQLinear],
                  ctx: QuantContext, config: VQ4DiTConfig) -> None:
+        if ctx.adapter.drives_pipeline:  # the student's steps call the transformer outside the pipeline's loop
+            raise ctx.adapter.cannot_sample()
         self.teacher, self.student, self.layers, self.ctx, self.config = teacher, student, layers, ctx, config
         groups = [{"params": [m.logits for m in layers.values()], "lr": config.lr_logits},
                   {"params": [m.codebook for m in layers.values()], "lr": config.lr_codebook}]

@@ -90,6 +90,10 @@ def test_what_a_driven_pipeline_cannot_run_stops_first(text_pipeline_dir, tmp_pa
     result = run_main("quantize", folder, "--recipe", ROOT / "recipes" / "tinyfusion-50.yaml", "--out", tmp_path / "no")
     assert_one_line_error(result, "AuraFlowTransformer2DModel", "own __call__", "pruning")
     assert_nothing_written(tmp_path / "no")
+    result = run_main("quantize", folder, "--recipe", _recipe(tmp_path, name="w4a8"), "--no-eval",
+                      "--out", tmp_path / "no")  # ViDiT-Q-MP's probes: after the calibration, one line all the same
+    assert_one_line_error(result, "AuraFlowTransformer2DModel", "mixed precision")
+    assert_nothing_written(tmp_path / "no")
     result = run_main("quantize", folder / "transformer", "--recipe", _recipe(tmp_path, size=None), "--no-eval",
                       "--out", tmp_path / "no")
     assert_one_line_error(result, "pipeline folder", "rtn-w8a8")
