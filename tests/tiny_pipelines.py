@@ -175,8 +175,28 @@ def chroma_pipeline(seed: int = 0):
                           tokenizer=tokenizer(64), transformer=transformer)
 
 
+def ltx_pipeline(seed: int = 0):
+    """LTX-Video (T5): a video family without a compressdit adapter; call it with ``num_frames=9``, 32 px and
+    ``max_sequence_length=16`` (its defaults are 161 frames of 704 x 480)."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    transformer = _seeded(lambda: LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=32,
+        cross_attention_dim=64, num_layers=1, caption_channels=T5_WIDTH), seed)
+    vae = _seeded(lambda: AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False), 3)
+    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=t5(), tokenizer=tokenizer(128),
+                       transformer=transformer)
+
+
 BUILDERS = {"pixart": pixart_pipeline, "sd3": sd3_pipeline, "flux": flux_pipeline, "cogvideox": cogvideox_pipeline,
-            "wan": wan_pipeline, "latte": latte_pipeline, "auraflow": auraflow_pipeline, "chroma": chroma_pipeline}
+            "wan": wan_pipeline, "latte": latte_pipeline, "auraflow": auraflow_pipeline, "chroma": chroma_pipeline,
+            "ltx": ltx_pipeline}
 
 
 def save_pipeline(family: str, path: Path) -> Path:

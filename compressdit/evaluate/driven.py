@@ -109,6 +109,8 @@ def evaluate_driven(adapter: DrivenAdapter, reference: Entry, candidate: Entry, 
             pixels = adapter.drive(entry.model, prompts, settings.steps, settings.guidance, settings.seed, None,
                                    batch_size=settings.timing_batch, output_type="pt")
             seconds[entry.column] = time.perf_counter() - started
+            if pixels.dim() == 5:  # video [B, F, C, H, W]: the metrics take its frames as images
+                pixels = pixels.flatten(0, 1)
             images[entry.column] = pixels * 2 - 1  # [0, 1] -> the [-1, 1] the metrics take
             bar.update(1)
     fidelity = prompts[: settings.fidelity_samples]

@@ -13,7 +13,8 @@ trajectory. Seeds are per sample (``seed + i``), so a sample never depends on th
 
 What it cannot do: anything that calls the transformer outside the pipeline's loop (single-step probes of mixed
 precision, per-step trajectory metrics, distillation): those still raise the generic adapter's one-line error.
-``size`` (pixels, square) overrides the pipeline's default resolution (``calibrate: {size: 512}``).
+``size`` (pixels, square) overrides the pipeline's default resolution and ``call`` adds keyword arguments of the
+pipeline's ``__call__`` (``calibrate: {size: 512, call: {num_frames: 49, use_resolution_binning: false}}``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from compressdit.errors import ConfigError, UnsupportedModelError
 from compressdit.models.generic import GenericAdapter
 
 StepCallback = Callable[[int, torch.Tensor, None, None], None]
+RESERVED = ("prompt", "generator", "num_inference_steps", "output_type")  # compressdit passes these itself
 
 
 def _timestep_of(args: tuple, kwargs: dict) -> float:
@@ -81,6 +83,17 @@ def _quiet_loading() -> Iterator[None]:
                 module.enable_progress_bar()
 
 
+def configure_call(adapter, size: int | None, call: dict | None, where: str) -> None:
+    """Hand a stage's ``size`` / ``call`` to a driven adapter; a one-line error for any other adapter."""
+    if size is None and not call:
+        return
+    if not adapter.drives_pipeline:
+        raise ConfigError(f"{where}.size / {where}.call apply only to a pipeline folder sampled through its own "
+                          f"__call__ (a family without a compressdit adapter); {adapter.model_class_name} is not one: "
+                          "remove them")
+    adapter.set_call(size, call)
+
+
 class DrivenAdapter(GenericAdapter):
     """A generic adapter whose sampling runs the pipeline folder's stock ``__call__`` (see module doc)."""
 
@@ -91,6 +104,7 @@ class DrivenAdapter(GenericAdapter):
         super().__init__(model)
         self.folder = Path(folder)
         self.size: int | None = None
+        self.call: dict = {}
         self._pipeline = None
         #: names the pipeline (its model_index.json) in calibration cache keys
         self.key = hashlib.sha256((self.folder / "model_index.json").read_bytes()).hexdigest()[:16]
@@ -101,9 +115,10 @@ class DrivenAdapter(GenericAdapter):
             f"calibration and evaluation run, but what calls the transformer outside that loop (ViDiT-Q mixed "
             f"precision probes, VQ4DiT's codebook training, distillation, pruning) cannot; use a recipe without them")
 
-    def set_size(self, size: int | None) -> None:
-        """Square resolution in pixels every later sampling call asks for (``None``: the pipeline's default)."""
-        self.size = size
+    def set_call(self, size: int | None, call: dict | None) -> None:
+        """Square resolution in pixels (``None``: the pipeline's default) and extra ``__call__`` keywords for every
+        later sampling call."""
+        self.size, self.call = size, dict(call or {})
 
     def pipeline(self, model: nn.Module):
         """The stock pipeline of the folder with ``model`` in its transformer slot, on ``model``'s device."""
@@ -128,9 +143,13 @@ class DrivenAdapter(GenericAdapter):
             options["guidance_scale"] = guidance
         if self.size is not None:
             if not {"height", "width"} <= set(parameters):
-                raise ConfigError(f"calibrate.size: {type(pipe).__name__}.__call__ takes no height / width")
+                raise ConfigError(f"size: {type(pipe).__name__}.__call__ takes no height / width")
             options["height"] = options["width"] = self.size
-        return options
+        for key in self.call:
+            if key in RESERVED or key not in parameters:
+                raise ConfigError(f"call: {key!r} is not a keyword compressdit can pass to {type(pipe).__name__}"
+                                  f".__call__ (it takes {', '.join(k for k in parameters if k not in RESERVED + ('self',))})")
+        return {**options, **self.call}
 
     @torch.no_grad()
     def drive(self, model: nn.Module, prompts: list[str], steps: int, guidance: float, seed: int,

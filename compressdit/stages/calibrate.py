@@ -13,7 +13,7 @@ from compressdit.calibration.distributed import rank_batches, reduce_max, reduce
 from compressdit.calibration.sets import load_conditions, resolve_set, set_bytes
 from compressdit.calibration.stats import ActivationStats, cache_key, capture_input_absmax, stats_from_recorder
 from compressdit.config_base import StrictConfig
-from compressdit.errors import ConfigError
+from compressdit.models.driven import configure_call
 from compressdit.models.sampling import initial_latents, sample
 from compressdit.progress import progress_bar
 from compressdit.stages.base import STAGES, PipelineState, Stage
@@ -26,9 +26,10 @@ class CalibrateConfig(StrictConfig):
     ``set`` is a shipped set name or a local ``.jsonl`` / ``.parquet`` / ``.csv`` file or folder of them with a
     ``prompt`` (text models) or ``class_id`` (class models) column (``--calib`` on the CLI); ``samples``
     conditions are drawn from it (cycled). Prompts go through the model's prompt encoder. Statistics are cached
-    on disk per model + settings (+ prompt encoder). ``size`` (pixels, square): the resolution of a pipeline that
-    compressdit samples through its own ``__call__`` (families without an adapter, :mod:`compressdit.models.driven`;
-    default: the pipeline's own); adapters sample at their config's latent size and refuse it.
+    on disk per model + settings (+ prompt encoder). ``size`` (pixels, square) and ``call`` (extra keywords of the
+    pipeline's ``__call__``, e.g. ``{num_frames: 49}``): for a pipeline that compressdit samples through its own
+    ``__call__`` (families without an adapter, :mod:`compressdit.models.driven`; default: the pipeline's own
+    settings); adapters sample at their config's latent size and refuse both.
     """
 
     set: str | None = None
@@ -38,6 +39,7 @@ class CalibrateConfig(StrictConfig):
     seed: int = 1234
     batch_size: int = 32
     size: int | None = None
+    call: dict | None = None
 
     def validate(self, where: str) -> None:
         self.require_positive(where, "samples", "steps", "batch_size")
@@ -47,12 +49,7 @@ class CalibrateConfig(StrictConfig):
 
 def run_calibration(state: PipelineState, config: CalibrateConfig) -> ActivationStats:
     adapter, model = state.adapter, state.model
-    if config.size is not None:
-        if not adapter.drives_pipeline:
-            raise ConfigError(f"calibrate.size applies only to a pipeline folder sampled through its own __call__ (a "
-                              f"family without a compressdit adapter); {adapter.model_class_name} from "
-                              f"{state.source.folder} is not one: remove size")
-        adapter.set_size(config.size)
+    configure_call(adapter, config.size, config.call, "calibrate")
     path = resolve_set(config.set, adapter.condition_kind)
     conditions = load_conditions(path, adapter.condition_kind, limit=config.samples)
     state.calibration_conditions = conditions

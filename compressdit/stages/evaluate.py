@@ -14,6 +14,7 @@ from compressdit.evaluate.engine import Entry, EvalSettings, evaluate
 from compressdit.evaluate.report import write_report
 from compressdit.io.sources import ModelSource
 from compressdit.models import adapter_for
+from compressdit.models.driven import configure_call
 from compressdit.stages.base import STAGES, PipelineState, Stage
 
 
@@ -34,7 +35,8 @@ class EvaluateConfig(StrictConfig):
     real_samples: int = 2000
     fidelity_samples: int = 16
     effnet: bool = True
-    size: int | None = None  # pixels: a pipeline sampled through its own __call__ (see calibrate.size)
+    size: int | None = None  # a pipeline sampled through its own __call__: see calibrate.size / calibrate.call
+    call: dict | None = None
 
     def validate(self, where: str) -> None:
         if self.size is not None and self.size <= 0:
@@ -87,11 +89,8 @@ def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateCon
     ref_entry = Entry("reference", reference.transformer, f"{reference.name} (uncompressed)",
                       reference.transformer_folder)
     started = time.perf_counter()
-    if config.size is not None and not adapter.drives_pipeline:
-        raise ConfigError(f"evaluate.size applies only to a pipeline folder sampled through its own __call__ (a "
-                          f"family without a compressdit adapter); {adapter.model_class_name} is not one: remove size")
+    configure_call(adapter, config.size, config.call, "evaluate")
     if adapter.drives_pipeline:
-        adapter.set_size(config.size)
         report = evaluate_driven(adapter, ref_entry, candidate, baseline, config.settings(), quiet)
     else:
         report = evaluate(adapter, ref_entry, candidate, baseline, reference.vae,
@@ -124,8 +123,9 @@ class EvaluateStage(Stage):
         if reshaped and state.block_origin is None:
             state.notes.append(f"per-layer SQNR leaves out the {len(reshaped)} quantized layers width pruning "
                                "reshaped (the reference layer's inputs do not fit them)")
-        if config.size is None and state.adapter.drives_pipeline:  # the calibration's resolution
-            config = dataclasses.replace(config, size=state.adapter.size)
+        if state.adapter.drives_pipeline:  # what the evaluation leaves unset, the calibration's settings fill
+            config = dataclasses.replace(config, size=state.adapter.size if config.size is None else config.size,
+                                         call={**state.adapter.call, **(config.call or {})})
         state.report = run_evaluation(candidate, reference, config, state.workdir / "report",
                                       f"compressdit report: {state.recipe_name} on {state.reference_spec}",
                                       state.quiet, state.cache_dir, state.notes, state.tables, state.figures,

@@ -85,6 +85,28 @@ def test_the_report_of_a_driven_pipeline(text_pipeline_dir, tmp_path):
     assert sqnr["layers"] and all(v is None or v > 20 for v in sqnr["series"]["candidate"])
 
 
+def test_a_video_pipeline_with_call_keywords(text_pipeline_dir, tmp_path):
+    """LTX-Video: ``call`` passes the frame count and text length the tiny pipeline needs; the report takes the
+    frames as images. An unknown keyword is one line naming the ones the pipeline takes."""
+    recipe = yaml.safe_load(_recipe(tmp_path, evaluate=True, size=32).read_text())
+    for stage in recipe["stages"]:
+        for name in ("calibrate", "evaluate"):
+            if name in stage:
+                stage[name]["call"] = {"num_frames": 9, "max_sequence_length": 16}
+    path = tmp_path / "ltx.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = run_main("quantize", text_pipeline_dir("ltx"), "--recipe", path, "--out", tmp_path / "out", "--quiet")
+    assert result.code == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
+    psnr = {m["name"]: m["values"] for m in report["metrics"]}["PSNR vs reference (same seeds)"]
+    assert psnr["candidate"] > 20
+    recipe["stages"][0]["calibrate"]["call"] = {"frames": 9}
+    path.write_text(yaml.safe_dump(recipe))
+    result = run_main("quantize", text_pipeline_dir("ltx"), "--recipe", path, "--out", tmp_path / "no")
+    assert_one_line_error(result, "'frames'", "LTXPipeline", "num_frames")
+    assert_nothing_written(tmp_path / "no")
+
+
 def test_what_a_driven_pipeline_cannot_run_stops_first(text_pipeline_dir, tmp_path, cache):
     folder = text_pipeline_dir("auraflow")
     result = run_main("quantize", folder, "--recipe", ROOT / "recipes" / "tinyfusion-50.yaml", "--out", tmp_path / "no")

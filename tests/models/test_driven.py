@@ -61,7 +61,7 @@ def test_driven_sampling_is_the_stock_pipeline_with_per_sample_seeds(auraflow):
 
     folder, model = auraflow
     adapter = adapter_for(model, folder)
-    adapter.set_size(64)
+    adapter.set_call(64, None)
     prompts = ["a red fox", "a grey cat", "a boat"]
     steps_seen = []
     together = sample(adapter, model, prompts, None, steps=3, guidance=4.0, seed=5, batch_size=3,
