@@ -11,7 +11,7 @@ their kernel name:
   Weight-only layers without a low-rank branch fold their balancing / rotation into that weight
   (``effective_weight``) and run on the raw input: the fp32 kernel is then ``F.linear`` exactly as the float
   layer (the reference's numbers up to summation order). The bf16 kernel rounds activations to bf16 and the
-  product back (one single-threaded C pass each, :mod:`.cpu_native`), the bias added in fp32; dynamic
+  product back (one C pass each, :mod:`.cpu_native`), the bias added in fp32; dynamic
   quantized activations (W4A8 with groups) enter its GEMM as their integer codes (exact in bf16), the product
   scaled per row after. The fp32 kernel fake-quantizes activations as the reference does.
 - ``cpu-fp8-dense``: FP8 (E4M3) weights decoded once into fp32 (4 bytes per weight at run time), the
@@ -149,7 +149,7 @@ def _dense_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         scale = scale.clamp_min_(1e-8).div_(int_range(spec.a_bits)[1])
         out = F.linear((x2 / scale).round_().to(torch.bfloat16), b["weight"]).float()
         out = out.mul_(scale) if b["bias"] is None else torch.addcmul(b["bias"], out, scale)
-    else:  # the casts around the bf16 GEMM in one single-threaded C pass each
+    else:  # the casts around the bf16 GEMM in one C pass each
         x2 = _contiguous_fp32(quantize_layer_input(layer, x2))
         out = bf16_to_float(F.linear(float_to_bf16(x2), b["weight"]), b["bias"])
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)

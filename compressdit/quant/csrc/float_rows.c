@@ -6,7 +6,8 @@
  * the per-token E4M3 rounding (abs, amax, clamp, div, div, clamp, 6 integer ops, where, mul: ~14 passes). These
  * loops do the same arithmetic in one pass each, bit for bit (tested against the PyTorch path): IEEE single
  * precision divisions as torch does them (no -ffast-math, -ffp-contract=off), round half to even. Plain C,
- * no torch headers, no threads. */
+ * no torch headers; rows (elements for the flat cast) split over `threads` OpenMP threads in contiguous static
+ * chunks, as in int8_rows.c (each element computed alone: the same numbers on any number of threads). */
 
 #include <stdint.h>
 #include <string.h>
@@ -31,13 +32,15 @@ static inline uint16_t to_bf16(float v) {
 }
 
 /* y[i] = bf16(x[i]) for n elements. */
-void compressdit_float_to_bf16(const float *restrict x, int64_t n, uint16_t *restrict y) {
+void compressdit_float_to_bf16(const float *restrict x, int64_t n, uint16_t *restrict y, int32_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t i = 0; i < n; ++i) y[i] = to_bf16(x[i]);
 }
 
 /* out[i, j] = float(y[i, j]) (+ bias[j]): a bf16 GEMM's output widened (exactly) and its fp32 bias added. */
 void compressdit_bf16_to_float(const uint16_t *restrict y, const float *restrict bias, int64_t rows, int64_t cols,
-                               float *restrict out) {
+                               float *restrict out, int32_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t i = 0; i < rows; ++i) {
         const uint16_t *r = y + i * cols;
         float *o = out + i * cols;
@@ -61,7 +64,9 @@ static inline float round_e4m3(float q) {
 
 /* Dynamic per-token E4M3 activations, fake-quantized: per row s = max(amax |x|, 1e-8) / 448, out = e4m3(clamp(x / s,
  * -448, 448)) * s, and s into scale[row] unless scale is NULL. out may be x's own memory. */
-void compressdit_fake_quantize_e4m3(const float *x, int64_t rows, int64_t cols, float *out, float *scale) {
+void compressdit_fake_quantize_e4m3(const float *x, int64_t rows, int64_t cols, float *out, float *scale,
+                                    int32_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t i = 0; i < rows; ++i) {
         const float *r = x + i * cols;
         float *o = out + i * cols;
