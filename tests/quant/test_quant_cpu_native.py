@@ -146,6 +146,9 @@ def _fp8_rows() -> torch.Tensor:
     x[4, 7] = 1e-41  # a subnormal input
     x[5] *= 1e-12  # a row whose amax is below the 1e-8 floor
     x[6, 3] = float("nan")  # NaN spreads to its row, as in the reference
+    x[7, 5] = float("inf")  # an infinite scale: that row divides the plain way
+    x[8] *= 2.0 ** -100  # tiny rows: the fast division's residual may underflow, the codes are zeros either way
+    x[9] = x[9] * 1e-30 + torch.where(torch.arange(96) == 0, 1e-8, 0.0)  # mostly tiny below the 1e-8 floor
     return x
 
 

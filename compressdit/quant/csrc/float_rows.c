@@ -62,6 +62,16 @@ static inline float round_e4m3(float q) {
     return __builtin_fabsf(q) < 0.015625f ? small : normal; /* both computed: the loop stays vectorized */
 }
 
+/* max |x[j]| as its bit pattern: integer order = float order for non-negative floats, NaN above inf */
+static uint32_t absmax_bits(const float *restrict x, int64_t n) {
+    uint32_t m = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        uint32_t u = float_bits(x[j]) & 0x7fffffffu;
+        m = u > m ? u : m;
+    }
+    return m;
+}
+
 /* Dynamic per-token E4M3 activations, fake-quantized: per row s = max(amax |x|, 1e-8) / 448, out = e4m3(clamp(x / s,
  * -448, 448)) * s, and s into scale[row] unless scale is NULL. out may be x's own memory. */
 void compressdit_fake_quantize_e4m3(const float *x, int64_t rows, int64_t cols, float *out, float *scale,
@@ -70,12 +80,7 @@ void compressdit_fake_quantize_e4m3(const float *x, int64_t rows, int64_t cols, 
     for (int64_t i = 0; i < rows; ++i) {
         const float *r = x + i * cols;
         float *o = out + i * cols;
-        uint32_t m = 0;
-        for (int64_t j = 0; j < cols; ++j) {
-            uint32_t u = float_bits(r[j]) & 0x7fffffffu; /* integer order = float order, NaN above inf */
-            m = u > m ? u : m;
-        }
-        float amax = bits_float(m);
+        const float amax = bits_float(absmax_bits(r, cols));
         const float s = (amax > 1e-8f || amax != amax ? amax : 1e-8f) / 448.0f;
         if (scale) scale[i] = s;
         for (int64_t j = 0; j < cols; ++j) {
