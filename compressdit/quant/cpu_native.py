@@ -126,7 +126,10 @@ def threads_for(elements: int) -> int:
 
 def _takes(*tensors: torch.Tensor | None) -> bool:
     """Every tensor a contiguous fp32 CPU tensor (or ``None``): what the C loops read."""
-    return all(t is None or (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()) for t in tensors)
+    for t in tensors:  # a loop, not all() over a generator: this runs several times per layer call
+        if t is not None and not (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()):
+            return False
+    return True
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -264,13 +267,15 @@ def round_to_e4m3(q: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize_e4m3_rows(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic per-token E4M3 activations of a 2-D fp32 ``x``, fake-quantized as the FP8 reference does them:
-    ``s = max(amax|x|, 1e-8) / 448`` per row, ``e4m3(clamp(x / s, -448, 448)) * s``; one pass per row in C."""
+    """Dynamic per-token E4M3 activations of an fp32 ``x`` (rows along its last dimension), fake-quantized as the FP8
+    reference does them: ``s = max(amax|x|, 1e-8) / 448`` per row, ``e4m3(clamp(x / s, -448, 448)) * s``; one
+    pass per row in C."""
     lib = _lib_for(x)
-    if lib is None or x.dim() != 2:
+    if lib is None or x.dim() == 0 or x.numel() == 0:
         scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-8).div_(E4M3_MAX)
         return round_to_e4m3((x / scale).clamp_(-E4M3_MAX, E4M3_MAX)).mul_(scale)
     out = torch.empty_like(x)
-    lib.compressdit_fake_quantize_e4m3(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), None,
+    cols = x.shape[-1]
+    lib.compressdit_fake_quantize_e4m3(x.data_ptr(), x.numel() // cols, cols, out.data_ptr(), None,
                                        threads_for(x.numel()))
     return out

@@ -51,15 +51,16 @@ void compressdit_bf16_to_float(const uint16_t *restrict y, const float *restrict
     }
 }
 
-/* q (|q| <= 448 or NaN) rounded to the nearest E4M3 value, ties to even, as cpu_native.round_to_e4m3: the 23-bit
- * mantissa rounded to 3 bits (a carry moves into the exponent) in the normal range; below 2^-6 a fixed step of
- * 2^-9 (round(q * 512) / 512, sign kept as torch.round keeps it). */
+/* q (|q| <= 448 or NaN) rounded to the nearest E4M3 value, ties to even, as cpu_native.round_to_e4m3: in the binade
+ * [2^k, 2^(k+1)) the E4M3 step is 2^(k-3), and 2^-9 below 2^-6 (k floored at -6). Adding and subtracting
+ * M = 1.5 * 2^(k+20), whose ulp is that step, rounds |q| to it in the FPU's round-to-nearest-even (a carry into the
+ * next binade included), and the sign goes back on (as torch.round keeps it, -0 included). NaN stays NaN. */
 static inline float round_e4m3(float q) {
-    const float m = q * 512.0f;
-    const float small = __builtin_copysignf((__builtin_fabsf(m) + 12582912.0f) - 12582912.0f, m) / 512.0f;
-    const uint32_t u = float_bits(q);
-    const float normal = bits_float((u + 0x7ffffu + ((u >> 20) & 1u)) & 0xfff00000u);
-    return __builtin_fabsf(q) < 0.015625f ? small : normal; /* both computed: the loop stays vectorized */
+    const uint32_t a = float_bits(q) & 0x7fffffffu;
+    uint32_t e = a >> 23;      /* biased exponent of |q|: k + 127 */
+    e = e < 121u ? 121u : e;   /* k >= -6 */
+    const float m = bits_float(((e + 20u) << 23) | 0x400000u);
+    return __builtin_copysignf((bits_float(a) + m) - m, q);
 }
 
 /* max |x[j]| as its bit pattern: integer order = float order for non-negative floats, NaN above inf */
