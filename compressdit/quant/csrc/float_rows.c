@@ -51,16 +51,15 @@ void compressdit_bf16_to_float(const uint16_t *restrict y, const float *restrict
     }
 }
 
-/* q (|q| <= 448 or NaN) rounded to the nearest E4M3 value, ties to even, as cpu_native.round_to_e4m3: in the binade
- * [2^k, 2^(k+1)) the E4M3 step is 2^(k-3), and 2^-9 below 2^-6 (k floored at -6). Adding and subtracting
- * M = 1.5 * 2^(k+20), whose ulp is that step, rounds |q| to it in the FPU's round-to-nearest-even (a carry into the
- * next binade included), and the sign goes back on (as torch.round keeps it, -0 included). NaN stays NaN. */
-static inline float round_e4m3(float q) {
-    const uint32_t a = float_bits(q) & 0x7fffffffu;
-    uint32_t e = a >> 23;      /* biased exponent of |q|: k + 127 */
-    e = e < 121u ? 121u : e;   /* k >= -6 */
+/* a = |q| (<= 448, or NaN) rounded to the nearest E4M3 magnitude, ties to even, as cpu_native.round_to_e4m3: in the
+ * binade [2^k, 2^(k+1)) the E4M3 step is 2^(k-3), and 2^-9 below 2^-6 (k floored at -6). Adding and subtracting
+ * M = 1.5 * 2^(k+20), whose ulp is that step, rounds a to it in the FPU's round-to-nearest-even (a carry into the
+ * next binade included). NaN stays NaN. */
+static inline float round_e4m3_magnitude(float a) {
+    uint32_t e = float_bits(a) >> 23; /* biased exponent: k + 127 */
+    e = e < 121u ? 121u : e;          /* k >= -6 */
     const float m = bits_float(((e + 20u) << 23) | 0x400000u);
-    return __builtin_copysignf((bits_float(a) + m) - m, q);
+    return (a + m) - m;
 }
 
 /* max |x[j]| as its bit pattern: integer order = float order for non-negative floats, NaN above inf */
@@ -74,20 +73,31 @@ static uint32_t absmax_bits(const float *restrict x, int64_t n) {
 }
 
 /* Dynamic per-token E4M3 activations, fake-quantized: per row s = max(amax |x|, 1e-8) / 448, out = e4m3(clamp(x / s,
- * -448, 448)) * s, and s into scale[row] unless scale is NULL. out may be x's own memory. */
+ * -448, 448)) * s (the sign kept, as torch.round keeps it, -0 included), and s into scale[row] unless scale is NULL.
+ * out may be x's own memory. A row of finite values has finite quotients, so the clamp is an integer min on the
+ * magnitude's bits (448 = 0x43e00000); a row with an inf or NaN clamps as torch.clamp does (NaN stays NaN). */
 void compressdit_fake_quantize_e4m3(const float *x, int64_t rows, int64_t cols, float *out, float *scale,
                                     int32_t threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t i = 0; i < rows; ++i) {
         const float *r = x + i * cols;
         float *o = out + i * cols;
-        const float amax = bits_float(absmax_bits(r, cols));
+        const uint32_t bits = absmax_bits(r, cols);
+        const float amax = bits_float(bits);
         const float s = (amax > 1e-8f || amax != amax ? amax : 1e-8f) / 448.0f;
         if (scale) scale[i] = s;
-        for (int64_t j = 0; j < cols; ++j) {
-            float q = r[j] / s;
-            q = q > 448.0f ? 448.0f : (q < -448.0f ? -448.0f : q); /* NaN stays NaN, as clamp */
-            o[j] = round_e4m3(q) * s;
+        if (bits < 0x7f800000u) {
+            for (int64_t j = 0; j < cols; ++j) {
+                const uint32_t u = float_bits(r[j] / s);
+                const uint32_t a = (u & 0x7fffffffu) < 0x43e00000u ? (u & 0x7fffffffu) : 0x43e00000u;
+                o[j] = bits_float(float_bits(round_e4m3_magnitude(bits_float(a))) | (u & 0x80000000u)) * s;
+            }
+        } else {
+            for (int64_t j = 0; j < cols; ++j) {
+                float q = r[j] / s;
+                q = q > 448.0f ? 448.0f : (q < -448.0f ? -448.0f : q);
+                o[j] = __builtin_copysignf(round_e4m3_magnitude(__builtin_fabsf(q)), q) * s;
+            }
         }
     }
 }
