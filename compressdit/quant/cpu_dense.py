@@ -82,9 +82,10 @@ def bf16_gemm_pays() -> bool:
     """Whether small layers run in bf16 now: CPUs with AMX-BF16 tiles, and CPUs with AVX512-BF16 at one intra-op
     thread. On the Zen 4 EPYC of ``bench/results/e2e_speed_cpu.md`` (AVX512-BF16, no AMX) the bf16 GEMM of a
     256 x 128 x 128 layer is 1.6x an fp32 one, and with its two casts in C the zoo models' weight-only steps take
-    0.88-0.97x float on one thread but 1.05-1.27x on two (single-threaded casts between two-threaded ops), against
-    1.02-1.05x for the fp32 weight on both. Without bf16 hardware the bf16 GEMM is emulated: fp32. The thread
-    count is part of every layer's prepack key, so changing it re-selects."""
+    0.88-0.97x float on one thread but 1.05-1.27x on two, against 1.02-1.05x for the fp32 weight on both; with
+    the casts split over the threads too, dit-fmnist rtn-w4a16 on two threads was still 1.16x in bf16 against 1.03x
+    in fp32. Without bf16 hardware the bf16 GEMM is emulated: fp32. The thread count is part of every layer's
+    prepack key, so changing it re-selects."""
     amx, avx512 = _bf16_hardware()
     return amx or (avx512 and torch.get_num_threads() == 1)
 

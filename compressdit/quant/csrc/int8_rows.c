@@ -12,11 +12,34 @@
  * the rows are split over `threads` OpenMP threads in contiguous static chunks, the first chunk on the calling
  * thread: the split torch's own at::parallel_for makes, on the same OpenMP runtime (cpu_native.py compiles with
  * -fopenmp only where torch's libgomp is already loaded), so a row stays on the core that touches it next.
- * threads <= 1, or a build without OpenMP: one thread, the same numbers. */
+ * threads <= 1 (a plain loop: FOR_ROWS), or a build without OpenMP: one thread, the same numbers. */
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* for (int64_t i = 0; i < n; ++i) BODY on `threads` OpenMP threads in contiguous static chunks (torch's split) when
+ * threads > 1, else as a plain loop: entering even a one-thread parallel region costs ~0.6 us a call. */
+#define FOR_ROWS(i, n, ...)                                                    \
+    do {                                                                       \
+        if (threads > 1) {                                                     \
+            _Pragma("omp parallel for schedule(static) num_threads(threads)") \
+            for (int64_t i = 0; i < (n); ++i) __VA_ARGS__                      \
+        } else {                                                               \
+            for (int64_t i = 0; i < (n); ++i) __VA_ARGS__                      \
+        }                                                                      \
+    } while (0)
+
+/* FOR_ROWS with a max reduction into m */
+#define FOR_ROWS_MAX(m, i, n, ...)                                                                 \
+    do {                                                                                          \
+        if (threads > 1) {                                                                        \
+            _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(max : m)") \
+            for (int64_t i = 0; i < (n); ++i) __VA_ARGS__                                         \
+        } else {                                                                                  \
+            for (int64_t i = 0; i < (n); ++i) __VA_ARGS__                                         \
+        }                                                                                         \
+    } while (0)
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -140,26 +163,24 @@ int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows,
         for (int64_t j = 0; j < cols; ++j) inv[j] = 1.0f / smooth[j];
     }
     if (per_token) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-        for (int64_t i = 0; i < rows; ++i) {
+        FOR_ROWS(i, rows, {
             const float *row;
             uint32_t m = row_absmax(x + i * cols, smooth, inv, cols, y ? y + thread_index() * stride : NULL, &row);
             scale[i] = scale_of(m);
             codes_row(row, cols, scale[i], offset, q + i * cols);
-        }
+        });
     } else {
         uint32_t m = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1) reduction(max : m)
-        for (int64_t i = 0; i < rows; ++i) {
+        FOR_ROWS_MAX(m, i, rows, {
             const float *row;
             uint32_t r = row_absmax(x + i * cols, smooth, inv, cols, y ? y + i * cols : NULL, &row);
             m = r > m ? r : m;
-        }
+        });
         const float *all = y ? y : x;
         const float s = scale[0] = scale_of(m);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-        for (int64_t i = 0; i < rows; ++i)
+        FOR_ROWS(i, rows, {
             codes_row(all + i * cols, cols, s, offset, q + i * cols);
+        });
     }
     free(y);
     free(inv);
@@ -171,8 +192,7 @@ int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows,
 void compressdit_dequantize_int32(const int32_t *acc, const float *restrict w_scale, const float *restrict a_scale,
                                   int32_t per_token, const float *restrict bias, int64_t rows, int64_t cols,
                                   float *out, int32_t threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t i = 0; i < rows; ++i) {
+    FOR_ROWS(i, rows, {
         const float a = a_scale[per_token ? i : 0];
         const int32_t *r = acc + i * cols;
         float *o = out + i * cols;
@@ -180,14 +200,13 @@ void compressdit_dequantize_int32(const int32_t *acc, const float *restrict w_sc
             for (int64_t j = 0; j < cols; ++j) o[j] = (float)r[j] * w_scale[j] * a + bias[j];
         else
             for (int64_t j = 0; j < cols; ++j) o[j] = (float)r[j] * w_scale[j] * a;
-    }
+    });
 }
 
 /* out[i, j] = acc[i, j] * a_scale[i or 0] (+ bias[j]), in place allowed: for GEMMs that applied w_scale. */
 void compressdit_scale_rows(const float *acc, const float *a_scale, int32_t per_token, const float *bias,
                             int64_t rows, int64_t cols, float *out, int32_t threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t i = 0; i < rows; ++i) {
+    FOR_ROWS(i, rows, {
         const float a = a_scale[per_token ? i : 0];
         const float *r = acc + i * cols;
         float *o = out + i * cols;
@@ -195,7 +214,7 @@ void compressdit_scale_rows(const float *acc, const float *a_scale, int32_t per_
             for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * a + bias[j];
         else
             for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * a;
-    }
+    });
 }
 
 /* Fake-quantized int8 activations: out = round(x / s) * s with compressdit_quantize_int8's codes and scales (the
@@ -207,11 +226,10 @@ int compressdit_fake_quantize_int8(const float *x, int64_t rows, int64_t cols, i
     float *scale = malloc(sizeof(float) * (size_t)(per_token ? rows : 1));
     int status = q && scale ? compressdit_quantize_int8(x, NULL, rows, cols, per_token, 0, q, scale, threads) : -1;
     if (status == 0) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-        for (int64_t i = 0; i < rows; ++i) {
+        FOR_ROWS(i, rows, {
             const float s = scale[per_token ? i : 0];
             for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = (float)q[i * cols + j] * s;
-        }
+        });
     }
     free(q);
     free(scale);
@@ -225,20 +243,18 @@ void compressdit_quantize_int8_groups(const float *x, int64_t rows, int64_t cols
     const int64_t groups = cols / group;
     if (!per_token) {
         uint32_t m = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1) reduction(max : m)
-        for (int64_t i = 0; i < rows; ++i) {
+        FOR_ROWS_MAX(m, i, rows, {
             uint32_t r = absmax_bits(x + i * cols, cols);
             m = r > m ? r : m;
-        }
+        });
         scale[0] = scale_of(m);
     }
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t i = 0; i < rows; ++i) {
+    FOR_ROWS(i, rows, {
         const float *row = x + i * cols;
         const float s = per_token ? (scale[i] = scale_of(absmax_bits(row, cols))) : scale[0];
         for (int64_t g = 0; g < groups; ++g)
             codes_row(row + g * group, group, s, 0, q + (g * rows + i) * group);
-    }
+    });
 }
 
 /* out[i, j] = (sum over g of acc[g, i, j] * w_scale[g, j]) * a_scale[i or 0] (+ bias[j]), the groups added in
@@ -246,8 +262,7 @@ void compressdit_quantize_int8_groups(const float *x, int64_t rows, int64_t cols
 void compressdit_dequantize_groups(const int32_t *restrict acc, const float *restrict w_scale,
                                    const float *restrict a_scale, int32_t per_token, const float *restrict bias,
                                    int64_t groups, int64_t rows, int64_t cols, float *restrict out, int32_t threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t i = 0; i < rows; ++i) {
+    FOR_ROWS(i, rows, {
         const float a = a_scale[per_token ? i : 0];
         float *o = out + i * cols;
         const int32_t *r = acc + i * cols;
@@ -261,5 +276,5 @@ void compressdit_dequantize_groups(const int32_t *restrict acc, const float *res
             for (int64_t j = 0; j < cols; ++j) o[j] = o[j] * a + bias[j];
         else
             for (int64_t j = 0; j < cols; ++j) o[j] = o[j] * a;
-    }
+    });
 }
