@@ -3,11 +3,11 @@ fallbacks.
 
 Dynamic symmetric int8 activation quantization (``s = max(amax|x|, 1e-8) / 127`` per token or per tensor,
 ``q = round(x / s)``) costs PyTorch eager ~7 passes and the dequantization epilogue 3 more; on the zoo models'
-256 x 128 activations each pass is mostly dispatch, and together they cost more than the int8 GEMM. ``csrc/int8_rows.c`` does the same arithmetic bit for bit in one fused
-loop each (also per column group for ``cpu-int8-group-gemm``, and fake-quantized for the fp32 dense kernel);
-``csrc/float_rows.c`` the bf16 casts around ``cpu-int-dense-bf16``'s GEMM and ``cpu-fp8-dense``'s per-token E4M3
-rounding (tested against these functions' PyTorch path). Both are plain C compiled once per machine into one
-library with the system C compiler (``cc``, about a second) into ``$COMPRESSDIT_CACHE/native`` and called through
+256 x 128 activations each pass is mostly dispatch, and together they cost more than the int8 GEMM.
+``csrc/int8_rows.c`` does the same arithmetic bit for bit in one fused loop each (also per column group for
+``cpu-int8-group-gemm``, and fake-quantized for the fp32 dense kernel); ``csrc/float_rows.c`` the bf16 casts
+around ``cpu-int-dense-bf16``'s GEMM and ``cpu-fp8-dense``'s per-token E4M3 rounding (tested against these
+functions' PyTorch path). Both are plain C compiled once per machine into one library with the system C compiler (``cc``, about a second) into ``$COMPRESSDIT_CACHE/native`` and called through
 ``ctypes``; without a compiler, or with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same numbers, slower).
 
 Threads: a pass over at least ``PARALLEL_MIN_ELEMENTS`` elements splits its rows over ``torch.get_num_threads()``
@@ -48,7 +48,10 @@ _SIGNATURES = {
     "compressdit_bf16_to_float": ([_PTR, _PTR, _I64, _I64, _PTR, _I32], None),
     "compressdit_fake_quantize_e4m3": ([_PTR, _I64, _I64, _PTR, _PTR, _I32], None),
 }
-#: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``)
+#: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
+#: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
+#: us on two threads; 16 x 128 passes lose ~1 us to a second thread. In a zoo step, 2^12, 2^14 and 2^15 + 1 measured
+#: within noise: the row split matters more than the threshold (see cpu_kernels.SERIAL_GEMM_WORK)
 PARALLEL_MIN_ELEMENTS = 1 << 14
 
 
