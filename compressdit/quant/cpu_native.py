@@ -8,7 +8,8 @@ Dynamic symmetric int8 activation quantization (``s = max(amax|x|, 1e-8) / 127``
 ``cpu-int8-group-gemm``, and fake-quantized for the fp32 dense kernel); ``csrc/float_rows.c`` the bf16 casts
 around ``cpu-int-dense-bf16``'s GEMM and ``cpu-fp8-dense``'s per-token E4M3 rounding (tested against these
 functions' PyTorch path). Both are plain C compiled once per machine into one library with the system C compiler
-(``cc``, about a second) into ``$COMPRESSDIT_CACHE/native`` and called through ``ctypes``; without a compiler, or with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same numbers, slower).
+(``cc``, about a second) into ``$COMPRESSDIT_CACHE/native`` and called through ``ctypes``; without a compiler, or
+with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same numbers, slower).
 
 Threads: a pass over at least ``PARALLEL_MIN_ELEMENTS`` elements splits its rows over ``torch.get_num_threads()``
 OpenMP threads, in the contiguous chunks torch's own ``parallel_for`` makes, on torch's own OpenMP runtime: the
