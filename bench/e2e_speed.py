@@ -11,6 +11,7 @@ steps of float, quantized and reference in turn (``--steps`` each, the fastest k
 shared machine); ratios are per round, the median over ``--rounds`` rounds is reported. Usage::
 
     python bench/e2e_speed.py --threads 1     # writes bench/results/e2e_speed_cpu.{json,md}
+    python bench/e2e_speed.py --threads 1 2 --compare bench/results/e2e_speed_cpu_before.json   # + before -> after
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--recipes", nargs="+", default=RECIPES)
     parser.add_argument("--out", type=Path, default=RESULTS / "e2e_speed_cpu")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="an earlier run's .json: adds a before -> after table of the time-vs-float ratios")
     args = parser.parse_args()
     from compressdit.evaluate.engine import EvalSettings
     from compressdit.io.sources import load_source
@@ -168,8 +171,30 @@ def main() -> None:
         before = f"{r['ms_before']} ({r['time_vs_float_before']:.2f}x)" if "ms_before" in r else "—"
         lines.append(f"| {r['model']} | {r['recipe']} | {r['threads']} | {r['ms_float']} | {r['ms_now']} "
                      f"({r['time_vs_float_now']:.2f}x) | {before} | {r['kernels']} | {r['loadavg_1min']} |")
+    if args.compare is not None:
+        lines += comparison(json.loads(args.compare.read_text()), result, args.compare)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out.with_suffix('.json')} and .md")
+
+
+def comparison(before: dict, after: dict, path: Path) -> list[str]:
+    """Markdown lines: per recipe, each model x thread count's time vs float in ``before`` -> ``after``."""
+    def ratios(run: dict) -> dict:
+        return {(r["recipe"], r["model"], r["threads"]): r["time_vs_float_now"] for r in run["rows"]}
+
+    old, new = ratios(before), ratios(after)
+    columns = sorted({(m, t) for _, m, t in new}, key=lambda c: (MODELS.index(c[0]) if c[0] in MODELS else 99, c[1]))
+    meta = before["meta"]
+    lines = ["", "## Before -> after (time vs float, median of the per-round ratios)", "",
+             f"Before: `{path.name}` (load average before/after {meta['loadavg_start']} / {meta['loadavg_end']}); "
+             "after: the table above. Two runs, not interleaved: a ratio moves by a few percent between runs.", "",
+             "| recipe | " + " | ".join(f"{m} {t}T" for m, t in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for recipe in dict.fromkeys(r for r, _, _ in new):
+        cells = [f"{old[(recipe, m, t)]:.2f} -> {new[(recipe, m, t)]:.2f}" if (recipe, m, t) in old
+                 else f"{new[(recipe, m, t)]:.2f}" for m, t in columns]
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

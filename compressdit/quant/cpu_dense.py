@@ -11,7 +11,7 @@ their kernel name:
   Weight-only layers without a low-rank branch fold their balancing / rotation into that weight
   (``effective_weight``) and run on the raw input: the fp32 kernel is then ``F.linear`` exactly as the float
   layer (the reference's numbers up to summation order). The bf16 kernel rounds activations to bf16 and the
-  product back (one single-threaded C pass each, :mod:`.cpu_native`), the bias added in fp32; dynamic
+  product back (one C pass each, :mod:`.cpu_native`), the bias added in fp32; dynamic
   quantized activations (W4A8 with groups) enter its GEMM as their integer codes (exact in bf16), the product
   scaled per row after. The fp32 kernel fake-quantizes activations as the reference does.
 - ``cpu-fp8-dense``: FP8 (E4M3) weights decoded once into fp32 (4 bytes per weight at run time), the
@@ -82,9 +82,10 @@ def bf16_gemm_pays() -> bool:
     """Whether small layers run in bf16 now: CPUs with AMX-BF16 tiles, and CPUs with AVX512-BF16 at one intra-op
     thread. On the Zen 4 EPYC of ``bench/results/e2e_speed_cpu.md`` (AVX512-BF16, no AMX) the bf16 GEMM of a
     256 x 128 x 128 layer is 1.6x an fp32 one, and with its two casts in C the zoo models' weight-only steps take
-    0.88-0.97x float on one thread but 1.05-1.27x on two (single-threaded casts between two-threaded ops), against
-    1.02-1.05x for the fp32 weight on both. Without bf16 hardware the bf16 GEMM is emulated: fp32. The thread
-    count is part of every layer's prepack key, so changing it re-selects."""
+    0.88-0.97x float on one thread but 1.05-1.27x on two, against 1.02-1.05x for the fp32 weight on both; with
+    the casts split over the threads too, dit-fmnist rtn-w4a16 on two threads was still 1.16x in bf16 against 1.03x
+    in fp32. Without bf16 hardware the bf16 GEMM is emulated: fp32. The thread count is part of every layer's
+    prepack key, so changing it re-selects."""
     amx, avx512 = _bf16_hardware()
     return amx or (avx512 and torch.get_num_threads() == 1)
 
@@ -149,7 +150,7 @@ def _dense_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         scale = scale.clamp_min_(1e-8).div_(int_range(spec.a_bits)[1])
         out = F.linear((x2 / scale).round_().to(torch.bfloat16), b["weight"]).float()
         out = out.mul_(scale) if b["bias"] is None else torch.addcmul(b["bias"], out, scale)
-    else:  # the casts around the bf16 GEMM in one single-threaded C pass each
+    else:  # the casts around the bf16 GEMM in one C pass each
         x2 = _contiguous_fp32(quantize_layer_input(layer, x2))
         out = bf16_to_float(F.linear(float_to_bf16(x2), b["weight"]), b["bias"])
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
@@ -177,10 +178,14 @@ def _decoded_fp32_prepack(decode):
     return prepack
 
 
-def _fp32_gemm(quantize_rows):
+def _fp32_gemm(quantize_rows, any_rank: bool = False):
     """``run``: the input's rows as contiguous fp32, ``quantize_rows(layer, rows)`` (the reference's activation
-    quantizer), the prepacked weight's fp32 GEMM, back to the input's dtype and shape."""
+    quantizer), the prepacked weight's fp32 GEMM, back to the input's dtype and shape. ``any_rank``: the quantizer
+    takes a contiguous fp32 input of any rank (rows along the last dimension), which then skips the reshapes and the
+    cast (3 of the few us of Python a zoo layer spends around its GEMM)."""
     def run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+        if any_rank and x.dtype is torch.float32 and x.is_contiguous():
+            return F.linear(quantize_rows(layer, x), b["weight"], b["bias"])
         x2 = quantize_rows(layer, _contiguous_fp32(x.reshape(-1, x.shape[-1])))
         return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
@@ -191,9 +196,10 @@ def _fp8_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bo
     return device.type == "cpu" and spec.format == "fp8"
 
 
-def _e4m3_rows(layer, x2: torch.Tensor) -> torch.Tensor:
-    """quantize_rows_reference's scale, clamp and E4M3 rounding, one fused pass (A8); unchanged otherwise."""
-    return fake_quantize_e4m3_rows(x2) if layer.spec.a_bits == 8 else x2
+def _e4m3_rows(layer, x: torch.Tensor) -> torch.Tensor:
+    """quantize_rows_reference's scale, clamp and E4M3 rounding per row of ``x`` (any rank), one fused pass (A8);
+    unchanged otherwise."""
+    return fake_quantize_e4m3_rows(x) if layer.spec.a_bits == 8 else x
 
 
 def _twinlog_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
@@ -211,7 +217,7 @@ KERNELS.add("cpu-int-dense-fp32", Kernel(
                 "(4 bytes per weight of RAM; weight-only: balancing/rotation folded in), the reference's fp32 GEMM"))
 KERNELS.add("cpu-fp8-dense", Kernel(
     _fp8_dense_applies, _decoded_fp32_prepack(lambda layer: layer.effective_weight(torch.float32)),
-    _fp32_gemm(_e4m3_rows), priority=10,
+    _fp32_gemm(_e4m3_rows, any_rank=True), priority=10,
     description="E4M3 weight decoded once into a dense fp32 weight (4 bytes per weight of RAM), per-token E4M3 "
                 "activations as the reference, fp32 GEMM"))
 KERNELS.add("cpu-twinlog-dense", Kernel(

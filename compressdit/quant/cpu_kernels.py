@@ -53,17 +53,17 @@ INT8_GEMM_SMALL_WEIGHT = 1 << 18
 
 
 # rows * in * out up to which a kernel's int8 GEMMs run on one thread whatever torch's thread count (set by changing
-# the number of intra-op threads around them, 0.2 us; other Python threads' ops may see 1 meanwhile). A property of
-# each kernel, measured on the loaded 2-core EPYC of bench/results/e2e_speed_cpu.md:
-# - ``cpu-int8-group-gemm`` (one torch._int_mm per group, K = the group size): two threads scale badly on them
-#   (256 x 64 x 128: 29 us on one thread, 90 us on two; rtn-w4a8 steps 1.18-1.19x float on 2 threads serial,
-#   1.17-1.43x not), so up to 2^26.
-# - ``cpu-int8-gemm`` (one GEMM, K = in_features): with the fused C passes around it, two threads now pay from
-#   256 x 128 x 128 on (2^22); 16-row layers (adaLN, 16 x 128 x 768 = 2^20.6) still lose 4-6 us a call to the
-#   second thread (bench/results/layer_w8a8_zoo_cpu.md). W8A8 steps at 2 threads, three thresholds interleaved in
-#   one process: 2^21 0.93-1.02x float, none 0.95-1.03x, the former 2^26 0.98-1.03x: within +-3% noise, 2^21
-#   best or tied on 5 of 6 model x recipe pairs.
-SERIAL_GEMM_WORK = 1 << 26
+# the number of intra-op threads around them, 0.2 us; other Python threads' ops may see 1 meanwhile). Measured on the
+# 2-core EPYC VM of bench/results/e2e_speed_cpu.md, where what decides is which core holds the data: a 2-thread op
+# reading rows that one thread wrote (or the reverse) pays for moving half of them between the cores. So a GEMM runs
+# on the threads its C passes (cpu_native.threads_for: rows split as torch splits them) run on:
+# - ``cpu-int8-gemm`` (one GEMM, K = in_features): 16-row layers (adaLN, 16 x 128 x 768 = 2^20.6) lose 4-6 us a
+#   call to a second thread; 256 x 128 x 128 on (2^22) gains.
+# - ``cpu-int8-group-gemm`` (one torch._int_mm per group, K = the group size): the same rule. Serial GEMMs between
+#   two-thread C passes took 134-471 us a layer against 76-230 us all on two threads (zoo shapes, 256 rows), and the
+#   dit-fmnist rtn-w4a8 step 1.28x float against 1.12-1.14x (2^21 or 0). Serial GEMMs were best only while the C
+#   passes ran on one thread too (the former 2^26 rule, 1.20x).
+SERIAL_GEMM_WORK = 1 << 21
 INT8_GEMM_SERIAL_WORK = 1 << 21
 
 
@@ -133,7 +133,8 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
         acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,
                                                  "none", [], "")
         out = scale_rows_(acc, a_scale, bias)
-    out = out.to(x.dtype)
+    if x.dtype is not torch.float32:  # a no-op .to() costs ~1 us of dispatch
+        out = out.to(x.dtype)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
 
 
@@ -199,7 +200,9 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: to
         if threads:
             torch.set_num_threads(threads)
     out = dequantize_groups(acc, w_scale, a_scale, bias)
-    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    if x.dtype is not torch.float32:
+        out = out.to(x.dtype)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
 
 
 @torch.library.register_fake("compressdit::int8_group_gemm_linear_cpu")

@@ -3,13 +3,19 @@ fallbacks.
 
 Dynamic symmetric int8 activation quantization (``s = max(amax|x|, 1e-8) / 127`` per token or per tensor,
 ``q = round(x / s)``) costs PyTorch eager ~7 passes and the dequantization epilogue 3 more; on the zoo models'
-256 x 128 activations each pass is mostly dispatch, and together they cost more than the int8 GEMM (and do not
-run on a second thread at that size). ``csrc/int8_rows.c`` does the same arithmetic bit for bit in one fused
-loop each (also per column group for ``cpu-int8-group-gemm``, and fake-quantized for the fp32 dense kernel);
-``csrc/float_rows.c`` the bf16 casts around ``cpu-int-dense-bf16``'s GEMM and ``cpu-fp8-dense``'s per-token E4M3
-rounding (tested against these functions' PyTorch path). Both are plain C compiled once per machine into one
-library with the system C compiler (``cc``, about a second) into ``$COMPRESSDIT_CACHE/native`` and called through
-``ctypes``; without a compiler, or with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same numbers, slower).
+256 x 128 activations each pass is mostly dispatch, and together they cost more than the int8 GEMM.
+``csrc/int8_rows.c`` does the same arithmetic bit for bit in one fused loop each (also per column group for
+``cpu-int8-group-gemm``, and fake-quantized for the fp32 dense kernel); ``csrc/float_rows.c`` the bf16 casts
+around ``cpu-int-dense-bf16``'s GEMM and ``cpu-fp8-dense``'s per-token E4M3 rounding (tested against these
+functions' PyTorch path). Both are plain C compiled once per machine into one library with the system C compiler
+(``cc``, about a second) into ``$COMPRESSDIT_CACHE/native`` and called through ``ctypes``; without a compiler, or
+with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same numbers, slower).
+
+Threads: a pass over at least ``PARALLEL_MIN_ELEMENTS`` elements splits its rows over ``torch.get_num_threads()``
+OpenMP threads, in the contiguous chunks torch's own ``parallel_for`` makes, on torch's own OpenMP runtime: the
+library is built with ``-fopenmp`` only where torch runs on OpenMP and the ``libgomp.so.1`` it loaded is the one
+the build links (checked after loading, else the single-threaded build loads: never a second thread pool). Every
+row is computed alone, so the numbers do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -30,37 +37,54 @@ from compressdit.cache import default_cache_dir
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("int8_rows.c", "float_rows.c"))
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-#: argument and result types of the library's functions (``None``: returns nothing)
+#: argument and result types of the library's functions (``None``: returns nothing); each takes its thread count last
 _SIGNATURES = {
-    "compressdit_quantize_int8": ([_PTR, _PTR, _I64, _I64, _I32, _I32, _PTR, _PTR], ctypes.c_int),
-    "compressdit_dequantize_int32": ([_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _PTR], None),
-    "compressdit_scale_rows": ([_PTR, _PTR, _I32, _PTR, _I64, _I64, _PTR], None),
-    "compressdit_fake_quantize_int8": ([_PTR, _I64, _I64, _I32, _PTR], ctypes.c_int),
-    "compressdit_quantize_int8_groups": ([_PTR, _I64, _I64, _I64, _I32, _PTR, _PTR], None),
-    "compressdit_dequantize_groups": ([_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _I64, _PTR], None),
-    "compressdit_float_to_bf16": ([_PTR, _I64, _PTR], None),
-    "compressdit_bf16_to_float": ([_PTR, _PTR, _I64, _I64, _PTR], None),
-    "compressdit_fake_quantize_e4m3": ([_PTR, _I64, _I64, _PTR, _PTR], None),
+    "compressdit_quantize_int8": ([_PTR, _PTR, _I64, _I64, _I32, _I32, _PTR, _PTR, _I32], ctypes.c_int),
+    "compressdit_dequantize_int32": ([_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _PTR, _I32], None),
+    "compressdit_scale_rows": ([_PTR, _PTR, _I32, _PTR, _I64, _I64, _PTR, _I32], None),
+    "compressdit_fake_quantize_int8": ([_PTR, _I64, _I64, _I32, _PTR, _I32], ctypes.c_int),
+    "compressdit_quantize_int8_groups": ([_PTR, _I64, _I64, _I64, _I32, _PTR, _PTR, _I32], None),
+    "compressdit_dequantize_groups": ([_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _I64, _PTR, _I32], None),
+    "compressdit_float_to_bf16": ([_PTR, _I64, _PTR, _I32], None),
+    "compressdit_bf16_to_float": ([_PTR, _PTR, _I64, _I64, _PTR, _I32], None),
+    "compressdit_fake_quantize_e4m3": ([_PTR, _I64, _I64, _PTR, _PTR, _I32], None),
 }
+#: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
+#: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
+#: us on two threads; 16 x 128 passes lose ~1 us to a second thread. In a zoo step, 2^12, 2^14 and 2^15 + 1 measured
+#: within noise: the row split matters more than the threshold (see cpu_kernels.SERIAL_GEMM_WORK)
+PARALLEL_MIN_ELEMENTS = 1 << 14
 
 
-def _flags() -> list[str]:
+def _flags(openmp: bool) -> list[str]:
     """No ``-march=native`` (a shared cache directory may serve other CPUs): the vector ISA torch itself uses
     here (AVX-512 divides 1.35x faster than AVX2 on the EPYC the benchmarks ran on)."""
     vector = {"AVX2": ["-mavx2", "-mfma"],
               "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]}
     vector = vector.get(torch.backends.cpu.get_cpu_capability(), [])
-    return ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", *vector]
+    return ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", *vector, *(["-fopenmp"] * openmp)]
 
 
-@functools.lru_cache(maxsize=None)
-def native_library() -> ctypes.CDLL | None:
-    """The compiled fused loops, built on first use; ``None`` where disabled or no C compiler works."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if os.environ.get("COMPRESSDIT_NATIVE_CPU", "1") == "0" or compiler is None or not all(
-            source.exists() for source in SOURCES):
-        return None
-    flags = _flags()
+def _openmp_runtimes() -> set[str]:
+    """Files of the OpenMP runtimes mapped into this process (GNU, Intel, LLVM; Linux only, else none seen)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in maps.splitlines()
+            if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", line.split()[-1])}
+
+
+def _torch_runs_libgomp() -> bool:
+    """torch's intra-op threads are OpenMP ones of the one mapped ``libgomp.so.1``: the soname ``-fopenmp`` links,
+    so the library shares torch's runtime and thread pool (the loader reuses a loaded soname)."""
+    runtimes = _openmp_runtimes()
+    return ("parallel backend: OpenMP" in torch.__config__.parallel_info() and len(runtimes) == 1
+            and Path(next(iter(runtimes))).name.startswith("libgomp.so.1"))
+
+
+def _load(compiler: str, flags: list[str]) -> ctypes.CDLL | None:
+    """The library built with ``flags`` (once, cached by sources and flags), loaded; ``None`` where that fails."""
     digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(flags).encode())
     target = default_cache_dir() / "native" / f"cpu_rows-{digest.hexdigest()[:16]}.so"
     try:
@@ -72,18 +96,44 @@ def native_library() -> ctypes.CDLL | None:
                 if subprocess.run(command, capture_output=True, timeout=120).returncode:
                     return None
                 os.replace(built, target)
-        lib = ctypes.CDLL(str(target))
+        return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError):  # read-only cache, compiler gone: the PyTorch path runs
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def native_library() -> ctypes.CDLL | None:
+    """The compiled fused loops, built on first use; ``None`` where disabled or no C compiler works. Threaded
+    (``lib.openmp``) where :func:`_torch_runs_libgomp`, and only if loading it brought no second OpenMP runtime."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if os.environ.get("COMPRESSDIT_NATIVE_CPU", "1") == "0" or compiler is None or not all(
+            source.exists() for source in SOURCES):
+        return None
+    openmp = _torch_runs_libgomp()
+    lib = _load(compiler, _flags(True)) if openmp else None
+    if lib is None or len(_openmp_runtimes()) > 1:  # no OpenMP compiler, or a second runtime: one thread
+        openmp, lib = False, _load(compiler, _flags(False))
+    if lib is None:
         return None
     for name, (arguments, result) in _SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = arguments, result
+    lib.openmp = openmp
     return lib
+
+
+def threads_for(elements: int) -> int:
+    """The threads a pass over ``elements`` elements runs on: torch's intra-op count from
+    ``PARALLEL_MIN_ELEMENTS`` on, else one."""
+    return torch.get_num_threads() if elements >= PARALLEL_MIN_ELEMENTS else 1
 
 
 def _takes(*tensors: torch.Tensor | None) -> bool:
     """Every tensor a contiguous fp32 CPU tensor (or ``None``): what the C loops read."""
-    return all(t is None or (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()) for t in tensors)
+    for t in tensors:  # a loop, not all() over a generator: this runs several times per layer call
+        if t is not None and not (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()):
+            return False
+    return True
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -105,7 +155,7 @@ def quantize_rows_int8(x: torch.Tensor, per_token: bool, offset: int = 0,
         q = torch.empty(rows, cols, dtype=torch.uint8 if offset else torch.int8)
         scale = torch.empty(rows if per_token else 1, 1)
         if not lib.compressdit_quantize_int8(x.data_ptr(), _ptr(smooth), rows, cols, per_token, offset,
-                                             q.data_ptr(), scale.data_ptr()):
+                                             q.data_ptr(), scale.data_ptr(), threads_for(rows * cols)):
             return q, scale
     if smooth is not None:
         x = x / smooth
@@ -122,7 +172,8 @@ def fake_quantize_rows_int8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
     lib = _lib_for(x)
     if lib is not None and x.dim() == 2:
         out = torch.empty_like(x)
-        if not lib.compressdit_fake_quantize_int8(x.data_ptr(), x.shape[0], x.shape[1], per_token, out.data_ptr()):
+        if not lib.compressdit_fake_quantize_int8(x.data_ptr(), x.shape[0], x.shape[1], per_token, out.data_ptr(),
+                                                  threads_for(x.numel())):
             return out
     magnitude = x.abs()
     scale = (magnitude.amax(-1, keepdim=True) if per_token else magnitude.amax()).clamp_min_(1e-8).div_(127)
@@ -138,7 +189,8 @@ def quantize_rows_int8_groups(x: torch.Tensor, per_token: bool, group: int) -> t
         return q.view(x.shape[0], -1, group).transpose(0, 1).contiguous(), scale
     rows, cols = x.shape
     q, scale = torch.empty(cols // group, rows, group, dtype=torch.int8), torch.empty(rows if per_token else 1, 1)
-    lib.compressdit_quantize_int8_groups(x.data_ptr(), rows, cols, group, per_token, q.data_ptr(), scale.data_ptr())
+    lib.compressdit_quantize_int8_groups(x.data_ptr(), rows, cols, group, per_token, q.data_ptr(), scale.data_ptr(),
+                                         threads_for(rows * cols))
     return q, scale
 
 
@@ -155,7 +207,7 @@ def dequantize_groups(acc: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.T
     groups, rows, cols = acc.shape
     out = torch.empty(rows, cols)
     lib.compressdit_dequantize_groups(acc.data_ptr(), w_scale.data_ptr(), a_scale.data_ptr(), a_scale.shape[0] > 1,
-                                      _ptr(bias), groups, rows, cols, out.data_ptr())
+                                      _ptr(bias), groups, rows, cols, out.data_ptr(), threads_for(acc.numel()))
     return out
 
 
@@ -171,7 +223,7 @@ def dequantize_int32_(acc: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.T
     rows, cols = acc.shape
     pointer = acc.data_ptr()
     lib.compressdit_dequantize_int32(pointer, w_scale.data_ptr(), a_scale.data_ptr(), a_scale.shape[0] > 1,
-                                     _ptr(bias), rows, cols, pointer)
+                                     _ptr(bias), rows, cols, pointer, threads_for(rows * cols))
     return acc.view(torch.float32)
 
 
@@ -181,19 +233,19 @@ def scale_rows_(acc: torch.Tensor, a_scale: torch.Tensor, bias: torch.Tensor | N
     if lib is None:
         return acc.mul_(a_scale) if bias is None else torch.addcmul(bias, acc, a_scale)
     lib.compressdit_scale_rows(acc.data_ptr(), a_scale.data_ptr(), a_scale.shape[0] > 1, _ptr(bias), acc.shape[0],
-                               acc.shape[1], acc.data_ptr())
+                               acc.shape[1], acc.data_ptr(), threads_for(acc.numel()))
     return acc
 
 
 # --- the dense float kernels' passes (csrc/float_rows.c) ---------------------------------------------------
 
 def float_to_bf16(x: torch.Tensor) -> torch.Tensor:
-    """``x.to(torch.bfloat16)`` (round half to even; NaN as torch's vectorized cast) in one single-threaded pass."""
+    """``x.to(torch.bfloat16)`` (round half to even; NaN as torch's vectorized cast) in one pass."""
     lib = _lib_for(x)
     if lib is None:
         return x.to(torch.bfloat16)
     out = torch.empty(x.shape, dtype=torch.bfloat16)
-    lib.compressdit_float_to_bf16(x.data_ptr(), x.numel(), out.data_ptr())
+    lib.compressdit_float_to_bf16(x.data_ptr(), x.numel(), out.data_ptr(), threads_for(x.numel()))
     return out
 
 
@@ -204,7 +256,8 @@ def bf16_to_float(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = y.float()
         return out if bias is None else out.add_(bias)
     out = torch.empty(y.shape, dtype=torch.float32)
-    lib.compressdit_bf16_to_float(y.data_ptr(), _ptr(bias), y.shape[0], y.shape[1], out.data_ptr())
+    lib.compressdit_bf16_to_float(y.data_ptr(), _ptr(bias), y.shape[0], y.shape[1], out.data_ptr(),
+                                  threads_for(y.numel()))
     return out
 
 
@@ -218,12 +271,15 @@ def round_to_e4m3(q: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize_e4m3_rows(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic per-token E4M3 activations of a 2-D fp32 ``x``, fake-quantized as the FP8 reference does them:
-    ``s = max(amax|x|, 1e-8) / 448`` per row, ``e4m3(clamp(x / s, -448, 448)) * s``; one pass per row in C."""
+    """Dynamic per-token E4M3 activations of an fp32 ``x`` (rows along its last dimension), fake-quantized as the FP8
+    reference does them: ``s = max(amax|x|, 1e-8) / 448`` per row, ``e4m3(clamp(x / s, -448, 448)) * s``; one
+    pass per row in C."""
     lib = _lib_for(x)
-    if lib is None or x.dim() != 2:
+    if lib is None or x.dim() == 0 or x.numel() == 0:
         scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-8).div_(E4M3_MAX)
         return round_to_e4m3((x / scale).clamp_(-E4M3_MAX, E4M3_MAX)).mul_(scale)
     out = torch.empty_like(x)
-    lib.compressdit_fake_quantize_e4m3(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), None)
+    cols = x.shape[-1]
+    lib.compressdit_fake_quantize_e4m3(x.data_ptr(), x.numel() // cols, cols, out.data_ptr(), None,
+                                       threads_for(x.numel()))
     return out

@@ -146,6 +146,9 @@ def _fp8_rows() -> torch.Tensor:
     x[4, 7] = 1e-41  # a subnormal input
     x[5] *= 1e-12  # a row whose amax is below the 1e-8 floor
     x[6, 3] = float("nan")  # NaN spreads to its row, as in the reference
+    x[7, 5] = float("inf")  # an infinite scale: that row divides the plain way
+    x[8] *= 2.0 ** -100  # tiny rows: the fast division's residual may underflow, the codes are zeros either way
+    x[9] = x[9] * 1e-30 + torch.where(torch.arange(96) == 0, 1e-8, 0.0)  # mostly tiny below the 1e-8 floor
     return x
 
 
@@ -182,3 +185,66 @@ def test_grouped_codes_and_their_epilogue_equal_the_torch_path(per_token, monkey
     # the same sums up to fp32 rounding (a few ulps of the largest group term, where groups cancel)
     torch.testing.assert_close(out, dequantize_groups(acc, w_scale, scale, bias), rtol=1e-6,
                                atol=out.abs().max().item() * 2 ** -20)
+
+
+def _every_pass(x: torch.Tensor) -> list[torch.Tensor]:
+    """Each C pass's outputs on ``x`` (per token and per tensor, with and without balancing)."""
+    from compressdit.quant.cpu_native import (bf16_to_float, dequantize_groups, fake_quantize_e4m3_rows,
+                                              fake_quantize_rows_int8, float_to_bf16, quantize_rows_int8_groups)
+
+    rows, cols = x.shape
+    torch.manual_seed(5)
+    smooth = torch.rand(cols) * 8 + 0.05
+    acc = torch.randint(-2 ** 18, 2 ** 18, (rows, 24), dtype=torch.int32)
+    group_acc = torch.randint(-2 ** 18, 2 ** 18, (cols // 32, rows, 24), dtype=torch.int32)
+    w_scale, a_scale, bias = torch.rand(24) / 100, torch.rand(rows, 1), torch.randn(24)
+    outputs = [*quantize_rows_int8(x, True, 0, smooth), *quantize_rows_int8(x, False, 128, smooth),
+               *quantize_rows_int8(x, True), fake_quantize_rows_int8(x, True), fake_quantize_rows_int8(x, False),
+               *quantize_rows_int8_groups(x, True, 32), *quantize_rows_int8_groups(x, False, 32),
+               dequantize_int32_(acc.clone(), w_scale, a_scale, bias), scale_rows_(acc.float(), a_scale, None),
+               dequantize_groups(group_acc, torch.rand(cols // 32, 24), a_scale, bias),
+               float_to_bf16(x).view(torch.int16), bf16_to_float(x.bfloat16(), torch.randn(cols)),
+               fake_quantize_e4m3_rows(x), fake_quantize_e4m3_rows(x.view(rows, 2, cols // 2))]
+    return outputs
+
+
+@pytest.mark.parametrize("rows, threads", [(37, 3), (5, 4), (64, 2)])
+def test_rows_split_over_threads_give_the_one_thread_numbers(rows, threads, monkeypatch):
+    """Every pass split over torch's threads (row counts that do not divide evenly, fewer rows than threads) equals
+    its one-thread run bit for bit; without the library, the PyTorch path gives the same numbers."""
+    x = _activations(rows=rows, cols=128)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        monkeypatch.setattr(cpu_native, "PARALLEL_MIN_ELEMENTS", 1 << 62)  # every pass on one thread
+        serial = _every_pass(x)
+        monkeypatch.setattr(cpu_native, "PARALLEL_MIN_ELEMENTS", 1)  # every pass on `threads` threads
+        assert cpu_native.threads_for(rows) == threads
+        split = _every_pass(x)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(serial, split, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    monkeypatch.setattr(cpu_native, "native_library", lambda: None)
+    for a, b in zip(serial[:4] + serial[6:10], _every_pass(x)[:4] + _every_pass(x)[6:10], strict=True):
+        assert torch.equal(a, b)  # the codes and scales (the epilogues agree up to rounding, tested above)
+
+
+def test_the_library_never_brings_a_second_openmp_runtime(monkeypatch):
+    """Threaded only on torch's own libgomp (one runtime mapped); a build without OpenMP gives the same numbers."""
+    lib = native_library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    runtimes = cpu_native._openmp_runtimes()
+    assert len(runtimes) <= 1
+    assert not lib.openmp or cpu_native._torch_runs_libgomp()
+    x = _activations(rows=37, cols=128)
+    expected = _every_pass(x)
+    monkeypatch.setattr(cpu_native, "_torch_runs_libgomp", lambda: False)
+    cpu_native.native_library.cache_clear()
+    try:
+        assert not native_library().openmp
+        for a, b in zip(expected, _every_pass(x), strict=True):
+            assert torch.equal(a, b)
+    finally:
+        cpu_native.native_library.cache_clear()

@@ -6,12 +6,47 @@
  * bit for bit: s = max(amax |x|, 1e-8f) / 127 (per row or over the tensor), q = round-half-even(x / s), the
  * float divisions in IEEE single precision as torch does them (built without -ffast-math, with
  * -ffp-contract=off). A channel-balancing division x / smooth (the layer's input transform) can be fused in,
- * as the same IEEE division torch does first. Plain C, no torch headers, no threads (the zoo models' layers
- * take a few microseconds). */
+ * as the same IEEE division torch does first. Plain C, no torch headers.
+ *
+ * Threads: every pass is independent per row (a per-tensor amax is an integer max, the same in any order), so
+ * the rows are split over `threads` OpenMP threads in contiguous static chunks, the first chunk on the calling
+ * thread: the split torch's own at::parallel_for makes, on the same OpenMP runtime (cpu_native.py compiles with
+ * -fopenmp only where torch's libgomp is already loaded), so a row stays on the core that touches it next.
+ * threads <= 1 (a plain loop: FOR_ROWS), or a build without OpenMP: one thread, the same numbers. */
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* for (int64_t i = 0; i < n; ++i) BODY on `threads` OpenMP threads in contiguous static chunks (torch's split) when
+ * threads > 1, else as a plain loop: entering even a one-thread parallel region costs ~0.6 us a call. */
+#define FOR_ROWS(i, n, ...)                                                    \
+    do {                                                                       \
+        if (threads > 1) {                                                     \
+            _Pragma("omp parallel for schedule(static) num_threads(threads)") \
+            for (int64_t i = 0; i < (n); ++i) __VA_ARGS__                      \
+        } else {                                                               \
+            for (int64_t i = 0; i < (n); ++i) __VA_ARGS__                      \
+        }                                                                      \
+    } while (0)
+
+/* FOR_ROWS with a max reduction into m */
+#define FOR_ROWS_MAX(m, i, n, ...)                                                                 \
+    do {                                                                                          \
+        if (threads > 1) {                                                                        \
+            _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(max : m)") \
+            for (int64_t i = 0; i < (n); ++i) __VA_ARGS__                                         \
+        } else {                                                                                  \
+            for (int64_t i = 0; i < (n); ++i) __VA_ARGS__                                         \
+        }                                                                                         \
+    } while (0)
+
+#ifdef _OPENMP
+#include <omp.h>
+static inline int thread_index(void) { return omp_get_thread_num(); }
+#else
+static inline int thread_index(void) { return 0; }
+#endif
 
 /* |x| as its IEEE bit pattern: for non-negative floats, integer order is float order and NaN sorts above inf,
  * so an integer max reduction (which compilers vectorize without -ffast-math) is the float amax, NaN included. */
@@ -90,13 +125,35 @@ static float scale_of(uint32_t bits) {
     return (m > 1e-8f ? m : 1e-8f) / 127.0f; /* clamp_min(1e-8) keeps NaN, as this does */
 }
 
+/* One row of x (divided by smooth first when inv is not NULL, into dst) -> max |row| as bits; *source set to the
+ * row the codes are made from (x's row, or dst). */
+static uint32_t row_absmax(const float *row, const float *smooth, const float *inv, int64_t cols, float *dst,
+                           const float **source) {
+    if (!inv) {
+        *source = row;
+        return absmax_bits(row, cols);
+    }
+    int out_of_range;
+    uint32_t m = divide_absmax(row, smooth, inv, cols, dst, &out_of_range);
+    if (out_of_range) {
+        divide_exact(row, smooth, cols, dst);
+        m = absmax_bits(dst, cols);
+    }
+    *source = dst;
+    return m;
+}
+
 /* x [rows, cols] (divided by smooth [cols] first unless NULL) -> q [rows, cols] int8 codes (+ offset: 128 gives
- * oneDNN's uint8 codes), scale [rows] (per token) or [1]. Returns 0, or -1 when out of memory. */
+ * oneDNN's uint8 codes), scale [rows] (per token) or [1]; rows split over `threads`. The division goes into a
+ * scratch row per thread per token (cache-line apart: no false sharing), into a tensor-sized buffer per tensor.
+ * Returns 0, or -1 when out of memory. */
 int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows, int64_t cols, int32_t per_token,
-                              int32_t offset, int8_t *q, float *scale) {
+                              int32_t offset, int8_t *q, float *scale, int32_t threads) {
     float *y = NULL, *inv = NULL;
-    if (smooth) { /* x / smooth: one row at a time per token, the whole tensor per tensor */
-        y = malloc(sizeof(float) * (size_t)(per_token ? cols : rows * cols));
+    const int64_t stride = (cols + 31) / 16 * 16; /* floats: a 64-byte multiple, one line of padding */
+    if (threads < 1) threads = 1;
+    if (smooth) {
+        y = malloc(sizeof(float) * (size_t)(per_token ? threads * stride : rows * cols));
         inv = malloc(sizeof(float) * (size_t)cols);
         if (!y || !inv) {
             free(y);
@@ -105,31 +162,25 @@ int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows,
         }
         for (int64_t j = 0; j < cols; ++j) inv[j] = 1.0f / smooth[j];
     }
-    for (int64_t i = 0; i < rows; ++i) {
-        const float *row = x + i * cols;
-        uint32_t m;
-        if (y) {
-            float *dst = per_token ? y : y + i * cols;
-            int out_of_range;
-            m = divide_absmax(row, smooth, inv, cols, dst, &out_of_range);
-            if (out_of_range) {
-                divide_exact(row, smooth, cols, dst);
-                m = absmax_bits(dst, cols);
-            }
-            row = dst;
-        } else {
-            m = per_token ? absmax_bits(row, cols) : 0;
-        }
-        if (per_token) {
+    if (per_token) {
+        FOR_ROWS(i, rows, {
+            const float *row;
+            uint32_t m = row_absmax(x + i * cols, smooth, inv, cols, y ? y + thread_index() * stride : NULL, &row);
             scale[i] = scale_of(m);
             codes_row(row, cols, scale[i], offset, q + i * cols);
-        }
-    }
-    if (!per_token) {
+        });
+    } else {
+        uint32_t m = 0;
+        FOR_ROWS_MAX(m, i, rows, {
+            const float *row;
+            uint32_t r = row_absmax(x + i * cols, smooth, inv, cols, y ? y + i * cols : NULL, &row);
+            m = r > m ? r : m;
+        });
         const float *all = y ? y : x;
-        scale[0] = scale_of(absmax_bits(all, rows * cols));
-        for (int64_t i = 0; i < rows; ++i)
-            codes_row(all + i * cols, cols, scale[0], offset, q + i * cols);
+        const float s = scale[0] = scale_of(m);
+        FOR_ROWS(i, rows, {
+            codes_row(all + i * cols, cols, s, offset, q + i * cols);
+        });
     }
     free(y);
     free(inv);
@@ -140,8 +191,8 @@ int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows,
  * acc's own memory (each element is read before it is written). */
 void compressdit_dequantize_int32(const int32_t *acc, const float *restrict w_scale, const float *restrict a_scale,
                                   int32_t per_token, const float *restrict bias, int64_t rows, int64_t cols,
-                                  float *out) {
-    for (int64_t i = 0; i < rows; ++i) {
+                                  float *out, int32_t threads) {
+    FOR_ROWS(i, rows, {
         const float a = a_scale[per_token ? i : 0];
         const int32_t *r = acc + i * cols;
         float *o = out + i * cols;
@@ -149,13 +200,13 @@ void compressdit_dequantize_int32(const int32_t *acc, const float *restrict w_sc
             for (int64_t j = 0; j < cols; ++j) o[j] = (float)r[j] * w_scale[j] * a + bias[j];
         else
             for (int64_t j = 0; j < cols; ++j) o[j] = (float)r[j] * w_scale[j] * a;
-    }
+    });
 }
 
 /* out[i, j] = acc[i, j] * a_scale[i or 0] (+ bias[j]), in place allowed: for GEMMs that applied w_scale. */
 void compressdit_scale_rows(const float *acc, const float *a_scale, int32_t per_token, const float *bias,
-                            int64_t rows, int64_t cols, float *out) {
-    for (int64_t i = 0; i < rows; ++i) {
+                            int64_t rows, int64_t cols, float *out, int32_t threads) {
+    FOR_ROWS(i, rows, {
         const float a = a_scale[per_token ? i : 0];
         const float *r = acc + i * cols;
         float *o = out + i * cols;
@@ -163,19 +214,22 @@ void compressdit_scale_rows(const float *acc, const float *a_scale, int32_t per_
             for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * a + bias[j];
         else
             for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * a;
-    }
+    });
 }
 
 /* Fake-quantized int8 activations: out = round(x / s) * s with compressdit_quantize_int8's codes and scales (the
  * codes are exact in fp32, so this is the PyTorch expression's value bit for bit). Returns 0, or -1 when out of
  * memory. */
-int compressdit_fake_quantize_int8(const float *x, int64_t rows, int64_t cols, int32_t per_token, float *out) {
+int compressdit_fake_quantize_int8(const float *x, int64_t rows, int64_t cols, int32_t per_token, float *out,
+                                   int32_t threads) {
     int8_t *q = malloc((size_t)(rows * cols));
     float *scale = malloc(sizeof(float) * (size_t)(per_token ? rows : 1));
-    int status = q && scale ? compressdit_quantize_int8(x, NULL, rows, cols, per_token, 0, q, scale) : -1;
-    for (int64_t i = 0; status == 0 && i < rows; ++i) {
-        const float s = scale[per_token ? i : 0];
-        for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = (float)q[i * cols + j] * s;
+    int status = q && scale ? compressdit_quantize_int8(x, NULL, rows, cols, per_token, 0, q, scale, threads) : -1;
+    if (status == 0) {
+        FOR_ROWS(i, rows, {
+            const float s = scale[per_token ? i : 0];
+            for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = (float)q[i * cols + j] * s;
+        });
     }
     free(q);
     free(scale);
@@ -185,23 +239,30 @@ int compressdit_fake_quantize_int8(const float *x, int64_t rows, int64_t cols, i
 /* compressdit_quantize_int8's codes and scales (no balancing, no offset) laid out per column group: x [rows, cols]
  * -> q [cols / group, rows, group], each group's activation codes contiguous for its own GEMM. */
 void compressdit_quantize_int8_groups(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t per_token,
-                                      int8_t *q, float *scale) {
+                                      int8_t *q, float *scale, int32_t threads) {
     const int64_t groups = cols / group;
-    if (!per_token) scale[0] = scale_of(absmax_bits(x, rows * cols));
-    for (int64_t i = 0; i < rows; ++i) {
+    if (!per_token) {
+        uint32_t m = 0;
+        FOR_ROWS_MAX(m, i, rows, {
+            uint32_t r = absmax_bits(x + i * cols, cols);
+            m = r > m ? r : m;
+        });
+        scale[0] = scale_of(m);
+    }
+    FOR_ROWS(i, rows, {
         const float *row = x + i * cols;
         const float s = per_token ? (scale[i] = scale_of(absmax_bits(row, cols))) : scale[0];
         for (int64_t g = 0; g < groups; ++g)
             codes_row(row + g * group, group, s, 0, q + (g * rows + i) * group);
-    }
+    });
 }
 
 /* out[i, j] = (sum over g of acc[g, i, j] * w_scale[g, j]) * a_scale[i or 0] (+ bias[j]), the groups added in
  * order: the per-group int32 GEMMs' epilogue (acc [groups, rows, cols], w_scale [groups, cols]). */
 void compressdit_dequantize_groups(const int32_t *restrict acc, const float *restrict w_scale,
                                    const float *restrict a_scale, int32_t per_token, const float *restrict bias,
-                                   int64_t groups, int64_t rows, int64_t cols, float *restrict out) {
-    for (int64_t i = 0; i < rows; ++i) {
+                                   int64_t groups, int64_t rows, int64_t cols, float *restrict out, int32_t threads) {
+    FOR_ROWS(i, rows, {
         const float a = a_scale[per_token ? i : 0];
         float *o = out + i * cols;
         const int32_t *r = acc + i * cols;
@@ -215,5 +276,5 @@ void compressdit_dequantize_groups(const int32_t *restrict acc, const float *res
             for (int64_t j = 0; j < cols; ++j) o[j] = o[j] * a + bias[j];
         else
             for (int64_t j = 0; j < cols; ++j) o[j] = o[j] * a;
-    }
+    });
 }
