@@ -21,8 +21,8 @@ folders::
 
     timeout 14400 python bench/stream_flux.py --work /work/stream-bench --recipes rtn-w8a8 rtn-w4a16
     timeout 7200 python bench/stream_flux.py --work /work/stream-bench --recipes w8a8 --calib-samples 2 --calib-steps 2
-    timeout 5700 python bench/stream_flux.py --work /work/stream-bench --recipes w4a16 --calib-samples 2 --calib-steps 1 \
-        --threads 1
+    timeout 5700 python bench/stream_flux.py --work /work/stream-bench --recipes w4a16 --calib-samples 2 \
+        --calib-steps 1 --threads 1
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from compressdit.quant import primitives
-from compressdit.quant.primitives import (MAX_BITS, MIN_BITS, _mse_shrink, _round_grouped, check_bits, dequantize_weight,
-                                          fake_quantize_activation, int_range, pack_codes, packed_shape,
-                                          quantize_weight_rtn, unpack_codes)
+from compressdit.quant.primitives import (MAX_BITS, MIN_BITS, _mse_shrink, _round_grouped, check_bits,
+                                          dequantize_weight, fake_quantize_activation, int_range, pack_codes,
+                                          packed_shape, quantize_weight_rtn, unpack_codes)
 
 ALL_BITS = list(range(MIN_BITS, MAX_BITS + 1))
 
