@@ -21,6 +21,8 @@ folders::
 
     timeout 14400 python bench/stream_flux.py --work /work/stream-bench --recipes rtn-w8a8 rtn-w4a16
     timeout 7200 python bench/stream_flux.py --work /work/stream-bench --recipes w8a8 --calib-samples 2 --calib-steps 2
+    timeout 5700 python bench/stream_flux.py --work /work/stream-bench --recipes w4a16 --calib-samples 2 \
+        --calib-steps 1 --threads 1
 """
 
 from __future__ import annotations
@@ -254,7 +256,13 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=2, help="Calibration samples of calibrated recipes.")
     parser.add_argument("--calib-steps", type=int, default=2, help="Calibration sampling steps of calibrated recipes.")
     parser.add_argument("--calib-tokens", type=int, default=16, help="Text tokens of the calibration prompts.")
+    parser.add_argument("--reuse-source", action="store_true",
+                        help="Use WORK/source and its WORK/source.json record when a run left them (with --keep).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every step (OMP_NUM_THREADS; default: torch's own choice).")
     args = parser.parse_args()
+    if args.threads:  # before torch is imported here or in a child
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     command = "python bench/stream_flux.py " + " ".join(sys.argv[1:])
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result = {"command": command, "machine": machine(), "blocks": args.blocks, "date": date, "runs": []}
@@ -272,7 +280,13 @@ def main() -> None:
                                   for run in before["runs"] + older if run["recipe"] not in args.recipes]
         result["remarks"] = before.get("remarks", [])
     try:
-        result["source"] = child("source", str(source), args.shard_size, args.blocks)
+        record = args.work / "source.json"
+        if args.reuse_source and record.exists() and source.exists():
+            result["source"] = {**json.loads(record.read_text()), "reused": True}
+        else:
+            result["source"] = child("source", str(source), args.shard_size, args.blocks)
+            if args.keep:
+                record.write_text(json.dumps(result["source"]))
         print("source", result["source"], flush=True)
         save(result, name)
         for recipe in args.recipes:

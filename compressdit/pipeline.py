@@ -101,13 +101,14 @@ def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
 
 def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, quiet: bool = False,
                calib: str | None = None, text_encoder: str | None = None,
-               embeddings: str | None = None, stream: bool = False, max_memory: int | None = None) -> PipelineState:
+               embeddings: str | None = None, stream: bool = False, max_memory: int | None = None,
+               device: str = "cpu") -> PipelineState:
     """Compress ``model`` with ``recipe`` into ``out``; nothing is left at ``out`` if any step fails.
 
     Prompts go through ``embeddings`` (a file of precomputed embeddings), else ``text_encoder`` (a pipeline
     folder), else the model folder's own text encoders (a pipeline), else MiniLM (reference models).
     With ``stream``, or when the loaded model would not fit in ``max_memory`` bytes (default: the memory available),
-    the model is quantized block by block from its shards (:mod:`compressdit.streaming`)."""
+    the model is quantized block by block from its shards (:mod:`compressdit.streaming`), on ``device``."""
     check_output(out, overwrite)  # before loading: a taken output folder should not cost a model load
     ranks = PartialState()
     if ranks.num_processes > 1 and any(STAGES.get(s.name).needs_checkpoint for s in recipe.stages):
@@ -120,10 +121,14 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
             if hasattr(stage.config, "set"):
                 stage.config.set = calib
     reason = streaming_reason(folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder, stream, max_memory)
+    if reason is None and torch.device(device).type != "cpu":
+        raise ConfigError(f"--device {device} applies to streamed runs (one block on the device at a time); add "
+                          "--stream, or leave --device out to compress in memory on the CPU")
     if reason is not None:
         return run_streamed(recipe, model, out, overwrite, quiet, reason,
                             lambda skeleton: load_source(model, text_encoder=text_encoder, embeddings=embeddings,
-                                                         cache_dir=default_cache_dir(), transformer=skeleton))
+                                                         cache_dir=default_cache_dir(), transformer=skeleton),
+                            device)
     source = load_source(model, text_encoder=text_encoder, embeddings=embeddings, cache_dir=default_cache_dir())
     adapter = adapter_for(source.transformer, source.folder if source.is_pipeline else None)
     if adapter.drives_pipeline and not all(STAGES.get(s.name).runs_driven for s in recipe.stages):
@@ -169,7 +174,7 @@ def _helper_rank(recipe: Recipe, state: PipelineState) -> PipelineState:
 
 
 def run_streamed(recipe: Recipe, model: str, out: Path, overwrite: bool, quiet: bool, reason: str,
-                 parts=None) -> PipelineState:
+                 parts=None, device: str = "cpu") -> PipelineState:
     """``run_recipe`` for a model quantized block by block: the checkpoint (with the pipeline's other parts), the
     recipe and the model card are written atomically; nothing is evaluated (see :mod:`compressdit.streaming`).
     ``parts(skeleton)``: the model source calibration samples with (``stream_quantize``)."""
@@ -177,7 +182,7 @@ def run_streamed(recipe: Recipe, model: str, out: Path, overwrite: bool, quiet: 
     is_pipeline = (folder / TRANSFORMER_SUBFOLDER / "config.json").exists()
     transformer = folder / TRANSFORMER_SUBFOLDER if is_pipeline else folder
     if not PartialState().is_main_process:  # its share of the calibration; rank 0 writes
-        result = stream_quantize(recipe, transformer, Path(out), quiet, parts=parts, write=False)
+        result = stream_quantize(recipe, transformer, Path(out), quiet, parts=parts, write=False, device=device)
         return PipelineState(source=ModelSource(model, folder, result.model, is_pipeline=is_pipeline),
                              adapter=result.adapter, model=result.model, workdir=Path(out), reference_spec=model,
                              quiet=quiet, recipe_name=recipe.name, calibration=result.calibration,
@@ -186,7 +191,7 @@ def run_streamed(recipe: Recipe, model: str, out: Path, overwrite: bool, quiet: 
         if is_pipeline:
             copy_pipeline_parts(folder, workdir)
         result = stream_quantize(recipe, transformer, workdir / TRANSFORMER_SUBFOLDER if is_pipeline else workdir,
-                                 quiet, parts=parts)
+                                 quiet, parts=parts, device=device)
         (workdir / "compressdit_recipe.yaml").write_text(recipe.dump())
         write_model_card(workdir, display_path=str(out), recipe=recipe, reference_name=model,
                          reference_folder=folder, model=result.model, report=None)

@@ -8,7 +8,9 @@ from the source's safetensors shards (:class:`~compressdit.io.shards.LazyWeights
 dtype an in-memory load gives, quantized by the same ``quantize_layers`` as the in-memory path, cast as
 ``save_pretrained`` would cast them, handed to a :class:`~compressdit.io.shards.ShardWriter` and dropped back to
 ``meta``. Output tensors, shard layout, index and ``config.json`` equal what the in-memory path writes with the same
-``max_shard_size``. Recipes that need Hessians (GPTQ), block reconstruction (AdaRound) or joint decisions over
+``max_shard_size``. With ``device="cuda"`` each unit is read onto the GPU, calibrated and quantized there (one block
+of weights and its activations in device memory: a 24 GB card compresses a 12B model) and its outputs come back to
+the CPU as they are written. Recipes that need Hessians (GPTQ), block reconstruction (AdaRound) or joint decisions over
 layers (mixed precision, codebooks, format search) are refused.
 
 The orchestrator (:func:`compressdit.pipeline.run_recipe`) streams when asked (``--stream``) or when the source
@@ -168,12 +170,13 @@ def _in_unit(name: str, prefix: str, block_prefixes: list[str]) -> bool:
 @torch.no_grad()
 def stream_quantize(recipe: Recipe, source: Path, target: Path, quiet: bool = False,
                     max_shard_size: int | str = STREAM_SHARD_SIZE,
-                    parts: Callable[[nn.Module], ModelSource] | None = None, write: bool = True) -> StreamResult:
+                    parts: Callable[[nn.Module], ModelSource] | None = None, write: bool = True,
+                    device: torch.device | str = "cpu") -> StreamResult:
     """Quantize the float checkpoint in ``source`` with ``recipe`` into ``target``, block by block (module doc).
 
     ``parts(skeleton)``: the model source around the skeleton that calibration samples with (scheduler, prompt
     encoder; default: ``source`` as a bare transformer folder). ``write=False``: calibrate only (a rank other than 0
-    under ``accelerate launch``; nothing is written)."""
+    under ``accelerate launch``; nothing is written). ``device``: where blocks are calibrated and quantized."""
     started = time.perf_counter()
     verify_safetensors(source)  # headers and sizes: a truncated shard fails now, not after an hour
     weights = LazyWeights(source)
@@ -202,7 +205,8 @@ def stream_quantize(recipe: Recipe, source: Path, target: Path, quiet: bool = Fa
     if stream_plan.calibrate is not None:
         calibrated = time.perf_counter()
         parts = parts or (lambda skeleton_: load_source(str(source), transformer=skeleton_))
-        stats, streamer, _ = streamed_calibration(parts(model), adapter, weights, stream_plan.calibrate, quiet)
+        stats, streamer, _ = streamed_calibration(parts(model), adapter, weights, stream_plan.calibrate, quiet,
+                                                  device)
         timings["calibrate_s"] = round(time.perf_counter() - calibrated, 2)
         notes.append(f"calibrated on {stream_plan.calibrate.samples} samples x {stream_plan.calibrate.steps} steps "
                      f"with blocks read from the shards as they ran ({streamer.loads} block reads, at most "
@@ -215,7 +219,7 @@ def stream_quantize(recipe: Recipe, source: Path, target: Path, quiet: bool = Fa
     with ShardWriter(target, layout, expected, metadata) as writer:
         for prefix, module in track(units, "streaming blocks", quiet=quiet):
             names = [n for n in source_names if _in_unit(n, prefix, block_prefixes)]
-            weights.load_into(module, names, source_state, prefix, strict=bool(prefix))
+            weights.load_into(module, names, source_state, prefix, strict=bool(prefix), device=device)
             strip = len(prefix) + 1 if prefix else 0
             quantize_layers(model, {n: s for n, s in plan.items() if _in_unit(n, prefix, block_prefixes)},
                             input_absmax)

@@ -7,7 +7,9 @@ shards as the block is called and drops them back to ``meta`` when it returns. T
 :func:`~compressdit.stages.calibrate.run_calibration` then runs unchanged on the skeleton: the same statistic hooks
 see the same inputs as on a model loaded in memory, so the statistics are the in-memory ones, and no block input
 is cached. Every calibration batch reads the weights once per denoising step (cond and uncond share a call), so a
-batch size of at least the sample count reads them ``steps`` times.
+batch size of at least the sample count reads them ``steps`` times. On a ``device`` (e.g. ``cuda``) the resident
+part, the block being called and the activations live there, so one block's weights at a time take device memory;
+the statistics are gathered on the CPU as in memory.
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ def release(module: nn.Module, names: list[str]) -> None:
 class BlockStreamer:
     """Context manager: the skeleton ``model`` runs with its blocks read from ``weights`` one at a time (module doc).
 
-    ``peak``: the most blocks ever in memory at once (1); ``loads``: blocks read so far. On exit the hooks are
-    removed and every tensor read goes back to ``meta``, even after an error.
+    ``peak``: the most blocks ever in memory at once (1); ``loads``: blocks read so far. Tensors are read onto
+    ``device``, where the model's own buffers (sin-cos tables) go too while it runs. On exit the hooks are removed,
+    every tensor read goes back to ``meta`` and the buffers back where they were, even after an error.
     """
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, weights: LazyWeights) -> None:
-        self.model, self.weights = model, weights
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, weights: LazyWeights,
+                 device: torch.device | str = "cpu") -> None:
+        self.model, self.weights, self.device = model, weights, device
+        self.buffers: list[tuple[nn.Module, str, torch.Tensor]] = []  # (owner, name, tensor before the move)
         self.like = model.state_dict()  # meta: shapes and dtypes config.json defines
         self.blocks = adapter.blocks(model)
         prefixes = [p for p, _ in self.blocks]
@@ -59,7 +64,7 @@ class BlockStreamer:
         self.handles: list = []
 
     def _load(self, prefix: str, block: nn.Module) -> None:
-        self.weights.load_into(block, self.own[prefix], self.like, prefix)
+        self.weights.load_into(block, self.own[prefix], self.like, prefix, device=self.device)
         self.live.add(prefix)
         self.loads += 1
         self.peak = max(self.peak, len(self.live))
@@ -70,7 +75,12 @@ class BlockStreamer:
 
     def __enter__(self) -> "BlockStreamer":
         try:
-            self.weights.load_into(self.model, self.resident, self.like)
+            self.weights.load_into(self.model, self.resident, self.like, device=self.device)
+            for owner in self.model.modules():
+                for name, tensor in owner.named_buffers(recurse=False):
+                    if tensor is not None and not tensor.is_meta:
+                        self.buffers.append((owner, name, tensor))
+                        setattr(owner, name, tensor.to(self.device))
             for prefix, block in self.blocks:
                 self.handles.append(block.register_forward_pre_hook(
                     lambda module, args, prefix=prefix: self._load(prefix, module)))
@@ -89,16 +99,20 @@ class BlockStreamer:
         for prefix in list(self.live):
             self._release(prefix, blocks[prefix])
         release(self.model, self.resident)
+        for owner, name, tensor in self.buffers:
+            setattr(owner, name, tensor)
+        self.buffers.clear()
 
 
 @torch.no_grad()
 def streamed_calibration(source: ModelSource, adapter: ModelAdapter, weights: LazyWeights, config,
-                         quiet: bool = False) -> tuple[ActivationStats, BlockStreamer, list]:
+                         quiet: bool = False, device: torch.device | str = "cpu"
+                         ) -> tuple[ActivationStats, BlockStreamer, list]:
     """The calibrate stage (``config``: its ``CalibrateConfig``) run on ``source.transformer``, the skeleton, with
-    blocks streamed from ``weights``; returns the statistics, the streamer (``peak``, ``loads``) and the
+    blocks streamed from ``weights`` onto ``device``; returns the statistics, the streamer (``peak``, ``loads``) and the
     calibration conditions. Not cached: the cache key sums the weights, which are not in memory."""
     state = PipelineState(source=source, adapter=adapter, model=source.transformer, workdir=Path("."),
                           reference_spec=source.name, quiet=quiet, cache_dir=None)
-    with BlockStreamer(source.transformer, adapter, weights) as streamer:
+    with BlockStreamer(source.transformer, adapter, weights, device) as streamer:
         stats = run_calibration(state, config)
     return stats, streamer, state.calibration_conditions

@@ -86,17 +86,17 @@ class LazyWeights:
         return out
 
     def load_into(self, module: torch.nn.Module, names: list[str], like: dict[str, torch.Tensor], prefix: str = "",
-                  strict: bool = False) -> None:
-        """Read the tensors ``names`` (full names) into ``module``, the submodule at ``prefix``: each must have the
-        shape of its twin in ``like`` (the ``meta`` state dict config.json defines) and takes its dtype (what an
-        in-memory load gives); ``strict``: ``names`` are all of ``module``'s tensors."""
+                  strict: bool = False, device: torch.device | str = "cpu") -> None:
+        """Read the tensors ``names`` (full names) into ``module``, the submodule at ``prefix``, on ``device``: each
+        must have the shape of its twin in ``like`` (the ``meta`` state dict config.json defines) and takes its
+        dtype (what an in-memory load gives); ``strict``: ``names`` are all of ``module``'s tensors."""
         tensors = self.read(names)
         for name, tensor in tensors.items():
             if tensor.shape != like[name].shape:
                 raise CheckpointError(f"tensor {name} has shape {list(tensor.shape)} in the weights but config.json "
                                       f"implies {list(like[name].shape)}: config.json and weights do not match")
         strip = len(prefix) + 1 if prefix else 0
-        module.load_state_dict({n[strip:]: t.to(like[n].dtype) if t.is_floating_point() else t
+        module.load_state_dict({n[strip:]: t.to(device, like[n].dtype) if t.is_floating_point() else t.to(device)
                                 for n, t in tensors.items()}, strict=strict, assign=True)
 
     def float_numel(self) -> int:
@@ -144,7 +144,7 @@ class ShardWriter:
                 raise CheckpointError(f"tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, the planned "
                                       f"checkpoint expects {tuple(shape)} {dtype}")
             file = self.layout.tensor_to_filename[name]
-            self.pending.setdefault(file, {})[name] = tensor.detach().contiguous()
+            self.pending.setdefault(file, {})[name] = tensor.detach().cpu().contiguous()  # from any device
             self.produced.add(name)
             if len(self.pending[file]) == len(self.layout.filename_to_tensors[file]):
                 save_file(self.pending.pop(file), str(self.folder / file), metadata=self.metadata)

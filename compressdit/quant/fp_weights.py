@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from compressdit.quant.minifloat import Minifloat
+from compressdit.quant.primitives import MSE_CHUNK
 
 MSE_SHRINKS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5: the range fractions w_range: mse tries
 
@@ -49,16 +50,23 @@ def fp_scales(weight: torch.Tensor, element: Minifloat, group_size: int | None =
               weight_range: str = "minmax") -> torch.Tensor:
     """fp32 scales ``[out, groups]``: absmax / max value, or the MSE-best shrink of it (``weight_range: mse``)."""
     w = _grouped(weight.detach().float(), group_size)
+    rows = w.shape[0]
     top = w.abs().amax(-1, keepdim=True).clamp_min(1e-12) / element.max_value
     if weight_range == "minmax":
         return top[..., 0]
-    best, best_err = top, torch.full_like(top, float("inf"))
-    for shrink in MSE_SHRINKS:
-        scale = top * shrink
-        err = (element.round(w / scale) * scale - w).square().sum(-1, keepdim=True)
-        better = err < best_err
-        best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
-    return best[..., 0]
+    w, top = w.reshape(-1, w.shape[-1]), top.reshape(-1, 1)
+    best = top.clone()
+    step = max(1, MSE_CHUNK // w.shape[1])  # a cache-sized slice of groups at a time: same ops, same choices
+    for start in range(0, w.shape[0], step):
+        part, part_top, chosen = w[start:start + step], top[start:start + step], best[start:start + step]
+        best_err = torch.full_like(part_top, float("inf"))
+        for shrink in MSE_SHRINKS:
+            scale = part_top * shrink
+            err = (element.round(part / scale) * scale - part).square().sum(-1, keepdim=True)
+            better = err < best_err
+            chosen.copy_(torch.where(better, scale, chosen))
+            best_err = torch.where(better, err, best_err)
+    return best.reshape(rows, -1)
 
 
 def quantize_weight_fp(weight: torch.Tensor, element: Minifloat, group_size: int | None = None,

@@ -55,17 +55,42 @@ def _round_grouped(w: torch.Tensor, bits: int, symmetric: bool, shrink: torch.Te
     return torch.round(w / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(qmin, qmax), scale, zero
 
 
+MSE_CHUNK = 1 << 20  # weights per slice of groups the range search evaluates at once (4 MiB of fp32)
+
+
 def _mse_shrink(w: torch.Tensor, bits: int, symmetric: bool, candidates: int = 20, lowest: float = 0.5):
-    """Per-group range shrink factor in ``[lowest, 1]`` that minimises the weight's quantization MSE."""
-    best_error = torch.full(w.shape[:-1], float("inf"), device=w.device)
-    best = torch.ones(w.shape[:-1], device=w.device)
-    for factor in torch.linspace(1.0, lowest, candidates).tolist():
-        codes, scale, zero = _round_grouped(w, bits, symmetric, factor)
-        q = codes - zero.unsqueeze(-1) if zero is not None else codes
-        error = (q * scale.unsqueeze(-1) - w).pow(2).sum(-1)
-        better = error < best_error
-        best_error, best = torch.where(better, error, best_error), torch.where(better, factor, best)
-    return best
+    """Per-group range shrink factor in ``[lowest, 1]`` that minimises the weight's quantization MSE.
+
+    Groups are searched a cache-sized slice at a time into one reused buffer (in-place ops); every candidate's
+    codes and error are the same float operations as :func:`_round_grouped`, so the choices are too."""
+    qmin, qmax = int_range(bits)
+    flat = w.reshape(-1, w.shape[-1])
+    best = torch.ones(flat.shape[0], device=w.device)
+    factors = torch.linspace(1.0, lowest, candidates).tolist()
+    step = max(1, MSE_CHUNK // flat.shape[1])
+    buffer = torch.empty(min(step, flat.shape[0]), flat.shape[1], dtype=flat.dtype, device=w.device)
+    for start in range(0, flat.shape[0], step):
+        part, chosen = flat[start:start + step], best[start:start + step]
+        q = buffer[:part.shape[0]]
+        if symmetric:
+            top = part.abs().amax(-1).clamp_min(1e-8)
+        else:
+            low, high = part.amin(-1).clamp(max=0), part.amax(-1).clamp(min=0)
+        best_error = torch.full(chosen.shape, float("inf"), device=w.device)
+        for factor in factors:
+            if symmetric:  # _round_grouped's scale and codes
+                scale = top * factor / qmax
+                torch.div(part, scale.unsqueeze(-1), out=q).round_().clamp_(qmin, qmax)
+            else:
+                w_min, w_max = low * factor, high * factor
+                scale = (w_max - w_min).clamp_min(1e-8) / (qmax - qmin)
+                zero = torch.round(qmin - w_min / scale).unsqueeze(-1)
+                torch.div(part, scale.unsqueeze(-1), out=q).add_(zero).round_().clamp_(qmin, qmax).sub_(zero)
+            error = q.mul_(scale.unsqueeze(-1)).sub_(part).pow_(2).sum(-1)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            chosen.copy_(torch.where(better, factor, chosen))
+    return best.reshape(w.shape[:-1])
 
 
 def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None,

@@ -67,3 +67,23 @@ def test_a_failing_block_leaves_nothing_in_memory_and_no_hooks(dit_model_dir):
         adapter.predict(model, x, t, cond)
     assert streamer.loads == 4 and not streamer.live and all(v.is_meta for v in model.state_dict().values())
     assert not any(b._forward_pre_hooks or b._forward_hooks for _, b in adapter.blocks(model))
+
+
+def test_blocks_resident_part_and_buffers_run_on_the_streamer_s_device(dit_model_dir):
+    """``device="meta"`` stands in for a GPU here: each block is read onto it as it is called, the resident part
+    and the model's own buffers (DiT's sin-cos table) are there, activations flow there; on exit the buffers are
+    back on the CPU and the weights on ``meta``."""
+    model = skeleton(Path(dit_model_dir))
+    adapter = adapter_for(model)
+    cond = adapter.synthetic_conditioning(model, 1).to(torch.device("meta"), torch.float32)
+    x, t = torch.zeros(1, 4, 8, 8, device="meta"), torch.tensor([10], device="meta")
+    seen = []
+    with BlockStreamer(model, adapter, LazyWeights(Path(dit_model_dir)), device="meta") as streamer:
+        for _, block in adapter.blocks(model):  # after the streamer's hooks: sees the block as read
+            block.register_forward_pre_hook(lambda m, args: seen.append({p.device.type for p in m.parameters()}
+                                                                        | {args[0].device.type}))
+        assert model.pos_embed.pos_embed.is_meta
+        out = adapter.predict(model, x, t, cond)
+    assert out.is_meta and streamer.loads == 2 and seen == [{"meta"}, {"meta"}]
+    assert model.pos_embed.pos_embed.device.type == "cpu"
+    assert all(t.is_meta for t in model.state_dict().values())

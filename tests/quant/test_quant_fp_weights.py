@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compressdit.quant import fp_weights
 from compressdit.quant.fp_weights import (dequantize_weight_fp, fp_scales, grid_neighbours, quantize_weight_fp)
 from compressdit.quant.minifloat import MINIFLOATS
 
@@ -71,3 +72,25 @@ def test_bad_inputs_are_clear_errors():
         quantize_weight_fp(torch.randn(4, 96), element, 64)
     with pytest.raises(ValueError, match="NaN or inf"):
         quantize_weight_fp(torch.tensor([[float("nan"), 1.0]]), element)
+
+
+@pytest.mark.parametrize("fmt, group_size", [("e2m1", 16), ("e3m0", None), ("e1m2", 16)])
+def test_sliced_mse_scales_equal_the_whole_weight_search(monkeypatch, fmt, group_size):
+    """Slices of groups (a ragged last one included) choose bit-identical scales, ties (zero, constant and
+    on-grid groups, where candidates give equal errors) included."""
+    element = MINIFLOATS.get(fmt)
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(12, 48, generator=gen) * torch.logspace(-2, 1, 12).unsqueeze(1)
+    weight[1, :16] = 0.0
+    weight[2, 16:32] = 0.3
+    weight[3] = element.round(torch.randn(48, generator=gen) * 2)
+    grouped = weight.reshape(12, -1, group_size or 48)
+    top = grouped.abs().amax(-1, keepdim=True).clamp_min(1e-12) / element.max_value
+    reference, best_err = top, torch.full_like(top, float("inf"))
+    for shrink in fp_weights.MSE_SHRINKS:  # the search as first written: the whole weight per candidate
+        scale = top * shrink
+        err = (element.round(grouped / scale) * scale - grouped).square().sum(-1, keepdim=True)
+        better = err < best_err
+        reference, best_err = torch.where(better, scale, reference), torch.where(better, err, best_err)
+    monkeypatch.setattr(fp_weights, "MSE_CHUNK", 5 * 16)  # 5 groups of 16 a slice, the last one ragged
+    assert torch.equal(fp_scales(weight, element, group_size, "mse"), reference[..., 0])

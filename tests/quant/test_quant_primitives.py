@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressdit.quant.primitives import (MAX_BITS, MIN_BITS, check_bits, dequantize_weight, fake_quantize_activation,
-                                          int_range, pack_codes, packed_shape, quantize_weight_rtn, unpack_codes)
+from compressdit.quant import primitives
+from compressdit.quant.primitives import (MAX_BITS, MIN_BITS, _mse_shrink, _round_grouped, check_bits,
+                                          dequantize_weight, fake_quantize_activation, int_range, pack_codes,
+                                          packed_shape, quantize_weight_rtn, unpack_codes)
 
 ALL_BITS = list(range(MIN_BITS, MAX_BITS + 1))
 
@@ -169,3 +171,31 @@ def test_mse_range_never_loses_to_minmax_and_wins_on_gaussian_weights(bits, grou
     assert (errors["mse"] <= errors["minmax"] + 1e-6).all()  # per row: the grid contains minmax itself
     if bits < 8:
         assert errors["mse"].sum() < 0.9 * errors["minmax"].sum()
+
+
+def _reference_mse_shrink(w: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """The range search as first written: every candidate quantizes the whole weight through ``_round_grouped``."""
+    best_error, best = torch.full(w.shape[:-1], float("inf")), torch.ones(w.shape[:-1])
+    for factor in torch.linspace(1.0, 0.5, 20).tolist():
+        codes, scale, zero = _round_grouped(w, bits, symmetric, factor)
+        q = codes - zero.unsqueeze(-1) if zero is not None else codes
+        error = (q * scale.unsqueeze(-1) - w).pow(2).sum(-1)
+        better = error < best_error
+        best_error, best = torch.where(better, error, best_error), torch.where(better, factor, best)
+    return best
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (3, False), (8, True)])
+def test_sliced_mse_search_chooses_exactly_as_the_whole_weight_search(monkeypatch, bits, symmetric):
+    """Slices of groups (a ragged last one included) pick bit-identical factors, ties (constant, zero and
+    two-valued groups, where several candidates give equal errors) included."""
+    gen = torch.Generator().manual_seed(bits)
+    w = _uneven_weight(24, 96, seed=bits).reshape(24, 6, 16).clone()
+    w[3, 0] = 0.0                      # all-zero group: every candidate's error is 0
+    w[4, 1] = 0.7                      # constant group
+    w[5, 2] = torch.tensor([0.5, -0.5]).repeat(8)  # two values: shrinks below the max clamp them equally
+    w[6] = torch.randint(-3, 4, (6, 16), generator=gen).float() * 0.25  # on an integer grid
+    monkeypatch.setattr(primitives, "MSE_CHUNK", 16 * 7)  # 7 groups a slice: 144 groups -> 20 full + 1 ragged
+    assert torch.equal(_mse_shrink(w, bits, symmetric), _reference_mse_shrink(w, bits, symmetric))
+    monkeypatch.setattr(primitives, "MSE_CHUNK", 1 << 20)  # one slice
+    assert torch.equal(_mse_shrink(w, bits, symmetric), _reference_mse_shrink(w, bits, symmetric))
