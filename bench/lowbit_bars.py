@@ -4,7 +4,9 @@ settings), the same seeds for every row.
 
     PYTHONPATH=$PWD nohup nice -n 15 python bench/lowbit_bars.py > /tmp/lowbit_bars.log 2>&1 &
 
-Resumable: each model x recipe row is appended to WORKDIR/rows.jsonl as it finishes and skipped on the next run.
+Resumable: each model x recipe row is appended to WORKDIR/rows.jsonl as it finishes and skipped on the next run;
+several processes may share WORKDIR (e.g. one per model): a row being run is claimed in WORKDIR/claims (after a
+killed run, delete that folder).
 Each model's full-precision samples are sampled once and cached in WORKDIR (real-data features come from the
 evaluation's own cache); a row quantizes a copy of the reference with the recipe's calibrate + quantize stages on
 ONE thread (calibration statistics recomputed, not read from the cache: the time is the whole cost), saves the
@@ -139,11 +141,11 @@ class Bench:
                               workdir=folder, reference_spec=source.name, quiet=True, cache_dir=None,
                               recipe_name=recipe.name)
         torch.set_num_threads(1)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         apply_stages(recipe, state)
         total = time.perf_counter() - started
         timing = {"calibrate_s": state.timings.get("calibrate_s", 0.0), "quantize_s": state.timings.get("quantize_s"),
-                  "total_s": round(total, 2)}
+                  "total_s": round(total, 2), "cpu_s": round(time.process_time() - cpu, 2)}
         attach_quantizer(transformer, state.quant_specs)
         save_in_dtype(transformer, folder, stored_float_dtype(source.transformer_folder))
         return load_transformer(folder), timing
@@ -237,12 +239,12 @@ def render(rows: dict, models: list[str], meta: dict) -> tuple[dict, str]:
              "- FD = FD-FMNIST (classifier features); `real`: to 2000 real test images, `ref`: to the full-precision "
              "model's samples (same seeds); PSNR / SSIM to those samples; bits/w: quantized layers, every stored "
              "tensor counted (scales, low-rank branch, rotation codes; bias out); B/param: whole transformer "
-             "(memory / disk); time: calibrate + quantize on one thread (calibration recomputed), shared 2-core "
-             "machine, an upper bound.", ""]
+             "(memory / disk); time: calibrate + quantize wall seconds on one thread (calibration recomputed) on a "
+             "shared 2-core machine at nice 15 (an upper bound), and the process CPU seconds of it.", ""]
     for model in models:
         lines += [f"## {model}", "",
                   "| recipe | FD real | FD ref | class acc. | PSNR dB | SSIM | bits/w disk (mem) | B/param mem / disk "
-                  "| calib + quant s |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| calib + quant wall s (CPU s) |", "|---|---|---|---|---|---|---|---|---|"]
         for name in names:
             row = rows.get((model, name))
             if row is None:
@@ -253,7 +255,8 @@ def render(rows: dict, models: list[str], meta: dict) -> tuple[dict, str]:
             m, s, t = row["metrics"], row["storage"], row.get("time")
             q = s["quantized"]
             bits = "-" if not q["layers"] else f"{q['bits_per_weight']:.3f} ({q['memory_bits_per_weight']:.3f})"
-            times = "-" if t is None else f"{t['calibrate_s']:.1f} + {t['quantize_s']:.1f} = {t['total_s']:.1f}"
+            times = "-" if t is None else f"{t['calibrate_s']:.1f} + {t['quantize_s']:.1f} = {t['total_s']:.1f}" + \
+                (f" ({t['cpu_s']:.1f} CPU)" if "cpu_s" in t else "")
             lines.append(f"| {name} | {_fmt(m['fd_real'])} | {_fmt(m['fd_ref'])} | {_fmt(m['acc'], 1, 100, '%')} | "
                          f"{_fmt(m['psnr'])} | {_fmt(m['ssim'], 3)} | {bits} | {s['memory_bytes_per_param']:.3f} / "
                          f"{s['disk_bytes_per_param']:.3f} | {times} |")
@@ -299,15 +302,25 @@ def main() -> None:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "samples": args.samples,
             "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "models": args.models}
 
-    def write():
-        data, text = render(rows, args.models, meta)
+    def write():  # every model with rows (processes sharing the workdir may each run some of the models)
+        models = [m for m in MODELS if any(k[0] == m for k in rows)] + \
+            sorted({k[0] for k in rows if k[0] not in MODELS})
+        data, text = render(rows, models, {**meta, "models": models})
         Path(args.results + ".json").write_text(json.dumps(data, indent=1))
         Path(args.results + ".md").write_text(text)
 
+    claims = Path(args.workdir) / "claims"
+    claims.mkdir(exist_ok=True)
     for model, name in ([] if args.render_only else plan):
         key = (model, build_recipe(name).name if name.endswith((".yaml", ".yml")) else name)
+        rows.update(load_rows(rows_path))  # rows other processes finished (several may share a workdir)
         done = rows.get(key)
         if done is not None and (done["status"] == "ok" or not args.retry_errors):
+            continue
+        claim = claims / f"{key[0]}__{key[1]}"
+        try:  # another process sharing the workdir runs this row
+            claim.open("x").close()
+        except FileExistsError:
             continue
         print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {model} / {name} ...", flush=True)
         record = bench.run_row(model, name)
@@ -315,10 +328,12 @@ def main() -> None:
         rows[key] = record
         with rows_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        claim.unlink()
         print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {model} / {key[1]}: {record['status']} "
               f"{record.get('metrics', record.get('error'))} time {record.get('time')}", flush=True)
         meta["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write()
+    rows.update(load_rows(rows_path))
     write()
 
 

@@ -76,4 +76,6 @@ def test_fp_bar_head_to_head_and_time():
     duel = lv.head_to_head(rows, ["a"], "fp4-w4a8", "rtn-w4a8")["a"]
     assert duel["winner"] == "fp4-w4a8" and duel["fd_ref_ratio_loser_to_winner"] == pytest.approx(1.67)
     timing = lv.time_bar(rows)
-    assert timing["pass"] is False and timing["over"] == ["a/fp4-w4a8"]
+    assert timing["pass"] is False and timing["over"] == ["a/fp4-w4a8"] and timing["over_in_cpu_s"] == []
+    rows[("a", "fp4-w4a8")]["time"]["cpu_s"] = 1250.0
+    assert lv.time_bar(rows)["over_in_cpu_s"] == ["a/fp4-w4a8"]
