@@ -303,6 +303,7 @@ def main() -> None:
             "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "models": args.models}
 
     def write():  # every model with rows (processes sharing the workdir may each run some of the models)
+        rows.update(load_rows(rows_path))
         models = [m for m in MODELS if any(k[0] == m for k in rows)] + \
             sorted({k[0] for k in rows if k[0] not in MODELS})
         data, text = render(rows, models, {**meta, "models": models})
@@ -333,7 +334,6 @@ def main() -> None:
               f"{record.get('metrics', record.get('error'))} time {record.get('time')}", flush=True)
         meta["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write()
-    rows.update(load_rows(rows_path))
     write()
 
 
