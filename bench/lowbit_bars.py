@@ -235,6 +235,9 @@ def render(rows: dict, models: list[str], meta: dict) -> tuple[dict, str]:
     names = order + sorted({r for _, r in rows if r not in order})
     lines = [f"# Issue-14 low-bit bars ({meta['samples']} samples, {meta['steps']} steps, CFG {meta['guidance']}, "
              f"seed {meta['seed']})", "", f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
+             "- reproduce: `PYTHONPATH=$PWD nice -n 15 python bench/lowbit_bars.py --sample-threads 1` (rows resume; "
+             "more processes may share the workdir, e.g. `--models flux-fmnist pixart-fmnist`, then "
+             "`--render-only`)",
              f"- date: {meta['date']}",
              "- FD = FD-FMNIST (classifier features); `real`: to 2000 real test images, `ref`: to the full-precision "
              "model's samples (same seeds); PSNR / SSIM to those samples; bits/w: quantized layers, every stored "
