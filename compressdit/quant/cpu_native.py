@@ -35,6 +35,7 @@ import torch
 from compressdit.cache import default_cache_dir
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("int8_rows.c", "float_rows.c"))
+HEADERS = (Path(__file__).with_name("csrc") / "rows.h",)  # included by both: part of the build's digest
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 #: argument and result types of the library's functions (``None``: returns nothing); each takes its thread count last
@@ -85,7 +86,7 @@ def _torch_runs_libgomp() -> bool:
 
 def _load(compiler: str, flags: list[str]) -> ctypes.CDLL | None:
     """The library built with ``flags`` (once, cached by sources and flags), loaded; ``None`` where that fails."""
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(flags).encode())
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS) + " ".join(flags).encode())
     target = default_cache_dir() / "native" / f"cpu_rows-{digest.hexdigest()[:16]}.so"
     try:
         if not target.exists():
@@ -107,7 +108,7 @@ def native_library() -> ctypes.CDLL | None:
     (``lib.openmp``) where :func:`_torch_runs_libgomp`, and only if loading it brought no second OpenMP runtime."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if os.environ.get("COMPRESSDIT_NATIVE_CPU", "1") == "0" or compiler is None or not all(
-            source.exists() for source in SOURCES):
+            source.exists() for source in SOURCES + HEADERS):
         return None
     openmp = _torch_runs_libgomp()
     lib = _load(compiler, _flags(True)) if openmp else None

@@ -18,17 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* for (int64_t i = 0; i < n; ++i) BODY on `threads` OpenMP threads in contiguous static chunks (torch's split) when
- * threads > 1, else as a plain loop: entering even a one-thread parallel region costs ~0.6 us a call. */
-#define FOR_ROWS(i, n, ...)                                                    \
-    do {                                                                       \
-        if (threads > 1) {                                                     \
-            _Pragma("omp parallel for schedule(static) num_threads(threads)") \
-            for (int64_t i = 0; i < (n); ++i) __VA_ARGS__                      \
-        } else {                                                               \
-            for (int64_t i = 0; i < (n); ++i) __VA_ARGS__                      \
-        }                                                                      \
-    } while (0)
+#include "rows.h"
 
 /* FOR_ROWS with a max reduction into m */
 #define FOR_ROWS_MAX(m, i, n, ...)                                                                 \
