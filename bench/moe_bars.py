@@ -6,7 +6,7 @@ with ``--states``) and, for routed students, the expert (block) load per samplin
 report) and the mean router entropy over ``--load-samples`` guided samples.
 
     PYTHONPATH=$PWD nice -n 15 python bench/moe_bars.py CANDIDATE_DIR BASELINE_DIR OUT_DIR --samples 500 \
-        [--reference zoo:flux-fmnist] [--states CAND_STATE.pt BASE_STATE.pt]
+        [--reference zoo:flux-fmnist] [--states CAND_STATE.pt BASE_STATE.pt] [--recipes C.yaml B.yaml]
 
 CANDIDATE / BASELINE may also be a distillation checkpoint (``state.pt`` of the trainer's workdir, e.g. one saved
 at the same step by both runs when they cannot finish in time): the student is rebuilt from the reference by the
@@ -110,11 +110,11 @@ def load_figure(fractions: dict[str, list[list[float]]]) -> str:
     return plot_to_file(draw)
 
 
-def budget(folder: str, state_path: str | None) -> dict:
-    """Distillation budget of a compressed folder (its resolved recipe) and, from the trainer's state, the
-    steps reached and training seconds."""
+def budget(spec: str, state_path: str | None, recipe_file: str | None) -> dict:
+    """Distillation budget from the recipe (a compressed folder's resolved one, else ``recipe_file``) and, from
+    the trainer's state, the steps reached and training seconds."""
     out: dict = {}
-    recipe = Path(folder) / "compressdit_recipe.yaml"
+    recipe = Path(recipe_file) if recipe_file else Path(spec) / "compressdit_recipe.yaml"
     if recipe.exists():
         stages = {s.name: s.config for s in load_recipe(str(recipe)).stages}
         calib = next((c.batches * c.batch_size for n, c in stages.items() if hasattr(c, "batches")), 0)
@@ -126,6 +126,47 @@ def budget(folder: str, state_path: str | None) -> dict:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         out.update(steps_reached=state["step"], train_seconds=round(state["train_seconds"], 1))
     return out
+
+
+def verdicts(bars: dict) -> dict[str, bool]:
+    """The issue's quality bars for the candidate: FD-FMNIST (real) within 10% of the dense model's, class
+    accuracy within 2 points, and better than the baseline on both."""
+    fd, acc = bars["metrics"]["FD-FMNIST vs real test images"], bars["metrics"]["class accuracy"]
+    return {"FD within 10% of dense": fd["candidate"] <= 1.1 * fd["reference"],
+            "class accuracy within 2 points": acc["candidate"] >= acc["reference"] - 0.02,
+            "FD better than baseline": fd["candidate"] < fd["baseline"],
+            "class accuracy better than baseline": acc["candidate"] > acc["baseline"]}
+
+
+def summary_markdown(bars: dict) -> str:
+    """One table (dense, candidate, baseline) with parameters, quality, budget and training time; bar verdicts."""
+    m, params, budgets = bars["metrics"], bars["parameters"], bars.get("distillation", {})
+    names = {"reference": f"dense {bars['reference']}", "candidate": bars["candidate"], "baseline": bars["baseline"]}
+
+    def cell(key: str, column: str, fmt: str = "{:.2f}") -> str:
+        value = m.get(key, {}).get(column)
+        return "—" if value is None else fmt.format(value)
+
+    rows = ["| model | total params | activated / token | FD-FMNIST vs real | class acc. | PSNR vs dense | "
+            "SSIM | distillation samples (steps x batch + calib.) | training s |", "|" + "---|" * 9]
+    for column in ("reference", "candidate", "baseline"):
+        b = budgets.get(column, {})
+        spent = (f"{b['steps_reached'] * b['batch_size'] + b['calibration_samples']:,} "
+                 f"({b['steps_reached']} x {b['batch_size']} + {b['calibration_samples']})") if "steps_reached" in b \
+            else (f"{b['samples']:,}" if "samples" in b else "—")
+        rows.append(f"| {names[column]} | {params[column]['total']:,} | {params[column]['activated']:,} | "
+                    f"{cell('FD-FMNIST vs real test images', column)} | "
+                    f"{cell('class accuracy', column, '{:.1%}')} | {cell('PSNR vs reference (same seeds)', column)} | "
+                    f"{cell('SSIM vs reference (same seeds)', column, '{:.3f}')} | {spent} | "
+                    f"{b.get('train_seconds', '—')} |")
+    lines = [f"Evaluation: {bars['samples']} samples, {bars['steps']} steps, guidance 4, seed 0; "
+             f"{bars['wall_s']} s wall.", "", *rows, "", "Bars (candidate):", ""]
+    lines += [f"- {name}: {'yes' if ok else 'no'}" for name, ok in verdicts(bars).items()]
+    for column, r in bars.get("routing", {}).items():
+        shares = ", ".join(f"{x:.2f}" for x in r["busiest_share_per_bin"])
+        lines.append(f"- {column} routing while sampling: router entropy {r['router_entropy']:.3f} nats; busiest "
+                     f"expert's share per tenth of the timesteps (balanced {1 / r['experts']:.3f}): {shares}")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -140,6 +181,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=3, help="top-k of a MoE student (active blocks of a MoB one) rebuilt from a state.pt")
     parser.add_argument("--states", nargs=2, default=None, metavar=("CANDIDATE_STATE", "BASELINE_STATE"),
                         help="the trainers' state.pt (steps reached, training seconds)")
+    parser.add_argument("--recipes", nargs=2, default=None, metavar=("CANDIDATE_RECIPE", "BASELINE_RECIPE"),
+                        help="recipes of students given as state.pt (default: each folder's resolved recipe)")
     parser.add_argument("--load-samples", type=int, default=64, help="samples whose routing the expert load counts")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -176,13 +219,15 @@ def main() -> None:
     params = {k: {"total": sum(p.numel() for p in m.parameters()), "activated": activated_parameters(m)}
               for k, m in models.items()}
     states = dict(zip(("candidate", "baseline"), args.states or (None, None)))
-    budgets = {k: budget(spec, states[k]) for k, spec in (("candidate", args.candidate), ("baseline", args.baseline))
-               if not spec.endswith(".pt")}
+    recipes = dict(zip(("candidate", "baseline"), args.recipes or (None, None)))
+    budgets = {k: budget(spec, states[k], recipes[k])
+               for k, spec in (("candidate", args.candidate), ("baseline", args.baseline))}
     bars = {"reference": args.reference, "metrics": {m["name"]: m["values"] for m in report["metrics"]},
             "parameters": params, "distillation": budgets, "routing": routing, "samples": args.samples,
             "steps": args.steps, "wall_s": round(time.perf_counter() - started, 1),
             "candidate": args.candidate, "baseline": args.baseline, "trained_steps": trained}
     (args.out / "bars.json").write_text(json.dumps(bars, indent=1))
+    (args.out / "bars.md").write_text(summary_markdown(bars))
     print(json.dumps({k: v for k, v in bars.items() if k != "routing"}, indent=1))
 
 
