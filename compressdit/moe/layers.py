@@ -96,15 +96,23 @@ class MoEFeedForward(nn.Module):
         probs, chosen = top_k(self.router(x), self.top_k)
         return GATES[self.layout.gating](probs, chosen), chosen
 
+    def _gates_needed(self) -> bool:
+        """Unit gates are exactly 1: only their gradient (to the router) needs them computed."""
+        return self.layout.gating != "unit" or (torch.is_grad_enabled() and self.router.weight.requires_grad)
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        gates, chosen = self.route(x)
-        out = run_grouped(x, dispatch(chosen, gates, len(self.experts)), list(self.experts), self.layout.dim_out)
-        if self.shared is not None:
-            out = out + self.shared(x)
-        if self.bias is not None:
-            out = out + self.bias
+        if self._gates_needed():
+            gates, chosen = self.route(x)
+        else:
+            gates, chosen = None, self.router(x).topk(self.top_k, dim=-1).indices
+        if self.shared is not None:  # the output starts as shared expert + bias; routed experts add into it
+            out = self.shared(x) if self.bias is None else self.shared(x) + self.bias
+        else:
+            out = x.new_zeros(x.shape[0], self.layout.dim_out) if self.bias is None else \
+                self.bias.expand(x.shape[0], -1).clone()
+        out = run_grouped(x, dispatch(chosen, gates, len(self.experts)), list(self.experts), out)
         return out.reshape(*shape[:-1], self.layout.dim_out)
 
     def extra_repr(self) -> str:

@@ -1,8 +1,11 @@
 """Routing primitives (pure functions, no modules): top-k choice, gates, grouped dispatch, router losses.
 
 Execution groups the tokens by expert: the ``N * k`` (token, expert) assignments are sorted by expert
-(:func:`dispatch`), each expert runs one matmul on its contiguous slice of gathered tokens, and the results are
-scattered back with ``index_add_`` (:func:`combine`). No Python loop runs over tokens, only over experts.
+(:func:`dispatch`), each expert gathers its tokens (``index_select``), runs its matmuls on them, and adds its
+gated output back into the layer's output (``index_add_``, :func:`run_grouped`). No Python loop runs over tokens,
+only over experts. Per-expert gathers keep every temporary small (at the zoo's sizes, one gather of all ``N * k``
+rows plus one ``cat`` cost more than the experts' own matmuls saved), and unit gates (exactly 1) are skipped where
+no gradient flows (``gates=None``).
 
 Capacity: execution is *dropless* — every token reaches all of its ``k`` experts whatever the load (the slices
 simply have different lengths), so no token is dropped or padded and the output does not depend on the batch.
@@ -19,12 +22,15 @@ import torch
 
 @dataclass
 class Dispatch:
-    """The ``N * k`` (token, expert) assignments sorted by expert: ``tokens[i]`` is the token of the i-th
-    sorted assignment, ``gates[i]`` its gate, ``counts[e]`` how many assignments expert ``e`` got."""
+    """The ``N * k`` (token, expert) assignments grouped by expert: ``tokens[e]`` the tokens expert ``e`` serves
+    (ascending), ``gates[e]`` their gates (``None``: all exactly 1)."""
 
-    tokens: torch.Tensor
-    gates: torch.Tensor
-    counts: list[int]
+    tokens: list[torch.Tensor]
+    gates: list[torch.Tensor] | None
+
+    @property
+    def counts(self) -> list[int]:
+        return [len(t) for t in self.tokens]
 
 
 def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,25 +56,30 @@ GATES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"unit"
                                                                           "softmax": softmax_gates}
 
 
-def dispatch(chosen: torch.Tensor, gates: torch.Tensor, experts: int) -> Dispatch:
-    """Sort the assignments ``chosen`` ``[N, k]`` (expert indices) by expert (stable: token order kept)."""
+def dispatch(chosen: torch.Tensor, gates: torch.Tensor | None, experts: int) -> Dispatch:
+    """Sort the assignments ``chosen`` ``[N, k]`` (expert indices) by expert (stable: token order kept) and cut
+    them into one slice per expert; ``gates`` ``[N, k]`` follow (``None``: unit gates, nothing to multiply)."""
     flat = chosen.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    order = torch.sort(flat, stable=True).indices
     counts = torch.bincount(flat, minlength=experts).tolist()
-    return Dispatch(tokens=order // chosen.shape[-1], gates=gates.reshape(-1)[order], counts=counts)
+    tokens = (order // chosen.shape[-1]).split(counts)
+    return Dispatch(tokens=list(tokens),
+                    gates=None if gates is None else list(gates.reshape(-1)[order].split(counts)))
 
 
 def run_grouped(x: torch.Tensor, plan: Dispatch, experts: list[Callable[[torch.Tensor], torch.Tensor]],
-                out_features: int) -> torch.Tensor:
-    """``sum over chosen e of gate * expert_e(x)`` per token of ``x`` ``[N, d]``: gather by expert, one call per
-    expert on its slice, gate, scatter-add back."""
-    gathered = x.index_select(0, plan.tokens)
-    outputs = [expert(part) for expert, part in zip(experts, gathered.split(plan.counts)) if len(part)]
-    out = torch.zeros(x.shape[0], out_features, dtype=x.dtype, device=x.device)
-    if not outputs:
-        return out
-    y = torch.cat(outputs) * plan.gates.unsqueeze(-1).to(x.dtype)
-    return out.index_add_(0, plan.tokens, y)
+                out: torch.Tensor) -> torch.Tensor:
+    """Add ``sum over chosen e of gate * expert_e(x)`` per token of ``x`` ``[N, d]`` into ``out`` ``[N, d_out]``
+    (in place; returned): per expert, gather its tokens, one call, gate, scatter-add. Experts without tokens
+    are not called."""
+    for e, (expert, tokens) in enumerate(zip(experts, plan.tokens)):
+        if not len(tokens):
+            continue
+        y = expert(x.index_select(0, tokens))
+        if plan.gates is not None:
+            y = y * plan.gates[e].unsqueeze(-1).to(y.dtype)
+        out.index_add_(0, tokens, y)
+    return out
 
 
 def load_fractions(chosen: torch.Tensor, experts: int) -> torch.Tensor:

@@ -48,7 +48,9 @@ def test_top_k_shapes_and_dispatch_order() -> None:
     assert probs.shape == (10, 4) and chosen.shape == (10, 3)
     torch.testing.assert_close(probs.sum(-1), torch.ones(10))
     plan = dispatch(chosen, torch.ones(10, 3), 4)
-    assert sum(plan.counts) == 30 and len(plan.tokens) == 30
+    assert sum(plan.counts) == 30 and len(plan.tokens) == len(plan.gates) == 4
+    for e, tokens in enumerate(plan.tokens):  # each expert's tokens: those that chose it, ascending
+        assert tokens.tolist() == [i for i in range(10) if e in chosen[i].tolist()]
     experts_sorted = chosen.reshape(-1)[torch.argsort(chosen.reshape(-1), stable=True)]
     assert torch.all(experts_sorted[1:] >= experts_sorted[:-1])
     assert plan.counts == torch.bincount(chosen.reshape(-1), minlength=4).tolist()
@@ -61,6 +63,19 @@ def test_unit_gates_are_one_and_train_the_router() -> None:
     assert torch.equal(gates, torch.ones_like(gates))
     layer(x).square().sum().backward()
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shared", [0, 8])
+def test_inference_skips_unit_gates_and_matches_the_training_path(shared: int) -> None:
+    layer = _layer(gating="unit", shared_hidden=shared)
+    x = torch.randn(4, 6, 16, dtype=torch.float64)
+    trained = layer(x)  # gates computed (gradient to the router)
+    assert trained.requires_grad and layer._gates_needed()
+    with torch.no_grad():
+        assert not layer._gates_needed()
+        assert torch.equal(layer(x), trained.detach())
+    layer.requires_grad_(False)
+    assert not layer._gates_needed() and torch.equal(layer(x), trained.detach())
 
 
 def test_empty_experts_are_skipped() -> None:
