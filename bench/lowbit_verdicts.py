@@ -53,61 +53,51 @@ def _all(checks: list[bool | None]) -> bool | None:
     return None if any(c is None for c in checks) else all(checks)
 
 
+def _bar(rows: dict, models: list[str], recipes: tuple[str, ...], verdict, text: str) -> dict:
+    """``verdict(*rows of recipes)`` per model (a dict with ``pass``), ``None`` where a row is missing."""
+    per_model = {}
+    for model in models:
+        found = [_row(rows, model, recipe) for recipe in recipes]
+        per_model[model] = None if any(row is None for row in found) else verdict(*found)
+    checks = [None if v is None else v["pass"] for v in per_model.values()]
+    return {"bar": text, "models": per_model, "pass": _all(checks)}
+
+
 def w4_bar(rows: dict, models: list[str], candidate: str, rtn: str, psnr_gain: float = 3.0, acc_points: float = 2.0,
            max_bits: float = 4.5) -> dict:
     """W4A8 / weight-only W4: PSNR >= ``psnr_gain`` dB above ``rtn``, class accuracy no more than ``acc_points``
     below full precision, <= ``max_bits`` bits per weight (scales counted), on every model."""
-    per_model, checks = {}, []
-    for model in models:
-        row, base, full = _row(rows, model, candidate), _row(rows, model, rtn), _row(rows, model, FULL)
-        if row is None or base is None or full is None:
-            per_model[model] = None
-            checks.append(None)
-            continue
+    def verdict(row, base, full):
         gain = row["metrics"]["psnr"] - base["metrics"]["psnr"]
         drop = 100 * (full["metrics"]["acc"] - row["metrics"]["acc"])
         bits = row["storage"]["quantized"]["bits_per_weight"]
-        ok = gain >= psnr_gain and drop <= acc_points and bits <= max_bits
-        per_model[model] = {"psnr_gain_db": round(gain, 2), "acc_drop_points": round(drop, 2),
-                            "bits_per_weight": round(bits, 3), "pass": ok}
-        checks.append(ok)
-    return {"bar": f"{candidate} vs {rtn}: PSNR +{psnr_gain} dB, accuracy within {acc_points} points, "
-                   f"<= {max_bits} bits/weight", "models": per_model, "pass": _all(checks)}
+        return {"psnr_gain_db": round(gain, 2), "acc_drop_points": round(drop, 2), "bits_per_weight": round(bits, 3),
+                "pass": gain >= psnr_gain and drop <= acc_points and bits <= max_bits}
+
+    return _bar(rows, models, (candidate, rtn, FULL), verdict, f"{candidate} vs {rtn}: PSNR +{psnr_gain} dB, accuracy "
+                f"within {acc_points} points, <= {max_bits} bits/weight")
 
 
 def w4a4_bar(rows: dict, models: list[str], candidate: str, fd_ratio: float = 1.25, acc_points: float = 5.0) -> dict:
     """W4A4: FD-FMNIST to real data at most ``fd_ratio`` x full precision's, accuracy within ``acc_points``."""
-    per_model, checks = {}, []
-    for model in models:
-        row, full = _row(rows, model, candidate), _row(rows, model, FULL)
-        if row is None or full is None:
-            per_model[model] = None
-            checks.append(None)
-            continue
+    def verdict(row, full):
         ratio = row["metrics"]["fd_real"] / full["metrics"]["fd_real"]
         drop = 100 * (full["metrics"]["acc"] - row["metrics"]["acc"])
-        ok = ratio <= fd_ratio and drop <= acc_points
-        per_model[model] = {"fd_real_ratio": round(ratio, 3), "acc_drop_points": round(drop, 2), "pass": ok}
-        checks.append(ok)
-    return {"bar": f"{candidate}: FD-FMNIST to real data <= {fd_ratio} x full precision, accuracy within "
-                   f"{acc_points} points", "models": per_model, "pass": _all(checks)}
+        return {"fd_real_ratio": round(ratio, 3), "acc_drop_points": round(drop, 2),
+                "pass": ratio <= fd_ratio and drop <= acc_points}
+
+    return _bar(rows, models, (candidate, FULL), verdict, f"{candidate}: FD-FMNIST to real data <= {fd_ratio} x full "
+                f"precision, accuracy within {acc_points} points")
 
 
 def lower_fd_bar(rows: dict, models: list[str], candidate: str, baseline: str) -> dict:
     """``candidate``'s FD-FMNIST to the reference samples below ``baseline``'s on every model."""
-    per_model, checks = {}, []
-    for model in models:
-        row, base = _row(rows, model, candidate), _row(rows, model, baseline)
-        if row is None or base is None:
-            per_model[model] = None
-            checks.append(None)
-            continue
-        ok = row["metrics"]["fd_ref"] < base["metrics"]["fd_ref"]
-        per_model[model] = {"fd_ref": row["metrics"]["fd_ref"], "baseline_fd_ref": base["metrics"]["fd_ref"],
-                            "pass": ok}
-        checks.append(ok)
-    return {"bar": f"{candidate}: FD-FMNIST vs reference samples below {baseline}'s", "models": per_model,
-            "pass": _all(checks)}
+    def verdict(row, base):
+        return {"fd_ref": row["metrics"]["fd_ref"], "baseline_fd_ref": base["metrics"]["fd_ref"],
+                "pass": row["metrics"]["fd_ref"] < base["metrics"]["fd_ref"]}
+
+    return _bar(rows, models, (candidate, baseline), verdict,
+                f"{candidate}: FD-FMNIST vs reference samples below {baseline}'s")
 
 
 def head_to_head(rows: dict, models: list[str], a: str, b: str) -> dict:
