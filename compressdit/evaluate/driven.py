@@ -23,7 +23,7 @@ from compressdit.evaluate.engine import (Entry, EvalSettings, evaluation_conditi
                                          metric_row)
 from compressdit.evaluate.features import EffNetLite0Features
 from compressdit.evaluate.metrics import frechet_distance, psnr, relative_error, ssim
-from compressdit.models.driven import DrivenAdapter
+from compressdit.models.driven import DrivenAdapter, timestep_of
 from compressdit.progress import progress_bar
 from compressdit.quant.kernel_registry import kernel_summary
 
@@ -50,7 +50,7 @@ def captured_calls(model: nn.Module, steps: int, keep: int = 5) -> Iterator[list
     state = {"step": -1, "t": None}
 
     def after(module, args, kwargs, output):
-        t = float(torch.as_tensor(kwargs.get("timestep", kwargs.get("timesteps"))).flatten()[0])
+        t = timestep_of(module, args, kwargs)
         if t != state["t"]:
             state["step"], state["t"] = state["step"] + 1, t
         if state["step"] in chosen:

@@ -35,11 +35,17 @@ StepCallback = Callable[[int, torch.Tensor, None, None], None]
 RESERVED = ("prompt", "generator", "num_inference_steps", "output_type")  # compressdit passes these itself
 
 
-def _timestep_of(args: tuple, kwargs: dict) -> float:
-    value = kwargs.get("timestep", kwargs.get("timesteps"))
+def timestep_of(model: nn.Module, args: tuple, kwargs: dict) -> float:
+    """The ``timestep`` (or ``timesteps``) argument of a transformer call, by keyword or position (HunyuanDiT's
+    pipeline passes it second, positionally), as a float."""
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        bound = kwargs
+    value = bound.get("timestep", bound.get("timesteps"))
     if value is None:
-        raise UnsupportedModelError("the pipeline called its transformer without a `timestep` keyword: compressdit "
-                                    "cannot tell its denoising steps apart; use a calibration-free recipe")
+        raise UnsupportedModelError(f"the pipeline called {type(model).__name__} without a `timestep` argument: "
+                                    "compressdit cannot tell its denoising steps apart; use a calibration-free recipe")
     return float(torch.as_tensor(value).flatten()[0])
 
 
@@ -50,7 +56,7 @@ def denoising_steps(model: nn.Module, on_step: StepCallback | None) -> Iterator[
     state = {"step": 0, "t": None}
 
     def before(module, args, kwargs):
-        t = _timestep_of(args, kwargs)
+        t = timestep_of(module, args, kwargs)
         if state["t"] is not None and t != state["t"]:
             if on_step is not None:
                 on_step(state["step"], torch.tensor(state["t"]), None, None)

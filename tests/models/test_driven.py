@@ -29,6 +29,11 @@ def test_denoising_steps_counts_runs_of_one_timestep():
     assert seen == [(0, 1.0), (1, 0.5), (2, 0.25)]
     model(torch.zeros(1), timestep=torch.tensor([0.1]))
     assert len(seen) == 3 and not model._forward_pre_hooks
+    seen.clear()
+    with denoising_steps(model, lambda i, t, x, p: seen.append((i, float(t)))):
+        for t in (900.0, 800.0):  # by position, as HunyuanDiT's pipeline calls its transformer
+            model(torch.zeros(1), torch.tensor([t]))
+    assert seen == [(0, 900.0), (1, 800.0)]
 
 
 def test_a_transformer_called_without_timestep_is_refused():
