@@ -18,38 +18,50 @@ from compressdit.stages.base import STAGES, PipelineState, Stage, parameter_coun
 from compressdit.stages.prune_width import calibration_batches
 
 
+def routed_conversion(state: PipelineState, name: str, convert, describe, refusal: str = "") -> None:
+    """The frame the ``moe`` and ``mob`` stages share: refuse a model that already has quantized layers, run
+    ``convert(batches)`` inside a structure pass and record the structure, put ``describe(result, dense, total,
+    activated)``'s ``(note, table)`` before the notes the conversion added, and time the stage."""
+    if state.quant_specs:
+        raise ConfigError(f"{name}: the model already has quantized layers; put {name} before quantize{refusal}")
+    started = time.perf_counter()
+    model = state.model
+    before = parameter_count(model)
+    first_note = len(state.notes)
+    with structure_pass(model):
+        result = convert()
+    record_structure(model)
+    note, table = describe(result, before, parameter_count(model), activated_parameters(model))
+    state.notes.insert(first_note, note)
+    state.tables.append(table)
+    state.timings[f"{name}_s"] = round(time.perf_counter() - started, 2)
+
+
 class MoEStage(Stage):
     config_class = Dense2MoEConfig
 
     def run(self, state: PipelineState, config: Dense2MoEConfig) -> None:
-        if state.quant_specs:
-            raise ConfigError("moe: the model already has quantized layers; put moe before quantize (it replaces "
-                              "the FFN layers the quantization specs describe)")
-        if moe_layers(state.model):
+        if not state.quant_specs and moe_layers(state.model):  # a quantized model gets routed_conversion's refusal
             raise ConfigError("moe: the model already has MoE layers; run moe once")
-        started = time.perf_counter()
-        model = state.model
-        before = parameter_count(model)
-        first_note = len(state.notes)
-        with structure_pass(model):
-            layers = dense2moe(model, state.adapter, config, calibration_batches(state, config, "moe"))
-        record_structure(model)
-        total, active = parameter_count(model), activated_parameters(model)
-        layout = next(iter(layers.values())).layout
-        state.notes.insert(first_note, (
-            f"moe ({config.grouping} grouping, {config.batches} x {config.batch_size} calibration samples, seed "
-            f"{config.seed}): {len(layers)} FFNs -> {layout.experts} routed experts of {layout.expert_hidden} "
-            f"neurons, top-{layout.top_k}, shared expert of {layout.shared_hidden} neurons "
-            f"({config.activated_fraction():.1%} of each FFN active per token, plus its router); parameters "
-            f"{before:,} dense -> {total:,} total, {active:,} activated per token ({active / before:.1%}); "
-            "execution groups tokens by expert, dropless (no capacity limit)"))
-        rows = [[name, m.layout.experts, m.layout.expert_hidden, m.layout.top_k, m.layout.shared_hidden,
-                 sum(p.numel() for p in m.parameters()), m.layout.parameters_per_token()]
-                for name, m in layers.items()]
-        state.tables.append({"title": "MoE layers (Dense2MoE)", "header": [
-            "layer", "experts", "expert neurons", "top-k", "shared neurons", "parameters", "activated"],
-            "rows": rows})
-        state.timings["moe_s"] = round(time.perf_counter() - started, 2)
+
+        def describe(layers, before, total, active):
+            layout = next(iter(layers.values())).layout
+            note = (f"moe ({config.grouping} grouping, {config.batches} x {config.batch_size} calibration samples, "
+                    f"seed {config.seed}): {len(layers)} FFNs -> {layout.experts} routed experts of "
+                    f"{layout.expert_hidden} neurons, top-{layout.top_k}, shared expert of {layout.shared_hidden} "
+                    f"neurons ({config.activated_fraction():.1%} of each FFN active per token, plus its router); "
+                    f"parameters {before:,} dense -> {total:,} total, {active:,} activated per token "
+                    f"({active / before:.1%}); execution groups tokens by expert, dropless (no capacity limit)")
+            rows = [[name, m.layout.experts, m.layout.expert_hidden, m.layout.top_k, m.layout.shared_hidden,
+                     sum(p.numel() for p in m.parameters()), m.layout.parameters_per_token()]
+                    for name, m in layers.items()]
+            return note, {"title": "MoE layers (Dense2MoE)", "header": [
+                "layer", "experts", "expert neurons", "top-k", "shared neurons", "parameters", "activated"],
+                "rows": rows}
+
+        routed_conversion(state, "moe", lambda: dense2moe(state.model, state.adapter, config,
+                                                          calibration_batches(state, config, "moe")), describe,
+                          refusal=" (it replaces the FFN layers the quantization specs describe)")
 
 
 STAGES.add("moe", MoEStage())
