@@ -87,8 +87,8 @@ def _step_errors(entries: list[Entry], calls: list[Call]) -> dict:
 @torch.no_grad()
 def _step_seconds(model: nn.Module, calls: list[Call], repeats: int = 3) -> float:
     """Seconds for the transformer calls of one denoising step (the middle captured one), replayed."""
-    middle = _steps(calls)[len(_steps(calls)) // 2]
-    step = [call for call in calls if call[0] == middle]
+    steps = _steps(calls)
+    step = [call for call in calls if call[0] == steps[len(steps) // 2]]
     _replay(model, step)
     started = time.perf_counter()
     for _ in range(repeats):
