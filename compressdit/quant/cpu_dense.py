@@ -17,6 +17,10 @@ their kernel name:
 - ``cpu-fp8-dense``: FP8 (E4M3) weights decoded once into fp32 (4 bytes per weight at run time), the
   reference's per-token E4M3 activations (one fused C pass, bit for bit), an fp32 GEMM: the reference's numbers
   without its per-call decode.
+- ``cpu-decoded-dense`` (lowest priority: where no faster kernel applies): the small layers of the low-bit formats
+  whose codes no CPU GEMM reads (NVFP4 / MXFP4 / MXFP8 blocks, 4-bit minifloats, integer weights with per-group or
+  sub-8-bit activations: ``rtn-w4a4``, ``nvfp4``, ``fp4-w4a8``, ...): the residual weight decoded once into fp32,
+  the activations quantized by the reference's own quantizer, an fp32 GEMM (the layer adds its low-rank branch).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.activations import quantize_input
 from compressdit.quant.cpu_native import (bf16_to_float, fake_quantize_e4m3_rows, fake_quantize_rows_int8,
                                           float_to_bf16)
+from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
+from compressdit.quant.mx_layer import BLOCK_CODECS
 from compressdit.quant.primitives import int_range
 
 DENSE_MAX_WEIGHT = 1 << 18  # in_features * out_features: 512 KiB of bf16 per layer at most
@@ -226,3 +232,22 @@ KERNELS.add("cpu-twinlog-dense", Kernel(
     description=f"twin-log layers of up to {DENSE_MAX_WEIGHT} weights: log2 codes decoded once into a dense fp32 "
                 "weight in the rotated space (4 bytes per weight of RAM), the input rotated and quantized as the "
                 "reference, fp32 GEMM"))
+
+
+def _decoded_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    return (device.type == "cpu" and _small(shape)
+            and (spec.format == "int" or spec.format in BLOCK_CODECS or spec.format in FP_WEIGHT_FORMATS))
+
+
+def _reference_input(layer, x: torch.Tensor) -> torch.Tensor:
+    """The reference's activation quantizer (integer layers may hold a static ``input_scale``; the float formats
+    have none)."""
+    return quantize_layer_input(layer, x) if layer.spec.format == "int" else quantize_input(x, layer.spec)
+
+
+KERNELS.add("cpu-decoded-dense", Kernel(
+    _decoded_applies, _decoded_fp32_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
+    _fp32_gemm(_reference_input), priority=5,
+    description=f"low-bit layers of up to {DENSE_MAX_WEIGHT} weights no faster kernel runs (NVFP4/MX blocks, "
+                "4-bit minifloats, int with per-group or sub-8-bit activations): the residual weight decoded once "
+                "into fp32 (4 bytes per weight of RAM), activations quantized as the reference, fp32 GEMM"))

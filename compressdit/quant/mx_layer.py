@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressdit.quant.activations import quantize_input
+from compressdit.quant.kernel_registry import kernel_cache, run_cached
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.minifloat import Minifloat, pack_nibbles, unpack_nibbles
 from compressdit.quant.mx_primitives import (E2M1, E4M3, MX_BLOCK, NVFP4_BLOCK, mx_dequantize, mx_quantize,
@@ -136,6 +137,16 @@ class BlockFPLinear(QuantizedLinear):
         if self.smooth_scale is not None:
             weight = weight / self.smooth_scale
         return weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The registered kernel on the balanced input (``cpu-decoded-dense`` on CPU), plus the low-rank branch;
+        the reference where none applies."""
+        cache = kernel_cache(self, x)
+        if cache is None:
+            return self.reference_forward(x)
+        if self.smooth_scale is not None:
+            x = x / self.smooth_scale.to(x.dtype)
+        return self._add_low_rank(run_cached(self, cache, x), x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Balance the input, fake-quantize it, decoded residual weight, matmul; plus the low-rank branch on the

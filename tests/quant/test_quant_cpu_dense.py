@@ -76,3 +76,46 @@ def test_the_thread_count_reselects_the_dense_kernel():
     amx, avx512 = _bf16_hardware()
     assert chosen[2] == ("cpu-int-dense-bf16" if amx else "cpu-int-dense-fp32")
     assert chosen[1] == ("cpu-int-dense-bf16" if amx or avx512 else "cpu-int-dense-fp32")
+
+
+DECODED = {  # the low-bit formats no CPU GEMM reads: weight decoded once, activations as the reference
+    "nvfp4": dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4", a_granularity="per_group"),
+    "mxfp4": dict(format="mxfp4", w_bits=4, a_bits=4, a_format="mxfp4", a_granularity="per_group"),
+    "mxfp8-weight-only": dict(format="mxfp8", w_bits=8),
+    "svdquant-nvfp4": dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4", a_granularity="per_group",
+                           balance=0.5, low_rank=4),
+    "fp4-e2m1-a6": dict(format="e2m1", w_bits=4, group_size=32, a_bits=6, a_format="e3m2"),
+    "rtn-w4a4-groups": dict(w_bits=4, group_size=16, a_bits=4, a_granularity="per_group", a_group_size=16),
+    "int-w4a4-static": dict(w_bits=4, group_size=16, a_bits=4, a_granularity="static"),
+}
+
+
+def _decoded_layer(name: str, out_features: int = 48):
+    from compressdit.quant.formats import FORMATS
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, out_features)
+    spec = LinearQuantSpec.from_dict(dict(DECODED[name]), "spec")
+    FORMATS.get(spec.format).validate_spec(spec, "spec")
+    return FORMATS.get(spec.format).quantize(linear, spec, torch.rand(128) * 10 + 0.1)
+
+
+@pytest.mark.parametrize("name", sorted(DECODED))
+def test_low_bit_layers_decode_once_and_match_the_reference(name):
+    """``cpu-decoded-dense``: the reference's numbers (its own activation quantizer, the layer's low-rank branch
+    and balancing) without the per-call decode; an in-place change of the scales is picked up; big layers and
+    inputs that need gradients keep the reference."""
+    layer = _decoded_layer(name)
+    x = torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)
+    with torch.no_grad():
+        assert layer.kernel_name == "cpu-decoded-dense"
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+        assert cache_of(layer).nbytes() >= 128 * 48 * 4  # the decoded fp32 weight: RAM that inspect reports
+        scale = layer.weight_scale  # doubled in place, as load_state_dict writes (E8M0 exponents: one more)
+        scale.copy_(scale + 1 if scale.dtype == torch.uint8 else (scale.float() * 2).to(scale.dtype))
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    assert torch.equal(layer(x), layer.reference_forward(x))
+    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT
+
+    assert _decoded_layer(name, out_features=DENSE_MAX_WEIGHT // 128 + 16).kernel_name == "reference"

@@ -59,7 +59,7 @@ def test_forward_is_the_dequantize_reference_with_per_token_fp_activations(fmt, 
         torch.testing.assert_close(out, torch.nn.functional.linear(x_q, layer.effective_weight(), layer.bias))
     assert not torch.equal(x_q, x)
     assert 0 < ((out - truth).norm() / truth.norm()).item() < 0.2
-    assert layer.kernel_name == "reference"
+    assert layer.kernel_name == "cpu-decoded-dense"  # the decoded weight prepacked (tests/quant/test_quant_cpu_dense.py)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -64,7 +64,7 @@ def test_forward_is_the_dequantize_reference_and_close_to_float(fmt, a_bits):
         torch.testing.assert_close(out, torch.nn.functional.linear(x_q, layer.effective_weight(), layer.bias))
     bound = {"mxfp8": 0.05, "nvfp4": 0.2, "mxfp4": 0.25}[fmt] * (1 if a_bits else 0.75)
     assert 0 < ((out - truth).norm() / truth.norm()).item() < bound
-    assert layer.kernel_name == "reference"
+    assert layer.kernel_name == "cpu-decoded-dense"  # the decoded weight prepacked (tests/quant/test_quant_cpu_dense.py)
 
 
 @pytest.mark.parametrize("bad, message", [
