@@ -32,13 +32,28 @@ from compressdit.registry import Registry
 
 
 @dataclass(frozen=True)
+class Grid:
+    """A dynamic quantizer as data, for the fused CPU pass that reproduces it (``cpu_native.fake_quantize_grid``):
+    the scale ``rule`` (0: group absmax / ``top``; 1: MX power of two; 2: NVFP4 E4M3 block scale under a tensor
+    scale), the largest value ``top``, and the grid: ``mantissa`` bits per binade, binades floored at ``min_exp``
+    (integers: 30 and 30, a step of 1)."""
+
+    rule: int
+    top: float
+    mantissa: int
+    min_exp: int
+
+
+@dataclass(frozen=True)
 class ActivationFormat:
     """``quantize(x, spec, static_scale)`` -> fake-quantized ``x``; ``bits`` None accepts any ``a_bits``;
-    ``block`` is the fixed group of a block format (None: the spec's granularity decides)."""
+    ``block`` is the fixed group of a block format (None: the spec's granularity decides); ``grid(spec)`` the same
+    quantizer as :class:`Grid` data where one fused pass reproduces it (None: no such pass)."""
 
     quantize: Callable[[torch.Tensor, object, torch.Tensor | None], torch.Tensor]
     bits: int | None = None
     block: int | None = None
+    grid: Callable[[object], Grid | None] = lambda spec: None
 
 
 ACTIVATION_FORMATS: Registry[ActivationFormat] = Registry("activation format")
@@ -76,12 +91,31 @@ def _minifloat(element: Minifloat):
     return quantize
 
 
-ACTIVATION_FORMATS.add("int", ActivationFormat(_int))
+def _element_grid(element: Minifloat, rule: int = 0) -> Grid:
+    return Grid(rule, element.max_value, element.mantissa_bits, element.min_normal_exponent)
+
+
+def _row_grid(make: Callable[[object], Grid]) -> Callable[[object], Grid | None]:
+    """A per-token / per-group quantizer's grid (per tensor and static scales have none)."""
+    return lambda spec: make(spec) if spec.a_granularity in ("per_token", "per_group") else None
+
+
+ACTIVATION_FORMATS.add("int", ActivationFormat(  # per token: cpu_dense.fake_quantize_input's own few passes
+    _int, grid=lambda spec: Grid(0, int_range(spec.a_bits)[1], 30, 30) if spec.a_granularity == "per_group" else None))
 for _name, _element in MINIFLOATS.items():
-    ACTIVATION_FORMATS.add(_name, ActivationFormat(_minifloat(_element), bits=_element.bits))
-ACTIVATION_FORMATS.add("nvfp4", ActivationFormat(lambda x, spec, s: nvfp4_fake_quantize(x), 4, NVFP4_BLOCK))
-ACTIVATION_FORMATS.add("mxfp4", ActivationFormat(lambda x, spec, s: mx_fake_quantize(x, E2M1), 4, MX_BLOCK))
-ACTIVATION_FORMATS.add("mxfp8", ActivationFormat(lambda x, spec, s: mx_fake_quantize(x, E4M3), 8, MX_BLOCK))
+    ACTIVATION_FORMATS.add(_name, ActivationFormat(_minifloat(_element), bits=_element.bits,
+                                                   grid=_row_grid(lambda spec, e=_element: _element_grid(e))))
+ACTIVATION_FORMATS.add("nvfp4", ActivationFormat(lambda x, spec, s: nvfp4_fake_quantize(x), 4, NVFP4_BLOCK,
+                                                 lambda spec: _element_grid(E2M1, rule=2)))
+ACTIVATION_FORMATS.add("mxfp4", ActivationFormat(lambda x, spec, s: mx_fake_quantize(x, E2M1), 4, MX_BLOCK,
+                                                 lambda spec: _element_grid(E2M1, rule=1)))
+ACTIVATION_FORMATS.add("mxfp8", ActivationFormat(lambda x, spec, s: mx_fake_quantize(x, E4M3), 8, MX_BLOCK,
+                                                 lambda spec: _element_grid(E4M3, rule=1)))
+
+
+def activation_grid(spec) -> Grid | None:
+    """The :class:`Grid` of ``spec``'s activation quantizer, or None (no activations quantized, or no fused pass)."""
+    return None if spec.a_bits is None else ACTIVATION_FORMATS.get(spec.a_format).grid(spec)
 
 
 def quantize_input(x: torch.Tensor, spec, static_scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from compressdit.quant.kernel_registry import KERNELS, Kernel
-from compressdit.quant.activations import quantize_input
-from compressdit.quant.cpu_native import (bf16_to_float, fake_quantize_e4m3_rows, fake_quantize_rows_int8,
-                                          float_to_bf16)
+from compressdit.quant.activations import activation_grid, quantize_input
+from compressdit.quant.cpu_native import (bf16_to_float, fake_quantize_e4m3_rows, fake_quantize_grid,
+                                          fake_quantize_rows_int8, float_to_bf16)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
 from compressdit.quant.primitives import int_range
@@ -66,12 +66,22 @@ def _fast_int_path(spec) -> bool:
 
 
 def quantize_layer_input(layer, x: torch.Tensor) -> torch.Tensor:
-    """``x`` fake-quantized as ``layer.spec`` says: the fast integer path where it applies, else the activation
-    format's own quantizer (per-group, minifloat, NVFP4 / MX blocks)."""
+    """``x`` fake-quantized as ``layer.spec`` says: the fast integer path where it applies, else one fused C pass
+    (:func:`~compressdit.quant.cpu_native.fake_quantize_grid`: per-group integers, minifloats, NVFP4 / MX blocks, on
+    contiguous fp32 rows), else the activation format's own quantizer: the same numbers on every path."""
     spec = layer.spec
-    if spec.a_bits is None or _fast_int_path(spec):
-        return fake_quantize_input(x, spec.a_bits, spec.a_granularity, layer.input_scale)
-    return quantize_input(x, spec, layer.input_scale)
+    if spec.a_bits is None:
+        return x
+    if _fast_int_path(spec):  # a static scale only on integer layers that calibrated one
+        static = getattr(layer, "input_scale", None) if spec.a_granularity == "static" else None
+        return fake_quantize_input(x, spec.a_bits, spec.a_granularity, static)
+    grid = activation_grid(spec)
+    if grid is not None:
+        group = spec.a_group_size if spec.a_granularity == "per_group" else x.shape[-1]
+        out = fake_quantize_grid(x, group, grid.rule, grid.top, grid.mantissa, grid.min_exp)
+        if out is not None:
+            return out
+    return quantize_input(x, spec)  # integer static scales took the fast path: only dynamic ones come here
 
 
 def _small(shape: tuple[int, int]) -> bool:
@@ -228,7 +238,7 @@ KERNELS.add("cpu-fp8-dense", Kernel(
                 "activations as the reference, fp32 GEMM"))
 KERNELS.add("cpu-twinlog-dense", Kernel(
     _twinlog_dense_applies, _decoded_fp32_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
-    _fp32_gemm(lambda layer, x2: quantize_input(x2, layer.spec)), priority=10,  # on the rotated input
+    _fp32_gemm(quantize_layer_input), priority=10,  # on the rotated input
     description=f"twin-log layers of up to {DENSE_MAX_WEIGHT} weights: log2 codes decoded once into a dense fp32 "
                 "weight in the rotated space (4 bytes per weight of RAM), the input rotated and quantized as the "
                 "reference, fp32 GEMM"))
@@ -239,15 +249,9 @@ def _decoded_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool
             and (spec.format == "int" or spec.format in BLOCK_CODECS or spec.format in FP_WEIGHT_FORMATS))
 
 
-def _reference_input(layer, x: torch.Tensor) -> torch.Tensor:
-    """The reference's activation quantizer (integer layers may hold a static ``input_scale``; the float formats
-    have none)."""
-    return quantize_layer_input(layer, x) if layer.spec.format == "int" else quantize_input(x, layer.spec)
-
-
 KERNELS.add("cpu-decoded-dense", Kernel(
     _decoded_applies, _decoded_fp32_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
-    _fp32_gemm(_reference_input), priority=5,
+    _fp32_gemm(quantize_layer_input), priority=5,
     description=f"low-bit layers of up to {DENSE_MAX_WEIGHT} weights no faster kernel runs (NVFP4/MX blocks, "
                 "4-bit minifloats, int with per-group or sub-8-bit activations): the residual weight decoded once "
                 "into fp32 (4 bytes per weight of RAM), activations quantized as the reference, fp32 GEMM"))

@@ -49,6 +49,8 @@ _SIGNATURES = {
     "compressdit_float_to_bf16": ([_PTR, _I64, _PTR, _I32], None),
     "compressdit_bf16_to_float": ([_PTR, _PTR, _I64, _I64, _PTR, _I32], None),
     "compressdit_fake_quantize_e4m3": ([_PTR, _I64, _I64, _PTR, _PTR, _I32], None),
+    "compressdit_fake_quantize_grid": ([_PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _PTR, _I32],
+                                       None),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -283,4 +285,19 @@ def fake_quantize_e4m3_rows(x: torch.Tensor) -> torch.Tensor:
     cols = x.shape[-1]
     lib.compressdit_fake_quantize_e4m3(x.data_ptr(), x.numel() // cols, cols, out.data_ptr(), None,
                                        threads_for(x.numel()))
+    return out
+
+
+def fake_quantize_grid(x: torch.Tensor, group: int, rule: int, top: float, mantissa: int,
+                       min_exp: int) -> torch.Tensor | None:
+    """Dynamic per-group fake quantization of an fp32 ``x`` (rows along its last dimension, ``group`` dividing it)
+    onto an integer or minifloat grid, one C pass (``compressdit_fake_quantize_grid`` in csrc/float_rows.c says
+    the ``rule`` of the scales: 0 absmax / top, 1 MX power of two, 2 NVFP4); ``None`` without the library (the
+    caller runs the PyTorch quantizer, whose numbers these are)."""
+    lib = _lib_for(x)
+    if lib is None or x.dim() == 0 or x.numel() == 0 or x.shape[-1] % group:
+        return None
+    out = torch.empty_like(x)
+    lib.compressdit_fake_quantize_grid(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], group, rule, top,
+                                       mantissa, min_exp, out.data_ptr(), threads_for(x.numel()))
     return out

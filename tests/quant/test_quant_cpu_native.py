@@ -249,3 +249,50 @@ def test_the_library_never_brings_a_second_openmp_runtime(monkeypatch):
             assert torch.equal(a, b)
     finally:
         cpu_native.native_library.cache_clear()
+
+
+GRID_SPECS = {  # every activation quantizer the fused grid pass reproduces
+    "int4-g16": dict(w_bits=4, a_bits=4, a_granularity="per_group", a_group_size=16),
+    "int6-g64": dict(w_bits=4, a_bits=6, a_granularity="per_group", a_group_size=64),
+    "e4m3-token": dict(w_bits=4, a_bits=8, a_format="e4m3"),
+    "e3m2-token": dict(w_bits=4, a_bits=6, a_format="e3m2"),
+    "e2m3-g32": dict(w_bits=4, a_bits=6, a_format="e2m3", a_granularity="per_group", a_group_size=32),
+    "e2m1-g16": dict(w_bits=4, a_bits=4, a_format="e2m1", a_granularity="per_group", a_group_size=16),
+    "e5m2-token": dict(w_bits=4, a_bits=8, a_format="e5m2"),
+    "nvfp4": dict(w_bits=4, a_bits=4, a_format="nvfp4", a_granularity="per_group"),
+    "mxfp4": dict(w_bits=4, a_bits=4, a_format="mxfp4", a_granularity="per_group"),
+    "mxfp8": dict(w_bits=8, a_bits=8, a_format="mxfp8", a_granularity="per_group"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRID_SPECS))
+@pytest.mark.parametrize("parallel", [False, True])
+def test_grid_pass_is_the_activation_quantizer_bit_for_bit(name, parallel, monkeypatch):
+    """The kernels' activation quantizer (the fused grid pass where the library is built) against the PyTorch
+    quantizer it replaces (activations.py), on rows with outliers, all-zero groups, exact ties and values of very
+    different scales; its rows split over two threads or not."""
+    from types import SimpleNamespace
+
+    from compressdit.quant.activations import activation_grid, quantize_input, validate_activation_spec
+    from compressdit.quant.cpu_dense import quantize_layer_input
+    from compressdit.quant.cpu_native import fake_quantize_grid
+
+    spec = LinearQuantSpec.from_dict(dict(GRID_SPECS[name]), "spec")
+    validate_activation_spec(spec, "spec")
+    torch.manual_seed(0)
+    x = torch.randn(37, 128) * torch.logspace(-6, 3, 128)
+    x[3, :64] = 0  # zero groups: the scale's floor (NVFP4: 1, MX: 2^-127)
+    x[5] = torch.arange(128) * 0.25 - 16  # exact ties on the grid after scaling
+    x[7, 9] = 1e30  # an outlier
+    monkeypatch.setattr(cpu_native, "PARALLEL_MIN_ELEMENTS", 1 if parallel else 1 << 62)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = quantize_layer_input(SimpleNamespace(spec=spec), x)
+    finally:
+        torch.set_num_threads(before)
+    expected = quantize_input(x, spec)
+    assert torch.equal(out, expected), (out - expected).abs().max()
+    grid, group = activation_grid(spec), spec.a_group_size if spec.a_granularity == "per_group" else 128
+    fused = fake_quantize_grid(x, group, grid.rule, grid.top, grid.mantissa, grid.min_exp)
+    assert (fused is None) == (native_library() is None)  # the C pass ran wherever the library exists

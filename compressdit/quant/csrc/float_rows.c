@@ -100,3 +100,62 @@ void compressdit_fake_quantize_e4m3(const float *x, int64_t rows, int64_t cols, 
         }
     });
 }
+
+/* a (a magnitude, or NaN) rounded to the grid whose step is 2^(k - mantissa) in the binade [2^k, 2^(k+1)), k
+ * floored at min_exp, ties to even: the rounding of Minifloat.round for an ExMy format (mantissa = M, min_exp = its
+ * smallest normal exponent), and of torch.round for integers (mantissa = min_exp = 30: a step of 1 below 2^23).
+ * The add-and-subtract trick of round_e4m3_magnitude, with M = 1.5 * 2^(k - mantissa + 23). */
+static inline float round_grid(float a, int32_t mantissa, int32_t min_exp) {
+    int32_t e = (int32_t)(float_bits(a) >> 23); /* biased exponent (NaN: 255; its result stays NaN) */
+    const int32_t floor = min_exp + 127;
+    e = e < floor ? floor : e;
+    const float m = bits_float(((uint32_t)(e + 23 - mantissa) << 23) | 0x400000u);
+    return (a + m) - m;
+}
+
+/* Dynamic fake quantization onto a grid (round_grid), per group of `group` values of each row (group divides
+ * cols), as compressdit/quant/activations.py does it in PyTorch, bit for bit:
+ *   rule 0 (int and minifloat formats): s = max(amax, 1e-8) / top;
+ *   rule 1 (MX): s = 2^clamp(ceil(log2(amax / top)), -127, 127), 2^-127 where amax / top is not > 0;
+ *   rule 2 (NVFP4): s = e4m3(amax / (top * t)) (0 -> 1) * t with the tensor scale t = amax(all x) / (top * 448),
+ *                   1 for an all-zero x;
+ * then q = x / s, out = copysign(min(round_grid(min(|q|, top)), top), q) * s. out may be x's own memory. */
+void compressdit_fake_quantize_grid(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t rule, float top,
+                                    int32_t mantissa, int32_t min_exp, float *out, int32_t threads) {
+    float t = 1.0f;
+    if (rule == 2) {
+        const float all = bits_float(absmax_bits(x, rows * cols));
+        t = all > 0.0f ? all / (top * 448.0f) : 1.0f;
+    }
+    const int64_t groups = cols / group;
+    FOR_ROWS(i, rows * groups, {
+        const float *r = x + i * group;
+        float *o = out + i * group;
+        const float amax = bits_float(absmax_bits(r, group));
+        float s;
+        if (rule == 0) {
+            s = (amax > 1e-8f || amax != amax ? amax : 1e-8f) / top;
+        } else if (rule == 1) {
+            const float ratio = amax / top;
+            int e = 0;
+            const float f = __builtin_frexpf(ratio, &e);
+            e = f == 0.5f ? e - 1 : e;
+            e = ratio > 0.0f ? e : -127;
+            e = e < -127 ? -127 : (e > 127 ? 127 : e);
+            s = __builtin_ldexpf(1.0f, e);
+        } else {
+            const float d = amax / (top * t);
+            const float a = d > 448.0f ? 448.0f : d;
+            float b = round_grid(a, 3, -6);
+            b = b > 448.0f ? 448.0f : b;
+            s = (b > 0.0f ? b : 1.0f) * t;
+        }
+        for (int64_t j = 0; j < group; ++j) {
+            const float q = r[j] / s;
+            const float a = __builtin_fabsf(q);
+            float g = round_grid(a > top ? top : a, mantissa, min_exp);
+            g = g > top ? top : g;
+            o[j] = __builtin_copysignf(g, q) * s;
+        }
+    });
+}
