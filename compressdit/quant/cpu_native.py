@@ -48,7 +48,6 @@ _SIGNATURES = {
     "compressdit_dequantize_groups": ([_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _I64, _PTR, _I32], None),
     "compressdit_float_to_bf16": ([_PTR, _I64, _PTR, _I32], None),
     "compressdit_bf16_to_float": ([_PTR, _PTR, _I64, _I64, _PTR, _I32], None),
-    "compressdit_fake_quantize_e4m3": ([_PTR, _I64, _I64, _PTR, _PTR, _I32], None),
     "compressdit_fake_quantize_grid": ([_PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _PTR, _I32],
                                        None),
 }
@@ -276,15 +275,11 @@ def round_to_e4m3(q: torch.Tensor) -> torch.Tensor:
 def fake_quantize_e4m3_rows(x: torch.Tensor) -> torch.Tensor:
     """Dynamic per-token E4M3 activations of an fp32 ``x`` (rows along its last dimension), fake-quantized as the FP8
     reference does them: ``s = max(amax|x|, 1e-8) / 448`` per row, ``e4m3(clamp(x / s, -448, 448)) * s``; one
-    pass per row in C."""
-    lib = _lib_for(x)
-    if lib is None or x.dim() == 0 or x.numel() == 0:
+    pass per row in C (the grid pass of :func:`fake_quantize_grid` on E4M3's grid)."""
+    out = None if x.dim() == 0 else fake_quantize_grid(x, x.shape[-1], 0, E4M3_MAX, 3, -6)
+    if out is None:
         scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-8).div_(E4M3_MAX)
         return round_to_e4m3((x / scale).clamp_(-E4M3_MAX, E4M3_MAX)).mul_(scale)
-    out = torch.empty_like(x)
-    cols = x.shape[-1]
-    lib.compressdit_fake_quantize_e4m3(x.data_ptr(), x.numel() // cols, cols, out.data_ptr(), None,
-                                       threads_for(x.numel()))
     return out
 
 

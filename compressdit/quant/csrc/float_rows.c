@@ -2,8 +2,9 @@
  *
  * The small-layer kernels of compressdit/quant/cpu_dense.py run one GEMM on a decoded weight; around it PyTorch
  * eager spent more time than in the GEMM: the fp32 -> bf16 cast of the activations and the bf16 -> fp32 cast and
- * bias of the output (each an intra-op parallel pass that wakes the second thread for 32k elements), and for FP8
- * the per-token E4M3 rounding (abs, amax, clamp, div, div, clamp, 6 integer ops, where, mul: ~14 passes). These
+ * bias of the output (each an intra-op parallel pass that wakes the second thread for 32k elements), and for the
+ * low-bit activation formats the per-token / per-group rounding (E4M3 for FP8: abs, amax, clamp, div, div, clamp,
+ * 6 integer ops, where, mul: ~14 passes; NVFP4 / MX blocks and minifloats more). These
  * loops do the same arithmetic in one pass each, bit for bit (tested against the PyTorch path): IEEE single
  * precision divisions as torch does them (no -ffast-math, -ffp-contract=off), round half to even. Plain C,
  * no torch headers; rows (elements for the flat cast) split over `threads` OpenMP threads in contiguous static
@@ -51,17 +52,6 @@ void compressdit_bf16_to_float(const uint16_t *restrict y, const float *restrict
     });
 }
 
-/* a = |q| (<= 448, or NaN) rounded to the nearest E4M3 magnitude, ties to even, as cpu_native.round_to_e4m3: in the
- * binade [2^k, 2^(k+1)) the E4M3 step is 2^(k-3), and 2^-9 below 2^-6 (k floored at -6). Adding and subtracting
- * M = 1.5 * 2^(k+20), whose ulp is that step, rounds a to it in the FPU's round-to-nearest-even (a carry into the
- * next binade included). NaN stays NaN. */
-static inline float round_e4m3_magnitude(float a) {
-    uint32_t e = float_bits(a) >> 23; /* biased exponent: k + 127 */
-    e = e < 121u ? 121u : e;          /* k >= -6 */
-    const float m = bits_float(((e + 20u) << 23) | 0x400000u);
-    return (a + m) - m;
-}
-
 /* max |x[j]| as its bit pattern: integer order = float order for non-negative floats, NaN above inf */
 static uint32_t absmax_bits(const float *restrict x, int64_t n) {
     uint32_t m = 0;
@@ -72,39 +62,11 @@ static uint32_t absmax_bits(const float *restrict x, int64_t n) {
     return m;
 }
 
-/* Dynamic per-token E4M3 activations, fake-quantized: per row s = max(amax |x|, 1e-8) / 448, out = e4m3(clamp(x / s,
- * -448, 448)) * s (the sign kept, as torch.round keeps it, -0 included), and s into scale[row] unless scale is NULL.
- * out may be x's own memory. A row of finite values has finite quotients, so the clamp is an integer min on the
- * magnitude's bits (448 = 0x43e00000); a row with an inf or NaN clamps as torch.clamp does (NaN stays NaN). */
-void compressdit_fake_quantize_e4m3(const float *x, int64_t rows, int64_t cols, float *out, float *scale,
-                                    int32_t threads) {
-    FOR_ROWS(i, rows, {
-        const float *r = x + i * cols;
-        float *o = out + i * cols;
-        const uint32_t bits = absmax_bits(r, cols);
-        const float amax = bits_float(bits);
-        const float s = (amax > 1e-8f || amax != amax ? amax : 1e-8f) / 448.0f;
-        if (scale) scale[i] = s;
-        if (bits < 0x7f800000u) {
-            for (int64_t j = 0; j < cols; ++j) {
-                const uint32_t u = float_bits(r[j] / s);
-                const uint32_t a = (u & 0x7fffffffu) < 0x43e00000u ? (u & 0x7fffffffu) : 0x43e00000u;
-                o[j] = bits_float(float_bits(round_e4m3_magnitude(bits_float(a))) | (u & 0x80000000u)) * s;
-            }
-        } else {
-            for (int64_t j = 0; j < cols; ++j) {
-                float q = r[j] / s;
-                q = q > 448.0f ? 448.0f : (q < -448.0f ? -448.0f : q);
-                o[j] = __builtin_copysignf(round_e4m3_magnitude(__builtin_fabsf(q)), q) * s;
-            }
-        }
-    });
-}
-
 /* a (a magnitude, or NaN) rounded to the grid whose step is 2^(k - mantissa) in the binade [2^k, 2^(k+1)), k
  * floored at min_exp, ties to even: the rounding of Minifloat.round for an ExMy format (mantissa = M, min_exp = its
  * smallest normal exponent), and of torch.round for integers (mantissa = min_exp = 30: a step of 1 below 2^23).
- * The add-and-subtract trick of round_e4m3_magnitude, with M = 1.5 * 2^(k - mantissa + 23). */
+ * Adding and subtracting M = 1.5 * 2^(k - mantissa + 23), whose ulp is that step, rounds a to it in the FPU's
+ * round-to-nearest-even (a carry into the next binade included). */
 static inline float round_grid(float a, int32_t mantissa, int32_t min_exp) {
     int32_t e = (int32_t)(float_bits(a) >> 23); /* biased exponent (NaN: 255; its result stays NaN) */
     const int32_t floor = min_exp + 127;
