@@ -23,7 +23,7 @@ from compressdit.evaluate.engine import (Entry, EvalSettings, evaluation_conditi
                                          metric_row)
 from compressdit.evaluate.features import EffNetLite0Features
 from compressdit.evaluate.metrics import frechet_distance, psnr, relative_error, ssim
-from compressdit.models.driven import DrivenAdapter, timestep_of
+from compressdit.models.driven import DrivenAdapter, denoising_steps
 from compressdit.progress import progress_bar
 from compressdit.quant.kernel_registry import kernel_summary
 
@@ -42,25 +42,23 @@ def _detached(tree):
 
 @contextlib.contextmanager
 def captured_calls(model: nn.Module, steps: int, keep: int = 5) -> Iterator[list[Call]]:
-    """The transformer calls of ``keep`` evenly spaced denoising steps (of ``steps``; a step is a run of calls
-    with one timestep), with their arguments and first output, as the pipeline made them."""
+    """The transformer calls of ``keep`` evenly spaced denoising steps (of ``steps``; steps counted as
+    :func:`~compressdit.models.driven.denoising_steps` counts them), with their arguments and first output, as the
+    pipeline made them."""
     count = min(keep, steps)
     chosen = {round(i * (steps - 1) / max(count - 1, 1)) for i in range(count)}
     calls: list[Call] = []
-    state = {"step": -1, "t": None}
+    with denoising_steps(model) as counter:
+        def after(module, args, kwargs, output):
+            if counter.step in chosen:
+                calls.append((counter.t, _detached(args), _detached(kwargs),
+                              _first_tensor(output).detach().float().clone()))
 
-    def after(module, args, kwargs, output):
-        t = timestep_of(module, args, kwargs)
-        if t != state["t"]:
-            state["step"], state["t"] = state["step"] + 1, t
-        if state["step"] in chosen:
-            calls.append((t, _detached(args), _detached(kwargs), _first_tensor(output).detach().float().clone()))
-
-    handle = model.register_forward_hook(after, with_kwargs=True)
-    try:
-        yield calls
-    finally:
-        handle.remove()
+        handle = model.register_forward_hook(after, with_kwargs=True)
+        try:
+            yield calls
+        finally:
+            handle.remove()
 
 
 def _steps(calls: list[Call]) -> list[float]:
