@@ -41,21 +41,22 @@ def t5(seed: int = 1, width: int = T5_WIDTH, umt5: bool = False):
     return _seeded(lambda: model_class(config), seed)
 
 
-def clip(seed: int = 2, projection: bool = False):
+def clip(seed: int = 2, projection: bool = False, positions: int = 77):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(vocab_size=30522, hidden_size=CLIP_WIDTH, intermediate_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=CLIP_WIDTH,
+                            num_attention_heads=2, max_position_embeddings=positions, projection_dim=CLIP_WIDTH,
                             pad_token_id=0, bos_token_id=101, eos_token_id=102)  # BERT [CLS] / [SEP]
     return _seeded(lambda: (CLIPTextModelWithProjection if projection else CLIPTextModel)(config), seed)
 
 
-def vae(seed: int = 3, shift_factor: float | None = None, channels: int = 4):
+def vae(seed: int = 3, shift_factor: float | None = None, channels: int = 4, blocks: int = 4):
+    """An image VAE that shrinks ``2 ** (blocks - 1)`` times (8x by default)."""
     from diffusers import AutoencoderKL
 
     return _seeded(lambda: AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=(8,) * blocks, layers_per_block=1,
+        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
         sample_size=IMAGE_SIZE, shift_factor=shift_factor), seed)
 
 
@@ -200,5 +201,8 @@ BUILDERS = {"pixart": pixart_pipeline, "sd3": sd3_pipeline, "flux": flux_pipelin
 
 
 def save_pipeline(family: str, path: Path) -> Path:
-    BUILDERS[family]().save_pretrained(path)
+    """Save the tiny pipeline of ``family`` (one of :data:`BUILDERS` or of ``tests.tiny_driven_pipelines``)."""
+    from tests.tiny_driven_pipelines import BUILDERS as DRIVEN
+
+    (BUILDERS.get(family) or DRIVEN[family])().save_pretrained(path)
     return Path(path)

@@ -34,7 +34,7 @@ from torch import nn
 
 from compressdit.errors import ConfigError, UnsupportedModelError
 from compressdit.models.generic import GenericAdapter
-from compressdit.models.pipeline_calls import call_parameters, guidance_call, size_options
+from compressdit.models.pipeline_calls import call_parameters, guidance_call, missing_package, prepare, size_options
 
 StepCallback = Callable[[int, torch.Tensor, None, None], None]
 RESERVED = ("prompt", "generator", "num_inference_steps", "output_type")  # compressdit passes these itself
@@ -149,8 +149,16 @@ class DrivenAdapter(GenericAdapter):
         param = next(model.parameters())
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         if self._pipeline is None:
-            with _quiet_loading():
-                self._pipeline = DiffusionPipeline.from_pretrained(self.folder, transformer=model, dtype=dtype)
+            try:
+                with _quiet_loading():
+                    self._pipeline = DiffusionPipeline.from_pretrained(self.folder, transformer=model, dtype=dtype)
+            except NameError as exc:  # a pipeline module whose optional import failed
+                raise UnsupportedModelError(f"loading the stock pipeline of {self.folder} failed ({exc}): "
+                                            f"{missing_package(exc)}") from None
+            except ImportError as exc:
+                raise UnsupportedModelError(f"loading the stock pipeline of {self.folder} failed: "
+                                            f"{' '.join(str(exc).split())}") from None
+            prepare(self._pipeline)
             self._pipeline.set_progress_bar_config(disable=True)
         pipe = self._pipeline
         if pipe.transformer is not model:
@@ -183,6 +191,9 @@ class DrivenAdapter(GenericAdapter):
         """A stock ``__call__`` that fails on the keywords compressdit passed: one line naming them and the fix."""
         try:
             yield
+        except NameError as exc:  # a pipeline module whose optional import failed
+            raise UnsupportedModelError(f"the stock {type(pipe).__name__}.__call__ failed ({exc}): "
+                                        f"{missing_package(exc)}") from None
         except (ValueError, TypeError) as exc:  # what pipelines raise on arguments they refuse
             reason = " ".join(str(exc).split())[:300]
             raise ConfigError(f"the stock {type(pipe).__name__}.__call__ failed with size {self.size or 'default'}"

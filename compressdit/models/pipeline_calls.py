@@ -9,6 +9,10 @@ sees: where ``__call__`` takes ``use_resolution_binning`` (PixArt, Sana, Hunyuan
 unless the stage's ``call`` sets it, since binning would sample at the nearest trained bin instead
 (768-1024 px for most) and resize the result.
 
+:data:`PREPARE` lists what a family's stock example calls on a loaded pipeline (Allegro's VAE decodes only tiled);
+:data:`OPTIONAL_NAMES` names the package behind a name a pipeline module defines only when that package is
+installed (SkyReels-V2 calls ``ftfy`` unguarded; OmniGen's processor needs ``torchvision``), for the one-line error.
+
 Adding a family that takes guidance another way is one entry::
 
     GUIDANCE["QwenImagePipeline"] = GuidanceCall(scale="true_cfg_scale", negative="negative_prompt")
@@ -41,13 +45,39 @@ GUIDANCE: dict[str, GuidanceCall] = {
     "QwenImagePipeline": TRUE_CFG,
     "QwenImage21Pipeline": TRUE_CFG,
     "HunyuanVideoPipeline": TRUE_CFG,
+    "EasyAnimatePipeline": GuidanceCall(negative="negative_prompt"),  # its encode_prompt needs one under guidance
 }
 BINNING = "use_resolution_binning"
+
+#: methods called on a loaded pipeline before it samples: what the family's stock example does first
+PREPARE: dict[str, tuple[str, ...]] = {
+    "AllegroPipeline": ("vae.enable_tiling",),  # its VAE decodes only tiled
+}
+#: a name a pipeline module defines only when an optional package imports -> that package
+OPTIONAL_NAMES: dict[str, str] = {"ftfy": "ftfy", "OmniGenMultiModalProcessor": "torchvision", "bs4": "beautifulsoup4"}
+
+
+def _entry(table: dict, pipeline_class: type, default):
+    return next((table[c.__name__] for c in pipeline_class.__mro__ if c.__name__ in table), default)
 
 
 def guidance_call(pipeline_class: type) -> GuidanceCall:
     """The entry of the nearest class in ``pipeline_class``'s MRO; ``guidance_scale`` where none is listed."""
-    return next((GUIDANCE[c.__name__] for c in pipeline_class.__mro__ if c.__name__ in GUIDANCE), STOCK)
+    return _entry(GUIDANCE, pipeline_class, STOCK)
+
+
+def prepare(pipe) -> None:
+    """Call the :data:`PREPARE` methods of ``pipe``'s class on it (``vae.enable_tiling``: ``pipe.vae.enable_tiling()``)."""
+    for path in _entry(PREPARE, type(pipe), ()):
+        target = pipe
+        for name in path.split("."):
+            target = getattr(target, name)
+        target()
+
+
+def missing_package(exc: NameError) -> str:
+    """``pip install X`` for a name that a pipeline module left undefined because an optional package is missing."""
+    return f"pip install {OPTIONAL_NAMES.get(exc.name, 'the package that defines ' + repr(exc.name))}"
 
 
 def call_parameters(pipeline_class: type) -> dict[str, inspect.Parameter]:
