@@ -3,6 +3,8 @@ the adapter choice, per-sample seeds, and the stock trajectory the statistics ho
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -95,6 +97,9 @@ def test_driven_adapter_refuses_single_step_probes(auraflow):
 #: tiny pipelines of families without an adapter (``tests/tiny_driven_pipelines.py``), sampled guided in their
 #: own ``__call__``
 FAMILIES = ["qwenimage", "sana", "sana-sprint", "lumina2", "cogview4", "hunyuandit", "mochi", "allegro", "easyanimate"]
+HAS_FTFY = importlib.util.find_spec("ftfy") is not None  # SkyReels-V2's pipeline calls it unguarded
+if HAS_FTFY:
+    FAMILIES.append("skyreels-v2")
 
 
 def _driven(text_pipeline_dir, family: str):
@@ -143,10 +148,21 @@ def test_qwen_image_guidance_is_true_cfg_with_a_negative_prompt(text_pipeline_di
 
 
 def test_sana_samples_the_size_asked_and_refused_sizes_are_one_line(text_pipeline_dir):
-    """A size turns Sana's resolution binning off (it would sample its 512 px bin); a size the pipeline refuses
-    is one line naming the pipeline and its reason."""
+    """A size turns Sana's resolution binning off (it would sample its 512 px bin); a size the pipeline refuses,
+    or a default its binning cannot serve, is one line naming the pipeline and its reason."""
     folder, model, adapter = _driven(text_pipeline_dir, "sana")
     assert sample(adapter, model, ["a red fox"], None, steps=1, guidance=4.0).shape == (1, 4, 16, 16)
     adapter.set_call(48, None)
     with pytest.raises(ConfigError, match=r"SanaPipeline.__call__ failed with size 48: .*divisible by 32"):
+        sample(adapter, model, ["a red fox"], None, steps=1)
+    folder, model, adapter = _driven(text_pipeline_dir, "sana-sprint")
+    adapter.set_call(None, None)  # its default binning knows no bins for the tiny sample size
+    with pytest.raises(ConfigError, match=r"SanaSprintPipeline.__call__ failed with size default: Invalid sample"):
+        sample(adapter, model, ["a red fox"], None, steps=1)
+
+
+@pytest.mark.skipif(HAS_FTFY, reason="ftfy is installed: SkyReels-V2 samples (test_families_sample_guided_...)")
+def test_a_pipeline_missing_an_optional_package_is_one_line(text_pipeline_dir):
+    folder, model, adapter = _driven(text_pipeline_dir, "skyreels-v2")
+    with pytest.raises(UnsupportedModelError, match=r"SkyReelsV2Pipeline.__call__ failed .*'ftfy'.*: pip install ftfy"):
         sample(adapter, model, ["a red fox"], None, steps=1)
