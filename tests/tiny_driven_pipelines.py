@@ -211,19 +211,6 @@ def hidream_pipeline(seed: int = 0):
         tokenizer_4=llama_tokenizer, transformer=transformer)
 
 
-def omnigen_pipeline(seed: int = 0):
-    """OmniGen (its transformer is a Phi-3 language model reading the prompt's tokens): 64 px, 8x8 latents."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, OmniGenPipeline, OmniGenTransformer2DModel
-
-    transformer = _seeded(lambda: OmniGenTransformer2DModel(
-        hidden_size=64, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64, num_layers=2,
-        in_channels=4, time_step_dim=32, rope_scaling={"long_factor": [1.0] * 16, "short_factor": [1.0] * 16},
-        vocab_size=VOCAB, pad_token_id=0, max_position_embeddings=4096, original_max_position_embeddings=4096,
-        pos_embed_max_size=16), seed)
-    return OmniGenPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True,
-                           num_train_timesteps=1), vae=vae(), tokenizer=tokenizer(512))
-
-
 def easyanimate_pipeline(seed: int = 0):
     """EasyAnimate V5.1 (Qwen2-VL text encoder, MagVit VAE): call with 32 px, ``num_frames=5`` (2 latent frames of
     4x4) and ``max_sequence_length=32``."""
@@ -252,12 +239,40 @@ def easyanimate_pipeline(seed: int = 0):
                                tokenizer=chat, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
 
 
+def hunyuanvideo_pipeline(seed: int = 0):
+    """HunyuanVideo (Llama + CLIP; true CFG through ``true_cfg_scale`` + ``negative_prompt``, ``guidance_scale``
+    feeds its guidance embedding): call with 32 px, ``num_frames=5`` (2 latent frames of 4x4) and
+    ``max_sequence_length=16``."""
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import LlamaConfig, LlamaModel
+
+    from tests.tiny_pipelines import CLIP_WIDTH, clip
+
+    transformer = _seeded(lambda: HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=64, pooled_projection_dim=CLIP_WIDTH, rope_axes_dim=(8, 12, 12)), seed)
+    vae = _seeded(lambda: AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=False), 3)
+    llama = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=101,
+                        eos_token_id=102)
+    return HunyuanVideoPipeline(text_encoder=_seeded(lambda: LlamaModel(llama), 1), tokenizer=tokenizer(512),
+                                transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                text_encoder_2=clip(2), tokenizer_2=tokenizer(77))
+
+
 BUILDERS = {"qwenimage": qwenimage_pipeline, "sana": sana_pipeline, "sana-sprint": sana_sprint_pipeline,
             "lumina2": lumina2_pipeline, "cogview4": cogview4_pipeline, "hunyuandit": hunyuandit_pipeline,
             "mochi": mochi_pipeline, "allegro": allegro_pipeline, "skyreels-v2": skyreels_v2_pipeline,
-            "hidream": hidream_pipeline, "omnigen": omnigen_pipeline, "easyanimate": easyanimate_pipeline}
+            "hidream": hidream_pipeline, "easyanimate": easyanimate_pipeline,
+            "hunyuanvideo": hunyuanvideo_pipeline}
 
 #: ``size`` and ``call`` of the calibrate / evaluate stages each tiny pipeline is sampled with
 CALLS = {"sana": (32, {}), "sana-sprint": (32, {}), "mochi": (32, {"num_frames": 7, "max_sequence_length": 16}),
          "allegro": (32, {"num_frames": 5, "max_sequence_length": 16}), "skyreels-v2": (16, {"num_frames": 3}),
-         "easyanimate": (32, {"num_frames": 5})}
+         "easyanimate": (32, {"num_frames": 5}), "hunyuanvideo": (32, {"num_frames": 5, "max_sequence_length": 16})}

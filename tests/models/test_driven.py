@@ -96,7 +96,8 @@ def test_driven_adapter_refuses_single_step_probes(auraflow):
 
 #: tiny pipelines of families without an adapter (``tests/tiny_driven_pipelines.py``), sampled guided in their
 #: own ``__call__``
-FAMILIES = ["qwenimage", "sana", "sana-sprint", "lumina2", "cogview4", "hunyuandit", "mochi", "allegro", "easyanimate"]
+FAMILIES = ["qwenimage", "sana", "sana-sprint", "lumina2", "cogview4", "hunyuandit", "mochi", "allegro", "easyanimate",
+            "hunyuanvideo"]
 HAS_FTFY = importlib.util.find_spec("ftfy") is not None  # SkyReels-V2's pipeline calls it unguarded
 if HAS_FTFY:
     FAMILIES.append("skyreels-v2")
