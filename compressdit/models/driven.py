@@ -18,7 +18,8 @@ precision, per-step trajectory metrics, distillation): those still raise the gen
 ``size`` (pixels, square) overrides the pipeline's default resolution (and turns resolution binning off, so it is
 the size sampled) and ``call`` adds keyword arguments of the pipeline's ``__call__`` (``calibrate: {size: 512,
 call: {num_frames: 49, max_sequence_length: 64}}``). A stock ``__call__`` that refuses them (``ValueError`` /
-``TypeError``) is one line naming them.
+``TypeError``) is one line naming them; a pipeline that misses an optional package (SkyReels-V2: ``ftfy``; OmniGen:
+``torchvision``; Cosmos: ``cosmos_guardrail``) is one line naming it.
 """
 
 from __future__ import annotations
