@@ -8,8 +8,6 @@ to call it: 64 px or less, and the ``call`` keywords its tiny size needs.
 
 from __future__ import annotations
 
-import torch
-
 from tests.tiny_pipelines import T5_WIDTH, _seeded, t5, tokenizer, vae
 
 VOCAB = 30522  # the BERT WordPiece tokenizer's
@@ -30,7 +28,7 @@ def qwenimage_pipeline(seed: int = 0):
         latents_mean=[0.0] * 16, latents_std=[1.0] * 16), 3)
     config = Qwen2_5_VLConfig(
         text_config={"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "num_key_value_heads": 2, "vocab_size": VOCAB,
+                     "num_key_value_heads": 2, "vocab_size": VOCAB, "bos_token_id": 101, "eos_token_id": 102,
                      "rope_scaling": {"mrope_section": [4, 6, 6], "rope_type": "default", "type": "default"}},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 64},
         hidden_size=64, vocab_size=VOCAB, vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 2,

@@ -50,13 +50,12 @@ def clip(seed: int = 2, projection: bool = False, positions: int = 77):
     return _seeded(lambda: (CLIPTextModelWithProjection if projection else CLIPTextModel)(config), seed)
 
 
-def vae(seed: int = 3, shift_factor: float | None = None, channels: int = 4, blocks: int = 4):
-    """An image VAE that shrinks ``2 ** (blocks - 1)`` times (8x by default)."""
+def vae(seed: int = 3, shift_factor: float | None = None, channels: int = 4):
     from diffusers import AutoencoderKL
 
     return _seeded(lambda: AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=(8,) * blocks, layers_per_block=1,
-        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         sample_size=IMAGE_SIZE, shift_factor=shift_factor), seed)
 
 

@@ -67,7 +67,8 @@ def guidance_call(pipeline_class: type) -> GuidanceCall:
 
 
 def prepare(pipe) -> None:
-    """Call the :data:`PREPARE` methods of ``pipe``'s class on it (``vae.enable_tiling``: ``pipe.vae.enable_tiling()``)."""
+    """Call the :data:`PREPARE` methods of ``pipe``'s class on it (``"vae.enable_tiling"`` calls
+    ``pipe.vae.enable_tiling()``)."""
     for path in _entry(PREPARE, type(pipe), ()):
         target = pipe
         for name in path.split("."):
