@@ -41,11 +41,11 @@ def t5(seed: int = 1, width: int = T5_WIDTH, umt5: bool = False):
     return _seeded(lambda: model_class(config), seed)
 
 
-def clip(seed: int = 2, projection: bool = False):
+def clip(seed: int = 2, projection: bool = False, positions: int = 77):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(vocab_size=30522, hidden_size=CLIP_WIDTH, intermediate_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=CLIP_WIDTH,
+                            num_attention_heads=2, max_position_embeddings=positions, projection_dim=CLIP_WIDTH,
                             pad_token_id=0, bos_token_id=101, eos_token_id=102)  # BERT [CLS] / [SEP]
     return _seeded(lambda: (CLIPTextModelWithProjection if projection else CLIPTextModel)(config), seed)
 
@@ -200,5 +200,8 @@ BUILDERS = {"pixart": pixart_pipeline, "sd3": sd3_pipeline, "flux": flux_pipelin
 
 
 def save_pipeline(family: str, path: Path) -> Path:
-    BUILDERS[family]().save_pretrained(path)
+    """Save the tiny pipeline of ``family`` (one of :data:`BUILDERS` or of ``tests.tiny_driven_pipelines``)."""
+    from tests.tiny_driven_pipelines import BUILDERS as DRIVEN
+
+    (BUILDERS.get(family) or DRIVEN[family])().save_pretrained(path)
     return Path(path)

@@ -5,7 +5,9 @@ A :class:`~compressdit.models.generic.GenericAdapter` knows a model's layers but
 When the source is a pipeline folder (Sana, Lumina2, AuraFlow, Chroma, HunyuanDiT, CogView4, Qwen-Image, LTX, ...),
 :class:`DrivenAdapter` lets that pipeline sample: ``pipeline(prompts, num_inference_steps=..., guidance_scale=...,
 generator=[one per sample], output_type="latent")`` with the transformer being compressed in the ``transformer``
-slot, so its text encoders, schedulers and guidance are exactly the stock ones. A forward pre-hook on the
+slot, so its text encoders, schedulers and guidance are exactly the stock ones (a pipeline that takes guidance
+another way, Qwen-Image's ``true_cfg_scale`` with a negative prompt, gets it that way:
+:mod:`compressdit.models.pipeline_calls`). A forward pre-hook on the
 transformer (a context manager) reads the ``timestep`` each call gets: a new value starts a new denoising step, so
 pipelines that run the conditional and unconditional halves as two calls count once per step, like the adapters'
 batched guidance. Statistics hooks on the layers (calibration, GPTQ Hessians, LRQ, AdaRound) then see the stock
@@ -13,8 +15,11 @@ trajectory. Seeds are per sample (``seed + i``), so a sample never depends on th
 
 What it cannot do: anything that calls the transformer outside the pipeline's loop (single-step probes of mixed
 precision, per-step trajectory metrics, distillation): those still raise the generic adapter's one-line error.
-``size`` (pixels, square) overrides the pipeline's default resolution and ``call`` adds keyword arguments of the
-pipeline's ``__call__`` (``calibrate: {size: 512, call: {num_frames: 49, use_resolution_binning: false}}``).
+``size`` (pixels, square) overrides the pipeline's default resolution (and turns resolution binning off, so it is
+the size sampled) and ``call`` adds keyword arguments of the pipeline's ``__call__`` (``calibrate: {size: 512,
+call: {num_frames: 49, max_sequence_length: 64}}``). A stock ``__call__`` that refuses them (``ValueError`` /
+``TypeError``) is one line naming them; a pipeline that misses an optional package (SkyReels-V2: ``ftfy``; OmniGen:
+``torchvision``; Cosmos: ``cosmos_guardrail``) is one line naming it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import nn
 
 from compressdit.errors import ConfigError, UnsupportedModelError
 from compressdit.models.generic import GenericAdapter
+from compressdit.models.pipeline_calls import call_parameters, guidance_call, missing_package, prepare, size_options
 
 StepCallback = Callable[[int, torch.Tensor, None, None], None]
 RESERVED = ("prompt", "generator", "num_inference_steps", "output_type")  # compressdit passes these itself
@@ -49,27 +55,38 @@ def timestep_of(model: nn.Module, args: tuple, kwargs: dict) -> float:
     return float(torch.as_tensor(value).flatten()[0])
 
 
+class StepCounter:
+    """Denoising steps of a pipeline's transformer calls: a step is a run of calls with one ``timestep`` value
+    (pipelines that run the conditional and unconditional halves as two calls count once per step).
+    ``step`` / ``t``: the step of the call being made (``-1`` / ``None`` before the first);
+    ``on_step(i, t, None, None)`` runs after step ``i`` (before step ``i + 1``'s first call, and from
+    :meth:`close` for the last step)."""
+
+    def __init__(self, on_step: StepCallback | None = None) -> None:
+        self.step, self.t, self.on_step = -1, None, on_step
+
+    def see(self, t: float) -> None:
+        if t != self.t:
+            self.close()
+            self.step, self.t = self.step + 1, t
+
+    def close(self) -> None:
+        if self.t is not None and self.on_step is not None:
+            self.on_step(self.step, torch.tensor(self.t), None, None)
+
+
 @contextlib.contextmanager
-def denoising_steps(model: nn.Module, on_step: StepCallback | None) -> Iterator[None]:
-    """Call ``on_step(i, t, None, None)`` after denoising step ``i`` (before step ``i + 1``'s first transformer
-    call, and on leaving for the last step), where a step is a run of calls with one ``timestep`` value."""
-    state = {"step": 0, "t": None}
-
-    def before(module, args, kwargs):
-        t = timestep_of(module, args, kwargs)
-        if state["t"] is not None and t != state["t"]:
-            if on_step is not None:
-                on_step(state["step"], torch.tensor(state["t"]), None, None)
-            state["step"] += 1
-        state["t"] = t
-
-    handle = model.register_forward_pre_hook(before, with_kwargs=True)
+def denoising_steps(model: nn.Module, on_step: StepCallback | None = None) -> Iterator[StepCounter]:
+    """A :class:`StepCounter` of ``model``'s calls while inside (a forward pre-hook, so a forward hook of the
+    caller's reads the step of the call it sees); the last step's ``on_step`` runs on leaving."""
+    counter = StepCounter(on_step)
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: counter.see(timestep_of(m, args, kwargs)),
+                                             with_kwargs=True)
     try:
-        yield
+        yield counter
     finally:
         handle.remove()
-    if state["t"] is not None and on_step is not None:
-        on_step(state["step"], torch.tensor(state["t"]), None, None)
+    counter.close()
 
 
 @contextlib.contextmanager
@@ -133,8 +150,16 @@ class DrivenAdapter(GenericAdapter):
         param = next(model.parameters())
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         if self._pipeline is None:
-            with _quiet_loading():
-                self._pipeline = DiffusionPipeline.from_pretrained(self.folder, transformer=model, dtype=dtype)
+            try:
+                with _quiet_loading():
+                    self._pipeline = DiffusionPipeline.from_pretrained(self.folder, transformer=model, dtype=dtype)
+            except NameError as exc:  # a pipeline module whose optional import failed
+                raise UnsupportedModelError(f"loading the stock pipeline of {self.folder} failed ({exc}): "
+                                            f"{missing_package(exc)}") from None
+            except ImportError as exc:
+                raise UnsupportedModelError(f"loading the stock pipeline of {self.folder} failed: "
+                                            f"{' '.join(str(exc).split())}") from None
+            prepare(self._pipeline)
             self._pipeline.set_progress_bar_config(disable=True)
         pipe = self._pipeline
         if pipe.transformer is not model:
@@ -142,20 +167,39 @@ class DrivenAdapter(GenericAdapter):
             pipe.set_progress_bar_config(disable=True)
         return pipe.to(param.device)
 
-    def _call_options(self, pipe, steps: int, guidance: float, output_type: str) -> dict:
-        parameters = inspect.signature(type(pipe).__call__).parameters
+    def _call_options(self, pipe, steps: int, output_type: str) -> dict:
+        """The keywords of every call but the guidance ones (:meth:`drive` adds those per chunk of prompts)."""
+        parameters = call_parameters(type(pipe))
         options = {"num_inference_steps": steps, "output_type": output_type}
-        if "guidance_scale" in parameters:
-            options["guidance_scale"] = guidance
         if self.size is not None:
             if not {"height", "width"} <= set(parameters):
                 raise ConfigError(f"size: {type(pipe).__name__}.__call__ takes no height / width")
-            options["height"] = options["width"] = self.size
+            options.update(size_options(type(pipe), self.size))
         for key in self.call:
             if key in RESERVED or key not in parameters:
                 raise ConfigError(f"call: {key!r} is not a keyword compressdit can pass to {type(pipe).__name__}"
                                   f".__call__ (it takes {', '.join(k for k in parameters if k not in RESERVED + ('self',))})")
         return {**options, **self.call}
+
+    def _guidance_options(self, pipe, guidance: float, prompts: int) -> dict:
+        convention = guidance_call(type(pipe))
+        if convention.scale not in call_parameters(type(pipe)):
+            return {}  # a pipeline without guidance (distilled, one-step)
+        return {k: v for k, v in convention.options(guidance, prompts).items() if k not in self.call}
+
+    @contextlib.contextmanager
+    def _failures(self, pipe) -> Iterator[None]:
+        """A stock ``__call__`` that fails on the keywords compressdit passed: one line naming them and the fix."""
+        try:
+            yield
+        except NameError as exc:  # a pipeline module whose optional import failed
+            raise UnsupportedModelError(f"the stock {type(pipe).__name__}.__call__ failed ({exc}): "
+                                        f"{missing_package(exc)}") from None
+        except (ValueError, TypeError) as exc:  # what pipelines raise on arguments they refuse
+            reason = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"the stock {type(pipe).__name__}.__call__ failed with size {self.size or 'default'}"
+                              f"{f' and call {self.call}' if self.call else ''}: {reason}; set calibrate/evaluate "
+                              "size or call (keywords of that __call__) to values it takes") from exc
 
     @torch.no_grad()
     def drive(self, model: nn.Module, prompts: list[str], steps: int, guidance: float, seed: int,
@@ -166,13 +210,14 @@ class DrivenAdapter(GenericAdapter):
             raise ConfigError(f"{self.model_class_name}: a pipeline sampled through its own __call__ takes prompts "
                               "(a calibration set with a `prompt` column), not class ids or embeddings")
         pipe = self.pipeline(model)
-        options = self._call_options(pipe, steps, guidance, output_type)
+        options = self._call_options(pipe, steps, output_type)
         outputs = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-            with denoising_steps(model, on_step):
-                result = pipe(prompt=chunk, generator=generators, **options)
+            with denoising_steps(model, on_step), self._failures(pipe):
+                result = pipe(prompt=chunk, generator=generators, **options,
+                              **self._guidance_options(pipe, guidance, len(chunk)))
             latents = getattr(result, "images", None)
             if latents is None:
                 latents = getattr(result, "frames", None)

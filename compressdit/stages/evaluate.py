@@ -97,7 +97,7 @@ def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateCon
                           reference.scheduler or adapter.scheduler(reference.transformer), config.settings(), quiet,
                           cache_dir, reference.prompt_encoder)
     report["title"] = title
-    report["notes"] = list(notes or []) + [f"evaluation took {time.perf_counter() - started:.1f} s on "
+    report["notes"] = list(notes or []) + report.get("notes", []) + [f"evaluation took {time.perf_counter() - started:.1f} s on "
                                            f"{'CUDA' if next(candidate.model.parameters()).is_cuda else 'CPU'}"]
     report["tables"] = list(tables or [])
     report["extra_figures"] = dict(figures or {})

@@ -140,3 +140,81 @@ def test_evaluate_command_on_a_driven_pipeline(text_pipeline_dir, tmp_path):
     assert metrics["PSNR vs reference (same seeds)"]["candidate"] > 20
     result = run_main("evaluate", tmp_path / "out", "--reference", "zoo:dit-fmnist", "--samples", 2, "--size", 64)
     assert_one_line_error(result, "evaluate.size", "DiTTransformer2DModel")
+
+
+def _family_recipe(tmp_path: Path, family: str, name: str, evaluate: bool = False) -> Path:
+    """``_recipe`` at the family's tiny size and ``call`` keywords, evaluating 2 samples of 2 steps; int4 groups of
+    32 (the tiny widths)."""
+    from tests.tiny_driven_pipelines import CALLS
+
+    size, call = CALLS.get(family, (64, {}))
+    recipe = yaml.safe_load(_recipe(tmp_path, evaluate=evaluate, size=size, name=name).read_text())
+    for stage in recipe["stages"]:
+        for key in ("calibrate", "evaluate"):
+            if key in stage and call:
+                stage[key]["call"] = call
+        if "evaluate" in stage:
+            stage["evaluate"].update(samples=2, steps=2)
+        for rule in stage.get("quantize", {}).get("rules", []):
+            if (rule["spec"] or {}).get("group_size"):
+                rule["spec"]["group_size"] = 32
+    path = tmp_path / f"{family}-{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _family_latents(folder: Path, family: str) -> torch.Tensor:
+    """Latents of the stock pipeline reloaded from ``folder``, called as a user of that family calls it."""
+    import compressdit  # noqa: F401  (registers the quantizer backend, as a user's import does)
+    from diffusers import DiffusionPipeline
+
+    from compressdit.models.pipeline_calls import guidance_call, size_options
+    from tests.tiny_driven_pipelines import CALLS
+
+    size, call = CALLS.get(family, (64, {}))
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    result = pipe(["a red fox", "a grey cat"], num_inference_steps=2, output_type="latent",
+                  generator=[torch.Generator().manual_seed(i) for i in range(2)], **size_options(type(pipe), size),
+                  **call, **guidance_call(type(pipe)).options(4.0, 2))
+    return result.frames if hasattr(result, "frames") else result.images
+
+
+@pytest.mark.parametrize("family", ["qwenimage", "sana", "hunyuandit", "mochi"])
+def test_gptq_on_family_pipelines_reloads_in_stock_diffusers(family, text_pipeline_dir, tmp_path):
+    """Qwen-Image (true CFG), Sana (resolution binning, DC-AE), HunyuanDiT (positional timestep), Mochi (video):
+    GPTQ calibrated through each pipeline's own ``__call__``, saved, reloaded by stock diffusers, close to float."""
+    folder = text_pipeline_dir(family)
+    result = run_main("quantize", folder, "--recipe", _family_recipe(tmp_path, family, "gptq-w4a16"), "--no-eval",
+                      "--out", tmp_path / "out", "--quiet")
+    assert result.code == 0, result.stderr[-3000:]
+    reference, quantized = _family_latents(folder, family), _family_latents(tmp_path / "out", family)
+    error = ((quantized - reference).norm() / reference.norm()).item()
+    assert torch.isfinite(quantized).all() and 0 < error < 0.2
+
+
+def test_the_report_of_qwen_image(text_pipeline_dir, tmp_path):
+    """W8A8 with its report on Qwen-Image: every column guided by true CFG (two transformer calls a step, both
+    replayed for the per-step error)."""
+    result = run_main("quantize", text_pipeline_dir("qwenimage"), "--recipe",
+                      _family_recipe(tmp_path, "qwenimage", "w8a8", evaluate=True), "--out", tmp_path / "out",
+                      "--quiet")
+    assert result.code == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
+    psnr = {m["name"]: m["values"] for m in report["metrics"]}["PSNR vs reference (same seeds)"]
+    assert 20 < psnr["candidate"] < 200 and psnr["baseline"] > 20
+    errors = report["per_timestep_error"]
+    assert len(errors["timesteps"]) == 2 and all(0 < e < 0.1 for e in errors["series"]["candidate"])
+
+
+def test_a_report_whose_reference_decodes_constant_images(text_pipeline_dir, tmp_path):
+    """Allegro's VAE decodes only tiles of 24 frames and its sample size: below that its frames are constant, so
+    the report leaves the image metrics out with a note and keeps the transformer-output ones."""
+    result = run_main("quantize", text_pipeline_dir("allegro"), "--recipe",
+                      _family_recipe(tmp_path, "allegro", "w8a8", evaluate=True), "--out", tmp_path / "out", "--quiet")
+    assert result.code == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
+    psnr = {m["name"]: m["values"] for m in report["metrics"]}["PSNR vs reference (same seeds)"]
+    assert set(psnr.values()) == {None}
+    assert any("AllegroPipeline decoded constant images" in note for note in report["notes"])
+    assert all(0 < e < 0.1 for e in report["per_timestep_error"]["series"]["candidate"])
