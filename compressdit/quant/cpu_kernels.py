@@ -37,8 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from compressdit.quant.gpu_reference import (INT4_PACKED_MAX_ROWS, dequantize_nibbles, int4_uses_packed_gemm,
-                                             pack_nibbles)
+from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS, dequantize_nibbles, int4_uses_packed_gemm
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import quantize_layer_input
@@ -279,7 +278,7 @@ def _int4_prepack(layer) -> dict:
     scale, zero = (t.repeat_interleave(repeat, dim=1) if repeat != 1 else t for t in (scale, zero))
     return {"packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1),
             "scales_zeros": torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous(),
-            "nibbles": pack_nibbles(layer.codes()),
+            "nibbles": layer.offset_nibbles(),  # the stored weight at 4 bits
             "scale": scale.to(torch.bfloat16).contiguous(),
             "zero": None if layer.weight_zero is None else zero.to(torch.bfloat16).contiguous(),
             "group": group, "bias": None if layer.bias is None else layer.bias.detach().float()}

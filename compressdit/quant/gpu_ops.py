@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from compressdit.quant.gpu_reference import (FP8_MAX, dequantize_nibbles, fp8_linear_reference,
                                              int4_linear_reference, int4_uses_packed_gemm, int8_linear_reference,
-                                             pack_int4, pack_nibbles, quantize_rows_reference,
+                                             pack_int4, quantize_rows_reference,
                                              tinygemm_scales_and_zeros)
 from compressdit.quant.op_library import define_op
 from compressdit.quant.spec import LinearQuantSpec
@@ -367,7 +367,7 @@ def _int4_kernel(group_size: int) -> GpuKernel:
     def prepare(layer):
         scale, zero = layer.weight_scale, layer.weight_zero
         codes = layer.codes()
-        return {"packed": pack_int4(codes, layer.weight.device), "nibbles": pack_nibbles(codes),
+        return {"packed": pack_int4(codes, layer.weight.device), "nibbles": layer.offset_nibbles(),
                 "scales_and_zeros": tinygemm_scales_and_zeros(scale, zero, group_size, layer.in_features)}
 
     return GpuKernel("int4-tinygemm", prepare, lambda x, p, bias: int4_linear(x, p["packed"], p["scales_and_zeros"],

@@ -14,6 +14,7 @@ from torch import nn
 
 from compressdit.quant.kernel_registry import cache_of, kernel_cache, kernel_name_of, run_cached
 from compressdit.quant.activations import quantize_input
+from compressdit.quant.gpu_reference import pack_nibbles
 from compressdit.quant.low_rank import low_rank_split
 from compressdit.quant.primitives import (dequantize_weight, pack_codes, packed_shape, quantize_weight_rtn,
                                           unpack_codes)
@@ -312,6 +313,14 @@ class QuantLinear(QuantizedLinear):
 
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.weight.data, self.spec.w_bits, self.in_features)
+
+    def offset_nibbles(self) -> torch.Tensor:
+        """The codes + 8, two per byte, even column in the low nibble (the layout the int4 kernels' dequantize path
+        reads, :func:`~compressdit.quant.gpu_reference.pack_nibbles`): at 4 bits the stored weight itself (its
+        packing is that layout: no copy), at 2-3 bits a packed copy."""
+        if self.spec.w_bits == 4:
+            return self.weight.data
+        return pack_nibbles(self.codes())
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.weight_scale, self.weight_zero, dtype)
