@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.activations import activation_grid, quantize_input
-from compressdit.quant.cpu_native import (bf16_to_float, fake_quantize_e4m3_rows, fake_quantize_grid,
-                                          fake_quantize_rows_int8, float_to_bf16)
+from compressdit.quant.cpu_native import (E4M3_MAX, bf16_scale, bf16_to_float, fake_quantize_e4m3_rows,
+                                          fake_quantize_grid, fake_quantize_rows_int8, float_to_bf16,
+                                          quantize_e4m3_bf16, round_to_e4m3)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
 from compressdit.quant.primitives import int_range
@@ -119,6 +120,12 @@ def _dense_applies(bf16: bool):
 def dense_kernel_name() -> str:
     """The kernel small layers of ``cpu-int4-weight``'s specs run on this machine."""
     return "cpu-int-dense-bf16" if bf16_gemm_pays() else "cpu-int-dense-fp32"
+
+
+def fp8_kernel_name(a_bits: int | None) -> str:
+    """The kernel FP8 layers run on this machine: ``cpu-fp8-bf16`` for W8A8 where bf16 GEMMs pay, else
+    ``cpu-fp8-dense``."""
+    return "cpu-fp8-bf16" if a_bits == 8 and bf16_gemm_pays() else "cpu-fp8-dense"
 
 
 def _folds(layer) -> bool:
@@ -218,6 +225,30 @@ def _e4m3_rows(layer, x: torch.Tensor) -> torch.Tensor:
     return fake_quantize_e4m3_rows(x) if layer.spec.a_bits == 8 else x
 
 
+def _fp8_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    return _fp8_dense_applies(spec, device, shape) and spec.a_bits == 8 and bf16_gemm_pays()
+
+
+def _fp8_bf16_prepack(layer) -> dict:
+    return {"codes": layer.weight.data.to(torch.bfloat16).contiguous(),  # E4M3 values: exact in bf16
+            "scale": layer.weight_scale.detach().float().reshape(-1).contiguous(),
+            "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
+
+
+def _fp8_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    """E4M3 activation codes x E4M3 weight codes in a bf16 GEMM (products exact, fp32 sums, the output rounded to
+    bf16), then the per-token and per-channel scales and the bias in fp32: ``torch._scaled_mm``'s computation."""
+    x2 = _contiguous_fp32(x.reshape(-1, x.shape[-1]))
+    quantized = quantize_e4m3_bf16(x2)
+    if quantized is None:  # no C library, or under torch.compile: the same numbers in PyTorch ops
+        row_scale = x2.abs().amax(-1).clamp_min_(1e-8).div_(E4M3_MAX)
+        codes = round_to_e4m3((x2 / row_scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX)).to(torch.bfloat16)
+    else:
+        codes, row_scale = quantized
+    out = bf16_scale(F.linear(codes, b["codes"]), row_scale, b["scale"], b["bias"])
+    return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
 def _twinlog_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     return device.type == "cpu" and spec.format == "twinlog" and _small(shape)
 
@@ -236,6 +267,11 @@ KERNELS.add("cpu-fp8-dense", Kernel(
     _fp32_gemm(_e4m3_rows, any_rank=True), priority=10,
     description="E4M3 weight decoded once into a dense fp32 weight (4 bytes per weight of RAM), per-token E4M3 "
                 "activations as the reference, fp32 GEMM"))
+KERNELS.add("cpu-fp8-bf16", Kernel(
+    _fp8_bf16_applies, _fp8_bf16_prepack, _fp8_bf16_linear, priority=11,
+    description="W8A8 FP8 where bf16 GEMMs pay (AMX-BF16, or AVX512-BF16 at one thread): E4M3 weight codes in bf16 "
+                "(2 bytes per weight of RAM), per-token E4M3 activation codes in one C pass, bf16 GEMM, row and "
+                "channel scales and bias in fp32 in one C pass"))
 KERNELS.add("cpu-twinlog-dense", Kernel(
     _twinlog_dense_applies, _decoded_fp32_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
     _fp32_gemm(quantize_layer_input), priority=10,  # on the rotated input

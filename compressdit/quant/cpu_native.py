@@ -48,6 +48,8 @@ _SIGNATURES = {
     "compressdit_dequantize_groups": ([_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _I64, _PTR, _I32], None),
     "compressdit_float_to_bf16": ([_PTR, _I64, _PTR, _I32], None),
     "compressdit_bf16_to_float": ([_PTR, _PTR, _I64, _I64, _PTR, _I32], None),
+    "compressdit_quantize_e4m3_bf16": ([_PTR, _I64, _I64, _PTR, _PTR, _I32], None),
+    "compressdit_bf16_scale": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], None),
     "compressdit_fake_quantize_grid": ([_PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _PTR, _I32],
                                        None),
 }
@@ -295,4 +297,30 @@ def fake_quantize_grid(x: torch.Tensor, group: int, rule: int, top: float, manti
     out = torch.empty_like(x)
     lib.compressdit_fake_quantize_grid(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], group, rule, top,
                                        mantissa, min_exp, out.data_ptr(), threads_for(x.numel()))
+    return out
+
+
+def quantize_e4m3_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-token E4M3 codes of an fp32 ``x`` ``[rows, cols]`` as bf16 (exact) and the fp32 row scales ``[rows]``:
+    :func:`fake_quantize_e4m3_rows` is ``codes * scale``. ``None`` without the library."""
+    lib = _lib_for(x)
+    if lib is None or x.dim() != 2:
+        return None
+    codes, scale = torch.empty(x.shape, dtype=torch.bfloat16), torch.empty(x.shape[0], dtype=torch.float32)
+    lib.compressdit_quantize_e4m3_bf16(x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), scale.data_ptr(),
+                                       threads_for(x.numel()))
+    return codes, scale
+
+
+def bf16_scale(y: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """``y.float() * row_scale[:, None] * col_scale (+ bias)`` for a 2-D bf16 ``y`` in one pass (PyTorch without the
+    library: the same operations in the same order)."""
+    lib = _lib_for(row_scale, col_scale, bias)
+    if lib is None or y.dtype is not torch.bfloat16 or not y.is_contiguous() or y.dim() != 2:
+        out = y.float().mul_(row_scale[:, None]).mul_(col_scale)
+        return out if bias is None else out.add_(bias)
+    out = torch.empty(y.shape, dtype=torch.float32)
+    lib.compressdit_bf16_scale(y.data_ptr(), row_scale.data_ptr(), col_scale.data_ptr(), _ptr(bias), y.shape[0],
+                               y.shape[1], out.data_ptr(), threads_for(y.numel()))
     return out

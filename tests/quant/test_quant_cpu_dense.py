@@ -119,3 +119,31 @@ def test_low_bit_layers_decode_once_and_match_the_reference(name):
     from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT
 
     assert _decoded_layer(name, out_features=DENSE_MAX_WEIGHT // 128 + 16).kernel_name == "reference"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_bf16_kernel_is_the_scaled_codes_gemm_within_bf16_rounding(dtype):
+    """``cpu-fp8-bf16`` (chosen where bf16 GEMMs pay): E4M3 codes of activations and weights in a bf16 GEMM, scales
+    after; within bf16 output rounding of the fp32 reference, a small share of the FP8 error itself. Its activation
+    codes times their scales are the reference's fake-quantized activations bit for bit."""
+    from compressdit.quant.cpu_native import fake_quantize_e4m3_rows, native_library, quantize_e4m3_bf16
+    from compressdit.quant.fp8_layer import FP8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 48)
+    layer = FP8Linear.from_linear(linear, LinearQuantSpec(format="fp8", w_bits=8, a_bits=8))
+    assert layer.kernel_name == ("cpu-fp8-bf16" if bf16_gemm_pays() else "cpu-fp8-dense")
+    layer.to(dtype)
+    set_kernel(layer, "cpu-fp8-bf16")
+    x = (torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)).to(dtype)
+    with torch.no_grad():
+        out, reference, exact = layer(x), layer.reference_forward(x), linear(x.float())
+    assert out.dtype == dtype and out.shape == reference.shape
+    assert _error(out, reference) <= (6e-3 if dtype == torch.float32 else 1.2e-2)
+    assert _error(out, reference) <= 0.2 * _error(reference, exact)
+    rows = x.float().reshape(-1, 128)
+    quantized = quantize_e4m3_bf16(rows)
+    assert (quantized is None) == (native_library() is None)
+    if quantized is not None:
+        codes, scale = quantized
+        assert torch.equal(codes.float() * scale[:, None], fake_quantize_e4m3_rows(rows))

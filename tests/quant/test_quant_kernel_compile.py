@@ -37,19 +37,26 @@ def test_compiled_w8a8_and_w4a16_dit_has_no_graph_break_in_quantized_layers_and_
 
 @pytest.mark.slow
 def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
-    """Big W8A8 (oneDNN's prepacked weight), small W8A8 (torch._int_mm), dense bf16 W4, grouped W4A8, FP8."""
+    """Big W8A8 (oneDNN's prepacked weight), small W8A8 (torch._int_mm), dense bf16 W4, grouped W4A8, FP8, NVFP4
+    (decoded weight, fused activation pass: PyTorch ops under compilation, the same numbers)."""
+    from compressdit.quant.cpu_dense import fp8_kernel_name
+    from compressdit.quant.formats import FORMATS
     from compressdit.quant.fp8_layer import FP8Linear
     from compressdit.quant.layers import QuantLinear
 
+    NVFP4 = LinearQuantSpec.from_dict(dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4",
+                                           a_granularity="per_group"), "spec")
+    FORMATS.get("nvfp4").validate_spec(NVFP4, "spec")
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         QuantLinear.from_linear(torch.nn.Linear(256, 1040), LinearQuantSpec(w_bits=8, a_bits=8)),
         QuantLinear.from_linear(torch.nn.Linear(1040, 64), LinearQuantSpec(w_bits=8, a_bits=8)),
         QuantLinear.from_linear(torch.nn.Linear(64, 64), LinearQuantSpec(w_bits=4, group_size=32)),
         QuantLinear.from_linear(torch.nn.Linear(64, 64), LinearQuantSpec(w_bits=4, a_bits=8, group_size=32)),
-        FP8Linear.from_linear(torch.nn.Linear(64, 32), LinearQuantSpec(format="fp8", w_bits=8, a_bits=8)))
+        FP8Linear.from_linear(torch.nn.Linear(64, 32), LinearQuantSpec(format="fp8", w_bits=8, a_bits=8)),
+        FORMATS.get("nvfp4").quantize(torch.nn.Linear(32, 16), NVFP4, None))
     assert list(prepack_model(model).values()) == ["cpu-int8-gemm", "cpu-int8-gemm", dense_kernel_name(),
-                                                   "cpu-int8-group-gemm", "cpu-fp8-dense"]
+                                                   "cpu-int8-group-gemm", fp8_kernel_name(8), "cpu-decoded-dense"]
     torch._dynamo.reset()
     with torch.no_grad():
         for rows in (1, 7):

@@ -121,3 +121,40 @@ void compressdit_fake_quantize_grid(const float *x, int64_t rows, int64_t cols, 
         }
     });
 }
+
+/* Per-token E4M3 activations as codes for a bf16 GEMM: per row s = max(amax |x|, 1e-8) / 448 into scale[row], and
+ * codes = e4m3(clamp(x / s, -448, 448)) as bf16 (exact: an E4M3 value has 4 significant bits), the rounding of
+ * compressdit_fake_quantize_grid's rule 0 on E4M3's grid before its multiplication by s. */
+void compressdit_quantize_e4m3_bf16(const float *x, int64_t rows, int64_t cols, uint16_t *codes, float *scale,
+                                    int32_t threads) {
+    FOR_ROWS(i, rows, {
+        const float *r = x + i * cols;
+        uint16_t *c = codes + i * cols;
+        const float amax = bits_float(absmax_bits(r, cols));
+        const float s = (amax > 1e-8f || amax != amax ? amax : 1e-8f) / 448.0f;
+        scale[i] = s;
+        for (int64_t j = 0; j < cols; ++j) {
+            const float q = r[j] / s;
+            const float a = __builtin_fabsf(q);
+            float g = round_grid(a > 448.0f ? 448.0f : a, 3, -6);
+            g = g > 448.0f ? 448.0f : g;
+            c[j] = (uint16_t)(float_bits(__builtin_copysignf(g, q)) >> 16);
+        }
+    });
+}
+
+/* out[i, j] = float(y[i, j]) * row_scale[i] * col_scale[j] (+ bias[j]): a bf16 GEMM of codes back to fp32 with its
+ * per-token and per-channel scales and its bias, in that order. */
+void compressdit_bf16_scale(const uint16_t *restrict y, const float *restrict row_scale, const float *restrict col_scale,
+                            const float *restrict bias, int64_t rows, int64_t cols, float *restrict out,
+                            int32_t threads) {
+    FOR_ROWS(i, rows, {
+        const uint16_t *r = y + i * cols;
+        float *o = out + i * cols;
+        const float s = row_scale[i];
+        if (bias)
+            for (int64_t j = 0; j < cols; ++j) o[j] = bits_float((uint32_t)r[j] << 16) * s * col_scale[j] + bias[j];
+        else
+            for (int64_t j = 0; j < cols; ++j) o[j] = bits_float((uint32_t)r[j] << 16) * s * col_scale[j];
+    });
+}
