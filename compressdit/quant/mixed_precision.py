@@ -215,9 +215,6 @@ def mixed_precision_plan(model: nn.Module, plan: dict[str, LinearQuantSpec | Non
         stored = {name: (stored_bits(model.get_submodule(name), spec),
                          stored_bits(model.get_submodule(name), dataclasses.replace(spec, w_bits=config.high_bits)))
                   for name, spec in active.items()}
-        params = {name: model.get_submodule(name).weight.numel() for name in active}
-        check_base_fits(sum(stored[n][0] * params[n] for n in active) / sum(params.values()), low,
-                        config.avg_weight_bits)
     sensitivities = measure_sensitivity(model, active, ctx, config)
     bits = allocate_bits(sensitivities, low, config.high_bits, config.avg_weight_bits, stored)
     out = dict(plan)
