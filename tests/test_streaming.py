@@ -159,7 +159,7 @@ def test_a_balancing_recipe_without_calibrate_stage_is_refused(flux_dir, tmp_pat
         run_recipe(recipe, str(flux_dir), tmp_path / "out", quiet=True, stream=True)
 
 
-@pytest.mark.parametrize("family,recipe", [("flux", "w8a8"), ("dit", "w4a16")])
+@pytest.mark.parametrize("family,recipe", [("flux", "w8a8"), ("dit", "w8a8")])
 def test_streamed_calibrated_checkpoint_equals_in_memory_one(family, recipe, text_pipeline_dir, dit_pipeline_dir,
                                                              tmp_path):
     """ViDiT-Q with channel balancing from a calibration run on the skeleton, blocks read one at a time; FLUX's

@@ -7,7 +7,9 @@ whose round-to-nearest weight gives the lowest layer-output error over the calib
 ``E||X (W - W_q)^T||^2 / E||X W^T||^2 = tr(dW H dW^T) / tr(W H W^T)`` with ``H = 2 X^T X / n`` (exact, no
 sampling of rows). The chosen formats are recorded per module in the checkpoint manifest. Layers then round as
 their spec says (``rounding: adaround``: block-output reconstruction over the calibration timesteps with this
-config's ``adaround`` settings). Activations are the spec's (dynamic per-token E4M3 at A8, E3M2 at A6).
+config's ``adaround`` settings). Activations are the spec's (dynamic per-token E4M3 at A8, E3M2 at A6, the paper's);
+with several ``a_formats`` (e.g. ``[e3m2, e2m3]`` at A6) each layer's activation format is chosen the same way,
+by its measured layer-output error over the calibration inputs (:mod:`compressdit.quant.activation_choice`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from compressdit.calibration.hessian import hessian_chunks
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.progress import progress_bar
+from compressdit.quant.activation_choice import choose_activation_formats, validate_activation_candidates
 from compressdit.quant.adaround import AdaRoundSettings
 from compressdit.quant.adaround_calibration import reconstructed_layers
 from compressdit.quant.context import QuantContext
@@ -38,7 +41,9 @@ from compressdit.quant.transform import LayerRule, check_plan_fits, quantize_lay
 @dataclass
 class FP4DiTConfig(StrictConfig):
     """FP4DiT: each planned layer's 4-bit FP format chosen among ``formats`` by measured layer-output error, then
-    rounded as its spec says. YAML (``recipes/fp4-w4a8.yaml``)::
+    rounded as its spec says; ``a_formats`` (optional, one width) lets each layer's activation format be chosen
+    the same way (``[]``: the spec's). YAML (``recipes/fp4-w4a8.yaml``; ``recipes/fp4-w4a6.yaml`` adds
+    ``a_formats: [e3m2, e2m3]``)::
 
         method: fp4dit
         formats: [e2m1, e3m0, e1m2]
@@ -53,6 +58,7 @@ class FP4DiTConfig(StrictConfig):
     rules: list[LayerRule] = field(default_factory=list)
     formats: list[str] = field(default_factory=lambda: list(FP_WEIGHT_FORMATS))
     adaround: AdaRoundSettings = field(default_factory=AdaRoundSettings)
+    a_formats: list[str] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         if not self.rules:
@@ -61,6 +67,8 @@ class FP4DiTConfig(StrictConfig):
         if not self.formats or unknown or len(set(self.formats)) != len(self.formats):
             raise ConfigError(f"{where}.formats: a list of distinct 4-bit FP weight formats out of "
                               f"{', '.join(FP_WEIGHT_FORMATS)}; got {self.formats}")
+        if self.a_formats:
+            validate_activation_candidates(self.a_formats, f"{where}.a_formats")
 
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -109,6 +117,17 @@ def _apply_fp4dit(model: nn.Module, config: FP4DiTConfig, ctx: QuantContext) -> 
         ctx.notes.append("fp4dit formats chosen by layer-output error: " + "; ".join(
             f"{role}: " + ", ".join(f"{fmt} x{n}" for fmt, n in sorted(c.items())) for role, c in by_role.items())
             + f" ({time.perf_counter() - started:.1f} s)")
+    started = time.perf_counter()
+    plan, rows = choose_activation_formats(model, plan, config.a_formats, ctx)
+    if rows:
+        ctx.tables.append({"title": "fp4dit: relative layer-output error of each activation format over the "
+                                    "calibration inputs, and the format chosen",
+                           "header": ["module", "role", *config.a_formats, "chosen"], "rows": rows})
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row[-1]] = counts.get(row[-1], 0) + 1
+        ctx.notes.append("fp4dit activation formats chosen by layer-output error: " + ", ".join(
+            f"{fmt} x{n}" for fmt, n in sorted(counts.items())) + f" ({time.perf_counter() - started:.1f} s)")
     with torch.no_grad():
         prebuilt = {**hessian_rounded_layers(model, plan, ctx),
                     **reconstructed_layers(model, plan, ctx, config.adaround)}
@@ -117,4 +136,5 @@ def _apply_fp4dit(model: nn.Module, config: FP4DiTConfig, ctx: QuantContext) -> 
 
 
 METHODS.add("fp4dit", MethodHandler(FP4DiTConfig, _apply_fp4dit,
-                                    lambda cfg: len(cfg.formats) > 1 or rules_need_calibration(cfg.rules)))
+                                    lambda cfg: len(cfg.formats) > 1 or len(cfg.a_formats) > 1
+                                    or rules_need_calibration(cfg.rules)))

@@ -15,13 +15,14 @@ from torch import nn
 from compressdit.errors import ConfigError
 from compressdit.quant.activations import check_activation_fits
 from compressdit.quant.fp_weights import FPQuantized, dequantize_weight_fp, quantize_weight_fp
+from compressdit.quant.gptq import gptq_quantize_fp
 from compressdit.quant.kernel_registry import run_kernel
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.minifloat import MINIFLOATS, pack_nibbles, unpack_nibbles
 from compressdit.quant.spec import LinearQuantSpec, reject_unused_fields
 
 FP_WEIGHT_FORMATS = ("e2m1", "e3m0", "e1m2")  # 4-bit elements, stored as packed nibbles
-FP_ROUNDINGS = ("rtn", "adaround")
+FP_ROUNDINGS = ("rtn", "gptq", "adaround")
 
 
 class MinifloatLinear(QuantizedLinear):
@@ -48,12 +49,21 @@ class MinifloatLinear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LinearQuantSpec, input_absmax: torch.Tensor | None = None,
                     hessian: torch.Tensor | None = None) -> "MinifloatLinear":
-        """Round-to-nearest-even codes (``rounding: adaround`` layers are built by block reconstruction instead and
-        arrive through :meth:`from_quantized`)."""
+        """Round-to-nearest-even codes, or GPTQ's error-compensated ones from ``hessian`` (``rounding: gptq``);
+        ``rounding: adaround`` layers are built by block reconstruction instead and arrive through
+        :meth:`from_quantized`."""
+        element = MINIFLOATS.get(spec.format)
+        if spec.rounding == "gptq":
+            if hessian is None:
+                raise ValueError("rounding 'gptq' needs the layer's input Hessian from calibration (run a calibrate "
+                                 "stage before quantize)")
+            q = gptq_quantize_fp(linear.weight.detach(), hessian.to(linear.weight.device), element,
+                                 spec.group_size, spec.w_range, act_order=spec.act_order)
+            return cls.from_quantized(linear, spec, q)
         if spec.rounding != "rtn":
             raise ValueError(f"rounding {spec.rounding!r} reconstructs whole blocks from calibration inputs; build "
                              "the layer with MinifloatLinear.from_quantized (run a calibrate stage before quantize)")
-        q = quantize_weight_fp(linear.weight.detach(), MINIFLOATS.get(spec.format), spec.group_size, spec.w_range)
+        q = quantize_weight_fp(linear.weight.detach(), element, spec.group_size, spec.w_range)
         return cls.from_quantized(linear, spec, q)
 
     @classmethod

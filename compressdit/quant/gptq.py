@@ -14,7 +14,8 @@ the MSE range (``w_range: mse``) avoid it (tests/quant/test_quant_gptq.py uses c
 
 The format enters through a :class:`ColumnQuantizer`: ``fit`` a group (or the whole row) to per-row parameters,
 ``quantize`` one column with them. :class:`IntColumnQuantizer` reproduces :func:`quantize_weight_rtn` exactly
-(with ``H`` proportional to the identity GPTQ returns its codes bit for bit); other formats plug in their own.
+(with ``H`` proportional to the identity GPTQ returns its codes bit for bit); :class:`FPColumnQuantizer` does the
+same for the minifloat weights of :mod:`compressdit.quant.fp_weights` (element codes, fp32 absmax / MSE scales).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
+from compressdit.quant.fp_weights import FPQuantized, fp_scales
+from compressdit.quant.minifloat import Minifloat
 from compressdit.quant.primitives import IntQuantized, _mse_shrink, _round_grouped, check_bits, int_range
 
 DAMP, BLOCK_SIZE = 0.01, 128
@@ -59,6 +62,21 @@ class IntColumnQuantizer:
             return codes, codes * scale
         codes = torch.round(column / scale + zero).clamp(qmin, qmax)
         return codes, (codes - zero) * scale
+
+
+@dataclass(frozen=True)
+class FPColumnQuantizer:
+    """Minifloat element codes with one fp32 scale per row (per group), as :func:`quantize_weight_fp`."""
+
+    element: Minifloat
+    weight_range: str = "minmax"
+
+    def fit(self, w: torch.Tensor) -> torch.Tensor:
+        return fp_scales(w, self.element, None, self.weight_range)[:, 0]
+
+    def quantize(self, column: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.element.encode(column / scale)
+        return codes, self.element.decode(codes) * scale
 
 
 def _upper_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -148,3 +166,12 @@ def gptq_quantize_int(weight: torch.Tensor, hessian: torch.Tensor, bits: int, gr
     scale = torch.stack([p[0] for p in params], dim=1)
     zero = None if symmetric else torch.stack([p[1] for p in params], dim=1)
     return IntQuantized(codes.to(torch.int8), scale, zero, bits, group_size)
+
+
+def gptq_quantize_fp(weight: torch.Tensor, hessian: torch.Tensor, element: Minifloat, group_size: int | None = None,
+                     weight_range: str = "minmax", act_order: bool = False, static_groups: bool = False,
+                     damp: float = DAMP, block_size: int = BLOCK_SIZE) -> FPQuantized:
+    """:func:`gptq_quantize` with minifloat codes: the same :class:`FPQuantized` as round-to-nearest gives."""
+    codes, scales = gptq_quantize(weight, hessian, FPColumnQuantizer(element, weight_range), group_size, act_order,
+                                  static_groups, damp, block_size)
+    return FPQuantized(codes.to(torch.uint8), torch.stack(scales, dim=1), element, group_size)

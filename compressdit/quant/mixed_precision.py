@@ -7,12 +7,17 @@ full-precision trajectory); temporal attention of video families that have it se
 adapter with a ``frame_axis``) by *temporal fidelity* (relative error of the frame-to-frame differences of the
 final latents); the rest by *image fidelity* (relative error of the final latents, same seeds). Scores are normalised within each group, then layers are promoted to the high precision by
 damage per extra weight bit until the average-bits budget is spent.
+
+``budget: codes`` (ViDiT-Q's accounting) counts the code bits only (``w_bits``); ``budget: stored`` counts every
+tensor a quantized layer stores except its bias (codes, scales, zero points, balancing scales, low-rank branch),
+as measured from the layer's empty module, so ``avg_weight_bits`` is what the checkpoint really holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -47,10 +52,12 @@ def sensitivity_group(adapter, name: str) -> str:
 class MixedPrecisionConfig(StrictConfig):
     """YAML::
 
-        mixed_precision: {avg_weight_bits: 4.5, high_bits: 8, probe_samples: 16, probe_steps: 10}
+        mixed_precision: {avg_weight_bits: 4.5, high_bits: 8, probe_samples: 16, probe_steps: 10,
+                          budget: stored}   # codes (default): w_bits only; stored: scales etc. counted too
     """
 
     avg_weight_bits: float = 4.5
+    budget: Literal["codes", "stored"] = "codes"
     high_bits: int = 8
     probe_samples: int = 16
     probe_steps: int = 10
@@ -154,15 +161,41 @@ def measure_sensitivity(model: nn.Module, plan: dict[str, LinearQuantSpec], ctx:
     return results
 
 
-def allocate_bits(sensitivities: list[Sensitivity], low_bits: int, high_bits: int,
-                  avg_weight_bits: float) -> dict[str, int]:
-    """Greedy: promote layers by normalised damage per extra weight bit while the average stays in budget."""
+def stored_bits(linear: nn.Linear, spec: LinearQuantSpec) -> float:
+    """Bits per weight ``linear`` stores quantized as ``spec``: every tensor of its (empty, meta-device) quantized
+    module but the bias, over ``in_features * out_features``."""
+    module = FORMATS.get(spec.format).module_class(linear.in_features, linear.out_features, linear.bias is not None,
+                                                   spec, device="meta", dtype=linear.weight.dtype)
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    stored = sum(t.size().numel() * t.element_size() for name, t in tensors.items()  # size(): stored, not logical
+                 if t is not None and name.rpartition(".")[2] != "bias")
+    return 8 * stored / (linear.in_features * linear.out_features)
+
+
+def check_base_fits(base: float, low_bits: int, avg_weight_bits: float) -> None:
+    """One-line error when every layer at the low precision already stores more than the budget."""
+    if base > avg_weight_bits + 1e-6:
+        raise ConfigError(f"mixed precision: W{low_bits} alone stores {base:.3f} bits per weight with scales "
+                          f"counted, over the budget avg_weight_bits {avg_weight_bits}; raise the budget, use "
+                          "budget: codes, or a low-precision spec with fewer scales (larger groups, no balancing)")
+
+
+def allocate_bits(sensitivities: list[Sensitivity], low_bits: int, high_bits: int, avg_weight_bits: float,
+                  stored: dict[str, tuple[float, float]] | None = None) -> dict[str, int]:
+    """Greedy: promote layers by normalised damage per extra weight bit while the average stays in budget.
+
+    ``stored``: name -> (bits per weight at ``low_bits``, at ``high_bits``) with scales counted (``budget:
+    stored``); without it a layer costs its code bits."""
+    cost_of = {s.name: stored[s.name] if stored else (float(low_bits), float(high_bits)) for s in sensitivities}
     total = sum(s.params for s in sensitivities)
-    budget = avg_weight_bits * total - low_bits * total
+    base = sum(cost_of[s.name][0] * s.params for s in sensitivities) / total
+    check_base_fits(base, low_bits, avg_weight_bits)
+    budget = (avg_weight_bits - base) * total
+    extra = {name: high - low for name, (low, high) in cost_of.items()}
     bits = {s.name: low_bits for s in sensitivities}
-    ranked = sorted(sensitivities, key=lambda s: s.normalised / (s.params * (high_bits - low_bits)), reverse=True)
+    ranked = sorted(sensitivities, key=lambda s: s.normalised / (s.params * extra[s.name]), reverse=True)
     for s in ranked:
-        cost = s.params * (high_bits - low_bits)
+        cost = s.params * extra[s.name]
         if cost <= budget + 1e-6 * total:  # tolerate float rounding at an exact boundary
             bits[s.name] = high_bits
             budget -= cost
@@ -177,15 +210,23 @@ def mixed_precision_plan(model: nn.Module, plan: dict[str, LinearQuantSpec | Non
     if len(lows) != 1:
         raise ConfigError(f"mixed precision starts from one low weight precision; the rules give {sorted(lows)}")
     low = lows.pop()
+    stored = None
+    if config.budget == "stored":
+        stored = {name: (stored_bits(model.get_submodule(name), spec),
+                         stored_bits(model.get_submodule(name), dataclasses.replace(spec, w_bits=config.high_bits)))
+                  for name, spec in active.items()}
     sensitivities = measure_sensitivity(model, active, ctx, config)
-    bits = allocate_bits(sensitivities, low, config.high_bits, config.avg_weight_bits)
+    bits = allocate_bits(sensitivities, low, config.high_bits, config.avg_weight_bits, stored)
     out = dict(plan)
     for name, spec in active.items():
         out[name] = dataclasses.replace(spec, w_bits=bits[name])
     total = sum(s.params for s in sensitivities)
     average = sum(bits[s.name] * s.params for s in sensitivities) / total
-    ctx.notes.append(f"mixed precision: average weight bits {average:.3f} (budget {config.avg_weight_bits}), "
-                     f"{sum(b != low for b in bits.values())} of {len(bits)} layers at W{config.high_bits}")
+    counted = "" if stored is None else ", {:.3f} with scales counted".format(
+        sum(stored[s.name][bits[s.name] != low] * s.params for s in sensitivities) / total)
+    ctx.notes.append(f"mixed precision: average weight bits {average:.3f}{counted} (budget {config.avg_weight_bits}, "
+                     f"{config.budget}), {sum(b != low for b in bits.values())} of {len(bits)} layers at "
+                     f"W{config.high_bits}")
     ctx.tables.append({
         "title": "mixed-precision sensitivity (damage when quantized alone) and allocation",
         "header": ["module", "group", "params", "damage", "normalised", "w bits"],

@@ -48,10 +48,13 @@ def _compress(family: str, recipe_name: str, tmp_path) -> PipelineState:
         if stage.name == "calibrate":
             state.calibration_conditions = conditions
             state.calibration = _calibrate(state, conditions, STEPS)
+            stage.config.steps, stage.config.guidance, stage.config.seed = STEPS, 3.0, 1
+            state.calibration_config = stage.config  # the loop GPTQ's Hessian pass replays (w4a8)
         elif stage.name == "quantize":
             mixed = getattr(stage.config.options, "mixed_precision", None)
             if mixed is not None:
-                mixed.probe_samples, mixed.probe_steps = 2, STEPS
+                # tiny widths: the fp32 row scales alone fill a 4.5-bit stored budget, so count code bits
+                mixed.probe_samples, mixed.probe_steps, mixed.budget = 2, STEPS, "codes"
             STAGES.get("quantize").run(state, stage.config)
     state.workdir.mkdir()
     save_checkpoint(state, recipe)  # includes the reload check on synthetic conditions

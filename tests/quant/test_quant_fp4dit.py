@@ -23,10 +23,10 @@ from tests.io.test_diffusers_quantizer import _dit_inputs
 LOG_LAYER, UNIFORM_LAYER = "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.1.attn1.to_v"
 
 
-def _rules(rounding: str = "adaround") -> list:
+def _rules(rounding: str = "adaround", a_bits: int = 8, a_format: str = "e4m3") -> list:
     return [{"match": "role:embedder", "spec": None}, {"match": "role:head", "spec": None},
             {"match": "re:.*", "spec": {"format": "e2m1", "w_bits": 4, "group_size": 32, "rounding": rounding,
-                                        "a_bits": 8, "a_format": "e4m3"}}]
+                                        "a_bits": a_bits, "a_format": a_format}}]
 
 
 def _model() -> nn.Module:
@@ -102,6 +102,25 @@ def test_fp4dit_checkpoint_reloads_through_stock_from_pretrained_and_stays_close
     assert 0 < ((out - truth).norm() / truth.norm()).item() < 0.5
 
 
+def test_each_layer_takes_the_activation_format_with_the_lowest_measured_error(tmp_path):
+    model = _model()
+    state = _quantize(model, rules=_rules("rtn", a_bits=6, a_format="e3m2"), a_formats=["e3m2", "e2m3"])
+    specs = state.quant_specs
+    table = next(t for t in state.tables if t["title"].startswith("fp4dit: relative layer-output error of each "
+                                                                  "activation format"))
+    assert table["header"] == ["module", "role", "e3m2", "e2m3", "chosen"]
+    assert {row[0] for row in table["rows"]} == set(specs)
+    for name, role, e3m2, e2m3, chosen in table["rows"]:
+        assert 0 < min(e3m2, e2m3) and specs[name].a_format == chosen == ("e3m2" if e3m2 < e2m3 else "e2m3")
+        assert specs[name].a_bits == 6
+    assert any(n.startswith("fp4dit activation formats chosen by layer-output error: ") for n in state.notes)
+    attach_quantizer(model, state.quant_specs)
+    model.save_pretrained(tmp_path)
+    loaded = DiTTransformer2DModel.from_pretrained(tmp_path)
+    assert {n: m.spec.a_format for n, m in quantized_modules(loaded).items()} == \
+        {n: s.a_format for n, s in specs.items()}
+
+
 def test_fp4dit_without_calibration_is_a_clear_error():
     with pytest.raises(CalibrationError, match="needs a calibrate stage"):
         _quantize(tiny_dit(), calibrate=False)
@@ -110,6 +129,7 @@ def test_fp4dit_without_calibration_is_a_clear_error():
 @pytest.mark.parametrize("bad, message", [({"formats": ["e2m1", "e4m0"]}, "formats: a list of distinct 4-bit FP"),
                                           ({"formats": []}, "formats"), ({"rules": []}, "at least one rule"),
                                           ({"adaround": {"iters": -1}}, "adaround.iters: must be positive"),
+                                          ({"a_formats": ["e3m2", "e4m3"]}, "a_formats: a list of distinct"),
                                           ({"search": True}, "unknown key 'search'")])
 def test_bad_fp4dit_configs_are_one_line_config_errors(bad, message):
     with pytest.raises(ConfigError, match=message) as info:

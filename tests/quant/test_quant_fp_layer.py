@@ -66,7 +66,7 @@ def test_forward_is_the_dequantize_reference_with_per_token_fp_activations(fmt, 
     ({"format": "e2m1", "w_bits": 8}, "set w_bits: 4"),
     ({"format": "e3m0", "w_bits": 4, "rotation": "hadamard"}, "unset rotation"),
     ({"format": "e1m2", "w_bits": 4, "w_symmetric": False}, "w_symmetric"),
-    ({"format": "e2m1", "w_bits": 4, "rounding": "gptq"}, "supports rounding rtn / adaround, not 'gptq'"),
+    ({"format": "e2m1", "w_bits": 4, "rounding": "rtn", "act_order": True}, "act_order: only applies to rounding"),
     ({"format": "int", "w_bits": 4, "rounding": "adaround"}, "supports rounding rtn / gptq, not 'adaround'"),
     ({"format": "e2m1", "w_bits": 4, "a_bits": 8, "a_format": "e3m2"}, "a_format 'e3m2' has 6 bits"),
     ({"format": "e2m1", "w_bits": 4, "a_bits": 8, "a_granularity": "static"}, "static"),
@@ -77,6 +77,22 @@ def test_bad_fp_specs_are_one_line_config_errors(bad, message):
     with pytest.raises(ConfigError, match=message) as info:
         LinearQuantSpec.from_dict(bad, "rules[0].spec")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", FP_WEIGHT_FORMATS)
+def test_gptq_rounding_builds_the_layer_from_the_input_hessian(fmt):
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 16)
+    x = torch.randn(256, 64, generator=gen) @ torch.randn(64, 64, generator=gen) / 8
+    hessian = 2 * x.T @ x / len(x)
+    spec = LinearQuantSpec(format=fmt, w_bits=4, group_size=32, rounding="gptq")
+    layer = MinifloatLinear.from_linear(linear, spec, hessian=hessian)
+    rtn = MinifloatLinear.from_linear(linear, LinearQuantSpec(format=fmt, w_bits=4, group_size=32))
+    error = {k: (x @ (m.effective_weight() - linear.weight).T).norm().item() for k, m in (("gptq", layer),
+                                                                                         ("rtn", rtn))}
+    assert error["gptq"] < error["rtn"] and layer.weight.dtype == torch.uint8
+    with pytest.raises(ValueError, match="needs the layer's input Hessian"):
+        MinifloatLinear.from_linear(linear, spec)
 
 
 def test_a_layer_that_does_not_fit_is_a_config_error():

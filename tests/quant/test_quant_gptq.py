@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressdit.quant.gptq import IntColumnQuantizer, gptq_quantize, gptq_quantize_int
+from compressdit.quant.fp_weights import quantize_weight_fp
+from compressdit.quant.gptq import IntColumnQuantizer, gptq_quantize, gptq_quantize_fp, gptq_quantize_int
+from compressdit.quant.minifloat import MINIFLOATS
 from compressdit.quant.primitives import dequantize_weight, quantize_weight_rtn
 
 OUT, IN, TOKENS = 48, 256, 1024
@@ -50,6 +52,26 @@ def test_identity_hessian_gives_round_to_nearest_exactly(group_size, symmetric, 
     rtn = quantize_weight_rtn(weight, 3, group_size, symmetric, weight_range)
     assert torch.equal(q.codes, rtn.codes) and torch.equal(q.scale, rtn.scale)
     assert (q.zero is None and rtn.zero is None) or torch.equal(q.zero, rtn.zero)
+
+
+@pytest.mark.parametrize("fmt", ["e2m1", "e3m0", "e1m2"])
+@pytest.mark.parametrize("group_size", [None, 64])
+@pytest.mark.parametrize("weight_range", ["minmax", "mse"])
+def test_minifloat_gptq_is_rtn_on_an_identity_hessian_and_never_worse_on_real_ones(fmt, group_size, weight_range):
+    weight, x = _layer(2)
+    element = MINIFLOATS.get(fmt)
+    rtn = quantize_weight_fp(weight, element, group_size, weight_range)
+    same = gptq_quantize_fp(weight, 3.0 * torch.eye(IN), element, group_size, weight_range)
+    assert torch.equal(same.codes, rtn.codes) and torch.equal(same.scale, rtn.scale)
+    assert same.codes.dtype == torch.uint8
+    hessian = 2 * x.T @ x / len(x)
+
+    def error(q) -> float:
+        return float((x @ (weight - q.dequantized()).T).norm())
+
+    assert error(gptq_quantize_fp(weight, hessian, element, group_size, weight_range)) <= error(rtn)
+    assert error(gptq_quantize_fp(weight, hessian, element, group_size, weight_range, act_order=True)) \
+        <= 0.9 * error(rtn)
 
 
 def test_dead_columns_are_zeroed_and_the_rest_still_beats_rtn():

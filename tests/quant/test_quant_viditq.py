@@ -22,7 +22,7 @@ from compressdit.models.dit import DiTAdapter
 from compressdit.quant.context import QuantContext
 from compressdit.quant.layers import QuantLinear
 from compressdit.quant.mixed_precision import (CONDITION_ROLES, MixedPrecisionConfig, Sensitivity, allocate_bits,
-                                               measure_sensitivity, mixed_precision_plan)
+                                               measure_sensitivity, mixed_precision_plan, stored_bits)
 from compressdit.quant.rotation import balancing_scale, random_signs, rotate
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.transform import LayerRule, quantized_modules, resolve_plan
@@ -184,6 +184,40 @@ def test_allocate_bits_budget_at_low_promotes_none_and_at_high_promotes_all():
     assert set(allocate_bits(SENS, 3, 6, 6.0).values()) == {6}
 
 
+def _stored_bytes(module: nn.Module) -> int:
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    return sum(t.untyped_storage().nbytes() for name, t in tensors.items() if t is not None and name != "bias")
+
+
+@pytest.mark.parametrize("options, expected", [({"w_bits": 4, "group_size": 64}, 4 + 32 / 64),
+                                               ({"w_bits": 4}, 4 + 32 / 128),
+                                               ({"w_bits": 8, "balance": 0.2}, 8 + 32 / 128 + 32 / 32),
+                                               ({"w_bits": 4, "group_size": 64, "w_symmetric": False}, 5.0)])
+def test_stored_bits_counts_every_stored_tensor_but_the_bias(options, expected):
+    linear = nn.Linear(128, 32)
+    spec = LinearQuantSpec(a_bits=8, **options)
+    spec.validate("spec")
+    assert stored_bits(linear, spec) == pytest.approx(expected)
+    quantized = QuantLinear.from_linear(linear, spec, input_absmax=torch.ones(128))
+    assert 8 * _stored_bytes(quantized) / (128 * 32) == pytest.approx(expected)
+
+
+def test_allocate_bits_with_stored_costs_spends_the_budget_on_what_is_stored():
+    overhead = {s.name: (4.5, 8.5) for s in SENS}  # a uniform overhead of 0.5 bits shifts the budget
+    for budget in (4.5, 4.75, 5.0, 6.5, 8.5):
+        assert allocate_bits(SENS, 4, 8, budget, overhead) == allocate_bits(SENS, 4, 8, budget - 0.5)
+    uneven = {**overhead, "a": (4.5, 16.5)}  # 'a' now costs 12 extra bits per weight, 'b' still 4
+    bits = allocate_bits(SENS, 4, 8, 4.5 + 4 * 128 / TOTAL, uneven)
+    assert {n for n, b in bits.items() if b == 8} == {"b"}
+
+
+def test_a_budget_below_the_low_precision_storage_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"W4 alone stores 4.500 bits per weight with scales counted, over the "
+                                          r"budget avg_weight_bits 4.4") as info:
+        allocate_bits(SENS, 4, 8, 4.4, {s.name: (4.5, 8.5) for s in SENS})
+    assert "\n" not in str(info.value)
+
+
 # -- mixed precision on a tiny DiT -----------------------------------------------------------------------------------
 
 MP_RULES = [LayerRule("role:embedder", None), LayerRule("role:head", None),
@@ -242,6 +276,25 @@ def test_mixed_precision_plan_reports_table_note_and_figure(mp_result):
     assert "average weight bits" in note and "budget 4.5" in note
     (path,) = ctx.figures.values()
     assert Path(path).is_file() and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mixed_precision_with_a_stored_budget_counts_scales():
+    model = tiny_dit(layers=1)
+    ctx = _ctx(model)
+    rules = [LayerRule("role:embedder", None), LayerRule("role:head", None),
+             LayerRule("re:.*", LinearQuantSpec(w_bits=4, a_bits=8, group_size=32))]
+    plan = resolve_plan(model, ctx.adapter, rules)
+    config = MixedPrecisionConfig(avg_weight_bits=5.5, high_bits=8, probe_samples=2, probe_steps=2, budget="stored")
+    out = {n: s for n, s in mixed_precision_plan(model, plan, ctx, config).items() if s is not None}
+    weights = {n: model.get_submodule(n).weight.numel() for n in out}
+    stored = sum(stored_bits(model.get_submodule(n), s) * weights[n] for n, s in out.items()) / sum(weights.values())
+    codes = sum(s.w_bits * weights[n] for n, s in out.items()) / sum(weights.values())
+    assert {s.w_bits for s in out.values()} == {4, 8} and stored <= 5.5 and codes < stored
+    assert f"{codes:.3f}, {stored:.3f} with scales counted (budget 5.5, stored)" in ctx.notes[0]
+    asymmetric = {n: None if s is None else LinearQuantSpec(w_bits=4, a_bits=8, group_size=32, w_symmetric=False)
+                  for n, s in plan.items()}  # fp32 scale and zero point per 32 weights: 6 bits before any W8
+    with pytest.raises(ConfigError, match="W4 alone stores 6.000 bits per weight"):
+        mixed_precision_plan(model, asymmetric, _ctx(model), config)
 
 
 class _CrossDiTAdapter(DiTAdapter):
@@ -311,8 +364,10 @@ def _state(model: nn.Module) -> PipelineState:
 
 @pytest.fixture(scope="module")
 def w4a8_checkpoint(tmp_path_factory):
-    """tiny DiT through recipes/w4a8.yaml (calibrate + viditq with mixed precision) with the Hadamard rotation
-    switched on (the shipped recipe leaves it off), saved with stock diffusers."""
+    """tiny DiT through recipes/w4a8.yaml (calibrate + viditq with mixed precision, GPTQ rounding) with channel
+    balancing and the Hadamard rotation switched on (the shipped recipe leaves them off) and the budget counted in
+    code bits (on 64-wide layers the fp32 scales alone nearly fill a 4.5-bit stored budget), saved with stock
+    diffusers."""
     recipe = load_recipe("w4a8")
     model = tiny_dit()
     state = _state(model)
@@ -322,8 +377,9 @@ def w4a8_checkpoint(tmp_path_factory):
         if stage.name == "quantize":
             assert stage.config.method == "viditq"
             mixed = stage.config.options.mixed_precision
-            mixed.probe_samples, mixed.probe_steps = 2, 2
+            mixed.probe_samples, mixed.probe_steps, mixed.budget = 2, 2, "codes"
             stage.config.options.rules[-1].spec.rotation = "hadamard"
+            stage.config.options.rules[-1].spec.balance = 0.2
         if stage.name != "evaluate":
             STAGES.get(stage.name).run(state, stage.config)
     attach_quantizer(model, state.quant_specs)
@@ -336,7 +392,7 @@ def test_w4a8_recipe_quantizes_with_balancing_rotation_and_mixed_precision(w4a8_
     folder, output, state = w4a8_checkpoint
     specs = state.quant_specs
     assert specs and all(s.balance == 0.2 and s.rotation == "hadamard" and s.a_bits == 8 and s.w_range == "mse"
-                         for s in specs.values())
+                         and s.rounding == "gptq" for s in specs.values())
     assert {s.w_bits for s in specs.values()} == {4, 8}
     assert state.tables and state.notes and state.figures
     assert torch.isfinite(output).all()
