@@ -116,10 +116,12 @@ def measure(models: dict, rounds: int, calls: int, threads: int) -> dict:
     base_cpu, base_wall = statistics.median(cpu[first]), statistics.median(wall[first])
     return {"load_average_1min": {"min": min(load), "max": max(load)},
             "models": {name: {"cpu_ms_median": round(statistics.median(cpu[name]), 2),
+                              "cpu_ms_min": round(min(cpu[name]), 2),
                               "wall_ms_median": round(statistics.median(wall[name]), 2),
                               "wall_ms_min": round(min(wall[name]), 2),
                               "cpu_ratio_to_first": round(statistics.median(cpu[name]) / base_cpu, 3),
-                              "wall_ratio_to_first": round(statistics.median(wall[name]) / base_wall, 3)}
+                              "wall_ratio_to_first": round(statistics.median(wall[name]) / base_wall, 3),
+                              "cpu_min_ratio_to_first": round(min(cpu[name]) / min(cpu[first]), 3)}
                        for name in names}}
 
 

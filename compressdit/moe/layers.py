@@ -95,8 +95,12 @@ def _linear_parts(expert: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
 class MoEFeedForward(nn.Module):
     """Drop-in for a diffusers ``FeedForward``: ``forward(hidden_states) -> hidden_states`` of width ``dim_out``.
 
-    Tokens are grouped by expert (:mod:`compressdit.moe.routing`, dropless). With ``top_k == experts`` and
-    unit gates it computes exactly the dense FFN it was split from (up to float summation order).
+    Tokens are grouped by expert (:mod:`compressdit.moe.routing`, dropless). Plain experts run on their weight
+    tensors (:func:`~compressdit.moe.routing.run_grouped_linear`; small CPU layers without autograd through one
+    grouped matmul per projection, :mod:`compressdit.moe.stacked`); quantized, wrapped or hooked experts run as
+    modules (:func:`~compressdit.moe.routing.run_grouped`); all paths compute the same output. With
+    ``top_k == experts`` and unit gates it computes exactly the dense FFN it was split from (up to float
+    summation order).
     """
 
     def __init__(self, layout: MoELayout) -> None:
