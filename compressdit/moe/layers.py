@@ -15,10 +15,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
-from compressdit.moe.routing import GATES, dispatch, run_grouped, top_k
+from compressdit.moe.routing import GATES, ExpertWeights, dispatch, run_grouped, run_grouped_linear, top_k
+from compressdit.moe.stacked import StackedExperts, run_stacked, stack, stackable, weights_key
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu-tanh": functools.partial(F.gelu, approximate="tanh")}
 
@@ -73,11 +75,32 @@ class Expert(nn.Module):
         return self.down(ACTIVATIONS[self.activation](self.up(x)))
 
 
+def _unhooked(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def _linear_parts(expert: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+    """``(up.weight, up.bias, down.weight)`` of an :class:`Expert` of plain ``nn.Linear``s without hooks (nor a
+    replaced ``forward``), which can run on its weights without calling the modules; ``None`` for any other
+    (quantized, LoRA-wrapped, hooked). Reads the module dicts directly: ``nn.Module.__getattr__`` costs more than
+    the small matmuls' own overhead at the zoo's sizes."""
+    if type(expert) is not Expert or not _unhooked(expert):
+        return None
+    up, down = expert._modules["up"], expert._modules["down"]
+    if type(up) is not nn.Linear or type(down) is not nn.Linear or not (_unhooked(up) and _unhooked(down)):
+        return None
+    return up._parameters["weight"], up._parameters["bias"], down._parameters["weight"]
+
+
 class MoEFeedForward(nn.Module):
     """Drop-in for a diffusers ``FeedForward``: ``forward(hidden_states) -> hidden_states`` of width ``dim_out``.
 
-    Tokens are grouped by expert (:mod:`compressdit.moe.routing`, dropless). With ``top_k == experts`` and
-    unit gates it computes exactly the dense FFN it was split from (up to float summation order).
+    Tokens are grouped by expert (:mod:`compressdit.moe.routing`, dropless). Plain experts run on their weight
+    tensors (:func:`~compressdit.moe.routing.run_grouped_linear`; small CPU layers without autograd through one
+    grouped matmul per projection, :mod:`compressdit.moe.stacked`); quantized, wrapped or hooked experts run as
+    modules (:func:`~compressdit.moe.routing.run_grouped`); all paths compute the same output. With
+    ``top_k == experts`` and unit gates it computes exactly the dense FFN it was split from (up to float
+    summation order).
     """
 
     def __init__(self, layout: MoELayout) -> None:
@@ -90,6 +113,17 @@ class MoEFeedForward(nn.Module):
         self.shared = make(layout.shared_hidden) if layout.shared_hidden else None
         self.router = nn.Linear(layout.dim, layout.experts)
         self.bias = nn.Parameter(torch.zeros(layout.dim_out)) if layout.bias else None
+        self._stacked: StackedExperts | None = None  # inference cache (compressdit.moe.stacked), not saved
+
+    def _apply(self, fn, recurse=True):
+        self._stacked = None  # moved or cast weights: the stacked copy is rebuilt on the next forward
+        return super()._apply(fn, recurse)
+
+    def _stacked_for(self, weights: ExpertWeights) -> StackedExperts:
+        key = weights_key(weights)
+        if self._stacked is None or self._stacked.key != key:
+            self._stacked = stack(weights, key)
+        return self._stacked
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gates ``[N, k]`` and chosen experts ``[N, k]`` of the tokens ``x`` ``[N, dim]``."""
@@ -100,6 +134,29 @@ class MoEFeedForward(nn.Module):
         """Unit gates are exactly 1: only their gradient (to the router) needs them computed."""
         return self.layout.gating != "unit" or (torch.is_grad_enabled() and self.router.weight.requires_grad)
 
+    def _plain_experts(self) -> ExpertWeights | None:
+        """The routed experts as weight tensors when all are plain (:func:`_linear_parts`), else ``None``."""
+        if _global_forward_hooks or _global_forward_pre_hooks:
+            return None
+        parts = [_linear_parts(expert) for expert in self.experts._modules.values()]
+        if None in parts:
+            return None
+        ups, biases, downs = zip(*parts)
+        return ExpertWeights(up=list(ups), up_bias=list(biases), down=list(downs),
+                             activation=ACTIVATIONS[self.layout.activation])
+
+    def _shared_and_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """The output buffer the routed experts add into: shared expert + bias (or the bias, or zeros)."""
+        shared, bias = self.shared, self.bias
+        if shared is None:
+            return x.new_zeros(x.shape[0], self.layout.dim_out) if bias is None else bias.expand(x.shape[0], -1).clone()
+        parts = None if _global_forward_hooks or _global_forward_pre_hooks else _linear_parts(shared)
+        if parts is None:
+            return shared(x) if bias is None else shared(x) + bias
+        up, up_bias, down = parts
+        hidden = ACTIVATIONS[self.layout.activation](F.linear(x, up, up_bias))
+        return F.linear(hidden, down) if bias is None else torch.addmm(bias, hidden, down.t())
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
@@ -107,12 +164,15 @@ class MoEFeedForward(nn.Module):
             gates, chosen = self.route(x)
         else:
             gates, chosen = None, self.router(x).topk(self.top_k, dim=-1).indices
-        if self.shared is not None:  # the output starts as shared expert + bias; routed experts add into it
-            out = self.shared(x) if self.bias is None else self.shared(x) + self.bias
+        out = self._shared_and_bias(x)  # the routed experts add into it
+        plan = dispatch(chosen, gates, len(self.experts))
+        weights = self._plain_experts()
+        if weights is None:
+            out = run_grouped(x, plan, list(self.experts), out)
+        elif stackable(x, weights):
+            out = run_stacked(x, plan, weights, self._stacked_for(weights), out)
         else:
-            out = x.new_zeros(x.shape[0], self.layout.dim_out) if self.bias is None else \
-                self.bias.expand(x.shape[0], -1).clone()
-        out = run_grouped(x, dispatch(chosen, gates, len(self.experts)), list(self.experts), out)
+            out = run_grouped_linear(x, plan, weights, out)
         return out.reshape(*shape[:-1], self.layout.dim_out)
 
     def extra_repr(self) -> str:

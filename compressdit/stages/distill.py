@@ -16,6 +16,7 @@ from compressdit.distill.data import DistillData
 from compressdit.distill.losses import resolve_layer_map
 from compressdit.distill.sources import DataContext, DataSpec, load_data
 from compressdit.distill.trainer import DistillConfig, check_pair, distill
+from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError, TrainingIncomplete
 from compressdit.plots import plot_to_file
 from compressdit.io.sources import ZOO_DIR, ModelSource, load_source
@@ -78,6 +79,21 @@ def fingerprint(*models: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def routed_layouts(model: nn.Module) -> dict[str, dict]:
+    """The layouts (``to_dict``) of the model's routed modules (MoE FFNs, routed blocks), by module name."""
+    return {name: m.layout.to_dict() for name, m in model.named_modules()
+            if isinstance(getattr(m, "layout", None), StrictConfig)}
+
+
+def run_key(student: nn.Module, teacher: nn.Module, config: DistillStageConfig, origin=None) -> str:
+    """The id of a distillation run (its default workdir): settings, both models' tensors, the block origin and
+    the routed layouts (``top_k`` etc. are no tensors: without them dense2moe-50 and -62 would share a state)."""
+    layouts = routed_layouts(student)
+    key = json.dumps({"config": config.trainer_keys(), "models": fingerprint(student, teacher), "origin": origin,
+                      **({"layouts": layouts} if layouts else {})}, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
 def run_distillation(student: nn.Module, teacher: ModelSource, config: DistillStageConfig, cache_dir: Path,
                      quiet: bool = False, origin=None, sources: tuple[ModelSource, ...] = (),
                      workdir: Path | None = None, prompt_encoder: PromptEncoder | None = None) -> dict:
@@ -91,9 +107,7 @@ def run_distillation(student: nn.Module, teacher: ModelSource, config: DistillSt
     adapter = check_pair(student, teacher.transformer)
     if config.feature_weight:  # fail on unmappable blocks before encoding any data
         resolve_layer_map(adapter, student, teacher.transformer, config.layer_map, origin)
-    key = json.dumps({"config": config.trainer_keys(), "models": fingerprint(student, teacher.transformer),
-                      "origin": origin}, sort_keys=True)
-    run_id = hashlib.sha1(key.encode()).hexdigest()[:16]
+    run_id = run_key(student, teacher.transformer, config, origin)
     workdir = Path(workdir or config.workdir or cache_dir / "distill-runs" / run_id)
     marker = workdir / "run.json"
     if marker.exists() and json.loads(marker.read_text()).get("run") != run_id:

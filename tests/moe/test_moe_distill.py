@@ -78,3 +78,20 @@ def test_negative_router_weights_are_rejected(key):
 
     with pytest.raises(ConfigError, match=key):
         DistillConfig.from_dict({key: -1.0})
+
+
+def test_run_key_tells_top_k_apart():
+    """dense2moe-50 and -62 split the same tensors (only top_k differs): their distillations must not share a
+    workdir (one resumed the other's finished state before the layouts joined the key)."""
+    from compressdit.moe.layers import moe_layers
+    from compressdit.stages.distill import DistillStageConfig, run_key
+
+    teacher, student = _pair()
+    config = DistillStageConfig.from_dict({"steps": 1, "batch_size": 8})
+    other = copy.deepcopy(student)
+    for layer in moe_layers(other).values():
+        layer.layout = type(layer.layout).from_dict({**layer.layout.to_dict(), "top_k": 3})
+        layer.top_k = 3
+    assert run_key(student, teacher, config) == run_key(copy.deepcopy(student), teacher, config)
+    assert run_key(student, teacher, config) != run_key(other, teacher, config)
+    assert run_key(teacher, teacher, config) == run_key(copy.deepcopy(teacher), teacher, config)

@@ -27,7 +27,8 @@ def _per_token(layer: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
     for token in x.reshape(-1, x.shape[-1]):
         gates, chosen = layer.route(token[None])
         y = sum(g * layer.experts[int(e)](token[None])[0] for g, e in zip(gates[0], chosen[0]))
-        y = y + (layer.shared(token[None])[0] if layer.shared is not None else 0) + layer.bias
+        y = y + (layer.shared(token[None])[0] if layer.shared is not None else 0)
+        y = y + (layer.bias if layer.bias is not None else 0)
         rows.append(y)
     return torch.stack(rows).reshape(*x.shape[:-1], -1)
 
