@@ -44,7 +44,8 @@ from compressdit.cache import default_cache_dir  # noqa: E402
 from compressdit.evaluate.engine import Feature, EvalSettings, evaluation_conditions, logical_parameters  # noqa: E402
 from compressdit.evaluate.features import ClassifierFeatures  # noqa: E402
 from compressdit.evaluate.metrics import class_accuracy, frechet_distance, psnr, ssim  # noqa: E402
-from compressdit.io.checkpoint import folder_bytes, save_in_dtype, stored_float_dtype  # noqa: E402
+from compressdit.io.checkpoint import folder_bytes, stored_float_dtype  # noqa: E402
+from compressdit.io.save import save_in_dtype  # noqa: E402
 from compressdit.io.diffusers_quantizer import attach_quantizer  # noqa: E402
 from compressdit.io.sources import load_source, load_transformer  # noqa: E402
 from compressdit.models import adapter_for  # noqa: E402

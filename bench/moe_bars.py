@@ -42,7 +42,8 @@ def student_from_state(reference, path: str, top_k: int):
     import copy
     import re
 
-    from compressdit.io.structure import apply_structure, record_structure
+    from compressdit.io.save import record_structure
+    from compressdit.io.structure import apply_structure
     from compressdit.models import adapter_for
 
     state = torch.load(path, map_location="cpu", weights_only=False)

@@ -15,6 +15,9 @@ from rich.table import Table
 from compressdit.errors import CompressditError
 from compressdit.progress import set_quiet
 
+# each command imports its machinery (pipeline, recipes, stages, gguf, zoo training) in its body, so that
+# `compressdit --help` and the light commands do not load it
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training compression for Diffusion Transformers; checkpoints load back into diffusers.")
 zoo_app = typer.Typer(no_args_is_help=True, help="Reference models trained by compressdit on Fashion-MNIST.")

@@ -16,10 +16,10 @@ from compressdit.cache import default_cache_dir
 from compressdit.errors import CheckpointError, ConfigError
 from compressdit.evaluate.engine import Entry
 from compressdit.evaluate.peers import PEERS, apply_peer
-from compressdit.io.checkpoint import (atomic_output, check_output, copy_pipeline_parts, folder_bytes, save_in_dtype,
-                                       stored_float_dtype)
+from compressdit.io.checkpoint import atomic_output, check_output, copy_pipeline_parts, folder_bytes, stored_float_dtype
 from compressdit.io.diffusers_quantizer import attach_quantizer
 from compressdit.io.model_card import write_model_card
+from compressdit.io.save import save_in_dtype
 from compressdit.io.sources import TRANSFORMER_SUBFOLDER, ModelSource, load_source, load_transformer, resolve_path
 from compressdit.models import adapter_for
 from compressdit.models.sampling import initial_latents

@@ -18,6 +18,9 @@ from torch import nn
 from compressdit.errors import ConfigError
 from compressdit.models.base import Conditioning, ModelAdapter
 from compressdit.registry import Registry
+from compressdit.zoo.captions import training_captions
+from compressdit.zoo.data import CLASS_NAMES
+from compressdit.zoo.train_dits import encode_latents
 
 
 @dataclass
@@ -125,15 +128,11 @@ VOCABULARIES: Registry[Vocabulary] = Registry("condition vocabulary")
 
 
 def _class_vocabulary(adapter: ModelAdapter):
-    from compressdit.zoo.data import CLASS_NAMES
-
     ids = list(range(len(CLASS_NAMES)))
     return ids, ids, adapter.null_conditions(1)[0]
 
 
 def _caption_vocabulary(adapter: ModelAdapter):
-    from compressdit.zoo.captions import training_captions
-
     captions, labels = training_captions()
     return captions, labels, adapter.null_conditions(1)[0]
 
@@ -145,8 +144,6 @@ VOCABULARIES.add("text", _caption_vocabulary)
 def fmnist_data(adapter: ModelAdapter, vae_dir: Path, cache_dir: Path, images: int | None = None) -> DistillData:
     """Fashion-MNIST training latents (the first ``images``, all when None) encoded by the VAE in ``vae_dir``
     as ``compressdit.zoo.train_dits.encode_latents`` does, cached in ``cache_dir`` per VAE and count."""
-    from compressdit.zoo.train_dits import encode_latents
-
     weights = sorted(Path(vae_dir).glob("*.safetensors"))
     if not weights:
         raise ConfigError(f"no VAE weights in {vae_dir}: distillation encodes Fashion-MNIST with the model's VAE")

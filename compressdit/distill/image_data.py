@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from compressdit.config_base import StrictConfig
 from compressdit.distill.data import labelled_data
-from compressdit.distill.sources import DATA_SOURCES, DataContext, DataSource, files_digest
+from compressdit.distill.source_registry import DATA_SOURCES, DataContext, DataSource, files_digest
 from compressdit.errors import ConfigError
 from compressdit.io.checkpoint import atomic_output
 

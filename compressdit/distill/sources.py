@@ -13,55 +13,16 @@ Every source has ``images``: how many training latents (the first N of a dataset
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
-
-from torch import nn
+from typing import Any
 
 from compressdit.config_base import StrictConfig
+from compressdit.distill import image_data, teacher_data  # noqa: F401  (register the images and teacher sources)
+from compressdit.distill.data import fmnist_data
+from compressdit.distill.source_registry import DATA_SOURCES, DataContext, DataSource
 from compressdit.errors import ConfigError
-from compressdit.models.base import ModelAdapter
-from compressdit.registry import Registry
-
-if TYPE_CHECKING:
-    from compressdit.models.prompt_encoders import PromptEncoder
-
-
-@dataclass
-class DataContext:
-    """What a source may need; the teacher and the VAE are loaded only by the sources that read them.
-
-    ``model``: the model being compressed (its config gives the latent shape); ``teacher_folder``: the
-    uncompressed transformer's folder (its weight files key the teacher cache); ``load_teacher``: returns the
-    uncompressed transformer; ``pipeline_vae``: the pipeline's ``vae/`` folder, if any; ``scheduler``: the
-    sampling scheduler; ``is_zoo``: the teacher is one of the zoo's reference models; ``prompt_encoder``: the
-    model's own text encoder (None: prompts reach the adapter as strings, the zoo's MiniLM models).
-    """
-
-    adapter: ModelAdapter
-    model: nn.Module
-    teacher_folder: Path
-    load_teacher: Callable[[], nn.Module]
-    pipeline_vae: Path | None
-    scheduler: Any
-    cache_dir: Path
-    is_zoo: bool = False
-    quiet: bool = False
-    prompt_encoder: PromptEncoder | None = None
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """A registered source: its strict config, the loader, and the key a ``NAME:ARG`` string sets."""
-
-    config_class: type[StrictConfig]
-    load: Callable[[Any, DataContext], Any]  # (config, context) -> DistillData
-    argument: str | None = None
-
-
-DATA_SOURCES: Registry[DataSource] = Registry("distillation data source")
+from compressdit.models.prompt_encoders import resolve_prompts
+from compressdit.zoo.registry import BASICS
 
 
 def _check_images(where: str, images: int | None) -> None:
@@ -99,9 +60,6 @@ class AutoDataConfig(StrictConfig):
 
 def _load_fmnist(config: FmnistDataConfig, context: DataContext):
     """The pipeline's VAE, else the zoo's Fashion-MNIST VAE."""
-    from compressdit.distill.data import fmnist_data
-    from compressdit.zoo.registry import BASICS
-
     vae = context.pipeline_vae or (BASICS / "vae" if (BASICS / "vae" / "config.json").exists() else None)
     if vae is None:
         raise ConfigError("data source fmnist needs a VAE to encode Fashion-MNIST: pass a pipeline folder (with vae/) "
@@ -168,8 +126,6 @@ def _with_argument() -> str:
 def load_data(spec: DataSpec | None, context: DataContext):
     """The :class:`~compressdit.distill.data.DistillData` of ``spec`` (default: ``auto``), its prompts (condition
     vocabulary and null condition) embedded once by the context's prompt encoder, when it has one."""
-    from compressdit.models.prompt_encoders import resolve_prompts
-
     spec = spec or DataSpec()
     data = DATA_SOURCES.get(spec.source).load(spec.options, context)
     if context.prompt_encoder is not None:
@@ -188,20 +144,6 @@ def set_data(configs: list, data: str | dict) -> int:
                 target.data = spec
                 count += 1
     return count
-
-
-def files_digest(folder: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "config.json")) -> str:
-    """SHA-1 (16 hex digits) of the files of ``folder`` matching ``patterns``: a model's identity on disk."""
-    digest = hashlib.sha1()
-    paths = sorted({p for pattern in patterns for p in Path(folder).glob(pattern)})
-    if not paths:
-        raise ConfigError(f"no weights in {folder}: cannot key the training-data cache")
-    for path in paths:
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 # the sources in their own modules register themselves (they import this module's registry)
@@ -223,6 +165,3 @@ class CalibrationDraws(StrictConfig):
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ConfigError(f"{where}.condition_dropout: must be in [0, 1), got {self.condition_dropout}")
 
-
-import compressdit.distill.image_data  # noqa: E402,F401
-import compressdit.distill.teacher_data  # noqa: E402,F401

@@ -17,11 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from compressdit.calibration.sets import load_conditions, resolve_set
 from compressdit.config_base import StrictConfig
 from compressdit.distill.data import labelled_data
-from compressdit.distill.sources import DATA_SOURCES, DataContext, DataSource, files_digest
+from compressdit.distill.source_registry import DATA_SOURCES, DataContext, DataSource, files_digest
 from compressdit.errors import ConfigError
+from compressdit.models.sampling import sample
+from compressdit.progress import progress_bar
 
 
 @dataclass
@@ -68,8 +72,6 @@ def cache_folder(config: TeacherDataConfig, context: DataContext, set_path: Path
 
 
 def _write_atomically(path: Path, latents: torch.Tensor, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({"latents": latents.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -79,11 +81,6 @@ def teacher_latents(config: TeacherDataConfig, context: DataContext, conditions:
                     folder: Path) -> tuple[torch.Tensor, int, float]:
     """Final latents of the teacher for ``conditions`` (batches from the cache where present); also how many
     samples were drawn now and the seconds it took. The teacher is loaded only when a batch is missing."""
-    from safetensors.torch import load_file
-
-    from compressdit.models.sampling import sample
-    from compressdit.progress import progress_bar
-
     folder.mkdir(parents=True, exist_ok=True)
     starts = range(0, len(conditions), config.batch_size)
     parts = {start: folder / f"part-{start:07d}-{min(start + config.batch_size, len(conditions)):07d}.safetensors"
@@ -118,8 +115,6 @@ def teacher_latents(config: TeacherDataConfig, context: DataContext, conditions:
 
 
 def _load_teacher_data(config: TeacherDataConfig, context: DataContext):
-    from compressdit.calibration.sets import load_conditions, resolve_set
-
     kind = context.adapter.condition_kind
     set_path = resolve_set(config.set, kind)
     conditions = load_conditions(set_path, kind, limit=config.images)

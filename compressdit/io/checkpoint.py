@@ -129,28 +129,3 @@ def stored_float_dtype(folder: Path):
                         numel *= d
                     sizes[dtype] += numel
     return max(sizes, key=sizes.get) if sizes else None
-
-
-def save_in_dtype(model, folder: Path, dtype) -> None:
-    """``save_pretrained`` with full-precision tensors in ``dtype`` (e.g. the source's fp16; exact for
-    weights that came from it). Packed codes and fp32 scales of quantized layers are never cast."""
-    import torch
-
-    from compressdit.io.diffusers_quantizer import CompressditConfig
-    from compressdit.quant.transform import quantized_modules
-
-    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
-    if isinstance(config, CompressditConfig):  # config.json says what the float tensors are stored in
-        config.record_float_dtype(dtype)
-    quantized = {f"{n}.{t}" for n, m in quantized_modules(model).items() for t in m.quantized_tensors}
-    tensors = [(name, t) for name, t in list(model.named_parameters()) + list(model.named_buffers())
-               if t.is_floating_point() and name not in quantized]
-    original = {name: t.data for name, t in tensors}
-    if dtype is not None and dtype != torch.float32:
-        for _, t in tensors:
-            t.data = t.data.to(dtype)
-    try:
-        model.save_pretrained(folder)
-    finally:
-        for name, t in tensors:
-            t.data = original[name]

@@ -32,9 +32,13 @@ import torch
 from torch import nn
 
 from compressdit.errors import CheckpointError, ConfigError, UnsupportedModelError
+from compressdit.io.checkpoint import stored_float_dtype
+from compressdit.io.diffusers_quantizer import FLOAT_DTYPES
 from compressdit.io.gguf_kquants import K_QUANTIZERS
 from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_transformer, resolve_path
+from compressdit.models import adapter_for
 from compressdit.models.base import ModelAdapter, OriginalTensor
+from compressdit.quant.transform import quantized_modules
 
 SMALL_TENSOR = 1024  # at most this many elements: F32, as the GGUF converters keep them
 NAMES = ("original", "diffusers")
@@ -47,7 +51,7 @@ _K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1"}
 
 def quant_types() -> tuple[str, ...]:
     """``--quant`` values: float types, and the block types this ``gguf`` package (or compressdit) can write."""
-    import gguf
+    import gguf  # here and below: only the GGUF export path loads the gguf package
 
     writable = []
     for name in _BLOCK_TYPES:
@@ -94,10 +98,6 @@ def load_float_transformer(model: str) -> tuple[nn.Module, set[str], torch.dtype
     """The source's transformer with float weights (a compressdit checkpoint's layers dequantized), the names of
     the layers that checkpoint had quantized (empty for a float source) and the dtype its float tensors are
     stored in (kept tensors are written in it: the fp16 of a fp16 checkpoint, not its float32 in memory)."""
-    from compressdit.io.checkpoint import stored_float_dtype
-    from compressdit.io.diffusers_quantizer import FLOAT_DTYPES
-    from compressdit.quant.transform import quantized_modules
-
     folder = resolve_path(model)
     if (folder / TRANSFORMER_SUBFOLDER / "config.json").exists():
         folder = folder / TRANSFORMER_SUBFOLDER
@@ -191,8 +191,6 @@ def export_gguf(model: str, out: Path, quant: str = "Q8_0", names: str | None = 
                 overwrite: bool = False) -> GGUFExport:
     """Write ``model``'s transformer to the GGUF file ``out`` (atomically); see the module docstring."""
     import gguf
-
-    from compressdit.models import adapter_for
 
     if quant not in quant_types():
         raise ConfigError(f"--quant {quant}: the installed gguf {_gguf_version()} writes {', '.join(quant_types())}")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from compressdit.errors import CheckpointError, ModelNotFoundError
+from compressdit.models import adapter_for
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
@@ -47,9 +48,7 @@ def _split(state: dict[str, torch.Tensor], layout: dict, shapes: dict[str, torch
 def read_gguf(path: str | Path) -> tuple[nn.Module, list[str]]:
     """The float transformer ``path`` holds, and the diffusers names of the linears it stores quantized."""
     import diffusers
-    import gguf
-
-    from compressdit.models import adapter_for
+    import gguf  # only `compressdit export/evaluate` on a GGUF file reads it
 
     path = Path(path)
     if not path.is_file():

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from compressdit.evaluate.report import format_value
 from compressdit.io.checkpoint import folder_bytes
+from compressdit.quant.layers import QuantizedLinear
 from compressdit.quant.spec import LinearQuantSpec
 
 if TYPE_CHECKING:
@@ -35,8 +37,6 @@ def _config(folder: Path) -> dict:
 
 
 def _quantization_lines(model: nn.Module, quant: dict) -> list[str]:
-    from compressdit.quant.layers import QuantizedLinear
-
     modules = quant.get("modules", {})
     if not modules:
         return ["- quantization: none (every linear layer keeps its float weights)"]
@@ -70,8 +70,6 @@ def _pruning_lines(reference: dict, candidate: dict, structure: dict) -> list[st
 def _metric_lines(report: dict[str, Any] | None, report_dir: Path) -> list[str]:
     if not report or not report.get("metrics"):
         return ["Not evaluated: the recipe has no `evaluate` stage (run `compressdit evaluate` on this folder)."]
-    from compressdit.evaluate.report import format_value
-
     columns = report.get("columns") or ["candidate", "reference"]
     lines = ["Same seeds and samples for every column (`report/report.md` has the plots and sample grids).", ""]
     lines += [f"- {col}: {report[col]}" for col in columns if isinstance(report.get(col), str)]

@@ -6,16 +6,17 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import diffusers
 import torch
+from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
 from compressdit.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
 from compressdit.io.checkpoint import verify_safetensors
-
-if TYPE_CHECKING:
-    from compressdit.models.prompt_encoders import PromptEncoder
+from compressdit.models import ADAPTERS, adapter_for
+from compressdit.models.generic import is_diffusers_transformer
+from compressdit.models.prompt_encoders import PromptEncoder, prompt_encoder_for
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo" / "weights"
 TRANSFORMER_SUBFOLDER = "transformer"
@@ -81,11 +82,6 @@ def _class_name(folder: Path) -> str:
 
 def transformer_class(folder: Path) -> type[nn.Module]:
     """The diffusers transformer class ``folder/config.json`` names; raise for anything else."""
-    import diffusers
-
-    from compressdit.models import ADAPTERS
-    from compressdit.models.generic import is_diffusers_transformer
-
     class_name = _class_name(folder)
     model_class = getattr(diffusers, class_name, None)
     if not is_diffusers_transformer(model_class):
@@ -97,13 +93,10 @@ def transformer_class(folder: Path) -> type[nn.Module]:
 
 
 def load_transformer(folder: Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a diffusers transformer folder (quantized or not) after checking its files."""
-    import compressdit  # noqa: F401  (registers the quantizer backend)
-
+    """Load a diffusers transformer folder (quantized or not) after checking its files; the quantizer backend
+    is registered by ``compressdit/__init__``, which Python runs before this module."""
     model_class = transformer_class(folder)
     verify_safetensors(folder)
-    from diffusers.utils import logging as diffusers_logging
-
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # missing/unexpected tensors become errors below, not warnings
     try:
@@ -136,8 +129,6 @@ def load_source(model: str, dtype: torch.dtype | None = None, name: str | None =
     prompt encoder (``embeddings`` file, ``text_encoder`` pipeline, or the pipeline folder's own text encoders;
     loaded on first use, cached under ``cache_dir``). A ``transformer`` given (streaming: the model built on
     ``meta``) is used instead of loading one."""
-    from diffusers import AutoencoderKL
-
     folder = resolve_path(model)
     is_pipeline = (folder / TRANSFORMER_SUBFOLDER / "config.json").exists()
     if transformer is None:
@@ -145,15 +136,11 @@ def load_source(model: str, dtype: torch.dtype | None = None, name: str | None =
     vae = scheduler = None
     if is_pipeline and (folder / "vae" / "config.json").exists():
         verify_safetensors(folder / "vae")
-        import diffusers
-
         vae_class = getattr(diffusers, _class_name(folder / "vae"), None)  # video VAEs: AutoencoderKLWan, ...
         if not (isinstance(vae_class, type) and issubclass(vae_class, diffusers.ModelMixin)):
-            vae_class = AutoencoderKL
+            vae_class = diffusers.AutoencoderKL
         vae = vae_class.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
     if is_pipeline and (folder / "scheduler" / "scheduler_config.json").exists():
-        import diffusers
-
         config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         scheduler_class = getattr(diffusers, config.get("_class_name", ""), diffusers.DPMSolverMultistepScheduler)
         scheduler = scheduler_class.from_pretrained(folder / "scheduler")
@@ -161,9 +148,6 @@ def load_source(model: str, dtype: torch.dtype | None = None, name: str | None =
     card = folder / "training.json"
     if card.exists():
         info = json.loads(card.read_text())
-    from compressdit.models import adapter_for
-    from compressdit.models.prompt_encoders import prompt_encoder_for
-
     encoder_folder = None
     if text_encoder is not None:
         try:

@@ -12,7 +12,8 @@ attention module to its head count; ``moe`` maps a dense FFN's name to the :clas
 of the mixture of experts that replaced it (Dense2MoE), e.g. ``{"transformer_blocks.0.ff": {"dim": 128,
 "dim_out": 128, "experts": 7, "expert_hidden": 64, "top_k": 3, "shared_hidden": 64, ...}}``; ``mob`` maps a block
 stack's attribute to the :class:`~compressdit.moe.blocks.MoBLayout` of its Mixture of Blocks, e.g.
-``{"transformer_blocks": {"blocks": 12, "group": 4, "active": 2, "features": 256}}``. :func:`record_structure` writes the manifest of a pruned model (stock
+``{"transformer_blocks": {"blocks": 12, "group": 4, "active": 2, "features": 256}}``.
+:func:`~compressdit.io.save.record_structure` writes the manifest of a pruned model (stock
 ``save_pretrained`` then saves it), :func:`apply_structure` reshapes the empty model built by
 ``from_pretrained`` before its weights load. Other ``structure`` keys belong to other transforms and are left alone.
 """
@@ -83,21 +84,6 @@ def structure_of(model: nn.Module) -> dict[str, dict[str, Any]]:
             heads[name] = int(module.heads)
     mob = {name: blocks[0].layout.to_dict() for name, blocks in routed_stacks(model).items()}
     return {WIDTH: width, HEADS: heads, **({MOE: moe} if moe else {}), **({MOB: mob} if mob else {})}
-
-
-def record_structure(model: nn.Module) -> dict[str, Any]:
-    """Write the model's width manifest into its ``quantization_config`` (keeping quantized modules' specs).
-
-    Stock ``save_pretrained`` then saves it and ``from_pretrained`` (after ``import compressdit``) rebuilds
-    the pruned shapes. Returns the whole ``structure``.
-    """
-    from compressdit.io.diffusers_quantizer import CompressditConfig, attach_quantizer
-
-    previous = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
-    previous = previous if isinstance(previous, CompressditConfig) else CompressditConfig()
-    structure = {**previous.structure, **structure_of(model)}
-    attach_quantizer(model, previous.specs(), structure)
-    return structure
 
 
 def _entries(structure: dict, key: str) -> dict:

@@ -46,7 +46,8 @@ from torch import nn
 from compressdit.config_base import StrictConfig
 from compressdit.errors import CalibrationError, ConfigError, UnsupportedModelError
 from compressdit.models.base import Conditioning, ModelAdapter
-from compressdit.io.structure import HEADS, WIDTH, head_dim, is_attention, record_structure, set_heads
+from compressdit.io.save import record_structure
+from compressdit.io.structure import HEADS, WIDTH, head_dim, is_attention, set_heads
 from compressdit.quant.layers import QuantizedLinear
 from compressdit.registry import Registry
 
@@ -327,7 +328,7 @@ def prune_width(model: nn.Module, adapter: ModelAdapter, config: WidthConfig,
 
     Gradient-based importances (``taylor``) take either ``loss_fn(model) -> scalar`` (called once, the caller
     decides data and loss) or ``calibration_batches`` (MSE of ``adapter.predict`` against each batch's target).
-    When anything changed, the model's width manifest is recorded (:func:`~compressdit.io.structure.record_structure`:
+    When anything changed, the model's width manifest is recorded (:func:`~compressdit.io.save.record_structure`:
     the model then counts as quantized to diffusers, which refuses dtype casts of it). Returns the new shapes
     of the changed modules: ``{"width": {linear: [out, in]}, "heads": {attention: heads}}``.
     """

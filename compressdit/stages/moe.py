@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from compressdit.errors import ConfigError
-from compressdit.io.structure import record_structure
+from compressdit.io.save import record_structure
 from compressdit.moe.dense2moe import Dense2MoEConfig, dense2moe
 from compressdit.moe.blocks import activated_parameters
 from compressdit.moe.layers import moe_layers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,7 @@ class ZooModel:
 ZOO: Registry[ZooModel] = Registry("zoo model")
 
 
+# each trainer imports the zoo's training code only when `compressdit zoo train` runs it
 def _classifier(workdir: Path, **kw):
     from compressdit.zoo.train_basics import train_classifier
 
@@ -105,9 +107,7 @@ def train(name: str, workdir: Path, max_minutes: float | None = None, steps: int
 
 def write_model_card(name: str) -> Path:
     """Measure a trained diffusion reference (500 samples at CFG 1.5 / 3 / 4) and write its card and sample grid."""
-    import json
-
-    from compressdit.zoo.card import measure_reference, write_card
+    from compressdit.zoo.card import measure_reference, write_card  # evaluation machinery, only after training
 
     entry = ZOO.get(name)
     if entry.card is None or not entry.artifact.exists():

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from compressdit.quant.kernel_registry import set_kernel
-from compressdit.io.checkpoint import save_in_dtype
+from compressdit.io.save import save_in_dtype
 from compressdit.quant.layers import QuantizedLinear
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.transform import LayerRule, quantized_modules

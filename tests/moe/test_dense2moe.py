@@ -9,7 +9,7 @@ import torch
 
 import compressdit  # noqa: F401  (registers the diffusers backend that rebuilds MoE layers)
 from compressdit.errors import ConfigError
-from compressdit.io.structure import record_structure
+from compressdit.io.save import record_structure
 from compressdit.models import ADAPTERS
 from compressdit.moe.dense2moe import Dense2MoEConfig, dense2moe
 from compressdit.moe.layers import MoEFeedForward, moe_layers

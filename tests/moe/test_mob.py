@@ -12,7 +12,8 @@ import compressdit  # noqa: F401  (registers the diffusers backend that rebuilds
 from compressdit.distill import DistillConfig, distill
 from compressdit.distill.losses import resolve_layer_map
 from compressdit.errors import CheckpointError, ConfigError
-from compressdit.io.structure import apply_structure, record_structure
+from compressdit.io.save import record_structure
+from compressdit.io.structure import apply_structure
 from compressdit.moe.blocks import activated_parameters, group_routers, routed_stacks
 from compressdit.moe.mob import MoBConfig, mixture_of_blocks
 from tests.conftest import tiny_dit

@@ -172,7 +172,7 @@ def test_vq_recipes_run_on_a_tiny_dit_and_reload_in_stock_diffusers(name, bits, 
 
 def test_calibrated_bias_survives_a_16_bit_checkpoint_exactly(tmp_path):
     """Full-precision tensors are saved in the source's 16-bit dtype; the calibrated bias must not be."""
-    from compressdit.io.checkpoint import save_in_dtype
+    from compressdit.io.save import save_in_dtype
 
     model = tiny_dit()
     for p in model.parameters():  # weights as if they came from an fp16 checkpoint
