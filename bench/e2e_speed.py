@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -35,7 +36,8 @@ from layer_kernels import cpu_flags, cpu_model  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 MODELS = ["dit-fmnist", "pixart-fmnist", "flux-fmnist"]
 RECIPES = ["rtn-w8a8", "w8a8", "w4a16", "rtn-w4a16", "w4a8", "rtn-w4a8", "rtn-w4a8-channel", "rtn-w3a16", "rtn-w2a16",
-           "vq-w3", "vq-w2", "fp8"]
+           "vq-w3", "vq-w2", "fp8", "rtn-w4a4", "lrq-w4a4", "lrq-w3a4", "svdquant-w4a4", "nvfp4", "mxfp4",
+           "svdquant-nvfp4"]
 
 
 def recipe_plan(model, adapter, recipe_name: str) -> dict:
@@ -56,6 +58,8 @@ def quantized_copy(reference, adapter, recipe_name: str):
         if spec is None:
             continue
         linear = model.get_submodule(name)
+        if spec.rounding != "rtn":  # GPTQ / AdaRound choose other codes in the same layout: the same kernel and speed
+            spec = dataclasses.replace(spec, rounding="rtn", act_order=False)
         if spec.format == "vq":
             spec = clamp_codebook(spec, linear)
             module = FORMATS.get("vq").empty(linear, spec)
