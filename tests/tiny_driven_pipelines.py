@@ -8,7 +8,7 @@ to call it: 64 px or less, and the ``call`` keywords its tiny size needs.
 
 from __future__ import annotations
 
-from tests.tiny_pipelines import T5_WIDTH, _seeded, t5, tokenizer, vae
+from tests.tiny_pipelines import T5_WIDTH, _seeded, t5, tokenizer, vae, wan_vae
 
 VOCAB = 30522  # the BERT WordPiece tokenizer's
 
@@ -170,18 +170,14 @@ def allegro_pipeline(seed: int = 0):
 
 def skyreels_v2_pipeline(seed: int = 0):
     """SkyReels-V2 (UMT5, Wan's VAE): 3 frames of 16 px (2 latent frames of 8x8), as :func:`wan_pipeline`."""
-    from diffusers import AutoencoderKLWan, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+    from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
 
     transformer = _seeded(lambda: SkyReelsV2Transformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
         text_dim=T5_WIDTH, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32), seed)
-    vae = _seeded(lambda: AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
-                                           temperal_downsample=[True], scale_factor_spatial=2,
-                                           scale_factor_temporal=2, latents_mean=[0.0] * 4,
-                                           latents_std=[1.0] * 4), 3)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     return SkyReelsV2Pipeline(tokenizer=tokenizer(512), text_encoder=t5(umt5=True), transformer=transformer,
-                              vae=vae, scheduler=scheduler)
+                              vae=wan_vae(), scheduler=scheduler)
 
 
 def hidream_pipeline(seed: int = 0):

@@ -119,19 +119,25 @@ def cogvideox_pipeline(seed: int = 0):
 
 def wan_pipeline(seed: int = 0):
     """Wan 2.1 layout: 2 latent frames of 8x8 (3 frames of 16 px; the tiny VAE shrinks 2x in time and space)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     transformer = _seeded(lambda: WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
         text_dim=T5_WIDTH, freq_dim=32, ffn_dim=64, num_layers=1, rope_max_seq_len=32), seed)
-    vae = _seeded(lambda: AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
-                                           temperal_downsample=[True], scale_factor_spatial=2,
-                                           scale_factor_temporal=2, latents_mean=[0.0] * 4,
-                                           latents_std=[1.0] * 4), 3)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=3.0)
-    return WanPipeline(tokenizer=tokenizer(512), text_encoder=t5(), vae=vae, transformer=transformer,
+    return WanPipeline(tokenizer=tokenizer(512), text_encoder=t5(), vae=wan_vae(), transformer=transformer,
                        scheduler=scheduler)
+
+
+def wan_vae(seed: int = 3):
+    """Wan's VAE at 4 latent channels, 2x down in time and space (also SkyReels-V2's)."""
+    from diffusers import AutoencoderKLWan
+
+    return _seeded(lambda: AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
+                                            temperal_downsample=[True], scale_factor_spatial=2,
+                                            scale_factor_temporal=2, latents_mean=[0.0] * 4,
+                                            latents_std=[1.0] * 4), seed)
 
 
 def latte_pipeline(seed: int = 0):
