@@ -135,7 +135,8 @@ def streamed_plan(recipe: Recipe, model: nn.Module, adapter: ModelAdapter) -> St
             for flag, what in _ROUNDING_NEEDS:
                 if getattr(rounding, flag):
                     raise CalibrationError(f"recipe {recipe.name}: {name} (rounding {spec.rounding!r}) needs {what}; "
-                                           "run it where the model fits in memory")
+                                           "run it where the model fits in memory, or stream a round-to-nearest "
+                                           "recipe (rtn-w4a16, rtn-w8a8, w8a8)")
             if name in plan:
                 raise ConfigError(f"{name} is already quantized ({plan[name].label}); a recipe quantizes a layer once")
             plan[name] = spec
