@@ -20,17 +20,6 @@
 
 #include "rows.h"
 
-/* FOR_ROWS with a max reduction into m */
-#define FOR_ROWS_MAX(m, i, n, ...)                                                                 \
-    do {                                                                                          \
-        if (threads > 1) {                                                                        \
-            _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(max : m)") \
-            for (int64_t i = 0; i < (n); ++i) __VA_ARGS__                                         \
-        } else {                                                                                  \
-            for (int64_t i = 0; i < (n); ++i) __VA_ARGS__                                         \
-        }                                                                                         \
-    } while (0)
-
 #ifdef _OPENMP
 #include <omp.h>
 static inline int thread_index(void) { return omp_get_thread_num(); }
