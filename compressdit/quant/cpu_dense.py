@@ -32,9 +32,8 @@ import torch.nn.functional as F
 
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.activations import activation_grid, quantize_input
-from compressdit.quant.cpu_native import (E4M3_MAX, bf16_scale, bf16_to_float, fake_quantize_e4m3_rows,
-                                          fake_quantize_grid, fake_quantize_rows_int8, float_to_bf16,
-                                          quantize_e4m3_bf16, round_to_e4m3)
+from compressdit.quant.cpu_native import (bf16_scale, bf16_to_float, fake_quantize_e4m3_rows, fake_quantize_grid,
+                                          fake_quantize_rows_int8, float_to_bf16, quantize_e4m3_bf16)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
 from compressdit.quant.primitives import int_range
@@ -238,13 +237,7 @@ def _fp8_bf16_prepack(layer) -> dict:
 def _fp8_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     """E4M3 activation codes x E4M3 weight codes in a bf16 GEMM (products exact, fp32 sums, the output rounded to
     bf16), then the per-token and per-channel scales and the bias in fp32: ``torch._scaled_mm``'s computation."""
-    x2 = _contiguous_fp32(x.reshape(-1, x.shape[-1]))
-    quantized = quantize_e4m3_bf16(x2)
-    if quantized is None:  # no C library, or under torch.compile: the same numbers in PyTorch ops
-        row_scale = x2.abs().amax(-1).clamp_min_(1e-8).div_(E4M3_MAX)
-        codes = round_to_e4m3((x2 / row_scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX)).to(torch.bfloat16)
-    else:
-        codes, row_scale = quantized
+    codes, row_scale = quantize_e4m3_bf16(_contiguous_fp32(x.reshape(-1, x.shape[-1])))
     out = bf16_scale(F.linear(codes, b["codes"]), row_scale, b["scale"], b["bias"])
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 

@@ -280,9 +280,16 @@ def fake_quantize_e4m3_rows(x: torch.Tensor) -> torch.Tensor:
     pass per row in C (the grid pass of :func:`fake_quantize_grid` on E4M3's grid)."""
     out = None if x.dim() == 0 else fake_quantize_grid(x, x.shape[-1], 0, E4M3_MAX, 3, -6)
     if out is None:
-        scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-8).div_(E4M3_MAX)
-        return round_to_e4m3((x / scale).clamp_(-E4M3_MAX, E4M3_MAX)).mul_(scale)
+        codes, scale = _e4m3_codes(x)
+        return codes.mul_(scale)
     return out
+
+
+def _e4m3_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token E4M3 passes in PyTorch: the E4M3 values of ``clamp(x / s, -448, 448)`` (fp32) and the row scales
+    ``s = max(amax|x|, 1e-8) / 448`` (``[..., 1]``)."""
+    scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-8).div_(E4M3_MAX)
+    return round_to_e4m3((x / scale).clamp_(-E4M3_MAX, E4M3_MAX)), scale
 
 
 def fake_quantize_grid(x: torch.Tensor, group: int, rule: int, top: float, mantissa: int,
@@ -300,12 +307,14 @@ def fake_quantize_grid(x: torch.Tensor, group: int, rule: int, top: float, manti
     return out
 
 
-def quantize_e4m3_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def quantize_e4m3_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token E4M3 codes of an fp32 ``x`` ``[rows, cols]`` as bf16 (exact) and the fp32 row scales ``[rows]``:
-    :func:`fake_quantize_e4m3_rows` is ``codes * scale``. ``None`` without the library."""
+    :func:`fake_quantize_e4m3_rows` is ``codes * scale``. One C pass; PyTorch ops (the same numbers) without the
+    library or under ``torch.compile``."""
     lib = _lib_for(x)
     if lib is None or x.dim() != 2:
-        return None
+        codes, scale = _e4m3_codes(x)
+        return codes.to(torch.bfloat16), scale.squeeze(-1)
     codes, scale = torch.empty(x.shape, dtype=torch.bfloat16), torch.empty(x.shape[0], dtype=torch.float32)
     lib.compressdit_quantize_e4m3_bf16(x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), scale.data_ptr(),
                                        threads_for(x.numel()))

@@ -122,11 +122,13 @@ def test_low_bit_layers_decode_once_and_match_the_reference(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_bf16_kernel_is_the_scaled_codes_gemm_within_bf16_rounding(dtype):
+def test_fp8_bf16_kernel_is_the_scaled_codes_gemm_within_bf16_rounding(dtype, monkeypatch):
     """``cpu-fp8-bf16`` (chosen where bf16 GEMMs pay): E4M3 codes of activations and weights in a bf16 GEMM, scales
     after; within bf16 output rounding of the fp32 reference, a small share of the FP8 error itself. Its activation
-    codes times their scales are the reference's fake-quantized activations bit for bit."""
-    from compressdit.quant.cpu_native import fake_quantize_e4m3_rows, native_library, quantize_e4m3_bf16
+    codes times their scales are the reference's fake-quantized activations bit for bit, on the C pass and on its
+    PyTorch path (no library, or under compilation) alike."""
+    from compressdit.quant import cpu_native
+    from compressdit.quant.cpu_native import fake_quantize_e4m3_rows, quantize_e4m3_bf16
     from compressdit.quant.fp8_layer import FP8Linear
 
     torch.manual_seed(0)
@@ -142,8 +144,9 @@ def test_fp8_bf16_kernel_is_the_scaled_codes_gemm_within_bf16_rounding(dtype):
     assert _error(out, reference) <= (6e-3 if dtype == torch.float32 else 1.2e-2)
     assert _error(out, reference) <= 0.2 * _error(reference, exact)
     rows = x.float().reshape(-1, 128)
-    quantized = quantize_e4m3_bf16(rows)
-    assert (quantized is None) == (native_library() is None)
-    if quantized is not None:
-        codes, scale = quantized
-        assert torch.equal(codes.float() * scale[:, None], fake_quantize_e4m3_rows(rows))
+    codes, scale = quantize_e4m3_bf16(rows)
+    assert codes.dtype == torch.bfloat16 and scale.shape == (rows.shape[0],)
+    assert torch.equal(codes.float() * scale[:, None], fake_quantize_e4m3_rows(rows))
+    monkeypatch.setattr(cpu_native, "native_library", lambda: None)
+    torch_codes, torch_scale = quantize_e4m3_bf16(rows)
+    assert torch.equal(torch_codes, codes) and torch.equal(torch_scale, scale)
