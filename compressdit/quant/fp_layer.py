@@ -16,7 +16,6 @@ from compressdit.errors import ConfigError
 from compressdit.quant.activations import check_activation_fits
 from compressdit.quant.fp_weights import FPQuantized, dequantize_weight_fp, quantize_weight_fp
 from compressdit.quant.gptq import gptq_quantize_fp
-from compressdit.quant.kernel_registry import run_kernel
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.minifloat import MINIFLOATS, pack_nibbles, unpack_nibbles
 from compressdit.quant.spec import LinearQuantSpec, reject_unused_fields
@@ -87,11 +86,6 @@ class MinifloatLinear(QuantizedLinear):
 
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.dequantized_weight(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The registered kernel (``cpu-decoded-dense`` on CPU), else the dequantize reference."""
-        out = run_kernel(self, x)
-        return self.reference_linear(x) if out is None else out
 
 
 def validate_fp_weight_spec(spec: LinearQuantSpec, where: str) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressdit.quant.kernel_registry import cache_of, kernel_cache, kernel_name_of, run_cached
+from compressdit.quant.kernel_registry import cache_of, kernel_cache, kernel_name_of, run_cached, run_kernel
 from compressdit.quant.activations import quantize_input
 from compressdit.quant.gpu_reference import pack_nibbles
 from compressdit.quant.low_rank import low_rank_split
@@ -138,8 +138,10 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Formats without a kernel of their own run the dequantize reference."""
-        return self.reference_forward(x)
+        """The registered kernel for this layer's format and device (VQ, minifloat weights), else the dequantize
+        reference; formats with an input transform (balancing, rotation) override this."""
+        out = run_kernel(self, x)
+        return self.reference_forward(x) if out is None else out
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ground truth every kernel is tested against (formats with an input transform override it)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressdit.quant.kernel_registry import run_kernel
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.vq_ops import vq_decode, vq_linear
@@ -87,10 +86,6 @@ class VQLinear(QuantizedLinear):
         if self.row_scale is not None:  # in fp32: an fp16 product would round once more
             return (weight.float() * self.row_scale.float()[:, None]).to(dtype)
         return weight.to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = run_kernel(self, x)
-        return self.reference_forward(x) if out is None else out
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ``compressdit::vq_linear`` op (CUDA kernels or the PyTorch reference)."""
