@@ -27,18 +27,24 @@ STACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @dataclass
 class StackedExperts:
     """One layer's routed experts stacked for ``torch._grouped_mm``: ``up`` ``[E, d, h]``, ``up_bias`` ``[E, h]``
-    (or ``None``), ``down`` ``[E, h, d_out]``; ``key`` identifies the weights they were copied from."""
+    (or ``None``), ``down`` ``[E, h, d_out]``; ``key`` identifies the weights they were copied from, and
+    ``sources`` (detached aliases of them) keeps their storages alive, so that a replaced weight's address cannot
+    be reused by its successor and pass for it (as ``kernel_registry.StateKey.storage`` does)."""
 
     key: tuple
     up: torch.Tensor
     up_bias: torch.Tensor | None
     down: torch.Tensor
+    sources: tuple[torch.Tensor, ...] = ()
+
+
+def _weights(experts: ExpertWeights) -> tuple[torch.Tensor, ...]:
+    return tuple(t for t in (*experts.up, *experts.down, *experts.up_bias) if t is not None)
 
 
 def weights_key(experts: ExpertWeights) -> tuple:
     """Storage address and version counter of every expert weight: changes when any is replaced or edited."""
-    return tuple((t.data_ptr(), t._version) for t in (*experts.up, *experts.down, *experts.up_bias)
-                 if t is not None)
+    return tuple((t.data_ptr(), t._version) for t in _weights(experts))
 
 
 def stackable(x: torch.Tensor, experts: ExpertWeights) -> bool:
@@ -59,7 +65,8 @@ def stack(experts: ExpertWeights, key: tuple) -> StackedExperts:
     with torch.no_grad():
         return StackedExperts(key=key, up=torch.stack(experts.up).transpose(1, 2),
                               up_bias=None if biases[0] is None else torch.stack(biases),
-                              down=torch.stack(experts.down).transpose(1, 2))
+                              down=torch.stack(experts.down).transpose(1, 2),
+                              sources=tuple(t.detach() for t in _weights(experts)))
 
 
 def run_stacked(x: torch.Tensor, plan: Dispatch, experts: ExpertWeights, stacked: StackedExperts,
