@@ -184,7 +184,7 @@ def run_command(recipe_file: Path = typer.Argument(..., help="Recipe YAML file."
 def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/model folder, or a GGUF file from "
                                                        "`export --format gguf`."),
              reference: str = typer.Option(..., "--reference", help="Uncompressed pipeline folder or zoo:NAME."),
-             baseline: Optional[str] = typer.Option(None, "--baseline", help="Peer (bnb-int8, bnb-nf4, torchao-int8-dynamic, torchao-int8-weight) or recipe."),
+             baseline: Optional[str] = typer.Option(None, "--baseline", help="Peer (bnb-int8, bnb-nf4, torchao-int8-dynamic, torchao-int8-weight, modelopt-int8-sq, modelopt-fp8, modelopt-int4-awq, modelopt-w4a8-awq) or recipe."),
              samples: int = typer.Option(256, "--samples"), steps: int = typer.Option(20, "--steps"),
              seed: int = typer.Option(0, "--seed"), guidance: float = typer.Option(4.0, "--guidance"),
              size: Optional[int] = typer.Option(None, "--size", help="Square resolution in pixels of a pipeline "

@@ -9,10 +9,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import Callable
+
 import torch
 from accelerate import PartialState
+from torch import nn
 
 from compressdit.cache import default_cache_dir
+from compressdit.calibration.sets import load_conditions, resolve_set
 from compressdit.errors import CheckpointError, ConfigError
 from compressdit.evaluate.engine import Entry
 from compressdit.evaluate.peers import PEERS, apply_peer
@@ -22,10 +26,12 @@ from compressdit.io.model_card import write_model_card
 from compressdit.io.save import save_in_dtype
 from compressdit.io.sources import TRANSFORMER_SUBFOLDER, ModelSource, load_source, load_transformer, resolve_path
 from compressdit.models import adapter_for
-from compressdit.models.sampling import initial_latents
+from compressdit.models.driven import configure_call
+from compressdit.models.sampling import initial_latents, sample
 from compressdit.quant.transform import quantized_modules
 from compressdit.recipe import Recipe, load_recipe
 from compressdit.stages import STAGES, PipelineState
+from compressdit.stages.calibrate import CalibrateConfig
 from compressdit.stages.distill import DistillStageConfig, run_distillation
 from compressdit.stages.evaluate import EvaluateConfig, reference_named_layers, run_evaluation
 from compressdit.streaming import stream_quantize, streaming_reason
@@ -150,7 +156,8 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
                 saved = True
             if handler.needs_baseline and getattr(stage.config, "baseline", None):
                 state.baseline = build_baseline(stage.config.baseline, state.reference(),
-                                                reference_named_layers(state), quiet, default_cache_dir())
+                                                reference_named_layers(state), quiet, default_cache_dir(),
+                                                state.calibration_config)
             handler.run(state, stage.config)
         if not saved:
             save_checkpoint(state, recipe)
@@ -236,12 +243,34 @@ def apply_stages(recipe: Recipe, state: PipelineState, skip: tuple[str, ...] = (
             STAGES.get(stage.name).run(state, stage.config)
 
 
-def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: bool, cache_dir: Path | None) -> Entry:
-    """A peer (``bnb-int8``, ...) on the candidate's ``layers``, or recipe ``name``'s stages run on a copy of the
-    reference; its bytes are those of its checkpoint, written to a temporary folder and measured."""
+def peer_calibration(reference: ModelSource, config: CalibrateConfig | None) -> Callable[[nn.Module], None]:
+    """``calibrate(model)`` for a calibrating peer: ``model`` samples the calibration set as a calibrate stage with
+    ``config`` does (the candidate's, so both see the same data; the stage's defaults without one)."""
+    config = config or CalibrateConfig()
+    adapter = adapter_for(reference.transformer)
+    conditions = load_conditions(resolve_set(config.set, adapter.condition_kind), adapter.condition_kind,
+                                 limit=config.samples)
+    scheduler = reference.scheduler or adapter.scheduler(reference.transformer)
+
+    def calibrate(model: nn.Module) -> None:
+        configure_call(adapter, config.size, config.call, "calibrate")
+        with torch.no_grad():
+            sample(adapter, model, conditions, scheduler, steps=config.steps, guidance=config.guidance,
+                   seed=config.seed, batch_size=config.batch_size, prompt_encoder=reference.prompt_encoder)
+
+    return calibrate
+
+
+def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: bool, cache_dir: Path | None,
+                   calibration: CalibrateConfig | None = None) -> Entry:
+    """A peer (``bnb-int8``, ...) on the candidate's ``layers`` (a calibrating one, ``modelopt-*``, on the data of
+    ``calibration``), or recipe ``name``'s stages run on a copy of the reference; a recipe's bytes are those of its
+    checkpoint, written to a temporary folder and measured."""
     model = copy.deepcopy(reference.transformer)
     if name in PEERS:
-        return Entry("baseline", apply_peer(model, layers, name), f"{name}: {PEERS.get(name).description}",
+        peer = PEERS.get(name)
+        calibrate = peer_calibration(reference, calibration) if peer.calibrates else None
+        return Entry("baseline", apply_peer(model, layers, name, calibrate), f"{name}: {peer.description}",
                      compressed_layers=list(layers))
     recipe = load_recipe(name)
     state = PipelineState(source=reference, adapter=adapter_for(model), model=model, workdir=Path("."),

@@ -22,9 +22,10 @@ from compressdit.stages.base import STAGES, PipelineState, Stage
 class EvaluateConfig(StrictConfig):
     """YAML: ``- evaluate: {samples: 256, steps: 20, guidance: 4.0, seed: 0, baseline: bnb-int8}``
 
-    ``baseline`` is a peer (``bnb-int8``, ``bnb-nf4``, ``torchao-int8-dynamic``, ``torchao-int8-weight``:
-    applied to the same layers as the candidate) or a recipe name (e.g. ``rtn-w8a8``) applied to the
-    reference; ``null`` for none.
+    ``baseline`` is a peer (``bnb-int8``, ``bnb-nf4``, ``torchao-int8-dynamic``, ``torchao-int8-weight``, or
+    NVIDIA ModelOpt's calibrated ``modelopt-int8-sq``, ``modelopt-fp8``, ``modelopt-int4-awq``, ``modelopt-w4a8-awq``,
+    calibrated on the recipe's calibration set: applied to the same layers as the candidate) or a recipe name (e.g.
+    ``rtn-w8a8``) applied to the reference; ``null`` for none.
     """
 
     samples: int = 256
