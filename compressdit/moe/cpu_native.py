@@ -5,7 +5,8 @@ At the zoo's sizes (256 tokens, width 128, experts of 64 neurons) the grouped Py
 dispatch than in arithmetic (softmax-free top-k, sort, bincount, gather, bias gather, ``index_add_``: ~10 ops), and
 with two threads each of its ~110-row matmuls is split over both threads, which gains little. Here the layer is
 three calls: a C routing pass (router matmul, top-k, a counting sort into expert groups, each token's grouped rows),
-the up projections of every expert with the gather, torch's activation over all hidden rows at once, and the down
+the up projections of every expert with the gather, torch's activation (on the shared and on the routed hidden rows,
+as the PyTorch path calls it), and the down
 projections with the gated scatter-add back. With several threads the experts run side by side, each matmul on
 one thread, largest first.
 
@@ -130,16 +131,19 @@ def moe_ffn(x: torch.Tensor, router: tuple[torch.Tensor, torch.Tensor | None], t
                               top_k, logits.data_ptr(), chosen.data_ptr(), counts.data_ptr(), rows.data_ptr(),
                               positions.data_ptr(), slots.data_ptr())
     rows_out = torch.empty(tokens * top_k * max(dim, dim_out))  # the gathered inputs, later the routed outputs
-    acts = torch.empty(tokens * (shared_hidden + top_k * hidden))  # shared hidden rows, then the routed ones
+    shared_h, routed_h = torch.empty(tokens, shared_hidden), torch.empty(tokens * top_k, hidden)
     lib.compressdit_moe_up(sgemm, x.data_ptr(), tokens, dim, experts, counts.data_ptr(), rows.data_ptr(),
                            _ptr(shared_up), _ptr(shared_up_bias), shared_hidden, up.data_ptr(), _ptr(stacked.up_bias),
-                           hidden, rows_out.data_ptr(), acts.data_ptr(), acts.data_ptr() + 4 * tokens * shared_hidden,
-                           order.data_ptr(), threads)
-    acts = activation(acts)  # elementwise: one call over the shared and routed hidden rows
+                           hidden, rows_out.data_ptr(), shared_h.data_ptr(), routed_h.data_ptr(), order.data_ptr(),
+                           threads)
+    # the PyTorch path's two activation calls on the same shapes: torch's vectorized loop leaves a tail of up to 31
+    # elements to its scalar code, whose tanh may round differently, so one call over both would change some bits
+    shared_h = None if shared_up is None else activation(shared_h)
+    routed_h = activation(routed_h)
     gate_values = None if gates is None else gates(logits.softmax(-1), chosen).contiguous()
     out = torch.empty(tokens, dim_out)
     lib.compressdit_moe_down(sgemm, tokens, experts, top_k, counts.data_ptr(), positions.data_ptr(),
-                             slots.data_ptr(), _ptr(gate_values), acts.data_ptr(), _ptr(shared_down), shared_hidden,
-                             _ptr(bias), acts.data_ptr() + 4 * tokens * shared_hidden, down.data_ptr(), hidden,
+                             slots.data_ptr(), _ptr(gate_values), _ptr(shared_h), _ptr(shared_down), shared_hidden,
+                             _ptr(bias), routed_h.data_ptr(), down.data_ptr(), hidden,
                              dim_out, rows_out.data_ptr(), out.data_ptr(), order.data_ptr(), threads)
     return out
