@@ -7,7 +7,9 @@ Dense2MoE conversions and width-pruned peers, at 1 and 2 threads, in one process
 
 Every round runs ``--calls`` guided calls of each model in turn (order rotated per round); the medians over rounds
 of process CPU ms per call (all threads of this process: what a busy shared machine disturbs least) and wall ms are
-reported, with each model's ratio to the first. ``--before NAME`` adds ``NAME (before)``: the same checkpoint run by
+reported, with each model's ratio to the first. ``--pytorch-path NAME`` adds ``NAME (PyTorch path)``: the same
+checkpoint without the fused CPU pass of :mod:`compressdit.moe.cpu_native` (and records whether both give equal
+outputs on the step at each thread count). ``--before NAME`` adds ``NAME (before)``: the same checkpoint run by
 the grouped execution of commit ce83035 (per expert: module call, own gather and ``index_add_``), kept below as
 :class:`BeforeMoE` so that old and new execution are compared in the same run. ``--synthetic WIDTH`` adds a
 dit-fmnist-shaped dense model of that width with random weights and its ``dense2moe-50`` / ``width-ffn-50``
@@ -50,6 +52,20 @@ class BeforeMoE(MoEFeedForward):
             if len(tokens):
                 out.index_add_(0, tokens, expert(x.index_select(0, tokens)))
         return out.reshape(*shape[:-1], self.layout.dim_out)
+
+
+class PyTorchPathMoE(MoEFeedForward):
+    """The layer without its fused CPU pass (:mod:`compressdit.moe.cpu_native`): the grouped PyTorch path."""
+
+    def _native(self, x: torch.Tensor, weights) -> None:
+        return None
+
+
+def pytorch_path_copy(model: torch.nn.Module) -> torch.nn.Module:
+    old = copy.deepcopy(model)
+    for layer in moe_layers(old).values():
+        layer.__class__ = PyTorchPathMoE
+    return old
 
 
 def before_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -129,6 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], help="NAME=SOURCE (first: the reference)")
     parser.add_argument("--before", default=None, help="NAME of a MoE model to also run with the old execution")
+    parser.add_argument("--pytorch-path", action="append", default=[],
+                        help="NAME of a MoE model to also run without the fused CPU pass")
     parser.add_argument("--synthetic", type=int, action="append", default=[], help="width of a random DiT")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--calls", type=int, default=5)
@@ -141,6 +159,8 @@ def main() -> None:
         models[name] = load_source(source).transformer.eval()
     if args.before:
         models[f"{args.before} (before)"] = before_copy(models[args.before])
+    for name in args.pytorch_path:
+        models[f"{name} (PyTorch path)"] = pytorch_path_copy(models[name])
     for width in args.synthetic:
         models.update(synthetic(width))
     result = {"machine": machine(), "rounds": args.rounds, "calls_per_round": args.calls,
@@ -156,6 +176,15 @@ def main() -> None:
             cond, uncond = adapter.encode(new, list(range(8))), adapter.encode(new, adapter.null_conditions(8))
             a, b = (guided_prediction(adapter, m, x, torch.tensor([500]), cond, uncond, 4.0) for m in (new, old))
             result["new_vs_before_max_abs_diff"] = float((a - b).abs().max())
+        for name in args.pytorch_path:
+            new, old = models[name], models[f"{name} (PyTorch path)"]
+            adapter = adapter_for(new)
+            x = initial_latents(adapter, new, 8, seed=0)
+            cond, uncond = adapter.encode(new, list(range(8))), adapter.encode(new, adapter.null_conditions(8))
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                a, b = (guided_prediction(adapter, m, x, torch.tensor([500]), cond, uncond, 4.0) for m in (new, old))
+                result[f"{name}_fused_vs_pytorch_path_equal_{threads}_threads"] = bool(torch.equal(a, b))
         for threads in args.threads:
             result[f"{threads}_threads"] = measure(models, args.rounds, args.calls, threads)
             print(json.dumps({threads: result[f"{threads}_threads"]}, indent=1), flush=True)

@@ -1,24 +1,26 @@
 """A fused CPU execution of one MoE FFN layer (``csrc/moe_ffn.c``), with the PyTorch path as its reference.
 
 At the zoo's sizes (256 tokens, width 128, experts of 64 neurons) the grouped PyTorch path
-(:func:`~compressdit.moe.stacked.run_stacked`) spends a large share of a layer on routing ops that each cost more in
-dispatch than in arithmetic (softmax-free top-k, sort, bincount, gather, bias gather, ``index_add_``: ~10 ops), and
-with two threads each of its ~110-row matmuls is split over both threads, which gains little. Here the layer is
-three calls: a C routing pass (router matmul, top-k, a counting sort into expert groups, each token's grouped rows),
-the up projections of every expert with the gather, torch's activation (on the shared and on the routed hidden rows,
-as the PyTorch path calls it), and the down
-projections with the gated scatter-add back. With several threads the experts run side by side, each matmul on
-one thread, largest first.
+(:func:`~compressdit.moe.stacked.run_stacked`) spends a large share of a layer on ops that cost more in dispatch than
+in arithmetic (top-k, sort, bincount, gathers, bias gather, ``index_add_``), and with two threads each of its
+~110-row matmuls is split over both threads, which gains little. Here the layer is one C call: a routing task (router
+matmul, top-k, a counting sort into expert groups, each token's grouped rows) runs while another computes the
+shared expert (which needs no routing), then every routed expert runs gather -> up projection -> bias -> GELU ->
+down projection as one task, largest first, the experts side by side on the threads with each matmul on one thread,
+and the tokens add their experts' rows back. Where the GELU cannot be computed here as torch computes it (softmax
+gates, another activation, no AVX-512, or a torch thread split that leaves elements to its scalar code), the call is
+split in two around torch's activation (and the gates).
 
 Numbers: every matmul is the MKL ``sgemm_`` call that torch's ``mm`` / ``addmm`` makes (found in torch's own
-``libtorch_cpu``), on the same rows, and every add or multiply is done in the same order, so the output equals the
-PyTorch path's at one thread bit for bit (tested). MKL's own result for a matmul of 1-3 rows can change when torch
-splits it over two threads; this path never splits one, so its output does not depend on the thread count, and
-equals the two-thread PyTorch path up to that MKL rounding. Top-k ties (two exactly equal logits) go to the lower
-expert. The library is plain C compiled on first use with the system compiler, as :mod:`compressdit.quant.cpu_native`
-builds its own (same flags, same OpenMP checks); without a compiler, without MKL (a torch built on another BLAS),
-with ``COMPRESSDIT_NATIVE_CPU=0`` or under ``torch.compile``, :func:`moe_ffn` returns ``None`` and the caller runs
-the PyTorch path.
+``libtorch_cpu``) on the same rows, every add or multiply is done in the same order (built with
+``-ffp-contract=off``), and the fused GELU is torch's AVX-512 kernel's arithmetic with its ``Sleef_tanhf16_u10``, so
+the output equals the PyTorch path's bit for bit (tested at one and two threads). MKL may round a matmul of 1-3 rows
+differently once torch splits it over two threads; this path never splits one, so where torch's activation is
+fused, its output does not depend on the thread count. Top-k ties (two exactly equal logits) go to the lower expert.
+The library is plain C compiled on first use with the system compiler, as :mod:`compressdit.quant.cpu_native` builds
+its own (same flags, same OpenMP checks); without a compiler, without MKL (a torch built on another BLAS), with
+``COMPRESSDIT_NATIVE_CPU=0`` or under ``torch.compile``, :func:`moe_ffn` returns ``None`` and the caller runs the
+PyTorch path.
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ from compressdit.quant.cpu_native import _flags, _openmp_runtimes, _takes, _torc
 SOURCE = Path(__file__).with_name("csrc") / "moe_ffn.c"
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 _SIGNATURES = {
-    "compressdit_moe_route": [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
-    "compressdit_moe_up": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR,
-                           _PTR, _PTR, _I32],
-    "compressdit_moe_down": [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64,
-                             _I64, _PTR, _PTR, _PTR, _I32],
+    "compressdit_moe_ffn": [_PTR, _PTR, _I32, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR,
+                            _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I32],
 }
+UP, DOWN = 1, 2  # the phases of compressdit_moe_ffn
+#: torch splits an elementwise op over threads from this many elements (``at::internal::GRAIN_SIZE``) ...
+TORCH_GRAIN = 32768
+#: ... and its AVX-512 float loop takes 32 elements an iteration, leaving the rest of a thread's range to scalar code
+TORCH_VECTOR_STEP = 32
 #: (up weight [h, d], up bias [h] or None, down weight [d_out, h]) of the shared expert
 SharedWeights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
@@ -61,6 +65,19 @@ def mkl_sgemm() -> int | None:
     try:
         torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
         return ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def sleef_tanh16() -> int | None:
+    """Address of the Sleef ``tanh`` torch's AVX-512 kernels use (``Sleef_tanhf16_u10`` in ``libtorch_cpu``); ``None``
+    where torch does not run its AVX-512 kernels here."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    try:
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        return ctypes.cast(torch_cpu.Sleef_tanhf16_u10, ctypes.c_void_p).value
     except (OSError, AttributeError):
         return None
 
@@ -100,6 +117,7 @@ def native_library() -> ctypes.CDLL | None:
         function = getattr(lib, name)
         function.argtypes, function.restype = arguments, None
     lib.openmp = openmp
+    lib.fused_gelu = bool(lib.compressdit_moe_fused_gelu()) and sleef_tanh16() is not None
     return lib
 
 
@@ -107,43 +125,58 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _torch_vectorized_only(numel: int, threads: int) -> bool:
+    """Whether torch's elementwise kernel on ``numel`` contiguous floats and ``threads`` threads computes every
+    element in its vectorized loop (its ``parallel_for`` split: ``min(threads, ceil(numel / grain))`` equal chunks
+    from ``grain`` + 1 elements on): only then does the fused GELU give its bits."""
+    chunks = min(threads, -(-numel // TORCH_GRAIN)) if numel > TORCH_GRAIN else 1
+    return numel % TORCH_VECTOR_STEP == 0 and -(-numel // chunks) % TORCH_VECTOR_STEP == 0
+
+
 def moe_ffn(x: torch.Tensor, router: tuple[torch.Tensor, torch.Tensor | None], top_k: int,
             shared: SharedWeights | None, stacked: StackedExperts, bias: torch.Tensor | None,
-            activation: Callable[[torch.Tensor], torch.Tensor],
+            activation: Callable[[torch.Tensor], torch.Tensor], tanh_gelu: bool,
             gates: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> torch.Tensor | None:
     """The MoE FFN of fp32 tokens ``x`` ``[N, d]`` without autograd: router ``(weight [E, d], bias)``, ``top_k``
     experts per token, the ``shared`` expert (or ``None``), the routed experts as ``stacked``, the output ``bias``,
-    the ``activation``, and ``gates(probs, chosen)`` (``None``: unit gates). ``None`` where the library is missing
-    or a tensor is not a contiguous fp32 CPU one: the caller runs the PyTorch path."""
-    up, down = stacked.up.transpose(1, 2), stacked.down.transpose(1, 2)  # [E, h, d], [E, d_out, h]: the copies
+    the ``activation`` (``tanh_gelu``: it is GELU(approximate='tanh'), which the C pass may compute itself), and
+    ``gates(probs, chosen)`` (``None``: unit gates). ``None`` where the library is missing or a tensor is not a
+    contiguous fp32 CPU one: the caller runs the PyTorch path."""
     lib = None if torch.compiler.is_compiling() else native_library()
-    if lib is None or not x.shape[0] or not _takes(x, *router, *(shared or ()), up, stacked.up_bias, down, bias):
-        return None
+    if lib is None or not x.shape[0] or not _takes(x, *router, *(shared or ()), bias):
+        return None  # the stacked copies are contiguous and of the experts' dtype, which stackable() checked
+    up, down = stacked.up.transpose(1, 2), stacked.down.transpose(1, 2)  # [E, h, d], [E, d_out, h]: the copies
     (tokens, dim), (experts, hidden, _), dim_out = x.shape, up.shape, down.shape[1]
     shared_up, shared_up_bias, shared_down = shared or (None, None, None)
     shared_hidden = 0 if shared_up is None else shared_up.shape[0]
-    index = torch.empty(4 * tokens * top_k + 2 * (experts + 1), dtype=torch.int64)
-    chosen, rows, positions, slots = index[:4 * tokens * top_k].view(4, tokens, top_k).unbind()
-    counts, order = index[4 * tokens * top_k:].view(2, experts + 1).unbind()
+    # chosen, rows, positions, slots [tokens * top_k] each, then counts and order [experts] (moe_ffn.c)
+    index = torch.empty(4 * tokens * top_k + 2 * experts, dtype=torch.int64)
     logits = torch.empty(tokens, experts)
-    sgemm, threads = mkl_sgemm(), torch.get_num_threads()
-    lib.compressdit_moe_route(sgemm, x.data_ptr(), tokens, dim, router[0].data_ptr(), _ptr(router[1]), experts,
-                              top_k, logits.data_ptr(), chosen.data_ptr(), counts.data_ptr(), rows.data_ptr(),
-                              positions.data_ptr(), slots.data_ptr())
-    rows_out = torch.empty(tokens * top_k * max(dim, dim_out))  # the gathered inputs, later the routed outputs
+    xs, ys = torch.empty(tokens * top_k, dim), torch.empty(tokens * top_k, dim_out)
     shared_h, routed_h = torch.empty(tokens, shared_hidden), torch.empty(tokens * top_k, hidden)
-    lib.compressdit_moe_up(sgemm, x.data_ptr(), tokens, dim, experts, counts.data_ptr(), rows.data_ptr(),
-                           _ptr(shared_up), _ptr(shared_up_bias), shared_hidden, up.data_ptr(), _ptr(stacked.up_bias),
-                           hidden, rows_out.data_ptr(), shared_h.data_ptr(), routed_h.data_ptr(), order.data_ptr(),
-                           threads)
-    # the PyTorch path's two activation calls on the same shapes: torch's vectorized loop leaves a tail of up to 31
-    # elements to its scalar code, whose tanh may round differently, so one call over both would change some bits
-    shared_h = None if shared_up is None else activation(shared_h)
-    routed_h = activation(routed_h)
-    gate_values = None if gates is None else gates(logits.softmax(-1), chosen).contiguous()
     out = torch.empty(tokens, dim_out)
-    lib.compressdit_moe_down(sgemm, tokens, experts, top_k, counts.data_ptr(), positions.data_ptr(),
-                             slots.data_ptr(), _ptr(gate_values), _ptr(shared_h), _ptr(shared_down), shared_hidden,
-                             _ptr(bias), routed_h.data_ptr(), down.data_ptr(), hidden,
-                             dim_out, rows_out.data_ptr(), out.data_ptr(), order.data_ptr(), threads)
+    sgemm, threads = mkl_sgemm(), torch.get_num_threads()
+    fused = (gates is None and tanh_gelu and lib.fused_gelu and _torch_vectorized_only(shared_h.numel(), threads)
+             and _torch_vectorized_only(routed_h.numel(), threads))
+
+    def run(phases: int, tanh: int | None, gate_values: torch.Tensor | None) -> None:
+        lib.compressdit_moe_ffn(sgemm, tanh, phases, x.data_ptr(), tokens, dim, router[0].data_ptr(),
+                                _ptr(router[1]), experts, top_k, _ptr(shared_up), _ptr(shared_up_bias),
+                                _ptr(shared_down), shared_hidden, up.data_ptr(), _ptr(stacked.up_bias),
+                                down.data_ptr(), hidden, _ptr(bias), dim_out, _ptr(gate_values), logits.data_ptr(),
+                                index.data_ptr(), xs.data_ptr(), ys.data_ptr(), shared_h.data_ptr(),
+                                routed_h.data_ptr(), out.data_ptr(), threads)
+
+    if fused:
+        run(UP | DOWN, sleef_tanh16(), None)
+        return out
+    run(UP, None, None)
+    # torch's activation, called as the PyTorch path calls it: on the shared and on the routed rows apart (its
+    # scalar tail code may round differently, so one call over both could change some bits); run() reads the
+    # activated buffers
+    shared_h, routed_h = activation(shared_h), activation(routed_h)
+    gate_values = None
+    if gates is not None:  # the chosen experts, largest logit first as torch.topk gives them
+        gate_values = gates(logits.softmax(-1), index[:tokens * top_k].view(tokens, top_k)).contiguous()
+    run(DOWN, None, gate_values)
     return out

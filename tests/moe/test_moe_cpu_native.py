@@ -36,32 +36,45 @@ def _pytorch_path(layer: layers.MoEFeedForward, x: torch.Tensor, monkeypatch) ->
         return layer(x)
 
 
-def _native(layer: layers.MoEFeedForward, x: torch.Tensor, monkeypatch) -> torch.Tensor:
-    """The layer's output, asserting that the fused pass computed it."""
-    served = []
+class _Phases:
+    """The native library, recording the phases of each compressdit_moe_ffn call."""
 
-    def spy(*args, **kwargs):
-        served.append(cpu_native.moe_ffn(*args, **kwargs))
-        return served[-1]
+    def __init__(self, lib) -> None:
+        self.lib, self.phases = lib, []
 
+    def __getattr__(self, name: str):
+        return getattr(self.lib, name)
+
+    def compressdit_moe_ffn(self, *args) -> None:
+        self.phases.append(args[2])
+        self.lib.compressdit_moe_ffn(*args)
+
+
+def _native(layer: layers.MoEFeedForward, x: torch.Tensor, monkeypatch) -> tuple[torch.Tensor, list[int]]:
+    """The layer's output, asserting that the native pass computed it, and the phases of its C calls."""
+    recorder = _Phases(cpu_native.native_library())
     with monkeypatch.context() as patch:
-        patch.setattr(layers, "moe_ffn", spy)
+        patch.setattr(cpu_native, "native_library", lambda: recorder)
         out = layer(x)
-    assert len(served) == 1 and served[0] is not None
-    return out
+    assert recorder.phases, "the native pass did not run"
+    return out, recorder.phases
 
 
-def _check(layer: layers.MoEFeedForward, x: torch.Tensor, threads: int, monkeypatch) -> None:
+def _check(layer: layers.MoEFeedForward, x: torch.Tensor, threads: int, monkeypatch,
+           reference_threads: int = 1) -> list[int]:
+    """The native output equals the PyTorch path's on ``reference_threads`` threads bit for bit; the phases of its C
+    calls."""
     with torch.no_grad():
-        with _threads(1):
+        with _threads(reference_threads):
             reference = _pytorch_path(layer, x, monkeypatch)
         with _threads(threads):
-            out = _native(layer, x, monkeypatch)
+            out, phases = _native(layer, x, monkeypatch)
             pytorch_here = _pytorch_path(layer, x, monkeypatch)
         assert torch.equal(out, reference)
         # with 2 threads MKL may round a 1-3-row matmul differently once torch splits it; the fused pass never does
         torch.testing.assert_close(out, pytorch_here, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(out, _per_token(layer, x), rtol=1e-5, atol=1e-5)
+    return phases
 
 
 @needs_library
@@ -70,6 +83,23 @@ def _check(layer: layers.MoEFeedForward, x: torch.Tensor, threads: int, monkeypa
 def test_native_equals_pytorch_path_on_random_routing(overrides: dict, threads: int, monkeypatch) -> None:
     layer = _layer(**overrides)
     _check(layer, torch.randn(5, 9, 16), threads, monkeypatch)
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tokens, top_k, fused", [(45, 2, True), (600, 2, True), (1025, 1, False)])
+def test_fused_gelu_where_torch_computes_every_element_vectorized(tokens: int, top_k: int, fused: bool, threads: int,
+                                                                  monkeypatch) -> None:
+    """Hidden widths of 32: one C call with the GELU inside, unless torch's split of the activation leaves elements
+    to its scalar code (1025 x 32 elements in two chunks of 16,400 at two threads, 16 elements past a 32 step)."""
+    layer = _layer(expert_hidden=32, shared_hidden=32, top_k=top_k, activation="gelu-tanh")
+    # unfused, the activation is torch's, whose split over threads decides which elements take its scalar code
+    phases = _check(layer, torch.randn(tokens, 16), threads, monkeypatch, reference_threads=1 if fused else threads)
+    one_call = [cpu_native.UP | cpu_native.DOWN]
+    if not cpu_native.native_library().fused_gelu:
+        assert phases == [cpu_native.UP, cpu_native.DOWN]
+    else:
+        assert (phases == one_call) == (fused or threads == 1)
 
 
 @needs_library
@@ -112,4 +142,4 @@ def test_autograd_and_other_dtypes_take_the_pytorch_path(monkeypatch) -> None:
     with torch.no_grad():
         assert cpu_native.moe_ffn(x.reshape(-1, 16).double(), (layer.router.weight, layer.router.bias), 2, None,
                                   layer._stacked_for(layer._plain_experts()), layer.bias, torch.nn.functional.gelu,
-                                  None) is None  # float64: not the library's dtype
+                                  False, None) is None  # float64: not the library's dtype

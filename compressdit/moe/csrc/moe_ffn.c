@@ -1,6 +1,6 @@
-/* One MoE FFN layer's routing and expert matmuls on the CPU in two calls (compressdit/moe/cpu_native.py builds
- * and calls them; the activation between them stays torch's): the same arithmetic as the PyTorch path of
- * compressdit/moe/routing.py and stacked.py, call for call.
+/* One MoE FFN layer on the CPU (compressdit/moe/cpu_native.py builds and calls it): the same arithmetic as the
+ * PyTorch path of compressdit/moe/routing.py and stacked.py, call for call: in one call where the tanh-GELU can be
+ * computed here as torch's vectorized kernel computes it, else in two around torch's activation.
  *
  * Every matmul is the MKL `sgemm_` call torch's mm / addmm makes for `x @ w.t()` with fp32 row-major x [m, k] and
  * weight w [n, k] (column-major view: C^T = W^T-transposed times X^T), on a whole expert's rows and on one thread:
@@ -10,6 +10,10 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <stdatomic.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
                          const float *, const int *, const float *, const int *, const float *, float *, const int *);
@@ -36,11 +40,11 @@ static int above(float a, float b) { return (isnan(a) && !isnan(b)) || a > b; }
 /* The routing of `tokens` tokens: router logits (x @ router_w^T + router_b), the top `k` experts of each token
  * (chosen [tokens, k], largest logit first; equal logits: the lower expert first), the assignments grouped by
  * expert with each expert's tokens ascending (rows [tokens * k]: the token of each grouped row; counts [experts]),
- * and per token the grouped rows of its experts in ascending expert order (positions [tokens, k]) with the slot of
- * `chosen` each came from (slots [tokens, k]). Serial: ~1 % of the layer. */
-void compressdit_moe_route(sgemm_fn sgemm, const float *x, int64_t tokens, int64_t dim, const float *router_w,
-                           const float *router_b, int64_t experts, int64_t k, float *logits, int64_t *chosen,
-                           int64_t *counts, int64_t *rows, int64_t *positions, int64_t *slots) {
+ * per token the grouped rows of its experts in ascending expert order (positions [tokens, k]) with the slot of
+ * `chosen` each came from (slots [tokens, k]), and the experts largest first (order [experts]). */
+static void route(sgemm_fn sgemm, const float *x, int64_t tokens, int64_t dim, const float *router_w,
+                  const float *router_b, int64_t experts, int64_t k, float *logits, int64_t *chosen, int64_t *counts,
+                  int64_t *rows, int64_t *positions, int64_t *slots, int64_t *order) {
     if (router_b != NULL)
         fill_rows(logits, router_b, tokens, experts);
     linear(sgemm, x, router_w, tokens, experts, dim, router_b != NULL, logits);
@@ -84,16 +88,9 @@ void compressdit_moe_route(sgemm_fn sgemm, const float *x, int64_t tokens, int64
     }
     for (int64_t e = experts - 1; e > 0; --e) /* cursors, now at each expert's end, back to counts */
         counts[e] -= counts[e - 1];
-}
-
-/* Experts in decreasing row count, the shared one (index `experts`, `shared_rows` rows) among them: the order the
- * threads take them in (largest first balances the two threads' loads). */
-static void by_size(const int64_t *counts, int64_t experts, int64_t shared_rows, int64_t *order) {
-    int64_t n = 0;
-    for (int64_t e = 0; e <= experts; ++e) {
-        const int64_t size = e < experts ? counts[e] : shared_rows;
-        int64_t i = n++;
-        while (i > 0 && (order[i - 1] < experts ? counts[order[i - 1]] : shared_rows) < size) {
+    for (int64_t e = 0; e < experts; ++e) { /* largest first (the threads' balance), ties by index */
+        int64_t i = e;
+        while (i > 0 && counts[order[i - 1]] < counts[e]) {
             order[i] = order[i - 1];
             --i;
         }
@@ -101,88 +98,140 @@ static void by_size(const int64_t *counts, int64_t experts, int64_t shared_rows,
     }
 }
 
-/* The up projections: the shared expert's hidden rows shared_h [tokens, shared_hidden] = x @ shared_up^T (+ bias,
- * as F.linear: addmm) and every routed expert's, hidden [tokens * k, hidden] = x[rows of e] @ up[e]^T, then + up_b[e]
- * (grouped_mm, then add_). The gathered rows go to xs [tokens * k, dim]. `order` [experts + 1]: scratch. */
-void compressdit_moe_up(sgemm_fn sgemm, const float *x, int64_t tokens, int64_t dim, int64_t experts,
-                        const int64_t *counts, const int64_t *rows, const float *shared_up, const float *shared_up_b,
-                        int64_t shared_hidden, const float *up, const float *up_b, int64_t hidden, float *xs,
-                        float *shared_h, float *routed_h, int64_t *order, int threads) {
-    by_size(counts, experts, shared_up != NULL ? tokens : 0, order);
-    int64_t starts[experts + 1];
+static void starts_of(const int64_t *counts, int64_t experts, int64_t *starts) {
     starts[0] = 0;
     for (int64_t e = 0; e < experts; ++e)
         starts[e + 1] = starts[e] + counts[e];
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
-    for (int64_t i = 0; i <= experts; ++i) {
-        const int64_t e = order[i];
-        if (e == experts) {
-            if (shared_up == NULL)
-                continue;
-            if (shared_up_b != NULL)
-                fill_rows(shared_h, shared_up_b, tokens, shared_hidden);
-            linear(sgemm, x, shared_up, tokens, shared_hidden, dim, shared_up_b != NULL, shared_h);
-            continue;
-        }
-        const int64_t start = starts[e], n = counts[e];
-        if (n == 0)
-            continue;
-        float *xe = xs + start * dim, *he = routed_h + start * hidden;
-        for (int64_t r = 0; r < n; ++r)
-            memcpy(xe + r * dim, x + rows[start + r] * dim, (size_t)dim * sizeof(float));
-        linear(sgemm, xe, up + e * hidden * dim, n, hidden, dim, 0, he);
-        if (up_b != NULL) {
-            const float *b = up_b + e * hidden;
-            for (int64_t r = 0; r < n; ++r)
-                for (int64_t c = 0; c < hidden; ++c)
-                    he[r * hidden + c] = he[r * hidden + c] + b[c];
-        }
-    }
 }
 
-/* The down projections and the combination: out [tokens, dim_out] = shared expert + bias (addmm; the bias alone, or
- * zeros, without one), y [tokens * k, dim_out] = hidden[rows of e] @ down[e]^T per routed expert, then every token
- * adds its experts' rows in ascending expert order, each times its gate (gates [tokens, k] in `chosen`'s slots;
- * NULL: unit gates, not multiplied), as the gated index_add_ does. */
-void compressdit_moe_down(sgemm_fn sgemm, int64_t tokens, int64_t experts, int64_t k, const int64_t *counts,
-                          const int64_t *positions, const int64_t *slots, const float *gates, const float *shared_h,
-                          const float *shared_down, int64_t shared_hidden, const float *bias, const float *routed_h,
-                          const float *down, int64_t hidden, int64_t dim_out, float *y, float *out, int64_t *order,
-                          int threads) {
-    by_size(counts, experts, shared_down != NULL ? tokens : 0, order);
-    int64_t starts[experts + 1];
-    starts[0] = 0;
-    for (int64_t e = 0; e < experts; ++e)
-        starts[e + 1] = starts[e] + counts[e];
+#ifdef __AVX512F__
+typedef __m512 (*tanh16_fn)(__m512);
+
+/* h = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) in place, as torch's AVX-512 GELU(approximate='tanh') kernel
+ * computes it in its vectorized loop (x^3 as (x x) x, the inner sum one fused multiply-add, tanh Sleef_tanhf16_u10:
+ * bit for bit on 2e7 random inputs); a last partial vector goes through the same arithmetic in a padded copy. */
+static void gelu_tanh(tanh16_fn tanh16, float *h, int64_t n) {
+    const __m512 beta = _mm512_set1_ps((float)(1.41421356237309504880 * 1.12837916709551257390 * 0.5));
+    const __m512 kappa = _mm512_set1_ps(0.044715f), one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+    for (int64_t i = 0; i < n; i += 16) {
+        float pad[16] = {0};
+        const int full = n - i >= 16;
+        float *p = full ? h + i : pad;
+        if (!full)
+            memcpy(pad, h + i, (size_t)(n - i) * sizeof(float));
+        const __m512 x = _mm512_loadu_ps(p), cube = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+        const __m512 inner = _mm512_mul_ps(beta, _mm512_fmadd_ps(kappa, cube, x));
+        _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh16(inner))));
+        if (!full)
+            memcpy(h + i, pad, (size_t)(n - i) * sizeof(float));
+    }
+}
+#else
+typedef void *tanh16_fn;
+static void gelu_tanh(tanh16_fn tanh16, float *h, int64_t n) { (void)tanh16, (void)h, (void)n; }
+#endif
+
+/* 1 for a build whose gelu_tanh is torch's AVX-512 kernel */
+int compressdit_moe_fused_gelu(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+enum { UP = 1, DOWN = 2 };
+
+/* The layer, or the part of it `phases` names:
+ *   UP: the routing (route above; `index` holds chosen, rows, positions, slots [tokens * k] each, then counts and
+ *       order [experts]) and the up projections: the shared expert's hidden rows shared_h [tokens, shared_hidden] =
+ *       x @ shared_up^T (+ bias, as F.linear: addmm) and every routed expert's, routed_h [tokens * k, hidden] =
+ *       x[rows of e] @ up[e]^T, then + up_b[e] (grouped_mm, then add_), the gathered rows in xs [tokens * k, dim];
+ *       with `tanh16` (UP | DOWN only) each expert's hidden rows then pass the tanh-GELU;
+ *   DOWN: out [tokens, dim_out] = shared expert + bias (addmm; the bias alone, or zeros, without one), y [tokens * k,
+ *       dim_out] = routed_h[rows of e] @ down[e]^T, then every token adds its experts' rows in ascending expert
+ *       order, each times its gate (gates [tokens, k] in `chosen`'s slots; NULL: unit gates, not multiplied), as the
+ *       gated index_add_ does.
+ * Tasks: 0 routes while 1 runs the shared expert (which needs no routing); the routed experts follow, largest first,
+ * each waiting for the routing if it was handed out before that finished; then the scatter, split by tokens. */
+void compressdit_moe_ffn(sgemm_fn sgemm, tanh16_fn tanh16, int phases, const float *x, int64_t tokens, int64_t dim,
+                         const float *router_w, const float *router_b, int64_t experts, int64_t k,
+                         const float *shared_up, const float *shared_up_b, const float *shared_down,
+                         int64_t shared_hidden, const float *up, const float *up_b, const float *down, int64_t hidden,
+                         const float *bias, int64_t dim_out, const float *gates, float *logits, int64_t *index,
+                         float *xs, float *y, float *shared_h, float *routed_h, float *out, int threads) {
+    const int64_t n = tokens * k;
+    int64_t *chosen = index, *rows = index + n, *positions = index + 2 * n, *slots = index + 3 * n;
+    int64_t *counts = index + 4 * n, *order = counts + experts, starts[experts + 1];
+    atomic_int routed = !(phases & UP);
+    if (!(phases & UP))
+        starts_of(counts, experts, starts);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i <= experts; ++i) {
-            const int64_t e = order[i];
-            if (e == experts) {
-                if (bias != NULL)
-                    fill_rows(out, bias, tokens, dim_out);
-                else
-                    memset(out, 0, (size_t)(tokens * dim_out) * sizeof(float));
-                if (shared_down != NULL)
-                    linear(sgemm, shared_h, shared_down, tokens, dim_out, shared_hidden, bias != NULL, out);
+        for (int64_t task = 0; task < experts + 2; ++task) {
+            if (task == 0) {
+                if (phases & UP) {
+                    route(sgemm, x, tokens, dim, router_w, router_b, experts, k, logits, chosen, counts, rows,
+                          positions, slots, order);
+                    starts_of(counts, experts, starts);
+                    atomic_store_explicit(&routed, 1, memory_order_release);
+                }
                 continue;
             }
-            linear(sgemm, routed_h + starts[e] * hidden, down + e * dim_out * hidden, counts[e], dim_out, hidden, 0,
-                   y + starts[e] * dim_out);
+            if (task == 1) {
+                if ((phases & UP) && shared_up != NULL) {
+                    if (shared_up_b != NULL)
+                        fill_rows(shared_h, shared_up_b, tokens, shared_hidden);
+                    linear(sgemm, x, shared_up, tokens, shared_hidden, dim, shared_up_b != NULL, shared_h);
+                    if (tanh16 != NULL)
+                        gelu_tanh(tanh16, shared_h, tokens * shared_hidden);
+                }
+                if (phases & DOWN) {
+                    if (bias != NULL)
+                        fill_rows(out, bias, tokens, dim_out);
+                    else if (shared_down == NULL)
+                        memset(out, 0, (size_t)(tokens * dim_out) * sizeof(float));
+                    if (shared_down != NULL)
+                        linear(sgemm, shared_h, shared_down, tokens, dim_out, shared_hidden, bias != NULL, out);
+                }
+                continue;
+            }
+            while (!atomic_load_explicit(&routed, memory_order_acquire))
+                ;
+            const int64_t e = order[task - 2], start = starts[e], count = counts[e];
+            float *he = routed_h + start * hidden;
+            if (phases & UP) {
+                float *xe = xs + start * dim;
+                for (int64_t r = 0; r < count; ++r)
+                    memcpy(xe + r * dim, x + rows[start + r] * dim, (size_t)dim * sizeof(float));
+                linear(sgemm, xe, up + e * hidden * dim, count, hidden, dim, 0, he);
+                if (up_b != NULL) {
+                    const float *b = up_b + e * hidden;
+                    for (int64_t r = 0; r < count; ++r)
+                        for (int64_t c = 0; c < hidden; ++c)
+                            he[r * hidden + c] = he[r * hidden + c] + b[c];
+                }
+                if (tanh16 != NULL)
+                    gelu_tanh(tanh16, he, count * hidden);
+            }
+            if (phases & DOWN)
+                linear(sgemm, he, down + e * dim_out * hidden, count, dim_out, hidden, 0, y + start * dim_out);
         }
+        if (phases & DOWN) {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tokens; ++t) {
-            float *o = out + t * dim_out;
-            for (int64_t j = 0; j < k; ++j) {
-                const float *r = y + positions[t * k + j] * dim_out;
-                if (gates == NULL) {
-                    for (int64_t c = 0; c < dim_out; ++c)
-                        o[c] = o[c] + r[c];
-                } else {
-                    const float g = gates[t * k + slots[t * k + j]];
-                    for (int64_t c = 0; c < dim_out; ++c)
-                        o[c] = o[c] + r[c] * g;
+            for (int64_t t = 0; t < tokens; ++t) {
+                float *o = out + t * dim_out;
+                for (int64_t j = 0; j < k; ++j) {
+                    const float *r = y + positions[t * k + j] * dim_out;
+                    if (gates == NULL) {
+                        for (int64_t c = 0; c < dim_out; ++c)
+                            o[c] = o[c] + r[c];
+                    } else {
+                        const float g = gates[t * k + slots[t * k + j]];
+                        for (int64_t c = 0; c < dim_out; ++c)
+                            o[c] = o[c] + r[c] * g;
+                    }
                 }
             }
         }
