@@ -3,10 +3,11 @@ Dense2MoE conversions and width-pruned peers, at 1 and 2 threads, in one process
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=2 python bench/moe_step_time.py --out bench/results/moe_step_time_dit_fmnist \
         --model dense=zoo:dit-fmnist --model dense2moe-50=RUNS/dit-d2m50/out --model width-ffn-50=RUNS/dit-w50/out \
-        --before dense2moe-50
+        --pytorch-path dense2moe-50
 
-Every round runs ``--calls`` guided calls of each model in turn (order rotated per round); the medians over rounds
-of process CPU ms per call (all threads of this process: what a busy shared machine disturbs least) and wall ms are
+Conditions: classes 0-7 (class-conditioned models) or one evaluation caption per class (text-conditioned ones, e.g.
+flux-fmnist). Every round runs ``--calls`` guided calls of each model in turn (order rotated per round); the medians
+over rounds of process CPU ms per call (all threads of this process: what a busy shared machine disturbs least) and wall ms are
 reported, with each model's ratio to the first. ``--pytorch-path NAME`` adds ``NAME (PyTorch path)``: the same
 checkpoint without the fused CPU pass of :mod:`compressdit.moe.cpu_native` (and records whether both give equal
 outputs on the step at each thread count). ``--before NAME`` adds ``NAME (before)``: the same checkpoint run by
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 import compressdit  # noqa: F401  (rebuilds MoE / pruned layers in stock from_pretrained)
+from compressdit.evaluate.engine import evaluation_conditions
 from compressdit.io.sources import load_source
 from compressdit.models import adapter_for
 from compressdit.models.sampling import guided_prediction, initial_latents
@@ -111,7 +113,7 @@ def measure(models: dict, rounds: int, calls: int, threads: int) -> dict:
     for name, model in models.items():
         adapter = adapter_for(model)
         x = initial_latents(adapter, model, 8, seed=0)
-        inputs[name] = (adapter, model, x, adapter.encode(model, list(range(8))),
+        inputs[name] = (adapter, model, x, adapter.encode(model, evaluation_conditions(adapter, 8)[0]),
                         adapter.encode(model, adapter.null_conditions(8)))
         for _ in range(3):  # warm-up
             guided_prediction(*inputs[name][:3], torch.tensor([500]), *inputs[name][3:], 4.0)
@@ -173,14 +175,16 @@ def main() -> None:
             new, old = models[args.before], models[f"{args.before} (before)"]
             adapter = adapter_for(new)
             x = initial_latents(adapter, new, 8, seed=0)
-            cond, uncond = adapter.encode(new, list(range(8))), adapter.encode(new, adapter.null_conditions(8))
+            cond = adapter.encode(new, evaluation_conditions(adapter, 8)[0])
+            uncond = adapter.encode(new, adapter.null_conditions(8))
             a, b = (guided_prediction(adapter, m, x, torch.tensor([500]), cond, uncond, 4.0) for m in (new, old))
             result["new_vs_before_max_abs_diff"] = float((a - b).abs().max())
         for name in args.pytorch_path:
             new, old = models[name], models[f"{name} (PyTorch path)"]
             adapter = adapter_for(new)
             x = initial_latents(adapter, new, 8, seed=0)
-            cond, uncond = adapter.encode(new, list(range(8))), adapter.encode(new, adapter.null_conditions(8))
+            cond = adapter.encode(new, evaluation_conditions(adapter, 8)[0])
+            uncond = adapter.encode(new, adapter.null_conditions(8))
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 a, b = (guided_prediction(adapter, m, x, torch.tensor([500]), cond, uncond, 4.0) for m in (new, old))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -151,32 +152,35 @@ def moe_ffn(x: torch.Tensor, router: tuple[torch.Tensor, torch.Tensor | None], t
     shared_hidden = 0 if shared_up is None else shared_up.shape[0]
     # chosen, rows, positions, slots [tokens * top_k] each, then counts and order [experts] (moe_ffn.c)
     index = torch.empty(4 * tokens * top_k + 2 * experts, dtype=torch.int64)
-    logits = torch.empty(tokens, experts)
-    xs, ys = torch.empty(tokens * top_k, dim), torch.empty(tokens * top_k, dim_out)
-    shared_h, routed_h = torch.empty(tokens, shared_hidden), torch.empty(tokens * top_k, hidden)
-    out = torch.empty(tokens, dim_out)
+    # one float scratch buffer: logits, gathered rows, routed outputs, shared and routed hidden rows, each padded to
+    # 64 bytes
+    sizes = (tokens * experts, tokens * top_k * dim, tokens * top_k * dim_out, tokens * shared_hidden,
+             tokens * top_k * hidden)
+    starts = [0, *itertools.accumulate(-(-size // 16) * 16 for size in sizes)]
+    scratch, out = torch.empty(starts[-1]), torch.empty(tokens, dim_out)
+    logits, xs, ys, shared_h, routed_h = (scratch.data_ptr() + 4 * start for start in starts[:-1])
     sgemm, threads = mkl_sgemm(), torch.get_num_threads()
-    fused = (gates is None and tanh_gelu and lib.fused_gelu and _torch_vectorized_only(shared_h.numel(), threads)
-             and _torch_vectorized_only(routed_h.numel(), threads))
-
-    def run(phases: int, tanh: int | None, gate_values: torch.Tensor | None) -> None:
-        lib.compressdit_moe_ffn(sgemm, tanh, phases, x.data_ptr(), tokens, dim, router[0].data_ptr(),
-                                _ptr(router[1]), experts, top_k, _ptr(shared_up), _ptr(shared_up_bias),
-                                _ptr(shared_down), shared_hidden, up.data_ptr(), _ptr(stacked.up_bias),
-                                down.data_ptr(), hidden, _ptr(bias), dim_out, _ptr(gate_values), logits.data_ptr(),
-                                index.data_ptr(), xs.data_ptr(), ys.data_ptr(), shared_h.data_ptr(),
-                                routed_h.data_ptr(), out.data_ptr(), threads)
-
+    fused = (gates is None and tanh_gelu and lib.fused_gelu and _torch_vectorized_only(sizes[3], threads)
+             and _torch_vectorized_only(sizes[4], threads))
+    weights = (router[0].data_ptr(), _ptr(router[1]), experts, top_k, _ptr(shared_up), _ptr(shared_up_bias),
+               _ptr(shared_down), shared_hidden, up.data_ptr(), _ptr(stacked.up_bias), down.data_ptr(), hidden,
+               _ptr(bias), dim_out)
     if fused:
-        run(UP | DOWN, sleef_tanh16(), None)
+        lib.compressdit_moe_ffn(sgemm, sleef_tanh16(), UP | DOWN, x.data_ptr(), tokens, dim, *weights, None, logits,
+                                index.data_ptr(), xs, ys, shared_h, routed_h, out.data_ptr(), threads)
         return out
-    run(UP, None, None)
+    lib.compressdit_moe_ffn(sgemm, None, UP, x.data_ptr(), tokens, dim, *weights, None, logits, index.data_ptr(), xs,
+                            ys, shared_h, routed_h, out.data_ptr(), threads)
     # torch's activation, called as the PyTorch path calls it: on the shared and on the routed rows apart (its
-    # scalar tail code may round differently, so one call over both could change some bits); run() reads the
-    # activated buffers
-    shared_h, routed_h = activation(shared_h), activation(routed_h)
+    # scalar tail code may round differently, so one call over both could change some bits)
+    view = [scratch[start:start + size] for start, size in zip(starts, sizes)]
+    shared_act = activation(view[3].view(tokens, shared_hidden))
+    routed_act = activation(view[4].view(tokens * top_k, hidden))
     gate_values = None
     if gates is not None:  # the chosen experts, largest logit first as torch.topk gives them
-        gate_values = gates(logits.softmax(-1), index[:tokens * top_k].view(tokens, top_k)).contiguous()
-    run(DOWN, None, gate_values)
+        probs = view[0].view(tokens, experts).softmax(-1)
+        gate_values = gates(probs, index[:tokens * top_k].view(tokens, top_k)).contiguous()
+    lib.compressdit_moe_ffn(sgemm, None, DOWN, x.data_ptr(), tokens, dim, *weights, _ptr(gate_values), logits,
+                            index.data_ptr(), xs, ys, shared_act.data_ptr(), routed_act.data_ptr(), out.data_ptr(),
+                            threads)
     return out
