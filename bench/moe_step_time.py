@@ -7,8 +7,8 @@ Dense2MoE conversions and width-pruned peers, at 1 and 2 threads, in one process
 
 Conditions: classes 0-7 (class-conditioned models) or one evaluation caption per class (text-conditioned ones, e.g.
 flux-fmnist). Every round runs ``--calls`` guided calls of each model in turn (order rotated per round); the medians
-over rounds of process CPU ms per call (all threads of this process: what a busy shared machine disturbs least) and wall ms are
-reported, with each model's ratio to the first. ``--pytorch-path NAME`` adds ``NAME (PyTorch path)``: the same
+over rounds of process CPU ms per call (all threads of this process: what a busy shared machine disturbs least) and
+wall ms are reported, with each model's ratio to the first. ``--pytorch-path NAME`` adds ``NAME (PyTorch path)``: the same
 checkpoint without the fused CPU pass of :mod:`compressdit.moe.cpu_native` (and records whether both give equal
 outputs on the step at each thread count). ``--before NAME`` adds ``NAME (before)``: the same checkpoint run by
 the grouped execution of commit ce83035 (per expert: module call, own gather and ``index_add_``), kept below as
@@ -104,7 +104,8 @@ def synthetic(width: int) -> dict[str, torch.nn.Module]:
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp spins, then sleeps)")}
 
 
 def measure(models: dict, rounds: int, calls: int, threads: int) -> dict:
