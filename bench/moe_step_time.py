@@ -8,9 +8,9 @@ Dense2MoE conversions and width-pruned peers, at 1 and 2 threads, in one process
 Conditions: classes 0-7 (class-conditioned models) or one evaluation caption per class (text-conditioned ones, e.g.
 flux-fmnist). Every round runs ``--calls`` guided calls of each model in turn (order rotated per round); the medians
 over rounds of process CPU ms per call (all threads of this process: what a busy shared machine disturbs least) and
-wall ms are reported, with each model's ratio to the first. ``--pytorch-path NAME`` adds ``NAME (PyTorch path)``: the same
-checkpoint without the fused CPU pass of :mod:`compressdit.moe.cpu_native` (and records whether both give equal
-outputs on the step at each thread count). ``--before NAME`` adds ``NAME (before)``: the same checkpoint run by
+wall ms are reported, with each model's ratio to the first. ``--pytorch-path NAME`` adds ``NAME (PyTorch path)``:
+the same checkpoint without the fused CPU pass of :mod:`compressdit.moe.cpu_native` (and records whether both give
+equal outputs on the step at each thread count). ``--before NAME`` adds ``NAME (before)``: the same checkpoint run by
 the grouped execution of commit ce83035 (per expert: module call, own gather and ``index_add_``), kept below as
 :class:`BeforeMoE` so that old and new execution are compared in the same run. ``--synthetic WIDTH`` adds a
 dit-fmnist-shaped dense model of that width with random weights and its ``dense2moe-50`` / ``width-ffn-50``

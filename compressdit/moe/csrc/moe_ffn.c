@@ -3,10 +3,11 @@
  * computed here as torch's vectorized kernel computes it, else in two around torch's activation.
  *
  * Every matmul is the MKL `sgemm_` call torch's mm / addmm makes for `x @ w.t()` with fp32 row-major x [m, k] and
- * weight w [n, k] (column-major view: C^T = W^T-transposed times X^T), on a whole expert's rows and on one thread:
- * with several threads the experts (and the shared expert) run side by side, each matmul alone, instead of one
- * small matmul after the other split over the threads. Elementwise adds and multiplies are done one operation at a
- * time as torch does them (the library is built with -ffp-contract=off: no fused multiply-add). */
+ * weight w [n, k] (in BLAS's column-major terms y^T = w x^T), on a whole expert's rows and on one thread (MKL
+ * called inside an OpenMP parallel region runs on the calling thread): with several threads the experts (and the
+ * shared expert) run side by side instead of one small matmul after the other split over the threads. Elementwise
+ * adds and multiplies are done one operation at a time as torch does them (built with -ffp-contract=off: no
+ * contracted multiply-adds; the one fused multiply-add below is torch's own, written out). */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
