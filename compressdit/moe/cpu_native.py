@@ -53,6 +53,9 @@ UP, DOWN = 1, 2  # the phases of compressdit_moe_ffn
 TORCH_GRAIN = 32768
 #: ... and its AVX-512 float loop takes 32 elements an iteration, leaving the rest of a thread's range to scalar code
 TORCH_VECTOR_STEP = 32
+#: activations (:data:`compressdit.moe.layers.ACTIVATIONS` names) the C pass computes itself, as torch's AVX-512
+#: kernel does: GELU(approximate='tanh')
+FUSABLE_ACTIVATIONS = frozenset({"gelu-tanh"})
 #: (up weight [h, d], up bias [h] or None, down weight [d_out, h]) of the shared expert
 SharedWeights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
@@ -136,11 +139,11 @@ def _torch_vectorized_only(numel: int, threads: int) -> bool:
 
 def moe_ffn(x: torch.Tensor, router: tuple[torch.Tensor, torch.Tensor | None], top_k: int,
             shared: SharedWeights | None, stacked: StackedExperts, bias: torch.Tensor | None,
-            activation: Callable[[torch.Tensor], torch.Tensor], tanh_gelu: bool,
+            activation: Callable[[torch.Tensor], torch.Tensor], activation_name: str,
             gates: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> torch.Tensor | None:
     """The MoE FFN of fp32 tokens ``x`` ``[N, d]`` without autograd: router ``(weight [E, d], bias)``, ``top_k``
     experts per token, the ``shared`` expert (or ``None``), the routed experts as ``stacked``, the output ``bias``,
-    the ``activation`` (``tanh_gelu``: it is GELU(approximate='tanh'), which the C pass may compute itself), and
+    the ``activation`` (named ``activation_name``: the C pass computes those in :data:`FUSABLE_ACTIVATIONS` itself), and
     ``gates(probs, chosen)`` (``None``: unit gates). ``None`` where the library is missing or a tensor is not a
     contiguous fp32 CPU one: the caller runs the PyTorch path."""
     lib = None if torch.compiler.is_compiling() else native_library()
@@ -160,8 +163,8 @@ def moe_ffn(x: torch.Tensor, router: tuple[torch.Tensor, torch.Tensor | None], t
     scratch, out = torch.empty(starts[-1]), torch.empty(tokens, dim_out)
     logits, xs, ys, shared_h, routed_h = (scratch.data_ptr() + 4 * start for start in starts[:-1])
     sgemm, threads = mkl_sgemm(), torch.get_num_threads()
-    fused = (gates is None and tanh_gelu and lib.fused_gelu and _torch_vectorized_only(sizes[3], threads)
-             and _torch_vectorized_only(sizes[4], threads))
+    fused = (gates is None and activation_name in FUSABLE_ACTIVATIONS and lib.fused_gelu
+             and _torch_vectorized_only(sizes[3], threads) and _torch_vectorized_only(sizes[4], threads))
     weights = (router[0].data_ptr(), _ptr(router[1]), experts, top_k, _ptr(shared_up), _ptr(shared_up_bias),
                _ptr(shared_down), shared_hidden, up.data_ptr(), _ptr(stacked.up_bias), down.data_ptr(), hidden,
                _ptr(bias), dim_out)

@@ -177,7 +177,7 @@ class MoEFeedForward(nn.Module):
             return None
         gates = None if self.layout.gating == "unit" else GATES[self.layout.gating]
         return moe_ffn(x, router, self.top_k, shared, self._stacked_for(weights), self.bias,
-                       ACTIVATIONS[self.layout.activation], self.layout.activation == "gelu-tanh", gates)
+                       ACTIVATIONS[self.layout.activation], self.layout.activation, gates)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         shape = hidden_states.shape

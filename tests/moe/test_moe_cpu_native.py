@@ -142,4 +142,4 @@ def test_autograd_and_other_dtypes_take_the_pytorch_path(monkeypatch) -> None:
     with torch.no_grad():
         assert cpu_native.moe_ffn(x.reshape(-1, 16).double(), (layer.router.weight, layer.router.bias), 2, None,
                                   layer._stacked_for(layer._plain_experts()), layer.bias, torch.nn.functional.gelu,
-                                  False, None) is None  # float64: not the library's dtype
+                                  "gelu", None) is None  # float64: not the library's dtype
