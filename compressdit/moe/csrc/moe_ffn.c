@@ -12,6 +12,7 @@
 #include <string.h>
 #include <math.h>
 #include <stdatomic.h>
+#include <sched.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -198,8 +199,9 @@ void compressdit_moe_ffn(sgemm_fn sgemm, tanh16_fn tanh16, int phases, const flo
                 }
                 continue;
             }
-            while (!atomic_load_explicit(&routed, memory_order_acquire))
-                ;
+            for (int spins = 0; !atomic_load_explicit(&routed, memory_order_acquire);)
+                if (++spins > 1000) /* the routing thread was likely preempted: let it run */
+                    sched_yield();
             const int64_t e = order[task - 2], start = starts[e], count = counts[e];
             float *he = routed_h + start * hidden;
             if (phases & UP) {
