@@ -3,11 +3,14 @@ Dense2MoE conversions and width-pruned peers, at 1 and 2 threads, in one process
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=2 python bench/moe_step_time.py --out bench/results/moe_step_time_dit_fmnist \
         --model dense=zoo:dit-fmnist --model dense2moe-50=RUNS/dit-d2m50/out --model width-ffn-50=RUNS/dit-w50/out \
-        --before dense2moe-50
+        --pytorch-path dense2moe-50
 
-Every round runs ``--calls`` guided calls of each model in turn (order rotated per round); the medians over rounds
-of process CPU ms per call (all threads of this process: what a busy shared machine disturbs least) and wall ms are
-reported, with each model's ratio to the first. ``--before NAME`` adds ``NAME (before)``: the same checkpoint run by
+Conditions: classes 0-7 (class-conditioned models) or one evaluation caption per class (text-conditioned ones, e.g.
+flux-fmnist). Every round runs ``--calls`` guided calls of each model in turn (order rotated per round); the medians
+over rounds of process CPU ms per call (all threads of this process: what a busy shared machine disturbs least) and
+wall ms are reported, with each model's ratio to the first. ``--pytorch-path NAME`` adds ``NAME (PyTorch path)``:
+the same checkpoint without the fused CPU pass of :mod:`compressdit.moe.cpu_native` (and records whether both give
+equal outputs on the step at each thread count). ``--before NAME`` adds ``NAME (before)``: the same checkpoint run by
 the grouped execution of commit ce83035 (per expert: module call, own gather and ``index_add_``), kept below as
 :class:`BeforeMoE` so that old and new execution are compared in the same run. ``--synthetic WIDTH`` adds a
 dit-fmnist-shaped dense model of that width with random weights and its ``dense2moe-50`` / ``width-ffn-50``
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 import compressdit  # noqa: F401  (rebuilds MoE / pruned layers in stock from_pretrained)
+from compressdit.evaluate.engine import evaluation_conditions
 from compressdit.io.sources import load_source
 from compressdit.models import adapter_for
 from compressdit.models.sampling import guided_prediction, initial_latents
@@ -50,6 +54,20 @@ class BeforeMoE(MoEFeedForward):
             if len(tokens):
                 out.index_add_(0, tokens, expert(x.index_select(0, tokens)))
         return out.reshape(*shape[:-1], self.layout.dim_out)
+
+
+class PyTorchPathMoE(MoEFeedForward):
+    """The layer without its fused CPU pass (:mod:`compressdit.moe.cpu_native`): the grouped PyTorch path."""
+
+    def _native(self, x: torch.Tensor, weights) -> None:
+        return None
+
+
+def pytorch_path_copy(model: torch.nn.Module) -> torch.nn.Module:
+    old = copy.deepcopy(model)
+    for layer in moe_layers(old).values():
+        layer.__class__ = PyTorchPathMoE
+    return old
 
 
 def before_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,7 +104,8 @@ def synthetic(width: int) -> dict[str, torch.nn.Module]:
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp spins, then sleeps)")}
 
 
 def measure(models: dict, rounds: int, calls: int, threads: int) -> dict:
@@ -95,7 +114,7 @@ def measure(models: dict, rounds: int, calls: int, threads: int) -> dict:
     for name, model in models.items():
         adapter = adapter_for(model)
         x = initial_latents(adapter, model, 8, seed=0)
-        inputs[name] = (adapter, model, x, adapter.encode(model, list(range(8))),
+        inputs[name] = (adapter, model, x, adapter.encode(model, evaluation_conditions(adapter, 8)[0]),
                         adapter.encode(model, adapter.null_conditions(8)))
         for _ in range(3):  # warm-up
             guided_prediction(*inputs[name][:3], torch.tensor([500]), *inputs[name][3:], 4.0)
@@ -129,6 +148,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], help="NAME=SOURCE (first: the reference)")
     parser.add_argument("--before", default=None, help="NAME of a MoE model to also run with the old execution")
+    parser.add_argument("--pytorch-path", action="append", default=[],
+                        help="NAME of a MoE model to also run without the fused CPU pass")
     parser.add_argument("--synthetic", type=int, action="append", default=[], help="width of a random DiT")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--calls", type=int, default=5)
@@ -141,6 +162,8 @@ def main() -> None:
         models[name] = load_source(source).transformer.eval()
     if args.before:
         models[f"{args.before} (before)"] = before_copy(models[args.before])
+    for name in args.pytorch_path:
+        models[f"{name} (PyTorch path)"] = pytorch_path_copy(models[name])
     for width in args.synthetic:
         models.update(synthetic(width))
     result = {"machine": machine(), "rounds": args.rounds, "calls_per_round": args.calls,
@@ -153,9 +176,20 @@ def main() -> None:
             new, old = models[args.before], models[f"{args.before} (before)"]
             adapter = adapter_for(new)
             x = initial_latents(adapter, new, 8, seed=0)
-            cond, uncond = adapter.encode(new, list(range(8))), adapter.encode(new, adapter.null_conditions(8))
+            cond = adapter.encode(new, evaluation_conditions(adapter, 8)[0])
+            uncond = adapter.encode(new, adapter.null_conditions(8))
             a, b = (guided_prediction(adapter, m, x, torch.tensor([500]), cond, uncond, 4.0) for m in (new, old))
             result["new_vs_before_max_abs_diff"] = float((a - b).abs().max())
+        for name in args.pytorch_path:
+            new, old = models[name], models[f"{name} (PyTorch path)"]
+            adapter = adapter_for(new)
+            x = initial_latents(adapter, new, 8, seed=0)
+            cond = adapter.encode(new, evaluation_conditions(adapter, 8)[0])
+            uncond = adapter.encode(new, adapter.null_conditions(8))
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                a, b = (guided_prediction(adapter, m, x, torch.tensor([500]), cond, uncond, 4.0) for m in (new, old))
+                result[f"{name}_fused_vs_pytorch_path_equal_{threads}_threads"] = bool(torch.equal(a, b))
         for threads in args.threads:
             result[f"{threads}_threads"] = measure(models, args.rounds, args.calls, threads)
             print(json.dumps({threads: result[f"{threads}_threads"]}, indent=1), flush=True)

@@ -19,6 +19,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
+from compressdit.moe.cpu_native import moe_ffn
 from compressdit.moe.routing import GATES, ExpertWeights, dispatch, run_grouped, run_grouped_linear, top_k
 from compressdit.moe.stacked import StackedExperts, run_stacked, stack, stackable, weights_key
 
@@ -92,10 +93,18 @@ def _linear_parts(expert: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
     return up._parameters["weight"], up._parameters["bias"], down._parameters["weight"]
 
 
+def _plain_linear(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` of a plain, unhooked ``nn.Linear``; ``None`` for any other module."""
+    if type(linear) is not nn.Linear or not _unhooked(linear):
+        return None
+    return linear._parameters["weight"], linear._parameters["bias"]
+
+
 class MoEFeedForward(nn.Module):
     """Drop-in for a diffusers ``FeedForward``: ``forward(hidden_states) -> hidden_states`` of width ``dim_out``.
 
-    Tokens are grouped by expert (:mod:`compressdit.moe.routing`, dropless). Plain experts run on their weight
+    Tokens are grouped by expert (:mod:`compressdit.moe.routing`, dropless). On CPU without autograd, a layer of
+    plain fp32 modules runs as one fused pass (:mod:`compressdit.moe.cpu_native`). Plain experts run on their weight
     tensors (:func:`~compressdit.moe.routing.run_grouped_linear`; small CPU layers without autograd through one
     grouped matmul per projection, :mod:`compressdit.moe.stacked`); quantized, wrapped or hooked experts run as
     modules (:func:`~compressdit.moe.routing.run_grouped`); all paths compute the same output. With
@@ -157,16 +166,32 @@ class MoEFeedForward(nn.Module):
         hidden = ACTIVATIONS[self.layout.activation](F.linear(x, up, up_bias))
         return F.linear(hidden, down) if bias is None else torch.addmm(bias, hidden, down.t())
 
+    def _native(self, x: torch.Tensor, weights: ExpertWeights | None) -> torch.Tensor | None:
+        """The layer through :func:`~compressdit.moe.cpu_native.moe_ffn` when it serves this call (no autograd,
+        plain router, shared expert and experts, stackable), else ``None``."""
+        if torch.is_grad_enabled() or weights is None or not stackable(x, weights):
+            return None
+        router = _plain_linear(self.router)
+        shared = None if self.shared is None else _linear_parts(self.shared)
+        if router is None or (shared is None and self.shared is not None):
+            return None
+        gates = None if self.layout.gating == "unit" else GATES[self.layout.gating]
+        return moe_ffn(x, router, self.top_k, shared, self._stacked_for(weights), self.bias,
+                       ACTIVATIONS[self.layout.activation], self.layout.activation, gates)
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
+        weights = self._plain_experts()
+        out = self._native(x, weights)
+        if out is not None:
+            return out.reshape(*shape[:-1], self.layout.dim_out)
         if self._gates_needed():
             gates, chosen = self.route(x)
         else:
             gates, chosen = None, self.router(x).topk(self.top_k, dim=-1).indices
         out = self._shared_and_bias(x)  # the routed experts add into it
         plan = dispatch(chosen, gates, len(self.experts))
-        weights = self._plain_experts()
         if weights is None:
             out = run_grouped(x, plan, list(self.experts), out)
         elif stackable(x, weights):
