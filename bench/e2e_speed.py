@@ -35,7 +35,7 @@ from layer_kernels import cpu_flags, cpu_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MODELS = ["dit-fmnist", "pixart-fmnist", "flux-fmnist"]
-RECIPES = ["rtn-w8a8", "w8a8", "w4a16", "rtn-w4a16", "w4a8", "rtn-w4a8", "rtn-w4a8-channel", "rtn-w3a16", "rtn-w2a16",
+RECIPES = ["rtn-w8a8", "w8a8", "rtn-w8a16", "w4a16", "rtn-w4a16", "w4a8", "rtn-w4a8", "rtn-w4a8-channel", "rtn-w3a16", "rtn-w2a16",
            "vq-w3", "vq-w2", "fp8", "rtn-w4a4", "lrq-w4a4", "lrq-w3a4", "svdquant-w4a4", "nvfp4", "mxfp4",
            "svdquant-nvfp4"]
 

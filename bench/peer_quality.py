@@ -3,7 +3,7 @@ the trained reference models, 500 samples, 20 steps, CFG 4, seed 0, the same see
 
     PYTHONPATH=$PWD nohup nice -n 15 python bench/peer_quality.py > /tmp/peer_quality.log 2>&1 &
 
-Rows, per model: full precision; our shipped ``rtn-w8a8``, ``w8a8``, ``fp8``, ``w4a16``, ``w4a8`` (each calibrated and
+Rows, per model: full precision; our shipped ``rtn-w8a8``, ``w8a8``, ``fp8``, ``rtn-w8a16``, ``w4a16``, ``w4a8`` (each calibrated and
 quantized by its own stages on one thread, saved with stock ``save_pretrained`` and reloaded with stock
 ``from_pretrained``, as in ``bench/lowbit_bars.py``, whose machinery this reuses); the peers of
 :mod:`compressdit.evaluate.peers` on exactly the layers our recipes quantize (all linears but the embedders and the
@@ -43,7 +43,7 @@ MODELS = ("dit-fmnist", "pixart-fmnist", "flux-fmnist")
 # (ours, the peers doing the same job); the table keeps this order
 GROUPS = (("W8A8", ("rtn-w8a8", "w8a8"), ("modelopt-int8-sq", "torchao-int8-dynamic", "bnb-int8")),
           ("FP8", ("fp8",), ("modelopt-fp8",)),
-          ("W8 weight-only", (), ("torchao-int8-weight",)),
+          ("W8 weight-only", ("rtn-w8a16",), ("torchao-int8-weight",)),
           ("W4 weight-only", ("w4a16",), ("modelopt-int4-awq", "bnb-nf4")),
           ("W4A8", ("w4a8",), ("modelopt-w4a8-awq",)))
 ROWS = (FULL,) + tuple(name for _, ours, peers in GROUPS for name in ours + peers)

@@ -190,6 +190,21 @@ def test_vq_layer_decodes_once_on_cpu():
     assert cache_of(layer).nbytes() >= 64 * 32 * 4  # the dense weight's RAM, reported by inspect
 
 
+def test_int8_weight_kernel_takes_misaligned_codes_and_inputs():
+    """Codes memory-mapped from a checkpoint and bf16 inputs that are views sit at any address; torch's int8 weight
+    GEMM needs aligned operands (it crashed the process on these before the kernel copied them aligned)."""
+    linear, layer = _layer(LinearQuantSpec(w_bits=8))
+    codes = layer.weight.data
+    storage = torch.empty(codes.numel() + 64, dtype=codes.dtype)
+    storage[3:3 + codes.numel()] = codes.reshape(-1)
+    layer.weight.data = storage[3:3 + codes.numel()].view(codes.shape)  # as an mmap at offset 3 would give
+    assert layer.weight.data_ptr() % 16 and layer.kernel_name == "cpu-int8-weight"
+    x = (torch.randn(21 * 256 + 8) * 2).to(torch.bfloat16)[5:5 + 21 * 256].view(21, 256)
+    assert x.data_ptr() % 32
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).float(), layer.reference_forward(x).float(), atol=0.05, rtol=0.02)
+
+
 def test_kernel_choice_is_per_layer_and_by_device():
     cpu = torch.device("cpu")
     assert select_kernel(LinearQuantSpec(w_bits=8, a_bits=8), cpu, (96, 256)) == "cpu-int8-gemm"
