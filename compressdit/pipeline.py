@@ -99,6 +99,23 @@ def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
                              "rows": rows})
 
 
+def check_device(device: str) -> None:
+    """Raise unless ``device`` names a torch device this process can use (before any work is done)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not backend.is_available():
+        raise ConfigError(f"--device {device}: torch {torch.__version__} sees no {parsed.type} device here; leave "
+                          "--device out to compress on the CPU")
+    if parsed.index is not None and parsed.index >= backend.device_count():
+        raise ConfigError(f"--device {device}: only {backend.device_count()} {parsed.type} device(s) "
+                          f"(0..{backend.device_count() - 1})")
+
+
 def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, quiet: bool = False,
                calib: str | None = None, text_encoder: str | None = None,
                embeddings: str | None = None, stream: bool = False, max_memory: int | None = None,
@@ -110,6 +127,7 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
     With ``stream``, or when the loaded model would not fit in ``max_memory`` bytes (default: the memory available),
     the model is quantized block by block from its shards (:mod:`compressdit.streaming`), on ``device``."""
     check_output(out, overwrite)  # before loading: a taken output folder should not cost a model load
+    check_device(device)
     ranks = PartialState()
     if ranks.num_processes > 1 and any(STAGES.get(s.name).needs_checkpoint for s in recipe.stages):
         raise ConfigError(f"recipe {recipe.name}: under accelerate launch / torchrun only the calibration is split "
@@ -256,9 +274,21 @@ def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: 
                  disk_bytes=disk_bytes)
 
 
+def check_same_family(candidate: Entry, reference: ModelSource) -> None:
+    """Raise unless ``candidate`` can be compared with ``reference``: the same transformer class on the same latent
+    channels (a pruned candidate may differ in depth or width)."""
+    ours, theirs = type(candidate.model).__name__, type(reference.transformer).__name__
+    channels = [getattr(m.config, "in_channels", None) for m in (candidate.model, reference.transformer)]
+    if ours != theirs or channels[0] != channels[1]:
+        raise ConfigError(f"candidate {candidate.description} ({ours}, {channels[0]} latent channels) is not a "
+                          f"compressed {reference.name} ({theirs}, {channels[1]} latent channels): pass the "
+                          "model it was compressed from as --reference")
+
+
 def evaluate_checkpoint(candidate: Entry, reference: ModelSource, config: EvaluateConfig, out: Path, title: str,
                         quiet: bool = False) -> dict:
     """The ``evaluate`` command: candidate vs reference (vs ``config.baseline``), report written atomically."""
+    check_same_family(candidate, reference)
     baseline = (build_baseline(config.baseline, reference, candidate.compressed_layers, quiet, default_cache_dir())
                 if config.baseline else None)
     with atomic_output(out, overwrite=True) as tmp:

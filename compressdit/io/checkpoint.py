@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -64,13 +65,28 @@ def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob(pattern))
 
 
+def check_writable(out: Path) -> None:
+    """Raise unless ``out``'s temporary sibling can be created: its nearest existing ancestor is a folder this
+    process may write (probed with a folder made and removed at once; permission bits say nothing for root)."""
+    existing = next(p for p in Path(os.path.abspath(out)).parents if p.exists())
+    if not existing.is_dir():
+        raise CheckpointError(f"cannot write {out}: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".compressdit-probe-", dir=existing))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {out}: {existing} is not writable ({exc.strerror}); "
+                              "choose another --out") from None
+
+
 def check_output(out: Path, overwrite: bool = False) -> None:
-    """Raise unless ``out`` can be written: absent, an empty folder, or ``overwrite`` is set."""
+    """Raise unless ``out`` can be written: absent, an empty folder, or ``overwrite`` is set, in a folder this
+    process may write."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"output path {out} exists and is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"output folder {out} already exists and is not empty (use --overwrite)")
+    check_writable(out)
 
 
 @contextlib.contextmanager

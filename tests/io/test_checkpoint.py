@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from compressdit.errors import CheckpointError
-from compressdit.io.checkpoint import atomic_output, folder_bytes, verify_safetensors
+from compressdit.io import checkpoint
+from compressdit.io.checkpoint import atomic_output, check_output, folder_bytes, verify_safetensors
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -121,3 +122,23 @@ def test_atomic_output_refuses_non_empty_output_without_overwrite(tmp_path):
     with atomic_output(empty) as tmp:
         (tmp / "x").write_text("x")
     assert (empty / "x").exists()
+
+
+def test_output_under_a_file_is_refused_before_any_work(tmp_path):
+    """``--out some-file/out`` used to fail only when the run wrote, as ``FileExistsError: [Errno 17]``."""
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="a-file is a file, not a folder"):
+        check_output(tmp_path / "a-file" / "deeper" / "out")
+
+
+def test_output_in_an_unwritable_folder_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    """Permission bits say nothing for root, so the check makes (and removes) a probe folder; a folder it
+    cannot write (read-only mount, /proc) is refused with the reason. The probe's failure is simulated."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    check_output(tmp_path / "new" / "out")  # a missing parent is fine: it is made when the run writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the probe left nothing behind
+    monkeypatch.setattr(checkpoint.tempfile, "mkdtemp", refuse)
+    with pytest.raises(CheckpointError, match="is not writable .Permission denied.; choose another --out"):
+        check_output(tmp_path / "out")
