@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -89,6 +91,20 @@ def check_output(out: Path, overwrite: bool = False) -> None:
     check_writable(out)
 
 
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """The reason (``No space left on device``, ...) when ``exc`` is a failed write of the output, else None;
+    ``shutil.copytree`` (a ``shutil.Error``) and safetensors' writer (``SafetensorError``) keep the error
+    number only in their text."""
+    code = exc.errno if isinstance(exc, OSError) and not isinstance(exc, shutil.Error) else None
+    if code is None:
+        found = re.search(r"\[Errno (\d+)\]|os error (\d+)", str(exc))
+        code = int(found.group(1) or found.group(2)) if found else None
+    return os.strerror(code) if code in WRITE_ERRORS else None
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder next to ``out``; on success it replaces ``out``, on error it is deleted."""
@@ -98,6 +114,13 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        raise CheckpointError(f"cannot write {out}: {reason} (nothing was written); free space or choose another "
+                              "--out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
