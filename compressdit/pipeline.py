@@ -116,6 +116,15 @@ def check_device(device: str) -> None:
                           f"(0..{backend.device_count() - 1})")
 
 
+def check_float(model: str, transformer, stages: list[str]) -> None:
+    """Raise when ``transformer`` was loaded already quantized and one of ``stages`` trains or reshapes float
+    weights (packed integer codes have no gradient: they failed deep inside torch)."""
+    quantized = quantized_modules(transformer)
+    if quantized and stages:
+        raise ConfigError(f"{model} is already quantized ({len(quantized)} layers) and {stages[0]} trains or reshapes "
+                          "float weights: run it on the float model, then quantize its output")
+
+
 def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, quiet: bool = False,
                calib: str | None = None, text_encoder: str | None = None,
                embeddings: str | None = None, stream: bool = False, max_memory: int | None = None,
@@ -148,6 +157,7 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
                                                          cache_dir=default_cache_dir(), transformer=skeleton),
                             device)
     source = load_source(model, text_encoder=text_encoder, embeddings=embeddings, cache_dir=default_cache_dir())
+    check_float(model, source.transformer, [s.name for s in recipe.stages if not STAGES.get(s.name).runs_quantized])
     adapter = adapter_for(source.transformer, source.folder if source.is_pipeline else None)
     if adapter.drives_pipeline and not all(STAGES.get(s.name).runs_driven for s in recipe.stages):
         raise adapter.cannot_sample()  # before the calibration, not after it
@@ -230,6 +240,7 @@ def distill_checkpoint(student: str, teacher: str, out: Path, overrides: dict, w
     config = DistillStageConfig.from_dict(overrides, "distill")
     cache_dir = cache_dir or default_cache_dir()
     student_src = load_source(student)
+    check_float(student, student_src.transformer, ["distill"])
     teacher_src = load_source(teacher, text_encoder=text_encoder, embeddings=embeddings, cache_dir=cache_dir)
     metrics = run_distillation(student_src.transformer, teacher_src, config, cache_dir, quiet,
                                sources=(student_src,), workdir=workdir)

@@ -37,3 +37,20 @@ def test_evaluate_refuses_a_reference_of_another_family(dit_pipeline_dir, text_p
     with pytest.raises(ConfigError, match="DiTTransformer2DModel.*SD3Transformer2DModel.*--reference"):
         check_same_family(Entry("candidate", dit.transformer, "a DiT"), sd3)
     check_same_family(Entry("candidate", dit.transformer, "a DiT"), dit)
+
+
+def test_check_float_names_the_stage_that_needs_float_weights(dit_pipeline_dir):
+    from compressdit.io.diffusers_quantizer import attach_quantizer
+    from compressdit.models import adapter_for
+    from compressdit.pipeline import check_float
+    from compressdit.quant.spec import LinearQuantSpec
+    from compressdit.quant.transform import LayerRule, quantize_layers, resolve_plan
+
+    model = load_source(str(dit_pipeline_dir)).transformer
+    check_float("float", model, ["prune_width"])  # a float model passes every stage
+    plan = resolve_plan(model, adapter_for(model), [LayerRule("re:.*", LinearQuantSpec(w_bits=8))])
+    quantize_layers(model, plan)
+    attach_quantizer(model, {n: s for n, s in plan.items() if s is not None})
+    check_float("quantized", model, [])  # calibrate / quantize / evaluate run on it
+    with pytest.raises(ConfigError, match=r"quantized is already quantized \(\d+ layers\) and moe trains"):
+        check_float("quantized", model, ["moe", "distill"])

@@ -14,6 +14,7 @@ class PixArtAdapter(ModelAdapter):
     condition_kind = "text"
     text_width_key = "caption_channels"
     block_patterns = (_BLOCK,)
+    ffn_modules = (_BLOCK + r"\.ff",)
     block_stacks = (BlockStack("transformer_blocks", "num_layers"),)
     roles = {
         "attn_qkv": (_BLOCK + r"\.attn1\.to_[qkv]",),

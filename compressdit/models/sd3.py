@@ -82,6 +82,7 @@ class SD3Adapter(ModelAdapter):
     prediction = "flow"
     original_arch = "sd3"
     block_patterns = (_BLOCK,)
+    ffn_modules = (_BLOCK + r"\.ff", _BLOCK + r"\.ff_context")
     block_stacks = (BlockStack("transformer_blocks", "num_layers", keep_last=True,
                                returns=("encoder_hidden_states", "hidden_states"),
                                index_keys=("dual_attention_layers",)),)

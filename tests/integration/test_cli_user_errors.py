@@ -42,3 +42,24 @@ def test_too_few_evaluation_samples(dit_pipeline_dir, tmp_path, samples):
                                           tmp_path / "out", "--samples", samples), "--samples", "at least 2")
     assert "--samples.samples" not in line
     assert_nothing_written(tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def quantized_dit(dit_pipeline_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized") / "w8a8"
+    assert run_main(*quantize_args(dit_pipeline_dir, out)).code == 0
+    return out
+
+
+@pytest.mark.parametrize("args", [["prune", "--recipe", "width-30", "--no-eval"],
+                                  ["moe", "--recipe", "dense2moe-50", "--no-eval"],
+                                  ["distill", "--teacher", "TEACHER", "--steps", "2"]],
+                         ids=["prune-width", "moe", "distill"])
+def test_training_stages_refuse_an_already_quantized_model(quantized_dit, dit_pipeline_dir, tmp_path, args):
+    """Width pruning and distillation of a quantized checkpoint used to die in torch (``"normal_kernel_cpu" not
+    implemented for 'Char'``, ``"lerp_kernel_scalar" ...``) after loading everything."""
+    command, *options = [str(dit_pipeline_dir) if a == "TEACHER" else a for a in args]
+    line = assert_one_line_error(run_main(command, quantized_dit, *options, "--out", tmp_path / "out", "--quiet"),
+                                 "already quantized", "float model")
+    assert ("distill" if command == "distill" else command) in line
+    assert_nothing_written(tmp_path / "out")
