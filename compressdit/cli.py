@@ -129,7 +129,7 @@ def _run_named_recipe(recipe: str, model: str, out: Path, no_eval: bool, samples
         for stage in loaded.stages:
             if stage.name == "evaluate":
                 stage.config.samples = samples
-                stage.config.validate("--samples")
+                stage.config.validate("--samples: evaluate")
     _run(loaded, model, out, overwrite, quiet, as_json, calib, text_encoder, embeddings, stream, max_memory, device)
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressdit.errors import UnsupportedModelError
 from compressdit.io.checkpoint import atomic_output, copy_pipeline_parts, folder_bytes
+from compressdit.io.diffusers_quantizer import STRUCTURE_KEYS
 from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_source, resolve_path
 from compressdit.models import adapter_for
 from compressdit.quant.kernel_registry import refresh
@@ -42,11 +44,18 @@ def inspect_checkpoint(model: str) -> dict:
 
 @torch.no_grad()
 def export_dequantized(model: str, out: Path, overwrite: bool = False) -> Path:
-    """Write a plain diffusers folder (float weights, no ``quantization_config``)."""
+    """Write a plain diffusers folder (float weights, no ``quantization_config``); a width-pruned, MoE or MoB
+    model has no stock shapes for one and is refused."""
     source = load_source(model)
     transformer = source.transformer
     if getattr(transformer, "hf_quantizer", None) is not None:
         transformer.dequantize()
+    kept = getattr(transformer.config, "quantization_config", None)
+    if kept is not None:  # dequantize() kept the structure manifest: stock diffusers cannot build these shapes
+        kinds = ", ".join(k for k in STRUCTURE_KEYS if getattr(kept, "structure", {}).get(k))
+        raise UnsupportedModelError(f"{model} has non-stock layers ({kinds} in quantization_config.structure): no "
+                                    "plain diffusers folder can hold them; load it with stock from_pretrained "
+                                    "after `import compressdit`")
     folder = resolve_path(model)
     with atomic_output(out, overwrite=overwrite) as tmp:
         target = tmp / TRANSFORMER_SUBFOLDER if source.is_pipeline else tmp

@@ -105,6 +105,32 @@ def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
                              "rows": rows})
 
 
+def check_device(device: str) -> None:
+    """Raise unless ``device`` names a torch device this process can use (before any work is done)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not backend.is_available():
+        raise ConfigError(f"--device {device}: torch {torch.__version__} sees no {parsed.type} device here; leave "
+                          "--device out to compress on the CPU")
+    if parsed.index is not None and parsed.index >= backend.device_count():
+        raise ConfigError(f"--device {device}: only {backend.device_count()} {parsed.type} device(s) "
+                          f"(0..{backend.device_count() - 1})")
+
+
+def check_float(model: str, transformer, stages: list[str]) -> None:
+    """Raise when ``transformer`` was loaded already quantized and one of ``stages`` trains or reshapes float
+    weights (packed integer codes have no gradient: they failed deep inside torch)."""
+    quantized = quantized_modules(transformer)
+    if quantized and stages:
+        raise ConfigError(f"{model} is already quantized ({len(quantized)} layers) and {stages[0]} trains or reshapes "
+                          "float weights: run it on the float model, then quantize its output")
+
+
 def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, quiet: bool = False,
                calib: str | None = None, text_encoder: str | None = None,
                embeddings: str | None = None, stream: bool = False, max_memory: int | None = None,
@@ -116,6 +142,7 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
     With ``stream``, or when the loaded model would not fit in ``max_memory`` bytes (default: the memory available),
     the model is quantized block by block from its shards (:mod:`compressdit.streaming`), on ``device``."""
     check_output(out, overwrite)  # before loading: a taken output folder should not cost a model load
+    check_device(device)
     ranks = PartialState()
     if ranks.num_processes > 1 and any(STAGES.get(s.name).needs_checkpoint for s in recipe.stages):
         raise ConfigError(f"recipe {recipe.name}: under accelerate launch / torchrun only the calibration is split "
@@ -136,6 +163,7 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
                                                          cache_dir=default_cache_dir(), transformer=skeleton),
                             device)
     source = load_source(model, text_encoder=text_encoder, embeddings=embeddings, cache_dir=default_cache_dir())
+    check_float(model, source.transformer, [s.name for s in recipe.stages if not STAGES.get(s.name).runs_quantized])
     adapter = adapter_for(source.transformer, source.folder if source.is_pipeline else None)
     if adapter.drives_pipeline and not all(STAGES.get(s.name).runs_driven for s in recipe.stages):
         raise adapter.cannot_sample()  # before the calibration, not after it
@@ -219,6 +247,7 @@ def distill_checkpoint(student: str, teacher: str, out: Path, overrides: dict, w
     config = DistillStageConfig.from_dict(overrides, "distill")
     cache_dir = cache_dir or default_cache_dir()
     student_src = load_source(student)
+    check_float(student, student_src.transformer, ["distill"])
     teacher_src = load_source(teacher, text_encoder=text_encoder, embeddings=embeddings, cache_dir=cache_dir)
     metrics = run_distillation(student_src.transformer, teacher_src, config, cache_dir, quiet,
                                sources=(student_src,), workdir=workdir)
@@ -285,9 +314,21 @@ def build_baseline(name: str, reference: ModelSource, layers: list[str], quiet: 
                  disk_bytes=disk_bytes)
 
 
+def check_same_family(candidate: Entry, reference: ModelSource) -> None:
+    """Raise unless ``candidate`` can be compared with ``reference``: the same transformer class on the same latent
+    channels (a pruned candidate may differ in depth or width)."""
+    ours, theirs = type(candidate.model).__name__, type(reference.transformer).__name__
+    channels = [getattr(m.config, "in_channels", None) for m in (candidate.model, reference.transformer)]
+    if ours != theirs or channels[0] != channels[1]:
+        raise ConfigError(f"candidate {candidate.description} ({ours}, {channels[0]} latent channels) is not a "
+                          f"compressed {reference.name} ({theirs}, {channels[1]} latent channels): pass the "
+                          "model it was compressed from as --reference")
+
+
 def evaluate_checkpoint(candidate: Entry, reference: ModelSource, config: EvaluateConfig, out: Path, title: str,
                         quiet: bool = False) -> dict:
     """The ``evaluate`` command: candidate vs reference (vs ``config.baseline``), report written atomically."""
+    check_same_family(candidate, reference)
     baseline = (build_baseline(config.baseline, reference, candidate.compressed_layers, quiet, default_cache_dir())
                 if config.baseline else None)
     with atomic_output(out, overwrite=True) as tmp:

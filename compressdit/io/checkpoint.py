@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -64,13 +67,42 @@ def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob(pattern))
 
 
+def check_writable(out: Path) -> None:
+    """Raise unless ``out``'s temporary sibling can be created: its nearest existing ancestor is a folder this
+    process may write (probed with a folder made and removed at once; permission bits say nothing for root)."""
+    existing = next(p for p in Path(os.path.abspath(out)).parents if p.exists())
+    if not existing.is_dir():
+        raise CheckpointError(f"cannot write {out}: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".compressdit-probe-", dir=existing))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {out}: {existing} is not writable ({exc.strerror}); "
+                              "choose another --out") from None
+
+
 def check_output(out: Path, overwrite: bool = False) -> None:
-    """Raise unless ``out`` can be written: absent, an empty folder, or ``overwrite`` is set."""
+    """Raise unless ``out`` can be written: absent, an empty folder, or ``overwrite`` is set, in a folder this
+    process may write."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"output path {out} exists and is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"output folder {out} already exists and is not empty (use --overwrite)")
+    check_writable(out)
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """The reason (``No space left on device``, ...) when ``exc`` is a failed write of the output, else None;
+    ``shutil.copytree`` (a ``shutil.Error``) and safetensors' writer (``SafetensorError``) keep the error
+    number only in their text."""
+    code = exc.errno if isinstance(exc, OSError) and not isinstance(exc, shutil.Error) else None
+    if code is None:
+        found = re.search(r"\[Errno (\d+)\]|os error (\d+)", str(exc))
+        code = int(found.group(1) or found.group(2)) if found else None
+    return os.strerror(code) if code in WRITE_ERRORS else None
 
 
 @contextlib.contextmanager
@@ -82,6 +114,13 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        raise CheckpointError(f"cannot write {out}: {reason} (nothing was written); free space or choose another "
+                              "--out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

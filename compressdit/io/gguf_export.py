@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from compressdit.errors import CheckpointError, ConfigError, UnsupportedModelError
-from compressdit.io.checkpoint import stored_float_dtype
+from compressdit.io.checkpoint import check_writable, stored_float_dtype, write_failure
 from compressdit.io.diffusers_quantizer import FLOAT_DTYPES
 from compressdit.io.gguf_kquants import K_QUANTIZERS
 from compressdit.io.sources import TRANSFORMER_SUBFOLDER, load_transformer, resolve_path
@@ -199,6 +199,7 @@ def export_gguf(model: str, out: Path, quant: str = "Q8_0", names: str | None = 
     out = Path(out)
     if out.exists() and (out.is_dir() or not overwrite):
         raise CheckpointError(f"output {out} already exists" + ("" if out.is_dir() else " (use --overwrite)"))
+    check_writable(out)
     transformer, quantized, float_dtype = load_float_transformer(model)
     adapter = adapter_for(transformer)
     model_class = type(transformer).__name__
@@ -237,6 +238,9 @@ def export_gguf(model: str, out: Path, quant: str = "Q8_0", names: str | None = 
         os.umask(umask)
         os.chmod(writer_path, 0o666 & ~umask)  # mkstemp's 0600 is not what a written model file should have
         os.replace(writer_path, out)
+    except OSError as exc:  # a short write (a full disk) has no error number: any OSError here is the writing's
+        raise CheckpointError(f"cannot write {out}: {write_failure(exc) or exc} (nothing was written); free space "
+                              "or choose another --out") from None
     finally:
         writer_path.unlink(missing_ok=True)
     return result

@@ -72,6 +72,14 @@ def _download(repo_id: str) -> Path:
 
 def _class_name(folder: Path) -> str:
     config = folder / "config.json"
+    if not config.exists() and (folder / "model_index.json").exists():
+        try:
+            parts = sorted(k for k in json.loads((folder / "model_index.json").read_text()) if not k.startswith("_"))
+        except (json.JSONDecodeError, AttributeError):
+            parts = []
+        raise CheckpointError(f"{folder} is a pipeline folder without transformer/config.json (its components: "
+                              f"{', '.join(parts) or 'none'}): compressdit compresses a pipeline's diffusion "
+                              "transformer")
     if not config.exists():
         raise CheckpointError(f"{folder} has no config.json: not a diffusers model folder")
     try:

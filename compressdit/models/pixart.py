@@ -6,6 +6,7 @@ from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAda
 from compressdit.models.text_conditions import TextEmbedding, embed_prompts, stack
 
 _BLOCK = r"transformer_blocks\.\d+"
+_EXPERT = r"\.(?:experts\.\d+|shared)"  # MoE experts of the FFNs (Dense2MoE)
 
 
 class PixArtAdapter(ModelAdapter):
@@ -14,6 +15,7 @@ class PixArtAdapter(ModelAdapter):
     condition_kind = "text"
     text_width_key = "caption_channels"
     block_patterns = (_BLOCK,)
+    ffn_modules = (_BLOCK + r"\.ff",)
     block_stacks = (BlockStack("transformer_blocks", "num_layers"),)
     roles = {
         "attn_qkv": (_BLOCK + r"\.attn1\.to_[qkv]",),
@@ -21,8 +23,8 @@ class PixArtAdapter(ModelAdapter):
         "cross_q": (_BLOCK + r"\.attn2\.to_q",),
         "cross_kv": (_BLOCK + r"\.attn2\.to_[kv]",),
         "cross_out": (_BLOCK + r"\.attn2\.to_out\.0",),
-        "ffn_up": (_BLOCK + r"\.ff\.net\.0\.proj",),
-        "ffn_down": (_BLOCK + r"\.ff\.net\.2",),
+        "ffn_up": (_BLOCK + r"\.ff\.net\.0\.proj", _BLOCK + r"\.ff" + _EXPERT + r"\.up"),
+        "ffn_down": (_BLOCK + r"\.ff\.net\.2", _BLOCK + r"\.ff" + _EXPERT + r"\.down"),
         "adaln": (r"adaln_single\.linear",),
         "embedder": (r"adaln_single\.emb\..*", r"caption_projection\..*", r"pos_embed\..*"),
         "head": (r"proj_out",),

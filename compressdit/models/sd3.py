@@ -20,6 +20,7 @@ from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAda
 from compressdit.models.text_conditions import TextEmbedding, embed_prompts, stack
 
 _BLOCK = r"transformer_blocks\.\d+"
+_EXPERT = r"\.(?:experts\.\d+|shared)"  # MoE experts of the FFNs (Dense2MoE)
 
 
 def pooled_text(model_name: str, conditions, dim: int, pooled_dim: int) -> dict:
@@ -82,6 +83,7 @@ class SD3Adapter(ModelAdapter):
     prediction = "flow"
     original_arch = "sd3"
     block_patterns = (_BLOCK,)
+    ffn_modules = (_BLOCK + r"\.ff", _BLOCK + r"\.ff_context")
     block_stacks = (BlockStack("transformer_blocks", "num_layers", keep_last=True,
                                returns=("encoder_hidden_states", "hidden_states"),
                                index_keys=("dual_attention_layers",)),)
@@ -89,9 +91,10 @@ class SD3Adapter(ModelAdapter):
         "attn_qkv": (_BLOCK + r"\.attn2?\.to_[qkv]",),
         "attn_out": (_BLOCK + r"\.attn2?\.to_out\.0",),
         "context": (_BLOCK + r"\.attn\.add_[qkv]_proj", _BLOCK + r"\.attn\.to_add_out",
-                    _BLOCK + r"\.ff_context\.net\.(?:0\.proj|2)", _BLOCK + r"\.norm1_context\.linear"),
-        "ffn_up": (_BLOCK + r"\.ff\.net\.0\.proj",),
-        "ffn_down": (_BLOCK + r"\.ff\.net\.2",),
+                    _BLOCK + r"\.ff_context\.net\.(?:0\.proj|2)", _BLOCK + r"\.ff_context" + _EXPERT + r"\.(?:up|down)",
+                    _BLOCK + r"\.norm1_context\.linear"),
+        "ffn_up": (_BLOCK + r"\.ff\.net\.0\.proj", _BLOCK + r"\.ff" + _EXPERT + r"\.up"),
+        "ffn_down": (_BLOCK + r"\.ff\.net\.2", _BLOCK + r"\.ff" + _EXPERT + r"\.down"),
         "adaln": (_BLOCK + r"\.norm1\.linear",),
         "embedder": (r"time_text_embed\..*", r"context_embedder", r"pos_embed\..*"),
         "head": (r"norm_out\.linear", r"proj_out"),

@@ -72,6 +72,9 @@ class Stage(ABC):
     #: runs on a model sampled only through its pipeline's own ``__call__`` (``models/driven.py``): the stage
     #: samples, if at all, with ``models.sampling.sample`` and never calls the transformer itself
     runs_driven: ClassVar[bool] = False
+    #: runs on a model loaded already quantized (a compressdit checkpoint as MODEL); the others train or reshape
+    #: float weights and are refused before any work
+    runs_quantized: ClassVar[bool] = False
 
     def parse(self, data: Any, where: str) -> StrictConfig:
         return self.config_class.from_dict(data, where)

@@ -104,6 +104,7 @@ def run_calibration(state: PipelineState, config: CalibrateConfig) -> Activation
 class CalibrateStage(Stage):
     config_class = CalibrateConfig
     runs_driven = True
+    runs_quantized = True
 
     def run(self, state: PipelineState, config: CalibrateConfig) -> None:
         started = time.perf_counter()

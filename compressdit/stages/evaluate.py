@@ -111,6 +111,7 @@ class EvaluateStage(Stage):
     needs_checkpoint = True
     needs_baseline = True
     runs_driven = True
+    runs_quantized = True
 
     def run(self, state: PipelineState, config: EvaluateConfig) -> None:
         reference = state.reference()

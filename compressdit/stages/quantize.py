@@ -17,6 +17,7 @@ class QuantizeConfig(MethodStageConfig):
 class QuantizeStage(MethodStage):
     config_class = QuantizeConfig
     runs_driven = True
+    runs_quantized = True
     methods = METHODS
 
     def run(self, state: PipelineState, config: QuantizeConfig) -> None:

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from compressdit.errors import CheckpointError
-from compressdit.io.checkpoint import atomic_output, folder_bytes, verify_safetensors
+from compressdit.io import checkpoint
+from compressdit.io.checkpoint import atomic_output, check_output, folder_bytes, verify_safetensors, write_failure
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -121,3 +122,56 @@ def test_atomic_output_refuses_non_empty_output_without_overwrite(tmp_path):
     with atomic_output(empty) as tmp:
         (tmp / "x").write_text("x")
     assert (empty / "x").exists()
+
+
+def test_output_under_a_file_is_refused_before_any_work(tmp_path):
+    """``--out some-file/out`` used to fail only when the run wrote, as ``FileExistsError: [Errno 17]``."""
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="a-file is a file, not a folder"):
+        check_output(tmp_path / "a-file" / "deeper" / "out")
+
+
+def test_output_in_an_unwritable_folder_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    """Permission bits say nothing for root, so the check makes (and removes) a probe folder; a folder it
+    cannot write (read-only mount, /proc) is refused with the reason. The probe's failure is simulated."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    check_output(tmp_path / "new" / "out")  # a missing parent is fine: it is made when the run writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the probe left nothing behind
+    monkeypatch.setattr(checkpoint.tempfile, "mkdtemp", refuse)
+    with pytest.raises(CheckpointError, match="is not writable .Permission denied.; choose another --out"):
+        check_output(tmp_path / "out")
+
+
+def _full_disk_errors(tmp_path):
+    import errno
+    import shutil
+
+    from safetensors import SafetensorError
+
+    target = str(tmp_path / ".out.tmp-x" / "model.safetensors")
+    return [OSError(errno.ENOSPC, "No space left on device"),
+            shutil.Error([("src", target, f"[Errno 28] No space left on device: 'src' -> '{target}'")]),
+            SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")]
+
+
+@pytest.mark.parametrize("which", ["OSError", "copytree", "safetensors"])
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, which):
+    """A full disk used to surface as shutil.Error's list of tuples (temp paths included) or as a safetensors
+    traceback; every writer's form is now one line naming the output and the reason."""
+    exc = _full_disk_errors(tmp_path)[["OSError", "copytree", "safetensors"].index(which)]
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"cannot write .*out: No space left on device \(nothing was written\)"):
+        with atomic_output(out):
+            raise exc
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_other_errors_inside_an_output_pass_through(tmp_path):
+    """Only write failures are reworded: a missing input file keeps its own error."""
+    assert write_failure(FileNotFoundError(2, "No such file or directory")) is None
+    with pytest.raises(FileNotFoundError):
+        with atomic_output(tmp_path / "out"):
+            raise FileNotFoundError(2, "No such file or directory")
+    assert not (tmp_path / "out").exists()

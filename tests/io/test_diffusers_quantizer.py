@@ -468,3 +468,22 @@ def test_on_the_fly_config_naming_a_missing_module_is_a_config_error(dit_model_d
     config = CompressditConfig(modules={"transformer_blocks.9.attn1.to_q": {"w_bits": 8}})
     with pytest.raises(ConfigError, match=r"'transformer_blocks\.9\.attn1\.to_q'"):
         DiTTransformer2DModel.from_pretrained(dit_model_dir, quantization_config=config)
+
+
+def test_dequantize_keeps_a_mixture_of_blocks_manifest(tmp_path):
+    """``dequantize()`` kept the width / heads / MoE manifest but dropped MoB's: saving then wrote a folder that
+    stock diffusers reloaded as the dense model (its routers only "not used" in a warning), outputs off by ~6."""
+    from compressdit.io.save import record_structure
+    from compressdit.moe.blocks import routed_stacks
+    from tests.moe.test_mob import _predict, _routed
+
+    _, model = _routed()
+    record_structure(model)
+    model.save_pretrained(tmp_path / "mob")
+    reloaded = DiTTransformer2DModel.from_pretrained(tmp_path / "mob")
+    reloaded.dequantize()
+    assert reloaded.config.quantization_config.structure["mob"] == model.config.quantization_config.structure["mob"]
+    reloaded.save_pretrained(tmp_path / "again")
+    again = DiTTransformer2DModel.from_pretrained(tmp_path / "again")
+    assert len(routed_stacks(again)["transformer_blocks"]) == 4
+    torch.testing.assert_close(_predict(again), _predict(model), rtol=1e-5, atol=1e-5)

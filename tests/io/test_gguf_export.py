@@ -168,6 +168,21 @@ def test_bad_inputs_fail_before_loading(tmp_path):
     assert (tmp_path / "exists.gguf").read_bytes() == b"x"
 
 
+def test_a_full_disk_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """gguf's writer reports a short write as a bare ``OSError: 8192 requested and 2464 written``; the export
+    names the file, and leaves neither it nor its temporary sibling (the short write is simulated)."""
+    def short_write(self, *args, **kwargs):
+        raise OSError("8192 requested and 2464 written")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", short_write)
+    with pytest.raises(CheckpointError, match=r"cannot write .*full\.gguf: 8192 requested .*nothing was written"):
+        export_gguf(FLUX, tmp_path / "full.gguf", "Q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="a-file is a file, not a folder"):
+        export_gguf(FLUX, tmp_path / "a-file" / "x.gguf", "Q8_0")
+
+
 def test_class_without_a_gguf_loader_is_refused(tmp_path):
     tiny_dit().save_pretrained(tmp_path / "dit")
     with pytest.raises(UnsupportedModelError, match="DiTTransformer2DModel has no GGUF loader"):
