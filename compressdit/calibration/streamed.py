@@ -38,6 +38,16 @@ def release(module: nn.Module, names: list[str]) -> None:
                 if isinstance(tensor, nn.Parameter) else tensor.to("meta"))
 
 
+def resident_names(model: nn.Module, adapter: ModelAdapter) -> list[str]:
+    """The tensors a streamed run keeps in memory throughout: those outside the blocks, and those of the first
+    block's submodules that the model calls outside its block loop (``BlockStack.first_block_reads``)."""
+    prefixes = [p for p, _ in adapter.blocks(model)]
+    kept = [f"{stack.attribute}.0.{path}" for stack in adapter.block_stacks for path in stack.first_block_reads
+            if len(getattr(model, stack.attribute))]
+    return [n for n in model.state_dict() if not any(n.startswith(p + ".") for p in prefixes)
+            or any(n.startswith(k + ".") for k in kept)]
+
+
 class BlockStreamer:
     """Context manager: the skeleton ``model`` runs with its blocks read from ``weights`` one at a time (module doc).
 
@@ -53,10 +63,7 @@ class BlockStreamer:
         self.like = model.state_dict()  # meta: shapes and dtypes config.json defines
         self.blocks = adapter.blocks(model)
         prefixes = [p for p, _ in self.blocks]
-        kept = [f"{stack.attribute}.0.{path}" for stack in adapter.block_stacks for path in stack.first_block_reads
-                if len(getattr(model, stack.attribute))]
-        self.resident = [n for n in self.like if not any(n.startswith(p + ".") for p in prefixes)
-                         or any(n.startswith(k + ".") for k in kept)]
+        self.resident = resident_names(model, adapter)
         resident = set(self.resident)
         self.own = {p: [n for n in self.like if n.startswith(p + ".") and n not in resident] for p in prefixes}
         self.live: set[str] = set()
