@@ -46,6 +46,10 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10 ** 8 else f"{nbytes / 1e6:.2f} MB"
+
+
 class BlockInputCache:
     """Context manager: a temporary folder under ``scratch`` holding the recorded calls of ``blocks`` (module doc).
 
@@ -78,9 +82,9 @@ class BlockInputCache:
 
     def _refuse(self, total: int, per_call: int) -> CalibrationError:
         return CalibrationError(
-            f"streamed GPTQ caches every block's calibration inputs on disk: about {total / 1e9:.2f} GB "
-            f"({len(self.blocks)} blocks x {self.calls_per_block} calls x {per_call / 1e6:.2f} MB) but "
-            f"{self.budget_what} is {self.budget / 1e9:.2f} GB; calibrate on fewer samples or steps (calibrate: "
+            f"streamed GPTQ caches every block's calibration inputs on disk: about {_size(total)} "
+            f"({len(self.blocks)} blocks x {self.calls_per_block} calls x {_size(per_call)}) but "
+            f"{self.budget_what} is {_size(self.budget)}; calibrate on fewer samples or steps (calibrate: "
             "samples, steps), or free disk space")
 
     def _record(self, prefix: str, args: tuple, kwargs: dict) -> None:

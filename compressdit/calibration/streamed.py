@@ -6,7 +6,7 @@ the blocks in memory (embedders, head, and the submodules of a first block the m
 shards as the block is called and drops them back to ``meta`` when it returns. The calibrate stage's own
 :func:`~compressdit.stages.calibrate.run_calibration` then runs unchanged on the skeleton: the same statistic hooks
 see the same inputs as on a model loaded in memory, so the statistics are the in-memory ones, and no block input
-is cached. Every calibration batch reads the weights once per denoising step (cond and uncond share a call), so a
+is cached (except by a GPTQ recipe, :mod:`compressdit.streaming_gptq`, which records them to disk). Every calibration batch reads the weights once per denoising step (cond and uncond share a call), so a
 batch size of at least the sample count reads them ``steps`` times. On a ``device`` (e.g. ``cuda``) the resident
 part, the block being called and the activations live there, so one block's weights at a time take device memory;
 the statistics are gathered on the CPU as in memory.
