@@ -23,8 +23,10 @@ folders::
 
     timeout 14400 python bench/stream_flux.py --work /work/stream-bench --recipes rtn-w8a8 rtn-w4a16
     timeout 7200 python bench/stream_flux.py --work /work/stream-bench --recipes w8a8 --calib-samples 2 --calib-steps 2
-    timeout 5700 python bench/stream_flux.py --work /work/stream-bench --recipes w4a16 --calib-samples 2 \
-        --calib-steps 1 --threads 1
+    timeout 21600 python bench/stream_flux.py --work /work/stream-bench --recipes w4a16 --calib-samples 2 \
+        --calib-steps 1 --threads 1  # GPTQ: ~6 min per double block, ~4.5 per single block at one thread
+    timeout 3000 python bench/stream_flux.py --work /work/stream-bench-smoke --blocks 1,1 --recipes w4a16 \
+        --calib-samples 2 --calib-steps 1 --threads 1 --max-memory 2GB --cpu-memory 1GiB  # every FLUX layer shape
 """
 
 from __future__ import annotations
