@@ -10,7 +10,9 @@ the process itself at its end):
    ``w4a16``) runs as a user recipe with a small calibration (``--calib-samples`` x ``--calib-steps``, guidance 4,
    one batch; FLUX's default 8x8 latent, i.e. 16 image tokens), prompts given as random T5/CLIP-width embeddings
    (``--embeddings``: the bare transformer folder has no text encoder) of ``--calib-tokens`` tokens; the calibration
-   streams the blocks too, so the weights are read ``steps + 1`` times.
+   streams the blocks too, so the weights are read ``steps + 1`` times. ``w4a16`` rounds with GPTQ: that calibration
+   also records every block call's inputs to a temporary folder beside the output (its size is in the notes), and
+   each block replays its calls for the layer-input Hessians when it is quantized (:mod:`compressdit.streaming_gptq`).
 3. The source is deleted, then ``reload`` per output: stock ``FluxTransformer2DModel.from_pretrained`` (after
    ``import compressdit``) with ``device_map="auto"`` and a CPU memory cap (the rest offloaded to disk by
    accelerate), and one flow-matching Euler step on a small latent.
@@ -21,8 +23,10 @@ folders::
 
     timeout 14400 python bench/stream_flux.py --work /work/stream-bench --recipes rtn-w8a8 rtn-w4a16
     timeout 7200 python bench/stream_flux.py --work /work/stream-bench --recipes w8a8 --calib-samples 2 --calib-steps 2
-    timeout 5700 python bench/stream_flux.py --work /work/stream-bench --recipes w4a16 --calib-samples 2 \
-        --calib-steps 1 --threads 1
+    timeout 21600 python bench/stream_flux.py --work /work/stream-bench --recipes w4a16 --calib-samples 2 \
+        --calib-steps 1 --threads 1  # GPTQ: ~6 min per double block, ~4.5 per single block at one thread
+    timeout 3000 python bench/stream_flux.py --work /work/stream-bench-smoke --blocks 1,1 --recipes w4a16 \
+        --calib-samples 2 --calib-steps 1 --threads 1 --max-memory 2GB --cpu-memory 1GiB  # every FLUX layer shape
 """
 
 from __future__ import annotations

@@ -74,13 +74,14 @@ def _bytes(value: Optional[str], option: str) -> Optional[int]:
 
 def _run(recipe, model: str, out: Path, overwrite: bool, quiet: bool, as_json: bool, calib: Optional[str],
          text_encoder: Optional[str] = None, embeddings: Optional[Path] = None, stream: bool = False,
-         max_memory: Optional[str] = None, device: str = "cpu") -> None:
+         max_memory: Optional[str] = None, device: str = "cpu", max_cache: Optional[str] = None) -> None:
     from compressdit.pipeline import run_recipe
 
     set_quiet(quiet or as_json)
     state = run_recipe(recipe, model, out, overwrite=overwrite, quiet=quiet or as_json, calib=calib,
                        text_encoder=text_encoder, embeddings=None if embeddings is None else str(embeddings),
-                       stream=stream, max_memory=_bytes(max_memory, "--max-memory"), device=device)
+                       stream=stream, max_memory=_bytes(max_memory, "--max-memory"), device=device,
+                       max_cache=_bytes(max_cache, "--max-cache"))
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under accelerate launch, rank 0 wrote the output and reports it
@@ -104,6 +105,8 @@ STREAM = typer.Option(False, "--stream", help="Quantize block by block from the 
                                                "when the model exceeds --max-memory).")
 MAX_MEMORY = typer.Option(None, "--max-memory", help="Memory budget, e.g. 20GB: a model larger than this once loaded "
                                                      "(float32) is streamed (default: the memory available).")
+MAX_CACHE = typer.Option(None, "--max-cache", help="Disk a streamed GPTQ run may fill with block inputs, e.g. 50GB "
+                                                   "(default: the free space less the output).")
 DEVICE = typer.Option("cpu", "--device", help="Where a streamed run calibrates and quantizes (cpu, cuda, cuda:1): one "
                                               "block's weights and activations on it at a time.")
 
@@ -115,7 +118,7 @@ DATA = typer.Option(None, "--data", help="Training latents of every stage that t
 def _run_named_recipe(recipe: str, model: str, out: Path, no_eval: bool, samples: Optional[int], overwrite: bool,
                       quiet: bool, as_json: bool, calib: Optional[str] = None, text_encoder: Optional[str] = None,
                       embeddings: Optional[Path] = None, data: Optional[str] = None, stream: bool = False,
-                      max_memory: Optional[str] = None, device: str = "cpu") -> None:
+                      max_memory: Optional[str] = None, device: str = "cpu", max_cache: Optional[str] = None) -> None:
     """Load a recipe, apply ``--no-eval`` / ``--samples`` / ``--data`` and run it (``quantize`` and ``prune``)."""
     from compressdit.distill.sources import set_data
     from compressdit.recipe import load_recipe
@@ -130,18 +133,19 @@ def _run_named_recipe(recipe: str, model: str, out: Path, no_eval: bool, samples
             if stage.name == "evaluate":
                 stage.config.samples = samples
                 stage.config.validate("--samples: evaluate")
-    _run(loaded, model, out, overwrite, quiet, as_json, calib, text_encoder, embeddings, stream, max_memory, device)
+    _run(loaded, model, out, overwrite, quiet, as_json, calib, text_encoder, embeddings, stream, max_memory, device,
+         max_cache)
 
 
 @app.command()
 def quantize(model: str = MODEL, recipe: str = RECIPE, out: Path = OUT, calib: Optional[str] = CALIB,
              text_encoder: Optional[str] = TEXT_ENCODER, embeddings: Optional[Path] = EMBEDDINGS,
              no_eval: bool = NO_EVAL, samples: Optional[int] = SAMPLES, stream: bool = STREAM,
-             max_memory: Optional[str] = MAX_MEMORY, device: str = DEVICE,
+             max_memory: Optional[str] = MAX_MEMORY, device: str = DEVICE, max_cache: Optional[str] = MAX_CACHE,
              overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Quantize MODEL with a recipe and write a diffusers checkpoint + quality report."""
     _run_named_recipe(recipe, model, out, no_eval, samples, overwrite, quiet, as_json, calib, text_encoder, embeddings,
-                      stream=stream, max_memory=max_memory, device=device)
+                      stream=stream, max_memory=max_memory, device=device, max_cache=max_cache)
 
 
 @app.command()
@@ -172,12 +176,13 @@ def run_command(recipe_file: Path = typer.Argument(..., help="Recipe YAML file."
                 out: Path = typer.Option(..., "--out", "-o"),
                 calib: Optional[str] = CALIB, text_encoder: Optional[str] = TEXT_ENCODER,
                 embeddings: Optional[Path] = EMBEDDINGS, stream: bool = STREAM, max_memory: Optional[str] = MAX_MEMORY,
-                device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET, as_json: bool = JSON) -> None:
+                device: str = DEVICE, max_cache: Optional[str] = MAX_CACHE, overwrite: bool = OVERWRITE,
+                quiet: bool = QUIET, as_json: bool = JSON) -> None:
     """Run every stage of a recipe file."""
     from compressdit.recipe import load_recipe
 
     _run(load_recipe(str(recipe_file)), model, out, overwrite, quiet, as_json, calib, text_encoder, embeddings,
-         stream, max_memory, device)
+         stream, max_memory, device, max_cache)
 
 
 @app.command()

@@ -134,13 +134,14 @@ def check_float(model: str, transformer, stages: list[str]) -> None:
 def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, quiet: bool = False,
                calib: str | None = None, text_encoder: str | None = None,
                embeddings: str | None = None, stream: bool = False, max_memory: int | None = None,
-               device: str = "cpu") -> PipelineState:
+               device: str = "cpu", max_cache: int | None = None) -> PipelineState:
     """Compress ``model`` with ``recipe`` into ``out``; nothing is left at ``out`` if any step fails.
 
     Prompts go through ``embeddings`` (a file of precomputed embeddings), else ``text_encoder`` (a pipeline
     folder), else the model folder's own text encoders (a pipeline), else MiniLM (reference models).
     With ``stream``, or when the loaded model would not fit in ``max_memory`` bytes (default: the memory available),
-    the model is quantized block by block from its shards (:mod:`compressdit.streaming`), on ``device``."""
+    the model is quantized block by block from its shards (:mod:`compressdit.streaming`), on ``device``, with at most
+    ``max_cache`` bytes of GPTQ block inputs cached on disk next to ``out``."""
     check_output(out, overwrite)  # before loading: a taken output folder should not cost a model load
     check_device(device)
     ranks = PartialState()
@@ -161,7 +162,7 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
         return run_streamed(recipe, model, out, overwrite, quiet, reason,
                             lambda skeleton: load_source(model, text_encoder=text_encoder, embeddings=embeddings,
                                                          cache_dir=default_cache_dir(), transformer=skeleton),
-                            device)
+                            device, max_cache)
     source = load_source(model, text_encoder=text_encoder, embeddings=embeddings, cache_dir=default_cache_dir())
     check_float(model, source.transformer, [s.name for s in recipe.stages if not STAGES.get(s.name).runs_quantized])
     adapter = adapter_for(source.transformer, source.folder if source.is_pipeline else None)
@@ -209,7 +210,7 @@ def _helper_rank(recipe: Recipe, state: PipelineState) -> PipelineState:
 
 
 def run_streamed(recipe: Recipe, model: str, out: Path, overwrite: bool, quiet: bool, reason: str,
-                 parts=None, device: str = "cpu") -> PipelineState:
+                 parts=None, device: str = "cpu", max_cache: int | None = None) -> PipelineState:
     """``run_recipe`` for a model quantized block by block: the checkpoint (with the pipeline's other parts), the
     recipe and the model card are written atomically; nothing is evaluated (see :mod:`compressdit.streaming`).
     ``parts(skeleton)``: the model source calibration samples with (``stream_quantize``)."""
@@ -226,7 +227,7 @@ def run_streamed(recipe: Recipe, model: str, out: Path, overwrite: bool, quiet: 
         if is_pipeline:
             copy_pipeline_parts(folder, workdir)
         result = stream_quantize(recipe, transformer, workdir / TRANSFORMER_SUBFOLDER if is_pipeline else workdir,
-                                 quiet, parts=parts, device=device)
+                                 quiet, parts=parts, device=device, scratch=workdir.parent, max_cache=max_cache)
         (workdir / "compressdit_recipe.yaml").write_text(recipe.dump())
         write_model_card(workdir, display_path=str(out), recipe=recipe, reference_name=model,
                          reference_folder=folder, model=result.model, report=None)

@@ -139,13 +139,28 @@ def test_a_truncated_shard_fails_before_any_work(flux_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+ADAROUND = """version: 1
+name: adaround-fp4
+stages:
+  - calibrate: {samples: 2, steps: 1}
+  - quantize:
+      method: rtn
+      rules: [{match: "re:.*", spec: {format: e2m1, w_bits: 4, group_size: 16, rounding: adaround}}]
+"""
+
+
 @pytest.mark.parametrize("recipe,error,match", [
     ("rtn-w8a8", ConfigError, "stage 'evaluate' cannot stream: .*pass --no-eval"),
     ("w4a8", ConfigError, "method 'viditq' as configured quantizes layers jointly \\(mixed precision"),
-    ("gptq-w4a16", CalibrationError, "rounding 'gptq'\\) needs layer-input Hessians \\(GPTQ\\)"),
+    ("adaround", CalibrationError, "rounding 'adaround'\\) needs block reconstruction from cached block inputs "
+                                   "\\(AdaRound\\).*stream a recipe that rounds with rtn or gptq \\(w4a16, gptq-w4a16"),
     ("fp4-w4a8", ConfigError, "method 'fp4dit' as configured quantizes layers jointly"),
 ])
 def test_unstreamable_recipes_are_refused_in_one_line(flux_dir, tmp_path, recipe, error, match):
+    """GPTQ streams (tests/test_streaming_gptq.py); AdaRound's block reconstruction still does not."""
+    if recipe == "adaround":
+        (tmp_path / "adaround.yaml").write_text(ADAROUND)
+        recipe = str(tmp_path / "adaround.yaml")
     loaded = load_recipe(recipe) if recipe == "rtn-w8a8" else _recipe(recipe)
     with pytest.raises(error, match=match) as caught:
         run_recipe(loaded, str(flux_dir), tmp_path / "out", quiet=True, stream=True)

@@ -6,7 +6,7 @@ the blocks in memory (embedders, head, and the submodules of a first block the m
 shards as the block is called and drops them back to ``meta`` when it returns. The calibrate stage's own
 :func:`~compressdit.stages.calibrate.run_calibration` then runs unchanged on the skeleton: the same statistic hooks
 see the same inputs as on a model loaded in memory, so the statistics are the in-memory ones, and no block input
-is cached. Every calibration batch reads the weights once per denoising step (cond and uncond share a call), so a
+is cached (except by a GPTQ recipe, :mod:`compressdit.streaming_gptq`, which records them to disk). Every calibration batch reads the weights once per denoising step (cond and uncond share a call), so a
 batch size of at least the sample count reads them ``steps`` times. On a ``device`` (e.g. ``cuda``) the resident
 part, the block being called and the activations live there, so one block's weights at a time take device memory;
 the statistics are gathered on the CPU as in memory.
@@ -38,6 +38,16 @@ def release(module: nn.Module, names: list[str]) -> None:
                 if isinstance(tensor, nn.Parameter) else tensor.to("meta"))
 
 
+def resident_names(model: nn.Module, adapter: ModelAdapter) -> list[str]:
+    """The tensors a streamed run keeps in memory throughout: those outside the blocks, and those of the first
+    block's submodules that the model calls outside its block loop (``BlockStack.first_block_reads``)."""
+    prefixes = [p for p, _ in adapter.blocks(model)]
+    kept = [f"{stack.attribute}.0.{path}" for stack in adapter.block_stacks for path in stack.first_block_reads
+            if len(getattr(model, stack.attribute))]
+    return [n for n in model.state_dict() if not any(n.startswith(p + ".") for p in prefixes)
+            or any(n.startswith(k + ".") for k in kept)]
+
+
 class BlockStreamer:
     """Context manager: the skeleton ``model`` runs with its blocks read from ``weights`` one at a time (module doc).
 
@@ -53,10 +63,7 @@ class BlockStreamer:
         self.like = model.state_dict()  # meta: shapes and dtypes config.json defines
         self.blocks = adapter.blocks(model)
         prefixes = [p for p, _ in self.blocks]
-        kept = [f"{stack.attribute}.0.{path}" for stack in adapter.block_stacks for path in stack.first_block_reads
-                if len(getattr(model, stack.attribute))]
-        self.resident = [n for n in self.like if not any(n.startswith(p + ".") for p in prefixes)
-                         or any(n.startswith(k + ".") for k in kept)]
+        self.resident = resident_names(model, adapter)
         resident = set(self.resident)
         self.own = {p: [n for n in self.like if n.startswith(p + ".") and n not in resident] for p in prefixes}
         self.live: set[str] = set()

@@ -10,7 +10,7 @@ the result does not depend on the chunking.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -31,38 +31,57 @@ def layer_hessians(model: nn.Module, chunks: list[list[str]], ctx: QuantContext,
     """``(name, input Hessian)`` for each layer of ``chunks`` (from :func:`hessian_chunks`), one replay of the
     calibration sampling loop per chunk; each Hessian is the caller's to use and drop. Raises at once (not at the
     first item) when the recipe has no calibrate stage; ``what`` names the step that needs the Hessians."""
-    return _replayed_hessians(model, chunks, ctx, ctx.require_calibration(what))
+    config = ctx.require_calibration(what)
+    return chunked_hessians(model, chunks, lambda: sample(
+        ctx.adapter, model, ctx.conditions, ctx.scheduler, steps=config.steps, guidance=config.guidance,
+        seed=config.seed, batch_size=config.batch_size, prompt_encoder=ctx.prompt_encoder))
 
 
-def _replayed_hessians(model: nn.Module, chunks: list[list[str]], ctx: QuantContext,
-                       config) -> Iterator[tuple[str, torch.Tensor]]:
+def chunked_hessians(model: nn.Module, chunks: list[list[str]],
+                     replay: Callable[[], object]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, input Hessian)`` for each layer of ``chunks``, calling ``replay()`` (what runs ``model`` on the
+    calibration inputs: the sampling loop, or a block's recorded calls) once per chunk with the chunk hooked."""
     for chunk in chunks:
         with capture_input_hessians(model, chunk) as recorder:
-            sample(ctx.adapter, model, ctx.conditions, ctx.scheduler, steps=config.steps, guidance=config.guidance,
-                   seed=config.seed, batch_size=config.batch_size, prompt_encoder=ctx.prompt_encoder)
+            replay()
         for name in chunk:
             yield name, recorder.pop(name)
+
+
+def hessian_layers(plan: dict[str, LinearQuantSpec | None]) -> list[str]:
+    """The planned layers whose rounding needs an input Hessian, in plan order."""
+    return [n for n, s in plan.items() if s is not None and ROUNDINGS.get(s.rounding).needs_hessian]
+
+
+def rounded_from_hessians(model: nn.Module, plan: dict[str, LinearQuantSpec | None],
+                          hessians: Iterable[tuple[str, torch.Tensor]], absmax: dict[str, torch.Tensor],
+                          bar=None) -> dict[str, nn.Module]:
+    """Each layer's quantized module (not swapped in) from its input Hessian, the Hessian dropped once used: the
+    step the in-memory and the streamed (:mod:`compressdit.streaming`) GPTQ share."""
+    modules: dict[str, nn.Module] = {}
+    for name, hessian in hessians:
+        spec = plan[name]
+        modules[name] = FORMATS.get(spec.format).quantize(model.get_submodule(name), spec, absmax.get(name),
+                                                          hessian=hessian)
+        del hessian  # before the next chunk's Hessians are captured
+        if bar is not None:
+            bar.update(1)
+    return modules
 
 
 @torch.no_grad()
 def hessian_rounded_layers(model: nn.Module, plan: dict[str, LinearQuantSpec | None], ctx: QuantContext,
                            budget_bytes: int = HESSIAN_BUDGET_BYTES) -> dict[str, nn.Module]:
     """Quantized modules (not yet swapped in) for the planned layers whose rounding needs a Hessian."""
-    names = [n for n, s in plan.items() if s is not None and ROUNDINGS.get(s.rounding).needs_hessian]
+    names = hessian_layers(plan)
     if not names:
         return {}
     chunks = hessian_chunks({n: model.get_submodule(n).in_features for n in names}, budget_bytes)
     hessians = layer_hessians(model, chunks, ctx, f"rounding {plan[names[0]].rounding!r} ({names[0]} and "
                                                   f"{len(names) - 1} more layers)")
     started = time.perf_counter()
-    absmax = ctx.input_absmax(names)
-    modules: dict[str, nn.Module] = {}
     with progress_bar("gptq: Hessians + rounding", total=len(names), quiet=ctx.quiet) as bar:
-        for name, hessian in hessians:
-            spec = plan[name]
-            modules[name] = FORMATS.get(spec.format).quantize(model.get_submodule(name), spec, absmax.get(name),
-                                                              hessian=hessian)
-            bar.update(1)
+        modules = rounded_from_hessians(model, plan, hessians, ctx.input_absmax(names), bar)
     ctx.notes.append(f"gptq: {len(names)} layers rounded with second-order error compensation from input Hessians "
                      f"over {len(ctx.conditions)} calibration conditions x {ctx.calibration_config.steps} steps "
                      f"({len(chunks)} sampling pass{'es' if len(chunks) > 1 else ''}, "

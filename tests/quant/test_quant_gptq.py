@@ -115,3 +115,21 @@ def test_bad_inputs_are_one_line_errors(bad, message):
     with pytest.raises(ValueError, match=message) as info:
         gptq_quantize_int(weight, kwargs["hessian"], 4, kwargs["group_size"])
     assert "\n" not in str(info.value)
+
+
+def test_the_caller_s_hessian_is_left_alone_and_damping_touches_the_diagonal_only():
+    """The factorisation works on private copies damped in place: the same factor as the textbook
+    ``cholesky(cholesky_inverse(cholesky(H + damp * mean(diag H) * I)), upper)``, bit for bit."""
+    from compressdit.quant.gptq import DAMP, _upper_inverse_factor
+
+    weight, x = _layer(4)
+    x[:, :8] = 0
+    hessian = 2 * x.T @ x / len(x)
+    before = hessian.clone()
+    for act_order in (False, True):
+        gptq_quantize_int(weight, hessian, 4, 32, act_order=act_order)
+    assert torch.equal(hessian, before)
+    spd = hessian + torch.diag((hessian.diagonal() == 0).float())
+    textbook = torch.linalg.cholesky(spd + DAMP * spd.diagonal().mean() * torch.eye(IN))
+    textbook = torch.linalg.cholesky(torch.cholesky_inverse(textbook), upper=True)
+    assert torch.equal(_upper_inverse_factor(lambda: spd.clone(), DAMP), textbook)
