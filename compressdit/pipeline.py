@@ -8,7 +8,6 @@ import json
 import tempfile
 import time
 from pathlib import Path
-
 from typing import Callable
 
 import torch
