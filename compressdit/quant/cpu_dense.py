@@ -6,7 +6,8 @@ more than the GEMM itself, so these layers keep a decoded copy of their weight a
 their kernel name:
 
 - ``cpu-int-dense-fp32`` / ``cpu-int-dense-bf16`` (AMX-BF16, or AVX512-BF16 at one thread: :func:`bf16_gemm_pays`): the
-  small layers ``cpu-int4-weight`` applies to (2-4 bits) decoded once into fp32 (4 bytes per weight of RAM at
+  small layers ``cpu-int4-weight`` applies to (2-4 bits; 8-bit weights per channel, ``cpu-int8-weight``'s, always
+  in fp32: their error is as small as bf16's rounding) decoded once into fp32 (4 bytes per weight of RAM at
   run time, at most ``4 * DENSE_MAX_WEIGHT`` bytes per layer) or bf16 (2 bytes; the checkpoint stays packed).
   Weight-only layers without a low-rank branch fold their balancing / rotation into that weight
   (``effective_weight``) and run on the raw input: the fp32 kernel is then ``F.linear`` exactly as the float
@@ -107,17 +108,21 @@ def bf16_gemm_pays() -> bool:
 
 
 def _dense_applies(bf16: bool):
-    """The small layers of ``cpu-int4-weight``'s specs (other specs keep the reference), in bf16 or fp32 as
-    :func:`bf16_gemm_pays` says."""
+    """The small layers of ``cpu-int4-weight``'s specs, in bf16 or fp32 as :func:`bf16_gemm_pays` says, and of
+    ``cpu-int8-weight``'s (8-bit weights per channel) in fp32 at every thread count: bf16's rounding of the
+    activations would be as large as the 8-bit weights' own error (other specs keep their kernel or the reference)."""
     def applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-        return (_small(shape) and bf16_gemm_pays() == bf16
-                and KERNELS.get("cpu-int4-weight").applies(spec, device, shape))
+        if not _small(shape):
+            return False
+        if KERNELS.get("cpu-int4-weight").applies(spec, device, shape):
+            return bf16_gemm_pays() == bf16
+        return not bf16 and KERNELS.get("cpu-int8-weight").applies(spec, device, shape)
 
     return applies
 
 
 def dense_kernel_name() -> str:
-    """The kernel small layers of ``cpu-int4-weight``'s specs run on this machine."""
+    """The kernel small layers of ``cpu-int4-weight``'s specs run on this machine (8-bit ones: ``cpu-int-dense-fp32``)."""
     return "cpu-int-dense-bf16" if bf16_gemm_pays() else "cpu-int-dense-fp32"
 
 

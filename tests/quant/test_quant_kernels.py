@@ -67,7 +67,8 @@ CPU_CASES = [
      0.01, 96),
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, w_symmetric=False), DENSE, *DENSE_BOUND, 96),
     # bf16 rounding is not small next to 8-bit weights: stated in cpu_kernels' docstring
-    (LinearQuantSpec(w_bits=8), "cpu-int8-weight", 6e-3, 1.0, 96),
+    (LinearQuantSpec(w_bits=8), "cpu-int8-weight", 6e-3, 1.0, BIG),
+    (LinearQuantSpec(w_bits=8), "cpu-int-dense-fp32", 1e-5, 0.01, 96),  # small: decoded once, fp32 at any threads
     (LinearQuantSpec(w_bits=8, group_size=64), "cpu-decoded-dense", 1e-5, 0.01, 96),  # no grouped int8 kernel
 ]
 
@@ -193,7 +194,7 @@ def test_vq_layer_decodes_once_on_cpu():
 def test_int8_weight_kernel_takes_misaligned_codes_and_inputs():
     """Codes memory-mapped from a checkpoint and bf16 inputs that are views sit at any address; torch's int8 weight
     GEMM needs aligned operands (it crashed the process on these before the kernel copied them aligned)."""
-    linear, layer = _layer(LinearQuantSpec(w_bits=8))
+    linear, layer = _layer(LinearQuantSpec(w_bits=8), out_features=BIG)
     codes = layer.weight.data
     storage = torch.empty(codes.numel() + 64, dtype=codes.dtype)
     storage[3:3 + codes.numel()] = codes.reshape(-1)
