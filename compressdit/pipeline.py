@@ -104,13 +104,14 @@ def save_checkpoint(state: PipelineState, recipe: Recipe) -> None:
                              "rows": rows})
 
 
-def check_device(device: str) -> None:
-    """Raise unless ``device`` names a torch device this process can use (before any work is done)."""
+def check_device(device: str, available: bool = True) -> None:
+    """Raise unless ``device`` names a torch device (and, with ``available``, one this process can use), before any
+    work is done."""
     try:
         parsed = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cpu":
+    if parsed.type == "cpu" or not available:
         return
     backend = getattr(torch, parsed.type, None)
     if backend is None or not backend.is_available():
@@ -142,7 +143,7 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
     the model is quantized block by block from its shards (:mod:`compressdit.streaming`), on ``device``, with at most
     ``max_cache`` bytes of GPTQ block inputs cached on disk next to ``out``."""
     check_output(out, overwrite)  # before loading: a taken output folder should not cost a model load
-    check_device(device)
+    check_device(device, available=False)
     ranks = PartialState()
     if ranks.num_processes > 1 and any(STAGES.get(s.name).needs_checkpoint for s in recipe.stages):
         raise ConfigError(f"recipe {recipe.name}: under accelerate launch / torchrun only the calibration is split "
@@ -157,6 +158,7 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
     if reason is None and torch.device(device).type != "cpu":
         raise ConfigError(f"--device {device} applies to streamed runs (one block on the device at a time); add "
                           "--stream, or leave --device out to compress in memory on the CPU")
+    check_device(device)  # a streamed run's device is one this process can use
     if reason is not None:
         return run_streamed(recipe, model, out, overwrite, quiet, reason,
                             lambda skeleton: load_source(model, text_encoder=text_encoder, embeddings=embeddings,

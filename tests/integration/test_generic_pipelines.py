@@ -139,7 +139,7 @@ def test_evaluate_command_on_a_driven_pipeline(text_pipeline_dir, tmp_path):
     metrics = json.loads(result.stdout)["metrics"]
     assert metrics["PSNR vs reference (same seeds)"]["candidate"] > 20
     result = run_main("evaluate", tmp_path / "out", "--reference", "zoo:dit-fmnist", "--samples", 2, "--size", 64)
-    assert_one_line_error(result, "evaluate.size", "DiTTransformer2DModel")
+    assert_one_line_error(result, "zoo:dit-fmnist", "DiTTransformer2DModel", "--reference")  # not its family
 
 
 def _family_recipe(tmp_path: Path, family: str, name: str, evaluate: bool = False) -> Path:
