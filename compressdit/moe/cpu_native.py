@@ -27,20 +27,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import itertools
 import os
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from compressdit.cache import default_cache_dir
 from compressdit.moe.stacked import StackedExperts
-from compressdit.quant.cpu_native import _flags, _openmp_runtimes, _takes, _torch_runs_libgomp
+from compressdit.quant.cpu_native import _flags, _openmp_runtimes, _takes, _torch_runs_libgomp, build_library
 
 SOURCE = Path(__file__).with_name("csrc") / "moe_ffn.c"
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
@@ -87,21 +83,8 @@ def sleef_tanh16() -> int | None:
 
 
 def _build(compiler: str, flags: list[str]) -> ctypes.CDLL | None:
-    """The library built with ``flags`` (once per source and flags, in ``$COMPRESSDIT_CACHE/native``), loaded."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    target = default_cache_dir() / "native" / f"moe_ffn-{digest}.so"
-    try:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # concurrent builds: the last rename wins
-                built = Path(tmp) / target.name
-                if subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True,
-                                  timeout=120).returncode:
-                    return None
-                os.replace(built, target)
-        return ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError):
-        return None
+    """The layer built with ``flags`` (once per source and flags, in ``$COMPRESSDIT_CACHE/native``), loaded."""
+    return build_library(compiler, "moe_ffn", [SOURCE], flags)
 
 
 @functools.lru_cache(maxsize=None)

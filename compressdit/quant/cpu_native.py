@@ -87,22 +87,29 @@ def _torch_runs_libgomp() -> bool:
             and Path(next(iter(runtimes))).name.startswith("libgomp.so.1"))
 
 
-def _load(compiler: str, flags: list[str]) -> ctypes.CDLL | None:
-    """The library built with ``flags`` (once, cached by sources and flags), loaded; ``None`` where that fails."""
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS) + " ".join(flags).encode())
-    target = default_cache_dir() / "native" / f"cpu_rows-{digest.hexdigest()[:16]}.so"
+def build_library(compiler: str, stem: str, sources: list[Path], flags: list[str],
+                  depends: tuple[Path, ...] = ()) -> ctypes.CDLL | None:
+    """``sources`` compiled with ``flags`` into ``$COMPRESSDIT_CACHE/native/STEM-<digest>.so`` (built once per sources,
+    ``depends`` (headers) and flags), loaded; ``None`` where that fails (read-only cache, compiler gone: the caller's
+    PyTorch path runs). Also builds compressdit/moe's layer."""
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in [*sources, *depends]) + " ".join(flags).encode())
+    target = default_cache_dir() / "native" / f"{stem}-{digest.hexdigest()[:16]}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # concurrent builds: the last rename wins
                 built = Path(tmp) / target.name
-                command = [compiler, *flags, *map(str, SOURCES), "-o", str(built)]
+                command = [compiler, *flags, *map(str, sources), "-o", str(built)]
                 if subprocess.run(command, capture_output=True, timeout=120).returncode:
                     return None
                 os.replace(built, target)
         return ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError):  # read-only cache, compiler gone: the PyTorch path runs
+    except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _load(compiler: str, flags: list[str]) -> ctypes.CDLL | None:
+    return build_library(compiler, "cpu_rows", SOURCES, flags, tuple(HEADERS))
 
 
 @functools.lru_cache(maxsize=None)
