@@ -15,6 +15,7 @@ from compressdit.errors import CalibrationError, CheckpointError, ConfigError
 from compressdit.io.shards import INDEX_NAME
 from compressdit.pipeline import run_recipe
 from compressdit.recipe import load_recipe
+from tests.test_streaming import _tensors
 
 
 def _w4a16(group_size: int = 16, everything: bool = False):
@@ -29,13 +30,6 @@ def _w4a16(group_size: int = 16, everything: bool = False):
     if everything:
         recipe.stages[1].config.options.rules = [rules[-1]]
     return recipe
-
-
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(path))
-    return out
 
 
 def _leftovers(folder) -> list:

@@ -56,30 +56,27 @@ FUSABLE_ACTIVATIONS = frozenset({"gelu-tanh"})
 SharedWeights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
+def _torch_cpu_symbol(name: str) -> int | None:
+    """Address of ``name`` exported by torch's ``libtorch_cpu``; ``None`` where it is absent."""
+    try:
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        return ctypes.cast(getattr(torch_cpu, name), ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def mkl_sgemm() -> int | None:
     """Address of the MKL ``sgemm_`` torch's CPU matmuls call (exported by ``libtorch_cpu``); ``None`` in a torch
     built on another BLAS."""
-    if "BLAS_INFO=mkl" not in torch.__config__.show():
-        return None
-    try:
-        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        return ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
-    except (OSError, AttributeError):
-        return None
+    return _torch_cpu_symbol("sgemm_") if "BLAS_INFO=mkl" in torch.__config__.show() else None
 
 
 @functools.lru_cache(maxsize=None)
 def sleef_tanh16() -> int | None:
     """Address of the Sleef ``tanh`` torch's AVX-512 kernels use (``Sleef_tanhf16_u10`` in ``libtorch_cpu``); ``None``
     where torch does not run its AVX-512 kernels here."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return None
-    try:
-        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        return ctypes.cast(torch_cpu.Sleef_tanhf16_u10, ctypes.c_void_p).value
-    except (OSError, AttributeError):
-        return None
+    return _torch_cpu_symbol("Sleef_tanhf16_u10") if torch.backends.cpu.get_cpu_capability() == "AVX512" else None
 
 
 def _build(compiler: str, flags: list[str]) -> ctypes.CDLL | None:
