@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -15,7 +17,14 @@ from tests.conftest import tiny_dit
 
 @pytest.mark.slow
 def test_compiled_w8a8_and_w4a16_dit_has_no_graph_break_in_quantized_layers_and_matches_eager():
+    """Whole-model compiled == eager up to rounding flips: inductor reorders the float ops between the quantized
+    layers (norms, attention, GELU), so an activation on an int8 / bf16 rounding boundary can round the other
+    way (seen on an AMX Xeon, not on an EPYC). The quantized layers themselves are bit-exact under compilation
+    (checked here on the inputs they saw and in the test below); the model's compiled-vs-eager difference must
+    stay far below its quantization error."""
+    torch.manual_seed(0)
     model = tiny_dit(layers=1)
+    reference = copy.deepcopy(model)
     rules = [LayerRule("role:embedder", None), LayerRule("role:head", None),
              LayerRule("role:ffn_up", LinearQuantSpec(w_bits=4, group_size=32)),
              LayerRule("re:.*", LinearQuantSpec(w_bits=8, a_bits=8, rotation="hadamard"))]
@@ -25,14 +34,30 @@ def test_compiled_w8a8_and_w4a16_dit_has_no_graph_break_in_quantized_layers_and_
     inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([10, 700]),
               "class_labels": torch.tensor([1, 7]), "return_dict": False}
     torch._dynamo.reset()
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            seen[name] = (args[0].clone(), out.clone())
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(keep(n)) for n in kernels]
     with torch.no_grad():
         explained = torch._dynamo.explain(model)(**inputs)
         frames = [f.filename for b in explained.break_reasons for f in b.user_stack]
         print("graph breaks:", explained.graph_break_count, [str(b.reason)[:120] for b in explained.break_reasons])
         assert not [f for f in frames if "compressdit" in f], frames  # none inside quantized layers or kernels
+        seen.clear()
         eager = model(**inputs)[0]
+        for hook in hooks:
+            hook.remove()
+        for name, (x, out) in seen.items():
+            assert torch.equal(torch.compile(model.get_submodule(name), fullgraph=True)(x), out), name
         compiled = torch.compile(model)(**inputs)[0]
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+        quantization_error = (eager - reference(**inputs)[0]).norm()
+    assert len(seen) == len(kernels)
+    print("compiled - eager:", (compiled - eager).norm().item(), "eager - float:", quantization_error.item())
+    assert (compiled - eager).norm() <= 0.05 * quantization_error, ((compiled - eager).norm(), quantization_error)
 
 
 @pytest.mark.slow
