@@ -132,4 +132,30 @@ def test_the_caller_s_hessian_is_left_alone_and_damping_touches_the_diagonal_onl
     spd = hessian + torch.diag((hessian.diagonal() == 0).float())
     textbook = torch.linalg.cholesky(spd + DAMP * spd.diagonal().mean() * torch.eye(IN))
     textbook = torch.linalg.cholesky(torch.cholesky_inverse(textbook), upper=True)
-    assert torch.equal(_upper_inverse_factor(lambda: spd.clone(), DAMP), textbook)
+    assert torch.equal(_upper_inverse_factor(lambda: spd.mT.contiguous().mT, DAMP), textbook)
+
+
+def test_a_hessian_that_needs_more_damping_gets_a_fresh_copy_each_attempt():
+    """An indefinite ``H`` whose last pivot fails: each failed attempt leaves its copy factored up to there, so
+    every retry must start from a new one; the result is the textbook factor at 100x damping."""
+    from compressdit.quant.gptq import DAMP, _upper_inverse_factor
+
+    gen = torch.Generator().manual_seed(3)
+    r = torch.randn(64, 64, generator=gen)
+    spd = torch.eye(64) + 0.1 * r @ r.T / 64
+    spd[-1, :] = spd[:, -1] = 0.0
+    spd[-1, -1] = -0.5  # indefinite until the damping (x 1, 10, 100 of DAMP * mean diag ~ 1.1) beats it
+    copies = []
+
+    def private():
+        copies.append(spd.mT.contiguous().mT)  # column-major
+        return copies[-1]
+
+    factor = _upper_inverse_factor(private, DAMP)
+    assert len(copies) == 3
+    assert not torch.equal(copies[0], spd)  # worked on in place
+    damped = spd.clone()
+    damped.diagonal().add_((DAMP * 10 ** 2) * damped.diagonal().mean())
+    textbook = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert torch.equal(factor, textbook)
+    assert factor.stride() == (1, 64) and factor.data_ptr() == copies[-1].data_ptr()  # no second [in, in] buffer
