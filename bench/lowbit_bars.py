@@ -281,6 +281,22 @@ def render(rows: dict, models: list[str], meta: dict) -> tuple[dict, str]:
     return data, "\n".join(lines) + "\n"
 
 
+def record_row(bench: Bench, model: str, name: str, key: tuple[str, str], rows: dict, rows_path: Path, meta: dict,
+               write) -> None:
+    """Run one row (``bench.run_row``), append it to the rows file (what a resumed run reads back), log it and
+    ``write()`` the tables with the date of this row."""
+    print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {model} / {name} ...", flush=True)
+    record = bench.run_row(model, name)
+    record["recipe"] = key[1]
+    rows[key] = record
+    with rows_path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {model} / {key[1]}: {record['status']} "
+          f"{record.get('metrics', record.get('error'))} time {record.get('time')}", flush=True)
+    meta["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -327,17 +343,8 @@ def main() -> None:
             claim.open("x").close()
         except FileExistsError:
             continue
-        print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {model} / {name} ...", flush=True)
-        record = bench.run_row(model, name)
-        record["recipe"] = key[1]
-        rows[key] = record
-        with rows_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        record_row(bench, model, name, key, rows, rows_path, meta, write)
         claim.unlink()
-        print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {model} / {key[1]}: {record['status']} "
-              f"{record.get('metrics', record.get('error'))} time {record.get('time')}", flush=True)
-        meta["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        write()
     write()
 
 

@@ -6,7 +6,7 @@ noised Fashion-MNIST latents (seed 123, random timesteps), overall and per tenth
 
     PYTHONPATH=$PWD python bench/moe_init_compare.py
 """
-import copy, json, sys, time
+import copy, json, time
 import torch
 from compressdit.io.sources import load_source
 from compressdit.models import adapter_for
@@ -14,7 +14,6 @@ from compressdit.stages import PipelineState
 from compressdit.stages.prune_width import PruneWidthConfig, calibration_batches
 from compressdit.moe.dense2moe import Dense2MoEConfig, dense2moe
 from compressdit.moe.layers import activated_parameters
-from compressdit.moe.usage import ExpertLoad, capture_routing
 from compressdit.prune.width import prune_width
 from pathlib import Path
 torch.manual_seed(0)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lowbit_bars import FULL, Bench, _fmt, load_rows, machine_line  # noqa: E402
+from lowbit_bars import FULL, Bench, _fmt, load_rows, machine_line, record_row  # noqa: E402
 
 from compressdit.evaluate.peers import PEERS, apply_peer  # noqa: E402
 from compressdit.models import adapter_for  # noqa: E402
@@ -110,7 +110,7 @@ def render(rows: dict, models: list[str], meta: dict) -> str:
             ref = f"**{ref}**"
         return f"{_fmt(m['fd_real'])} / {ref}, {_fmt(m['acc'], 1, 100, '%')}, {_fmt(m['psnr'])}"
 
-    lines.append(f"| - | full precision | " + " | ".join(cell(m, FULL, None) for m in models) + " |")
+    lines.append("| - | full precision | " + " | ".join(cell(m, FULL, None) for m in models) + " |")
     for label, ours, peers in GROUPS:
         for name in ours + peers:
             who = "ours" if name in ours else "peer"
@@ -148,15 +148,7 @@ def main() -> None:
         for name in args.rows:
             if rows.get((model, name), {}).get("status") == "ok":
                 continue
-            print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {model} / {name} ...", flush=True)
-            record = bench.run_row(model, name)
-            rows[(model, name)] = record
-            with rows_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {model} / {name}: {record['status']} "
-                  f"{record.get('metrics', record.get('error'))} time {record.get('time')}", flush=True)
-            meta["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            write()
+            record_row(bench, model, name, (model, name), rows, rows_path, meta, write)
     write()
 
 

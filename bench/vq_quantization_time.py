@@ -74,7 +74,6 @@ def time_recipe(recipe_name: str, device: str, calibration_steps: int, soft_bloc
         calibrator.step(latents, torch.tensor([500], device=device), cond)
     sync()
     step_s = (time.perf_counter() - started) / calibration_steps
-    runs = config.iterations * config.steps
     return {"recipe": recipe_name, "layers": len(plan), "kmeans_s (all layers)": round(kmeans_s, 1),
             f"calibration step_s ({soft_blocks} of 28 blocks soft, b1 + CFG)": round(step_s, 2),
             "recipe calibration (runs x steps)": f"{config.iterations} x {config.steps}"}
