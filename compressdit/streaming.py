@@ -39,6 +39,7 @@ from compressdit.io.checkpoint import stored_float_dtype, verify_safetensors
 from compressdit.io.diffusers_quantizer import attach_quantizer
 from compressdit.io.shards import LazyWeights, ShardWriter, expected_tensors, plan_shards
 from compressdit.io.sources import ModelSource, load_source, transformer_class
+from compressdit.memory import release_free_heap
 from compressdit.models import ModelAdapter, adapter_for
 from compressdit.progress import track
 from compressdit.quant import viditq  # noqa: F401  (registers the method)
@@ -257,6 +258,7 @@ def stream_quantize(recipe: Recipe, source: Path, target: Path, quiet: bool = Fa
                 writer.add({n: state[n[strip:]].to(expected[n][1]) for n in produced})
                 del state
                 _drop(module, block_prefixes if not prefix else [])
+                release_free_heap()  # this unit's temporaries: free heap pages still count in the resident set
         attach_quantizer(model, plan).record_float_dtype(float_dtype)
         model.save_config(target)
         verify_safetensors(target)

@@ -27,6 +27,7 @@ from compressdit.calibration.block_inputs import BlockInputCache
 from compressdit.calibration.hessian import HessianRecorder, capture_input_hessians, hessian_chunks
 from compressdit.calibration.streamed import resident_names
 from compressdit.errors import CalibrationError
+from compressdit.memory import release_free_heap
 from compressdit.models import ModelAdapter
 from compressdit.quant.gptq_calibration import (HESSIAN_BUDGET_BYTES, chunked_hessians, hessian_layers,
                                                 rounded_from_hessians)
@@ -48,6 +49,15 @@ def cache_budget(scratch: Path, output_bytes: int, output_folder: Path, max_cach
         return max_cache, "--max-cache"
     return max(room, 0), (f"the free space at {scratch} ({free / 1e9:.2f} GB) less the output "
                           f"({output_bytes / 1e9:.2f} GB) and a 1 GiB margin")
+
+
+def _trimmed(hessians: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``hessians``, the C heap trimmed after each layer is rounded (before the next Hessian is collected): the
+    rounding's temporaries would otherwise stay resident under the next, larger one."""
+    for item in hessians:
+        yield item
+        del item
+        release_free_heap()
 
 
 class StreamedGPTQ:
@@ -101,8 +111,8 @@ class StreamedGPTQ:
             chunks = hessian_chunks({n: self.model.get_submodule(n).in_features for n in replayed},
                                     HESSIAN_BUDGET_BYTES)
             self.replays += len(chunks)
-            modules.update(rounded_from_hessians(self.model, self.plan, chunked_hessians(
-                self.model, chunks, lambda: self.cache.replay(prefix, block, self.device)), input_absmax))
+            modules.update(rounded_from_hessians(self.model, self.plan, _trimmed(chunked_hessians(
+                self.model, chunks, lambda: self.cache.replay(prefix, block, self.device))), input_absmax))
         return modules
 
     def note(self, calibrate) -> str:
