@@ -211,7 +211,7 @@ def markdown(result: dict) -> str:
     m, s = result["machine"], result["source"]
     lines = ["# Streaming quantization of a FLUX.1-size transformer (random bf16 weights)", "",
              f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), {m['memory_gib']} GiB RAM shared "
-             f"with other jobs; torch {m['torch']}, diffusers {m['diffusers']}. Load average at start: "
+             f"with other jobs (this run; each row names its own); torch {m['torch']}, diffusers {m['diffusers']}. Load average at start: "
              f"{m['loadavg_start']}.", "",
              f"Source: `FluxTransformer2DModel` with FLUX.1-dev's config"
              f"{'' if result.get('blocks', '19,38') == '19,38' else ' (double,single blocks: ' + result['blocks'] + ')'}"
@@ -219,13 +219,15 @@ def markdown(result: dict) -> str:
              f"{s['disk_gb']} GB bf16 in {s['shards']} shards (written in {s['wall_s']} s, peak RSS "
              f"{s['peak_rss_mib']} MiB). Loaded in memory the usual way it would take "
              f"{s['parameters'] * 4 / 1e9:.0f} GB (float32).", "",
-             "| recipe | quantize wall | quantize peak RSS | output | shards | reload (device_map auto, CPU cap) | "
-             "reload peak RSS | one Euler step | step peak RSS |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "| recipe | machine | quantize wall | quantize peak RSS | output | shards | reload (device_map auto, CPU cap) | "
+             "reload peak RSS | one Euler step | step peak RSS |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for q in result["runs"] + result.get("earlier_runs", []):
         r = q.get("reload", {})
         if "error" in r:
             r = {"load_s": "not run or failed (see the JSON)"}
-        lines.append(f"| {q['recipe']} | {q['wall_s']} s | {q['peak_rss_mib']} MiB | {q['disk_gb']} GB | {q['shards']} | "
+        where = q.get("machine", m)
+        lines.append(f"| {q['recipe']} | {where['cpu']}, {where['threads']} thread{'s' * (where['threads'] != 1)} | "
+                     f"{q['wall_s']} s | {q['peak_rss_mib']} MiB | {q['disk_gb']} GB | {q['shards']} | "
                      f"{r.get('load_s', '—')} s, cap {r.get('cpu_memory_cap', '—')}, modules per device "
                      f"{r.get('placement', '—')} | {r.get('load_peak_rss_mib', '—')} MiB | {r.get('step_s', '—')} s | "
                      f"{r.get('peak_rss_mib', '—')} MiB |")
