@@ -5,7 +5,8 @@ of the packed codes (``cpu-int4-weight`` above ``INT4_PACKED_MAX_ROWS`` rows) an
 more than the GEMM itself, so these layers keep a decoded copy of their weight at run time and say so in
 their kernel name:
 
-- ``cpu-int-dense-fp32`` / ``cpu-int-dense-bf16`` (AMX-BF16, or AVX512-BF16 at one thread: :func:`bf16_gemm_pays`): the
+- ``cpu-int-dense-fp32`` / ``cpu-int-dense-bf16`` (AVX512-BF16 at one thread, layers of at least ``BF16_MIN_WEIGHT``
+  weights: :func:`bf16_gemm_pays`): the
   small layers ``cpu-int4-weight`` applies to (2-4 bits; 8-bit weights per channel, ``cpu-int8-weight``'s, always
   in fp32: their error is as small as bf16's rounding) decoded once into fp32 (4 bytes per weight of RAM at
   run time, at most ``4 * DENSE_MAX_WEIGHT`` bytes per layer) or bf16 (2 bytes; the checkpoint stays packed).
@@ -95,16 +96,28 @@ def _bf16_hardware() -> tuple[bool, bool]:
     return bool(capability.get("amx_bf16", False)), bool(capability.get("avx512_bf16", False))
 
 
+#: the smallest weight (in_features * out_features) a bf16 GEMM pays on, where it pays at all. Intel Xeon with
+#: AMX-BF16 (bench/results/e2e_speed_cpu_xeon.md), one thread, 256 tokens, each layer timed alone: 128 -> 128
+#: (2^14 weights) 86 us in bf16 with its two casts against 64 us in fp32; 128 -> 512 and 512 -> 128 (2^16) 131 and
+#: 145 us against 229 and 244 us.
+BF16_MIN_WEIGHT = 1 << 16
+
+
 def bf16_gemm_pays() -> bool:
-    """Whether small layers run in bf16 now: CPUs with AMX-BF16 tiles, and CPUs with AVX512-BF16 at one intra-op
-    thread. On the Zen 4 EPYC of ``bench/results/e2e_speed_cpu.md`` (AVX512-BF16, no AMX) the bf16 GEMM of a
-    256 x 128 x 128 layer is 1.6x an fp32 one, and with its two casts in C the zoo models' weight-only steps take
-    0.88-0.97x float on one thread but 1.05-1.27x on two, against 1.02-1.05x for the fp32 weight on both; with
-    the casts split over the threads too, dit-fmnist rtn-w4a16 on two threads was still 1.16x in bf16 against 1.03x
-    in fp32. Without bf16 hardware the bf16 GEMM is emulated: fp32. The thread count is part of every layer's
-    prepack key, so changing it re-selects."""
-    amx, avx512 = _bf16_hardware()
-    return amx or (avx512 and torch.get_num_threads() == 1)
+    """Whether bf16 GEMMs (on layers of at least ``BF16_MIN_WEIGHT`` weights) pay on this machine now: CPUs with
+    AVX512-BF16 (Zen 4; Intel's AMX-BF16 parts have it too) at one intra-op thread. Measured, time per guided step
+    against float: on the Zen 4 EPYC of ``bench/results/e2e_speed_cpu.md`` (no AMX) the zoo models' weight-only
+    steps took 0.88-0.97x float on one thread in bf16 but 1.05-1.27x on two, against 1.02-1.05x for the fp32
+    weight on both; on the Intel Xeon with AMX of ``bench/results/e2e_speed_cpu_xeon.md`` at two threads
+    dit-fmnist's ``w4a16`` 1.29x in bf16 against 1.07x in fp32 (``fp8``: 1.37x against 1.20x), flux-fmnist's 1.10x
+    against 1.06x: AMX does not change the two-thread verdict. Without bf16 hardware the bf16 GEMM is emulated:
+    fp32. The thread count is part of every layer's prepack key, so changing it re-selects."""
+    return _bf16_hardware()[1] and torch.get_num_threads() == 1
+
+
+def _bf16_layer(shape: tuple[int, int]) -> bool:
+    """Whether a layer of ``shape`` (out, in) runs its GEMM in bf16 on this machine now."""
+    return shape[0] * shape[1] >= BF16_MIN_WEIGHT and bf16_gemm_pays()
 
 
 def _dense_applies(bf16: bool):
@@ -115,21 +128,22 @@ def _dense_applies(bf16: bool):
         if not _small(shape):
             return False
         if KERNELS.get("cpu-int4-weight").applies(spec, device, shape):
-            return bf16_gemm_pays() == bf16
+            return _bf16_layer(shape) == bf16
         return not bf16 and KERNELS.get("cpu-int8-weight").applies(spec, device, shape)
 
     return applies
 
 
-def dense_kernel_name() -> str:
-    """The kernel small layers of ``cpu-int4-weight``'s specs run on this machine (8-bit ones: ``cpu-int-dense-fp32``)."""
-    return "cpu-int-dense-bf16" if bf16_gemm_pays() else "cpu-int-dense-fp32"
+def dense_kernel_name(shape: tuple[int, int]) -> str:
+    """The kernel a small layer of ``shape`` (out, in) and of ``cpu-int4-weight``'s specs runs on this machine now
+    (8-bit ones: ``cpu-int-dense-fp32``)."""
+    return "cpu-int-dense-bf16" if _bf16_layer(shape) else "cpu-int-dense-fp32"
 
 
-def fp8_kernel_name(a_bits: int | None) -> str:
-    """The kernel FP8 layers run on this machine: ``cpu-fp8-bf16`` for W8A8 where bf16 GEMMs pay, else
-    ``cpu-fp8-dense``."""
-    return "cpu-fp8-bf16" if a_bits == 8 and bf16_gemm_pays() else "cpu-fp8-dense"
+def fp8_kernel_name(a_bits: int | None, shape: tuple[int, int]) -> str:
+    """The kernel an FP8 layer of ``shape`` (out, in) runs on this machine now: ``cpu-fp8-bf16`` for W8A8 where bf16
+    GEMMs pay, else ``cpu-fp8-dense``."""
+    return "cpu-fp8-bf16" if a_bits == 8 and _bf16_layer(shape) else "cpu-fp8-dense"
 
 
 def _folds(layer) -> bool:
@@ -230,7 +244,7 @@ def _e4m3_rows(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fp8_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    return _fp8_dense_applies(spec, device, shape) and spec.a_bits == 8 and bf16_gemm_pays()
+    return _fp8_dense_applies(spec, device, shape) and spec.a_bits == 8 and _bf16_layer(shape)
 
 
 def _fp8_bf16_prepack(layer) -> dict:
@@ -267,7 +281,8 @@ KERNELS.add("cpu-fp8-dense", Kernel(
                 "activations as the reference, fp32 GEMM"))
 KERNELS.add("cpu-fp8-bf16", Kernel(
     _fp8_bf16_applies, _fp8_bf16_prepack, _fp8_bf16_linear, priority=11,
-    description="W8A8 FP8 where bf16 GEMMs pay (AMX-BF16, or AVX512-BF16 at one thread): E4M3 weight codes in bf16 "
+    description="W8A8 FP8 where bf16 GEMMs pay (AVX512-BF16 at one thread, layers of at least "
+                f"{BF16_MIN_WEIGHT} weights): E4M3 weight codes in bf16 "
                 "(2 bytes per weight of RAM), per-token E4M3 activation codes in one C pass, bf16 GEMM, row and "
                 "channel scales and bias in fp32 in one C pass"))
 KERNELS.add("cpu-twinlog-dense", Kernel(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressdit.quant.cpu_dense import bf16_gemm_pays, dense_kernel_name
+from compressdit.quant.cpu_dense import BF16_MIN_WEIGHT, bf16_gemm_pays, dense_kernel_name
 from compressdit.quant.kernel_registry import cache_of, set_kernel
 from compressdit.quant.layers import QuantLinear
 from compressdit.quant.spec import LinearQuantSpec
@@ -21,9 +21,9 @@ SPECS = [
 BOUNDS = {"cpu-int-dense-fp32": 2e-6, "cpu-int-dense-bf16": 6e-3}
 
 
-def _layers(spec: LinearQuantSpec) -> tuple[torch.nn.Linear, QuantLinear]:
+def _layers(spec: LinearQuantSpec, out_features: int = 48) -> tuple[torch.nn.Linear, QuantLinear]:
     torch.manual_seed(0)
-    linear = torch.nn.Linear(128, 48)
+    linear = torch.nn.Linear(128, out_features)
     return linear, QuantLinear.from_linear(linear, spec, input_absmax=torch.rand(128) * 10 + 0.1)
 
 
@@ -31,9 +31,11 @@ def _error(out: torch.Tensor, reference: torch.Tensor) -> float:
     return ((out.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
-def test_the_machine_picks_one_dense_kernel():
-    assert _layers(SPECS[0])[1].kernel_name == dense_kernel_name()
-    assert dense_kernel_name() == ("cpu-int-dense-bf16" if bf16_gemm_pays() else "cpu-int-dense-fp32")
+def test_the_machine_and_the_shape_pick_the_dense_kernel():
+    small, large = _layers(SPECS[0])[1], _layers(SPECS[0], BF16_MIN_WEIGHT // 128)[1]
+    assert small.kernel_name == dense_kernel_name((48, 128)) == "cpu-int-dense-fp32"  # below BF16_MIN_WEIGHT
+    assert large.kernel_name == dense_kernel_name((BF16_MIN_WEIGHT // 128, 128))
+    assert large.kernel_name == ("cpu-int-dense-bf16" if bf16_gemm_pays() else "cpu-int-dense-fp32")
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)
@@ -62,7 +64,8 @@ def test_dense_kernels_match_the_reference(spec, kernel, dtype):
 def test_the_thread_count_reselects_the_dense_kernel():
     from compressdit.quant.cpu_dense import _bf16_hardware
 
-    _, layer = _layers(SPECS[0])
+    shape = (BF16_MIN_WEIGHT // 128, 128)
+    _, layer = _layers(SPECS[0], shape[0])
     threads, chosen = torch.get_num_threads(), {}
     try:
         for count in (1, 2, 1):
@@ -70,12 +73,11 @@ def test_the_thread_count_reselects_the_dense_kernel():
             with torch.no_grad():
                 layer(torch.randn(4, 128))
             chosen[count] = cache_of(layer).name
-            assert chosen[count] == dense_kernel_name() == layer.kernel_name
+            assert chosen[count] == dense_kernel_name(shape) == layer.kernel_name
     finally:
         torch.set_num_threads(threads)
-    amx, avx512 = _bf16_hardware()
-    assert chosen[2] == ("cpu-int-dense-bf16" if amx else "cpu-int-dense-fp32")
-    assert chosen[1] == ("cpu-int-dense-bf16" if amx or avx512 else "cpu-int-dense-fp32")
+    assert chosen[2] == "cpu-int-dense-fp32"  # two threads: fp32 on every CPU measured (AMX included)
+    assert chosen[1] == ("cpu-int-dense-bf16" if _bf16_hardware()[1] else "cpu-int-dense-fp32")
 
 
 DECODED = {  # the low-bit formats no CPU GEMM reads: weight decoded once, activations as the reference
@@ -134,7 +136,9 @@ def test_fp8_bf16_kernel_is_the_scaled_codes_gemm_within_bf16_rounding(dtype, mo
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 48)
     layer = FP8Linear.from_linear(linear, LinearQuantSpec(format="fp8", w_bits=8, a_bits=8))
-    assert layer.kernel_name == ("cpu-fp8-bf16" if bf16_gemm_pays() else "cpu-fp8-dense")
+    assert layer.kernel_name == "cpu-fp8-dense"  # below BF16_MIN_WEIGHT: fp32 on every machine
+    wide = FP8Linear.from_linear(torch.nn.Linear(128, BF16_MIN_WEIGHT // 128), layer.spec)
+    assert wide.kernel_name == ("cpu-fp8-bf16" if bf16_gemm_pays() else "cpu-fp8-dense")
     layer.to(dtype)
     set_kernel(layer, "cpu-fp8-bf16")
     x = (torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)).to(dtype)

@@ -49,7 +49,7 @@ def test_registry_picks_cuda_kernels_for_cuda_devices_and_keeps_cpu_choices(monk
         assert select_kernel(spec, cuda, (64, 256)) == name
     assert select_kernel(W8A8, torch.device("cpu"), (64, 256)) == "cpu-int8-gemm"
     assert select_kernel(W4A16, torch.device("cpu"), (4096, 256)) == "cpu-int4-weight"
-    assert select_kernel(FP8, torch.device("cpu"), (64, 256)) == fp8_kernel_name(8)
+    assert select_kernel(FP8, torch.device("cpu"), (64, 256)) == fp8_kernel_name(8, (64, 256))
     monkeypatch.setattr(cuda_kernels, "cuda_capability", lambda device: (8, 6) if device.type == "cuda" else None)
     assert select_kernel(FP8, cuda, (64, 256)) == REFERENCE
 

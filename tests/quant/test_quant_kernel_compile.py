@@ -30,7 +30,10 @@ def test_compiled_w8a8_and_w4a16_dit_has_no_graph_break_in_quantized_layers_and_
              LayerRule("re:.*", LinearQuantSpec(w_bits=8, a_bits=8, rotation="hadamard"))]
     quantize_layers(model, resolve_plan(model, adapter_for(model), rules))
     kernels = prepack_model(model)  # prepack before compiling: the staleness check is skipped when compiling
-    assert {"cpu-int8-gemm", dense_kernel_name()} <= set(kernels.values())
+    ffn_up = next(n for n, spec in resolve_plan(reference, adapter_for(reference), rules).items()
+                  if spec is not None and spec.a_bits is None)
+    layer = model.get_submodule(ffn_up)
+    assert {"cpu-int8-gemm", dense_kernel_name((layer.out_features, layer.in_features))} <= set(kernels.values())
     inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([10, 700]),
               "class_labels": torch.tensor([1, 7]), "return_dict": False}
     torch._dynamo.reset()
@@ -80,8 +83,9 @@ def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
         QuantLinear.from_linear(torch.nn.Linear(64, 64), LinearQuantSpec(w_bits=4, a_bits=8, group_size=32)),
         FP8Linear.from_linear(torch.nn.Linear(64, 32), LinearQuantSpec(format="fp8", w_bits=8, a_bits=8)),
         FORMATS.get("nvfp4").quantize(torch.nn.Linear(32, 16), NVFP4, None))
-    assert list(prepack_model(model).values()) == ["cpu-int8-gemm", "cpu-int8-gemm", dense_kernel_name(),
-                                                   "cpu-int8-group-gemm", fp8_kernel_name(8), "cpu-decoded-dense"]
+    assert list(prepack_model(model).values()) == ["cpu-int8-gemm", "cpu-int8-gemm", dense_kernel_name((64, 64)),
+                                                   "cpu-int8-group-gemm", fp8_kernel_name(8, (32, 64)),
+                                                   "cpu-decoded-dense"]
     torch._dynamo.reset()
     with torch.no_grad():
         for rows in (1, 7):

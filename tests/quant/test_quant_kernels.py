@@ -39,7 +39,7 @@ from compressdit.quant.kernel_registry import (KERNELS, REFERENCE, cache_of, ker
 from compressdit.quant.cpu_dense import dense_kernel_name  # noqa: E402
 from compressdit.quant.vq_layer import VQLinear  # noqa: E402
 
-DENSE = dense_kernel_name()  # small weight-only layers: fp32 weight, or bf16 on CPUs with AMX-BF16
+DENSE = dense_kernel_name((96, 256))  # the small weight-only layers below: fp32 (bf16 only from BF16_MIN_WEIGHT)
 DENSE_BOUND = (6e-3, 0.2) if DENSE == "cpu-int-dense-bf16" else (1e-5, 0.01)  # bf16 rounding / summation order
 
 # spec, kernel, bound on ||kernel - reference|| / ||reference||, on that error / the quantization error, and
@@ -102,7 +102,7 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
 
     cpu = torch.device("cpu")
     w4, w4a8 = LinearQuantSpec(w_bits=4, group_size=64), LinearQuantSpec(w_bits=4, a_bits=8)
-    assert select_kernel(w4, cpu, (DENSE_MAX_WEIGHT // 256, 256)) == DENSE
+    assert select_kernel(w4, cpu, (DENSE_MAX_WEIGHT // 256, 256)) == dense_kernel_name((DENSE_MAX_WEIGHT // 256, 256))
     assert select_kernel(w4, cpu, (DENSE_MAX_WEIGHT // 256 + 16, 256)) == "cpu-int4-weight"
     assert select_kernel(w4a8, cpu, (INT8_GEMM_SMALL_WEIGHT // 256, 256)) == "cpu-int8-gemm"
     assert select_kernel(w4a8, cpu, (INT8_GEMM_SMALL_WEIGHT // 256 + 16, 256)) == "cpu-int4-weight"
@@ -137,7 +137,7 @@ def test_fp8_layers_decode_once_on_cpu_and_match_the_reference():
     linear = torch.nn.Linear(64, 48)
     for a_bits in (8, None):
         layer = FP8Linear.from_linear(linear, LinearQuantSpec(format="fp8", w_bits=8, a_bits=a_bits))
-        assert layer.kernel_name == fp8_kernel_name(a_bits)
+        assert layer.kernel_name == fp8_kernel_name(a_bits, (48, 64))
         set_kernel(layer, "cpu-fp8-dense")  # the exact one (cpu-fp8-bf16: tests/quant/test_quant_cpu_dense.py)
         x = torch.randn(3, 5, 64)
         with torch.no_grad():
