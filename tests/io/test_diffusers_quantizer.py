@@ -189,8 +189,10 @@ def test_bfloat16_load_keeps_scales_fp32_and_codes_integer(dit_qdir, dit_loaded)
     assert model.proj_out_1.weight.dtype == torch.bfloat16
     out = _run(model, _dit_inputs())
     assert torch.isfinite(out).all()
-    # bf16 activations through 2 blocks: ~2% of the output's norm, values up to ~4 (bf16's step there: 1/64)
-    assert torch.allclose(out, expected, atol=0.1, rtol=0.05), float((out - expected).abs().max())
+    # bf16 activations through 2 blocks: ~2% of the output's norm, values up to ~4 (bf16's step there: 1/64); the
+    # largest element off by 0.104 where the small layers' GEMMs ran in bf16, 0.119 (1.9% of the norm against 2.1%)
+    # where they run in fp32 on the bf16 input: a handful of bf16 steps either way
+    assert torch.allclose(out, expected, atol=0.15, rtol=0.05), float((out - expected).abs().max())
     assert float((out - expected).norm() / expected.norm()) < 0.04
 
 
