@@ -73,7 +73,10 @@ def student_from_state(reference, path: str, top_k: int):
         if found:
             mob[found.group(1)] = {"blocks": len(getattr(model, found.group(1))), "group": tensor.shape[0],
                                    "active": top_k, "features": tensor.shape[1]}
-    apply_structure(model, {"moe": moe, "width": width, "mob": mob})
+    parallel = [ffns[name] for name in moe if ffns[name].down_offset]  # FLUX single blocks: fused proj_out
+    apply_structure(model, {"moe": moe, "width": width, "mob": mob,
+                            "tail_sum": {ffn.down_module: ffn.down_offset for ffn in parallel},
+                            "identity": [ffn.activation_module for ffn in parallel]})
     model.load_state_dict(weights)
     record_structure(model)
     return model.eval(), state["step"]

@@ -20,7 +20,7 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from compressdit.errors import CheckpointError, ConfigError
 from compressdit.io.diffusers_lora import register_lora_support
-from compressdit.io.structure import HEADS, MOB, MOE, WIDTH, apply_structure
+from compressdit.io.structure import HEADS, IDENTITY, MOB, MOE, TAIL_SUM, WIDTH, apply_structure
 from compressdit.quant.kernel_registry import prepack_model
 from compressdit.quant.layers import PackedParameter, QuantizedLinear
 from compressdit.quant.spec import LinearQuantSpec
@@ -29,7 +29,7 @@ from compressdit.quant.transform import build_empty_layers, dequantize_layers, q
 FORMAT_VERSION = 1
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-STRUCTURE_KEYS = (WIDTH, HEADS, MOE, MOB)  # what a model's non-stock shapes are rebuilt from
+STRUCTURE_KEYS = (WIDTH, HEADS, MOE, MOB, TAIL_SUM, IDENTITY)  # what a model's non-stock shapes are rebuilt from
 
 
 class CompressditMethod(str, Enum):

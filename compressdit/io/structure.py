@@ -12,7 +12,10 @@ attention module to its head count; ``moe`` maps a dense FFN's name to the :clas
 of the mixture of experts that replaced it (Dense2MoE), e.g. ``{"transformer_blocks.0.ff": {"dim": 128,
 "dim_out": 128, "experts": 7, "expert_hidden": 64, "top_k": 3, "shared_hidden": 64, ...}}``; ``mob`` maps a block
 stack's attribute to the :class:`~compressdit.moe.blocks.MoBLayout` of its Mixture of Blocks, e.g.
-``{"transformer_blocks": {"blocks": 12, "group": 4, "active": 2, "features": 256}}``.
+``{"transformer_blocks": {"blocks": 12, "group": 4, "active": 2, "features": 256}}``. A parallel MLP split by
+Dense2MoE (FLUX single-stream blocks) adds ``tail_sum``, the fused output projections that became a
+:class:`~compressdit.moe.layers.TailSum` with their head width (``{"single_transformer_blocks.0.proj_out": 128}``),
+and ``identity``, the modules that became ``nn.Identity`` (``["single_transformer_blocks.0.act_mlp"]``).
 :func:`~compressdit.io.save.record_structure` writes the manifest of a pruned model (stock
 ``save_pretrained`` then saves it), :func:`apply_structure` reshapes the empty model built by
 ``from_pretrained`` before its weights load. Other ``structure`` keys belong to other transforms and are left alone.
@@ -28,9 +31,9 @@ from torch import nn
 from compressdit.errors import CheckpointError, ConfigError
 from compressdit.models import adapter_for
 from compressdit.moe.blocks import MoBLayout, route_blocks, routed_stacks
-from compressdit.moe.layers import MoEFeedForward, MoELayout
+from compressdit.moe.layers import MoEFeedForward, MoELayout, TailSum
 
-WIDTH, HEADS, MOE, MOB = "width", "heads", "moe", "mob"
+WIDTH, HEADS, MOE, MOB, TAIL_SUM, IDENTITY = "width", "heads", "moe", "mob", "tail_sum", "identity"
 
 
 def is_attention(module: nn.Module) -> bool:
@@ -83,7 +86,11 @@ def structure_of(model: nn.Module) -> dict[str, dict[str, Any]]:
         if is_attention(module) and built is not None and is_attention(built) and module.heads != built.heads:
             heads[name] = int(module.heads)
     mob = {name: blocks[0].layout.to_dict() for name, blocks in routed_stacks(model).items()}
-    return {WIDTH: width, HEADS: heads, **({MOE: moe} if moe else {}), **({MOB: mob} if mob else {})}
+    tails = {name: int(m.head_features) for name, m in model.named_modules() if isinstance(m, TailSum)}
+    identity = [name for name, m in model.named_modules()
+                if type(m) is nn.Identity and name in reference and type(reference[name]) is not nn.Identity]
+    optional = {MOE: moe, MOB: mob, TAIL_SUM: tails, IDENTITY: identity}
+    return {WIDTH: width, HEADS: heads, **{key: value for key, value in optional.items() if value}}
 
 
 def _entries(structure: dict, key: str) -> dict:
@@ -132,6 +139,19 @@ def _build_moe(model: nn.Module, name: str, entry: Any) -> None:
     model.set_submodule(name, moe.to(param.dtype) if param is not None else moe)
 
 
+def _build_tail_sum(model: nn.Module, name: str, head_features: Any) -> None:
+    """Replace the fused output linear ``name`` by an empty :class:`TailSum` keeping ``head_features`` columns."""
+    linear = _module(model, name, TAIL_SUM)
+    if type(linear) is not nn.Linear or not _positive_ints(head_features, 1) \
+            or head_features >= linear.in_features:
+        raise CheckpointError(f"quantization_config.structure.tail_sum[{name!r}] must be a head width below the "
+                              f"input width of a Linear, got {head_features!r} for a {type(linear).__name__}")
+    weight = linear.weight
+    with torch.device(weight.device):
+        tail = TailSum(head_features, linear.out_features)
+    model.set_submodule(name, tail.to(weight.dtype))
+
+
 def _build_mob(model: nn.Module, attribute: str, entry: Any) -> None:
     """Wrap the blocks of ``model.<attribute>`` in routed blocks of the recorded layout (empty routers)."""
     where = f"quantization_config.structure.mob[{attribute!r}]"
@@ -152,6 +172,14 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
         _build_moe(model, name, entry)
     for attribute, entry in _entries(structure, MOB).items():
         _build_mob(model, attribute, entry)
+    for name, head_features in _entries(structure, TAIL_SUM).items():
+        _build_tail_sum(model, name, head_features)
+    identity = structure.get(IDENTITY, [])
+    if not isinstance(identity, list) or not all(isinstance(name, str) for name in identity):
+        raise CheckpointError(f"quantization_config.structure.identity must list module names, got {identity!r}")
+    for name in identity:
+        _module(model, name, IDENTITY)
+        model.set_submodule(name, nn.Identity())
     head_counts = {}
     for name, heads in _entries(structure, HEADS).items():
         attn = _module(model, name, HEADS)

@@ -83,15 +83,51 @@ class Conditioning:
 @dataclass(frozen=True)
 class DenseFFN:
     """A dense MLP ``down(activation(up(x)))`` (Dense2MoE splits its hidden neurons); ``activation`` is a
-    :data:`compressdit.moe.layers.ACTIVATIONS` name."""
+    :data:`compressdit.moe.layers.ACTIVATIONS` name.
+
+    A parallel MLP (:class:`ParallelMLP`: FLUX's single-stream blocks) has no module of its own: its down projection
+    is the tail of a fused output linear whose input is ``cat([other branch, hidden])``, the hidden starting at
+    input feature ``down_offset``; ``activation_module`` and ``down_module`` name (fully qualified) the block's
+    activation module and that fused linear, which Dense2MoE replaces too. ``down_offset == 0``: a plain FFN."""
 
     up: nn.Linear
     down: nn.Linear
     activation: str
+    down_offset: int = 0
+    activation_module: str | None = None
+    down_module: str | None = None
+
+    def down_weight(self) -> torch.Tensor:
+        """The down projection's columns that read the hidden neurons ``[out, hidden]``."""
+        return self.down.weight[:, self.down_offset:]
+
+
+@dataclass(frozen=True)
+class ParallelMLP:
+    """Where a block computes its MLP beside another branch and projects both at once (FLUX single-stream
+    blocks: ``proj_out(cat([attn(x), act_mlp(proj_mlp(x))]))``): the block's anchored regex and the attribute names
+    of the up projection, the activation module (a diffusers/torch GELU) and the fused output linear."""
+
+    block: str
+    up: str
+    activation: str
+    out: str
 
 
 # diffusers' GELU activation module (``FeedForward.net[0]``) by its ``approximate`` attribute
 _GELU_NAMES = {"none": "gelu", "tanh": "gelu-tanh"}
+
+
+def _parallel_ffn(name: str, block: nn.Module, mlp: ParallelMLP) -> DenseFFN:
+    up, act, out = (getattr(block, attr, None) for attr in (mlp.up, mlp.activation, mlp.out))
+    approximate = getattr(act, "approximate", None)
+    if type(up) is not nn.Linear or type(out) is not nn.Linear or approximate not in _GELU_NAMES \
+            or out.in_features <= up.out_features:
+        raise UnsupportedModelError(
+            f"{name} is not a parallel GELU MLP ({mlp.up}: {type(up).__name__}, {mlp.activation}: "
+            f"{type(act).__name__}, {mlp.out}: {type(out).__name__}); only plain float blocks can become MoE layers")
+    return DenseFFN(up, out, _GELU_NAMES[approximate], down_offset=out.in_features - up.out_features,
+                    activation_module=f"{name}.{mlp.activation}", down_module=f"{name}.{mlp.out}")
 
 
 class ModelAdapter(ABC):
@@ -120,6 +156,7 @@ class ModelAdapter(ABC):
     frame_axis: ClassVar[int | None] = None
     original_arch: ClassVar[str | None] = None  # GGUF ``general.architecture`` of the original layout (ComfyUI-GGUF)
     ffn_modules: ClassVar[tuple[str, ...]] = ()  # anchored regexes of the diffusers ``FeedForward``s (Dense2MoE)
+    parallel_mlps: ClassVar[tuple[ParallelMLP, ...]] = ()  # MLPs fused into a block's output projection (Dense2MoE)
     drives_pipeline: ClassVar[bool] = False  # samples through a pipeline's own __call__ (models/driven.py)
 
     def role_of(self, name: str) -> str | None:
@@ -134,7 +171,8 @@ class ModelAdapter(ABC):
 
     def feed_forwards(self, model: nn.Module) -> dict[str, DenseFFN]:
         """The dense FFNs matching ``ffn_modules`` by name: diffusers ``FeedForward``s whose ``net`` is a GELU
-        projection (``net[0].proj``), dropout, and the down projection (its last ``nn.Linear``)."""
+        projection (``net[0].proj``), dropout, and the down projection (its last ``nn.Linear``); then the
+        ``parallel_mlps``, each by its up projection's name."""
         found = {}
         for name, module in model.named_modules():
             if not any(re.fullmatch(p, name) for p in self.ffn_modules):
@@ -147,6 +185,10 @@ class ModelAdapter(ABC):
                 raise UnsupportedModelError(f"{name} ({type(module).__name__}) is not a GELU FeedForward "
                                             f"(net[0] is {type(act).__name__}); only GELU MLPs can become MoE layers")
             found[name] = DenseFFN(act.proj, linears[-1], _GELU_NAMES[act.approximate])
+        for mlp in self.parallel_mlps:
+            for name, block in model.named_modules():
+                if re.fullmatch(mlp.block, name):
+                    found[f"{name}.{mlp.up}"] = _parallel_ffn(name, block, mlp)
         return found
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -10,7 +10,8 @@ Layer roles: double-stream blocks split into an image stream (``attn.to_q/k/v``,
 ``ff``, ``norm1``) and a text stream (``context``). A single-stream block has one attention over text +
 image tokens (``attn.to_q/k/v``, no output projection), a parallel MLP input ``proj_mlp`` (``ffn_up``) and
 ``proj_out`` (``ffn_down``), which projects the concatenated attention and MLP outputs back to the
-hidden size, so it also plays the part of the attention output projection.
+hidden size, so it also plays the part of the attention output projection. After Dense2MoE the MLP is a
+mixture of experts in ``proj_mlp`` and ``proj_out.proj`` projects the attention output alone (``attn_out``).
 
 Both block kinds take ``hidden_states`` (image) and ``encoder_hidden_states`` (text) and return
 ``(encoder_hidden_states, hidden_states)``: text stream first. A single-stream block concatenates text + image
@@ -23,7 +24,8 @@ import re
 
 import torch
 
-from compressdit.models.base import ADAPTERS, BlockStack, Conditioning, ModelAdapter, OriginalTensor, dynamic_shift
+from compressdit.models.base import (ADAPTERS, BlockStack, Conditioning, ModelAdapter, OriginalTensor, ParallelMLP,
+                                     dynamic_shift)
 from compressdit.models.sd3 import original_linear as linear, pooled_text
 from compressdit.models.text_conditions import TextEmbedding
 
@@ -108,18 +110,23 @@ class FluxAdapter(ModelAdapter):
                     BlockStack("single_transformer_blocks", "num_single_layers", returns=_JOINT))
     roles = {
         "attn_qkv": (_DOUBLE + r"\.attn\.to_[qkv]", _SINGLE + r"\.attn\.to_[qkv]"),
-        "attn_out": (_DOUBLE + r"\.attn\.to_out\.0",),
+        "attn_out": (_DOUBLE + r"\.attn\.to_out\.0", _SINGLE + r"\.proj_out\.proj"),  # the latter: after Dense2MoE
         "context": (_DOUBLE + r"\.attn\.add_[qkv]_proj", _DOUBLE + r"\.attn\.to_add_out",
                     _DOUBLE + r"\.ff_context\.net\.(?:0\.proj|2)",
                     _DOUBLE + r"\.ff_context" + _EXPERT + r"\.(?:up|down)", _DOUBLE + r"\.norm1_context\.linear"),
-        "ffn_up": (_DOUBLE + r"\.ff\.net\.0\.proj", _SINGLE + r"\.proj_mlp", _DOUBLE + r"\.ff" + _EXPERT + r"\.up"),
-        "ffn_down": (_DOUBLE + r"\.ff\.net\.2", _SINGLE + r"\.proj_out", _DOUBLE + r"\.ff" + _EXPERT + r"\.down"),
+        "ffn_up": (_DOUBLE + r"\.ff\.net\.0\.proj", _SINGLE + r"\.proj_mlp", _DOUBLE + r"\.ff" + _EXPERT + r"\.up",
+                   _SINGLE + r"\.proj_mlp" + _EXPERT + r"\.up"),
+        "ffn_down": (_DOUBLE + r"\.ff\.net\.2", _SINGLE + r"\.proj_out", _DOUBLE + r"\.ff" + _EXPERT + r"\.down",
+                     _SINGLE + r"\.proj_mlp" + _EXPERT + r"\.down"),
         "adaln": (_DOUBLE + r"\.norm1\.linear", _SINGLE + r"\.norm\.linear"),
         "embedder": (r"time_text_embed\..*", r"context_embedder", r"x_embedder", r"pos_embed(?:\..*)?"),
         "head": (r"norm_out\.linear", r"proj_out"),
     }
     original_arch = "flux"
-    ffn_modules = (_DOUBLE + r"\.ff", _DOUBLE + r"\.ff_context")  # single blocks' fused proj_mlp: not split
+    ffn_modules = (_DOUBLE + r"\.ff", _DOUBLE + r"\.ff_context")
+    # single blocks: proj_out(cat([attn, act_mlp(proj_mlp(x))])); Dense2MoE makes proj_mlp the MoE (ending in its
+    # down projection), act_mlp an identity and proj_out a TailSum that keeps the attention columns
+    parallel_mlps = (ParallelMLP(_SINGLE, "proj_mlp", "act_mlp", "proj_out"),)
     # Flux configs carry no sample_size: latents are ``latent_size`` square unless the config has one.
     # Set it on the registered instance (``ADAPTERS.get("flux").latent_size = 128`` for 1024 px images).
     latent_size: int = 8

@@ -25,7 +25,7 @@ from compressdit.distill.sources import CalibrationDraws
 from compressdit.errors import CalibrationError, ConfigError
 from compressdit.models.base import DenseFFN, ModelAdapter
 from compressdit.moe.grouping import NEURON_GROUPINGS, NeuronRecord, split_neurons
-from compressdit.moe.layers import MoEFeedForward, MoELayout
+from compressdit.moe.layers import MoEFeedForward, MoELayout, TailSum
 
 
 @dataclass
@@ -68,8 +68,8 @@ class Dense2MoEConfig(CalibrationDraws):
 
 @contextmanager
 def record_hidden(ffns: dict[str, DenseFFN]) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Inside the ``with``, each FFN's hidden activations (the down projection's input) are appended per forward;
-    the hooks are removed on exit."""
+    """Inside the ``with``, each FFN's down projection input is appended per forward (a parallel MLP's: the fused
+    projection's whole input, the hidden from ``down_offset`` on); the hooks are removed on exit."""
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in ffns}
     handles = []
     try:
@@ -95,10 +95,11 @@ def calibration_records(model: nn.Module, adapter: ModelAdapter, ffns: dict[str,
             if needs_gradients:
                 tensors = [hidden[n][0] for n in ffns]
                 loss = F.mse_loss(pred.float(), batch.target.float())
-                for name, g in zip(ffns, torch.autograd.grad(loss, tensors)):
+                for (name, ffn), g in zip(ffns.items(), torch.autograd.grad(loss, tensors)):
+                    g = g[..., ffn.down_offset:]
                     grads[name].append(g.detach().float().reshape(len(pred), -1, g.shape[-1]).cpu())
-        for name in ffns:
-            h = hidden[name][0].detach().float()
+        for name, ffn in ffns.items():
+            h = hidden[name][0][..., ffn.down_offset:].detach().float()
             acts[name].append(h.reshape(len(pred), -1, h.shape[-1]).cpu())
     if not any(acts.values()):
         raise CalibrationError("moe: no calibration batch reached the FFNs")
@@ -108,7 +109,7 @@ def calibration_records(model: nn.Module, adapter: ModelAdapter, ffns: dict[str,
         g = torch.cat(grads[name]) if needs_gradients else None
         keep = max(1, max_tokens // a.shape[1])  # whole samples, at most max_tokens tokens
         index = torch.randperm(len(a), generator=torch.Generator().manual_seed(seed))[:keep].sort().values
-        records[name] = NeuronRecord(a[index], None if g is None else g[index], ffn.down.weight.detach().cpu())
+        records[name] = NeuronRecord(a[index], None if g is None else g[index], ffn.down_weight().detach().cpu())
     return records
 
 
@@ -127,7 +128,7 @@ def layout_for(ffn: DenseFFN, config: Dense2MoEConfig, name: str) -> MoELayout:
 def build_moe(ffn: DenseFFN, layout: MoELayout, shared: torch.Tensor, groups: list[torch.Tensor]) -> MoEFeedForward:
     """The MoE FFN holding ``ffn``'s weights: routed expert ``e`` gets neurons ``groups[e]``, the shared expert
     ``shared``; the router rows are the centroids of each expert's up-projection rows (and biases)."""
-    w1, w2 = ffn.up.weight, ffn.down.weight
+    w1, w2 = ffn.up.weight, ffn.down_weight()
     b1 = ffn.up.bias
     moe = MoEFeedForward(layout).to(device=w1.device, dtype=w1.dtype)
     parts = [(moe.experts[e], groups[e]) for e in range(layout.experts)]
@@ -168,5 +169,18 @@ def dense2moe(model: nn.Module, adapter: ModelAdapter, config: Dense2MoEConfig,
         shared, groups = split_neurons(records[name], grouping, layout.experts, layout.shared_hidden,
                                        config.iterations, config.seed)
         converted[name] = build_moe(ffn, layout, shared, groups)
-        model.set_submodule(name, converted[name])
+        replace_ffn(model, name, ffn, converted[name])
     return converted
+
+
+@torch.no_grad()
+def replace_ffn(model: nn.Module, name: str, ffn: DenseFFN, moe: MoEFeedForward) -> None:
+    """Put ``moe`` in the place of the FFN ``name``; a parallel MLP's activation module becomes an identity and its
+    fused output projection a :class:`~compressdit.moe.layers.TailSum` keeping the other branch's columns."""
+    model.set_submodule(name, moe)
+    if ffn.down_offset:
+        weight = ffn.down.weight
+        tail = TailSum(ffn.down_offset, ffn.down.out_features).to(device=weight.device, dtype=weight.dtype)
+        tail.proj.weight.copy_(weight[:, :ffn.down_offset])
+        model.set_submodule(ffn.activation_module, nn.Identity())
+        model.set_submodule(ffn.down_module, tail)

@@ -206,6 +206,26 @@ class MoEFeedForward(nn.Module):
                 f"activation={lay.activation}, gating={lay.gating}")
 
 
+class TailSum(nn.Module):
+    """``proj(x[..., :head]) + x[..., head:]``: a block's fused output projection once Dense2MoE has turned the
+    parallel MLP it also projected into a :class:`MoEFeedForward` (FLUX single-stream blocks: ``proj_out`` of
+    ``cat([attention, mlp])``). The MoE already ends in the down projection and the fused bias, so the tail of the
+    input (``out_features`` wide) is added as it is and ``proj`` keeps the head's columns, without bias: a plain
+    ``nn.Linear`` that quantization, pruning and LoRA see as any other. Stored as ``proj.weight``."""
+
+    def __init__(self, head_features: int, out_features: int) -> None:
+        super().__init__()
+        self.head_features, self.out_features = head_features, out_features
+        self.proj = nn.Linear(head_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.head_features
+        return self.proj(x[..., :head]) + x[..., head:]
+
+    def extra_repr(self) -> str:
+        return f"head_features={self.head_features}, out_features={self.out_features}"
+
+
 def moe_layers(model: nn.Module) -> dict[str, MoEFeedForward]:
     """Every MoE FFN of ``model`` by fully qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MoEFeedForward)}

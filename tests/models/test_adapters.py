@@ -16,7 +16,7 @@ from compressdit.models.base import ROLES
 from compressdit.models.flux import FluxAdapter, latent_image_ids, pack_latents, unpack_latents
 from compressdit.models.sampling import sample
 from compressdit.models.text_conditions import TextEmbedding, synthetic_text
-from compressdit.moe.dense2moe import Dense2MoEConfig, layout_for
+from compressdit.moe.dense2moe import Dense2MoEConfig, layout_for, replace_ffn
 from compressdit.moe.layers import MoEFeedForward
 
 torch.set_num_threads(1)
@@ -140,7 +140,7 @@ def test_every_role_pattern_matches_a_module(family: str) -> None:
     model = copy.deepcopy(_model(family))  # _model is cached: other tests use it dense
     names = [name for name, _ in model.named_modules()]
     for name, ffn in adapter.feed_forwards(model).items():  # the experts' patterns name the Dense2MoE layers
-        model.set_submodule(name, MoEFeedForward(layout_for(ffn, Dense2MoEConfig(experts=1, top_k=1), name)))
+        replace_ffn(model, name, ffn, MoEFeedForward(layout_for(ffn, Dense2MoEConfig(experts=1, top_k=1), name)))
     names += [name for name, _ in model.named_modules()]
     dead = [p for patterns in adapter.roles.values() for p in patterns if not any(re.fullmatch(p, n) for n in names)]
     assert dead == []

@@ -103,28 +103,66 @@ def test_stock_from_pretrained_rebuilds_and_save_pretrained_round_trips(tmp_path
     torch.testing.assert_close(_predict(again), _predict(model), rtol=1e-5, atol=1e-5)
 
 
-def test_flux_double_blocks_split_both_streams_exactly() -> None:
+def _flux_case():
     from compressdit.models.text_conditions import synthetic_text
     from tests.conftest import tiny_flux
 
     flux = ADAPTERS.get("flux")
-    dense = tiny_flux(double=1, single=1, heads=2, text_dim=32, pooled_dim=16).double()
+    dense = tiny_flux(double=1, single=2, heads=2, text_dim=32, pooled_dim=16).double()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, *flux.latent_shape(dense), generator=gen, dtype=torch.float64)
     cond = flux.encode(dense, synthetic_text(2, 5, 32, 16)).to(torch.device("cpu"), torch.float64)
     batch = CalibrationBatch(x, torch.tensor([300, 700]), cond, torch.randn(x.shape, generator=gen, dtype=torch.float64))
+    return flux, dense, x, cond, batch
+
+
+@pytest.mark.parametrize("grouping", ["coactivation", "taylor"])
+def test_flux_double_and_single_blocks_split_exactly(grouping: str) -> None:
+    """Both streams' FFNs of the double blocks and the parallel MLPs of the single blocks (proj_mlp -> MoE,
+    act_mlp -> identity, proj_out -> TailSum of the attention columns); all experts active = the dense model."""
+    from compressdit.moe.layers import TailSum
+
+    flux, dense, x, cond, batch = _flux_case()
     moe = copy.deepcopy(dense)
-    config = Dense2MoEConfig.from_dict({"experts": 3, "shared_experts": 1, "top_k": 1, "grouping": "coactivation"})
+    config = Dense2MoEConfig.from_dict({"experts": 3, "shared_experts": 1, "top_k": 1, "grouping": grouping})
     layers = dense2moe(moe, flux, config, [batch])
-    assert sorted(layers) == ["transformer_blocks.0.ff", "transformer_blocks.0.ff_context"]
+    assert sorted(layers) == ["single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.1.proj_mlp",
+                              "transformer_blocks.0.ff", "transformer_blocks.0.ff_context"]
+    single = moe.single_transformer_blocks[1]
+    assert type(single.act_mlp) is torch.nn.Identity and type(single.proj_out) is TailSum
+    hidden = dense.single_transformer_blocks[1].proj_mlp.out_features
+    dim = single.proj_out.out_features
+    assert single.proj_out.proj.weight.shape == (dim, dim) and single.proj_mlp.layout.dim_out == dim
+    assert sum(len(e.up.weight) for e in single.proj_mlp.experts) + len(single.proj_mlp.shared.up.weight) == hidden
     assert flux.role_of("transformer_blocks.0.ff_context.experts.2.up") == "context"
     assert flux.role_of("transformer_blocks.0.ff.shared.down") == "ffn_down"
-    for layer in layers.values():
-        layer.top_k = 3
+    assert flux.role_of("single_transformer_blocks.1.proj_mlp.experts.0.up") == "ffn_up"
+    assert flux.role_of("single_transformer_blocks.1.proj_mlp.shared.down") == "ffn_down"
+    assert flux.role_of("single_transformer_blocks.1.proj_out.proj") == "attn_out"
     with torch.no_grad():
         t = torch.tensor([500])
+        assert not torch.allclose(flux.predict(moe, x, t, cond), flux.predict(dense, x, t, cond), atol=1e-6)
+        for layer in layers.values():
+            layer.top_k = 3
         torch.testing.assert_close(flux.predict(moe, x, t, cond), flux.predict(dense, x, t, cond), rtol=1e-10,
                                    atol=1e-10)
+
+
+def test_flux_single_block_moe_reloads_through_stock_from_pretrained(tmp_path) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    flux, dense, x, cond, batch = _flux_case()
+    config = Dense2MoEConfig.from_dict({"experts": 3, "shared_experts": 1, "top_k": 2, "grouping": "coactivation"})
+    dense2moe(dense, flux, config, [batch])
+    structure = record_structure(dense)
+    assert structure["tail_sum"] == {f"single_transformer_blocks.{i}.proj_out": 32 for i in range(2)}
+    assert structure["identity"] == [f"single_transformer_blocks.{i}.act_mlp" for i in range(2)]
+    dense.save_pretrained(tmp_path)
+    reloaded = FluxTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.float64)
+    assert reloaded.state_dict().keys() == dense.state_dict().keys()
+    with torch.no_grad():
+        t = torch.tensor([500])
+        torch.testing.assert_close(flux.predict(reloaded, x, t, cond), flux.predict(dense, x, t, cond))
 
 
 def test_quantized_experts_reload_through_stock_from_pretrained(tmp_path) -> None:
