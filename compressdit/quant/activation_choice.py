@@ -19,7 +19,6 @@ from torch import nn
 
 from compressdit.calibration.stats import input_hooks
 from compressdit.errors import CalibrationError, ConfigError
-from compressdit.models.sampling import sample
 from compressdit.quant.activations import ACTIVATION_FORMATS, quantize_input
 from compressdit.quant.context import QuantContext
 from compressdit.quant.spec import LinearQuantSpec
@@ -76,10 +75,10 @@ def choose_activation_formats(model: nn.Module, plan: dict[str, LinearQuantSpec 
         for spec in specs:
             spec.validate(f"{name} (a_format {spec.a_format})")
         candidates[name] = specs
-    config = ctx.require_calibration("choosing each layer's activation format (or list a single a_format)")
+    what = "choosing each layer's activation format (or list a single a_format)"
+    ctx.require_calibration(what)
     with input_hooks(model, names, ActivationErrorRecorder(candidates)) as recorder:
-        sample(ctx.adapter, model, ctx.conditions, ctx.scheduler, steps=config.steps, guidance=config.guidance,
-               seed=config.seed, batch_size=config.batch_size, prompt_encoder=ctx.prompt_encoder)
+        ctx.replay_calibration(model, what)
     chosen, rows = dict(plan), []
     for name in names:
         errors = recorder.relative(name)

@@ -22,7 +22,6 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from compressdit.errors import CalibrationError
-from compressdit.models.sampling import sample
 from compressdit.progress import progress_bar
 from compressdit.quant.adaround import AdaRoundSettings, reconstruct_block
 from compressdit.quant.context import QuantContext
@@ -85,15 +84,14 @@ def reconstructed_layers(model: nn.Module, plan: dict[str, LinearQuantSpec | Non
     names = [n for n, s in plan.items() if s is not None and ROUNDINGS.get(s.rounding).reconstructs_blocks]
     if not names:
         return {}
-    config = ctx.require_calibration(f"rounding {plan[names[0]].rounding!r} ({names[0]} and {len(names) - 1} more "
-                                     "layers)")
+    what = f"rounding {plan[names[0]].rounding!r} ({names[0]} and {len(names) - 1} more layers)"
+    config = ctx.require_calibration(what)  # before the units are built
     settings = settings or AdaRoundSettings()
     started = time.perf_counter()
     units = _units(model, names, plan, ctx)
     hooked = {name: unit.layer if isinstance(unit, _Single) else unit for name, (unit, _) in units.items()}
     with record_calls(hooked) as calls:
-        sample(ctx.adapter, model, ctx.conditions, ctx.scheduler, steps=config.steps, guidance=config.guidance,
-               seed=config.seed, batch_size=settings.batch_size, prompt_encoder=ctx.prompt_encoder)
+        ctx.replay_calibration(model, what, batch_size=settings.batch_size)
     modules: dict[str, nn.Module] = {}
     summary = []
     with progress_bar("adaround: block reconstruction", total=len(units), quiet=ctx.quiet) as bar:

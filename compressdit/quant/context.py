@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from compressdit.calibration.stats import ActivationStats
 from compressdit.errors import CalibrationError
 from compressdit.models.base import ModelAdapter
+from compressdit.models.sampling import sample
 
 if TYPE_CHECKING:
     from compressdit.models.prompt_encoders import PromptEncoder
@@ -34,6 +35,14 @@ class QuantContext:
         if self.calibration_config is None or not self.conditions:
             raise CalibrationError(f"{what} needs calibration inputs: add a calibrate stage before quantize")
         return self.calibration_config
+
+    def replay_calibration(self, model, what: str, batch_size: int | None = None) -> None:
+        """Run the calibrate stage's sampling loop again on ``model`` (same conditions, steps, guidance and seed, so
+        the same timesteps), for hooks the caller placed; ``what`` names the step in the error raised when the
+        recipe has no calibrate stage. ``batch_size``: the step's own (default: the calibrate stage's)."""
+        config = self.require_calibration(what)
+        sample(self.adapter, model, self.conditions, self.scheduler, steps=config.steps, guidance=config.guidance,
+               seed=config.seed, batch_size=batch_size or config.batch_size, prompt_encoder=self.prompt_encoder)
 
     def input_absmax(self, names) -> dict:
         if self.calibration is None:

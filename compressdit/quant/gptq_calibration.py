@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from compressdit.calibration.hessian import capture_input_hessians, hessian_chunks
-from compressdit.models.sampling import sample
 from compressdit.progress import progress_bar
 from compressdit.quant.context import QuantContext
 from compressdit.quant.formats import FORMATS
@@ -31,10 +30,8 @@ def layer_hessians(model: nn.Module, chunks: list[list[str]], ctx: QuantContext,
     """``(name, input Hessian)`` for each layer of ``chunks`` (from :func:`hessian_chunks`), one replay of the
     calibration sampling loop per chunk; each Hessian is the caller's to use and drop. Raises at once (not at the
     first item) when the recipe has no calibrate stage; ``what`` names the step that needs the Hessians."""
-    config = ctx.require_calibration(what)
-    return chunked_hessians(model, chunks, lambda: sample(
-        ctx.adapter, model, ctx.conditions, ctx.scheduler, steps=config.steps, guidance=config.guidance,
-        seed=config.seed, batch_size=config.batch_size, prompt_encoder=ctx.prompt_encoder))
+    ctx.require_calibration(what)
+    return chunked_hessians(model, chunks, lambda: ctx.replay_calibration(model, what))
 
 
 def chunked_hessians(model: nn.Module, chunks: list[list[str]],

@@ -24,7 +24,6 @@ from torch import nn
 from compressdit.calibration.hessian import capture_input_hessians, hessian_chunks
 from compressdit.config_base import StrictConfig
 from compressdit.errors import CalibrationError, ConfigError
-from compressdit.models.sampling import sample
 from compressdit.progress import progress_bar
 from compressdit.quant.context import QuantContext
 from compressdit.quant.duquant import DEFAULT_STEPS
@@ -126,7 +125,8 @@ def _twinlog_modules(model: nn.Module, plan: dict, names: list[str], ctx: QuantC
         for name in names:
             build(name, None)
         return modules
-    calib = ctx.require_calibration(f"lrq ({'search: output' if config.search == 'output' else 'ARS by error'})")
+    what = f"lrq ({'search: output' if config.search == 'output' else 'ARS by error'})"
+    ctx.require_calibration(what)
     widths = {n: model.get_submodule(n).in_features for n in names}
     chunks = hessian_chunks(widths, HESSIAN_BUDGET_BYTES) if config.search == "output" else [names]
     with progress_bar("lrq: calibration replay + twin-log search", total=len(names), quiet=ctx.quiet) as bar:
@@ -140,8 +140,7 @@ def _twinlog_modules(model: nn.Module, plan: dict, names: list[str], ctx: QuantC
                         prepare_candidates(rotations, model.get_submodule(name), name, plan[name], absmax.get(name),
                                            steps)
                     stack.enter_context(capture_rotation_errors(model, chunk, rotations))
-                sample(ctx.adapter, model, ctx.conditions, ctx.scheduler, steps=calib.steps, guidance=calib.guidance,
-                       seed=calib.seed, batch_size=calib.batch_size, prompt_encoder=ctx.prompt_encoder)
+                ctx.replay_calibration(model, what)
             for name in chunk:
                 if by_error:
                     plan[name] = dataclasses.replace(plan[name], rotation=rotations.best(name))
