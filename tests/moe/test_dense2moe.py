@@ -186,3 +186,20 @@ def test_quantized_experts_reload_through_stock_from_pretrained(tmp_path) -> Non
     assert isinstance(reloaded.transformer_blocks[1].ff.experts[3].down, QuantizedLinear)
     assert type(reloaded.transformer_blocks[1].ff.router) is torch.nn.Linear
     torch.testing.assert_close(_predict(reloaded), _predict(model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("structure, message", [
+    ({"tail_sum": {"single_transformer_blocks.0.proj_out": 200}}, "must be a head width below the input width"),
+    ({"tail_sum": {"single_transformer_blocks.0.proj_mlp": "32"}}, "must be a head width below the input width"),
+    ({"tail_sum": {"single_transformer_blocks.9.proj_out": 32}}, "does not have"),
+    ({"identity": "single_transformer_blocks.0.act_mlp"}, "must list module names"),
+    ({"identity": ["single_transformer_blocks.0.act_nope"]}, "does not have"),
+])
+def test_bad_parallel_mlp_manifests_are_one_line_errors(structure: dict, message: str) -> None:
+    from compressdit.errors import CheckpointError
+    from compressdit.io.structure import apply_structure
+    from tests.conftest import tiny_flux
+
+    with pytest.raises(CheckpointError, match=message) as info:
+        apply_structure(tiny_flux(double=1, single=1, heads=2, text_dim=32, pooled_dim=16), structure)
+    assert "\n" not in str(info.value)
