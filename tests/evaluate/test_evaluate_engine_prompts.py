@@ -33,3 +33,29 @@ def test_fidelity_metrics_run_through_the_pipeline_encoder(family, text_pipeline
     assert sqnr["layers"] == ["proj_out"] and 10 < sqnr["series"]["candidate"][0] < 30  # 20*log10(1/0.1) = 20 dB
     assert _step_latency(adapter, reference, settings, repeats=1, prompt_encoder=encoder) > 0
     assert encoder.encoded >= 3  # two captions and "" (plus the latency batch's captions)
+
+
+
+def test_report_timing_takes_models_in_turn_and_keeps_each_fastest_step(monkeypatch):
+    """step_latencies: one step of every model per round, the order rotated each round, each model's fastest step
+    kept (a burst from another job on one step does not count)."""
+    import compressdit.evaluate.engine as engine
+    from compressdit.models import ADAPTERS
+    from tests.conftest import tiny_dit
+
+    entries = [Entry(column, tiny_dit(layers=1), column) for column in ("candidate", "reference", "baseline")]
+    cost = {"candidate": 3.0, "reference": 1.0, "baseline": 2.0}  # seconds per step on a fake clock
+    calls, now = [], [0.0]
+
+    def step(adapter, model, *args):
+        column = next(e.column for e in entries if e.model is model)
+        calls.append(column)
+        now[0] += cost[column] + (50.0 if len(calls) == 4 else 0.0)  # a burst on the first timed step
+
+    monkeypatch.setattr(engine, "guided_prediction", step)
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: now[0])
+    latency = engine.step_latencies(ADAPTERS.get("dit"), entries, EvalSettings(timing_batch=2), rounds=4)
+    assert latency == cost
+    timed = calls[3:]  # after one warm-up step each
+    assert timed[:6] == ["candidate", "reference", "baseline", "reference", "baseline", "candidate"]
+    assert len(timed) == 12 and all(timed.count(c) == 4 for c in cost)
