@@ -82,7 +82,7 @@ def before_copy(model: torch.nn.Module) -> torch.nn.Module:
 def synthetic(width: int) -> dict[str, torch.nn.Module]:
     """A dit-fmnist-shaped dense model of ``width`` (random weights) and its two FFN-halving conversions (the
     recipes' shapes; neurons split in index order and pruned by weight magnitude: only the speed is read)."""
-    from compressdit.moe.dense2moe import Dense2MoEConfig, build_moe, layout_for
+    from compressdit.moe.dense2moe import Dense2MoEConfig, build_moe, layout_for, replace_ffn
     from compressdit.prune.width import WidthConfig, prune_width
 
     reference = load_source("zoo:dit-fmnist").transformer
@@ -95,7 +95,7 @@ def synthetic(width: int) -> dict[str, torch.nn.Module]:
     for name, ffn in adapter_for(moe).feed_forwards(moe).items():
         layout = layout_for(ffn, recipe, name)
         chunks = torch.arange(ffn.up.out_features).split(layout.expert_hidden)
-        moe.set_submodule(name, build_moe(ffn, layout, torch.cat(chunks[:1]), list(chunks[1:])).eval())
+        replace_ffn(moe, name, ffn, build_moe(ffn, layout, torch.cat(chunks[:1]), list(chunks[1:])).eval())
     pruned = copy.deepcopy(dense)
     prune_width(pruned, adapter_for(pruned), WidthConfig(ffn_ratio=0.5, head_ratio=0.0, importance="magnitude"))
     return {f"dense w{width}": dense, f"dense2moe-50 w{width}": moe, f"width-ffn-50 w{width}": pruned}
