@@ -13,6 +13,7 @@ from compressdit.evaluate.driven import evaluate_driven
 from compressdit.evaluate.engine import Entry, EvalSettings, evaluate
 from compressdit.evaluate.report import write_report
 from compressdit.io.sources import ModelSource
+from compressdit.io.structure import MOE, TAIL_SUM
 from compressdit.models import adapter_for
 from compressdit.models.driven import configure_call
 from compressdit.stages.base import STAGES, PipelineState, Stage
@@ -63,19 +64,22 @@ def _width_pruned(model) -> set[str]:
     return set(_structure(model).get("width", {}))
 
 
-def _in_moe(model, name: str) -> bool:
-    """Whether ``name`` lies inside a MoE layer (Dense2MoE), which has no namesake in the reference."""
-    return any(name.startswith(f"{layer}.") for layer in _structure(model).get("moe", {}))
+def _in_replaced(model, name: str) -> bool:
+    """Whether ``name`` lies inside a module Dense2MoE replaced, which has no namesake in the reference: a MoE layer,
+    or a parallel MLP's fused output projection that became a ``TailSum`` (FLUX single blocks' ``proj_out.proj``)."""
+    structure = _structure(model)
+    return any(name.startswith(f"{layer}.") for key in (MOE, TAIL_SUM) for layer in structure.get(key, {}))
 
 
 def reference_named_layers(state: PipelineState) -> list[str]:
     """The quantized layers, by names that also name the reference's layers: none after depth pruning, which
     renumbers blocks (their per-layer SQNR against the reference layer of that name would mean nothing), and
-    none that width pruning reshaped (the reference layer's inputs do not fit them), none inside MoE layers."""
+    none that width pruning reshaped (the reference layer's inputs do not fit them), none inside the modules
+    Dense2MoE replaced (MoE layers, ``TailSum`` projections)."""
     if state.block_origin is not None:
         return []
     reshaped = _width_pruned(state.model)
-    return sorted(name for name in state.quant_specs if name not in reshaped and not _in_moe(state.model, name))
+    return sorted(name for name in state.quant_specs if name not in reshaped and not _in_replaced(state.model, name))
 
 
 def run_evaluation(candidate: Entry, reference: ModelSource, config: EvaluateConfig, out_dir: Path, title: str,

@@ -119,3 +119,49 @@ def test_shipped_mob_recipe_parses():
     config = recipe.stage("mob").config
     assert config.active / config.group == 0.5
     assert recipe.stage("distill").config.layer_map == "groups"
+
+
+def test_flux_pipeline_with_its_own_encoders_splits_every_mlp_then_quantizes(text_pipeline_dir, tmp_path):
+    """A user's FLUX pipeline (own random T5 / CLIP encoders): Dense2MoE splits the double-stream FFNs and the
+    single-stream parallel MLPs, w8a8 quantizes the result, the report runs (its per-layer SQNR leaves out the
+    layers inside MoE experts and the TailSum projections, which have no namesake in the dense reference), and
+    stock ``FluxPipeline`` reloads it."""
+    import compressdit  # noqa: F401
+    from diffusers import FluxPipeline
+
+    from compressdit.moe.layers import TailSum, moe_layers
+    from compressdit.quant.transform import quantized_modules
+
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("a bag", "a coat")))
+    recipe = write_recipe(tmp_path / "moe-w8a8.yaml", """
+        version: 1
+        name: moe-w8a8-flux
+        stages:
+          - moe: {experts: 3, shared_experts: 1, top_k: 2, grouping: taylor, batches: 1, batch_size: 2,
+                  data: {source: teacher, images: 4, steps: 2}}
+          - distill: {steps: 1, batch_size: 2, warmup: 0, balance_weight: 0.01,
+                      data: {source: teacher, images: 4, steps: 2}}
+          - calibrate: {samples: 2, steps: 2, batch_size: 2}
+          - quantize:
+              method: viditq
+              rules:
+                - {match: "role:embedder", spec: null}
+                - {match: "role:head", spec: null}
+                - {match: "re:.*\\\\.router", spec: null}
+                - {match: "re:.*", spec: {w_bits: 8, a_bits: 8, balance: 0.5, a_granularity: per_token}}
+          - evaluate: {samples: 2, steps: 2, effnet: false}
+        """)
+    out = tmp_path / "out"
+    result = run_main("moe", text_pipeline_dir("flux"), "--recipe", recipe, "--out", out,
+                      "--calib", tmp_path / "prompts.jsonl", "--quiet")
+    assert result.code == 0, result.stderr
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["layer_sqnr"]["layers"] and not any(".experts." in n or ".shared." in n or n.endswith("proj_out.proj")
+                                                      for n in report["layer_sqnr"]["layers"])
+    pipe = FluxPipeline.from_pretrained(out)
+    block = pipe.transformer.single_transformer_blocks[0]
+    assert type(block.proj_out) is TailSum and "single_transformer_blocks.0.proj_out.proj" in quantized_modules(
+        pipe.transformer)
+    assert "single_transformer_blocks.1.proj_mlp" in moe_layers(pipe.transformer)
+    image = pipe("a bag", num_inference_steps=2, height=32, width=32, output_type="pt", max_sequence_length=16).images
+    assert torch.isfinite(image).all()
