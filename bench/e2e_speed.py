@@ -73,33 +73,22 @@ def quantized_copy(reference, adapter, recipe_name: str):
     return model
 
 
-def step_inputs(adapter, model, settings):
-    """One CFG-batched step's inputs, as ``_step_latency`` in the evaluation report builds them."""
-    from compressdit.evaluate.engine import evaluation_conditions
-    from compressdit.models.prompt_encoders import encode_conditions, encode_null
-    from compressdit.models.sampling import initial_latents
-
-    conditions, _ = evaluation_conditions(adapter, settings.timing_batch)
-    cond, uncond = encode_conditions(adapter, model, conditions), encode_null(adapter, model, len(conditions))
-    x = initial_latents(adapter, model, settings.timing_batch, 0)
-    return x, torch.tensor([500]), cond, uncond
-
-
 @torch.no_grad()
 def interleaved_step_ms(adapter, models: dict, settings, rounds: int, steps: int) -> dict[str, list[float]]:
     """Per round, the fastest of ``steps`` single guided steps of each model, the models taken in turn."""
+    from compressdit.evaluate.engine import step_inputs
     from compressdit.models.sampling import guided_prediction
 
-    inputs = {k: step_inputs(adapter, m, settings) for k, m in models.items()}
+    inputs = {k: step_inputs(adapter, m, settings) for k, m in models.items()}  # as the report's timing builds them
     for key, model in models.items():  # warm-up: prepacks, oneDNN primitive caches
-        guided_prediction(adapter, model, *inputs[key][:2], *inputs[key][2:], settings.guidance)
+        guided_prediction(adapter, model, *inputs[key])
     best: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         times: dict[str, list[float]] = {k: [] for k in models}
         for _ in range(steps):
             for key, model in models.items():
                 started = time.perf_counter()
-                guided_prediction(adapter, model, *inputs[key][:2], *inputs[key][2:], settings.guidance)
+                guided_prediction(adapter, model, *inputs[key])
                 times[key].append(time.perf_counter() - started)
         for key in models:
             best[key].append(min(times[key]) * 1e3)

@@ -129,8 +129,10 @@ def _timed_sampling(adapter, entry: Entry, conditions, scheduler, settings: Eval
     return decode_latents(vae, latents), seconds
 
 
-def _step_inputs(adapter, model: nn.Module, settings: EvalSettings, prompt_encoder: PromptEncoder | None) -> tuple:
-    """One CFG-batched step's inputs at ``timing_batch`` samples, in ``model``'s float dtype."""
+def step_inputs(adapter, model: nn.Module, settings: EvalSettings,
+                prompt_encoder: PromptEncoder | None = None) -> tuple:
+    """The arguments after ``(adapter, model)`` of :func:`guided_prediction` for one CFG-batched step at
+    ``timing_batch`` samples, in ``model``'s float dtype."""
     conditions, _ = evaluation_conditions(adapter, settings.timing_batch)
     cond = encode_conditions(adapter, model, conditions, prompt_encoder)
     uncond = encode_null(adapter, model, len(conditions), prompt_encoder)
@@ -143,7 +145,7 @@ def _step_inputs(adapter, model: nn.Module, settings: EvalSettings, prompt_encod
 def _step_latency(adapter, model: nn.Module, settings: EvalSettings, repeats: int = 5,
                   prompt_encoder: PromptEncoder | None = None) -> float:
     """Seconds per denoising step (one CFG-batched forward) at ``timing_batch`` samples: the mean of ``repeats``."""
-    inputs = _step_inputs(adapter, model, settings, prompt_encoder)
+    inputs = step_inputs(adapter, model, settings, prompt_encoder)
     guided_prediction(adapter, model, *inputs)
     started = time.perf_counter()
     for _ in range(repeats):
@@ -162,7 +164,7 @@ def step_latencies(adapter, entries: list[Entry], settings: EvalSettings, prompt
     in turn (the order rotated each round), each model's fastest step kept. Other jobs on the machine then slow
     every model alike or show up as slow steps that are not kept, where timing one model after the other let a busy
     minute land on one of them (the README's run on a loaded 2-core machine: 0.81-1.22x over 7 repeats)."""
-    inputs = {e.column: _step_inputs(adapter, e.model, settings, prompt_encoder) for e in entries}
+    inputs = {e.column: step_inputs(adapter, e.model, settings, prompt_encoder) for e in entries}
     for entry in entries:  # warm-up: prepacks, oneDNN primitive caches
         guided_prediction(adapter, entry.model, *inputs[entry.column])
     best = {e.column: float("inf") for e in entries}

@@ -75,10 +75,8 @@ def choose_activation_formats(model: nn.Module, plan: dict[str, LinearQuantSpec 
         for spec in specs:
             spec.validate(f"{name} (a_format {spec.a_format})")
         candidates[name] = specs
-    what = "choosing each layer's activation format (or list a single a_format)"
-    ctx.require_calibration(what)
     with input_hooks(model, names, ActivationErrorRecorder(candidates)) as recorder:
-        ctx.replay_calibration(model, what)
+        ctx.replay_calibration(model, "choosing each layer's activation format (or list a single a_format)")
     chosen, rows = dict(plan), []
     for name in names:
         errors = recorder.relative(name)
