@@ -13,15 +13,23 @@ from compressdit.models.driven import DrivenAdapter
 from compressdit.models.generic import GenericAdapter
 
 
+def registered_adapter(model: nn.Module) -> ModelAdapter | None:
+    """The family adapter registered for ``model``'s class or a base class; ``None`` for any other model."""
+    for cls in type(model).__mro__:
+        for _, adapter in ADAPTERS.items():
+            if adapter.model_class_name == cls.__name__:
+                return adapter
+    return None
+
+
 def adapter_for(model: nn.Module, pipeline: Path | None = None) -> ModelAdapter:
     """The adapter registered for ``model``'s class (checked by class name, then by base classes); any other
     diffusers model with ``nn.Linear`` layers gets a :class:`~compressdit.models.generic.GenericAdapter`, or, when
     it came from the pipeline folder ``pipeline``, a :class:`~compressdit.models.driven.DrivenAdapter` that samples
     through that pipeline."""
-    for cls in type(model).__mro__:
-        for _, adapter in ADAPTERS.items():
-            if adapter.model_class_name == cls.__name__:
-                return adapter
+    adapter = registered_adapter(model)
+    if adapter is not None:
+        return adapter
     try:
         if pipeline is not None and (Path(pipeline) / "model_index.json").exists():
             return DrivenAdapter(model, pipeline)

@@ -52,6 +52,7 @@ _SIGNATURES = {
     "compressdit_bf16_scale": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], None),
     "compressdit_fake_quantize_grid": ([_PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _PTR, _I32],
                                        None),
+    "compressdit_gelu_tanh": ([_PTR, _I64, _PTR, _I32], None),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -339,4 +340,16 @@ def bf16_scale(y: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor
     out = torch.empty(y.shape, dtype=torch.float32)
     lib.compressdit_bf16_scale(y.data_ptr(), row_scale.data_ptr(), col_scale.data_ptr(), _ptr(bias), y.shape[0],
                                y.shape[1], out.data_ptr(), threads_for(y.numel()))
+    return out
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(x, approximate="tanh")`` of an fp32 CPU tensor in one C pass (``compressdit_gelu_tanh``: within
+    a few ulp of the exact function, where torch's own ``1 + tanh`` loses precision for negative ``x``); PyTorch
+    without the library, under ``torch.compile``, or where gradients must flow."""
+    lib = _lib_for(x)
+    if lib is None or (x.requires_grad and torch.is_grad_enabled()):
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    out = torch.empty_like(x)
+    lib.compressdit_gelu_tanh(x.data_ptr(), x.numel(), out.data_ptr(), threads_for(x.numel()))
     return out

@@ -6,13 +6,16 @@ import re
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.activations import GELU
 from torch import nn
 
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
 from compressdit.models.base import ModelAdapter
+from compressdit.models.lookup import registered_adapter
 from compressdit.quant.formats import FORMATS
 from compressdit.quant.layers import QuantizedLinear
+from compressdit.quant.native_gelu import swap_activation
 from compressdit.quant.spec import LinearQuantSpec
 
 
@@ -54,9 +57,26 @@ def resolve_plan(model: nn.Module, adapter: ModelAdapter, rules: list[LayerRule]
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``name``; a tanh GELU projection whose ``proj`` becomes quantized runs its GELU natively
+    from then on, and back when a float layer returns (:mod:`compressdit.quant.native_gelu`)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+    activation = _activation_after(model, parent_name, parent, child)
+    if activation is not None:
+        swap_activation(activation, isinstance(module, QuantizedLinear))
+
+
+def _activation_after(model: nn.Module, parent_name: str, parent: nn.Module, child: str) -> nn.Module | None:
+    """The activation module that reads the output of ``parent.<child>``: a diffusers GELU projection's own, or the
+    one of a parallel MLP of ``model``'s adapter whose up projection that is; ``None`` where none is known."""
+    if child == "proj" and isinstance(parent, GELU):
+        return parent
+    adapter = registered_adapter(model)
+    for mlp in adapter.parallel_mlps if adapter is not None else ():
+        if child == mlp.up and re.fullmatch(mlp.block, parent_name):
+            return getattr(parent, mlp.activation, None)
+    return None
 
 
 def _linear(model: nn.Module, name: str, where: str) -> nn.Linear:

@@ -204,7 +204,8 @@ def _every_pass(x: torch.Tensor) -> list[torch.Tensor]:
                dequantize_int32_(acc.clone(), w_scale, a_scale, bias), scale_rows_(acc.float(), a_scale, None),
                dequantize_groups(group_acc, torch.rand(cols // 32, 24), a_scale, bias),
                float_to_bf16(x).view(torch.int16), bf16_to_float(x.bfloat16(), torch.randn(cols)),
-               fake_quantize_e4m3_rows(x), fake_quantize_e4m3_rows(x.view(rows, 2, cols // 2))]
+               fake_quantize_e4m3_rows(x), fake_quantize_e4m3_rows(x.view(rows, 2, cols // 2)),
+               cpu_native.gelu_tanh(x * 1e-2)]
     return outputs
 
 
@@ -296,3 +297,41 @@ def test_grid_pass_is_the_activation_quantizer_bit_for_bit(name, parallel, monke
     grid, group = activation_grid(spec), spec.a_group_size if spec.a_granularity == "per_group" else 128
     fused = fake_quantize_grid(x, group, grid.rule, grid.top, grid.mantissa, grid.min_exp)
     assert (fused is None) == (native_library() is None)  # the C pass ran wherever the library exists
+
+
+def _gelu_tanh_exact(x: torch.Tensor) -> torch.Tensor:
+    """x (1 + tanh(u)) / 2 in float64 as x sigmoid(2u): the tanh form's 1 + tanh(u) cancels to 0 for x < -8."""
+    x = x.double()
+    return x * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3))
+
+
+def test_the_tanh_gelu_is_within_a_few_ulp_of_the_exact_function():
+    """Near 0 within 8 ulp (torch's own tanh GELU: ~100 ulp, its 1 + tanh(u) cancelling for negative x); everywhere
+    within the rounding of u itself (a relative ~1e-5 at |u| ~ 88, beyond which the exponent is clamped: the output
+    is below 1e-37 |x| there); inf / NaN kept."""
+    from compressdit.quant.cpu_native import gelu_tanh
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.linspace(-30, 30, 120_001), torch.randn(4096) * 3, torch.randn(64) * 1e-20,
+                   torch.tensor([0.0, -0.0, 1e-40, -1e-40, 200.0, -200.0])])
+    exact, ours = _gelu_tanh_exact(x), gelu_tanh(x)
+    assert ours.dtype == torch.float32 and ours.shape == x.shape
+    error, ulp = (ours.double() - exact).abs(), torch.finfo(torch.float32).eps * exact.abs()
+    near = x.abs() < 3
+    assert (error[near] <= 8 * ulp[near] + 1e-44).all()
+    assert (error <= 1.6e-5 * exact.abs() + 1e-36 * x.abs() + 1e-44).all()
+    special = gelu_tanh(torch.tensor([float("inf"), float("nan"), 0.0]))
+    assert special[0] == float("inf") and special[1].isnan() and special[2] == 0
+
+
+def test_the_tanh_gelu_falls_back_to_torch_off_its_path():
+    """Gradients, other dtypes and non-contiguous tensors run torch's GELU (a backward exists; same numbers)."""
+    from compressdit.quant.cpu_native import gelu_tanh
+
+    x = torch.randn(8, 16, requires_grad=True)
+    y = gelu_tanh(x)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert x.grad is not None
+    for t in (torch.randn(8, 16, dtype=torch.float64), torch.randn(16, 8).t(), torch.randn(4, 4).bfloat16()):
+        assert torch.equal(gelu_tanh(t), torch.nn.functional.gelu(t, approximate="tanh"))

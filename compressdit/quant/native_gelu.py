@@ -1,0 +1,51 @@
+"""The tanh GELU after a quantized layer, in one native pass.
+
+PyTorch's CPU tanh GELU costs ~1.4 ns an element on the Xeon and the EPYC of ``bench/results`` (its vectorized
+``tanh``), 5x its erf GELU: on a zoo model's 256 x 512 MLP activations ~190 us a call at one thread, more than the
+int8 GEMM in front of it. So where :func:`compressdit.quant.transform.set_module` puts a quantized layer in front of
+a tanh GELU, that GELU module has its class swapped (same attributes, children, hooks and state dict) for the
+subclass here, whose fp32 CPU tensors go through :func:`compressdit.quant.cpu_native.gelu_tanh` (~0.4 ns an element,
+within a few ulp of the exact function, where torch's ``1 + tanh`` loses relative precision for negative inputs);
+anything else (erf GELU, bf16, CUDA, gradients, ``torch.compile``) runs the original. A float layer put back swaps
+it back. The modules: diffusers' GELU projection (``FeedForward.net[0]``: ``gelu(proj(x))``) when its ``proj`` is
+replaced, and an ``nn.GELU`` an adapter names as a :class:`~compressdit.models.base.ParallelMLP`'s activation when
+that MLP's up projection is.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.activations import GELU
+from torch import nn
+
+from compressdit.quant.cpu_native import gelu_tanh
+
+
+def _native(x: torch.Tensor) -> bool:
+    return x.dtype is torch.float32 and x.is_cpu
+
+
+class NativeGELU(GELU):
+    """diffusers' :class:`~diffusers.models.activations.GELU` with the tanh GELU of fp32 CPU tensors in C."""
+
+    def gelu(self, gate: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh(gate) if self.approximate == "tanh" and _native(gate) else super().gelu(gate)
+
+
+class NativeTorchGELU(nn.GELU):
+    """``nn.GELU`` with the tanh GELU of fp32 CPU tensors in C."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.GELU's argument name)
+        return gelu_tanh(input) if self.approximate == "tanh" and _native(input) else super().forward(input)
+
+
+NATIVE = {GELU: NativeGELU, nn.GELU: NativeTorchGELU}
+ORIGINAL = {native: original for original, native in NATIVE.items()}
+
+
+def swap_activation(module: nn.Module, native: bool) -> None:
+    """Give a tanh GELU module its native class (``native``) or its original one back; other modules: unchanged."""
+    if native and type(module) in NATIVE and getattr(module, "approximate", None) == "tanh":
+        module.__class__ = NATIVE[type(module)]
+    elif not native and type(module) in ORIGINAL:
+        module.__class__ = ORIGINAL[type(module)]

@@ -1,0 +1,91 @@
+"""A tanh GELU fed by a quantized layer runs natively: its class swapped, the model's outputs, state dict, hooks and
+reload unchanged; a float layer put back restores the stock class."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.activations import GELU
+from torch import nn
+
+from compressdit.io.diffusers_quantizer import attach_quantizer
+from compressdit.models import adapter_for
+from compressdit.quant.native_gelu import NativeGELU, NativeTorchGELU, swap_activation
+from compressdit.quant.spec import LinearQuantSpec
+from compressdit.quant.transform import LayerRule, dequantize_layers, quantize_layers, resolve_plan
+from tests.conftest import tiny_dit, tiny_flux
+
+W8A8 = LinearQuantSpec(w_bits=8, a_bits=8)
+
+
+def _quantize(model: nn.Module, rules: list[LayerRule]) -> dict:
+    plan = resolve_plan(model, adapter_for(model), rules)
+    quantize_layers(model, plan)
+    return {n: s for n, s in plan.items() if s is not None}
+
+
+def _gelus(model: nn.Module) -> dict[str, type]:
+    return {n: type(m) for n, m in model.named_modules() if isinstance(m, (GELU, nn.GELU))}
+
+
+def _stock(model: nn.Module) -> nn.Module:
+    stock = copy.deepcopy(model)
+    for module in stock.modules():
+        swap_activation(module, native=False)
+    return stock
+
+
+@torch.no_grad()
+def test_quantized_ffn_up_projections_get_the_native_gelu_and_give_the_same_outputs():
+    model = tiny_dit()
+    keys = set(model.state_dict())
+    _quantize(model, [LayerRule("re:transformer_blocks\\.0\\.ff\\.net\\.0\\.proj", W8A8)])
+    assert _gelus(model) == {"transformer_blocks.0.ff.net.0": NativeGELU, "transformer_blocks.1.ff.net.0": GELU}
+    assert set(model.state_dict()) == keys | {"transformer_blocks.0.ff.net.0.proj.weight_scale"}
+    inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([10, 700]),
+              "class_labels": torch.tensor([1, 7])}
+    out, stock = model(**inputs).sample, _stock(model)
+    assert _gelus(stock)["transformer_blocks.0.ff.net.0"] is GELU
+    torch.testing.assert_close(out, stock(**inputs).sample, rtol=1e-5, atol=1e-6)
+    seen = []  # hooks on the projection and on the GELU module still run
+    act = model.transformer_blocks[0].ff.net[0]
+    act.proj.register_forward_hook(lambda m, i, o: seen.append("proj"))
+    act.register_forward_hook(lambda m, i, o: seen.append("gelu"))
+    model(**inputs)
+    assert seen == ["proj", "gelu"]
+    dequantize_layers(model)
+    assert set(_gelus(model).values()) == {GELU}
+
+
+@torch.no_grad()
+def test_erf_gelus_and_float_projections_stay_stock():
+    module = GELU(16, 32, approximate="none")
+    swap_activation(module, native=True)
+    assert type(module) is GELU
+    model = tiny_dit()
+    _quantize(model, [LayerRule("role:attn_qkv", W8A8)])
+    assert set(_gelus(model).values()) == {GELU}
+
+
+@torch.no_grad()
+def test_flux_parallel_mlp_activations_run_natively_and_reload_so():
+    model = tiny_flux(double=1, single=2, heads=2, text_dim=24, pooled_dim=16)
+    specs = _quantize(model, [LayerRule("re:single_transformer_blocks\\.0\\.proj_mlp", W8A8),
+                              LayerRule("re:transformer_blocks\\.0\\.ff\\.net\\.0\\.proj", W8A8)])
+    gelus = _gelus(model)
+    assert gelus["single_transformer_blocks.0.act_mlp"] is NativeTorchGELU
+    assert gelus["single_transformer_blocks.1.act_mlp"] is nn.GELU
+    assert gelus["transformer_blocks.0.ff.net.0"] is NativeGELU and gelus["transformer_blocks.0.ff_context.net.0"] is GELU
+    x = torch.randn(3, 5, model.single_transformer_blocks[0].proj_mlp.in_features)
+    act = model.single_transformer_blocks[0].act_mlp
+    torch.testing.assert_close(act(x), nn.functional.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-6)
+    assert act(x.double()).dtype == torch.float64  # other dtypes: torch's GELU
+
+    attach_quantizer(model, specs)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        loaded = FluxTransformer2DModel.from_pretrained(folder)
+    assert _gelus(loaded) == gelus
