@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.activations import activation_grid, quantize_input
 from compressdit.quant.cpu_native import (bf16_scale, bf16_to_float, fake_quantize_e4m3_rows, fake_quantize_grid,
-                                          fake_quantize_rows_int8, float_to_bf16, quantize_e4m3_bf16)
+                                          fake_quantize_rows_int8, float_to_bf16, quantize_e4m3_bf16,
+                                          shared_rows)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
 from compressdit.quant.primitives import int_range
@@ -240,7 +241,9 @@ def _fp8_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bo
 def _e4m3_rows(layer, x: torch.Tensor) -> torch.Tensor:
     """quantize_rows_reference's scale, clamp and E4M3 rounding per row of ``x`` (any rank), one fused pass (A8);
     unchanged otherwise."""
-    return fake_quantize_e4m3_rows(x) if layer.spec.a_bits == 8 else x
+    if layer.spec.a_bits != 8:
+        return x
+    return shared_rows(x, ("e4m3",), lambda: fake_quantize_e4m3_rows(x))
 
 
 def _fp8_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:

@@ -42,7 +42,7 @@ from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import quantize_layer_input
 from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, quantize_rows_int8,
-                                          quantize_rows_int8_groups, scale_rows_)
+                                          quantize_rows_int8_groups, scale_rows_, shared_rows)
 
 INT4_GROUPS = (32, 64, 128, 256)
 INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (bench/layer_kernels.py)
@@ -119,7 +119,7 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
         x2 = x2.float().contiguous()
     rows, in_features = x2.shape
     if packed is None or (rows == 1 and in_features >= 8):  # _int_mm is wrong at K = 1
-        q, a_scale = quantize_rows_int8(x2, per_token, smooth=smooth)  # the reference's codes and scales, exactly
+        q, a_scale = _codes(x, x2, per_token, 0, smooth)  # the reference's codes and scales, exactly
         threads = _serial_threads(rows * in_features * out_features, INT8_GEMM_SERIAL_WORK)
         try:
             acc = torch._int_mm(q, codes_t)
@@ -128,13 +128,22 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
                 torch.set_num_threads(threads)
         out = dequantize_int32_(acc, w_scale, a_scale, bias)
     else:  # oneDNN takes uint8 activations fast (int8 ones run a slow path): codes + 128, zero point 128
-        q, a_scale = quantize_rows_int8(x2, per_token, offset=128, smooth=smooth)
+        q, a_scale = _codes(x, x2, per_token, 128, smooth)
         acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,
                                                  "none", [], "")
         out = scale_rows_(acc, a_scale, bias)
     if x.dtype is not torch.float32:  # a no-op .to() costs ~1 us of dispatch
         out = out.to(x.dtype)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
+
+
+def _codes(x: torch.Tensor, x2: torch.Tensor, per_token: bool, offset: int,
+           smooth: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows_int8` of ``x2`` (``x``'s fp32 rows); without a balancing divisor, shared with the other
+    layers that read ``x`` (:func:`shared_rows`)."""
+    if smooth is not None:
+        return quantize_rows_int8(x2, per_token, offset, smooth)
+    return shared_rows(x, ("int8", per_token, offset), lambda: quantize_rows_int8(x2, per_token, offset))
 
 
 @torch.library.register_fake("compressdit::int8_gemm_linear_cpu")

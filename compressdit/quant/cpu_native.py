@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -154,6 +155,23 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _lib_for(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
     return None if torch.compiler.is_compiling() or not _takes(*tensors) else native_library()
+
+
+def shared_rows(x: torch.Tensor, kind: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, the quantized rows of a layer's input ``x`` (``kind`` says how they were quantized), kept on
+    ``x`` itself for the next layer that reads the same tensor the same way: the query, key and value projections of
+    an attention (and a FLUX single-stream block's MLP) quantize one input, with dynamic scales and no per-layer
+    transform the same numbers each time. Kept while ``x`` lives and is not written to (its version counter);
+    computed afresh for inference-mode tensors (no version counter) and under ``torch.compile``. The result is
+    shared: callers only read it."""
+    if torch.compiler.is_compiling() or x.is_inference():
+        return compute()
+    kept = getattr(x, "_compressdit_rows", None)
+    if kept is not None and kept[0] == kind and kept[1] == x._version:
+        return kept[2]
+    result = compute()
+    x._compressdit_rows = (kind, x._version, result)
+    return result
 
 
 def quantize_rows_int8(x: torch.Tensor, per_token: bool, offset: int = 0,

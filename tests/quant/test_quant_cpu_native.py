@@ -285,6 +285,10 @@ def test_grid_pass_is_the_activation_quantizer_bit_for_bit(name, parallel, monke
     x[3, :64] = 0  # zero groups: the scale's floor (NVFP4: 1, MX: 2^-127)
     x[5] = torch.arange(128) * 0.25 - 16  # exact ties on the grid after scaling
     x[7, 9] = 1e30  # an outlier
+    x[9] = torch.randn(128) * 1e-31  # quotients near 2^-104 and below 2^-126: under the reciprocal's exact range
+    x[9, ::16] = 1e3
+    if spec.a_format in ("int", "e4m3", "e3m2", "e2m3", "e2m1", "e5m2"):  # absmax scales: inf / NaN ones divide
+        x[11, 3], x[13, 70], x[15, 100] = float("inf"), float("nan"), -float("inf")  # (MX / NVFP4 differ there)
     monkeypatch.setattr(cpu_native, "PARALLEL_MIN_ELEMENTS", 1 if parallel else 1 << 62)
     before = torch.get_num_threads()
     try:
@@ -293,7 +297,7 @@ def test_grid_pass_is_the_activation_quantizer_bit_for_bit(name, parallel, monke
     finally:
         torch.set_num_threads(before)
     expected = quantize_input(x, spec)
-    assert torch.equal(out, expected), (out - expected).abs().max()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
     grid, group = activation_grid(spec), spec.a_group_size if spec.a_granularity == "per_group" else 128
     fused = fake_quantize_grid(x, group, grid.rule, grid.top, grid.mantissa, grid.min_exp)
     assert (fused is None) == (native_library() is None)  # the C pass ran wherever the library exists
@@ -335,3 +339,52 @@ def test_the_tanh_gelu_falls_back_to_torch_off_its_path():
     assert x.grad is not None
     for t in (torch.randn(8, 16, dtype=torch.float64), torch.randn(16, 8).t(), torch.randn(4, 4).bfloat16()):
         assert torch.equal(gelu_tanh(t), torch.nn.functional.gelu(t, approximate="tanh"))
+
+
+def test_shared_rows_are_computed_once_per_tensor_version_and_kind():
+    from compressdit.quant.cpu_native import shared_rows
+
+    x, runs = torch.randn(4, 8), []
+
+    def compute():
+        runs.append(1)
+        return x * 2
+
+    first = shared_rows(x, ("int8", True, 0), compute)
+    assert shared_rows(x, ("int8", True, 0), compute) is first and len(runs) == 1
+    shared_rows(x, ("int8", False, 0), compute)  # another kind
+    assert len(runs) == 2
+    x.add_(1)  # written to: its version moved on
+    assert torch.equal(shared_rows(x, ("int8", False, 0), compute), x * 2) and len(runs) == 3
+    with torch.inference_mode():
+        y = torch.randn(4, 8)
+    shared_rows(y, ("e4m3",), compute)
+    shared_rows(y, ("e4m3",), compute)
+    assert len(runs) == 5  # no version counter: never shared
+
+
+@pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=8, a_bits=8),
+                                  LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"),
+                                  LinearQuantSpec(format="fp8", w_bits=8, a_bits=8)])
+def test_layers_reading_one_input_quantize_it_once_and_give_the_reference(spec, monkeypatch):
+    """Query / key / value projections on one input: the activation codes are computed by the first and read by the
+    others, and each layer's output is its own reference's."""
+    torch.manual_seed(3)
+    from compressdit.quant.formats import FORMATS
+
+    layers = [FORMATS.get(spec.format).quantize(torch.nn.Linear(64, n), spec, None) for n in (32, 48, 64)]
+    x = torch.randn(2, 9, 64) * torch.linspace(0.2, 4, 64)
+    calls = []
+    for name in ("quantize_rows_int8", "fake_quantize_e4m3_rows"):
+        for module in ("compressdit.quant.cpu_kernels", "compressdit.quant.cpu_dense"):
+            real = getattr(__import__(module, fromlist=[name]), name, None)
+            if real is not None:
+                monkeypatch.setattr(f"{module}.{name}", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    with torch.no_grad():
+        outs = [layer(x) for layer in layers]
+        assert len(calls) == 1
+        for layer, out in zip(layers, outs):
+            torch.testing.assert_close(out, layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+        x.mul_(2)  # the input written to: quantized again
+        torch.testing.assert_close(layers[0](x), layers[0].reference_forward(x), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2

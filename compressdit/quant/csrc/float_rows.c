@@ -75,6 +75,21 @@ static inline float round_grid(float a, int32_t mantissa, int32_t min_exp) {
     return (a + m) - m;
 }
 
+/* q clamped to +-top and rounded to the grid (round_grid), its sign kept */
+static inline float grid_value(float q, float top, int32_t mantissa, int32_t min_exp) {
+    const float a = __builtin_fabsf(q);
+    float g = round_grid(a > top ? top : a, mantissa, min_exp);
+    g = g > top ? top : g;
+    return __builtin_copysignf(g, q);
+}
+
+/* Whether x / s may be computed as div_rn(x, s, 1 / s) before grid_value: s normal and finite. Quotients below
+ * div_rn's exact range (|q| < 2^-100) round to a signed 0 on every grid here (the finest step is 2^-9), as the
+ * division's would; s = inf or NaN (an inf or NaN in the row) takes the division (0 * inf is NaN). */
+static inline int divides_fast(float s) {
+    return s >= 1.17549435e-38f && s <= 3.40282347e38f;
+}
+
 /* Dynamic fake quantization onto a grid (round_grid), per group of `group` values of each row (group divides
  * cols), as compressdit/quant/activations.py does it in PyTorch, bit for bit:
  *   rule 0 (int and minifloat formats): s = max(amax, 1e-8) / top;
@@ -112,12 +127,11 @@ void compressdit_fake_quantize_grid(const float *x, int64_t rows, int64_t cols, 
             b = b > 448.0f ? 448.0f : b;
             s = (b > 0.0f ? b : 1.0f) * t;
         }
-        for (int64_t j = 0; j < group; ++j) {
-            const float q = r[j] / s;
-            const float a = __builtin_fabsf(q);
-            float g = round_grid(a > top ? top : a, mantissa, min_exp);
-            g = g > top ? top : g;
-            o[j] = __builtin_copysignf(g, q) * s;
+        if (divides_fast(s)) {
+            const float inv = 1.0f / s;
+            for (int64_t j = 0; j < group; ++j) o[j] = grid_value(div_rn(r[j], s, inv), top, mantissa, min_exp) * s;
+        } else {
+            for (int64_t j = 0; j < group; ++j) o[j] = grid_value(r[j] / s, top, mantissa, min_exp) * s;
         }
     });
 }
@@ -133,12 +147,12 @@ void compressdit_quantize_e4m3_bf16(const float *x, int64_t rows, int64_t cols, 
         const float amax = bits_float(absmax_bits(r, cols));
         const float s = (amax > 1e-8f || amax != amax ? amax : 1e-8f) / 448.0f;
         scale[i] = s;
-        for (int64_t j = 0; j < cols; ++j) {
-            const float q = r[j] / s;
-            const float a = __builtin_fabsf(q);
-            float g = round_grid(a > 448.0f ? 448.0f : a, 3, -6);
-            g = g > 448.0f ? 448.0f : g;
-            c[j] = (uint16_t)(float_bits(__builtin_copysignf(g, q)) >> 16);
+        if (divides_fast(s)) {
+            const float inv = 1.0f / s;
+            for (int64_t j = 0; j < cols; ++j)
+                c[j] = (uint16_t)(float_bits(grid_value(div_rn(r[j], s, inv), 448.0f, 3, -6)) >> 16);
+        } else {
+            for (int64_t j = 0; j < cols; ++j) c[j] = (uint16_t)(float_bits(grid_value(r[j] / s, 448.0f, 3, -6)) >> 16);
         }
     });
 }

@@ -50,21 +50,6 @@ static uint32_t absmax_bits(const float *restrict x, int64_t n) {
     return m;
 }
 
-/* a / b rounded to nearest, as the IEEE division, from inv = 1 / b (rounded to nearest): q0 = a * inv is within
- * an ulp, and one FMA correction with the exact residual a - b * q0 rounds it correctly (Markstein's theorem;
- * also checked against the division on 4e8 random pairs). Division is the bottleneck of these loops otherwise
- * (a vector divide issues every ~5 cycles, a multiply-add twice a cycle). Needs normal, finite quotients:
- * callers check. Without hardware FMA, the plain division. */
-static inline float div_rn(float a, float b, float inv) {
-#if defined(__FMA__)
-    float q0 = a * inv;
-    return __builtin_fmaf(__builtin_fmaf(-q0, b, a), inv, q0);
-#else
-    (void)inv;
-    return a / b;
-#endif
-}
-
 /* y = x / smooth, exactly as the division, and max |y| as bits (see abs_bits); *out_of_range set when a quotient
  * left the range where div_rn is exact (|q| outside [2^-100, 2^100] for nonzero x, or NaN): the caller then
  * divides that row again the plain way. */
