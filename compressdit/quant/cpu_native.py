@@ -89,19 +89,29 @@ def _torch_runs_libgomp() -> bool:
             and Path(next(iter(runtimes))).name.startswith("libgomp.so.1"))
 
 
+def _source_arguments(sources: list[Path]) -> list[str]:
+    """The compiler's source arguments: each file as its suffix says (``.c`` as C, ``.cpp`` as C++), so one
+    ``c++`` command builds a library of both."""
+    if all(path.suffix == ".c" for path in sources):
+        return [str(path) for path in sources]
+    return [a for path in sources for a in ("-x", "c" if path.suffix == ".c" else "c++", str(path))]
+
+
 def build_library(compiler: str, stem: str, sources: list[Path], flags: list[str],
-                  depends: tuple[Path, ...] = ()) -> ctypes.CDLL | None:
-    """``sources`` compiled with ``flags`` into ``$COMPRESSDIT_CACHE/native/STEM-<digest>.so`` (built once per sources,
-    ``depends`` (headers) and flags), loaded; ``None`` where that fails (read-only cache, compiler gone: the caller's
-    PyTorch path runs). Also builds compressdit/moe's layer."""
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in [*sources, *depends]) + " ".join(flags).encode())
+                  depends: tuple[Path, ...] = (), libraries: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """``sources`` compiled with ``flags`` (and linked with ``libraries``, e.g. ``-ltorch_cpu``) into
+    ``$COMPRESSDIT_CACHE/native/STEM-<digest>.so`` (built once per sources, ``depends`` (headers), flags and
+    libraries), loaded; ``None`` where that fails (read-only cache, compiler gone: the caller's PyTorch path runs).
+    Also builds compressdit/moe's layer."""
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in [*sources, *depends])
+                            + " ".join([*flags, *libraries]).encode())
     target = default_cache_dir() / "native" / f"{stem}-{digest.hexdigest()[:16]}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # concurrent builds: the last rename wins
                 built = Path(tmp) / target.name
-                command = [compiler, *flags, *map(str, sources), "-o", str(built)]
+                command = [compiler, *flags, *_source_arguments(sources), *libraries, "-o", str(built)]
                 if subprocess.run(command, capture_output=True, timeout=120).returncode:
                     return None
                 os.replace(built, target)
@@ -135,6 +145,33 @@ def native_library() -> ctypes.CDLL | None:
     return lib
 
 
+OP_SOURCES = (Path(__file__).with_name("csrc") / "int8_linear.cpp", SOURCES[0])
+
+
+def _op_flags(openmp: bool) -> tuple[list[str], tuple[str, ...]]:
+    """:func:`_flags` for a C++ torch op library (torch's headers, C++ ABI and version: the cache key) and what it
+    links against (torch's own libraries, found at run time where torch loaded them)."""
+    from torch.utils import cpp_extension
+
+    torch_lib = str(Path(torch.__file__).parent / "lib")
+    flags = [*_flags(openmp), "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+             f'-DCOMPRESSDIT_TORCH="{torch.__version__}"', *(f"-I{p}" for p in cpp_extension.include_paths())]
+    return flags, (f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-ltorch_cpu", "-lc10")
+
+
+@functools.lru_cache(maxsize=None)
+def native_ops() -> bool:
+    """Whether ``torch.ops.compressdit_native`` (``csrc/int8_linear.cpp``, built with the system C++ compiler on first
+    use: ~10 s) is loaded; False where :func:`native_library` is off or unavailable, or no C++ compiler builds it
+    (the Python path of the same numbers runs). Threaded on torch's OpenMP runtime only, as :func:`native_library`."""
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if native_library() is None or compiler is None or not all(path.exists() for path in OP_SOURCES):
+        return False
+    flags, libraries = _op_flags(native_library().openmp)
+    lib = build_library(compiler, "cpu_ops", list(OP_SOURCES), flags, tuple(HEADERS), libraries)
+    return lib is not None and hasattr(torch.ops.compressdit_native, "int8_linear")
+
+
 def threads_for(elements: int) -> int:
     """The threads a pass over ``elements`` elements runs on: torch's intra-op count from
     ``PARALLEL_MIN_ELEMENTS`` on, else one."""
@@ -157,21 +194,31 @@ def _lib_for(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
     return None if torch.compiler.is_compiling() or not _takes(*tensors) else native_library()
 
 
-def shared_rows(x: torch.Tensor, kind: tuple, compute: Callable[[], Any]) -> Any:
-    """``compute()``, the quantized rows of a layer's input ``x`` (``kind`` says how they were quantized), kept on
-    ``x`` itself for the next layer that reads the same tensor the same way: the query, key and value projections of
-    an attention (and a FLUX single-stream block's MLP) quantize one input, with dynamic scales and no per-layer
-    transform the same numbers each time. Kept while ``x`` lives and is not written to (its version counter);
-    computed afresh for inference-mode tensors (no version counter) and under ``torch.compile``. The result is
-    shared: callers only read it."""
+def kept_rows(x: torch.Tensor, kind: tuple) -> Any:
+    """What :func:`keep_rows` kept on ``x`` for ``kind``, while ``x`` is unchanged since; ``None`` otherwise."""
     if torch.compiler.is_compiling() or x.is_inference():
-        return compute()
+        return None
     kept = getattr(x, "_compressdit_rows", None)
-    if kept is not None and kept[0] == kind and kept[1] == x._version:
-        return kept[2]
-    result = compute()
-    x._compressdit_rows = (kind, x._version, result)
-    return result
+    return kept[2] if kept is not None and kept[0] == kind and kept[1] == x._version else None
+
+
+def keep_rows(x: torch.Tensor, kind: tuple, value: Any) -> None:
+    """Keep ``value``, the quantized rows of a layer's input ``x`` (``kind`` says how they were quantized), on ``x``
+    itself for the next layer that reads the same tensor the same way: the query, key and value projections of an
+    attention (and a FLUX single-stream block's MLP) quantize one input, with dynamic scales and no per-layer transform
+    the same numbers each time. Kept while ``x`` lives and is not written to (its version counter); never for
+    inference-mode tensors (no version counter) or under ``torch.compile``. Readers only read it."""
+    if not (torch.compiler.is_compiling() or x.is_inference()):
+        x._compressdit_rows = (kind, x._version, value)
+
+
+def shared_rows(x: torch.Tensor, kind: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, the quantized rows of ``x``, or what an earlier layer kept of them (:func:`keep_rows`)."""
+    kept = kept_rows(x, kind)
+    if kept is None:
+        kept = compute()
+        keep_rows(x, kind, kept)
+    return kept
 
 
 def quantize_rows_int8(x: torch.Tensor, per_token: bool, offset: int = 0,

@@ -128,8 +128,9 @@ int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows,
     }
     if (per_token) {
         FOR_ROWS(i, rows, {
-            const float *row;
-            uint32_t m = row_absmax(x + i * cols, smooth, inv, cols, y ? y + thread_index() * stride : NULL, &row);
+            const float *row; /* one thread: scratch row 0, whatever team the caller runs in */
+            float *scratch = y ? y + (threads > 1 ? thread_index() : 0) * stride : NULL;
+            uint32_t m = row_absmax(x + i * cols, smooth, inv, cols, scratch, &row);
             scale[i] = scale_of(m);
             codes_row(row, cols, scale[i], offset, q + i * cols);
         });

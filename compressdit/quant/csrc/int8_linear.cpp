@@ -1,0 +1,127 @@
+/* A whole W8A8 CPU linear in one call (see compressdit/quant/cpu_native.py: int8_linear): the dynamic int8
+ * activation codes (int8_rows.c's compressdit_quantize_int8), torch's int8 x int8 -> int32 GEMM (at::_int_mm, the
+ * op the Python path calls) and the fp32 epilogue (compressdit_dequantize_int32), the same numbers as the Python path
+ * bit for bit.
+ *
+ * Why: from Python each of those is a separate call (ctypes, the dispatcher, two allocations, thread-count changes:
+ * ~10 us a zoo layer), and on two threads each is its own parallel region, whose rows the next one reads from the
+ * other core. Here a team of `threads` OpenMP threads (torch's runtime: cpu_native.py builds with -fopenmp only where
+ * torch runs on the libgomp it links) each quantizes its contiguous block of rows, multiplies that block and scales
+ * it: one fork and join a layer, a block's rows never leave their core. Inside the team, at::_int_mm runs on its
+ * calling thread (ATen and oneDNN do not nest parallel regions). Per-tensor scales need every row first: the codes
+ * are then made by one threaded pass before the team. Codes made earlier for the same input (the query, key and
+ * value projections share them) can be passed in: the team only multiplies and scales. */
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+extern "C" {
+int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows, int64_t cols, int32_t per_token,
+                              int32_t offset, int8_t *q, float *scale, int32_t threads);
+void compressdit_dequantize_int32(const int32_t *acc, const float *w_scale, const float *a_scale, int32_t per_token,
+                                  const float *bias, int64_t rows, int64_t cols, float *out, int32_t threads);
+}
+
+namespace {
+
+/* rows [r0, r1) of the layer: codes (unless made already), their int32 GEMM, the epilogue over the accumulator */
+void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &codes_t, const float *w_scale,
+                const float *bias, bool per_token, bool quantize, at::Tensor &q, at::Tensor &scale, at::Tensor &acc,
+                int64_t r0, int64_t r1) {
+    const int64_t cols = x.size(1), out_features = codes_t.size(1), rows = r1 - r0;
+    float *a_scale = scale.data_ptr<float>() + (per_token ? r0 : 0);
+    if (quantize && compressdit_quantize_int8(x.data_ptr<float>() + r0 * cols, smooth, rows, cols, 1, 0,
+                                              q.data_ptr<int8_t>() + r0 * cols, a_scale, 1))
+        throw std::runtime_error("out of memory");
+    at::Tensor block = acc.narrow(0, r0, rows);
+    at::_int_mm_out(block, q.narrow(0, r0, rows), codes_t);
+    int32_t *sums = acc.data_ptr<int32_t>() + r0 * out_features;
+    compressdit_dequantize_int32(sums, w_scale, a_scale, per_token, bias, rows, out_features,
+                                 reinterpret_cast<float *>(sums), 1);
+}
+
+/* (x / smooth) @ W^T + bias with dynamic int8 activations, W = codes * w_scale: x fp32 [rows, in] contiguous,
+ * codes_t the int8 [out, in] codes' transposed view, w_scale fp32 [out], bias fp32 [out]; q / scale: codes
+ * [rows, in] and scales [rows, 1] or [1, 1] of x made earlier, or none. Returns (out [rows, out] fp32, q, scale). */
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, const c10::optional<at::Tensor> &smooth,
+                                                           const at::Tensor &codes_t, const at::Tensor &w_scale,
+                                                           const c10::optional<at::Tensor> &bias, bool per_token,
+                                                           int64_t threads, const c10::optional<at::Tensor> &codes,
+                                                           const c10::optional<at::Tensor> &scales) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(0) > 0,
+                "int8_linear: x must be a non-empty contiguous fp32 matrix");
+    TORCH_CHECK(codes_t.dim() == 2 && codes_t.scalar_type() == at::kChar && codes_t.size(0) == x.size(1),
+                "int8_linear: codes_t must be int8 [in, out]");
+    const int64_t rows = x.size(0), out_features = codes_t.size(1);
+    const bool quantize = !codes.has_value();
+    at::Tensor q = quantize ? at::empty({rows, x.size(1)}, x.options().dtype(at::kChar)) : *codes;
+    at::Tensor scale = quantize ? at::empty({per_token ? rows : 1, 1}, x.options()) : *scales;
+    at::Tensor acc = at::empty({rows, out_features}, x.options().dtype(at::kInt));
+    const float *smooth_p = smooth.has_value() ? smooth->data_ptr<float>() : nullptr;
+    const float *bias_p = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    const float *w_scale_p = w_scale.data_ptr<float>();
+    bool block_quantizes = quantize;
+    if (quantize && !per_token) { /* the tensor's scale needs every row: one threaded pass first */
+        TORCH_CHECK(!compressdit_quantize_int8(x.data_ptr<float>(), smooth_p, rows, x.size(1), 0, 0,
+                                               q.data_ptr<int8_t>(), scale.data_ptr<float>(), (int32_t)threads),
+                    "int8_linear: out of memory");
+        block_quantizes = false;
+    }
+    const int team = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows));
+    if (team == 1) { /* one thread, whatever torch's count */
+        const int previous = at::get_num_threads();
+        if (previous != 1) at::set_num_threads(1);
+        try {
+            rows_block(x, smooth_p, codes_t, w_scale_p, bias_p, per_token, block_quantizes, q, scale, acc, 0, rows);
+        } catch (...) {
+            if (previous != 1) at::set_num_threads(previous);
+            throw;
+        }
+        if (previous != 1) at::set_num_threads(previous);
+        return {acc.view(at::kFloat), q, scale};
+    }
+    bool failed = false;
+    std::string error;
+#pragma omp parallel num_threads(team)
+    {
+#ifdef _OPENMP
+        const int index = omp_get_thread_num(), size = omp_get_num_threads();
+#else
+        const int index = 0, size = 1;
+#endif
+        const int64_t chunk = (rows + size - 1) / size, r0 = std::min(rows, index * chunk),
+                      r1 = std::min(rows, r0 + chunk);
+        if (r0 < r1) {
+            try {
+                rows_block(x, smooth_p, codes_t, w_scale_p, bias_p, per_token, block_quantizes, q, scale, acc, r0, r1);
+            } catch (const std::exception &e) { /* an exception must not leave the parallel region */
+#pragma omp critical(compressdit_int8_linear)
+                {
+                    failed = true;
+                    error = e.what();
+                }
+            }
+        }
+    }
+    TORCH_CHECK(!failed, "int8_linear: ", error);
+    return {acc.view(at::kFloat), q, scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(compressdit_native, m) {
+    m.def("int8_linear(Tensor x, Tensor? smooth, Tensor codes_t, Tensor w_scale, Tensor? bias, bool per_token, "
+          "int threads, Tensor? codes, Tensor? scales) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(compressdit_native, CPU, m) { m.impl("int8_linear", &int8_linear); }
