@@ -43,7 +43,7 @@ from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import quantize_layer_input
 from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, quantize_rows_int8,
                                           keep_rows, kept_rows, native_ops, quantize_rows_int8_groups,
-                                          scale_rows_, shared_rows)
+                                          scale_rows_, shared_rows, TEAM_MIN_WORK)
 
 INT4_GROUPS = (32, 64, 128, 256)
 INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (bench/layer_kernels.py)
@@ -146,10 +146,10 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
 def _fused_int8_linear(x: torch.Tensor, x2: torch.Tensor, smooth: Optional[torch.Tensor], codes_t: torch.Tensor,
                        w_scale: torch.Tensor, bias: Optional[torch.Tensor], per_token: bool) -> torch.Tensor:
     """The ``torch._int_mm`` path in one C++ call (``csrc/int8_linear.cpp``: the same numbers), on torch's threads
-    above ``INT8_GEMM_SERIAL_WORK`` multiply-adds, each thread's rows quantized, multiplied and scaled on it; the
+    above ``TEAM_MIN_WORK`` multiply-adds, each thread's rows quantized, multiplied and scaled on it; the
     activation codes of ``x`` shared with the other layers that read it (without a balancing divisor)."""
     rows, in_features = x2.shape
-    threads = torch.get_num_threads() if rows * in_features * codes_t.shape[1] > INT8_GEMM_SERIAL_WORK else 1
+    threads = torch.get_num_threads() if rows * in_features * codes_t.shape[1] > TEAM_MIN_WORK else 1
     kind = ("int8", per_token, 0)
     kept = kept_rows(x, kind) if smooth is None else None
     out, q, scale = torch.ops.compressdit_native.int8_linear(x2, smooth, codes_t, w_scale, bias, per_token, threads,

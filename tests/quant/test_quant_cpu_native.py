@@ -388,7 +388,7 @@ def test_layers_reading_one_input_quantize_it_once_and_give_the_reference(spec, 
             real = getattr(__import__(module, fromlist=[name]), name, None)
             if real is not None:
                 monkeypatch.setattr(f"{module}.{name}", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
-    if fused:
+    if fused:  # count the calls that are given no codes made earlier
         op = torch.ops.compressdit_native.int8_linear
         monkeypatch.setattr(torch.ops.compressdit_native, "int8_linear",
                             lambda *a: (a[7] is None and calls.append(1), op(*a))[1])
