@@ -220,6 +220,12 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: to
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
+    if x2.shape[0] and native_ops():  # the same in one C++ call, each thread's rows on it (csrc/int8_linear.cpp)
+        threads = torch.get_num_threads() if x2.numel() * out_features > TEAM_MIN_WORK else 1
+        out = torch.ops.compressdit_native.int8_group_linear(x2, codes, w_scale, bias, per_token, threads)
+        if x.dtype is not torch.float32:
+            out = out.to(x.dtype)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
     q, a_scale = quantize_rows_int8_groups(x2, per_token, size)
     acc = torch.empty(groups, x2.shape[0], out_features, dtype=torch.int32)
     threads = _serial_threads(x2.numel() * out_features, SERIAL_GEMM_WORK)

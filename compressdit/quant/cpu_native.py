@@ -174,7 +174,7 @@ def native_ops() -> bool:
         return False
     flags, libraries = _op_flags(native_library().openmp)
     lib = build_library(compiler, "cpu_ops", list(OP_SOURCES), flags, tuple(HEADERS), libraries)
-    return lib is not None and hasattr(torch.ops.compressdit_native, "int8_linear")
+    return lib is not None and hasattr(torch.ops.compressdit_native, "int8_group_linear")
 
 
 def threads_for(elements: int) -> int:

@@ -447,3 +447,30 @@ def test_the_fused_int8_op_rejects_what_it_cannot_read():
     with pytest.raises(RuntimeError, match="int8"):
         torch.ops.compressdit_native.int8_linear(torch.zeros(4, 9), None, codes, torch.ones(16), None, True, 1, None,
                                                  None)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("rows, threads", [(37, 2), (37, 1), (1, 2), (3, 4)])
+def test_the_fused_group_op_equals_the_python_path_bit_for_bit(per_token, rows, threads, monkeypatch):
+    """``int8_group_linear`` (codes per group, one torch._int_mm per group and the group epilogue per block of rows on
+    a team of threads) gives cpu-int8-group-gemm's Python numbers exactly on any thread count."""
+    from compressdit.quant import cpu_kernels
+
+    if not cpu_native.native_ops():
+        pytest.skip("no C++ op library here")
+    monkeypatch.setattr(cpu_native, "TEAM_MIN_WORK", 0)
+    monkeypatch.setattr(cpu_kernels, "TEAM_MIN_WORK", 0)
+    x = _activations(rows=max(rows, 3), cols=96)[:rows]
+    torch.manual_seed(2)
+    codes = torch.randint(-8, 8, (3, 40, 32), dtype=torch.int8)
+    w_scale, bias = torch.rand(3, 40) / 50, torch.randn(40)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        monkeypatch.setattr(cpu_kernels, "native_ops", lambda: False)
+        expected = cpu_kernels.int8_group_gemm_linear_cpu(x, codes, w_scale, bias, per_token, 40)
+        monkeypatch.setattr(cpu_kernels, "native_ops", lambda: True)
+        fused = cpu_kernels.int8_group_gemm_linear_cpu(x, codes, w_scale, bias, per_token, 40)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(fused, expected)

@@ -30,6 +30,11 @@ int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows,
                               int32_t offset, int8_t *q, float *scale, int32_t threads);
 void compressdit_dequantize_int32(const int32_t *acc, const float *w_scale, const float *a_scale, int32_t per_token,
                                   const float *bias, int64_t rows, int64_t cols, float *out, int32_t threads);
+void compressdit_quantize_int8_groups(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t per_token,
+                                      int8_t *q, float *scale, int32_t threads);
+void compressdit_dequantize_groups(const int32_t *acc, const float *w_scale, const float *a_scale, int32_t per_token,
+                                   const float *bias, int64_t groups, int64_t rows, int64_t cols, float *out,
+                                   int32_t threads);
 }
 
 namespace {
@@ -48,6 +53,36 @@ void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &code
     int32_t *sums = acc.data_ptr<int32_t>() + r0 * out_features;
     compressdit_dequantize_int32(sums, w_scale, a_scale, per_token, bias, rows, out_features,
                                  reinterpret_cast<float *>(sums), 1);
+}
+
+/* Runs block(r0, r1) over `rows` rows split in contiguous chunks over a team of `team` OpenMP threads (the first on
+ * the calling thread); an exception in any block is rethrown after the team joins. */
+template <typename Block>
+void on_team(int64_t rows, int team, const char *name, Block block) {
+    bool failed = false;
+    std::string error;
+#pragma omp parallel num_threads(team)
+    {
+#ifdef _OPENMP
+        const int index = omp_get_thread_num(), size = omp_get_num_threads();
+#else
+        const int index = 0, size = 1;
+#endif
+        const int64_t chunk = (rows + size - 1) / size, r0 = std::min(rows, index * chunk),
+                      r1 = std::min(rows, r0 + chunk);
+        if (r0 < r1) {
+            try {
+                block(r0, r1);
+            } catch (const std::exception &e) { /* an exception must not leave the parallel region */
+#pragma omp critical(compressdit_native_team)
+                {
+                    failed = true;
+                    error = e.what();
+                }
+            }
+        }
+    }
+    TORCH_CHECK(!failed, name, ": ", error);
 }
 
 /* (x / smooth) @ W^T + bias with dynamic int8 activations, W = codes * w_scale: x fp32 [rows, in] contiguous,
@@ -90,31 +125,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
         if (previous != 1) at::set_num_threads(previous);
         return {acc.view(at::kFloat), q, scale};
     }
-    bool failed = false;
-    std::string error;
-#pragma omp parallel num_threads(team)
-    {
-#ifdef _OPENMP
-        const int index = omp_get_thread_num(), size = omp_get_num_threads();
-#else
-        const int index = 0, size = 1;
-#endif
-        const int64_t chunk = (rows + size - 1) / size, r0 = std::min(rows, index * chunk),
-                      r1 = std::min(rows, r0 + chunk);
-        if (r0 < r1) {
-            try {
-                rows_block(x, smooth_p, codes_t, w_scale_p, bias_p, per_token, block_quantizes, q, scale, acc, r0, r1);
-            } catch (const std::exception &e) { /* an exception must not leave the parallel region */
-#pragma omp critical(compressdit_int8_linear)
-                {
-                    failed = true;
-                    error = e.what();
-                }
-            }
-        }
-    }
-    TORCH_CHECK(!failed, "int8_linear: ", error);
+    on_team(rows, team, "int8_linear", [&](int64_t r0, int64_t r1) {
+        rows_block(x, smooth_p, codes_t, w_scale_p, bias_p, per_token, block_quantizes, q, scale, acc, r0, r1);
+    });
     return {acc.view(at::kFloat), q, scale};
+}
+
+/* Grouped weights (codes int8 [groups, out, group], w_scale fp32 [groups, out]) x dynamic int8 activations: per
+ * block of rows its codes per column group ([groups, block rows, group]; per-tensor scales: made for all rows first),
+ * one at::_int_mm per group into the block's int32 sums [groups, block rows, out], one fused epilogue adding each
+ * group's sums times its scales in fp32 (compressdit_dequantize_groups): cpu-int8-group-gemm's numbers, bit for bit.
+ * Returns out [rows, out] fp32. */
+at::Tensor int8_group_linear(const at::Tensor &x, const at::Tensor &codes, const at::Tensor &w_scale,
+                             const c10::optional<at::Tensor> &bias, bool per_token, int64_t threads) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(0) > 0,
+                "int8_group_linear: x must be a non-empty contiguous fp32 matrix");
+    TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kChar && codes.is_contiguous() &&
+                    codes.size(0) * codes.size(2) == x.size(1),
+                "int8_group_linear: codes must be contiguous int8 [groups, out, group]");
+    const int64_t rows = x.size(0), cols = x.size(1), groups = codes.size(0), out_features = codes.size(1),
+                  group = codes.size(2);
+    at::Tensor out = at::empty({rows, out_features}, x.options());
+    at::Tensor scale = at::empty({per_token ? rows : 1}, x.options());
+    at::Tensor all_codes; /* per-tensor: every row's codes, [groups, rows, group] */
+    if (!per_token) {
+        all_codes = at::empty({groups, rows, group}, x.options().dtype(at::kChar));
+        compressdit_quantize_int8_groups(x.data_ptr<float>(), rows, cols, group, 0, all_codes.data_ptr<int8_t>(),
+                                         scale.data_ptr<float>(), (int32_t)threads);
+    }
+    const float *bias_p = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    auto block = [&](int64_t r0, int64_t r1) {
+        const int64_t n = r1 - r0;
+        float *a_scale = scale.data_ptr<float>() + (per_token ? r0 : 0);
+        at::Tensor q;
+        if (per_token) {
+            q = at::empty({groups, n, group}, x.options().dtype(at::kChar));
+            compressdit_quantize_int8_groups(x.data_ptr<float>() + r0 * cols, n, cols, group, 1, q.data_ptr<int8_t>(),
+                                             a_scale, 1);
+        }
+        at::Tensor acc = at::empty({groups, n, out_features}, x.options().dtype(at::kInt));
+        for (int64_t g = 0; g < groups; ++g) {
+            at::Tensor sums = acc.select(0, g);
+            at::_int_mm_out(sums, per_token ? q.select(0, g) : all_codes.select(0, g).narrow(0, r0, n),
+                            codes.select(0, g).t());
+        }
+        compressdit_dequantize_groups(acc.data_ptr<int32_t>(), w_scale.data_ptr<float>(), a_scale, per_token, bias_p,
+                                      groups, n, out_features, out.data_ptr<float>() + r0 * out_features, 1);
+    };
+    const int team = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows));
+    if (team == 1) { /* one thread, whatever torch's count */
+        const int previous = at::get_num_threads();
+        if (previous != 1) at::set_num_threads(1);
+        try {
+            block(0, rows);
+        } catch (...) {
+            if (previous != 1) at::set_num_threads(previous);
+            throw;
+        }
+        if (previous != 1) at::set_num_threads(previous);
+        return out;
+    }
+    on_team(rows, team, "int8_group_linear", block);
+    return out;
 }
 
 }  // namespace
@@ -122,6 +194,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
 TORCH_LIBRARY_FRAGMENT(compressdit_native, m) {
     m.def("int8_linear(Tensor x, Tensor? smooth, Tensor codes_t, Tensor w_scale, Tensor? bias, bool per_token, "
           "int threads, Tensor? codes, Tensor? scales) -> (Tensor, Tensor, Tensor)");
+    m.def("int8_group_linear(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, int threads) "
+          "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(compressdit_native, CPU, m) { m.impl("int8_linear", &int8_linear); }
+TORCH_LIBRARY_IMPL(compressdit_native, CPU, m) {
+    m.impl("int8_linear", &int8_linear);
+    m.impl("int8_group_linear", &int8_group_linear);
+}
