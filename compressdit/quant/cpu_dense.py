@@ -301,9 +301,19 @@ def _decoded_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool
             and (spec.format == "int" or spec.format in BLOCK_CODECS or spec.format in FP_WEIGHT_FORMATS))
 
 
+def _shared_layer_input(layer, x: torch.Tensor) -> torch.Tensor:
+    """:func:`quantize_layer_input`, shared with the other layers that read ``x`` and quantize it the same way
+    (dynamic scales: the activation fields of the spec say it all)."""
+    spec = layer.spec
+    if spec.a_bits is None or getattr(layer, "input_scale", None) is not None:
+        return quantize_layer_input(layer, x)
+    kind = ("input", spec.a_bits, spec.a_format, spec.a_granularity, spec.a_group_size)
+    return shared_rows(x, kind, lambda: quantize_layer_input(layer, x))
+
+
 KERNELS.add("cpu-decoded-dense", Kernel(
     _decoded_applies, _decoded_fp32_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
-    _fp32_gemm(quantize_layer_input), priority=5,
+    _fp32_gemm(_shared_layer_input, any_rank=True), priority=5,
     description=f"low-bit layers of up to {DENSE_MAX_WEIGHT} weights no faster kernel runs (NVFP4/MX blocks, "
                 "4-bit minifloats, int with per-group or sub-8-bit activations): the residual weight decoded once "
                 "into fp32 (4 bytes per weight of RAM), activations quantized as the reference, fp32 GEMM"))

@@ -369,7 +369,9 @@ def test_shared_rows_are_computed_once_per_tensor_version_and_kind():
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=8, a_bits=8),
                                   LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"),
-                                  LinearQuantSpec(format="fp8", w_bits=8, a_bits=8)])
+                                  LinearQuantSpec(format="fp8", w_bits=8, a_bits=8),
+                                  LinearQuantSpec(w_bits=4, group_size=16, a_bits=4, a_granularity="per_group",
+                                                  a_group_size=16)])
 def test_layers_reading_one_input_quantize_it_once_and_give_the_reference(spec, fused, monkeypatch):
     """Query / key / value projections on one input: the activation codes are computed by the first and read by the
     others (through the fused C++ op or the Python path), and each layer's output is its own reference's."""
@@ -383,7 +385,7 @@ def test_layers_reading_one_input_quantize_it_once_and_give_the_reference(spec, 
     layers = [FORMATS.get(spec.format).quantize(torch.nn.Linear(64, n), spec, None) for n in (32, 48, 64)]
     x = torch.randn(2, 9, 64) * torch.linspace(0.2, 4, 64)
     calls = []
-    for name in ("quantize_rows_int8", "fake_quantize_e4m3_rows"):
+    for name in ("quantize_rows_int8", "fake_quantize_e4m3_rows", "quantize_layer_input"):
         for module in ("compressdit.quant.cpu_kernels", "compressdit.quant.cpu_dense"):
             real = getattr(__import__(module, fromlist=[name]), name, None)
             if real is not None:
