@@ -8,13 +8,17 @@
   bias are applied to the fp32 output, so outputs equal the reference up to fp32 summation order. The activation
   quantization (with a balancing division fused in: the kernel's ``run_untransformed``) and the epilogue are
   one fused C pass each (:mod:`.cpu_native`; PyTorch ops without a C compiler), and GEMMs of up to
-  ``INT8_GEMM_SERIAL_WORK`` multiply-adds run on one thread whatever torch's thread count. W4A8 (and
+  ``INT8_GEMM_SERIAL_WORK`` multiply-adds run on one thread whatever torch's thread count. Where the C++ op library
+  builds (:func:`~compressdit.quant.cpu_native.native_ops`), the ``torch._int_mm`` path is one call of
+  ``torch.ops.compressdit_native.int8_linear`` (the same numbers: each of torch's threads quantizes, multiplies and
+  scales its own rows), and layers reading one input without balancing share its codes. W4A8 (and
   other narrower) per-channel symmetric weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements run the same
   GEMM on their codes unpacked to int8 (1 byte per weight at run time).
 - ``cpu-int8-group-gemm``: the same with weights in groups (symmetric, e.g. W4A8 g64), layers of up to
   ``INT8_GEMM_SMALL_WEIGHT`` weights: the codes unpacked to int8 (1 byte per weight), the activation codes
   quantized per group in one C pass, one ``torch._int_mm`` per group (on one thread up to ``SERIAL_GEMM_WORK``
-  multiply-adds), one fused epilogue adding each group's int32 sums times its scales in fp32.
+  multiply-adds), one fused epilogue adding each group's int32 sums times its scales in fp32 (one call of the C++
+  op ``int8_group_linear`` where it builds).
 - ``cpu-int4-weight``: weight-only (or fake-quantized activations) int codes of 2-4 bits, groups of
   32/64/128/256 or per channel, via ``_weight_int4pack_mm_for_cpu``: activations are rounded to bf16
   (its fast path) and so are the group scales and the product; the bias is added in fp32. Up to

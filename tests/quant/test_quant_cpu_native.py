@@ -449,6 +449,12 @@ def test_the_fused_int8_op_rejects_what_it_cannot_read():
     with pytest.raises(RuntimeError, match="int8"):
         torch.ops.compressdit_native.int8_linear(torch.zeros(4, 9), None, codes, torch.ones(16), None, True, 1, None,
                                                  None)
+    with pytest.raises(RuntimeError, match="w_scale must be a contiguous fp32 tensor of 16"):
+        torch.ops.compressdit_native.int8_linear(torch.zeros(4, 8), None, codes, torch.ones(15), None, True, 1, None,
+                                                 None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.compressdit_native.int8_group_linear(torch.zeros(4, 8), torch.zeros(2, 16, 4, dtype=torch.int8),
+                                                       torch.ones(2, 16), torch.ones(3), True, 1)
 
 
 @pytest.mark.parametrize("per_token", [True, False])

@@ -10,7 +10,8 @@
  * it: one fork and join a layer, a block's rows never leave their core. Inside the team, at::_int_mm runs on its
  * calling thread (ATen and oneDNN do not nest parallel regions). Per-tensor scales need every row first: the codes
  * are then made by one threaded pass before the team. Codes made earlier for the same input (the query, key and
- * value projections share them) can be passed in: the team only multiplies and scales. */
+ * value projections share them) can be passed in: the team only multiplies and scales. int8_group_linear does the
+ * same for weights in column groups (cpu-int8-group-gemm: one at::_int_mm per group a block). */
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,6 +39,12 @@ void compressdit_dequantize_groups(const int32_t *acc, const float *w_scale, con
 }
 
 namespace {
+
+/* t is absent, or a contiguous fp32 tensor of `size` elements (what the C loops read through its pointer) */
+void check_vector(const c10::optional<at::Tensor> &t, int64_t size, const char *what) {
+    TORCH_CHECK(!t.has_value() || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == size), what,
+                " must be a contiguous fp32 tensor of ", size, " elements");
+}
 
 /* rows [r0, r1) of the layer: codes (unless made already), their int32 GEMM, the epilogue over the accumulator */
 void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &codes_t, const float *w_scale,
@@ -98,6 +105,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
     TORCH_CHECK(codes_t.dim() == 2 && codes_t.scalar_type() == at::kChar && codes_t.size(0) == x.size(1),
                 "int8_linear: codes_t must be int8 [in, out]");
     const int64_t rows = x.size(0), out_features = codes_t.size(1);
+    check_vector(smooth, x.size(1), "int8_linear: smooth");
+    check_vector(w_scale, out_features, "int8_linear: w_scale");
+    check_vector(bias, out_features, "int8_linear: bias");
+    TORCH_CHECK(codes.has_value() == scales.has_value(), "int8_linear: give both codes and scales, or neither");
     const bool quantize = !codes.has_value();
     at::Tensor q = quantize ? at::empty({rows, x.size(1)}, x.options().dtype(at::kChar)) : *codes;
     at::Tensor scale = quantize ? at::empty({per_token ? rows : 1, 1}, x.options()) : *scales;
@@ -145,6 +156,8 @@ at::Tensor int8_group_linear(const at::Tensor &x, const at::Tensor &codes, const
                 "int8_group_linear: codes must be contiguous int8 [groups, out, group]");
     const int64_t rows = x.size(0), cols = x.size(1), groups = codes.size(0), out_features = codes.size(1),
                   group = codes.size(2);
+    check_vector(w_scale, groups * out_features, "int8_group_linear: w_scale");
+    check_vector(bias, out_features, "int8_group_linear: bias");
     at::Tensor out = at::empty({rows, out_features}, x.options());
     at::Tensor scale = at::empty({per_token ? rows : 1}, x.options());
     at::Tensor all_codes; /* per-tensor: every row's codes, [groups, rows, group] */
