@@ -482,3 +482,25 @@ def test_the_fused_group_op_equals_the_python_path_bit_for_bit(per_token, rows, 
     finally:
         torch.set_num_threads(before)
     assert torch.equal(fused, expected)
+
+
+def test_without_a_cxx_compiler_the_python_path_runs(monkeypatch, tmp_path):
+    """No C++ compiler (or one that fails): no op library, and W8A8 / grouped layers give the same outputs."""
+    from compressdit.quant import cpu_kernels
+
+    torch.manual_seed(4)
+    layers = [QuantLinear.from_linear(torch.nn.Linear(64, 48), spec) for spec in
+              (LinearQuantSpec(w_bits=8, a_bits=8), LinearQuantSpec(w_bits=4, a_bits=8, group_size=32))]
+    x = torch.randn(3, 17, 64)
+    with torch.no_grad():
+        before = [layer(x) for layer in layers]
+    cpu_native.native_ops.cache_clear()
+    try:
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        assert cpu_native.native_ops() is False
+        monkeypatch.setattr(cpu_kernels, "native_ops", cpu_native.native_ops)
+        with torch.no_grad():
+            for layer, out in zip(layers, before):
+                torch.testing.assert_close(layer(x), out, rtol=1e-6, atol=1e-6)
+    finally:
+        cpu_native.native_ops.cache_clear()
