@@ -148,7 +148,8 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
 
 
 def _fused_int8_linear(x: torch.Tensor, x2: torch.Tensor, smooth: Optional[torch.Tensor], codes_t: torch.Tensor,
-                       w_scale: torch.Tensor, bias: Optional[torch.Tensor], per_token: bool) -> torch.Tensor:
+                       w_scale: torch.Tensor, bias: Optional[torch.Tensor], per_token: bool,
+                       activation: int = 0) -> torch.Tensor:
     """The ``torch._int_mm`` path in one C++ call (``csrc/int8_linear.cpp``: the same numbers), on torch's threads
     above ``TEAM_MIN_WORK`` multiply-adds, each thread's rows quantized, multiplied and scaled on it; the
     activation codes of ``x`` shared with the other layers that read it (without a balancing divisor)."""
@@ -157,7 +158,7 @@ def _fused_int8_linear(x: torch.Tensor, x2: torch.Tensor, smooth: Optional[torch
     kind = ("int8", per_token, 0)
     kept = kept_rows(x, kind) if smooth is None else None
     out, q, scale = torch.ops.compressdit_native.int8_linear(x2, smooth, codes_t, w_scale, bias, per_token, threads,
-                                                             *(kept or (None, None)))
+                                                             *(kept or (None, None)), activation)
     if smooth is None and kept is None:
         keep_rows(x, kind, (q, scale))
     return out
@@ -211,6 +212,26 @@ def _int8_gemm_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tenso
         x, smooth = layer.transform_input(x), None
     return int8_gemm_linear_cpu(x, smooth, b["codes_t"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
                                 b["per_token"], layer.out_features)
+
+
+#: activations the fused op applies in its epilogue (csrc/int8_linear.cpp's codes)
+FUSED_ACTIVATIONS = {"gelu-tanh": 1}
+
+
+def _int8_gemm_run_activated(layer, x: torch.Tensor, b: dict, activation: str) -> torch.Tensor | None:
+    """``run_untransformed`` with ``activation`` in the fused op's epilogue (each block of rows activated while in
+    cache: :func:`compressdit.quant.cpu_native.gelu_tanh`'s numbers); ``None`` where that op does not run (oneDNN's
+    prepacked layers, other dtypes, ``torch.compile``, no C++ op library)."""
+    code = FUSED_ACTIVATIONS.get(activation)
+    if (code is None or b["packed"] is not None or x.dtype is not torch.float32 or not x.is_contiguous()
+            or x.numel() == 0 or torch.compiler.is_compiling() or not native_ops()):
+        return None
+    smooth = b["smooth"]
+    if b["transform"] and smooth is None:  # a rotation: the layer's own transform first
+        x = layer.transform_input(x)
+    out = _fused_int8_linear(x, x.reshape(-1, x.shape[-1]), smooth, b["codes_t"], b["w_scale"], b["bias"],
+                             b["per_token"], code)
+    return out.reshape(*x.shape[:-1], layer.out_features)
 
 
 @_define("int8_group_gemm_linear_cpu(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, "
@@ -392,7 +413,7 @@ def _vq_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
 
 KERNELS.add("cpu-int8-gemm", Kernel(
     _int8_gemm_applies, _int8_gemm_prepack, _int8_gemm_run, priority=20,
-    run_untransformed=_int8_gemm_run_untransformed,
+    run_untransformed=_int8_gemm_run_untransformed, run_activated=_int8_gemm_run_activated,
     description=f"int8 x int8 -> int32 GEMM on the spec's dynamic symmetric activation codes (W8A8; W4A8 per "
                 f"channel up to {INT8_GEMM_SMALL_WEIGHT} weights, as int8): torch._int_mm up to "
                 f"{INT8_GEMM_SMALL_WEIGHT} weights or at one row, else oneDNN's prepacked u8s8 GEMM"))

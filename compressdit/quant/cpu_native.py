@@ -145,7 +145,7 @@ def native_library() -> ctypes.CDLL | None:
     return lib
 
 
-OP_SOURCES = (Path(__file__).with_name("csrc") / "int8_linear.cpp", SOURCES[0])
+OP_SOURCES = (Path(__file__).with_name("csrc") / "int8_linear.cpp", *SOURCES)
 #: multiply-adds from which the fused op of OP_SOURCES splits a layer's rows over torch's threads (one team); below,
 #: one thread does it all (cpu_kernels.INT8_GEMM_SERIAL_WORK's measurements). The same op for FP8's fp32 GEMMs (per-token
 #: E4M3 rows and at::addmm per block on the team, or on torch's threads) measured slower in the zoo models' steps than

@@ -61,6 +61,9 @@ class Kernel:
     #: optional ``run`` on the layer's input *before* its balancing/rotation (which it applies itself, e.g. the
     #: balancing division fused into its activation quantization); layers with a low-rank branch use ``run``
     run_untransformed: Callable[[nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor] | None = None
+    #: optional ``run_untransformed`` whose output goes through an activation (``"gelu-tanh"``) in the kernel's own
+    #: epilogue: ``(layer, x, buffers, activation)`` -> the activated output, or ``None`` where it has no such path
+    run_activated: Callable[[nn.Module, torch.Tensor, dict[str, Any], str], torch.Tensor | None] | None = None
 
 
 KERNELS: Registry[Kernel] = Registry("kernel")

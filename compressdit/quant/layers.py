@@ -143,6 +143,16 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
         out = run_kernel(self, x)
         return self.reference_forward(x) if out is None else out
 
+    def forward_activated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
+        """``activation(self(x))`` (an :data:`~compressdit.moe.layers.ACTIVATIONS` name) with the activation in the
+        kernel's epilogue, where this layer's kernel has that path for ``x``; ``None`` otherwise (the caller runs
+        ``self(x)`` and the activation). Calls no hooks: callers check there are none."""
+        cache = kernel_cache(self, x)
+        run = None if cache is None else cache.kernel.run_activated
+        if run is None or getattr(self, "low_rank_up", None) is not None:
+            return None
+        return run(self, x, cache.buffers, activation)
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ground truth every kernel is tested against (formats with an input transform override it)."""
         return self.reference_linear(x)

@@ -25,8 +25,29 @@ def _native(x: torch.Tensor) -> bool:
     return x.dtype is torch.float32 and x.is_cpu
 
 
+def _called_plainly(module: nn.Module) -> bool:
+    """Whether calling ``module``'s methods directly skips nothing its ``__call__`` would run: no hooks of its own
+    or global ones, no wrapped ``forward`` (accelerate's), not under ``torch.compile``."""
+    from torch.nn.modules import module as hooks
+
+    return not (torch.compiler.is_compiling() or module._forward_hooks or module._forward_pre_hooks
+                or module._backward_hooks or module._backward_pre_hooks or "forward" in module.__dict__
+                or "_hf_hook" in module.__dict__ or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
 class NativeGELU(GELU):
-    """diffusers' :class:`~diffusers.models.activations.GELU` with the tanh GELU of fp32 CPU tensors in C."""
+    """diffusers' :class:`~diffusers.models.activations.GELU` with the tanh GELU of fp32 CPU tensors in C: in the
+    quantized ``proj``'s own epilogue where its kernel has one (``forward_activated``: the int8 GEMM op activates
+    each block of rows while it is in cache) and nothing would see ``proj``'s output alone (no hooks), else as a
+    pass after it."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.approximate == "tanh" and _native(hidden_states) and _called_plainly(self.proj):
+            out = getattr(self.proj, "forward_activated", lambda x, a: None)(hidden_states, "gelu-tanh")
+            if out is not None:
+                return out
+        return super().forward(hidden_states)
 
     def gelu(self, gate: torch.Tensor) -> torch.Tensor:
         return gelu_tanh(gate) if self.approximate == "tanh" and _native(gate) else super().gelu(gate)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import tempfile
 
+import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.activations import GELU
@@ -89,3 +90,37 @@ def test_flux_parallel_mlp_activations_run_natively_and_reload_so():
         model.save_pretrained(folder)
         loaded = FluxTransformer2DModel.from_pretrained(folder)
     assert _gelus(loaded) == gelus
+
+
+@torch.no_grad()
+def test_the_gelu_runs_in_the_int8_kernels_epilogue_where_it_can(monkeypatch):
+    """A W8A8 ``proj`` (balanced or rotated) with no hooks: the GELU in the fused op's epilogue, the numbers of the
+    projection then the C GELU pass exactly; a forward hook on ``proj`` takes the plain path (the hook sees ``proj``'s
+    own output)."""
+    from compressdit.quant import cpu_native
+    from compressdit.quant.cpu_native import gelu_tanh
+
+    if not cpu_native.native_ops():
+        pytest.skip("no C++ op library here")
+    op, activations = torch.ops.compressdit_native.int8_linear, []
+    monkeypatch.setattr(torch.ops.compressdit_native, "int8_linear",
+                        lambda *a: (activations.append(a[-1]), op(*a))[1])
+    torch.manual_seed(5)
+    x = torch.randn(2, 40, 32) * torch.linspace(0.2, 3, 32)
+    for spec in (W8A8, LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5), LinearQuantSpec(w_bits=8, a_bits=8,
+                                                                                         rotation="hadamard")):
+        module = GELU(32, 64, approximate="tanh")
+        stats = {"act.proj": x.abs().amax((0, 1))} if spec.balance else None
+        model = nn.Sequential()
+        model.add_module("act", module)
+        quantize_layers(model, {"act.proj": spec}, stats)
+        assert type(module) is NativeGELU
+        activations.clear()
+        fused = module(x)
+        assert activations == [1]
+        assert torch.equal(fused, gelu_tanh(module.proj(x)))
+        seen = []
+        handle = module.proj.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+        plain = module(x)
+        handle.remove()
+        assert activations[-1] == 0 and len(seen) == 1 and torch.equal(plain, fused)

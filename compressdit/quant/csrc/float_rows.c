@@ -196,7 +196,7 @@ static inline float exp_clamped(float t) {
  * same function: 1 + tanh(u) = 2 / (1 + e^(-2u))), which keeps the relative precision torch's 1 + tanh(u) loses to
  * cancellation for negative x; -2u clamped to [-87, 88] (beyond, |gelu(x) - result| < 1e-37 |x|, or x itself).
  * torch's CPU tanh GELU runs a vectorized tanh at ~1.4 ns an element here; this ~0.1. NaN in, NaN out. */
-void compressdit_gelu_tanh(const float *restrict x, int64_t n, float *restrict y, int32_t threads) {
+void compressdit_gelu_tanh(const float *x, int64_t n, float *y, int32_t threads) {
     FOR_ROWS(i, n, {
         const float v = x[i];
         float t = -1.59576912f * __builtin_fmaf(0.044715f * v, v * v, v); /* -2 sqrt(2 / pi) (v + 0.044715 v^3) */

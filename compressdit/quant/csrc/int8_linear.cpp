@@ -31,6 +31,7 @@ int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows,
                               int32_t offset, int8_t *q, float *scale, int32_t threads);
 void compressdit_dequantize_int32(const int32_t *acc, const float *w_scale, const float *a_scale, int32_t per_token,
                                   const float *bias, int64_t rows, int64_t cols, float *out, int32_t threads);
+void compressdit_gelu_tanh(const float *x, int64_t n, float *y, int32_t threads);
 void compressdit_quantize_int8_groups(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t per_token,
                                       int8_t *q, float *scale, int32_t threads);
 void compressdit_dequantize_groups(const int32_t *acc, const float *w_scale, const float *a_scale, int32_t per_token,
@@ -40,6 +41,8 @@ void compressdit_dequantize_groups(const int32_t *acc, const float *w_scale, con
 
 namespace {
 
+constexpr int64_t GELU_TANH = 1; /* int8_linear's `activation`: 0 none, 1 the tanh GELU of float_rows.c */
+
 /* t is absent, or a contiguous fp32 tensor of `size` elements (what the C loops read through its pointer) */
 void check_vector(const c10::optional<at::Tensor> &t, int64_t size, const char *what) {
     TORCH_CHECK(!t.has_value() || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == size), what,
@@ -48,8 +51,8 @@ void check_vector(const c10::optional<at::Tensor> &t, int64_t size, const char *
 
 /* rows [r0, r1) of the layer: codes (unless made already), their int32 GEMM, the epilogue over the accumulator */
 void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &codes_t, const float *w_scale,
-                const float *bias, bool per_token, bool quantize, at::Tensor &q, at::Tensor &scale, at::Tensor &acc,
-                int64_t r0, int64_t r1) {
+                const float *bias, bool per_token, bool quantize, int64_t activation, at::Tensor &q, at::Tensor &scale,
+                at::Tensor &acc, int64_t r0, int64_t r1) {
     const int64_t cols = x.size(1), out_features = codes_t.size(1), rows = r1 - r0;
     float *a_scale = scale.data_ptr<float>() + (per_token ? r0 : 0);
     if (quantize && compressdit_quantize_int8(x.data_ptr<float>() + r0 * cols, smooth, rows, cols, 1, 0,
@@ -58,8 +61,9 @@ void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &code
     at::Tensor block = acc.narrow(0, r0, rows);
     at::_int_mm_out(block, q.narrow(0, r0, rows), codes_t);
     int32_t *sums = acc.data_ptr<int32_t>() + r0 * out_features;
-    compressdit_dequantize_int32(sums, w_scale, a_scale, per_token, bias, rows, out_features,
-                                 reinterpret_cast<float *>(sums), 1);
+    float *out = reinterpret_cast<float *>(sums);
+    compressdit_dequantize_int32(sums, w_scale, a_scale, per_token, bias, rows, out_features, out, 1);
+    if (activation == GELU_TANH) compressdit_gelu_tanh(out, rows * out_features, out, 1); /* while in cache */
 }
 
 /* Runs block(r0, r1) over `rows` rows split in contiguous chunks over a team of `team` OpenMP threads (the first on
@@ -94,12 +98,14 @@ void on_team(int64_t rows, int team, const char *name, Block block) {
 
 /* (x / smooth) @ W^T + bias with dynamic int8 activations, W = codes * w_scale: x fp32 [rows, in] contiguous,
  * codes_t the int8 [out, in] codes' transposed view, w_scale fp32 [out], bias fp32 [out]; q / scale: codes
- * [rows, in] and scales [rows, 1] or [1, 1] of x made earlier, or none. Returns (out [rows, out] fp32, q, scale). */
+ * [rows, in] and scales [rows, 1] or [1, 1] of x made earlier, or none; activation 1: the output through the tanh
+ * GELU (compressdit_gelu_tanh) in the same block, while it is in cache. Returns (out [rows, out] fp32, q, scale). */
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, const c10::optional<at::Tensor> &smooth,
                                                            const at::Tensor &codes_t, const at::Tensor &w_scale,
                                                            const c10::optional<at::Tensor> &bias, bool per_token,
                                                            int64_t threads, const c10::optional<at::Tensor> &codes,
-                                                           const c10::optional<at::Tensor> &scales) {
+                                                           const c10::optional<at::Tensor> &scales,
+                                                           int64_t activation) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(0) > 0,
                 "int8_linear: x must be a non-empty contiguous fp32 matrix");
     TORCH_CHECK(codes_t.dim() == 2 && codes_t.scalar_type() == at::kChar && codes_t.size(0) == x.size(1),
@@ -109,6 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
     check_vector(w_scale, out_features, "int8_linear: w_scale");
     check_vector(bias, out_features, "int8_linear: bias");
     TORCH_CHECK(codes.has_value() == scales.has_value(), "int8_linear: give both codes and scales, or neither");
+    TORCH_CHECK(activation == 0 || activation == GELU_TANH, "int8_linear: unknown activation ", activation);
     const bool quantize = !codes.has_value();
     at::Tensor q = quantize ? at::empty({rows, x.size(1)}, x.options().dtype(at::kChar)) : *codes;
     at::Tensor scale = quantize ? at::empty({per_token ? rows : 1, 1}, x.options()) : *scales;
@@ -128,7 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
         const int previous = at::get_num_threads();
         if (previous != 1) at::set_num_threads(1);
         try {
-            rows_block(x, smooth_p, codes_t, w_scale_p, bias_p, per_token, block_quantizes, q, scale, acc, 0, rows);
+            rows_block(x, smooth_p, codes_t, w_scale_p, bias_p, per_token, block_quantizes, activation, q, scale, acc, 0,
+                       rows);
         } catch (...) {
             if (previous != 1) at::set_num_threads(previous);
             throw;
@@ -137,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
         return {acc.view(at::kFloat), q, scale};
     }
     on_team(rows, team, "int8_linear", [&](int64_t r0, int64_t r1) {
-        rows_block(x, smooth_p, codes_t, w_scale_p, bias_p, per_token, block_quantizes, q, scale, acc, r0, r1);
+        rows_block(x, smooth_p, codes_t, w_scale_p, bias_p, per_token, block_quantizes, activation, q, scale, acc, r0,
+                   r1);
     });
     return {acc.view(at::kFloat), q, scale};
 }
@@ -206,7 +215,7 @@ at::Tensor int8_group_linear(const at::Tensor &x, const at::Tensor &codes, const
 
 TORCH_LIBRARY_FRAGMENT(compressdit_native, m) {
     m.def("int8_linear(Tensor x, Tensor? smooth, Tensor codes_t, Tensor w_scale, Tensor? bias, bool per_token, "
-          "int threads, Tensor? codes, Tensor? scales) -> (Tensor, Tensor, Tensor)");
+          "int threads, Tensor? codes, Tensor? scales, int activation=0) -> (Tensor, Tensor, Tensor)");
     m.def("int8_group_linear(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, int threads) "
           "-> Tensor");
 }
