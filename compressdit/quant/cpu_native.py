@@ -156,7 +156,7 @@ TEAM_MIN_WORK = 1 << 21
 def _op_flags(openmp: bool) -> tuple[list[str], tuple[str, ...]]:
     """:func:`_flags` for a C++ torch op library (torch's headers, C++ ABI and version: the cache key) and what it
     links against (torch's own libraries, found at run time where torch loaded them)."""
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # here: importing it loads setuptools, which only a build needs
 
     torch_lib = str(Path(torch.__file__).parent / "lib")
     flags = [*_flags(openmp), "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",

@@ -1,15 +1,16 @@
 """The tanh GELU after a quantized layer, in one native pass.
 
-PyTorch's CPU tanh GELU costs ~1.4 ns an element on the Xeon and the EPYC of ``bench/results`` (its vectorized
-``tanh``), 5x its erf GELU: on a zoo model's 256 x 512 MLP activations ~190 us a call at one thread, more than the
-int8 GEMM in front of it. So where :func:`compressdit.quant.transform.set_module` puts a quantized layer in front of
+PyTorch's CPU tanh GELU costs ~1.5 ns an element on the Intel Xeon of ``bench/results/e2e_speed_cpu_xeon.md`` (its
+vectorized ``tanh``), 5x its erf GELU: on a zoo model's 256 x 512 MLP activations 196 us a call at one thread, more
+than the int8 GEMM in front of it. So where :func:`compressdit.quant.transform.set_module` puts a quantized layer in front of
 a tanh GELU, that GELU module has its class swapped (same attributes, children, hooks and state dict) for the
 subclass here, whose fp32 CPU tensors go through :func:`compressdit.quant.cpu_native.gelu_tanh` (~0.4 ns an element,
 within a few ulp of the exact function, where torch's ``1 + tanh`` loses relative precision for negative inputs);
 anything else (erf GELU, bf16, CUDA, gradients, ``torch.compile``) runs the original. A float layer put back swaps
 it back. The modules: diffusers' GELU projection (``FeedForward.net[0]``: ``gelu(proj(x))``) when its ``proj`` is
 replaced, and an ``nn.GELU`` an adapter names as a :class:`~compressdit.models.base.ParallelMLP`'s activation when
-that MLP's up projection is.
+that MLP's up projection is. Where the quantized layer's kernel can apply the GELU in its own epilogue (the fused int8
+op), :class:`NativeGELU` has it do so.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.activations import GELU
 from torch import nn
+from torch.nn.modules import module as hooks  # the global hook dicts
 
 from compressdit.quant.cpu_native import gelu_tanh
 
@@ -28,8 +30,6 @@ def _native(x: torch.Tensor) -> bool:
 def _called_plainly(module: nn.Module) -> bool:
     """Whether calling ``module``'s methods directly skips nothing its ``__call__`` would run: no hooks of its own
     or global ones, no wrapped ``forward`` (accelerate's), not under ``torch.compile``."""
-    from torch.nn.modules import module as hooks
-
     return not (torch.compiler.is_compiling() or module._forward_hooks or module._forward_pre_hooks
                 or module._backward_hooks or module._backward_pre_hooks or "forward" in module.__dict__
                 or "_hf_hook" in module.__dict__ or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
