@@ -172,6 +172,8 @@ def native_ops() -> bool:
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if native_library() is None or compiler is None or not all(path.exists() for path in OP_SOURCES):
         return False
+    if hasattr(torch.ops.compressdit_native, "int8_group_linear"):  # loaded already (e.g. from another cache folder):
+        return True  # a second copy would register the ops twice, which aborts the process
     flags, libraries = _op_flags(native_library().openmp)
     lib = build_library(compiler, "cpu_ops", list(OP_SOURCES), flags, tuple(HEADERS), libraries)
     return lib is not None and hasattr(torch.ops.compressdit_native, "int8_group_linear")

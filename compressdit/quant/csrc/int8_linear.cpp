@@ -11,7 +11,8 @@
  * calling thread (ATen and oneDNN do not nest parallel regions). Per-tensor scales need every row first: the codes
  * are then made by one threaded pass before the team. Codes made earlier for the same input (the query, key and
  * value projections share them) can be passed in: the team only multiplies and scales. int8_group_linear does the
- * same for weights in column groups (cpu-int8-group-gemm: one at::_int_mm per group a block). */
+ * same for weights in column groups (cpu-int8-group-gemm: one at::_int_mm per group a block). int8_linear can also
+ * put its output through the tanh GELU in the same block (float_rows.c's pass; quant/native_gelu.py asks for it). */
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
