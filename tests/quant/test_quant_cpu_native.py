@@ -504,3 +504,21 @@ def test_without_a_cxx_compiler_the_python_path_runs(monkeypatch, tmp_path):
                 torch.testing.assert_close(layer(x), out, rtol=1e-6, atol=1e-6)
     finally:
         cpu_native.native_ops.cache_clear()
+
+
+def test_the_op_library_loads_once_per_process(tmp_path):
+    """A second ``native_ops()`` after its cache is cleared, from another cache folder (so another build of the same
+    ops), keeps the loaded ops: loading a second copy would register them twice and abort the process."""
+    import subprocess
+    import sys
+
+    script = ("import os, torch\n"
+              "from compressdit.quant import cpu_native\n"
+              "first = cpu_native.native_ops()\n"
+              "cpu_native.native_ops.cache_clear()\n"
+              f"os.environ['COMPRESSDIT_CACHE'] = {str(tmp_path)!r}\n"
+              "print(first, cpu_native.native_ops())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = done.stdout.split()
+    assert second == first
