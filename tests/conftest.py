@@ -12,6 +12,18 @@ os.environ.setdefault("COMPRESSDIT_CACHE", os.path.join(os.path.dirname(__file__
 torch.set_num_threads(1)
 
 
+def native_ops_built() -> bool:
+    """Whether compressdit's C++ op library is loaded; asserts it is wherever the C library builds and a C++ compiler
+    exists (elsewhere, tests of the ops check the Python path the kernels fall back to instead)."""
+    import shutil
+
+    from compressdit.quant import cpu_native
+
+    wanted = cpu_native.native_library() is not None and shutil.which(os.environ.get("CXX", "c++")) is not None
+    assert cpu_native.native_ops() == wanted
+    return wanted
+
+
 def tiny_dit(layers: int = 2, seed: int = 0):
     from diffusers import DiTTransformer2DModel
 
