@@ -71,6 +71,14 @@ SERIAL_GEMM_WORK = 1 << 21
 INT8_GEMM_SERIAL_WORK = 1 << 21
 
 
+def _like_input(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A GEMM's fp32 output ``[rows, out]`` in ``x``'s dtype and leading shape (a no-op ``.to()`` costs ~1 us of
+    dispatch: skipped for fp32)."""
+    if x.dtype is not torch.float32:
+        out = out.to(x.dtype)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
@@ -125,10 +133,7 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     rows, in_features = x2.shape
     if packed is None or (rows == 1 and in_features >= 8):  # _int_mm is wrong at K = 1
         if rows and native_ops():
-            out = _fused_int8_linear(x, x2, smooth, codes_t, w_scale, bias, per_token)
-            if x.dtype is not torch.float32:
-                out = out.to(x.dtype)
-            return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
+            return _like_input(_fused_int8_linear(x, x2, smooth, codes_t, w_scale, bias, per_token), x)
         q, a_scale = _codes(x, x2, per_token, 0, smooth)  # the reference's codes and scales, exactly
         threads = _serial_threads(rows * in_features * out_features, INT8_GEMM_SERIAL_WORK)
         try:
@@ -142,9 +147,7 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
         acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,
                                                  "none", [], "")
         out = scale_rows_(acc, a_scale, bias)
-    if x.dtype is not torch.float32:  # a no-op .to() costs ~1 us of dispatch
-        out = out.to(x.dtype)
-    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
+    return _like_input(out, x)
 
 
 def _fused_int8_linear(x: torch.Tensor, x2: torch.Tensor, smooth: Optional[torch.Tensor], codes_t: torch.Tensor,
@@ -229,9 +232,8 @@ def _int8_gemm_run_activated(layer, x: torch.Tensor, b: dict, activation: str) -
     smooth = b["smooth"]
     if b["transform"] and smooth is None:  # a rotation: the layer's own transform first
         x = layer.transform_input(x)
-    out = _fused_int8_linear(x, x.reshape(-1, x.shape[-1]), smooth, b["codes_t"], b["w_scale"], b["bias"],
-                             b["per_token"], code)
-    return out.reshape(*x.shape[:-1], layer.out_features)
+    return _like_input(_fused_int8_linear(x, x.reshape(-1, x.shape[-1]), smooth, b["codes_t"], b["w_scale"],
+                                          b["bias"], b["per_token"], code), x)
 
 
 @_define("int8_group_gemm_linear_cpu(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, "
@@ -247,10 +249,8 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: to
         x2 = x2.float().contiguous()
     if x2.shape[0] and native_ops():  # the same in one C++ call, each thread's rows on it (csrc/int8_linear.cpp)
         threads = torch.get_num_threads() if x2.numel() * out_features > TEAM_MIN_WORK else 1
-        out = torch.ops.compressdit_native.int8_group_linear(x2, codes, w_scale, bias, per_token, threads)
-        if x.dtype is not torch.float32:
-            out = out.to(x.dtype)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
+        return _like_input(torch.ops.compressdit_native.int8_group_linear(x2, codes, w_scale, bias, per_token,
+                                                                          threads), x)
     q, a_scale = quantize_rows_int8_groups(x2, per_token, size)
     acc = torch.empty(groups, x2.shape[0], out_features, dtype=torch.int32)
     threads = _serial_threads(x2.numel() * out_features, SERIAL_GEMM_WORK)
@@ -260,10 +260,7 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: to
     finally:
         if threads:
             torch.set_num_threads(threads)
-    out = dequantize_groups(acc, w_scale, a_scale, bias)
-    if x.dtype is not torch.float32:
-        out = out.to(x.dtype)
-    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
+    return _like_input(dequantize_groups(acc, w_scale, a_scale, bias), x)
 
 
 @torch.library.register_fake("compressdit::int8_group_gemm_linear_cpu")

@@ -67,10 +67,28 @@ void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &code
     if (activation == GELU_TANH) compressdit_gelu_tanh(out, rows * out_features, out, 1); /* while in cache */
 }
 
-/* Runs block(r0, r1) over `rows` rows split in contiguous chunks over a team of `team` OpenMP threads (the first on
- * the calling thread); an exception in any block is rethrown after the team joins. */
+/* torch at one intra-op thread while it lives (the count it had restored after, also when an exception leaves) */
+struct OneThread {
+    const int previous = at::get_num_threads();
+    OneThread() {
+        if (previous != 1) at::set_num_threads(1);
+    }
+    ~OneThread() {
+        if (previous != 1) at::set_num_threads(previous);
+    }
+};
+
+/* Runs block(r0, r1) over `rows` rows: split in contiguous chunks over a team of min(threads, rows) OpenMP threads
+ * (the first on the calling thread), an exception in any block rethrown after the team joins; a team of one runs
+ * block(0, rows) on the calling thread with torch at one thread, whatever torch's count. */
 template <typename Block>
-void on_team(int64_t rows, int team, const char *name, Block block) {
+void on_team(int64_t rows, int64_t threads, const char *name, Block block) {
+    const int team = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows));
+    if (team == 1) {
+        OneThread one;
+        block(0, rows);
+        return;
+    }
     bool failed = false;
     std::string error;
 #pragma omp parallel num_threads(team)
@@ -131,21 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
                     "int8_linear: out of memory");
         block_quantizes = false;
     }
-    const int team = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows));
-    if (team == 1) { /* one thread, whatever torch's count */
-        const int previous = at::get_num_threads();
-        if (previous != 1) at::set_num_threads(1);
-        try {
-            rows_block(x, smooth_p, codes_t, w_scale_p, bias_p, per_token, block_quantizes, activation, q, scale, acc, 0,
-                       rows);
-        } catch (...) {
-            if (previous != 1) at::set_num_threads(previous);
-            throw;
-        }
-        if (previous != 1) at::set_num_threads(previous);
-        return {acc.view(at::kFloat), q, scale};
-    }
-    on_team(rows, team, "int8_linear", [&](int64_t r0, int64_t r1) {
+    on_team(rows, threads, "int8_linear", [&](int64_t r0, int64_t r1) {
         rows_block(x, smooth_p, codes_t, w_scale_p, bias_p, per_token, block_quantizes, activation, q, scale, acc, r0,
                    r1);
     });
@@ -195,20 +199,7 @@ at::Tensor int8_group_linear(const at::Tensor &x, const at::Tensor &codes, const
         compressdit_dequantize_groups(acc.data_ptr<int32_t>(), w_scale.data_ptr<float>(), a_scale, per_token, bias_p,
                                       groups, n, out_features, out.data_ptr<float>() + r0 * out_features, 1);
     };
-    const int team = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows));
-    if (team == 1) { /* one thread, whatever torch's count */
-        const int previous = at::get_num_threads();
-        if (previous != 1) at::set_num_threads(1);
-        try {
-            block(0, rows);
-        } catch (...) {
-            if (previous != 1) at::set_num_threads(previous);
-            throw;
-        }
-        if (previous != 1) at::set_num_threads(previous);
-        return out;
-    }
-    on_team(rows, team, "int8_group_linear", block);
+    on_team(rows, threads, "int8_group_linear", block);
     return out;
 }
 
