@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.activations import activation_grid, quantize_input
 from compressdit.quant.cpu_native import (bf16_scale, bf16_to_float, fake_quantize_e4m3_rows, fake_quantize_grid,
-                                          fake_quantize_rows_int8, float_to_bf16, quantize_e4m3_bf16,
-                                          shared_rows)
+                                          fake_quantize_rows_int8, float_to_bf16, keep_rows, kept_rows,
+                                          native_library, quantize_e4m3_bf16, shared_rows)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
 from compressdit.quant.primitives import int_range
@@ -234,6 +234,54 @@ def _fp32_gemm(quantize_rows, any_rank: bool = False):
     return run
 
 
+def _input_grid(layer) -> tuple | None:
+    """``(group, rule, top, mantissa, min_exp)``: the arguments of the fused grid pass that quantizes ``layer``'s
+    input as its spec says (dynamic scales per group or per token, not the fast integer path), or ``None`` (also
+    without the C library). Read from
+    the prepacked buffers, not rebuilt from the spec (:func:`quantize_layer_input`'s Python, ~3 us a call in a
+    zoo step: as much as the pass)."""
+    spec = layer.spec
+    if spec.a_bits is None or _fast_int_path(spec) or native_library() is None:
+        return None
+    grid = activation_grid(spec)
+    if grid is None:
+        return None
+    group = spec.a_group_size if spec.a_granularity == "per_group" else layer.in_features
+    return group, grid.rule, grid.top, grid.mantissa, grid.min_exp
+
+
+def _grid_prepack(decode):
+    """:func:`_decoded_fp32_prepack` plus the layer's grid pass (:func:`_input_grid`) and sharing kind."""
+    base = _decoded_fp32_prepack(decode)
+
+    def prepack(layer) -> dict:
+        return {**base(layer), "grid": _input_grid(layer), "kind": _input_kind(layer.spec)}
+
+    return prepack
+
+
+def _grid_gemm(quantize_rows, shared: bool):
+    """:func:`_fp32_gemm` (``any_rank`` where ``shared``) whose contiguous fp32 inputs go straight to the prepacked
+    grid pass (kept for the other layers reading the input where ``shared``), the numbers of ``quantize_rows``,
+    which runs on other inputs, where the layer has no grid, or without the C library."""
+    general = _fp32_gemm(quantize_rows, any_rank=shared)
+
+    def run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+        grid = b["grid"]
+        if grid is None or x.dtype is not torch.float32 or not x.is_contiguous():
+            return general(layer, x, b)
+        rows = kept_rows(x, b["kind"]) if shared else None
+        if rows is None:
+            rows = fake_quantize_grid(x, *grid)
+            if rows is None:
+                return general(layer, x, b)
+            if shared:
+                keep_rows(x, b["kind"], rows)
+        return F.linear(rows, b["weight"], b["bias"])
+
+    return run
+
+
 def _fp8_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     return device.type == "cpu" and spec.format == "fp8"
 
@@ -289,8 +337,8 @@ KERNELS.add("cpu-fp8-bf16", Kernel(
                 "(2 bytes per weight of RAM), per-token E4M3 activation codes in one C pass, bf16 GEMM, row and "
                 "channel scales and bias in fp32 in one C pass"))
 KERNELS.add("cpu-twinlog-dense", Kernel(
-    _twinlog_dense_applies, _decoded_fp32_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
-    _fp32_gemm(quantize_layer_input), priority=10,  # on the rotated input
+    _twinlog_dense_applies, _grid_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
+    _grid_gemm(quantize_layer_input, shared=False), priority=10,  # on the rotated input
     description=f"twin-log layers of up to {DENSE_MAX_WEIGHT} weights: log2 codes decoded once into a dense fp32 "
                 "weight in the rotated space (4 bytes per weight of RAM), the input rotated and quantized as the "
                 "reference, fp32 GEMM"))
@@ -301,19 +349,23 @@ def _decoded_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool
             and (spec.format == "int" or spec.format in BLOCK_CODECS or spec.format in FP_WEIGHT_FORMATS))
 
 
+def _input_kind(spec) -> tuple:
+    """What the quantized rows of an input are kept under for the other layers reading it (:func:`shared_rows`):
+    with dynamic scales, the activation fields of the spec say it all."""
+    return ("input", spec.a_bits, spec.a_format, spec.a_granularity, spec.a_group_size)
+
+
 def _shared_layer_input(layer, x: torch.Tensor) -> torch.Tensor:
-    """:func:`quantize_layer_input`, shared with the other layers that read ``x`` and quantize it the same way
-    (dynamic scales: the activation fields of the spec say it all)."""
+    """:func:`quantize_layer_input`, shared with the other layers that read ``x`` and quantize it the same way."""
     spec = layer.spec
     if spec.a_bits is None or getattr(layer, "input_scale", None) is not None:
         return quantize_layer_input(layer, x)
-    kind = ("input", spec.a_bits, spec.a_format, spec.a_granularity, spec.a_group_size)
-    return shared_rows(x, kind, lambda: quantize_layer_input(layer, x))
+    return shared_rows(x, _input_kind(spec), lambda: quantize_layer_input(layer, x))
 
 
 KERNELS.add("cpu-decoded-dense", Kernel(
-    _decoded_applies, _decoded_fp32_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
-    _fp32_gemm(_shared_layer_input, any_rank=True), priority=5,
+    _decoded_applies, _grid_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
+    _grid_gemm(_shared_layer_input, shared=True), priority=5,
     description=f"low-bit layers of up to {DENSE_MAX_WEIGHT} weights no faster kernel runs (NVFP4/MX blocks, "
                 "4-bit minifloats, int with per-group or sub-8-bit activations): the residual weight decoded once "
                 "into fp32 (4 bytes per weight of RAM), activations quantized as the reference, fp32 GEMM"))

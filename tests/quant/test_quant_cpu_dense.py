@@ -154,3 +154,21 @@ def test_fp8_bf16_kernel_is_the_scaled_codes_gemm_within_bf16_rounding(dtype, mo
     monkeypatch.setattr(cpu_native, "native_library", lambda: None)
     torch_codes, torch_scale = quantize_e4m3_bf16(rows)
     assert torch.equal(torch_codes, codes) and torch.equal(torch_scale, scale)
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4", "rtn-w4a4-groups", "fp4-e2m1-a6", "int-w4a4-static"])
+def test_the_prepacked_grid_pass_is_the_general_paths_numbers(name):
+    """Contiguous fp32 inputs go straight to the grid pass prepacked with the weight (where the C library exists;
+    integer static / per-token scales have their own path: no grid); other inputs take the general path. Both give
+    the reference's activations: the same outputs bit for bit on the same values."""
+    from compressdit.quant.cpu_native import native_library
+
+    layer = _decoded_layer(name)
+    x = torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # the same values, not contiguous
+    with torch.no_grad():
+        out = layer(x)
+        grid = cache_of(layer).buffers["grid"]
+        assert (grid is not None) == (native_library() is not None and name != "int-w4a4-static")
+        assert not strided.is_contiguous() and torch.equal(layer(strided), out)
+        torch.testing.assert_close(out, layer.reference_forward(x), rtol=1e-5, atol=1e-5)

@@ -90,48 +90,97 @@ static inline int divides_fast(float s) {
     return s >= 1.17549435e-38f && s <= 3.40282347e38f;
 }
 
+/* The scale of a group of absolute maximum amax under `rule` (see compressdit_fake_quantize_grid). MX's
+ * 2^ceil(log2(amax / top)) from the bits of a normal ratio (its exponent, plus one unless the mantissa is 0: what
+ * frexp gives, without the library call); frexp for the rest (0, subnormal, inf, NaN). */
+static inline float grid_scale(float amax, int32_t rule, float top, float t) {
+    if (rule == 0) return (amax > 1e-8f || amax != amax ? amax : 1e-8f) / top;
+    if (rule == 1) {
+        const float ratio = amax / top;
+        const uint32_t u = float_bits(ratio), biased = u >> 23;
+        int e = 0;
+        if (biased > 0 && biased < 255) { /* ratio >= 0: amax is a magnitude */
+            e = (int)biased - 127 + ((u & 0x7fffffu) != 0);
+        } else {
+            const float f = __builtin_frexpf(ratio, &e);
+            e = f == 0.5f ? e - 1 : e;
+            e = ratio > 0.0f ? e : -127;
+        }
+        e = e < -127 ? -127 : (e > 127 ? 127 : e);
+        return __builtin_ldexpf(1.0f, e);
+    }
+    const float d = amax / (top * t);
+    const float a = d > 448.0f ? 448.0f : d;
+    float b = round_grid(a, 3, -6);
+    b = b > 448.0f ? 448.0f : b;
+    return (b > 0.0f ? b : 1.0f) * t;
+}
+
+/* groups handled together by grid_groups: their maxima, then their scales and reciprocals (vector divisions over
+ * the groups instead of two scalar ones per group), then their values */
+#define GRID_BATCH 64
+
+/* n <= GRID_BATCH consecutive groups of `group` values: always inlined with a constant group (16, 32, 64), so that
+ * each group's loops are straight vector code */
+static inline __attribute__((always_inline)) void grid_groups(const float *x, float *out, int64_t n,
+                                                              int64_t group, int32_t rule, float top, int32_t mantissa,
+                                                              int32_t min_exp, float t) {
+    uint32_t amax[GRID_BATCH];
+    float s[GRID_BATCH], inv[GRID_BATCH];
+    for (int64_t b = 0; b < n; ++b) amax[b] = absmax_bits(x + b * group, group);
+    if (rule == 0) { /* inlined by hand: the loop then vectorizes */
+        for (int64_t b = 0; b < n; ++b) {
+            const float a = bits_float(amax[b]);
+            s[b] = (a > 1e-8f || a != a ? a : 1e-8f) / top;
+        }
+    } else {
+        for (int64_t b = 0; b < n; ++b) s[b] = grid_scale(bits_float(amax[b]), rule, top, t);
+    }
+    for (int64_t b = 0; b < n; ++b) inv[b] = 1.0f / s[b];
+    for (int64_t b = 0; b < n; ++b) {
+        const float *r = x + b * group;
+        float *o = out + b * group;
+        const float sb = s[b], ib = inv[b];
+        if (divides_fast(sb)) {
+            for (int64_t j = 0; j < group; ++j) o[j] = grid_value(div_rn(r[j], sb, ib), top, mantissa, min_exp) * sb;
+        } else {
+            for (int64_t j = 0; j < group; ++j) o[j] = grid_value(r[j] / sb, top, mantissa, min_exp) * sb;
+        }
+    }
+}
+
 /* Dynamic fake quantization onto a grid (round_grid), per group of `group` values of each row (group divides
  * cols), as compressdit/quant/activations.py does it in PyTorch, bit for bit:
  *   rule 0 (int and minifloat formats): s = max(amax, 1e-8) / top;
  *   rule 1 (MX): s = 2^clamp(ceil(log2(amax / top)), -127, 127), 2^-127 where amax / top is not > 0;
  *   rule 2 (NVFP4): s = e4m3(amax / (top * t)) (0 -> 1) * t with the tensor scale t = amax(all x) / (top * 448),
  *                   1 for an all-zero x;
- * then q = x / s, out = copysign(min(round_grid(min(|q|, top)), top), q) * s. out may be x's own memory. */
+ * then q = x / s, out = copysign(min(round_grid(min(|q|, top)), top), q) * s. out may be x's own memory.
+ * Groups in batches of GRID_BATCH split over the threads (each group computed alone: the same numbers on any
+ * number of threads). */
 void compressdit_fake_quantize_grid(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t rule, float top,
                                     int32_t mantissa, int32_t min_exp, float *out, int32_t threads) {
     float t = 1.0f;
     if (rule == 2) {
-        const float all = bits_float(absmax_bits(x, rows * cols));
+        uint32_t m = 0;
+        FOR_ROWS_MAX(m, i, rows, {
+            const uint32_t r = absmax_bits(x + i * cols, cols);
+            m = r > m ? r : m;
+        });
+        const float all = bits_float(m);
         t = all > 0.0f ? all / (top * 448.0f) : 1.0f;
     }
-    const int64_t groups = cols / group;
-    FOR_ROWS(i, rows * groups, {
-        const float *r = x + i * group;
-        float *o = out + i * group;
-        const float amax = bits_float(absmax_bits(r, group));
-        float s;
-        if (rule == 0) {
-            s = (amax > 1e-8f || amax != amax ? amax : 1e-8f) / top;
-        } else if (rule == 1) {
-            const float ratio = amax / top;
-            int e = 0;
-            const float f = __builtin_frexpf(ratio, &e);
-            e = f == 0.5f ? e - 1 : e;
-            e = ratio > 0.0f ? e : -127;
-            e = e < -127 ? -127 : (e > 127 ? 127 : e);
-            s = __builtin_ldexpf(1.0f, e);
-        } else {
-            const float d = amax / (top * t);
-            const float a = d > 448.0f ? 448.0f : d;
-            float b = round_grid(a, 3, -6);
-            b = b > 448.0f ? 448.0f : b;
-            s = (b > 0.0f ? b : 1.0f) * t;
-        }
-        if (divides_fast(s)) {
-            const float inv = 1.0f / s;
-            for (int64_t j = 0; j < group; ++j) o[j] = grid_value(div_rn(r[j], s, inv), top, mantissa, min_exp) * s;
-        } else {
-            for (int64_t j = 0; j < group; ++j) o[j] = grid_value(r[j] / s, top, mantissa, min_exp) * s;
+    const int64_t groups = rows * (cols / group);
+    FOR_ROWS(i, (groups + GRID_BATCH - 1) / GRID_BATCH, {
+        const int64_t first = i * GRID_BATCH;
+        const int64_t n = groups - first < GRID_BATCH ? groups - first : GRID_BATCH;
+        const float *r = x + first * group;
+        float *o = out + first * group;
+        switch (group) {
+        case 16: grid_groups(r, o, n, 16, rule, top, mantissa, min_exp, t); break;
+        case 32: grid_groups(r, o, n, 32, rule, top, mantissa, min_exp, t); break;
+        case 64: grid_groups(r, o, n, 64, rule, top, mantissa, min_exp, t); break;
+        default: grid_groups(r, o, n, group, rule, top, mantissa, min_exp, t); break;
         }
     });
 }
