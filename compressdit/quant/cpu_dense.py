@@ -160,13 +160,18 @@ def _dense_prepack(dtype: torch.dtype):
         return {"weight": weight.to(dtype).contiguous(), "folded": _folds(layer),
                 "int8_rows": spec.a_bits == 8 and spec.a_format == "int" and spec.a_granularity in ("per_token",
                                                                                                   "per_tensor"),
+                "grid": _input_grid(layer),
                 "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
 
     return prepack
 
 
+def _takes_fp32(x: torch.Tensor) -> bool:
+    return x.dtype is torch.float32 and x.is_contiguous()
+
+
 def _contiguous_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype is torch.float32 and x.is_contiguous() else x.float().contiguous()
+    return x if _takes_fp32(x) else x.float().contiguous()
 
 
 def _dense_kernel(linear):
@@ -193,9 +198,16 @@ def _dense_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         out = F.linear((x2 / scale).round_().to(torch.bfloat16), b["weight"]).float()
         out = out.mul_(scale) if b["bias"] is None else torch.addcmul(b["bias"], out, scale)
     else:  # the casts around the bf16 GEMM in one C pass each
-        x2 = _contiguous_fp32(quantize_layer_input(layer, x2))
+        x2 = _contiguous_fp32(_quantized_rows(layer, x2, b))
         out = bf16_to_float(F.linear(float_to_bf16(x2), b["weight"]), b["bias"])
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def _quantized_rows(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    """:func:`quantize_layer_input` of ``x``: by the prepacked grid pass where ``b`` has one and ``x`` is contiguous
+    fp32."""
+    rows = None if b["grid"] is None or not _takes_fp32(x) else fake_quantize_grid(x, *b["grid"])
+    return quantize_layer_input(layer, x) if rows is None else rows
 
 
 def _dense_fp32_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
@@ -206,7 +218,7 @@ def _dense_fp32_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     if b["int8_rows"] and layer.input_scale is None:  # dynamic int8 activations: one fused C pass
         x2 = fake_quantize_rows_int8(x2, spec.a_granularity == "per_token")
     else:
-        x2 = quantize_layer_input(layer, x2)
+        x2 = _quantized_rows(layer, x2, b)
     return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -268,7 +280,7 @@ def _grid_gemm(quantize_rows, shared: bool):
 
     def run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         grid = b["grid"]
-        if grid is None or x.dtype is not torch.float32 or not x.is_contiguous():
+        if grid is None or not _takes_fp32(x):
             return general(layer, x, b)
         rows = kept_rows(x, b["kind"]) if shared else None
         if rows is None:

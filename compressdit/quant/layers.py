@@ -218,7 +218,14 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
         """The branch's output on the transformed, unquantized activations added to ``out`` (none without one)."""
         if self.low_rank_up is None:
             return out
-        return out + F.linear(F.linear(x, self.low_rank_down.to(x.dtype)), self.low_rank_up.to(x.dtype))
+        down, up = self.low_rank_down, self.low_rank_up
+        if down.dtype is not x.dtype:
+            down, up = down.to(x.dtype), up.to(x.dtype)
+        hidden = F.linear(x, down)
+        if out.dtype is not hidden.dtype or not out.is_contiguous():
+            return out + F.linear(hidden, up)
+        # the sum in the second GEMM (beta = 1): no separate pass over the output
+        return torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up.t()).view(out.shape)
 
     @property
     def compute_dtype(self) -> torch.dtype:
