@@ -118,9 +118,10 @@ def test_low_bit_layers_decode_once_and_match_the_reference(name):
         torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
     x.requires_grad_(True)
     assert torch.equal(layer(x), layer.reference_forward(x))
-    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT
+    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT, _bf16_hardware
 
-    assert _decoded_layer(name, out_features=DENSE_MAX_WEIGHT // 128 + 16).kernel_name == "reference"
+    big = "cpu-decoded-bf16" if _bf16_hardware()[1] else "reference"  # bf16 copies of big layers: bf16 GEMMs only
+    assert _decoded_layer(name, out_features=DENSE_MAX_WEIGHT // 128 + 16).kernel_name == big
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -172,3 +173,47 @@ def test_the_prepacked_grid_pass_is_the_general_paths_numbers(name):
         assert (grid is not None) == (native_library() is not None and name != "int-w4a4-static")
         assert not strided.is_contiguous() and torch.equal(layer(strided), out)
         torch.testing.assert_close(out, layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(DECODED) + ["lrq-twinlog"])
+def test_big_low_bit_layers_run_a_bf16_copy_within_bf16_rounding(name):
+    """``cpu-decoded-bf16`` (forced: it runs on any CPU, emulated where bf16 GEMMs are not in hardware): the weight
+    decoded once into bf16, the reference's activations rounded to bf16, the bf16 GEMM; within bf16's rounding of the
+    reference (relative 6e-3); the twin-log layer on its rotated input."""
+    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT
+    from compressdit.quant.formats import FORMATS
+
+    out_features = DENSE_MAX_WEIGHT // 128 + 16
+    if name == "lrq-twinlog":
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(128, out_features)
+        spec = LinearQuantSpec.from_dict(dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group",
+                                              a_group_size=16, rotation="hadamard"), "spec")
+        FORMATS.get(spec.format).validate_spec(spec, "spec")
+        layer = FORMATS.get(spec.format).quantize(linear, spec, torch.rand(128) * 10 + 0.1)
+    else:
+        linear, layer = None, _decoded_layer(name, out_features=out_features)
+    set_kernel(layer, "cpu-decoded-bf16")
+    x = torch.randn(2, 9, 128) * torch.linspace(0.1, 5, 128)
+    with torch.no_grad():
+        out, reference = layer(x), layer.reference_forward(x)
+        assert cache_of(layer).buffers["weight"].dtype == torch.bfloat16
+        assert cache_of(layer).nbytes() >= 128 * out_features * 2
+    assert out.shape == reference.shape and out.dtype == torch.float32
+    assert _error(out, reference) <= 6e-3
+
+
+def test_big_layers_take_bf16_gemms_at_any_thread_count_where_the_cpu_has_them(monkeypatch):
+    """Above DENSE_MAX_WEIGHT a bf16 GEMM pays at one and two threads alike (AMX / AVX512-BF16): FP8 W8A8 runs its
+    codes in bf16 there; small layers keep the one-thread rule (bf16_gemm_pays)."""
+    from compressdit.quant import cpu_dense
+    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT, fp8_kernel_name
+
+    big, small = (DENSE_MAX_WEIGHT // 128 + 16, 128), (BF16_MIN_WEIGHT // 128, 128)
+    for hardware in (False, True):
+        monkeypatch.setattr(cpu_dense, "_bf16_hardware", lambda: (hardware, hardware))
+        for threads in (1, 2):
+            monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+            assert fp8_kernel_name(8, big) == ("cpu-fp8-bf16" if hardware else "cpu-fp8-dense")
+            assert fp8_kernel_name(8, small) == ("cpu-fp8-bf16" if hardware and threads == 1 else "cpu-fp8-dense")
+            assert fp8_kernel_name(None, big) == "cpu-fp8-dense"  # weight-only: fp32

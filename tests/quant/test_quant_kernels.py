@@ -36,11 +36,13 @@ import copy  # noqa: E402
 
 from compressdit.quant.kernel_registry import (KERNELS, REFERENCE, cache_of, kernel_summary,  # noqa: E402
                                                prepack_model, select_kernel, set_kernel)
-from compressdit.quant.cpu_dense import dense_kernel_name  # noqa: E402
+from compressdit.quant.cpu_dense import _bf16_hardware, dense_kernel_name  # noqa: E402
 from compressdit.quant.vq_layer import VQLinear  # noqa: E402
 
 DENSE = dense_kernel_name((96, 256))  # the small weight-only layers below: fp32 (bf16 only from BF16_MIN_WEIGHT)
 DENSE_BOUND = (6e-3, 0.2) if DENSE == "cpu-int-dense-bf16" else (1e-5, 0.01)  # bf16 rounding / summation order
+# big layers no int4 / int8 kernel reads: decoded once into bf16 on CPUs with bf16 GEMMs, else the reference
+BIG_DECODED = ("cpu-decoded-bf16", 6e-3, 0.2) if _bf16_hardware()[1] else (REFERENCE, 0.0, 0.0)
 
 # spec, kernel, bound on ||kernel - reference|| / ||reference||, on that error / the quantization error, and
 # out_features (x 256 in_features): 96 is a small layer, BIG one above DENSE_MAX_WEIGHT / INT8_GEMM_SMALL_WEIGHT
@@ -61,7 +63,7 @@ CPU_CASES = [
     (LinearQuantSpec(w_bits=4, group_size=64), DENSE, *DENSE_BOUND, 96),  # decoded once
     (LinearQuantSpec(w_bits=2, group_size=32, w_symmetric=False), DENSE, *DENSE_BOUND, 96),
     (LinearQuantSpec(w_bits=4, group_size=16), "cpu-decoded-dense", 1e-5, 0.01, 96),  # no int4 kernel: decoded
-    (LinearQuantSpec(w_bits=4, group_size=16), REFERENCE, 0.0, 0.0, BIG),  # ... only where the fp32 copy is small
+    (LinearQuantSpec(w_bits=4, group_size=16), *BIG_DECODED, BIG),  # ... the fp32 copy only where it is small
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64), "cpu-int8-group-gemm", 1e-5, 0.01, 96),
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, a_granularity="per_tensor"), "cpu-int8-group-gemm", 1e-5,
      0.01, 96),
@@ -210,7 +212,7 @@ def test_kernel_choice_is_per_layer_and_by_device():
     cpu = torch.device("cpu")
     assert select_kernel(LinearQuantSpec(w_bits=8, a_bits=8), cpu, (96, 256)) == "cpu-int8-gemm"
     assert select_kernel(LinearQuantSpec(w_bits=4, group_size=64), cpu, (BIG, 256)) == "cpu-int4-weight"
-    assert select_kernel(LinearQuantSpec(w_bits=4, group_size=16), cpu, (BIG, 256)) == REFERENCE
+    assert select_kernel(LinearQuantSpec(w_bits=4, group_size=16), cpu, (BIG, 256)) == BIG_DECODED[0]
     for name in ("cpu-int8-gemm", "cpu-int4-weight", "cpu-int8-weight", "cpu-vq-dense", "cpu-int-dense-bf16",
                  "cpu-int-dense-fp32", "cpu-fp8-dense", "cpu-int8-group-gemm"):
         assert not KERNELS.get(name).applies(LinearQuantSpec(w_bits=8, a_bits=8), torch.device("meta"), (96, 256))
