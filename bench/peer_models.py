@@ -8,8 +8,8 @@ bf16, or replaces its quantized layers), so that no process ever holds the fp32 
 - ``fp32`` / ``bf16``: the float model.
 - compressdit recipes (``rtn-w8a8``, ``w8a8``, ``w4a16``, ``w4a8``, ``vq-w3``; the round-to-nearest low-bit ones
   ``fp8``, ``nvfp4``, ``mxfp4``, ``rtn-w4a4`` on request, outside the default groups): each recipe's layer rules and specs
-  (``quantize`` stage) with unit calibration statistics and min-max ranges (balancing and range choices change
-  values, not layouts or kernels) and, for VQ, random codes and codebooks of the recipe's shape (calibrating VQ
+  (``quantize`` stage) with unit calibration statistics, min-max ranges and nearest rounding (balancing, range and
+  GPTQ / AdaRound choices change values, not layouts or kernels) and, for VQ, random codes and codebooks of the recipe's shape (calibrating VQ
   at this size is not part of a speed benchmark); W4A8's mixed precision (a few W8 layers) is not applied.
 - peers on the layers compressdit quantizes (embedders and head stay float, as in the recipes): torchao 0.18
   ``quantize_`` with ``Int8WeightOnlyConfig`` / ``Int8DynamicActivationInt8WeightConfig`` and a ``filter_fn``;
@@ -81,8 +81,9 @@ def _ours(recipe: str) -> Convert:
                                                 generator=gen),
                                   torch.randn(spec.codebook_size, spec.vector_dim, generator=gen) * 0.05,
                                   torch.ones(linear.out_features) if spec.row_scale else None)
-            else:  # the MSE range search picks other scales of the same layout: minmax is as fast to run
-                spec = dataclasses.replace(spec, w_range="minmax")
+            else:  # the MSE range search and GPTQ / AdaRound pick other values of the same layout (and need
+                # calibration inputs): minmax ranges and nearest rounding are as fast to run
+                spec = dataclasses.replace(spec, w_range="minmax", rounding="rtn")
                 module = FORMATS.get(spec.format).quantize(linear, spec, torch.ones(linear.in_features))
             set_module(unit, name, module)
         return unit
