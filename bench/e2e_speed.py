@@ -6,7 +6,8 @@ recipe's specs (balancing, rotation, groups, VQ layout), and the time of one CFG
 (the "quantized" column) and with every layer forced onto the dequantize-then-matmul reference (the
 "reference" column: what ran before the kernels existed). Mixed-precision recipes (w4a8) use their base rule
 for every layer. Speed does not depend on the values, so the calibration the recipes run is replaced by unit
-statistics and VQ codes/codebooks are random: this measures speed, never quality. Each round times single
+statistics, VQ codes/codebooks are random and twin-log (LRQ) layers all get the randomized Hadamard rotation (LRQ's
+ARS picks Hadamard or DuQuant per layer from calibration): this measures speed, never quality. Each round times single
 steps of float, quantized and reference in turn (``--steps`` each, the fastest kept: robust to other jobs' bursts on a
 shared machine); ratios are per round, the median over ``--rounds`` rounds is reported. Usage::
 
@@ -60,6 +61,8 @@ def quantized_copy(reference, adapter, recipe_name: str):
         linear = model.get_submodule(name)
         if spec.rounding != "rtn":  # GPTQ / AdaRound choose other codes in the same layout: the same kernel and speed
             spec = dataclasses.replace(spec, rounding="rtn", act_order=False)
+        if spec.format == "twinlog" and spec.rotation == "none":  # LRQ's ARS picks each layer's rotation from
+            spec = dataclasses.replace(spec, rotation="hadamard")  # calibration (Hadamard or DuQuant): Hadamard here
         if spec.format == "vq":
             spec = clamp_codebook(spec, linear)
             module = FORMATS.get("vq").empty(linear, spec)

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from compressdit.quant.kernel_registry import KERNELS, Kernel
 from compressdit.quant.activations import activation_grid, quantize_input
 from compressdit.quant.cpu_native import (bf16_scale, bf16_to_float, fake_quantize_e4m3_rows, fake_quantize_grid,
-                                          fake_quantize_rows_int8, float_to_bf16, keep_rows, kept_rows,
+                                          fake_quantize_rows_int8, float_to_bf16, hadamard_rows, keep_rows,
+                                          kept_rows,
                                           native_library, quantize_e4m3_bf16, shared_rows)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
@@ -328,6 +329,22 @@ def _fp8_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
+def _transformed_input(layer, x: torch.Tensor) -> torch.Tensor:
+    """``layer.transform_input(x)``: for a twin-log layer with the randomized Hadamard rotation on contiguous fp32
+    rows, balancing and rotation in one C pass (:func:`~compressdit.quant.cpu_native.hadamard_rows`, bit for bit:
+    torch's butterflies cost ~290 us a call on a zoo layer's 256 x 128 input, the pass ~35)."""
+    if layer.spec.format == "twinlog" and layer.spec.rotation == "hadamard" and _takes_fp32(x):
+        out = hadamard_rows(x, layer.smooth_scale, layer.rotation_signs)
+        if out is not None:
+            return out
+    return layer.transform_input(x)
+
+
+def _on_transformed(run):
+    """``run_untransformed`` of a kernel whose ``run`` takes the transformed input."""
+    return lambda layer, x, b: run(layer, _transformed_input(layer, x), b)
+
+
 def _twinlog_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     return device.type == "cpu" and spec.format == "twinlog" and _small(shape)
 
@@ -355,6 +372,7 @@ KERNELS.add("cpu-fp8-bf16", Kernel(
 KERNELS.add("cpu-twinlog-dense", Kernel(
     _twinlog_dense_applies, _grid_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
     _grid_gemm(quantize_layer_input, shared=False), priority=10,  # on the rotated input
+    run_untransformed=_on_transformed(_grid_gemm(quantize_layer_input, shared=False)),
     description=f"twin-log layers of up to {DENSE_MAX_WEIGHT} weights: log2 codes decoded once into a dense fp32 "
                 "weight in the rotated space (4 bytes per weight of RAM), the input rotated and quantized as the "
                 "reference, fp32 GEMM"))
@@ -409,6 +427,7 @@ KERNELS.add("cpu-decoded-dense", Kernel(
                 "into fp32 (4 bytes per weight of RAM), activations quantized as the reference, fp32 GEMM"))
 KERNELS.add("cpu-decoded-bf16", Kernel(
     _decoded_bf16_applies, _decoded_bf16_prepack, _decoded_bf16_linear, priority=5,
+    run_untransformed=_on_transformed(_decoded_bf16_linear),
     description=f"layers of more than {DENSE_MAX_WEIGHT} weights no faster kernel runs (NVFP4/MX blocks, minifloats, "
                 "twin-log, int with per-group or sub-8-bit activations), on CPUs with bf16 GEMMs (AVX512-BF16 / AMX): "
                 "the residual weight decoded once into bf16 (2 bytes per weight of RAM: a bf16 model's), activations "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -54,6 +55,7 @@ _SIGNATURES = {
     "compressdit_fake_quantize_grid": ([_PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _PTR, _I32],
                                        None),
     "compressdit_gelu_tanh": ([_PTR, _I64, _PTR, _I32], None),
+    "compressdit_hadamard_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_float, _PTR, _I32], None),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -424,4 +426,22 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.gelu(x, approximate="tanh")
     out = torch.empty_like(x)
     lib.compressdit_gelu_tanh(x.data_ptr(), x.numel(), out.data_ptr(), threads_for(x.numel()))
+    return out
+
+
+def hadamard_rows(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor) -> torch.Tensor | None:
+    """``rotate(x / smooth, signs)`` (:mod:`compressdit.quant.rotation`: the randomized block Hadamard after the
+    balancing division) of a contiguous fp32 CPU ``x`` in one C pass per row, bit for bit; ``None`` without the
+    library, under ``torch.compile``, where gradients must flow, or for inputs the pass does not take (the caller
+    runs the PyTorch functions, whose numbers these are)."""
+    lib = _lib_for(x, smooth)
+    cols = x.shape[-1] if x.dim() else 0
+    if (lib is None or cols == 0 or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())
+            or signs.dtype != torch.int8 or not signs.is_contiguous() or signs.nelement() != cols
+            or (smooth is not None and smooth.nelement() != cols)):  # nelement: a layer's QuantState has numel 0
+        return None
+    block = cols & -cols
+    out = torch.empty_like(x)
+    lib.compressdit_hadamard_rows(x.data_ptr(), _ptr(smooth), signs.data_ptr(), x.numel() // cols, cols, block,
+                                  math.sqrt(block), out.data_ptr(), threads_for(x.numel()))
     return out

@@ -196,6 +196,8 @@ class TwinLogLinear(QuantizedLinear):
         cache = kernel_cache(self, x)
         if cache is None:
             return self.reference_forward(x)
+        if cache.kernel.run_untransformed is not None:  # the kernel transforms the input itself
+            return run_cached(self, cache, x, untransformed=True)
         return run_cached(self, cache, self.transform_input(x))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -217,3 +217,27 @@ def test_big_layers_take_bf16_gemms_at_any_thread_count_where_the_cpu_has_them(m
             assert fp8_kernel_name(8, big) == ("cpu-fp8-bf16" if hardware else "cpu-fp8-dense")
             assert fp8_kernel_name(8, small) == ("cpu-fp8-bf16" if hardware and threads == 1 else "cpu-fp8-dense")
             assert fp8_kernel_name(None, big) == "cpu-fp8-dense"  # weight-only: fp32
+
+
+def test_twin_log_layers_rotate_their_input_in_one_pass_with_the_references_numbers():
+    """A twin-log layer with the randomized Hadamard (balancing too) runs its kernel on the input rotated by the C
+    pass: the same output bit for bit as the kernel on the layer's own PyTorch transform, and the reference's within
+    summation order."""
+    from compressdit.quant.formats import FORMATS
+
+    torch.manual_seed(0)
+    spec = LinearQuantSpec.from_dict(dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group",
+                                          a_group_size=16, rotation="hadamard", balance=0.5), "spec")
+    FORMATS.get(spec.format).validate_spec(spec, "spec")
+    layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 48), spec, torch.rand(128) * 10 + 0.1)
+    x = torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)
+    with torch.no_grad():
+        out = layer(x)
+        cache = cache_of(layer)
+        assert layer.kernel_name == "cpu-twinlog-dense" and cache.kernel.run_untransformed is not None
+        assert torch.equal(out, cache.kernel.run(layer, layer.transform_input(x), cache.buffers))
+        from compressdit.quant.cpu_native import hadamard_rows, native_library
+
+        rotated = hadamard_rows(x, layer.smooth_scale, layer.rotation_signs)  # the layer's own tensors
+        assert (rotated is None) == (native_library() is None)
+        torch.testing.assert_close(out, layer.reference_forward(x), rtol=1e-5, atol=1e-5)

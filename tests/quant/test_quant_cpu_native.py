@@ -545,3 +545,32 @@ def test_the_op_library_loads_once_per_process(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     first, second = done.stdout.split()
     assert second == first
+
+
+@pytest.mark.parametrize("cols", [128, 1152, 96, 8])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_the_hadamard_pass_is_balancing_and_rotate_bit_for_bit(cols, parallel, monkeypatch):
+    """csrc/float_rows.c's randomized block Hadamard (after the balancing division) against rotation.rotate's
+    butterflies: the same bits on every width (blocks of 128 / 128 / 32 / 8), with and without a divisor, on rows
+    of very different scales, zeros, inf and NaN; its rows split over two threads or not."""
+    from compressdit.quant.cpu_native import hadamard_rows
+    from compressdit.quant.rotation import random_signs, rotate
+
+    torch.manual_seed(0)
+    x = torch.randn(37, cols) * torch.logspace(-3, 3, cols)
+    x[3], x[5, :4], x[6, 7] = 0, float("inf"), float("nan")
+    smooth, signs = torch.rand(cols) + 0.3, random_signs(cols, 0)
+    monkeypatch.setattr(cpu_native, "PARALLEL_MIN_ELEMENTS", 1 if parallel else 1 << 62)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        outs = hadamard_rows(x, smooth, signs), hadamard_rows(x, None, signs)
+    finally:
+        torch.set_num_threads(before)
+    if native_library() is None:
+        assert outs == (None, None)
+        return
+    for out, expected in zip(outs, (rotate(x / smooth, signs), rotate(x, signs))):
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    strided = x.t().contiguous().t()  # the same values, not contiguous: the caller's PyTorch path runs
+    assert not strided.is_contiguous() and hadamard_rows(strided, None, signs) is None

@@ -254,3 +254,28 @@ void compressdit_gelu_tanh(const float *x, int64_t n, float *y, int32_t threads)
         y[i] = v / (1.0f + exp_clamped(t));
     });
 }
+
+/* The randomized block Hadamard of compressdit/quant/rotation.py (rotate, after the layer's balancing), bit for bit:
+ * per row, v = x / smooth (smooth may be NULL) times the +-1 signs, then within each run of `block` values (a power
+ * of two dividing cols) the butterflies of fwht in its order (h = 1, 2, 4, ...: a + b and a - b of the values h
+ * apart in each run of 2h), each value divided by sqrt(block) (`norm`, rounded to float as torch does) at the end.
+ * out may be x's own memory. */
+void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
+                               int64_t block, float norm, float *out, int32_t threads) {
+    FOR_ROWS(i, rows, {
+        const float *r = x + i * cols;
+        float *o = out + i * cols;
+        if (smooth)
+            for (int64_t j = 0; j < cols; ++j) o[j] = r[j] / smooth[j] * (float)signs[j];
+        else
+            for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * (float)signs[j];
+        for (int64_t h = 1; h < block; h *= 2)
+            for (int64_t start = 0; start < cols; start += 2 * h)
+                for (int64_t j = start; j < start + h; ++j) {
+                    const float a = o[j], b = o[j + h];
+                    o[j] = a + b;
+                    o[j + h] = a - b;
+                }
+        for (int64_t j = 0; j < cols; ++j) o[j] = o[j] / norm;
+    });
+}
