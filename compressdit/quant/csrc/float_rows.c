@@ -269,7 +269,23 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
             for (int64_t j = 0; j < cols; ++j) o[j] = r[j] / smooth[j] * (float)signs[j];
         else
             for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * (float)signs[j];
-        for (int64_t h = 1; h < block; h *= 2)
+        int64_t h = 1;
+        if (block >= 16) { /* the first four stages within each run of 16, in registers */
+            for (int64_t start = 0; start < cols; start += 16) {
+                float v[16];
+                for (int k = 0; k < 16; ++k) v[k] = o[start + k];
+                for (int s = 1; s < 16; s *= 2)
+                    for (int k = 0; k < 16; ++k)
+                        if (!(k & s)) {
+                            const float a = v[k], b = v[k + s];
+                            v[k] = a + b;
+                            v[k + s] = a - b;
+                        }
+                for (int k = 0; k < 16; ++k) o[start + k] = v[k];
+            }
+            h = 16;
+        }
+        for (; h < block; h *= 2)
             for (int64_t start = 0; start < cols; start += 2 * h)
                 for (int64_t j = start; j < start + h; ++j) {
                     const float a = o[j], b = o[j + h];
