@@ -1,4 +1,4 @@
-"""CPU kernels of *small* quantized linears: the weight decoded once at prepack, a dense GEMM per call.
+"""CPU kernels that decode a quantized weight once at prepack and run a dense GEMM per call (mostly small layers).
 
 On layers of up to ``DENSE_MAX_WEIGHT`` weights (the zoo models' 128..640-wide linears) the per-call decode
 of the packed codes (``cpu-int4-weight`` above ``INT4_PACKED_MAX_ROWS`` rows) and the packed int4 GEMM cost
@@ -23,6 +23,12 @@ their kernel name:
   whose codes no CPU GEMM reads (NVFP4 / MXFP4 / MXFP8 blocks, 4-bit minifloats, integer weights with per-group or
   sub-8-bit activations: ``rtn-w4a4``, ``nvfp4``, ``fp4-w4a8``, ...): the residual weight decoded once into fp32,
   the activations quantized by the reference's own quantizer, an fp32 GEMM (the layer adds its low-rank branch).
+- ``cpu-decoded-bf16``: the same formats (and twin-log) on layers *above* ``DENSE_MAX_WEIGHT``, on CPUs with bf16
+  GEMMs: the weight decoded once into bf16 (2 bytes per weight beside the packed one), the reference's activations
+  rounded to bf16, a bf16 GEMM (AMX: 6-8x an fp32 GEMM at DiT-XL/2 sizes), instead of the reference's per-call
+  decode; FP8 W8A8 layers of that size take ``cpu-fp8-bf16`` at any thread count (:func:`_bf16_layer`).
+- Twin-log layers with the randomized Hadamard rotation get their balancing and rotation in one C pass
+  (``run_untransformed``: :func:`~compressdit.quant.cpu_native.hadamard_rows`).
 """
 
 from __future__ import annotations
@@ -430,5 +436,5 @@ KERNELS.add("cpu-decoded-bf16", Kernel(
     run_untransformed=_on_transformed(_decoded_bf16_linear),
     description=f"layers of more than {DENSE_MAX_WEIGHT} weights no faster kernel runs (NVFP4/MX blocks, minifloats, "
                 "twin-log, int with per-group or sub-8-bit activations), on CPUs with bf16 GEMMs (AVX512-BF16 / AMX): "
-                "the residual weight decoded once into bf16 (2 bytes per weight of RAM: a bf16 model's), activations "
+                "the residual weight decoded once into bf16 (2 bytes per weight of RAM beside the packed weight), activations "
                 "quantized as the reference and rounded to bf16, bf16 GEMM, fp32 bias"))
