@@ -255,6 +255,24 @@ void compressdit_gelu_tanh(const float *x, int64_t n, float *y, int32_t threads)
     });
 }
 
+#if defined(__GNUC__) && !defined(__clang__) /* GCC's generic vectors and __builtin_shuffle */
+#define COMPRESSDIT_VECTOR_BUTTERFLY 1
+#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors without AVX-512: static functions, no ABI crossed */
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+/* One butterfly stage of distance s (1, 2, 4, 8) on 16 values: v[k] + v[k + s] where bit s of k is clear,
+ * v[k - s] - v[k] where it is set (the partner from one shuffle; the same single additions as the scalar loop). */
+static inline v16f butterfly16(v16f v, int s) {
+    const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const v16i partner = lane ^ s;
+    const v16f p = __builtin_shuffle(v, partner);
+    const v16i high = (lane & s) != 0; /* all ones where bit s is set */
+    const v16i difference = (v16i)(p - v), sum = (v16i)(v + p);
+    return (v16f)((difference & high) | (sum & ~high));
+}
+#endif
+
 /* The randomized block Hadamard of compressdit/quant/rotation.py (rotate, after the layer's balancing), bit for bit:
  * per row, v = x / smooth (smooth may be NULL) times the +-1 signs, then within each run of `block` values (a power
  * of two dividing cols) the butterflies of fwht in its order (h = 1, 2, 4, ...: a + b and a - b of the values h
@@ -270,21 +288,20 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
         else
             for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * (float)signs[j];
         int64_t h = 1;
-        if (block >= 16) { /* the first four stages within each run of 16, in registers */
+#ifdef COMPRESSDIT_VECTOR_BUTTERFLY
+        if (block >= 16) { /* the first four stages within each run of 16, in one vector */
             for (int64_t start = 0; start < cols; start += 16) {
-                float v[16];
-                for (int k = 0; k < 16; ++k) v[k] = o[start + k];
-                for (int s = 1; s < 16; s *= 2)
-                    for (int k = 0; k < 16; ++k)
-                        if (!(k & s)) {
-                            const float a = v[k], b = v[k + s];
-                            v[k] = a + b;
-                            v[k + s] = a - b;
-                        }
-                for (int k = 0; k < 16; ++k) o[start + k] = v[k];
+                v16f v;
+                memcpy(&v, o + start, sizeof v);
+                v = butterfly16(v, 1);
+                v = butterfly16(v, 2);
+                v = butterfly16(v, 4);
+                v = butterfly16(v, 8);
+                memcpy(o + start, &v, sizeof v);
             }
             h = 16;
         }
+#endif
         for (; h < block; h *= 2)
             for (int64_t start = 0; start < cols; start += 2 * h)
                 for (int64_t j = start; j < start + h; ++j) {
