@@ -335,20 +335,37 @@ def _fp8_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
+def _hadamard_layer(layer, x: torch.Tensor) -> bool:
+    return layer.spec.format == "twinlog" and layer.spec.rotation == "hadamard" and _takes_fp32(x)
+
+
 def _transformed_input(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer.transform_input(x)``: for a twin-log layer with the randomized Hadamard rotation on contiguous fp32
     rows, balancing and rotation in one C pass (:func:`~compressdit.quant.cpu_native.hadamard_rows`, bit for bit:
-    torch's butterflies cost ~290 us a call on a zoo layer's 256 x 128 input, the pass ~35)."""
-    if layer.spec.format == "twinlog" and layer.spec.rotation == "hadamard" and _takes_fp32(x):
+    torch's butterflies cost ~290 us a call on a zoo layer's 256 x 128 input, the pass ~22 at one thread)."""
+    if _hadamard_layer(layer, x):
         out = hadamard_rows(x, layer.smooth_scale, layer.rotation_signs)
         if out is not None:
             return out
     return layer.transform_input(x)
 
 
-def _on_transformed(run):
-    """``run_untransformed`` of a kernel whose ``run`` takes the transformed input."""
-    return lambda layer, x, b: run(layer, _transformed_input(layer, x), b)
+def _on_transformed(run, gemm=None):
+    """``run_untransformed`` of a kernel whose ``run`` takes the transformed input; with ``gemm(layer, rows, b)``
+    (the kernel's GEMM on quantized rows), a twin-log layer with the Hadamard rotation and a prepacked grid pass has
+    its input balanced, rotated and quantized in one C pass (the same numbers)."""
+    def run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+        if gemm is not None and b["grid"] is not None and _hadamard_layer(layer, x):
+            rows = hadamard_rows(x, layer.smooth_scale, layer.rotation_signs, b["grid"])
+            if rows is not None:
+                return gemm(layer, rows, b)
+        return run(layer, _transformed_input(layer, x), b)
+
+    return run_untransformed
+
+
+def _fp32_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
+    return F.linear(rows, b["weight"], b["bias"])
 
 
 def _twinlog_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
@@ -378,7 +395,7 @@ KERNELS.add("cpu-fp8-bf16", Kernel(
 KERNELS.add("cpu-twinlog-dense", Kernel(
     _twinlog_dense_applies, _grid_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
     _grid_gemm(quantize_layer_input, shared=False), priority=10,  # on the rotated input
-    run_untransformed=_on_transformed(_grid_gemm(quantize_layer_input, shared=False)),
+    run_untransformed=_on_transformed(_grid_gemm(quantize_layer_input, shared=False), _fp32_rows_gemm),
     description=f"twin-log layers of up to {DENSE_MAX_WEIGHT} weights: log2 codes decoded once into a dense fp32 "
                 "weight in the rotated space (4 bytes per weight of RAM), the input rotated and quantized as the "
                 "reference, fp32 GEMM"))
@@ -403,12 +420,19 @@ def _decoded_bf16_prepack(layer) -> dict:
             "grid": _input_grid(layer), "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
 
 
+def _bf16_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
+    """Quantized fp32 ``rows`` rounded to bf16, the bf16 GEMM (fp32 sums), the output widened with the fp32 bias (one
+    C pass each), in ``rows``' leading shape."""
+    out = bf16_to_float(F.linear(float_to_bf16(_contiguous_fp32(rows.reshape(-1, rows.shape[-1]))), b["weight"]),
+                        b["bias"])
+    return out.reshape(*rows.shape[:-1], layer.out_features)
+
+
 def _decoded_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     """On the transformed input: activations quantized as the reference (the prepacked grid pass where there is one),
-    rounded to bf16, the bf16 GEMM (fp32 sums), the output widened with the fp32 bias (one C pass each)."""
-    x2 = _contiguous_fp32(_quantized_rows(layer, x.reshape(-1, x.shape[-1]), b))
-    out = bf16_to_float(F.linear(float_to_bf16(x2), b["weight"]), b["bias"])
-    return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+    then :func:`_bf16_rows_gemm`."""
+    return _bf16_rows_gemm(layer, _quantized_rows(layer, x.reshape(-1, x.shape[-1]), b), b).to(x.dtype).reshape(
+        *x.shape[:-1], layer.out_features)
 
 
 def _input_kind(spec) -> tuple:
@@ -433,7 +457,7 @@ KERNELS.add("cpu-decoded-dense", Kernel(
                 "into fp32 (4 bytes per weight of RAM), activations quantized as the reference, fp32 GEMM"))
 KERNELS.add("cpu-decoded-bf16", Kernel(
     _decoded_bf16_applies, _decoded_bf16_prepack, _decoded_bf16_linear, priority=5,
-    run_untransformed=_on_transformed(_decoded_bf16_linear),
+    run_untransformed=_on_transformed(_decoded_bf16_linear, _bf16_rows_gemm),
     description=f"layers of more than {DENSE_MAX_WEIGHT} weights no faster kernel runs (NVFP4/MX blocks, minifloats, "
                 "twin-log, int with per-group or sub-8-bit activations), on CPUs with bf16 GEMMs (AVX512-BF16 / AMX): "
                 "the residual weight decoded once into bf16 (2 bytes per weight of RAM beside the packed weight), activations "

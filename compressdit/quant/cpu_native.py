@@ -55,7 +55,8 @@ _SIGNATURES = {
     "compressdit_fake_quantize_grid": ([_PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _PTR, _I32],
                                        None),
     "compressdit_gelu_tanh": ([_PTR, _I64, _PTR, _I32], None),
-    "compressdit_hadamard_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_float, _PTR, _I32], None),
+    "compressdit_hadamard_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_float, _I64, _I32, ctypes.c_float,
+                                   _I32, _I32, _PTR, _I32], None),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -429,19 +430,22 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def hadamard_rows(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor) -> torch.Tensor | None:
+def hadamard_rows(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor,
+                  grid: tuple | None = None) -> torch.Tensor | None:
     """``rotate(x / smooth, signs)`` (:mod:`compressdit.quant.rotation`: the randomized block Hadamard after the
-    balancing division) of a contiguous fp32 CPU ``x`` in one C pass per row, bit for bit; ``None`` without the
-    library, under ``torch.compile``, where gradients must flow, or for inputs the pass does not take (the caller
-    runs the PyTorch functions, whose numbers these are)."""
+    balancing division) of a contiguous fp32 CPU ``x`` in one C pass per row, bit for bit, and then, with ``grid``
+    (:func:`fake_quantize_grid`'s ``(group, rule, top, mantissa, min_exp)``, rules 0 and 1), its quantization in the
+    same pass; ``None`` without the library, under ``torch.compile``, where gradients must flow, or for inputs the
+    pass does not take (the caller runs the PyTorch functions, whose numbers these are)."""
     lib = _lib_for(x, smooth)
     cols = x.shape[-1] if x.dim() else 0
     if (lib is None or cols == 0 or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())
             or signs.dtype != torch.int8 or not signs.is_contiguous() or signs.nelement() != cols
-            or (smooth is not None and smooth.nelement() != cols)):  # nelement: a layer's QuantState has numel 0
+            or (smooth is not None and smooth.nelement() != cols)  # nelement: a layer's QuantState has numel 0
+            or (grid is not None and (grid[1] not in (0, 1) or cols % grid[0]))):
         return None
     block = cols & -cols
     out = torch.empty_like(x)
     lib.compressdit_hadamard_rows(x.data_ptr(), _ptr(smooth), signs.data_ptr(), x.numel() // cols, cols, block,
-                                  math.sqrt(block), out.data_ptr(), threads_for(x.numel()))
+                                  math.sqrt(block), *(grid or (0, 0, 0.0, 0, 0)), out.data_ptr(), threads_for(x.numel()))
     return out

@@ -149,6 +149,17 @@ static inline __attribute__((always_inline)) void grid_groups(const float *x, fl
     }
 }
 
+/* grid_groups with its loops specialized for groups of 16, 32 and 64 */
+static void grid_batch(const float *x, float *out, int64_t n, int64_t group, int32_t rule, float top, int32_t mantissa,
+                       int32_t min_exp, float t) {
+    switch (group) {
+    case 16: grid_groups(x, out, n, 16, rule, top, mantissa, min_exp, t); break;
+    case 32: grid_groups(x, out, n, 32, rule, top, mantissa, min_exp, t); break;
+    case 64: grid_groups(x, out, n, 64, rule, top, mantissa, min_exp, t); break;
+    default: grid_groups(x, out, n, group, rule, top, mantissa, min_exp, t); break;
+    }
+}
+
 /* Dynamic fake quantization onto a grid (round_grid), per group of `group` values of each row (group divides
  * cols), as compressdit/quant/activations.py does it in PyTorch, bit for bit:
  *   rule 0 (int and minifloat formats): s = max(amax, 1e-8) / top;
@@ -174,14 +185,7 @@ void compressdit_fake_quantize_grid(const float *x, int64_t rows, int64_t cols, 
     FOR_ROWS(i, (groups + GRID_BATCH - 1) / GRID_BATCH, {
         const int64_t first = i * GRID_BATCH;
         const int64_t n = groups - first < GRID_BATCH ? groups - first : GRID_BATCH;
-        const float *r = x + first * group;
-        float *o = out + first * group;
-        switch (group) {
-        case 16: grid_groups(r, o, n, 16, rule, top, mantissa, min_exp, t); break;
-        case 32: grid_groups(r, o, n, 32, rule, top, mantissa, min_exp, t); break;
-        case 64: grid_groups(r, o, n, 64, rule, top, mantissa, min_exp, t); break;
-        default: grid_groups(r, o, n, group, rule, top, mantissa, min_exp, t); break;
-        }
+        grid_batch(x + first * group, out + first * group, n, group, rule, top, mantissa, min_exp, t);
     });
 }
 
@@ -276,10 +280,12 @@ static inline v16f butterfly16(v16f v, int s) {
 /* The randomized block Hadamard of compressdit/quant/rotation.py (rotate, after the layer's balancing), bit for bit:
  * per row, v = x / smooth (smooth may be NULL) times the +-1 signs, then within each run of `block` values (a power
  * of two dividing cols) the butterflies of fwht in its order (h = 1, 2, 4, ...: a + b and a - b of the values h
- * apart in each run of 2h), each value divided by sqrt(block) (`norm`, rounded to float as torch does) at the end.
- * out may be x's own memory. */
+ * apart in each run of 2h), each value divided by sqrt(block) (`norm`, rounded to float as torch does) at the end;
+ * then, where group > 0, compressdit_fake_quantize_grid's quantization of the row (rules 0 and 1: scales from each
+ * group alone) in the same pass. out may be x's own memory. */
 void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
-                               int64_t block, float norm, float *out, int32_t threads) {
+                               int64_t block, float norm, int64_t group, int32_t rule, float top, int32_t mantissa,
+                               int32_t min_exp, float *out, int32_t threads) {
     FOR_ROWS(i, rows, {
         const float *r = x + i * cols;
         float *o = out + i * cols;
@@ -310,5 +316,8 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
                     o[j + h] = a - b;
                 }
         for (int64_t j = 0; j < cols; ++j) o[j] = o[j] / norm;
+        for (int64_t g = 0; group && g < cols / group; g += GRID_BATCH) /* then its groups, while in cache */
+            grid_batch(o + g * group, o + g * group, cols / group - g < GRID_BATCH ? cols / group - g : GRID_BATCH,
+                       group, rule, top, mantissa, min_exp, 1.0f);
     });
 }
