@@ -260,9 +260,8 @@ def _fp32_gemm(quantize_rows, any_rank: bool = False):
 def _input_grid(layer) -> tuple | None:
     """``(group, rule, top, mantissa, min_exp)``: the arguments of the fused grid pass that quantizes ``layer``'s
     input as its spec says (dynamic scales per group or per token, not the fast integer path), or ``None`` (also
-    without the C library). Read from
-    the prepacked buffers, not rebuilt from the spec (:func:`quantize_layer_input`'s Python, ~3 us a call in a
-    zoo step: as much as the pass)."""
+    without the C library). Prepacked with the weight, not rebuilt from the spec per call
+    (:func:`quantize_layer_input`'s Python, ~3 us a call in a zoo step)."""
     spec = layer.spec
     if spec.a_bits is None or _fast_int_path(spec) or native_library() is None:
         return None
