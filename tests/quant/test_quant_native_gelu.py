@@ -123,3 +123,31 @@ def test_the_gelu_runs_in_the_int8_kernels_epilogue_where_it_can(monkeypatch):
         plain = module(x)
         handle.remove()
         assert activations[-1:] == ([0] if built else []) and len(seen) == 1 and torch.equal(plain, fused)
+
+
+@torch.no_grad()
+def test_bf16_models_get_the_native_gelu_in_place_and_a_hooked_projection_keeps_its_output():
+    """In a bf16 model the native GELU runs too (the fp32 function rounded to bf16 once: within one bf16 ulp of the
+    exact value wherever that is not below 1e-30, where torch's bf16 GELU is up to thousands of ulp off), writing over
+    the projection's fresh output; a forward hook on the projection takes the stock path, so what the hook holds is
+    the projection's output, not the GELU's."""
+    from compressdit.quant.cpu_native import gelu_tanh, native_library
+
+    torch.manual_seed(0)
+    x = (torch.randn(1 << 16) * 4).bfloat16()
+    exact = x.double() * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (x.double() + 0.044715 * x.double() ** 3))
+    ulps = (gelu_tanh(x).view(torch.int16).int() - exact.bfloat16().view(torch.int16).int()).abs()
+    if native_library() is not None:
+        assert ulps[exact.abs() > 1e-30].max() <= 1
+    model = tiny_dit()
+    _quantize(model, [LayerRule("re:transformer_blocks\\.0\\.ff\\.net\\.0\\.proj", W8A8)])
+    model = model.to(torch.bfloat16)
+    act = model.transformer_blocks[0].ff.net[0]
+    assert type(act) is NativeGELU
+    h = torch.randn(2, 16, act.proj.in_features).bfloat16()
+    plain = act(h)
+    torch.testing.assert_close(plain, torch.nn.functional.gelu(act.proj(h), approximate="tanh"), rtol=1e-2, atol=1e-2)
+    held = []
+    act.proj.register_forward_hook(lambda m, i, o: held.append(o))
+    assert torch.equal(act(h), plain)
+    assert torch.equal(held[0], act.proj(h))  # not overwritten by the GELU
