@@ -155,6 +155,8 @@ class TwinLogLinear(QuantizedLinear):
         """The rotation's runtime form (DuQuant's dense blocks), rebuilt from the stored tensors when they change
         (a load, a device move); never saved."""
         states = self.rotation_states
+        if torch.compiler.is_compiling():  # no cache to key on data pointers: the rebuild is traced
+            return INPUT_ROTATIONS.get(self.spec.rotation).prepare(states)
         key = tuple((t.data_ptr(), t._version, t.device) for t in states.values())
         cached = self.__dict__.get("_prepared_rotation")
         if cached is None or cached[0] != key:

@@ -91,3 +91,33 @@ def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
         for rows in (1, 7):
             x = torch.randn(rows, 256)
             torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_bf16_copy_and_the_hadamard_pass_compile_with_fullgraph_and_match_eager():
+    """cpu-decoded-bf16 (a big NVFP4 layer, forced: it runs on any CPU) and a twin-log layer whose kernel rotates its
+    input in C: under compilation the PyTorch ops of the same transform, quantizer and casts."""
+    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT
+    from compressdit.quant.formats import FORMATS
+    from compressdit.quant.kernel_registry import set_kernel
+
+    specs = [dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4", a_granularity="per_group"),
+             dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group", a_group_size=16,
+                  rotation="hadamard", balance=0.5)]
+    specs = [LinearQuantSpec.from_dict(spec, "spec") for spec in specs]
+    for spec in specs:
+        FORMATS.get(spec.format).validate_spec(spec, "spec")
+    torch.manual_seed(0)
+    big = DENSE_MAX_WEIGHT // 128 + 16
+    model = torch.nn.Sequential(FORMATS.get("nvfp4").quantize(torch.nn.Linear(128, big), specs[0], None),
+                                FORMATS.get("twinlog").quantize(torch.nn.Linear(big, 64), specs[1],
+                                                                torch.rand(big) + 0.5))
+    set_kernel(model[0], "cpu-decoded-bf16")
+    prepack_model(model)
+    assert [m.kernel_name for m in model] == ["cpu-decoded-bf16", "cpu-decoded-bf16" if big * 64 > DENSE_MAX_WEIGHT
+                                              else "cpu-twinlog-dense"]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for rows in (1, 7):
+            x = torch.randn(rows, 128)
+            torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=2e-2, atol=2e-2)
