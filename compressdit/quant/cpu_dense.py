@@ -38,12 +38,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from compressdit.quant.kernel_registry import KERNELS, Kernel
+from compressdit.quant.kernel_registry import KERNELS, Kernel, prepacked_bias
 from compressdit.quant.activations import activation_grid, quantize_input
 from compressdit.quant.cpu_native import (bf16_scale, bf16_to_float, fake_quantize_e4m3_rows, fake_quantize_grid,
-                                          fake_quantize_rows_int8, float_to_bf16, hadamard_rows, keep_rows,
-                                          kept_rows,
-                                          native_library, quantize_e4m3_bf16, shared_rows)
+                                          fake_quantize_rows_int8, float_to_bf16, hadamard_rows, native_library,
+                                          quantize_e4m3_bf16, shared_rows)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
 from compressdit.quant.primitives import int_range
@@ -172,7 +171,7 @@ def _dense_prepack(dtype: torch.dtype):
                 "int8_rows": spec.a_bits == 8 and spec.a_format == "int" and spec.a_granularity in ("per_token",
                                                                                                   "per_tensor"),
                 "grid": _input_grid(layer),
-                "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
+                "bias": prepacked_bias(layer)}
 
     return prepack
 
@@ -209,8 +208,7 @@ def _dense_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         out = F.linear((x2 / scale).round_().to(torch.bfloat16), b["weight"]).float()
         out = out.mul_(scale) if b["bias"] is None else torch.addcmul(b["bias"], out, scale)
     else:  # the casts around the bf16 GEMM in one C pass each
-        x2 = _contiguous_fp32(_quantized_rows(layer, x2, b))
-        out = bf16_to_float(F.linear(float_to_bf16(x2), b["weight"]), b["bias"])
+        out = _bf16_rows_gemm(layer, _quantized_rows(layer, x2, b), b)
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -238,7 +236,7 @@ def _decoded_fp32_prepack(decode):
     bias."""
     def prepack(layer) -> dict:
         return {"weight": decode(layer).contiguous(),
-                "bias": None if layer.bias is None else layer.bias.detach().float()}
+                "bias": prepacked_bias(layer)}
 
     return prepack
 
@@ -284,21 +282,17 @@ def _grid_prepack(decode):
 
 def _grid_gemm(quantize_rows, shared: bool):
     """:func:`_fp32_gemm` (``any_rank`` where ``shared``) whose contiguous fp32 inputs go straight to the prepacked
-    grid pass (kept for the other layers reading the input where ``shared``), the numbers of ``quantize_rows``,
-    which runs on other inputs, where the layer has no grid, or without the C library."""
+    grid pass (:func:`_quantized_rows`; kept for the other layers reading the input where ``shared``), the numbers of
+    ``quantize_rows``, which runs on other inputs and where the layer has no grid."""
     general = _fp32_gemm(quantize_rows, any_rank=shared)
 
     def run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-        grid = b["grid"]
-        if grid is None or not _takes_fp32(x):
+        if b["grid"] is None or not _takes_fp32(x):
             return general(layer, x, b)
-        rows = kept_rows(x, b["kind"]) if shared else None
-        if rows is None:
-            rows = fake_quantize_grid(x, *grid)
-            if rows is None:
-                return general(layer, x, b)
-            if shared:
-                keep_rows(x, b["kind"], rows)
+        if shared:  # a grid means dynamic scales: the spec's activation fields say it all (b["kind"])
+            rows = shared_rows(x, b["kind"], lambda: _quantized_rows(layer, x, b))
+        else:
+            rows = _quantized_rows(layer, x, b)
         return F.linear(rows, b["weight"], b["bias"])
 
     return run
@@ -323,7 +317,7 @@ def _fp8_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> boo
 def _fp8_bf16_prepack(layer) -> dict:
     return {"codes": layer.weight.data.to(torch.bfloat16).contiguous(),  # E4M3 values: exact in bf16
             "scale": layer.weight_scale.detach().float().reshape(-1).contiguous(),
-            "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
+            "bias": prepacked_bias(layer)}
 
 
 def _fp8_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
@@ -416,7 +410,7 @@ def _decoded_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) ->
 
 def _decoded_bf16_prepack(layer) -> dict:
     return {"weight": layer.dequantized_weight(torch.float32).to(torch.bfloat16).contiguous(),
-            "grid": _input_grid(layer), "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
+            "grid": _input_grid(layer), "bias": prepacked_bias(layer)}
 
 
 def _bf16_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS, dequantize_nibbles, int4_uses_packed_gemm
-from compressdit.quant.kernel_registry import KERNELS, Kernel
+from compressdit.quant.kernel_registry import KERNELS, Kernel, prepacked_bias
 from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import quantize_layer_input
 from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, quantize_rows_int8,
@@ -196,7 +196,7 @@ def _int8_gemm_prepack(layer) -> dict:
             "packed": None if small else torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),
             "w_scale": layer.weight_scale.reshape(-1).float().contiguous(),
             "w_zero": torch.zeros(layer.out_features, dtype=torch.long),
-            "bias": None if layer.bias is None else layer.bias.detach().float().contiguous(),
+            "bias": prepacked_bias(layer),
             # the balancing division fuses into the quantization pass where it is the whole input transform
             "smooth": None if layer.smooth_scale is None or layer.rotation_signs is not None
             else layer.smooth_scale.detach().float().contiguous(),
@@ -280,7 +280,7 @@ def _int8_group_gemm_prepack(layer) -> dict:
     groups = layer.in_features // layer.spec.group_size
     codes = layer.codes().view(layer.out_features, groups, layer.spec.group_size)
     return {"codes": codes.transpose(0, 1).contiguous(), "w_scale": layer.weight_scale.float().t().contiguous(),
-            "bias": None if layer.bias is None else layer.bias.detach().float().contiguous()}
+            "bias": prepacked_bias(layer)}
 
 
 def _int8_group_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
@@ -340,7 +340,7 @@ def _int4_prepack(layer) -> dict:
             "nibbles": layer.offset_nibbles(),  # the stored weight at 4 bits
             "scale": scale.to(torch.bfloat16).contiguous(),
             "zero": None if layer.weight_zero is None else zero.to(torch.bfloat16).contiguous(),
-            "group": group, "bias": None if layer.bias is None else layer.bias.detach().float()}
+            "group": group, "bias": prepacked_bias(layer)}
 
 
 def _fake_quantize_input(layer, x: torch.Tensor) -> torch.Tensor:
@@ -387,7 +387,7 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
 def _int8_prepack(layer) -> dict:
     return {"codes": aligned(layer.codes()), "ones": torch.ones(layer.out_features, dtype=torch.bfloat16),
             "w_scale": layer.weight_scale.reshape(-1).float(),
-            "bias": None if layer.bias is None else layer.bias.detach().float()}
+            "bias": prepacked_bias(layer)}
 
 
 def _int8_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
@@ -400,7 +400,7 @@ def _int8_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
 
 def _vq_prepack(layer) -> dict:
     return {"weight": layer.effective_weight(torch.float32),
-            "bias": None if layer.bias is None else layer.bias.detach().float()}
+            "bias": prepacked_bias(layer)}
 
 
 def _vq_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:

@@ -184,6 +184,12 @@ def _tensor_state(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, ...], t
         return tuple(map(_DATA_PTR, tensors)), tuple(map(_VERSION, tensors))
 
 
+def prepacked_bias(layer: nn.Module) -> torch.Tensor | None:
+    """The layer's bias as a contiguous fp32 tensor for a kernel's buffers (the parameter itself where it is one
+    already), or ``None``."""
+    return None if layer.bias is None else layer.bias.detach().float().contiguous()
+
+
 def cache_of(layer: nn.Module) -> KernelCache:
     cache = layer.__dict__.get("_kernel_cache")
     if cache is None:
