@@ -5,9 +5,9 @@ recipe's specs (balancing, rotation, groups, VQ layout), and the time of one CFG
 (``timing_batch`` samples, as in the evaluation report) is measured with each layer's registered kernel
 (the "quantized" column) and with every layer forced onto the dequantize-then-matmul reference (the
 "reference" column: what ran before the kernels existed). Mixed-precision recipes (w4a8) use their base rule
-for every layer. Speed does not depend on the values, so the calibration the recipes run is replaced by unit
-statistics, VQ codes/codebooks are random and twin-log (LRQ) layers all get the randomized Hadamard rotation (LRQ's
-ARS picks Hadamard or DuQuant per layer from calibration): this measures speed, never quality. Each round times single
+for every layer. Speed does not depend on the values, so the layers are built as ``peer_models.speed_module`` builds
+them (unit statistics, min-max ranges, nearest rounding, random VQ codes/codebooks, the randomized Hadamard on every
+twin-log layer, which LRQ's ARS picks or DuQuant per layer from calibration): this measures speed, never quality. Each round times single
 steps of float, quantized and reference in turn (``--steps`` each, the fastest kept: robust to other jobs' bursts on a
 shared machine); ratios are per round, the median over ``--rounds`` rounds is reported. Usage::
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import statistics
@@ -51,28 +50,14 @@ def recipe_plan(model, adapter, recipe_name: str) -> dict:
 
 @torch.no_grad()
 def quantized_copy(reference, adapter, recipe_name: str):
-    from compressdit.quant.formats import FORMATS, clamp_codebook
+    """A copy of ``reference`` whose layers the recipe quantizes are ``peer_models.speed_module``s."""
     from compressdit.quant.transform import set_module
+    from peer_models import speed_module
 
     model = copy.deepcopy(reference)
     for name, spec in recipe_plan(model, adapter, recipe_name).items():
-        if spec is None:
-            continue
-        linear = model.get_submodule(name)
-        if spec.rounding != "rtn":  # GPTQ / AdaRound choose other codes in the same layout: the same kernel and speed
-            spec = dataclasses.replace(spec, rounding="rtn", act_order=False)
-        if spec.format == "twinlog" and spec.rotation == "none":  # LRQ's ARS picks each layer's rotation from
-            spec = dataclasses.replace(spec, rotation="hadamard")  # calibration (Hadamard or DuQuant): Hadamard here
-        if spec.format == "vq":
-            spec = clamp_codebook(spec, linear)
-            module = FORMATS.get("vq").empty(linear, spec)
-            count = linear.in_features // spec.vector_dim
-            module.load_codes(torch.randint(0, spec.codebook_size, (linear.out_features, count)),
-                              torch.randn(spec.codebook_size, spec.vector_dim) * 0.05,
-                              torch.ones(linear.out_features) if spec.row_scale else None)
-        else:
-            module = FORMATS.get(spec.format).quantize(linear, spec, torch.ones(linear.in_features))
-        set_module(model, name, module)
+        if spec is not None:
+            set_module(model, name, speed_module(model.get_submodule(name), spec, name))
     return model
 
 

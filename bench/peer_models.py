@@ -65,27 +65,36 @@ def _bf16(unit, names):
     return unit.to(torch.bfloat16)
 
 
+def speed_module(linear: nn.Linear, spec, name: str) -> nn.Module:
+    """``linear`` quantized as ``spec`` says for a speed benchmark: the layout, kernels and per-call work of the
+    recipe's layer, not its values. VQ gets random codes and codebooks seeded by the layer's ``name`` (k-means at
+    DiT-XL/2 size is not part of a speed benchmark); other formats unit calibration statistics, min-max ranges and
+    nearest rounding (the MSE range search and GPTQ / AdaRound pick other values of the same layout and need
+    calibration inputs); twin-log layers the randomized Hadamard, which LRQ's ARS picks per layer from calibration
+    (or DuQuant)."""
+    from compressdit.quant.formats import FORMATS, clamp_codebook
+
+    if spec.format == "vq":
+        spec = clamp_codebook(spec, linear)
+        module = FORMATS.get("vq").empty(linear, spec)
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        module.load_codes(torch.randint(0, spec.codebook_size, (linear.out_features,
+                                                                linear.in_features // spec.vector_dim), generator=gen),
+                          torch.randn(spec.codebook_size, spec.vector_dim, generator=gen) * 0.05,
+                          torch.ones(linear.out_features) if spec.row_scale else None)
+        return module
+    spec = dataclasses.replace(spec, w_range="minmax", rounding="rtn", act_order=False)
+    if spec.format == "twinlog" and spec.rotation == "none":
+        spec = dataclasses.replace(spec, rotation="hadamard")
+    return FORMATS.get(spec.format).quantize(linear, spec, torch.ones(linear.in_features))
+
+
 def _ours(recipe: str) -> Convert:
     def convert(unit, names, specs=None):
-        from compressdit.quant.formats import FORMATS, clamp_codebook
         from compressdit.quant.transform import set_module
 
         for name in names:
-            linear, spec = unit.get_submodule(name), specs[name]
-            if spec.format == "vq":
-                spec = clamp_codebook(spec, linear)
-                module = FORMATS.get("vq").empty(linear, spec)
-                gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-                module.load_codes(torch.randint(0, spec.codebook_size, (linear.out_features,
-                                                                        linear.in_features // spec.vector_dim),
-                                                generator=gen),
-                                  torch.randn(spec.codebook_size, spec.vector_dim, generator=gen) * 0.05,
-                                  torch.ones(linear.out_features) if spec.row_scale else None)
-            else:  # the MSE range search and GPTQ / AdaRound pick other values of the same layout (and need
-                # calibration inputs): minmax ranges and nearest rounding are as fast to run
-                spec = dataclasses.replace(spec, w_range="minmax", rounding="rtn")
-                module = FORMATS.get(spec.format).quantize(linear, spec, torch.ones(linear.in_features))
-            set_module(unit, name, module)
+            set_module(unit, name, speed_module(unit.get_submodule(name), specs[name], name))
         return unit
 
     convert.needs_specs = True
