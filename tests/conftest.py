@@ -24,6 +24,16 @@ def native_ops_built() -> bool:
     return wanted
 
 
+@pytest.fixture
+def fp32_kernels(monkeypatch):
+    """Small quantized layers on their fp32 kernels on every CPU (the reference's numbers up to summation order):
+    on CPUs with AMX, bf16 kernels on oneDNN's microkernel take them by default (``cpu_dense._brgemm_shape``; those
+    are tested against the reference within bf16 rounding in tests/quant/test_quant_cpu_dense.py)."""
+    from compressdit.quant import cpu_dense
+
+    monkeypatch.setattr(cpu_dense, "bf16_brgemm", lambda: False)
+
+
 def tiny_dit(layers: int = 2, seed: int = 0):
     from diffusers import DiTTransformer2DModel
 

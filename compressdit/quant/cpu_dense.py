@@ -29,6 +29,12 @@ their kernel name:
   decode; FP8 W8A8 layers of that size take ``cpu-fp8-bf16`` at any thread count (:func:`_bf16_layer`).
 - Twin-log layers with the randomized Hadamard rotation get their balancing and rotation in one C pass
   (``run_untransformed``: :func:`~compressdit.quant.cpu_native.hadamard_rows`).
+
+On CPUs with AMX-BF16 (:func:`_brgemm_shape`) the bf16 kernels also take every small layer, at any thread count:
+``cpu-int-dense-bf16`` (2-4 bit weights), ``cpu-fp8-bf16`` and ``cpu-decoded-bf16`` (the low-bit formats and
+twin-log, except 8-bit integer weights) keep their weight packed once for oneDNN's BRGeMM microkernel and run one C++
+op a call (:func:`~compressdit.quant.cpu_native.bf16_linear`: activations rounded to bf16 inside it, fp32 sums, the
+scales and bias in its epilogue): torch's bf16 linear costs ~20 us a call on these sizes, the microkernel ~3-15.
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ import torch.nn.functional as F
 
 from compressdit.quant.kernel_registry import KERNELS, Kernel, prepacked_bias
 from compressdit.quant.activations import activation_grid, quantize_input
-from compressdit.quant.cpu_native import (bf16_scale, bf16_to_float, fake_quantize_e4m3_rows, fake_quantize_grid,
-                                          fake_quantize_rows_int8, float_to_bf16, hadamard_rows, native_library,
-                                          quantize_e4m3_bf16, shared_rows)
+from compressdit.quant.cpu_native import (bf16_brgemm, bf16_linear, bf16_pack, bf16_scale, bf16_to_float,
+                                          fake_quantize_e4m3_rows, fake_quantize_grid, fake_quantize_rows_int8,
+                                          float_to_bf16, hadamard_rows, native_library, quantize_e4m3_bf16,
+                                          shared_rows)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
 from compressdit.quant.primitives import int_range
@@ -122,13 +129,42 @@ def bf16_gemm_pays() -> bool:
     return _bf16_hardware()[1] and torch.get_num_threads() == 1
 
 
+def _brgemm_shape(shape: tuple[int, int]) -> bool:
+    """Whether a layer of ``shape`` (out, in) runs :func:`~compressdit.quant.cpu_native.bf16_linear` (oneDNN's
+    BRGeMM microkernel on AMX, the weight packed once): the small layers (up to ``DENSE_MAX_WEIGHT`` weights, an even
+    ``in``) where :func:`~compressdit.quant.cpu_native.bf16_brgemm`. Intel Xeon with AMX, 2 threads, each layer alone
+    with its fp32 -> bf16 rounding and bias: 256 x 128 -> 128 12.8 us against 37.6 in fp32 (and 40.6 through torch's
+    bf16 linear and two casts: oneDNN's matmul primitive costs ~20 us a call), 128 -> 512 30.9 against 104.8, 512 ->
+    128 30.6 against 102.8, 16 x 128 -> 768 6.9 against 23.5; bigger layers keep torch's bf16 linear (its blocking wins
+    from DiT-XL/2's sizes: 4096 x 4608 -> 1152 21.8 ms against the microkernel's 27.7)."""
+    return shape[0] * shape[1] <= DENSE_MAX_WEIGHT and shape[1] % 2 == 0 and bf16_brgemm()
+
+
 def _bf16_layer(shape: tuple[int, int]) -> bool:
-    """Whether a layer of ``shape`` (out, in) runs its GEMM in bf16 on this machine now: from ``BF16_MIN_WEIGHT``
-    weights where :func:`bf16_gemm_pays`, and above ``DENSE_MAX_WEIGHT`` on any CPU with bf16 GEMMs at any thread
-    count (a DiT-XL/2 MLP layer, 512 tokens, Intel Xeon with AMX: 3.8 / 2.2 ms in bf16 against 29.7 / 12.6 ms in
-    fp32 at 1 / 2 threads)."""
+    """Whether a layer of ``shape`` (out, in) runs its GEMM in bf16 on this machine now: every small layer where
+    :func:`_brgemm_shape`, else from ``BF16_MIN_WEIGHT`` weights where :func:`bf16_gemm_pays`, and above
+    ``DENSE_MAX_WEIGHT`` on any CPU with bf16 GEMMs at any thread count (a DiT-XL/2 MLP layer, 512 tokens, Intel Xeon
+    with AMX: 3.8 / 2.2 ms in bf16 against 29.7 / 12.6 ms in fp32 at 1 / 2 threads)."""
     size = shape[0] * shape[1]
-    return (size >= BF16_MIN_WEIGHT and bf16_gemm_pays()) or (size > DENSE_MAX_WEIGHT and _bf16_hardware()[1])
+    return ((size >= BF16_MIN_WEIGHT and bf16_gemm_pays()) or (size > DENSE_MAX_WEIGHT and _bf16_hardware()[1])
+            or _brgemm_shape(shape))
+
+
+def _bf16_weights(weight: torch.Tensor) -> dict:
+    """A bf16 kernel's copy of its decoded ``weight`` ``[out, in]``: packed for the microkernel where
+    :func:`_brgemm_shape` (``"packed"``; ``"weight"`` None), else plain bf16 for torch's linear."""
+    if _brgemm_shape(tuple(weight.shape)):
+        return {"weight": None, "packed": bf16_pack(weight)}
+    return {"weight": weight.to(torch.bfloat16).contiguous(), "packed": None}
+
+
+def _low_bit_bf16(spec, shape: tuple[int, int]) -> bool:
+    """Whether a low-bit layer (:func:`_decoded_format`, twin-log) runs in bf16: above ``DENSE_MAX_WEIGHT`` on CPUs
+    with bf16 GEMMs, and small ones on the microkernel (:func:`_brgemm_shape`) unless they keep 8-bit integer weights
+    (whose own error is as small as bf16's rounding of the activations, as ``cpu-int8-weight``'s)."""
+    if not _small(shape):
+        return _bf16_hardware()[1]
+    return _brgemm_shape(shape) and not (spec.format == "int" and spec.w_bits >= 8)
 
 
 def _dense_applies(bf16: bool):
@@ -151,6 +187,16 @@ def dense_kernel_name(shape: tuple[int, int]) -> str:
     return "cpu-int-dense-bf16" if _bf16_layer(shape) else "cpu-int-dense-fp32"
 
 
+def decoded_kernel_name(spec, shape: tuple[int, int]) -> str:
+    """The kernel a layer of a low-bit format no CPU GEMM reads (NVFP4 / MX / minifloats / integers with per-group or
+    sub-8-bit activations, twin-log) and of ``shape`` (out, in) runs on this machine now."""
+    if _low_bit_bf16(spec, shape):
+        return "cpu-decoded-bf16"
+    if not _small(shape):
+        return "reference"
+    return "cpu-twinlog-dense" if spec.format == "twinlog" else "cpu-decoded-dense"
+
+
 def fp8_kernel_name(a_bits: int | None, shape: tuple[int, int]) -> str:
     """The kernel an FP8 layer of ``shape`` (out, in) runs on this machine now: ``cpu-fp8-bf16`` for W8A8 where bf16
     GEMMs pay, else ``cpu-fp8-dense``."""
@@ -167,7 +213,8 @@ def _dense_prepack(dtype: torch.dtype):
     def prepack(layer) -> dict:
         weight = layer.effective_weight(torch.float32) if _folds(layer) else layer.dequantized_weight(torch.float32)
         spec = layer.spec
-        return {"weight": weight.to(dtype).contiguous(), "folded": _folds(layer),
+        weights = _bf16_weights(weight) if dtype is torch.bfloat16 else {"weight": weight.contiguous(), "packed": None}
+        return {**weights, "folded": _folds(layer),
                 "int8_rows": spec.a_bits == 8 and spec.a_format == "int" and spec.a_granularity in ("per_token",
                                                                                                   "per_tensor"),
                 "grid": _input_grid(layer),
@@ -205,8 +252,14 @@ def _dense_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         magnitude = x2.abs()
         scale = magnitude.amax(-1, keepdim=True) if spec.a_granularity == "per_token" else magnitude.amax()
         scale = scale.clamp_min_(1e-8).div_(int_range(spec.a_bits)[1])
-        out = F.linear((x2 / scale).round_().to(torch.bfloat16), b["weight"]).float()
-        out = out.mul_(scale) if b["bias"] is None else torch.addcmul(b["bias"], out, scale)
+        if b["packed"] is not None:  # the codes (exact in bf16) on the microkernel, each row's scale in its epilogue
+            codes = (x2 / scale).round_()
+            codes = codes.contiguous() if codes.dtype is torch.bfloat16 else _contiguous_fp32(codes)
+            rows = scale.float().expand(x2.shape[0], 1).reshape(-1).contiguous()
+            out = bf16_linear(codes, b["packed"], layer.out_features, b["bias"], rows)
+        else:
+            out = F.linear((x2 / scale).round_().to(torch.bfloat16), b["weight"]).float()
+            out = out.mul_(scale) if b["bias"] is None else torch.addcmul(b["bias"], out, scale)
     else:  # the casts around the bf16 GEMM in one C pass each
         out = _bf16_rows_gemm(layer, _quantized_rows(layer, x2, b), b)
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
@@ -315,7 +368,8 @@ def _fp8_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> boo
 
 
 def _fp8_bf16_prepack(layer) -> dict:
-    return {"codes": layer.weight.data.to(torch.bfloat16).contiguous(),  # E4M3 values: exact in bf16
+    codes = _bf16_weights(layer.weight.data.float())  # E4M3 values: exact in bf16
+    return {"codes": codes["weight"], "packed": codes["packed"],
             "scale": layer.weight_scale.detach().float().reshape(-1).contiguous(),
             "bias": prepacked_bias(layer)}
 
@@ -324,7 +378,10 @@ def _fp8_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     """E4M3 activation codes x E4M3 weight codes in a bf16 GEMM (products exact, fp32 sums, the output rounded to
     bf16), then the per-token and per-channel scales and the bias in fp32: ``torch._scaled_mm``'s computation."""
     codes, row_scale = quantize_e4m3_bf16(_contiguous_fp32(x.reshape(-1, x.shape[-1])))
-    out = bf16_scale(F.linear(codes, b["codes"]), row_scale, b["scale"], b["bias"])
+    if b["packed"] is not None:  # the microkernel, both scales and the bias in its epilogue (fp32 sums kept)
+        out = bf16_linear(codes, b["packed"], layer.out_features, b["bias"], row_scale, b["scale"])
+    else:
+        out = bf16_scale(F.linear(codes, b["codes"]), row_scale, b["scale"], b["bias"])
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -362,14 +419,14 @@ def _fp32_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
 
 
 def _twinlog_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    return device.type == "cpu" and spec.format == "twinlog" and _small(shape)
+    return device.type == "cpu" and spec.format == "twinlog" and _small(shape) and not _low_bit_bf16(spec, shape)
 
 
 KERNELS.add("cpu-int-dense-bf16", Kernel(
     _dense_applies(bf16=True), prepack=_dense_prepack(torch.bfloat16), priority=15, **_dense_kernel(_dense_bf16_linear),
     description=f"layers of up to {DENSE_MAX_WEIGHT} weights: int codes decoded once into a dense bf16 weight "
                 "(2 bytes per weight of RAM; weight-only: balancing/rotation folded in), bf16 activations, bf16 "
-                "GEMM, fp32 bias"))
+                "GEMM, fp32 bias; on AMX at any thread count, the weight packed for oneDNN's microkernel"))
 KERNELS.add("cpu-int-dense-fp32", Kernel(
     _dense_applies(bf16=False), prepack=_dense_prepack(torch.float32), priority=15, **_dense_kernel(_dense_fp32_linear),
     description=f"layers of up to {DENSE_MAX_WEIGHT} weights: int codes decoded once into a dense fp32 weight "
@@ -382,7 +439,8 @@ KERNELS.add("cpu-fp8-dense", Kernel(
 KERNELS.add("cpu-fp8-bf16", Kernel(
     _fp8_bf16_applies, _fp8_bf16_prepack, _fp8_bf16_linear, priority=11,
     description="W8A8 FP8 where bf16 GEMMs pay (AVX512-BF16 at one thread, layers of at least "
-                f"{BF16_MIN_WEIGHT} weights): E4M3 weight codes in bf16 "
+                f"{BF16_MIN_WEIGHT} weights; above {DENSE_MAX_WEIGHT} at any thread count; on AMX every layer, "
+                "small ones on oneDNN's microkernel with fp32 sums): E4M3 weight codes in bf16 "
                 "(2 bytes per weight of RAM), per-token E4M3 activation codes in one C pass, bf16 GEMM, row and "
                 "channel scales and bias in fp32 in one C pass"))
 KERNELS.add("cpu-twinlog-dense", Kernel(
@@ -400,24 +458,28 @@ def _decoded_format(spec) -> bool:
 
 
 def _decoded_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    return device.type == "cpu" and _small(shape) and _decoded_format(spec)
+    return device.type == "cpu" and _small(shape) and _decoded_format(spec) and not _low_bit_bf16(spec, shape)
 
 
 def _decoded_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    return (device.type == "cpu" and not _small(shape) and (_decoded_format(spec) or spec.format == "twinlog")
-            and _bf16_hardware()[1])
+    return (device.type == "cpu" and (_decoded_format(spec) or spec.format == "twinlog")
+            and _low_bit_bf16(spec, shape))
 
 
 def _decoded_bf16_prepack(layer) -> dict:
-    return {"weight": layer.dequantized_weight(torch.float32).to(torch.bfloat16).contiguous(),
-            "grid": _input_grid(layer), "bias": prepacked_bias(layer)}
+    return {**_bf16_weights(layer.dequantized_weight(torch.float32)), "grid": _input_grid(layer),
+            "bias": prepacked_bias(layer)}
 
 
 def _bf16_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
-    """Quantized fp32 ``rows`` rounded to bf16, the bf16 GEMM (fp32 sums), the output widened with the fp32 bias (one
-    C pass each), in ``rows``' leading shape."""
-    out = bf16_to_float(F.linear(float_to_bf16(_contiguous_fp32(rows.reshape(-1, rows.shape[-1]))), b["weight"]),
-                        b["bias"])
+    """Quantized fp32 ``rows`` rounded to bf16, the bf16 GEMM (fp32 sums), the fp32 bias, in ``rows``' leading shape:
+    on the microkernel in one call where the weight is packed (the output not rounded to bf16), else torch's bf16
+    linear between two C passes (the output rounded to bf16, then widened with the bias)."""
+    rows2 = _contiguous_fp32(rows.reshape(-1, rows.shape[-1]))
+    if b["packed"] is not None:
+        out = bf16_linear(rows2, b["packed"], layer.out_features, b["bias"])
+    else:
+        out = bf16_to_float(F.linear(float_to_bf16(rows2), b["weight"]), b["bias"])
     return out.reshape(*rows.shape[:-1], layer.out_features)
 
 
@@ -452,6 +514,7 @@ KERNELS.add("cpu-decoded-bf16", Kernel(
     _decoded_bf16_applies, _decoded_bf16_prepack, _decoded_bf16_linear, priority=5,
     run_untransformed=_on_transformed(_decoded_bf16_linear, _bf16_rows_gemm),
     description=f"layers of more than {DENSE_MAX_WEIGHT} weights no faster kernel runs (NVFP4/MX blocks, minifloats, "
-                "twin-log, int with per-group or sub-8-bit activations), on CPUs with bf16 GEMMs (AVX512-BF16 / AMX): "
+                "twin-log, int with per-group or sub-8-bit activations), on CPUs with bf16 GEMMs (AVX512-BF16 / AMX), "
+                "and smaller ones but 8-bit int weights on AMX (packed for oneDNN's microkernel, fp32 sums): "
                 "the residual weight decoded once into bf16 (2 bytes per weight of RAM beside the packed weight), activations "
                 "quantized as the reference and rounded to bf16, bf16 GEMM, fp32 bias"))

@@ -45,9 +45,9 @@ from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS, dequantize_nib
 from compressdit.quant.kernel_registry import KERNELS, Kernel, prepacked_bias
 from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import quantize_layer_input
-from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, quantize_rows_int8,
-                                          keep_rows, kept_rows, native_ops, quantize_rows_int8_groups,
-                                          scale_rows_, shared_rows, TEAM_MIN_WORK)
+from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, int8_brgemm, int8_pack,
+                                          quantize_rows_int8, keep_rows, kept_rows, native_ops,
+                                          quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
 
 INT4_GROUPS = (32, 64, 128, 256)
 INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (bench/layer_kernels.py)
@@ -117,15 +117,18 @@ def _define(schema: str):
 # --- int8 activations x int8 (or narrower, per-channel) weights: an int32-accumulating GEMM ------------------
 
 @_define("int8_gemm_linear_cpu(Tensor x, Tensor? smooth, Tensor codes_t, Tensor? packed, Tensor w_scale, Tensor w_zero, "
-         "Tensor? bias, bool per_token, int out_features) -> Tensor")
+         "Tensor? bias, bool per_token, int out_features, Tensor? microkernel=None) -> Tensor")
 def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_t: torch.Tensor,
                          packed: Optional[torch.Tensor], w_scale: torch.Tensor, w_zero: torch.Tensor,
-                         bias: Optional[torch.Tensor], per_token: bool, out_features: int) -> torch.Tensor:
+                         bias: Optional[torch.Tensor], per_token: bool, out_features: int,
+                         microkernel: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(x / smooth) @ W^T + b`` with dynamic symmetric int8 activations (per token or tensor), W = codes *
     w_scale; ``smooth``: the layer's balancing divisor (fp32 ``x`` only), fused into the quantization, or None.
 
     ``codes_t``: the int8 ``[out, in]`` codes' transposed view; ``packed``: oneDNN's prepacked copy, or None where
     ``torch._int_mm`` runs at every row count (see :func:`_int8_gemm_prepack`). One row always runs ``torch._int_mm``.
+    ``microkernel``: the codes packed by :func:`~compressdit.quant.cpu_native.int8_pack` (AMX-INT8), which the fused
+    op then multiplies on oneDNN's BRGeMM microkernel instead of ``torch._int_mm`` (the same int32 sums).
     """
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.dtype != torch.float32 or not x2.is_contiguous():
@@ -133,7 +136,8 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     rows, in_features = x2.shape
     if packed is None or (rows == 1 and in_features >= 8):  # _int_mm is wrong at K = 1
         if rows and native_ops():
-            return _like_input(_fused_int8_linear(x, x2, smooth, codes_t, w_scale, bias, per_token), x)
+            return _like_input(_fused_int8_linear(x, x2, smooth, codes_t, w_scale, bias, per_token,
+                                                  microkernel=microkernel), x)
         q, a_scale = _codes(x, x2, per_token, 0, smooth)  # the reference's codes and scales, exactly
         threads = _serial_threads(rows * in_features * out_features, INT8_GEMM_SERIAL_WORK)
         try:
@@ -152,7 +156,7 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
 
 def _fused_int8_linear(x: torch.Tensor, x2: torch.Tensor, smooth: Optional[torch.Tensor], codes_t: torch.Tensor,
                        w_scale: torch.Tensor, bias: Optional[torch.Tensor], per_token: bool,
-                       activation: int = 0) -> torch.Tensor:
+                       activation: int = 0, microkernel: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The ``torch._int_mm`` path in one C++ call (``csrc/int8_linear.cpp``: the same numbers), on torch's threads
     above ``TEAM_MIN_WORK`` multiply-adds, each thread's rows quantized, multiplied and scaled on it; the
     activation codes of ``x`` shared with the other layers that read it (without a balancing divisor)."""
@@ -161,7 +165,7 @@ def _fused_int8_linear(x: torch.Tensor, x2: torch.Tensor, smooth: Optional[torch
     kind = ("int8", per_token, 0)
     kept = kept_rows(x, kind) if smooth is None else None
     out, q, scale = torch.ops.compressdit_native.int8_linear(x2, smooth, codes_t, w_scale, bias, per_token, threads,
-                                                             *(kept or (None, None)), activation)
+                                                             *(kept or (None, None)), activation, microkernel)
     if smooth is None and kept is None:
         keep_rows(x, kind, (q, scale))
     return out
@@ -177,7 +181,7 @@ def _codes(x: torch.Tensor, x2: torch.Tensor, per_token: bool, offset: int,
 
 
 @torch.library.register_fake("compressdit::int8_gemm_linear_cpu")
-def _(x, smooth, codes_t, packed, w_scale, w_zero, bias, per_token, out_features):
+def _(x, smooth, codes_t, packed, w_scale, w_zero, bias, per_token, out_features, microkernel=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -194,6 +198,8 @@ def _int8_gemm_prepack(layer) -> dict:
     small = layer.out_features * layer.in_features <= INT8_GEMM_SMALL_WEIGHT and layer.in_features >= 8
     return {"codes": codes, "codes_t": codes.t(),
             "packed": None if small else torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),
+            # small layers on AMX-INT8: oneDNN's microkernel on codes packed once (int8_linear.cpp)
+            "microkernel": int8_pack(codes) if small and layer.in_features % 4 == 0 and int8_brgemm() else None,
             "w_scale": layer.weight_scale.reshape(-1).float().contiguous(),
             "w_zero": torch.zeros(layer.out_features, dtype=torch.long),
             "bias": prepacked_bias(layer),
@@ -206,7 +212,7 @@ def _int8_gemm_prepack(layer) -> dict:
 
 def _int8_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return int8_gemm_linear_cpu(x, None, b["codes_t"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
-                                b["per_token"], layer.out_features)
+                                b["per_token"], layer.out_features, b["microkernel"])
 
 
 def _int8_gemm_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
@@ -214,7 +220,7 @@ def _int8_gemm_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tenso
     if b["transform"] and (smooth is None or x.dtype != torch.float32):  # bf16 x: the reference divides in bf16
         x, smooth = layer.transform_input(x), None
     return int8_gemm_linear_cpu(x, smooth, b["codes_t"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
-                                b["per_token"], layer.out_features)
+                                b["per_token"], layer.out_features, b["microkernel"])
 
 
 #: activations the fused op applies in its epilogue (csrc/int8_linear.cpp's codes)
@@ -233,7 +239,7 @@ def _int8_gemm_run_activated(layer, x: torch.Tensor, b: dict, activation: str) -
     if b["transform"] and smooth is None:  # a rotation: the layer's own transform first
         x = layer.transform_input(x)
     return _like_input(_fused_int8_linear(x, x.reshape(-1, x.shape[-1]), smooth, b["codes_t"], b["w_scale"],
-                                          b["bias"], b["per_token"], code), x)
+                                          b["bias"], b["per_token"], code, b["microkernel"]), x)
 
 
 @_define("int8_group_gemm_linear_cpu(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, "

@@ -16,6 +16,12 @@ OpenMP threads, in the contiguous chunks torch's own ``parallel_for`` makes, on 
 library is built with ``-fopenmp`` only where torch runs on OpenMP and the ``libgomp.so.1`` it loaded is the one
 the build links (checked after loading, else the single-threaded build loads: never a second thread pool). Every
 row is computed alone, so the numbers do not depend on the thread count.
+
+C++ torch ops (:func:`native_ops`, built with ``c++`` and torch's headers): ``csrc/int8_linear.cpp`` runs a whole
+W8A8 layer per call on a team of torch's threads, and on CPUs with AMX both it (:func:`int8_brgemm`: int8 codes) and
+``csrc/bf16_gemm.cpp`` (:func:`bf16_linear`: bf16 weights, fp32 sums and epilogue) multiply on oneDNN's BRGeMM
+microkernel as torch exposes it (``at::native::cpublas::brgemm``; its flash attention's), the weight packed once
+into AMX's layout, without the ~10-20 us a call of torch's int8 / bf16 matmul primitives on small layers.
 """
 
 from __future__ import annotations
@@ -149,7 +155,8 @@ def native_library() -> ctypes.CDLL | None:
     return lib
 
 
-OP_SOURCES = (Path(__file__).with_name("csrc") / "int8_linear.cpp", *SOURCES)
+OP_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("int8_linear.cpp", "bf16_gemm.cpp")) + SOURCES
+OP_HEADERS = (*HEADERS, Path(__file__).with_name("csrc") / "team.h")
 #: multiply-adds from which the fused op of OP_SOURCES splits a layer's rows over torch's threads (one team); below,
 #: one thread does it all (cpu_kernels.INT8_GEMM_SERIAL_WORK's measurements). The same op for FP8's fp32 GEMMs (per-token
 #: E4M3 rows and at::addmm per block on the team, or on torch's threads) measured slower in the zoo models' steps than
@@ -174,13 +181,62 @@ def native_ops() -> bool:
     use: ~10 s) is loaded; False where :func:`native_library` is off or unavailable, or no C++ compiler builds it
     (the Python path of the same numbers runs). Threaded on torch's OpenMP runtime only, as :func:`native_library`."""
     compiler = shutil.which(os.environ.get("CXX", "c++"))
-    if native_library() is None or compiler is None or not all(path.exists() for path in OP_SOURCES):
+    if native_library() is None or compiler is None or not all(path.exists() for path in OP_SOURCES + OP_HEADERS):
         return False
     if hasattr(torch.ops.compressdit_native, "int8_group_linear"):  # loaded already (e.g. from another cache folder):
         return True  # a second copy would register the ops twice, which aborts the process
     flags, libraries = _op_flags(native_library().openmp)
-    lib = build_library(compiler, "cpu_ops", list(OP_SOURCES), flags, tuple(HEADERS), libraries)
+    lib = build_library(compiler, "cpu_ops", list(OP_SOURCES), flags, OP_HEADERS, libraries)
     return lib is not None and hasattr(torch.ops.compressdit_native, "int8_group_linear")
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_brgemm() -> bool:
+    """Whether bf16 GEMMs run on oneDNN's BRGeMM microkernel here (``csrc/bf16_gemm.cpp``'s :func:`bf16_linear`):
+    CPUs with AMX-BF16, where torch has the microkernel and :func:`native_ops` built."""
+    if not torch._C._cpu._get_cpu_capability().get("amx_bf16", False) or not native_ops():
+        return False
+    if not torch.ops.compressdit_native.bf16_brgemm_ready():
+        return False
+    # torch.compile traces the op as one opaque node
+    torch.library.register_fake("compressdit_native::bf16_linear")(_bf16_linear_fake)
+    return True
+
+
+def _bf16_linear_fake(x, packed, out_features, bias, row_scale, col_scale, threads):
+    return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def int8_brgemm() -> bool:
+    """Whether ``csrc/int8_linear.cpp``'s op runs its int8 GEMMs on oneDNN's BRGeMM microkernel here (codes packed
+    by :func:`int8_pack`): CPUs with AMX-INT8, where torch has the microkernel and :func:`native_ops` built."""
+    if not torch._C._cpu._get_cpu_capability().get("amx_int8", False) or not native_ops():
+        return False
+    return bool(torch.ops.compressdit_native.int8_brgemm_ready())
+
+
+def int8_pack(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes ``[out, in]`` (``in`` a multiple of 4) packed for the int8 op's microkernel (AMX's layout, 64
+    output channels a block); where :func:`int8_brgemm`."""
+    return torch.ops.compressdit_native.int8_pack(codes.detach().contiguous())
+
+
+def bf16_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A weight ``[out, in]`` (fp32 or bf16, ``in`` even) rounded to bf16 and packed for :func:`bf16_linear` (AMX's
+    layout, 64 output channels a block); where :func:`bf16_brgemm`."""
+    return torch.ops.compressdit_native.bf16_pack(weight.detach())
+
+
+def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+                row_scale: torch.Tensor | None = None, col_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(bf16(x) @ W^T) * row_scale[:, None] * col_scale + bias`` in fp32 for contiguous fp32 or bf16 rows ``x``
+    ``[rows, in]`` and ``packed`` = :func:`bf16_pack` (W); the scales and bias optional contiguous fp32 vectors. One
+    call: the activations rounded to bf16 (half to even) and the epilogue inside the GEMM's blocks, the sums in fp32
+    (not rounded to bf16); rows (or, for few, column blocks) over torch's threads from ``TEAM_MIN_WORK``
+    multiply-adds."""
+    threads = torch.get_num_threads() if x.shape[0] * x.shape[1] * out_features > TEAM_MIN_WORK else 1
+    return torch.ops.compressdit_native.bf16_linear(x, packed, out_features, bias, row_scale, col_scale, threads)
 
 
 def threads_for(elements: int) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressdit.quant.cpu_dense import BF16_MIN_WEIGHT, bf16_gemm_pays, dense_kernel_name
+from compressdit.quant.cpu_dense import (BF16_MIN_WEIGHT, _brgemm_shape, bf16_gemm_pays, decoded_kernel_name,
+                                         dense_kernel_name)
 from compressdit.quant.kernel_registry import cache_of, set_kernel
 from compressdit.quant.layers import QuantLinear
 from compressdit.quant.spec import LinearQuantSpec
@@ -33,9 +34,12 @@ def _error(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 def test_the_machine_and_the_shape_pick_the_dense_kernel():
     small, large = _layers(SPECS[0])[1], _layers(SPECS[0], BF16_MIN_WEIGHT // 128)[1]
-    assert small.kernel_name == dense_kernel_name((48, 128)) == "cpu-int-dense-fp32"  # below BF16_MIN_WEIGHT
+    # below BF16_MIN_WEIGHT: fp32 unless AMX's microkernel runs it
+    microkernel = _brgemm_shape((48, 128))
+    assert small.kernel_name == dense_kernel_name((48, 128))
+    assert small.kernel_name == ("cpu-int-dense-bf16" if microkernel else "cpu-int-dense-fp32")
     assert large.kernel_name == dense_kernel_name((BF16_MIN_WEIGHT // 128, 128))
-    assert large.kernel_name == ("cpu-int-dense-bf16" if bf16_gemm_pays() else "cpu-int-dense-fp32")
+    assert large.kernel_name == ("cpu-int-dense-bf16" if bf16_gemm_pays() or microkernel else "cpu-int-dense-fp32")
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)
@@ -61,7 +65,7 @@ def test_dense_kernels_match_the_reference(spec, kernel, dtype):
         assert _error(layer._add_low_rank(again, transformed), out) <= 1e-2
 
 
-def test_the_thread_count_reselects_the_dense_kernel():
+def test_the_thread_count_reselects_the_dense_kernel(fp32_kernels):
     from compressdit.quant.cpu_dense import _bf16_hardware
 
     shape = (BF16_MIN_WEIGHT // 128, 128)
@@ -76,7 +80,7 @@ def test_the_thread_count_reselects_the_dense_kernel():
             assert chosen[count] == dense_kernel_name(shape) == layer.kernel_name
     finally:
         torch.set_num_threads(threads)
-    assert chosen[2] == "cpu-int-dense-fp32"  # two threads: fp32 on every CPU measured (AMX included)
+    assert chosen[2] == "cpu-int-dense-fp32"  # two threads: fp32 without the microkernel (AMX too, through torch)
     assert chosen[1] == ("cpu-int-dense-bf16" if _bf16_hardware()[1] else "cpu-int-dense-fp32")
 
 
@@ -102,6 +106,7 @@ def _decoded_layer(name: str, out_features: int = 48):
     return FORMATS.get(spec.format).quantize(linear, spec, torch.rand(128) * 10 + 0.1)
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 @pytest.mark.parametrize("name", sorted(DECODED))
 def test_low_bit_layers_decode_once_and_match_the_reference(name):
     """``cpu-decoded-dense``: the reference's numbers (its own activation quantizer, the layer's low-rank branch
@@ -137,9 +142,11 @@ def test_fp8_bf16_kernel_is_the_scaled_codes_gemm_within_bf16_rounding(dtype, mo
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 48)
     layer = FP8Linear.from_linear(linear, LinearQuantSpec(format="fp8", w_bits=8, a_bits=8))
-    assert layer.kernel_name == "cpu-fp8-dense"  # below BF16_MIN_WEIGHT: fp32 on every machine
+    # below BF16_MIN_WEIGHT: fp32 unless AMX's microkernel runs it
+    assert layer.kernel_name == ("cpu-fp8-bf16" if _brgemm_shape((48, 128)) else "cpu-fp8-dense")
     wide = FP8Linear.from_linear(torch.nn.Linear(128, BF16_MIN_WEIGHT // 128), layer.spec)
-    assert wide.kernel_name == ("cpu-fp8-bf16" if bf16_gemm_pays() else "cpu-fp8-dense")
+    wide_bf16 = bf16_gemm_pays() or _brgemm_shape((BF16_MIN_WEIGHT // 128, 128))
+    assert wide.kernel_name == ("cpu-fp8-bf16" if wide_bf16 else "cpu-fp8-dense")
     layer.to(dtype)
     set_kernel(layer, "cpu-fp8-bf16")
     x = (torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)).to(dtype)
@@ -157,6 +164,7 @@ def test_fp8_bf16_kernel_is_the_scaled_codes_gemm_within_bf16_rounding(dtype, mo
     assert torch.equal(torch_codes, codes) and torch.equal(torch_scale, scale)
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4", "rtn-w4a4-groups", "fp4-e2m1-a6", "int-w4a4-static"])
 def test_the_prepacked_grid_pass_is_the_general_paths_numbers(name):
     """Contiguous fp32 inputs go straight to the grid pass prepacked with the weight (where the C library exists;
@@ -203,7 +211,7 @@ def test_big_low_bit_layers_run_a_bf16_copy_within_bf16_rounding(name):
     assert _error(out, reference) <= 6e-3
 
 
-def test_big_layers_take_bf16_gemms_at_any_thread_count_where_the_cpu_has_them(monkeypatch):
+def test_big_layers_take_bf16_gemms_at_any_thread_count_where_the_cpu_has_them(monkeypatch, fp32_kernels):
     """Above DENSE_MAX_WEIGHT a bf16 GEMM pays at one and two threads alike (AMX / AVX512-BF16): FP8 W8A8 runs its
     codes in bf16 there; small layers keep the one-thread rule (bf16_gemm_pays)."""
     from compressdit.quant import cpu_dense
@@ -219,6 +227,7 @@ def test_big_layers_take_bf16_gemms_at_any_thread_count_where_the_cpu_has_them(m
             assert fp8_kernel_name(None, big) == "cpu-fp8-dense"  # weight-only: fp32
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 def test_twin_log_layers_rotate_their_input_in_one_pass_with_the_references_numbers():
     """A twin-log layer with the randomized Hadamard (balancing too) runs its kernel on the input rotated by the C
     pass: the same output bit for bit as the kernel on the layer's own PyTorch transform, and the reference's within
@@ -241,3 +250,46 @@ def test_twin_log_layers_rotate_their_input_in_one_pass_with_the_references_numb
         rotated = hadamard_rows(x, layer.smooth_scale, layer.rotation_signs)  # the layer's own tensors
         assert (rotated is None) == (native_library() is None)
         torch.testing.assert_close(out, layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(DECODED) + ["lrq-twinlog", "rtn-w4a16", "fp8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_small_layers_run_the_bf16_microkernel_where_amx_has_it(name, threads):
+    """On CPUs with AMX-BF16 (``_brgemm_shape``) small low-bit layers run bf16 kernels on oneDNN's microkernel at any
+    thread count: the weight packed once (no plain copy), the output within bf16's rounding of the reference; 8-bit
+    integer weights keep fp32. Elsewhere their fp32 kernels run (the tests above)."""
+    from compressdit.quant.cpu_dense import fp8_kernel_name
+    from compressdit.quant.formats import FORMATS
+    from compressdit.quant.fp8_layer import FP8Linear
+
+    torch.manual_seed(0)
+    if name == "lrq-twinlog":
+        spec = LinearQuantSpec.from_dict(dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group",
+                                              a_group_size=16, rotation="hadamard", balance=0.5), "spec")
+        FORMATS.get(spec.format).validate_spec(spec, "spec")
+        layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 48), spec, torch.rand(128) * 10 + 0.1)
+    elif name == "rtn-w4a16":
+        layer = _layers(LinearQuantSpec(w_bits=4, group_size=32))[1]
+    elif name == "fp8":
+        layer = FP8Linear.from_linear(torch.nn.Linear(128, 48), LinearQuantSpec(format="fp8", w_bits=8, a_bits=8))
+    else:
+        layer = _decoded_layer(name)
+    expected = {"rtn-w4a16": dense_kernel_name((48, 128)), "fp8": fp8_kernel_name(8, (48, 128))}.get(
+        name, decoded_kernel_name(layer.spec, (48, 128)))
+    microkernel = _brgemm_shape((48, 128)) and not (layer.spec.format == "int" and layer.spec.w_bits >= 8)
+    assert expected.endswith("bf16") == microkernel
+    if not microkernel:
+        pytest.skip("no AMX-BF16 microkernel on this CPU (or an 8-bit integer weight: fp32)")
+    x = torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            out, reference = layer(x), layer.reference_forward(x)
+    finally:
+        torch.set_num_threads(before)
+    buffers = cache_of(layer).buffers
+    assert layer.kernel_name == expected and buffers["packed"] is not None
+    assert buffers.get("weight") is None and buffers.get("codes") is None  # the packed weight only
+    assert out.shape == reference.shape and out.dtype == torch.float32
+    assert _error(out, reference) <= 6e-3

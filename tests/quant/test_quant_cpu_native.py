@@ -370,6 +370,7 @@ def test_shared_rows_are_computed_once_per_tensor_version_and_kind():
     assert len(runs) == 5  # no version counter: never shared
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=8, a_bits=8),
                                   LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"),
@@ -579,3 +580,74 @@ def test_the_hadamard_pass_is_balancing_and_rotate_bit_for_bit(cols, parallel, m
     assert hadamard_rows(x, smooth, signs, (8, 2, 6.0, 1, 0)) is None  # NVFP4's tensor scale needs every row first
     strided = x.t().contiguous().t()  # the same values, not contiguous: the caller's PyTorch path runs
     assert not strided.is_contiguous() and hadamard_rows(strided, None, signs) is None
+
+
+def _bf16_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the bf16 microkernel computes, in fp64: bf16 activations and weights, exact products and sums."""
+    return x.to(torch.bfloat16).double() @ weight.to(torch.bfloat16).double().t()
+
+
+@pytest.mark.parametrize("rows, out_features, in_features", [(300, 200, 96), (16, 770, 128), (1, 64, 8), (5, 10, 2)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_bf16_microkernel_is_the_bf16_product_with_fp32_sums(rows, out_features, in_features, threads):
+    """``bf16_linear`` (csrc/bf16_gemm.cpp; AMX-BF16 only): bf16(x) @ bf16(W)^T summed in fp32, the row and channel
+    scales and the bias after, on any split over the team (rows, or column blocks for few rows), partial blocks of
+    64 channels included; fp32 and bf16 inputs alike; the output fp32 (not rounded to bf16)."""
+    if not cpu_native.bf16_brgemm():
+        pytest.skip("no AMX-BF16 microkernel on this CPU")
+    torch.manual_seed(0)
+    x, weight = torch.randn(rows, in_features) * 3, torch.randn(out_features, in_features)
+    bias, row_scale, col_scale = torch.randn(out_features), torch.rand(rows) + 0.5, torch.rand(out_features) + 0.5
+    packed = cpu_native.bf16_pack(weight)
+    assert packed.dtype == torch.bfloat16 and packed.shape == ((out_features + 63) // 64, in_features, 64)
+    product = _bf16_product(x, weight)
+    tolerance = 1e-5 * product.abs().max().item() + 1e-6  # fp32 sums of exact products, in another order
+    for source in (x, x.to(torch.bfloat16)):
+        for scales in (False, True):
+            out = torch.ops.compressdit_native.bf16_linear(source, packed, out_features, bias,
+                                                           row_scale if scales else None,
+                                                           col_scale if scales else None, threads)
+            expected = product * row_scale.double()[:, None] * col_scale.double() if scales else product
+            assert out.dtype == torch.float32 and out.shape == (rows, out_features)
+            assert (out.double() - (expected + bias.double())).abs().max().item() <= 2 * tolerance
+    no_bias = cpu_native.bf16_linear(x, packed, out_features)
+    assert (no_bias.double() - product).abs().max().item() <= tolerance
+
+
+def test_the_bf16_microkernel_rejects_what_it_cannot_read():
+    if not cpu_native.bf16_brgemm():
+        pytest.skip("no AMX-BF16 microkernel on this CPU")
+    with pytest.raises(RuntimeError, match="even in"):
+        cpu_native.bf16_pack(torch.zeros(8, 15))
+    packed = cpu_native.bf16_pack(torch.zeros(8, 16))
+    with pytest.raises(RuntimeError, match="bf16_pack's"):
+        cpu_native.bf16_linear(torch.zeros(4, 32), packed, 8)
+    with pytest.raises(RuntimeError, match="contiguous fp32 or bf16"):
+        cpu_native.bf16_linear(torch.zeros(4, 16, dtype=torch.float64), packed, 8)
+    with pytest.raises(RuntimeError, match="bias"):
+        cpu_native.bf16_linear(torch.zeros(4, 16), packed, 8, torch.zeros(9))
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("rows, threads", [(37, 2), (37, 1), (1, 2), (300, 2)])
+@pytest.mark.parametrize("activation", [0, 1])
+def test_the_int8_microkernel_gives_the_fused_ops_numbers_bit_for_bit(per_token, rows, threads, activation):
+    """int8_linear on codes packed by ``int8_pack`` (oneDNN's microkernel, AMX-INT8 only) makes the same int32 sums
+    as ``torch._int_mm``: the same outputs, codes and scales bit for bit, a partial block of 64 channels included."""
+    if not cpu_native.int8_brgemm():
+        pytest.skip("no AMX-INT8 microkernel on this CPU")
+    x = _activations(rows=max(rows, 3), cols=96)[:rows]
+    torch.manual_seed(1)
+    codes = torch.randint(-127, 128, (100, 96), dtype=torch.int8)
+    w_scale, bias = torch.rand(100) / 50, torch.randn(100)
+    packed = cpu_native.int8_pack(codes)
+    assert packed.shape == (2, 96, 64) and packed.dtype == torch.int8
+    op = torch.ops.compressdit_native.int8_linear
+    expected = op(x, None, codes.t(), w_scale, bias, per_token, threads, None, None, activation)
+    out = op(x, None, codes.t(), w_scale, bias, per_token, threads, None, None, activation, packed)
+    for a, b in zip(out, expected):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="int8_pack's"):
+        op(x, None, codes.t(), w_scale, bias, per_token, threads, None, None, activation, packed[:1])
+    with pytest.raises(RuntimeError, match="multiple of 4"):
+        cpu_native.int8_pack(codes[:, :90])

@@ -49,6 +49,7 @@ def test_layer_stores_packed_nibbles_and_fp32_scales(fmt, group_size):
     assert f"{fmt} W4A16" in repr(layer)
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 @pytest.mark.parametrize("fmt, a_format, a_bits", [("e2m1", "e4m3", 8), ("e3m0", "e3m2", 6), ("e1m2", "e2m3", 6)])
 def test_forward_is_the_dequantize_reference_with_per_token_fp_activations(fmt, a_format, a_bits):
     linear, layer = _layer(fmt, group_size=32, a_bits=a_bits, a_format=a_format)

@@ -65,9 +65,10 @@ def test_compiled_w8a8_and_w4a16_dit_has_no_graph_break_in_quantized_layers_and_
 
 @pytest.mark.slow
 def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
-    """Big W8A8 (oneDNN's prepacked weight), small W8A8 (torch._int_mm), dense bf16 W4, grouped W4A8, FP8, NVFP4
-    (decoded weight, fused activation pass: PyTorch ops under compilation, the same numbers)."""
-    from compressdit.quant.cpu_dense import fp8_kernel_name
+    """Big W8A8 (oneDNN's prepacked weight), small W8A8 (torch._int_mm, or AMX's int8 microkernel), dense bf16 W4,
+    grouped W4A8, FP8, NVFP4 (decoded weight, fused activation pass: PyTorch ops under compilation, the same numbers;
+    on AMX the bf16 microkernel's op, traced through its fake)."""
+    from compressdit.quant.cpu_dense import decoded_kernel_name, fp8_kernel_name
     from compressdit.quant.formats import FORMATS
     from compressdit.quant.fp8_layer import FP8Linear
     from compressdit.quant.layers import QuantLinear
@@ -85,7 +86,7 @@ def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
         FORMATS.get("nvfp4").quantize(torch.nn.Linear(32, 16), NVFP4, None))
     assert list(prepack_model(model).values()) == ["cpu-int8-gemm", "cpu-int8-gemm", dense_kernel_name((64, 64)),
                                                    "cpu-int8-group-gemm", fp8_kernel_name(8, (32, 64)),
-                                                   "cpu-decoded-dense"]
+                                                   decoded_kernel_name(NVFP4, (16, 32))]
     torch._dynamo.reset()
     with torch.no_grad():
         for rows in (1, 7):
@@ -97,7 +98,7 @@ def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
 def test_the_bf16_copy_and_the_hadamard_pass_compile_with_fullgraph_and_match_eager():
     """cpu-decoded-bf16 (a big NVFP4 layer, forced: it runs on any CPU) and a twin-log layer whose kernel rotates its
     input in C: under compilation the PyTorch ops of the same transform, quantizer and casts."""
-    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT
+    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT, decoded_kernel_name
     from compressdit.quant.formats import FORMATS
     from compressdit.quant.kernel_registry import set_kernel
 
@@ -114,8 +115,7 @@ def test_the_bf16_copy_and_the_hadamard_pass_compile_with_fullgraph_and_match_ea
                                                                 torch.rand(big) + 0.5))
     set_kernel(model[0], "cpu-decoded-bf16")
     prepack_model(model)
-    assert [m.kernel_name for m in model] == ["cpu-decoded-bf16", "cpu-decoded-bf16" if big * 64 > DENSE_MAX_WEIGHT
-                                              else "cpu-twinlog-dense"]
+    assert [m.kernel_name for m in model] == ["cpu-decoded-bf16", decoded_kernel_name(specs[1], (64, big))]
     torch._dynamo.reset()
     with torch.no_grad():
         for rows in (1, 7):

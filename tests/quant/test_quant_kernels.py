@@ -36,11 +36,21 @@ import copy  # noqa: E402
 
 from compressdit.quant.kernel_registry import (KERNELS, REFERENCE, cache_of, kernel_summary,  # noqa: E402
                                                prepack_model, select_kernel, set_kernel)
-from compressdit.quant.cpu_dense import _bf16_hardware, dense_kernel_name  # noqa: E402
+from compressdit.quant.cpu_dense import _bf16_hardware, decoded_kernel_name, dense_kernel_name  # noqa: E402
 from compressdit.quant.vq_layer import VQLinear  # noqa: E402
 
-DENSE = dense_kernel_name((96, 256))  # the small weight-only layers below: fp32 (bf16 only from BF16_MIN_WEIGHT)
+DENSE = dense_kernel_name((96, 256))  # the small weight-only layers below: fp32 (bf16 from BF16_MIN_WEIGHT, or on AMX)
 DENSE_BOUND = (6e-3, 0.2) if DENSE == "cpu-int-dense-bf16" else (1e-5, 0.01)  # bf16 rounding / summation order
+
+
+def _small_decoded(spec: LinearQuantSpec) -> tuple:
+    """The kernel and bounds of a small layer of a format no int kernel reads: fp32 (summation order), or bf16 on AMX's
+    microkernel (bf16 rounding)."""
+    kernel = decoded_kernel_name(spec, (96, 256))
+    return (kernel, 6e-3, 0.2) if kernel == "cpu-decoded-bf16" else (kernel, 1e-5, 0.01)
+
+
+
 # big layers no int4 / int8 kernel reads: decoded once into bf16 on CPUs with bf16 GEMMs, else the reference
 BIG_DECODED = ("cpu-decoded-bf16", 6e-3, 0.2) if _bf16_hardware()[1] else (REFERENCE, 0.0, 0.0)
 
@@ -62,7 +72,7 @@ CPU_CASES = [
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=128), "cpu-int4-weight", 6e-3, 0.2, BIG),
     (LinearQuantSpec(w_bits=4, group_size=64), DENSE, *DENSE_BOUND, 96),  # decoded once
     (LinearQuantSpec(w_bits=2, group_size=32, w_symmetric=False), DENSE, *DENSE_BOUND, 96),
-    (LinearQuantSpec(w_bits=4, group_size=16), "cpu-decoded-dense", 1e-5, 0.01, 96),  # no int4 kernel: decoded
+    (LinearQuantSpec(w_bits=4, group_size=16), *_small_decoded(LinearQuantSpec(w_bits=4, group_size=16)), 96),
     (LinearQuantSpec(w_bits=4, group_size=16), *BIG_DECODED, BIG),  # ... the fp32 copy only where it is small
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64), "cpu-int8-group-gemm", 1e-5, 0.01, 96),
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64, a_granularity="per_tensor"), "cpu-int8-group-gemm", 1e-5,
@@ -71,7 +81,7 @@ CPU_CASES = [
     # bf16 rounding is not small next to 8-bit weights: stated in cpu_kernels' docstring
     (LinearQuantSpec(w_bits=8), "cpu-int8-weight", 6e-3, 1.0, BIG),
     (LinearQuantSpec(w_bits=8), "cpu-int-dense-fp32", 1e-5, 0.01, 96),  # small: decoded once, fp32 at any threads
-    (LinearQuantSpec(w_bits=8, group_size=64), "cpu-decoded-dense", 1e-5, 0.01, 96),  # no grouped int8 kernel
+    (LinearQuantSpec(w_bits=8, group_size=64), "cpu-decoded-dense", 1e-5, 0.01, 96),  # no grouped int8 kernel; fp32
 ]
 
 
@@ -101,6 +111,7 @@ def test_cpu_kernel_matches_the_reference_within_its_bound(spec, kernel, bound, 
 def test_small_and_big_layers_pick_their_kernels_by_weight_count():
     from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT
     from compressdit.quant.cpu_kernels import INT8_GEMM_SMALL_WEIGHT
+    from compressdit.quant.cpu_native import int8_brgemm
 
     cpu = torch.device("cpu")
     w4, w4a8 = LinearQuantSpec(w_bits=4, group_size=64), LinearQuantSpec(w_bits=4, a_bits=8)
@@ -115,7 +126,10 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
         small(torch.randn(2, 256)), big(torch.randn(2, 256))
     assert cache_of(small).buffers["packed"] is None  # torch._int_mm on the layer's own codes: no copy
     assert cache_of(small).buffers["codes"].data_ptr() == small.weight.data_ptr()
-    assert cache_of(small).nbytes() < small.weight.numel()  # the codes are not counted twice
+    microkernel = cache_of(small).buffers["microkernel"]  # AMX-INT8: the codes packed for oneDNN's microkernel
+    assert (microkernel is not None) == int8_brgemm()
+    copies = 1 if microkernel is None else 1 + microkernel.numel() / small.weight.numel()
+    assert cache_of(small).nbytes() < small.weight.numel() * copies  # the codes are not counted twice
     assert cache_of(big).buffers["packed"] is not None  # oneDNN's prepacked copy (1 byte per weight)
 
 

@@ -41,6 +41,7 @@ SPECS = {
 }
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 @pytest.mark.parametrize("name", list(SPECS))
 def test_from_linear_output_equals_linear_with_dequantized_weight(name):
     spec = SPECS[name]
@@ -101,6 +102,7 @@ def test_numel_of_packed_weight_counts_logical_weights(bits):
     assert sum(p.numel() for p in q.parameters()) == sum(p.numel() for p in linear.parameters())
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 def test_asymmetric_and_static_layers_carry_zero_points_and_input_scales():
     linear = _linear()
     spec = LinearQuantSpec(w_bits=4, a_bits=8, group_size=32, w_symmetric=False, a_granularity="static")
@@ -117,6 +119,7 @@ def test_asymmetric_and_static_layers_carry_zero_points_and_input_scales():
         assert torch.allclose(q(x), expected, atol=1e-6)
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 def test_to_float_linear_holds_the_dequantized_weight():
     linear = _linear()
     q = QuantLinear.from_linear(linear, LinearQuantSpec(w_bits=4, group_size=16))

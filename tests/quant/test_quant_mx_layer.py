@@ -53,6 +53,7 @@ def test_nvfp4_layer_stores_modelopt_layout():
     assert "nvfp4 W4A4-nvfp4 ag16 g16" in repr(layer)
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 @pytest.mark.parametrize("fmt", sorted(SPECS))
 @pytest.mark.parametrize("a_bits", [True, False])
 def test_forward_is_the_dequantize_reference_and_close_to_float(fmt, a_bits):
@@ -158,6 +159,7 @@ def _outlier_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return x, x.abs().amax(0)
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 def test_svdquant_on_nvfp4_balances_splits_a_branch_and_beats_plain_nvfp4():
     linear, plain = _layer("nvfp4")
     x, absmax = _outlier_inputs()

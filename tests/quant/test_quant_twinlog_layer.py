@@ -52,6 +52,7 @@ def test_rotated_layer_preserves_the_function_before_quantization(rotation, bala
     assert rel < 0.15
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 def test_forward_is_the_decoded_weight_on_the_transformed_quantized_input():
     linear, absmax = _linear_and_absmax()
     layer = TwinLogLinear.from_linear(linear, _spec(rotation="duquant", a_bits=8), absmax)
@@ -64,6 +65,7 @@ def test_forward_is_the_decoded_weight_on_the_transformed_quantized_input():
     assert torch.equal(no_act.dequantized_weight(), stored)
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 @pytest.mark.parametrize("rotation", sorted(INPUT_ROTATIONS))
 def test_cpu_kernel_decodes_once_and_matches_the_reference(rotation):
     """``cpu-twinlog-dense``: the decoded weight is prepacked (the reference decodes the log2 codes per call);

@@ -1,0 +1,150 @@
+/* bf16 GEMMs on oneDNN's BRGeMM microkernel (torch's at::native::cpublas::brgemm; see
+ * compressdit/quant/cpu_native.py: bf16_linear), for CPUs with AMX-BF16.
+ *
+ * Why: torch's bf16 linear on CPU goes through oneDNN's matmul primitive, ~20 us of fixed cost a call (primitive
+ * lookup, the weight's reorder into AMX's layout, scratchpad), while a zoo layer's GEMM (256 x 128 x 128) is ~3 us of
+ * AMX work; and from Python the fp32 -> bf16 cast of the activations and the bf16 -> fp32 cast of the output are two
+ * more passes. Here the weight is packed once (cpublas::pack: AMX's VNNI layout, 64 columns a block), and a team of
+ * threads each takes its rows (or, for few rows, its column blocks): its activations rounded to bf16 (half to even,
+ * float_rows.c's cast) a chunk of rows at a time, one microkernel call per chunk and column block accumulating in
+ * fp32 straight into the fp32 output, and the epilogue (row and column scales, bias) on that block while in cache.
+ * The output stays fp32: the GEMM's sums are not rounded to bf16. */
+
+#include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "team.h"
+
+extern "C" {
+void compressdit_float_to_bf16(const float *x, int64_t n, uint16_t *y, int32_t threads);
+}
+
+namespace {
+
+using compressdit_team::on_team;
+
+constexpr int64_t BLOCK = 64; /* columns a packed block: cpublas::pack's widest bf16 layout */
+constexpr int64_t CHUNK_BYTES = 1 << 19; /* a chunk of bf16 activation rows: at most this (in L2), 32..256 rows */
+
+bool bf16_brgemm_ready() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+/* W [out, in] (fp32 or bf16; in even) -> bf16 [blocks, in, 64]: each block of 64 output channels of W^T in AMX's
+ * VNNI layout (a last partial block padded with zeros). */
+at::Tensor bf16_pack(const at::Tensor &weight) {
+    TORCH_CHECK(weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) > 0 && weight.size(1) % 2 == 0,
+                "bf16_pack: weight must be a non-empty [out, in] matrix with an even in");
+    TORCH_CHECK(bf16_brgemm_ready(), "bf16_pack: this CPU has no bf16 BRGeMM microkernel (AMX-BF16)");
+    const int64_t out_features = weight.size(0), in_features = weight.size(1);
+    const int64_t blocks = (out_features + BLOCK - 1) / BLOCK;
+    at::Tensor wt = at::zeros({in_features, blocks * BLOCK}, weight.options().dtype(at::kBFloat16));
+    wt.narrow(1, 0, out_features).copy_(weight.t());
+    at::Tensor packed = at::empty({blocks, in_features, BLOCK}, wt.options());
+    for (int64_t b = 0; b < blocks; ++b)
+        at::native::cpublas::pack(in_features, BLOCK, blocks * BLOCK, BLOCK, at::kBFloat16, at::kBFloat16,
+                                  wt.data_ptr<at::BFloat16>() + b * BLOCK, packed[b].data_ptr<at::BFloat16>());
+    return packed;
+}
+
+const float *optional_vector(const c10::optional<at::Tensor> &t, int64_t size, const char *what) {
+    if (!t.has_value()) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == size, "bf16_linear: ", what,
+                " must be a contiguous fp32 tensor of ", size, " elements");
+    return t->data_ptr<float>();
+}
+
+/* c[r, j] = c[r, j] * rows[r] * cols[j] + bias[j] over a block (rows x width, leading dimension ld) of the output
+ * while it is in cache; absent vectors skipped (the multiplications in that order, as bf16_scale in float_rows.c). */
+void epilogue(float *__restrict c, int64_t rows, int64_t width, int64_t ld, const float *__restrict row_scale,
+              const float *__restrict col_scale, const float *__restrict bias) {
+    if (!row_scale && !col_scale && !bias) return;
+    for (int64_t r = 0; r < rows; ++r) {
+        float *__restrict o = c + r * ld;
+        const float rs = row_scale ? row_scale[r] : 1.0f;
+        if (row_scale || col_scale) {
+            if (col_scale) {
+#pragma omp simd
+                for (int64_t j = 0; j < width; ++j) o[j] = o[j] * rs * col_scale[j];
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < width; ++j) o[j] = o[j] * rs;
+            }
+        }
+        if (bias) {
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j) o[j] = o[j] + bias[j];
+        }
+    }
+}
+
+/* out[r, n] = (sum_k bf16(x[r, k]) * W[n, k]) * row_scale[r] * col_scale[n] + bias[n], fp32: x [rows, in] contiguous
+ * fp32 (rounded to bf16 here) or bf16, packed from bf16_pack, scales and bias optional fp32 vectors. */
+at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t out_features,
+                       const c10::optional<at::Tensor> &bias, const c10::optional<at::Tensor> &row_scale,
+                       const c10::optional<at::Tensor> &col_scale, int64_t threads) {
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+                "bf16_linear: x must be a contiguous fp32 or bf16 matrix");
+    const int64_t rows = x.size(0), in_features = x.size(1);
+    const int64_t blocks = (out_features + BLOCK - 1) / BLOCK;
+    TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
+                    packed.size(0) == blocks && packed.size(1) == in_features && packed.size(2) == BLOCK,
+                "bf16_linear: packed must be bf16_pack's [", blocks, ", ", in_features, ", ", BLOCK, "] for x");
+    const float *bias_p = optional_vector(bias, out_features, "bias");
+    const float *rows_p = optional_vector(row_scale, rows, "row_scale");
+    const float *cols_p = optional_vector(col_scale, out_features, "col_scale");
+    at::Tensor out = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
+    if (rows == 0) return out;
+    const bool fp32_in = x.scalar_type() == at::kFloat, scaled = rows_p || cols_p;
+    const int64_t chunk_rows = std::clamp<int64_t>(CHUNK_BYTES / (2 * in_features) / 32 * 32, 32, 256);
+    const at::BFloat16 *weights = packed.data_ptr<at::BFloat16>();
+    float *out_p = out.data_ptr<float>();
+    /* rows over the team where each thread gets a few chunks of them, else column blocks (adaLN's 16-row layers) */
+    const bool by_rows = rows >= 2 * 32 * threads || blocks < threads;
+    on_team(by_rows ? rows : blocks, threads, "bf16_linear", [&](int64_t u0, int64_t u1) {
+        const int64_t r_begin = by_rows ? u0 : 0, r_end = by_rows ? u1 : rows;
+        const int64_t b_begin = by_rows ? 0 : u0, b_end = by_rows ? blocks : u1;
+        std::vector<uint16_t> buffer(fp32_in ? std::min(chunk_rows, r_end - r_begin) * in_features : 0);
+        for (int64_t r0 = r_begin; r0 < r_end; r0 += chunk_rows) {
+            const int64_t n_rows = std::min(chunk_rows, r_end - r0);
+            const at::BFloat16 *a;
+            if (fp32_in) {
+                compressdit_float_to_bf16(x.data_ptr<float>() + r0 * in_features, n_rows * in_features, buffer.data(),
+                                          1);
+                a = reinterpret_cast<const at::BFloat16 *>(buffer.data());
+            } else {
+                a = x.data_ptr<at::BFloat16>() + r0 * in_features;
+            }
+            for (int64_t b = b_begin; b < b_end; ++b) {
+                const int64_t n0 = b * BLOCK, width = std::min(BLOCK, out_features - n0);
+                float *c = out_p + r0 * out_features + n0;
+                at::native::cpublas::brgemm(n_rows, width, in_features, in_features, BLOCK, out_features, false, a,
+                                            weights + b * in_features * BLOCK, c, true);
+            }
+            {
+                const int64_t n0 = b_begin * BLOCK, width = std::min(b_end * BLOCK, out_features) - n0;
+                epilogue(out_p + r0 * out_features + n0, n_rows, width, out_features, rows_p ? rows_p + r0 : nullptr,
+                         cols_p ? cols_p + n0 : nullptr, bias_p ? bias_p + n0 : nullptr);
+            }
+        }
+        at::native::cpublas::brgemm_release(true);
+    });
+    return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(compressdit_native, m) {
+    m.def("bf16_brgemm_ready() -> bool", &bf16_brgemm_ready);
+    m.def("bf16_pack(Tensor weight) -> Tensor");
+    m.def("bf16_linear(Tensor x, Tensor packed, int out_features, Tensor? bias, Tensor? row_scale, "
+          "Tensor? col_scale, int threads) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(compressdit_native, CPU, m) {
+    m.impl("bf16_pack", &bf16_pack);
+    m.impl("bf16_linear", &bf16_linear);
+}
