@@ -26,7 +26,7 @@ their kernel name:
 - ``cpu-decoded-bf16``: the same formats (and twin-log) on layers *above* ``DENSE_MAX_WEIGHT``, on CPUs with bf16
   GEMMs: the weight decoded once into bf16 (2 bytes per weight beside the packed one), the reference's activations
   rounded to bf16, a bf16 GEMM (AMX: 6-8x an fp32 GEMM at DiT-XL/2 sizes), instead of the reference's per-call
-  decode; FP8 W8A8 layers of that size take ``cpu-fp8-bf16`` at any thread count (:func:`_bf16_layer`).
+  decode; FP8 W8A8 layers of that size take ``cpu-fp8-bf16`` at any thread count (:func:`bf16_layer`).
 - Twin-log layers with the randomized Hadamard rotation get their balancing and rotation in one C pass
   (``run_untransformed``: :func:`~compressdit.quant.cpu_native.hadamard_rows`).
 
@@ -140,7 +140,7 @@ def _brgemm_shape(shape: tuple[int, int]) -> bool:
     return shape[0] * shape[1] <= DENSE_MAX_WEIGHT and shape[1] % 2 == 0 and bf16_brgemm()
 
 
-def _bf16_layer(shape: tuple[int, int]) -> bool:
+def bf16_layer(shape: tuple[int, int]) -> bool:
     """Whether a layer of ``shape`` (out, in) runs its GEMM in bf16 on this machine now: every small layer where
     :func:`_brgemm_shape`, else from ``BF16_MIN_WEIGHT`` weights where :func:`bf16_gemm_pays`, and above
     ``DENSE_MAX_WEIGHT`` on any CPU with bf16 GEMMs at any thread count (a DiT-XL/2 MLP layer, 512 tokens, Intel Xeon
@@ -150,7 +150,7 @@ def _bf16_layer(shape: tuple[int, int]) -> bool:
             or _brgemm_shape(shape))
 
 
-def _bf16_weights(weight: torch.Tensor) -> dict:
+def bf16_weights(weight: torch.Tensor) -> dict:
     """A bf16 kernel's copy of its decoded ``weight`` ``[out, in]``: packed for the microkernel where
     :func:`_brgemm_shape` (``"packed"``; ``"weight"`` None), else plain bf16 for torch's linear."""
     if _brgemm_shape(tuple(weight.shape)):
@@ -175,7 +175,7 @@ def _dense_applies(bf16: bool):
         if not _small(shape):
             return False
         if KERNELS.get("cpu-int4-weight").applies(spec, device, shape):
-            return _bf16_layer(shape) == bf16
+            return bf16_layer(shape) == bf16
         return not bf16 and KERNELS.get("cpu-int8-weight").applies(spec, device, shape)
 
     return applies
@@ -184,7 +184,7 @@ def _dense_applies(bf16: bool):
 def dense_kernel_name(shape: tuple[int, int]) -> str:
     """The kernel a small layer of ``shape`` (out, in) and of ``cpu-int4-weight``'s specs runs on this machine now
     (8-bit ones: ``cpu-int-dense-fp32``)."""
-    return "cpu-int-dense-bf16" if _bf16_layer(shape) else "cpu-int-dense-fp32"
+    return "cpu-int-dense-bf16" if bf16_layer(shape) else "cpu-int-dense-fp32"
 
 
 def decoded_kernel_name(spec, shape: tuple[int, int]) -> str:
@@ -200,7 +200,7 @@ def decoded_kernel_name(spec, shape: tuple[int, int]) -> str:
 def fp8_kernel_name(a_bits: int | None, shape: tuple[int, int]) -> str:
     """The kernel an FP8 layer of ``shape`` (out, in) runs on this machine now: ``cpu-fp8-bf16`` for W8A8 where bf16
     GEMMs pay, else ``cpu-fp8-dense``."""
-    return "cpu-fp8-bf16" if a_bits == 8 and _bf16_layer(shape) else "cpu-fp8-dense"
+    return "cpu-fp8-bf16" if a_bits == 8 and bf16_layer(shape) else "cpu-fp8-dense"
 
 
 def _folds(layer) -> bool:
@@ -213,7 +213,7 @@ def _dense_prepack(dtype: torch.dtype):
     def prepack(layer) -> dict:
         weight = layer.effective_weight(torch.float32) if _folds(layer) else layer.dequantized_weight(torch.float32)
         spec = layer.spec
-        weights = _bf16_weights(weight) if dtype is torch.bfloat16 else {"weight": weight.contiguous(), "packed": None}
+        weights = bf16_weights(weight) if dtype is torch.bfloat16 else {"weight": weight.contiguous(), "packed": None}
         return {**weights, "folded": _folds(layer),
                 "int8_rows": spec.a_bits == 8 and spec.a_format == "int" and spec.a_granularity in ("per_token",
                                                                                                   "per_tensor"),
@@ -261,7 +261,7 @@ def _dense_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
             out = F.linear((x2 / scale).round_().to(torch.bfloat16), b["weight"]).float()
             out = out.mul_(scale) if b["bias"] is None else torch.addcmul(b["bias"], out, scale)
     else:  # the casts around the bf16 GEMM in one C pass each
-        out = _bf16_rows_gemm(layer, _quantized_rows(layer, x2, b), b)
+        out = bf16_rows_gemm(layer, _quantized_rows(layer, x2, b), b)
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -364,11 +364,11 @@ def _e4m3_rows(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fp8_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    return _fp8_dense_applies(spec, device, shape) and spec.a_bits == 8 and _bf16_layer(shape)
+    return _fp8_dense_applies(spec, device, shape) and spec.a_bits == 8 and bf16_layer(shape)
 
 
 def _fp8_bf16_prepack(layer) -> dict:
-    codes = _bf16_weights(layer.weight.data.float())  # E4M3 values: exact in bf16
+    codes = bf16_weights(layer.weight.data.float())  # E4M3 values: exact in bf16
     return {"codes": codes["weight"], "packed": codes["packed"],
             "scale": layer.weight_scale.detach().float().reshape(-1).contiguous(),
             "bias": prepacked_bias(layer)}
@@ -467,26 +467,27 @@ def _decoded_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) ->
 
 
 def _decoded_bf16_prepack(layer) -> dict:
-    return {**_bf16_weights(layer.dequantized_weight(torch.float32)), "grid": _input_grid(layer),
+    return {**bf16_weights(layer.dequantized_weight(torch.float32)), "grid": _input_grid(layer),
             "bias": prepacked_bias(layer)}
 
 
-def _bf16_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
+def bf16_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
     """Quantized fp32 ``rows`` rounded to bf16, the bf16 GEMM (fp32 sums), the fp32 bias, in ``rows``' leading shape:
     on the microkernel in one call where the weight is packed (the output not rounded to bf16), else torch's bf16
     linear between two C passes (the output rounded to bf16, then widened with the bias)."""
-    rows2 = _contiguous_fp32(rows.reshape(-1, rows.shape[-1]))
-    if b["packed"] is not None:
-        out = bf16_linear(rows2, b["packed"], layer.out_features, b["bias"])
+    rows2 = rows.reshape(-1, rows.shape[-1])
+    if b["packed"] is not None:  # bf16 rows as they are (a bf16 model's), else contiguous fp32
+        packed_rows = rows2 if rows2.dtype is torch.bfloat16 and rows2.is_contiguous() else _contiguous_fp32(rows2)
+        out = bf16_linear(packed_rows, b["packed"], layer.out_features, b["bias"])
     else:
-        out = bf16_to_float(F.linear(float_to_bf16(rows2), b["weight"]), b["bias"])
+        out = bf16_to_float(F.linear(float_to_bf16(_contiguous_fp32(rows2)), b["weight"]), b["bias"])
     return out.reshape(*rows.shape[:-1], layer.out_features)
 
 
 def _decoded_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     """On the transformed input: activations quantized as the reference (the prepacked grid pass where there is one),
-    then :func:`_bf16_rows_gemm`."""
-    return _bf16_rows_gemm(layer, _quantized_rows(layer, x.reshape(-1, x.shape[-1]), b), b).to(x.dtype).reshape(
+    then :func:`bf16_rows_gemm`."""
+    return bf16_rows_gemm(layer, _quantized_rows(layer, x.reshape(-1, x.shape[-1]), b), b).to(x.dtype).reshape(
         *x.shape[:-1], layer.out_features)
 
 
@@ -512,7 +513,7 @@ KERNELS.add("cpu-decoded-dense", Kernel(
                 "into fp32 (4 bytes per weight of RAM), activations quantized as the reference, fp32 GEMM"))
 KERNELS.add("cpu-decoded-bf16", Kernel(
     _decoded_bf16_applies, _decoded_bf16_prepack, _decoded_bf16_linear, priority=5,
-    run_untransformed=_on_transformed(_decoded_bf16_linear, _bf16_rows_gemm),
+    run_untransformed=_on_transformed(_decoded_bf16_linear, bf16_rows_gemm),
     description=f"layers of more than {DENSE_MAX_WEIGHT} weights no faster kernel runs (NVFP4/MX blocks, minifloats, "
                 "twin-log, int with per-group or sub-8-bit activations), on CPUs with bf16 GEMMs (AVX512-BF16 / AMX), "
                 "and smaller ones but 8-bit int weights on AMX (packed for oneDNN's microkernel, fp32 sums): "

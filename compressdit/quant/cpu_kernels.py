@@ -31,7 +31,9 @@
   ``INT8_MAX_ROWS`` rows the dequantize reference (cheap for int8 codes) + fp32 GEMM is faster. bf16 rounding
   is about half the W8 quantization error here (measured in the tests), not negligible.
 - ``cpu-vq-dense``: VQ weights decoded once at prepack into a dense fp32 weight (costs 4 bytes per
-  weight of RAM at run time; the checkpoint stays VQ), then a plain float matmul.
+  weight of RAM at run time; the checkpoint stays VQ), then a plain float matmul; ``cpu-vq-bf16`` the same in bf16
+  where bf16 GEMMs pay (:func:`~compressdit.quant.cpu_dense.bf16_layer`: on AMX every layer, small ones on oneDNN's
+  microkernel): 2 bytes per weight, within bf16 rounding of the reference.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS, dequantize_nibbles, int4_uses_packed_gemm
 from compressdit.quant.kernel_registry import KERNELS, Kernel, prepacked_bias
 from compressdit.quant.op_library import define_op
-from compressdit.quant.cpu_dense import quantize_layer_input
+from compressdit.quant.cpu_dense import bf16_layer, bf16_rows_gemm, bf16_weights, quantize_layer_input
 from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, int8_brgemm, int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
@@ -414,6 +416,18 @@ def _vq_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return F.linear(x, b["weight"].to(x.dtype), bias)
 
 
+def _vq_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    return device.type == "cpu" and spec.format == "vq" and bf16_layer(shape)
+
+
+def _vq_bf16_prepack(layer) -> dict:
+    return {**bf16_weights(layer.effective_weight(torch.float32)), "bias": prepacked_bias(layer)}
+
+
+def _vq_bf16_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    return bf16_rows_gemm(layer, x, b).to(x.dtype)
+
+
 KERNELS.add("cpu-int8-gemm", Kernel(
     _int8_gemm_applies, _int8_gemm_prepack, _int8_gemm_run, priority=20,
     run_untransformed=_int8_gemm_run_untransformed, run_activated=_int8_gemm_run_activated,
@@ -431,6 +445,11 @@ KERNELS.add("cpu-int4-weight", Kernel(
 KERNELS.add("cpu-int8-weight", Kernel(
     _int8_applies, _int8_prepack, _int8_run, priority=10,
     description=f"_weight_int8pack_mm (bf16 activations) up to {INT8_MAX_ROWS} rows, else dequantize"))
+KERNELS.add("cpu-vq-bf16", Kernel(
+    _vq_bf16_applies, _vq_bf16_prepack, _vq_bf16_run, priority=11,
+    description="VQ weight decoded once at load into bf16 where bf16 GEMMs pay (cpu_dense.bf16_layer: AMX's "
+                "microkernel on small layers, torch's bf16 linear on big ones; 2 bytes per weight of RAM), bf16 "
+                "activations, fp32 sums and bias"))
 KERNELS.add("cpu-vq-dense", Kernel(
     lambda spec, device, shape: device.type == "cpu" and spec.format == "vq", _vq_prepack, _vq_run, priority=10,
     description="VQ weight decoded once at load into a dense fp32 weight (4 bytes per weight of RAM)"))

@@ -193,18 +193,38 @@ def test_large_row_counts_use_the_dequantize_path_exactly():
         torch.testing.assert_close(layer(x), layer.reference_forward(x))
 
 
-def test_vq_layer_decodes_once_on_cpu():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_vq_layer_decodes_once_on_cpu(bf16, dtype, monkeypatch):
+    """``cpu-vq-dense`` (fp32: the reference's numbers) or, where bf16 GEMMs pay (``bf16_layer``; forced here on any
+    CPU: emulated without bf16 hardware), ``cpu-vq-bf16``: within bf16 rounding, half the RAM."""
+    from compressdit.quant import cpu_dense, cpu_kernels
     from compressdit.quant.formats import FORMATS
 
+    monkeypatch.setattr(cpu_kernels, "bf16_layer", lambda shape: bf16)
+    monkeypatch.setattr(cpu_dense, "bf16_brgemm", lambda: bf16 and cpu_native_brgemm())
     spec = LinearQuantSpec(format="vq", w_bits=3)
     FORMATS.get("vq").validate_spec(spec, "t")
+    torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
-    layer = VQLinear.from_linear(linear, spec)
-    assert layer.kernel_name == "cpu-vq-dense"
-    x = torch.randn(6, 64)
+    layer = VQLinear.from_linear(linear, spec).to(dtype)
+    assert layer.kernel_name == ("cpu-vq-bf16" if bf16 else "cpu-vq-dense")
+    x = torch.randn(6, 64).to(dtype)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), layer.reference_forward(x))
-    assert cache_of(layer).nbytes() >= 64 * 32 * 4  # the dense weight's RAM, reported by inspect
+        out, reference = layer(x), layer.reference_forward(x)
+    assert out.dtype == dtype and out.shape == reference.shape
+    if bf16 or dtype == torch.bfloat16:
+        assert ((out.float() - reference.float()).norm() / reference.float().norm()).item() <= 1.2e-2
+        assert cache_of(layer).nbytes() >= 64 * 32 * 2
+    else:
+        torch.testing.assert_close(out, reference)
+        assert cache_of(layer).nbytes() >= 64 * 32 * 4  # the dense weight's RAM, reported by inspect
+
+
+def cpu_native_brgemm() -> bool:
+    from compressdit.quant.cpu_native import bf16_brgemm
+
+    return bf16_brgemm()
 
 
 def test_int8_weight_kernel_takes_misaligned_codes_and_inputs():
@@ -227,7 +247,7 @@ def test_kernel_choice_is_per_layer_and_by_device():
     assert select_kernel(LinearQuantSpec(w_bits=8, a_bits=8), cpu, (96, 256)) == "cpu-int8-gemm"
     assert select_kernel(LinearQuantSpec(w_bits=4, group_size=64), cpu, (BIG, 256)) == "cpu-int4-weight"
     assert select_kernel(LinearQuantSpec(w_bits=4, group_size=16), cpu, (BIG, 256)) == BIG_DECODED[0]
-    for name in ("cpu-int8-gemm", "cpu-int4-weight", "cpu-int8-weight", "cpu-vq-dense", "cpu-int-dense-bf16",
+    for name in ("cpu-int8-gemm", "cpu-int4-weight", "cpu-int8-weight", "cpu-vq-dense", "cpu-vq-bf16", "cpu-int-dense-bf16",
                  "cpu-int-dense-fp32", "cpu-fp8-dense", "cpu-int8-group-gemm"):
         assert not KERNELS.get(name).applies(LinearQuantSpec(w_bits=8, a_bits=8), torch.device("meta"), (96, 256))
     model = torch.nn.Sequential(_layer(LinearQuantSpec(w_bits=8, a_bits=8))[1],

@@ -61,6 +61,7 @@ def test_int_format_refuses_vq_keys():
             LinearQuantSpec.from_dict({"w_bits": 4, key: value}, "spec")
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 def test_row_scale_lets_rows_of_different_magnitude_share_a_codebook():
     linear = _linear()
     with torch.no_grad():
@@ -96,6 +97,7 @@ def test_from_linear_stores_packed_codes_and_an_fp16_codebook():
     assert rel < 0.5  # a fitted codebook, not noise
 
 
+@pytest.mark.usefixtures("fp32_kernels")
 def test_forward_is_the_linear_of_the_decoded_weight():
     linear = _linear()
     module = VQLinear.from_linear(linear, _spec(w_bits=3))
