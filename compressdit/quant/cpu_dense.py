@@ -35,6 +35,9 @@ On CPUs with AMX-BF16 (:func:`_brgemm_shape`) the bf16 kernels also take every s
 twin-log, except 8-bit integer weights) keep their weight packed once for oneDNN's BRGeMM microkernel and run one C++
 op a call (:func:`~compressdit.quant.cpu_native.bf16_linear`: activations rounded to bf16 inside it, fp32 sums, the
 scales and bias in its epilogue): torch's bf16 linear costs ~20 us a call on these sizes, the microkernel ~3-15.
+That op also runs the dynamic grid quantization (:func:`_fused_grid`) and twin-log's balancing + Hadamard on each
+thread's rows before rounding them, bit for bit as the separate passes (no fp32 copy of the quantized input; these
+layers share no quantized rows with their neighbours).
 """
 
 from __future__ import annotations
@@ -405,6 +408,11 @@ def _on_transformed(run, gemm=None):
     (the kernel's GEMM on quantized rows), a twin-log layer with the Hadamard rotation and a prepacked grid pass has
     its input balanced, rotated and quantized in one C pass (the same numbers)."""
     def run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+        if (gemm is not None and _hadamard_layer(layer, x) and _fused_grid(b, x, rotated=True)
+                and not torch.compiler.is_compiling() and _rotation_fuses(layer, x)):
+            out = bf16_linear(x.reshape(-1, x.shape[-1]), b["packed"], layer.out_features, b["bias"],
+                              transform=(b["smooth"], layer.rotation_signs, *b["grid"]))
+            return out.reshape(*x.shape[:-1], layer.out_features)
         if gemm is not None and b["grid"] is not None and _hadamard_layer(layer, x):
             rows = hadamard_rows(x, layer.smooth_scale, layer.rotation_signs, b["grid"])
             if rows is not None:
@@ -412,6 +420,14 @@ def _on_transformed(run, gemm=None):
         return run(layer, _transformed_input(layer, x), b)
 
     return run_untransformed
+
+
+def _rotation_fuses(layer, x: torch.Tensor) -> bool:
+    """What :func:`~compressdit.quant.cpu_native.hadamard_rows` checks before its pass, for the op's fused one: int8
+    signs and a balancing divisor (if any) of the input's width, no gradient to keep."""
+    signs, smooth, cols = layer.rotation_signs, layer.smooth_scale, x.shape[-1]
+    return (signs.dtype == torch.int8 and signs.is_contiguous() and signs.nelement() == cols
+            and (smooth is None or smooth.nelement() == cols) and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def _fp32_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
@@ -467,8 +483,9 @@ def _decoded_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) ->
 
 
 def _decoded_bf16_prepack(layer) -> dict:
+    smooth = getattr(layer, "smooth_scale", None)  # for the op's fused rotation (twin-log layers)
     return {**bf16_weights(layer.dequantized_weight(torch.float32)), "grid": _input_grid(layer),
-            "bias": prepacked_bias(layer)}
+            "bias": prepacked_bias(layer), "smooth": None if smooth is None else smooth.detach().float().contiguous()}
 
 
 def bf16_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
@@ -484,11 +501,23 @@ def bf16_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
     return out.reshape(*rows.shape[:-1], layer.out_features)
 
 
+def _fused_grid(b: dict, x: torch.Tensor, rotated: bool = False) -> bool:
+    """Whether the microkernel's op quantizes ``x``'s rows itself (its blocks through the prepacked grid pass, bit for
+    bit; NVFP4's tensor scale from every row first): a packed weight, contiguous fp32 rows, a grid (after a rotation:
+    one whose scales come from each group alone, not NVFP4's)."""
+    return (b.get("packed") is not None and b["grid"] is not None and b["grid"][1] in ((0, 1) if rotated else (0, 1, 2))
+            and _takes_fp32(x))
+
+
 def _decoded_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    """On the transformed input: activations quantized as the reference (the prepacked grid pass where there is one),
-    then :func:`bf16_rows_gemm`."""
-    return bf16_rows_gemm(layer, _quantized_rows(layer, x.reshape(-1, x.shape[-1]), b), b).to(x.dtype).reshape(
-        *x.shape[:-1], layer.out_features)
+    """On the transformed input: activations quantized as the reference (the prepacked grid pass where there is one:
+    inside the microkernel's op where :func:`_fused_grid`), then :func:`bf16_rows_gemm`."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if _fused_grid(b, x2) and not torch.compiler.is_compiling():
+        out = bf16_linear(x2, b["packed"], layer.out_features, b["bias"], transform=(None, None, *b["grid"]))
+    else:
+        out = bf16_rows_gemm(layer, _quantized_rows(layer, x2, b), b)
+    return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 def _input_kind(spec) -> tuple:

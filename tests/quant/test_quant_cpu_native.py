@@ -651,3 +651,33 @@ def test_the_int8_microkernel_gives_the_fused_ops_numbers_bit_for_bit(per_token,
         op(x, None, codes.t(), w_scale, bias, per_token, threads, None, None, activation, packed[:1])
     with pytest.raises(RuntimeError, match="multiple of 4"):
         cpu_native.int8_pack(codes[:, :90])
+
+
+@pytest.mark.parametrize("rows, threads", [(300, 2), (300, 1), (16, 2), (3, 1)])
+@pytest.mark.parametrize("grid", [None, (16, 0, 7.0, 30, 30), (32, 1, 6.0, 1, 0), (16, 2, 6.0, 1, 0)],
+                         ids=["none", "int4-g16", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("rotated", [False, True])
+def test_the_bf16_microkernel_transforms_its_rows_as_the_passes_do(rows, threads, grid, rotated):
+    """``bf16_linear``'s fused transform (each thread's rows balanced and rotated as :func:`hadamard_rows`, quantized as
+    :func:`fake_quantize_grid`; NVFP4's tensor scale from every row first) gives the op's numbers on the separate
+    passes' rows bit for bit, on rows split over the team or column blocks; it refuses what the passes would not."""
+    if not cpu_native.bf16_brgemm():
+        pytest.skip("no AMX-BF16 microkernel on this CPU")
+    if grid is None and not rotated:
+        return  # the plain op: tested above
+    torch.manual_seed(0)
+    x = _activations(rows=max(rows, 3), cols=128)[:rows].contiguous()
+    smooth, signs = torch.rand(128) + 0.5, (torch.randint(0, 2, (128,)) * 2 - 1).to(torch.int8)
+    packed, bias = cpu_native.bf16_pack(torch.randn(100, 128)), torch.randn(100)
+    op = torch.ops.compressdit_native.bf16_linear
+    if rotated and grid is not None and grid[1] == 2:  # NVFP4 after a rotation: not a per-block pass
+        with pytest.raises(RuntimeError, match="rule 0 or 1"):
+            op(x, packed, 100, bias, None, None, threads, smooth, signs, *grid)
+        return
+    rows_in = cpu_native.hadamard_rows(x, smooth, signs, grid) if rotated else cpu_native.fake_quantize_grid(x, *grid)
+    expected = op(rows_in, packed, 100, bias, None, None, threads)
+    transform = (smooth, signs) if rotated else (None, None)
+    out = op(x, packed, 100, bias, None, None, threads, *transform, *(grid or (0, 0, 0.0, 0, 0)))
+    assert torch.equal(out, expected)
+    with pytest.raises(RuntimeError, match="fp32 rows"):
+        op(x.to(torch.bfloat16), packed, 100, bias, None, None, threads, *transform, *(grid or (16, 0, 7.0, 30, 30)))

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -22,6 +23,13 @@
 
 extern "C" {
 void compressdit_float_to_bf16(const float *x, int64_t n, uint16_t *y, int32_t threads);
+float compressdit_grid_tensor_scale(const float *x, int64_t rows, int64_t cols, float top, int32_t threads);
+void compressdit_fake_quantize_grid_with(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t rule,
+                                         float top, int32_t mantissa, int32_t min_exp, float t, float *out,
+                                         int32_t threads);
+void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
+                               int64_t block, float norm, int64_t group, int32_t rule, float top, int32_t mantissa,
+                               int32_t min_exp, float *out, int32_t threads);
 }
 
 namespace {
@@ -81,11 +89,41 @@ void epilogue(float *__restrict c, int64_t rows, int64_t width, int64_t ld, cons
     }
 }
 
-/* out[r, n] = (sum_k bf16(x[r, k]) * W[n, k]) * row_scale[r] * col_scale[n] + bias[n], fp32: x [rows, in] contiguous
- * fp32 (rounded to bf16 here) or bf16, packed from bf16_pack, scales and bias optional fp32 vectors. */
+/* What a block of fp32 rows goes through before it is rounded to bf16 (float_rows.c's passes, bit for bit, on the
+ * block's thread): none; the dynamic grid quantization of compressdit_fake_quantize_grid (rules 0 and 1: scales from
+ * each group alone; rule 2, NVFP4, with the tensor scale t of the whole input, computed before the blocks: any block
+ * of rows then gives the whole pass's numbers); or the balancing division and randomized Hadamard of
+ * compressdit_hadamard_rows, with the grid quantization (rules 0 and 1) where group > 0. */
+struct RowTransform {
+    const float *smooth = nullptr;
+    const int8_t *signs = nullptr;
+    int64_t group = 0;
+    int32_t rule = 0;
+    float top = 0.0f;
+    int32_t mantissa = 0, min_exp = 0;
+    float t = 1.0f;
+
+    bool any() const { return signs || group; }
+
+    void apply(const float *x, int64_t rows, int64_t cols, float *out) const {
+        if (signs) {
+            const int64_t block = cols & -cols;
+            compressdit_hadamard_rows(x, smooth, signs, rows, cols, block, (float)std::sqrt((double)block), group,
+                                      rule, top, mantissa, min_exp, out, 1);
+        } else {
+            compressdit_fake_quantize_grid_with(x, rows, cols, group, rule, top, mantissa, min_exp, t, out, 1);
+        }
+    }
+};
+
+/* out[r, n] = (sum_k bf16(t(x)[r, k]) * W[n, k]) * row_scale[r] * col_scale[n] + bias[n], fp32: x [rows, in]
+ * contiguous fp32 (transformed by t, then rounded to bf16 here) or bf16 (no transform), packed from bf16_pack,
+ * scales and bias optional fp32 vectors; t: smooth / signs / group ... as RowTransform says (none by default). */
 at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t out_features,
                        const c10::optional<at::Tensor> &bias, const c10::optional<at::Tensor> &row_scale,
-                       const c10::optional<at::Tensor> &col_scale, int64_t threads) {
+                       const c10::optional<at::Tensor> &col_scale, int64_t threads,
+                       const c10::optional<at::Tensor> &smooth, const c10::optional<at::Tensor> &signs, int64_t group,
+                       int64_t rule, double top, int64_t mantissa, int64_t min_exp) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
                 "bf16_linear: x must be a contiguous fp32 or bf16 matrix");
     const int64_t rows = x.size(0), in_features = x.size(1);
@@ -96,9 +134,27 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
     const float *bias_p = optional_vector(bias, out_features, "bias");
     const float *rows_p = optional_vector(row_scale, rows, "row_scale");
     const float *cols_p = optional_vector(col_scale, out_features, "col_scale");
+    RowTransform transform;
+    transform.smooth = optional_vector(smooth, in_features, "smooth");
+    TORCH_CHECK(!signs.has_value() || (signs->scalar_type() == at::kChar && signs->is_contiguous() &&
+                                       signs->numel() == in_features),
+                "bf16_linear: signs must be a contiguous int8 tensor of ", in_features, " elements");
+    TORCH_CHECK(!transform.smooth || signs.has_value(), "bf16_linear: smooth comes with the rotation's signs");
+    TORCH_CHECK(group == 0 || (group > 0 && in_features % group == 0 && rule >= 0 && rule <= (signs.has_value() ? 1 : 2)),
+                "bf16_linear: a grid needs a group dividing ", in_features, " and rule 0 or 1 (2 without a rotation)");
+    transform.signs = signs.has_value() ? signs->data_ptr<int8_t>() : nullptr;
+    transform.group = group;
+    transform.rule = (int32_t)rule;
+    transform.top = (float)top;
+    transform.mantissa = (int32_t)mantissa;
+    transform.min_exp = (int32_t)min_exp;
     at::Tensor out = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
     if (rows == 0) return out;
     const bool fp32_in = x.scalar_type() == at::kFloat, scaled = rows_p || cols_p;
+    TORCH_CHECK(fp32_in || !transform.any(), "bf16_linear: a transform takes fp32 rows");
+    if (group && rule == 2) /* NVFP4's tensor scale needs every row first */
+        transform.t = compressdit_grid_tensor_scale(x.data_ptr<float>(), rows, in_features, transform.top,
+                                                    (int32_t)threads);
     const int64_t chunk_rows = std::clamp<int64_t>(CHUNK_BYTES / (2 * in_features) / 32 * 32, 32, 256);
     const at::BFloat16 *weights = packed.data_ptr<at::BFloat16>();
     float *out_p = out.data_ptr<float>();
@@ -107,13 +163,19 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
     on_team(by_rows ? rows : blocks, threads, "bf16_linear", [&](int64_t u0, int64_t u1) {
         const int64_t r_begin = by_rows ? u0 : 0, r_end = by_rows ? u1 : rows;
         const int64_t b_begin = by_rows ? 0 : u0, b_end = by_rows ? blocks : u1;
-        std::vector<uint16_t> buffer(fp32_in ? std::min(chunk_rows, r_end - r_begin) * in_features : 0);
+        const int64_t chunk = std::min(chunk_rows, r_end - r_begin) * in_features;
+        std::vector<uint16_t> buffer(fp32_in ? chunk : 0);
+        std::vector<float> transformed(transform.any() ? chunk : 0);
         for (int64_t r0 = r_begin; r0 < r_end; r0 += chunk_rows) {
             const int64_t n_rows = std::min(chunk_rows, r_end - r0);
             const at::BFloat16 *a;
             if (fp32_in) {
-                compressdit_float_to_bf16(x.data_ptr<float>() + r0 * in_features, n_rows * in_features, buffer.data(),
-                                          1);
+                const float *rows_in = x.data_ptr<float>() + r0 * in_features;
+                if (transform.any()) {
+                    transform.apply(rows_in, n_rows, in_features, transformed.data());
+                    rows_in = transformed.data();
+                }
+                compressdit_float_to_bf16(rows_in, n_rows * in_features, buffer.data(), 1);
                 a = reinterpret_cast<const at::BFloat16 *>(buffer.data());
             } else {
                 a = x.data_ptr<at::BFloat16>() + r0 * in_features;
@@ -141,7 +203,8 @@ TORCH_LIBRARY_FRAGMENT(compressdit_native, m) {
     m.def("bf16_brgemm_ready() -> bool", &bf16_brgemm_ready);
     m.def("bf16_pack(Tensor weight) -> Tensor");
     m.def("bf16_linear(Tensor x, Tensor packed, int out_features, Tensor? bias, Tensor? row_scale, "
-          "Tensor? col_scale, int threads) -> Tensor");
+          "Tensor? col_scale, int threads, Tensor? smooth=None, Tensor? signs=None, int group=0, int rule=0, "
+          "float top=0., int mantissa=0, int min_exp=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(compressdit_native, CPU, m) {

@@ -160,6 +160,11 @@ static void grid_batch(const float *x, float *out, int64_t n, int64_t group, int
     }
 }
 
+float compressdit_grid_tensor_scale(const float *x, int64_t rows, int64_t cols, float top, int32_t threads);
+void compressdit_fake_quantize_grid_with(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t rule,
+                                         float top, int32_t mantissa, int32_t min_exp, float t, float *out,
+                                         int32_t threads);
+
 /* Dynamic fake quantization onto a grid (round_grid), per group of `group` values of each row (group divides
  * cols), as compressdit/quant/activations.py does it in PyTorch, bit for bit:
  *   rule 0 (int and minifloat formats): s = max(amax, 1e-8) / top;
@@ -171,16 +176,26 @@ static void grid_batch(const float *x, float *out, int64_t n, int64_t group, int
  * number of threads). */
 void compressdit_fake_quantize_grid(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t rule, float top,
                                     int32_t mantissa, int32_t min_exp, float *out, int32_t threads) {
-    float t = 1.0f;
-    if (rule == 2) {
-        uint32_t m = 0;
-        FOR_ROWS_MAX(m, i, rows, {
-            const uint32_t r = absmax_bits(x + i * cols, cols);
-            m = r > m ? r : m;
-        });
-        const float all = bits_float(m);
-        t = all > 0.0f ? all / (top * 448.0f) : 1.0f;
-    }
+    const float t = rule == 2 ? compressdit_grid_tensor_scale(x, rows, cols, top, threads) : 1.0f;
+    compressdit_fake_quantize_grid_with(x, rows, cols, group, rule, top, mantissa, min_exp, t, out, threads);
+}
+
+/* NVFP4's tensor scale of x (rule 2 above): amax(all x) / (top * 448), 1 for an all-zero x. */
+float compressdit_grid_tensor_scale(const float *x, int64_t rows, int64_t cols, float top, int32_t threads) {
+    uint32_t m = 0;
+    FOR_ROWS_MAX(m, i, rows, {
+        const uint32_t r = absmax_bits(x + i * cols, cols);
+        m = r > m ? r : m;
+    });
+    const float all = bits_float(m);
+    return all > 0.0f ? all / (top * 448.0f) : 1.0f;
+}
+
+/* compressdit_fake_quantize_grid with the tensor scale t given (rule 2: compressdit_grid_tensor_scale of the whole
+ * input; ignored by rules 0 and 1): any block of rows then gives the whole pass's numbers. */
+void compressdit_fake_quantize_grid_with(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t rule,
+                                         float top, int32_t mantissa, int32_t min_exp, float t, float *out,
+                                         int32_t threads) {
     const int64_t groups = rows * (cols / group);
     FOR_ROWS(i, (groups + GRID_BATCH - 1) / GRID_BATCH, {
         const int64_t first = i * GRID_BATCH;
