@@ -245,12 +245,15 @@ def _int8_gemm_run_activated(layer, x: torch.Tensor, b: dict, activation: str) -
 
 
 @_define("int8_group_gemm_linear_cpu(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, "
-         "int out_features) -> Tensor")
+         "int out_features, Tensor? microkernel=None) -> Tensor")
 def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor,
-                               bias: Optional[torch.Tensor], per_token: bool, out_features: int) -> torch.Tensor:
+                               bias: Optional[torch.Tensor], per_token: bool, out_features: int,
+                               microkernel: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grouped weights (``codes`` int8 ``[groups, out, group]``, ``w_scale`` ``[groups, out]``) x dynamic int8
     activations: the codes quantized per group in one C pass, one ``torch._int_mm`` per group into one int32
-    buffer, one fused epilogue (each group's sums scaled by its scales and added, then per row)."""
+    buffer, one fused epilogue (each group's sums scaled by its scales and added, then per row). ``microkernel``: each
+    group's codes packed by :func:`~compressdit.quant.cpu_native.int8_pack` (AMX-INT8): the fused op's GEMMs then run
+    on oneDNN's microkernel (the same int32 sums)."""
     groups, _, size = codes.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.dtype != torch.float32 or not x2.is_contiguous():
@@ -258,7 +261,7 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: to
     if x2.shape[0] and native_ops():  # the same in one C++ call, each thread's rows on it (csrc/int8_linear.cpp)
         threads = torch.get_num_threads() if x2.numel() * out_features > TEAM_MIN_WORK else 1
         return _like_input(torch.ops.compressdit_native.int8_group_linear(x2, codes, w_scale, bias, per_token,
-                                                                          threads), x)
+                                                                          threads, microkernel), x)
     q, a_scale = quantize_rows_int8_groups(x2, per_token, size)
     acc = torch.empty(groups, x2.shape[0], out_features, dtype=torch.int32)
     threads = _serial_threads(x2.numel() * out_features, SERIAL_GEMM_WORK)
@@ -272,7 +275,7 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: to
 
 
 @torch.library.register_fake("compressdit::int8_group_gemm_linear_cpu")
-def _(x, codes, w_scale, bias, per_token, out_features):
+def _(x, codes, w_scale, bias, per_token, out_features, microkernel=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -287,13 +290,16 @@ def _int8_group_gemm_applies(spec, device: torch.device, shape: tuple[int, int])
 def _int8_group_gemm_prepack(layer) -> dict:
     groups = layer.in_features // layer.spec.group_size
     codes = layer.codes().view(layer.out_features, groups, layer.spec.group_size)
-    return {"codes": codes.transpose(0, 1).contiguous(), "w_scale": layer.weight_scale.float().t().contiguous(),
-            "bias": prepacked_bias(layer)}
+    codes = codes.transpose(0, 1).contiguous()  # [groups, out, group]
+    microkernel = (torch.stack([int8_pack(group_codes) for group_codes in codes])
+                   if layer.spec.group_size % 4 == 0 and int8_brgemm() else None)
+    return {"codes": codes, "w_scale": layer.weight_scale.float().t().contiguous(), "bias": prepacked_bias(layer),
+            "microkernel": microkernel}
 
 
 def _int8_group_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return int8_group_gemm_linear_cpu(x, b["codes"], b["w_scale"], b["bias"], layer.spec.a_granularity == "per_token",
-                                      layer.out_features)
+                                      layer.out_features, b["microkernel"])
 
 
 # --- weight-only int4 (tinygemm layout for CPU) -------------------------------------------------------------

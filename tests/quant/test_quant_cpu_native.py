@@ -681,3 +681,22 @@ def test_the_bf16_microkernel_transforms_its_rows_as_the_passes_do(rows, threads
     assert torch.equal(out, expected)
     with pytest.raises(RuntimeError, match="fp32 rows"):
         op(x.to(torch.bfloat16), packed, 100, bias, None, None, threads, *transform, *(grid or (16, 0, 7.0, 30, 30)))
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("rows, threads", [(37, 2), (37, 1), (1, 2), (300, 2)])
+def test_the_grouped_int8_op_on_the_microkernel_gives_its_numbers_bit_for_bit(per_token, rows, threads):
+    """int8_group_linear with each group's codes packed by ``int8_pack`` (AMX-INT8 only) makes the same int32 sums
+    per group as ``torch._int_mm``: the same output bit for bit, a partial block of 64 channels included."""
+    if not cpu_native.int8_brgemm():
+        pytest.skip("no AMX-INT8 microkernel on this CPU")
+    x = _activations(rows=max(rows, 3), cols=128)[:rows]
+    torch.manual_seed(2)
+    codes = torch.randint(-7, 8, (4, 100, 32), dtype=torch.int8)  # [groups, out, group]
+    w_scale, bias = torch.rand(4, 100) / 50, torch.randn(100)
+    packed = torch.stack([cpu_native.int8_pack(group) for group in codes])
+    op = torch.ops.compressdit_native.int8_group_linear
+    expected = op(x, codes, w_scale, bias, per_token, threads)
+    assert torch.equal(op(x, codes, w_scale, bias, per_token, threads, packed), expected)
+    with pytest.raises(RuntimeError, match="int8_pack's"):
+        op(x, codes, w_scale, bias, per_token, threads, packed[:, :1])

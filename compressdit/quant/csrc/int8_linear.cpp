@@ -11,7 +11,8 @@
  * calling thread (ATen and oneDNN do not nest parallel regions). Per-tensor scales need every row first: the codes
  * are then made by one threaded pass before the team. Codes made earlier for the same input (the query, key and
  * value projections share them) can be passed in: the team only multiplies and scales. int8_group_linear does the
- * same for weights in column groups (cpu-int8-group-gemm: one at::_int_mm per group a block). int8_linear can also
+ * same for weights in column groups (cpu-int8-group-gemm: one at::_int_mm, or microkernel call, per group a block).
+ * int8_linear can also
  * put its output through the tanh GELU in the same block (float_rows.c's pass; quant/native_gelu.py asks for it).
  * On CPUs with AMX-INT8, int8_linear takes the codes packed once (int8_pack) and runs oneDNN's BRGeMM microkernel
  * (torch's at::native::cpublas::brgemm) instead of at::_int_mm: the same int32 sums, without _int_mm's per-call
@@ -157,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
  * group's sums times its scales in fp32 (compressdit_dequantize_groups): cpu-int8-group-gemm's numbers, bit for bit.
  * Returns out [rows, out] fp32. */
 at::Tensor int8_group_linear(const at::Tensor &x, const at::Tensor &codes, const at::Tensor &w_scale,
-                             const c10::optional<at::Tensor> &bias, bool per_token, int64_t threads) {
+                             const c10::optional<at::Tensor> &bias, bool per_token, int64_t threads,
+                             const c10::optional<at::Tensor> &packed) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(0) > 0,
                 "int8_group_linear: x must be a non-empty contiguous fp32 matrix");
     TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kChar && codes.is_contiguous() &&
@@ -167,6 +169,13 @@ at::Tensor int8_group_linear(const at::Tensor &x, const at::Tensor &codes, const
                   group = codes.size(2);
     check_vector(w_scale, groups * out_features, "int8_group_linear: w_scale");
     check_vector(bias, out_features, "int8_group_linear: bias");
+    const int64_t blocks = (out_features + BLOCK - 1) / BLOCK;
+    TORCH_CHECK(!packed.has_value() || (packed->scalar_type() == at::kChar && packed->is_contiguous() &&
+                                        packed->dim() == 4 && packed->size(0) == groups &&
+                                        packed->size(1) == blocks && packed->size(2) == group &&
+                                        packed->size(3) == BLOCK),
+                "int8_group_linear: packed must be int8_pack's [", blocks, ", ", group, ", ", BLOCK, "] per group");
+    const int8_t *packed_p = packed.has_value() ? packed->data_ptr<int8_t>() : nullptr;
     at::Tensor out = at::empty({rows, out_features}, x.options());
     at::Tensor scale = at::empty({per_token ? rows : 1}, x.options());
     at::Tensor all_codes; /* per-tensor: every row's codes, [groups, rows, group] */
@@ -188,9 +197,18 @@ at::Tensor int8_group_linear(const at::Tensor &x, const at::Tensor &codes, const
         at::Tensor acc = at::empty({groups, n, out_features}, x.options().dtype(at::kInt));
         for (int64_t g = 0; g < groups; ++g) {
             at::Tensor sums = acc.select(0, g);
-            at::_int_mm_out(sums, per_token ? q.select(0, g) : all_codes.select(0, g).narrow(0, r0, n),
-                            codes.select(0, g).t());
+            at::Tensor a = per_token ? q.select(0, g) : all_codes.select(0, g).narrow(0, r0, n);
+            if (packed_p) { /* the same int32 sums on oneDNN's microkernel (AMX-INT8) */
+                for (int64_t b = 0; b < blocks; ++b)
+                    at::native::cpublas::brgemm(n, std::min(BLOCK, out_features - b * BLOCK), group, group, BLOCK,
+                                                out_features, false, a.data_ptr<int8_t>(),
+                                                packed_p + (g * blocks + b) * group * BLOCK,
+                                                sums.data_ptr<int32_t>() + b * BLOCK, true);
+            } else {
+                at::_int_mm_out(sums, a, codes.select(0, g).t());
+            }
         }
+        if (packed_p) at::native::cpublas::brgemm_release(true);
         compressdit_dequantize_groups(acc.data_ptr<int32_t>(), w_scale.data_ptr<float>(), a_scale, per_token, bias_p,
                                       groups, n, out_features, out.data_ptr<float>() + r0 * out_features, 1);
     };
@@ -205,8 +223,8 @@ TORCH_LIBRARY_FRAGMENT(compressdit_native, m) {
           "int threads, Tensor? codes, Tensor? scales, int activation=0, Tensor? packed=None) -> (Tensor, Tensor, Tensor)");
     m.def("int8_brgemm_ready() -> bool", &int8_brgemm_ready);
     m.def("int8_pack(Tensor codes) -> Tensor");
-    m.def("int8_group_linear(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, int threads) "
-          "-> Tensor");
+    m.def("int8_group_linear(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, int threads, "
+          "Tensor? packed=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(compressdit_native, CPU, m) {
