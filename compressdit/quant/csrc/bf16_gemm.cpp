@@ -39,7 +39,33 @@ using compressdit_team::on_team;
 constexpr int64_t BLOCK = 64; /* columns a packed block: cpublas::pack's widest bf16 layout */
 constexpr int64_t CHUNK_BYTES = 1 << 19; /* a chunk of bf16 activation rows: at most this (in L2), 32..256 rows */
 
+/* torch's microkernel API where its CPUBlas.h declares it (CPUBLAS_BRGEMM_BF16BF16F32); else never ready */
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
 bool bf16_brgemm_ready() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+void bf16_pack_block(int64_t depth, int64_t ld_in, const at::BFloat16 *in, at::BFloat16 *out) {
+    at::native::cpublas::pack(depth, BLOCK, ld_in, BLOCK, at::kBFloat16, at::kBFloat16, in, out);
+}
+
+void bf16_microkernel(int64_t rows, int64_t width, int64_t depth, int64_t ld_c, const at::BFloat16 *a,
+                      const at::BFloat16 *b, float *c) {
+    at::native::cpublas::brgemm(rows, width, depth, depth, BLOCK, ld_c, false, a, b, c, true);
+}
+
+void bf16_microkernel_release() { at::native::cpublas::brgemm_release(true); }
+#else
+bool bf16_brgemm_ready() { return false; }
+
+void bf16_pack_block(int64_t, int64_t, const at::BFloat16 *, at::BFloat16 *) {
+    TORCH_CHECK(false, "this torch has no bf16 BRGeMM microkernel");
+}
+
+void bf16_microkernel(int64_t, int64_t, int64_t, int64_t, const at::BFloat16 *, const at::BFloat16 *, float *) {
+    TORCH_CHECK(false, "this torch has no bf16 BRGeMM microkernel");
+}
+
+void bf16_microkernel_release() {}
+#endif
 
 /* W [out, in] (fp32 or bf16; in even) -> bf16 [blocks, in, 64]: each block of 64 output channels of W^T in AMX's
  * VNNI layout (a last partial block padded with zeros). */
@@ -53,8 +79,8 @@ at::Tensor bf16_pack(const at::Tensor &weight) {
     wt.narrow(1, 0, out_features).copy_(weight.t());
     at::Tensor packed = at::empty({blocks, in_features, BLOCK}, wt.options());
     for (int64_t b = 0; b < blocks; ++b)
-        at::native::cpublas::pack(in_features, BLOCK, blocks * BLOCK, BLOCK, at::kBFloat16, at::kBFloat16,
-                                  wt.data_ptr<at::BFloat16>() + b * BLOCK, packed[b].data_ptr<at::BFloat16>());
+        bf16_pack_block(in_features, blocks * BLOCK, wt.data_ptr<at::BFloat16>() + b * BLOCK,
+                        packed[b].data_ptr<at::BFloat16>());
     return packed;
 }
 
@@ -183,8 +209,7 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
             for (int64_t b = b_begin; b < b_end; ++b) {
                 const int64_t n0 = b * BLOCK, width = std::min(BLOCK, out_features - n0);
                 float *c = out_p + r0 * out_features + n0;
-                at::native::cpublas::brgemm(n_rows, width, in_features, in_features, BLOCK, out_features, false, a,
-                                            weights + b * in_features * BLOCK, c, true);
+                bf16_microkernel(n_rows, width, in_features, out_features, a, weights + b * in_features * BLOCK, c);
             }
             {
                 const int64_t n0 = b_begin * BLOCK, width = std::min(b_end * BLOCK, out_features) - n0;
@@ -192,7 +217,7 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
                          cols_p ? cols_p + n0 : nullptr, bias_p ? bias_p + n0 : nullptr);
             }
         }
-        at::native::cpublas::brgemm_release(true);
+        bf16_microkernel_release();
     });
     return out;
 }

@@ -50,7 +50,26 @@ using compressdit_team::on_team;
 constexpr int64_t GELU_TANH = 1; /* int8_linear's `activation`: 0 none, 1 the tanh GELU of float_rows.c */
 constexpr int64_t BLOCK = 64;     /* output channels a block of int8_pack's layout */
 
+/* torch's microkernel API where its CPUBlas.h declares it (CPUBLAS_BRGEMM_I8I8I32); else never ready */
+#ifdef CPUBLAS_BRGEMM_I8I8I32
+#define COMPRESSDIT_INT8_BRGEMM 1
 bool int8_brgemm_ready() { return at::native::cpublas::could_pack(at::kChar); }
+
+void int8_microkernel(int64_t rows, int64_t width, int64_t depth, int64_t ld_c, const int8_t *a, const int8_t *b,
+                      int32_t *c) {
+    at::native::cpublas::brgemm(rows, width, depth, depth, BLOCK, ld_c, false, a, b, c, true);
+}
+
+void int8_microkernel_release() { at::native::cpublas::brgemm_release(true); }
+#else
+bool int8_brgemm_ready() { return false; }
+
+void int8_microkernel(int64_t, int64_t, int64_t, int64_t, const int8_t *, const int8_t *, int32_t *) {
+    TORCH_CHECK(false, "this torch has no int8 BRGeMM microkernel");
+}
+
+void int8_microkernel_release() {}
+#endif
 
 /* int8 codes [out, in] (in a multiple of 4) -> int8 [blocks, in, 64]: each block of 64 output channels of the codes'
  * transpose in AMX's VNNI layout (a last partial block padded with zeros), for int8_linear's microkernel path. */
@@ -64,9 +83,11 @@ at::Tensor int8_pack(const at::Tensor &codes) {
     at::Tensor t = at::zeros({in_features, blocks * BLOCK}, codes.options());
     t.narrow(1, 0, out_features).copy_(codes.t());
     at::Tensor packed = at::empty({blocks, in_features, BLOCK}, codes.options());
+#ifdef COMPRESSDIT_INT8_BRGEMM
     for (int64_t b = 0; b < blocks; ++b)
         at::native::cpublas::pack(in_features, BLOCK, blocks * BLOCK, BLOCK, at::kChar, at::kChar,
                                   t.data_ptr<int8_t>() + b * BLOCK, packed[b].data_ptr<int8_t>());
+#endif
     return packed;
 }
 
@@ -90,10 +111,9 @@ void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &code
     if (packed) { /* the same int32 sums on oneDNN's microkernel (AMX-INT8), one call per block of 64 channels */
         const int64_t blocks = (out_features + BLOCK - 1) / BLOCK;
         for (int64_t b = 0; b < blocks; ++b)
-            at::native::cpublas::brgemm(rows, std::min(BLOCK, out_features - b * BLOCK), cols, cols, BLOCK,
-                                        out_features, false, q.data_ptr<int8_t>() + r0 * cols,
-                                        packed + b * cols * BLOCK, sums + b * BLOCK, true);
-        at::native::cpublas::brgemm_release(true);
+            int8_microkernel(rows, std::min(BLOCK, out_features - b * BLOCK), cols, out_features,
+                             q.data_ptr<int8_t>() + r0 * cols, packed + b * cols * BLOCK, sums + b * BLOCK);
+        int8_microkernel_release();
     } else {
         at::Tensor block = acc.narrow(0, r0, rows);
         at::_int_mm_out(block, q.narrow(0, r0, rows), codes_t);
@@ -200,15 +220,14 @@ at::Tensor int8_group_linear(const at::Tensor &x, const at::Tensor &codes, const
             at::Tensor a = per_token ? q.select(0, g) : all_codes.select(0, g).narrow(0, r0, n);
             if (packed_p) { /* the same int32 sums on oneDNN's microkernel (AMX-INT8) */
                 for (int64_t b = 0; b < blocks; ++b)
-                    at::native::cpublas::brgemm(n, std::min(BLOCK, out_features - b * BLOCK), group, group, BLOCK,
-                                                out_features, false, a.data_ptr<int8_t>(),
-                                                packed_p + (g * blocks + b) * group * BLOCK,
-                                                sums.data_ptr<int32_t>() + b * BLOCK, true);
+                    int8_microkernel(n, std::min(BLOCK, out_features - b * BLOCK), group, out_features,
+                                     a.data_ptr<int8_t>(), packed_p + (g * blocks + b) * group * BLOCK,
+                                     sums.data_ptr<int32_t>() + b * BLOCK);
             } else {
                 at::_int_mm_out(sums, a, codes.select(0, g).t());
             }
         }
-        if (packed_p) at::native::cpublas::brgemm_release(true);
+        if (packed_p) int8_microkernel_release();
         compressdit_dequantize_groups(acc.data_ptr<int32_t>(), w_scale.data_ptr<float>(), a_scale, per_token, bias_p,
                                       groups, n, out_features, out.data_ptr<float>() + r0 * out_features, 1);
     };
