@@ -51,8 +51,8 @@ from compressdit.quant.kernel_registry import KERNELS, Kernel, prepacked_bias
 from compressdit.quant.activations import activation_grid, quantize_input
 from compressdit.quant.cpu_native import (bf16_brgemm, bf16_linear, bf16_pack, bf16_scale, bf16_to_float,
                                           fake_quantize_e4m3_rows, fake_quantize_grid, fake_quantize_rows_int8,
-                                          float_to_bf16, hadamard_rows, native_library, quantize_e4m3_bf16,
-                                          shared_rows)
+                                          float_to_bf16, hadamard_rows, hadamard_takes, native_library,
+                                          quantize_e4m3_bf16, shared_rows)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
 from compressdit.quant.primitives import int_range
@@ -409,7 +409,8 @@ def _on_transformed(run, gemm=None):
     its input balanced, rotated and quantized in one C pass (the same numbers)."""
     def run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         if (gemm is not None and _hadamard_layer(layer, x) and _fused_grid(b, x, rotated=True)
-                and not torch.compiler.is_compiling() and _rotation_fuses(layer, x)):
+                and not torch.compiler.is_compiling()
+                and hadamard_takes(x, layer.smooth_scale, layer.rotation_signs, b["grid"])):
             out = bf16_linear(x.reshape(-1, x.shape[-1]), b["packed"], layer.out_features, b["bias"],
                               transform=(b["smooth"], layer.rotation_signs, *b["grid"]))
             return out.reshape(*x.shape[:-1], layer.out_features)
@@ -420,14 +421,6 @@ def _on_transformed(run, gemm=None):
         return run(layer, _transformed_input(layer, x), b)
 
     return run_untransformed
-
-
-def _rotation_fuses(layer, x: torch.Tensor) -> bool:
-    """What :func:`~compressdit.quant.cpu_native.hadamard_rows` checks before its pass, for the op's fused one: int8
-    signs and a balancing divisor (if any) of the input's width, no gradient to keep."""
-    signs, smooth, cols = layer.rotation_signs, layer.smooth_scale, x.shape[-1]
-    return (signs.dtype == torch.int8 and signs.is_contiguous() and signs.nelement() == cols
-            and (smooth is None or smooth.nelement() == cols) and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def _fp32_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
@@ -483,7 +476,7 @@ def _decoded_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) ->
 
 
 def _decoded_bf16_prepack(layer) -> dict:
-    smooth = getattr(layer, "smooth_scale", None)  # for the op's fused rotation (twin-log layers)
+    smooth = layer.smooth_scale if layer.spec.format == "twinlog" else None  # for the op's fused rotation
     return {**bf16_weights(layer.dequantized_weight(torch.float32)), "grid": _input_grid(layer),
             "bias": prepacked_bias(layer), "smooth": None if smooth is None else smooth.detach().float().contiguous()}
 

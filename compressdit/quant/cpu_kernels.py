@@ -438,12 +438,14 @@ KERNELS.add("cpu-int8-gemm", Kernel(
     _int8_gemm_applies, _int8_gemm_prepack, _int8_gemm_run, priority=20,
     run_untransformed=_int8_gemm_run_untransformed, run_activated=_int8_gemm_run_activated,
     description=f"int8 x int8 -> int32 GEMM on the spec's dynamic symmetric activation codes (W8A8; W4A8 per "
-                f"channel up to {INT8_GEMM_SMALL_WEIGHT} weights, as int8): torch._int_mm up to "
-                f"{INT8_GEMM_SMALL_WEIGHT} weights or at one row, else oneDNN's prepacked u8s8 GEMM"))
+                f"channel up to {INT8_GEMM_SMALL_WEIGHT} weights, as int8): torch._int_mm (on AMX-INT8 oneDNN's "
+                f"microkernel on codes packed once) up to {INT8_GEMM_SMALL_WEIGHT} weights or at one row, else "
+                "oneDNN's prepacked u8s8 GEMM"))
 KERNELS.add("cpu-int8-group-gemm", Kernel(
     _int8_group_gemm_applies, _int8_group_gemm_prepack, _int8_group_gemm_run, priority=20,
     description=f"layers of up to {INT8_GEMM_SMALL_WEIGHT} weights, symmetric int weights in groups (as int8, 1 byte "
-                "per weight) x the spec's dynamic int8 activation codes: one torch._int_mm per group, scales in fp32"))
+                "per weight) x the spec's dynamic int8 activation codes: one torch._int_mm (on AMX-INT8 oneDNN's "
+                "microkernel) per group, scales in fp32"))
 KERNELS.add("cpu-int4-weight", Kernel(
     _int4_applies, _int4_prepack, _int4_run, priority=10,
     description=f"_weight_int4pack_mm_for_cpu (bf16 activations, bf16 group scales) up to "

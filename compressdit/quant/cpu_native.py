@@ -495,6 +495,17 @@ def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return out
 
 
+def hadamard_takes(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor, grid: tuple | None) -> bool:
+    """Whether the C Hadamard pass (:func:`hadamard_rows`, or fused in :func:`bf16_linear`) takes these tensors: a
+    non-empty ``x`` with no gradient to keep, int8 contiguous ``signs`` and a divisor ``smooth`` (if any) of its
+    width, a grid (if any) of rules 0 / 1 whose group divides it."""
+    cols = x.shape[-1] if x.dim() else 0
+    return not (cols == 0 or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())
+                or signs.dtype != torch.int8 or not signs.is_contiguous() or signs.nelement() != cols
+                or (smooth is not None and smooth.nelement() != cols)  # nelement: a layer's QuantState has numel 0
+                or (grid is not None and (grid[1] not in (0, 1) or cols % grid[0])))
+
+
 def hadamard_rows(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor,
                   grid: tuple | None = None) -> torch.Tensor | None:
     """``rotate(x / smooth, signs)`` (:mod:`compressdit.quant.rotation`: the randomized block Hadamard after the
@@ -503,12 +514,9 @@ def hadamard_rows(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Ten
     same pass; ``None`` without the library, under ``torch.compile``, where gradients must flow, or for inputs the
     pass does not take (the caller runs the PyTorch functions, whose numbers these are)."""
     lib = _lib_for(x, smooth)
-    cols = x.shape[-1] if x.dim() else 0
-    if (lib is None or cols == 0 or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())
-            or signs.dtype != torch.int8 or not signs.is_contiguous() or signs.nelement() != cols
-            or (smooth is not None and smooth.nelement() != cols)  # nelement: a layer's QuantState has numel 0
-            or (grid is not None and (grid[1] not in (0, 1) or cols % grid[0]))):
+    if lib is None or not hadamard_takes(x, smooth, signs, grid):
         return None
+    cols = x.shape[-1]
     block = cols & -cols
     out = torch.empty_like(x)
     lib.compressdit_hadamard_rows(x.data_ptr(), _ptr(smooth), signs.data_ptr(), x.numel() // cols, cols, block,
