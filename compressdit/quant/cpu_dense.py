@@ -539,5 +539,5 @@ KERNELS.add("cpu-decoded-bf16", Kernel(
     description=f"layers of more than {DENSE_MAX_WEIGHT} weights no faster kernel runs (NVFP4/MX blocks, minifloats, "
                 "twin-log, int with per-group or sub-8-bit activations), on CPUs with bf16 GEMMs (AVX512-BF16 / AMX), "
                 "and smaller ones but 8-bit int weights on AMX (packed for oneDNN's microkernel, fp32 sums): "
-                "the residual weight decoded once into bf16 (2 bytes per weight of RAM beside the packed weight), activations "
-                "quantized as the reference and rounded to bf16, bf16 GEMM, fp32 bias"))
+                "the residual weight decoded once into bf16 (2 bytes per weight of RAM beside the packed weight), "
+                "activations quantized as the reference and rounded to bf16, bf16 GEMM, fp32 bias"))

@@ -150,7 +150,8 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
                        const c10::optional<at::Tensor> &col_scale, int64_t threads,
                        const c10::optional<at::Tensor> &smooth, const c10::optional<at::Tensor> &signs, int64_t group,
                        int64_t rule, double top, int64_t mantissa, int64_t min_exp) {
-    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                    (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
                 "bf16_linear: x must be a contiguous fp32 or bf16 matrix");
     const int64_t rows = x.size(0), in_features = x.size(1);
     const int64_t blocks = (out_features + BLOCK - 1) / BLOCK;
@@ -166,7 +167,8 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
                                        signs->numel() == in_features),
                 "bf16_linear: signs must be a contiguous int8 tensor of ", in_features, " elements");
     TORCH_CHECK(!transform.smooth || signs.has_value(), "bf16_linear: smooth comes with the rotation's signs");
-    TORCH_CHECK(group == 0 || (group > 0 && in_features % group == 0 && rule >= 0 && rule <= (signs.has_value() ? 1 : 2)),
+    const int64_t top_rule = signs.has_value() ? 1 : 2;
+    TORCH_CHECK(group == 0 || (group > 0 && in_features % group == 0 && rule >= 0 && rule <= top_rule),
                 "bf16_linear: a grid needs a group dividing ", in_features, " and rule 0 or 1 (2 without a rotation)");
     transform.signs = signs.has_value() ? signs->data_ptr<int8_t>() : nullptr;
     transform.group = group;
@@ -176,7 +178,7 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
     transform.min_exp = (int32_t)min_exp;
     at::Tensor out = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
     if (rows == 0) return out;
-    const bool fp32_in = x.scalar_type() == at::kFloat, scaled = rows_p || cols_p;
+    const bool fp32_in = x.scalar_type() == at::kFloat;
     TORCH_CHECK(fp32_in || !transform.any(), "bf16_linear: a transform takes fp32 rows");
     if (group && rule == 2) /* NVFP4's tensor scale needs every row first */
         transform.t = compressdit_grid_tensor_scale(x.data_ptr<float>(), rows, in_features, transform.top,

@@ -239,7 +239,8 @@ at::Tensor int8_group_linear(const at::Tensor &x, const at::Tensor &codes, const
 
 TORCH_LIBRARY_FRAGMENT(compressdit_native, m) {
     m.def("int8_linear(Tensor x, Tensor? smooth, Tensor codes_t, Tensor w_scale, Tensor? bias, bool per_token, "
-          "int threads, Tensor? codes, Tensor? scales, int activation=0, Tensor? packed=None) -> (Tensor, Tensor, Tensor)");
+          "int threads, Tensor? codes, Tensor? scales, int activation=0, Tensor? packed=None) "
+          "-> (Tensor, Tensor, Tensor)");
     m.def("int8_brgemm_ready() -> bool", &int8_brgemm_ready);
     m.def("int8_pack(Tensor codes) -> Tensor");
     m.def("int8_group_linear(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, int threads, "

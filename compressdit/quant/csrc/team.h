@@ -29,8 +29,9 @@ struct OneThread {
 };
 
 /* Runs block(r0, r1) over `rows` units (rows, column blocks): split in contiguous chunks over a team of
- * min(threads, rows) OpenMP threads (the first on the calling thread), an exception in any block rethrown after the team joins; a team of one runs
- * block(0, rows) on the calling thread with torch at one thread, whatever torch's count. */
+ * min(threads, rows) OpenMP threads (the first on the calling thread), an exception in any block rethrown after the
+ * team joins; a team of one runs block(0, rows) on the calling thread with torch at one thread, whatever torch's
+ * count. */
 template <typename Block>
 void on_team(int64_t rows, int64_t threads, const char *name, Block block) {
     const int team = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows));
