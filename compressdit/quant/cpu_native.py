@@ -190,11 +190,20 @@ def native_ops() -> bool:
     return lib is not None and hasattr(torch.ops.compressdit_native, "int8_group_linear")
 
 
+def _microkernels_allowed(capability: str) -> bool:
+    """The CPU has ``capability`` (``amx_bf16``, ``amx_int8``) and ``COMPRESSDIT_CPU_MICROKERNELS`` is not ``0`` (which
+    keeps the fp32 / ``torch._int_mm`` kernels: the reference's numbers up to summation order, no bf16 rounding)."""
+    if os.environ.get("COMPRESSDIT_CPU_MICROKERNELS", "1") == "0":
+        return False
+    return bool(torch._C._cpu._get_cpu_capability().get(capability, False))
+
+
 @functools.lru_cache(maxsize=None)
 def bf16_brgemm() -> bool:
     """Whether bf16 GEMMs run on oneDNN's BRGeMM microkernel here (``csrc/bf16_gemm.cpp``'s :func:`bf16_linear`):
-    CPUs with AMX-BF16, where torch has the microkernel and :func:`native_ops` built."""
-    if not torch._C._cpu._get_cpu_capability().get("amx_bf16", False) or not native_ops():
+    CPUs with AMX-BF16, where torch has the microkernel and :func:`native_ops` built (not with
+    ``COMPRESSDIT_CPU_MICROKERNELS=0``, read once per process)."""
+    if not _microkernels_allowed("amx_bf16") or not native_ops():
         return False
     if not torch.ops.compressdit_native.bf16_brgemm_ready():
         return False
@@ -210,8 +219,9 @@ def _bf16_linear_fake(x, packed, out_features, bias, row_scale, col_scale, threa
 @functools.lru_cache(maxsize=None)
 def int8_brgemm() -> bool:
     """Whether ``csrc/int8_linear.cpp``'s op runs its int8 GEMMs on oneDNN's BRGeMM microkernel here (codes packed
-    by :func:`int8_pack`): CPUs with AMX-INT8, where torch has the microkernel and :func:`native_ops` built."""
-    if not torch._C._cpu._get_cpu_capability().get("amx_int8", False) or not native_ops():
+    by :func:`int8_pack`): CPUs with AMX-INT8, where torch has the microkernel and :func:`native_ops` built (not with
+    ``COMPRESSDIT_CPU_MICROKERNELS=0``; the numbers are the same either way)."""
+    if not _microkernels_allowed("amx_int8") or not native_ops():
         return False
     return bool(torch.ops.compressdit_native.int8_brgemm_ready())
 

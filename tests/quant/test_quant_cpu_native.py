@@ -700,3 +700,17 @@ def test_the_grouped_int8_op_on_the_microkernel_gives_its_numbers_bit_for_bit(pe
     assert torch.equal(op(x, codes, w_scale, bias, per_token, threads, packed), expected)
     with pytest.raises(RuntimeError, match="int8_pack's"):
         op(x, codes, w_scale, bias, per_token, threads, packed[:, :1])
+
+
+def test_the_microkernels_can_be_switched_off_from_the_environment():
+    """``COMPRESSDIT_CPU_MICROKERNELS=0`` (read once per process) keeps the fp32 / torch._int_mm kernels on AMX too."""
+    import subprocess
+    import sys
+
+    code = ("from compressdit.quant import cpu_native as c; from compressdit.quant.cpu_dense import decoded_kernel_name;"
+            "from compressdit.quant.spec import LinearQuantSpec as S;"
+            "print(c.bf16_brgemm(), c.int8_brgemm(), decoded_kernel_name(S(w_bits=4, group_size=16, a_bits=4, "
+            "a_granularity='per_group', a_group_size=16), (48, 128)))")
+    env = {**os.environ, "COMPRESSDIT_CPU_MICROKERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "cpu-decoded-dense"]
