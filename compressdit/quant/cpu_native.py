@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import math
 import os
 import re
 import shutil
@@ -62,8 +61,8 @@ _SIGNATURES = {
                                        None),
     "compressdit_gelu_tanh": ([_PTR, _I64, _PTR, _I32], None),
     "compressdit_gelu_tanh_bf16": ([_PTR, _I64, _PTR, _I32], None),
-    "compressdit_hadamard_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_float, _I64, _I32, ctypes.c_float,
-                                   _I32, _I32, _PTR, _I32], None),
+    "compressdit_hadamard_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _PTR, _I32],
+                                  None),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -527,8 +526,7 @@ def hadamard_rows(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Ten
     if lib is None or not hadamard_takes(x, smooth, signs, grid):
         return None
     cols = x.shape[-1]
-    block = cols & -cols
     out = torch.empty_like(x)
-    lib.compressdit_hadamard_rows(x.data_ptr(), _ptr(smooth), signs.data_ptr(), x.numel() // cols, cols, block,
-                                  math.sqrt(block), *(grid or (0, 0, 0.0, 0, 0)), out.data_ptr(), threads_for(x.numel()))
+    lib.compressdit_hadamard_rows(x.data_ptr(), _ptr(smooth), signs.data_ptr(), x.numel() // cols, cols,
+                                  *(grid or (0, 0, 0.0, 0, 0)), out.data_ptr(), threads_for(x.numel()))
     return out

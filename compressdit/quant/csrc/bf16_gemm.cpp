@@ -15,7 +15,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -28,8 +27,8 @@ void compressdit_fake_quantize_grid_with(const float *x, int64_t rows, int64_t c
                                          float top, int32_t mantissa, int32_t min_exp, float t, float *out,
                                          int32_t threads);
 void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
-                               int64_t block, float norm, int64_t group, int32_t rule, float top, int32_t mantissa,
-                               int32_t min_exp, float *out, int32_t threads);
+                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float *out,
+                               int32_t threads);
 }
 
 namespace {
@@ -133,9 +132,7 @@ struct RowTransform {
 
     void apply(const float *x, int64_t rows, int64_t cols, float *out) const {
         if (signs) {
-            const int64_t block = cols & -cols;
-            compressdit_hadamard_rows(x, smooth, signs, rows, cols, block, (float)std::sqrt((double)block), group,
-                                      rule, top, mantissa, min_exp, out, 1);
+            compressdit_hadamard_rows(x, smooth, signs, rows, cols, group, rule, top, mantissa, min_exp, out, 1);
         } else {
             compressdit_fake_quantize_grid_with(x, rows, cols, group, rule, top, mantissa, min_exp, t, out, 1);
         }

@@ -300,14 +300,16 @@ static inline v16f butterfly16(v16f v, int s) {
 #endif
 
 /* The randomized block Hadamard of compressdit/quant/rotation.py (rotate, after the layer's balancing), bit for bit:
- * per row, v = x / smooth (smooth may be NULL) times the +-1 signs, then within each run of `block` values (a power
- * of two dividing cols) the butterflies of fwht in its order (h = 1, 2, 4, ...: a + b and a - b of the values h
- * apart in each run of 2h), each value divided by sqrt(block) (`norm`, rounded to float as torch does) at the end;
- * then, where group > 0, compressdit_fake_quantize_grid's quantization of the row (rules 0 and 1: scales from each
- * group alone) in the same pass. out may be x's own memory. */
+ * per row, v = x / smooth (smooth may be NULL) times the +-1 signs, then within each run of `block` values (the
+ * largest power of two dividing cols, as rotate takes it) the butterflies of fwht in its order (h = 1, 2, 4, ...:
+ * a + b and a - b of the values h apart in each run of 2h), each value divided by sqrt(block) (rounded to float, as
+ * torch does with the Python float) at the end; then, where group > 0, compressdit_fake_quantize_grid's quantization
+ * of the row (rules 0 and 1: scales from each group alone) in the same pass. out may be x's own memory. */
 void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
-                               int64_t block, float norm, int64_t group, int32_t rule, float top, int32_t mantissa,
-                               int32_t min_exp, float *out, int32_t threads) {
+                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float *out,
+                               int32_t threads) {
+    const int64_t block = cols & -cols;
+    const float norm = (float)__builtin_sqrt((double)block);
     FOR_ROWS(i, rows, {
         const float *r = x + i * cols;
         float *o = out + i * cols;
