@@ -155,7 +155,7 @@ def native_library() -> ctypes.CDLL | None:
 
 
 OP_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("int8_linear.cpp", "bf16_gemm.cpp")) + SOURCES
-OP_HEADERS = (*HEADERS, Path(__file__).with_name("csrc") / "team.h")
+OP_HEADERS = (*HEADERS, *(Path(__file__).with_name("csrc") / name for name in ("team.h", "microkernel.h")))
 #: multiply-adds from which the fused op of OP_SOURCES splits a layer's rows over torch's threads (one team); below,
 #: one thread does it all (cpu_kernels.INT8_GEMM_SERIAL_WORK's measurements). The same op for FP8's fp32 GEMMs (per-token
 #: E4M3 rows and at::addmm per block on the team, or on torch's threads) measured slower in the zoo models' steps than

@@ -11,13 +11,13 @@
  * The output stays fp32: the GEMM's sums are not rounded to bf16. */
 
 #include <ATen/ATen.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
+#include "microkernel.h"
 #include "team.h"
 
 extern "C" {
@@ -34,37 +34,12 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
 namespace {
 
 using compressdit_team::on_team;
+using compressdit_microkernel::BLOCK;
+using compressdit_microkernel::fp32_vector;
 
-constexpr int64_t BLOCK = 64; /* columns a packed block: cpublas::pack's widest bf16 layout */
 constexpr int64_t CHUNK_BYTES = 1 << 19; /* a chunk of bf16 activation rows: at most this (in L2), 32..256 rows */
 
-/* torch's microkernel API where its CPUBlas.h declares it (CPUBLAS_BRGEMM_BF16BF16F32); else never ready */
-#ifdef CPUBLAS_BRGEMM_BF16BF16F32
-bool bf16_brgemm_ready() { return at::native::cpublas::could_pack(at::kBFloat16); }
-
-void bf16_pack_block(int64_t depth, int64_t ld_in, const at::BFloat16 *in, at::BFloat16 *out) {
-    at::native::cpublas::pack(depth, BLOCK, ld_in, BLOCK, at::kBFloat16, at::kBFloat16, in, out);
-}
-
-void bf16_microkernel(int64_t rows, int64_t width, int64_t depth, int64_t ld_c, const at::BFloat16 *a,
-                      const at::BFloat16 *b, float *c) {
-    at::native::cpublas::brgemm(rows, width, depth, depth, BLOCK, ld_c, false, a, b, c, true);
-}
-
-void bf16_microkernel_release() { at::native::cpublas::brgemm_release(true); }
-#else
-bool bf16_brgemm_ready() { return false; }
-
-void bf16_pack_block(int64_t, int64_t, const at::BFloat16 *, at::BFloat16 *) {
-    TORCH_CHECK(false, "this torch has no bf16 BRGeMM microkernel");
-}
-
-void bf16_microkernel(int64_t, int64_t, int64_t, int64_t, const at::BFloat16 *, const at::BFloat16 *, float *) {
-    TORCH_CHECK(false, "this torch has no bf16 BRGeMM microkernel");
-}
-
-void bf16_microkernel_release() {}
-#endif
+bool bf16_brgemm_ready() { return compressdit_microkernel::ready<at::BFloat16>(); }
 
 /* W [out, in] (fp32 or bf16; in even) -> bf16 [blocks, in, 64]: each block of 64 output channels of W^T in AMX's
  * VNNI layout (a last partial block padded with zeros). */
@@ -72,22 +47,7 @@ at::Tensor bf16_pack(const at::Tensor &weight) {
     TORCH_CHECK(weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) > 0 && weight.size(1) % 2 == 0,
                 "bf16_pack: weight must be a non-empty [out, in] matrix with an even in");
     TORCH_CHECK(bf16_brgemm_ready(), "bf16_pack: this CPU has no bf16 BRGeMM microkernel (AMX-BF16)");
-    const int64_t out_features = weight.size(0), in_features = weight.size(1);
-    const int64_t blocks = (out_features + BLOCK - 1) / BLOCK;
-    at::Tensor wt = at::zeros({in_features, blocks * BLOCK}, weight.options().dtype(at::kBFloat16));
-    wt.narrow(1, 0, out_features).copy_(weight.t());
-    at::Tensor packed = at::empty({blocks, in_features, BLOCK}, wt.options());
-    for (int64_t b = 0; b < blocks; ++b)
-        bf16_pack_block(in_features, blocks * BLOCK, wt.data_ptr<at::BFloat16>() + b * BLOCK,
-                        packed[b].data_ptr<at::BFloat16>());
-    return packed;
-}
-
-const float *optional_vector(const c10::optional<at::Tensor> &t, int64_t size, const char *what) {
-    if (!t.has_value()) return nullptr;
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == size, "bf16_linear: ", what,
-                " must be a contiguous fp32 tensor of ", size, " elements");
-    return t->data_ptr<float>();
+    return compressdit_microkernel::pack<at::BFloat16>(weight, at::kBFloat16);
 }
 
 /* c[r, j] = c[r, j] * rows[r] * cols[j] + bias[j] over a block (rows x width, leading dimension ld) of the output
@@ -155,11 +115,11 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
     TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
                     packed.size(0) == blocks && packed.size(1) == in_features && packed.size(2) == BLOCK,
                 "bf16_linear: packed must be bf16_pack's [", blocks, ", ", in_features, ", ", BLOCK, "] for x");
-    const float *bias_p = optional_vector(bias, out_features, "bias");
-    const float *rows_p = optional_vector(row_scale, rows, "row_scale");
-    const float *cols_p = optional_vector(col_scale, out_features, "col_scale");
+    const float *bias_p = fp32_vector(bias, out_features, "bf16_linear: bias");
+    const float *rows_p = fp32_vector(row_scale, rows, "bf16_linear: row_scale");
+    const float *cols_p = fp32_vector(col_scale, out_features, "bf16_linear: col_scale");
     RowTransform transform;
-    transform.smooth = optional_vector(smooth, in_features, "smooth");
+    transform.smooth = fp32_vector(smooth, in_features, "bf16_linear: smooth");
     TORCH_CHECK(!signs.has_value() || (signs->scalar_type() == at::kChar && signs->is_contiguous() &&
                                        signs->numel() == in_features),
                 "bf16_linear: signs must be a contiguous int8 tensor of ", in_features, " elements");
@@ -208,7 +168,8 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
             for (int64_t b = b_begin; b < b_end; ++b) {
                 const int64_t n0 = b * BLOCK, width = std::min(BLOCK, out_features - n0);
                 float *c = out_p + r0 * out_features + n0;
-                bf16_microkernel(n_rows, width, in_features, out_features, a, weights + b * in_features * BLOCK, c);
+                compressdit_microkernel::multiply(n_rows, width, in_features, out_features, a,
+                                                  weights + b * in_features * BLOCK, c);
             }
             {
                 const int64_t n0 = b_begin * BLOCK, width = std::min(b_end * BLOCK, out_features) - n0;
@@ -216,7 +177,7 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
                          cols_p ? cols_p + n0 : nullptr, bias_p ? bias_p + n0 : nullptr);
             }
         }
-        bf16_microkernel_release();
+        compressdit_microkernel::release();
     });
     return out;
 }

@@ -20,7 +20,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,6 +27,7 @@
 #include <string>
 #include <tuple>
 
+#include "microkernel.h"
 #include "team.h"
 
 extern "C" {
@@ -47,29 +47,12 @@ namespace {
 
 using compressdit_team::on_team;
 
+using compressdit_microkernel::BLOCK;
+using compressdit_microkernel::fp32_vector;
+
 constexpr int64_t GELU_TANH = 1; /* int8_linear's `activation`: 0 none, 1 the tanh GELU of float_rows.c */
-constexpr int64_t BLOCK = 64;     /* output channels a block of int8_pack's layout */
 
-/* torch's microkernel API where its CPUBlas.h declares it (CPUBLAS_BRGEMM_I8I8I32); else never ready */
-#ifdef CPUBLAS_BRGEMM_I8I8I32
-#define COMPRESSDIT_INT8_BRGEMM 1
-bool int8_brgemm_ready() { return at::native::cpublas::could_pack(at::kChar); }
-
-void int8_microkernel(int64_t rows, int64_t width, int64_t depth, int64_t ld_c, const int8_t *a, const int8_t *b,
-                      int32_t *c) {
-    at::native::cpublas::brgemm(rows, width, depth, depth, BLOCK, ld_c, false, a, b, c, true);
-}
-
-void int8_microkernel_release() { at::native::cpublas::brgemm_release(true); }
-#else
-bool int8_brgemm_ready() { return false; }
-
-void int8_microkernel(int64_t, int64_t, int64_t, int64_t, const int8_t *, const int8_t *, int32_t *) {
-    TORCH_CHECK(false, "this torch has no int8 BRGeMM microkernel");
-}
-
-void int8_microkernel_release() {}
-#endif
+bool int8_brgemm_ready() { return compressdit_microkernel::ready<int8_t>(); }
 
 /* int8 codes [out, in] (in a multiple of 4) -> int8 [blocks, in, 64]: each block of 64 output channels of the codes'
  * transpose in AMX's VNNI layout (a last partial block padded with zeros), for int8_linear's microkernel path. */
@@ -78,23 +61,7 @@ at::Tensor int8_pack(const at::Tensor &codes) {
                     codes.size(1) % 4 == 0,
                 "int8_pack: codes must be a non-empty int8 [out, in] matrix with in a multiple of 4");
     TORCH_CHECK(int8_brgemm_ready(), "int8_pack: this CPU has no int8 BRGeMM microkernel (AMX-INT8)");
-    const int64_t out_features = codes.size(0), in_features = codes.size(1);
-    const int64_t blocks = (out_features + BLOCK - 1) / BLOCK;
-    at::Tensor t = at::zeros({in_features, blocks * BLOCK}, codes.options());
-    t.narrow(1, 0, out_features).copy_(codes.t());
-    at::Tensor packed = at::empty({blocks, in_features, BLOCK}, codes.options());
-#ifdef COMPRESSDIT_INT8_BRGEMM
-    for (int64_t b = 0; b < blocks; ++b)
-        at::native::cpublas::pack(in_features, BLOCK, blocks * BLOCK, BLOCK, at::kChar, at::kChar,
-                                  t.data_ptr<int8_t>() + b * BLOCK, packed[b].data_ptr<int8_t>());
-#endif
-    return packed;
-}
-
-/* t is absent, or a contiguous fp32 tensor of `size` elements (what the C loops read through its pointer) */
-void check_vector(const c10::optional<at::Tensor> &t, int64_t size, const char *what) {
-    TORCH_CHECK(!t.has_value() || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == size), what,
-                " must be a contiguous fp32 tensor of ", size, " elements");
+    return compressdit_microkernel::pack<int8_t>(codes, at::kChar);
 }
 
 /* rows [r0, r1) of the layer: codes (unless made already), their int32 GEMM (the microkernel on `packed` where given),
@@ -111,9 +78,10 @@ void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &code
     if (packed) { /* the same int32 sums on oneDNN's microkernel (AMX-INT8), one call per block of 64 channels */
         const int64_t blocks = (out_features + BLOCK - 1) / BLOCK;
         for (int64_t b = 0; b < blocks; ++b)
-            int8_microkernel(rows, std::min(BLOCK, out_features - b * BLOCK), cols, out_features,
-                             q.data_ptr<int8_t>() + r0 * cols, packed + b * cols * BLOCK, sums + b * BLOCK);
-        int8_microkernel_release();
+            compressdit_microkernel::multiply(rows, std::min(BLOCK, out_features - b * BLOCK), cols, out_features,
+                                              q.data_ptr<int8_t>() + r0 * cols, packed + b * cols * BLOCK,
+                                              sums + b * BLOCK);
+        compressdit_microkernel::release();
     } else {
         at::Tensor block = acc.narrow(0, r0, rows);
         at::_int_mm_out(block, q.narrow(0, r0, rows), codes_t);
@@ -140,9 +108,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
     TORCH_CHECK(codes_t.dim() == 2 && codes_t.scalar_type() == at::kChar && codes_t.size(0) == x.size(1),
                 "int8_linear: codes_t must be int8 [in, out]");
     const int64_t rows = x.size(0), out_features = codes_t.size(1);
-    check_vector(smooth, x.size(1), "int8_linear: smooth");
-    check_vector(w_scale, out_features, "int8_linear: w_scale");
-    check_vector(bias, out_features, "int8_linear: bias");
+    fp32_vector(smooth, x.size(1), "int8_linear: smooth");
+    fp32_vector(w_scale, out_features, "int8_linear: w_scale");
+    fp32_vector(bias, out_features, "int8_linear: bias");
     TORCH_CHECK(codes.has_value() == scales.has_value(), "int8_linear: give both codes and scales, or neither");
     TORCH_CHECK(activation == 0 || activation == GELU_TANH, "int8_linear: unknown activation ", activation);
     const bool quantize = !codes.has_value();
@@ -187,8 +155,8 @@ at::Tensor int8_group_linear(const at::Tensor &x, const at::Tensor &codes, const
                 "int8_group_linear: codes must be contiguous int8 [groups, out, group]");
     const int64_t rows = x.size(0), cols = x.size(1), groups = codes.size(0), out_features = codes.size(1),
                   group = codes.size(2);
-    check_vector(w_scale, groups * out_features, "int8_group_linear: w_scale");
-    check_vector(bias, out_features, "int8_group_linear: bias");
+    fp32_vector(w_scale, groups * out_features, "int8_group_linear: w_scale");
+    fp32_vector(bias, out_features, "int8_group_linear: bias");
     const int64_t blocks = (out_features + BLOCK - 1) / BLOCK;
     TORCH_CHECK(!packed.has_value() || (packed->scalar_type() == at::kChar && packed->is_contiguous() &&
                                         packed->dim() == 4 && packed->size(0) == groups &&
@@ -220,14 +188,15 @@ at::Tensor int8_group_linear(const at::Tensor &x, const at::Tensor &codes, const
             at::Tensor a = per_token ? q.select(0, g) : all_codes.select(0, g).narrow(0, r0, n);
             if (packed_p) { /* the same int32 sums on oneDNN's microkernel (AMX-INT8) */
                 for (int64_t b = 0; b < blocks; ++b)
-                    int8_microkernel(n, std::min(BLOCK, out_features - b * BLOCK), group, out_features,
-                                     a.data_ptr<int8_t>(), packed_p + (g * blocks + b) * group * BLOCK,
-                                     sums.data_ptr<int32_t>() + b * BLOCK);
+                    compressdit_microkernel::multiply(n, std::min(BLOCK, out_features - b * BLOCK), group,
+                                                      out_features, a.data_ptr<int8_t>(),
+                                                      packed_p + (g * blocks + b) * group * BLOCK,
+                                                      sums.data_ptr<int32_t>() + b * BLOCK);
             } else {
                 at::_int_mm_out(sums, a, codes.select(0, g).t());
             }
         }
-        if (packed_p) int8_microkernel_release();
+        if (packed_p) compressdit_microkernel::release();
         compressdit_dequantize_groups(acc.data_ptr<int32_t>(), w_scale.data_ptr<float>(), a_scale, per_token, bias_p,
                                       groups, n, out_features, out.data_ptr<float>() + r0 * out_features, 1);
     };
