@@ -255,13 +255,13 @@ def _dense_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         magnitude = x2.abs()
         scale = magnitude.amax(-1, keepdim=True) if spec.a_granularity == "per_token" else magnitude.amax()
         scale = scale.clamp_min_(1e-8).div_(int_range(spec.a_bits)[1])
+        codes = (x2 / scale).round_()
         if b["packed"] is not None:  # the codes (exact in bf16) on the microkernel, each row's scale in its epilogue
-            codes = (x2 / scale).round_()
             codes = codes.contiguous() if codes.dtype is torch.bfloat16 else _contiguous_fp32(codes)
             rows = scale.float().expand(x2.shape[0], 1).reshape(-1).contiguous()
             out = bf16_linear(codes, b["packed"], layer.out_features, b["bias"], rows)
         else:
-            out = F.linear((x2 / scale).round_().to(torch.bfloat16), b["weight"]).float()
+            out = F.linear(codes.to(torch.bfloat16), b["weight"]).float()
             out = out.mul_(scale) if b["bias"] is None else torch.addcmul(b["bias"], out, scale)
     else:  # the casts around the bf16 GEMM in one C pass each
         out = bf16_rows_gemm(layer, _quantized_rows(layer, x2, b), b)
@@ -409,7 +409,6 @@ def _on_transformed(run, gemm=None):
     its input balanced, rotated and quantized in one C pass (the same numbers)."""
     def run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         if (gemm is not None and _hadamard_layer(layer, x) and _fused_grid(b, x, rotated=True)
-                and not torch.compiler.is_compiling()
                 and hadamard_takes(x, layer.smooth_scale, layer.rotation_signs, b["grid"])):
             out = bf16_linear(x.reshape(-1, x.shape[-1]), b["packed"], layer.out_features, b["bias"],
                               transform=(b["smooth"], layer.rotation_signs, *b["grid"]))
@@ -497,16 +496,17 @@ def bf16_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
 def _fused_grid(b: dict, x: torch.Tensor, rotated: bool = False) -> bool:
     """Whether the microkernel's op quantizes ``x``'s rows itself (its blocks through the prepacked grid pass, bit for
     bit; NVFP4's tensor scale from every row first): a packed weight, contiguous fp32 rows, a grid (after a rotation:
-    one whose scales come from each group alone, not NVFP4's)."""
+    one whose scales come from each group alone, not NVFP4's), eager mode (compiled, the separate passes' PyTorch
+    path runs)."""
     return (b.get("packed") is not None and b["grid"] is not None and b["grid"][1] in ((0, 1) if rotated else (0, 1, 2))
-            and _takes_fp32(x))
+            and _takes_fp32(x) and not torch.compiler.is_compiling())
 
 
 def _decoded_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     """On the transformed input: activations quantized as the reference (the prepacked grid pass where there is one:
     inside the microkernel's op where :func:`_fused_grid`), then :func:`bf16_rows_gemm`."""
     x2 = x.reshape(-1, x.shape[-1])
-    if _fused_grid(b, x2) and not torch.compiler.is_compiling():
+    if _fused_grid(b, x2):
         out = bf16_linear(x2, b["packed"], layer.out_features, b["bias"], transform=(None, None, *b["grid"]))
     else:
         out = bf16_rows_gemm(layer, _quantized_rows(layer, x2, b), b)
