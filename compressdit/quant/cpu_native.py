@@ -239,17 +239,22 @@ def bf16_pack(weight: torch.Tensor) -> torch.Tensor:
 
 def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
                 row_scale: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
-                transform: tuple = ()) -> torch.Tensor:
+                transform: tuple = (), down: torch.Tensor | None = None) -> torch.Tensor:
     """``(bf16(t(x)) @ W^T) * row_scale[:, None] * col_scale + bias`` in fp32 for contiguous fp32 or bf16 rows ``x``
     ``[rows, in]`` and ``packed`` = :func:`bf16_pack` (W); the scales and bias optional contiguous fp32 vectors. One
     call: the activations rounded to bf16 (half to even) and the epilogue inside the GEMM's blocks, the sums in fp32
     (not rounded to bf16); rows (or, for few, column blocks) over torch's threads from ``TEAM_MIN_WORK``
     multiply-adds. ``transform`` (fp32 ``x`` only): ``(smooth, signs, group, rule, top, mantissa, min_exp)``, what
     each thread's rows go through first, bit for bit as :func:`hadamard_rows` (``signs`` given; ``smooth`` optional)
-    or :func:`fake_quantize_grid` (``signs`` None, ``group`` > 0; rules 0 and 1: per-group scales), then rounded."""
+    or as ``x / smooth`` (``smooth`` without ``signs``) then :func:`fake_quantize_grid` (``group`` > 0), then rounded.
+    ``down`` (fp32 ``x``, no scales, no ``signs``): :func:`bf16_pack` of SVDQuant's down factor ``[r, in]``, with
+    ``packed`` that of ``[W | up]`` (``up`` ``[out, r]``): ``bf16(bf16(x / smooth) @ down^T) @ up^T`` (fp32 sums) is
+    added to the output, in the same product."""
     threads = torch.get_num_threads() if x.shape[0] * x.shape[1] * out_features > TEAM_MIN_WORK else 1
+    if down is not None and not transform:
+        transform = (None, None, 0, 0, 0.0, 0, 0)
     return torch.ops.compressdit_native.bf16_linear(x, packed, out_features, bias, row_scale, col_scale, threads,
-                                                    *transform)
+                                                    *transform, *(() if down is None else (down,)))
 
 
 def threads_for(elements: int) -> int:

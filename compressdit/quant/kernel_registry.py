@@ -59,7 +59,8 @@ class Kernel:
     description: str
     priority: int = 0
     #: optional ``run`` on the layer's input *before* its balancing/rotation (which it applies itself, e.g. the
-    #: balancing division fused into its activation quantization); layers with a low-rank branch use ``run``
+    #: balancing division fused into its activation quantization); layers with a low-rank branch use ``run`` and add
+    #: the branch themselves, except where the buffers hold ``LOW_RANK`` (:func:`runs_low_rank`): this runs it too
     run_untransformed: Callable[[nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor] | None = None
     #: optional ``run_untransformed`` whose output goes through an activation (``"gelu-tanh"``) in the kernel's own
     #: epilogue: ``(layer, x, buffers, activation)`` -> the activated output, or ``None`` where it has no such path
@@ -67,6 +68,8 @@ class Kernel:
 
 
 KERNELS: Registry[Kernel] = Registry("kernel")
+#: the buffer (not ``None``) by which a kernel says its ``run_untransformed`` runs the layer's low-rank branch too
+LOW_RANK = "low_rank"
 _imported = False
 
 
@@ -239,6 +242,11 @@ def run_cached(layer: nn.Module, cache: KernelCache, x: torch.Tensor, untransfor
     if not torch.compiler.is_compiling() and getattr(layer.__dict__.get("_hf_hook"), "offload", False):
         cache.clear()
     return out
+
+
+def runs_low_rank(cache: KernelCache) -> bool:
+    """Whether the cached kernel's ``run_untransformed`` runs the whole layer, its low-rank branch included."""
+    return cache.buffers.get(LOW_RANK) is not None
 
 
 def run_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

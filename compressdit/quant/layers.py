@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressdit.quant.kernel_registry import cache_of, kernel_cache, kernel_name_of, run_cached, run_kernel
+from compressdit.quant.kernel_registry import (cache_of, kernel_cache, kernel_name_of, run_cached, run_kernel,
+                                              runs_low_rank)
 from compressdit.quant.activations import quantize_input
 from compressdit.quant.gpu_reference import pack_nibbles
 from compressdit.quant.low_rank import low_rank_split
@@ -346,8 +347,9 @@ class QuantLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cache = kernel_cache(self, x)
-        if cache is not None and cache.kernel.run_untransformed is not None and self.low_rank_up is None:
-            return run_cached(self, cache, x, untransformed=True)  # balancing fused into the kernel
+        if cache is not None and cache.kernel.run_untransformed is not None and (self.low_rank_up is None
+                                                                                or runs_low_rank(cache)):
+            return run_cached(self, cache, x, untransformed=True)  # balancing (and the branch) in the kernel
         x = self.transform_input(x)
         out = None if cache is None else run_cached(self, cache, x)
         return self._add_low_rank(self.reference_linear(x) if out is None else out, x)

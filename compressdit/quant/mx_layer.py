@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressdit.quant.activations import quantize_input
-from compressdit.quant.kernel_registry import kernel_cache, run_cached
+from compressdit.quant.kernel_registry import kernel_cache, run_cached, runs_low_rank
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.minifloat import Minifloat, pack_nibbles, unpack_nibbles
 from compressdit.quant.mx_primitives import (E2M1, E4M3, MX_BLOCK, NVFP4_BLOCK, mx_dequantize, mx_quantize,
@@ -138,14 +138,19 @@ class BlockFPLinear(QuantizedLinear):
             weight = weight / self.smooth_scale
         return weight.to(dtype)
 
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The folded balancing applied to activations (identity without it)."""
+        return x if self.smooth_scale is None else x / self.smooth_scale.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The registered kernel on the balanced input (``cpu-decoded-dense`` on CPU), plus the low-rank branch;
-        the reference where none applies."""
+        """The registered kernel on the balanced input (``cpu-decoded-dense`` on CPU), plus the low-rank branch (in
+        the kernel where it runs it: balancing, GEMM and branch in one op); the reference where none applies."""
         cache = kernel_cache(self, x)
         if cache is None:
             return self.reference_forward(x)
-        if self.smooth_scale is not None:
-            x = x / self.smooth_scale.to(x.dtype)
+        if runs_low_rank(cache):
+            return run_cached(self, cache, x, untransformed=True)
+        x = self.transform_input(x)
         return self._add_low_rank(run_cached(self, cache, x), x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,8 +158,7 @@ class BlockFPLinear(QuantizedLinear):
         balanced, unquantized input."""
         if self.smooth_scale is None and self.low_rank_up is None:
             return self.reference_linear(x)
-        if self.smooth_scale is not None:
-            x = x / self.smooth_scale.to(x.dtype)
+        x = self.transform_input(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         out = F.linear(quantize_input(x, self.spec), self.dequantized_weight(x.dtype), bias)
         return self._add_low_rank(out, x)

@@ -294,3 +294,43 @@ def test_small_layers_run_the_bf16_microkernel_where_amx_has_it(name, threads):
         assert buffers.get("weight") is None and buffers.get("codes") is None  # the packed weight only
     assert out.shape == reference.shape and out.dtype == torch.float32
     assert _error(out, reference) <= 6e-3
+
+
+@pytest.mark.parametrize("name", ["svdquant-w4a4", "svdquant-nvfp4", "svdquant-w4a16", "rank-3", "per-token-a8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_svdquant_layers_run_their_branch_inside_the_microkernels_op(name, dtype):
+    """On AMX (``_brgemm_shape``) an SVDQuant layer (balancing, a low-rank branch, dynamic activations on the grid
+    pass or none) runs whole in one op: ``[W | up]`` packed, the branch's down product inside (``runs_low_rank``),
+    within bf16's rounding of the reference (bf16 inputs: no further from the float layer than it), the kernel's ``run`` on an already balanced
+    input still gives W's part alone. An odd rank or per-token integer activations (not the grid pass) keep the
+    layer adding its branch itself, as every layer does without AMX."""
+    from compressdit.quant.formats import FORMATS
+    from compressdit.quant.kernel_registry import LOW_RANK, runs_low_rank
+
+    specs = {"svdquant-w4a4": dict(w_bits=4, a_bits=4, group_size=64, balance=0.5, low_rank=16,
+                                   a_granularity="per_group", a_group_size=64),
+             "svdquant-nvfp4": dict(DECODED["svdquant-nvfp4"], low_rank=16),
+             "svdquant-w4a16": dict(w_bits=4, group_size=64, balance=0.5, low_rank=16),
+             "rank-3": dict(w_bits=4, a_bits=4, group_size=64, balance=0.5, low_rank=3, a_granularity="per_group",
+                            a_group_size=64),
+             "per-token-a8": dict(w_bits=4, a_bits=8, group_size=64, balance=0.5, low_rank=16)}
+    torch.manual_seed(0)
+    spec = LinearQuantSpec.from_dict(specs[name], "spec")
+    FORMATS.get(spec.format).validate_spec(spec, "spec")
+    linear = torch.nn.Linear(128, 96)
+    layer = FORMATS.get(spec.format).quantize(linear, spec, torch.rand(128) * 10 + 0.1).to(dtype)
+    x = (torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)).to(dtype)
+    with torch.no_grad():
+        out, reference = layer(x), layer.reference_forward(x)
+        cache = cache_of(layer)
+        fused = _brgemm_shape((96, 128)) and name not in ("rank-3", "per-token-a8")
+        assert runs_low_rank(cache) == fused and (cache.buffers.get(LOW_RANK) is not None) == fused
+        assert out.dtype == dtype and out.shape == reference.shape
+        if dtype == torch.float32:
+            assert _error(out, reference) <= 6e-3
+        else:  # the reference balances and quantizes in bf16, the op in fp32 from the bf16 input: never worse
+            exact = linear(x.float())
+            assert _error(out, exact) <= _error(reference, exact) * 1.05
+        transformed = layer.transform_input(x)  # balanced in the input's dtype (the op divides in fp32)
+        again = cache.kernel.run(layer, transformed, cache.buffers)
+        assert _error(layer._add_low_rank(again, transformed), out) <= (1e-2 if dtype == torch.float32 else 3e-2)

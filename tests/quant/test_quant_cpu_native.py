@@ -732,3 +732,84 @@ def test_the_microkernels_can_be_switched_off_from_the_environment():
     env = {**os.environ, "COMPRESSDIT_CPU_MICROKERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "cpu-decoded-dense"]
+
+
+@pytest.mark.parametrize("rows, threads", [(300, 2), (300, 1), (16, 2), (3, 1)])
+@pytest.mark.parametrize("grid", [None, (16, 0, 7.0, 30, 30), (32, 1, 6.0, 1, 0), (16, 2, 6.0, 1, 0)],
+                         ids=["none", "int4-g16", "mxfp4", "nvfp4"])
+def test_the_bf16_microkernel_balances_its_rows_as_torch_divides(rows, threads, grid):
+    """``smooth`` without a rotation: each thread's rows divided as ``x / smooth`` (the fast reciprocal division where
+    it is exact, quotients out of its range and zeros included), then quantized (NVFP4's tensor scale from every
+    balanced row first) and rounded: bit for bit the op on the separate passes' rows."""
+    if not _microkernel_runs("bf16"):
+        return
+    torch.manual_seed(0)
+    x = _activations(rows=max(rows, 3), cols=128)[:rows].contiguous()
+    x[0, :4] = torch.tensor([0.0, 1e-38, 1e31, -1e-30])  # zero, tiny and huge quotients: the plain division
+    smooth = torch.rand(128) + 0.5
+    smooth[:4] = torch.tensor([2.0, 1e-3, 0.5, 1e6])
+    packed, bias = cpu_native.bf16_pack(torch.randn(100, 128)), torch.randn(100)
+    op = torch.ops.compressdit_native.bf16_linear
+    balanced = x / smooth
+    rows_in = balanced if grid is None else cpu_native.fake_quantize_grid(balanced, *grid)
+    expected = op(rows_in, packed, 100, bias, None, None, threads)
+    out = op(x, packed, 100, bias, None, None, threads, smooth, None, *(grid or (0, 0, 0.0, 0, 0)))
+    assert torch.equal(out, expected)
+
+
+def _svdquant_product(x, smooth, grid, weight, down, up, bias):
+    """What the op computes with SVDQuant's branch, in fp64 on its bf16 operands: the quantized balanced rows times W,
+    plus the hidden rows (bf16 of the fp32 down product) times U."""
+    balanced = x / smooth if smooth is not None else x
+    rows = balanced if grid is None else cpu_native.fake_quantize_grid(balanced.contiguous(), *grid)
+    hidden = (balanced.to(torch.bfloat16).float() @ down.to(torch.bfloat16).float().t()).to(torch.bfloat16)
+    return (_bf16_product(rows, weight) + hidden.double() @ up.to(torch.bfloat16).double().t() + bias.double(),
+            hidden.double().abs().max().item())
+
+
+@pytest.mark.parametrize("rows, threads", [(300, 2), (300, 1), (16, 2), (3, 1)])
+@pytest.mark.parametrize("grid, smoothed, rank", [((64, 0, 7.0, 30, 30), True, 16), ((16, 2, 6.0, 1, 0), True, 16),
+                                                  (None, True, 16), ((16, 2, 6.0, 1, 0), False, 80)],
+                         ids=["int4-g64", "nvfp4", "weight-only", "nvfp4-rank80-unbalanced"])
+def test_the_bf16_microkernel_runs_svdquants_branch_in_its_product(rows, threads, grid, smoothed, rank):
+    """``down`` with ``[W | up]`` packed: the branch's hidden rows (the balanced, unquantized rows in bf16 times the
+    down factor, fp32 sums, rounded to bf16) extend the quantized rows of one product, on any split over the team
+    (ranks above one block of 64 included); without ``down`` the same packing gives W's product alone (h = 0), for
+    fp32 and bf16 rows."""
+    if not _microkernel_runs("bf16"):
+        return
+    torch.manual_seed(0)
+    x = _activations(rows=max(rows, 3), cols=128)[:rows].contiguous()
+    weight, down, up = torch.randn(100, 128), torch.randn(rank, 128) / 4, torch.randn(100, rank) / 4
+    smooth, bias = (torch.rand(128) + 0.5) if smoothed else None, torch.randn(100)
+    packed = cpu_native.bf16_pack(torch.cat([weight, up], dim=1))
+    assert packed.shape == (2, 128 + rank, 64)
+    transform = (smooth, None, *(grid or (0, 0, 0.0, 0, 0)))
+    expected, hidden_max = _svdquant_product(x, smooth, grid, weight, down, up, bias)
+    out = cpu_native.bf16_linear(x, packed, 100, bias, transform=transform, down=cpu_native.bf16_pack(down))
+    # fp32 sums in another order; a hidden value on a bf16 rounding boundary may round the other way (one ulp of it)
+    tolerance = 1e-5 * expected.abs().max().item() + 2 ** -7 * hidden_max * up.abs().max().item()
+    assert out.shape == (rows, 100) and (out.double() - expected).abs().max().item() <= tolerance
+    op = torch.ops.compressdit_native.bf16_linear
+    for source in (x, x.to(torch.bfloat16)):  # W alone: the branch's columns meet zeros
+        alone = op(source, packed, 100, bias, None, None, threads)
+        plain = op(source, cpu_native.bf16_pack(weight), 100, bias, None, None, threads)
+        assert (alone - plain).abs().max().item() <= 1e-6 * plain.abs().max().item()  # fp32 sums tiled otherwise
+
+
+def test_the_bf16_microkernels_branch_refuses_what_it_cannot_read():
+    if not _microkernel_runs("bf16"):
+        return
+    x, weight, up = torch.randn(5, 32), torch.randn(8, 32), torch.randn(8, 4)
+    packed, down = cpu_native.bf16_pack(torch.cat([weight, up], dim=1)), cpu_native.bf16_pack(torch.randn(4, 32))
+    op = torch.ops.compressdit_native.bf16_linear
+    with pytest.raises(RuntimeError, match="bf16_pack's"):  # a plain W cannot take a branch
+        cpu_native.bf16_linear(x, cpu_native.bf16_pack(weight), 8, down=down)
+    with pytest.raises(RuntimeError, match="down must be"):
+        cpu_native.bf16_linear(x, packed, 8, down=cpu_native.bf16_pack(torch.randn(4, 16)))
+    with pytest.raises(RuntimeError, match="unrotated"):
+        op(x, packed, 8, None, None, None, 1, None, torch.ones(32, dtype=torch.int8), 0, 0, 0.0, 0, 0, down)
+    with pytest.raises(RuntimeError, match="no row or channel scales"):
+        cpu_native.bf16_linear(x, packed, 8, row_scale=torch.ones(5), down=down)
+    with pytest.raises(RuntimeError, match="fp32 rows"):
+        cpu_native.bf16_linear(x.to(torch.bfloat16), packed, 8, down=down)

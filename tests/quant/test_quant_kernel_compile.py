@@ -67,7 +67,7 @@ def test_compiled_w8a8_and_w4a16_dit_has_no_graph_break_in_quantized_layers_and_
 def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
     """Big W8A8 (oneDNN's prepacked weight), small W8A8 (torch._int_mm, or AMX's int8 microkernel), dense bf16 W4,
     grouped W4A8, FP8, NVFP4 (decoded weight, fused activation pass: PyTorch ops under compilation, the same numbers;
-    on AMX the bf16 microkernel's op, traced through its fake)."""
+    on AMX the bf16 microkernel's op, traced through its fake), SVDQuant's NVFP4 (on AMX the whole layer in that op)."""
     from compressdit.quant.cpu_dense import decoded_kernel_name, fp8_kernel_name
     from compressdit.quant.formats import FORMATS
     from compressdit.quant.fp8_layer import FP8Linear
@@ -76,6 +76,9 @@ def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
     NVFP4 = LinearQuantSpec.from_dict(dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4",
                                            a_granularity="per_group"), "spec")
     FORMATS.get("nvfp4").validate_spec(NVFP4, "spec")
+    SVDQUANT = LinearQuantSpec.from_dict(dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4",
+                                              a_granularity="per_group", balance=0.5, low_rank=8), "spec")
+    FORMATS.get("nvfp4").validate_spec(SVDQUANT, "spec")
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         QuantLinear.from_linear(torch.nn.Linear(256, 1040), LinearQuantSpec(w_bits=8, a_bits=8)),
@@ -83,10 +86,12 @@ def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
         QuantLinear.from_linear(torch.nn.Linear(64, 64), LinearQuantSpec(w_bits=4, group_size=32)),
         QuantLinear.from_linear(torch.nn.Linear(64, 64), LinearQuantSpec(w_bits=4, a_bits=8, group_size=32)),
         FP8Linear.from_linear(torch.nn.Linear(64, 32), LinearQuantSpec(format="fp8", w_bits=8, a_bits=8)),
-        FORMATS.get("nvfp4").quantize(torch.nn.Linear(32, 16), NVFP4, None))
+        FORMATS.get("nvfp4").quantize(torch.nn.Linear(32, 16), NVFP4, None),
+        FORMATS.get("nvfp4").quantize(torch.nn.Linear(16, 32), SVDQUANT, torch.rand(16) + 0.5))
     assert list(prepack_model(model).values()) == ["cpu-int8-gemm", "cpu-int8-gemm", dense_kernel_name((64, 64)),
                                                    "cpu-int8-group-gemm", fp8_kernel_name(8, (32, 64)),
-                                                   decoded_kernel_name(NVFP4, (16, 32))]
+                                                   decoded_kernel_name(NVFP4, (16, 32)),
+                                                   decoded_kernel_name(SVDQUANT, (32, 16))]
     torch._dynamo.reset()
     with torch.no_grad():
         for rows in (1, 7):

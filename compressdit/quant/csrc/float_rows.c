@@ -11,6 +11,7 @@
  * chunks, as in int8_rows.c (each element computed alone: the same numbers on any number of threads). */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "rows.h"
@@ -160,7 +161,8 @@ static void grid_batch(const float *x, float *out, int64_t n, int64_t group, int
     }
 }
 
-float compressdit_grid_tensor_scale(const float *x, int64_t rows, int64_t cols, float top, int32_t threads);
+float compressdit_grid_tensor_scale(const float *x, const float *smooth, int64_t rows, int64_t cols, float top,
+                                    int32_t threads);
 void compressdit_fake_quantize_grid_with(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t rule,
                                          float top, int32_t mantissa, int32_t min_exp, float t, float *out,
                                          int32_t threads);
@@ -176,17 +178,85 @@ void compressdit_fake_quantize_grid_with(const float *x, int64_t rows, int64_t c
  * number of threads). */
 void compressdit_fake_quantize_grid(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t rule, float top,
                                     int32_t mantissa, int32_t min_exp, float *out, int32_t threads) {
-    const float t = rule == 2 ? compressdit_grid_tensor_scale(x, rows, cols, top, threads) : 1.0f;
+    const float t = rule == 2 ? compressdit_grid_tensor_scale(x, NULL, rows, cols, top, threads) : 1.0f;
     compressdit_fake_quantize_grid_with(x, rows, cols, group, rule, top, mantissa, min_exp, t, out, threads);
 }
 
-/* NVFP4's tensor scale of x (rule 2 above): amax(all x) / (top * 448), 1 for an all-zero x. */
-float compressdit_grid_tensor_scale(const float *x, int64_t rows, int64_t cols, float top, int32_t threads) {
+/* y = x / smooth over n elements, as the IEEE division (torch's x / smooth), by div_rn from inv = 1 / smooth: the
+ * plain division again where a quotient left div_rn's exact range. Returns max |y| as its bit pattern. */
+static uint32_t divide_row(const float *restrict x, const float *restrict smooth, const float *restrict inv, int64_t n,
+                           float *restrict y) {
     uint32_t m = 0;
-    FOR_ROWS_MAX(m, i, rows, {
-        const uint32_t r = absmax_bits(x + i * cols, cols);
-        m = r > m ? r : m;
+    int bad = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        const float q = div_rn(x[j], smooth[j], inv[j]);
+        const uint32_t u = float_bits(q) & 0x7fffffffu;
+        bad |= !div_in_range(u, x[j]);
+        m = u > m ? u : m;
+        y[j] = q;
+    }
+    if (!bad) return m;
+    for (int64_t j = 0; j < n; ++j) y[j] = x[j] / smooth[j];
+    return absmax_bits(y, n);
+}
+
+/* out[i, j] = x[i, j] / smooth[j] (divide_row; out may not be x) with inv[j] = 1 / smooth[j]; where out16 is not
+ * NULL, the quotients rounded to bf16 there too (to_bf16, while in cache) */
+void compressdit_divide_rows(const float *x, const float *smooth, const float *inv, int64_t rows, int64_t cols,
+                             float *out, uint16_t *out16, int32_t threads) {
+    FOR_ROWS(i, rows, {
+        float *o = out + i * cols;
+        divide_row(x + i * cols, smooth, inv, cols, o);
+        if (out16)
+            for (int64_t j = 0; j < cols; ++j) out16[i * cols + j] = to_bf16(o[j]);
     });
+}
+
+/* max |x[j] / smooth[j]| as its bit pattern (divide_row's, nothing written) */
+static uint32_t balanced_absmax_bits(const float *restrict x, const float *restrict smooth, const float *restrict inv,
+                                     int64_t n) {
+    uint32_t m = 0;
+    int bad = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        const uint32_t u = float_bits(div_rn(x[j], smooth[j], inv[j])) & 0x7fffffffu;
+        bad |= !div_in_range(u, x[j]);
+        m = u > m ? u : m;
+    }
+    if (!bad) return m;
+    m = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        const uint32_t u = float_bits(x[j] / smooth[j]) & 0x7fffffffu;
+        m = u > m ? u : m;
+    }
+    return m;
+}
+
+/* 1 / smooth[j] into a new array (free it), or NULL when out of memory */
+static float *reciprocals(const float *smooth, int64_t n) {
+    float *inv = (float *)malloc(sizeof(float) * (n > 0 ? n : 1));
+    if (inv)
+        for (int64_t j = 0; j < n; ++j) inv[j] = 1.0f / smooth[j];
+    return inv;
+}
+
+/* NVFP4's tensor scale of x (rule 2 above), or of the balanced x / smooth (smooth not NULL; divided as torch does):
+ * amax(all) / (top * 448), 1 for an all-zero input. */
+float compressdit_grid_tensor_scale(const float *x, const float *smooth, int64_t rows, int64_t cols, float top,
+                                    int32_t threads) {
+    float *inv = smooth ? reciprocals(smooth, cols) : NULL;
+    uint32_t m = 0;
+    if (smooth && !inv) { /* out of memory: the plain division */
+        for (int64_t k = 0; k < rows * cols; ++k) {
+            const uint32_t u = float_bits(x[k] / smooth[k % cols]) & 0x7fffffffu;
+            m = u > m ? u : m;
+        }
+    } else {
+        FOR_ROWS_MAX(m, i, rows, {
+            const uint32_t r = inv ? balanced_absmax_bits(x + i * cols, smooth, inv, cols) : absmax_bits(x + i * cols, cols);
+            m = r > m ? r : m;
+        });
+    }
+    free(inv);
     const float all = bits_float(m);
     return all > 0.0f ? all / (top * 448.0f) : 1.0f;
 }
@@ -201,6 +271,39 @@ void compressdit_fake_quantize_grid_with(const float *x, int64_t rows, int64_t c
         const int64_t first = i * GRID_BATCH;
         const int64_t n = groups - first < GRID_BATCH ? groups - first : GRID_BATCH;
         grid_batch(x + first * group, out + first * group, n, group, rule, top, mantissa, min_exp, t);
+    });
+}
+
+/* elements [e0, e1) of rows of `cols` fp32 values rounded to bf16 (to_bf16) into rows of out `ld` elements apart */
+static void rows_to_bf16(const float *x, int64_t e0, int64_t e1, int64_t cols, uint16_t *out, int64_t ld) {
+    int64_t row = e0 / cols, column = e0 % cols;
+    while (e0 < e1) {
+        const int64_t n = cols - column < e1 - e0 ? cols - column : e1 - e0;
+        const float *r = x + e0;
+        uint16_t *o = out + row * ld + column;
+        for (int64_t j = 0; j < n; ++j) o[j] = to_bf16(r[j]);
+        e0 += n;
+        ++row;
+        column = 0;
+    }
+}
+
+/* compressdit_fake_quantize_grid_with's values of x's rows (group > 0; tensor scale t; fp32 into `work`, rows x cols,
+ * which may be x), or x itself (group 0), rounded to bf16 (to_bf16) into the rows of out, `ld` elements apart (a bf16
+ * GEMM's input, which may hold more columns): each batch of groups rounded while in cache. */
+void compressdit_grid_rows_bf16(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t rule, float top,
+                                int32_t mantissa, int32_t min_exp, float t, float *work, uint16_t *out, int64_t ld,
+                                int32_t threads) {
+    if (!group) {
+        FOR_ROWS(i, rows, { rows_to_bf16(x, i * cols, (i + 1) * cols, cols, out, ld); });
+        return;
+    }
+    const int64_t groups = rows * (cols / group); /* batched over rows, as compressdit_fake_quantize_grid_with */
+    FOR_ROWS(i, (groups + GRID_BATCH - 1) / GRID_BATCH, {
+        const int64_t first = i * GRID_BATCH;
+        const int64_t n = groups - first < GRID_BATCH ? groups - first : GRID_BATCH;
+        grid_batch(x + first * group, work + first * group, n, group, rule, top, mantissa, min_exp, t);
+        rows_to_bf16(work, first * group, (first + n) * group, cols, out, ld);
     });
 }
 

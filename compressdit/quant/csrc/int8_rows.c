@@ -60,7 +60,7 @@ static uint32_t divide_absmax(const float *restrict x, const float *restrict smo
     for (int64_t j = 0; j < n; ++j) {
         float q = div_rn(x[j], smooth[j], inv[j]);
         uint32_t u = abs_bits(q);
-        bad |= (u > 0x71800000u) | ((u < 0x0d800000u) & (x[j] != 0.0f)); /* 2^100, 2^-100; NaN sorts above */
+        bad |= !div_in_range(u, x[j]);
         m = u > m ? u : m;
         y[j] = q;
     }

@@ -38,4 +38,10 @@ static inline float div_rn(float a, float b, float inv) {
 #endif
 }
 
+/* div_rn(x, d, inv) where it is exact (see above): false where the quotient q (|q|'s bit pattern u) is NaN or
+ * outside [2^-100, 2^100] for a nonzero x; callers then divide the plain way. */
+static inline int div_in_range(uint32_t u, float x) {
+    return !((u > 0x71800000u) | ((u < 0x0d800000u) & (x != 0.0f)));
+}
+
 #endif
