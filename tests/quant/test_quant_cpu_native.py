@@ -553,13 +553,16 @@ def test_the_op_library_loads_once_per_process(tmp_path):
 def test_the_hadamard_pass_is_balancing_and_rotate_bit_for_bit(cols, parallel, monkeypatch):
     """csrc/float_rows.c's randomized block Hadamard (after the balancing division) against rotation.rotate's
     butterflies: the same bits on every width (blocks of 128 / 128 / 32 / 8), with and without a divisor, on rows
-    of very different scales, zeros, inf and NaN; its rows split over two threads or not."""
+    of very different scales, zeros, subnormals, inf and NaN; its rows split over two threads or not."""
     from compressdit.quant.cpu_native import fake_quantize_grid, hadamard_rows
     from compressdit.quant.rotation import random_signs, rotate
 
     torch.manual_seed(0)
     x = torch.randn(37, cols) * torch.logspace(-3, 3, cols)
     x[3], x[5, :4], x[6, 7] = 0, float("inf"), float("nan")
+    x[8] *= 1e-36  # tiny, subnormal and huge values: outside the fast reciprocal divisions' range, the plain ones run
+    x[9, :3] = torch.tensor([1e-41, -3e-39, 1e-45])
+    x[10] *= 1e32
     smooth, signs = torch.rand(cols) + 0.3, random_signs(cols, 0)
     monkeypatch.setattr(cpu_native, "PARALLEL_MIN_ELEMENTS", 1 if parallel else 1 << 62)
     before = torch.get_num_threads()

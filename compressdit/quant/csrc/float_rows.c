@@ -391,14 +391,13 @@ typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
 /* One butterfly stage of distance s (1, 2, 4, 8) on 16 values: v[k] + v[k + s] where bit s of k is clear,
- * v[k - s] - v[k] where it is set (the partner from one shuffle; the same single additions as the scalar loop). */
+ * v[k - s] - v[k] where it is set: the partner p from one shuffle plus v with its sign flipped where the bit is set
+ * (p + -v is p - v exactly, p + v is v + p: the same single additions as the scalar loop). */
 static inline v16f butterfly16(v16f v, int s) {
     const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const v16i partner = lane ^ s;
-    const v16f p = __builtin_shuffle(v, partner);
-    const v16i high = (lane & s) != 0; /* all ones where bit s is set */
-    const v16i difference = (v16i)(p - v), sum = (v16i)(v + p);
-    return (v16f)((difference & high) | (sum & ~high));
+    const v16f p = __builtin_shuffle(v, lane ^ s);
+    const v16i flip = ((lane & s) != 0) & (v16i)(0x80000000u + (v16i){}); /* the sign bit where bit s is set */
+    return p + (v16f)((v16i)v ^ flip);
 }
 #endif
 
@@ -408,43 +407,90 @@ static inline v16f butterfly16(v16f v, int s) {
  * a + b and a - b of the values h apart in each run of 2h), each value divided by sqrt(block) (rounded to float, as
  * torch does with the Python float) at the end; then, where group > 0, compressdit_fake_quantize_grid's quantization
  * of the row (rules 0 and 1: scales from each group alone) in the same pass. out may be x's own memory. */
+/* the butterflies of fwht on each run of `block` values of a row, in its order (h = 1, 2, 4, ...) */
+static void butterflies(float *o, int64_t cols, int64_t block) {
+    int64_t h = 1;
+#ifdef COMPRESSDIT_VECTOR_BUTTERFLY
+    if (block >= 16) { /* the first four stages within each run of 16, in one vector */
+        for (int64_t start = 0; start < cols; start += 16) {
+            v16f v;
+            memcpy(&v, o + start, sizeof v);
+            v = butterfly16(v, 1);
+            v = butterfly16(v, 2);
+            v = butterfly16(v, 4);
+            v = butterfly16(v, 8);
+            memcpy(o + start, &v, sizeof v);
+        }
+        h = 16;
+    }
+#endif
+    for (; h < block; h *= 2)
+        for (int64_t start = 0; start < cols; start += 2 * h)
+            for (int64_t j = start; j < start + h; ++j) {
+                const float a = o[j], b = o[j + h];
+                o[j] = a + b;
+                o[j + h] = a - b;
+            }
+}
+
+/* One row of compressdit_hadamard_rows before its grid, into o (not r): v = r / smooth * signs as r / signed[j]
+ * (signed = smooth * signs, exactly; by divide_row from inv = 1 / signed) or r * signs[j] (signed NULL; as floats in
+ * `sign`), the butterflies, then v / norm by div_rn from inv_norm (1 <= norm <= 2^6). Returns nonzero, the row
+ * unfinished, where a value before that division left [2^-94, 2^100] (div_rn's exact range for the quotient; 0 is
+ * fine): the caller redoes it with the plain divisions (hadamard_row_plain). */
+static int hadamard_row(const float *restrict r, const float *restrict signed_smooth, const float *restrict inv,
+                        const float *restrict sign, int64_t cols, int64_t block, float norm, float inv_norm,
+                        float *restrict o) {
+    if (signed_smooth) {
+        divide_row(r, signed_smooth, inv, cols, o);
+    } else {
+        for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * sign[j];
+    }
+    butterflies(o, cols, block);
+    int bad = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+        const float v = o[j];
+        const uint32_t u = float_bits(v) & 0x7fffffffu;
+        bad |= (u > 0x71800000u) | ((u < 0x10800000u) & (v != 0.0f));
+        o[j] = div_rn(v, norm, inv_norm);
+    }
+    return bad;
+}
+
+/* The same with the plain divisions (any values; o may be r) */
+static void hadamard_row_plain(const float *r, const float *smooth, const int8_t *signs, int64_t cols, int64_t block,
+                               float norm, float *o) {
+    if (smooth)
+        for (int64_t j = 0; j < cols; ++j) o[j] = r[j] / smooth[j] * (float)signs[j];
+    else
+        for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * (float)signs[j];
+    butterflies(o, cols, block);
+    for (int64_t j = 0; j < cols; ++j) o[j] = o[j] / norm;
+}
+
 void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
                                int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float *out,
                                int32_t threads) {
     const int64_t block = cols & -cols;
-    const float norm = (float)__builtin_sqrt((double)block);
+    const float norm = (float)__builtin_sqrt((double)block), inv_norm = 1.0f / norm;
+    /* the fast row: out not x, a block of at most 4096 values (norm <= 2^6), the scratch allocated */
+    float *scratch = x != out && block <= 4096 ? (float *)malloc(sizeof(float) * 2 * cols) : NULL;
+    float *signed_smooth = scratch, *inv = scratch ? scratch + cols : NULL;
+    if (scratch) {
+        for (int64_t j = 0; j < cols; ++j) {
+            signed_smooth[j] = smooth ? smooth[j] * (float)signs[j] : (float)signs[j];
+            inv[j] = 1.0f / signed_smooth[j];
+        }
+    }
     FOR_ROWS(i, rows, {
         const float *r = x + i * cols;
         float *o = out + i * cols;
-        if (smooth)
-            for (int64_t j = 0; j < cols; ++j) o[j] = r[j] / smooth[j] * (float)signs[j];
-        else
-            for (int64_t j = 0; j < cols; ++j) o[j] = r[j] * (float)signs[j];
-        int64_t h = 1;
-#ifdef COMPRESSDIT_VECTOR_BUTTERFLY
-        if (block >= 16) { /* the first four stages within each run of 16, in one vector */
-            for (int64_t start = 0; start < cols; start += 16) {
-                v16f v;
-                memcpy(&v, o + start, sizeof v);
-                v = butterfly16(v, 1);
-                v = butterfly16(v, 2);
-                v = butterfly16(v, 4);
-                v = butterfly16(v, 8);
-                memcpy(o + start, &v, sizeof v);
-            }
-            h = 16;
-        }
-#endif
-        for (; h < block; h *= 2)
-            for (int64_t start = 0; start < cols; start += 2 * h)
-                for (int64_t j = start; j < start + h; ++j) {
-                    const float a = o[j], b = o[j + h];
-                    o[j] = a + b;
-                    o[j + h] = a - b;
-                }
-        for (int64_t j = 0; j < cols; ++j) o[j] = o[j] / norm;
+        if (!scratch || hadamard_row(r, smooth ? signed_smooth : NULL, inv, signed_smooth, cols, block, norm, inv_norm,
+                                     o))
+            hadamard_row_plain(r, smooth, signs, cols, block, norm, o);
         for (int64_t g = 0; group && g < cols / group; g += GRID_BATCH) /* then its groups, while in cache */
             grid_batch(o + g * group, o + g * group, cols / group - g < GRID_BATCH ? cols / group - g : GRID_BATCH,
                        group, rule, top, mantissa, min_exp, 1.0f);
     });
+    free(scratch);
 }
