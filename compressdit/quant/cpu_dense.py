@@ -243,16 +243,26 @@ def _contiguous_fp32(x: torch.Tensor) -> torch.Tensor:
 def _branch_prepack(layer, weight: torch.Tensor) -> dict | None:
     """SVDQuant's branch of ``layer`` for the microkernel's op beside its decoded ``weight`` (:func:`bf16_weights`)
     where the branch's rank is even, the layer has no rotation (the branch reads the balanced, unrotated input) and its
-    activations are unquantized or dynamic on the op's grid pass (:func:`_input_grid`):
-    ``LOW_RANK`` the packed down factor, ``"packed"`` ``[weight | up]``, the balancing's ``"smooth"``; else ``None``."""
+    activations are unquantized or dynamic on the op's grid pass (:func:`_input_grid`): ``LOW_RANK`` the packed down
+    factor, ``"packed"`` ``[weight | U_hi | U_hi | U_lo]`` (the up factor in two bf16 terms for the op's bf16x3
+    product), the balancing's ``"smooth"``; else ``None``."""
     up = getattr(layer, "low_rank_up", None)
     if (up is None or up.shape[1] % 2 or getattr(layer, "rotation_signs", None) is not None
             or (layer.spec.a_bits is not None and _input_grid(layer) is None)):
         return None
     smooth = layer.smooth_scale
-    return {"weight": None, "packed": bf16_pack(torch.cat([weight, up.float()], dim=1)),
+    up_hi, up_lo = _bf16_terms(up)
+    return {"weight": None, "packed": bf16_pack(torch.cat([weight, up_hi, up_hi, up_lo], dim=1)),
             LOW_RANK: bf16_pack(layer.low_rank_down.float()),
             "smooth": None if smooth is None else smooth.detach().float().contiguous()}
+
+
+def _bf16_terms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` as two bf16 terms ``(hi, lo)``, ``hi = bf16(t)``, ``lo = bf16(t - hi)`` (in fp32): ~16 significant
+    bits, an operand of the op's bf16x3 product."""
+    t = t.detach().float()
+    hi = t.to(torch.bfloat16).float()
+    return hi, (t - hi).to(torch.bfloat16).float()
 
 
 def _with_branch(run_untransformed):

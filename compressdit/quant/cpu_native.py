@@ -247,9 +247,10 @@ def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
     multiply-adds. ``transform`` (fp32 ``x`` only): ``(smooth, signs, group, rule, top, mantissa, min_exp)``, what
     each thread's rows go through first, bit for bit as :func:`hadamard_rows` (``signs`` given; ``smooth`` optional)
     or as ``x / smooth`` (``smooth`` without ``signs``) then :func:`fake_quantize_grid` (``group`` > 0), then rounded.
-    ``down`` (fp32 ``x``, no scales, no ``signs``): :func:`bf16_pack` of SVDQuant's down factor ``[r, in]``, with
-    ``packed`` that of ``[W | up]`` (``up`` ``[out, r]``): ``bf16(bf16(x / smooth) @ down^T) @ up^T`` (fp32 sums) is
-    added to the output, in the same product."""
+    ``down`` (fp32 ``x``, no scales, no ``signs``): :func:`bf16_pack` of SVDQuant's down factor ``D`` ``[r, in]``, with
+    ``packed`` that of ``[W | U_hi | U_hi | U_lo]`` (``U`` ``[out, r]`` in two bf16 terms): ``h @ U^T`` with
+    ``h = bf16(x / smooth) @ bf16(D)^T`` (fp32 sums) is added to the output in the same product, a bf16x3 one (``h``
+    and ``U`` in two bf16 terms each: ~16 significant bits)."""
     threads = torch.get_num_threads() if x.shape[0] * x.shape[1] * out_features > TEAM_MIN_WORK else 1
     if down is not None and not transform:
         transform = (None, None, 0, 0, 0.0, 0, 0)

@@ -761,13 +761,20 @@ def test_the_bf16_microkernel_balances_its_rows_as_torch_divides(rows, threads, 
 
 
 def _svdquant_product(x, smooth, grid, weight, down, up, bias):
-    """What the op computes with SVDQuant's branch, in fp64 on its bf16 operands: the quantized balanced rows times W,
-    plus the hidden rows (bf16 of the fp32 down product) times U."""
+    """What the op computes with SVDQuant's branch, in fp64: the quantized balanced rows times W on bf16 operands, plus
+    the hidden rows (the balanced rows times D on bf16 operands) times U exactly (the op's bf16x3 product: ~16 bits)."""
     balanced = x / smooth if smooth is not None else x
     rows = balanced if grid is None else cpu_native.fake_quantize_grid(balanced.contiguous(), *grid)
-    hidden = (balanced.to(torch.bfloat16).float() @ down.to(torch.bfloat16).float().t()).to(torch.bfloat16)
-    return (_bf16_product(rows, weight) + hidden.double() @ up.to(torch.bfloat16).double().t() + bias.double(),
-            hidden.double().abs().max().item())
+    hidden = _bf16_product(balanced, down)
+    return (_bf16_product(rows, weight) + hidden @ up.double().t() + bias.double(),
+            hidden.abs().max().item() * up.abs().max().item() * up.shape[1])
+
+
+def _packed_with_branch(weight, up):
+    from compressdit.quant.cpu_dense import _bf16_terms
+
+    up_hi, up_lo = _bf16_terms(up)
+    return cpu_native.bf16_pack(torch.cat([weight, up_hi, up_hi, up_lo], dim=1))
 
 
 @pytest.mark.parametrize("rows, threads", [(300, 2), (300, 1), (16, 2), (3, 1)])
@@ -775,23 +782,22 @@ def _svdquant_product(x, smooth, grid, weight, down, up, bias):
                                                   (None, True, 16), ((16, 2, 6.0, 1, 0), False, 80)],
                          ids=["int4-g64", "nvfp4", "weight-only", "nvfp4-rank80-unbalanced"])
 def test_the_bf16_microkernel_runs_svdquants_branch_in_its_product(rows, threads, grid, smoothed, rank):
-    """``down`` with ``[W | up]`` packed: the branch's hidden rows (the balanced, unquantized rows in bf16 times the
-    down factor, fp32 sums, rounded to bf16) extend the quantized rows of one product, on any split over the team
-    (ranks above one block of 64 included); without ``down`` the same packing gives W's product alone (h = 0), for
-    fp32 and bf16 rows."""
+    """``down`` with ``[W | U_hi | U_hi | U_lo]`` packed: the branch's hidden rows (the balanced, unquantized rows in
+    bf16 times the down factor, fp32 sums) extend the quantized rows, in two bf16 terms, of one product: the branch's
+    up product to ~16 bits, on any split over the team (ranks above one block of 64 included); without ``down`` the
+    same packing gives W's product alone (h = 0), for fp32 and bf16 rows."""
     if not _microkernel_runs("bf16"):
         return
     torch.manual_seed(0)
     x = _activations(rows=max(rows, 3), cols=128)[:rows].contiguous()
     weight, down, up = torch.randn(100, 128), torch.randn(rank, 128) / 4, torch.randn(100, rank) / 4
     smooth, bias = (torch.rand(128) + 0.5) if smoothed else None, torch.randn(100)
-    packed = cpu_native.bf16_pack(torch.cat([weight, up], dim=1))
-    assert packed.shape == (2, 128 + rank, 64)
+    packed = _packed_with_branch(weight, up)
+    assert packed.shape == (2, 128 + 3 * rank, 64)
     transform = (smooth, None, *(grid or (0, 0, 0.0, 0, 0)))
-    expected, hidden_max = _svdquant_product(x, smooth, grid, weight, down, up, bias)
+    expected, branch_bound = _svdquant_product(x, smooth, grid, weight, down, up, bias)
     out = cpu_native.bf16_linear(x, packed, 100, bias, transform=transform, down=cpu_native.bf16_pack(down))
-    # fp32 sums in another order; a hidden value on a bf16 rounding boundary may round the other way (one ulp of it)
-    tolerance = 1e-5 * expected.abs().max().item() + 2 ** -7 * hidden_max * up.abs().max().item()
+    tolerance = 1e-5 * expected.abs().max().item() + 2 ** -15 * branch_bound  # fp32 sums; the bf16x3 product
     assert out.shape == (rows, 100) and (out.double() - expected).abs().max().item() <= tolerance
     op = torch.ops.compressdit_native.bf16_linear
     for source in (x, x.to(torch.bfloat16)):  # W alone: the branch's columns meet zeros
@@ -804,10 +810,12 @@ def test_the_bf16_microkernels_branch_refuses_what_it_cannot_read():
     if not _microkernel_runs("bf16"):
         return
     x, weight, up = torch.randn(5, 32), torch.randn(8, 32), torch.randn(8, 4)
-    packed, down = cpu_native.bf16_pack(torch.cat([weight, up], dim=1)), cpu_native.bf16_pack(torch.randn(4, 32))
+    packed, down = _packed_with_branch(weight, up), cpu_native.bf16_pack(torch.randn(4, 32))
     op = torch.ops.compressdit_native.bf16_linear
     with pytest.raises(RuntimeError, match="bf16_pack's"):  # a plain W cannot take a branch
         cpu_native.bf16_linear(x, cpu_native.bf16_pack(weight), 8, down=down)
+    with pytest.raises(RuntimeError, match="3 rank"):  # U not in its two terms
+        cpu_native.bf16_linear(x, cpu_native.bf16_pack(torch.cat([weight, up], dim=1)), 8, down=down)
     with pytest.raises(RuntimeError, match="down must be"):
         cpu_native.bf16_linear(x, packed, 8, down=cpu_native.bf16_pack(torch.randn(4, 16)))
     with pytest.raises(RuntimeError, match="unrotated"):

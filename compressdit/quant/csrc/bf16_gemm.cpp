@@ -11,10 +11,14 @@
  * The output stays fp32: the GEMM's sums are not rounded to bf16.
  *
  * SVDQuant's low-rank branch (a layer's 16-bit up [out, r] @ down [r, in] beside its quantized weight, on the balanced
- * but unquantized activations) runs in the same call, as Nunchaku fuses it on GPUs: each chunk's balanced rows, rounded
- * to bf16, times the packed down factor give the chunk's r-wide hidden rows (fp32 sums), which extend its quantized
- * rows: one product of [t(x) | h] (depth in + r) with the weight packed as [W | up]. Two torch linears and the
- * output's extra pass a call otherwise, ~40% of a zoo step. */
+ * but unquantized activations) runs in the same call, as Nunchaku fuses it on GPUs: each chunk's balanced rows times
+ * the packed down factor give the chunk's r-wide hidden rows (fp32 sums), which extend its quantized rows: one product
+ * of [t(x) | h] with the weight packed as [W | up]. Two torch linears and the output's extra pass a call otherwise,
+ * ~40% of a zoo step. The branch carries the weight's largest directions (half the output's norm), so its up product
+ * is a "bf16x3" one: h and U each in two bf16 terms (hi = bf16(v), lo = bf16(v - hi)), hi * HI + lo * HI + hi * LO
+ * summed (~16 significant bits); the down product's bf16 rounding averages over the input's width. A layer's error
+ * against its exact product then stays near the main product's own bf16 rounding (+17% on a synthetic SVDQuant
+ * layer, +33% with a plain bf16 up product), for ~2 us a call. */
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -32,7 +36,9 @@ void compressdit_float_to_bf16(const float *x, int64_t n, uint16_t *y, int32_t t
 float compressdit_grid_tensor_scale(const float *x, const float *smooth, int64_t rows, int64_t cols, float top,
                                     int32_t threads);
 void compressdit_divide_rows(const float *x, const float *smooth, const float *inv, int64_t rows, int64_t cols,
-                             float *out, uint16_t *out16, int32_t threads);
+                             float *out, int32_t threads);
+void compressdit_split_rows_bf16(const float *x, int64_t rows, int64_t cols, uint16_t *out, int64_t ld,
+                                 int32_t threads);
 void compressdit_grid_rows_bf16(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t rule, float top,
                                 int32_t mantissa, int32_t min_exp, float t, float *work, uint16_t *out, int64_t ld,
                                 int32_t threads);
@@ -109,12 +115,13 @@ struct RowTransform {
     bool divides() const { return smooth && !signs; }
 };
 
-/* out[r, n] = (sum_k bf16(t(x)[r, k]) * W[n, k] + sum_j bf16(h[r, j]) * U[n, j]) * row_scale[r] * col_scale[n] + bias[n],
- * fp32: x [rows, in] contiguous fp32 (transformed by t, then rounded to bf16 here) or bf16 (no transform), packed from
- * bf16_pack of W [out, in] (or, with SVDQuant's branch, of [W | U], U [out, r]), scales and bias optional fp32 vectors;
- * t: smooth / signs / group ... as RowTransform says (none by default); the branch (fp32 x, no rotation, no scales):
- * down = bf16_pack of its D [r, in], h = bf16(b(x)) @ bf16(D)^T in fp32 on the balanced rows b(x) = x / smooth (x
- * without smooth); without down, h = 0 (a layer's W alone from its [W | U]). */
+/* out[r, n] = (sum_k bf16(t(x)[r, k]) * W[n, k] + (h U^T)[r, n]) * row_scale[r] * col_scale[n] + bias[n], fp32: x
+ * [rows, in] contiguous fp32 (transformed by t, then rounded to bf16 here) or bf16 (no transform), packed from
+ * bf16_pack of W [out, in] (or, with SVDQuant's branch, of [W | U_hi | U_hi | U_lo], U [out, r] split in two bf16
+ * terms), scales and bias optional fp32 vectors; t: smooth / signs / group ... as RowTransform says (none by default);
+ * the branch (fp32 x, no rotation, no scales): down = bf16_pack of D [r, in], h = bf16(b(x)) @ bf16(D)^T (fp32
+ * sums) on the balanced rows b(x) = x / smooth (x without smooth), its product with U a bf16x3 one (see above);
+ * without down, h = 0 (a layer's W alone from its packing with U). */
 at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t out_features,
                        const c10::optional<at::Tensor> &bias, const c10::optional<at::Tensor> &row_scale,
                        const c10::optional<at::Tensor> &col_scale, int64_t threads,
@@ -126,14 +133,14 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
                 "bf16_linear: x must be a contiguous fp32 or bf16 matrix");
     const int64_t rows = x.size(0), in_features = x.size(1);
     const int64_t blocks = (out_features + BLOCK - 1) / BLOCK;
-    /* the branch's rank: the columns of [W | U] beyond x's (0 for a plain W) */
-    const int64_t rank = packed.dim() == 3 ? packed.size(1) - in_features : -1;
-    const int64_t depth = in_features + rank;
+    /* the branch's columns beyond x's in [W | U_hi | U_hi | U_lo]: 3 rank (none for a plain W) */
+    const int64_t extra = packed.dim() == 3 ? packed.size(1) - in_features : -1, rank = extra / 3;
+    const int64_t depth = in_features + extra;
     TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
-                    packed.size(0) == blocks && rank >= 0 && (rank > 0 || !down.has_value()) &&
+                    packed.size(0) == blocks && extra >= 0 && extra % 3 == 0 && (extra > 0 || !down.has_value()) &&
                     packed.size(2) == BLOCK,
                 "bf16_linear: packed must be bf16_pack's [", blocks, ", ", in_features,
-                down.has_value() ? " + rank" : " (+ rank)", ", ", BLOCK, "] for x");
+                down.has_value() ? " + 3 rank" : " (+ 3 rank)", ", ", BLOCK, "] for x");
     const float *bias_p = fp32_vector(bias, out_features, "bf16_linear: bias");
     const float *rows_p = fp32_vector(row_scale, rows, "bf16_linear: row_scale");
     const float *cols_p = fp32_vector(col_scale, out_features, "bf16_linear: col_scale");
@@ -183,31 +190,30 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
         const int64_t chunk = std::min(chunk_rows, r_end - r_begin);
         /* the chunk's scratch, uninitialized: bf16 rows [t(x) | h]; fp32 rows of the division / rotation; the
          * balanced rows in bf16 and the hidden rows of the branch */
-        const auto buffer = scratch<uint16_t>(fp32_in || rank ? chunk * depth : 0);
+        const auto buffer = scratch<uint16_t>(fp32_in || extra ? chunk * depth : 0);
         const auto work = scratch<float>(transform.any() ? chunk * in_features : 0);
         const auto balanced = scratch<uint16_t>(down_p ? chunk * in_features : 0);
         const auto hidden = scratch<float>(down_p ? chunk * rank : 0);
-        if (rank && !down_p) /* U's columns without the branch: h = 0 */
-            for (int64_t r = 0; r < chunk; ++r) std::memset(buffer.get() + r * depth + in_features, 0, 2 * rank);
+        if (extra && !down_p) /* U's columns without the branch: h = 0 */
+            for (int64_t r = 0; r < chunk; ++r) std::memset(buffer.get() + r * depth + in_features, 0, 2 * extra);
         for (int64_t r0 = r_begin; r0 < r_end; r0 += chunk_rows) {
             const int64_t n_rows = std::min(chunk_rows, r_end - r0);
             const at::BFloat16 *a;
             if (fp32_in) {
                 const float *rows_in = x.data_ptr<float>() + r0 * in_features;
-                if (transform.divides()) { /* the balanced rows, and for the branch their bf16 roundings */
+                if (transform.divides()) { /* the balanced rows */
                     compressdit_divide_rows(rows_in, transform.smooth, inverse.data(), n_rows, in_features, work.get(),
-                                            down_p ? balanced.get() : nullptr, 1);
+                                            1);
                     rows_in = work.get();
-                } else if (down_p) {
-                    compressdit_float_to_bf16(rows_in, n_rows * in_features, balanced.get(), 1);
                 }
-                if (down_p) { /* the branch's hidden rows: bf16(b(x)) @ bf16(D)^T, fp32 sums, rounded to bf16 */
+                if (down_p) { /* the branch's hidden rows h = bf16(b(x)) @ bf16(D)^T, fp32 sums; then as
+                               * [h_hi | h_lo | h_hi] beside the rows, against [U_hi | U_hi | U_lo] */
+                    compressdit_float_to_bf16(rows_in, n_rows * in_features, balanced.get(), 1);
                     const auto *b_rows = reinterpret_cast<const at::BFloat16 *>(balanced.get());
                     for (int64_t j0 = 0; j0 < rank; j0 += BLOCK)
                         compressdit_microkernel::multiply(n_rows, std::min(BLOCK, rank - j0), in_features, rank,
                                                           b_rows, down_p + j0 * in_features, hidden.get() + j0);
-                    compressdit_grid_rows_bf16(hidden.get(), n_rows, rank, 0, 0, 0.0f, 0, 0, 1.0f, nullptr,
-                                               buffer.get() + in_features, depth, 1);
+                    compressdit_split_rows_bf16(hidden.get(), n_rows, rank, buffer.get() + in_features, depth, 1);
                 }
                 if (transform.signs) { /* rotated (and quantized) rows, then rounded */
                     compressdit_hadamard_rows(rows_in, transform.smooth, transform.signs, n_rows, in_features,

@@ -200,16 +200,28 @@ static uint32_t divide_row(const float *restrict x, const float *restrict smooth
     return absmax_bits(y, n);
 }
 
-/* out[i, j] = x[i, j] / smooth[j] (divide_row; out may not be x) with inv[j] = 1 / smooth[j]; where out16 is not
- * NULL, the quotients rounded to bf16 there too (to_bf16, while in cache) */
+/* out[i, j] = x[i, j] / smooth[j] (divide_row; out may not be x) with inv[j] = 1 / smooth[j] */
 void compressdit_divide_rows(const float *x, const float *smooth, const float *inv, int64_t rows, int64_t cols,
-                             float *out, uint16_t *out16, int32_t threads) {
-    FOR_ROWS(i, rows, {
-        float *o = out + i * cols;
-        divide_row(x + i * cols, smooth, inv, cols, o);
-        if (out16)
-            for (int64_t j = 0; j < cols; ++j) out16[i * cols + j] = to_bf16(o[j]);
-    });
+                             float *out, int32_t threads) {
+    FOR_ROWS(i, rows, { divide_row(x + i * cols, smooth, inv, cols, out + i * cols); });
+}
+
+static void split_row(const float *restrict r, int64_t n, uint16_t *restrict hi, uint16_t *restrict lo,
+                      uint16_t *restrict again) {
+    for (int64_t j = 0; j < n; ++j) {
+        const uint16_t h = to_bf16(r[j]);
+        hi[j] = h;
+        again[j] = h;
+        lo[j] = to_bf16(r[j] - bits_float((uint32_t)h << 16));
+    }
+}
+
+/* Each row of x as two bf16 terms, hi = bf16(x) and lo = bf16(x - hi) (x - hi is exact in fp32), written as
+ * [hi | lo | hi] (3 cols values) into rows of out `ld` apart: the operand layout of a "bf16x3" product, whose three
+ * bf16 products hi * HI + lo * HI + hi * LO against [HI | HI | LO] are x * X to ~16 significant bits. */
+void compressdit_split_rows_bf16(const float *x, int64_t rows, int64_t cols, uint16_t *out, int64_t ld,
+                                 int32_t threads) {
+    FOR_ROWS(i, rows, { split_row(x + i * cols, cols, out + i * ld, out + i * ld + cols, out + i * ld + 2 * cols); });
 }
 
 /* max |x[j] / smooth[j]| as its bit pattern (divide_row's, nothing written) */
