@@ -81,7 +81,7 @@ def _duquant_prepare(states: dict) -> OutlierRotation:
     codes = OutlierRotationCodes(states["rotation_first_steps"], states["rotation_perm"],
                                  states["rotation_second_steps"])
     r, device = codes.rotation(), states["rotation_perm"].device
-    return OutlierRotation(r.first.to(device), r.perm.to(device), r.second.to(device))
+    return OutlierRotation(r.first.to(device), r.perm.to(device), r.second.to(device)).with_dense()
 
 
 INPUT_ROTATIONS.add("none", InputRotation(lambda width: {}, lambda width, absmax, steps: {}, lambda s: None,
