@@ -53,16 +53,6 @@ void compressdit_bf16_to_float(const uint16_t *restrict y, const float *restrict
     });
 }
 
-/* max |x[j]| as its bit pattern: integer order = float order for non-negative floats, NaN above inf */
-static uint32_t absmax_bits(const float *restrict x, int64_t n) {
-    uint32_t m = 0;
-    for (int64_t j = 0; j < n; ++j) {
-        uint32_t u = float_bits(x[j]) & 0x7fffffffu;
-        m = u > m ? u : m;
-    }
-    return m;
-}
-
 /* a (a magnitude, or NaN) rounded to the grid whose step is 2^(k - mantissa) in the binade [2^k, 2^(k+1)), k
  * floored at min_exp, ties to even: the rounding of Minifloat.round for an ExMy format (mantissa = M, min_exp = its
  * smallest normal exponent), and of torch.round for integers (mantissa = min_exp = 30: a step of 1 below 2^23).
@@ -182,24 +172,6 @@ void compressdit_fake_quantize_grid(const float *x, int64_t rows, int64_t cols, 
     compressdit_fake_quantize_grid_with(x, rows, cols, group, rule, top, mantissa, min_exp, t, out, threads);
 }
 
-/* y = x / smooth over n elements, as the IEEE division (torch's x / smooth), by div_rn from inv = 1 / smooth: the
- * plain division again where a quotient left div_rn's exact range. Returns max |y| as its bit pattern. */
-static uint32_t divide_row(const float *restrict x, const float *restrict smooth, const float *restrict inv, int64_t n,
-                           float *restrict y) {
-    uint32_t m = 0;
-    int bad = 0;
-    for (int64_t j = 0; j < n; ++j) {
-        const float q = div_rn(x[j], smooth[j], inv[j]);
-        const uint32_t u = float_bits(q) & 0x7fffffffu;
-        bad |= !div_in_range(u, x[j]);
-        m = u > m ? u : m;
-        y[j] = q;
-    }
-    if (!bad) return m;
-    for (int64_t j = 0; j < n; ++j) y[j] = x[j] / smooth[j];
-    return absmax_bits(y, n);
-}
-
 /* out[i, j] = x[i, j] / smooth[j] (divide_row; out may not be x) with inv[j] = 1 / smooth[j] */
 void compressdit_divide_rows(const float *x, const float *smooth, const float *inv, int64_t rows, int64_t cols,
                              float *out, int32_t threads) {
@@ -224,20 +196,23 @@ void compressdit_split_rows_bf16(const float *x, int64_t rows, int64_t cols, uin
     FOR_ROWS(i, rows, { split_row(x + i * cols, cols, out + i * ld, out + i * ld + cols, out + i * ld + 2 * cols); });
 }
 
-/* max |x[j] / smooth[j]| as its bit pattern (divide_row's, nothing written) */
+/* max |x[j] / smooth[j]| as its bit pattern (divide_row's, nothing written); the plain division throughout where inv
+ * (1 / smooth) is NULL */
 static uint32_t balanced_absmax_bits(const float *restrict x, const float *restrict smooth, const float *restrict inv,
                                      int64_t n) {
     uint32_t m = 0;
-    int bad = 0;
-    for (int64_t j = 0; j < n; ++j) {
-        const uint32_t u = float_bits(div_rn(x[j], smooth[j], inv[j])) & 0x7fffffffu;
-        bad |= !div_in_range(u, x[j]);
-        m = u > m ? u : m;
+    if (inv) {
+        int bad = 0;
+        for (int64_t j = 0; j < n; ++j) {
+            const uint32_t u = abs_bits(div_rn(x[j], smooth[j], inv[j]));
+            bad |= !div_in_range(u, x[j]);
+            m = u > m ? u : m;
+        }
+        if (!bad) return m;
+        m = 0;
     }
-    if (!bad) return m;
-    m = 0;
     for (int64_t j = 0; j < n; ++j) {
-        const uint32_t u = float_bits(x[j] / smooth[j]) & 0x7fffffffu;
+        const uint32_t u = abs_bits(x[j] / smooth[j]);
         m = u > m ? u : m;
     }
     return m;
@@ -255,19 +230,12 @@ static float *reciprocals(const float *smooth, int64_t n) {
  * amax(all) / (top * 448), 1 for an all-zero input. */
 float compressdit_grid_tensor_scale(const float *x, const float *smooth, int64_t rows, int64_t cols, float top,
                                     int32_t threads) {
-    float *inv = smooth ? reciprocals(smooth, cols) : NULL;
+    float *inv = smooth ? reciprocals(smooth, cols) : NULL; /* NULL also when out of memory: the plain division */
     uint32_t m = 0;
-    if (smooth && !inv) { /* out of memory: the plain division */
-        for (int64_t k = 0; k < rows * cols; ++k) {
-            const uint32_t u = float_bits(x[k] / smooth[k % cols]) & 0x7fffffffu;
-            m = u > m ? u : m;
-        }
-    } else {
-        FOR_ROWS_MAX(m, i, rows, {
-            const uint32_t r = inv ? balanced_absmax_bits(x + i * cols, smooth, inv, cols) : absmax_bits(x + i * cols, cols);
-            m = r > m ? r : m;
-        });
-    }
+    FOR_ROWS_MAX(m, i, rows, {
+        const uint32_t r = smooth ? balanced_absmax_bits(x + i * cols, smooth, inv, cols) : absmax_bits(x + i * cols, cols);
+        m = r > m ? r : m;
+    });
     free(inv);
     const float all = bits_float(m);
     return all > 0.0f ? all / (top * 448.0f) : 1.0f;
@@ -413,12 +381,6 @@ static inline v16f butterfly16(v16f v, int s) {
 }
 #endif
 
-/* The randomized block Hadamard of compressdit/quant/rotation.py (rotate, after the layer's balancing), bit for bit:
- * per row, v = x / smooth (smooth may be NULL) times the +-1 signs, then within each run of `block` values (the
- * largest power of two dividing cols, as rotate takes it) the butterflies of fwht in its order (h = 1, 2, 4, ...:
- * a + b and a - b of the values h apart in each run of 2h), each value divided by sqrt(block) (rounded to float, as
- * torch does with the Python float) at the end; then, where group > 0, compressdit_fake_quantize_grid's quantization
- * of the row (rules 0 and 1: scales from each group alone) in the same pass. out may be x's own memory. */
 /* the butterflies of fwht on each run of `block` values of a row, in its order (h = 1, 2, 4, ...) */
 static void butterflies(float *o, int64_t cols, int64_t block) {
     int64_t h = 1;
@@ -462,7 +424,7 @@ static int hadamard_row(const float *restrict r, const float *restrict signed_sm
     int bad = 0;
     for (int64_t j = 0; j < cols; ++j) {
         const float v = o[j];
-        const uint32_t u = float_bits(v) & 0x7fffffffu;
+        const uint32_t u = abs_bits(v);
         bad |= (u > 0x71800000u) | ((u < 0x10800000u) & (v != 0.0f));
         o[j] = div_rn(v, norm, inv_norm);
     }
@@ -480,6 +442,12 @@ static void hadamard_row_plain(const float *r, const float *smooth, const int8_t
     for (int64_t j = 0; j < cols; ++j) o[j] = o[j] / norm;
 }
 
+/* The randomized block Hadamard of compressdit/quant/rotation.py (rotate, after the layer's balancing), bit for bit:
+ * per row, v = x / smooth (smooth may be NULL) times the +-1 signs, then within each run of `block` values (the
+ * largest power of two dividing cols, as rotate takes it) the butterflies of fwht in its order (h = 1, 2, 4, ...:
+ * a + b and a - b of the values h apart in each run of 2h), each value divided by sqrt(block) (rounded to float, as
+ * torch does with the Python float) at the end; then, where group > 0, compressdit_fake_quantize_grid's quantization
+ * of the row (rules 0 and 1: scales from each group alone) in the same pass. out may be x's own memory. */
 void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
                                int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float *out,
                                int32_t threads) {

@@ -27,49 +27,10 @@ static inline int thread_index(void) { return omp_get_thread_num(); }
 static inline int thread_index(void) { return 0; }
 #endif
 
-/* |x| as its IEEE bit pattern: for non-negative floats, integer order is float order and NaN sorts above inf,
- * so an integer max reduction (which compilers vectorize without -ffast-math) is the float amax, NaN included. */
-static inline uint32_t abs_bits(float v) {
-    uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    return u & 0x7fffffffu;
-}
-
 static inline float bits_to_float(uint32_t u) {
     float v;
     memcpy(&v, &u, sizeof v);
     return v;
-}
-
-static uint32_t absmax_bits(const float *restrict x, int64_t n) {
-    uint32_t m = 0;
-    for (int64_t j = 0; j < n; ++j) {
-        uint32_t u = abs_bits(x[j]);
-        m = u > m ? u : m;
-    }
-    return m;
-}
-
-/* y = x / smooth, exactly as the division, and max |y| as bits (see abs_bits); *out_of_range set when a quotient
- * left the range where div_rn is exact (|q| outside [2^-100, 2^100] for nonzero x, or NaN): the caller then
- * divides that row again the plain way. */
-static uint32_t divide_absmax(const float *restrict x, const float *restrict smooth, const float *restrict inv,
-                              int64_t n, float *restrict y, int *out_of_range) {
-    uint32_t m = 0;
-    int bad = 0;
-    for (int64_t j = 0; j < n; ++j) {
-        float q = div_rn(x[j], smooth[j], inv[j]);
-        uint32_t u = abs_bits(q);
-        bad |= !div_in_range(u, x[j]);
-        m = u > m ? u : m;
-        y[j] = q;
-    }
-    *out_of_range = bad;
-    return m;
-}
-
-static void divide_exact(const float *restrict x, const float *restrict smooth, int64_t n, float *restrict y) {
-    for (int64_t j = 0; j < n; ++j) y[j] = x[j] / smooth[j];
 }
 
 /* round half to even for |v| < 2^22 (|x / s| <= 127 here), in the default rounding mode: as torch.round */
@@ -97,14 +58,8 @@ static uint32_t row_absmax(const float *row, const float *smooth, const float *i
         *source = row;
         return absmax_bits(row, cols);
     }
-    int out_of_range;
-    uint32_t m = divide_absmax(row, smooth, inv, cols, dst, &out_of_range);
-    if (out_of_range) {
-        divide_exact(row, smooth, cols, dst);
-        m = absmax_bits(dst, cols);
-    }
     *source = dst;
-    return m;
+    return divide_row(row, smooth, inv, cols, dst);
 }
 
 /* x [rows, cols] (divided by smooth [cols] first unless NULL) -> q [rows, cols] int8 codes (+ offset: 128 gives

@@ -1,7 +1,11 @@
-/* The row loop shared by int8_rows.c and float_rows.c (compressdit/quant/cpu_native.py builds both into one
- * library): each pass is independent per row, so rows split over `threads` OpenMP threads. */
+/* What int8_rows.c and float_rows.c share (compressdit/quant/cpu_native.py builds both into one library): the row
+ * loop (each pass is independent per row, so rows split over `threads` OpenMP threads), the exact division by
+ * reciprocal + FMA, and a row's absmax and balancing division. */
 #ifndef COMPRESSDIT_ROWS_H
 #define COMPRESSDIT_ROWS_H
+
+#include <stdint.h>
+#include <string.h>
 
 /* for (int64_t i = 0; i < n; ++i) BODY on `threads` OpenMP threads under `pragma` (a string literal) when
  * threads > 1, else as a plain loop: entering even a one-thread parallel region costs ~0.6 us a call. */
@@ -42,6 +46,42 @@ static inline float div_rn(float a, float b, float inv) {
  * outside [2^-100, 2^100] for a nonzero x; callers then divide the plain way. */
 static inline int div_in_range(uint32_t u, float x) {
     return !((u > 0x71800000u) | ((u < 0x0d800000u) & (x != 0.0f)));
+}
+
+/* |v| as its IEEE bit pattern: for non-negative floats, integer order is float order and NaN sorts above inf,
+ * so an integer max reduction (which compilers vectorize without -ffast-math) is the float amax, NaN included. */
+static inline uint32_t abs_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return u & 0x7fffffffu;
+}
+
+/* max |x[j]| over n elements as its bit pattern (abs_bits) */
+static inline uint32_t absmax_bits(const float *restrict x, int64_t n) {
+    uint32_t m = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        const uint32_t u = abs_bits(x[j]);
+        m = u > m ? u : m;
+    }
+    return m;
+}
+
+/* y = x / smooth over n elements, as the IEEE division (torch's x / smooth), by div_rn from inv = 1 / smooth: the
+ * plain division again where a quotient left div_rn's exact range. Returns max |y| as its bit pattern. */
+static inline uint32_t divide_row(const float *restrict x, const float *restrict smooth, const float *restrict inv,
+                                  int64_t n, float *restrict y) {
+    uint32_t m = 0;
+    int bad = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        const float q = div_rn(x[j], smooth[j], inv[j]);
+        const uint32_t u = abs_bits(q);
+        bad |= !div_in_range(u, x[j]);
+        m = u > m ? u : m;
+        y[j] = q;
+    }
+    if (!bad) return m;
+    for (int64_t j = 0; j < n; ++j) y[j] = x[j] / smooth[j];
+    return absmax_bits(y, n);
 }
 
 #endif
