@@ -223,7 +223,7 @@ def _dense_prepack(dtype: torch.dtype):
         spec = layer.spec
         weights = bf16_weights(weight, layer) if dtype is torch.bfloat16 else {"weight": weight.contiguous(),
                                                                                 "packed": None, LOW_RANK: None}
-        return {**weights, "folded": _folds(layer),
+        return {**weights, "smooth": _smooth(layer), "folded": _folds(layer),
                 "int8_rows": spec.a_bits == 8 and spec.a_format == "int" and spec.a_granularity in ("per_token",
                                                                                                   "per_tensor"),
                 "grid": _input_grid(layer),
@@ -245,16 +245,20 @@ def _branch_prepack(layer, weight: torch.Tensor) -> dict | None:
     where the branch's rank is even, the layer has no rotation (the branch reads the balanced, unrotated input) and its
     activations are unquantized or dynamic on the op's grid pass (:func:`_input_grid`): ``LOW_RANK`` the packed down
     factor, ``"packed"`` ``[weight | U_hi | U_hi | U_lo]`` (the up factor in two bf16 terms for the op's bf16x3
-    product), the balancing's ``"smooth"``; else ``None``."""
+    product); else ``None``."""
     up = getattr(layer, "low_rank_up", None)
     if (up is None or up.shape[1] % 2 or getattr(layer, "rotation_signs", None) is not None
             or (layer.spec.a_bits is not None and _input_grid(layer) is None)):
         return None
-    smooth = layer.smooth_scale
     up_hi, up_lo = _bf16_terms(up)
     return {"weight": None, "packed": bf16_pack(torch.cat([weight, up_hi, up_hi, up_lo], dim=1)),
-            LOW_RANK: bf16_pack(layer.low_rank_down.float()),
-            "smooth": None if smooth is None else smooth.detach().float().contiguous()}
+            LOW_RANK: bf16_pack(layer.low_rank_down.float())}
+
+
+def _smooth(layer) -> torch.Tensor | None:
+    """The layer's balancing divisor as the op reads it (contiguous fp32), or ``None`` without balancing."""
+    smooth = getattr(layer, "smooth_scale", None)
+    return None if smooth is None else smooth.detach().float().contiguous()
 
 
 def _bf16_terms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -521,12 +525,8 @@ def _decoded_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) ->
 
 
 def _decoded_bf16_prepack(layer) -> dict:
-    smooth = layer.smooth_scale if layer.spec.format == "twinlog" else None  # for the op's fused rotation
-    return {"smooth": None if smooth is None else smooth.detach().float().contiguous(),
-            **bf16_weights(layer.dequantized_weight(torch.float32), layer), "grid": _input_grid(layer),
-            "bias": prepacked_bias(layer)}
-
-
+    return {**bf16_weights(layer.dequantized_weight(torch.float32), layer), "smooth": _smooth(layer),
+            "grid": _input_grid(layer), "bias": prepacked_bias(layer)}
 
 
 def bf16_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
