@@ -53,8 +53,9 @@ import torch.nn.functional as F
 from compressdit.quant.kernel_registry import KERNELS, LOW_RANK, Kernel, prepacked_bias
 from compressdit.quant.activations import activation_grid, quantize_input
 from compressdit.quant.cpu_native import (bf16_brgemm, bf16_linear, bf16_pack, bf16_scale, bf16_to_float,
-                                          fake_quantize_e4m3_rows, fake_quantize_grid, fake_quantize_rows_int8,
-                                          float_to_bf16, hadamard_rows, hadamard_takes, native_library,
+                                          branch_rows, fake_quantize_e4m3_rows, fake_quantize_grid,
+                                          fake_quantize_rows_int8, float_to_bf16, hadamard_rows, hadamard_takes,
+                                          native_library,
                                           quantize_e4m3_bf16, shared_rows)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
@@ -159,11 +160,20 @@ def bf16_layer(shape: tuple[int, int]) -> bool:
 def bf16_weights(weight: torch.Tensor, layer=None) -> dict:
     """A bf16 kernel's copy of its decoded ``weight`` ``[out, in]``: packed for the microkernel where
     :func:`_brgemm_shape` (``"packed"``; ``"weight"`` None), else plain bf16 for torch's linear. With ``layer`` and its
-    low-rank branch on the microkernel (:func:`_branch_prepack`), the branch's tensors too (``LOW_RANK``)."""
+    low-rank branch in the same GEMM (:func:`_branch_prepack`, :func:`_branch_layout`), the branch's tensors too
+    (``LOW_RANK``)."""
     if not _brgemm_shape(tuple(weight.shape)):
-        return {"weight": weight.to(torch.bfloat16).contiguous(), "packed": None, LOW_RANK: None}
+        branch = None if layer is None else _branch_layout(layer, weight, torch.bfloat16)
+        return branch or {"weight": weight.to(torch.bfloat16).contiguous(), "packed": None, LOW_RANK: None}
     branch = None if layer is None else _branch_prepack(layer, weight)
     return branch or {"weight": None, "packed": bf16_pack(weight), LOW_RANK: None}
+
+
+def fp32_weights(weight: torch.Tensor, layer=None) -> dict:
+    """An fp32 kernel's decoded ``weight`` ``[out, in]`` (``"weight"``, contiguous), with ``layer``'s low-rank branch
+    in the same GEMM where :func:`_branch_layout` lays it out."""
+    branch = None if layer is None else _branch_layout(layer, weight, torch.float32)
+    return branch or {"weight": weight.contiguous(), "packed": None, LOW_RANK: None}
 
 
 def _low_bit_bf16(spec, shape: tuple[int, int]) -> bool:
@@ -221,8 +231,7 @@ def _dense_prepack(dtype: torch.dtype):
     def prepack(layer) -> dict:
         weight = layer.effective_weight(torch.float32) if _folds(layer) else layer.dequantized_weight(torch.float32)
         spec = layer.spec
-        weights = bf16_weights(weight, layer) if dtype is torch.bfloat16 else {"weight": weight.contiguous(),
-                                                                                "packed": None, LOW_RANK: None}
+        weights = bf16_weights(weight, layer) if dtype is torch.bfloat16 else fp32_weights(weight, layer)
         return {**weights, "smooth": _smooth(layer), "folded": _folds(layer),
                 "int8_rows": spec.a_bits == 8 and spec.a_format == "int" and spec.a_granularity in ("per_token",
                                                                                                   "per_tensor"),
@@ -240,19 +249,46 @@ def _contiguous_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if _takes_fp32(x) else x.float().contiguous()
 
 
+def _branch_fuses(layer) -> bool:
+    """Whether ``layer``'s SVDQuant branch can run in its kernel's GEMM: it has one, no rotation (the branch reads the
+    balanced, unrotated input) and its activations are unquantized or dynamic on the grid pass (:func:`_input_grid`),
+    with the C passes built."""
+    return (getattr(layer, "low_rank_up", None) is not None and getattr(layer, "rotation_signs", None) is None
+            and native_library() is not None and (layer.spec.a_bits is None or _input_grid(layer) is not None))
+
+
 def _branch_prepack(layer, weight: torch.Tensor) -> dict | None:
     """SVDQuant's branch of ``layer`` for the microkernel's op beside its decoded ``weight`` (:func:`bf16_weights`)
-    where the branch's rank is even, the layer has no rotation (the branch reads the balanced, unrotated input) and its
-    activations are unquantized or dynamic on the op's grid pass (:func:`_input_grid`): ``LOW_RANK`` the packed down
-    factor, ``"packed"`` ``[weight | U_hi | U_hi | U_lo]`` (the up factor in two bf16 terms for the op's bf16x3
-    product); else ``None``."""
-    up = getattr(layer, "low_rank_up", None)
-    if (up is None or up.shape[1] % 2 or getattr(layer, "rotation_signs", None) is not None
-            or (layer.spec.a_bits is not None and _input_grid(layer) is None)):
+    where :func:`_branch_fuses` and the branch's rank is even: ``LOW_RANK`` the packed down factor, ``"packed"``
+    ``[weight | U_hi | U_hi | U_lo]`` (the up factor in two bf16 terms for the op's bf16x3 product); else ``None``."""
+    if not _branch_fuses(layer) or layer.low_rank_up.shape[1] % 2:
         return None
-    up_hi, up_lo = _bf16_terms(up)
+    up_hi, up_lo = _bf16_terms(layer.low_rank_up)
     return {"weight": None, "packed": bf16_pack(torch.cat([weight, up_hi, up_hi, up_lo], dim=1)),
             LOW_RANK: bf16_pack(layer.low_rank_down.float())}
+
+
+def _branch_layout(layer, weight: torch.Tensor, dtype: torch.dtype) -> dict | None:
+    """SVDQuant's branch of ``layer`` in torch's GEMM (no microkernel) where :func:`_branch_fuses`: ``"cat"`` the
+    weight ``[W | U]`` (fp32) or ``[W | U_hi | U_hi | U_lo]`` (bf16: the bf16x3 up product) that
+    :func:`~compressdit.quant.cpu_native.branch_rows`' rows multiply, ``"weight"`` its ``W`` columns (a view: what
+    ``run`` multiplies on transformed inputs), ``LOW_RANK`` the down factor transposed (fp32 ``[in, r]``),
+    ``"inv"`` the balancing divisor's reciprocals (the C division's operand); else ``None``. The separate branch costs
+    two more GEMMs whose K = r is torch's worst case (the up product summed into a 256 x 512 output: ~50 us at two
+    threads on the Xeon of bench/results/e2e_speed_cpu_xeon.md, against ~10 us for r more columns of one GEMM)."""
+    if not _branch_fuses(layer):
+        return None
+    up = layer.low_rank_up.detach().float()
+    if dtype is torch.float32:
+        terms = [up]
+    else:
+        up_hi, up_lo = _bf16_terms(up)
+        terms = [up_hi, up_hi, up_lo]
+    cat = torch.cat([weight.float(), *terms], dim=1).to(dtype).contiguous()
+    smooth = _smooth(layer)
+    return {"weight": cat[:, :layer.in_features], "cat": cat, "packed": None,
+            LOW_RANK: layer.low_rank_down.detach().float().t().contiguous(),
+            "inv": None if smooth is None else torch.ones_like(smooth).div_(smooth)}
 
 
 def _smooth(layer) -> torch.Tensor | None:
@@ -269,15 +305,36 @@ def _bf16_terms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, (t - hi).to(torch.bfloat16).float()
 
 
+def _branch_rows_torch(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    """:func:`~compressdit.quant.cpu_native.branch_rows`' rows from PyTorch ops (under ``torch.compile``): the
+    reference's balancing, quantizer and down product, in the layout of ``b["cat"]``."""
+    balanced = layer.transform_input(x)
+    hidden = balanced @ b[LOW_RANK]
+    quantized = quantize_layer_input(layer, balanced)
+    if b["cat"].dtype is torch.float32:
+        return torch.cat([quantized, hidden], dim=1)
+    hi, lo = _bf16_terms(hidden)
+    return torch.cat([quantized, hi, lo, hi], dim=1).to(torch.bfloat16)
+
+
 def _with_branch(run_untransformed):
-    """``run_untransformed`` of a bf16 kernel, for a layer whose branch it packed (``LOW_RANK``) the whole layer in one
-    op of the microkernel: balancing, the quantization of the balanced rows, the branch's down product, one GEMM of
-    both with ``[W | up]`` and the bias (rows of another dtype or layout made contiguous fp32 first)."""
+    """``run_untransformed`` of a kernel, for a layer whose branch it laid out beside its weight (``LOW_RANK``) the
+    whole layer in one GEMM: on the microkernel one op (balancing, the quantization of the balanced rows, the branch's
+    down product, one GEMM of both with ``[W | up]`` and the bias), else :func:`~compressdit.quant.cpu_native
+    .branch_rows`' rows (one C pass and the down product) times ``b["cat"]`` in torch's fp32 or bf16 GEMM (rows of
+    another dtype or layout made contiguous fp32 first)."""
     def whole(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         if b[LOW_RANK] is None:
             return run_untransformed(layer, x, b)
-        out = bf16_linear(_contiguous_fp32(x.reshape(-1, x.shape[-1])), b["packed"], layer.out_features, b["bias"],
-                          transform=(b["smooth"], None, *(b["grid"] or (0, 0, 0.0, 0, 0))), down=b[LOW_RANK])
+        x2 = _contiguous_fp32(x.reshape(-1, x.shape[-1]))
+        if b["packed"] is not None:
+            out = bf16_linear(x2, b["packed"], layer.out_features, b["bias"],
+                              transform=(b["smooth"], None, *(b["grid"] or (0, 0, 0.0, 0, 0))), down=b[LOW_RANK])
+        else:
+            fp32 = b["cat"].dtype is torch.float32
+            rows = branch_rows(x2, b["smooth"], b["inv"], b[LOW_RANK], b["grid"], split=not fp32)
+            rows = _branch_rows_torch(layer, x2, b) if rows is None else rows
+            out = F.linear(rows, b["cat"], b["bias"]) if fp32 else bf16_to_float(F.linear(rows, b["cat"]), b["bias"])
         return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
     return whole
@@ -376,11 +433,11 @@ def _input_grid(layer) -> tuple | None:
 
 
 def _grid_prepack(decode):
-    """:func:`_decoded_fp32_prepack` plus the layer's grid pass (:func:`_input_grid`) and sharing kind."""
-    base = _decoded_fp32_prepack(decode)
-
+    """The fp32 weight ``decode(layer)`` (with the layer's low-rank branch beside it: :func:`fp32_weights`), the fp32
+    bias, the layer's grid pass (:func:`_input_grid`), sharing kind and balancing divisor."""
     def prepack(layer) -> dict:
-        return {**base(layer), "grid": _input_grid(layer), "kind": _input_kind(layer.spec)}
+        return {**fp32_weights(decode(layer), layer), "bias": prepacked_bias(layer), "grid": _input_grid(layer),
+                "kind": _input_kind(layer.spec), "smooth": _smooth(layer)}
 
     return prepack
 
@@ -510,6 +567,14 @@ KERNELS.add("cpu-twinlog-dense", Kernel(
                 "reference, fp32 GEMM"))
 
 
+def _transform_then(run):
+    """``run_untransformed`` of a kernel whose ``run`` takes the transformed input and has no fused transform."""
+    def run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+        return run(layer, layer.transform_input(x), b)
+
+    return run_untransformed
+
+
 def _decoded_format(spec) -> bool:
     """Formats whose layers decode their weight (``dequantized_weight``) for the decoded kernels."""
     return spec.format == "int" or spec.format in BLOCK_CODECS or spec.format in FP_WEIGHT_FORMATS
@@ -579,6 +644,7 @@ def _shared_layer_input(layer, x: torch.Tensor) -> torch.Tensor:
 KERNELS.add("cpu-decoded-dense", Kernel(
     _decoded_applies, _grid_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
     _grid_gemm(_shared_layer_input, shared=True), priority=5,
+    run_untransformed=_with_branch(_transform_then(_grid_gemm(_shared_layer_input, shared=True))),
     description=f"low-bit layers of up to {DENSE_MAX_WEIGHT} weights no faster kernel runs (NVFP4/MX blocks, "
                 "4-bit minifloats, int with per-group or sub-8-bit activations): the residual weight decoded once "
                 "into fp32 (4 bytes per weight of RAM), activations quantized as the reference, fp32 GEMM"))

@@ -63,6 +63,12 @@ _SIGNATURES = {
     "compressdit_gelu_tanh_bf16": ([_PTR, _I64, _PTR, _I32], None),
     "compressdit_hadamard_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _PTR, _I32],
                                   None),
+    "compressdit_grid_tensor_scale": ([_PTR, _PTR, _I64, _I64, ctypes.c_float, _I32], ctypes.c_float),
+    "compressdit_balance_grid_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32,
+                                       ctypes.c_float, _PTR, _PTR, _I64, _I32], None),
+    "compressdit_grid_rows_bf16": ([_PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, ctypes.c_float, _PTR,
+                                    _PTR, _I64, _I32], None),
+    "compressdit_split_rows_bf16": ([_PTR, _I64, _I64, _PTR, _I64, _I32], None),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -463,6 +469,45 @@ def fake_quantize_grid(x: torch.Tensor, group: int, rule: int, top: float, manti
     out = torch.empty_like(x)
     lib.compressdit_fake_quantize_grid(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], group, rule, top,
                                        mantissa, min_exp, out.data_ptr(), threads_for(x.numel()))
+    return out
+
+
+def branch_rows(x: torch.Tensor, smooth: torch.Tensor | None, inv: torch.Tensor | None, down_t: torch.Tensor,
+                grid: tuple | None, split: bool) -> torch.Tensor | None:
+    """SVDQuant's GEMM input for a layer whose weight is laid out ``[W | U]`` (fp32) or ``[W | U_hi | U_hi | U_lo]``
+    (bf16, ``split``): for contiguous fp32 rows ``x`` ``[rows, in]``, the balanced rows ``b = x / smooth`` (bit for bit
+    as torch's division, from ``inv = 1 / smooth``; ``smooth`` None: ``b = x``) quantized by :func:`fake_quantize_grid`'s
+    pass (``grid`` its ``(group, rule, top, mantissa, min_exp)``, NVFP4's tensor scale over ``b``; ``None``: ``b``
+    itself), and beside them the branch's hidden rows ``h = b @ down_t`` (``down_t`` fp32 ``[in, r]``, fp32 sums):
+    fp32 ``[rows, in + r]`` = ``[q | h]``, or with ``split`` bf16 ``[rows, in + 3r]`` = ``[bf16(q) | h_hi | h_lo |
+    h_hi]`` (``h`` in two bf16 terms: the bf16x3 product of :func:`bf16_linear`'s branch). One C pass for the division
+    and quantization, one GEMM for ``h``; ``None`` without the library or under ``torch.compile``."""
+    lib = _lib_for(x, smooth, inv, down_t)
+    if lib is None or x.dim() != 2 or (grid is not None and x.shape[1] % grid[0]):
+        return None
+    rows, cols = x.shape
+    rank = down_t.shape[1]
+    group, rule, top, mantissa, min_exp = grid or (0, 0, 0.0, 0, 0)
+    threads = threads_for(x.numel())
+    t = lib.compressdit_grid_tensor_scale(x.data_ptr(), _ptr(smooth), rows, cols, top, threads) if rule == 2 else 1.0
+    balanced = x if smooth is None else torch.empty_like(x)
+    if not split:
+        out = torch.empty(rows, cols + rank)
+        lib.compressdit_balance_grid_rows(x.data_ptr(), _ptr(smooth), _ptr(inv), rows, cols, group, rule, top,
+                                          mantissa, min_exp, t, balanced.data_ptr(), out.data_ptr(), cols + rank,
+                                          threads)
+        torch.mm(balanced, down_t, out=out[:, cols:])
+        return out
+    if smooth is not None:  # the division alone (group 0, into balanced): h reads it before its quantization
+        lib.compressdit_balance_grid_rows(x.data_ptr(), smooth.data_ptr(), inv.data_ptr(), rows, cols, 0, 0, 0.0, 0, 0,
+                                          1.0, balanced.data_ptr(), balanced.data_ptr(), cols, threads)
+    hidden = torch.mm(balanced, down_t)
+    out = torch.empty(rows, cols + 3 * rank, dtype=torch.bfloat16)
+    work = (torch.empty_like(x) if smooth is None else balanced) if group else x  # the grid values (fp32) if any
+    lib.compressdit_grid_rows_bf16(balanced.data_ptr(), rows, cols, group, rule, top, mantissa, min_exp, t,
+                                   work.data_ptr(), out.data_ptr(), cols + 3 * rank, threads)
+    lib.compressdit_split_rows_bf16(hidden.data_ptr(), rows, rank, out.data_ptr() + 2 * cols, cols + 3 * rank,
+                                    threads_for(hidden.numel()))
     return out
 
 

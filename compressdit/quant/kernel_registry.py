@@ -110,10 +110,14 @@ class KernelCache:
         self.name, self.kernel, self.key, self.buffers = None, None, None, {}
 
     def nbytes(self) -> int:
-        """Bytes of the buffers beyond the layer's own tensors (a buffer may be one of them, e.g. int8 codes)."""
+        """Bytes of the buffers beyond the layer's own tensors (a buffer may be one of them, e.g. int8 codes), each
+        storage once (a buffer may be a view of another, e.g. a weight's columns of a wider one)."""
         own = set(self.key.state[0]) if self.key is not None else set()
-        tensors = [t for t in self.buffers.values() if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors if not t.is_mkldnn and t.data_ptr() not in own)
+        storages = {}
+        for t in self.buffers.values():
+            if isinstance(t, torch.Tensor) and not t.is_mkldnn and t.data_ptr() not in own:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
 
 
 # C-level readers mapped over a layer's saved tensors (no Python frame per tensor)

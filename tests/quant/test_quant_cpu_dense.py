@@ -298,12 +298,13 @@ def test_small_layers_run_the_bf16_microkernel_where_amx_has_it(name, threads):
 
 @pytest.mark.parametrize("name", ["svdquant-w4a4", "svdquant-nvfp4", "svdquant-w4a16", "rank-3", "per-token-a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_svdquant_layers_run_their_branch_inside_the_microkernels_op(name, dtype):
-    """On AMX (``_brgemm_shape``) an SVDQuant layer (balancing, a low-rank branch, dynamic activations on the grid
-    pass or none) runs whole in one op: ``[W | up]`` packed, the branch's down product inside (``runs_low_rank``),
-    within bf16's rounding of the reference (bf16 inputs: no further from the float layer than it), the kernel's ``run`` on an already balanced
-    input still gives W's part alone. An odd rank or per-token integer activations (not the grid pass) keep the
-    layer adding its branch itself, as every layer does without AMX."""
+def test_svdquant_layers_run_their_branch_in_their_kernels_gemm(name, dtype):
+    """An SVDQuant layer (balancing, a low-rank branch, dynamic activations on the grid pass or none) runs its branch in
+    its kernel's GEMM (``runs_low_rank``): on AMX (``_brgemm_shape``) whole in one op, ``[W | up]`` packed, the branch's
+    down product inside, within bf16's rounding of the reference (bf16 inputs: no further from the float layer than
+    it); elsewhere as one fp32 GEMM of ``[q(x / s) | h]`` and ``[W | up]``, the reference's numbers up to summation
+    order. The kernel's ``run`` on an already balanced input still gives W's part alone. Per-token integer activations
+    (not the grid pass), and on the microkernel an odd rank, keep the layer adding its branch itself."""
     from compressdit.quant.formats import FORMATS
     from compressdit.quant.kernel_registry import LOW_RANK, runs_low_rank
 
@@ -323,14 +324,42 @@ def test_svdquant_layers_run_their_branch_inside_the_microkernels_op(name, dtype
     with torch.no_grad():
         out, reference = layer(x), layer.reference_forward(x)
         cache = cache_of(layer)
-        fused = _brgemm_shape((96, 128)) and name not in ("rank-3", "per-token-a8")
+        microkernel = _brgemm_shape((96, 128))
+        fused = name != "per-token-a8" and not (microkernel and name == "rank-3")
         assert runs_low_rank(cache) == fused and (cache.buffers.get(LOW_RANK) is not None) == fused
         assert out.dtype == dtype and out.shape == reference.shape
         if dtype == torch.float32:
-            assert _error(out, reference) <= 6e-3
+            assert _error(out, reference) <= (6e-3 if microkernel else 1e-5)
         else:  # the reference balances and quantizes in bf16, the op in fp32 from the bf16 input: never worse
             exact = linear(x.float())
             assert _error(out, exact) <= _error(reference, exact) * 1.05
         transformed = layer.transform_input(x)  # balanced in the input's dtype (the op divides in fp32)
         again = cache.kernel.run(layer, transformed, cache.buffers)
         assert _error(layer._add_low_rank(again, transformed), out) <= (1e-2 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_svdquant_layers_run_their_branch_in_torchs_bf16_gemm(dtype):
+    """Above ``DENSE_MAX_WEIGHT`` weights on a CPU with bf16 GEMMs (``cpu-decoded-bf16`` on torch's bf16 linear), an
+    SVDQuant NVFP4 layer's branch runs in the same GEMM, ``[bf16(q) | h_hi | h_lo | h_hi]`` times
+    ``[W | U_hi | U_hi | U_lo]``: within bf16's rounding of the reference, as the layer without its branch."""
+    from compressdit.quant.cpu_dense import _bf16_hardware
+    from compressdit.quant.formats import FORMATS
+    from compressdit.quant.kernel_registry import runs_low_rank
+
+    spec = LinearQuantSpec.from_dict(dict(DECODED["svdquant-nvfp4"], low_rank=16), "spec")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1024, 512)
+    layer = FORMATS.get(spec.format).quantize(linear, spec, torch.rand(1024) * 10 + 0.1).to(dtype)
+    x = (torch.randn(2, 40, 1024) * torch.linspace(0.1, 5, 1024)).to(dtype)
+    with torch.no_grad():
+        out, reference = layer(x), layer.reference_forward(x)
+        cache = cache_of(layer)
+    if not _bf16_hardware()[1]:
+        pytest.skip("no bf16 GEMMs on this CPU")
+    assert cache.name == "cpu-decoded-bf16"
+    assert runs_low_rank(cache) and cache.buffers["cat"].shape == (512, 1024 + 3 * 16)
+    exact = linear(x.float())
+    if dtype == torch.float32:  # a bf16 reference balances and quantizes in bf16, the kernel in fp32
+        assert _error(out, reference) <= 6e-3
+    assert _error(out, exact) <= _error(reference, exact) * 1.05 + 2e-3

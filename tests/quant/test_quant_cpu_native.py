@@ -824,3 +824,49 @@ def test_the_bf16_microkernels_branch_refuses_what_it_cannot_read():
         cpu_native.bf16_linear(x, packed, 8, row_scale=torch.ones(5), down=down)
     with pytest.raises(RuntimeError, match="fp32 rows"):
         cpu_native.bf16_linear(x.to(torch.bfloat16), packed, 8, down=down)
+
+
+@pytest.mark.parametrize("rows, threads", [(300, 2), (300, 1), (3, 1)])
+@pytest.mark.parametrize("grid, smoothed", [((64, 0, 7.0, 30, 30), True), ((16, 2, 6.0, 1, 0), True),
+                                            ((32, 1, 6.0, 1, 0), True), (None, True), ((16, 2, 6.0, 1, 0), False)],
+                         ids=["int4-g64", "nvfp4", "mxfp4", "weight-only", "nvfp4-unbalanced"])
+@pytest.mark.parametrize("split", [False, True], ids=["fp32", "bf16x3"])
+def test_svdquant_rows_for_torchs_gemm_are_the_separate_passes_bit_for_bit(rows, threads, grid, smoothed, split,
+                                                                           monkeypatch):
+    """``branch_rows`` (an SVDQuant layer's GEMM input without the microkernel): ``[q(x / s) | h]`` in fp32, or
+    ``[bf16(q) | h_hi | h_lo | h_hi]``, where ``x / s`` is torch's division bit for bit (zero, tiny and huge quotients
+    included), ``q`` the grid pass on it (NVFP4's tensor scale over the balanced rows) and ``h`` its down product; on
+    any number of threads. ``None`` without the library (the kernel then builds the same rows from PyTorch ops)."""
+    torch.manual_seed(0)
+    x = _activations(rows=max(rows, 3), cols=128)[:rows].contiguous()
+    x[0, :4] = torch.tensor([0.0, 1e-38, 1e31, -1e-30])
+    smooth = torch.rand(128) + 0.5 if smoothed else None
+    if smoothed:
+        smooth[:4] = torch.tensor([2.0, 1e-3, 0.5, 1e6])
+    inv = None if smooth is None else torch.ones_like(smooth).div_(smooth)
+    down_t = torch.randn(128, 16) / 4
+    monkeypatch.setattr(cpu_native, "PARALLEL_MIN_ELEMENTS", 1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = cpu_native.branch_rows(x, smooth, inv, down_t, grid, split)
+    finally:
+        torch.set_num_threads(before)
+    if native_library() is None:
+        assert out is None
+        return
+    balanced = x if smooth is None else x / smooth
+    quantized = balanced if grid is None else cpu_native.fake_quantize_grid(balanced, *grid)
+    hidden = balanced @ down_t
+    if not split:
+        assert out.shape == (rows, 128 + 16) and out.dtype == torch.float32
+        assert torch.equal(out[:, :128], quantized)
+        torch.testing.assert_close(out[:, 128:], hidden, rtol=1e-6, atol=1e-6 * hidden.abs().max().item())
+        return
+    assert out.shape == (rows, 128 + 48) and out.dtype == torch.bfloat16
+    assert torch.equal(out[:, :128], quantized.to(torch.bfloat16))
+    hi, lo = out[:, 128:144].float(), out[:, 144:160].float()
+    assert torch.equal(out[:, 160:176], out[:, 128:144])
+    torch.testing.assert_close(hi, hidden, rtol=2 ** -8, atol=0)  # hi = bf16(h), lo = bf16(h - hi): ~16 bits in all
+    torch.testing.assert_close(hi.double() + lo.double(), hidden.double(), rtol=2 ** -15,
+                               atol=1e-6 * hidden.abs().max().item())

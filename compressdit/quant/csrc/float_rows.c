@@ -254,6 +254,31 @@ void compressdit_fake_quantize_grid_with(const float *x, int64_t rows, int64_t c
     });
 }
 
+/* SVDQuant's fp32 GEMM input, the quantized part: per row, b = x / smooth (divide_row, from inv = 1 / smooth, into
+ * `balanced`, the rows the branch's down product reads; smooth NULL: b = x, nothing written there), then
+ * compressdit_fake_quantize_grid_with's values of b (group > 0; tensor scale t) or b itself (group 0) into the rows of
+ * out, `ld` elements apart (the GEMM's input holds the branch's hidden rows beside; out = balanced with group 0: the
+ * division alone). The same numbers as the separate
+ * division and grid pass, on any number of threads (each group computed alone). */
+void compressdit_balance_grid_rows(const float *x, const float *smooth, const float *inv, int64_t rows, int64_t cols,
+                                   int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float t,
+                                   float *balanced, float *out, int64_t ld, int32_t threads) {
+    const int64_t groups = group ? cols / group : 0;
+    FOR_ROWS(i, rows, {
+        const float *r = x + i * cols;
+        float *o = out + i * ld;
+        if (smooth) {
+            divide_row(r, smooth, inv, cols, balanced + i * cols);
+            r = balanced + i * cols;
+        }
+        if (!group && o != r) memcpy(o, r, sizeof(float) * cols); /* out may be `balanced`: the division alone */
+        for (int64_t g = 0; g < groups; g += GRID_BATCH) {
+            const int64_t n = groups - g < GRID_BATCH ? groups - g : GRID_BATCH;
+            grid_batch(r + g * group, o + g * group, n, group, rule, top, mantissa, min_exp, t);
+        }
+    });
+}
+
 /* elements [e0, e1) of rows of `cols` fp32 values rounded to bf16 (to_bf16) into rows of out `ld` elements apart */
 static void rows_to_bf16(const float *x, int64_t e0, int64_t e1, int64_t cols, uint16_t *out, int64_t ld) {
     int64_t row = e0 / cols, column = e0 % cols;
