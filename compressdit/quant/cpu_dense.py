@@ -40,7 +40,12 @@ thread's rows before rounding them, bit for bit as the separate passes (no fp32 
 layers share no quantized rows with their neighbours). SVDQuant layers (a low-rank branch beside the quantized weight)
 run whole in it (:func:`_with_branch`): the balancing division, the branch's down product on the balanced rows, their
 quantization, and one GEMM of both with ``[W | up]`` (two torch linears and a pass over the output otherwise: 1.25-1.59x
-the float model's step at two threads, now 0.95-1.09x; the up product a bf16x3 one).
+the float model's step at two threads, now 0.95-1.09x; the up product a bf16x3 one). Without the microkernel (other
+CPUs, layers above ``DENSE_MAX_WEIGHT``) the branch still joins the GEMM (:func:`_branch_layout`): one C pass balances
+and quantizes the rows into a buffer whose last columns get the down product, times ``[W | up]`` in torch's fp32 GEMM
+(or bf16, the up product bf16x3): the separate up GEMM (K = r, torch's slowest shape: ~50 us of a zoo layer's ~110 at
+two threads) and torch's division are gone (zoo steps at two threads without AMX: svdquant-w4a4 1.41-1.69x -> 1.23-1.37x
+float, svdquant-nvfp4 1.43-1.68x -> 1.30-1.48x).
 """
 
 from __future__ import annotations
@@ -113,8 +118,12 @@ def _small(shape: tuple[int, int]) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _bf16_hardware() -> tuple[bool, bool]:
+    """(AMX-BF16, AVX512-BF16) on this CPU, where torch's own kernels run AVX-512 (``ATEN_CPU_CAPABILITY=avx2`` on
+    such a CPU keeps the fp32 paths, as on an AVX2-only CPU: ``bench/e2e_speed.py --emulate avx2``)."""
     capability = torch._C._cpu._get_cpu_capability()
-    return bool(capability.get("amx_bf16", False)), bool(capability.get("avx512_bf16", False))
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return (avx512 and bool(capability.get("amx_bf16", False)),
+            avx512 and bool(capability.get("avx512_bf16", False)))
 
 
 #: the smallest weight (in_features * out_features) a bf16 GEMM pays on, where it pays at all. Intel Xeon with
