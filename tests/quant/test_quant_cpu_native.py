@@ -674,6 +674,35 @@ def test_the_int8_microkernel_gives_the_fused_ops_numbers_bit_for_bit(per_token,
         cpu_native.int8_pack(codes[:, :90])
 
 
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("rows, threads", [(300, 2), (37, 1), (1, 2)])
+@pytest.mark.parametrize("activation", [0, 1])
+@pytest.mark.parametrize("microkernel", [False, True], ids=["int_mm", "microkernel"])
+def test_the_int8_op_takes_bf16_rows_as_their_fp32_widening(per_token, rows, threads, activation, microkernel):
+    """bf16 rows go into int8_linear as they are (a bf16 model's W8A8 layers: no fp32 copy of the input or output):
+    widened exactly, so the codes and scales are those of ``x.float()``, and the output is the fp32 path's rounded to
+    bf16 (to nearest even, as ``.to(torch.bfloat16)``), on ``torch._int_mm`` and on the microkernel (chunks of 128
+    rows: 300 rows on two threads cross a chunk). A balancing divisor takes fp32 rows only."""
+    if not native_ops_built():
+        return
+    if microkernel and not _microkernel_runs("int8"):
+        return
+    x = _activations(rows=max(rows, 3), cols=96)[:rows].bfloat16().contiguous()
+    torch.manual_seed(1)
+    codes = torch.randint(-127, 128, (100, 96), dtype=torch.int8)
+    w_scale, bias = torch.rand(100) / 50, torch.randn(100)
+    packed = cpu_native.int8_pack(codes) if microkernel else None
+    op = torch.ops.compressdit_native.int8_linear
+    out, q, scale = op(x, None, codes.t(), w_scale, bias, per_token, threads, None, None, activation, packed)
+    expected, q32, scale32 = op(x.float(), None, codes.t(), w_scale, bias, per_token, threads, None, None, activation,
+                                packed)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 100)
+    assert torch.equal(q, q32) and torch.equal(scale, scale32)
+    assert torch.equal(out.view(torch.int16), expected.to(torch.bfloat16).view(torch.int16))
+    with pytest.raises(RuntimeError, match="smooth takes fp32"):
+        op(x, torch.ones(96), codes.t(), w_scale, bias, per_token, threads, None, None, activation, packed)
+
+
 @pytest.mark.parametrize("rows, threads", [(300, 2), (300, 1), (16, 2), (3, 1)])
 @pytest.mark.parametrize("grid, rotated", [((16, 0, 7.0, 30, 30), False), ((32, 1, 6.0, 1, 0), False),
                                            ((16, 2, 6.0, 1, 0), False), (None, True), ((16, 0, 7.0, 30, 30), True),

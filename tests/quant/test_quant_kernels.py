@@ -130,7 +130,9 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
     assert (microkernel is not None) == int8_brgemm()
     copies = 1 if microkernel is None else 1 + microkernel.numel() / small.weight.numel()
     assert cache_of(small).nbytes() < small.weight.numel() * copies  # the codes are not counted twice
-    assert cache_of(big).buffers["packed"] is not None  # oneDNN's prepacked copy (1 byte per weight)
+    # AMX-INT8: the microkernel's packed codes at every size; elsewhere oneDNN's prepacked copy (1 byte per weight)
+    assert (cache_of(big).buffers["microkernel"] is not None) == int8_brgemm()
+    assert (cache_of(big).buffers["packed"] is not None) == (not int8_brgemm())
 
 
 def test_dense_kernels_fake_quantize_activations_as_the_reference():

@@ -36,6 +36,9 @@ int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows,
 void compressdit_dequantize_int32(const int32_t *acc, const float *w_scale, const float *a_scale, int32_t per_token,
                                   const float *bias, int64_t rows, int64_t cols, float *out, int32_t threads);
 void compressdit_gelu_tanh(const float *x, int64_t n, float *y, int32_t threads);
+void compressdit_bf16_to_float(const uint16_t *y, const float *bias, int64_t rows, int64_t cols, float *out,
+                               int32_t threads);
+void compressdit_float_to_bf16(const float *x, int64_t n, uint16_t *y, int32_t threads);
 void compressdit_quantize_int8_groups(const float *x, int64_t rows, int64_t cols, int64_t group, int32_t per_token,
                                       int8_t *q, float *scale, int32_t threads);
 void compressdit_dequantize_groups(const int32_t *acc, const float *w_scale, const float *a_scale, int32_t per_token,
@@ -64,38 +67,66 @@ at::Tensor int8_pack(const at::Tensor &codes) {
     return compressdit_microkernel::pack<int8_t>(codes, at::kChar);
 }
 
-/* rows [r0, r1) of the layer: codes (unless made already), their int32 GEMM (the microkernel on `packed` where given),
- * the epilogue over the accumulator */
+/* rows a microkernel chunk: quantized, multiplied by every column block and scaled while in cache (the whole block
+ * of rows at once streamed its codes once per 64 output channels: a DiT-XL/2 MLP layer's 4096 x 1152 -> 4608 took
+ * longer than oneDNN's GEMM) */
+constexpr int64_t CHUNK_ROWS = 128;
+
+/* rows [r0, r1) of the layer, CHUNK_ROWS at a time on the microkernel (at once on at::_int_mm): codes (unless made
+ * already; bf16 rows widened exactly into a scratch first), their int32 GEMM (the microkernel on `packed` where
+ * given) into a scratch, the epilogue into out's rows (bf16 out: rounded to nearest even from the fp32 values) */
 void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &codes_t, const int8_t *packed,
                 const float *w_scale, const float *bias, bool per_token, bool quantize, int64_t activation,
-                at::Tensor &q, at::Tensor &scale, at::Tensor &acc, int64_t r0, int64_t r1) {
-    const int64_t cols = x.size(1), out_features = codes_t.size(1), rows = r1 - r0;
-    float *a_scale = scale.data_ptr<float>() + (per_token ? r0 : 0);
-    if (quantize && compressdit_quantize_int8(x.data_ptr<float>() + r0 * cols, smooth, rows, cols, 1, 0,
-                                              q.data_ptr<int8_t>() + r0 * cols, a_scale, 1))
-        throw std::runtime_error("out of memory");
-    int32_t *sums = acc.data_ptr<int32_t>() + r0 * out_features;
-    if (packed) { /* the same int32 sums on oneDNN's microkernel (AMX-INT8), one call per block of 64 channels */
-        const int64_t blocks = (out_features + BLOCK - 1) / BLOCK;
-        for (int64_t b = 0; b < blocks; ++b)
-            compressdit_microkernel::multiply(rows, std::min(BLOCK, out_features - b * BLOCK), cols, out_features,
-                                              q.data_ptr<int8_t>() + r0 * cols, packed + b * cols * BLOCK,
-                                              sums + b * BLOCK);
-        compressdit_microkernel::release();
-    } else {
-        at::Tensor block = acc.narrow(0, r0, rows);
-        at::_int_mm_out(block, q.narrow(0, r0, rows), codes_t);
+                at::Tensor &q, at::Tensor &scale, at::Tensor &out, int64_t r0, int64_t r1) {
+    const int64_t cols = x.size(1), out_features = codes_t.size(1);
+    const bool bf16_in = x.scalar_type() == at::kBFloat16, bf16_out = out.scalar_type() == at::kBFloat16;
+    const int64_t chunk = packed ? CHUNK_ROWS : r1 - r0;
+    const int64_t scratch_rows = std::min(chunk, r1 - r0);
+    at::Tensor acc = at::empty({scratch_rows, out_features}, x.options().dtype(at::kInt));
+    at::Tensor widened = bf16_in && quantize ? at::empty({scratch_rows, cols}, x.options().dtype(at::kFloat))
+                                             : at::Tensor();
+    int32_t *sums = acc.data_ptr<int32_t>();
+    for (int64_t c0 = r0; c0 < r1; c0 += chunk) {
+        const int64_t rows = std::min(chunk, r1 - c0);
+        float *a_scale = scale.data_ptr<float>() + (per_token ? c0 : 0);
+        if (quantize) {
+            const float *rows_in = bf16_in ? widened.data_ptr<float>() : x.data_ptr<float>() + c0 * cols;
+            if (bf16_in)
+                compressdit_bf16_to_float(reinterpret_cast<const uint16_t *>(x.data_ptr<at::BFloat16>()) + c0 * cols,
+                                          nullptr, rows, cols, widened.data_ptr<float>(), 1);
+            if (compressdit_quantize_int8(rows_in, smooth, rows, cols, 1, 0, q.data_ptr<int8_t>() + c0 * cols, a_scale,
+                                          1))
+                throw std::runtime_error("out of memory");
+        }
+        if (packed) { /* the same int32 sums on oneDNN's microkernel (AMX-INT8), one call per block of 64 channels */
+            const int64_t blocks = (out_features + BLOCK - 1) / BLOCK;
+            for (int64_t b = 0; b < blocks; ++b)
+                compressdit_microkernel::multiply(rows, std::min(BLOCK, out_features - b * BLOCK), cols, out_features,
+                                                  q.data_ptr<int8_t>() + c0 * cols, packed + b * cols * BLOCK,
+                                                  sums + b * BLOCK);
+        } else {
+            at::Tensor block = acc.narrow(0, 0, rows);
+            at::_int_mm_out(block, q.narrow(0, c0, rows), codes_t);
+        }
+        /* fp32 out: its rows; bf16 out: the fp32 values in place of the sums, then rounded into its rows */
+        float *values = bf16_out ? reinterpret_cast<float *>(sums) : out.data_ptr<float>() + c0 * out_features;
+        compressdit_dequantize_int32(sums, w_scale, a_scale, per_token, bias, rows, out_features, values, 1);
+        if (activation == GELU_TANH) compressdit_gelu_tanh(values, rows * out_features, values, 1); /* in cache */
+        if (bf16_out)
+            compressdit_float_to_bf16(values, rows * out_features,
+                                      reinterpret_cast<uint16_t *>(out.data_ptr<at::BFloat16>()) + c0 * out_features,
+                                      1);
     }
-    float *out = reinterpret_cast<float *>(sums);
-    compressdit_dequantize_int32(sums, w_scale, a_scale, per_token, bias, rows, out_features, out, 1);
-    if (activation == GELU_TANH) compressdit_gelu_tanh(out, rows * out_features, out, 1); /* while in cache */
+    if (packed) compressdit_microkernel::release();
 }
 
-/* (x / smooth) @ W^T + bias with dynamic int8 activations, W = codes * w_scale: x fp32 [rows, in] contiguous,
- * codes_t the int8 [out, in] codes' transposed view, w_scale fp32 [out], bias fp32 [out]; q / scale: codes
- * [rows, in] and scales [rows, 1] or [1, 1] of x made earlier, or none; activation 1: the output through the tanh
- * GELU (compressdit_gelu_tanh) in the same block, while it is in cache; packed: int8_pack of the codes (the
- * microkernel runs), or none (at::_int_mm). Returns (out [rows, out] fp32, q, scale). */
+/* (x / smooth) @ W^T + bias with dynamic int8 activations, W = codes * w_scale: x fp32 or bf16 [rows, in] contiguous
+ * (smooth: fp32 x only; bf16 rows are widened exactly, so their codes are those of x.float()), codes_t the int8
+ * [out, in] codes' transposed view, w_scale fp32 [out], bias fp32 [out]; q / scale: codes [rows, in] and scales
+ * [rows, 1] or [1, 1] of x made earlier, or none; activation 1: the output through the tanh GELU
+ * (compressdit_gelu_tanh) in the same block, while it is in cache; packed: int8_pack of the codes (the microkernel
+ * runs), or none (at::_int_mm). Returns (out [rows, out] in x's dtype: the fp32 result, rounded to nearest even for
+ * bf16 as .to(torch.bfloat16) rounds, q, scale). */
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, const c10::optional<at::Tensor> &smooth,
                                                            const at::Tensor &codes_t, const at::Tensor &w_scale,
                                                            const c10::optional<at::Tensor> &bias, bool per_token,
@@ -103,10 +134,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
                                                            const c10::optional<at::Tensor> &scales,
                                                            int64_t activation,
                                                            const c10::optional<at::Tensor> &packed) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(0) > 0,
-                "int8_linear: x must be a non-empty contiguous fp32 matrix");
+    TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                    x.is_contiguous() && x.size(0) > 0,
+                "int8_linear: x must be a non-empty contiguous fp32 or bf16 matrix");
     TORCH_CHECK(codes_t.dim() == 2 && codes_t.scalar_type() == at::kChar && codes_t.size(0) == x.size(1),
                 "int8_linear: codes_t must be int8 [in, out]");
+    TORCH_CHECK(!smooth.has_value() || x.scalar_type() == at::kFloat, "int8_linear: smooth takes fp32 rows");
     const int64_t rows = x.size(0), out_features = codes_t.size(1);
     fp32_vector(smooth, x.size(1), "int8_linear: smooth");
     fp32_vector(w_scale, out_features, "int8_linear: w_scale");
@@ -121,23 +154,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
                 "int8_linear: packed must be int8_pack's [", blocks, ", ", x.size(1), ", ", BLOCK, "] for the codes");
     const int8_t *packed_p = packed.has_value() ? packed->data_ptr<int8_t>() : nullptr;
     at::Tensor q = quantize ? at::empty({rows, x.size(1)}, x.options().dtype(at::kChar)) : *codes;
-    at::Tensor scale = quantize ? at::empty({per_token ? rows : 1, 1}, x.options()) : *scales;
-    at::Tensor acc = at::empty({rows, out_features}, x.options().dtype(at::kInt));
+    at::Tensor scale = quantize ? at::empty({per_token ? rows : 1, 1}, x.options().dtype(at::kFloat)) : *scales;
+    at::Tensor out = at::empty({rows, out_features}, x.options());
     const float *smooth_p = smooth.has_value() ? smooth->data_ptr<float>() : nullptr;
     const float *bias_p = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     const float *w_scale_p = w_scale.data_ptr<float>();
     bool block_quantizes = quantize;
     if (quantize && !per_token) { /* the tensor's scale needs every row: one threaded pass first */
-        TORCH_CHECK(!compressdit_quantize_int8(x.data_ptr<float>(), smooth_p, rows, x.size(1), 0, 0,
+        const at::Tensor x32 = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+        TORCH_CHECK(!compressdit_quantize_int8(x32.data_ptr<float>(), smooth_p, rows, x.size(1), 0, 0,
                                                q.data_ptr<int8_t>(), scale.data_ptr<float>(), (int32_t)threads),
                     "int8_linear: out of memory");
         block_quantizes = false;
     }
     on_team(rows, threads, "int8_linear", [&](int64_t r0, int64_t r1) {
         rows_block(x, smooth_p, codes_t, packed_p, w_scale_p, bias_p, per_token, block_quantizes, activation, q, scale,
-                   acc, r0, r1);
+                   out, r0, r1);
     });
-    return {acc.view(at::kFloat), q, scale};
+    return {out, q, scale};
 }
 
 /* Grouped weights (codes int8 [groups, out, group], w_scale fp32 [groups, out]) x dynamic int8 activations: per
