@@ -112,6 +112,16 @@ def _torchao(config_name: str) -> Convert:
     return convert
 
 
+def _torchao_bf16(config_name: str) -> Convert:
+    """torchao's config on a unit cast to bfloat16 first (its tensor subclasses keep the dtype they were made in)."""
+    quantize = _torchao(config_name)
+
+    def convert(unit, names):
+        return quantize(unit.to(torch.bfloat16), names)
+
+    return convert
+
+
 def _bnb(peer: str) -> Convert:
     def convert(unit, names):
         from compressdit.evaluate.peers import apply_peer
@@ -129,6 +139,12 @@ VARIANTS: dict[str, Variant] = {
     "torchao int8 weight-only": Variant("torchao quantize_ Int8WeightOnlyConfig", _torchao("Int8WeightOnlyConfig")),
     "torchao int8 dynamic": Variant("torchao quantize_ Int8DynamicActivationInt8WeightConfig (W8A8)",
                                     _torchao("Int8DynamicActivationInt8WeightConfig")),
+    # what a bf16 pipeline's user gets: the quantized layers take and give bf16 activations, the rest runs in bf16
+    **{f"{recipe} (bf16 model)": Variant(f"compressdit recipe {recipe} in a bfloat16 model", _ours(recipe), recipe,
+                                         torch.bfloat16) for recipe in ("rtn-w8a8", "w8a8")},
+    "torchao int8 dynamic (bf16 model)": Variant("torchao Int8DynamicActivationInt8WeightConfig in a bfloat16 model",
+                                                 _torchao_bf16("Int8DynamicActivationInt8WeightConfig"),
+                                                 dtype=torch.bfloat16),
     "bnb int8": Variant("bitsandbytes Linear8bitLt (LLM.int8, threshold 6.0), CPU backend", _bnb("bnb-int8")),
     "bnb nf4": Variant("bitsandbytes Linear4bit NF4 (fp32 compute), CPU backend", _bnb("bnb-nf4")),
 }

@@ -296,6 +296,21 @@ def test_small_layers_run_the_bf16_microkernel_where_amx_has_it(name, threads):
     assert _error(out, reference) <= 6e-3
 
 
+def _svdquant_run(spec: dict, in_features: int, out_features: int, leading: tuple, dtype: torch.dtype) -> tuple:
+    """(linear, its quantized layer in ``dtype``, x, the layer's and the reference's outputs on x, the kernel cache):
+    activations with channel ranges 0.1..5, balancing statistics 0.1..10."""
+    from compressdit.quant.formats import FORMATS
+
+    torch.manual_seed(0)
+    spec = LinearQuantSpec.from_dict(spec, "spec")
+    FORMATS.get(spec.format).validate_spec(spec, "spec")
+    linear = torch.nn.Linear(in_features, out_features)
+    layer = FORMATS.get(spec.format).quantize(linear, spec, torch.rand(in_features) * 10 + 0.1).to(dtype)
+    x = (torch.randn(*leading, in_features) * torch.linspace(0.1, 5, in_features)).to(dtype)
+    with torch.no_grad():
+        return linear, layer, x, layer(x), layer.reference_forward(x), cache_of(layer)
+
+
 @pytest.mark.parametrize("name", ["svdquant-w4a4", "svdquant-nvfp4", "svdquant-w4a16", "rank-3", "per-token-a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_svdquant_layers_run_their_branch_in_their_kernels_gemm(name, dtype):
@@ -305,7 +320,6 @@ def test_svdquant_layers_run_their_branch_in_their_kernels_gemm(name, dtype):
     it); elsewhere as one fp32 GEMM of ``[q(x / s) | h]`` and ``[W | up]``, the reference's numbers up to summation
     order. The kernel's ``run`` on an already balanced input still gives W's part alone. Per-token integer activations
     (not the grid pass), and on the microkernel an odd rank, keep the layer adding its branch itself."""
-    from compressdit.quant.formats import FORMATS
     from compressdit.quant.kernel_registry import LOW_RANK, runs_low_rank
 
     specs = {"svdquant-w4a4": dict(w_bits=4, a_bits=4, group_size=64, balance=0.5, low_rank=16,
@@ -315,15 +329,8 @@ def test_svdquant_layers_run_their_branch_in_their_kernels_gemm(name, dtype):
              "rank-3": dict(w_bits=4, a_bits=4, group_size=64, balance=0.5, low_rank=3, a_granularity="per_group",
                             a_group_size=64),
              "per-token-a8": dict(w_bits=4, a_bits=8, group_size=64, balance=0.5, low_rank=16)}
-    torch.manual_seed(0)
-    spec = LinearQuantSpec.from_dict(specs[name], "spec")
-    FORMATS.get(spec.format).validate_spec(spec, "spec")
-    linear = torch.nn.Linear(128, 96)
-    layer = FORMATS.get(spec.format).quantize(linear, spec, torch.rand(128) * 10 + 0.1).to(dtype)
-    x = (torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)).to(dtype)
+    linear, layer, x, out, reference, cache = _svdquant_run(specs[name], 128, 96, (3, 9), dtype)
     with torch.no_grad():
-        out, reference = layer(x), layer.reference_forward(x)
-        cache = cache_of(layer)
         microkernel = _brgemm_shape((96, 128))
         fused = name != "per-token-a8" and not (microkernel and name == "rank-3")
         assert runs_low_rank(cache) == fused and (cache.buffers.get(LOW_RANK) is not None) == fused
@@ -344,17 +351,10 @@ def test_large_svdquant_layers_run_their_branch_in_torchs_bf16_gemm(dtype):
     SVDQuant NVFP4 layer's branch runs in the same GEMM, ``[bf16(q) | h_hi | h_lo | h_hi]`` times
     ``[W | U_hi | U_hi | U_lo]``: within bf16's rounding of the reference, as the layer without its branch."""
     from compressdit.quant.cpu_dense import _bf16_hardware
-    from compressdit.quant.formats import FORMATS
     from compressdit.quant.kernel_registry import runs_low_rank
 
-    spec = LinearQuantSpec.from_dict(dict(DECODED["svdquant-nvfp4"], low_rank=16), "spec")
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(1024, 512)
-    layer = FORMATS.get(spec.format).quantize(linear, spec, torch.rand(1024) * 10 + 0.1).to(dtype)
-    x = (torch.randn(2, 40, 1024) * torch.linspace(0.1, 5, 1024)).to(dtype)
-    with torch.no_grad():
-        out, reference = layer(x), layer.reference_forward(x)
-        cache = cache_of(layer)
+    linear, layer, x, out, reference, cache = _svdquant_run(dict(DECODED["svdquant-nvfp4"], low_rank=16), 1024, 512,
+                                                            (2, 40), dtype)
     if not _bf16_hardware()[1]:
         pytest.skip("no bf16 GEMMs on this CPU")
     assert cache.name == "cpu-decoded-bf16"

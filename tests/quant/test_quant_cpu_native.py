@@ -92,6 +92,13 @@ def test_balanced_w8a8_layers_match_the_reference(spec, dtype):
         assert error(out, reference) <= 1e-5
     else:  # the reference quantizes and multiplies in bf16, the kernel in fp32 from the bf16 input: never worse
         assert error(out, exact) <= error(reference, exact) * 1.05
+    if dtype == torch.bfloat16 and spec.rotation in (None, "none") and spec.low_rank is None:
+        from compressdit.quant.kernel_registry import cache_of
+
+        cache = cache_of(layer)  # the balancing division inside the kernel is the reference's bf16 one, bit for bit
+        with torch.no_grad():
+            again = cache.kernel.run(layer, layer.transform_input(x), cache.buffers)
+        assert torch.equal(out.view(torch.int16), again.view(torch.int16))
 
 
 def test_without_the_library_layers_give_the_same_outputs(monkeypatch):
@@ -682,7 +689,8 @@ def test_the_int8_op_takes_bf16_rows_as_their_fp32_widening(per_token, rows, thr
     """bf16 rows go into int8_linear as they are (a bf16 model's W8A8 layers: no fp32 copy of the input or output):
     widened exactly, so the codes and scales are those of ``x.float()``, and the output is the fp32 path's rounded to
     bf16 (to nearest even, as ``.to(torch.bfloat16)``), on ``torch._int_mm`` and on the microkernel (chunks of 128
-    rows: 300 rows on two threads cross a chunk). A balancing divisor takes fp32 rows only."""
+    rows: 300 rows on two threads cross a chunk). With a balancing divisor (its bf16 values) the rows are divided as
+    torch divides a bf16 tensor: the op equals itself on ``x / smooth`` computed by torch."""
     if not native_ops_built():
         return
     if microkernel and not _microkernel_runs("int8"):
@@ -699,8 +707,14 @@ def test_the_int8_op_takes_bf16_rows_as_their_fp32_widening(per_token, rows, thr
     assert out.dtype == torch.bfloat16 and out.shape == (rows, 100)
     assert torch.equal(q, q32) and torch.equal(scale, scale32)
     assert torch.equal(out.view(torch.int16), expected.to(torch.bfloat16).view(torch.int16))
-    with pytest.raises(RuntimeError, match="smooth takes fp32"):
-        op(x, torch.ones(96), codes.t(), w_scale, bias, per_token, threads, None, None, activation, packed)
+    smooth = (torch.rand(96) + 0.5).bfloat16().float()  # a divisor's bf16 values: rows divided as torch divides
+    smooth[:3] = torch.tensor([1e-3, 3.0, 1e4]).bfloat16().float()
+    out, q, scale = op(x, smooth, codes.t(), w_scale, bias, per_token, threads, None, None, activation, packed)
+    balanced = (x / smooth.bfloat16()).contiguous()
+    expected, q_b, scale_b = op(balanced, None, codes.t(), w_scale, bias, per_token, threads, None, None, activation,
+                                packed)
+    assert torch.equal(q, q_b) and torch.equal(scale, scale_b)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 
 @pytest.mark.parametrize("rows, threads", [(300, 2), (300, 1), (16, 2), (3, 1)])

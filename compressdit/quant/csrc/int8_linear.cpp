@@ -85,17 +85,29 @@ void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &code
     at::Tensor acc = at::empty({scratch_rows, out_features}, x.options().dtype(at::kInt));
     at::Tensor widened = bf16_in && quantize ? at::empty({scratch_rows, cols}, x.options().dtype(at::kFloat))
                                              : at::Tensor();
+    at::Tensor rounded = bf16_in && quantize && smooth ? at::empty({scratch_rows, cols}, x.options()) : at::Tensor();
     int32_t *sums = acc.data_ptr<int32_t>();
     for (int64_t c0 = r0; c0 < r1; c0 += chunk) {
         const int64_t rows = std::min(chunk, r1 - c0);
         float *a_scale = scale.data_ptr<float>() + (per_token ? c0 : 0);
         if (quantize) {
             const float *rows_in = bf16_in ? widened.data_ptr<float>() : x.data_ptr<float>() + c0 * cols;
-            if (bf16_in)
+            const float *divisor = smooth;
+            if (bf16_in) {
+                float *w = widened.data_ptr<float>();
                 compressdit_bf16_to_float(reinterpret_cast<const uint16_t *>(x.data_ptr<at::BFloat16>()) + c0 * cols,
-                                          nullptr, rows, cols, widened.data_ptr<float>(), 1);
-            if (compressdit_quantize_int8(rows_in, smooth, rows, cols, 1, 0, q.data_ptr<int8_t>() + c0 * cols, a_scale,
-                                          1))
+                                          nullptr, rows, cols, w, 1);
+                if (smooth) { /* torch's bf16 division: the fp32 quotient (IEEE), rounded to bf16 */
+                    for (int64_t i = 0; i < rows; ++i)
+                        for (int64_t j = 0; j < cols; ++j) w[i * cols + j] = w[i * cols + j] / smooth[j];
+                    uint16_t *r = reinterpret_cast<uint16_t *>(rounded.data_ptr<at::BFloat16>());
+                    compressdit_float_to_bf16(w, rows * cols, r, 1);
+                    compressdit_bf16_to_float(r, nullptr, rows, cols, w, 1);
+                    divisor = nullptr;
+                }
+            }
+            if (compressdit_quantize_int8(rows_in, divisor, rows, cols, 1, 0, q.data_ptr<int8_t>() + c0 * cols,
+                                          a_scale, 1))
                 throw std::runtime_error("out of memory");
         }
         if (packed) { /* the same int32 sums on oneDNN's microkernel (AMX-INT8), one call per block of 64 channels */
@@ -121,7 +133,8 @@ void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &code
 }
 
 /* (x / smooth) @ W^T + bias with dynamic int8 activations, W = codes * w_scale: x fp32 or bf16 [rows, in] contiguous
- * (smooth: fp32 x only; bf16 rows are widened exactly, so their codes are those of x.float()), codes_t the int8
+ * (bf16 rows are widened exactly, so their codes are those of x.float(); with smooth, whose values must then be bf16
+ * ones, divided as torch divides bf16 tensors: the fp32 quotient rounded to bf16), codes_t the int8
  * [out, in] codes' transposed view, w_scale fp32 [out], bias fp32 [out]; q / scale: codes [rows, in] and scales
  * [rows, 1] or [1, 1] of x made earlier, or none; activation 1: the output through the tanh GELU
  * (compressdit_gelu_tanh) in the same block, while it is in cache; packed: int8_pack of the codes (the microkernel
@@ -139,7 +152,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
                 "int8_linear: x must be a non-empty contiguous fp32 or bf16 matrix");
     TORCH_CHECK(codes_t.dim() == 2 && codes_t.scalar_type() == at::kChar && codes_t.size(0) == x.size(1),
                 "int8_linear: codes_t must be int8 [in, out]");
-    TORCH_CHECK(!smooth.has_value() || x.scalar_type() == at::kFloat, "int8_linear: smooth takes fp32 rows");
     const int64_t rows = x.size(0), out_features = codes_t.size(1);
     fp32_vector(smooth, x.size(1), "int8_linear: smooth");
     fp32_vector(w_scale, out_features, "int8_linear: w_scale");
@@ -161,8 +173,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear(const at::Tensor &x, 
     const float *w_scale_p = w_scale.data_ptr<float>();
     bool block_quantizes = quantize;
     if (quantize && !per_token) { /* the tensor's scale needs every row: one threaded pass first */
-        const at::Tensor x32 = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-        TORCH_CHECK(!compressdit_quantize_int8(x32.data_ptr<float>(), smooth_p, rows, x.size(1), 0, 0,
+        at::Tensor x32 = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+        const float *divisor = smooth_p;
+        if (x.scalar_type() == at::kBFloat16 && smooth_p) { /* torch's bf16 division, as the blocks do it */
+            x32 = x32.div(*smooth).to(at::kBFloat16).to(at::kFloat);
+            divisor = nullptr;
+        }
+        TORCH_CHECK(!compressdit_quantize_int8(x32.data_ptr<float>(), divisor, rows, x.size(1), 0, 0,
                                                q.data_ptr<int8_t>(), scale.data_ptr<float>(), (int32_t)threads),
                     "int8_linear: out of memory");
         block_quantizes = false;
