@@ -44,8 +44,8 @@ the float model's step at two threads, now 0.95-1.09x; the up product a bf16x3 o
 CPUs, layers above ``DENSE_MAX_WEIGHT``) the branch still joins the GEMM (:func:`_branch_layout`): one C pass balances
 and quantizes the rows into a buffer whose last columns get the down product, times ``[W | up]`` in torch's fp32 GEMM
 (or bf16, the up product bf16x3): the separate up GEMM (K = r, torch's slowest shape: ~50 us of a zoo layer's ~110 at
-two threads) and torch's division are gone (zoo steps at two threads without AMX: svdquant-w4a4 1.41-1.69x -> 1.23-1.37x
-float, svdquant-nvfp4 1.43-1.68x -> 1.30-1.48x).
+two threads) and torch's division are gone (zoo steps at two threads on the Xeon with the microkernels off and oneDNN
+held below AMX: svdquant-w4a4 1.41-1.69x -> 1.23-1.37x float, svdquant-nvfp4 1.43-1.68x -> 1.30-1.48x).
 """
 
 from __future__ import annotations

@@ -83,31 +83,29 @@ void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &code
     const int64_t chunk = packed ? CHUNK_ROWS : r1 - r0;
     const int64_t scratch_rows = std::min(chunk, r1 - r0);
     at::Tensor acc = at::empty({scratch_rows, out_features}, x.options().dtype(at::kInt));
-    at::Tensor widened = bf16_in && quantize ? at::empty({scratch_rows, cols}, x.options().dtype(at::kFloat))
-                                             : at::Tensor();
-    at::Tensor rounded = bf16_in && quantize && smooth ? at::empty({scratch_rows, cols}, x.options()) : at::Tensor();
+    /* bf16 rows: one row at a time widened (and balanced) into these, then quantized, all in L1 / L2 */
+    at::Tensor widened = bf16_in && quantize ? at::empty({cols}, x.options().dtype(at::kFloat)) : at::Tensor();
+    at::Tensor rounded = bf16_in && quantize && smooth ? at::empty({cols}, x.options()) : at::Tensor();
     int32_t *sums = acc.data_ptr<int32_t>();
     for (int64_t c0 = r0; c0 < r1; c0 += chunk) {
         const int64_t rows = std::min(chunk, r1 - c0);
         float *a_scale = scale.data_ptr<float>() + (per_token ? c0 : 0);
-        if (quantize) {
-            const float *rows_in = bf16_in ? widened.data_ptr<float>() : x.data_ptr<float>() + c0 * cols;
-            const float *divisor = smooth;
-            if (bf16_in) {
-                float *w = widened.data_ptr<float>();
-                compressdit_bf16_to_float(reinterpret_cast<const uint16_t *>(x.data_ptr<at::BFloat16>()) + c0 * cols,
-                                          nullptr, rows, cols, w, 1);
-                if (smooth) { /* torch's bf16 division: the fp32 quotient (IEEE), rounded to bf16 */
-                    for (int64_t i = 0; i < rows; ++i)
-                        for (int64_t j = 0; j < cols; ++j) w[i * cols + j] = w[i * cols + j] / smooth[j];
-                    uint16_t *r = reinterpret_cast<uint16_t *>(rounded.data_ptr<at::BFloat16>());
-                    compressdit_float_to_bf16(w, rows * cols, r, 1);
-                    compressdit_bf16_to_float(r, nullptr, rows, cols, w, 1);
-                    divisor = nullptr;
-                }
+        if (quantize && !bf16_in &&
+            compressdit_quantize_int8(x.data_ptr<float>() + c0 * cols, smooth, rows, cols, 1, 0,
+                                      q.data_ptr<int8_t>() + c0 * cols, a_scale, 1))
+            throw std::runtime_error("out of memory");
+        for (int64_t i = 0; quantize && bf16_in && i < rows; ++i) {
+            float *w = widened.data_ptr<float>();
+            compressdit_bf16_to_float(reinterpret_cast<const uint16_t *>(x.data_ptr<at::BFloat16>()) + (c0 + i) * cols,
+                                      nullptr, 1, cols, w, 1);
+            if (smooth) { /* torch's bf16 division: the fp32 quotient (IEEE), rounded to bf16 */
+                for (int64_t j = 0; j < cols; ++j) w[j] = w[j] / smooth[j];
+                uint16_t *r = reinterpret_cast<uint16_t *>(rounded.data_ptr<at::BFloat16>());
+                compressdit_float_to_bf16(w, cols, r, 1);
+                compressdit_bf16_to_float(r, nullptr, 1, cols, w, 1);
             }
-            if (compressdit_quantize_int8(rows_in, divisor, rows, cols, 1, 0, q.data_ptr<int8_t>() + c0 * cols,
-                                          a_scale, 1))
+            if (compressdit_quantize_int8(w, nullptr, 1, cols, 1, 0, q.data_ptr<int8_t>() + (c0 + i) * cols,
+                                          a_scale + i, 1))
                 throw std::runtime_error("out of memory");
         }
         if (packed) { /* the same int32 sums on oneDNN's microkernel (AMX-INT8), one call per block of 64 channels */
@@ -120,14 +118,20 @@ void rows_block(const at::Tensor &x, const float *smooth, const at::Tensor &code
             at::Tensor block = acc.narrow(0, 0, rows);
             at::_int_mm_out(block, q.narrow(0, c0, rows), codes_t);
         }
-        /* fp32 out: its rows; bf16 out: the fp32 values in place of the sums, then rounded into its rows */
-        float *values = bf16_out ? reinterpret_cast<float *>(sums) : out.data_ptr<float>() + c0 * out_features;
-        compressdit_dequantize_int32(sums, w_scale, a_scale, per_token, bias, rows, out_features, values, 1);
-        if (activation == GELU_TANH) compressdit_gelu_tanh(values, rows * out_features, values, 1); /* in cache */
-        if (bf16_out)
-            compressdit_float_to_bf16(values, rows * out_features,
-                                      reinterpret_cast<uint16_t *>(out.data_ptr<at::BFloat16>()) + c0 * out_features,
-                                      1);
+        /* a row at a time (in L1 however wide): fp32 out, into its row; bf16 out, the fp32 values in place of the
+         * sums, then rounded into its row */
+        for (int64_t i = 0; i < rows; ++i) {
+            int32_t *row_sums = sums + i * out_features;
+            float *values = bf16_out ? reinterpret_cast<float *>(row_sums)
+                                     : out.data_ptr<float>() + (c0 + i) * out_features;
+            compressdit_dequantize_int32(row_sums, w_scale, a_scale + (per_token ? i : 0), per_token, bias, 1,
+                                         out_features, values, 1);
+            if (activation == GELU_TANH) compressdit_gelu_tanh(values, out_features, values, 1);
+            if (bf16_out)
+                compressdit_float_to_bf16(
+                    values, out_features,
+                    reinterpret_cast<uint16_t *>(out.data_ptr<at::BFloat16>()) + (c0 + i) * out_features, 1);
+        }
     }
     if (packed) compressdit_microkernel::release();
 }
