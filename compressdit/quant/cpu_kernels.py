@@ -51,7 +51,8 @@ from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS, dequantize_nib
 from compressdit.quant.kernel_registry import KERNELS, Kernel, prepacked_bias
 from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import bf16_layer, bf16_rows_gemm, bf16_weights, quantize_layer_input
-from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, int8_brgemm, int8_pack,
+from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
+                                          int8_brgemm, int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
 
@@ -334,11 +335,16 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: 
     """
     x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     if int4_uses_packed_gemm(x2.shape[0], "cpu"):
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_zeros).float()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_zeros)
     else:
-        out = F.linear(x2, dequantize_nibbles(nibbles, scale, zero, group_size)).float()
-    if bias is not None:
-        out = out + bias
+        # one C pass into a reused buffer, where autograd keeps no reference to the weight
+        weight = None if torch.is_grad_enabled() and x2.requires_grad else dequantize_nibbles_bf16(
+            nibbles, scale, zero, group_size)
+        out = F.linear(x2, dequantize_nibbles(nibbles, scale, zero, group_size) if weight is None else weight)
+    if x.dtype is torch.bfloat16:  # bf16(out + bias), the fp32 sum rounded in place: no fp32 copies, the same numbers
+        out = out if bias is None else out.add_(bias)
+    else:
+        out = out.float() if bias is None else out.float().add_(bias)
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 

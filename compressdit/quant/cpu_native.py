@@ -34,6 +34,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,6 +70,7 @@ _SIGNATURES = {
     "compressdit_grid_rows_bf16": ([_PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, ctypes.c_float, _PTR,
                                     _PTR, _I64, _I32], None),
     "compressdit_split_rows_bf16": ([_PTR, _I64, _I64, _PTR, _I64, _I32], None),
+    "compressdit_dequantize_nibbles_bf16": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I32], None),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -512,6 +514,30 @@ def branch_rows(x: torch.Tensor, smooth: torch.Tensor | None, inv: torch.Tensor 
                                    work.data_ptr(), out.data_ptr(), cols + 3 * rank, threads)
     lib.compressdit_split_rows_bf16(hidden.data_ptr(), rows, rank, out.data_ptr() + 2 * cols, cols + 3 * rank,
                                     threads_for(hidden.numel()))
+    return out
+
+
+_SCRATCH = threading.local()
+
+
+def dequantize_nibbles_bf16(nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                            group: int) -> torch.Tensor | None:
+    """:func:`~compressdit.quant.gpu_reference.dequantize_nibbles`' bf16 weight ``[rows, 2 * nibbles.shape[1]]``, bit
+    for bit, in one C pass over the rows on torch's threads, written into this thread's reused buffer (a large layer's
+    decoded weight is a fresh allocation otherwise, whose page faults cost as much as the decoding): valid until this
+    thread's next call. ``None`` without the library or under ``torch.compile``."""
+    lib = None if torch.compiler.is_compiling() else native_library()
+    if (lib is None or nibbles.dtype is not torch.uint8 or not nibbles.is_contiguous() or scale.dtype is not
+            torch.bfloat16 or not scale.is_contiguous() or (zero is not None and (zero.dtype is not torch.bfloat16
+                                                                                  or not zero.is_contiguous()))):
+        return None
+    rows, cols = nibbles.shape[0], 2 * nibbles.shape[1]
+    buffer = getattr(_SCRATCH, "weight", None)
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = _SCRATCH.weight = torch.empty(rows * cols, dtype=torch.bfloat16)
+    out = buffer[:rows * cols].view(rows, cols)
+    lib.compressdit_dequantize_nibbles_bf16(nibbles.data_ptr(), scale.data_ptr(), _ptr(zero), rows, cols, group,
+                                            out.data_ptr(), threads_for(rows * cols))
     return out
 
 

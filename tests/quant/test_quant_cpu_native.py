@@ -913,3 +913,34 @@ def test_svdquant_rows_for_torchs_gemm_are_the_separate_passes_bit_for_bit(rows,
     torch.testing.assert_close(hi, hidden, rtol=2 ** -8, atol=0)  # hi = bf16(h), lo = bf16(h - hi): ~16 bits in all
     torch.testing.assert_close(hi.double() + lo.double(), hidden.double(), rtol=2 ** -15,
                                atol=1e-6 * hidden.abs().max().item())
+
+
+@pytest.mark.parametrize("with_zero", [False, True])
+def test_int4_weights_decode_in_one_pass_bit_for_bit_into_a_reused_buffer(with_zero):
+    """``dequantize_nibbles_bf16``: ``dequantize_nibbles``' bf16 weight bit for bit (codes 0..15, scales of every
+    magnitude, zero points), on two threads, into one buffer per thread reused by the next call; torch's bf16 GEMM on
+    that buffer then gives each layer's own product (no weight cached by its address between calls)."""
+    from compressdit.quant.gpu_reference import dequantize_nibbles
+
+    torch.manual_seed(0)
+    nibbles = torch.randint(0, 256, (96, 64), dtype=torch.uint8)
+    scale = (torch.randn(96, 4) * torch.logspace(-20, 20, 4)).bfloat16()
+    zero = torch.randn(96, 4).bfloat16() if with_zero else None
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = cpu_native.dequantize_nibbles_bf16(nibbles, scale, zero, 32)
+    finally:
+        torch.set_num_threads(before)
+    if native_library() is None:
+        assert out is None
+        return
+    expected = dequantize_nibbles(nibbles, scale, zero, 32)
+    assert out.shape == (96, 128) and torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    x = torch.randn(300, 128).bfloat16()
+    first = torch.nn.functional.linear(x, out)
+    other = cpu_native.dequantize_nibbles_bf16(nibbles.flip(0).contiguous(), scale, zero, 32)
+    assert other.data_ptr() == out.data_ptr()  # the same buffer, new contents
+    second = torch.nn.functional.linear(x, other)
+    assert torch.equal(first, torch.nn.functional.linear(x, expected))
+    assert torch.equal(second, torch.nn.functional.linear(x, dequantize_nibbles(nibbles.flip(0), scale, zero, 32)))

@@ -35,6 +35,37 @@ static inline uint16_t to_bf16(float v) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* tinygemm's int4 weight (q - 8) * scale + zero as bf16 [rows, cols] from its nibbles (uint8 [rows, cols / 2], code + 8,
+ * even column low) and bf16 scale / zero ([rows, cols / group]; zero NULL: none), in one pass, the arithmetic of
+ * gpu_reference.dequantize_nibbles: each bf16 operation an fp32 one rounded to bf16 (q * scale is exact in fp32). */
+void compressdit_dequantize_nibbles_bf16(const uint8_t *nibbles, const uint16_t *scale, const uint16_t *zero,
+                                         int64_t rows, int64_t cols, int64_t group, uint16_t *out, int32_t threads) {
+    const int64_t groups = cols / group;
+    FOR_ROWS(i, rows, {
+        const uint8_t *n = nibbles + i * (cols / 2);
+        uint16_t *o = out + i * cols;
+        for (int64_t g = 0; g < groups; ++g) {
+            const float s = bits_float((uint32_t)scale[i * groups + g] << 16);
+            const float z = zero ? bits_float((uint32_t)zero[i * groups + g] << 16) : 0.0f;
+            const uint8_t *ng = n + g * group / 2;
+            uint16_t *og = o + g * group;
+            if (zero) {
+                for (int64_t j = 0; j < group / 2; ++j) {
+                    const float lo = bits_float((uint32_t)to_bf16((float)((int)(ng[j] & 15) - 8) * s) << 16);
+                    const float hi = bits_float((uint32_t)to_bf16((float)((int)(ng[j] >> 4) - 8) * s) << 16);
+                    og[2 * j] = to_bf16(lo + z);
+                    og[2 * j + 1] = to_bf16(hi + z);
+                }
+            } else {
+                for (int64_t j = 0; j < group / 2; ++j) {
+                    og[2 * j] = to_bf16((float)((int)(ng[j] & 15) - 8) * s);
+                    og[2 * j + 1] = to_bf16((float)((int)(ng[j] >> 4) - 8) * s);
+                }
+            }
+        }
+    });
+}
+
 /* y[i] = bf16(x[i]) for n elements. */
 void compressdit_float_to_bf16(const float *restrict x, int64_t n, uint16_t *restrict y, int32_t threads) {
     FOR_ROWS(i, n, { y[i] = to_bf16(x[i]); });
