@@ -499,11 +499,13 @@ def _fp8_bf16_prepack(layer) -> dict:
 def _fp8_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     """E4M3 activation codes x E4M3 weight codes in a bf16 GEMM (products exact, fp32 sums, the output rounded to
     bf16), then the per-token and per-channel scales and the bias in fp32: ``torch._scaled_mm``'s computation."""
-    codes, row_scale = quantize_e4m3_bf16(_contiguous_fp32(x.reshape(-1, x.shape[-1])))
+    x2 = x.reshape(-1, x.shape[-1])
+    bf16 = x.dtype is torch.bfloat16  # a bf16 model's rows: read as they are, the output written in bf16
+    codes, row_scale = quantize_e4m3_bf16(x2.contiguous() if bf16 else _contiguous_fp32(x2))
     if b["packed"] is not None:  # the microkernel, both scales and the bias in its epilogue (fp32 sums kept)
         out = bf16_linear(codes, b["packed"], layer.out_features, b["bias"], row_scale, b["scale"])
     else:
-        out = bf16_scale(F.linear(codes, b["codes"]), row_scale, b["scale"], b["bias"])
+        out = bf16_scale(F.linear(codes, b["codes"]), row_scale, b["scale"], b["bias"], bf16_out=bf16)
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 

@@ -71,6 +71,8 @@ _SIGNATURES = {
                                     _PTR, _I64, _I32], None),
     "compressdit_split_rows_bf16": ([_PTR, _I64, _I64, _PTR, _I64, _I32], None),
     "compressdit_dequantize_nibbles_bf16": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I32], None),
+    "compressdit_quantize_e4m3_bf16_rows": ([_PTR, _I64, _I64, _PTR, _PTR, _I32], None),
+    "compressdit_bf16_scale_bf16": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], None),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -542,27 +544,33 @@ def dequantize_nibbles_bf16(nibbles: torch.Tensor, scale: torch.Tensor, zero: to
 
 
 def quantize_e4m3_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token E4M3 codes of an fp32 ``x`` ``[rows, cols]`` as bf16 (exact) and the fp32 row scales ``[rows]``:
-    :func:`fake_quantize_e4m3_rows` is ``codes * scale``. One C pass; PyTorch ops (the same numbers) without the
-    library or under ``torch.compile``."""
-    lib = _lib_for(x)
+    """Per-token E4M3 codes of an fp32 (or bf16, read widened) ``x`` ``[rows, cols]`` as bf16 (exact) and the fp32
+    row scales ``[rows]``: :func:`fake_quantize_e4m3_rows` is ``codes * scale``. One C pass; PyTorch ops (the same
+    numbers) without the library or under ``torch.compile``."""
+    bf16 = x.dtype is torch.bfloat16 and x.is_contiguous() and x.is_cpu
+    lib = None if torch.compiler.is_compiling() else native_library() if bf16 else _lib_for(x)
     if lib is None or x.dim() != 2:
-        codes, scale = _e4m3_codes(x)
+        codes, scale = _e4m3_codes(x.float())
         return codes.to(torch.bfloat16), scale.squeeze(-1)
     codes, scale = torch.empty(x.shape, dtype=torch.bfloat16), torch.empty(x.shape[0], dtype=torch.float32)
-    lib.compressdit_quantize_e4m3_bf16(x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), scale.data_ptr(),
-                                       threads_for(x.numel()))
+    quantize = lib.compressdit_quantize_e4m3_bf16_rows if bf16 else lib.compressdit_quantize_e4m3_bf16
+    quantize(x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), scale.data_ptr(), threads_for(x.numel()))
     return codes, scale
 
 
 def bf16_scale(y: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
+               bias: torch.Tensor | None, bf16_out: bool = False) -> torch.Tensor:
     """``y.float() * row_scale[:, None] * col_scale (+ bias)`` for a 2-D bf16 ``y`` in one pass (PyTorch without the
-    library: the same operations in the same order)."""
+    library: the same operations in the same order); ``bf16_out``: rounded to bf16, written over ``y``."""
     lib = _lib_for(row_scale, col_scale, bias)
     if lib is None or y.dtype is not torch.bfloat16 or not y.is_contiguous() or y.dim() != 2:
         out = y.float().mul_(row_scale[:, None]).mul_(col_scale)
-        return out if bias is None else out.add_(bias)
+        out = out if bias is None else out.add_(bias)
+        return out.to(torch.bfloat16) if bf16_out else out
+    if bf16_out:
+        lib.compressdit_bf16_scale_bf16(y.data_ptr(), row_scale.data_ptr(), col_scale.data_ptr(), _ptr(bias),
+                                        y.shape[0], y.shape[1], y.data_ptr(), threads_for(y.numel()))
+        return y
     out = torch.empty(y.shape, dtype=torch.float32)
     lib.compressdit_bf16_scale(y.data_ptr(), row_scale.data_ptr(), col_scale.data_ptr(), _ptr(bias), y.shape[0],
                                y.shape[1], out.data_ptr(), threads_for(y.numel()))

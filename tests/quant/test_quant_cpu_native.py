@@ -944,3 +944,18 @@ def test_int4_weights_decode_in_one_pass_bit_for_bit_into_a_reused_buffer(with_z
     second = torch.nn.functional.linear(x, other)
     assert torch.equal(first, torch.nn.functional.linear(x, expected))
     assert torch.equal(second, torch.nn.functional.linear(x, dequantize_nibbles(nibbles.flip(0), scale, zero, 32)))
+
+
+def test_fp8_passes_take_and_give_a_bf16_models_rows_bit_for_bit():
+    """The FP8 kernel's passes on a bf16 model's rows: E4M3 codes and scales of bf16 rows read widened are those of
+    ``x.float()``; the scaled output written over the GEMM's bf16 output is the fp32 epilogue's rounded to bf16."""
+    x = _activations(rows=37, cols=96).bfloat16()
+    codes, scale = cpu_native.quantize_e4m3_bf16(x)
+    codes32, scale32 = cpu_native.quantize_e4m3_bf16(x.float())
+    assert torch.equal(codes.view(torch.int16), codes32.view(torch.int16)) and torch.equal(scale, scale32)
+    torch.manual_seed(2)
+    y = torch.randn(37, 50).bfloat16()
+    rows, cols, bias = torch.rand(37) * 1e-3, torch.rand(50), torch.randn(50)
+    expected = cpu_native.bf16_scale(y, rows, cols, bias).to(torch.bfloat16)
+    out = cpu_native.bf16_scale(y.clone(), rows, cols, bias, bf16_out=True)
+    assert out.dtype == torch.bfloat16 and torch.equal(out.view(torch.int16), expected.view(torch.int16))

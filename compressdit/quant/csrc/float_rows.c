@@ -364,6 +364,48 @@ void compressdit_quantize_e4m3_bf16(const float *x, int64_t rows, int64_t cols, 
     });
 }
 
+/* compressdit_quantize_e4m3_bf16 of bf16 rows x (widened exactly as they are read: the codes and scales of x.float()) */
+void compressdit_quantize_e4m3_bf16_rows(const uint16_t *x, int64_t rows, int64_t cols, uint16_t *codes, float *scale,
+                                         int32_t threads) {
+    FOR_ROWS(i, rows, {
+        const uint16_t *r = x + i * cols;
+        uint16_t *c = codes + i * cols;
+        uint32_t m = 0;
+        for (int64_t j = 0; j < cols; ++j) {
+            const uint32_t u = abs_bits(bits_float((uint32_t)r[j] << 16));
+            m = u > m ? u : m;
+        }
+        const float amax = bits_float(m);
+        const float s = (amax > 1e-8f || amax != amax ? amax : 1e-8f) / 448.0f;
+        scale[i] = s;
+        if (divides_fast(s)) {
+            const float inv = 1.0f / s;
+            for (int64_t j = 0; j < cols; ++j)
+                c[j] = (uint16_t)(float_bits(grid_value(div_rn(bits_float((uint32_t)r[j] << 16), s, inv), 448.0f, 3,
+                                                        -6)) >> 16);
+        } else {
+            for (int64_t j = 0; j < cols; ++j)
+                c[j] = (uint16_t)(float_bits(grid_value(bits_float((uint32_t)r[j] << 16) / s, 448.0f, 3, -6)) >> 16);
+        }
+    });
+}
+
+/* compressdit_bf16_scale's values rounded to bf16 (to_bf16) into out, which may be y itself: a bf16 model's output */
+void compressdit_bf16_scale_bf16(const uint16_t *y, const float *restrict row_scale, const float *restrict col_scale,
+                                 const float *restrict bias, int64_t rows, int64_t cols, uint16_t *out,
+                                 int32_t threads) {
+    FOR_ROWS(i, rows, {
+        const uint16_t *r = y + i * cols;
+        uint16_t *o = out + i * cols;
+        const float s = row_scale[i];
+        if (bias)
+            for (int64_t j = 0; j < cols; ++j)
+                o[j] = to_bf16(bits_float((uint32_t)r[j] << 16) * s * col_scale[j] + bias[j]);
+        else
+            for (int64_t j = 0; j < cols; ++j) o[j] = to_bf16(bits_float((uint32_t)r[j] << 16) * s * col_scale[j]);
+    });
+}
+
 /* out[i, j] = float(y[i, j]) * row_scale[i] * col_scale[j] (+ bias[j]): a bf16 GEMM of codes back to fp32 with its
  * per-token and per-channel scales and its bias, in that order. */
 void compressdit_bf16_scale(const uint16_t *restrict y, const float *restrict row_scale, const float *restrict col_scale,
