@@ -59,7 +59,8 @@ from compressdit.quant.kernel_registry import KERNELS, LOW_RANK, Kernel, prepack
 from compressdit.quant.activations import activation_grid, quantize_input
 from compressdit.quant.cpu_native import (bf16_brgemm, bf16_linear, bf16_pack, bf16_scale, bf16_to_float,
                                           branch_rows, fake_quantize_e4m3_rows, fake_quantize_grid,
-                                          fake_quantize_rows_int8, float_to_bf16, hadamard_rows, hadamard_takes,
+                                          fake_quantize_rows_int8, float_to_bf16, grid_rows_bf16_, hadamard_rows,
+                                          hadamard_takes,
                                           native_library,
                                           quantize_e4m3_bf16, shared_rows)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
@@ -643,9 +644,13 @@ def _decoded_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     if _fused_grid(b, x2):
         out = bf16_linear(x2, b["packed"], layer.out_features, b["bias"], transform=(None, None, *b["grid"]))
     else:
-        rows = _quantized_rows(layer, x2, b)
-        if x.dtype is torch.bfloat16 and rows.dtype is torch.float32:  # rounded once: the GEMM's bf16 rows
-            rows = float_to_bf16(rows.contiguous())
+        rows = None
+        if x.dtype is torch.bfloat16 and b["grid"] is not None and b["packed"] is None:  # widened, quantized, rounded
+            rows = grid_rows_bf16_(x2.float(), *b["grid"])
+        if rows is None:
+            rows = _quantized_rows(layer, x2, b)
+            if x.dtype is torch.bfloat16 and rows.dtype is torch.float32:  # rounded once: the GEMM's bf16 rows
+                rows = float_to_bf16(rows.contiguous())
         out = bf16_rows_gemm(layer, rows, b)
     return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 

@@ -519,6 +519,23 @@ def branch_rows(x: torch.Tensor, smooth: torch.Tensor | None, inv: torch.Tensor 
     return out
 
 
+def grid_rows_bf16_(x: torch.Tensor, group: int, rule: int, top: float, mantissa: int,
+                    min_exp: int) -> torch.Tensor | None:
+    """:func:`fake_quantize_grid` of a contiguous fp32 ``x`` ``[rows, cols]`` rounded to bf16, in one pass that uses
+    ``x`` as its work memory (overwritten with the fp32 grid values): the bf16 GEMM input of a bf16 model's rows
+    widened into ``x``. ``None`` without the library or under ``torch.compile``."""
+    lib = _lib_for(x)
+    if lib is None or x.dim() != 2 or x.shape[1] % group:
+        return None
+    rows, cols = x.shape
+    threads = threads_for(x.numel())
+    t = lib.compressdit_grid_tensor_scale(x.data_ptr(), None, rows, cols, top, threads) if rule == 2 else 1.0
+    out = torch.empty(rows, cols, dtype=torch.bfloat16)
+    lib.compressdit_grid_rows_bf16(x.data_ptr(), rows, cols, group, rule, top, mantissa, min_exp, t, x.data_ptr(),
+                                   out.data_ptr(), cols, threads)
+    return out
+
+
 _SCRATCH = threading.local()
 
 

@@ -959,3 +959,17 @@ def test_fp8_passes_take_and_give_a_bf16_models_rows_bit_for_bit():
     expected = cpu_native.bf16_scale(y, rows, cols, bias).to(torch.bfloat16)
     out = cpu_native.bf16_scale(y.clone(), rows, cols, bias, bf16_out=True)
     assert out.dtype == torch.bfloat16 and torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
+@pytest.mark.parametrize("grid", [(16, 0, 7.0, 30, 30), (32, 1, 6.0, 1, 0), (16, 2, 6.0, 1, 0)],
+                         ids=["int4-g16", "mxfp4", "nvfp4"])
+def test_the_grid_pass_rounds_a_bf16_models_rows_in_one_pass(grid):
+    """``grid_rows_bf16_``: the grid pass's values (NVFP4's tensor scale over every row) rounded to bf16, bit for bit,
+    its input used as work memory."""
+    x = _activations(rows=37, cols=96)
+    expected = cpu_native.fake_quantize_grid(x, *grid)
+    out = cpu_native.grid_rows_bf16_(x.clone(), *grid)
+    if native_library() is None:
+        assert out is None and expected is None
+        return
+    assert torch.equal(out.view(torch.int16), expected.to(torch.bfloat16).view(torch.int16))
