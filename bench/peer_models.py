@@ -141,10 +141,13 @@ VARIANTS: dict[str, Variant] = {
                                     _torchao("Int8DynamicActivationInt8WeightConfig")),
     # what a bf16 pipeline's user gets: the quantized layers take and give bf16 activations, the rest runs in bf16
     **{f"{recipe} (bf16 model)": Variant(f"compressdit recipe {recipe} in a bfloat16 model", _ours(recipe), recipe,
-                                         torch.bfloat16) for recipe in ("rtn-w8a8", "w8a8")},
+                                         torch.bfloat16)
+       for recipe in ("rtn-w8a8", "w8a8", "w4a16", "vq-w3", "fp8", "nvfp4")},
     "torchao int8 dynamic (bf16 model)": Variant("torchao Int8DynamicActivationInt8WeightConfig in a bfloat16 model",
                                                  _torchao_bf16("Int8DynamicActivationInt8WeightConfig"),
                                                  dtype=torch.bfloat16),
+    "torchao int8 weight-only (bf16 model)": Variant("torchao Int8WeightOnlyConfig in a bfloat16 model",
+                                                     _torchao_bf16("Int8WeightOnlyConfig"), dtype=torch.bfloat16),
     "bnb int8": Variant("bitsandbytes Linear8bitLt (LLM.int8, threshold 6.0), CPU backend", _bnb("bnb-int8")),
     "bnb nf4": Variant("bitsandbytes Linear4bit NF4 (fp32 compute), CPU backend", _bnb("bnb-nf4")),
 }
