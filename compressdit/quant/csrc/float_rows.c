@@ -390,20 +390,12 @@ void compressdit_quantize_e4m3_bf16_rows(const uint16_t *x, int64_t rows, int64_
     });
 }
 
-/* compressdit_bf16_scale's values rounded to bf16 (to_bf16) into out, which may be y itself: a bf16 model's output */
-void compressdit_bf16_scale_bf16(const uint16_t *y, const float *restrict row_scale, const float *restrict col_scale,
-                                 const float *restrict bias, int64_t rows, int64_t cols, uint16_t *out,
-                                 int32_t threads) {
-    FOR_ROWS(i, rows, {
-        const uint16_t *r = y + i * cols;
-        uint16_t *o = out + i * cols;
-        const float s = row_scale[i];
-        if (bias)
-            for (int64_t j = 0; j < cols; ++j)
-                o[j] = to_bf16(bits_float((uint32_t)r[j] << 16) * s * col_scale[j] + bias[j]);
-        else
-            for (int64_t j = 0; j < cols; ++j) o[j] = to_bf16(bits_float((uint32_t)r[j] << 16) * s * col_scale[j]);
-    });
+/* float(r[j]) * s * col_scale[j] (+ bias[j]): an element of compressdit_bf16_scale (the branch on bias leaves the
+ * loops by unswitching) */
+static inline float scaled(const uint16_t *r, float s, const float *restrict col_scale, const float *restrict bias,
+                           int64_t j) {
+    const float v = bits_float((uint32_t)r[j] << 16) * s * col_scale[j];
+    return bias ? v + bias[j] : v;
 }
 
 /* out[i, j] = float(y[i, j]) * row_scale[i] * col_scale[j] (+ bias[j]): a bf16 GEMM of codes back to fp32 with its
@@ -412,13 +404,18 @@ void compressdit_bf16_scale(const uint16_t *restrict y, const float *restrict ro
                             const float *restrict bias, int64_t rows, int64_t cols, float *restrict out,
                             int32_t threads) {
     FOR_ROWS(i, rows, {
-        const uint16_t *r = y + i * cols;
         float *o = out + i * cols;
-        const float s = row_scale[i];
-        if (bias)
-            for (int64_t j = 0; j < cols; ++j) o[j] = bits_float((uint32_t)r[j] << 16) * s * col_scale[j] + bias[j];
-        else
-            for (int64_t j = 0; j < cols; ++j) o[j] = bits_float((uint32_t)r[j] << 16) * s * col_scale[j];
+        for (int64_t j = 0; j < cols; ++j) o[j] = scaled(y + i * cols, row_scale[i], col_scale, bias, j);
+    });
+}
+
+/* compressdit_bf16_scale's values rounded to bf16 (to_bf16) into out, which may be y itself: a bf16 model's output */
+void compressdit_bf16_scale_bf16(const uint16_t *y, const float *restrict row_scale, const float *restrict col_scale,
+                                 const float *restrict bias, int64_t rows, int64_t cols, uint16_t *out,
+                                 int32_t threads) {
+    FOR_ROWS(i, rows, {
+        uint16_t *o = out + i * cols;
+        for (int64_t j = 0; j < cols; ++j) o[j] = to_bf16(scaled(y + i * cols, row_scale[i], col_scale, bias, j));
     });
 }
 
