@@ -514,6 +514,11 @@ def _hadamard_layer(layer, x: torch.Tensor) -> bool:
     return layer.spec.format == "twinlog" and layer.spec.rotation == "hadamard" and _takes_fp32(x)
 
 
+def _hadamard_bf16(layer, x: torch.Tensor) -> bool:
+    return (layer.spec.format == "twinlog" and layer.spec.rotation == "hadamard" and x.dtype is torch.bfloat16
+            and not torch.compiler.is_compiling())
+
+
 def _transformed_input(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer.transform_input(x)``: for a twin-log layer with the randomized Hadamard rotation on contiguous fp32
     rows, balancing and rotation in one C pass (:func:`~compressdit.quant.cpu_native.hadamard_rows`, bit for bit:
@@ -539,6 +544,14 @@ def _on_transformed(run, gemm=None):
             rows = hadamard_rows(x, layer.smooth_scale, layer.rotation_signs, b["grid"])
             if rows is not None:
                 return gemm(layer, rows, b)
+        if gemm is not None and b["grid"] is not None and _hadamard_bf16(layer, x):
+            # a bf16 model's rows widened once, then the same C pass (in fp32, where the reference rotates in bf16
+            # arithmetic: torch's butterflies on a DiT-XL/2 layer's rows made an LRQ step 4.4x the bf16 model's)
+            rows = hadamard_rows(x.reshape(-1, x.shape[-1]).float(), b["smooth"], layer.rotation_signs, b["grid"])
+            if rows is not None:
+                if b.get("packed") is not None or b["weight"].dtype is torch.bfloat16:
+                    rows = float_to_bf16(rows)
+                return gemm(layer, rows, b).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
         return run(layer, _transformed_input(layer, x), b)
 
     return run_untransformed

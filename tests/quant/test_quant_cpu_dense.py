@@ -252,6 +252,30 @@ def test_twin_log_layers_rotate_their_input_in_one_pass_with_the_references_numb
         torch.testing.assert_close(out, layer.reference_forward(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(48, 128), (1024, 512)], ids=["small", "large"])
+def test_a_bf16_models_twin_log_layers_rotate_in_the_c_pass(shape, monkeypatch):
+    """A bf16 model's twin-log layer with the randomized Hadamard: its rows widened once and balanced, rotated and
+    quantized by the C pass (never the layer's PyTorch transform, whose bf16 butterflies cost more than the GEMM), on
+    whichever kernel its size picks: no further from the float layer than the reference, which rotates in bf16."""
+    from compressdit.quant.cpu_native import native_library
+    from compressdit.quant.formats import FORMATS
+
+    torch.manual_seed(0)
+    out_features, in_features = shape
+    spec = LinearQuantSpec.from_dict(dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group",
+                                          a_group_size=16, rotation="hadamard", balance=0.5), "spec")
+    linear = torch.nn.Linear(in_features, out_features)
+    layer = FORMATS.get(spec.format).quantize(linear, spec, torch.rand(in_features) * 10 + 0.1).to(torch.bfloat16)
+    x = (torch.randn(3, 40, in_features) * torch.linspace(0.1, 5, in_features)).bfloat16()
+    with torch.no_grad():
+        reference, exact = layer.reference_forward(x), linear(x.float())
+        if native_library() is not None:  # the C pass must run: the layer's own transform fails the test
+            monkeypatch.setattr(layer, "transform_input", lambda _: pytest.fail("the PyTorch transform ran"))
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == reference.shape
+    assert _error(out, exact) <= _error(reference, exact) * 1.05
+
+
 @pytest.mark.parametrize("name", sorted(DECODED) + ["lrq-twinlog", "rtn-w4a16", "fp8"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_small_layers_run_the_bf16_microkernel_where_amx_has_it(name, threads):
