@@ -236,7 +236,8 @@ def _int8_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
 
 def _int8_gemm_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     smooth = b["smooth"]
-    if x.dtype is torch.bfloat16 and smooth is not None and b["packed"] is None and native_ops():
+    if (x.dtype is torch.bfloat16 and smooth is not None and b["packed"] is None
+            and not torch.compiler.is_compiling() and native_ops()):  # (compiled: the traced division below)
         smooth = b["smooth_bf16"]  # the C++ op divides bf16 rows as the reference does: no bf16 copy of x / s
     elif b["transform"] and (smooth is None or x.dtype != torch.float32):  # bf16 x: the reference divides in bf16
         x, smooth = layer.transform_input(x), None

@@ -265,7 +265,7 @@ def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
     ``packed`` that of ``[W | U_hi | U_hi | U_lo]`` (``U`` ``[out, r]`` in two bf16 terms): ``h @ U^T`` with
     ``h = bf16(x / smooth) @ bf16(D)^T`` (fp32 sums) is added to the output in the same product, a bf16x3 one (``h``
     and ``U`` in two bf16 terms each: ~16 significant bits)."""
-    threads = torch.get_num_threads() if x.shape[0] * x.shape[1] * out_features > TEAM_MIN_WORK else 1
+    threads = 0 if x.shape[0] * x.shape[1] * out_features > TEAM_MIN_WORK else 1  # 0: torch's count, read by the op
     if down is not None and not transform:
         transform = (None, None, 0, 0, 0.0, 0, 0)
     return torch.ops.compressdit_native.bf16_linear(x, packed, out_features, bias, row_scale, col_scale, threads,

@@ -126,3 +126,30 @@ def test_the_bf16_copy_and_the_hadamard_pass_compile_with_fullgraph_and_match_ea
         for rows in (1, 7):
             x = torch.randn(rows, 128)
             torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=2e-2, atol=2e-2)
+
+
+def test_a_bf16_models_kernels_compile_with_fullgraph_and_match_eager():
+    """A bf16 model's layers (the kernels take and give bf16 rows in eager mode: the int8 op with a balancing
+    divisor, int4 weight-only past the packed GEMM's rows, FP8, a twin-log Hadamard layer) trace without a graph
+    break: the traced division / transform and the same ops; compiled outputs equal eager ones up to bf16 rounding."""
+    from compressdit.quant.formats import FORMATS
+    from compressdit.quant.fp8_layer import FP8Linear
+    from compressdit.quant.layers import QuantLinear
+
+    twinlog = LinearQuantSpec.from_dict(dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group",
+                                             a_group_size=16, rotation="hadamard", balance=0.5), "spec")
+    FORMATS.get("twinlog").validate_spec(twinlog, "spec")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        FORMATS.get("int").quantize(torch.nn.Linear(128, 256), LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5),
+                                    torch.rand(128) + 0.5),
+        QuantLinear.from_linear(torch.nn.Linear(256, 128), LinearQuantSpec(w_bits=4, group_size=64)),
+        FP8Linear.from_linear(torch.nn.Linear(128, 128), LinearQuantSpec(format="fp8", w_bits=8, a_bits=8)),
+        FORMATS.get("twinlog").quantize(torch.nn.Linear(128, 64), twinlog, torch.rand(128) + 0.5)).to(torch.bfloat16)
+    prepack_model(model)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        x = torch.randn(2, 40, 128).bfloat16()  # 80 rows: past the packed int4 GEMM's 64
+        eager, compiled = model(x), torch.compile(model, fullgraph=True)(x)
+    assert compiled.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=5e-2, atol=5e-2)

@@ -128,6 +128,7 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
                        const c10::optional<at::Tensor> &smooth, const c10::optional<at::Tensor> &signs, int64_t group,
                        int64_t rule, double top, int64_t mantissa, int64_t min_exp,
                        const c10::optional<at::Tensor> &down) {
+    if (threads <= 0) threads = at::get_num_threads(); /* 0: torch's count when the op runs (what a traced call asks) */
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
                     (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
                 "bf16_linear: x must be a contiguous fp32 or bf16 matrix");
