@@ -65,6 +65,7 @@ _SIGNATURES = {
     "compressdit_hadamard_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _PTR, _I32],
                                   None),
     "compressdit_grid_tensor_scale": ([_PTR, _PTR, _I64, _I64, ctypes.c_float, _I32], ctypes.c_float),
+    "compressdit_divide_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], None),
     "compressdit_balance_grid_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32,
                                        ctypes.c_float, _PTR, _PTR, _I64, _I32], None),
     "compressdit_grid_rows_bf16": ([_PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, ctypes.c_float, _PTR,
@@ -506,9 +507,9 @@ def branch_rows(x: torch.Tensor, smooth: torch.Tensor | None, inv: torch.Tensor 
                                           threads)
         torch.mm(balanced, down_t, out=out[:, cols:])
         return out
-    if smooth is not None:  # the division alone (group 0, into balanced): h reads it before its quantization
-        lib.compressdit_balance_grid_rows(x.data_ptr(), smooth.data_ptr(), inv.data_ptr(), rows, cols, 0, 0, 0.0, 0, 0,
-                                          1.0, balanced.data_ptr(), balanced.data_ptr(), cols, threads)
+    if smooth is not None:  # the division alone: h reads it before its quantization
+        lib.compressdit_divide_rows(x.data_ptr(), smooth.data_ptr(), inv.data_ptr(), rows, cols, balanced.data_ptr(),
+                                    threads)
     hidden = torch.mm(balanced, down_t)
     out = torch.empty(rows, cols + 3 * rank, dtype=torch.bfloat16)
     work = (torch.empty_like(x) if smooth is None else balanced) if group else x  # the grid values (fp32) if any

@@ -288,9 +288,8 @@ void compressdit_fake_quantize_grid_with(const float *x, int64_t rows, int64_t c
 /* SVDQuant's fp32 GEMM input, the quantized part: per row, b = x / smooth (divide_row, from inv = 1 / smooth, into
  * `balanced`, the rows the branch's down product reads; smooth NULL: b = x, nothing written there), then
  * compressdit_fake_quantize_grid_with's values of b (group > 0; tensor scale t) or b itself (group 0) into the rows of
- * out, `ld` elements apart (the GEMM's input holds the branch's hidden rows beside; out = balanced with group 0: the
- * division alone). The same numbers as the separate
- * division and grid pass, on any number of threads (each group computed alone). */
+ * out, `ld` elements apart (the GEMM's input holds the branch's hidden rows beside). The same numbers as the
+ * separate division and grid pass, on any number of threads (each group computed alone). */
 void compressdit_balance_grid_rows(const float *x, const float *smooth, const float *inv, int64_t rows, int64_t cols,
                                    int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float t,
                                    float *balanced, float *out, int64_t ld, int32_t threads) {
@@ -302,7 +301,7 @@ void compressdit_balance_grid_rows(const float *x, const float *smooth, const fl
             divide_row(r, smooth, inv, cols, balanced + i * cols);
             r = balanced + i * cols;
         }
-        if (!group && o != r) memcpy(o, r, sizeof(float) * cols); /* out may be `balanced`: the division alone */
+        if (!group) memcpy(o, r, sizeof(float) * cols);
         for (int64_t g = 0; g < groups; g += GRID_BATCH) {
             const int64_t n = groups - g < GRID_BATCH ? groups - g : GRID_BATCH;
             grid_batch(r + g * group, o + g * group, n, group, rule, top, mantissa, min_exp, t);
@@ -343,36 +342,23 @@ void compressdit_grid_rows_bf16(const float *x, int64_t rows, int64_t cols, int6
     });
 }
 
-/* Per-token E4M3 activations as codes for a bf16 GEMM: per row s = max(amax |x|, 1e-8) / 448 into scale[row], and
- * codes = e4m3(clamp(x / s, -448, 448)) as bf16 (exact: an E4M3 value has 4 significant bits), the rounding of
- * compressdit_fake_quantize_grid's rule 0 on E4M3's grid before its multiplication by s. */
-void compressdit_quantize_e4m3_bf16(const float *x, int64_t rows, int64_t cols, uint16_t *codes, float *scale,
-                                    int32_t threads) {
-    FOR_ROWS(i, rows, {
-        const float *r = x + i * cols;
-        uint16_t *c = codes + i * cols;
-        const float amax = bits_float(absmax_bits(r, cols));
-        const float s = (amax > 1e-8f || amax != amax ? amax : 1e-8f) / 448.0f;
-        scale[i] = s;
-        if (divides_fast(s)) {
-            const float inv = 1.0f / s;
-            for (int64_t j = 0; j < cols; ++j)
-                c[j] = (uint16_t)(float_bits(grid_value(div_rn(r[j], s, inv), 448.0f, 3, -6)) >> 16);
-        } else {
-            for (int64_t j = 0; j < cols; ++j) c[j] = (uint16_t)(float_bits(grid_value(r[j] / s, 448.0f, 3, -6)) >> 16);
-        }
-    });
+/* element j of fp32 rows x, or of bf16 ones widened exactly (bf16: a constant where this is inlined) */
+static inline __attribute__((always_inline)) float element(const void *x, int bf16, int64_t j) {
+    return bf16 ? bits_float((uint32_t)((const uint16_t *)x)[j] << 16) : ((const float *)x)[j];
 }
 
-/* compressdit_quantize_e4m3_bf16 of bf16 rows x (widened exactly as they are read: the codes and scales of x.float()) */
-void compressdit_quantize_e4m3_bf16_rows(const uint16_t *x, int64_t rows, int64_t cols, uint16_t *codes, float *scale,
-                                         int32_t threads) {
+/* Per-token E4M3 activations as codes for a bf16 GEMM: per row s = max(amax |x|, 1e-8) / 448 into scale[row], and
+ * codes = e4m3(clamp(x / s, -448, 448)) as bf16 (exact: an E4M3 value has 4 significant bits), the rounding of
+ * compressdit_fake_quantize_grid's rule 0 on E4M3's grid before its multiplication by s; x fp32 or (bf16) bf16 rows,
+ * always inlined with a constant bf16, so that both loops stay straight vector code */
+static inline __attribute__((always_inline)) void e4m3_rows(const void *x, int bf16, int64_t rows, int64_t cols,
+                                                            uint16_t *codes, float *scale, int32_t threads) {
     FOR_ROWS(i, rows, {
-        const uint16_t *r = x + i * cols;
+        const void *r = bf16 ? (const void *)((const uint16_t *)x + i * cols) : (const void *)((const float *)x + i * cols);
         uint16_t *c = codes + i * cols;
         uint32_t m = 0;
         for (int64_t j = 0; j < cols; ++j) {
-            const uint32_t u = abs_bits(bits_float((uint32_t)r[j] << 16));
+            const uint32_t u = abs_bits(element(r, bf16, j));
             m = u > m ? u : m;
         }
         const float amax = bits_float(m);
@@ -381,13 +367,23 @@ void compressdit_quantize_e4m3_bf16_rows(const uint16_t *x, int64_t rows, int64_
         if (divides_fast(s)) {
             const float inv = 1.0f / s;
             for (int64_t j = 0; j < cols; ++j)
-                c[j] = (uint16_t)(float_bits(grid_value(div_rn(bits_float((uint32_t)r[j] << 16), s, inv), 448.0f, 3,
-                                                        -6)) >> 16);
+                c[j] = (uint16_t)(float_bits(grid_value(div_rn(element(r, bf16, j), s, inv), 448.0f, 3, -6)) >> 16);
         } else {
             for (int64_t j = 0; j < cols; ++j)
-                c[j] = (uint16_t)(float_bits(grid_value(bits_float((uint32_t)r[j] << 16) / s, 448.0f, 3, -6)) >> 16);
+                c[j] = (uint16_t)(float_bits(grid_value(element(r, bf16, j) / s, 448.0f, 3, -6)) >> 16);
         }
     });
+}
+
+void compressdit_quantize_e4m3_bf16(const float *x, int64_t rows, int64_t cols, uint16_t *codes, float *scale,
+                                    int32_t threads) {
+    e4m3_rows(x, 0, rows, cols, codes, scale, threads);
+}
+
+/* the same of bf16 rows x (widened exactly as they are read: the codes and scales of x.float()) */
+void compressdit_quantize_e4m3_bf16_rows(const uint16_t *x, int64_t rows, int64_t cols, uint16_t *codes, float *scale,
+                                         int32_t threads) {
+    e4m3_rows(x, 1, rows, cols, codes, scale, threads);
 }
 
 /* float(r[j]) * s * col_scale[j] (+ bias[j]): an element of compressdit_bf16_scale (the branch on bias leaves the
