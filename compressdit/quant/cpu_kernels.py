@@ -140,17 +140,17 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     """
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     rows, in_features = x2.shape
-    if packed is None or (rows == 1 and in_features >= 8):  # _int_mm is wrong at K = 1
-        if rows and native_ops():  # bf16 rows as they are (the op widens them exactly, returns bf16)
-            if x2.dtype is torch.bfloat16:
-                x2 = x2.contiguous()
-            elif x2.dtype is not torch.float32 or not x2.is_contiguous():
-                x2 = x2.float().contiguous()
-            return _like_input(_fused_int8_linear(x, x2, smooth, codes_t, w_scale, bias, per_token,
-                                                  microkernel=microkernel), x)
+    int_mm = packed is None or (rows == 1 and in_features >= 8)  # _int_mm is wrong at K = 1
+    if int_mm and rows and native_ops():  # bf16 rows as they are (the op widens them exactly, returns bf16)
+        if x2.dtype is torch.bfloat16:
+            x2 = x2.contiguous()
+        elif x2.dtype is not torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        return _like_input(_fused_int8_linear(x, x2, smooth, codes_t, w_scale, bias, per_token,
+                                              microkernel=microkernel), x)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
-    if packed is None or (rows == 1 and in_features >= 8):
+    if int_mm:
         q, a_scale = _codes(x, x2, per_token, 0, smooth)  # the reference's codes and scales, exactly
         threads = _serial_threads(rows * in_features * out_features, INT8_GEMM_SERIAL_WORK)
         try:
@@ -213,6 +213,8 @@ def _int8_gemm_prepack(layer) -> dict:
     # 4096 x 1152 -> 4608 at one thread: 33.5 ms against 42.6 for oneDNN's prepacked GEMM and its passes; bf16 rows
     # 29.1 ms against 54.0 through fp32 copies, and torch's bf16 linear 33.2)
     microkernel = int8_pack(codes) if layer.in_features % 4 == 0 and layer.in_features >= 8 and int8_brgemm() else None
+    # the balancing division fuses into the quantization pass where it is the whole input transform
+    smooth = None if layer.smooth_scale is None or layer.rotation_signs is not None else layer.smooth_scale.detach()
     return {"codes": codes, "codes_t": codes.t(),
             "packed": None if small or microkernel is not None else torch.ops.onednn.qlinear_prepack(
                 codes.contiguous(), None),
@@ -220,11 +222,8 @@ def _int8_gemm_prepack(layer) -> dict:
             "w_scale": layer.weight_scale.reshape(-1).float().contiguous(),
             "w_zero": torch.zeros(layer.out_features, dtype=torch.long),
             "bias": prepacked_bias(layer),
-            # the balancing division fuses into the quantization pass where it is the whole input transform
-            "smooth": None if layer.smooth_scale is None or layer.rotation_signs is not None
-            else layer.smooth_scale.detach().float().contiguous(),
-            "smooth_bf16": None if layer.smooth_scale is None or layer.rotation_signs is not None
-            else layer.smooth_scale.detach().to(torch.bfloat16).float().contiguous(),
+            "smooth": None if smooth is None else smooth.float().contiguous(),
+            "smooth_bf16": None if smooth is None else smooth.to(torch.bfloat16).float().contiguous(),
             "transform": layer.smooth_scale is not None or layer.rotation_signs is not None,
             "per_token": layer.spec.a_granularity == "per_token"}
 
