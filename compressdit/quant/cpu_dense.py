@@ -658,7 +658,7 @@ def _decoded_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         out = bf16_linear(x2, b["packed"], layer.out_features, b["bias"], transform=(None, None, *b["grid"]))
     else:
         rows = None
-        if x.dtype is torch.bfloat16 and b["grid"] is not None and b["packed"] is None:  # widened, quantized, rounded
+        if x.dtype is torch.bfloat16 and b["grid"] is not None:  # widened, quantized, rounded in one pass
             rows = grid_rows_bf16_(x2.float(), *b["grid"])
         if rows is None:
             rows = _quantized_rows(layer, x2, b)
