@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from e2e_peers_report import machine, write_markdown  # noqa: E402
+from emulation import EMULATIONS, emulate  # noqa: E402
 from peer_models import VARIANTS, build, one_step, step_inputs  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -214,13 +215,17 @@ def main() -> None:
     parser.add_argument("--batch-rounds", nargs="*", default=[], help="BATCH:ROUNDS caps, e.g. 8:1")
     parser.add_argument("--quick", action="store_true", help="2 blocks, DiT-XL/2 batch 1, 1 round")
     parser.add_argument("--out", type=Path, default=RESULTS / "e2e_peers_cpu")
+    parser.add_argument("--emulate", choices=sorted(EMULATIONS), default=None,
+                        help="run as on a lesser CPU (bench/emulation.py): its code paths on this CPU")
     args = parser.parse_args()
+    emulate(args.emulate)
     if args.quick:
         args.layers, args.rounds, args.sections = 2, 1, args.sections or ["DiT-XL/2 256px@1"]
         args.out = args.out.with_name(args.out.name + "_quick")
     args.sections = args.sections or SECTIONS
     torch.set_num_threads(args.threads)
-    result = {"meta": {**machine(args.threads), "rounds_asked": args.rounds, "groups": args.groups, "layers": args.layers or "real depth",
+    result = {"meta": {**machine(args.threads), "emulate": args.emulate,
+                       "capability": torch.backends.cpu.get_cpu_capability(), "rounds_asked": args.rounds, "groups": args.groups, "layers": args.layers or "real depth",
                        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")},
               "sections": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,11 @@ def machine(threads: int) -> dict:
 
 
 def machine_line(meta: dict) -> str:
+    from emulation import emulation_note
+
     return (f"CPU: {meta['cpu']} ({', '.join(meta['cpu_flags'])}), {meta['cores']} cores, {meta['threads']} "
-            f"thread(s), torch {meta['torch']}; run started {meta.get('started_utc', '?')} UTC; load average "
+            f"thread(s), torch {meta['torch']}{emulation_note(meta.get('emulate'), meta.get('capability', '?'))}; "
+            f"run started {meta.get('started_utc', '?')} UTC; load average "
             f"before/after: {meta['loadavg_start']} / {meta.get('loadavg_end', '?')}")
 
 

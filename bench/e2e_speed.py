@@ -13,7 +13,7 @@ shared machine); ratios are per round, the median over ``--rounds`` rounds is re
 
     python bench/e2e_speed.py --threads 1     # writes bench/results/e2e_speed_cpu.{json,md}
     python bench/e2e_speed.py --threads 1 2 --compare bench/results/e2e_speed_cpu_before.json   # + before -> after
-    python bench/e2e_speed.py --threads 1 2 --emulate avx2   # as on an AVX2-only CPU (see EMULATIONS)
+    python bench/e2e_speed.py --threads 1 2 --emulate avx2   # as on an AVX2-only CPU (bench/emulation.py)
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from emulation import EMULATIONS, emulate, emulation_note  # noqa: E402
 from layer_kernels import cpu_flags, cpu_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -39,14 +40,6 @@ MODELS = ["dit-fmnist", "pixart-fmnist", "flux-fmnist"]
 RECIPES = ["rtn-w8a8", "w8a8", "rtn-w8a16", "w4a16", "rtn-w4a16", "w4a8", "rtn-w4a8", "rtn-w4a8-channel", "rtn-w3a16", "rtn-w2a16",
            "vq-w3", "vq-w2", "fp8", "rtn-w4a4", "lrq-w4a4", "lrq-w3a4", "svdquant-w4a4", "nvfp4", "mxfp4",
            "svdquant-nvfp4"]
-
-
-#: ``--emulate``: the environment that makes this CPU run as a lesser one, set before torch starts (the benchmark runs
-#: itself again in it). ``avx2``: torch's kernels, oneDNN, MKL and compressdit's C passes on AVX2 + FMA, no bf16 GEMMs
-#: (cpu_dense._bf16_hardware follows torch's capability) and no AMX microkernels: an AVX2-only x86 CPU's code paths,
-#: on this CPU's cores and caches (not its speed: ratios to float within the run are what it gives).
-EMULATIONS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-                       "COMPRESSDIT_CPU_MICROKERNELS": "0"}}
 
 
 def recipe_plan(model, adapter, recipe_name: str) -> dict:
@@ -104,11 +97,9 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, default=None,
                         help="an earlier run's .json: adds a before -> after table of the time-vs-float ratios")
     parser.add_argument("--emulate", choices=sorted(EMULATIONS), default=None,
-                        help="run as on a lesser CPU (EMULATIONS): its code paths on this CPU")
+                        help="run as on a lesser CPU (bench/emulation.py): its code paths on this CPU")
     args = parser.parse_args()
-    if args.emulate and os.environ.get("COMPRESSDIT_EMULATING") != args.emulate:
-        environment = {**os.environ, **EMULATIONS[args.emulate], "COMPRESSDIT_EMULATING": args.emulate}
-        os.execve(sys.executable, [sys.executable, *sys.argv], environment)
+    emulate(args.emulate)
     from compressdit.evaluate.engine import EvalSettings
     from compressdit.io.sources import load_source
     from compressdit.models import adapter_for
@@ -153,9 +144,7 @@ def main() -> None:
     meta = result["meta"]
     lines = [f"# Time per guided denoising step (CFG, batch {meta['timing_batch']}), CPU: {meta['cpu']} "
              f"({', '.join(meta['cpu_flags'])}, {meta['cpu_count']} cores), torch {meta['torch']}"
-             + (f", **emulating an {meta['emulate']} CPU** (`--emulate {meta['emulate']}`: "
-                f"{' '.join(f'{k}={v}' for k, v in EMULATIONS[meta['emulate']].items())}; torch's capability "
-                f"{meta['capability']})" if meta["emulate"] else ""), "",
+             + emulation_note(meta["emulate"], meta["capability"]), "",
              "Fused C passes (compressdit/quant/csrc/int8_rows.c, float_rows.c): "
              f"{'built and used' if meta['native_cpu_passes'] else 'not available (PyTorch passes)'}.", "",
              f"Median over {meta['rounds']} rounds of the fastest of {meta['steps']} single steps per model, the "

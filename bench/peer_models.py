@@ -135,7 +135,8 @@ VARIANTS: dict[str, Variant] = {
     "fp32": Variant("float32", _float, None),
     "bf16": Variant("bfloat16 weights and activations", _bf16, None, torch.bfloat16),
     **{recipe: Variant(f"compressdit recipe {recipe}", _ours(recipe), recipe)
-       for recipe in ("rtn-w8a8", "w8a8", "w4a16", "w4a8", "vq-w3", "fp8", "nvfp4", "mxfp4", "rtn-w4a4")},
+       for recipe in ("rtn-w8a8", "w8a8", "w4a16", "w4a8", "vq-w3", "fp8", "nvfp4", "mxfp4", "rtn-w4a4", "lrq-w4a4",
+                      "svdquant-w4a4", "svdquant-nvfp4")},
     "torchao int8 weight-only": Variant("torchao quantize_ Int8WeightOnlyConfig", _torchao("Int8WeightOnlyConfig")),
     "torchao int8 dynamic": Variant("torchao quantize_ Int8DynamicActivationInt8WeightConfig (W8A8)",
                                     _torchao("Int8DynamicActivationInt8WeightConfig")),

@@ -28,7 +28,10 @@
   (its fast path) and so are the group scales and the product; the bias is added in fp32. Up to
   ``INT4_PACKED_MAX_ROWS["cpu"]`` rows per call; above, the weight is dequantized per call into bf16 (from
   a nibble copy of the codes, 0.5 byte per weight) for a dense bf16 GEMM, which beats the packed GEMM there
-  (1.5-2.2x fp32 against 0.6-1.05x at M = 256..1024 on DiT-XL/2 shapes, one thread, AVX512-BF16 EPYC).
+  (1.5-2.2x fp32 against 0.6-1.05x at M = 256..1024 on DiT-XL/2 shapes, one thread, AVX512-BF16 EPYC). On CPUs
+  without bf16 GEMMs (AVX2-only: there the bf16 GEMM is emulated and the packed kernel vectorizes no better, a
+  DiT-XL/2 w4a16 step took 5x the fp32 one) calls of more than ``FP32_DECODE_MIN_ROWS`` rows decode the reference's
+  own fp32 weight (one C pass into a reused buffer) for an fp32 GEMM on the unrounded activations (0.98x fp32).
   Layers of up to ``DENSE_MAX_WEIGHT`` weights run ``cpu-int-dense-fp32`` / ``-bf16`` instead (:mod:`.cpu_dense`).
 - ``cpu-int8-weight``: weight-only int codes of 5-8 bits per channel (symmetric) via
   ``_weight_int8pack_mm`` on bf16 activations (per-channel scales applied in fp32 afterwards); above
@@ -50,13 +53,21 @@ import torch.nn.functional as F
 from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS, dequantize_nibbles, int4_uses_packed_gemm
 from compressdit.quant.kernel_registry import KERNELS, Kernel, prepacked_bias
 from compressdit.quant.op_library import define_op
-from compressdit.quant.cpu_dense import bf16_layer, bf16_rows_gemm, bf16_weights, quantize_layer_input
+from compressdit.quant.cpu_dense import (bf16_hardware, bf16_layer, bf16_rows_gemm, bf16_weights,
+                                         quantize_layer_input)
 from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
+                                          dequantize_nibbles_f32,
                                           int8_brgemm, int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
 
 INT4_GROUPS = (32, 64, 128, 256)
+INT4_VALUES = torch.arange(16, dtype=torch.float32) - 8  # the value of each offset nibble (code + 8)
+#: above this many rows a layer of ``cpu-int4-weight`` on a CPU without bf16 GEMMs decodes its fp32 weight for the
+#: call (:func:`int4_weight_linear_cpu`). 1152 -> 4608, group 64, one thread, torch's kernels held to AVX2 on the
+#: Xeon of bench/results: the packed int4 GEMM 0.46 / 3.45 / 14.6 ms at 1 / 16 / 64 rows, the fp32 GEMM 0.68 / 2.58 /
+#: 6.96 ms plus ~1.1 ms of decoding.
+FP32_DECODE_MIN_ROWS = 32
 INT8_MAX_ROWS = 64   # above: dequantize + fp32 GEMM beats _weight_int8pack_mm (bench/layer_kernels.py)
 # in_features * out_features up to which torch._int_mm (no prepacked copy) beats oneDNN's prepacked GEMM at every
 # row count (1.5-2x on the zoo models' 128..640-wide layers, 1 thread); above, it wins at one row only
@@ -324,15 +335,26 @@ def _int8_group_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
 # --- weight-only int4 (tinygemm layout for CPU) -------------------------------------------------------------
 
 @_define("int4_weight_linear_cpu(Tensor x, Tensor packed, Tensor scales_zeros, Tensor nibbles, Tensor scale, "
-         "Tensor? zero, int group_size, Tensor? bias, int out_features) -> Tensor")
+         "Tensor? zero, int group_size, Tensor? bias, int out_features, Tensor? scale32, Tensor? zero32) -> Tensor")
 def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, nibbles: torch.Tensor,
                            scale: torch.Tensor, zero: Optional[torch.Tensor], group_size: int,
-                           bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+                           bias: Optional[torch.Tensor], out_features: int, scale32: Optional[torch.Tensor] = None,
+                           zero32: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T + b`` with W = (q - 8) * scale + zero per group, activations in bf16.
 
     Up to ``INT4_PACKED_MAX_ROWS["cpu"]`` rows: the packed int4 GEMM; above: W dequantized into bf16 for this
     call (``nibbles``: codes + 8 two per byte, ``scale``/``zero``: bf16 ``[out, in / group]``), a dense GEMM.
+    With ``scale32`` (the layer's fp32 scales, ``zero32`` its zero points: prepacked on CPUs without bf16 GEMMs, where
+    a bf16 GEMM is emulated) an fp32 ``x`` of more than ``FP32_DECODE_MIN_ROWS`` rows instead multiplies the reference's
+    own fp32 weight, decoded for this call (:func:`~compressdit.quant.cpu_native.dequantize_nibbles_f32`), in an fp32
+    GEMM: activations unrounded, the reference's numbers up to summation order.
     """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (scale32 is not None and x.dtype is torch.float32 and rows > FP32_DECODE_MIN_ROWS
+            and not (torch.is_grad_enabled() and x.requires_grad)):  # autograd would keep the reused buffer
+        weight = dequantize_nibbles_f32(nibbles, INT4_VALUES, scale32, zero32)
+        if weight is not None:
+            return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     bf16 = x.dtype is torch.bfloat16  # a bf16 model's: its bias (bf16 values) added in bf16, the output kept bf16
     bf16_bias = None if bias is None or not bf16 else bias.to(torch.bfloat16)
@@ -351,7 +373,7 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: 
 
 
 @torch.library.register_fake("compressdit::int4_weight_linear_cpu")
-def _(x, packed, scales_zeros, nibbles, scale, zero, group_size, bias, out_features):
+def _(x, packed, scales_zeros, nibbles, scale, zero, group_size, bias, out_features, scale32=None, zero32=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -380,7 +402,17 @@ def _int4_prepack(layer) -> dict:
             "nibbles": layer.offset_nibbles(),  # the stored weight at 4 bits
             "scale": scale.to(torch.bfloat16).contiguous(),
             "zero": None if layer.weight_zero is None else zero.to(torch.bfloat16).contiguous(),
-            "group": group, "bias": prepacked_bias(layer)}
+            "group": group, "bias": prepacked_bias(layer), **_fp32_decode_scales(layer)}
+
+
+def _fp32_decode_scales(layer) -> dict:
+    """``scale32`` / ``zero32``: the layer's own fp32 group scales and zero points where its many-row calls decode the
+    weight into fp32 (:func:`int4_weight_linear_cpu`): CPUs without bf16 GEMMs, where the bf16 path's GEMM is
+    emulated (DiT-XL/2 with ``ATEN_CPU_CAPABILITY=avx2``: w4a16 5x the fp32 model's step); ``None`` elsewhere."""
+    if bf16_hardware():
+        return {"scale32": None, "zero32": None}
+    return {"scale32": layer.weight_scale.float().contiguous(),
+            "zero32": None if layer.weight_zero is None else layer.weight_zero.float().contiguous()}
 
 
 def _fake_quantize_input(layer, x: torch.Tensor) -> torch.Tensor:
@@ -389,7 +421,8 @@ def _fake_quantize_input(layer, x: torch.Tensor) -> torch.Tensor:
 
 def _int4_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return int4_weight_linear_cpu(_fake_quantize_input(layer, x), b["packed"], b["scales_zeros"], b["nibbles"],
-                                  b["scale"], b["zero"], b["group"], b["bias"], layer.out_features)
+                                  b["scale"], b["zero"], b["group"], b["bias"], layer.out_features, b["scale32"],
+                                  b["zero32"])
 
 
 # --- weight-only int8 per channel ------------------------------------------------------------------------

@@ -72,6 +72,7 @@ _SIGNATURES = {
                                     _PTR, _I64, _I32], None),
     "compressdit_split_rows_bf16": ([_PTR, _I64, _I64, _PTR, _I64, _I32], None),
     "compressdit_dequantize_nibbles_bf16": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I32], None),
+    "compressdit_dequantize_nibbles_f32": ([_PTR, _PTR, _I32, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I32], None),
     "compressdit_quantize_e4m3_bf16_rows": ([_PTR, _I64, _I64, _PTR, _PTR, _I32], None),
     "compressdit_bf16_scale_bf16": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], None),
 }
@@ -540,6 +541,39 @@ def grid_rows_bf16_(x: torch.Tensor, group: int, rule: int, top: float, mantissa
 _SCRATCH = threading.local()
 
 
+def _scratch_weight(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's reused ``[rows, cols]`` buffer of ``dtype`` for a weight decoded per call (grown as needed)."""
+    key = f"weight_{dtype}"
+    buffer = getattr(_SCRATCH, key, None)
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = torch.empty(rows * cols, dtype=dtype)
+        setattr(_SCRATCH, key, buffer)
+    return buffer[:rows * cols].view(rows, cols)
+
+
+def dequantize_nibbles_f32(nibbles: torch.Tensor, lut: torch.Tensor, scale: torch.Tensor | None,
+                           zero: torch.Tensor | None) -> torch.Tensor | None:
+    """The fp32 weight ``[rows, 2 * nibbles.shape[1]]`` of 4-bit codes (``uint8`` nibbles, even column low) whose
+    values are ``lut`` (fp32 ``[16]``, or ``[rows, 16]``: a table per row), then ``(value - zero) * scale`` per group
+    (fp32 ``[rows, groups]``, groups inferred from their width; ``None``: left out): in one C pass
+    (``compressdit_dequantize_nibbles_f32``, the formats' own decoders bit for bit) into this thread's reused buffer
+    (valid until this thread's next call: an fp32 GEMM reads it at once; not where autograd may keep it). ``None``
+    without the library, under ``torch.compile`` or for tensors the pass does not take."""
+    lib = None if torch.compiler.is_compiling() else native_library()
+    rows, cols = nibbles.shape[0], 2 * nibbles.shape[1]
+    per_group = scale if scale is not None else zero
+    groups = 1 if per_group is None else per_group.shape[1]
+    if (lib is None or nibbles.dtype is not torch.uint8 or not nibbles.is_contiguous() or not _takes(lut, scale, zero)
+            or lut.shape not in ((16,), (rows, 16)) or cols % groups or (cols // groups) % 2
+            or any(t is not None and tuple(t.shape) != (rows, groups) for t in (scale, zero))):
+        return None
+    out = _scratch_weight(rows, cols, torch.float32)
+    lib.compressdit_dequantize_nibbles_f32(nibbles.data_ptr(), lut.data_ptr(), int(lut.dim() == 2), _ptr(scale),
+                                           _ptr(zero), rows, cols, cols // groups, out.data_ptr(),
+                                           threads_for(rows * cols))
+    return out
+
+
 def dequantize_nibbles_bf16(nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                             group: int) -> torch.Tensor | None:
     """:func:`~compressdit.quant.gpu_reference.dequantize_nibbles`' bf16 weight ``[rows, 2 * nibbles.shape[1]]``, bit
@@ -552,10 +586,7 @@ def dequantize_nibbles_bf16(nibbles: torch.Tensor, scale: torch.Tensor, zero: to
                                                                                   or not zero.is_contiguous()))):
         return None
     rows, cols = nibbles.shape[0], 2 * nibbles.shape[1]
-    buffer = getattr(_SCRATCH, "weight", None)
-    if buffer is None or buffer.numel() < rows * cols:
-        buffer = _SCRATCH.weight = torch.empty(rows * cols, dtype=torch.bfloat16)
-    out = buffer[:rows * cols].view(rows, cols)
+    out = _scratch_weight(rows, cols, torch.bfloat16)
     lib.compressdit_dequantize_nibbles_bf16(nibbles.data_ptr(), scale.data_ptr(), _ptr(zero), rows, cols, group,
                                             out.data_ptr(), threads_for(rows * cols))
     return out

@@ -80,6 +80,12 @@ class MinifloatLinear(QuantizedLinear):
         """Element codes ``uint8 [out, in]``."""
         return unpack_nibbles(self.weight.data)
 
+    def nibble_decoding(self) -> tuple | None:
+        """The stored nibbles, the element's 16 values, the group scales (``dequantize_weight_fp``: value * scale)."""
+        codes = torch.arange(16, dtype=torch.uint8)
+        return (self.weight.data, self.element.decode(codes).float().contiguous(),
+                self.weight_scale.float().contiguous(), None)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The decoded weight (no input transform: the same as :meth:`effective_weight`)."""
         return dequantize_weight_fp(self.codes(), self.weight_scale, self.element, dtype)

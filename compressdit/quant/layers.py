@@ -127,6 +127,14 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight in the layer's original input space."""
 
+    def nibble_decoding(self) -> tuple | None:
+        """How a kernel decodes this layer's weight from 4-bit codes with one table: ``(nibbles, lut, scale, zero)``,
+        the codes two per byte (``uint8 [out, in / 2]``, even column low), the value of each code (fp32 ``[16]``, or
+        ``[out, 16]``: a table per row), and the fp32 per-group ``scale`` / ``zero`` ``[out, groups]`` (or ``None``)
+        with which ``(value - zero) * scale`` is :meth:`dequantized_weight` bit for bit; ``None`` where the codes are
+        wider than 4 bits or the format decodes otherwise."""
+        return None
+
     def to_float_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` holding the dequantized weight (activation quantization is dropped)."""
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
@@ -344,6 +352,14 @@ class QuantLinear(QuantizedLinear):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.weight_scale, self.weight_zero, dtype)
+
+    def nibble_decoding(self) -> tuple | None:
+        """Codes of up to 4 bits: the offset nibbles (``code + 8``), values ``nibble - 8``, the scales and zero points
+        (:func:`~compressdit.quant.primitives.dequantize_weight`'s ``(q - zero) * scale``)."""
+        if self.spec.w_bits > 4:
+            return None
+        return (self.offset_nibbles(), torch.arange(16, dtype=torch.float32) - 8, self.weight_scale.float().contiguous(),
+                None if self.weight_zero is None else self.weight_zero.float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cache = kernel_cache(self, x)

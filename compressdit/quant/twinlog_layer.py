@@ -35,6 +35,7 @@ from compressdit.quant.activations import check_activation_fits, quantize_input
 from compressdit.quant.duquant import (DEFAULT_STEPS, OutlierRotation, OutlierRotationCodes, duquant_block,
                                       fit_outlier_rotation, perm_dtype)
 from compressdit.quant.format_registry import LinearFormat
+from compressdit.quant.gpu_reference import pack_nibbles
 from compressdit.quant.kernel_registry import kernel_cache, run_cached
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.primitives import pack_codes, packed_shape, unpack_codes
@@ -181,6 +182,15 @@ class TwinLogLinear(QuantizedLinear):
 
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.weight.data, self.spec.w_bits, self.in_features)
+
+    def nibble_decoding(self) -> tuple | None:
+        """Codes of up to 4 bits: offset nibbles (``code + 8``, a packed copy) and each row's 16 magnitudes with their
+        signs (:func:`~compressdit.quant.twinlog.twinlog_dequantize` of every code), no scale."""
+        if self.spec.w_bits > 4:
+            return None
+        table = (torch.arange(16, dtype=torch.int32) - 8).expand(self.out_features, 16)
+        values = twinlog_dequantize(table, self.weight_scale, self.weight_zero, self.weight_eta)
+        return pack_nibbles(self.codes()), values.float().contiguous(), None, None
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight in the rotated (and balanced) input space, decoded from the stored codes."""

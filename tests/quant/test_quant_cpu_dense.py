@@ -125,7 +125,9 @@ def test_low_bit_layers_decode_once_and_match_the_reference(name):
     assert torch.equal(layer(x), layer.reference_forward(x))
     from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT, _bf16_hardware
 
-    big = "cpu-decoded-bf16" if _bf16_hardware()[1] else "reference"  # bf16 copies of big layers: bf16 GEMMs only
+    # big layers: a bf16 copy where bf16 GEMMs run, else 4-bit codes decoded per call (other widths: the reference)
+    four_bit = layer.nibble_decoding() is not None
+    big = "cpu-decoded-bf16" if _bf16_hardware()[1] else "cpu-decoded-fp32" if four_bit else "reference"
     assert _decoded_layer(name, out_features=DENSE_MAX_WEIGHT // 128 + 16).kernel_name == big
 
 
@@ -209,6 +211,38 @@ def test_big_low_bit_layers_run_a_bf16_copy_within_bf16_rounding(name):
         assert cache_of(layer).nbytes() >= 128 * out_features * 2
     assert out.shape == reference.shape and out.dtype == torch.float32
     assert _error(out, reference) <= 6e-3
+
+
+@pytest.mark.parametrize("name", sorted(n for n in DECODED if n != "mxfp8-weight-only") + ["lrq-twinlog"])
+def test_big_4_bit_layers_decode_per_call_where_the_cpu_has_no_bf16_gemm(name, monkeypatch):
+    """``cpu-decoded-fp32`` (chosen where bf16 GEMMs are emulated, as on AVX2-only CPUs: the reference's per-call
+    decode in PyTorch made such a model's step 1.4-3.9x the fp32 one at DiT-XL/2 size): the weight decoded for each call
+    by one C pass, nothing decoded kept (the codes stay packed), the reference's numbers up to summation order (its
+    activation quantizer, low-rank branch, balancing; a twin-log layer's rotation in the C pass); inputs that need
+    gradients decode with the layer's own decoder."""
+    from compressdit.quant import cpu_dense
+    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT
+    from compressdit.quant.formats import FORMATS
+
+    monkeypatch.setattr(cpu_dense, "_bf16_hardware", lambda: (False, False))
+    out_features = DENSE_MAX_WEIGHT // 128 + 16
+    if name == "lrq-twinlog":
+        torch.manual_seed(0)
+        spec = LinearQuantSpec.from_dict(dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group",
+                                              a_group_size=16, rotation="hadamard", balance=0.5), "spec")
+        FORMATS.get(spec.format).validate_spec(spec, "spec")
+        layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, out_features), spec, torch.rand(128) * 10 + 0.1)
+    else:
+        layer = _decoded_layer(name, out_features=out_features)
+    assert layer.kernel_name == "cpu-decoded-fp32" == decoded_kernel_name(layer.spec, (out_features, 128))
+    x = torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+        # the codes (twin-log: a nibble copy and 16 values a row) and scales, not the 4 B a weight of a decoded copy
+        assert cache_of(layer).nbytes() < 2 * 128 * out_features
+        assert "weight" not in cache_of(layer).buffers
+    x.requires_grad_(True)
+    torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
 
 
 def test_big_layers_take_bf16_gemms_at_any_thread_count_where_the_cpu_has_them(monkeypatch, fp32_kernels):

@@ -946,6 +946,54 @@ def test_int4_weights_decode_in_one_pass_bit_for_bit_into_a_reused_buffer(with_z
     assert torch.equal(second, torch.nn.functional.linear(x, dequantize_nibbles(nibbles.flip(0), scale, zero, 32)))
 
 
+def _four_bit_layers() -> dict:
+    """One layer of each format whose 4-bit codes decode with one table (``nibble_decoding``), 2 x 64 wide."""
+    from compressdit.quant.formats import FORMATS
+    from compressdit.quant.spec import LinearQuantSpec
+
+    specs = {"int-w4-g32-zero": dict(w_bits=4, group_size=32, w_symmetric=False),
+             "int-w3-channel": dict(w_bits=3), "int-w2-g16": dict(w_bits=2, group_size=16),
+             "nvfp4": dict(format="nvfp4", w_bits=4), "mxfp4": dict(format="mxfp4", w_bits=4),
+             "e2m1-g32": dict(format="e2m1", w_bits=4, group_size=32),
+             "twinlog-w4": dict(format="twinlog", w_bits=4), "twinlog-w3": dict(format="twinlog", w_bits=3)}
+    layers = {}
+    for name, fields in specs.items():
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(64, 40)
+        with torch.no_grad():
+            linear.weight.mul_(torch.logspace(-3, 3, 40)[:, None])  # scales of many magnitudes
+        spec = LinearQuantSpec.from_dict(fields, "spec")
+        FORMATS.get(spec.format).validate_spec(spec, "spec")
+        layers[name] = FORMATS.get(spec.format).quantize(linear, spec, torch.rand(64) + 0.5)
+    return layers
+
+
+def test_4_bit_weights_of_every_format_decode_in_one_table_pass_bit_for_bit():
+    """``dequantize_nibbles_f32`` of each layer's ``nibble_decoding``: its own ``dequantized_weight`` bit for bit
+    (integers with and without zero points at 2-4 bits, NVFP4 / MXFP4 blocks, a 4-bit minifloat, twin-log's table per
+    row), on two threads; into one reused buffer (a later call's contents, the earlier result read before); tensors
+    the pass does not take give ``None``."""
+    before = torch.get_num_threads()
+    decoded = {}
+    try:
+        torch.set_num_threads(2)
+        for name, layer in _four_bit_layers().items():
+            nibbles, lut, scale, zero = layer.nibble_decoding()
+            out = cpu_native.dequantize_nibbles_f32(nibbles, lut, scale, zero)
+            if native_library() is None:
+                assert out is None
+                return
+            assert torch.equal(out, layer.dequantized_weight(torch.float32)), name
+            decoded[name] = out
+    finally:
+        torch.set_num_threads(before)
+    assert len({t.data_ptr() for t in decoded.values()}) == 1  # one buffer per thread, reused
+    nibbles = torch.zeros(4, 8, dtype=torch.uint8)
+    assert cpu_native.dequantize_nibbles_f32(nibbles, torch.zeros(15), None, None) is None  # not a 16-value table
+    assert cpu_native.dequantize_nibbles_f32(nibbles, torch.zeros(16), torch.ones(4, 3), None) is None  # 16 / 3
+    assert cpu_native.dequantize_nibbles_f32(nibbles.int(), torch.zeros(16), None, None) is None
+
+
 def test_fp8_passes_take_and_give_a_bf16_models_rows_bit_for_bit():
     """The FP8 kernel's passes on a bf16 model's rows: E4M3 codes and scales of bf16 rows read widened are those of
     ``x.float()``; the scaled output written over the GEMM's bf16 output is the fp32 epilogue's rounded to bf16."""

@@ -52,7 +52,7 @@ def _small_decoded(spec: LinearQuantSpec) -> tuple:
 
 
 # big layers no int4 / int8 kernel reads: decoded once into bf16 on CPUs with bf16 GEMMs, else the reference
-BIG_DECODED = ("cpu-decoded-bf16", 6e-3, 0.2) if _bf16_hardware()[1] else (REFERENCE, 0.0, 0.0)
+BIG_DECODED = ("cpu-decoded-bf16", 6e-3, 0.2) if _bf16_hardware()[1] else ("cpu-decoded-fp32", 1e-5, 0.01)
 
 # spec, kernel, bound on ||kernel - reference|| / ||reference||, on that error / the quantization error, and
 # out_features (x 256 in_features): 96 is a small layer, BIG one above DENSE_MAX_WEIGHT / INT8_GEMM_SMALL_WEIGHT
@@ -184,6 +184,36 @@ def test_w4_kernel_is_the_reference_with_bf16_inputs_and_scales_up_to_its_bf16_o
         layer.weight_scale.copy_(layer.weight_scale.bfloat16().float())
         reference = layer.reference_forward(x.bfloat16().float())
     assert ((out - reference).abs() <= reference.abs() * 2 ** -8 + 1e-3).all()
+
+
+@pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=4, group_size=64), LinearQuantSpec(w_bits=3, group_size=32,
+                                                                                             w_symmetric=False),
+                                  LinearQuantSpec(w_bits=4, a_bits=4, group_size=64, a_granularity="per_group",
+                                                  a_group_size=64)], ids=lambda s: s.label)
+def test_w4_kernel_decodes_an_fp32_weight_for_many_rows_without_bf16_gemms(spec, monkeypatch):
+    """Where the CPU has no bf16 GEMM (emulated: 4-5x an fp32 one at DiT sizes), ``cpu-int4-weight`` decodes the
+    reference's own fp32 weight for calls of more than ``FP32_DECODE_MIN_ROWS`` rows (one C pass into a reused
+    buffer) and runs an fp32 GEMM on the unrounded activations: the reference's numbers up to summation order; fewer
+    rows keep the packed int4 GEMM (bf16 activations); with bf16 GEMMs nothing of the fp32 path is prepacked."""
+    from compressdit.quant import cpu_dense
+    from compressdit.quant.cpu_kernels import FP32_DECODE_MIN_ROWS
+    from compressdit.quant.kernel_registry import cache_of
+
+    for hardware in (True, False):
+        monkeypatch.setattr(cpu_dense, "_bf16_hardware", lambda: (hardware, hardware))
+        _, layer = _layer(spec, out_features=BIG)
+        assert layer.kernel_name == "cpu-int4-weight"
+        many, few = torch.randn(FP32_DECODE_MIN_ROWS + 1, 256), torch.randn(3, 256)
+        with torch.no_grad():
+            out, reference = layer(many), layer.reference_forward(many)
+            assert (cache_of(layer).buffers["scale32"] is None) == hardware
+            if not hardware:
+                torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+            few_out, few_reference = layer(few), layer.reference_forward(few)
+        error = ((few_out - few_reference).norm() / few_reference.norm()).item()
+        assert 1e-6 < error <= 6e-3  # the packed GEMM's bf16 rounding: not the fp32 path
+        many.requires_grad_(True)  # autograd may keep the weight: no reused buffer (the bf16 dequantize path)
+        assert layer(many).shape == reference.shape
 
 
 def test_large_row_counts_use_the_dequantize_path_exactly():

@@ -66,6 +66,39 @@ void compressdit_dequantize_nibbles_bf16(const uint8_t *nibbles, const uint16_t 
     });
 }
 
+/* A 4-bit-coded weight decoded into fp32 [rows, cols]: per element its code's value v = lut[c] (c the nibble: uint8
+ * [rows, cols / 2], even column low; lut 16 values, or 16 per row where lut_per_row), then (v - zero) * scale per group
+ * of `group` columns (zero, scale fp32 [rows, cols / group]; either NULL: left out). The decoders of the formats this
+ * serves, bit for bit: integers ((q - zero) * scale, lut = q), minifloats and NVFP4 / MX blocks (value * the group's
+ * fp32 scale), twin-log (its 16 magnitudes per row, no scale). One pass over the rows: a big layer's weight decoded per
+ * call for an fp32 GEMM on CPUs where no low-precision GEMM pays. */
+void compressdit_dequantize_nibbles_f32(const uint8_t *nibbles, const float *lut, int32_t lut_per_row,
+                                        const float *scale, const float *zero, int64_t rows, int64_t cols,
+                                        int64_t group, float *out, int32_t threads) {
+    const int64_t groups = cols / group;
+    FOR_ROWS(i, rows, {
+        const uint8_t *n = nibbles + i * (cols / 2);
+        const float *restrict table = lut + (lut_per_row ? 16 * i : 0);
+        float *o = out + i * cols;
+        for (int64_t g = 0; g < groups; ++g) {
+            const uint8_t *restrict ng = n + g * group / 2;
+            float *restrict og = o + g * group;
+            for (int64_t j = 0; j < group / 2; ++j) {
+                og[2 * j] = table[ng[j] & 15];
+                og[2 * j + 1] = table[ng[j] >> 4];
+            }
+            if (zero) {
+                const float z = zero[i * groups + g];
+                for (int64_t j = 0; j < group; ++j) og[j] = og[j] - z;
+            }
+            if (scale) {
+                const float sc = scale[i * groups + g];
+                for (int64_t j = 0; j < group; ++j) og[j] = og[j] * sc;
+            }
+        }
+    });
+}
+
 /* y[i] = bf16(x[i]) for n elements. */
 void compressdit_float_to_bf16(const float *restrict x, int64_t n, uint16_t *restrict y, int32_t threads) {
     FOR_ROWS(i, n, { y[i] = to_bf16(x[i]); });
@@ -457,39 +490,53 @@ void compressdit_gelu_tanh_bf16(const uint16_t *x, int64_t n, uint16_t *y, int32
 
 #if defined(__GNUC__) && !defined(__clang__) /* GCC's generic vectors and __builtin_shuffle */
 #define COMPRESSDIT_VECTOR_BUTTERFLY 1
-#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors without AVX-512: static functions, no ABI crossed */
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+/* one register of floats: 16 with AVX-512, else 8 (GCC builds a wider vector's shuffles from scalar inserts: on AVX2 a
+ * 64-byte one made the butterflies slower than the scalar loop) */
+#ifdef __AVX512F__
+#define BUTTERFLY_LANES 16
+#define BUTTERFLY_LANE_INDEX {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
+#else
+#define BUTTERFLY_LANES 8
+#define BUTTERFLY_LANE_INDEX {0, 1, 2, 3, 4, 5, 6, 7}
+#endif
+typedef float vbf __attribute__((vector_size(4 * BUTTERFLY_LANES)));
+typedef int32_t vbi __attribute__((vector_size(4 * BUTTERFLY_LANES)));
 
-/* One butterfly stage of distance s (1, 2, 4, 8) on 16 values: v[k] + v[k + s] where bit s of k is clear,
+/* One butterfly stage of distance s (< BUTTERFLY_LANES) within a register: v[k] + v[k + s] where bit s of k is clear,
  * v[k - s] - v[k] where it is set: the partner p from one shuffle plus v with its sign flipped where the bit is set
  * (p + -v is p - v exactly, p + v is v + p: the same single additions as the scalar loop). */
-static inline v16f butterfly16(v16f v, int s) {
-    const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const v16f p = __builtin_shuffle(v, lane ^ s);
-    const v16i flip = ((lane & s) != 0) & (v16i)(0x80000000u + (v16i){}); /* the sign bit where bit s is set */
-    return p + (v16f)((v16i)v ^ flip);
+static inline vbf butterfly_lanes(vbf v, int s) {
+    const vbi lane = BUTTERFLY_LANE_INDEX;
+    const vbf p = __builtin_shuffle(v, lane ^ s);
+    const vbi flip = ((lane & s) != 0) & (vbi)(0x80000000u + (vbi){}); /* the sign bit where bit s is set */
+    return p + (vbf)((vbi)v ^ flip);
 }
 #endif
 
 /* the butterflies of fwht on each run of `block` values of a row, in its order (h = 1, 2, 4, ...) */
 static void butterflies(float *o, int64_t cols, int64_t block) {
-    int64_t h = 1;
 #ifdef COMPRESSDIT_VECTOR_BUTTERFLY
-    if (block >= 16) { /* the first four stages within each run of 16, in one vector */
-        for (int64_t start = 0; start < cols; start += 16) {
-            v16f v;
+    if (block >= BUTTERFLY_LANES) { /* the stages h < BUTTERFLY_LANES within each register, then whole registers */
+        for (int64_t start = 0; start < cols; start += BUTTERFLY_LANES) {
+            vbf v;
             memcpy(&v, o + start, sizeof v);
-            v = butterfly16(v, 1);
-            v = butterfly16(v, 2);
-            v = butterfly16(v, 4);
-            v = butterfly16(v, 8);
+            for (int s = 1; s < BUTTERFLY_LANES; s *= 2) v = butterfly_lanes(v, s);
             memcpy(o + start, &v, sizeof v);
         }
-        h = 16;
+        for (int64_t h = BUTTERFLY_LANES; h < block; h *= 2)
+            for (int64_t start = 0; start < cols; start += 2 * h)
+                for (int64_t j = start; j < start + h; j += BUTTERFLY_LANES) {
+                    vbf a, b;
+                    memcpy(&a, o + j, sizeof a);
+                    memcpy(&b, o + j + h, sizeof b);
+                    const vbf sum = a + b, difference = a - b;
+                    memcpy(o + j, &sum, sizeof sum);
+                    memcpy(o + j + h, &difference, sizeof difference);
+                }
+        return;
     }
 #endif
-    for (; h < block; h *= 2)
+    for (int64_t h = 1; h < block; h *= 2)
         for (int64_t start = 0; start < cols; start += 2 * h)
             for (int64_t j = start; j < start + h; ++j) {
                 const float a = o[j], b = o[j + h];
