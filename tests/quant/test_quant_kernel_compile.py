@@ -128,6 +128,38 @@ def test_the_bf16_copy_and_the_hadamard_pass_compile_with_fullgraph_and_match_ea
             torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow
+def test_per_call_decoding_compiles_with_fullgraph_and_matches_eager(monkeypatch):
+    """Where the CPU has no bf16 GEMM: ``cpu-decoded-fp32`` (a big NVFP4 layer, a big twin-log one rotating its input)
+    and ``cpu-int4-weight``'s fp32 path (above ``FP32_DECODE_MIN_ROWS`` rows, inside its custom op): under compilation
+    the layers' own PyTorch decoders and quantizers (the C passes are eager-only), no graph break, the same numbers."""
+    from compressdit.quant import cpu_dense
+    from compressdit.quant.cpu_kernels import FP32_DECODE_MIN_ROWS
+    from compressdit.quant.formats import FORMATS
+    from compressdit.quant.layers import QuantLinear
+
+    monkeypatch.setattr(cpu_dense, "_bf16_hardware", lambda: (False, False))
+    specs = [dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4", a_granularity="per_group"),
+             dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group", a_group_size=16,
+                  rotation="hadamard", balance=0.5)]
+    specs = [LinearQuantSpec.from_dict(spec, "spec") for spec in specs]
+    for spec in specs:
+        FORMATS.get(spec.format).validate_spec(spec, "spec")
+    torch.manual_seed(0)
+    big = cpu_dense.DENSE_MAX_WEIGHT // 128 + 16
+    model = torch.nn.Sequential(FORMATS.get("nvfp4").quantize(torch.nn.Linear(128, big), specs[0], None),
+                                FORMATS.get("twinlog").quantize(torch.nn.Linear(big, 128), specs[1],
+                                                                torch.rand(big) + 0.5),
+                                QuantLinear.from_linear(torch.nn.Linear(128, big), LinearQuantSpec(w_bits=4,
+                                                                                                   group_size=32)))
+    assert list(prepack_model(model).values()) == ["cpu-decoded-fp32", "cpu-decoded-fp32", "cpu-int4-weight"]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for rows in (1, FP32_DECODE_MIN_ROWS + 8):
+            x = torch.randn(rows, 128)
+            torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-3, atol=1e-3)
+
+
 def test_a_bf16_models_kernels_compile_with_fullgraph_and_match_eager():
     """A bf16 model's layers (the kernels take and give bf16 rows in eager mode: the int8 op with a balancing
     divisor, int4 weight-only past the packed GEMM's rows, FP8, a twin-log Hadamard layer) trace without a graph

@@ -138,6 +138,16 @@ static inline float grid_value(float q, float top, int32_t mantissa, int32_t min
     return __builtin_copysignf(g, q);
 }
 
+/* grid_value on the integer grid (mantissa = min_exp = 30, top < 2^22): there round_grid's binade is always its floor
+ * (|q| is clamped to top first; a NaN stays NaN), so its rounding constant is 1.5 * 2^23 for every value: the same
+ * numbers without the exponent arithmetic (a third of the vector instructions of the loop) */
+static inline float grid_value_int(float q, float top) {
+    const float a = __builtin_fabsf(q);
+    float g = ((a > top ? top : a) + 12582912.0f) - 12582912.0f;
+    g = g > top ? top : g;
+    return __builtin_copysignf(g, q);
+}
+
 /* Whether x / s may be computed as div_rn(x, s, 1 / s) before grid_value: s normal and finite. Quotients below
  * div_rn's exact range (|q| < 2^-100) round to a signed 0 on every grid here (the finest step is 2^-9), as the
  * division's would; s = inf or NaN (an inf or NaN in the row) takes the division (0 * inf is NaN). */
@@ -175,11 +185,11 @@ static inline float grid_scale(float amax, int32_t rule, float top, float t) {
  * the groups instead of two scalar ones per group), then their values */
 #define GRID_BATCH 64
 
-/* n <= GRID_BATCH consecutive groups of `group` values: always inlined with a constant group (16, 32, 64), so that
- * each group's loops are straight vector code */
+/* n <= GRID_BATCH consecutive groups of `group` values: always inlined with a constant group (16, 32, 64) and
+ * `integer` (the grid is the integers: grid_value_int), so that each group's loops are straight vector code */
 static inline __attribute__((always_inline)) void grid_groups(const float *x, float *out, int64_t n,
                                                               int64_t group, int32_t rule, float top, int32_t mantissa,
-                                                              int32_t min_exp, float t) {
+                                                              int32_t min_exp, float t, int integer) {
     uint32_t amax[GRID_BATCH];
     float s[GRID_BATCH], inv[GRID_BATCH];
     for (int64_t b = 0; b < n; ++b) amax[b] = absmax_bits(x + b * group, group);
@@ -196,7 +206,9 @@ static inline __attribute__((always_inline)) void grid_groups(const float *x, fl
         const float *r = x + b * group;
         float *o = out + b * group;
         const float sb = s[b], ib = inv[b];
-        if (divides_fast(sb)) {
+        if (integer && divides_fast(sb)) {
+            for (int64_t j = 0; j < group; ++j) o[j] = grid_value_int(div_rn(r[j], sb, ib), top) * sb;
+        } else if (divides_fast(sb)) {
             for (int64_t j = 0; j < group; ++j) o[j] = grid_value(div_rn(r[j], sb, ib), top, mantissa, min_exp) * sb;
         } else {
             for (int64_t j = 0; j < group; ++j) o[j] = grid_value(r[j] / sb, top, mantissa, min_exp) * sb;
@@ -204,15 +216,20 @@ static inline __attribute__((always_inline)) void grid_groups(const float *x, fl
     }
 }
 
-/* grid_groups with its loops specialized for groups of 16, 32 and 64 */
+/* grid_groups with its loops specialized for groups of 16, 32 and 64, on the integer grid or any other */
 static void grid_batch(const float *x, float *out, int64_t n, int64_t group, int32_t rule, float top, int32_t mantissa,
                        int32_t min_exp, float t) {
+    const int integer = mantissa == 30 && min_exp == 30 && top < 4194304.0f;
+#define GRID_GROUPS(width)                                                                   \
+    (integer ? grid_groups(x, out, n, width, rule, top, mantissa, min_exp, t, 1)             \
+             : grid_groups(x, out, n, width, rule, top, mantissa, min_exp, t, 0))
     switch (group) {
-    case 16: grid_groups(x, out, n, 16, rule, top, mantissa, min_exp, t); break;
-    case 32: grid_groups(x, out, n, 32, rule, top, mantissa, min_exp, t); break;
-    case 64: grid_groups(x, out, n, 64, rule, top, mantissa, min_exp, t); break;
-    default: grid_groups(x, out, n, group, rule, top, mantissa, min_exp, t); break;
+    case 16: GRID_GROUPS(16); break;
+    case 32: GRID_GROUPS(32); break;
+    case 64: GRID_GROUPS(64); break;
+    default: GRID_GROUPS(group); break;
     }
+#undef GRID_GROUPS
 }
 
 float compressdit_grid_tensor_scale(const float *x, const float *smooth, int64_t rows, int64_t cols, float top,
