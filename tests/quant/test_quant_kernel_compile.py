@@ -99,13 +99,11 @@ def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
             torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
-def test_the_bf16_copy_and_the_hadamard_pass_compile_with_fullgraph_and_match_eager():
-    """cpu-decoded-bf16 (a big NVFP4 layer, forced: it runs on any CPU) and a twin-log layer whose kernel rotates its
-    input in C: under compilation the PyTorch ops of the same transform, quantizer and casts."""
-    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT, decoded_kernel_name
+def _big_nvfp4_and_twin_log(out_features: int) -> tuple:
+    """(model, specs, big): a big NVFP4 layer 128 -> big (above ``DENSE_MAX_WEIGHT``) and a twin-log one with the
+    Hadamard rotation and balancing big -> ``out_features``."""
+    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT
     from compressdit.quant.formats import FORMATS
-    from compressdit.quant.kernel_registry import set_kernel
 
     specs = [dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4", a_granularity="per_group"),
              dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group", a_group_size=16,
@@ -116,8 +114,19 @@ def test_the_bf16_copy_and_the_hadamard_pass_compile_with_fullgraph_and_match_ea
     torch.manual_seed(0)
     big = DENSE_MAX_WEIGHT // 128 + 16
     model = torch.nn.Sequential(FORMATS.get("nvfp4").quantize(torch.nn.Linear(128, big), specs[0], None),
-                                FORMATS.get("twinlog").quantize(torch.nn.Linear(big, 64), specs[1],
+                                FORMATS.get("twinlog").quantize(torch.nn.Linear(big, out_features), specs[1],
                                                                 torch.rand(big) + 0.5))
+    return model, specs, big
+
+
+@pytest.mark.slow
+def test_the_bf16_copy_and_the_hadamard_pass_compile_with_fullgraph_and_match_eager():
+    """cpu-decoded-bf16 (a big NVFP4 layer, forced: it runs on any CPU) and a twin-log layer whose kernel rotates its
+    input in C: under compilation the PyTorch ops of the same transform, quantizer and casts."""
+    from compressdit.quant.cpu_dense import decoded_kernel_name
+    from compressdit.quant.kernel_registry import set_kernel
+
+    model, specs, big = _big_nvfp4_and_twin_log(out_features=64)
     set_kernel(model[0], "cpu-decoded-bf16")
     prepack_model(model)
     assert [m.kernel_name for m in model] == ["cpu-decoded-bf16", decoded_kernel_name(specs[1], (64, big))]
@@ -135,23 +144,11 @@ def test_per_call_decoding_compiles_with_fullgraph_and_matches_eager(monkeypatch
     the layers' own PyTorch decoders and quantizers (the C passes are eager-only), no graph break, the same numbers."""
     from compressdit.quant import cpu_dense
     from compressdit.quant.cpu_kernels import FP32_DECODE_MIN_ROWS
-    from compressdit.quant.formats import FORMATS
     from compressdit.quant.layers import QuantLinear
 
     monkeypatch.setattr(cpu_dense, "_bf16_hardware", lambda: (False, False))
-    specs = [dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4", a_granularity="per_group"),
-             dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group", a_group_size=16,
-                  rotation="hadamard", balance=0.5)]
-    specs = [LinearQuantSpec.from_dict(spec, "spec") for spec in specs]
-    for spec in specs:
-        FORMATS.get(spec.format).validate_spec(spec, "spec")
-    torch.manual_seed(0)
-    big = cpu_dense.DENSE_MAX_WEIGHT // 128 + 16
-    model = torch.nn.Sequential(FORMATS.get("nvfp4").quantize(torch.nn.Linear(128, big), specs[0], None),
-                                FORMATS.get("twinlog").quantize(torch.nn.Linear(big, 128), specs[1],
-                                                                torch.rand(big) + 0.5),
-                                QuantLinear.from_linear(torch.nn.Linear(128, big), LinearQuantSpec(w_bits=4,
-                                                                                                   group_size=32)))
+    model, _, big = _big_nvfp4_and_twin_log(out_features=128)
+    model.append(QuantLinear.from_linear(torch.nn.Linear(128, big), LinearQuantSpec(w_bits=4, group_size=32)))
     assert list(prepack_model(model).values()) == ["cpu-decoded-fp32", "cpu-decoded-fp32", "cpu-int4-weight"]
     torch._dynamo.reset()
     with torch.no_grad():
