@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from compressdit.quant.kernel_registry import KERNELS, LOW_RANK, Kernel, prepacked_bias
 from compressdit.quant.activations import activation_grid, quantize_input
 from compressdit.quant.cpu_native import (bf16_brgemm, bf16_linear, bf16_pack, bf16_scale, bf16_to_float,
-                                          branch_rows, dequantize_nibbles_f32, fake_quantize_e4m3_rows,
+                                          branch_rows, decode_f32, fake_quantize_e4m3_rows,
                                           fake_quantize_grid,
                                           fake_quantize_rows_int8, float_to_bf16, grid_rows_bf16_, hadamard_rows,
                                           hadamard_takes,
@@ -241,8 +241,51 @@ def decoded_kernel_name(spec, shape: tuple[int, int]) -> str:
 
 def fp8_kernel_name(a_bits: int | None, shape: tuple[int, int]) -> str:
     """The kernel an FP8 layer of ``shape`` (out, in) runs on this machine now: ``cpu-fp8-bf16`` for W8A8 where bf16
-    GEMMs pay, else ``cpu-fp8-dense``."""
-    return "cpu-fp8-bf16" if a_bits == 8 and bf16_layer(shape) else "cpu-fp8-dense"
+    GEMMs pay, else ``cpu-fp8-dense``, or ``cpu-fp8-decoded-fp32`` for big layers on CPUs without bf16 GEMMs."""
+    if a_bits == 8 and bf16_layer(shape):
+        return "cpu-fp8-bf16"
+    return "cpu-fp8-decoded-fp32" if per_call_shape(shape) else "cpu-fp8-dense"
+
+
+def per_call_shape(shape: tuple[int, int]) -> bool:
+    """Layers above ``DENSE_MAX_WEIGHT`` on CPUs without bf16 GEMMs: there a kernel decodes the weight for each call
+    (:func:`per_call`) rather than keep a decoded fp32 copy (4 bytes a weight: a DiT-XL/2 ``vq-w3`` or ``fp8`` process
+    peaked above the fp32 model's) or multiply in an emulated bf16 GEMM."""
+    return not _small(shape) and not bf16_hardware()
+
+
+def _per_call_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    """:func:`per_call_shape` layers of the formats whose 4-bit codes decode with one table (``fp32_decoding``:
+    int, twin-log, NVFP4 / MX blocks, 4-bit minifloats), where ``cpu-decoded-bf16`` cannot run."""
+    fmt = spec.format
+    four_bit = ((fmt in ("int", "twinlog") and spec.w_bits <= 4) or fmt in FP_WEIGHT_FORMATS
+                or (fmt in BLOCK_CODECS and BLOCK_CODECS.get(fmt).packed))
+    return device.type == "cpu" and four_bit and shape[1] % 2 == 0 and per_call_shape(shape)
+
+
+def _per_call_prepack(layer) -> dict:
+    return {"decoding": layer.fp32_decoding(), "bias": prepacked_bias(layer), "grid": _input_grid(layer),
+            "kind": _input_kind(layer.spec), "smooth": _smooth(layer)}
+
+
+def per_call(run, decode):
+    """A kernel ``run`` on the weight decoded for this call (``"weight"``; the prepacked ``"decoding"``: the layer's
+    ``fp32_decoding()``): by one C pass into the thread's reused buffer (:func:`~compressdit.quant.cpu_native
+    .decode_f32`), or by ``decode(layer)`` (the layer's own fp32 decoder) where that pass does not run (autograd could
+    keep the buffer, no library, compiling)."""
+    def run_decoded(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+        weight = None if torch.is_grad_enabled() and x.requires_grad else decode_f32(b["decoding"])
+        return run(layer, x, {**b, "weight": decode(layer) if weight is None else weight})
+
+    return run_decoded
+
+
+def _dequantized_fp32(layer) -> torch.Tensor:
+    return layer.dequantized_weight(torch.float32)
+
+
+def effective_fp32(layer) -> torch.Tensor:
+    return layer.effective_weight(torch.float32)
 
 
 def _folds(layer) -> bool:
@@ -488,8 +531,16 @@ def _grid_gemm(quantize_rows, shared: bool):
     return run
 
 
-def _fp8_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+def _fp8_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     return device.type == "cpu" and spec.format == "fp8"
+
+
+def _fp8_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    return _fp8_applies(spec, device, shape) and not per_call_shape(shape)
+
+
+def _fp8_per_call_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    return _fp8_applies(spec, device, shape) and per_call_shape(shape)
 
 
 def _e4m3_rows(layer, x: torch.Tensor) -> torch.Tensor:
@@ -501,7 +552,7 @@ def _e4m3_rows(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fp8_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    return _fp8_dense_applies(spec, device, shape) and spec.a_bits == 8 and bf16_layer(shape)
+    return _fp8_applies(spec, device, shape) and spec.a_bits == 8 and bf16_layer(shape)
 
 
 def _fp8_bf16_prepack(layer) -> dict:
@@ -594,6 +645,12 @@ KERNELS.add("cpu-fp8-dense", Kernel(
     _fp32_gemm(_e4m3_rows, any_rank=True), priority=10,
     description="E4M3 weight decoded once into a dense fp32 weight (4 bytes per weight of RAM), per-token E4M3 "
                 "activations as the reference, fp32 GEMM"))
+KERNELS.add("cpu-fp8-decoded-fp32", Kernel(
+    _fp8_per_call_applies, lambda layer: {"decoding": layer.fp32_decoding(), "bias": prepacked_bias(layer)},
+    per_call(_fp32_gemm(_e4m3_rows, any_rank=True), effective_fp32), priority=10,
+    description=f"layers of more than {DENSE_MAX_WEIGHT} weights on CPUs without bf16 GEMMs: the E4M3 weight decoded "
+                "for each call by one C pass into a reused buffer (no fp32 copy kept), per-token E4M3 activations as "
+                "the reference, fp32 GEMM"))
 KERNELS.add("cpu-fp8-bf16", Kernel(
     _fp8_bf16_applies, _fp8_bf16_prepack, _fp8_bf16_linear, priority=11,
     description="W8A8 FP8 where bf16 GEMMs pay (AVX512-BF16 at one thread, layers of at least "
@@ -696,38 +753,6 @@ def _shared_layer_input(layer, x: torch.Tensor) -> torch.Tensor:
     return shared_rows(x, _input_kind(spec), lambda: quantize_layer_input(layer, x))
 
 
-def _per_call_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    """Layers above ``DENSE_MAX_WEIGHT`` of the formats whose 4-bit codes decode with one table
-    (``nibble_decoding``), on CPUs without bf16 GEMMs (where ``cpu-decoded-bf16`` cannot run)."""
-    fmt = spec.format
-    four_bit = ((fmt in ("int", "twinlog") and spec.w_bits <= 4) or fmt in FP_WEIGHT_FORMATS
-                or (fmt in BLOCK_CODECS and BLOCK_CODECS.get(fmt).packed))
-    return device.type == "cpu" and four_bit and not _small(shape) and shape[1] % 2 == 0 and not bf16_hardware()
-
-
-def _per_call_prepack(layer) -> dict:
-    nibbles, lut, scale, zero = layer.nibble_decoding()
-    return {"nibbles": nibbles, "lut": lut, "scale": scale, "zero": zero, "bias": prepacked_bias(layer),
-            "grid": _input_grid(layer), "kind": _input_kind(layer.spec), "smooth": _smooth(layer)}
-
-
-def _decoded_now(layer, b: dict, x: torch.Tensor) -> dict:
-    """``b`` with this call's fp32 weight (``"weight"``): decoded by one C pass into the thread's reused buffer, or by
-    the layer's own decoder where that pass does not run (autograd could keep the buffer, no library, compiling)."""
-    weight = None
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        weight = dequantize_nibbles_f32(b["nibbles"], b["lut"], b["scale"], b["zero"])
-    return {**b, "weight": layer.dequantized_weight(torch.float32) if weight is None else weight}
-
-
-def _per_call(run):
-    """A kernel ``run`` on the weight decoded for this call (:func:`_decoded_now`)."""
-    def per_call(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-        return run(layer, x, _decoded_now(layer, b, x))
-
-    return per_call
-
-
 KERNELS.add("cpu-decoded-dense", Kernel(
     _decoded_applies, _grid_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
     _grid_gemm(_shared_layer_input, shared=True), priority=5,
@@ -736,8 +761,9 @@ KERNELS.add("cpu-decoded-dense", Kernel(
                 "4-bit minifloats, int with per-group or sub-8-bit activations): the residual weight decoded once "
                 "into fp32 (4 bytes per weight of RAM), activations quantized as the reference, fp32 GEMM"))
 KERNELS.add("cpu-decoded-fp32", Kernel(
-    _per_call_applies, _per_call_prepack, _per_call(_grid_gemm(_shared_layer_input, shared=True)), priority=4,
-    run_untransformed=_per_call(_on_transformed(_grid_gemm(_shared_layer_input, shared=True), _fp32_rows_gemm)),
+    _per_call_applies, _per_call_prepack, per_call(_grid_gemm(_shared_layer_input, shared=True), _dequantized_fp32),
+    priority=4, run_untransformed=per_call(_on_transformed(_grid_gemm(_shared_layer_input, shared=True),
+                                                           _fp32_rows_gemm), _dequantized_fp32),
     description=f"layers of more than {DENSE_MAX_WEIGHT} weights with 4-bit codes (int, twin-log, NVFP4/MX blocks, "
                 "4-bit minifloats) on CPUs without bf16 GEMMs, where no faster kernel runs: the weight decoded for each "
                 "call by one C pass into a reused buffer (the codes stay packed: no copy of the weight at run time; "

@@ -53,10 +53,10 @@ import torch.nn.functional as F
 from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS, dequantize_nibbles, int4_uses_packed_gemm
 from compressdit.quant.kernel_registry import KERNELS, Kernel, prepacked_bias
 from compressdit.quant.op_library import define_op
-from compressdit.quant.cpu_dense import (bf16_hardware, bf16_layer, bf16_rows_gemm, bf16_weights,
-                                         quantize_layer_input)
+from compressdit.quant.cpu_dense import (DENSE_MAX_WEIGHT, bf16_hardware, bf16_layer, bf16_rows_gemm, bf16_weights,
+                                         effective_fp32, per_call, per_call_shape, quantize_layer_input)
 from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
-                                          dequantize_nibbles_f32,
+                                          decode_f32,
                                           int8_brgemm, int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
@@ -346,13 +346,13 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: 
     call (``nibbles``: codes + 8 two per byte, ``scale``/``zero``: bf16 ``[out, in / group]``), a dense GEMM.
     With ``scale32`` (the layer's fp32 scales, ``zero32`` its zero points: prepacked on CPUs without bf16 GEMMs, where
     a bf16 GEMM is emulated) an fp32 ``x`` of more than ``FP32_DECODE_MIN_ROWS`` rows instead multiplies the reference's
-    own fp32 weight, decoded for this call (:func:`~compressdit.quant.cpu_native.dequantize_nibbles_f32`), in an fp32
+    own fp32 weight, decoded for this call (:func:`~compressdit.quant.cpu_native.decode_f32`), in an fp32
     GEMM: activations unrounded, the reference's numbers up to summation order.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (scale32 is not None and x.dtype is torch.float32 and rows > FP32_DECODE_MIN_ROWS
             and not (torch.is_grad_enabled() and x.requires_grad)):  # autograd would keep the reused buffer
-        weight = dequantize_nibbles_f32(nibbles, INT4_VALUES, scale32, zero32)
+        weight = decode_f32(("nibbles", nibbles, INT4_VALUES, scale32, zero32))
         if weight is not None:
             return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
@@ -517,6 +517,13 @@ KERNELS.add("cpu-vq-bf16", Kernel(
     description="VQ weight decoded once at load into bf16 where bf16 GEMMs pay (cpu_dense.bf16_layer: AMX's "
                 "microkernel on small layers, torch's bf16 linear on big ones; 2 bytes per weight of RAM), bf16 "
                 "activations, fp32 sums and bias"))
+KERNELS.add("cpu-vq-decoded-fp32", Kernel(
+    lambda spec, device, shape: device.type == "cpu" and spec.format == "vq" and per_call_shape(shape),
+    lambda layer: {"decoding": layer.fp32_decoding(), "bias": prepacked_bias(layer)}, per_call(_vq_run, effective_fp32),
+    priority=10,
+    description=f"VQ layers of more than {DENSE_MAX_WEIGHT} weights on CPUs without bf16 GEMMs: the weight decoded for "
+                "each call by one C pass into a reused buffer (no fp32 copy kept: the codes stay packed), fp32 GEMM"))
 KERNELS.add("cpu-vq-dense", Kernel(
-    lambda spec, device, shape: device.type == "cpu" and spec.format == "vq", _vq_prepack, _vq_run, priority=10,
+    lambda spec, device, shape: device.type == "cpu" and spec.format == "vq" and not per_call_shape(shape),
+    _vq_prepack, _vq_run, priority=10,
     description="VQ weight decoded once at load into a dense fp32 weight (4 bytes per weight of RAM)"))

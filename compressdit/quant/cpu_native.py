@@ -73,6 +73,8 @@ _SIGNATURES = {
     "compressdit_split_rows_bf16": ([_PTR, _I64, _I64, _PTR, _I64, _I32], None),
     "compressdit_dequantize_nibbles_bf16": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I32], None),
     "compressdit_dequantize_nibbles_f32": ([_PTR, _PTR, _I32, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I32], None),
+    "compressdit_dequantize_bytes_f32": ([_PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], None),
+    "compressdit_vq_decode_f32": ([_PTR, _I64, _I32, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I32], None),
     "compressdit_quantize_e4m3_bf16_rows": ([_PTR, _I64, _I64, _PTR, _PTR, _I32], None),
     "compressdit_bf16_scale_bf16": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], None),
 }
@@ -551,27 +553,58 @@ def _scratch_weight(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return buffer[:rows * cols].view(rows, cols)
 
 
-def dequantize_nibbles_f32(nibbles: torch.Tensor, lut: torch.Tensor, scale: torch.Tensor | None,
-                           zero: torch.Tensor | None) -> torch.Tensor | None:
-    """The fp32 weight ``[rows, 2 * nibbles.shape[1]]`` of 4-bit codes (``uint8`` nibbles, even column low) whose
-    values are ``lut`` (fp32 ``[16]``, or ``[rows, 16]``: a table per row), then ``(value - zero) * scale`` per group
-    (fp32 ``[rows, groups]``, groups inferred from their width; ``None``: left out): in one C pass
-    (``compressdit_dequantize_nibbles_f32``, the formats' own decoders bit for bit) into this thread's reused buffer
-    (valid until this thread's next call: an fp32 GEMM reads it at once; not where autograd may keep it). ``None``
-    without the library, under ``torch.compile`` or for tensors the pass does not take."""
+def decode_f32(decoding: tuple) -> torch.Tensor | None:
+    """A layer's fp32 weight from its ``fp32_decoding()`` (``QuantizedLinear.fp32_decoding``: the packed codes and the
+    tables the format decodes them with), in one C pass into this thread's reused buffer (valid until this thread's next
+    call: an fp32 GEMM reads it at once; not where autograd may keep it), bit for bit the layer's own decoder:
+
+    - ``("nibbles", nibbles, lut, scale, zero)``: 4-bit codes two per byte (``uint8 [rows, cols / 2]``, even column
+      low), each worth ``lut[code]`` (fp32 ``[16]``, or ``[rows, 16]``: a table per row), then ``(value - zero) *
+      scale`` per group (fp32 ``[rows, groups]``, groups from their width; ``None``: left out);
+    - ``("bytes", codes, lut, row_scale)``: 8-bit codes ``uint8 [rows, cols]`` worth ``lut[code]`` (fp32 ``[256]``),
+      times fp32 ``row_scale [rows]`` (or ``None``);
+    - ``("vq", codes, bits, codebook, row_scale, cols)``: each row's ``bits``-bit codeword indices packed least
+      significant bit first (``uint8 [rows, nbytes]``), codewords fp32 ``[2^bits, dim]`` (every index one: a smaller
+      codebook takes the layer's decoder), times ``row_scale`` (or ``None``).
+
+    ``None`` without the library, under ``torch.compile`` or for tensors the pass does not take."""
     lib = None if torch.compiler.is_compiling() else native_library()
-    rows, cols = nibbles.shape[0], 2 * nibbles.shape[1]
-    per_group = scale if scale is not None else zero
-    groups = 1 if per_group is None else per_group.shape[1]
-    if (lib is None or nibbles.dtype is not torch.uint8 or not nibbles.is_contiguous() or not _takes(lut, scale, zero)
-            or lut.shape not in ((16,), (rows, 16)) or cols % groups or (cols // groups) % 2
-            or any(t is not None and tuple(t.shape) != (rows, groups) for t in (scale, zero))):
+    kind, codes, *rest = decoding
+    if lib is None or codes.dtype is not torch.uint8 or not codes.is_contiguous() or codes.dim() != 2:
         return None
-    out = _scratch_weight(rows, cols, torch.float32)
-    lib.compressdit_dequantize_nibbles_f32(nibbles.data_ptr(), lut.data_ptr(), int(lut.dim() == 2), _ptr(scale),
-                                           _ptr(zero), rows, cols, cols // groups, out.data_ptr(),
-                                           threads_for(rows * cols))
-    return out
+    rows = codes.shape[0]
+    if kind == "nibbles":
+        lut, scale, zero = rest
+        cols = 2 * codes.shape[1]
+        per_group = scale if scale is not None else zero
+        groups = 1 if per_group is None else per_group.shape[1]
+        if (not _takes(lut, scale, zero) or lut.shape not in ((16,), (rows, 16)) or cols % groups
+                or (cols // groups) % 2 or any(t is not None and tuple(t.shape) != (rows, groups) for t in (scale, zero))):
+            return None
+        out = _scratch_weight(rows, cols, torch.float32)
+        lib.compressdit_dequantize_nibbles_f32(codes.data_ptr(), lut.data_ptr(), int(lut.dim() == 2), _ptr(scale),
+                                               _ptr(zero), rows, cols, cols // groups, out.data_ptr(),
+                                               threads_for(rows * cols))
+        return out
+    if kind == "bytes":
+        lut, row_scale = rest
+        if not _takes(lut, row_scale) or lut.shape != (256,) or (row_scale is not None and row_scale.shape != (rows,)):
+            return None
+        out = _scratch_weight(rows, codes.shape[1], torch.float32)
+        lib.compressdit_dequantize_bytes_f32(codes.data_ptr(), lut.data_ptr(), _ptr(row_scale), rows, codes.shape[1],
+                                             out.data_ptr(), threads_for(codes.numel()))
+        return out
+    if kind == "vq":
+        bits, codebook, row_scale, cols = rest
+        if (not _takes(codebook, row_scale) or codebook.dim() != 2 or not 1 <= bits <= 24 or cols % codebook.shape[1]
+                or codes.shape[1] * 8 < cols // codebook.shape[1] * bits or codebook.shape[0] != 1 << bits
+                or (row_scale is not None and row_scale.shape != (rows,))):
+            return None
+        out = _scratch_weight(rows, cols, torch.float32)
+        lib.compressdit_vq_decode_f32(codes.data_ptr(), codes.shape[1], bits, codebook.data_ptr(), codebook.shape[1],
+                                      _ptr(row_scale), rows, cols, out.data_ptr(), threads_for(rows * cols))
+        return out
+    return None
 
 
 def dequantize_nibbles_bf16(nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

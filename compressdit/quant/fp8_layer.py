@@ -56,6 +56,14 @@ class FP8Linear(QuantizedLinear):
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale).to(dtype)
 
+    def fp32_decoding(self) -> tuple | None:
+        """The E4M3 codes as bytes, the value of each of the 256, the channel scales. A weight that ``module.to(dtype)``
+        widened (E4M3 values, exact in any wider float) is encoded back, exactly."""
+        values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        codes = self.weight.data
+        codes = codes if codes.dtype == torch.float8_e4m3fn else codes.to(torch.float8_e4m3fn)
+        return ("bytes", codes.view(torch.uint8), values, self.weight_scale.float().reshape(-1).contiguous())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = run_kernel(self, x)  # cuda-fp8 on GPUs of compute capability 8.9+
         if out is not None:

@@ -80,10 +80,10 @@ class MinifloatLinear(QuantizedLinear):
         """Element codes ``uint8 [out, in]``."""
         return unpack_nibbles(self.weight.data)
 
-    def nibble_decoding(self) -> tuple | None:
+    def fp32_decoding(self) -> tuple | None:
         """The stored nibbles, the element's 16 values, the group scales (``dequantize_weight_fp``: value * scale)."""
         codes = torch.arange(16, dtype=torch.uint8)
-        return (self.weight.data, self.element.decode(codes).float().contiguous(),
+        return ("nibbles", self.weight.data, self.element.decode(codes).float().contiguous(),
                 self.weight_scale.float().contiguous(), None)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -127,12 +127,13 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight in the layer's original input space."""
 
-    def nibble_decoding(self) -> tuple | None:
-        """How a kernel decodes this layer's weight from 4-bit codes with one table: ``(nibbles, lut, scale, zero)``,
-        the codes two per byte (``uint8 [out, in / 2]``, even column low), the value of each code (fp32 ``[16]``, or
-        ``[out, 16]``: a table per row), and the fp32 per-group ``scale`` / ``zero`` ``[out, groups]`` (or ``None``)
-        with which ``(value - zero) * scale`` is :meth:`dequantized_weight` bit for bit; ``None`` where the codes are
-        wider than 4 bits or the format decodes otherwise."""
+    def fp32_decoding(self) -> tuple | None:
+        """How a kernel decodes this layer's fp32 weight (:meth:`effective_weight`'s, or :meth:`dequantized_weight`'s
+        where the layer transforms its input) from the stored codes in one pass, bit for bit
+        (:func:`~compressdit.quant.cpu_native.decode_f32` says the layouts): ``("nibbles", nibbles, lut, scale,
+        zero)`` for 4-bit codes worth ``(lut[code] - zero) * scale`` per group, ``("bytes", codes, lut, row_scale)``
+        for 8-bit ones, ``("vq", codes, bits, codebook, row_scale, in_features)`` for codeword indices; ``None`` where
+        the format decodes otherwise."""
         return None
 
     def to_float_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -353,12 +354,13 @@ class QuantLinear(QuantizedLinear):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.weight_scale, self.weight_zero, dtype)
 
-    def nibble_decoding(self) -> tuple | None:
+    def fp32_decoding(self) -> tuple | None:
         """Codes of up to 4 bits: the offset nibbles (``code + 8``), values ``nibble - 8``, the scales and zero points
         (:func:`~compressdit.quant.primitives.dequantize_weight`'s ``(q - zero) * scale``)."""
         if self.spec.w_bits > 4:
             return None
-        return (self.offset_nibbles(), torch.arange(16, dtype=torch.float32) - 8, self.weight_scale.float().contiguous(),
+        return ("nibbles", self.offset_nibbles(), torch.arange(16, dtype=torch.float32) - 8,
+                self.weight_scale.float().contiguous(),
                 None if self.weight_zero is None else self.weight_zero.float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ class BlockFPLinear(QuantizedLinear):
         """The decoded block-quantized weight (the residual, in the balanced input space, where those apply)."""
         return self.codec.dequantize(self.codes(), self.weight_scale, self.weight_scale_2).to(dtype)
 
-    def nibble_decoding(self) -> tuple | None:
+    def fp32_decoding(self) -> tuple | None:
         """4-bit elements: the stored nibbles, the element's 16 values, and each block's fp32 scale as the codec's
         decoder computes it (block and tensor scales together: its value of a code worth exactly 1)."""
         if not self.codec.packed:
@@ -141,7 +141,7 @@ class BlockFPLinear(QuantizedLinear):
         one = element.encode(torch.ones(1))
         ones = one.to(torch.uint8).expand(self.out_features, self.in_features)
         scale = self.codec.dequantize(ones, self.weight_scale, self.weight_scale_2)[:, ::self.codec.block]
-        return (self.weight.data, element.decode(torch.arange(16, dtype=torch.uint8)).float().contiguous(),
+        return ("nibbles", self.weight.data, element.decode(torch.arange(16, dtype=torch.uint8)).float().contiguous(),
                 scale.float().contiguous(), None)
 
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -183,14 +183,14 @@ class TwinLogLinear(QuantizedLinear):
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.weight.data, self.spec.w_bits, self.in_features)
 
-    def nibble_decoding(self) -> tuple | None:
+    def fp32_decoding(self) -> tuple | None:
         """Codes of up to 4 bits: offset nibbles (``code + 8``, a packed copy) and each row's 16 magnitudes with their
         signs (:func:`~compressdit.quant.twinlog.twinlog_dequantize` of every code), no scale."""
         if self.spec.w_bits > 4:
             return None
         table = (torch.arange(16, dtype=torch.int32) - 8).expand(self.out_features, 16)
         values = twinlog_dequantize(table, self.weight_scale, self.weight_zero, self.weight_eta)
-        return pack_nibbles(self.codes()), values.float().contiguous(), None, None
+        return "nibbles", pack_nibbles(self.codes()), values.float().contiguous(), None, None
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight in the rotated (and balanced) input space, decoded from the stored codes."""

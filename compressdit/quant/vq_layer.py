@@ -87,6 +87,11 @@ class VQLinear(QuantizedLinear):
             return (weight.float() * self.row_scale.float()[:, None]).to(dtype)
         return weight.to(dtype)
 
+    def fp32_decoding(self) -> tuple | None:
+        """The packed codeword indices, their width, the codebook and row scales in fp32 (exact widenings)."""
+        return ("vq", self.weight.data, self.code_bits, self.codebook.float().contiguous(),
+                None if self.row_scale is None else self.row_scale.float().contiguous(), self.in_features)
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ``compressdit::vq_linear`` op (CUDA kernels or the PyTorch reference)."""
         if self.row_scale is None:

@@ -126,7 +126,7 @@ def test_low_bit_layers_decode_once_and_match_the_reference(name):
     from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT, _bf16_hardware
 
     # big layers: a bf16 copy where bf16 GEMMs run, else 4-bit codes decoded per call (other widths: the reference)
-    four_bit = layer.nibble_decoding() is not None
+    four_bit = layer.fp32_decoding() is not None
     big = "cpu-decoded-bf16" if _bf16_hardware()[1] else "cpu-decoded-fp32" if four_bit else "reference"
     assert _decoded_layer(name, out_features=DENSE_MAX_WEIGHT // 128 + 16).kernel_name == big
 
@@ -245,6 +245,35 @@ def test_big_4_bit_layers_decode_per_call_where_the_cpu_has_no_bf16_gemm(name, m
     torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-weight-only", "vq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_big_fp8_and_vq_layers_decode_per_call_where_the_cpu_has_no_bf16_gemm(fmt, dtype, monkeypatch):
+    """FP8 and VQ layers above ``DENSE_MAX_WEIGHT`` on CPUs without bf16 GEMMs keep no fp32 copy of their weight (a
+    DiT-XL/2 ``vq-w3`` / ``fp8`` process peaked at 3878 / 4085 MiB against the fp32 model's 3400 that way): each call
+    decodes it (one C pass into a reused buffer) for the fp32 GEMM, the numbers of the decoded-once kernels."""
+    from compressdit.quant import cpu_dense
+    from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT, fp8_kernel_name
+    from compressdit.quant.formats import FORMATS
+
+    monkeypatch.setattr(cpu_dense, "_bf16_hardware", lambda: (False, False))
+    fields = {"fp8": dict(format="fp8", w_bits=8, a_bits=8), "fp8-weight-only": dict(format="fp8", w_bits=8),
+              "vq": dict(format="vq", w_bits=3, vector_dim=2, codebook_size=64, row_scale=True)}[fmt]
+    spec = LinearQuantSpec.from_dict(fields, "spec")
+    FORMATS.get(spec.format).validate_spec(spec, "spec")
+    out_features = DENSE_MAX_WEIGHT // 128 + 16
+    torch.manual_seed(0)
+    layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, out_features), spec, torch.rand(128) + 0.5).to(dtype)
+    expected = "cpu-vq-decoded-fp32" if fmt == "vq" else fp8_kernel_name(spec.a_bits, (out_features, 128))
+    assert layer.kernel_name == expected == f"cpu-{'vq' if fmt == 'vq' else 'fp8'}-decoded-fp32"
+    x = (torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)).to(dtype)
+    with torch.no_grad():
+        out = layer(x)
+        assert cache_of(layer).nbytes() < 2 * 128 * out_features  # the codes, not 4 B a weight
+        set_kernel(layer, "cpu-vq-dense" if fmt == "vq" else "cpu-fp8-dense")  # the decoded-once kernel
+        torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    assert out.dtype == dtype
+
+
 def test_big_layers_take_bf16_gemms_at_any_thread_count_where_the_cpu_has_them(monkeypatch, fp32_kernels):
     """Above DENSE_MAX_WEIGHT a bf16 GEMM pays at one and two threads alike (AMX / AVX512-BF16): FP8 W8A8 runs its
     codes in bf16 there; small layers keep the one-thread rule (bf16_gemm_pays)."""
@@ -256,9 +285,10 @@ def test_big_layers_take_bf16_gemms_at_any_thread_count_where_the_cpu_has_them(m
         monkeypatch.setattr(cpu_dense, "_bf16_hardware", lambda: (hardware, hardware))
         for threads in (1, 2):
             monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-            assert fp8_kernel_name(8, big) == ("cpu-fp8-bf16" if hardware else "cpu-fp8-dense")
+            # without bf16 GEMMs a big layer decodes its codes per call (no fp32 copy), a small one keeps its copy
+            assert fp8_kernel_name(8, big) == ("cpu-fp8-bf16" if hardware else "cpu-fp8-decoded-fp32")
             assert fp8_kernel_name(8, small) == ("cpu-fp8-bf16" if hardware and threads == 1 else "cpu-fp8-dense")
-            assert fp8_kernel_name(None, big) == "cpu-fp8-dense"  # weight-only: fp32
+            assert fp8_kernel_name(None, big) == ("cpu-fp8-dense" if hardware else "cpu-fp8-decoded-fp32")
 
 
 @pytest.mark.usefixtures("fp32_kernels")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 
@@ -946,8 +947,9 @@ def test_int4_weights_decode_in_one_pass_bit_for_bit_into_a_reused_buffer(with_z
     assert torch.equal(second, torch.nn.functional.linear(x, dequantize_nibbles(nibbles.flip(0), scale, zero, 32)))
 
 
-def _four_bit_layers() -> dict:
-    """One layer of each format whose 4-bit codes decode with one table (``nibble_decoding``), 2 x 64 wide."""
+def _decodable_layers() -> dict:
+    """One 2 x 64-wide layer of each format that decodes in one C pass (``fp32_decoding``), scales of many
+    magnitudes."""
     from compressdit.quant.formats import FORMATS
     from compressdit.quant.spec import LinearQuantSpec
 
@@ -955,43 +957,53 @@ def _four_bit_layers() -> dict:
              "int-w3-channel": dict(w_bits=3), "int-w2-g16": dict(w_bits=2, group_size=16),
              "nvfp4": dict(format="nvfp4", w_bits=4), "mxfp4": dict(format="mxfp4", w_bits=4),
              "e2m1-g32": dict(format="e2m1", w_bits=4, group_size=32),
-             "twinlog-w4": dict(format="twinlog", w_bits=4), "twinlog-w3": dict(format="twinlog", w_bits=3)}
+             "twinlog-w4": dict(format="twinlog", w_bits=4), "twinlog-w3": dict(format="twinlog", w_bits=3),
+             "fp8": dict(format="fp8", w_bits=8, a_bits=8),
+             "vq-6-bit-pairs": dict(format="vq", w_bits=3, vector_dim=2, codebook_size=64, row_scale=True),
+             "vq-4-bit-pairs": dict(format="vq", w_bits=2, vector_dim=2, codebook_size=16),
+             "vq-8-bit-quads": dict(format="vq", w_bits=2, vector_dim=4, codebook_size=256)}
     layers = {}
     for name, fields in specs.items():
         torch.manual_seed(0)
         linear = torch.nn.Linear(64, 40)
         with torch.no_grad():
-            linear.weight.mul_(torch.logspace(-3, 3, 40)[:, None])  # scales of many magnitudes
+            linear.weight.mul_(torch.logspace(-3, 3, 40)[:, None])
         spec = LinearQuantSpec.from_dict(fields, "spec")
         FORMATS.get(spec.format).validate_spec(spec, "spec")
         layers[name] = FORMATS.get(spec.format).quantize(linear, spec, torch.rand(64) + 0.5)
+    layers["fp8-widened"] = copy.deepcopy(layers["fp8"]).to(torch.bfloat16)  # module.to: E4M3 values in bf16
     return layers
 
 
-def test_4_bit_weights_of_every_format_decode_in_one_table_pass_bit_for_bit():
-    """``dequantize_nibbles_f32`` of each layer's ``nibble_decoding``: its own ``dequantized_weight`` bit for bit
-    (integers with and without zero points at 2-4 bits, NVFP4 / MXFP4 blocks, a 4-bit minifloat, twin-log's table per
-    row), on two threads; into one reused buffer (a later call's contents, the earlier result read before); tensors
-    the pass does not take give ``None``."""
+def test_every_formats_weight_decodes_in_one_pass_bit_for_bit():
+    """``decode_f32`` of each layer's ``fp32_decoding``: its own fp32 weight bit for bit (integers with and without
+    zero points at 2-4 bits, NVFP4 / MXFP4 blocks, a 4-bit minifloat and twin-log's table per row; FP8 codes with
+    channel scales; VQ codeword indices of 4, 6 and 8 bits, with and without row scales), on two threads; into one
+    reused buffer; what the pass does not take gives ``None``."""
     before = torch.get_num_threads()
     decoded = {}
     try:
         torch.set_num_threads(2)
-        for name, layer in _four_bit_layers().items():
-            nibbles, lut, scale, zero = layer.nibble_decoding()
-            out = cpu_native.dequantize_nibbles_f32(nibbles, lut, scale, zero)
+        for name, layer in _decodable_layers().items():
+            out = cpu_native.decode_f32(layer.fp32_decoding())
             if native_library() is None:
                 assert out is None
                 return
-            assert torch.equal(out, layer.dequantized_weight(torch.float32)), name
+            # the weight in the space the kernel's input arrives in: before the input transform where the layer has one
+            decoder = getattr(layer, "dequantized_weight", layer.effective_weight)
+            expected = decoder(torch.float32)
+            assert torch.equal(out, expected), name
             decoded[name] = out
     finally:
         torch.set_num_threads(before)
     assert len({t.data_ptr() for t in decoded.values()}) == 1  # one buffer per thread, reused
     nibbles = torch.zeros(4, 8, dtype=torch.uint8)
-    assert cpu_native.dequantize_nibbles_f32(nibbles, torch.zeros(15), None, None) is None  # not a 16-value table
-    assert cpu_native.dequantize_nibbles_f32(nibbles, torch.zeros(16), torch.ones(4, 3), None) is None  # 16 / 3
-    assert cpu_native.dequantize_nibbles_f32(nibbles.int(), torch.zeros(16), None, None) is None
+    assert cpu_native.decode_f32(("nibbles", nibbles, torch.zeros(15), None, None)) is None  # not a 16-value table
+    assert cpu_native.decode_f32(("nibbles", nibbles, torch.zeros(16), torch.ones(4, 3), None)) is None  # 16 / 3
+    assert cpu_native.decode_f32(("nibbles", nibbles.int(), torch.zeros(16), None, None)) is None
+    assert cpu_native.decode_f32(("bytes", nibbles, torch.zeros(255), None)) is None
+    assert cpu_native.decode_f32(("vq", nibbles, 6, torch.zeros(48, 2), None, 16)) is None  # indices past 48
+    assert cpu_native.decode_f32(("vq", nibbles, 6, torch.zeros(64, 2), None, 32)) is None  # 16 x 6 bits > 8 bytes
 
 
 def test_fp8_passes_take_and_give_a_bf16_models_rows_bit_for_bit():

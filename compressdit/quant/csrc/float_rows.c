@@ -99,6 +99,48 @@ void compressdit_dequantize_nibbles_f32(const uint8_t *nibbles, const float *lut
     });
 }
 
+/* An 8-bit-coded weight decoded into fp32 [rows, cols]: lut[code] (256 values), times row_scale[i] where given: FP8
+ * (E4M3 codes' values times the channel scale: FP8Linear.effective_weight bit for bit). */
+void compressdit_dequantize_bytes_f32(const uint8_t *codes, const float *lut, const float *row_scale, int64_t rows,
+                                      int64_t cols, float *out, int32_t threads) {
+    FOR_ROWS(i, rows, {
+        const uint8_t *restrict c = codes + i * cols;
+        float *restrict o = out + i * cols;
+        if (row_scale) {
+            const float s = row_scale[i];
+            for (int64_t j = 0; j < cols; ++j) o[j] = lut[c[j]] * s;
+        } else {
+            for (int64_t j = 0; j < cols; ++j) o[j] = lut[c[j]];
+        }
+    });
+}
+
+/* A vector-quantized weight decoded into fp32 [rows, cols]: each row's codes are a bit stream of `bits`-bit indices
+ * (least significant bit first within each byte and code, `nbytes` bytes a row: vq_primitives.pack_code_bits), each
+ * index a codeword of `dim` fp32 values (codebook [k, dim]) for `dim` consecutive weights, times row_scale[i] where
+ * given (VQLinear.effective_weight bit for bit). */
+void compressdit_vq_decode_f32(const uint8_t *codes, int64_t nbytes, int32_t bits, const float *codebook, int64_t dim,
+                               const float *row_scale, int64_t rows, int64_t cols, float *out, int32_t threads) {
+    const uint32_t mask = bits >= 32 ? 0xffffffffu : (1u << bits) - 1u;
+    FOR_ROWS(i, rows, {
+        const uint8_t *c = codes + i * nbytes;
+        float *restrict o = out + i * cols;
+        const float s = row_scale ? row_scale[i] : 1.0f;
+        for (int64_t v = 0; v < cols / dim; ++v) {
+            const int64_t p = v * bits;
+            uint64_t word = 0; /* the bytes holding bits [p, p + bits) of the row's stream, no byte past the row */
+            for (int64_t b = 0, first = p >> 3; b * 8 < (p & 7) + bits && first + b < nbytes; ++b)
+                word |= (uint64_t)c[first + b] << (8 * b);
+            const float *w = codebook + (int64_t)((word >> (p & 7)) & mask) * dim;
+            if (row_scale) {
+                for (int64_t k = 0; k < dim; ++k) o[v * dim + k] = w[k] * s;
+            } else {
+                for (int64_t k = 0; k < dim; ++k) o[v * dim + k] = w[k];
+            }
+        }
+    });
+}
+
 /* y[i] = bf16(x[i]) for n elements. */
 void compressdit_float_to_bf16(const float *restrict x, int64_t n, uint16_t *restrict y, int32_t threads) {
     FOR_ROWS(i, n, { y[i] = to_bf16(x[i]); });
