@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 RESULTS = ROOT / "bench" / "results"
+from emulation import EMULATIONS, emulate  # noqa: E402
 
 
 def status_mib(field: str) -> float:
@@ -94,7 +95,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--append", action="store_true", help="keep --out's rows of the other models")
     parser.add_argument("--out", type=Path, default=RESULTS / "peak_memory_cpu.json")
+    parser.add_argument("--emulate", choices=sorted(EMULATIONS), default=None,
+                        help="run as on a lesser CPU (bench/emulation.py): the children inherit its environment")
     args = parser.parse_args()
+    emulate(args.emulate)
     if args.one:
         print(json.dumps(measure_one(*args.one, args.layers, not args.no_explain)), flush=True)
         return
@@ -103,7 +107,10 @@ def main() -> None:
         args.out = args.out.with_name(args.out.stem + "_quick.json")
     from e2e_peers_report import machine, write_markdown
 
-    result = {"meta": {**machine(1), "layers": args.layers or "real depth", "mmap_threshold": args.mmap_threshold,
+    import torch
+
+    result = {"meta": {**machine(1), "emulate": args.emulate, "capability": torch.backends.cpu.get_cpu_capability(),
+                       "layers": args.layers or "real depth", "mmap_threshold": args.mmap_threshold,
                        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")},
               "rows": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)

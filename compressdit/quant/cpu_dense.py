@@ -18,7 +18,9 @@ their kernel name:
   scaled per row after. The fp32 kernel fake-quantizes activations as the reference does.
 - ``cpu-fp8-dense``: FP8 (E4M3) weights decoded once into fp32 (4 bytes per weight at run time), the
   reference's per-token E4M3 activations (one fused C pass, bit for bit), an fp32 GEMM: the reference's numbers
-  without its per-call decode.
+  without its per-call decode. ``cpu-fp8-decoded-fp32``: the same on layers above ``DENSE_MAX_WEIGHT`` on CPUs
+  without bf16 GEMMs with the weight decoded for each call (:func:`per_call`; DiT-XL/2 ``fp8`` peak RSS 4085 -> 1614
+  MiB, fp32 3400).
 - ``cpu-decoded-dense`` (lowest priority: where no faster kernel applies): the small layers of the low-bit formats
   whose codes no CPU GEMM reads (NVFP4 / MXFP4 / MXFP8 blocks, 4-bit minifloats, integer weights with per-group or
   sub-8-bit activations: ``rtn-w4a4``, ``nvfp4``, ``fp4-w4a8``, ...): the residual weight decoded once into fp32,

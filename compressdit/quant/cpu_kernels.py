@@ -37,6 +37,9 @@
   ``_weight_int8pack_mm`` on bf16 activations (per-channel scales applied in fp32 afterwards); above
   ``INT8_MAX_ROWS`` rows the dequantize reference (cheap for int8 codes) + fp32 GEMM is faster. bf16 rounding
   is about half the W8 quantization error here (measured in the tests), not negligible.
+- ``cpu-vq-decoded-fp32``: VQ layers above ``DENSE_MAX_WEIGHT`` on CPUs without bf16 GEMMs: no decoded copy; each
+  call decodes the codeword indices in one C pass into a reused buffer (:func:`~compressdit.quant.cpu_dense.per_call`)
+  for the fp32 GEMM (a DiT-XL/2 ``vq-w3`` process peaked at 3878 MiB with the copy, above fp32's 3400; 1573 now).
 - ``cpu-vq-dense``: VQ weights decoded once at prepack into a dense fp32 weight (costs 4 bytes per
   weight of RAM at run time; the checkpoint stays VQ), then a plain float matmul; ``cpu-vq-bf16`` the same in bf16
   where bf16 GEMMs pay (:func:`~compressdit.quant.cpu_dense.bf16_layer`: on AMX every layer, small ones on oneDNN's

@@ -115,28 +115,45 @@ void compressdit_dequantize_bytes_f32(const uint8_t *codes, const float *lut, co
     });
 }
 
+/* the `bits`-bit code at bit p of a row's stream (nbytes bytes), no byte past the row read; fast: 8 bytes readable */
+static inline uint32_t stream_code(const uint8_t *c, int64_t nbytes, int64_t p, uint32_t mask, int fast) {
+    uint64_t word = 0; /* 8 bytes from the one holding bit p (little-endian: the stream's order) */
+    const int64_t first = p >> 3;
+    if (fast) {
+        memcpy(&word, c + first, 8);
+    } else {
+        for (int64_t b = 0; first + b < nbytes; ++b) word |= (uint64_t)c[first + b] << (8 * b);
+    }
+    return (uint32_t)(word >> (p & 7)) & mask;
+}
+
+/* one row of compressdit_vq_decode_f32; always inlined with a constant dim (2, 4) */
+static inline __attribute__((always_inline)) void vq_row(const uint8_t *c, int64_t nbytes, int32_t bits,
+                                                         uint32_t mask, const float *codebook, int64_t dim, float s,
+                                                         int64_t cols, float *restrict o) {
+    const int64_t count = cols / dim;
+    int64_t fast = count; /* codes whose 8 bytes lie in the row */
+    while (fast > 0 && ((fast - 1) * bits >> 3) + 8 > nbytes) --fast;
+    for (int64_t v = 0; v < count; ++v) {
+        const float *w = codebook + (int64_t)stream_code(c, nbytes, v * bits, mask, v < fast) * dim;
+        for (int64_t k = 0; k < dim; ++k) o[v * dim + k] = w[k] * s; /* s = 1 without row scales: exact */
+    }
+}
+
 /* A vector-quantized weight decoded into fp32 [rows, cols]: each row's codes are a bit stream of `bits`-bit indices
  * (least significant bit first within each byte and code, `nbytes` bytes a row: vq_primitives.pack_code_bits), each
- * index a codeword of `dim` fp32 values (codebook [k, dim]) for `dim` consecutive weights, times row_scale[i] where
- * given (VQLinear.effective_weight bit for bit). */
+ * index a codeword of `dim` fp32 values (codebook [2^bits, dim]) for `dim` consecutive weights, times row_scale[i]
+ * where given (VQLinear.effective_weight bit for bit). Bits <= 24: a code lies in the 8 bytes from its first one. */
 void compressdit_vq_decode_f32(const uint8_t *codes, int64_t nbytes, int32_t bits, const float *codebook, int64_t dim,
                                const float *row_scale, int64_t rows, int64_t cols, float *out, int32_t threads) {
-    const uint32_t mask = bits >= 32 ? 0xffffffffu : (1u << bits) - 1u;
+    const uint32_t mask = (1u << bits) - 1u;
     FOR_ROWS(i, rows, {
         const uint8_t *c = codes + i * nbytes;
-        float *restrict o = out + i * cols;
         const float s = row_scale ? row_scale[i] : 1.0f;
-        for (int64_t v = 0; v < cols / dim; ++v) {
-            const int64_t p = v * bits;
-            uint64_t word = 0; /* the bytes holding bits [p, p + bits) of the row's stream, no byte past the row */
-            for (int64_t b = 0, first = p >> 3; b * 8 < (p & 7) + bits && first + b < nbytes; ++b)
-                word |= (uint64_t)c[first + b] << (8 * b);
-            const float *w = codebook + (int64_t)((word >> (p & 7)) & mask) * dim;
-            if (row_scale) {
-                for (int64_t k = 0; k < dim; ++k) o[v * dim + k] = w[k] * s;
-            } else {
-                for (int64_t k = 0; k < dim; ++k) o[v * dim + k] = w[k];
-            }
+        switch (dim) {
+        case 2: vq_row(c, nbytes, bits, mask, codebook, 2, s, cols, out + i * cols); break;
+        case 4: vq_row(c, nbytes, bits, mask, codebook, 4, s, cols, out + i * cols); break;
+        default: vq_row(c, nbytes, bits, mask, codebook, dim, s, cols, out + i * cols); break;
         }
     });
 }
