@@ -61,7 +61,7 @@ from compressdit.quant.cpu_dense import (DENSE_MAX_WEIGHT, bf16_hardware, bf16_l
 from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
                                           decode_f32,
                                           int8_brgemm, int8_pack,
-                                          quantize_rows_int8, keep_rows, kept_rows, native_ops,
+                                          quantize_rows_int8, keep_rows, kept_rows, native_ops, rows_unshared,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -123,8 +123,12 @@ def _define(schema: str):
     name = schema.split("(", 1)[0]
 
     def decorate(impl):
+        def graph_impl(*args):  # what a compiled graph runs: no activation codes shared between its tensors
+            with rows_unshared():
+                return impl(*args)
+
         # MkldnnCPU: oneDNN's prepacked weight is an mkldnn tensor
-        op = define_op(schema, {"CPU": impl, "MkldnnCPU": impl})
+        op = define_op(schema, {"CPU": graph_impl, "MkldnnCPU": graph_impl})
 
         def call(*args):
             return op(*args) if torch.compiler.is_compiling() else impl(*args)

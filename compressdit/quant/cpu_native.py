@@ -26,6 +26,7 @@ into AMX's layout, without the ~10-20 us a call of torch's int8 / bf16 matmul pr
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -298,9 +299,30 @@ def _lib_for(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
     return None if torch.compiler.is_compiling() or not _takes(*tensors) else native_library()
 
 
+_UNSHARED = threading.local()
+
+
+@contextlib.contextmanager
+def rows_unshared():
+    """Within: :func:`keep_rows` keeps nothing and :func:`kept_rows` finds nothing. For op impls that a compiled graph
+    calls: its tensors' version counters do not move when inductor's kernels write them, and it hands one tensor object
+    to several intermediates in turn (its buffer reuse), so rows kept on one would be read for another (stale codes:
+    wrong outputs, and reads past a smaller tensor's end)."""
+    previous = getattr(_UNSHARED, "on", False)
+    _UNSHARED.on = True
+    try:
+        yield
+    finally:
+        _UNSHARED.on = previous
+
+
+def _sharing_off(x: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or getattr(_UNSHARED, "on", False) or x.is_inference()
+
+
 def kept_rows(x: torch.Tensor, kind: tuple) -> Any:
     """What :func:`keep_rows` kept on ``x`` for ``kind``, while ``x`` is unchanged since; ``None`` otherwise."""
-    if torch.compiler.is_compiling() or x.is_inference():
+    if _sharing_off(x):
         return None
     kept = getattr(x, "_compressdit_rows", None)
     return kept[2] if kept is not None and kept[0] == kind and kept[1] == x._version else None
@@ -311,8 +333,9 @@ def keep_rows(x: torch.Tensor, kind: tuple, value: Any) -> None:
     itself for the next layer that reads the same tensor the same way: the query, key and value projections of an
     attention (and a FLUX single-stream block's MLP) quantize one input, with dynamic scales and no per-layer transform
     the same numbers each time. Kept while ``x`` lives and is not written to (its version counter); never for
-    inference-mode tensors (no version counter) or under ``torch.compile``. Readers only read it."""
-    if not (torch.compiler.is_compiling() or x.is_inference()):
+    inference-mode tensors (no version counter), under ``torch.compile`` or within :func:`rows_unshared` (an op impl a
+    compiled graph runs). Readers only read it."""
+    if not _sharing_off(x):
         x._compressdit_rows = (kind, x._version, value)
 
 

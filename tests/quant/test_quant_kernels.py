@@ -381,3 +381,27 @@ def test_e4m3_rounding_in_fp32_equals_the_float8_cast_bit_for_bit():
     q = torch.cat([grid, mids, torch.nextafter(mids, grid[1:]), torch.nextafter(mids, grid[:-1]),
                    (torch.rand(200_000) * 2 - 1) * 448, torch.randn(200_000) * 0.01, torch.randn(50_000) * 1e-4])
     assert torch.equal(round_to_e4m3(q.clone()), q.to(torch.float8_e4m3fn).float())
+
+
+def test_ops_run_by_a_compiled_graph_share_no_activation_codes():
+    """An eager W8A8 call keeps its input's codes on the input for the next layer reading it (query, key, value); the
+    same op run through the dispatcher (what a compiled graph calls) keeps nothing and reads nothing kept: inductor
+    writes its buffers without moving their version counters and reuses one tensor object for several intermediates,
+    so codes kept on one would be read for another."""
+    from compressdit.quant.cpu_kernels import int8_gemm_linear_cpu
+    from compressdit.quant.kernel_registry import cache_of
+
+    _, layer = _layer(LinearQuantSpec(w_bits=8, a_bits=8))
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        expected = layer(x)
+        assert getattr(x, "_compressdit_rows", None) is not None  # eager: kept for the next reader
+        b = cache_of(layer).buffers
+        args = (None, b["codes_t"], b["packed"], b["w_scale"], b["w_zero"], b["bias"], b["per_token"], 96,
+                b["microkernel"])
+        fresh = x.clone()
+        torch.testing.assert_close(int8_gemm_linear_cpu.op(fresh, *args), expected)
+        assert getattr(fresh, "_compressdit_rows", None) is None  # the graph's op keeps nothing
+        kind, version, _ = x._compressdit_rows  # wrong codes planted as if kept: the graph's op must not read them
+        x._compressdit_rows = (kind, version, (torch.zeros(5, 256, dtype=torch.int8), torch.ones(5, 1)))
+        torch.testing.assert_close(int8_gemm_linear_cpu.op(x, *args), expected)
