@@ -32,7 +32,7 @@ their kernel name:
 - ``cpu-decoded-fp32``: those formats' layers above ``DENSE_MAX_WEIGHT`` with 4-bit codes (int, twin-log, NVFP4 /
   MXFP4, 4-bit minifloats) on CPUs without bf16 GEMMs (AVX2-only CPUs: there a bf16 GEMM is emulated, 4-5x an fp32
   one): no decoded copy kept; each call decodes the weight in one C pass from the packed codes with the format's own
-  table (``nibble_decoding``: value of each code, per-group scale and zero point; bit for bit its decoder) into a
+  table (``fp32_decoding``: value of each code, per-group scale and zero point; bit for bit its decoder) into a
   reused per-thread buffer (~0.2 ns a weight, ~1 ms for a DiT-XL/2 MLP layer against its ~50 ms GEMM at 512 rows), then
   the fp32 GEMM on the reference's quantized activations. The reference decoded in PyTorch per call: DiT-XL/2 steps
   with torch held to AVX2 took 1.4x (``rtn-w4a4``) to 3.9x (LRQ) the fp32 step, now 1.04-1.09x.
@@ -67,12 +67,9 @@ import torch.nn.functional as F
 from compressdit.quant.kernel_registry import KERNELS, LOW_RANK, Kernel, prepacked_bias
 from compressdit.quant.activations import activation_grid, quantize_input
 from compressdit.quant.cpu_native import (bf16_brgemm, bf16_linear, bf16_pack, bf16_scale, bf16_to_float,
-                                          branch_rows, decode_f32, fake_quantize_e4m3_rows,
-                                          fake_quantize_grid,
+                                          branch_rows, decode_f32, fake_quantize_e4m3_rows, fake_quantize_grid,
                                           fake_quantize_rows_int8, float_to_bf16, grid_rows_bf16_, hadamard_rows,
-                                          hadamard_takes,
-                                          native_library,
-                                          quantize_e4m3_bf16, shared_rows)
+                                          hadamard_takes, native_library, quantize_e4m3_bf16, shared_rows)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
 from compressdit.quant.primitives import int_range
@@ -265,9 +262,15 @@ def _per_call_applies(spec, device: torch.device, shape: tuple[int, int]) -> boo
     return device.type == "cpu" and four_bit and shape[1] % 2 == 0 and per_call_shape(shape)
 
 
-def _per_call_prepack(layer) -> dict:
-    return {"decoding": layer.fp32_decoding(), "bias": prepacked_bias(layer), "grid": _input_grid(layer),
-            "kind": _input_kind(layer.spec), "smooth": _smooth(layer)}
+def per_call_prepack(layer) -> dict:
+    """A :func:`per_call` kernel's buffers: the layer's ``fp32_decoding()`` and its fp32 bias."""
+    return {"decoding": layer.fp32_decoding(), "bias": prepacked_bias(layer)}
+
+
+def _per_call_grid_prepack(layer) -> dict:
+    """:func:`per_call_prepack` with the activation grid pass, sharing kind and balancing divisor of the layer."""
+    return {**per_call_prepack(layer), "grid": _input_grid(layer), "kind": _input_kind(layer.spec),
+            "smooth": _smooth(layer)}
 
 
 def per_call(run, decode):
@@ -643,12 +646,12 @@ KERNELS.add("cpu-int-dense-fp32", Kernel(
     description=f"layers of up to {DENSE_MAX_WEIGHT} weights: int codes decoded once into a dense fp32 weight "
                 "(4 bytes per weight of RAM; weight-only: balancing/rotation folded in), the reference's fp32 GEMM"))
 KERNELS.add("cpu-fp8-dense", Kernel(
-    _fp8_dense_applies, _decoded_fp32_prepack(lambda layer: layer.effective_weight(torch.float32)),
+    _fp8_dense_applies, _decoded_fp32_prepack(effective_fp32),
     _fp32_gemm(_e4m3_rows, any_rank=True), priority=10,
     description="E4M3 weight decoded once into a dense fp32 weight (4 bytes per weight of RAM), per-token E4M3 "
                 "activations as the reference, fp32 GEMM"))
 KERNELS.add("cpu-fp8-decoded-fp32", Kernel(
-    _fp8_per_call_applies, lambda layer: {"decoding": layer.fp32_decoding(), "bias": prepacked_bias(layer)},
+    _fp8_per_call_applies, per_call_prepack,
     per_call(_fp32_gemm(_e4m3_rows, any_rank=True), effective_fp32), priority=10,
     description=f"layers of more than {DENSE_MAX_WEIGHT} weights on CPUs without bf16 GEMMs: the E4M3 weight decoded "
                 "for each call by one C pass into a reused buffer (no fp32 copy kept), per-token E4M3 activations as "
@@ -661,7 +664,7 @@ KERNELS.add("cpu-fp8-bf16", Kernel(
                 "(2 bytes per weight of RAM), per-token E4M3 activation codes in one C pass, bf16 GEMM, row and "
                 "channel scales and bias in fp32 in one C pass"))
 KERNELS.add("cpu-twinlog-dense", Kernel(
-    _twinlog_dense_applies, _grid_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
+    _twinlog_dense_applies, _grid_prepack(_dequantized_fp32),
     _grid_gemm(quantize_layer_input, shared=False), priority=10,  # on the rotated input
     run_untransformed=_on_transformed(_grid_gemm(quantize_layer_input, shared=False), _fp32_rows_gemm),
     description=f"twin-log layers of up to {DENSE_MAX_WEIGHT} weights: log2 codes decoded once into a dense fp32 "
@@ -756,14 +759,14 @@ def _shared_layer_input(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 KERNELS.add("cpu-decoded-dense", Kernel(
-    _decoded_applies, _grid_prepack(lambda layer: layer.dequantized_weight(torch.float32)),
+    _decoded_applies, _grid_prepack(_dequantized_fp32),
     _grid_gemm(_shared_layer_input, shared=True), priority=5,
     run_untransformed=_with_branch(_transform_then(_grid_gemm(_shared_layer_input, shared=True))),
     description=f"low-bit layers of up to {DENSE_MAX_WEIGHT} weights no faster kernel runs (NVFP4/MX blocks, "
                 "4-bit minifloats, int with per-group or sub-8-bit activations): the residual weight decoded once "
                 "into fp32 (4 bytes per weight of RAM), activations quantized as the reference, fp32 GEMM"))
 KERNELS.add("cpu-decoded-fp32", Kernel(
-    _per_call_applies, _per_call_prepack, per_call(_grid_gemm(_shared_layer_input, shared=True), _dequantized_fp32),
+    _per_call_applies, _per_call_grid_prepack, per_call(_grid_gemm(_shared_layer_input, shared=True), _dequantized_fp32),
     priority=4, run_untransformed=per_call(_on_transformed(_grid_gemm(_shared_layer_input, shared=True),
                                                            _fp32_rows_gemm), _dequantized_fp32),
     description=f"layers of more than {DENSE_MAX_WEIGHT} weights with 4-bit codes (int, twin-log, NVFP4/MX blocks, "

@@ -57,15 +57,14 @@ from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS, dequantize_nib
 from compressdit.quant.kernel_registry import KERNELS, Kernel, prepacked_bias
 from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import (DENSE_MAX_WEIGHT, bf16_hardware, bf16_layer, bf16_rows_gemm, bf16_weights,
-                                         effective_fp32, per_call, per_call_shape, quantize_layer_input)
-from compressdit.quant.cpu_native import (dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
-                                          decode_f32,
+                                         effective_fp32, per_call, per_call_prepack, per_call_shape,
+                                         quantize_layer_input)
+from compressdit.quant.cpu_native import (decode_f32, dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
                                           int8_brgemm, int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops, rows_unshared,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
 
 INT4_GROUPS = (32, 64, 128, 256)
-INT4_VALUES = torch.arange(16, dtype=torch.float32) - 8  # the value of each offset nibble (code + 8)
 #: above this many rows a layer of ``cpu-int4-weight`` on a CPU without bf16 GEMMs decodes its fp32 weight for the
 #: call (:func:`int4_weight_linear_cpu`). 1152 -> 4608, group 64, one thread, torch's kernels held to AVX2 on the
 #: Xeon of bench/results: the packed int4 GEMM 0.46 / 3.45 / 14.6 ms at 1 / 16 / 64 rows, the fp32 GEMM 0.68 / 2.58 /
@@ -342,24 +341,25 @@ def _int8_group_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
 # --- weight-only int4 (tinygemm layout for CPU) -------------------------------------------------------------
 
 @_define("int4_weight_linear_cpu(Tensor x, Tensor packed, Tensor scales_zeros, Tensor nibbles, Tensor scale, "
-         "Tensor? zero, int group_size, Tensor? bias, int out_features, Tensor? scale32, Tensor? zero32) -> Tensor")
+         "Tensor? zero, int group_size, Tensor? bias, int out_features, Tensor? values32, Tensor? scale32, "
+         "Tensor? zero32) -> Tensor")
 def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, nibbles: torch.Tensor,
                            scale: torch.Tensor, zero: Optional[torch.Tensor], group_size: int,
-                           bias: Optional[torch.Tensor], out_features: int, scale32: Optional[torch.Tensor] = None,
-                           zero32: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           bias: Optional[torch.Tensor], out_features: int, values32: Optional[torch.Tensor] = None,
+                           scale32: Optional[torch.Tensor] = None, zero32: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T + b`` with W = (q - 8) * scale + zero per group, activations in bf16.
 
     Up to ``INT4_PACKED_MAX_ROWS["cpu"]`` rows: the packed int4 GEMM; above: W dequantized into bf16 for this
     call (``nibbles``: codes + 8 two per byte, ``scale``/``zero``: bf16 ``[out, in / group]``), a dense GEMM.
-    With ``scale32`` (the layer's fp32 scales, ``zero32`` its zero points: prepacked on CPUs without bf16 GEMMs, where
-    a bf16 GEMM is emulated) an fp32 ``x`` of more than ``FP32_DECODE_MIN_ROWS`` rows instead multiplies the reference's
-    own fp32 weight, decoded for this call (:func:`~compressdit.quant.cpu_native.decode_f32`), in an fp32
+    With ``values32`` / ``scale32`` / ``zero32`` (the layer's ``fp32_decoding()``: each nibble's value, the fp32 scales
+    and zero points; prepacked on CPUs without bf16 GEMMs, where a bf16 GEMM is emulated) an fp32 ``x`` of more than
+    ``FP32_DECODE_MIN_ROWS`` rows instead multiplies the reference's own fp32 weight, decoded for this call (:func:`~compressdit.quant.cpu_native.decode_f32`), in an fp32
     GEMM: activations unrounded, the reference's numbers up to summation order.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (scale32 is not None and x.dtype is torch.float32 and rows > FP32_DECODE_MIN_ROWS
+    if (values32 is not None and x.dtype is torch.float32 and rows > FP32_DECODE_MIN_ROWS
             and not (torch.is_grad_enabled() and x.requires_grad)):  # autograd would keep the reused buffer
-        weight = decode_f32(("nibbles", nibbles, INT4_VALUES, scale32, zero32))
+        weight = decode_f32(("nibbles", nibbles, values32, scale32, zero32))
         if weight is not None:
             return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
@@ -380,7 +380,8 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: 
 
 
 @torch.library.register_fake("compressdit::int4_weight_linear_cpu")
-def _(x, packed, scales_zeros, nibbles, scale, zero, group_size, bias, out_features, scale32=None, zero32=None):
+def _(x, packed, scales_zeros, nibbles, scale, zero, group_size, bias, out_features, values32=None, scale32=None,
+      zero32=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -413,13 +414,14 @@ def _int4_prepack(layer) -> dict:
 
 
 def _fp32_decode_scales(layer) -> dict:
-    """``scale32`` / ``zero32``: the layer's own fp32 group scales and zero points where its many-row calls decode the
-    weight into fp32 (:func:`int4_weight_linear_cpu`): CPUs without bf16 GEMMs, where the bf16 path's GEMM is
-    emulated (DiT-XL/2 with ``ATEN_CPU_CAPABILITY=avx2``: w4a16 5x the fp32 model's step); ``None`` elsewhere."""
+    """``values32`` / ``scale32`` / ``zero32``: the layer's ``fp32_decoding()`` tables (its nibbles are the prepacked
+    ``nibbles``) where its many-row calls decode the weight into fp32 (:func:`int4_weight_linear_cpu`): CPUs without
+    bf16 GEMMs, where the bf16 path's GEMM is emulated (DiT-XL/2 with ``ATEN_CPU_CAPABILITY=avx2``: w4a16 5x the fp32
+    model's step); ``None`` elsewhere."""
     if bf16_hardware():
-        return {"scale32": None, "zero32": None}
-    return {"scale32": layer.weight_scale.float().contiguous(),
-            "zero32": None if layer.weight_zero is None else layer.weight_zero.float().contiguous()}
+        return {"values32": None, "scale32": None, "zero32": None}
+    _, _, values, scale, zero = layer.fp32_decoding()
+    return {"values32": values, "scale32": scale, "zero32": zero}
 
 
 def _fake_quantize_input(layer, x: torch.Tensor) -> torch.Tensor:
@@ -428,8 +430,8 @@ def _fake_quantize_input(layer, x: torch.Tensor) -> torch.Tensor:
 
 def _int4_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return int4_weight_linear_cpu(_fake_quantize_input(layer, x), b["packed"], b["scales_zeros"], b["nibbles"],
-                                  b["scale"], b["zero"], b["group"], b["bias"], layer.out_features, b["scale32"],
-                                  b["zero32"])
+                                  b["scale"], b["zero"], b["group"], b["bias"], layer.out_features, b["values32"],
+                                  b["scale32"], b["zero32"])
 
 
 # --- weight-only int8 per channel ------------------------------------------------------------------------
@@ -526,8 +528,7 @@ KERNELS.add("cpu-vq-bf16", Kernel(
                 "activations, fp32 sums and bias"))
 KERNELS.add("cpu-vq-decoded-fp32", Kernel(
     lambda spec, device, shape: device.type == "cpu" and spec.format == "vq" and per_call_shape(shape),
-    lambda layer: {"decoding": layer.fp32_decoding(), "bias": prepacked_bias(layer)}, per_call(_vq_run, effective_fp32),
-    priority=10,
+    per_call_prepack, per_call(_vq_run, effective_fp32), priority=10,
     description=f"VQ layers of more than {DENSE_MAX_WEIGHT} weights on CPUs without bf16 GEMMs: the weight decoded for "
                 "each call by one C pass into a reused buffer (no fp32 copy kept: the codes stay packed), fp32 GEMM"))
 KERNELS.add("cpu-vq-dense", Kernel(
