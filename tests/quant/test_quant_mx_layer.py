@@ -171,7 +171,9 @@ def test_svdquant_on_nvfp4_balances_splits_a_branch_and_beats_plain_nvfp4():
         balanced = x / layer.smooth_scale
         by_hand = torch.nn.functional.linear(quantize_input(balanced, layer.spec), layer.dequantized_weight(),
                                              layer.bias) + balanced @ layer.low_rank_down.t() @ layer.low_rank_up.t()
-        torch.testing.assert_close(out, by_hand)
+        # up to summation order (the kernel may run the branch inside the main GEMM; inputs reach 30 here): one
+        # activation code off by a step would differ by ~1e-2
+        torch.testing.assert_close(out, by_hand, rtol=1e-5, atol=1e-4)
         # the stored pieces rebuild the original weight's input space
         folded = (layer.dequantized_weight() + layer.low_rank_up @ layer.low_rank_down) / layer.smooth_scale
         torch.testing.assert_close(layer.effective_weight(), folded)
