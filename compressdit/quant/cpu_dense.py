@@ -96,7 +96,7 @@ def fake_quantize_input(x: torch.Tensor, bits: int | None, granularity: str,
     return (x / scale).round_().mul_(scale)  # |x / scale| <= qmax: no clamp needed
 
 
-def _fast_int_path(spec) -> bool:
+def fast_int_path(spec) -> bool:
     """Integer activations per token / per tensor / static: :func:`fake_quantize_input`'s few passes apply."""
     return spec.a_format == "int" and spec.a_granularity in ("per_token", "per_tensor", "static")
 
@@ -108,7 +108,7 @@ def quantize_layer_input(layer, x: torch.Tensor) -> torch.Tensor:
     spec = layer.spec
     if spec.a_bits is None:
         return x
-    if _fast_int_path(spec):  # a static scale only on integer layers that calibrated one
+    if fast_int_path(spec):  # a static scale only on integer layers that calibrated one
         static = getattr(layer, "input_scale", None) if spec.a_granularity == "static" else None
         return fake_quantize_input(x, spec.a_bits, spec.a_granularity, static)
     grid = activation_grid(spec)
@@ -138,6 +138,11 @@ def bf16_hardware() -> bool:
     """Whether this CPU runs bf16 GEMMs in hardware (AVX512-BF16; AMX parts have it too) with torch's AVX-512 kernels:
     elsewhere a bf16 GEMM is emulated, slower than fp32."""
     return _bf16_hardware()[1]
+
+
+def amx_bf16() -> bool:
+    """Whether this CPU has AMX-BF16 with torch's AVX-512 kernels (Intel Xeon 4th generation on)."""
+    return _bf16_hardware()[0]
 
 
 #: the smallest weight (in_features * out_features) a bf16 GEMM pays on, where it pays at all. Intel Xeon with
@@ -269,8 +274,8 @@ def per_call_prepack(layer) -> dict:
 
 def _per_call_grid_prepack(layer) -> dict:
     """:func:`per_call_prepack` with the activation grid pass, sharing kind and balancing divisor of the layer."""
-    return {**per_call_prepack(layer), "grid": _input_grid(layer), "kind": _input_kind(layer.spec),
-            "smooth": _smooth(layer)}
+    return {**per_call_prepack(layer), "grid": input_grid(layer), "kind": _input_kind(layer.spec),
+            "smooth": smooth_divisor(layer)}
 
 
 def per_call(run, decode):
@@ -304,10 +309,10 @@ def _dense_prepack(dtype: torch.dtype):
         weight = layer.effective_weight(torch.float32) if _folds(layer) else layer.dequantized_weight(torch.float32)
         spec = layer.spec
         weights = bf16_weights(weight, layer) if dtype is torch.bfloat16 else fp32_weights(weight, layer)
-        return {**weights, "smooth": _smooth(layer), "folded": _folds(layer),
+        return {**weights, "smooth": smooth_divisor(layer), "folded": _folds(layer),
                 "int8_rows": spec.a_bits == 8 and spec.a_format == "int" and spec.a_granularity in ("per_token",
                                                                                                   "per_tensor"),
-                "grid": _input_grid(layer),
+                "grid": input_grid(layer),
                 "bias": prepacked_bias(layer)}
 
     return prepack
@@ -323,10 +328,10 @@ def _contiguous_fp32(x: torch.Tensor) -> torch.Tensor:
 
 def _branch_fuses(layer) -> bool:
     """Whether ``layer``'s SVDQuant branch can run in its kernel's GEMM: it has one, no rotation (the branch reads the
-    balanced, unrotated input) and its activations are unquantized or dynamic on the grid pass (:func:`_input_grid`),
+    balanced, unrotated input) and its activations are unquantized or dynamic on the grid pass (:func:`input_grid`),
     with the C passes built."""
     return (getattr(layer, "low_rank_up", None) is not None and getattr(layer, "rotation_signs", None) is None
-            and native_library() is not None and (layer.spec.a_bits is None or _input_grid(layer) is not None))
+            and native_library() is not None and (layer.spec.a_bits is None or input_grid(layer) is not None))
 
 
 def _branch_prepack(layer, weight: torch.Tensor) -> dict | None:
@@ -357,13 +362,13 @@ def _branch_layout(layer, weight: torch.Tensor, dtype: torch.dtype) -> dict | No
         up_hi, up_lo = _bf16_terms(up)
         terms = [up_hi, up_hi, up_lo]
     cat = torch.cat([weight.float(), *terms], dim=1).to(dtype).contiguous()
-    smooth = _smooth(layer)
+    smooth = smooth_divisor(layer)
     return {"weight": cat[:, :layer.in_features], "cat": cat, "packed": None,
             LOW_RANK: layer.low_rank_down.detach().float().t().contiguous(),
             "inv": None if smooth is None else torch.ones_like(smooth).div_(smooth)}
 
 
-def _smooth(layer) -> torch.Tensor | None:
+def smooth_divisor(layer) -> torch.Tensor | None:
     """The layer's balancing divisor as the op reads it (contiguous fp32), or ``None`` without balancing."""
     smooth = getattr(layer, "smooth_scale", None)
     return None if smooth is None else smooth.detach().float().contiguous()
@@ -428,7 +433,7 @@ def _dense_kernel(linear):
 def _dense_bf16_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     spec = layer.spec
     x2 = x.reshape(-1, x.shape[-1])
-    if spec.a_bits is not None and layer.input_scale is None and _fast_int_path(spec):
+    if spec.a_bits is not None and layer.input_scale is None and fast_int_path(spec):
         # dynamic integer codes (exact in bf16) times W, then each row by its scale: fewer passes than x * s
         magnitude = x2.abs()
         scale = magnitude.amax(-1, keepdim=True) if spec.a_granularity == "per_token" else magnitude.amax()
@@ -493,13 +498,13 @@ def _fp32_gemm(quantize_rows, any_rank: bool = False):
     return run
 
 
-def _input_grid(layer) -> tuple | None:
+def input_grid(layer) -> tuple | None:
     """``(group, rule, top, mantissa, min_exp)``: the arguments of the fused grid pass that quantizes ``layer``'s
     input as its spec says (dynamic scales per group or per token, not the fast integer path), or ``None`` (also
     without the C library). Prepacked with the weight, not rebuilt from the spec per call
     (:func:`quantize_layer_input`'s Python, ~3 us a call in a zoo step)."""
     spec = layer.spec
-    if spec.a_bits is None or _fast_int_path(spec) or native_library() is None:
+    if spec.a_bits is None or fast_int_path(spec) or native_library() is None:
         return None
     grid = activation_grid(spec)
     if grid is None:
@@ -510,10 +515,10 @@ def _input_grid(layer) -> tuple | None:
 
 def _grid_prepack(decode):
     """The fp32 weight ``decode(layer)`` (with the layer's low-rank branch beside it: :func:`fp32_weights`), the fp32
-    bias, the layer's grid pass (:func:`_input_grid`), sharing kind and balancing divisor."""
+    bias, the layer's grid pass (:func:`input_grid`), sharing kind and balancing divisor."""
     def prepack(layer) -> dict:
-        return {**fp32_weights(decode(layer), layer), "bias": prepacked_bias(layer), "grid": _input_grid(layer),
-                "kind": _input_kind(layer.spec), "smooth": _smooth(layer)}
+        return {**fp32_weights(decode(layer), layer), "bias": prepacked_bias(layer), "grid": input_grid(layer),
+                "kind": _input_kind(layer.spec), "smooth": smooth_divisor(layer)}
 
     return prepack
 
@@ -695,8 +700,8 @@ def _decoded_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) ->
 
 
 def _decoded_bf16_prepack(layer) -> dict:
-    return {**bf16_weights(layer.dequantized_weight(torch.float32), layer), "smooth": _smooth(layer),
-            "grid": _input_grid(layer), "bias": prepacked_bias(layer)}
+    return {**bf16_weights(layer.dequantized_weight(torch.float32), layer), "smooth": smooth_divisor(layer),
+            "grid": input_grid(layer), "bias": prepacked_bias(layer)}
 
 
 def bf16_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:

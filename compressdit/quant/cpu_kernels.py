@@ -48,21 +48,26 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from compressdit.quant.activations import activation_grid
 from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS, dequantize_nibbles, int4_uses_packed_gemm
-from compressdit.quant.kernel_registry import KERNELS, Kernel, prepacked_bias
+from compressdit.quant.kernel_registry import KERNELS, LOW_RANK, Kernel, prepacked_bias
 from compressdit.quant.op_library import define_op
-from compressdit.quant.cpu_dense import (DENSE_MAX_WEIGHT, bf16_hardware, bf16_layer, bf16_rows_gemm, bf16_weights,
-                                         effective_fp32, per_call, per_call_prepack, per_call_shape,
-                                         quantize_layer_input)
+from compressdit.quant.cpu_dense import (DENSE_MAX_WEIGHT, amx_bf16, bf16_hardware, bf16_layer, bf16_rows_gemm,
+                                         bf16_weights, effective_fp32, fast_int_path, input_grid, per_call,
+                                         per_call_prepack, per_call_shape, quantize_layer_input, smooth_divisor)
 from compressdit.quant.cpu_native import (decode_f32, dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
-                                          int8_brgemm, int8_pack,
+                                          grid_codes, group_gemm, group_gemm_ready, int8_brgemm, int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops, rows_unshared,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
+from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
+from compressdit.quant.minifloat import MINIFLOATS, unpack_nibbles
+from compressdit.quant.mx_layer import BLOCK_CODECS
 
 INT4_GROUPS = (32, 64, 128, 256)
 #: above this many rows a layer of ``cpu-int4-weight`` on a CPU without bf16 GEMMs decodes its fp32 weight for the
@@ -502,6 +507,154 @@ def _vq_bf16_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return bf16_rows_gemm(layer, x, b).to(x.dtype)
 
 
+# --- low-bit activations x 4-bit weights, scales per group of inputs on both: an integer GEMM (AVX512-VNNI) ---------
+
+def integer_multiplier(values: torch.Tensor) -> float | None:
+    """The smallest power of two (up to 2^9) that makes every one of ``values`` an integer of magnitude at most 127
+    (signed bytes), or ``None``."""
+    for shift in range(10):
+        scaled = values.double() * 2.0 ** shift
+        if bool(torch.isfinite(scaled).all()) and torch.equal(scaled, scaled.round()):
+            return 2.0 ** shift if float(scaled.abs().max()) <= 127 else None
+    return None
+
+
+def grid_multiplier(grid) -> float | None:
+    """The power of two making every value of an activation :class:`~compressdit.quant.activations.Grid` an integer
+    (its finest step is 2^(min_exp - mantissa); integers: 1), where the grid then spans at most +-127 (unsigned bytes
+    with an offset of ``top * mult``); ``None`` otherwise."""
+    integer = grid.mantissa == 30 and grid.min_exp == 30
+    if not integer and not 0 <= grid.mantissa - grid.min_exp <= 9:
+        return None
+    mult = 1.0 if integer else 2.0 ** (grid.mantissa - grid.min_exp)
+    offset = grid.top * mult
+    return mult if offset <= 127 and offset == int(offset) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_values(fmt: str, w_bits: int, symmetric: bool) -> torch.Tensor | None:
+    """The 16 values a 4-bit weight code of ``fmt`` stands for before its group scale (``fp32_decoding``'s table),
+    where the layer stores packed nibbles and no zero point; ``None`` otherwise."""
+    codes = torch.arange(16, dtype=torch.uint8)
+    if fmt == "int":
+        return torch.arange(16, dtype=torch.float32) - 8 if w_bits <= 4 and symmetric else None
+    if fmt in FP_WEIGHT_FORMATS:
+        return MINIFLOATS.get(fmt).decode(codes).float()
+    if fmt in BLOCK_CODECS and BLOCK_CODECS.get(fmt).packed:
+        return BLOCK_CODECS.get(fmt).element.decode(codes).float()
+    return None
+
+
+def _vnni_groups(spec, in_features: int) -> tuple[int, int] | None:
+    """``(group, repeat)``: the GEMM's group (the narrower of the weight's and the activations' groups, the wider a
+    multiple of it) and how many of them one activation group spans; ``None`` where they do not nest or the GEMM
+    cannot take them (groups of a multiple of 4 inputs)."""
+    w_group = spec.group_size or in_features
+    a_group = spec.a_group_size if spec.a_granularity == "per_group" else in_features
+    group, wide = min(w_group, a_group), max(w_group, a_group)
+    if group % 4 or wide % group or in_features % wide:
+        return None
+    return group, a_group // group
+
+
+def integer_groups_apply(spec, shape: tuple[int, int]) -> bool:
+    """Whether a CPU layer of ``spec`` and ``shape`` (out, in) runs ``cpu-int8-vnni`` on this machine now."""
+    return _vnni_applies(spec, torch.device("cpu"), shape)
+
+
+def _vnni_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    if device.type != "cpu" or spec.a_bits is None or spec.rotation != "none" or fast_int_path(spec):
+        return False
+    values, grid = _weight_values(spec.format, spec.w_bits, spec.w_symmetric), activation_grid(spec)
+    return (values is not None and grid is not None and integer_multiplier(values) is not None
+            and grid_multiplier(grid) is not None and _vnni_groups(spec, shape[1]) is not None
+            and not amx_bf16() and group_gemm_ready())
+
+
+def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: float) -> dict:
+    """int8 weight codes ``[out, in]`` and their fp32 scales ``[out, in / g]`` (groups of ``g``, a multiple of the
+    GEMM's ``group``) in :func:`~compressdit.quant.cpu_native.group_gemm`'s layout (csrc/group_gemm.c): ``packed``
+    (blocks of 16 output channels, four inputs of a channel together), ``corr`` (``-offset`` times each channel's
+    sum of codes per group: the activation codes' offset taken back) and ``w_scale`` ``[groups, out]``, the output
+    channels padded to a multiple of 32 with zero codes."""
+    out_features, in_features = codes.shape
+    padded = -(-out_features // 32) * 32
+    groups = in_features // group
+    full = torch.zeros(padded, in_features, dtype=torch.int8)
+    full[:out_features] = codes
+    packed = full.view(padded // 16, 16, in_features // 4, 4).permute(0, 2, 1, 3).contiguous()
+    corr = torch.zeros(groups, padded, dtype=torch.int32)
+    corr[:, :out_features] = (-offset * full[:out_features].view(out_features, groups, group).sum(-1)).t().int()
+    w_scale = torch.zeros(groups, padded)
+    w_scale[:, :out_features] = scale.float().repeat_interleave(groups // scale.shape[1], dim=1).t()
+    return {"packed": packed, "corr": corr, "w_scale": w_scale}
+
+
+def _vnni_prepack(layer) -> dict:
+    spec = layer.spec
+    kind, nibbles, values, scale, zero = layer.fp32_decoding()
+    if kind != "nibbles" or zero is not None or values.dim() != 1:
+        raise ValueError(f"cpu-int8-vnni: {type(layer).__name__} decodes {kind!r} codes with a zero point or tables "
+                         "per row")
+    w_mult = integer_multiplier(values)
+    grid = input_grid(layer)
+    mult = grid_multiplier(activation_grid(spec))
+    group, repeat = _vnni_groups(spec, layer.in_features)
+    codes = (values[unpack_nibbles(nibbles).long()] * w_mult).round().to(torch.int8)
+    smooth = smooth_divisor(layer)
+    down, up = getattr(layer, "low_rank_down", None), getattr(layer, "low_rank_up", None)
+    down_t = None if down is None else down.detach().float().t().contiguous()
+    return {**pack_weight(codes, scale / w_mult, group, grid[2] * mult), "bias": prepacked_bias(layer),
+            "smooth": smooth, "inv": None if smooth is None else 1.0 / smooth, LOW_RANK: down_t,
+            "up_t": None if up is None else up.detach().float().t().contiguous(),
+            "settings": (group, repeat, *grid[1:], mult)}
+
+
+@_define("int8_vnni_linear_cpu(Tensor x, Tensor? smooth, Tensor? inv, Tensor packed, Tensor corr, Tensor w_scale, "
+         "Tensor? bias, Tensor? down_t, Tensor? up_t, int group, int repeat, int rule, float top, int mantissa, "
+         "int min_exp, float mult, int out_features) -> Tensor")
+def int8_vnni_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: Optional[torch.Tensor],
+                         packed: torch.Tensor, corr: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                         down_t: Optional[torch.Tensor], up_t: Optional[torch.Tensor], group: int, repeat: int,
+                         rule: int, top: float, mantissa: int, min_exp: int, mult: float,
+                         out_features: int) -> torch.Tensor:
+    """``q(x / smooth) @ W^T + b (+ (x / smooth) @ down_t @ up_t)``: the activations quantized per group onto their
+    grid (``rule`` ... ``min_exp``, the fake quantization's, bit for bit) as integer codes (``grid_codes``), the weight's
+    integer codes (:func:`pack_weight`), one integer GEMM with both groups' scales in its epilogue (``group_gemm``);
+    ``smooth`` / ``inv``: the balancing divisor and its reciprocal, or None; ``down_t`` / ``up_t``: SVDQuant's
+    branch on the balanced rows, or None. Unbalanced rows' codes are shared with the other layers reading ``x``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype is not torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    grid = (group * repeat, rule, top, mantissa, min_exp)
+
+    def compute():
+        return grid_codes(x2, smooth, inv, grid, repeat, mult)
+
+    codes, scales, balanced = compute() if smooth is not None else shared_rows(x, ("codes", grid, repeat, mult), compute)
+    out = group_gemm(codes, scales, packed, corr, w_scale, bias, out_features)
+    if down_t is not None:
+        out.addmm_(torch.mm(x2 if balanced is None else balanced, down_t), up_t)
+    return _like_input(out, x)
+
+
+@torch.library.register_fake("compressdit::int8_vnni_linear_cpu")
+def _(x, smooth, inv, packed, corr, w_scale, bias, down_t, up_t, group, repeat, rule, top, mantissa, min_exp, mult,
+      out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _vnni_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    """On the transformed (balanced) input: no divisor, no branch (the layer adds it)."""
+    return int8_vnni_linear_cpu(x, None, None, b["packed"], b["corr"], b["w_scale"], b["bias"], None, None,
+                                *b["settings"], layer.out_features)
+
+
+def _vnni_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    return int8_vnni_linear_cpu(x, b["smooth"], b["inv"], b["packed"], b["corr"], b["w_scale"], b["bias"],
+                                b[LOW_RANK], b["up_t"], *b["settings"], layer.out_features)
+
+
 KERNELS.add("cpu-int8-gemm", Kernel(
     _int8_gemm_applies, _int8_gemm_prepack, _int8_gemm_run, priority=20,
     run_untransformed=_int8_gemm_run_untransformed, run_activated=_int8_gemm_run_activated,
@@ -514,6 +667,13 @@ KERNELS.add("cpu-int8-group-gemm", Kernel(
     description=f"layers of up to {INT8_GEMM_SMALL_WEIGHT} weights, symmetric int weights in groups (as int8, 1 byte "
                 "per weight) x the spec's dynamic int8 activation codes: one torch._int_mm (on AMX-INT8 oneDNN's "
                 "microkernel) per group, scales in fp32"))
+KERNELS.add("cpu-int8-vnni", Kernel(
+    _vnni_applies, _vnni_prepack, _vnni_run, priority=16, run_untransformed=_vnni_run_untransformed,
+    description="4-bit weights (int, NVFP4, 4-bit minifloats) x dynamic activations on an integer or 4-bit minifloat "
+                "grid with scales per group of inputs (W4A4 g16 / g64, NVFP4), on CPUs with AVX512-VNNI (not AMX): "
+                "the activations' grid values as byte codes (one C pass, balancing fused), one integer GEMM on the "
+                "weight's codes packed once (1 byte per weight; int32 sums per group, both groups' scales in the "
+                "epilogue), an SVDQuant branch in fp32 beside"))
 KERNELS.add("cpu-int4-weight", Kernel(
     _int4_applies, _int4_prepack, _int4_run, priority=10,
     description=f"_weight_int4pack_mm_for_cpu (bf16 activations, bf16 group scales) up to "

@@ -43,7 +43,7 @@ import torch
 
 from compressdit.cache import default_cache_dir
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("int8_rows.c", "float_rows.c"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("int8_rows.c", "float_rows.c", "group_gemm.c"))
 HEADERS = (Path(__file__).with_name("csrc") / "rows.h",)  # included by both: part of the build's digest
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
@@ -78,6 +78,10 @@ _SIGNATURES = {
     "compressdit_vq_decode_f32": ([_PTR, _I64, _I32, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I32], None),
     "compressdit_quantize_e4m3_bf16_rows": ([_PTR, _I64, _I64, _PTR, _PTR, _I32], None),
     "compressdit_bf16_scale_bf16": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], None),
+    "compressdit_grid_codes_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32,
+                                     ctypes.c_float, ctypes.c_float, _PTR, _PTR, _PTR, _I32], None),
+    "compressdit_group_gemm_ready": ([], ctypes.c_int),
+    "compressdit_group_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I32], ctypes.c_int),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -560,6 +564,59 @@ def grid_rows_bf16_(x: torch.Tensor, group: int, rule: int, top: float, mantissa
     out = torch.empty(rows, cols, dtype=torch.bfloat16)
     lib.compressdit_grid_rows_bf16(x.data_ptr(), rows, cols, group, rule, top, mantissa, min_exp, t, x.data_ptr(),
                                    out.data_ptr(), cols, threads)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def group_gemm_ready() -> bool:
+    """Whether :func:`group_gemm` runs here: the library built with AVX-512 (the vector ISA torch runs: not under
+    ``ATEN_CPU_CAPABILITY=avx2``) on a CPU with AVX512-VNNI."""
+    lib = native_library()
+    return lib is not None and bool(lib.compressdit_group_gemm_ready())
+
+
+def grid_codes(x: torch.Tensor, smooth: torch.Tensor | None, inv: torch.Tensor | None, grid: tuple, repeat: int,
+               mult: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The integer GEMM's activations (:func:`group_gemm`): contiguous fp32 rows ``x`` ``[rows, cols]`` divided by
+    ``smooth`` (``inv = 1 / smooth``; ``None``: not balanced) and quantized as :func:`fake_quantize_grid` (``grid``
+    its ``(group, rule, top, mantissa, min_exp)``; NVFP4's tensor scale over the balanced rows), as ``(codes, scales,
+    balanced)``: uint8 codes ``value * mult + top * mult`` (``mult`` a power of two making the grid's values
+    integers), fp32 scales ``s / mult`` ``[rows, cols / group * repeat]`` (each group's ``repeat`` times: the GEMM's
+    narrower groups) and the balanced fp32 rows (``None`` without ``smooth``: ``x`` itself, not kept here, as what
+    :func:`keep_rows` keeps on ``x`` must not hold ``x``). ``None`` without the library or under ``torch.compile``."""
+    lib = _lib_for(x, smooth, inv)
+    group, rule, top, mantissa, min_exp = grid
+    if lib is None or x.dim() != 2 or x.shape[1] % group:
+        return None
+    rows, cols = x.shape
+    threads = threads_for(x.numel())
+    balanced = None if smooth is None else torch.empty_like(x)
+    if rule == 2 and smooth is not None:  # NVFP4's tensor scale reads every balanced row first: divided once
+        lib.compressdit_divide_rows(x.data_ptr(), smooth.data_ptr(), inv.data_ptr(), rows, cols, balanced.data_ptr(),
+                                    threads)
+        x, smooth, inv = balanced, None, None
+    t = lib.compressdit_grid_tensor_scale(x.data_ptr(), _ptr(smooth), rows, cols, top, threads) if rule == 2 else 1.0
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    scales = torch.empty(rows, cols // group * repeat)
+    lib.compressdit_grid_codes_rows(x.data_ptr(), _ptr(smooth), _ptr(inv), rows, cols, group, repeat, rule, top,
+                                    mantissa, min_exp, t, mult, _ptr(balanced), codes.data_ptr(),
+                                    scales.data_ptr(), threads)
+    return codes, scales, balanced
+
+
+def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor,
+               w_scale: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``out[i, n] = sum_g (sum_{k in g} codes[i, k] * w[n, k]) * scales[i, g] * w_scale[g, n] + bias[n]`` (fp32
+    ``[rows, out_features]``, the inner sums exact in int32) from :func:`grid_codes`' codes and scales and a weight
+    packed by ``cpu_groups.pack_weight`` (``packed``, ``corr``, ``w_scale``: see csrc/group_gemm.c); where
+    :func:`group_gemm_ready`. Rows (or column blocks) over torch's threads from ``TEAM_MIN_WORK`` multiply-adds."""
+    rows, cols = codes.shape
+    group = cols // scales.shape[1]
+    out = torch.empty(rows, out_features)
+    threads = torch.get_num_threads() if rows * cols * out_features > TEAM_MIN_WORK else 1
+    native_library().compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(), corr.data_ptr(),
+                                            w_scale.data_ptr(), _ptr(bias), rows, out_features, cols, group,
+                                            out.data_ptr(), threads)
     return out
 
 

@@ -213,6 +213,7 @@ def test_big_low_bit_layers_run_a_bf16_copy_within_bf16_rounding(name):
     assert _error(out, reference) <= 6e-3
 
 
+@pytest.mark.usefixtures("decoded_kernels")
 @pytest.mark.parametrize("name", sorted(n for n in DECODED if n != "mxfp8-weight-only") + ["lrq-twinlog"])
 def test_big_4_bit_layers_decode_per_call_where_the_cpu_has_no_bf16_gemm(name, monkeypatch):
     """``cpu-decoded-fp32`` (chosen where bf16 GEMMs are emulated, as on AVX2-only CPUs: the reference's per-call
@@ -340,6 +341,7 @@ def test_a_bf16_models_twin_log_layers_rotate_in_the_c_pass(shape, monkeypatch):
     assert _error(out, exact) <= _error(reference, exact) * 1.05
 
 
+@pytest.mark.usefixtures("decoded_kernels")
 @pytest.mark.parametrize("name", sorted(DECODED) + ["lrq-twinlog", "rtn-w4a16", "fp8"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_small_layers_run_the_bf16_microkernel_where_amx_has_it(name, threads):
@@ -437,6 +439,7 @@ def test_svdquant_layers_run_their_branch_in_their_kernels_gemm(name, dtype):
         assert _error(layer._add_low_rank(again, transformed), out) <= (1e-2 if dtype == torch.float32 else 3e-2)
 
 
+@pytest.mark.usefixtures("decoded_kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_svdquant_layers_run_their_branch_in_torchs_bf16_gemm(dtype):
     """Above ``DENSE_MAX_WEIGHT`` weights (``cpu-decoded-bf16`` on torch's bf16 linear: chosen on CPUs with bf16

@@ -67,8 +67,10 @@ def test_compiled_w8a8_and_w4a16_dit_has_no_graph_break_in_quantized_layers_and_
 def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
     """Big W8A8 (oneDNN's prepacked weight), small W8A8 (torch._int_mm, or AMX's int8 microkernel), dense bf16 W4,
     grouped W4A8, FP8, NVFP4 (decoded weight, fused activation pass: PyTorch ops under compilation, the same numbers;
-    on AMX the bf16 microkernel's op, traced through its fake), SVDQuant's NVFP4 (on AMX the whole layer in that op)."""
+    on AMX the bf16 microkernel's op, traced through its fake; with AVX512-VNNI the integer GEMM's op), SVDQuant's
+    NVFP4 (on AMX the whole layer in that op; with AVX512-VNNI the integer GEMM's, its branch in it)."""
     from compressdit.quant.cpu_dense import decoded_kernel_name, fp8_kernel_name
+    from compressdit.quant.cpu_kernels import integer_groups_apply
     from compressdit.quant.formats import FORMATS
     from compressdit.quant.fp8_layer import FP8Linear
     from compressdit.quant.layers import QuantLinear
@@ -90,8 +92,9 @@ def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
         FORMATS.get("nvfp4").quantize(torch.nn.Linear(16, 32), SVDQUANT, torch.rand(16) + 0.5))
     assert list(prepack_model(model).values()) == ["cpu-int8-gemm", "cpu-int8-gemm", dense_kernel_name((64, 64)),
                                                    "cpu-int8-group-gemm", fp8_kernel_name(8, (32, 64)),
-                                                   decoded_kernel_name(NVFP4, (16, 32)),
-                                                   decoded_kernel_name(SVDQUANT, (32, 16))]
+                                                   *("cpu-int8-vnni" if integer_groups_apply(spec, shape) else
+                                                     decoded_kernel_name(spec, shape)
+                                                     for spec, shape in ((NVFP4, (16, 32)), (SVDQUANT, (32, 16))))]
     torch._dynamo.reset()
     with torch.no_grad():
         for rows in (1, 7):
@@ -137,6 +140,7 @@ def test_the_bf16_copy_and_the_hadamard_pass_compile_with_fullgraph_and_match_ea
             torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.usefixtures("decoded_kernels")
 @pytest.mark.slow
 def test_per_call_decoding_compiles_with_fullgraph_and_matches_eager(monkeypatch):
     """Where the CPU has no bf16 GEMM: ``cpu-decoded-fp32`` (a big NVFP4 layer, a big twin-log one rotating its input)

@@ -186,6 +186,7 @@ def test_w4_kernel_is_the_reference_with_bf16_inputs_and_scales_up_to_its_bf16_o
     assert ((out - reference).abs() <= reference.abs() * 2 ** -8 + 1e-3).all()
 
 
+@pytest.mark.usefixtures("decoded_kernels")
 @pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=4, group_size=64), LinearQuantSpec(w_bits=3, group_size=32,
                                                                                              w_symmetric=False),
                                   LinearQuantSpec(w_bits=4, a_bits=4, group_size=64, a_granularity="per_group",

@@ -246,11 +246,11 @@ static inline float grid_scale(float amax, int32_t rule, float top, float t) {
 
 /* n <= GRID_BATCH consecutive groups of `group` values: always inlined with a constant group (16, 32, 64) and
  * `integer` (the grid is the integers: grid_value_int), so that each group's loops are straight vector code */
-static inline __attribute__((always_inline)) void grid_groups(const float *x, float *out, int64_t n,
-                                                              int64_t group, int32_t rule, float top, int32_t mantissa,
-                                                              int32_t min_exp, float t, int integer) {
+/* the scales s (grid_scale) of n <= GRID_BATCH consecutive groups and their reciprocals inv */
+static inline __attribute__((always_inline)) void grid_group_scales(const float *x, int64_t n, int64_t group,
+                                                                    int32_t rule, float top, float t, float *s,
+                                                                    float *inv) {
     uint32_t amax[GRID_BATCH];
-    float s[GRID_BATCH], inv[GRID_BATCH];
     for (int64_t b = 0; b < n; ++b) amax[b] = absmax_bits(x + b * group, group);
     if (rule == 0) { /* inlined by hand: the loop then vectorizes */
         for (int64_t b = 0; b < n; ++b) {
@@ -261,6 +261,13 @@ static inline __attribute__((always_inline)) void grid_groups(const float *x, fl
         for (int64_t b = 0; b < n; ++b) s[b] = grid_scale(bits_float(amax[b]), rule, top, t);
     }
     for (int64_t b = 0; b < n; ++b) inv[b] = 1.0f / s[b];
+}
+
+static inline __attribute__((always_inline)) void grid_groups(const float *x, float *out, int64_t n,
+                                                              int64_t group, int32_t rule, float top, int32_t mantissa,
+                                                              int32_t min_exp, float t, int integer) {
+    float s[GRID_BATCH], inv[GRID_BATCH];
+    grid_group_scales(x, n, group, rule, top, t, s, inv);
     for (int64_t b = 0; b < n; ++b) {
         const float *r = x + b * group;
         float *o = out + b * group;
@@ -289,6 +296,62 @@ static void grid_batch(const float *x, float *out, int64_t n, int64_t group, int
     default: GRID_GROUPS(group); break;
     }
 #undef GRID_GROUPS
+}
+
+/* grid_groups' values as integer codes for an integer GEMM (group_gemm.c): each value v * s written as the byte
+ * v * mult + top * mult (mult a power of two making every grid value an integer, top * mult <= 127: unsigned codes)
+ * and each group's scale as s / mult, `repeat` times (the GEMM's groups may be narrower than these). A group with a
+ * NaN value (a NaN, or an inf under a scale it overflows) gets the scale NaN: no code stands for NaN, and the outputs
+ * of its row are then NaN, as the reference's are. */
+static inline __attribute__((always_inline)) void grid_code_groups(const float *x, uint8_t *codes, float *scales,
+                                                                   int64_t n, int64_t group, int64_t repeat,
+                                                                   int32_t rule, float top, int32_t mantissa,
+                                                                   int32_t min_exp, float t, float mult, int integer) {
+    float s[GRID_BATCH], inv[GRID_BATCH];
+    grid_group_scales(x, n, group, rule, top, t, s, inv);
+    const float offset = top * mult;
+    for (int64_t b = 0; b < n; ++b) {
+        const float *r = x + b * group;
+        uint8_t *c = codes + b * group;
+        const float sb = s[b], ib = inv[b];
+        int nan = 0;
+        if (integer && divides_fast(sb)) {
+            for (int64_t j = 0; j < group; ++j) {
+                const float v = grid_value_int(div_rn(r[j], sb, ib), top) * mult + offset;
+                nan |= v != v;
+                c[j] = (uint8_t)(int32_t)(v == v ? v : offset);
+            }
+        } else if (sb == sb && sb <= 3.40282347e38f) { /* a subnormal scale (MX's 2^-127): the plain division */
+            const int fast = divides_fast(sb);
+            for (int64_t j = 0; j < group; ++j) {
+                const float v = grid_value(fast ? div_rn(r[j], sb, ib) : r[j] / sb, top, mantissa, min_exp) * mult
+                                + offset;
+                nan |= v != v;
+                c[j] = (uint8_t)(int32_t)(v == v ? v : offset);
+            }
+        } else {
+            nan = 1;
+            memset(c, (int)offset, (size_t)group);
+        }
+        const float scale = nan ? __builtin_nanf("") : sb / mult;
+        for (int64_t k = 0; k < repeat; ++k) scales[b * repeat + k] = scale;
+    }
+}
+
+/* grid_code_groups with its loops specialized for groups of 16, 32 and 64 */
+static void grid_code_batch(const float *x, uint8_t *codes, float *scales, int64_t n, int64_t group, int64_t repeat,
+                            int32_t rule, float top, int32_t mantissa, int32_t min_exp, float t, float mult) {
+    const int integer = mantissa == 30 && min_exp == 30 && top < 4194304.0f;
+#define CODE_GROUPS(width)                                                                                         \
+    (integer ? grid_code_groups(x, codes, scales, n, width, repeat, rule, top, mantissa, min_exp, t, mult, 1)      \
+             : grid_code_groups(x, codes, scales, n, width, repeat, rule, top, mantissa, min_exp, t, mult, 0))
+    switch (group) {
+    case 16: CODE_GROUPS(16); break;
+    case 32: CODE_GROUPS(32); break;
+    case 64: CODE_GROUPS(64); break;
+    default: CODE_GROUPS(group); break;
+    }
+#undef CODE_GROUPS
 }
 
 float compressdit_grid_tensor_scale(const float *x, const float *smooth, int64_t rows, int64_t cols, float top,
@@ -414,6 +477,29 @@ void compressdit_balance_grid_rows(const float *x, const float *smooth, const fl
         for (int64_t g = 0; g < groups; g += GRID_BATCH) {
             const int64_t n = groups - g < GRID_BATCH ? groups - g : GRID_BATCH;
             grid_batch(r + g * group, o + g * group, n, group, rule, top, mantissa, min_exp, t);
+        }
+    });
+}
+
+/* The integer GEMM's input (group_gemm.c): per row, b = x / smooth (divide_row into `balanced`, which the SVDQuant
+ * branch reads; smooth NULL: b = x), then compressdit_fake_quantize_grid_with's values of b (groups of `group`,
+ * tensor scale t) as grid_code_groups' codes (rows of `cols` bytes) and scales (rows of cols / group * repeat). The
+ * codes times the scales are the fake-quantized values exactly. */
+void compressdit_grid_codes_rows(const float *x, const float *smooth, const float *inv, int64_t rows, int64_t cols,
+                                 int64_t group, int64_t repeat, int32_t rule, float top, int32_t mantissa,
+                                 int32_t min_exp, float t, float mult, float *balanced, uint8_t *codes, float *scales,
+                                 int32_t threads) {
+    const int64_t groups = cols / group;
+    FOR_ROWS(i, rows, {
+        const float *r = x + i * cols;
+        if (smooth) {
+            divide_row(r, smooth, inv, cols, balanced + i * cols);
+            r = balanced + i * cols;
+        }
+        for (int64_t g = 0; g < groups; g += GRID_BATCH) {
+            const int64_t n = groups - g < GRID_BATCH ? groups - g : GRID_BATCH;
+            grid_code_batch(r + g * group, codes + i * cols + g * group, scales + (i * groups + g) * repeat, n, group,
+                            repeat, rule, top, mantissa, min_exp, t, mult);
         }
     });
 }

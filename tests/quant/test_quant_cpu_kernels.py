@@ -1,0 +1,189 @@
+"""``cpu-int8-vnni``: low-bit activations in groups as integer codes (bit for bit the fake quantization's values) times
+4-bit weight codes in one integer GEMM (AVX512-VNNI), the reference's numbers up to summation order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressdit.quant import cpu_kernels
+from compressdit.quant.activations import Grid, activation_grid, quantize_input
+from compressdit.quant.cpu_kernels import grid_multiplier, integer_groups_apply, integer_multiplier, pack_weight
+from compressdit.quant.cpu_native import grid_codes, group_gemm, group_gemm_ready, native_library
+from compressdit.quant.formats import FORMATS
+from compressdit.quant.kernel_registry import kernel_summary
+from compressdit.quant.spec import LinearQuantSpec
+
+SPECS = {
+    "rtn-w4a4": dict(w_bits=4, group_size=16, a_bits=4, a_granularity="per_group", a_group_size=16),
+    "svdquant-w4a4": dict(w_bits=4, group_size=64, a_bits=4, a_granularity="per_group", a_group_size=64,
+                          balance=0.5, low_rank=8),
+    "nvfp4": dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4", a_granularity="per_group"),
+    "svdquant-nvfp4": dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4", a_granularity="per_group",
+                           balance=0.5, low_rank=8),
+    "mxfp4": dict(format="mxfp4", w_bits=4, a_bits=4, a_format="mxfp4", a_granularity="per_group"),
+    "w4g64-a4g16": dict(w_bits=4, group_size=64, a_bits=4, a_granularity="per_group", a_group_size=16),
+    "w4g16-a4g64": dict(w_bits=4, group_size=16, a_bits=4, a_granularity="per_group", a_group_size=64),
+    "w3g32-a6g32": dict(w_bits=3, group_size=32, a_bits=6, a_granularity="per_group", a_group_size=32),
+    "e2m1-per-token-e2m1": dict(format="e2m1", w_bits=4, group_size=32, a_bits=4, a_format="e2m1"),
+}
+needs_vnni = pytest.mark.skipif(not group_gemm_ready(), reason="needs a CPU with AVX512-VNNI (and torch's AVX-512)")
+
+
+def _spec(name: str) -> LinearQuantSpec:
+    spec = LinearQuantSpec.from_dict(dict(SPECS[name]), "spec")
+    FORMATS.get(spec.format).validate_spec(spec, "spec")
+    return spec
+
+
+def _inputs(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen) * (1 + 20 * (torch.rand(cols, generator=gen) > 0.9))
+    if rows > 2:
+        x[0] = 0  # an all-zero row: the scale's floor
+        x[1, :4] = torch.tensor([1e-41, -3e-39, 2.5, -2.5])  # subnormals, ties
+    return x
+
+
+def _layer(name: str, out_features: int, in_features: int, seed: int = 0):
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features)
+    spec = _spec(name)
+    return FORMATS.get(spec.format).quantize(linear, spec, _inputs(64, in_features, seed).abs().amax(0) + 0.1)
+
+
+@pytest.fixture
+def integer_gemm(monkeypatch):
+    """cpu-int8-vnni wherever the CPU runs it (on AMX CPUs the bf16 microkernel kernels are chosen by default)."""
+    monkeypatch.setattr(cpu_kernels, "amx_bf16", lambda: False)
+
+
+@pytest.mark.skipif(native_library() is None, reason="needs a C compiler")
+@pytest.mark.parametrize("name", ["rtn-w4a4", "nvfp4", "mxfp4", "w3g32-a6g32", "e2m1-per-token-e2m1"])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_grid_codes_times_their_scales_are_the_fake_quantized_values_bit_for_bit(name, smoothed):
+    spec = _spec(name)
+    grid = activation_grid(spec)
+    mult = grid_multiplier(grid)
+    cols = 128
+    group = spec.a_group_size if spec.a_granularity == "per_group" else cols
+    x = _inputs(37, cols)
+    x[5, 7] = float("nan")  # its group: NaN scales, as the reference's values
+    smooth = torch.rand(cols) * 4 + 0.05 if smoothed else None
+    repeat = 2 if group % 8 == 0 else 1  # the GEMM's narrower groups: each scale written twice
+    codes, scales, balanced = grid_codes(x, smooth, None if smooth is None else 1 / smooth,
+                                         (group, grid.rule, grid.top, grid.mantissa, grid.min_exp), repeat, mult)
+    b = x if smooth is None else x / smooth
+    if smoothed:
+        torch.testing.assert_close(balanced, b, rtol=0, atol=0, equal_nan=True)
+    else:
+        assert balanced is None  # x itself: what is kept on x must not hold x
+    assert codes.dtype == torch.uint8 and scales.shape == (37, cols // group * repeat)
+    values = (codes.float() - grid.top * mult) * scales.repeat_interleave(group // repeat, dim=1)
+    truth = quantize_input(b, spec)
+    # no code stands for NaN: the group of the NaN is NaN (its row's outputs are NaN, as the reference's)
+    nan_groups = truth.isnan().view(37, -1, group).any(-1, keepdim=True).expand(-1, -1, group).reshape(37, cols)
+    assert torch.equal(values.isnan(), nan_groups)
+    assert torch.equal(values[~nan_groups], truth[~nan_groups])
+    assert int(codes.max()) <= 2 * grid.top * mult
+
+
+def test_multipliers_make_the_tables_integers_or_refuse():
+    assert integer_multiplier(torch.arange(16.0) - 8) == 1
+    assert integer_multiplier(torch.tensor([0.0, 0.5, 1.5, -6.0])) == 2
+    assert integer_multiplier(torch.tensor([0.0, 0.1])) is None  # no power of two up to 2^9 makes it an integer
+    assert integer_multiplier(torch.tensor([0.0, 200.0])) is None  # not a signed byte
+    assert grid_multiplier(activation_grid(_spec("rtn-w4a4"))) == 1
+    assert grid_multiplier(activation_grid(_spec("nvfp4"))) == 2  # E2M1: steps of 0.5
+    assert grid_multiplier(Grid(rule=0, top=448.0, mantissa=3, min_exp=-6)) is None  # E4M3: 448 * 2^9 is no byte
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 5, 6, 37])
+@pytest.mark.parametrize("group", [4, 16, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_integer_gemm_is_the_sum_of_its_groups(rows, group, threads):
+    gen = torch.Generator().manual_seed(rows + group)
+    out_features, in_features, offset = 40, 128, 8
+    weight = torch.randint(-8, 8, (out_features, in_features), generator=gen, dtype=torch.int8)
+    w_scale = torch.rand(out_features, in_features // group, generator=gen) + 0.01
+    codes = torch.randint(0, 16, (rows, in_features), generator=gen, dtype=torch.uint8)
+    a_scale = torch.rand(rows, in_features // group, generator=gen) + 0.01
+    bias = torch.randn(out_features, generator=gen)
+    b = pack_weight(weight, w_scale, group, offset)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features)
+    finally:
+        torch.set_num_threads(previous)
+    products = torch.einsum("rgk,ogk->rog", (codes.double() - offset).view(rows, -1, group),
+                            weight.double().view(out_features, -1, group))
+    truth = (products * a_scale.double()[:, None] * w_scale.double()[None]).sum(-1) + bias.double()
+    torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-4)  # fp32 sums of the groups' products
+
+
+@needs_vnni
+@pytest.mark.usefixtures("integer_gemm")
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("shape", [(128, 128), (40, 64), (300, 256)])
+def test_layers_on_the_integer_gemm_are_their_reference(name, shape):
+    out_features, in_features = shape
+    if in_features % max(_spec(name).group_size or 1, _spec(name).a_group_size or 1):
+        pytest.skip("groups wider than the layer")
+    layer = _layer(name, out_features, in_features)
+    x = _inputs(37, in_features).view(37, 1, in_features)
+    with torch.no_grad():
+        out, reference = layer(x), layer.reference_forward(x)
+    assert kernel_summary(layer) == "cpu-int8-vnni x1"
+    scale = reference.abs().max()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * scale)
+
+
+@needs_vnni
+@pytest.mark.usefixtures("integer_gemm")
+def test_threads_and_bf16_inputs():
+    layer = _layer("svdquant-nvfp4", 96, 128)
+    x = _inputs(50, 128)
+    previous = torch.get_num_threads()
+    with torch.no_grad():
+        try:
+            torch.set_num_threads(1)
+            one = layer(x)
+            torch.set_num_threads(2)
+            two = layer(x)
+        finally:
+            torch.set_num_threads(previous)
+        assert torch.equal(one, two)  # each output computed alone
+        half = layer(x.bfloat16())
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.float(), layer.reference_forward(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+
+
+@needs_vnni
+@pytest.mark.usefixtures("integer_gemm")
+def test_layers_reading_one_input_quantize_it_once(monkeypatch):
+    layers = [_layer("rtn-w4a4", n, 64, seed=n) for n in (32, 48, 64)]
+    x = _inputs(9, 64)
+    calls = []
+    real = cpu_kernels.grid_codes
+    monkeypatch.setattr(cpu_kernels, "grid_codes", lambda *a: (calls.append(1), real(*a))[1])
+    with torch.no_grad():
+        outs = [layer(x) for layer in layers]
+        assert len(calls) == 1
+        for layer, out in zip(layers, outs):
+            torch.testing.assert_close(out, layer.reference_forward(x), rtol=1e-5, atol=1e-4)
+        x.mul_(2)  # written to: quantized again
+        torch.testing.assert_close(layers[0](x), layers[0].reference_forward(x), rtol=1e-5, atol=1e-4)
+    assert len(calls) == 2
+    assert getattr(x, "_compressdit_rows")[2][2] is None  # the rows kept on x do not hold x (no reference cycle)
+
+
+@pytest.mark.usefixtures("integer_gemm")
+@pytest.mark.parametrize("change", [dict(rotation="hadamard"), dict(w_symmetric=False), dict(format="twinlog", group_size=None),
+                                    dict(a_group_size=24), dict(a_granularity="per_token", a_group_size=None)])
+def test_what_the_integer_gemm_does_not_take(change):
+    spec = LinearQuantSpec.from_dict({**SPECS["rtn-w4a4"], **change}, "spec")
+    assert not integer_groups_apply(spec, (64, 96))  # per-token int activations: cpu-int8-gemm's fast path
+    if group_gemm_ready():
+        assert integer_groups_apply(_spec("rtn-w4a4"), (64, 96))
