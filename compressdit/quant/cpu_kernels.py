@@ -602,11 +602,14 @@ def _vnni_prepack(layer) -> dict:
     group, repeat = _vnni_groups(spec, layer.in_features)
     codes = (values[unpack_nibbles(nibbles).long()] * w_mult).round().to(torch.int8)
     smooth = smooth_divisor(layer)
+    weight = pack_weight(codes, scale / w_mult, group, grid[2] * mult)
     down, up = getattr(layer, "low_rank_down", None), getattr(layer, "low_rank_up", None)
-    down_t = None if down is None else down.detach().float().t().contiguous()
-    return {**pack_weight(codes, scale / w_mult, group, grid[2] * mult), "bias": prepacked_bias(layer),
-            "smooth": smooth, "inv": None if smooth is None else 1.0 / smooth, LOW_RANK: down_t,
-            "up_t": None if up is None else up.detach().float().t().contiguous(),
+    up_t = None
+    if up is not None:  # [r, out] padded as the weight's columns: added in the GEMM's blocks
+        up_t = torch.zeros(up.shape[1], weight["w_scale"].shape[1])
+        up_t[:, :layer.out_features] = up.detach().float().t()
+    return {**weight, "bias": prepacked_bias(layer), "smooth": smooth, "inv": None if smooth is None else 1.0 / smooth,
+            LOW_RANK: None if down is None else down.detach().float().t().contiguous(), "up_t": up_t,
             "settings": (group, repeat, *grid[1:], mult)}
 
 
@@ -632,10 +635,8 @@ def int8_vnni_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: O
         return grid_codes(x2, smooth, inv, grid, repeat, mult)
 
     codes, scales, balanced = compute() if smooth is not None else shared_rows(x, ("codes", grid, repeat, mult), compute)
-    out = group_gemm(codes, scales, packed, corr, w_scale, bias, out_features)
-    if down_t is not None:
-        out.addmm_(torch.mm(x2 if balanced is None else balanced, down_t), up_t)
-    return _like_input(out, x)
+    hidden = None if down_t is None else torch.mm(x2 if balanced is None else balanced, down_t)
+    return _like_input(group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t), x)
 
 
 @torch.library.register_fake("compressdit::int8_vnni_linear_cpu")

@@ -246,11 +246,11 @@ static inline float grid_scale(float amax, int32_t rule, float top, float t) {
 
 /* n <= GRID_BATCH consecutive groups of `group` values: always inlined with a constant group (16, 32, 64) and
  * `integer` (the grid is the integers: grid_value_int), so that each group's loops are straight vector code */
-/* the scales s (grid_scale) of n <= GRID_BATCH consecutive groups and their reciprocals inv */
+/* the scales s (grid_scale) of n <= GRID_BATCH consecutive groups and their reciprocals inv; each group's absmax
+ * bits (absmax_bits: NaN above inf) into amax */
 static inline __attribute__((always_inline)) void grid_group_scales(const float *x, int64_t n, int64_t group,
                                                                     int32_t rule, float top, float t, float *s,
-                                                                    float *inv) {
-    uint32_t amax[GRID_BATCH];
+                                                                    float *inv, uint32_t *amax) {
     for (int64_t b = 0; b < n; ++b) amax[b] = absmax_bits(x + b * group, group);
     if (rule == 0) { /* inlined by hand: the loop then vectorizes */
         for (int64_t b = 0; b < n; ++b) {
@@ -267,7 +267,8 @@ static inline __attribute__((always_inline)) void grid_groups(const float *x, fl
                                                               int64_t group, int32_t rule, float top, int32_t mantissa,
                                                               int32_t min_exp, float t, int integer) {
     float s[GRID_BATCH], inv[GRID_BATCH];
-    grid_group_scales(x, n, group, rule, top, t, s, inv);
+    uint32_t amax[GRID_BATCH];
+    grid_group_scales(x, n, group, rule, top, t, s, inv, amax);
     for (int64_t b = 0; b < n; ++b) {
         const float *r = x + b * group;
         float *o = out + b * group;
@@ -298,6 +299,8 @@ static void grid_batch(const float *x, float *out, int64_t n, int64_t group, int
 #undef GRID_GROUPS
 }
 
+#define CODE_CHUNK 64
+
 /* grid_groups' values as integer codes for an integer GEMM (group_gemm.c): each value v * s written as the byte
  * v * mult + top * mult (mult a power of two making every grid value an integer, top * mult <= 127: unsigned codes)
  * and each group's scale as s / mult, `repeat` times (the GEMM's groups may be narrower than these). A group with a
@@ -308,31 +311,36 @@ static inline __attribute__((always_inline)) void grid_code_groups(const float *
                                                                    int32_t rule, float top, int32_t mantissa,
                                                                    int32_t min_exp, float t, float mult, int integer) {
     float s[GRID_BATCH], inv[GRID_BATCH];
-    grid_group_scales(x, n, group, rule, top, t, s, inv);
+    uint32_t amax[GRID_BATCH];
+    grid_group_scales(x, n, group, rule, top, t, s, inv, amax);
     const float offset = top * mult;
     for (int64_t b = 0; b < n; ++b) {
         const float *r = x + b * group;
         uint8_t *c = codes + b * group;
         const float sb = s[b], ib = inv[b];
-        int nan = 0;
-        if (integer && divides_fast(sb)) {
-            for (int64_t j = 0; j < group; ++j) {
-                const float v = grid_value_int(div_rn(r[j], sb, ib), top) * mult + offset;
-                nan |= v != v;
-                c[j] = (uint8_t)(int32_t)(v == v ? v : offset);
+        int nan = amax[b] > 0x7f800000u;
+        if (!nan && divides_fast(sb)) { /* no NaN can arise: straight vector code, in float chunks then bytes */
+            for (int64_t j0 = 0; j0 < group; j0 += CODE_CHUNK) {
+                const int64_t m = group - j0 < CODE_CHUNK ? group - j0 : CODE_CHUNK;
+                float v[CODE_CHUNK];
+                if (integer) {
+                    for (int64_t j = 0; j < m; ++j) v[j] = grid_value_int(div_rn(r[j0 + j], sb, ib), top) * mult + offset;
+                } else {
+                    for (int64_t j = 0; j < m; ++j)
+                        v[j] = grid_value(div_rn(r[j0 + j], sb, ib), top, mantissa, min_exp) * mult + offset;
+                }
+                for (int64_t j = 0; j < m; ++j) c[j0 + j] = (uint8_t)(int32_t)v[j];
             }
-        } else if (sb == sb && sb <= 3.40282347e38f) { /* a subnormal scale (MX's 2^-127): the plain division */
-            const int fast = divides_fast(sb);
+        } else if (!nan && sb == sb && sb <= 3.40282347e38f) { /* a subnormal scale (MX's 2^-127): the division */
             for (int64_t j = 0; j < group; ++j) {
-                const float v = grid_value(fast ? div_rn(r[j], sb, ib) : r[j] / sb, top, mantissa, min_exp) * mult
-                                + offset;
+                const float v = grid_value(r[j] / sb, top, mantissa, min_exp) * mult + offset;
                 nan |= v != v;
                 c[j] = (uint8_t)(int32_t)(v == v ? v : offset);
             }
         } else {
             nan = 1;
-            memset(c, (int)offset, (size_t)group);
         }
+        if (nan) memset(c, (int)offset, (size_t)group);
         const float scale = nan ? __builtin_nanf("") : sb / mult;
         for (int64_t k = 0; k < repeat; ++k) scales[b * repeat + k] = scale;
     }
@@ -490,12 +498,19 @@ void compressdit_grid_codes_rows(const float *x, const float *smooth, const floa
                                  int32_t min_exp, float t, float mult, float *balanced, uint8_t *codes, float *scales,
                                  int32_t threads) {
     const int64_t groups = cols / group;
+    if (!smooth) { /* groups in batches of GRID_BATCH across rows, as compressdit_fake_quantize_grid_with */
+        const int64_t all = rows * groups;
+        FOR_ROWS(i, (all + GRID_BATCH - 1) / GRID_BATCH, {
+            const int64_t first = i * GRID_BATCH;
+            const int64_t n = all - first < GRID_BATCH ? all - first : GRID_BATCH;
+            grid_code_batch(x + first * group, codes + first * group, scales + first * repeat, n, group, repeat, rule,
+                            top, mantissa, min_exp, t, mult);
+        });
+        return;
+    }
     FOR_ROWS(i, rows, {
-        const float *r = x + i * cols;
-        if (smooth) {
-            divide_row(r, smooth, inv, cols, balanced + i * cols);
-            r = balanced + i * cols;
-        }
+        float *r = balanced + i * cols;
+        divide_row(x + i * cols, smooth, inv, cols, r);
         for (int64_t g = 0; g < groups; g += GRID_BATCH) {
             const int64_t n = groups - g < GRID_BATCH ? groups - g : GRID_BATCH;
             grid_code_batch(r + g * group, codes + i * cols + g * group, scales + (i * groups + g) * repeat, n, group,

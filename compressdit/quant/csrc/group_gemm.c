@@ -26,7 +26,8 @@
 /* rows [0, R) x output channels [c0, c0 + 32) of the product (two blocks of 16), all groups */
 static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, int64_t group,
                       const int8_t *w0, const int8_t *w1, const int32_t *corr, const float *w_scale, int64_t cols_p,
-                      const float *bias, float *out, int64_t cols, int64_t c0, const int rows) {
+                      const float *h, int64_t rank, const float *up, const float *bias, float *out, int64_t cols,
+                      int64_t c0, const int rows) {
     __m512 sum[6][2];
     for (int r = 0; r < rows; ++r) sum[r][0] = sum[r][1] = _mm512_setzero_ps();
     const int64_t quads = group / 4;
@@ -56,6 +57,14 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
             sum[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), _mm512_mul_ps(s1, sa), sum[r][1]);
         }
     }
+    for (int64_t j = 0; j < rank; ++j) { /* the low-rank branch: h [rows, rank] times up [rank, cols_p] */
+        const __m512 u0 = _mm512_loadu_ps(up + j * cols_p + c0), u1 = _mm512_loadu_ps(up + j * cols_p + c0 + 16);
+        for (int r = 0; r < rows; ++r) {
+            const __m512 hv = _mm512_set1_ps(h[r * rank + j]);
+            sum[r][0] = _mm512_fmadd_ps(hv, u0, sum[r][0]);
+            sum[r][1] = _mm512_fmadd_ps(hv, u1, sum[r][1]);
+        }
+    }
     const int64_t left = cols - c0;
     const __mmask16 m0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
     const __mmask16 m1 = left >= 32 ? (__mmask16)0xffff : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1u);
@@ -73,18 +82,18 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
  * the rows stream past them in tiles of TILE_ROWS */
 static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
-    const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
-    float *out) {
+    const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
+    int64_t cols, int64_t k, int64_t group, float *out) {
     const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = (k / 4) * 64;
     for (int64_t p = p0; p < p1; ++p) {
         const int8_t *w0 = w + 2 * p * panel, *w1 = w0 + panel;
         int64_t r = r0;
         for (; r + TILE_ROWS <= r1; r += TILE_ROWS)
-            tile(a + r * k, k, a_scale + r * groups, groups, group, w0, w1, corr, w_scale, cols_p, bias,
-                 out + r * cols, cols, 32 * p, TILE_ROWS);
+            tile(a + r * k, k, a_scale + r * groups, groups, group, w0, w1, corr, w_scale, cols_p, h + r * rank, rank,
+                 up, bias, out + r * cols, cols, 32 * p, TILE_ROWS);
         switch (r1 - r) {
-#define LAST(n) case n: tile(a + r * k, k, a_scale + r * groups, groups, group, w0, w1, corr, w_scale, cols_p, bias, \
-                             out + r * cols, cols, 32 * p, n); break;
+#define LAST(n) case n: tile(a + r * k, k, a_scale + r * groups, groups, group, w0, w1, corr, w_scale, cols_p, \
+                             h + r * rank, rank, up, bias, out + r * cols, cols, 32 * p, n); break;
             LAST(1) LAST(2) LAST(3) LAST(4) LAST(5)
 #undef LAST
         default: break;
@@ -105,16 +114,16 @@ int compressdit_group_gemm_ready(void) {
 }
 
 /* out [rows, cols] fp32 (see the top of this file; k and group multiples of 4, group dividing k; bias NULL or
- * [cols]). Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where there are enough,
+ * [cols]), plus h @ up where rank > 0 (SVDQuant's branch: h fp32 [rows, rank], up fp32 [rank, cols_p]). Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where there are enough,
  * else the channel pairs: every output computed alone, the same numbers on any number of threads. Returns 1 where
  * not compressdit_group_gemm_ready. */
 int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
-                           const float *w_scale, const float *bias, int64_t rows, int64_t cols, int64_t k,
-                           int64_t group, float *out, int32_t threads) {
+                           const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
+                           int64_t rows, int64_t cols, int64_t k, int64_t group, float *out, int32_t threads) {
 #ifdef GROUP_GEMM
     const int64_t pairs = (cols + 31) / 32;
     if (threads <= 1 || rows * pairs < 2) {
-        block(a, a_scale, w, corr, w_scale, bias, 0, rows, 0, pairs, cols, k, group, out);
+        block(a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, out);
         return 0;
     }
     const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
@@ -123,17 +132,18 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t t = 0; t < threads; ++t) {
             const int64_t r0 = t * per * TILE_ROWS, r1 = (t + 1) * per * TILE_ROWS;
-            if (r0 < rows) block(a, a_scale, w, corr, w_scale, bias, r0, r1 < rows ? r1 : rows, 0, pairs, cols, k,
-                                 group, out);
+            if (r0 < rows) block(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1 < rows ? r1 : rows, 0, pairs,
+                                 cols, k, group, out);
         }
     } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t p = 0; p < pairs; ++p) block(a, a_scale, w, corr, w_scale, bias, 0, rows, p, p + 1, cols, k, group, out);
+        for (int64_t p = 0; p < pairs; ++p)
+            block(a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, p, p + 1, cols, k, group, out);
     }
     return 0;
 #else
-    (void)a; (void)a_scale; (void)w; (void)corr; (void)w_scale; (void)bias; (void)rows; (void)cols; (void)k;
-    (void)group; (void)out; (void)threads;
+    (void)a; (void)a_scale; (void)w; (void)corr; (void)w_scale; (void)h; (void)rank; (void)up; (void)bias;
+    (void)rows; (void)cols; (void)k; (void)group; (void)out; (void)threads;
     return 1;
 #endif
 }
