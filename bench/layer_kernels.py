@@ -68,6 +68,29 @@ def _without_native(layer, x):
         cpu_native.native_library = library
 
 
+#: low-bit activation recipes' layer specs (``recipes/rtn-w4a4.yaml``, ``svdquant-w4a4.yaml``'s residual, ``nvfp4.yaml``)
+LOW_BIT = {"w4a4 g16": dict(w_bits=4, group_size=16, a_bits=4, a_granularity="per_group", a_group_size=16),
+           "w4a4 g64": dict(w_bits=4, group_size=64, a_bits=4, a_granularity="per_group", a_group_size=64),
+           "nvfp4": dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4", a_granularity="per_group")}
+
+
+def low_bit(linear, fields: dict, decoded: bool = False) -> tuple:
+    """(layer, note) of a low-bit spec on its chosen kernel, or (``decoded``) on the decoded-weight kernel the CPU
+    ran before ``cpu-int8-vnni`` (``cpu-decoded-dense`` / ``cpu-decoded-bf16``)."""
+    from compressdit.quant.cpu_dense import decoded_kernel_name
+    from compressdit.quant.formats import FORMATS
+    from compressdit.quant.kernel_registry import refresh, set_kernel
+    from compressdit.quant.spec import LinearQuantSpec
+
+    spec = LinearQuantSpec.from_dict(dict(fields), "spec")
+    FORMATS.get(spec.format).validate_spec(spec, "spec")
+    layer = FORMATS.get(spec.format).quantize(linear, spec, None)
+    if decoded:
+        set_kernel(layer, decoded_kernel_name(spec, (linear.out_features, linear.in_features)))
+    refresh(layer)
+    return layer, f"{spec.label}: {layer.kernel_name}"
+
+
 def build_methods(in_features: int, out_features: int, keep: list[str] | None = None) -> dict:
     """name -> (callable taking x, note). Ours run through QuantLinear/VQLinear with their chosen kernel."""
     from compressdit.evaluate.peers import _bnb_int8, _bnb_nf4
@@ -112,6 +135,9 @@ def build_methods(in_features: int, out_features: int, keep: list[str] | None = 
                                                              b["scales_zeros"]).float() + b["bias"],
         "_weight_int4pack_mm_for_cpu, bf16 activations, no row threshold")
     methods["ours w8a16"] = ours(LinearQuantSpec(w_bits=8), "w8a16")
+    for name, fields in LOW_BIT.items():  # cpu-int8-vnni where the CPU has it; the decoded kernels it replaced
+        methods[f"ours {name}"] = low_bit(linear, fields)
+        methods[f"ours {name} decoded (before)"] = low_bit(linear, fields, decoded=True)
     vq_spec = LinearQuantSpec(format="vq", w_bits=3, vector_dim=2, codebook_size=64)
     vq = VQLinear(in_features, out_features, True, vq_spec)
     vq.load_codes(torch.randint(0, 64, (out_features, in_features // 2)), torch.randn(64, 2) * 0.02)
