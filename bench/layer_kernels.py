@@ -76,7 +76,7 @@ LOW_BIT = {"w4a4 g16": dict(w_bits=4, group_size=16, a_bits=4, a_granularity="pe
 
 def low_bit(linear, fields: dict, decoded: bool = False) -> tuple:
     """(layer, note) of a low-bit spec on its chosen kernel, or (``decoded``) on the decoded-weight kernel the CPU
-    ran before ``cpu-int8-vnni`` (``cpu-decoded-dense`` / ``cpu-decoded-bf16``)."""
+    ran before ``cpu-int-groups`` (``cpu-decoded-dense`` / ``cpu-decoded-bf16``)."""
     from compressdit.quant.cpu_dense import decoded_kernel_name
     from compressdit.quant.formats import FORMATS
     from compressdit.quant.kernel_registry import refresh, set_kernel
@@ -135,7 +135,7 @@ def build_methods(in_features: int, out_features: int, keep: list[str] | None = 
                                                              b["scales_zeros"]).float() + b["bias"],
         "_weight_int4pack_mm_for_cpu, bf16 activations, no row threshold")
     methods["ours w8a16"] = ours(LinearQuantSpec(w_bits=8), "w8a16")
-    for name, fields in LOW_BIT.items():  # cpu-int8-vnni where the CPU has it; the decoded kernels it replaced
+    for name, fields in LOW_BIT.items():  # cpu-int-groups where the CPU has it; the decoded kernels it replaced
         methods[f"ours {name}"] = low_bit(linear, fields)
         methods[f"ours {name} decoded (before)"] = low_bit(linear, fields, decoded=True)
     vq_spec = LinearQuantSpec(format="vq", w_bits=3, vector_dim=2, codebook_size=64)

@@ -545,7 +545,7 @@ def _weight_values(fmt: str, w_bits: int, symmetric: bool) -> torch.Tensor | Non
     return None
 
 
-def _vnni_groups(spec, in_features: int) -> tuple[int, int] | None:
+def _gemm_groups(spec, in_features: int) -> tuple[int, int] | None:
     """``(group, repeat)``: the GEMM's group (the narrower of the weight's and the activations' groups, the wider a
     multiple of it) and how many of them one activation group spans; ``None`` where they do not nest or the GEMM
     cannot take them (groups of a multiple of 4 inputs)."""
@@ -558,17 +558,21 @@ def _vnni_groups(spec, in_features: int) -> tuple[int, int] | None:
 
 
 def integer_groups_apply(spec, shape: tuple[int, int]) -> bool:
-    """Whether a CPU layer of ``spec`` and ``shape`` (out, in) runs ``cpu-int8-vnni`` on this machine now."""
-    return _vnni_applies(spec, torch.device("cpu"), shape)
+    """Whether a CPU layer of ``spec`` and ``shape`` (out, in) runs ``cpu-int-groups`` on this machine now."""
+    return _groups_applies(spec, torch.device("cpu"), shape)
 
 
-def _vnni_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+def _groups_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     if device.type != "cpu" or spec.a_bits is None or spec.rotation != "none" or fast_int_path(spec):
         return False
     values, grid = _weight_values(spec.format, spec.w_bits, spec.w_symmetric), activation_grid(spec)
-    return (values is not None and grid is not None and integer_multiplier(values) is not None
-            and grid_multiplier(grid) is not None and _vnni_groups(spec, shape[1]) is not None
-            and not amx_bf16() and group_gemm_ready())
+    w_mult = None if values is None else integer_multiplier(values)
+    a_mult = None if grid is None else grid_multiplier(grid)
+    if w_mult is None or a_mult is None or _gemm_groups(spec, shape[1]) is None:
+        return False
+    # AVX2 adds two byte products in 16 bits: |2 * activation code * weight code| must fit (4-bit weights: far below)
+    pairs = 2 * (2 * grid.top * a_mult) * float(values.abs().max()) * w_mult
+    return pairs <= 32767 and not amx_bf16() and group_gemm_ready()
 
 
 def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: float) -> dict:
@@ -590,16 +594,16 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: fl
     return {"packed": packed, "corr": corr, "w_scale": w_scale}
 
 
-def _vnni_prepack(layer) -> dict:
+def _groups_prepack(layer) -> dict:
     spec = layer.spec
     kind, nibbles, values, scale, zero = layer.fp32_decoding()
     if kind != "nibbles" or zero is not None or values.dim() != 1:
-        raise ValueError(f"cpu-int8-vnni: {type(layer).__name__} decodes {kind!r} codes with a zero point or tables "
+        raise ValueError(f"cpu-int-groups: {type(layer).__name__} decodes {kind!r} codes with a zero point or tables "
                          "per row")
     w_mult = integer_multiplier(values)
     grid = input_grid(layer)
     mult = grid_multiplier(activation_grid(spec))
-    group, repeat = _vnni_groups(spec, layer.in_features)
+    group, repeat = _gemm_groups(spec, layer.in_features)
     codes = (values[unpack_nibbles(nibbles).long()] * w_mult).round().to(torch.int8)
     smooth = smooth_divisor(layer)
     weight = pack_weight(codes, scale / w_mult, group, grid[2] * mult)
@@ -613,10 +617,10 @@ def _vnni_prepack(layer) -> dict:
             "settings": (group, repeat, *grid[1:], mult)}
 
 
-@_define("int8_vnni_linear_cpu(Tensor x, Tensor? smooth, Tensor? inv, Tensor packed, Tensor corr, Tensor w_scale, "
+@_define("int_groups_linear_cpu(Tensor x, Tensor? smooth, Tensor? inv, Tensor packed, Tensor corr, Tensor w_scale, "
          "Tensor? bias, Tensor? down_t, Tensor? up_t, int group, int repeat, int rule, float top, int mantissa, "
          "int min_exp, float mult, int out_features) -> Tensor")
-def int8_vnni_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: Optional[torch.Tensor],
+def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: Optional[torch.Tensor],
                          packed: torch.Tensor, corr: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                          down_t: Optional[torch.Tensor], up_t: Optional[torch.Tensor], group: int, repeat: int,
                          rule: int, top: float, mantissa: int, min_exp: int, mult: float,
@@ -639,20 +643,20 @@ def int8_vnni_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: O
     return _like_input(group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t), x)
 
 
-@torch.library.register_fake("compressdit::int8_vnni_linear_cpu")
+@torch.library.register_fake("compressdit::int_groups_linear_cpu")
 def _(x, smooth, inv, packed, corr, w_scale, bias, down_t, up_t, group, repeat, rule, top, mantissa, min_exp, mult,
       out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-def _vnni_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+def _groups_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     """On the transformed (balanced) input: no divisor, no branch (the layer adds it)."""
-    return int8_vnni_linear_cpu(x, None, None, b["packed"], b["corr"], b["w_scale"], b["bias"], None, None,
+    return int_groups_linear_cpu(x, None, None, b["packed"], b["corr"], b["w_scale"], b["bias"], None, None,
                                 *b["settings"], layer.out_features)
 
 
-def _vnni_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    return int8_vnni_linear_cpu(x, b["smooth"], b["inv"], b["packed"], b["corr"], b["w_scale"], b["bias"],
+def _groups_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    return int_groups_linear_cpu(x, b["smooth"], b["inv"], b["packed"], b["corr"], b["w_scale"], b["bias"],
                                 b[LOW_RANK], b["up_t"], *b["settings"], layer.out_features)
 
 
@@ -668,10 +672,11 @@ KERNELS.add("cpu-int8-group-gemm", Kernel(
     description=f"layers of up to {INT8_GEMM_SMALL_WEIGHT} weights, symmetric int weights in groups (as int8, 1 byte "
                 "per weight) x the spec's dynamic int8 activation codes: one torch._int_mm (on AMX-INT8 oneDNN's "
                 "microkernel) per group, scales in fp32"))
-KERNELS.add("cpu-int8-vnni", Kernel(
-    _vnni_applies, _vnni_prepack, _vnni_run, priority=16, run_untransformed=_vnni_run_untransformed,
-    description="4-bit weights (int, NVFP4, 4-bit minifloats) x dynamic activations on an integer or 4-bit minifloat "
-                "grid with scales per group of inputs (W4A4 g16 / g64, NVFP4), on CPUs with AVX512-VNNI (not AMX): "
+KERNELS.add("cpu-int-groups", Kernel(
+    _groups_applies, _groups_prepack, _groups_run, priority=16, run_untransformed=_groups_run_untransformed,
+    description="4-bit weights (int, NVFP4, MXFP4, 4-bit minifloats) x dynamic activations on an integer or 4-bit "
+                "minifloat grid with scales per group of inputs (W4A4 g16 / g64, NVFP4), on CPUs without AMX: "
+                "AVX512-VNNI's vpdpbusd (or AVX2's byte multiply-adds): "
                 "the activations' grid values as byte codes (one C pass, balancing fused), one integer GEMM on the "
                 "weight's codes packed once (1 byte per weight; int32 sums per group, both groups' scales in the "
                 "epilogue), an SVDQuant branch in fp32 beside"))

@@ -569,11 +569,17 @@ def grid_rows_bf16_(x: torch.Tensor, group: int, rule: int, top: float, mantissa
 
 
 @functools.lru_cache(maxsize=None)
-def group_gemm_ready() -> bool:
-    """Whether :func:`group_gemm` runs here: the library built with AVX-512 (the vector ISA torch runs: not under
-    ``ATEN_CPU_CAPABILITY=avx2``) on a CPU with AVX512-VNNI."""
+def group_gemm_isa() -> str | None:
+    """The path :func:`group_gemm` runs here: ``"avx512-vnni"`` (the library built with AVX-512, the vector ISA torch
+    runs, on a CPU with AVX512-VNNI), ``"avx2"`` (byte multiply-adds into 16-bit pairs, then 32-bit sums), or
+    ``None`` (no library, or neither)."""
     lib = native_library()
-    return lib is not None and bool(lib.compressdit_group_gemm_ready())
+    return None if lib is None else {2: "avx512-vnni", 1: "avx2"}.get(lib.compressdit_group_gemm_ready())
+
+
+def group_gemm_ready() -> bool:
+    """Whether :func:`group_gemm` runs here (:func:`group_gemm_isa`)."""
+    return group_gemm_isa() is not None
 
 
 def grid_codes(x: torch.Tensor, smooth: torch.Tensor | None, inv: torch.Tensor | None, grid: tuple, repeat: int,

@@ -1,4 +1,4 @@
-"""``cpu-int8-vnni``: low-bit activations in groups as integer codes (bit for bit the fake quantization's values) times
+"""``cpu-int-groups``: low-bit activations in groups as integer codes (bit for bit the fake quantization's values) times
 4-bit weight codes in one integer GEMM (AVX512-VNNI), the reference's numbers up to summation order."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _layer(name: str, out_features: int, in_features: int, seed: int = 0):
 
 @pytest.fixture
 def integer_gemm(monkeypatch):
-    """cpu-int8-vnni wherever the CPU runs it (on AMX CPUs the bf16 microkernel kernels are chosen by default)."""
+    """cpu-int-groups wherever the CPU runs it (on AMX CPUs the bf16 microkernel kernels are chosen by default)."""
     monkeypatch.setattr(cpu_kernels, "amx_bf16", lambda: False)
 
 
@@ -135,7 +135,7 @@ def test_layers_on_the_integer_gemm_are_their_reference(name, shape):
     x = _inputs(37, in_features).view(37, 1, in_features)
     with torch.no_grad():
         out, reference = layer(x), layer.reference_forward(x)
-    assert kernel_summary(layer) == "cpu-int8-vnni x1"
+    assert kernel_summary(layer) == "cpu-int-groups x1"
     scale = reference.abs().max()
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * scale)
 
@@ -187,3 +187,41 @@ def test_what_the_integer_gemm_does_not_take(change):
     assert not integer_groups_apply(spec, (64, 96))  # per-token int activations: cpu-int8-gemm's fast path
     if group_gemm_ready():
         assert integer_groups_apply(_spec("rtn-w4a4"), (64, 96))
+
+
+_AVX2_CHECK = """
+import torch
+from compressdit.quant.cpu_native import group_gemm_isa
+from compressdit.quant.formats import FORMATS
+from compressdit.quant.kernel_registry import kernel_summary
+from compressdit.quant.spec import LinearQuantSpec
+assert group_gemm_isa() == "avx2", group_gemm_isa()
+torch.manual_seed(0)
+for fields in ({fields}):
+    spec = LinearQuantSpec.from_dict(dict(fields), "spec")
+    FORMATS.get(spec.format).validate_spec(spec, "spec")
+    x = torch.randn(37, 128) * (1 + 20 * (torch.rand(128) > 0.9))
+    layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 40), spec, x.abs().amax(0) + 0.1)
+    with torch.no_grad():
+        out, reference = layer(x), layer.reference_forward(x)
+    assert kernel_summary(layer) == "cpu-int-groups x1", kernel_summary(layer)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(native_library() is None, reason="needs a C compiler")
+def test_the_avx2_path_is_the_reference_too(tmp_path):
+    """As on an AVX2-only CPU (torch's kernels and the library built for AVX2, ``ATEN_CPU_CAPABILITY=avx2``): the
+    byte multiply-adds of vpmaddubsw / vpmaddwd instead of vpdpbusd, on every spec kind (groups, branch, NVFP4)."""
+    import os
+    import subprocess
+    import sys
+
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
+        pytest.skip("needs an x86-64 CPU with AVX2")
+    fields = ", ".join(repr(SPECS[n]) for n in ("rtn-w4a4", "svdquant-w4a4", "nvfp4", "svdquant-nvfp4", "mxfp4"))
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "COMPRESSDIT_CACHE": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", _AVX2_CHECK.format(fields=fields)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

@@ -92,7 +92,7 @@ def test_every_cpu_kernel_compiles_with_fullgraph_and_matches_eager():
         FORMATS.get("nvfp4").quantize(torch.nn.Linear(16, 32), SVDQUANT, torch.rand(16) + 0.5))
     assert list(prepack_model(model).values()) == ["cpu-int8-gemm", "cpu-int8-gemm", dense_kernel_name((64, 64)),
                                                    "cpu-int8-group-gemm", fp8_kernel_name(8, (32, 64)),
-                                                   *("cpu-int8-vnni" if integer_groups_apply(spec, shape) else
+                                                   *("cpu-int-groups" if integer_groups_apply(spec, shape) else
                                                      decoded_kernel_name(spec, shape)
                                                      for spec, shape in ((NVFP4, (16, 32)), (SVDQUANT, (32, 16))))]
     torch._dynamo.reset()

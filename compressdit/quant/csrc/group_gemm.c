@@ -1,5 +1,5 @@
 /* An integer GEMM with scales per group of the reduction (compressdit/quant/cpu_native.py: group_gemm; the kernel
- * cpu-int8-vnni of compressdit/quant/cpu_groups.py) for 4-bit weights x low-bit activations with scales per group of
+ * cpu-int-groups of compressdit/quant/cpu_groups.py) for 4-bit weights x low-bit activations with scales per group of
  * inputs (W4A4 g16 / g64, NVFP4): out[i, n] = sum_g (sum_{k in g} a[i, k] w[n, k]) * a_scale[i, g] * w_scale[g, n]
  * + bias[n], the inner sums exact in int32, on AVX512-VNNI (vpdpbusd: 64 unsigned x signed byte products a cycle).
  *
@@ -17,9 +17,92 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__GNUC__)
+#if (defined(__AVX2__) || defined(__AVX512F__)) && defined(__GNUC__)
 #define GROUP_GEMM 1
 #include <immintrin.h>
+
+#define TILE_ROWS 6 /* AVX-512's tile; AVX2's (2 rows) divides it: row blocks of whole tiles for both */
+#define AVX2_ROWS 2
+
+#define AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
+
+/* AVX2 (no VNNI): rows [0, R) x output channels [c0, c0 + 16) (one block of 16), all groups. vpmaddubsw multiplies
+ * unsigned by signed bytes into pairs of 16-bit sums, which cannot saturate for the codes cpu_kernels admits (|sum|
+ * <= 2 * 255 * 64), vpmaddwd adds the pairs into 32-bit lanes. */
+static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, int64_t group,
+                        const int8_t *wb, const int32_t *corr, const float *w_scale, int64_t cols_p, const float *h,
+                        int64_t rank, const float *up, const float *bias, float *out, int64_t cols, int64_t c0,
+                        const int rows) {
+    __m256 sum[AVX2_ROWS][2];
+    for (int r = 0; r < rows; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t quads = group / 4;
+    for (int64_t g = 0; g < groups; ++g) {
+        const __m256i start0 = _mm256_loadu_si256((const __m256i *)(corr + g * cols_p + c0));
+        const __m256i start1 = _mm256_loadu_si256((const __m256i *)(corr + g * cols_p + c0 + 8));
+        __m256i acc[AVX2_ROWS][2];
+        for (int r = 0; r < rows; ++r) {
+            acc[r][0] = start0;
+            acc[r][1] = start1;
+        }
+        for (int64_t q = g * quads; q < (g + 1) * quads; ++q) {
+            const __m256i b0 = _mm256_loadu_si256((const __m256i *)(wb + q * 64));
+            const __m256i b1 = _mm256_loadu_si256((const __m256i *)(wb + q * 64 + 32));
+            for (int r = 0; r < rows; ++r) {
+                int32_t four;
+                memcpy(&four, a + r * k + 4 * q, sizeof four);
+                const __m256i x = _mm256_set1_epi32(four);
+                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b0), ones));
+                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b1), ones));
+            }
+        }
+        const __m256 s0 = _mm256_loadu_ps(w_scale + g * cols_p + c0), s1 = _mm256_loadu_ps(w_scale + g * cols_p + c0 + 8);
+        for (int r = 0; r < rows; ++r) {
+            const __m256 sa = _mm256_set1_ps(a_scale[r * groups + g]);
+            sum[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(s0, sa), sum[r][0]);
+            sum[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), _mm256_mul_ps(s1, sa), sum[r][1]);
+        }
+    }
+    for (int64_t j = 0; j < rank; ++j) { /* the low-rank branch: h [rows, rank] times up [rank, cols_p] */
+        const __m256 u0 = _mm256_loadu_ps(up + j * cols_p + c0), u1 = _mm256_loadu_ps(up + j * cols_p + c0 + 8);
+        for (int r = 0; r < rows; ++r) {
+            const __m256 hv = _mm256_set1_ps(h[r * rank + j]);
+            sum[r][0] = _mm256_fmadd_ps(hv, u0, sum[r][0]);
+            sum[r][1] = _mm256_fmadd_ps(hv, u1, sum[r][1]);
+        }
+    }
+    const int64_t left = cols - c0 < 16 ? cols - c0 : 16;
+    float b[16] = {0};
+    if (bias) memcpy(b, bias + c0, sizeof(float) * (size_t)left);
+    const __m256 bias0 = _mm256_loadu_ps(b), bias1 = _mm256_loadu_ps(b + 8);
+    for (int r = 0; r < rows; ++r) {
+        float o[16];
+        _mm256_storeu_ps(o, _mm256_add_ps(sum[r][0], bias0));
+        _mm256_storeu_ps(o + 8, _mm256_add_ps(sum[r][1], bias1));
+        memcpy(out + r * cols + c0, o, sizeof(float) * (size_t)left);
+    }
+}
+
+/* rows [r0, r1) x channel pairs [p0, p1) on AVX2: each block of 16 channels in turn, the rows in tiles of 2 */
+static __attribute__((target("avx2,fma"))) void block_avx2(
+    const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
+    const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
+    int64_t cols, int64_t k, int64_t group, float *out) {
+    const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = (k / 4) * 64;
+    for (int64_t b = 2 * p0; b < 2 * p1 && 16 * b < cols; ++b) {
+        int64_t r = r0;
+        for (; r + AVX2_ROWS <= r1; r += AVX2_ROWS)
+            tile16(a + r * k, k, a_scale + r * groups, groups, group, w + b * panel, corr, w_scale, cols_p,
+                   h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, AVX2_ROWS);
+        if (r < r1)
+            tile16(a + r * k, k, a_scale + r * groups, groups, group, w + b * panel, corr, w_scale, cols_p,
+                   h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, 1);
+    }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__GNUC__)
+#define GROUP_GEMM_512 1
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline
 
@@ -76,11 +159,9 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
     }
 }
 
-#define TILE_ROWS 6
-
 /* rows [r0, r1) x channel pairs [p0, p1) (32 channels each): each pair's weights (k x 32 bytes) stay in cache while
  * the rows stream past them in tiles of TILE_ROWS */
-static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block(
+static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
     int64_t cols, int64_t k, int64_t group, float *out) {
@@ -102,16 +183,34 @@ static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void bloc
 }
 #endif
 
-/* 1 where compressdit_group_gemm runs here: built with AVX-512 (the vector ISA torch runs) on a CPU with
- * AVX512-VNNI */
+/* The path compressdit_group_gemm runs here: 2 AVX512-VNNI (built with AVX-512, the vector ISA torch runs, on a CPU
+ * with AVX512-VNNI), 1 AVX2 (built with AVX2 or AVX-512, a CPU with AVX2 and FMA), 0 none */
 int compressdit_group_gemm_ready(void) {
 #ifdef GROUP_GEMM
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+#ifdef GROUP_GEMM_512
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) return 2;
+#endif
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 #else
     return 0;
 #endif
 }
+
+#ifdef GROUP_GEMM
+static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
+                  const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias, int64_t r0,
+                  int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group, float *out) {
+#ifdef GROUP_GEMM_512
+    if (isa == 2) {
+        block_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out);
+        return;
+    }
+#endif
+    (void)isa;
+    block_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out);
+}
+#endif
 
 /* out [rows, cols] fp32 (see the top of this file; k and group multiples of 4, group dividing k; bias NULL or
  * [cols]), plus h @ up where rank > 0 (SVDQuant's branch: h fp32 [rows, rank], up fp32 [rank, cols_p]). Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where there are enough,
@@ -121,9 +220,11 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t rows, int64_t cols, int64_t k, int64_t group, float *out, int32_t threads) {
 #ifdef GROUP_GEMM
+    const int isa = compressdit_group_gemm_ready();
+    if (!isa) return 1;
     const int64_t pairs = (cols + 31) / 32;
     if (threads <= 1 || rows * pairs < 2) {
-        block(a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, out);
+        block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, out);
         return 0;
     }
     const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
@@ -132,13 +233,13 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t t = 0; t < threads; ++t) {
             const int64_t r0 = t * per * TILE_ROWS, r1 = (t + 1) * per * TILE_ROWS;
-            if (r0 < rows) block(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1 < rows ? r1 : rows, 0, pairs,
+            if (r0 < rows) block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1 < rows ? r1 : rows, 0, pairs,
                                  cols, k, group, out);
         }
     } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t p = 0; p < pairs; ++p)
-            block(a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, p, p + 1, cols, k, group, out);
+            block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, p, p + 1, cols, k, group, out);
     }
     return 0;
 #else
