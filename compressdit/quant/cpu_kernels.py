@@ -612,18 +612,19 @@ def _groups_prepack(layer) -> dict:
     if up is not None:  # [r, out] padded as the weight's columns: added in the GEMM's blocks
         up_t = torch.zeros(up.shape[1], weight["w_scale"].shape[1])
         up_t[:, :layer.out_features] = up.detach().float().t()
+    pair = 2 * (2 * grid[2] * mult) * max(1, int(codes.abs().max()))  # AVX2: two products summed in 16 bits
     return {**weight, "bias": prepacked_bias(layer), "smooth": smooth, "inv": None if smooth is None else 1.0 / smooth,
             LOW_RANK: None if down is None else down.detach().float().t().contiguous(), "up_t": up_t,
-            "settings": (group, repeat, *grid[1:], mult)}
+            "settings": (group, repeat, *grid[1:], mult, max(1, int(32767 // pair)))}
 
 
 @_define("int_groups_linear_cpu(Tensor x, Tensor? smooth, Tensor? inv, Tensor packed, Tensor corr, Tensor w_scale, "
          "Tensor? bias, Tensor? down_t, Tensor? up_t, int group, int repeat, int rule, float top, int mantissa, "
-         "int min_exp, float mult, int out_features) -> Tensor")
+         "int min_exp, float mult, int flush, int out_features) -> Tensor")
 def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: Optional[torch.Tensor],
                          packed: torch.Tensor, corr: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                          down_t: Optional[torch.Tensor], up_t: Optional[torch.Tensor], group: int, repeat: int,
-                         rule: int, top: float, mantissa: int, min_exp: int, mult: float,
+                         rule: int, top: float, mantissa: int, min_exp: int, mult: float, flush: int,
                          out_features: int) -> torch.Tensor:
     """``q(x / smooth) @ W^T + b (+ (x / smooth) @ down_t @ up_t)``: the activations quantized per group onto their
     grid (``rule`` ... ``min_exp``, the fake quantization's, bit for bit) as integer codes (``grid_codes``), the weight's
@@ -640,12 +641,12 @@ def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: 
 
     codes, scales, balanced = compute() if smooth is not None else shared_rows(x, ("codes", grid, repeat, mult), compute)
     hidden = None if down_t is None else torch.mm(x2 if balanced is None else balanced, down_t)
-    return _like_input(group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t), x)
+    return _like_input(group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t, flush), x)
 
 
 @torch.library.register_fake("compressdit::int_groups_linear_cpu")
 def _(x, smooth, inv, packed, corr, w_scale, bias, down_t, up_t, group, repeat, rule, top, mantissa, min_exp, mult,
-      out_features):
+      flush, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 

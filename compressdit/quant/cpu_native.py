@@ -81,8 +81,8 @@ _SIGNATURES = {
     "compressdit_grid_codes_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32,
                                      ctypes.c_float, ctypes.c_float, _PTR, _PTR, _PTR, _I32], None),
     "compressdit_group_gemm_ready": ([], ctypes.c_int),
-    "compressdit_group_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR,
-                                _I32], ctypes.c_int),
+    "compressdit_group_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
+                                _PTR, _I32], ctypes.c_int),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -613,13 +613,14 @@ def grid_codes(x: torch.Tensor, smooth: torch.Tensor | None, inv: torch.Tensor |
 
 def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor,
                w_scale: torch.Tensor, bias: torch.Tensor | None, out_features: int, hidden: torch.Tensor | None = None,
-               up: torch.Tensor | None = None) -> torch.Tensor:
+               up: torch.Tensor | None = None, flush: int = 1) -> torch.Tensor:
     """``out[i, n] = sum_g (sum_{k in g} codes[i, k] * w[n, k]) * scales[i, g] * w_scale[g, n] + bias[n]`` (fp32
     ``[rows, out_features]``, the inner sums exact in int32) from :func:`grid_codes`' codes and scales and a weight
     packed by ``cpu_kernels.pack_weight`` (``packed``, ``corr``, ``w_scale``: see csrc/group_gemm.c), plus ``hidden @
     up`` where given (SVDQuant's branch: fp32 ``[rows, r]`` and ``[r, out]`` padded like ``w_scale``) in the same
-    blocks; where :func:`group_gemm_ready`. Rows (or column blocks) over torch's threads from ``TEAM_MIN_WORK``
-    multiply-adds."""
+    blocks; where :func:`group_gemm_ready`. ``flush``: on the AVX2 path, how many quads of inputs are summed in 16 bits
+    before widening (``flush * 2 * max code * max |weight code| < 2^15``: see ``cpu_kernels.pack_weight``). Rows (or
+    column blocks) over torch's threads from ``TEAM_MIN_WORK`` multiply-adds."""
     rows, cols = codes.shape
     group = cols // scales.shape[1]
     out = torch.empty(rows, out_features)
@@ -627,7 +628,7 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     rank = 0 if hidden is None else hidden.shape[1]
     native_library().compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(), corr.data_ptr(),
                                             w_scale.data_ptr(), _ptr(hidden), rank, _ptr(up), _ptr(bias), rows,
-                                            out_features, cols, group, out.data_ptr(), threads)
+                                            out_features, cols, group, flush, out.data_ptr(), threads)
     return out
 
 

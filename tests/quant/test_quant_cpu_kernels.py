@@ -114,7 +114,8 @@ def test_the_integer_gemm_is_the_sum_of_its_groups(rows, group, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features)
+        out = group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features,
+                         flush=32767 // (2 * 15 * 8))
     finally:
         torch.set_num_threads(previous)
     products = torch.einsum("rgk,ogk->rog", (codes.double() - offset).view(rows, -1, group),

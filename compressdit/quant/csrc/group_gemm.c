@@ -27,12 +27,13 @@
 #define AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
 
 /* AVX2 (no VNNI): rows [0, R) x output channels [c0, c0 + 16) (one block of 16), all groups. vpmaddubsw multiplies
- * unsigned by signed bytes into pairs of 16-bit sums, which cannot saturate for the codes cpu_kernels admits (|sum|
- * <= 2 * 255 * 64), vpmaddwd adds the pairs into 32-bit lanes. */
+ * unsigned by signed bytes into pairs of 16-bit sums, added up in 16 bits for `flush` quads of inputs at a time (the
+ * caller's bound: flush * 2 * max activation code * max |weight code| < 2^15, so nothing saturates), then vpmaddwd
+ * widens them into the 32-bit sums: two instructions per 32 products, where the widening each time took three. */
 static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, int64_t group,
                         const int8_t *wb, const int32_t *corr, const float *w_scale, int64_t cols_p, const float *h,
                         int64_t rank, const float *up, const float *bias, float *out, int64_t cols, int64_t c0,
-                        const int rows) {
+                        int64_t flush, const int rows) {
     __m256 sum[AVX2_ROWS][2];
     for (int r = 0; r < rows; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
@@ -45,18 +46,27 @@ static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64
             acc[r][0] = start0;
             acc[r][1] = start1;
         }
-        for (int64_t q = g * quads; q < (g + 1) * quads; ++q) {
-            const __m256i b0 = _mm256_loadu_si256((const __m256i *)(wb + q * 64));
-            const __m256i b1 = _mm256_loadu_si256((const __m256i *)(wb + q * 64 + 32));
+        for (int64_t q0 = g * quads; q0 < (g + 1) * quads; q0 += flush) {
+            const int64_t q1 = q0 + flush < (g + 1) * quads ? q0 + flush : (g + 1) * quads;
+            __m256i pair[AVX2_ROWS][2];
+            for (int r = 0; r < rows; ++r) pair[r][0] = pair[r][1] = _mm256_setzero_si256();
+            for (int64_t q = q0; q < q1; ++q) {
+                const __m256i b0 = _mm256_loadu_si256((const __m256i *)(wb + q * 64));
+                const __m256i b1 = _mm256_loadu_si256((const __m256i *)(wb + q * 64 + 32));
+                for (int r = 0; r < rows; ++r) {
+                    int32_t four;
+                    memcpy(&four, a + r * k + 4 * q, sizeof four);
+                    const __m256i x = _mm256_set1_epi32(four);
+                    pair[r][0] = _mm256_add_epi16(pair[r][0], _mm256_maddubs_epi16(x, b0));
+                    pair[r][1] = _mm256_add_epi16(pair[r][1], _mm256_maddubs_epi16(x, b1));
+                }
+            }
             for (int r = 0; r < rows; ++r) {
-                int32_t four;
-                memcpy(&four, a + r * k + 4 * q, sizeof four);
-                const __m256i x = _mm256_set1_epi32(four);
-                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b0), ones));
-                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b1), ones));
+                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(pair[r][0], ones));
+                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(pair[r][1], ones));
             }
         }
-        const __m256 s0 = _mm256_loadu_ps(w_scale + g * cols_p + c0), s1 = _mm256_loadu_ps(w_scale + g * cols_p + c0 + 8);
+    const __m256 s0 = _mm256_loadu_ps(w_scale + g * cols_p + c0), s1 = _mm256_loadu_ps(w_scale + g * cols_p + c0 + 8);
         for (int r = 0; r < rows; ++r) {
             const __m256 sa = _mm256_set1_ps(a_scale[r * groups + g]);
             sum[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(s0, sa), sum[r][0]);
@@ -87,16 +97,16 @@ static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64
 static __attribute__((target("avx2,fma"))) void block_avx2(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
-    int64_t cols, int64_t k, int64_t group, float *out) {
+    int64_t cols, int64_t k, int64_t group, int64_t flush, float *out) {
     const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = (k / 4) * 64;
     for (int64_t b = 2 * p0; b < 2 * p1 && 16 * b < cols; ++b) {
         int64_t r = r0;
         for (; r + AVX2_ROWS <= r1; r += AVX2_ROWS)
             tile16(a + r * k, k, a_scale + r * groups, groups, group, w + b * panel, corr, w_scale, cols_p,
-                   h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, AVX2_ROWS);
+                   h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, AVX2_ROWS);
         if (r < r1)
             tile16(a + r * k, k, a_scale + r * groups, groups, group, w + b * panel, corr, w_scale, cols_p,
-                   h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, 1);
+                   h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, 1);
     }
 }
 #endif
@@ -200,7 +210,8 @@ int compressdit_group_gemm_ready(void) {
 #ifdef GROUP_GEMM
 static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                   const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias, int64_t r0,
-                  int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group, float *out) {
+                  int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group, int64_t flush,
+                  float *out) {
 #ifdef GROUP_GEMM_512
     if (isa == 2) {
         block_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out);
@@ -208,23 +219,25 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
     }
 #endif
     (void)isa;
-    block_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out);
+    block_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, out);
 }
 #endif
 
 /* out [rows, cols] fp32 (see the top of this file; k and group multiples of 4, group dividing k; bias NULL or
- * [cols]), plus h @ up where rank > 0 (SVDQuant's branch: h fp32 [rows, rank], up fp32 [rank, cols_p]). Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where there are enough,
+ * [cols]), plus h @ up where rank > 0 (SVDQuant's branch: h fp32 [rows, rank], up fp32 [rank, cols_p]); `flush`:
+ * the AVX2 path's quads of inputs summed in 16 bits (see tile16; >= 1). Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where there are enough,
  * else the channel pairs: every output computed alone, the same numbers on any number of threads. Returns 1 where
  * not compressdit_group_gemm_ready. */
 int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
-                           int64_t rows, int64_t cols, int64_t k, int64_t group, float *out, int32_t threads) {
+                           int64_t rows, int64_t cols, int64_t k, int64_t group, int64_t flush, float *out,
+                           int32_t threads) {
 #ifdef GROUP_GEMM
     const int isa = compressdit_group_gemm_ready();
     if (!isa) return 1;
     const int64_t pairs = (cols + 31) / 32;
     if (threads <= 1 || rows * pairs < 2) {
-        block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, out);
+        block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, flush, out);
         return 0;
     }
     const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
@@ -234,17 +247,17 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
         for (int64_t t = 0; t < threads; ++t) {
             const int64_t r0 = t * per * TILE_ROWS, r1 = (t + 1) * per * TILE_ROWS;
             if (r0 < rows) block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1 < rows ? r1 : rows, 0, pairs,
-                                 cols, k, group, out);
+                                 cols, k, group, flush, out);
         }
     } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t p = 0; p < pairs; ++p)
-            block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, p, p + 1, cols, k, group, out);
+            block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, p, p + 1, cols, k, group, flush, out);
     }
     return 0;
 #else
     (void)a; (void)a_scale; (void)w; (void)corr; (void)w_scale; (void)h; (void)rank; (void)up; (void)bias;
-    (void)rows; (void)cols; (void)k; (void)group; (void)out; (void)threads;
+    (void)rows; (void)cols; (void)k; (void)group; (void)flush; (void)out; (void)threads;
     return 1;
 #endif
 }
