@@ -62,7 +62,8 @@ from compressdit.quant.cpu_dense import (DENSE_MAX_WEIGHT, amx_bf16, bf16_hardwa
                                          bf16_weights, effective_fp32, fast_int_path, input_grid, per_call,
                                          per_call_prepack, per_call_shape, quantize_layer_input, smooth_divisor)
 from compressdit.quant.cpu_native import (decode_f32, dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
-                                          grid_codes, group_gemm, group_gemm_ready, int8_brgemm, int8_pack,
+                                          grid_codes, group_gemm, group_gemm_isa, group_gemm_ready, int8_brgemm,
+                                          int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops, rows_unshared,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
@@ -557,6 +558,14 @@ def _gemm_groups(spec, in_features: int) -> tuple[int, int] | None:
     return group, a_group // group
 
 
+#: the narrowest GEMM group the AVX2 path takes: per group of 16 inputs and 16 outputs a row costs it ~20
+#: instructions of byte products and ~11 of epilogue (widen, convert, scale, add) against 32 fp32 FMAs, no gain left;
+#: measured as ratios to float on the zoo models (AVX2 code paths on a Zen 4 EPYC, 1 / 2 threads): g16 recipes
+#: (rtn-w4a4, nvfp4) 0.91-1.04 / 1.01-1.14 against 0.98-1.08 / 0.99-1.14 decoded, g32 / g64 (mxfp4, svdquant-w4a4)
+#: 0.84-1.10 / 0.93-1.19 against 0.98-1.29 / 1.08-1.36
+AVX2_MIN_GROUP = 32
+
+
 def integer_groups_apply(spec, shape: tuple[int, int]) -> bool:
     """Whether a CPU layer of ``spec`` and ``shape`` (out, in) runs ``cpu-int-groups`` on this machine now."""
     return _groups_applies(spec, torch.device("cpu"), shape)
@@ -568,7 +577,10 @@ def _groups_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     values, grid = _weight_values(spec.format, spec.w_bits, spec.w_symmetric), activation_grid(spec)
     w_mult = None if values is None else integer_multiplier(values)
     a_mult = None if grid is None else grid_multiplier(grid)
-    if w_mult is None or a_mult is None or _gemm_groups(spec, shape[1]) is None:
+    groups = _gemm_groups(spec, shape[1])
+    if w_mult is None or a_mult is None or groups is None:
+        return False
+    if group_gemm_isa() == "avx2" and groups[0] < AVX2_MIN_GROUP:
         return False
     # AVX2 adds two byte products in 16 bits: |2 * activation code * weight code| must fit (4-bit weights: far below)
     pairs = 2 * (2 * grid.top * a_mult) * float(values.abs().max()) * w_mult

@@ -192,9 +192,10 @@ def test_what_the_integer_gemm_does_not_take(change):
 
 _AVX2_CHECK = """
 import torch
+from compressdit.quant.cpu_kernels import AVX2_MIN_GROUP
 from compressdit.quant.cpu_native import group_gemm_isa
 from compressdit.quant.formats import FORMATS
-from compressdit.quant.kernel_registry import kernel_summary
+from compressdit.quant.kernel_registry import kernel_summary, set_kernel
 from compressdit.quant.spec import LinearQuantSpec
 assert group_gemm_isa() == "avx2", group_gemm_isa()
 torch.manual_seed(0)
@@ -203,9 +204,13 @@ for fields in ({fields}):
     FORMATS.get(spec.format).validate_spec(spec, "spec")
     x = torch.randn(37, 128) * (1 + 20 * (torch.rand(128) > 0.9))
     layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 40), spec, x.abs().amax(0) + 0.1)
+    chosen = kernel_summary(layer)
+    wide = min(spec.group_size, spec.a_group_size) >= AVX2_MIN_GROUP
+    assert (chosen == "cpu-int-groups x1") == wide, (chosen, spec.label)
+    set_kernel(layer, "cpu-int-groups")  # narrower groups too: the path's numbers
     with torch.no_grad():
         out, reference = layer(x), layer.reference_forward(x)
-    assert kernel_summary(layer) == "cpu-int-groups x1", kernel_summary(layer)
+    assert kernel_summary(layer) == "cpu-int-groups x1"
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
 print("ok")
 """
@@ -214,7 +219,8 @@ print("ok")
 @pytest.mark.skipif(native_library() is None, reason="needs a C compiler")
 def test_the_avx2_path_is_the_reference_too(tmp_path):
     """As on an AVX2-only CPU (torch's kernels and the library built for AVX2, ``ATEN_CPU_CAPABILITY=avx2``): the
-    byte multiply-adds of vpmaddubsw / vpmaddwd instead of vpdpbusd, on every spec kind (groups, branch, NVFP4)."""
+    byte multiply-adds of vpmaddubsw / vpmaddwd instead of vpdpbusd, on every spec kind (groups, branch, NVFP4);
+    chosen for GEMM groups of at least ``AVX2_MIN_GROUP`` inputs."""
     import os
     import subprocess
     import sys
