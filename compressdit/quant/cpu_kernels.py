@@ -508,7 +508,7 @@ def _vq_bf16_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return bf16_rows_gemm(layer, x, b).to(x.dtype)
 
 
-# --- low-bit activations x 4-bit weights, scales per group of inputs on both: an integer GEMM (AVX512-VNNI) ---------
+# --- low-bit activations x 4-bit weights, scales per group of inputs on both: an integer GEMM (AVX512-VNNI, AVX2) ---
 
 def integer_multiplier(values: torch.Tensor) -> float | None:
     """The smallest power of two (up to 2^9) that makes every one of ``values`` an integer of magnitude at most 127
@@ -613,21 +613,21 @@ def _groups_prepack(layer) -> dict:
         raise ValueError(f"cpu-int-groups: {type(layer).__name__} decodes {kind!r} codes with a zero point or tables "
                          "per row")
     w_mult = integer_multiplier(values)
-    grid = input_grid(layer)
+    _, rule, top, mantissa, min_exp = input_grid(layer)
     mult = grid_multiplier(activation_grid(spec))
     group, repeat = _gemm_groups(spec, layer.in_features)
     codes = (values[unpack_nibbles(nibbles).long()] * w_mult).round().to(torch.int8)
     smooth = smooth_divisor(layer)
-    weight = pack_weight(codes, scale / w_mult, group, grid[2] * mult)
+    weight = pack_weight(codes, scale / w_mult, group, top * mult)
     down, up = getattr(layer, "low_rank_down", None), getattr(layer, "low_rank_up", None)
     up_t = None
     if up is not None:  # [r, out] padded as the weight's columns: added in the GEMM's blocks
         up_t = torch.zeros(up.shape[1], weight["w_scale"].shape[1])
         up_t[:, :layer.out_features] = up.detach().float().t()
-    pair = 2 * (2 * grid[2] * mult) * max(1, int(codes.abs().max()))  # AVX2: two products summed in 16 bits
+    pair = 2 * (2 * top * mult) * max(1, int(codes.abs().max()))  # AVX2: two products summed in 16 bits
     return {**weight, "bias": prepacked_bias(layer), "smooth": smooth, "inv": None if smooth is None else 1.0 / smooth,
             LOW_RANK: None if down is None else down.detach().float().t().contiguous(), "up_t": up_t,
-            "settings": (group, repeat, *grid[1:], mult, max(1, int(32767 // pair)))}
+            "settings": (group, repeat, rule, top, mantissa, min_exp, mult, max(1, int(32767 // pair)))}
 
 
 @_define("int_groups_linear_cpu(Tensor x, Tensor? smooth, Tensor? inv, Tensor packed, Tensor corr, Tensor w_scale, "
@@ -639,8 +639,8 @@ def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: 
                          rule: int, top: float, mantissa: int, min_exp: int, mult: float, flush: int,
                          out_features: int) -> torch.Tensor:
     """``q(x / smooth) @ W^T + b (+ (x / smooth) @ down_t @ up_t)``: the activations quantized per group onto their
-    grid (``rule`` ... ``min_exp``, the fake quantization's, bit for bit) as integer codes (``grid_codes``), the weight's
-    integer codes (:func:`pack_weight`), one integer GEMM with both groups' scales in its epilogue (``group_gemm``);
+    grid (``rule`` ... ``min_exp``, the fake quantization's, bit for bit) as integer codes (``grid_codes``), the
+    weight's integer codes (:func:`pack_weight`), one integer GEMM with both groups' scales in its epilogue (``group_gemm``);
     ``smooth`` / ``inv``: the balancing divisor and its reciprocal, or None; ``down_t`` / ``up_t``: SVDQuant's
     branch on the balanced rows, or None. Unbalanced rows' codes are shared with the other layers reading ``x``."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -651,7 +651,10 @@ def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: 
     def compute():
         return grid_codes(x2, smooth, inv, grid, repeat, mult)
 
-    codes, scales, balanced = compute() if smooth is not None else shared_rows(x, ("codes", grid, repeat, mult), compute)
+    if smooth is None:  # the same codes for every layer reading x unbalanced
+        codes, scales, balanced = shared_rows(x, ("codes", grid, repeat, mult), compute)
+    else:
+        codes, scales, balanced = compute()
     hidden = None if down_t is None else torch.mm(x2 if balanced is None else balanced, down_t)
     return _like_input(group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t, flush), x)
 
@@ -691,8 +694,8 @@ KERNELS.add("cpu-int-groups", Kernel(
                 "minifloat grid with scales per group of inputs (W4A4 g16 / g64, NVFP4), on CPUs without AMX: "
                 "AVX512-VNNI's vpdpbusd (or AVX2's byte multiply-adds): "
                 "the activations' grid values as byte codes (one C pass, balancing fused), one integer GEMM on the "
-                "weight's codes packed once (1 byte per weight; int32 sums per group, both groups' scales in the "
-                "epilogue), an SVDQuant branch in fp32 beside"))
+                "weight's codes packed once (1 byte per weight; int32 sums per group, both groups' scales, the bias "
+                "and an SVDQuant branch's up product in the epilogue); on AVX2 for groups of >= 32 inputs"))
 KERNELS.add("cpu-int4-weight", Kernel(
     _int4_applies, _int4_prepack, _int4_run, priority=10,
     description=f"_weight_int4pack_mm_for_cpu (bf16 activations, bf16 group scales) up to "

@@ -181,8 +181,9 @@ def test_layers_reading_one_input_quantize_it_once(monkeypatch):
 
 
 @pytest.mark.usefixtures("integer_gemm")
-@pytest.mark.parametrize("change", [dict(rotation="hadamard"), dict(w_symmetric=False), dict(format="twinlog", group_size=None),
-                                    dict(a_group_size=24), dict(a_granularity="per_token", a_group_size=None)])
+@pytest.mark.parametrize("change", [dict(rotation="hadamard"), dict(w_symmetric=False),
+                                    dict(format="twinlog", group_size=None), dict(a_group_size=24),
+                                    dict(a_granularity="per_token", a_group_size=None)])
 def test_what_the_integer_gemm_does_not_take(change):
     spec = LinearQuantSpec.from_dict({**SPECS["rtn-w4a4"], **change}, "spec")
     assert not integer_groups_apply(spec, (64, 96))  # per-token int activations: cpu-int8-gemm's fast path

@@ -324,7 +324,8 @@ static inline __attribute__((always_inline)) void grid_code_groups(const float *
                 const int64_t m = group - j0 < CODE_CHUNK ? group - j0 : CODE_CHUNK;
                 float v[CODE_CHUNK];
                 if (integer) {
-                    for (int64_t j = 0; j < m; ++j) v[j] = grid_value_int(div_rn(r[j0 + j], sb, ib), top) * mult + offset;
+                    for (int64_t j = 0; j < m; ++j)
+                        v[j] = grid_value_int(div_rn(r[j0 + j], sb, ib), top) * mult + offset;
                 } else {
                     for (int64_t j = 0; j < m; ++j)
                         v[j] = grid_value(div_rn(r[j0 + j], sb, ib), top, mantissa, min_exp) * mult + offset;

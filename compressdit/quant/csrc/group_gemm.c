@@ -1,7 +1,8 @@
 /* An integer GEMM with scales per group of the reduction (compressdit/quant/cpu_native.py: group_gemm; the kernel
- * cpu-int-groups of compressdit/quant/cpu_groups.py) for 4-bit weights x low-bit activations with scales per group of
- * inputs (W4A4 g16 / g64, NVFP4): out[i, n] = sum_g (sum_{k in g} a[i, k] w[n, k]) * a_scale[i, g] * w_scale[g, n]
- * + bias[n], the inner sums exact in int32, on AVX512-VNNI (vpdpbusd: 64 unsigned x signed byte products a cycle).
+ * cpu-int-groups of compressdit/quant/cpu_kernels.py) for 4-bit weights x low-bit activations with scales per group
+ * of inputs (W4A4 g16 / g64, NVFP4): out[i, n] = sum_g (sum_{k in g} a[i, k] w[n, k]) * a_scale[i, g] * w_scale[g, n]
+ * + bias[n] (+ SVDQuant's h @ up), the inner sums exact in int32, on AVX512-VNNI (vpdpbusd: 64 unsigned x signed
+ * byte products an instruction) or AVX2 (vpmaddubsw + vpmaddwd, see tile16).
  *
  * Why: no GEMM of torch's reads per-group scales on both operands; the fp32 GEMM of the decoded weight on the
  * fake-quantized activations (the kernels before) multiplies 16 values per instruction, vpdpbusd 64, and a group's
@@ -160,7 +161,9 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
     }
     const int64_t left = cols - c0;
     const __mmask16 m0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-    const __mmask16 m1 = left >= 32 ? (__mmask16)0xffff : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1u);
+    const __mmask16 m1 = left >= 32   ? (__mmask16)0xffff
+                         : left <= 16 ? (__mmask16)0
+                                      : (__mmask16)((1u << (left - 16)) - 1u);
     const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(m0, bias + c0) : _mm512_setzero_ps();
     const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(m1, bias + c0 + 16) : _mm512_setzero_ps();
     for (int r = 0; r < rows; ++r) {
@@ -225,9 +228,9 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
 
 /* out [rows, cols] fp32 (see the top of this file; k and group multiples of 4, group dividing k; bias NULL or
  * [cols]), plus h @ up where rank > 0 (SVDQuant's branch: h fp32 [rows, rank], up fp32 [rank, cols_p]); `flush`:
- * the AVX2 path's quads of inputs summed in 16 bits (see tile16; >= 1). Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where there are enough,
- * else the channel pairs: every output computed alone, the same numbers on any number of threads. Returns 1 where
- * not compressdit_group_gemm_ready. */
+ * the AVX2 path's quads of inputs summed in 16 bits (see tile16; >= 1). Rows split over `threads` OpenMP threads in
+ * contiguous blocks of whole tiles where there are enough, else the channel pairs: every output computed alone, the
+ * same numbers on any number of threads. Returns 1 where not compressdit_group_gemm_ready. */
 int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t rows, int64_t cols, int64_t k, int64_t group, int64_t flush, float *out,
@@ -246,8 +249,9 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t t = 0; t < threads; ++t) {
             const int64_t r0 = t * per * TILE_ROWS, r1 = (t + 1) * per * TILE_ROWS;
-            if (r0 < rows) block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1 < rows ? r1 : rows, 0, pairs,
-                                 cols, k, group, flush, out);
+            if (r0 < rows)
+                block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1 < rows ? r1 : rows, 0, pairs, cols,
+                      k, group, flush, out);
         }
     } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
