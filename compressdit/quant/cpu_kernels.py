@@ -23,6 +23,14 @@
   quantized per group in one C pass, one ``torch._int_mm`` per group (on one thread up to ``SERIAL_GEMM_WORK``
   multiply-adds), one fused epilogue adding each group's int32 sums times its scales in fp32 (one call of the C++
   op ``int8_group_linear`` where it builds).
+- ``cpu-int-groups``: 4-bit weights (symmetric int, NVFP4, MXFP4, 4-bit minifloats) x dynamic activations with
+  scales per group of inputs on an integer or 4-bit minifloat grid (W4A4 g16 / g64, NVFP4, SVDQuant's residual):
+  both operands as integer codes (each grid value times a power of two: E2M1's halves x 2), one integer GEMM
+  (``csrc/group_gemm.c``: AVX512-VNNI's ``vpdpbusd``, or AVX2's byte multiply-adds for groups of at least
+  ``AVX2_MIN_GROUP``) with int32 sums per group and both groups' scales, the bias and SVDQuant's branch in its
+  epilogue; the activation codes from one C pass, bit for bit the fake quantization's values once scaled, so the
+  outputs are the reference's up to fp32 summation order. Not on AMX CPUs (their bf16 microkernel kernels, measured
+  there, stay). DiT-XL/2 shapes at one thread on a Zen 4 EPYC: 2.3-9.7x fp32 (``bench/results/layer_lowbit_cpu.md``).
 - ``cpu-int4-weight``: weight-only (or fake-quantized activations) int codes of 2-4 bits, groups of
   32/64/128/256 or per channel, via ``_weight_int4pack_mm_for_cpu``: activations are rounded to bf16
   (its fast path) and so are the group scales and the product; the bias is added in fp32. Up to
