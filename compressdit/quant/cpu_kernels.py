@@ -698,8 +698,9 @@ KERNELS.add("cpu-int8-group-gemm", Kernel(
                 "microkernel) per group, scales in fp32"))
 KERNELS.add("cpu-int-groups", Kernel(
     _groups_applies, _groups_prepack, _groups_run, priority=16, run_untransformed=_groups_run_untransformed,
-    description="4-bit weights (int, NVFP4, MXFP4, 4-bit minifloats) x dynamic activations on an integer or 4-bit "
-                "minifloat grid with scales per group of inputs (W4A4 g16 / g64, NVFP4), on CPUs without AMX: "
+    description="4-bit weights (int, NVFP4, MXFP4, 4-bit minifloats) x dynamic activations on an integer grid or a "
+                "minifloat one of at most 127 steps (E2M1, E2M3) with scales per group of inputs or per token "
+                "(W4A4 g16 / g64, NVFP4, FP4 x FP6), on CPUs without AMX: "
                 "AVX512-VNNI's vpdpbusd (or AVX2's byte multiply-adds): "
                 "the activations' grid values as byte codes (one C pass, balancing fused), one integer GEMM on the "
                 "weight's codes packed once (1 byte per weight; int32 sums per group, both groups' scales, the bias "

@@ -26,6 +26,7 @@ SPECS = {
     "w4g16-a4g64": dict(w_bits=4, group_size=16, a_bits=4, a_granularity="per_group", a_group_size=64),
     "w3g32-a6g32": dict(w_bits=3, group_size=32, a_bits=6, a_granularity="per_group", a_group_size=32),
     "e2m1-per-token-e2m1": dict(format="e2m1", w_bits=4, group_size=32, a_bits=4, a_format="e2m1"),
+    "e1m2-per-token-e2m3": dict(format="e1m2", w_bits=4, group_size=64, a_bits=6, a_format="e2m3"),  # fp4-w4a6's
 }
 needs_vnni = pytest.mark.skipif(not group_gemm_ready(), reason="needs a CPU with AVX512-VNNI (and torch's AVX-512)")
 
@@ -59,7 +60,8 @@ def integer_gemm(monkeypatch):
 
 
 @pytest.mark.skipif(native_library() is None, reason="needs a C compiler")
-@pytest.mark.parametrize("name", ["rtn-w4a4", "nvfp4", "mxfp4", "w3g32-a6g32", "e2m1-per-token-e2m1"])
+@pytest.mark.parametrize("name", ["rtn-w4a4", "nvfp4", "mxfp4", "w3g32-a6g32", "e2m1-per-token-e2m1",
+                                  "e1m2-per-token-e2m3"])
 @pytest.mark.parametrize("smoothed", [False, True])
 def test_grid_codes_times_their_scales_are_the_fake_quantized_values_bit_for_bit(name, smoothed):
     spec = _spec(name)
@@ -96,6 +98,7 @@ def test_multipliers_make_the_tables_integers_or_refuse():
     assert grid_multiplier(activation_grid(_spec("rtn-w4a4"))) == 1
     assert grid_multiplier(activation_grid(_spec("nvfp4"))) == 2  # E2M1: steps of 0.5
     assert grid_multiplier(Grid(rule=0, top=448.0, mantissa=3, min_exp=-6)) is None  # E4M3: 448 * 2^9 is no byte
+    assert grid_multiplier(activation_grid(_spec("e1m2-per-token-e2m3"))) == 8  # E2M3: steps of 1/8, top 7.5
 
 
 @needs_vnni
