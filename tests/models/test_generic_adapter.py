@@ -109,7 +109,7 @@ def _recipe(recipe_name: str):
     return recipe
 
 
-@pytest.mark.parametrize("recipe_name", ["rtn-w8a8", "rtn-w4a16"])
+@pytest.mark.parametrize("recipe_name", ["rtn-w8a8", "rtn-w4a16", "rtn-w4a4", "nvfp4"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_generic_quantize_save_stock_reload_equal_outputs(name: str, recipe_name: str, root, tmp_path) -> None:
     import diffusers
