@@ -590,9 +590,14 @@ def _groups_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
         return False
     if group_gemm_isa() == "avx2" and groups[0] < AVX2_MIN_GROUP:
         return False
-    # AVX2 adds two byte products in 16 bits: |2 * activation code * weight code| must fit (4-bit weights: far below)
-    pairs = 2 * (2 * grid.top * a_mult) * float(values.abs().max()) * w_mult
-    return pairs <= 32767 and not amx_bf16() and group_gemm_ready()
+    pair = _pair_bound(grid.top * a_mult, float(values.abs().max()) * w_mult)
+    return pair <= 32767 and not amx_bf16() and group_gemm_ready()
+
+
+def _pair_bound(a_offset: float, w_max: float) -> float:
+    """The largest 16-bit pair sum of AVX2's byte products (``vpmaddubsw``): two activation codes (up to ``2 *
+    a_offset``) times two weight codes (up to ``w_max``); it must fit in 16 bits (4-bit weights: far below)."""
+    return 2 * (2 * a_offset) * w_max
 
 
 def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: float) -> dict:
@@ -632,7 +637,7 @@ def _groups_prepack(layer) -> dict:
     if up is not None:  # [r, out] padded as the weight's columns: added in the GEMM's blocks
         up_t = torch.zeros(up.shape[1], weight["w_scale"].shape[1])
         up_t[:, :layer.out_features] = up.detach().float().t()
-    pair = 2 * (2 * top * mult) * max(1, int(codes.abs().max()))  # AVX2: two products summed in 16 bits
+    pair = _pair_bound(top * mult, max(1, int(codes.abs().max())))  # AVX2: pairs summed in 16 bits, flush quads
     return {**weight, "bias": prepacked_bias(layer), "smooth": smooth, "inv": None if smooth is None else 1.0 / smooth,
             LOW_RANK: None if down is None else down.detach().float().t().contiguous(), "up_t": up_t,
             "settings": (group, repeat, rule, top, mantissa, min_exp, mult, max(1, int(32767 // pair)))}

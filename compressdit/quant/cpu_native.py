@@ -626,9 +626,11 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     out = torch.empty(rows, out_features)
     threads = torch.get_num_threads() if rows * cols * out_features > TEAM_MIN_WORK else 1
     rank = 0 if hidden is None else hidden.shape[1]
-    native_library().compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(), corr.data_ptr(),
-                                            w_scale.data_ptr(), _ptr(hidden), rank, _ptr(up), _ptr(bias), rows,
-                                            out_features, cols, group, flush, out.data_ptr(), threads)
+    if native_library().compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(),
+                                               corr.data_ptr(), w_scale.data_ptr(), _ptr(hidden), rank, _ptr(up),
+                                               _ptr(bias), rows, out_features, cols, group, flush, out.data_ptr(),
+                                               threads):
+        raise RuntimeError("group_gemm: no path on this CPU (see group_gemm_isa)")
     return out
 
 

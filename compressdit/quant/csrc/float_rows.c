@@ -244,8 +244,6 @@ static inline float grid_scale(float amax, int32_t rule, float top, float t) {
  * the groups instead of two scalar ones per group), then their values */
 #define GRID_BATCH 64
 
-/* n <= GRID_BATCH consecutive groups of `group` values: always inlined with a constant group (16, 32, 64) and
- * `integer` (the grid is the integers: grid_value_int), so that each group's loops are straight vector code */
 /* the scales s (grid_scale) of n <= GRID_BATCH consecutive groups and their reciprocals inv; each group's absmax
  * bits (absmax_bits: NaN above inf) into amax */
 static inline __attribute__((always_inline)) void grid_group_scales(const float *x, int64_t n, int64_t group,
@@ -263,6 +261,8 @@ static inline __attribute__((always_inline)) void grid_group_scales(const float 
     for (int64_t b = 0; b < n; ++b) inv[b] = 1.0f / s[b];
 }
 
+/* n <= GRID_BATCH consecutive groups of `group` values: always inlined with a constant group (16, 32, 64) and
+ * `integer` (the grid is the integers: grid_value_int), so that each group's loops are straight vector code */
 static inline __attribute__((always_inline)) void grid_groups(const float *x, float *out, int64_t n,
                                                               int64_t group, int32_t rule, float top, int32_t mantissa,
                                                               int32_t min_exp, float t, int integer) {
@@ -283,10 +283,15 @@ static inline __attribute__((always_inline)) void grid_groups(const float *x, fl
     }
 }
 
+/* whether a grid is the integers up to top, where grid_value_int is grid_value */
+static inline int integer_grid(float top, int32_t mantissa, int32_t min_exp) {
+    return mantissa == 30 && min_exp == 30 && top < 4194304.0f;
+}
+
 /* grid_groups with its loops specialized for groups of 16, 32 and 64, on the integer grid or any other */
 static void grid_batch(const float *x, float *out, int64_t n, int64_t group, int32_t rule, float top, int32_t mantissa,
                        int32_t min_exp, float t) {
-    const int integer = mantissa == 30 && min_exp == 30 && top < 4194304.0f;
+    const int integer = integer_grid(top, mantissa, min_exp);
 #define GRID_GROUPS(width)                                                                   \
     (integer ? grid_groups(x, out, n, width, rule, top, mantissa, min_exp, t, 1)             \
              : grid_groups(x, out, n, width, rule, top, mantissa, min_exp, t, 0))
@@ -350,7 +355,7 @@ static inline __attribute__((always_inline)) void grid_code_groups(const float *
 /* grid_code_groups with its loops specialized for groups of 16, 32 and 64 */
 static void grid_code_batch(const float *x, uint8_t *codes, float *scales, int64_t n, int64_t group, int64_t repeat,
                             int32_t rule, float top, int32_t mantissa, int32_t min_exp, float t, float mult) {
-    const int integer = mantissa == 30 && min_exp == 30 && top < 4194304.0f;
+    const int integer = integer_grid(top, mantissa, min_exp);
 #define CODE_GROUPS(width)                                                                                         \
     (integer ? grid_code_groups(x, codes, scales, n, width, repeat, rule, top, mantissa, min_exp, t, mult, 1)      \
              : grid_code_groups(x, codes, scales, n, width, repeat, rule, top, mantissa, min_exp, t, mult, 0))

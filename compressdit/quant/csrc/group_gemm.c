@@ -67,7 +67,8 @@ static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64
                 acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(pair[r][1], ones));
             }
         }
-    const __m256 s0 = _mm256_loadu_ps(w_scale + g * cols_p + c0), s1 = _mm256_loadu_ps(w_scale + g * cols_p + c0 + 8);
+        const __m256 s0 = _mm256_loadu_ps(w_scale + g * cols_p + c0);
+        const __m256 s1 = _mm256_loadu_ps(w_scale + g * cols_p + c0 + 8);
         for (int r = 0; r < rows; ++r) {
             const __m256 sa = _mm256_set1_ps(a_scale[r * groups + g]);
             sum[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(s0, sa), sum[r][0]);
@@ -198,7 +199,7 @@ static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void bloc
 
 /* The path compressdit_group_gemm runs here: 2 AVX512-VNNI (built with AVX-512, the vector ISA torch runs, on a CPU
  * with AVX512-VNNI), 1 AVX2 (built with AVX2 or AVX-512, a CPU with AVX2 and FMA), 0 none */
-int compressdit_group_gemm_ready(void) {
+static int group_gemm_path(void) {
 #ifdef GROUP_GEMM
     __builtin_cpu_init();
 #ifdef GROUP_GEMM_512
@@ -208,6 +209,13 @@ int compressdit_group_gemm_ready(void) {
 #else
     return 0;
 #endif
+}
+
+/* group_gemm_path, asked of the CPU once (every GEMM call reads it) */
+int compressdit_group_gemm_ready(void) {
+    static int path = -1; /* a race writes the same value */
+    if (path < 0) path = group_gemm_path();
+    return path;
 }
 
 #ifdef GROUP_GEMM
