@@ -8,10 +8,11 @@ import torch
 
 from compressdit.quant import cpu_kernels
 from compressdit.quant.activations import Grid, activation_grid, quantize_input
-from compressdit.quant.cpu_kernels import grid_multiplier, integer_groups_apply, integer_multiplier, pack_weight
-from compressdit.quant.cpu_native import grid_codes, group_gemm, group_gemm_ready, native_library
+from compressdit.quant.cpu_kernels import (AVX2_MIN_GROUP, grid_multiplier, integer_groups_apply, integer_multiplier,
+                                           pack_weight)
+from compressdit.quant.cpu_native import grid_codes, group_gemm, group_gemm_isa, native_library
 from compressdit.quant.formats import FORMATS
-from compressdit.quant.kernel_registry import kernel_summary
+from compressdit.quant.kernel_registry import kernel_summary, set_kernel
 from compressdit.quant.spec import LinearQuantSpec
 
 SPECS = {
@@ -28,7 +29,15 @@ SPECS = {
     "e2m1-per-token-e2m1": dict(format="e2m1", w_bits=4, group_size=32, a_bits=4, a_format="e2m1"),
     "e1m2-per-token-e2m3": dict(format="e1m2", w_bits=4, group_size=64, a_bits=6, a_format="e2m3"),  # fp4-w4a6's
 }
-needs_vnni = pytest.mark.skipif(not group_gemm_ready(), reason="needs a CPU with AVX512-VNNI (and torch's AVX-512)")
+
+
+def _gemm_path() -> str | None:
+    """The integer GEMM's path here (``group_gemm_isa``), asserted present wherever it must be: the C library built
+    (a C compiler: test_the_library_builds_where_a_c_compiler_exists) and torch running AVX2 or AVX-512 code (x86-64).
+    Elsewhere ``None``: the tests then check that the kernel is never chosen and the layers keep their reference."""
+    must = native_library() is not None and torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))
+    assert (group_gemm_isa() is not None) == must, group_gemm_isa()
+    return group_gemm_isa()
 
 
 def _spec(name: str) -> LinearQuantSpec:
@@ -59,7 +68,6 @@ def integer_gemm(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "amx_bf16", lambda: False)
 
 
-@pytest.mark.skipif(native_library() is None, reason="needs a C compiler")
 @pytest.mark.parametrize("name", ["rtn-w4a4", "nvfp4", "mxfp4", "w3g32-a6g32", "e2m1-per-token-e2m1",
                                   "e1m2-per-token-e2m3"])
 @pytest.mark.parametrize("smoothed", [False, True])
@@ -73,8 +81,12 @@ def test_grid_codes_times_their_scales_are_the_fake_quantized_values_bit_for_bit
     x[5, 7] = float("nan")  # its group: NaN scales, as the reference's values
     smooth = torch.rand(cols) * 4 + 0.05 if smoothed else None
     repeat = 2 if group % 8 == 0 else 1  # the GEMM's narrower groups: each scale written twice
-    codes, scales, balanced = grid_codes(x, smooth, None if smooth is None else 1 / smooth,
-                                         (group, grid.rule, grid.top, grid.mantissa, grid.min_exp), repeat, mult)
+    result = grid_codes(x, smooth, None if smooth is None else 1 / smooth,
+                        (group, grid.rule, grid.top, grid.mantissa, grid.min_exp), repeat, mult)
+    if native_library() is None:  # no C compiler: no codes (and no cpu-int-groups, test_what_the_integer_gemm_...)
+        assert result is None
+        return
+    codes, scales, balanced = result
     b = x if smooth is None else x / smooth
     if smoothed:
         torch.testing.assert_close(balanced, b, rtol=0, atol=0, equal_nan=True)
@@ -101,7 +113,6 @@ def test_multipliers_make_the_tables_integers_or_refuse():
     assert grid_multiplier(activation_grid(_spec("e1m2-per-token-e2m3"))) == 8  # E2M3: steps of 1/8, top 7.5
 
 
-@needs_vnni
 @pytest.mark.parametrize("rows", [1, 5, 6, 37])
 @pytest.mark.parametrize("group", [4, 16, 64])
 @pytest.mark.parametrize("threads", [1, 2])
@@ -114,6 +125,10 @@ def test_the_integer_gemm_is_the_sum_of_its_groups(rows, group, threads):
     a_scale = torch.rand(rows, in_features // group, generator=gen) + 0.01
     bias = torch.randn(out_features, generator=gen)
     b = pack_weight(weight, w_scale, group, offset)
+    if _gemm_path() is None:
+        with pytest.raises((RuntimeError, AttributeError)):  # no path (or no library): never garbage
+            group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features)
+        return
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -127,27 +142,32 @@ def test_the_integer_gemm_is_the_sum_of_its_groups(rows, group, threads):
     torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-4)  # fp32 sums of the groups' products
 
 
-@needs_vnni
 @pytest.mark.usefixtures("integer_gemm")
 @pytest.mark.parametrize("name", sorted(SPECS))
 @pytest.mark.parametrize("shape", [(128, 128), (40, 64), (300, 256)])
 def test_layers_on_the_integer_gemm_are_their_reference(name, shape):
     out_features, in_features = shape
-    if in_features % max(_spec(name).group_size or 1, _spec(name).a_group_size or 1):
-        pytest.skip("groups wider than the layer")
+    spec = _spec(name)
+    group = min(spec.group_size or in_features, spec.a_group_size or in_features)
+    path = _gemm_path()
+    chosen = path == "avx512-vnni" or (path == "avx2" and group >= AVX2_MIN_GROUP)
     layer = _layer(name, out_features, in_features)
+    assert (kernel_summary(layer) == "cpu-int-groups x1") == chosen, kernel_summary(layer)
+    if path is not None:
+        set_kernel(layer, "cpu-int-groups")  # AVX2's narrower groups too: the path's numbers
     x = _inputs(37, in_features).view(37, 1, in_features)
     with torch.no_grad():
         out, reference = layer(x), layer.reference_forward(x)
-    assert kernel_summary(layer) == "cpu-int-groups x1"
     scale = reference.abs().max()
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * scale)
 
 
-@needs_vnni
 @pytest.mark.usefixtures("integer_gemm")
 def test_threads_and_bf16_inputs():
     layer = _layer("svdquant-nvfp4", 96, 128)
+    path = _gemm_path()
+    if path is not None:
+        set_kernel(layer, "cpu-int-groups")
     x = _inputs(50, 128)
     previous = torch.get_num_threads()
     with torch.no_grad():
@@ -159,28 +179,33 @@ def test_threads_and_bf16_inputs():
         finally:
             torch.set_num_threads(previous)
         assert torch.equal(one, two)  # each output computed alone
-        half = layer(x.bfloat16())
+        if path is None:  # the other kernels' bf16 arithmetic: tests/quant/test_quant_cpu_dense.py
+            return
+        half = layer(x.bfloat16())  # widened exactly, quantized in fp32
         assert half.dtype == torch.bfloat16
         torch.testing.assert_close(half.float(), layer.reference_forward(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
 
 
-@needs_vnni
 @pytest.mark.usefixtures("integer_gemm")
 def test_layers_reading_one_input_quantize_it_once(monkeypatch):
     layers = [_layer("rtn-w4a4", n, 64, seed=n) for n in (32, 48, 64)]
+    once = int(_gemm_path() is not None)  # without the path no layer makes codes
+    for layer in layers[:once * 3]:
+        set_kernel(layer, "cpu-int-groups")
     x = _inputs(9, 64)
     calls = []
     real = cpu_kernels.grid_codes
     monkeypatch.setattr(cpu_kernels, "grid_codes", lambda *a: (calls.append(1), real(*a))[1])
     with torch.no_grad():
         outs = [layer(x) for layer in layers]
-        assert len(calls) == 1
+        assert len(calls) == once
         for layer, out in zip(layers, outs):
             torch.testing.assert_close(out, layer.reference_forward(x), rtol=1e-5, atol=1e-4)
         x.mul_(2)  # written to: quantized again
         torch.testing.assert_close(layers[0](x), layers[0].reference_forward(x), rtol=1e-5, atol=1e-4)
-    assert len(calls) == 2
-    assert getattr(x, "_compressdit_rows")[2][2] is None  # the rows kept on x do not hold x (no reference cycle)
+    assert len(calls) == 2 * once
+    if once:
+        assert x._compressdit_rows[2][2] is None  # the rows kept on x do not hold x (no reference cycle)
 
 
 @pytest.mark.usefixtures("integer_gemm")
@@ -190,8 +215,7 @@ def test_layers_reading_one_input_quantize_it_once(monkeypatch):
 def test_what_the_integer_gemm_does_not_take(change):
     spec = LinearQuantSpec.from_dict({**SPECS["rtn-w4a4"], **change}, "spec")
     assert not integer_groups_apply(spec, (64, 96))  # per-token int activations: cpu-int8-gemm's fast path
-    if group_gemm_ready():
-        assert integer_groups_apply(_spec("rtn-w4a4"), (64, 96))
+    assert integer_groups_apply(_spec("svdquant-w4a4"), (64, 128)) == (_gemm_path() is not None)
 
 
 _AVX2_CHECK = """
@@ -220,7 +244,6 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(native_library() is None, reason="needs a C compiler")
 def test_the_avx2_path_is_the_reference_too(tmp_path):
     """As on an AVX2-only CPU (torch's kernels and the library built for AVX2, ``ATEN_CPU_CAPABILITY=avx2``): the
     byte multiply-adds of vpmaddubsw / vpmaddwd instead of vpdpbusd, on every spec kind (groups, branch, NVFP4);
@@ -229,8 +252,8 @@ def test_the_avx2_path_is_the_reference_too(tmp_path):
     import subprocess
     import sys
 
-    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
-        pytest.skip("needs an x86-64 CPU with AVX2")
+    if _gemm_path() is None:  # no x86-64 vector path here at all (asserted by _gemm_path)
+        return
     fields = ", ".join(repr(SPECS[n]) for n in ("rtn-w4a4", "svdquant-w4a4", "nvfp4", "svdquant-nvfp4", "mxfp4"))
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "COMPRESSDIT_CACHE": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", _AVX2_CHECK.format(fields=fields)], env=env, capture_output=True,
