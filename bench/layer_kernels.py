@@ -68,10 +68,13 @@ def _without_native(layer, x):
         cpu_native.native_library = library
 
 
-#: low-bit activation recipes' layer specs (``recipes/rtn-w4a4.yaml``, ``svdquant-w4a4.yaml``'s residual, ``nvfp4.yaml``)
+#: low-bit activation recipes' layer specs (``recipes/rtn-w4a4.yaml``, ``svdquant-w4a4.yaml``'s residual, ``nvfp4.yaml``,
+#: ``lrq-w4a4.yaml`` with the randomized Hadamard, which its ARS picks or DuQuant per layer)
 LOW_BIT = {"w4a4 g16": dict(w_bits=4, group_size=16, a_bits=4, a_granularity="per_group", a_group_size=16),
            "w4a4 g64": dict(w_bits=4, group_size=64, a_bits=4, a_granularity="per_group", a_group_size=64),
-           "nvfp4": dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4", a_granularity="per_group")}
+           "nvfp4": dict(format="nvfp4", w_bits=4, a_bits=4, a_format="nvfp4", a_granularity="per_group"),
+           "lrq w4a4": dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group", a_group_size=16,
+                            balance=0.5, rotation="hadamard")}
 
 
 def low_bit(linear, fields: dict, decoded: bool = False) -> tuple:
@@ -84,7 +87,9 @@ def low_bit(linear, fields: dict, decoded: bool = False) -> tuple:
 
     spec = LinearQuantSpec.from_dict(dict(fields), "spec")
     FORMATS.get(spec.format).validate_spec(spec, "spec")
-    layer = FORMATS.get(spec.format).quantize(linear, spec, None)
+    gen = torch.Generator().manual_seed(0)
+    absmax = None if spec.balance is None else torch.rand(linear.in_features, generator=gen) + 0.5
+    layer = FORMATS.get(spec.format).quantize(linear, spec, absmax)
     if decoded:
         set_kernel(layer, decoded_kernel_name(spec, (linear.out_features, linear.in_features)))
     refresh(layer)

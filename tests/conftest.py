@@ -27,8 +27,8 @@ def native_ops_built() -> bool:
 @pytest.fixture
 def decoded_kernels(monkeypatch):
     """Low-bit activations in groups on the decoded-weight kernels (``cpu-decoded-*``, ``cpu-int4-weight``,
-    ``cpu-int-dense-*``) on every CPU: on CPUs with AVX512-VNNI ``cpu-int-groups``'s integer GEMM takes them by default
-    (tested in tests/quant/test_quant_cpu_kernels.py)."""
+    ``cpu-int-dense-*``, ``cpu-twinlog-dense``) on every CPU: on CPUs with AVX512-VNNI the integer GEMM of
+    ``cpu-int-groups`` / ``cpu-twinlog-groups`` takes them by default (tested in tests/quant/test_quant_cpu_kernels.py)."""
     from compressdit.quant import cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "group_gemm_ready", lambda: False)
@@ -39,8 +39,8 @@ def fp32_kernels(monkeypatch):
     """Small quantized layers on their fp32 kernels on every CPU (the reference's numbers up to summation order):
     on CPUs with AMX, bf16 kernels on oneDNN's microkernel take them by default (``cpu_dense._brgemm_shape``; those
     are tested against the reference within bf16 rounding in tests/quant/test_quant_cpu_dense.py), and on CPUs with
-    AVX512-VNNI the integer GEMM of ``cpu-int-groups`` takes low-bit activations in groups (tested in
-    tests/quant/test_quant_cpu_kernels.py)."""
+    AVX512-VNNI the integer GEMM of ``cpu-int-groups`` / ``cpu-twinlog-groups`` takes low-bit activations in groups
+    (tested in tests/quant/test_quant_cpu_kernels.py)."""
     from compressdit.quant import cpu_dense, cpu_kernels
 
     monkeypatch.setattr(cpu_dense, "bf16_brgemm", lambda: False)

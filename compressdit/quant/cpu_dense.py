@@ -204,7 +204,7 @@ def fp32_weights(weight: torch.Tensor, layer=None) -> dict:
     return branch or {"weight": weight.contiguous(), "packed": None, LOW_RANK: None}
 
 
-def _low_bit_bf16(spec, shape: tuple[int, int]) -> bool:
+def low_bit_bf16(spec, shape: tuple[int, int]) -> bool:
     """Whether a low-bit layer (:func:`_decoded_format`, twin-log) runs in bf16: above ``DENSE_MAX_WEIGHT`` on CPUs
     with bf16 GEMMs, and small ones on the microkernel (:func:`_brgemm_shape`) unless they keep 8-bit integer weights
     (whose own error is as small as bf16's rounding of the activations, as ``cpu-int8-weight``'s)."""
@@ -236,7 +236,7 @@ def dense_kernel_name(shape: tuple[int, int]) -> str:
 def decoded_kernel_name(spec, shape: tuple[int, int]) -> str:
     """The kernel a layer of a low-bit format no CPU GEMM reads (NVFP4 / MX / minifloats / integers with per-group or
     sub-8-bit activations, twin-log) and of ``shape`` (out, in) runs on this machine now."""
-    if _low_bit_bf16(spec, shape):
+    if low_bit_bf16(spec, shape):
         return "cpu-decoded-bf16"
     if not _small(shape):
         return "cpu-decoded-fp32" if _per_call_applies(spec, torch.device("cpu"), shape) else "reference"
@@ -589,12 +589,12 @@ def _hadamard_layer(layer, x: torch.Tensor) -> bool:
     return layer.spec.format == "twinlog" and layer.spec.rotation == "hadamard" and _takes_fp32(x)
 
 
-def _hadamard_bf16(layer, x: torch.Tensor) -> bool:
+def hadamard_bf16(layer, x: torch.Tensor) -> bool:
     return (layer.spec.format == "twinlog" and layer.spec.rotation == "hadamard" and x.dtype is torch.bfloat16
             and not torch.compiler.is_compiling())
 
 
-def _transformed_input(layer, x: torch.Tensor) -> torch.Tensor:
+def transformed_input(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer.transform_input(x)``: for a twin-log layer with the randomized Hadamard rotation on contiguous fp32
     rows, balancing and rotation in one C pass (:func:`~compressdit.quant.cpu_native.hadamard_rows`, bit for bit:
     torch's butterflies cost ~290 us a call on a zoo layer's 256 x 128 input, the pass ~22 at one thread)."""
@@ -619,7 +619,7 @@ def _on_transformed(run, gemm=None):
             rows = hadamard_rows(x, layer.smooth_scale, layer.rotation_signs, b["grid"])
             if rows is not None:
                 return gemm(layer, rows, b)
-        if gemm is not None and b["grid"] is not None and _hadamard_bf16(layer, x):
+        if gemm is not None and b["grid"] is not None and hadamard_bf16(layer, x):
             # a bf16 model's rows widened once, then the same C pass (in fp32, where the reference rotates in bf16
             # arithmetic: torch's butterflies on a DiT-XL/2 layer's rows made an LRQ step 4.4x the bf16 model's)
             rows = hadamard_rows(x.reshape(-1, x.shape[-1]).float(), b["smooth"], layer.rotation_signs, b["grid"])
@@ -627,7 +627,7 @@ def _on_transformed(run, gemm=None):
                 if b.get("packed") is not None or b["weight"].dtype is torch.bfloat16:
                     rows = float_to_bf16(rows)
                 return gemm(layer, rows, b).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
-        return run(layer, _transformed_input(layer, x), b)
+        return run(layer, transformed_input(layer, x), b)
 
     return run_untransformed
 
@@ -637,7 +637,7 @@ def _fp32_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
 
 
 def _twinlog_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    return device.type == "cpu" and spec.format == "twinlog" and _small(shape) and not _low_bit_bf16(spec, shape)
+    return device.type == "cpu" and spec.format == "twinlog" and _small(shape) and not low_bit_bf16(spec, shape)
 
 
 KERNELS.add("cpu-int-dense-bf16", Kernel(
@@ -691,12 +691,12 @@ def _decoded_format(spec) -> bool:
 
 
 def _decoded_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
-    return device.type == "cpu" and _small(shape) and _decoded_format(spec) and not _low_bit_bf16(spec, shape)
+    return device.type == "cpu" and _small(shape) and _decoded_format(spec) and not low_bit_bf16(spec, shape)
 
 
 def _decoded_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     return (device.type == "cpu" and (_decoded_format(spec) or spec.format == "twinlog")
-            and _low_bit_bf16(spec, shape))
+            and low_bit_bf16(spec, shape))
 
 
 def _decoded_bf16_prepack(layer) -> dict:

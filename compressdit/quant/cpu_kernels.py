@@ -67,10 +67,12 @@ from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS, dequantize_nib
 from compressdit.quant.kernel_registry import KERNELS, LOW_RANK, Kernel, prepacked_bias
 from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import (DENSE_MAX_WEIGHT, amx_bf16, bf16_hardware, bf16_layer, bf16_rows_gemm,
-                                         bf16_weights, effective_fp32, fast_int_path, input_grid, per_call,
-                                         per_call_prepack, per_call_shape, quantize_layer_input, smooth_divisor)
+                                         bf16_weights, effective_fp32, fast_int_path, hadamard_bf16, input_grid,
+                                         low_bit_bf16, per_call, per_call_prepack, per_call_shape,
+                                         quantize_layer_input, smooth_divisor, transformed_input)
 from compressdit.quant.cpu_native import (decode_f32, dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
-                                          grid_codes, group_gemm, group_gemm_isa, group_gemm_ready, int8_brgemm,
+                                          grid_codes, group_gemm, group_gemm_isa, group_gemm_ready, hadamard_codes,
+                                          int8_brgemm,
                                           int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops, rows_unshared,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
@@ -645,15 +647,16 @@ def _groups_prepack(layer) -> dict:
 
 @_define("int_groups_linear_cpu(Tensor x, Tensor? smooth, Tensor? inv, Tensor packed, Tensor corr, Tensor w_scale, "
          "Tensor? bias, Tensor? down_t, Tensor? up_t, int group, int repeat, int rule, float top, int mantissa, "
-         "int min_exp, float mult, int flush, int out_features) -> Tensor")
+         "int min_exp, float mult, int flush, int planes, int out_features) -> Tensor")
 def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: Optional[torch.Tensor],
                          packed: torch.Tensor, corr: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                          down_t: Optional[torch.Tensor], up_t: Optional[torch.Tensor], group: int, repeat: int,
-                         rule: int, top: float, mantissa: int, min_exp: int, mult: float, flush: int,
+                         rule: int, top: float, mantissa: int, min_exp: int, mult: float, flush: int, planes: int,
                          out_features: int) -> torch.Tensor:
     """``q(x / smooth) @ W^T + b (+ (x / smooth) @ down_t @ up_t)``: the activations quantized per group onto their
     grid (``rule`` ... ``min_exp``, the fake quantization's, bit for bit) as integer codes (``grid_codes``), the
-    weight's integer codes (:func:`pack_weight`), one integer GEMM with both groups' scales in its epilogue (``group_gemm``);
+    weight's integer codes (:func:`pack_weight`; ``planes=2``: 16-bit ones, :func:`pack_planes`), one integer GEMM with
+    both groups' scales in its epilogue (``group_gemm``);
     ``smooth`` / ``inv``: the balancing divisor and its reciprocal, or None; ``down_t`` / ``up_t``: SVDQuant's
     branch on the balanced rows, or None. Unbalanced rows' codes are shared with the other layers reading ``x``."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -669,24 +672,107 @@ def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: 
     else:
         codes, scales, balanced = compute()
     hidden = None if down_t is None else torch.mm(x2 if balanced is None else balanced, down_t)
-    return _like_input(group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t, flush), x)
+    return _like_input(group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t, flush, planes),
+                       x)
 
 
 @torch.library.register_fake("compressdit::int_groups_linear_cpu")
 def _(x, smooth, inv, packed, corr, w_scale, bias, down_t, up_t, group, repeat, rule, top, mantissa, min_exp, mult,
-      flush, out_features):
+      flush, planes, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _groups_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     """On the transformed (balanced) input: no divisor, no branch (the layer adds it)."""
     return int_groups_linear_cpu(x, None, None, b["packed"], b["corr"], b["w_scale"], b["bias"], None, None,
-                                *b["settings"], layer.out_features)
+                                *b["settings"], 1, layer.out_features)
 
 
 def _groups_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return int_groups_linear_cpu(x, b["smooth"], b["inv"], b["packed"], b["corr"], b["w_scale"], b["bias"],
-                                b[LOW_RANK], b["up_t"], *b["settings"], layer.out_features)
+                                b[LOW_RANK], b["up_t"], *b["settings"], 1, layer.out_features)
+
+
+# --- twin-log weights x low-bit activations: 16-bit weights in the same integer GEMM (AVX512-VNNI) ------------------
+
+#: the largest 16-bit weight code: q = 256 * hi + lo with |hi| <= 127 and lo in [-128, 127] (signed bytes both)
+PLANE_MAX = 32639
+
+
+def _plane_sums_fit(group: int, offset: float) -> bool:
+    """Whether a GEMM group's int32 sum of 16-bit weights cannot overflow: activation codes up to ``2 * offset``,
+    the hi plane's sum (from its correction ``-offset * sum hi``) shifted by 8 bits, then the lo plane's."""
+    hi = 3 * offset * group * 127
+    return 256 * hi + 3 * offset * group * 128 < 2 ** 31
+
+
+def pack_planes(weight: torch.Tensor, group: int, offset: float) -> dict:
+    """An fp32 weight ``[out, in]`` of arbitrary values (twin-log's decoded tables) as 16-bit integers per output
+    channel, ``q = round(w / s)`` with ``s = max |w| / PLANE_MAX`` of the channel (each weight within ``s / 2``: a
+    channel's largest weight to 1.5e-5 of itself, where a bf16 copy rounds each weight to 2^-9 of itself), split
+    into signed bytes ``q = 256 * hi + lo`` and packed by :func:`pack_weight` as weights of twice the inputs: each
+    GEMM group's hi codes, then its lo codes (csrc/group_gemm.c, ``planes = 2``). A channel with a non-finite weight
+    gets the scale NaN (its outputs NaN, as the reference's)."""
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    finite = torch.isfinite(w).all(1, keepdim=True)
+    absmax = torch.where(finite, w.abs(), torch.zeros_like(w)).amax(1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / PLANE_MAX, torch.ones_like(absmax))
+    q = torch.where(finite, w / scale, torch.zeros_like(w)).round().to(torch.int32).clamp_(-PLANE_MAX, PLANE_MAX)
+    lo = torch.remainder(q + 128, 256) - 128
+    hi = torch.div(q - lo, 256, rounding_mode="floor")
+    groups = in_features // group
+    planes = torch.stack([hi.view(out_features, groups, group), lo.view(out_features, groups, group)], 2)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    return pack_weight(planes.reshape(out_features, 2 * in_features).to(torch.int8), scale, group, offset)
+
+
+def _twinlog_groups_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
+    if device.type != "cpu" or spec.format != "twinlog" or spec.w_bits > 4 or spec.a_bits is None:
+        return False
+    grid = activation_grid(spec)
+    mult = None if grid is None else grid_multiplier(grid)
+    groups = _gemm_groups(spec, shape[1])
+    return (mult is not None and groups is not None and _plane_sums_fit(groups[0], grid.top * mult)
+            and not low_bit_bf16(spec, shape) and group_gemm_ready() and group_gemm_isa() == "avx512-vnni")
+
+
+def twinlog_groups_apply(spec, shape: tuple[int, int]) -> bool:
+    """Whether a CPU twin-log layer of ``spec`` and ``shape`` (out, in) runs ``cpu-twinlog-groups`` on this machine
+    now: where its activations' grid takes byte codes, on AVX512-VNNI, on layers no bf16 GEMM takes
+    (``cpu_dense.low_bit_bf16``: the bf16 copy's GEMM is faster from 16 rows on DiT-XL/2 shapes where bf16 GEMMs
+    pay, ``bench/results/layer_lowbit_cpu.md``; AMX CPUs keep their microkernel on every layer)."""
+    return _twinlog_groups_applies(spec, torch.device("cpu"), shape)
+
+
+def _twinlog_groups_prepack(layer) -> dict:
+    _, rule, top, mantissa, min_exp = input_grid(layer)
+    mult = grid_multiplier(activation_grid(layer.spec))
+    group, repeat = _gemm_groups(layer.spec, layer.in_features)
+    return {**pack_planes(layer.dequantized_weight(torch.float32), group, top * mult), "bias": prepacked_bias(layer),
+            "smooth": smooth_divisor(layer), "settings": (group, repeat, rule, top, mantissa, min_exp, mult)}
+
+
+def _twinlog_groups_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    """On the transformed (balanced, rotated) input."""
+    return int_groups_linear_cpu(x, None, None, b["packed"], b["corr"], b["w_scale"], b["bias"], None, None,
+                                *b["settings"], 1, 2, layer.out_features)
+
+
+def _twinlog_groups_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
+    """With the Hadamard rotation, eager: balancing, rotation and the activation codes in one C pass per row (a bf16
+    model's rows widened first: its PyTorch butterflies in bf16 cost more than the GEMM), then the GEMM; else the
+    layer's transform (:func:`~compressdit.quant.cpu_dense.transformed_input`), then the op."""
+    if (hadamard_bf16(layer, x) or x.dtype is torch.float32) and layer.spec.rotation == "hadamard":
+        group, repeat, rule, top, mantissa, min_exp, mult = b["settings"]
+        rows = x.reshape(-1, x.shape[-1])
+        rows = rows if rows.dtype is torch.float32 and rows.is_contiguous() else rows.float().contiguous()
+        got = None if torch.compiler.is_compiling() else hadamard_codes(
+            rows, b["smooth"], layer.rotation_signs, (group * repeat, rule, top, mantissa, min_exp), repeat, mult)
+        if got is not None:
+            out = group_gemm(*got, b["packed"], b["corr"], b["w_scale"], b["bias"], layer.out_features, planes=2)
+            return _like_input(out, x)
+    return _twinlog_groups_run(layer, transformed_input(layer, x), b)
 
 
 KERNELS.add("cpu-int8-gemm", Kernel(
@@ -710,6 +796,14 @@ KERNELS.add("cpu-int-groups", Kernel(
                 "the activations' grid values as byte codes (one C pass, balancing fused), one integer GEMM on the "
                 "weight's codes packed once (1 byte per weight; int32 sums per group, both groups' scales, the bias "
                 "and an SVDQuant branch's up product in the epilogue); on AVX2 for groups of >= 32 inputs"))
+KERNELS.add("cpu-twinlog-groups", Kernel(
+    _twinlog_groups_applies, _twinlog_groups_prepack, _twinlog_groups_run, priority=16,
+    run_untransformed=_twinlog_groups_run_untransformed,
+    description="twin-log weights (LRQ-DiT, 2-4 bits) x dynamic activations on an integer grid of at most 127 steps "
+                "(int4 per group of 16: lrq-w4a4 / lrq-w3a4), on CPUs with AVX512-VNNI and without AMX: the decoded "
+                "weight as 16-bit integers per channel (within 1.5e-5 of each channel's largest weight; 2 bytes per "
+                "weight), the rotated activations' grid values as byte codes, cpu-int-groups' GEMM on two byte planes "
+                "of the weight (int32 sums per group, both scales and the bias in its epilogue)"))
 KERNELS.add("cpu-int4-weight", Kernel(
     _int4_applies, _int4_prepack, _int4_run, priority=10,
     description=f"_weight_int4pack_mm_for_cpu (bf16 activations, bf16 group scales) up to "

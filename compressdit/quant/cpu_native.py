@@ -63,7 +63,8 @@ _SIGNATURES = {
                                        None),
     "compressdit_gelu_tanh": ([_PTR, _I64, _PTR, _I32], None),
     "compressdit_gelu_tanh_bf16": ([_PTR, _I64, _PTR, _I32], None),
-    "compressdit_hadamard_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _PTR, _I32],
+    "compressdit_hadamard_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _I64,
+                                   ctypes.c_float, _PTR, _PTR, _PTR, _I32],
                                   None),
     "compressdit_grid_tensor_scale": ([_PTR, _PTR, _I64, _I64, ctypes.c_float, _I32], ctypes.c_float),
     "compressdit_divide_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], None),
@@ -82,7 +83,7 @@ _SIGNATURES = {
                                      ctypes.c_float, ctypes.c_float, _PTR, _PTR, _PTR, _I32], None),
     "compressdit_group_gemm_ready": ([], ctypes.c_int),
     "compressdit_group_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
-                                _PTR, _I32], ctypes.c_int),
+                                _I64, _PTR, _I32], ctypes.c_int),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -613,13 +614,14 @@ def grid_codes(x: torch.Tensor, smooth: torch.Tensor | None, inv: torch.Tensor |
 
 def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor,
                w_scale: torch.Tensor, bias: torch.Tensor | None, out_features: int, hidden: torch.Tensor | None = None,
-               up: torch.Tensor | None = None, flush: int = 1) -> torch.Tensor:
+               up: torch.Tensor | None = None, flush: int = 1, planes: int = 1) -> torch.Tensor:
     """``out[i, n] = sum_g (sum_{k in g} codes[i, k] * w[n, k]) * scales[i, g] * w_scale[g, n] + bias[n]`` (fp32
     ``[rows, out_features]``, the inner sums exact in int32) from :func:`grid_codes`' codes and scales and a weight
     packed by ``cpu_kernels.pack_weight`` (``packed``, ``corr``, ``w_scale``: see csrc/group_gemm.c), plus ``hidden @
     up`` where given (SVDQuant's branch: fp32 ``[rows, r]`` and ``[r, out]`` padded like ``w_scale``) in the same
     blocks; where :func:`group_gemm_ready`. ``flush``: on the AVX2 path, how many quads of inputs are summed in 16 bits
-    before widening (``flush * 2 * max code * max |weight code| < 2^15``: see ``cpu_kernels.pack_weight``). Rows (or
+    before widening (``flush * 2 * max code * max |weight code| < 2^15``: see ``cpu_kernels.pack_weight``).
+    ``planes=2``: 16-bit weights as two byte planes (``cpu_kernels.pack_planes``; the AVX512-VNNI path only). Rows (or
     column blocks) over torch's threads from ``TEAM_MIN_WORK`` multiply-adds."""
     rows, cols = codes.shape
     group = cols // scales.shape[1]
@@ -628,9 +630,9 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     rank = 0 if hidden is None else hidden.shape[1]
     if native_library().compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(),
                                                corr.data_ptr(), w_scale.data_ptr(), _ptr(hidden), rank, _ptr(up),
-                                               _ptr(bias), rows, out_features, cols, group, flush, out.data_ptr(),
-                                               threads):
-        raise RuntimeError("group_gemm: no path on this CPU (see group_gemm_isa)")
+                                               _ptr(bias), rows, out_features, cols, group, flush, planes,
+                                               out.data_ptr(), threads):
+        raise RuntimeError(f"group_gemm: no path on this CPU for {planes} weight plane(s) (see group_gemm_isa)")
     return out
 
 
@@ -793,5 +795,24 @@ def hadamard_rows(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Ten
     cols = x.shape[-1]
     out = torch.empty_like(x)
     lib.compressdit_hadamard_rows(x.data_ptr(), _ptr(smooth), signs.data_ptr(), x.numel() // cols, cols,
-                                  *(grid or (0, 0, 0.0, 0, 0)), out.data_ptr(), threads_for(x.numel()))
+                                  *(grid or (0, 0, 0.0, 0, 0)), 1, 1.0, out.data_ptr(), None, None,
+                                  threads_for(x.numel()))
     return out
+
+
+def hadamard_codes(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor, grid: tuple, repeat: int,
+                   mult: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`hadamard_rows` of contiguous fp32 rows ``x`` ``[rows, cols]`` quantized onto ``grid`` (rules 0 and 1) as
+    :func:`grid_codes`' ``(codes, scales)`` (the integer GEMM's activations), in the same pass per row; ``None`` where
+    :func:`hadamard_rows` would be."""
+    lib = _lib_for(x, smooth)
+    if lib is None or x.dim() != 2 or not hadamard_takes(x, smooth, signs, grid):
+        return None
+    rows, cols = x.shape
+    group = grid[0]
+    rotated = torch.empty_like(x)
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    scales = torch.empty(rows, cols // group * repeat)
+    lib.compressdit_hadamard_rows(x.data_ptr(), _ptr(smooth), signs.data_ptr(), rows, cols, *grid, repeat, mult,
+                                  rotated.data_ptr(), codes.data_ptr(), scales.data_ptr(), threads_for(x.numel()))
+    return codes, scales

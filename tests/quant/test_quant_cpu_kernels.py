@@ -1,5 +1,7 @@
 """``cpu-int-groups``: low-bit activations in groups as integer codes (bit for bit the fake quantization's values) times
-4-bit weight codes in one integer GEMM (AVX512-VNNI), the reference's numbers up to summation order."""
+4-bit weight codes in one integer GEMM (AVX512-VNNI), the reference's numbers up to summation order; and
+``cpu-twinlog-groups``: twin-log weights as 16-bit integers (two byte planes) in the same GEMM, the reference's numbers
+within half a step of each channel's 16-bit grid."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import torch
 
 from compressdit.quant import cpu_kernels
 from compressdit.quant.activations import Grid, activation_grid, quantize_input
-from compressdit.quant.cpu_kernels import (AVX2_MIN_GROUP, grid_multiplier, integer_groups_apply, integer_multiplier,
-                                           pack_weight)
+from compressdit.quant.cpu_kernels import (AVX2_MIN_GROUP, PLANE_MAX, grid_multiplier, integer_groups_apply,
+                                           integer_multiplier, pack_planes, pack_weight, twinlog_groups_apply)
 from compressdit.quant.cpu_native import grid_codes, group_gemm, group_gemm_isa, native_library
 from compressdit.quant.formats import FORMATS
 from compressdit.quant.kernel_registry import kernel_summary, set_kernel
@@ -220,12 +222,22 @@ def test_what_the_integer_gemm_does_not_take(change):
 
 _AVX2_CHECK = """
 import torch
-from compressdit.quant.cpu_kernels import AVX2_MIN_GROUP
-from compressdit.quant.cpu_native import group_gemm_isa
+from compressdit.quant.cpu_kernels import AVX2_MIN_GROUP, pack_planes, twinlog_groups_apply
+from compressdit.quant.cpu_native import group_gemm, group_gemm_isa
 from compressdit.quant.formats import FORMATS
 from compressdit.quant.kernel_registry import kernel_summary, set_kernel
 from compressdit.quant.spec import LinearQuantSpec
 assert group_gemm_isa() == "avx2", group_gemm_isa()
+twin_log = LinearQuantSpec.from_dict(dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group",
+                                          a_group_size=32), "spec")
+assert not twinlog_groups_apply(twin_log, (40, 128))  # 16-bit weights: AVX512-VNNI only
+b = pack_planes(torch.randn(40, 128), 32, 8.0)
+try:
+    group_gemm(torch.zeros(3, 128, dtype=torch.uint8), torch.ones(3, 4), b["packed"], b["corr"], b["w_scale"], None,
+               40, planes=2)
+    raise AssertionError("two weight planes ran on AVX2")
+except RuntimeError:
+    pass
 torch.manual_seed(0)
 for fields in ({fields}):
     spec = LinearQuantSpec.from_dict(dict(fields), "spec")
@@ -259,3 +271,123 @@ def test_the_avx2_path_is_the_reference_too(tmp_path):
     run = subprocess.run([sys.executable, "-c", _AVX2_CHECK.format(fields=fields)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+# --- cpu-twinlog-groups -------------------------------------------------------------------------------------------
+
+TWIN_LOG = dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group", a_group_size=16, balance=0.5)
+
+
+def _twin_log_layer(out_features: int, in_features: int, rotation: str = "hadamard", seed: int = 0, **fields):
+    torch.manual_seed(seed)
+    spec = LinearQuantSpec.from_dict({**TWIN_LOG, "rotation": rotation, **fields}, "spec")
+    FORMATS.get(spec.format).validate_spec(spec, "spec")
+    absmax = _inputs(64, in_features, seed).abs().amax(0) + 0.1
+    return FORMATS.get(spec.format).quantize(torch.nn.Linear(in_features, out_features), spec, absmax)
+
+
+def _plane_bound(layer, x: torch.Tensor) -> torch.Tensor:
+    """Per output, what the 16-bit weights may move it: |q(transformed x)| summed against half of each channel's
+    step (max |w| / PLANE_MAX), plus fp32 summation slack."""
+    with torch.no_grad():
+        rows = quantize_input(layer.transform_input(x.float()), layer.spec).reshape(-1, layer.in_features)
+        weight = layer.dequantized_weight()
+        step = weight.abs().amax(1) / PLANE_MAX
+        exact = rows.double() @ weight.double().t()
+    return (rows.abs().sum(1, keepdim=True) * step / 2).double() + 1e-5 * exact.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 37])
+@pytest.mark.parametrize("group", [4, 16, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sixteen_bit_weights_are_their_weight_within_half_a_step(rows, group, threads):
+    gen = torch.Generator().manual_seed(rows + group)
+    out_features, in_features, offset = 40, 128, 8
+    weight = torch.randn(out_features, in_features, generator=gen) * torch.logspace(-3, 1, out_features)[:, None]
+    weight[3] = 0  # an all-zero channel: scale 1, codes 0
+    codes = torch.randint(0, 16, (rows, in_features), generator=gen, dtype=torch.uint8)
+    a_scale = torch.rand(rows, in_features // group, generator=gen) + 0.01
+    bias = torch.randn(out_features, generator=gen)
+    b = pack_planes(weight, group, offset)
+    assert b["packed"].dtype == torch.int8 and b["packed"].numel() == 2 * 64 * in_features  # 2 bytes a weight
+    if _gemm_path() != "avx512-vnni":
+        with pytest.raises((RuntimeError, AttributeError)):  # AVX2 (or no path, no library): refused, never garbage
+            group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features, planes=2)
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features, planes=2)
+    finally:
+        torch.set_num_threads(previous)
+    values = (codes.double() - offset) * a_scale.double().repeat_interleave(group, 1)
+    truth = values @ weight.double().t() + bias.double()
+    step = weight.abs().amax(1).double() / PLANE_MAX
+    bound = values.abs().sum(1, keepdim=True) * step / 2 + 1e-5 * truth.abs().max()
+    assert ((out.double() - truth).abs() <= bound).all(), ((out.double() - truth).abs() / bound).max()
+    assert torch.equal(out[:, 3], bias[3].expand(rows))
+
+
+def test_a_channel_with_a_non_finite_weight_gives_nan_outputs():
+    weight = torch.randn(32, 64)
+    weight[5, 7] = float("inf")
+    weight[9, 0] = float("nan")
+    b = pack_planes(weight, 16, 8.0)
+    assert torch.isnan(b["w_scale"][:, [5, 9]]).all() and torch.isfinite(b["w_scale"][:, :5]).all()
+    if _gemm_path() == "avx512-vnni":
+        out = group_gemm(torch.full((2, 64), 9, dtype=torch.uint8), torch.ones(2, 4), b["packed"], b["corr"],
+                         b["w_scale"], None, 32, planes=2)
+        assert torch.isnan(out[:, [5, 9]]).all() and torch.isfinite(out[:, :5]).all()
+
+
+@pytest.mark.usefixtures("integer_gemm")
+@pytest.mark.parametrize("rotation", ["hadamard", "duquant", "none"])
+@pytest.mark.parametrize("w_bits", [3, 4])
+@pytest.mark.parametrize("shape", [(128, 128), (40, 64), (300, 256)])
+def test_twin_log_layers_on_the_integer_gemm_are_their_reference(rotation, w_bits, shape):
+    out_features, in_features = shape
+    layer = _twin_log_layer(out_features, in_features, rotation, w_bits=w_bits)
+    chosen = _gemm_path() == "avx512-vnni"
+    assert (kernel_summary(layer) == "cpu-twinlog-groups x1") == chosen, kernel_summary(layer)
+    x = _inputs(37, in_features).view(37, 1, in_features)
+    with torch.no_grad():
+        out, reference = layer(x), layer.reference_forward(x)
+    error = (out - reference).reshape(37, out_features).abs().double()
+    assert (error <= _plane_bound(layer, x)).all()
+    assert (error.max() > 0) == chosen  # the kernel's own numbers, not the reference's
+
+
+@pytest.mark.usefixtures("integer_gemm")
+def test_twin_log_threads_bf16_rows_and_the_layers_own_transform():
+    layer = _twin_log_layer(96, 128)
+    x = _inputs(50, 128)
+    previous = torch.get_num_threads()
+    with torch.no_grad():
+        try:
+            torch.set_num_threads(1)
+            one = layer(x)
+            torch.set_num_threads(2)
+            two = layer(x)
+        finally:
+            torch.set_num_threads(previous)
+        assert torch.equal(one, two)  # each output computed alone
+        x.requires_grad_(False)
+        half = layer(x.bfloat16())  # widened once, rotated by the C pass in fp32
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.float(), layer.reference_forward(x.bfloat16().float()), rtol=2e-2, atol=2e-2)
+        compiled = torch.compile(layer, fullgraph=True)  # the op on rows the layer's PyTorch transform rotated
+        torch._dynamo.reset()
+        torch.testing.assert_close(compiled(x), one, rtol=1e-5, atol=1e-5 * float(one.abs().max()))
+
+
+@pytest.mark.usefixtures("integer_gemm")
+@pytest.mark.parametrize("fields", [dict(a_bits=8, a_granularity="per_token", a_group_size=None),
+                                    dict(a_format="e4m3", a_bits=8, a_group_size=16), dict(a_group_size=None,
+                                                                                          a_granularity="per_tensor")])
+def test_what_the_twin_log_gemm_does_not_take(fields):
+    """Per-token int8 over 1152 inputs (a group's int32 sum of 16-bit weights could overflow), E4M3 activations (too
+    fine a grid for bytes), per-tensor activations: the decoded kernels."""
+    spec = LinearQuantSpec.from_dict({**TWIN_LOG, "rotation": "hadamard", **fields}, "spec")
+    assert not twinlog_groups_apply(spec, (64, 1152))
+    assert twinlog_groups_apply(LinearQuantSpec.from_dict({**TWIN_LOG, "rotation": "hadamard"}, "spec"),
+                                (64, 1152)) == (_gemm_path() == "avx512-vnni")

@@ -593,6 +593,33 @@ def test_the_hadamard_pass_is_balancing_and_rotate_bit_for_bit(cols, parallel, m
     assert not strided.is_contiguous() and hadamard_rows(strided, None, signs) is None
 
 
+@pytest.mark.parametrize("cols", [128, 96])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_the_hadamard_pass_writes_integer_codes_of_the_same_values(cols, parallel, monkeypatch):
+    """``hadamard_codes`` (cpu-twinlog-groups' activations): the rotated rows' grid values as byte codes and scales
+    per group (each ``repeat`` times) whose products are the fused pass's values bit for bit; NaN groups NaN."""
+    from compressdit.quant.cpu_native import hadamard_codes, hadamard_rows
+    from compressdit.quant.rotation import random_signs
+
+    torch.manual_seed(0)
+    x = torch.randn(37, cols) * torch.logspace(-3, 3, cols)
+    x[3], x[6, 7] = 0, float("nan")
+    x[9, :3] = torch.tensor([1e-41, -3e-39, 1e-45])
+    smooth, signs = torch.rand(cols) + 0.3, random_signs(cols, 0)
+    monkeypatch.setattr(cpu_native, "PARALLEL_MIN_ELEMENTS", 1 if parallel else 1 << 62)
+    for grid, mult, repeat in (((16, 0, 7.0, 30, 30), 1.0, 1), ((32, 1, 6.0, 1, 0), 2.0, 2)):  # int4; MX E2M1 (x2)
+        got = hadamard_codes(x, smooth, signs, grid, repeat, mult)
+        if native_library() is None:
+            assert got is None
+            return
+        codes, scales = got
+        values = (codes.float() - grid[2] * mult) * scales.repeat_interleave(grid[0] // repeat, dim=1)
+        truth = hadamard_rows(x, smooth, signs, grid)
+        nan_groups = truth.isnan().view(37, -1, grid[0]).any(-1, keepdim=True).expand(-1, -1, grid[0])
+        assert torch.equal(values.isnan(), nan_groups.reshape(37, cols))
+        assert torch.equal(values[~values.isnan()], truth[~values.isnan()])
+
+
 def _microkernel_runs(kind: str) -> bool:
     """Whether the ``kind`` ("bf16" / "int8") microkernel runs here. Where it does not (no AMX, no C++ op library),
     checks what happens instead: a small layer's kernel keeps no copy packed for it and gives the reference's output."""

@@ -125,14 +125,18 @@ def _big_nvfp4_and_twin_log(out_features: int) -> tuple:
 @pytest.mark.slow
 def test_the_bf16_copy_and_the_hadamard_pass_compile_with_fullgraph_and_match_eager():
     """cpu-decoded-bf16 (a big NVFP4 layer, forced: it runs on any CPU) and a twin-log layer whose kernel rotates its
-    input in C: under compilation the PyTorch ops of the same transform, quantizer and casts."""
+    input in C (on CPUs with AVX512-VNNI and without bf16 GEMMs for it, cpu-twinlog-groups' op on the rotated rows):
+    under compilation the PyTorch ops of the same transform, quantizer and casts."""
     from compressdit.quant.cpu_dense import decoded_kernel_name
+    from compressdit.quant.cpu_kernels import twinlog_groups_apply
     from compressdit.quant.kernel_registry import set_kernel
 
     model, specs, big = _big_nvfp4_and_twin_log(out_features=64)
     set_kernel(model[0], "cpu-decoded-bf16")
     prepack_model(model)
-    assert [m.kernel_name for m in model] == ["cpu-decoded-bf16", decoded_kernel_name(specs[1], (64, big))]
+    twin_log = "cpu-twinlog-groups" if twinlog_groups_apply(specs[1], (64, big)) else decoded_kernel_name(specs[1],
+                                                                                                        (64, big))
+    assert [m.kernel_name for m in model] == ["cpu-decoded-bf16", twin_log]
     torch._dynamo.reset()
     with torch.no_grad():
         for rows in (1, 7):

@@ -43,8 +43,8 @@ void compressdit_grid_rows_bf16(const float *x, int64_t rows, int64_t cols, int6
                                 int32_t mantissa, int32_t min_exp, float t, float *work, uint16_t *out, int64_t ld,
                                 int32_t threads);
 void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
-                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float *out,
-                               int32_t threads);
+                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, int64_t repeat,
+                               float mult, float *out, uint8_t *codes, float *scales, int32_t threads);
 }
 
 namespace {
@@ -219,7 +219,7 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &packed, int64_t ou
                 if (transform.signs) { /* rotated (and quantized) rows, then rounded */
                     compressdit_hadamard_rows(rows_in, transform.smooth, transform.signs, n_rows, in_features,
                                               transform.group, transform.rule, transform.top, transform.mantissa,
-                                              transform.min_exp, work.get(), 1);
+                                              transform.min_exp, 1, 1.0f, work.get(), nullptr, nullptr, 1);
                     compressdit_grid_rows_bf16(work.get(), n_rows, in_features, 0, 0, 0.0f, 0, 0, 1.0f, nullptr,
                                                buffer.get(), depth, 1);
                 } else { /* quantized (where there is a grid) and rounded in one pass */

@@ -768,10 +768,12 @@ static void hadamard_row_plain(const float *r, const float *smooth, const int8_t
  * largest power of two dividing cols, as rotate takes it) the butterflies of fwht in its order (h = 1, 2, 4, ...:
  * a + b and a - b of the values h apart in each run of 2h), each value divided by sqrt(block) (rounded to float, as
  * torch does with the Python float) at the end; then, where group > 0, compressdit_fake_quantize_grid's quantization
- * of the row (rules 0 and 1: scales from each group alone) in the same pass. out may be x's own memory. */
+ * of the row (rules 0 and 1: scales from each group alone) in the same pass: its values into out (codes NULL), or
+ * (codes not NULL) as compressdit_grid_codes_rows' codes and scales (each group's `repeat` times, `mult` the grid's
+ * integer multiplier), the rotated rows left in out. out may be x's own memory. */
 void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
-                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float *out,
-                               int32_t threads) {
+                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, int64_t repeat,
+                               float mult, float *out, uint8_t *codes, float *scales, int32_t threads) {
     const int64_t block = cols & -cols;
     const float norm = (float)__builtin_sqrt((double)block), inv_norm = 1.0f / norm;
     /* the fast row: out not x, a block of at most 4096 values (norm <= 2^6), the scratch allocated */
@@ -789,9 +791,14 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
         if (!scratch || hadamard_row(r, smooth ? signed_smooth : NULL, inv, signed_smooth, cols, block, norm, inv_norm,
                                      o))
             hadamard_row_plain(r, smooth, signs, cols, block, norm, o);
-        for (int64_t g = 0; group && g < cols / group; g += GRID_BATCH) /* then its groups, while in cache */
-            grid_batch(o + g * group, o + g * group, cols / group - g < GRID_BATCH ? cols / group - g : GRID_BATCH,
-                       group, rule, top, mantissa, min_exp, 1.0f);
+        for (int64_t g = 0; group && g < cols / group; g += GRID_BATCH) { /* then its groups, while in cache */
+            const int64_t n = cols / group - g < GRID_BATCH ? cols / group - g : GRID_BATCH;
+            if (codes)
+                grid_code_batch(o + g * group, codes + i * cols + g * group, scales + (i * (cols / group) + g) * repeat,
+                                n, group, repeat, rule, top, mantissa, min_exp, 1.0f, mult);
+            else
+                grid_batch(o + g * group, o + g * group, n, group, rule, top, mantissa, min_exp, 1.0f);
+        }
     });
     free(scratch);
 }

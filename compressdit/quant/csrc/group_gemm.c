@@ -13,7 +13,12 @@
  * float_rows.c); weight codes (int8) packed in blocks of 16 output channels, [cols_p / 16, k / 4, 16, 4] (vpdpbusd's
  * layout: four consecutive inputs of one channel in one 32-bit lane), cols_p = cols rounded up to 32 (zero codes);
  * corr [groups, cols_p] = -offset * the channel's sum of weight codes in the group (the activations' offset taken
- * back: the int32 accumulators start from it); w_scale [groups, cols_p]; a_scale [rows, groups]. */
+ * back: the int32 accumulators start from it); w_scale [groups, cols_p]; a_scale [rows, groups].
+ *
+ * 16-bit weights (planes = 2, AVX512-VNNI only: twin-log's per-row tables of real values: cpu_kernels.pack_planes): each weight q = 256 * hi + lo with signed bytes hi and lo, packed as byte weights of twice
+ * the inputs, each group's hi quads then its lo quads; corr and w_scale [2 * groups, cols_p] (corr: -offset * each
+ * plane's sums, w_scale: the scale in the hi row). A group's int32 sum is (corr_hi + sum a * hi) * 256 + corr_lo +
+ * sum a * lo: the hi plane's products, one shift, the lo plane's; twice the products of byte weights, one epilogue. */
 
 #include <stdint.h>
 #include <string.h>
@@ -122,30 +127,42 @@ static __attribute__((target("avx2,fma"))) void block_avx2(
 static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, int64_t group,
                       const int8_t *w0, const int8_t *w1, const int32_t *corr, const float *w_scale, int64_t cols_p,
                       const float *h, int64_t rank, const float *up, const float *bias, float *out, int64_t cols,
-                      int64_t c0, const int rows) {
+                      int64_t c0, const int rows, const int planes) {
     __m512 sum[6][2];
     for (int r = 0; r < rows; ++r) sum[r][0] = sum[r][1] = _mm512_setzero_ps();
     const int64_t quads = group / 4;
     for (int64_t g = 0; g < groups; ++g) {
-        const __m512i start0 = _mm512_loadu_si512(corr + g * cols_p + c0);
-        const __m512i start1 = _mm512_loadu_si512(corr + g * cols_p + c0 + 16);
+        const int64_t row = planes * g; /* the group's (first plane's) row of corr and w_scale */
+        const __m512i start0 = _mm512_loadu_si512(corr + row * cols_p + c0);
+        const __m512i start1 = _mm512_loadu_si512(corr + row * cols_p + c0 + 16);
         __m512i acc[6][2];
         for (int r = 0; r < rows; ++r) {
             acc[r][0] = start0;
             acc[r][1] = start1;
         }
-        for (int64_t q = g * quads; q < (g + 1) * quads; ++q) {
-            const __m512i b0 = _mm512_loadu_si512(w0 + q * 64), b1 = _mm512_loadu_si512(w1 + q * 64);
-            for (int r = 0; r < rows; ++r) {
-                int32_t four;
-                memcpy(&four, a + r * k + 4 * q, sizeof four);
-                const __m512i x = _mm512_set1_epi32(four);
-                acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x, b0);
-                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], x, b1);
+        for (int plane = 0; plane < planes; ++plane) {
+            if (plane) { /* the hi plane's sums times 256, the lo plane's correction */
+                const __m512i lo0 = _mm512_loadu_si512(corr + (row + 1) * cols_p + c0);
+                const __m512i lo1 = _mm512_loadu_si512(corr + (row + 1) * cols_p + c0 + 16);
+                for (int r = 0; r < rows; ++r) {
+                    acc[r][0] = _mm512_add_epi32(_mm512_slli_epi32(acc[r][0], 8), lo0);
+                    acc[r][1] = _mm512_add_epi32(_mm512_slli_epi32(acc[r][1], 8), lo1);
+                }
+            }
+            const int8_t *v0 = w0 + (row + plane) * quads * 64, *v1 = w1 + (row + plane) * quads * 64;
+            for (int64_t q = 0; q < quads; ++q) {
+                const __m512i b0 = _mm512_loadu_si512(v0 + q * 64), b1 = _mm512_loadu_si512(v1 + q * 64);
+                for (int r = 0; r < rows; ++r) {
+                    int32_t four;
+                    memcpy(&four, a + r * k + 4 * (g * quads + q), sizeof four);
+                    const __m512i x = _mm512_set1_epi32(four);
+                    acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x, b0);
+                    acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], x, b1);
+                }
             }
         }
-        const __m512 s0 = _mm512_loadu_ps(w_scale + g * cols_p + c0);
-        const __m512 s1 = _mm512_loadu_ps(w_scale + g * cols_p + c0 + 16);
+        const __m512 s0 = _mm512_loadu_ps(w_scale + row * cols_p + c0);
+        const __m512 s1 = _mm512_loadu_ps(w_scale + row * cols_p + c0 + 16);
         for (int r = 0; r < rows; ++r) {
             const __m512 sa = _mm512_set1_ps(a_scale[r * groups + g]);
             sum[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_mul_ps(s0, sa), sum[r][0]);
@@ -173,27 +190,38 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
     }
 }
 
-/* rows [r0, r1) x channel pairs [p0, p1) (32 channels each): each pair's weights (k x 32 bytes) stay in cache while
- * the rows stream past them in tiles of TILE_ROWS */
-static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
-    const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
-    const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
-    int64_t cols, int64_t k, int64_t group, float *out) {
-    const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = (k / 4) * 64;
+/* rows [r0, r1) x channel pairs [p0, p1) (32 channels each): each pair's weights (k x 32 bytes a plane) stay in cache
+ * while the rows stream past them in tiles of TILE_ROWS */
+static VNNI void rows_vnni(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
+                           const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
+                           int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
+                           float *out, const int planes) {
+    const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = planes * (k / 4) * 64;
     for (int64_t p = p0; p < p1; ++p) {
         const int8_t *w0 = w + 2 * p * panel, *w1 = w0 + panel;
         int64_t r = r0;
         for (; r + TILE_ROWS <= r1; r += TILE_ROWS)
             tile(a + r * k, k, a_scale + r * groups, groups, group, w0, w1, corr, w_scale, cols_p, h + r * rank, rank,
-                 up, bias, out + r * cols, cols, 32 * p, TILE_ROWS);
+                 up, bias, out + r * cols, cols, 32 * p, TILE_ROWS, planes);
         switch (r1 - r) {
 #define LAST(n) case n: tile(a + r * k, k, a_scale + r * groups, groups, group, w0, w1, corr, w_scale, cols_p, \
-                             h + r * rank, rank, up, bias, out + r * cols, cols, 32 * p, n); break;
+                             h + r * rank, rank, up, bias, out + r * cols, cols, 32 * p, n, planes); break;
             LAST(1) LAST(2) LAST(3) LAST(4) LAST(5)
 #undef LAST
         default: break;
         }
     }
+}
+
+/* rows_vnni compiled for each number of weight planes */
+static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
+    const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
+    const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
+    int64_t cols, int64_t k, int64_t group, float *out, int planes) {
+    if (planes == 2)
+        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 2);
+    else
+        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 1);
 }
 #endif
 
@@ -222,13 +250,14 @@ int compressdit_group_gemm_ready(void) {
 static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                   const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias, int64_t r0,
                   int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group, int64_t flush,
-                  float *out) {
+                  int planes, float *out) {
 #ifdef GROUP_GEMM_512
     if (isa == 2) {
-        block_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out);
+        block_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, planes);
         return;
     }
 #endif
+    (void)planes; /* 1 here: the entry refuses 2 weight planes without VNNI */
     (void)isa;
     block_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, out);
 }
@@ -236,19 +265,21 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
 
 /* out [rows, cols] fp32 (see the top of this file; k and group multiples of 4, group dividing k; bias NULL or
  * [cols]), plus h @ up where rank > 0 (SVDQuant's branch: h fp32 [rows, rank], up fp32 [rank, cols_p]); `flush`:
- * the AVX2 path's quads of inputs summed in 16 bits (see tile16; >= 1). Rows split over `threads` OpenMP threads in
- * contiguous blocks of whole tiles where there are enough, else the channel pairs: every output computed alone, the
- * same numbers on any number of threads. Returns 1 where not compressdit_group_gemm_ready. */
+ * the AVX2 path's quads of inputs summed in 16 bits (see tile16; >= 1); `planes`: 1 (byte weights) or 2 (16-bit
+ * weights, AVX512-VNNI only). Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where
+ * there are enough, else the channel pairs: every output computed alone, the same numbers on any number of threads.
+ * Returns 1 where not compressdit_group_gemm_ready or, for 2 planes, not its AVX512-VNNI path. */
 int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
-                           int64_t rows, int64_t cols, int64_t k, int64_t group, int64_t flush, float *out,
-                           int32_t threads) {
+                           int64_t rows, int64_t cols, int64_t k, int64_t group, int64_t flush, int64_t planes,
+                           float *out, int32_t threads) {
 #ifdef GROUP_GEMM
     const int isa = compressdit_group_gemm_ready();
-    if (!isa) return 1;
+    if (!isa || planes < 1 || planes > 2 || (planes == 2 && isa != 2)) return 1;
     const int64_t pairs = (cols + 31) / 32;
     if (threads <= 1 || rows * pairs < 2) {
-        block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, flush, out);
+        block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, flush,
+              (int)planes, out);
         return 0;
     }
     const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
@@ -259,17 +290,18 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
             const int64_t r0 = t * per * TILE_ROWS, r1 = (t + 1) * per * TILE_ROWS;
             if (r0 < rows)
                 block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1 < rows ? r1 : rows, 0, pairs, cols,
-                      k, group, flush, out);
+                      k, group, flush, (int)planes, out);
         }
     } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t p = 0; p < pairs; ++p)
-            block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, p, p + 1, cols, k, group, flush, out);
+            block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, p, p + 1, cols, k, group, flush,
+                  (int)planes, out);
     }
     return 0;
 #else
     (void)a; (void)a_scale; (void)w; (void)corr; (void)w_scale; (void)h; (void)rank; (void)up; (void)bias;
-    (void)rows; (void)cols; (void)k; (void)group; (void)flush; (void)out; (void)threads;
+    (void)rows; (void)cols; (void)k; (void)group; (void)flush; (void)planes; (void)out; (void)threads;
     return 1;
 #endif
 }
