@@ -31,6 +31,13 @@
   epilogue; the activation codes from one C pass, bit for bit the fake quantization's values once scaled, so the
   outputs are the reference's up to fp32 summation order. Not on AMX CPUs (their bf16 microkernel kernels, measured
   there, stay). DiT-XL/2 shapes at one thread on a Zen 4 EPYC: 2.3-9.7x fp32 (``bench/results/layer_lowbit_cpu.md``).
+- ``cpu-twinlog-groups``: twin-log (LRQ) weights, whose per-row tables of real values no byte holds, in the same GEMM
+  as 16-bit integers per output channel (:func:`pack_planes`: within half a step of ``max |w| / PLANE_MAX`` of each
+  weight, far finer than a bf16 copy's rounding) split into two byte planes, x the rotated activations' byte codes
+  (balancing, the randomized Hadamard and the codes in one C pass per row, :func:`~.cpu_native.hadamard_codes`). On
+  AVX512-VNNI (the AVX2 path would pay twice its byte products for no gain even at one plane on groups of 16), on
+  layers no bf16 GEMM takes: on DiT-XL/2 shapes a bf16 copy's GEMM is faster from 16 rows (2.0-2.2x fp32 against
+  1.5-1.7x), on the zoo's 256 x 128 -> 768 the integer GEMM 0.74x fp32's time.
 - ``cpu-int4-weight``: weight-only (or fake-quantized activations) int codes of 2-4 bits, groups of
   32/64/128/256 or per channel, via ``_weight_int4pack_mm_for_cpu``: activations are rounded to bf16
   (its fast path) and so are the group scales and the product; the bias is added in fp32. Up to
