@@ -78,8 +78,8 @@ from compressdit.quant.cpu_dense import (DENSE_MAX_WEIGHT, amx_bf16, bf16_hardwa
                                          low_bit_bf16, per_call, per_call_prepack, per_call_shape,
                                          quantize_layer_input, smooth_divisor, transformed_input)
 from compressdit.quant.cpu_native import (decode_f32, dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
-                                          grid_codes, group_gemm, group_gemm_isa, group_gemm_ready, hadamard_codes,
-                                          int8_brgemm,
+                                          float_to_bf16, grid_codes, group_gemm, group_gemm_isa, group_gemm_ready,
+                                          hadamard_codes, int4_dot, int4_dot_ready, int8_brgemm,
                                           int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops, rows_unshared,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
@@ -363,16 +363,52 @@ def _int8_group_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
 
 # --- weight-only int4 (tinygemm layout for CPU) -------------------------------------------------------------
 
-@_define("int4_weight_linear_cpu(Tensor x, Tensor packed, Tensor scales_zeros, Tensor nibbles, Tensor scale, "
+#: rows up to which ``cpu-int4-weight`` runs :func:`~compressdit.quant.cpu_native.int4_dot` where it runs (AVX512-BF16).
+#: DiT-XL/2 shapes, one thread, Zen 4 EPYC, W4 g64 (``bench/results/layer_kernels_cpu.md``): 1.8-7.3x fp32 at one row
+#: where the packed int4 GEMM ran 1.0-3.3x, 2.3-4.0x at 16 (1.1-1.9x); against the bf16 decode + GEMM above:
+#: 2.0-2.3x fp32 against 1.8-1.9x at 128 rows, 2.0-2.1x against 1.9-2.0x at 256, 1.9-2.1x against 2.0-2.1x at 1024
+INT4_DOT_MAX_ROWS = 256
+
+
+def pack_int4_dot(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> dict:
+    """Signed int codes ``[out, in]`` in [-8, 7] with fp32 scales ``[out, in / g]`` and zero terms (``-zero point *
+    scale``, or ``None``) in :func:`~compressdit.quant.cpu_native.int4_dot`'s layout (csrc/int4_dot.c): ``dot_packed``
+    (blocks of 16 output channels, chunks of 4 inputs as 32 bytes of nibbles), ``dot_scale`` and ``dot_zz`` (``zero -
+    136 * scale``: the decoding's offset taken back) ``[in / group, out]``, padded to 16 channels; ``g`` a multiple of
+    ``group``."""
+    out_features, in_features = codes.shape
+    padded = -(-out_features // 16) * 16
+    q = torch.zeros(padded, in_features, dtype=torch.uint8)
+    q[:out_features] = (codes.to(torch.int16) + 8).to(torch.uint8)
+    chunks = q.view(padded // 16, 16, in_features // 4, 2, 2)  # [block, channel, chunk, half, kk]
+    low, high = chunks[:, :, :, 0, :], chunks[:, :, :, 1, :]   # inputs 4t + kk and 4t + 2 + kk
+    packed = (low | (high << 4)).permute(0, 2, 1, 3).reshape(padded // 16, in_features // 4, 32).contiguous()
+    repeat = in_features // group // scale.shape[1]
+    full_scale = torch.zeros(padded, in_features // group)
+    full_scale[:out_features] = scale.float().repeat_interleave(repeat, dim=1)
+    full_zero = torch.zeros_like(full_scale)
+    if zero is not None:
+        full_zero[:out_features] = zero.float().repeat_interleave(repeat, dim=1)
+    return {"dot_packed": packed, "dot_scale": full_scale.t().contiguous(),
+            "dot_zz": (full_zero - 136 * full_scale).t().contiguous()}
+
+
+@_define("int4_weight_linear_cpu(Tensor x, Tensor? packed, Tensor? scales_zeros, Tensor nibbles, Tensor scale, "
          "Tensor? zero, int group_size, Tensor? bias, int out_features, Tensor? values32, Tensor? scale32, "
-         "Tensor? zero32) -> Tensor")
-def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, nibbles: torch.Tensor,
+         "Tensor? zero32, Tensor? dot_packed, Tensor? dot_scale, Tensor? dot_zz) -> Tensor")
+def int4_weight_linear_cpu(x: torch.Tensor, packed: Optional[torch.Tensor], scales_zeros: Optional[torch.Tensor],
+                           nibbles: torch.Tensor,
                            scale: torch.Tensor, zero: Optional[torch.Tensor], group_size: int,
                            bias: Optional[torch.Tensor], out_features: int, values32: Optional[torch.Tensor] = None,
-                           scale32: Optional[torch.Tensor] = None, zero32: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           scale32: Optional[torch.Tensor] = None, zero32: Optional[torch.Tensor] = None,
+                           dot_packed: Optional[torch.Tensor] = None, dot_scale: Optional[torch.Tensor] = None,
+                           dot_zz: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T + b`` with W = (q - 8) * scale + zero per group, activations in bf16.
 
-    Up to ``INT4_PACKED_MAX_ROWS["cpu"]`` rows: the packed int4 GEMM; above: W dequantized into bf16 for this
+    With ``dot_packed`` / ``dot_scale`` / ``dot_zz`` (:func:`pack_int4_dot`; prepacked where
+    :func:`~compressdit.quant.cpu_native.int4_dot_ready`) up to ``INT4_DOT_MAX_ROWS`` rows: that kernel (fp32 scales,
+    the bias added in fp32, the output rounded once to a bf16 ``x``'s dtype; then ``packed`` is None). Else
+    up to ``INT4_PACKED_MAX_ROWS["cpu"]`` rows: the packed int4 GEMM; above: W dequantized into bf16 for this
     call (``nibbles``: codes + 8 two per byte, ``scale``/``zero``: bf16 ``[out, in / group]``), a dense GEMM.
     With ``values32`` / ``scale32`` / ``zero32`` (the layer's ``fp32_decoding()``: each nibble's value, the fp32 scales
     and zero points; prepacked on CPUs without bf16 GEMMs, where a bf16 GEMM is emulated) an fp32 ``x`` of more than
@@ -380,6 +416,11 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: 
     GEMM: activations unrounded, the reference's numbers up to summation order.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if dot_packed is not None and 0 < rows <= INT4_DOT_MAX_ROWS:
+        x2 = x.reshape(rows, x.shape[-1])
+        x2 = x2.contiguous() if x2.dtype is torch.bfloat16 else float_to_bf16(x2.float().contiguous())
+        out = int4_dot(x2, dot_packed, dot_scale, dot_zz, bias, out_features, group_size)
+        return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
     if (values32 is not None and x.dtype is torch.float32 and rows > FP32_DECODE_MIN_ROWS
             and not (torch.is_grad_enabled() and x.requires_grad)):  # autograd would keep the reused buffer
         weight = decode_f32(("nibbles", nibbles, values32, scale32, zero32))
@@ -388,7 +429,7 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: 
     x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     bf16 = x.dtype is torch.bfloat16  # a bf16 model's: its bias (bf16 values) added in bf16, the output kept bf16
     bf16_bias = None if bias is None or not bf16 else bias.to(torch.bfloat16)
-    if int4_uses_packed_gemm(x2.shape[0], "cpu"):
+    if packed is not None and int4_uses_packed_gemm(x2.shape[0], "cpu"):
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_zeros)
         out = out.add_(bf16_bias) if bf16_bias is not None else out  # (an fp32 bias in place: ~14 ms a big layer)
     else:
@@ -404,7 +445,7 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: 
 
 @torch.library.register_fake("compressdit::int4_weight_linear_cpu")
 def _(x, packed, scales_zeros, nibbles, scale, zero, group_size, bias, out_features, values32=None, scale32=None,
-      zero32=None):
+      zero32=None, dot_packed=None, dot_scale=None, dot_zz=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -428,12 +469,25 @@ def _int4_prepack(layer) -> dict:
     zero = torch.zeros_like(scale) if layer.weight_zero is None else -layer.weight_zero.float() * scale
     repeat = layer.in_features // group // scale.shape[1]        # per-channel: one scale for every group
     scale, zero = (t.repeat_interleave(repeat, dim=1) if repeat != 1 else t for t in (scale, zero))
-    return {"packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1),
-            "scales_zeros": torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous(),
+    dot = _dot_prepack(layer, group)  # where it runs, the packed int4 GEMM's rows are its: no copy for that GEMM
+    return {"packed": None if dot["dot_packed"] is not None else torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                codes.contiguous(), 1),
+            "scales_zeros": None if dot["dot_packed"] is not None else torch.stack([scale.t(), zero.t()], -1).to(
+                torch.bfloat16).contiguous(),
             "nibbles": layer.offset_nibbles(),  # the stored weight at 4 bits
             "scale": scale.to(torch.bfloat16).contiguous(),
             "zero": None if layer.weight_zero is None else zero.to(torch.bfloat16).contiguous(),
-            "group": group, "bias": prepacked_bias(layer), **_fp32_decode_scales(layer)}
+            "group": group, "bias": prepacked_bias(layer), **_fp32_decode_scales(layer), **dot}
+
+
+def _dot_prepack(layer, group: int) -> dict:
+    """:func:`pack_int4_dot`'s buffers where :func:`~compressdit.quant.cpu_native.int4_dot` runs (else ``None``s):
+    the layer's codes at 4 bits (0.5 byte per weight, in place of the packed int4 GEMM's) and fp32 scales."""
+    if not (int4_dot_ready() and bf16_hardware()) or group % 4:
+        return {"dot_packed": None, "dot_scale": None, "dot_zz": None}
+    scale = layer.weight_scale.float()
+    zero = None if layer.weight_zero is None else -layer.weight_zero.float() * scale
+    return pack_int4_dot(layer.codes(), scale, zero, group)
 
 
 def _fp32_decode_scales(layer) -> dict:
@@ -454,7 +508,7 @@ def _fake_quantize_input(layer, x: torch.Tensor) -> torch.Tensor:
 def _int4_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return int4_weight_linear_cpu(_fake_quantize_input(layer, x), b["packed"], b["scales_zeros"], b["nibbles"],
                                   b["scale"], b["zero"], b["group"], b["bias"], layer.out_features, b["values32"],
-                                  b["scale32"], b["zero32"])
+                                  b["scale32"], b["zero32"], b["dot_packed"], b["dot_scale"], b["dot_zz"])
 
 
 # --- weight-only int8 per channel ------------------------------------------------------------------------

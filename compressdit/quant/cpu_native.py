@@ -43,7 +43,8 @@ import torch
 
 from compressdit.cache import default_cache_dir
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("int8_rows.c", "float_rows.c", "group_gemm.c"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("int8_rows.c", "float_rows.c", "group_gemm.c", "int4_dot.c"))
 HEADERS = (Path(__file__).with_name("csrc") / "rows.h",)  # included by both: part of the build's digest
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
@@ -82,6 +83,8 @@ _SIGNATURES = {
     "compressdit_grid_codes_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32,
                                      ctypes.c_float, ctypes.c_float, _PTR, _PTR, _PTR, _I32], None),
     "compressdit_group_gemm_ready": ([], ctypes.c_int),
+    "compressdit_int4_dot_ready": ([], ctypes.c_int),
+    "compressdit_int4_dot": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I32], ctypes.c_int),
     "compressdit_group_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
                                 _I64, _PTR, _I32], ctypes.c_int),
 }
@@ -576,6 +579,29 @@ def group_gemm_isa() -> str | None:
     ``None`` (no library, or neither)."""
     lib = native_library()
     return None if lib is None else {2: "avx512-vnni", 1: "avx2"}.get(lib.compressdit_group_gemm_ready())
+
+
+@functools.lru_cache(maxsize=None)
+def int4_dot_ready() -> bool:
+    """Whether :func:`int4_dot` runs here: the library built with AVX-512 (the vector ISA torch runs) on a CPU with
+    AVX512-BF16 (Zen 4, Cooper Lake and AMX Xeons)."""
+    lib = native_library()
+    return lib is not None and bool(lib.compressdit_int4_dot_ready())
+
+
+def int4_dot(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zz: torch.Tensor, bias: torch.Tensor | None,
+             out_features: int, group: int) -> torch.Tensor:
+    """Weight-only int4 for few rows (csrc/int4_dot.c): contiguous bf16 rows ``x`` ``[rows, in]`` times the codes
+    packed by ``cpu_kernels.pack_int4_dot`` (``packed``) with their fp32 group scales and zero terms (``scale``,
+    ``zz``: ``[in / group, out]`` padded to 16 channels), plus ``bias`` (fp32 or None): fp32 ``[rows, out_features]``;
+    where :func:`int4_dot_ready`. Channel blocks over torch's threads from ``TEAM_MIN_WORK`` multiply-adds."""
+    rows, cols = x.shape
+    out = torch.empty(rows, out_features)
+    threads = torch.get_num_threads() if rows * cols * out_features > TEAM_MIN_WORK else 1
+    if native_library().compressdit_int4_dot(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zz.data_ptr(),
+                                             _ptr(bias), rows, out_features, cols, group, out.data_ptr(), threads):
+        raise RuntimeError("int4_dot: no AVX512-BF16 path on this CPU (see int4_dot_ready)")
+    return out
 
 
 def group_gemm_ready() -> bool:

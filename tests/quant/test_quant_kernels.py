@@ -173,17 +173,67 @@ def test_w8a8_kernel_is_exact_at_the_int16_saturation_corner():
         torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-6, atol=1e-3)
 
 
-def test_w4_kernel_is_the_reference_with_bf16_inputs_and_scales_up_to_its_bf16_output():
-    """The kernel's numerics exactly: activations and group scales rounded to bf16, product rounded to bf16."""
-    linear, layer = _layer(LinearQuantSpec(w_bits=4, group_size=32), out_features=BIG)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w4_kernel_is_the_reference_with_bf16_inputs_and_scales_up_to_its_bf16_output(symmetric):
+    """The kernel's numerics exactly, few rows: on CPUs with AVX512-BF16 ``int4_dot`` (activations rounded to bf16, fp32
+    scales and sums: the reference on the rounded activations up to fp32 summation), elsewhere the packed int4 GEMM
+    (activations and group scales rounded to bf16, product rounded to bf16)."""
+    from compressdit.quant.cpu_dense import bf16_hardware
+    from compressdit.quant.cpu_native import int4_dot_ready
+    from compressdit.quant.kernel_registry import cache_of
+
+    linear, layer = _layer(LinearQuantSpec(w_bits=4, group_size=32, w_symmetric=symmetric), out_features=BIG)
     assert layer.kernel_name == "cpu-int4-weight"
     layer.bias = None  # added in fp32 after the bf16 product: its cancellation would only hide rounding
     x = torch.randn(5, 256)
     with torch.no_grad():
         out = layer(x)
+        dot = cache_of(layer).buffers["dot_packed"] is not None
+        assert dot == (int4_dot_ready() and bf16_hardware())
+        assert dot == (cache_of(layer).buffers["packed"] is None)  # no copy for the packed GEMM beside it
+        if dot:
+            reference = layer.reference_forward(x.bfloat16().float())
+            torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+            return
         layer.weight_scale.copy_(layer.weight_scale.bfloat16().float())
         reference = layer.reference_forward(x.bfloat16().float())
     assert ((out - reference).abs() <= reference.abs() * 2 ** -8 + 1e-3).all()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 13, 256])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_int4_dot_kernel_is_the_sum_of_its_groups(rows, threads):
+    """``int4_dot`` against float64 sums of the bf16 activations times the decoded weight (scales and zero terms per
+    group, padded channels, every row tile), equal on 1 and 2 threads; refused where the CPU has no path."""
+    from compressdit.quant.cpu_kernels import pack_int4_dot
+    from compressdit.quant.cpu_native import int4_dot, int4_dot_ready
+
+    gen = torch.Generator().manual_seed(rows)
+    out_features, in_features, group = 40, 128, 32
+    codes = torch.randint(-8, 8, (out_features, in_features), generator=gen, dtype=torch.int8)
+    scale = torch.rand(out_features, in_features // group, generator=gen) + 0.01
+    zero = torch.randn(out_features, in_features // group, generator=gen)
+    bias = torch.randn(out_features, generator=gen)
+    x = torch.randn(rows, in_features, generator=gen).bfloat16()
+    b = pack_int4_dot(codes, scale, zero, group)
+    assert b["dot_packed"].numel() == 48 * in_features // 2  # 0.5 byte a weight, channels padded to 16
+    if not int4_dot_ready():
+        with pytest.raises((RuntimeError, AttributeError)):
+            int4_dot(x, b["dot_packed"], b["dot_scale"], b["dot_zz"], bias, out_features, group)
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = int4_dot(x, b["dot_packed"], b["dot_scale"], b["dot_zz"], bias, out_features, group)
+        torch.set_num_threads(3 - threads)
+        assert torch.equal(out, int4_dot(x, b["dot_packed"], b["dot_scale"], b["dot_zz"], bias, out_features, group))
+    finally:
+        torch.set_num_threads(previous)
+    weight = codes.double() * scale.double().repeat_interleave(group, 1) + zero.double().repeat_interleave(group, 1)
+    truth = x.double() @ weight.t() + bias.double()
+    # fp32 sums of x (128 + q) taken back by 136 s sum x (the decoding's offset): their magnitude bounds the rounding
+    formed = x.double().abs() @ (136 * scale.double() + zero.double().abs()).repeat_interleave(group, 1).t()
+    assert ((out.double() - truth).abs() <= 2 ** -20 * formed + 1e-6 * truth.abs()).all()
 
 
 @pytest.mark.usefixtures("decoded_kernels")
