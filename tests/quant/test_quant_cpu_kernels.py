@@ -115,16 +115,28 @@ def test_multipliers_make_the_tables_integers_or_refuse():
     assert grid_multiplier(activation_grid(_spec("e1m2-per-token-e2m3"))) == 8  # E2M3: steps of 1/8, top 7.5
 
 
-@pytest.mark.parametrize("rows", [1, 5, 6, 37])
-@pytest.mark.parametrize("group", [4, 16, 64])
-@pytest.mark.parametrize("threads", [1, 2])
+def _gemm_cases(test):
+    """The integer GEMM's cases: rows 1 .. 37 (every tail of AVX-512's 6-row tiles), GEMM groups 4 .. 64, 1 and 2
+    threads; the test takes ``rows, group, threads``."""
+    for mark in (pytest.mark.parametrize("rows", [1, 5, 6, 37]), pytest.mark.parametrize("group", [4, 16, 64]),
+                 pytest.mark.parametrize("threads", [1, 2])):
+        test = mark(test)
+    return test
+
+
+def _activation_codes(gen: torch.Generator, rows: int, in_features: int, group: int) -> tuple:
+    """Byte codes of an int4 grid (offset 8) and their scales per group, as grid_codes gives them."""
+    codes = torch.randint(0, 16, (rows, in_features), generator=gen, dtype=torch.uint8)
+    return codes, torch.rand(rows, in_features // group, generator=gen) + 0.01
+
+
+@_gemm_cases
 def test_the_integer_gemm_is_the_sum_of_its_groups(rows, group, threads):
     gen = torch.Generator().manual_seed(rows + group)
     out_features, in_features, offset = 40, 128, 8
     weight = torch.randint(-8, 8, (out_features, in_features), generator=gen, dtype=torch.int8)
     w_scale = torch.rand(out_features, in_features // group, generator=gen) + 0.01
-    codes = torch.randint(0, 16, (rows, in_features), generator=gen, dtype=torch.uint8)
-    a_scale = torch.rand(rows, in_features // group, generator=gen) + 0.01
+    codes, a_scale = _activation_codes(gen, rows, in_features, group)
     bias = torch.randn(out_features, generator=gen)
     b = pack_weight(weight, w_scale, group, offset)
     if _gemm_path() is None:
@@ -164,6 +176,20 @@ def test_layers_on_the_integer_gemm_are_their_reference(name, shape):
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * scale)
 
 
+def _on_one_and_two_threads(layer, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` on one thread, asserted equal bit for bit to it on two (each output computed alone)."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = layer(x)
+        torch.set_num_threads(2)
+        two = layer(x)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, two)
+    return one
+
+
 @pytest.mark.usefixtures("integer_gemm")
 def test_threads_and_bf16_inputs():
     layer = _layer("svdquant-nvfp4", 96, 128)
@@ -171,16 +197,8 @@ def test_threads_and_bf16_inputs():
     if path is not None:
         set_kernel(layer, "cpu-int-groups")
     x = _inputs(50, 128)
-    previous = torch.get_num_threads()
     with torch.no_grad():
-        try:
-            torch.set_num_threads(1)
-            one = layer(x)
-            torch.set_num_threads(2)
-            two = layer(x)
-        finally:
-            torch.set_num_threads(previous)
-        assert torch.equal(one, two)  # each output computed alone
+        _on_one_and_two_threads(layer, x)
         if path is None:  # the other kernels' bf16 arithmetic: tests/quant/test_quant_cpu_dense.py
             return
         half = layer(x.bfloat16())  # widened exactly, quantized in fp32
@@ -297,16 +315,13 @@ def _plane_bound(layer, x: torch.Tensor) -> torch.Tensor:
     return (rows.abs().sum(1, keepdim=True) * step / 2).double() + 1e-5 * exact.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 5, 6, 37])
-@pytest.mark.parametrize("group", [4, 16, 64])
-@pytest.mark.parametrize("threads", [1, 2])
+@_gemm_cases
 def test_sixteen_bit_weights_are_their_weight_within_half_a_step(rows, group, threads):
     gen = torch.Generator().manual_seed(rows + group)
     out_features, in_features, offset = 40, 128, 8
     weight = torch.randn(out_features, in_features, generator=gen) * torch.logspace(-3, 1, out_features)[:, None]
     weight[3] = 0  # an all-zero channel: scale 1, codes 0
-    codes = torch.randint(0, 16, (rows, in_features), generator=gen, dtype=torch.uint8)
-    a_scale = torch.rand(rows, in_features // group, generator=gen) + 0.01
+    codes, a_scale = _activation_codes(gen, rows, in_features, group)
     bias = torch.randn(out_features, generator=gen)
     b = pack_planes(weight, group, offset)
     assert b["packed"].dtype == torch.int8 and b["packed"].numel() == 2 * 64 * in_features  # 2 bytes a weight
@@ -361,17 +376,8 @@ def test_twin_log_layers_on_the_integer_gemm_are_their_reference(rotation, w_bit
 def test_twin_log_threads_bf16_rows_and_the_layers_own_transform():
     layer = _twin_log_layer(96, 128)
     x = _inputs(50, 128)
-    previous = torch.get_num_threads()
     with torch.no_grad():
-        try:
-            torch.set_num_threads(1)
-            one = layer(x)
-            torch.set_num_threads(2)
-            two = layer(x)
-        finally:
-            torch.set_num_threads(previous)
-        assert torch.equal(one, two)  # each output computed alone
-        x.requires_grad_(False)
+        one = _on_one_and_two_threads(layer, x)
         half = layer(x.bfloat16())  # widened once, rotated by the C pass in fp32
         assert half.dtype == torch.bfloat16
         torch.testing.assert_close(half.float(), layer.reference_forward(x.bfloat16().float()), rtol=2e-2, atol=2e-2)
