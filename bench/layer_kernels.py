@@ -76,9 +76,9 @@ LOW_BIT = {"w4a4 g16": dict(w_bits=4, group_size=16, a_bits=4, a_granularity="pe
                             balance=0.5, rotation="hadamard")}
 
 
-def low_bit(linear, fields: dict, decoded: bool = False) -> tuple:
+def low_bit(linear, fields: dict, decoded: bool = False, kernel: str | None = None) -> tuple:
     """(layer, note) of a low-bit spec on its chosen kernel, or (``decoded``) on the decoded-weight kernel the CPU
-    ran before ``cpu-int-groups`` (``cpu-decoded-dense`` / ``cpu-decoded-bf16``)."""
+    ran before ``cpu-int-groups`` (``cpu-decoded-dense`` / ``cpu-decoded-bf16``), or on ``kernel``."""
     from compressdit.quant.cpu_dense import decoded_kernel_name
     from compressdit.quant.formats import FORMATS
     from compressdit.quant.kernel_registry import refresh, set_kernel
@@ -89,8 +89,8 @@ def low_bit(linear, fields: dict, decoded: bool = False) -> tuple:
     gen = torch.Generator().manual_seed(0)
     absmax = None if spec.balance is None else torch.rand(linear.in_features, generator=gen) + 0.5
     layer = FORMATS.get(spec.format).quantize(linear, spec, absmax)
-    if decoded:
-        set_kernel(layer, decoded_kernel_name(spec, (linear.out_features, linear.in_features)))
+    if decoded or kernel:
+        set_kernel(layer, kernel or decoded_kernel_name(spec, (linear.out_features, linear.in_features)))
     refresh(layer)
     return layer, f"{spec.label}: {layer.kernel_name}"
 
@@ -98,6 +98,7 @@ def low_bit(linear, fields: dict, decoded: bool = False) -> tuple:
 def build_methods(in_features: int, out_features: int, keep: list[str] | None = None) -> dict:
     """name -> (callable taking x, note). Ours run through QuantLinear/VQLinear with their chosen kernel."""
     from compressdit.evaluate.peers import _bnb_int8, _bnb_nf4
+    from compressdit.quant.cpu_native import group_gemm_isa
     from compressdit.quant.kernel_registry import refresh, set_kernel
     from compressdit.quant.layers import QuantLinear
     from compressdit.quant.spec import LinearQuantSpec
@@ -134,10 +135,11 @@ def build_methods(in_features: int, out_features: int, keep: list[str] | None = 
     methods["ours w4a16 g64 before (reference)"] = ours(w4, "w4ref", "reference")
     raw, _ = ours(w4, "w4raw")
     scale = raw.weight_scale.float()  # torch's packed int4 GEMM on the same codes (the kernel's path before int4_dot)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((raw.codes().to(torch.int32) + 8).contiguous(), 1)
-    scales_zeros = torch.stack([scale.t(), torch.zeros_like(scale).t()], -1).to(torch.bfloat16).contiguous()
+    int4_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((raw.codes().to(torch.int32) + 8).contiguous(),
+                                                                     1)
+    int4_scales = torch.stack([scale.t(), torch.zeros_like(scale).t()], -1).to(torch.bfloat16).contiguous()
     methods["int4pack_mm g64 at every M"] = (
-        lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 64, scales_zeros).float()
+        lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), int4_packed, 64, int4_scales).float()
         + raw.bias,
         "_weight_int4pack_mm_for_cpu, bf16 activations, no row threshold (cpu-int4-weight's path up to 64 rows "
         "before int4_dot)")
@@ -145,6 +147,9 @@ def build_methods(in_features: int, out_features: int, keep: list[str] | None = 
     for name, fields in LOW_BIT.items():  # cpu-int-groups where the CPU has it; the decoded kernels it replaced
         methods[f"ours {name}"] = low_bit(linear, fields)
         methods[f"ours {name} decoded (before)"] = low_bit(linear, fields, decoded=True)
+    if group_gemm_isa() == "avx512-vnni":  # the twin-log integer GEMM where the bf16 copy's GEMM keeps the layer
+        methods["ours lrq w4a4 on cpu-twinlog-groups"] = low_bit(linear, LOW_BIT["lrq w4a4"],
+                                                                 kernel="cpu-twinlog-groups")
     vq_spec = LinearQuantSpec(format="vq", w_bits=3, vector_dim=2, codebook_size=64)
     vq = VQLinear(in_features, out_features, True, vq_spec)
     vq.load_codes(torch.randint(0, 64, (out_features, in_features // 2)), torch.randn(64, 2) * 0.02)

@@ -79,7 +79,7 @@ from compressdit.quant.cpu_dense import (DENSE_MAX_WEIGHT, amx_bf16, bf16_hardwa
                                          quantize_layer_input, smooth_divisor, transformed_input)
 from compressdit.quant.cpu_native import (decode_f32, dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
                                           float_to_bf16, grid_codes, group_gemm, group_gemm_isa, group_gemm_ready,
-                                          hadamard_codes, int4_dot, int4_dot_ready, int8_brgemm,
+                                          hadamard_group_gemm, int4_dot, int4_dot_ready, int8_brgemm,
                                           int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops, rows_unshared,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
@@ -821,17 +821,18 @@ def _twinlog_groups_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
 
 
 def _twinlog_groups_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
-    """With the Hadamard rotation, eager: balancing, rotation and the activation codes in one C pass per row (a bf16
-    model's rows widened first: its PyTorch butterflies in bf16 cost more than the GEMM), then the GEMM; else the
-    layer's transform (:func:`~compressdit.quant.cpu_dense.transformed_input`), then the op."""
+    """With the Hadamard rotation, eager: balancing, rotation and the activation codes in one C pass per row, then the
+    GEMM, in one C call (each thread its own rows; a bf16 model's rows widened first: its PyTorch butterflies in bf16
+    cost more than the GEMM); else the layer's transform (:func:`~compressdit.quant.cpu_dense.transformed_input`),
+    then the op."""
     if (hadamard_bf16(layer, x) or x.dtype is torch.float32) and layer.spec.rotation == "hadamard":
         group, repeat, rule, top, mantissa, min_exp, mult = b["settings"]
         rows = x.reshape(-1, x.shape[-1])
         rows = rows if rows.dtype is torch.float32 and rows.is_contiguous() else rows.float().contiguous()
-        got = None if torch.compiler.is_compiling() else hadamard_codes(
-            rows, b["smooth"], layer.rotation_signs, (group * repeat, rule, top, mantissa, min_exp), repeat, mult)
-        if got is not None:
-            out = group_gemm(*got, b["packed"], b["corr"], b["w_scale"], b["bias"], layer.out_features, planes=2)
+        out = None if torch.compiler.is_compiling() else hadamard_group_gemm(
+            rows, b["smooth"], layer.rotation_signs, (group * repeat, rule, top, mantissa, min_exp), repeat, mult,
+            b["packed"], b["corr"], b["w_scale"], b["bias"], layer.out_features, planes=2)
+        if out is not None:
             return _like_input(out, x)
     return _twinlog_groups_run(layer, transformed_input(layer, x), b)
 

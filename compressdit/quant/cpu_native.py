@@ -83,6 +83,8 @@ _SIGNATURES = {
     "compressdit_grid_codes_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32,
                                      ctypes.c_float, ctypes.c_float, _PTR, _PTR, _PTR, _I32], None),
     "compressdit_group_gemm_ready": ([], ctypes.c_int),
+    "compressdit_hadamard_group_gemm": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32,
+                                         ctypes.c_float, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], ctypes.c_int),
     "compressdit_int4_dot_ready": ([], ctypes.c_int),
     "compressdit_int4_dot": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I32], ctypes.c_int),
     "compressdit_group_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
@@ -823,6 +825,25 @@ def hadamard_rows(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Ten
     lib.compressdit_hadamard_rows(x.data_ptr(), _ptr(smooth), signs.data_ptr(), x.numel() // cols, cols,
                                   *(grid or (0, 0, 0.0, 0, 0)), 1, 1.0, out.data_ptr(), None, None,
                                   threads_for(x.numel()))
+    return out
+
+
+def hadamard_group_gemm(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor, grid: tuple, repeat: int,
+                        mult: float, packed: torch.Tensor, corr: torch.Tensor, w_scale: torch.Tensor,
+                        bias: torch.Tensor | None, out_features: int, planes: int = 1) -> torch.Tensor | None:
+    """:func:`hadamard_codes` of contiguous fp32 rows ``x`` ``[rows, in]`` then :func:`group_gemm` on them, in one C
+    call (csrc/group_gemm.c: each thread codes and multiplies its own rows): the same numbers, fp32 ``[rows,
+    out_features]``; ``None`` where :func:`hadamard_codes` would be. Raises where :func:`group_gemm` would."""
+    lib = _lib_for(x, smooth)
+    if lib is None or x.dim() != 2 or not hadamard_takes(x, smooth, signs, grid):
+        return None
+    rows, cols = x.shape
+    out = torch.empty(rows, out_features)
+    threads = torch.get_num_threads() if rows * cols * out_features > TEAM_MIN_WORK else 1
+    if lib.compressdit_hadamard_group_gemm(x.data_ptr(), _ptr(smooth), signs.data_ptr(), rows, cols, grid[0], repeat,
+                                           *grid[1:], mult, packed.data_ptr(), corr.data_ptr(), w_scale.data_ptr(),
+                                           _ptr(bias), out_features, planes, out.data_ptr(), threads):
+        raise RuntimeError(f"hadamard_group_gemm: no path on this CPU for {planes} weight plane(s), or out of memory")
     return out
 
 

@@ -343,6 +343,44 @@ def test_sixteen_bit_weights_are_their_weight_within_half_a_step(rows, group, th
     assert torch.equal(out[:, 3], bias[3].expand(rows))
 
 
+@pytest.mark.parametrize("rows", [3, 50])
+@pytest.mark.parametrize("planes", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_rotated_gemm_in_one_call_is_the_two_calls(rows, planes, threads, monkeypatch):
+    """``hadamard_group_gemm`` (each thread codes and multiplies its own rows; with few rows, rows coded once and the
+    channels split) is ``hadamard_codes`` then ``group_gemm`` bit for bit, NaN rows included."""
+    from compressdit.quant import cpu_native
+    from compressdit.quant.cpu_native import hadamard_codes, hadamard_group_gemm
+    from compressdit.quant.rotation import random_signs
+
+    gen = torch.Generator().manual_seed(rows)
+    out_features, in_features, group = 72, 128, 16
+    x = torch.randn(rows, in_features, generator=gen) * torch.logspace(-2, 2, in_features)
+    x[1, 5] = float("nan")
+    smooth, signs = torch.rand(in_features, generator=gen) + 0.3, random_signs(in_features, 0)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    b = (pack_planes(weight, group, 8.0) if planes == 2 else
+         pack_weight(torch.randint(-8, 8, (out_features, in_features), generator=gen, dtype=torch.int8),
+                     torch.rand(out_features, in_features // group, generator=gen), group, 8.0))
+    grid = (2 * group, 0, 7.0, 30, 30)  # int4 in groups of 32, each scale twice: the GEMM's groups of 16
+    args = (b["packed"], b["corr"], b["w_scale"], torch.randn(out_features, generator=gen), out_features)
+    runs = planes == 1 and _gemm_path() is not None or _gemm_path() == "avx512-vnni"
+    monkeypatch.setattr(cpu_native, "TEAM_MIN_WORK", 0)  # threads even on this small GEMM
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if not runs:
+            with pytest.raises((RuntimeError, AttributeError)):
+                hadamard_group_gemm(x, smooth, signs, grid, 2, 1.0, *args, planes=planes)
+            return
+        one = hadamard_group_gemm(x, smooth, signs, grid, 2, 1.0, *args, planes=planes)
+        two = group_gemm(*hadamard_codes(x, smooth, signs, grid, 2, 1.0), *args, planes=planes)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one.isnan(), two.isnan()) and bool(one[1].isnan().all())
+    assert torch.equal(one.nan_to_num(), two.nan_to_num())
+
+
 def test_a_channel_with_a_non_finite_weight_gives_nan_outputs():
     weight = torch.randn(32, 64)
     weight[5, 7] = float("inf")

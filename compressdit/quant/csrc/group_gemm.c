@@ -21,6 +21,7 @@
  * sum a * lo: the hi plane's products, one shift, the lo plane's; twice the products of byte weights, one epilogue. */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if (defined(__AVX2__) || defined(__AVX512F__)) && defined(__GNUC__)
@@ -302,6 +303,91 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
 #else
     (void)a; (void)a_scale; (void)w; (void)corr; (void)w_scale; (void)h; (void)rank; (void)up; (void)bias;
     (void)rows; (void)cols; (void)k; (void)group; (void)flush; (void)planes; (void)out; (void)threads;
+    return 1;
+#endif
+}
+
+/* float_rows.c: the randomized Hadamard of each row, then its grid values as byte codes (codes not NULL) */
+void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
+                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, int64_t repeat,
+                               float mult, float *out, uint8_t *codes, float *scales, int32_t threads);
+
+#ifdef GROUP_GEMM
+/* rows [r0, r1) of x: balanced, rotated and coded (compressdit_hadamard_rows, one thread), then multiplied for channel
+ * pairs [p0, p1); 1 where out of memory */
+static int rotated_block(int isa, const float *x, const float *smooth, const int8_t *signs, int64_t r0, int64_t r1,
+                         int64_t k, int64_t group, int64_t repeat, int32_t rule, float top, int32_t mantissa,
+                         int32_t min_exp, float mult, const int8_t *w, const int32_t *corr, const float *w_scale,
+                         const float *bias, int64_t cols, int64_t planes, float *out) {
+    const int64_t n = r1 - r0, narrow = group / repeat;
+    float *work = (float *)malloc(sizeof(float) * (size_t)(n * k));
+    uint8_t *codes = (uint8_t *)malloc((size_t)(n * k));
+    float *scales = (float *)malloc(sizeof(float) * (size_t)(n * (k / narrow)));
+    const int ok = work && codes && scales;
+    if (ok) {
+        compressdit_hadamard_rows(x + r0 * k, smooth, signs, n, k, group, rule, top, mantissa, min_exp, repeat, mult,
+                                  work, codes, scales, 1);
+        block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, 0, (cols + 31) / 32, cols, k, narrow, 1,
+              (int)planes, out + r0 * cols);
+    }
+    free(work);
+    free(codes);
+    free(scales);
+    return !ok;
+}
+#endif
+
+/* compressdit_hadamard_rows' codes of x [rows, k] (balancing by smooth, may be NULL; the +-1 signs; the grid's
+ * groups of `group` inputs, rules 0 / 1, each scale `repeat` times for the GEMM's narrower groups of group / repeat)
+ * times the weight packed for compressdit_group_gemm (`planes` 1 or 2), plus bias: out [rows, cols] fp32, the same
+ * numbers as the two calls. Each of `threads` OpenMP threads codes and multiplies its own block of whole tiles of rows
+ * (the codes stay in its cache; one parallel region); with too few rows for that, the rows are coded once and the
+ * channel pairs split. Returns 1 where compressdit_group_gemm would, or out of memory. */
+int compressdit_hadamard_group_gemm(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t k,
+                                    int64_t group, int64_t repeat, int32_t rule, float top, int32_t mantissa,
+                                    int32_t min_exp, float mult, const int8_t *w, const int32_t *corr,
+                                    const float *w_scale, const float *bias, int64_t cols, int64_t planes, float *out,
+                                    int32_t threads) {
+#ifdef GROUP_GEMM
+    const int isa = compressdit_group_gemm_ready();
+    if (!isa || planes < 1 || planes > 2 || (planes == 2 && isa != 2)) return 1;
+    const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
+    if (threads <= 1 || tiles < 2 * (int64_t)threads) {
+        if (threads <= 1 || (cols + 31) / 32 < 2)
+            return rotated_block(isa, x, smooth, signs, 0, rows, k, group, repeat, rule, top, mantissa, min_exp, mult,
+                                 w, corr, w_scale, bias, cols, planes, out);
+        const int64_t narrow = group / repeat, pairs = (cols + 31) / 32;
+        float *work = (float *)malloc(sizeof(float) * (size_t)(rows * k));
+        uint8_t *codes = (uint8_t *)malloc((size_t)(rows * k));
+        float *scales = (float *)malloc(sizeof(float) * (size_t)(rows * (k / narrow)));
+        const int ok = work && codes && scales;
+        if (ok) {
+            compressdit_hadamard_rows(x, smooth, signs, rows, k, group, rule, top, mantissa, min_exp, repeat, mult,
+                                      work, codes, scales, 1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t p = 0; p < pairs; ++p)
+                block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, rows, p, p + 1, cols, k, narrow, 1,
+                      (int)planes, out);
+        }
+        free(work);
+        free(codes);
+        free(scales);
+        return !ok;
+    }
+    const int64_t per = (tiles + threads - 1) / threads;
+    int failed = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
+    for (int64_t t = 0; t < threads; ++t) {
+        const int64_t r0 = t * per * TILE_ROWS, r1 = (t + 1) * per * TILE_ROWS;
+        if (r0 < rows)
+            failed |= rotated_block(isa, x, smooth, signs, r0, r1 < rows ? r1 : rows, k, group, repeat, rule, top,
+                                    mantissa, min_exp, mult, w, corr, w_scale, bias, cols, planes, out);
+    }
+    return failed;
+#else
+    (void)x; (void)smooth; (void)signs; (void)rows; (void)k; (void)group; (void)repeat; (void)rule; (void)top;
+    (void)mantissa; (void)min_exp; (void)mult; (void)w; (void)corr; (void)w_scale; (void)bias; (void)cols;
+    (void)planes; (void)out; (void)threads;
     return 1;
 #endif
 }
