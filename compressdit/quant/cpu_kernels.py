@@ -34,10 +34,11 @@
 - ``cpu-twinlog-groups``: twin-log (LRQ) weights, whose per-row tables of real values no byte holds, in the same GEMM
   as 16-bit integers per output channel (:func:`pack_planes`: within half a step of ``max |w| / PLANE_MAX`` of each
   weight, far finer than a bf16 copy's rounding) split into two byte planes, x the rotated activations' byte codes
-  (balancing, the randomized Hadamard and the codes in one C pass per row, :func:`~.cpu_native.hadamard_codes`). On
-  AVX512-VNNI (the AVX2 path would pay twice its byte products for no gain even at one plane on groups of 16), on
-  layers no bf16 GEMM takes: on DiT-XL/2 shapes a bf16 copy's GEMM is faster from 16 rows (2.0-2.2x fp32 against
-  1.5-1.7x), on the zoo's 256 x 128 -> 768 the integer GEMM 0.74x fp32's time.
+  (balancing, the randomized Hadamard and the codes in one C pass per row, then the GEMM on each thread's rows: one C
+  call, :func:`~.cpu_native.hadamard_group_gemm`). On AVX512-VNNI (the AVX2 path would pay twice its byte products
+  for no gain even at one plane on groups of 16), on layers no bf16 GEMM takes: on DiT-XL/2 shapes a bf16 copy's GEMM
+  is faster at the token counts of a DiT (M >= 256: 1.8-2.2x fp32 against 1.6-1.8x), the integer GEMM at M <= 16
+  (``bench/results/layer_lowbit_cpu.md``); on the zoo's 256 x 128 -> 768 the integer GEMM takes 0.77x fp32's time.
 - ``cpu-int4-weight``: weight-only (or fake-quantized activations) int codes of 2-4 bits, groups of
   32/64/128/256 or per channel, via ``_weight_int4pack_mm_for_cpu``: activations are rounded to bf16
   (its fast path) and so are the group scales and the product; the bias is added in fp32. Up to
@@ -801,8 +802,8 @@ def _twinlog_groups_applies(spec, device: torch.device, shape: tuple[int, int]) 
 def twinlog_groups_apply(spec, shape: tuple[int, int]) -> bool:
     """Whether a CPU twin-log layer of ``spec`` and ``shape`` (out, in) runs ``cpu-twinlog-groups`` on this machine
     now: where its activations' grid takes byte codes, on AVX512-VNNI, on layers no bf16 GEMM takes
-    (``cpu_dense.low_bit_bf16``: the bf16 copy's GEMM is faster from 16 rows on DiT-XL/2 shapes where bf16 GEMMs
-    pay, ``bench/results/layer_lowbit_cpu.md``; AMX CPUs keep their microkernel on every layer)."""
+    (``cpu_dense.low_bit_bf16``: where bf16 GEMMs pay, the bf16 copy's GEMM is faster on DiT-XL/2 shapes at DiT
+    token counts, ``bench/results/layer_lowbit_cpu.md``; AMX CPUs keep their microkernel on every layer)."""
     return _twinlog_groups_applies(spec, torch.device("cpu"), shape)
 
 
