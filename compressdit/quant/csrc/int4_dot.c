@@ -84,6 +84,29 @@ static __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dot_
         }
     }
 }
+
+/* xs[i] = the sum of group i's bf16 values (n groups of `group` values, a multiple of 4), in fp32: 16 lanes, then
+ * their sum (an order of its own, the same on any number of threads: computed before they split the work) */
+static __attribute__((target("avx512f,avx512bw"))) void group_sums(const uint16_t *x, int64_t n, int64_t group,
+                                                                    float *xs) {
+    for (int64_t i = 0; i < n; ++i) {
+        const uint16_t *g = x + i * group;
+        __m512 acc = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 16 <= group; j += 16) { /* bf16 -> fp32: the bits shifted up */
+            const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(g + j)));
+            acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+        }
+        float total = _mm512_reduce_add_ps(acc);
+        for (; j < group; ++j) {
+            const uint32_t u = (uint32_t)g[j] << 16;
+            float f;
+            memcpy(&f, &u, sizeof f);
+            total += f;
+        }
+        xs[i] = total;
+    }
+}
 #endif
 
 /* Whether compressdit_int4_dot runs here: built with AVX-512 (the vector ISA torch runs), on a CPU with AVX512-BF16;
@@ -101,13 +124,6 @@ int compressdit_int4_dot_ready(void) {
 #endif
 }
 
-static float bf16_value(uint16_t v) {
-    const uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
 /* out [rows, cols] fp32 from bf16 rows x [rows, k] (k and group multiples of 4, group dividing k), the weight packed
  * as above (w), s and zz fp32 [k / group, cols_p], bias NULL or [cols]. Channel blocks split over `threads` OpenMP
  * threads (every output computed alone: the same numbers on any number of threads). Returns 1 where not
@@ -119,11 +135,7 @@ int compressdit_int4_dot(const uint16_t *x, const uint8_t *w, const float *s, co
     const int64_t groups = k / group, blocks = (cols + 15) / 16;
     float *xs = (float *)malloc(sizeof(float) * (size_t)(rows * groups > 0 ? rows * groups : 1));
     if (!xs) return 1;
-    for (int64_t i = 0; i < rows * groups; ++i) { /* each group's sum of the rows' bf16 values */
-        float total = 0.0f;
-        for (int64_t j = 0; j < group; ++j) total += bf16_value(x[i * group + j]);
-        xs[i] = total;
-    }
+    group_sums(x, rows * groups, group, xs);
     if (threads <= 1 || blocks < 2) {
         dot_blocks(x, xs, w, s, zz, bias, rows, cols, k, group, 0, blocks, out);
     } else {
