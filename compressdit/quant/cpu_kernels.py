@@ -371,6 +371,13 @@ def _int8_group_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
 INT4_DOT_MAX_ROWS = 256
 
 
+def int4_dot_max_rows() -> int:
+    """``INT4_DOT_MAX_ROWS``, or on AMX CPUs the packed int4 GEMM's rows (``INT4_PACKED_MAX_ROWS["cpu"]``): there
+    the bf16 decode's GEMM above them runs on AMX tiles (not timed against ``int4_dot`` on those CPUs: the split of
+    before)."""
+    return INT4_PACKED_MAX_ROWS["cpu"] if amx_bf16() else INT4_DOT_MAX_ROWS
+
+
 def pack_int4_dot(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> dict:
     """Signed int codes ``[out, in]`` in [-8, 7] with fp32 scales ``[out, in / g]`` and zero terms (``-zero point *
     scale``, or ``None``) in :func:`~compressdit.quant.cpu_native.int4_dot`'s layout (csrc/int4_dot.c): ``dot_packed``
@@ -407,8 +414,8 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: Optional[torch.Tensor], scal
     """``x @ W^T + b`` with W = (q - 8) * scale + zero per group, activations in bf16.
 
     With ``dot_packed`` / ``dot_scale`` / ``dot_zz`` (:func:`pack_int4_dot`; prepacked where
-    :func:`~compressdit.quant.cpu_native.int4_dot_ready`) up to ``INT4_DOT_MAX_ROWS`` rows: that kernel (fp32 scales,
-    the bias added in fp32, the output rounded once to a bf16 ``x``'s dtype; then ``packed`` is None). Else
+    :func:`~compressdit.quant.cpu_native.int4_dot_ready`) up to :func:`int4_dot_max_rows` rows: that kernel (fp32
+    scales, the bias added in fp32, the output rounded once to a bf16 ``x``'s dtype; then ``packed`` is None). Else
     up to ``INT4_PACKED_MAX_ROWS["cpu"]`` rows: the packed int4 GEMM; above: W dequantized into bf16 for this
     call (``nibbles``: codes + 8 two per byte, ``scale``/``zero``: bf16 ``[out, in / group]``), a dense GEMM.
     With ``values32`` / ``scale32`` / ``zero32`` (the layer's ``fp32_decoding()``: each nibble's value, the fp32 scales
@@ -417,7 +424,7 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: Optional[torch.Tensor], scal
     GEMM: activations unrounded, the reference's numbers up to summation order.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if dot_packed is not None and 0 < rows <= INT4_DOT_MAX_ROWS:
+    if dot_packed is not None and 0 < rows <= int4_dot_max_rows():
         x2 = x.reshape(rows, x.shape[-1])
         x2 = x2.contiguous() if x2.dtype is torch.bfloat16 else float_to_bf16(x2.float().contiguous())
         out = int4_dot(x2, dot_packed, dot_scale, dot_zz, bias, out_features, group_size)
@@ -734,8 +741,8 @@ def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: 
     else:
         codes, scales, balanced = compute()
     hidden = None if down_t is None else torch.mm(x2 if balanced is None else balanced, down_t)
-    return _like_input(group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t, flush, planes),
-                       x)
+    out = group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t, flush, planes)
+    return _like_input(out, x)
 
 
 @torch.library.register_fake("compressdit::int_groups_linear_cpu")

@@ -200,6 +200,28 @@ def test_w4_kernel_is_the_reference_with_bf16_inputs_and_scales_up_to_its_bf16_o
     assert ((out - reference).abs() <= reference.abs() * 2 ** -8 + 1e-3).all()
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_int4_dot_takes_its_rows_and_no_more(amx, monkeypatch):
+    """Up to ``INT4_DOT_MAX_ROWS`` rows (on AMX CPUs the packed GEMM's 64: above them the bf16 decode's GEMM runs on
+    AMX tiles), never beyond; where it does not run (no AVX512-BF16) never at all."""
+    from compressdit.quant import cpu_kernels
+    from compressdit.quant.cpu_dense import bf16_hardware
+    from compressdit.quant.cpu_native import int4_dot_ready
+    from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS
+
+    monkeypatch.setattr(cpu_kernels, "amx_bf16", lambda: amx)
+    _, layer = _layer(LinearQuantSpec(w_bits=4, group_size=64), out_features=BIG)
+    calls = []
+    real = cpu_kernels.int4_dot
+    monkeypatch.setattr(cpu_kernels, "int4_dot", lambda *a: (calls.append(a[0].shape[0]), real(*a))[1])
+    limit = INT4_PACKED_MAX_ROWS["cpu"] if amx else cpu_kernels.INT4_DOT_MAX_ROWS
+    with torch.no_grad():
+        for rows in (1, limit, limit + 1):
+            x = torch.randn(rows, 256)
+            torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=2e-2, atol=2e-2)
+    assert calls == ([1, limit] if int4_dot_ready() and bf16_hardware() else [])
+
+
 @pytest.mark.parametrize("rows", [1, 5, 6, 13, 256])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_int4_dot_kernel_is_the_sum_of_its_groups(rows, threads):
