@@ -7,9 +7,13 @@ Dynamic symmetric int8 activation quantization (``s = max(amax|x|, 1e-8) / 127``
 ``csrc/int8_rows.c`` does the same arithmetic bit for bit in one fused loop each (also per column group for
 ``cpu-int8-group-gemm``, and fake-quantized for the fp32 dense kernel); ``csrc/float_rows.c`` the bf16 casts
 around ``cpu-int-dense-bf16``'s GEMM and ``cpu-fp8-dense``'s per-token E4M3 rounding (tested against these
-functions' PyTorch path). Both are plain C compiled once per machine into one library with the system C compiler
-(``cc``, about a second) into ``$COMPRESSDIT_CACHE/native`` and called through ``ctypes``; without a compiler, or
-with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same numbers, slower).
+functions' PyTorch path). Two GEMMs of our own join them in the same library: ``csrc/group_gemm.c``
+(:func:`group_gemm`: integer codes with scales per group on both operands, AVX512-VNNI or AVX2; 16-bit weights as two
+byte planes; :func:`hadamard_group_gemm` with twin-log's rotation and activation codes in the same call) and
+``csrc/int4_dot.c`` (:func:`int4_dot`: weight-only int4 x bf16 rows on AVX512-BF16). All are plain C compiled once
+per machine into one library with the system C compiler (``cc``, a few seconds) into ``$COMPRESSDIT_CACHE/native``
+and called through ``ctypes``; without a compiler, or with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same
+numbers, slower; the GEMMs' kernels are then not chosen).
 
 Threads: a pass over at least ``PARALLEL_MIN_ELEMENTS`` elements splits its rows over ``torch.get_num_threads()``
 OpenMP threads, in the contiguous chunks torch's own ``parallel_for`` makes, on torch's own OpenMP runtime: the
