@@ -5,7 +5,7 @@ Quality: PSNR of each variant's samples against the float model's samples at equ
 report's metric, ``compressdit.evaluate.metrics.psnr``), ``--samples`` images of ``--steps`` steps, CFG 4.
 Recipes run their own compression stages (calibration included) through ``build_baseline``, as the evaluate
 stage builds a recipe baseline. Speed: time per guided step (CFG batch of the report's ``timing_batch``)
-relative to the float model, 1 thread, in interleaved rounds (ratio within a round, median). Usage::
+relative to the float model, on ``--threads`` threads, in interleaved rounds (ratio within a round, median). Usage::
 
     python bench/speed_quality.py            # writes bench/results/speed_quality_cpu.{json,md,png}
     python bench/speed_quality.py --quick    # 2 recipes, 2 peers, 4 images, 1 round
@@ -92,7 +92,7 @@ def relative_times(adapter, reference, variants: dict, rounds: int) -> dict:
         t / f for t, f in zip(v, runs["float"])), 3)) for c, v in runs.items()}
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +108,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ax.annotate(r["variant"], (r["time_vs_float"], r["psnr_db"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     ax.axvline(1.0, color="k", lw=0.6, ls="--")
-    ax.set_xlabel("time per guided step / float time (1 thread; left of the dashed line = faster than float)")
+    ax.set_xlabel(f"time per guided step / float time ({threads} thread{'s' * (threads > 1)}; left of the dashed line = "
+                  "faster than float)")
     ax.set_ylabel("PSNR vs float samples, same seeds (dB)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
@@ -122,8 +123,8 @@ def write_outputs(result: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     meta = result["meta"]
     title = (f"zoo:dit-fmnist, {meta['samples']} images x {meta['steps']} steps; speed: CFG batch "
-             f"{meta['timing_batch']}, {meta['threads']} thread")
-    plot(result["rows"], out.with_suffix(".png"), title)
+             f"{meta['timing_batch']}, {meta['threads']} thread{'s' * (meta['threads'] > 1)}")
+    plot(result["rows"], out.with_suffix(".png"), title, meta["threads"])
     rows = sorted(result["rows"], key=lambda r: (r.get("time_vs_float") or 99))
     lines = ["# Speed vs quality on zoo:dit-fmnist (trained reference model), CPU", "", machine_line(meta) + ".", "",
              f"PSNR: {meta['samples']} samples ({meta['steps']} steps, CFG 4, seeds 0..{meta['samples'] - 1}) of each "
