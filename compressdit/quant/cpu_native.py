@@ -89,6 +89,7 @@ _SIGNATURES = {
     "compressdit_group_gemm_ready": ([], ctypes.c_int),
     "compressdit_hadamard_group_gemm": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32,
                                          ctypes.c_float, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], ctypes.c_int),
+    "compressdit_int8_gemv": ([_PTR, _PTR, _I32, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I32], ctypes.c_int),
     "compressdit_int4_dot_ready": ([], ctypes.c_int),
     "compressdit_int4_dot": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I32], ctypes.c_int),
     "compressdit_group_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
@@ -607,6 +608,24 @@ def int4_dot(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zz: tor
     if native_library().compressdit_int4_dot(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zz.data_ptr(),
                                              _ptr(bias), rows, out_features, cols, group, out.data_ptr(), threads):
         raise RuntimeError("int4_dot: no AVX512-BF16 path on this CPU (see int4_dot_ready)")
+    return out
+
+
+def int8_gemv(x: torch.Tensor, smooth: torch.Tensor | None, per_token: bool, codes: torch.Tensor,
+              w_sums: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A8 for 1 to 4 rows in one C call (csrc/group_gemm.c, AVX512-VNNI): contiguous fp32 rows ``x`` ``[rows, in]``
+    (divided by ``smooth`` first unless None) quantized as :func:`quantize_rows_int8` does, times the layer's own int8
+    codes ``[out, in]`` (row-major, ``out`` a multiple of 4; ``w_sums``: their int32 sums per channel) and per-channel
+    scales, plus ``bias``: fp32 ``[rows, out]``, the int32 sums exact, dequantized as :func:`dequantize_int32_` does.
+    Raises where ``group_gemm_isa()`` is not ``"avx512-vnni"``."""
+    rows, cols = x.shape
+    out_features = codes.shape[0]
+    out = torch.empty(rows, out_features)
+    threads = torch.get_num_threads() if rows * cols * out_features > TEAM_MIN_WORK else 1
+    if native_library().compressdit_int8_gemv(x.data_ptr(), _ptr(smooth), int(per_token), codes.data_ptr(),
+                                              w_sums.data_ptr(), w_scale.data_ptr(), _ptr(bias), rows, out_features,
+                                              cols, out.data_ptr(), threads):
+        raise RuntimeError("int8_gemv: no AVX512-VNNI path on this CPU (see group_gemm_isa)")
     return out
 
 

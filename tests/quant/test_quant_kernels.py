@@ -162,6 +162,51 @@ def test_fp8_layers_decode_once_on_cpu_and_match_the_reference():
             torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=8, a_bits=8),
+                                  LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"),
+                                  LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5)], ids=lambda s: s.label)
+@pytest.mark.parametrize("shape", [(96, 256), (BIG, 200)])  # 200: a tail of 8 inputs past the 64-byte blocks
+@pytest.mark.parametrize("threads", [1, 2])
+def test_w8a8_few_rows_on_the_gemv_are_the_int_mm_path_bit_for_bit(spec, shape, threads, monkeypatch):
+    """Up to ``INT8_GEMV_MAX_ROWS`` rows on AVX512-VNNI CPUs without AMX's microkernel: ``int8_gemv`` on the layer's own
+    codes (activation codes + 128 against them, 128 * the channels' sums taken back): the same int32 sums and
+    dequantization as the other paths, so the same outputs bit for bit (bf16 rows without a divisor too); where it
+    does not run, no sums are kept."""
+    from compressdit.quant import cpu_kernels, cpu_native
+    from compressdit.quant.kernel_registry import cache_of
+
+    out_features, in_features = shape
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features)
+    layer = QuantLinear.from_linear(linear, spec, input_absmax=torch.rand(in_features) * 4 + 0.1)
+    monkeypatch.setattr(cpu_native, "TEAM_MIN_WORK", 0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for rows in range(1, cpu_kernels.INT8_GEMV_MAX_ROWS + 1):
+                x = torch.randn(rows, in_features) * 3
+                out = layer(x)
+                b = cache_of(layer).buffers
+                if b["w_sums"] is None:
+                    assert cpu_native.group_gemm_isa() != "avx512-vnni" or b["microkernel"] is not None
+                    return
+                sums = b["w_sums"]
+                b["w_sums"] = None  # the path before: torch._int_mm / oneDNN on the same codes
+                try:
+                    assert torch.equal(out, layer(x)), rows
+                    if spec.balance is None:
+                        half = x.bfloat16()
+                        b["w_sums"] = sums
+                        on_gemv = layer(half)
+                        b["w_sums"] = None
+                        assert on_gemv.dtype == torch.bfloat16 and torch.equal(on_gemv, layer(half))
+                finally:
+                    b["w_sums"] = sums
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_w8a8_kernel_is_exact_at_the_int16_saturation_corner():
     """u8 x s8 pairs of 255 * 127 overflow int16 in AVX2 vpmaddubsw; the result must still be exact."""
     linear, layer = _layer(LinearQuantSpec(w_bits=8, a_bits=8), in_features=128, out_features=32)
