@@ -186,8 +186,10 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     rows, in_features = x2.shape
     if w_sums is not None and 0 < rows <= INT8_GEMV_MAX_ROWS and (x2.dtype is torch.float32 or smooth is None):
         # (a bf16 x with a divisor: the C++ op divides bf16 rows as the reference does)
-        x2 = x2 if x2.dtype is torch.float32 and x2.is_contiguous() else x2.float().contiguous()
-        return _like_input(int8_gemv(x2, smooth, per_token, codes_t.t(), w_sums, w_scale, bias), x)
+        rows2 = x2 if x2.dtype is torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+        out = int8_gemv(rows2, smooth, per_token, codes_t.t(), w_sums, w_scale, bias)
+        if out is not None:
+            return _like_input(out, x)
     int_mm = packed is None or (rows == 1 and in_features >= 8)  # _int_mm is wrong at K = 1
     if int_mm and rows and native_ops():  # bf16 rows as they are (the op widens them exactly, returns bf16)
         if x2.dtype is torch.bfloat16:
@@ -445,7 +447,8 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: Optional[torch.Tensor], scal
         x2 = x.reshape(rows, x.shape[-1])
         x2 = x2.contiguous() if x2.dtype is torch.bfloat16 else float_to_bf16(x2.float().contiguous())
         out = int4_dot(x2, dot_packed, dot_scale, dot_zz, bias, out_features, group_size)
-        return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+        if out is not None:
+            return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
     if (values32 is not None and x.dtype is torch.float32 and rows > FP32_DECODE_MIN_ROWS
             and not (torch.is_grad_enabled() and x.requires_grad)):  # autograd would keep the reused buffer
         weight = decode_f32(("nibbles", nibbles, values32, scale32, zero32))

@@ -597,34 +597,42 @@ def int4_dot_ready() -> bool:
 
 
 def int4_dot(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zz: torch.Tensor, bias: torch.Tensor | None,
-             out_features: int, group: int) -> torch.Tensor:
+             out_features: int, group: int) -> torch.Tensor | None:
     """Weight-only int4 for few rows (csrc/int4_dot.c): contiguous bf16 rows ``x`` ``[rows, in]`` times the codes
     packed by ``cpu_kernels.pack_int4_dot`` (``packed``) with their fp32 group scales and zero terms (``scale``,
     ``zz``: ``[in / group, out]`` padded to 16 channels), plus ``bias`` (fp32 or None): fp32 ``[rows, out_features]``;
-    where :func:`int4_dot_ready`. Channel blocks over torch's threads from ``TEAM_MIN_WORK`` multiply-adds."""
+    where :func:`int4_dot_ready` (``None`` without the library: the caller's other paths run). Channel blocks over
+    torch's threads from ``TEAM_MIN_WORK`` multiply-adds."""
+    lib = native_library()
+    if lib is None:
+        return None
     rows, cols = x.shape
     out = torch.empty(rows, out_features)
     threads = torch.get_num_threads() if rows * cols * out_features > TEAM_MIN_WORK else 1
-    if native_library().compressdit_int4_dot(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zz.data_ptr(),
-                                             _ptr(bias), rows, out_features, cols, group, out.data_ptr(), threads):
+    if lib.compressdit_int4_dot(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zz.data_ptr(), _ptr(bias), rows,
+                                out_features, cols, group, out.data_ptr(), threads):
         raise RuntimeError("int4_dot: no AVX512-BF16 path on this CPU (see int4_dot_ready)")
     return out
 
 
 def int8_gemv(x: torch.Tensor, smooth: torch.Tensor | None, per_token: bool, codes: torch.Tensor,
-              w_sums: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+              w_sums: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """W8A8 for 1 to 4 rows in one C call (csrc/group_gemm.c, AVX512-VNNI): contiguous fp32 rows ``x`` ``[rows, in]``
     (divided by ``smooth`` first unless None) quantized as :func:`quantize_rows_int8` does, times the layer's own int8
     codes ``[out, in]`` (row-major, ``out`` a multiple of 4; ``w_sums``: their int32 sums per channel) and per-channel
     scales, plus ``bias``: fp32 ``[rows, out]``, the int32 sums exact, dequantized as :func:`dequantize_int32_` does.
-    Raises where ``group_gemm_isa()`` is not ``"avx512-vnni"``."""
+    ``None`` without the library (the caller's other paths run); raises where ``group_gemm_isa()`` is not
+    ``"avx512-vnni"``."""
+    lib = native_library()
+    if lib is None:
+        return None
     rows, cols = x.shape
     out_features = codes.shape[0]
     out = torch.empty(rows, out_features)
     threads = torch.get_num_threads() if rows * cols * out_features > TEAM_MIN_WORK else 1
-    if native_library().compressdit_int8_gemv(x.data_ptr(), _ptr(smooth), int(per_token), codes.data_ptr(),
-                                              w_sums.data_ptr(), w_scale.data_ptr(), _ptr(bias), rows, out_features,
-                                              cols, out.data_ptr(), threads):
+    if lib.compressdit_int8_gemv(x.data_ptr(), _ptr(smooth), int(per_token), codes.data_ptr(),
+                                 w_sums.data_ptr(), w_scale.data_ptr(), _ptr(bias), rows, out_features, cols,
+                                 out.data_ptr(), threads):
         raise RuntimeError("int8_gemv: no AVX512-VNNI path on this CPU (see group_gemm_isa)")
     return out
 
