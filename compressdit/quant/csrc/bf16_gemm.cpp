@@ -43,8 +43,8 @@ void compressdit_grid_rows_bf16(const float *x, int64_t rows, int64_t cols, int6
                                 int32_t mantissa, int32_t min_exp, float t, float *work, uint16_t *out, int64_t ld,
                                 int32_t threads);
 void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
-                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, int64_t repeat,
-                               float mult, float *out, uint8_t *codes, float *scales, int32_t threads);
+                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp,
+                               int64_t repeat, float mult, float *out, uint8_t *codes, float *scales, int32_t threads);
 }
 
 namespace {

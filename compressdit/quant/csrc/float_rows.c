@@ -772,8 +772,8 @@ static void hadamard_row_plain(const float *r, const float *smooth, const int8_t
  * (codes not NULL) as compressdit_grid_codes_rows' codes and scales (each group's `repeat` times, `mult` the grid's
  * integer multiplier), the rotated rows left in out. out may be x's own memory. */
 void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
-                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, int64_t repeat,
-                               float mult, float *out, uint8_t *codes, float *scales, int32_t threads) {
+                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp,
+                               int64_t repeat, float mult, float *out, uint8_t *codes, float *scales, int32_t threads) {
     const int64_t block = cols & -cols;
     const float norm = (float)__builtin_sqrt((double)block), inv_norm = 1.0f / norm;
     /* the fast row: out not x, a block of at most 4096 values (norm <= 2^6), the scratch allocated */

@@ -15,9 +15,10 @@
  * corr [groups, cols_p] = -offset * the channel's sum of weight codes in the group (the activations' offset taken
  * back: the int32 accumulators start from it); w_scale [groups, cols_p]; a_scale [rows, groups].
  *
- * 16-bit weights (planes = 2, AVX512-VNNI only: twin-log's per-row tables of real values: cpu_kernels.pack_planes): each weight q = 256 * hi + lo with signed bytes hi and lo, packed as byte weights of twice
- * the inputs, each group's hi quads then its lo quads; corr and w_scale [2 * groups, cols_p] (corr: -offset * each
- * plane's sums, w_scale: the scale in the hi row). A group's int32 sum is (corr_hi + sum a * hi) * 256 + corr_lo +
+ * 16-bit weights (planes = 2, AVX512-VNNI only: twin-log's per-row tables of real values: cpu_kernels.pack_planes):
+ * each weight q = 256 * hi + lo with signed bytes hi and lo, packed as byte weights of twice the inputs, each
+ * group's hi quads then its lo quads; corr and w_scale [2 * groups, cols_p] (corr: -offset * each plane's sums,
+ * w_scale: the scale in the hi row). A group's int32 sum is (corr_hi + sum a * hi) * 256 + corr_lo +
  * sum a * lo: the hi plane's products, one shift, the lo plane's; twice the products of byte weights, one epilogue. */
 
 #include <stdint.h>
@@ -309,8 +310,8 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
 
 /* float_rows.c: the randomized Hadamard of each row, then its grid values as byte codes (codes not NULL) */
 void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
-                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, int64_t repeat,
-                               float mult, float *out, uint8_t *codes, float *scales, int32_t threads);
+                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp,
+                               int64_t repeat, float mult, float *out, uint8_t *codes, float *scales, int32_t threads);
 
 #ifdef GROUP_GEMM
 /* rows [r0, r1) of x: balanced, rotated and coded (compressdit_hadamard_rows, one thread), then multiplied for channel
@@ -435,7 +436,8 @@ int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows,
  * w [cols, k] (row-major, cols a multiple of 4) with their sums per channel (w_sums): out[i, n] = (sum_k a[i, k]
  * w[n, k]) * w_scale[n] * a_scale + bias[n] (bias NULL or [cols]), the sums exact in int32 (|a| <= 127) as
  * sum (a + 128) w - 128 w_sums[n], dequantized in compressdit_dequantize_int32's order. Outputs split over `threads`
- * OpenMP threads in blocks of 4. Returns 1 where the CPU has no AVX512-VNNI path, rows is not 1..4, or out of memory. */
+ * OpenMP threads in blocks of 4. Returns 1 where the CPU has no AVX512-VNNI path, rows is not 1..4, or out of
+ * memory. */
 int compressdit_int8_gemv(const float *x, const float *smooth, int32_t per_token, const int8_t *w,
                           const int32_t *w_sums, const float *w_scale, const float *bias, int64_t rows, int64_t cols,
                           int64_t k, float *out, int32_t threads) {
