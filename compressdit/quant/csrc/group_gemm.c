@@ -314,13 +314,13 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
                                int64_t repeat, float mult, float *out, uint8_t *codes, float *scales, int32_t threads);
 
 #ifdef GROUP_GEMM
-/* rows [r0, r1) of x: balanced, rotated and coded (compressdit_hadamard_rows, one thread), then multiplied for channel
- * pairs [p0, p1); 1 where out of memory */
+/* rows [r0, r1) of x: balanced, rotated and coded (compressdit_hadamard_rows, one thread), then multiplied, the channel
+ * pairs split over `threads` OpenMP threads (one: all of them here); 1 where out of memory */
 static int rotated_block(int isa, const float *x, const float *smooth, const int8_t *signs, int64_t r0, int64_t r1,
                          int64_t k, int64_t group, int64_t repeat, int32_t rule, float top, int32_t mantissa,
                          int32_t min_exp, float mult, const int8_t *w, const int32_t *corr, const float *w_scale,
-                         const float *bias, int64_t cols, int64_t planes, float *out) {
-    const int64_t n = r1 - r0, narrow = group / repeat;
+                         const float *bias, int64_t cols, int64_t planes, float *out, int32_t threads) {
+    const int64_t n = r1 - r0, narrow = group / repeat, pairs = (cols + 31) / 32;
     float *work = (float *)malloc(sizeof(float) * (size_t)(n * k));
     uint8_t *codes = (uint8_t *)malloc((size_t)(n * k));
     float *scales = (float *)malloc(sizeof(float) * (size_t)(n * (k / narrow)));
@@ -328,8 +328,15 @@ static int rotated_block(int isa, const float *x, const float *smooth, const int
     if (ok) {
         compressdit_hadamard_rows(x + r0 * k, smooth, signs, n, k, group, rule, top, mantissa, min_exp, repeat, mult,
                                   work, codes, scales, 1);
-        block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, 0, (cols + 31) / 32, cols, k, narrow, 1,
-              (int)planes, out + r0 * cols);
+        if (threads <= 1 || pairs < 2) {
+            block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, 0, pairs, cols, k, narrow, 1,
+                  (int)planes, out + r0 * cols);
+        } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t p = 0; p < pairs; ++p)
+                block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, p, p + 1, cols, k, narrow, 1,
+                      (int)planes, out + r0 * cols);
+        }
     }
     free(work);
     free(codes);
@@ -353,28 +360,9 @@ int compressdit_hadamard_group_gemm(const float *x, const float *smooth, const i
     const int isa = compressdit_group_gemm_ready();
     if (!isa || planes < 1 || planes > 2 || (planes == 2 && isa != 2)) return 1;
     const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
-    if (threads <= 1 || tiles < 2 * (int64_t)threads) {
-        if (threads <= 1 || (cols + 31) / 32 < 2)
-            return rotated_block(isa, x, smooth, signs, 0, rows, k, group, repeat, rule, top, mantissa, min_exp, mult,
-                                 w, corr, w_scale, bias, cols, planes, out);
-        const int64_t narrow = group / repeat, pairs = (cols + 31) / 32;
-        float *work = (float *)malloc(sizeof(float) * (size_t)(rows * k));
-        uint8_t *codes = (uint8_t *)malloc((size_t)(rows * k));
-        float *scales = (float *)malloc(sizeof(float) * (size_t)(rows * (k / narrow)));
-        const int ok = work && codes && scales;
-        if (ok) {
-            compressdit_hadamard_rows(x, smooth, signs, rows, k, group, rule, top, mantissa, min_exp, repeat, mult,
-                                      work, codes, scales, 1);
-#pragma omp parallel for schedule(static) num_threads(threads)
-            for (int64_t p = 0; p < pairs; ++p)
-                block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, rows, p, p + 1, cols, k, narrow, 1,
-                      (int)planes, out);
-        }
-        free(work);
-        free(codes);
-        free(scales);
-        return !ok;
-    }
+    if (threads <= 1 || tiles < 2 * (int64_t)threads)
+        return rotated_block(isa, x, smooth, signs, 0, rows, k, group, repeat, rule, top, mantissa, min_exp, mult, w,
+                             corr, w_scale, bias, cols, planes, out, threads);
     const int64_t per = (tiles + threads - 1) / threads;
     int failed = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
@@ -382,7 +370,7 @@ int compressdit_hadamard_group_gemm(const float *x, const float *smooth, const i
         const int64_t r0 = t * per * TILE_ROWS, r1 = (t + 1) * per * TILE_ROWS;
         if (r0 < rows)
             failed |= rotated_block(isa, x, smooth, signs, r0, r1 < rows ? r1 : rows, k, group, repeat, rule, top,
-                                    mantissa, min_exp, mult, w, corr, w_scale, bias, cols, planes, out);
+                                    mantissa, min_exp, mult, w, corr, w_scale, bias, cols, planes, out, 1);
     }
     return failed;
 #else
