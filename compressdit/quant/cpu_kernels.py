@@ -80,8 +80,7 @@ from compressdit.quant.cpu_dense import (DENSE_MAX_WEIGHT, amx_bf16, bf16_hardwa
                                          quantize_layer_input, smooth_divisor, transformed_input)
 from compressdit.quant.cpu_native import (decode_f32, dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
                                           float_to_bf16, grid_codes, group_gemm, group_gemm_isa, group_gemm_ready,
-                                          hadamard_group_gemm, int4_dot, int4_dot_ready, int8_brgemm, int8_gemv,
-                                          int8_pack,
+                                          hadamard_group_gemm, int4_dot, int4_dot_ready, int8_brgemm, int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops, rows_unshared,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
@@ -165,11 +164,13 @@ def _define(schema: str):
 # --- int8 activations x int8 (or narrower, per-channel) weights: an int32-accumulating GEMM ------------------
 
 @_define("int8_gemm_linear_cpu(Tensor x, Tensor? smooth, Tensor codes_t, Tensor? packed, Tensor w_scale, Tensor w_zero, "
-         "Tensor? bias, bool per_token, int out_features, Tensor? microkernel=None, Tensor? w_sums=None) -> Tensor")
+         "Tensor? bias, bool per_token, int out_features, Tensor? microkernel=None, Tensor? gemm_packed=None, "
+         "Tensor? gemm_corr=None, Tensor? gemm_scale=None) -> Tensor")
 def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_t: torch.Tensor,
                          packed: Optional[torch.Tensor], w_scale: torch.Tensor, w_zero: torch.Tensor,
                          bias: Optional[torch.Tensor], per_token: bool, out_features: int,
-                         microkernel: Optional[torch.Tensor] = None, w_sums: Optional[torch.Tensor] = None
+                         microkernel: Optional[torch.Tensor] = None, gemm_packed: Optional[torch.Tensor] = None,
+                         gemm_corr: Optional[torch.Tensor] = None, gemm_scale: Optional[torch.Tensor] = None
                          ) -> torch.Tensor:
     """``(x / smooth) @ W^T + b`` with dynamic symmetric int8 activations (per token or tensor), W = codes *
     w_scale; ``smooth``: the layer's balancing divisor, fused into the quantization, or None (bf16 ``x``: only where
@@ -179,16 +180,20 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     ``torch._int_mm`` runs at every row count (see :func:`_int8_gemm_prepack`). One row always runs ``torch._int_mm``.
     ``microkernel``: the codes packed by :func:`~compressdit.quant.cpu_native.int8_pack` (AMX-INT8), which the fused
     op then multiplies on oneDNN's BRGeMM microkernel instead of ``torch._int_mm`` (the same int32 sums).
-    ``w_sums``: the codes' int32 sums per channel, where up to ``INT8_GEMV_MAX_ROWS`` rows run
-    :func:`~compressdit.quant.cpu_native.int8_gemv` (AVX512-VNNI without the microkernel; the same int32 sums).
+    ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale``: the codes packed by :func:`pack_weight` (one group of all
+    inputs, activation codes + 128), which every row count then multiplies on
+    :func:`~compressdit.quant.cpu_native.group_gemm` (AVX512-VNNI without the microkernel: the same int32 sums and
+    dequantization; fp32 ``x``, or bf16 without a divisor).
     """
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     rows, in_features = x2.shape
-    if w_sums is not None and 0 < rows <= INT8_GEMV_MAX_ROWS and (x2.dtype is torch.float32 or smooth is None):
-        # (a bf16 x with a divisor: the C++ op divides bf16 rows as the reference does)
-        rows2 = x2 if x2.dtype is torch.float32 and x2.is_contiguous() else x2.float().contiguous()
-        out = int8_gemv(rows2, smooth, per_token, codes_t.t(), w_sums, w_scale, bias)
-        if out is not None:
+    if gemm_packed is not None and rows and (x2.dtype is torch.float32 or smooth is None):
+        if x2.dtype is not torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()  # bf16 rows widened exactly
+        q, a_scale = _codes(x, x2, per_token, 128, smooth)
+        out = group_gemm(q, a_scale if per_token else a_scale.expand(rows, 1).contiguous(), gemm_packed, gemm_corr,
+                         gemm_scale, bias, out_features)
+        if out is not None:  # (None: no library)
             return _like_input(out, x)
     int_mm = packed is None or (rows == 1 and in_features >= 8)  # _int_mm is wrong at K = 1
     if int_mm and rows and native_ops():  # bf16 rows as they are (the op widens them exactly, returns bf16)
@@ -215,14 +220,6 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
                                                  "none", [], "")
         out = scale_rows_(acc, a_scale, bias)
     return _like_input(out, x)
-
-
-#: rows up to which W8A8 layers run :func:`~compressdit.quant.cpu_native.int8_gemv` (the kernel's limit: 4 rows of
-#: activations x 4 channels in registers) on AVX512-VNNI CPUs without AMX's microkernel. DiT-XL/2's 1152 -> 4608 and
-#: 4608 -> 1152 at one thread, Zen 4: 93 / 82 us at one row against 109 / 96 on torch._int_mm's path (fbgemm's dynamic
-#: int8 linear 81 / 80), 163 / 138 at four rows against 165 / 163 on oneDNN's (fbgemm 121 / 120); at two threads one
-#: row 57 / 52 against 105 / 98 (fbgemm 56 / 53): the weight read once, at the memory's pace
-INT8_GEMV_MAX_ROWS = 4
 
 
 def _fused_int8_linear(x: torch.Tensor, x2: torch.Tensor, smooth: Optional[torch.Tensor], codes_t: torch.Tensor,
@@ -252,7 +249,8 @@ def _codes(x: torch.Tensor, x2: torch.Tensor, per_token: bool, offset: int,
 
 
 @torch.library.register_fake("compressdit::int8_gemm_linear_cpu")
-def _(x, smooth, codes_t, packed, w_scale, w_zero, bias, per_token, out_features, microkernel=None, w_sums=None):
+def _(x, smooth, codes_t, packed, w_scale, w_zero, bias, per_token, out_features, microkernel=None, gemm_packed=None,
+      gemm_corr=None, gemm_scale=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -273,12 +271,18 @@ def _int8_gemm_prepack(layer) -> dict:
     microkernel = int8_pack(codes) if layer.in_features % 4 == 0 and layer.in_features >= 8 and int8_brgemm() else None
     # the balancing division fuses into the quantization pass where it is the whole input transform
     smooth = None if layer.smooth_scale is None or layer.rotation_signs is not None else layer.smooth_scale.detach()
-    gemv = (microkernel is None and codes.is_contiguous() and layer.in_features >= 64 and layer.out_features % 4 == 0
-            and group_gemm_isa() == "avx512-vnni")
-    return {"codes": codes, "codes_t": codes.t(), "w_sums": codes.sum(1, dtype=torch.int32) if gemv else None,
-            "packed": None if small or microkernel is not None else torch.ops.onednn.qlinear_prepack(
-                codes.contiguous(), None),
+    # elsewhere on AVX512-VNNI every row count on group_gemm's VNNI tiles (cpu-int-groups' GEMM, one group): faster
+    # than oneDNN's prepacked GEMM, torch._int_mm and fbgemm's dynamic int8 linear at every shape measured
+    # (bench/results/layer_w8a8_cpu.md)
+    gemm = (pack_weight(codes, layer.weight_scale.reshape(-1, 1).float(), layer.in_features, 128.0)
+            if microkernel is None and layer.in_features % 4 == 0 and group_gemm_isa() == "avx512-vnni" else None)
+    return {"codes": codes, "codes_t": codes.t(),
+            "packed": None if small or microkernel is not None or gemm is not None else
+            torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),
             "microkernel": microkernel,
+            "gemm_packed": None if gemm is None else gemm["packed"],
+            "gemm_corr": None if gemm is None else gemm["corr"],
+            "gemm_scale": None if gemm is None else gemm["w_scale"],
             "w_scale": layer.weight_scale.reshape(-1).float().contiguous(),
             "w_zero": torch.zeros(layer.out_features, dtype=torch.long),
             "bias": prepacked_bias(layer),
@@ -290,18 +294,20 @@ def _int8_gemm_prepack(layer) -> dict:
 
 def _int8_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return int8_gemm_linear_cpu(x, None, b["codes_t"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
-                                b["per_token"], layer.out_features, b["microkernel"], b["w_sums"])
+                                b["per_token"], layer.out_features, b["microkernel"], b["gemm_packed"], b["gemm_corr"],
+                                b["gemm_scale"])
 
 
 def _int8_gemm_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     smooth = b["smooth"]
-    if (x.dtype is torch.bfloat16 and smooth is not None and b["packed"] is None
+    if (x.dtype is torch.bfloat16 and smooth is not None and b["packed"] is None and b["gemm_packed"] is None
             and not torch.compiler.is_compiling() and native_ops()):  # (compiled: the traced division below)
         smooth = b["smooth_bf16"]  # the C++ op divides bf16 rows as the reference does: no bf16 copy of x / s
     elif b["transform"] and (smooth is None or x.dtype != torch.float32):  # bf16 x: the reference divides in bf16
         x, smooth = layer.transform_input(x), None
     return int8_gemm_linear_cpu(x, smooth, b["codes_t"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
-                                b["per_token"], layer.out_features, b["microkernel"], b["w_sums"])
+                                b["per_token"], layer.out_features, b["microkernel"], b["gemm_packed"], b["gemm_corr"],
+                                b["gemm_scale"])
 
 
 #: activations the fused op applies in its epilogue (csrc/int8_linear.cpp's codes)
@@ -311,10 +317,10 @@ FUSED_ACTIVATIONS = {"gelu-tanh": 1}
 def _int8_gemm_run_activated(layer, x: torch.Tensor, b: dict, activation: str) -> torch.Tensor | None:
     """``run_untransformed`` with ``activation`` in the fused op's epilogue (each block of rows activated while in
     cache: :func:`compressdit.quant.cpu_native.gelu_tanh`'s numbers); ``None`` where that op does not run (oneDNN's
-    prepacked layers, other dtypes, ``torch.compile``, no C++ op library)."""
+    prepacked layers, group_gemm's, other dtypes, ``torch.compile``, no C++ op library)."""
     code = FUSED_ACTIVATIONS.get(activation)
-    if (code is None or b["packed"] is not None or x.dtype is not torch.float32 or not x.is_contiguous()
-            or x.numel() == 0 or torch.compiler.is_compiling() or not native_ops()):
+    if (code is None or b["packed"] is not None or b["gemm_packed"] is not None or x.dtype is not torch.float32
+            or not x.is_contiguous() or x.numel() == 0 or torch.compiler.is_compiling() or not native_ops()):
         return None
     smooth = b["smooth"]
     if b["transform"] and smooth is None:  # a rotation: the layer's own transform first

@@ -89,7 +89,6 @@ _SIGNATURES = {
     "compressdit_group_gemm_ready": ([], ctypes.c_int),
     "compressdit_hadamard_group_gemm": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32,
                                          ctypes.c_float, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], ctypes.c_int),
-    "compressdit_int8_gemv": ([_PTR, _PTR, _I32, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I32], ctypes.c_int),
     "compressdit_int4_dot_ready": ([], ctypes.c_int),
     "compressdit_int4_dot": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I32], ctypes.c_int),
     "compressdit_group_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
@@ -196,6 +195,9 @@ OP_HEADERS = (*HEADERS, *(Path(__file__).with_name("csrc") / name for name in ("
 #: E4M3 rows and at::addmm per block on the team, or on torch's threads) measured slower in the zoo models' steps than
 #: the Python path (dit-fmnist fp8 at two threads 1.14-1.15x float against 1.11x): not built
 TEAM_MIN_WORK = 1 << 21
+#: the same for :func:`group_gemm`, whose channel blocks split with little overhead: DiT-XL/2's 1152 -> 1152 W8A8 at
+#: one row, two threads, 23 us against 32 on one (Zen 4; 128-wide layers at 16 rows no faster split finer)
+GROUP_GEMM_TEAM_MIN_WORK = 1 << 19
 
 
 def _op_flags(openmp: bool) -> tuple[list[str], tuple[str, ...]]:
@@ -615,28 +617,6 @@ def int4_dot(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zz: tor
     return out
 
 
-def int8_gemv(x: torch.Tensor, smooth: torch.Tensor | None, per_token: bool, codes: torch.Tensor,
-              w_sums: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """W8A8 for 1 to 4 rows in one C call (csrc/group_gemm.c, AVX512-VNNI): contiguous fp32 rows ``x`` ``[rows, in]``
-    (divided by ``smooth`` first unless None) quantized as :func:`quantize_rows_int8` does, times the layer's own int8
-    codes ``[out, in]`` (row-major, ``out`` a multiple of 4; ``w_sums``: their int32 sums per channel) and per-channel
-    scales, plus ``bias``: fp32 ``[rows, out]``, the int32 sums exact, dequantized as :func:`dequantize_int32_` does.
-    ``None`` without the library (the caller's other paths run); raises where ``group_gemm_isa()`` is not
-    ``"avx512-vnni"``."""
-    lib = native_library()
-    if lib is None:
-        return None
-    rows, cols = x.shape
-    out_features = codes.shape[0]
-    out = torch.empty(rows, out_features)
-    threads = torch.get_num_threads() if rows * cols * out_features > TEAM_MIN_WORK else 1
-    if lib.compressdit_int8_gemv(x.data_ptr(), _ptr(smooth), int(per_token), codes.data_ptr(),
-                                 w_sums.data_ptr(), w_scale.data_ptr(), _ptr(bias), rows, out_features, cols,
-                                 out.data_ptr(), threads):
-        raise RuntimeError("int8_gemv: no AVX512-VNNI path on this CPU (see group_gemm_isa)")
-    return out
-
-
 def group_gemm_ready() -> bool:
     """Whether :func:`group_gemm` runs here (:func:`group_gemm_isa`)."""
     return group_gemm_isa() is not None
@@ -681,16 +661,19 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     blocks; where :func:`group_gemm_ready`. ``flush``: on the AVX2 path, how many quads of inputs are summed in 16 bits
     before widening (``flush * 2 * max code * max |weight code| < 2^15``: see ``cpu_kernels.pack_weight``).
     ``planes=2``: 16-bit weights as two byte planes (``cpu_kernels.pack_planes``; the AVX512-VNNI path only). Rows (or
-    column blocks) over torch's threads from ``TEAM_MIN_WORK`` multiply-adds."""
+    column blocks) over torch's threads from ``GROUP_GEMM_TEAM_MIN_WORK`` multiply-adds. ``None`` without the
+    library."""
+    lib = native_library()
+    if lib is None:
+        return None
     rows, cols = codes.shape
     group = cols // scales.shape[1]
     out = torch.empty(rows, out_features)
-    threads = torch.get_num_threads() if rows * cols * out_features > TEAM_MIN_WORK else 1
+    threads = torch.get_num_threads() if rows * cols * out_features > GROUP_GEMM_TEAM_MIN_WORK else 1
     rank = 0 if hidden is None else hidden.shape[1]
-    if native_library().compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(),
-                                               corr.data_ptr(), w_scale.data_ptr(), _ptr(hidden), rank, _ptr(up),
-                                               _ptr(bias), rows, out_features, cols, group, flush, planes,
-                                               out.data_ptr(), threads):
+    if lib.compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(), corr.data_ptr(),
+                                  w_scale.data_ptr(), _ptr(hidden), rank, _ptr(up), _ptr(bias), rows, out_features,
+                                  cols, group, flush, planes, out.data_ptr(), threads):
         raise RuntimeError(f"group_gemm: no path on this CPU for {planes} weight plane(s) (see group_gemm_isa)")
     return out
 

@@ -366,6 +366,7 @@ def test_the_rotated_gemm_in_one_call_is_the_two_calls(rows, planes, threads, mo
     args = (b["packed"], b["corr"], b["w_scale"], torch.randn(out_features, generator=gen), out_features)
     runs = planes == 1 and _gemm_path() is not None or _gemm_path() == "avx512-vnni"
     monkeypatch.setattr(cpu_native, "TEAM_MIN_WORK", 0)  # threads even on this small GEMM
+    monkeypatch.setattr(cpu_native, "GROUP_GEMM_TEAM_MIN_WORK", 0)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

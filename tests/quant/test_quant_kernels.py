@@ -111,7 +111,7 @@ def test_cpu_kernel_matches_the_reference_within_its_bound(spec, kernel, bound, 
 def test_small_and_big_layers_pick_their_kernels_by_weight_count():
     from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT
     from compressdit.quant.cpu_kernels import INT8_GEMM_SMALL_WEIGHT
-    from compressdit.quant.cpu_native import int8_brgemm
+    from compressdit.quant.cpu_native import group_gemm_isa, int8_brgemm
 
     cpu = torch.device("cpu")
     w4, w4a8 = LinearQuantSpec(w_bits=4, group_size=64), LinearQuantSpec(w_bits=4, a_bits=8)
@@ -128,11 +128,15 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
     assert cache_of(small).buffers["codes"].data_ptr() == small.weight.data_ptr()
     microkernel = cache_of(small).buffers["microkernel"]  # AMX-INT8: the codes packed for oneDNN's microkernel
     assert (microkernel is not None) == int8_brgemm()
-    copies = 1 if microkernel is None else 1 + microkernel.numel() / small.weight.numel()
-    assert cache_of(small).nbytes() < small.weight.numel() * copies  # the codes are not counted twice
-    # AMX-INT8: the microkernel's packed codes at every size; elsewhere oneDNN's prepacked copy (1 byte per weight)
+    vnni = not int8_brgemm() and group_gemm_isa() == "avx512-vnni"  # elsewhere on VNNI: packed for group_gemm
+    packed = microkernel if microkernel is not None else cache_of(small).buffers["gemm_packed"]
+    assert (packed is not None) == (int8_brgemm() or vnni)
+    copies = 1 if packed is None else 1 + packed.numel() / small.weight.numel()
+    assert cache_of(small).nbytes() < small.weight.numel() * copies + 4096  # the codes are not counted twice
+    # one packed copy at every size (1 byte per weight): the microkernel's, group_gemm's, or else oneDNN's
     assert (cache_of(big).buffers["microkernel"] is not None) == int8_brgemm()
-    assert (cache_of(big).buffers["packed"] is not None) == (not int8_brgemm())
+    assert (cache_of(big).buffers["gemm_packed"] is not None) == vnni
+    assert (cache_of(big).buffers["packed"] is not None) == (not int8_brgemm() and not vnni)
 
 
 def test_dense_kernels_fake_quantize_activations_as_the_reference():
@@ -165,13 +169,13 @@ def test_fp8_layers_decode_once_on_cpu_and_match_the_reference():
 @pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=8, a_bits=8),
                                   LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"),
                                   LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5)], ids=lambda s: s.label)
-@pytest.mark.parametrize("shape", [(96, 256), (BIG, 200)])  # 200: a tail of 8 inputs past the 64-byte blocks
+@pytest.mark.parametrize("shape", [(96, 256), (BIG, 200)])  # 200: a quad-aligned width past whole 64-byte blocks
 @pytest.mark.parametrize("threads", [1, 2])
-def test_w8a8_few_rows_on_the_gemv_are_the_int_mm_path_bit_for_bit(spec, shape, threads, monkeypatch):
-    """Up to ``INT8_GEMV_MAX_ROWS`` rows on AVX512-VNNI CPUs without AMX's microkernel: ``int8_gemv`` on the layer's own
-    codes (activation codes + 128 against them, 128 * the channels' sums taken back): the same int32 sums and
-    dequantization as the other paths, so the same outputs bit for bit (bf16 rows without a divisor too); where it
-    does not run, no sums are kept."""
+def test_w8a8_on_group_gemm_is_the_torch_paths_bit_for_bit(spec, shape, threads, monkeypatch):
+    """On AVX512-VNNI CPUs without AMX's microkernel every row count runs group_gemm's VNNI tiles (one group: the
+    activation codes + 128 against the codes, 128 * each channel's sum taken back): the same int32 sums and
+    dequantization as torch._int_mm's and oneDNN's paths, so the same outputs bit for bit (bf16 rows too; with a
+    divisor the reference's bf16 division first); elsewhere nothing is packed for it."""
     from compressdit.quant import cpu_kernels, cpu_native
     from compressdit.quant.kernel_registry import cache_of
 
@@ -179,30 +183,29 @@ def test_w8a8_few_rows_on_the_gemv_are_the_int_mm_path_bit_for_bit(spec, shape, 
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, out_features)
     layer = QuantLinear.from_linear(linear, spec, input_absmax=torch.rand(in_features) * 4 + 0.1)
-    monkeypatch.setattr(cpu_native, "TEAM_MIN_WORK", 0)
+    monkeypatch.setattr(cpu_native, "GROUP_GEMM_TEAM_MIN_WORK", 0)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            for rows in range(1, cpu_kernels.INT8_GEMV_MAX_ROWS + 1):
-                x = torch.randn(rows, in_features) * 3
-                out = layer(x)
-                b = cache_of(layer).buffers
-                if b["w_sums"] is None:
-                    assert cpu_native.group_gemm_isa() != "avx512-vnni" or b["microkernel"] is not None
-                    return
-                sums = b["w_sums"]
-                b["w_sums"] = None  # the path before: torch._int_mm / oneDNN on the same codes
-                try:
-                    assert torch.equal(out, layer(x)), rows
-                    if spec.balance is None:
-                        half = x.bfloat16()
-                        b["w_sums"] = sums
-                        on_gemv = layer(half)
-                        b["w_sums"] = None
-                        assert on_gemv.dtype == torch.bfloat16 and torch.equal(on_gemv, layer(half))
-                finally:
-                    b["w_sums"] = sums
+            layer(torch.randn(1, in_features))
+            b = cache_of(layer).buffers
+            if b["gemm_packed"] is None:
+                assert cpu_native.group_gemm_isa() != "avx512-vnni" or b["microkernel"] is not None
+                return
+            assert b["packed"] is None  # no oneDNN copy besides
+            keys = ("gemm_packed", "gemm_corr", "gemm_scale")
+            kept = {key: b[key] for key in keys}
+            for rows in (1, 3, 7, 16, 61):  # whole tiles of 6 rows and a tail
+                for x in (torch.randn(rows, in_features) * 3, (torch.randn(2, rows, in_features) * 3).bfloat16()):
+                    out = layer(x)
+                    b.update(dict.fromkeys(keys))  # the paths before: torch._int_mm's C++ op on the same codes
+                    try:
+                        before = layer(x)
+                    finally:
+                        b.update(kept)
+                    assert out.dtype == x.dtype and torch.equal(out, before), (rows, x.dtype)
+            assert cpu_kernels._int8_gemm_run_activated(layer, torch.randn(4, in_features), b, "gelu-tanh") is None
     finally:
         torch.set_num_threads(previous)
 

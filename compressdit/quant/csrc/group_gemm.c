@@ -2,7 +2,9 @@
  * cpu-int-groups of compressdit/quant/cpu_kernels.py) for 4-bit weights x low-bit activations with scales per group
  * of inputs (W4A4 g16 / g64, NVFP4): out[i, n] = sum_g (sum_{k in g} a[i, k] w[n, k]) * a_scale[i, g] * w_scale[g, n]
  * + bias[n] (+ SVDQuant's h @ up), the inner sums exact in int32, on AVX512-VNNI (vpdpbusd: 64 unsigned x signed
- * byte products an instruction) or AVX2 (vpmaddubsw + vpmaddwd, see tile16).
+ * byte products an instruction) or AVX2 (vpmaddubsw + vpmaddwd, see tile16). One group (W8A8's int8 weights per
+ * channel, cpu-int8-gemm on AVX512-VNNI) dequantizes as compressdit_dequantize_int32: the same numbers as torch's
+ * int8 GEMMs' paths.
  *
  * Why: no GEMM of torch's reads per-group scales on both operands; the fp32 GEMM of the decoded weight on the
  * fake-quantized activations (the kernels before) multiplies 16 values per instruction, vpdpbusd 64, and a group's
@@ -78,8 +80,13 @@ static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64
         const __m256 s1 = _mm256_loadu_ps(w_scale + g * cols_p + c0 + 8);
         for (int r = 0; r < rows; ++r) {
             const __m256 sa = _mm256_set1_ps(a_scale[r * groups + g]);
-            sum[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(s0, sa), sum[r][0]);
-            sum[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), _mm256_mul_ps(s1, sa), sum[r][1]);
+            if (groups == 1) { /* as the AVX-512 tile: compressdit_dequantize_int32's order */
+                sum[r][0] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), s0), sa);
+                sum[r][1] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), s1), sa);
+            } else {
+                sum[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(s0, sa), sum[r][0]);
+                sum[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), _mm256_mul_ps(s1, sa), sum[r][1]);
+            }
         }
     }
     for (int64_t j = 0; j < rank; ++j) { /* the low-rank branch: h [rows, rank] times up [rank, cols_p] */
@@ -167,8 +174,13 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
         const __m512 s1 = _mm512_loadu_ps(w_scale + row * cols_p + c0 + 16);
         for (int r = 0; r < rows; ++r) {
             const __m512 sa = _mm512_set1_ps(a_scale[r * groups + g]);
-            sum[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_mul_ps(s0, sa), sum[r][0]);
-            sum[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), _mm512_mul_ps(s1, sa), sum[r][1]);
+            if (groups == 1) { /* one group (W8A8): (sum * w_scale) * a_scale, compressdit_dequantize_int32's order */
+                sum[r][0] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), s0), sa);
+                sum[r][1] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][1]), s1), sa);
+            } else {
+                sum[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_mul_ps(s0, sa), sum[r][0]);
+                sum[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), _mm512_mul_ps(s1, sa), sum[r][1]);
+            }
         }
     }
     for (int64_t j = 0; j < rank; ++j) { /* the low-rank branch: h [rows, rank] times up [rank, cols_p] */
@@ -381,87 +393,3 @@ int compressdit_hadamard_group_gemm(const float *x, const float *smooth, const i
 #endif
 }
 
-#ifdef GROUP_GEMM_512
-/* rows [0, R) x outputs [n0, n0 + 4) on the weight's own row-major codes: vpdpbusd of the activations' codes + 128
- * (unsigned bytes, 0 past k) against 64 codes of a channel at a time, each sum a horizontal reduction */
-static VNNI void gemv_tile(const uint8_t *a, int64_t k, const int8_t *w, int64_t n0, int32_t *sums, int64_t ld,
-                           const int rows) {
-    __m512i acc[4][4];
-    for (int r = 0; r < rows; ++r)
-        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
-    for (int64_t i = 0; i < k; i += 64) {
-        const __mmask64 m = k - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k - i)) - 1);
-        __m512i x[4];
-        for (int r = 0; r < rows; ++r) x[r] = _mm512_maskz_loadu_epi8(m, a + r * k + i);
-        for (int j = 0; j < 4; ++j) {
-            const __m512i wj = _mm512_maskz_loadu_epi8(m, w + (n0 + j) * k + i);
-            for (int r = 0; r < rows; ++r) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], x[r], wj);
-        }
-    }
-    for (int r = 0; r < rows; ++r)
-        for (int j = 0; j < 4; ++j) sums[r * ld + n0 + j] = _mm512_reduce_add_epi32(acc[r][j]);
-}
-
-static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void gemv_block(
-    const uint8_t *a, int64_t rows, int64_t k, const int8_t *w, int64_t n0, int64_t n1, int32_t *sums, int64_t cols) {
-    for (int64_t n = n0; n < n1; n += 4) {
-        switch (rows) {
-        case 1: gemv_tile(a, k, w, n, sums, cols, 1); break;
-        case 2: gemv_tile(a, k, w, n, sums, cols, 2); break;
-        case 3: gemv_tile(a, k, w, n, sums, cols, 3); break;
-        default: gemv_tile(a, k, w, n, sums, cols, 4); break;
-        }
-    }
-}
-#endif
-
-/* int8_rows.c: x (divided by smooth unless NULL) -> int8 codes + offset, scales per token or one */
-int compressdit_quantize_int8(const float *x, const float *smooth, int64_t rows, int64_t cols, int32_t per_token,
-                              int32_t offset, int8_t *q, float *scale, int32_t threads);
-
-/* W8A8 for 1 to 4 rows on AVX512-VNNI (cpu-int8-gemm's few rows): x [rows, k] fp32 (divided by smooth unless NULL)
- * quantized as compressdit_quantize_int8 does (codes a, scale per token or one), times the layer's own int8 codes
- * w [cols, k] (row-major, cols a multiple of 4) with their sums per channel (w_sums): out[i, n] = (sum_k a[i, k]
- * w[n, k]) * w_scale[n] * a_scale + bias[n] (bias NULL or [cols]), the sums exact in int32 (|a| <= 127) as
- * sum (a + 128) w - 128 w_sums[n], dequantized in compressdit_dequantize_int32's order. Outputs split over `threads`
- * OpenMP threads in blocks of 4. Returns 1 where the CPU has no AVX512-VNNI path, rows is not 1..4, or out of
- * memory. */
-int compressdit_int8_gemv(const float *x, const float *smooth, int32_t per_token, const int8_t *w,
-                          const int32_t *w_sums, const float *w_scale, const float *bias, int64_t rows, int64_t cols,
-                          int64_t k, float *out, int32_t threads) {
-#ifdef GROUP_GEMM_512
-    if (compressdit_group_gemm_ready() != 2 || rows < 1 || rows > 4 || cols % 4) return 1;
-    int32_t *sums = (int32_t *)malloc(sizeof(int32_t) * (size_t)(rows * cols));
-    uint8_t *u = (uint8_t *)malloc((size_t)(rows * k));
-    float a_scale[4];
-    if (!sums || !u || compressdit_quantize_int8(x, smooth, rows, k, per_token, 128, (int8_t *)u, a_scale, 1)) {
-        free(sums);
-        free(u);
-        return 1;
-    }
-    const int64_t quads = cols / 4;
-    if (threads <= 1 || quads < 2) {
-        gemv_block(u, rows, k, w, 0, cols, sums, cols);
-    } else {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t t = 0; t < threads; ++t) {
-            const int64_t q0 = quads * t / threads, q1 = quads * (t + 1) / threads;
-            gemv_block(u, rows, k, w, 4 * q0, 4 * q1, sums, cols);
-        }
-    }
-    for (int64_t i = 0; i < rows; ++i) {
-        const float s = a_scale[per_token ? i : 0];
-        for (int64_t n = 0; n < cols; ++n) {
-            const float v = (float)(sums[i * cols + n] - 128 * w_sums[n]) * w_scale[n] * s;
-            out[i * cols + n] = bias ? v + bias[n] : v;
-        }
-    }
-    free(sums);
-    free(u);
-    return 0;
-#else
-    (void)x; (void)smooth; (void)per_token; (void)w; (void)w_sums; (void)w_scale; (void)bias; (void)rows; (void)cols;
-    (void)k; (void)out; (void)threads;
-    return 1;
-#endif
-}
