@@ -192,7 +192,7 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
             x2 = x2.float().contiguous()  # bf16 rows widened exactly
         q, a_scale = _codes(x, x2, per_token, 128, smooth)
         out = group_gemm(q, a_scale if per_token else a_scale.expand(rows, 1).contiguous(), gemm_packed, gemm_corr,
-                         gemm_scale, bias, out_features)
+                         gemm_scale, bias, out_features, row_group=in_features)
         if out is not None:  # (None: no library)
             return _like_input(out, x)
     int_mm = packed is None or (rows == 1 and in_features >= 8)  # _int_mm is wrong at K = 1
@@ -330,19 +330,30 @@ def _int8_gemm_run_activated(layer, x: torch.Tensor, b: dict, activation: str) -
 
 
 @_define("int8_group_gemm_linear_cpu(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, "
-         "int out_features, Tensor? microkernel=None) -> Tensor")
+         "int out_features, Tensor? microkernel=None, Tensor? gemm_packed=None, Tensor? gemm_corr=None, "
+         "Tensor? gemm_scale=None) -> Tensor")
 def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor,
                                bias: Optional[torch.Tensor], per_token: bool, out_features: int,
-                               microkernel: Optional[torch.Tensor] = None) -> torch.Tensor:
+                               microkernel: Optional[torch.Tensor] = None, gemm_packed: Optional[torch.Tensor] = None,
+                               gemm_corr: Optional[torch.Tensor] = None, gemm_scale: Optional[torch.Tensor] = None
+                               ) -> torch.Tensor:
     """Grouped weights (``codes`` int8 ``[groups, out, group]``, ``w_scale`` ``[groups, out]``) x dynamic int8
     activations: the codes quantized per group in one C pass, one ``torch._int_mm`` per group into one int32
     buffer, one fused epilogue (each group's sums scaled by its scales and added, then per row). ``microkernel``: each
     group's codes packed by :func:`~compressdit.quant.cpu_native.int8_pack` (AMX-INT8): the fused op's GEMMs then run
-    on oneDNN's microkernel (the same int32 sums)."""
+    on oneDNN's microkernel (the same int32 sums). ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale``: the codes packed
+    by :func:`pack_weight` (activation codes + 128), multiplied on
+    :func:`~compressdit.quant.cpu_native.group_gemm` (AVX512-VNNI without the microkernel: the same numbers)."""
     groups, _, size = codes.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
+    if gemm_packed is not None and x2.shape[0]:
+        q, a_scale = _codes(x, x2, per_token, 128, None)
+        a_scale = a_scale if per_token else a_scale.expand(x2.shape[0], 1).contiguous()
+        out = group_gemm(q, a_scale, gemm_packed, gemm_corr, gemm_scale, bias, out_features, row_group=size)
+        if out is not None:  # (None: no library)
+            return _like_input(out, x)
     if x2.shape[0] and native_ops():  # the same in one C++ call, each thread's rows on it (csrc/int8_linear.cpp)
         threads = torch.get_num_threads() if x2.numel() * out_features > TEAM_MIN_WORK else 1
         return _like_input(torch.ops.compressdit_native.int8_group_linear(x2, codes, w_scale, bias, per_token,
@@ -360,7 +371,8 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: to
 
 
 @torch.library.register_fake("compressdit::int8_group_gemm_linear_cpu")
-def _(x, codes, w_scale, bias, per_token, out_features, microkernel=None):
+def _(x, codes, w_scale, bias, per_token, out_features, microkernel=None, gemm_packed=None, gemm_corr=None,
+      gemm_scale=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -378,13 +390,18 @@ def _int8_group_gemm_prepack(layer) -> dict:
     codes = codes.transpose(0, 1).contiguous()  # [groups, out, group]
     microkernel = (torch.stack([int8_pack(group_codes) for group_codes in codes])
                    if layer.spec.group_size % 4 == 0 and int8_brgemm() else None)
+    # elsewhere on AVX512-VNNI group_gemm's tiles, the groups' sums scaled in registers (as cpu-int8-gemm)
+    gemm = (pack_weight(layer.codes(), layer.weight_scale.float(), layer.spec.group_size, 128.0)
+            if microkernel is None and layer.spec.group_size % 4 == 0 and group_gemm_isa() == "avx512-vnni" else None)
     return {"codes": codes, "w_scale": layer.weight_scale.float().t().contiguous(), "bias": prepacked_bias(layer),
-            "microkernel": microkernel}
+            "microkernel": microkernel, "gemm_packed": None if gemm is None else gemm["packed"],
+            "gemm_corr": None if gemm is None else gemm["corr"], "gemm_scale": None if gemm is None else gemm["w_scale"]}
 
 
 def _int8_group_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return int8_group_gemm_linear_cpu(x, b["codes"], b["w_scale"], b["bias"], layer.spec.a_granularity == "per_token",
-                                      layer.out_features, b["microkernel"])
+                                      layer.out_features, b["microkernel"], b["gemm_packed"], b["gemm_corr"],
+                                      b["gemm_scale"])
 
 
 # --- weight-only int4 (tinygemm layout for CPU) -------------------------------------------------------------

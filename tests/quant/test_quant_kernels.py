@@ -166,14 +166,19 @@ def test_fp8_layers_decode_once_on_cpu_and_match_the_reference():
             torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=8, a_bits=8),
-                                  LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"),
-                                  LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5)], ids=lambda s: s.label)
-@pytest.mark.parametrize("shape", [(96, 256), (BIG, 200)])  # 200: a quad-aligned width past whole 64-byte blocks
+_INT8_GEMMS = [(LinearQuantSpec(w_bits=8, a_bits=8), shape) for shape in ((96, 256), (BIG, 200))] + [
+    (LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"), (BIG, 200)),  # 200: past whole 64-byte blocks
+    (LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5), (BIG, 200)),
+    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64), (96, 256)),  # cpu-int8-group-gemm
+    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=32, a_granularity="per_tensor"), (72, 96))]
+
+
+@pytest.mark.parametrize("spec, shape", _INT8_GEMMS, ids=lambda v: getattr(v, "label", str(v)))
 @pytest.mark.parametrize("threads", [1, 2])
-def test_w8a8_on_group_gemm_is_the_torch_paths_bit_for_bit(spec, shape, threads, monkeypatch):
-    """On AVX512-VNNI CPUs without AMX's microkernel every row count runs group_gemm's VNNI tiles (one group: the
-    activation codes + 128 against the codes, 128 * each channel's sum taken back): the same int32 sums and
+def test_int8_activations_on_group_gemm_are_the_torch_paths_bit_for_bit(spec, shape, threads, monkeypatch):
+    """On AVX512-VNNI CPUs without AMX's microkernel every row count of cpu-int8-gemm and cpu-int8-group-gemm runs
+    group_gemm's VNNI tiles (the activation codes + 128 against the codes, 128 * each channel's sums taken back, the
+    groups' sums times their weight scales added up, then times the row's scale): the same int32 sums and
     dequantization as torch._int_mm's and oneDNN's paths, so the same outputs bit for bit (bf16 rows too; with a
     divisor the reference's bf16 division first); elsewhere nothing is packed for it."""
     from compressdit.quant import cpu_kernels, cpu_native
@@ -190,10 +195,11 @@ def test_w8a8_on_group_gemm_is_the_torch_paths_bit_for_bit(spec, shape, threads,
         with torch.no_grad():
             layer(torch.randn(1, in_features))
             b = cache_of(layer).buffers
+            assert layer.kernel_name == ("cpu-int8-gemm" if spec.group_size is None else "cpu-int8-group-gemm")
             if b["gemm_packed"] is None:
                 assert cpu_native.group_gemm_isa() != "avx512-vnni" or b["microkernel"] is not None
                 return
-            assert b["packed"] is None  # no oneDNN copy besides
+            assert b.get("packed") is None  # no oneDNN copy besides
             keys = ("gemm_packed", "gemm_corr", "gemm_scale")
             kept = {key: b[key] for key in keys}
             for rows in (1, 3, 7, 16, 61):  # whole tiles of 6 rows and a tail
@@ -205,7 +211,8 @@ def test_w8a8_on_group_gemm_is_the_torch_paths_bit_for_bit(spec, shape, threads,
                     finally:
                         b.update(kept)
                     assert out.dtype == x.dtype and torch.equal(out, before), (rows, x.dtype)
-            assert cpu_kernels._int8_gemm_run_activated(layer, torch.randn(4, in_features), b, "gelu-tanh") is None
+            if spec.group_size is None:
+                assert cpu_kernels._int8_gemm_run_activated(layer, torch.randn(4, in_features), b, "gelu-tanh") is None
     finally:
         torch.set_num_threads(previous)
 

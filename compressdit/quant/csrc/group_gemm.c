@@ -2,9 +2,10 @@
  * cpu-int-groups of compressdit/quant/cpu_kernels.py) for 4-bit weights x low-bit activations with scales per group
  * of inputs (W4A4 g16 / g64, NVFP4): out[i, n] = sum_g (sum_{k in g} a[i, k] w[n, k]) * a_scale[i, g] * w_scale[g, n]
  * + bias[n] (+ SVDQuant's h @ up), the inner sums exact in int32, on AVX512-VNNI (vpdpbusd: 64 unsigned x signed
- * byte products an instruction) or AVX2 (vpmaddubsw + vpmaddwd, see tile16). One group (W8A8's int8 weights per
- * channel, cpu-int8-gemm on AVX512-VNNI) dequantizes as compressdit_dequantize_int32: the same numbers as torch's
- * int8 GEMMs' paths.
+ * byte products an instruction) or AVX2 (vpmaddubsw + vpmaddwd, see tile16). With one activation scale a row
+ * (row_scales: W8A8 and W4A8's int8 activations per token, cpu-int8-gemm and cpu-int8-group-gemm on AVX512-VNNI) the
+ * sums dequantize as compressdit_dequantize_groups: (sum_g acc_g * w_scale[g, n]) * a_scale[i] + bias[n], each
+ * product and sum rounded in turn: the same numbers as those kernels' torch._int_mm paths.
  *
  * Why: no GEMM of torch's reads per-group scales on both operands; the fp32 GEMM of the decoded weight on the
  * fake-quantized activations (the kernels before) multiplies 16 values per instruction, vpdpbusd 64, and a group's
@@ -43,7 +44,7 @@
 static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, int64_t group,
                         const int8_t *wb, const int32_t *corr, const float *w_scale, int64_t cols_p, const float *h,
                         int64_t rank, const float *up, const float *bias, float *out, int64_t cols, int64_t c0,
-                        int64_t flush, const int rows) {
+                        int64_t flush, const int rows, const int row_scales) {
     __m256 sum[AVX2_ROWS][2];
     for (int r = 0; r < rows; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
@@ -79,15 +80,20 @@ static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64
         const __m256 s0 = _mm256_loadu_ps(w_scale + g * cols_p + c0);
         const __m256 s1 = _mm256_loadu_ps(w_scale + g * cols_p + c0 + 8);
         for (int r = 0; r < rows; ++r) {
-            const __m256 sa = _mm256_set1_ps(a_scale[r * groups + g]);
-            if (groups == 1) { /* as the AVX-512 tile: compressdit_dequantize_int32's order */
-                sum[r][0] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), s0), sa);
-                sum[r][1] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), s1), sa);
+            if (row_scales) { /* as the AVX-512 tile */
+                sum[r][0] = _mm256_add_ps(sum[r][0], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), s0));
+                sum[r][1] = _mm256_add_ps(sum[r][1], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), s1));
             } else {
+                const __m256 sa = _mm256_set1_ps(a_scale[r * groups + g]);
                 sum[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(s0, sa), sum[r][0]);
                 sum[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), _mm256_mul_ps(s1, sa), sum[r][1]);
             }
         }
+    }
+    for (int r = 0; r < rows && row_scales; ++r) {
+        const __m256 sa = _mm256_set1_ps(a_scale[r]);
+        sum[r][0] = _mm256_mul_ps(sum[r][0], sa);
+        sum[r][1] = _mm256_mul_ps(sum[r][1], sa);
     }
     for (int64_t j = 0; j < rank; ++j) { /* the low-rank branch: h [rows, rank] times up [rank, cols_p] */
         const __m256 u0 = _mm256_loadu_ps(up + j * cols_p + c0), u1 = _mm256_loadu_ps(up + j * cols_p + c0 + 8);
@@ -113,16 +119,17 @@ static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64
 static __attribute__((target("avx2,fma"))) void block_avx2(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
-    int64_t cols, int64_t k, int64_t group, int64_t flush, float *out) {
+    int64_t cols, int64_t k, int64_t group, int64_t flush, int row_scales, float *out) {
     const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = (k / 4) * 64;
+    const int64_t stride = row_scales ? 1 : groups; /* a_scale's entries a row */
     for (int64_t b = 2 * p0; b < 2 * p1 && 16 * b < cols; ++b) {
         int64_t r = r0;
         for (; r + AVX2_ROWS <= r1; r += AVX2_ROWS)
-            tile16(a + r * k, k, a_scale + r * groups, groups, group, w + b * panel, corr, w_scale, cols_p,
-                   h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, AVX2_ROWS);
+            tile16(a + r * k, k, a_scale + r * stride, groups, group, w + b * panel, corr, w_scale, cols_p,
+                   h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, AVX2_ROWS, row_scales);
         if (r < r1)
-            tile16(a + r * k, k, a_scale + r * groups, groups, group, w + b * panel, corr, w_scale, cols_p,
-                   h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, 1);
+            tile16(a + r * k, k, a_scale + r * stride, groups, group, w + b * panel, corr, w_scale, cols_p,
+                   h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, 1, row_scales);
     }
 }
 #endif
@@ -136,7 +143,7 @@ static __attribute__((target("avx2,fma"))) void block_avx2(
 static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, int64_t group,
                       const int8_t *w0, const int8_t *w1, const int32_t *corr, const float *w_scale, int64_t cols_p,
                       const float *h, int64_t rank, const float *up, const float *bias, float *out, int64_t cols,
-                      int64_t c0, const int rows, const int planes) {
+                      int64_t c0, const int rows, const int planes, const int row_scales) {
     __m512 sum[6][2];
     for (int r = 0; r < rows; ++r) sum[r][0] = sum[r][1] = _mm512_setzero_ps();
     const int64_t quads = group / 4;
@@ -173,15 +180,20 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
         const __m512 s0 = _mm512_loadu_ps(w_scale + row * cols_p + c0);
         const __m512 s1 = _mm512_loadu_ps(w_scale + row * cols_p + c0 + 16);
         for (int r = 0; r < rows; ++r) {
-            const __m512 sa = _mm512_set1_ps(a_scale[r * groups + g]);
-            if (groups == 1) { /* one group (W8A8): (sum * w_scale) * a_scale, compressdit_dequantize_int32's order */
-                sum[r][0] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), s0), sa);
-                sum[r][1] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][1]), s1), sa);
+            if (row_scales) { /* the sums times w_scale added up, then times the row's scale: dequantize_groups */
+                sum[r][0] = _mm512_add_ps(sum[r][0], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), s0));
+                sum[r][1] = _mm512_add_ps(sum[r][1], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][1]), s1));
             } else {
+                const __m512 sa = _mm512_set1_ps(a_scale[r * groups + g]);
                 sum[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_mul_ps(s0, sa), sum[r][0]);
                 sum[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), _mm512_mul_ps(s1, sa), sum[r][1]);
             }
         }
+    }
+    for (int r = 0; r < rows && row_scales; ++r) {
+        const __m512 sa = _mm512_set1_ps(a_scale[r]);
+        sum[r][0] = _mm512_mul_ps(sum[r][0], sa);
+        sum[r][1] = _mm512_mul_ps(sum[r][1], sa);
     }
     for (int64_t j = 0; j < rank; ++j) { /* the low-rank branch: h [rows, rank] times up [rank, cols_p] */
         const __m512 u0 = _mm512_loadu_ps(up + j * cols_p + c0), u1 = _mm512_loadu_ps(up + j * cols_p + c0 + 16);
@@ -209,17 +221,18 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
 static VNNI void rows_vnni(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
-                           float *out, const int planes) {
+                           float *out, const int planes, const int row_scales) {
     const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = planes * (k / 4) * 64;
+    const int64_t stride = row_scales ? 1 : groups; /* a_scale's entries a row */
     for (int64_t p = p0; p < p1; ++p) {
         const int8_t *w0 = w + 2 * p * panel, *w1 = w0 + panel;
         int64_t r = r0;
         for (; r + TILE_ROWS <= r1; r += TILE_ROWS)
-            tile(a + r * k, k, a_scale + r * groups, groups, group, w0, w1, corr, w_scale, cols_p, h + r * rank, rank,
-                 up, bias, out + r * cols, cols, 32 * p, TILE_ROWS, planes);
+            tile(a + r * k, k, a_scale + r * stride, groups, group, w0, w1, corr, w_scale, cols_p, h + r * rank, rank,
+                 up, bias, out + r * cols, cols, 32 * p, TILE_ROWS, planes, row_scales);
         switch (r1 - r) {
-#define LAST(n) case n: tile(a + r * k, k, a_scale + r * groups, groups, group, w0, w1, corr, w_scale, cols_p, \
-                             h + r * rank, rank, up, bias, out + r * cols, cols, 32 * p, n, planes); break;
+#define LAST(n) case n: tile(a + r * k, k, a_scale + r * stride, groups, group, w0, w1, corr, w_scale, cols_p, \
+                             h + r * rank, rank, up, bias, out + r * cols, cols, 32 * p, n, planes, row_scales); break;
             LAST(1) LAST(2) LAST(3) LAST(4) LAST(5)
 #undef LAST
         default: break;
@@ -231,11 +244,11 @@ static VNNI void rows_vnni(const uint8_t *a, const float *a_scale, const int8_t 
 static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
-    int64_t cols, int64_t k, int64_t group, float *out, int planes) {
+    int64_t cols, int64_t k, int64_t group, float *out, int planes, int row_scales) {
     if (planes == 2)
-        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 2);
+        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 2, row_scales);
     else
-        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 1);
+        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 1, row_scales);
 }
 #endif
 
@@ -264,36 +277,39 @@ int compressdit_group_gemm_ready(void) {
 static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                   const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias, int64_t r0,
                   int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group, int64_t flush,
-                  int planes, float *out) {
+                  int planes, int row_scales, float *out) {
 #ifdef GROUP_GEMM_512
     if (isa == 2) {
-        block_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, planes);
+        block_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, planes,
+                   row_scales);
         return;
     }
 #endif
     (void)planes; /* 1 here: the entry refuses 2 weight planes without VNNI */
     (void)isa;
-    block_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, out);
+    block_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, row_scales,
+               out);
 }
 #endif
 
 /* out [rows, cols] fp32 (see the top of this file; k and group multiples of 4, group dividing k; bias NULL or
  * [cols]), plus h @ up where rank > 0 (SVDQuant's branch: h fp32 [rows, rank], up fp32 [rank, cols_p]); `flush`:
  * the AVX2 path's quads of inputs summed in 16 bits (see tile16; >= 1); `planes`: 1 (byte weights) or 2 (16-bit
- * weights, AVX512-VNNI only). Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where
+ * weights, AVX512-VNNI only); `row_scales`: a_scale [rows], one a row, applied after the groups (see the top of
+ * this file), else [rows, groups]. Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where
  * there are enough, else the channel pairs: every output computed alone, the same numbers on any number of threads.
  * Returns 1 where not compressdit_group_gemm_ready or, for 2 planes, not its AVX512-VNNI path. */
 int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t rows, int64_t cols, int64_t k, int64_t group, int64_t flush, int64_t planes,
-                           float *out, int32_t threads) {
+                           int32_t row_scales, float *out, int32_t threads) {
 #ifdef GROUP_GEMM
     const int isa = compressdit_group_gemm_ready();
     if (!isa || planes < 1 || planes > 2 || (planes == 2 && isa != 2)) return 1;
     const int64_t pairs = (cols + 31) / 32;
     if (threads <= 1 || rows * pairs < 2) {
         block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, flush,
-              (int)planes, out);
+              (int)planes, row_scales, out);
         return 0;
     }
     const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
@@ -304,18 +320,19 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
             const int64_t r0 = t * per * TILE_ROWS, r1 = (t + 1) * per * TILE_ROWS;
             if (r0 < rows)
                 block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1 < rows ? r1 : rows, 0, pairs, cols,
-                      k, group, flush, (int)planes, out);
+                      k, group, flush, (int)planes, row_scales, out);
         }
     } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t p = 0; p < pairs; ++p)
             block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, p, p + 1, cols, k, group, flush,
-                  (int)planes, out);
+                  (int)planes, row_scales, out);
     }
     return 0;
 #else
     (void)a; (void)a_scale; (void)w; (void)corr; (void)w_scale; (void)h; (void)rank; (void)up; (void)bias;
-    (void)rows; (void)cols; (void)k; (void)group; (void)flush; (void)planes; (void)out; (void)threads;
+    (void)rows; (void)cols; (void)k; (void)group; (void)flush; (void)planes; (void)row_scales; (void)out;
+    (void)threads;
     return 1;
 #endif
 }
@@ -342,12 +359,12 @@ static int rotated_block(int isa, const float *x, const float *smooth, const int
                                   work, codes, scales, 1);
         if (threads <= 1 || pairs < 2) {
             block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, 0, pairs, cols, k, narrow, 1,
-                  (int)planes, out + r0 * cols);
+                  (int)planes, 0, out + r0 * cols);
         } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
             for (int64_t p = 0; p < pairs; ++p)
                 block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, p, p + 1, cols, k, narrow, 1,
-                      (int)planes, out + r0 * cols);
+                      (int)planes, 0, out + r0 * cols);
         }
     }
     free(work);
