@@ -144,6 +144,11 @@ def build_methods(in_features: int, out_features: int, keep: list[str] | None = 
         "_weight_int4pack_mm_for_cpu, bf16 activations, no row threshold (cpu-int4-weight's path up to 64 rows "
         "before int4_dot)")
     methods["ours w8a16"] = ours(LinearQuantSpec(w_bits=8), "w8a16")
+    for name, fields in {"w4a8 (per channel)": dict(w_bits=4, a_bits=8), "w4a8 g64": dict(w_bits=4, a_bits=8,
+                                                                                         group_size=64)}.items():
+        # the w4a8 / rtn-w4a8 recipes' layers; before: the packed int4 GEMM on fake-quantized activations
+        methods[f"ours {name}"] = ours(LinearQuantSpec(**fields), name)
+        methods[f"ours {name} on cpu-int4-weight (before)"] = ours(LinearQuantSpec(**fields), name, "cpu-int4-weight")
     for name, fields in LOW_BIT.items():  # cpu-int-groups where the CPU has it; the decoded kernels it replaced
         methods[f"ours {name}"] = low_bit(linear, fields)
         methods[f"ours {name} decoded (before)"] = low_bit(linear, fields, decoded=True)

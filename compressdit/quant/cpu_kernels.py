@@ -15,14 +15,19 @@
   the output the fp32 result rounded to nearest even), and layers reading one input without balancing share its
   codes. On CPUs with AMX-INT8 every layer runs that op on oneDNN's BRGeMM microkernel (codes packed once, rows in
   chunks of 128), the large ones too: DiT-XL/2's 4096 x 1152 -> 4608 at one thread 23.9 ms on bf16 rows against
-  54.0 ms through oneDNN's prepacked GEMM and fp32 copies and 31.8 ms for torch's bf16 linear. W4A8 (and
-  other narrower) per-channel symmetric weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements run the same
-  GEMM on their codes unpacked to int8 (1 byte per weight at run time).
+  54.0 ms through oneDNN's prepacked GEMM and fp32 copies and 31.8 ms for torch's bf16 linear. Elsewhere on
+  AVX512-VNNI CPUs (:func:`vnni_int8_gemm`) every layer and row count runs ``cpu-int-groups``' GEMM with one group
+  (:func:`~compressdit.quant.cpu_native.group_gemm`: the activation codes + 128 against the codes packed once,
+  ``vpdpbusd``; the same numbers), faster than all of those and than fbgemm's dynamic int8 linear on DiT-XL/2's
+  shapes (``bench/results/layer_w8a8_cpu.md``). W4A8 (and other narrower) per-channel symmetric weights of up to
+  ``INT8_GEMM_SMALL_WEIGHT`` elements (any size on that path) run the same GEMM on their codes unpacked to int8
+  (1 byte per weight at run time).
 - ``cpu-int8-group-gemm``: the same with weights in groups (symmetric, e.g. W4A8 g64), layers of up to
-  ``INT8_GEMM_SMALL_WEIGHT`` weights: the codes unpacked to int8 (1 byte per weight), the activation codes
-  quantized per group in one C pass, one ``torch._int_mm`` per group (on one thread up to ``SERIAL_GEMM_WORK``
-  multiply-adds), one fused epilogue adding each group's int32 sums times its scales in fp32 (one call of the C++
-  op ``int8_group_linear`` where it builds).
+  ``INT8_GEMM_SMALL_WEIGHT`` weights (any size on the VNNI path): the codes unpacked to int8 (1 byte per weight),
+  the activation codes quantized per group in one C pass, one ``torch._int_mm`` per group (on one thread up to
+  ``SERIAL_GEMM_WORK`` multiply-adds), one fused epilogue adding each group's int32 sums times its scales in fp32
+  (one call of the C++ op ``int8_group_linear`` where it builds); on the VNNI path ``group_gemm``'s tiles, the
+  groups' sums scaled in registers (the same numbers).
 - ``cpu-int-groups``: 4-bit weights (symmetric int, NVFP4, MXFP4, 4-bit minifloats) x dynamic activations with
   scales per group of inputs on an integer or 4-bit minifloat grid (W4A4 g16 / g64, NVFP4, SVDQuant's residual):
   both operands as integer codes (each grid value times a power of two: E2M1's halves x 2), one integer GEMM
@@ -163,10 +168,10 @@ def _define(schema: str):
 
 # --- int8 activations x int8 (or narrower, per-channel) weights: an int32-accumulating GEMM ------------------
 
-@_define("int8_gemm_linear_cpu(Tensor x, Tensor? smooth, Tensor codes_t, Tensor? packed, Tensor w_scale, Tensor w_zero, "
+@_define("int8_gemm_linear_cpu(Tensor x, Tensor? smooth, Tensor? codes_t, Tensor? packed, Tensor w_scale, Tensor w_zero, "
          "Tensor? bias, bool per_token, int out_features, Tensor? microkernel=None, Tensor? gemm_packed=None, "
          "Tensor? gemm_corr=None, Tensor? gemm_scale=None) -> Tensor")
-def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_t: torch.Tensor,
+def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_t: Optional[torch.Tensor],
                          packed: Optional[torch.Tensor], w_scale: torch.Tensor, w_zero: torch.Tensor,
                          bias: Optional[torch.Tensor], per_token: bool, out_features: int,
                          microkernel: Optional[torch.Tensor] = None, gemm_packed: Optional[torch.Tensor] = None,
@@ -183,7 +188,8 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale``: the codes packed by :func:`pack_weight` (one group of all
     inputs, activation codes + 128), which every row count then multiplies on
     :func:`~compressdit.quant.cpu_native.group_gemm` (AVX512-VNNI without the microkernel: the same int32 sums and
-    dequantization; fp32 ``x``, or bf16 without a divisor).
+    dequantization; fp32 ``x``, or bf16 without a divisor); ``codes_t`` is then None for narrower weights (no
+    unpacked copy kept).
     """
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     rows, in_features = x2.shape
@@ -195,6 +201,9 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
                          gemm_scale, bias, out_features, row_group=in_features)
         if out is not None:  # (None: no library)
             return _like_input(out, x)
+    if codes_t is None:
+        raise RuntimeError("cpu-int8-gemm: this layer's codes were packed for compressdit's native library, which is "
+                           "not loaded now (set the layer's kernel again to repack them)")
     int_mm = packed is None or (rows == 1 and in_features >= 8)  # _int_mm is wrong at K = 1
     if int_mm and rows and native_ops():  # bf16 rows as they are (the op widens them exactly, returns bf16)
         if x2.dtype is torch.bfloat16:
@@ -254,9 +263,18 @@ def _(x, smooth, codes_t, packed, w_scale, w_zero, bias, per_token, out_features
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+def vnni_int8_gemm() -> bool:
+    """Whether int8-activation layers run on :func:`~compressdit.quant.cpu_native.group_gemm`'s VNNI tiles here
+    (AVX512-VNNI without AMX-INT8's microkernel), at any size: 4-bit codes as bytes (1 byte a weight prepacked, where
+    the packed int4 GEMM keeps half a byte) for twice its speed: DiT-XL/2's W4A8 g64 layers 3.0-4.5x fp32 at M >= 256
+    against 1.7-2.2x (one thread, Zen 4)."""
+    return group_gemm_isa() == "avx512-vnni" and not int8_brgemm()
+
+
 def _int8_gemm_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     out_features, in_features = shape
-    narrow_fits = spec.w_bits == 8 or out_features * in_features <= INT8_GEMM_SMALL_WEIGHT
+    narrow_fits = (spec.w_bits == 8 or out_features * in_features <= INT8_GEMM_SMALL_WEIGHT
+                   or (in_features % 4 == 0 and vnni_int8_gemm()))
     return (device.type == "cpu" and spec.format == "int" and spec.a_bits == 8 and narrow_fits
             and spec.group_size is None and spec.w_symmetric and spec.a_granularity in ("per_token", "per_tensor")
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack"))
@@ -276,7 +294,8 @@ def _int8_gemm_prepack(layer) -> dict:
     # (bench/results/layer_w8a8_cpu.md)
     gemm = (pack_weight(codes, layer.weight_scale.reshape(-1, 1).float(), layer.in_features, 128.0)
             if microkernel is None and layer.in_features % 4 == 0 and group_gemm_isa() == "avx512-vnni" else None)
-    return {"codes": codes, "codes_t": codes.t(),
+    narrow = gemm is not None and layer.spec.w_bits < 8  # no unpacked copy kept besides the packed one
+    return {"codes": None if narrow else codes, "codes_t": None if narrow else codes.t(),
             "packed": None if small or microkernel is not None or gemm is not None else
             torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),
             "microkernel": microkernel,
@@ -329,10 +348,10 @@ def _int8_gemm_run_activated(layer, x: torch.Tensor, b: dict, activation: str) -
                                           b["bias"], b["per_token"], code, b["microkernel"]), x)
 
 
-@_define("int8_group_gemm_linear_cpu(Tensor x, Tensor codes, Tensor w_scale, Tensor? bias, bool per_token, "
+@_define("int8_group_gemm_linear_cpu(Tensor x, Tensor? codes, Tensor w_scale, Tensor? bias, bool per_token, "
          "int out_features, Tensor? microkernel=None, Tensor? gemm_packed=None, Tensor? gemm_corr=None, "
          "Tensor? gemm_scale=None) -> Tensor")
-def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor,
+def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: Optional[torch.Tensor], w_scale: torch.Tensor,
                                bias: Optional[torch.Tensor], per_token: bool, out_features: int,
                                microkernel: Optional[torch.Tensor] = None, gemm_packed: Optional[torch.Tensor] = None,
                                gemm_corr: Optional[torch.Tensor] = None, gemm_scale: Optional[torch.Tensor] = None
@@ -343,8 +362,10 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: to
     group's codes packed by :func:`~compressdit.quant.cpu_native.int8_pack` (AMX-INT8): the fused op's GEMMs then run
     on oneDNN's microkernel (the same int32 sums). ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale``: the codes packed
     by :func:`pack_weight` (activation codes + 128), multiplied on
-    :func:`~compressdit.quant.cpu_native.group_gemm` (AVX512-VNNI without the microkernel: the same numbers)."""
-    groups, _, size = codes.shape
+    :func:`~compressdit.quant.cpu_native.group_gemm` (AVX512-VNNI without the microkernel: the same numbers);
+    ``codes`` is then None (no unpacked copy kept)."""
+    groups = w_scale.shape[0]
+    size = x.shape[-1] // groups
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
@@ -354,6 +375,9 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: torch.Tensor, w_scale: to
         out = group_gemm(q, a_scale, gemm_packed, gemm_corr, gemm_scale, bias, out_features, row_group=size)
         if out is not None:  # (None: no library)
             return _like_input(out, x)
+    if codes is None:
+        raise RuntimeError("cpu-int8-group-gemm: this layer's codes were packed for compressdit's native library, "
+                           "which is not loaded now (set the layer's kernel again to repack them)")
     if x2.shape[0] and native_ops():  # the same in one C++ call, each thread's rows on it (csrc/int8_linear.cpp)
         threads = torch.get_num_threads() if x2.numel() * out_features > TEAM_MIN_WORK else 1
         return _like_input(torch.ops.compressdit_native.int8_group_linear(x2, codes, w_scale, bias, per_token,
@@ -380,22 +404,27 @@ def _int8_group_gemm_applies(spec, device: torch.device, shape: tuple[int, int])
     out_features, in_features = shape
     return (device.type == "cpu" and spec.format == "int" and spec.a_bits == 8 and spec.group_size is not None
             and spec.group_size >= 8 and in_features % spec.group_size == 0 and spec.w_symmetric
-            and out_features * in_features <= INT8_GEMM_SMALL_WEIGHT
+            and (out_features * in_features <= INT8_GEMM_SMALL_WEIGHT or (spec.group_size % 4 == 0 and vnni_int8_gemm()))
             and spec.a_granularity in ("per_token", "per_tensor"))
 
 
 def _int8_group_gemm_prepack(layer) -> dict:
-    groups = layer.in_features // layer.spec.group_size
-    codes = layer.codes().view(layer.out_features, groups, layer.spec.group_size)
-    codes = codes.transpose(0, 1).contiguous()  # [groups, out, group]
-    microkernel = (torch.stack([int8_pack(group_codes) for group_codes in codes])
-                   if layer.spec.group_size % 4 == 0 and int8_brgemm() else None)
-    # elsewhere on AVX512-VNNI group_gemm's tiles, the groups' sums scaled in registers (as cpu-int8-gemm)
-    gemm = (pack_weight(layer.codes(), layer.weight_scale.float(), layer.spec.group_size, 128.0)
-            if microkernel is None and layer.spec.group_size % 4 == 0 and group_gemm_isa() == "avx512-vnni" else None)
-    return {"codes": codes, "w_scale": layer.weight_scale.float().t().contiguous(), "bias": prepacked_bias(layer),
+    size = layer.spec.group_size
+    codes = layer.codes()  # int8 [out, in], an unpacked copy of 4-bit codes
+    microkernel = gemm = None
+    if size % 4 == 0 and int8_brgemm():  # AMX-INT8: each group's codes packed for oneDNN's microkernel
+        microkernel = torch.stack([int8_pack(group_codes) for group_codes in _codes_per_group(codes, size)])
+    elif size % 4 == 0 and group_gemm_isa() == "avx512-vnni":  # group_gemm's tiles, the groups' sums scaled in them
+        gemm = pack_weight(codes, layer.weight_scale.float(), size, 128.0)
+    return {"codes": None if gemm is not None else _codes_per_group(codes, size),
+            "w_scale": layer.weight_scale.float().t().contiguous(), "bias": prepacked_bias(layer),
             "microkernel": microkernel, "gemm_packed": None if gemm is None else gemm["packed"],
             "gemm_corr": None if gemm is None else gemm["corr"], "gemm_scale": None if gemm is None else gemm["w_scale"]}
+
+
+def _codes_per_group(codes: torch.Tensor, size: int) -> torch.Tensor:
+    """int8 ``[out, in]`` codes as ``[in / size, out, size]`` (each group's codes contiguous)."""
+    return codes.view(codes.shape[0], -1, size).transpose(0, 1).contiguous()
 
 
 def _int8_group_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
@@ -892,14 +921,16 @@ KERNELS.add("cpu-int8-gemm", Kernel(
     _int8_gemm_applies, _int8_gemm_prepack, _int8_gemm_run, priority=20,
     run_untransformed=_int8_gemm_run_untransformed, run_activated=_int8_gemm_run_activated,
     description=f"int8 x int8 -> int32 GEMM on the spec's dynamic symmetric activation codes (W8A8; W4A8 per "
-                f"channel up to {INT8_GEMM_SMALL_WEIGHT} weights, as int8): torch._int_mm (on AMX-INT8 oneDNN's "
-                f"microkernel on codes packed once) up to {INT8_GEMM_SMALL_WEIGHT} weights or at one row, else "
-                "oneDNN's prepacked u8s8 GEMM"))
+                f"channel up to {INT8_GEMM_SMALL_WEIGHT} weights, any size on AVX512-VNNI, as int8): on AVX512-VNNI "
+                "without AMX group_gemm's vpdpbusd tiles on codes packed once; else torch._int_mm (on AMX-INT8 "
+                f"oneDNN's microkernel on codes packed once) up to {INT8_GEMM_SMALL_WEIGHT} weights or at one row, "
+                "else oneDNN's prepacked u8s8 GEMM"))
 KERNELS.add("cpu-int8-group-gemm", Kernel(
     _int8_group_gemm_applies, _int8_group_gemm_prepack, _int8_group_gemm_run, priority=20,
-    description=f"layers of up to {INT8_GEMM_SMALL_WEIGHT} weights, symmetric int weights in groups (as int8, 1 byte "
-                "per weight) x the spec's dynamic int8 activation codes: one torch._int_mm (on AMX-INT8 oneDNN's "
-                "microkernel) per group, scales in fp32"))
+    description=f"layers of up to {INT8_GEMM_SMALL_WEIGHT} weights (any size on AVX512-VNNI), symmetric int weights "
+                "in groups (as int8, 1 byte per weight) x the spec's dynamic int8 activation codes: on AVX512-VNNI "
+                "without AMX group_gemm's vpdpbusd tiles, the groups' scales in them; else one torch._int_mm (on "
+                "AMX-INT8 oneDNN's microkernel) per group, scales in fp32"))
 KERNELS.add("cpu-int-groups", Kernel(
     _groups_applies, _groups_prepack, _groups_run, priority=16, run_untransformed=_groups_run_untransformed,
     description="4-bit weights (int, NVFP4, MXFP4, 4-bit minifloats) x dynamic activations on an integer grid or a "

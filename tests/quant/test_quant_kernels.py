@@ -37,6 +37,7 @@ import copy  # noqa: E402
 from compressdit.quant.kernel_registry import (KERNELS, REFERENCE, cache_of, kernel_summary,  # noqa: E402
                                                prepack_model, select_kernel, set_kernel)
 from compressdit.quant.cpu_dense import _bf16_hardware, decoded_kernel_name, dense_kernel_name  # noqa: E402
+from compressdit.quant.cpu_kernels import vnni_int8_gemm  # noqa: E402
 from compressdit.quant.vq_layer import VQLinear  # noqa: E402
 
 DENSE = dense_kernel_name((96, 256))  # the small weight-only layers below: fp32 (bf16 from BF16_MIN_WEIGHT, or on AMX)
@@ -54,6 +55,11 @@ def _small_decoded(spec: LinearQuantSpec) -> tuple:
 # big layers no int4 / int8 kernel reads: decoded once into bf16 on CPUs with bf16 GEMMs, else the reference
 BIG_DECODED = ("cpu-decoded-bf16", 6e-3, 0.2) if _bf16_hardware()[1] else ("cpu-decoded-fp32", 1e-5, 0.01)
 
+# big W4A8 layers: on AVX512-VNNI without AMX group_gemm's tiles at any size (their codes as int8), elsewhere too big
+# for an int8 copy: the packed int4 GEMM on fake-quantized activations
+BIG_W4A8 = (("cpu-int8-gemm", 1e-5, 0.01), ("cpu-int8-group-gemm", 1e-5, 0.01)) if vnni_int8_gemm() else (
+    ("cpu-int4-weight", 6e-3, 0.2),) * 2
+
 # spec, kernel, bound on ||kernel - reference|| / ||reference||, on that error / the quantization error, and
 # out_features (x 256 in_features): 96 is a small layer, BIG one above DENSE_MAX_WEIGHT / INT8_GEMM_SMALL_WEIGHT
 BIG = 1040
@@ -64,12 +70,12 @@ CPU_CASES = [
     (LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"), "cpu-int8-gemm", 1e-5, 0.01, BIG),
     (LinearQuantSpec(w_bits=8, a_bits=8, rotation="hadamard"), "cpu-int8-gemm", 1e-5, 0.01, 96),
     (LinearQuantSpec(w_bits=4, a_bits=8), "cpu-int8-gemm", 1e-5, 0.01, 96),  # W4A8 per channel: codes as int8
-    (LinearQuantSpec(w_bits=4, a_bits=8), "cpu-int4-weight", 6e-3, 0.2, BIG),  # too big for an int8 copy
+    (LinearQuantSpec(w_bits=4, a_bits=8), *BIG_W4A8[0], BIG),
     (LinearQuantSpec(w_bits=4, group_size=64), "cpu-int4-weight", 6e-3, 0.2, BIG),  # bf16 activations, output
     (LinearQuantSpec(w_bits=4, group_size=32, w_symmetric=False), "cpu-int4-weight", 6e-3, 0.2, BIG),
     (LinearQuantSpec(w_bits=4), "cpu-int4-weight", 6e-3, 0.2, BIG),
     (LinearQuantSpec(w_bits=3, group_size=128), "cpu-int4-weight", 6e-3, 0.2, BIG),
-    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=128), "cpu-int4-weight", 6e-3, 0.2, BIG),
+    (LinearQuantSpec(w_bits=4, a_bits=8, group_size=128), *BIG_W4A8[1], BIG),
     (LinearQuantSpec(w_bits=4, group_size=64), DENSE, *DENSE_BOUND, 96),  # decoded once
     (LinearQuantSpec(w_bits=2, group_size=32, w_symmetric=False), DENSE, *DENSE_BOUND, 96),
     (LinearQuantSpec(w_bits=4, group_size=16), *_small_decoded(LinearQuantSpec(w_bits=4, group_size=16)), 96),
@@ -118,7 +124,7 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
     assert select_kernel(w4, cpu, (DENSE_MAX_WEIGHT // 256, 256)) == dense_kernel_name((DENSE_MAX_WEIGHT // 256, 256))
     assert select_kernel(w4, cpu, (DENSE_MAX_WEIGHT // 256 + 16, 256)) == "cpu-int4-weight"
     assert select_kernel(w4a8, cpu, (INT8_GEMM_SMALL_WEIGHT // 256, 256)) == "cpu-int8-gemm"
-    assert select_kernel(w4a8, cpu, (INT8_GEMM_SMALL_WEIGHT // 256 + 16, 256)) == "cpu-int4-weight"
+    assert select_kernel(w4a8, cpu, (INT8_GEMM_SMALL_WEIGHT // 256 + 16, 256)) == BIG_W4A8[0][0]
     assert select_kernel(LinearQuantSpec(w_bits=8, a_bits=8), cpu, (4096, 4096)) == "cpu-int8-gemm"
     small, big = _layer(LinearQuantSpec(w_bits=8, a_bits=8))[1], _layer(LinearQuantSpec(w_bits=8, a_bits=8),
                                                                         out_features=BIG)[1]
@@ -179,8 +185,9 @@ def test_int8_activations_on_group_gemm_are_the_torch_paths_bit_for_bit(spec, sh
     """On AVX512-VNNI CPUs without AMX's microkernel every row count of cpu-int8-gemm and cpu-int8-group-gemm runs
     group_gemm's VNNI tiles (the activation codes + 128 against the codes, 128 * each channel's sums taken back, the
     groups' sums times their weight scales added up, then times the row's scale): the same int32 sums and
-    dequantization as torch._int_mm's and oneDNN's paths, so the same outputs bit for bit (bf16 rows too; with a
-    divisor the reference's bf16 division first); elsewhere nothing is packed for it."""
+    dequantization as torch._int_mm's and oneDNN's paths (the same layer prepacked without that path), so the same
+    outputs bit for bit (bf16 rows too; with a divisor the reference's bf16 division first); no other copy of the
+    weight kept; elsewhere nothing is packed for it."""
     from compressdit.quant import cpu_kernels, cpu_native
     from compressdit.quant.kernel_registry import cache_of
 
@@ -188,6 +195,7 @@ def test_int8_activations_on_group_gemm_are_the_torch_paths_bit_for_bit(spec, sh
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, out_features)
     layer = QuantLinear.from_linear(linear, spec, input_absmax=torch.rand(in_features) * 4 + 0.1)
+    before = copy.deepcopy(layer)
     monkeypatch.setattr(cpu_native, "GROUP_GEMM_TEAM_MIN_WORK", 0)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -197,20 +205,18 @@ def test_int8_activations_on_group_gemm_are_the_torch_paths_bit_for_bit(spec, sh
             b = cache_of(layer).buffers
             assert layer.kernel_name == ("cpu-int8-gemm" if spec.group_size is None else "cpu-int8-group-gemm")
             if b["gemm_packed"] is None:
-                assert cpu_native.group_gemm_isa() != "avx512-vnni" or b["microkernel"] is not None
+                assert not cpu_kernels.vnni_int8_gemm()
                 return
             assert b.get("packed") is None  # no oneDNN copy besides
-            keys = ("gemm_packed", "gemm_corr", "gemm_scale")
-            kept = {key: b[key] for key in keys}
+            assert spec.w_bits == 8 or b.get("codes_t", b["codes"]) is None  # nor unpacked 4-bit codes
+            with monkeypatch.context() as patch:  # the paths before: torch._int_mm's C++ op / oneDNN, same codes
+                patch.setattr(cpu_kernels, "group_gemm_isa", lambda: None)
+                before(torch.randn(1, in_features))
+            assert cache_of(before).buffers["gemm_packed"] is None and before.kernel_name == layer.kernel_name
             for rows in (1, 3, 7, 16, 61):  # whole tiles of 6 rows and a tail
                 for x in (torch.randn(rows, in_features) * 3, (torch.randn(2, rows, in_features) * 3).bfloat16()):
                     out = layer(x)
-                    b.update(dict.fromkeys(keys))  # the paths before: torch._int_mm's C++ op on the same codes
-                    try:
-                        before = layer(x)
-                    finally:
-                        b.update(kept)
-                    assert out.dtype == x.dtype and torch.equal(out, before), (rows, x.dtype)
+                    assert out.dtype == x.dtype and torch.equal(out, before(x)), (rows, x.dtype)
             if spec.group_size is None:
                 assert cpu_kernels._int8_gemm_run_activated(layer, torch.randn(4, in_features), b, "gelu-tanh") is None
     finally:

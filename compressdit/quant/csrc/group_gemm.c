@@ -116,10 +116,10 @@ static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64
 }
 
 /* rows [r0, r1) x channel pairs [p0, p1) on AVX2: each block of 16 channels in turn, the rows in tiles of 2 */
-static __attribute__((target("avx2,fma"))) void block_avx2(
-    const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
-    const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
-    int64_t cols, int64_t k, int64_t group, int64_t flush, int row_scales, float *out) {
+static AVX2 void rows_avx2(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
+                           const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
+                           int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
+                           int64_t flush, const int row_scales, float *out) {
     const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = (k / 4) * 64;
     const int64_t stride = row_scales ? 1 : groups; /* a_scale's entries a row */
     for (int64_t b = 2 * p0; b < 2 * p1 && 16 * b < cols; ++b) {
@@ -131,6 +131,17 @@ static __attribute__((target("avx2,fma"))) void block_avx2(
             tile16(a + r * k, k, a_scale + r * stride, groups, group, w + b * panel, corr, w_scale, cols_p,
                    h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, 1, row_scales);
     }
+}
+
+/* rows_avx2 compiled for each scale layout */
+static __attribute__((target("avx2,fma"))) void block_avx2(
+    const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
+    const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
+    int64_t cols, int64_t k, int64_t group, int64_t flush, int row_scales, float *out) {
+    if (row_scales)
+        rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 1, out);
+    else
+        rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 0, out);
 }
 #endif
 
@@ -240,15 +251,17 @@ static VNNI void rows_vnni(const uint8_t *a, const float *a_scale, const int8_t 
     }
 }
 
-/* rows_vnni compiled for each number of weight planes */
+/* rows_vnni compiled for each number of weight planes and scale layout (constants in the tiles' loops) */
 static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
     int64_t cols, int64_t k, int64_t group, float *out, int planes, int row_scales) {
     if (planes == 2)
-        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 2, row_scales);
+        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 2, 0);
+    else if (row_scales)
+        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 1, 1);
     else
-        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 1, row_scales);
+        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 1, 0);
 }
 #endif
 
@@ -296,7 +309,7 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
  * [cols]), plus h @ up where rank > 0 (SVDQuant's branch: h fp32 [rows, rank], up fp32 [rank, cols_p]); `flush`:
  * the AVX2 path's quads of inputs summed in 16 bits (see tile16; >= 1); `planes`: 1 (byte weights) or 2 (16-bit
  * weights, AVX512-VNNI only); `row_scales`: a_scale [rows], one a row, applied after the groups (see the top of
- * this file), else [rows, groups]. Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where
+ * this file; byte weights only), else [rows, groups]. Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where
  * there are enough, else the channel pairs: every output computed alone, the same numbers on any number of threads.
  * Returns 1 where not compressdit_group_gemm_ready or, for 2 planes, not its AVX512-VNNI path. */
 int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
@@ -305,7 +318,7 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
                            int32_t row_scales, float *out, int32_t threads) {
 #ifdef GROUP_GEMM
     const int isa = compressdit_group_gemm_ready();
-    if (!isa || planes < 1 || planes > 2 || (planes == 2 && isa != 2)) return 1;
+    if (!isa || planes < 1 || planes > 2 || (planes == 2 && (isa != 2 || row_scales))) return 1;
     const int64_t pairs = (cols + 31) / 32;
     if (threads <= 1 || rows * pairs < 2) {
         block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, flush,
