@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
-import os
 import statistics
 import sys
 import time
@@ -27,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from e2e_peers_report import machine, machine_line  # noqa: E402
+from layer_kernels import write_results  # noqa: E402
 from peer_models import VARIANTS, build, one_step, step_inputs  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -99,11 +98,7 @@ def main() -> None:
             row = measure(model_name, variant, args.batch, args.rounds)
             print(row, flush=True)
             result["rows"].append(row)
-    meta["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    write_markdown(result, args.out.with_suffix(".md"))
-    print(f"wrote {args.out}.json and .md")
+    write_results(args.out, result, write_markdown)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def write_results(out: Path, result: dict, write_markdown) -> None:
+    """``result`` (its ``meta`` stamped with the load average now) as ``out``.json, and its markdown as ``out``.md
+    (``write_markdown(result, path)``)."""
+    result["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, out.with_suffix(".md"))
+    print(f"wrote {out.with_suffix('.json')} and .md")
+
+
 def cpu_flags() -> list[str]:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
@@ -278,11 +288,7 @@ def main() -> None:
             result["threads"][str(count)].append({"layer": layer, "in": in_features, "out": out_features, "rows": rows,
                                                   "methods": list(methods), "cells": cells})
             print(f"{count} thread(s) {layer}: done (load {os.getloadavg()[0]:.2f})", flush=True)
-    result["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, args.out.with_suffix(".md"))
-    print(f"wrote {args.out.with_suffix('.json')} and .md")
+    write_results(args.out, result, write_markdown)
 
 
 if __name__ == "__main__":
