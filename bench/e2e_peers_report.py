@@ -138,6 +138,11 @@ def write_markdown(base: Path) -> None:
                   f"{memory_json['meta'].get('mmap_threshold')}` (freed large blocks go back to the OS); graph "
                   "breaks = `torch._dynamo.explain` of the same step on a 2-block copy of the variant (every block "
                   f"runs the same code). Memory run: {machine_line(memory_json['meta'])}.", ""]
+        refreshed = memory_json["meta"].get("refreshed")
+        if refreshed:
+            lines += [f"{refreshed['model']} rows of {', '.join(refreshed['variants'])} measured again "
+                      f"{refreshed['started_utc']} UTC (load average {refreshed['loadavg_start']} / "
+                      f"{refreshed['loadavg_end']}): {refreshed['note']}.", ""]
         default = memory_json["meta"].get("glibc_default_run")
         if default:
             lines += [f"With glibc's default allocator settings ({default['note']}, {default['model']}): "
