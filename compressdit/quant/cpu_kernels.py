@@ -194,13 +194,10 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     rows, in_features = x2.shape
     if gemm_packed is not None and rows and (x2.dtype is torch.float32 or smooth is None):
-        if x2.dtype is not torch.float32 or not x2.is_contiguous():
-            x2 = x2.float().contiguous()  # bf16 rows widened exactly
-        q, a_scale = _codes(x, x2, per_token, 128, smooth)
-        out = group_gemm(q, a_scale if per_token else a_scale.expand(rows, 1).contiguous(), gemm_packed, gemm_corr,
-                         gemm_scale, bias, out_features, row_group=in_features)
-        if out is not None:  # (None: no library)
-            return _like_input(out, x)
+        out = _on_group_gemm(x, x2, smooth, per_token, gemm_packed, gemm_corr, gemm_scale, bias, out_features,
+                             in_features)
+        if out is not None:
+            return out
     if codes_t is None:
         raise RuntimeError("cpu-int8-gemm: this layer's codes were packed for compressdit's native library, which is "
                            "not loaded now (set the layer's kernel again to repack them)")
@@ -248,6 +245,28 @@ def _fused_int8_linear(x: torch.Tensor, x2: torch.Tensor, smooth: Optional[torch
     return out
 
 
+def _on_group_gemm(x: torch.Tensor, x2: torch.Tensor, smooth: Optional[torch.Tensor], per_token: bool,
+                   packed: torch.Tensor, corr: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                   out_features: int, group: int) -> torch.Tensor | None:
+    """``x`` (rows ``x2``: fp32, or bf16 widened exactly here) times int8 weight codes packed by :func:`pack_weight`
+    (groups of ``group`` inputs, activation codes + 128) on :func:`~compressdit.quant.cpu_native.group_gemm` with
+    one activation scale a row (:func:`_codes`', shared as there); ``None`` without the library."""
+    if x2.dtype is not torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    q, a_scale = _codes(x, x2, per_token, 128, smooth)
+    if not per_token:
+        a_scale = a_scale.expand(x2.shape[0], 1).contiguous()
+    out = group_gemm(q, a_scale, packed, corr, w_scale, bias, out_features, row_group=group)
+    return None if out is None else _like_input(out, x)
+
+
+def _gemm_buffers(gemm: dict | None) -> dict:
+    """:func:`pack_weight`'s tensors as a kernel's ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale`` buffers (all
+    None without)."""
+    return {f"gemm_{key}": None if gemm is None else gemm[name]
+            for key, name in (("packed", "packed"), ("corr", "corr"), ("scale", "w_scale"))}
+
+
 def _codes(x: torch.Tensor, x2: torch.Tensor, per_token: bool, offset: int,
            smooth: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_rows_int8` of ``x2`` (``x``'s fp32 rows); without a balancing divisor, shared with the other
@@ -293,15 +312,12 @@ def _int8_gemm_prepack(layer) -> dict:
     # than oneDNN's prepacked GEMM, torch._int_mm and fbgemm's dynamic int8 linear at every shape measured
     # (bench/results/layer_w8a8_cpu.md)
     gemm = (pack_weight(codes, layer.weight_scale.reshape(-1, 1).float(), layer.in_features, 128.0)
-            if microkernel is None and layer.in_features % 4 == 0 and group_gemm_isa() == "avx512-vnni" else None)
+            if layer.in_features % 4 == 0 and vnni_int8_gemm() else None)
     narrow = gemm is not None and layer.spec.w_bits < 8  # no unpacked copy kept besides the packed one
     return {"codes": None if narrow else codes, "codes_t": None if narrow else codes.t(),
             "packed": None if small or microkernel is not None or gemm is not None else
             torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),
-            "microkernel": microkernel,
-            "gemm_packed": None if gemm is None else gemm["packed"],
-            "gemm_corr": None if gemm is None else gemm["corr"],
-            "gemm_scale": None if gemm is None else gemm["w_scale"],
+            "microkernel": microkernel, **_gemm_buffers(gemm),
             "w_scale": layer.weight_scale.reshape(-1).float().contiguous(),
             "w_zero": torch.zeros(layer.out_features, dtype=torch.long),
             "bias": prepacked_bias(layer),
@@ -370,11 +386,9 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: Optional[torch.Tensor], w
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
     if gemm_packed is not None and x2.shape[0]:
-        q, a_scale = _codes(x, x2, per_token, 128, None)
-        a_scale = a_scale if per_token else a_scale.expand(x2.shape[0], 1).contiguous()
-        out = group_gemm(q, a_scale, gemm_packed, gemm_corr, gemm_scale, bias, out_features, row_group=size)
-        if out is not None:  # (None: no library)
-            return _like_input(out, x)
+        out = _on_group_gemm(x, x2, None, per_token, gemm_packed, gemm_corr, gemm_scale, bias, out_features, size)
+        if out is not None:
+            return out
     if codes is None:
         raise RuntimeError("cpu-int8-group-gemm: this layer's codes were packed for compressdit's native library, "
                            "which is not loaded now (set the layer's kernel again to repack them)")
@@ -414,12 +428,11 @@ def _int8_group_gemm_prepack(layer) -> dict:
     microkernel = gemm = None
     if size % 4 == 0 and int8_brgemm():  # AMX-INT8: each group's codes packed for oneDNN's microkernel
         microkernel = torch.stack([int8_pack(group_codes) for group_codes in _codes_per_group(codes, size)])
-    elif size % 4 == 0 and group_gemm_isa() == "avx512-vnni":  # group_gemm's tiles, the groups' sums scaled in them
+    elif size % 4 == 0 and vnni_int8_gemm():  # group_gemm's tiles, the groups' sums scaled in them
         gemm = pack_weight(codes, layer.weight_scale.float(), size, 128.0)
     return {"codes": None if gemm is not None else _codes_per_group(codes, size),
             "w_scale": layer.weight_scale.float().t().contiguous(), "bias": prepacked_bias(layer),
-            "microkernel": microkernel, "gemm_packed": None if gemm is None else gemm["packed"],
-            "gemm_corr": None if gemm is None else gemm["corr"], "gemm_scale": None if gemm is None else gemm["w_scale"]}
+            "microkernel": microkernel, **_gemm_buffers(gemm)}
 
 
 def _codes_per_group(codes: torch.Tensor, size: int) -> torch.Tensor:

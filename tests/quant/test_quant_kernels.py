@@ -117,7 +117,7 @@ def test_cpu_kernel_matches_the_reference_within_its_bound(spec, kernel, bound, 
 def test_small_and_big_layers_pick_their_kernels_by_weight_count():
     from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT
     from compressdit.quant.cpu_kernels import INT8_GEMM_SMALL_WEIGHT
-    from compressdit.quant.cpu_native import group_gemm_isa, int8_brgemm
+    from compressdit.quant.cpu_native import int8_brgemm
 
     cpu = torch.device("cpu")
     w4, w4a8 = LinearQuantSpec(w_bits=4, group_size=64), LinearQuantSpec(w_bits=4, a_bits=8)
@@ -134,7 +134,7 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
     assert cache_of(small).buffers["codes"].data_ptr() == small.weight.data_ptr()
     microkernel = cache_of(small).buffers["microkernel"]  # AMX-INT8: the codes packed for oneDNN's microkernel
     assert (microkernel is not None) == int8_brgemm()
-    vnni = not int8_brgemm() and group_gemm_isa() == "avx512-vnni"  # elsewhere on VNNI: packed for group_gemm
+    vnni = vnni_int8_gemm()  # elsewhere on VNNI: packed for group_gemm
     packed = microkernel if microkernel is not None else cache_of(small).buffers["gemm_packed"]
     assert (packed is not None) == (int8_brgemm() or vnni)
     copies = 1 if packed is None else 1 + packed.numel() / small.weight.numel()
