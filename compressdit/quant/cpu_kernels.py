@@ -20,10 +20,12 @@
   (:func:`~compressdit.quant.cpu_native.group_gemm`: the activation codes + 128 against the codes packed once,
   ``vpdpbusd``; the same numbers), faster than all of those and than fbgemm's dynamic int8 linear on DiT-XL/2's
   shapes (``bench/results/layer_w8a8_cpu.md``). W4A8 (and other narrower) per-channel symmetric weights of up to
-  ``INT8_GEMM_SMALL_WEIGHT`` elements (any size on that path) run the same GEMM on their codes unpacked to int8
-  (1 byte per weight at run time).
+  ``INT8_GEMM_SMALL_WEIGHT`` elements (any size on that path) run the same GEMM, elsewhere on their codes unpacked
+  to int8 (1 byte per weight at run time), on that path on their 4-bit codes packed two a byte and looked up in a
+  16-entry table in the tiles (``vpshufb``; half a byte per weight, the same numbers and speed).
 - ``cpu-int8-group-gemm``: the same with weights in groups (symmetric, e.g. W4A8 g64), layers of up to
-  ``INT8_GEMM_SMALL_WEIGHT`` weights (any size on the VNNI path): the codes unpacked to int8 (1 byte per weight),
+  ``INT8_GEMM_SMALL_WEIGHT`` weights (any size on the VNNI path): the codes unpacked to int8 (1 byte per weight;
+  on the VNNI path 4-bit codes two a byte),
   the activation codes quantized per group in one C pass, one ``torch._int_mm`` per group (on one thread up to
   ``SERIAL_GEMM_WORK`` multiply-adds), one fused epilogue adding each group's int32 sums times its scales in fp32
   (one call of the C++ op ``int8_group_linear`` where it builds); on the VNNI path ``group_gemm``'s tiles, the
@@ -33,7 +35,8 @@
   both operands as integer codes (each grid value times a power of two: E2M1's halves x 2), one integer GEMM
   (``csrc/group_gemm.c``: AVX512-VNNI's ``vpdpbusd``, or AVX2's byte multiply-adds for groups of at least
   ``AVX2_MIN_GROUP``) with int32 sums per group and both groups' scales, the bias and SVDQuant's branch in its
-  epilogue; the activation codes from one C pass, bit for bit the fake quantization's values once scaled, so the
+  epilogue, the weight's 4-bit codes packed two a byte on AVX512-VNNI (looked up in a 16-entry table of their
+  integer values in the tiles), one a byte on AVX2; the activation codes from one C pass, bit for bit the fake quantization's values once scaled, so the
   outputs are the reference's up to fp32 summation order. Not on AMX CPUs (their bf16 microkernel kernels, measured
   there, stay). DiT-XL/2 shapes at one thread on a Zen 4 EPYC: 2.3-9.7x fp32 (``bench/results/layer_lowbit_cpu.md``).
 - ``cpu-twinlog-groups``: twin-log (LRQ) weights, whose per-row tables of real values no byte holds, in the same GEMM
@@ -170,13 +173,13 @@ def _define(schema: str):
 
 @_define("int8_gemm_linear_cpu(Tensor x, Tensor? smooth, Tensor? codes_t, Tensor? packed, Tensor w_scale, Tensor w_zero, "
          "Tensor? bias, bool per_token, int out_features, Tensor? microkernel=None, Tensor? gemm_packed=None, "
-         "Tensor? gemm_corr=None, Tensor? gemm_scale=None) -> Tensor")
+         "Tensor? gemm_corr=None, Tensor? gemm_scale=None, Tensor? gemm_table=None) -> Tensor")
 def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_t: Optional[torch.Tensor],
                          packed: Optional[torch.Tensor], w_scale: torch.Tensor, w_zero: torch.Tensor,
                          bias: Optional[torch.Tensor], per_token: bool, out_features: int,
                          microkernel: Optional[torch.Tensor] = None, gemm_packed: Optional[torch.Tensor] = None,
-                         gemm_corr: Optional[torch.Tensor] = None, gemm_scale: Optional[torch.Tensor] = None
-                         ) -> torch.Tensor:
+                         gemm_corr: Optional[torch.Tensor] = None, gemm_scale: Optional[torch.Tensor] = None,
+                         gemm_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(x / smooth) @ W^T + b`` with dynamic symmetric int8 activations (per token or tensor), W = codes *
     w_scale; ``smooth``: the layer's balancing divisor, fused into the quantization, or None (bf16 ``x``: only where
     the C++ op runs, with the divisor's bf16 values, which it divides by as torch divides bf16 tensors).
@@ -185,17 +188,17 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     ``torch._int_mm`` runs at every row count (see :func:`_int8_gemm_prepack`). One row always runs ``torch._int_mm``.
     ``microkernel``: the codes packed by :func:`~compressdit.quant.cpu_native.int8_pack` (AMX-INT8), which the fused
     op then multiplies on oneDNN's BRGeMM microkernel instead of ``torch._int_mm`` (the same int32 sums).
-    ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale``: the codes packed by :func:`pack_weight` (one group of all
-    inputs, activation codes + 128), which every row count then multiplies on
-    :func:`~compressdit.quant.cpu_native.group_gemm` (AVX512-VNNI without the microkernel: the same int32 sums and
-    dequantization; fp32 ``x``, or bf16 without a divisor); ``codes_t`` is then None for narrower weights (no
-    unpacked copy kept).
+    ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale`` / ``gemm_table``: the codes packed by :func:`pack_weight` (one
+    group of all inputs, activation codes + 128; narrower weights as nibbles through ``gemm_table``), which every row
+    count then multiplies on :func:`~compressdit.quant.cpu_native.group_gemm` (AVX512-VNNI without the microkernel:
+    the same int32 sums and dequantization; fp32 ``x``, or bf16 without a divisor); ``codes_t`` is then None for
+    narrower weights (no unpacked copy kept).
     """
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     rows, in_features = x2.shape
     if gemm_packed is not None and rows and (x2.dtype is torch.float32 or smooth is None):
-        out = _on_group_gemm(x, x2, smooth, per_token, gemm_packed, gemm_corr, gemm_scale, bias, out_features,
-                             in_features)
+        out = _on_group_gemm(x, x2, smooth, per_token, gemm_packed, gemm_corr, gemm_scale, gemm_table, bias,
+                             out_features, in_features)
         if out is not None:
             return out
     if codes_t is None:
@@ -246,25 +249,26 @@ def _fused_int8_linear(x: torch.Tensor, x2: torch.Tensor, smooth: Optional[torch
 
 
 def _on_group_gemm(x: torch.Tensor, x2: torch.Tensor, smooth: Optional[torch.Tensor], per_token: bool,
-                   packed: torch.Tensor, corr: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                   out_features: int, group: int) -> torch.Tensor | None:
+                   packed: torch.Tensor, corr: torch.Tensor, w_scale: torch.Tensor, table: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], out_features: int, group: int) -> torch.Tensor | None:
     """``x`` (rows ``x2``: fp32, or bf16 widened exactly here) times int8 weight codes packed by :func:`pack_weight`
-    (groups of ``group`` inputs, activation codes + 128) on :func:`~compressdit.quant.cpu_native.group_gemm` with
-    one activation scale a row (:func:`_codes`', shared as there); ``None`` without the library."""
+    (groups of ``group`` inputs, activation codes + 128; nibbles through ``table`` where not None) on
+    :func:`~compressdit.quant.cpu_native.group_gemm` with one activation scale a row (:func:`_codes`', shared as
+    there); ``None`` without the library."""
     if x2.dtype is not torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
     q, a_scale = _codes(x, x2, per_token, 128, smooth)
     if not per_token:
         a_scale = a_scale.expand(x2.shape[0], 1).contiguous()
-    out = group_gemm(q, a_scale, packed, corr, w_scale, bias, out_features, row_group=group)
+    out = group_gemm(q, a_scale, packed, corr, w_scale, bias, out_features, row_group=group, table=table)
     return None if out is None else _like_input(out, x)
 
 
 def _gemm_buffers(gemm: dict | None) -> dict:
-    """:func:`pack_weight`'s tensors as a kernel's ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale`` buffers (all
-    None without)."""
+    """:func:`pack_weight`'s tensors as a kernel's ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale`` / ``gemm_table``
+    buffers (all None without)."""
     return {f"gemm_{key}": None if gemm is None else gemm[name]
-            for key, name in (("packed", "packed"), ("corr", "corr"), ("scale", "w_scale"))}
+            for key, name in (("packed", "packed"), ("corr", "corr"), ("scale", "w_scale"), ("table", "table"))}
 
 
 def _codes(x: torch.Tensor, x2: torch.Tensor, per_token: bool, offset: int,
@@ -278,15 +282,15 @@ def _codes(x: torch.Tensor, x2: torch.Tensor, per_token: bool, offset: int,
 
 @torch.library.register_fake("compressdit::int8_gemm_linear_cpu")
 def _(x, smooth, codes_t, packed, w_scale, w_zero, bias, per_token, out_features, microkernel=None, gemm_packed=None,
-      gemm_corr=None, gemm_scale=None):
+      gemm_corr=None, gemm_scale=None, gemm_table=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def vnni_int8_gemm() -> bool:
     """Whether int8-activation layers run on :func:`~compressdit.quant.cpu_native.group_gemm`'s VNNI tiles here
-    (AVX512-VNNI without AMX-INT8's microkernel), at any size: 4-bit codes as bytes (1 byte a weight prepacked, where
-    the packed int4 GEMM keeps half a byte) for twice its speed: DiT-XL/2's W4A8 g64 layers 3.0-4.5x fp32 at M >= 256
-    against 1.7-2.2x (one thread, Zen 4)."""
+    (AVX512-VNNI without AMX-INT8's microkernel), at any size: 4-bit codes as nibbles (half a byte a weight
+    prepacked, as the packed int4 GEMM keeps) for twice its speed: DiT-XL/2's W4A8 g64 layers 3.0-4.5x fp32 at
+    M >= 256 against 1.7-2.2x (one thread, Zen 4)."""
     return group_gemm_isa() == "avx512-vnni" and not int8_brgemm()
 
 
@@ -311,8 +315,8 @@ def _int8_gemm_prepack(layer) -> dict:
     # elsewhere on AVX512-VNNI every row count on group_gemm's VNNI tiles (cpu-int-groups' GEMM, one group): faster
     # than oneDNN's prepacked GEMM, torch._int_mm and fbgemm's dynamic int8 linear at every shape measured
     # (bench/results/layer_w8a8_cpu.md)
-    gemm = (pack_weight(codes, layer.weight_scale.reshape(-1, 1).float(), layer.in_features, 128.0)
-            if layer.in_features % 4 == 0 and vnni_int8_gemm() else None)
+    gemm = (pack_weight(codes, layer.weight_scale.reshape(-1, 1).float(), layer.in_features, 128.0,
+                        nibbles=layer.spec.w_bits <= 4) if layer.in_features % 4 == 0 and vnni_int8_gemm() else None)
     narrow = gemm is not None and layer.spec.w_bits < 8  # no unpacked copy kept besides the packed one
     return {"codes": None if narrow else codes, "codes_t": None if narrow else codes.t(),
             "packed": None if small or microkernel is not None or gemm is not None else
@@ -330,7 +334,7 @@ def _int8_gemm_prepack(layer) -> dict:
 def _int8_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return int8_gemm_linear_cpu(x, None, b["codes_t"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
                                 b["per_token"], layer.out_features, b["microkernel"], b["gemm_packed"], b["gemm_corr"],
-                                b["gemm_scale"])
+                                b["gemm_scale"], b["gemm_table"])
 
 
 def _int8_gemm_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
@@ -342,7 +346,7 @@ def _int8_gemm_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tenso
         x, smooth = layer.transform_input(x), None
     return int8_gemm_linear_cpu(x, smooth, b["codes_t"], b["packed"], b["w_scale"], b["w_zero"], b["bias"],
                                 b["per_token"], layer.out_features, b["microkernel"], b["gemm_packed"], b["gemm_corr"],
-                                b["gemm_scale"])
+                                b["gemm_scale"], b["gemm_table"])
 
 
 #: activations the fused op applies in its epilogue (csrc/int8_linear.cpp's codes)
@@ -366,18 +370,18 @@ def _int8_gemm_run_activated(layer, x: torch.Tensor, b: dict, activation: str) -
 
 @_define("int8_group_gemm_linear_cpu(Tensor x, Tensor? codes, Tensor w_scale, Tensor? bias, bool per_token, "
          "int out_features, Tensor? microkernel=None, Tensor? gemm_packed=None, Tensor? gemm_corr=None, "
-         "Tensor? gemm_scale=None) -> Tensor")
+         "Tensor? gemm_scale=None, Tensor? gemm_table=None) -> Tensor")
 def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: Optional[torch.Tensor], w_scale: torch.Tensor,
                                bias: Optional[torch.Tensor], per_token: bool, out_features: int,
                                microkernel: Optional[torch.Tensor] = None, gemm_packed: Optional[torch.Tensor] = None,
-                               gemm_corr: Optional[torch.Tensor] = None, gemm_scale: Optional[torch.Tensor] = None
-                               ) -> torch.Tensor:
+                               gemm_corr: Optional[torch.Tensor] = None, gemm_scale: Optional[torch.Tensor] = None,
+                               gemm_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grouped weights (``codes`` int8 ``[groups, out, group]``, ``w_scale`` ``[groups, out]``) x dynamic int8
     activations: the codes quantized per group in one C pass, one ``torch._int_mm`` per group into one int32
     buffer, one fused epilogue (each group's sums scaled by its scales and added, then per row). ``microkernel``: each
     group's codes packed by :func:`~compressdit.quant.cpu_native.int8_pack` (AMX-INT8): the fused op's GEMMs then run
-    on oneDNN's microkernel (the same int32 sums). ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale``: the codes packed
-    by :func:`pack_weight` (activation codes + 128), multiplied on
+    on oneDNN's microkernel (the same int32 sums). ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale`` / ``gemm_table``:
+    the codes packed by :func:`pack_weight` (activation codes + 128; nibbles through the table), multiplied on
     :func:`~compressdit.quant.cpu_native.group_gemm` (AVX512-VNNI without the microkernel: the same numbers);
     ``codes`` is then None (no unpacked copy kept)."""
     groups = w_scale.shape[0]
@@ -386,7 +390,8 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: Optional[torch.Tensor], w
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
     if gemm_packed is not None and x2.shape[0]:
-        out = _on_group_gemm(x, x2, None, per_token, gemm_packed, gemm_corr, gemm_scale, bias, out_features, size)
+        out = _on_group_gemm(x, x2, None, per_token, gemm_packed, gemm_corr, gemm_scale, gemm_table, bias,
+                             out_features, size)
         if out is not None:
             return out
     if codes is None:
@@ -410,7 +415,7 @@ def int8_group_gemm_linear_cpu(x: torch.Tensor, codes: Optional[torch.Tensor], w
 
 @torch.library.register_fake("compressdit::int8_group_gemm_linear_cpu")
 def _(x, codes, w_scale, bias, per_token, out_features, microkernel=None, gemm_packed=None, gemm_corr=None,
-      gemm_scale=None):
+      gemm_scale=None, gemm_table=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -429,7 +434,7 @@ def _int8_group_gemm_prepack(layer) -> dict:
     if size % 4 == 0 and int8_brgemm():  # AMX-INT8: each group's codes packed for oneDNN's microkernel
         microkernel = torch.stack([int8_pack(group_codes) for group_codes in _codes_per_group(codes, size)])
     elif size % 4 == 0 and vnni_int8_gemm():  # group_gemm's tiles, the groups' sums scaled in them
-        gemm = pack_weight(codes, layer.weight_scale.float(), size, 128.0)
+        gemm = pack_weight(codes, layer.weight_scale.float(), size, 128.0, nibbles=layer.spec.w_bits <= 4)
     return {"codes": None if gemm is not None else _codes_per_group(codes, size),
             "w_scale": layer.weight_scale.float().t().contiguous(), "bias": prepacked_bias(layer),
             "microkernel": microkernel, **_gemm_buffers(gemm)}
@@ -443,7 +448,7 @@ def _codes_per_group(codes: torch.Tensor, size: int) -> torch.Tensor:
 def _int8_group_gemm_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return int8_group_gemm_linear_cpu(x, b["codes"], b["w_scale"], b["bias"], layer.spec.a_granularity == "per_token",
                                       layer.out_features, b["microkernel"], b["gemm_packed"], b["gemm_corr"],
-                                      b["gemm_scale"])
+                                      b["gemm_scale"], b["gemm_table"])
 
 
 # --- weight-only int4 (tinygemm layout for CPU) -------------------------------------------------------------
@@ -756,23 +761,46 @@ def _pair_bound(a_offset: float, w_max: float) -> float:
     return 2 * (2 * a_offset) * w_max
 
 
-def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: float) -> dict:
+def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: float, nibbles: bool = False) -> dict:
     """int8 weight codes ``[out, in]`` and their fp32 scales ``[out, in / g]`` (groups of ``g``, a multiple of the
     GEMM's ``group``) in :func:`~compressdit.quant.cpu_native.group_gemm`'s layout (csrc/group_gemm.c): ``packed``
     (blocks of 16 output channels, four inputs of a channel together), ``corr`` (``-offset`` times each channel's
     sum of codes per group: the activation codes' offset taken back) and ``w_scale`` ``[groups, out]``, the output
-    channels padded to a multiple of 32 with zero codes."""
+    channels padded to a multiple of 32 with zero codes; ``table`` None. ``nibbles`` (codes of at most 16 distinct
+    values, see :func:`nibble_table`; AVX512-VNNI): ``packed`` holds each code's index in ``table`` (int8 ``[16]``),
+    two a byte (half a byte a weight): each pair of blocks' bytes, the first block's index in the low nibble."""
     out_features, in_features = codes.shape
     padded = -(-out_features // 32) * 32
     groups = in_features // group
     full = torch.zeros(padded, in_features, dtype=torch.int8)
     full[:out_features] = codes
-    packed = full.view(padded // 16, 16, in_features // 4, 4).permute(0, 2, 1, 3).contiguous()
     corr = torch.zeros(groups, padded, dtype=torch.int32)
     corr[:, :out_features] = (-offset * full[:out_features].view(out_features, groups, group).sum(-1)).t().int()
     w_scale = torch.zeros(groups, padded)
     w_scale[:, :out_features] = scale.float().repeat_interleave(groups // scale.shape[1], dim=1).t()
-    return {"packed": packed, "corr": corr, "w_scale": w_scale}
+    table = None
+    if nibbles:
+        table, index = nibble_table(full)
+        full = index.view(torch.int8)
+    packed = full.view(padded // 16, 16, in_features // 4, 4).permute(0, 2, 1, 3).contiguous()
+    if nibbles:
+        pairs = packed.view(torch.uint8).view(padded // 32, 2, in_features // 4, 64)
+        packed = (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
+    return {"packed": packed, "corr": corr, "w_scale": w_scale, "table": table}
+
+
+def nibble_table(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 ``codes`` of at most 16 distinct values as ``(table, index)``: the values in order (int8 ``[16]``, zeros
+    after the last) and each code's place in it (uint8, ``codes``' shape). Raises for more than 16 values."""
+    counts = torch.bincount(codes.reshape(-1).int() + 128, minlength=256)
+    present = counts.nonzero().flatten()
+    if present.numel() > 16:
+        raise ValueError(f"pack_weight: {present.numel()} distinct weight codes do not fit 4-bit indices")
+    table = torch.zeros(16, dtype=torch.int8)
+    table[:present.numel()] = (present - 128).to(torch.int8)
+    places = torch.zeros(256, dtype=torch.uint8)
+    places[present] = torch.arange(present.numel(), dtype=torch.uint8)
+    return table, places[codes.int() + 128]
 
 
 def _groups_prepack(layer) -> dict:
@@ -787,7 +815,7 @@ def _groups_prepack(layer) -> dict:
     group, repeat = _gemm_groups(spec, layer.in_features)
     codes = (values[unpack_nibbles(nibbles).long()] * w_mult).round().to(torch.int8)
     smooth = smooth_divisor(layer)
-    weight = pack_weight(codes, scale / w_mult, group, top * mult)
+    weight = pack_weight(codes, scale / w_mult, group, top * mult, nibbles=group_gemm_isa() == "avx512-vnni")
     down, up = getattr(layer, "low_rank_down", None), getattr(layer, "low_rank_up", None)
     up_t = None
     if up is not None:  # [r, out] padded as the weight's columns: added in the GEMM's blocks
@@ -801,16 +829,16 @@ def _groups_prepack(layer) -> dict:
 
 @_define("int_groups_linear_cpu(Tensor x, Tensor? smooth, Tensor? inv, Tensor packed, Tensor corr, Tensor w_scale, "
          "Tensor? bias, Tensor? down_t, Tensor? up_t, int group, int repeat, int rule, float top, int mantissa, "
-         "int min_exp, float mult, int flush, int planes, int out_features) -> Tensor")
+         "int min_exp, float mult, int flush, int planes, int out_features, Tensor? table=None) -> Tensor")
 def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: Optional[torch.Tensor],
                          packed: torch.Tensor, corr: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                          down_t: Optional[torch.Tensor], up_t: Optional[torch.Tensor], group: int, repeat: int,
                          rule: int, top: float, mantissa: int, min_exp: int, mult: float, flush: int, planes: int,
-                         out_features: int) -> torch.Tensor:
+                         out_features: int, table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``q(x / smooth) @ W^T + b (+ (x / smooth) @ down_t @ up_t)``: the activations quantized per group onto their
     grid (``rule`` ... ``min_exp``, the fake quantization's, bit for bit) as integer codes (``grid_codes``), the
-    weight's integer codes (:func:`pack_weight`; ``planes=2``: 16-bit ones, :func:`pack_planes`), one integer GEMM with
-    both groups' scales in its epilogue (``group_gemm``);
+    weight's integer codes (:func:`pack_weight`; ``table``: as nibbles through it; ``planes=2``: 16-bit ones,
+    :func:`pack_planes`), one integer GEMM with both groups' scales in its epilogue (``group_gemm``);
     ``smooth`` / ``inv``: the balancing divisor and its reciprocal, or None; ``down_t`` / ``up_t``: SVDQuant's
     branch on the balanced rows, or None. Unbalanced rows' codes are shared with the other layers reading ``x``."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -826,25 +854,26 @@ def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: 
     else:
         codes, scales, balanced = compute()
     hidden = None if down_t is None else torch.mm(x2 if balanced is None else balanced, down_t)
-    out = group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t, flush, planes)
+    out = group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t, flush, planes,
+                     table=table)
     return _like_input(out, x)
 
 
 @torch.library.register_fake("compressdit::int_groups_linear_cpu")
 def _(x, smooth, inv, packed, corr, w_scale, bias, down_t, up_t, group, repeat, rule, top, mantissa, min_exp, mult,
-      flush, planes, out_features):
+      flush, planes, out_features, table=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _groups_run(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     """On the transformed (balanced) input: no divisor, no branch (the layer adds it)."""
     return int_groups_linear_cpu(x, None, None, b["packed"], b["corr"], b["w_scale"], b["bias"], None, None,
-                                *b["settings"], 1, layer.out_features)
+                                *b["settings"], 1, layer.out_features, b["table"])
 
 
 def _groups_run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return int_groups_linear_cpu(x, b["smooth"], b["inv"], b["packed"], b["corr"], b["w_scale"], b["bias"],
-                                b[LOW_RANK], b["up_t"], *b["settings"], 1, layer.out_features)
+                                b[LOW_RANK], b["up_t"], *b["settings"], 1, layer.out_features, b["table"])
 
 
 # --- twin-log weights x low-bit activations: 16-bit weights in the same integer GEMM (AVX512-VNNI) ------------------
@@ -941,7 +970,8 @@ KERNELS.add("cpu-int8-gemm", Kernel(
 KERNELS.add("cpu-int8-group-gemm", Kernel(
     _int8_group_gemm_applies, _int8_group_gemm_prepack, _int8_group_gemm_run, priority=20,
     description=f"layers of up to {INT8_GEMM_SMALL_WEIGHT} weights (any size on AVX512-VNNI), symmetric int weights "
-                "in groups (as int8, 1 byte per weight) x the spec's dynamic int8 activation codes: on AVX512-VNNI "
+                "in groups (as int8, 1 byte per weight; half a byte on AVX512-VNNI) x the spec's dynamic int8 "
+                "activation codes: on AVX512-VNNI "
                 "without AMX group_gemm's vpdpbusd tiles, the groups' scales in them; else one torch._int_mm (on "
                 "AMX-INT8 oneDNN's microkernel) per group, scales in fp32"))
 KERNELS.add("cpu-int-groups", Kernel(
@@ -951,7 +981,8 @@ KERNELS.add("cpu-int-groups", Kernel(
                 "(W4A4 g16 / g64, NVFP4, FP4 x FP6), on CPUs without AMX: "
                 "AVX512-VNNI's vpdpbusd (or AVX2's byte multiply-adds): "
                 "the activations' grid values as byte codes (one C pass, balancing fused), one integer GEMM on the "
-                "weight's codes packed once (1 byte per weight; int32 sums per group, both groups' scales, the bias "
+                "weight's codes packed once (half a byte per weight on AVX512-VNNI, 1 on AVX2; int32 sums per group, "
+                "both groups' scales, the bias "
                 "and an SVDQuant branch's up product in the epilogue); on AVX2 for groups of >= 32 inputs"))
 KERNELS.add("cpu-twinlog-groups", Kernel(
     _twinlog_groups_applies, _twinlog_groups_prepack, _twinlog_groups_run, priority=16,

@@ -88,11 +88,12 @@ _SIGNATURES = {
                                      ctypes.c_float, ctypes.c_float, _PTR, _PTR, _PTR, _I32], None),
     "compressdit_group_gemm_ready": ([], ctypes.c_int),
     "compressdit_hadamard_group_gemm": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32,
-                                         ctypes.c_float, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], ctypes.c_int),
+                                         ctypes.c_float, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I32],
+                                        ctypes.c_int),
     "compressdit_int4_dot_ready": ([], ctypes.c_int),
     "compressdit_int4_dot": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I32], ctypes.c_int),
     "compressdit_group_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
-                                _I64, _I32, _PTR, _I32], ctypes.c_int),
+                                _I64, _I32, _PTR, _PTR, _I32], ctypes.c_int),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -654,7 +655,7 @@ def grid_codes(x: torch.Tensor, smooth: torch.Tensor | None, inv: torch.Tensor |
 def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor,
                w_scale: torch.Tensor, bias: torch.Tensor | None, out_features: int, hidden: torch.Tensor | None = None,
                up: torch.Tensor | None = None, flush: int = 1, planes: int = 1,
-               row_group: int | None = None) -> torch.Tensor | None:
+               row_group: int | None = None, table: torch.Tensor | None = None) -> torch.Tensor | None:
     """``out[i, n] = sum_g (sum_{k in g} codes[i, k] * w[n, k]) * scales[i, g] * w_scale[g, n] + bias[n]`` (fp32
     ``[rows, out_features]``, the inner sums exact in int32) from :func:`grid_codes`' codes and scales and a weight
     packed by ``cpu_kernels.pack_weight`` (``packed``, ``corr``, ``w_scale``: see csrc/group_gemm.c), plus ``hidden @
@@ -664,7 +665,8 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     ``planes=2``: 16-bit weights as two byte planes (``cpu_kernels.pack_planes``; the AVX512-VNNI path only).
     ``row_group``: the weight's groups of inputs where ``scales`` holds one scale a row (``[rows, 1]``: int8
     activations per token), applied after the groups as :func:`dequantize_groups` does (``(sum_g acc_g * w_scale[g])
-    * scales[i] + bias``, its numbers). Rows (or column blocks) over torch's threads from
+    * scales[i] + bias``, its numbers). ``table``: the weight is 4-bit indices, two a byte, whose codes are
+    ``table[index]`` (int8 ``[16]``; ``cpu_kernels.pack_weight(..., nibbles=True)``; the AVX512-VNNI path only). Rows (or column blocks) over torch's threads from
     ``GROUP_GEMM_TEAM_MIN_WORK`` multiply-adds. ``None`` without the library."""
     lib = native_library()
     if lib is None:
@@ -676,8 +678,10 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     rank = 0 if hidden is None else hidden.shape[1]
     if lib.compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(), corr.data_ptr(),
                                   w_scale.data_ptr(), _ptr(hidden), rank, _ptr(up), _ptr(bias), rows, out_features,
-                                  cols, group, flush, planes, row_group is not None, out.data_ptr(), threads):
-        raise RuntimeError(f"group_gemm: no path on this CPU for {planes} weight plane(s) (see group_gemm_isa)")
+                                  cols, group, flush, planes, row_group is not None, _ptr(table), out.data_ptr(),
+                                  threads):
+        raise RuntimeError(f"group_gemm: no path on this CPU for {planes} weight plane(s)"
+                           f"{' of nibbles' if table is not None else ''} (see group_gemm_isa)")
     return out
 
 
@@ -859,7 +863,7 @@ def hadamard_group_gemm(x: torch.Tensor, smooth: torch.Tensor | None, signs: tor
     threads = torch.get_num_threads() if rows * cols * out_features > TEAM_MIN_WORK else 1
     if lib.compressdit_hadamard_group_gemm(x.data_ptr(), _ptr(smooth), signs.data_ptr(), rows, cols, grid[0], repeat,
                                            *grid[1:], mult, packed.data_ptr(), corr.data_ptr(), w_scale.data_ptr(),
-                                           _ptr(bias), out_features, planes, out.data_ptr(), threads):
+                                           _ptr(bias), out_features, planes, None, out.data_ptr(), threads):
         raise RuntimeError(f"hadamard_group_gemm: no path on this CPU for {planes} weight plane(s), or out of memory")
     return out
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressdit.quant import cpu_kernels
+from compressdit.quant import cpu_kernels, cpu_native
 from compressdit.quant.activations import Grid, activation_grid, quantize_input
 from compressdit.quant.cpu_kernels import (AVX2_MIN_GROUP, PLANE_MAX, grid_multiplier, integer_groups_apply,
-                                           integer_multiplier, pack_planes, pack_weight, twinlog_groups_apply)
+                                           integer_multiplier, nibble_table, pack_planes, pack_weight,
+                                           twinlog_groups_apply)
 from compressdit.quant.cpu_native import grid_codes, group_gemm, group_gemm_isa, native_library
 from compressdit.quant.formats import FORMATS
 from compressdit.quant.kernel_registry import kernel_summary, set_kernel
@@ -154,6 +155,47 @@ def test_the_integer_gemm_is_the_sum_of_its_groups(rows, group, threads):
                             weight.double().view(out_features, -1, group))
     truth = (products * a_scale.double()[:, None] * w_scale.double()[None]).sum(-1) + bias.double()
     torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-4)  # fp32 sums of the groups' products
+
+
+@_gemm_cases
+@pytest.mark.parametrize("row_scales", [False, True])
+def test_nibble_weights_are_the_byte_weights_bit_for_bit(rows, group, threads, row_scales, monkeypatch):
+    """4-bit indices two a byte through a 16-entry table (half the bytes): the same outputs as the byte codes, on
+    channels that fill no whole block of 32 (72) and on E2M1-like tables of uneven values."""
+    gen = torch.Generator().manual_seed(rows + group)
+    out_features, in_features = 72, 128
+    values = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, -1, -2, -3, -4, -6, -8, -12], dtype=torch.int8)
+    weight = values[torch.randint(0, 15, (out_features, in_features), generator=gen)]
+    w_scale = torch.rand(out_features, in_features // group, generator=gen) + 0.01
+    codes, a_scale = _activation_codes(gen, rows, in_features, in_features if row_scales else group)
+    bias = torch.randn(out_features, generator=gen)
+    nibbles = pack_weight(weight, w_scale, group, 8.0, nibbles=True)
+    assert nibbles["packed"].dtype == torch.uint8 and nibbles["packed"].numel() == 96 * in_features // 2
+    assert torch.equal(nibbles["table"][:15], values.sort().values)
+    if _gemm_path() != "avx512-vnni":  # the AVX2 path has no nibbles: refused, never garbage
+        if _gemm_path() is not None:
+            with pytest.raises(RuntimeError, match="nibbles"):
+                group_gemm(codes, a_scale, nibbles["packed"], nibbles["corr"], nibbles["w_scale"], bias, out_features,
+                           table=nibbles["table"])
+        return
+    byte = pack_weight(weight, w_scale, group, 8.0)
+    monkeypatch.setattr(cpu_native, "GROUP_GEMM_TEAM_MIN_WORK", 0)  # threads even on this small GEMM
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one_scale = {"row_group": group} if row_scales else {}
+        outs = [group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features,
+                           table=b["table"], **one_scale) for b in (byte, nibbles)]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(*outs)
+
+
+def test_nibble_table_refuses_more_than_sixteen_codes():
+    table, index = nibble_table(torch.tensor([[5, -3], [5, 7]], dtype=torch.int8))
+    assert table.tolist() == [-3, 5, 7] + [0] * 13 and index.tolist() == [[1, 0], [1, 2]]
+    with pytest.raises(ValueError, match="17 distinct"):
+        nibble_table(torch.arange(-8, 9, dtype=torch.int8).view(1, -1))
 
 
 @pytest.mark.usefixtures("integer_gemm")

@@ -255,8 +255,27 @@ static inline __attribute__((always_inline)) void grid_group_scales(const float 
             const float a = bits_float(amax[b]);
             s[b] = (a > 1e-8f || a != a ? a : 1e-8f) / top;
         }
-    } else {
-        for (int64_t b = 0; b < n; ++b) s[b] = grid_scale(bits_float(amax[b]), rule, top, t);
+    } else if (rule == 2) { /* grid_scale's NVFP4 rule inlined by hand, as rule 0: a vector loop */
+        const float tt = top * t;
+        for (int64_t b = 0; b < n; ++b) {
+            const float d = bits_float(amax[b]) / tt;
+            float e = round_grid(d > 448.0f ? 448.0f : d, 3, -6);
+            e = e > 448.0f ? 448.0f : e;
+            s[b] = (e > 0.0f ? e : 1.0f) * t;
+        }
+    } else { /* MX: the vector loop for normal ratios (their exponent from the bits), grid_scale for the rest */
+        int odd = 0;
+        for (int64_t b = 0; b < n; ++b) {
+            const uint32_t u = float_bits(bits_float(amax[b]) / top), biased = u >> 23;
+            odd |= biased - 1u >= 254u; /* 0 (zero, subnormal) or 255 (inf, NaN): amax is non-negative */
+            int32_t e = (int32_t)biased - 127 + ((u & 0x7fffffu) != 0);
+            e = e > 127 ? 127 : e; /* >= -126 for a normal ratio */
+            s[b] = bits_float((uint32_t)(e + 127) << 23);
+        }
+        if (odd)
+            for (int64_t b = 0; b < n; ++b)
+                if ((float_bits(bits_float(amax[b]) / top) >> 23) - 1u >= 254u)
+                    s[b] = grid_scale(bits_float(amax[b]), rule, top, t);
     }
     for (int64_t b = 0; b < n; ++b) inv[b] = 1.0f / s[b];
 }

@@ -154,8 +154,10 @@ static __attribute__((target("avx2,fma"))) void block_avx2(
 static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, int64_t group,
                       const int8_t *w0, const int8_t *w1, const int32_t *corr, const float *w_scale, int64_t cols_p,
                       const float *h, int64_t rank, const float *up, const float *bias, float *out, int64_t cols,
-                      int64_t c0, const int rows, const int planes, const int row_scales) {
+                      int64_t c0, const int rows, const int planes, const int row_scales, const __m512i lut,
+                      const int nibbles) {
     __m512 sum[6][2];
+    const __m512i low = _mm512_set1_epi8(0x0f);
     for (int r = 0; r < rows; ++r) sum[r][0] = sum[r][1] = _mm512_setzero_ps();
     const int64_t quads = group / 4;
     for (int64_t g = 0; g < groups; ++g) {
@@ -178,7 +180,15 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
             }
             const int8_t *v0 = w0 + (row + plane) * quads * 64, *v1 = w1 + (row + plane) * quads * 64;
             for (int64_t q = 0; q < quads; ++q) {
-                const __m512i b0 = _mm512_loadu_si512(v0 + q * 64), b1 = _mm512_loadu_si512(v1 + q * 64);
+                __m512i b0, b1;
+                if (nibbles) { /* one load of both blocks' 4-bit indices, each looked up in the 16-byte table */
+                    const __m512i n = _mm512_loadu_si512(v0 + q * 64);
+                    b0 = _mm512_shuffle_epi8(lut, _mm512_and_si512(n, low));
+                    b1 = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(n, 4), low));
+                } else {
+                    b0 = _mm512_loadu_si512(v0 + q * 64);
+                    b1 = _mm512_loadu_si512(v1 + q * 64);
+                }
                 for (int r = 0; r < rows; ++r) {
                     int32_t four;
                     memcpy(&four, a + r * k + 4 * (g * quads + q), sizeof four);
@@ -227,23 +237,27 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
     }
 }
 
-/* rows [r0, r1) x channel pairs [p0, p1) (32 channels each): each pair's weights (k x 32 bytes a plane) stay in cache
- * while the rows stream past them in tiles of TILE_ROWS */
+/* rows [r0, r1) x channel pairs [p0, p1) (32 channels each): each pair's weights (k x 32 bytes a plane, k x 16 as
+ * nibbles) stay in cache while the rows stream past them in tiles of TILE_ROWS */
 static VNNI void rows_vnni(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
-                           float *out, const int planes, const int row_scales) {
+                           float *out, const int planes, const int row_scales, const int8_t *table,
+                           const int nibbles) {
     const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = planes * (k / 4) * 64;
     const int64_t stride = row_scales ? 1 : groups; /* a_scale's entries a row */
+    const __m512i lut = nibbles ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)table))
+                                : _mm512_setzero_si512();
     for (int64_t p = p0; p < p1; ++p) {
-        const int8_t *w0 = w + 2 * p * panel, *w1 = w0 + panel;
+        const int8_t *w0 = w + (nibbles ? 1 : 2) * p * panel, *w1 = w0 + panel;
         int64_t r = r0;
         for (; r + TILE_ROWS <= r1; r += TILE_ROWS)
             tile(a + r * k, k, a_scale + r * stride, groups, group, w0, w1, corr, w_scale, cols_p, h + r * rank, rank,
-                 up, bias, out + r * cols, cols, 32 * p, TILE_ROWS, planes, row_scales);
+                 up, bias, out + r * cols, cols, 32 * p, TILE_ROWS, planes, row_scales, lut, nibbles);
         switch (r1 - r) {
 #define LAST(n) case n: tile(a + r * k, k, a_scale + r * stride, groups, group, w0, w1, corr, w_scale, cols_p, \
-                             h + r * rank, rank, up, bias, out + r * cols, cols, 32 * p, n, planes, row_scales); break;
+                             h + r * rank, rank, up, bias, out + r * cols, cols, 32 * p, n, planes, row_scales, lut, \
+                             nibbles); break;
             LAST(1) LAST(2) LAST(3) LAST(4) LAST(5)
 #undef LAST
         default: break;
@@ -251,17 +265,22 @@ static VNNI void rows_vnni(const uint8_t *a, const float *a_scale, const int8_t 
     }
 }
 
-/* rows_vnni compiled for each number of weight planes and scale layout (constants in the tiles' loops) */
+/* rows_vnni compiled for each weight layout (byte codes, two byte planes, nibbles through `table`) and scale
+ * layout (constants in the tiles' loops) */
 static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
-    int64_t cols, int64_t k, int64_t group, float *out, int planes, int row_scales) {
+    int64_t cols, int64_t k, int64_t group, float *out, int planes, int row_scales, const int8_t *table) {
+#define ROWS(planes, row_scales, nibbles) \
+    rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, planes, \
+              row_scales, table, nibbles)
     if (planes == 2)
-        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 2, 0);
-    else if (row_scales)
-        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 1, 1);
+        ROWS(2, 0, 0);
+    else if (table)
+        row_scales ? ROWS(1, 1, 1) : ROWS(1, 0, 1);
     else
-        rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, 1, 0);
+        row_scales ? ROWS(1, 1, 0) : ROWS(1, 0, 0);
+#undef ROWS
 }
 #endif
 
@@ -290,15 +309,16 @@ int compressdit_group_gemm_ready(void) {
 static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                   const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias, int64_t r0,
                   int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group, int64_t flush,
-                  int planes, int row_scales, float *out) {
+                  int planes, int row_scales, const int8_t *table, float *out) {
 #ifdef GROUP_GEMM_512
     if (isa == 2) {
         block_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, planes,
-                   row_scales);
+                   row_scales, table);
         return;
     }
 #endif
-    (void)planes; /* 1 here: the entry refuses 2 weight planes without VNNI */
+    (void)planes; /* 1 here: the entry refuses 2 weight planes and nibbles without VNNI */
+    (void)table;
     (void)isa;
     block_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, row_scales,
                out);
@@ -309,20 +329,24 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
  * [cols]), plus h @ up where rank > 0 (SVDQuant's branch: h fp32 [rows, rank], up fp32 [rank, cols_p]); `flush`:
  * the AVX2 path's quads of inputs summed in 16 bits (see tile16; >= 1); `planes`: 1 (byte weights) or 2 (16-bit
  * weights, AVX512-VNNI only); `row_scales`: a_scale [rows], one a row, applied after the groups (see the top of
- * this file; byte weights only), else [rows, groups]. Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where
+ * this file; byte weights only), else [rows, groups]; `table`: NULL, or the weights are 4-bit indices two a byte
+ * (AVX512-VNNI, one plane: w [cols_p / 32, k / 4, 64], each byte's low nibble the first block of 16 channels' index
+ * and its high nibble the second's) whose codes are table[index] (16 signed bytes: vpshufb's lookup). Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where
  * there are enough, else the channel pairs: every output computed alone, the same numbers on any number of threads.
  * Returns 1 where not compressdit_group_gemm_ready or, for 2 planes, not its AVX512-VNNI path. */
 int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t rows, int64_t cols, int64_t k, int64_t group, int64_t flush, int64_t planes,
-                           int32_t row_scales, float *out, int32_t threads) {
+                           int32_t row_scales, const int8_t *table, float *out, int32_t threads) {
 #ifdef GROUP_GEMM
     const int isa = compressdit_group_gemm_ready();
-    if (!isa || planes < 1 || planes > 2 || (planes == 2 && (isa != 2 || row_scales))) return 1;
+    if (!isa || planes < 1 || planes > 2 || (planes == 2 && (isa != 2 || row_scales)) ||
+        (table && (isa != 2 || planes != 1)))
+        return 1;
     const int64_t pairs = (cols + 31) / 32;
     if (threads <= 1 || rows * pairs < 2) {
         block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, flush,
-              (int)planes, row_scales, out);
+              (int)planes, row_scales, table, out);
         return 0;
     }
     const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
@@ -333,19 +357,19 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
             const int64_t r0 = t * per * TILE_ROWS, r1 = (t + 1) * per * TILE_ROWS;
             if (r0 < rows)
                 block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1 < rows ? r1 : rows, 0, pairs, cols,
-                      k, group, flush, (int)planes, row_scales, out);
+                      k, group, flush, (int)planes, row_scales, table, out);
         }
     } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t p = 0; p < pairs; ++p)
             block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, p, p + 1, cols, k, group, flush,
-                  (int)planes, row_scales, out);
+                  (int)planes, row_scales, table, out);
     }
     return 0;
 #else
     (void)a; (void)a_scale; (void)w; (void)corr; (void)w_scale; (void)h; (void)rank; (void)up; (void)bias;
-    (void)rows; (void)cols; (void)k; (void)group; (void)flush; (void)planes; (void)row_scales; (void)out;
-    (void)threads;
+    (void)rows; (void)cols; (void)k; (void)group; (void)flush; (void)planes; (void)row_scales; (void)table;
+    (void)out; (void)threads;
     return 1;
 #endif
 }
@@ -361,7 +385,8 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
 static int rotated_block(int isa, const float *x, const float *smooth, const int8_t *signs, int64_t r0, int64_t r1,
                          int64_t k, int64_t group, int64_t repeat, int32_t rule, float top, int32_t mantissa,
                          int32_t min_exp, float mult, const int8_t *w, const int32_t *corr, const float *w_scale,
-                         const float *bias, int64_t cols, int64_t planes, float *out, int32_t threads) {
+                         const float *bias, int64_t cols, int64_t planes, const int8_t *table, float *out,
+                         int32_t threads) {
     const int64_t n = r1 - r0, narrow = group / repeat, pairs = (cols + 31) / 32;
     float *work = (float *)malloc(sizeof(float) * (size_t)(n * k));
     uint8_t *codes = (uint8_t *)malloc((size_t)(n * k));
@@ -372,12 +397,12 @@ static int rotated_block(int isa, const float *x, const float *smooth, const int
                                   work, codes, scales, 1);
         if (threads <= 1 || pairs < 2) {
             block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, 0, pairs, cols, k, narrow, 1,
-                  (int)planes, 0, out + r0 * cols);
+                  (int)planes, 0, table, out + r0 * cols);
         } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
             for (int64_t p = 0; p < pairs; ++p)
                 block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, p, p + 1, cols, k, narrow, 1,
-                      (int)planes, 0, out + r0 * cols);
+                      (int)planes, 0, table, out + r0 * cols);
         }
     }
     free(work);
@@ -389,22 +414,23 @@ static int rotated_block(int isa, const float *x, const float *smooth, const int
 
 /* compressdit_hadamard_rows' codes of x [rows, k] (balancing by smooth, may be NULL; the +-1 signs; the grid's
  * groups of `group` inputs, rules 0 / 1, each scale `repeat` times for the GEMM's narrower groups of group / repeat)
- * times the weight packed for compressdit_group_gemm (`planes` 1 or 2), plus bias: out [rows, cols] fp32, the same
+ * times the weight packed for compressdit_group_gemm (`planes` 1 or 2; `table`: its nibbles' codes, or NULL), plus bias: out [rows, cols] fp32, the same
  * numbers as the two calls. Each of `threads` OpenMP threads codes and multiplies its own block of whole tiles of rows
  * (the codes stay in its cache; one parallel region); with too few rows for that, the rows are coded once and the
  * channel pairs split. Returns 1 where compressdit_group_gemm would, or out of memory. */
 int compressdit_hadamard_group_gemm(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t k,
                                     int64_t group, int64_t repeat, int32_t rule, float top, int32_t mantissa,
                                     int32_t min_exp, float mult, const int8_t *w, const int32_t *corr,
-                                    const float *w_scale, const float *bias, int64_t cols, int64_t planes, float *out,
-                                    int32_t threads) {
+                                    const float *w_scale, const float *bias, int64_t cols, int64_t planes,
+                                    const int8_t *table, float *out, int32_t threads) {
 #ifdef GROUP_GEMM
     const int isa = compressdit_group_gemm_ready();
-    if (!isa || planes < 1 || planes > 2 || (planes == 2 && isa != 2)) return 1;
+    if (!isa || planes < 1 || planes > 2 || (planes == 2 && isa != 2) || (table && (isa != 2 || planes != 1)))
+        return 1;
     const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
     if (threads <= 1 || tiles < 2 * (int64_t)threads)
         return rotated_block(isa, x, smooth, signs, 0, rows, k, group, repeat, rule, top, mantissa, min_exp, mult, w,
-                             corr, w_scale, bias, cols, planes, out, threads);
+                             corr, w_scale, bias, cols, planes, table, out, threads);
     const int64_t per = (tiles + threads - 1) / threads;
     int failed = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
@@ -412,13 +438,13 @@ int compressdit_hadamard_group_gemm(const float *x, const float *smooth, const i
         const int64_t r0 = t * per * TILE_ROWS, r1 = (t + 1) * per * TILE_ROWS;
         if (r0 < rows)
             failed |= rotated_block(isa, x, smooth, signs, r0, r1 < rows ? r1 : rows, k, group, repeat, rule, top,
-                                    mantissa, min_exp, mult, w, corr, w_scale, bias, cols, planes, out, 1);
+                                    mantissa, min_exp, mult, w, corr, w_scale, bias, cols, planes, table, out, 1);
     }
     return failed;
 #else
     (void)x; (void)smooth; (void)signs; (void)rows; (void)k; (void)group; (void)repeat; (void)rule; (void)top;
     (void)mantissa; (void)min_exp; (void)mult; (void)w; (void)corr; (void)w_scale; (void)bias; (void)cols;
-    (void)planes; (void)out; (void)threads;
+    (void)planes; (void)table; (void)out; (void)threads;
     return 1;
 #endif
 }
