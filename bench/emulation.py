@@ -4,6 +4,12 @@
 (``cpu_dense._bf16_hardware`` follows torch's capability) and no AMX microkernels: an AVX2-only x86 CPU's code paths
 (not its speed: ratios within the run are what it gives). The environment must be set before torch starts, so the
 benchmark runs itself again in it (:func:`emulate`).
+
+Timings only: on the Zen 4 EPYC (AVX512-VNNI) oneDNN's int8 GEMMs capped at AVX2 give wrong sums (``torch._int_mm`` of
+2 x 256 by 256 x 96 int8 off by ~5e4, oneDNN's prepacked u8s8 linear too; ``ONEDNN_MAX_CPU_ISA=AVX2`` alone does it,
+``ATEN_CPU_CAPABILITY=avx2`` alone does not), so ``cpu-int8-gemm``'s outputs there are not its outputs on an AVX2 CPU
+(where the W8A8 tests pass, the int16 saturation corner included); compressdit's own C passes and GEMMs are exact
+under it (``tests/quant/test_quant_cpu_kernels.py`` passes in this environment).
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def main() -> None:
             result["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
             args.out.write_text(json.dumps(result, indent=2) + "\n")
     e2e = args.out.with_name(args.out.name.replace("peak_memory", "e2e_peers").replace(".json", ""))
-    if e2e.with_suffix(".json").exists():
+    if "peak_memory" in args.out.name and e2e.with_suffix(".json").exists():  # its peers table's peak column
         write_markdown(e2e)
     print(f"wrote {args.out}", flush=True)
 

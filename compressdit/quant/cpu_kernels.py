@@ -35,8 +35,8 @@
   both operands as integer codes (each grid value times a power of two: E2M1's halves x 2), one integer GEMM
   (``csrc/group_gemm.c``: AVX512-VNNI's ``vpdpbusd``, or AVX2's byte multiply-adds for groups of at least
   ``AVX2_MIN_GROUP``) with int32 sums per group and both groups' scales, the bias and SVDQuant's branch in its
-  epilogue, the weight's 4-bit codes packed two a byte on AVX512-VNNI (looked up in a 16-entry table of their
-  integer values in the tiles), one a byte on AVX2; the activation codes from one C pass, bit for bit the fake quantization's values once scaled, so the
+  epilogue, the weight's 4-bit codes packed two a byte (looked up in a 16-entry table of their integer values: in
+  the tiles on AVX512-VNNI, a block of 16 channels at a time into a buffer on AVX2); the activation codes from one C pass, bit for bit the fake quantization's values once scaled, so the
   outputs are the reference's up to fp32 summation order. Not on AMX CPUs (their bf16 microkernel kernels, measured
   there, stay). DiT-XL/2 shapes at one thread on a Zen 4 EPYC: 2.3-9.7x fp32 (``bench/results/layer_lowbit_cpu.md``).
 - ``cpu-twinlog-groups``: twin-log (LRQ) weights, whose per-row tables of real values no byte holds, in the same GEMM
@@ -728,11 +728,12 @@ def _gemm_groups(spec, in_features: int) -> tuple[int, int] | None:
 
 
 #: the narrowest GEMM group the AVX2 path takes: per group of 16 inputs and 16 outputs a row costs it ~20
-#: instructions of byte products and ~11 of epilogue (widen, convert, scale, add) against 32 fp32 FMAs, no gain left;
-#: measured as ratios to float on the zoo models (AVX2 code paths on a Zen 4 EPYC, 1 / 2 threads): g16 recipes
-#: (rtn-w4a4, nvfp4) 0.91-1.04 / 1.01-1.14 against 0.98-1.08 / 0.99-1.14 decoded, g32 / g64 (mxfp4, svdquant-w4a4)
-#: 0.84-1.10 / 0.93-1.19 against 0.98-1.29 / 1.08-1.36
-AVX2_MIN_GROUP = 32
+#: instructions of byte products and ~11 of epilogue (widen, convert, scale, add) against 32 fp32 FMAs. Measured with
+#: AVX2 code paths on a Zen 4 EPYC (one thread): DiT-XL/2 GEMMs at M >= 512 g16 1.3-1.7x fp32 (g64 2.1x), and
+#: per guided step of DiT-XL/2 (4 blocks, batch 1) `nvfp4` / `rtn-w4a4` 1.37x / 1.44x faster than fp32 on this path
+#: against 0.93x / 0.95x decoded (`cpu-decoded-fp32`); on the zoo models (K = 128) g16 even with decoded (0.91-1.06
+#: against 0.95-1.16 / 2 threads, noisy). Groups of 4 and 8 stay decoded.
+AVX2_MIN_GROUP = 16
 
 
 def integer_groups_apply(spec, shape: tuple[int, int]) -> bool:
@@ -767,7 +768,7 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: fl
     (blocks of 16 output channels, four inputs of a channel together), ``corr`` (``-offset`` times each channel's
     sum of codes per group: the activation codes' offset taken back) and ``w_scale`` ``[groups, out]``, the output
     channels padded to a multiple of 32 with zero codes; ``table`` None. ``nibbles`` (codes of at most 16 distinct
-    values, see :func:`nibble_table`; AVX512-VNNI): ``packed`` holds each code's index in ``table`` (int8 ``[16]``),
+    values, see :func:`nibble_table`): ``packed`` holds each code's index in ``table`` (int8 ``[16]``),
     two a byte (half a byte a weight): each pair of blocks' bytes, the first block's index in the low nibble."""
     out_features, in_features = codes.shape
     padded = -(-out_features // 32) * 32
@@ -815,7 +816,7 @@ def _groups_prepack(layer) -> dict:
     group, repeat = _gemm_groups(spec, layer.in_features)
     codes = (values[unpack_nibbles(nibbles).long()] * w_mult).round().to(torch.int8)
     smooth = smooth_divisor(layer)
-    weight = pack_weight(codes, scale / w_mult, group, top * mult, nibbles=group_gemm_isa() == "avx512-vnni")
+    weight = pack_weight(codes, scale / w_mult, group, top * mult, nibbles=True)
     down, up = getattr(layer, "low_rank_down", None), getattr(layer, "low_rank_up", None)
     up_t = None
     if up is not None:  # [r, out] padded as the weight's columns: added in the GEMM's blocks
@@ -981,9 +982,9 @@ KERNELS.add("cpu-int-groups", Kernel(
                 "(W4A4 g16 / g64, NVFP4, FP4 x FP6), on CPUs without AMX: "
                 "AVX512-VNNI's vpdpbusd (or AVX2's byte multiply-adds): "
                 "the activations' grid values as byte codes (one C pass, balancing fused), one integer GEMM on the "
-                "weight's codes packed once (half a byte per weight on AVX512-VNNI, 1 on AVX2; int32 sums per group, "
+                "weight's codes packed once (half a byte per weight; int32 sums per group, "
                 "both groups' scales, the bias "
-                "and an SVDQuant branch's up product in the epilogue); on AVX2 for groups of >= 32 inputs"))
+                "and an SVDQuant branch's up product in the epilogue); on AVX2 for groups of >= 16 inputs"))
 KERNELS.add("cpu-twinlog-groups", Kernel(
     _twinlog_groups_applies, _twinlog_groups_prepack, _twinlog_groups_run, priority=16,
     run_untransformed=_twinlog_groups_run_untransformed,

@@ -666,7 +666,7 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     ``row_group``: the weight's groups of inputs where ``scales`` holds one scale a row (``[rows, 1]``: int8
     activations per token), applied after the groups as :func:`dequantize_groups` does (``(sum_g acc_g * w_scale[g])
     * scales[i] + bias``, its numbers). ``table``: the weight is 4-bit indices, two a byte, whose codes are
-    ``table[index]`` (int8 ``[16]``; ``cpu_kernels.pack_weight(..., nibbles=True)``; the AVX512-VNNI path only). Rows (or column blocks) over torch's threads from
+    ``table[index]`` (int8 ``[16]``; ``cpu_kernels.pack_weight(..., nibbles=True)``; one weight plane). Rows (or column blocks) over torch's threads from
     ``GROUP_GEMM_TEAM_MIN_WORK`` multiply-adds. ``None`` without the library."""
     lib = native_library()
     if lib is None:

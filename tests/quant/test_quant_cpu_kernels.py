@@ -172,12 +172,8 @@ def test_nibble_weights_are_the_byte_weights_bit_for_bit(rows, group, threads, r
     nibbles = pack_weight(weight, w_scale, group, 8.0, nibbles=True)
     assert nibbles["packed"].dtype == torch.uint8 and nibbles["packed"].numel() == 96 * in_features // 2
     assert torch.equal(nibbles["table"][:15], values.sort().values)
-    if _gemm_path() != "avx512-vnni":  # the AVX2 path has no nibbles: refused, never garbage
-        if _gemm_path() is not None:
-            with pytest.raises(RuntimeError, match="nibbles"):
-                group_gemm(codes, a_scale, nibbles["packed"], nibbles["corr"], nibbles["w_scale"], bias, out_features,
-                           table=nibbles["table"])
-        return
+    if _gemm_path() is None:
+        pytest.skip("no integer GEMM path here")
     byte = pack_weight(weight, w_scale, group, 8.0)
     monkeypatch.setattr(cpu_native, "GROUP_GEMM_TEAM_MIN_WORK", 0)  # threads even on this small GEMM
     previous = torch.get_num_threads()

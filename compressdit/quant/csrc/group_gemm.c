@@ -27,6 +27,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_ID omp_get_thread_num()
+#else
+#define THREAD_ID 0
+#endif
 
 #if (defined(__AVX2__) || defined(__AVX512F__)) && defined(__GNUC__)
 #define GROUP_GEMM 1
@@ -115,20 +121,38 @@ static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64
     }
 }
 
-/* rows [r0, r1) x channel pairs [p0, p1) on AVX2: each block of 16 channels in turn, the rows in tiles of 2 */
+/* block b's byte codes (k / 4 quads of 64 bytes) from a pair's nibbles (the low ones for the pair's first block, the
+ * high ones for its second) looked up in the 16-byte table: into `codes`, the layout tile16 reads */
+static AVX2 void decode_block(const int8_t *pair, int64_t quads, int high, const int8_t *table, int8_t *codes) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)table));
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m128i shift = _mm_cvtsi32_si128(high ? 4 : 0);
+    for (int64_t q = 0; q < 2 * quads; ++q) {
+        const __m256i n = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(pair + q * 32)), shift);
+        _mm256_storeu_si256((__m256i *)(codes + q * 32), _mm256_shuffle_epi8(lut, _mm256_and_si256(n, low)));
+    }
+}
+
+/* rows [r0, r1) x channel pairs [p0, p1) on AVX2: each block of 16 channels in turn, the rows in tiles of 2; nibble
+ * weights (table not NULL) decoded a block at a time into `scratch` (k * 16 bytes), which the rows then read */
 static AVX2 void rows_avx2(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
-                           int64_t flush, const int row_scales, float *out) {
+                           int64_t flush, const int row_scales, const int8_t *table, int8_t *scratch, float *out) {
     const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = (k / 4) * 64;
     const int64_t stride = row_scales ? 1 : groups; /* a_scale's entries a row */
     for (int64_t b = 2 * p0; b < 2 * p1 && 16 * b < cols; ++b) {
+        const int8_t *wb = w + b * panel;
+        if (table) {
+            decode_block(w + (b / 2) * panel, k / 4, (int)(b % 2), table, scratch);
+            wb = scratch;
+        }
         int64_t r = r0;
         for (; r + AVX2_ROWS <= r1; r += AVX2_ROWS)
-            tile16(a + r * k, k, a_scale + r * stride, groups, group, w + b * panel, corr, w_scale, cols_p,
+            tile16(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, w_scale, cols_p,
                    h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, AVX2_ROWS, row_scales);
         if (r < r1)
-            tile16(a + r * k, k, a_scale + r * stride, groups, group, w + b * panel, corr, w_scale, cols_p,
+            tile16(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, w_scale, cols_p,
                    h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, 1, row_scales);
     }
 }
@@ -137,11 +161,14 @@ static AVX2 void rows_avx2(const uint8_t *a, const float *a_scale, const int8_t 
 static __attribute__((target("avx2,fma"))) void block_avx2(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
-    int64_t cols, int64_t k, int64_t group, int64_t flush, int row_scales, float *out) {
+    int64_t cols, int64_t k, int64_t group, int64_t flush, int row_scales, const int8_t *table, int8_t *scratch,
+    float *out) {
     if (row_scales)
-        rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 1, out);
+        rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 1, table,
+                  scratch, out);
     else
-        rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 0, out);
+        rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 0, table,
+                  scratch, out);
 }
 #endif
 
@@ -309,7 +336,7 @@ int compressdit_group_gemm_ready(void) {
 static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                   const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias, int64_t r0,
                   int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group, int64_t flush,
-                  int planes, int row_scales, const int8_t *table, float *out) {
+                  int planes, int row_scales, const int8_t *table, int8_t *scratch, float *out) {
 #ifdef GROUP_GEMM_512
     if (isa == 2) {
         block_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, planes,
@@ -317,11 +344,10 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
         return;
     }
 #endif
-    (void)planes; /* 1 here: the entry refuses 2 weight planes and nibbles without VNNI */
-    (void)table;
+    (void)planes; /* 1 here: the entry refuses 2 weight planes without VNNI */
     (void)isa;
     block_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, row_scales,
-               out);
+               table, scratch, out);
 }
 #endif
 
@@ -330,23 +356,28 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
  * the AVX2 path's quads of inputs summed in 16 bits (see tile16; >= 1); `planes`: 1 (byte weights) or 2 (16-bit
  * weights, AVX512-VNNI only); `row_scales`: a_scale [rows], one a row, applied after the groups (see the top of
  * this file; byte weights only), else [rows, groups]; `table`: NULL, or the weights are 4-bit indices two a byte
- * (AVX512-VNNI, one plane: w [cols_p / 32, k / 4, 64], each byte's low nibble the first block of 16 channels' index
- * and its high nibble the second's) whose codes are table[index] (16 signed bytes: vpshufb's lookup). Rows split over `threads` OpenMP threads in contiguous blocks of whole tiles where
- * there are enough, else the channel pairs: every output computed alone, the same numbers on any number of threads.
- * Returns 1 where not compressdit_group_gemm_ready or, for 2 planes, not its AVX512-VNNI path. */
+ * (one plane: w [cols_p / 32, k / 4, 64], each byte's low nibble the first block of 16 channels' index and its high
+ * nibble the second's) whose codes are table[index] (16 signed bytes: vpshufb's lookup; AVX512-VNNI in the tiles'
+ * registers, AVX2 a block at a time into a buffer of each thread's). Rows split over `threads` OpenMP threads in
+ * contiguous blocks of whole tiles where there are enough, else the channel pairs: every output computed alone, the
+ * same numbers on any number of threads. Returns 1 where not compressdit_group_gemm_ready, for 2 planes not its
+ * AVX512-VNNI path, or out of memory (AVX2's buffers). */
 int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t rows, int64_t cols, int64_t k, int64_t group, int64_t flush, int64_t planes,
                            int32_t row_scales, const int8_t *table, float *out, int32_t threads) {
 #ifdef GROUP_GEMM
     const int isa = compressdit_group_gemm_ready();
-    if (!isa || planes < 1 || planes > 2 || (planes == 2 && (isa != 2 || row_scales)) ||
-        (table && (isa != 2 || planes != 1)))
+    if (!isa || planes < 1 || planes > 2 || (planes == 2 && (isa != 2 || row_scales)) || (table && planes != 1))
         return 1;
-    const int64_t pairs = (cols + 31) / 32;
+    const int64_t pairs = (cols + 31) / 32, per_thread = k * 16; /* AVX2's decoded block of nibbles */
+    int8_t *scratch = NULL;
+    if (table && isa == 1 && !(scratch = (int8_t *)malloc((size_t)(per_thread * (threads > 1 ? threads : 1)))))
+        return 1;
     if (threads <= 1 || rows * pairs < 2) {
         block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, flush,
-              (int)planes, row_scales, table, out);
+              (int)planes, row_scales, table, scratch, out);
+        free(scratch);
         return 0;
     }
     const int64_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
@@ -357,14 +388,16 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
             const int64_t r0 = t * per * TILE_ROWS, r1 = (t + 1) * per * TILE_ROWS;
             if (r0 < rows)
                 block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1 < rows ? r1 : rows, 0, pairs, cols,
-                      k, group, flush, (int)planes, row_scales, table, out);
+                      k, group, flush, (int)planes, row_scales, table, scratch ? scratch + t * per_thread : NULL,
+                      out);
         }
     } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t p = 0; p < pairs; ++p)
             block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, p, p + 1, cols, k, group, flush,
-                  (int)planes, row_scales, table, out);
+                  (int)planes, row_scales, table, scratch ? scratch + THREAD_ID * per_thread : NULL, out);
     }
+    free(scratch);
     return 0;
 #else
     (void)a; (void)a_scale; (void)w; (void)corr; (void)w_scale; (void)h; (void)rank; (void)up; (void)bias;
@@ -397,12 +430,12 @@ static int rotated_block(int isa, const float *x, const float *smooth, const int
                                   work, codes, scales, 1);
         if (threads <= 1 || pairs < 2) {
             block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, 0, pairs, cols, k, narrow, 1,
-                  (int)planes, 0, table, out + r0 * cols);
+                  (int)planes, 0, table, NULL, out + r0 * cols);
         } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
             for (int64_t p = 0; p < pairs; ++p)
                 block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, p, p + 1, cols, k, narrow, 1,
-                      (int)planes, 0, table, out + r0 * cols);
+                      (int)planes, 0, table, NULL, out + r0 * cols);
         }
     }
     free(work);
