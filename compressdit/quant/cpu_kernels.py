@@ -435,9 +435,10 @@ def _int8_group_gemm_prepack(layer) -> dict:
         microkernel = torch.stack([int8_pack(group_codes) for group_codes in _codes_per_group(codes, size)])
     elif size % 4 == 0 and vnni_int8_gemm():  # group_gemm's tiles, the groups' sums scaled in them
         gemm = pack_weight(codes, layer.weight_scale.float(), size, 128.0, nibbles=layer.spec.w_bits <= 4)
+    # on group_gemm the op reads only its group count from w_scale: the packed scales ([groups, out] padded), no copy
     return {"codes": None if gemm is not None else _codes_per_group(codes, size),
-            "w_scale": layer.weight_scale.float().t().contiguous(), "bias": prepacked_bias(layer),
-            "microkernel": microkernel, **_gemm_buffers(gemm)}
+            "w_scale": gemm["w_scale"] if gemm is not None else layer.weight_scale.float().t().contiguous(),
+            "bias": prepacked_bias(layer), "microkernel": microkernel, **_gemm_buffers(gemm)}
 
 
 def _codes_per_group(codes: torch.Tensor, size: int) -> torch.Tensor:
