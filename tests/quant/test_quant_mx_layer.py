@@ -225,3 +225,20 @@ def test_cuda_runs_the_same_dequantize_reference(fmt):
         out = layer.to("cuda")(x.cuda())
     assert layer.kernel_name == "reference"
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-39, "spread"])
+def test_nvfp4_round_trip_in_one_pass_is_the_codecs(scale):
+    """SVDQuant's refinement rounds the NVFP4 residual through ``BlockCodec.round_trip``: the C grid pass where the
+    library runs, bit for bit the codec's quantize + dequantize (subnormal and 60-decade weights, zero blocks)."""
+    from compressdit.quant.mx_layer import BLOCK_CODECS
+
+    codec = BLOCK_CODECS.get("nvfp4")
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 256, generator=gen)
+    w = w * (torch.logspace(-30, 30, 256) if scale == "spread" else scale)
+    w[5, :16] = 0.0
+    assert torch.equal(codec.round_trip(w), codec.dequantize(*codec.quantize(w)))
+    w[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        codec.round_trip(w)
