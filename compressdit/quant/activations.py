@@ -91,7 +91,8 @@ def _minifloat(element: Minifloat):
     return quantize
 
 
-def _element_grid(element: Minifloat, rule: int = 0) -> Grid:
+def element_grid(element: Minifloat, rule: int = 0) -> Grid:
+    """The :class:`Grid` of ``element``'s values under scale ``rule`` (NVFP4's weights round the same way: mx_layer)."""
     return Grid(rule, element.max_value, element.mantissa_bits, element.min_normal_exponent)
 
 
@@ -104,13 +105,13 @@ ACTIVATION_FORMATS.add("int", ActivationFormat(  # per token: cpu_dense.fake_qua
     _int, grid=lambda spec: Grid(0, int_range(spec.a_bits)[1], 30, 30) if spec.a_granularity == "per_group" else None))
 for _name, _element in MINIFLOATS.items():
     ACTIVATION_FORMATS.add(_name, ActivationFormat(_minifloat(_element), bits=_element.bits,
-                                                   grid=_row_grid(lambda spec, e=_element: _element_grid(e))))
+                                                   grid=_row_grid(lambda spec, e=_element: element_grid(e))))
 ACTIVATION_FORMATS.add("nvfp4", ActivationFormat(lambda x, spec, s: nvfp4_fake_quantize(x), 4, NVFP4_BLOCK,
-                                                 lambda spec: _element_grid(E2M1, rule=2)))
+                                                 lambda spec: element_grid(E2M1, rule=2)))
 ACTIVATION_FORMATS.add("mxfp4", ActivationFormat(lambda x, spec, s: mx_fake_quantize(x, E2M1), 4, MX_BLOCK,
-                                                 lambda spec: _element_grid(E2M1, rule=1)))
+                                                 lambda spec: element_grid(E2M1, rule=1)))
 ACTIVATION_FORMATS.add("mxfp8", ActivationFormat(lambda x, spec, s: mx_fake_quantize(x, E4M3), 8, MX_BLOCK,
-                                                 lambda spec: _element_grid(E4M3, rule=1)))
+                                                 lambda spec: element_grid(E4M3, rule=1)))
 
 
 def activation_grid(spec) -> Grid | None:

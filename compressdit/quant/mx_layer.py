@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressdit.quant.activations import Grid, quantize_input
+from compressdit.quant.activations import Grid, element_grid, quantize_input
 from compressdit.quant.cpu_native import fake_quantize_grid
 from compressdit.quant.kernel_registry import kernel_cache, run_cached, runs_low_rank
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
@@ -76,8 +76,7 @@ class BlockCodec:
 
 BLOCK_CODECS: Registry[BlockCodec] = Registry("block-scaled weight format")
 BLOCK_CODECS.add("nvfp4", BlockCodec(E2M1, NVFP4_BLOCK, torch.float8_e4m3fn, True, nvfp4_quantize,
-                                     nvfp4_dequantize, Grid(2, E2M1.max_value, E2M1.mantissa_bits,
-                                                            E2M1.min_normal_exponent)))
+                                     nvfp4_dequantize, element_grid(E2M1, rule=2)))
 BLOCK_CODECS.add("mxfp4", BlockCodec(E2M1, MX_BLOCK, torch.uint8, False, lambda w: (*mx_quantize(w, E2M1), None),
                                      lambda codes, scale, _: mx_dequantize(codes, scale, E2M1)))
 BLOCK_CODECS.add("mxfp8", BlockCodec(E4M3, MX_BLOCK, torch.uint8, False, lambda w: (*mx_quantize(w, E4M3), None),

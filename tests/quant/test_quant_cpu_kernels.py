@@ -172,9 +172,17 @@ def test_nibble_weights_are_the_byte_weights_bit_for_bit(rows, group, threads, r
     nibbles = pack_weight(weight, w_scale, group, 8.0, nibbles=True)
     assert nibbles["packed"].dtype == torch.uint8 and nibbles["packed"].numel() == 96 * in_features // 2
     assert torch.equal(nibbles["table"][:15], values.sort().values)
-    if _gemm_path() is None:
-        pytest.skip("no integer GEMM path here")
     byte = pack_weight(weight, w_scale, group, 8.0)
+    pairs = byte["packed"].view(-1, 2, in_features // 4, 64)  # each byte's nibbles: the pair's two blocks' codes
+    table = nibbles["table"]
+    assert torch.equal(table[(nibbles["packed"] & 15).long()], pairs[:, 0])
+    assert torch.equal(table[(nibbles["packed"] >> 4).long()], pairs[:, 1])
+    assert torch.equal(nibbles["corr"], byte["corr"]) and torch.equal(nibbles["w_scale"], byte["w_scale"])
+    if _gemm_path() is None:
+        with pytest.raises((RuntimeError, AttributeError)):  # no path (or no library): never garbage
+            group_gemm(codes, a_scale, nibbles["packed"], nibbles["corr"], nibbles["w_scale"], bias, out_features,
+                       table=table)
+        return
     monkeypatch.setattr(cpu_native, "GROUP_GEMM_TEAM_MIN_WORK", 0)  # threads even on this small GEMM
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

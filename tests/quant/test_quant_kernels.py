@@ -148,18 +148,22 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
 @pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=4, a_bits=8), LinearQuantSpec(w_bits=4, a_bits=8, group_size=64),
                                   LinearQuantSpec(w_bits=4, group_size=16, a_bits=4, a_granularity="per_group",
                                                   a_group_size=16)], ids=["w4a8", "w4a8-g64", "w4a4-g16"])
-def test_four_bit_weights_on_the_vnni_tiles_keep_half_a_byte_each(spec):
-    """On AVX512-VNNI (without AMX) 4-bit layers of any size run group_gemm on their codes packed as nibbles: the
-    prepacked copy is half a byte a weight (the 16-entry table, the groups' scales and corrections beside: 8 bytes a
-    group of a channel), no unpacked copy."""
-    if not vnni_int8_gemm():
-        pytest.skip("needs AVX512-VNNI without AMX (group_gemm's nibble weights)")
+def test_four_bit_weights_on_group_gemm_keep_half_a_byte_each(spec):
+    """Where 4-bit layers of any size run group_gemm (W4A8: AVX512-VNNI without AMX; W4A4: cpu-int-groups, VNNI or
+    AVX2), their codes are packed as nibbles: the prepacked copy is half a byte a weight (the 16-entry table, the
+    groups' scales and corrections beside: 8 bytes a group of a channel), no unpacked copy; elsewhere no table."""
+    from compressdit.quant.cpu_kernels import integer_groups_apply
+
+    on_group_gemm = vnni_int8_gemm() if spec.a_bits == 8 else integer_groups_apply(spec, (BIG, 256))
     _, layer = _layer(spec, out_features=BIG)
     with torch.no_grad():
         layer(torch.randn(3, 256))
     buffers = cache_of(layer).buffers
-    packed = buffers.get("gemm_packed", buffers.get("packed"))
     table = buffers.get("gemm_table", buffers.get("table"))
+    if not on_group_gemm:
+        assert table is None and layer.kernel_name != "cpu-int-groups"
+        return
+    packed = buffers.get("gemm_packed", buffers.get("packed"))
     assert packed.dtype == torch.uint8 and packed.numel() == -(-BIG // 32) * 32 * 256 // 2 and table.shape == (16,)
     assert buffers.get("codes") is None and buffers.get("codes_t") is None
     group = spec.group_size or 256  # a group's fp32 scale and int32 correction a channel
