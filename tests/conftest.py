@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton kernels (compressdit.quant.gpu_triton) run in Triton's interpreter on CPU tensors: read when a kernel is
+    # decorated, so set before anything imports triton (tests/quant/test_quant_gpu_triton.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("COMPRESSDIT_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "cd"))
 torch.set_num_threads(1)
 

@@ -2,12 +2,14 @@
 
 - :func:`quantize_rows`: symmetric dynamic per-row (per-token) quantization in one pass over each row:
   row absmax -> fp32 scale ``max(absmax, 1e-8) / qmax`` -> codes, int8 (round half to even, like
-  ``torch.round``) or float8 e4m3 (clamped to +-448). Same numbers as the PyTorch reference.
+  ``torch.round``) or float8 e4m3 (clamped to +-448, rounded to nearest even in fp32 before the cast). Same
+  numbers as the PyTorch reference.
 - :func:`int8_gemm_fused`: ``int8 [M, K] x int8 [N, K]^T`` with int32 accumulation and the epilogue
   ``acc * a_scale[m] * w_scale[n] + bias[n]`` fused, written straight in the output dtype: the int32
   matrix never goes to memory (with ``torch._int_mm`` it costs as much traffic as the GEMM's inputs).
 
-Tested against the PyTorch reference by the CUDA tests of tests/quant/test_quant_gpu_ops.py.
+Tested against the PyTorch reference in Triton's interpreter on CPU (tests/quant/test_quant_gpu_triton.py: every
+test run) and on a GPU by the CUDA tests of tests/quant/test_quant_gpu_ops.py.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, QMAX: 
             tl.store(q_ptr + row * stride_q + start + offs, v.to(tl.int8), mask=mask)
         else:
             v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            # rounded to the e4m3 grid here (nearest, ties to even), so that the conversion below is exact whatever
+            # rounding it does (Triton's interpreter truncates): the grid's step at |v| is 2**(e - 3), e = the
+            # exponent of v, at least -6 (subnormals); |v| * 2**(3 - e) < 16 is rounded with the trick above; the
+            # sign goes back on after (-0.0 stays -0.0, as torch's cast gives)
+            bits = v.to(tl.int32, bitcast=True)
+            e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+            up = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2**(3 - e)
+            down = ((124 + e) << 23).to(tl.float32, bitcast=True)  # 2**(e - 3)
+            v = ((tl.abs(v) * up + 12582912.0) - 12582912.0) * down
+            v = tl.where(bits < 0, -v, v)
             tl.store(q_ptr + row * stride_q + start + offs, v.to(tl.float8e4nv), mask=mask)
 
 
