@@ -253,6 +253,20 @@ class CompressditQuantizer(DiffusersQuantizer):
         """Remember the model, whose quantized layers' and keep-in-fp32 modules' tensors saving never casts."""
         self._model = weakref.ref(model)
 
+    def __getstate__(self) -> dict:
+        """Pickled (``torch.save(model)``, ``copy.deepcopy``) with the model itself in place of the weak reference
+        (which pickle refuses): the copy's quantizer then refers to the copied model, not to the original."""
+        state = dict(self.__dict__)
+        model = state.pop("_model", None)
+        state["_model_object"] = None if model is None else model()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        model = state.pop("_model_object", None)
+        self.__dict__.update(state)
+        if model is not None:
+            self._model = weakref.ref(model)
+
     def _saved_as_is(self) -> set[str] | None:
         model = self._model() if getattr(self, "_model", None) is not None else None
         if model is None:

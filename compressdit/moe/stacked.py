@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from compressdit.moe.routing import Dispatch, ExpertWeights, scatter_back
+from compressdit.quant.kernel_registry import version_of
 
 STACK_LIMIT_BYTES = 16 * 2**20  # routed up + down weights of one layer
 STACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -44,7 +45,7 @@ def _weights(experts: ExpertWeights) -> tuple[torch.Tensor, ...]:
 
 def weights_key(experts: ExpertWeights) -> tuple:
     """Storage address and version counter of every expert weight: changes when any is replaced or edited."""
-    return tuple((t.data_ptr(), t._version) for t in _weights(experts))
+    return tuple((t.data_ptr(), version_of(t)) for t in _weights(experts))
 
 
 def stackable(x: torch.Tensor, experts: ExpertWeights) -> bool:

@@ -31,6 +31,7 @@ that apply, the highest ``priority`` wins.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 import functools
@@ -148,6 +149,9 @@ class StateKey:
     state: tuple[tuple[int, ...], tuple[int, ...]]  # data_ptrs, versions
     #: ``fetch(layer)`` -> the objects under ``names`` now (one C-level ``itemgetter`` when all are parameters)
     fetch: Callable[[nn.Module], tuple]
+    #: the tensors with a version counter: all but inference tensors (a model built under ``torch.inference_mode``),
+    #: whose in-place writes go unseen; ``tensors`` itself where there are none
+    versioned: tuple[torch.Tensor, ...]
 
     @classmethod
     def of(cls, layer: nn.Module) -> "StateKey":
@@ -156,14 +160,16 @@ class StateKey:
         where = tuple(tuple(n for n in names if _home(homes, n) == i) for i in range(3))
         objects = _objects(layer, where)
         tensors = tuple(t for t in objects if isinstance(t, torch.Tensor))
+        versioned = tensors if not any(t.is_inference() for t in tensors) else tuple(
+            t for t in tensors if not t.is_inference())
         return cls(torch.get_num_threads(), (len(layer._parameters), len(layer._buffers)), where, objects, tensors,
-                   tuple(t.detach() for t in tensors), _tensor_state(tensors), _fetcher(where))
+                   tuple(t.detach() for t in tensors), _tensor_state(tensors, versioned), _fetcher(where), versioned)
 
     def holds_for(self, layer: nn.Module) -> bool:
         return (self.threads == torch.get_num_threads()
                 and self.sizes == (len(layer._parameters), len(layer._buffers))
                 and all(map(is_, self.fetch(layer), self.objects))
-                and self.state == _tensor_state(self.tensors))
+                and self.state == _tensor_state(self.tensors, self.versioned))
 
 
 def _fetcher(names: tuple[tuple[str, ...], ...]) -> Callable[[nn.Module], tuple]:
@@ -186,9 +192,16 @@ def _objects(layer: nn.Module, names: tuple[tuple[str, ...], ...]) -> tuple:
             *map(layer.__dict__.get, in_attributes))
 
 
-def _tensor_state(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def version_of(t: torch.Tensor) -> int:
+    """``t``'s version counter (in-place writes), 0 for an inference tensor (made under ``torch.inference_mode``:
+    it has none, so its in-place writes go unseen)."""
+    return 0 if t.is_inference() else t._version
+
+
+def _tensor_state(tensors: tuple[torch.Tensor, ...],
+                  versioned: tuple[torch.Tensor, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     with torch._C.DisableTorchFunctionSubclass():  # reads on Parameter subclasses cost 2x more without
-        return tuple(map(_DATA_PTR, tensors)), tuple(map(_VERSION, tensors))
+        return tuple(map(_DATA_PTR, tensors)), tuple(map(_VERSION, versioned))
 
 
 def prepacked_bias(layer: nn.Module) -> torch.Tensor | None:
@@ -217,7 +230,9 @@ def refresh(layer: nn.Module) -> KernelCache:
     """Select and prepack again when the layer's saved tensors changed since the last prepack (:class:`StateKey`)."""
     cache = cache_of(layer)
     if cache.key is None or not cache.key.holds_for(layer):
-        with torch.no_grad():  # the no_grad context only here: entering it costs ~10 us, per call of every layer
+        # the no_grad context only here: entering it costs ~10 us, per call of every layer; autocast off: a prepack's
+        # matmuls (folded rotations, decoded weights) would otherwise be rounded to its dtype for good
+        with torch.no_grad(), autocast_off(layer.weight.device.type):
             cache.clear()
             key = StateKey.of(layer)
             name = kernel_name_of(layer)
@@ -230,8 +245,8 @@ def refresh(layer: nn.Module) -> KernelCache:
 
 def kernel_cache(layer: nn.Module, x: torch.Tensor) -> KernelCache | None:
     """The layer's prepacked kernel for input ``x``, or ``None`` for the reference path (also when gradients
-    must flow to ``x``: the kernels have no backward, the reference has)."""
-    if x.requires_grad and torch.is_grad_enabled():
+    must flow to ``x``: the kernels have no backward, the reference has; and for an input of no rows)."""
+    if (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0:  # (no rows: the reference's empty output)
         return None
     cache = cache_of(layer) if torch.compiler.is_compiling() else refresh(layer)
     return None if cache.kernel is None else cache
@@ -241,11 +256,29 @@ def run_cached(layer: nn.Module, cache: KernelCache, x: torch.Tensor, untransfor
     """Run the cached kernel (``untransformed``: its variant that applies the layer's input transform itself).
     A layer accelerate offloads after this call (``device_map`` with cpu/disk) drops its prepacked copy too."""
     run = cache.kernel.run_untransformed if untransformed else cache.kernel.run
-    out = run(layer, x, cache.buffers)
+    out = without_autocast(run, x, layer, x, cache.buffers)
     # accelerate's hook is a plain attribute: read from __dict__ (a missing-attribute getattr on a module costs ~2 us)
     if not torch.compiler.is_compiling() and getattr(layer.__dict__.get("_hf_hook"), "offload", False):
         cache.clear()
     return out
+
+
+def without_autocast(run: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
+    """``run(*args)`` with autocast off on ``x``'s device where it is on: a kernel computes in the precision of its
+    format and returns ``x``'s dtype; under autocast, torch's matmuls inside it (SVDQuant's down-projection, fp32
+    GEMMs before a C epilogue) would come back in autocast's dtype, which C code then read as fp32 (NaN or wrong
+    outputs under ``torch.autocast("cpu", dtype=torch.bfloat16)``)."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return run(*args)
+    return run(*args)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast off on ``device_type`` where it is on (a no-op elsewhere, e.g. on ``meta``)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def runs_low_rank(cache: KernelCache) -> bool:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressdit.quant.kernel_registry import (cache_of, kernel_cache, kernel_name_of, run_cached, run_kernel,
-                                              runs_low_rank)
+                                              runs_low_rank, without_autocast)
 from compressdit.quant.activations import quantize_input
 from compressdit.quant.gpu_reference import pack_nibbles
 from compressdit.quant.low_rank import low_rank_split
@@ -161,7 +161,7 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
         run = None if cache is None else cache.kernel.run_activated
         if run is None or getattr(self, "low_rank_up", None) is not None:
             return None
-        return run(self, x, cache.buffers, activation)
+        return without_autocast(run, x, self, x, cache.buffers, activation)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ground truth every kernel is tested against (formats with an input transform override it)."""

@@ -37,8 +37,8 @@ def _ste(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
 # --- NVFP4 -------------------------------------------------------------------------------------------------
 
 def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
-    """fp32 scalar ``amax / (6 * 448)`` (1 for an all-zero tensor)."""
-    amax = x.detach().abs().amax().float()
+    """fp32 scalar ``amax / (6 * 448)`` (1 for an all-zero or empty tensor)."""
+    amax = x.detach().abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
     return torch.where(amax > 0, amax / (E2M1.max_value * E4M3.max_value), torch.ones_like(amax))
 
 

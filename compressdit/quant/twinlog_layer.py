@@ -36,7 +36,7 @@ from compressdit.quant.duquant import (DEFAULT_STEPS, OutlierRotation, OutlierRo
                                       fit_outlier_rotation, perm_dtype)
 from compressdit.quant.format_registry import LinearFormat
 from compressdit.quant.gpu_reference import pack_nibbles
-from compressdit.quant.kernel_registry import kernel_cache, run_cached
+from compressdit.quant.kernel_registry import kernel_cache, run_cached, version_of
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.primitives import pack_codes, packed_shape, unpack_codes
 from compressdit.quant.rotation import fwht, hadamard_block, random_signs, rotate
@@ -158,7 +158,7 @@ class TwinLogLinear(QuantizedLinear):
         states = self.rotation_states
         if torch.compiler.is_compiling():  # no cache to key on data pointers: the rebuild is traced
             return INPUT_ROTATIONS.get(self.spec.rotation).prepare(states)
-        key = tuple((t.data_ptr(), t._version, t.device) for t in states.values())
+        key = tuple((t.data_ptr(), version_of(t), t.device) for t in states.values())
         cached = self.__dict__.get("_prepared_rotation")
         if cached is None or cached[0] != key:
             cached = (key, INPUT_ROTATIONS.get(self.spec.rotation).prepare(states))

@@ -54,12 +54,15 @@ def check_vq_args(codes: torch.Tensor, codebook: torch.Tensor, in_features: int,
 
 
 def vq_decode_reference(codes: torch.Tensor, codebook: torch.Tensor, in_features: int, code_bits: int) -> torch.Tensor:
-    """PyTorch reference of :func:`vq_decode` (row chunks keep the unpacked bits small)."""
+    """PyTorch reference of :func:`vq_decode` (row chunks keep the unpacked bits small), written into one output (no
+    ``torch.cat``: under CPU autocast to bf16 it refuses fp16 codebooks' rows, and it held the weight twice)."""
     count = in_features // codebook.shape[1]
     rows_per_chunk = max(1, _DECODE_CHUNK_BITS // max(1, codes.shape[1] * 8))
-    parts = [codebook[unpack_code_bits(chunk, code_bits, count)].reshape(chunk.shape[0], in_features)
-             for chunk in codes.split(rows_per_chunk)]
-    return torch.cat(parts) if parts else codebook.new_empty(0, in_features)
+    out = codebook.new_empty(codes.shape[0], in_features)
+    for start in range(0, codes.shape[0], rows_per_chunk):
+        chunk = codes[start:start + rows_per_chunk]
+        out[start:start + chunk.shape[0]] = codebook[unpack_code_bits(chunk, code_bits, count)].reshape(-1, in_features)
+    return out
 
 
 def vq_linear_reference(x: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.Tensor],

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -83,3 +86,62 @@ def test_the_key_holds_the_prepacked_storage_so_its_address_cannot_come_back():
         layer.weight_scale.data = layer.weight_scale.data.clone()
     assert layer.weight_scale.data_ptr() != prepacked
     assert not cache_of(layer).key.holds_for(layer)
+
+
+def _recipe_spec(recipe: str) -> LinearQuantSpec:
+    """The spec a shipped recipe gives a transformer block's linears, with nearest rounding (no Hessian here)."""
+    from compressdit.recipe import load_recipe
+
+    stage = next(s for s in load_recipe(recipe).stages if s.name == "quantize")
+    spec = [rule.spec for rule in stage.config.options.rules if rule.spec is not None][-1]
+    return dataclasses.replace(spec, rounding="rtn")
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w8a8", "w8a8", "w4a16", "w4a8", "rtn-w4a4", "nvfp4", "mxfp4", "svdquant-w4a4",
+                                    "svdquant-nvfp4", "lrq-w4a4", "vq-w3", "fp8"])
+def test_kernels_and_their_prepacks_ignore_autocast(recipe):
+    """Under ``torch.autocast`` a layer's kernel computes as without it: torch's matmuls inside a kernel came back in
+    autocast's dtype, which its C code read as fp32 (SVDQuant's branch: NaN under bf16 autocast), and a prepack
+    built under autocast kept weights rounded to its dtype."""
+    from compressdit.quant.format_registry import FORMATS
+
+    spec = _recipe_spec(recipe)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96)
+    layer = FORMATS.get(spec.format).quantize(linear, spec, torch.rand(128) * 4 + 0.1)
+    x = torch.randn(2, 9, 128) * torch.linspace(0.2, 3, 128)
+    with torch.no_grad():
+        later = copy.deepcopy(layer)  # its prepack built under autocast
+        expected = {dtype: layer(x.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+        for dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
+                for x_dtype, out in expected.items():
+                    assert torch.equal(later(x.to(x_dtype)), out), (dtype, x_dtype)
+        assert torch.equal(later(x), expected[torch.float32])
+    assert cache_of(later).name == cache_of(layer).name
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w8a8", "w8a8", "w4a16", "w4a8", "rtn-w4a4", "nvfp4", "mxfp4", "svdquant-w4a4",
+                                    "svdquant-nvfp4", "lrq-w4a4", "vq-w3", "fp8"])
+def test_no_rows_and_nan_rows_as_the_reference(recipe):
+    """An input of no rows gives the empty output (w4a8 raised a misleading "library not loaded", NVFP4's tensor
+    scale an amax error); a NaN in a row gives NaN where the reference does (W8A8's row scale dropped it: finite
+    outputs from a NaN input) and the reference's numbers elsewhere."""
+    from compressdit.quant.format_registry import FORMATS
+    from compressdit.quant.kernel_registry import set_kernel
+
+    spec = _recipe_spec(recipe)
+    torch.manual_seed(0)
+    layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 96), spec, torch.rand(128) * 4 + 0.1)
+    reference = copy.deepcopy(layer)
+    set_kernel(reference, "reference")
+    x = torch.randn(2, 3, 128)
+    x[0, 1, 5] = float("nan")
+    with torch.no_grad():
+        for empty in (torch.randn(0, 128), torch.randn(2, 0, 128)):
+            out = layer(empty)
+            assert out.shape == (*empty.shape[:-1], 96) and out.dtype == empty.dtype
+        out, expected = layer(x), reference(x)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(expected)) and not torch.isfinite(expected).all()
+    finite = torch.isfinite(expected)
+    assert ((out[finite] - expected[finite]).norm() / expected[finite].norm()) < 0.02

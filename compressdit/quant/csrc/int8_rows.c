@@ -47,7 +47,7 @@ static void codes_row(const float *restrict x, int64_t n, float scale, int32_t o
 
 static float scale_of(uint32_t bits) {
     float m = bits_to_float(bits);
-    return (m > 1e-8f ? m : 1e-8f) / 127.0f; /* clamp_min(1e-8) keeps NaN, as this does */
+    return (m > 1e-8f || m != m ? m : 1e-8f) / 127.0f; /* clamp_min(1e-8) keeps NaN, as this does */
 }
 
 /* One row of x (divided by smooth first when inv is not NULL, into dst) -> max |row| as bits; *source set to the
