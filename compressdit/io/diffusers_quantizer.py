@@ -319,6 +319,37 @@ def register_with_diffusers() -> None:
     auto.AUTO_QUANTIZER_MAPPING[CompressditMethod.COMPRESSDIT.value] = CompressditQuantizer
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING[CompressditMethod.COMPRESSDIT.value] = CompressditConfig
     register_lora_support()
+    guard_projection_fusion()
+
+
+#: attention projections diffusers' ``fuse_projections`` concatenates
+FUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def guard_projection_fusion() -> None:
+    """Make diffusers' ``fuse_projections`` (what ``model.fuse_qkv_projections()`` calls on each attention) refuse
+    quantized projections with one clear line, before it changes anything (idempotent). Unguarded it built an
+    ``nn.Linear`` of the codes' integer dtype ("Only Tensors of floating point and complex dtype can require
+    gradients"); a no-op would not do: PixArt and SD3 then switch to fused attention processors, which read
+    ``to_qkv``. Quantized query, key and value projections already quantize their shared input once."""
+    from diffusers.models import attention, attention_processor
+
+    for cls in (attention_processor.Attention, attention.AttentionModuleMixin):
+        original = cls.__dict__.get("fuse_projections")
+        if original is None or getattr(original, "compressdit_guard", False):
+            continue
+
+        def fuse_projections(self, *args, _original=original, **kwargs):
+            quantized = [n for n in FUSED_PROJECTIONS if isinstance(getattr(self, n, None), QuantizedLinear)]
+            if quantized:
+                raise ValueError(f"fuse_qkv_projections: {type(self).__name__}.{quantized[0]} is quantized by "
+                                 "compressdit, whose projections are not fused (they quantize their shared input "
+                                 "once): leave them unfused")
+            return _original(self, *args, **kwargs)
+
+        fuse_projections.compressdit_guard = True
+        fuse_projections.__doc__ = original.__doc__
+        cls.fuse_projections = fuse_projections
 
 
 def attach_quantizer(model, specs: dict[str, LinearQuantSpec], structure: dict | None = None) -> CompressditConfig:

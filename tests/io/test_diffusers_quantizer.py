@@ -491,3 +491,21 @@ def test_dequantize_keeps_a_mixture_of_blocks_manifest(tmp_path):
     again = DiTTransformer2DModel.from_pretrained(tmp_path / "again")
     assert len(routed_stacks(again)["transformer_blocks"]) == 4
     torch.testing.assert_close(_predict(again), _predict(model), rtol=1e-5, atol=1e-5)
+
+
+def test_fusing_quantized_projections_is_refused_and_changes_nothing():
+    """``model.fuse_qkv_projections()`` (diffusers' speed-up) on a quantized model: one clear error before anything
+    changed, the model runs as before; a float model still fuses (the guard passes it through)."""
+    model = _quantize(tiny_pixart(caption_channels=TEXT_DIM), [LayerRule("role:embedder", None),
+                                                               LayerRule("role:head", None),
+                                                               LayerRule("re:.*", LinearQuantSpec(w_bits=8, a_bits=8))])
+    expected = _run(model, _pixart_inputs())
+    with pytest.raises(ValueError, match=r"fuse_qkv_projections: Attention\.to_q is quantized by compressdit"):
+        model.fuse_qkv_projections()
+    assert not any(hasattr(m, "to_qkv") or hasattr(m, "to_kv") for m in model.modules())
+    assert torch.equal(_run(model, _pixart_inputs()), expected)
+    plain = tiny_pixart(caption_channels=TEXT_DIM)
+    unfused = _run(plain, _pixart_inputs())
+    plain.fuse_qkv_projections()
+    assert hasattr(plain.transformer_blocks[0].attn1, "to_qkv")
+    torch.testing.assert_close(_run(plain, _pixart_inputs()), unfused, rtol=1e-4, atol=1e-5)
