@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressdit.quant.kernel_registry import (cache_of, kernel_cache, kernel_name_of, run_cached, run_kernel,
-                                              runs_low_rank, without_autocast)
+from compressdit.quant.kernel_registry import (cache_of, kernel_cache, kernel_name_of, kernel_with_reference_grad,
+                                              run_cached, run_kernel, runs_low_rank, without_autocast)
 from compressdit.quant.activations import quantize_input
 from compressdit.quant.gpu_reference import pack_nibbles
 from compressdit.quant.low_rank import low_rank_split
@@ -150,7 +150,9 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The registered kernel for this layer's format and device (VQ, minifloat weights), else the dequantize
         reference; formats with an input transform (balancing, rotation) override this."""
-        out = run_kernel(self, x)
+        out = kernel_with_reference_grad(self, x)
+        if out is None:
+            out = run_kernel(self, x)
         return self.reference_forward(x) if out is None else out
 
     def forward_activated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
@@ -364,6 +366,9 @@ class QuantLinear(QuantizedLinear):
                 None if self.weight_zero is None else self.weight_zero.float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = kernel_with_reference_grad(self, x)
+        if out is not None:
+            return out
         cache = kernel_cache(self, x)
         if cache is not None and cache.kernel.run_untransformed is not None and (self.low_rank_up is None
                                                                                 or runs_low_rank(cache)):

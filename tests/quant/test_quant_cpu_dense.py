@@ -110,8 +110,8 @@ def _decoded_layer(name: str, out_features: int = 48):
 @pytest.mark.parametrize("name", sorted(DECODED))
 def test_low_bit_layers_decode_once_and_match_the_reference(name):
     """``cpu-decoded-dense``: the reference's numbers (its own activation quantizer, the layer's low-rank branch
-    and balancing) without the per-call decode; an in-place change of the scales is picked up; big layers and
-    inputs that need gradients keep the reference."""
+    and balancing) without the per-call decode; an in-place change of the scales is picked up; inputs that need
+    gradients get its output too; big layers keep the reference."""
     layer = _decoded_layer(name)
     x = torch.randn(3, 9, 128) * torch.linspace(0.1, 5, 128)
     with torch.no_grad():
@@ -121,8 +121,11 @@ def test_low_bit_layers_decode_once_and_match_the_reference(name):
         scale = layer.weight_scale  # doubled in place, as load_state_dict writes (E8M0 exponents: one more)
         scale.copy_(scale + 1 if scale.dtype == torch.uint8 else (scale.float() * 2).to(scale.dtype))
         torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
-    x.requires_grad_(True)
-    assert torch.equal(layer(x), layer.reference_forward(x))
+    with torch.no_grad():
+        kernel_out = layer(x)
+    x.requires_grad_(True)  # the kernel's output, the reference's gradient (kernel_registry.kernel_with_reference_grad)
+    out = layer(x)
+    assert torch.equal(out, kernel_out) and out.requires_grad
     from compressdit.quant.cpu_dense import DENSE_MAX_WEIGHT, _bf16_hardware
 
     # big layers: a bf16 copy where bf16 GEMMs run, else 4-bit codes decoded per call (other widths: the reference)

@@ -145,3 +145,29 @@ def test_no_rows_and_nan_rows_as_the_reference(recipe):
     assert torch.equal(torch.isfinite(out), torch.isfinite(expected)) and not torch.isfinite(expected).all()
     finite = torch.isfinite(expected)
     assert ((out[finite] - expected[finite]).norm() / expected[finite].norm()) < 0.02
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w8a8", "w4a16", "w4a8", "nvfp4", "svdquant-w4a4", "lrq-w4a4", "vq-w3", "fp8"])
+def test_gradients_to_the_input_come_from_the_reference_while_the_kernel_runs_forward(recipe):
+    """Grad mode on and an input that requires grad (an adapter upstream): the kernel's output (not the dequantize
+    reference's: it ran every such call before), the reference's gradient to the input; where a tensor of the
+    layer itself trains, the reference forward, so that it gets its gradient."""
+    from compressdit.quant.format_registry import FORMATS
+    from compressdit.quant.kernel_registry import set_kernel
+
+    spec = _recipe_spec(recipe)
+    torch.manual_seed(0)
+    layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 96), spec, torch.rand(128) * 4 + 0.1)
+    reference = copy.deepcopy(layer)
+    set_kernel(reference, "reference")
+    x, grad = torch.randn(2, 5, 128), torch.randn(2, 5, 96)
+    with torch.no_grad():
+        kernel_out = layer(x)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = layer(ours)
+    assert torch.equal(out, kernel_out) and out.requires_grad
+    out.backward(grad)
+    reference(theirs).backward(grad)
+    assert torch.equal(ours.grad, theirs.grad)
+    layer.bias.requires_grad_(True)
+    assert torch.equal(layer(x.clone().requires_grad_()), reference(x))
