@@ -276,8 +276,9 @@ def kernel_with_reference_grad(layer: nn.Module, x: torch.Tensor) -> torch.Tenso
     parameters that require grad before the layer) and none of the layer's own tensors trains: the kernel's output,
     with the reference's gradient to ``x`` computed in backward (only if one runs). ``None`` otherwise (no gradient
     wanted: the caller's kernel path; a layer tensor that trains, or under ``torch.compile``: the reference, as
-    before). Without it every such call ran the dequantize reference: a step of a W4A8 zoo model 34% slower with
-    grad mode on."""
+    before). Without it every such call ran the dequantize reference: a dit-fmnist forward at batch 8 with its float
+    parameters trainable (one thread, no backward) took W4A8 39.2 ms, NVFP4 73.4, now 23.5 and 32.7 (no_grad: 13.8,
+    16.3)."""
     if not (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return None
     if any(p.requires_grad for p in layer.parameters(recurse=False)) or kernel_name_of(layer) == REFERENCE:
