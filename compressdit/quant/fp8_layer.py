@@ -65,7 +65,7 @@ class FP8Linear(QuantizedLinear):
         return ("bytes", codes.view(torch.uint8), values, self.weight_scale.float().reshape(-1).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = kernel_with_reference_grad(self, x)
+        out = kernel_with_reference_grad(self, x) if x.requires_grad and torch.is_grad_enabled() else None
         if out is None:
             out = run_kernel(self, x)  # cuda-fp8 on GPUs of compute capability 8.9+
         if out is not None:

@@ -150,7 +150,7 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The registered kernel for this layer's format and device (VQ, minifloat weights), else the dequantize
         reference; formats with an input transform (balancing, rotation) override this."""
-        out = kernel_with_reference_grad(self, x)
+        out = kernel_with_reference_grad(self, x) if x.requires_grad and torch.is_grad_enabled() else None
         if out is None:
             out = run_kernel(self, x)
         return self.reference_forward(x) if out is None else out
@@ -366,9 +366,10 @@ class QuantLinear(QuantizedLinear):
                 None if self.weight_zero is None else self.weight_zero.float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = kernel_with_reference_grad(self, x)
-        if out is not None:
-            return out
+        if x.requires_grad and torch.is_grad_enabled():  # (inline: a call less per layer in inference)
+            out = kernel_with_reference_grad(self, x)
+            if out is not None:
+                return out
         cache = kernel_cache(self, x)
         if cache is not None and cache.kernel.run_untransformed is not None and (self.low_rank_up is None
                                                                                 or runs_low_rank(cache)):

@@ -172,9 +172,10 @@ class BlockFPLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The registered kernel on the balanced input (``cpu-decoded-dense`` on CPU), plus the low-rank branch (in
         the kernel where it runs it: balancing, GEMM and branch in one op); the reference where none applies."""
-        out = kernel_with_reference_grad(self, x)
-        if out is not None:
-            return out
+        if x.requires_grad and torch.is_grad_enabled():  # (inline: a call less per layer in inference)
+            out = kernel_with_reference_grad(self, x)
+            if out is not None:
+                return out
         cache = kernel_cache(self, x)
         if cache is None:
             return self.reference_forward(x)

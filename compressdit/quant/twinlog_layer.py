@@ -205,9 +205,10 @@ class TwinLogLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The registered kernel on the transformed input where one applies (``cpu-twinlog-dense``), else the
         reference."""
-        out = kernel_with_reference_grad(self, x)
-        if out is not None:
-            return out
+        if x.requires_grad and torch.is_grad_enabled():  # (inline: a call less per layer in inference)
+            out = kernel_with_reference_grad(self, x)
+            if out is not None:
+                return out
         cache = kernel_cache(self, x)
         if cache is None:
             return self.reference_forward(x)

@@ -171,3 +171,21 @@ def test_gradients_to_the_input_come_from_the_reference_while_the_kernel_runs_fo
     assert torch.equal(ours.grad, theirs.grad)
     layer.bias.requires_grad_(True)
     assert torch.equal(layer(x.clone().requires_grad_()), reference(x))
+
+
+@pytest.mark.parametrize("recipe", ["svdquant-w4a4", "w4a16"])
+def test_compiled_layers_ignore_autocast_too(recipe):
+    """Under ``torch.compile(fullgraph=True)`` the autocast checks are traced (guards), and the kernel's call lands in
+    an autocast-free region: the eager output without autocast, bit for bit."""
+    from compressdit.quant.format_registry import FORMATS
+
+    spec = _recipe_spec(recipe)
+    torch.manual_seed(0)
+    layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 96), spec, torch.rand(128) * 4 + 0.1)
+    x = torch.randn(2, 9, 128)
+    with torch.no_grad():
+        expected = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(compiled(x), expected)
+        assert torch.equal(compiled(x), expected)
