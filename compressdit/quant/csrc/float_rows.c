@@ -342,7 +342,9 @@ static inline __attribute__((always_inline)) void grid_code_groups(const float *
         const float *r = x + b * group;
         uint8_t *c = codes + b * group;
         const float sb = s[b], ib = inv[b];
-        int nan = amax[b] > 0x7f800000u;
+        /* NaN in the group, or (MX) an inf: its scale 2^0 would clamp the inf to the grid's end, where the reference's
+         * element rounding gives NaN; NaN scales make the rows' outputs NaN, as the reference's matmul does */
+        int nan = amax[b] > 0x7f800000u || (rule == 1 && amax[b] == 0x7f800000u);
         if (!nan && divides_fast(sb)) { /* no NaN can arise: straight vector code, in float chunks then bytes */
             for (int64_t j0 = 0; j0 < group; j0 += CODE_CHUNK) {
                 const int64_t m = group - j0 < CODE_CHUNK ? group - j0 : CODE_CHUNK;
