@@ -15,7 +15,7 @@ from torch import nn
 from compressdit.errors import ConfigError
 from compressdit.quant.gpu_ops import fp8_linear
 from compressdit.quant.gpu_reference import fp8_linear_reference, quantize_fp8_weight
-from compressdit.quant.kernel_registry import kernel_with_reference_grad, run_kernel
+from compressdit.quant.kernel_registry import run_kernel
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.spec import LinearQuantSpec, reject_unused_fields
 
@@ -64,10 +64,8 @@ class FP8Linear(QuantizedLinear):
         codes = codes if codes.dtype == torch.float8_e4m3fn else codes.to(torch.float8_e4m3fn)
         return ("bytes", codes.view(torch.uint8), values, self.weight_scale.float().reshape(-1).contiguous())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = kernel_with_reference_grad(self, x) if x.requires_grad and torch.is_grad_enabled() else None
-        if out is None:
-            out = run_kernel(self, x)  # cuda-fp8 on GPUs of compute capability 8.9+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = run_kernel(self, x)  # cuda-fp8 on GPUs of compute capability 8.9+
         if out is not None:
             return out
         if x.requires_grad and torch.is_grad_enabled():  # the op has no backward: its PyTorch twin has

@@ -253,14 +253,14 @@ def kernel_cache(layer: nn.Module, x: torch.Tensor) -> KernelCache | None:
 
 
 class _KernelForwardReferenceBackward(torch.autograd.Function):
-    """The layer's kernel output forward (``forward`` runs with grad mode off); backward, the gradient the reference
-    gives its input, recomputed from the saved input."""
+    """The layer's ``kernel_forward`` output forward (``forward`` runs with grad mode off: its kernel path);
+    backward, the gradient the reference gives its input, recomputed from the saved input."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         ctx.layer = layer
         ctx.save_for_backward(x)
-        return layer.forward(x)
+        return layer.kernel_forward(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -272,16 +272,15 @@ class _KernelForwardReferenceBackward(torch.autograd.Function):
 
 
 def kernel_with_reference_grad(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """Where gradients must reach ``x`` (an adapter upstream trains, or a plain call with grad mode on and float
-    parameters that require grad before the layer) and none of the layer's own tensors trains: the kernel's output,
-    with the reference's gradient to ``x`` computed in backward (only if one runs). ``None`` otherwise (no gradient
-    wanted: the caller's kernel path; a layer tensor that trains, or under ``torch.compile``: the reference, as
-    before). Without it every such call ran the dequantize reference: a dit-fmnist forward at batch 8 with its float
-    parameters trainable (one thread, no backward) took W4A8 39.2 ms, NVFP4 73.4, now 23.5 and 32.7 (no_grad: 13.8,
-    16.3)."""
-    if not (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-        return None
-    if any(p.requires_grad for p in layer.parameters(recurse=False)) or kernel_name_of(layer) == REFERENCE:
+    """For an ``x`` gradients must reach (the caller checks: an adapter upstream trains, or a plain call with grad
+    mode on and float parameters that require grad before the layer), where none of the layer's own tensors trains:
+    ``layer.kernel_forward``'s output, with the reference's gradient to ``x`` computed in backward (only if one runs).
+    ``None`` otherwise (a layer tensor that trains, no kernel, or under ``torch.compile``: the caller runs the
+    reference, as before). Without it every such call ran the dequantize reference: a dit-fmnist forward at batch 8
+    with its float parameters trainable (one thread, no backward) took W4A8 39.2 ms, NVFP4 73.4, now 23.5 and 32.7
+    (no_grad: 13.8, 16.3)."""
+    if (torch.compiler.is_compiling() or kernel_name_of(layer) == REFERENCE
+            or any(p.requires_grad for p in layer.parameters(recurse=False))):
         return None
     return _KernelForwardReferenceBackward.apply(x, layer)
 
@@ -290,10 +289,7 @@ def run_cached(layer: nn.Module, cache: KernelCache, x: torch.Tensor, untransfor
     """Run the cached kernel (``untransformed``: its variant that applies the layer's input transform itself).
     A layer accelerate offloads after this call (``device_map`` with cpu/disk) drops its prepacked copy too."""
     run = cache.kernel.run_untransformed if untransformed else cache.kernel.run
-    if torch._C._is_any_autocast_enabled():  # (checked here first: a call less per layer without autocast)
-        out = without_autocast(run, x, layer, x, cache.buffers)
-    else:
-        out = run(layer, x, cache.buffers)
+    out = without_autocast(run, x, layer, x, cache.buffers)
     # accelerate's hook is a plain attribute: read from __dict__ (a missing-attribute getattr on a module costs ~2 us)
     if not torch.compiler.is_compiling() and getattr(layer.__dict__.get("_hf_hook"), "offload", False):
         cache.clear()
@@ -306,10 +302,10 @@ def without_autocast(run: Callable[..., torch.Tensor], x: torch.Tensor, *args) -
     GEMMs before a C epilogue) would come back in autocast's dtype, which C code then read as fp32 (NaN or wrong
     outputs under ``torch.autocast("cpu", dtype=torch.bfloat16)``)."""
     # any autocast first: 0.16 us a call, where the device's own check costs 0.56 (its device type string)
-    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            return run(*args)
-    return run(*args)
+    if not torch._C._is_any_autocast_enabled():
+        return run(*args)
+    with autocast_off(x.device.type):
+        return run(*args)
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:

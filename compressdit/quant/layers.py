@@ -148,11 +148,18 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`kernel_forward`; where gradients must reach ``x``, its output with the reference's gradient
+        (:func:`~compressdit.quant.kernel_registry.kernel_with_reference_grad`)."""
+        if x.requires_grad and torch.is_grad_enabled():  # (inline: a call less per layer in inference)
+            out = kernel_with_reference_grad(self, x)
+            if out is not None:
+                return out
+        return self.kernel_forward(x)
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The registered kernel for this layer's format and device (VQ, minifloat weights), else the dequantize
         reference; formats with an input transform (balancing, rotation) override this."""
-        out = kernel_with_reference_grad(self, x) if x.requires_grad and torch.is_grad_enabled() else None
-        if out is None:
-            out = run_kernel(self, x)
+        out = run_kernel(self, x)
         return self.reference_forward(x) if out is None else out
 
     def forward_activated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
@@ -365,11 +372,7 @@ class QuantLinear(QuantizedLinear):
                 self.weight_scale.float().contiguous(),
                 None if self.weight_zero is None else self.weight_zero.float().contiguous())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():  # (inline: a call less per layer in inference)
-            out = kernel_with_reference_grad(self, x)
-            if out is not None:
-                return out
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         cache = kernel_cache(self, x)
         if cache is not None and cache.kernel.run_untransformed is not None and (self.low_rank_up is None
                                                                                 or runs_low_rank(cache)):

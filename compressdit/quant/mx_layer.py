@@ -31,7 +31,7 @@ from torch import nn
 
 from compressdit.quant.activations import Grid, element_grid, quantize_input
 from compressdit.quant.cpu_native import fake_quantize_grid
-from compressdit.quant.kernel_registry import kernel_cache, kernel_with_reference_grad, run_cached, runs_low_rank
+from compressdit.quant.kernel_registry import kernel_cache, run_cached, runs_low_rank
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.minifloat import Minifloat, pack_nibbles, unpack_nibbles
 from compressdit.quant.mx_primitives import (E2M1, E4M3, MX_BLOCK, NVFP4_BLOCK, mx_dequantize, mx_quantize,
@@ -169,13 +169,9 @@ class BlockFPLinear(QuantizedLinear):
         """The folded balancing applied to activations (identity without it)."""
         return x if self.smooth_scale is None else x / self.smooth_scale.to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The registered kernel on the balanced input (``cpu-decoded-dense`` on CPU), plus the low-rank branch (in
         the kernel where it runs it: balancing, GEMM and branch in one op); the reference where none applies."""
-        if x.requires_grad and torch.is_grad_enabled():  # (inline: a call less per layer in inference)
-            out = kernel_with_reference_grad(self, x)
-            if out is not None:
-                return out
         cache = kernel_cache(self, x)
         if cache is None:
             return self.reference_forward(x)

@@ -36,7 +36,7 @@ from compressdit.quant.duquant import (DEFAULT_STEPS, OutlierRotation, OutlierRo
                                       fit_outlier_rotation, perm_dtype)
 from compressdit.quant.format_registry import LinearFormat
 from compressdit.quant.gpu_reference import pack_nibbles
-from compressdit.quant.kernel_registry import kernel_cache, kernel_with_reference_grad, run_cached, version_of
+from compressdit.quant.kernel_registry import kernel_cache, run_cached, version_of
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.primitives import pack_codes, packed_shape, unpack_codes
 from compressdit.quant.rotation import fwht, hadamard_block, random_signs, rotate
@@ -202,13 +202,9 @@ class TwinLogLinear(QuantizedLinear):
             weight = weight / self.smooth_scale
         return weight.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The registered kernel on the transformed input where one applies (``cpu-twinlog-dense``), else the
         reference."""
-        if x.requires_grad and torch.is_grad_enabled():  # (inline: a call less per layer in inference)
-            out = kernel_with_reference_grad(self, x)
-            if out is not None:
-                return out
         cache = kernel_cache(self, x)
         if cache is None:
             return self.reference_forward(x)

@@ -1,4 +1,5 @@
-"""A layer's prepacked kernel is rebuilt exactly when what its prepack read changed (``kernel_registry.StateKey``)."""
+"""A layer's prepacked kernel is rebuilt exactly when what its prepack read changed (``kernel_registry.StateKey``);
+every kernel family under autocast, gradients, empty and non-finite inputs as the reference."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
-from compressdit.quant.kernel_registry import cache_of
+from compressdit.quant.format_registry import FORMATS
+from compressdit.quant.kernel_registry import cache_of, set_kernel
 from compressdit.quant.layers import QuantLinear, QuantState
 from compressdit.quant.spec import LinearQuantSpec
 
@@ -88,27 +91,35 @@ def test_the_key_holds_the_prepacked_storage_so_its_address_cannot_come_back():
     assert not cache_of(layer).key.holds_for(layer)
 
 
-def _recipe_spec(recipe: str) -> LinearQuantSpec:
-    """The spec a shipped recipe gives a transformer block's linears, with nearest rounding (no Hessian here)."""
+def _recipe_layer(recipe: str) -> nn.Module:
+    """A 128 -> 96 layer with the spec a shipped recipe gives a transformer block's linears, nearest rounding (no
+    Hessian here), balanced on random statistics."""
     from compressdit.recipe import load_recipe
 
     stage = next(s for s in load_recipe(recipe).stages if s.name == "quantize")
     spec = [rule.spec for rule in stage.config.options.rules if rule.spec is not None][-1]
-    return dataclasses.replace(spec, rounding="rtn")
+    spec = dataclasses.replace(spec, rounding="rtn")
+    torch.manual_seed(0)
+    return FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 96), spec, torch.rand(128) * 4 + 0.1)
 
 
-@pytest.mark.parametrize("recipe", ["rtn-w8a8", "w8a8", "w4a16", "w4a8", "rtn-w4a4", "nvfp4", "mxfp4", "svdquant-w4a4",
-                                    "svdquant-nvfp4", "lrq-w4a4", "vq-w3", "fp8"])
+def _on_reference(layer: nn.Module) -> nn.Module:
+    reference = copy.deepcopy(layer)
+    set_kernel(reference, "reference")
+    return reference
+
+
+#: a block linear of every kind of shipped recipe (each CPU kernel family)
+RECIPES = ["rtn-w8a8", "w8a8", "w4a16", "w4a8", "rtn-w4a4", "nvfp4", "mxfp4", "svdquant-w4a4", "svdquant-nvfp4",
+           "lrq-w4a4", "vq-w3", "fp8"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_kernels_and_their_prepacks_ignore_autocast(recipe):
     """Under ``torch.autocast`` a layer's kernel computes as without it: torch's matmuls inside a kernel came back in
     autocast's dtype, which its C code read as fp32 (SVDQuant's branch: NaN under bf16 autocast), and a prepack
     built under autocast kept weights rounded to its dtype."""
-    from compressdit.quant.format_registry import FORMATS
-
-    spec = _recipe_spec(recipe)
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(128, 96)
-    layer = FORMATS.get(spec.format).quantize(linear, spec, torch.rand(128) * 4 + 0.1)
+    layer = _recipe_layer(recipe)
     x = torch.randn(2, 9, 128) * torch.linspace(0.2, 3, 128)
     with torch.no_grad():
         later = copy.deepcopy(layer)  # its prepack built under autocast
@@ -121,20 +132,13 @@ def test_kernels_and_their_prepacks_ignore_autocast(recipe):
     assert cache_of(later).name == cache_of(layer).name
 
 
-@pytest.mark.parametrize("recipe", ["rtn-w8a8", "w8a8", "w4a16", "w4a8", "rtn-w4a4", "nvfp4", "mxfp4", "svdquant-w4a4",
-                                    "svdquant-nvfp4", "lrq-w4a4", "vq-w3", "fp8"])
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_no_rows_and_nan_rows_as_the_reference(recipe):
     """An input of no rows gives the empty output (w4a8 raised a misleading "library not loaded", NVFP4's tensor
     scale an amax error); a NaN in a row gives NaN where the reference does (W8A8's row scale dropped it: finite
     outputs from a NaN input) and the reference's numbers elsewhere; an inf, non-finite outputs where it does."""
-    from compressdit.quant.format_registry import FORMATS
-    from compressdit.quant.kernel_registry import set_kernel
-
-    spec = _recipe_spec(recipe)
-    torch.manual_seed(0)
-    layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 96), spec, torch.rand(128) * 4 + 0.1)
-    reference = copy.deepcopy(layer)
-    set_kernel(reference, "reference")
+    layer = _recipe_layer(recipe)
+    reference = _on_reference(layer)
     x = torch.randn(2, 3, 128)
     x[0, 1, 5] = float("nan")
     with torch.no_grad():
@@ -154,14 +158,8 @@ def test_gradients_to_the_input_come_from_the_reference_while_the_kernel_runs_fo
     """Grad mode on and an input that requires grad (an adapter upstream): the kernel's output (not the dequantize
     reference's: it ran every such call before), the reference's gradient to the input; where a tensor of the
     layer itself trains, the reference forward, so that it gets its gradient."""
-    from compressdit.quant.format_registry import FORMATS
-    from compressdit.quant.kernel_registry import set_kernel
-
-    spec = _recipe_spec(recipe)
-    torch.manual_seed(0)
-    layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 96), spec, torch.rand(128) * 4 + 0.1)
-    reference = copy.deepcopy(layer)
-    set_kernel(reference, "reference")
+    layer = _recipe_layer(recipe)
+    reference = _on_reference(layer)
     x, grad = torch.randn(2, 5, 128), torch.randn(2, 5, 96)
     with torch.no_grad():
         kernel_out = layer(x)
@@ -179,11 +177,7 @@ def test_gradients_to_the_input_come_from_the_reference_while_the_kernel_runs_fo
 def test_compiled_layers_ignore_autocast_too(recipe):
     """Under ``torch.compile(fullgraph=True)`` the autocast checks are traced (guards), and the kernel's call lands in
     an autocast-free region: the eager output without autocast, bit for bit."""
-    from compressdit.quant.format_registry import FORMATS
-
-    spec = _recipe_spec(recipe)
-    torch.manual_seed(0)
-    layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 96), spec, torch.rand(128) * 4 + 0.1)
+    layer = _recipe_layer(recipe)
     x = torch.randn(2, 9, 128)
     with torch.no_grad():
         expected = layer(x)
