@@ -415,20 +415,31 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+_TERMINATED_BY: list[int] = []  # the signal that asked this process to end, once one has
+
+
 def _terminated(signum, frame) -> None:
     """SIGTERM (``timeout``, a job scheduler, ``kill``) unwinds like Ctrl-C: temporary outputs are removed."""
+    _TERMINATED_BY.append(signum)
     raise SystemExit(128 + signum)
 
 
 def main() -> None:
+    _TERMINATED_BY.clear()
     previous = signal.signal(signal.SIGTERM, _terminated)  # restored on return: main() also runs in-process
     try:
         app()
-    except CompressditError as exc:
-        _fail(str(exc) or type(exc).__name__)
-    except (ValueError, KeyError, OSError, ImportError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _fail(f"{type(exc).__name__}: {message}")
+    except BaseException as exc:
+        if _TERMINATED_BY:
+            # A library's bare ``except:`` can swallow the SystemExit raised mid-import (dill falls back to a
+            # ``import version`` that fails): whatever surfaced after the signal, the run was terminated.
+            sys.exit(128 + _TERMINATED_BY[0])
+        if isinstance(exc, CompressditError):
+            _fail(str(exc) or type(exc).__name__)
+        if isinstance(exc, (ValueError, KeyError, OSError, ImportError)):
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            _fail(f"{type(exc).__name__}: {message}")
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 

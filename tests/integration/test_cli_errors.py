@@ -197,6 +197,24 @@ def test_a_terminated_run_leaves_nothing_behind(dit_pipeline_dir, tmp_path):
     assert_nothing_written(out)
 
 
+def test_a_termination_swallowed_by_a_library_still_exits_as_terminated(monkeypatch):
+    """SIGTERM landing inside ``import dill`` (its bare ``except:`` swallows the SystemExit and then fails on
+    ``import version``) seen in CI: the run still ends as terminated (143), not with the library's error."""
+    from compressdit import cli
+
+    def app_whose_import_swallows_the_exit():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs before this returns
+        except:  # noqa: E722 -- what dill/__init__.py does
+            raise ModuleNotFoundError("No module named 'version'")
+
+    monkeypatch.setattr(cli, "app", app_whose_import_swallows_the_exit)
+    result = run_main("quantize")
+    assert result.code == 128 + signal.SIGTERM, result.stderr
+    assert signal.getsignal(signal.SIGTERM) is not cli._terminated
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad MODEL arguments and broken checkpoints (in-process main())
 # --------------------------------------------------------------------------------------------------
