@@ -424,15 +424,23 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _interrupted(signum, frame) -> None:
+    """Ctrl-C: Python's KeyboardInterrupt (click prints ``Aborted!``), remembered like SIGTERM."""
+    _TERMINATED_BY.append(signum)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     _TERMINATED_BY.clear()
-    previous = signal.signal(signal.SIGTERM, _terminated)  # restored on return: main() also runs in-process
+    # restored on return: main() also runs in-process
+    previous = {signum: signal.signal(signum, handler)
+                for signum, handler in ((signal.SIGTERM, _terminated), (signal.SIGINT, _interrupted))}
     try:
         app()
     except BaseException as exc:
         if _TERMINATED_BY:
-            # A library's bare ``except:`` can swallow the SystemExit raised mid-import (dill falls back to a
-            # ``import version`` that fails): whatever surfaced after the signal, the run was terminated.
+            # A library's bare ``except:`` can swallow the SystemExit / KeyboardInterrupt raised mid-import (dill
+            # falls back to a ``import version`` that fails): whatever surfaced after the signal, the run ended by it.
             sys.exit(128 + _TERMINATED_BY[0])
         if isinstance(exc, CompressditError):
             _fail(str(exc) or type(exc).__name__)
@@ -441,7 +449,8 @@ def main() -> None:
             _fail(f"{type(exc).__name__}: {message}")
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -181,8 +181,10 @@ def test_subprocess_error_is_one_line(subprocess_results, case):
     assert_nothing_written(out)
 
 
-def test_a_terminated_run_leaves_nothing_behind(dit_pipeline_dir, tmp_path):
-    """``timeout`` / a scheduler / ``kill`` send SIGTERM: the run unwinds (exit 143) and removes its temp folder."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_terminated_run_leaves_nothing_behind(dit_pipeline_dir, tmp_path, signum):
+    """``timeout`` / a scheduler / ``kill`` send SIGTERM, a terminal Ctrl-C SIGINT: the run unwinds (exit 143 /
+    130) and removes its temp folder."""
     out = tmp_path / "out-terminated"
     proc = start_cli(["quantize", dit_pipeline_dir, "--recipe", "vq-w3", "--out", out, "--no-eval", "--quiet"],
                      tmp_path)
@@ -190,29 +192,33 @@ def test_a_terminated_run_leaves_nothing_behind(dit_pipeline_dir, tmp_path):
     while not any(tmp_path.glob(f".{out.name}.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be terminated"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     result = finish(proc)
-    assert result.code == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert result.code == 128 + signum, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert_nothing_written(out)
 
 
-def test_a_termination_swallowed_by_a_library_still_exits_as_terminated(monkeypatch):
-    """SIGTERM landing inside ``import dill`` (its bare ``except:`` swallows the SystemExit and then fails on
-    ``import version``) seen in CI: the run still ends as terminated (143), not with the library's error."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_termination_swallowed_by_a_library_still_exits_as_terminated(monkeypatch, signum):
+    """A signal landing inside ``import dill`` (its bare ``except:`` swallows the SystemExit / KeyboardInterrupt and
+    then fails on ``import version``), seen in CI: the run still ends as terminated (128 + the signal's number), not
+    with the library's error."""
     from compressdit import cli
 
     def app_whose_import_swallows_the_exit():
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
             time.sleep(5)  # the handler runs before this returns
         except:  # noqa: E722 -- what dill/__init__.py does
             raise ModuleNotFoundError("No module named 'version'")
 
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(cli, "app", app_whose_import_swallows_the_exit)
     result = run_main("quantize")
-    assert result.code == 128 + signal.SIGTERM, result.stderr
-    assert signal.getsignal(signal.SIGTERM) is not cli._terminated
+    assert result.code == 128 + signum, result.stderr
+    assert "version" not in result.stderr
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # restored
 
 
 # --------------------------------------------------------------------------------------------------
