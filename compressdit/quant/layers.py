@@ -258,8 +258,19 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
         return kernel_name_of(self)
 
     def _apply(self, fn, recurse: bool = True):
+        """Device moves apply to every tensor; dtype casts (``layer.half()``, ``.to(torch.bfloat16)``, diffusers'
+        layerwise casting to FP8 storage) skip :attr:`quantized_tensors`, which stay as saved, as when loading:
+        an fp32 scale cast to FP8 and back is not the scale the codes were rounded with."""
         cache_of(self).clear()  # prepacked buffers belong to the old device/dtype: rebuilt on the next forward
-        return super()._apply(fn, recurse)
+        kept = {id(t) for t in (getattr(self, name, None) for name in self.quantized_tensors) if t is not None}
+
+        def keeping_dtypes(tensor: torch.Tensor) -> torch.Tensor:
+            applied = fn(tensor)
+            if id(tensor) in kept and applied.dtype != tensor.dtype:
+                return tensor.to(applied.device)
+            return applied
+
+        return super()._apply(keeping_dtypes, recurse)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.label}"

@@ -122,6 +122,43 @@ def test_dtype_casts_raise_and_moving_devices_works(saved):
     model.to("cpu")
 
 
+def _quantized_state(model) -> dict[str, torch.Tensor]:
+    return {f"{n}.{t}": getattr(m, t).detach().clone() for n, m in quantized_modules(model).items()
+            for t in m.quantized_tensors if getattr(m, t, None) is not None}
+
+
+def test_layer_dtype_casts_keep_the_quantized_tensors_as_saved(saved):
+    """A quantized layer's own ``.half()`` / ``.to(bf16)`` casts its bias (what its outputs come in), never its codes
+    or scales: as loading with ``torch_dtype`` does."""
+    model = _load(saved[1])
+    before = _quantized_state(model)
+    layer = next(iter(quantized_modules(model).values()))
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        expected = layer(x)
+        layer.half()
+        out = layer(x.half())
+    assert out.dtype == torch.float16 and layer.bias.dtype == (torch.float32 if "bias" in layer.quantized_tensors
+                                                                 else torch.float16)
+    assert torch.allclose(out.float(), expected, rtol=2e-2, atol=2e-2)
+    after = _quantized_state(model)
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_layerwise_casting_leaves_the_quantized_tensors_as_saved(saved):
+    """``enable_layerwise_casting`` (FP8 storage between forwards) hooks every ``nn.Linear``, our layers included:
+    their biases are stored in FP8 like a float layer's, their codes and scales stay as saved, bit for bit."""
+    model = _load(saved[1])
+    before = _quantized_state(model)
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    out = _run(model, _dit_inputs())
+    assert torch.isfinite(out).all()
+    after = _quantized_state(model)
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert any(m.bias.dtype == torch.float8_e4m3fn for m in quantized_modules(model).values()
+               if m.bias is not None and "bias" not in m.quantized_tensors) or saved[0] == "vq-w3"
+
+
 class KeepHeadDiT(DiTTransformer2DModel):
     """A model class that declares a keep-in-fp32 module, as some diffusers transformers do."""
 
