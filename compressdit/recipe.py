@@ -9,6 +9,8 @@ from typing import Any
 import yaml
 
 from compressdit.errors import ConfigError
+from compressdit.io.diffusers_quantizer import CompressditConfig
+from compressdit.quant.methods import METHODS
 from compressdit.stages import STAGES
 
 RECIPE_VERSION = 1
@@ -103,3 +105,46 @@ def load_recipe(name_or_path: str) -> Recipe:
 
 def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+
+def recipe_config(recipe: str | Recipe) -> CompressditConfig:
+    """The diffusers ``quantization_config`` that quantizes a float checkpoint as it loads, as the data-free
+    ``recipe`` (a shipped name or a YAML path) does: its quantize stage's rules, every layer rounded from its own
+    weights (the evaluate stage is the CLI's report). Recipes that calibrate, prune or distill need
+    ``compressdit quantize``. ::
+
+        transformer = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer",
+                                                               quantization_config=compressdit.recipe_config("rtn-w8a8"))
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    rules, reason = _data_free_rules(recipe)
+    if rules is None:
+        raise ConfigError(f"recipe {recipe.name}: {reason}; run it with the CLI (`compressdit quantize|prune|moe MODEL "
+                          f"--recipe {recipe.name} --out OUT`) and load OUT (recipes that load on the fly: "
+                          f"{', '.join(data_free_recipes())})")
+    return CompressditConfig(rules=[rule.to_dict() for rule in rules])
+
+
+def data_free_recipes() -> list[str]:
+    """The shipped recipes :func:`recipe_config` turns into a ``quantization_config``."""
+    return [name for name in list_recipes() if _data_free_rules(load_recipe(name))[0] is not None]
+
+
+def _data_free_rules(recipe: Recipe) -> tuple[list | None, str]:
+    """(the rules of ``recipe``'s one quantize stage, "") where it needs no data, else (None, why not)."""
+    rules = None
+    for stage in recipe.stages:
+        if stage.name == "evaluate":
+            continue
+        if stage.name != "quantize":
+            return None, f"its {stage.name} stage cannot run while a checkpoint loads (loading rounds weights only)"
+        handler = METHODS.get(stage.config.method)
+        found = handler.data_free_rules(stage.config.options) if handler.data_free_rules is not None else None
+        if found is None:
+            return None, f"method {stage.config.method!r} as configured needs calibration data or decides over layers " \
+                         "jointly"
+        if rules is not None:
+            return None, "more than one quantize stage (merge their rules into one to load it on the fly)"
+        rules = found
+    return rules, "" if rules is not None else "no quantize stage"

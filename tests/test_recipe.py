@@ -15,7 +15,8 @@ from compressdit.quant.layers import QuantizedLinear
 from compressdit.io.sources import ModelSource
 from compressdit.quant.methods import METHODS
 from compressdit.quant.spec import LinearQuantSpec
-from compressdit.recipe import RECIPE_VERSION, RECIPES_DIR, Recipe, list_recipes, load_recipe
+from compressdit.recipe import (RECIPE_VERSION, RECIPES_DIR, Recipe, data_free_recipes, list_recipes, load_recipe,
+                                recipe_config)
 from compressdit.stages import STAGES
 from compressdit.stages.base import PipelineState
 from tests.conftest import tiny_dit
@@ -164,3 +165,67 @@ def test_unknown_recipe_name_and_bad_yaml_are_config_errors(tmp_path):
         load_recipe(str(bad))
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(str(tmp_path / "missing.yaml"))
+
+
+# -- recipe_config: a data-free recipe as a diffusers quantization_config ---------------------------------------------
+
+def test_data_free_recipes_are_the_rounding_only_ones():
+    names = data_free_recipes()
+    assert {"rtn-w8a8", "rtn-w4a16", "nvfp4", "mxfp4", "fp8"} <= set(names)
+    assert not {"w8a8", "w4a16", "gptq-w4a16", "vq-w3", "svdquant-w4a4", "tinyfusion-50"} & set(names)
+    config = recipe_config("rtn-w8a8")
+    rules = load_recipe("rtn-w8a8").stage("quantize").config.options.rules
+    assert config.rules == rules and config.modules == {}
+
+
+@pytest.mark.parametrize("name, needles", [
+    ("w8a8", ["calibrate stage", "compressdit quantize|prune|moe MODEL --recipe w8a8", "rtn-w8a8"]),
+    ("tinyfusion-50", ["prune stage", "rtn-w8a8"]),
+])
+def test_recipe_config_of_a_recipe_that_needs_data_says_what_to_run(name, needles):
+    with pytest.raises(ConfigError) as info:
+        recipe_config(name)
+    assert all(needle in str(info.value) for needle in needles), str(info.value)
+
+
+def test_recipe_config_of_a_recipe_file_and_of_two_quantize_stages(tmp_path):
+    data = yaml.safe_load((RECIPES_DIR / "rtn-w4a16.yaml").read_text())
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert recipe_config(str(path)).rules == recipe_config("rtn-w4a16").rules
+    data["stages"].insert(1, copy.deepcopy(data["stages"][0]))
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="more than one quantize stage"):
+        recipe_config(str(path))
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_recipe_config_quantizes_a_pipeline_as_it_loads(text_pipeline_dir, tmp_path, family):
+    """diffusers' pipeline-level quantization (``PipelineQuantizationConfig``) with a compressdit recipe: the
+    transformer's layers as the recipe's rules resolve on it, the pipeline's own call equal to the float pipeline
+    quantized by hand, saved and reloaded by stock diffusers to the same images."""
+    import compressdit
+    import torch
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    from compressdit.quant.transform import quantize_layers, quantized_modules, resolve_plan
+
+    folder = text_pipeline_dir(family)
+    mapping = PipelineQuantizationConfig(quant_mapping={"transformer": compressdit.recipe_config("rtn-w8a8")})
+    pipe = DiffusionPipeline.from_pretrained(folder, quantization_config=mapping)
+    by_hand = DiffusionPipeline.from_pretrained(folder)
+    rules = load_recipe("rtn-w8a8").stage("quantize").config.options.rules
+    plan = resolve_plan(by_hand.transformer, adapter_for(by_hand.transformer), rules)
+    quantize_layers(by_hand.transformer, {n: s for n, s in plan.items() if s is not None})
+    assert set(quantized_modules(pipe.transformer)) == set(quantized_modules(by_hand.transformer))
+    assert not quantized_modules(pipe.text_encoder)
+
+    def generate(p):
+        sizes = dict(use_resolution_binning=False) if family == "pixart" else dict(height=64, width=64)
+        return p("a shirt", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
+                 **sizes).images
+
+    images = generate(pipe)
+    assert (images == generate(by_hand)).all()
+    pipe.save_pretrained(tmp_path / "q")
+    assert (generate(DiffusionPipeline.from_pretrained(tmp_path / "q")) == images).all()

@@ -6,6 +6,7 @@ quantized modules from its per-module entries, then loads packed weights and fp3
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import weakref
@@ -24,7 +25,10 @@ from compressdit.io.structure import HEADS, IDENTITY, MOB, MOE, TAIL_SUM, WIDTH,
 from compressdit.quant.kernel_registry import prepack_model
 from compressdit.quant.layers import PackedParameter, QuantizedLinear
 from compressdit.quant.spec import LinearQuantSpec
-from compressdit.quant.transform import build_empty_layers, dequantize_layers, quantize_layers
+from compressdit.models import adapter_for
+from compressdit.quant.methods import rules_need_calibration
+from compressdit.quant.transform import (LayerRule, build_empty_layers, check_plan_fits, dequantize_layers,
+                                         quantize_layers, resolve_plan)
 
 FORMAT_VERSION = 1
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -42,7 +46,15 @@ class CompressditConfig(QuantizationConfigMixin):
     """``quantization_config`` of a compressdit checkpoint: format version + one spec per module.
 
     ``modules`` maps fully qualified linear names to :class:`LinearQuantSpec` dicts. Passing this
-    config to ``from_pretrained`` of a float model quantizes those modules with round-to-nearest.
+    config to ``from_pretrained`` of a float model quantizes those modules with round-to-nearest; so does
+    ``rules`` (ordered ``{match, spec}`` rules as in a recipe's quantize stage, first match wins, ``spec: null``
+    keeps a layer float), resolved against the model being loaded (its adapter's roles) into ``modules``::
+
+        CompressditConfig(rules=[{"match": "role:embedder", "spec": None}, {"match": "role:head", "spec": None},
+                                 {"match": "re:.*", "spec": {"w_bits": 8, "a_bits": 8}}])
+
+    (``compressdit.recipe_config("rtn-w8a8")`` builds it from a shipped data-free recipe). Rules that need
+    calibration (balancing, static scales, GPTQ / AdaRound rounding) are refused: ``compressdit quantize`` runs them.
     ``pre_quantization_dtype`` is the dtype the checkpoint's float (unquantized) tensors are stored in
     (absent in older checkpoints: as found). ``save_pretrained`` writes them in it again, so a model loaded
     without ``torch_dtype`` (float32 in memory) and saved keeps every tensor's dtype; loading with
@@ -52,10 +64,11 @@ class CompressditConfig(QuantizationConfigMixin):
     def __init__(self, modules: dict[str, dict] | None = None, format_version: int = FORMAT_VERSION,
                  producer: str = "compressdit", structure: dict | None = None,
                  quant_method: str = CompressditMethod.COMPRESSDIT.value, pre_quantization_dtype: str | None = None,
-                 **unknown: Any) -> None:
+                 rules: list[dict] | None = None, **unknown: Any) -> None:
         if unknown:
             raise ConfigError(f"quantization_config: unknown key {sorted(unknown)[0]!r}; allowed: "
-                              "format_version, modules, pre_quantization_dtype, producer, quant_method, structure")
+                              "format_version, modules, pre_quantization_dtype, producer, quant_method, rules, "
+                              "structure")
         if pre_quantization_dtype is not None and pre_quantization_dtype not in FLOAT_DTYPES:
             raise ConfigError(f"quantization_config.pre_quantization_dtype: {pre_quantization_dtype!r} is not one "
                               f"of {', '.join(FLOAT_DTYPES)}")
@@ -71,6 +84,10 @@ class CompressditConfig(QuantizationConfigMixin):
         self.structure = dict(structure or {})
         self.modules = {name: LinearQuantSpec.from_dict(spec, f"quantization_config.modules[{name!r}]").to_dict()
                         for name, spec in (modules or {}).items()}
+        self.rules = _on_the_fly_rules(rules)
+        if self.rules and self.modules:
+            raise ConfigError("quantization_config: give modules (what a checkpoint records) or rules (to quantize a "
+                              "float checkpoint as it loads), not both")
 
     def specs(self) -> dict[str, LinearQuantSpec]:
         return {name: LinearQuantSpec(**spec) for name, spec in self.modules.items()}
@@ -81,7 +98,23 @@ class CompressditConfig(QuantizationConfigMixin):
                 "structure": json.loads(json.dumps(self.structure))}
         if self.pre_quantization_dtype is not None:
             data["pre_quantization_dtype"] = self.pre_quantization_dtype
+        if self.rules:
+            data["rules"] = [rule.to_dict() for rule in self.rules]
         return data
+
+    def resolved_for(self, model, keep_in_fp32_modules=None) -> CompressditConfig:
+        """The per-module config ``rules`` give for ``model``, a new config (one rules config can load several
+        models); modules diffusers keeps in fp32 stay float. ``self`` where it names its modules already."""
+        if not self.rules:
+            return self
+        keep = set(keep_in_fp32_modules or ())
+        plan = {name: spec for name, spec in resolve_plan(model, adapter_for(model), self.rules).items()
+                if spec is not None and not keep.intersection(name.split("."))}
+        if not plan:
+            raise ConfigError(f"quantization_config.rules match no linear layer of {type(model).__name__}")
+        check_plan_fits(model, plan)
+        return CompressditConfig(modules={name: spec.to_dict() for name, spec in plan.items()},
+                                 producer=self.producer, pre_quantization_dtype=self.pre_quantization_dtype)
 
     def record_float_dtype(self, dtype: torch.dtype | None) -> None:
         """Note the dtype the unquantized tensors are (about to be) saved in (``None``: float32)."""
@@ -101,6 +134,20 @@ class CompressditConfig(QuantizationConfigMixin):
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _on_the_fly_rules(rules: list[dict] | None) -> list[LayerRule]:
+    if rules is None:
+        return []
+    if not isinstance(rules, (list, tuple)) or not rules:
+        raise ConfigError("quantization_config.rules: a non-empty list of {match, spec} rules")
+    parsed = [LayerRule.from_dict(rule, f"quantization_config.rules[{i}]") for i, rule in enumerate(rules)]
+    for i, rule in enumerate(parsed):
+        if rules_need_calibration([rule]):
+            raise ConfigError(f"quantization_config.rules[{i}] ({rule.spec.label}) needs calibration (channel "
+                              "balancing, static activation scales, GPTQ / AdaRound rounding), which loading cannot "
+                              "run: quantize with `compressdit quantize MODEL --recipe ...` and load its output")
+    return parsed
+
+
 class CompressditQuantizer(DiffusersQuantizer):
     """Builds empty quantized modules before loading and fills them with checked tensors."""
 
@@ -109,10 +156,14 @@ class CompressditQuantizer(DiffusersQuantizer):
 
     def __init__(self, quantization_config: CompressditConfig, **kwargs) -> None:
         super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized:  # the user's config may load other models (in other dtypes): this load's own
+            self.quantization_config = copy.deepcopy(quantization_config)
 
     # -- loading -----------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
-        if not self.pre_quantized:
+        if not self.pre_quantized:  # on the fly: the rules' modules of this model, recorded in its config
+            self.quantization_config = self.quantization_config.resolved_for(model, keep_in_fp32_modules)
+            model.register_to_config(quantization_config=self.quantization_config)
             return model
         apply_structure(model, self.quantization_config.structure)  # pruned widths first, quantized modules on them
         specs = self.quantization_config.specs()
@@ -139,11 +190,11 @@ class CompressditQuantizer(DiffusersQuantizer):
                                       f"{module_name} does not use (mismatched config and weights)")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        self.note_saved_as_is(model)
         if not self.pre_quantized:
             quantize_layers(model, self.quantization_config.specs())
-            self.note_saved_as_is(model)
+            prepack_model(model)
             return model
-        self.note_saved_as_is(model)
         self._restore_offloaded(model)
         loaded = set(getattr(self, "_loaded_keys", None) or [])
         for name, module in model.named_modules():

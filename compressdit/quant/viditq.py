@@ -59,4 +59,8 @@ def _layer_plan(model: nn.Module, config: ViDiTQConfig, ctx: QuantContext) -> di
     return None if config.mixed_precision is not None else resolve_plan(model, ctx.adapter, config.rules)
 
 
-METHODS.add("viditq", MethodHandler(ViDiTQConfig, _apply_viditq, _needs_calibration, _layer_plan))
+def _data_free_rules(config: ViDiTQConfig) -> list[LayerRule] | None:
+    return None if _needs_calibration(config) else config.rules
+
+
+METHODS.add("viditq", MethodHandler(ViDiTQConfig, _apply_viditq, _needs_calibration, _layer_plan, _data_free_rules))

@@ -474,6 +474,70 @@ def test_on_the_fly_config_naming_a_missing_module_is_a_config_error(dit_model_d
         DiTTransformer2DModel.from_pretrained(dit_model_dir, quantization_config=config)
 
 
+W8A8_RULES = [{"match": "role:embedder", "spec": None}, {"match": "role:head", "spec": None},
+              {"match": "re:.*", "spec": {"w_bits": 8, "a_bits": 8}}]
+
+
+def test_on_the_fly_rules_resolve_against_the_model_and_round_trip(dit_model_dir, tmp_path):
+    """``rules`` (a recipe's quantize stage) quantize a float checkpoint as it loads: the modules they resolve to on
+    this model, the same codes as quantizing by hand, a saved config naming those modules (no rules), an identical
+    reload; the user's config object is left as given, so that it loads other models (in other dtypes) too."""
+    config = CompressditConfig(rules=W8A8_RULES)
+    model = DiTTransformer2DModel.from_pretrained(dit_model_dir, quantization_config=config)
+    by_hand = DiTTransformer2DModel.from_pretrained(dit_model_dir)
+    rules = [LayerRule.from_dict(rule, "rule") for rule in W8A8_RULES]
+    plan = {n: s for n, s in resolve_plan(by_hand, adapter_for(by_hand), rules).items() if s is not None}
+    quantize_layers(by_hand, plan)
+    assert set(quantized_modules(model)) == set(plan) and len(plan) > 4
+    assert "proj_out_2" not in plan and "pos_embed.proj" not in plan  # head and embedder stay float
+    expected = _run(by_hand, _dit_inputs())
+    assert torch.equal(_run(model, _dit_inputs()), expected)
+    saved = model.config.quantization_config
+    assert saved is not config and set(saved.modules) == set(plan) and not saved.rules
+    model.save_pretrained(tmp_path / "q")
+    stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert "rules" not in stored and set(stored["modules"]) == set(plan)
+    assert torch.equal(_run(DiTTransformer2DModel.from_pretrained(tmp_path / "q"), _dit_inputs()), expected)
+    bf16 = DiTTransformer2DModel.from_pretrained(dit_model_dir, quantization_config=config, torch_dtype=torch.bfloat16)
+    assert bf16.config.quantization_config.pre_quantization_dtype == "bfloat16"
+    assert config.modules == {} and config.pre_quantization_dtype is None and len(config.rules) == 3
+    assert config.to_dict()["rules"] == CompressditConfig.from_dict(config.to_dict()).to_dict()["rules"]
+
+
+class KeepAllFloatHeadDiT(DiTTransformer2DModel):
+    _keep_in_fp32_modules = ["proj_out_1"]
+
+
+def test_on_the_fly_rules_leave_keep_in_fp32_modules_float(dit_model_dir):
+    config = CompressditConfig(rules=[{"match": "re:.*", "spec": {"w_bits": 8}}])
+    model = KeepAllFloatHeadDiT.from_pretrained(dit_model_dir, quantization_config=config, torch_dtype=torch.float16)
+    quantized = set(quantized_modules(model))
+    assert "proj_out_2" in quantized and "proj_out_1" not in quantized
+    assert model.proj_out_1.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, needles", [
+    (dict(rules=W8A8_RULES, modules={"proj_out_2": {"w_bits": 8}}), ["modules", "rules", "not both"]),
+    (dict(rules=[]), ["rules", "non-empty"]),
+    (dict(rules=[{"match": "re:.*", "spec": {"w_bits": 8, "a_bits": 8, "balance": 0.5}}]),
+     ["rules[0]", "calibration", "compressdit quantize"]),
+    (dict(rules=[{"match": "re:.*", "spec": {"w_bits": 4, "rounding": "gptq"}}]), ["rules[0]", "calibration"]),
+    (dict(rules=[{"match": "re:.*", "spec": {"w_bit": 8}}]), ["rules[0]", "w_bit"]),
+    (dict(rules=[{"match": "re:(", "spec": {"w_bits": 8}}]), ["rules[0]", "regex"]),
+], ids=["both", "empty", "balance", "gptq", "typo", "regex"])
+def test_on_the_fly_rules_that_cannot_load_name_why(kwargs, needles):
+    with pytest.raises(ConfigError) as info:
+        CompressditConfig(**kwargs)
+    assert all(needle in str(info.value) for needle in needles), str(info.value)
+
+
+def test_on_the_fly_rules_matching_no_layer_are_an_error(dit_model_dir):
+    config = CompressditConfig(rules=[{"match": "role:embedder", "spec": None}, {"match": "nothing.here",
+                                                                                 "spec": {"w_bits": 8}}])
+    with pytest.raises(ConfigError, match="match no linear layer of DiTTransformer2DModel"):
+        DiTTransformer2DModel.from_pretrained(dit_model_dir, quantization_config=config)
+
+
 def test_dequantize_keeps_a_mixture_of_blocks_manifest(tmp_path):
     """``dequantize()`` kept the width / heads / MoE manifest but dropped MoB's: saving then wrote a folder that
     stock diffusers reloaded as the dense model (its routers only "not used" in a warning), outputs off by ~6."""
