@@ -64,11 +64,12 @@ class CompressditConfig(QuantizationConfigMixin):
     def __init__(self, modules: dict[str, dict] | None = None, format_version: int = FORMAT_VERSION,
                  producer: str = "compressdit", structure: dict | None = None,
                  quant_method: str = CompressditMethod.COMPRESSDIT.value, pre_quantization_dtype: str | None = None,
-                 rules: list[dict] | None = None, **unknown: Any) -> None:
+                 rules: list[dict] | None = None, modules_to_not_convert: list[str] | None = None,
+                 **unknown: Any) -> None:
         if unknown:
             raise ConfigError(f"quantization_config: unknown key {sorted(unknown)[0]!r}; allowed: "
-                              "format_version, modules, pre_quantization_dtype, producer, quant_method, rules, "
-                              "structure")
+                              "format_version, modules, modules_to_not_convert, pre_quantization_dtype, producer, "
+                              "quant_method, rules, structure")
         if pre_quantization_dtype is not None and pre_quantization_dtype not in FLOAT_DTYPES:
             raise ConfigError(f"quantization_config.pre_quantization_dtype: {pre_quantization_dtype!r} is not one "
                               f"of {', '.join(FLOAT_DTYPES)}")
@@ -88,6 +89,12 @@ class CompressditConfig(QuantizationConfigMixin):
         if self.rules and self.modules:
             raise ConfigError("quantization_config: give modules (what a checkpoint records) or rules (to quantize a "
                               "float checkpoint as it loads), not both")
+        if modules_to_not_convert is not None and (
+                not self.rules or not isinstance(modules_to_not_convert, (list, tuple))
+                or not all(isinstance(name, str) and name for name in modules_to_not_convert)):
+            raise ConfigError("quantization_config.modules_to_not_convert: a list of module names (or parts of them) "
+                              "that rules leave float; it goes with rules")
+        self.modules_to_not_convert = list(modules_to_not_convert or [])
 
     def specs(self) -> dict[str, LinearQuantSpec]:
         return {name: LinearQuantSpec(**spec) for name, spec in self.modules.items()}
@@ -100,16 +107,20 @@ class CompressditConfig(QuantizationConfigMixin):
             data["pre_quantization_dtype"] = self.pre_quantization_dtype
         if self.rules:
             data["rules"] = [rule.to_dict() for rule in self.rules]
+        if self.modules_to_not_convert:
+            data["modules_to_not_convert"] = list(self.modules_to_not_convert)
         return data
 
     def resolved_for(self, model, keep_in_fp32_modules=None) -> CompressditConfig:
         """The per-module config ``rules`` give for ``model``, a new config (one rules config can load several
-        models); modules diffusers keeps in fp32 stay float. ``self`` where it names its modules already."""
+        models); modules diffusers keeps in fp32 stay float, as do those with a ``modules_to_not_convert`` entry
+        in their name (a substring, as diffusers' other backends match). ``self`` where it names its modules."""
         if not self.rules:
             return self
         keep = set(keep_in_fp32_modules or ())
         plan = {name: spec for name, spec in resolve_plan(model, adapter_for(model), self.rules).items()
-                if spec is not None and not keep.intersection(name.split("."))}
+                if spec is not None and not keep.intersection(name.split("."))
+                and not any(part in name for part in self.modules_to_not_convert)}
         if not plan:
             raise ConfigError(f"quantization_config.rules match no linear layer of {type(model).__name__}")
         check_plan_fits(model, plan)

@@ -16,6 +16,8 @@ import json
 
 import pytest
 import torch
+
+import compressdit
 from accelerate import cpu_offload, dispatch_model
 from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler, FluxTransformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
@@ -23,11 +25,13 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from torch import nn
 
+from compressdit.errors import ConfigError
+from compressdit.io.diffusers_quantizer import CompressditConfig
 from compressdit.quant.kernel_registry import set_kernel
 from compressdit.io.save import save_in_dtype
 from compressdit.quant.layers import QuantizedLinear
 from compressdit.quant.spec import LinearQuantSpec
-from compressdit.quant.transform import LayerRule, quantized_modules
+from compressdit.quant.transform import LayerRule, quantize_layers, quantized_modules
 from compressdit.zoo.train_dits import noise_scheduler_config
 from tests.conftest import tiny_dit, tiny_flux, tiny_vae
 from tests.io.test_diffusers_quantizer import WEIGHTS, LoRALayer, _dit_inputs, _quantize, _run
@@ -387,3 +391,99 @@ def test_whole_model_pickles_and_a_deep_copy_saves_itself(saved, tmp_path):
     assert twin.hf_quantizer._model() is twin
     twin.save_pretrained(tmp_path)
     assert torch.equal(_run(_load(tmp_path), _dit_inputs()), expected)
+
+
+# -- on-the-fly quantization, as diffusers' QuantizationTesterMixin drives a backend ---------------------------------
+# Its tests build each model with ``from_pretrained(float_folder, quantization_config=Config(**config_kwargs))`` and
+# expect every ``nn.Linear`` quantized (bar ``_keep_in_fp32_modules``), ``modules_to_not_convert`` honoured, and the
+# same counts, memory, serialization, LoRA, ``device_map``, dequantize and training as for a loaded checkpoint.
+
+ON_THE_FLY = {
+    "int-w8a8": {"rules": [{"match": "re:.*", "spec": {"w_bits": 8, "a_bits": 8}}]},
+    "int-w4-g16": {"rules": [{"match": "re:.*", "spec": {"w_bits": 4, "group_size": 16}}]},
+    "nvfp4": {"rules": [{"match": "re:.*", "spec": next(rule.spec for rule in reversed(
+        compressdit.recipe_config("nvfp4").rules)).to_dict()}]},
+}
+ON_THE_FLY_MEMORY_RATIO = {"int-w8a8": 2.0, "int-w4-g16": 3.0, "nvfp4": 3.0}
+
+
+@pytest.fixture(scope="module")
+def float_flux(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("float-flux") / "model"
+    tiny_flux(2, 2, 4, 64, 64).save_pretrained(folder)
+    return folder
+
+
+def _on_the_fly(folder, config_kwargs, **kwargs) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel.from_pretrained(folder, quantization_config=CompressditConfig(**config_kwargs),
+                                                  **kwargs)
+
+
+def _flux_run(model) -> torch.Tensor:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return model(**_flux_inputs())[0]
+
+
+@pytest.mark.parametrize("fmt", list(ON_THE_FLY))
+def test_on_the_fly_counts_layers_memory_config_and_round_trip(float_flux, fmt, tmp_path):
+    float_model = FluxTransformer2DModel.from_pretrained(float_flux)
+    model = _on_the_fly(float_flux, ON_THE_FLY[fmt])
+    assert model.num_parameters() == float_model.num_parameters()
+    ratio = float_model.get_memory_footprint() / model.get_memory_footprint()
+    assert ratio >= ON_THE_FLY_MEMORY_RATIO[fmt], f"memory ratio only {ratio:.2f}"
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, QuantizedLinear) for m in linears)
+    config = model.config["quantization_config"]
+    config.to_dict(), config.to_diff_dict(), json.loads(config.to_json_string())
+    assert model.config["_pre_quantization_dtype"] == torch.float32
+    out = _flux_run(model)
+    assert torch.isfinite(out).all()
+    quantize_layers(float_model, {n: LinearQuantSpec(**s) for n, s in config.modules.items()})
+    assert torch.equal(out, _flux_run(float_model))  # the codes of quantizing the float model by hand
+    for cast in (lambda: model.to(torch.float16), model.half, model.float):
+        with pytest.raises(ValueError):
+            cast()
+    model.save_pretrained(tmp_path / "q", safe_serialization=True)
+    assert torch.equal(_flux_run(FluxTransformer2DModel.from_pretrained(tmp_path / "q")), out)
+
+
+def test_on_the_fly_modules_to_not_convert(float_flux):
+    excluded = ["single_transformer_blocks.0", "proj_out"]
+    model = _on_the_fly(float_flux, {**ON_THE_FLY["int-w8a8"], "modules_to_not_convert": excluded})
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert any(any(e in n for e in excluded) for n, _ in named)
+    for name, module in named:
+        assert isinstance(module, QuantizedLinear) != any(e in name for e in excluded), name
+    assert model.get_memory_footprint() > _on_the_fly(float_flux, ON_THE_FLY["int-w8a8"]).get_memory_footprint()
+    assert model.config["quantization_config"].to_dict().get("modules_to_not_convert") is None  # resolved: modules
+    with pytest.raises(ConfigError, match="modules_to_not_convert"):
+        CompressditConfig(modules_to_not_convert=["proj_out"])
+
+
+def test_on_the_fly_lora_device_map_dequantize_and_training(float_flux):
+    model = _on_the_fly(float_flux, ON_THE_FLY["int-w4-g16"])
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False))
+    assert torch.isfinite(_flux_run(model)).all()
+
+    mapped = _on_the_fly(float_flux, ON_THE_FLY["int-w4-g16"], device_map="auto")
+    assert mapped.hf_device_map and torch.equal(_flux_run(mapped), _flux_run(_on_the_fly(float_flux,
+                                                                                          ON_THE_FLY["int-w4-g16"])))
+    plain = _on_the_fly(float_flux, ON_THE_FLY["int-w4-g16"])
+    plain.dequantize()
+    assert not quantized_modules(plain) and torch.isfinite(_flux_run(plain)).all()
+
+    trained = _on_the_fly(float_flux, ON_THE_FLY["int-w4-g16"])
+    for param in trained.parameters():
+        param.requires_grad = False
+        if param.ndim == 1:
+            param.data = param.data.to(torch.float32)
+    adapters = []
+    for block in trained.transformer_blocks:
+        for name in ("to_q", "to_k", "to_v"):
+            adapters.append(LoRALayer(getattr(block.attn, name)))
+            setattr(block.attn, name, adapters[-1])
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained(**_flux_inputs())[0].norm().backward()
+    assert all(float(a.adapter[1].weight.grad.norm()) > 0 for a in adapters)
