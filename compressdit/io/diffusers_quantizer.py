@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_module_tensor_to_device
 from diffusers.configuration_utils import FrozenDict
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
@@ -123,7 +124,6 @@ class CompressditConfig(QuantizationConfigMixin):
                 and not any(part in name for part in self.modules_to_not_convert)}
         if not plan:
             raise ConfigError(f"quantization_config.rules match no linear layer of {type(model).__name__}")
-        check_plan_fits(model, plan)
         return CompressditConfig(modules={name: spec.to_dict() for name, spec in plan.items()},
                                  producer=self.producer, pre_quantization_dtype=self.pre_quantization_dtype)
 
@@ -174,6 +174,7 @@ class CompressditQuantizer(DiffusersQuantizer):
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
         if not self.pre_quantized:  # on the fly: the rules' modules of this model, recorded in its config
             self.quantization_config = self.quantization_config.resolved_for(model, keep_in_fp32_modules)
+            check_plan_fits(model, self.quantization_config.specs())
             model.register_to_config(quantization_config=self.quantization_config)
             return model
         apply_structure(model, self.quantization_config.structure)  # pruned widths first, quantized modules on them
@@ -202,8 +203,13 @@ class CompressditQuantizer(DiffusersQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         self.note_saved_as_is(model)
-        if not self.pre_quantized:
-            quantize_layers(model, self.quantization_config.specs())
+        if not self.pre_quantized:  # each planned linear was quantized as its tensors loaded
+            unloaded = [n for n in self.quantization_config.modules
+                        if not isinstance(model.get_submodule(n), QuantizedLinear)]
+            if unloaded:
+                raise CheckpointError(f"{unloaded[0]} was not quantized while loading (its tensors were offloaded to "
+                                      "disk or are missing); quantizing on load needs them in memory: drop \"disk\" "
+                                      "from the device_map, or quantize with `compressdit quantize` and load its output")
             prepack_model(model)
             return model
         self._restore_offloaded(model)
@@ -260,6 +266,8 @@ class CompressditQuantizer(DiffusersQuantizer):
 
     def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
         module_name, _, tensor_name = param_name.rpartition(".")
+        if not self.pre_quantized:  # on the fly: a planned linear's float tensors (create_quantized_param)
+            return module_name in self.quantization_config.modules and tensor_name in ("weight", "bias")
         try:
             module = model.get_submodule(module_name)
         except AttributeError:
@@ -284,6 +292,9 @@ class CompressditQuantizer(DiffusersQuantizer):
 
     def create_quantized_param(self, model, param_value, param_name, target_device, state_dict=None,
                                unexpected_keys=None, **kwargs):
+        if not self.pre_quantized:
+            self._quantize_once_loaded(model, param_name, param_value, target_device)
+            return
         module_name, _, tensor_name = param_name.rpartition(".")
         module = model.get_submodule(module_name)
         placeholder = getattr(module, tensor_name)
@@ -299,6 +310,15 @@ class CompressditQuantizer(DiffusersQuantizer):
                                                            logical_shape=placeholder.logical_shape)
         else:  # scales etc. (QuantState) and a calibrated fp32 bias: the placeholder's class, frozen
             module._parameters[tensor_name] = type(placeholder)(value, requires_grad=False)
+
+    def _quantize_once_loaded(self, model, param_name: str, value: torch.Tensor, device) -> None:
+        """On the fly: put a planned linear's float tensor (already in ``torch_dtype``) in place and quantize the
+        linear as soon as none of its tensors is left on ``meta``, so that the float model is never whole in memory
+        (one layer at a time, whatever order its weight and bias come in, across shards too)."""
+        set_module_tensor_to_device(model, param_name, device, value=value)
+        module_name = param_name.rpartition(".")[0]
+        if not any(t.is_meta for t in model.get_submodule(module_name).parameters(recurse=False)):
+            quantize_layers(model, {module_name: LinearQuantSpec(**self.quantization_config.modules[module_name])})
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype:
         """float32 unless asked (as for a float model); diffusers records it as ``_pre_quantization_dtype``.

@@ -504,6 +504,42 @@ def test_on_the_fly_rules_resolve_against_the_model_and_round_trip(dit_model_dir
     assert config.to_dict()["rules"] == CompressditConfig.from_dict(config.to_dict()).to_dict()["rules"]
 
 
+def test_on_the_fly_quantizes_each_linear_as_it_loads(dit_model_dir, tmp_path, monkeypatch):
+    """A linear is quantized as soon as its weight and bias are in, so that the float model is never whole in memory
+    (bitsandbytes' way): from one file, no other planned linear holds float weights then; from shards that split a
+    layer's weight from its bias, the few that wait for their other half; the codes are those of quantizing by hand."""
+    from compressdit.io import diffusers_quantizer
+
+    DiTTransformer2DModel.from_pretrained(dit_model_dir).save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 3
+    seen = []
+
+    def spy(model, plan, *args, **kwargs):
+        float_loaded = [n for n in model.config.quantization_config.modules
+                        if type(model.get_submodule(n)) is nn.Linear and not model.get_submodule(n).weight.is_meta]
+        seen.append((list(plan), float_loaded))
+        return quantize_layers(model, plan, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers_quantizer, "quantize_layers", spy)
+    config = CompressditConfig(rules=W8A8_RULES)
+    model = DiTTransformer2DModel.from_pretrained(dit_model_dir, quantization_config=config)
+    assert len(seen) == len(quantized_modules(model)) > 4
+    assert all(float_loaded == names for names, float_loaded in seen), seen
+    seen.clear()
+    sharded = DiTTransformer2DModel.from_pretrained(tmp_path / "sharded", quantization_config=config)
+    assert len(seen) == len(quantized_modules(sharded)) and max(len(loaded) for _, loaded in seen) <= 3, seen
+    by_hand = DiTTransformer2DModel.from_pretrained(dit_model_dir)
+    quantize_layers(by_hand, model.config.quantization_config.specs())
+    expected = _run(by_hand, _dit_inputs())
+    assert torch.equal(_run(model, _dit_inputs()), expected) and torch.equal(_run(sharded, _dit_inputs()), expected)
+
+
+def test_on_the_fly_with_disk_offload_is_one_clear_error(dit_model_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="offloaded to disk"):
+        DiTTransformer2DModel.from_pretrained(dit_model_dir, quantization_config=CompressditConfig(rules=W8A8_RULES),
+                                              device_map={"": "disk"}, offload_folder=tmp_path / "offload")
+
+
 class KeepAllFloatHeadDiT(DiTTransformer2DModel):
     _keep_in_fp32_modules = ["proj_out_1"]
 
