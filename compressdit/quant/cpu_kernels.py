@@ -777,7 +777,8 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: fl
     full = torch.zeros(padded, in_features, dtype=torch.int8)
     full[:out_features] = codes
     corr = torch.zeros(groups, padded, dtype=torch.int32)
-    corr[:, :out_features] = (-offset * full[:out_features].view(out_features, groups, group).sum(-1)).t().int()
+    sums = full[:out_features].view(out_features, groups, group).sum(-1, dtype=torch.int32)  # at most 127 * in
+    corr[:, :out_features] = (-offset * sums).t().int()
     w_scale = torch.zeros(groups, padded)
     w_scale[:, :out_features] = scale.float().repeat_interleave(groups // scale.shape[1], dim=1).t()
     table = None

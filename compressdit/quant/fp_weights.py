@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from compressdit.quant.minifloat import Minifloat
-from compressdit.quant.primitives import MSE_CHUNK
+from compressdit.quant.primitives import MSE_CHUNK, all_finite
 
 MSE_SHRINKS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5: the range fractions w_range: mse tries
 
@@ -74,7 +74,7 @@ def quantize_weight_fp(weight: torch.Tensor, element: Minifloat, group_size: int
     """Round-to-nearest-even minifloat codes of ``weight [out, in]`` (scales fitted unless ``scale`` is given)."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise ValueError("weight contains NaN or inf")
     scale = fp_scales(weight, element, group_size, weight_range) if scale is None else scale.float()
     w = _grouped(weight.detach().float(), group_size)

@@ -27,7 +27,7 @@ import torch
 
 from compressdit.quant.fp_weights import FPQuantized, fp_scales
 from compressdit.quant.minifloat import Minifloat
-from compressdit.quant.primitives import IntQuantized, _mse_shrink, _round_grouped, check_bits, int_range
+from compressdit.quant.primitives import IntQuantized, _mse_shrink, _round_grouped, all_finite, check_bits, int_range
 
 DAMP, BLOCK_SIZE = 0.01, 128
 
@@ -126,7 +126,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: Column
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match in_features {cols}")
     if group_size is not None and cols % group_size:
         raise ValueError(f"in_features {cols} is not divisible by group_size {group_size}")
-    if not torch.isfinite(weight).all() or not torch.isfinite(hessian).all():
+    if not all_finite(weight) or not all_finite(hessian):
         raise ValueError("weight or Hessian contains NaN or inf")
     w = weight.detach().float().clone()
     h = hessian.detach().float()  # not modified: the factorisation works on private copies

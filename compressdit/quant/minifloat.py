@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compressdit.quant.primitives import all_finite
 from compressdit.registry import Registry
 
 
@@ -35,9 +36,11 @@ class Minifloat:
     bias: int
     max_value: float
     _table: torch.Tensor = field(init=False, repr=False, compare=False)
+    _boundaries: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_table", self._build_table())
+        object.__setattr__(self, "_boundaries", self._build_boundaries())
 
     @property
     def bits(self) -> int:
@@ -61,6 +64,15 @@ class Minifloat:
         magnitudes = [m if m <= self.max_value else float("nan") for m in magnitudes]
         return torch.tensor(magnitudes + [-m for m in magnitudes], dtype=torch.float32)
 
+    def _build_boundaries(self) -> torch.Tensor:
+        """The midpoints between consecutive finite magnitudes (codes 0, 1, 2, ... in order), each one fp32 step
+        lower where :meth:`round` sends that tie up (to the even code), so that ``torch.bucketize`` of a magnitude
+        (ties to the lower bucket) is its code. The midpoints of these few-bit values are exact in fp32."""
+        values = self.values()
+        midpoints = (values[:-1] + values[1:]) / 2
+        up = self.round(midpoints) == values[1:]
+        return torch.where(up, torch.nextafter(midpoints, torch.tensor(-torch.inf)), midpoints)
+
     def values(self) -> torch.Tensor:
         """Every finite non-negative value, ascending (E2M1: 0, 0.5, 1, 1.5, 2, 3, 4, 6)."""
         table = self._table[: len(self._table) // 2]
@@ -78,17 +90,12 @@ class Minifloat:
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes (``uint8``) of ``x`` rounded as :meth:`round`; the sign bit is set for negative inputs."""
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise ValueError(f"cannot encode NaN or inf as E{self.exponent_bits}M{self.mantissa_bits}")
-        value = self.round(x).abs()
-        _, exponent = torch.frexp(value)
-        normal = value >= 2.0 ** self.min_normal_exponent
-        exponent = torch.where(normal, exponent - 1, torch.full_like(exponent, self.min_normal_exponent))
-        significand = value / torch.exp2((exponent - self.mantissa_bits).float())  # exact integer
-        mantissa = torch.where(normal, significand - (1 << self.mantissa_bits), significand).to(torch.int32)
-        field = torch.where(normal, exponent + self.bias, torch.zeros_like(exponent))
-        sign = (x < 0).to(torch.int32) << (self.exponent_bits + self.mantissa_bits)
-        return (sign | (field << self.mantissa_bits) | mantissa).to(torch.uint8)
+        # finite magnitudes ascend with their codes: a binary search over the tie-adjusted midpoints (one pass,
+        # where rounding then taking the value apart took a dozen), past the last one saturating to the largest
+        code = torch.bucketize(x.float().abs(), self._boundaries.to(x.device), out_int32=True).to(torch.uint8)
+        return code | ((x < 0).to(torch.uint8) << (self.exponent_bits + self.mantissa_bits))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """fp32 values of ``codes`` (any integer dtype)."""

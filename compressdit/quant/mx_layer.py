@@ -36,6 +36,7 @@ from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantStat
 from compressdit.quant.minifloat import Minifloat, pack_nibbles, unpack_nibbles
 from compressdit.quant.mx_primitives import (E2M1, E4M3, MX_BLOCK, NVFP4_BLOCK, mx_dequantize, mx_quantize,
                                              nvfp4_dequantize, nvfp4_quantize)
+from compressdit.quant.primitives import all_finite
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.registry import Registry
 
@@ -58,7 +59,7 @@ class BlockCodec:
         (``fake_quantize_grid``, the same numbers; SVDQuant's branch refinement takes it ~17 times a layer: on a
         1152 -> 4608 NVFP4 weight the PyTorch codec took 3.2 of the split's 4.4 s on one thread)."""
         w = weight.detach().float().contiguous()
-        if self.grid is not None and bool(torch.isfinite(w).all()):  # non-finite: the codec's own error
+        if self.grid is not None and all_finite(w):  # non-finite: the codec's own error
             fast = fake_quantize_grid(w, self.block, self.grid.rule, self.grid.top, self.grid.mantissa,
                                       self.grid.min_exp)
             if fast is not None:

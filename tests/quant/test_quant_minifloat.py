@@ -80,6 +80,28 @@ def test_fp8_codecs_match_torch_float8_bit_for_bit(name, dtype):
     assert fmt.values().max().item() == torch.finfo(dtype).max
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", sorted(MINIFLOATS))
+def test_encode_is_round_taken_apart(name, dtype):
+    """``encode`` (a binary search over tie-adjusted midpoints) gives the code of ``round``'s value, sign bit from
+    ``x < 0``: at every value, every midpoint and one step either side of it, both signs, saturating beyond the
+    maximum, tiny values, inputs in every float dtype."""
+    fmt = MINIFLOATS.get(name)
+    values = fmt.values()
+    midpoints = (values[:-1] + values[1:]) / 2
+    up, down = torch.tensor(torch.inf), torch.tensor(-torch.inf)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([values, midpoints, torch.nextafter(midpoints, up), torch.nextafter(midpoints, down),
+                   torch.randn(20000, generator=gen) * fmt.max_value / 3, torch.randn(20000, generator=gen) * values[1],
+                   torch.tensor([fmt.max_value * 10, 1e-30, 0.0])])
+    x = torch.cat([x, -x]).to(dtype)
+    x = x[torch.isfinite(x)]
+    codes = fmt.encode(x)
+    expected = fmt.round(x).abs()
+    assert torch.equal(fmt.decode(codes & ((1 << (fmt.bits - 1)) - 1)), expected)
+    assert torch.equal(codes >> (fmt.bits - 1), (x < 0).to(torch.uint8))
+
+
 def test_encode_refuses_nan():
     with pytest.raises(ValueError, match="NaN"):
         MINIFLOATS.get("e2m1").encode(torch.tensor([1.0, float("nan")]))

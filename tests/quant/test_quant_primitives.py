@@ -199,3 +199,20 @@ def test_sliced_mse_search_chooses_exactly_as_the_whole_weight_search(monkeypatc
     assert torch.equal(_mse_shrink(w, bits, symmetric), _reference_mse_shrink(w, bits, symmetric))
     monkeypatch.setattr(primitives, "MSE_CHUNK", 1 << 20)  # one slice
     assert torch.equal(_mse_shrink(w, bits, symmetric), _reference_mse_shrink(w, bits, symmetric))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_all_finite_finds_any_nan_or_inf(dtype):
+    x = torch.randn(64, 48).to(dtype)
+    assert primitives.all_finite(x) and primitives.all_finite(x[:0]) and primitives.all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        if dtype == torch.float8_e4m3fn and bad != bad:
+            y = x.clone().view(torch.uint8)
+            y[3, 7] = 0x7F  # e4m3fn's NaN (it has no inf)
+            y = y.view(dtype)
+        elif dtype == torch.float8_e4m3fn:
+            continue
+        else:
+            y = x.clone()
+            y[3, 7] = bad
+        assert not primitives.all_finite(y), (dtype, bad)
