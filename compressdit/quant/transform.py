@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from compressdit.config_base import StrictConfig
 from compressdit.errors import ConfigError
-from compressdit.models.base import ModelAdapter
+from compressdit.models.base import ROLES, ModelAdapter
 from compressdit.models.lookup import registered_adapter
 from compressdit.quant.formats import FORMATS
 from compressdit.quant.layers import QuantizedLinear
@@ -38,6 +39,8 @@ class LayerRule(StrictConfig):
                 re.compile(self.match[3:])
             except re.error as exc:
                 raise ConfigError(f"{where}.match: invalid regex {self.match[3:]!r}: {exc}") from None
+        elif self.match.startswith("role:") and self.match[5:] not in ROLES:
+            raise ConfigError(f"{where}.match: unknown role {self.match[5:]!r}; roles: {', '.join(ROLES)}")
 
     def matches(self, name: str, role: str | None) -> bool:
         if self.match.startswith("re:"):
@@ -48,11 +51,17 @@ class LayerRule(StrictConfig):
 
 
 def resolve_plan(model: nn.Module, adapter: ModelAdapter, rules: list[LayerRule]) -> dict[str, LinearQuantSpec | None]:
-    """First matching rule wins for every linear layer; unmatched layers stay in full precision."""
+    """First matching rule wins for every linear layer; unmatched layers stay in full precision. A rule naming
+    one module exactly that is no linear layer of ``model`` is an error (a typo would quantize it silently)."""
     plan: dict[str, LinearQuantSpec | None] = {}
     for name in adapter.linear_layers(model):
         role = adapter.role_of(name)
         plan[name] = next((rule.spec for rule in rules if rule.matches(name, role)), None)
+    for rule in rules:
+        if not rule.match.startswith(("re:", "role:")) and rule.match not in plan:
+            close = difflib.get_close_matches(rule.match, list(plan), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"rule match {rule.match!r} names no linear layer of {type(model).__name__}{hint}")
     return plan
 
 

@@ -568,10 +568,13 @@ def test_on_the_fly_rules_that_cannot_load_name_why(kwargs, needles):
 
 
 def test_on_the_fly_rules_matching_no_layer_are_an_error(dit_model_dir):
-    config = CompressditConfig(rules=[{"match": "role:embedder", "spec": None}, {"match": "nothing.here",
+    config = CompressditConfig(rules=[{"match": "role:embedder", "spec": None}, {"match": "re:nothing\\..*",
                                                                                  "spec": {"w_bits": 8}}])
-    with pytest.raises(ConfigError, match="match no linear layer of DiTTransformer2DModel"):
+    with pytest.raises(ConfigError, match="rules match no linear layer of DiTTransformer2DModel"):
         DiTTransformer2DModel.from_pretrained(dit_model_dir, quantization_config=config)
+    typo = CompressditConfig(rules=[{"match": "proj_out_3", "spec": {"w_bits": 8}}])
+    with pytest.raises(ConfigError, match="'proj_out_3' names no linear layer of DiTTransformer2DModel; did you mean"):
+        DiTTransformer2DModel.from_pretrained(dit_model_dir, quantization_config=typo)
 
 
 def test_dequantize_keeps_a_mixture_of_blocks_manifest(tmp_path):

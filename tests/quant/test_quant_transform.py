@@ -141,3 +141,21 @@ def test_quantizing_an_already_quantized_layer_is_refused():
     quantize_layers(model, resolve_plan(model, adapter_for(model), rules))
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_layers(model, resolve_plan(model, adapter_for(model), rules))
+
+
+def test_a_rule_with_an_unknown_role_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"rules\[0\]\.match: unknown role 'embeder'; roles: .*embedder"):
+        LayerRule.from_dict({"match": "role:embeder", "spec": None}, "rules[0]")
+
+
+def test_a_rule_naming_no_linear_layer_is_a_config_error_with_the_closest_name():
+    """A typo in an exact name would leave that layer to the next rule (quantized) without a word."""
+    model = tiny_dit()
+    rules = [LayerRule.from_dict({"match": "transformer_blocks.0.attn1.to_qq", "spec": None}, "r"),
+             LayerRule.from_dict({"match": "re:.*", "spec": {"w_bits": 8}}, "r")]
+    with pytest.raises(ConfigError, match=r"'transformer_blocks\.0\.attn1\.to_qq' names no linear layer of "
+                                          r"DiTTransformer2DModel; did you mean 'transformer_blocks\.0\.attn1\.to_q'"):
+        resolve_plan(model, adapter_for(model), rules)
+    plan = resolve_plan(model, adapter_for(model), [LayerRule.from_dict({"match": "transformer_blocks.0.attn1.to_q",
+                                                                        "spec": None}, "r"), rules[1]])
+    assert plan["transformer_blocks.0.attn1.to_q"] is None and plan["transformer_blocks.0.attn1.to_k"] is not None
