@@ -121,3 +121,28 @@ def test_video_pipeline_folder_with_its_own_vae_class_quantizes(tmp_path) -> Non
 
     reloaded = WanTransformer3DModel.from_pretrained(out / "transformer")
     assert isinstance(reloaded.blocks[0].attn1.to_q, QuantizedLinear)
+
+
+@pytest.mark.parametrize("family, recipe", [("flux", "rtn-w4a16"), ("pixart", "nvfp4")])
+def test_the_cli_and_loading_with_recipe_config_write_the_same_codes(family: str, recipe: str, tmp_path) -> None:
+    """``compressdit quantize MODEL --recipe R`` and ``from_pretrained(MODEL, quantization_config=recipe_config(R))``
+    quantize the same layers to the same tensors (one tool, two doors)."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    import compressdit
+
+    model = _random(_build(family))
+    model.save_pretrained(tmp_path / "bare")
+    assert run_main("quantize", tmp_path / "bare", "--recipe", recipe, "--out", tmp_path / "cli", "--no-eval",
+                    "--quiet").code == 0
+    loaded = getattr(diffusers, type(model).__name__).from_pretrained(
+        tmp_path / "bare", quantization_config=compressdit.recipe_config(recipe))
+    loaded.save_pretrained(tmp_path / "loaded")
+    cli_config = json.loads((tmp_path / "cli" / "config.json").read_text())["quantization_config"]
+    assert cli_config["modules"] == loaded.config.quantization_config.modules
+    cli, ours = (load_file(tmp_path / name / "diffusion_pytorch_model.safetensors") for name in ("cli", "loaded"))
+    assert cli.keys() == ours.keys()
+    quantized = [k for k in cli if k.rpartition(".")[0] in cli_config["modules"]]
+    assert quantized and all(torch.equal(cli[k], ours[k]) for k in quantized)
+    assert all(torch.equal(cli[k].float(), ours[k].float()) for k in cli)  # float tensors: same values
