@@ -34,7 +34,8 @@ from compressdit.quant.spec import LinearQuantSpec
 from compressdit.quant.transform import LayerRule, quantize_layers, quantized_modules
 from compressdit.zoo.train_dits import noise_scheduler_config
 from tests.conftest import tiny_dit, tiny_flux, tiny_vae
-from tests.io.test_diffusers_quantizer import WEIGHTS, LoRALayer, _dit_inputs, _quantize, _run
+from tests.io.test_diffusers_quantizer import (WEIGHTS, _dit_inputs, _quantize, _run, freeze_for_adapters,
+                                              with_adapters)
 
 FORMATS = {
     "int-w8a8": LinearQuantSpec(w_bits=8, a_bits=8),
@@ -343,11 +344,7 @@ def test_adapter_training_under_autocast(saved, dtype):
     adapters around the attention projections, forward and backward under ``torch.autocast`` (on CPU here); the
     adapters get gradients, and the quantized layers compute as without autocast (vq-w3 failed under bf16)."""
     fmt, folder, expected = saved
-    model = _load(folder)
-    for param in model.parameters():
-        param.requires_grad = False
-        if param.ndim == 1:
-            param.data = param.data.to(torch.float32)
+    model = freeze_for_adapters(_load(folder))
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         out = _run(model, _dit_inputs())
     # 4-bit activations move by whole steps where autocast's rounding of the float layers' outputs crosses a boundary:
@@ -356,11 +353,7 @@ def test_adapter_training_under_autocast(saved, dtype):
     # tests/quant/test_quant_kernel_registry.py's
     tolerance = 0.3 if (FORMATS[fmt].a_bits or 16) < 8 else 0.05
     assert torch.isfinite(out).all() and ((out.float() - expected).norm() / expected.norm()) < tolerance
-    adapters = []
-    for block in model.transformer_blocks:
-        for name in ("to_q", "to_k", "to_v"):
-            adapters.append(LoRALayer(getattr(block.attn1, name)))
-            setattr(block.attn1, name, adapters[-1])
+    adapters = with_adapters(block.attn1 for block in model.transformer_blocks)
     with torch.autocast("cpu", dtype=dtype):
         model(**_dit_inputs(), return_dict=False)[0].norm().backward()
     assert all(a.adapter[1].weight.grad is not None and float(a.adapter[1].weight.grad.norm()) > 0 for a in adapters)
@@ -473,16 +466,8 @@ def test_on_the_fly_lora_device_map_dequantize_and_training(float_flux):
     plain.dequantize()
     assert not quantized_modules(plain) and torch.isfinite(_flux_run(plain)).all()
 
-    trained = _on_the_fly(float_flux, ON_THE_FLY["int-w4-g16"])
-    for param in trained.parameters():
-        param.requires_grad = False
-        if param.ndim == 1:
-            param.data = param.data.to(torch.float32)
-    adapters = []
-    for block in trained.transformer_blocks:
-        for name in ("to_q", "to_k", "to_v"):
-            adapters.append(LoRALayer(getattr(block.attn, name)))
-            setattr(block.attn, name, adapters[-1])
+    trained = freeze_for_adapters(_on_the_fly(float_flux, ON_THE_FLY["int-w4-g16"]))
+    adapters = with_adapters(block.attn for block in trained.transformer_blocks)
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         trained(**_flux_inputs())[0].norm().backward()

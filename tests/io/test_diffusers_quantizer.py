@@ -265,12 +265,28 @@ class LoRALayer(nn.Module):
         return self.module(x, *args, **kwargs) + self.adapter(x)
 
 
-def test_lora_style_training_on_a_quantized_model(dit_loaded):
-    model = dit_loaded
+def freeze_for_adapters(model: nn.Module) -> nn.Module:
+    """diffusers' ``_test_quantization_training`` first step: every parameter frozen, the 1-D ones (norms, biases)
+    cast to fp32 through ``.data``."""
     for param in model.parameters():
         param.requires_grad = False
         if param.ndim == 1:
             param.data = param.data.to(torch.float32)
+    return model
+
+
+def with_adapters(attentions, names=("to_q", "to_k", "to_v")) -> list[LoRALayer]:
+    """Each attention's ``names`` projections wrapped in a :class:`LoRALayer` (the wrappers, in order)."""
+    adapters = []
+    for attention in attentions:
+        for name in names:
+            adapters.append(LoRALayer(getattr(attention, name)))
+            setattr(attention, name, adapters[-1])
+    return adapters
+
+
+def test_lora_style_training_on_a_quantized_model(dit_loaded):
+    model = freeze_for_adapters(dit_loaded)
     wrapped = []
     for block in model.transformer_blocks:
         assert isinstance(block.attn1.to_q, QuantLinear)
