@@ -315,7 +315,7 @@ class CompressditQuantizer(DiffusersQuantizer):
         """On the fly: put a planned linear's float tensor (already in ``torch_dtype``) in place and quantize the
         linear as soon as none of its tensors is left on ``meta``, so that the float model is never whole in memory
         (one layer at a time, whatever order its weight and bias come in, across shards too)."""
-        set_module_tensor_to_device(model, param_name, device, value=value)
+        set_module_tensor_to_device(model, param_name, device, value=value, dtype=value.dtype)  # as diffusers casts
         module_name = param_name.rpartition(".")[0]
         if not any(t.is_meta for t in model.get_submodule(module_name).parameters(recurse=False)):
             quantize_layers(model, {module_name: LinearQuantSpec(**self.quantization_config.modules[module_name])})
