@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
 
 from compressdit.errors import CheckpointError
 
 
 def verify_safetensors(folder: Path) -> list[Path]:
     """Open every ``*.safetensors`` header and check its byte size; raise on corrupt or truncated files."""
-    from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
@@ -149,22 +153,19 @@ def copy_pipeline_parts(source_folder: Path, out: Path, skip: tuple[str, ...] = 
             shutil.copy2(item, target)
 
 
-def stored_float_dtype(folder: Path):
-    """The floating dtype most of a checkpoint's tensors are stored in (by bytes), or None."""
-    import collections
+def stored_float_dtype(folder: Path) -> torch.dtype | None:
+    """The floating dtype most of a checkpoint folder's tensors are stored in (by bytes), or None."""
+    return files_float_dtype(Path(folder).glob("*.safetensors"))
 
-    import torch
-    from safetensors import safe_open
 
-    sizes: dict = collections.Counter()
-    for path in Path(folder).glob("*.safetensors"):
+def files_float_dtype(paths: Iterable[Path | str]) -> torch.dtype | None:
+    """The floating dtype most of these safetensors files' tensors are stored in (by bytes), or None."""
+    sizes: collections.Counter = collections.Counter()
+    for path in paths:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
                 sl = handle.get_slice(key)
                 dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(sl.get_dtype())
                 if dtype is not None:
-                    numel = 1
-                    for d in sl.get_shape():
-                        numel *= d
-                    sizes[dtype] += numel
+                    sizes[dtype] += math.prod(sl.get_shape())
     return max(sizes, key=sizes.get) if sizes else None

@@ -21,6 +21,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from compressdit.errors import CheckpointError, ConfigError
+from compressdit.io.checkpoint import files_float_dtype
 from compressdit.io.diffusers_lora import register_lora_support
 from compressdit.io.structure import HEADS, IDENTITY, MOB, MOE, TAIL_SUM, WIDTH, apply_structure
 from compressdit.quant.kernel_registry import prepack_model
@@ -189,6 +190,11 @@ class CompressditQuantizer(DiffusersQuantizer):
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
         self._loaded_keys = list(loaded_keys)  # diffusers only warns about unexpected keys; we check them
         self._checkpoint_files = [str(f) for f in checkpoint_files or [] if isinstance(f, (str, Path))]
+        if not self.pre_quantized and self.quantization_config.pre_quantization_dtype is None:
+            # on the fly without torch_dtype: saved again in the source's float dtype, as the CLI writes it
+            stored = files_float_dtype(f for f in self._checkpoint_files if f.endswith(".safetensors"))
+            if stored is not None:
+                self.quantization_config.record_float_dtype(stored)
         return loaded_keys
 
     def _check_unused_tensors(self, model) -> None:

@@ -126,14 +126,15 @@ def test_video_pipeline_folder_with_its_own_vae_class_quantizes(tmp_path) -> Non
 @pytest.mark.parametrize("family, recipe", [("flux", "rtn-w4a16"), ("pixart", "nvfp4")])
 def test_the_cli_and_loading_with_recipe_config_write_the_same_codes(family: str, recipe: str, tmp_path) -> None:
     """``compressdit quantize MODEL --recipe R`` and ``from_pretrained(MODEL, quantization_config=recipe_config(R))``
-    quantize the same layers to the same tensors (one tool, two doors)."""
+    quantize the same layers to the same tensors, and save the float ones in the source's dtype (fp16 here, loaded
+    in fp32): one tool, two doors."""
     import diffusers
     from safetensors.torch import load_file
 
     import compressdit
 
     model = _random(_build(family))
-    model.save_pretrained(tmp_path / "bare")
+    model.to(torch.float16).save_pretrained(tmp_path / "bare")
     assert run_main("quantize", tmp_path / "bare", "--recipe", recipe, "--out", tmp_path / "cli", "--no-eval",
                     "--quiet").code == 0
     loaded = getattr(diffusers, type(model).__name__).from_pretrained(
@@ -145,4 +146,6 @@ def test_the_cli_and_loading_with_recipe_config_write_the_same_codes(family: str
     assert cli.keys() == ours.keys()
     quantized = [k for k in cli if k.rpartition(".")[0] in cli_config["modules"]]
     assert quantized and all(torch.equal(cli[k], ours[k]) for k in quantized)
-    assert all(torch.equal(cli[k].float(), ours[k].float()) for k in cli)  # float tensors: same values
+    assert all(cli[k].dtype == ours[k].dtype and torch.equal(cli[k], ours[k]) for k in cli), \
+        {k: (cli[k].dtype, ours[k].dtype) for k in cli if cli[k].dtype != ours[k].dtype}
+    assert any(t.dtype == torch.float16 for t in ours.values())
