@@ -31,12 +31,12 @@ __version__ = "0.1.0"
 __all__ = ["CompressditConfig", "__version__", "logical_weight_shapes", "recipe_config"]
 
 
-def recipe_config(recipe: str) -> CompressditConfig:
+def recipe_config(recipe: str, modules_to_not_convert: list[str] | None = None) -> CompressditConfig:
     """The ``quantization_config`` that quantizes a float checkpoint as diffusers loads it, as the data-free recipe
-    ``recipe`` (``rtn-w8a8``, ``rtn-w4a16``, ``nvfp4``, ``fp8``, ... or a YAML path) does: see
-    :func:`compressdit.recipe.recipe_config`."""
+    ``recipe`` (``rtn-w8a8``, ``rtn-w4a16``, ``nvfp4``, ``fp8``, ... or a YAML path) does, leaving float the modules
+    with a ``modules_to_not_convert`` entry in their name: see :func:`compressdit.recipe.recipe_config`."""
     from compressdit.recipe import recipe_config as from_recipe  # its stage registry costs ~1 s: loaded when used
 
-    return from_recipe(recipe)
+    return from_recipe(recipe, modules_to_not_convert)
 
 register_with_diffusers()

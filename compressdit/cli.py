@@ -358,11 +358,12 @@ def list_command(as_json: bool = JSON) -> None:
     import compressdit.models  # noqa: F401
     import compressdit.quant.methods  # noqa: F401
     import compressdit.stages  # noqa: F401
-    from compressdit.recipe import list_recipes
+    from compressdit.recipe import data_free_recipes, list_recipes
     from compressdit.registry import ALL_REGISTRIES
 
     listing = {kind: list(registry) for kind, registry in ALL_REGISTRIES.items()}
     listing["recipe"] = list_recipes()
+    listing["on-the-fly recipe"] = data_free_recipes()  # what compressdit.recipe_config takes
     listing["metric"] = ["FD-FMNIST", "FD-EffNet", "class accuracy", "PSNR", "SSIM", "relative error per timestep",
                          "layer SQNR", "parameters", "bytes", "latency"]
     from compressdit.zoo.registry import ZOO

@@ -108,11 +108,11 @@ def list_recipes() -> list[str]:
 
 
 
-def recipe_config(recipe: str | Recipe) -> CompressditConfig:
+def recipe_config(recipe: str | Recipe, modules_to_not_convert: list[str] | None = None) -> CompressditConfig:
     """The diffusers ``quantization_config`` that quantizes a float checkpoint as it loads, as the data-free
     ``recipe`` (a shipped name or a YAML path) does: its quantize stage's rules, every layer rounded from its own
-    weights (the evaluate stage is the CLI's report). Recipes that calibrate, prune or distill need
-    ``compressdit quantize``. ::
+    weights (the evaluate stage is the CLI's report); modules with a ``modules_to_not_convert`` entry in their name
+    stay float too. Recipes that calibrate, prune or distill need ``compressdit quantize``. ::
 
         transformer = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer",
                                                                quantization_config=compressdit.recipe_config("rtn-w8a8"))
@@ -123,7 +123,7 @@ def recipe_config(recipe: str | Recipe) -> CompressditConfig:
         raise ConfigError(f"recipe {recipe.name}: {reason}; run it with the CLI (`compressdit quantize|prune|moe MODEL "
                           f"--recipe {recipe.name} --out OUT`) and load OUT (recipes that load on the fly: "
                           f"{', '.join(data_free_recipes())})")
-    return CompressditConfig(rules=[rule.to_dict() for rule in rules])
+    return CompressditConfig(rules=[rule.to_dict() for rule in rules], modules_to_not_convert=modules_to_not_convert)
 
 
 def data_free_recipes() -> list[str]:

@@ -175,7 +175,8 @@ def test_data_free_recipes_are_the_rounding_only_ones():
     assert not {"w8a8", "w4a16", "gptq-w4a16", "vq-w3", "svdquant-w4a4", "tinyfusion-50"} & set(names)
     config = recipe_config("rtn-w8a8")
     rules = load_recipe("rtn-w8a8").stage("quantize").config.options.rules
-    assert config.rules == rules and config.modules == {}
+    assert config.rules == rules and config.modules == {} and config.modules_to_not_convert == []
+    assert recipe_config("nvfp4", modules_to_not_convert=["proj_out"]).modules_to_not_convert == ["proj_out"]
 
 
 @pytest.mark.parametrize("name, needles", [

@@ -514,6 +514,7 @@ def test_list_json_and_help():
     assert listing.code == 0, listing.stderr
     data = json.loads(listing.stdout)
     assert {"rtn-w8a8", "rtn-w4a8", "rtn-w4a16"} <= set(data["recipe"])
+    assert {"rtn-w8a8", "nvfp4"} <= set(data["on-the-fly recipe"]) and "w8a8" not in data["on-the-fly recipe"]
     assert "int" in data["format"] and "rtn" in data["quantization method"]
     helped = run_main("--help")
     assert helped.code == 0, helped.stderr
