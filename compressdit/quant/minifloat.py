@@ -92,9 +92,16 @@ class Minifloat:
         """Codes (``uint8``) of ``x`` rounded as :meth:`round`; the sign bit is set for negative inputs."""
         if not all_finite(x):
             raise ValueError(f"cannot encode NaN or inf as E{self.exponent_bits}M{self.mantissa_bits}")
-        # finite magnitudes ascend with their codes: a binary search over the tie-adjusted midpoints (one pass,
-        # where rounding then taking the value apart took a dozen), past the last one saturating to the largest
-        code = torch.bucketize(x.float().abs(), self._boundaries.to(x.device), out_int32=True).to(torch.uint8)
+        # finite magnitudes ascend with their codes: the code is the number of tie-adjusted midpoints a magnitude
+        # passes (past the last one it saturates to the largest), where rounding then taking the value apart took a
+        # dozen passes. 4-bit formats (7 midpoints) count them, 3x faster than a binary search; wider ones search.
+        magnitude = x.float().abs()
+        if len(self._boundaries) < 16:
+            code = torch.zeros(magnitude.shape, dtype=torch.uint8, device=x.device)
+            for boundary in self._boundaries.tolist():  # exact: fp32 values compared in fp32
+                code += magnitude > boundary
+        else:
+            code = torch.bucketize(magnitude, self._boundaries.to(x.device), out_int32=True).to(torch.uint8)
         return code | ((x < 0).to(torch.uint8) << (self.exponent_bits + self.mantissa_bits))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
