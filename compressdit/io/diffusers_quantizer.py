@@ -119,9 +119,8 @@ class CompressditConfig(QuantizationConfigMixin):
         in their name (a substring, as diffusers' other backends match). ``self`` where it names its modules."""
         if not self.rules:
             return self
-        keep = set(keep_in_fp32_modules or ())
         plan = {name: spec for name, spec in resolve_plan(model, adapter_for(model), self.rules).items()
-                if spec is not None and not keep.intersection(name.split("."))
+                if spec is not None and not kept_in_fp32(name, keep_in_fp32_modules)
                 and not any(part in name for part in self.modules_to_not_convert)}
         if not plan:
             raise ConfigError(f"quantization_config.rules match no linear layer of {type(model).__name__}")
@@ -144,6 +143,12 @@ class CompressditConfig(QuantizationConfigMixin):
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def kept_in_fp32(name: str, keep_in_fp32_modules) -> bool:
+    """Whether ``name`` (a module or tensor) lies in one of a model's ``_keep_in_fp32_modules``: one of its dotted
+    parts is one, as diffusers' loader matches them."""
+    return bool(keep_in_fp32_modules) and not set(keep_in_fp32_modules).isdisjoint(name.split("."))
 
 
 def _on_the_fly_rules(rules: list[dict] | None) -> list[LayerRule]:
@@ -180,7 +185,7 @@ class CompressditQuantizer(DiffusersQuantizer):
             return model
         apply_structure(model, self.quantization_config.structure)  # pruned widths first, quantized modules on them
         specs = self.quantization_config.specs()
-        kept = [n for n in specs if keep_in_fp32_modules and any(k in n.split(".") for k in keep_in_fp32_modules)]
+        kept = [n for n in specs if kept_in_fp32(n, keep_in_fp32_modules)]
         if kept:
             raise CheckpointError(f"{type(model).__name__} keeps {kept[0]!r} in fp32 but the checkpoint quantizes it")
         build_empty_layers(model, specs)
@@ -362,7 +367,7 @@ class CompressditQuantizer(DiffusersQuantizer):
         keep = getattr(model, "_keep_in_fp32_modules", None) or []
         names = {f"{n}.{t}" for n, m in model.named_modules() if isinstance(m, QuantizedLinear)
                  for t in m.quantized_tensors}
-        return names | {k for k in model.state_dict() if any(part in k.split(".") for part in keep)}
+        return names | {k for k in model.state_dict() if kept_in_fp32(k, keep)}
 
     def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
         dtype = FLOAT_DTYPES.get(self.quantization_config.pre_quantization_dtype)
