@@ -107,7 +107,6 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-
 def recipe_config(recipe: str | Recipe, modules_to_not_convert: list[str] | None = None) -> CompressditConfig:
     """The diffusers ``quantization_config`` that quantizes a float checkpoint as it loads, as the data-free
     ``recipe`` (a shipped name or a YAML path) does: its quantize stage's rules, every layer rounded from its own
@@ -139,11 +138,12 @@ def _data_free_rules(recipe: Recipe) -> tuple[list | None, str]:
             continue
         if stage.name != "quantize":
             return None, f"its {stage.name} stage cannot run while a checkpoint loads (loading rounds weights only)"
-        handler = METHODS.get(stage.config.method)
-        found = handler.data_free_rules(stage.config.options) if handler.data_free_rules is not None else None
+        handler, options = METHODS.get(stage.config.method), stage.config.options
+        if handler.needs_calibration(options):
+            return None, f"method {stage.config.method!r} as configured needs calibration data"
+        found = handler.plan_rules(options) if handler.plan_rules is not None else None
         if found is None:
-            return None, f"method {stage.config.method!r} as configured needs calibration data or decides over layers " \
-                         "jointly"
+            return None, f"method {stage.config.method!r} as configured decides over layers jointly"
         if rules is not None:
             return None, "more than one quantize stage (merge their rules into one to load it on the fly)"
         rules = found

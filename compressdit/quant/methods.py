@@ -28,9 +28,10 @@ class MethodHandler:
     # alone, so that quantizing block by block equals ``apply`` (streaming); None (or returning None for a config)
     # where layers are quantized jointly
     layer_plan: Callable[[nn.Module, Any, QuantContext], dict[str, LinearQuantSpec | None] | None] | None = None
-    # the ordered rules that alone give a config's plan where it needs no calibration data (each layer rounded from
-    # its own weights: what a float checkpoint can be quantized with as it loads); None (or returning None) elsewhere
-    data_free_rules: Callable[[Any], list[LayerRule] | None] | None = None
+    # the ordered rules that alone give a config's plan (each layer from its own weights and statistics, nothing
+    # decided over layers jointly); None (or returning None for a config) elsewhere. With ``needs_calibration``
+    # false, what a float checkpoint can be quantized with as it loads
+    plan_rules: Callable[[Any], list[LayerRule] | None] | None = None
 
 
 METHODS: Registry[MethodHandler] = Registry("quantization method")
@@ -81,9 +82,5 @@ def _rtn_plan(model: nn.Module, config: RTNConfig, ctx: QuantContext) -> dict:
     return resolve_plan(model, ctx.adapter, config.rules)
 
 
-def _rtn_data_free_rules(config: RTNConfig) -> list[LayerRule] | None:
-    return None if rules_need_calibration(config.rules) else config.rules
-
-
 METHODS.add("rtn", MethodHandler(RTNConfig, _apply_rtn, lambda cfg: rules_need_calibration(cfg.rules), _rtn_plan,
-                                 _rtn_data_free_rules))
+                                 lambda cfg: cfg.rules))

@@ -59,8 +59,9 @@ def _layer_plan(model: nn.Module, config: ViDiTQConfig, ctx: QuantContext) -> di
     return None if config.mixed_precision is not None else resolve_plan(model, ctx.adapter, config.rules)
 
 
-def _data_free_rules(config: ViDiTQConfig) -> list[LayerRule] | None:
-    return None if _needs_calibration(config) else config.rules
+def _plan_rules(config: ViDiTQConfig) -> list[LayerRule] | None:
+    """The rules, unless mixed precision ranks the layers against each other (as :func:`_layer_plan`)."""
+    return None if config.mixed_precision is not None else config.rules
 
 
-METHODS.add("viditq", MethodHandler(ViDiTQConfig, _apply_viditq, _needs_calibration, _layer_plan, _data_free_rules))
+METHODS.add("viditq", MethodHandler(ViDiTQConfig, _apply_viditq, _needs_calibration, _layer_plan, _plan_rules))
