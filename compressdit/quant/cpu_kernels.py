@@ -188,11 +188,12 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     ``torch._int_mm`` runs at every row count (see :func:`_int8_gemm_prepack`). One row always runs ``torch._int_mm``.
     ``microkernel``: the codes packed by :func:`~compressdit.quant.cpu_native.int8_pack` (AMX-INT8), which the fused
     op then multiplies on oneDNN's BRGeMM microkernel instead of ``torch._int_mm`` (the same int32 sums).
-    ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale`` / ``gemm_table``: the codes packed by :func:`pack_weight` (one
-    group of all inputs, activation codes + 128; narrower weights as nibbles through ``gemm_table``), which every row
-    count then multiplies on :func:`~compressdit.quant.cpu_native.group_gemm` (AVX512-VNNI without the microkernel:
-    the same int32 sums and dequantization; fp32 ``x``, or bf16 without a divisor); ``codes_t`` is then None for
-    narrower weights (no unpacked copy kept).
+    ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale`` / ``gemm_table``: :func:`pack_weight`'s tensors (one group of
+    all inputs, activation codes + 128; 8-bit codes row-major as the layer stores them, narrower weights packed as
+    nibbles through ``gemm_table``), which every row count then multiplies on
+    :func:`~compressdit.quant.cpu_native.group_gemm` (AVX512-VNNI without the microkernel: the same int32 sums and
+    dequantization; fp32 ``x``, or bf16 without a divisor); ``codes_t`` is then None for narrower weights (no
+    unpacked copy kept).
     """
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     rows, in_features = x2.shape
@@ -314,9 +315,11 @@ def _int8_gemm_prepack(layer) -> dict:
     smooth = None if layer.smooth_scale is None or layer.rotation_signs is not None else layer.smooth_scale.detach()
     # elsewhere on AVX512-VNNI every row count on group_gemm's VNNI tiles (cpu-int-groups' GEMM, one group): faster
     # than oneDNN's prepacked GEMM, torch._int_mm and fbgemm's dynamic int8 linear at every shape measured
-    # (bench/results/layer_w8a8_cpu.md)
+    # (bench/results/layer_w8a8_cpu.md). 8-bit codes are read as the layer stores them (each block of channels packed
+    # per call, few rows multiplied in place): no second copy of the weight (W8A8 DiT-XL/2: half its bytes)
     gemm = (pack_weight(codes, layer.weight_scale.reshape(-1, 1).float(), layer.in_features, 128.0,
-                        nibbles=layer.spec.w_bits <= 4) if layer.in_features % 4 == 0 and vnni_int8_gemm() else None)
+                        nibbles=layer.spec.w_bits <= 4, rows=layer.spec.w_bits == 8)
+            if layer.in_features % 4 == 0 and vnni_int8_gemm() else None)
     narrow = gemm is not None and layer.spec.w_bits < 8  # no unpacked copy kept besides the packed one
     return {"codes": None if narrow else codes, "codes_t": None if narrow else codes.t(),
             "packed": None if small or microkernel is not None or gemm is not None else
@@ -763,25 +766,32 @@ def _pair_bound(a_offset: float, w_max: float) -> float:
     return 2 * (2 * a_offset) * w_max
 
 
-def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: float, nibbles: bool = False) -> dict:
+def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: float, nibbles: bool = False,
+                rows: bool = False) -> dict:
     """int8 weight codes ``[out, in]`` and their fp32 scales ``[out, in / g]`` (groups of ``g``, a multiple of the
     GEMM's ``group``) in :func:`~compressdit.quant.cpu_native.group_gemm`'s layout (csrc/group_gemm.c): ``packed``
     (blocks of 16 output channels, four inputs of a channel together), ``corr`` (``-offset`` times each channel's
     sum of codes per group: the activation codes' offset taken back) and ``w_scale`` ``[groups, out]``, the output
     channels padded to a multiple of 32 with zero codes; ``table`` None. ``nibbles`` (codes of at most 16 distinct
     values, see :func:`nibble_table`): ``packed`` holds each code's index in ``table`` (int8 ``[16]``),
-    two a byte (half a byte a weight): each pair of blocks' bytes, the first block's index in the low nibble."""
+    two a byte (half a byte a weight): each pair of blocks' bytes, the first block's index in the low nibble.
+    ``rows`` (byte codes only, the AVX512-VNNI path): ``packed`` is ``codes`` itself, contiguous ``[out, in]`` (the
+    layer's stored weight: no copy), which the GEMM packs a block of channels at a time per call."""
     out_features, in_features = codes.shape
+    if rows and nibbles:
+        raise ValueError("pack_weight: row-major weights are byte codes (no nibbles)")
     padded = -(-out_features // 32) * 32
     groups = in_features // group
-    full = torch.zeros(padded, in_features, dtype=torch.int8)
-    full[:out_features] = codes
     corr = torch.zeros(groups, padded, dtype=torch.int32)
-    sums = full[:out_features].view(out_features, groups, group).sum(-1, dtype=torch.int32)  # at most 127 * in
+    sums = codes.reshape(out_features, groups, group).sum(-1, dtype=torch.int32)  # at most 127 * in
     corr[:, :out_features] = (-offset * sums).t().int()
     w_scale = torch.zeros(groups, padded)
     w_scale[:, :out_features] = scale.float().repeat_interleave(groups // scale.shape[1], dim=1).t()
     table = None
+    if rows:
+        return {"packed": codes.contiguous(), "corr": corr, "w_scale": w_scale, "table": None}
+    full = torch.zeros(padded, in_features, dtype=torch.int8)
+    full[:out_features] = codes
     if nibbles:
         table, index = nibble_table(full)
         full = index.view(torch.int8)

@@ -93,7 +93,7 @@ _SIGNATURES = {
     "compressdit_int4_dot_ready": ([], ctypes.c_int),
     "compressdit_int4_dot": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I32], ctypes.c_int),
     "compressdit_group_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
-                                _I64, _I32, _PTR, _PTR, _I32], ctypes.c_int),
+                                _I64, _I32, _PTR, _I32, _PTR, _I32], ctypes.c_int),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -666,8 +666,10 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     ``row_group``: the weight's groups of inputs where ``scales`` holds one scale a row (``[rows, 1]``: int8
     activations per token), applied after the groups as :func:`dequantize_groups` does (``(sum_g acc_g * w_scale[g])
     * scales[i] + bias``, its numbers). ``table``: the weight is 4-bit indices, two a byte, whose codes are
-    ``table[index]`` (int8 ``[16]``; ``cpu_kernels.pack_weight(..., nibbles=True)``; one weight plane). Rows (or column blocks) over torch's threads from
-    ``GROUP_GEMM_TEAM_MIN_WORK`` multiply-adds. ``None`` without the library."""
+    ``table[index]`` (int8 ``[16]``; ``cpu_kernels.pack_weight(..., nibbles=True)``; one weight plane). A 2-D
+    ``packed`` is the int8 codes ``[out, in]`` as stored (``cpu_kernels.pack_weight(..., rows=True)``: the AVX512-VNNI
+    path only; each block of 32 channels packed per call, no copy kept). Rows (or column blocks) over torch's threads
+    from ``GROUP_GEMM_TEAM_MIN_WORK`` multiply-adds. ``None`` without the library."""
     lib = native_library()
     if lib is None:
         return None
@@ -678,10 +680,10 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     rank = 0 if hidden is None else hidden.shape[1]
     if lib.compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(), corr.data_ptr(),
                                   w_scale.data_ptr(), _ptr(hidden), rank, _ptr(up), _ptr(bias), rows, out_features,
-                                  cols, group, flush, planes, row_group is not None, _ptr(table), out.data_ptr(),
-                                  threads):
-        raise RuntimeError(f"group_gemm: no path on this CPU for {planes} weight plane(s)"
-                           f"{' of nibbles' if table is not None else ''} (see group_gemm_isa)")
+                                  cols, group, flush, planes, row_group is not None, _ptr(table), packed.dim() == 2,
+                                  out.data_ptr(), threads):
+        layout = " of nibbles" if table is not None else " stored row-major" if packed.dim() == 2 else ""
+        raise RuntimeError(f"group_gemm: no path on this CPU for {planes} weight plane(s){layout} (see group_gemm_isa)")
     return out
 
 

@@ -18,6 +18,13 @@
  * corr [groups, cols_p] = -offset * the channel's sum of weight codes in the group (the activations' offset taken
  * back: the int32 accumulators start from it); w_scale [groups, cols_p]; a_scale [rows, groups].
  *
+ * Row-major byte weights (row_major: W8A8's codes [cols, k] as the layer stores them; AVX512-VNNI): no packed copy is
+ * kept. With at least DOT_ROWS rows a thread, each pair of blocks is packed when its turn comes (a 16 x 16 transpose
+ * of 4-byte quads per 64 inputs of 16 channels: DiT-XL/2's layers 0-5% slower than prepacked at 256-1024 rows, one
+ * thread); with fewer, dot_tile multiplies 64 consecutive inputs of a row and of a channel in place (1.1-1.3x the
+ * prepacked time at 1-2 rows, up to 1.6x at 6-16, the weights in cache: a model's weights stream from memory there).
+ * The same int32 sums and epilogue: the same numbers.
+ *
  * 16-bit weights (planes = 2, AVX512-VNNI only: twin-log's per-row tables of real values: cpu_kernels.pack_planes):
  * each weight q = 256 * hi + lo with signed bytes hi and lo, packed as byte weights of twice the inputs, each
  * group's hi quads then its lo quads; corr and w_scale [2 * groups, cols_p] (corr: -offset * each plane's sums,
@@ -176,6 +183,8 @@ static __attribute__((target("avx2,fma"))) void block_avx2(
 #define GROUP_GEMM_512 1
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline
+/* row-major weights: fewer rows than this a thread run dot_tile, more pack each pair once for the tiles */
+#define DOT_ROWS 24
 
 /* rows [0, R) x output channels [c0, c0 + 32) of the product (two blocks of 16), all groups */
 static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, int64_t group,
@@ -264,19 +273,163 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
     }
 }
 
+/* r[c] (c < 16): 16 dwords each, -> r[q] holds dword q of every r[c] in order (a 16 x 16 transpose of dwords):
+ * 32-bit then 64-bit interleaves within 128-bit lanes, then the 4 x 4 transpose of the lanes */
+static VNNI void transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 8; ++i) {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int j = 0; j < 4; ++j) { /* b[4j + e], lane L: rows 4j .. 4j + 3 of column 4L + e */
+        b[4 * j] = _mm512_unpacklo_epi64(a[4 * j], a[4 * j + 2]);
+        b[4 * j + 1] = _mm512_unpackhi_epi64(a[4 * j], a[4 * j + 2]);
+        b[4 * j + 2] = _mm512_unpacklo_epi64(a[4 * j + 1], a[4 * j + 3]);
+        b[4 * j + 3] = _mm512_unpackhi_epi64(a[4 * j + 1], a[4 * j + 3]);
+    }
+    for (int e = 0; e < 4; ++e) {
+        const __m512i c0 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0x44), c1 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0xee);
+        const __m512i c2 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0x44);
+        const __m512i c3 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0xee);
+        r[e] = _mm512_shuffle_i32x4(c0, c2, 0x88);
+        r[4 + e] = _mm512_shuffle_i32x4(c0, c2, 0xdd);
+        r[8 + e] = _mm512_shuffle_i32x4(c1, c3, 0x88);
+        r[12 + e] = _mm512_shuffle_i32x4(c1, c3, 0xdd);
+    }
+}
+
+/* output channels [c0, c0 + 16) of row-major byte codes w [cols, k] in the tiles' block layout [k / 4, 16, 4] (what
+ * cpu_kernels.pack_weight stores), into dst; channels past `cols` zero codes, as that padding */
+static VNNI void pack_block(const int8_t *w, int64_t cols, int64_t k, int64_t c0, int8_t *dst) {
+    const int64_t quads = k / 4;
+    int64_t q = 0;
+    for (; q + 16 <= quads; q += 16) { /* 16 quads of 16 channels: one transpose */
+        __m512i r[16];
+        for (int c = 0; c < 16; ++c)
+            r[c] = c0 + c < cols ? _mm512_loadu_si512(w + (c0 + c) * k + 4 * q) : _mm512_setzero_si512();
+        transpose16(r);
+        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (q + j) * 64, r[j]);
+    }
+    for (; q < quads; ++q)
+        for (int c = 0; c < 16; ++c) {
+            int32_t four = 0;
+            if (c0 + c < cols) memcpy(&four, w + (c0 + c) * k + 4 * q, sizeof four);
+            memcpy(dst + q * 64 + 4 * c, &four, sizeof four);
+        }
+}
+
+/* Row-major byte codes with one group and one activation scale a row (W8A8's layout as stored), rows [0, R) (R <= 4)
+ * x channels [c0, c0 + C) (C <= 4): vpdpbusd on 64 consecutive inputs of a row and of a channel (no packing), each
+ * product's 16 partial sums added up at the end in one 16 -> 1 tree, then the tiles' epilogue in the same order
+ * ((0 + (corr + sum) * w_scale) * a_scale + bias): the same numbers. For few rows, where packing each pair per call
+ * would cost more than the products. */
+static VNNI void dot_tile(const uint8_t *a, int64_t k, const float *a_scale, const int8_t *w, const int32_t *corr,
+                          const float *w_scale, const float *bias, float *out, int64_t cols, int64_t c0,
+                          const int rows) {
+    /* channels past `cols` read the last one's codes again (their sums are not stored) */
+    const int8_t *w0 = w + c0 * k, *w1 = w + (c0 + 1 < cols ? c0 + 1 : cols - 1) * k;
+    const int8_t *w2 = w + (c0 + 2 < cols ? c0 + 2 : cols - 1) * k, *w3 = w + (c0 + 3 < cols ? c0 + 3 : cols - 1) * k;
+    const uint8_t *x0 = a, *x1 = a + (rows > 1) * k, *x2 = a + 2 * (rows > 2) * k, *x3 = a + 3 * (rows > 3) * k;
+    /* the accumulators named, not an array: GCC then keeps each in one register (an array's copies it moved) */
+#define ZERO4(r) __m512i r##0 = _mm512_setzero_si512(), r##1 = r##0, r##2 = r##0, r##3 = r##0;
+    ZERO4(s0) ZERO4(s1) ZERO4(s2) ZERO4(s3)
+#undef ZERO4
+#define ROW(r, x)                                      \
+    s##r##0 = _mm512_dpbusd_epi32(s##r##0, x, v0);     \
+    s##r##1 = _mm512_dpbusd_epi32(s##r##1, x, v1);     \
+    s##r##2 = _mm512_dpbusd_epi32(s##r##2, x, v2);     \
+    s##r##3 = _mm512_dpbusd_epi32(s##r##3, x, v3);
+#define STEP(LOAD)                                                                     \
+    {                                                                                  \
+        const __m512i v0 = LOAD(w0), v1 = LOAD(w1), v2 = LOAD(w2), v3 = LOAD(w3);      \
+        const __m512i y0 = LOAD(x0);                                                   \
+        ROW(0, y0)                                                                     \
+        if (rows > 1) { const __m512i y1 = LOAD(x1); ROW(1, y1) }                      \
+        if (rows > 2) { const __m512i y2 = LOAD(x2); ROW(2, y2) }                      \
+        if (rows > 3) { const __m512i y3 = LOAD(x3); ROW(3, y3) }                      \
+    }
+    int64_t i = 0;
+    for (; i + 64 <= k; i += 64) {
+#define FULL(p) _mm512_loadu_si512((p) + i)
+        STEP(FULL)
+#undef FULL
+    }
+    if (i < k) { /* the last k - i (< 64) inputs, masked */
+        const __mmask64 m = (__mmask64)((1ull << (k - i)) - 1ull);
+#define MASKED(p) _mm512_maskz_loadu_epi8(m, (p) + i)
+        STEP(MASKED)
+#undef MASKED
+    }
+#undef STEP
+#undef ROW
+    /* 16 -> 1: p lanes 0-1 hold one accumulator's halves added, lanes 2-3 the next one's; q_c lane r the four partial
+     * sums of row r and channel c0 + c (accumulator s<r><c>); then within the lanes: lane 4 r + c of the sums */
+#define PAIR(u, v) _mm512_add_epi32(_mm512_shuffle_i64x2(u, v, 0x44), _mm512_shuffle_i64x2(u, v, 0xee))
+#define QUAD(u, v) _mm512_add_epi32(_mm512_shuffle_i32x4(u, v, 0x88), _mm512_shuffle_i32x4(u, v, 0xdd))
+    const __m512i q0 = QUAD(PAIR(s00, s10), PAIR(s20, s30)), q1 = QUAD(PAIR(s01, s11), PAIR(s21, s31));
+    const __m512i q2 = QUAD(PAIR(s02, s12), PAIR(s22, s32)), q3 = QUAD(PAIR(s03, s13), PAIR(s23, s33));
+#undef PAIR
+#undef QUAD
+    const __m512i h01 = _mm512_add_epi32(_mm512_unpacklo_epi32(q0, q1), _mm512_unpackhi_epi32(q0, q1));
+    const __m512i h23 = _mm512_add_epi32(_mm512_unpacklo_epi32(q2, q3), _mm512_unpackhi_epi32(q2, q3));
+    const __m512i sums = _mm512_add_epi32(_mm512_unpacklo_epi64(h01, h23), _mm512_unpackhi_epi64(h01, h23));
+    /* the epilogue on all 16: channel terms repeated in each row's lanes, each row's scale in its four */
+    const int chans = cols - c0 < 4 ? (int)(cols - c0) : 4;
+    const __mmask16 cm = (__mmask16)((1u << chans) - 1u);
+    const __mmask16 lanes = (__mmask16)(cm | cm << 4 | cm << 8 | cm << 12);
+    const __m512i corr4 = _mm512_broadcast_i32x4(_mm_maskz_loadu_epi32((__mmask8)cm, corr + c0));
+    const __m512 scale4 = _mm512_broadcast_f32x4(_mm_maskz_loadu_ps((__mmask8)cm, w_scale + c0));
+    const __m512 bias4 = _mm512_broadcast_f32x4(bias ? _mm_maskz_loadu_ps((__mmask8)cm, bias + c0) : _mm_setzero_ps());
+    const __m512 rows4 = _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                               _mm512_castps128_ps512(_mm_maskz_loadu_ps(
+                                                   (__mmask8)((1u << rows) - 1u), a_scale)));
+    const __m512 v = _mm512_mul_ps(_mm512_add_ps(_mm512_setzero_ps(),
+                                                 _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(corr4, sums)),
+                                                               scale4)), rows4);
+    float o[16];
+    _mm512_mask_storeu_ps(o, lanes, _mm512_add_ps(v, bias4));
+    for (int r = 0; r < rows; ++r) memcpy(out + r * cols + c0, o + 4 * r, sizeof(float) * (size_t)chans);
+}
+
+/* dot_tile over rows [r0, r1) x channel pairs [p0, p1) (a function of its own: inlined into block_vnni's other
+ * paths, its registers spilled) */
+static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), noinline)) void rows_dot(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
+                          const float *w_scale, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
+                          int64_t cols, int64_t k, float *out) {
+    const int64_t c1 = 32 * p1 < cols ? 32 * p1 : cols;
+    for (int64_t c = 32 * p0; c < c1; c += 4) {
+        int64_t r = r0;
+        for (; r + 4 <= r1; r += 4)
+            dot_tile(a + r * k, k, a_scale + r, w, corr, w_scale, bias, out + r * cols, cols, c, 4);
+        switch (r1 - r) {
+#define LAST(n) case n: dot_tile(a + r * k, k, a_scale + r, w, corr, w_scale, bias, out + r * cols, cols, c, n); break;
+            LAST(1) LAST(2) LAST(3)
+#undef LAST
+        default: break;
+        }
+    }
+}
+
 /* rows [r0, r1) x channel pairs [p0, p1) (32 channels each): each pair's weights (k x 32 bytes a plane, k x 16 as
- * nibbles) stay in cache while the rows stream past them in tiles of TILE_ROWS */
+ * nibbles) stay in cache while the rows stream past them in tiles of TILE_ROWS; `row_major`: w is the byte codes
+ * [cols, k] as stored, each pair packed into `scratch` (k x 32 bytes) first */
 static VNNI void rows_vnni(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
                            float *out, const int planes, const int row_scales, const int8_t *table,
-                           const int nibbles) {
+                           const int nibbles, const int row_major, int8_t *scratch) {
     const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = planes * (k / 4) * 64;
     const int64_t stride = row_scales ? 1 : groups; /* a_scale's entries a row */
     const __m512i lut = nibbles ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)table))
                                 : _mm512_setzero_si512();
     for (int64_t p = p0; p < p1; ++p) {
         const int8_t *w0 = w + (nibbles ? 1 : 2) * p * panel, *w1 = w0 + panel;
+        if (row_major) { /* the pair's two blocks packed here, read by every row tile below */
+            pack_block(w, cols, k, 32 * p, scratch);
+            pack_block(w, cols, k, 32 * p + 16, scratch + panel);
+            w0 = scratch;
+            w1 = scratch + panel;
+        }
         int64_t r = r0;
         for (; r + TILE_ROWS <= r1; r += TILE_ROWS)
             tile(a + r * k, k, a_scale + r * stride, groups, group, w0, w1, corr, w_scale, cols_p, h + r * rank, rank,
@@ -292,21 +445,27 @@ static VNNI void rows_vnni(const uint8_t *a, const float *a_scale, const int8_t 
     }
 }
 
-/* rows_vnni compiled for each weight layout (byte codes, two byte planes, nibbles through `table`) and scale
+/* rows_vnni compiled for each weight layout (byte codes, two byte planes, nibbles through `table`, row-major byte
+ * codes) and scale
  * layout (constants in the tiles' loops) */
 static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
-    int64_t cols, int64_t k, int64_t group, float *out, int planes, int row_scales, const int8_t *table) {
-#define ROWS(planes, row_scales, nibbles) \
+    int64_t cols, int64_t k, int64_t group, float *out, int planes, int row_scales, const int8_t *table,
+    int row_major, int8_t *scratch) {
+#define ROWS(planes, row_scales, nibbles, row_major) \
     rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, planes, \
-              row_scales, table, nibbles)
+              row_scales, table, nibbles, row_major, scratch)
     if (planes == 2)
-        ROWS(2, 0, 0);
+        ROWS(2, 0, 0, 0);
     else if (table)
-        row_scales ? ROWS(1, 1, 1) : ROWS(1, 0, 1);
+        row_scales ? ROWS(1, 1, 1, 0) : ROWS(1, 0, 1, 0);
+    else if (row_major && r1 - r0 < DOT_ROWS && row_scales && group == k && !rank)
+        rows_dot(a, a_scale, w, corr, w_scale, bias, r0, r1, p0, p1, cols, k, out);
+    else if (row_major)
+        row_scales ? ROWS(1, 1, 0, 1) : ROWS(1, 0, 0, 1);
     else
-        row_scales ? ROWS(1, 1, 0) : ROWS(1, 0, 0);
+        row_scales ? ROWS(1, 1, 0, 0) : ROWS(1, 0, 0, 0);
 #undef ROWS
 }
 #endif
@@ -336,14 +495,15 @@ int compressdit_group_gemm_ready(void) {
 static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                   const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias, int64_t r0,
                   int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group, int64_t flush,
-                  int planes, int row_scales, const int8_t *table, int8_t *scratch, float *out) {
+                  int planes, int row_scales, const int8_t *table, int row_major, int8_t *scratch, float *out) {
 #ifdef GROUP_GEMM_512
     if (isa == 2) {
         block_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, planes,
-                   row_scales, table);
+                   row_scales, table, row_major, scratch);
         return;
     }
 #endif
+    (void)row_major; /* 0 here: the entry refuses row-major weights without VNNI */
     (void)planes; /* 1 here: the entry refuses 2 weight planes without VNNI */
     (void)isa;
     block_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, row_scales,
@@ -358,25 +518,32 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
  * this file; byte weights only), else [rows, groups]; `table`: NULL, or the weights are 4-bit indices two a byte
  * (one plane: w [cols_p / 32, k / 4, 64], each byte's low nibble the first block of 16 channels' index and its high
  * nibble the second's) whose codes are table[index] (16 signed bytes: vpshufb's lookup; AVX512-VNNI in the tiles'
- * registers, AVX2 a block at a time into a buffer of each thread's). Rows split over `threads` OpenMP threads in
- * contiguous blocks of whole tiles where there are enough, else the channel pairs: every output computed alone, the
- * same numbers on any number of threads. Returns 1 where not compressdit_group_gemm_ready, for 2 planes not its
- * AVX512-VNNI path, or out of memory (AVX2's buffers). */
+ * registers, AVX2 a block at a time into a buffer of each thread's); `row_major`: w is byte codes [cols, k] as a
+ * checkpoint stores them (one plane, no table; AVX512-VNNI only), each pair of blocks packed when its turn comes into
+ * a buffer of each thread's (k x 32 bytes): no packed copy of the weight is kept, the same numbers. Rows split over
+ * `threads` OpenMP threads in contiguous blocks of whole tiles where there are enough, else the channel pairs: every
+ * output computed alone, the same numbers on any number of threads. Returns 1 where not
+ * compressdit_group_gemm_ready, for 2 planes or row-major weights not its AVX512-VNNI path, or out of memory (the
+ * buffers). */
 int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t rows, int64_t cols, int64_t k, int64_t group, int64_t flush, int64_t planes,
-                           int32_t row_scales, const int8_t *table, float *out, int32_t threads) {
+                           int32_t row_scales, const int8_t *table, int32_t row_major, float *out, int32_t threads) {
 #ifdef GROUP_GEMM
     const int isa = compressdit_group_gemm_ready();
-    if (!isa || planes < 1 || planes > 2 || (planes == 2 && (isa != 2 || row_scales)) || (table && planes != 1))
+    if (!isa || planes < 1 || planes > 2 || (planes == 2 && (isa != 2 || row_scales)) || (table && planes != 1) ||
+        (row_major && (isa != 2 || planes != 1 || table)))
         return 1;
-    const int64_t pairs = (cols + 31) / 32, per_thread = k * 16; /* AVX2's decoded block of nibbles */
+    const int64_t pairs = (cols + 31) / 32;
+    /* a thread's buffer: AVX2's decoded block of nibbles (k x 16), or a row-major pair packed (k x 32) */
+    const int64_t per_thread = row_major ? k * 32 : k * 16;
     int8_t *scratch = NULL;
-    if (table && isa == 1 && !(scratch = (int8_t *)malloc((size_t)(per_thread * (threads > 1 ? threads : 1)))))
+    if (((table && isa == 1) || row_major) &&
+        !(scratch = (int8_t *)malloc((size_t)(per_thread * (threads > 1 ? threads : 1)))))
         return 1;
     if (threads <= 1 || rows * pairs < 2) {
         block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, flush,
-              (int)planes, row_scales, table, scratch, out);
+              (int)planes, row_scales, table, row_major, scratch, out);
         free(scratch);
         return 0;
     }
@@ -388,21 +555,21 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
             const int64_t r0 = t * per * TILE_ROWS, r1 = (t + 1) * per * TILE_ROWS;
             if (r0 < rows)
                 block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1 < rows ? r1 : rows, 0, pairs, cols,
-                      k, group, flush, (int)planes, row_scales, table, scratch ? scratch + t * per_thread : NULL,
-                      out);
+                      k, group, flush, (int)planes, row_scales, table, row_major,
+                      scratch ? scratch + t * per_thread : NULL, out);
         }
     } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t p = 0; p < pairs; ++p)
             block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, p, p + 1, cols, k, group, flush,
-                  (int)planes, row_scales, table, scratch ? scratch + THREAD_ID * per_thread : NULL, out);
+                  (int)planes, row_scales, table, row_major, scratch ? scratch + THREAD_ID * per_thread : NULL, out);
     }
     free(scratch);
     return 0;
 #else
     (void)a; (void)a_scale; (void)w; (void)corr; (void)w_scale; (void)h; (void)rank; (void)up; (void)bias;
     (void)rows; (void)cols; (void)k; (void)group; (void)flush; (void)planes; (void)row_scales; (void)table;
-    (void)out; (void)threads;
+    (void)row_major; (void)out; (void)threads;
     return 1;
 #endif
 }
@@ -430,12 +597,12 @@ static int rotated_block(int isa, const float *x, const float *smooth, const int
                                   work, codes, scales, 1);
         if (threads <= 1 || pairs < 2) {
             block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, 0, pairs, cols, k, narrow, 1,
-                  (int)planes, 0, table, NULL, out + r0 * cols);
+                  (int)planes, 0, table, 0, NULL, out + r0 * cols);
         } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
             for (int64_t p = 0; p < pairs; ++p)
                 block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, p, p + 1, cols, k, narrow, 1,
-                      (int)planes, 0, table, NULL, out + r0 * cols);
+                      (int)planes, 0, table, 0, NULL, out + r0 * cols);
         }
     }
     free(work);
