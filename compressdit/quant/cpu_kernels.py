@@ -315,10 +315,11 @@ def _int8_gemm_prepack(layer) -> dict:
     smooth = None if layer.smooth_scale is None or layer.rotation_signs is not None else layer.smooth_scale.detach()
     # elsewhere on AVX512-VNNI every row count on group_gemm's VNNI tiles (cpu-int-groups' GEMM, one group): faster
     # than oneDNN's prepacked GEMM, torch._int_mm and fbgemm's dynamic int8 linear at every shape measured
-    # (bench/results/layer_w8a8_cpu.md). 8-bit codes are read as the layer stores them (each block of channels packed
-    # per call, few rows multiplied in place): no second copy of the weight (W8A8 DiT-XL/2: half its bytes)
+    # (bench/results/layer_w8a8_cpu.md). 8-bit codes and 4-bit nibbles are read as the layer stores them (each block of
+    # channels packed per call, few rows multiplied in place): no second copy of the weight (W8A8: half its bytes)
+    stored = {8: codes, 4: layer.offset_nibbles()}.get(layer.spec.w_bits)  # 2-3 bits: packed as nibbles, no more
     gemm = (pack_weight(codes, layer.weight_scale.reshape(-1, 1).float(), layer.in_features, 128.0,
-                        nibbles=layer.spec.w_bits <= 4, rows=layer.spec.w_bits == 8)
+                        nibbles=stored is None, stored=stored)
             if layer.in_features % 4 == 0 and vnni_int8_gemm() else None)
     narrow = gemm is not None and layer.spec.w_bits < 8  # no unpacked copy kept besides the packed one
     return {"codes": None if narrow else codes, "codes_t": None if narrow else codes.t(),
@@ -767,7 +768,7 @@ def _pair_bound(a_offset: float, w_max: float) -> float:
 
 
 def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: float, nibbles: bool = False,
-                rows: bool = False) -> dict:
+                stored: torch.Tensor | None = None) -> dict:
     """int8 weight codes ``[out, in]`` and their fp32 scales ``[out, in / g]`` (groups of ``g``, a multiple of the
     GEMM's ``group``) in :func:`~compressdit.quant.cpu_native.group_gemm`'s layout (csrc/group_gemm.c): ``packed``
     (blocks of 16 output channels, four inputs of a channel together), ``corr`` (``-offset`` times each channel's
@@ -775,11 +776,17 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: fl
     channels padded to a multiple of 32 with zero codes; ``table`` None. ``nibbles`` (codes of at most 16 distinct
     values, see :func:`nibble_table`): ``packed`` holds each code's index in ``table`` (int8 ``[16]``),
     two a byte (half a byte a weight): each pair of blocks' bytes, the first block's index in the low nibble.
-    ``rows`` (byte codes only, the AVX512-VNNI path): ``packed`` is ``codes`` itself, contiguous ``[out, in]`` (the
-    layer's stored weight: no copy), which the GEMM packs a block of channels at a time per call."""
+    ``stored`` (the AVX512-VNNI path): the layer's own weight tensor, which the GEMM then reads as it is (no packed
+    copy; a block of channels packed per call, or few rows multiplied in place) as ``packed``: ``codes`` themselves
+    (int8 ``[out, in]``) or their offset nibbles (uint8 ``[out, in / 2]``, ``code + 8``, each byte's low nibble the
+    even input: ``QuantLinear.offset_nibbles``)."""
     out_features, in_features = codes.shape
-    if rows and nibbles:
-        raise ValueError("pack_weight: row-major weights are byte codes (no nibbles)")
+    if stored is not None:
+        nibble_shape = stored.dtype is torch.uint8 and stored.shape == (out_features, in_features // 2)
+        if nibbles or not (nibble_shape or (stored.dtype is torch.int8 and stored.shape == codes.shape)):
+            raise ValueError(f"pack_weight: a stored weight is the int8 codes {tuple(codes.shape)} or their uint8 "
+                             f"offset nibbles, not {stored.dtype} {tuple(stored.shape)}"
+                             f"{' (and no nibble table)' if nibbles else ''}")
     padded = -(-out_features // 32) * 32
     groups = in_features // group
     corr = torch.zeros(groups, padded, dtype=torch.int32)
@@ -788,8 +795,8 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: fl
     w_scale = torch.zeros(groups, padded)
     w_scale[:, :out_features] = scale.float().repeat_interleave(groups // scale.shape[1], dim=1).t()
     table = None
-    if rows:
-        return {"packed": codes.contiguous(), "corr": corr, "w_scale": w_scale, "table": None}
+    if stored is not None:
+        return {"packed": stored.contiguous(), "corr": corr, "w_scale": w_scale, "table": None}
     full = torch.zeros(padded, in_features, dtype=torch.int8)
     full[:out_features] = codes
     if nibbles:

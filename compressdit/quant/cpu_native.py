@@ -667,8 +667,8 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     activations per token), applied after the groups as :func:`dequantize_groups` does (``(sum_g acc_g * w_scale[g])
     * scales[i] + bias``, its numbers). ``table``: the weight is 4-bit indices, two a byte, whose codes are
     ``table[index]`` (int8 ``[16]``; ``cpu_kernels.pack_weight(..., nibbles=True)``; one weight plane). A 2-D
-    ``packed`` is the int8 codes ``[out, in]`` as stored (``cpu_kernels.pack_weight(..., rows=True)``: the AVX512-VNNI
-    path only; each block of 32 channels packed per call, no copy kept). Rows (or column blocks) over torch's threads
+    ``packed`` is the weight as the layer stores it: int8 codes ``[out, in]`` or uint8 offset nibbles ``[out, in / 2]``
+    (``cpu_kernels.pack_weight(..., stored=...)``: the AVX512-VNNI path only; no copy kept). Rows (or column blocks) over torch's threads
     from ``GROUP_GEMM_TEAM_MIN_WORK`` multiply-adds. ``None`` without the library."""
     lib = native_library()
     if lib is None:
@@ -678,11 +678,12 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     out = torch.empty(rows, out_features)
     threads = torch.get_num_threads() if rows * cols * out_features > GROUP_GEMM_TEAM_MIN_WORK else 1
     rank = 0 if hidden is None else hidden.shape[1]
+    row_major = 0 if packed.dim() != 2 else 2 if packed.dtype is torch.uint8 else 1
     if lib.compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(), corr.data_ptr(),
                                   w_scale.data_ptr(), _ptr(hidden), rank, _ptr(up), _ptr(bias), rows, out_features,
-                                  cols, group, flush, planes, row_group is not None, _ptr(table), packed.dim() == 2,
+                                  cols, group, flush, planes, row_group is not None, _ptr(table), row_major,
                                   out.data_ptr(), threads):
-        layout = " of nibbles" if table is not None else " stored row-major" if packed.dim() == 2 else ""
+        layout = " of nibbles" if table is not None else " stored row-major" if row_major else ""
         raise RuntimeError(f"group_gemm: no path on this CPU for {planes} weight plane(s){layout} (see group_gemm_isa)")
     return out
 

@@ -196,26 +196,32 @@ def test_nibble_weights_are_the_byte_weights_bit_for_bit(rows, group, threads, r
 
 
 @pytest.mark.parametrize("shape", [(72, 128), (7, 68), (33, 1156), (64, 4)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_row_major_byte_weights_are_the_packed_blocks_bit_for_bit(shape, threads, monkeypatch):
-    """W8A8's codes read as the layer stores them (``pack_weight(..., rows=True)``: no packed copy; a pair of blocks
-    packed per call, or under 24 rows multiplied in place, 64 inputs a lane-wise product): the same outputs as the
-    prepacked blocks, on every row count around those paths' tiles, channels that fill no block (7, 33) and inputs
-    that fill no 64 (68, 1156, 4); without a bias too. Not on AVX2: refused, never garbage."""
+def test_stored_weights_are_the_packed_blocks_bit_for_bit(shape, bits, threads, monkeypatch):
+    """W8A8's int8 codes and W4A8's offset nibbles read as the layer stores them (``pack_weight(..., stored=...)``: no
+    packed copy; a pair of blocks packed per call, or under 24 rows multiplied in place, 64 inputs a lane-wise
+    product): the same outputs as the prepacked blocks, on every row count around those paths' tiles, channels that
+    fill no block (7, 33) and inputs that fill no 64 (68, 1156, 4); without a bias too. Not on AVX2: refused, never
+    garbage."""
+    from compressdit.quant.gpu_reference import pack_nibbles
+
     out_features, in_features = shape
-    gen = torch.Generator().manual_seed(out_features + in_features)
-    weight = torch.randint(-127, 128, (out_features, in_features), generator=gen, dtype=torch.int8)
-    weight[0] = 127  # the extreme sums
+    gen = torch.Generator().manual_seed(out_features + in_features + bits)
+    top = 2 ** (bits - 1)
+    weight = torch.randint(-top, top, (out_features, in_features), generator=gen, dtype=torch.int8)
+    weight[0], weight[-1, ::3] = top - 1, -top  # the extreme sums
+    stored = weight if bits == 8 else pack_nibbles(weight)
     w_scale = torch.rand(out_features, 1, generator=gen) + 0.01
-    blocks, rows_ = pack_weight(weight, w_scale, in_features, 128.0), pack_weight(weight, w_scale, in_features, 128.0,
-                                                                                   rows=True)
-    assert rows_["packed"].data_ptr() == weight.data_ptr()  # the codes themselves
-    assert torch.equal(rows_["corr"], blocks["corr"]) and torch.equal(rows_["w_scale"], blocks["w_scale"])
+    blocks = pack_weight(weight, w_scale, in_features, 128.0)
+    in_place = pack_weight(weight, w_scale, in_features, 128.0, stored=stored)
+    assert in_place["packed"].data_ptr() == stored.data_ptr()  # the layer's tensor itself
+    assert torch.equal(in_place["corr"], blocks["corr"]) and torch.equal(in_place["w_scale"], blocks["w_scale"])
     if _gemm_path() != "avx512-vnni":
         if _gemm_path() is not None:
             with pytest.raises(RuntimeError, match="row-major"):
-                group_gemm(torch.zeros(2, in_features, dtype=torch.uint8), torch.ones(2, 1), rows_["packed"],
-                           rows_["corr"], rows_["w_scale"], None, out_features, row_group=in_features)
+                group_gemm(torch.zeros(2, in_features, dtype=torch.uint8), torch.ones(2, 1), in_place["packed"],
+                           in_place["corr"], in_place["w_scale"], None, out_features, row_group=in_features)
         return
     monkeypatch.setattr(cpu_native, "GROUP_GEMM_TEAM_MIN_WORK", 0)  # threads even on these small GEMMs
     previous = torch.get_num_threads()
@@ -227,15 +233,18 @@ def test_row_major_byte_weights_are_the_packed_blocks_bit_for_bit(shape, threads
             a_scale = torch.rand(rows, 1, generator=gen) + 0.01
             for bias in (torch.randn(out_features, generator=gen), None):
                 outs = [group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features,
-                                   row_group=in_features) for b in (blocks, rows_)]
+                                   row_group=in_features) for b in (blocks, in_place)]
                 assert torch.equal(*outs), (rows, bias is None)
     finally:
         torch.set_num_threads(previous)
 
 
-def test_row_major_weights_are_byte_codes():
-    with pytest.raises(ValueError, match="byte codes"):
-        pack_weight(torch.zeros(32, 64, dtype=torch.int8), torch.ones(32, 1), 64, 128.0, nibbles=True, rows=True)
+def test_a_stored_weight_is_the_codes_or_their_nibbles():
+    codes = torch.zeros(32, 64, dtype=torch.int8)
+    for stored, nibbles in ((codes, True), (codes.t(), False), (torch.zeros(32, 64, dtype=torch.uint8), False),
+                            (codes.float(), False)):
+        with pytest.raises(ValueError, match="stored weight"):
+            pack_weight(codes, torch.ones(32, 1), 64, 128.0, nibbles=nibbles, stored=stored)
 
 
 def test_nibble_table_refuses_more_than_sixteen_codes():
@@ -345,7 +354,8 @@ try:
     raise AssertionError("two weight planes ran on AVX2")
 except RuntimeError:
     pass
-w8 = pack_weight(torch.ones(40, 128, dtype=torch.int8), torch.ones(40, 1), 128, 128.0, rows=True)
+ones = torch.ones(40, 128, dtype=torch.int8)
+w8 = pack_weight(ones, torch.ones(40, 1), 128, 128.0, stored=ones)
 try:  # W8A8's row-major codes: AVX512-VNNI only (cpu-int8-gemm packs no copy for group_gemm here)
     group_gemm(torch.zeros(3, 128, dtype=torch.uint8), torch.ones(3, 1), w8["packed"], w8["corr"], w8["w_scale"], None,
                40, row_group=128)

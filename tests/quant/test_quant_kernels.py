@@ -155,7 +155,8 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
 def test_four_bit_weights_on_group_gemm_keep_half_a_byte_each(spec):
     """Where 4-bit layers of any size run group_gemm (W4A8: AVX512-VNNI without AMX; W4A4: cpu-int-groups, VNNI or
     AVX2), their codes are packed as nibbles: the prepacked copy is half a byte a weight (the 16-entry table, the
-    groups' scales and corrections beside: 8 bytes a group of a channel), no unpacked copy; elsewhere no table."""
+    groups' scales and corrections beside: 8 bytes a group of a channel), no unpacked copy; W4A8 per channel keeps no
+    copy at all (the layer's nibbles read as stored); elsewhere no table."""
     from compressdit.quant.cpu_kernels import integer_groups_apply
 
     on_group_gemm = vnni_int8_gemm() if spec.a_bits == 8 else integer_groups_apply(spec, (BIG, 256))
@@ -168,6 +169,11 @@ def test_four_bit_weights_on_group_gemm_keep_half_a_byte_each(spec):
         assert table is None and layer.kernel_name != "cpu-int-groups"
         return
     packed = buffers.get("gemm_packed", buffers.get("packed"))
+    if spec.a_bits == 8 and spec.group_size is None:  # one group: the layer's own nibbles, read as stored
+        assert packed.data_ptr() == layer.weight.data_ptr() and table is None
+        assert buffers.get("codes") is None and buffers.get("codes_t") is None
+        assert cache_of(layer).nbytes() < 16 * BIG + 4096  # a channel's fp32 scale and int32 correction
+        return
     assert packed.dtype == torch.uint8 and packed.numel() == -(-BIG // 32) * 32 * 256 // 2 and table.shape == (16,)
     assert buffers.get("codes") is None and buffers.get("codes_t") is None
     group = spec.group_size or 256  # a group's fp32 scale and int32 correction a channel

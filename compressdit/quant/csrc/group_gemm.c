@@ -18,8 +18,8 @@
  * corr [groups, cols_p] = -offset * the channel's sum of weight codes in the group (the activations' offset taken
  * back: the int32 accumulators start from it); w_scale [groups, cols_p]; a_scale [rows, groups].
  *
- * Row-major byte weights (row_major: W8A8's codes [cols, k] as the layer stores them; AVX512-VNNI): no packed copy is
- * kept. With at least DOT_ROWS rows a thread, each pair of blocks is packed when its turn comes (a 16 x 16 transpose
+ * Row-major weights (row_major: W8A8's byte codes [cols, k] or W4A8's offset nibbles [cols, k / 2] as the layer
+ * stores them; AVX512-VNNI): no packed copy is kept. With at least DOT_ROWS rows a thread, each pair of blocks is packed when its turn comes (a 16 x 16 transpose
  * of 4-byte quads per 64 inputs of 16 channels: DiT-XL/2's layers 0-5% slower than prepacked at 256-1024 rows, one
  * thread); with fewer, dot_tile multiplies 64 consecutive inputs of a row and of a channel in place (1.1-1.3x the
  * prepacked time at 1-2 rows, up to 1.6x at 6-16, the weights in cache: a model's weights stream from memory there).
@@ -183,6 +183,9 @@ static __attribute__((target("avx2,fma"))) void block_avx2(
 #define GROUP_GEMM_512 1
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline
+/* acc += x (unsigned bytes) . w (signed bytes), in place: GCC 12's intrinsic (_mm512_dpbusd_epi32) copies the
+ * accumulators about (moves and stack spills in the loops of tile and dot_tile); the instruction itself does not */
+#define DPBUSD(acc, x, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w))
 /* row-major weights: fewer rows than this a thread run dot_tile, more pack each pair once for the tiles */
 #define DOT_ROWS 24
 
@@ -229,8 +232,8 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
                     int32_t four;
                     memcpy(&four, a + r * k + 4 * (g * quads + q), sizeof four);
                     const __m512i x = _mm512_set1_epi32(four);
-                    acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x, b0);
-                    acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], x, b1);
+                    DPBUSD(acc[r][0], x, b0);
+                    DPBUSD(acc[r][1], x, b1);
                 }
             }
         }
@@ -298,24 +301,99 @@ static VNNI void transpose16(__m512i r[16]) {
     }
 }
 
-/* output channels [c0, c0 + 16) of row-major byte codes w [cols, k] in the tiles' block layout [k / 4, 16, 4] (what
- * cpu_kernels.pack_weight stores), into dst; channels past `cols` zero codes, as that padding */
-static VNNI void pack_block(const int8_t *w, int64_t cols, int64_t k, int64_t c0, int8_t *dst) {
-    const int64_t quads = k / 4;
+/* 32 offset nibbles (code + 8, each byte's low nibble the even input) as the 64 byte codes of their inputs in order */
+static VNNI __m512i nibble_codes(const __m256i v) {
+    const __m512i x = _mm512_cvtepu8_epi16(v); /* 16-bit word j: byte j */
+    const __m512i lo = _mm512_and_si512(x, _mm512_set1_epi16(0x000f)); /* input 2j in the word's low byte */
+    const __m512i hi = _mm512_and_si512(_mm512_slli_epi16(x, 4), _mm512_set1_epi16(0x0f00)); /* 2j + 1: high */
+    return _mm512_sub_epi8(_mm512_or_si512(lo, hi), _mm512_set1_epi8(8));
+}
+
+/* 64 byte codes of row-major weights from byte `i` (a multiple of 4) of the row at w (byte codes, or offset nibbles:
+ * from byte i / 2 there) */
+static VNNI __m512i row_codes(const int8_t *w, int64_t i, const int nibbles) {
+    return nibbles ? nibble_codes(_mm256_loadu_si256((const __m256i *)(w + i / 2)))
+                   : _mm512_loadu_si512(w + i);
+}
+
+/* the first `n` (< 64, a multiple of 4) of them, the rest zero codes (nothing read past them) */
+static VNNI __m512i row_codes_masked(const int8_t *w, int64_t i, int64_t n, const int nibbles) {
+    const __mmask64 m = (__mmask64)((1ull << n) - 1ull);
+    if (!nibbles) return _mm512_maskz_loadu_epi8(m, w + i);
+    const __m256i v = _mm256_maskz_loadu_epi8((__mmask32)((1ull << (n / 2)) - 1ull), w + i / 2);
+    return _mm512_maskz_mov_epi8(m, nibble_codes(v));
+}
+
+/* output channels [c0, c0 + 16) of row-major weights w (byte codes [cols, k], or offset nibbles [cols, k / 2]) in the
+ * tiles' block layout [k / 4, 16, 4] of byte codes (what cpu_kernels.pack_weight stores), into dst; channels past
+ * `cols` zero codes, as that padding */
+static VNNI void pack_block(const int8_t *w, int64_t cols, int64_t k, int64_t c0, int8_t *dst, const int nibbles) {
+    const int64_t quads = k / 4, stride = nibbles ? k / 2 : k;
     int64_t q = 0;
     for (; q + 16 <= quads; q += 16) { /* 16 quads of 16 channels: one transpose */
         __m512i r[16];
         for (int c = 0; c < 16; ++c)
-            r[c] = c0 + c < cols ? _mm512_loadu_si512(w + (c0 + c) * k + 4 * q) : _mm512_setzero_si512();
+            r[c] = c0 + c < cols ? row_codes(w + (c0 + c) * stride, 4 * q, nibbles) : _mm512_setzero_si512();
         transpose16(r);
         for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (q + j) * 64, r[j]);
     }
-    for (; q < quads; ++q)
-        for (int c = 0; c < 16; ++c) {
-            int32_t four = 0;
-            if (c0 + c < cols) memcpy(&four, w + (c0 + c) * k + 4 * q, sizeof four);
-            memcpy(dst + q * 64 + 4 * c, &four, sizeof four);
+    if (q < quads) { /* the last quads (fewer than 16), masked */
+        __m512i r[16];
+        for (int c = 0; c < 16; ++c)
+            r[c] = c0 + c < cols ? row_codes_masked(w + (c0 + c) * stride, 4 * q, 4 * (quads - q), nibbles)
+                                 : _mm512_setzero_si512();
+        transpose16(r);
+        for (int64_t j = 0; j < quads - q; ++j) _mm512_storeu_si512(dst + (q + j) * 64, r[j]);
+    }
+}
+
+/* one channel's stored row (wc: byte codes, or offset nibbles) times `rows` (1-4) activation rows x0.. (k bytes each):
+ * row r's 16 partial int32 sums into *t<r>. 4 / rows accumulators a row take alternate 64-input chunks (dpbusd's
+ * latency hidden with few rows). */
+static VNNI void channel_dot(const int8_t *wc, const uint8_t *x0, const uint8_t *x1, const uint8_t *x2,
+                             const uint8_t *x3, int64_t k, const int rows, const int nibbles, __m512i *t0, __m512i *t1,
+                             __m512i *t2, __m512i *t3) {
+    const int splits = rows == 1 ? 4 : rows == 2 ? 2 : 1;
+    /* a<r><j>: row r, chunks j mod splits; named (an array of them GCC kept in memory) */
+    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a20 = a00, a30 = a00;
+    /* 64 inputs from byte `at` of the row: rows 0-3 into A0-A3 (those past `rows` untouched) */
+#define CHUNK(at, WLOAD, XLOAD, A0, A1, A2, A3)       \
+    {                                                 \
+        const __m512i v = WLOAD(at);                  \
+        DPBUSD(A0, XLOAD(x0, at), v);                 \
+        if (rows > 1) DPBUSD(A1, XLOAD(x1, at), v);   \
+        if (rows > 2) DPBUSD(A2, XLOAD(x2, at), v);   \
+        if (rows > 3) DPBUSD(A3, XLOAD(x3, at), v);   \
+    }
+#define W(at) row_codes(wc, at, nibbles)
+#define X(x, at) _mm512_loadu_si512((x) + (at))
+    int64_t i = 0;
+    for (; i + 64 * splits <= k; i += 64 * splits) {
+        if (rows == 1) {
+            CHUNK(i, W, X, a00, a10, a20, a30) CHUNK(i + 64, W, X, a01, a10, a20, a30)
+            CHUNK(i + 128, W, X, a02, a10, a20, a30) CHUNK(i + 192, W, X, a03, a10, a20, a30)
+        } else if (rows == 2) {
+            CHUNK(i, W, X, a00, a10, a20, a30) CHUNK(i + 64, W, X, a01, a11, a20, a30)
+        } else {
+            CHUNK(i, W, X, a00, a10, a20, a30)
         }
+    }
+    for (; i + 64 <= k; i += 64) CHUNK(i, W, X, a00, a10, a20, a30)
+#undef X
+#undef W
+    if (i < k) { /* the last k - i (< 64) inputs, masked */
+        const __mmask64 m = (__mmask64)((1ull << (k - i)) - 1ull);
+#define W(at) row_codes_masked(wc, at, k - i, nibbles)
+#define X(x, at) _mm512_maskz_loadu_epi8(m, (x) + (at))
+        CHUNK(i, W, X, a00, a10, a20, a30)
+#undef X
+#undef W
+    }
+#undef CHUNK
+    *t0 = _mm512_add_epi32(_mm512_add_epi32(a00, a01), _mm512_add_epi32(a02, a03));
+    *t1 = _mm512_add_epi32(a10, a11);
+    *t2 = a20;
+    *t3 = a30;
 }
 
 /* Row-major byte codes with one group and one activation scale a row (W8A8's layout as stored), rows [0, R) (R <= 4)
@@ -325,43 +403,54 @@ static VNNI void pack_block(const int8_t *w, int64_t cols, int64_t k, int64_t c0
  * would cost more than the products. */
 static VNNI void dot_tile(const uint8_t *a, int64_t k, const float *a_scale, const int8_t *w, const int32_t *corr,
                           const float *w_scale, const float *bias, float *out, int64_t cols, int64_t c0,
-                          const int rows) {
+                          const int rows, const int nibbles) {
     /* channels past `cols` read the last one's codes again (their sums are not stored) */
-    const int8_t *w0 = w + c0 * k, *w1 = w + (c0 + 1 < cols ? c0 + 1 : cols - 1) * k;
-    const int8_t *w2 = w + (c0 + 2 < cols ? c0 + 2 : cols - 1) * k, *w3 = w + (c0 + 3 < cols ? c0 + 3 : cols - 1) * k;
+    const int64_t stride = nibbles ? k / 2 : k;
+    const int8_t *w0 = w + c0 * stride, *w1 = w + (c0 + 1 < cols ? c0 + 1 : cols - 1) * stride;
+    const int8_t *w2 = w + (c0 + 2 < cols ? c0 + 2 : cols - 1) * stride;
+    const int8_t *w3 = w + (c0 + 3 < cols ? c0 + 3 : cols - 1) * stride;
     const uint8_t *x0 = a, *x1 = a + (rows > 1) * k, *x2 = a + 2 * (rows > 2) * k, *x3 = a + 3 * (rows > 3) * k;
-    /* the accumulators named, not an array: GCC then keeps each in one register (an array's copies it moved) */
-#define ZERO4(r) __m512i r##0 = _mm512_setzero_si512(), r##1 = r##0, r##2 = r##0, r##3 = r##0;
-    ZERO4(s0) ZERO4(s1) ZERO4(s2) ZERO4(s3)
-#undef ZERO4
-#define ROW(r, x)                                      \
-    s##r##0 = _mm512_dpbusd_epi32(s##r##0, x, v0);     \
-    s##r##1 = _mm512_dpbusd_epi32(s##r##1, x, v1);     \
-    s##r##2 = _mm512_dpbusd_epi32(s##r##2, x, v2);     \
-    s##r##3 = _mm512_dpbusd_epi32(s##r##3, x, v3);
-#define STEP(LOAD)                                                                     \
+    __m512i s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33; /* s<r><c> */
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 =
+        _mm512_setzero_si512();
+    if (rows <= 2) { /* one channel after the other: its row one sequential stream of memory (the weights' bandwidth,
+                      * cold, against 2/3 of it for 4 rows read in step) */
+        channel_dot(w0, x0, x1, x2, x3, k, rows, nibbles, &s00, &s10, &s20, &s30);
+        channel_dot(w1, x0, x1, x2, x3, k, rows, nibbles, &s01, &s11, &s21, &s31);
+        channel_dot(w2, x0, x1, x2, x3, k, rows, nibbles, &s02, &s12, &s22, &s32);
+        channel_dot(w3, x0, x1, x2, x3, k, rows, nibbles, &s03, &s13, &s23, &s33);
+    } else { /* the 4 channels in step: each activation load serves 4 products (fewer loads than products) */
+#define ROW(r, x)           \
+    DPBUSD(s##r##0, x, v0); \
+    DPBUSD(s##r##1, x, v1); \
+    DPBUSD(s##r##2, x, v2); \
+    DPBUSD(s##r##3, x, v3);
+#define STEP(XLOAD, WLOAD)                                                             \
     {                                                                                  \
-        const __m512i v0 = LOAD(w0), v1 = LOAD(w1), v2 = LOAD(w2), v3 = LOAD(w3);      \
-        const __m512i y0 = LOAD(x0);                                                   \
-        ROW(0, y0)                                                                     \
-        if (rows > 1) { const __m512i y1 = LOAD(x1); ROW(1, y1) }                      \
-        if (rows > 2) { const __m512i y2 = LOAD(x2); ROW(2, y2) }                      \
-        if (rows > 3) { const __m512i y3 = LOAD(x3); ROW(3, y3) }                      \
+        const __m512i v0 = WLOAD(w0), v1 = WLOAD(w1), v2 = WLOAD(w2), v3 = WLOAD(w3);  \
+        const __m512i y0 = XLOAD(x0), y1 = XLOAD(x1), y2 = XLOAD(x2);                  \
+        ROW(0, y0) ROW(1, y1) ROW(2, y2)                                               \
+        if (rows > 3) { const __m512i y3 = XLOAD(x3); ROW(3, y3) }                     \
     }
-    int64_t i = 0;
-    for (; i + 64 <= k; i += 64) {
-#define FULL(p) _mm512_loadu_si512((p) + i)
-        STEP(FULL)
-#undef FULL
-    }
-    if (i < k) { /* the last k - i (< 64) inputs, masked */
-        const __mmask64 m = (__mmask64)((1ull << (k - i)) - 1ull);
-#define MASKED(p) _mm512_maskz_loadu_epi8(m, (p) + i)
-        STEP(MASKED)
-#undef MASKED
-    }
+        int64_t i = 0;
+        for (; i + 64 <= k; i += 64) {
+#define X(p) _mm512_loadu_si512((p) + i)
+#define W(p) row_codes(p, i, nibbles)
+            STEP(X, W)
+#undef W
+#undef X
+        }
+        if (i < k) { /* the last k - i (< 64) inputs, masked */
+            const __mmask64 m = (__mmask64)((1ull << (k - i)) - 1ull);
+#define X(p) _mm512_maskz_loadu_epi8(m, (p) + i)
+#define W(p) row_codes_masked(p, i, k - i, nibbles)
+            STEP(X, W)
+#undef W
+#undef X
+        }
 #undef STEP
 #undef ROW
+    }
     /* 16 -> 1: p lanes 0-1 hold one accumulator's halves added, lanes 2-3 the next one's; q_c lane r the four partial
      * sums of row r and channel c0 + c (accumulator s<r><c>); then within the lanes: lane 4 r + c of the sums */
 #define PAIR(u, v) _mm512_add_epi32(_mm512_shuffle_i64x2(u, v, 0x44), _mm512_shuffle_i64x2(u, v, 0xee))
@@ -376,7 +465,6 @@ static VNNI void dot_tile(const uint8_t *a, int64_t k, const float *a_scale, con
     /* the epilogue on all 16: channel terms repeated in each row's lanes, each row's scale in its four */
     const int chans = cols - c0 < 4 ? (int)(cols - c0) : 4;
     const __mmask16 cm = (__mmask16)((1u << chans) - 1u);
-    const __mmask16 lanes = (__mmask16)(cm | cm << 4 | cm << 8 | cm << 12);
     const __m512i corr4 = _mm512_broadcast_i32x4(_mm_maskz_loadu_epi32((__mmask8)cm, corr + c0));
     const __m512 scale4 = _mm512_broadcast_f32x4(_mm_maskz_loadu_ps((__mmask8)cm, w_scale + c0));
     const __m512 bias4 = _mm512_broadcast_f32x4(bias ? _mm_maskz_loadu_ps((__mmask8)cm, bias + c0) : _mm_setzero_ps());
@@ -387,32 +475,45 @@ static VNNI void dot_tile(const uint8_t *a, int64_t k, const float *a_scale, con
                                                  _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(corr4, sums)),
                                                                scale4)), rows4);
     float o[16];
-    _mm512_mask_storeu_ps(o, lanes, _mm512_add_ps(v, bias4));
-    for (int r = 0; r < rows; ++r) memcpy(out + r * cols + c0, o + 4 * r, sizeof(float) * (size_t)chans);
+    _mm512_storeu_ps(o, _mm512_add_ps(v, bias4));
+    for (int r = 0; r < rows; ++r) /* (a memcpy of `chans` floats was a library call a row) */
+        _mm_mask_storeu_ps(out + r * cols + c0, (__mmask8)cm, _mm_loadu_ps(o + 4 * r));
 }
 
-/* dot_tile over rows [r0, r1) x channel pairs [p0, p1) (a function of its own: inlined into block_vnni's other
- * paths, its registers spilled) */
-static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), noinline)) void rows_dot(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
+/* dot_tile over rows [r0, r1) x channel pairs [p0, p1) */
+static VNNI void rows_dot(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                           const float *w_scale, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
-                          int64_t cols, int64_t k, float *out) {
+                          int64_t cols, int64_t k, float *out, const int nibbles) {
     const int64_t c1 = 32 * p1 < cols ? 32 * p1 : cols;
     for (int64_t c = 32 * p0; c < c1; c += 4) {
         int64_t r = r0;
-        for (; r + 4 <= r1; r += 4)
-            dot_tile(a + r * k, k, a_scale + r, w, corr, w_scale, bias, out + r * cols, cols, c, 4);
+#define TILE(n) dot_tile(a + r * k, k, a_scale + r, w, corr, w_scale, bias, out + r * cols, cols, c, n, nibbles)
+        for (; r + 4 <= r1; r += 4) TILE(4);
         switch (r1 - r) {
-#define LAST(n) case n: dot_tile(a + r * k, k, a_scale + r, w, corr, w_scale, bias, out + r * cols, cols, c, n); break;
+#define LAST(n) case n: TILE(n); break;
             LAST(1) LAST(2) LAST(3)
 #undef LAST
         default: break;
         }
+#undef TILE
     }
 }
 
+/* rows_dot compiled for each row-major layout (byte codes, offset nibbles), in a function of its own (inlined into
+ * block_vnni's other paths, its accumulators were spilled) */
+static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), noinline)) void rows_dot_any(
+    const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
+    const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, float *out,
+    int nibbles) {
+    if (nibbles)
+        rows_dot(a, a_scale, w, corr, w_scale, bias, r0, r1, p0, p1, cols, k, out, 1);
+    else
+        rows_dot(a, a_scale, w, corr, w_scale, bias, r0, r1, p0, p1, cols, k, out, 0);
+}
+
 /* rows [r0, r1) x channel pairs [p0, p1) (32 channels each): each pair's weights (k x 32 bytes a plane, k x 16 as
- * nibbles) stay in cache while the rows stream past them in tiles of TILE_ROWS; `row_major`: w is the byte codes
- * [cols, k] as stored, each pair packed into `scratch` (k x 32 bytes) first */
+ * nibbles) stay in cache while the rows stream past them in tiles of TILE_ROWS; `row_major` (1: byte codes [cols, k],
+ * 2: offset nibbles [cols, k / 2], as stored): each pair packed into `scratch` (k x 32 bytes) first */
 static VNNI void rows_vnni(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
@@ -425,8 +526,8 @@ static VNNI void rows_vnni(const uint8_t *a, const float *a_scale, const int8_t 
     for (int64_t p = p0; p < p1; ++p) {
         const int8_t *w0 = w + (nibbles ? 1 : 2) * p * panel, *w1 = w0 + panel;
         if (row_major) { /* the pair's two blocks packed here, read by every row tile below */
-            pack_block(w, cols, k, 32 * p, scratch);
-            pack_block(w, cols, k, 32 * p + 16, scratch + panel);
+            pack_block(w, cols, k, 32 * p, scratch, row_major == 2);
+            pack_block(w, cols, k, 32 * p + 16, scratch + panel, row_major == 2);
             w0 = scratch;
             w1 = scratch + panel;
         }
@@ -461,7 +562,9 @@ static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void bloc
     else if (table)
         row_scales ? ROWS(1, 1, 1, 0) : ROWS(1, 0, 1, 0);
     else if (row_major && r1 - r0 < DOT_ROWS && row_scales && group == k && !rank)
-        rows_dot(a, a_scale, w, corr, w_scale, bias, r0, r1, p0, p1, cols, k, out);
+        rows_dot_any(a, a_scale, w, corr, w_scale, bias, r0, r1, p0, p1, cols, k, out, row_major == 2);
+    else if (row_major == 2)
+        row_scales ? ROWS(1, 1, 0, 2) : ROWS(1, 0, 0, 2);
     else if (row_major)
         row_scales ? ROWS(1, 1, 0, 1) : ROWS(1, 0, 0, 1);
     else
@@ -518,9 +621,10 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
  * this file; byte weights only), else [rows, groups]; `table`: NULL, or the weights are 4-bit indices two a byte
  * (one plane: w [cols_p / 32, k / 4, 64], each byte's low nibble the first block of 16 channels' index and its high
  * nibble the second's) whose codes are table[index] (16 signed bytes: vpshufb's lookup; AVX512-VNNI in the tiles'
- * registers, AVX2 a block at a time into a buffer of each thread's); `row_major`: w is byte codes [cols, k] as a
- * checkpoint stores them (one plane, no table; AVX512-VNNI only), each pair of blocks packed when its turn comes into
- * a buffer of each thread's (k x 32 bytes): no packed copy of the weight is kept, the same numbers. Rows split over
+ * registers, AVX2 a block at a time into a buffer of each thread's); `row_major` (one plane, no table; AVX512-VNNI
+ * only): w is the weight as a checkpoint stores it, 1: byte codes [cols, k], 2: offset nibbles [cols, k / 2] (code + 8,
+ * each byte's low nibble the even input), each pair of blocks packed when its turn comes into a buffer of each
+ * thread's (k x 32 bytes), or few rows multiplied in place: no packed copy of the weight is kept, the same numbers. Rows split over
  * `threads` OpenMP threads in contiguous blocks of whole tiles where there are enough, else the channel pairs: every
  * output computed alone, the same numbers on any number of threads. Returns 1 where not
  * compressdit_group_gemm_ready, for 2 planes or row-major weights not its AVX512-VNNI path, or out of memory (the
@@ -532,7 +636,7 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
 #ifdef GROUP_GEMM
     const int isa = compressdit_group_gemm_ready();
     if (!isa || planes < 1 || planes > 2 || (planes == 2 && (isa != 2 || row_scales)) || (table && planes != 1) ||
-        (row_major && (isa != 2 || planes != 1 || table)))
+        (row_major && (isa != 2 || planes != 1 || table || row_major > 2)))
         return 1;
     const int64_t pairs = (cols + 31) / 32;
     /* a thread's buffer: AVX2's decoded block of nibbles (k x 16), or a row-major pair packed (k x 32) */
