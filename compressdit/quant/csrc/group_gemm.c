@@ -19,11 +19,12 @@
  * back: the int32 accumulators start from it); w_scale [groups, cols_p]; a_scale [rows, groups].
  *
  * Row-major weights (row_major: W8A8's byte codes [cols, k] or W4A8's offset nibbles [cols, k / 2] as the layer
- * stores them; AVX512-VNNI): no packed copy is kept. With at least DOT_ROWS rows a thread, each pair of blocks is packed when its turn comes (a 16 x 16 transpose
- * of 4-byte quads per 64 inputs of 16 channels: DiT-XL/2's layers 0-5% slower than prepacked at 256-1024 rows, one
- * thread); with fewer, dot_tile multiplies 64 consecutive inputs of a row and of a channel in place (1.1-1.3x the
- * prepacked time at 1-2 rows, up to 1.6x at 6-16, the weights in cache: a model's weights stream from memory there).
- * The same int32 sums and epilogue: the same numbers.
+ * stores them, one group; AVX512-VNNI): no packed copy is kept. With at least DOT_ROWS rows a thread, each pair of
+ * blocks is packed when its turn comes (a 16 x 16 transpose of 4-byte quads per 64 inputs of 16 channels: DiT-XL/2's
+ * layers 3-5% slower than prepacked at 256 rows, 10-15% at 64, one thread, weights read from memory); with fewer,
+ * dot_tile multiplies 64 consecutive inputs of a row and of a channel in place (within 2-7% of the prepacked GEMM
+ * with the weights in cache; read from memory, 1.0-1.15x its time at 1-2 rows, up to 1.9x at 3-16: 4 rows' streams
+ * in step draw less bandwidth than one). The same int32 sums and epilogue: the same numbers.
  *
  * 16-bit weights (planes = 2, AVX512-VNNI only: twin-log's per-row tables of real values: cpu_kernels.pack_planes):
  * each weight q = 256 * hi + lo with signed bytes hi and lo, packed as byte weights of twice the inputs, each
@@ -396,8 +397,8 @@ static VNNI void channel_dot(const int8_t *wc, const uint8_t *x0, const uint8_t 
     *t3 = a30;
 }
 
-/* Row-major byte codes with one group and one activation scale a row (W8A8's layout as stored), rows [0, R) (R <= 4)
- * x channels [c0, c0 + C) (C <= 4): vpdpbusd on 64 consecutive inputs of a row and of a channel (no packing), each
+/* Row-major weights (byte codes or offset nibbles) with one group and one activation scale a row, rows [0, R)
+ * (R <= 4) x channels [c0, c0 + 4): vpdpbusd on 64 consecutive inputs of a row and of a channel (no packing), each
  * product's 16 partial sums added up at the end in one 16 -> 1 tree, then the tiles' epilogue in the same order
  * ((0 + (corr + sum) * w_scale) * a_scale + bias): the same numbers. For few rows, where packing each pair per call
  * would cost more than the products. */
