@@ -189,8 +189,8 @@ def int8_gemm_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], codes_
     ``microkernel``: the codes packed by :func:`~compressdit.quant.cpu_native.int8_pack` (AMX-INT8), which the fused
     op then multiplies on oneDNN's BRGeMM microkernel instead of ``torch._int_mm`` (the same int32 sums).
     ``gemm_packed`` / ``gemm_corr`` / ``gemm_scale`` / ``gemm_table``: :func:`pack_weight`'s tensors (one group of
-    all inputs, activation codes + 128; 8-bit codes row-major as the layer stores them, narrower weights packed as
-    nibbles through ``gemm_table``), which every row count then multiplies on
+    all inputs, activation codes + 128; 8-bit codes and 4-bit nibbles as the layer stores them, 2-3 bit codes packed
+    as nibbles through ``gemm_table``), which every row count then multiplies on
     :func:`~compressdit.quant.cpu_native.group_gemm` (AVX512-VNNI without the microkernel: the same int32 sums and
     dequantization; fp32 ``x``, or bf16 without a divisor); ``codes_t`` is then None for narrower weights (no
     unpacked copy kept).

@@ -668,8 +668,8 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     * scales[i] + bias``, its numbers). ``table``: the weight is 4-bit indices, two a byte, whose codes are
     ``table[index]`` (int8 ``[16]``; ``cpu_kernels.pack_weight(..., nibbles=True)``; one weight plane). A 2-D
     ``packed`` is the weight as the layer stores it: int8 codes ``[out, in]`` or uint8 offset nibbles ``[out, in / 2]``
-    (``cpu_kernels.pack_weight(..., stored=...)``: the AVX512-VNNI path only; no copy kept). Rows (or column blocks) over torch's threads
-    from ``GROUP_GEMM_TEAM_MIN_WORK`` multiply-adds. ``None`` without the library."""
+    (``cpu_kernels.pack_weight(..., stored=...)``: the AVX512-VNNI path only; no copy kept). Rows (or column blocks)
+    over torch's threads from ``GROUP_GEMM_TEAM_MIN_WORK`` multiply-adds. ``None`` without the library."""
     lib = native_library()
     if lib is None:
         return None
