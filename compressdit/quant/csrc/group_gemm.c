@@ -22,9 +22,10 @@
  * stores them, one group; AVX512-VNNI): no packed copy is kept. With at least DOT_ROWS rows a thread, each pair of
  * blocks is packed when its turn comes (a 16 x 16 transpose of 4-byte quads per 64 inputs of 16 channels: DiT-XL/2's
  * layers 3-5% slower than prepacked at 256 rows, 10-15% at 64, one thread, weights read from memory); with fewer,
- * dot_tile multiplies 64 consecutive inputs of a row and of a channel in place (within 2-7% of the prepacked GEMM
- * with the weights in cache; read from memory, 1.0-1.15x its time at 1-2 rows, up to 1.9x at 3-16: 4 rows' streams
- * in step draw less bandwidth than one). The same int32 sums and epilogue: the same numbers.
+ * dot_tile multiplies 64 consecutive inputs of a row and of a channel in place (up to 4 rows one channel at a time,
+ * more 4 channels in step; with the weights in cache within 2-7% of the prepacked GEMM, 24% at 4 rows; read from
+ * memory, 0.95-1.1x its time at 1-2 rows, 1.3-1.7x at 4, 1.4-1.5x at 16: 4 rows' streams in step draw less bandwidth
+ * than one). The same int32 sums and epilogue: the same numbers.
  *
  * 16-bit weights (planes = 2, AVX512-VNNI only: twin-log's per-row tables of real values: cpu_kernels.pack_planes):
  * each weight q = 256 * hi + lo with signed bytes hi and lo, packed as byte weights of twice the inputs, each
@@ -404,7 +405,7 @@ static VNNI void channel_dot(const int8_t *wc, const uint8_t *x0, const uint8_t 
  * would cost more than the products. */
 static VNNI void dot_tile(const uint8_t *a, int64_t k, const float *a_scale, const int8_t *w, const int32_t *corr,
                           const float *w_scale, const float *bias, float *out, int64_t cols, int64_t c0,
-                          const int rows, const int nibbles) {
+                          const int rows, const int nibbles, const int sequential) {
     /* channels past `cols` read the last one's codes again (their sums are not stored) */
     const int64_t stride = nibbles ? k / 2 : k;
     const int8_t *w0 = w + c0 * stride, *w1 = w + (c0 + 1 < cols ? c0 + 1 : cols - 1) * stride;
@@ -414,8 +415,8 @@ static VNNI void dot_tile(const uint8_t *a, int64_t k, const float *a_scale, con
     __m512i s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33; /* s<r><c> */
     s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 =
         _mm512_setzero_si512();
-    if (rows <= 2) { /* one channel after the other: its row one sequential stream of memory (the weights' bandwidth,
-                      * cold, against 2/3 of it for 4 rows read in step) */
+    if (sequential || rows <= 2) { /* one channel after the other: its row one sequential stream of memory (the
+                                    * weights' bandwidth, cold, against 2/3 of it for 4 rows read in step) */
         channel_dot(w0, x0, x1, x2, x3, k, rows, nibbles, &s00, &s10, &s20, &s30);
         channel_dot(w1, x0, x1, x2, x3, k, rows, nibbles, &s01, &s11, &s21, &s31);
         channel_dot(w2, x0, x1, x2, x3, k, rows, nibbles, &s02, &s12, &s22, &s32);
@@ -481,21 +482,31 @@ static VNNI void dot_tile(const uint8_t *a, int64_t k, const float *a_scale, con
         _mm_mask_storeu_ps(out + r * cols + c0, (__mmask8)cm, _mm_loadu_ps(o + 4 * r));
 }
 
-/* dot_tile over rows [r0, r1) x channel pairs [p0, p1) */
+/* dot_tile over rows [r0, r1) x channel pairs [p0, p1): up to 4 rows one channel at a time (the weights read once,
+ * as one stream: they come from memory), more 4 channels in step (each 4-channel group's rows stay in cache for the
+ * next tile of rows; a tile of 1-2 rows at the end one channel at a time) */
 static VNNI void rows_dot(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                           const float *w_scale, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
                           int64_t cols, int64_t k, float *out, const int nibbles) {
     const int64_t c1 = 32 * p1 < cols ? 32 * p1 : cols;
     for (int64_t c = 32 * p0; c < c1; c += 4) {
         int64_t r = r0;
-#define TILE(n) dot_tile(a + r * k, k, a_scale + r, w, corr, w_scale, bias, out + r * cols, cols, c, n, nibbles)
-        for (; r + 4 <= r1; r += 4) TILE(4);
+#define TILE(n, seq) dot_tile(a + r * k, k, a_scale + r, w, corr, w_scale, bias, out + r * cols, cols, c, n, nibbles, \
+                              seq)
+#define LAST(n, seq) case n: TILE(n, seq); break;
+        if (r1 - r0 <= 4) {
+            switch (r1 - r0) {
+                LAST(1, 1) LAST(2, 1) LAST(3, 1) LAST(4, 1)
+            default: break;
+            }
+            continue;
+        }
+        for (; r + 4 <= r1; r += 4) TILE(4, 0);
         switch (r1 - r) {
-#define LAST(n) case n: TILE(n); break;
-            LAST(1) LAST(2) LAST(3)
-#undef LAST
+            LAST(1, 1) LAST(2, 1) LAST(3, 0)
         default: break;
         }
+#undef LAST
 #undef TILE
     }
 }
