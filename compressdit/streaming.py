@@ -129,8 +129,7 @@ def streamed_plan(recipe: Recipe, model: nn.Module, adapter: ModelAdapter) -> St
             raise CalibrationError(f"recipe {recipe.name}: method {stage.config.method!r} as configured needs a "
                                    "calibrate stage before quantize (channel balancing and static scales use its "
                                    "statistics)")
-        layer_plan = handler.layer_plan(model, stage.config.options, QuantContext(adapter=adapter)) \
-            if handler.layer_plan is not None else None
+        layer_plan = handler.layer_plan(model, stage.config.options, QuantContext(adapter=adapter))
         if layer_plan is None:
             raise ConfigError(f"recipe {recipe.name}: method {stage.config.method!r} as configured quantizes layers "
                               "jointly (mixed precision, codebooks, format search) and cannot stream; run it where "

@@ -24,14 +24,17 @@ class MethodHandler:
     config_class: type[StrictConfig]
     apply: Callable[[nn.Module, Any, QuantContext], dict[str, LinearQuantSpec]]
     needs_calibration: Callable[[Any], bool]
-    # the per-layer plan when every layer is quantized from its own weights (and its own calibration statistics)
-    # alone, so that quantizing block by block equals ``apply`` (streaming); None (or returning None for a config)
-    # where layers are quantized jointly
-    layer_plan: Callable[[nn.Module, Any, QuantContext], dict[str, LinearQuantSpec | None] | None] | None = None
     # the ordered rules that alone give a config's plan (each layer from its own weights and statistics, nothing
     # decided over layers jointly); None (or returning None for a config) elsewhere. With ``needs_calibration``
     # false, what a float checkpoint can be quantized with as it loads
     plan_rules: Callable[[Any], list[LayerRule] | None] | None = None
+
+    def layer_plan(self, model: nn.Module, config: Any, ctx: QuantContext) -> dict[str, LinearQuantSpec | None] | None:
+        """The per-layer plan where :attr:`plan_rules` gives one (every layer quantized from its own weights and
+        calibration statistics alone, so that quantizing block by block equals ``apply``: streaming); None where
+        layers are quantized jointly."""
+        rules = None if self.plan_rules is None else self.plan_rules(config)
+        return None if rules is None else resolve_plan(model, ctx.adapter, rules)
 
 
 METHODS: Registry[MethodHandler] = Registry("quantization method")
@@ -78,9 +81,5 @@ def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantContext) -> dict:
     return apply_plan(model, resolve_plan(model, ctx.adapter, config.rules), ctx)
 
 
-def _rtn_plan(model: nn.Module, config: RTNConfig, ctx: QuantContext) -> dict:
-    return resolve_plan(model, ctx.adapter, config.rules)
-
-
-METHODS.add("rtn", MethodHandler(RTNConfig, _apply_rtn, lambda cfg: rules_need_calibration(cfg.rules), _rtn_plan,
+METHODS.add("rtn", MethodHandler(RTNConfig, _apply_rtn, lambda cfg: rules_need_calibration(cfg.rules),
                                  lambda cfg: cfg.rules))

@@ -54,14 +54,9 @@ def _needs_calibration(config: ViDiTQConfig) -> bool:
     return rules_need_calibration(config.rules) or config.mixed_precision is not None
 
 
-def _layer_plan(model: nn.Module, config: ViDiTQConfig, ctx: QuantContext) -> dict | None:
-    """Layer by layer unless mixed precision ranks the layers against each other."""
-    return None if config.mixed_precision is not None else resolve_plan(model, ctx.adapter, config.rules)
-
-
 def _plan_rules(config: ViDiTQConfig) -> list[LayerRule] | None:
-    """The rules, unless mixed precision ranks the layers against each other (as :func:`_layer_plan`)."""
+    """The rules (layer by layer), unless mixed precision ranks the layers against each other."""
     return None if config.mixed_precision is not None else config.rules
 
 
-METHODS.add("viditq", MethodHandler(ViDiTQConfig, _apply_viditq, _needs_calibration, _layer_plan, _plan_rules))
+METHODS.add("viditq", MethodHandler(ViDiTQConfig, _apply_viditq, _needs_calibration, _plan_rules))
