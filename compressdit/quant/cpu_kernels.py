@@ -317,7 +317,8 @@ def _int8_gemm_prepack(layer) -> dict:
     # than oneDNN's prepacked GEMM, torch._int_mm and fbgemm's dynamic int8 linear at every shape measured
     # (bench/results/layer_w8a8_cpu.md). 8-bit codes and 4-bit nibbles are read as the layer stores them (each block of
     # channels packed per call, few rows multiplied in place): no second copy of the weight (W8A8: half its bytes)
-    stored = {8: codes, 4: layer.offset_nibbles()}.get(layer.spec.w_bits)  # 2-3 bits: packed as nibbles, no more
+    bits = layer.spec.w_bits  # 2-3 bits: packed as nibbles, no more
+    stored = codes if bits == 8 else layer.offset_nibbles() if bits == 4 else None
     gemm = (pack_weight(codes, layer.weight_scale.reshape(-1, 1).float(), layer.in_features, 128.0,
                         nibbles=stored is None, stored=stored)
             if layer.in_features % 4 == 0 and vnni_int8_gemm() else None)
