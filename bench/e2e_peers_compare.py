@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_peers_report import machine_line  # noqa: E402
 
 
 def _rows(run: dict) -> dict[tuple[str, int], dict]:
     return {(section["model"], section["batch"]): section["rows"] for section in run["sections"]}
 
 
-def _machine(meta: dict) -> str:
-    return (f"{meta['cpu']} ({', '.join(meta['cpu_flags'])}), {meta['cores']} cores, {meta['threads']} thread(s), "
-            f"torch {meta['torch']}, run started {meta['started_utc']} UTC, load average before/after "
-            f"{meta['loadavg_start']} / {meta['loadavg_end']}")
-
-
 def render(before: dict, after: dict, title: str, labels: tuple[str, str], memory: list[dict]) -> str:
-    lines = [f"# {title}", "", f"- {labels[0]}: {_machine(before['meta'])}",
-             f"- {labels[1]}: {_machine(after['meta'])}", "",
+    lines = [f"# {title}", "", f"- {labels[0]}: {machine_line(before['meta'])}",
+             f"- {labels[1]}: {machine_line(after['meta'])}", "",
              "x fp32 = the run's fp32 seconds per step / the variant's, median over that run's interleaved rounds "
              "(`bench/e2e_peers.py`: random weights, speed only). after / before = the ratio of the two x fp32.", ""]
     old, new = _rows(before), _rows(after)
