@@ -57,6 +57,8 @@
   DiT-XL/2 w4a16 step took 5x the fp32 one) calls of more than ``FP32_DECODE_MIN_ROWS`` rows decode the reference's
   own fp32 weight (one C pass into a reused buffer) for an fp32 GEMM on the unrounded activations (0.98x fp32).
   Layers of up to ``DENSE_MAX_WEIGHT`` weights run ``cpu-int-dense-fp32`` / ``-bf16`` instead (:mod:`.cpu_dense`).
+  On CPUs with AVX512-BF16 up to :func:`int4_dot_max_rows` rows run :func:`~.cpu_native.int4_dot` on the layer's
+  stored nibbles (:func:`stored_int4_dot`: no packed copy, 0.5 byte a weight in all).
 - ``cpu-int8-weight``: weight-only int codes of 5-8 bits per channel (symmetric) via
   ``_weight_int8pack_mm`` on bf16 activations (per-channel scales applied in fp32 afterwards); above
   ``INT8_MAX_ROWS`` rows the dequantize reference (cheap for int8 codes) + fp32 GEMM is faster. bf16 rounding
@@ -475,10 +477,11 @@ def int4_dot_max_rows() -> int:
 
 def pack_int4_dot(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> dict:
     """Signed int codes ``[out, in]`` in [-8, 7] with fp32 scales ``[out, in / g]`` and zero terms (``-zero point *
-    scale``, or ``None``) in :func:`~compressdit.quant.cpu_native.int4_dot`'s layout (csrc/int4_dot.c): ``dot_packed``
-    (blocks of 16 output channels, chunks of 4 inputs as 32 bytes of nibbles), ``dot_scale`` and ``dot_zz`` (``zero -
-    136 * scale``: the decoding's offset taken back) ``[in / group, out]``, padded to 16 channels; ``g`` a multiple of
-    ``group``."""
+    scale``, or ``None``) in the layout :func:`~compressdit.quant.cpu_native.int4_dot`'s tiles read
+    (csrc/int4_dot.c): ``dot_packed`` (blocks of 16 output channels, chunks of 4 inputs as 32 bytes of nibbles),
+    ``dot_scale`` and ``dot_zz`` (``zero - 136 * scale``: the decoding's offset taken back) ``[in / group, out]``,
+    padded to 16 channels; ``g`` a multiple of ``group``. The layers' kernel keeps no such copy (:func:`stored_int4_dot`
+    packs each block of their stored nibbles when its turn comes); this is the layout that packing produces."""
     out_features, in_features = codes.shape
     padded = -(-out_features // 16) * 16
     q = torch.zeros(padded, in_features, dtype=torch.uint8)
@@ -508,8 +511,8 @@ def int4_weight_linear_cpu(x: torch.Tensor, packed: Optional[torch.Tensor], scal
                            dot_zz: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T + b`` with W = (q - 8) * scale + zero per group, activations in bf16.
 
-    With ``dot_packed`` / ``dot_scale`` / ``dot_zz`` (:func:`pack_int4_dot`; prepacked where
-    :func:`~compressdit.quant.cpu_native.int4_dot_ready`) up to :func:`int4_dot_max_rows` rows: that kernel (fp32
+    With ``dot_packed`` / ``dot_scale`` / ``dot_zz`` (:func:`stored_int4_dot`: the layer's nibbles and its scales,
+    where :func:`~compressdit.quant.cpu_native.int4_dot_ready`) up to :func:`int4_dot_max_rows` rows: that kernel (fp32
     scales, the bias added in fp32, the output rounded once to a bf16 ``x``'s dtype; then ``packed`` is None). Else
     up to ``INT4_PACKED_MAX_ROWS["cpu"]`` rows: the packed int4 GEMM; above: W dequantized into bf16 for this
     call (``nibbles``: codes + 8 two per byte, ``scale``/``zero``: bf16 ``[out, in / group]``), a dense GEMM.
@@ -568,30 +571,32 @@ def _int4_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
 
 def _int4_prepack(layer) -> dict:
     group = _int4_group(layer.spec, layer.in_features)
-    codes = layer.codes().to(torch.int32) + 8                      # [-8, 7] -> [0, 15]
     scale = layer.weight_scale.float()
     zero = torch.zeros_like(scale) if layer.weight_zero is None else -layer.weight_zero.float() * scale
     repeat = layer.in_features // group // scale.shape[1]        # per-channel: one scale for every group
     scale, zero = (t.repeat_interleave(repeat, dim=1) if repeat != 1 else t for t in (scale, zero))
-    dot = _dot_prepack(layer, group)  # where it runs, the packed int4 GEMM's rows are its: no copy for that GEMM
+    nibbles = layer.offset_nibbles()  # the stored weight at 4 bits (at 2-3 bits a packed copy)
+    dot = stored_int4_dot(nibbles, scale, zero, group)
     return {"packed": None if dot["dot_packed"] is not None else torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                codes.contiguous(), 1),
+                (layer.codes().to(torch.int32) + 8).contiguous(), 1),  # codes [-8, 7] -> [0, 15]
             "scales_zeros": None if dot["dot_packed"] is not None else torch.stack([scale.t(), zero.t()], -1).to(
                 torch.bfloat16).contiguous(),
-            "nibbles": layer.offset_nibbles(),  # the stored weight at 4 bits
+            "nibbles": nibbles,
             "scale": scale.to(torch.bfloat16).contiguous(),
             "zero": None if layer.weight_zero is None else zero.to(torch.bfloat16).contiguous(),
             "group": group, "bias": prepacked_bias(layer), **_fp32_decode_scales(layer), **dot}
 
 
-def _dot_prepack(layer, group: int) -> dict:
-    """:func:`pack_int4_dot`'s buffers where :func:`~compressdit.quant.cpu_native.int4_dot` runs (else ``None``s):
-    the layer's codes at 4 bits (0.5 byte per weight, in place of the packed int4 GEMM's) and fp32 scales."""
+def stored_int4_dot(nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> dict:
+    """:func:`~compressdit.quant.cpu_native.int4_dot`'s operands for a layer's offset nibbles ``[out, in / 2]`` (the
+    stored weight itself: no packed copy; each block of 16 channels is packed when its turn comes, or with up to 4
+    rows read channel by channel in place) and its fp32 scales and zero terms ``[out, in / group]``: ``dot_scale``
+    and ``dot_zz`` (``zero - 136 * scale``) in that layout; ``None``s where that kernel does not run (no AVX512-BF16,
+    or groups not a multiple of 4)."""
     if not (int4_dot_ready() and bf16_hardware()) or group % 4:
         return {"dot_packed": None, "dot_scale": None, "dot_zz": None}
-    scale = layer.weight_scale.float()
-    zero = None if layer.weight_zero is None else -layer.weight_zero.float() * scale
-    return pack_int4_dot(layer.codes(), scale, zero, group)
+    return {"dot_packed": nibbles, "dot_scale": scale.float().contiguous(),
+            "dot_zz": (zero.float() - 136 * scale.float()).contiguous()}
 
 
 def _fp32_decode_scales(layer) -> dict:

@@ -49,7 +49,8 @@ from compressdit.cache import default_cache_dir
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("int8_rows.c", "float_rows.c", "group_gemm.c", "int4_dot.c"))
-HEADERS = (Path(__file__).with_name("csrc") / "rows.h",)  # included by both: part of the build's digest
+#: included by the sources: part of the build's digest
+HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("rows.h", "transpose.h"))
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 #: argument and result types of the library's functions (``None``: returns nothing); each takes its thread count last
@@ -91,7 +92,8 @@ _SIGNATURES = {
                                          ctypes.c_float, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I32],
                                         ctypes.c_int),
     "compressdit_int4_dot_ready": ([], ctypes.c_int),
-    "compressdit_int4_dot": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I32], ctypes.c_int),
+    "compressdit_int4_dot": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, _PTR, _I32],
+                             ctypes.c_int),
     "compressdit_group_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
                                 _I64, _I32, _PTR, _I32, _PTR, _I32], ctypes.c_int),
 }
@@ -602,8 +604,12 @@ def int4_dot_ready() -> bool:
 def int4_dot(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zz: torch.Tensor, bias: torch.Tensor | None,
              out_features: int, group: int) -> torch.Tensor | None:
     """Weight-only int4 for few rows (csrc/int4_dot.c): contiguous bf16 rows ``x`` ``[rows, in]`` times the codes
-    packed by ``cpu_kernels.pack_int4_dot`` (``packed``) with their fp32 group scales and zero terms (``scale``,
-    ``zz``: ``[in / group, out]`` padded to 16 channels), plus ``bias`` (fp32 or None): fp32 ``[rows, out_features]``;
+    packed by ``cpu_kernels.pack_int4_dot`` (``packed``) with their fp32 group scales and zero terms (``scale``, ``zz``:
+    ``[in / group, out]`` padded to 16 channels), or times a layer's stored offset nibbles ``[out_features, in / 2]``
+    (``packed`` of two dimensions) with ``scale`` and ``zz`` ``[out_features, in / group]`` (``cpu_kernels
+    .stored_int4_dot``: from 5 rows each block of 16 channels packed when its turn comes, the same numbers bit for
+    bit; up to 4 rows each channel's row read in place, the same sums in another order), plus ``bias`` (fp32 or None):
+    fp32 ``[rows, out_features]``;
     where :func:`int4_dot_ready` (``None`` without the library: the caller's other paths run). Channel blocks over
     torch's threads from ``TEAM_MIN_WORK`` multiply-adds."""
     lib = native_library()
@@ -612,8 +618,15 @@ def int4_dot(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zz: tor
     rows, cols = x.shape
     out = torch.empty(rows, out_features)
     threads = torch.get_num_threads() if rows * cols * out_features > TEAM_MIN_WORK else 1
+    row_major = packed.dim() == 2
+    if row_major and (packed.dtype is not torch.uint8 or tuple(packed.shape) != (out_features, cols // 2)
+                      or not packed.is_contiguous() or tuple(scale.shape) != (out_features, cols // group)
+                      or zz.shape != scale.shape):
+        raise ValueError(f"int4_dot: stored nibbles must be contiguous uint8 [{out_features}, {cols // 2}] with scales "
+                         f"[{out_features}, {cols // group}], got {packed.dtype} {tuple(packed.shape)} and "
+                         f"{tuple(scale.shape)}")
     if lib.compressdit_int4_dot(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zz.data_ptr(), _ptr(bias), rows,
-                                out_features, cols, group, out.data_ptr(), threads):
+                                out_features, cols, group, int(row_major), out.data_ptr(), threads):
         raise RuntimeError("int4_dot: no AVX512-BF16 path on this CPU (see int4_dot_ready)")
     return out
 

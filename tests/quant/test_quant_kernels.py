@@ -287,6 +287,8 @@ def test_w4_kernel_is_the_reference_with_bf16_inputs_and_scales_up_to_its_bf16_o
         dot = cache_of(layer).buffers["dot_packed"] is not None
         assert dot == (int4_dot_ready() and bf16_hardware())
         assert dot == (cache_of(layer).buffers["packed"] is None)  # no copy for the packed GEMM beside it
+        if dot:  # the kernel reads the layer's stored nibbles: no packed copy of the weight
+            assert cache_of(layer).buffers["dot_packed"].data_ptr() == layer.weight.data_ptr()
         if dot:
             reference = layer.reference_forward(x.bfloat16().float())
             torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
@@ -318,23 +320,34 @@ def test_int4_dot_takes_its_rows_and_no_more(amx, monkeypatch):
     assert calls == ([1, limit] if int4_dot_ready() and bf16_hardware() else [])
 
 
-@pytest.mark.parametrize("rows", [1, 5, 6, 13, 256])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 13, 256])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_int4_dot_kernel_is_the_sum_of_its_groups(rows, threads):
+@pytest.mark.parametrize("layout", ["packed", "stored"])
+@pytest.mark.parametrize("shape", [(40, 128, 32), (24, 352, 32), (33, 384, 128), (17, 136, 8)])
+def test_the_int4_dot_kernel_is_the_sum_of_its_groups(rows, threads, layout, shape):
     """``int4_dot`` against float64 sums of the bf16 activations times the decoded weight (scales and zero terms per
-    group, padded channels, every row tile), equal on 1 and 2 threads; refused where the CPU has no path."""
-    from compressdit.quant.cpu_kernels import pack_int4_dot
+    group, padded channels, every row tile; the stored nibbles' channel dot at 1-4 rows: groups of 32 two a chunk of
+    64 inputs, a last half chunk, groups of 128 over two chunks), equal on 1 and 2 threads; refused where the CPU has
+    no path."""
+    from compressdit.quant.cpu_kernels import pack_int4_dot, stored_int4_dot
     from compressdit.quant.cpu_native import int4_dot, int4_dot_ready, native_library
+    from compressdit.quant.gpu_reference import pack_nibbles
 
     gen = torch.Generator().manual_seed(rows)
-    out_features, in_features, group = 40, 128, 32
+    out_features, in_features, group = shape
     codes = torch.randint(-8, 8, (out_features, in_features), generator=gen, dtype=torch.int8)
     scale = torch.rand(out_features, in_features // group, generator=gen) + 0.01
     zero = torch.randn(out_features, in_features // group, generator=gen)
     bias = torch.randn(out_features, generator=gen)
     x = torch.randn(rows, in_features, generator=gen).bfloat16()
     b = pack_int4_dot(codes, scale, zero, group)
-    assert b["dot_packed"].numel() == 48 * in_features // 2  # 0.5 byte a weight, channels padded to 16
+    padded = -(-out_features // 16) * 16
+    assert b["dot_packed"].numel() == padded * in_features // 2  # 0.5 byte a weight, channels padded to 16
+    if layout == "stored":
+        b = stored_int4_dot(pack_nibbles(codes), scale, zero, group)
+        if b["dot_packed"] is None:  # not where int4_dot runs: the same operands, to see them refused
+            b = {"dot_packed": pack_nibbles(codes), "dot_scale": scale, "dot_zz": zero - 136 * scale}
+        assert b["dot_packed"].shape == (out_features, in_features // 2)  # the layer's stored weight, no padding
     if not int4_dot_ready():  # no path: refused; no library: None (the layer's other paths run)
         if native_library() is None:
             assert int4_dot(x, b["dot_packed"], b["dot_scale"], b["dot_zz"], bias, out_features, group) is None
@@ -355,6 +368,50 @@ def test_the_int4_dot_kernel_is_the_sum_of_its_groups(rows, threads):
     # fp32 sums of x (128 + q) taken back by 136 s sum x (the decoding's offset): their magnitude bounds the rounding
     formed = x.double().abs() @ (136 * scale.double() + zero.double().abs()).repeat_interleave(group, 1).t()
     assert ((out.double() - truth).abs() <= 2 ** -20 * formed + 1e-6 * truth.abs()).all()
+
+
+@pytest.mark.parametrize("shape", [(40, 128, 32), (17, 136, 8), (33, 1156, 4), (16, 12, 4), (48, 1088, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stored_int4_nibbles_from_five_rows_are_the_packed_tiles_bit_for_bit(shape, threads):
+    """From 5 rows ``int4_dot`` on a layer's stored offset nibbles packs each block of 16 channels (a 16 x 16
+    transpose of 4-byte groups, a nibble swap in each word) and runs the tiles of the packed layout: the same outputs
+    bit for bit, on channels that fill no block (17, 33), inputs that fill no transpose (136, 1156, 12: masked, a last
+    odd chunk) and every tile remainder; channels past the last: none written. Up to 4 rows (groups of 32 or
+    multiples of 64) the channel dot reads the rows in place: within fp32 summation of the packed tiles' outputs."""
+    from compressdit.quant.cpu_kernels import pack_int4_dot, stored_int4_dot
+    from compressdit.quant.cpu_native import int4_dot, int4_dot_ready
+    from compressdit.quant.gpu_reference import pack_nibbles
+
+    if not int4_dot_ready():
+        pytest.skip("no AVX512-BF16 int4_dot path on this CPU")
+    out_features, in_features, group = shape
+    gen = torch.Generator().manual_seed(out_features + in_features)
+    codes = torch.randint(-8, 8, (out_features, in_features), generator=gen, dtype=torch.int8)
+    codes[0], codes[-1, ::3] = 7, -8
+    scale = torch.rand(out_features, in_features // group, generator=gen) + 0.01
+    zero = torch.randn(out_features, in_features // group, generator=gen)
+    packed = pack_int4_dot(codes, scale, zero, group)
+    stored = stored_int4_dot(pack_nibbles(codes), scale, zero, group)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 37):
+            x = torch.randn(rows, in_features, generator=gen).bfloat16()
+            for bias in (torch.randn(out_features, generator=gen), None):
+                outs = [int4_dot(x, b["dot_packed"], b["dot_scale"], b["dot_zz"], bias, out_features, group)
+                        for b in (packed, stored)]
+                if rows >= 5 or not (group == 32 or group % 64 == 0):
+                    assert torch.equal(*outs), (rows, bias is None)
+                else:
+                    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5 * float(outs[0].abs().max()))
+    finally:
+        torch.set_num_threads(previous)
+    x = torch.zeros(1, in_features).bfloat16()
+    for nibbles, scales in ((stored["dot_packed"], packed["dot_scale"]), (stored["dot_packed"].view(torch.int8),
+                                                                          stored["dot_scale"])):
+        with pytest.raises(ValueError, match="stored nibbles"):  # the packed layout's scales: refused, never garbage
+            int4_dot(x, nibbles, scales, scales, None, out_features, group)
 
 
 @pytest.mark.usefixtures("decoded_kernels")

@@ -36,6 +36,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "transpose.h"
 #ifdef _OPENMP
 #include <omp.h>
 #define THREAD_ID omp_get_thread_num()
@@ -275,31 +276,6 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
     for (int r = 0; r < rows; ++r) {
         _mm512_mask_storeu_ps(out + r * cols + c0, m0, _mm512_add_ps(sum[r][0], bias0));
         _mm512_mask_storeu_ps(out + r * cols + c0 + 16, m1, _mm512_add_ps(sum[r][1], bias1));
-    }
-}
-
-/* r[c] (c < 16): 16 dwords each, -> r[q] holds dword q of every r[c] in order (a 16 x 16 transpose of dwords):
- * 32-bit then 64-bit interleaves within 128-bit lanes, then the 4 x 4 transpose of the lanes */
-static VNNI void transpose16(__m512i r[16]) {
-    __m512i a[16], b[16];
-    for (int i = 0; i < 8; ++i) {
-        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (int j = 0; j < 4; ++j) { /* b[4j + e], lane L: rows 4j .. 4j + 3 of column 4L + e */
-        b[4 * j] = _mm512_unpacklo_epi64(a[4 * j], a[4 * j + 2]);
-        b[4 * j + 1] = _mm512_unpackhi_epi64(a[4 * j], a[4 * j + 2]);
-        b[4 * j + 2] = _mm512_unpacklo_epi64(a[4 * j + 1], a[4 * j + 3]);
-        b[4 * j + 3] = _mm512_unpackhi_epi64(a[4 * j + 1], a[4 * j + 3]);
-    }
-    for (int e = 0; e < 4; ++e) {
-        const __m512i c0 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0x44), c1 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0xee);
-        const __m512i c2 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0x44);
-        const __m512i c3 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0xee);
-        r[e] = _mm512_shuffle_i32x4(c0, c2, 0x88);
-        r[4 + e] = _mm512_shuffle_i32x4(c0, c2, 0xdd);
-        r[8 + e] = _mm512_shuffle_i32x4(c1, c3, 0x88);
-        r[12 + e] = _mm512_shuffle_i32x4(c1, c3, 0xdd);
     }
 }
 
