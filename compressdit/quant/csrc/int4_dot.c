@@ -27,8 +27,9 @@
  * inputs) transposed so that lane c holds channel c's, a nibble swap within each 16-bit word (q0 q1 q2 q3 -> q0 q2
  * q1 q3: the byte pairs of a chunk), the low words chunk 2d, the high words chunk 2d + 1. Up to 4 rows, the channel
  * dot below (each channel's row read in place). DiT-XL/2 shapes, W4 g64, one thread, Zen 4, against the packed copy:
- * weights read from memory 0.96-1.17x its time at 1 row, 1.1-1.5x at 2-16, 1.0-1.1x at 64; in cache 1.3-1.5x at 1-2
- * rows, 1.2-1.4x at 8-16 (the transpose), ~1.05x at 64 and above. */
+ * weights read from memory 1.0-1.4x its time at 1-4 rows, 1.15-1.35x at 16, 1.0-1.1x at 64; in cache 1.1-1.25x at 1
+ * row, 1.45-2.0x at 2-4 (the group scales applied lane-wise: 3 vector operations a row and chunk where the tiles take
+ * 2), 1.15-1.2x at 16 (the transpose), ~1.05x at 64 and above. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -159,61 +160,84 @@ static __attribute__((target("avx512f,avx512bw"))) void split_rows(const uint16_
     }
 }
 
-/* chunk m of a channel's stored row wn (bytes of them) times `rows` split rows into acc[r] (chain p of two: even and
- * odd chunks accumulate apart, vdpbf16ps' latency bounding few rows); where the chunk ends a group, the group's sums
- * scaled by its scale into sum[r] (chain p's total) */
-static DOT void channel_chunk(const uint8_t *wn, int64_t bytes, const uint16_t *xp, int64_t stride, int64_t m,
-                              int64_t group, int64_t groups, const float *s, int64_t *g, int64_t *next,
-                              int64_t per, const int rows, __m512 *acc, __m512 *sum, __m512 *other_acc,
-                              __m512 *other_sum) {
+/* chunk m (64 inputs) of a channel's stored row wn times `rows` split rows (xp, `stride` words apart), added to acc[r];
+ * `left` (< 32) of its bytes read, the rest zero codes (times zero inputs), where it is the row's last half chunk */
+static DOT void chunk_dot(const uint8_t *wn, const uint16_t *xp, int64_t stride, int64_t m, const int rows,
+                          const int64_t left, __m512 *acc) {
     const __m512i low = _mm512_set1_epi16(0x000f), exponent = _mm512_set1_epi16(0x4300);
-    const int64_t left = bytes - 32 * m;
-    const __m256i raw = left >= 32 ? _mm256_loadu_si256((const __m256i *)(wn + 32 * m))
-                                   : _mm256_maskz_loadu_epi8((__mmask32)((1u << left) - 1u), wn + 32 * m);
-    if (!(m & 1)) _mm_prefetch((const char *)(wn + 32 * m + PREFETCH_AHEAD), _MM_HINT_T0);
+    const __m256i raw = left ? _mm256_maskz_loadu_epi8((__mmask32)((1u << left) - 1u), wn + 32 * m)
+                             : _mm256_loadu_si256((const __m256i *)(wn + 32 * m));
+    _mm_prefetch((const char *)(wn + 32 * m + PREFETCH_AHEAD), _MM_HINT_T0);
     const __m512i w = _mm512_cvtepu8_epi16(raw);
     const __m512i a = _mm512_ternarylogic_epi32(w, low, exponent, 0xea); /* (w & low) | exponent */
     const __m512i b = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), low, exponent, 0xea);
-    for (int r = 0; r < rows; ++r) {
+    for (int r = 0; r < rows; ++r) { /* the rows' operand last: the instruction's memory operand (products commute) */
         const uint16_t *xr = xp + r * stride + 64 * m;
-        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(xr), (__m512bh)a);
-        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(xr + 32), (__m512bh)b);
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)a, (__m512bh)_mm512_loadu_si512(xr));
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)b, (__m512bh)_mm512_loadu_si512(xr + 32));
     }
-    if (group <= 64) { /* each chunk its group's (32: lanes 0-7 group 2m, 8-15 group 2m + 1; past k zero inputs) */
-        __m512 sv = _mm512_set1_ps(s[*g]);
-        if (group == 32)
-            sv = _mm512_mask_mov_ps(sv, (__mmask16)0xff00,
-                                    _mm512_set1_ps(*g + 1 < groups ? s[*g + 1] : 0.0f));
-        *g += group == 32 ? 2 : 1;
-        for (int r = 0; r < rows; ++r) {
-            sum[r] = _mm512_fmadd_ps(acc[r], sv, sum[r]);
-            acc[r] = _mm512_setzero_ps();
-        }
-    } else if (m + 1 == *next) { /* the group's last chunk (groups of 128 or more: both chains hold its sums) */
-        const __m512 sv = _mm512_set1_ps(s[(*g)++]);
-        *next += per;
-        for (int r = 0; r < rows; ++r) {
-            sum[r] = _mm512_fmadd_ps(acc[r], sv, sum[r]);
-            other_sum[r] = _mm512_fmadd_ps(other_acc[r], sv, other_sum[r]);
-            acc[r] = other_acc[r] = _mm512_setzero_ps();
-        }
+}
+
+/* sum[r] += acc[r] * sv; acc[r] = 0 */
+static DOT void scale_into(const int rows, const __m512 sv, __m512 *acc, __m512 *sum) {
+    for (int r = 0; r < rows; ++r) {
+        sum[r] = _mm512_fmadd_ps(acc[r], sv, sum[r]);
+        acc[r] = _mm512_setzero_ps();
     }
 }
 
 /* one channel's stored row wn (k / 2 bytes) times `rows` (1-4) split rows (xp, `stride` words apart): row r's lane
  * sums, each group's scaled by the channel's scale (s[g]), plus the zero terms zz[g] times the rows' group sums
- * (xs, `groups` a row), into res[r] */
+ * (xs, `groups` a row), into res[r]. Even and odd chunks accumulate apart (two chains: vdpbf16ps' latency bounds few
+ * rows) into two totals; a loop for each group size (32: two groups a chunk, the lanes' halves; 64: one; more: a
+ * group's chunks, then its scale), so that no chunk tests its group. */
 static DOT void channel_rows(const uint8_t *wn, const uint16_t *xp, int64_t stride, int64_t k, int64_t group,
                              const float *s, const float *zz, const float *xs, const int rows, __m512 *res) {
-    const int64_t chunks = (k + 63) / 64, bytes = k / 2, groups = k / group, per = group >= 64 ? group / 64 : 1;
+    const int64_t full = k / 64, groups = k / group;
     __m512 sum0[CHANNEL_ROWS], sum1[CHANNEL_ROWS], acc0[CHANNEL_ROWS], acc1[CHANNEL_ROWS];
     for (int r = 0; r < rows; ++r) sum0[r] = sum1[r] = acc0[r] = acc1[r] = _mm512_setzero_ps();
-    int64_t next = per, g = 0; /* the chunk after the group's last, the group */
-    for (int64_t m = 0; m < chunks; m += 2) {
-        channel_chunk(wn, bytes, xp, stride, m, group, groups, s, &g, &next, per, rows, acc0, sum0, acc1, sum1);
-        if (m + 1 < chunks)
-            channel_chunk(wn, bytes, xp, stride, m + 1, group, groups, s, &g, &next, per, rows, acc1, sum1, acc0,
-                          sum0);
+    if (group == 32) {
+        const __mmask16 high = (__mmask16)0xff00;
+        int64_t m = 0;
+        for (; m < full; ++m) {
+            const __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(s[2 * m]), high, _mm512_set1_ps(s[2 * m + 1]));
+            if (m & 1) {
+                chunk_dot(wn, xp, stride, m, rows, 0, acc1);
+                scale_into(rows, sv, acc1, sum1);
+            } else {
+                chunk_dot(wn, xp, stride, m, rows, 0, acc0);
+                scale_into(rows, sv, acc0, sum0);
+            }
+        }
+        if (64 * m < k) { /* the last 32 inputs: lanes 0-7, the rest zero inputs */
+            chunk_dot(wn, xp, stride, m, rows, 16, acc0);
+            scale_into(rows, _mm512_set1_ps(s[2 * m]), acc0, sum0);
+        }
+    } else if (group == 64) {
+        int64_t m = 0;
+        for (; m + 2 <= full; m += 2) {
+            chunk_dot(wn, xp, stride, m, rows, 0, acc0);
+            scale_into(rows, _mm512_set1_ps(s[m]), acc0, sum0);
+            chunk_dot(wn, xp, stride, m + 1, rows, 0, acc1);
+            scale_into(rows, _mm512_set1_ps(s[m + 1]), acc1, sum1);
+        }
+        if (m < full) {
+            chunk_dot(wn, xp, stride, m, rows, 0, acc0);
+            scale_into(rows, _mm512_set1_ps(s[m]), acc0, sum0);
+        }
+    } else { /* multiples of 64 */
+        const int64_t per = group / 64;
+        for (int64_t g = 0; g < groups; ++g) {
+            int64_t m = g * per;
+            for (; m + 2 <= (g + 1) * per; m += 2) {
+                chunk_dot(wn, xp, stride, m, rows, 0, acc0);
+                chunk_dot(wn, xp, stride, m + 1, rows, 0, acc1);
+            }
+            if (m < (g + 1) * per) chunk_dot(wn, xp, stride, m, rows, 0, acc0);
+            const __m512 sv = _mm512_set1_ps(s[g]);
+            scale_into(rows, sv, acc0, sum0);
+            scale_into(rows, sv, acc1, sum1);
+        }
     }
     for (int64_t i = 0; i < groups; i += 16) { /* the zero terms, 16 groups at a time */
         const __mmask16 m = groups - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (groups - i)) - 1u);
