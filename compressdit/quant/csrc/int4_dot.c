@@ -196,18 +196,22 @@ static DOT void channel_rows(const uint8_t *wn, const uint16_t *xp, int64_t stri
     const int64_t full = k / 64, groups = k / group;
     __m512 sum0[CHANNEL_ROWS], sum1[CHANNEL_ROWS], acc0[CHANNEL_ROWS], acc1[CHANNEL_ROWS];
     for (int r = 0; r < rows; ++r) sum0[r] = sum1[r] = acc0[r] = acc1[r] = _mm512_setzero_ps();
-    if (group == 32) {
-        const __mmask16 high = (__mmask16)0xff00;
+    if (group == 32) { /* the chunk's two scales: lanes 0-7 and 8-15 */
+        const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         int64_t m = 0;
-        for (; m < full; ++m) {
-            const __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(s[2 * m]), high, _mm512_set1_ps(s[2 * m + 1]));
-            if (m & 1) {
-                chunk_dot(wn, xp, stride, m, rows, 0, acc1);
-                scale_into(rows, sv, acc1, sum1);
-            } else {
-                chunk_dot(wn, xp, stride, m, rows, 0, acc0);
-                scale_into(rows, sv, acc0, sum0);
-            }
+        for (; m + 2 <= full; m += 2) {
+            chunk_dot(wn, xp, stride, m, rows, 0, acc0);
+            scale_into(rows, _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castsi128_ps(
+                                 _mm_loadl_epi64((const __m128i *)(s + 2 * m))))), acc0, sum0);
+            chunk_dot(wn, xp, stride, m + 1, rows, 0, acc1);
+            scale_into(rows, _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castsi128_ps(
+                                 _mm_loadl_epi64((const __m128i *)(s + 2 * m + 2))))), acc1, sum1);
+        }
+        if (m < full) {
+            chunk_dot(wn, xp, stride, m, rows, 0, acc0);
+            scale_into(rows, _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castsi128_ps(
+                                 _mm_loadl_epi64((const __m128i *)(s + 2 * m))))), acc0, sum0);
+            ++m;
         }
         if (64 * m < k) { /* the last 32 inputs: lanes 0-7, the rest zero inputs */
             chunk_dot(wn, xp, stride, m, rows, 16, acc0);
