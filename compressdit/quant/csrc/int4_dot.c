@@ -28,8 +28,9 @@
  * q1 q3: the byte pairs of a chunk), the low words chunk 2d, the high words chunk 2d + 1. Up to 4 rows, the channel
  * dot below (each channel's row read in place). DiT-XL/2 shapes, W4 g64, one thread, Zen 4, against the packed copy:
  * weights read from memory 1.0-1.4x its time at 1-4 rows, 1.15-1.35x at 16, 1.0-1.1x at 64; in cache 1.1-1.25x at 1
- * row, 1.45-2.0x at 2-4 (the group scales applied lane-wise: 3 vector operations a row and chunk where the tiles take
- * 2), 1.15-1.2x at 16 (the transpose), ~1.05x at 64 and above. */
+ * row (groups of 32: 1.3-1.45x), 1.45-2.2x at 2-4 (the group scales applied lane-wise: 3 vector operations a row and
+ * chunk where the tiles take 2; at 4608 inputs 4 split rows leave L1), 1.15-1.2x at 16 (the transpose), ~1.05x at 64
+ * and above. */
 
 #include <stdint.h>
 #include <stdlib.h>
