@@ -107,7 +107,7 @@ static DOT void pack_stored(const uint8_t *w, int64_t cols, int64_t k, int64_t c
     int64_t i = 0;
     for (; i + 64 <= bytes; i += 64) { /* 128 inputs of 16 channels: one transpose */
         __m512i r[16];
-        for (int c = 0; c < 16; ++c) { /* the next block's same bytes fetched ahead: 16 streams, few prefetched */
+        for (int c = 0; c < 16; ++c) { /* the next block fetched ahead: the hardware follows few of 16 streams */
             _mm_prefetch((const char *)(w + (c0 + 16 + c) * bytes + i), _MM_HINT_T0);
             r[c] = c0 + c < cols ? _mm512_loadu_si512(w + (c0 + c) * bytes + i) : _mm512_setzero_si512();
         }
@@ -124,18 +124,14 @@ static DOT void pack_stored(const uint8_t *w, int64_t cols, int64_t k, int64_t c
 
 /* Few rows on stored weights: each channel's row read once, in order (a single memory stream; the 16-row transpose
  * above reads 16 at a time, 2-4x slower from memory at 1-4 rows), the inputs in the lanes: a channel's 32 stored bytes
- * (64 inputs) widened to words and decoded as above, the low nibbles (inputs 4l, 4l + 1... of word pairs: 2j in word
- * j) paired in lane l with inputs (4l, 4l + 2) of the chunk, the high ones with (4l + 1, 4l + 3): the rows are split
- * into that order first (split_row). Each group's lane sums are scaled lane-wise (groups of 32: two a chunk, the
- * lanes' halves), 16 channels' lane vectors summed by one tree, the zero terms and bias added as the tiles do: the
- * same sums in another order (not bit for bit the tiles'). Groups of 32 or multiples of 64. */
-#define CHANNEL_ROWS 4 /* rows a channel's decoded chunk serves at a time */
-#ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 2048
-#endif
-#ifndef CHANNEL_MAX_ROWS
-#define CHANNEL_MAX_ROWS 4 /* calls of up to this many rows take the channel dot */
-#endif
+ * (64 inputs) widened to words and decoded as above. Word j holds inputs 2j (low nibble) and 2j + 1 (high), so lane
+ * l's two words give inputs (4l, 4l + 2) from their low nibbles and (4l + 1, 4l + 3) from their high ones: the rows
+ * are split into that order first (split_rows). Each group's lane sums are scaled lane-wise (groups of 32: two a
+ * chunk, the lanes' halves), the zero terms added lane-wise, 16 channels' lane vectors summed by one tree, then the
+ * bias: the same sums in another order (not bit for bit the tiles'). Groups of 32 or multiples of 64. */
+#define CHANNEL_ROWS 4     /* rows a channel's decoded chunk serves at a time */
+#define CHANNEL_MAX_ROWS 4 /* calls of up to this many rows take the channel dot (at 8 and 16 the transpose wins) */
+#define PREFETCH_AHEAD 2048 /* bytes of the stream fetched ahead (1024-4096 alike) */
 
 /* rows of x (k bf16 values each) in the channel dot's order, xp (`stride` words a row, 64 per chunk of 64 inputs):
  * pairs (x[4l], x[4l + 2]) of the chunk's l < 16, then pairs (x[4l + 1], x[4l + 3]); inputs past k zero */
