@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import weakref
 from enum import Enum
@@ -20,7 +21,7 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from compressdit.errors import CheckpointError, ConfigError
+from compressdit.errors import CheckpointError, ConfigError, UnsupportedModelError
 from compressdit.io.checkpoint import files_float_dtype
 from compressdit.io.diffusers_lora import register_lora_support
 from compressdit.io.structure import HEADS, IDENTITY, MOB, MOE, TAIL_SUM, WIDTH, apply_structure
@@ -119,7 +120,13 @@ class CompressditConfig(QuantizationConfigMixin):
         in their name (a substring, as diffusers' other backends match). ``self`` where it names its modules."""
         if not self.rules:
             return self
-        plan = {name: spec for name, spec in resolve_plan(model, adapter_for(model), self.rules).items()
+        try:
+            adapter = adapter_for(model)
+        except UnsupportedModelError as exc:  # a pipeline's VAE under a pipeline-wide quant_backend: name the fix
+            raise UnsupportedModelError(f"{exc}; in a pipeline, quantize its transformer only: "
+                                        "PipelineQuantizationConfig(..., components_to_quantize=['transformer'])"
+                                        ) from None
+        plan = {name: spec for name, spec in resolve_plan(model, adapter, self.rules).items()
                 if spec is not None and not kept_in_fp32(name, keep_in_fp32_modules)
                 and not any(part in name for part in self.modules_to_not_convert)}
         if not plan:
@@ -404,13 +411,32 @@ class CompressditQuantizer(DiffusersQuantizer):
         return True
 
 
+class TransformersComponentConfig:
+    """What transformers' backends hold under ``compressdit``: ``PipelineQuantizationConfig(quant_backend=
+    "compressdit", quant_kwargs=...)`` accepts a backend only where diffusers and transformers both name it, with
+    the same ``__init__`` parameters, and builds the transformers one for a pipeline's transformers components (its
+    text encoders), which compressdit does not quantize: building it raises one clear line naming the fix."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise ConfigError("compressdit quantizes a pipeline's diffusion transformer, not its transformers components "
+                          "(text encoders): pass components_to_quantize=['transformer'] (or quant_mapping="
+                          "{'transformer': ...}) to PipelineQuantizationConfig")
+
+
+TransformersComponentConfig.__init__.__signature__ = inspect.signature(CompressditConfig.__init__)
+
+
 def register_with_diffusers() -> None:
-    """Add the backend to diffusers' auto mappings, and packed weights' logical shapes to its LoRA loaders
-    (idempotent; there is no public plugin hook for either)."""
+    """Add the backend to diffusers' auto mappings (and to transformers' configs, for pipeline-level
+    ``quant_backend="compressdit"``: :class:`TransformersComponentConfig`), and packed weights' logical shapes to
+    its LoRA loaders (idempotent; there is no public plugin hook for either)."""
     from diffusers.quantizers import auto
+    from transformers.quantizers import auto as transformers_auto
 
     auto.AUTO_QUANTIZER_MAPPING[CompressditMethod.COMPRESSDIT.value] = CompressditQuantizer
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING[CompressditMethod.COMPRESSDIT.value] = CompressditConfig
+    transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(CompressditMethod.COMPRESSDIT.value,
+                                                                  TransformersComponentConfig)
     register_lora_support()
     guard_projection_fusion()
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import compressdit
-from compressdit.errors import CheckpointError, ConfigError
+from compressdit.errors import CheckpointError, ConfigError, UnsupportedModelError
 from compressdit.io.checkpoint import verify_safetensors
 from compressdit.io.diffusers_quantizer import (FORMAT_VERSION, CompressditConfig, CompressditMethod,
                                                 CompressditQuantizer, attach_quantizer, register_with_diffusers)
@@ -628,3 +628,28 @@ def test_fusing_quantized_projections_is_refused_and_changes_nothing():
     plain.fuse_qkv_projections()
     assert hasattr(plain.transformer_blocks[0].attn1, "to_qkv")
     torch.testing.assert_close(_run(plain, _pixart_inputs()), unfused, rtol=1e-4, atol=1e-5)
+
+
+def test_pipeline_quant_backend_quantizes_the_transformer_and_refuses_text_encoders(text_pipeline_dir):
+    """``PipelineQuantizationConfig(quant_backend="compressdit", quant_kwargs=...)``: diffusers accepts a backend only
+    where transformers names it too, with the same config parameters; with ``components_to_quantize=["transformer"]``
+    the transformer is quantized as by ``quant_mapping`` (the same layers, the text encoder float), without it
+    building the text encoder's config raises one line naming that fix (never a transformers model half-quantized)."""
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    from compressdit.quant.transform import quantized_modules
+
+    folder = text_pipeline_dir("pixart")
+    rules = compressdit.recipe_config("rtn-w8a8").to_dict()["rules"]  # plain data, as a user writes them
+    backend = PipelineQuantizationConfig(quant_backend="compressdit", quant_kwargs={"rules": rules},
+                                         components_to_quantize=["transformer"])
+    pipe = DiffusionPipeline.from_pretrained(folder, quantization_config=backend)
+    mapped = DiffusionPipeline.from_pretrained(folder, quantization_config=PipelineQuantizationConfig(
+        quant_mapping={"transformer": compressdit.recipe_config("rtn-w8a8")}))
+    assert quantized_modules(pipe.transformer) and not quantized_modules(pipe.text_encoder)
+    assert set(quantized_modules(pipe.transformer)) == set(quantized_modules(mapped.transformer))
+    everything = PipelineQuantizationConfig(quant_backend="compressdit", quant_kwargs={"rules": rules})
+    with pytest.raises((ConfigError, UnsupportedModelError), match=r"components_to_quantize=\['transformer'\]"):
+        DiffusionPipeline.from_pretrained(folder, quantization_config=everything)  # the VAE or text encoder first
+    with pytest.raises(ConfigError, match=r"components_to_quantize=\['transformer'\]"):  # a text encoder alone
+        everything._resolve_quant_config(is_diffusers=False, module_name="text_encoder")
