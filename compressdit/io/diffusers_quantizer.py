@@ -422,6 +422,11 @@ class TransformersComponentConfig:
                           "(text encoders): pass components_to_quantize=['transformer'] (or quant_mapping="
                           "{'transformer': ...}) to PipelineQuantizationConfig")
 
+    @classmethod
+    def from_dict(cls, *args: Any, **kwargs: Any) -> TransformersComponentConfig:
+        """A transformers checkpoint naming ``quant_method: compressdit`` (none is written): the same line."""
+        return cls()
+
 
 TransformersComponentConfig.__init__.__signature__ = inspect.signature(CompressditConfig.__init__)
 

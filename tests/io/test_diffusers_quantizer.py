@@ -653,3 +653,6 @@ def test_pipeline_quant_backend_quantizes_the_transformer_and_refuses_text_encod
         DiffusionPipeline.from_pretrained(folder, quantization_config=everything)  # the VAE or text encoder first
     with pytest.raises(ConfigError, match=r"components_to_quantize=\['transformer'\]"):  # a text encoder alone
         everything._resolve_quant_config(is_diffusers=False, module_name="text_encoder")
+    from transformers.quantizers.auto import AutoQuantizationConfig
+    with pytest.raises(ConfigError, match="transformers components"):  # a transformers checkpoint naming the method
+        AutoQuantizationConfig.from_dict({"quant_method": "compressdit"})
