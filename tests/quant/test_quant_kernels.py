@@ -378,13 +378,12 @@ def test_stored_int4_nibbles_from_five_rows_are_the_packed_tiles_bit_for_bit(sha
     transpose of 4-byte groups, a nibble swap in each word) and runs the tiles of the packed layout: the same outputs
     bit for bit, on channels that fill no block (17, 33), inputs that fill no transpose (136, 1156, 12: masked, a last
     odd chunk) and every tile remainder; channels past the last: none written. Up to 4 rows (groups of 32 or
-    multiples of 64) the channel dot reads the rows in place: within fp32 summation of the packed tiles' outputs."""
+    multiples of 64) the channel dot reads the rows in place: within fp32 summation of the packed tiles' outputs.
+    Where the CPU has no such path: no operands for the layers (their other paths run), stored nibbles refused."""
     from compressdit.quant.cpu_kernels import pack_int4_dot, stored_int4_dot
-    from compressdit.quant.cpu_native import int4_dot, int4_dot_ready
+    from compressdit.quant.cpu_native import int4_dot, int4_dot_ready, native_library
     from compressdit.quant.gpu_reference import pack_nibbles
 
-    if not int4_dot_ready():
-        pytest.skip("no AVX512-BF16 int4_dot path on this CPU")
     out_features, in_features, group = shape
     gen = torch.Generator().manual_seed(out_features + in_features)
     codes = torch.randint(-8, 8, (out_features, in_features), generator=gen, dtype=torch.int8)
@@ -393,6 +392,15 @@ def test_stored_int4_nibbles_from_five_rows_are_the_packed_tiles_bit_for_bit(sha
     zero = torch.randn(out_features, in_features // group, generator=gen)
     packed = pack_int4_dot(codes, scale, zero, group)
     stored = stored_int4_dot(pack_nibbles(codes), scale, zero, group)
+    if not int4_dot_ready():
+        assert stored == {"dot_packed": None, "dot_scale": None, "dot_zz": None}
+        x = torch.randn(5, in_features, generator=gen).bfloat16()
+        if native_library() is None:
+            assert int4_dot(x, pack_nibbles(codes), scale, zero, None, out_features, group) is None
+        else:
+            with pytest.raises(RuntimeError, match="no AVX512-BF16 path"):
+                int4_dot(x, pack_nibbles(codes), scale, zero, None, out_features, group)
+        return
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
