@@ -129,8 +129,7 @@ static DOT void pack_stored(const uint8_t *w, int64_t cols, int64_t k, int64_t c
  * are split into that order first (split_rows). Each group's lane sums are scaled lane-wise (groups of 32: two a
  * chunk, the lanes' halves), the zero terms added lane-wise, 16 channels' lane vectors summed by one tree, then the
  * bias: the same sums in another order (not bit for bit the tiles'). Groups of 32 or multiples of 64. */
-#define CHANNEL_ROWS 4     /* rows a channel's decoded chunk serves at a time */
-#define CHANNEL_MAX_ROWS 4 /* calls of up to this many rows take the channel dot (at 8 and 16 the transpose wins) */
+#define CHANNEL_ROWS 4 /* calls of up to this many rows take the channel dot (at 8 and 16 the transpose wins) */
 #define PREFETCH_AHEAD 2048 /* bytes of the stream fetched ahead (1024-4096 alike) */
 
 /* rows of x (k bf16 values each) in the channel dot's order, xp (`stride` words a row, 64 per chunk of 64 inputs):
@@ -175,6 +174,12 @@ static DOT void chunk_dot(const uint8_t *wn, const uint16_t *xp, int64_t stride,
     }
 }
 
+/* a chunk's two scales of groups of 32 (s[0] in lanes 0-7, s[1] in 8-15) */
+static DOT __m512 pair_scales(const float *s) {
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)s))));
+}
+
 /* sum[r] += acc[r] * sv; acc[r] = 0 */
 static DOT void scale_into(const int rows, const __m512 sv, __m512 *acc, __m512 *sum) {
     for (int r = 0; r < rows; ++r) {
@@ -194,20 +199,16 @@ static DOT void channel_rows(const uint8_t *wn, const uint16_t *xp, int64_t stri
     __m512 sum0[CHANNEL_ROWS], sum1[CHANNEL_ROWS], acc0[CHANNEL_ROWS], acc1[CHANNEL_ROWS];
     for (int r = 0; r < rows; ++r) sum0[r] = sum1[r] = acc0[r] = acc1[r] = _mm512_setzero_ps();
     if (group == 32) { /* the chunk's two scales: lanes 0-7 and 8-15 */
-        const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         int64_t m = 0;
         for (; m + 2 <= full; m += 2) {
             chunk_dot(wn, xp, stride, m, rows, 0, acc0);
-            scale_into(rows, _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castsi128_ps(
-                                 _mm_loadl_epi64((const __m128i *)(s + 2 * m))))), acc0, sum0);
+            scale_into(rows, pair_scales(s + 2 * m), acc0, sum0);
             chunk_dot(wn, xp, stride, m + 1, rows, 0, acc1);
-            scale_into(rows, _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castsi128_ps(
-                                 _mm_loadl_epi64((const __m128i *)(s + 2 * m + 2))))), acc1, sum1);
+            scale_into(rows, pair_scales(s + 2 * m + 2), acc1, sum1);
         }
         if (m < full) {
             chunk_dot(wn, xp, stride, m, rows, 0, acc0);
-            scale_into(rows, _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castsi128_ps(
-                                 _mm_loadl_epi64((const __m128i *)(s + 2 * m))))), acc0, sum0);
+            scale_into(rows, pair_scales(s + 2 * m), acc0, sum0);
             ++m;
         }
         if (64 * m < k) { /* the last 32 inputs: lanes 0-7, the rest zero inputs */
@@ -263,35 +264,30 @@ static DOT __m512 sum16(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xdd));
 }
 
-/* all rows x channels [c0, c0 + 16) on the stored nibbles w, the rows split (xp, `stride` words each); s and zz
- * [cols, groups] */
+/* rows (at most CHANNEL_ROWS) x channels [c0, c0 + 16) on the stored nibbles w, the rows split (xp, `stride` words
+ * each); s and zz [cols, groups] */
 static DOT void channel_block(const uint8_t *w, const uint16_t *xp, int64_t stride, const float *xs, int64_t groups,
                               int64_t group, const float *s, const float *zz, int64_t c0, const float *bias,
-                              float *out, int64_t cols, int64_t k, int64_t rows) {
+                              float *out, int64_t cols, int64_t k, const int rows) {
     const int64_t left = cols - c0;
     const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + c0) : _mm512_setzero_ps();
-    for (int64_t r0 = 0; r0 < rows; r0 += CHANNEL_ROWS) {
-        const int n = rows - r0 < CHANNEL_ROWS ? (int)(rows - r0) : CHANNEL_ROWS;
-        __m512 v[CHANNEL_ROWS][16];
-        for (int c = 0; c < 16; ++c) {
-            __m512 res[CHANNEL_ROWS];
-            for (int r = 0; r < CHANNEL_ROWS; ++r) res[r] = _mm512_setzero_ps(); /* channels past `cols` */
-            const int64_t ch = c0 + c;
+    __m512 v[CHANNEL_ROWS][16];
+    for (int c = 0; c < 16; ++c) {
+        __m512 res[CHANNEL_ROWS];
+        for (int r = 0; r < CHANNEL_ROWS; ++r) res[r] = _mm512_setzero_ps(); /* channels past `cols` */
+        const int64_t ch = c0 + c;
+        if (ch < cols) {
             const uint8_t *wn = w + ch * (k / 2);
-            const uint16_t *x0 = xp + r0 * stride;
-            const float *sc = s + ch * groups, *zc = zz + ch * groups, *x1 = xs + r0 * groups;
-            if (ch < cols) {
-                if (n == 4) channel_rows(wn, x0, stride, k, group, sc, zc, x1, 4, res);
-                else if (n == 3) channel_rows(wn, x0, stride, k, group, sc, zc, x1, 3, res);
-                else if (n == 2) channel_rows(wn, x0, stride, k, group, sc, zc, x1, 2, res);
-                else channel_rows(wn, x0, stride, k, group, sc, zc, x1, 1, res);
-            }
-            for (int r = 0; r < n; ++r) v[r][c] = res[r];
+            const float *sc = s + ch * groups, *zc = zz + ch * groups;
+            if (rows == 4) channel_rows(wn, xp, stride, k, group, sc, zc, xs, 4, res);
+            else if (rows == 3) channel_rows(wn, xp, stride, k, group, sc, zc, xs, 3, res);
+            else if (rows == 2) channel_rows(wn, xp, stride, k, group, sc, zc, xs, 2, res);
+            else channel_rows(wn, xp, stride, k, group, sc, zc, xs, 1, res);
         }
-        for (int r = 0; r < n; ++r)
-            _mm512_mask_storeu_ps(out + (r0 + r) * cols + c0, mask, _mm512_add_ps(sum16(v[r]), bv));
+        for (int r = 0; r < rows; ++r) v[r][c] = res[r];
     }
+    for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(out + r * cols + c0, mask, _mm512_add_ps(sum16(v[r]), bv));
 }
 
 /* rows [0, rows) x channel blocks [b0, b1); stored weights (w the layer's nibbles, s and zz [cols, groups]): with
@@ -305,7 +301,7 @@ static __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dot_
     for (int64_t b = b0; b < b1; ++b) {
         const int64_t c0 = 16 * b;
         if (xp) {
-            channel_block(w, xp, (k + 63) / 64 * 64, xs, groups, group, s, zz, c0, bias, out, cols, k, rows);
+            channel_block(w, xp, (k + 63) / 64 * 64, xs, groups, group, s, zz, c0, bias, out, cols, k, (int)rows);
             continue;
         }
         const uint8_t *wb = w + b * panel;
@@ -385,7 +381,7 @@ int compressdit_int4_dot(const uint16_t *x, const uint8_t *w, const float *s, co
     if (!compressdit_int4_dot_ready()) return 1;
     const int64_t groups = k / group, blocks = (cols + 15) / 16, panel = (k / 4) * 32, stride = (k + 63) / 64 * 64;
     const int team = threads > 1 && blocks > 1 ? threads : 1;
-    const int channel = row_major && rows <= CHANNEL_MAX_ROWS && (group == 32 || group % 64 == 0);
+    const int channel = row_major && rows <= CHANNEL_ROWS && (group == 32 || group % 64 == 0);
     float *xs = (float *)malloc(sizeof(float) * (size_t)(rows * groups > 0 ? rows * groups : 1));
     const int64_t per_thread = panel + 2 * groups * 16 * (int64_t)sizeof(float); /* a block packed, its scales */
     uint8_t *scratch = row_major && !channel ? (uint8_t *)malloc((size_t)(per_thread * team)) : NULL;
