@@ -35,6 +35,7 @@ VARIANTS = {
     "compressdit rtn-w8a8": ("float32", "compressdit", "rtn-w8a8"),
     "compressdit rtn-w8a8 (bf16)": ("bfloat16", "compressdit", "rtn-w8a8"),
     "compressdit rtn-w4a16 (bf16)": ("bfloat16", "compressdit", "rtn-w4a16"),
+    "compressdit rtn-w4a8 (bf16)": ("bfloat16", "compressdit", "rtn-w4a8"),
     "compressdit nvfp4 (bf16)": ("bfloat16", "compressdit", "nvfp4"),
     "torchao int8 weight-only (bf16)": ("bfloat16", "torchao", "Int8WeightOnlyConfig"),
     "torchao int8 dynamic (bf16)": ("bfloat16", "torchao", "Int8DynamicActivationInt8WeightConfig"),

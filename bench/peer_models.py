@@ -7,7 +7,7 @@ bf16, or replaces its quantized layers), so that no process ever holds the fp32 
 
 - ``fp32`` / ``bf16``: the float model.
 - compressdit recipes (``rtn-w8a8``, ``w8a8``, ``w4a16``, ``w4a8``, ``vq-w3``; the round-to-nearest low-bit ones
-  ``fp8``, ``nvfp4``, ``mxfp4``, ``rtn-w4a4`` on request, outside the default groups): each recipe's layer rules and specs
+  ``fp8``, ``nvfp4``, ``mxfp4``, ``rtn-w4a4`` and grouped ``rtn-w4a8`` on request, outside the default groups): each recipe's layer rules and specs
   (``quantize`` stage) with unit calibration statistics, min-max ranges and nearest rounding (balancing, range and
   GPTQ / AdaRound choices change values, not layouts or kernels) and, for VQ, random codes and codebooks of the recipe's shape (calibrating VQ
   at this size is not part of a speed benchmark); W4A8's mixed precision (a few W8 layers) is not applied.
@@ -135,8 +135,8 @@ VARIANTS: dict[str, Variant] = {
     "fp32": Variant("float32", _float, None),
     "bf16": Variant("bfloat16 weights and activations", _bf16, None, torch.bfloat16),
     **{recipe: Variant(f"compressdit recipe {recipe}", _ours(recipe), recipe)
-       for recipe in ("rtn-w8a8", "w8a8", "w4a16", "w4a8", "vq-w3", "fp8", "nvfp4", "mxfp4", "rtn-w4a4", "lrq-w4a4",
-                      "svdquant-w4a4", "svdquant-nvfp4")},
+       for recipe in ("rtn-w8a8", "w8a8", "w4a16", "w4a8", "rtn-w4a8", "vq-w3", "fp8", "nvfp4", "mxfp4", "rtn-w4a4",
+                      "lrq-w4a4", "svdquant-w4a4", "svdquant-nvfp4")},
     "torchao int8 weight-only": Variant("torchao quantize_ Int8WeightOnlyConfig", _torchao("Int8WeightOnlyConfig")),
     "torchao int8 dynamic": Variant("torchao quantize_ Int8DynamicActivationInt8WeightConfig (W8A8)",
                                     _torchao("Int8DynamicActivationInt8WeightConfig")),

@@ -25,18 +25,21 @@
   16-entry table in the tiles (``vpshufb``; half a byte per weight, the same numbers and speed).
 - ``cpu-int8-group-gemm``: the same with weights in groups (symmetric, e.g. W4A8 g64), layers of up to
   ``INT8_GEMM_SMALL_WEIGHT`` weights (any size on the VNNI path): the codes unpacked to int8 (1 byte per weight;
-  on the VNNI path 4-bit codes two a byte),
+  on the VNNI path 2-3 bit codes packed two a byte, 4-bit ones the layer's own nibbles read as stored: no copy),
   the activation codes quantized per group in one C pass, one ``torch._int_mm`` per group (on one thread up to
   ``SERIAL_GEMM_WORK`` multiply-adds), one fused epilogue adding each group's int32 sums times its scales in fp32
   (one call of the C++ op ``int8_group_linear`` where it builds); on the VNNI path ``group_gemm``'s tiles, the
-  groups' sums scaled in registers (the same numbers).
+  groups' sums scaled in registers (the same numbers; calls of up to 4 rows multiply each channel's stored row in
+  place, the same up to fp32 summation order).
 - ``cpu-int-groups``: 4-bit weights (symmetric int, NVFP4, MXFP4, 4-bit minifloats) x dynamic activations with
   scales per group of inputs on an integer or 4-bit minifloat grid (W4A4 g16 / g64, NVFP4, SVDQuant's residual):
   both operands as integer codes (each grid value times a power of two: E2M1's halves x 2), one integer GEMM
   (``csrc/group_gemm.c``: AVX512-VNNI's ``vpdpbusd``, or AVX2's byte multiply-adds for groups of at least
   ``AVX2_MIN_GROUP``) with int32 sums per group and both groups' scales, the bias and SVDQuant's branch in its
-  epilogue, the weight's 4-bit codes packed two a byte (looked up in a 16-entry table of their integer values: in
-  the tiles on AVX512-VNNI, a block of 16 channels at a time into a buffer on AVX2); the activation codes from one C pass, bit for bit the fake quantization's values once scaled, so the
+  epilogue, the weight's 4-bit codes looked up in a 16-entry table of their integer values (on AVX512-VNNI the
+  layer's stored nibbles, each pair of 16-channel blocks packed through the table when its turn comes: no copy; on
+  AVX2 a copy packed two a byte, a block of 16 channels at a time decoded into a buffer); the activation codes from
+  one C pass, bit for bit the fake quantization's values once scaled, so the
   outputs are the reference's up to fp32 summation order. Not on AMX CPUs (their bf16 microkernel kernels, measured
   there, stay). DiT-XL/2 shapes at one thread on a Zen 4 EPYC: 2.3-9.7x fp32 (``bench/results/layer_lowbit_cpu.md``).
 - ``cpu-twinlog-groups``: twin-log (LRQ) weights, whose per-row tables of real values no byte holds, in the same GEMM
@@ -435,13 +438,19 @@ def _int8_group_gemm_applies(spec, device: torch.device, shape: tuple[int, int])
 
 
 def _int8_group_gemm_prepack(layer) -> dict:
-    size = layer.spec.group_size
-    codes = layer.codes()  # int8 [out, in], an unpacked copy of 4-bit codes
-    microkernel = gemm = None
+    size, bits = layer.spec.group_size, layer.spec.w_bits
+    microkernel = gemm = codes = None
     if size % 4 == 0 and int8_brgemm():  # AMX-INT8: each group's codes packed for oneDNN's microkernel
+        codes = layer.codes()  # int8 [out, in], an unpacked copy of narrower codes
         microkernel = torch.stack([int8_pack(group_codes) for group_codes in _codes_per_group(codes, size)])
-    elif size % 4 == 0 and vnni_int8_gemm():  # group_gemm's tiles, the groups' sums scaled in them
-        gemm = pack_weight(codes, layer.weight_scale.float(), size, 128.0, nibbles=layer.spec.w_bits <= 4)
+    elif size % 4 == 0 and vnni_int8_gemm() and bits == 4:  # group_gemm's tiles, the groups' sums scaled in them,
+        # on the stored offset nibbles (each pair of channel blocks packed per call through ``nibble - 8``): no copy
+        gemm = stored_nibble_weight(layer.offset_nibbles(), OFFSET_NIBBLE_CODES, layer.weight_scale.float(), size,
+                                    128.0)
+    elif size % 4 == 0 and vnni_int8_gemm():  # 2-3 bits: their nibbles packed (a stored copy would be one too)
+        gemm = pack_weight(layer.codes(), layer.weight_scale.float(), size, 128.0, nibbles=bits < 4)
+    else:
+        codes = layer.codes()
     # on group_gemm the op reads only its group count from w_scale: the packed scales ([groups, out] padded), no copy
     return {"codes": None if gemm is not None else _codes_per_group(codes, size),
             "w_scale": gemm["w_scale"] if gemm is not None else layer.weight_scale.float().t().contiguous(),
@@ -785,7 +794,7 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: fl
     ``stored`` (the AVX512-VNNI path): the layer's own weight tensor, which the GEMM then reads as it is (no packed
     copy; a block of channels packed per call, or few rows multiplied in place) as ``packed``: ``codes`` themselves
     (int8 ``[out, in]``) or their offset nibbles (uint8 ``[out, in / 2]``, ``code + 8``, each byte's low nibble the
-    even input: ``QuantLinear.offset_nibbles``)."""
+    even input: ``QuantLinear.offset_nibbles``). Nibbles through a table as stored: :func:`stored_nibble_weight`."""
     out_features, in_features = codes.shape
     if stored is not None:
         nibble_shape = stored.dtype is torch.uint8 and stored.shape == (out_features, in_features // 2)
@@ -793,16 +802,13 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: fl
             raise ValueError(f"pack_weight: a stored weight is the int8 codes {tuple(codes.shape)} or their uint8 "
                              f"offset nibbles, not {stored.dtype} {tuple(stored.shape)}"
                              f"{' (and no nibble table)' if nibbles else ''}")
-    padded = -(-out_features // 32) * 32
     groups = in_features // group
-    corr = torch.zeros(groups, padded, dtype=torch.int32)
     sums = codes.reshape(out_features, groups, group).sum(-1, dtype=torch.int32)  # at most 127 * in
-    corr[:, :out_features] = (-offset * sums).t().int()
-    w_scale = torch.zeros(groups, padded)
-    w_scale[:, :out_features] = scale.float().repeat_interleave(groups // scale.shape[1], dim=1).t()
+    corr, w_scale = _group_terms(sums, scale, offset)
     table = None
     if stored is not None:
         return {"packed": stored.contiguous(), "corr": corr, "w_scale": w_scale, "table": None}
+    padded = corr.shape[1]
     full = torch.zeros(padded, in_features, dtype=torch.int8)
     full[:out_features] = codes
     if nibbles:
@@ -813,6 +819,43 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: fl
         pairs = packed.view(torch.uint8).view(padded // 32, 2, in_features // 4, 64)
         packed = (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
     return {"packed": packed, "corr": corr, "w_scale": w_scale, "table": table}
+
+
+def _group_terms(sums: torch.Tensor, scale: torch.Tensor, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``corr`` and ``w_scale`` (``[groups, out]``, the channels padded to a multiple of 32) of the weight codes'
+    int32 sums per GEMM group ``[out, groups]`` and their fp32 scales ``[out, groups / repeat]``."""
+    out_features, groups = sums.shape
+    padded = -(-out_features // 32) * 32
+    corr = torch.zeros(groups, padded, dtype=torch.int32)
+    corr[:, :out_features] = (-offset * sums).t().int()
+    w_scale = torch.zeros(groups, padded)
+    w_scale[:, :out_features] = scale.float().repeat_interleave(groups // scale.shape[1], dim=1).t()
+    return corr, w_scale
+
+
+#: offset nibbles' codes (``code + 8`` stored): ``nibble - 8``
+OFFSET_NIBBLE_CODES = torch.arange(-8, 8, dtype=torch.int8)
+
+
+def stored_nibble_weight(nibbles: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, group: int,
+                         offset: float) -> dict:
+    """A layer's stored 4-bit weight (uint8 ``[out, in / 2]``, each byte's low nibble the even input) whose integer
+    codes are ``table[nibble]`` (int8 ``[16]``: the format's values times their multiplier; offset nibbles' ``i - 8``)
+    for :func:`~compressdit.quant.cpu_native.group_gemm`'s row-major path (AVX512-VNNI): ``packed`` the layer's
+    own tensor (no copy: each pair of channel blocks packed through the table when its turn comes), ``corr`` and
+    ``w_scale`` as :func:`pack_weight` gives them, the codes' group sums read through a 256-entry table of each
+    byte's two codes (no unpacked copy of the codes)."""
+    out_features, half = nibbles.shape
+    if nibbles.dtype is not torch.uint8 or table.dtype is not torch.int8 or table.shape != (16,) or half % (group // 2):
+        raise ValueError(f"stored_nibble_weight: uint8 nibbles [out, in / 2] with in a multiple of {group} and an "
+                         f"int8 table [16], not {nibbles.dtype} {tuple(nibbles.shape)} and {table.dtype} "
+                         f"{tuple(table.shape)}")
+    byte = torch.arange(256)
+    pair_sums = (table[byte & 15].int() + table[byte >> 4].int()).contiguous()
+    sums = torch.index_select(pair_sums, 0, nibbles.reshape(-1).int())  # int32 indices: 4x faster than int64
+    sums = sums.view(out_features, half * 2 // group, group // 2).sum(-1, dtype=torch.int32)
+    corr, w_scale = _group_terms(sums, scale, offset)
+    return {"packed": nibbles.contiguous(), "corr": corr, "w_scale": w_scale, "table": table.contiguous()}
 
 
 def nibble_table(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -839,15 +882,18 @@ def _groups_prepack(layer) -> dict:
     _, rule, top, mantissa, min_exp = input_grid(layer)
     mult = grid_multiplier(activation_grid(spec))
     group, repeat = _gemm_groups(spec, layer.in_features)
-    codes = (values[unpack_nibbles(nibbles).long()] * w_mult).round().to(torch.int8)
+    table = (values * w_mult).round().to(torch.int8)
     smooth = smooth_divisor(layer)
-    weight = pack_weight(codes, scale / w_mult, group, top * mult, nibbles=True)
+    if group_gemm_isa() == "avx512-vnni":  # the stored nibbles through the format's table: no packed copy
+        weight = stored_nibble_weight(nibbles, table, scale / w_mult, group, top * mult)
+    else:  # AVX2: a block at a time decoded from the packed copy
+        weight = pack_weight(table[unpack_nibbles(nibbles).int()], scale / w_mult, group, top * mult, nibbles=True)
     down, up = getattr(layer, "low_rank_down", None), getattr(layer, "low_rank_up", None)
     up_t = None
     if up is not None:  # [r, out] padded as the weight's columns: added in the GEMM's blocks
         up_t = torch.zeros(up.shape[1], weight["w_scale"].shape[1])
         up_t[:, :layer.out_features] = up.detach().float().t()
-    pair = _pair_bound(top * mult, max(1, int(codes.abs().max())))  # AVX2: pairs summed in 16 bits, flush quads
+    pair = _pair_bound(top * mult, max(1, int(table.abs().max())))  # AVX2: pairs summed in 16 bits, flush quads
     return {**weight, "bias": prepacked_bias(layer), "smooth": smooth, "inv": None if smooth is None else 1.0 / smooth,
             LOW_RANK: None if down is None else down.detach().float().t().contiguous(), "up_t": up_t,
             "settings": (group, repeat, rule, top, mantissa, min_exp, mult, max(1, int(32767 // pair)))}

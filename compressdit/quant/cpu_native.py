@@ -62,6 +62,7 @@ _SIGNATURES = {
     "compressdit_quantize_int8_groups": ([_PTR, _I64, _I64, _I64, _I32, _PTR, _PTR, _I32], None),
     "compressdit_dequantize_groups": ([_PTR, _PTR, _PTR, _I32, _PTR, _I64, _I64, _I64, _PTR, _I32], None),
     "compressdit_float_to_bf16": ([_PTR, _I64, _PTR, _I32], None),
+    "compressdit_encode_nibble_codes": ([_PTR, _I64, _PTR, _I32, _PTR, _I32], None),
     "compressdit_bf16_to_float": ([_PTR, _PTR, _I64, _I64, _PTR, _I32], None),
     "compressdit_quantize_e4m3_bf16": ([_PTR, _I64, _I64, _PTR, _PTR, _I32], None),
     "compressdit_bf16_scale": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], None),
@@ -474,6 +475,19 @@ def float_to_bf16(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def encode_nibble_codes(x: torch.Tensor, bounds: torch.Tensor, sign_bit: int) -> torch.Tensor | None:
+    """``Minifloat.encode`` of a finite fp32 ``x`` in a 4-bit format (``bounds``: its 7 tie-adjusted midpoints, fp32,
+    ascending; ``sign_bit``: its sign's bit) as uint8 codes of ``x``'s shape, in one C pass; ``None`` without the
+    library (or for another layout: the caller's PyTorch path, whose codes these are)."""
+    lib = _lib_for(x, bounds)
+    if lib is None or bounds.numel() != 7:
+        return None
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    lib.compressdit_encode_nibble_codes(x.data_ptr(), x.numel(), bounds.data_ptr(), sign_bit, out.data_ptr(),
+                                        threads_for(x.numel()))
+    return out
+
+
 def bf16_to_float(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``y.float() (+ bias)`` for a 2-D bf16 ``y`` ``[rows, cols]`` and an fp32 ``bias`` ``[cols]``, one pass."""
     lib = _lib_for(bias)
@@ -680,8 +694,9 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     activations per token), applied after the groups as :func:`dequantize_groups` does (``(sum_g acc_g * w_scale[g])
     * scales[i] + bias``, its numbers). ``table``: the weight is 4-bit indices, two a byte, whose codes are
     ``table[index]`` (int8 ``[16]``; ``cpu_kernels.pack_weight(..., nibbles=True)``; one weight plane). A 2-D
-    ``packed`` is the weight as the layer stores it: int8 codes ``[out, in]`` or uint8 offset nibbles ``[out, in / 2]``
-    (``cpu_kernels.pack_weight(..., stored=...)``: the AVX512-VNNI path only; no copy kept). Rows (or column blocks)
+    ``packed`` is the weight as the layer stores it: int8 codes ``[out, in]``, uint8 offset nibbles ``[out, in / 2]``
+    (``cpu_kernels.pack_weight(..., stored=...)``) or, with ``table``, uint8 nibbles whose codes are
+    ``table[nibble]`` (``cpu_kernels.stored_nibble_weight``): the AVX512-VNNI path only; no copy kept. Rows (or column blocks)
     over torch's threads from ``GROUP_GEMM_TEAM_MIN_WORK`` multiply-adds. ``None`` without the library."""
     lib = native_library()
     if lib is None:
@@ -691,7 +706,7 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     out = torch.empty(rows, out_features)
     threads = torch.get_num_threads() if rows * cols * out_features > GROUP_GEMM_TEAM_MIN_WORK else 1
     rank = 0 if hidden is None else hidden.shape[1]
-    row_major = 0 if packed.dim() != 2 else 2 if packed.dtype is torch.uint8 else 1
+    row_major = 0 if packed.dim() != 2 else 1 if packed.dtype is torch.int8 else 2 if table is None else 3
     if lib.compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(), corr.data_ptr(),
                                   w_scale.data_ptr(), _ptr(hidden), rank, _ptr(up), _ptr(bias), rows, out_features,
                                   cols, group, flush, planes, row_group is not None, _ptr(table), row_major,

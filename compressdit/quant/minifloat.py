@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compressdit.quant.cpu_native import encode_nibble_codes
 from compressdit.quant.primitives import all_finite
 from compressdit.registry import Registry
 
@@ -95,6 +96,10 @@ class Minifloat:
         # finite magnitudes ascend with their codes: the code is the number of tie-adjusted midpoints a magnitude
         # passes (past the last one it saturates to the largest), where rounding then taking the value apart took a
         # dozen passes. 4-bit formats (7 midpoints) count them, 3x faster than a binary search; wider ones search.
+        if len(self._boundaries) == 7 and x.device.type == "cpu":  # 4-bit: one C pass, the same codes
+            fast = encode_nibble_codes(x.float().contiguous(), self._boundaries, self.exponent_bits + self.mantissa_bits)
+            if fast is not None:
+                return fast
         magnitude = x.float().abs()
         if len(self._boundaries) < 16:
             code = torch.zeros(magnitude.shape, dtype=torch.uint8, device=x.device)

@@ -34,8 +34,8 @@ from compressdit.quant.cpu_native import fake_quantize_grid
 from compressdit.quant.kernel_registry import kernel_cache, run_cached, runs_low_rank
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.minifloat import Minifloat, pack_nibbles, unpack_nibbles
-from compressdit.quant.mx_primitives import (E2M1, E4M3, MX_BLOCK, NVFP4_BLOCK, mx_dequantize, mx_quantize,
-                                             nvfp4_dequantize, nvfp4_quantize)
+from compressdit.quant.mx_primitives import (E2M1, E4M3, MX_BLOCK, NVFP4_BLOCK, e8m0_decode, mx_dequantize,
+                                             mx_quantize, nvfp4_block_values, nvfp4_dequantize, nvfp4_quantize)
 from compressdit.quant.primitives import all_finite
 from compressdit.quant.spec import LinearQuantSpec
 from compressdit.registry import Registry
@@ -51,6 +51,9 @@ class BlockCodec:
     tensor_scale: bool
     quantize: Callable[[torch.Tensor], tuple]  # weight -> (codes uint8, block scales, tensor scale or None)
     dequantize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    #: (block scales, tensor scale or None) -> fp32 ``[..., K / block]``: what ``dequantize`` multiplies each block's
+    #: element values by, bit for bit
+    block_values: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
     #: the dynamic fake quantization the weight's round trip is, bit for bit (NVFP4's: its activation grid), or None
     grid: Grid | None = None
 
@@ -77,11 +80,13 @@ class BlockCodec:
 
 BLOCK_CODECS: Registry[BlockCodec] = Registry("block-scaled weight format")
 BLOCK_CODECS.add("nvfp4", BlockCodec(E2M1, NVFP4_BLOCK, torch.float8_e4m3fn, True, nvfp4_quantize,
-                                     nvfp4_dequantize, element_grid(E2M1, rule=2)))
+                                     nvfp4_dequantize, nvfp4_block_values, element_grid(E2M1, rule=2)))
 BLOCK_CODECS.add("mxfp4", BlockCodec(E2M1, MX_BLOCK, torch.uint8, False, lambda w: (*mx_quantize(w, E2M1), None),
-                                     lambda codes, scale, _: mx_dequantize(codes, scale, E2M1)))
+                                     lambda codes, scale, _: mx_dequantize(codes, scale, E2M1),
+                                     lambda scale, _: e8m0_decode(scale)))
 BLOCK_CODECS.add("mxfp8", BlockCodec(E4M3, MX_BLOCK, torch.uint8, False, lambda w: (*mx_quantize(w, E4M3), None),
-                                     lambda codes, scale, _: mx_dequantize(codes, scale, E4M3)))
+                                     lambda codes, scale, _: mx_dequantize(codes, scale, E4M3),
+                                     lambda scale, _: e8m0_decode(scale)))
 
 
 class BlockFPLinear(QuantizedLinear):
@@ -153,11 +158,9 @@ class BlockFPLinear(QuantizedLinear):
         decoder computes it (block and tensor scales together: its value of a code worth exactly 1)."""
         if not self.codec.packed:
             return None
-        element = self.codec.element
-        one = element.encode(torch.ones(1))
-        ones = one.to(torch.uint8).expand(self.out_features, self.in_features)
-        scale = self.codec.dequantize(ones, self.weight_scale, self.weight_scale_2)[:, ::self.codec.block]
-        return ("nibbles", self.weight.data, element.decode(torch.arange(16, dtype=torch.uint8)).float().contiguous(),
+        scale = self.codec.block_values(self.weight_scale, self.weight_scale_2)
+        return ("nibbles", self.weight.data,
+                self.codec.element.decode(torch.arange(16, dtype=torch.uint8)).float().contiguous(),
                 scale.float().contiguous(), None)
 
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

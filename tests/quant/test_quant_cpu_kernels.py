@@ -10,12 +10,13 @@ import torch
 
 from compressdit.quant import cpu_kernels, cpu_native
 from compressdit.quant.activations import Grid, activation_grid, quantize_input
-from compressdit.quant.cpu_kernels import (AVX2_MIN_GROUP, PLANE_MAX, grid_multiplier, integer_groups_apply,
-                                           integer_multiplier, nibble_table, pack_planes, pack_weight,
-                                           twinlog_groups_apply)
+from compressdit.quant.cpu_kernels import (AVX2_MIN_GROUP, OFFSET_NIBBLE_CODES, PLANE_MAX, grid_multiplier,
+                                           integer_groups_apply, integer_multiplier, nibble_table, pack_planes,
+                                           pack_weight, stored_nibble_weight, twinlog_groups_apply)
 from compressdit.quant.cpu_native import grid_codes, group_gemm, group_gemm_isa, native_library
 from compressdit.quant.formats import FORMATS
 from compressdit.quant.kernel_registry import kernel_summary, set_kernel
+from compressdit.quant.minifloat import unpack_nibbles
 from compressdit.quant.spec import LinearQuantSpec
 
 SPECS = {
@@ -239,6 +240,72 @@ def test_stored_weights_are_the_packed_blocks_bit_for_bit(shape, bits, threads, 
         torch.set_num_threads(previous)
 
 
+E2M1_CODES = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.int8)  # x2
+
+
+@pytest.mark.parametrize("shape", [(72, 128, 16), (7, 64, 32), (33, 1156, 4), (40, 4, 4), (72, 256, 64),
+                                   (33, 384, 128), (7, 64, 64)], ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
+@pytest.mark.parametrize("table", [E2M1_CODES, OFFSET_NIBBLE_CODES], ids=["e2m1", "offset"])
+@pytest.mark.parametrize("row_scales", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stored_nibbles_through_a_table_are_the_packed_nibbles_bit_for_bit(shape, table, row_scales, threads,
+                                                                           monkeypatch):
+    """NVFP4's stored E2M1 nibbles and grouped W4A8's offset nibbles read as the layer stores them through the
+    format's table (:func:`stored_nibble_weight`: no packed copy, each pair of blocks packed per call): the same
+    corrections and scales as :func:`pack_weight` of their codes, and the same outputs as its packed nibbles on
+    every row count around the tiles, channels that fill no block (7, 33), inputs that fill no 64 (68 ... 1156, 4),
+    groups of 4 to 128, with scales per group and per row, without a bias too; with one scale a row, groups of 64 or
+    more and under 24 rows each channel's row is multiplied in place (its groups' sums scaled lane-wise: the same up
+    to fp32 summation order). Not on AVX2: refused, never garbage."""
+    out_features, in_features, group = shape
+    gen = torch.Generator().manual_seed(out_features + in_features + group)
+    nibbles = torch.randint(0, 256, (out_features, in_features // 2), generator=gen, dtype=torch.uint8)
+    top, bottom = int(table.argmax()), int(table.argmin())
+    nibbles[0], nibbles[-1, ::3] = top | top << 4, bottom | bottom << 4  # the extreme sums
+    codes = table[unpack_nibbles(nibbles).long()]
+    w_scale = torch.rand(out_features, in_features // group, generator=gen) + 0.01
+    offset = 128.0 if row_scales else 8.0
+    packed = pack_weight(codes, w_scale, group, offset, nibbles=True)
+    stored = stored_nibble_weight(nibbles, table, w_scale, group, offset)
+    assert stored["packed"].data_ptr() == nibbles.data_ptr()  # the layer's tensor itself
+    assert torch.equal(stored["corr"], packed["corr"]) and torch.equal(stored["w_scale"], packed["w_scale"])
+
+    def gemm(b, codes, a_scale, bias):
+        return group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features, table=b["table"],
+                          **({"row_group": group} if row_scales else {}))
+
+    most = 255 if row_scales else 16
+    if _gemm_path() != "avx512-vnni":
+        if _gemm_path() is not None:
+            with pytest.raises(RuntimeError, match="nibbles"):
+                gemm(stored, torch.zeros(2, in_features, dtype=torch.uint8), torch.ones(2, 1), None)
+        return
+    monkeypatch.setattr(cpu_native, "GROUP_GEMM_TEAM_MIN_WORK", 0)  # threads even on these small GEMMs
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 2, 3, 4, 5, 6, 7, 13, 23, 24, 25, 37):
+            codes = torch.randint(0, most + 1, (rows, in_features), generator=gen, dtype=torch.uint8)
+            codes[-1] = most
+            a_scale = torch.rand(rows, 1 if row_scales else in_features // group, generator=gen) + 0.01
+            for bias in (torch.randn(out_features, generator=gen), None):
+                outs = [gemm(b, codes, a_scale, bias) for b in (packed, stored)]
+                if row_scales and group % 64 == 0:  # (under 24 rows a thread: lane-wise)
+                    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5 * float(outs[0].abs().max()))
+                else:
+                    assert torch.equal(*outs), (rows, bias is None)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_stored_nibble_weight_refuses_other_layouts():
+    nibbles = torch.zeros(32, 32, dtype=torch.uint8)
+    for args in ((nibbles.view(torch.int8), OFFSET_NIBBLE_CODES), (nibbles, OFFSET_NIBBLE_CODES.int()),
+                 (nibbles, OFFSET_NIBBLE_CODES[:8]), (nibbles[:, :30], OFFSET_NIBBLE_CODES)):
+        with pytest.raises(ValueError, match="stored_nibble_weight"):
+            stored_nibble_weight(*args, torch.ones(32, 4), 16, 8.0)
+
+
 def test_a_stored_weight_is_the_codes_or_their_nibbles():
     codes = torch.zeros(32, 64, dtype=torch.int8)
     for stored, nibbles in ((codes, True), (codes.t(), False), (torch.zeros(32, 64, dtype=torch.uint8), False),
@@ -338,7 +405,8 @@ def test_what_the_integer_gemm_does_not_take(change):
 
 _AVX2_CHECK = """
 import torch
-from compressdit.quant.cpu_kernels import AVX2_MIN_GROUP, pack_planes, pack_weight, twinlog_groups_apply
+from compressdit.quant.cpu_kernels import (AVX2_MIN_GROUP, OFFSET_NIBBLE_CODES, pack_planes, pack_weight,
+                                           stored_nibble_weight, twinlog_groups_apply)
 from compressdit.quant.cpu_native import group_gemm, group_gemm_isa
 from compressdit.quant.formats import FORMATS
 from compressdit.quant.kernel_registry import kernel_summary, set_kernel
@@ -360,6 +428,13 @@ try:  # W8A8's row-major codes: AVX512-VNNI only (cpu-int8-gemm packs no copy fo
     group_gemm(torch.zeros(3, 128, dtype=torch.uint8), torch.ones(3, 1), w8["packed"], w8["corr"], w8["w_scale"], None,
                40, row_group=128)
     raise AssertionError("row-major weights ran on AVX2")
+except RuntimeError:
+    pass
+n4 = stored_nibble_weight(torch.zeros(40, 64, dtype=torch.uint8), OFFSET_NIBBLE_CODES, torch.ones(40, 8), 16, 8.0)
+try:  # NVFP4's stored nibbles through their table: AVX512-VNNI only (cpu-int-groups packs them here)
+    group_gemm(torch.zeros(3, 128, dtype=torch.uint8), torch.ones(3, 8), n4["packed"], n4["corr"], n4["w_scale"], None,
+               40, table=n4["table"])
+    raise AssertionError("stored nibbles ran on AVX2")
 except RuntimeError:
     pass
 torch.manual_seed(0)

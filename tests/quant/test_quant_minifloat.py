@@ -102,6 +102,31 @@ def test_encode_is_round_taken_apart(name, dtype):
     assert torch.equal(codes >> (fmt.bits - 1), (x < 0).to(torch.uint8))
 
 
+@pytest.mark.parametrize("name", ["e2m1", "e3m0", "e1m2"])
+def test_four_bit_codes_from_one_c_pass_are_the_pytorch_codes(name, monkeypatch):
+    """4-bit formats encode in one C pass (``encode_nibble_codes``; ~20 PyTorch passes before): the PyTorch path's
+    codes at every value, midpoint and one step either side, +-0, saturation, random values; 2-D."""
+    from compressdit.quant import minifloat
+    from compressdit.quant.cpu_native import encode_nibble_codes, native_library
+
+    fmt = MINIFLOATS.get(name)
+    values = fmt.values()
+    midpoints = (values[:-1] + values[1:]) / 2
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([values, midpoints, torch.nextafter(midpoints, torch.tensor(torch.inf)),
+                   torch.nextafter(midpoints, torch.tensor(-torch.inf)), torch.tensor([0.0, fmt.max_value * 1e3]),
+                   torch.randn(3993, generator=gen) * fmt.max_value / 2])
+    x = torch.cat([x, -x]).view(-1, 16)
+    fast = encode_nibble_codes(x, fmt._boundaries, fmt.bits - 1)
+    if native_library() is None:
+        assert fast is None
+        return
+    monkeypatch.setattr(minifloat, "encode_nibble_codes", lambda *args: None)
+    slow = fmt.encode(x)
+    assert fast.shape == x.shape and fast.dtype == torch.uint8 and torch.equal(fast, slow)
+    assert int(fast[x == -0.0].max()) == 0  # -0: no sign bit, as x < 0
+
+
 def test_encode_refuses_nan():
     with pytest.raises(ValueError, match="NaN"):
         MINIFLOATS.get("e2m1").encode(torch.tensor([1.0, float("nan")]))
