@@ -157,7 +157,9 @@ def write_markdown(result: dict, path: Path) -> None:
              "footprint is `get_memory_footprint()` (our layers' prepacked kernel copies are not in it, they are in "
              "`anon after`). Load seconds include quantizing and prepacking; `MALLOC_MMAP_THRESHOLD_` (set so that freed "
              "temporaries leave the process) gives every large temporary fresh pages, so they run slower than in a "
-             "default process (DiT-XL/2 rtn-w8a8 bf16: 4.5 s there). " + machine_line(result["meta"]) + ".", "",
+             "default process (DiT-XL/2 rtn-w8a8 bf16: 4.5 s there). " + machine_line(result["meta"]) + "." +
+             "".join(f" Rows added by a later run (started {run['started_utc']} UTC): {run['rows']}."
+                     for run in result["meta"].get("runs", [])), "",
              "| model | variant | peak anon MiB | anon after | file after | footprint MiB | load s |",
              "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:

@@ -153,7 +153,7 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
 @pytest.mark.parametrize("spec", [LinearQuantSpec(w_bits=4, a_bits=8), LinearQuantSpec(w_bits=4, a_bits=8, group_size=64),
                                   LinearQuantSpec(w_bits=4, group_size=16, a_bits=4, a_granularity="per_group",
                                                   a_group_size=16)], ids=["w4a8", "w4a8-g64", "w4a4-g16"])
-def test_four_bit_weights_on_group_gemm_keep_half_a_byte_each(spec):
+def test_four_bit_weights_on_group_gemm_keep_no_copy_or_half_a_byte(spec):
     """Where 4-bit layers of any size run group_gemm (W4A8: AVX512-VNNI without AMX; W4A4: cpu-int-groups, VNNI or
     AVX2), on AVX512-VNNI they keep no copy of their codes (the layer's nibbles read as stored, through the 16-entry
     table where given): only the groups' scales and corrections, 8 bytes a group of a channel; on AVX2 their codes
