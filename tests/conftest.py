@@ -29,6 +29,18 @@ def native_ops_built() -> bool:
 
 
 @pytest.fixture
+def gemm_threads(monkeypatch):
+    """A function giving torch ``n`` threads for the rest of the test (the count before comes back after it) and
+    group_gemm its team of threads even on a test's small GEMMs."""
+    from compressdit.quant import cpu_native
+
+    monkeypatch.setattr(cpu_native, "GROUP_GEMM_TEAM_MIN_WORK", 0)
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def decoded_kernels(monkeypatch):
     """Low-bit activations in groups on the decoded-weight kernels (``cpu-decoded-*``, ``cpu-int4-weight``,
     ``cpu-int-dense-*``, ``cpu-twinlog-dense``) on every CPU: on CPUs with AVX512-VNNI the integer GEMM of

@@ -196,10 +196,19 @@ def test_nibble_weights_are_the_byte_weights_bit_for_bit(rows, group, threads, r
     assert torch.equal(*outs)
 
 
+def _rows_around_the_tiles(gen, in_features: int, most: int, scales: int):
+    """``(rows, codes, a_scale)`` at every row count around the row-major paths (the 4-row dot products, the tiles of
+    6, 24 rows a thread): activation codes up to ``most`` (the last row all ``most``), ``scales`` scales a row."""
+    for rows in (1, 2, 3, 4, 5, 6, 7, 13, 23, 24, 25, 37):
+        codes = torch.randint(0, most + 1, (rows, in_features), generator=gen, dtype=torch.uint8)
+        codes[-1] = most
+        yield rows, codes, torch.rand(rows, scales, generator=gen) + 0.01
+
+
 @pytest.mark.parametrize("shape", [(72, 128), (7, 68), (33, 1156), (64, 4)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_stored_weights_are_the_packed_blocks_bit_for_bit(shape, bits, threads, monkeypatch):
+def test_stored_weights_are_the_packed_blocks_bit_for_bit(shape, bits, threads, gemm_threads):
     """W8A8's int8 codes and W4A8's offset nibbles read as the layer stores them (``pack_weight(..., stored=...)``: no
     packed copy; a pair of blocks packed per call, or under 24 rows multiplied in place, 64 inputs a lane-wise
     product): the same outputs as the prepacked blocks, on every row count around those paths' tiles, channels that
@@ -224,20 +233,12 @@ def test_stored_weights_are_the_packed_blocks_bit_for_bit(shape, bits, threads, 
                 group_gemm(torch.zeros(2, in_features, dtype=torch.uint8), torch.ones(2, 1), in_place["packed"],
                            in_place["corr"], in_place["w_scale"], None, out_features, row_group=in_features)
         return
-    monkeypatch.setattr(cpu_native, "GROUP_GEMM_TEAM_MIN_WORK", 0)  # threads even on these small GEMMs
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for rows in (1, 2, 3, 4, 5, 6, 7, 13, 23, 24, 25, 37):
-            codes = torch.randint(0, 256, (rows, in_features), generator=gen, dtype=torch.uint8)
-            codes[-1] = 255
-            a_scale = torch.rand(rows, 1, generator=gen) + 0.01
-            for bias in (torch.randn(out_features, generator=gen), None):
-                outs = [group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features,
-                                   row_group=in_features) for b in (blocks, in_place)]
-                assert torch.equal(*outs), (rows, bias is None)
-    finally:
-        torch.set_num_threads(previous)
+    gemm_threads(threads)
+    for rows, codes, a_scale in _rows_around_the_tiles(gen, in_features, 255, 1):
+        for bias in (torch.randn(out_features, generator=gen), None):
+            outs = [group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features,
+                               row_group=in_features) for b in (blocks, in_place)]
+            assert torch.equal(*outs), (rows, bias is None)
 
 
 E2M1_CODES = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.int8)  # x2
@@ -249,7 +250,7 @@ E2M1_CODES = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -
 @pytest.mark.parametrize("row_scales", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_stored_nibbles_through_a_table_are_the_packed_nibbles_bit_for_bit(shape, table, row_scales, threads,
-                                                                           monkeypatch):
+                                                                           gemm_threads):
     """NVFP4's stored E2M1 nibbles and grouped W4A8's offset nibbles read as the layer stores them through the
     format's table (:func:`stored_nibble_weight`: no packed copy, each pair of blocks packed per call): the same
     corrections and scales as :func:`pack_weight` of their codes, and the same outputs as its packed nibbles on
@@ -280,22 +281,15 @@ def test_stored_nibbles_through_a_table_are_the_packed_nibbles_bit_for_bit(shape
             with pytest.raises(RuntimeError, match="nibbles"):
                 gemm(stored, torch.zeros(2, in_features, dtype=torch.uint8), torch.ones(2, 1), None)
         return
-    monkeypatch.setattr(cpu_native, "GROUP_GEMM_TEAM_MIN_WORK", 0)  # threads even on these small GEMMs
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for rows in (1, 2, 3, 4, 5, 6, 7, 13, 23, 24, 25, 37):
-            codes = torch.randint(0, most + 1, (rows, in_features), generator=gen, dtype=torch.uint8)
-            codes[-1] = most
-            a_scale = torch.rand(rows, 1 if row_scales else in_features // group, generator=gen) + 0.01
-            for bias in (torch.randn(out_features, generator=gen), None):
-                outs = [gemm(b, codes, a_scale, bias) for b in (packed, stored)]
-                if row_scales and group % 64 == 0:  # (under 24 rows a thread: lane-wise)
-                    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5 * float(outs[0].abs().max()))
-                else:
-                    assert torch.equal(*outs), (rows, bias is None)
-    finally:
-        torch.set_num_threads(previous)
+    gemm_threads(threads)
+    scales = 1 if row_scales else in_features // group
+    for rows, codes, a_scale in _rows_around_the_tiles(gen, in_features, most, scales):
+        for bias in (torch.randn(out_features, generator=gen), None):
+            outs = [gemm(b, codes, a_scale, bias) for b in (packed, stored)]
+            if row_scales and group % 64 == 0:  # (under 24 rows a thread: lane-wise)
+                torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5 * float(outs[0].abs().max()))
+            else:
+                assert torch.equal(*outs), (rows, bias is None)
 
 
 def test_stored_nibble_weight_refuses_other_layouts():
