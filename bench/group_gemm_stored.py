@@ -3,7 +3,8 @@ against the copy packed for its tiles at load (what those kernels kept until 202
 activations, the same library build, in one process.
 
 Two weight kinds: NVFP4 (E2M1 nibbles through their 16-entry table, groups of 16 with a scale per group of the
-activations: the ``nvfp4`` / ``mxfp4`` / ``rtn-w4a4`` layers) and W4A8 g64 (offset nibbles, one int8 activation scale a
+activations: the ``nvfp4`` / ``mxfp4`` / ``rtn-w4a4`` layers; their corrections computed in the GEMM as each pair is
+packed, no array of them kept) and W4A8 g64 (offset nibbles, one int8 activation scale a
 row: ``rtn-w4a8`` / ``gptq-w4a8``). DiT-XL/2's shapes (qkv, out, fc1, fc2, adaLN's 1152 -> 6912) at several row counts
 with 1 and 2 threads; the weights are cycled through enough copies (``--cold-mb``) that each call reads them from
 memory, as a model's layers do. Every (kind, shape, rows, threads) cell times both layouts alternately, ``--rounds``
@@ -53,11 +54,13 @@ def _weights(kind: str, in_features: int, out_features: int, copies: int) -> lis
         nibbles = torch.randint(0, 256, (out_features, in_features // 2), generator=gen, dtype=torch.uint8)
         scale = torch.rand(out_features, in_features // group, generator=gen) + 0.01
         packed = pack_weight(table[unpack_nibbles(nibbles).long()], scale, group, offset, nibbles=True)
-        out.append((packed, stored_nibble_weight(nibbles, table, scale, group, offset)))
+        # as the kernels keep them: cpu-int-groups (NVFP4) without corrections (the GEMM computes them as it packs)
+        out.append((packed, stored_nibble_weight(nibbles, table, scale, group, offset, corr=kind != "nvfp4")))
     return out
 
 
-def _time(weights: list[dict], codes: torch.Tensor, a_scale: torch.Tensor, out_features: int, row_group) -> float:
+def _time(weights: list[dict], codes: torch.Tensor, a_scale: torch.Tensor, out_features: int, row_group,
+          offset: int) -> float:
     from compressdit.quant.cpu_native import group_gemm
 
     calls = max(len(weights), 3)
@@ -65,14 +68,14 @@ def _time(weights: list[dict], codes: torch.Tensor, a_scale: torch.Tensor, out_f
     for i in range(calls):
         b = weights[i % len(weights)]
         group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], None, out_features, table=b["table"],
-                   row_group=row_group)
+                   row_group=row_group, offset=offset)
     return (time.perf_counter() - started) / calls
 
 
 def measure(kinds: list[str], rows_list: list[int], threads_list: list[int], rounds: int, cold_mb: float) -> list:
     cells = []
     for kind in kinds:
-        group, row_scales, _, codes_top = KINDS[kind]
+        group, row_scales, offset, codes_top = KINDS[kind]
         for name, in_features, out_features in SHAPES:
             copies = max(1, int(cold_mb * 2 ** 20 // (in_features * out_features // 2)))
             weights = _weights(kind, in_features, out_features, copies)
@@ -84,12 +87,13 @@ def measure(kinds: list[str], rows_list: list[int], threads_list: list[int], rou
                     codes = torch.randint(0, codes_top, (rows, in_features), generator=gen, dtype=torch.uint8)
                     a_scale = torch.rand(rows, 1 if row_scales else in_features // group, generator=gen)
                     row_group = group if row_scales else None
-                    _time(packed, codes, a_scale, out_features, row_group)  # warm-up: scratch, threads
-                    _time(stored, codes, a_scale, out_features, row_group)
+                    args = (codes, a_scale, out_features, row_group, int(offset))
+                    _time(packed, *args)  # warm-up: scratch, threads
+                    _time(stored, *args)
                     times = {"packed": [], "stored": []}
                     for _ in range(rounds):
-                        times["packed"].append(_time(packed, codes, a_scale, out_features, row_group))
-                        times["stored"].append(_time(stored, codes, a_scale, out_features, row_group))
+                        times["packed"].append(_time(packed, *args))
+                        times["stored"].append(_time(stored, *args))
                     ratios = [s / p for s, p in zip(times["stored"], times["packed"])]
                     cell = {"kind": kind, "layer": name, "in": in_features, "out": out_features, "rows": rows,
                             "threads": threads, "copies": copies,
@@ -108,8 +112,9 @@ def write_markdown(result: dict, path: Path) -> None:
              f"{', '.join(meta['flags'])}; load average before/after {meta['loadavg_start']} / {meta['loadavg_end']}. "
              f"Median of {meta['rounds']} alternating rounds; the weights cycled through enough copies to be read from "
              "memory. `stored / packed` > 1: the stored nibbles' call takes longer. What each layout holds besides "
-             "the layer's own nibbles (0.5 byte a weight): the packed copy another 0.5 byte a weight; both the "
-             "groups' int32 corrections and fp32 scales (8 bytes a group of a channel).", ""]
+             "the layer's own nibbles (0.5 byte a weight): the packed copy another 0.5 byte a weight and the "
+             "groups' int32 corrections and fp32 scales (8 bytes a group of a channel); the stored nibbles the "
+             "scales and, for W4A8 g64, the corrections (NVFP4's computed in the GEMM as each pair is packed).", ""]
     for kind in dict.fromkeys(c["kind"] for c in result["cells"]):
         for threads in dict.fromkeys(c["threads"] for c in result["cells"]):
             cells = [c for c in result["cells"] if c["kind"] == kind and c["threads"] == threads]

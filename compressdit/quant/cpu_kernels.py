@@ -37,8 +37,9 @@
   (``csrc/group_gemm.c``: AVX512-VNNI's ``vpdpbusd``, or AVX2's byte multiply-adds for groups of at least
   ``AVX2_MIN_GROUP``) with int32 sums per group and both groups' scales, the bias and SVDQuant's branch in its
   epilogue, the weight's 4-bit codes looked up in a 16-entry table of their integer values (on AVX512-VNNI the
-  layer's stored nibbles, each pair of 16-channel blocks packed through the table when its turn comes: no copy; on
-  AVX2 a copy packed two a byte, a block of 16 channels at a time decoded into a buffer); the activation codes from
+  layer's stored nibbles, each pair of 16-channel blocks packed through the table when its turn comes, its
+  corrections for the activations' offset computed from the packed codes there: no copy, only the groups' fp32 scales
+  kept; on AVX2 a copy packed two a byte, a block of 16 channels at a time decoded into a buffer); the activation codes from
   one C pass, bit for bit the fake quantization's values once scaled, so the
   outputs are the reference's up to fp32 summation order. Not on AMX CPUs (their bf16 microkernel kernels, measured
   there, stay). DiT-XL/2 shapes at one thread on a Zen 4 EPYC: 2.3-9.7x fp32 (``bench/results/layer_lowbit_cpu.md``).
@@ -804,7 +805,7 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: fl
                              f"{' (and no nibble table)' if nibbles else ''}")
     groups = in_features // group
     sums = codes.reshape(out_features, groups, group).sum(-1, dtype=torch.int32)  # at most 127 * in
-    corr, w_scale = _group_terms(sums, scale, offset)
+    corr, w_scale = _group_terms(sums, scale, offset, groups)
     table = None
     if stored is not None:
         return {"packed": stored.contiguous(), "corr": corr, "w_scale": w_scale, "table": None}
@@ -821,13 +822,17 @@ def pack_weight(codes: torch.Tensor, scale: torch.Tensor, group: int, offset: fl
     return {"packed": packed, "corr": corr, "w_scale": w_scale, "table": table}
 
 
-def _group_terms(sums: torch.Tensor, scale: torch.Tensor, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_terms(sums: torch.Tensor | None, scale: torch.Tensor, offset: float,
+                 groups: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``corr`` and ``w_scale`` (``[groups, out]``, the channels padded to a multiple of 32) of the weight codes'
-    int32 sums per GEMM group ``[out, groups]`` and their fp32 scales ``[out, groups / repeat]``."""
-    out_features, groups = sums.shape
+    int32 sums per GEMM group ``[out, groups]`` (None: ``corr`` None) and their fp32 scales ``[out, groups /
+    repeat]``."""
+    out_features = scale.shape[0]
     padded = -(-out_features // 32) * 32
-    corr = torch.zeros(groups, padded, dtype=torch.int32)
-    corr[:, :out_features] = (-offset * sums).t().int()
+    corr = None
+    if sums is not None:
+        corr = torch.zeros(groups, padded, dtype=torch.int32)
+        corr[:, :out_features] = (-offset * sums).t().int()
     w_scale = torch.zeros(groups, padded)
     w_scale[:, :out_features] = scale.float().repeat_interleave(groups // scale.shape[1], dim=1).t()
     return corr, w_scale
@@ -838,24 +843,27 @@ OFFSET_NIBBLE_CODES = torch.arange(-8, 8, dtype=torch.int8)
 
 
 def stored_nibble_weight(nibbles: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, group: int,
-                         offset: float) -> dict:
+                         offset: float, corr: bool = True) -> dict:
     """A layer's stored 4-bit weight (uint8 ``[out, in / 2]``, each byte's low nibble the even input) whose integer
     codes are ``table[nibble]`` (int8 ``[16]``: the format's values times their multiplier; offset nibbles' ``i - 8``)
     for :func:`~compressdit.quant.cpu_native.group_gemm`'s row-major path (AVX512-VNNI): ``packed`` the layer's
     own tensor (no copy: each pair of channel blocks packed through the table when its turn comes), ``corr`` and
     ``w_scale`` as :func:`pack_weight` gives them, the codes' group sums read through a 256-entry table of each
-    byte's two codes (no unpacked copy of the codes)."""
+    byte's two codes (no unpacked copy of the codes); ``corr=False``: ``corr`` None, the GEMM computing each pair's
+    corrections as it packs it (its calls of few rows then pack too: the in-place dot products need them given)."""
     out_features, half = nibbles.shape
     if nibbles.dtype is not torch.uint8 or table.dtype is not torch.int8 or table.shape != (16,) or half % (group // 2):
         raise ValueError(f"stored_nibble_weight: uint8 nibbles [out, in / 2] with in a multiple of {group} and an "
                          f"int8 table [16], not {nibbles.dtype} {tuple(nibbles.shape)} and {table.dtype} "
                          f"{tuple(table.shape)}")
-    byte = torch.arange(256)
-    pair_sums = (table[byte & 15].int() + table[byte >> 4].int()).contiguous()
-    sums = torch.index_select(pair_sums, 0, nibbles.reshape(-1).int())  # int32 indices: 4x faster than int64
-    sums = sums.view(out_features, half * 2 // group, group // 2).sum(-1, dtype=torch.int32)
-    corr, w_scale = _group_terms(sums, scale, offset)
-    return {"packed": nibbles.contiguous(), "corr": corr, "w_scale": w_scale, "table": table.contiguous()}
+    groups, sums = half * 2 // group, None
+    if corr:
+        byte = torch.arange(256)
+        pair_sums = (table[byte & 15].int() + table[byte >> 4].int()).contiguous()
+        sums = torch.index_select(pair_sums, 0, nibbles.reshape(-1).int())  # int32 indices: 4x faster than int64
+        sums = sums.view(out_features, groups, group // 2).sum(-1, dtype=torch.int32)
+    corrections, w_scale = _group_terms(sums, scale, offset, groups)
+    return {"packed": nibbles.contiguous(), "corr": corrections, "w_scale": w_scale, "table": table.contiguous()}
 
 
 def nibble_table(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -884,8 +892,9 @@ def _groups_prepack(layer) -> dict:
     group, repeat = _gemm_groups(spec, layer.in_features)
     table = (values * w_mult).round().to(torch.int8)
     smooth = smooth_divisor(layer)
-    if group_gemm_isa() == "avx512-vnni":  # the stored nibbles through the format's table: no packed copy
-        weight = stored_nibble_weight(nibbles, table, scale / w_mult, group, top * mult)
+    if group_gemm_isa() == "avx512-vnni":  # the stored nibbles through the format's table: no packed copy, the
+        # corrections computed as each pair is packed (no [groups, out] int32 array: a quarter byte a weight at g16)
+        weight = stored_nibble_weight(nibbles, table, scale / w_mult, group, top * mult, corr=False)
     else:  # AVX2: a block at a time decoded from the packed copy
         weight = pack_weight(table[unpack_nibbles(nibbles).int()], scale / w_mult, group, top * mult, nibbles=True)
     down, up = getattr(layer, "low_rank_down", None), getattr(layer, "low_rank_up", None)
@@ -899,18 +908,21 @@ def _groups_prepack(layer) -> dict:
             "settings": (group, repeat, rule, top, mantissa, min_exp, mult, max(1, int(32767 // pair)))}
 
 
-@_define("int_groups_linear_cpu(Tensor x, Tensor? smooth, Tensor? inv, Tensor packed, Tensor corr, Tensor w_scale, "
+@_define("int_groups_linear_cpu(Tensor x, Tensor? smooth, Tensor? inv, Tensor packed, Tensor? corr, Tensor w_scale, "
          "Tensor? bias, Tensor? down_t, Tensor? up_t, int group, int repeat, int rule, float top, int mantissa, "
          "int min_exp, float mult, int flush, int planes, int out_features, Tensor? table=None) -> Tensor")
 def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: Optional[torch.Tensor],
-                         packed: torch.Tensor, corr: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                         down_t: Optional[torch.Tensor], up_t: Optional[torch.Tensor], group: int, repeat: int,
+                         packed: torch.Tensor, corr: Optional[torch.Tensor], w_scale: torch.Tensor,
+                         bias: Optional[torch.Tensor], down_t: Optional[torch.Tensor], up_t: Optional[torch.Tensor],
+                         group: int, repeat: int,
                          rule: int, top: float, mantissa: int, min_exp: int, mult: float, flush: int, planes: int,
                          out_features: int, table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``q(x / smooth) @ W^T + b (+ (x / smooth) @ down_t @ up_t)``: the activations quantized per group onto their
     grid (``rule`` ... ``min_exp``, the fake quantization's, bit for bit) as integer codes (``grid_codes``), the
     weight's integer codes (:func:`pack_weight`; ``table``: as nibbles through it; ``planes=2``: 16-bit ones,
-    :func:`pack_planes`), one integer GEMM with both groups' scales in its epilogue (``group_gemm``);
+    :func:`pack_planes`; the layer's stored nibbles, :func:`stored_nibble_weight`, with ``corr`` None: the GEMM computes
+    the corrections from the codes and the activations' offset ``top * mult``), one integer GEMM with both groups'
+    scales in its epilogue (``group_gemm``);
     ``smooth`` / ``inv``: the balancing divisor and its reciprocal, or None; ``down_t`` / ``up_t``: SVDQuant's
     branch on the balanced rows, or None. Unbalanced rows' codes are shared with the other layers reading ``x``."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -927,7 +939,7 @@ def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: 
         codes, scales, balanced = compute()
     hidden = None if down_t is None else torch.mm(x2 if balanced is None else balanced, down_t)
     out = group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t, flush, planes,
-                     table=table)
+                     table=table, offset=int(top * mult))
     return _like_input(out, x)
 
 

@@ -96,7 +96,7 @@ _SIGNATURES = {
     "compressdit_int4_dot": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I32, _PTR, _I32],
                              ctypes.c_int),
     "compressdit_group_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
-                                _I64, _I32, _PTR, _I32, _PTR, _I32], ctypes.c_int),
+                                _I64, _I32, _PTR, _I32, _I32, _PTR, _I32], ctypes.c_int),
 }
 #: elements from which a pass runs on torch's intra-op threads (below, one thread; see ``threads_for``). On the
 #: 2-core EPYC of bench/results/e2e_speed_cpu.md: 256 x 128 quantization 12.4 -> 10.7 us, the E4M3 pass 13.1 -> 10.1
@@ -679,10 +679,10 @@ def grid_codes(x: torch.Tensor, smooth: torch.Tensor | None, inv: torch.Tensor |
     return codes, scales, balanced
 
 
-def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor,
+def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor | None,
                w_scale: torch.Tensor, bias: torch.Tensor | None, out_features: int, hidden: torch.Tensor | None = None,
                up: torch.Tensor | None = None, flush: int = 1, planes: int = 1,
-               row_group: int | None = None, table: torch.Tensor | None = None) -> torch.Tensor | None:
+               row_group: int | None = None, table: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor | None:
     """``out[i, n] = sum_g (sum_{k in g} codes[i, k] * w[n, k]) * scales[i, g] * w_scale[g, n] + bias[n]`` (fp32
     ``[rows, out_features]``, the inner sums exact in int32) from :func:`grid_codes`' codes and scales and a weight
     packed by ``cpu_kernels.pack_weight`` (``packed``, ``corr``, ``w_scale``: see csrc/group_gemm.c), plus ``hidden @
@@ -696,7 +696,9 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     ``table[index]`` (int8 ``[16]``; ``cpu_kernels.pack_weight(..., nibbles=True)``; one weight plane). A 2-D
     ``packed`` is the weight as the layer stores it: int8 codes ``[out, in]``, uint8 offset nibbles ``[out, in / 2]``
     (``cpu_kernels.pack_weight(..., stored=...)``) or, with ``table``, uint8 nibbles whose codes are
-    ``table[nibble]`` (``cpu_kernels.stored_nibble_weight``): the AVX512-VNNI path only; no copy kept. Rows (or column blocks)
+    ``table[nibble]`` (``cpu_kernels.stored_nibble_weight``): the AVX512-VNNI path only; no copy kept; with such a
+    weight ``corr`` may be None: each pair of channel blocks' corrections computed as it is packed (``-offset`` times
+    the codes' group sums, ``offset`` the activation codes' offset, an integer), the same values. Rows (or column blocks)
     over torch's threads from ``GROUP_GEMM_TEAM_MIN_WORK`` multiply-adds. ``None`` without the library."""
     lib = native_library()
     if lib is None:
@@ -707,10 +709,10 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     threads = torch.get_num_threads() if rows * cols * out_features > GROUP_GEMM_TEAM_MIN_WORK else 1
     rank = 0 if hidden is None else hidden.shape[1]
     row_major = 0 if packed.dim() != 2 else 1 if packed.dtype is torch.int8 else 2 if table is None else 3
-    if lib.compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(), corr.data_ptr(),
+    if lib.compressdit_group_gemm(codes.data_ptr(), scales.data_ptr(), packed.data_ptr(), _ptr(corr),
                                   w_scale.data_ptr(), _ptr(hidden), rank, _ptr(up), _ptr(bias), rows, out_features,
                                   cols, group, flush, planes, row_group is not None, _ptr(table), row_major,
-                                  out.data_ptr(), threads):
+                                  int(offset), out.data_ptr(), threads):
         layout = " of nibbles" if table is not None else " stored row-major" if row_major else ""
         raise RuntimeError(f"group_gemm: no path on this CPU for {planes} weight plane(s){layout} (see group_gemm_isa)")
     return out

@@ -248,16 +248,19 @@ E2M1_CODES = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -
                                    (33, 384, 128), (7, 64, 64)], ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
 @pytest.mark.parametrize("table", [E2M1_CODES, OFFSET_NIBBLE_CODES], ids=["e2m1", "offset"])
 @pytest.mark.parametrize("row_scales", [False, True])
+@pytest.mark.parametrize("with_corr", [True, False], ids=["corr", "corr-in-the-gemm"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_stored_nibbles_through_a_table_are_the_packed_nibbles_bit_for_bit(shape, table, row_scales, threads,
-                                                                           gemm_threads):
+def test_stored_nibbles_through_a_table_are_the_packed_nibbles_bit_for_bit(shape, table, row_scales, with_corr,
+                                                                           threads, gemm_threads):
     """NVFP4's stored E2M1 nibbles and grouped W4A8's offset nibbles read as the layer stores them through the
     format's table (:func:`stored_nibble_weight`: no packed copy, each pair of blocks packed per call): the same
     corrections and scales as :func:`pack_weight` of their codes, and the same outputs as its packed nibbles on
     every row count around the tiles, channels that fill no block (7, 33), inputs that fill no 64 (68 ... 1156, 4),
     groups of 4 to 128, with scales per group and per row, without a bias too; with one scale a row, groups of 64 or
     more and under 24 rows each channel's row is multiplied in place (its groups' sums scaled lane-wise: the same up
-    to fp32 summation order). Not on AVX2: refused, never garbage."""
+    to fp32 summation order); without ``corr`` (``corr=False``: each pair's corrections computed as it is packed, from
+    the activations' offset) the packed nibbles' outputs bit for bit at every row count. Not on AVX2: refused, never
+    garbage."""
     out_features, in_features, group = shape
     gen = torch.Generator().manual_seed(out_features + in_features + group)
     nibbles = torch.randint(0, 256, (out_features, in_features // 2), generator=gen, dtype=torch.uint8)
@@ -267,13 +270,14 @@ def test_stored_nibbles_through_a_table_are_the_packed_nibbles_bit_for_bit(shape
     w_scale = torch.rand(out_features, in_features // group, generator=gen) + 0.01
     offset = 128.0 if row_scales else 8.0
     packed = pack_weight(codes, w_scale, group, offset, nibbles=True)
-    stored = stored_nibble_weight(nibbles, table, w_scale, group, offset)
+    stored = stored_nibble_weight(nibbles, table, w_scale, group, offset, corr=with_corr)
     assert stored["packed"].data_ptr() == nibbles.data_ptr()  # the layer's tensor itself
-    assert torch.equal(stored["corr"], packed["corr"]) and torch.equal(stored["w_scale"], packed["w_scale"])
+    assert torch.equal(stored["w_scale"], packed["w_scale"])
+    assert torch.equal(stored["corr"], packed["corr"]) if with_corr else stored["corr"] is None
 
     def gemm(b, codes, a_scale, bias):
         return group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features, table=b["table"],
-                          **({"row_group": group} if row_scales else {}))
+                          offset=int(offset), **({"row_group": group} if row_scales else {}))
 
     most = 255 if row_scales else 16
     if _gemm_path() != "avx512-vnni":
@@ -286,7 +290,7 @@ def test_stored_nibbles_through_a_table_are_the_packed_nibbles_bit_for_bit(shape
     for rows, codes, a_scale in _rows_around_the_tiles(gen, in_features, most, scales):
         for bias in (torch.randn(out_features, generator=gen), None):
             outs = [gemm(b, codes, a_scale, bias) for b in (packed, stored)]
-            if row_scales and group % 64 == 0:  # (under 24 rows a thread: lane-wise)
+            if row_scales and group % 64 == 0 and with_corr:  # (up to 4 rows: lane-wise)
                 torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5 * float(outs[0].abs().max()))
             else:
                 assert torch.equal(*outs), (rows, bias is None)

@@ -27,7 +27,9 @@
  * memory, 0.95-1.1x its time at 1-2 rows, 1.3-1.7x at 4, 1.4-1.5x at 16: 4 rows' streams in step draw less bandwidth
  * than one). The same int32 sums and epilogue: the same numbers.
  * Stored nibbles in groups (row_major 3: NVFP4's E2M1 nibbles or W4A8 g64's offset nibbles through their 16-entry
- * table, vpshufb while packing): each pair packed per call as above; with one activation scale a row, groups of a
+ * table, vpshufb while packing): each pair packed per call as above (given no corr, its corrections too: dpbusd of
+ * the packed quads against ones, per group times -offset: no [groups, cols_p] int32 array kept, a quarter byte a
+ * weight at NVFP4's groups of 16); with one activation scale a row, groups of a
  * multiple of 64 and up to GROUP_DOT_ROWS rows a thread, dot_tile_groups multiplies each channel's row in place, its
  * groups' int32 sums converted and scaled lane-wise (fp32 summation order: not the tiles' numbers bit for bit).
  * DiT-XL/2 shapes, one thread, weights read from memory, against the packed copy: NVFP4 1.02-1.09x its time at
@@ -202,20 +204,21 @@ static __attribute__((target("avx2,fma"))) void block_avx2(
  * packed copy's time against 1.8-3.3x packed per call, at 8 rows 2.3-2.5x against 1.5-2.5x) */
 #define GROUP_DOT_ROWS 4
 
-/* rows [0, R) x output channels [c0, c0 + 32) of the product (two blocks of 16), all groups */
+/* rows [0, R) x output channels [c0, c0 + 32) of the product (two blocks of 16), all groups; corr: the pair's
+ * corrections (its first channel's in row 0), rows corr_stride apart */
 static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, int64_t group,
-                      const int8_t *w0, const int8_t *w1, const int32_t *corr, const float *w_scale, int64_t cols_p,
-                      const float *h, int64_t rank, const float *up, const float *bias, float *out, int64_t cols,
-                      int64_t c0, const int rows, const int planes, const int row_scales, const __m512i lut,
-                      const int nibbles) {
+                      const int8_t *w0, const int8_t *w1, const int32_t *corr, int64_t corr_stride,
+                      const float *w_scale, int64_t cols_p, const float *h, int64_t rank, const float *up,
+                      const float *bias, float *out, int64_t cols, int64_t c0, const int rows, const int planes,
+                      const int row_scales, const __m512i lut, const int nibbles) {
     __m512 sum[6][2];
     const __m512i low = _mm512_set1_epi8(0x0f);
     for (int r = 0; r < rows; ++r) sum[r][0] = sum[r][1] = _mm512_setzero_ps();
     const int64_t quads = group / 4;
     for (int64_t g = 0; g < groups; ++g) {
         const int64_t row = planes * g; /* the group's (first plane's) row of corr and w_scale */
-        const __m512i start0 = _mm512_loadu_si512(corr + row * cols_p + c0);
-        const __m512i start1 = _mm512_loadu_si512(corr + row * cols_p + c0 + 16);
+        const __m512i start0 = _mm512_loadu_si512(corr + row * corr_stride);
+        const __m512i start1 = _mm512_loadu_si512(corr + row * corr_stride + 16);
         __m512i acc[6][2];
         for (int r = 0; r < rows; ++r) {
             acc[r][0] = start0;
@@ -223,8 +226,8 @@ static VNNI void tile(const uint8_t *a, int64_t k, const float *a_scale, int64_t
         }
         for (int plane = 0; plane < planes; ++plane) {
             if (plane) { /* the hi plane's sums times 256, the lo plane's correction */
-                const __m512i lo0 = _mm512_loadu_si512(corr + (row + 1) * cols_p + c0);
-                const __m512i lo1 = _mm512_loadu_si512(corr + (row + 1) * cols_p + c0 + 16);
+                const __m512i lo0 = _mm512_loadu_si512(corr + (row + 1) * corr_stride);
+                const __m512i lo1 = _mm512_loadu_si512(corr + (row + 1) * corr_stride + 16);
                 for (int r = 0; r < rows; ++r) {
                     acc[r][0] = _mm512_add_epi32(_mm512_slli_epi32(acc[r][0], 8), lo0);
                     acc[r][1] = _mm512_add_epi32(_mm512_slli_epi32(acc[r][1], 8), lo1);
@@ -330,20 +333,39 @@ static VNNI __m512i stored_codes_masked(const int8_t *w, int64_t i, int64_t n, c
     return _mm512_maskz_mov_epi8((__mmask64)((1ull << n) - 1ull), _mm512_shuffle_epi8(lut, nibble_bytes(v)));
 }
 
+/* quads j0 .. j0 + n of a block (r: transposed, each vector one quad of 16 channels) into dst, and with `corr` the
+ * channels' code sums per group (`per_group` quads) into `sum`, each group's times -offset into its corr row (32 apart) */
+static VNNI void store_quads(const __m512i *r, int64_t j0, int64_t n, int8_t *dst, int32_t *corr, int64_t per_group,
+                             const __m512i neg_offset, __m512i *sum) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t j = 0; j < n; ++j) {
+        _mm512_storeu_si512(dst + (j0 + j) * 64, r[j]);
+        if (!corr) continue;
+        DPBUSD(*sum, ones, r[j]);
+        if ((j0 + j + 1) % per_group == 0) {
+            _mm512_storeu_si512(corr + ((j0 + j + 1) / per_group - 1) * 32, _mm512_mullo_epi32(*sum, neg_offset));
+            *sum = _mm512_setzero_si512();
+        }
+    }
+}
+
 /* output channels [c0, c0 + 16) of row-major weights w (`layout` 0: byte codes [cols, k]; 1: offset nibbles
  * [cols, k / 2]; 2: nibbles [cols, k / 2] looked up in lut, the table broadcast to each 128-bit lane) in the tiles'
  * block layout [k / 4, 16, 4] of byte codes (what cpu_kernels.pack_weight stores), into dst; channels past `cols`
- * zero codes, as that padding */
+ * zero codes, as that padding. With `corr` (not NULL): the block's corrections too, -offset times each channel's sum
+ * of codes per group of `group` inputs, [k / group] rows 32 apart (pack_weight's corr, computed here) */
 static VNNI void pack_block(const int8_t *w, int64_t cols, int64_t k, int64_t c0, int8_t *dst, const int layout,
-                            const __m512i lut) {
+                            const __m512i lut, int32_t *corr, int64_t group, int32_t offset) {
     const int64_t quads = k / 4, stride = layout ? k / 2 : k;
+    const __m512i neg_offset = _mm512_set1_epi32(-offset);
+    __m512i sum = _mm512_setzero_si512();
     int64_t q = 0;
     for (; q + 16 <= quads; q += 16) { /* 16 quads of 16 channels: one transpose */
         __m512i r[16];
         for (int c = 0; c < 16; ++c)
             r[c] = c0 + c < cols ? stored_codes(w + (c0 + c) * stride, 4 * q, layout, lut) : _mm512_setzero_si512();
         transpose16(r);
-        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (q + j) * 64, r[j]);
+        store_quads(r, q, 16, dst, corr, group / 4, neg_offset, &sum);
     }
     if (q < quads) { /* the last quads (fewer than 16), masked */
         __m512i r[16];
@@ -351,7 +373,7 @@ static VNNI void pack_block(const int8_t *w, int64_t cols, int64_t k, int64_t c0
             r[c] = c0 + c < cols ? stored_codes_masked(w + (c0 + c) * stride, 4 * q, 4 * (quads - q), layout, lut)
                                  : _mm512_setzero_si512();
         transpose16(r);
-        for (int64_t j = 0; j < quads - q; ++j) _mm512_storeu_si512(dst + (q + j) * 64, r[j]);
+        store_quads(r, q, quads - q, dst, corr, group / 4, neg_offset, &sum);
     }
 }
 
@@ -628,32 +650,38 @@ static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), noinline))
 /* rows [r0, r1) x channel pairs [p0, p1) (32 channels each): each pair's weights (k x 32 bytes a plane, k x 16 as
  * nibbles) stay in cache while the rows stream past them in tiles of TILE_ROWS; `row_major` (1: byte codes [cols, k],
  * 2: offset nibbles [cols, k / 2], 3: nibbles [cols, k / 2] through `table`, as stored): each pair packed into
- * `scratch` (k x 32 bytes) first */
+ * `scratch` (k x 32 bytes) first, and with `corr` NULL its corrections beside (after the k x 32 bytes: [k / group, 32]
+ * int32, -offset times the codes' group sums) */
 static VNNI void rows_vnni(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
                            float *out, const int planes, const int row_scales, const int8_t *table,
-                           const int nibbles, const int row_major, int8_t *scratch) {
+                           const int nibbles, const int row_major, int8_t *scratch, int32_t offset) {
     const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = planes * (k / 4) * 64;
     const int64_t stride = row_scales ? 1 : groups; /* a_scale's entries a row */
     const __m512i lut = nibbles || row_major == 3 ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)table))
                                                   : _mm512_setzero_si512();
+    int32_t *own = row_major && !corr ? (int32_t *)(scratch + 2 * panel) : NULL; /* the pairs' corrections */
     for (int64_t p = p0; p < p1; ++p) {
         const int8_t *w0 = w + (nibbles ? 1 : 2) * p * panel, *w1 = w0 + panel;
         if (row_major) { /* the pair's two blocks packed here, read by every row tile below */
-            pack_block(w, cols, k, 32 * p, scratch, row_major - 1, lut);
-            pack_block(w, cols, k, 32 * p + 16, scratch + panel, row_major - 1, lut);
+            pack_block(w, cols, k, 32 * p, scratch, row_major - 1, lut, own, group, offset);
+            pack_block(w, cols, k, 32 * p + 16, scratch + panel, row_major - 1, lut, own ? own + 16 : NULL, group,
+                       offset);
             w0 = scratch;
             w1 = scratch + panel;
         }
+        const int32_t *pc = own ? own : corr + 32 * p; /* the pair's corrections, rows pc_stride apart */
+        const int64_t pc_stride = own ? 32 : cols_p;
         int64_t r = r0;
         for (; r + TILE_ROWS <= r1; r += TILE_ROWS)
-            tile(a + r * k, k, a_scale + r * stride, groups, group, w0, w1, corr, w_scale, cols_p, h + r * rank, rank,
-                 up, bias, out + r * cols, cols, 32 * p, TILE_ROWS, planes, row_scales, lut, nibbles);
+            tile(a + r * k, k, a_scale + r * stride, groups, group, w0, w1, pc, pc_stride, w_scale, cols_p,
+                 h + r * rank, rank, up, bias, out + r * cols, cols, 32 * p, TILE_ROWS, planes, row_scales, lut,
+                 nibbles);
         switch (r1 - r) {
-#define LAST(n) case n: tile(a + r * k, k, a_scale + r * stride, groups, group, w0, w1, corr, w_scale, cols_p, \
-                             h + r * rank, rank, up, bias, out + r * cols, cols, 32 * p, n, planes, row_scales, lut, \
-                             nibbles); break;
+#define LAST(n) case n: tile(a + r * k, k, a_scale + r * stride, groups, group, w0, w1, pc, pc_stride, w_scale, \
+                             cols_p, h + r * rank, rank, up, bias, out + r * cols, cols, 32 * p, n, planes, \
+                             row_scales, lut, nibbles); break;
             LAST(1) LAST(2) LAST(3) LAST(4) LAST(5)
 #undef LAST
         default: break;
@@ -667,20 +695,20 @@ static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void bloc
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
     int64_t cols, int64_t k, int64_t group, float *out, int planes, int row_scales, const int8_t *table,
-    int row_major, int8_t *scratch) {
+    int row_major, int8_t *scratch, int32_t offset) {
 #define ROWS(planes, row_scales, nibbles, row_major) \
     rows_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, planes, \
-              row_scales, table, nibbles, row_major, scratch)
+              row_scales, table, nibbles, row_major, scratch, offset)
     if (planes == 2)
         ROWS(2, 0, 0, 0);
-    else if (row_major && r1 - r0 <= GROUP_DOT_ROWS && row_scales && !rank && group % 64 == 0 &&
+    else if (row_major && corr && r1 - r0 <= GROUP_DOT_ROWS && row_scales && !rank && group % 64 == 0 &&
              (group < k || row_major == 3))
         rows_dot_groups(a, a_scale, w, corr, w_scale, bias, r0, r1, p0, p1, cols, k, group, out, row_major - 1, table);
     else if (row_major == 3)
         row_scales ? ROWS(1, 1, 0, 3) : ROWS(1, 0, 0, 3);
     else if (table)
         row_scales ? ROWS(1, 1, 1, 0) : ROWS(1, 0, 1, 0);
-    else if (row_major && r1 - r0 < DOT_ROWS && row_scales && group == k && !rank)
+    else if (row_major && corr && r1 - r0 < DOT_ROWS && row_scales && group == k && !rank)
         rows_dot_any(a, a_scale, w, corr, w_scale, bias, r0, r1, p0, p1, cols, k, out, row_major == 2);
     else if (row_major == 2)
         row_scales ? ROWS(1, 1, 0, 2) : ROWS(1, 0, 0, 2);
@@ -717,15 +745,17 @@ int compressdit_group_gemm_ready(void) {
 static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                   const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias, int64_t r0,
                   int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group, int64_t flush,
-                  int planes, int row_scales, const int8_t *table, int row_major, int8_t *scratch, float *out) {
+                  int planes, int row_scales, const int8_t *table, int row_major, int8_t *scratch, int32_t offset,
+                  float *out) {
 #ifdef GROUP_GEMM_512
     if (isa == 2) {
         block_vnni(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, out, planes,
-                   row_scales, table, row_major, scratch);
+                   row_scales, table, row_major, scratch, offset);
         return;
     }
 #endif
     (void)row_major; /* 0 here: the entry refuses row-major weights without VNNI */
+    (void)offset; /* corr given here: the entry refuses NULL without row-major weights */
     (void)planes; /* 1 here: the entry refuses 2 weight planes without VNNI */
     (void)isa;
     block_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, row_scales,
@@ -751,28 +781,35 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
  * NVFP4 6912 x 1152 at 512 rows on 2 threads 1.28x the packed copy's time split by rows, 0.95x by pairs): every
  * output computed alone, the same numbers on any number of threads (a row split gives each thread whole tiles, more
  * rows than dot_tile_groups takes: it runs on the calls of at most that many rows, whatever the thread count).
+ * `corr` NULL (row-major weights only): each pair's corrections computed while it is packed, -`offset` (the
+ * activation codes' offset, an integer) times its codes' group sums, into the thread's buffer ([k / group, 32] int32
+ * after the pair): the same values, no [groups, cols_p] array kept (NVFP4's groups of 16: a quarter byte a weight);
+ * calls of few rows then pack too (the in-place dot products read a given corr).
  * Returns 1 where not
- * compressdit_group_gemm_ready, for 2 planes or row-major weights not its AVX512-VNNI path, or out of memory (the
- * buffers). */
+ * compressdit_group_gemm_ready, for 2 planes or row-major weights not its AVX512-VNNI path, for corr NULL without
+ * row-major weights, or out of memory (the buffers). */
 int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t rows, int64_t cols, int64_t k, int64_t group, int64_t flush, int64_t planes,
-                           int32_t row_scales, const int8_t *table, int32_t row_major, float *out, int32_t threads) {
+                           int32_t row_scales, const int8_t *table, int32_t row_major, int32_t offset, float *out,
+                           int32_t threads) {
 #ifdef GROUP_GEMM
     const int isa = compressdit_group_gemm_ready();
     if (!isa || planes < 1 || planes > 2 || (planes == 2 && (isa != 2 || row_scales)) || (table && planes != 1) ||
-        (row_major && (isa != 2 || planes != 1 || row_major > 3 || (row_major == 3) != (table != NULL))))
+        (row_major && (isa != 2 || planes != 1 || row_major > 3 || (row_major == 3) != (table != NULL))) ||
+        (!corr && !row_major))
         return 1;
     const int64_t pairs = (cols + 31) / 32;
-    /* a thread's buffer: AVX2's decoded block of nibbles (k x 16), or a row-major pair packed (k x 32) */
-    const int64_t per_thread = row_major ? k * 32 : k * 16;
+    /* a thread's buffer: AVX2's decoded block of nibbles (k x 16), or a row-major pair packed (k x 32) and, without
+     * corr, its corrections ([k / group, 32] int32) */
+    const int64_t per_thread = row_major ? k * 32 + (corr ? 0 : (k / group) * 32 * (int64_t)sizeof(int32_t)) : k * 16;
     int8_t *scratch = NULL;
     if (((table && isa == 1) || row_major) &&
         !(scratch = (int8_t *)malloc((size_t)(per_thread * (threads > 1 ? threads : 1)))))
         return 1;
     if (threads <= 1 || rows * pairs < 2) {
         block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, 0, pairs, cols, k, group, flush,
-              (int)planes, row_scales, table, row_major, scratch, out);
+              (int)planes, row_scales, table, row_major, scratch, offset, out);
         free(scratch);
         return 0;
     }
@@ -785,20 +822,21 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
             if (r0 < rows)
                 block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1 < rows ? r1 : rows, 0, pairs, cols,
                       k, group, flush, (int)planes, row_scales, table, row_major,
-                      scratch ? scratch + t * per_thread : NULL, out);
+                      scratch ? scratch + t * per_thread : NULL, offset, out);
         }
     } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t p = 0; p < pairs; ++p)
             block(isa, a, a_scale, w, corr, w_scale, h, rank, up, bias, 0, rows, p, p + 1, cols, k, group, flush,
-                  (int)planes, row_scales, table, row_major, scratch ? scratch + THREAD_ID * per_thread : NULL, out);
+                  (int)planes, row_scales, table, row_major, scratch ? scratch + THREAD_ID * per_thread : NULL, offset,
+                  out);
     }
     free(scratch);
     return 0;
 #else
     (void)a; (void)a_scale; (void)w; (void)corr; (void)w_scale; (void)h; (void)rank; (void)up; (void)bias;
     (void)rows; (void)cols; (void)k; (void)group; (void)flush; (void)planes; (void)row_scales; (void)table;
-    (void)row_major; (void)out; (void)threads;
+    (void)row_major; (void)offset; (void)out; (void)threads;
     return 1;
 #endif
 }
@@ -826,12 +864,12 @@ static int rotated_block(int isa, const float *x, const float *smooth, const int
                                   work, codes, scales, 1);
         if (threads <= 1 || pairs < 2) {
             block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, 0, pairs, cols, k, narrow, 1,
-                  (int)planes, 0, table, 0, NULL, out + r0 * cols);
+                  (int)planes, 0, table, 0, NULL, 0, out + r0 * cols);
         } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
             for (int64_t p = 0; p < pairs; ++p)
                 block(isa, codes, scales, w, corr, w_scale, NULL, 0, NULL, bias, 0, n, p, p + 1, cols, k, narrow, 1,
-                      (int)planes, 0, table, 0, NULL, out + r0 * cols);
+                      (int)planes, 0, table, 0, NULL, 0, out + r0 * cols);
         }
     }
     free(work);
