@@ -32,9 +32,9 @@
  * weight at NVFP4's groups of 16); with one activation scale a row, groups of a
  * multiple of 64 and up to GROUP_DOT_ROWS rows a thread, dot_tile_groups multiplies each channel's row in place, its
  * groups' int32 sums converted and scaled lane-wise (fp32 summation order: not the tiles' numbers bit for bit).
- * DiT-XL/2 shapes, one thread, weights read from memory, against the packed copy: NVFP4 1.02-1.09x its time at
- * 256-1024 rows, 1.5x at 16, 1.7-2.6x at 1-2 (packed per call); W4A8 g64 1.01-1.08x at 256-1024, 1.3-2.9x at 1-4
- * rows (in place), 1.6-2.5x at 8-16.
+ * DiT-XL/2 shapes, one thread, weights read from memory, against the packed copy (bench/group_gemm_stored.py):
+ * NVFP4 (corrections computed) 1.00-1.05x its time at 256-1024 rows, 1.2-1.5x at 16, 1.5-2.4x at 1-4 (packed per
+ * call); W4A8 g64 0.98-1.05x at 256-1024, 1.3-1.8x at 16, 1.5-2.6x at 1-4 rows (in place).
  *
  * 16-bit weights (planes = 2, AVX512-VNNI only: twin-log's per-row tables of real values: cpu_kernels.pack_planes):
  * each weight q = 256 * hi + lo with signed bytes hi and lo, packed as byte weights of twice the inputs, each
@@ -200,8 +200,8 @@ static __attribute__((target("avx2,fma"))) void block_avx2(
 #define DPBUSD(acc, x, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w))
 /* row-major weights: fewer rows than this a thread run dot_tile, more pack each pair once for the tiles */
 #define DOT_ROWS 24
-/* grouped row-major nibbles: up to this many rows a thread dot_tile_groups (measured above: at 4 rows 1.6-2.7x the
- * packed copy's time against 1.8-3.3x packed per call, at 8 rows 2.3-2.5x against 1.5-2.5x) */
+/* grouped row-major nibbles: up to this many rows a thread dot_tile_groups (one thread, weights read from memory:
+ * at 4 rows 1.6-2.7x the packed copy's time against 1.8-3.3x packed per call, at 8 rows 2.3-2.5x against 1.5-2.5x) */
 #define GROUP_DOT_ROWS 4
 
 /* rows [0, R) x output channels [c0, c0 + 32) of the product (two blocks of 16), all groups; corr: the pair's
