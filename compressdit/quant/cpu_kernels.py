@@ -311,7 +311,11 @@ def _int8_gemm_applies(spec, device: torch.device, shape: tuple[int, int]) -> bo
 
 
 def _int8_gemm_prepack(layer) -> dict:
-    codes = layer.codes()  # int8 [out, in]: the layer's own weight for 8 bits, an unpacked copy below
+    bits = layer.spec.w_bits  # 2-3 bits: packed as nibbles, no more
+    on_gemm = layer.in_features % 4 == 0 and vnni_int8_gemm()
+    # int8 [out, in]: the layer's own weight for 8 bits, an unpacked copy below (4 bits on group_gemm: none, the
+    # corrections summed from the stored nibbles)
+    codes = None if on_gemm and bits == 4 else layer.codes()
     small = layer.out_features * layer.in_features <= INT8_GEMM_SMALL_WEIGHT and layer.in_features >= 8
     # on AMX-INT8 every layer: oneDNN's microkernel on codes packed once (int8_linear.cpp), large ones too (DiT-XL/2's
     # 4096 x 1152 -> 4608 at one thread: 33.5 ms against 42.6 for oneDNN's prepacked GEMM and its passes; bf16 rows
@@ -323,12 +327,16 @@ def _int8_gemm_prepack(layer) -> dict:
     # than oneDNN's prepacked GEMM, torch._int_mm and fbgemm's dynamic int8 linear at every shape measured
     # (bench/results/layer_w8a8_cpu.md). 8-bit codes and 4-bit nibbles are read as the layer stores them (each block of
     # channels packed per call, few rows multiplied in place): no second copy of the weight (W8A8: half its bytes)
-    bits = layer.spec.w_bits  # 2-3 bits: packed as nibbles, no more
-    stored = codes if bits == 8 else layer.offset_nibbles() if bits == 4 else None
-    gemm = (pack_weight(codes, layer.weight_scale.reshape(-1, 1).float(), layer.in_features, 128.0,
-                        nibbles=stored is None, stored=stored)
-            if layer.in_features % 4 == 0 and vnni_int8_gemm() else None)
-    narrow = gemm is not None and layer.spec.w_bits < 8  # no unpacked copy kept besides the packed one
+    scale = layer.weight_scale.reshape(-1, 1).float()
+    if not on_gemm:
+        gemm = None
+    elif bits == 4:  # offset nibbles as stored (row_major 2, no table: the in-place dot path of few rows takes it)
+        gemm = {**stored_nibble_weight(layer.offset_nibbles(), OFFSET_NIBBLE_CODES, scale, layer.in_features, 128.0),
+                "table": None}
+    else:  # 2-3 bits: nibbles through a table (packed); 5-8 bits: byte codes read as they are (at 5-7 bits the
+        # unpacked copy is that weight: 1 byte a weight, more than 16 codes fit no nibble)
+        gemm = pack_weight(codes, scale, layer.in_features, 128.0, nibbles=bits < 4, stored=None if bits < 4 else codes)
+    narrow = gemm is not None and bits < 8  # no unpacked copy kept besides the packed one
     return {"codes": None if narrow else codes, "codes_t": None if narrow else codes.t(),
             "packed": None if small or microkernel is not None or gemm is not None else
             torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),

@@ -221,6 +221,9 @@ _INT8_GEMMS = [(LinearQuantSpec(w_bits=8, a_bits=8), shape) for shape in ((96, 2
     (LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"), (BIG, 200)),  # 200: past whole 64-byte blocks
     (LinearQuantSpec(w_bits=8, a_bits=8, balance=0.5), (BIG, 200)),
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=64), (96, 256)),  # cpu-int8-group-gemm
+    # more than 16 codes: no nibbles (6 bits per channel refused to run here before: "63 distinct weight codes")
+    (LinearQuantSpec(w_bits=6, a_bits=8), (96, 256)), (LinearQuantSpec(w_bits=5, a_bits=8, group_size=64), (96, 256)),
+    (LinearQuantSpec(w_bits=3, a_bits=8), (96, 256)),
     (LinearQuantSpec(w_bits=4, a_bits=8, group_size=32, a_granularity="per_tensor"), (72, 96))]
 
 
