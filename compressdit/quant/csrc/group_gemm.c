@@ -334,7 +334,8 @@ static VNNI __m512i stored_codes_masked(const int8_t *w, int64_t i, int64_t n, c
 }
 
 /* quads j0 .. j0 + n of a block (r: transposed, each vector one quad of 16 channels) into dst, and with `corr` the
- * channels' code sums per group (`per_group` quads) into `sum`, each group's times -offset into its corr row (32 apart) */
+ * channels' code sums per group (`per_group` quads) into `sum`, each group's times -offset into its corr row (32
+ * apart) */
 static VNNI void store_quads(const __m512i *r, int64_t j0, int64_t n, int8_t *dst, int32_t *corr, int64_t per_group,
                              const __m512i neg_offset, __m512i *sum) {
     const __m512i ones = _mm512_set1_epi8(1);
@@ -426,6 +427,26 @@ static VNNI void channel_dot(const int8_t *wc, const uint8_t *x0, const uint8_t 
     *t3 = a30;
 }
 
+/* the mask of the channels [c0, c0 + 4) below `cols` */
+static VNNI __mmask16 quartet_mask(int64_t cols, int64_t c0) {
+    return (__mmask16)((1u << (cols - c0 < 4 ? (int)(cols - c0) : 4)) - 1u);
+}
+
+/* the in-place dot products' last step: v (lane 4 r + c: row r and channel c0 + c, before the row's scale) times row
+ * r's scale, plus the channel's bias, stored for rows [0, rows) and the channels below `cols` */
+static VNNI void store_quartet(const __m512 v, const float *a_scale, const float *bias, float *out, int64_t cols,
+                               int64_t c0, const int rows) {
+    const __mmask16 cm = quartet_mask(cols, c0);
+    const __m512 bias4 = _mm512_broadcast_f32x4(bias ? _mm_maskz_loadu_ps((__mmask8)cm, bias + c0) : _mm_setzero_ps());
+    const __m512 rows4 = _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                               _mm512_castps128_ps512(_mm_maskz_loadu_ps(
+                                                   (__mmask8)((1u << rows) - 1u), a_scale)));
+    float o[16];
+    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_mul_ps(v, rows4), bias4));
+    for (int r = 0; r < rows; ++r) /* (a memcpy of the channels' floats was a library call a row) */
+        _mm_mask_storeu_ps(out + r * cols + c0, (__mmask8)cm, _mm_loadu_ps(o + 4 * r));
+}
+
 /* Row-major weights (byte codes or offset nibbles) with one group and one activation scale a row, rows [0, R)
  * (R <= 4) x channels [c0, c0 + 4): vpdpbusd on 64 consecutive inputs of a row and of a channel (no packing), each
  * product's 16 partial sums added up at the end in one 16 -> 1 tree, then the tiles' epilogue in the same order
@@ -493,37 +514,28 @@ static VNNI void dot_tile(const uint8_t *a, int64_t k, const float *a_scale, con
     const __m512i h23 = _mm512_add_epi32(_mm512_unpacklo_epi32(q2, q3), _mm512_unpackhi_epi32(q2, q3));
     const __m512i sums = _mm512_add_epi32(_mm512_unpacklo_epi64(h01, h23), _mm512_unpackhi_epi64(h01, h23));
     /* the epilogue on all 16: channel terms repeated in each row's lanes, each row's scale in its four */
-    const int chans = cols - c0 < 4 ? (int)(cols - c0) : 4;
-    const __mmask16 cm = (__mmask16)((1u << chans) - 1u);
-    const __m512i corr4 = _mm512_broadcast_i32x4(_mm_maskz_loadu_epi32((__mmask8)cm, corr + c0));
-    const __m512 scale4 = _mm512_broadcast_f32x4(_mm_maskz_loadu_ps((__mmask8)cm, w_scale + c0));
-    const __m512 bias4 = _mm512_broadcast_f32x4(bias ? _mm_maskz_loadu_ps((__mmask8)cm, bias + c0) : _mm_setzero_ps());
-    const __m512 rows4 = _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
-                                               _mm512_castps128_ps512(_mm_maskz_loadu_ps(
-                                                   (__mmask8)((1u << rows) - 1u), a_scale)));
-    const __m512 v = _mm512_mul_ps(_mm512_add_ps(_mm512_setzero_ps(),
-                                                 _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(corr4, sums)),
-                                                               scale4)), rows4);
-    float o[16];
-    _mm512_storeu_ps(o, _mm512_add_ps(v, bias4));
-    for (int r = 0; r < rows; ++r) /* (a memcpy of `chans` floats was a library call a row) */
-        _mm_mask_storeu_ps(out + r * cols + c0, (__mmask8)cm, _mm_loadu_ps(o + 4 * r));
+    const __mmask8 cm = (__mmask8)quartet_mask(cols, c0);
+    const __m512i corr4 = _mm512_broadcast_i32x4(_mm_maskz_loadu_epi32(cm, corr + c0));
+    const __m512 scale4 = _mm512_broadcast_f32x4(_mm_maskz_loadu_ps(cm, w_scale + c0));
+    store_quartet(_mm512_add_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(corr4, sums)),
+                                                                   scale4)),
+                  a_scale, bias, out, cols, c0, rows);
 }
 
-/* one channel's stored row (`layout` as pack_block's) in groups of `group` inputs (a multiple of 64) times `rows`
- * (1-4) activation rows x0..: per group the int32 sums of its chunks (lane 0 starting from the group's correction
- * corr[g * cols_p]), converted lane-wise and times the group's scale w_scale[g * cols_p] into row r's 16 fp32 lane
- * sums *f<r>; with one row two sums alternate by group (the fused add's latency) */
+/* one channel's stored nibbles through `lut` (pack_block's layout 2) in groups of `group` inputs (a multiple of 64)
+ * times `rows` (1-4) activation rows x0..: per group the int32 sums of its chunks (lane 0 starting from the group's
+ * correction corr[g * cols_p]), converted lane-wise and times the group's scale w_scale[g * cols_p] into row r's 16
+ * fp32 lane sums *f<r>; with one row two sums alternate by group (the fused add's latency) */
 static VNNI void channel_dot_groups(const int8_t *wc, const uint8_t *x0, const uint8_t *x1, const uint8_t *x2,
                                     const uint8_t *x3, int64_t k, int64_t group, const int32_t *corr,
-                                    const float *w_scale, int64_t cols_p, const int rows, const int layout,
-                                    const __m512i lut, __m512 *f0, __m512 *f1, __m512 *f2, __m512 *f3) {
+                                    const float *w_scale, int64_t cols_p, const int rows, const __m512i lut,
+                                    __m512 *f0, __m512 *f1, __m512 *f2, __m512 *f3) {
     __m512 s0 = _mm512_setzero_ps(), s0b = s0, s1 = s0, s2 = s0, s3 = s0;
     for (int64_t g = 0, i0 = 0; i0 < k; ++g, i0 += group) {
         const __m512i start = _mm512_castsi128_si512(_mm_cvtsi32_si128(corr[g * cols_p]));
         __m512i a0 = start, a1 = start, a2 = start, a3 = start;
         for (int64_t i = i0; i < i0 + group; i += 64) {
-            const __m512i v = stored_codes(wc, i, layout, lut);
+            const __m512i v = stored_codes(wc, i, 2, lut);
             DPBUSD(a0, _mm512_loadu_si512(x0 + i), v);
             if (rows > 1) DPBUSD(a1, _mm512_loadu_si512(x1 + i), v);
             if (rows > 2) DPBUSD(a2, _mm512_loadu_si512(x2 + i), v);
@@ -551,14 +563,12 @@ static VNNI void channel_dot_groups(const int8_t *wc, const uint8_t *x0, const u
  * several times the products. */
 static VNNI void dot_tile_groups(const uint8_t *a, int64_t k, int64_t group, const float *a_scale, const int8_t *w,
                                  const int32_t *corr, const float *w_scale, int64_t cols_p, const float *bias,
-                                 float *out, int64_t cols, int64_t c0, const int rows, const int layout,
-                                 const __m512i lut) {
-    const int64_t stride = layout ? k / 2 : k;
+                                 float *out, int64_t cols, int64_t c0, const int rows, const __m512i lut) {
     const uint8_t *x0 = a, *x1 = a + (rows > 1) * k, *x2 = a + 2 * (rows > 2) * k, *x3 = a + 3 * (rows > 3) * k;
     __m512 s[4][4]; /* s[r][c] */
     for (int c = 0; c < 4; ++c) {
         const int64_t n = c0 + c < cols ? c0 + c : cols - 1; /* past `cols`: the last channel again, not stored */
-        channel_dot_groups(w + n * stride, x0, x1, x2, x3, k, group, corr + n, w_scale + n, cols_p, rows, layout, lut,
+        channel_dot_groups(w + n * (k / 2), x0, x1, x2, x3, k, group, corr + n, w_scale + n, cols_p, rows, lut,
                            &s[0][c], &s[1][c], &s[2][c], &s[3][c]);
     }
     for (int r = rows; r < 4; ++r)
@@ -572,17 +582,10 @@ static VNNI void dot_tile_groups(const uint8_t *a, int64_t k, int64_t group, con
 #undef QUAD
     const __m512 h01 = _mm512_add_ps(_mm512_unpacklo_ps(q[0], q[1]), _mm512_unpackhi_ps(q[0], q[1]));
     const __m512 h23 = _mm512_add_ps(_mm512_unpacklo_ps(q[2], q[3]), _mm512_unpackhi_ps(q[2], q[3]));
-    const __m512 sums = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(h01), _mm512_castps_pd(h23))),
-                                      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(h01), _mm512_castps_pd(h23))));
-    const int chans = cols - c0 < 4 ? (int)(cols - c0) : 4;
-    const __mmask16 cm = (__mmask16)((1u << chans) - 1u);
-    const __m512 bias4 = _mm512_broadcast_f32x4(bias ? _mm_maskz_loadu_ps((__mmask8)cm, bias + c0) : _mm_setzero_ps());
-    const __m512 rows4 = _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
-                                               _mm512_castps128_ps512(_mm_maskz_loadu_ps(
-                                                   (__mmask8)((1u << rows) - 1u), a_scale)));
-    float o[16];
-    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_mul_ps(sums, rows4), bias4));
-    for (int r = 0; r < rows; ++r) _mm_mask_storeu_ps(out + r * cols + c0, (__mmask8)cm, _mm_loadu_ps(o + 4 * r));
+    const __m512d d01 = _mm512_castps_pd(h01), d23 = _mm512_castps_pd(h23);
+    store_quartet(_mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d01, d23)),
+                                _mm512_castpd_ps(_mm512_unpackhi_pd(d01, d23))),
+                  a_scale, bias, out, cols, c0, rows);
 }
 
 /* dot_tile over rows [r0, r1) x channel pairs [p0, p1): up to 4 rows one channel at a time (the weights read once,
@@ -626,23 +629,24 @@ static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), noinline))
         rows_dot(a, a_scale, w, corr, w_scale, bias, r0, r1, p0, p1, cols, k, out, 0);
 }
 
-/* dot_tile_groups over rows [r0, r1) x channel pairs [p0, p1), 4 channels x up to 4 rows at a time, compiled for each
- * row-major layout (`layout` as pack_block's), in a function of its own as rows_dot_any */
+/* dot_tile_groups over rows [r0, r1) x channel pairs [p0, p1) of stored nibbles through `table`, 4 channels x up to
+ * 4 rows at a time, in a function of its own as rows_dot_any */
 static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), noinline)) void rows_dot_groups(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
-    float *out, const int layout, const int8_t *table) {
+    float *out, const int8_t *table) {
     const int64_t c1 = 32 * p1 < cols ? 32 * p1 : cols, cols_p = (cols + 31) / 32 * 32;
-    const __m512i lut = table ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)table)) : _mm512_setzero_si512();
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)table));
     for (int64_t c = 32 * p0; c < c1; c += 4)
         for (int64_t r = r0; r < r1; r += 4) {
-            const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
-#define TILE(n, layout) dot_tile_groups(a + r * k, k, group, a_scale + r, w, corr, w_scale, cols_p, bias, \
-                                        out + r * cols, cols, c, n, layout, lut)
-#define ROWS(layout) switch (n) { case 1: TILE(1, layout); break; case 2: TILE(2, layout); break; \
-                                  case 3: TILE(3, layout); break; default: TILE(4, layout); break; }
-            if (layout == 2) ROWS(2) else if (layout == 1) ROWS(1) else ROWS(0)
-#undef ROWS
+#define TILE(n) dot_tile_groups(a + r * k, k, group, a_scale + r, w, corr, w_scale, cols_p, bias, out + r * cols, \
+                                cols, c, n, lut)
+            switch (r1 - r < 4 ? (int)(r1 - r) : 4) {
+            case 1: TILE(1); break;
+            case 2: TILE(2); break;
+            case 3: TILE(3); break;
+            default: TILE(4); break;
+            }
 #undef TILE
         }
 }
@@ -701,9 +705,8 @@ static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void bloc
               row_scales, table, nibbles, row_major, scratch, offset)
     if (planes == 2)
         ROWS(2, 0, 0, 0);
-    else if (row_major && corr && r1 - r0 <= GROUP_DOT_ROWS && row_scales && !rank && group % 64 == 0 &&
-             (group < k || row_major == 3))
-        rows_dot_groups(a, a_scale, w, corr, w_scale, bias, r0, r1, p0, p1, cols, k, group, out, row_major - 1, table);
+    else if (row_major == 3 && corr && r1 - r0 <= GROUP_DOT_ROWS && row_scales && !rank && group % 64 == 0)
+        rows_dot_groups(a, a_scale, w, corr, w_scale, bias, r0, r1, p0, p1, cols, k, group, out, table);
     else if (row_major == 3)
         row_scales ? ROWS(1, 1, 0, 3) : ROWS(1, 0, 0, 3);
     else if (table)
