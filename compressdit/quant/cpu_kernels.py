@@ -3,7 +3,8 @@
 - ``cpu-int8-gemm``: W8A8 (int8 per-channel symmetric weights, dynamic symmetric int8 activations per token
   or per tensor) as a real int8 x int8 -> int32 GEMM: ``torch._int_mm`` on the layer's own int8 codes (no
   copy) for weights of up to ``INT8_GEMM_SMALL_WEIGHT`` elements at every row count and for one row at any
-  size, else oneDNN's prepacked u8s8 GEMM (codes + 128, zero point 128). The activation codes are exactly the
+  size, else oneDNN's prepacked u8s8 GEMM (codes + 128, zero point 128) where its sums are exact
+  (:func:`onednn_u8s8_exact`), ``torch._int_mm`` where not. The activation codes are exactly the
   reference's (``round(x / s)``, ``s = absmax / 127`` per token); the per-token and per-channel scales and the
   bias are applied to the fp32 output, so outputs equal the reference up to fp32 summation order. The activation
   quantization (with a balancing division fused in: the kernel's ``run_untransformed``) and the epilogue are
@@ -19,7 +20,10 @@
   AVX512-VNNI CPUs (:func:`vnni_int8_gemm`) every layer and row count runs ``cpu-int-groups``' GEMM with one group
   (:func:`~compressdit.quant.cpu_native.group_gemm`: the activation codes + 128 against the codes packed once,
   ``vpdpbusd``; the same numbers), faster than all of those and than fbgemm's dynamic int8 linear on DiT-XL/2's
-  shapes (``bench/results/layer_w8a8_cpu.md``). W4A8 (and other narrower) per-channel symmetric weights of up to
+  shapes (``bench/results/layer_w8a8_cpu.md``). On AVX2 CPUs without VNNI (:func:`int8_group_gemm_isa`) every layer
+  and row count runs group_gemm's AVX2 tiles on signed activation codes (each product ``|w|`` times the code with
+  ``w``'s sign: exact 16-bit pairs; the codes packed once): there oneDNN's u8s8 GEMM saturates its 16-bit pair sums
+  and ``torch._int_mm`` takes 24-40x the fp32 GEMM's time. W4A8 (and other narrower) per-channel symmetric weights of up to
   ``INT8_GEMM_SMALL_WEIGHT`` elements (any size on that path) run the same GEMM, elsewhere on their codes unpacked
   to int8 (1 byte per weight at run time), on that path on their 4-bit codes packed two a byte and looked up in a
   16-entry table in the tiles (``vpshufb``; half a byte per weight, the same numbers and speed).
@@ -264,10 +268,12 @@ def _on_group_gemm(x: torch.Tensor, x2: torch.Tensor, smooth: Optional[torch.Ten
     there); ``None`` without the library."""
     if x2.dtype is not torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
-    q, a_scale = _codes(x, x2, per_token, 128, smooth)
+    signed = int8_group_gemm_isa() == "avx2"  # AVX2: the signed codes, each product exact (flush 0)
+    q, a_scale = _codes(x, x2, per_token, 0 if signed else 128, smooth)
     if not per_token:
         a_scale = a_scale.expand(x2.shape[0], 1).contiguous()
-    out = group_gemm(q, a_scale, packed, corr, w_scale, bias, out_features, row_group=group, table=table)
+    out = group_gemm(q, a_scale, packed, corr, w_scale, bias, out_features, flush=0 if signed else 1,
+                     row_group=group, table=table)
     return None if out is None else _like_input(out, x)
 
 
@@ -293,18 +299,39 @@ def _(x, smooth, codes_t, packed, w_scale, w_zero, bias, per_token, out_features
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+def int8_group_gemm_isa() -> str | None:
+    """The :func:`~compressdit.quant.cpu_native.group_gemm` path int8-activation layers (``cpu-int8-gemm``,
+    ``cpu-int8-group-gemm``) run on here, at any size and row count, or None (AMX-INT8: oneDNN's microkernel; no
+    library):
+
+    - ``"avx512-vnni"``: activation codes + 128 (``vpdpbusd``), the layer's stored codes / nibbles read as they are;
+      DiT-XL/2's W4A8 g64 layers 3.0-4.5x fp32 at M >= 256 against 1.7-2.2x for the packed int4 GEMM (Zen 4).
+    - ``"avx2"`` (no VNNI): signed activation codes, each product exact (``|w| * (x with w's sign)``: group_gemm's
+      ``flush=0``), the codes packed once at load (4-bit ones two a byte). Without VNNI oneDNN's u8s8 GEMM saturates
+      its 16-bit pair sums (DiT-size W8A8 layers 13-19% off) and ``torch._int_mm`` takes 24-40x the fp32 GEMM's time
+      (Zen 3 EPYC, one thread); this path 1.4-1.9x faster than fp32 at 256-1024 rows on DiT-XL/2's shapes
+      (0.8-0.9x the time of fbgemm's dynamic int8 linear, whose activations have 7 bits)."""
+    return None if int8_brgemm() else group_gemm_isa()
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_u8s8_exact() -> bool:
+    """Whether oneDNN's prepacked u8s8 GEMM gives exact int32 sums here: with VNNI (``vpdpbusd``) or AMX. Without, it
+    multiplies by ``vpmaddubsw``, whose 16-bit pair sums saturate for 8-bit activations (a 1152 -> 4608 layer's outputs
+    13-19% off on a Zen 3 EPYC): ``torch._int_mm`` runs there instead where group_gemm does not."""
+    return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def vnni_int8_gemm() -> bool:
     """Whether int8-activation layers run on :func:`~compressdit.quant.cpu_native.group_gemm`'s VNNI tiles here
-    (AVX512-VNNI without AMX-INT8's microkernel), at any size: 4-bit codes as nibbles (half a byte a weight
-    prepacked, as the packed int4 GEMM keeps) for twice its speed: DiT-XL/2's W4A8 g64 layers 3.0-4.5x fp32 at
-    M >= 256 against 1.7-2.2x (one thread, Zen 4)."""
-    return group_gemm_isa() == "avx512-vnni" and not int8_brgemm()
+    (:func:`int8_group_gemm_isa`), reading the layer's stored codes without a copy."""
+    return int8_group_gemm_isa() == "avx512-vnni"
 
 
 def _int8_gemm_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     out_features, in_features = shape
     narrow_fits = (spec.w_bits == 8 or out_features * in_features <= INT8_GEMM_SMALL_WEIGHT
-                   or (in_features % 4 == 0 and vnni_int8_gemm()))
+                   or (in_features % 4 == 0 and int8_group_gemm_isa() is not None))
     return (device.type == "cpu" and spec.format == "int" and spec.a_bits == 8 and narrow_fits
             and spec.group_size is None and spec.w_symmetric and spec.a_granularity in ("per_token", "per_tensor")
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack"))
@@ -312,10 +339,11 @@ def _int8_gemm_applies(spec, device: torch.device, shape: tuple[int, int]) -> bo
 
 def _int8_gemm_prepack(layer) -> dict:
     bits = layer.spec.w_bits  # 2-3 bits: packed as nibbles, no more
-    on_gemm = layer.in_features % 4 == 0 and vnni_int8_gemm()
-    # int8 [out, in]: the layer's own weight for 8 bits, an unpacked copy below (4 bits on group_gemm: none, the
-    # corrections summed from the stored nibbles)
-    codes = None if on_gemm and bits == 4 else layer.codes()
+    isa = int8_group_gemm_isa() if layer.in_features % 4 == 0 else None
+    on_gemm = isa is not None
+    # int8 [out, in]: the layer's own weight for 8 bits, an unpacked copy below (4 bits on group_gemm's VNNI path:
+    # none, the corrections summed from the stored nibbles)
+    codes = None if isa == "avx512-vnni" and bits == 4 else layer.codes()
     small = layer.out_features * layer.in_features <= INT8_GEMM_SMALL_WEIGHT and layer.in_features >= 8
     # on AMX-INT8 every layer: oneDNN's microkernel on codes packed once (int8_linear.cpp), large ones too (DiT-XL/2's
     # 4096 x 1152 -> 4608 at one thread: 33.5 ms against 42.6 for oneDNN's prepacked GEMM and its passes; bf16 rows
@@ -330,6 +358,8 @@ def _int8_gemm_prepack(layer) -> dict:
     scale = layer.weight_scale.reshape(-1, 1).float()
     if not on_gemm:
         gemm = None
+    elif isa == "avx2":  # signed activation codes (no offset); the codes packed once, 4 bits and less as nibbles
+        gemm = pack_weight(codes, scale, layer.in_features, 0.0, nibbles=bits <= 4)
     elif bits == 4:  # offset nibbles as stored (row_major 2, no table: the in-place dot path of few rows takes it)
         gemm = {**stored_nibble_weight(layer.offset_nibbles(), OFFSET_NIBBLE_CODES, scale, layer.in_features, 128.0),
                 "table": None}
@@ -338,7 +368,7 @@ def _int8_gemm_prepack(layer) -> dict:
         gemm = pack_weight(codes, scale, layer.in_features, 128.0, nibbles=bits < 4, stored=None if bits < 4 else codes)
     narrow = gemm is not None and bits < 8  # no unpacked copy kept besides the packed one
     return {"codes": None if narrow else codes, "codes_t": None if narrow else codes.t(),
-            "packed": None if small or microkernel is not None or gemm is not None else
+            "packed": None if small or microkernel is not None or gemm is not None or not onednn_u8s8_exact() else
             torch.ops.onednn.qlinear_prepack(codes.contiguous(), None),
             "microkernel": microkernel, **_gemm_buffers(gemm),
             "w_scale": layer.weight_scale.reshape(-1).float().contiguous(),
@@ -442,7 +472,8 @@ def _int8_group_gemm_applies(spec, device: torch.device, shape: tuple[int, int])
     out_features, in_features = shape
     return (device.type == "cpu" and spec.format == "int" and spec.a_bits == 8 and spec.group_size is not None
             and spec.group_size >= 8 and in_features % spec.group_size == 0 and spec.w_symmetric
-            and (out_features * in_features <= INT8_GEMM_SMALL_WEIGHT or (spec.group_size % 4 == 0 and vnni_int8_gemm()))
+            and (out_features * in_features <= INT8_GEMM_SMALL_WEIGHT
+                 or (spec.group_size % 4 == 0 and int8_group_gemm_isa() is not None))
             and spec.a_granularity in ("per_token", "per_tensor"))
 
 
@@ -458,6 +489,8 @@ def _int8_group_gemm_prepack(layer) -> dict:
                                     128.0)
     elif size % 4 == 0 and vnni_int8_gemm():  # 2-3 bits: their nibbles packed (a stored copy would be one too)
         gemm = pack_weight(layer.codes(), layer.weight_scale.float(), size, 128.0, nibbles=bits < 4)
+    elif size % 4 == 0 and int8_group_gemm_isa() == "avx2":  # signed activation codes, the codes packed once
+        gemm = pack_weight(layer.codes(), layer.weight_scale.float(), size, 0.0, nibbles=bits <= 4)
     else:
         codes = layer.codes()
     # on group_gemm the op reads only its group count from w_scale: the packed scales ([groups, out] padded), no copy
@@ -1055,17 +1088,18 @@ KERNELS.add("cpu-int8-gemm", Kernel(
     _int8_gemm_applies, _int8_gemm_prepack, _int8_gemm_run, priority=20,
     run_untransformed=_int8_gemm_run_untransformed, run_activated=_int8_gemm_run_activated,
     description=f"int8 x int8 -> int32 GEMM on the spec's dynamic symmetric activation codes (W8A8; W4A8 per "
-                f"channel up to {INT8_GEMM_SMALL_WEIGHT} weights, any size on AVX512-VNNI, as int8): on AVX512-VNNI "
-                "without AMX group_gemm's vpdpbusd tiles on codes packed once; else torch._int_mm (on AMX-INT8 "
-                f"oneDNN's microkernel on codes packed once) up to {INT8_GEMM_SMALL_WEIGHT} weights or at one row, "
-                "else oneDNN's prepacked u8s8 GEMM"))
+                f"channel up to {INT8_GEMM_SMALL_WEIGHT} weights, any size on group_gemm, as int8): without AMX "
+                "group_gemm (AVX512-VNNI: vpdpbusd tiles on the stored codes; AVX2: signed codes, exact vpmaddubsw "
+                "products, codes packed once); on AMX-INT8 oneDNN's microkernel on codes packed once; else "
+                f"torch._int_mm up to {INT8_GEMM_SMALL_WEIGHT} weights or at one row, else oneDNN's prepacked u8s8 "
+                "GEMM where its sums are exact (VNNI), torch._int_mm where not"))
 KERNELS.add("cpu-int8-group-gemm", Kernel(
     _int8_group_gemm_applies, _int8_group_gemm_prepack, _int8_group_gemm_run, priority=20,
-    description=f"layers of up to {INT8_GEMM_SMALL_WEIGHT} weights (any size on AVX512-VNNI), symmetric int weights "
-                "in groups (as int8, 1 byte per weight; half a byte on AVX512-VNNI) x the spec's dynamic int8 "
-                "activation codes: on AVX512-VNNI "
-                "without AMX group_gemm's vpdpbusd tiles, the groups' scales in them; else one torch._int_mm (on "
-                "AMX-INT8 oneDNN's microkernel) per group, scales in fp32"))
+    description=f"layers of up to {INT8_GEMM_SMALL_WEIGHT} weights (any size on group_gemm), symmetric int weights "
+                "in groups x the spec's dynamic int8 activation codes: without AMX group_gemm's tiles, the groups' "
+                "scales in them (AVX512-VNNI: the stored nibbles, half a byte a weight; AVX2: signed codes, 4-bit "
+                "ones packed two a byte); else one torch._int_mm (on AMX-INT8 oneDNN's microkernel) per group "
+                "(as int8, 1 byte per weight), scales in fp32"))
 KERNELS.add("cpu-int-groups", Kernel(
     _groups_applies, _groups_prepack, _groups_run, priority=16, run_untransformed=_groups_run_untransformed,
     description="4-bit weights (int, NVFP4, MXFP4, 4-bit minifloats) x dynamic activations on an integer grid or a "

@@ -449,6 +449,16 @@ for fields in ({fields}):
         out, reference = layer(x), layer.reference_forward(x)
     assert kernel_summary(layer) == "cpu-int-groups x1"
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+from compressdit.quant.kernel_registry import cache_of
+for fields in (dict(w_bits=8, a_bits=8), dict(w_bits=8, a_bits=8, a_granularity="per_tensor", balance=0.5),
+               dict(w_bits=4, a_bits=8), dict(w_bits=4, a_bits=8, group_size=64)):  # int8 activations: signed codes
+    spec = LinearQuantSpec.from_dict(fields, "spec")
+    x = torch.randn(37, 128) * (1 + 20 * (torch.rand(128) > 0.9))
+    layer = FORMATS.get("int").quantize(torch.nn.Linear(128, 40), spec, x.abs().amax(0) + 0.1)
+    with torch.no_grad():
+        out, reference = layer(x), layer.reference_forward(x)
+    assert cache_of(layer).buffers["gemm_packed"] is not None, spec.label  # group_gemm's AVX2 path, at any size
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
 print("ok")
 """
 
@@ -456,7 +466,7 @@ print("ok")
 def test_the_avx2_path_is_the_reference_too(tmp_path):
     """As on an AVX2-only CPU (torch's kernels and the library built for AVX2, ``ATEN_CPU_CAPABILITY=avx2``): the
     byte multiply-adds of vpmaddubsw / vpmaddwd instead of vpdpbusd, on every spec kind (groups, branch, NVFP4);
-    chosen for GEMM groups of at least ``AVX2_MIN_GROUP`` inputs."""
+    chosen for GEMM groups of at least ``AVX2_MIN_GROUP`` inputs; int8 activations (W8A8, W4A8) as signed codes."""
     import os
     import subprocess
     import sys
@@ -468,6 +478,42 @@ def test_the_avx2_path_is_the_reference_too(tmp_path):
     run = subprocess.run([sys.executable, "-c", _AVX2_CHECK.format(fields=fields)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("shape", [(72, 128), (7, 68), (33, 1156)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("nibbles", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_signed_activation_codes_are_exact_at_the_extremes(shape, nibbles, threads, gemm_threads):
+    """W8A8 / W4A8 on AVX2 (``flush=0``): int8 activation codes (|code| <= 127) against byte codes down to -128, each
+    product |w| x (the code with w's sign), so no 16-bit pair saturates where an unsigned code times 127 twice would
+    (oneDNN's u8s8 GEMM without VNNI): the exact int32 sums, then times the channel's and the row's scale, plus the
+    bias, as torch computes them in fp32, bit for bit; at every row count around the 4-row tiles and 6-row blocks.
+    Elsewhere (AVX512-VNNI, whose codes carry an offset) refused, never garbage."""
+    out_features, in_features = shape
+    gen = torch.Generator().manual_seed(out_features + in_features)
+    low, high = (-8, 8) if nibbles else (-128, 128)
+    weight = torch.randint(low, high, (out_features, in_features), generator=gen, dtype=torch.int8)
+    weight[0], weight[-1, ::2] = low, high - 1  # a channel of the most negative code, one of alternating extremes
+    w_scale = torch.rand(out_features, 1, generator=gen) + 0.01
+    bias = torch.randn(out_features, generator=gen)
+    b = pack_weight(weight, w_scale, in_features, 0.0, nibbles=nibbles)
+    assert not b["corr"].any()  # no offset to take back
+    one = torch.ones(1, in_features, dtype=torch.int8)
+    if _gemm_path() != "avx2":
+        with pytest.raises((RuntimeError, AttributeError)):
+            group_gemm(one, torch.ones(1, 1), b["packed"], b["corr"], b["w_scale"], bias, out_features, flush=0,
+                       row_group=in_features, table=b["table"])
+        return
+    gemm_threads(threads)
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 13, 24, 25):
+        codes = torch.randint(-127, 128, (rows, in_features), generator=gen, dtype=torch.int8)
+        codes[-1] = -127 if rows % 2 else 127  # every pair at its bound against the extreme channels
+        a_scale = torch.rand(rows, 1, generator=gen) + 0.01
+        out = group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features, flush=0,
+                         row_group=in_features, table=b["table"])
+        sums = (codes.long() @ weight.long().t()).float()  # exact: |sum| < 2^24 here
+        expected = sums * w_scale.t() * a_scale + bias
+        assert torch.equal(out, expected), rows
 
 
 # --- cpu-twinlog-groups -------------------------------------------------------------------------------------------

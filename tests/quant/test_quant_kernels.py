@@ -37,7 +37,8 @@ import copy  # noqa: E402
 from compressdit.quant.kernel_registry import (KERNELS, REFERENCE, cache_of, kernel_summary,  # noqa: E402
                                                prepack_model, select_kernel, set_kernel)
 from compressdit.quant.cpu_dense import _bf16_hardware, decoded_kernel_name, dense_kernel_name  # noqa: E402
-from compressdit.quant.cpu_kernels import vnni_int8_gemm  # noqa: E402
+from compressdit.quant import cpu_kernels  # noqa: E402
+from compressdit.quant.cpu_kernels import int8_group_gemm_isa, vnni_int8_gemm  # noqa: E402
 from compressdit.quant.cpu_native import group_gemm_isa  # noqa: E402
 from compressdit.quant.vq_layer import VQLinear  # noqa: E402
 
@@ -56,9 +57,9 @@ def _small_decoded(spec: LinearQuantSpec) -> tuple:
 # big layers no int4 / int8 kernel reads: decoded once into bf16 on CPUs with bf16 GEMMs, else the reference
 BIG_DECODED = ("cpu-decoded-bf16", 6e-3, 0.2) if _bf16_hardware()[1] else ("cpu-decoded-fp32", 1e-5, 0.01)
 
-# big W4A8 layers: on AVX512-VNNI without AMX group_gemm's tiles at any size (their codes as int8), elsewhere too big
-# for an int8 copy: the packed int4 GEMM on fake-quantized activations
-BIG_W4A8 = (("cpu-int8-gemm", 1e-5, 0.01), ("cpu-int8-group-gemm", 1e-5, 0.01)) if vnni_int8_gemm() else (
+# big W4A8 layers: without AMX group_gemm's tiles at any size (AVX512-VNNI or AVX2; their codes as int8), on AMX too
+# big for an int8 copy: the packed int4 GEMM on fake-quantized activations
+BIG_W4A8 = (("cpu-int8-gemm", 1e-5, 0.01), ("cpu-int8-group-gemm", 1e-5, 0.01)) if int8_group_gemm_isa() else (
     ("cpu-int4-weight", 6e-3, 0.2),) * 2
 
 # spec, kernel, bound on ||kernel - reference|| / ||reference||, on that error / the quantization error, and
@@ -66,7 +67,7 @@ BIG_W4A8 = (("cpu-int8-gemm", 1e-5, 0.01), ("cpu-int8-group-gemm", 1e-5, 0.01)) 
 BIG = 1040
 CPU_CASES = [
     (LinearQuantSpec(w_bits=8, a_bits=8), "cpu-int8-gemm", 1e-5, 0.01, 96),  # same int8 codes: summation order
-    (LinearQuantSpec(w_bits=8, a_bits=8), "cpu-int8-gemm", 1e-5, 0.01, BIG),  # oneDNN's prepacked GEMM
+    (LinearQuantSpec(w_bits=8, a_bits=8), "cpu-int8-gemm", 1e-5, 0.01, BIG),  # group_gemm / AMX microkernel
     (LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"), "cpu-int8-gemm", 1e-5, 0.01, 96),
     (LinearQuantSpec(w_bits=8, a_bits=8, a_granularity="per_tensor"), "cpu-int8-gemm", 1e-5, 0.01, BIG),
     (LinearQuantSpec(w_bits=8, a_bits=8, rotation="hadamard"), "cpu-int8-gemm", 1e-5, 0.01, 96),
@@ -135,17 +136,19 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
     assert cache_of(small).buffers["codes"].data_ptr() == small.weight.data_ptr()
     microkernel = cache_of(small).buffers["microkernel"]  # AMX-INT8: the codes packed for oneDNN's microkernel
     assert (microkernel is not None) == int8_brgemm()
-    vnni = vnni_int8_gemm()  # elsewhere on VNNI: group_gemm, on the layer's own codes
-    for layer in (small, big):
+    vnni, isa = vnni_int8_gemm(), int8_group_gemm_isa()  # elsewhere group_gemm: on VNNI the layer's own codes,
+    for layer in (small, big):  # on AVX2 a packed copy (signed activation codes)
         gemm = cache_of(layer).buffers["gemm_packed"]
-        assert (gemm is not None) == vnni
-        assert gemm is None or gemm.data_ptr() == layer.weight.data_ptr()
+        assert (gemm is not None) == (isa is not None)
+        assert gemm is None or (gemm.data_ptr() == layer.weight.data_ptr()) == vnni
     copies = 1 if microkernel is None else 1 + microkernel.numel() / small.weight.numel()
+    copies += isa == "avx2"
     assert cache_of(small).nbytes() < small.weight.numel() * copies + 4096  # the codes are not counted twice
-    # a packed copy (1 byte per weight) only for AMX's microkernel, or else oneDNN's GEMM without VNNI; none on VNNI
-    # (scales and corrections: 8 bytes a channel)
+    # a packed copy (1 byte per weight) only for AMX's microkernel, AVX2's group_gemm, or else oneDNN's GEMM where its
+    # sums are exact (VNNI); none on VNNI's group_gemm (scales and corrections: 8 bytes a channel)
     assert (cache_of(big).buffers["microkernel"] is not None) == int8_brgemm()
-    assert (cache_of(big).buffers["packed"] is not None) == (not int8_brgemm() and not vnni)
+    assert (cache_of(big).buffers["packed"] is not None) == (isa is None and not int8_brgemm()
+                                                              and cpu_kernels.onednn_u8s8_exact())
     if vnni:
         assert cache_of(big).nbytes() < 16 * big.out_features + 4096
 
@@ -154,15 +157,15 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
                                   LinearQuantSpec(w_bits=4, group_size=16, a_bits=4, a_granularity="per_group",
                                                   a_group_size=16)], ids=["w4a8", "w4a8-g64", "w4a4-g16"])
 def test_four_bit_weights_on_group_gemm_keep_no_copy_or_half_a_byte(spec):
-    """Where 4-bit layers of any size run group_gemm (W4A8: AVX512-VNNI without AMX; W4A4: cpu-int-groups, VNNI or
-    AVX2), on AVX512-VNNI they keep no copy of their codes (the layer's nibbles read as stored, through the 16-entry
+    """Where 4-bit layers of any size run group_gemm (W4A8: without AMX; W4A4: cpu-int-groups; AVX512-VNNI or AVX2),
+    on AVX512-VNNI they keep no copy of their codes (the layer's nibbles read as stored, through the 16-entry
     table where given): only the groups' scales and corrections, 8 bytes a group of a channel (W4A4: the scales
     alone, the GEMM computing the corrections); on AVX2 their codes
     are packed as nibbles: the prepacked copy is half a byte a weight besides those; never an unpacked copy;
     elsewhere no table."""
     from compressdit.quant.cpu_kernels import integer_groups_apply
 
-    on_group_gemm = vnni_int8_gemm() if spec.a_bits == 8 else integer_groups_apply(spec, (BIG, 256))
+    on_group_gemm = int8_group_gemm_isa() is not None if spec.a_bits == 8 else integer_groups_apply(spec, (BIG, 256))
     _, layer = _layer(spec, out_features=BIG)
     with torch.no_grad():
         layer(torch.randn(3, 256))
@@ -172,13 +175,13 @@ def test_four_bit_weights_on_group_gemm_keep_no_copy_or_half_a_byte(spec):
         assert table is None and layer.kernel_name != "cpu-int-groups"
         return
     packed = buffers.get("gemm_packed", buffers.get("packed"))
-    if spec.a_bits == 8 and spec.group_size is None:  # one group: the layer's own nibbles, read as stored
+    if spec.a_bits == 8 and spec.group_size is None and vnni_int8_gemm():  # one group: the layer's own nibbles
         assert packed.data_ptr() == layer.weight.data_ptr() and table is None
         assert buffers.get("codes") is None and buffers.get("codes_t") is None
         assert cache_of(layer).nbytes() < 16 * BIG + 4096  # a channel's fp32 scale and int32 correction
         return
     assert buffers.get("codes") is None and buffers.get("codes_t") is None and table.shape == (16,)
-    group = spec.group_size  # a group's fp32 scale and int32 correction a channel
+    group = spec.group_size or 256  # a group's fp32 scale and int32 correction a channel
     if group_gemm_isa() == "avx512-vnni":
         assert packed.data_ptr() == layer.weight.data_ptr()
         if spec.a_bits == 4:  # cpu-int-groups: the corrections computed in the GEMM, only the scales kept
@@ -260,6 +263,8 @@ def test_int8_activations_on_group_gemm_are_the_torch_paths_bit_for_bit(spec, sh
             assert spec.w_bits == 8 or b.get("codes_t", b["codes"]) is None  # nor unpacked 4-bit codes
             with monkeypatch.context() as patch:  # the paths before: torch._int_mm's C++ op / oneDNN, same codes
                 patch.setattr(cpu_kernels, "group_gemm_isa", lambda: None)
+                if not cpu_kernels.onednn_u8s8_exact():  # its 16-bit pairs saturate here: torch._int_mm only
+                    patch.setattr(cpu_kernels, "INT8_GEMM_SMALL_WEIGHT", 1 << 40)
                 before(torch.randn(1, in_features))
             assert cache_of(before).buffers["gemm_packed"] is None and before.kernel_name == layer.kernel_name
             for rows in (1, 3, 7, 16, 61):  # whole tiles of 6 rows and a tail

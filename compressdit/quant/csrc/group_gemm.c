@@ -59,30 +59,49 @@
 
 #define TILE_ROWS 6 /* AVX-512's tile; AVX2's (2 rows) divides it: row blocks of whole tiles for both */
 #define AVX2_ROWS 2
+#define AVX2_SIGNED_ROWS 4 /* signed activation codes: more rows a tile, each weight block's abs shared by them */
 
 #define AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
 
 /* AVX2 (no VNNI): rows [0, R) x output channels [c0, c0 + 16) (one block of 16), all groups. vpmaddubsw multiplies
  * unsigned by signed bytes into pairs of 16-bit sums, added up in 16 bits for `flush` quads of inputs at a time (the
  * caller's bound: flush * 2 * max activation code * max |weight code| < 2^15, so nothing saturates), then vpmaddwd
- * widens them into the 32-bit sums: two instructions per 32 products, where the widening each time took three. */
+ * widens them into the 32-bit sums: two instructions per 32 products, where the widening each time took three.
+ * signed_a (W8A8's int8 activation codes, |code| <= 127, against byte weight codes in [-128, 127]: no flush bound
+ * holds, 2 * 255 * 127 > 2^15, where oneDNN's u8s8 GEMM without VNNI saturates its 16-bit pairs): each product as
+ * |w| (unsigned, <= 128) times the activation with w's sign (vpsignb; zero where w is zero), a pair at most
+ * 2 * 128 * 127 < 2^15, widened at once: four instructions per 32 products, exact. */
 static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, int64_t group,
                         const int8_t *wb, const int32_t *corr, const float *w_scale, int64_t cols_p, const float *h,
                         int64_t rank, const float *up, const float *bias, float *out, int64_t cols, int64_t c0,
-                        int64_t flush, const int rows, const int row_scales) {
-    __m256 sum[AVX2_ROWS][2];
+                        int64_t flush, const int rows, const int row_scales, const int signed_a) {
+    __m256 sum[AVX2_SIGNED_ROWS][2];
     for (int r = 0; r < rows; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t quads = group / 4;
     for (int64_t g = 0; g < groups; ++g) {
         const __m256i start0 = _mm256_loadu_si256((const __m256i *)(corr + g * cols_p + c0));
         const __m256i start1 = _mm256_loadu_si256((const __m256i *)(corr + g * cols_p + c0 + 8));
-        __m256i acc[AVX2_ROWS][2];
+        __m256i acc[AVX2_SIGNED_ROWS][2];
         for (int r = 0; r < rows; ++r) {
             acc[r][0] = start0;
             acc[r][1] = start1;
         }
-        for (int64_t q0 = g * quads; q0 < (g + 1) * quads; q0 += flush) {
+        for (int64_t q = g * quads; signed_a && q < (g + 1) * quads; ++q) { /* byte x byte: see above */
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wb + q * 64));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wb + q * 64 + 32));
+            const __m256i m0 = _mm256_abs_epi8(w0), m1 = _mm256_abs_epi8(w1);
+            for (int r = 0; r < rows; ++r) {
+                int32_t four;
+                memcpy(&four, a + r * k + 4 * q, sizeof four);
+                const __m256i x = _mm256_set1_epi32(four);
+                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(m0, _mm256_sign_epi8(x, w0)), ones));
+                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(m1, _mm256_sign_epi8(x, w1)), ones));
+            }
+        }
+        for (int64_t q0 = g * quads; !signed_a && q0 < (g + 1) * quads; q0 += flush) {
             const int64_t q1 = q0 + flush < (g + 1) * quads ? q0 + flush : (g + 1) * quads;
             __m256i pair[AVX2_ROWS][2];
             for (int r = 0; r < rows; ++r) pair[r][0] = pair[r][1] = _mm256_setzero_si256();
@@ -152,12 +171,14 @@ static AVX2 void decode_block(const int8_t *pair, int64_t quads, int high, const
     }
 }
 
-/* rows [r0, r1) x channel pairs [p0, p1) on AVX2: each block of 16 channels in turn, the rows in tiles of 2; nibble
+/* rows [r0, r1) x channel pairs [p0, p1) on AVX2: each block of 16 channels in turn, the rows in tiles of 2 (signed
+ * activation codes: 4); nibble
  * weights (table not NULL) decoded a block at a time into `scratch` (k * 16 bytes), which the rows then read */
 static AVX2 void rows_avx2(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
-                           int64_t flush, const int row_scales, const int8_t *table, int8_t *scratch, float *out) {
+                           int64_t flush, const int row_scales, const int8_t *table, int8_t *scratch, float *out,
+                           const int signed_a) {
     const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = (k / 4) * 64;
     const int64_t stride = row_scales ? 1 : groups; /* a_scale's entries a row */
     for (int64_t b = 2 * p0; b < 2 * p1 && 16 * b < cols; ++b) {
@@ -166,28 +187,41 @@ static AVX2 void rows_avx2(const uint8_t *a, const float *a_scale, const int8_t 
             decode_block(w + (b / 2) * panel, k / 4, (int)(b % 2), table, scratch);
             wb = scratch;
         }
+        const int step = signed_a ? AVX2_SIGNED_ROWS : AVX2_ROWS;
         int64_t r = r0;
-        for (; r + AVX2_ROWS <= r1; r += AVX2_ROWS)
-            tile16(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, w_scale, cols_p,
-                   h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, AVX2_ROWS, row_scales);
-        if (r < r1)
-            tile16(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, w_scale, cols_p,
-                   h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, 1, row_scales);
+#define AVX2_TILE(n) tile16(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, w_scale, cols_p, \
+                            h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, n, row_scales, signed_a)
+        for (; r + step <= r1; r += step) {
+            if (signed_a)
+                AVX2_TILE(AVX2_SIGNED_ROWS);
+            else
+                AVX2_TILE(AVX2_ROWS);
+        }
+        if (r1 - r == 3)
+            AVX2_TILE(3);
+        else if (r1 - r == 2)
+            AVX2_TILE(2);
+        else if (r1 - r == 1)
+            AVX2_TILE(1);
+#undef AVX2_TILE
     }
 }
 
-/* rows_avx2 compiled for each scale layout */
+/* rows_avx2 compiled for each scale layout, and for signed activation codes (flush 0; one scale a row) */
 static __attribute__((target("avx2,fma"))) void block_avx2(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
     int64_t cols, int64_t k, int64_t group, int64_t flush, int row_scales, const int8_t *table, int8_t *scratch,
     float *out) {
-    if (row_scales)
+    if (!flush)
+        rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, 1, 1, table,
+                  scratch, out, 1);
+    else if (row_scales)
         rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 1, table,
-                  scratch, out);
+                  scratch, out, 0);
     else
         rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 0, table,
-                  scratch, out);
+                  scratch, out, 0);
 }
 #endif
 
@@ -768,7 +802,9 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
 
 /* out [rows, cols] fp32 (see the top of this file; k and group multiples of 4, group dividing k; bias NULL or
  * [cols]), plus h @ up where rank > 0 (SVDQuant's branch: h fp32 [rows, rank], up fp32 [rank, cols_p]); `flush`:
- * the AVX2 path's quads of inputs summed in 16 bits (see tile16; >= 1); `planes`: 1 (byte weights) or 2 (16-bit
+ * the AVX2 path's quads of inputs summed in 16 bits (see tile16; >= 1), or 0 (the AVX2 path, one scale a row): `a`
+ * holds signed activation codes (int8, |code| <= 127, no offset: corr zeros), each product exact (tile16's
+ * signed_a); `planes`: 1 (byte weights) or 2 (16-bit
  * weights, AVX512-VNNI only); `row_scales`: a_scale [rows], one a row, applied after the groups (see the top of
  * this file; byte weights only), else [rows, groups]; `table`: NULL, or the weights are 4-bit indices two a byte
  * (one plane: w [cols_p / 32, k / 4, 64], each byte's low nibble the first block of 16 channels' index and its high
@@ -790,7 +826,7 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
  * calls of few rows then pack too (the in-place dot products read a given corr).
  * Returns 1 where not
  * compressdit_group_gemm_ready, for 2 planes or row-major weights not its AVX512-VNNI path, for corr NULL without
- * row-major weights, or out of memory (the buffers). */
+ * row-major weights, for flush 0 not on its AVX2 path or without row scales, or out of memory (the buffers). */
 int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t rows, int64_t cols, int64_t k, int64_t group, int64_t flush, int64_t planes,
@@ -800,7 +836,7 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
     const int isa = compressdit_group_gemm_ready();
     if (!isa || planes < 1 || planes > 2 || (planes == 2 && (isa != 2 || row_scales)) || (table && planes != 1) ||
         (row_major && (isa != 2 || planes != 1 || row_major > 3 || (row_major == 3) != (table != NULL))) ||
-        (!corr && !row_major))
+        (!corr && !row_major) || flush < 0 || (!flush && (isa != 1 || !row_scales)))
         return 1;
     const int64_t pairs = (cols + 31) / 32;
     /* a thread's buffer: AVX2's decoded block of nibbles (k x 16), or a row-major pair packed (k x 32) and, without
