@@ -688,7 +688,9 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     packed by ``cpu_kernels.pack_weight`` (``packed``, ``corr``, ``w_scale``: see csrc/group_gemm.c), plus ``hidden @
     up`` where given (SVDQuant's branch: fp32 ``[rows, r]`` and ``[r, out]`` padded like ``w_scale``) in the same
     blocks; where :func:`group_gemm_ready`. ``flush``: on the AVX2 path, how many quads of inputs are summed in 16 bits
-    before widening (``flush * 2 * max code * max |weight code| < 2^15``: see ``cpu_kernels.pack_weight``).
+    before widening (``flush * 2 * max code * max |weight code| < 2^15``: see ``cpu_kernels.pack_weight``), or 0
+    (the AVX2 path, ``row_group`` given): ``codes`` are signed int8 activation codes (``|code| <= 127``, no offset:
+    ``corr`` zeros), each product exact whatever the byte weights (W8A8 / W4A8 without VNNI).
     ``planes=2``: 16-bit weights as two byte planes (``cpu_kernels.pack_planes``; the AVX512-VNNI path only).
     ``row_group``: the weight's groups of inputs where ``scales`` holds one scale a row (``[rows, 1]``: int8
     activations per token), applied after the groups as :func:`dequantize_groups` does (``(sum_g acc_g * w_scale[g])
