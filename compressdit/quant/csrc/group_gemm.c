@@ -172,9 +172,31 @@ static AVX2 void decode_block(const int8_t *pair, int64_t quads, int high, const
     }
 }
 
+/* rows [r, r1) of one block of 16 channels (c0) in tiles of n rows (AVX2_ROWS, or AVX2_SIGNED_ROWS for signed
+ * activation codes), the tail in one smaller tile; always inlined, n constant: only tiles of at most n rows are
+ * compiled, and a constant group / flush unrolls their quad loops */
+static AVX2 void tiles16(const uint8_t *a, int64_t k, const float *a_scale, int64_t stride, int64_t groups,
+                         int64_t group, const int8_t *wb, const int32_t *corr, const float *w_scale, int64_t cols_p,
+                         const float *h, int64_t rank, const float *up, const float *bias, float *out, int64_t cols,
+                         int64_t c0, int64_t flush, int64_t r, int64_t r1, const int n, const int row_scales,
+                         const int signed_a) {
+#define TILE16(rows) tile16(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, w_scale, cols_p, h + r * rank, \
+                            rank, up, bias, out + r * cols, cols, c0, flush, rows, row_scales, signed_a)
+    for (; r + n <= r1; r += n) TILE16(n);
+    if (n > 3 && r1 - r == 3)
+        TILE16(3);
+    else if (n > 2 && r1 - r == 2)
+        TILE16(2);
+    else if (r1 - r == 1)
+        TILE16(1);
+#undef TILE16
+}
+
 /* rows [r0, r1) x channel pairs [p0, p1) on AVX2: each block of 16 channels in turn, the rows in tiles of 2 (signed
- * activation codes: 4); nibble
- * weights (table not NULL) decoded a block at a time into `scratch` (k * 16 bytes), which the rows then read */
+ * activation codes: 4); nibble weights (table not NULL) decoded a block at a time into `scratch` (k * 16 bytes),
+ * which the rows then read. Groups of 16 / 32 / 64 summed in 16 bits whole (NVFP4's, MXFP4's, W4A4's) take tiles
+ * compiled for their width: their quad loops unrolled (DiT-XL/2 and zoo shapes 11-21% faster at groups of 16, Zen 3;
+ * the same sums: one flush a group either way). */
 static AVX2 void rows_avx2(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
@@ -188,44 +210,19 @@ static AVX2 void rows_avx2(const uint8_t *a, const float *a_scale, const int8_t 
             decode_block(w + (b / 2) * panel, k / 4, (int)(b % 2), table, scratch);
             wb = scratch;
         }
-        const int step = signed_a ? AVX2_SIGNED_ROWS : AVX2_ROWS;
-        int64_t r = r0;
-#define AVX2_TILE(n) tile16(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, w_scale, cols_p, \
-                            h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, flush, n, row_scales, signed_a)
-        if (!signed_a && (group == 16 || group == 32 || group == 64) && flush >= group / 4) {
-            /* NVFP4's, MXFP4's, W4A4's groups, summed in 16 bits whole: their quad loops unrolled (DiT-XL/2 and zoo
-             * shapes 11-21% faster at groups of 16, Zen 3) */
-#define AVX2_TILE_G(width, n) tile16(a + r * k, k, a_scale + r * stride, groups, width, wb, corr, w_scale, cols_p, \
-                                     h + r * rank, rank, up, bias, out + r * cols, cols, 16 * b, width / 4, n, \
-                                     row_scales, 0)
-#define AVX2_ROWS_G(width)                                                                                     \
-            do {                                                                                               \
-                for (; r + AVX2_ROWS <= r1; r += AVX2_ROWS) AVX2_TILE_G(width, AVX2_ROWS);                     \
-                if (r < r1) AVX2_TILE_G(width, 1);                                                             \
-            } while (0)
-            if (group == 16)
-                AVX2_ROWS_G(16);
-            else if (group == 32)
-                AVX2_ROWS_G(32);
-            else
-                AVX2_ROWS_G(64);
-#undef AVX2_ROWS_G
-#undef AVX2_TILE_G
-            continue;
-        }
-        for (; r + step <= r1; r += step) {
-            if (signed_a)
-                AVX2_TILE(AVX2_SIGNED_ROWS);
-            else
-                AVX2_TILE(AVX2_ROWS);
-        }
-        if (signed_a && r1 - r == 3)
-            AVX2_TILE(3);
-        else if (signed_a && r1 - r == 2)
-            AVX2_TILE(2);
-        else if (r1 - r == 1)
-            AVX2_TILE(1);
-#undef AVX2_TILE
+#define TILES16(width, fl, n, sgn) tiles16(a, k, a_scale, stride, groups, width, wb, corr, w_scale, cols_p, h, rank, \
+                                           up, bias, out, cols, 16 * b, fl, r0, r1, n, row_scales, sgn)
+        if (signed_a)
+            TILES16(group, 1, AVX2_SIGNED_ROWS, 1);
+        else if (group == 16 && flush >= 4)
+            TILES16(16, 4, AVX2_ROWS, 0);
+        else if (group == 32 && flush >= 8)
+            TILES16(32, 8, AVX2_ROWS, 0);
+        else if (group == 64 && flush >= 16)
+            TILES16(64, 16, AVX2_ROWS, 0);
+        else
+            TILES16(group, flush, AVX2_ROWS, 0);
+#undef TILES16
     }
 }
 
