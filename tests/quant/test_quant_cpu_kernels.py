@@ -120,7 +120,7 @@ def test_multipliers_make_the_tables_integers_or_refuse():
 def _gemm_cases(test):
     """The integer GEMM's cases: rows 1 .. 37 (every tail of AVX-512's 6-row tiles), GEMM groups 4 .. 64, 1 and 2
     threads; the test takes ``rows, group, threads``."""
-    for mark in (pytest.mark.parametrize("rows", [1, 5, 6, 37]), pytest.mark.parametrize("group", [4, 16, 64]),
+    for mark in (pytest.mark.parametrize("rows", [1, 5, 6, 37]), pytest.mark.parametrize("group", [4, 16, 32, 64]),
                  pytest.mark.parametrize("threads", [1, 2])):
         test = mark(test)
     return test
@@ -133,12 +133,15 @@ def _activation_codes(gen: torch.Generator, rows: int, in_features: int, group: 
 
 
 @_gemm_cases
-def test_the_integer_gemm_is_the_sum_of_its_groups(rows, group, threads):
+@pytest.mark.parametrize("row_scales", [False, True])
+def test_the_integer_gemm_is_the_sum_of_its_groups(rows, group, threads, row_scales):
+    """Scales per group of a row, or one a row (``row_group``: applied after the weight's groups), on offset
+    activation codes: every tile (AVX2's groups of 16 / 32 / 64 summed whole in 16 bits, the others flushed)."""
     gen = torch.Generator().manual_seed(rows + group)
     out_features, in_features, offset = 40, 128, 8
     weight = torch.randint(-8, 8, (out_features, in_features), generator=gen, dtype=torch.int8)
     w_scale = torch.rand(out_features, in_features // group, generator=gen) + 0.01
-    codes, a_scale = _activation_codes(gen, rows, in_features, group)
+    codes, a_scale = _activation_codes(gen, rows, in_features, in_features if row_scales else group)
     bias = torch.randn(out_features, generator=gen)
     b = pack_weight(weight, w_scale, group, offset)
     if _gemm_path() is None:
@@ -149,12 +152,14 @@ def test_the_integer_gemm_is_the_sum_of_its_groups(rows, group, threads):
     torch.set_num_threads(threads)
     try:
         out = group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features,
-                         flush=32767 // (2 * 15 * 8))
+                         flush=32767 // (2 * 15 * 8), **({"row_group": group} if row_scales else {}))
     finally:
         torch.set_num_threads(previous)
     products = torch.einsum("rgk,ogk->rog", (codes.double() - offset).view(rows, -1, group),
                             weight.double().view(out_features, -1, group))
-    truth = (products * a_scale.double()[:, None] * w_scale.double()[None]).sum(-1) + bias.double()
+    truth = (products * a_scale.double()[:, None] * w_scale.double()[None]).sum(-1) if not row_scales else \
+        (products * w_scale.double()[None]).sum(-1) * a_scale.double()
+    truth = truth + bias.double()
     torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-4)  # fp32 sums of the groups' products
 
 

@@ -61,8 +61,53 @@
 #define TILE_ROWS 6 /* AVX-512's tile; AVX2's (2 rows) divides it: row blocks of whole tiles for both */
 #define AVX2_ROWS 2
 #define AVX2_SIGNED_ROWS 4 /* signed activation codes: more rows a tile, each weight block's abs shared by them */
+#define AVX2_WHOLE_ROWS 4 /* tile16_whole's */
+#define AVX2_MAX_ROWS 4
 
 #define AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
+
+/* the end of a tile: the rows' fp32 sums (sum) times their scale (row_scales), plus the low-rank branch and the bias,
+ * stored */
+static AVX2 void finish16(__m256 sum[AVX2_MAX_ROWS][2], const float *a_scale, const float *h, int64_t rank,
+                          const float *up, int64_t cols_p, const float *bias, float *out, int64_t cols, int64_t c0,
+                          const int rows, const int row_scales) {
+    for (int r = 0; r < rows && row_scales; ++r) {
+        const __m256 sa = _mm256_set1_ps(a_scale[r]);
+        sum[r][0] = _mm256_mul_ps(sum[r][0], sa);
+        sum[r][1] = _mm256_mul_ps(sum[r][1], sa);
+    }
+    for (int64_t j = 0; j < rank; ++j) { /* the low-rank branch: h [rows, rank] times up [rank, cols_p] */
+        const __m256 u0 = _mm256_loadu_ps(up + j * cols_p + c0), u1 = _mm256_loadu_ps(up + j * cols_p + c0 + 8);
+        for (int r = 0; r < rows; ++r) {
+            const __m256 hv = _mm256_set1_ps(h[r * rank + j]);
+            sum[r][0] = _mm256_fmadd_ps(hv, u0, sum[r][0]);
+            sum[r][1] = _mm256_fmadd_ps(hv, u1, sum[r][1]);
+            /* in registers: with 4 rows GCC kept some of the sums on the stack, each rank's FMA then waiting on the
+             * last one's store (a tenth of a 128 -> 512 GEMM's time) */
+            __asm__("" : "+x"(sum[r][0]), "+x"(sum[r][1]));
+        }
+    }
+    /* a whole block stored directly; the last, partial one through a buffer (a memcpy of variable length is a
+     * `rep movs`, ~30 cycles each: as much as a tile's products at K = 128 when it was done for every block) */
+    const int64_t left = cols - c0 < 16 ? cols - c0 : 16;
+    float b[16] = {0};
+    if (bias && left < 16) memcpy(b, bias + c0, sizeof(float) * (size_t)left);
+    const __m256 bias0 = !bias ? _mm256_setzero_ps() : left < 16 ? _mm256_loadu_ps(b) : _mm256_loadu_ps(bias + c0);
+    const __m256 bias1 = !bias ? _mm256_setzero_ps() : left < 16 ? _mm256_loadu_ps(b + 8)
+                                                                  : _mm256_loadu_ps(bias + c0 + 8);
+    for (int r = 0; r < rows; ++r) {
+        const __m256 o0 = _mm256_add_ps(sum[r][0], bias0), o1 = _mm256_add_ps(sum[r][1], bias1);
+        if (left == 16) {
+            _mm256_storeu_ps(out + r * cols + c0, o0);
+            _mm256_storeu_ps(out + r * cols + c0 + 8, o1);
+        } else {
+            float o[16];
+            _mm256_storeu_ps(o, o0);
+            _mm256_storeu_ps(o + 8, o1);
+            memcpy(out + r * cols + c0, o, sizeof(float) * (size_t)left);
+        }
+    }
+}
 
 /* AVX2 (no VNNI): rows [0, R) x output channels [c0, c0 + 16) (one block of 16), all groups. vpmaddubsw multiplies
  * unsigned by signed bytes into pairs of 16-bit sums, added up in 16 bits for `flush` quads of inputs at a time (the
@@ -76,7 +121,7 @@ static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64
                         const int8_t *wb, const int32_t *corr, const float *w_scale, int64_t cols_p, const float *h,
                         int64_t rank, const float *up, const float *bias, float *out, int64_t cols, int64_t c0,
                         int64_t flush, const int rows, const int row_scales, const int signed_a) {
-    __m256 sum[AVX2_SIGNED_ROWS][2];
+    __m256 sum[AVX2_MAX_ROWS][2];
     for (int r = 0; r < rows; ++r) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t quads = group / 4;
@@ -135,39 +180,68 @@ static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64
             }
         }
     }
-    for (int r = 0; r < rows && row_scales; ++r) {
-        const __m256 sa = _mm256_set1_ps(a_scale[r]);
-        sum[r][0] = _mm256_mul_ps(sum[r][0], sa);
-        sum[r][1] = _mm256_mul_ps(sum[r][1], sa);
-    }
-    for (int64_t j = 0; j < rank; ++j) { /* the low-rank branch: h [rows, rank] times up [rank, cols_p] */
-        const __m256 u0 = _mm256_loadu_ps(up + j * cols_p + c0), u1 = _mm256_loadu_ps(up + j * cols_p + c0 + 8);
+    finish16(sum, a_scale, h, rank, up, cols_p, bias, out, cols, c0, rows, row_scales);
+}
+
+/* tile16 for unsigned activation codes whose groups are summed whole in 16 bits (flush >= group / 4: NVFP4's, MXFP4's,
+ * W4A4's groups of 16 / 32 / 64; `group` a constant): tiles of more rows, each block of weights loaded once for them.
+ * In the quad loop only the rows' 16-bit pair sums, the block and the broadcast activations live in registers (2 *
+ * rows + 3); each group's widened sums are added to the rows' fp32 sums in memory (the sums of tile16's tiles of 4
+ * rows in registers left GCC spilling the pair sums instead). The same operations on the same values as tile16: its
+ * outputs bit for bit. */
+static AVX2 void tile16_whole(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, const int64_t group,
+                              const int8_t *wb, const int32_t *corr, const float *w_scale, int64_t cols_p,
+                              const float *h, int64_t rank, const float *up, const float *bias, float *out,
+                              int64_t cols, int64_t c0, const int rows, const int row_scales) {
+    float sums[AVX2_WHOLE_ROWS][16] __attribute__((aligned(32))) = {{0}};
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t quads = group / 4;
+    for (int64_t g = 0; g < groups; ++g) {
+        __m256i pair[AVX2_WHOLE_ROWS][2];
+        for (int r = 0; r < rows; ++r) pair[r][0] = pair[r][1] = _mm256_setzero_si256();
+        const int8_t *wg = wb + g * quads * 64;
+        const uint8_t *row[AVX2_WHOLE_ROWS]; /* a pointer a row, the quads at constant offsets from it (with offsets
+                                                 * r * k + 4 * q, GCC kept one a row and quad on the stack) */
+        for (int r = 0; r < rows; ++r) row[r] = a + r * k + g * group;
+#pragma GCC unroll 16
+        for (int64_t q = 0; q < quads; ++q) {
+            const __m256i b0 = _mm256_loadu_si256((const __m256i *)(wg + q * 64));
+            const __m256i b1 = _mm256_loadu_si256((const __m256i *)(wg + q * 64 + 32));
+            for (int r = 0; r < rows; ++r) {
+                int32_t four;
+                memcpy(&four, row[r] + 4 * q, sizeof four);
+                const __m256i x = _mm256_set1_epi32(four);
+                pair[r][0] = _mm256_add_epi16(pair[r][0], _mm256_maddubs_epi16(x, b0));
+                pair[r][1] = _mm256_add_epi16(pair[r][1], _mm256_maddubs_epi16(x, b1));
+                /* the sums in order: unrolled, GCC re-associated them into trees of all the quads' products,
+                 * held on the stack */
+                __asm__("" : "+x"(pair[r][0]), "+x"(pair[r][1]));
+            }
+        }
+        const __m256i start0 = _mm256_loadu_si256((const __m256i *)(corr + g * cols_p + c0));
+        const __m256i start1 = _mm256_loadu_si256((const __m256i *)(corr + g * cols_p + c0 + 8));
+        const __m256 s0 = _mm256_loadu_ps(w_scale + g * cols_p + c0);
+        const __m256 s1 = _mm256_loadu_ps(w_scale + g * cols_p + c0 + 8);
         for (int r = 0; r < rows; ++r) {
-            const __m256 hv = _mm256_set1_ps(h[r * rank + j]);
-            sum[r][0] = _mm256_fmadd_ps(hv, u0, sum[r][0]);
-            sum[r][1] = _mm256_fmadd_ps(hv, u1, sum[r][1]);
+            const __m256 f0 = _mm256_cvtepi32_ps(_mm256_add_epi32(start0, _mm256_madd_epi16(pair[r][0], ones)));
+            const __m256 f1 = _mm256_cvtepi32_ps(_mm256_add_epi32(start1, _mm256_madd_epi16(pair[r][1], ones)));
+            const __m256 t0 = _mm256_load_ps(sums[r]), t1 = _mm256_load_ps(sums[r] + 8);
+            if (row_scales) {
+                _mm256_store_ps(sums[r], _mm256_add_ps(t0, _mm256_mul_ps(f0, s0)));
+                _mm256_store_ps(sums[r] + 8, _mm256_add_ps(t1, _mm256_mul_ps(f1, s1)));
+            } else {
+                const __m256 sa = _mm256_set1_ps(a_scale[r * groups + g]);
+                _mm256_store_ps(sums[r], _mm256_fmadd_ps(f0, _mm256_mul_ps(s0, sa), t0));
+                _mm256_store_ps(sums[r] + 8, _mm256_fmadd_ps(f1, _mm256_mul_ps(s1, sa), t1));
+            }
         }
     }
-    /* a whole block stored directly; the last, partial one through a buffer (a memcpy of variable length is a
-     * `rep movs`, ~30 cycles each: as much as a tile's products at K = 128 when it was done for every block) */
-    const int64_t left = cols - c0 < 16 ? cols - c0 : 16;
-    float b[16] = {0};
-    if (bias && left < 16) memcpy(b, bias + c0, sizeof(float) * (size_t)left);
-    const __m256 bias0 = !bias ? _mm256_setzero_ps() : left < 16 ? _mm256_loadu_ps(b) : _mm256_loadu_ps(bias + c0);
-    const __m256 bias1 = !bias ? _mm256_setzero_ps() : left < 16 ? _mm256_loadu_ps(b + 8)
-                                                                  : _mm256_loadu_ps(bias + c0 + 8);
+    __m256 sum[AVX2_MAX_ROWS][2];
     for (int r = 0; r < rows; ++r) {
-        const __m256 o0 = _mm256_add_ps(sum[r][0], bias0), o1 = _mm256_add_ps(sum[r][1], bias1);
-        if (left == 16) {
-            _mm256_storeu_ps(out + r * cols + c0, o0);
-            _mm256_storeu_ps(out + r * cols + c0 + 8, o1);
-        } else {
-            float o[16];
-            _mm256_storeu_ps(o, o0);
-            _mm256_storeu_ps(o + 8, o1);
-            memcpy(out + r * cols + c0, o, sizeof(float) * (size_t)left);
-        }
+        sum[r][0] = _mm256_load_ps(sums[r]);
+        sum[r][1] = _mm256_load_ps(sums[r] + 8);
     }
+    finish16(sum, a_scale, h, rank, up, cols_p, bias, out, cols, c0, rows, row_scales);
 }
 
 /* block b's byte codes (k / 4 quads of 64 bytes) from a pair's nibbles (the low ones for the pair's first block, the
@@ -189,9 +263,16 @@ static AVX2 void tiles16(const uint8_t *a, int64_t k, const float *a_scale, int6
                          int64_t group, const int8_t *wb, const int32_t *corr, const float *w_scale, int64_t cols_p,
                          const float *h, int64_t rank, const float *up, const float *bias, float *out, int64_t cols,
                          int64_t c0, int64_t flush, int64_t r, int64_t r1, const int n, const int row_scales,
-                         const int signed_a) {
-#define TILE16(rows) tile16(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, w_scale, cols_p, h + r * rank, \
-                            rank, up, bias, out + r * cols, cols, c0, flush, rows, row_scales, signed_a)
+                         const int signed_a, const int whole) {
+#define TILE16(rows)                                                                                                  \
+    do {                                                                                                              \
+        if (whole)                                                                                                    \
+            tile16_whole(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, w_scale, cols_p, h + r * rank, \
+                         rank, up, bias, out + r * cols, cols, c0, rows, row_scales);                                 \
+        else                                                                                                          \
+            tile16(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, w_scale, cols_p, h + r * rank, rank, \
+                   up, bias, out + r * cols, cols, c0, flush, rows, row_scales, signed_a);                            \
+    } while (0)
     for (; r + n <= r1; r += n) TILE16(n);
     if (n > 3 && r1 - r == 3)
         TILE16(3);
@@ -220,18 +301,18 @@ static AVX2 void rows_avx2(const uint8_t *a, const float *a_scale, const int8_t 
             decode_block(w + (b / 2) * panel, k / 4, (int)(b % 2), table, scratch);
             wb = scratch;
         }
-#define TILES16(width, fl, n, sgn) tiles16(a, k, a_scale, stride, groups, width, wb, corr, w_scale, cols_p, h, rank, \
-                                           up, bias, out, cols, 16 * b, fl, r0, r1, n, row_scales, sgn)
+#define TILES16(width, fl, n, sgn, whole) tiles16(a, k, a_scale, stride, groups, width, wb, corr, w_scale, cols_p, h, \
+                                                  rank, up, bias, out, cols, 16 * b, fl, r0, r1, n, row_scales, sgn, whole)
         if (signed_a)
-            TILES16(group, 1, AVX2_SIGNED_ROWS, 1);
+            TILES16(group, 1, AVX2_SIGNED_ROWS, 1, 0);
         else if (group == 16 && flush >= 4)
-            TILES16(16, 4, AVX2_ROWS, 0);
+            TILES16(16, 4, AVX2_WHOLE_ROWS, 0, 1);
         else if (group == 32 && flush >= 8)
-            TILES16(32, 8, AVX2_ROWS, 0);
+            TILES16(32, 8, AVX2_WHOLE_ROWS, 0, 1);
         else if (group == 64 && flush >= 16)
-            TILES16(64, 16, AVX2_ROWS, 0);
+            TILES16(64, 16, AVX2_WHOLE_ROWS, 0, 1);
         else
-            TILES16(group, flush, AVX2_ROWS, 0);
+            TILES16(group, flush, AVX2_ROWS, 0, 0);
 #undef TILES16
     }
 }
