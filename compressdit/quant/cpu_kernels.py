@@ -22,7 +22,9 @@
   ``vpdpbusd``; the same numbers), faster than all of those and than fbgemm's dynamic int8 linear on DiT-XL/2's
   shapes (``bench/results/layer_w8a8_cpu.md``). On AVX2 CPUs without VNNI (:func:`int8_group_gemm_isa`) every layer
   and row count runs group_gemm's AVX2 tiles on signed activation codes (each product ``|w|`` times the code with
-  ``w``'s sign: exact 16-bit pairs; the codes packed once): there oneDNN's u8s8 GEMM saturates its 16-bit pair sums
+  ``w``'s sign: exact 16-bit pairs; 8-bit codes read as the layer stores them, each block of 16 channels packed per
+  call and up to 4 rows a thread multiplied in place, no second copy: at 256 rows within 1-4% of a packed copy's time,
+  1.05-1.4x it at 1-16 rows, still 3-9x faster than fp32 there): there oneDNN's u8s8 GEMM saturates its 16-bit pair sums
   and ``torch._int_mm`` takes 24-40x the fp32 GEMM's time. W4A8 (and other narrower) per-channel symmetric weights of up to
   ``INT8_GEMM_SMALL_WEIGHT`` elements (any size on that path) run the same GEMM, elsewhere on their codes unpacked
   to int8 (1 byte per weight at run time), on that path on their 4-bit codes packed two a byte and looked up in a
@@ -358,8 +360,10 @@ def _int8_gemm_prepack(layer) -> dict:
     scale = layer.weight_scale.reshape(-1, 1).float()
     if not on_gemm:
         gemm = None
-    elif isa == "avx2":  # signed activation codes (no offset); the codes packed once, 4 bits and less as nibbles
-        gemm = pack_weight(codes, scale, layer.in_features, 0.0, nibbles=bits <= 4)
+    elif isa == "avx2":  # signed activation codes (no offset); 8-bit codes read as stored (each block of 16 channels
+        # packed per call, up to 4 rows a thread multiplied in place: no second copy), 4 bits and less packed once as
+        # nibbles (half a byte a weight)
+        gemm = pack_weight(codes, scale, layer.in_features, 0.0, nibbles=bits <= 4, stored=codes if bits == 8 else None)
     elif bits == 4:  # offset nibbles as stored (row_major 2, no table: the in-place dot path of few rows takes it)
         gemm = {**stored_nibble_weight(layer.offset_nibbles(), OFFSET_NIBBLE_CODES, scale, layer.in_features, 128.0),
                 "table": None}
@@ -1090,7 +1094,7 @@ KERNELS.add("cpu-int8-gemm", Kernel(
     description=f"int8 x int8 -> int32 GEMM on the spec's dynamic symmetric activation codes (W8A8; W4A8 per "
                 f"channel up to {INT8_GEMM_SMALL_WEIGHT} weights, any size on group_gemm, as int8): without AMX "
                 "group_gemm (AVX512-VNNI: vpdpbusd tiles on the stored codes; AVX2: signed codes, exact vpmaddubsw "
-                "products, codes packed once); on AMX-INT8 oneDNN's microkernel on codes packed once; else "
+                "products, 8-bit codes as stored, 4-bit ones packed once); on AMX-INT8 oneDNN's microkernel on codes packed once; else "
                 f"torch._int_mm up to {INT8_GEMM_SMALL_WEIGHT} weights or at one row, else oneDNN's prepacked u8s8 "
                 "GEMM where its sums are exact (VNNI), torch._int_mm where not"))
 KERNELS.add("cpu-int8-group-gemm", Kernel(

@@ -486,22 +486,26 @@ def test_the_avx2_path_is_the_reference_too(tmp_path):
 
 
 @pytest.mark.parametrize("shape", [(72, 128), (7, 68), (33, 1156)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("nibbles", [False, True])
+@pytest.mark.parametrize("layout", ["packed", "nibbles", "stored"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_signed_activation_codes_are_exact_at_the_extremes(shape, nibbles, threads, gemm_threads):
+def test_signed_activation_codes_are_exact_at_the_extremes(shape, layout, threads, gemm_threads):
     """W8A8 / W4A8 on AVX2 (``flush=0``): int8 activation codes (|code| <= 127) against byte codes down to -128, each
     product |w| x (the code with w's sign), so no 16-bit pair saturates where an unsigned code times 127 twice would
     (oneDNN's u8s8 GEMM without VNNI): the exact int32 sums, then times the channel's and the row's scale, plus the
-    bias, as torch computes them in fp32, bit for bit; at every row count around the 4-row tiles and 6-row blocks.
-    Elsewhere (AVX512-VNNI, whose codes carry an offset) refused, never garbage."""
+    bias, as torch computes them in fp32, bit for bit; at every row count around the 4-row tiles, the in-place dot
+    products of up to 4 rows a thread and 6-row blocks; the weight packed, as nibbles, or as stored (byte codes
+    row-major, each block of 16 channels packed per call: ``pack_weight(..., stored=...)``). Elsewhere (AVX512-VNNI,
+    whose codes carry an offset) refused, never garbage."""
     out_features, in_features = shape
+    nibbles = layout == "nibbles"
     gen = torch.Generator().manual_seed(out_features + in_features)
     low, high = (-8, 8) if nibbles else (-128, 128)
     weight = torch.randint(low, high, (out_features, in_features), generator=gen, dtype=torch.int8)
     weight[0], weight[-1, ::2] = low, high - 1  # a channel of the most negative code, one of alternating extremes
     w_scale = torch.rand(out_features, 1, generator=gen) + 0.01
     bias = torch.randn(out_features, generator=gen)
-    b = pack_weight(weight, w_scale, in_features, 0.0, nibbles=nibbles)
+    b = pack_weight(weight, w_scale, in_features, 0.0, nibbles=nibbles, stored=weight if layout == "stored" else None)
+    assert (b["packed"].data_ptr() == weight.data_ptr()) == (layout == "stored")  # no copy
     assert not b["corr"].any()  # no offset to take back
     one = torch.ones(1, in_features, dtype=torch.int8)
     if _gemm_path() != "avx2":
@@ -514,10 +518,11 @@ def test_signed_activation_codes_are_exact_at_the_extremes(shape, nibbles, threa
         codes = torch.randint(-127, 128, (rows, in_features), generator=gen, dtype=torch.int8)
         codes[-1] = -127 if rows % 2 else 127  # every pair at its bound against the extreme channels
         a_scale = torch.rand(rows, 1, generator=gen) + 0.01
-        out = group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], bias, out_features, flush=0,
+        with_bias = bias if rows % 3 else None
+        out = group_gemm(codes, a_scale, b["packed"], b["corr"], b["w_scale"], with_bias, out_features, flush=0,
                          row_group=in_features, table=b["table"])
         sums = (codes.long() @ weight.long().t()).float()  # exact: |sum| < 2^24 here
-        expected = sums * w_scale.t() * a_scale + bias
+        expected = sums * w_scale.t() * a_scale + (0.0 if with_bias is None else with_bias)
         assert torch.equal(out, expected), rows
 
 

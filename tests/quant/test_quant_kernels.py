@@ -136,20 +136,19 @@ def test_small_and_big_layers_pick_their_kernels_by_weight_count():
     assert cache_of(small).buffers["codes"].data_ptr() == small.weight.data_ptr()
     microkernel = cache_of(small).buffers["microkernel"]  # AMX-INT8: the codes packed for oneDNN's microkernel
     assert (microkernel is not None) == int8_brgemm()
-    vnni, isa = vnni_int8_gemm(), int8_group_gemm_isa()  # elsewhere group_gemm: on VNNI the layer's own codes,
-    for layer in (small, big):  # on AVX2 a packed copy (signed activation codes)
+    isa = int8_group_gemm_isa()  # elsewhere group_gemm (AVX512-VNNI, or AVX2's signed activation codes), on the
+    for layer in (small, big):  # layer's own codes
         gemm = cache_of(layer).buffers["gemm_packed"]
         assert (gemm is not None) == (isa is not None)
-        assert gemm is None or (gemm.data_ptr() == layer.weight.data_ptr()) == vnni
+        assert gemm is None or gemm.data_ptr() == layer.weight.data_ptr()
     copies = 1 if microkernel is None else 1 + microkernel.numel() / small.weight.numel()
-    copies += isa == "avx2"
     assert cache_of(small).nbytes() < small.weight.numel() * copies + 4096  # the codes are not counted twice
-    # a packed copy (1 byte per weight) only for AMX's microkernel, AVX2's group_gemm, or else oneDNN's GEMM where its
-    # sums are exact (VNNI); none on VNNI's group_gemm (scales and corrections: 8 bytes a channel)
+    # a packed copy (1 byte per weight) only for AMX's microkernel, or else oneDNN's GEMM where its sums are exact
+    # (VNNI); none on group_gemm (scales and corrections: 8 bytes a channel)
     assert (cache_of(big).buffers["microkernel"] is not None) == int8_brgemm()
     assert (cache_of(big).buffers["packed"] is not None) == (isa is None and not int8_brgemm()
                                                               and cpu_kernels.onednn_u8s8_exact())
-    if vnni:
+    if isa is not None:
         assert cache_of(big).nbytes() < 16 * big.out_features + 4096
 
 

@@ -63,6 +63,7 @@
 #define AVX2_SIGNED_ROWS 4 /* signed activation codes: more rows a tile, each weight block's abs shared by them */
 #define AVX2_WHOLE_ROWS 4 /* tile16_whole's */
 #define AVX2_MAX_ROWS 4
+#define AVX2_DOT_ROWS 4 /* row-major byte codes: at most this many rows a thread multiplied in place, more packed */
 
 #define AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
 
@@ -256,6 +257,106 @@ static AVX2 void decode_block(const int8_t *pair, int64_t quads, int high, const
     }
 }
 
+/* block c0 .. c0 + 15 of row-major byte codes w [cols, k] (zeros past the last channel) in the layout tile16 reads
+ * (quad q: channels c0 .. c0 + 7's four bytes, then c0 + 8 .. c0 + 15's) into `codes`: 8 channels x 8 quads at a time
+ * as an 8 x 8 transpose of dwords, the last k % 32 inputs a dword at a time */
+static AVX2 void pack_block_avx2(const int8_t *w, int64_t cols, int64_t k, int64_t c0, int8_t *codes) {
+    const int64_t quads = k / 4;
+    for (int half = 0; half < 2; ++half) {
+        const int64_t first = c0 + 8 * half;
+        const int64_t n = cols - first < 8 ? (cols - first > 0 ? cols - first : 0) : 8;
+        int8_t *dst = codes + 32 * half;
+        int64_t q = 0;
+        for (; n == 8 && q + 8 <= quads; q += 8) {
+            __m256i r[8], t[8];
+            for (int c = 0; c < 8; ++c) r[c] = _mm256_loadu_si256((const __m256i *)(w + (first + c) * k + 4 * q));
+            for (int c = 0; c < 8; c += 2) { /* dwords of channels c, c + 1 interleaved */
+                t[c] = _mm256_unpacklo_epi32(r[c], r[c + 1]);
+                t[c + 1] = _mm256_unpackhi_epi32(r[c], r[c + 1]);
+            }
+            for (int c = 0; c < 8; c += 4) { /* then pairs of channels: each lane 4 channels' dword */
+                r[c] = _mm256_unpacklo_epi64(t[c], t[c + 2]);
+                r[c + 1] = _mm256_unpackhi_epi64(t[c], t[c + 2]);
+                r[c + 2] = _mm256_unpacklo_epi64(t[c + 1], t[c + 3]);
+                r[c + 3] = _mm256_unpackhi_epi64(t[c + 1], t[c + 3]);
+            }
+            /* r[e] (e < 4), lane L: channels 0-3's dword 4 L + e; r[4 + e] channels 4-7's */
+            for (int e = 0; e < 4; ++e) {
+                _mm256_storeu_si256((__m256i *)(dst + (q + e) * 64), _mm256_permute2x128_si256(r[e], r[4 + e], 0x20));
+                _mm256_storeu_si256((__m256i *)(dst + (q + 4 + e) * 64),
+                                    _mm256_permute2x128_si256(r[e], r[4 + e], 0x31));
+            }
+        }
+        for (; q < quads; ++q)
+            for (int c = 0; c < 8; ++c) {
+                int32_t four = 0;
+                if (c < n) memcpy(&four, w + (first + c) * k + 4 * q, sizeof four);
+                memcpy(dst + q * 64 + 4 * c, &four, sizeof four);
+            }
+    }
+}
+
+/* signed activation codes (int8, one scale a row, one group) times row-major byte codes w [cols, k], multiplied in
+ * place: `rows` rows (a constant, at most 4) from r x channels [c0, c1), two channels at a time (each 32 inputs of
+ * a channel loaded once for the rows), 32 inputs a step (tile16's signed products: |w| times the code with w's
+ * sign), the last k % 32 inputs one at a time; each output (sum * w_scale[c]) * a_scale[r] + bias[c] in fp32: the
+ * tiles' operations, their numbers. */
+static AVX2 void dot_tile_avx2(const int8_t *x, const float *a_scale, const int8_t *w, const float *w_scale,
+                               const float *bias, int64_t c0, int64_t c1, int64_t cols, int64_t k, float *out,
+                               const int rows) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t steps = k / 32;
+    for (int64_t c = c0; c < c1; c += 2) {
+        const int n = c + 1 < c1 ? 2 : 1;
+        const int8_t *w0 = w + c * k, *w1 = w + (c + n - 1) * k;
+        __m256i acc[4][2];
+        for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        for (int64_t s = 0; s < steps; ++s) {
+            const __m256i wv0 = _mm256_loadu_si256((const __m256i *)(w0 + 32 * s));
+            const __m256i wv1 = _mm256_loadu_si256((const __m256i *)(w1 + 32 * s));
+            const __m256i m0 = _mm256_abs_epi8(wv0), m1 = _mm256_abs_epi8(wv1);
+            for (int r = 0; r < rows; ++r) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(x + r * k + 32 * s));
+                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(m0, _mm256_sign_epi8(v, wv0)), ones));
+                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(m1, _mm256_sign_epi8(v, wv1)), ones));
+            }
+        }
+        for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < n; ++j) {
+                int32_t lanes[8];
+                _mm256_storeu_si256((__m256i *)lanes, acc[r][j]);
+                int32_t sum = 0;
+                for (int l = 0; l < 8; ++l) sum += lanes[l];
+                const int8_t *wc = j ? w1 : w0;
+                for (int64_t e = 32 * steps; e < k; ++e) sum += (int32_t)x[r * k + e] * (int32_t)wc[e];
+                const float t = (0.0f + (float)sum * w_scale[c + j]) * a_scale[r];
+                out[r * cols + c + j] = t + (bias ? bias[c + j] : 0.0f);
+            }
+    }
+}
+
+/* rows [r0, r1) x channels [c0, c1) of dot_tile_avx2, in tiles of up to 4 rows: for few rows, where packing each
+ * block would cost more than the products (the weight read once either way) */
+static AVX2 void dot_rows_avx2(const uint8_t *a, const float *a_scale, const int8_t *w, const float *w_scale,
+                               const float *bias, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t cols,
+                               int64_t k, float *out) {
+    for (int64_t r = r0; r < r1; r += 4) {
+#define DOT_TILE(n) dot_tile_avx2((const int8_t *)a + r * k, a_scale + r, w, w_scale, bias, c0, c1, cols, k, \
+                                  out + r * cols, n)
+        if (r1 - r >= 4)
+            DOT_TILE(4);
+        else if (r1 - r == 3)
+            DOT_TILE(3);
+        else if (r1 - r == 2)
+            DOT_TILE(2);
+        else
+            DOT_TILE(1);
+#undef DOT_TILE
+    }
+}
+
 /* rows [r, r1) of one block of 16 channels (c0) in tiles of n rows (AVX2_ROWS, or AVX2_SIGNED_ROWS for signed
  * activation codes), the tail in one smaller tile; always inlined, n constant: only tiles of at most n rows are
  * compiled, and a constant group / flush unrolls their quad loops */
@@ -292,12 +393,15 @@ static AVX2 void rows_avx2(const uint8_t *a, const float *a_scale, const int8_t 
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
                            int64_t flush, const int row_scales, const int8_t *table, int8_t *scratch, float *out,
-                           const int signed_a) {
+                           const int signed_a, const int row_major) {
     const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = (k / 4) * 64;
     const int64_t stride = row_scales ? 1 : groups; /* a_scale's entries a row */
     for (int64_t b = 2 * p0; b < 2 * p1 && 16 * b < cols; ++b) {
         const int8_t *wb = w + b * panel;
-        if (table) {
+        if (row_major) { /* the block of the weight as stored, packed here */
+            pack_block_avx2(w, cols, k, 16 * b, scratch);
+            wb = scratch;
+        } else if (table) {
             decode_block(w + (b / 2) * panel, k / 4, (int)(b % 2), table, scratch);
             wb = scratch;
         }
@@ -322,16 +426,21 @@ static __attribute__((target("avx2,fma"))) void block_avx2(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
     int64_t cols, int64_t k, int64_t group, int64_t flush, int row_scales, const int8_t *table, int8_t *scratch,
-    float *out) {
-    if (!flush)
+    float *out, int row_major) {
+    if (row_major && r1 - r0 <= AVX2_DOT_ROWS) /* (the entry's check: signed codes, one scale a row, one group) */
+        dot_rows_avx2(a, a_scale, w, w_scale, bias, r0, r1, 32 * p0, 32 * p1 < cols ? 32 * p1 : cols, cols, k, out);
+    else if (row_major)
+        rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, 1, 1, NULL,
+                  scratch, out, 1, 1);
+    else if (!flush)
         rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, 1, 1, table,
-                  scratch, out, 1);
+                  scratch, out, 1, 0);
     else if (row_scales)
         rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 1, table,
-                  scratch, out, 0);
+                  scratch, out, 0, 0);
     else
         rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 0, table,
-                  scratch, out, 0);
+                  scratch, out, 0, 0);
 }
 #endif
 
@@ -901,12 +1010,11 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
         return;
     }
 #endif
-    (void)row_major; /* 0 here: the entry refuses row-major weights without VNNI */
-    (void)offset; /* corr given here: the entry refuses NULL without row-major weights */
+    (void)offset; /* corr given here: the entry refuses NULL without VNNI */
     (void)planes; /* 1 here: the entry refuses 2 weight planes without VNNI */
     (void)isa;
     block_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, row_scales,
-               table, scratch, out);
+               table, scratch, out, row_major); /* (row_major 0, or 1 with signed codes: the entry's check) */
 }
 #endif
 
@@ -919,11 +1027,13 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
  * this file; byte weights only), else [rows, groups]; `table`: NULL, or the weights are 4-bit indices two a byte
  * (one plane: w [cols_p / 32, k / 4, 64], each byte's low nibble the first block of 16 channels' index and its high
  * nibble the second's) whose codes are table[index] (16 signed bytes: vpshufb's lookup; AVX512-VNNI in the tiles'
- * registers, AVX2 a block at a time into a buffer of each thread's); `row_major` (one plane; AVX512-VNNI only): w is
+ * registers, AVX2 a block at a time into a buffer of each thread's); `row_major` (one plane; AVX512-VNNI, or on
+ * AVX2 1 with signed codes, one scale a row and one group): w is
  * the weight as a checkpoint stores it, 1: byte codes [cols, k], 2: offset nibbles [cols, k / 2] (code + 8, each
  * byte's low nibble the even input), 3: nibbles [cols, k / 2] whose codes are table[nibble] (NVFP4's E2M1 elements;
- * `table` given only here), each pair of blocks packed when its turn comes into a buffer of each thread's (k x 32
- * bytes), or (1-2, one group) few rows multiplied in place: no packed copy of the weight is kept, the same numbers.
+ * `table` given only here), each pair of blocks (AVX2: each block) packed when its turn comes into a buffer of each
+ * thread's (k x 32 bytes), or (1-2, one group) few rows multiplied in place (AVX2: up to AVX2_DOT_ROWS a thread,
+ * dot_rows_avx2): no packed copy of the weight is kept, the same numbers.
  * Rows split over
  * `threads` OpenMP threads in contiguous blocks of whole tiles where there are enough, else the channel pairs (for
  * row-major weights the pairs wherever there are two a thread: each pair packed once, not by every thread; DiT-XL/2's
@@ -945,8 +1055,9 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
 #ifdef GROUP_GEMM
     const int isa = compressdit_group_gemm_ready();
     if (!isa || planes < 1 || planes > 2 || (planes == 2 && (isa != 2 || row_scales)) || (table && planes != 1) ||
-        (row_major && (isa != 2 || planes != 1 || row_major > 3 || (row_major == 3) != (table != NULL))) ||
-        (!corr && !row_major) || flush < 0 || (!flush && (isa != 1 || !row_scales)))
+        (row_major && (planes != 1 || row_major > 3 || (row_major == 3) != (table != NULL))) ||
+        (row_major && isa == 1 && (row_major != 1 || flush || group != k || rank)) ||
+        (!corr && (!row_major || isa == 1)) || flush < 0 || (!flush && (isa != 1 || !row_scales)))
         return 1;
     const int64_t pairs = (cols + 31) / 32;
     /* a thread's buffer: AVX2's decoded block of nibbles (k x 16), or a row-major pair packed (k x 32) and, without
