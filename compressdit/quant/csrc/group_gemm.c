@@ -20,7 +20,10 @@
  * back: the int32 accumulators start from it); w_scale [groups, cols_p]; a_scale [rows, groups].
  *
  * Row-major weights (row_major: W8A8's byte codes [cols, k] or W4A8's offset nibbles [cols, k / 2] as the layer
- * stores them, one group; AVX512-VNNI): no packed copy is kept. With at least DOT_ROWS rows a thread, each pair of
+ * stores them, one group; AVX512-VNNI; on AVX2 byte codes with signed activation codes: each block of 16 channels
+ * packed per call by pack_block_avx2, up to AVX2_DOT_ROWS rows a thread multiplied in place by dot_rows_avx2,
+ * DiT-XL/2's shapes 0.99-1.11x the packed copy's time at 256 rows, 1.05-1.4x at 1-16, Zen 3): no packed copy is kept.
+ * On AVX512-VNNI, with at least DOT_ROWS rows a thread, each pair of
  * blocks is packed when its turn comes (a 16 x 16 transpose of 4-byte quads per 64 inputs of 16 channels: DiT-XL/2's
  * layers 3-5% slower than prepacked at 256 rows, 10-15% at 64, one thread, weights read from memory); with fewer,
  * dot_tile multiplies 64 consecutive inputs of a row and of a channel in place (up to 4 rows one channel at a time,
@@ -58,7 +61,8 @@
 #define GROUP_GEMM 1
 #include <immintrin.h>
 
-#define TILE_ROWS 6 /* AVX-512's tile; AVX2's (2 rows) divides it: row blocks of whole tiles for both */
+#define TILE_ROWS 6 /* AVX-512's tile; row blocks of whole tiles (AVX2's of 2 rows divide it; of 4 a block of 6 ends in
+                     * a tile of 2) */
 #define AVX2_ROWS 2
 #define AVX2_SIGNED_ROWS 4 /* signed activation codes: more rows a tile, each weight block's abs shared by them */
 #define AVX2_WHOLE_ROWS 4 /* tile16_whole's */
@@ -385,8 +389,9 @@ static AVX2 void tiles16(const uint8_t *a, int64_t k, const float *a_scale, int6
 }
 
 /* rows [r0, r1) x channel pairs [p0, p1) on AVX2: each block of 16 channels in turn, the rows in tiles of 2 (signed
- * activation codes: 4); nibble weights (table not NULL) decoded a block at a time into `scratch` (k * 16 bytes),
- * which the rows then read. Groups of 16 / 32 / 64 summed in 16 bits whole (NVFP4's, MXFP4's, W4A4's) take tiles
+ * activation codes, groups summed whole: 4); row-major byte codes (row_major) packed, nibble weights (table not NULL)
+ * decoded a block at a time into `scratch` (k * 16 bytes), which the rows then read. Groups of 16 / 32 / 64 summed
+ * in 16 bits whole (NVFP4's, MXFP4's, W4A4's) take tiles
  * compiled for their width: their quad loops unrolled (DiT-XL/2 and zoo shapes 11-21% faster at groups of 16, Zen 3;
  * the same sums: one flush a group either way). */
 static AVX2 void rows_avx2(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
