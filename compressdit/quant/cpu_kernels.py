@@ -42,10 +42,11 @@
   both operands as integer codes (each grid value times a power of two: E2M1's halves x 2), one integer GEMM
   (``csrc/group_gemm.c``: AVX512-VNNI's ``vpdpbusd``, or AVX2's byte multiply-adds for groups of at least
   ``AVX2_MIN_GROUP``) with int32 sums per group and both groups' scales, the bias and SVDQuant's branch in its
-  epilogue, the weight's 4-bit codes looked up in a 16-entry table of their integer values (on AVX512-VNNI the
-  layer's stored nibbles, each pair of 16-channel blocks packed through the table when its turn comes, its
+  epilogue, the weight's 4-bit codes looked up in a 16-entry table of their integer values (the layer's stored
+  nibbles, each pair of 16-channel blocks (AVX2: each block) packed through the table when its turn comes, its
   corrections for the activations' offset computed from the packed codes there: no copy, only the groups' fp32 scales
-  kept; on AVX2 a copy packed two a byte, a block of 16 channels at a time decoded into a buffer); the activation codes from
+  kept; on AVX2 until 2026-12-07 a copy packed two a byte and the corrections, ~0.75 byte a weight at g16, beside
+  the nibbles); the activation codes from
   one C pass, bit for bit the fake quantization's values once scaled, so the
   outputs are the reference's up to fp32 summation order. Not on AMX CPUs (their bf16 microkernel kernels, measured
   there, stay). DiT-XL/2 shapes at one thread on a Zen 4 EPYC: 2.3-9.7x fp32 (``bench/results/layer_lowbit_cpu.md``).
@@ -104,7 +105,7 @@ from compressdit.quant.cpu_native import (decode_f32, dequantize_groups, dequant
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops, rows_unshared,
                                           quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
-from compressdit.quant.minifloat import MINIFLOATS, unpack_nibbles
+from compressdit.quant.minifloat import MINIFLOATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -937,11 +938,9 @@ def _groups_prepack(layer) -> dict:
     group, repeat = _gemm_groups(spec, layer.in_features)
     table = (values * w_mult).round().to(torch.int8)
     smooth = smooth_divisor(layer)
-    if group_gemm_isa() == "avx512-vnni":  # the stored nibbles through the format's table: no packed copy, the
-        # corrections computed as each pair is packed (no [groups, out] int32 array: a quarter byte a weight at g16)
-        weight = stored_nibble_weight(nibbles, table, scale / w_mult, group, top * mult, corr=False)
-    else:  # AVX2: a block at a time decoded from the packed copy
-        weight = pack_weight(table[unpack_nibbles(nibbles).int()], scale / w_mult, group, top * mult, nibbles=True)
+    # the stored nibbles through the format's table: no packed copy, the corrections computed as each pair (AVX2: each
+    # block) is packed (no [groups, out] int32 array: a quarter byte a weight at g16)
+    weight = stored_nibble_weight(nibbles, table, scale / w_mult, group, top * mult, corr=False)
     down, up = getattr(layer, "low_rank_down", None), getattr(layer, "low_rank_up", None)
     up_t = None
     if up is not None:  # [r, out] padded as the weight's columns: added in the GEMM's blocks

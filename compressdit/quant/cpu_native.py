@@ -698,8 +698,8 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
     ``table[index]`` (int8 ``[16]``; ``cpu_kernels.pack_weight(..., nibbles=True)``; one weight plane). A 2-D
     ``packed`` is the weight as the layer stores it: int8 codes ``[out, in]``, uint8 offset nibbles ``[out, in / 2]``
     (``cpu_kernels.pack_weight(..., stored=...)``) or, with ``table``, uint8 nibbles whose codes are
-    ``table[nibble]`` (``cpu_kernels.stored_nibble_weight``): the AVX512-VNNI path only, except byte codes with
-    signed activation codes (``flush=0``, one group) on the AVX2 path; no copy kept; with such a
+    ``table[nibble]`` (``cpu_kernels.stored_nibble_weight``): the AVX512-VNNI path, and on the AVX2 path byte codes
+    with signed activation codes (``flush=0``, one group) and nibbles through a table; no copy kept; with such a
     weight ``corr`` may be None: each pair of channel blocks' corrections computed as it is packed (``-offset`` times
     the codes' group sums, ``offset`` the activation codes' offset, an integer), the same values. Rows (or column blocks)
     over torch's threads from ``GROUP_GEMM_TEAM_MIN_WORK`` multiply-adds. ``None`` without the library."""

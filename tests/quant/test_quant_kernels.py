@@ -159,9 +159,8 @@ def test_four_bit_weights_on_group_gemm_keep_no_copy_or_half_a_byte(spec):
     """Where 4-bit layers of any size run group_gemm (W4A8: without AMX; W4A4: cpu-int-groups; AVX512-VNNI or AVX2),
     on AVX512-VNNI they keep no copy of their codes (the layer's nibbles read as stored, through the 16-entry
     table where given): only the groups' scales and corrections, 8 bytes a group of a channel (W4A4: the scales
-    alone, the GEMM computing the corrections); on AVX2 their codes
-    are packed as nibbles: the prepacked copy is half a byte a weight besides those; never an unpacked copy;
-    elsewhere no table."""
+    alone, the GEMM computing the corrections; so on AVX2 too); W4A8 on AVX2 packs its codes as nibbles: the
+    prepacked copy is half a byte a weight besides those; never an unpacked copy; elsewhere no table."""
     from compressdit.quant.cpu_kernels import integer_groups_apply
 
     on_group_gemm = int8_group_gemm_isa() is not None if spec.a_bits == 8 else integer_groups_apply(spec, (BIG, 256))
@@ -181,12 +180,12 @@ def test_four_bit_weights_on_group_gemm_keep_no_copy_or_half_a_byte(spec):
         return
     assert buffers.get("codes") is None and buffers.get("codes_t") is None and table.shape == (16,)
     group = spec.group_size or 256  # a group's fp32 scale and int32 correction a channel
-    if group_gemm_isa() == "avx512-vnni":
+    if spec.a_bits == 4:  # cpu-int-groups: the stored nibbles, the corrections computed in the GEMM, only the scales
+        assert packed.data_ptr() == layer.weight.data_ptr()  # kept (AVX512-VNNI and AVX2)
+        assert buffers["corr"] is None and cache_of(layer).nbytes() < BIG * 256 * (4 / group + 0.05)
+    elif group_gemm_isa() == "avx512-vnni":
         assert packed.data_ptr() == layer.weight.data_ptr()
-        if spec.a_bits == 4:  # cpu-int-groups: the corrections computed in the GEMM, only the scales kept
-            assert buffers["corr"] is None and cache_of(layer).nbytes() < BIG * 256 * (4 / group + 0.05)
-        else:
-            assert cache_of(layer).nbytes() < BIG * 256 * (8 / group + 0.05)
+        assert cache_of(layer).nbytes() < BIG * 256 * (8 / group + 0.05)
     else:
         assert packed.dtype == torch.uint8 and packed.numel() == -(-BIG // 32) * 32 * 256 // 2
         assert cache_of(layer).nbytes() < BIG * 256 * (0.5 + 8 / group + 0.05)

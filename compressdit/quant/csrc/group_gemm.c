@@ -22,7 +22,10 @@
  * Row-major weights (row_major: W8A8's byte codes [cols, k] or W4A8's offset nibbles [cols, k / 2] as the layer
  * stores them, one group; AVX512-VNNI; on AVX2 byte codes with signed activation codes: each block of 16 channels
  * packed per call by pack_block_avx2, up to AVX2_DOT_ROWS rows a thread multiplied in place by dot_rows_avx2,
- * DiT-XL/2's shapes 0.99-1.11x the packed copy's time at 256 rows, 1.05-1.4x at 1-16, Zen 3): no packed copy is kept.
+ * DiT-XL/2's shapes 0.99-1.11x the packed copy's time at 256 rows, 1.05-1.4x at 1-16, Zen 3; and NVFP4's / W4A4's
+ * nibbles through their table (row_major 3), each block decoded, packed and its corrections summed per call by
+ * nibble_block_avx2 (always: no in-place path), 0.98-1.05x the packed copy's time at 256 rows, 1.05-1.2x at 16,
+ * 1.03-1.85x at 1-4, Zen 3): no packed copy is kept.
  * On AVX512-VNNI, with at least DOT_ROWS rows a thread, each pair of
  * blocks is packed when its turn comes (a 16 x 16 transpose of 4-byte quads per 64 inputs of 16 channels: DiT-XL/2's
  * layers 3-5% slower than prepacked at 256 rows, 10-15% at 64, one thread, weights read from memory); with fewer,
@@ -123,7 +126,8 @@ static AVX2 void finish16(__m256 sum[AVX2_MAX_ROWS][2], const float *a_scale, co
  * |w| (unsigned, <= 128) times the activation with w's sign (vpsignb; zero where w is zero), a pair at most
  * 2 * 128 * 127 < 2^15, widened at once: four instructions per 32 products, exact. */
 static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, int64_t group,
-                        const int8_t *wb, const int32_t *corr, const float *w_scale, int64_t cols_p, const float *h,
+                        const int8_t *wb, const int32_t *corr, int64_t corr_stride, const float *w_scale,
+                        int64_t cols_p, const float *h,
                         int64_t rank, const float *up, const float *bias, float *out, int64_t cols, int64_t c0,
                         int64_t flush, const int rows, const int row_scales, const int signed_a) {
     __m256 sum[AVX2_MAX_ROWS][2];
@@ -131,8 +135,8 @@ static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t quads = group / 4;
     for (int64_t g = 0; g < groups; ++g) {
-        const __m256i start0 = _mm256_loadu_si256((const __m256i *)(corr + g * cols_p + c0));
-        const __m256i start1 = _mm256_loadu_si256((const __m256i *)(corr + g * cols_p + c0 + 8));
+        const __m256i start0 = _mm256_loadu_si256((const __m256i *)(corr + g * corr_stride));
+        const __m256i start1 = _mm256_loadu_si256((const __m256i *)(corr + g * corr_stride + 8));
         __m256i acc[AVX2_SIGNED_ROWS][2];
         for (int r = 0; r < rows; ++r) {
             acc[r][0] = start0;
@@ -195,7 +199,8 @@ static AVX2 void tile16(const uint8_t *a, int64_t k, const float *a_scale, int64
  * rows in registers left GCC spilling the pair sums instead). The same operations on the same values as tile16: its
  * outputs bit for bit. */
 static AVX2 void tile16_whole(const uint8_t *a, int64_t k, const float *a_scale, int64_t groups, const int64_t group,
-                              const int8_t *wb, const int32_t *corr, const float *w_scale, int64_t cols_p,
+                              const int8_t *wb, const int32_t *corr, int64_t corr_stride, const float *w_scale,
+                              int64_t cols_p,
                               const float *h, int64_t rank, const float *up, const float *bias, float *out,
                               int64_t cols, int64_t c0, const int rows, const int row_scales) {
     float sums[AVX2_WHOLE_ROWS][16] __attribute__((aligned(32))) = {{0}};
@@ -223,8 +228,8 @@ static AVX2 void tile16_whole(const uint8_t *a, int64_t k, const float *a_scale,
                 __asm__("" : "+x"(pair[r][0]), "+x"(pair[r][1]));
             }
         }
-        const __m256i start0 = _mm256_loadu_si256((const __m256i *)(corr + g * cols_p + c0));
-        const __m256i start1 = _mm256_loadu_si256((const __m256i *)(corr + g * cols_p + c0 + 8));
+        const __m256i start0 = _mm256_loadu_si256((const __m256i *)(corr + g * corr_stride));
+        const __m256i start1 = _mm256_loadu_si256((const __m256i *)(corr + g * corr_stride + 8));
         const __m256 s0 = _mm256_loadu_ps(w_scale + g * cols_p + c0);
         const __m256 s1 = _mm256_loadu_ps(w_scale + g * cols_p + c0 + 8);
         for (int r = 0; r < rows; ++r) {
@@ -300,6 +305,50 @@ static AVX2 void pack_block_avx2(const int8_t *w, int64_t cols, int64_t k, int64
     }
 }
 
+/* block c0 .. c0 + 15 of stored nibbles w [cols, k / 2] (each byte's low nibble the even input) whose codes are
+ * table[nibble]: the channels' codes decoded row by row into `rows` (16 x k bytes; zeros past the last channel), then
+ * packed by pack_block_avx2 into `codes`; where corr is not NULL each group's corrections, -offset times the sum of
+ * its codes ([groups][16] int32, summed from the packed quads: vpmaddubsw of ones, vpmaddwd), the values
+ * cpu_kernels.pack_weight gives */
+static AVX2 void nibble_block_avx2(const uint8_t *w, int64_t cols, int64_t k, int64_t c0, const int8_t *table,
+                                   int64_t group, int32_t offset, int8_t *rows, int8_t *codes, int32_t *corr) {
+    const __m128i lut = _mm_loadu_si128((const __m128i *)table), low = _mm_set1_epi8(0x0f);
+    const int64_t half = k / 2;
+    for (int64_t c = 0; c < 16; ++c) {
+        int8_t *dst = rows + c * k;
+        if (c0 + c >= cols) {
+            memset(dst, 0, (size_t)k);
+            continue;
+        }
+        const uint8_t *src = w + (c0 + c) * half;
+        int64_t i = 0;
+        for (; i + 16 <= half; i += 16) { /* 16 bytes -> 32 codes, each byte's low nibble first */
+            const __m128i v = _mm_loadu_si128((const __m128i *)(src + i));
+            const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(v, low));
+            const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), low));
+            _mm_storeu_si128((__m128i *)(dst + 2 * i), _mm_unpacklo_epi8(lo, hi));
+            _mm_storeu_si128((__m128i *)(dst + 2 * i + 16), _mm_unpackhi_epi8(lo, hi));
+        }
+        for (; i < half; ++i) {
+            dst[2 * i] = table[src[i] & 15];
+            dst[2 * i + 1] = table[src[i] >> 4];
+        }
+    }
+    pack_block_avx2(rows, 16, k, 0, codes);
+    if (!corr)
+        return;
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), times = _mm256_set1_epi32(-offset);
+    const int64_t quads = group / 4;
+    for (int64_t g = 0; g < k / group; ++g)
+        for (int h = 0; h < 2; ++h) { /* channels 8 h .. 8 h + 7 */
+            __m256i sum = _mm256_setzero_si256();
+            for (int64_t q = g * quads; q < (g + 1) * quads; ++q)
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                    ones8, _mm256_loadu_si256((const __m256i *)(codes + q * 64 + 32 * h))), ones16));
+            _mm256_storeu_si256((__m256i *)(corr + g * 16 + 8 * h), _mm256_mullo_epi32(sum, times));
+        }
+}
+
 /* signed activation codes (int8, one scale a row, one group) times row-major byte codes w [cols, k], multiplied in
  * place: `rows` rows (a constant, at most 4) from r x channels [c0, c1), two channels at a time (each 32 inputs of
  * a channel loaded once for the rows), 32 inputs a step (tile16's signed products: |w| times the code with w's
@@ -365,18 +414,20 @@ static AVX2 void dot_rows_avx2(const uint8_t *a, const float *a_scale, const int
  * activation codes), the tail in one smaller tile; always inlined, n constant: only tiles of at most n rows are
  * compiled, and a constant group / flush unrolls their quad loops */
 static AVX2 void tiles16(const uint8_t *a, int64_t k, const float *a_scale, int64_t stride, int64_t groups,
-                         int64_t group, const int8_t *wb, const int32_t *corr, const float *w_scale, int64_t cols_p,
+                         int64_t group, const int8_t *wb, const int32_t *corr, int64_t corr_stride,
+                         const float *w_scale, int64_t cols_p,
                          const float *h, int64_t rank, const float *up, const float *bias, float *out, int64_t cols,
                          int64_t c0, int64_t flush, int64_t r, int64_t r1, const int n, const int row_scales,
                          const int signed_a, const int whole) {
 #define TILE16(rows)                                                                                                  \
     do {                                                                                                              \
         if (whole)                                                                                                    \
-            tile16_whole(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, w_scale, cols_p, h + r * rank, \
+            tile16_whole(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, corr_stride, w_scale, cols_p,   \
+                         h + r * rank,                                                                                \
                          rank, up, bias, out + r * cols, cols, c0, rows, row_scales);                                 \
         else                                                                                                          \
-            tile16(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, w_scale, cols_p, h + r * rank, rank, \
-                   up, bias, out + r * cols, cols, c0, flush, rows, row_scales, signed_a);                            \
+            tile16(a + r * k, k, a_scale + r * stride, groups, group, wb, corr, corr_stride, w_scale, cols_p,         \
+                   h + r * rank, rank, up, bias, out + r * cols, cols, c0, flush, rows, row_scales, signed_a);        \
     } while (0)
     for (; r + n <= r1; r += n) TILE16(n);
     if (n > 3 && r1 - r == 3)
@@ -398,20 +449,32 @@ static AVX2 void rows_avx2(const uint8_t *a, const float *a_scale, const int8_t 
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t cols, int64_t k, int64_t group,
                            int64_t flush, const int row_scales, const int8_t *table, int8_t *scratch, float *out,
-                           const int signed_a, const int row_major) {
+                           const int signed_a, const int row_major, const int32_t offset) {
     const int64_t groups = k / group, cols_p = (cols + 31) / 32 * 32, panel = (k / 4) * 64;
     const int64_t stride = row_scales ? 1 : groups; /* a_scale's entries a row */
     for (int64_t b = 2 * p0; b < 2 * p1 && 16 * b < cols; ++b) {
         const int8_t *wb = w + b * panel;
-        if (row_major) { /* the block of the weight as stored, packed here */
+        const int32_t *cb = corr ? corr + 16 * b : NULL; /* the block's corrections, rows corr_stride apart */
+        int64_t corr_stride = cols_p;
+        if (row_major == 3) { /* the block of the stored nibbles decoded, packed (and its corrections summed) here */
+            int32_t *sums = corr ? NULL : (int32_t *)(scratch + 32 * k);
+            nibble_block_avx2((const uint8_t *)w, cols, k, 16 * b, table, group, offset, scratch + 16 * k, scratch,
+                              sums);
+            wb = scratch;
+            if (sums) {
+                cb = sums;
+                corr_stride = 16;
+            }
+        } else if (row_major) { /* the block of the weight as stored, packed here */
             pack_block_avx2(w, cols, k, 16 * b, scratch);
             wb = scratch;
         } else if (table) {
             decode_block(w + (b / 2) * panel, k / 4, (int)(b % 2), table, scratch);
             wb = scratch;
         }
-#define TILES16(width, fl, n, sgn, whole) tiles16(a, k, a_scale, stride, groups, width, wb, corr, w_scale, cols_p, h, \
-                                                  rank, up, bias, out, cols, 16 * b, fl, r0, r1, n, row_scales, sgn, whole)
+#define TILES16(width, fl, n, sgn, whole) tiles16(a, k, a_scale, stride, groups, width, wb, cb, corr_stride, w_scale,  \
+                                                  cols_p, h, rank, up, bias, out, cols, 16 * b, fl, r0, r1, n,          \
+                                                  row_scales, sgn, whole)
         if (signed_a)
             TILES16(group, 1, AVX2_SIGNED_ROWS, 1, 0);
         else if (group == 16 && flush >= 4)
@@ -431,21 +494,21 @@ static __attribute__((target("avx2,fma"))) void block_avx2(
     const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr, const float *w_scale,
     const float *h, int64_t rank, const float *up, const float *bias, int64_t r0, int64_t r1, int64_t p0, int64_t p1,
     int64_t cols, int64_t k, int64_t group, int64_t flush, int row_scales, const int8_t *table, int8_t *scratch,
-    float *out, int row_major) {
-    if (row_major && r1 - r0 <= AVX2_DOT_ROWS) /* (the entry's check: signed codes, one scale a row, one group) */
+    float *out, int row_major, int32_t offset) {
+    if (row_major == 1 && r1 - r0 <= AVX2_DOT_ROWS) /* (the entry's check: signed codes, one scale a row, one group) */
         dot_rows_avx2(a, a_scale, w, w_scale, bias, r0, r1, 32 * p0, 32 * p1 < cols ? 32 * p1 : cols, cols, k, out);
-    else if (row_major)
+    else if (row_major == 1)
         rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, 1, 1, NULL,
-                  scratch, out, 1, 1);
+                  scratch, out, 1, 1, 0);
     else if (!flush)
         rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, 1, 1, table,
-                  scratch, out, 1, 0);
+                  scratch, out, 1, 0, 0);
     else if (row_scales)
         rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 1, table,
-                  scratch, out, 0, 0);
+                  scratch, out, 0, row_major, offset);
     else
         rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 0, table,
-                  scratch, out, 0, 0);
+                  scratch, out, 0, row_major, offset);
 }
 #endif
 
@@ -1015,11 +1078,11 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
         return;
     }
 #endif
-    (void)offset; /* corr given here: the entry refuses NULL without VNNI */
     (void)planes; /* 1 here: the entry refuses 2 weight planes without VNNI */
     (void)isa;
+    /* (row_major 0; 1 with signed codes; 3 with offset ones: the entry's check) */
     block_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, row_scales,
-               table, scratch, out, row_major); /* (row_major 0, or 1 with signed codes: the entry's check) */
+               table, scratch, out, row_major, offset);
 }
 #endif
 
@@ -1033,7 +1096,7 @@ static void block(int isa, const uint8_t *a, const float *a_scale, const int8_t 
  * (one plane: w [cols_p / 32, k / 4, 64], each byte's low nibble the first block of 16 channels' index and its high
  * nibble the second's) whose codes are table[index] (16 signed bytes: vpshufb's lookup; AVX512-VNNI in the tiles'
  * registers, AVX2 a block at a time into a buffer of each thread's); `row_major` (one plane; AVX512-VNNI, or on
- * AVX2 1 with signed codes, one scale a row and one group): w is
+ * AVX2 1 with signed codes, one scale a row and one group, or 3 with offset codes): w is
  * the weight as a checkpoint stores it, 1: byte codes [cols, k], 2: offset nibbles [cols, k / 2] (code + 8, each
  * byte's low nibble the even input), 3: nibbles [cols, k / 2] whose codes are table[nibble] (NVFP4's E2M1 elements;
  * `table` given only here), each pair of blocks (AVX2: each block) packed when its turn comes into a buffer of each
@@ -1061,8 +1124,9 @@ int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t 
     const int isa = compressdit_group_gemm_ready();
     if (!isa || planes < 1 || planes > 2 || (planes == 2 && (isa != 2 || row_scales)) || (table && planes != 1) ||
         (row_major && (planes != 1 || row_major > 3 || (row_major == 3) != (table != NULL))) ||
-        (row_major && isa == 1 && (row_major != 1 || flush || group != k || rank)) ||
-        (!corr && (!row_major || isa == 1)) || flush < 0 || (!flush && (isa != 1 || !row_scales)))
+        (row_major && isa == 1 && !(row_major == 1 && !flush && group == k && !rank && corr) &&
+         !(row_major == 3 && flush)) ||
+        (!corr && !row_major) || flush < 0 || (!flush && (isa != 1 || !row_scales)))
         return 1;
     const int64_t pairs = (cols + 31) / 32;
     /* a thread's buffer: AVX2's decoded block of nibbles (k x 16), or a row-major pair packed (k x 32) and, without
