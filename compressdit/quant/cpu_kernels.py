@@ -23,8 +23,9 @@
   shapes (``bench/results/layer_w8a8_cpu.md``). On AVX2 CPUs without VNNI (:func:`int8_group_gemm_isa`) every layer
   and row count runs group_gemm's AVX2 tiles on signed activation codes (each product ``|w|`` times the code with
   ``w``'s sign: exact 16-bit pairs; 8-bit codes read as the layer stores them, each block of 16 channels packed per
-  call and up to 4 rows a thread multiplied in place, no second copy: at 256 rows within 1-4% of a packed copy's time,
-  1.05-1.4x it at 1-16 rows, still 3-9x faster than fp32 there): there oneDNN's u8s8 GEMM saturates its 16-bit pair sums
+  call and up to 4 rows a thread multiplied in place, no second copy: DiT-XL/2's shapes with the weights read from
+  memory 1.02-1.05x a packed copy's time at 256 rows, 1.2-1.9x it at 1-16 rows, still 2-3x faster than fp32 there,
+  ``bench/results/group_gemm_stored_cpu_zen3_avx2.md``): there oneDNN's u8s8 GEMM saturates its 16-bit pair sums
   and ``torch._int_mm`` takes 24-40x the fp32 GEMM's time. W4A8 (and other narrower) per-channel symmetric weights of up to
   ``INT8_GEMM_SMALL_WEIGHT`` elements (any size on that path) run the same GEMM, elsewhere on their codes unpacked
   to int8 (1 byte per weight at run time), on that path on their 4-bit codes packed two a byte and looked up in a

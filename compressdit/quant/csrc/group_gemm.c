@@ -22,10 +22,10 @@
  * Row-major weights (row_major: W8A8's byte codes [cols, k] or W4A8's offset nibbles [cols, k / 2] as the layer
  * stores them, one group; AVX512-VNNI; on AVX2 byte codes with signed activation codes: each block of 16 channels
  * packed per call by pack_block_avx2, up to AVX2_DOT_ROWS rows a thread multiplied in place by dot_rows_avx2,
- * DiT-XL/2's shapes 0.99-1.11x the packed copy's time at 256 rows, 1.05-1.4x at 1-16, Zen 3; and NVFP4's / W4A4's
- * nibbles through their table (row_major 3), each block decoded, packed and its corrections summed per call by
- * nibble_block_avx2 (always: no in-place path), 0.98-1.05x the packed copy's time at 256 rows, 1.05-1.2x at 16,
- * 1.03-1.85x at 1-4, Zen 3): no packed copy is kept.
+ * DiT-XL/2's shapes, weights read from memory, 1.02-1.05x the packed copy's time at 256 rows, 1.2-1.9x at 1-16, Zen 3;
+ * and NVFP4's / W4A4's nibbles through their table (row_major 3), each block decoded, packed and its corrections
+ * summed per call by nibble_block_avx2 (always: no in-place path), 0.83-1.06x the packed copy's time at 256 rows,
+ * 0.96-1.25x at 1-16, bench/results/group_gemm_stored_cpu_zen3_avx2.md): no packed copy is kept.
  * On AVX512-VNNI, with at least DOT_ROWS rows a thread, each pair of
  * blocks is packed when its turn comes (a 16 x 16 transpose of 4-byte quads per 64 inputs of 16 channels: DiT-XL/2's
  * layers 3-5% slower than prepacked at 256 rows, 10-15% at 64, one thread, weights read from memory); with fewer,
@@ -350,44 +350,55 @@ static AVX2 void nibble_block_avx2(const uint8_t *w, int64_t cols, int64_t k, in
 }
 
 /* signed activation codes (int8, one scale a row, one group) times row-major byte codes w [cols, k], multiplied in
- * place: `rows` rows (a constant, at most 4) from r x channels [c0, c1), two channels at a time (each 32 inputs of
- * a channel loaded once for the rows), 32 inputs a step (tile16's signed products: |w| times the code with w's
- * sign), the last k % 32 inputs one at a time; each output (sum * w_scale[c]) * a_scale[r] + bias[c] in fp32: the
- * tiles' operations, their numbers. */
+ * place: `rows` rows (at most 4) from x times `n` channels (1 or 2) from c, both constants (with a run-time n the
+ * accumulators lived on the stack: 2x the packed tiles' time at 4 rows), each 32 inputs of a channel loaded once for
+ * the rows (tile16's signed products: |w| times the code with w's sign), the last k % 32 inputs one at a time; each
+ * output (sum * w_scale[c]) * a_scale[r] + bias[c] in fp32: the tiles' operations, their numbers. */
+static AVX2 void dot_pair_avx2(const int8_t *x, const float *a_scale, const int8_t *w, const float *w_scale,
+                               const float *bias, int64_t c, int64_t cols, int64_t k, float *out, const int rows,
+                               const int n) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t steps = k / 32;
+    const int8_t *w0 = w + c * k, *w1 = w + (c + n - 1) * k;
+    __m256i acc[4][2];
+    for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int64_t s = 0; s < steps; ++s) {
+        const __m256i wv0 = _mm256_loadu_si256((const __m256i *)(w0 + 32 * s));
+        const __m256i wv1 = _mm256_loadu_si256((const __m256i *)(w1 + 32 * s));
+        const __m256i m0 = _mm256_abs_epi8(wv0), m1 = _mm256_abs_epi8(wv1);
+        for (int r = 0; r < rows; ++r) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(x + r * k + 32 * s));
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(m0, _mm256_sign_epi8(v, wv0)),
+                                                                      ones));
+            if (n == 2)
+                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(m1, _mm256_sign_epi8(v, wv1)), ones));
+        }
+    }
+    for (int r = 0; r < rows; ++r) {
+        /* the two channels' 8 lanes summed in registers */
+        const __m256i pairs = _mm256_hadd_epi32(acc[r][0], acc[r][1]); /* lane L: c0 01 23, c1 01 23 */
+        const __m256i quads = _mm256_hadd_epi32(pairs, pairs);            /* lane L: c0, c1, c0, c1 */
+        const __m128i both = _mm_add_epi32(_mm256_castsi256_si128(quads), _mm256_extracti128_si256(quads, 1));
+        const int32_t sums[2] = {_mm_cvtsi128_si32(both), _mm_extract_epi32(both, 1)};
+        for (int j = 0; j < n; ++j) {
+            int32_t sum = sums[j];
+            const int8_t *wc = j ? w1 : w0;
+            for (int64_t e = 32 * steps; e < k; ++e) sum += (int32_t)x[r * k + e] * (int32_t)wc[e];
+            const float t = (0.0f + (float)sum * w_scale[c + j]) * a_scale[r];
+            out[r * cols + c + j] = t + (bias ? bias[c + j] : 0.0f);
+        }
+    }
+}
+
+/* channels [c0, c1) of dot_pair_avx2, two at a time */
 static AVX2 void dot_tile_avx2(const int8_t *x, const float *a_scale, const int8_t *w, const float *w_scale,
                                const float *bias, int64_t c0, int64_t c1, int64_t cols, int64_t k, float *out,
                                const int rows) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    const int64_t steps = k / 32;
-    for (int64_t c = c0; c < c1; c += 2) {
-        const int n = c + 1 < c1 ? 2 : 1;
-        const int8_t *w0 = w + c * k, *w1 = w + (c + n - 1) * k;
-        __m256i acc[4][2];
-        for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-        for (int64_t s = 0; s < steps; ++s) {
-            const __m256i wv0 = _mm256_loadu_si256((const __m256i *)(w0 + 32 * s));
-            const __m256i wv1 = _mm256_loadu_si256((const __m256i *)(w1 + 32 * s));
-            const __m256i m0 = _mm256_abs_epi8(wv0), m1 = _mm256_abs_epi8(wv1);
-            for (int r = 0; r < rows; ++r) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(x + r * k + 32 * s));
-                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(m0, _mm256_sign_epi8(v, wv0)), ones));
-                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(m1, _mm256_sign_epi8(v, wv1)), ones));
-            }
-        }
-        for (int r = 0; r < rows; ++r)
-            for (int j = 0; j < n; ++j) {
-                int32_t lanes[8];
-                _mm256_storeu_si256((__m256i *)lanes, acc[r][j]);
-                int32_t sum = 0;
-                for (int l = 0; l < 8; ++l) sum += lanes[l];
-                const int8_t *wc = j ? w1 : w0;
-                for (int64_t e = 32 * steps; e < k; ++e) sum += (int32_t)x[r * k + e] * (int32_t)wc[e];
-                const float t = (0.0f + (float)sum * w_scale[c + j]) * a_scale[r];
-                out[r * cols + c + j] = t + (bias ? bias[c + j] : 0.0f);
-            }
-    }
+    int64_t c = c0;
+    for (; c + 2 <= c1; c += 2) dot_pair_avx2(x, a_scale, w, w_scale, bias, c, cols, k, out, rows, 2);
+    if (c < c1)
+        dot_pair_avx2(x, a_scale, w, w_scale, bias, c, cols, k, out, rows, 1);
 }
 
 /* rows [r0, r1) x channels [c0, c1) of dot_tile_avx2, in tiles of up to 4 rows: for few rows, where packing each
