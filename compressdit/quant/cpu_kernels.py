@@ -362,10 +362,10 @@ def _int8_gemm_prepack(layer) -> dict:
     scale = layer.weight_scale.reshape(-1, 1).float()
     if not on_gemm:
         gemm = None
-    elif isa == "avx2":  # signed activation codes (no offset); 8-bit codes read as stored (each block of 16 channels
-        # packed per call, up to 4 rows a thread multiplied in place: no second copy), 4 bits and less packed once as
-        # nibbles (half a byte a weight)
-        gemm = pack_weight(codes, scale, layer.in_features, 0.0, nibbles=bits <= 4, stored=codes if bits == 8 else None)
+    elif isa == "avx2":  # signed activation codes (no offset); 5-8 bit byte codes read as they are (each block of 16
+        # channels packed per call, up to 4 rows a thread multiplied in place: no second copy), 4 bits and less packed
+        # once as nibbles (half a byte a weight)
+        gemm = pack_weight(codes, scale, layer.in_features, 0.0, nibbles=bits <= 4, stored=codes if bits > 4 else None)
     elif bits == 4:  # offset nibbles as stored (row_major 2, no table: the in-place dot path of few rows takes it)
         gemm = {**stored_nibble_weight(layer.offset_nibbles(), OFFSET_NIBBLE_CODES, scale, layer.in_features, 128.0),
                 "table": None}

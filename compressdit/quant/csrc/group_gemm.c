@@ -508,12 +508,9 @@ static __attribute__((target("avx2,fma"))) void block_avx2(
     float *out, int row_major, int32_t offset) {
     if (row_major == 1 && r1 - r0 <= AVX2_DOT_ROWS) /* (the entry's check: signed codes, one scale a row, one group) */
         dot_rows_avx2(a, a_scale, w, w_scale, bias, r0, r1, 32 * p0, 32 * p1 < cols ? 32 * p1 : cols, cols, k, out);
-    else if (row_major == 1)
-        rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, 1, 1, NULL,
-                  scratch, out, 1, 1, 0);
-    else if (!flush)
+    else if (!flush) /* signed codes: packed byte codes or nibbles, or row-major byte codes (row_major 1) */
         rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, 1, 1, table,
-                  scratch, out, 1, 0, 0);
+                  scratch, out, 1, row_major, 0);
     else if (row_scales)
         rows_avx2(a, a_scale, w, corr, w_scale, h, rank, up, bias, r0, r1, p0, p1, cols, k, group, flush, 1, table,
                   scratch, out, 0, row_major, offset);
