@@ -74,7 +74,7 @@ _SIGNATURES = {
                                    ctypes.c_float, _PTR, _PTR, _PTR, _I32],
                                   None),
     "compressdit_grid_tensor_scale": ([_PTR, _PTR, _I64, _I64, ctypes.c_float, _I32], ctypes.c_float),
-    "compressdit_divide_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _PTR, _I32], None),
+    "compressdit_divide_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_float, _I32], ctypes.c_float),
     "compressdit_balance_grid_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32,
                                        ctypes.c_float, _PTR, _PTR, _I64, _I32], None),
     "compressdit_grid_rows_bf16": ([_PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, ctypes.c_float, _PTR,
@@ -570,7 +570,7 @@ def branch_rows(x: torch.Tensor, smooth: torch.Tensor | None, inv: torch.Tensor 
         return out
     if smooth is not None:  # the division alone: h reads it before its quantization
         lib.compressdit_divide_rows(x.data_ptr(), smooth.data_ptr(), inv.data_ptr(), rows, cols, balanced.data_ptr(),
-                                    threads)
+                                    top, threads)
     hidden = torch.mm(balanced, down_t)
     out = torch.empty(rows, cols + 3 * rank, dtype=torch.bfloat16)
     work = (torch.empty_like(x) if smooth is None else balanced) if group else x  # the grid values (fp32) if any
@@ -666,11 +666,14 @@ def grid_codes(x: torch.Tensor, smooth: torch.Tensor | None, inv: torch.Tensor |
     rows, cols = x.shape
     threads = threads_for(x.numel())
     balanced = None if smooth is None else torch.empty_like(x)
-    if rule == 2 and smooth is not None:  # NVFP4's tensor scale reads every balanced row first: divided once
-        lib.compressdit_divide_rows(x.data_ptr(), smooth.data_ptr(), inv.data_ptr(), rows, cols, balanced.data_ptr(),
-                                    threads)
+    t = 1.0
+    if rule == 2 and smooth is not None:  # NVFP4's tensor scale reads every balanced row first: divided once, its
+        # maxima found as it writes them
+        t = lib.compressdit_divide_rows(x.data_ptr(), smooth.data_ptr(), inv.data_ptr(), rows, cols,
+                                        balanced.data_ptr(), top, threads)
         x, smooth, inv = balanced, None, None
-    t = lib.compressdit_grid_tensor_scale(x.data_ptr(), _ptr(smooth), rows, cols, top, threads) if rule == 2 else 1.0
+    elif rule == 2:
+        t = lib.compressdit_grid_tensor_scale(x.data_ptr(), None, rows, cols, top, threads)
     codes = torch.empty(rows, cols, dtype=torch.uint8)
     scales = torch.empty(rows, cols // group * repeat)
     lib.compressdit_grid_codes_rows(x.data_ptr(), _ptr(smooth), _ptr(inv), rows, cols, group, repeat, rule, top,

@@ -406,9 +406,99 @@ static inline __attribute__((always_inline)) void grid_code_groups(const float *
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* lane k of the result: the unsigned max of m[k]'s 8 lanes (eight groups' maxima at once: three rounds of
+ * interleaving maxima instead of a horizontal reduction a group) */
+static inline __m256i max_lanes8(const __m256i *m) {
+    __m256i a[4], b[2];
+    for (int k = 0; k < 4; ++k) /* per 128-bit half: pairs of lanes of m[2k] and m[2k + 1] */
+        a[k] = _mm256_max_epu32(_mm256_unpacklo_epi32(m[2 * k], m[2 * k + 1]),
+                                _mm256_unpackhi_epi32(m[2 * k], m[2 * k + 1]));
+    for (int k = 0; k < 2; ++k)
+        b[k] = _mm256_max_epu32(_mm256_unpacklo_epi64(a[2 * k], a[2 * k + 1]),
+                                _mm256_unpackhi_epi64(a[2 * k], a[2 * k + 1]));
+    return _mm256_max_epu32(_mm256_permute2x128_si256(b[0], b[1], 0x20), _mm256_permute2x128_si256(b[0], b[1], 0x31));
+}
+
+/* grid_code_groups (rules 0 and 2) of 8 consecutive groups of `group` values (a multiple of 16; always inlined
+ * with a constant one) in AVX2 vectors, the same operations in the same order, so the same numbers: the groups'
+ * maxima reduced together (max_lanes8), their scales and reciprocals in one vector, each value's division
+ * (div_rn), grid rounding (round_grid; `integer`: its constant 1.5 * 2^23, grid_value_int), clamp, sign, code and
+ * byte. Returns 0, writing nothing, where a group holds an inf or NaN or a scale is not divides_fast: the caller's
+ * scalar code then handles those 8 groups (NaN scales and offset codes). */
+static inline __attribute__((always_inline)) int grid_codes8_avx2(const float *x, uint8_t *codes, float *scales,
+                                                                  int64_t group, int64_t repeat, int32_t rule,
+                                                                  float top, int32_t mantissa, int32_t min_exp,
+                                                                  float t, float mult, int integer) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+    __m256i m[8];
+    for (int k = 0; k < 8; ++k) {
+        const float *r = x + k * group;
+        __m256i a = _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(r)), abs_mask);
+        for (int64_t j = 8; j < group; j += 8)
+            a = _mm256_max_epu32(a, _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(r + j)), abs_mask));
+        m[k] = a;
+    }
+    const __m256i amax = max_lanes8(m);
+    if (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(amax, _mm256_set1_epi32(0x7f7fffff)))))
+        return 0; /* an inf or NaN: no bit pattern of a finite |x| is above FLT_MAX's */
+    const __m256 a = _mm256_castsi256_ps(amax);
+    __m256 s;
+    if (rule == 0) {
+        s = _mm256_div_ps(_mm256_max_ps(a, _mm256_set1_ps(1e-8f)), _mm256_set1_ps(top));
+    } else { /* NVFP4: e4m3(amax / (top * t)) (0 -> 1) * t, round_grid(., 3, -6) */
+        const __m256 d = _mm256_min_ps(_mm256_div_ps(a, _mm256_set1_ps(top * t)), _mm256_set1_ps(448.0f));
+        const __m256i e = _mm256_max_epi32(_mm256_srli_epi32(_mm256_castps_si256(d), 23), _mm256_set1_epi32(121));
+        const __m256 k = _mm256_castsi256_ps(_mm256_or_si256(
+            _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(20)), 23), _mm256_set1_epi32(0x400000)));
+        const __m256 g = _mm256_min_ps(_mm256_sub_ps(_mm256_add_ps(d, k), k), _mm256_set1_ps(448.0f));
+        s = _mm256_mul_ps(_mm256_blendv_ps(_mm256_set1_ps(1.0f), g, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GT_OQ)),
+                          _mm256_set1_ps(t));
+    }
+    const int normal = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(s, _mm256_set1_ps(1.17549435e-38f), _CMP_GE_OQ),
+                                                        _mm256_cmp_ps(s, _mm256_set1_ps(3.40282347e38f), _CMP_LE_OQ)));
+    if (normal != 0xff) return 0;
+    float sv[8], iv[8], ov[8];
+    _mm256_storeu_ps(sv, s);
+    _mm256_storeu_ps(iv, _mm256_div_ps(_mm256_set1_ps(1.0f), s));
+    _mm256_storeu_ps(ov, _mm256_div_ps(s, _mm256_set1_ps(mult)));
+    const __m256 vtop = _mm256_set1_ps(top), vmult = _mm256_set1_ps(mult), voffset = _mm256_set1_ps(top * mult);
+    const __m256 sign = _mm256_set1_ps(-0.0f), half_ulp = _mm256_set1_ps(12582912.0f);
+    const __m256i floor = _mm256_set1_epi32(min_exp + 127), shift = _mm256_set1_epi32(23 - mantissa),
+                  mid = _mm256_set1_epi32(0x400000);
+    for (int k = 0; k < 8; ++k) {
+        const float *r = x + k * group;
+        const __m256 sb = _mm256_set1_ps(sv[k]), ib = _mm256_set1_ps(iv[k]);
+        __m256i c[2];
+        for (int64_t j = 0; j < group; j += 8) {
+            const __m256 v = _mm256_loadu_ps(r + j);
+            const __m256 q0 = _mm256_mul_ps(v, ib);
+            const __m256 q = _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, sb, v), ib, q0);
+            const __m256 mag = _mm256_min_ps(_mm256_andnot_ps(sign, q), vtop);
+            __m256 kk = half_ulp;
+            if (!integer) {
+                const __m256i e = _mm256_max_epi32(_mm256_srli_epi32(_mm256_castps_si256(mag), 23), floor);
+                kk = _mm256_castsi256_ps(_mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(e, shift), 23), mid));
+            }
+            const __m256 g = _mm256_min_ps(_mm256_sub_ps(_mm256_add_ps(mag, kk), kk), vtop);
+            const __m256 value = _mm256_add_ps(_mm256_mul_ps(_mm256_or_ps(g, _mm256_and_ps(q, sign)), vmult), voffset);
+            c[(j / 8) & 1] = _mm256_cvttps_epi32(value);
+            if ((j / 8) & 1) { /* 16 codes: the packs of code_bytes */
+                const __m256i p = _mm256_packus_epi32(c[0], c[1]);
+                const __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+                _mm_storeu_si128((__m128i *)(codes + k * group + j - 8), _mm_shuffle_epi32(b, _MM_SHUFFLE(3, 1, 2, 0)));
+            }
+        }
+        for (int64_t i = 0; i < repeat; ++i) scales[k * repeat + i] = ov[k];
+    }
+    return 1;
+}
+#endif
+
 /* grid_code_groups with its loops specialized for groups of 16, 32 and 64 */
-static void grid_code_batch(const float *x, uint8_t *codes, float *scales, int64_t n, int64_t group, int64_t repeat,
-                            int32_t rule, float top, int32_t mantissa, int32_t min_exp, float t, float mult) {
+static void grid_code_batch_scalar(const float *x, uint8_t *codes, float *scales, int64_t n, int64_t group,
+                                   int64_t repeat, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float t,
+                                   float mult) {
     const int integer = integer_grid(top, mantissa, min_exp);
 #define CODE_GROUPS(width)                                                                                         \
     (integer ? grid_code_groups(x, codes, scales, n, width, repeat, rule, top, mantissa, min_exp, t, mult, 1)      \
@@ -420,6 +510,35 @@ static void grid_code_batch(const float *x, uint8_t *codes, float *scales, int64
     default: CODE_GROUPS(group); break;
     }
 #undef CODE_GROUPS
+}
+
+/* grid_code_groups of n groups; on AVX2, rules 0 and 2 with groups of 16, 32 or 64 eight groups at a time
+ * (grid_codes8_avx2) */
+static void grid_code_batch(const float *x, uint8_t *codes, float *scales, int64_t n, int64_t group, int64_t repeat,
+                            int32_t rule, float top, int32_t mantissa, int32_t min_exp, float t, float mult) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (rule != 1 && (group == 16 || group == 32 || group == 64)) { /* 8 groups at a time in vectors */
+        const int integer = integer_grid(top, mantissa, min_exp);
+        int64_t b = 0;
+#define CODES8(width)                                                                                              \
+    (integer ? grid_codes8_avx2(x + b * width, codes + b * width, scales + b * repeat, width, repeat, rule, top,    \
+                                mantissa, min_exp, t, mult, 1)                                                     \
+             : grid_codes8_avx2(x + b * width, codes + b * width, scales + b * repeat, width, repeat, rule, top,    \
+                                mantissa, min_exp, t, mult, 0))
+        for (; b + 8 <= n; b += 8) {
+            const int done = group == 16 ? CODES8(16) : group == 32 ? CODES8(32) : CODES8(64);
+            if (!done) /* an inf, NaN or extreme scale among them: the scalar code */
+                grid_code_batch_scalar(x + b * group, codes + b * group, scales + b * repeat, 8, group, repeat, rule,
+                                       top, mantissa, min_exp, t, mult);
+        }
+#undef CODES8
+        if (b < n)
+            grid_code_batch_scalar(x + b * group, codes + b * group, scales + b * repeat, n - b, group, repeat, rule,
+                                   top, mantissa, min_exp, t, mult);
+        return;
+    }
+#endif
+    grid_code_batch_scalar(x, codes, scales, n, group, repeat, rule, top, mantissa, min_exp, t, mult);
 }
 
 float compressdit_grid_tensor_scale(const float *x, const float *smooth, int64_t rows, int64_t cols, float top,
@@ -443,10 +562,22 @@ void compressdit_fake_quantize_grid(const float *x, int64_t rows, int64_t cols, 
     compressdit_fake_quantize_grid_with(x, rows, cols, group, rule, top, mantissa, min_exp, t, out, threads);
 }
 
-/* out[i, j] = x[i, j] / smooth[j] (divide_row; out may not be x) with inv[j] = 1 / smooth[j] */
-void compressdit_divide_rows(const float *x, const float *smooth, const float *inv, int64_t rows, int64_t cols,
-                             float *out, int32_t threads) {
-    FOR_ROWS(i, rows, { divide_row(x + i * cols, smooth, inv, cols, out + i * cols); });
+/* NVFP4's tensor scale from the bit pattern m of an input's absmax (absmax_bits): amax / (top * 448), 1 for 0 */
+static float tensor_scale_of(uint32_t m, float top) {
+    const float all = bits_float(m);
+    return all > 0.0f ? all / (top * 448.0f) : 1.0f;
+}
+
+/* out[i, j] = x[i, j] / smooth[j] (divide_row; out may not be x) with inv[j] = 1 / smooth[j]; returns NVFP4's tensor
+ * scale of out (compressdit_grid_tensor_scale's, for `top`; from the maxima divide_row finds: no second pass) */
+float compressdit_divide_rows(const float *x, const float *smooth, const float *inv, int64_t rows, int64_t cols,
+                              float *out, float top, int32_t threads) {
+    uint32_t m = 0;
+    FOR_ROWS_MAX(m, i, rows, {
+        const uint32_t r = divide_row(x + i * cols, smooth, inv, cols, out + i * cols);
+        m = r > m ? r : m;
+    });
+    return tensor_scale_of(m, top);
 }
 
 static void split_row(const float *restrict r, int64_t n, uint16_t *restrict hi, uint16_t *restrict lo,
@@ -508,8 +639,7 @@ float compressdit_grid_tensor_scale(const float *x, const float *smooth, int64_t
         m = r > m ? r : m;
     });
     free(inv);
-    const float all = bits_float(m);
-    return all > 0.0f ? all / (top * 448.0f) : 1.0f;
+    return tensor_scale_of(m, top);
 }
 
 /* compressdit_fake_quantize_grid with the tensor scale t given (rule 2: compressdit_grid_tensor_scale of the whole
