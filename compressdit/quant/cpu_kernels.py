@@ -104,7 +104,8 @@ from compressdit.quant.cpu_native import (decode_f32, dequantize_groups, dequant
                                           float_to_bf16, grid_codes, group_gemm, group_gemm_isa, group_gemm_ready,
                                           hadamard_group_gemm, int4_dot, int4_dot_ready, int8_brgemm, int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops, rows_unshared,
-                                          quantize_rows_int8_groups, scale_rows_, shared_rows, TEAM_MIN_WORK)
+                                          quantize_rows_int8_groups, scale_rows_, shared_rows, threads_for,
+                                          GROUP_GEMM_TEAM_MIN_WORK, TEAM_MIN_WORK)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.minifloat import MINIFLOATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
@@ -969,11 +970,25 @@ def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: 
     the corrections from the codes and the activations' offset ``top * mult``), one integer GEMM with both groups'
     scales in its epilogue (``group_gemm``);
     ``smooth`` / ``inv``: the balancing divisor and its reciprocal, or None; ``down_t`` / ``up_t``: SVDQuant's
-    branch on the balanced rows, or None. Unbalanced rows' codes are shared with the other layers reading ``x``."""
+    branch on the balanced rows, or None. Unbalanced rows' codes are shared with the other layers reading ``x``.
+    Where :func:`~compressdit.quant.cpu_native.native_ops` builds, the same calls run in one C++ op
+    (``csrc/groups_linear.cpp``: ~10 us less per call than three ctypes calls, torch.mm and four allocations)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.dtype is not torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
     grid = (group * repeat, rule, top, mantissa, min_exp)
+    if native_ops() and x2.shape[0]:  # the same calls in one C++ op (csrc/groups_linear.cpp)
+        rows, cols = x2.shape
+        kind = ("codes", grid, repeat, mult)
+        kept = kept_rows(x, kind) if smooth is None else None
+        gemm_threads = torch.get_num_threads() if rows * cols * out_features > GROUP_GEMM_TEAM_MIN_WORK else 1
+        out, codes, scales = torch.ops.compressdit_native.groups_linear(
+            x2, smooth, inv, *(kept[:2] if kept else (None, None)), packed, corr, w_scale, bias, down_t, up_t, table,
+            group * repeat, repeat, rule, top, mantissa, min_exp, mult, flush, planes, out_features,
+            threads_for(rows * cols), gemm_threads)
+        if smooth is None and kept is None:
+            keep_rows(x, kind, (codes, scales, None))
+        return _like_input(out, x)
 
     def compute():
         return grid_codes(x2, smooth, inv, grid, repeat, mult)
@@ -1111,9 +1126,10 @@ KERNELS.add("cpu-int-groups", Kernel(
                 "(W4A4 g16 / g64, NVFP4, FP4 x FP6), on CPUs without AMX: "
                 "AVX512-VNNI's vpdpbusd (or AVX2's byte multiply-adds): "
                 "the activations' grid values as byte codes (one C pass, balancing fused), one integer GEMM on the "
-                "weight's codes packed once (half a byte per weight; int32 sums per group, "
+                "weight's stored codes (half a byte per weight; int32 sums per group, "
                 "both groups' scales, the bias "
-                "and an SVDQuant branch's up product in the epilogue); on AVX2 for groups of >= 16 inputs"))
+                "and an SVDQuant branch's up product in the epilogue); on AVX2 for groups of >= 16 inputs; the "
+                "passes, the branch's down product and the GEMM in one C++ op where it builds"))
 KERNELS.add("cpu-twinlog-groups", Kernel(
     _twinlog_groups_applies, _twinlog_groups_prepack, _twinlog_groups_run, priority=16,
     run_untransformed=_twinlog_groups_run_untransformed,

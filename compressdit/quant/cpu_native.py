@@ -22,7 +22,8 @@ the build links (checked after loading, else the single-threaded build loads: ne
 row is computed alone, so the numbers do not depend on the thread count.
 
 C++ torch ops (:func:`native_ops`, built with ``c++`` and torch's headers): ``csrc/int8_linear.cpp`` runs a whole
-W8A8 layer per call on a team of torch's threads, and on CPUs with AMX both it (:func:`int8_brgemm`: int8 codes) and
+W8A8 layer per call on a team of torch's threads, ``csrc/groups_linear.cpp`` a whole ``cpu-int-groups`` layer
+(activation codes, SVDQuant's down product, :func:`group_gemm`) per call, and on CPUs with AMX both the first (:func:`int8_brgemm`: int8 codes) and
 ``csrc/bf16_gemm.cpp`` (:func:`bf16_linear`: bf16 weights, fp32 sums and epilogue) multiply on oneDNN's BRGeMM
 microkernel as torch exposes it (``at::native::cpublas::brgemm``; its flash attention's), the weight packed once
 into AMX's layout, without the ~10-20 us a call of torch's int8 / bf16 matmul primitives on small layers.
@@ -192,7 +193,8 @@ def native_library() -> ctypes.CDLL | None:
     return lib
 
 
-OP_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("int8_linear.cpp", "bf16_gemm.cpp")) + SOURCES
+OP_SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                   for name in ("int8_linear.cpp", "bf16_gemm.cpp", "groups_linear.cpp")) + SOURCES
 OP_HEADERS = (*HEADERS, *(Path(__file__).with_name("csrc") / name for name in ("team.h", "microkernel.h")))
 #: multiply-adds from which the fused op of OP_SOURCES splits a layer's rows over torch's threads (one team); below,
 #: one thread does it all (cpu_kernels.INT8_GEMM_SERIAL_WORK's measurements). The same op for FP8's fp32 GEMMs (per-token

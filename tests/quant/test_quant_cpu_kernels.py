@@ -18,6 +18,7 @@ from compressdit.quant.formats import FORMATS
 from compressdit.quant.kernel_registry import kernel_summary, set_kernel
 from compressdit.quant.minifloat import unpack_nibbles
 from compressdit.quant.spec import LinearQuantSpec
+from tests.conftest import native_ops_built
 
 SPECS = {
     "rtn-w4a4": dict(w_bits=4, group_size=16, a_bits=4, a_granularity="per_group", a_group_size=16),
@@ -383,15 +384,20 @@ def test_threads_and_bf16_inputs():
 
 
 @pytest.mark.usefixtures("integer_gemm")
-def test_layers_reading_one_input_quantize_it_once(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_layers_reading_one_input_quantize_it_once(fused, monkeypatch):
+    """On the Python path (grid_codes called once) and in the C++ op (its codes kept once)."""
+    fused = fused and native_ops_built()
+    monkeypatch.setattr(cpu_kernels, "native_ops", lambda: fused)
     layers = [_layer("rtn-w4a4", n, 64, seed=n) for n in (32, 48, 64)]
     once = int(_gemm_path() is not None)  # without the path no layer makes codes
     for layer in layers[:once * 3]:
         set_kernel(layer, "cpu-int-groups")
     x = _inputs(9, 64)
     calls = []
-    real = cpu_kernels.grid_codes
-    monkeypatch.setattr(cpu_kernels, "grid_codes", lambda *a: (calls.append(1), real(*a))[1])
+    name = "keep_rows" if fused else "grid_codes"
+    real = getattr(cpu_kernels, name)
+    monkeypatch.setattr(cpu_kernels, name, lambda *a: (calls.append(1), real(*a))[1])
     with torch.no_grad():
         outs = [layer(x) for layer in layers]
         assert len(calls) == once
@@ -402,6 +408,53 @@ def test_layers_reading_one_input_quantize_it_once(monkeypatch):
     assert len(calls) == 2 * once
     if once:
         assert x._compressdit_rows[2][2] is None  # the rows kept on x do not hold x (no reference cycle)
+
+
+@pytest.mark.usefixtures("integer_gemm")
+@pytest.mark.parametrize("name", ["rtn-w4a4", "nvfp4", "svdquant-nvfp4", "svdquant-w4a4", "mxfp4", "w3g32-a6g32"])
+@pytest.mark.parametrize("rows, threads", [(37, 1), (37, 2), (1, 1), (300, 2)])
+def test_the_fused_groups_op_equals_the_python_path_bit_for_bit(name, rows, threads, monkeypatch):
+    """csrc/groups_linear.cpp (division, codes, branch and GEMM in one call) gives the Python path's numbers exactly,
+    on any thread count, on fp32 and bf16 rows, balanced or not, with or without SVDQuant's branch."""
+    if _gemm_path() is None or not native_ops_built():
+        pytest.skip("no integer GEMM or no C++ op library here")
+    layer = _layer(name, 96, 128)
+    set_kernel(layer, "cpu-int-groups")
+    x = _inputs(max(rows, 3), 128)[:rows].contiguous()
+    before = torch.get_num_threads()
+    outs = {}
+    try:
+        torch.set_num_threads(threads)
+        for fused in (False, True):
+            monkeypatch.setattr(cpu_kernels, "native_ops", lambda: fused)
+            with torch.no_grad():
+                outs[fused] = (layer(x.clone()), layer(x.clone().bfloat16()))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
+    torch.testing.assert_close(outs[True][0], layer.reference_forward(x), rtol=1e-5,
+                               atol=1e-5 * float(outs[True][0].abs().max()))
+
+
+def test_the_fused_groups_op_rejects_what_it_cannot_read():
+    if not native_ops_built():
+        pytest.skip("no C++ op library here")
+    op = torch.ops.compressdit_native.groups_linear
+    x = torch.randn(4, 64)
+    packed, w_scale = torch.zeros(8, 32, dtype=torch.uint8), torch.ones(4, 8)
+    table = torch.arange(16, dtype=torch.int8) - 8
+    grid = (16, 1, 0, 7.0, 30, 30, 1.0, 1, 1, 8, 1, 1)
+    with pytest.raises(RuntimeError, match="divide"):
+        op(x[:, :60].contiguous(), None, None, None, None, packed, None, w_scale, None, None, None, table, *grid)
+    with pytest.raises(RuntimeError, match="fp32"):
+        op(x.double(), None, None, None, None, packed, None, w_scale, None, None, None, table, *grid)
+    with pytest.raises(RuntimeError, match="smooth and inv"):
+        op(x, torch.ones(64), None, None, None, packed, None, w_scale, None, None, None, table, *grid)
+    with pytest.raises(RuntimeError, match="codes made earlier"):
+        op(x, None, None, torch.zeros(4, 64, dtype=torch.uint8), None, packed, None, w_scale, None, None, None, table,
+           *grid)
+    with pytest.raises(RuntimeError, match="branch factors"):
+        op(x, None, None, None, None, packed, None, w_scale, None, torch.zeros(64, 2), None, table, *grid)
 
 
 @pytest.mark.usefixtures("integer_gemm")
@@ -422,6 +475,7 @@ from compressdit.quant.cpu_native import group_gemm, group_gemm_isa
 from compressdit.quant.formats import FORMATS
 from compressdit.quant.kernel_registry import kernel_summary, set_kernel
 from compressdit.quant.spec import LinearQuantSpec
+from tests.conftest import native_ops_built
 assert group_gemm_isa() == "avx2", group_gemm_isa()
 twin_log = LinearQuantSpec.from_dict(dict(format="twinlog", w_bits=4, a_bits=4, a_granularity="per_group",
                                           a_group_size=32), "spec")
