@@ -23,9 +23,9 @@ row is computed alone, so the numbers do not depend on the thread count.
 
 C++ torch ops (:func:`native_ops`, built with ``c++`` and torch's headers): ``csrc/int8_linear.cpp`` runs a whole
 W8A8 layer per call on a team of torch's threads, ``csrc/groups_linear.cpp`` a whole ``cpu-int-groups`` layer
-(activation codes, SVDQuant's down product, :func:`group_gemm`) per call, and on CPUs with AMX both the first (:func:`int8_brgemm`: int8 codes) and
-``csrc/bf16_gemm.cpp`` (:func:`bf16_linear`: bf16 weights, fp32 sums and epilogue) multiply on oneDNN's BRGeMM
-microkernel as torch exposes it (``at::native::cpublas::brgemm``; its flash attention's), the weight packed once
+(activation codes, SVDQuant's down product, :func:`group_gemm`) per call, and on CPUs with AMX both the first
+(:func:`int8_brgemm`: int8 codes) and ``csrc/bf16_gemm.cpp`` (:func:`bf16_linear`: bf16 weights, fp32 sums and
+epilogue) multiply on oneDNN's BRGeMM microkernel as torch exposes it (``at::native::cpublas::brgemm``; its flash attention's), the weight packed once
 into AMX's layout, without the ~10-20 us a call of torch's int8 / bf16 matmul primitives on small layers.
 """
 
