@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,22 @@ if not torch.cuda.is_available():
     # decorated, so set before anything imports triton (tests/quant/test_quant_gpu_triton.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("COMPRESSDIT_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "cd"))
+#: the suite's cache folder (tests that need one of their own take :func:`fresh_cache`)
+SUITE_CACHE = Path(os.environ["COMPRESSDIT_CACHE"]).resolve()
 torch.set_num_threads(1)
+
+
+def fresh_cache(path: Path) -> Path:
+    """An empty compressdit cache folder at ``path`` (no calibration statistics, no encoded prompts) whose compiled CPU
+    libraries are the suite's: its ``native`` folder links to the suite cache's, so a process given this cache builds
+    them only where the suite has not (about a minute of compiling on a 2-core CPU; builds are keyed by their inputs
+    and written by rename, so processes may share one folder)."""
+    shared = SUITE_CACHE / "native"
+    shared.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / "native").exists():
+        (path / "native").symlink_to(shared, target_is_directory=True)
+    return path
 
 
 def native_ops_built() -> bool:

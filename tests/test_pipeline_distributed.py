@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from compressdit.errors import ConfigError
 from compressdit.pipeline import run_recipe
 from compressdit.recipe import load_recipe
+from tests.conftest import fresh_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,10 +37,10 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_two_ranks_write_the_single_process_checkpoint_once(dit_pipeline_dir, tmp_path, stream):
+def test_two_ranks_write_the_single_process_checkpoint_once(dit_pipeline_dir, tmp_path, stream, monkeypatch):
     recipe = _recipe(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "COMPRESSDIT_CACHE": str(tmp_path / "cache-ranks")}
+           "COMPRESSDIT_CACHE": str(fresh_cache(tmp_path / "cache-ranks"))}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "compressdit.cli"]
     proc = subprocess.run([*launch, "quantize", str(dit_pipeline_dir), "-r", str(recipe), "--no-eval", "--json",
@@ -48,11 +49,8 @@ def test_two_ranks_write_the_single_process_checkpoint_once(dit_pipeline_dir, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"quantized_modules"') == 1  # one report: rank 0's
     assert not list(tmp_path.glob(".ranks.tmp-*"))
-    os.environ["COMPRESSDIT_CACHE"] = str(tmp_path / "cache-one")  # no statistics from the 2-rank run
-    try:
-        run_recipe(load_recipe(str(recipe)), str(dit_pipeline_dir), tmp_path / "one", quiet=True, stream=stream)
-    finally:
-        del os.environ["COMPRESSDIT_CACHE"]
+    monkeypatch.setenv("COMPRESSDIT_CACHE", str(tmp_path / "cache-one"))  # no statistics from the 2-rank run
+    run_recipe(load_recipe(str(recipe)), str(dit_pipeline_dir), tmp_path / "one", quiet=True, stream=stream)
     ours, theirs = _tensors(tmp_path / "ranks" / "transformer"), _tensors(tmp_path / "one" / "transformer")
     assert any(k.endswith("smooth_scale") for k in ours) and ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)

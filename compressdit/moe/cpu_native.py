@@ -29,14 +29,15 @@ import ctypes
 import functools
 import itertools
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from compressdit.moe.stacked import StackedExperts
-from compressdit.quant.cpu_native import _flags, _openmp_runtimes, _takes, _torch_runs_libgomp, build_library
+from compressdit.native_build import (build_library, compile_flags, compiler_for, openmp_runtimes,
+                                      torch_runs_libgomp)
+from compressdit.quant.cpu_native import _takes
 
 SOURCE = Path(__file__).with_name("csrc") / "moe_ffn.c"
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
@@ -79,22 +80,21 @@ def sleef_tanh16() -> int | None:
     return _torch_cpu_symbol("Sleef_tanhf16_u10") if torch.backends.cpu.get_cpu_capability() == "AVX512" else None
 
 
-def _build(compiler: str, flags: list[str]) -> ctypes.CDLL | None:
+def _build(flags: list[str]) -> ctypes.CDLL | None:
     """The layer built with ``flags`` (once per source and flags, in ``$COMPRESSDIT_CACHE/native``), loaded."""
-    return build_library(compiler, "moe_ffn", [SOURCE], flags)
+    return build_library("moe_ffn", [SOURCE], flags)
 
 
 @functools.lru_cache(maxsize=None)
 def native_library() -> ctypes.CDLL | None:
     """The compiled layer, built on first use; ``None`` where disabled, without a C compiler or without MKL. Threaded
     only on torch's own OpenMP runtime (:func:`compressdit.quant.cpu_native.native_library`'s rule)."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if os.environ.get("COMPRESSDIT_NATIVE_CPU", "1") == "0" or compiler is None or mkl_sgemm() is None:
+    if os.environ.get("COMPRESSDIT_NATIVE_CPU", "1") == "0" or compiler_for(SOURCE) is None or mkl_sgemm() is None:
         return None
-    openmp = _torch_runs_libgomp()
-    lib = _build(compiler, _flags(True)) if openmp else None
-    if lib is None or len(_openmp_runtimes()) > 1:
-        openmp, lib = False, _build(compiler, _flags(False))
+    openmp = torch_runs_libgomp()
+    lib = _build(compile_flags(True)) if openmp else None
+    if lib is None or len(openmp_runtimes()) > 1:
+        openmp, lib = False, _build(compile_flags(False))
     if lib is None:
         return None
     for name, arguments in _SIGNATURES.items():

@@ -11,9 +11,10 @@ functions' PyTorch path). Two GEMMs of our own join them in the same library: ``
 (:func:`group_gemm`: integer codes with scales per group on both operands, AVX512-VNNI or AVX2; 16-bit weights as two
 byte planes; :func:`hadamard_group_gemm` with twin-log's rotation and activation codes in the same call) and
 ``csrc/int4_dot.c`` (:func:`int4_dot`: weight-only int4 x bf16 rows on AVX512-BF16). All are plain C compiled once
-per machine into one library with the system C compiler (``cc``, a few seconds) into ``$COMPRESSDIT_CACHE/native``
-and called through ``ctypes``; without a compiler, or with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same
-numbers, slower; the GEMMs' kernels are then not chosen).
+per machine into one library with the system C compiler (``cc``, ~30 s on a 2-core EPYC:
+:mod:`compressdit.native_build`) into ``$COMPRESSDIT_CACHE/native`` and called through ``ctypes``; without a
+compiler, or with ``COMPRESSDIT_NATIVE_CPU=0``, the PyTorch path runs (same numbers, slower; the GEMMs' kernels are
+then not chosen).
 
 Threads: a pass over at least ``PARALLEL_MIN_ELEMENTS`` elements splits its rows over ``torch.get_num_threads()``
 OpenMP threads, in the contiguous chunks torch's own ``parallel_for`` makes, on torch's own OpenMP runtime: the
@@ -34,23 +35,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import os
-import re
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from compressdit.cache import default_cache_dir
+from compressdit.native_build import (build_library, compile_flags, compiler_for, openmp_runtimes, torch_op_flags,
+                                      torch_runs_libgomp)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("int8_rows.c", "float_rows.c", "group_gemm.c", "int4_dot.c"))
-#: included by the sources: part of the build's digest
+#: included by the sources (their objects' digests read them: :mod:`compressdit.native_build`)
 HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("rows.h", "transpose.h"))
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
@@ -106,84 +103,22 @@ _SIGNATURES = {
 PARALLEL_MIN_ELEMENTS = 1 << 14
 
 
-def _flags(openmp: bool) -> list[str]:
-    """No ``-march=native`` (a shared cache directory may serve other CPUs): the vector ISA torch itself uses
-    here (AVX-512 divides 1.35x faster than AVX2 on the EPYC the benchmarks ran on). ``-fno-trapping-math``: GCC
-    then if-converts the loops' clamps and selects (``t < 88 ? t : 88``) into vector blends for AVX2 too (with its
-    default, only AVX-512's masked compares vectorize them: the tanh GELU ran scalar on AVX2, 3.2 ns an element against
-    torch's 2.4); it gives up nothing but floating-point exception flags, which nothing here reads: the same numbers."""
-    vector = {"AVX2": ["-mavx2", "-mfma"],
-              "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]}
-    vector = vector.get(torch.backends.cpu.get_cpu_capability(), [])
-    return ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", *vector,
-            *(["-fopenmp"] * openmp)]
-
-
-def _openmp_runtimes() -> set[str]:
-    """Files of the OpenMP runtimes mapped into this process (GNU, Intel, LLVM; Linux only, else none seen)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return set()
-    return {line.split()[-1] for line in maps.splitlines()
-            if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", line.split()[-1])}
-
-
-def _torch_runs_libgomp() -> bool:
-    """torch's intra-op threads are OpenMP ones of the one mapped ``libgomp.so.1``: the soname ``-fopenmp`` links,
-    so the library shares torch's runtime and thread pool (the loader reuses a loaded soname)."""
-    runtimes = _openmp_runtimes()
-    return ("parallel backend: OpenMP" in torch.__config__.parallel_info() and len(runtimes) == 1
-            and Path(next(iter(runtimes))).name.startswith("libgomp.so.1"))
-
-
-def _source_arguments(sources: list[Path]) -> list[str]:
-    """The compiler's source arguments: each file as its suffix says (``.c`` as C, ``.cpp`` as C++), so one
-    ``c++`` command builds a library of both."""
-    if all(path.suffix == ".c" for path in sources):
-        return [str(path) for path in sources]
-    return [a for path in sources for a in ("-x", "c" if path.suffix == ".c" else "c++", str(path))]
-
-
-def build_library(compiler: str, stem: str, sources: list[Path], flags: list[str],
-                  depends: tuple[Path, ...] = (), libraries: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """``sources`` compiled with ``flags`` (and linked with ``libraries``, e.g. ``-ltorch_cpu``) into
-    ``$COMPRESSDIT_CACHE/native/STEM-<digest>.so`` (built once per sources, ``depends`` (headers), flags and
-    libraries), loaded; ``None`` where that fails (read-only cache, compiler gone: the caller's PyTorch path runs).
-    Also builds compressdit/moe's layer."""
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in [*sources, *depends])
-                            + " ".join([*flags, *libraries]).encode())
-    target = default_cache_dir() / "native" / f"{stem}-{digest.hexdigest()[:16]}.so"
-    try:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # concurrent builds: the last rename wins
-                built = Path(tmp) / target.name
-                command = [compiler, *flags, *_source_arguments(sources), *libraries, "-o", str(built)]
-                if subprocess.run(command, capture_output=True, timeout=120).returncode:
-                    return None
-                os.replace(built, target)
-        return ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _load(compiler: str, flags: list[str]) -> ctypes.CDLL | None:
-    return build_library(compiler, "cpu_rows", SOURCES, flags, tuple(HEADERS))
+def _load(flags: list[str]) -> ctypes.CDLL | None:
+    return build_library("cpu_rows", list(SOURCES), flags)
 
 
 @functools.lru_cache(maxsize=None)
 def native_library() -> ctypes.CDLL | None:
     """The compiled fused loops, built on first use; ``None`` where disabled or no C compiler works. Threaded
-    (``lib.openmp``) where :func:`_torch_runs_libgomp`, and only if loading it brought no second OpenMP runtime."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if os.environ.get("COMPRESSDIT_NATIVE_CPU", "1") == "0" or compiler is None or not all(
+    (``lib.openmp``) where :func:`~compressdit.native_build.torch_runs_libgomp`, and only if loading it brought no
+    second OpenMP runtime."""
+    if os.environ.get("COMPRESSDIT_NATIVE_CPU", "1") == "0" or compiler_for(SOURCES[0]) is None or not all(
             source.exists() for source in SOURCES + HEADERS):
         return None
-    openmp = _torch_runs_libgomp()
-    lib = _load(compiler, _flags(True)) if openmp else None
-    if lib is None or len(_openmp_runtimes()) > 1:  # no OpenMP compiler, or a second runtime: one thread
-        openmp, lib = False, _load(compiler, _flags(False))
+    openmp = torch_runs_libgomp()
+    lib = _load(compile_flags(True)) if openmp else None
+    if lib is None or len(openmp_runtimes()) > 1:  # no OpenMP compiler, or a second runtime: one thread
+        openmp, lib = False, _load(compile_flags(False))
     if lib is None:
         return None
     for name, (arguments, result) in _SIGNATURES.items():
@@ -206,29 +141,20 @@ TEAM_MIN_WORK = 1 << 21
 GROUP_GEMM_TEAM_MIN_WORK = 1 << 19
 
 
-def _op_flags(openmp: bool) -> tuple[list[str], tuple[str, ...]]:
-    """:func:`_flags` for a C++ torch op library (torch's headers, C++ ABI and version: the cache key) and what it
-    links against (torch's own libraries, found at run time where torch loaded them)."""
-    from torch.utils import cpp_extension  # here: importing it loads setuptools, which only a build needs
-
-    torch_lib = str(Path(torch.__file__).parent / "lib")
-    flags = [*_flags(openmp), "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
-             f'-DCOMPRESSDIT_TORCH="{torch.__version__}"', *(f"-I{p}" for p in cpp_extension.include_paths())]
-    return flags, (f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-ltorch_cpu", "-lc10")
-
-
 @functools.lru_cache(maxsize=None)
 def native_ops() -> bool:
-    """Whether ``torch.ops.compressdit_native`` (``csrc/int8_linear.cpp``, built with the system C++ compiler on first
-    use: ~10 s) is loaded; False where :func:`native_library` is off or unavailable, or no C++ compiler builds it
-    (the Python path of the same numbers runs). Threaded on torch's OpenMP runtime only, as :func:`native_library`."""
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
-    if native_library() is None or compiler is None or not all(path.exists() for path in OP_SOURCES + OP_HEADERS):
+    """Whether ``torch.ops.compressdit_native`` (``csrc/int8_linear.cpp`` ..., built with the system C++ compiler on
+    first use: ~25 s more, the C objects being :func:`native_library`'s) is loaded; False where :func:`native_library`
+    is off or unavailable, or no C++ compiler builds it (the Python path of the same numbers runs). Threaded on torch's
+    OpenMP runtime only, as :func:`native_library`."""
+    if native_library() is None or compiler_for(OP_SOURCES[0]) is None or not all(
+            path.exists() for path in OP_SOURCES + OP_HEADERS):
         return False
     if hasattr(torch.ops.compressdit_native, "int8_group_linear"):  # loaded already (e.g. from another cache folder):
         return True  # a second copy would register the ops twice, which aborts the process
-    flags, libraries = _op_flags(native_library().openmp)
-    lib = build_library(compiler, "cpu_ops", list(OP_SOURCES), flags, OP_HEADERS, libraries)
+    cxx_flags, libraries = torch_op_flags()
+    lib = build_library("cpu_ops", list(OP_SOURCES), compile_flags(native_library().openmp), tuple(cxx_flags),
+                        libraries)
     return lib is not None and hasattr(torch.ops.compressdit_native, "int8_group_linear")
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import fresh_cache
+
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = Path("transformer") / "diffusion_pytorch_model.safetensors"
 SUBPROCESS_TIMEOUT_S = 240
@@ -40,7 +42,7 @@ def cli_env(tmp: Path, pythonpath: str | None = str(ROOT)) -> dict:
     """CI-safe environment: offline hub, caches under ``tmp``, no forced colours, one thread."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COMPRESSDIT_DEBUG")}
-    env.update(HF_HUB_OFFLINE="1", COMPRESSDIT_CACHE=str(tmp / "cache"), HF_HUB_CACHE=str(tmp / "hub"),
+    env.update(HF_HUB_OFFLINE="1", COMPRESSDIT_CACHE=str(fresh_cache(tmp / "cache")), HF_HUB_CACHE=str(tmp / "hub"),
                HF_DATASETS_CACHE=str(tmp / "datasets"), COLUMNS="80", OMP_NUM_THREADS="1")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import fresh_cache
 from tests.integration.test_cli_errors import (ROOT, assert_nothing_written, assert_one_line_error,
                                                offline_cli_environment, run_main)
 
@@ -28,7 +29,7 @@ def offline_env(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch) -> Path:
     """A fresh compressdit cache per test: every test calibrates (and encodes prompts) itself."""
-    monkeypatch.setenv("COMPRESSDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COMPRESSDIT_CACHE", str(fresh_cache(tmp_path / "cache")))
     return tmp_path / "cache"
 
 

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import fresh_cache
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(tmp_path: Path) -> dict:
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", COMPRESSDIT_CACHE=str(tmp_path / "cache"),
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", COMPRESSDIT_CACHE=str(fresh_cache(tmp_path / "cache")),
                OMP_NUM_THREADS="1")
     return env
 

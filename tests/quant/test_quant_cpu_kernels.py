@@ -18,7 +18,7 @@ from compressdit.quant.formats import FORMATS
 from compressdit.quant.kernel_registry import kernel_summary, set_kernel
 from compressdit.quant.minifloat import unpack_nibbles
 from compressdit.quant.spec import LinearQuantSpec
-from tests.conftest import native_ops_built
+from tests.conftest import fresh_cache, native_ops_built
 
 SPECS = {
     "rtn-w4a4": dict(w_bits=4, group_size=16, a_bits=4, a_granularity="per_group", a_group_size=16),
@@ -541,7 +541,7 @@ def test_the_avx2_path_is_the_reference_too(tmp_path):
     if _gemm_path() is None:  # no x86-64 vector path here at all (asserted by _gemm_path)
         return
     fields = ", ".join(repr(SPECS[n]) for n in ("rtn-w4a4", "svdquant-w4a4", "nvfp4", "svdquant-nvfp4", "mxfp4"))
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "COMPRESSDIT_CACHE": str(tmp_path)}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "COMPRESSDIT_CACHE": str(fresh_cache(tmp_path / "cache"))}
     run = subprocess.run([sys.executable, "-c", _AVX2_CHECK.format(fields=fields)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

@@ -20,7 +20,9 @@
  * against its exact product then stays near the main product's own bf16 rounding (+17% on a synthetic SVDQuant
  * layer, +33% with a plain bf16 up product), for ~2 us a call. */
 
-#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -6,7 +6,10 @@
  *
  * Why: from Python those were three ctypes calls, a dispatcher call, four allocations and their checks, ~20 us a
  * layer (a zoo model's 128 -> 128 layer takes ~120 us in fp32 at 256 rows); here one dispatcher call. */
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <tuple>

@@ -18,7 +18,9 @@
  * (torch's at::native::cpublas::brgemm) instead of at::_int_mm: the same int32 sums, without _int_mm's per-call
  * primitive lookup and weight reorder (256 x 128 -> 128 at one thread: 5.5 us against 19.2). */
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_int_mm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

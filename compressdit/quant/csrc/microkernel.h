@@ -6,7 +6,9 @@
 #ifndef COMPRESSDIT_MICROKERNEL_H
 #define COMPRESSDIT_MICROKERNEL_H
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <cstdint>
