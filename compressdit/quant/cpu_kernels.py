@@ -972,23 +972,26 @@ def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: 
     ``smooth`` / ``inv``: the balancing divisor and its reciprocal, or None; ``down_t`` / ``up_t``: SVDQuant's
     branch on the balanced rows, or None. Unbalanced rows' codes are shared with the other layers reading ``x``.
     Where :func:`~compressdit.quant.cpu_native.native_ops` builds, the same calls run in one C++ op
-    (``csrc/groups_linear.cpp``: ~10 us less per call than three ctypes calls, torch.mm and four allocations)."""
+    (``csrc/groups_linear.cpp``: ~10 us less per call than three ctypes calls, torch.mm and four allocations), on
+    ``x``'s own shape (its reshape and the output's cost ~3 us each)."""
+    grid = (group * repeat, rule, top, mantissa, min_exp)
+    if native_ops() and x.numel():  # the same calls in one C++ op (csrc/groups_linear.cpp), on x's own shape
+        fp32 = x.dtype is torch.float32
+        xf = x if fp32 and x.is_contiguous() else x.float().contiguous()
+        elements = x.numel()
+        kind = ("codes", grid, repeat, mult)
+        kept = kept_rows(x, kind) if smooth is None else None
+        gemm_threads = torch.get_num_threads() if elements * out_features > GROUP_GEMM_TEAM_MIN_WORK else 1
+        out, codes, scales = torch.ops.compressdit_native.groups_linear(
+            xf, smooth, inv, *(kept[:2] if kept else (None, None)), packed, corr, w_scale, bias, down_t, up_t, table,
+            group * repeat, repeat, rule, top, mantissa, min_exp, mult, flush, planes, out_features,
+            threads_for(elements), gemm_threads)
+        if smooth is None and kept is None:
+            keep_rows(x, kind, (codes, scales, None))
+        return out if fp32 else out.to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.dtype is not torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
-    grid = (group * repeat, rule, top, mantissa, min_exp)
-    if native_ops() and x2.shape[0]:  # the same calls in one C++ op (csrc/groups_linear.cpp)
-        rows, cols = x2.shape
-        kind = ("codes", grid, repeat, mult)
-        kept = kept_rows(x, kind) if smooth is None else None
-        gemm_threads = torch.get_num_threads() if rows * cols * out_features > GROUP_GEMM_TEAM_MIN_WORK else 1
-        out, codes, scales = torch.ops.compressdit_native.groups_linear(
-            x2, smooth, inv, *(kept[:2] if kept else (None, None)), packed, corr, w_scale, bias, down_t, up_t, table,
-            group * repeat, repeat, rule, top, mantissa, min_exp, mult, flush, planes, out_features,
-            threads_for(rows * cols), gemm_threads)
-        if smooth is None and kept is None:
-            keep_rows(x, kind, (codes, scales, None))
-        return _like_input(out, x)
 
     def compute():
         return grid_codes(x2, smooth, inv, grid, repeat, mult)

@@ -155,7 +155,9 @@ class StateKey:
 
     @classmethod
     def of(cls, layer: nn.Module) -> "StateKey":
-        names = tuple(dict.fromkeys((*layer.quantized_tensors, "bias")))
+        # every tensor a prepack may read: the saved codes and scales, and the layer's own float parameters and
+        # buffers (the bias, SVDQuant's low-rank factors: written in place by a training step)
+        names = tuple(dict.fromkeys((*layer.quantized_tensors, "bias", *layer._parameters, *layer._buffers)))
         homes = (layer._parameters, layer._buffers)
         where = tuple(tuple(n for n in names if _home(homes, n) == i) for i in range(3))
         objects = _objects(layer, where)

@@ -413,7 +413,8 @@ def test_layers_reading_one_input_quantize_it_once(fused, monkeypatch):
 @pytest.mark.parametrize("rows, threads", [(37, 1), (37, 2), (1, 1), (300, 2)])
 def test_the_fused_groups_op_equals_the_python_path_bit_for_bit(name, rows, threads, monkeypatch):
     """csrc/groups_linear.cpp (division, codes, branch and GEMM in one call) gives the Python path's numbers exactly,
-    on any thread count, on fp32 and bf16 rows, balanced or not, with or without SVDQuant's branch. Without the
+    on any thread count, on fp32 and bf16 rows, balanced or not, with or without SVDQuant's branch, on rows in a 3-D
+    input (the op reads x's shape). Without the
     integer GEMM the layer keeps another kernel, without the op library both runs take the Python path: equal too."""
     built = native_ops_built()
     layer = _layer(name, 96, 128)
@@ -427,10 +428,11 @@ def test_the_fused_groups_op_equals_the_python_path_bit_for_bit(name, rows, thre
         for fused in (False, True):
             monkeypatch.setattr(cpu_kernels, "native_ops", lambda: fused and built)
             with torch.no_grad():
-                outs[fused] = (layer(x.clone()), layer(x.clone().bfloat16()))
+                outs[fused] = (layer(x.clone()), layer(x.clone().bfloat16()), layer(x.clone().view(1, rows, 128)))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False], strict=True))
+    assert outs[True][2].shape == (1, rows, 96) and torch.equal(outs[True][2][0], outs[True][0])  # rows in x's shape
     torch.testing.assert_close(outs[True][0], layer.reference_forward(x), rtol=1e-5,
                                atol=1e-5 * float(outs[True][0].abs().max()))
 

@@ -14,6 +14,7 @@ from compressdit.quant.format_registry import FORMATS
 from compressdit.quant.kernel_registry import cache_of, set_kernel
 from compressdit.quant.layers import QuantLinear, QuantState
 from compressdit.quant.spec import LinearQuantSpec
+from tests.quant.test_quant_cpu_kernels import _layer as groups_layer
 
 
 def _layer(seed: int = 0) -> QuantLinear:
@@ -60,6 +61,24 @@ def test_a_changed_saved_tensor_rebuilds_the_prepack(change):
         assert cache_of(layer).key is not key
         reference = layer.reference_forward(x)
     assert ((out - reference).norm() / reference.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("recipe", ["svdquant-w4a4", "svdquant-nvfp4"])
+def test_a_low_rank_factor_written_in_place_rebuilds_the_prepack(recipe):
+    """SVDQuant's branch factors are float parameters outside the saved codes (an optimizer step writes them in place):
+    the prepack that holds their copies is rebuilt too."""
+    layer = groups_layer(recipe, 64, 128)
+    x = torch.randn(2, 8, 128)
+    with torch.no_grad():
+        layer(x)
+        key = cache_of(layer).key
+        for factor in (layer.low_rank_up, layer.low_rank_down):
+            factor.mul_(2)
+            out = layer(x)
+            assert cache_of(layer).key is not key
+            key = cache_of(layer).key
+            reference = layer.reference_forward(x)
+            assert ((out - reference).norm() / reference.norm()).item() <= 1e-5
 
 
 def test_a_new_thread_count_or_a_registered_tensor_rebuilds_the_prepack():

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 extern "C" {
 float compressdit_divide_rows(const float *x, const float *smooth, const float *inv, int64_t rows, int64_t cols,
@@ -42,7 +43,8 @@ const float *fp32_of(const c10::optional<at::Tensor> &t, int64_t n, const char *
 
 /* (codes(x / smooth) @ W^T) * scales + bias (+ (x / smooth) @ down_t @ up_t), returned with the activation codes and
  * scales [rows, cols / grid_group * repeat] (passed back in as codes_in / scales_in by the next layer reading the same
- * unbalanced x: then only multiplied). x: contiguous fp32 [rows, cols]; smooth / inv: the balancing divisor and its
+ * unbalanced x: then only multiplied). x: contiguous fp32 [..., cols], its leading dimensions the rows (the output
+ * [..., out_features]: no reshape on either side, ~3 us each from Python); smooth / inv: the balancing divisor and its
  * reciprocal, or none; the grid (grid_group = group * repeat, rule, top, mantissa, min_exp, mult) as
  * cpu_native.grid_codes takes it; packed / corr / w_scale / table / flush / planes as cpu_native.group_gemm; down_t
  * fp32 [cols, r] and up_t [r, padded out] or none; pass_threads: the threads of the division and codes passes,
@@ -55,9 +57,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> groups_linear(
     const c10::optional<at::Tensor> &table, int64_t grid_group, int64_t repeat, int64_t rule, double top,
     int64_t mantissa, int64_t min_exp, double mult, int64_t flush, int64_t planes, int64_t out_features,
     int64_t pass_threads, int64_t gemm_threads) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(0) > 0,
-                "groups_linear: x must be a non-empty contiguous fp32 matrix");
-    const int64_t rows = x.size(0), cols = x.size(1);
+    TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() > 0,
+                "groups_linear: x must be a non-empty contiguous fp32 tensor");
+    const int64_t cols = x.size(-1), rows = x.numel() / cols; /* the rows of x's leading dimensions */
     TORCH_CHECK(grid_group > 0 && repeat > 0 && grid_group % repeat == 0 && cols % grid_group == 0,
                 "groups_linear: the grid's groups must divide the input's ", cols, " columns");
     TORCH_CHECK(smooth.has_value() == inv.has_value(), "groups_linear: give both smooth and inv, or neither");
@@ -101,14 +103,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> groups_linear(
         TORCH_CHECK(down_t->dim() == 2 && down_t->size(0) == cols && up_t->dim() == 2 &&
                         up_t->size(0) == down_t->size(1) && up_t->scalar_type() == at::kFloat && up_t->is_contiguous(),
                     "groups_linear: down_t must be [in, r] and up_t [r, out]");
-        hidden = at::mm(balanced.defined() ? balanced : x, *down_t);
+        hidden = at::mm((balanced.defined() ? balanced : x).view({rows, cols}), *down_t);
         rank = hidden.size(1);
     }
     TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(),
                 "groups_linear: w_scale must be contiguous fp32");
     const float *ws = w_scale.data_ptr<float>();
     const int32_t row_major = packed.dim() != 2 ? 0 : packed.scalar_type() == at::kChar ? 1 : table.has_value() ? 3 : 2;
-    at::Tensor out = at::empty({rows, out_features}, x.options());
+    std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1); /* x's leading shape, out_features */
+    out_shape.push_back(out_features);
+    at::Tensor out = at::empty(out_shape, x.options());
     const int failed = compressdit_group_gemm(
         codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), static_cast<const int8_t *>(packed.data_ptr()),
         corr.has_value() ? corr->data_ptr<int32_t>() : nullptr, ws,
