@@ -104,7 +104,7 @@ from compressdit.quant.cpu_native import (decode_f32, dequantize_groups, dequant
                                           float_to_bf16, grid_codes, group_gemm, group_gemm_isa, group_gemm_ready,
                                           hadamard_group_gemm, int4_dot, int4_dot_ready, int8_brgemm, int8_pack,
                                           quantize_rows_int8, keep_rows, kept_rows, native_ops, rows_unshared,
-                                          quantize_rows_int8_groups, scale_rows_, shared_rows, threads_for,
+                                          quantize_rows_int8_groups, scale_rows_, shared_rows, threads_for, times_rows,
                                           GROUP_GEMM_TEAM_MIN_WORK, TEAM_MIN_WORK)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.minifloat import MINIFLOATS
@@ -1000,7 +1000,7 @@ def int_groups_linear_cpu(x: torch.Tensor, smooth: Optional[torch.Tensor], inv: 
         codes, scales, balanced = shared_rows(x, ("codes", grid, repeat, mult), compute)
     else:
         codes, scales, balanced = compute()
-    hidden = None if down_t is None else torch.mm(x2 if balanced is None else balanced, down_t)
+    hidden = None if down_t is None else times_rows(x2 if balanced is None else balanced, down_t)
     out = group_gemm(codes, scales, packed, corr, w_scale, bias, out_features, hidden, up_t, flush, planes,
                      table=table, offset=int(top * mult))
     return _like_input(out, x)

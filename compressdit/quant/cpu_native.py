@@ -73,6 +73,7 @@ _SIGNATURES = {
                                   None),
     "compressdit_grid_tensor_scale": ([_PTR, _PTR, _I64, _I64, ctypes.c_float, _I32], ctypes.c_float),
     "compressdit_divide_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_float, _I32], ctypes.c_float),
+    "compressdit_times_rows": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I32], None),
     "compressdit_balance_grid_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32,
                                        ctypes.c_float, _PTR, _PTR, _I64, _I32], None),
     "compressdit_grid_rows_bf16": ([_PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, ctypes.c_float, _PTR,
@@ -231,6 +232,19 @@ def threads_for(elements: int) -> int:
     """The threads a pass over ``elements`` elements runs on: torch's intra-op count from
     ``PARALLEL_MIN_ELEMENTS`` on, else one."""
     return torch.get_num_threads() if elements >= PARALLEL_MIN_ELEMENTS else 1
+
+
+def times_rows(b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``b @ d`` for fp32 rows ``b`` [rows, cols] and ``d`` [cols, rank] (SVDQuant's down product on balanced rows):
+    each output the sum over the columns in order, a fused multiply-add a term (``csrc/float_rows.c``, ~2x faster
+    than torch.mm's MKL call at rank 16; the C++ op's same function); ``torch.mm`` without the library."""
+    lib = native_library()
+    if lib is None or b.dim() != 2 or d.dim() != 2 or not _takes(b, d) or b.shape[1] != d.shape[0]:
+        return torch.mm(b, d)
+    rows, cols = b.shape
+    h = torch.empty(rows, d.shape[1])
+    lib.compressdit_times_rows(b.data_ptr(), rows, cols, d.data_ptr(), d.shape[1], h.data_ptr(), threads_for(b.numel()))
+    return h
 
 
 def _takes(*tensors: torch.Tensor | None) -> bool:

@@ -1060,3 +1060,21 @@ def test_the_grid_pass_rounds_a_bf16_models_rows_in_one_pass(grid):
         assert out is None and expected is None
         return
     assert torch.equal(out.view(torch.int16), expected.to(torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 300])
+def test_the_down_product_is_the_same_fused_sums_on_every_path(rows, gemm_threads):
+    """``times_rows`` (SVDQuant's down product): b @ d to fp32 rounding, and each output the same in-order sum of fused
+    multiply-adds whichever path computes it (4 rows x 16 ranks, 8 ranks, the scalar tail) and on any thread count."""
+    from compressdit.quant.cpu_native import times_rows
+
+    gen = torch.Generator().manual_seed(rows)
+    b, d = torch.randn(rows, 136, generator=gen), torch.randn(136, 29, generator=gen)
+    h = times_rows(b, d)
+    torch.testing.assert_close(h, (b.double() @ d.double()).float(), rtol=1e-5, atol=1e-4)
+    if native_library() is None:  # torch.mm: nothing more to compare
+        return
+    for cols in (slice(0, 8), slice(16, 24), slice(24, 29), slice(3, 11)):  # 16 + 8 + 5 ranks; then unaligned
+        assert torch.equal(times_rows(b, d[:, cols].contiguous()), h[:, cols])
+    gemm_threads(2)
+    assert torch.equal(times_rows(b, d), h)

@@ -1,15 +1,14 @@
 /* A whole integer-groups CPU linear in one call (compressdit/quant/cpu_kernels.py: int_groups_linear_cpu, the
  * cpu-int-groups kernel of NVFP4, MXFP4, W4A4 and SVDQuant layers): the activations' balancing division (and NVFP4's
- * tensor scale from it), their codes on the format's grid (float_rows.c), SVDQuant's down product (at::mm, the
- * Python path's torch.mm) and the integer GEMM with the branch's up product in its blocks (group_gemm.c). The Python
- * path's calls in the same order with the same arguments: the same numbers, bit for bit.
+ * tensor scale from it), their codes on the format's grid (float_rows.c), SVDQuant's down product (float_rows.c, as
+ * the Python path's cpu_native.times_rows) and the integer GEMM with the branch's up product in its blocks
+ * (group_gemm.c). The Python path's calls in the same order with the same arguments: the same numbers, bit for bit.
  *
  * Why: from Python those were three ctypes calls, a dispatcher call, four allocations and their checks, ~20 us a
  * layer (a zoo model's 128 -> 128 layer takes ~120 us in fp32 at 256 rows); here one dispatcher call. */
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -24,6 +23,8 @@ void compressdit_grid_codes_rows(const float *x, const float *smooth, const floa
                                  int64_t group, int64_t repeat, int32_t rule, float top, int32_t mantissa,
                                  int32_t min_exp, float t, float mult, float *balanced, uint8_t *codes, float *scales,
                                  int32_t threads);
+void compressdit_times_rows(const float *b, int64_t rows, int64_t cols, const float *d, int64_t rank, float *h,
+                            int32_t threads);
 int compressdit_group_gemm(const uint8_t *a, const float *a_scale, const int8_t *w, const int32_t *corr,
                            const float *w_scale, const float *h, int64_t rank, const float *up, const float *bias,
                            int64_t rows, int64_t cols, int64_t k, int64_t group, int64_t flush, int64_t planes,
@@ -100,11 +101,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> groups_linear(
     at::Tensor hidden;
     int64_t rank = 0;
     if (down_t.has_value()) {
-        TORCH_CHECK(down_t->dim() == 2 && down_t->size(0) == cols && up_t->dim() == 2 &&
-                        up_t->size(0) == down_t->size(1) && up_t->scalar_type() == at::kFloat && up_t->is_contiguous(),
-                    "groups_linear: down_t must be [in, r] and up_t [r, out]");
-        hidden = at::mm((balanced.defined() ? balanced : x).view({rows, cols}), *down_t);
-        rank = hidden.size(1);
+        TORCH_CHECK(down_t->dim() == 2 && down_t->size(0) == cols && down_t->scalar_type() == at::kFloat &&
+                        down_t->is_contiguous() && up_t->dim() == 2 && up_t->size(0) == down_t->size(1) &&
+                        up_t->scalar_type() == at::kFloat && up_t->is_contiguous(),
+                    "groups_linear: down_t must be contiguous fp32 [in, r] and up_t [r, out]");
+        rank = down_t->size(1);
+        hidden = at::empty({rows, rank}, x.options());
+        compressdit_times_rows((balanced.defined() ? balanced : x).data_ptr<float>(), rows, cols,
+                               down_t->data_ptr<float>(), rank, hidden.data_ptr<float>(), threads);
     }
     TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(),
                 "groups_linear: w_scale must be contiguous fp32");
