@@ -45,15 +45,15 @@ def compile_flags(openmp: bool) -> list[str]:
             *(["-fopenmp"] * openmp)]
 
 
-def torch_op_flags() -> tuple[list[str], tuple[str, ...]]:
+def torch_op_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """What a C++ source of a torch op library adds to :func:`compile_flags` (torch's headers, C++ ABI and version:
     part of its objects' digests), and what the library links against (torch's own libraries, found at run time where
     torch loaded them)."""
     from torch.utils import cpp_extension  # here: importing it loads setuptools, which only a build needs
 
     torch_lib = str(Path(torch.__file__).parent / "lib")
-    flags = ["-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
-             f'-DCOMPRESSDIT_TORCH="{torch.__version__}"', *(f"-I{p}" for p in cpp_extension.include_paths())]
+    flags = ("-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+             f'-DCOMPRESSDIT_TORCH="{torch.__version__}"', *(f"-I{p}" for p in cpp_extension.include_paths()))
     return flags, (f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-ltorch_cpu", "-lc10")
 
 

@@ -7,6 +7,7 @@ import ctypes
 
 from compressdit.native_build import build_library, compile_flags, compiler_for
 
+
 def _sources(folder):
     folder.mkdir()
     (folder / "scale.h").write_text("#define SCALE 3\n")

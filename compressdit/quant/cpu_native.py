@@ -26,8 +26,8 @@ C++ torch ops (:func:`native_ops`, built with ``c++`` and torch's headers): ``cs
 W8A8 layer per call on a team of torch's threads, ``csrc/groups_linear.cpp`` a whole ``cpu-int-groups`` layer
 (activation codes, SVDQuant's down product, :func:`group_gemm`) per call, and on CPUs with AMX both the first
 (:func:`int8_brgemm`: int8 codes) and ``csrc/bf16_gemm.cpp`` (:func:`bf16_linear`: bf16 weights, fp32 sums and
-epilogue) multiply on oneDNN's BRGeMM microkernel as torch exposes it (``at::native::cpublas::brgemm``; its flash attention's), the weight packed once
-into AMX's layout, without the ~10-20 us a call of torch's int8 / bf16 matmul primitives on small layers.
+epilogue) multiply on oneDNN's BRGeMM microkernel as torch exposes it (``at::native::cpublas::brgemm``; its flash
+attention's), the weight packed once into AMX's layout, without the ~10-20 us a call of torch's int8 / bf16 matmul primitives on small layers.
 """
 
 from __future__ import annotations
@@ -154,8 +154,7 @@ def native_ops() -> bool:
     if hasattr(torch.ops.compressdit_native, "int8_group_linear"):  # loaded already (e.g. from another cache folder):
         return True  # a second copy would register the ops twice, which aborts the process
     cxx_flags, libraries = torch_op_flags()
-    lib = build_library("cpu_ops", list(OP_SOURCES), compile_flags(native_library().openmp), tuple(cxx_flags),
-                        libraries)
+    lib = build_library("cpu_ops", list(OP_SOURCES), compile_flags(native_library().openmp), cxx_flags, libraries)
     return lib is not None and hasattr(torch.ops.compressdit_native, "int8_group_linear")
 
 

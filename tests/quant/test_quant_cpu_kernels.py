@@ -414,8 +414,8 @@ def test_layers_reading_one_input_quantize_it_once(fused, monkeypatch):
 def test_the_fused_groups_op_equals_the_python_path_bit_for_bit(name, rows, threads, monkeypatch):
     """csrc/groups_linear.cpp (division, codes, branch and GEMM in one call) gives the Python path's numbers exactly,
     on any thread count, on fp32 and bf16 rows, balanced or not, with or without SVDQuant's branch, on rows in a 3-D
-    input (the op reads x's shape). Without the
-    integer GEMM the layer keeps another kernel, without the op library both runs take the Python path: equal too."""
+    input (the op reads x's shape). Without the integer GEMM the layer keeps another kernel, without the op library
+    both runs take the Python path: equal too."""
     built = native_ops_built()
     layer = _layer(name, 96, 128)
     if _gemm_path() is not None:

@@ -987,8 +987,8 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
     free(scratch);
 }
 
-/* h [n, rank] = b [n, cols] @ d [cols, rank] for n <= 4 rows 'ld' floats apart: each output the sum over k in order, one
- * fused multiply-add a term (the same arithmetic on every path: AVX2 vectors of 8 ranks, 4 rows at a time, or fmaf) */
+/* h [n, rank] = b [n, cols] @ d [cols, rank] for n <= 4 rows: each output the sum over k in order, one fused
+ * multiply-add a term (the same arithmetic on every path: AVX2 vectors of 8 ranks, 4 rows at a time, or fmaf) */
 static void times_rows(const float *restrict b, int64_t n, int64_t cols, const float *restrict d, int64_t rank,
                        float *restrict h) {
     int64_t c = 0;

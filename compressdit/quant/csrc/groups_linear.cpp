@@ -120,8 +120,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> groups_linear(
     const int failed = compressdit_group_gemm(
         codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), static_cast<const int8_t *>(packed.data_ptr()),
         corr.has_value() ? corr->data_ptr<int32_t>() : nullptr, ws,
-        hidden.defined() ? hidden.data_ptr<float>() : nullptr, rank, up_t.has_value() ? up_t->data_ptr<float>() : nullptr, fp32_of(bias, out_features, "bias"), rows,
-        out_features, cols, cols / scale_cols, flush, planes, 0,
+        hidden.defined() ? hidden.data_ptr<float>() : nullptr, rank,
+        up_t.has_value() ? up_t->data_ptr<float>() : nullptr, fp32_of(bias, out_features, "bias"), rows, out_features,
+        cols, cols / scale_cols, flush, planes, 0,
         table.has_value() ? static_cast<const int8_t *>(table->data_ptr()) : nullptr, row_major,
         static_cast<int32_t>(top * mult), out.data_ptr<float>(), static_cast<int32_t>(gemm_threads));
     TORCH_CHECK(!failed, "groups_linear: group_gemm has no path on this CPU for ", planes, " weight plane(s)",
