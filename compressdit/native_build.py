@@ -5,7 +5,8 @@ Objects and libraries are cached in ``$COMPRESSDIT_CACHE/native`` under digests 
 its compiler, flags, source and the local headers it includes; a library's: its objects' digests, link flags and
 libraries), so a library that shares sources with another links the objects already built: the op library
 (``cpu_ops``) reuses every C object of ``cpu_rows``. Builds from concurrent processes write temporary files and
-rename them: the last rename wins, each file is whole.
+rename them: the last rename wins, each file is whole; and they take turns (a lock file in the folder, where the
+platform has ``fcntl``): a process that finds another building waits, then finds its objects built.
 
 Why: one ``cc`` / ``c++`` command over all sources took 43 s for ``cpu_rows`` and 85 s for ``cpu_ops`` (which compiled
 the same C sources again) on a 2-core EPYC; a process's first quantized forward waited for both.
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -121,6 +123,25 @@ def _object(source: Path, flags: list[str], folder: Path) -> tuple[Path, str] | 
     return None
 
 
+@contextmanager
+def _builds_in_turn(folder: Path):
+    """Held while this process builds in ``folder``: an exclusive ``flock`` on its ``.lock`` file (two test workers
+    or ranks starting together compile each source once, not once each); nothing where the platform has no
+    ``fcntl`` or the folder takes no lock file (the builds still write whole files)."""
+    try:
+        import fcntl
+        handle = open(folder / ".lock", "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_library(stem: str, sources: list[Path], flags: list[str], cxx_flags: tuple[str, ...] = (),
                   libraries: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """``sources`` (``.c`` compiled with ``flags``, C++ with ``flags`` and ``cxx_flags``), linked with ``libraries``
@@ -132,16 +153,17 @@ def build_library(stem: str, sources: list[Path], flags: list[str], cxx_flags: t
         jobs = [(s, flags if s.suffix == ".c" else [*flags, *cxx_flags]) for s in sources]
         workers = max(1, min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                              else os.cpu_count() or 1))
-        with ThreadPoolExecutor(workers) as pool:  # each compile is a process of its own
-            objects = list(pool.map(lambda job: _object(job[0], job[1], folder), jobs))
-        if any(o is None for o in objects):
-            return None
-        linker = compiler_for(next((s for s in sources if s.suffix != ".c"), sources[0]))
-        link = ["-shared", *(["-fopenmp"] * ("-fopenmp" in flags)), *libraries]
-        target = folder / f"{stem}-{_digest(*(d.encode() for _, d in objects), ' '.join(link).encode())}.so"
-        if not target.exists() and (linker is None or not _write_atomically(
-                target, lambda out: [linker, *(str(o) for o, _ in objects), *link, "-o", str(out)])):
-            return None
+        with _builds_in_turn(folder):
+            with ThreadPoolExecutor(workers) as pool:  # each compile is a process of its own
+                objects = list(pool.map(lambda job: _object(job[0], job[1], folder), jobs))
+            if any(o is None for o in objects):
+                return None
+            linker = compiler_for(next((s for s in sources if s.suffix != ".c"), sources[0]))
+            link = ["-shared", *(["-fopenmp"] * ("-fopenmp" in flags)), *libraries]
+            target = folder / f"{stem}-{_digest(*(d.encode() for _, d in objects), ' '.join(link).encode())}.so"
+            if not target.exists() and (linker is None or not _write_atomically(
+                    target, lambda out: [linker, *(str(o) for o, _ in objects), *link, "-o", str(out)])):
+                return None
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError):
         return None

@@ -1,9 +1,13 @@
 """The CPU libraries' build: objects compiled once per digest and shared between libraries, local headers in the
-digest, failures give ``None`` and leave no file behind."""
+digest, concurrent builds in turn, failures give ``None`` and leave no file behind."""
 
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
+import stat
+from concurrent.futures import ThreadPoolExecutor
 
 from compressdit.native_build import build_library, compile_flags, compiler_for
 
@@ -50,7 +54,8 @@ def test_a_compile_error_or_no_compiler_gives_none_and_leaves_no_file(tmp_path, 
         return
     assert build_library("broken", [src / "twice.c", src / "broken.c"], compile_flags(False)) is None
     native = tmp_path / "cache" / "native"
-    assert [p.name.split("-")[0] for p in native.iterdir()] == ["twice"]  # the good object, nothing half-written
+    built = [p.name.split("-")[0] for p in native.iterdir() if p.name != ".lock"]
+    assert built == ["twice"]  # the good object, nothing half-written
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert compiler_for(src / "twice.c") is None
     assert build_library("other", [src / "triple.c"], compile_flags(False)) is None
@@ -66,3 +71,24 @@ def test_a_library_of_c_and_cxx_sources_links_with_the_cxx_flags_on_cxx_sources_
         assert lib is None
         return
     assert isinstance(lib, ctypes.CDLL) and lib.wrap(3) == 7  # -DSTEP reached the C++ source
+
+
+def test_builds_started_together_compile_each_source_once(tmp_path, monkeypatch):
+    """Two builds of one library at once (the suite's two workers, two ranks): the second waits for the first's lock,
+    then finds its objects and library; every source is compiled once."""
+    monkeypatch.setenv("COMPRESSDIT_CACHE", str(tmp_path / "cache"))
+    src = _sources(tmp_path / "src")
+    cc = compiler_for(src / "twice.c")
+    if cc is None or shutil.which("sh") is None:
+        return
+    log = tmp_path / "compiles.log"
+    wrapper = tmp_path / "logging-cc"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nsleep 1\nexec {cc} "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(wrapper))
+    sources = [src / "triple.c", src / "twice.c"]
+    with ThreadPoolExecutor(2) as pool:
+        libraries = list(pool.map(lambda _: build_library("both", sources, compile_flags(False)), range(2)))
+    assert all(lib is not None and lib.triple(2) == 6 and lib.twice(2) == 4 for lib in libraries)
+    compiles = [line for line in log.read_text().splitlines() if " -c " in f" {line} "]
+    assert sorted(os.path.basename(line.split(" -c ")[1].split()[0]) for line in compiles) == ["triple.c", "twice.c"]

@@ -41,8 +41,10 @@ def test_two_ranks_write_the_single_process_checkpoint_once(dit_pipeline_dir, tm
     recipe = _recipe(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "COMPRESSDIT_CACHE": str(fresh_cache(tmp_path / "cache-ranks"))}
+    # port 0: a free one (the suite's other process may run a 2-rank test of its own at the same time)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "compressdit.cli"]
+              "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "compressdit.cli"]
     proc = subprocess.run([*launch, "quantize", str(dit_pipeline_dir), "-r", str(recipe), "--no-eval", "--json",
                            "-o", str(tmp_path / "ranks"), *(["--stream"] if stream else [])],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
