@@ -556,12 +556,13 @@ def test_the_op_library_loads_once_per_process(tmp_path):
     assert second == first
 
 
-@pytest.mark.parametrize("cols", [128, 1152, 96, 8])
+@pytest.mark.parametrize("cols", [128, 1152, 256, 512, 96, 8])
 @pytest.mark.parametrize("parallel", [False, True])
 def test_the_hadamard_pass_is_balancing_and_rotate_bit_for_bit(cols, parallel, monkeypatch):
     """csrc/float_rows.c's randomized block Hadamard (after the balancing division) against rotation.rotate's
-    butterflies: the same bits on every width (blocks of 128 / 128 / 32 / 8), with and without a divisor, on rows
-    of very different scales, zeros, subnormals, inf and NaN; its rows split over two threads or not."""
+    butterflies: the same bits on every width (blocks of 128 / 128 / 256 / 512 / 32 / 8), with and without a divisor,
+    on rows of very different scales, zeros, subnormals, inf and NaN; its rows split over two threads or not. With a
+    grid, LRQ's int4 in groups of 16 included (on AVX2, widths of 128 multiples take hadamard_grid_row)."""
     from compressdit.quant.cpu_native import fake_quantize_grid, hadamard_rows
     from compressdit.quant.rotation import random_signs, rotate
 
@@ -584,10 +585,13 @@ def test_the_hadamard_pass_is_balancing_and_rotate_bit_for_bit(cols, parallel, m
         return
     for out, expected in zip(outs, (rotate(x / smooth, signs), rotate(x, signs))):
         torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
-    for grid in ((8, 0, 7.0, 30, 30), (8, 1, 6.0, 1, 0), (cols, 0, 448.0, 3, -6)):  # int4, MX E2M1, E4M3 per token
-        fused = hadamard_rows(x, smooth, signs, grid)  # rotation and quantization in one pass
-        torch.testing.assert_close(fused, fake_quantize_grid(rotate(x / smooth, signs), *grid), rtol=0, atol=0,
-                                   equal_nan=True)
+    grids = [(8, 0, 7.0, 30, 30), (8, 1, 6.0, 1, 0), (cols, 0, 448.0, 3, -6)]  # int4, MX E2M1, E4M3 per token
+    for grid in [*grids, *([(16, 0, 7.0, 30, 30), (16, 0, 127.0, 30, 30)] * (cols % 16 == 0))]:  # int4 / int8 g16
+        for divisor in (smooth, None):  # rotation and quantization in one pass
+            fused = hadamard_rows(x, divisor, signs, grid)
+            balanced = x if divisor is None else x / divisor
+            torch.testing.assert_close(fused, fake_quantize_grid(rotate(balanced, signs), *grid), rtol=0, atol=0,
+                                       equal_nan=True)
     assert hadamard_rows(x, smooth, signs, (8, 2, 6.0, 1, 0)) is None  # NVFP4's tensor scale needs every row first
     strided = x.t().contiguous().t()  # the same values, not contiguous: the caller's PyTorch path runs
     assert not strided.is_contiguous() and hadamard_rows(strided, None, signs) is None

@@ -947,6 +947,130 @@ static void hadamard_row_plain(const float *r, const float *smooth, const int8_t
     for (int64_t j = 0; j < cols; ++j) o[j] = o[j] / norm;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* butterfly_lanes' stages 1, 2 and 4 on one AVX2 register: the partner plus the value with its sign flipped where
+ * the stage's bit of the lane is set (the same single additions) */
+static inline __m256 butterflies8_avx2(__m256 v) {
+    const int s = (int)0x80000000;
+    const __m256 odd = _mm256_castsi256_ps(_mm256_setr_epi32(0, s, 0, s, 0, s, 0, s));
+    const __m256 pair = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, s, s, 0, 0, s, s));
+    const __m256 half = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, s, s, s, s));
+    v = _mm256_add_ps(_mm256_permute_ps(v, 0xB1), _mm256_xor_ps(v, odd));
+    v = _mm256_add_ps(_mm256_permute_ps(v, 0x4E), _mm256_xor_ps(v, pair));
+    return _mm256_add_ps(_mm256_permute2f128_ps(v, v, 0x01), _mm256_xor_ps(v, half));
+}
+
+/* div_rn on 8 lanes */
+static inline __m256 div_rn8(__m256 a, __m256 b, __m256 inv) {
+    const __m256 q0 = _mm256_mul_ps(a, inv);
+    return _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, b, a), inv, q0);
+}
+
+/* 8 groups of 16 rotated values v (2 registers a group), divided by norm (div_rn) and put on the integer grid by
+ * grid_groups' rule 0 (each group's scale and its reciprocal, div_rn, grid_value_int, times the scale), into o.
+ * The groups' maxima come from the values before the division (a correctly rounded division by norm is monotone:
+ * the quotient of the largest is the largest quotient), transposed into one register so that the 8 scales take one
+ * vector division. Returns nonzero, nothing written, where a |v| is above hadamard_row's range or NaN; below its range
+ * a value's quotient may be off in its last bits, but rounds to a signed 0 on the grid as the exact one would (the
+ * scale is at least 1e-8 / top, |v| < 2^-94). */
+static inline __attribute__((always_inline)) int grid8_avx2(const __m256 *v, __m256 vn, __m256 vin, __m256 vtop,
+                                                             float *restrict o) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), magic = _mm256_set1_ps(12582912.0f);
+    __m256i m[8], t[4], w[2];
+    for (int k = 0; k < 8; ++k)
+        m[k] = _mm256_max_epu32(_mm256_castps_si256(_mm256_and_ps(v[2 * k], absmask)),
+                                _mm256_castps_si256(_mm256_and_ps(v[2 * k + 1], absmask)));
+    for (int k = 0; k < 4; ++k)
+        t[k] = _mm256_max_epu32(_mm256_unpacklo_epi32(m[2 * k], m[2 * k + 1]),
+                                _mm256_unpackhi_epi32(m[2 * k], m[2 * k + 1]));
+    for (int k = 0; k < 2; ++k)
+        w[k] = _mm256_max_epu32(_mm256_unpacklo_epi64(t[2 * k], t[2 * k + 1]),
+                                _mm256_unpackhi_epi64(t[2 * k], t[2 * k + 1]));
+    const __m256i mx = _mm256_max_epu32(_mm256_permute2x128_si256(w[0], w[1], 0x20),
+                                        _mm256_permute2x128_si256(w[0], w[1], 0x31)); /* lane k: group k's */
+    const __m256i above = _mm256_cmpgt_epi32(mx, _mm256_set1_epi32(0x71800000));
+    if (!_mm256_testz_si256(above, above)) return 1;
+    /* grid_scale's rule 0 (the absmax floored at 1e-8; never NaN here), its reciprocal */
+    const __m256 scale = _mm256_div_ps(_mm256_max_ps(div_rn8(_mm256_castsi256_ps(mx), vn, vin), _mm256_set1_ps(1e-8f)),
+                                       vtop);
+    const __m256 inverse = _mm256_div_ps(_mm256_set1_ps(1.0f), scale);
+    for (int k = 0; k < 8; ++k) {
+        const __m256i lane = _mm256_set1_epi32(k);
+        const __m256 s = _mm256_permutevar8x32_ps(scale, lane), i = _mm256_permutevar8x32_ps(inverse, lane);
+        for (int h = 0; h < 2; ++h) {
+            const __m256 q = div_rn8(div_rn8(v[2 * k + h], vn, vin), s, i);
+            /* grid_value_int: |q| clamped to top, rounded by the 1.5 * 2^23 constant, clamped again, q's sign */
+            __m256 a = _mm256_min_ps(_mm256_and_ps(q, absmask), vtop);
+            a = _mm256_min_ps(_mm256_sub_ps(_mm256_add_ps(a, magic), magic), vtop);
+            _mm256_storeu_ps(o + 16 * k + 8 * h, _mm256_mul_ps(_mm256_or_ps(a, _mm256_andnot_ps(absmask, q)), s));
+        }
+    }
+    return 0;
+}
+#endif
+
+/* One row of compressdit_hadamard_rows with its grid, where that is rule 0 on the integer grid in groups of 16 and
+ * cols a multiple of 128, in AVX2 registers: hadamard_row's divisions (divide_row's range check), the butterflies
+ * (stages 1-4 in each register, then two stages a pass over the row: h and 2h on 4 registers), then grid8_avx2 on
+ * each 128 values; the same operations on every value as hadamard_row and grid_batch, so the same numbers, ~2x
+ * faster (the scalar route's passes over the row, the groups' horizontal maxima). Returns nonzero, the row
+ * unfinished, where hadamard_row would, or without AVX2 (the caller then takes that route). */
+static int hadamard_grid_row(const float *restrict r, const float *restrict signed_smooth, const float *restrict inv,
+                             const float *restrict sign, int64_t cols, int64_t block, float norm, float inv_norm,
+                             float top, float *restrict o) {
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256i bad = _mm256_setzero_si256();
+    if (signed_smooth) {
+        const __m256i above = _mm256_set1_epi32(0x71800000), below = _mm256_set1_epi32(0x0d800000);
+        for (int64_t j = 0; j < cols; j += 8) {
+            const __m256 x = _mm256_loadu_ps(r + j);
+            const __m256 v = div_rn8(x, _mm256_loadu_ps(signed_smooth + j), _mm256_loadu_ps(inv + j));
+            const __m256i u = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff));
+            const __m256i zero = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ));
+            bad = _mm256_or_si256(bad, _mm256_or_si256(_mm256_cmpgt_epi32(u, above),
+                                                       _mm256_andnot_si256(zero, _mm256_cmpgt_epi32(below, u))));
+            _mm256_storeu_ps(o + j, butterflies8_avx2(v));
+        }
+        if (!_mm256_testz_si256(bad, bad)) return 1;
+    } else {
+        for (int64_t j = 0; j < cols; j += 8)
+            _mm256_storeu_ps(o + j, butterflies8_avx2(_mm256_mul_ps(_mm256_loadu_ps(r + j),
+                                                                    _mm256_loadu_ps(sign + j))));
+    }
+    int64_t h = 8;
+    for (; 4 * h <= block; h *= 4)
+        for (int64_t start = 0; start < cols; start += 4 * h)
+            for (int64_t j = start; j < start + h; j += 8) {
+                const __m256 a0 = _mm256_loadu_ps(o + j), a1 = _mm256_loadu_ps(o + j + h);
+                const __m256 a2 = _mm256_loadu_ps(o + j + 2 * h), a3 = _mm256_loadu_ps(o + j + 3 * h);
+                const __m256 b0 = _mm256_add_ps(a0, a1), b1 = _mm256_sub_ps(a0, a1);
+                const __m256 b2 = _mm256_add_ps(a2, a3), b3 = _mm256_sub_ps(a2, a3);
+                _mm256_storeu_ps(o + j, _mm256_add_ps(b0, b2));
+                _mm256_storeu_ps(o + j + h, _mm256_add_ps(b1, b3));
+                _mm256_storeu_ps(o + j + 2 * h, _mm256_sub_ps(b0, b2));
+                _mm256_storeu_ps(o + j + 3 * h, _mm256_sub_ps(b1, b3));
+            }
+    if (h < block)
+        for (int64_t start = 0; start < cols; start += 2 * h)
+            for (int64_t j = start; j < start + h; j += 8) {
+                const __m256 a = _mm256_loadu_ps(o + j), b = _mm256_loadu_ps(o + j + h);
+                _mm256_storeu_ps(o + j, _mm256_add_ps(a, b));
+                _mm256_storeu_ps(o + j + h, _mm256_sub_ps(a, b));
+            }
+    const __m256 vn = _mm256_set1_ps(norm), vin = _mm256_set1_ps(inv_norm), vtop = _mm256_set1_ps(top);
+    for (int64_t c = 0; c < cols; c += 128) {
+        __m256 v[16];
+        for (int k = 0; k < 16; ++k) v[k] = _mm256_loadu_ps(o + c + 8 * k);
+        if (grid8_avx2(v, vn, vin, vtop, o + c)) return 1;
+    }
+    return 0;
+#else
+    (void)r, (void)signed_smooth, (void)inv, (void)sign, (void)cols, (void)block, (void)norm, (void)inv_norm,
+        (void)top, (void)o;
+    return 1;
+#endif
+}
+
 /* The randomized block Hadamard of compressdit/quant/rotation.py (rotate, after the layer's balancing), bit for bit:
  * per row, v = x / smooth (smooth may be NULL) times the +-1 signs, then within each run of `block` values (the
  * largest power of two dividing cols, as rotate takes it) the butterflies of fwht in its order (h = 1, 2, 4, ...:
@@ -969,9 +1093,15 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
             inv[j] = 1.0f / signed_smooth[j];
         }
     }
+    /* the AVX2 row with its grid (hadamard_grid_row) where it takes the grid and the row */
+    const int fused = scratch && !codes && group == 16 && rule == 0 && integer_grid(top, mantissa, min_exp)
+                      && cols % 128 == 0;
     FOR_ROWS(i, rows, {
         const float *r = x + i * cols;
         float *o = out + i * cols;
+        if (fused && !hadamard_grid_row(r, smooth ? signed_smooth : NULL, inv, signed_smooth, cols, block, norm,
+                                        inv_norm, top, o))
+            continue;
         if (!scratch || hadamard_row(r, smooth ? signed_smooth : NULL, inv, signed_smooth, cols, block, norm, inv_norm,
                                      o))
             hadamard_row_plain(r, smooth, signs, cols, block, norm, o);
