@@ -966,20 +966,19 @@ static inline __m256 div_rn8(__m256 a, __m256 b, __m256 inv) {
     return _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, b, a), inv, q0);
 }
 
-/* 8 groups of 16 rotated values v (2 registers a group), divided by norm (div_rn) and put on the integer grid by
- * grid_groups' rule 0 (each group's scale and its reciprocal, div_rn, grid_value_int, times the scale), into o.
- * The groups' maxima come from the values before the division (a correctly rounded division by norm is monotone:
- * the quotient of the largest is the largest quotient), transposed into one register so that the 8 scales take one
- * vector division. Returns nonzero, nothing written, where a |v| is above hadamard_row's range or NaN; below its range
- * a value's quotient may be off in its last bits, but rounds to a signed 0 on the grid as the exact one would (the
- * scale is at least 1e-8 / top, |v| < 2^-94). */
-static inline __attribute__((always_inline)) int grid8_avx2(const __m256 *v, __m256 vn, __m256 vin, __m256 vtop,
-                                                             float *restrict o) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), magic = _mm256_set1_ps(12582912.0f);
+/* The scales of 8 groups of 16 rotated values at o (before their division by norm) for grid_groups' rule 0 on the
+ * integer grid, and their reciprocals, lane k group k's: the groups' maxima from the values before the division (a
+ * correctly rounded division by norm is monotone: the quotient of the largest is the largest quotient), transposed
+ * into one register, so that the 8 scales take one vector division. Returns nonzero where a |v| is above
+ * hadamard_row's range or NaN; below its range a value's quotient may be off in its last bits but rounds to a signed
+ * 0 on the grid as the exact one would (the scale is at least 1e-8 / top, |v| < 2^-94). */
+static inline __attribute__((always_inline)) int grid8_scales(const float *o, __m256 vn, __m256 vin, __m256 vtop,
+                                                               __m256 *scale, __m256 *inverse) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256i m[8], t[4], w[2];
     for (int k = 0; k < 8; ++k)
-        m[k] = _mm256_max_epu32(_mm256_castps_si256(_mm256_and_ps(v[2 * k], absmask)),
-                                _mm256_castps_si256(_mm256_and_ps(v[2 * k + 1], absmask)));
+        m[k] = _mm256_max_epu32(_mm256_castps_si256(_mm256_and_ps(_mm256_loadu_ps(o + 16 * k), absmask)),
+                                _mm256_castps_si256(_mm256_and_ps(_mm256_loadu_ps(o + 16 * k + 8), absmask)));
     for (int k = 0; k < 4; ++k)
         t[k] = _mm256_max_epu32(_mm256_unpacklo_epi32(m[2 * k], m[2 * k + 1]),
                                 _mm256_unpackhi_epi32(m[2 * k], m[2 * k + 1]));
@@ -989,35 +988,38 @@ static inline __attribute__((always_inline)) int grid8_avx2(const __m256 *v, __m
     const __m256i mx = _mm256_max_epu32(_mm256_permute2x128_si256(w[0], w[1], 0x20),
                                         _mm256_permute2x128_si256(w[0], w[1], 0x31)); /* lane k: group k's */
     const __m256i above = _mm256_cmpgt_epi32(mx, _mm256_set1_epi32(0x71800000));
-    if (!_mm256_testz_si256(above, above)) return 1;
     /* grid_scale's rule 0 (the absmax floored at 1e-8; never NaN here), its reciprocal */
-    const __m256 scale = _mm256_div_ps(_mm256_max_ps(div_rn8(_mm256_castsi256_ps(mx), vn, vin), _mm256_set1_ps(1e-8f)),
-                                       vtop);
-    const __m256 inverse = _mm256_div_ps(_mm256_set1_ps(1.0f), scale);
+    *scale = _mm256_div_ps(_mm256_max_ps(div_rn8(_mm256_castsi256_ps(mx), vn, vin), _mm256_set1_ps(1e-8f)), vtop);
+    *inverse = _mm256_div_ps(_mm256_set1_ps(1.0f), *scale);
+    return !_mm256_testz_si256(above, above);
+}
+
+/* The 8 groups at o divided by norm (div_rn) and put on the grid with grid8_scales' scales: div_rn by the scale,
+ * grid_value_int, times the scale (grid_groups' operations), in place */
+static inline __attribute__((always_inline)) void grid8_apply(float *o, __m256 vn, __m256 vin, __m256 vtop,
+                                                               __m256 scale, __m256 inverse) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), magic = _mm256_set1_ps(12582912.0f);
     for (int k = 0; k < 8; ++k) {
         const __m256i lane = _mm256_set1_epi32(k);
         const __m256 s = _mm256_permutevar8x32_ps(scale, lane), i = _mm256_permutevar8x32_ps(inverse, lane);
         for (int h = 0; h < 2; ++h) {
-            const __m256 q = div_rn8(div_rn8(v[2 * k + h], vn, vin), s, i);
+            const __m256 q = div_rn8(div_rn8(_mm256_loadu_ps(o + 16 * k + 8 * h), vn, vin), s, i);
             /* grid_value_int: |q| clamped to top, rounded by the 1.5 * 2^23 constant, clamped again, q's sign */
             __m256 a = _mm256_min_ps(_mm256_and_ps(q, absmask), vtop);
             a = _mm256_min_ps(_mm256_sub_ps(_mm256_add_ps(a, magic), magic), vtop);
             _mm256_storeu_ps(o + 16 * k + 8 * h, _mm256_mul_ps(_mm256_or_ps(a, _mm256_andnot_ps(absmask, q)), s));
         }
     }
-    return 0;
 }
 #endif
 
-/* One row of compressdit_hadamard_rows with its grid, where that is rule 0 on the integer grid in groups of 16 and
- * cols a multiple of 128, in AVX2 registers: hadamard_row's divisions (divide_row's range check), the butterflies
- * (stages 1-4 in each register, then two stages a pass over the row: h and 2h on 4 registers), then grid8_avx2 on
- * each 128 values; the same operations on every value as hadamard_row and grid_batch, so the same numbers, ~2x
- * faster (the scalar route's passes over the row, the groups' horizontal maxima). Returns nonzero, the row
- * unfinished, where hadamard_row would, or without AVX2 (the caller then takes that route). */
+/* One row of compressdit_hadamard_rows before its grid (hadamard_grid_rows), cols a multiple of 128, in AVX2
+ * registers: hadamard_row's balancing divisions (divide_row's range check) or signs, the butterflies (stages 1-4 in
+ * each register, then two stages a pass over the row: h and 2h on 4 registers), not yet divided by norm; the same
+ * operations on every value as hadamard_row, so the same numbers. Returns nonzero, the row unfinished, where
+ * divide_row's check fails or without AVX2 (the caller then takes hadamard_row's route). */
 static int hadamard_grid_row(const float *restrict r, const float *restrict signed_smooth, const float *restrict inv,
-                             const float *restrict sign, int64_t cols, int64_t block, float norm, float inv_norm,
-                             float top, float *restrict o) {
+                             const float *restrict sign, int64_t cols, int64_t block, float *restrict o) {
 #if defined(__AVX2__) && defined(__FMA__)
     __m256i bad = _mm256_setzero_si256();
     if (signed_smooth) {
@@ -1057,16 +1059,46 @@ static int hadamard_grid_row(const float *restrict r, const float *restrict sign
                 _mm256_storeu_ps(o + j, _mm256_add_ps(a, b));
                 _mm256_storeu_ps(o + j + h, _mm256_sub_ps(a, b));
             }
+    return 0;
+#else
+    (void)r, (void)signed_smooth, (void)inv, (void)sign, (void)cols, (void)block, (void)o;
+    return 1;
+#endif
+}
+
+/* chunks of 128 values the batch of rows takes its scales for before it quantizes any (the divisions of a chunk's
+ * scales wait on its maxima, ~50 cycles of latency: with several chunks in flight they overlap) */
+#define GRID_CHUNKS 4
+
+/* Rows [i0, i1) of compressdit_hadamard_rows with their grid, where that is rule 0 on the integer grid in groups of
+ * 16 (LRQ's int4 / int8 activations) and cols a multiple of 128: hadamard_grid_row on each, then the division by norm
+ * and the grid of every 128 values (grid8_scales, then grid8_apply, GRID_CHUNKS chunks a turn). The same operations on
+ * every value as hadamard_row and grid_batch, so the same numbers, in ~half their time on a Zen 3 (0.8-1.0 ns an
+ * element against 1.4-2.4: their passes over the row, each group's horizontal maximum and scalar divisions). Returns
+ * nonzero, the rows unfinished, where a row's hadamard_row would, or without AVX2 (the caller then takes that route
+ * for these rows). */
+static int hadamard_grid_rows(const float *x, const float *signed_smooth, const float *inv, const float *sign,
+                              int64_t i0, int64_t i1, int64_t cols, int64_t block, float norm, float inv_norm,
+                              float top, float *out) {
+#if defined(__AVX2__) && defined(__FMA__)
+    for (int64_t i = i0; i < i1; ++i)
+        if (hadamard_grid_row(x + i * cols, signed_smooth, inv, sign, cols, block, out + i * cols)) return 1;
     const __m256 vn = _mm256_set1_ps(norm), vin = _mm256_set1_ps(inv_norm), vtop = _mm256_set1_ps(top);
-    for (int64_t c = 0; c < cols; c += 128) {
-        __m256 v[16];
-        for (int k = 0; k < 16; ++k) v[k] = _mm256_loadu_ps(o + c + 8 * k);
-        if (grid8_avx2(v, vn, vin, vtop, o + c)) return 1;
+    float *const start = out + i0 * cols;
+    const int64_t n = (i1 - i0) * cols;
+    for (int64_t c0 = 0; c0 < n; c0 += 128 * GRID_CHUNKS) {
+        const int chunks = (int)((n - c0) / 128 < GRID_CHUNKS ? (n - c0) / 128 : GRID_CHUNKS);
+        __m256 scale[GRID_CHUNKS], inverse[GRID_CHUNKS];
+        int bad = 0;
+        for (int c = 0; c < chunks; ++c)
+            bad |= grid8_scales(start + c0 + 128 * c, vn, vin, vtop, scale + c, inverse + c);
+        if (bad) return 1;
+        for (int c = 0; c < chunks; ++c) grid8_apply(start + c0 + 128 * c, vn, vin, vtop, scale[c], inverse[c]);
     }
     return 0;
 #else
-    (void)r, (void)signed_smooth, (void)inv, (void)sign, (void)cols, (void)block, (void)norm, (void)inv_norm,
-        (void)top, (void)o;
+    (void)x, (void)signed_smooth, (void)inv, (void)sign, (void)i0, (void)i1, (void)cols, (void)block, (void)norm,
+        (void)inv_norm, (void)top, (void)out;
     return 1;
 #endif
 }
@@ -1093,25 +1125,31 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
             inv[j] = 1.0f / signed_smooth[j];
         }
     }
-    /* the AVX2 row with its grid (hadamard_grid_row) where it takes the grid and the row */
+    /* the AVX2 rows with their grid (hadamard_grid_rows) where it takes the grid and the rows: batches of up to 512
+     * values (their scales' divisions in flight together); else one row a turn */
     const int fused = scratch && !codes && group == 16 && rule == 0 && integer_grid(top, mantissa, min_exp)
                       && cols % 128 == 0;
-    FOR_ROWS(i, rows, {
-        const float *r = x + i * cols;
-        float *o = out + i * cols;
-        if (fused && !hadamard_grid_row(r, smooth ? signed_smooth : NULL, inv, signed_smooth, cols, block, norm,
-                                        inv_norm, top, o))
+    const int64_t per = fused && cols < 512 ? 512 / cols : 1, batches = (rows + per - 1) / per;
+    FOR_ROWS(b, batches, {
+        const int64_t i0 = b * per, i1 = i0 + per < rows ? i0 + per : rows;
+        if (fused && !hadamard_grid_rows(x, smooth ? signed_smooth : NULL, inv, signed_smooth, i0, i1, cols, block,
+                                         norm, inv_norm, top, out))
             continue;
-        if (!scratch || hadamard_row(r, smooth ? signed_smooth : NULL, inv, signed_smooth, cols, block, norm, inv_norm,
-                                     o))
-            hadamard_row_plain(r, smooth, signs, cols, block, norm, o);
-        for (int64_t g = 0; group && g < cols / group; g += GRID_BATCH) { /* then its groups, while in cache */
-            const int64_t n = cols / group - g < GRID_BATCH ? cols / group - g : GRID_BATCH;
-            if (codes)
-                grid_code_batch(o + g * group, codes + i * cols + g * group, scales + (i * (cols / group) + g) * repeat,
-                                n, group, repeat, rule, top, mantissa, min_exp, 1.0f, mult);
-            else
-                grid_batch(o + g * group, o + g * group, n, group, rule, top, mantissa, min_exp, 1.0f);
+        for (int64_t i = i0; i < i1; ++i) {
+            const float *r = x + i * cols;
+            float *o = out + i * cols;
+            if (!scratch || hadamard_row(r, smooth ? signed_smooth : NULL, inv, signed_smooth, cols, block, norm,
+                                         inv_norm, o))
+                hadamard_row_plain(r, smooth, signs, cols, block, norm, o);
+            for (int64_t g = 0; group && g < cols / group; g += GRID_BATCH) { /* then its groups, while in cache */
+                const int64_t n = cols / group - g < GRID_BATCH ? cols / group - g : GRID_BATCH;
+                if (codes)
+                    grid_code_batch(o + g * group, codes + i * cols + g * group,
+                                    scales + (i * (cols / group) + g) * repeat, n, group, repeat, rule, top, mantissa,
+                                    min_exp, 1.0f, mult);
+                else
+                    grid_batch(o + g * group, o + g * group, n, group, rule, top, mantissa, min_exp, 1.0f);
+            }
         }
     });
     free(scratch);
