@@ -77,6 +77,19 @@ def torch_runs_libgomp() -> bool:
             and Path(next(iter(runtimes))).name.startswith("libgomp.so.1"))
 
 
+def build_on_torch_threads(stem: str, sources: list[Path]) -> ctypes.CDLL | None:
+    """:func:`build_library` of ``sources`` with :func:`compile_flags`: with OpenMP where :func:`torch_runs_libgomp`
+    (the library's threads then torch's own runtime and pool), else, or where that build fails or loading it brought a
+    second OpenMP runtime, without; the library's ``openmp`` attribute says which (``None``: no library)."""
+    openmp = torch_runs_libgomp()
+    lib = build_library(stem, sources, compile_flags(True)) if openmp else None
+    if lib is None or len(openmp_runtimes()) > 1:  # no OpenMP compiler, or a second runtime: one thread
+        openmp, lib = False, build_library(stem, sources, compile_flags(False))
+    if lib is not None:
+        lib.openmp = openmp
+    return lib
+
+
 def compiler_for(source: Path) -> str | None:
     """The system compiler of ``source``'s language (``$CC`` / ``cc`` for ``.c``, ``$CXX`` / ``c++`` otherwise), or
     ``None`` where it is not installed."""

@@ -35,8 +35,7 @@ from typing import Callable
 import torch
 
 from compressdit.moe.stacked import StackedExperts
-from compressdit.native_build import (build_library, compile_flags, compiler_for, openmp_runtimes,
-                                      torch_runs_libgomp)
+from compressdit.native_build import build_on_torch_threads, compiler_for
 from compressdit.quant.cpu_native import _takes
 
 SOURCE = Path(__file__).with_name("csrc") / "moe_ffn.c"
@@ -80,27 +79,18 @@ def sleef_tanh16() -> int | None:
     return _torch_cpu_symbol("Sleef_tanhf16_u10") if torch.backends.cpu.get_cpu_capability() == "AVX512" else None
 
 
-def _build(flags: list[str]) -> ctypes.CDLL | None:
-    """The layer built with ``flags`` (once per source and flags, in ``$COMPRESSDIT_CACHE/native``), loaded."""
-    return build_library("moe_ffn", [SOURCE], flags)
-
-
 @functools.lru_cache(maxsize=None)
 def native_library() -> ctypes.CDLL | None:
     """The compiled layer, built on first use; ``None`` where disabled, without a C compiler or without MKL. Threaded
-    only on torch's own OpenMP runtime (:func:`compressdit.quant.cpu_native.native_library`'s rule)."""
+    only on torch's own OpenMP runtime (:func:`~compressdit.native_build.build_on_torch_threads`)."""
     if os.environ.get("COMPRESSDIT_NATIVE_CPU", "1") == "0" or compiler_for(SOURCE) is None or mkl_sgemm() is None:
         return None
-    openmp = torch_runs_libgomp()
-    lib = _build(compile_flags(True)) if openmp else None
-    if lib is None or len(openmp_runtimes()) > 1:
-        openmp, lib = False, _build(compile_flags(False))
+    lib = build_on_torch_threads("moe_ffn", [SOURCE])  # once per source and flags, in $COMPRESSDIT_CACHE/native
     if lib is None:
         return None
     for name, arguments in _SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = arguments, None
-    lib.openmp = openmp
     lib.fused_gelu = bool(lib.compressdit_moe_fused_gelu()) and sleef_tanh16() is not None
     return lib
 

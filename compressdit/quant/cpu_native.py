@@ -27,7 +27,8 @@ W8A8 layer per call on a team of torch's threads, ``csrc/groups_linear.cpp`` a w
 (activation codes, SVDQuant's down product, :func:`group_gemm`) per call, and on CPUs with AMX both the first
 (:func:`int8_brgemm`: int8 codes) and ``csrc/bf16_gemm.cpp`` (:func:`bf16_linear`: bf16 weights, fp32 sums and
 epilogue) multiply on oneDNN's BRGeMM microkernel as torch exposes it (``at::native::cpublas::brgemm``; its flash
-attention's), the weight packed once into AMX's layout, without the ~10-20 us a call of torch's int8 / bf16 matmul primitives on small layers.
+attention's), the weight packed once into AMX's layout, without the ~10-20 us a call of torch's int8 / bf16 matmul
+primitives on small layers.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from typing import Any, Callable
 
 import torch
 
-from compressdit.native_build import (build_library, compile_flags, compiler_for, openmp_runtimes, torch_op_flags,
-                                      torch_runs_libgomp)
+from compressdit.native_build import (build_library, build_on_torch_threads, compile_flags, compiler_for,
+                                      torch_op_flags)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("int8_rows.c", "float_rows.c", "group_gemm.c", "int4_dot.c"))
@@ -104,28 +105,19 @@ _SIGNATURES = {
 PARALLEL_MIN_ELEMENTS = 1 << 14
 
 
-def _load(flags: list[str]) -> ctypes.CDLL | None:
-    return build_library("cpu_rows", list(SOURCES), flags)
-
-
 @functools.lru_cache(maxsize=None)
 def native_library() -> ctypes.CDLL | None:
     """The compiled fused loops, built on first use; ``None`` where disabled or no C compiler works. Threaded
-    (``lib.openmp``) where :func:`~compressdit.native_build.torch_runs_libgomp`, and only if loading it brought no
-    second OpenMP runtime."""
+    (``lib.openmp``) on torch's own OpenMP runtime only (:func:`~compressdit.native_build.build_on_torch_threads`)."""
     if os.environ.get("COMPRESSDIT_NATIVE_CPU", "1") == "0" or compiler_for(SOURCES[0]) is None or not all(
             source.exists() for source in SOURCES + HEADERS):
         return None
-    openmp = torch_runs_libgomp()
-    lib = _load(compile_flags(True)) if openmp else None
-    if lib is None or len(openmp_runtimes()) > 1:  # no OpenMP compiler, or a second runtime: one thread
-        openmp, lib = False, _load(compile_flags(False))
+    lib = build_on_torch_threads("cpu_rows", list(SOURCES))
     if lib is None:
         return None
     for name, (arguments, result) in _SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = arguments, result
-    lib.openmp = openmp
     return lib
 
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from compressdit import native_build
 from compressdit.quant import cpu_native
 from compressdit.quant.cpu_native import dequantize_int32_, native_library, quantize_rows_int8, scale_rows_
 from compressdit.quant.layers import QuantLinear
@@ -244,15 +245,15 @@ def test_rows_split_over_threads_give_the_one_thread_numbers(rows, threads, monk
 def test_the_library_never_brings_a_second_openmp_runtime(monkeypatch):
     """Threaded only on torch's own libgomp (one runtime mapped); a build without OpenMP gives the same numbers."""
     lib = native_library()
-    runtimes = cpu_native.openmp_runtimes()
+    runtimes = native_build.openmp_runtimes()
     assert len(runtimes) <= 1
     if lib is None:  # no C compiler (or disabled: the first test checks that is the only way): the PyTorch path
         assert shutil.which(os.environ.get("CC", "cc")) is None or os.environ.get("COMPRESSDIT_NATIVE_CPU") == "0"
         return
-    assert not lib.openmp or cpu_native.torch_runs_libgomp()
+    assert not lib.openmp or native_build.torch_runs_libgomp()
     x = _activations(rows=37, cols=128)
     expected = _every_pass(x)
-    monkeypatch.setattr(cpu_native, "torch_runs_libgomp", lambda: False)
+    monkeypatch.setattr(native_build, "torch_runs_libgomp", lambda: False)
     cpu_native.native_library.cache_clear()
     try:
         assert not native_library().openmp
