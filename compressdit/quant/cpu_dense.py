@@ -69,7 +69,8 @@ from compressdit.quant.activations import activation_grid, quantize_input
 from compressdit.quant.cpu_native import (bf16_brgemm, bf16_linear, bf16_pack, bf16_scale, bf16_to_float,
                                           branch_rows, decode_f32, fake_quantize_e4m3_rows, fake_quantize_grid,
                                           fake_quantize_rows_int8, float_to_bf16, grid_rows_bf16_, hadamard_rows,
-                                          hadamard_takes, native_library, quantize_e4m3_bf16, shared_rows)
+                                          hadamard_rows_pass, hadamard_takes, native_library, quantize_e4m3_bf16,
+                                          shared_rows)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
 from compressdit.quant.primitives import int_range
@@ -474,6 +475,37 @@ def _dense_fp32_linear(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
     return F.linear(x2, b["weight"], b["bias"]).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
+def fp32_linear_direct(layer, b: dict):
+    """The direct run (:attr:`~compressdit.quant.kernel_registry.Kernel.direct`) of a kernel whose whole layer on an
+    fp32 input is ``F.linear`` with its prepacked fp32 ``"weight"`` and ``"bias"`` (weight-only: balancing and
+    rotation folded into the weight): ``nn.Linear``'s own call."""
+    weight, bias = b["weight"], b["bias"]
+
+    def run(layer, x: torch.Tensor) -> torch.Tensor | None:
+        return F.linear(x, weight, bias) if x.dtype is torch.float32 else None
+
+    return run
+
+
+def _dense_fp32_direct(layer, b: dict):
+    """``cpu-int-dense-fp32``'s direct run for weight-only layers (:func:`fp32_linear_direct`), else ``None``."""
+    folded = b["folded"] and b[LOW_RANK] is None and b["packed"] is None and layer.spec.a_bits is None
+    return fp32_linear_direct(layer, b) if folded else None
+
+
+def _fp8_dense_direct(layer, b: dict):
+    """``cpu-fp8-dense``'s direct run on a contiguous fp32 input: :func:`_e4m3_rows` (per-token E4M3 rows, kept for
+    the other layers reading it), the fp32 GEMM."""
+    weight, bias = b["weight"], b["bias"]
+
+    def run(layer, x: torch.Tensor) -> torch.Tensor | None:
+        if x.dtype is not torch.float32 or not x.is_contiguous():
+            return None
+        return F.linear(_e4m3_rows(layer, x), weight, bias)
+
+    return run
+
+
 def _decoded_fp32_prepack(decode):
     """``prepack`` keeping ``decode(layer)`` (an fp32 weight in the space the kernel's input arrives in) and an fp32
     bias."""
@@ -636,6 +668,24 @@ def _fp32_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:
     return F.linear(rows, b["weight"], b["bias"])
 
 
+def _twinlog_dense_direct(layer, b: dict):
+    """``cpu-twinlog-dense``'s direct run (:attr:`~compressdit.quant.kernel_registry.Kernel.direct`) for a layer with
+    the randomized Hadamard rotation and a grid pass: the C pass (balancing, rotation, grid) and the fp32 GEMM,
+    nothing else per call; ``None`` for other layers (DuQuant's rotation, no grid)."""
+    if b["grid"] is None or layer.spec.rotation != "hadamard" or b.get("packed") is not None:
+        return None
+    rows_of = hadamard_rows_pass(b["smooth"], layer.rotation_signs, b["grid"])
+    if rows_of is None:
+        return None
+    weight, bias = b["weight"], b["bias"]
+
+    def run(layer, x: torch.Tensor) -> torch.Tensor | None:
+        rows = rows_of(x)
+        return None if rows is None else F.linear(rows, weight, bias)
+
+    return run
+
+
 def _twinlog_dense_applies(spec, device: torch.device, shape: tuple[int, int]) -> bool:
     return device.type == "cpu" and spec.format == "twinlog" and _small(shape) and not low_bit_bf16(spec, shape)
 
@@ -648,11 +698,12 @@ KERNELS.add("cpu-int-dense-bf16", Kernel(
                 "SVDQuant branch in the same GEMM)"))
 KERNELS.add("cpu-int-dense-fp32", Kernel(
     _dense_applies(bf16=False), prepack=_dense_prepack(torch.float32), priority=15, **_dense_kernel(_dense_fp32_linear),
+    direct=_dense_fp32_direct,
     description=f"layers of up to {DENSE_MAX_WEIGHT} weights: int codes decoded once into a dense fp32 weight "
                 "(4 bytes per weight of RAM; weight-only: balancing/rotation folded in), the reference's fp32 GEMM"))
 KERNELS.add("cpu-fp8-dense", Kernel(
     _fp8_dense_applies, _decoded_fp32_prepack(effective_fp32),
-    _fp32_gemm(_e4m3_rows, any_rank=True), priority=10,
+    _fp32_gemm(_e4m3_rows, any_rank=True), priority=10, direct=_fp8_dense_direct,
     description="E4M3 weight decoded once into a dense fp32 weight (4 bytes per weight of RAM), per-token E4M3 "
                 "activations as the reference, fp32 GEMM"))
 KERNELS.add("cpu-fp8-decoded-fp32", Kernel(
@@ -672,6 +723,7 @@ KERNELS.add("cpu-twinlog-dense", Kernel(
     _twinlog_dense_applies, _grid_prepack(_dequantized_fp32),
     _grid_gemm(quantize_layer_input, shared=False), priority=10,  # on the rotated input
     run_untransformed=_on_transformed(_grid_gemm(quantize_layer_input, shared=False), _fp32_rows_gemm),
+    direct=_twinlog_dense_direct,
     description=f"twin-log layers of up to {DENSE_MAX_WEIGHT} weights: log2 codes decoded once into a dense fp32 "
                 "weight in the rotated space (4 bytes per weight of RAM), the input rotated and quantized as the "
                 "reference, fp32 GEMM"))

@@ -97,8 +97,8 @@ from compressdit.quant.gpu_reference import INT4_PACKED_MAX_ROWS, dequantize_nib
 from compressdit.quant.kernel_registry import KERNELS, LOW_RANK, Kernel, prepacked_bias
 from compressdit.quant.op_library import define_op
 from compressdit.quant.cpu_dense import (DENSE_MAX_WEIGHT, amx_bf16, bf16_hardware, bf16_layer, bf16_rows_gemm,
-                                         bf16_weights, effective_fp32, fast_int_path, hadamard_bf16, input_grid,
-                                         low_bit_bf16, per_call, per_call_prepack, per_call_shape,
+                                         bf16_weights, effective_fp32, fast_int_path, fp32_linear_direct, hadamard_bf16,
+                                         input_grid, low_bit_bf16, per_call, per_call_prepack, per_call_shape,
                                          quantize_layer_input, smooth_divisor, transformed_input)
 from compressdit.quant.cpu_native import (decode_f32, dequantize_groups, dequantize_int32_, dequantize_nibbles_bf16,
                                           float_to_bf16, grid_codes, group_gemm, group_gemm_isa, group_gemm_ready,
@@ -1160,5 +1160,5 @@ KERNELS.add("cpu-vq-decoded-fp32", Kernel(
                 "each call by one C pass into a reused buffer (no fp32 copy kept: the codes stay packed), fp32 GEMM"))
 KERNELS.add("cpu-vq-dense", Kernel(
     lambda spec, device, shape: device.type == "cpu" and spec.format == "vq" and not per_call_shape(shape),
-    _vq_prepack, _vq_run, priority=10,
+    _vq_prepack, _vq_run, priority=10, direct=fp32_linear_direct,
     description="VQ weight decoded once at load into a dense fp32 weight (4 bytes per weight of RAM)"))

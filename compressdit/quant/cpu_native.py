@@ -794,13 +794,47 @@ def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 def hadamard_takes(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor, grid: tuple | None) -> bool:
     """Whether the C Hadamard pass (:func:`hadamard_rows`, or fused in :func:`bf16_linear`) takes these tensors: a
-    non-empty ``x`` with no gradient to keep, int8 contiguous ``signs`` and a divisor ``smooth`` (if any) of its
-    width, a grid (if any) of rules 0 / 1 whose group divides it."""
+    non-empty ``x`` with no gradient to keep, and the layer's tensors for its width (:func:`_hadamard_layer_takes`)."""
     cols = x.shape[-1] if x.dim() else 0
-    return not (cols == 0 or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())
-                or signs.dtype != torch.int8 or not signs.is_contiguous() or signs.nelement() != cols
+    return not (x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())) \
+        and _hadamard_layer_takes(smooth, signs, grid, cols)
+
+
+def _hadamard_layer_takes(smooth: torch.Tensor | None, signs: torch.Tensor, grid: tuple | None, cols: int) -> bool:
+    """int8 contiguous ``signs`` and a divisor ``smooth`` (if any) of width ``cols`` (not 0), a grid (if any) of rules
+    0 / 1 whose group divides it."""
+    return not (cols == 0 or signs.dtype != torch.int8 or not signs.is_contiguous() or signs.nelement() != cols
                 or (smooth is not None and smooth.nelement() != cols)  # nelement: a layer's QuantState has numel 0
                 or (grid is not None and (grid[1] not in (0, 1) or cols % grid[0])))
+
+
+def hadamard_rows_pass(smooth: torch.Tensor | None, signs: torch.Tensor,
+                       grid: tuple | None) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """:func:`hadamard_rows` for one layer's tensors, checked here once: ``run(x)``, the same bits, for a contiguous
+    fp32 CPU ``x`` of ``signs``' width with at least one row and no gradient to keep (the caller checks the gradient),
+    else ``None``; ``None`` for the whole where :func:`hadamard_rows` would never take these tensors, without the
+    library or under ``torch.compile``. Holds its own aliases of the tensors (their addresses go to C per call)."""
+    cols = signs.nelement()
+    lib = _lib_for(smooth)
+    if lib is None or not _hadamard_layer_takes(smooth, signs, grid, cols):
+        return None
+    smooth, signs = (None if smooth is None else smooth.detach()), signs.detach()
+    smooth_ptr, signs_ptr, grid_args = _ptr(smooth), signs.data_ptr(), grid or (0, 0, 0.0, 0, 0)
+    call = lib.compressdit_hadamard_rows
+
+    def run(x: torch.Tensor, _keep=(smooth, signs)) -> torch.Tensor | None:
+        if x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous() or not x.dim() \
+                or x.shape[-1] != cols:
+            return None
+        elements = x.numel()
+        if not elements:
+            return None
+        out = torch.empty_like(x)
+        call(x.data_ptr(), smooth_ptr, signs_ptr, elements // cols, cols, *grid_args, 1, 1.0, out.data_ptr(), None,
+             None, threads_for(elements))
+        return out
+
+    return run
 
 
 def hadamard_rows(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor,

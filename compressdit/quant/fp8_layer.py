@@ -15,7 +15,7 @@ from torch import nn
 from compressdit.errors import ConfigError
 from compressdit.quant.gpu_ops import fp8_linear
 from compressdit.quant.gpu_reference import fp8_linear_reference, quantize_fp8_weight
-from compressdit.quant.kernel_registry import run_kernel
+from compressdit.quant.kernel_registry import needs_autograd, run_kernel
 from compressdit.quant.layers import PackedParameter, QuantizedLinear, QuantState
 from compressdit.quant.spec import LinearQuantSpec, reject_unused_fields
 
@@ -68,7 +68,7 @@ class FP8Linear(QuantizedLinear):
         out = run_kernel(self, x)  # cuda-fp8 on GPUs of compute capability 8.9+
         if out is not None:
             return out
-        if x.requires_grad and torch.is_grad_enabled():  # the op has no backward: its PyTorch twin has
+        if needs_autograd(self, x):  # the op has no backward: its PyTorch twin has
             return self.reference_forward(x)
         return self.reference_linear(x)
 

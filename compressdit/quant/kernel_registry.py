@@ -66,6 +66,14 @@ class Kernel:
     #: optional ``run_untransformed`` whose output goes through an activation (``"gelu-tanh"``) in the kernel's own
     #: epilogue: ``(layer, x, buffers, activation)`` -> the activated output, or ``None`` where it has no such path
     run_activated: Callable[[nn.Module, torch.Tensor, dict[str, Any], str], torch.Tensor | None] | None = None
+    #: optional ``direct(layer, buffers)``, called once a prepack is made: the layer's whole forward as one
+    #: ``run(layer, x)`` on the untransformed input (its balancing, rotation and any low-rank branch included) with
+    #: what depends on the layer alone checked here, not per call, or ``None`` where the layer has a step it leaves
+    #: out. ``run`` returns ``None`` for an input it does not take (the layer's usual path then runs). Called from the
+    #: layer's ``forward`` before any of the registry's Python (:func:`direct_output`): inside a zoo step that path
+    #: cost more than LRQ's activation pass itself.
+    direct: Callable[[nn.Module, dict[str, Any]], Callable[[nn.Module, torch.Tensor], torch.Tensor | None] | None] \
+        | None = None
 
 
 KERNELS: Registry[Kernel] = Registry("kernel")
@@ -98,6 +106,8 @@ class KernelCache:
         self.key: StateKey | None = None
         self.buffers: dict[str, Any] = {}
         self.override: str | None = None
+        #: the kernel's ``direct`` run for these buffers (:func:`direct_output`), or ``None``
+        self.direct: Callable[[nn.Module, torch.Tensor], torch.Tensor | None] | None = None
 
     def __deepcopy__(self, memo) -> "KernelCache":
         fresh = KernelCache()
@@ -108,7 +118,7 @@ class KernelCache:
         return KernelCache, ()
 
     def clear(self) -> None:
-        self.name, self.kernel, self.key, self.buffers = None, None, None, {}
+        self.name, self.kernel, self.key, self.buffers, self.direct = None, None, None, {}, None
 
     def nbytes(self) -> int:
         """Bytes of the buffers beyond the layer's own tensors (a buffer may be one of them, e.g. int8 codes), each
@@ -241,14 +251,43 @@ def refresh(layer: nn.Module) -> KernelCache:
             if name != REFERENCE:
                 cache.kernel = KERNELS.get(name)
                 cache.buffers = cache.kernel.prepack(layer)
+                if cache.kernel.direct is not None:
+                    cache.direct = cache.kernel.direct(layer, cache.buffers)
             cache.name, cache.key = name, key
     return cache
 
 
+def direct_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's output from its prepacked kernel's ``direct`` run (:attr:`Kernel.direct`), or ``None`` where the
+    layer's usual path must run: no prepack yet or a stale one (:class:`StateKey`), no direct run, a gradient to keep
+    (:func:`needs_autograd`: the usual path gives the reference's), autocast on, ``torch.compile`` tracing, or an input
+    the run does not take. Only checks that cost well under a microsecond come before the state key's (~4 us a layer
+    alone, 10-15 inside a step)."""
+    if torch.compiler.is_compiling():  # first: traced, the rest of this function is not
+        return None
+    cache = layer.__dict__.get("_kernel_cache")
+    if (cache is None or cache.direct is None or needs_autograd(layer, x) or torch._C._is_any_autocast_enabled()
+            or not cache.key.holds_for(layer)):
+        return None
+    return cache.direct(layer, x)
+
+
+def needs_autograd(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Grad mode on and a gradient to keep: ``x`` requires grad, or one of the layer's own parameters trains (its
+    bias, SVDQuant's branch factors: they get the reference's gradient)."""
+    return torch.is_grad_enabled() and (x.requires_grad or trains(layer))
+
+
+def trains(layer: nn.Module) -> bool:
+    """Whether one of ``layer``'s own parameters requires grad."""
+    return any(p is not None and p.requires_grad for p in layer._parameters.values())
+
+
 def kernel_cache(layer: nn.Module, x: torch.Tensor) -> KernelCache | None:
     """The layer's prepacked kernel for input ``x``, or ``None`` for the reference path (also when gradients
-    must flow to ``x``: the kernels have no backward, the reference has; and for an input of no rows)."""
-    if (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0:  # (no rows: the reference's empty output)
+    must flow (:func:`needs_autograd`): the kernels have no backward, the reference has; and for an input of no
+    rows)."""
+    if needs_autograd(layer, x) or x.numel() == 0:  # (no rows: the reference's empty output)
         return None
     cache = cache_of(layer) if torch.compiler.is_compiling() else refresh(layer)
     return None if cache.kernel is None else cache
@@ -281,8 +320,7 @@ def kernel_with_reference_grad(layer: nn.Module, x: torch.Tensor) -> torch.Tenso
     reference, as before). Without it every such call ran the dequantize reference: a dit-fmnist forward at batch 8
     with its float parameters trainable (one thread, no backward) took W4A8 39.2 ms, NVFP4 73.4, now 23.5 and 32.7
     (no_grad: 13.8, 16.3)."""
-    if (torch.compiler.is_compiling() or kernel_name_of(layer) == REFERENCE
-            or any(p.requires_grad for p in layer.parameters(recurse=False))):
+    if torch.compiler.is_compiling() or kernel_name_of(layer) == REFERENCE or trains(layer):
         return None
     return _KernelForwardReferenceBackward.apply(x, layer)
 

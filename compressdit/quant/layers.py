@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressdit.quant.kernel_registry import (cache_of, kernel_cache, kernel_name_of, kernel_with_reference_grad,
-                                              run_cached, run_kernel, runs_low_rank, without_autocast)
+from compressdit.quant.kernel_registry import (cache_of, direct_output, kernel_cache, kernel_name_of,
+                                              kernel_with_reference_grad, run_cached, run_kernel, runs_low_rank,
+                                              without_autocast)
 from compressdit.quant.activations import quantize_input
 from compressdit.quant.gpu_reference import pack_nibbles
 from compressdit.quant.low_rank import low_rank_split
@@ -150,6 +151,9 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`kernel_forward`; where gradients must reach ``x``, its output with the reference's gradient
         (:func:`~compressdit.quant.kernel_registry.kernel_with_reference_grad`)."""
+        out = direct_output(self, x)  # the prepacked kernel's whole layer in one run, where it has one
+        if out is not None:
+            return out
         if x.requires_grad and torch.is_grad_enabled():  # (inline: a call less per layer in inference)
             out = kernel_with_reference_grad(self, x)
             if out is not None:
@@ -166,6 +170,9 @@ class QuantizedLinear(nn.Linear, metaclass=ABCMeta):
         """``activation(self(x))`` (an :data:`~compressdit.moe.layers.ACTIVATIONS` name) with the activation in the
         kernel's epilogue, where this layer's kernel has that path for ``x``; ``None`` otherwise (the caller runs
         ``self(x)`` and the activation). Calls no hooks: callers check there are none."""
+        prepacked = self.__dict__.get("_kernel_cache")
+        if prepacked is not None and prepacked.kernel is not None and prepacked.kernel.run_activated is None:
+            return None  # (its kernel has no such path: no second state check, the caller's call makes one)
         cache = kernel_cache(self, x)
         run = None if cache is None else cache.kernel.run_activated
         if run is None or getattr(self, "low_rank_up", None) is not None:

@@ -190,6 +190,16 @@ def test_gradients_to_the_input_come_from_the_reference_while_the_kernel_runs_fo
     assert torch.equal(ours.grad, theirs.grad)
     layer.bias.requires_grad_(True)
     assert torch.equal(layer(x.clone().requires_grad_()), reference(x))
+    # a tensor of the layer trains, the input needs no gradient: the reference, whose gradient the bias gets (the
+    # kernel ran such calls, the bias got none)
+    reference.bias.requires_grad_(True)
+    out = layer(x)
+    assert out.requires_grad and torch.equal(out, reference(x))
+    out.backward(grad)
+    reference(x).backward(grad)
+    assert layer.bias.grad is not None and torch.equal(layer.bias.grad, reference.bias.grad)
+    with torch.no_grad():
+        assert torch.equal(layer(x), kernel_out)  # no gradient to keep: the kernel again
 
 
 @pytest.mark.parametrize("recipe", ["svdquant-w4a4", "w4a16"])
@@ -204,3 +214,101 @@ def test_compiled_layers_ignore_autocast_too(recipe):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(compiled(x), expected)
         assert torch.equal(compiled(x), expected)
+
+
+#: kernels with a direct run (``Kernel.direct``) and the shipped recipes whose block linears may run them (on CPUs with
+#: bf16 GEMMs or AMX, others run: the test then checks the numbers alone)
+DIRECT_KERNELS = {"cpu-twinlog-dense", "cpu-int-dense-fp32", "cpu-vq-dense", "cpu-fp8-dense"}
+
+
+def _with_usual_path(layer: nn.Module, x: torch.Tensor) -> nn.Module:
+    """A copy of ``layer``, prepacked on ``x``, whose direct run is dropped: its forward takes the registry's path."""
+    usual = copy.deepcopy(layer)
+    with torch.no_grad():
+        usual(x)
+    cache_of(usual).direct = None  # (its key still holds: never rebuilt)
+    return usual
+
+
+def _counting_direct(layer: nn.Module) -> list:
+    """The calls of ``layer``'s direct run that gave an output, counted from now on (``[]`` where it has none)."""
+    cache, calls = cache_of(layer), []
+    direct = cache.direct
+    if direct is not None:
+        def counted(layer, x):
+            out = direct(layer, x)
+            calls.extend([] if out is None else [x.shape])
+            return out
+
+        cache.direct = counted
+    return calls
+
+
+@pytest.mark.parametrize("recipe,rotation", [("lrq-w4a4", "hadamard"), ("lrq-w4a4", "duquant"), ("w4a16", None),
+                                             ("rtn-w4a16", None), ("vq-w3", None), ("fp8", None), ("rtn-w8a8", None)])
+def test_the_direct_run_is_the_usual_path_bit_for_bit(recipe, rotation):
+    """Once prepacked, a layer whose kernel has a direct run calls it from ``forward`` before any of the registry's
+    Python: the usual path's numbers bit for bit on 2-D and 3-D rows; inputs it does not take (bf16, a strided view,
+    no rows) and calls that keep a gradient go the usual way; layers it leaves out (DuQuant's rotation) and kernels
+    without one (W8A8's) have none."""
+    layer = _recipe_layer(recipe)
+    if rotation is not None:  # (the recipe's rotation is chosen per layer by its calibration)
+        spec = dataclasses.replace(layer.spec, rotation=rotation)
+        torch.manual_seed(0)
+        layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 96), spec, torch.rand(128) * 4 + 0.1)
+    x = torch.randn(2, 9, 128) * torch.linspace(0.2, 3, 128)
+    usual = _with_usual_path(layer, x)
+    with torch.no_grad():
+        first = layer(x)  # the prepack: the usual path
+        calls = _counting_direct(layer)
+        name = cache_of(layer).name
+        expects_direct = name in DIRECT_KERNELS and rotation != "duquant" and recipe != "rtn-w8a8"
+        assert (cache_of(layer).direct is not None) == expects_direct, name
+        inputs = [x, x[0], x[:1, :1], x.to(torch.bfloat16), x.transpose(0, 1), torch.randn(0, 128)]
+        for rows in inputs:
+            assert torch.equal(layer(rows), usual(rows)), (name, rows.shape, rows.dtype)
+        assert torch.equal(layer(x), first)
+    if expects_direct:  # the weight-only runs (nn.Linear's call) take the strided view, FP8's no rows too; none bf16
+        more = {"cpu-int-dense-fp32": [(9, 2, 128), (0, 128)], "cpu-vq-dense": [(9, 2, 128), (0, 128)],
+                "cpu-fp8-dense": [(0, 128)]}.get(name, [])
+        assert calls == [x.shape, x[0].shape, x[:1, :1].shape, *more, x.shape], (name, calls)
+    x_grad = x.clone().requires_grad_()
+    calls.clear()
+    assert torch.equal(layer(x_grad), first) and not calls  # the kernel's output with the reference's gradient
+
+
+@pytest.mark.parametrize("recipe", ["lrq-w4a4", "w4a16", "vq-w3", "fp8"])
+@pytest.mark.parametrize("change", ["bias in place", "smooth storage", "object", "threads"])
+def test_the_direct_run_never_reads_a_stale_prepack(recipe, change):
+    """What the key sees (in-place writes, a storage swapped under ``.data``, a new object under a name, a new thread
+    count) rebuilds the prepack before the direct run: the numbers of a copy prepacked afresh."""
+    layer = _recipe_layer(recipe)
+    if recipe == "lrq-w4a4":
+        spec = dataclasses.replace(layer.spec, rotation="hadamard")
+        torch.manual_seed(0)
+        layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 96), spec, torch.rand(128) * 4 + 0.1)
+    x = torch.randn(2, 9, 128)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+        if change == "bias in place":
+            layer.bias.add_(1)
+        elif change == "smooth storage" and getattr(layer, "smooth_scale", None) is not None:
+            layer.smooth_scale.data = layer.smooth_scale.data * 2
+        elif change == "object":
+            layer._parameters["bias"] = nn.Parameter(layer.bias.data * 3, requires_grad=False)
+        elif change == "threads":
+            torch.set_num_threads(threads + 1)
+        try:
+            out = layer(x)
+        finally:
+            torch.set_num_threads(threads)
+        fresh = copy.deepcopy(layer)  # an empty cache: prepacked from the layer's tensors now
+        if change == "threads":
+            torch.set_num_threads(threads + 1)
+        try:
+            expected = fresh(x)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(out, expected)
