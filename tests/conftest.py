@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -30,6 +31,17 @@ def fresh_cache(path: Path) -> Path:
     if not (path / "native").exists():
         (path / "native").symlink_to(shared, target_is_directory=True)
     return path
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count ``count`` within, the count before restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def native_ops_built() -> bool:

@@ -4,30 +4,19 @@ gates, at 1 and 2 threads; the PyTorch path where the library is unavailable or 
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import compressdit.moe.cpu_native as cpu_native
 import compressdit.moe.layers as layers
 from tests.moe.test_moe_layers import _per_token
+from tests.conftest import torch_threads
 from tests.moe.test_moe_stacked import _layer
 
 needs_library = pytest.mark.skipif(cpu_native.native_library() is None,
                                    reason="no C compiler or no MKL in torch: only the PyTorch path runs here")
 CASES = [{}, {"top_k": 1}, {"shared_hidden": 0}, {"shared_hidden": 12}, {"bias": False},
          {"shared_hidden": 0, "bias": False}, {"gating": "softmax"}, {"gating": "softmax", "top_k": 1}]
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _pytorch_path(layer: layers.MoEFeedForward, x: torch.Tensor, monkeypatch) -> torch.Tensor:
@@ -65,9 +54,9 @@ def _check(layer: layers.MoEFeedForward, x: torch.Tensor, threads: int, monkeypa
     """The native output equals the PyTorch path's on ``reference_threads`` threads bit for bit; the phases of its C
     calls."""
     with torch.no_grad():
-        with _threads(reference_threads):
+        with torch_threads(reference_threads):
             reference = _pytorch_path(layer, x, monkeypatch)
-        with _threads(threads):
+        with torch_threads(threads):
             out, phases = _native(layer, x, monkeypatch)
             pytorch_here = _pytorch_path(layer, x, monkeypatch)
         assert torch.equal(out, reference)

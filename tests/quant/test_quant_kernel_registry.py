@@ -14,6 +14,7 @@ from compressdit.quant.format_registry import FORMATS
 from compressdit.quant.kernel_registry import cache_of, set_kernel
 from compressdit.quant.layers import QuantLinear, QuantState
 from compressdit.quant.spec import LinearQuantSpec
+from tests.conftest import torch_threads
 from tests.quant.test_quant_cpu_kernels import _layer as groups_layer
 
 
@@ -110,14 +111,14 @@ def test_the_key_holds_the_prepacked_storage_so_its_address_cannot_come_back():
     assert not cache_of(layer).key.holds_for(layer)
 
 
-def _recipe_layer(recipe: str) -> nn.Module:
-    """A 128 -> 96 layer with the spec a shipped recipe gives a transformer block's linears, nearest rounding (no
-    Hessian here), balanced on random statistics."""
+def _recipe_layer(recipe: str, **changes) -> nn.Module:
+    """A 128 -> 96 layer with the spec a shipped recipe gives a transformer block's linears (with ``changes``), nearest
+    rounding (no Hessian here), balanced on random statistics."""
     from compressdit.recipe import load_recipe
 
     stage = next(s for s in load_recipe(recipe).stages if s.name == "quantize")
     spec = [rule.spec for rule in stage.config.options.rules if rule.spec is not None][-1]
-    spec = dataclasses.replace(spec, rounding="rtn")
+    spec = dataclasses.replace(spec, rounding="rtn", **changes)
     torch.manual_seed(0)
     return FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 96), spec, torch.rand(128) * 4 + 0.1)
 
@@ -251,11 +252,8 @@ def test_the_direct_run_is_the_usual_path_bit_for_bit(recipe, rotation):
     Python: the usual path's numbers bit for bit on 2-D and 3-D rows; inputs it does not take (bf16, a strided view,
     no rows) and calls that keep a gradient go the usual way; layers it leaves out (DuQuant's rotation) and kernels
     without one (W8A8's) have none."""
-    layer = _recipe_layer(recipe)
-    if rotation is not None:  # (the recipe's rotation is chosen per layer by its calibration)
-        spec = dataclasses.replace(layer.spec, rotation=rotation)
-        torch.manual_seed(0)
-        layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 96), spec, torch.rand(128) * 4 + 0.1)
+    # (LRQ's rotation is chosen per layer by its calibration)
+    layer = _recipe_layer(recipe, **({} if rotation is None else {"rotation": rotation}))
     x = torch.randn(2, 9, 128) * torch.linspace(0.2, 3, 128)
     usual = _with_usual_path(layer, x)
     with torch.no_grad():
@@ -282,13 +280,9 @@ def test_the_direct_run_is_the_usual_path_bit_for_bit(recipe, rotation):
 def test_the_direct_run_never_reads_a_stale_prepack(recipe, change):
     """What the key sees (in-place writes, a storage swapped under ``.data``, a new object under a name, a new thread
     count) rebuilds the prepack before the direct run: the numbers of a copy prepacked afresh."""
-    layer = _recipe_layer(recipe)
-    if recipe == "lrq-w4a4":
-        spec = dataclasses.replace(layer.spec, rotation="hadamard")
-        torch.manual_seed(0)
-        layer = FORMATS.get(spec.format).quantize(torch.nn.Linear(128, 96), spec, torch.rand(128) * 4 + 0.1)
+    layer = _recipe_layer(recipe, **({"rotation": "hadamard"} if recipe == "lrq-w4a4" else {}))
     x = torch.randn(2, 9, 128)
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads() + (change == "threads")
     with torch.no_grad():
         layer(x)
         layer(x)
@@ -298,17 +292,8 @@ def test_the_direct_run_never_reads_a_stale_prepack(recipe, change):
             layer.smooth_scale.data = layer.smooth_scale.data * 2
         elif change == "object":
             layer._parameters["bias"] = nn.Parameter(layer.bias.data * 3, requires_grad=False)
-        elif change == "threads":
-            torch.set_num_threads(threads + 1)
-        try:
+        with torch_threads(threads):
             out = layer(x)
-        finally:
-            torch.set_num_threads(threads)
-        fresh = copy.deepcopy(layer)  # an empty cache: prepacked from the layer's tensors now
-        if change == "threads":
-            torch.set_num_threads(threads + 1)
-        try:
-            expected = fresh(x)
-        finally:
-            torch.set_num_threads(threads)
+            expected = copy.deepcopy(layer)(x)  # an empty cache: prepacked from the layer's tensors now
     assert torch.equal(out, expected)
+
