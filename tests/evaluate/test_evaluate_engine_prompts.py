@@ -59,3 +59,26 @@ def test_report_timing_takes_models_in_turn_and_keeps_each_fastest_step(monkeypa
     timed = calls[3:]  # after one warm-up step each
     assert timed[:6] == ["candidate", "reference", "baseline", "reference", "baseline", "candidate"]
     assert len(timed) == 12 and all(timed.count(c) == 4 for c in cost)
+
+
+@pytest.mark.parametrize("max_rounds,expected", [(31, 7), (5, 5)])
+def test_report_timing_adds_rounds_while_within_its_budget(monkeypatch, max_rounds, expected):
+    """Quick steps get more rounds than the minimum (each model a better chance of a quiet moment on a shared
+    machine) until the timing has taken ``budget_s`` seconds, never more than ``max_rounds``."""
+    import compressdit.evaluate.engine as engine
+    from compressdit.models import ADAPTERS
+    from tests.conftest import tiny_dit
+
+    entries = [Entry(column, tiny_dit(layers=1), column) for column in ("candidate", "reference", "baseline")]
+    calls, now = [], [0.0]
+
+    def step(adapter, model, *args):
+        calls.append(model)
+        now[0] += 0.1
+
+    monkeypatch.setattr(engine, "guided_prediction", step)
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: now[0])
+    latency = engine.step_latencies(ADAPTERS.get("dit"), entries, EvalSettings(timing_batch=2), rounds=4, budget_s=2.0,
+                                    max_rounds=max_rounds)
+    assert latency == pytest.approx({"candidate": 0.1, "reference": 0.1, "baseline": 0.1})
+    assert len(calls) == 3 + 3 * expected  # one warm-up each, then 0.3 s a round until 2 s (7 rounds) or the cap
