@@ -63,18 +63,6 @@ def quantized_copy(reference, adapter, recipe_name: str):
     return model
 
 
-def native_gelu_copy(reference):
-    """``reference`` with every tanh GELU on compressdit's C GELU, as a quantized copy runs it (``set_module`` swaps the
-    activation after a quantized projection): the float model without that difference, so that "x float (C GELU)"
-    is the quantized layers' own effect. Torch's tanh GELU was ~10% of a zoo float step on the AVX2 Zen 3."""
-    from compressdit.quant.native_gelu import swap_activation
-
-    model = copy.deepcopy(reference)
-    for module in model.modules():
-        swap_activation(module, True)
-    return model
-
-
 @torch.no_grad()
 def interleaved_step_ms(adapter, models: dict, settings, rounds: int, steps: int) -> dict[str, list[float]]:
     """Per round, the fastest of ``steps`` single guided steps of each model, the models taken in turn."""
@@ -116,6 +104,7 @@ def main() -> None:
     from compressdit.io.sources import load_source
     from compressdit.models import adapter_for
     from compressdit.quant.kernel_registry import kernel_summary, set_kernel
+    from peer_models import native_gelu
 
     from compressdit.quant.cpu_native import native_library
 
@@ -128,7 +117,7 @@ def main() -> None:
     for name in args.models:
         reference = load_source(f"zoo:{name}").transformer.float().eval()
         adapter = adapter_for(reference)
-        float_gelu = native_gelu_copy(reference)
+        float_gelu = native_gelu(copy.deepcopy(reference))  # the C GELU every quantized copy runs
         for recipe in args.recipes:
             now = quantized_copy(reference, adapter, recipe)
             models = {"float": reference, "float_gelu": float_gelu, "now": now}

@@ -65,6 +65,21 @@ def _bf16(unit, names):
     return unit.to(torch.bfloat16)
 
 
+def native_gelu(model: nn.Module) -> nn.Module:
+    """``model`` with every tanh GELU on compressdit's C GELU (in place), as a quantized copy runs it after its quantized
+    projections (``set_module`` swaps it): a float baseline without that difference. Torch's tanh GELU was ~10% of a
+    zoo float step on the AVX2 Zen 3 (``e2e_speed_gelu_cpu_zen3_avx2.md``)."""
+    from compressdit.quant.native_gelu import swap_activation
+
+    for module in model.modules():
+        swap_activation(module, True)
+    return model
+
+
+def _float_native_gelu(unit, names):
+    return native_gelu(unit)
+
+
 def speed_module(linear: nn.Linear, spec, name: str) -> nn.Module:
     """``linear`` quantized as ``spec`` says for a speed benchmark: the layout, kernels and per-call work of the
     recipe's layer, not its values. VQ gets random codes and codebooks seeded by the layer's ``name`` (k-means at
@@ -133,6 +148,8 @@ def _bnb(peer: str) -> Convert:
 
 VARIANTS: dict[str, Variant] = {
     "fp32": Variant("float32", _float, None),
+    "fp32 (C GELU)": Variant("float32 with compressdit's C tanh GELU, as the quantized variants run it",
+                             _float_native_gelu, None),
     "bf16": Variant("bfloat16 weights and activations", _bf16, None, torch.bfloat16),
     **{recipe: Variant(f"compressdit recipe {recipe}", _ours(recipe), recipe)
        for recipe in ("rtn-w8a8", "w8a8", "w4a16", "w4a8", "rtn-w4a8", "vq-w3", "fp8", "nvfp4", "mxfp4", "rtn-w4a4",
