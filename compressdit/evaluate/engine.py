@@ -17,6 +17,7 @@ from compressdit.models.prompt_encoders import PromptEncoder, encode_conditions,
 from compressdit.models.sampling import decode_latents, guided_prediction, initial_latents, sample
 from compressdit.progress import progress_bar
 from compressdit.quant.kernel_registry import kernel_summary
+from compressdit.quant.native_gelu import ORIGINAL
 from compressdit.zoo.captions import evaluation_captions
 from compressdit.zoo.data import load_fmnist
 from compressdit.zoo.train_basics import load_classifier
@@ -151,6 +152,22 @@ def _step_latency(adapter, model: nn.Module, settings: EvalSettings, repeats: in
     for _ in range(repeats):
         guided_prediction(adapter, model, *inputs)
     return (time.perf_counter() - started) / repeats
+
+
+def native_gelu_notes(reference: Entry, entries: list[Entry]) -> list[str]:
+    """The report's note where columns run tanh GELUs in compressdit's C pass (after their quantized projections) and
+    the reference runs PyTorch's: part of their step-time difference is that GELU, not the quantized layers (PyTorch's
+    took ~10% of a zoo float step on an AVX2 Zen 3)."""
+    def native(model: nn.Module) -> int:
+        return sum(type(m) in ORIGINAL for m in model.modules())
+
+    columns = [e.column for e in entries if e is not reference and native(e.model)]
+    if not columns or native(reference.model):
+        return []
+    verb = "runs" if len(columns) == 1 else "run"
+    return [f"{' and '.join(columns)} {verb} the tanh GELU after quantized projections in compressdit's C pass, the "
+            "reference in PyTorch's: part of the time-per-step difference is that GELU (bench/e2e_speed.py's "
+            "'x float (C GELU)' separates the two)"]
 
 
 #: single steps per model in the report's timing, the models taken in turn: at least ``TIMING_ROUNDS`` rounds, then
@@ -298,7 +315,9 @@ def evaluate(adapter: ModelAdapter, reference: Entry, candidate: Entry, baseline
            lambda e: e.bytes_on_disk(), "bytes")
     latency = step_latencies(adapter, entries, settings, prompt_encoder)
     metric("time per denoising step (CFG, batch %d; fastest of %d-%d, models in turn)"
-           % (settings.timing_batch, TIMING_ROUNDS, TIMING_MAX_ROUNDS), "lower", lambda e: round(latency[e.column] * 1000, 2), "ms")
+           % (settings.timing_batch, TIMING_ROUNDS, TIMING_MAX_ROUNDS), "lower",
+           lambda e: round(latency[e.column] * 1000, 2), "ms")
+    notes += native_gelu_notes(reference, entries)
     metric("kernels (quantized layers running each)", None, lambda e: kernel_summary(e.model) or None)
     metric("sampling wall time (%d samples)" % settings.samples, "lower", lambda e: round(seconds[e.column], 2), "s")
     fidelity_conditions = conditions[: settings.fidelity_samples]

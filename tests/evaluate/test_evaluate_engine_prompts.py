@@ -82,3 +82,26 @@ def test_report_timing_adds_rounds_while_within_its_budget(monkeypatch, max_roun
                                     max_rounds=max_rounds)
     assert latency == pytest.approx({"candidate": 0.1, "reference": 0.1, "baseline": 0.1})
     assert len(calls) == 3 + 3 * expected  # one warm-up each, then 0.3 s a round until 2 s (7 rounds) or the cap
+
+
+def test_the_report_says_when_the_quantized_columns_run_the_c_gelu():
+    """A column whose quantized projection feeds a tanh GELU runs compressdit's C GELU (set_module swaps it): the
+    report's note says so where the reference runs PyTorch's; nothing where no column does."""
+    import copy
+
+    import compressdit.evaluate.engine as engine
+    from compressdit.quant.layers import QuantLinear
+    from compressdit.quant.spec import LinearQuantSpec
+    from compressdit.quant.transform import set_module
+    from tests.conftest import tiny_dit
+
+    reference = Entry("reference", tiny_dit(layers=1), "reference")
+    baseline = Entry("baseline", copy.deepcopy(reference.model), "baseline")
+    candidate = Entry("candidate", copy.deepcopy(reference.model), "candidate")
+    entries = [candidate, reference, baseline]
+    assert engine.native_gelu_notes(reference, entries) == []
+    name = next(n for n, m in candidate.model.named_modules() if n.endswith("ff.net.0.proj"))
+    linear = candidate.model.get_submodule(name)
+    set_module(candidate.model, name, QuantLinear.from_linear(linear, LinearQuantSpec(w_bits=8)))
+    [note] = engine.native_gelu_notes(reference, entries)
+    assert note.startswith("candidate runs the tanh GELU") and "baseline" not in note
