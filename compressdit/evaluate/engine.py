@@ -158,8 +158,8 @@ def native_gelu_notes(reference: Entry, entries: list[Entry]) -> list[str]:
     """The report's note where columns run tanh GELUs in compressdit's C pass (after their quantized projections) and
     the reference runs PyTorch's: part of their step-time difference is that GELU, not the quantized layers (PyTorch's
     took ~10% of a zoo float step on an AVX2 Zen 3)."""
-    def native(model: nn.Module) -> int:
-        return sum(type(m) in ORIGINAL for m in model.modules())
+    def native(model: nn.Module) -> bool:
+        return any(type(m) in ORIGINAL for m in model.modules())
 
     columns = [e.column for e in entries if e is not reference and native(e.model)]
     if not columns or native(reference.model):

@@ -488,9 +488,9 @@ def fp32_linear_direct(layer, b: dict):
 
 
 def _dense_fp32_direct(layer, b: dict):
-    """``cpu-int-dense-fp32``'s direct run for weight-only layers (:func:`fp32_linear_direct`), else ``None``."""
-    folded = b["folded"] and b[LOW_RANK] is None and b["packed"] is None and layer.spec.a_bits is None
-    return fp32_linear_direct(layer, b) if folded else None
+    """``cpu-int-dense-fp32``'s direct run for weight-only layers (``"folded"``: no activation quantization, no
+    low-rank branch; :func:`fp32_linear_direct`), else ``None``."""
+    return fp32_linear_direct(layer, b) if b["folded"] else None
 
 
 def _fp8_dense_direct(layer, b: dict):
@@ -674,7 +674,7 @@ def _twinlog_dense_direct(layer, b: dict):
     nothing else per call; ``None`` for other layers (DuQuant's rotation, no grid)."""
     if b["grid"] is None or layer.spec.rotation != "hadamard" or b.get("packed") is not None:
         return None
-    rows_of = hadamard_rows_pass(b["smooth"], layer.rotation_signs, b["grid"])
+    rows_of = hadamard_rows_pass(layer.smooth_scale, layer.rotation_signs, b["grid"])  # the usual path's tensors
     if rows_of is None:
         return None
     weight, bias = b["weight"], b["bias"]

@@ -987,7 +987,7 @@ static inline __attribute__((always_inline)) int grid8_scales(const float *o, __
                                 _mm256_unpackhi_epi64(t[2 * k], t[2 * k + 1]));
     const __m256i mx = _mm256_max_epu32(_mm256_permute2x128_si256(w[0], w[1], 0x20),
                                         _mm256_permute2x128_si256(w[0], w[1], 0x31)); /* lane k: group k's */
-    const __m256i above = _mm256_cmpgt_epi32(mx, _mm256_set1_epi32(0x71800000));
+    const __m256i above = _mm256_cmpgt_epi32(mx, _mm256_set1_epi32((int)DIV_ABOVE));
     /* grid_scale's rule 0 (the absmax floored at 1e-8; never NaN here), its reciprocal */
     *scale = _mm256_div_ps(_mm256_max_ps(div_rn8(_mm256_castsi256_ps(mx), vn, vin), _mm256_set1_ps(1e-8f)), vtop);
     *inverse = _mm256_div_ps(_mm256_set1_ps(1.0f), *scale);
@@ -1023,7 +1023,7 @@ static int hadamard_grid_row(const float *restrict r, const float *restrict sign
 #if defined(__AVX2__) && defined(__FMA__)
     __m256i bad = _mm256_setzero_si256();
     if (signed_smooth) {
-        const __m256i above = _mm256_set1_epi32(0x71800000), below = _mm256_set1_epi32(0x0d800000);
+        const __m256i above = _mm256_set1_epi32((int)DIV_ABOVE), below = _mm256_set1_epi32((int)DIV_BELOW);
         for (int64_t j = 0; j < cols; j += 8) {
             const __m256 x = _mm256_loadu_ps(r + j);
             const __m256 v = div_rn8(x, _mm256_loadu_ps(signed_smooth + j), _mm256_loadu_ps(inv + j));

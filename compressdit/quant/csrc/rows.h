@@ -42,10 +42,15 @@ static inline float div_rn(float a, float b, float inv) {
 #endif
 }
 
+/* The bit patterns of 2^100 and 2^-100: div_rn's exact range (the AVX2 passes of float_rows.c check it 8 lanes at a
+ * time) */
+#define DIV_ABOVE 0x71800000u
+#define DIV_BELOW 0x0d800000u
+
 /* div_rn(x, d, inv) where it is exact (see above): false where the quotient q (|q|'s bit pattern u) is NaN or
  * outside [2^-100, 2^100] for a nonzero x; callers then divide the plain way. */
 static inline int div_in_range(uint32_t u, float x) {
-    return !((u > 0x71800000u) | ((u < 0x0d800000u) & (x != 0.0f)));
+    return !((u > DIV_ABOVE) | ((u < DIV_BELOW) & (x != 0.0f)));
 }
 
 /* |v| as its IEEE bit pattern: for non-negative floats, integer order is float order and NaN sorts above inf,
