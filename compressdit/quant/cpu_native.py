@@ -45,6 +45,7 @@ import torch
 
 from compressdit.native_build import (build_library, build_on_torch_threads, compile_flags, compiler_for,
                                       torch_op_flags)
+from compressdit.quant.duquant import RotationSteps
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("int8_rows.c", "float_rows.c", "group_gemm.c", "int4_dot.c"))
@@ -72,6 +73,8 @@ _SIGNATURES = {
     "compressdit_hadamard_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _I64,
                                    ctypes.c_float, _PTR, _PTR, _PTR, _I32],
                                   None),
+    "compressdit_duquant_rows": ([_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I32, ctypes.c_float,
+                                  _I32, _I32, _PTR, _I32], ctypes.c_int),
     "compressdit_grid_tensor_scale": ([_PTR, _PTR, _I64, _I64, ctypes.c_float, _I32], ctypes.c_float),
     "compressdit_divide_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_float, _I32], ctypes.c_float),
     "compressdit_times_rows": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I32], None),
@@ -832,6 +835,41 @@ def hadamard_rows_pass(smooth: torch.Tensor | None, signs: torch.Tensor,
         out = torch.empty_like(x)
         call(x.data_ptr(), smooth_ptr, signs_ptr, elements // cols, cols, *grid_args, 1, 1.0, out.data_ptr(), None,
              None, threads_for(elements))
+        return out
+
+    return run
+
+
+def duquant_rows_pass(smooth: torch.Tensor | None, steps: RotationSteps,
+                      grid: tuple | None) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """DuQuant's balancing and outlier rotation ``steps.apply(x / smooth)`` for one layer's tensors, then with
+    ``grid`` (:func:`fake_quantize_grid`'s ``(group, rule, top, mantissa, min_exp)``, rules 0 and 1) its quantization,
+    in one C pass per row (``compressdit_duquant_rows``), bit for bit: ``run(x)`` for a contiguous fp32 CPU ``x`` of
+    the rotation's width with at least one row and no gradient to keep (the caller checks the gradient), else
+    ``None``; ``None`` for the whole where the pass never takes these tensors, without the library or under
+    ``torch.compile``. Checked here once; holds its own copies of the tensors (their addresses go to C per call)."""
+    cols = steps.perm.shape[0]
+    lib = _lib_for(smooth)
+    if (lib is None or cols == 0 or (smooth is not None and smooth.nelement() != cols)
+            or (grid is not None and (grid[1] not in (0, 1) or cols % grid[0]))):
+        return None
+    smooth = None if smooth is None else smooth.detach()
+    counts, tops = steps.counts.to(torch.int32).contiguous(), steps.tops.to(torch.int32).contiguous()
+    signs, perm = steps.signs.float().contiguous(), steps.perm.long().contiguous()
+    args = (steps.block, counts.data_ptr(), tops.data_ptr(), signs.data_ptr(), perm.data_ptr(),
+            *(grid or (0, 0, 0.0, 0, 0)))
+    smooth_ptr, call = _ptr(smooth), lib.compressdit_duquant_rows
+
+    def run(x: torch.Tensor, _keep=(smooth, counts, tops, signs, perm)) -> torch.Tensor | None:
+        if x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous() or not x.dim() \
+                or x.shape[-1] != cols:
+            return None
+        elements = x.numel()
+        if not elements:
+            return None
+        out = torch.empty_like(x)
+        if call(x.data_ptr(), smooth_ptr, elements // cols, cols, *args, out.data_ptr(), threads_for(elements)):
+            return None
         return out
 
     return run

@@ -32,8 +32,8 @@ from torch import nn
 
 from compressdit.errors import ConfigError
 from compressdit.quant.activations import check_activation_fits, quantize_input
-from compressdit.quant.duquant import (DEFAULT_STEPS, OutlierRotation, OutlierRotationCodes, duquant_block,
-                                      fit_outlier_rotation, perm_dtype)
+from compressdit.quant.duquant import (DEFAULT_STEPS, OutlierRotation, OutlierRotationCodes, RotationSteps,
+                                      duquant_block, fit_outlier_rotation, perm_dtype)
 from compressdit.quant.format_registry import LinearFormat
 from compressdit.quant.gpu_reference import pack_nibbles
 from compressdit.quant.kernel_registry import kernel_cache, run_cached, version_of
@@ -164,6 +164,12 @@ class TwinLogLinear(QuantizedLinear):
             cached = (key, INPUT_ROTATIONS.get(self.spec.rotation).prepare(states))
             self.__dict__["_prepared_rotation"] = cached
         return cached[1]
+
+    def rotation_steps(self) -> RotationSteps | None:
+        """DuQuant's rotation as its steps (the form of the CPU kernels' C pass), ``None`` for other rotations."""
+        if self.spec.rotation != "duquant":
+            return None
+        return OutlierRotationCodes(self.rotation_first_steps, self.rotation_perm, self.rotation_second_steps).steps()
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x T`` along the last dim (the rotation only; no balancing)."""

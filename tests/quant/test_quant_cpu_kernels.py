@@ -707,7 +707,9 @@ def test_twin_log_layers_on_the_integer_gemm_are_their_reference(rotation, w_bit
         out, reference = layer(x), layer.reference_forward(x)
     error = (out - reference).reshape(37, out_features).abs().double()
     assert (error <= _plane_bound(layer, x)).all()
-    assert (error.max() > 0) == chosen  # the kernel's own numbers, not the reference's
+    # the kernel's own numbers, not the reference's; DuQuant's C pass rotates by the greedy steps, the reference by
+    # their dense blocks: the same rotation up to fp32 rounding
+    assert (error.max() > 0) == (chosen or rotation == "duquant")
 
 
 @pytest.mark.usefixtures("integer_gemm")

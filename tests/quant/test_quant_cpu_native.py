@@ -15,7 +15,7 @@ from compressdit.quant.cpu_native import dequantize_int32_, native_library, quan
 from compressdit.quant.layers import QuantLinear
 from compressdit.quant.primitives import fake_quantize_activation
 from compressdit.quant.spec import LinearQuantSpec
-from tests.conftest import native_ops_built
+from tests.conftest import native_ops_built, torch_threads
 
 
 def _activations(rows: int = 37, cols: int = 96) -> torch.Tensor:
@@ -596,6 +596,49 @@ def test_the_hadamard_pass_is_balancing_and_rotate_bit_for_bit(cols, parallel, m
     assert hadamard_rows(x, smooth, signs, (8, 2, 6.0, 1, 0)) is None  # NVFP4's tensor scale needs every row first
     strided = x.t().contiguous().t()  # the same values, not contiguous: the caller's PyTorch path runs
     assert not strided.is_contiguous() and hadamard_rows(strided, None, signs) is None
+
+
+@pytest.mark.parametrize("cols", [128, 1152, 512, 96, 8])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_the_duquant_pass_is_its_steps_bit_for_bit(cols, parallel, monkeypatch):
+    """csrc/float_rows.c's DuQuant rotation (after the balancing division) against ``RotationSteps.apply``: the same
+    bits on every width (blocks of 128 / 128 / 128 / 32 / 8, several steps a block or none), with and without a
+    divisor, on rows of very different scales, zeros, subnormals, inf and NaN; its rows split over two threads or not;
+    with a grid in the same pass, LRQ's int4 / int8 in groups of 16 included (on AVX2, widths of 128 multiples take
+    grid16_values, rows out of its range the plain grid)."""
+    from compressdit.quant.cpu_native import duquant_rows_pass, fake_quantize_grid
+    from compressdit.quant.duquant import fit_outlier_rotation
+
+    torch.manual_seed(0)
+    absmax = torch.rand(cols) + 0.5
+    absmax[torch.randperm(cols)[:4]] *= 60  # outliers: the greedy steps have something to spread
+    steps = fit_outlier_rotation(absmax).steps()
+    assert steps.counts.max() >= 1  # a block takes a step
+    x = torch.randn(37, cols) * torch.logspace(-3, 3, cols)
+    x[3], x[5, :4], x[6, 7] = 0, float("inf"), float("nan")
+    x[8] *= 1e-36
+    x[9, :3] = torch.tensor([1e-41, -3e-39, 1e-45])
+    x[10] *= 1e32
+    smooth = torch.rand(cols) + 0.3
+    monkeypatch.setattr(cpu_native, "PARALLEL_MIN_ELEMENTS", 1 if parallel else 1 << 62)
+    grids = [None, (8, 0, 7.0, 30, 30), (8, 1, 6.0, 1, 0), (cols, 0, 448.0, 3, -6)]  # int4, MX E2M1, E4M3 per token
+    grids += [(16, 0, 7.0, 30, 30), (16, 0, 127.0, 30, 30)] * (cols % 16 == 0)  # int4 / int8 g16
+    with torch_threads(2):
+        for divisor in (smooth, None):
+            rotated = steps.apply(x if divisor is None else x / divisor)
+            for grid in grids:
+                run = duquant_rows_pass(divisor, steps, grid)
+                if native_library() is None:
+                    assert run is None
+                    return
+                expected = rotated if grid is None else fake_quantize_grid(rotated, *grid)
+                torch.testing.assert_close(run(x), expected, rtol=0, atol=0, equal_nan=True)
+    run = duquant_rows_pass(smooth, steps, None)
+    strided = x.t().contiguous().t()  # the same values, not contiguous: the caller's PyTorch path runs
+    assert run(strided) is None and run(x.double()) is None and run(x[:, :-1].contiguous()) is None
+    assert run(x[:0]) is None and run(x.reshape(1, 37, cols)).shape == (1, 37, cols)
+    assert duquant_rows_pass(smooth, steps, (8, 2, 6.0, 1, 0)) is None  # NVFP4's tensor scale needs every row first
+    assert duquant_rows_pass(smooth[:-1], steps, None) is None
 
 
 @pytest.mark.parametrize("cols", [128, 96])

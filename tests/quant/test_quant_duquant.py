@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressdit.quant.duquant import (DEFAULT_STEPS, block_rotate, duquant_block, fit_outlier_rotation,
-                                       greedy_rotation, greedy_steps, rotation_from_steps, sylvester_hadamard,
-                                       zigzag_permutation)
+from compressdit.quant.duquant import (DEFAULT_STEPS, OutlierRotationCodes, block_rotate, duquant_block,
+                                       fit_outlier_rotation, greedy_rotation, greedy_steps, rotation_from_steps,
+                                       sylvester_hadamard, zigzag_permutation)
 
 
 def _absmax(width: int, seed: int = 0) -> torch.Tensor:
@@ -92,3 +92,22 @@ def test_fitted_rotation_is_stored_compactly():
     stored = sum(t.numel() * t.element_size() for t in (codes.first, codes.perm, codes.second))
     dense = 2 * 384 * 128 * 4 + 384 * 8  # two fp32 block-diagonal matrices + an int64 permutation
     assert stored * 20 < dense
+
+
+@pytest.mark.parametrize("width", [128, 1152, 96, 8])
+def test_the_steps_are_the_dense_rotation_up_to_rounding(width):
+    """``RotationSteps`` (the C pass's form): every block's steps of the codes in order, and ``x @ T`` within fp32
+    rounding of the dense blocks' product; blocks that took no step (here every other one of ``R2``) only permuted."""
+    codes = fit_outlier_rotation(_absmax(width), block=128)
+    second = codes.second.clone()
+    second[::2] = -1  # no step: those blocks of R2 are the identity
+    codes = OutlierRotationCodes(codes.first, codes.perm, second)
+    steps = codes.steps()
+    taken = [int((row >= 0).sum()) for table in (codes.first, codes.second) for row in table]
+    assert steps.counts.tolist() == taken and steps.tops.shape[0] == steps.signs.shape[0] == sum(taken)
+    assert steps.block == duquant_block(width) and set(steps.signs.unique().tolist()) <= {-1.0, 1.0}
+    x = torch.randn(5, 3, width, generator=torch.Generator().manual_seed(1)) * _absmax(width)
+    dense = codes.rotation().apply(x)
+    torch.testing.assert_close(steps.apply(x), dense, rtol=1e-5, atol=1e-5 * float(dense.abs().max()))
+    nothing = OutlierRotationCodes(torch.full_like(codes.first, -1), codes.perm, torch.full_like(codes.second, -1))
+    assert torch.equal(nothing.steps().apply(x), x[..., codes.perm.long()])  # T = P

@@ -250,8 +250,7 @@ def _counting_direct(layer: nn.Module) -> list:
 def test_the_direct_run_is_the_usual_path_bit_for_bit(recipe, rotation):
     """Once prepacked, a layer whose kernel has a direct run calls it from ``forward`` before any of the registry's
     Python: the usual path's numbers bit for bit on 2-D and 3-D rows; inputs it does not take (bf16, a strided view,
-    no rows) and calls that keep a gradient go the usual way; layers it leaves out (DuQuant's rotation) and kernels
-    without one (W8A8's) have none."""
+    no rows) and calls that keep a gradient go the usual way; kernels without one (W8A8's) have none."""
     # (LRQ's rotation is chosen per layer by its calibration)
     layer = _recipe_layer(recipe, **({} if rotation is None else {"rotation": rotation}))
     x = torch.randn(2, 9, 128) * torch.linspace(0.2, 3, 128)
@@ -260,7 +259,7 @@ def test_the_direct_run_is_the_usual_path_bit_for_bit(recipe, rotation):
         first = layer(x)  # the prepack: the usual path
         calls = _counting_direct(layer)
         name = cache_of(layer).name
-        expects_direct = name in DIRECT_KERNELS and rotation != "duquant" and recipe != "rtn-w8a8"
+        expects_direct = name in DIRECT_KERNELS and recipe != "rtn-w8a8"
         assert (cache_of(layer).direct is not None) == expects_direct, name
         inputs = [x, x[0], x[:1, :1], x.to(torch.bfloat16), x.transpose(0, 1), torch.randn(0, 128)]
         for rows in inputs:
@@ -275,25 +274,31 @@ def test_the_direct_run_is_the_usual_path_bit_for_bit(recipe, rotation):
     assert torch.equal(layer(x_grad), first) and not calls  # the kernel's output with the reference's gradient
 
 
-@pytest.mark.parametrize("recipe", ["lrq-w4a4", "w4a16", "vq-w3", "fp8"])
-@pytest.mark.parametrize("change", ["bias in place", "smooth storage", "object", "threads"])
-def test_the_direct_run_never_reads_a_stale_prepack(recipe, change):
+@pytest.mark.parametrize("recipe,rotation", [("lrq-w4a4", "hadamard"), ("lrq-w4a4", "duquant"), ("w4a16", None),
+                                             ("vq-w3", None), ("fp8", None)])
+@pytest.mark.parametrize("change", ["bias in place", "smooth storage", "object", "threads", "rotation in place"])
+def test_the_direct_run_never_reads_a_stale_prepack(recipe, rotation, change):
     """What the key sees (in-place writes, a storage swapped under ``.data``, a new object under a name, a new thread
     count) rebuilds the prepack before the direct run: the numbers of a copy prepacked afresh."""
-    layer = _recipe_layer(recipe, **({"rotation": "hadamard"} if recipe == "lrq-w4a4" else {}))
-    x = torch.randn(2, 9, 128)
+    layer = _recipe_layer(recipe, **({} if rotation is None else {"rotation": rotation}))
+    x = torch.randn(2, 9, 128) * torch.linspace(0.2, 3, 128)
     threads = torch.get_num_threads() + (change == "threads")
     with torch.no_grad():
         layer(x)
-        layer(x)
+        before = layer(x)
         if change == "bias in place":
             layer.bias.add_(1)
         elif change == "smooth storage" and getattr(layer, "smooth_scale", None) is not None:
             layer.smooth_scale.data = layer.smooth_scale.data * 2
+        elif change == "rotation in place" and rotation == "duquant":  # P reversed: DuQuant's steps are prepacked
+            layer.rotation_perm.copy_(layer.rotation_perm.flip(0))
+        elif change == "rotation in place" and rotation == "hadamard":
+            layer.rotation_signs.neg_()
         elif change == "object":
             layer._parameters["bias"] = nn.Parameter(layer.bias.data * 3, requires_grad=False)
         with torch_threads(threads):
             out = layer(x)
             expected = copy.deepcopy(layer)(x)  # an empty cache: prepacked from the layer's tensors now
     assert torch.equal(out, expected)
+    assert change != "rotation in place" or rotation is None or not torch.equal(out, before)  # a change it must see
 

@@ -1070,6 +1070,26 @@ static int hadamard_grid_row(const float *restrict r, const float *restrict sign
  * scales wait on its maxima, ~50 cycles of latency: with several chunks in flight they overlap) */
 #define GRID_CHUNKS 4
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* The n values at o (a multiple of 128) divided by norm (div_rn from inv_norm; norm 1 leaves them as they are) and put
+ * on rule 0's integer grid in groups of 16, in place: grid8_scales, then grid8_apply, GRID_CHUNKS chunks of 128 a
+ * turn. The same operations on every value as grid_batch (after the division), so the same numbers. Returns nonzero,
+ * the values partly done, where a value is above div_rn's range or NaN (the caller redoes them the plain way). */
+static int grid16_values(float *o, int64_t n, float norm, float inv_norm, float top) {
+    const __m256 vn = _mm256_set1_ps(norm), vin = _mm256_set1_ps(inv_norm), vtop = _mm256_set1_ps(top);
+    for (int64_t c0 = 0; c0 < n; c0 += 128 * GRID_CHUNKS) {
+        const int chunks = (int)((n - c0) / 128 < GRID_CHUNKS ? (n - c0) / 128 : GRID_CHUNKS);
+        __m256 scale[GRID_CHUNKS], inverse[GRID_CHUNKS];
+        int bad = 0;
+        for (int c = 0; c < chunks; ++c)
+            bad |= grid8_scales(o + c0 + 128 * c, vn, vin, vtop, scale + c, inverse + c);
+        if (bad) return 1;
+        for (int c = 0; c < chunks; ++c) grid8_apply(o + c0 + 128 * c, vn, vin, vtop, scale[c], inverse[c]);
+    }
+    return 0;
+}
+#endif
+
 /* Rows [i0, i1) of compressdit_hadamard_rows with their grid, where that is rule 0 on the integer grid in groups of
  * 16 (LRQ's int4 / int8 activations) and cols a multiple of 128: hadamard_grid_row on each, then the division by norm
  * and the grid of every 128 values (grid8_scales, then grid8_apply, GRID_CHUNKS chunks a turn). The same operations on
@@ -1083,19 +1103,7 @@ static int hadamard_grid_rows(const float *x, const float *signed_smooth, const 
 #if defined(__AVX2__) && defined(__FMA__)
     for (int64_t i = i0; i < i1; ++i)
         if (hadamard_grid_row(x + i * cols, signed_smooth, inv, sign, cols, block, out + i * cols)) return 1;
-    const __m256 vn = _mm256_set1_ps(norm), vin = _mm256_set1_ps(inv_norm), vtop = _mm256_set1_ps(top);
-    float *const start = out + i0 * cols;
-    const int64_t n = (i1 - i0) * cols;
-    for (int64_t c0 = 0; c0 < n; c0 += 128 * GRID_CHUNKS) {
-        const int chunks = (int)((n - c0) / 128 < GRID_CHUNKS ? (n - c0) / 128 : GRID_CHUNKS);
-        __m256 scale[GRID_CHUNKS], inverse[GRID_CHUNKS];
-        int bad = 0;
-        for (int c = 0; c < chunks; ++c)
-            bad |= grid8_scales(start + c0 + 128 * c, vn, vin, vtop, scale + c, inverse + c);
-        if (bad) return 1;
-        for (int c = 0; c < chunks; ++c) grid8_apply(start + c0 + 128 * c, vn, vin, vtop, scale[c], inverse[c]);
-    }
-    return 0;
+    return grid16_values(out + i0 * cols, (i1 - i0) * cols, norm, inv_norm, top);
 #else
     (void)x, (void)signed_smooth, (void)inv, (void)sign, (void)i0, (void)i1, (void)cols, (void)block, (void)norm,
         (void)inv_norm, (void)top, (void)out;
@@ -1153,6 +1161,87 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
         }
     });
     free(scratch);
+}
+
+/* One greedy step of DuQuant's block rotations (compressdit/quant/duquant.py, _apply_step) on the `block` values at p:
+ * each times its sign, the first swapped with the one at `top`, fwht's butterflies, each divided by norm (sqrt(block)
+ * rounded to float, as torch divides by the Python float): the same single operations, so the same bits. */
+static void duquant_step(float *restrict p, const float *restrict sign, int32_t top, int64_t block, float norm) {
+    for (int64_t j = 0; j < block; ++j) p[j] *= sign[j];
+    const float first = p[0];
+    p[0] = p[top];
+    p[top] = first;
+    butterflies(p, block, block);
+    for (int64_t j = 0; j < block; ++j) p[j] = p[j] / norm;
+}
+
+/* The steps of one half (R1 or R2) of a DuQuant rotation on one row: block b's counts[b] steps (their signs and tops
+ * from step offset[b] on), in order */
+static void duquant_half(float *row, int64_t blocks, int64_t block, const int32_t *counts, const int64_t *offset,
+                         const int32_t *tops, const float *signs, float norm) {
+    for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t s = offset[b]; s < offset[b] + counts[b]; ++s)
+            duquant_step(row + b * block, signs + s * block, tops[s], block, norm);
+}
+
+/* One row r of compressdit_duquant_rows before its grid, into o (v: scratch of the row's width) */
+static void duquant_row(const float *restrict r, const float *restrict smooth, int64_t cols, int64_t block,
+                        const int32_t *counts, const int64_t *offset, const int32_t *tops, const float *signs,
+                        const int64_t *perm, float norm, float *restrict v, float *restrict o) {
+    const int64_t blocks = cols / block;
+    if (smooth)
+        for (int64_t j = 0; j < cols; ++j) v[j] = r[j] / smooth[j];
+    else
+        memcpy(v, r, sizeof(float) * cols);
+    duquant_half(v, blocks, block, counts, offset, tops, signs, norm);
+    for (int64_t j = 0; j < cols; ++j) o[j] = v[perm[j]];
+    duquant_half(o, blocks, block, counts + blocks, offset + blocks, tops, signs, norm);
+}
+
+/* DuQuant's outlier rotation T = R1 P R2 of rows of x after the balancing division (smooth may be NULL), as
+ * compressdit/quant/duquant.py's RotationSteps.apply computes it, bit for bit: x / smooth (IEEE divisions, as torch),
+ * each block's R1 steps (duquant_step; `counts` [2 * blocks]: the steps of R1's blocks, then R2's, their tops and
+ * signs [steps, block] in that order), the permutation (v[perm[j]] to column j), R2's steps; then, where group > 0,
+ * compressdit_fake_quantize_grid's quantization of the row (rules 0 and 1: scales from each group alone) in the same
+ * pass. Applying the steps costs ~10 operations an element a step where T's dense blocks cost `block` multiply-adds,
+ * and calibrated layers take few (the zoo's and a PixArt's DuQuant layers 0-1 a block). out may not be x. Returns
+ * nonzero, out unfinished, where its scratch could not be allocated. */
+int compressdit_duquant_rows(const float *x, const float *smooth, int64_t rows, int64_t cols, int64_t block,
+                             const int32_t *counts, const int32_t *tops, const float *signs, const int64_t *perm,
+                             int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float *out,
+                             int32_t threads) {
+    const int64_t blocks = cols / block;
+    const float norm = (float)__builtin_sqrt((double)block);
+    int64_t *offset = (int64_t *)malloc(sizeof(int64_t) * (2 * blocks + 1));
+    if (!offset) return 1;
+    offset[0] = 0;
+    for (int64_t b = 0; b < 2 * blocks; ++b) offset[b + 1] = offset[b] + counts[b];
+    const int64_t per = 16, batches = (rows + per - 1) / per; /* a row's scratch for R1, allocated a batch at a time */
+    /* LRQ's int4 / int8 activations in groups of 16 on widths of 128 multiples: grid16_values */
+    const int fast = group == 16 && rule == 0 && integer_grid(top, mantissa, min_exp) && cols % 128 == 0;
+    (void)fast;
+    int failed = 0;
+    FOR_ROWS_MAX(failed, c, batches, {
+        float *v = (float *)malloc(sizeof(float) * cols);
+        failed = v ? failed : 1;
+        for (int64_t i = c * per; v && i < rows && i < (c + 1) * per; ++i) {
+            const float *r = x + i * cols;
+            float *o = out + i * cols;
+            duquant_row(r, smooth, cols, block, counts, offset, tops, signs, perm, norm, v, o);
+#if defined(__AVX2__) && defined(__FMA__)
+            if (fast && !grid16_values(o, cols, 1.0f, 1.0f, top)) continue;
+            if (fast) /* a value out of grid16_values' range: the row again, then grid_batch */
+                duquant_row(r, smooth, cols, block, counts, offset, tops, signs, perm, norm, v, o);
+#endif
+            for (int64_t g = 0; group && g < cols / group; g += GRID_BATCH) {
+                const int64_t n = cols / group - g < GRID_BATCH ? cols / group - g : GRID_BATCH;
+                grid_batch(o + g * group, o + g * group, n, group, rule, top, mantissa, min_exp, 1.0f);
+            }
+        }
+        free(v);
+    });
+    free(offset);
+    return failed;
 }
 
 /* h [n, rank] = b [n, cols] @ d [cols, rank] for n <= 4 rows: each output the sum over k in order, one fused
