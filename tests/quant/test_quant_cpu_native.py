@@ -1047,7 +1047,11 @@ def _decodable_layers() -> dict:
         FORMATS.get(spec.format).validate_spec(spec, "spec")
         layers[name] = FORMATS.get(spec.format).quantize(linear, spec, torch.rand(64) + 0.5)
     layers["fp8-widened"] = copy.deepcopy(layers["fp8"]).to(torch.bfloat16)  # module.to: E4M3 values in bf16
-    return layers
+    # 88 columns: the AVX2 table lookups take 32 a turn, the last 24 the scalar loop (first: the largest weight, whose
+    # buffer the others reuse)
+    spec = LinearQuantSpec.from_dict(specs["twinlog-w4"], "spec")
+    wide = FORMATS.get("twinlog").quantize(torch.nn.Linear(88, 40), spec, torch.rand(88) + 0.5)
+    return {"twinlog-w4-88-wide": wide, **layers}
 
 
 def test_every_formats_weight_decodes_in_one_pass_bit_for_bit():

@@ -69,6 +69,32 @@ void compressdit_dequantize_nibbles_bf16(const uint8_t *nibbles, const uint16_t 
     });
 }
 
+/* o[j] = table[c_j] for the `cols` (even) nibbles c of a row (even column low): on AVX2 32 at a time, the 16 values in
+ * two registers (vpermps on each, the half chosen by the code's bit 3), ~0.9 ns a weight scalar on a Zen 3 */
+static void nibble_values(const uint8_t *restrict n, const float *restrict table, int64_t cols, float *restrict o) {
+    int64_t j = 0;
+#if defined(__AVX2__)
+    const __m256 low_half = _mm256_loadu_ps(table), high_half = _mm256_loadu_ps(table + 8);
+    const __m128i mask = _mm_set1_epi8(15);
+    for (; j + 32 <= cols; j += 32) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(n + j / 2));
+        const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi); /* codes in order */
+        const __m128i parts[4] = {first, _mm_srli_si128(first, 8), second, _mm_srli_si128(second, 8)};
+        for (int k = 0; k < 4; ++k) {
+            const __m256i code = _mm256_cvtepu8_epi32(parts[k]);
+            const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)); /* bit 3 as the sign */
+            _mm256_storeu_ps(o + j + 8 * k, _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_half, code),
+                                                             _mm256_permutevar8x32_ps(high_half, code), high));
+        }
+    }
+#endif
+    for (; j + 1 < cols; j += 2) {
+        o[j] = table[n[j / 2] & 15];
+        o[j + 1] = table[n[j / 2] >> 4];
+    }
+}
+
 /* A 4-bit-coded weight decoded into fp32 [rows, cols]: per element its code's value v = lut[c] (c the nibble: uint8
  * [rows, cols / 2], even column low; lut 16 values, or 16 per row where lut_per_row), then (v - zero) * scale per group
  * of `group` columns (zero, scale fp32 [rows, cols / group]; either NULL: left out). The decoders of the formats this
@@ -80,16 +106,10 @@ void compressdit_dequantize_nibbles_f32(const uint8_t *nibbles, const float *lut
                                         int64_t group, float *out, int32_t threads) {
     const int64_t groups = cols / group;
     FOR_ROWS(i, rows, {
-        const uint8_t *n = nibbles + i * (cols / 2);
-        const float *restrict table = lut + (lut_per_row ? 16 * i : 0);
         float *o = out + i * cols;
+        nibble_values(nibbles + i * (cols / 2), lut + (lut_per_row ? 16 * i : 0), cols, o);
         for (int64_t g = 0; g < groups; ++g) {
-            const uint8_t *restrict ng = n + g * group / 2;
             float *restrict og = o + g * group;
-            for (int64_t j = 0; j < group / 2; ++j) {
-                og[2 * j] = table[ng[j] & 15];
-                og[2 * j + 1] = table[ng[j] >> 4];
-            }
             if (zero) {
                 const float z = zero[i * groups + g];
                 for (int64_t j = 0; j < group; ++j) og[j] = og[j] - z;
