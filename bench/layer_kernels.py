@@ -9,6 +9,7 @@ median time and the median ratio. Random weights: this measures speed, never qua
     python bench/layer_kernels.py --quick    # 1152->4608 only, M = 1 and 256, 1 thread
     python bench/layer_kernels.py --methods w8a8 fbgemm --rows 1 16 256 --out bench/results/layer_w8a8_cpu
     python bench/layer_kernels.py --shapes zoo --methods w8a8 fbgemm --rows 16 256 --out bench/results/layer_w8a8_zoo_cpu
+    python bench/layer_kernels.py --methods lrq --rows 16 256 1024 --out bench/results/layer_lrq_cpu
 
 ``--methods`` keeps the methods whose name contains one of the words (fp32 always runs); ``--shapes zoo`` times
 the zoo reference models' linear shapes instead (dit-fmnist: 128->128 qkv/out, 128->512 fc1, 512->128 fc2,
@@ -105,6 +106,43 @@ def low_bit(linear, fields: dict, decoded: bool = False, kernel: str | None = No
     return layer, f"{spec.label}: {layer.kernel_name}"
 
 
+def duquant_methods(linear) -> dict:
+    """LRQ W4A4 layers with DuQuant's rotation (what ``lrq-w4a4``'s ARS picks for layers with channel outliers): fitted
+    to an absmax with salient channels (the greedy steps spread them: several steps a block), and to a flat one (no
+    step: the rotation is its permutation, as on the zoo's and a PixArt's calibrated DuQuant layers); the first also
+    with the rotation as the reference's dense blocks, the CPU kernels' path before the C pass
+    (``cpu_dense.duquant_rows`` off while it prepacks)."""
+    import copy
+
+    from compressdit.quant import cpu_dense
+    from compressdit.quant.kernel_registry import refresh
+    from compressdit.quant.spec import LinearQuantSpec
+    from compressdit.quant.twinlog_layer import TwinLogLinear
+
+    spec = LinearQuantSpec.from_dict({**LOW_BIT["lrq w4a4"], "rotation": "duquant"}, "spec")
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.rand(linear.in_features, generator=gen) + 0.5
+    salient = flat.clone()
+    salient[torch.randperm(linear.in_features, generator=gen)[:max(2, linear.in_features // 64)]] *= 40
+    methods = {}
+    notes = {"ours lrq w4a4 duquant": "fitted to an absmax with 1 in 64 channels 40x the rest (the greedy steps a "
+                                      "block of R1 and R2 are under each table)",
+             "ours lrq w4a4 duquant, no step": "fitted to a flat absmax: no step, the rotation its permutation"}
+    for name, absmax in (("ours lrq w4a4 duquant", salient), ("ours lrq w4a4 duquant, no step", flat)):
+        layer = TwinLogLinear.from_linear(linear, spec, absmax)
+        refresh(layer)
+        methods[name] = (layer, f"{spec.label}: {layer.kernel_name}, {notes[name]}; the C pass")
+    dense = copy.deepcopy(methods["ours lrq w4a4 duquant"][0])
+    pass_of, cpu_dense.duquant_rows = cpu_dense.duquant_rows, lambda layer, grid: None
+    try:
+        refresh(dense)
+    finally:
+        cpu_dense.duquant_rows = pass_of
+    methods["ours lrq w4a4 duquant, dense rotation (before)"] = (
+        dense, f"the first DuQuant layer rotating its input by the reference's dense blocks ({dense.kernel_name})")
+    return methods
+
+
 def build_methods(in_features: int, out_features: int, keep: list[str] | None = None) -> dict:
     """name -> (callable taking x, note). Ours run through QuantLinear/VQLinear with their chosen kernel."""
     from compressdit.evaluate.peers import _bnb_int8, _bnb_nf4
@@ -162,6 +200,7 @@ def build_methods(in_features: int, out_features: int, keep: list[str] | None = 
     for name, fields in LOW_BIT.items():  # cpu-int-groups where the CPU has it; the decoded kernels it replaced
         methods[f"ours {name}"] = low_bit(linear, fields)
         methods[f"ours {name} decoded (before)"] = low_bit(linear, fields, decoded=True)
+    methods.update(duquant_methods(linear))
     if group_gemm_isa() == "avx512-vnni":  # the twin-log integer GEMM where the bf16 copy's GEMM keeps the layer
         methods["ours lrq w4a4 on cpu-twinlog-groups"] = low_bit(linear, LOW_BIT["lrq w4a4"],
                                                                  kernel="cpu-twinlog-groups")
@@ -235,6 +274,14 @@ def time_cell(methods: dict, rows: int, in_features: int, rounds: int, budget_s:
                 "ms_spread": [round(min(times[n]), 4), round(max(times[n]), 4)]} for n in runnable}
 
 
+def _steps(methods: dict) -> dict:
+    """The greedy steps a block of the salient DuQuant layer's rotation (``{}`` where it was not built)."""
+    layer = methods.get("ours lrq w4a4 duquant", (None,))[0]
+    if layer is None:
+        return {}
+    return {"duquant_steps_per_block": round(float(layer.rotation_steps().counts.float().mean()), 2)}
+
+
 def write_markdown(result: dict, path: Path) -> None:
     meta = result["meta"]
     lines = [f"# CPU per-layer kernels: {meta['cpu']} ({', '.join(meta['cpu_flags'])}), torch {meta['torch']}", "",
@@ -253,6 +300,8 @@ def write_markdown(result: dict, path: Path) -> None:
                     cell = shape["cells"][str(m)].get(name)
                     cells_text.append("—" if cell is None else f"{cell['ms']:.3f} ({cell['speedup_vs_fp32']:.2f}x)")
                 lines.append(f"| {name} | " + " | ".join(cells_text) + " |")
+            if "duquant_steps_per_block" in shape:
+                lines += ["", f"DuQuant (salient absmax): {shape['duquant_steps_per_block']} greedy steps a block."]
             lines.append("")
     lines.append("## Methods")
     lines.append("")
@@ -286,7 +335,7 @@ def main() -> None:
                 result["notes"].update({n: note for n, (_, note) in methods.items()})
                 cells = {str(m): time_cell(methods, m, in_features, args.rounds, args.budget) for m in rows}
             result["threads"][str(count)].append({"layer": layer, "in": in_features, "out": out_features, "rows": rows,
-                                                  "methods": list(methods), "cells": cells})
+                                                  "methods": list(methods), "cells": cells, **_steps(methods)})
             print(f"{count} thread(s) {layer}: done (load {os.getloadavg()[0]:.2f})", flush=True)
     write_results(args.out, result, write_markdown)
 
