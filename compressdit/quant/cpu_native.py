@@ -825,7 +825,20 @@ def hadamard_rows_pass(smooth: torch.Tensor | None, signs: torch.Tensor,
     smooth_ptr, signs_ptr, grid_args = _ptr(smooth), signs.data_ptr(), grid or (0, 0, 0.0, 0, 0)
     call = lib.compressdit_hadamard_rows
 
-    def run(x: torch.Tensor, _keep=(smooth, signs)) -> torch.Tensor | None:
+    def fill(x: torch.Tensor, out: torch.Tensor, elements: int) -> bool:
+        call(x.data_ptr(), smooth_ptr, signs_ptr, elements // cols, cols, *grid_args, 1, 1.0, out.data_ptr(), None,
+             None, threads_for(elements))
+        return True
+
+    return _rows_pass(cols, fill, (smooth, signs))
+
+
+def _rows_pass(cols: int, fill: Callable[[torch.Tensor, torch.Tensor, int], bool],
+               keep: tuple) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """``run(x)`` of a layer's C pass over rows of width ``cols``: for a contiguous fp32 CPU ``x`` of that width with
+    at least one row, ``fill(x, out, x.numel())`` writes the rows into a new ``out`` (False: it could not), else
+    ``None``. ``keep``: the tensors whose addresses the pass holds, kept alive with it."""
+    def run(x: torch.Tensor, _keep=keep) -> torch.Tensor | None:
         if x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous() or not x.dim() \
                 or x.shape[-1] != cols:
             return None
@@ -833,9 +846,7 @@ def hadamard_rows_pass(smooth: torch.Tensor | None, signs: torch.Tensor,
         if not elements:
             return None
         out = torch.empty_like(x)
-        call(x.data_ptr(), smooth_ptr, signs_ptr, elements // cols, cols, *grid_args, 1, 1.0, out.data_ptr(), None,
-             None, threads_for(elements))
-        return out
+        return out if fill(x, out, elements) else None
 
     return run
 
@@ -860,19 +871,10 @@ def duquant_rows_pass(smooth: torch.Tensor | None, steps: RotationSteps,
             *(grid or (0, 0, 0.0, 0, 0)))
     smooth_ptr, call = _ptr(smooth), lib.compressdit_duquant_rows
 
-    def run(x: torch.Tensor, _keep=(smooth, counts, tops, signs, perm)) -> torch.Tensor | None:
-        if x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous() or not x.dim() \
-                or x.shape[-1] != cols:
-            return None
-        elements = x.numel()
-        if not elements:
-            return None
-        out = torch.empty_like(x)
-        if call(x.data_ptr(), smooth_ptr, elements // cols, cols, *args, out.data_ptr(), threads_for(elements)):
-            return None
-        return out
+    def fill(x: torch.Tensor, out: torch.Tensor, elements: int) -> bool:  # (the C pass returns nonzero unfinished)
+        return not call(x.data_ptr(), smooth_ptr, elements // cols, cols, *args, out.data_ptr(), threads_for(elements))
 
-    return run
+    return _rows_pass(cols, fill, (smooth, counts, tops, signs, perm))
 
 
 def hadamard_rows(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor,
