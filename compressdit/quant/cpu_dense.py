@@ -72,10 +72,9 @@ from compressdit.quant.kernel_registry import KERNELS, LOW_RANK, Kernel, prepack
 from compressdit.quant.activations import activation_grid, quantize_input
 from compressdit.quant.cpu_native import (bf16_brgemm, bf16_linear, bf16_pack, bf16_scale, bf16_to_float,
                                           branch_rows, decode_f32, duquant_rows_pass, fake_quantize_e4m3_rows,
-                                          fake_quantize_grid,
-                                          fake_quantize_rows_int8, float_to_bf16, grid_rows_bf16_, hadamard_rows,
-                                          hadamard_rows_pass, hadamard_takes, native_library, quantize_e4m3_bf16,
-                                          shared_rows)
+                                          fake_quantize_grid, fake_quantize_rows_int8, float_to_bf16, grid_rows_bf16_,
+                                          hadamard_rows, hadamard_rows_pass, hadamard_takes, native_library,
+                                          quantize_e4m3_bf16, shared_rows)
 from compressdit.quant.fp_layer import FP_WEIGHT_FORMATS
 from compressdit.quant.mx_layer import BLOCK_CODECS
 from compressdit.quant.primitives import int_range

@@ -88,6 +88,33 @@ def test_cpu_kernel_decodes_once_and_matches_the_reference(rotation):
                        torch.autograd.grad(layer.reference_forward(x), x, weights)[0])
 
 
+@pytest.mark.usefixtures("fp32_kernels")
+@pytest.mark.parametrize("width", [128, 1152])
+def test_duquant_layers_rotate_their_rows_in_one_c_pass(width):
+    """DuQuant's rotation on CPU in the C pass (its greedy steps; ``cpu-twinlog-dense`` and, above 2^18 weights on
+    CPUs without bf16 GEMMs, ``cpu-decoded-fp32``): the reference's output up to fp32 rounding; a bf16 model's rows
+    widened once and rotated in fp32 (the reference rotates in bf16 arithmetic) within bf16 rounding of the fp32
+    reference of the same rows. Without the pass (no C library) the numbers are the reference's own."""
+    from compressdit.quant import cpu_native
+    from compressdit.quant.kernel_registry import cache_of
+
+    linear, absmax = _linear_and_absmax(width, 240)
+    spec = _spec(rotation="duquant", balance=0.5, a_bits=4, a_granularity="per_group", a_group_size=16)
+    layer = TwinLogLinear.from_linear(linear, spec, absmax * 4)
+    x = torch.randn(2, 9, width) * absmax
+    with torch.no_grad():
+        out, reference = layer(x), layer.reference_forward(x)
+        if cpu_native.native_library() is None:
+            assert torch.equal(out, reference)
+            return
+        assert layer.rotation_steps().counts.max() >= 1 and cache_of(layer).buffers["duquant"] is not None
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+        half = layer(x.bfloat16())
+        assert half.dtype == torch.bfloat16
+        wide = layer.reference_forward(x.bfloat16().float())
+        torch.testing.assert_close(half.float(), wide, rtol=2e-2, atol=2e-2 * float(wide.abs().max()))
+
+
 def test_duquant_without_calibration_is_a_clear_error():
     linear, _ = _linear_and_absmax()
     with pytest.raises(ValueError, match="calibrate"):
