@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +84,9 @@ def build_on_torch_threads(stem: str, sources: list[Path]) -> ctypes.CDLL | None
     second OpenMP runtime, without; the library's ``openmp`` attribute says which (``None``: no library)."""
     openmp = torch_runs_libgomp()
     lib = build_library(stem, sources, compile_flags(True)) if openmp else None
+    if openmp and lib is None:  # said: every pass then runs on one thread, which no output shows
+        warnings.warn(f"compressdit: the OpenMP build of its {stem} library failed; its CPU passes run on one "
+                      "thread", RuntimeWarning, stacklevel=2)
     if lib is None or len(openmp_runtimes()) > 1:  # no OpenMP compiler, or a second runtime: one thread
         openmp, lib = False, build_library(stem, sources, compile_flags(False))
     if lib is not None:

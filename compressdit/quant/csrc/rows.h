@@ -23,9 +23,13 @@
 #define FOR_ROWS(i, n, ...) \
     FOR_ROWS_WITH("omp parallel for schedule(static) num_threads(threads)", i, n, __VA_ARGS__)
 
+/* the pragma's text with m's name in it (a string literal of its own does not take the argument) */
+#define ROWS_PRAGMA_TEXT(...) #__VA_ARGS__
+
 /* FOR_ROWS with a max reduction into m */
-#define FOR_ROWS_MAX(m, i, n, ...) \
-    FOR_ROWS_WITH("omp parallel for schedule(static) num_threads(threads) reduction(max : m)", i, n, __VA_ARGS__)
+#define FOR_ROWS_MAX(m, i, n, ...)                                                                           \
+    FOR_ROWS_WITH(ROWS_PRAGMA_TEXT(omp parallel for schedule(static) num_threads(threads) reduction(max : m)), i, n, \
+                  __VA_ARGS__)
 
 /* a / b rounded to nearest, as the IEEE division, from inv = 1 / b (rounded to nearest): q0 = a * inv is within
  * an ulp, and one FMA correction with the exact residual a - b * q0 rounds it correctly (Markstein's theorem;
