@@ -37,11 +37,11 @@ their kernel name:
   Zen 3, 0.9 a lookup at a time; ~1.5-2.5 ms for a DiT-XL/2 MLP layer against its ~50 ms GEMM at 256 rows), then
   the fp32 GEMM on the reference's quantized activations. The reference decoded in PyTorch per call: DiT-XL/2 steps
   with torch held to AVX2 took 1.4x (``rtn-w4a4``) to 3.9x (LRQ) the fp32 step, now 1.04-1.09x.
-- Twin-log layers with the randomized Hadamard rotation get their balancing and rotation in one C pass
-  (``run_untransformed``: :func:`~compressdit.quant.cpu_native.hadamard_rows`), those with DuQuant's in another that
-  applies the rotation as its few greedy steps rather than the reference's dense blocks (:func:`duquant_rows`: the
-  same rotation up to fp32 rounding; a zoo layer's 256 x 128 input 405 -> 224 us at one thread, a 512 -> 128 one
-  2.6 -> 0.7 ms).
+- Twin-log layers with the randomized Hadamard rotation get their balancing, rotation and activation grid in one C
+  pass (``run_untransformed``: :func:`~compressdit.quant.cpu_native.hadamard_rows`), those with DuQuant's in another
+  that applies the rotation as its few greedy steps rather than the reference's dense blocks (the same rotation up to
+  fp32 rounding; a zoo layer's 256 x 128 input 405 -> 224 us at one thread, a 512 -> 128 one 2.6 -> 0.7 ms); both
+  prepared once per prepack (:func:`rotated_rows`).
 
 On CPUs with AMX-BF16 (:func:`_brgemm_shape`) the bf16 kernels also take every small layer, at any thread count:
 ``cpu-int-dense-bf16`` (2-4 bit weights), ``cpu-fp8-bf16`` and ``cpu-decoded-bf16`` (the low-bit formats and
@@ -279,10 +279,10 @@ def per_call_prepack(layer) -> dict:
 
 def _per_call_grid_prepack(layer) -> dict:
     """:func:`per_call_prepack` with the activation grid pass, sharing kind and balancing divisor of the layer, and
-    DuQuant's C pass (:func:`duquant_rows`)."""
+    its rotation's C pass (:func:`rotated_rows`)."""
     grid = input_grid(layer)
     return {**per_call_prepack(layer), "grid": grid, "kind": _input_kind(layer.spec), "smooth": smooth_divisor(layer),
-            "duquant": duquant_rows(layer, grid)}
+            "rotated_rows": rotated_rows(layer, grid)}
 
 
 def per_call(run, decode):
@@ -551,27 +551,33 @@ def input_grid(layer) -> tuple | None:
     return group, grid.rule, grid.top, grid.mantissa, grid.min_exp
 
 
-def duquant_rows(layer, grid: tuple | None):
-    """For a twin-log layer with DuQuant's rotation and a grid pass (:func:`input_grid`): its balancing, rotation and
-    activation quantization in one C pass (:func:`~compressdit.quant.cpu_native.duquant_rows_pass` on the rotation's
-    steps, ``run(x)``: the quantized rows, or ``None`` for inputs it does not take); else ``None``. The rotation as its
-    few greedy steps, not the reference's dense blocks: the same ``T`` up to fp32 rounding, so the rows may differ
-    from the reference's where a value sits on a rounding boundary of the grid. A zoo layer's 256 x 128 input took a
-    dense 128 x 128 GEMM per call for its rotation (as long as the layer's own GEMM); a DiT-XL/2-width one 4.9 ms at
-    one thread for 256 rows (two block products and a gather)."""
-    if grid is None or layer.spec.format != "twinlog" or layer.spec.rotation != "duquant":
+def rotated_rows(layer, grid: tuple | None):
+    """For a twin-log layer with the randomized Hadamard or DuQuant's rotation and a grid pass (:func:`input_grid`):
+    its balancing, rotation and activation quantization in one C pass, prepared once (``run(x)``: the quantized rows in
+    this thread's reused buffer, for a GEMM to read at once, or ``None`` for inputs it does not take); else ``None``.
+    The Hadamard's :func:`~compressdit.quant.cpu_native.hadamard_rows_pass` gives the reference's bits; DuQuant's
+    :func:`~compressdit.quant.cpu_native.duquant_rows_pass` applies the rotation as its few greedy steps, not the
+    reference's dense blocks: the same ``T`` up to fp32 rounding, so the rows may differ from the reference's where a
+    value sits on a rounding boundary of the grid (a zoo layer's 256 x 128 input took a dense 128 x 128 GEMM per call
+    for its rotation, as long as the layer's own GEMM; a DiT-XL/2-width one 4.9 ms at one thread for 256 rows)."""
+    if grid is None or layer.spec.format != "twinlog":
         return None
-    return duquant_rows_pass(smooth_divisor(layer), layer.rotation_steps(), grid)
+    if layer.spec.rotation == "hadamard":
+        return hadamard_rows_pass(smooth_divisor(layer), layer.rotation_signs, grid)
+    if layer.spec.rotation == "duquant":
+        return duquant_rows_pass(smooth_divisor(layer), layer.rotation_steps(), grid)
+    return None
 
 
 def _grid_prepack(decode):
     """The fp32 weight ``decode(layer)`` (with the layer's low-rank branch beside it: :func:`fp32_weights`), the fp32
-    bias, the layer's grid pass (:func:`input_grid`), sharing kind and balancing divisor, DuQuant's C pass
-    (:func:`duquant_rows`)."""
+    bias, the layer's grid pass (:func:`input_grid`), sharing kind and balancing divisor, its rotation's C pass
+    (:func:`rotated_rows`)."""
     def prepack(layer) -> dict:
         grid = input_grid(layer)
         return {**fp32_weights(decode(layer), layer), "bias": prepacked_bias(layer), "grid": grid,
-                "kind": _input_kind(layer.spec), "smooth": smooth_divisor(layer), "duquant": duquant_rows(layer, grid)}
+                "kind": _input_kind(layer.spec), "smooth": smooth_divisor(layer),
+                "rotated_rows": rotated_rows(layer, grid)}
 
     return prepack
 
@@ -660,31 +666,23 @@ def transformed_input(layer, x: torch.Tensor) -> torch.Tensor:
 
 def _on_transformed(run, gemm=None):
     """``run_untransformed`` of a kernel whose ``run`` takes the transformed input; with ``gemm(layer, rows, b)``
-    (the kernel's GEMM on quantized rows), a twin-log layer with the Hadamard rotation and a prepacked grid pass has
-    its input balanced, rotated and quantized in one C pass (the same numbers), one with DuQuant's rotation in its own
-    pass (:func:`duquant_rows`)."""
+    (the kernel's GEMM on quantized rows), a twin-log layer with the Hadamard or DuQuant's rotation and a prepacked grid
+    pass has its input balanced, rotated and quantized in one C pass (:func:`rotated_rows`)."""
     def run_untransformed(layer, x: torch.Tensor, b: dict) -> torch.Tensor:
         if (gemm is not None and _hadamard_layer(layer, x) and _fused_grid(b, x, rotated=True)
                 and hadamard_takes(x, layer.smooth_scale, layer.rotation_signs, b["grid"])):
             out = bf16_linear(x.reshape(-1, x.shape[-1]), b["packed"], layer.out_features, b["bias"],
                               transform=(b["smooth"], layer.rotation_signs, *b["grid"]))
             return out.reshape(*x.shape[:-1], layer.out_features)
-        if gemm is not None and b["grid"] is not None and _hadamard_layer(layer, x):
-            rows = hadamard_rows(x, layer.smooth_scale, layer.rotation_signs, b["grid"])
+        rows_of = b.get("rotated_rows") if gemm is not None and not torch.compiler.is_compiling() else None
+        if rows_of is not None and x.dtype is torch.float32:
+            rows = rows_of(x)
             if rows is not None:
                 return gemm(layer, rows, b)
-        duquant = b.get("duquant") if gemm is not None and not torch.compiler.is_compiling() else None
-        if duquant is not None and x.dtype is torch.float32:
-            rows = duquant(x)
-            if rows is not None:
-                return gemm(layer, rows, b)
-        if gemm is not None and b["grid"] is not None and (hadamard_bf16(layer, x) or (
-                duquant is not None and x.dtype is torch.bfloat16)):
+        if rows_of is not None and x.dtype is torch.bfloat16:
             # a bf16 model's rows widened once, then the same C pass (in fp32, where the reference rotates in bf16
             # arithmetic: torch's butterflies on a DiT-XL/2 layer's rows made an LRQ step 4.4x the bf16 model's)
-            wide = x.reshape(-1, x.shape[-1]).float()
-            rows = duquant(wide) if duquant is not None else hadamard_rows(wide, b["smooth"], layer.rotation_signs,
-                                                                             b["grid"])
+            rows = rows_of(x.reshape(-1, x.shape[-1]).float())
             if rows is not None:
                 if b.get("packed") is not None or b["weight"].dtype is torch.bfloat16:
                     rows = float_to_bf16(rows)
@@ -702,11 +700,8 @@ def _twinlog_dense_direct(layer, b: dict):
     """``cpu-twinlog-dense``'s direct run (:attr:`~compressdit.quant.kernel_registry.Kernel.direct`) for a layer with
     the randomized Hadamard or DuQuant's rotation and a grid pass: the C pass (balancing, rotation, grid) and the fp32
     GEMM, nothing else per call; ``None`` for other layers (no rotation, no grid)."""
-    if b["grid"] is None or layer.spec.rotation not in ("hadamard", "duquant") or b.get("packed") is not None:
-        return None
-    rows_of = b["duquant"] if layer.spec.rotation == "duquant" else hadamard_rows_pass(
-        layer.smooth_scale, layer.rotation_signs, b["grid"])  # the usual path's tensors
-    if rows_of is None:
+    rows_of = b["rotated_rows"]
+    if rows_of is None or b.get("packed") is not None:
         return None
     weight, bias = b["weight"], b["bias"]
 
@@ -785,7 +780,7 @@ def _decoded_bf16_applies(spec, device: torch.device, shape: tuple[int, int]) ->
 def _decoded_bf16_prepack(layer) -> dict:
     grid = input_grid(layer)
     return {**bf16_weights(layer.dequantized_weight(torch.float32), layer), "smooth": smooth_divisor(layer),
-            "grid": grid, "bias": prepacked_bias(layer), "duquant": duquant_rows(layer, grid)}
+            "grid": grid, "bias": prepacked_bias(layer), "rotated_rows": rotated_rows(layer, grid)}
 
 
 def bf16_rows_gemm(layer, rows: torch.Tensor, b: dict) -> torch.Tensor:

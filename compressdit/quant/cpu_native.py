@@ -38,6 +38,7 @@ import ctypes
 import functools
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,6 +76,12 @@ _SIGNATURES = {
                                   None),
     "compressdit_duquant_rows": ([_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I32, ctypes.c_float,
                                   _I32, _I32, _PTR, _I32], ctypes.c_int),
+    "compressdit_hadamard_layer_new": ([_PTR, _PTR, _I64, _I64, _I32, ctypes.c_float, _I32, _I32], _PTR),
+    "compressdit_hadamard_layer_rows": ([_PTR, _PTR, _I64, _PTR, _I32], None),
+    "compressdit_duquant_layer_new": ([_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I32, ctypes.c_float, _I32,
+                                       _I32], _PTR),
+    "compressdit_duquant_layer_rows": ([_PTR, _PTR, _I64, _PTR, _I32], ctypes.c_int),
+    "compressdit_layer_free": ([_PTR], None),
     "compressdit_grid_tensor_scale": ([_PTR, _PTR, _I64, _I64, ctypes.c_float, _I32], ctypes.c_float),
     "compressdit_divide_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_float, _I32], ctypes.c_float),
     "compressdit_times_rows": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I32], None),
@@ -813,31 +820,38 @@ def _hadamard_layer_takes(smooth: torch.Tensor | None, signs: torch.Tensor, grid
 
 def hadamard_rows_pass(smooth: torch.Tensor | None, signs: torch.Tensor,
                        grid: tuple | None) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
-    """:func:`hadamard_rows` for one layer's tensors, checked here once: ``run(x)``, the same bits, for a contiguous
-    fp32 CPU ``x`` of ``signs``' width with at least one row and no gradient to keep (the caller checks the gradient),
-    else ``None``; ``None`` for the whole where :func:`hadamard_rows` would never take these tensors, without the
-    library or under ``torch.compile``. Holds its own aliases of the tensors (their addresses go to C per call)."""
+    """:func:`hadamard_rows` for one layer's tensors, checked and prepared here once
+    (``compressdit_hadamard_layer_new``: their addresses, the grid and the divisors' reciprocals in C): ``run(x)``, the
+    same bits, for a contiguous fp32 CPU ``x`` of ``signs``' width with at least one row and no gradient to keep (the
+    caller checks the gradient), into this thread's reused buffer (:func:`_rows_pass`), else ``None``; ``None`` for
+    the whole where :func:`hadamard_rows` would never take these tensors, without the library or under
+    ``torch.compile``. Holds its own aliases of the tensors."""
     cols = signs.nelement()
     lib = _lib_for(smooth)
     if lib is None or not _hadamard_layer_takes(smooth, signs, grid, cols):
         return None
     smooth, signs = (None if smooth is None else smooth.detach()), signs.detach()
-    smooth_ptr, signs_ptr, grid_args = _ptr(smooth), signs.data_ptr(), grid or (0, 0, 0.0, 0, 0)
-    call = lib.compressdit_hadamard_rows
+    layer = lib.compressdit_hadamard_layer_new(_ptr(smooth), signs.data_ptr(), cols, *(grid or (0, 0, 0.0, 0, 0)))
+    call = lib.compressdit_hadamard_layer_rows
 
     def fill(x: torch.Tensor, out: torch.Tensor, elements: int) -> bool:
-        call(x.data_ptr(), smooth_ptr, signs_ptr, elements // cols, cols, *grid_args, 1, 1.0, out.data_ptr(), None,
-             None, threads_for(elements))
+        call(layer, x.data_ptr(), elements // cols, out.data_ptr(), threads_for(elements))
         return True
 
-    return _rows_pass(cols, fill, (smooth, signs))
+    return _rows_pass(cols, fill, (smooth, signs), lib, layer)
 
 
-def _rows_pass(cols: int, fill: Callable[[torch.Tensor, torch.Tensor, int], bool],
-               keep: tuple) -> Callable[[torch.Tensor], torch.Tensor | None]:
+def _rows_pass(cols: int, fill: Callable[[torch.Tensor, torch.Tensor, int], bool], keep: tuple,
+               lib: ctypes.CDLL, layer: int | None) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
     """``run(x)`` of a layer's C pass over rows of width ``cols``: for a contiguous fp32 CPU ``x`` of that width with
-    at least one row, ``fill(x, out, x.numel())`` writes the rows into a new ``out`` (False: it could not), else
-    ``None``. ``keep``: the tensors whose addresses the pass holds, kept alive with it."""
+    at least one row, ``fill(x, out, x.numel())`` writes the rows into ``out``, this thread's reused buffer (valid
+    until this thread's next pass: a GEMM reads the rows at once; a 4608-wide layer's 256 rows in a fresh tensor cost
+    ~90 us of page faults a call, ~6% of the pass), and returns ``out`` (False: it could not, ``None``), else
+    ``None``. ``keep``: the tensors whose addresses the C ``layer`` (from a ``compressdit_*_layer_new``; ``None``:
+    its allocation failed, and so does this) holds, kept alive with ``run``, which frees ``layer`` when it goes."""
+    if layer is None:
+        return None
+
     def run(x: torch.Tensor, _keep=keep) -> torch.Tensor | None:
         if x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous() or not x.dim() \
                 or x.shape[-1] != cols:
@@ -845,10 +859,31 @@ def _rows_pass(cols: int, fill: Callable[[torch.Tensor, torch.Tensor, int], bool
         elements = x.numel()
         if not elements:
             return None
-        out = torch.empty_like(x)
+        out = _scratch_rows(x)
         return out if fill(x, out, elements) else None
 
+    weakref.finalize(run, lib.compressdit_layer_free, layer)
     return run
+
+
+def _scratch_rows(x: torch.Tensor) -> torch.Tensor:
+    """This thread's reused fp32 buffer of ``x``'s shape for a pass's rows (grown as needed; its view for each shape
+    made once: slicing and viewing a tensor per call cost ~6 us, twice ``empty_like``), or a new tensor where ``x``
+    lies in that buffer."""
+    buffer, views = getattr(_SCRATCH, "rows", None), getattr(_SCRATCH, "row_views", None)
+    shape, start = x.shape, x.data_ptr()
+    if buffer is not None and buffer.data_ptr() <= start < buffer.data_ptr() + 4 * buffer.numel():
+        return torch.empty_like(x)
+    view = None if views is None else views.get(shape)
+    if view is None:
+        elements = x.numel()
+        if buffer is None or buffer.numel() < elements:
+            buffer = _SCRATCH.rows = torch.empty(elements, dtype=torch.float32)
+            views = _SCRATCH.row_views = {}
+        if len(views) >= 64:  # shapes come and go (batch, tokens): keep a few
+            views.clear()
+        view = views[shape] = buffer[:elements].view(shape)
+    return view
 
 
 def duquant_rows_pass(smooth: torch.Tensor | None, steps: RotationSteps,
@@ -856,9 +891,10 @@ def duquant_rows_pass(smooth: torch.Tensor | None, steps: RotationSteps,
     """DuQuant's balancing and outlier rotation ``steps.apply(x / smooth)`` for one layer's tensors, then with
     ``grid`` (:func:`fake_quantize_grid`'s ``(group, rule, top, mantissa, min_exp)``, rules 0 and 1) its quantization,
     in one C pass per row (``compressdit_duquant_rows``), bit for bit: ``run(x)`` for a contiguous fp32 CPU ``x`` of
-    the rotation's width with at least one row and no gradient to keep (the caller checks the gradient), else
-    ``None``; ``None`` for the whole where the pass never takes these tensors, without the library or under
-    ``torch.compile``. Checked here once; holds its own copies of the tensors (their addresses go to C per call)."""
+    the rotation's width with at least one row and no gradient to keep (the caller checks the gradient), into this
+    thread's reused buffer (:func:`_rows_pass`), else ``None``; ``None`` for the whole where the pass never takes these
+    tensors, without the library or under ``torch.compile``. Checked and prepared here once
+    (``compressdit_duquant_layer_new``); holds its own copies of the tensors."""
     cols = steps.perm.shape[0]
     lib = _lib_for(smooth)
     if (lib is None or cols == 0 or (smooth is not None and smooth.nelement() != cols)
@@ -867,14 +903,14 @@ def duquant_rows_pass(smooth: torch.Tensor | None, steps: RotationSteps,
     smooth = None if smooth is None else smooth.detach()
     counts, tops = steps.counts.to(torch.int32).contiguous(), steps.tops.to(torch.int32).contiguous()
     signs, perm = steps.signs.float().contiguous(), steps.perm.long().contiguous()
-    args = (steps.block, counts.data_ptr(), tops.data_ptr(), signs.data_ptr(), perm.data_ptr(),
-            *(grid or (0, 0, 0.0, 0, 0)))
-    smooth_ptr, call = _ptr(smooth), lib.compressdit_duquant_rows
+    layer = lib.compressdit_duquant_layer_new(_ptr(smooth), cols, steps.block, counts.data_ptr(), tops.data_ptr(),
+                                              signs.data_ptr(), perm.data_ptr(), *(grid or (0, 0, 0.0, 0, 0)))
+    call = lib.compressdit_duquant_layer_rows
 
     def fill(x: torch.Tensor, out: torch.Tensor, elements: int) -> bool:  # (the C pass returns nonzero unfinished)
-        return not call(x.data_ptr(), smooth_ptr, elements // cols, cols, *args, out.data_ptr(), threads_for(elements))
+        return not call(layer, x.data_ptr(), elements // cols, out.data_ptr(), threads_for(elements))
 
-    return _rows_pass(cols, fill, (smooth, counts, tops, signs, perm))
+    return _rows_pass(cols, fill, (smooth, counts, tops, signs, perm), lib, layer)
 
 
 def hadamard_rows(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor,

@@ -661,6 +661,58 @@ def test_the_duquant_pass_is_its_steps_bit_for_bit(cols, parallel, monkeypatch):
     assert duquant_rows_pass(smooth[:-1], steps, None) is None
 
 
+@pytest.mark.parametrize("cols", [128, 1152, 96])
+def test_a_layers_prepared_passes_are_the_plain_ones_into_a_reused_buffer(cols, monkeypatch):
+    """``hadamard_rows_pass`` / ``duquant_rows_pass``: the layer prepared once in C (its addresses, grid, divisors),
+    then each call the plain pass's bits (``hadamard_rows``; ``RotationSteps.apply`` and the grid), on one and two
+    threads; the rows go to this thread's reused buffer (two calls, one buffer; an input inside that buffer gets a new
+    tensor, so a pass of a pass is still right); another thread has its own buffer."""
+    import threading
+
+    from compressdit.quant.cpu_native import duquant_rows_pass, fake_quantize_grid, hadamard_rows, hadamard_rows_pass
+    from compressdit.quant.duquant import fit_outlier_rotation
+
+    torch.manual_seed(0)
+    x = torch.randn(40, cols) * torch.logspace(-2, 2, cols)
+    x[3], x[5, :2], x[6, 7] = 0, float("inf"), float("nan")
+    smooth, signs = torch.rand(cols) + 0.3, (torch.randint(0, 2, (cols,)) * 2 - 1).to(torch.int8)
+    absmax = torch.rand(cols) + 0.5
+    absmax[:3] *= 50
+    steps = fit_outlier_rotation(absmax).steps()
+    for grid in (None, (16, 0, 7.0, 30, 30), (8, 1, 6.0, 1, 0)):
+        if grid is not None and cols % grid[0]:
+            continue
+        hadamard, duquant = hadamard_rows_pass(smooth, signs, grid), duquant_rows_pass(smooth, steps, grid)
+        if native_library() is None:
+            assert hadamard is None and duquant is None
+            return
+        rotated = steps.apply(x / smooth)
+        for parallel in (False, True):
+            monkeypatch.setattr(cpu_native, "PARALLEL_MIN_ELEMENTS", 1 if parallel else 1 << 62)
+            with torch_threads(2):
+                torch.testing.assert_close(hadamard(x), hadamard_rows(x, smooth, signs, grid), rtol=0, atol=0,
+                                           equal_nan=True)
+                expected = rotated if grid is None else fake_quantize_grid(rotated, *grid)
+                torch.testing.assert_close(duquant(x), expected, rtol=0, atol=0, equal_nan=True)
+    def same(a, b):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+    first, second = hadamard(x).clone(), hadamard(x * 2)
+    assert hadamard(x).data_ptr() == second.data_ptr()  # one buffer, written over by each call
+    same(second, first)
+    again = hadamard(hadamard(x))  # its input lies in the buffer: a new tensor for the rows
+    assert again.data_ptr() != hadamard(x).data_ptr()
+    same(again, hadamard(first))
+    twice = duquant(duquant(x))  # DuQuant's pass cannot write over its input
+    same(twice, duquant(duquant(x).clone()))
+    other = []
+    thread = threading.Thread(target=lambda: other.append(hadamard(x)))
+    thread.start()
+    thread.join()
+    assert other[0].data_ptr() != hadamard(x).data_ptr()
+    same(other[0], first)
+
+
 @pytest.mark.parametrize("cols", [128, 96])
 @pytest.mark.parametrize("parallel", [False, True])
 def test_the_hadamard_pass_writes_integer_codes_of_the_same_values(cols, parallel, monkeypatch):

@@ -107,7 +107,7 @@ def test_duquant_layers_rotate_their_rows_in_one_c_pass(width):
         if cpu_native.native_library() is None:
             assert torch.equal(out, reference)
             return
-        assert layer.rotation_steps().counts.max() >= 1 and cache_of(layer).buffers["duquant"] is not None
+        assert layer.rotation_steps().counts.max() >= 1 and cache_of(layer).buffers["rotated_rows"] is not None
         torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
         half = layer(x.bfloat16())
         assert half.dtype == torch.bfloat16

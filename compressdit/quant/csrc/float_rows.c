@@ -1131,31 +1131,44 @@ static int hadamard_grid_rows(const float *x, const float *signed_smooth, const 
 #endif
 }
 
-/* The randomized block Hadamard of compressdit/quant/rotation.py (rotate, after the layer's balancing), bit for bit:
- * per row, v = x / smooth (smooth may be NULL) times the +-1 signs, then within each run of `block` values (the
- * largest power of two dividing cols, as rotate takes it) the butterflies of fwht in its order (h = 1, 2, 4, ...:
- * a + b and a - b of the values h apart in each run of 2h), each value divided by sqrt(block) (rounded to float, as
- * torch does with the Python float) at the end; then, where group > 0, compressdit_fake_quantize_grid's quantization
- * of the row (rules 0 and 1: scales from each group alone) in the same pass: its values into out (codes NULL), or
- * (codes not NULL) as compressdit_grid_codes_rows' codes and scales (each group's `repeat` times, `mult` the grid's
- * integer multiplier), the rotated rows left in out. out may be x's own memory. */
-void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
-                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp,
-                               int64_t repeat, float mult, float *out, uint8_t *codes, float *scales, int32_t threads) {
-    const int64_t block = cols & -cols;
-    const float norm = (float)__builtin_sqrt((double)block), inv_norm = 1.0f / norm;
-    /* the fast row: out not x, a block of at most 4096 values (norm <= 2^6), the scratch allocated */
-    float *scratch = x != out && block <= 4096 ? (float *)malloc(sizeof(float) * 2 * cols) : NULL;
-    float *signed_smooth = scratch, *inv = scratch ? scratch + cols : NULL;
-    if (scratch) {
-        for (int64_t j = 0; j < cols; ++j) {
-            signed_smooth[j] = smooth ? smooth[j] * (float)signs[j] : (float)signs[j];
-            inv[j] = 1.0f / signed_smooth[j];
-        }
+/* What compressdit_hadamard_rows takes from a layer: its divisor (may be NULL) and signs, the grid, and for the fast
+ * rows (out not x, a block of at most 4096 values: norm <= 2^6) the signed divisors smooth * signs (the signs as
+ * floats where there is no divisor) and their reciprocals (NULL: no fast rows) */
+typedef struct {
+    const float *smooth;
+    const int8_t *signs;
+    int64_t cols, group;
+    int32_t rule, mantissa, min_exp;
+    float top;
+    float *signed_smooth, *inv;
+} hadamard_layer;
+
+/* signed_smooth and inv of `layer` into scratch [2 * cols] (their memory), where the block takes the fast rows */
+static void hadamard_divisors(hadamard_layer *layer, float *scratch) {
+    const int64_t cols = layer->cols;
+    layer->signed_smooth = layer->inv = NULL;
+    if (!scratch || (cols & -cols) > 4096) return;
+    layer->signed_smooth = scratch;
+    layer->inv = scratch + cols;
+    for (int64_t j = 0; j < cols; ++j) {
+        scratch[j] = layer->smooth ? layer->smooth[j] * (float)layer->signs[j] : (float)layer->signs[j];
+        scratch[cols + j] = 1.0f / scratch[j];
     }
+}
+
+/* compressdit_hadamard_rows for a prepared layer */
+static void hadamard_layer_rows(const hadamard_layer *layer, const float *x, int64_t rows, float *out, uint8_t *codes,
+                                float *scales, int64_t repeat, float mult, int32_t threads) {
+    const int64_t cols = layer->cols, block = cols & -cols, group = layer->group;
+    const int32_t rule = layer->rule, mantissa = layer->mantissa, min_exp = layer->min_exp;
+    const float top = layer->top, *smooth = layer->smooth, norm = (float)__builtin_sqrt((double)block),
+                inv_norm = 1.0f / norm;
+    const int8_t *signs = layer->signs;
+    const int fast = x != out && layer->signed_smooth != NULL; /* hadamard_row's rows */
+    const float *signed_smooth = fast ? layer->signed_smooth : NULL, *inv = fast ? layer->inv : NULL;
     /* the AVX2 rows with their grid (hadamard_grid_rows) where it takes the grid and the rows: batches of up to 512
      * values (their scales' divisions in flight together); else one row a turn */
-    const int fused = scratch && !codes && group == 16 && rule == 0 && integer_grid(top, mantissa, min_exp)
+    const int fused = fast && !codes && group == 16 && rule == 0 && integer_grid(top, mantissa, min_exp)
                       && cols % 128 == 0;
     const int64_t per = fused && cols < 512 ? 512 / cols : 1, batches = (rows + per - 1) / per;
     FOR_ROWS(b, batches, {
@@ -1166,8 +1179,8 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
         for (int64_t i = i0; i < i1; ++i) {
             const float *r = x + i * cols;
             float *o = out + i * cols;
-            if (!scratch || hadamard_row(r, smooth ? signed_smooth : NULL, inv, signed_smooth, cols, block, norm,
-                                         inv_norm, o))
+            if (!fast || hadamard_row(r, smooth ? signed_smooth : NULL, inv, signed_smooth, cols, block, norm,
+                                      inv_norm, o))
                 hadamard_row_plain(r, smooth, signs, cols, block, norm, o);
             for (int64_t g = 0; group && g < cols / group; g += GRID_BATCH) { /* then its groups, while in cache */
                 const int64_t n = cols / group - g < GRID_BATCH ? cols / group - g : GRID_BATCH;
@@ -1180,8 +1193,47 @@ void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t
             }
         }
     });
+}
+
+/* The randomized block Hadamard of compressdit/quant/rotation.py (rotate, after the layer's balancing), bit for bit:
+ * per row, v = x / smooth (smooth may be NULL) times the +-1 signs, then within each run of `block` values (the
+ * largest power of two dividing cols, as rotate takes it) the butterflies of fwht in its order (h = 1, 2, 4, ...:
+ * a + b and a - b of the values h apart in each run of 2h), each value divided by sqrt(block) (rounded to float, as
+ * torch does with the Python float) at the end; then, where group > 0, compressdit_fake_quantize_grid's quantization
+ * of the row (rules 0 and 1: scales from each group alone) in the same pass: its values into out (codes NULL), or
+ * (codes not NULL) as compressdit_grid_codes_rows' codes and scales (each group's `repeat` times, `mult` the grid's
+ * integer multiplier), the rotated rows left in out. out may be x's own memory. */
+void compressdit_hadamard_rows(const float *x, const float *smooth, const int8_t *signs, int64_t rows, int64_t cols,
+                               int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp,
+                               int64_t repeat, float mult, float *out, uint8_t *codes, float *scales, int32_t threads) {
+    hadamard_layer layer = {smooth, signs, cols, group, rule, mantissa, min_exp, top, NULL, NULL};
+    float *scratch = x != out ? (float *)malloc(sizeof(float) * 2 * cols) : NULL;
+    hadamard_divisors(&layer, scratch);
+    hadamard_layer_rows(&layer, x, rows, out, codes, scales, repeat, mult, threads);
     free(scratch);
 }
+
+/* compressdit_hadamard_rows' layer prepared once, for compressdit_hadamard_layer_rows: its tensors' addresses (which
+ * must outlive it), the grid, the fast rows' divisors; NULL where it could not be allocated. Freed by
+ * compressdit_layer_free. A call with a layer of ready data takes 5 arguments where the plain one takes 16: ~2.5 us
+ * less per call through ctypes, and no divisors computed per call. */
+void *compressdit_hadamard_layer_new(const float *smooth, const int8_t *signs, int64_t cols, int64_t group,
+                                     int32_t rule, float top, int32_t mantissa, int32_t min_exp) {
+    hadamard_layer *layer = (hadamard_layer *)malloc(sizeof(hadamard_layer) + sizeof(float) * 2 * cols);
+    if (!layer) return NULL;
+    *layer = (hadamard_layer){smooth, signs, cols, group, rule, mantissa, min_exp, top, NULL, NULL};
+    hadamard_divisors(layer, (float *)(layer + 1));
+    return layer;
+}
+
+/* compressdit_hadamard_rows of `rows` rows of x into out (without codes) for a layer of
+ * compressdit_hadamard_layer_new */
+void compressdit_hadamard_layer_rows(const void *layer, const float *x, int64_t rows, float *out, int32_t threads) {
+    hadamard_layer_rows((const hadamard_layer *)layer, x, rows, out, NULL, NULL, 1, 1.0f, threads);
+}
+
+/* what compressdit_*_layer_new allocated */
+void compressdit_layer_free(void *layer) { free(layer); }
 
 /* One greedy step of DuQuant's block rotations (compressdit/quant/duquant.py, _apply_step) on the `block` values at p:
  * each times its sign, the first swapped with the one at `top`, fwht's butterflies, each divided by norm (sqrt(block)
@@ -1218,24 +1270,26 @@ static void duquant_row(const float *restrict r, const float *restrict smooth, i
     duquant_half(o, blocks, block, counts + blocks, offset + blocks, tops, signs, norm);
 }
 
-/* DuQuant's outlier rotation T = R1 P R2 of rows of x after the balancing division (smooth may be NULL), as
- * compressdit/quant/duquant.py's RotationSteps.apply computes it, bit for bit: x / smooth (IEEE divisions, as torch),
- * each block's R1 steps (duquant_step; `counts` [2 * blocks]: the steps of R1's blocks, then R2's, their tops and
- * signs [steps, block] in that order), the permutation (v[perm[j]] to column j), R2's steps; then, where group > 0,
- * compressdit_fake_quantize_grid's quantization of the row (rules 0 and 1: scales from each group alone) in the same
- * pass. Applying the steps costs ~10 operations an element a step where T's dense blocks cost `block` multiply-adds,
- * and calibrated layers take few (the zoo's and a PixArt's DuQuant layers 0-1 a block). out may not be x. Returns
- * nonzero, out unfinished, where its scratch could not be allocated. */
-int compressdit_duquant_rows(const float *x, const float *smooth, int64_t rows, int64_t cols, int64_t block,
-                             const int32_t *counts, const int32_t *tops, const float *signs, const int64_t *perm,
-                             int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float *out,
-                             int32_t threads) {
-    const int64_t blocks = cols / block;
-    const float norm = (float)__builtin_sqrt((double)block);
-    int64_t *offset = (int64_t *)malloc(sizeof(int64_t) * (2 * blocks + 1));
-    if (!offset) return 1;
-    offset[0] = 0;
-    for (int64_t b = 0; b < 2 * blocks; ++b) offset[b + 1] = offset[b] + counts[b];
+/* What compressdit_duquant_rows takes from a layer, with each block's first step (offset [2 * blocks + 1]) */
+typedef struct {
+    const float *smooth;
+    int64_t cols, block, group;
+    const int32_t *counts, *tops;
+    const float *signs;
+    const int64_t *perm;
+    int32_t rule, mantissa, min_exp;
+    float top;
+    int64_t *offset;
+} duquant_layer;
+
+/* compressdit_duquant_rows for a prepared layer (its offsets filled) */
+static int duquant_layer_rows(const duquant_layer *layer, const float *x, int64_t rows, float *out, int32_t threads) {
+    const int64_t cols = layer->cols, block = layer->block, group = layer->group, *offset = layer->offset,
+                  *perm = layer->perm;
+    const int32_t rule = layer->rule, mantissa = layer->mantissa, min_exp = layer->min_exp, *counts = layer->counts,
+                  *tops = layer->tops;
+    const float top = layer->top, *smooth = layer->smooth, *signs = layer->signs,
+                norm = (float)__builtin_sqrt((double)block);
     const int64_t per = 16, batches = (rows + per - 1) / per; /* a row's scratch for R1, allocated a batch at a time */
     /* LRQ's int4 / int8 activations in groups of 16 on widths of 128 multiples: grid16_values */
     const int fast = group == 16 && rule == 0 && integer_grid(top, mantissa, min_exp) && cols % 128 == 0;
@@ -1260,8 +1314,55 @@ int compressdit_duquant_rows(const float *x, const float *smooth, int64_t rows, 
         }
         free(v);
     });
+    return failed;
+}
+
+/* each block's first step from the counts (offset: 2 * blocks + 1 entries) */
+static void duquant_offsets(const int32_t *counts, int64_t blocks, int64_t *offset) {
+    offset[0] = 0;
+    for (int64_t b = 0; b < 2 * blocks; ++b) offset[b + 1] = offset[b] + counts[b];
+}
+
+/* DuQuant's outlier rotation T = R1 P R2 of rows of x after the balancing division (smooth may be NULL), as
+ * compressdit/quant/duquant.py's RotationSteps.apply computes it, bit for bit: x / smooth (IEEE divisions, as torch),
+ * each block's R1 steps (duquant_step; `counts` [2 * blocks]: the steps of R1's blocks, then R2's, their tops and
+ * signs [steps, block] in that order), the permutation (v[perm[j]] to column j), R2's steps; then, where group > 0,
+ * compressdit_fake_quantize_grid's quantization of the row (rules 0 and 1: scales from each group alone) in the same
+ * pass. Applying the steps costs ~10 operations an element a step where T's dense blocks cost `block` multiply-adds,
+ * and calibrated layers take few (the zoo's and a PixArt's DuQuant layers 0-1 a block). out may not be x. Returns
+ * nonzero, out unfinished, where its scratch could not be allocated. */
+int compressdit_duquant_rows(const float *x, const float *smooth, int64_t rows, int64_t cols, int64_t block,
+                             const int32_t *counts, const int32_t *tops, const float *signs, const int64_t *perm,
+                             int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float *out,
+                             int32_t threads) {
+    const int64_t blocks = cols / block;
+    int64_t *offset = (int64_t *)malloc(sizeof(int64_t) * (2 * blocks + 1));
+    if (!offset) return 1;
+    duquant_offsets(counts, blocks, offset);
+    const duquant_layer layer = {smooth, cols, block, group, counts, tops, signs, perm, rule, mantissa, min_exp, top,
+                                 offset};
+    const int failed = duquant_layer_rows(&layer, x, rows, out, threads);
     free(offset);
     return failed;
+}
+
+/* compressdit_duquant_rows' layer prepared once (its offsets), for compressdit_duquant_layer_rows: the tensors'
+ * addresses must outlive it; NULL where it could not be allocated. Freed by compressdit_layer_free. */
+void *compressdit_duquant_layer_new(const float *smooth, int64_t cols, int64_t block, const int32_t *counts,
+                                    const int32_t *tops, const float *signs, const int64_t *perm, int64_t group,
+                                    int32_t rule, float top, int32_t mantissa, int32_t min_exp) {
+    const int64_t blocks = cols / block;
+    duquant_layer *layer = (duquant_layer *)malloc(sizeof(duquant_layer) + sizeof(int64_t) * (2 * blocks + 1));
+    if (!layer) return NULL;
+    *layer = (duquant_layer){smooth, cols, block, group, counts, tops, signs, perm, rule, mantissa, min_exp, top,
+                             (int64_t *)(layer + 1)};
+    duquant_offsets(counts, blocks, layer->offset);
+    return layer;
+}
+
+/* compressdit_duquant_rows of `rows` rows of x into out (not x) for a layer of compressdit_duquant_layer_new */
+int compressdit_duquant_layer_rows(const void *layer, const float *x, int64_t rows, float *out, int32_t threads) {
+    return duquant_layer_rows((const duquant_layer *)layer, x, rows, out, threads);
 }
 
 /* h [n, rank] = b [n, cols] @ d [cols, rank] for n <= 4 rows: each output the sum over k in order, one fused
