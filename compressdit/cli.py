@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compressdit.errors import CompressditError
+from compressdit.errors import CompressditError, ConfigError
 from compressdit.progress import set_quiet
 
 # each command imports its machinery (pipeline, recipes, stages, gguf, zoo training) in its body, so that
@@ -69,7 +69,7 @@ def _bytes(value: Optional[str], option: str) -> Optional[int]:
     try:
         return convert_file_size_to_int(value)
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a size like 20GB or 512MiB", param_hint=option) from None
+        raise ConfigError(f"{option} {value}: not a size like 20GB or 512MiB") from None
 
 
 def _run(recipe, model: str, out: Path, overwrite: bool, quiet: bool, as_json: bool, calib: Optional[str],
@@ -221,7 +221,8 @@ def evaluate(candidate: str = typer.Argument(..., help="Compressed pipeline/mode
         entry = Entry("candidate", cand.transformer, candidate, cand.transformer_folder,
                       sorted(quantized_modules(cand.transformer)))
         target = out or cand.folder / "report"
-    report = evaluate_checkpoint(entry, ref, config, target, f"compressdit report: {candidate} vs {reference}", quiet)
+    report = evaluate_checkpoint(entry, ref, config, target, f"compressdit report: {candidate} vs {reference}", quiet,
+                                 inputs=(candidate, reference, text_encoder, embeddings))
     if as_json:
         print(json.dumps({"report": str(target), "metrics": {m["name"]: m["values"] for m in report["metrics"]}},
                          indent=2))

@@ -57,7 +57,7 @@ def export_dequantized(model: str, out: Path, overwrite: bool = False) -> Path:
                                     "plain diffusers folder can hold them; load it with stock from_pretrained "
                                     "after `import compressdit`")
     folder = resolve_path(model)
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, keep=(model,)) as tmp:
         target = tmp / TRANSFORMER_SUBFOLDER if source.is_pipeline else tmp
         if source.is_pipeline:
             copy_pipeline_parts(folder, tmp)

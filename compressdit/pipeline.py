@@ -142,7 +142,8 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
     With ``stream``, or when the loaded model would not fit in ``max_memory`` bytes (default: the memory available),
     the model is quantized block by block from its shards (:mod:`compressdit.streaming`), on ``device``, with at most
     ``max_cache`` bytes of GPTQ block inputs cached on disk next to ``out``."""
-    check_output(out, overwrite)  # before loading: a taken output folder should not cost a model load
+    inputs = (model, text_encoder, embeddings, calib)
+    check_output(out, overwrite, inputs)  # before loading: a taken output folder should not cost a model load
     check_device(device, available=False)
     ranks = PartialState()
     if ranks.num_processes > 1 and any(STAGES.get(s.name).needs_checkpoint for s in recipe.stages):
@@ -173,7 +174,7 @@ def run_recipe(recipe: Recipe, model: str, out: Path, overwrite: bool = False, q
         return _helper_rank(recipe, PipelineState(source=source, adapter=adapter, model=source.transformer,
                                                   workdir=Path(out), reference_spec=model, quiet=True,
                                                   cache_dir=default_cache_dir(), recipe_name=recipe.name))
-    with atomic_output(out, overwrite=overwrite) as workdir:
+    with atomic_output(out, overwrite=overwrite, keep=inputs) as workdir:
         state = PipelineState(source=source, adapter=adapter, model=source.transformer, workdir=workdir,
                               reference_spec=model, quiet=quiet, cache_dir=default_cache_dir(),
                               recipe_name=recipe.name)
@@ -224,7 +225,7 @@ def run_streamed(recipe: Recipe, model: str, out: Path, overwrite: bool, quiet: 
                              adapter=result.adapter, model=result.model, workdir=Path(out), reference_spec=model,
                              quiet=quiet, recipe_name=recipe.name, calibration=result.calibration,
                              notes=[reason, *result.notes])
-    with atomic_output(out, overwrite=overwrite) as workdir:
+    with atomic_output(out, overwrite=overwrite, keep=(model,)) as workdir:
         if is_pipeline:
             copy_pipeline_parts(folder, workdir)
         result = stream_quantize(recipe, transformer, workdir / TRANSFORMER_SUBFOLDER if is_pipeline else workdir,
@@ -245,7 +246,8 @@ def distill_checkpoint(student: str, teacher: str, out: Path, overrides: dict, w
     """Distil the model folder ``student`` from ``teacher`` and write it to ``out`` as a folder like the input
     (stock ``save_pretrained``, written atomically). Nothing is written when a time cap stops the run. Prompts go
     through the teacher's prompt encoder: ``embeddings``, else ``text_encoder``'s pipeline, else its own."""
-    check_output(out, overwrite)
+    inputs = (student, teacher, text_encoder, embeddings)
+    check_output(out, overwrite, inputs)
     config = DistillStageConfig.from_dict(overrides, "distill")
     cache_dir = cache_dir or default_cache_dir()
     student_src = load_source(student)
@@ -255,7 +257,7 @@ def distill_checkpoint(student: str, teacher: str, out: Path, overrides: dict, w
                                sources=(student_src,), workdir=workdir)
     if not metrics["completed"] or not PartialState().is_main_process:  # one writer under torchrun / accelerate
         return metrics
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, keep=inputs) as tmp:
         folder = tmp / TRANSFORMER_SUBFOLDER if student_src.is_pipeline else tmp
         if student_src.is_pipeline:
             copy_pipeline_parts(student_src.folder, tmp)
@@ -328,11 +330,13 @@ def check_same_family(candidate: Entry, reference: ModelSource) -> None:
 
 
 def evaluate_checkpoint(candidate: Entry, reference: ModelSource, config: EvaluateConfig, out: Path, title: str,
-                        quiet: bool = False) -> dict:
-    """The ``evaluate`` command: candidate vs reference (vs ``config.baseline``), report written atomically."""
+                        quiet: bool = False, inputs: tuple = ()) -> dict:
+    """The ``evaluate`` command: candidate vs reference (vs ``config.baseline``), report written atomically (never
+    over one of ``inputs``, the command's local paths: :func:`~compressdit.io.checkpoint.check_output`)."""
+    check_output(out, True, inputs)  # before the baseline and the samples
     check_same_family(candidate, reference)
     baseline = (build_baseline(config.baseline, reference, candidate.compressed_layers, quiet, default_cache_dir())
                 if config.baseline else None)
-    with atomic_output(out, overwrite=True) as tmp:
+    with atomic_output(out, overwrite=True, keep=inputs) as tmp:
         return run_evaluation(candidate, reference, config, tmp, title, quiet, default_cache_dir(),
                               baseline=baseline)

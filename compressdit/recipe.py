@@ -94,6 +94,8 @@ def load_recipe(name_or_path: str) -> Recipe:
         path = RECIPES_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise ConfigError(f"unknown recipe {name_or_path!r}; shipped: {', '.join(list_recipes())}")
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a folder; pass a recipe YAML file or a shipped recipe name")
     if not path.is_file():
         raise ConfigError(f"recipe file {path} does not exist")
     try:

@@ -165,6 +165,8 @@ def test_unknown_recipe_name_and_bad_yaml_are_config_errors(tmp_path):
         load_recipe(str(bad))
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="is a folder; pass a recipe YAML file"):
+        load_recipe(str(tmp_path))
 
 
 # -- recipe_config: a data-free recipe as a diffusers quantization_config ---------------------------------------------

@@ -208,7 +208,7 @@ def test_cli_max_memory_streams_and_reports_it(flux_dir, tmp_path):
     assert payload["notes"][0].startswith("streamed: the model needs") and payload["quantized_modules"] > 0
     bad = CliRunner().invoke(app, ["quantize", str(flux_dir), "-r", "rtn-w4a16", "--max-memory", "lots",
                                    "-o", str(tmp_path / "bad")])
-    assert bad.exit_code != 0 and "not a size like 20GB" in bad.output
+    assert isinstance(bad.exception, ConfigError) and "--max-memory lots: not a size like 20GB" in str(bad.exception)
 
 
 def test_a_device_without_streaming_is_refused_in_one_line(flux_dir, tmp_path):

@@ -84,10 +84,20 @@ def check_writable(out: Path) -> None:
                               "choose another --out") from None
 
 
-def check_output(out: Path, overwrite: bool = False) -> None:
+def check_output(out: Path, overwrite: bool = False, keep: Iterable[str | Path | None] = ()) -> None:
     """Raise unless ``out`` can be written: absent, an empty folder, or ``overwrite`` is set, in a folder this
-    process may write."""
+    process may write, and neither one of the run's inputs ``keep`` (local paths; other names, such as ``zoo:`` or
+    hub ones, and ``None`` are passed over) nor a folder holding one: the output takes the place of the folder it
+    names, so ``--out MODEL --overwrite`` would have replaced the model being compressed."""
     out = Path(out)
+    target = Path(os.path.abspath(out.expanduser())).resolve()
+    for path in keep:
+        given = None if path is None else Path(path).expanduser()
+        if given is not None and given.exists():
+            found = given.resolve()
+            if found == target or target in found.parents:
+                what = "the input" if found == target else "a folder holding the input"
+                raise CheckpointError(f"--out {out} is {what} {path}: the output replaces it; choose another --out")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"output path {out} exists and is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -110,10 +120,11 @@ def write_failure(exc: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder next to ``out``; on success it replaces ``out``, on error it is deleted."""
+def atomic_output(out: Path, overwrite: bool = False, keep: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """Yield a temp folder next to ``out``; on success it replaces ``out``, on error it is deleted (``keep``: the
+    inputs it must not replace, :func:`check_output`)."""
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, keep)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

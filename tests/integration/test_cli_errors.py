@@ -232,6 +232,22 @@ def quantize_args(model, out):
     return ["quantize", model, "--recipe", "rtn-w8a8", "--out", out, "--no-eval", "--quiet"]
 
 
+def test_out_over_the_input_is_refused_even_with_overwrite(dit_pipeline_dir, tmp_path):
+    """``--out`` naming the model being compressed, or a folder holding it, with ``--overwrite``: the output would
+    have taken the model's place. One line; the model untouched."""
+    model = copy_pipeline(dit_pipeline_dir, tmp_path / "parent" / "model")
+    before = sorted(p.relative_to(model) for p in model.rglob("*"))
+    for out, needle in ((model, "is the input"), (tmp_path / "parent", "a folder holding the input")):
+        result = run_main(*quantize_args(model, out), "--overwrite")
+        assert_one_line_error(result, str(out), needle, "choose another --out")
+        assert sorted(p.relative_to(model) for p in model.rglob("*")) == before
+    inside = model / "quantized"  # inside the model folder replaces nothing: allowed
+    assert run_main(*quantize_args(model, inside)).code == 0 and (inside / "model_index.json").exists()
+    result = run_main("evaluate", str(inside), "--reference", str(model), "--out", str(inside), "--samples", "4")
+    assert_one_line_error(result, str(inside), "is the input")  # a report over the candidate
+    assert (inside / "model_index.json").exists()
+
+
 def test_model_is_a_file(dit_pipeline_dir, tmp_path):
     model = dit_pipeline_dir / "model_index.json"
     assert_one_line_error(run_main(*quantize_args(model, tmp_path / "out")), "model_index.json", "is a file")

@@ -58,7 +58,7 @@ EXPECTED_ROLES = {
         "x_embedder": "embedder", "context_embedder": "embedder", "transformer_blocks.0.attn.to_q": "attn_qkv",
         "transformer_blocks.0.ff.net.0.proj": "ffn_up", "transformer_blocks.0.ff.net.2": "ffn_down",
         "single_transformer_blocks.0.proj_mlp": "ffn_up", "single_transformer_blocks.0.proj_out": "ffn_down",
-        "distilled_guidance_layer.in_proj": None, "proj_out": "head"},
+        "distilled_guidance_layer.in_proj": "embedder", "proj_out": "head"},
     "CogView4Transformer2DModel": {
         "patch_embed.text_proj": "embedder", "time_condition_embed.condition_embedder.linear_1": "embedder",
         "transformer_blocks.0.attn1.to_k": "attn_qkv", "transformer_blocks.1.attn1.to_out.0": "attn_out",
@@ -73,6 +73,16 @@ EXPECTED_ROLES = {
         "transformer_blocks.0.attn1.to_q": "attn_qkv", "transformer_blocks.0.attn2.to_q": "cross_q",
         "transformer_blocks.0.attn2.to_v": "cross_kv", "transformer_blocks.0.attn2.to_out.0": "cross_out",
         "proj_out": "head"},
+    "QwenImageTransformer2DModel": {  # input projections outside the blocks: float, as the family adapters keep theirs
+        "img_in": "embedder", "txt_in": "embedder", "time_text_embed.timestep_embedder.linear_1": "embedder",
+        "transformer_blocks.0.img_mod.1": "adaln", "transformer_blocks.0.attn.to_q": "attn_qkv",
+        "transformer_blocks.0.attn.add_k_proj": "context", "transformer_blocks.0.txt_mlp.net.0.proj": "context",
+        "transformer_blocks.0.txt_mod.1": "context", "transformer_blocks.0.img_mlp.net.0.proj": "ffn_up",
+        "transformer_blocks.0.img_mlp.net.2": "ffn_down", "norm_out.linear": "head", "proj_out": "head"},
+    "LTXVideoTransformer3DModel": {
+        "proj_in": "embedder", "caption_projection.linear_1": "embedder", "time_embed.linear": "embedder",
+        "transformer_blocks.0.attn1.to_q": "attn_qkv", "transformer_blocks.0.ff.net.2": "ffn_down",
+        "proj_out": "head"},
 }
 EXPECTED_BLOCK_LISTS = {
     "Lumina2Transformer2DModel": ("noise_refiner", "context_refiner", "layers"),
@@ -81,6 +91,8 @@ EXPECTED_BLOCK_LISTS = {
     "CogView4Transformer2DModel": ("transformer_blocks",),
     "MochiTransformer3DModel": ("transformer_blocks",),
     "SanaTransformer2DModel": ("transformer_blocks",),
+    "QwenImageTransformer2DModel": ("transformer_blocks",),
+    "LTXVideoTransformer3DModel": ("transformer_blocks",),
 }
 
 
@@ -99,6 +111,38 @@ def test_generic_roles_and_blocks(name: str) -> None:
     # every block-level Linear is quantized by the recipes (no role or a role other than embedder / head)
     in_blocks = [n for n in linears if n.split(".")[0] in adapter.block_lists]
     assert in_blocks and all(adapter.role_of(n) not in adapter.keep_full_precision for n in in_blocks)
+
+
+def test_generic_layers_outside_the_blocks_are_embedders_or_heads() -> None:
+    """Every Linear outside the block lists is an embedder or a head (recipes keep both float), whatever its name:
+    Z-Image's head sits in a ``ModuleDict`` defined before its blocks (``all_final_layer.2-1.linear``: a head by its
+    name), its patch embedder in another (``all_x_embedder.2-1``)."""
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=64, n_layers=1,
+                                     n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=64,
+                                     axes_dims=[8, 12, 12], axes_lens=[64, 64, 64])
+    adapter = adapter_for(model)
+    assert adapter.block_lists == ("noise_refiner", "context_refiner", "layers")
+    roles = {name: adapter.role_of(name) for name in adapter.linear_layers(model)}
+    assert roles["all_x_embedder.2-1"] == roles["cap_embedder.1"] == roles["t_embedder.mlp.0"] == "embedder"
+    assert roles["all_final_layer.2-1.linear"] == roles["all_final_layer.2-1.adaLN_modulation.1"] == "head"
+    assert all(role in adapter.keep_full_precision for name, role in roles.items()
+               if name.split(".")[0] not in adapter.block_lists)
+    assert roles["layers.0.attention.to_q"] == "attn_qkv"
+    for name in FAMILIES:  # the same on every family here
+        model = _built(name)[0]
+        adapter = adapter_for(model)
+        assert all(adapter.role_of(n) in adapter.keep_full_precision for n in adapter.linear_layers(model)
+                   if n.split(".")[0] not in adapter.block_lists), name
+
+
+def test_the_calibration_free_recipes_named_in_errors_are_the_data_free_ones() -> None:
+    from compressdit.models.generic import CALIBRATION_FREE
+    from compressdit.recipe import data_free_recipes
+
+    assert sorted(CALIBRATION_FREE.split(", ")) == sorted(data_free_recipes())
 
 
 def _recipe(recipe_name: str):

@@ -106,6 +106,33 @@ def sana():
     return _finish(model), inputs
 
 
+def qwenimage():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1,
+                                        attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64,
+                                        axes_dims_rope=(8, 12, 12))
+    inputs = {"hidden_states": _randn(B, 16, 64), "encoder_hidden_states": _randn(B, 6, 64, seed=1),
+              "encoder_hidden_states_mask": torch.ones(B, 6), "timestep": torch.tensor([0.3, 0.7]),
+              "img_shapes": [(1, 4, 4)] * B}
+    return _finish(model), inputs
+
+
+def ltx_video():
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(in_channels=64, out_channels=64, patch_size=1, patch_size_t=1,
+                                       num_attention_heads=2, attention_head_dim=32, cross_attention_dim=64,
+                                       num_layers=1, caption_channels=64)
+    inputs = {"hidden_states": _randn(B, 2 * 4 * 4, 64), "encoder_hidden_states": _randn(B, 6, 64, seed=1),
+              "timestep": torch.tensor([300, 700]), "encoder_attention_mask": torch.ones(B, 6), "num_frames": 2,
+              "height": 4, "width": 4}
+    return _finish(model), inputs
+
+
 FAMILIES = {"Lumina2Transformer2DModel": lumina2, "AuraFlowTransformer2DModel": auraflow,
             "ChromaTransformer2DModel": chroma, "CogView4Transformer2DModel": cogview4,
-            "MochiTransformer3DModel": mochi, "SanaTransformer2DModel": sana}
+            "MochiTransformer3DModel": mochi, "SanaTransformer2DModel": sana,
+            "QwenImageTransformer2DModel": qwenimage, "LTXVideoTransformer3DModel": ltx_video}
