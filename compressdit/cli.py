@@ -128,6 +128,9 @@ def _run_named_recipe(recipe: str, model: str, out: Path, no_eval: bool, samples
         set_data([stage.config for stage in loaded.stages], data)
     if no_eval:
         loaded.stages = [s for s in loaded.stages if s.name != "evaluate"]
+        if not loaded.stages:  # it would write an unchanged copy of the model
+            raise ConfigError(f"recipe {loaded.name} only evaluates: with --no-eval it has nothing to run; use "
+                              "`compressdit evaluate` or drop --no-eval")
     if samples is not None:
         for stage in loaded.stages:
             if stage.name == "evaluate":

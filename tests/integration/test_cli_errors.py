@@ -375,6 +375,12 @@ BAD_RECIPES = {
         version: 1
         stages: [quantize: {method: rtn
         """, ["invalid YAML"]),
+    "only-evaluate": ("""
+        version: 1
+        name: look
+        stages:
+          - evaluate: {samples: 4}
+        """, ["recipe look only evaluates", "--no-eval"]),  # --no-eval left nothing: it wrote a float copy
 }
 
 
