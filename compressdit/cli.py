@@ -13,6 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from compressdit.errors import CompressditError, ConfigError
+
+try:  # the click typer runs on: its own copy from typer 0.29 on, else click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - typer < 0.29
+    from click import exceptions as click_errors
 from compressdit.progress import set_quiet
 
 # each command imports its machinery (pipeline, recipes, stages, gguf, zoo training) in its body, so that
@@ -441,12 +446,27 @@ def main() -> None:
     previous = {signum: signal.signal(signum, handler)
                 for signum, handler in ((signal.SIGTERM, _terminated), (signal.SIGINT, _interrupted))}
     try:
-        app()
+        # not click's standalone mode: its usage errors (a missing argument, an option value of the wrong type) come
+        # here and print one line like every other bad input, not click's usage box; --help and the like return
+        # their exit code (the commands themselves return None)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except BaseException as exc:
         if _TERMINATED_BY:
             # A library's bare ``except:`` can swallow the SystemExit / KeyboardInterrupt raised mid-import (dill
             # falls back to a ``import version`` that fails): whatever surfaced after the signal, the run ended by it.
             sys.exit(128 + _TERMINATED_BY[0])
+        if isinstance(exc, click_errors.NoArgsIsHelpError):  # a bare command: its help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click_errors.UsageError):
+            where = exc.ctx.command_path if exc.ctx is not None else "compressdit"
+            _fail(f"{exc.format_message()} (see `{where} --help`)")
+        if isinstance(exc, click_errors.ClickException):
+            _fail(exc.format_message())
+        if isinstance(exc, typer.Abort):  # end of input at a prompt
+            sys.exit(1)
         if isinstance(exc, CompressditError):
             _fail(str(exc) or type(exc).__name__)
         if isinstance(exc, (ValueError, KeyError, OSError, ImportError)):

@@ -209,7 +209,7 @@ def test_a_termination_swallowed_by_a_library_still_exits_as_terminated(monkeypa
     with the library's error."""
     from compressdit import cli
 
-    def app_whose_import_swallows_the_exit():
+    def app_whose_import_swallows_the_exit(**_):  # (main passes standalone_mode)
         try:
             os.kill(os.getpid(), signum)
             time.sleep(5)  # the handler runs before this returns
@@ -230,6 +230,25 @@ def test_a_termination_swallowed_by_a_library_still_exits_as_terminated(monkeypa
 
 def quantize_args(model, out):
     return ["quantize", model, "--recipe", "rtn-w8a8", "--out", out, "--no-eval", "--quiet"]
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["quantize"], ["Missing argument 'model'", "compressdit quantize --help"]),
+    (["quantize", "zoo:dit-fmnist", "--recipe", "w8a8", "--samples", "many"], ["Invalid value for '--samples'"]),
+    (["quantize", "zoo:dit-fmnist", "--recipe", "w8a8", "--sample", "4"], ["No such option: --sample"]),
+    (["quantise", "zoo:dit-fmnist"], ["No such command 'quantise'", "compressdit --help"]),
+    (["quantize", "zoo:dit-fmnist", "--recipe", "w8a8", "--max-memory", "lots"], ["--max-memory lots", "20GB"]),
+], ids=["missing-argument", "not-an-integer", "unknown-option", "unknown-command", "not-a-size"])
+def test_usage_errors_are_one_line_too(args, needles, tmp_path):
+    """What click's parser refuses (a missing argument, a value of the wrong type, an unknown option or command)
+    prints one line with exit 2 like every other bad input, not click's five-line usage box; a bare command still
+    prints its help, and --help exits 0."""
+    result = run_main(*args, *(["--out", tmp_path / "out"] if args[0] == "quantize" and len(args) > 1 else []))
+    assert result.code == 2
+    assert_one_line_error(result, *needles)
+    bare, helped = run_main(), run_main("quantize", "--help")
+    assert bare.code == 2 and "Usage" in bare.stdout + bare.stderr and "quantize" in bare.stdout + bare.stderr
+    assert helped.code == 0 and "--recipe" in helped.stdout
 
 
 def test_out_over_the_input_is_refused_even_with_overwrite(dit_pipeline_dir, tmp_path):
