@@ -111,7 +111,7 @@ def duquant_methods(linear) -> dict:
     to an absmax with salient channels (the greedy steps spread them: several steps a block), and to a flat one (no
     step: the rotation is its permutation, as on the zoo's and a PixArt's calibrated DuQuant layers); the first also
     with the rotation as the reference's dense blocks, the CPU kernels' path before the C pass
-    (``cpu_dense.duquant_rows`` off while it prepacks)."""
+    (``cpu_dense.rotated_rows`` off while it prepacks)."""
     import copy
 
     from compressdit.quant import cpu_dense
@@ -133,11 +133,11 @@ def duquant_methods(linear) -> dict:
         refresh(layer)
         methods[name] = (layer, f"{spec.label}: {layer.kernel_name}, {notes[name]}; the C pass")
     dense = copy.deepcopy(methods["ours lrq w4a4 duquant"][0])
-    pass_of, cpu_dense.duquant_rows = cpu_dense.duquant_rows, lambda layer, grid: None
+    pass_of, cpu_dense.rotated_rows = cpu_dense.rotated_rows, lambda layer, grid: None
     try:
         refresh(dense)
     finally:
-        cpu_dense.duquant_rows = pass_of
+        cpu_dense.rotated_rows = pass_of
     methods["ours lrq w4a4 duquant, dense rotation (before)"] = (
         dense, f"the first DuQuant layer rotating its input by the reference's dense blocks ({dense.kernel_name})")
     return methods
