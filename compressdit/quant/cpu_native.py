@@ -74,8 +74,6 @@ _SIGNATURES = {
     "compressdit_hadamard_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I32, ctypes.c_float, _I32, _I32, _I64,
                                    ctypes.c_float, _PTR, _PTR, _PTR, _I32],
                                   None),
-    "compressdit_duquant_rows": ([_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I32, ctypes.c_float,
-                                  _I32, _I32, _PTR, _I32], ctypes.c_int),
     "compressdit_hadamard_layer_new": ([_PTR, _PTR, _I64, _I64, _I32, ctypes.c_float, _I32, _I32], _PTR),
     "compressdit_hadamard_layer_rows": ([_PTR, _PTR, _I64, _PTR, _I32], None),
     "compressdit_duquant_layer_new": ([_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I32, ctypes.c_float, _I32,
@@ -890,10 +888,10 @@ def duquant_rows_pass(smooth: torch.Tensor | None, steps: RotationSteps,
                       grid: tuple | None) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
     """DuQuant's balancing and outlier rotation ``steps.apply(x / smooth)`` for one layer's tensors, then with
     ``grid`` (:func:`fake_quantize_grid`'s ``(group, rule, top, mantissa, min_exp)``, rules 0 and 1) its quantization,
-    in one C pass per row (``compressdit_duquant_rows``), bit for bit: ``run(x)`` for a contiguous fp32 CPU ``x`` of
-    the rotation's width with at least one row and no gradient to keep (the caller checks the gradient), into this
-    thread's reused buffer (:func:`_rows_pass`), else ``None``; ``None`` for the whole where the pass never takes these
-    tensors, without the library or under ``torch.compile``. Checked and prepared here once
+    in one C pass per row (``compressdit_duquant_layer_rows``), bit for bit: ``run(x)`` for a contiguous fp32 CPU
+    ``x`` of the rotation's width with at least one row and no gradient to keep (the caller checks the gradient), into
+    this thread's reused buffer (:func:`_rows_pass`), else ``None``; ``None`` for the whole where the pass never takes
+    these tensors, without the library or under ``torch.compile``. Checked and prepared here once
     (``compressdit_duquant_layer_new``); holds its own copies of the tensors."""
     cols = steps.perm.shape[0]
     lib = _lib_for(smooth)

@@ -210,7 +210,7 @@ class RotationSteps:
     cost ~10 operations an element a step where the dense blocks cost ``B`` multiply-adds, and calibrated layers take
     few: the zoo DiT's and a PixArt's DuQuant layers 0-1 a block (their ``T`` mostly the permutation). The same ``T``
     as :meth:`OutlierRotationCodes.rotation` up to fp32 rounding; ``apply`` is the PyTorch reference of the C pass
-    (``compressdit_duquant_rows``), bit for bit."""
+    (``compressdit_duquant_layer_rows``), bit for bit."""
 
     counts: torch.Tensor  # int32 [2 k]: the steps of each block of R1, then of each block of R2
     tops: torch.Tensor  # int32 [S]: the channel each step spreads (the steps in that order)

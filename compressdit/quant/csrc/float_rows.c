@@ -1256,7 +1256,7 @@ static void duquant_half(float *row, int64_t blocks, int64_t block, const int32_
             duquant_step(row + b * block, signs + s * block, tops[s], block, norm);
 }
 
-/* One row r of compressdit_duquant_rows before its grid, into o (v: scratch of the row's width) */
+/* One row r of the DuQuant pass before its grid, into o (v: scratch of the row's width) */
 static void duquant_row(const float *restrict r, const float *restrict smooth, int64_t cols, int64_t block,
                         const int32_t *counts, const int64_t *offset, const int32_t *tops, const float *signs,
                         const int64_t *perm, float norm, float *restrict v, float *restrict o) {
@@ -1270,7 +1270,8 @@ static void duquant_row(const float *restrict r, const float *restrict smooth, i
     duquant_half(o, blocks, block, counts + blocks, offset + blocks, tops, signs, norm);
 }
 
-/* What compressdit_duquant_rows takes from a layer, with each block's first step (offset [2 * blocks + 1]) */
+/* What the DuQuant pass takes from a layer (compressdit_duquant_layer_new), with each block's first step (offset
+ * [2 * blocks + 1]) */
 typedef struct {
     const float *smooth;
     int64_t cols, block, group;
@@ -1282,7 +1283,7 @@ typedef struct {
     int64_t *offset;
 } duquant_layer;
 
-/* compressdit_duquant_rows for a prepared layer (its offsets filled) */
+/* compressdit_duquant_layer_rows */
 static int duquant_layer_rows(const duquant_layer *layer, const float *x, int64_t rows, float *out, int32_t threads) {
     const int64_t cols = layer->cols, block = layer->block, group = layer->group, *offset = layer->offset,
                   *perm = layer->perm;
@@ -1317,37 +1318,15 @@ static int duquant_layer_rows(const duquant_layer *layer, const float *x, int64_
     return failed;
 }
 
-/* each block's first step from the counts (offset: 2 * blocks + 1 entries) */
-static void duquant_offsets(const int32_t *counts, int64_t blocks, int64_t *offset) {
-    offset[0] = 0;
-    for (int64_t b = 0; b < 2 * blocks; ++b) offset[b + 1] = offset[b] + counts[b];
-}
-
-/* DuQuant's outlier rotation T = R1 P R2 of rows of x after the balancing division (smooth may be NULL), as
+/* DuQuant's outlier rotation T = R1 P R2 of rows after the balancing division (smooth may be NULL), as
  * compressdit/quant/duquant.py's RotationSteps.apply computes it, bit for bit: x / smooth (IEEE divisions, as torch),
  * each block's R1 steps (duquant_step; `counts` [2 * blocks]: the steps of R1's blocks, then R2's, their tops and
  * signs [steps, block] in that order), the permutation (v[perm[j]] to column j), R2's steps; then, where group > 0,
  * compressdit_fake_quantize_grid's quantization of the row (rules 0 and 1: scales from each group alone) in the same
  * pass. Applying the steps costs ~10 operations an element a step where T's dense blocks cost `block` multiply-adds,
- * and calibrated layers take few (the zoo's and a PixArt's DuQuant layers 0-1 a block). out may not be x. Returns
- * nonzero, out unfinished, where its scratch could not be allocated. */
-int compressdit_duquant_rows(const float *x, const float *smooth, int64_t rows, int64_t cols, int64_t block,
-                             const int32_t *counts, const int32_t *tops, const float *signs, const int64_t *perm,
-                             int64_t group, int32_t rule, float top, int32_t mantissa, int32_t min_exp, float *out,
-                             int32_t threads) {
-    const int64_t blocks = cols / block;
-    int64_t *offset = (int64_t *)malloc(sizeof(int64_t) * (2 * blocks + 1));
-    if (!offset) return 1;
-    duquant_offsets(counts, blocks, offset);
-    const duquant_layer layer = {smooth, cols, block, group, counts, tops, signs, perm, rule, mantissa, min_exp, top,
-                                 offset};
-    const int failed = duquant_layer_rows(&layer, x, rows, out, threads);
-    free(offset);
-    return failed;
-}
-
-/* compressdit_duquant_rows' layer prepared once (its offsets), for compressdit_duquant_layer_rows: the tensors'
- * addresses must outlive it; NULL where it could not be allocated. Freed by compressdit_layer_free. */
+ * and calibrated layers take few (the zoo's and a PixArt's DuQuant layers 0-1 a block). This prepares a layer once
+ * (each block's first step) for compressdit_duquant_layer_rows: the tensors' addresses must outlive it; NULL where it
+ * could not be allocated. Freed by compressdit_layer_free. */
 void *compressdit_duquant_layer_new(const float *smooth, int64_t cols, int64_t block, const int32_t *counts,
                                     const int32_t *tops, const float *signs, const int64_t *perm, int64_t group,
                                     int32_t rule, float top, int32_t mantissa, int32_t min_exp) {
@@ -1356,11 +1335,13 @@ void *compressdit_duquant_layer_new(const float *smooth, int64_t cols, int64_t b
     if (!layer) return NULL;
     *layer = (duquant_layer){smooth, cols, block, group, counts, tops, signs, perm, rule, mantissa, min_exp, top,
                              (int64_t *)(layer + 1)};
-    duquant_offsets(counts, blocks, layer->offset);
+    layer->offset[0] = 0;
+    for (int64_t b = 0; b < 2 * blocks; ++b) layer->offset[b + 1] = layer->offset[b] + counts[b];
     return layer;
 }
 
-/* compressdit_duquant_rows of `rows` rows of x into out (not x) for a layer of compressdit_duquant_layer_new */
+/* The rotation (and grid) of `rows` rows of x into out (not x) for a layer of compressdit_duquant_layer_new. Returns
+ * nonzero, out unfinished, where its scratch could not be allocated. */
 int compressdit_duquant_layer_rows(const void *layer, const float *x, int64_t rows, float *out, int32_t threads) {
     return duquant_layer_rows((const duquant_layer *)layer, x, rows, out, threads);
 }
