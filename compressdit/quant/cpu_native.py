@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import math
 import os
 import threading
 import weakref
@@ -668,14 +669,25 @@ def group_gemm(codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor, 
 _SCRATCH = threading.local()
 
 
+def _scratch(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """This thread's reused buffer ``key`` of ``dtype`` as a tensor of ``shape`` (grown as needed; its view for each
+    shape made once: slicing and viewing a tensor per call cost ~6 us, twice ``empty_like``)."""
+    buffer, views = getattr(_SCRATCH, key, (None, None))
+    view = None if views is None else views.get(shape)
+    if view is None:
+        elements = math.prod(shape)
+        if buffer is None or buffer.numel() < elements:
+            buffer, views = torch.empty(elements, dtype=dtype), {}
+            setattr(_SCRATCH, key, (buffer, views))
+        if len(views) >= 64:  # shapes come and go (batch, tokens): keep a few
+            views.clear()
+        view = views[shape] = buffer[:elements].view(shape)
+    return view
+
+
 def _scratch_weight(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's reused ``[rows, cols]`` buffer of ``dtype`` for a weight decoded per call (grown as needed)."""
-    key = f"weight_{dtype}"
-    buffer = getattr(_SCRATCH, key, None)
-    if buffer is None or buffer.numel() < rows * cols:
-        buffer = torch.empty(rows * cols, dtype=dtype)
-        setattr(_SCRATCH, key, buffer)
-    return buffer[:rows * cols].view(rows, cols)
+    """This thread's reused ``[rows, cols]`` buffer of ``dtype`` for a weight decoded per call (:func:`_scratch`)."""
+    return _scratch(f"weight_{dtype}", (rows, cols), dtype)
 
 
 def decode_f32(decoding: tuple) -> torch.Tensor | None:
@@ -865,23 +877,13 @@ def _rows_pass(cols: int, fill: Callable[[torch.Tensor, torch.Tensor, int], bool
 
 
 def _scratch_rows(x: torch.Tensor) -> torch.Tensor:
-    """This thread's reused fp32 buffer of ``x``'s shape for a pass's rows (grown as needed; its view for each shape
-    made once: slicing and viewing a tensor per call cost ~6 us, twice ``empty_like``), or a new tensor where ``x``
-    lies in that buffer."""
-    buffer, views = getattr(_SCRATCH, "rows", None), getattr(_SCRATCH, "row_views", None)
-    shape, start = x.shape, x.data_ptr()
+    """This thread's reused fp32 buffer of ``x``'s shape for a pass's rows (:func:`_scratch`), or a new tensor where
+    ``x`` lies in that buffer."""
+    buffer = getattr(_SCRATCH, "rows", (None,))[0]
+    start = x.data_ptr()
     if buffer is not None and buffer.data_ptr() <= start < buffer.data_ptr() + 4 * buffer.numel():
         return torch.empty_like(x)
-    view = None if views is None else views.get(shape)
-    if view is None:
-        elements = x.numel()
-        if buffer is None or buffer.numel() < elements:
-            buffer = _SCRATCH.rows = torch.empty(elements, dtype=torch.float32)
-            views = _SCRATCH.row_views = {}
-        if len(views) >= 64:  # shapes come and go (batch, tokens): keep a few
-            views.clear()
-        view = views[shape] = buffer[:elements].view(shape)
-    return view
+    return _scratch("rows", x.shape, torch.float32)
 
 
 def duquant_rows_pass(smooth: torch.Tensor | None, steps: RotationSteps,
