@@ -12,12 +12,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compressdit.errors import CompressditError, ConfigError
-
 try:  # the click typer runs on: its own copy from typer 0.29 on, else click itself
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - typer < 0.29
     from click import exceptions as click_errors
+
+from compressdit.errors import CompressditError, ConfigError
 from compressdit.progress import set_quiet
 
 # each command imports its machinery (pipeline, recipes, stages, gguf, zoo training) in its body, so that
